@@ -1,0 +1,121 @@
+// core/config.h: the resolved configuration of a run, and the registry of every tunable.
+// defines: dsmoe_config, dsmoe_config_load, dsmoe_config_print, dsmoe_config_write, dsmoe_config_key_count
+//
+// Every key is declared once in config.c (name, type, default, range, help) and documented in
+// docs/deck.md. A key's value comes from, in rising priority: its default, the deck, the environment
+// (DSMOE_<KEY> with dots as underscores, upper case: train.steps -> DSMOE_TRAIN_STEPS), the command
+// line (key=value after the deck). The source that won is recorded and printed.
+#ifndef DSMOE_CONFIG_H
+#define DSMOE_CONFIG_H
+#include "util.h"
+
+#define DSMOE_MAX_MOE_LAYERS 256
+
+typedef enum { DSMOE_MODE_TRAIN = 0, DSMOE_MODE_EVAL = 1 } dsmoe_run_mode;
+typedef enum { DSMOE_DATA_SYNTHETIC = 0, DSMOE_DATA_TEXT = 1, DSMOE_DATA_MEGATRON = 2 } dsmoe_data_source;
+typedef enum { DSMOE_LR_COSINE = 0, DSMOE_LR_CONSTANT = 1, DSMOE_LR_LINEAR = 2 } dsmoe_lr_schedule;
+
+typedef struct dsmoe_config {
+    // [run]
+    int mode;                    // run.mode: dsmoe_run_mode
+    uint64_t seed;               // run.seed
+    char output_dir[1024];       // run.output_dir
+    int threads;                 // run.threads (0 = OMP_NUM_THREADS, else 1)
+    int log_every;               // run.log_every (steps)
+    char kernel_backend[64];     // run.kernel_backend ("cpu")
+    char comm_backend[64];       // run.comm_backend ("mpi")
+    char plugin_path[1024];      // run.plugin_path (extra plugin directories, ':'-separated)
+
+    // [model]
+    int vocab;                   // model.vocab
+    int seq_len;                 // model.seq_len
+    int layers;                  // model.layers
+    int hidden;                  // model.hidden
+    int heads;                   // model.heads
+    int ffn_hidden;              // model.ffn_hidden (resolved: 4*hidden when the deck says 0)
+    float init_std;              // model.init_std
+    float ln_eps;                // model.ln_eps
+
+    // [moe]
+    int moe_every;               // moe.every: layer i (1-based) is MoE iff experts given and i % every == 0
+    int n_moe_layers;            // derived: number of MoE layers (0 = dense model)
+    int experts[DSMOE_MAX_MOE_LAYERS]; // moe.experts resolved per MoE layer ("8", "32 x10, 64 x2")
+    int top_k;                   // moe.top_k (1 or 2)
+    float capacity_factor;       // moe.capacity_factor
+    float eval_capacity_factor;  // moe.eval_capacity_factor
+    int min_capacity;            // moe.min_capacity
+    int drop_tokens;             // moe.drop_tokens (0 = dropless)
+    int random_token_selection;  // moe.token_selection: 0 position, 1 random (RTS)
+    int noise;                   // moe.noise: dsmoe_noise_policy
+    float jitter_eps;            // moe.jitter_eps
+    float aux_loss_coeff;        // moe.aux_loss_coeff
+    int residual;                // moe.residual (Residual MoE / PR-MoE)
+    int expert_parallel;         // moe.expert_parallel (ranks per EP group)
+
+    // [train]
+    int steps;                   // train.steps
+    int batch;                   // train.batch: global batch in sequences per optimizer step
+    int micro_batch;             // train.micro_batch: sequences per rank per micro-step
+    float lr;                    // train.lr
+    float min_lr;                // train.min_lr
+    int warmup_steps;            // train.warmup_steps
+    int lr_schedule;             // train.lr_schedule: dsmoe_lr_schedule
+    int decay_steps;             // train.decay_steps (0 = train.steps)
+    float beta1, beta2, adam_eps; // train.beta1, train.beta2, train.adam_eps
+    float weight_decay;          // train.weight_decay
+    float grad_clip;             // train.grad_clip (0 = off)
+    int eval_every;              // train.eval_every (0 = only at the end)
+    int eval_batches;            // train.eval_batches
+
+    // [data]
+    int data_source;             // data.source: dsmoe_data_source
+    char data_path[4096];        // data.path: text files (comma-separated) or Megatron prefix(es)
+    float valid_fraction;        // data.valid_fraction
+    int synthetic_sources;       // data.synthetic_sources
+    int synthetic_branching;     // data.synthetic_branching
+    uint64_t data_seed;          // data.seed (0 = run.seed)
+
+    // [checkpoint]
+    int checkpoint_every;        // checkpoint.every (0 = only at the end)
+    int checkpoint_keep;         // checkpoint.keep
+    char checkpoint_dir[1024];   // checkpoint.dir ("" = <run.output_dir>/checkpoints)
+    char resume[1024];           // checkpoint.resume ("" = fresh start, "auto" = newest in dir, or a path)
+    int checkpoint_final;        // checkpoint.final (write one at the end)
+
+    // [metrics]
+    char metrics_file[1024];     // metrics.file ("" = <run.output_dir>/metrics.csv)
+} dsmoe_config;
+
+// Opaque record of where each key's value came from, for printing.
+typedef struct dsmoe_config_sources dsmoe_config_sources;
+
+// Parses the deck at deck_path, applies DSMOE_* environment overrides from envp (NULL = environ) and
+// the "key=value" overrides in argv_overrides (n_overrides of them), validates ranges and cross-key
+// rules given world_size (number of ranks), and fills cfg. On failure returns non-OK with a message
+// naming the deck file and line (or "command line" / the environment variable) and the key.
+// *sources (may be NULL) receives an allocation to free with dsmoe_config_sources_free.
+dsmoe_status dsmoe_config_load(const char *deck_path, char *const *argv_overrides, int n_overrides,
+                               char *const *envp, int world_size, dsmoe_config *cfg,
+                               dsmoe_config_sources **sources, dsmoe_err *err);
+
+// Same, from deck text held in memory (deck_name is what messages call it). The deck echo is
+// printed by dsmoe_config_print, not here.
+dsmoe_status dsmoe_config_load_text(const char *deck_text, const char *deck_name, char *const *argv_overrides,
+                                    int n_overrides, char *const *envp, int world_size, dsmoe_config *cfg,
+                                    dsmoe_config_sources **sources, dsmoe_err *err);
+
+void dsmoe_config_sources_free(dsmoe_config_sources *sources);
+
+// Writes the resolved configuration, one "key = value   # source" line per key, as a valid deck.
+dsmoe_status dsmoe_config_print(FILE *out, const dsmoe_config *cfg, const dsmoe_config_sources *sources);
+// The same text in a malloc'd string (for checkpoints and resolved.deck).
+char *dsmoe_config_to_text(const dsmoe_config *cfg, const dsmoe_config_sources *sources);
+
+// True when MoE layer index l (0-based over all layers) is an MoE layer; *moe_index gets its
+// position among MoE layers.
+int dsmoe_config_is_moe_layer(const dsmoe_config *cfg, int layer, int *moe_index);
+
+// Capacity of an MoE layer: max(ceil(S/E * k * cf), min_capacity), cf chosen by training.
+int dsmoe_config_capacity(const dsmoe_config *cfg, int S, int E, int training);
+
+#endif

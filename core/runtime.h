@@ -1,0 +1,40 @@
+// core/runtime.h: the loaded backends every layer computes and communicates through.
+// defines: dsmoe_runtime, KCALL, CCALL
+#ifndef DSMOE_RUNTIME_H
+#define DSMOE_RUNTIME_H
+#include "dsmoe/comm_plugin.h"
+#include "dsmoe/kernel_plugin.h"
+#include "util.h"
+
+typedef struct dsmoe_runtime {
+    const dsmoe_kernel_plugin_v1 *kern; // expert-kernel plugin
+    dsmoe_kernel_ctx *kctx;
+    const dsmoe_comm_plugin_v1 *comm;   // communication plugin
+    dsmoe_comm_ctx *cctx;
+    int world_rank, world_size;
+    dsmoe_comm_group *world;            // all ranks (the data-parallel group)
+} dsmoe_runtime;
+
+// Calls kernel op `op` on rt; on failure fills `err` with the op, the call site and the plugin's
+// message, and returns the status from the enclosing function. Use inside functions that return
+// dsmoe_status and have `dsmoe_err *err` in scope.
+#define KCALL(rt, op, ...)                                                                         \
+    do {                                                                                           \
+        dsmoe_status kcall_s_ = (rt)->kern->op((rt)->kctx, __VA_ARGS__);                           \
+        if (kcall_s_ != DSMOE_OK)                                                                  \
+            return dsmoe_err_set(err, kcall_s_, "kernel plugin '%s': %s failed (%s:%d): %s",        \
+                                 (rt)->kern->name, #op, __FILE__, __LINE__,                        \
+                                 (rt)->kern->last_error((rt)->kctx));                              \
+    } while (0)
+
+// The same for comm plugin members.
+#define CCALL(rt, op, ...)                                                                         \
+    do {                                                                                           \
+        dsmoe_status ccall_s_ = (rt)->comm->op((rt)->cctx, __VA_ARGS__);                           \
+        if (ccall_s_ != DSMOE_OK)                                                                  \
+            return dsmoe_err_set(err, ccall_s_, "comm plugin '%s': %s failed (%s:%d): %s",          \
+                                 (rt)->comm->name, #op, __FILE__, __LINE__,                        \
+                                 (rt)->comm->last_error((rt)->cctx));                              \
+    } while (0)
+
+#endif

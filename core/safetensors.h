@@ -1,0 +1,54 @@
+// core/safetensors.h: reading and writing safetensors files (docs/checkpoint.md, formats.md).
+// defines: dsmoe_st_writer_*, dsmoe_st_file_*
+//
+// Layout: u64 little-endian header length N, N bytes of JSON, then the data buffer. The JSON maps each
+// tensor name to {"dtype", "shape", "data_offsets": [begin, end)} relative to the data buffer, plus
+// "__metadata__": {string: string}. We pad the header with spaces so data starts 8-byte aligned.
+#ifndef DSMOE_SAFETENSORS_H
+#define DSMOE_SAFETENSORS_H
+#include <stddef.h>
+#include <stdint.h>
+#include "util.h"
+
+#define DSMOE_ST_MAX_DIMS 8
+
+typedef enum { DSMOE_ST_F32 = 0, DSMOE_ST_F64, DSMOE_ST_I32, DSMOE_ST_I64, DSMOE_ST_U8,
+               DSMOE_ST_F16, DSMOE_ST_BF16, DSMOE_ST_I16, DSMOE_ST_I8, DSMOE_ST_BOOL } dsmoe_st_dtype;
+
+// --- writing: collect tensors (copied or borrowed host pointers) and metadata, then commit ----------
+typedef struct dsmoe_st_writer dsmoe_st_writer;
+dsmoe_st_writer *dsmoe_st_writer_new(void);
+// Adds a tensor; data (host, row-major) must stay valid until commit (it is not copied).
+dsmoe_status dsmoe_st_writer_add(dsmoe_st_writer *w, const char *name, dsmoe_st_dtype dtype, int ndim,
+                                 const int64_t *shape, const void *data, dsmoe_err *err);
+dsmoe_status dsmoe_st_writer_meta(dsmoe_st_writer *w, const char *key, const char *value, dsmoe_err *err);
+// Writes the file atomically (temporary name, fsync, rename): an existing file at path is never
+// damaged. Tensors are written in insertion order.
+dsmoe_status dsmoe_st_writer_commit(dsmoe_st_writer *w, const char *path, dsmoe_err *err);
+void dsmoe_st_writer_free(dsmoe_st_writer *w);
+
+// --- reading: maps the file, validates the whole header -------------------------------------------
+typedef struct dsmoe_st_file dsmoe_st_file;
+
+typedef struct dsmoe_st_tensor {
+    const char *name;
+    dsmoe_st_dtype dtype;
+    int ndim;
+    int64_t shape[DSMOE_ST_MAX_DIMS];
+    const void *data;   // points into the mapping; little-endian, may be unaligned for non-8-aligned files
+    size_t nbytes;
+} dsmoe_st_tensor;
+
+// Opens and validates: header length within the file, valid JSON, known dtypes, offsets inside the
+// data buffer and matching dtype x shape, no overlaps. Errors name the file and the tensor or offset.
+dsmoe_status dsmoe_st_open(const char *path, dsmoe_st_file **f, dsmoe_err *err);
+void dsmoe_st_close(dsmoe_st_file *f);
+int dsmoe_st_count(const dsmoe_st_file *f);
+const dsmoe_st_tensor *dsmoe_st_at(const dsmoe_st_file *f, int i);
+// NULL when absent.
+const dsmoe_st_tensor *dsmoe_st_find(const dsmoe_st_file *f, const char *name);
+// NULL when absent.
+const char *dsmoe_st_meta(const dsmoe_st_file *f, const char *key);
+const char *dsmoe_st_dtype_name(dsmoe_st_dtype dtype);
+
+#endif

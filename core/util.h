@@ -1,0 +1,63 @@
+// core/util.h: error reporting, checked allocation and atomic file writes for the core.
+// defines: dsmoe_err, dsmoe_err_set, DSMOE_TRY, dsmoe_malloc, dsmoe_write_file_atomic,
+//          dsmoe_now_seconds, dsmoe_parse_size, dsmoe_parse_duration, dsmoe_mkdir_p
+// Library functions return dsmoe_status and, on failure, leave one human-readable message in a
+// dsmoe_err the caller passed (file, line or key, what was expected). Only main() and tests exit.
+#ifndef DSMOE_UTIL_H
+#define DSMOE_UTIL_H
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include "dsmoe/status.h"
+
+typedef struct dsmoe_err {
+    dsmoe_status status;
+    char msg[2048];
+} dsmoe_err;
+
+// Sets err (if not NULL) and returns status, so callers can `return dsmoe_err_set(...)`.
+dsmoe_status dsmoe_err_set(dsmoe_err *err, dsmoe_status status, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+// Propagates a failing status (the callee already filled err).
+#define DSMOE_TRY(call)                                                                            \
+    do {                                                                                           \
+        dsmoe_status dsmoe_try_s_ = (call);                                                        \
+        if (dsmoe_try_s_ != DSMOE_OK) return dsmoe_try_s_;                                         \
+    } while (0)
+
+// For main() and tests: print file:line, the message and a hint, then exit(1).
+#define DSMOE_CHECK(cond, ...)                                                                     \
+    do {                                                                                           \
+        if (!(cond)) {                                                                             \
+            fprintf(stderr, "dsmoe: check failed at %s:%d: ", __FILE__, __LINE__);                 \
+            fprintf(stderr, __VA_ARGS__);                                                          \
+            fprintf(stderr, "\n");                                                                 \
+            exit(1);                                                                               \
+        }                                                                                          \
+    } while (0)
+
+// malloc that sets err on failure (names what was being allocated).
+void *dsmoe_malloc(size_t bytes, const char *what, dsmoe_err *err);
+void *dsmoe_calloc(size_t n, size_t size, const char *what, dsmoe_err *err);
+
+// Writes `len` bytes to path through `path.tmp.<pid>`: write, fsync, rename, fsync the directory.
+// On failure the old file at path is untouched and the temporary is removed.
+dsmoe_status dsmoe_write_file_atomic(const char *path, const void *data, size_t len, dsmoe_err *err);
+
+// Creates a directory and its parents (like mkdir -p).
+dsmoe_status dsmoe_mkdir_p(const char *path, dsmoe_err *err);
+
+// Monotonic wall clock in seconds.
+double dsmoe_now_seconds(void);
+
+// "12", "4K", "1.5M", "2G" (powers of 1000; "Ki", "Mi", "Gi" are powers of 1024) -> value.
+// Returns 0 on success, -1 if text is not such a number.
+int dsmoe_parse_scaled(const char *text, double *out);
+// "30", "30s", "5min", "2h", "1.5h" -> seconds. Returns 0 on success, -1 otherwise.
+int dsmoe_parse_duration(const char *text, double *out);
+
+// Levenshtein distance, for did-you-mean suggestions.
+int dsmoe_edit_distance(const char *a, const char *b);
+
+#endif
