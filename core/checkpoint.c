@@ -1,0 +1,253 @@
+// core/checkpoint.c: see checkpoint.h. Host-side gathers use MPI directly: checkpoint data is staged
+// in host memory whatever the kernel plugin, and the comm plugin may accept device memory only.
+#define _GNU_SOURCE
+#include "checkpoint.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "safetensors.h"
+
+#define CKPT_FORMAT "dsmoe-checkpoint"
+#define CKPT_VERSION "1"
+
+static const char *kind_prefix[3] = {"", "optim.exp_avg.", "optim.exp_avg_sq."};
+
+static float *kind_slab(dsmoe_model *m, int kind) {
+    return kind == 0 ? dsmoe_model_params(m) : kind == 1 ? dsmoe_model_adam_m(m) : dsmoe_model_adam_v(m);
+}
+
+// The model's shape as metadata, compared on load so a mismatch is named before any tensor is read.
+static void shape_string(const dsmoe_config *c, char *buf, size_t len) {
+    int n = snprintf(buf, len, "vocab=%d seq_len=%d layers=%d hidden=%d heads=%d ffn_hidden=%d every=%d residual=%d experts=",
+                     c->vocab, c->seq_len, c->layers, c->hidden, c->heads, c->ffn_hidden, c->moe_every, c->residual);
+    for (int i = 0; i < c->n_moe_layers && n > 0 && (size_t)n < len; i++)
+        n += snprintf(buf + n, len - (size_t)n, "%s%d", i ? "," : "", c->experts[i]);
+    if (c->n_moe_layers == 0 && n > 0 && (size_t)n < len) snprintf(buf + n, len - (size_t)n, "0");
+}
+
+// All ranks learn rank 0's status and message (so a failed write is an error everywhere).
+static dsmoe_status share_status(dsmoe_status s, dsmoe_err *err) {
+    int code = (int)s;
+    MPI_Bcast(&code, 1, MPI_INT, 0, MPI_COMM_WORLD);
+    if (code != DSMOE_OK) {
+        MPI_Bcast(err->msg, (int)sizeof err->msg, MPI_CHAR, 0, MPI_COMM_WORLD);
+        err->status = (dsmoe_status)code;
+    }
+    return (dsmoe_status)code;
+}
+
+static int is_checkpoint_name(const char *name, int *step) {
+    int n = 0;
+    if (sscanf(name, "step_%8d.safetensors%n", step, &n) != 1) return 0;
+    return n == (int)strlen(name) && strlen(name) == strlen("step_00000000.safetensors");
+}
+
+static int cmp_int(const void *a, const void *b) {
+    return (*(const int *)a > *(const int *)b) - (*(const int *)a < *(const int *)b);
+}
+
+static void prune(const char *dir, int keep) {
+    DIR *d = opendir(dir);
+    if (!d) return;
+    int steps[4096], n = 0;
+    struct dirent *e;
+    while ((e = readdir(d)) && n < 4096)
+        if (is_checkpoint_name(e->d_name, &steps[n])) n++;
+    closedir(d);
+    qsort(steps, (size_t)n, sizeof steps[0], cmp_int);
+    for (int i = 0; i + keep < n; i++) {
+        char path[4096];
+        snprintf(path, sizeof path, "%s/step_%08d.safetensors", dir, steps[i]);
+        unlink(path);
+    }
+}
+
+dsmoe_status dsmoe_checkpoint_find_latest(const char *dir, char *path, size_t len, dsmoe_err *err) {
+    path[0] = '\0';
+    DIR *d = opendir(dir);
+    if (!d) return errno == ENOENT ? DSMOE_OK
+                                   : dsmoe_err_set(err, DSMOE_ERR_IO, "cannot read checkpoint directory %s: %s", dir,
+                                                   strerror(errno));
+    int best = -1, step;
+    struct dirent *e;
+    while ((e = readdir(d)))
+        if (is_checkpoint_name(e->d_name, &step) && step > best) best = step;
+    closedir(d);
+    if (best >= 0) snprintf(path, len, "%s/step_%08d.safetensors", dir, best);
+    return DSMOE_OK;
+}
+
+// Copies every tensor of one kind to host, gathering expert shards over the EP group to its rank 0.
+static dsmoe_status stage_host(dsmoe_model *m, MPI_Comm ep_comm, int kind, float *host, dsmoe_err *err) {
+    dsmoe_runtime *rt = dsmoe_model_runtime(m);
+    float *slab = kind_slab(m, kind);
+    size_t off = 0;
+    for (int i = 0; i < dsmoe_model_tensor_count(m); i++) {
+        const dsmoe_param_tensor *t = dsmoe_model_tensor(m, i);
+        size_t global = 1;
+        for (int d = 0; d < t->ndim; d++) global *= (size_t)t->shape[d];
+        if (t->expert_layer < 0 || dsmoe_model_ep_size(m) == 1) {
+            KCALL(rt, copy_to_host, host + off, slab + t->offset, t->numel * sizeof(float));
+        } else {
+            float *shard = dsmoe_malloc(t->numel * sizeof(float), "checkpoint shard", err);
+            if (!shard) return err->status;
+            dsmoe_status s = rt->kern->copy_to_host(rt->kctx, shard, slab + t->offset, t->numel * sizeof(float));
+            if (s == DSMOE_OK && MPI_Gather(shard, (int)t->numel, MPI_FLOAT, host + off, (int)t->numel, MPI_FLOAT, 0,
+                                            ep_comm) != MPI_SUCCESS)
+                s = dsmoe_err_set(err, DSMOE_ERR_SYSTEM, "MPI_Gather of %s failed", t->name);
+            else if (s != DSMOE_OK)
+                dsmoe_err_set(err, s, "copying %s to host: %s", t->name, rt->kern->last_error(rt->kctx));
+            free(shard);
+            if (s != DSMOE_OK) return s;
+        }
+        off += global;
+    }
+    return DSMOE_OK;
+}
+
+dsmoe_status dsmoe_checkpoint_save(dsmoe_model *m, const dsmoe_config *cfg, const char *config_text,
+                                   const dsmoe_train_position *pos, const char *dir, int keep, char *path_out,
+                                   size_t path_len, dsmoe_err *err) {
+    int rank;
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    int ep = dsmoe_model_ep_size(m);
+    MPI_Comm ep_comm;
+    MPI_Comm_split(MPI_COMM_WORLD, rank / ep, rank, &ep_comm);
+    size_t global = dsmoe_model_global_params(m);
+    float *host = NULL;
+    dsmoe_st_writer *w = NULL;
+    char path[4096] = "";
+    dsmoe_status s = DSMOE_OK;
+    host = dsmoe_malloc(3 * global * sizeof(float), "checkpoint staging", err);
+    if (!host) s = err->status;
+    for (int kind = 0; kind < 3 && s == DSMOE_OK; kind++) s = stage_host(m, ep_comm, kind, host + kind * global, err);
+    MPI_Comm_free(&ep_comm);
+    if (rank == 0 && s == DSMOE_OK) {
+        w = dsmoe_st_writer_new();
+        if (!w) s = dsmoe_err_set(err, DSMOE_ERR_NOMEM, "out of memory for the checkpoint writer");
+        for (int kind = 0; kind < 3 && s == DSMOE_OK; kind++) {
+            size_t off = 0;
+            for (int i = 0; i < dsmoe_model_tensor_count(m) && s == DSMOE_OK; i++) {
+                const dsmoe_param_tensor *t = dsmoe_model_tensor(m, i);
+                char name[160];
+                snprintf(name, sizeof name, "%s%s", kind_prefix[kind], t->name);
+                s = dsmoe_st_writer_add(w, name, DSMOE_ST_F32, t->ndim, t->shape, host + kind * global + off, err);
+                size_t n = 1;
+                for (int d = 0; d < t->ndim; d++) n *= (size_t)t->shape[d];
+                off += n;
+            }
+        }
+        char num[64], shape[1024];
+        shape_string(cfg, shape, sizeof shape);
+        if (s == DSMOE_OK) s = dsmoe_st_writer_meta(w, "format", CKPT_FORMAT, err);
+        if (s == DSMOE_OK) s = dsmoe_st_writer_meta(w, "format_version", CKPT_VERSION, err);
+        snprintf(num, sizeof num, "%d", pos->step);
+        if (s == DSMOE_OK) s = dsmoe_st_writer_meta(w, "step", num, err);
+        snprintf(num, sizeof num, "%" PRIu64, pos->next_sample);
+        if (s == DSMOE_OK) s = dsmoe_st_writer_meta(w, "next_sample", num, err);
+        snprintf(num, sizeof num, "%" PRIu64, pos->seed);
+        if (s == DSMOE_OK) s = dsmoe_st_writer_meta(w, "seed", num, err);
+        if (s == DSMOE_OK) s = dsmoe_st_writer_meta(w, "model", shape, err);
+        if (s == DSMOE_OK) s = dsmoe_st_writer_meta(w, "deck", config_text ? config_text : "", err);
+        if (s == DSMOE_OK) s = dsmoe_mkdir_p(dir, err);
+        snprintf(path, sizeof path, "%s/step_%08d.safetensors", dir, pos->step);
+        if (s == DSMOE_OK) s = dsmoe_st_writer_commit(w, path, err);
+        if (s == DSMOE_OK) prune(dir, keep);
+        dsmoe_st_writer_free(w);
+    }
+    free(host);
+    // Every rank took part in the gathers; agree on the outcome.
+    int local_fail = s != DSMOE_OK, any_fail = 0;
+    MPI_Allreduce(&local_fail, &any_fail, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+    s = share_status(rank == 0 ? s : DSMOE_OK, err);
+    if (s == DSMOE_OK && any_fail) s = dsmoe_err_set(err, DSMOE_ERR_IO, "a rank failed while gathering the checkpoint");
+    if (path_out) snprintf(path_out, path_len, "%s", path);
+    return s;
+}
+
+static dsmoe_status parse_u64_meta(const dsmoe_st_file *f, const char *path, const char *key, uint64_t *out,
+                                   dsmoe_err *err) {
+    const char *v = dsmoe_st_meta(f, key);
+    char *end;
+    if (!v || !*v) return dsmoe_err_set(err, DSMOE_ERR_IO, "checkpoint %s: metadata '%s' is missing", path, key);
+    errno = 0;
+    unsigned long long x = strtoull(v, &end, 10);
+    if (*end || errno) return dsmoe_err_set(err, DSMOE_ERR_IO, "checkpoint %s: metadata '%s' = '%s' is not a number", path, key, v);
+    *out = x;
+    return DSMOE_OK;
+}
+
+static dsmoe_status load_local(dsmoe_model *m, const dsmoe_config *cfg, const char *path, int with_optimizer,
+                               dsmoe_train_position *pos, dsmoe_err *err) {
+    dsmoe_runtime *rt = dsmoe_model_runtime(m);
+    dsmoe_st_file *f = NULL;
+    DSMOE_TRY(dsmoe_st_open(path, &f, err));
+    dsmoe_status s = DSMOE_OK;
+    const char *fmt = dsmoe_st_meta(f, "format"), *ver = dsmoe_st_meta(f, "format_version");
+    char shape[1024];
+    shape_string(cfg, shape, sizeof shape);
+    const char *file_shape = dsmoe_st_meta(f, "model");
+    uint64_t step = 0;
+    if (!fmt || strcmp(fmt, CKPT_FORMAT) != 0)
+        s = dsmoe_err_set(err, DSMOE_ERR_IO, "%s is not a dsmoe checkpoint (metadata format = '%s', expected '%s')",
+                          path, fmt ? fmt : "(none)", CKPT_FORMAT);
+    else if (!ver || strcmp(ver, CKPT_VERSION) != 0)
+        s = dsmoe_err_set(err, DSMOE_ERR_IO, "checkpoint %s has format version '%s'; this dsmoe reads version %s", path,
+                          ver ? ver : "(none)", CKPT_VERSION);
+    else if (!file_shape || strcmp(file_shape, shape) != 0)
+        s = dsmoe_err_set(err, DSMOE_ERR_INVALID,
+                          "checkpoint %s holds a different model:\n  checkpoint: %s\n  deck:       %s", path,
+                          file_shape ? file_shape : "(none)", shape);
+    if (s == DSMOE_OK) s = parse_u64_meta(f, path, "step", &step, err);
+    if (s == DSMOE_OK) s = parse_u64_meta(f, path, "next_sample", &pos->next_sample, err);
+    if (s == DSMOE_OK) s = parse_u64_meta(f, path, "seed", &pos->seed, err);
+    pos->step = (int)step;
+    for (int kind = 0; kind < (with_optimizer ? 3 : 1) && s == DSMOE_OK; kind++) {
+        for (int i = 0; i < dsmoe_model_tensor_count(m) && s == DSMOE_OK; i++) {
+            const dsmoe_param_tensor *t = dsmoe_model_tensor(m, i);
+            char name[160];
+            snprintf(name, sizeof name, "%s%s", kind_prefix[kind], t->name);
+            const dsmoe_st_tensor *ft = dsmoe_st_find(f, name);
+            if (!ft) {
+                s = dsmoe_err_set(err, DSMOE_ERR_IO, "checkpoint %s: tensor '%s' is missing", path, name);
+                break;
+            }
+            int same = ft->dtype == DSMOE_ST_F32 && ft->ndim == t->ndim;
+            for (int d = 0; same && d < t->ndim; d++) same = ft->shape[d] == t->shape[d];
+            if (!same) {
+                char want[128] = "", got[128] = "";
+                for (int d = 0; d < t->ndim; d++)
+                    snprintf(want + strlen(want), sizeof want - strlen(want), "%s%" PRId64, d ? ", " : "", t->shape[d]);
+                for (int d = 0; d < ft->ndim; d++)
+                    snprintf(got + strlen(got), sizeof got - strlen(got), "%s%" PRId64, d ? ", " : "", ft->shape[d]);
+                s = dsmoe_err_set(err, DSMOE_ERR_INVALID, "checkpoint %s: tensor '%s' is %s [%s], the deck's model needs F32 [%s]",
+                                  path, name, dsmoe_st_dtype_name(ft->dtype), got, want);
+                break;
+            }
+            // Staged through an aligned host copy: mapped data need not be 4-byte aligned.
+            float *tmp = dsmoe_malloc(t->numel * sizeof(float), "checkpoint load", err);
+            if (!tmp) { s = err->status; break; }
+            memcpy(tmp, (const char *)ft->data + t->shard_begin * sizeof(float), t->numel * sizeof(float));
+            s = rt->kern->copy_to_device(rt->kctx, kind_slab(m, kind) + t->offset, tmp, t->numel * sizeof(float));
+            if (s != DSMOE_OK) dsmoe_err_set(err, s, "loading %s: %s", name, rt->kern->last_error(rt->kctx));
+            free(tmp);
+        }
+    }
+    dsmoe_st_close(f);
+    return s;
+}
+
+dsmoe_status dsmoe_checkpoint_load(dsmoe_model *m, const dsmoe_config *cfg, const char *path, int with_optimizer,
+                                   dsmoe_train_position *pos, dsmoe_err *err) {
+    dsmoe_status s = load_local(m, cfg, path, with_optimizer, pos, err);
+    // Every rank reads the same file; if any failed, all fail (with rank 0's message if it failed).
+    int fail = s != DSMOE_OK, any = 0;
+    MPI_Allreduce(&fail, &any, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+    if (any && s == DSMOE_OK) s = dsmoe_err_set(err, DSMOE_ERR_IO, "another rank failed to load checkpoint %s", path);
+    return s;
+}

@@ -1,0 +1,36 @@
+// core/checkpoint.h: model checkpoints as one safetensors file (docs/checkpoint.md).
+// defines: dsmoe_checkpoint_save, dsmoe_checkpoint_load, dsmoe_checkpoint_find_latest
+//
+// One file per checkpoint, global tensor names whatever the rank layout: parameters under their
+// model names, AdamW moments as "optim.exp_avg.<name>" and "optim.exp_avg_sq.<name>", and metadata
+// (format, step, next training sample, seed, the resolved deck, the model's shape). Expert shards are
+// gathered over the EP group and rank 0 writes; on load every rank maps the file and copies only its
+// own shard. Files are written atomically (temporary name, fsync, rename); only checkpoints named
+// step_<8 digits>.safetensors in the directory are ever pruned.
+#ifndef DSMOE_CHECKPOINT_H
+#define DSMOE_CHECKPOINT_H
+#include "config.h"
+#include "model.h"
+
+typedef struct dsmoe_train_position {
+    int step;                 // optimizer steps completed
+    uint64_t next_sample;     // next training sample index
+    uint64_t seed;            // run.seed the run was started with
+} dsmoe_train_position;
+
+// Collective. Writes <dir>/step_<step>.safetensors and prunes to `keep` newest. *path_out (may be NULL)
+// receives the file name (on rank 0).
+dsmoe_status dsmoe_checkpoint_save(dsmoe_model *model, const dsmoe_config *cfg, const char *config_text,
+                                   const dsmoe_train_position *pos, const char *dir, int keep,
+                                   char *path_out, size_t path_len, dsmoe_err *err);
+
+// Collective. Loads parameters (and, if with_optimizer, the AdamW moments) and the position from path.
+// Refuses a file that is not a dsmoe checkpoint, or whose tensors are missing or have other shapes
+// than the deck's model, naming the tensor and both shapes.
+dsmoe_status dsmoe_checkpoint_load(dsmoe_model *model, const dsmoe_config *cfg, const char *path,
+                                   int with_optimizer, dsmoe_train_position *pos, dsmoe_err *err);
+
+// Newest step_*.safetensors in dir into path; returns DSMOE_OK with path[0] = 0 when there is none.
+dsmoe_status dsmoe_checkpoint_find_latest(const char *dir, char *path, size_t len, dsmoe_err *err);
+
+#endif

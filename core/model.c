@@ -1,0 +1,669 @@
+// core/model.c: the GPT-MoE model (see model.h for the architecture and invariants).
+// Layout of this file: parameter table, then buffers, then each block's forward beside its backward,
+// then the whole model, then the optimizer side (gradient reduction, norm, AdamW).
+#include "model.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "dsmoe/rng.h"
+
+// ----------------------------------------------------------------------------------------------------
+// parameters
+
+typedef struct block_params {
+    float *ln1w, *ln1b;         // (M)
+    float *qkvw, *qkvb;         // (3M, M), (3M)
+    float *attprojw, *attprojb; // (M, M), (M)
+    float *ln2w, *ln2b;         // (M)
+    float *fcw, *fcb;           // (F, M), (F)  dense FFN, or the residual MLP of a residual MoE layer
+    float *fcprojw, *fcprojb;   // (M, F), (M)
+    float *coefw, *coefb;       // (2, M), (2)  residual MoE coefficient
+    dsmoe_moe_weights moe;      // router and this rank's experts
+} block_params;
+
+typedef struct block_acts {
+    float *ln1;           // (S, M)
+    float *ln1_mean, *ln1_rstd; // (S)
+    float *qkv;           // (S, 3M)
+    float *atty;          // (S, M)
+    float *att;           // (B, NH, T, T)
+    float *resid_mid;     // (S, M) x + attention
+    float *ln2;           // (S, M)
+    float *ln2_mean, *ln2_rstd; // (S)
+    float *fch;           // (S, F) dense FFN pre-activation
+    float *fch_gelu;      // (S, F)
+    float *mlp_out;       // (S, M) dense FFN output (residual MoE: the MLP branch)
+    float *moe_out;       // (S, M)
+    float *coef_logits;   // (S, 2)
+    float *coef;          // (S, 2)
+    float *ffn_out;       // (S, M) what is added to the residual stream
+} block_acts;
+
+struct dsmoe_model {
+    const dsmoe_config *cfg;
+    dsmoe_runtime *rt;
+    int B, T, S, M, NH, F, V, L;
+    int ep, ep_rank;
+    dsmoe_comm_group *ep_group;  // contiguous blocks of ep ranks
+    dsmoe_comm_group *edp_group; // strided sets {i, i+ep, ...}
+
+    dsmoe_param_tensor *tensors;
+    int n_tensors, cap_tensors;
+    size_t n_local, n_replicated; // replicated tensors occupy [0, n_replicated)
+    size_t n_global;
+    float *params, *grads, *adam_m, *adam_v; // (n_local) each
+
+    float *wte, *wpe, *lnfw, *lnfb;
+    float *dwte, *dwpe, *dlnfw, *dlnfb;
+    block_params *blocks, *dblocks; // (L) parameter and gradient views
+    int *moe_of_layer;              // (L) MoE index or -1
+    dsmoe_moe_layer **moe;          // (n_moe)
+    dsmoe_moe_stats *moe_stats;     // (n_moe)
+
+    // activations of the last forward
+    float *resid;          // (L+1, S, M) residual stream at each block input, and the final output
+    block_acts *acts;      // (L)
+    float *lnf, *lnf_mean, *lnf_rstd; // (S, M), (S), (S)
+    float *logits;         // (S, V) then probabilities in place
+    float *losses;         // (S)
+    int32_t *tokens, *targets; // (S) plugin memory
+    float *host_losses;    // (S) host
+
+    // backward scratch
+    float *dresid;          // (S, M) gradient of the residual stream
+    float *dln, *datty, *dmoe, *dmlp, *dffn; // (S, M)
+    float *dqkv;            // (S, 3M)
+    float *dfch, *dfch_gelu; // (S, F)
+    float *dcoef;           // (S, 2)
+    float *datt_scratch;    // (B, NH, T, T)
+    float *dlogits;         // (S, V)
+    int has_forward;
+};
+
+static uint64_t name_hash(const char *s) {
+    uint64_t h = 1469598103934665603ull;
+    for (; *s; s++) h = (h ^ (unsigned char)*s) * 1099511628211ull;
+    return h;
+}
+
+static dsmoe_status add_tensor(dsmoe_model *m, const char *name, int ndim, const int64_t *shape, int decay,
+                               int expert_layer, float init_std, float init_value, dsmoe_err *err) {
+    if (m->n_tensors == m->cap_tensors) {
+        int cap = m->cap_tensors ? 2 * m->cap_tensors : 64;
+        dsmoe_param_tensor *t = realloc(m->tensors, (size_t)cap * sizeof *t);
+        if (!t) return dsmoe_err_set(err, DSMOE_ERR_NOMEM, "out of memory for the parameter table");
+        m->tensors = t;
+        m->cap_tensors = cap;
+    }
+    dsmoe_param_tensor *t = &m->tensors[m->n_tensors++];
+    memset(t, 0, sizeof *t);
+    snprintf(t->name, sizeof t->name, "%s", name);
+    t->ndim = ndim;
+    size_t global = 1;
+    for (int i = 0; i < ndim; i++) {
+        t->shape[i] = shape[i];
+        global *= (size_t)shape[i];
+    }
+    t->decay = decay;
+    t->expert_layer = expert_layer;
+    t->init_std = init_std;
+    t->init_value = init_value;
+    if (expert_layer >= 0) {
+        size_t per_expert = global / (size_t)shape[0];
+        size_t e_local = (size_t)shape[0] / (size_t)m->ep;
+        t->numel = e_local * per_expert;
+        t->shard_begin = (size_t)m->ep_rank * t->numel;
+    } else {
+        t->numel = global;
+        t->shard_begin = 0;
+    }
+    t->offset = m->n_local;
+    m->n_local += t->numel;
+    m->n_global += global;
+    return DSMOE_OK;
+}
+
+#define SHAPE(...) ((const int64_t[]){__VA_ARGS__})
+
+// Declares every tensor: replicated ones in model order, then expert shards. Names: docs/checkpoint.md.
+static dsmoe_status build_table(dsmoe_model *m, dsmoe_err *err) {
+    const dsmoe_config *c = m->cfg;
+    int M = m->M, F = m->F, V = m->V, T = m->T;
+    float std = c->init_std, proj_std = c->init_std / sqrtf(2.0f * (float)m->L);
+    char n[96];
+    DSMOE_TRY(add_tensor(m, "wte.weight", 2, SHAPE(V, M), 1, -1, std, 0, err));
+    DSMOE_TRY(add_tensor(m, "wpe.weight", 2, SHAPE(T, M), 1, -1, std, 0, err));
+    for (int l = 0; l < m->L; l++) {
+        int mi = m->moe_of_layer[l];
+        int dense_ffn = mi < 0 || c->residual;
+#define T_(suffix, nd, shp, decay, s, v)                                                           \
+    do {                                                                                           \
+        snprintf(n, sizeof n, "h.%d.%s", l, suffix);                                               \
+        DSMOE_TRY(add_tensor(m, n, nd, shp, decay, -1, s, v, err));                                \
+    } while (0)
+        T_("ln_1.weight", 1, SHAPE(M), 0, 0, 1);
+        T_("ln_1.bias", 1, SHAPE(M), 0, 0, 0);
+        T_("attn.c_attn.weight", 2, SHAPE(3 * M, M), 1, std, 0);
+        T_("attn.c_attn.bias", 1, SHAPE(3 * M), 0, 0, 0);
+        T_("attn.c_proj.weight", 2, SHAPE(M, M), 1, proj_std, 0);
+        T_("attn.c_proj.bias", 1, SHAPE(M), 0, 0, 0);
+        T_("ln_2.weight", 1, SHAPE(M), 0, 0, 1);
+        T_("ln_2.bias", 1, SHAPE(M), 0, 0, 0);
+        if (dense_ffn) {
+            T_("mlp.c_fc.weight", 2, SHAPE(F, M), 1, std, 0);
+            T_("mlp.c_fc.bias", 1, SHAPE(F), 0, 0, 0);
+            T_("mlp.c_proj.weight", 2, SHAPE(M, F), 1, proj_std, 0);
+            T_("mlp.c_proj.bias", 1, SHAPE(M), 0, 0, 0);
+        }
+        if (mi >= 0) {
+            int E = c->experts[mi];
+            T_("moe.gate.weight", 2, SHAPE(E, M), 1, std, 0);
+            if (c->residual) {
+                T_("moe.coefficient.weight", 2, SHAPE(2, M), 1, std, 0);
+                T_("moe.coefficient.bias", 1, SHAPE(2), 0, 0, 0);
+            }
+        }
+#undef T_
+    }
+    DSMOE_TRY(add_tensor(m, "ln_f.weight", 1, SHAPE(M), 0, -1, 0, 1, err));
+    DSMOE_TRY(add_tensor(m, "ln_f.bias", 1, SHAPE(M), 0, -1, 0, 0, err));
+    m->n_replicated = m->n_local;
+    for (int l = 0; l < m->L; l++) {
+        int mi = m->moe_of_layer[l];
+        if (mi < 0) continue;
+        int E = c->experts[mi];
+#define X_(suffix, nd, shp, decay, s)                                                              \
+    do {                                                                                           \
+        snprintf(n, sizeof n, "h.%d.moe.experts.%s", l, suffix);                                   \
+        DSMOE_TRY(add_tensor(m, n, nd, shp, decay, mi, s, 0, err));                                \
+    } while (0)
+        X_("c_fc.weight", 3, SHAPE(E, F, M), 1, std);
+        X_("c_fc.bias", 2, SHAPE(E, F), 0, 0);
+        X_("c_proj.weight", 3, SHAPE(E, M, F), 1, proj_std);
+        X_("c_proj.bias", 2, SHAPE(E, M), 0, 0);
+#undef X_
+    }
+    return DSMOE_OK;
+}
+
+static float *tensor_ptr(float *slab, const dsmoe_model *m, const char *name) {
+    for (int i = 0; i < m->n_tensors; i++)
+        if (strcmp(m->tensors[i].name, name) == 0) return slab + m->tensors[i].offset;
+    return NULL;
+}
+
+// Points a block_params view (of params or grads) at the slab.
+static void bind_views(dsmoe_model *m, float *slab, block_params *bp, float **wte, float **wpe, float **lnfw,
+                       float **lnfb) {
+    char n[96];
+    *wte = tensor_ptr(slab, m, "wte.weight");
+    *wpe = tensor_ptr(slab, m, "wpe.weight");
+    *lnfw = tensor_ptr(slab, m, "ln_f.weight");
+    *lnfb = tensor_ptr(slab, m, "ln_f.bias");
+    for (int l = 0; l < m->L; l++) {
+        block_params *b = &bp[l];
+#define P_(field, suffix)                                                                          \
+    do {                                                                                           \
+        snprintf(n, sizeof n, "h.%d.%s", l, suffix);                                               \
+        b->field = tensor_ptr(slab, m, n);                                                         \
+    } while (0)
+        P_(ln1w, "ln_1.weight"); P_(ln1b, "ln_1.bias");
+        P_(qkvw, "attn.c_attn.weight"); P_(qkvb, "attn.c_attn.bias");
+        P_(attprojw, "attn.c_proj.weight"); P_(attprojb, "attn.c_proj.bias");
+        P_(ln2w, "ln_2.weight"); P_(ln2b, "ln_2.bias");
+        P_(fcw, "mlp.c_fc.weight"); P_(fcb, "mlp.c_fc.bias");
+        P_(fcprojw, "mlp.c_proj.weight"); P_(fcprojb, "mlp.c_proj.bias");
+        P_(coefw, "moe.coefficient.weight"); P_(coefb, "moe.coefficient.bias");
+        P_(moe.wg, "moe.gate.weight");
+        P_(moe.w1, "moe.experts.c_fc.weight"); P_(moe.b1, "moe.experts.c_fc.bias");
+        P_(moe.w2, "moe.experts.c_proj.weight"); P_(moe.b2, "moe.experts.c_proj.bias");
+#undef P_
+    }
+}
+
+// ----------------------------------------------------------------------------------------------------
+// buffers
+
+static dsmoe_status kalloc(dsmoe_model *m, float **p, size_t n, dsmoe_err *err) {
+    dsmoe_runtime *rt = m->rt;
+    KCALL(rt, alloc, n * sizeof(float), (void **)p);
+    return DSMOE_OK;
+}
+
+static dsmoe_status alloc_buffers(dsmoe_model *m, dsmoe_err *err) {
+    size_t S = (size_t)m->S, M = (size_t)m->M, F = (size_t)m->F, V = (size_t)m->V;
+    size_t att = (size_t)m->B * m->NH * m->T * m->T;
+    dsmoe_runtime *rt = m->rt;
+    DSMOE_TRY(kalloc(m, &m->params, m->n_local, err));
+    DSMOE_TRY(kalloc(m, &m->grads, m->n_local, err));
+    DSMOE_TRY(kalloc(m, &m->adam_m, m->n_local, err));
+    DSMOE_TRY(kalloc(m, &m->adam_v, m->n_local, err));
+    DSMOE_TRY(kalloc(m, &m->resid, (size_t)(m->L + 1) * S * M, err));
+    for (int l = 0; l < m->L; l++) {
+        block_acts *a = &m->acts[l];
+        int mi = m->moe_of_layer[l];
+        int dense_ffn = mi < 0 || m->cfg->residual;
+        DSMOE_TRY(kalloc(m, &a->ln1, S * M, err));
+        DSMOE_TRY(kalloc(m, &a->ln1_mean, S, err));
+        DSMOE_TRY(kalloc(m, &a->ln1_rstd, S, err));
+        DSMOE_TRY(kalloc(m, &a->qkv, S * 3 * M, err));
+        DSMOE_TRY(kalloc(m, &a->atty, S * M, err));
+        DSMOE_TRY(kalloc(m, &a->att, att, err));
+        DSMOE_TRY(kalloc(m, &a->resid_mid, S * M, err));
+        DSMOE_TRY(kalloc(m, &a->ln2, S * M, err));
+        DSMOE_TRY(kalloc(m, &a->ln2_mean, S, err));
+        DSMOE_TRY(kalloc(m, &a->ln2_rstd, S, err));
+        DSMOE_TRY(kalloc(m, &a->ffn_out, S * M, err));
+        if (dense_ffn) {
+            DSMOE_TRY(kalloc(m, &a->fch, S * F, err));
+            DSMOE_TRY(kalloc(m, &a->fch_gelu, S * F, err));
+            DSMOE_TRY(kalloc(m, &a->mlp_out, S * M, err));
+        }
+        if (mi >= 0) DSMOE_TRY(kalloc(m, &a->moe_out, S * M, err));
+        if (mi >= 0 && m->cfg->residual) {
+            DSMOE_TRY(kalloc(m, &a->coef_logits, S * 2, err));
+            DSMOE_TRY(kalloc(m, &a->coef, S * 2, err));
+        }
+    }
+    DSMOE_TRY(kalloc(m, &m->lnf, S * M, err));
+    DSMOE_TRY(kalloc(m, &m->lnf_mean, S, err));
+    DSMOE_TRY(kalloc(m, &m->lnf_rstd, S, err));
+    DSMOE_TRY(kalloc(m, &m->logits, S * V, err));
+    DSMOE_TRY(kalloc(m, &m->losses, S, err));
+    KCALL(rt, alloc, S * sizeof(int32_t), (void **)&m->tokens);
+    KCALL(rt, alloc, S * sizeof(int32_t), (void **)&m->targets);
+    m->host_losses = dsmoe_malloc(S * sizeof(float), "losses", err);
+    if (!m->host_losses) return err->status;
+    DSMOE_TRY(kalloc(m, &m->dresid, S * M, err));
+    DSMOE_TRY(kalloc(m, &m->dln, S * M, err));
+    DSMOE_TRY(kalloc(m, &m->datty, S * M, err));
+    DSMOE_TRY(kalloc(m, &m->dmoe, S * M, err));
+    DSMOE_TRY(kalloc(m, &m->dmlp, S * M, err));
+    DSMOE_TRY(kalloc(m, &m->dffn, S * M, err));
+    DSMOE_TRY(kalloc(m, &m->dqkv, S * 3 * M, err));
+    DSMOE_TRY(kalloc(m, &m->dfch, S * F, err));
+    DSMOE_TRY(kalloc(m, &m->dfch_gelu, S * F, err));
+    DSMOE_TRY(kalloc(m, &m->dcoef, S * 2, err));
+    DSMOE_TRY(kalloc(m, &m->datt_scratch, att, err));
+    DSMOE_TRY(kalloc(m, &m->dlogits, S * V, err));
+    return DSMOE_OK;
+}
+
+// ----------------------------------------------------------------------------------------------------
+// building blocks, each forward beside its backward
+
+// out (S, N) = in (S, K) @ w (N, K)^T + b (N); b may be NULL.
+static dsmoe_status linear_forward(dsmoe_runtime *rt, float *out, const float *in, const float *w, const float *b,
+                                   int S, int K, int N, dsmoe_err *err) {
+    KCALL(rt, gemm, 0, 1, S, N, K, 1.0f, in, K, w, K, 0.0f, out, N);
+    if (b) KCALL(rt, bias_add, out, b, S, N);
+    return DSMOE_OK;
+}
+
+// din (S, K) +=, dw (N, K) +=, db (N) += (db may be NULL); din may be NULL.
+static dsmoe_status linear_backward(dsmoe_runtime *rt, float *din, float *dw, float *db, const float *dout,
+                                    const float *in, const float *w, int S, int K, int N, dsmoe_err *err) {
+    KCALL(rt, gemm, 1, 0, N, K, S, 1.0f, dout, N, in, K, 1.0f, dw, K);
+    if (db) KCALL(rt, bias_backward, db, dout, S, N);
+    if (din) KCALL(rt, gemm, 0, 0, S, K, N, 1.0f, dout, N, w, K, 1.0f, din, K);
+    return DSMOE_OK;
+}
+
+// Dense FFN: out (S, M) = c_proj(gelu(c_fc(x))).
+static dsmoe_status mlp_forward(dsmoe_model *m, const block_params *p, block_acts *a, const float *x, float *out,
+                                dsmoe_err *err) {
+    dsmoe_runtime *rt = m->rt;
+    DSMOE_TRY(linear_forward(rt, a->fch, x, p->fcw, p->fcb, m->S, m->M, m->F, err));
+    KCALL(rt, gelu_forward, a->fch_gelu, a->fch, (size_t)m->S * m->F);
+    DSMOE_TRY(linear_forward(rt, out, a->fch_gelu, p->fcprojw, p->fcprojb, m->S, m->F, m->M, err));
+    return DSMOE_OK;
+}
+
+static dsmoe_status mlp_backward(dsmoe_model *m, const block_params *p, block_params *g, block_acts *a,
+                                 const float *x, const float *dout, float *dx, dsmoe_err *err) {
+    dsmoe_runtime *rt = m->rt;
+    size_t SF = (size_t)m->S * m->F;
+    KCALL(rt, zero, m->dfch_gelu, SF * sizeof(float));
+    KCALL(rt, zero, m->dfch, SF * sizeof(float));
+    DSMOE_TRY(linear_backward(rt, m->dfch_gelu, g->fcprojw, g->fcprojb, dout, a->fch_gelu, p->fcprojw, m->S, m->F,
+                              m->M, err));
+    KCALL(rt, gelu_backward, m->dfch, a->fch, m->dfch_gelu, SF);
+    DSMOE_TRY(linear_backward(rt, dx, g->fcw, g->fcb, m->dfch, x, p->fcw, m->S, m->M, m->F, err));
+    return DSMOE_OK;
+}
+
+// Attention sub-block: resid_mid = x + c_proj(attention(c_attn(ln_1(x)))).
+static dsmoe_status attn_forward(dsmoe_model *m, const block_params *p, block_acts *a, const float *x,
+                                 dsmoe_err *err) {
+    dsmoe_runtime *rt = m->rt;
+    int S = m->S, M = m->M;
+    KCALL(rt, layernorm_forward, a->ln1, a->ln1_mean, a->ln1_rstd, x, p->ln1w, p->ln1b, S, M, m->cfg->ln_eps);
+    DSMOE_TRY(linear_forward(rt, a->qkv, a->ln1, p->qkvw, p->qkvb, S, M, 3 * M, err));
+    KCALL(rt, attention_forward, a->atty, a->att, a->qkv, m->B, m->T, M, m->NH);
+    DSMOE_TRY(linear_forward(rt, a->resid_mid, a->atty, p->attprojw, p->attprojb, S, M, M, err));
+    KCALL(rt, axpy, a->resid_mid, 1.0f, x, (size_t)S * M);
+    return DSMOE_OK;
+}
+
+// dresid holds d(resid_mid) on entry and d(x) on return.
+static dsmoe_status attn_backward(dsmoe_model *m, const block_params *p, block_params *g, block_acts *a,
+                                  const float *x, dsmoe_err *err) {
+    dsmoe_runtime *rt = m->rt;
+    int S = m->S, M = m->M;
+    size_t SM = (size_t)S * M;
+    KCALL(rt, zero, m->datty, SM * sizeof(float));
+    KCALL(rt, zero, m->dqkv, 3 * SM * sizeof(float));
+    KCALL(rt, zero, m->dln, SM * sizeof(float));
+    DSMOE_TRY(linear_backward(rt, m->datty, g->attprojw, g->attprojb, m->dresid, a->atty, p->attprojw, S, M, M, err));
+    KCALL(rt, attention_backward, m->dqkv, m->datt_scratch, m->datty, a->qkv, a->att, m->B, m->T, M, m->NH);
+    DSMOE_TRY(linear_backward(rt, m->dln, g->qkvw, g->qkvb, m->dqkv, a->ln1, p->qkvw, S, M, 3 * M, err));
+    // The residual path carries dresid through unchanged; layer norm adds its part.
+    KCALL(rt, layernorm_backward, m->dresid, g->ln1w, g->ln1b, m->dln, x, p->ln1w, a->ln1_mean, a->ln1_rstd, S, M);
+    return DSMOE_OK;
+}
+
+// FFN sub-block: out = resid_mid + ffn(ln_2(resid_mid)), ffn = dense MLP, MoE, or residual MoE.
+static dsmoe_status ffn_forward(dsmoe_model *m, int l, const dsmoe_moe_step *step, float *out, dsmoe_err *err) {
+    dsmoe_runtime *rt = m->rt;
+    const block_params *p = &m->blocks[l];
+    block_acts *a = &m->acts[l];
+    int S = m->S, M = m->M, mi = m->moe_of_layer[l];
+    size_t SM = (size_t)S * M;
+    KCALL(rt, layernorm_forward, a->ln2, a->ln2_mean, a->ln2_rstd, a->resid_mid, p->ln2w, p->ln2b, S, M,
+          m->cfg->ln_eps);
+    if (mi < 0) {
+        DSMOE_TRY(mlp_forward(m, p, a, a->ln2, a->ffn_out, err));
+    } else {
+        DSMOE_TRY(dsmoe_moe_forward(m->moe[mi], &p->moe, a->ln2, a->moe_out, step, &m->moe_stats[mi], err));
+        if (m->cfg->residual) {
+            DSMOE_TRY(mlp_forward(m, p, a, a->ln2, a->mlp_out, err));
+            DSMOE_TRY(linear_forward(rt, a->coef_logits, a->ln2, p->coefw, p->coefb, S, M, 2, err));
+            KCALL(rt, residual_mix_forward, a->ffn_out, a->coef, a->moe_out, a->mlp_out, a->coef_logits, S, M);
+        } else {
+            KCALL(rt, copy, a->ffn_out, a->moe_out, SM * sizeof(float));
+        }
+    }
+    KCALL(rt, copy, out, a->resid_mid, SM * sizeof(float));
+    KCALL(rt, axpy, out, 1.0f, a->ffn_out, SM);
+    return DSMOE_OK;
+}
+
+// dresid holds d(out) on entry and d(resid_mid) on return.
+static dsmoe_status ffn_backward(dsmoe_model *m, int l, float daux, dsmoe_err *err) {
+    dsmoe_runtime *rt = m->rt;
+    const block_params *p = &m->blocks[l];
+    block_params *g = &m->dblocks[l];
+    block_acts *a = &m->acts[l];
+    int S = m->S, M = m->M, mi = m->moe_of_layer[l];
+    size_t SM = (size_t)S * M;
+    KCALL(rt, zero, m->dln, SM * sizeof(float));
+    if (mi < 0) {
+        DSMOE_TRY(mlp_backward(m, p, g, a, a->ln2, m->dresid, m->dln, err));
+    } else if (!m->cfg->residual) {
+        DSMOE_TRY(dsmoe_moe_backward(m->moe[mi], &p->moe, &g->moe, m->dresid, m->dln, daux, err));
+    } else {
+        KCALL(rt, zero, m->dmoe, SM * sizeof(float));
+        KCALL(rt, zero, m->dmlp, SM * sizeof(float));
+        KCALL(rt, zero, m->dcoef, (size_t)S * 2 * sizeof(float));
+        KCALL(rt, residual_mix_backward, m->dmoe, m->dmlp, m->dcoef, m->dresid, a->moe_out, a->mlp_out, a->coef, S,
+              M);
+        DSMOE_TRY(linear_backward(rt, m->dln, g->coefw, g->coefb, m->dcoef, a->ln2, p->coefw, S, M, 2, err));
+        DSMOE_TRY(mlp_backward(m, p, g, a, a->ln2, m->dmlp, m->dln, err));
+        DSMOE_TRY(dsmoe_moe_backward(m->moe[mi], &p->moe, &g->moe, m->dmoe, m->dln, daux, err));
+    }
+    KCALL(rt, layernorm_backward, m->dresid, g->ln2w, g->ln2b, m->dln, a->resid_mid, p->ln2w, a->ln2_mean,
+          a->ln2_rstd, S, M);
+    return DSMOE_OK;
+}
+
+// ----------------------------------------------------------------------------------------------------
+// the model
+
+static dsmoe_status create_groups(dsmoe_model *m, dsmoe_err *err) {
+    dsmoe_runtime *rt = m->rt;
+    int rank = rt->world_rank;
+    MPI_Comm ep_comm, edp_comm;
+    // EP groups are contiguous blocks of ep ranks; EDP groups the strided sets (DeepSpeed's layout).
+    if (MPI_Comm_split(MPI_COMM_WORLD, rank / m->ep, rank, &ep_comm) != MPI_SUCCESS ||
+        MPI_Comm_split(MPI_COMM_WORLD, rank % m->ep, rank, &edp_comm) != MPI_SUCCESS)
+        return dsmoe_err_set(err, DSMOE_ERR_SYSTEM, "MPI_Comm_split failed creating expert-parallel groups");
+    dsmoe_status s = rt->comm->group_create(rt->cctx, ep_comm, &m->ep_group);
+    if (s == DSMOE_OK) s = rt->comm->group_create(rt->cctx, edp_comm, &m->edp_group);
+    MPI_Comm_free(&ep_comm);
+    MPI_Comm_free(&edp_comm);
+    if (s != DSMOE_OK)
+        return dsmoe_err_set(err, s, "comm plugin '%s': group_create failed: %s", rt->comm->name,
+                             rt->comm->last_error(rt->cctx));
+    m->ep_rank = rt->comm->group_rank(m->ep_group);
+    return DSMOE_OK;
+}
+
+dsmoe_status dsmoe_model_create(const dsmoe_config *cfg, dsmoe_runtime *rt, int B, dsmoe_model **model,
+                                dsmoe_err *err) {
+    *model = NULL;
+    dsmoe_model *m = calloc(1, sizeof *m);
+    if (!m) return dsmoe_err_set(err, DSMOE_ERR_NOMEM, "out of memory creating the model");
+    *model = m;
+    m->cfg = cfg;
+    m->rt = rt;
+    m->B = B;
+    m->T = cfg->seq_len;
+    m->S = B * cfg->seq_len;
+    m->M = cfg->hidden;
+    m->NH = cfg->heads;
+    m->F = cfg->ffn_hidden;
+    m->V = cfg->vocab;
+    m->L = cfg->layers;
+    m->ep = cfg->expert_parallel;
+    m->blocks = calloc((size_t)m->L, sizeof *m->blocks);
+    m->dblocks = calloc((size_t)m->L, sizeof *m->dblocks);
+    m->acts = calloc((size_t)m->L, sizeof *m->acts);
+    m->moe_of_layer = calloc((size_t)m->L, sizeof *m->moe_of_layer);
+    int n_moe = cfg->n_moe_layers;
+    m->moe = calloc((size_t)(n_moe ? n_moe : 1), sizeof *m->moe);
+    m->moe_stats = calloc((size_t)(n_moe ? n_moe : 1), sizeof *m->moe_stats);
+    if (!m->blocks || !m->dblocks || !m->acts || !m->moe_of_layer || !m->moe || !m->moe_stats)
+        return dsmoe_err_set(err, DSMOE_ERR_NOMEM, "out of memory creating the model");
+    for (int l = 0; l < m->L; l++) {
+        int mi = -1;
+        m->moe_of_layer[l] = dsmoe_config_is_moe_layer(cfg, l, &mi) ? mi : -1;
+    }
+    DSMOE_TRY(create_groups(m, err));
+    DSMOE_TRY(build_table(m, err));
+    DSMOE_TRY(alloc_buffers(m, err));
+    bind_views(m, m->params, m->blocks, &m->wte, &m->wpe, &m->lnfw, &m->lnfb);
+    bind_views(m, m->grads, m->dblocks, &m->dwte, &m->dwpe, &m->dlnfw, &m->dlnfb);
+    for (int l = 0; l < m->L; l++) {
+        int mi = m->moe_of_layer[l];
+        if (mi < 0) continue;
+        dsmoe_moe_config mc = {
+            .S = m->S, .M = m->M, .F = m->F, .E = cfg->experts[mi], .K = cfg->top_k,
+            .capacity_factor = cfg->capacity_factor, .eval_capacity_factor = cfg->eval_capacity_factor,
+            .min_capacity = cfg->min_capacity, .drop_tokens = cfg->drop_tokens,
+            .random_token_selection = cfg->random_token_selection, .noise = cfg->noise,
+            .jitter_eps = cfg->jitter_eps, .ep = m->ep, .ep_group = m->ep_group,
+        };
+        DSMOE_TRY(dsmoe_moe_layer_create(rt, &mc, &m->moe[mi], err));
+    }
+    return DSMOE_OK;
+}
+
+void dsmoe_model_free(dsmoe_model *m) {
+    if (!m) return;
+    dsmoe_runtime *rt = m->rt;
+    for (int i = 0; i < m->cfg->n_moe_layers && m->moe; i++) dsmoe_moe_layer_free(m->moe[i]);
+    void **bufs[] = {(void **)&m->params, (void **)&m->grads, (void **)&m->adam_m, (void **)&m->adam_v,
+                     (void **)&m->resid, (void **)&m->lnf, (void **)&m->lnf_mean, (void **)&m->lnf_rstd,
+                     (void **)&m->logits, (void **)&m->losses, (void **)&m->tokens, (void **)&m->targets,
+                     (void **)&m->dresid, (void **)&m->dln, (void **)&m->datty, (void **)&m->dmoe,
+                     (void **)&m->dmlp, (void **)&m->dffn, (void **)&m->dqkv, (void **)&m->dfch,
+                     (void **)&m->dfch_gelu, (void **)&m->dcoef, (void **)&m->datt_scratch, (void **)&m->dlogits};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) rt->kern->free(rt->kctx, *bufs[i]);
+    for (int l = 0; m->acts && l < m->L; l++) {
+        block_acts *a = &m->acts[l];
+        float *abufs[] = {a->ln1, a->ln1_mean, a->ln1_rstd, a->qkv, a->atty, a->att, a->resid_mid, a->ln2,
+                          a->ln2_mean, a->ln2_rstd, a->fch, a->fch_gelu, a->mlp_out, a->moe_out,
+                          a->coef_logits, a->coef, a->ffn_out};
+        for (size_t i = 0; i < sizeof abufs / sizeof abufs[0]; i++) rt->kern->free(rt->kctx, abufs[i]);
+    }
+    if (m->ep_group) rt->comm->group_destroy(rt->cctx, m->ep_group);
+    if (m->edp_group) rt->comm->group_destroy(rt->cctx, m->edp_group);
+    free(m->host_losses);
+    free(m->tensors);
+    free(m->blocks);
+    free(m->dblocks);
+    free(m->acts);
+    free(m->moe_of_layer);
+    free(m->moe);
+    free(m->moe_stats);
+    free(m);
+}
+
+int dsmoe_model_tensor_count(const dsmoe_model *m) { return m->n_tensors; }
+const dsmoe_param_tensor *dsmoe_model_tensor(const dsmoe_model *m, int i) {
+    return i >= 0 && i < m->n_tensors ? &m->tensors[i] : NULL;
+}
+size_t dsmoe_model_local_params(const dsmoe_model *m) { return m->n_local; }
+size_t dsmoe_model_global_params(const dsmoe_model *m) { return m->n_global; }
+float *dsmoe_model_params(dsmoe_model *m) { return m->params; }
+float *dsmoe_model_grads(dsmoe_model *m) { return m->grads; }
+float *dsmoe_model_adam_m(dsmoe_model *m) { return m->adam_m; }
+float *dsmoe_model_adam_v(dsmoe_model *m) { return m->adam_v; }
+int dsmoe_model_ep_rank(const dsmoe_model *m) { return m->ep_rank; }
+int dsmoe_model_ep_size(const dsmoe_model *m) { return m->ep; }
+const dsmoe_config *dsmoe_model_config(const dsmoe_model *m) { return m->cfg; }
+dsmoe_runtime *dsmoe_model_runtime(const dsmoe_model *m) { return m->rt; }
+const dsmoe_moe_stats *dsmoe_model_moe_stats(const dsmoe_model *m, int i) {
+    return i >= 0 && i < m->cfg->n_moe_layers ? &m->moe_stats[i] : NULL;
+}
+
+dsmoe_status dsmoe_model_init_params(dsmoe_model *m, uint64_t seed, dsmoe_err *err) {
+    dsmoe_runtime *rt = m->rt;
+    size_t max_numel = 0;
+    for (int i = 0; i < m->n_tensors; i++)
+        if (m->tensors[i].numel > max_numel) max_numel = m->tensors[i].numel;
+    float *host = dsmoe_malloc(max_numel * sizeof(float), "parameter init", err);
+    if (!host) return err->status;
+    for (int i = 0; i < m->n_tensors; i++) {
+        const dsmoe_param_tensor *t = &m->tensors[i];
+        uint64_t key = dsmoe_rng_key(seed, 0x1417, name_hash(t->name), 0);
+        for (size_t j = 0; j < t->numel; j++)
+            host[j] = t->init_std > 0 ? t->init_std * dsmoe_rng_normal(key, t->shard_begin + j) : t->init_value;
+        dsmoe_status s = rt->kern->copy_to_device(rt->kctx, m->params + t->offset, host, t->numel * sizeof(float));
+        if (s != DSMOE_OK) {
+            free(host);
+            return dsmoe_err_set(err, s, "initialising %s: %s", t->name, rt->kern->last_error(rt->kctx));
+        }
+    }
+    free(host);
+    KCALL(rt, zero, m->adam_m, m->n_local * sizeof(float));
+    KCALL(rt, zero, m->adam_v, m->n_local * sizeof(float));
+    return DSMOE_OK;
+}
+
+dsmoe_status dsmoe_model_forward(dsmoe_model *m, const int32_t *inputs, const int32_t *targets, int training,
+                                 uint64_t step_seed, uint64_t token_offset, dsmoe_forward_result *res,
+                                 dsmoe_err *err) {
+    dsmoe_runtime *rt = m->rt;
+    int S = m->S, M = m->M, V = m->V;
+    size_t SM = (size_t)S * M;
+    for (int s = 0; s < S; s++)
+        if (inputs[s] < 0 || inputs[s] >= V || targets[s] < 0 || targets[s] >= V)
+            return dsmoe_err_set(err, DSMOE_ERR_INVALID, "token %d at position %d is outside the vocabulary [0, %d)",
+                                 inputs[s] < 0 || inputs[s] >= V ? inputs[s] : targets[s], s, V);
+    KCALL(rt, copy_to_device, m->tokens, inputs, (size_t)S * sizeof(int32_t));
+    KCALL(rt, copy_to_device, m->targets, targets, (size_t)S * sizeof(int32_t));
+    KCALL(rt, embedding_forward, m->resid, m->tokens, m->wte, m->wpe, m->B, m->T, M);
+    for (int l = 0; l < m->L; l++) {
+        float *x = m->resid + (size_t)l * SM;
+        DSMOE_TRY(attn_forward(m, &m->blocks[l], &m->acts[l], x, err));
+        dsmoe_moe_step step = {
+            .training = training,
+            .seed = dsmoe_rng_key(step_seed, 0x40e, (uint64_t)l, 0),
+            .token_offset = token_offset,
+        };
+        DSMOE_TRY(ffn_forward(m, l, &step, x + SM, err));
+    }
+    float *xL = m->resid + (size_t)m->L * SM;
+    KCALL(rt, layernorm_forward, m->lnf, m->lnf_mean, m->lnf_rstd, xL, m->lnfw, m->lnfb, S, M, m->cfg->ln_eps);
+    DSMOE_TRY(linear_forward(rt, m->logits, m->lnf, m->wte, NULL, S, M, V, err));
+    // crossentropy_forward writes probabilities; logits are not needed again, so they share storage.
+    KCALL(rt, crossentropy_forward, m->losses, m->logits, m->logits, m->targets, S, V);
+    KCALL(rt, copy_to_host, m->host_losses, m->losses, (size_t)S * sizeof(float));
+    memset(res, 0, sizeof *res);
+    for (int s = 0; s < S; s++) res->loss_sum += m->host_losses[s];
+    res->tokens = S;
+    for (int i = 0; i < m->cfg->n_moe_layers; i++) {
+        res->aux_sum += m->moe_stats[i].aux_loss;
+        res->routed += m->moe_stats[i].routed;
+        res->dropped += m->moe_stats[i].dropped;
+    }
+    m->has_forward = 1;
+    return DSMOE_OK;
+}
+
+dsmoe_status dsmoe_model_backward(dsmoe_model *m, float dloss, float daux, dsmoe_err *err) {
+    dsmoe_runtime *rt = m->rt;
+    if (!m->has_forward) return dsmoe_err_set(err, DSMOE_ERR_INTERNAL, "model backward without a forward");
+    int S = m->S, M = m->M, V = m->V;
+    size_t SM = (size_t)S * M;
+    KCALL(rt, zero, m->dlogits, (size_t)S * V * sizeof(float));
+    KCALL(rt, crossentropy_backward, m->dlogits, m->logits, m->targets, dloss, S, V);
+    KCALL(rt, zero, m->dln, SM * sizeof(float));
+    DSMOE_TRY(linear_backward(rt, m->dln, m->dwte, NULL, m->dlogits, m->lnf, m->wte, S, M, V, err));
+    KCALL(rt, zero, m->dresid, SM * sizeof(float));
+    float *xL = m->resid + (size_t)m->L * SM;
+    KCALL(rt, layernorm_backward, m->dresid, m->dlnfw, m->dlnfb, m->dln, xL, m->lnfw, m->lnf_mean, m->lnf_rstd, S, M);
+    for (int l = m->L - 1; l >= 0; l--) {
+        DSMOE_TRY(ffn_backward(m, l, daux, err));
+        DSMOE_TRY(attn_backward(m, &m->blocks[l], &m->dblocks[l], &m->acts[l], m->resid + (size_t)l * SM, err));
+    }
+    KCALL(rt, embedding_backward, m->dwte, m->dwpe, m->dresid, m->tokens, m->B, m->T, M, V);
+    m->has_forward = 0;
+    return DSMOE_OK;
+}
+
+dsmoe_status dsmoe_model_zero_grads(dsmoe_model *m, dsmoe_err *err) {
+    dsmoe_runtime *rt = m->rt;
+    KCALL(rt, zero, m->grads, m->n_local * sizeof(float));
+    return DSMOE_OK;
+}
+
+// ----------------------------------------------------------------------------------------------------
+// optimizer side
+
+dsmoe_status dsmoe_model_reduce_grads(dsmoe_model *m, dsmoe_err *err) {
+    dsmoe_runtime *rt = m->rt;
+    if (rt->world_size == 1) return DSMOE_OK;
+    CCALL(rt, allreduce, rt->world, DSMOE_IN_PLACE, m->grads, m->n_replicated, DSMOE_FLOAT32, DSMOE_SUM);
+    size_t n_expert = m->n_local - m->n_replicated;
+    if (n_expert > 0 && rt->comm->group_size(m->edp_group) > 1)
+        CCALL(rt, allreduce, m->edp_group, DSMOE_IN_PLACE, m->grads + m->n_replicated, n_expert, DSMOE_FLOAT32,
+              DSMOE_SUM);
+    return DSMOE_OK;
+}
+
+dsmoe_status dsmoe_model_grad_norm(dsmoe_model *m, double *norm, dsmoe_err *err) {
+    dsmoe_runtime *rt = m->rt;
+    double replicated = 0, expert = 0;
+    KCALL(rt, sum_squares, m->grads, m->n_replicated, &replicated);
+    KCALL(rt, sum_squares, m->grads + m->n_replicated, m->n_local - m->n_replicated, &expert);
+    // Expert shards differ across the EP group; replicated gradients are already equal everywhere.
+    if (m->ep > 1) CCALL(rt, allreduce, m->ep_group, DSMOE_IN_PLACE, &expert, 1, DSMOE_FLOAT64, DSMOE_SUM);
+    *norm = sqrt(replicated + expert);
+    return DSMOE_OK;
+}
+
+dsmoe_status dsmoe_model_step(dsmoe_model *m, float lr, float grad_scale, int t, dsmoe_err *err) {
+    dsmoe_runtime *rt = m->rt;
+    const dsmoe_config *c = m->cfg;
+    for (int i = 0; i < m->n_tensors; i++) {
+        const dsmoe_param_tensor *p = &m->tensors[i];
+        KCALL(rt, adamw_update, m->params + p->offset, m->grads + p->offset, m->adam_m + p->offset,
+              m->adam_v + p->offset, p->numel, lr, c->beta1, c->beta2, c->adam_eps, p->decay ? c->weight_decay : 0.0f,
+              grad_scale, t);
+    }
+    return DSMOE_OK;
+}

@@ -1,0 +1,194 @@
+// tests/test_train.c: the training driver end to end on the synthetic corpus: convergence toward the
+// corpus's loss bound, bitwise determinism, resume == uninterrupted (bitwise), checkpoint refusals,
+// and the learning-rate schedule.
+#define _GNU_SOURCE
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+#include <mpi.h>
+
+#include "checkpoint.h"
+#include "config.h"
+#include "safetensors.h"
+#include "train.h"
+
+static dsmoe_runtime rt;
+static char tmpdir[256];
+
+static const char *small_deck =
+    "[run]\nlog_every = 1000\nseed = 7\n"
+    "[model]\nvocab = 32\nseq_len = 16\nlayers = 2\nhidden = 32\nheads = 2\n"
+    "[moe]\nexperts = 4\ncapacity_factor = 1.0\nmin_capacity = 2\nnoise = rsample\ntoken_selection = random\n"
+    "[train]\nbatch = 4\nmicro_batch = 2\nlr = 3e-3\nwarmup_steps = 3\ndecay_steps = 12\neval_every = 0\neval_batches = 1\n"
+    "[data]\nsynthetic_sources = 2\nsynthetic_branching = 2\n"
+    "[checkpoint]\nkeep = 10\n";
+
+static void load(const char *deck, const char *extra, dsmoe_config *cfg, char **text) {
+    char buf[4096];
+    snprintf(buf, sizeof buf, "%s%s", deck, extra);
+    dsmoe_err err = {0};
+    dsmoe_config_sources *src = NULL;
+    if (dsmoe_config_load_text(buf, "test.deck", NULL, 0, (char *const[]){NULL}, 1, cfg, &src, &err) != DSMOE_OK)
+        fail_msg("config: %s", err.msg);
+    *text = dsmoe_config_to_text(cfg, src);
+    dsmoe_config_sources_free(src);
+}
+
+static dsmoe_status train(const char *deck, const char *extra, dsmoe_train_result *res, double *history,
+                          dsmoe_err *err) {
+    dsmoe_config cfg;
+    char *text;
+    load(deck, extra, &cfg, &text);
+    memset(res, 0, sizeof *res);
+    res->loss_history = history;
+    dsmoe_status s = dsmoe_train_run(&cfg, text, &rt, res, err);
+    free(text);
+    return s;
+}
+
+// Every tensor of two checkpoint files holds the same bytes.
+static void assert_same_checkpoint(const char *a, const char *b) {
+    dsmoe_st_file *fa, *fb;
+    dsmoe_err err = {0};
+    assert_int_equal(dsmoe_st_open(a, &fa, &err), DSMOE_OK);
+    assert_int_equal(dsmoe_st_open(b, &fb, &err), DSMOE_OK);
+    assert_int_equal(dsmoe_st_count(fa), dsmoe_st_count(fb));
+    for (int i = 0; i < dsmoe_st_count(fa); i++) {
+        const dsmoe_st_tensor *ta = dsmoe_st_at(fa, i), *tb = dsmoe_st_find(fb, ta->name);
+        assert_non_null(tb);
+        assert_int_equal(ta->nbytes, tb->nbytes);
+        if (memcmp(ta->data, tb->data, ta->nbytes) != 0) fail_msg("tensor %s differs between %s and %s", ta->name, a, b);
+    }
+    assert_string_equal(dsmoe_st_meta(fa, "step"), dsmoe_st_meta(fb, "step"));
+    assert_string_equal(dsmoe_st_meta(fa, "next_sample"), dsmoe_st_meta(fb, "next_sample"));
+    dsmoe_st_close(fa);
+    dsmoe_st_close(fb);
+}
+
+static void test_lr_schedule(void **state) {
+    (void)state;
+    dsmoe_config cfg;
+    char *text;
+    load(small_deck, "[train]\nlr = 1.0\nmin_lr = 0.1\nwarmup_steps = 4\ndecay_steps = 14\nsteps = 20\n", &cfg, &text);
+    free(text);
+    assert_float_equal(dsmoe_lr_at(&cfg, 0), 0.25, 1e-6);
+    assert_float_equal(dsmoe_lr_at(&cfg, 3), 1.0, 1e-6);
+    assert_float_equal(dsmoe_lr_at(&cfg, 4), 1.0, 1e-6);            // decay starts at warm-up's end
+    assert_float_equal(dsmoe_lr_at(&cfg, 9), 0.1 + 0.9 * 0.5, 1e-6); // half way: cos(pi/2) = 0
+    assert_float_equal(dsmoe_lr_at(&cfg, 14), 0.1, 1e-6);
+    assert_float_equal(dsmoe_lr_at(&cfg, 19), 0.1, 1e-6);            // held at min_lr after decay_steps
+}
+
+static void test_deterministic(void **state) {
+    (void)state;
+    double h1[12], h2[12];
+    dsmoe_train_result r;
+    dsmoe_err err = {0};
+    char extra[512];
+    snprintf(extra, sizeof extra, "[run]\noutput_dir = %s/det1\n[train]\nsteps = 12\n", tmpdir);
+    assert_int_equal(train(small_deck, extra, &r, h1, &err), DSMOE_OK);
+    snprintf(extra, sizeof extra, "[run]\noutput_dir = %s/det2\n[train]\nsteps = 12\n", tmpdir);
+    assert_int_equal(train(small_deck, extra, &r, h2, &err), DSMOE_OK);
+    assert_memory_equal(h1, h2, sizeof h1);
+    for (int i = 0; i < 12; i++) assert_true(isfinite(h1[i]));
+}
+
+// Resume at step 6 continues exactly as the run that never stopped.
+static void test_resume_equals_uninterrupted(void **state) {
+    (void)state;
+    double full[12], first[12], second[12];
+    dsmoe_train_result rf, r1, r2;
+    dsmoe_err err = {0};
+    char extra[512];
+    snprintf(extra, sizeof extra, "[run]\noutput_dir = %s/full\n[train]\nsteps = 12\n", tmpdir);
+    assert_int_equal(train(small_deck, extra, &rf, full, &err), DSMOE_OK);
+    snprintf(extra, sizeof extra, "[run]\noutput_dir = %s/split\n[train]\nsteps = 6\n", tmpdir);
+    assert_int_equal(train(small_deck, extra, &r1, first, &err), DSMOE_OK);
+    snprintf(extra, sizeof extra, "[run]\noutput_dir = %s/split\n[train]\nsteps = 12\n[checkpoint]\nresume = auto\n", tmpdir);
+    assert_int_equal(train(small_deck, extra, &r2, second, &err), DSMOE_OK);
+    assert_int_equal(r2.steps_done, 12);
+    assert_memory_equal(full, first, 6 * sizeof(double));
+    assert_memory_equal(full + 6, second + 6, 6 * sizeof(double));
+    assert_same_checkpoint(rf.checkpoint, r2.checkpoint);
+}
+
+static void test_bad_checkpoints_refused(void **state) {
+    (void)state;
+    dsmoe_train_result r;
+    dsmoe_err err = {0};
+    char extra[1024], path[512], cmd[1200];
+    snprintf(extra, sizeof extra, "[run]\noutput_dir = %s/bad\n[train]\nsteps = 1\n", tmpdir);
+    assert_int_equal(train(small_deck, extra, &r, NULL, &err), DSMOE_OK);
+    // A different model shape.
+    snprintf(extra, sizeof extra, "[run]\noutput_dir = %s/bad2\n[model]\nhidden = 64\n[checkpoint]\nresume = %s\n",
+             tmpdir, r.checkpoint);
+    assert_int_not_equal(train(small_deck, extra, &r, NULL, &err), DSMOE_OK);
+    assert_non_null(strstr(err.msg, "holds a different model"));
+    assert_non_null(strstr(err.msg, "hidden=64"));
+    // A truncated file.
+    snprintf(path, sizeof path, "%s/truncated.safetensors", tmpdir);
+    snprintf(cmd, sizeof cmd, "head -c 3000 %s > %s", r.checkpoint, path);
+    assert_int_equal(system(cmd), 0);
+    snprintf(extra, sizeof extra, "[run]\noutput_dir = %s/bad3\n[checkpoint]\nresume = %s\n", tmpdir, path);
+    assert_int_not_equal(train(small_deck, extra, &r, NULL, &err), DSMOE_OK);
+    assert_non_null(strstr(err.msg, "truncated.safetensors"));
+    // Not a checkpoint at all.
+    snprintf(path, sizeof path, "%s/text.safetensors", tmpdir);
+    FILE *f = fopen(path, "w");
+    fputs("this is not a checkpoint\n", f);
+    fclose(f);
+    snprintf(extra, sizeof extra, "[run]\noutput_dir = %s/bad4\n[checkpoint]\nresume = %s\n", tmpdir, path);
+    assert_int_not_equal(train(small_deck, extra, &r, NULL, &err), DSMOE_OK);
+    assert_non_null(strstr(err.msg, "text.safetensors"));
+}
+
+// Training on the synthetic corpus approaches its computable loss bound.
+static void test_converges_to_bound(void **state) {
+    (void)state;
+    dsmoe_train_result r;
+    dsmoe_err err = {0};
+    char extra[512];
+    snprintf(extra, sizeof extra,
+             "[run]\noutput_dir = %s/conv\n[moe]\nnoise = none\ntoken_selection = position\ncapacity_factor = 2.0\n"
+             "[train]\nsteps = 250\nbatch = 16\nmicro_batch = 16\nlr = 1e-2\nmin_lr = 1e-3\nwarmup_steps = 10\n"
+             "decay_steps = 0\neval_batches = 4\n[checkpoint]\nfinal = false\n",
+             tmpdir);
+    assert_int_equal(train(small_deck, extra, &r, NULL, &err), DSMOE_OK);
+    printf("synthetic bound %.4f, validation loss %.4f, uniform %.4f\n", r.loss_bound, r.valid_loss, log(32.0));
+    assert_true(r.loss_bound > 0);
+    assert_true(r.valid_loss >= r.loss_bound - 0.02); // nothing beats the bound (up to sampling noise)
+    assert_true(r.valid_loss <= r.loss_bound + 0.15);
+}
+
+int main(int argc, char **argv) {
+    MPI_Init(&argc, &argv);
+    snprintf(tmpdir, sizeof tmpdir, "/tmp/dsmoe_test_train.XXXXXX");
+    if (!mkdtemp(tmpdir)) return 1;
+    dsmoe_err err = {0};
+    if (dsmoe_runtime_open("cpu", "mpi", "", 1, &rt, &err) != DSMOE_OK) {
+        fprintf(stderr, "runtime: %s\n", err.msg);
+        MPI_Finalize();
+        return 1;
+    }
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_lr_schedule),
+        cmocka_unit_test(test_deterministic),
+        cmocka_unit_test(test_resume_equals_uninterrupted),
+        cmocka_unit_test(test_bad_checkpoints_refused),
+        cmocka_unit_test(test_converges_to_bound),
+    };
+    int failed = cmocka_run_group_tests(tests, NULL, NULL);
+    dsmoe_runtime_close(&rt);
+    char cmd[512];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", tmpdir);
+    if (!failed) (void)!system(cmd);
+    MPI_Finalize();
+    return failed;
+}
