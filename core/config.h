@@ -1,5 +1,6 @@
 // core/config.h: the resolved configuration of a run, and the registry of every tunable.
-// defines: dsmoe_config, dsmoe_config_load, dsmoe_config_print, dsmoe_config_write, dsmoe_config_key_count
+// defines: dsmoe_config, dsmoe_config_load, dsmoe_config_print, dsmoe_config_to_text, dsmoe_config_print_keys,
+//          dsmoe_config_key_count, dsmoe_config_key, dsmoe_deck_parse and the deck value syntax (core/deck.c)
 //
 // Every key is declared once in config.c (name, type, default, range, help) and documented in
 // docs/deck.md. A key's value comes from, in rising priority: its default, the deck, the environment
@@ -98,8 +99,8 @@ dsmoe_status dsmoe_config_load(const char *deck_path, char *const *argv_override
                                char *const *envp, int world_size, dsmoe_config *cfg,
                                dsmoe_config_sources **sources, dsmoe_err *err);
 
-// Same, from deck text held in memory (deck_name is what messages call it). The deck echo is
-// printed by dsmoe_config_print, not here.
+// Same, from deck text held in memory (deck_name is what messages call it; deck_text NULL = an empty
+// deck). The deck echo is printed by dsmoe_config_print, not here.
 dsmoe_status dsmoe_config_load_text(const char *deck_text, const char *deck_name, char *const *argv_overrides,
                                     int n_overrides, char *const *envp, int world_size, dsmoe_config *cfg,
                                     dsmoe_config_sources **sources, dsmoe_err *err);
@@ -117,5 +118,47 @@ int dsmoe_config_is_moe_layer(const dsmoe_config *cfg, int layer, int *moe_index
 
 // Capacity of an MoE layer: max(ceil(S/E * k * cf), min_capacity), cf chosen by training.
 int dsmoe_config_capacity(const dsmoe_config *cfg, int S, int E, int training);
+
+// Every key with its type, default, range and help, grouped by section (for `dsmoe --help keys`).
+void dsmoe_config_print_keys(FILE *out);
+
+// The registry, read-only: key i (0 <= i < dsmoe_config_key_count()) in table order. type is one of
+// "int", "float", "bool", "enum", "string", "duration", "list"; default_text is the default as a
+// deck would write it ("" for an empty string). Out of range: every field NULL.
+typedef struct dsmoe_config_key_info {
+    const char *name, *type, *default_text, *help;
+} dsmoe_config_key_info;
+int dsmoe_config_key_count(void);
+dsmoe_config_key_info dsmoe_config_key(int i);
+
+// The deck reader (core/deck.c), used by config.c. Walks deck text, joining continued lines,
+// dropping comments, substituting ${VAR} / ${VAR:-default} from envp (NULL = environ) and removing
+// quotes, and calls fn once per "[section]" line (key and value NULL) and once per "key = value"
+// line (section is the current one, "" before any). line is the entry's first physical line. The
+// first failing fn stops the walk and its status is returned; deck errors read "<deck>:<line>: ...".
+typedef dsmoe_status (*dsmoe_deck_entry_fn)(void *user, const char *section, const char *key,
+                                            const char *value, int line, dsmoe_err *err);
+dsmoe_status dsmoe_deck_parse(const char *text, const char *deck_name, char *const *envp,
+                              dsmoe_deck_entry_fn fn, void *user, dsmoe_err *err);
+
+// Deck value syntax (core/deck.c), shared by the loader and the printer. Parsers return 0, or -1
+// when text is not such a value.
+// Integer: plain digits (exact to 64 bits), or what dsmoe_parse_scaled takes ("4K", "4Ki", "1e3")
+// when that lands on an integer.
+int dsmoe_deck_parse_int(const char *text, int64_t *out);
+// true/false, yes/no, on/off, 1/0, any case.
+int dsmoe_deck_parse_bool(const char *text, int *out);
+// moe.experts as written: one bare count for every MoE layer (all = 1; "0" = dense), or items
+// "count xN" (a bare count in a list is x1). On -1, *why says what is wrong.
+typedef struct dsmoe_experts_list {
+    int all, n;
+    int count[DSMOE_MAX_MOE_LAYERS], reps[DSMOE_MAX_MOE_LAYERS];
+} dsmoe_experts_list;
+int dsmoe_deck_parse_experts(const char *text, dsmoe_experts_list *list, const char **why);
+// The shortest decimal that reads back as the same float.
+void dsmoe_deck_format_float(float f, char *buf, size_t n);
+// A string as a deck value: bare when that reads back unchanged, else quoted with \" \\ \$ escapes
+// (n >= 2 * strlen(s) + 3 holds any string).
+void dsmoe_deck_format_string(const char *s, char *buf, size_t n);
 
 #endif

@@ -158,16 +158,18 @@ typedef struct dsmoe_kernel_plugin_v1 {
                                           const int32_t *targets, float dloss, int S, int V);
 
     // --- MoE gating (fp32), dispatch and combine through the token -> (expert, slot) table -------
+    // docs/gating.md is the full specification, including the RNG keys and counters a device plugin
+    // must use to give the same choices as the cpu plugin.
     // Route: probs (S, E) = softmax(logits); choice (S, K) int32 = chosen experts (first choice =
-    // argmax of probs, or of logits + Gumbel noise under RSAMPLE while training; second choice =
-    // argmax over the other experts of logits + Gumbel noise under RSAMPLE while training, else of
-    // probs; ties go to the lowest index); host_counts (E) int32 = tokens choosing each expert, all
-    // k levels together (what dropless capacity is agreed on).
+    // argmax of probs, or for K = 1 of logits + Gumbel noise under RSAMPLE while training; second
+    // choice = argmax over the other experts of logits + Gumbel noise under RSAMPLE while training,
+    // else of probs; ties go to the lowest index); host_counts (E) int32 = tokens choosing each
+    // expert, all k levels together (what dropless capacity is agreed on).
     dsmoe_status (*gate_route)(dsmoe_kernel_ctx *ctx, const dsmoe_gating_params *p, const float *logits,
                                float *probs, int32_t *choice, int32_t *host_counts);
     // Assign: with capacity C, fill slot (S, K) int32 (-1 = dropped) and weight (S, K): level 0 for all
     // tokens first, then level 1 after it; within a level an expert keeps tokens by token order, or by
-    // the largest priority dsmoe_rng_uniform(seed ^ level tag, token_offset + s) under RTS; kept tokens
+    // the largest priority dsmoe_rng_uniform(rts key of the level, token_offset + s) under RTS; kept tokens
     // get consecutive slots in token order. weight = probs of a kept choice, 0 when dropped; for K = 2
     // the kept weights are divided by max(sum, FLT_EPSILON). host_kept (E) int32 = slots used per
     // expert; host_aux[0] = l_aux = E * sum_e mean_s(probs[s,e]) * mean_s(choice[s,0] == e).

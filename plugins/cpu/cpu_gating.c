@@ -37,19 +37,19 @@ static int gate_threads(const dsmoe_kernel_ctx *ctx) {
 
 #define GATE_NEED(ptr, op)                                                                         \
     do {                                                                                           \
-        if ((ptr) == NULL) return cpu_fail(ctx, DSMOE_ERR_INVALID, "cpu %s: %s is NULL", op, #ptr); \
+        if ((ptr) == NULL) return cpu_fail(ctx, DSMOE_ERR_INVALID, "cpu: %s: %s is NULL", op, #ptr); \
     } while (0)
 
 static dsmoe_status check_gating_params(dsmoe_kernel_ctx *ctx, const char *op, const dsmoe_gating_params *p) {
-    if (p == NULL) return cpu_fail(ctx, DSMOE_ERR_INVALID, "cpu %s: gating params are NULL", op);
-    if (p->S < 0) return cpu_fail(ctx, DSMOE_ERR_INVALID, "cpu %s: S = %d tokens, expected >= 0", op, p->S);
-    if (p->E < 1) return cpu_fail(ctx, DSMOE_ERR_INVALID, "cpu %s: E = %d experts, expected >= 1", op, p->E);
+    if (p == NULL) return cpu_fail(ctx, DSMOE_ERR_INVALID, "cpu: %s: gating params are NULL", op);
+    if (p->S < 0) return cpu_fail(ctx, DSMOE_ERR_INVALID, "cpu: %s: S = %d tokens, expected >= 0", op, p->S);
+    if (p->E < 1) return cpu_fail(ctx, DSMOE_ERR_INVALID, "cpu: %s: E = %d experts, expected >= 1", op, p->E);
     if (p->K != 1 && p->K != 2)
-        return cpu_fail(ctx, DSMOE_ERR_INVALID, "cpu %s: K = %d, expected 1 or 2 (top-1 or top-2 gating)", op, p->K);
+        return cpu_fail(ctx, DSMOE_ERR_INVALID, "cpu: %s: K = %d, expected 1 or 2 (top-1 or top-2 gating)", op, p->K);
     if (p->K > p->E)
-        return cpu_fail(ctx, DSMOE_ERR_INVALID, "cpu %s: K = %d exceeds E = %d experts", op, p->K, p->E);
+        return cpu_fail(ctx, DSMOE_ERR_INVALID, "cpu: %s: K = %d exceeds E = %d experts", op, p->K, p->E);
     if (p->noise < DSMOE_NOISE_NONE || p->noise > DSMOE_NOISE_RSAMPLE)
-        return cpu_fail(ctx, DSMOE_ERR_INVALID, "cpu %s: noise policy %d, expected 0 (none), 1 (jitter) or 2 (rsample)",
+        return cpu_fail(ctx, DSMOE_ERR_INVALID, "cpu: %s: noise policy %d, expected 0 (none), 1 (jitter) or 2 (rsample)",
                         op, p->noise);
     return DSMOE_OK;
 }
@@ -59,20 +59,20 @@ static dsmoe_status check_gating_params(dsmoe_kernel_ctx *ctx, const char *op, c
 static dsmoe_status check_table(dsmoe_kernel_ctx *ctx, const char *op, const int32_t *choice, const int32_t *slot,
                                 int S, int K, int E, int C, int M) {
     if (S < 0 || E < 1 || C < 0 || M < 0)
-        return cpu_fail(ctx, DSMOE_ERR_INVALID, "cpu %s: S = %d, E = %d, C = %d, M = %d; expected S >= 0, E >= 1, C >= 0, M >= 0",
+        return cpu_fail(ctx, DSMOE_ERR_INVALID, "cpu: %s: S = %d, E = %d, C = %d, M = %d; expected S >= 0, E >= 1, C >= 0, M >= 0",
                         op, S, E, C, M);
     if ((K != 1 && K != 2) || K > E)
-        return cpu_fail(ctx, DSMOE_ERR_INVALID, "cpu %s: K = %d with E = %d, expected K in {1, 2} and K <= E", op, K, E);
+        return cpu_fail(ctx, DSMOE_ERR_INVALID, "cpu: %s: K = %d with E = %d, expected K in {1, 2} and K <= E", op, K, E);
     if (S > 0) {
         GATE_NEED(choice, op);
         GATE_NEED(slot, op);
     }
     for (size_t i = 0; i < (size_t)S * K; i++) {
         if (choice[i] < 0 || choice[i] >= E)
-            return cpu_fail(ctx, DSMOE_ERR_INVALID, "cpu %s: choice[%zu] (token %zu, k %zu) = %d, expected [0, %d)", op, i,
+            return cpu_fail(ctx, DSMOE_ERR_INVALID, "cpu: %s: choice[%zu] (token %zu, k %zu) = %d, expected [0, %d)", op, i,
                             i / K, i % K, choice[i], E);
         if (slot[i] < -1 || slot[i] >= C)
-            return cpu_fail(ctx, DSMOE_ERR_INVALID, "cpu %s: slot[%zu] (token %zu, k %zu) = %d, expected [-1, %d) for C = %d",
+            return cpu_fail(ctx, DSMOE_ERR_INVALID, "cpu: %s: slot[%zu] (token %zu, k %zu) = %d, expected [-1, %d) for C = %d",
                             op, i, i / K, i % K, slot[i], C, C);
     }
     return DSMOE_OK;
@@ -84,14 +84,14 @@ static dsmoe_status slot_owners(dsmoe_kernel_ctx *ctx, const char *op, const int
                                 int S, int K, int C, int E, int32_t **src_out) {
     size_t rows = (size_t)E * C;
     int32_t *src = malloc((rows ? rows : 1) * sizeof *src);
-    if (src == NULL) return cpu_fail(ctx, DSMOE_ERR_NOMEM, "cpu %s: no memory for the %zu-slot owner map", op, rows);
+    if (src == NULL) return cpu_fail(ctx, DSMOE_ERR_NOMEM, "cpu: %s: no memory for the %zu-slot owner map", op, rows);
     for (size_t r = 0; r < rows; r++) src[r] = -1;
     for (size_t i = 0; i < (size_t)S * K; i++) {
         if (slot[i] < 0) continue;
         size_t r = (size_t)choice[i] * C + slot[i];
         if (src[r] >= 0) {
             dsmoe_status st = cpu_fail(ctx, DSMOE_ERR_INVALID,
-                                       "cpu %s: tokens %d and %zu both hold slot %d of expert %d (a table from gate_assign never does)",
+                                       "cpu: %s: tokens %d and %zu both hold slot %d of expert %d (a table from gate_assign never does)",
                                        op, src[r] / K, i / K, slot[i], choice[i]);
             free(src);
             return st;
@@ -177,6 +177,7 @@ typedef struct rts_entry {
     float u;   // priority dsmoe_rng_uniform(key_rts(level), token_offset + s)
     int32_t s; // token
 } rts_entry;
+_Static_assert(_Alignof(rts_entry) <= _Alignof(int32_t), "rts_entry follows int32_t scratch");
 
 // Larger priority first; equal priorities (24-bit values can repeat) go to the lower token.
 static int rts_cmp(const void *a, const void *b) {
@@ -229,7 +230,7 @@ dsmoe_status cpu_gate_assign(dsmoe_kernel_ctx *ctx, const dsmoe_gating_params *p
     dsmoe_status st = check_gating_params(ctx, "gate_assign", p);
     if (st != DSMOE_OK) return st;
     const int S = p->S, E = p->E, K = p->K;
-    if (C < 0) return cpu_fail(ctx, DSMOE_ERR_INVALID, "cpu gate_assign: capacity C = %d, expected >= 0", C);
+    if (C < 0) return cpu_fail(ctx, DSMOE_ERR_INVALID, "cpu: gate_assign: capacity C = %d, expected >= 0", C);
     GATE_NEED(host_kept, "gate_assign");
     GATE_NEED(host_aux, "gate_assign");
     if (S > 0) {
@@ -240,14 +241,14 @@ dsmoe_status cpu_gate_assign(dsmoe_kernel_ctx *ctx, const dsmoe_gating_params *p
     }
     for (size_t i = 0; i < (size_t)S * K; i++)
         if (choice[i] < 0 || choice[i] >= E)
-            return cpu_fail(ctx, DSMOE_ERR_INVALID, "cpu gate_assign: choice[%zu] (token %zu) = %d, expected [0, %d)", i,
+            return cpu_fail(ctx, DSMOE_ERR_INVALID, "cpu: gate_assign: choice[%zu] (token %zu) = %d, expected [0, %d)", i,
                             i / K, choice[i], E);
 
     // One scratch block: n (K, E) per-level counts, base (E), bucket_off (E+1), bucket (S), keep (S).
     size_t bytes = ((size_t)K * E + E + E + 1) * sizeof(int32_t) + (size_t)S * (sizeof(rts_entry) + 1);
     char *scratch = malloc(bytes);
     if (scratch == NULL)
-        return cpu_fail(ctx, DSMOE_ERR_NOMEM, "cpu gate_assign: no memory for %zu bytes of scratch (S = %d, E = %d)", bytes, S, E);
+        return cpu_fail(ctx, DSMOE_ERR_NOMEM, "cpu: gate_assign: no memory for %zu bytes of scratch (S = %d, E = %d)", bytes, S, E);
     int32_t *n = (int32_t *)scratch;          // (K, E)
     int32_t *base = n + (size_t)K * E;        // (E)
     int32_t *bucket_off = base + E;           // (E + 1)
@@ -286,7 +287,7 @@ dsmoe_status cpu_gate_assign(dsmoe_kernel_ctx *ctx, const dsmoe_gating_params *p
         double *me = (double *)calloc((size_t)E, sizeof *me);
         if (me == NULL) {
             free(scratch);
-            return cpu_fail(ctx, DSMOE_ERR_NOMEM, "cpu gate_assign: no memory for %d expert means", E);
+            return cpu_fail(ctx, DSMOE_ERR_NOMEM, "cpu: gate_assign: no memory for %d expert means", E);
         }
         for (int s = 0; s < S; s++)
             for (int e = 0; e < E; e++) me[e] += probs[(size_t)s * E + e];
@@ -319,11 +320,11 @@ dsmoe_status cpu_gate_backward(dsmoe_kernel_ctx *ctx, const dsmoe_gating_params 
     GATE_NEED(dweight, "gate_backward");
     for (size_t i = 0; i < (size_t)S * K; i++)
         if (choice[i] < 0 || choice[i] >= E)
-            return cpu_fail(ctx, DSMOE_ERR_INVALID, "cpu gate_backward: choice[%zu] (token %zu) = %d, expected [0, %d)", i,
+            return cpu_fail(ctx, DSMOE_ERR_INVALID, "cpu: gate_backward: choice[%zu] (token %zu) = %d, expected [0, %d)", i,
                             i / K, choice[i], E);
 
     float *daux_g = malloc((size_t)E * sizeof *daux_g); // (E) dL/dg_e of the aux term, same for every s
-    if (daux_g == NULL) return cpu_fail(ctx, DSMOE_ERR_NOMEM, "cpu gate_backward: no memory for %d floats", E);
+    if (daux_g == NULL) return cpu_fail(ctx, DSMOE_ERR_NOMEM, "cpu: gate_backward: no memory for %d floats", E);
     for (int e = 0; e < E; e++) daux_g[e] = 0.0f;
     for (int s = 0; s < S; s++) daux_g[choice[(size_t)s * K]] += 1.0f; // first-choice counts
     for (int e = 0; e < E; e++) daux_g[e] = (float)((double)daux * E * ((double)daux_g[e] / S) / S);

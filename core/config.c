@@ -1,0 +1,698 @@
+// core/config.c: the registry of every key and the loader that resolves a run's configuration.
+// defines: dsmoe_config_load, dsmoe_config_load_text, dsmoe_config_print, dsmoe_config_to_text,
+//          dsmoe_config_print_keys, dsmoe_config_key_count, dsmoe_config_key,
+//          dsmoe_config_is_moe_layer, dsmoe_config_capacity, dsmoe_config_sources_free
+//
+// Every key is declared once in `keys` below (the Open MPI MCA pattern): name, type, default text,
+// field of dsmoe_config, range, help. Loading applies, in rising priority, the defaults, the deck
+// (core/deck.c reads its text), the environment and the command line; each source parses its text
+// into the field at once (so a type error names that source), and records itself. Ranges and
+// cross-key rules are checked once at the end on the winning values, and an error names the source
+// of the key being checked (or, when that key kept its default, the other key's). docs/deck.md
+// documents every key; tests/test_deck.c compares that page with this table.
+#define _GNU_SOURCE
+#include "config.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <math.h>
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+
+extern char **environ;
+
+// ---------------------------------------------------------------------------------------------------
+// The table
+
+enum { K_INT, K_U64, K_FLOAT, K_BOOL, K_ENUM, K_STRING, K_DURATION, K_EXPERTS };
+static const char *const type_names[] = {"int", "int", "float", "bool", "enum", "string", "duration", "list"};
+
+// A numeric range: lo_kind '[' (>=) or '(' (>), hi_kind ']' (<=) or ')' (<), 0 = unbounded.
+typedef struct range {
+    double lo, hi;
+    char lo_kind, hi_kind;
+} range;
+#define ANY {0, 0, 0, 0}
+#define GE(a) {a, 0, '[', 0}
+#define GT(a) {a, 0, '(', 0}
+#define IN(lk, a, b, hk) {a, b, lk, hk}
+
+typedef struct key_def {
+    const char *name;
+    int type;
+    const char *def;     // default, as a deck would write it
+    size_t off, size;    // field in dsmoe_config
+    range r;
+    const char *const *values; // K_ENUM: names, index = stored value
+    const char *help;
+} key_def;
+
+static const char *const v_mode[] = {"train", "eval", NULL};
+static const char *const v_selection[] = {"position", "random", NULL};
+static const char *const v_noise[] = {"none", "jitter", "rsample", NULL}; // = dsmoe_noise_policy
+static const char *const v_schedule[] = {"cosine", "constant", "linear", NULL};
+static const char *const v_source[] = {"synthetic", "text", "megatron", NULL};
+
+#define FIELD(f) offsetof(dsmoe_config, f), sizeof(((dsmoe_config *)0)->f)
+#define KEY(name, type, def, f, r, help) {name, type, def, FIELD(f), r, NULL, help}
+#define ENUM(name, def, f, values, help) {name, K_ENUM, def, FIELD(f), ANY, values, help}
+
+static const key_def keys[] = {
+    ENUM("run.mode", "train", mode, v_mode, "train, or evaluate a checkpoint on the validation split"),
+    KEY("run.seed", K_U64, "1234", seed, GE(0), "seed of every random stream (initialisation, data, noise)"),
+    KEY("run.output_dir", K_STRING, "dsmoe_out", output_dir, ANY, "directory for metrics, checkpoints and resolved.deck"),
+    KEY("run.threads", K_INT, "0", threads, GE(0), "compute threads per rank; 0 = OMP_NUM_THREADS, else 1"),
+    KEY("run.log_every", K_INT, "10", log_every, GE(1), "steps between progress lines"),
+    KEY("run.kernel_backend", K_STRING, "cpu", kernel_backend, ANY, "expert-kernel plugin (libdsmoe_kernel_<name>.so)"),
+    KEY("run.comm_backend", K_STRING, "mpi", comm_backend, ANY, "communication plugin (libdsmoe_comm_<name>.so)"),
+    KEY("run.plugin_path", K_STRING, "", plugin_path, ANY, "extra plugin directories, ':'-separated"),
+
+    KEY("model.vocab", K_INT, "256", vocab, GE(2), "vocabulary size (tokens 0 .. vocab-1)"),
+    KEY("model.seq_len", K_INT, "128", seq_len, GE(1), "tokens per sequence (context length)"),
+    KEY("model.layers", K_INT, "4", layers, GE(1), "transformer blocks"),
+    KEY("model.hidden", K_INT, "128", hidden, GE(1), "model width; must be divisible by model.heads"),
+    KEY("model.heads", K_INT, "4", heads, GE(1), "attention heads"),
+    KEY("model.ffn_hidden", K_INT, "0", ffn_hidden, GE(0), "FFN and expert hidden width; 0 = 4*hidden"),
+    KEY("model.init_std", K_FLOAT, "0.02", init_std, GT(0), "standard deviation of the normal weight initialisation"),
+    KEY("model.ln_eps", K_FLOAT, "1e-5", ln_eps, GT(0), "LayerNorm epsilon"),
+
+    KEY("moe.experts", K_EXPERTS, "0", experts, ANY,
+        "experts per MoE layer: one count for every MoE layer, or a list of 'count xN' items whose total "
+        "must equal the number of MoE layers; 0 = dense model"),
+    KEY("moe.every", K_INT, "2", moe_every, GE(1), "layer i (1-based) is an MoE layer when i % every == 0"),
+    KEY("moe.top_k", K_INT, "1", top_k, IN('[', 1, 2, ']'), "experts per token (top-1 or top-2 gating); <= every layer's experts"),
+    KEY("moe.capacity_factor", K_FLOAT, "1.0", capacity_factor, GT(0), "expert capacity factor in training"),
+    KEY("moe.eval_capacity_factor", K_FLOAT, "1.0", eval_capacity_factor, GT(0), "expert capacity factor in evaluation"),
+    KEY("moe.min_capacity", K_INT, "4", min_capacity, GE(0), "smallest expert capacity"),
+    KEY("moe.drop_tokens", K_BOOL, "true", drop_tokens, ANY, "drop tokens over capacity; false = dropless"),
+    ENUM("moe.token_selection", "position", random_token_selection, v_selection,
+         "which tokens an over-full expert keeps: position order, or random = Random Token Selection"),
+    ENUM("moe.noise", "none", noise, v_noise, "gate noise in training: none, jitter (multiplicative on the gate input) or rsample (Gumbel)"),
+    KEY("moe.jitter_eps", K_FLOAT, "0.01", jitter_eps, IN('(', 0, 1, ')'), "jitter noise: input scaled by U(1-eps, 1+eps)"),
+    KEY("moe.aux_loss_coeff", K_FLOAT, "0.01", aux_loss_coeff, GE(0), "weight of the load-balancing loss"),
+    KEY("moe.residual", K_BOOL, "false", residual, ANY,
+        "Residual MoE: dense MLP + one expert mixed by a learned coefficient (PR-MoE with a pyramid "
+        "experts list); requires top_k = 1"),
+    KEY("moe.expert_parallel", K_INT, "1", expert_parallel, GE(1),
+        "ranks per expert-parallel group: must divide the number of ranks and every layer's experts"),
+
+    KEY("train.steps", K_INT, "100", steps, GE(0), "optimizer steps"),
+    KEY("train.batch", K_INT, "8", batch, GE(1), "global batch: sequences per optimizer step over all ranks"),
+    KEY("train.micro_batch", K_INT, "0", micro_batch, GE(0), "sequences per rank per forward/backward; 0 = batch / ranks"),
+    KEY("train.lr", K_FLOAT, "3e-4", lr, GE(0), "peak learning rate"),
+    KEY("train.min_lr", K_FLOAT, "0", min_lr, GE(0), "learning rate at the end of the decay; <= train.lr"),
+    KEY("train.warmup_steps", K_INT, "0", warmup_steps, GE(0), "steps of linear warm-up from 0 to train.lr"),
+    ENUM("train.lr_schedule", "cosine", lr_schedule, v_schedule, "decay after warm-up"),
+    KEY("train.decay_steps", K_INT, "0", decay_steps, GE(0), "step at which the decay reaches min_lr; 0 = steps"),
+    KEY("train.beta1", K_FLOAT, "0.9", beta1, IN('[', 0, 1, ')'), "AdamW beta1"),
+    KEY("train.beta2", K_FLOAT, "0.95", beta2, IN('[', 0, 1, ')'), "AdamW beta2"),
+    KEY("train.adam_eps", K_FLOAT, "1e-8", adam_eps, GT(0), "AdamW epsilon"),
+    KEY("train.weight_decay", K_FLOAT, "0.1", weight_decay, GE(0), "AdamW decoupled weight decay (weights only)"),
+    KEY("train.grad_clip", K_FLOAT, "1.0", grad_clip, GE(0), "global gradient-norm clip; 0 = off"),
+    KEY("train.eval_every", K_INT, "0", eval_every, GE(0), "steps between validation passes; 0 = only at the end"),
+    KEY("train.eval_batches", K_INT, "4", eval_batches, GE(1), "global batches per validation pass"),
+
+    ENUM("data.source", "synthetic", data_source, v_source, "synthetic corpus, text files, or a Megatron indexed dataset"),
+    KEY("data.path", K_STRING, "", data_path, ANY, "text files (comma-separated) or Megatron prefix(es); required for text and megatron"),
+    KEY("data.valid_fraction", K_FLOAT, "0.05", valid_fraction, IN('[', 0, 0.5, ']'), "share of the data held out for validation"),
+    KEY("data.synthetic_sources", K_INT, "4", synthetic_sources, GE(1), "synthetic corpus: source tokens; < model.vocab / 2"),
+    KEY("data.synthetic_branching", K_INT, "4", synthetic_branching, GE(1),
+        "synthetic corpus: successors per token; <= model.vocab - data.synthetic_sources"),
+    KEY("data.seed", K_U64, "0", data_seed, GE(0), "seed of the data order and synthetic corpus; 0 = run.seed"),
+
+    KEY("checkpoint.every", K_INT, "0", checkpoint_every, GE(0), "steps between checkpoints; 0 = only the final one"),
+    KEY("checkpoint.keep", K_INT, "2", checkpoint_keep, GE(1), "newest checkpoints kept"),
+    KEY("checkpoint.dir", K_STRING, "", checkpoint_dir, ANY, "'' = <run.output_dir>/checkpoints"),
+    KEY("checkpoint.resume", K_STRING, "", resume, ANY,
+        "'' = fresh start, auto = newest checkpoint in checkpoint.dir if any, or a file path"),
+    KEY("checkpoint.final", K_BOOL, "true", checkpoint_final, ANY, "write a checkpoint at the end"),
+
+    KEY("metrics.file", K_STRING, "", metrics_file, ANY, "'' = <run.output_dir>/metrics.csv"),
+};
+#define N_KEYS ((int)(sizeof keys / sizeof keys[0]))
+
+int dsmoe_config_key_count(void) { return N_KEYS; }
+
+dsmoe_config_key_info dsmoe_config_key(int i) {
+    dsmoe_config_key_info info = {0};
+    if (i < 0 || i >= N_KEYS) return info;
+    info.name = keys[i].name;
+    info.type = type_names[keys[i].type];
+    info.default_text = keys[i].def;
+    info.help = keys[i].help;
+    return info;
+}
+
+static int find_key(const char *name) {
+    for (int k = 0; k < N_KEYS; k++)
+        if (strcmp(keys[k].name, name) == 0) return k;
+    return -1;
+}
+
+static int same_section(const char *a, const char *b) {
+    size_t na = strcspn(a, "."), nb = strcspn(b, ".");
+    return na == nb && strncmp(a, b, na) == 0;
+}
+
+// The closest key within distance 3: first in name's own section, then anywhere, where a key also
+// matches on its short name ("steps" or "model.steps" -> "train.steps").
+static int suggest_key(const char *name) {
+    int best = -1, best_d = 4;
+    for (int k = 0; k < N_KEYS; k++) {
+        int d = dsmoe_edit_distance(name, keys[k].name);
+        if (same_section(name, keys[k].name) && d < best_d) best = k, best_d = d;
+    }
+    if (best >= 0) return best;
+    const char *dot = strchr(name, '.');
+    const char *short_name = dot ? dot + 1 : name;
+    for (int k = 0; k < N_KEYS; k++) {
+        int d = dsmoe_edit_distance(name, keys[k].name);
+        int ds = dsmoe_edit_distance(short_name, strchr(keys[k].name, '.') + 1);
+        if (ds < d) d = ds;
+        if (d < best_d) best = k, best_d = d;
+    }
+    return best;
+}
+
+static int is_section(const char *name) {
+    for (int k = 0; k < N_KEYS; k++)
+        if (strlen(name) == strcspn(keys[k].name, ".") && same_section(name, keys[k].name)) return 1;
+    return 0;
+}
+
+// DSMOE_<KEY> with dots as underscores, upper case.
+static void env_name(int k, char *buf, size_t n) {
+    size_t i = (size_t)snprintf(buf, n, "DSMOE_");
+    for (const char *p = keys[k].name; *p && i + 1 < n; p++) buf[i++] = *p == '.' ? '_' : (char)toupper((unsigned char)*p);
+    buf[i] = '\0';
+}
+
+static void range_text(const key_def *kd, char *buf, size_t n) {
+    const range *r = &kd->r;
+    if (r->lo_kind && r->hi_kind && (kd->type == K_INT) && r->lo_kind == '[' && r->hi_kind == ']' && r->hi == r->lo + 1)
+        snprintf(buf, n, "%g or %g", r->lo, r->hi);
+    else if (r->lo_kind && r->hi_kind)
+        snprintf(buf, n, "in %c%g, %g%c", r->lo_kind, r->lo, r->hi, r->hi_kind);
+    else if (r->lo_kind)
+        snprintf(buf, n, "%s %g", r->lo_kind == '[' ? ">=" : ">", r->lo);
+    else
+        buf[0] = '\0';
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Sources and the loader state
+
+enum { SRC_DEFAULT, SRC_DECK, SRC_ENV, SRC_CMDLINE };
+
+struct dsmoe_config_sources {
+    char deck[1024];
+    struct {
+        int src, line;
+    } at[N_KEYS];
+};
+
+typedef struct loader {
+    dsmoe_config cfg;
+    const char *deck;
+    struct {
+        int src, line;
+        char *text; // the winning value's text, for messages
+    } at[N_KEYS];
+    dsmoe_experts_list ex;
+} loader;
+
+static void loader_free(loader *L) {
+    if (!L) return;
+    for (int k = 0; k < N_KEYS; k++) free(L->at[k].text);
+    free(L);
+}
+
+// The location prefix of a message about key k: its source, or other's when k kept its default.
+static const char *where(const loader *L, int k, int other, char *buf, size_t n) {
+    if (L->at[k].src == SRC_DEFAULT && other >= 0 && L->at[other].src != SRC_DEFAULT) k = other;
+    char env[96];
+    switch (L->at[k].src) {
+    case SRC_DECK: snprintf(buf, n, "%s:%d: ", L->deck, L->at[k].line); break;
+    case SRC_ENV: env_name(k, env, sizeof env); snprintf(buf, n, "environment %s: ", env); break;
+    case SRC_CMDLINE: snprintf(buf, n, "command line: "); break;
+    default: snprintf(buf, n, "%s: ", L->deck); break;
+    }
+    return buf;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Values: text -> field
+
+// Parses text into key k's field and records (src, line) as its source; the key's checks on
+// ranges and other keys come later, in validate().
+static dsmoe_status set_value(loader *L, int k, const char *text, int src, int line, dsmoe_err *err) {
+    const key_def *kd = &keys[k];
+    char *field = (char *)&L->cfg + kd->off;
+    const char *why = NULL;
+    char whybuf[160];
+    int prev_src = L->at[k].src, prev_line = L->at[k].line;
+    L->at[k].src = src, L->at[k].line = line; // so where() names this source
+    int64_t iv;
+    double dv;
+    switch (kd->type) {
+    case K_INT:
+        if (dsmoe_deck_parse_int(text, &iv) != 0) why = "expected an integer";
+        else if (iv < INT_MIN || iv > INT_MAX) why = "does not fit in a 32-bit integer";
+        else *(int *)field = (int)iv;
+        break;
+    case K_U64: {
+        char *end;
+        errno = 0;
+        unsigned long long u = strtoull(text, &end, 10);
+        if (text[0] == '-') why = "expected an integer >= 0";
+        else if (end != text && *end == '\0' && errno == 0) *(uint64_t *)field = u;
+        else if (dsmoe_deck_parse_int(text, &iv) == 0 && iv >= 0) *(uint64_t *)field = (uint64_t)iv;
+        else why = "expected an integer >= 0";
+        break;
+    }
+    case K_FLOAT:
+        if (dsmoe_parse_scaled(text, &dv) != 0) why = "expected a number";
+        else if (!isfinite((float)dv)) why = "does not fit in a float";
+        else *(float *)field = (float)dv;
+        break;
+    case K_DURATION:
+        if (dsmoe_parse_duration(text, &dv) != 0) why = "expected a duration (e.g. 30, 30s, 5min, 2h)";
+        else *(double *)field = dv;
+        break;
+    case K_BOOL:
+        if (dsmoe_deck_parse_bool(text, (int *)field) != 0) why = "expected a boolean (true/false, yes/no, on/off, 1/0)";
+        break;
+    case K_ENUM: {
+        int v = -1;
+        for (int i = 0; kd->values[i]; i++)
+            if (strcmp(text, kd->values[i]) == 0) v = i;
+        if (v >= 0) {
+            *(int *)field = v;
+            break;
+        }
+        size_t m = (size_t)snprintf(whybuf, sizeof whybuf, "expected one of");
+        for (int i = 0; kd->values[i] && m < sizeof whybuf; i++)
+            m += (size_t)snprintf(whybuf + m, sizeof whybuf - m, "%s %s", i ? "," : "", kd->values[i]);
+        why = whybuf;
+        break;
+    }
+    case K_STRING:
+        for (const char *p = text; *p && !why; p++)
+            if ((unsigned char)*p < 0x20 || *p == 0x7f) why = "contains a control character";
+        if (!why && strlen(text) >= kd->size) {
+            snprintf(whybuf, sizeof whybuf, "is too long (at most %zu characters)", kd->size - 1);
+            why = whybuf;
+        }
+        if (!why) {
+            memset(field, 0, kd->size);
+            memcpy(field, text, strlen(text));
+        }
+        break;
+    case K_EXPERTS:
+        dsmoe_deck_parse_experts(text, &L->ex, &why);
+        break;
+    }
+    if (why) {
+        char pre[1200];
+        dsmoe_err_set(err, DSMOE_ERR_INVALID, "%s%s = %s: %s", where(L, k, -1, pre, sizeof pre), kd->name, text, why);
+        L->at[k].src = prev_src, L->at[k].line = prev_line;
+        return DSMOE_ERR_INVALID;
+    }
+    char *copy = strdup(text);
+    if (!copy) return dsmoe_err_set(err, DSMOE_ERR_NOMEM, "out of memory storing %s", kd->name);
+    free(L->at[k].text);
+    L->at[k].text = copy;
+    return DSMOE_OK;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Sources: deck, environment, command line
+
+static dsmoe_status unknown_key(const char *pre, const char *name, dsmoe_err *err) {
+    int s = suggest_key(name);
+    if (s >= 0)
+        return dsmoe_err_set(err, DSMOE_ERR_INVALID, "%sunknown key '%s' (did you mean '%s'?)", pre, name, keys[s].name);
+    return dsmoe_err_set(err, DSMOE_ERR_INVALID, "%sunknown key '%s' (dsmoe --help keys lists them)", pre, name);
+}
+
+static dsmoe_status on_deck_entry(void *user, const char *section, const char *key, const char *value, int line,
+                                  dsmoe_err *err) {
+    loader *L = user;
+    char pre[1100], name[256];
+    snprintf(pre, sizeof pre, "%s:%d: ", L->deck, line);
+    if (!key) {
+        if (is_section(section)) return DSMOE_OK;
+        const char *best = NULL;
+        int best_d = 4;
+        for (int k = 0; k < N_KEYS; k++) {
+            char sec[64];
+            snprintf(sec, sizeof sec, "%.*s", (int)strcspn(keys[k].name, "."), keys[k].name);
+            int d = dsmoe_edit_distance(section, sec);
+            if (d < best_d) best_d = d, best = keys[k].name;
+        }
+        if (best)
+            return dsmoe_err_set(err, DSMOE_ERR_INVALID, "%sunknown section '[%s]' (did you mean '[%.*s]'?)", pre,
+                                 section, (int)strcspn(best, "."), best);
+        return dsmoe_err_set(err, DSMOE_ERR_INVALID, "%sunknown section '[%s]'", pre, section);
+    }
+    // A dotted key is fully qualified; a plain one belongs to the current section.
+    if (strchr(key, '.') || !section[0]) snprintf(name, sizeof name, "%s", key);
+    else snprintf(name, sizeof name, "%s.%s", section, key);
+    int k = find_key(name);
+    if (k < 0) return unknown_key(pre, name, err);
+    if (L->at[k].src == SRC_DECK)
+        return dsmoe_err_set(err, DSMOE_ERR_INVALID, "%s%s given twice (first at line %d)", pre, name, L->at[k].line);
+    return set_value(L, k, value, SRC_DECK, line, err);
+}
+
+// Only DSMOE_ variables that name a key are overrides; others (DSMOE_PLUGIN_PATH, ...) are not ours.
+static dsmoe_status apply_env(loader *L, char *const *envp, dsmoe_err *err) {
+    for (int k = 0; k < N_KEYS; k++) {
+        char name[96];
+        env_name(k, name, sizeof name);
+        size_t n = strlen(name);
+        const char *value = NULL;
+        for (char *const *e = envp; e && *e; e++)
+            if (strncmp(*e, name, n) == 0 && (*e)[n] == '=') value = *e + n + 1;
+        if (value) DSMOE_TRY(set_value(L, k, value, SRC_ENV, 0, err));
+    }
+    return DSMOE_OK;
+}
+
+// "key=value", the key fully qualified, the value literal (the shell has already expanded it);
+// a key given twice takes the later value.
+static dsmoe_status apply_cmdline(loader *L, char *const *argv, int n, dsmoe_err *err) {
+    for (int i = 0; i < n; i++) {
+        const char *eq = strchr(argv[i], '=');
+        if (!eq)
+            return dsmoe_err_set(err, DSMOE_ERR_INVALID, "command line: '%s': expected key=value", argv[i]);
+        char name[256];
+        snprintf(name, sizeof name, "%.*s", (int)(eq - argv[i]), argv[i]);
+        int k = find_key(name);
+        if (k < 0) return unknown_key("command line: ", name, err);
+        DSMOE_TRY(set_value(L, k, eq + 1, SRC_CMDLINE, 0, err));
+    }
+    return DSMOE_OK;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Validation on the winning values
+
+#define KIDX(name) find_key(name)
+
+static dsmoe_status check_range(loader *L, int k, dsmoe_err *err) {
+    const key_def *kd = &keys[k];
+    const range *r = &kd->r;
+    if (!r->lo_kind && !r->hi_kind) return DSMOE_OK;
+    const char *field = (const char *)&L->cfg + kd->off;
+    double v = kd->type == K_INT ? *(const int *)field
+             : kd->type == K_U64 ? (double)*(const uint64_t *)field
+                                 : (double)*(const float *)field;
+    int ok = (r->lo_kind != '[' || v >= r->lo) && (r->lo_kind != '(' || v > r->lo) &&
+             (r->hi_kind != ']' || v <= r->hi) && (r->hi_kind != ')' || v < r->hi);
+    if (ok) return DSMOE_OK;
+    char pre[1200], rt[96];
+    range_text(kd, rt, sizeof rt);
+    return dsmoe_err_set(err, DSMOE_ERR_INVALID, "%s%s = %s: must be %s", where(L, k, -1, pre, sizeof pre), kd->name,
+                         L->at[k].text, rt);
+}
+
+// Fills cfg->n_moe_layers and cfg->experts[] from the moe.experts list.
+static dsmoe_status resolve_experts(loader *L, dsmoe_err *err) {
+    dsmoe_config *c = &L->cfg;
+    int ke = KIDX("moe.experts"), kl = KIDX("model.layers");
+    char pre[1200];
+    const char *txt = L->at[ke].text;
+    memset(c->experts, 0, sizeof c->experts);
+    c->n_moe_layers = 0;
+    if (L->ex.all && L->ex.count[0] == 0) return DSMOE_OK; // dense
+    int n = c->layers / c->moe_every;
+    if (n == 0)
+        return dsmoe_err_set(err, DSMOE_ERR_INVALID, "%smoe.experts = %s: no layer is an MoE layer (model.layers = %d, moe.every = %d)",
+                             where(L, ke, kl, pre, sizeof pre), txt, c->layers, c->moe_every);
+    if (n > DSMOE_MAX_MOE_LAYERS)
+        return dsmoe_err_set(err, DSMOE_ERR_INVALID,
+                             "%smoe.experts = %s: model.layers = %d with moe.every = %d gives %d MoE layers, more than "
+                             "DSMOE_MAX_MOE_LAYERS (%d)", where(L, ke, kl, pre, sizeof pre), txt, c->layers,
+                             c->moe_every, n, DSMOE_MAX_MOE_LAYERS);
+    int total = 0;
+    for (int i = 0; i < L->ex.n; i++) total += L->ex.reps[i];
+    if (!L->ex.all && total != n)
+        return dsmoe_err_set(err, DSMOE_ERR_INVALID,
+                             "%smoe.experts = %s: the list covers %d MoE layers but model.layers = %d with moe.every = %d gives %d",
+                             where(L, ke, kl, pre, sizeof pre), txt, total, c->layers, c->moe_every, n);
+    c->n_moe_layers = n;
+    for (int i = 0, l = 0; i < L->ex.n; i++)
+        for (int r = 0; r < (L->ex.all ? n : L->ex.reps[i]); r++) c->experts[l++] = L->ex.count[i];
+    return DSMOE_OK;
+}
+
+static dsmoe_status validate(loader *L, int world_size, dsmoe_err *err) {
+    dsmoe_config *c = &L->cfg;
+    char pre[1200];
+    for (int k = 0; k < N_KEYS; k++) DSMOE_TRY(check_range(L, k, err));
+#define FAIL(k, other, ...)                                                                                  \
+    do {                                                                                                     \
+        const char *p_ = where(L, k, other, pre, sizeof pre);                                                \
+        char m_[1024];                                                                                       \
+        snprintf(m_, sizeof m_, __VA_ARGS__);                                                                \
+        return dsmoe_err_set(err, DSMOE_ERR_INVALID, "%s%s", p_, m_);                                        \
+    } while (0)
+    int k_hidden = KIDX("model.hidden"), k_heads = KIDX("model.heads");
+    if (c->hidden % c->heads != 0)
+        FAIL(k_hidden, k_heads, "model.hidden = %s: must be divisible by model.heads (%d)", L->at[k_hidden].text, c->heads);
+    if (c->ffn_hidden == 0) c->ffn_hidden = 4 * c->hidden;
+
+    int k_lr = KIDX("train.lr"), k_min_lr = KIDX("train.min_lr");
+    if (c->min_lr > c->lr)
+        FAIL(k_min_lr, k_lr, "train.min_lr = %s: must be <= train.lr (%s)", L->at[k_min_lr].text, L->at[k_lr].text);
+
+    int k_vocab = KIDX("model.vocab"), k_src = KIDX("data.synthetic_sources"), k_br = KIDX("data.synthetic_branching");
+    if (2 * (int64_t)c->synthetic_sources >= c->vocab)
+        FAIL(k_src, k_vocab, "data.synthetic_sources = %s: must be < model.vocab / 2 (model.vocab = %d)",
+             L->at[k_src].text, c->vocab);
+    if (c->synthetic_branching > c->vocab - c->synthetic_sources)
+        FAIL(k_br, k_vocab, "data.synthetic_branching = %s: must be <= model.vocab - data.synthetic_sources (%d)",
+             L->at[k_br].text, c->vocab - c->synthetic_sources);
+    int k_path = KIDX("data.path"), k_source = KIDX("data.source");
+    if (c->data_source != DSMOE_DATA_SYNTHETIC && c->data_path[0] == '\0')
+        FAIL(k_path, k_source, "data.path is empty: it is required when data.source = %s", v_source[c->data_source]);
+
+    DSMOE_TRY(resolve_experts(L, err));
+    int k_ex = KIDX("moe.experts"), k_topk = KIDX("moe.top_k"), k_res = KIDX("moe.residual");
+    int k_ep = KIDX("moe.expert_parallel");
+    for (int i = 0; i < c->n_moe_layers; i++)
+        if (c->top_k > c->experts[i])
+            FAIL(k_topk, k_ex, "moe.top_k = %s: must be <= the experts of every MoE layer (MoE layer %d has %d)",
+                 L->at[k_topk].text, i + 1, c->experts[i]);
+    if (c->residual && c->top_k != 1)
+        FAIL(k_res, k_topk, "moe.residual = %s: requires moe.top_k = 1 (it is %d)", L->at[k_res].text, c->top_k);
+    if (world_size % c->expert_parallel != 0)
+        FAIL(k_ep, -1, "moe.expert_parallel = %s does not divide the %d ranks of this run", L->at[k_ep].text, world_size);
+    for (int i = 0; i < c->n_moe_layers; i++)
+        if (c->experts[i] % c->expert_parallel != 0)
+            FAIL(k_ep, k_ex, "moe.expert_parallel = %s does not divide the %d experts of MoE layer %d (model layer %d)",
+                 L->at[k_ep].text, c->experts[i], i + 1, (i + 1) * c->moe_every);
+
+    int k_batch = KIDX("train.batch"), k_micro = KIDX("train.micro_batch");
+    if (c->micro_batch == 0) {
+        if (c->batch % world_size != 0)
+            FAIL(k_batch, k_micro, "train.batch = %s: must be divisible by the %d ranks of this run "
+                 "(train.micro_batch = 0 means train.batch / ranks)", L->at[k_batch].text, world_size);
+        c->micro_batch = c->batch / world_size;
+    } else if (c->batch % ((int64_t)c->micro_batch * world_size) != 0) {
+        int64_t per_step = (int64_t)c->micro_batch * world_size;
+        FAIL(k_batch, k_micro, "train.batch = %s: must be divisible by train.micro_batch (%d) x %d ranks = %" PRId64
+             " (it would need %.3g accumulation steps)", L->at[k_batch].text, c->micro_batch, world_size, per_step,
+             (double)c->batch / (double)per_step);
+    }
+#undef FAIL
+    return DSMOE_OK;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Loading
+
+dsmoe_status dsmoe_config_load_text(const char *deck_text, const char *deck_name, char *const *argv_overrides,
+                                    int n_overrides, char *const *envp, int world_size, dsmoe_config *cfg,
+                                    dsmoe_config_sources **sources, dsmoe_err *err) {
+    if (sources) *sources = NULL;
+    if (!deck_name) deck_name = "deck";
+    if (world_size < 1)
+        return dsmoe_err_set(err, DSMOE_ERR_INVALID, "%s: world size %d: must be >= 1", deck_name, world_size);
+    if (!envp) envp = environ;
+    loader *L = dsmoe_calloc(1, sizeof *L, "the configuration loader", err);
+    if (!L) return DSMOE_ERR_NOMEM;
+    L->deck = deck_name;
+    dsmoe_status st = DSMOE_OK;
+    for (int k = 0; k < N_KEYS && st == DSMOE_OK; k++) st = set_value(L, k, keys[k].def, SRC_DEFAULT, 0, err);
+    if (st == DSMOE_OK) st = dsmoe_deck_parse(deck_text, deck_name, envp, on_deck_entry, L, err);
+    if (st == DSMOE_OK) st = apply_env(L, envp, err);
+    if (st == DSMOE_OK) st = apply_cmdline(L, argv_overrides, n_overrides, err);
+    if (st == DSMOE_OK) st = validate(L, world_size, err);
+    if (st == DSMOE_OK && sources) {
+        dsmoe_config_sources *s = dsmoe_calloc(1, sizeof *s, "the configuration sources", err);
+        if (!s) st = DSMOE_ERR_NOMEM;
+        else {
+            snprintf(s->deck, sizeof s->deck, "%s", deck_name);
+            for (int k = 0; k < N_KEYS; k++) s->at[k].src = L->at[k].src, s->at[k].line = L->at[k].line;
+            *sources = s;
+        }
+    }
+    if (st == DSMOE_OK) memcpy(cfg, &L->cfg, sizeof *cfg); // memcpy keeps the zeroed padding: cfgs compare
+    loader_free(L);
+    return st;
+}
+
+dsmoe_status dsmoe_config_load(const char *deck_path, char *const *argv_overrides, int n_overrides, char *const *envp,
+                               int world_size, dsmoe_config *cfg, dsmoe_config_sources **sources, dsmoe_err *err) {
+    if (sources) *sources = NULL;
+    FILE *f = fopen(deck_path, "rb");
+    if (!f) return dsmoe_err_set(err, DSMOE_ERR_IO, "cannot open deck '%s': %s", deck_path, strerror(errno));
+    char *text = NULL;
+    size_t len = 0;
+    FILE *mem = open_memstream(&text, &len);
+    char buf[8192];
+    size_t n;
+    int bad = mem == NULL;
+    while (!bad && (n = fread(buf, 1, sizeof buf, f)) > 0) bad = fwrite(buf, 1, n, mem) != n;
+    bad = bad || ferror(f);
+    int e = errno;
+    fclose(f);
+    if (mem) fclose(mem);
+    if (bad) {
+        free(text);
+        return dsmoe_err_set(err, DSMOE_ERR_IO, "cannot read deck '%s': %s", deck_path, strerror(e));
+    }
+    if (!text) return dsmoe_err_set(err, DSMOE_ERR_NOMEM, "out of memory reading deck '%s'", deck_path);
+    if (strlen(text) != len) {
+        free(text);
+        return dsmoe_err_set(err, DSMOE_ERR_IO, "deck '%s' contains a NUL byte: is it a text file?", deck_path);
+    }
+    dsmoe_status st = dsmoe_config_load_text(text, deck_path, argv_overrides, n_overrides, envp, world_size, cfg,
+                                             sources, err);
+    free(text);
+    return st;
+}
+
+void dsmoe_config_sources_free(dsmoe_config_sources *sources) { free(sources); }
+
+// ---------------------------------------------------------------------------------------------------
+// Printing
+
+// moe.experts in the compact form: runs of equal counts as "count xN".
+static void format_experts(const dsmoe_config *c, char *buf, size_t n) {
+    if (c->n_moe_layers == 0) {
+        snprintf(buf, n, "0");
+        return;
+    }
+    size_t m = 0;
+    buf[0] = '\0';
+    for (int i = 0; i < c->n_moe_layers && m < n;) {
+        int j = i;
+        while (j < c->n_moe_layers && c->experts[j] == c->experts[i]) j++;
+        m += (size_t)snprintf(buf + m, n - m, "%s%d x%d", i ? ", " : "", c->experts[i], j - i);
+        i = j;
+    }
+}
+
+static void format_value(const dsmoe_config *c, int k, char *buf, size_t n) {
+    const key_def *kd = &keys[k];
+    const char *field = (const char *)c + kd->off;
+    switch (kd->type) {
+    case K_INT: snprintf(buf, n, "%d", *(const int *)field); break;
+    case K_U64: snprintf(buf, n, "%" PRIu64, *(const uint64_t *)field); break;
+    case K_FLOAT: dsmoe_deck_format_float(*(const float *)field, buf, n); break;
+    case K_DURATION: snprintf(buf, n, "%.17gs", *(const double *)field); break;
+    case K_BOOL: snprintf(buf, n, "%s", *(const int *)field ? "true" : "false"); break;
+    case K_ENUM: {
+        int v = *(const int *)field, count = 0;
+        while (kd->values[count]) count++;
+        snprintf(buf, n, "%s", v >= 0 && v < count ? kd->values[v] : "?");
+        break;
+    }
+    case K_STRING: dsmoe_deck_format_string(field, buf, n); break;
+    case K_EXPERTS: format_experts(c, buf, n); break;
+    }
+}
+
+dsmoe_status dsmoe_config_print(FILE *out, const dsmoe_config *cfg, const dsmoe_config_sources *sources) {
+    fprintf(out, "# dsmoe configuration, every key with where its value came from (a valid deck)\n");
+    for (int k = 0; k < N_KEYS; k++) {
+        const char *name = keys[k].name, *dot = strchr(name, '.');
+        if (k == 0 || !same_section(name, keys[k - 1].name)) fprintf(out, "\n[%.*s]\n", (int)(dot - name), name);
+        char value[8200]; // data.path may hold 4095 characters, each escaped when quoted
+        format_value(cfg, k, value, sizeof value);
+        int width = fprintf(out, "%s = %s", dot + 1, value);
+        if (!sources) {
+            fputc('\n', out);
+            continue;
+        }
+        fprintf(out, "%*s# ", width < 37 ? 40 - width : 3, "");
+        char env[96];
+        switch (sources->at[k].src) {
+        case SRC_DECK: fprintf(out, "deck %s:%d\n", sources->deck, sources->at[k].line); break;
+        case SRC_ENV: env_name(k, env, sizeof env); fprintf(out, "env %s\n", env); break;
+        case SRC_CMDLINE: fprintf(out, "command line\n"); break;
+        default: fprintf(out, "default\n"); break;
+        }
+    }
+    return ferror(out) ? DSMOE_ERR_IO : DSMOE_OK;
+}
+
+char *dsmoe_config_to_text(const dsmoe_config *cfg, const dsmoe_config_sources *sources) {
+    char *text = NULL;
+    size_t len = 0;
+    FILE *mem = open_memstream(&text, &len);
+    if (!mem) return NULL;
+    dsmoe_status st = dsmoe_config_print(mem, cfg, sources);
+    if (fclose(mem) != 0 || st != DSMOE_OK) {
+        free(text);
+        return NULL;
+    }
+    return text;
+}
+
+void dsmoe_config_print_keys(FILE *out) {
+    fprintf(out, "dsmoe deck keys (see docs/deck.md). Set one in a deck ([section] then key = value), in the\n"
+                 "environment (DSMOE_SECTION_KEY), or on the command line (section.key=value, after the deck).\n");
+    for (int k = 0; k < N_KEYS; k++) {
+        const key_def *kd = &keys[k];
+        const char *dot = strchr(kd->name, '.');
+        if (k == 0 || !same_section(kd->name, keys[k - 1].name)) fprintf(out, "\n[%.*s]\n", (int)(dot - kd->name), kd->name);
+        char extra[160] = "";
+        if (kd->type == K_ENUM) {
+            size_t m = 0;
+            for (int i = 0; kd->values[i] && m < sizeof extra; i++)
+                m += (size_t)snprintf(extra + m, sizeof extra - m, "%s%s", i ? " | " : ": ", kd->values[i]);
+        } else if (kd->r.lo_kind) {
+            extra[0] = ',', extra[1] = ' ';
+            range_text(kd, extra + 2, sizeof extra - 2);
+        }
+        fprintf(out, "  %s = %s%s   (%s%s)\n      %s\n", kd->name, kd->def[0] ? "" : "\"\"", kd->def,
+                type_names[kd->type], extra, kd->help);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Derived quantities
+
+int dsmoe_config_is_moe_layer(const dsmoe_config *cfg, int layer, int *moe_index) {
+    int i = layer + 1; // the deck counts layers from 1
+    int is = cfg->n_moe_layers > 0 && layer >= 0 && layer < cfg->layers && i % cfg->moe_every == 0 &&
+             i / cfg->moe_every <= cfg->n_moe_layers;
+    if (moe_index) *moe_index = is ? i / cfg->moe_every - 1 : -1;
+    return is;
+}
+
+// cf is a float: 1.1f is 1.10000002, so S/E*k*cf can land a hair above an integer that the decimal
+// value would give exactly; a relative 1e-6 (well above float rounding, 6e-8) absorbs that.
+int dsmoe_config_capacity(const dsmoe_config *cfg, int S, int E, int training) {
+    double cf = training ? cfg->capacity_factor : cfg->eval_capacity_factor;
+    double x = (double)S * cfg->top_k * cf / (double)E;
+    int c = (int)ceil(x * (1.0 - 1e-6));
+    return c > cfg->min_capacity ? c : cfg->min_capacity;
+}

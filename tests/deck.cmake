@@ -1,0 +1,2 @@
+# The deck parser and configuration registry (core/config.c, core/deck.c).
+dsmoe_test(test_deck SOURCES test_deck.c TIMEOUT 30 LABELS config)

@@ -1,0 +1,527 @@
+// tests/test_deck.c: the deck parser and the configuration registry (core/config.c, core/deck.c).
+// Good decks parse to hand-written values; each kind of bad deck gives its exact message; overrides
+// win in the documented order; the printed configuration loads back to the same struct; the key
+// table and docs/deck.md list the same keys with the same types and defaults.
+#include <stdarg.h>
+#include <stddef.h>
+#include <setjmp.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <cmocka.h>
+
+#include "config.h"
+
+#define DECKS DSMOE_TEST_SOURCE_DIR "/tests/decks/"
+
+static char *const no_env[] = {NULL};
+
+// Loads deck text named "t.deck" with no environment.
+static dsmoe_status load_t(const char *text, int ws, dsmoe_config *cfg, dsmoe_err *err) {
+    return dsmoe_config_load_text(text, "t.deck", NULL, 0, no_env, ws, cfg, NULL, err);
+}
+
+static void expect_full(const char *text, char *const *argv, int n, char *const *envp, int ws, const char *msg) {
+    dsmoe_config cfg;
+    dsmoe_err err = {0};
+    dsmoe_status st = dsmoe_config_load_text(text, "t.deck", argv, n, envp ? envp : no_env, ws, &cfg, NULL, &err);
+    if (st == DSMOE_OK) fail_msg("deck loaded, expected: %s\n--- deck:\n%s", msg, text);
+    assert_int_equal(st, DSMOE_ERR_INVALID);
+    if (strcmp(err.msg, msg) != 0) fail_msg("message\n  got:      %s\n  expected: %s", err.msg, msg);
+}
+
+static void expect_error(const char *text, int ws, const char *msg) { expect_full(text, NULL, 0, NULL, ws, msg); }
+
+// The line of text that starts with prefix (static buffer), or fails.
+static const char *line_of(const char *text, const char *prefix) {
+    static char line[512];
+    for (const char *p = text; p && *p; p = strchr(p, '\n') ? strchr(p, '\n') + 1 : NULL) {
+        if (strncmp(p, prefix, strlen(prefix)) == 0) {
+            size_t n = strcspn(p, "\n");
+            snprintf(line, sizeof line, "%.*s", (int)n, p);
+            return line;
+        }
+    }
+    fail_msg("no line starts with '%s' in:\n%s", prefix, text);
+    return NULL;
+}
+
+static int ends_with(const char *s, const char *suffix) {
+    size_t a = strlen(s), b = strlen(suffix);
+    return a >= b && strcmp(s + a - b, suffix) == 0;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Good decks
+
+static void test_defaults(void **state) {
+    dsmoe_config c;
+    dsmoe_err err = {0};
+    if (load_t("", 2, &c, &err) != DSMOE_OK) fail_msg("%s", err.msg);
+    assert_int_equal(c.mode, DSMOE_MODE_TRAIN);
+    assert_int_equal(c.seed, 1234);
+    assert_string_equal(c.output_dir, "dsmoe_out");
+    assert_string_equal(c.kernel_backend, "cpu");
+    assert_string_equal(c.comm_backend, "mpi");
+    assert_string_equal(c.plugin_path, "");
+    assert_int_equal(c.log_every, 10);
+    assert_int_equal(c.vocab, 256);
+    assert_int_equal(c.layers, 4);
+    assert_int_equal(c.hidden, 128);
+    assert_int_equal(c.ffn_hidden, 4 * 128); // 0 resolves to 4*hidden
+    assert_true(c.init_std == 0.02f && c.ln_eps == 1e-5f);
+    assert_int_equal(c.n_moe_layers, 0);     // experts = 0: dense
+    assert_int_equal(c.moe_every, 2);
+    assert_int_equal(c.top_k, 1);
+    assert_int_equal(c.min_capacity, 4);
+    assert_int_equal(c.drop_tokens, 1);
+    assert_true(c.jitter_eps == 0.01f && c.aux_loss_coeff == 0.01f && c.capacity_factor == 1.0f);
+    assert_int_equal(c.steps, 100);
+    assert_int_equal(c.batch, 8);
+    assert_int_equal(c.micro_batch, 4);      // 0 resolves to batch / ranks
+    assert_true(c.lr == 3e-4f && c.min_lr == 0.0f && c.beta1 == 0.9f && c.beta2 == 0.95f && c.adam_eps == 1e-8f);
+    assert_int_equal(c.lr_schedule, DSMOE_LR_COSINE);
+    assert_int_equal(c.decay_steps, 0);
+    assert_int_equal(c.eval_batches, 4);
+    assert_int_equal(c.data_source, DSMOE_DATA_SYNTHETIC);
+    assert_true(c.valid_fraction == 0.05f);
+    assert_int_equal(c.synthetic_sources, 4);
+    assert_int_equal(c.data_seed, 0);
+    assert_int_equal(c.checkpoint_keep, 2);
+    assert_int_equal(c.checkpoint_final, 1);
+    assert_string_equal(c.resume, "");
+    assert_string_equal(c.metrics_file, "");
+}
+
+static void check_good(const dsmoe_config *c) {
+    assert_int_equal(c->seed, 42);
+    assert_string_equal(c->output_dir, "/scratch/u1/runs/local");
+    assert_string_equal(c->plugin_path, "/opt/a:/opt/b # not a comment");
+    assert_int_equal(c->threads, 2);
+    assert_int_equal(c->vocab, 1024);
+    assert_int_equal(c->seq_len, 64);
+    assert_int_equal(c->layers, 12);
+    assert_int_equal(c->hidden, 96);
+    assert_int_equal(c->heads, 6);
+    assert_int_equal(c->ffn_hidden, 384);
+    assert_true(c->init_std == 0.02f);
+    assert_int_equal(c->steps, 2000);
+    assert_int_equal(c->moe_every, 2);
+    assert_int_equal(c->n_moe_layers, 6);
+    const int experts[6] = {8, 8, 16, 16, 16, 32};
+    for (int i = 0; i < 6; i++) assert_int_equal(c->experts[i], experts[i]);
+    for (int i = 6; i < DSMOE_MAX_MOE_LAYERS; i++) assert_int_equal(c->experts[i], 0);
+    assert_int_equal(c->top_k, 2);
+    assert_true(c->capacity_factor == 1.25f);
+    assert_int_equal(c->drop_tokens, 0);
+    assert_int_equal(c->random_token_selection, 1);
+    assert_int_equal(c->noise, 2); // DSMOE_NOISE_RSAMPLE
+    assert_int_equal(c->expert_parallel, 2);
+    assert_int_equal(c->batch, 16);
+    assert_int_equal(c->micro_batch, 4);
+    assert_true(c->lr == 6e-4f && c->min_lr == 6e-5f);
+    assert_int_equal(c->lr_schedule, DSMOE_LR_LINEAR);
+    assert_int_equal(c->data_source, DSMOE_DATA_TEXT);
+    assert_string_equal(c->data_path, "/scratch/u1/a.txt,b c.txt");
+    assert_true(c->valid_fraction == 0.1f);
+    assert_string_equal(c->resume, "auto");
+    assert_int_equal(c->checkpoint_final, 0);
+    assert_int_equal(c->log_every, 10); // untouched keys keep their defaults
+}
+
+static void test_good_deck(void **state) {
+    char *env[] = {"SCRATCH=/scratch/u1", "JOB=", "DSMOE_PLUGIN_PATH=/ignored", NULL};
+    dsmoe_config c;
+    dsmoe_err err = {0};
+    if (dsmoe_config_load(DECKS "good.deck", NULL, 0, env, 2, &c, NULL, &err) != DSMOE_OK) fail_msg("%s", err.msg);
+    check_good(&c);
+    char *env2[] = {"SCRATCH=/s", "JOB=77", NULL};
+    if (dsmoe_config_load(DECKS "good.deck", NULL, 0, env2, 2, &c, NULL, &err) != DSMOE_OK) fail_msg("%s", err.msg);
+    assert_string_equal(c.output_dir, "/s/runs/77");
+}
+
+static void test_syntax_details(void **state) {
+    dsmoe_config c;
+    dsmoe_err err = {0};
+    char *env[] = {"X=val#ue", NULL};
+    const char *deck = "run.output_dir = \"a\\\"b\\\\c\\$d ${X}\"   # escapes inside quotes\n"
+                       "run.kernel_backend = c\\\n"
+                       "    pu\n" // a continuation joins without a blank
+                       "model.hidden = 1e3\n"
+                       "model.heads = 8\n"
+                       "moe.experts = 16\n"
+                       "moe.every = 1\n"
+                       "moe.drop_tokens = YES\n"
+                       "data.seed = 18446744073709551615\n"
+                       "train.lr = 1.5e-4\n"
+                       "checkpoint.dir = a=b\n";
+    if (dsmoe_config_load_text(deck, "t.deck", NULL, 0, env, 1, &c, NULL, &err) != DSMOE_OK) fail_msg("%s", err.msg);
+    assert_string_equal(c.output_dir, "a\"b\\c$d val#ue");
+    assert_string_equal(c.kernel_backend, "cpu");
+    assert_int_equal(c.hidden, 1000);
+    assert_int_equal(c.n_moe_layers, 4); // "16" = 16 on every MoE layer; every = 1: all 4 layers
+    for (int i = 0; i < 4; i++) assert_int_equal(c.experts[i], 16);
+    assert_int_equal(c.drop_tokens, 1);
+    assert_true(c.data_seed == UINT64_MAX);
+    assert_true(c.lr == 1.5e-4f);
+    assert_string_equal(c.checkpoint_dir, "a=b");
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Bad decks: the exact messages
+
+static void test_unknown_keys(void **state) {
+    char msg[1024];
+    snprintf(msg, sizeof msg, "%s:4: unknown key 'model.hiden' (did you mean 'model.hidden'?)", DECKS "typo.deck");
+    dsmoe_config c;
+    dsmoe_err err = {0};
+    assert_int_equal(dsmoe_config_load(DECKS "typo.deck", NULL, 0, no_env, 1, &c, NULL, &err), DSMOE_ERR_INVALID);
+    assert_string_equal(err.msg, msg);
+    expect_error("[moe]\nevry = 4\n", 1, "t.deck:2: unknown key 'moe.evry' (did you mean 'moe.every'?)");
+    // the same section first: data.sed is 1 from data.seed, and 1 from run.seed (earlier in the table) by short name
+    expect_error("[data]\nsed = 1\n", 1, "t.deck:2: unknown key 'data.sed' (did you mean 'data.seed'?)");
+    expect_error("steps = 5\n", 1, "t.deck:1: unknown key 'steps' (did you mean 'train.steps'?)");
+    expect_error("trian.steps = 5\n", 1, "t.deck:1: unknown key 'trian.steps' (did you mean 'train.steps'?)");
+    expect_error("[model]\ncompletely_unrelated = 1\n", 1,
+                 "t.deck:2: unknown key 'model.completely_unrelated' (dsmoe --help keys lists them)");
+    expect_error("[modle]\n", 1, "t.deck:1: unknown section '[modle]' (did you mean '[model]'?)");
+}
+
+static void test_bad_values(void **state) {
+    expect_error("[model]\nheads = abc\n", 1, "t.deck:2: model.heads = abc: expected an integer");
+    expect_error("model.layers = 1.5\n", 1, "t.deck:1: model.layers = 1.5: expected an integer");
+    expect_error("model.layers = 3G\n", 1, "t.deck:1: model.layers = 3G: does not fit in a 32-bit integer");
+    expect_error("train.lr = fast\n", 1, "t.deck:1: train.lr = fast: expected a number");
+    expect_error("moe.residual = maybe\n", 1,
+                 "t.deck:1: moe.residual = maybe: expected a boolean (true/false, yes/no, on/off, 1/0)");
+    expect_error("run.mode = serve\n", 1, "t.deck:1: run.mode = serve: expected one of train, eval");
+    expect_error("\n[train]\nlr_schedule = step\n", 1,
+                 "t.deck:3: train.lr_schedule = step: expected one of cosine, constant, linear");
+    expect_error("run.seed = -1\n", 1, "t.deck:1: run.seed = -1: expected an integer >= 0");
+    expect_error("moe.experts = 8 x\n", 1,
+                 "t.deck:1: moe.experts = 8 x: expected a count (e.g. 8) or a list of 'count xN' items (e.g. 32 x10, 64 x2)");
+    expect_error("moe.experts = 0 x2\n", 1,
+                 "t.deck:1: moe.experts = 0 x2: an expert count must be >= 1 (0 = dense model only as the whole value)");
+}
+
+static void test_ranges(void **state) {
+    expect_error("moe.top_k = 3\n", 1, "t.deck:1: moe.top_k = 3: must be 1 or 2");
+    expect_error("# x\nmoe.jitter_eps = 1\n", 1, "t.deck:2: moe.jitter_eps = 1: must be in (0, 1)");
+    expect_error("train.beta2 = 1\n", 1, "t.deck:1: train.beta2 = 1: must be in [0, 1)");
+    expect_error("data.valid_fraction = 0.6\n", 1, "t.deck:1: data.valid_fraction = 0.6: must be in [0, 0.5]");
+    expect_error("model.vocab = 1\n", 1, "t.deck:1: model.vocab = 1: must be >= 2");
+    expect_error("model.init_std = 0\n", 1, "t.deck:1: model.init_std = 0: must be > 0");
+    // checked on the winning value: a bad deck value overridden on the command line is fine
+    char *fix[] = {"moe.top_k=1"};
+    dsmoe_config c;
+    dsmoe_err err = {0};
+    if (dsmoe_config_load_text("moe.top_k = 3\n", "t.deck", fix, 1, no_env, 1, &c, NULL, &err) != DSMOE_OK)
+        fail_msg("%s", err.msg);
+    assert_int_equal(c.top_k, 1);
+}
+
+static void test_deck_syntax_errors(void **state) {
+    expect_error("[train]\nsteps = 1\n\ntrain.steps = 2\n", 1, "t.deck:4: train.steps given twice (first at line 2)");
+    char msg[1024];
+    snprintf(msg, sizeof msg, "%s:6: train.steps given twice (first at line 2)", DECKS "duplicate.deck");
+    dsmoe_config c;
+    dsmoe_err err = {0};
+    assert_int_equal(dsmoe_config_load(DECKS "duplicate.deck", NULL, 0, no_env, 1, &c, NULL, &err), DSMOE_ERR_INVALID);
+    assert_string_equal(err.msg, msg);
+    expect_error("data.path = ${NOPE}/x\n", 1,
+                 "t.deck:1: environment variable 'NOPE' is not set (write ${NOPE:-default} to give a default)");
+    expect_error("data.path = ${NOPE\n", 1, "t.deck:1: bad variable reference '${NOPE' (write ${NAME} or ${NAME:-default})");
+    expect_error("run.output_dir = \"abc\n", 1, "t.deck:1: unterminated quoted string");
+    expect_error("\n\nsteps 100\n", 1, "t.deck:3: expected 'key = value' or '[section]', got 'steps 100'");
+    expect_error("[model] layers = 2\n", 1, "t.deck:1: expected '[section]', got '[model] layers = 2'");
+    assert_int_equal(dsmoe_config_load("/nonexistent/x.deck", NULL, 0, no_env, 1, &c, NULL, &err), DSMOE_ERR_IO);
+    assert_string_equal(err.msg, "cannot open deck '/nonexistent/x.deck': No such file or directory");
+}
+
+static void test_cross_key_errors(void **state) {
+    expect_error("[model]\nhidden = 100\nheads = 6\n", 1, "t.deck:2: model.hidden = 100: must be divisible by model.heads (6)");
+    // model.hidden kept its default: the message points at the key that made the conflict
+    expect_error("\nmodel.heads = 5\n", 1, "t.deck:2: model.hidden = 128: must be divisible by model.heads (5)");
+    expect_error("[model]\nlayers = 8\n[moe]\nexperts = 32 x10, 64 x2\n", 1,
+                 "t.deck:4: moe.experts = 32 x10, 64 x2: the list covers 12 MoE layers but model.layers = 8 "
+                 "with moe.every = 2 gives 4");
+    expect_error("model.layers = 1\nmoe.experts = 8\n", 1,
+                 "t.deck:2: moe.experts = 8: no layer is an MoE layer (model.layers = 1, moe.every = 2)");
+    expect_error("model.layers = 600\nmoe.every = 1\nmoe.experts = 8\n", 1,
+                 "t.deck:3: moe.experts = 8: model.layers = 600 with moe.every = 1 gives 600 MoE layers, more "
+                 "than DSMOE_MAX_MOE_LAYERS (256)");
+    expect_error("moe.experts = 4 x1, 1 x1\nmoe.top_k = 2\n", 1,
+                 "t.deck:2: moe.top_k = 2: must be <= the experts of every MoE layer (MoE layer 2 has 1)");
+    expect_error("moe.experts = 4\nmoe.top_k = 2\nmoe.residual = on\n", 1,
+                 "t.deck:3: moe.residual = on: requires moe.top_k = 1 (it is 2)");
+    expect_error("moe.experts = 8\nmoe.expert_parallel = 4\n", 2,
+                 "t.deck:2: moe.expert_parallel = 4 does not divide the 2 ranks of this run");
+    expect_error("[moe]\nexperts = 8 x1, 6 x1\nexpert_parallel = 4\n", 4,
+                 "t.deck:3: moe.expert_parallel = 4 does not divide the 6 experts of MoE layer 2 (model layer 4)");
+    expect_error("train.batch = 10\ntrain.micro_batch = 3\n", 2,
+                 "t.deck:1: train.batch = 10: must be divisible by train.micro_batch (3) x 2 ranks = 6 (it would "
+                 "need 1.67 accumulation steps)");
+    // every key at its default, and still wrong for 3 ranks: the message names the deck only
+    expect_error("", 3, "t.deck: train.batch = 8: must be divisible by the 3 ranks of this run (train.micro_batch = 0 "
+                        "means train.batch / ranks)");
+    expect_error("train.lr = 1e-4\ntrain.min_lr = 1e-3\n", 1, "t.deck:2: train.min_lr = 1e-3: must be <= train.lr (1e-4)");
+    expect_error("data.synthetic_sources = 128\n", 1,
+                 "t.deck:1: data.synthetic_sources = 128: must be < model.vocab / 2 (model.vocab = 256)");
+    expect_error("data.synthetic_branching = 253\n", 1,
+                 "t.deck:1: data.synthetic_branching = 253: must be <= model.vocab - data.synthetic_sources (252)");
+    expect_error("[data]\nsource = megatron\n", 1, "t.deck:2: data.path is empty: it is required when data.source = megatron");
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Overrides and sources
+
+static void test_overrides(void **state) {
+    const char *deck = "train.steps = 20\nmodel.layers = 6\nmodel.hidden = 64\n";
+    char *env[] = {"DSMOE_TRAIN_STEPS=50", "DSMOE_MODEL_LAYERS=2", "DSMOE_PLUGIN_PATH=/not/a/key",
+                   "DSMOE_NOT_A_KEY=1", "DSMOE_RUN_PLUGIN_PATH=/p", "HOME=/root", NULL};
+    dsmoe_config c;
+    dsmoe_err err = {0};
+    if (dsmoe_config_load_text(deck, "t.deck", NULL, 0, env, 1, &c, NULL, &err) != DSMOE_OK) fail_msg("%s", err.msg);
+    assert_int_equal(c.steps, 50); // environment beats the deck
+    assert_int_equal(c.layers, 2);
+    assert_string_equal(c.plugin_path, "/p");
+    char *argv[] = {"train.steps=7", "train.batch=4K", "train.steps=9"};
+    dsmoe_config_sources *src = NULL;
+    if (dsmoe_config_load_text(deck, "t.deck", argv, 3, env, 1, &c, &src, &err) != DSMOE_OK) fail_msg("%s", err.msg);
+    assert_int_equal(c.steps, 9); // the command line beats the environment; its later value wins
+    assert_int_equal(c.batch, 4000);
+    char *text = dsmoe_config_to_text(&c, src);
+    assert_non_null(text);
+    assert_true(ends_with(line_of(text, "steps = 9 "), "# command line"));
+    assert_true(ends_with(line_of(text, "batch = 4000 "), "# command line"));
+    assert_true(ends_with(line_of(text, "layers = 2 "), "# env DSMOE_MODEL_LAYERS"));
+    assert_true(ends_with(line_of(text, "hidden = 64 "), "# deck t.deck:3"));
+    assert_true(ends_with(line_of(text, "seq_len = 128 "), "# default"));
+    free(text);
+    dsmoe_config_sources_free(src);
+
+    char *bad_env[] = {"DSMOE_TRAIN_STEPS=x", NULL};
+    expect_full("", NULL, 0, bad_env, 1, "environment DSMOE_TRAIN_STEPS: train.steps = x: expected an integer");
+    char *bad_argv[] = {"train.steps=x"};
+    expect_full("", bad_argv, 1, NULL, 1, "command line: train.steps = x: expected an integer");
+    char *typo_argv[] = {"train.step=3"};
+    expect_full("", typo_argv, 1, NULL, 1, "command line: unknown key 'train.step' (did you mean 'train.steps'?)");
+    char *no_eq[] = {"train.steps"};
+    expect_full("", no_eq, 1, NULL, 1, "command line: 'train.steps': expected key=value");
+    char *cross[] = {"moe.top_k=2"};
+    expect_full("moe.experts = 4\nmoe.residual = true\n", cross, 1, NULL, 1,
+                "t.deck:2: moe.residual = true: requires moe.top_k = 1 (it is 2)");
+    char *ep[] = {"moe.expert_parallel=3"};
+    expect_full("moe.experts = 6\n", ep, 1, NULL, 2, "command line: moe.expert_parallel = 3 does not divide the 2 ranks of this run");
+}
+
+// Every DSMOE_ variable name a key maps to is distinct (train.eval_every and a key train_eval.every
+// would collide).
+static void test_env_names_unique(void **state) {
+    int n = dsmoe_config_key_count();
+    assert_true(n > 50);
+    char (*names)[96] = calloc((size_t)n, 96);
+    for (int i = 0; i < n; i++) {
+        const char *k = dsmoe_config_key(i).name;
+        snprintf(names[i], 96, "DSMOE_%s", k);
+        for (char *p = names[i]; *p; p++) *p = *p == '.' ? '_' : (char)(*p >= 'a' && *p <= 'z' ? *p - 32 : *p);
+        for (int j = 0; j < i; j++) assert_string_not_equal(names[i], names[j]);
+    }
+    free(names);
+    assert_null(dsmoe_config_key(n).name);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Printing
+
+static void round_trip(const dsmoe_config *c, const dsmoe_config_sources *src, int ws) {
+    char *text = dsmoe_config_to_text(c, src);
+    assert_non_null(text);
+    dsmoe_config back;
+    dsmoe_err err = {0};
+    memset(&back, 0xab, sizeof back);
+    if (dsmoe_config_load_text(text, "printed.deck", NULL, 0, no_env, ws, &back, NULL, &err) != DSMOE_OK)
+        fail_msg("%s\n--- printed:\n%s", err.msg, text);
+    if (memcmp(c, &back, sizeof back) != 0) fail_msg("printed deck loads differently:\n%s", text);
+    char *again = dsmoe_config_to_text(&back, NULL), *plain = dsmoe_config_to_text(c, NULL);
+    assert_string_equal(again, plain);
+    free(again);
+    free(plain);
+    free(text);
+}
+
+static void test_print_round_trip(void **state) {
+    char *env[] = {"SCRATCH=/scratch/u1", NULL};
+    dsmoe_config c;
+    dsmoe_config_sources *src = NULL;
+    dsmoe_err err = {0};
+    if (dsmoe_config_load(DECKS "good.deck", NULL, 0, env, 2, &c, &src, &err) != DSMOE_OK) fail_msg("%s", err.msg);
+    char *text = dsmoe_config_to_text(&c, src);
+    assert_string_equal(line_of(text, "experts = "), "experts = 8 x2, 16 x3, 32 x1            # deck " DECKS "good.deck:20");
+    assert_true(ends_with(line_of(text, "path = "), "# deck " DECKS "good.deck:39"));
+    assert_non_null(strstr(text, "\n[moe]\n"));
+    free(text);
+    round_trip(&c, src, 2);
+    dsmoe_config_sources_free(src);
+
+    // strings that need quoting, floats that need digits, a dense model
+    char *argv[] = {"run.output_dir= a#b\"c\\d${X}$ ", "checkpoint.dir=", "train.lr=0.1", "train.weight_decay=3.3e-7"};
+    if (dsmoe_config_load_text("", "t.deck", argv, 4, no_env, 1, &c, NULL, &err) != DSMOE_OK) fail_msg("%s", err.msg);
+    assert_string_equal(c.output_dir, " a#b\"c\\d${X}$ ");
+    round_trip(&c, NULL, 1);
+    text = dsmoe_config_to_text(&c, NULL);
+    assert_string_equal(line_of(text, "output_dir = "), "output_dir = \" a#b\\\"c\\\\d\\${X}\\$ \"");
+    assert_string_equal(line_of(text, "lr = "), "lr = 0.1");
+    assert_string_equal(line_of(text, "experts = "), "experts = 0");
+    free(text);
+
+    // print to a FILE gives the same text as to_text
+    FILE *f = tmpfile();
+    assert_int_equal(dsmoe_config_print(f, &c, NULL), DSMOE_OK);
+    long n = ftell(f);
+    rewind(f);
+    char *buf = calloc(1, (size_t)n + 1);
+    assert_int_equal(fread(buf, 1, (size_t)n, f), (size_t)n);
+    fclose(f);
+    text = dsmoe_config_to_text(&c, NULL);
+    assert_string_equal(buf, text);
+    free(buf);
+    free(text);
+}
+
+static void test_print_keys(void **state) {
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&buf, &len);
+    dsmoe_config_print_keys(f);
+    fclose(f);
+    for (int i = 0; i < dsmoe_config_key_count(); i++) {
+        char want[128];
+        snprintf(want, sizeof want, "  %s = ", dsmoe_config_key(i).name);
+        assert_non_null(strstr(buf, want));
+    }
+    assert_non_null(strstr(buf, "  moe.top_k = 1   (int, 1 or 2)\n"));
+    assert_non_null(strstr(buf, "  run.mode = train   (enum: train | eval)\n"));
+    assert_non_null(strstr(buf, "  data.path = \"\"   (string)\n"));
+    free(buf);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Docs and shipped decks
+
+// Rows "| `section.key` | type ... | `default` | ..." of docs/deck.md must match the table exactly.
+static void test_docs_list_every_key(void **state) {
+    FILE *f = fopen(DSMOE_TEST_SOURCE_DIR "/docs/deck.md", "r");
+    assert_non_null(f);
+    int n = dsmoe_config_key_count();
+    int *seen = calloc((size_t)n, sizeof *seen);
+    char line[2048];
+    int rows = 0;
+    while (fgets(line, sizeof line, f)) {
+        char name[128], type[256], def[256];
+        if (sscanf(line, "| `%127[a-z0-9_.]` | %255[^|]| %255[^|]|", name, type, def) != 3 || !strchr(name, '.'))
+            continue;
+        rows++;
+        int k = -1;
+        for (int i = 0; i < n; i++)
+            if (strcmp(dsmoe_config_key(i).name, name) == 0) k = i;
+        if (k < 0) fail_msg("docs/deck.md documents '%s', which is not a key", name);
+        if (seen[k]++) fail_msg("docs/deck.md documents '%s' twice", name);
+        dsmoe_config_key_info info = dsmoe_config_key(k);
+        if (strncmp(type, info.type, strlen(info.type)) != 0)
+            fail_msg("docs/deck.md: %s has type '%s', the table says %s", name, type, info.type);
+        char want[256];
+        snprintf(want, sizeof want, "`%s` ", info.default_text[0] ? info.default_text : "\"\"");
+        if (strcmp(def, want) != 0) fail_msg("docs/deck.md: %s has default '%s', the table says %s", name, def, want);
+    }
+    fclose(f);
+    for (int i = 0; i < n; i++)
+        if (!seen[i]) fail_msg("docs/deck.md does not document %s", dsmoe_config_key(i).name);
+    assert_int_equal(rows, n);
+    free(seen);
+}
+
+// inputs/example-full.deck loads, and sets every key itself (no line of its print says "default");
+// inputs/quickstart.deck and tests/decks/pyramid.deck load.
+static void test_example_deck(void **state) {
+    dsmoe_config c;
+    dsmoe_config_sources *src = NULL;
+    dsmoe_err err = {0};
+    if (dsmoe_config_load(DSMOE_TEST_SOURCE_DIR "/inputs/example-full.deck", NULL, 0, no_env, 1, &c, &src, &err) != DSMOE_OK)
+        fail_msg("%s", err.msg);
+    char *text = dsmoe_config_to_text(&c, src);
+    if (strstr(text, "# default")) fail_msg("inputs/example-full.deck leaves keys at their defaults:\n%s", text);
+    free(text);
+    dsmoe_config_sources_free(src);
+    for (int ws = 1; ws <= 2; ws++)
+        if (dsmoe_config_load(DSMOE_TEST_SOURCE_DIR "/inputs/quickstart.deck", NULL, 0, no_env, ws, &c, NULL, &err) != DSMOE_OK)
+            fail_msg("%s", err.msg);
+    if (dsmoe_config_load(DECKS "pyramid.deck", NULL, 0, no_env, 4, &c, NULL, &err) != DSMOE_OK) fail_msg("%s", err.msg);
+    assert_int_equal(c.n_moe_layers, 6);
+    assert_int_equal(c.experts[3], 4);
+    assert_int_equal(c.experts[4], 8);
+    assert_int_equal(c.residual, 1);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Derived quantities
+
+static void test_moe_layers(void **state) {
+    dsmoe_config c;
+    dsmoe_err err = {0};
+    if (load_t("model.layers = 7\nmoe.every = 3\nmoe.experts = 4 x1, 8 x1\n", 1, &c, &err) != DSMOE_OK) fail_msg("%s", err.msg);
+    // 1-based layers 3 and 6 are MoE: 0-based 2 and 5
+    const int want[7] = {-1, -1, 0, -1, -1, 1, -1};
+    for (int l = 0; l < 7; l++) {
+        int mi = 99;
+        assert_int_equal(dsmoe_config_is_moe_layer(&c, l, &mi), want[l] >= 0);
+        assert_int_equal(mi, want[l]);
+    }
+    assert_false(dsmoe_config_is_moe_layer(&c, 7, NULL));
+    assert_false(dsmoe_config_is_moe_layer(&c, -1, NULL));
+    assert_int_equal(c.experts[1], 8);
+    if (load_t("model.layers = 4\n", 1, &c, &err) != DSMOE_OK) fail_msg("%s", err.msg); // dense
+    for (int l = 0; l < 4; l++) assert_false(dsmoe_config_is_moe_layer(&c, l, NULL));
+}
+
+static void test_capacity(void **state) {
+    dsmoe_config c;
+    dsmoe_err err = {0};
+    if (load_t("moe.experts = 8\nmoe.eval_capacity_factor = 2\n", 1, &c, &err) != DSMOE_OK) fail_msg("%s", err.msg);
+    assert_int_equal(dsmoe_config_capacity(&c, 128, 8, 1), 16); // 128/8 * 1 * 1.0
+    assert_int_equal(dsmoe_config_capacity(&c, 100, 8, 1), 13); // 12.5 rounds up
+    assert_int_equal(dsmoe_config_capacity(&c, 128, 8, 0), 32); // eval factor 2
+    assert_int_equal(dsmoe_config_capacity(&c, 8, 8, 1), 4);    // 1, raised to min_capacity
+    c.top_k = 2;
+    assert_int_equal(dsmoe_config_capacity(&c, 100, 8, 1), 25);
+    c.top_k = 1;
+    c.capacity_factor = 1.1f; // 1.10000002: 100/10*1.1 must still be 11
+    assert_int_equal(dsmoe_config_capacity(&c, 100, 10, 1), 11);
+    c.capacity_factor = 1.25f;
+    assert_int_equal(dsmoe_config_capacity(&c, 100, 10, 1), 13); // 12.5
+    c.min_capacity = 0;
+    assert_int_equal(dsmoe_config_capacity(&c, 1, 64, 1), 1);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_defaults),
+        cmocka_unit_test(test_good_deck),
+        cmocka_unit_test(test_syntax_details),
+        cmocka_unit_test(test_unknown_keys),
+        cmocka_unit_test(test_bad_values),
+        cmocka_unit_test(test_ranges),
+        cmocka_unit_test(test_deck_syntax_errors),
+        cmocka_unit_test(test_cross_key_errors),
+        cmocka_unit_test(test_overrides),
+        cmocka_unit_test(test_env_names_unique),
+        cmocka_unit_test(test_print_round_trip),
+        cmocka_unit_test(test_print_keys),
+        cmocka_unit_test(test_docs_list_every_key),
+        cmocka_unit_test(test_example_deck),
+        cmocka_unit_test(test_moe_layers),
+        cmocka_unit_test(test_capacity),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
