@@ -7,6 +7,7 @@
 //   - a physical line whose last character (after the comment is dropped) is '\' continues on the
 //     next: the backslash and the next line's leading blanks are removed, and the entry keeps the
 //     line number of its first physical line;
+//   - lines may end in CRLF; a leading UTF-8 byte-order mark is skipped;
 //   - "[name]" opens a section; "key = value" splits at the first '=', both sides trimmed;
 //   - in a value, ${VAR} is the environment variable VAR (unset = error), ${VAR:-text} is VAR, or
 //     text when VAR is unset or empty; double quotes group text (they are removed) and inside them
@@ -165,6 +166,7 @@ dsmoe_status dsmoe_deck_parse(const char *text, const char *deck_name, char *con
     const char *deck = deck_name ? deck_name : "deck";
     if (!envp) envp = environ;
     if (!text) text = "";
+    if (strncmp(text, "\xef\xbb\xbf", 3) == 0) text += 3; // a UTF-8 byte-order mark, as some editors write
     char section[64] = "";
     strbuf phys = {0}, logical = {0}, value = {0};
     dsmoe_status st = DSMOE_OK;

@@ -1,9 +1,10 @@
 // core/runtime.h: the loaded backends every layer computes and communicates through.
-// defines: dsmoe_runtime, KCALL, CCALL
+// defines: dsmoe_runtime, dsmoe_runtime_open, dsmoe_runtime_close, KCALL, CCALL
 #ifndef DSMOE_RUNTIME_H
 #define DSMOE_RUNTIME_H
 #include "dsmoe/comm_plugin.h"
 #include "dsmoe/kernel_plugin.h"
+#include "plugin_loader.h" // dsmoe_plugin_handle
 #include "util.h"
 
 typedef struct dsmoe_runtime {
@@ -13,7 +14,20 @@ typedef struct dsmoe_runtime {
     dsmoe_comm_ctx *cctx;
     int world_rank, world_size;
     dsmoe_comm_group *world;            // all ranks (the data-parallel group)
+    dsmoe_plugin_handle kernel_handle;  // the loaded files (path for messages; dlclose'd by close)
+    dsmoe_plugin_handle comm_handle;
 } dsmoe_runtime;
+
+// Loads the kernel plugin `kernel_name` and the comm plugin `comm_name` (searching plugin_path first,
+// see plugin_loader.h; NULL or "" = the default path), checks that their memory kinds meet, inits
+// both (threads: 0 = the plugin decides), creates the world group from MPI_COMM_WORLD and fills
+// world_rank/world_size. MPI must already be initialised; collective over MPI_COMM_WORLD. On failure
+// everything opened so far is closed again and *rt is left zeroed.
+dsmoe_status dsmoe_runtime_open(const char *kernel_name, const char *comm_name, const char *plugin_path,
+                                int threads, dsmoe_runtime *rt, dsmoe_err *err);
+// Destroys the world group (collective), finalizes both plugins and unloads them. Accepts a zeroed
+// or partly opened runtime; leaves *rt zeroed.
+void dsmoe_runtime_close(dsmoe_runtime *rt);
 
 // Calls kernel op `op` on rt; on failure fills `err` with the op, the call site and the plugin's
 // message, and returns the status from the enclosing function. Use inside functions that return

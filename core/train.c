@@ -38,7 +38,7 @@ typedef struct trainer {
     long *loads;              // (n_moe, max E) kept tokens per expert over the step, all ranks
     int max_e;
     FILE *metrics;
-    char ckpt_dir[1024];
+    char ckpt_dir[1200];
     int rank;
 } trainer;
 
@@ -173,11 +173,7 @@ static dsmoe_status open_run(trainer *tr, const dsmoe_config *c, dsmoe_runtime *
     tr->rt = rt;
     tr->rank = rt->world_rank;
     tr->T = c->seq_len;
-    tr->B = c->micro_batch > 0 ? c->micro_batch : c->batch / rt->world_size;
-    if (tr->B < 1 || c->batch % (tr->B * rt->world_size) != 0)
-        return dsmoe_err_set(err, DSMOE_ERR_INVALID,
-                             "train.batch = %d is not divisible by train.micro_batch (%d) x ranks (%d)", c->batch,
-                             tr->B, rt->world_size);
+    tr->B = c->micro_batch; // resolved and checked against batch and ranks by the config
     tr->accum = c->batch / (tr->B * rt->world_size);
     tr->max_e = 1;
     for (int i = 0; i < c->n_moe_layers; i++)

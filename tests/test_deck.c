@@ -166,6 +166,11 @@ static void test_syntax_details(void **state) {
     assert_true(c.data_seed == UINT64_MAX);
     assert_true(c.lr == 1.5e-4f);
     assert_string_equal(c.checkpoint_dir, "a=b");
+    // a Windows editor's deck: byte-order mark and CRLF line ends
+    if (load_t("\xef\xbb\xbfmodel.layers = 6\r\n[train]\r\nsteps = 3\\\r\n  0\r\n", 1, &c, &err) != DSMOE_OK)
+        fail_msg("%s", err.msg);
+    assert_int_equal(c.layers, 6);
+    assert_int_equal(c.steps, 30);
 }
 
 // ---------------------------------------------------------------------------------------------------
