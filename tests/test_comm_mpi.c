@@ -329,6 +329,26 @@ static void test_errors(void **state) {
            "NULL group: %s", P->last_error(ctx));
     ALL_OK(P->allgather(ctx, w, NULL, buf, 1) == DSMOE_ERR_INVALID, "NULL buffer");
 
+    // An MPI error comes back as a status with MPI's words, and leaves the group usable. To cause one,
+    // ranks 0 and 1 break the contract on purpose: rank 1 expects 7 bytes of a 13-byte broadcast.
+    if (size >= 2) {
+        MPI_Comm pair;
+        MPI_Comm_split(MPI_COMM_WORLD, rank < 2 ? 0 : MPI_UNDEFINED, rank, &pair);
+        int ok = 1;
+        if (rank < 2) {
+            dsmoe_comm_group *g = NULL;
+            ok = P->group_create(ctx, pair, &g) == DSMOE_OK;
+            MPI_Comm_free(&pair);
+            dsmoe_status bs = ok ? P->broadcast(ctx, g, buf, rank == 0 ? 8 : 7, 0) : DSMOE_ERR_INTERNAL;
+            if (rank == 1)
+                ok &= bs == DSMOE_ERR_SYSTEM && strstr(P->last_error(ctx), "MPI_Bcast of 7 bytes from root 0 over 2 "
+                                                                         "ranks failed: MPI_ERR_TRUNCATE") != NULL;
+            if (ok) ok = P->barrier(ctx, g) == DSMOE_OK;
+            P->group_destroy(ctx, g);
+        }
+        ALL_OK(ok, "truncated broadcast: %s", P->last_error(ctx));
+    }
+
     // An out-of-range test knob is refused by init, with the message in errbuf.
     char errbuf[256] = "";
     dsmoe_comm_ctx *bad = (dsmoe_comm_ctx *)1;

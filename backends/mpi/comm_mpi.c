@@ -326,14 +326,15 @@ static size_t chunk_first(size_t n, int p, int j) {
     return (size_t)j * (n / (size_t)p) + ((size_t)j < n % (size_t)p ? (size_t)j : n % (size_t)p);
 }
 
-#define ADD_IN_RANK_ORDER(T)                                                                       \
-    do {                                                                                           \
-        T *acc = (T *)mine;                                                                        \
-        const T *c = (const T *)g->scratch;                                                        \
+// acc (len) = c[0] + c[1] + ... + c[p-1], added in that order; c is (p, len).
+#define DEFINE_ADD_IN_RANK_ORDER(T)                                                                \
+    static void add_in_rank_order_##T(T *acc, const T *c, size_t len, int p) {                     \
         for (size_t i = 0; i < len; i++) acc[i] = c[i];                                            \
         for (int q = 1; q < p; q++)                                                                \
             for (size_t i = 0; i < len; i++) acc[i] += c[(size_t)q * len + i];                     \
-    } while (0)
+    }
+DEFINE_ADD_IN_RANK_ORDER(float)
+DEFINE_ADD_IN_RANK_ORDER(double)
 
 // Float SUM whose bits do not depend on the MPI library: chunk j of the vector is owned by rank j.
 // Every rank sends its chunk j to rank j (MPI_Alltoallv), the owner adds the p contributions in rank
@@ -360,8 +361,8 @@ static dsmoe_status sum_fixed_order(dsmoe_comm_ctx *ctx, dsmoe_comm_group *g, co
     int rc = MPI_Alltoallv(src ? src : dst, cnt, dsp, type, g->scratch, rcnt, rdsp, type, g->comm);
     if (rc != MPI_SUCCESS) return mpi_fail(ctx, rc, "allreduce (fixed-order sum): MPI_Alltoallv of the chunks");
     char *mine = (char *)dst + first * esize; // the alltoallv is done: dst may now be overwritten
-    if (dtype == DSMOE_FLOAT32) ADD_IN_RANK_ORDER(float);
-    else ADD_IN_RANK_ORDER(double);
+    if (dtype == DSMOE_FLOAT32) add_in_rank_order_float((float *)mine, g->scratch, len, p);
+    else add_in_rank_order_double((double *)mine, g->scratch, len, p);
     rc = MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, dst, cnt, dsp, type, g->comm);
     if (rc != MPI_SUCCESS) return mpi_fail(ctx, rc, "allreduce (fixed-order sum): MPI_Allgatherv of the sums");
     return DSMOE_OK;
