@@ -1,7 +1,8 @@
 // core/data.h: training and validation tokens: a synthetic corpus, byte-level text, Megatron-LM
 // indexed datasets (.bin/.idx).
 // defines: dsmoe_dataset, dsmoe_dataset_open, dsmoe_dataset_close, dsmoe_dataset_sample,
-//          dsmoe_synthetic_loss_bound
+//          dsmoe_dataset_windows, dsmoe_dataset_tokens, dsmoe_dataset_describe, dsmoe_dataset_transition,
+//          dsmoe_dataset_loss_bound
 //
 // A dataset is a deterministic map from a sample index (0, 1, 2, ...) to a window of T+1 tokens
 // (inputs = window[0..T-1], targets = window[1..T]). Sample i of a split is the same on every rank and
@@ -12,7 +13,7 @@
 // [K, V). A sample is one document: window[0] = K-th marker token k (= the source id, chosen
 // uniformly), window[1] ~ uniform over the chain tokens, window[t+1] ~ P_k(. | window[t]). Each row of
 // P_k has `branching` distinct successors with random weights. The best achievable mean loss over
-// the T predictions is computable exactly: dsmoe_synthetic_loss_bound.
+// the T predictions is computable exactly: dsmoe_dataset_loss_bound.
 //
 // File corpora (text, megatron): all tokens are one stream in file order (documents concatenated);
 // the last valid_fraction of the stream is the validation split. Windows start at multiples of T
@@ -57,5 +58,9 @@ const char *dsmoe_dataset_describe(const dsmoe_dataset *ds);
 // averaged over the T positions of a window), computed exactly from the chains. Returns -1 for other
 // corpora.
 double dsmoe_dataset_loss_bound(const dsmoe_dataset *ds);
+
+// Synthetic corpus only: P_source(to | from) for chain tokens from, to in [K, V) (0 when `to` is not
+// a successor of `from`); -1 for other corpora or arguments out of range. For tests and analysis.
+double dsmoe_dataset_transition(const dsmoe_dataset *ds, int source, int32_t from, int32_t to);
 
 #endif

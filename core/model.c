@@ -66,7 +66,8 @@ struct dsmoe_model {
     float *resid;          // (L+1, S, M) residual stream at each block input, and the final output
     block_acts *acts;      // (L)
     float *lnf, *lnf_mean, *lnf_rstd; // (S, M), (S), (S)
-    float *logits;         // (S, V) then probabilities in place
+    float *logits;         // (S, V)
+    float *probs;          // (S, V) softmax of logits
     float *losses;         // (S)
     int32_t *tokens, *targets; // (S) plugin memory
     float *host_losses;    // (S) host
@@ -271,6 +272,7 @@ static dsmoe_status alloc_buffers(dsmoe_model *m, dsmoe_err *err) {
     DSMOE_TRY(kalloc(m, &m->lnf_mean, S, err));
     DSMOE_TRY(kalloc(m, &m->lnf_rstd, S, err));
     DSMOE_TRY(kalloc(m, &m->logits, S * V, err));
+    DSMOE_TRY(kalloc(m, &m->probs, S * V, err));
     DSMOE_TRY(kalloc(m, &m->losses, S, err));
     KCALL(rt, alloc, S * sizeof(int32_t), (void **)&m->tokens);
     KCALL(rt, alloc, S * sizeof(int32_t), (void **)&m->targets);
@@ -496,7 +498,7 @@ void dsmoe_model_free(dsmoe_model *m) {
     for (int i = 0; i < m->cfg->n_moe_layers && m->moe; i++) dsmoe_moe_layer_free(m->moe[i]);
     void **bufs[] = {(void **)&m->params, (void **)&m->grads, (void **)&m->adam_m, (void **)&m->adam_v,
                      (void **)&m->resid, (void **)&m->lnf, (void **)&m->lnf_mean, (void **)&m->lnf_rstd,
-                     (void **)&m->logits, (void **)&m->losses, (void **)&m->tokens, (void **)&m->targets,
+                     (void **)&m->logits, (void **)&m->probs, (void **)&m->losses, (void **)&m->tokens, (void **)&m->targets,
                      (void **)&m->dresid, (void **)&m->dln, (void **)&m->datty, (void **)&m->dmoe,
                      (void **)&m->dmlp, (void **)&m->dffn, (void **)&m->dqkv, (void **)&m->dfch,
                      (void **)&m->dfch_gelu, (void **)&m->dcoef, (void **)&m->datt_scratch, (void **)&m->dlogits};
@@ -589,8 +591,7 @@ dsmoe_status dsmoe_model_forward(dsmoe_model *m, const int32_t *inputs, const in
     float *xL = m->resid + (size_t)m->L * SM;
     KCALL(rt, layernorm_forward, m->lnf, m->lnf_mean, m->lnf_rstd, xL, m->lnfw, m->lnfb, S, M, m->cfg->ln_eps);
     DSMOE_TRY(linear_forward(rt, m->logits, m->lnf, m->wte, NULL, S, M, V, err));
-    // crossentropy_forward writes probabilities; logits are not needed again, so they share storage.
-    KCALL(rt, crossentropy_forward, m->losses, m->logits, m->logits, m->targets, S, V);
+    KCALL(rt, crossentropy_forward, m->losses, m->probs, m->logits, m->targets, S, V);
     KCALL(rt, copy_to_host, m->host_losses, m->losses, (size_t)S * sizeof(float));
     memset(res, 0, sizeof *res);
     for (int s = 0; s < S; s++) res->loss_sum += m->host_losses[s];
@@ -610,7 +611,7 @@ dsmoe_status dsmoe_model_backward(dsmoe_model *m, float dloss, float daux, dsmoe
     int S = m->S, M = m->M, V = m->V;
     size_t SM = (size_t)S * M;
     KCALL(rt, zero, m->dlogits, (size_t)S * V * sizeof(float));
-    KCALL(rt, crossentropy_backward, m->dlogits, m->logits, m->targets, dloss, S, V);
+    KCALL(rt, crossentropy_backward, m->dlogits, m->probs, m->targets, dloss, S, V);
     KCALL(rt, zero, m->dln, SM * sizeof(float));
     DSMOE_TRY(linear_backward(rt, m->dln, m->dwte, NULL, m->dlogits, m->lnf, m->wte, S, M, V, err));
     KCALL(rt, zero, m->dresid, SM * sizeof(float));

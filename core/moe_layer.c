@@ -375,7 +375,7 @@ dsmoe_status dsmoe_moe_forward(dsmoe_moe_layer *L, const dsmoe_moe_weights *w, c
     KCALL(rt, gemm, 0, 1, S, E, M, 1.0f, xg, M, w->wg, M, 0.0f, L->logits, E); // logits (S, E) = xg @ wg^T
     KCALL(rt, gate_route, &L->gp, L->logits, L->probs, L->choice, L->host_counts);
 
-    int C;
+    int C = 0;
     if (c->drop_tokens)
         C = capacity_from_factor(c, step->training);
     else

@@ -20,20 +20,23 @@
 static dsmoe_runtime rt;
 
 static const char *base_deck =
-    "[model]\nvocab = 16\nseq_len = 6\nlayers = 2\nhidden = 8\nheads = 2\nffn_hidden = 12\ninit_std = 0.3\n"
-    "[moe]\nmin_capacity = 0\ncapacity_factor = 1.0\naux_loss_coeff = 0.1\n"
+    "[model]\nvocab = 16\nseq_len = 6\nhidden = 8\nheads = 2\nffn_hidden = 12\ninit_std = 0.3\n"
+    "[moe]\nmin_capacity = 0\naux_loss_coeff = 0.1\n"
     "[train]\nbatch = 2\n";
 
 typedef struct fd_case {
-    const char *extra; // deck lines added to base_deck
+    const char *extra; // key=value overrides, space-separated (model.layers defaults to 2 here)
     int training;
 } fd_case;
 
+// base_deck plus command-line style overrides ("moe.experts=4 moe.top_k=2").
 static void load_config(const char *extra, dsmoe_config *cfg) {
-    char text[2048];
-    snprintf(text, sizeof text, "%s%s", base_deck, extra);
+    char buf[1024], *ov[16];
+    int n = 0;
+    snprintf(buf, sizeof buf, "model.layers=2 moe.capacity_factor=1.0 %s", extra);
+    for (char *tok = strtok(buf, " "); tok && n < 16; tok = strtok(NULL, " ")) ov[n++] = tok;
     dsmoe_err err = {0};
-    dsmoe_status s = dsmoe_config_load_text(text, "test.deck", NULL, 0, (char *const[]){NULL}, 1, cfg, NULL, &err);
+    dsmoe_status s = dsmoe_config_load_text(base_deck, "test.deck", ov, n, (char *const[]){NULL}, 1, cfg, NULL, &err);
     if (s != DSMOE_OK) fail_msg("config: %s", err.msg);
 }
 
@@ -106,38 +109,38 @@ static void check_gradients(const fd_case *c) {
 
 static void test_dense(void **state) {
     (void)state;
-    check_gradients(&(fd_case){"[moe]\nexperts = 0\n", 1});
+    check_gradients(&(fd_case){"moe.experts=0", 1});
 }
 static void test_moe_top1(void **state) {
     (void)state;
-    check_gradients(&(fd_case){"[moe]\nexperts = 4\ntop_k = 1\n", 1});
+    check_gradients(&(fd_case){"moe.experts=4 moe.top_k=1", 1});
 }
 static void test_moe_top2_with_drops(void **state) {
     (void)state;
-    check_gradients(&(fd_case){"[moe]\nexperts = 4\ntop_k = 2\ncapacity_factor = 0.5\n", 1});
+    check_gradients(&(fd_case){"moe.experts=4 moe.top_k=2 moe.capacity_factor=0.5", 1});
 }
 static void test_residual_moe(void **state) {
     (void)state;
-    check_gradients(&(fd_case){"[moe]\nexperts = 4\nresidual = true\n", 1});
+    check_gradients(&(fd_case){"moe.experts=4 moe.residual=true", 1});
 }
 static void test_pyramid_residual_moe(void **state) {
     (void)state;
-    check_gradients(&(fd_case){"[model]\nlayers = 4\n[moe]\nexperts = 2 x1, 4 x1\nresidual = true\n", 1});
+    check_gradients(&(fd_case){"model.layers=4 moe.experts=2x1,4x1 moe.residual=true", 1});
 }
 static void test_jitter_noise(void **state) {
     (void)state;
-    check_gradients(&(fd_case){"[moe]\nexperts = 4\nnoise = jitter\njitter_eps = 0.1\n", 1});
+    check_gradients(&(fd_case){"moe.experts=4 moe.noise=jitter moe.jitter_eps=0.1", 1});
 }
 static void test_dropless_eval(void **state) {
     (void)state;
-    check_gradients(&(fd_case){"[moe]\nexperts = 4\ntop_k = 2\ndrop_tokens = false\n", 0});
+    check_gradients(&(fd_case){"moe.experts=4 moe.top_k=2 moe.drop_tokens=false", 0});
 }
 
 // The parameter count matches the architecture's formula.
 static void test_parameter_count(void **state) {
     (void)state;
     dsmoe_config cfg;
-    load_config("[model]\nlayers = 4\n[moe]\nexperts = 2 x1, 4 x1\nresidual = true\n", &cfg);
+    load_config("model.layers=4 moe.experts=2x1,4x1 moe.residual=true", &cfg);
     dsmoe_model *m = NULL;
     dsmoe_err err = {0};
     assert_int_equal(dsmoe_model_create(&cfg, &rt, 1, &m, &err), DSMOE_OK);

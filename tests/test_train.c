@@ -30,12 +30,15 @@ static const char *small_deck =
     "[data]\nsynthetic_sources = 2\nsynthetic_branching = 2\n"
     "[checkpoint]\nkeep = 10\n";
 
+// deck plus command-line style overrides, space-separated ("train.steps=6 checkpoint.resume=auto").
 static void load(const char *deck, const char *extra, dsmoe_config *cfg, char **text) {
-    char buf[4096];
-    snprintf(buf, sizeof buf, "%s%s", deck, extra);
+    char buf[4096], *ov[32];
+    int n = 0;
+    snprintf(buf, sizeof buf, "%s", extra);
+    for (char *tok = strtok(buf, " "); tok && n < 32; tok = strtok(NULL, " ")) ov[n++] = tok;
     dsmoe_err err = {0};
     dsmoe_config_sources *src = NULL;
-    if (dsmoe_config_load_text(buf, "test.deck", NULL, 0, (char *const[]){NULL}, 1, cfg, &src, &err) != DSMOE_OK)
+    if (dsmoe_config_load_text(deck, "test.deck", ov, n, (char *const[]){NULL}, 1, cfg, &src, &err) != DSMOE_OK)
         fail_msg("config: %s", err.msg);
     *text = dsmoe_config_to_text(cfg, src);
     dsmoe_config_sources_free(src);
@@ -76,7 +79,7 @@ static void test_lr_schedule(void **state) {
     (void)state;
     dsmoe_config cfg;
     char *text;
-    load(small_deck, "[train]\nlr = 1.0\nmin_lr = 0.1\nwarmup_steps = 4\ndecay_steps = 14\nsteps = 20\n", &cfg, &text);
+    load(small_deck, "train.lr=1.0 train.min_lr=0.1 train.warmup_steps=4 train.decay_steps=14 train.steps=20", &cfg, &text);
     free(text);
     assert_float_equal(dsmoe_lr_at(&cfg, 0), 0.25, 1e-6);
     assert_float_equal(dsmoe_lr_at(&cfg, 3), 1.0, 1e-6);
@@ -92,9 +95,9 @@ static void test_deterministic(void **state) {
     dsmoe_train_result r;
     dsmoe_err err = {0};
     char extra[512];
-    snprintf(extra, sizeof extra, "[run]\noutput_dir = %s/det1\n[train]\nsteps = 12\n", tmpdir);
+    snprintf(extra, sizeof extra, "run.output_dir=%s/det1 train.steps=12", tmpdir);
     assert_int_equal(train(small_deck, extra, &r, h1, &err), DSMOE_OK);
-    snprintf(extra, sizeof extra, "[run]\noutput_dir = %s/det2\n[train]\nsteps = 12\n", tmpdir);
+    snprintf(extra, sizeof extra, "run.output_dir=%s/det2 train.steps=12", tmpdir);
     assert_int_equal(train(small_deck, extra, &r, h2, &err), DSMOE_OK);
     assert_memory_equal(h1, h2, sizeof h1);
     for (int i = 0; i < 12; i++) assert_true(isfinite(h1[i]));
@@ -107,11 +110,11 @@ static void test_resume_equals_uninterrupted(void **state) {
     dsmoe_train_result rf, r1, r2;
     dsmoe_err err = {0};
     char extra[512];
-    snprintf(extra, sizeof extra, "[run]\noutput_dir = %s/full\n[train]\nsteps = 12\n", tmpdir);
+    snprintf(extra, sizeof extra, "run.output_dir=%s/full train.steps=12", tmpdir);
     assert_int_equal(train(small_deck, extra, &rf, full, &err), DSMOE_OK);
-    snprintf(extra, sizeof extra, "[run]\noutput_dir = %s/split\n[train]\nsteps = 6\n", tmpdir);
+    snprintf(extra, sizeof extra, "run.output_dir=%s/split train.steps=6", tmpdir);
     assert_int_equal(train(small_deck, extra, &r1, first, &err), DSMOE_OK);
-    snprintf(extra, sizeof extra, "[run]\noutput_dir = %s/split\n[train]\nsteps = 12\n[checkpoint]\nresume = auto\n", tmpdir);
+    snprintf(extra, sizeof extra, "run.output_dir=%s/split train.steps=12 checkpoint.resume=auto", tmpdir);
     assert_int_equal(train(small_deck, extra, &r2, second, &err), DSMOE_OK);
     assert_int_equal(r2.steps_done, 12);
     assert_memory_equal(full, first, 6 * sizeof(double));
@@ -124,10 +127,10 @@ static void test_bad_checkpoints_refused(void **state) {
     dsmoe_train_result r;
     dsmoe_err err = {0};
     char extra[1024], path[512], cmd[1200];
-    snprintf(extra, sizeof extra, "[run]\noutput_dir = %s/bad\n[train]\nsteps = 1\n", tmpdir);
+    snprintf(extra, sizeof extra, "run.output_dir=%s/bad train.steps=1", tmpdir);
     assert_int_equal(train(small_deck, extra, &r, NULL, &err), DSMOE_OK);
     // A different model shape.
-    snprintf(extra, sizeof extra, "[run]\noutput_dir = %s/bad2\n[model]\nhidden = 64\n[checkpoint]\nresume = %s\n",
+    snprintf(extra, sizeof extra, "run.output_dir=%s/bad2 model.hidden=64 checkpoint.resume=%s",
              tmpdir, r.checkpoint);
     assert_int_not_equal(train(small_deck, extra, &r, NULL, &err), DSMOE_OK);
     assert_non_null(strstr(err.msg, "holds a different model"));
@@ -136,7 +139,7 @@ static void test_bad_checkpoints_refused(void **state) {
     snprintf(path, sizeof path, "%s/truncated.safetensors", tmpdir);
     snprintf(cmd, sizeof cmd, "head -c 3000 %s > %s", r.checkpoint, path);
     assert_int_equal(system(cmd), 0);
-    snprintf(extra, sizeof extra, "[run]\noutput_dir = %s/bad3\n[checkpoint]\nresume = %s\n", tmpdir, path);
+    snprintf(extra, sizeof extra, "run.output_dir=%s/bad3 checkpoint.resume=%s", tmpdir, path);
     assert_int_not_equal(train(small_deck, extra, &r, NULL, &err), DSMOE_OK);
     assert_non_null(strstr(err.msg, "truncated.safetensors"));
     // Not a checkpoint at all.
@@ -144,7 +147,7 @@ static void test_bad_checkpoints_refused(void **state) {
     FILE *f = fopen(path, "w");
     fputs("this is not a checkpoint\n", f);
     fclose(f);
-    snprintf(extra, sizeof extra, "[run]\noutput_dir = %s/bad4\n[checkpoint]\nresume = %s\n", tmpdir, path);
+    snprintf(extra, sizeof extra, "run.output_dir=%s/bad4 checkpoint.resume=%s", tmpdir, path);
     assert_int_not_equal(train(small_deck, extra, &r, NULL, &err), DSMOE_OK);
     assert_non_null(strstr(err.msg, "text.safetensors"));
 }
@@ -156,9 +159,9 @@ static void test_converges_to_bound(void **state) {
     dsmoe_err err = {0};
     char extra[512];
     snprintf(extra, sizeof extra,
-             "[run]\noutput_dir = %s/conv\n[moe]\nnoise = none\ntoken_selection = position\ncapacity_factor = 2.0\n"
-             "[train]\nsteps = 250\nbatch = 16\nmicro_batch = 16\nlr = 1e-2\nmin_lr = 1e-3\nwarmup_steps = 10\n"
-             "decay_steps = 0\neval_batches = 4\n[checkpoint]\nfinal = false\n",
+             "run.output_dir=%s/conv moe.noise=none moe.token_selection=position moe.capacity_factor=2.0 "
+             "train.steps=250 train.batch=16 train.micro_batch=16 train.lr=1e-2 train.min_lr=1e-3 "
+             "train.warmup_steps=10 train.decay_steps=0 train.eval_batches=4 checkpoint.final=false",
              tmpdir);
     assert_int_equal(train(small_deck, extra, &r, NULL, &err), DSMOE_OK);
     printf("synthetic bound %.4f, validation loss %.4f, uniform %.4f\n", r.loss_bound, r.valid_loss, log(32.0));

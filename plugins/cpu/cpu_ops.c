@@ -8,24 +8,39 @@
 // tensors are row-major and contiguous; every output element is written by one thread, and sums over
 // rows run in row order inside the thread that owns the column (threading rules in cpu_ops.h).
 // Per-row statistics (mean, variance, softmax sums) are accumulated in double: they cost little next
-// to the GEMMs and keep float rounding out of the finite-difference tests.
+// to the GEMMs and keep float rounding out of the finite-difference tests. `omp simd` reductions have
+// a lane count fixed at compile time, so their order, and results, do not depend on the thread.
 #include <math.h>
 #include <omp.h>
 #include <string.h>
 
-#include "cpu_ops.h" // CPU_REQUIRE, CPU_PAR_MIN, the declarations of this file
+#include <cblas.h> // cblas_sgemm, for attention (called single-threaded, see cpu_blas_single_threaded)
+
+#include "cpu_ops.h" // CPU_REQUIRE, CPU_PAR_MIN, cpu_blas_single_threaded, the declarations of this file
 
 // Reductions over rows split the columns into chunks of this many floats; each chunk is one thread's.
 #define COL_CHUNK 64
 
-// Dot product with SIMD lanes; the lane count is fixed at compile time, so the summation order, and
-// the result, is the same on every thread.
-static inline float dotf(const float *a, const float *b, int n) {
-    float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-    for (int i = 0; i < n; i++)
-        s += a[i] * b[i];
-    return s;
+// exp(x) for float, vectorizable (glibc's expf is a call the compiler cannot vectorize; it made GELU
+// and the softmaxes 5-10x slower). Cephes' expf: x = n ln2 + r, |r| <= ln2/2, a degree-6 polynomial
+// for exp(r), 2^n built in the exponent bits; within 2 ulp of expf. x is clamped to [-87, 88], so
+// exp of very negative x gives about 1.6e-38 rather than 0: a softmax entry that small is 0 in any
+// sum with its row maximum (which is 1).
+static inline float exp_fast(float x) {
+    x = x < -87.0f ? -87.0f : x > 88.0f ? 88.0f : x;
+    float n = floorf(x * 1.44269504088896341f + 0.5f);
+    float r = x - n * 0.693359375f + n * 2.12194440e-4f; // ln2 split in two for an exact n*ln2
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    float y = p * r * r + r + 1.0f;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return y * scale;
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -106,9 +121,11 @@ dsmoe_status cpu_layernorm_forward(dsmoe_kernel_ctx *ctx, float *out, float *mea
     for (int s = 0; s < S; s++) {
         const float *x = in + (size_t)s * M;
         double sum = 0.0;
+#pragma omp simd reduction(+ : sum)
         for (int j = 0; j < M; j++)
             sum += x[j];
         double mu = sum / M, var = 0.0;
+#pragma omp simd reduction(+ : var)
         for (int j = 0; j < M; j++)
             var += (x[j] - mu) * (x[j] - mu);
         float m = (float)mu, r = (float)(1.0 / sqrt(var / M + eps));
@@ -142,6 +159,7 @@ dsmoe_status cpu_layernorm_backward(dsmoe_kernel_ctx *ctx, float *din, float *dw
             const float *x = in + (size_t)s * M, *g = dout + (size_t)s * M;
             float m = mean[s], r = rstd[s];
             double dnorm_sum = 0.0, dnorm_norm_sum = 0.0;
+#pragma omp simd reduction(+ : dnorm_sum, dnorm_norm_sum)
             for (int j = 0; j < M; j++) {
                 float dnorm = weight[j] * g[j];
                 dnorm_sum += dnorm;
@@ -182,6 +200,10 @@ dsmoe_status cpu_layernorm_backward(dsmoe_kernel_ctx *ctx, float *din, float *dw
 #define GELU_SCALE 0.7978845608028654f // sqrt(2 / pi)
 #define GELU_CUBE 0.044715f
 
+// tanh(u) = 1 - 2 / (1 + exp(2u)): absolute error about 1e-7 (what GELU needs; tanhf itself was 25 ns
+// an element here); saturates to +-1 through exp_fast's clamp.
+static inline float tanh_fast(float u) { return 1.0f - 2.0f / (1.0f + exp_fast(2.0f * u)); }
+
 dsmoe_status cpu_gelu_forward(dsmoe_kernel_ctx *ctx, float *out, const float *in, size_t n) {
     if (n == 0)
         return DSMOE_OK;
@@ -189,7 +211,7 @@ dsmoe_status cpu_gelu_forward(dsmoe_kernel_ctx *ctx, float *out, const float *in
 #pragma omp parallel for num_threads(ctx->threads) schedule(static) if (n >= CPU_PAR_MIN / 4)
     for (size_t i = 0; i < n; i++) {
         float x = in[i];
-        out[i] = 0.5f * x * (1.0f + tanhf(GELU_SCALE * (x + GELU_CUBE * x * x * x)));
+        out[i] = 0.5f * x * (1.0f + tanh_fast(GELU_SCALE * (x + GELU_CUBE * x * x * x)));
     }
     return DSMOE_OK;
 }
@@ -201,7 +223,7 @@ dsmoe_status cpu_gelu_backward(dsmoe_kernel_ctx *ctx, float *din, const float *i
 #pragma omp parallel for num_threads(ctx->threads) schedule(static) if (n >= CPU_PAR_MIN / 4)
     for (size_t i = 0; i < n; i++) {
         float x = in[i];
-        float th = tanhf(GELU_SCALE * (x + GELU_CUBE * x * x * x));
+        float th = tanh_fast(GELU_SCALE * (x + GELU_CUBE * x * x * x));
         float local = 0.5f * (1.0f + th) + 0.5f * x * (1.0f - th * th) * GELU_SCALE * (1.0f + 3.0f * GELU_CUBE * x * x);
         din[i] += local * dout[i];
     }
@@ -219,7 +241,29 @@ static dsmoe_status check_attention(dsmoe_kernel_ctx *ctx, const char *op, int B
     return DSMOE_OK;
 }
 
-// Work units are (b, h, t) rows: each writes its own att row and its own head slice of out.
+// Causal softmax of one (T, T) block in place: row t keeps columns [0, t], the rest become 0.
+static void causal_softmax_rows(float *a, int T) {
+    for (int t = 0; t < T; t++) {
+        float *row = a + (size_t)t * T, maxv = -INFINITY;
+        for (int t2 = 0; t2 <= t; t2++)
+            maxv = row[t2] > maxv ? row[t2] : maxv;
+        double sum = 0.0;
+#pragma omp simd reduction(+ : sum)
+        for (int t2 = 0; t2 <= t; t2++) {
+            row[t2] = exp_fast(row[t2] - maxv);
+            sum += row[t2];
+        }
+        float inv = (float)(1.0 / sum);
+        for (int t2 = 0; t2 <= t; t2++)
+            row[t2] *= inv;
+        for (int t2 = t + 1; t2 < T; t2++)
+            row[t2] = 0.0f;
+    }
+}
+
+// Work units are (b, h) pairs, each three single-threaded GEMMs on strided views of qkv: q, k and v of
+// head h are (T, hs) with leading dimension 3M. The full (T, T) product is computed and the upper
+// triangle masked: twice the causal work, at BLAS speed.
 dsmoe_status cpu_attention_forward(dsmoe_kernel_ctx *ctx, float *out, float *att, const float *qkv, int B, int T,
                                    int M, int NH) {
     dsmoe_status st = check_attention(ctx, "attention_forward", B, T, M, NH);
@@ -228,47 +272,25 @@ dsmoe_status cpu_attention_forward(dsmoe_kernel_ctx *ctx, float *out, float *att
     if (B == 0 || T == 0)
         return DSMOE_OK;
     CPU_REQUIRE(ctx, out && att && qkv, "cpu: attention_forward: NULL out, att or qkv");
-    int hs = M / NH;
-    size_t M3 = (size_t)3 * M;
+    int hs = M / NH, ld = 3 * M, units = B * NH;
     float scale = 1.0f / sqrtf((float)hs);
-    long units = (long)B * NH * T;
-#pragma omp parallel for num_threads(ctx->threads) schedule(static) if (units * T * hs >= CPU_PAR_MIN)
-    for (long u = 0; u < units; u++) {
-        int t = (int)(u % T), h = (int)(u / T % NH), b = (int)(u / T / NH);
-        const float *q = qkv + ((size_t)b * T + t) * M3 + (size_t)h * hs;
-        float *a = att + (size_t)u * T; // u enumerates (b, h, t) in the layout of att
-        float maxv = -INFINITY;
-        for (int t2 = 0; t2 <= t; t2++) {
-            const float *k = qkv + ((size_t)b * T + t2) * M3 + M + (size_t)h * hs;
-            a[t2] = dotf(q, k, hs) * scale;
-            if (a[t2] > maxv)
-                maxv = a[t2];
-        }
-        double sum = 0.0;
-        for (int t2 = 0; t2 <= t; t2++) {
-            a[t2] = expf(a[t2] - maxv);
-            sum += a[t2];
-        }
-        float inv = (float)(1.0 / sum);
-        for (int t2 = 0; t2 <= t; t2++)
-            a[t2] *= inv;
-        for (int t2 = t + 1; t2 < T; t2++)
-            a[t2] = 0.0f;
-        float *o = out + ((size_t)b * T + t) * M + (size_t)h * hs;
-        for (int i = 0; i < hs; i++)
-            o[i] = 0.0f;
-        for (int t2 = 0; t2 <= t; t2++) {
-            const float *v = qkv + ((size_t)b * T + t2) * M3 + 2 * (size_t)M + (size_t)h * hs;
-            for (int i = 0; i < hs; i++)
-                o[i] += a[t2] * v[i];
-        }
+    cpu_blas_single_threaded();
+#pragma omp parallel for num_threads(ctx->threads) schedule(dynamic, 1) if (units > 1 && (long)T * T * hs >= 4096)
+    for (int u = 0; u < units; u++) {
+        int h = u % NH, b = u / NH;
+        const float *q = qkv + (size_t)b * T * ld + (size_t)h * hs, *k = q + M, *v = q + 2 * (size_t)M;
+        float *a = att + (size_t)u * T * T; // (T, T) block (b, h) of att
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, hs, scale, q, ld, k, ld, 0.0f, a, T);
+        causal_softmax_rows(a, T);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, hs, T, 1.0f, a, T, v, ld, 0.0f,
+                    out + (size_t)b * T * M + (size_t)h * hs, M);
     }
     return DSMOE_OK;
 }
 
-// Work units are (b, h) pairs: dk and dv of a key collect from every later query, and a (b, h) pair
-// owns all of them, so each is summed in query order by one thread. scratch row (b, h, t) holds
-// d(att) of that row.
+// Per (b, h): da = dout v^T; dv += a^T dout; dpre = a * (da - rowsum(a * da)) (softmax backward,
+// 0 above the diagonal since a is); dq += scale dpre k; dk += scale dpre^T q. The (b, h) pair owns
+// all its rows of dq, dk, dv, so pairs run in parallel; scratch block (b, h) holds da, then dpre.
 dsmoe_status cpu_attention_backward(dsmoe_kernel_ctx *ctx, float *dqkv, float *scratch, const float *dout,
                                     const float *qkv, const float *att, int B, int T, int M, int NH) {
     dsmoe_status st = check_attention(ctx, "attention_backward", B, T, M, NH);
@@ -278,43 +300,33 @@ dsmoe_status cpu_attention_backward(dsmoe_kernel_ctx *ctx, float *dqkv, float *s
         return DSMOE_OK;
     CPU_REQUIRE(ctx, dqkv && scratch && dout && qkv && att,
                 "cpu: attention_backward: NULL dqkv, scratch, dout, qkv or att");
-    int hs = M / NH;
-    size_t M3 = (size_t)3 * M;
+    int hs = M / NH, ld = 3 * M, units = B * NH;
     float scale = 1.0f / sqrtf((float)hs);
-    int units = B * NH;
-#pragma omp parallel for num_threads(ctx->threads) schedule(static) if ((long)units * T * T * hs >= CPU_PAR_MIN)
+    cpu_blas_single_threaded();
+#pragma omp parallel for num_threads(ctx->threads) schedule(dynamic, 1) if (units > 1 && (long)T * T * hs >= 4096)
     for (int u = 0; u < units; u++) {
         int h = u % NH, b = u / NH;
+        size_t head = (size_t)b * T * ld + (size_t)h * hs;
+        const float *q = qkv + head, *k = q + M, *v = q + 2 * (size_t)M;
+        float *dq = dqkv + head, *dk = dq + M, *dv = dq + 2 * (size_t)M;
+        const float *a = att + (size_t)u * T * T, *g = dout + (size_t)b * T * M + (size_t)h * hs;
+        float *d = scratch + (size_t)u * T * T;
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, hs, 1.0f, g, M, v, ld, 0.0f, d, T);
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, T, hs, T, 1.0f, a, T, g, M, 1.0f, dv, ld);
         for (int t = 0; t < T; t++) {
-            const float *a = att + ((size_t)u * T + t) * T;
-            float *da = scratch + ((size_t)u * T + t) * T;
-            const float *g = dout + ((size_t)b * T + t) * M + (size_t)h * hs;
-            const float *q = qkv + ((size_t)b * T + t) * M3 + (size_t)h * hs;
-            float *dq = dqkv + ((size_t)b * T + t) * M3 + (size_t)h * hs;
-            // out_t = sum_t2 a[t2] v_t2
-            double dot_a_da = 0.0;
-            for (int t2 = 0; t2 <= t; t2++) {
-                size_t row = ((size_t)b * T + t2) * M3 + (size_t)h * hs;
-                const float *v = qkv + row + 2 * (size_t)M;
-                float *dv = dqkv + row + 2 * (size_t)M;
-                da[t2] = dotf(v, g, hs);
-                dot_a_da += (double)a[t2] * da[t2];
-                for (int i = 0; i < hs; i++)
-                    dv[i] += a[t2] * g[i];
-            }
-            // softmax backward: dpre = a * (da - sum(a * da)); pre = scale * q . k
-            float c = (float)dot_a_da;
-            for (int t2 = 0; t2 <= t; t2++) {
-                size_t row = ((size_t)b * T + t2) * M3 + (size_t)h * hs;
-                const float *k = qkv + row + M;
-                float *dk = dqkv + row + M;
-                float dpre = a[t2] * (da[t2] - c) * scale;
-                for (int i = 0; i < hs; i++) {
-                    dq[i] += dpre * k[i];
-                    dk[i] += dpre * q[i];
-                }
-            }
+            const float *ar = a + (size_t)t * T;
+            float *dr = d + (size_t)t * T;
+            double c = 0.0;
+#pragma omp simd reduction(+ : c)
+            for (int t2 = 0; t2 <= t; t2++)
+                c += (double)ar[t2] * dr[t2];
+            for (int t2 = 0; t2 <= t; t2++)
+                dr[t2] = ar[t2] * (dr[t2] - (float)c);
+            for (int t2 = t + 1; t2 < T; t2++)
+                dr[t2] = 0.0f;
         }
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, hs, T, scale, d, T, k, ld, 1.0f, dq, ld);
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, T, hs, T, scale, d, T, q, ld, 1.0f, dk, ld);
     }
     return DSMOE_OK;
 }
@@ -345,11 +357,13 @@ dsmoe_status cpu_crossentropy_forward(dsmoe_kernel_ctx *ctx, float *losses, floa
         const float *z = logits + (size_t)s * V;
         float *p = probs + (size_t)s * V;
         float maxv = -INFINITY;
+#pragma omp simd reduction(max : maxv)
         for (int i = 0; i < V; i++)
             maxv = z[i] > maxv ? z[i] : maxv;
         double sum = 0.0;
+#pragma omp simd reduction(+ : sum)
         for (int i = 0; i < V; i++) {
-            p[i] = expf(z[i] - maxv);
+            p[i] = exp_fast(z[i] - maxv);
             sum += p[i];
         }
         float inv = (float)(1.0 / sum);

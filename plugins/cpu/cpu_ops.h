@@ -1,7 +1,7 @@
 // plugins/cpu/cpu_ops.h: what cpu_plugin.c (the table) needs from cpu_ops.c (the GPT layer ops), and
 // the argument checks and threading rules both files share.
-// defines: CPU_REQUIRE, CPU_PAR_MIN, cpu_embedding_*, cpu_layernorm_*, cpu_gelu_*, cpu_attention_*,
-//          cpu_crossentropy_*, cpu_residual_mix_*
+// defines: CPU_REQUIRE, CPU_PAR_MIN, cpu_blas_single_threaded, cpu_embedding_*, cpu_layernorm_*,
+//          cpu_gelu_*, cpu_attention_*, cpu_crossentropy_*, cpu_residual_mix_*
 //
 // Threading rules of the dense ops: every parallel loop is `num_threads(ctx->threads)` and gives each
 // output element to exactly one thread; a sum over rows is computed by the thread that owns the
@@ -20,6 +20,11 @@
         if (!(cond))                                                                               \
             return cpu_fail((ctx), DSMOE_ERR_INVALID, __VA_ARGS__);                                \
     } while (0)
+
+// --- cpu_plugin.c ---
+// Puts OpenBLAS in single-threaded mode (if something changed it): every BLAS call of this plugin is
+// single-threaded, and our OpenMP loops spread the calls (see the GEMM section of cpu_plugin.c).
+void cpu_blas_single_threaded(void);
 
 // --- cpu_ops.c ---
 dsmoe_status cpu_embedding_forward(dsmoe_kernel_ctx *ctx, float *out, const int32_t *tokens, const float *wte,

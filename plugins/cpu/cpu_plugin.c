@@ -54,6 +54,10 @@ static const char *blas_threading_name(int parallel) {
     return "unknown";
 }
 
+// GEMM output tiles (rows, columns), each one single-threaded BLAS call: see the GEMM section.
+#define GEMM_TILE_M 256
+#define GEMM_TILE_N 256
+
 static dsmoe_status cpu_init(const dsmoe_kernel_options *opt, dsmoe_kernel_ctx **out, char *errbuf, size_t errlen) {
     *out = NULL;
     int threads;
@@ -66,7 +70,7 @@ static dsmoe_status cpu_init(const dsmoe_kernel_options *opt, dsmoe_kernel_ctx *
         return DSMOE_ERR_NOMEM;
     }
     ctx->threads = threads;
-    openblas_set_num_threads(threads);
+    cpu_blas_single_threaded();
     // openblas_get_config() is e.g. "OpenBLAS 0.3.21 DYNAMIC_ARCH NO_AFFINITY Zen MAX_THREADS=64 " (the
     // trailing space is OpenBLAS's).
     char blas[256];
@@ -74,14 +78,11 @@ static dsmoe_status cpu_init(const dsmoe_kernel_options *opt, dsmoe_kernel_ctx *
     for (size_t n = strlen(blas); n > 0 && blas[n - 1] == ' '; n--)
         blas[n - 1] = '\0';
     int parallel = openblas_get_parallel();
-    snprintf(ctx->description, sizeof ctx->description, "cpu: %s (%s build), %d thread%s for OpenMP loops and BLAS",
-             blas, blas_threading_name(parallel), threads, threads == 1 ? "" : "s");
-    if (opt && opt->verbose) {
+    snprintf(ctx->description, sizeof ctx->description,
+             "cpu: %s (%s build, called single-threaded on %dx%d GEMM tiles), %d OpenMP thread%s", blas,
+             blas_threading_name(parallel), GEMM_TILE_M, GEMM_TILE_N, threads, threads == 1 ? "" : "s");
+    if (opt && opt->verbose)
         fprintf(stderr, "dsmoe: kernel plugin %s\n", ctx->description);
-        if (parallel == 1 && threads > 1)
-            fprintf(stderr, "dsmoe: cpu: ---> HINT: the pthreads build of OpenBLAS is loaded; its spinning threads "
-                            "compete with our OpenMP threads. Install libopenblas-openmp-dev and rebuild.\n");
-    }
     *out = ctx;
     return DSMOE_OK;
 }
@@ -130,43 +131,51 @@ static dsmoe_status cpu_zero(dsmoe_kernel_ctx *ctx, void *dst, size_t bytes) {
 static dsmoe_status cpu_synchronize(dsmoe_kernel_ctx *ctx) { return DSMOE_OK; }
 
 // ---------------------------------------------------------------------------------------------------
-// GEMM through OpenBLAS.
+// GEMM: fixed output tiles, one single-threaded OpenBLAS call per tile, tiles spread over our threads.
 //
-// Which BLAS (measured on this 2-core AMD EPYC with AVX2, Debian 12, all three in one session;
-// "(m,n,k)" row-major, rates in GFLOP/s, best of several runs that vary by 10-20% on this shared
-// machine):
+// Why not BLAS's own threading: OpenBLAS splits m and n by the thread count, and its edge kernels sum
+// in another order than its full ones, so a 200x300x400 product differs in the last bits between 1
+// and 2 threads; the contract wants results independent of the thread count. Tiles whose shape
+// depends only on (m, n) make each output element the work of the same single-threaded call whatever
+// the thread count. A grouped GEMM puts the tiles of all its groups in one parallel loop, so small
+// per-expert groups still fill every thread.
 //
-//                                     OpenBLAS pthreads   OpenBLAS OpenMP   oneDNN 2.6 dnnl_sgemm
+// What was measured (2-core AMD EPYC with AVX2, Debian 12; this shared machine varies by 10-30%
+// between runs, so only numbers from one session are compared; "(m,n,k)" row-major, GFLOP/s):
+//
+//   native threading of each library   OpenBLAS pthreads   OpenBLAS OpenMP   oneDNN 2.6 dnnl_sgemm
 //   1 thread  (512,3072,768) NN/NT/TN      77-79             68-77             70-76
 //   1 thread  (512,768,3072) NN/NT/TN      67-79             77-80             67-77
 //   2 threads (512,3072,768) NN/NT/TN     149-157             81-121           105-125
 //   2 threads (512,768,3072) NN/NT/TN     145-156            118-120           123-127
 //   2 threads (3072,768,512) TN (wgrad)    80-134            118-119           121-127
-//   2 threads per-expert shapes, m=32/128   117-119           112-121           103-104
-//   (all six GEMMs of an expert MLP)      (oneDNN: 30-65 on NN (m,3072,768))
+//   2 threads, six per-expert GEMMs,       117-119           112-121           103-104
+//     m = 32 and 128                                                          (30-65 on NN (m,3072,768))
 //
-// Alone, the pthreads build is fastest. But between GEMMs our OpenMP loops run, and the two thread
-// pools spin against each other on the same cores: a whole expert-MLP step (S=512, M=768, F=3072:
-// 6 GEMMs + GELU/bias loops, forward and backward) took, medians of 4-7 runs at 2 threads,
-// pthreads 188 ms, OpenMP build 153 ms, oneDNN 162 ms; at 1 thread 292 / 274 / 262 ms. oneDNN is
-// weak on the per-expert dgrad shape and brings a large dependency; the OpenMP build of OpenBLAS
-// shares libgomp's thread pool with our loops. So: OpenBLAS, OpenMP build (Debian package
-// libopenblas-openmp-dev; plugins/cpu/CMakeLists.txt links it by RUNPATH and falls back to the
-// default OpenBLAS with a warning). describe() reports which build was actually loaded.
-//
-// Threads: the OpenMP build takes its thread count from omp_get_max_threads() of the caller at each
-// call, so set_blas_threads() sets it (openblas_set_num_threads also calls omp_set_num_threads) before
-// every BLAS call: two contexts with different counts can live in one process. OpenBLAS splits the
-// m and n dimensions, never k, so its results do not depend on the thread count either.
+// Alone, OpenBLAS's pthreads build is fastest, but between GEMMs OpenMP loops run and the two thread
+// pools spin against each other: one expert-MLP step (S=512, M=768, F=3072; 6 GEMMs plus GELU and
+// bias loops, forward and backward), medians at 2 threads: pthreads 188 ms, OpenMP build 153 ms,
+// oneDNN 162 ms (1 thread: 292 / 274 / 262 ms). With the 256x256 tiles below (BLAS single-threaded,
+// so no second thread pool at all) the same step took 143-184 ms with either OpenBLAS build (GEMMs
+// 104-133 GFLOP/s); tiles cost about 5-10% at 1 thread (58-66 vs 60-72 GFLOP/s over the shapes
+// above). oneDNN's single-thread kernels are no faster and weak on (m,3072,768) NN, the per-expert
+// dgrad, and bring a large dependency. So: tiles over OpenBLAS, whichever build pkg-config finds
+// (libopenblas-dev); describe() names the build.
 
-static void set_blas_threads(const dsmoe_kernel_ctx *ctx) {
-    if (openblas_get_num_threads() != ctx->threads || omp_get_max_threads() != ctx->threads)
-        openblas_set_num_threads(ctx->threads);
+// Runs BLAS single-threaded for good: with blas_cpu_number = 1 both builds skip their own threading
+// (the OpenMP build also when called outside a parallel region). openblas_set_num_threads also sets
+// the calling thread's OpenMP default team size in the OpenMP build; that is put back.
+void cpu_blas_single_threaded(void) {
+    if (openblas_get_num_threads() != 1) {
+        int omp_default = omp_get_max_threads();
+        openblas_set_num_threads(1);
+        omp_set_num_threads(omp_default);
+    }
 }
 
 static int imax1(int v) { return v > 1 ? v : 1; }
 
-// Checks the shared shape arguments of a GEMM: op(a) (m, k), op(b) (k, n), c (m, n), row-major.
+// Checks the shape arguments of a GEMM: op(a) (m, k), op(b) (k, n), c (m, n), row-major.
 static dsmoe_status check_gemm_dims(dsmoe_kernel_ctx *ctx, const char *op, int ta, int tb, int m, int n, int k,
                                     int lda, int ldb, int ldc) {
     CPU_REQUIRE(ctx, m >= 0 && n >= 0 && k >= 0, "cpu: %s: m=%d n=%d k=%d: expected sizes >= 0", op, m, n, k);
@@ -179,10 +188,40 @@ static dsmoe_status check_gemm_dims(dsmoe_kernel_ctx *ctx, const char *op, int t
     return DSMOE_OK;
 }
 
-static void sgemm(int ta, int tb, int m, int n, int k, float alpha, const float *a, int lda, const float *b,
-                  int ldb, float beta, float *c, int ldc) {
-    cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, m, n, k, alpha, a,
-                lda, b, ldb, beta, c, ldc);
+// One tile: rows [i0, i0+mm) and columns [j0, j0+nn) of c = alpha op(a) op(b) + beta c.
+static void gemm_tile(int ta, int tb, int i0, int j0, int mm, int nn, int k, float alpha, const float *a, int lda,
+                      const float *b, int ldb, float beta, float *c, int ldc) {
+    const float *at = ta ? a + i0 : a + (size_t)i0 * lda;
+    const float *bt = tb ? b + (size_t)j0 * ldb : b + j0;
+    cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, mm, nn, k, alpha, at,
+                lda, bt, ldb, beta, c + (size_t)i0 * ldc + j0, ldc);
+}
+
+// c[g] (m[g], n) = alpha op(a[g]) op(b[g]) + beta c[g] for every group, all tiles in one loop. Callers
+// have checked the arguments. first[g] = index of group g's first tile; (groups + 1) ints.
+static void gemm_tiled(const dsmoe_kernel_ctx *ctx, int groups, int ta, int tb, const int *m, int n, int k,
+                       float alpha, const float *const *a, int lda, const float *const *b, int ldb, float beta,
+                       float *const *c, int ldc, long *first) {
+    long tn = (n + GEMM_TILE_N - 1) / GEMM_TILE_N;
+    first[0] = 0;
+    for (int g = 0; g < groups; g++)
+        first[g + 1] = first[g] + (m[g] + GEMM_TILE_M - 1) / GEMM_TILE_M * tn;
+    long tiles = first[groups];
+    cpu_blas_single_threaded();
+#pragma omp parallel num_threads(ctx->threads) if (tiles > 1)
+    {
+        int g = 0;
+#pragma omp for schedule(dynamic, 1)
+        for (long t = 0; t < tiles; t++) {
+            while (first[g + 1] <= t) // tiles come in increasing order per thread: g only moves forward
+                g++;
+            long local = t - first[g];
+            int i0 = (int)(local / tn) * GEMM_TILE_M, j0 = (int)(local % tn) * GEMM_TILE_N;
+            int mm = m[g] - i0 < GEMM_TILE_M ? m[g] - i0 : GEMM_TILE_M;
+            int nn = n - j0 < GEMM_TILE_N ? n - j0 : GEMM_TILE_N;
+            gemm_tile(ta, tb, i0, j0, mm, nn, k, alpha, a[g], lda, b[g], ldb, beta, c[g], ldc);
+        }
+    }
 }
 
 static dsmoe_status cpu_gemm(dsmoe_kernel_ctx *ctx, int trans_a, int trans_b, int m, int n, int k, float alpha,
@@ -194,14 +233,14 @@ static dsmoe_status cpu_gemm(dsmoe_kernel_ctx *ctx, int trans_a, int trans_b, in
         return DSMOE_OK;
     CPU_REQUIRE(ctx, c && (k == 0 || (a && b)), "cpu: gemm: NULL %s with m=%d n=%d k=%d", !c ? "c" : !a ? "a" : "b",
                 m, n, k);
-    set_blas_threads(ctx);
-    sgemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    long first[2];
+    gemm_tiled(ctx, 1, trans_a, trans_b, &m, n, k, alpha, &a, lda, &b, ldb, beta, &c, ldc, first);
     return DSMOE_OK;
 }
 
-// One BLAS call per non-empty group, each with all threads: the groups are few (local experts times
-// source ranks) and each is at least a few rows, the regime where threaded BLAS does well (see the
-// per-expert rates above).
+// Groups up to this count keep their tile offsets on the stack.
+#define GEMM_STACK_GROUPS 256
+
 static dsmoe_status cpu_gemm_grouped(dsmoe_kernel_ctx *ctx, int groups, int trans_a, int trans_b, const int *m,
                                      int n, int k, float alpha, const float *const *a, int lda,
                                      const float *const *b, int ldb, float beta, float *const *c, int ldc) {
@@ -210,20 +249,28 @@ static dsmoe_status cpu_gemm_grouped(dsmoe_kernel_ctx *ctx, int groups, int tran
         return DSMOE_OK;
     CPU_REQUIRE(ctx, m && a && b && c, "cpu: gemm_grouped: NULL host array (m, a, b or c) with groups=%d", groups);
     for (int g = 0; g < groups; g++) {
-        dsmoe_status s = check_gemm_dims(ctx, "gemm_grouped", trans_a, trans_b, m[g], n, k, lda, ldb, ldc);
+        char op[48];
+        snprintf(op, sizeof op, "gemm_grouped group %d", g);
+        dsmoe_status s = check_gemm_dims(ctx, op, trans_a, trans_b, m[g], n, k, lda, ldb, ldc);
         if (s != DSMOE_OK)
             return s;
         CPU_REQUIRE(ctx, m[g] == 0 || n == 0 || (c[g] && (k == 0 || (a[g] && b[g]))),
                     "cpu: gemm_grouped: group %d: NULL a, b or c with m=%d n=%d k=%d", g, m[g], n, k);
     }
-    set_blas_threads(ctx);
-    for (int g = 0; g < groups; g++)
-        if (m[g] > 0 && n > 0)
-            sgemm(trans_a, trans_b, m[g], n, k, alpha, a[g], lda, b[g], ldb, beta, c[g], ldc);
+    if (n == 0)
+        return DSMOE_OK;
+    long stack_first[GEMM_STACK_GROUPS + 1], *first = stack_first;
+    if (groups > GEMM_STACK_GROUPS && !(first = malloc(sizeof(long) * (groups + 1))))
+        return cpu_fail(ctx, DSMOE_ERR_NOMEM, "cpu: gemm_grouped: cannot allocate tile offsets for %d groups", groups);
+    gemm_tiled(ctx, groups, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, first);
+    if (first != stack_first)
+        free(first);
     return DSMOE_OK;
 }
 
-// dw[g] (n, k) += alpha * dy[g]^T (n, m[g]) @ x[g] (m[g], k).
+// dw[g] (n, k) += alpha * dy[g]^T (n, m[g]) @ x[g] (m[g], k): a grouped GEMM with op(a) = dy^T,
+// whose inner dimension m[g] differs per group, so the groups are tiled here rather than by
+// gemm_tiled (which shares k).
 static dsmoe_status cpu_gemm_grouped_wgrad(dsmoe_kernel_ctx *ctx, int groups, const int *m, int n, int k,
                                            float alpha, const float *const *dy, const float *const *x,
                                            float *const *dw) {
@@ -233,15 +280,26 @@ static dsmoe_status cpu_gemm_grouped_wgrad(dsmoe_kernel_ctx *ctx, int groups, co
         return DSMOE_OK;
     CPU_REQUIRE(ctx, m && dy && x && dw, "cpu: gemm_grouped_wgrad: NULL host array (m, dy, x or dw) with groups=%d",
                 groups);
+    int active = 0;
     for (int g = 0; g < groups; g++) {
         CPU_REQUIRE(ctx, m[g] >= 0, "cpu: gemm_grouped_wgrad: group %d: m=%d: expected >= 0", g, m[g]);
         CPU_REQUIRE(ctx, m[g] == 0 || (dy[g] && x[g] && dw[g]),
                     "cpu: gemm_grouped_wgrad: group %d: NULL dy, x or dw with m=%d", g, m[g]);
+        active += m[g] > 0;
     }
-    set_blas_threads(ctx);
-    for (int g = 0; g < groups; g++)
-        if (m[g] > 0)
-            sgemm(1, 0, n, k, m[g], alpha, dy[g], n, x[g], k, 1.0f, dw[g], k);
+    long tm = (n + GEMM_TILE_M - 1) / GEMM_TILE_M, tn = (k + GEMM_TILE_N - 1) / GEMM_TILE_N, per = tm * tn;
+    long tiles = per * groups;
+    cpu_blas_single_threaded();
+#pragma omp parallel for num_threads(ctx->threads) schedule(dynamic, 1) if (active * per > 1)
+    for (long t = 0; t < tiles; t++) {
+        int g = (int)(t / per);
+        if (m[g] == 0)
+            continue;
+        long local = t % per;
+        int i0 = (int)(local / tn) * GEMM_TILE_M, j0 = (int)(local % tn) * GEMM_TILE_N;
+        int mm = n - i0 < GEMM_TILE_M ? n - i0 : GEMM_TILE_M, nn = k - j0 < GEMM_TILE_N ? k - j0 : GEMM_TILE_N;
+        gemm_tile(1, 0, i0, j0, mm, nn, m[g], alpha, dy[g], n, x[g], k, 1.0f, dw[g], k);
+    }
     return DSMOE_OK;
 }
 
@@ -370,11 +428,13 @@ static dsmoe_status cpu_all_finite(dsmoe_kernel_ctx *ctx, const float *x, size_t
         return DSMOE_OK;
     CPU_REQUIRE(ctx, x, "cpu: all_finite: NULL x with n=%zu", n);
     // An exponent field of all ones is Inf or NaN; testing bits vectorizes where isfinite() may not.
-    const uint32_t *bits = (const uint32_t *)x;
     uint32_t bad = 0;
 #pragma omp parallel for num_threads(ctx->threads) schedule(static) reduction(| : bad) if (n >= CPU_PAR_MIN)
-    for (size_t i = 0; i < n; i++)
-        bad |= (bits[i] & 0x7f800000u) == 0x7f800000u;
+    for (size_t i = 0; i < n; i++) {
+        uint32_t bits;
+        memcpy(&bits, x + i, sizeof bits);
+        bad |= (bits & 0x7f800000u) == 0x7f800000u;
+    }
     *host_out = !bad;
     return DSMOE_OK;
 }

@@ -1,0 +1,361 @@
+// bench/bench_moe.c: speed of one MoE layer (core/moe_layer.c) on one rank, against the kernel plugin's
+// own sgemm on the same expert shapes, measured in the same run.
+//
+// usage: dsmoe_bench_moe [--tokens N] [--hidden M] [--ffn F] [--experts E] [--top-k K] [--threads T]
+//                        [--passes fwd|fwd+bwd] [--iters n] [--warmup n] [--balanced 0|1]
+//                        [--capacity-factor f] [--kernel NAME]
+// Defaults: 4096 768 3072 8 1 1 fwd+bwd, 5 iterations after 1 warm-up, balanced router, cf 1.0, cpu.
+//
+// Each iteration times, back to back (so that the machine's load hits all three alike):
+//   1. one layer step: dsmoe_moe_forward (+ dsmoe_moe_backward);
+//   2. the gating, dispatch and combine members alone on the same data (gate_route, gate_assign,
+//      moe_dispatch, moe_combine; with the backward also moe_combine_backward, moe_dispatch_backward,
+//      gate_backward): their share of the layer time;
+//   3. the plugin's gemm on the expert shapes of the step (per expert, rows = the tokens it kept; the
+//      same transposes as the layer: 2 GEMMs forward, 4 more backward): the sgemm rate of reference.
+// Medians over the iterations are reported. Useful flops = 2*rows*M*F per expert GEMM over the kept
+// rows plus the router GEMMs (2*S*M*E forward, twice that backward). The last line is
+//   ms_per_step=<x> gflops=<useful> sgemm_gflops=<y> efficiency=<useful/y>
+//
+// --balanced 1 (default) routes tokens evenly so the experts run at full useful load: token s has its
+// first choice s mod E and its second choice spread over the other experts, written into x's first E
+// columns (a bump) and read by a router that is the identity on those columns plus small noise.
+// --balanced 0 uses random x and a random router (natural imbalance, some tokens dropped).
+#include <math.h>
+#include <mpi.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "dsmoe/rng.h"
+#include "moe_layer.h"
+#include "runtime.h"
+
+typedef struct opts {
+    int S, M, F, E, K, threads, bwd, iters, warmup, balanced;
+    double cf;
+    const char *kernel;
+} opts;
+
+static void usage(FILE *f) {
+    fprintf(f, "usage: dsmoe_bench_moe [--tokens N] [--hidden M] [--ffn F] [--experts E] [--top-k K] [--threads T]\n"
+               "                       [--passes fwd|fwd+bwd] [--iters n] [--warmup n] [--balanced 0|1]\n"
+               "                       [--capacity-factor f] [--kernel NAME]\n"
+               "defaults: --tokens 4096 --hidden 768 --ffn 3072 --experts 8 --top-k 1 --threads 1 --passes fwd+bwd\n"
+               "          --iters 5 --warmup 1 --balanced 1 --capacity-factor 1.0 --kernel cpu\n");
+}
+
+static int parse_int(const char *flag, const char *v, int lo, int *out) {
+    char *end;
+    long x = strtol(v, &end, 10);
+    if (*v == '\0' || *end != '\0' || x < lo || x > 1000000000) {
+        fprintf(stderr, "dsmoe_bench_moe: %s %s: expected an integer >= %d\n", flag, v, lo);
+        return -1;
+    }
+    *out = (int)x;
+    return 0;
+}
+
+static int parse_args(int argc, char **argv, opts *o) {
+    *o = (opts){.S = 4096, .M = 768, .F = 3072, .E = 8, .K = 1, .threads = 1, .bwd = 1, .iters = 5, .warmup = 1,
+                .balanced = 1, .cf = 1.0, .kernel = "cpu"};
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
+            usage(stdout);
+            exit(0);
+        }
+        if (i + 1 >= argc) {
+            fprintf(stderr, "dsmoe_bench_moe: %s needs a value\n", a);
+            return -1;
+        }
+        const char *v = argv[++i];
+        int rc = 0;
+        if (!strcmp(a, "--tokens")) rc = parse_int(a, v, 1, &o->S);
+        else if (!strcmp(a, "--hidden")) rc = parse_int(a, v, 1, &o->M);
+        else if (!strcmp(a, "--ffn")) rc = parse_int(a, v, 1, &o->F);
+        else if (!strcmp(a, "--experts")) rc = parse_int(a, v, 1, &o->E);
+        else if (!strcmp(a, "--top-k")) rc = parse_int(a, v, 1, &o->K);
+        else if (!strcmp(a, "--threads")) rc = parse_int(a, v, 1, &o->threads);
+        else if (!strcmp(a, "--iters")) rc = parse_int(a, v, 1, &o->iters);
+        else if (!strcmp(a, "--warmup")) rc = parse_int(a, v, 0, &o->warmup);
+        else if (!strcmp(a, "--balanced")) rc = parse_int(a, v, 0, &o->balanced);
+        else if (!strcmp(a, "--kernel")) o->kernel = v;
+        else if (!strcmp(a, "--capacity-factor")) {
+            char *end;
+            o->cf = strtod(v, &end);
+            if (*end || !(o->cf > 0)) {
+                fprintf(stderr, "dsmoe_bench_moe: --capacity-factor %s: expected a number > 0\n", v);
+                return -1;
+            }
+        } else if (!strcmp(a, "--passes")) {
+            if (!strcmp(v, "fwd")) o->bwd = 0;
+            else if (!strcmp(v, "fwd+bwd")) o->bwd = 1;
+            else {
+                fprintf(stderr, "dsmoe_bench_moe: --passes %s: expected fwd or fwd+bwd\n", v);
+                return -1;
+            }
+        } else {
+            fprintf(stderr, "dsmoe_bench_moe: unknown option %s\n", a);
+            usage(stderr);
+            return -1;
+        }
+        if (rc) return -1;
+    }
+    if (o->K > 2 || o->K > o->E) {
+        fprintf(stderr, "dsmoe_bench_moe: --top-k %d: expected 1 or 2, at most --experts\n", o->K);
+        return -1;
+    }
+    if (o->balanced && o->E > o->M) {
+        fprintf(stderr, "dsmoe_bench_moe: --balanced 1 needs --experts <= --hidden\n");
+        return -1;
+    }
+    return 0;
+}
+
+// ----------------------------------------------------------------------------------------------------
+// kernel memory helpers (the bench exits on failure, naming the call)
+
+static dsmoe_runtime rt;
+
+static void die(const char *what, const char *msg) {
+    fprintf(stderr, "dsmoe_bench_moe: %s: %s\n", what, msg);
+    MPI_Abort(MPI_COMM_WORLD, 1);
+    exit(1);
+}
+
+#define KCHECK(call)                                                                               \
+    do {                                                                                           \
+        if ((call) != DSMOE_OK) die(#call, rt.kern->last_error(rt.kctx));                          \
+    } while (0)
+
+static void *dev_alloc(size_t bytes) {
+    void *p = NULL;
+    KCHECK(rt.kern->alloc(rt.kctx, bytes, &p));
+    return p;
+}
+
+// Uniform in [-a, a), from (key, index).
+static float *dev_uniform(size_t n, uint64_t key, float a) {
+    float *h = malloc(n * sizeof(float));
+    if (!h) die("malloc", "out of memory");
+    for (size_t i = 0; i < n; i++) h[i] = a * (2.0f * dsmoe_rng_uniform(key, i) - 1.0f);
+    float *d = dev_alloc(n * sizeof(float));
+    KCHECK(rt.kern->copy_to_device(rt.kctx, d, h, n * sizeof(float)));
+    free(h);
+    return d;
+}
+
+static void make_inputs(const opts *o, float **x, dsmoe_moe_weights *w) {
+    size_t S = o->S, M = o->M, F = o->F, E = o->E;
+    float *hx = malloc(S * M * sizeof(float)), *hg = malloc(E * M * sizeof(float));
+    if (!hx || !hg) die("malloc", "out of memory");
+    for (size_t i = 0; i < S * M; i++) hx[i] = 2.0f * dsmoe_rng_uniform(11, i) - 1.0f;
+    float ga = o->balanced ? 0.01f : 3.0f / sqrtf((float)M);
+    for (size_t i = 0; i < E * M; i++) hg[i] = ga * (2.0f * dsmoe_rng_uniform(12, i) - 1.0f);
+    if (o->balanced) {
+        for (size_t e = 0; e < E; e++) hg[e * M + e] += 1.0f;
+        for (size_t s = 0; s < S; s++) {
+            size_t e1 = s % E, e2 = E > 1 ? (e1 + 1 + (s / E) % (E - 1)) % E : e1;
+            for (size_t e = 0; e < E; e++) hx[s * M + e] *= 0.1f;
+            hx[s * M + e1] += 4.0f;
+            if (o->K == 2) hx[s * M + e2] += 2.0f;
+        }
+    }
+    *x = dev_alloc(S * M * sizeof(float));
+    w->wg = dev_alloc(E * M * sizeof(float));
+    KCHECK(rt.kern->copy_to_device(rt.kctx, *x, hx, S * M * sizeof(float)));
+    KCHECK(rt.kern->copy_to_device(rt.kctx, w->wg, hg, E * M * sizeof(float)));
+    free(hx);
+    free(hg);
+    w->w1 = dev_uniform(E * F * M, 13, 1.0f / sqrtf((float)M));
+    w->b1 = dev_uniform(E * F, 14, 0.1f);
+    w->w2 = dev_uniform(E * M * F, 15, 1.0f / sqrtf((float)F));
+    w->b2 = dev_uniform(E * M, 16, 0.1f);
+}
+
+static double now_synced(void) {
+    KCHECK(rt.kern->synchronize(rt.kctx));
+    return dsmoe_now_seconds();
+}
+
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+static double median(double *v, int n) {
+    qsort(v, (size_t)n, sizeof *v, cmp_double);
+    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+// ----------------------------------------------------------------------------------------------------
+// the gating share: the gating, dispatch and combine members alone, on the layer's data
+
+typedef struct gate_bench {
+    dsmoe_gating_params gp;
+    int C;
+    float *logits, *probs, *weight, *dweight, *dlogits; // (S, E), (S, E), (S, K), (S, K), (S, E)
+    int32_t *choice, *slot;                              // (S, K)
+    float *buf, *y, *dy;                                 // (E, C, M)
+    float *out, *dout, *dx;                              // (S, M)
+    int32_t *counts, *kept;                              // host (E)
+} gate_bench;
+
+static void gate_bench_init(gate_bench *g, const opts *o, const float *x, const float *wg, int C) {
+    size_t S = o->S, M = o->M, E = o->E, K = o->K, rows = E * (size_t)C;
+    g->gp = (dsmoe_gating_params){.S = o->S, .E = o->E, .K = o->K, .noise = DSMOE_NOISE_NONE,
+                                  .random_selection = 0, .training = 1, .seed = 1, .token_offset = 0};
+    g->C = C;
+    g->logits = dev_alloc(S * E * sizeof(float));
+    g->probs = dev_alloc(S * E * sizeof(float));
+    g->dlogits = dev_alloc(S * E * sizeof(float));
+    g->weight = dev_alloc(S * K * sizeof(float));
+    g->dweight = dev_alloc(S * K * sizeof(float));
+    g->choice = dev_alloc(S * K * sizeof(int32_t));
+    g->slot = dev_alloc(S * K * sizeof(int32_t));
+    g->buf = dev_alloc(rows * M * sizeof(float));
+    g->y = dev_uniform(rows * M, 21, 1.0f);
+    g->dy = dev_alloc(rows * M * sizeof(float));
+    g->out = dev_alloc(S * M * sizeof(float));
+    g->dout = dev_uniform(S * M, 22, 1.0f);
+    g->dx = dev_alloc(S * M * sizeof(float));
+    g->counts = calloc(E, sizeof(int32_t));
+    g->kept = calloc(E, sizeof(int32_t));
+    if (!g->counts || !g->kept) die("calloc", "out of memory");
+    KCHECK(rt.kern->gemm(rt.kctx, 0, 1, o->S, o->E, o->M, 1.0f, x, o->M, wg, o->M, 0.0f, g->logits, o->E));
+}
+
+static double gate_bench_run(gate_bench *g, const opts *o, const float *x) {
+    int S = o->S, M = o->M, E = o->E, K = o->K, C = g->C;
+    float aux;
+    double t0 = now_synced();
+    KCHECK(rt.kern->gate_route(rt.kctx, &g->gp, g->logits, g->probs, g->choice, g->counts));
+    KCHECK(rt.kern->gate_assign(rt.kctx, &g->gp, C, g->probs, g->choice, g->slot, g->weight, g->kept, &aux));
+    KCHECK(rt.kern->moe_dispatch(rt.kctx, g->buf, x, g->choice, g->slot, S, K, E, C, M));
+    KCHECK(rt.kern->moe_combine(rt.kctx, g->out, g->y, g->choice, g->slot, g->weight, S, K, E, C, M));
+    if (o->bwd) {
+        KCHECK(rt.kern->moe_combine_backward(rt.kctx, g->dy, g->dweight, g->dout, g->y, g->choice, g->slot, g->weight,
+                                             S, K, E, C, M));
+        KCHECK(rt.kern->moe_dispatch_backward(rt.kctx, g->dx, g->dy, g->choice, g->slot, S, K, E, C, M));
+        KCHECK(rt.kern->zero(rt.kctx, g->dlogits, (size_t)S * E * sizeof(float)));
+        KCHECK(rt.kern->gate_backward(rt.kctx, &g->gp, g->dlogits, g->probs, g->choice, g->slot, g->dweight, 0.01f));
+    }
+    return now_synced() - t0;
+}
+
+// ----------------------------------------------------------------------------------------------------
+// the sgemm reference: the expert GEMMs of the step, one plain gemm call each
+
+typedef struct gemm_bench {
+    float *a, *h, *y, *dw1, *dw2; // (R, M), (R, F), (R, M), (F, M), (M, F); R = max rows of an expert
+} gemm_bench;
+
+static double gemm_bench_run(gemm_bench *b, const opts *o, const dsmoe_moe_weights *w, const int *rows) {
+    int M = o->M, F = o->F;
+    size_t FM = (size_t)F * M;
+    double t0 = now_synced();
+    for (int e = 0; e < o->E; e++) {
+        int m = rows[e];
+        if (!m) continue;
+        // forward: h = x w1^T, y = act w2^T
+        KCHECK(rt.kern->gemm(rt.kctx, 0, 1, m, F, M, 1.0f, b->a, M, w->w1 + e * FM, M, 0.0f, b->h, F));
+        KCHECK(rt.kern->gemm(rt.kctx, 0, 1, m, M, F, 1.0f, b->h, F, w->w2 + e * FM, F, 0.0f, b->y, M));
+        if (!o->bwd) continue;
+        // backward: da = dy w2, dw2 += dy^T act, dw1 += dh^T x, dx = dh w1
+        KCHECK(rt.kern->gemm(rt.kctx, 0, 0, m, F, M, 1.0f, b->y, M, w->w2 + e * FM, F, 0.0f, b->h, F));
+        KCHECK(rt.kern->gemm(rt.kctx, 1, 0, M, F, m, 1.0f, b->y, M, b->h, F, 1.0f, b->dw2, F));
+        KCHECK(rt.kern->gemm(rt.kctx, 1, 0, F, M, m, 1.0f, b->h, F, b->a, M, 1.0f, b->dw1, M));
+        KCHECK(rt.kern->gemm(rt.kctx, 0, 0, m, M, F, 1.0f, b->h, F, w->w1 + e * FM, M, 0.0f, b->y, M));
+    }
+    return now_synced() - t0;
+}
+
+// ----------------------------------------------------------------------------------------------------
+
+int main(int argc, char **argv) {
+    MPI_Init(&argc, &argv);
+    opts o;
+    if (parse_args(argc, argv, &o)) {
+        MPI_Finalize();
+        return 2;
+    }
+    dsmoe_err err = {0};
+    if (dsmoe_runtime_open(o.kernel, "mpi", "", o.threads, &rt, &err) != DSMOE_OK) die("runtime", err.msg);
+    if (rt.world_size != 1) die("setup", "runs on one rank (start it without mpirun, or with -n 1)");
+    printf("kernel: %s (%s)\n", rt.kern->describe(rt.kctx), rt.kernel_handle.path);
+
+    size_t S = o.S, M = o.M, F = o.F, E = o.E;
+    float *x;
+    dsmoe_moe_weights w, g;
+    make_inputs(&o, &x, &w);
+    g.wg = dev_alloc(E * M * sizeof(float));
+    g.w1 = dev_alloc(E * F * M * sizeof(float));
+    g.b1 = dev_alloc(E * F * sizeof(float));
+    g.w2 = dev_alloc(E * M * F * sizeof(float));
+    g.b2 = dev_alloc(E * M * sizeof(float));
+    float *out = dev_alloc(S * M * sizeof(float)), *dx = dev_alloc(S * M * sizeof(float));
+    float *dout = dev_uniform(S * M, 31, 1.0f);
+
+    dsmoe_moe_config cfg = {.S = o.S, .M = o.M, .F = o.F, .E = o.E, .K = o.K, .capacity_factor = (float)o.cf,
+                            .eval_capacity_factor = (float)o.cf, .min_capacity = 4, .drop_tokens = 1,
+                            .random_token_selection = 0, .noise = DSMOE_NOISE_NONE, .jitter_eps = 0.0f,
+                            .ep = 1, .ep_group = rt.world};
+    dsmoe_moe_layer *layer = NULL;
+    if (dsmoe_moe_layer_create(&rt, &cfg, &layer, &err) != DSMOE_OK) die("layer", err.msg);
+    dsmoe_moe_step step = {.training = 1, .seed = 7, .token_offset = 0};
+    dsmoe_moe_stats st;
+
+    // One step to learn the capacity and the kept rows per expert (the data is the same every step).
+    if (dsmoe_moe_forward(layer, &w, x, out, &step, &st, &err) != DSMOE_OK) die("forward", err.msg);
+    int *rows = calloc(E, sizeof(int)), rmax = 0, rmin = o.S * o.K;
+    long kept = 0;
+    for (size_t e = 0; e < E; e++) {
+        rows[e] = st.expert_load[e];
+        kept += rows[e];
+        rmax = rows[e] > rmax ? rows[e] : rmax;
+        rmin = rows[e] < rmin ? rows[e] : rmin;
+    }
+    printf("shape: S=%d M=%d F=%d E=%d K=%d C=%d threads=%d passes=%s balanced=%d: kept %ld of %ld choices, "
+           "rows per expert %d..%d\n",
+           o.S, o.M, o.F, o.E, o.K, st.capacity, o.threads, o.bwd ? "fwd+bwd" : "fwd", o.balanced, kept, st.routed,
+           rmin, rmax);
+    gate_bench gb;
+    gate_bench_init(&gb, &o, x, w.wg, st.capacity);
+    gemm_bench sb = {.a = dev_uniform((size_t)rmax * M, 41, 1.0f), .h = dev_alloc((size_t)rmax * F * sizeof(float)),
+                     .y = dev_alloc((size_t)rmax * M * sizeof(float)), .dw1 = dev_alloc(F * M * sizeof(float)),
+                     .dw2 = dev_alloc(M * F * sizeof(float))};
+
+    double expert_flops = (o.bwd ? 6.0 : 2.0) * 2.0 * (double)kept * M * F;
+    double router_flops = (o.bwd ? 3.0 : 1.0) * 2.0 * (double)S * M * E;
+    double *t_layer = calloc(o.iters, sizeof(double)), *t_gate = calloc(o.iters, sizeof(double)),
+           *t_gemm = calloc(o.iters, sizeof(double));
+    for (int it = -o.warmup; it < o.iters; it++) {
+        double t0 = now_synced();
+        if (dsmoe_moe_forward(layer, &w, x, out, &step, &st, &err) != DSMOE_OK) die("forward", err.msg);
+        if (o.bwd && dsmoe_moe_backward(layer, &w, &g, dout, dx, 0.01f, &err) != DSMOE_OK) die("backward", err.msg);
+        double tl = now_synced() - t0;
+        double tg = gate_bench_run(&gb, &o, x);
+        double ts = gemm_bench_run(&sb, &o, &w, rows);
+        if (it < 0) continue;
+        t_layer[it] = tl;
+        t_gate[it] = tg;
+        t_gemm[it] = ts;
+        printf("iter %d: layer %.2f ms, gating+dispatch+combine %.2f ms, expert sgemm %.2f ms\n", it, tl * 1e3,
+               tg * 1e3, ts * 1e3);
+    }
+    double tl = median(t_layer, o.iters), tg = median(t_gate, o.iters), ts = median(t_gemm, o.iters);
+    double useful = (expert_flops + router_flops) / tl * 1e-9, ref = expert_flops / ts * 1e-9;
+    printf("gating+dispatch+combine: %.2f ms = %.1f%% of the layer time (median of %d)\n", tg * 1e3, 100.0 * tg / tl,
+           o.iters);
+    printf("expert sgemm alone: %.2f ms; layer beyond it: %.2f ms (%.1f%%)\n", ts * 1e3, (tl - ts) * 1e3,
+           100.0 * (tl - ts) / tl);
+    printf("ms_per_step=%.2f gflops=%.1f sgemm_gflops=%.1f efficiency=%.3f\n", tl * 1e3, useful, ref, useful / ref);
+    fflush(stdout);
+
+    dsmoe_moe_layer_free(layer);
+    // The process ends here: the runtime's plugins and buffers go with it.
+    dsmoe_runtime_close(&rt);
+    MPI_Finalize();
+    return 0;
+}

@@ -1,0 +1,340 @@
+// tests/test_safetensors.c: the safetensors writer and reader (core/safetensors.c).
+// Round trips of every dtype, 0-d and empty tensors and escaped names/metadata; the writer's exact bytes
+// for a small file against a hand-written expectation; a file written byte by byte here (unpadded,
+// with \u escapes and surrogate pairs) read back; each kind of corrupt file refused with its message;
+// failed commits (temporary unwritable, disk full, path is a directory) leave the old file untouched.
+#include <stdarg.h>
+#include <stddef.h>
+#include <setjmp.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <cmocka.h>
+
+#include <dirent.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "safetensors.h"
+
+static char dir[256];
+
+static int setup(void **state) {
+    snprintf(dir, sizeof dir, "/tmp/dsmoe_test_st_XXXXXX");
+    return mkdtemp(dir) ? 0 : -1;
+}
+
+static int teardown(void **state) {
+    char cmd[300];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+    return system(cmd);
+}
+
+static const char *path_of(const char *name) {
+    static char buf[4][512];
+    static int k;
+    k = (k + 1) % 4;
+    snprintf(buf[k], sizeof buf[k], "%s/%s", dir, name);
+    return buf[k];
+}
+
+static void write_bytes(const char *path, const void *data, size_t n) {
+    FILE *f = fopen(path, "wb");
+    assert_non_null(f);
+    assert_int_equal(fwrite(data, 1, n, f), n);
+    fclose(f);
+}
+
+static size_t read_bytes(const char *path, char *buf, size_t cap) {
+    FILE *f = fopen(path, "rb");
+    assert_non_null(f);
+    size_t n = fread(buf, 1, cap, f);
+    fclose(f);
+    return n;
+}
+
+// A file: u64 LE header length, the header text as given (no padding added), then data.
+static void write_st(const char *path, const char *header, const void *data, size_t n) {
+    size_t h = strlen(header);
+    char *buf = malloc(8 + h + n);
+    for (int i = 0; i < 8; i++) buf[i] = (char)((uint64_t)h >> (8 * i));
+    memcpy(buf + 8, header, h);
+    if (n) memcpy(buf + 8 + h, data, n);
+    write_bytes(path, buf, 8 + h + n);
+    free(buf);
+}
+
+static void expect_open_error(const char *name, const char *header, size_t data_bytes, const char *msg) {
+    char data[256] = {0};
+    assert_true(data_bytes <= sizeof data);
+    const char *p = path_of(name);
+    write_st(p, header, data, data_bytes);
+    dsmoe_st_file *f = NULL;
+    dsmoe_err err = {0};
+    dsmoe_status s = dsmoe_st_open(p, &f, &err);
+    if (s == DSMOE_OK) fail_msg("%s opened, expected: %s", name, msg);
+    assert_null(f);
+    if (!strstr(err.msg, msg)) fail_msg("message\n  got:      %s\n  expected: ...%s...", err.msg, msg);
+}
+
+// ---------------------------------------------------------------------------------------------------
+
+static void test_round_trip(void **state) {
+    float f32[6] = {1.5f, -2.0f, 3.25f, 0.0f, -0.0f, 1e-30f};
+    double f64 = 3.141592653589793;
+    int32_t i32[4] = {-1, 0, 2147483647, -2147483647 - 1};
+    int64_t i64[4] = {INT64_MIN, -5, 7, INT64_MAX};
+    uint8_t u8[5] = {0, 1, 128, 254, 255}, boolean[3] = {1, 0, 1};
+    uint16_t f16[3] = {0x3c00, 0xc000, 0x7bff}, bf16[2] = {0x3f80, 0xbf80};
+    int16_t i16[2] = {-32768, 32767};
+    int8_t i8[3] = {-128, 0, 127};
+    int64_t s23[2] = {2, 3}, s4[1] = {4}, s22[2] = {2, 2}, s5[1] = {5}, s3[1] = {3}, s2[1] = {2}, s03[2] = {0, 3},
+            s1111[4] = {1, 1, 3, 1};
+    const char *weird = "we\"ird\\name\twith\ncontrol\x01 and \xc3\xbc"; // quote, backslash, tab, newline, ^A, u-umlaut
+    struct { const char *name; dsmoe_st_dtype dt; int ndim; const int64_t *shape; const void *data; size_t nbytes; } t[] = {
+        {"h.0.attn.c_attn.weight", DSMOE_ST_F32, 2, s23, f32, 24}, {"pi", DSMOE_ST_F64, 0, NULL, &f64, 8},
+        {"i32", DSMOE_ST_I32, 1, s4, i32, 16}, {"i64", DSMOE_ST_I64, 2, s22, i64, 32},
+        {"u8", DSMOE_ST_U8, 1, s5, u8, 5}, {"f16", DSMOE_ST_F16, 1, s3, f16, 6},
+        {"bf16", DSMOE_ST_BF16, 1, s2, bf16, 4}, {"i16", DSMOE_ST_I16, 1, s2, i16, 4},
+        {weird, DSMOE_ST_I8, 4, s1111, i8, 3}, {"empty", DSMOE_ST_F32, 2, s03, NULL, 0},
+        {"bool", DSMOE_ST_BOOL, 1, s3, boolean, 3},
+    };
+    int n = (int)(sizeof t / sizeof t[0]);
+    dsmoe_st_writer *w = dsmoe_st_writer_new();
+    dsmoe_err err = {0};
+    for (int i = 0; i < n; i++)
+        assert_int_equal(dsmoe_st_writer_add(w, t[i].name, t[i].dt, t[i].ndim, t[i].shape, t[i].data, &err), DSMOE_OK);
+    const char *deck = "[model]\nvocab = 64   # \"quoted\" \\ and a tab\there\n\x02";
+    assert_int_equal(dsmoe_st_writer_meta(w, "deck", deck, &err), DSMOE_OK);
+    assert_int_equal(dsmoe_st_writer_meta(w, "k\"ey", "", &err), DSMOE_OK);
+    const char *p = path_of("rt.safetensors");
+    assert_int_equal(dsmoe_st_writer_commit(w, p, &err), DSMOE_OK);
+    dsmoe_st_writer_free(w);
+
+    char raw[4096];
+    size_t len = read_bytes(p, raw, sizeof raw);
+    uint64_t h = 0;
+    for (int i = 0; i < 8; i++) h |= (uint64_t)(uint8_t)raw[i] << (8 * i);
+    assert_int_equal((8 + h) % 8, 0);                  // data starts 8-byte aligned
+    assert_int_equal(len, 8 + h + 24 + 8 + 16 + 32 + 5 + 6 + 4 + 4 + 3 + 0 + 3);
+
+    dsmoe_st_file *f;
+    assert_int_equal(dsmoe_st_open(p, &f, &err), DSMOE_OK);
+    assert_int_equal(dsmoe_st_count(f), n);
+    for (int i = 0; i < n; i++) {
+        const dsmoe_st_tensor *r = dsmoe_st_find(f, t[i].name);
+        assert_non_null(r);
+        assert_string_equal(r->name, t[i].name);
+        assert_int_equal(r->dtype, t[i].dt);
+        assert_int_equal(r->ndim, t[i].ndim);
+        for (int d = 0; d < t[i].ndim; d++) assert_int_equal(r->shape[d], t[i].shape[d]);
+        assert_int_equal(r->nbytes, t[i].nbytes);
+        if (t[i].nbytes) assert_memory_equal(r->data, t[i].data, t[i].nbytes);
+        assert_string_equal(dsmoe_st_at(f, i)->name, t[i].name); // data-offset order, ties in header order
+    }
+    assert_null(dsmoe_st_find(f, "absent"));
+    assert_string_equal(dsmoe_st_meta(f, "deck"), deck);
+    assert_string_equal(dsmoe_st_meta(f, "k\"ey"), "");
+    assert_null(dsmoe_st_meta(f, "absent"));
+    dsmoe_st_close(f);
+}
+
+// The writer's exact bytes for one small file, written out by hand.
+static void test_writer_bytes(void **state) {
+    float x[2] = {1.0f, -2.0f};
+    int64_t s2[1] = {2};
+    dsmoe_st_writer *w = dsmoe_st_writer_new();
+    dsmoe_err err = {0};
+    assert_int_equal(dsmoe_st_writer_add(w, "x", DSMOE_ST_F32, 1, s2, x, &err), DSMOE_OK);
+    assert_int_equal(dsmoe_st_writer_meta(w, "a", "b\n", &err), DSMOE_OK);
+    const char *p = path_of("bytes.safetensors");
+    assert_int_equal(dsmoe_st_writer_commit(w, p, &err), DSMOE_OK);
+    dsmoe_st_writer_free(w);
+    const char json[] = "{\"__metadata__\":{\"a\":\"b\\n\"},\"x\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]}}";
+    size_t hl = strlen(json); // 81: padded with 7 spaces to 88, so 8 + 88 = 96 is a multiple of 8
+    assert_int_equal(hl, 81);
+    unsigned char want[8 + 88 + 8] = {88, 0, 0, 0, 0, 0, 0, 0};
+    memcpy(want + 8, json, hl);
+    memset(want + 8 + hl, ' ', 7);
+    const unsigned char data[8] = {0x00, 0x00, 0x80, 0x3f, 0x00, 0x00, 0x00, 0xc0}; // 1.0f, -2.0f little-endian
+    memcpy(want + 96, data, 8);
+    char got[256];
+    assert_int_equal(read_bytes(p, got, sizeof got), sizeof want);
+    assert_memory_equal(got, want, sizeof want);
+}
+
+// A file made here byte by byte: whitespace, key order, \u escapes, unknown keys, no padding.
+static void test_read_handmade(void **state) {
+    const char *header = " { \"b\" : {\"data_offsets\":[16, 24], \"shape\":[1],\"dtype\":\"I64\", \"extra\": [1, {\"z\": -2.5e3}]},\n"
+                         "\"w\\u00e9\\/\": {\"dtype\": \"F32\", \"shape\": [2, 2], \"data_offsets\": [0, 16]},\r\n"
+                         "\"__metadata__\": {\"smile\": \"\\ud83d\\ude00\", \"t\": \"a\\tb\\\"c\\\\\"}}  ";
+    unsigned char data[24] = {0x00, 0x00, 0x80, 0x3f, 0x00, 0x00, 0x00, 0x40, 0x00, 0x00, 0x40, 0x40, 0x00, 0x00, 0x80, 0xc0,
+                              0xfe, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff}; // 1, 2, 3, -4 as F32; -2 as I64
+    const char *p = path_of("hand.safetensors");
+    write_st(p, header, data, sizeof data);
+    dsmoe_st_file *f;
+    dsmoe_err err = {0};
+    assert_int_equal(dsmoe_st_open(p, &f, &err), DSMOE_OK);
+    assert_int_equal(dsmoe_st_count(f), 2);
+    const dsmoe_st_tensor *w = dsmoe_st_at(f, 0), *b = dsmoe_st_at(f, 1); // data-offset order
+    assert_string_equal(w->name, "w\xc3\xa9/");
+    assert_ptr_equal(dsmoe_st_find(f, "w\xc3\xa9/"), w);
+    assert_int_equal(w->dtype, DSMOE_ST_F32);
+    assert_int_equal(w->ndim, 2);
+    assert_int_equal(w->shape[0], 2);
+    assert_int_equal(w->shape[1], 2);
+    float wv[4];
+    memcpy(wv, w->data, 16);
+    assert_true(wv[0] == 1.0f && wv[1] == 2.0f && wv[2] == 3.0f && wv[3] == -4.0f);
+    assert_string_equal(b->name, "b");
+    assert_int_equal(b->dtype, DSMOE_ST_I64);
+    int64_t bv;
+    memcpy(&bv, b->data, 8);
+    assert_int_equal(bv, -2);
+    assert_string_equal(dsmoe_st_meta(f, "smile"), "\xf0\x9f\x98\x80");
+    assert_string_equal(dsmoe_st_meta(f, "t"), "a\tb\"c\\");
+    assert_string_equal(dsmoe_st_dtype_name(b->dtype), "I64");
+    dsmoe_st_close(f);
+}
+
+static void test_corrupt(void **state) {
+    const char *p = path_of("short.safetensors");
+    write_bytes(p, "abc", 3);
+    dsmoe_st_file *f = NULL;
+    dsmoe_err err = {0};
+    assert_int_equal(dsmoe_st_open(p, &f, &err), DSMOE_ERR_IO);
+    assert_non_null(strstr(err.msg, "short.safetensors: 3 bytes, too short"));
+    unsigned char big[40] = {0xe8, 0x03}; // header length 1000 in a 40-byte file
+    write_bytes(path_of("len.safetensors"), big, sizeof big);
+    assert_int_equal(dsmoe_st_open(path_of("len.safetensors"), &f, &err), DSMOE_ERR_IO);
+    assert_non_null(strstr(err.msg, "len.safetensors: header length 1000 runs past the end of the file (40 bytes)"));
+    assert_int_equal(dsmoe_st_open(path_of("missing.safetensors"), &f, &err), DSMOE_ERR_IO);
+    assert_non_null(strstr(err.msg, "cannot open"));
+
+    expect_open_error("json1.safetensors", "{\"x\":{\"dtype\":\"F32\",}", 0,
+                      "json1.safetensors: bad JSON header at byte 28: expected a string, found '}'");
+    expect_open_error("json2.safetensors", "{\"x\": true}", 0, "bad JSON header at byte 14: expected '{' (tensor info)");
+    expect_open_error("json3.safetensors", "{\"a\":{\"dtype\":\"F32\",\"shape\":[],\"data_offsets\":[0,4],\"q\":null}}", 4,
+                      "expected a string, number, array or object, found 'n'");
+    expect_open_error("json4.safetensors", "{} x", 0, "expected only spaces after the header's closing '}', found 'x'");
+    expect_open_error("json5.safetensors", "{\"a\\q\":1}", 0, "expected an escape");
+    expect_open_error("json6.safetensors", "{\"a\":{\"dtype\":\"F32\",\"shape\":[-1],\"data_offsets\":[0,4]}}", 4,
+                      "expected a non-negative integer, found '-'");
+    expect_open_error("json7.safetensors", "", 0, "bad JSON header at byte 8: expected '{', found the end of the header");
+    expect_open_error("dtype.safetensors", "{\"x\":{\"dtype\":\"F8_E4M3\",\"shape\":[1],\"data_offsets\":[0,1]}}", 1,
+                      "dtype.safetensors: tensor 'x' has dtype 'F8_E4M3', which dsmoe does not read (known: F64 F32");
+    expect_open_error("range.safetensors", "{\"x\":{\"dtype\":\"F32\",\"shape\":[16],\"data_offsets\":[0,64]}}", 16,
+                      "range.safetensors: tensor 'x' data_offsets [0, 64) run past the data buffer [0, 16)");
+    expect_open_error("rev.safetensors", "{\"x\":{\"dtype\":\"F32\",\"shape\":[0],\"data_offsets\":[8,4]}}", 16,
+                      "tensor 'x' data_offsets [8, 4) are reversed in the data buffer");
+    expect_open_error("size.safetensors", "{\"x\":{\"dtype\":\"F32\",\"shape\":[2,2],\"data_offsets\":[0,12]}}", 16,
+                      "size.safetensors: tensor 'x' data_offsets [0, 12) hold 12 bytes but F32 [2, 2] needs 16");
+    expect_open_error("overlap.safetensors",
+                      "{\"b\":{\"dtype\":\"U8\",\"shape\":[16],\"data_offsets\":[8,24]},"
+                      "\"a\":{\"dtype\":\"F32\",\"shape\":[4],\"data_offsets\":[0,16]}}", 24,
+                      "overlap.safetensors: tensors 'a' [0, 16) and 'b' [8, 24) overlap");
+    expect_open_error("dup.safetensors",
+                      "{\"a\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,1]},"
+                      "\"a\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[1,2]}}", 2,
+                      "dup.safetensors: tensor 'a' appears twice in the header");
+    expect_open_error("meta.safetensors", "{\"__metadata__\":{\"step\":3}}", 0,
+                      "meta.safetensors: __metadata__ 'step' must be a string");
+    expect_open_error("lack.safetensors", "{\"x\":{\"dtype\":\"F32\",\"data_offsets\":[0,4]}}", 4, "tensor 'x' lacks shape");
+    expect_open_error("dims.safetensors", "{\"x\":{\"dtype\":\"U8\",\"shape\":[1,1,1,1,1,1,1,1,1],\"data_offsets\":[0,1]}}", 1,
+                      "expected at most 8 dimensions");
+    // Adjacent tensors and a gap are fine; an empty tensor inside another's range is not an overlap.
+    const char *ok = "{\"a\":{\"dtype\":\"U8\",\"shape\":[4],\"data_offsets\":[0,4]},\"e\":{\"dtype\":\"F32\",\"shape\":[0],"
+                     "\"data_offsets\":[2,2]},\"b\":{\"dtype\":\"U8\",\"shape\":[2],\"data_offsets\":[6,8]}}";
+    char data[8] = {0};
+    write_st(path_of("ok.safetensors"), ok, data, 8);
+    assert_int_equal(dsmoe_st_open(path_of("ok.safetensors"), &f, &err), DSMOE_OK);
+    assert_int_equal(dsmoe_st_count(f), 3);
+    dsmoe_st_close(f);
+}
+
+static void test_writer_refuses(void **state) {
+    dsmoe_st_writer *w = dsmoe_st_writer_new();
+    dsmoe_err err = {0};
+    float x = 1;
+    int64_t s1[1] = {1}, neg[1] = {-1};
+    assert_int_equal(dsmoe_st_writer_add(w, "x", DSMOE_ST_F32, 1, s1, &x, &err), DSMOE_OK);
+    assert_int_equal(dsmoe_st_writer_add(w, "x", DSMOE_ST_F32, 1, s1, &x, &err), DSMOE_ERR_INVALID);
+    assert_string_equal(err.msg, "safetensors: tensor 'x' added twice");
+    assert_int_equal(dsmoe_st_writer_add(w, "__metadata__", DSMOE_ST_F32, 1, s1, &x, &err), DSMOE_ERR_INVALID);
+    assert_int_equal(dsmoe_st_writer_add(w, "n", DSMOE_ST_F32, 1, neg, &x, &err), DSMOE_ERR_INVALID);
+    assert_int_equal(dsmoe_st_writer_add(w, "d", DSMOE_ST_F32, 9, s1, &x, &err), DSMOE_ERR_INVALID);
+    assert_int_equal(dsmoe_st_writer_meta(w, "k", "v", &err), DSMOE_OK);
+    assert_int_equal(dsmoe_st_writer_meta(w, "k", "w", &err), DSMOE_ERR_INVALID);
+    dsmoe_st_writer_free(w);
+}
+
+static void commit_one(const char *path, float v, dsmoe_status want, const char *msg) {
+    int64_t s1[1] = {1};
+    dsmoe_st_writer *w = dsmoe_st_writer_new();
+    dsmoe_err err = {0};
+    assert_int_equal(dsmoe_st_writer_add(w, "v", DSMOE_ST_F32, 1, s1, &v, &err), DSMOE_OK);
+    dsmoe_status s = dsmoe_st_writer_commit(w, path, &err);
+    dsmoe_st_writer_free(w);
+    assert_int_equal(s, want);
+    if (msg && !strstr(err.msg, msg)) fail_msg("message\n  got:      %s\n  expected: ...%s...", err.msg, msg);
+}
+
+static int count_entries(const char *d) {
+    DIR *dp = opendir(d);
+    assert_non_null(dp);
+    int n = 0;
+    for (struct dirent *e; (e = readdir(dp));) n += e->d_name[0] != '.';
+    closedir(dp);
+    return n;
+}
+
+static void test_failed_commit(void **state) {
+    char sub[512], p[600], tmp[700], before[256], after[256];
+    snprintf(sub, sizeof sub, "%s/commit", dir);
+    assert_int_equal(mkdir(sub, 0755), 0);
+    snprintf(p, sizeof p, "%s/ckpt.safetensors", sub);
+    snprintf(tmp, sizeof tmp, "%s.tmp.%ld", p, (long)getpid());
+    commit_one(p, 1.0f, DSMOE_OK, NULL);
+    size_t n0 = read_bytes(p, before, sizeof before);
+
+    assert_int_equal(mkdir(tmp, 0755), 0); // the temporary cannot be created
+    commit_one(p, 2.0f, DSMOE_ERR_IO, "ckpt.safetensors is unchanged");
+    assert_int_equal(rmdir(tmp), 0);
+    assert_int_equal(read_bytes(p, after, sizeof after), n0);
+    assert_memory_equal(before, after, n0);
+
+    assert_int_equal(symlink("/dev/full", tmp), 0); // the disk fills up while writing
+    commit_one(p, 3.0f, DSMOE_ERR_IO, "No space left on device");
+    assert_int_equal(read_bytes(p, after, sizeof after), n0);
+    assert_memory_equal(before, after, n0);
+    assert_int_equal(count_entries(sub), 1); // the temporary was removed
+
+    char d[700];
+    snprintf(d, sizeof d, "%s/adir", sub); // the path is a directory: the rename fails
+    assert_int_equal(mkdir(d, 0755), 0);
+    commit_one(d, 4.0f, DSMOE_ERR_IO, "cannot rename");
+    struct stat st;
+    assert_int_equal(stat(d, &st), 0);
+    assert_true(S_ISDIR(st.st_mode));
+    assert_int_equal(count_entries(sub), 2);
+
+    commit_one(p, 5.0f, DSMOE_OK, NULL); // a good commit replaces the file
+    dsmoe_st_file *f;
+    dsmoe_err err = {0};
+    assert_int_equal(dsmoe_st_open(p, &f, &err), DSMOE_OK);
+    float v;
+    memcpy(&v, dsmoe_st_find(f, "v")->data, 4);
+    assert_true(v == 5.0f);
+    dsmoe_st_close(f);
+    assert_int_equal(count_entries(sub), 2);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_round_trip),   cmocka_unit_test(test_writer_bytes), cmocka_unit_test(test_read_handmade),
+        cmocka_unit_test(test_corrupt),      cmocka_unit_test(test_writer_refuses),
+        cmocka_unit_test(test_failed_commit),
+    };
+    return cmocka_run_group_tests(tests, setup, teardown);
+}
