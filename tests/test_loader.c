@@ -248,7 +248,7 @@ static void test_missing_symbol(void **state) {
     dsmoe_err err = {0};
     assert_int_equal(dsmoe_plugin_load_kernel("nosym", FAKE, &k, &h, &err), DSMOE_ERR_IO);
     assert_contains(err.msg, FAKE "/libdsmoe_kernel_nosym.so is not a dsmoe kernel plugin: "
-                                  "symbol dsmoe_kernel_plugin_v1 not found");
+                                  "symbol dsmoe_kernel_plugin_entry_v1 not found");
     assert_null(k);
     assert_null(h.dl);
 }
@@ -273,7 +273,7 @@ static void test_bad_tables(void **state) {
     dsmoe_plugin_handle h;
     dsmoe_err err = {0};
     assert_int_equal(dsmoe_plugin_load_kernel("nulltable", FAKE, &k, &h, &err), DSMOE_ERR_INTERNAL);
-    assert_contains(err.msg, FAKE "/libdsmoe_kernel_nulltable.so: dsmoe_kernel_plugin_v1() returned NULL");
+    assert_contains(err.msg, FAKE "/libdsmoe_kernel_nulltable.so: dsmoe_kernel_plugin_entry_v1() returned NULL");
 
     assert_int_equal(dsmoe_plugin_load_kernel("nullmember", FAKE, &k, &h, &err), DSMOE_ERR_INTERNAL);
     assert_contains(err.msg, FAKE "/libdsmoe_kernel_nullmember.so: kernel plugin 'nullmember' leaves required "

@@ -94,7 +94,7 @@ static void test_deterministic(void **state) {
     double h1[12], h2[12];
     dsmoe_train_result r;
     dsmoe_err err = {0};
-    char extra[512];
+    char extra[1024];
     snprintf(extra, sizeof extra, "run.output_dir=%s/det1 train.steps=12", tmpdir);
     assert_int_equal(train(small_deck, extra, &r, h1, &err), DSMOE_OK);
     snprintf(extra, sizeof extra, "run.output_dir=%s/det2 train.steps=12", tmpdir);
@@ -109,7 +109,7 @@ static void test_resume_equals_uninterrupted(void **state) {
     double full[12], first[12], second[12];
     dsmoe_train_result rf, r1, r2;
     dsmoe_err err = {0};
-    char extra[512];
+    char extra[1024];
     snprintf(extra, sizeof extra, "run.output_dir=%s/full train.steps=12", tmpdir);
     assert_int_equal(train(small_deck, extra, &rf, full, &err), DSMOE_OK);
     snprintf(extra, sizeof extra, "run.output_dir=%s/split train.steps=6", tmpdir);
@@ -126,7 +126,7 @@ static void test_bad_checkpoints_refused(void **state) {
     (void)state;
     dsmoe_train_result r;
     dsmoe_err err = {0};
-    char extra[1024], path[512], cmd[1200];
+    char extra[8192], path[512], cmd[8192];
     snprintf(extra, sizeof extra, "run.output_dir=%s/bad train.steps=1", tmpdir);
     assert_int_equal(train(small_deck, extra, &r, NULL, &err), DSMOE_OK);
     // A different model shape.
@@ -157,7 +157,7 @@ static void test_converges_to_bound(void **state) {
     (void)state;
     dsmoe_train_result r;
     dsmoe_err err = {0};
-    char extra[512];
+    char extra[1024];
     snprintf(extra, sizeof extra,
              "run.output_dir=%s/conv moe.noise=none moe.token_selection=position moe.capacity_factor=2.0 "
              "train.steps=250 train.batch=16 train.micro_batch=16 train.lr=1e-2 train.min_lr=1e-3 "

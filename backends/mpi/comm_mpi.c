@@ -443,8 +443,4 @@ static const dsmoe_comm_plugin_v1 mpi_plugin = {
     .barrier = mpi_barrier,
 };
 
-// The entry symbol is named like the table's typedef, which C does not allow for a function in the same
-// file: the asm label gives the function its exported name.
-__attribute__((visibility("default"))) const dsmoe_comm_plugin_v1 *mpi_plugin_entry(void)
-    __asm__(DSMOE_COMM_PLUGIN_SYMBOL);
-const dsmoe_comm_plugin_v1 *mpi_plugin_entry(void) { return &mpi_plugin; }
+DSMOE_PLUGIN_EXPORT const dsmoe_comm_plugin_v1 *DSMOE_COMM_PLUGIN_ENTRY(void) { return &mpi_plugin; }

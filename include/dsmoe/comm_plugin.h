@@ -1,7 +1,7 @@
 // dsmoe/comm_plugin.h: the ABI of communication backends (mpi, cuda-aware mpi, nccl, ...).
 //
-// A comm plugin is a shared object exporting DSMOE_COMM_PLUGIN_SYMBOL, of type
-// `const dsmoe_comm_plugin_v1 *(void)`. The core owns MPI (MPI_Init/Finalize); a plugin builds its
+// A comm plugin is a shared object exporting one function, DSMOE_COMM_PLUGIN_ENTRY:
+// `DSMOE_PLUGIN_EXPORT const dsmoe_comm_plugin_v1 *DSMOE_COMM_PLUGIN_ENTRY(void)`. The core owns MPI (MPI_Init/Finalize); a plugin builds its
 // groups from MPI communicators the core gives it and never calls MPI_Init itself.
 //
 // Conventions for every member:
@@ -18,7 +18,8 @@
 #include "dsmoe/status.h"
 
 #define DSMOE_COMM_API_VERSION 1
-#define DSMOE_COMM_PLUGIN_SYMBOL "dsmoe_comm_plugin_v1"
+#define DSMOE_COMM_PLUGIN_ENTRY dsmoe_comm_plugin_entry_v1
+#define DSMOE_COMM_PLUGIN_SYMBOL "dsmoe_comm_plugin_entry_v1"
 
 typedef struct dsmoe_comm_ctx dsmoe_comm_ctx;     // opaque, one per process
 typedef struct dsmoe_comm_group dsmoe_comm_group; // opaque, one per communicator

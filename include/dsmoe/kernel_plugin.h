@@ -1,7 +1,7 @@
 // dsmoe/kernel_plugin.h: the ABI of expert-kernel plugins (cpu, cuda, ...).
 //
-// A kernel plugin is a shared object that exports one symbol, DSMOE_KERNEL_PLUGIN_SYMBOL, of type
-// `const dsmoe_kernel_plugin_v1 *(void)`. The returned table starts with api_version; the core refuses
+// A kernel plugin is a shared object that exports one function, DSMOE_KERNEL_PLUGIN_ENTRY:
+// `DSMOE_PLUGIN_EXPORT const dsmoe_kernel_plugin_v1 *DSMOE_KERNEL_PLUGIN_ENTRY(void)`. The returned table starts with api_version; the core refuses
 // a table whose version it does not speak, naming both numbers.
 //
 // Conventions that hold for every member (read once, assumed below):
@@ -22,7 +22,8 @@
 #include "dsmoe/status.h"
 
 #define DSMOE_KERNEL_API_VERSION 1
-#define DSMOE_KERNEL_PLUGIN_SYMBOL "dsmoe_kernel_plugin_v1"
+#define DSMOE_KERNEL_PLUGIN_ENTRY dsmoe_kernel_plugin_entry_v1
+#define DSMOE_KERNEL_PLUGIN_SYMBOL "dsmoe_kernel_plugin_entry_v1"
 
 typedef struct dsmoe_kernel_ctx dsmoe_kernel_ctx; // opaque, owned by the plugin
 

@@ -33,4 +33,7 @@ enum {
     DSMOE_MEM_CUDA = 1u << 1, // CUDA device memory
 };
 
+// Marks a plugin's entry function as exported (plugins build with hidden visibility).
+#define DSMOE_PLUGIN_EXPORT __attribute__((visibility("default")))
+
 #endif

@@ -1,7 +1,7 @@
 // plugins/cpu/cpu_plugin.c: the "cpu" expert-kernel plugin: its table, context, host memory, GEMM
 // through OpenBLAS, and the element-wise ops and the optimizer. The GPT layer ops are in cpu_ops.c,
 // gating, dispatch and combine in cpu_gating.c.
-// defines: cpu_plugin_entry, exported as dsmoe_kernel_plugin_v1 (DSMOE_KERNEL_PLUGIN_SYMBOL)
+// defines: DSMOE_KERNEL_PLUGIN_ENTRY (dsmoe_kernel_plugin_entry_v1), the only exported symbol
 //
 // Contracts are the comments in include/dsmoe/kernel_plugin.h. Invariants of this file: buffers are
 // host memory (mem_kind DSMOE_MEM_HOST) so every op runs synchronously and synchronize() is a no-op;
@@ -525,8 +525,4 @@ static const dsmoe_kernel_plugin_v1 cpu_plugin = {
     .adamw_update = cpu_adamw_update,
 };
 
-// The entry symbol is named like the table's typedef, which C does not allow for a function in the same
-// file: the asm label gives the function its exported name.
-__attribute__((visibility("default"))) const dsmoe_kernel_plugin_v1 *cpu_plugin_entry(void)
-    __asm__(DSMOE_KERNEL_PLUGIN_SYMBOL);
-const dsmoe_kernel_plugin_v1 *cpu_plugin_entry(void) { return &cpu_plugin; }
+DSMOE_PLUGIN_EXPORT const dsmoe_kernel_plugin_v1 *DSMOE_KERNEL_PLUGIN_ENTRY(void) { return &cpu_plugin; }

@@ -31,6 +31,4 @@ static const dsmoe_comm_plugin_v1 fake_table = {
     STUB(allreduce), STUB(allgather), STUB(broadcast), STUB(barrier),
 };
 
-__attribute__((visibility("default"))) const dsmoe_comm_plugin_v1 *fake_entry(void)
-    __asm__(DSMOE_COMM_PLUGIN_SYMBOL);
-const dsmoe_comm_plugin_v1 *fake_entry(void) { return &fake_table; }
+DSMOE_PLUGIN_EXPORT const dsmoe_comm_plugin_v1 *DSMOE_COMM_PLUGIN_ENTRY(void) { return &fake_table; }

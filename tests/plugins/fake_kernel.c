@@ -52,13 +52,12 @@ extern void dsmoe_test_symbol_that_no_library_defines(void);
 #endif
 
 #ifdef FAKE_NO_SYMBOL
-#define FAKE_SYMBOL "dsmoe_kernel_plugin_v0"
+#define FAKE_ENTRY dsmoe_kernel_plugin_entry_v0
 #else
-#define FAKE_SYMBOL DSMOE_KERNEL_PLUGIN_SYMBOL
+#define FAKE_ENTRY DSMOE_KERNEL_PLUGIN_ENTRY
 #endif
 
-__attribute__((visibility("default"))) const dsmoe_kernel_plugin_v1 *fake_entry(void) __asm__(FAKE_SYMBOL);
-const dsmoe_kernel_plugin_v1 *fake_entry(void) {
+DSMOE_PLUGIN_EXPORT const dsmoe_kernel_plugin_v1 *FAKE_ENTRY(void) {
 #ifdef FAKE_UNDEFINED
     dsmoe_test_symbol_that_no_library_defines();
 #endif
