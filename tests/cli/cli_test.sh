@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# The dsmoe command as a user meets it: --version, --help, --check, deck and plugin errors (message and
+# exit code), a short training run's outputs (resolved deck, metrics CSV, pruned checkpoints), resume,
+# eval mode, and a bad data file. Usage: cli_test.sh <dsmoe binary> <source dir>
+set -u
+dsmoe=$1
+src=$2
+work=$(mktemp -d /tmp/dsmoe_cli.XXXXXX)
+trap 'rm -rf "$work"' EXIT
+export OMP_NUM_THREADS=1
+unset DSMOE_PLUGIN_PATH
+failures=0
+pass=0
+
+fail() { echo "FAIL: $*"; failures=$((failures + 1)); }
+ok() { pass=$((pass + 1)); }
+
+# expect <name> <expected exit: 0|nonzero> <regex that must appear in stdout+stderr> -- command...
+expect() {
+  local name=$1 want=$2 regex=$3
+  shift 4
+  local out rc
+  out=$("$@" 2>&1)
+  rc=$?
+  if [ "$want" = 0 ] && [ $rc -ne 0 ]; then fail "$name: exit $rc, expected 0"; echo "$out" | tail -20; return; fi
+  if [ "$want" != 0 ] && [ $rc -eq 0 ]; then fail "$name: exit 0, expected non-zero"; echo "$out" | tail -20; return; fi
+  if ! grep -Eq -- "$regex" <<<"$out"; then fail "$name: output lacks /$regex/"; echo "$out" | tail -20; return; fi
+  ok
+}
+
+tiny="$work/tiny.deck"
+cat > "$tiny" <<DECK
+[run]
+output_dir = $work/out
+log_every = 1
+[model]
+vocab = 32
+seq_len = 8
+layers = 2
+hidden = 16
+heads = 2
+[moe]
+experts = 4
+[train]
+steps = 4
+batch = 4
+eval_every = 2
+eval_batches = 1
+[data]
+synthetic_sources = 2
+synthetic_branching = 2
+[checkpoint]
+every = 1
+keep = 2
+DECK
+
+expect version 0 "kernel plugin ABI 1 \(symbol dsmoe_kernel_plugin_entry_v1\)" -- "$dsmoe" --version
+expect help 0 "usage: dsmoe" -- "$dsmoe" --help
+expect help-keys 0 "moe.capacity_factor" -- "$dsmoe" --help keys
+expect no-args nonzero "usage: dsmoe" -- "$dsmoe"
+expect check-quickstart 0 "deck .*quickstart.deck is valid" -- "$dsmoe" --check "$src/inputs/quickstart.deck"
+expect check-missing nonzero "cannot open deck '$work/nope.deck'" -- "$dsmoe" --check "$work/nope.deck"
+
+printf '[model]\nhiden = 3\n' > "$work/typo.deck"
+expect deck-typo nonzero "typo.deck:2: unknown key 'model.hiden' \(did you mean 'model.hidden'\?\)" -- "$dsmoe" --check "$work/typo.deck"
+expect override-bad nonzero "command line: .*train.steps" -- "$dsmoe" --check "$tiny" train.steps=many
+expect env-bad nonzero "environment DSMOE_TRAIN_STEPS" -- env DSMOE_TRAIN_STEPS=x "$dsmoe" --check "$tiny"
+expect kernel-missing nonzero "kernel plugin 'gpu9' not found: no libdsmoe_kernel_gpu9.so in .*available: cpu" -- "$dsmoe" --check "$tiny" run.kernel_backend=gpu9
+expect comm-missing nonzero "comm plugin 'nccl' not found.*available: mpi" -- "$dsmoe" --check "$tiny" run.comm_backend=nccl
+
+# A short run: log lines, outputs, checkpoint pruning.
+expect train 0 "step 4/4 \| loss [0-9.]+ \(bound [0-9.]+\) \| aux [0-9.]+ \| drop +[0-9.]+% \| lr .* tok/s .* ETA .*valid [0-9.]+" -- "$dsmoe" "$tiny"
+[ -f "$work/out/resolved.deck" ] && grep -q "^steps = 4 .*# deck $tiny" "$work/out/resolved.deck" && ok || fail "resolved.deck missing or without sources"
+head -1 "$work/out/metrics.csv" | grep -q "^step,loss,aux_loss,lr,grad_norm,tokens_per_s,dropped_frac,elapsed_s,valid_loss,moe0_capacity,moe0_drop,moe0_load_e0,moe0_load_e1,moe0_load_e2,moe0_load_e3$" \
+  && ok || fail "metrics.csv header: $(head -1 "$work/out/metrics.csv")"
+[ "$(($(wc -l < "$work/out/metrics.csv") - 1))" = 4 ] && ok || fail "metrics.csv should have 4 rows"
+ckpts=$(cd "$work/out/checkpoints" && ls)
+[ "$ckpts" = "$(printf 'step_00000003.safetensors\nstep_00000004.safetensors')" ] && ok || fail "checkpoint.keep=2 left: $ckpts"
+# The resolved deck is itself a valid deck.
+expect resolved-deck-valid 0 "is valid" -- "$dsmoe" --check "$work/out/resolved.deck"
+
+# Resume from the newest checkpoint, and evaluation of a checkpoint.
+expect resume 0 "resumed from .*step_00000004.safetensors at step 4" -- "$dsmoe" "$tiny" train.steps=6 checkpoint.resume=auto
+expect eval 0 "eval: validation loss [0-9.]+" -- "$dsmoe" "$tiny" run.mode=eval checkpoint.resume=auto
+expect eval-no-ckpt nonzero "run.mode = eval needs a checkpoint" -- "$dsmoe" "$tiny" run.mode=eval run.output_dir="$work/empty"
+
+# A corrupt checkpoint is refused and the existing ones stay intact.
+head -c 100 "$work/out/checkpoints/step_00000006.safetensors" > "$work/broken.safetensors"
+expect bad-ckpt nonzero "broken.safetensors" -- "$dsmoe" "$tiny" checkpoint.resume="$work/broken.safetensors"
+
+# Bad data files name the file.
+printf 'MMIDIDX\0\0garbage' > "$work/corpus.idx"; : > "$work/corpus.bin"
+expect bad-megatron nonzero "corpus.idx" -- "$dsmoe" "$tiny" data.source=megatron data.path="$work/corpus" model.vocab=300
+expect missing-text nonzero "$work/missing.txt" -- "$dsmoe" "$tiny" data.source=text data.path="$work/missing.txt" model.vocab=256
+
+# Byte-level text training works end to end.
+for i in $(seq 1 200); do echo "the quick brown fox jumps over the lazy dog $i"; done > "$work/text.txt"
+expect text-train 0 "step 4/4" -- "$dsmoe" "$tiny" data.source=text data.path="$work/text.txt" model.vocab=256 run.output_dir="$work/textout"
+
+echo "$pass passed, $failures failed"
+[ $failures -eq 0 ]
