@@ -30,15 +30,20 @@ static void shape_string(const dsmoe_config *c, char *buf, size_t len) {
     if (c->n_moe_layers == 0 && n > 0 && (size_t)n < len) snprintf(buf + n, len - (size_t)n, "0");
 }
 
-// All ranks learn rank 0's status and message (so a failed write is an error everywhere).
+// Every rank learns the outcome: rank 0's status and message if rank 0 failed (it writes the file),
+// else whether any other rank failed while staging its shard.
 static dsmoe_status share_status(dsmoe_status s, dsmoe_err *err) {
-    int code = (int)s;
-    MPI_Bcast(&code, 1, MPI_INT, 0, MPI_COMM_WORLD);
-    if (code != DSMOE_OK) {
+    int rank;
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    int codes[2] = {rank == 0 ? (int)s : 0, s != DSMOE_OK};
+    MPI_Allreduce(MPI_IN_PLACE, codes, 2, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+    if (codes[0] != DSMOE_OK) {
         MPI_Bcast(err->msg, (int)sizeof err->msg, MPI_CHAR, 0, MPI_COMM_WORLD);
-        err->status = (dsmoe_status)code;
+        err->status = (dsmoe_status)codes[0];
+        return err->status;
     }
-    return (dsmoe_status)code;
+    if (codes[1] && s == DSMOE_OK) return dsmoe_err_set(err, DSMOE_ERR_IO, "another rank failed while staging the checkpoint");
+    return s;
 }
 
 static int is_checkpoint_name(const char *name, int *step) {
@@ -161,12 +166,10 @@ dsmoe_status dsmoe_checkpoint_save(dsmoe_model *m, const dsmoe_config *cfg, cons
         dsmoe_st_writer_free(w);
     }
     free(host);
-    // Every rank took part in the gathers; agree on the outcome.
-    int local_fail = s != DSMOE_OK, any_fail = 0;
-    MPI_Allreduce(&local_fail, &any_fail, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
-    s = share_status(rank == 0 ? s : DSMOE_OK, err);
-    if (s == DSMOE_OK && any_fail) s = dsmoe_err_set(err, DSMOE_ERR_IO, "a rank failed while gathering the checkpoint");
     if (path_out) snprintf(path_out, path_len, "%s", path);
+    // A failed write (rank 0) is everyone's error, with rank 0's message: the run stops cleanly.
+    s = share_status(s, err);
+    if (s != DSMOE_OK) err->scope = DSMOE_SCOPE_COLLECTIVE;
     return s;
 }
 
@@ -244,10 +247,5 @@ static dsmoe_status load_local(dsmoe_model *m, const dsmoe_config *cfg, const ch
 
 dsmoe_status dsmoe_checkpoint_load(dsmoe_model *m, const dsmoe_config *cfg, const char *path, int with_optimizer,
                                    dsmoe_train_position *pos, dsmoe_err *err) {
-    dsmoe_status s = load_local(m, cfg, path, with_optimizer, pos, err);
-    // Every rank reads the same file; if any failed, all fail (with rank 0's message if it failed).
-    int fail = s != DSMOE_OK, any = 0;
-    MPI_Allreduce(&fail, &any, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
-    if (any && s == DSMOE_OK) s = dsmoe_err_set(err, DSMOE_ERR_IO, "another rank failed to load checkpoint %s", path);
-    return s;
+    return load_local(m, cfg, path, with_optimizer, pos, err); // the caller agrees on the outcome
 }

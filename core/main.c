@@ -83,53 +83,100 @@ static dsmoe_status read_deck(const char *path, int rank, char **text, dsmoe_err
     return DSMOE_OK;
 }
 
-// What the batch system says about this job, so a log shows where it ran.
+// What the batch system says about this job, so a log shows where it ran. Placement (ranks, nodes,
+// ranks per node) comes from MPI; the launcher and job come from the environment it sets: Open MPI's
+// mpiexec (OMPI_MCA_orte_hnp_uri in 4.x, PRTE_LAUNCHED in 5.x; a singleton has neither), MPICH/Intel
+// hydra (PMI_RANK), srun (SLURM_STEP_ID with SLURM_PROCID), PBS Pro / Torque (PBS_JOBID, PBS_NODEFILE).
+// Collective: every rank calls it; rank 0 prints.
 static void print_launcher(int world_size) {
-    const char *slurm_job = getenv("SLURM_JOB_ID"), *pbs_job = getenv("PBS_JOBID");
-    int len;
+    int len, rank, node_size, node_rank, nodes, is_leader, per_node[2];
     char host[MPI_MAX_PROCESSOR_NAME];
     MPI_Get_processor_name(host, &len);
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
     MPI_Comm node;
     MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node);
-    int node_size, node_rank, nodes, is_leader;
     MPI_Comm_size(node, &node_size);
     MPI_Comm_rank(node, &node_rank);
+    MPI_Comm_free(&node);
     is_leader = node_rank == 0;
     MPI_Allreduce(&is_leader, &nodes, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
-    MPI_Comm_free(&node);
-    int rank;
-    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    int minmax[2] = {-node_size, node_size}; // min as -max, so one MAX reduction gives both
+    MPI_Allreduce(minmax, per_node, 2, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
     if (rank != 0) return;
-    printf("dsmoe %s: %d rank%s on %d node%s (%d on %s)", DSMOE_VERSION, world_size, world_size == 1 ? "" : "s",
-           nodes, nodes == 1 ? "" : "s", node_size, host);
-    if (slurm_job)
-        printf(", Slurm job %s step %s, %s tasks per node", slurm_job,
-               getenv("SLURM_STEP_ID") ? getenv("SLURM_STEP_ID") : "?",
-               getenv("SLURM_NTASKS_PER_NODE") ? getenv("SLURM_NTASKS_PER_NODE")
-                                                : getenv("SLURM_TASKS_PER_NODE") ? getenv("SLURM_TASKS_PER_NODE") : "?");
-    else if (pbs_job)
-        printf(", PBS job %s", pbs_job);
-    else if (getenv("OMPI_COMM_WORLD_SIZE"))
-        printf(", launched by mpiexec");
-    else
-        printf(", singleton");
+
+    const char *slurm_job = getenv("SLURM_JOB_ID"), *slurm_step = getenv("SLURM_STEP_ID");
+    const char *pbs_job = getenv("PBS_JOBID"), *launcher = "singleton (no launcher)";
+    if (getenv("OMPI_MCA_orte_hnp_uri") || getenv("PRTE_LAUNCHED")) launcher = "launched by mpiexec (Open MPI)";
+    else if (getenv("PMI_RANK") && !getenv("SLURM_PROCID")) launcher = "launched by mpiexec (hydra)";
+    else if (slurm_step && getenv("SLURM_PROCID")) launcher = "launched by srun";
+    printf("dsmoe %s: %d rank%s on %d node%s (", DSMOE_VERSION, world_size, world_size == 1 ? "" : "s", nodes,
+           nodes == 1 ? "" : "s");
+    if (-per_node[0] == per_node[1]) printf("%d per node", per_node[1]);
+    else printf("%d-%d per node", -per_node[0], per_node[1]);
+    printf("; rank 0 on %s), %s", host, launcher);
+
+    if (slurm_job) {
+        // In a step (srun, or the step mpiexec's daemons run in) the step's counts; in the batch
+        // script itself the job's.
+        const char *nn = getenv(slurm_step ? "SLURM_STEP_NUM_NODES" : "SLURM_JOB_NUM_NODES");
+        const char *tpn = getenv(slurm_step ? "SLURM_STEP_TASKS_PER_NODE" : "SLURM_TASKS_PER_NODE");
+        const char *cpt = getenv("SLURM_CPUS_PER_TASK");
+        printf(": Slurm job %s", slurm_job);
+        if (slurm_step) printf(" step %s", slurm_step);
+        if (nn) printf(", %s node%s", nn, strcmp(nn, "1") == 0 ? "" : "s");
+        if (tpn) printf(", tasks per node %s", tpn);
+        if (cpt) printf(", %s CPUs per task", cpt);
+    } else if (pbs_job) {
+        // PBS_NODEFILE: one line per MPI slot (select ... mpiprocs=N repeats a host N times).
+        const char *nodefile = getenv("PBS_NODEFILE"), *ncpus = getenv("NCPUS");
+        printf(": PBS job %s", pbs_job);
+        FILE *f = nodefile ? fopen(nodefile, "r") : NULL;
+        if (f) {
+            char line[256], prev[256] = "";
+            int slots = 0, hosts = 0; // hosts counts changes between lines: PBS lists a host's slots together
+            while (fgets(line, sizeof line, f)) {
+                line[strcspn(line, " \t\r\n")] = '\0';
+                if (!line[0]) continue;
+                slots++;
+                if (strcmp(line, prev) != 0) hosts++;
+                snprintf(prev, sizeof prev, "%s", line);
+            }
+            fclose(f);
+            printf(", %d node%s and %d slot%s in PBS_NODEFILE", hosts, hosts == 1 ? "" : "s", slots,
+                   slots == 1 ? "" : "s");
+        } else if (nodefile) {
+            printf(", PBS_NODEFILE %s unreadable", nodefile);
+        }
+        if (ncpus) printf(", NCPUS %s", ncpus);
+    }
     printf("\n");
+    fflush(stdout);
+    // srun without PMIx starts N singletons that each train alone and write the same files.
+    const char *step_tasks = getenv("SLURM_STEP_NUM_TASKS");
+    if (strcmp(launcher, "launched by srun") == 0 && step_tasks && atoi(step_tasks) != world_size)
+        fprintf(stderr, "dsmoe: warning: srun started %s tasks but MPI sees %d rank%s: launch with srun --mpi=pmix\n",
+                step_tasks, world_size, world_size == 1 ? "" : "s");
 }
 
-// A failure all ranks share prints once; one that only some ranks hit aborts the job.
+// A failure all ranks share prints once; one that only some ranks hit prints there and ends every rank
+// (MPI_Abort), so no rank is left waiting in a collective.
 static int finish(dsmoe_status s, const dsmoe_err *err, int rank, int world_size) {
-    int failed = s != DSMOE_OK, count = 0;
-    MPI_Allreduce(&failed, &count, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
-    if (count == 0) {
+    if (s == DSMOE_OK) {
         MPI_Finalize();
         return 0;
     }
-    if (count == world_size) {
+    if (err->scope == DSMOE_SCOPE_COLLECTIVE || world_size == 1) {
         if (rank == 0) fprintf(stderr, "dsmoe: error: %s\n", err->msg);
         MPI_Finalize();
         return 1;
     }
-    if (failed) fprintf(stderr, "dsmoe: error on rank %d: %s\n", rank, err->msg);
+    if (err->scope == DSMOE_SCOPE_PEER) {
+        // The failing rank prints and aborts the job; wait for that rather than racing its message.
+        MPI_Barrier(MPI_COMM_WORLD);
+    } else {
+        fprintf(stderr, "dsmoe: error on rank %d of %d: %s\n", rank, world_size, err->msg);
+        fflush(stderr);
+    }
     MPI_Abort(MPI_COMM_WORLD, 1);
     return 1;
 }
@@ -189,7 +236,8 @@ int main(int argc, char **argv) {
 
     dsmoe_runtime rt;
     memset(&rt, 0, sizeof rt);
-    s = dsmoe_runtime_open(cfg.kernel_backend, cfg.comm_backend, cfg.plugin_path, cfg.threads, &rt, &err);
+    s = dsmoe_errors_agree(
+        dsmoe_runtime_open(cfg.kernel_backend, cfg.comm_backend, cfg.plugin_path, cfg.threads, &rt, &err), &err);
     if (s == DSMOE_OK && rank == 0)
         printf("backends: kernel %s (%s: %s), comm %s (%s)\n", rt.kern->name, rt.kernel_handle.path,
                rt.kern->describe(rt.kctx), rt.comm->name, rt.comm_handle.path);
@@ -200,6 +248,8 @@ int main(int argc, char **argv) {
         memset(&result, 0, sizeof result);
         s = dsmoe_train_run(&cfg, resolved, &rt, &result, &err);
     }
+    if (s != DSMOE_OK && err.scope != DSMOE_SCOPE_COLLECTIVE && world_size > 1)
+        return finish(s, &err, rank, world_size); // without collective clean-up: other ranks may be mid-step
     dsmoe_runtime_close(&rt);
     dsmoe_config_sources_free(sources);
     free(resolved);

@@ -103,9 +103,9 @@ static void metrics_header(trainer *tr) {
 static void metrics_row(trainer *tr, int step, const step_stats *st, float lr, double gnorm, double tok_s,
                         double elapsed, double valid) {
     if (!tr->metrics) return;
-    fprintf(tr->metrics, "%d,%.6f,%.6f,%.6e,%.6f,%.1f,%.6f,%.3f,", step, st->loss_sum / st->tokens,
+    fprintf(tr->metrics, "%d,%.9g,%.9g,%.6e,%.9g,%.1f,%.6f,%.3f,", step, st->loss_sum / st->tokens,
             st->aux_sum / st->micro_count, lr, gnorm, tok_s, st->routed > 0 ? st->dropped / st->routed : 0.0, elapsed);
-    if (!isnan(valid)) fprintf(tr->metrics, "%.6f", valid);
+    if (!isnan(valid)) fprintf(tr->metrics, "%.9g", valid);
     for (int i = 0; i < tr->cfg->n_moe_layers; i++) {
         const dsmoe_moe_stats *ms = dsmoe_model_moe_stats(tr->model, i);
         long kept = 0;
@@ -153,10 +153,14 @@ static dsmoe_status train_step(trainer *tr, int step, uint64_t first_sample, ste
     }
     DSMOE_TRY(dsmoe_model_reduce_grads(tr->model, err));
     DSMOE_TRY(dsmoe_model_grad_norm(tr->model, gnorm, err));
-    if (!isfinite(*gnorm))
-        return dsmoe_err_set(err, DSMOE_ERR_INVALID,
-                             "step %d: the gradient norm is not finite (%g)\n---> HINT: lower train.lr, or check the "
-                             "data for tokens outside the vocabulary", step + 1, *gnorm);
+    if (!isfinite(*gnorm)) {
+        // The norm is reduced over all ranks: every rank stops here together.
+        dsmoe_err_set(err, DSMOE_ERR_INVALID,
+                      "step %d: the gradient norm is not finite (%g)\n---> HINT: lower train.lr, or check the data "
+                      "for tokens outside the vocabulary", step + 1, *gnorm);
+        err->scope = DSMOE_SCOPE_COLLECTIVE;
+        return err->status;
+    }
     float scale = c->grad_clip > 0 && *gnorm > c->grad_clip ? (float)(c->grad_clip / *gnorm) : 1.0f;
     DSMOE_TRY(dsmoe_model_step(tr->model, dsmoe_lr_at(c, step), scale, step + 1, err));
     reduce_stats(st);
@@ -231,7 +235,7 @@ static dsmoe_status run(trainer *tr, const char *config_text, dsmoe_train_result
     const dsmoe_config *c = tr->cfg;
     dsmoe_train_position pos;
     int resumed;
-    DSMOE_TRY(start_position(tr, &pos, &resumed, err));
+    DSMOE_TRY(dsmoe_errors_agree(start_position(tr, &pos, &resumed, err), err));
     res->loss_bound = dsmoe_dataset_loss_bound(tr->data);
     res->valid_loss = NAN;
     if (tr->rank == 0) {
@@ -241,6 +245,11 @@ static dsmoe_status run(trainer *tr, const char *config_text, dsmoe_train_result
                "per step\n", dsmoe_model_global_params(tr->model), dsmoe_model_local_params(tr->model),
                c->n_moe_layers, tr->B, tr->T, tr->accum);
     }
+    if (tr->rank == 0 && c->n_moe_layers > 0 && c->drop_tokens)
+        printf("moe: capacity is computed per rank and micro-batch from its %d tokens (C = %d on layer 0 when "
+               "training), as in DeepSpeed: another rank count or train.micro_batch drops other tokens; "
+               "moe.drop_tokens = false gives the same results on any layout\n",
+               tr->B * tr->T, dsmoe_config_capacity(c, tr->B * tr->T, c->experts[0], 1));
     if (c->mode == DSMOE_MODE_EVAL) {
         DSMOE_TRY(evaluate(tr, &res->valid_loss, err));
         if (tr->rank == 0) printf("eval: validation loss %.4f over %d batches\n", res->valid_loss, c->eval_batches);
@@ -310,7 +319,9 @@ dsmoe_status dsmoe_train_run(const dsmoe_config *cfg, const char *config_text, d
                              dsmoe_train_result *result, dsmoe_err *err) {
     trainer tr;
     memset(&tr, 0, sizeof tr);
-    dsmoe_status s = open_run(&tr, cfg, rt, err);
+    // Set-up failures (a data file, memory) are agreed on, so a failure every rank shares prints once;
+    // failures inside the loop end the job from the rank that failed.
+    dsmoe_status s = dsmoe_errors_agree(open_run(&tr, cfg, rt, err), err);
     if (s == DSMOE_OK) s = run(&tr, config_text, result, err);
     close_run(&tr);
     return s;

@@ -20,6 +20,7 @@ dsmoe_status dsmoe_err_set(dsmoe_err *err, dsmoe_status status, const char *fmt,
         vsnprintf(err->msg, sizeof err->msg, fmt, ap);
         va_end(ap);
         err->status = status;
+        err->scope = DSMOE_SCOPE_LOCAL;
     }
     return status;
 }

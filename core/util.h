@@ -10,14 +10,24 @@
 #include <stdio.h>
 #include "dsmoe/status.h"
 
+// Which ranks share a failure, so that main() prints it once (collective) or ends the job from the
+// rank that failed (local) while the others wait to be ended (peer).
+typedef enum { DSMOE_SCOPE_LOCAL = 0, DSMOE_SCOPE_COLLECTIVE = 1, DSMOE_SCOPE_PEER = 2 } dsmoe_err_scope;
+
 typedef struct dsmoe_err {
     dsmoe_status status;
+    int scope; // dsmoe_err_scope; dsmoe_err_set makes it LOCAL
     char msg[2048];
 } dsmoe_err;
 
 // Sets err (if not NULL) and returns status, so callers can `return dsmoe_err_set(...)`.
 dsmoe_status dsmoe_err_set(dsmoe_err *err, dsmoe_status status, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
+
+// Collective over MPI_COMM_WORLD: every rank learns whether any rank failed. If all failed, err's scope
+// becomes COLLECTIVE; if some failed, those keep LOCAL and the others get PEER with a message saying so.
+// Returns the status this rank must act on (non-OK when any rank failed).
+dsmoe_status dsmoe_errors_agree(dsmoe_status status, dsmoe_err *err);
 
 // Propagates a failing status (the callee already filled err).
 #define DSMOE_TRY(call)                                                                            \

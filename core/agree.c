@@ -1,0 +1,19 @@
+// core/agree.c: dsmoe_errors_agree (util.h): turning per-rank failures into one decision.
+#include <mpi.h>
+
+#include "util.h"
+
+dsmoe_status dsmoe_errors_agree(dsmoe_status status, dsmoe_err *err) {
+    int size, failed = status != DSMOE_OK, count = 0;
+    MPI_Comm_size(MPI_COMM_WORLD, &size);
+    MPI_Allreduce(&failed, &count, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
+    if (count == 0) return DSMOE_OK;
+    if (count == size) {
+        err->scope = DSMOE_SCOPE_COLLECTIVE;
+        return status;
+    }
+    if (failed) return status;
+    dsmoe_err_set(err, DSMOE_ERR_INTERNAL, "%d other rank(s) failed; their message ends the job", count);
+    err->scope = DSMOE_SCOPE_PEER;
+    return DSMOE_ERR_INTERNAL;
+}

@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# Expert + data parallel training equivalences and failure handling, with the dsmoe command under
+# mpiexec on 1-8 oversubscribed ranks.
+# usage: parallel_test.sh <dsmoe> <ckpt_compare> <mpiexec> [mpiexec flags...]
+set -u
+dsmoe=$1 compare=$2
+shift 2
+mpiexec=("$@")
+work=$(mktemp -d /tmp/dsmoe_parallel.XXXXXX)
+trap 'rm -rf "$work"' EXIT
+export OMP_NUM_THREADS=1
+failures=0 pass=0
+fail() { echo "FAIL: $*"; failures=$((failures + 1)); }
+ok() { echo "ok: $*"; pass=$((pass + 1)); }
+
+deck="$work/p.deck"
+cat > "$deck" <<DECK
+[run]
+log_every = 5
+[model]
+vocab = 48
+seq_len = 16
+layers = 4
+hidden = 32
+heads = 2
+[moe]
+experts = 8
+every = 2
+capacity_factor = 1.0
+min_capacity = 2
+[train]
+steps = 20
+batch = 16
+lr = 2e-3
+warmup_steps = 2
+[data]
+synthetic_sources = 4
+synthetic_branching = 3
+[checkpoint]
+keep = 5
+DECK
+
+# run <name> <ranks> [key=value ...]: trains into $work/<name>.
+run() {
+  local name=$1 n=$2
+  shift 2
+  if ! "${mpiexec[@]}" -n "$n" "$dsmoe" "$deck" run.output_dir="$work/$name" "$@" > "$work/$name.log" 2>&1; then
+    fail "$name: dsmoe on $n ranks failed"; tail -20 "$work/$name.log"; return 1
+  fi
+}
+
+# losses_match <a> <b> <rtol> [first step]: column 2 (loss) of two metrics files agree step by step.
+losses_match() {
+  local what="$1 vs $2" rtol=$3 from=${4:-1}
+  awk -F, -v rtol="$rtol" -v from="$from" '
+    FNR == 1 { next }
+    NR == FNR { a[$1] = $2; next }
+    ($1 in a) && $1 >= from { d = a[$1] - $2; if (d < 0) d = -d; r = d / ($2 < 0 ? -$2 : $2); if (r > worst) worst = r; n++ }
+    END { printf "  %d steps compared, max relative loss difference %.3g\n", n, worst; exit !(n > 0 && worst <= rtol) }
+  ' "$work/$1/metrics.csv" "$work/$2/metrics.csv" && ok "losses $what within $rtol" || fail "losses $what beyond $rtol"
+}
+
+# 1. Where the experts live changes nothing: 8 ranks, same tokens per rank, ep 1, 2, 4, 8 (drops on).
+for ep in 1 2 4 8; do run "ep$ep" 8 moe.expert_parallel=$ep train.micro_batch=2; done
+for ep in 2 4 8; do
+  losses_match ep1 "ep$ep" 1e-6
+  "$compare" "$work/ep1/checkpoints/step_00000020.safetensors" "$work/ep$ep/checkpoints/step_00000020.safetensors" 1e-4 \
+    && ok "parameters ep1 vs ep$ep" || fail "parameters ep1 vs ep$ep"
+done
+grep -q "capacity is computed per rank" "$work/ep1.log" && ok "drop-pattern note in the log" || fail "no drop-pattern note"
+
+# 2. Across rank counts the same global batch gives the same trajectory when nothing is dropped.
+for n in 1 2 4 8; do run "dropless$n" $n moe.drop_tokens=false; done
+for n in 2 4 8; do losses_match dropless1 "dropless$n" 1e-5; done
+
+# 3. Checkpoints are layout-free: saved on 4 ranks with ep 4, resumed on 2 ranks (ep 2) and on 1 rank.
+run full4 4 moe.expert_parallel=4 moe.drop_tokens=false
+run half4 4 moe.expert_parallel=4 moe.drop_tokens=false train.steps=10 train.decay_steps=20
+for n in 2 1; do
+  mkdir -p "$work/resume$n/checkpoints"
+  cp "$work/half4/checkpoints/step_00000010.safetensors" "$work/resume$n/checkpoints/"
+  run "resume$n" $n moe.expert_parallel=$n moe.drop_tokens=false checkpoint.resume=auto
+  grep -q "resumed from .*step_00000010" "$work/resume$n.log" && ok "resumed on $n rank(s)" || fail "no resume on $n"
+  losses_match full4 "resume$n" 1e-5 11
+done
+
+# 4. A failure on one rank ends every rank with that rank's message, never a hang.
+on_rank1() { # runs dsmoe with extra environment on rank 1 only
+  local env_assign=$1
+  shift
+  timeout 60 "${mpiexec[@]}" -n 4 bash -c '
+    r=${OMPI_COMM_WORLD_RANK:-${PMIX_RANK:-0}}
+    if [ "$r" = 1 ]; then export '"$env_assign"'; fi
+    exec "$@"' bash "$dsmoe" "$deck" run.output_dir="$work/fail" "$@"
+}
+start=$(date +%s)
+out=$(on_rank1 DSMOE_RUN_KERNEL_BACKEND=nope 2>&1); rc=$?
+if [ $rc -ne 0 ] && [ $rc -ne 124 ] && grep -q "error on rank 1 of 4: kernel plugin 'nope' not found" <<<"$out"; then
+  ok "plugin error on one rank ends the job ($(( $(date +%s) - start )) s)"
+else fail "plugin error on rank 1: rc=$rc"; echo "$out" | tail; fi
+
+start=$(date +%s)
+out=$(on_rank1 "DSMOE_DATA_SOURCE=text DSMOE_DATA_PATH=$work/missing.txt DSMOE_MODEL_VOCAB=256" 2>&1); rc=$?
+if [ $rc -ne 0 ] && [ $rc -ne 124 ] && grep -q "error on rank 1 of 4: .*missing.txt" <<<"$out"; then
+  ok "missing data file on one rank ends the job ($(( $(date +%s) - start )) s)"
+else fail "bad file on rank 1: rc=$rc"; echo "$out" | tail; fi
+
+# A rank killed mid-run: the launcher ends the others.
+"${mpiexec[@]}" -n 4 "$dsmoe" "$deck" run.output_dir="$work/kill" train.steps=100000 log_every=1 > "$work/kill.log" 2>&1 &
+launcher=$!
+for _ in $(seq 1 100); do grep -q "^step" "$work/kill.log" && break; sleep 0.2; done
+victim=$(pgrep -f "$dsmoe $deck run.output_dir=$work/kill" | tail -1)
+start=$(date +%s)
+kill -9 "$victim"
+for _ in $(seq 1 150); do kill -0 $launcher 2>/dev/null || break; sleep 0.2; done
+if kill -0 $launcher 2>/dev/null; then
+  fail "job still running 30 s after a rank was killed"; kill -9 $launcher; pkill -9 -f "$work/kill"
+else
+  wait $launcher; rc=$?
+  [ $rc -ne 0 ] && ok "killed rank ends the job ($(( $(date +%s) - start )) s, exit $rc)" || fail "exit 0 after a killed rank"
+fi
+
+echo "$pass passed, $failures failed"
+[ $failures -eq 0 ]
