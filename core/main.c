@@ -236,8 +236,7 @@ int main(int argc, char **argv) {
 
     dsmoe_runtime rt;
     memset(&rt, 0, sizeof rt);
-    s = dsmoe_errors_agree(
-        dsmoe_runtime_open(cfg.kernel_backend, cfg.comm_backend, cfg.plugin_path, cfg.threads, &rt, &err), &err);
+    s = dsmoe_runtime_open(cfg.kernel_backend, cfg.comm_backend, cfg.plugin_path, cfg.threads, &rt, &err);
     if (s == DSMOE_OK && rank == 0)
         printf("backends: kernel %s (%s: %s), comm %s (%s)\n", rt.kern->name, rt.kernel_handle.path,
                rt.kern->describe(rt.kctx), rt.comm->name, rt.comm_handle.path);

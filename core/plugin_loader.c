@@ -82,8 +82,10 @@ void dsmoe_plugin_search_path(const char *extra_path, char *buf, size_t len) {
     buf[0] = '\0';
     path_add_list(buf, len, extra_path);
     path_add_list(buf, len, getenv("DSMOE_PLUGIN_PATH"));
-    path_add_list(buf, len, DSMOE_BUILD_PLUGIN_DIRS);
+    // The executable's own tree first: an installed dsmoe must not pick up plugins from the build tree
+    // it was compiled in (in the build tree both rules name the same directory).
     path_add_exe_rule(buf, len);
+    path_add_list(buf, len, DSMOE_BUILD_PLUGIN_DIRS);
     path_add_list(buf, len, DSMOE_INSTALL_PLUGIN_DIR);
 }
 

@@ -4,8 +4,8 @@
 //
 // A plugin named NAME of kind KIND ("kernel" or "comm") is the file libdsmoe_KIND_NAME.so. The search
 // path, in order: the directories in extra_path (':'-separated: the deck's run.plugin_path), then
-// $DSMOE_PLUGIN_PATH (':'-separated), then the build tree's plugin directories (compiled in as
-// DSMOE_BUILD_PLUGIN_DIRS), then <dir of the executable>/../lib/dsmoe, then the install dir
+// $DSMOE_PLUGIN_PATH (':'-separated), then <dir of the executable>/../lib/dsmoe, then the build tree's
+// plugin directories (compiled in as DSMOE_BUILD_PLUGIN_DIRS), then the install dir
 // (DSMOE_INSTALL_PLUGIN_DIR). The first file that exists is used: a later directory is never tried
 // after a file was found but failed, so the message is about the file the user would expect.
 // Rejections are explained: not found (with the directories searched), found but failed to load

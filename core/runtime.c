@@ -4,7 +4,8 @@
 #include "plugin_loader.h" // dsmoe_plugin_load_kernel, dsmoe_plugin_load_comm, dsmoe_plugin_check_pair
 #include "runtime.h"
 
-static dsmoe_status open_steps(const char *kernel_name, const char *comm_name, const char *plugin_path, int threads,
+// The steps each rank takes on its own: loading and initialising the plugins.
+static dsmoe_status open_local(const char *kernel_name, const char *comm_name, const char *plugin_path, int threads,
                                dsmoe_runtime *rt, dsmoe_err *err) {
     const char *path = plugin_path ? plugin_path : "";
     DSMOE_TRY(dsmoe_plugin_load_kernel(kernel_name, path, &rt->kern, &rt->kernel_handle, err));
@@ -22,7 +23,12 @@ static dsmoe_status open_steps(const char *kernel_name, const char *comm_name, c
     if (s != DSMOE_OK)
         return dsmoe_err_set(err, s, "comm plugin '%s' (%s): init failed: %s", rt->comm->name,
                              rt->comm_handle.path, msg);
-    s = rt->comm->group_create(rt->cctx, MPI_COMM_WORLD, &rt->world);
+    return DSMOE_OK;
+}
+
+// Collective: the world group.
+static dsmoe_status open_world(dsmoe_runtime *rt, dsmoe_err *err) {
+    dsmoe_status s = rt->comm->group_create(rt->cctx, MPI_COMM_WORLD, &rt->world);
     if (s != DSMOE_OK)
         return dsmoe_err_set(err, s, "comm plugin '%s': group_create(MPI_COMM_WORLD) failed: %s", rt->comm->name,
                              rt->comm->last_error(rt->cctx));
@@ -41,7 +47,9 @@ dsmoe_status dsmoe_runtime_open(const char *kernel_name, const char *comm_name, 
     MPI_Initialized(&mpi_up);
     if (!mpi_up)
         return dsmoe_err_set(err, DSMOE_ERR_INTERNAL, "dsmoe_runtime_open: MPI is not initialised (call MPI_Init first)");
-    dsmoe_status s = open_steps(kernel_name, comm_name, plugin_path, threads, rt, err);
+    // A plugin that fails on some ranks only must not leave the others in group_create: agree first.
+    dsmoe_status s = dsmoe_errors_agree(open_local(kernel_name, comm_name, plugin_path, threads, rt, err), err);
+    if (s == DSMOE_OK) s = open_world(rt, err);
     if (s != DSMOE_OK) dsmoe_runtime_close(rt);
     return s;
 }

@@ -193,7 +193,8 @@ static dsmoe_status open_run(trainer *tr, const dsmoe_config *c, dsmoe_runtime *
         .valid_fraction = c->valid_fraction, .seed = c->data_seed ? c->data_seed : c->seed,
         .synthetic_sources = c->synthetic_sources, .synthetic_branching = c->synthetic_branching,
     };
-    DSMOE_TRY(dsmoe_dataset_open(&dopt, &tr->data, err));
+    // Model creation is collective: a data file that fails on some ranks is agreed on first.
+    DSMOE_TRY(dsmoe_errors_agree(dsmoe_dataset_open(&dopt, &tr->data, err), err));
     DSMOE_TRY(dsmoe_model_create(c, rt, tr->B, &tr->model, err));
     if (c->checkpoint_dir[0]) snprintf(tr->ckpt_dir, sizeof tr->ckpt_dir, "%s", c->checkpoint_dir);
     else snprintf(tr->ckpt_dir, sizeof tr->ckpt_dir, "%s/checkpoints", c->output_dir);
