@@ -17,9 +17,6 @@
 
 static const char *kind_prefix[3] = {"", "optim.exp_avg.", "optim.exp_avg_sq."};
 
-static float *kind_slab(dsmoe_model *m, int kind) {
-    return kind == 0 ? dsmoe_model_params(m) : kind == 1 ? dsmoe_model_adam_m(m) : dsmoe_model_adam_v(m);
-}
 
 // The model's shape as metadata, compared on load so a mismatch is named before any tensor is read.
 static void shape_string(const dsmoe_config *c, char *buf, size_t len) {
@@ -88,9 +85,9 @@ dsmoe_status dsmoe_checkpoint_find_latest(const char *dir, char *path, size_t le
 }
 
 // Copies every tensor of one kind to host, gathering expert shards over the EP group to its rank 0.
-static dsmoe_status stage_host(dsmoe_model *m, MPI_Comm ep_comm, int kind, float *host, dsmoe_err *err) {
+// slab: the parameters, or a moment in the parameters' layout.
+static dsmoe_status stage_host(dsmoe_model *m, MPI_Comm ep_comm, const float *slab, float *host, dsmoe_err *err) {
     dsmoe_runtime *rt = dsmoe_model_runtime(m);
-    float *slab = kind_slab(m, kind);
     size_t off = 0;
     for (int i = 0; i < dsmoe_model_tensor_count(m); i++) {
         const dsmoe_param_tensor *t = dsmoe_model_tensor(m, i);
@@ -115,7 +112,7 @@ static dsmoe_status stage_host(dsmoe_model *m, MPI_Comm ep_comm, int kind, float
     return DSMOE_OK;
 }
 
-dsmoe_status dsmoe_checkpoint_save(dsmoe_model *m, const dsmoe_config *cfg, const char *config_text,
+dsmoe_status dsmoe_checkpoint_save(dsmoe_model *m, dsmoe_optimizer *opt, const dsmoe_config *cfg, const char *config_text,
                                    const dsmoe_train_position *pos, const char *dir, int keep, char *path_out,
                                    size_t path_len, dsmoe_err *err) {
     int rank;
@@ -130,7 +127,16 @@ dsmoe_status dsmoe_checkpoint_save(dsmoe_model *m, const dsmoe_config *cfg, cons
     dsmoe_status s = DSMOE_OK;
     host = dsmoe_malloc(3 * global * sizeof(float), "checkpoint staging", err);
     if (!host) s = err->status;
-    for (int kind = 0; kind < 3 && s == DSMOE_OK; kind++) s = stage_host(m, ep_comm, kind, host + kind * global, err);
+    // The moments come in the parameters' layout whatever the ZeRO sharding (a collective gather).
+    float *moment = NULL;
+    dsmoe_runtime *rt = dsmoe_model_runtime(m);
+    if (s == DSMOE_OK && (s = rt->kern->alloc(rt->kctx, dsmoe_model_local_params(m) * sizeof(float), (void **)&moment)) != DSMOE_OK)
+        dsmoe_err_set(err, s, "allocating checkpoint staging: %s", rt->kern->last_error(rt->kctx));
+    for (int kind = 0; kind < 3 && s == DSMOE_OK; kind++) {
+        if (kind > 0) s = dsmoe_optimizer_get_state(opt, kind - 1, moment, err);
+        if (s == DSMOE_OK) s = stage_host(m, ep_comm, kind ? moment : dsmoe_model_params(m), host + kind * global, err);
+    }
+    rt->kern->free(rt->kctx, moment);
     MPI_Comm_free(&ep_comm);
     if (rank == 0 && s == DSMOE_OK) {
         w = dsmoe_st_writer_new();
@@ -185,12 +191,16 @@ static dsmoe_status parse_u64_meta(const dsmoe_st_file *f, const char *path, con
     return DSMOE_OK;
 }
 
-static dsmoe_status load_local(dsmoe_model *m, const dsmoe_config *cfg, const char *path, int with_optimizer,
-                               dsmoe_train_position *pos, dsmoe_err *err) {
+dsmoe_status dsmoe_checkpoint_load(dsmoe_model *m, dsmoe_optimizer *opt, const dsmoe_config *cfg, const char *path,
+                                   dsmoe_train_position *pos, dsmoe_err *err) {
     dsmoe_runtime *rt = dsmoe_model_runtime(m);
     dsmoe_st_file *f = NULL;
     DSMOE_TRY(dsmoe_st_open(path, &f, err));
     dsmoe_status s = DSMOE_OK;
+    int with_optimizer = opt != NULL;
+    float *moment = NULL; // a moment in the parameters' layout, handed to the optimizer
+    if (with_optimizer && (s = rt->kern->alloc(rt->kctx, dsmoe_model_local_params(m) * sizeof(float), (void **)&moment)) != DSMOE_OK)
+        dsmoe_err_set(err, s, "allocating checkpoint staging: %s", rt->kern->last_error(rt->kctx));
     const char *fmt = dsmoe_st_meta(f, "format"), *ver = dsmoe_st_meta(f, "format_version");
     char shape[1024];
     shape_string(cfg, shape, sizeof shape);
@@ -236,16 +246,14 @@ static dsmoe_status load_local(dsmoe_model *m, const dsmoe_config *cfg, const ch
             float *tmp = dsmoe_malloc(t->numel * sizeof(float), "checkpoint load", err);
             if (!tmp) { s = err->status; break; }
             memcpy(tmp, (const char *)ft->data + t->shard_begin * sizeof(float), t->numel * sizeof(float));
-            s = rt->kern->copy_to_device(rt->kctx, kind_slab(m, kind) + t->offset, tmp, t->numel * sizeof(float));
+            float *dest = kind ? moment : dsmoe_model_params(m);
+            s = rt->kern->copy_to_device(rt->kctx, dest + t->offset, tmp, t->numel * sizeof(float));
             if (s != DSMOE_OK) dsmoe_err_set(err, s, "loading %s: %s", name, rt->kern->last_error(rt->kctx));
             free(tmp);
         }
+        if (kind > 0 && s == DSMOE_OK) s = dsmoe_optimizer_set_state(opt, kind - 1, moment, err);
     }
+    rt->kern->free(rt->kctx, moment);
     dsmoe_st_close(f);
-    return s;
-}
-
-dsmoe_status dsmoe_checkpoint_load(dsmoe_model *m, const dsmoe_config *cfg, const char *path, int with_optimizer,
-                                   dsmoe_train_position *pos, dsmoe_err *err) {
-    return load_local(m, cfg, path, with_optimizer, pos, err); // the caller agrees on the outcome
+    return s; // local: the caller agrees on the outcome
 }

@@ -11,6 +11,7 @@
 #define DSMOE_CHECKPOINT_H
 #include "config.h"
 #include "model.h"
+#include "optimizer.h"
 
 typedef struct dsmoe_train_position {
     int step;                 // optimizer steps completed
@@ -20,15 +21,17 @@ typedef struct dsmoe_train_position {
 
 // Collective. Writes <dir>/step_<step>.safetensors and prunes to `keep` newest. *path_out (may be NULL)
 // receives the file name (on rank 0).
-dsmoe_status dsmoe_checkpoint_save(dsmoe_model *model, const dsmoe_config *cfg, const char *config_text,
+dsmoe_status dsmoe_checkpoint_save(dsmoe_model *model, dsmoe_optimizer *opt, const dsmoe_config *cfg,
+                                   const char *config_text,
                                    const dsmoe_train_position *pos, const char *dir, int keep,
                                    char *path_out, size_t path_len, dsmoe_err *err);
 
-// Collective. Loads parameters (and, if with_optimizer, the AdamW moments) and the position from path.
+// Loads parameters (and, if opt is not NULL, the AdamW moments) and the position from path. Not
+// collective: every rank maps the file and takes its shard; the caller agrees on the outcome.
 // Refuses a file that is not a dsmoe checkpoint, or whose tensors are missing or have other shapes
 // than the deck's model, naming the tensor and both shapes.
-dsmoe_status dsmoe_checkpoint_load(dsmoe_model *model, const dsmoe_config *cfg, const char *path,
-                                   int with_optimizer, dsmoe_train_position *pos, dsmoe_err *err);
+dsmoe_status dsmoe_checkpoint_load(dsmoe_model *model, dsmoe_optimizer *opt, const dsmoe_config *cfg,
+                                   const char *path, dsmoe_train_position *pos, dsmoe_err *err);
 
 // Newest step_*.safetensors in dir into path; returns DSMOE_OK with path[0] = 0 when there is none.
 dsmoe_status dsmoe_checkpoint_find_latest(const char *dir, char *path, size_t len, dsmoe_err *err);

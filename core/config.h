@@ -65,6 +65,7 @@ typedef struct dsmoe_config {
     float beta1, beta2, adam_eps; // train.beta1, train.beta2, train.adam_eps
     float weight_decay;          // train.weight_decay
     float grad_clip;             // train.grad_clip (0 = off)
+    int zero_stage;              // train.zero_stage: 0, or 1 = optimizer state sharded over data parallel
     int eval_every;              // train.eval_every (0 = only at the end)
     int eval_batches;            // train.eval_batches
 

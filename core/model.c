@@ -53,7 +53,7 @@ struct dsmoe_model {
     int n_tensors, cap_tensors;
     size_t n_local, n_replicated; // replicated tensors occupy [0, n_replicated)
     size_t n_global;
-    float *params, *grads, *adam_m, *adam_v; // (n_local) each
+    float *params, *grads; // (n_local) each (AdamW state lives in core/optimizer.c)
 
     float *wte, *wpe, *lnfw, *lnfb;
     float *dwte, *dwpe, *dlnfw, *dlnfb;
@@ -81,6 +81,7 @@ struct dsmoe_model {
     float *datt_scratch;    // (B, NH, T, T)
     float *dlogits;         // (S, V)
     int has_forward;
+    size_t bytes_allocated; // every buffer above, for the memory report
 };
 
 static uint64_t name_hash(const char *s) {
@@ -230,6 +231,7 @@ static void bind_views(dsmoe_model *m, float *slab, block_params *bp, float **wt
 static dsmoe_status kalloc(dsmoe_model *m, float **p, size_t n, dsmoe_err *err) {
     dsmoe_runtime *rt = m->rt;
     KCALL(rt, alloc, n * sizeof(float), (void **)p);
+    m->bytes_allocated += n * sizeof(float);
     return DSMOE_OK;
 }
 
@@ -239,8 +241,6 @@ static dsmoe_status alloc_buffers(dsmoe_model *m, dsmoe_err *err) {
     dsmoe_runtime *rt = m->rt;
     DSMOE_TRY(kalloc(m, &m->params, m->n_local, err));
     DSMOE_TRY(kalloc(m, &m->grads, m->n_local, err));
-    DSMOE_TRY(kalloc(m, &m->adam_m, m->n_local, err));
-    DSMOE_TRY(kalloc(m, &m->adam_v, m->n_local, err));
     DSMOE_TRY(kalloc(m, &m->resid, (size_t)(m->L + 1) * S * M, err));
     for (int l = 0; l < m->L; l++) {
         block_acts *a = &m->acts[l];
@@ -496,7 +496,7 @@ void dsmoe_model_free(dsmoe_model *m) {
     if (!m) return;
     dsmoe_runtime *rt = m->rt;
     for (int i = 0; i < m->cfg->n_moe_layers && m->moe; i++) dsmoe_moe_layer_free(m->moe[i]);
-    void **bufs[] = {(void **)&m->params, (void **)&m->grads, (void **)&m->adam_m, (void **)&m->adam_v,
+    void **bufs[] = {(void **)&m->params, (void **)&m->grads,
                      (void **)&m->resid, (void **)&m->lnf, (void **)&m->lnf_mean, (void **)&m->lnf_rstd,
                      (void **)&m->logits, (void **)&m->probs, (void **)&m->losses, (void **)&m->tokens, (void **)&m->targets,
                      (void **)&m->dresid, (void **)&m->dln, (void **)&m->datty, (void **)&m->dmoe,
@@ -531,8 +531,9 @@ size_t dsmoe_model_local_params(const dsmoe_model *m) { return m->n_local; }
 size_t dsmoe_model_global_params(const dsmoe_model *m) { return m->n_global; }
 float *dsmoe_model_params(dsmoe_model *m) { return m->params; }
 float *dsmoe_model_grads(dsmoe_model *m) { return m->grads; }
-float *dsmoe_model_adam_m(dsmoe_model *m) { return m->adam_m; }
-float *dsmoe_model_adam_v(dsmoe_model *m) { return m->adam_v; }
+size_t dsmoe_model_replicated_params(const dsmoe_model *m) { return m->n_replicated; }
+size_t dsmoe_model_bytes(const dsmoe_model *m) { return m->bytes_allocated; }
+dsmoe_comm_group *dsmoe_model_edp_group(const dsmoe_model *m) { return m->edp_group; }
 int dsmoe_model_ep_rank(const dsmoe_model *m) { return m->ep_rank; }
 int dsmoe_model_ep_size(const dsmoe_model *m) { return m->ep; }
 const dsmoe_config *dsmoe_model_config(const dsmoe_model *m) { return m->cfg; }
@@ -560,8 +561,6 @@ dsmoe_status dsmoe_model_init_params(dsmoe_model *m, uint64_t seed, dsmoe_err *e
         }
     }
     free(host);
-    KCALL(rt, zero, m->adam_m, m->n_local * sizeof(float));
-    KCALL(rt, zero, m->adam_v, m->n_local * sizeof(float));
     return DSMOE_OK;
 }
 
@@ -654,17 +653,5 @@ dsmoe_status dsmoe_model_grad_norm(dsmoe_model *m, double *norm, dsmoe_err *err)
     // Expert shards differ across the EP group; replicated gradients are already equal everywhere.
     if (m->ep > 1) CCALL(rt, allreduce, m->ep_group, DSMOE_IN_PLACE, &expert, 1, DSMOE_FLOAT64, DSMOE_SUM);
     *norm = sqrt(replicated + expert);
-    return DSMOE_OK;
-}
-
-dsmoe_status dsmoe_model_step(dsmoe_model *m, float lr, float grad_scale, int t, dsmoe_err *err) {
-    dsmoe_runtime *rt = m->rt;
-    const dsmoe_config *c = m->cfg;
-    for (int i = 0; i < m->n_tensors; i++) {
-        const dsmoe_param_tensor *p = &m->tensors[i];
-        KCALL(rt, adamw_update, m->params + p->offset, m->grads + p->offset, m->adam_m + p->offset,
-              m->adam_v + p->offset, p->numel, lr, c->beta1, c->beta2, c->adam_eps, p->decay ? c->weight_decay : 0.0f,
-              grad_scale, t);
-    }
     return DSMOE_OK;
 }

@@ -1,6 +1,6 @@
 // core/model.h: the GPT-MoE model: parameters in one slab, forward and backward through the plugins.
 // defines: dsmoe_model, dsmoe_param_tensor, dsmoe_model_create, dsmoe_model_forward,
-//          dsmoe_model_backward, dsmoe_model_reduce_grads, dsmoe_model_grad_norm, dsmoe_model_step
+//          dsmoe_model_backward, dsmoe_model_reduce_grads, dsmoe_model_grad_norm
 //
 // GPT as in GPT-2 / nanoGPT: learned token and position embeddings, pre-LayerNorm blocks (eps from the
 // deck), causal multi-head attention with biases on QKV and output projection, an FFN of
@@ -56,8 +56,11 @@ size_t dsmoe_model_local_params(const dsmoe_model *model);
 size_t dsmoe_model_global_params(const dsmoe_model *model);
 float *dsmoe_model_params(dsmoe_model *model); // slab (plugin memory)
 float *dsmoe_model_grads(dsmoe_model *model);  // slab (plugin memory)
-float *dsmoe_model_adam_m(dsmoe_model *model); // AdamW first moment (plugin memory)
-float *dsmoe_model_adam_v(dsmoe_model *model); // AdamW second moment (plugin memory)
+size_t dsmoe_model_replicated_params(const dsmoe_model *model); // slab elements [0, n) are replicated
+// Bytes of kernel memory the model holds: parameters, gradients, activations and backward scratch
+// (the MoE layers' capacity buffers come on top and grow with dropless capacity).
+size_t dsmoe_model_bytes(const dsmoe_model *model);
+dsmoe_comm_group *dsmoe_model_edp_group(const dsmoe_model *model); // ranks holding the same expert shards
 int dsmoe_model_ep_rank(const dsmoe_model *model);
 int dsmoe_model_ep_size(const dsmoe_model *model);
 const dsmoe_config *dsmoe_model_config(const dsmoe_model *model);
@@ -86,7 +89,5 @@ dsmoe_status dsmoe_model_zero_grads(dsmoe_model *model, dsmoe_err *err);
 dsmoe_status dsmoe_model_reduce_grads(dsmoe_model *model, dsmoe_err *err);
 // Global gradient L2 norm, identical on every rank.
 dsmoe_status dsmoe_model_grad_norm(dsmoe_model *model, double *norm, dsmoe_err *err);
-// One AdamW step (t = 1-based step count), gradients scaled by grad_scale (clipping).
-dsmoe_status dsmoe_model_step(dsmoe_model *model, float lr, float grad_scale, int t, dsmoe_err *err);
 
 #endif

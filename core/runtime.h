@@ -34,7 +34,7 @@ void dsmoe_runtime_close(dsmoe_runtime *rt);
 // dsmoe_status and have `dsmoe_err *err` in scope.
 #define KCALL(rt, op, ...)                                                                         \
     do {                                                                                           \
-        dsmoe_status kcall_s_ = (rt)->kern->op((rt)->kctx, __VA_ARGS__);                           \
+        dsmoe_status kcall_s_ = (rt)->kern->op((rt)->kctx, ##__VA_ARGS__);                           \
         if (kcall_s_ != DSMOE_OK)                                                                  \
             return dsmoe_err_set(err, kcall_s_, "kernel plugin '%s': %s failed (%s:%d): %s",        \
                                  (rt)->kern->name, #op, __FILE__, __LINE__,                        \
@@ -44,7 +44,7 @@ void dsmoe_runtime_close(dsmoe_runtime *rt);
 // The same for comm plugin members.
 #define CCALL(rt, op, ...)                                                                         \
     do {                                                                                           \
-        dsmoe_status ccall_s_ = (rt)->comm->op((rt)->cctx, __VA_ARGS__);                           \
+        dsmoe_status ccall_s_ = (rt)->comm->op((rt)->cctx, ##__VA_ARGS__);                           \
         if (ccall_s_ != DSMOE_OK)                                                                  \
             return dsmoe_err_set(err, ccall_s_, "comm plugin '%s': %s failed (%s:%d): %s",          \
                                  (rt)->comm->name, #op, __FILE__, __LINE__,                        \

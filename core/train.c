@@ -12,6 +12,7 @@
 #include "data.h"
 #include "dsmoe/rng.h"
 #include "model.h"
+#include "optimizer.h"
 
 float dsmoe_lr_at(const dsmoe_config *c, int step) {
     if (c->warmup_steps > 0 && step < c->warmup_steps) return c->lr * (float)(step + 1) / (float)c->warmup_steps;
@@ -31,6 +32,7 @@ typedef struct trainer {
     const dsmoe_config *cfg;
     dsmoe_runtime *rt;
     dsmoe_model *model;
+    dsmoe_optimizer *opt;
     dsmoe_dataset *data;
     int B, T, accum;          // micro-batch sequences per rank, sequence length, micro-steps per step
     int32_t *window;          // (T+1) host
@@ -162,7 +164,7 @@ static dsmoe_status train_step(trainer *tr, int step, uint64_t first_sample, ste
         return err->status;
     }
     float scale = c->grad_clip > 0 && *gnorm > c->grad_clip ? (float)(c->grad_clip / *gnorm) : 1.0f;
-    DSMOE_TRY(dsmoe_model_step(tr->model, dsmoe_lr_at(c, step), scale, step + 1, err));
+    DSMOE_TRY(dsmoe_optimizer_step(tr->opt, dsmoe_lr_at(c, step), scale, step + 1, err));
     reduce_stats(st);
     if (c->n_moe_layers > 0)
         MPI_Allreduce(MPI_IN_PLACE, tr->loads, c->n_moe_layers * tr->max_e, MPI_LONG, MPI_SUM, MPI_COMM_WORLD);
@@ -196,12 +198,14 @@ static dsmoe_status open_run(trainer *tr, const dsmoe_config *c, dsmoe_runtime *
     // Model creation is collective: a data file that fails on some ranks is agreed on first.
     DSMOE_TRY(dsmoe_errors_agree(dsmoe_dataset_open(&dopt, &tr->data, err), err));
     DSMOE_TRY(dsmoe_model_create(c, rt, tr->B, &tr->model, err));
+    DSMOE_TRY(dsmoe_optimizer_create(tr->model, c->zero_stage, &tr->opt, err));
     if (c->checkpoint_dir[0]) snprintf(tr->ckpt_dir, sizeof tr->ckpt_dir, "%s", c->checkpoint_dir);
     else snprintf(tr->ckpt_dir, sizeof tr->ckpt_dir, "%s/checkpoints", c->output_dir);
     return DSMOE_OK;
 }
 
 static void close_run(trainer *tr) {
+    dsmoe_optimizer_free(tr->opt);
     dsmoe_model_free(tr->model);
     dsmoe_dataset_close(tr->data);
     if (tr->metrics) fclose(tr->metrics);
@@ -226,7 +230,7 @@ static dsmoe_status start_position(trainer *tr, dsmoe_train_position *pos, int *
         *pos = (dsmoe_train_position){.step = 0, .next_sample = 0, .seed = c->seed};
         return dsmoe_model_init_params(tr->model, c->seed, err);
     }
-    DSMOE_TRY(dsmoe_checkpoint_load(tr->model, c, path, c->mode == DSMOE_MODE_TRAIN, pos, err));
+    DSMOE_TRY(dsmoe_checkpoint_load(tr->model, c->mode == DSMOE_MODE_TRAIN ? tr->opt : NULL, c, path, pos, err));
     if (tr->rank == 0) printf("resumed from %s at step %d (next sample %" PRIu64 ")\n", path, pos->step, pos->next_sample);
     *resumed = 1;
     return DSMOE_OK;
@@ -245,6 +249,14 @@ static dsmoe_status run(trainer *tr, const char *config_text, dsmoe_train_result
         printf("model: %zu parameters (%zu on this rank), %d MoE layers, micro-batch %d x %d tokens, %d micro-steps "
                "per step\n", dsmoe_model_global_params(tr->model), dsmoe_model_local_params(tr->model),
                c->n_moe_layers, tr->B, tr->T, tr->accum);
+    }
+    if (tr->rank == 0) {
+        double mib = 1.0 / 1048576.0, p = (double)dsmoe_model_local_params(tr->model) * sizeof(float);
+        double other = (double)dsmoe_model_bytes(tr->model) - 2 * p, opt = (double)dsmoe_optimizer_bytes(tr->opt);
+        printf("memory per rank (rank 0): parameters %.1f MiB, gradients %.1f MiB, AdamW state %.1f MiB (%s), "
+               "activations and scratch %.1f MiB, total %.1f MiB\n", p * mib, p * mib, opt * mib,
+               c->zero_stage ? "ZeRO-1: sharded over the data-parallel ranks" : "ZeRO off: full copy per rank",
+               other * mib, (2 * p + opt + other) * mib);
     }
     if (tr->rank == 0 && c->n_moe_layers > 0 && c->drop_tokens)
         printf("moe: capacity is computed per rank and micro-batch from its %d tokens (C = %d on layer 0 when "
@@ -307,7 +319,7 @@ static dsmoe_status run(trainer *tr, const char *config_text, dsmoe_train_result
             metrics_row(tr, pos.step, &st, dsmoe_lr_at(c, step), gnorm, tok_s, elapsed, valid);
         }
         if ((c->checkpoint_every > 0 && pos.step % c->checkpoint_every == 0) || (last && c->checkpoint_final)) {
-            DSMOE_TRY(dsmoe_checkpoint_save(tr->model, c, config_text, &pos, tr->ckpt_dir, c->checkpoint_keep,
+            DSMOE_TRY(dsmoe_checkpoint_save(tr->model, tr->opt, c, config_text, &pos, tr->ckpt_dir, c->checkpoint_keep,
                                             res->checkpoint, sizeof res->checkpoint, err));
             if (tr->rank == 0) printf("checkpoint: %s\n", res->checkpoint);
         }

@@ -1,8 +1,8 @@
 // tests/parallel/ckpt_compare.c: compares two dsmoe checkpoints tensor by tensor.
-// usage: ckpt_compare A.safetensors B.safetensors [rtol]
-// Prints the largest difference relative to the tensor's scale (|a-b| / max over the tensor of |a|) and the
-// tensor it is in; exits 0
-// when every parameter tensor (not the optimizer moments) is within rtol (default 0: bitwise), 1 otherwise.
+// usage: ckpt_compare A.safetensors B.safetensors [rtol [all]]
+// Prints the largest difference relative to the tensor's scale (|a-b| / max over the tensor of |a|) and
+// the tensor it is in; exits 0 when every parameter tensor (with "all", the optimizer moments too) is
+// within rtol (default 0: bitwise), 1 otherwise.
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -16,6 +16,7 @@ int main(int argc, char **argv) {
         return 2;
     }
     double rtol = argc > 3 ? atof(argv[3]) : 0.0;
+    int all = argc > 4 && strcmp(argv[4], "all") == 0;
     dsmoe_st_file *a, *b;
     dsmoe_err err = {0};
     if (dsmoe_st_open(argv[1], &a, &err) != DSMOE_OK || dsmoe_st_open(argv[2], &b, &err) != DSMOE_OK) {
@@ -27,7 +28,7 @@ int main(int argc, char **argv) {
     int compared = 0;
     for (int i = 0; i < dsmoe_st_count(a); i++) {
         const dsmoe_st_tensor *ta = dsmoe_st_at(a, i);
-        if (strncmp(ta->name, "optim.", 6) == 0) continue;
+        if (!all && strncmp(ta->name, "optim.", 6) == 0) continue;
         const dsmoe_st_tensor *tb = dsmoe_st_find(b, ta->name);
         if (!tb || tb->nbytes != ta->nbytes || ta->dtype != DSMOE_ST_F32) {
             fprintf(stderr, "tensor %s missing or of another size in %s\n", ta->name, argv[2]);

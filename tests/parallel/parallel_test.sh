@@ -38,6 +38,7 @@ synthetic_sources = 4
 synthetic_branching = 3
 [checkpoint]
 keep = 5
+final = true
 DECK
 
 # run <name> <ranks> [key=value ...]: trains into $work/<name>.
@@ -84,7 +85,24 @@ for n in 2 1; do
   losses_match full4 "resume$n" 1e-5 11
 done
 
-# 4. A failure on one rank ends every rank with that rank's message, never a hang.
+# 4. ZeRO stage 1 shards the AdamW state but changes no number: parameters and moments stay bitwise
+#    equal to stage 0, and a stage-1 checkpoint resumes on another layout without ZeRO.
+run zero0 4 moe.expert_parallel=2 train.steps=6 moe.drop_tokens=false
+run zero1 4 moe.expert_parallel=2 train.steps=6 train.zero_stage=1 moe.drop_tokens=false
+grep -q "AdamW state .*ZeRO-1: sharded" "$work/zero1.log" && ok "ZeRO-1 memory line" || fail "no ZeRO-1 memory line"
+z0=$(grep -o "AdamW state [0-9.]* MiB" "$work/zero0.log" | head -1 | awk '{print $3}')
+z1=$(grep -o "AdamW state [0-9.]* MiB" "$work/zero1.log" | head -1 | awk '{print $3}')
+awk -v a="$z0" -v b="$z1" 'BEGIN { exit !(b < a) }' && ok "ZeRO-1 state $z1 MiB < $z0 MiB per rank" || fail "ZeRO-1 state $z1 vs $z0 MiB"
+"$compare" "$work/zero0/checkpoints/step_00000006.safetensors" "$work/zero1/checkpoints/step_00000006.safetensors" 0 all \
+  && ok "ZeRO-1 parameters and moments bitwise equal to ZeRO-0" || fail "ZeRO-1 differs from ZeRO-0"
+mkdir -p "$work/zeroresume/checkpoints"
+cp "$work/zero1/checkpoints/step_00000006.safetensors" "$work/zeroresume/checkpoints/"
+run zeroresume 2 train.steps=8 checkpoint.resume=auto moe.drop_tokens=false
+run zero1full 4 moe.expert_parallel=2 train.steps=8 train.zero_stage=1 moe.drop_tokens=false
+"$compare" "$work/zero1full/checkpoints/step_00000008.safetensors" "$work/zeroresume/checkpoints/step_00000008.safetensors" 5e-4 all \
+  && ok "ZeRO-1 checkpoint resumes on 2 ranks without ZeRO" || fail "ZeRO-1 resume on 2 ranks"
+
+# 5. A failure on one rank ends every rank with that rank's message, never a hang.
 on_rank1() { # runs dsmoe with extra environment on rank 1 only
   local env_assign=$1
   shift

@@ -1,0 +1,138 @@
+// core/optimizer.c: see optimizer.h.
+#include "optimizer.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+// One range of the slab and the part of it this rank owns.
+typedef struct shard {
+    size_t range_begin, range_end; // the range in the slab
+    size_t chunk;                  // elements per rank (the last rank's chunk may be short)
+    size_t begin, end;             // owned elements, in slab coordinates
+    size_t state_offset;           // where the owned moments start in m and v
+    dsmoe_comm_group *group;       // ranks holding the range identically (NULL: not sharded)
+    int size;
+} shard;
+
+struct dsmoe_optimizer {
+    dsmoe_model *model;
+    dsmoe_runtime *rt;
+    int zero_stage;
+    shard shards[2];   // replicated, expert
+    float *m, *v;      // (owned elements) moments
+    float *gather;     // (max chunk * size) all-gather landing buffer, zero_stage 1 only
+    float *send;       // (max chunk) padded send chunk
+    size_t n_state;
+};
+
+static void plan_shard(shard *s, size_t begin, size_t end, dsmoe_comm_group *group, const dsmoe_runtime *rt,
+                       size_t state_offset) {
+    s->range_begin = begin;
+    s->range_end = end;
+    s->group = group;
+    s->size = group ? rt->comm->group_size(group) : 1;
+    int rank = group ? rt->comm->group_rank(group) : 0;
+    size_t n = end - begin;
+    s->chunk = (n + (size_t)s->size - 1) / (size_t)s->size;
+    size_t lo = begin + (size_t)rank * s->chunk, hi = lo + s->chunk;
+    s->begin = lo < end ? lo : end;
+    s->end = hi < end ? hi : end;
+    s->state_offset = state_offset;
+}
+
+dsmoe_status dsmoe_optimizer_create(dsmoe_model *model, int zero_stage, dsmoe_optimizer **out, dsmoe_err *err) {
+    dsmoe_optimizer *o = calloc(1, sizeof *o);
+    *out = o;
+    if (!o) return dsmoe_err_set(err, DSMOE_ERR_NOMEM, "out of memory creating the optimizer");
+    o->model = model;
+    o->rt = dsmoe_model_runtime(model);
+    o->zero_stage = zero_stage;
+    dsmoe_runtime *rt = o->rt;
+    size_t n_rep = dsmoe_model_replicated_params(model), n_local = dsmoe_model_local_params(model);
+    int sharded = zero_stage >= 1;
+    plan_shard(&o->shards[0], 0, n_rep, sharded ? rt->world : NULL, rt, 0);
+    plan_shard(&o->shards[1], n_rep, n_local, sharded ? dsmoe_model_edp_group(model) : NULL, rt,
+               o->shards[0].end - o->shards[0].begin);
+    o->n_state = o->shards[1].state_offset + (o->shards[1].end - o->shards[1].begin);
+    KCALL(rt, alloc, o->n_state * sizeof(float), (void **)&o->m);
+    KCALL(rt, alloc, o->n_state * sizeof(float), (void **)&o->v);
+    if (sharded) {
+        size_t most = 0, chunk = 0;
+        for (int k = 0; k < 2; k++) {
+            size_t g = o->shards[k].chunk * (size_t)o->shards[k].size;
+            most = g > most ? g : most;
+            chunk = o->shards[k].chunk > chunk ? o->shards[k].chunk : chunk;
+        }
+        KCALL(rt, alloc, most * sizeof(float), (void **)&o->gather);
+        KCALL(rt, alloc, chunk * sizeof(float), (void **)&o->send);
+    }
+    return DSMOE_OK;
+}
+
+void dsmoe_optimizer_free(dsmoe_optimizer *o) {
+    if (!o) return;
+    dsmoe_runtime *rt = o->rt;
+    rt->kern->free(rt->kctx, o->m);
+    rt->kern->free(rt->kctx, o->v);
+    rt->kern->free(rt->kctx, o->gather);
+    rt->kern->free(rt->kctx, o->send);
+    free(o);
+}
+
+size_t dsmoe_optimizer_bytes(const dsmoe_optimizer *o) { return 2 * o->n_state * sizeof(float); }
+
+// Every rank's chunk of `slab` (slab coordinates) becomes the whole range on every rank of the group.
+static dsmoe_status allgather_range(dsmoe_optimizer *o, const shard *s, float *slab, dsmoe_err *err) {
+    dsmoe_runtime *rt = o->rt;
+    size_t owned = s->end - s->begin, n = s->range_end - s->range_begin;
+    if (!s->group || s->size == 1 || n == 0) return DSMOE_OK;
+    KCALL(rt, zero, o->send, s->chunk * sizeof(float));
+    if (owned) KCALL(rt, copy, o->send, slab + s->begin, owned * sizeof(float));
+    KCALL(rt, synchronize);
+    CCALL(rt, allgather, s->group, o->send, o->gather, s->chunk * sizeof(float));
+    KCALL(rt, copy, slab + s->range_begin, o->gather, n * sizeof(float));
+    return DSMOE_OK;
+}
+
+dsmoe_status dsmoe_optimizer_step(dsmoe_optimizer *o, float lr, float grad_scale, int t, dsmoe_err *err) {
+    dsmoe_runtime *rt = o->rt;
+    const dsmoe_config *c = dsmoe_model_config(o->model);
+    float *params = dsmoe_model_params(o->model), *grads = dsmoe_model_grads(o->model);
+    for (int i = 0; i < dsmoe_model_tensor_count(o->model); i++) {
+        const dsmoe_param_tensor *p = dsmoe_model_tensor(o->model, i);
+        for (int k = 0; k < 2; k++) {
+            const shard *s = &o->shards[k];
+            size_t lo = p->offset > s->begin ? p->offset : s->begin;
+            size_t hi = p->offset + p->numel < s->end ? p->offset + p->numel : s->end;
+            if (lo >= hi) continue;
+            size_t st = s->state_offset + (lo - s->begin);
+            KCALL(rt, adamw_update, params + lo, grads + lo, o->m + st, o->v + st, hi - lo, lr, c->beta1, c->beta2,
+                  c->adam_eps, p->decay ? c->weight_decay : 0.0f, grad_scale, t);
+        }
+    }
+    for (int k = 0; k < 2; k++) DSMOE_TRY(allgather_range(o, &o->shards[k], params, err));
+    return DSMOE_OK;
+}
+
+dsmoe_status dsmoe_optimizer_get_state(dsmoe_optimizer *o, int which, float *full, dsmoe_err *err) {
+    dsmoe_runtime *rt = o->rt;
+    const float *state = which ? o->v : o->m;
+    for (int k = 0; k < 2; k++) {
+        const shard *s = &o->shards[k];
+        if (s->end > s->begin)
+            KCALL(rt, copy, full + s->begin, state + s->state_offset, (s->end - s->begin) * sizeof(float));
+        DSMOE_TRY(allgather_range(o, s, full, err));
+    }
+    return DSMOE_OK;
+}
+
+dsmoe_status dsmoe_optimizer_set_state(dsmoe_optimizer *o, int which, const float *full, dsmoe_err *err) {
+    dsmoe_runtime *rt = o->rt;
+    float *state = which ? o->v : o->m;
+    for (int k = 0; k < 2; k++) {
+        const shard *s = &o->shards[k];
+        if (s->end > s->begin)
+            KCALL(rt, copy, state + s->state_offset, full + s->begin, (s->end - s->begin) * sizeof(float));
+    }
+    return DSMOE_OK;
+}

@@ -1,0 +1,34 @@
+// core/optimizer.h: AdamW with optional ZeRO stage 1 (optimizer state sharded over data parallel).
+// defines: dsmoe_optimizer, dsmoe_optimizer_create, dsmoe_optimizer_step, dsmoe_optimizer_get_state,
+//          dsmoe_optimizer_set_state, dsmoe_optimizer_bytes
+//
+// The model's parameter slab has two ranges: replicated tensors (identical on every rank) and this
+// rank's expert shards (identical across its expert-data-parallel group). With zero_stage 0 every rank
+// keeps both AdamW moments for its whole slab. With zero_stage 1 each range is cut into equal chunks
+// over the group that holds it identically (all ranks for the replicated range, the EDP group for the
+// experts); a rank keeps the moments of its chunk only, updates only those parameters, and the updated
+// chunks are all-gathered. AdamW is element-wise, so both stages give bit-identical parameters.
+#ifndef DSMOE_OPTIMIZER_H
+#define DSMOE_OPTIMIZER_H
+#include "model.h"
+
+typedef struct dsmoe_optimizer dsmoe_optimizer;
+
+// Collective over the world. Moments start at zero.
+dsmoe_status dsmoe_optimizer_create(dsmoe_model *model, int zero_stage, dsmoe_optimizer **opt, dsmoe_err *err);
+void dsmoe_optimizer_free(dsmoe_optimizer *opt);
+
+// Collective. One AdamW step (t = 1-based step count) with gradients scaled by grad_scale, using the
+// deck's betas, eps and weight decay (not on biases and LayerNorm).
+dsmoe_status dsmoe_optimizer_step(dsmoe_optimizer *opt, float lr, float grad_scale, int t, dsmoe_err *err);
+
+// Collective. Moment `which` (0 = exp_avg, 1 = exp_avg_sq) in the parameter slab's layout, into `full`
+// (kernel memory, dsmoe_model_local_params floats), gathering the shards.
+dsmoe_status dsmoe_optimizer_get_state(dsmoe_optimizer *opt, int which, float *full, dsmoe_err *err);
+// Takes this rank's part of moment `which` from a buffer in the slab's layout (kernel memory).
+dsmoe_status dsmoe_optimizer_set_state(dsmoe_optimizer *opt, int which, const float *full, dsmoe_err *err);
+
+// Bytes of optimizer state this rank holds.
+size_t dsmoe_optimizer_bytes(const dsmoe_optimizer *opt);
+
+#endif

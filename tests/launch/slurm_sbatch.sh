@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# `sbatch --wait jobscripts/slurm.sbatch DECK key=value ...` in the local Slurm, as a user submits it:
+# the job's exit code is sbatch's; the script runs in the submit directory, passes the overrides on,
+# sets OMP_NUM_THREADS from --cpus-per-task, launches 4 ranks with srun; its USR1 trap (what
+# --signal=B:USR1@300 sends before the time limit; sent here with scancel) notes it and the run goes on
+# to the end; losses match a one-process reference. A job with a missing deck fails with its message.
+# Skips (77) when no local Slurm runs (the slurm_start fixture starts it).
+# Usage: slurm_sbatch.sh <dsmoe> <source dir>
+source "$(dirname "$0")/common.sh"
+slurm=$src/scripts/slurm-local
+"$slurm" status || { echo "SKIP: no local Slurm (scripts/slurm-local start)"; exit 77; }
+eval "$("$slurm" env)"
+script=$src/jobscripts/slurm.sbatch
+export DSMOE=$dsmoe
+# The local node declares 8 CPUs on fewer cores, so CPU binding cannot be real here.
+export DSMOE_CPU_BIND=none
+
+# submit <name> <args...>: sbatch --wait in the background; sets job (id), sb (sbatch's PID).
+submit() {
+  local name=$1 i
+  shift
+  timeout 50 sbatch --wait --parsable --time=2 --job-name="dsmoe-$name-test" "$script" "$@" \
+    >"$work/$name.sbatch" 2>&1 &
+  sb=$!
+  job=
+  for i in $(seq 100); do
+    job=$(grep -Eo '^[0-9]+' "$work/$name.sbatch" 2>/dev/null | head -1)
+    [ -n "$job" ] && break
+    sleep 0.1
+  done
+}
+
+# collect <name>: wait for sbatch; sets rc; cancels the job if sbatch timed out.
+collect() {
+  wait "$sb"
+  rc=$?
+  if [ $rc -eq 124 ]; then
+    fail "$1: sbatch --wait timed out; job $job cancelled"
+    scancel "$job" 2>/dev/null
+  fi
+}
+
+reference "$work/ref" 4 train.steps=600
+cd "$work" || exit 1
+
+submit train "$deck" train.steps=600 moe.expert_parallel=2 run.output_dir=sbatch_out
+[ -n "$job" ] && ok || { fail "no job id from sbatch"; cat "$work/train.sbatch"; }
+log=$work/dsmoe-$job.out
+# Once training runs (so the trap is set), USR1 the batch shell as the time limit would.
+for i in $(seq 300); do
+  grep -q '^step ' "$log" 2>/dev/null && break
+  kill -0 "$sb" 2>/dev/null || break
+  sleep 0.1
+done
+if grep -q '^step 600/600' "$log" 2>/dev/null; then
+  fail "the run ended before it could be signalled: make it longer"
+else
+  scancel --batch --signal=USR1 "$job" && ok || fail "scancel --batch --signal=USR1 $job"
+fi
+collect train
+[ $rc -eq 0 ] && ok || { fail "sbatch --wait: exit $rc"; cat "$work/train.sbatch"; }
+has sbatch "$log" "^dsmoe job $job: 1 node\(s\) localhost, 4 tasks, 2 threads each: $dsmoe $deck train.steps=600 moe.expert_parallel=2 run.output_dir=sbatch_out$"
+has sbatch "$log" "^dsmoe [^ ]+: 4 ranks on 1 node \(4 per node; rank 0 on [^)]+\), launched by srun: Slurm job $job step 0, 1 node, tasks per node 4, 2 CPUs per task$"
+has sbatch "$log" "2 OpenMP threads"
+has sbatch-usr1 "$log" "^dsmoe job $job: [0-9:]+ SIGUSR1: walltime nearly over; dsmoe does not checkpoint on a signal yet"
+has sbatch "$log" "^dsmoe job $job: srun exited with 0$"
+has sbatch "$work/sbatch_out/resolved.deck" "^expert_parallel = 2 +# command line$"
+finished sbatch "$work/sbatch_out" 600
+same_metrics sbatch "$work/ref/metrics.csv" "$work/sbatch_out/metrics.csv"
+
+submit missing "$work/nope.deck"
+collect missing
+[ $rc -ne 0 ] && [ $rc -ne 124 ] && ok || fail "a job without its deck: sbatch exit $rc, expected a failure"
+has sbatch-missing "$work/dsmoe-$job.out" "cannot open deck '$work/nope.deck'"
+has sbatch-missing "$work/dsmoe-$job.out" "^dsmoe job $job: srun exited with [1-9]"
+
+[ "$failures" -eq 0 ] || "$slurm" logs
+report
