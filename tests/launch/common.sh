@@ -2,7 +2,8 @@
 # launched run is checked against.
 #
 # The reference: the same deck trained by one process with train.micro_batch = batch / ranks, that is
-# the 4-rank run's micro-batches done one after another with gradient accumulation and no launcher.
+# the 4-rank run's micro-batches done one after another with gradient accumulation and no launcher
+# (equal because inputs/ci-short.deck takes the load-balancing loss over each rank's own tokens).
 # Data parallelism over 4 ranks must give the same losses, learning rates and gradient norms; a launcher
 # that started 4 separate singletons, or fewer ranks than asked, gives other numbers.
 set -u

@@ -43,7 +43,7 @@ case "$action" in
     if "$slurm" status; then
       echo "local Slurm already running: using it"
     else
-      "$slurm" start
+      "$slurm" start 8>&- # the daemons must not inherit (and so hold) the lock
       rc=$?
       [ $rc -eq 0 ] || exit $rc
       ctld_pid >"$dir/started-by-tests"
