@@ -230,10 +230,14 @@ static void gate_bench_init(gate_bench *g, const opts *o, const float *x, const 
 
 static double gate_bench_run(gate_bench *g, const opts *o, const float *x) {
     int S = o->S, M = o->M, E = o->E, K = o->K, C = g->C;
-    float aux;
+    double psum[E];   // (E) host: l_aux's probability sums
+    int32_t first[E]; // (E) host: first-choice counts
+    float agrad[E];   // (E) host: the l_aux gradient per probability, as the layer passes it
+    for (int e = 0; e < E; e++) agrad[e] = 0.01f / (float)E;
     double t0 = now_synced();
     KCHECK(rt.kern->gate_route(rt.kctx, &g->gp, g->logits, g->probs, g->choice, g->counts));
-    KCHECK(rt.kern->gate_assign(rt.kctx, &g->gp, C, g->probs, g->choice, g->slot, g->weight, g->kept, &aux));
+    KCHECK(rt.kern->gate_assign(rt.kctx, &g->gp, C, g->probs, g->choice, g->slot, g->weight, g->kept, psum,
+                                first));
     KCHECK(rt.kern->moe_dispatch(rt.kctx, g->buf, x, g->choice, g->slot, S, K, E, C, M));
     KCHECK(rt.kern->moe_combine(rt.kctx, g->out, g->y, g->choice, g->slot, g->weight, S, K, E, C, M));
     if (o->bwd) {
@@ -241,7 +245,7 @@ static double gate_bench_run(gate_bench *g, const opts *o, const float *x) {
                                              S, K, E, C, M));
         KCHECK(rt.kern->moe_dispatch_backward(rt.kctx, g->dx, g->dy, g->choice, g->slot, S, K, E, C, M));
         KCHECK(rt.kern->zero(rt.kctx, g->dlogits, (size_t)S * E * sizeof(float)));
-        KCHECK(rt.kern->gate_backward(rt.kctx, &g->gp, g->dlogits, g->probs, g->choice, g->slot, g->dweight, 0.01f));
+        KCHECK(rt.kern->gate_backward(rt.kctx, &g->gp, g->dlogits, g->probs, g->choice, g->slot, g->dweight, agrad));
     }
     return now_synced() - t0;
 }
@@ -322,7 +326,7 @@ int main(int argc, char **argv) {
     dsmoe_moe_config cfg = {.S = o.S, .M = o.M, .F = o.F, .E = o.E, .K = o.K, .capacity_factor = (float)o.cf,
                             .eval_capacity_factor = (float)o.cf, .min_capacity = 4, .drop_tokens = 1,
                             .random_token_selection = 0, .noise = DSMOE_NOISE_NONE, .jitter_eps = 0.0f,
-                            .ep = 1, .ep_group = rt.world};
+                            .ep = 1, .ep_group = rt.world, .ep_comm = MPI_COMM_WORLD};
     dsmoe_moe_layer *layer = NULL;
     if (dsmoe_moe_layer_create(&rt, &cfg, &layer, &err) != DSMOE_OK) die("layer", err.msg);
     dsmoe_moe_step step = {.training = 1, .seed = 7, .token_offset = 0};

@@ -55,6 +55,8 @@ static const char *const v_selection[] = {"position", "random", NULL};
 static const char *const v_noise[] = {"none", "jitter", "rsample", NULL}; // = dsmoe_noise_policy
 static const char *const v_schedule[] = {"cosine", "constant", "linear", NULL};
 static const char *const v_source[] = {"synthetic", "text", "megatron", NULL};
+static const char *const v_aux_scope[] = {"batch", "rank", NULL};                 // = dsmoe_aux_scope
+static const char *const v_alltoall[] = {"flat", "hierarchical", "auto", NULL};   // = dsmoe_a2a_algo
 
 #define FIELD(f) offsetof(dsmoe_config, f), sizeof(((dsmoe_config *)0)->f)
 #define KEY(name, type, def, f, r, help) {name, type, def, FIELD(f), r, NULL, help}
@@ -98,6 +100,9 @@ static const key_def keys[] = {
         "experts list); requires top_k = 1"),
     KEY("moe.expert_parallel", K_INT, "1", expert_parallel, GE(1),
         "ranks per expert-parallel group: must divide the number of ranks and every layer's experts"),
+    ENUM("moe.aux_loss_scope", "batch", aux_loss_scope, v_aux_scope, "tokens the load-balancing loss is computed over: batch = each micro-step's tokens on all ranks (the same loss on any number of ranks), rank = each rank's own tokens (DeepSpeed)"),
+    ENUM("moe.alltoall", "auto", alltoall, v_alltoall, "expert all-to-all: flat, hierarchical (inside nodes, then across), or auto (hierarchical for small messages on several nodes; flat when the ranks are not node-contiguous)"),
+    KEY("moe.ranks_per_node", K_INT, "0", ranks_per_node, GE(0), "ranks per node for the hierarchical all-to-all; 0 = the real nodes, > 0 pretends (tests)"),
 
     KEY("train.steps", K_INT, "100", steps, GE(0), "optimizer steps"),
     KEY("train.batch", K_INT, "8", batch, GE(1), "global batch: sequences per optimizer step over all ranks"),
@@ -498,6 +503,11 @@ static dsmoe_status validate(loader *L, int world_size, dsmoe_err *err) {
             FAIL(k_ep, k_ex, "moe.expert_parallel = %s does not divide the %d experts of MoE layer %d (model layer %d)",
                  L->at[k_ep].text, c->experts[i], i + 1, (i + 1) * c->moe_every);
 
+    int k_a2a = KIDX("moe.alltoall"), k_rpn = KIDX("moe.ranks_per_node");
+    if (c->alltoall == 1 /* hierarchical */ && c->ranks_per_node > 0 && c->expert_parallel % c->ranks_per_node != 0)
+        FAIL(k_rpn, k_a2a, "moe.ranks_per_node = %s does not divide moe.expert_parallel (%d), which moe.alltoall = "
+             "hierarchical needs", L->at[k_rpn].text, c->expert_parallel);
+
     int k_batch = KIDX("train.batch"), k_micro = KIDX("train.micro_batch");
     if (c->micro_batch == 0) {
         if (c->batch % world_size != 0)
@@ -689,11 +699,7 @@ int dsmoe_config_is_moe_layer(const dsmoe_config *cfg, int layer, int *moe_index
     return is;
 }
 
-// cf is a float: 1.1f is 1.10000002, so S/E*k*cf can land a hair above an integer that the decimal
-// value would give exactly; a relative 1e-6 (well above float rounding, 6e-8) absorbs that.
 int dsmoe_config_capacity(const dsmoe_config *cfg, int S, int E, int training) {
-    double cf = training ? cfg->capacity_factor : cfg->eval_capacity_factor;
-    double x = (double)S * cfg->top_k * cf / (double)E;
-    int c = (int)ceil(x * (1.0 - 1e-6));
-    return c > cfg->min_capacity ? c : cfg->min_capacity;
+    return dsmoe_capacity(S, E, cfg->top_k, training ? cfg->capacity_factor : cfg->eval_capacity_factor,
+                          cfg->min_capacity);
 }

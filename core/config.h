@@ -1,5 +1,5 @@
 // core/config.h: the resolved configuration of a run, and the registry of every tunable.
-// defines: dsmoe_config, dsmoe_config_load, dsmoe_config_print, dsmoe_config_to_text, dsmoe_config_print_keys,
+// defines: dsmoe_config, dsmoe_capacity, dsmoe_config_load, dsmoe_config_print, dsmoe_config_to_text, dsmoe_config_print_keys,
 //          dsmoe_config_key_count, dsmoe_config_key, dsmoe_deck_parse and the deck value syntax (core/deck.c)
 //
 // Every key is declared once in config.c (name, type, default, range, help) and documented in
@@ -8,6 +8,7 @@
 // line (key=value after the deck). The source that won is recorded and printed.
 #ifndef DSMOE_CONFIG_H
 #define DSMOE_CONFIG_H
+#include <math.h> // ceil, for dsmoe_capacity
 #include "util.h"
 
 #define DSMOE_MAX_MOE_LAYERS 256
@@ -52,6 +53,9 @@ typedef struct dsmoe_config {
     float aux_loss_coeff;        // moe.aux_loss_coeff
     int residual;                // moe.residual (Residual MoE / PR-MoE)
     int expert_parallel;         // moe.expert_parallel (ranks per EP group)
+    int aux_loss_scope;          // moe.aux_loss_scope: dsmoe_aux_scope (moe_layer.h): 0 batch, 1 rank
+    int alltoall;                // moe.alltoall: dsmoe_a2a_algo (exchange.h): 0 flat, 1 hierarchical, 2 auto
+    int ranks_per_node;          // moe.ranks_per_node (0 = the real nodes)
 
     // [train]
     int steps;                   // train.steps
@@ -119,6 +123,15 @@ int dsmoe_config_is_moe_layer(const dsmoe_config *cfg, int layer, int *moe_index
 
 // Capacity of an MoE layer: max(ceil(S/E * k * cf), min_capacity), cf chosen by training.
 int dsmoe_config_capacity(const dsmoe_config *cfg, int S, int E, int training);
+// The same rule on plain numbers (the MoE layer uses it too): max(ceil(S/E * K * cf), min_capacity),
+// clamped to INT32_MAX. cf is a float: 1.1f is 1.10000002, so S/E*K*cf can land a hair above an
+// integer that the decimal value gives exactly; a relative 1e-6 (well above float rounding, 6e-8)
+// taken off before the ceil absorbs that (cf = 1.1 on 100 tokens over 10 experts: 11, not 12).
+static inline int dsmoe_capacity(int S, int E, int K, float cf, int min_capacity) {
+    double v = ceil((double)S * K * (double)cf / (double)E * (1.0 - 1e-6));
+    int c = v > (double)INT32_MAX ? INT32_MAX : (int)v;
+    return c > min_capacity ? c : min_capacity;
+}
 
 // Every key with its type, default, range and help, grouped by section (for `dsmoe --help keys`).
 void dsmoe_config_print_keys(FILE *out);

@@ -47,6 +47,7 @@ struct dsmoe_model {
     int B, T, S, M, NH, F, V, L;
     int ep, ep_rank;
     dsmoe_comm_group *ep_group;  // contiguous blocks of ep ranks
+    MPI_Comm ep_comm;            // ep_group's communicator, kept for the MoE layers' exchanges (valid with ep_group)
     dsmoe_comm_group *edp_group; // strided sets {i, i+ep, ...}
 
     dsmoe_param_tensor *tensors;
@@ -432,8 +433,9 @@ static dsmoe_status create_groups(dsmoe_model *m, dsmoe_err *err) {
         MPI_Comm_split(MPI_COMM_WORLD, rank % m->ep, rank, &edp_comm) != MPI_SUCCESS)
         return dsmoe_err_set(err, DSMOE_ERR_SYSTEM, "MPI_Comm_split failed creating expert-parallel groups");
     dsmoe_status s = rt->comm->group_create(rt->cctx, ep_comm, &m->ep_group);
+    if (s == DSMOE_OK) m->ep_comm = ep_comm; // freed with ep_group in dsmoe_model_free
+    else MPI_Comm_free(&ep_comm);
     if (s == DSMOE_OK) s = rt->comm->group_create(rt->cctx, edp_comm, &m->edp_group);
-    MPI_Comm_free(&ep_comm);
     MPI_Comm_free(&edp_comm);
     if (s != DSMOE_OK)
         return dsmoe_err_set(err, s, "comm plugin '%s': group_create failed: %s", rt->comm->name,
@@ -485,7 +487,9 @@ dsmoe_status dsmoe_model_create(const dsmoe_config *cfg, dsmoe_runtime *rt, int 
             .capacity_factor = cfg->capacity_factor, .eval_capacity_factor = cfg->eval_capacity_factor,
             .min_capacity = cfg->min_capacity, .drop_tokens = cfg->drop_tokens,
             .random_token_selection = cfg->random_token_selection, .noise = cfg->noise,
-            .jitter_eps = cfg->jitter_eps, .ep = m->ep, .ep_group = m->ep_group,
+            .jitter_eps = cfg->jitter_eps, .ep = m->ep, .ep_group = m->ep_group, .ep_comm = m->ep_comm,
+            .alltoall = cfg->alltoall, .ranks_per_node = cfg->ranks_per_node, .aux_scope = cfg->aux_loss_scope,
+            .aux_group = rt->world, // data parallelism is over all ranks
         };
         DSMOE_TRY(dsmoe_moe_layer_create(rt, &mc, &m->moe[mi], err));
     }
@@ -510,7 +514,10 @@ void dsmoe_model_free(dsmoe_model *m) {
                           a->coef_logits, a->coef, a->ffn_out};
         for (size_t i = 0; i < sizeof abufs / sizeof abufs[0]; i++) rt->kern->free(rt->kctx, abufs[i]);
     }
-    if (m->ep_group) rt->comm->group_destroy(rt->cctx, m->ep_group);
+    if (m->ep_group) {
+        rt->comm->group_destroy(rt->cctx, m->ep_group);
+        MPI_Comm_free(&m->ep_comm);
+    }
     if (m->edp_group) rt->comm->group_destroy(rt->cctx, m->edp_group);
     free(m->host_losses);
     free(m->tensors);

@@ -1,8 +1,8 @@
 // core/moe_layer.c: one MoE layer, forward and backward (see moe_layer.h and docs/moe-layer.md).
 //
-// Pipeline (forward): router GEMM -> gate_route -> capacity -> gate_assign -> dispatch (E, C, M) ->
-// all-to-all -> expert FFN as grouped GEMMs over (source rank, local expert) -> all-to-all back ->
-// combine. The backward walks the same steps in reverse.
+// Pipeline (forward): router GEMM -> gate_route -> capacity -> gate_assign -> l_aux (its sums reduced
+// over the scope) -> dispatch (E, C, M) -> all-to-all -> expert FFN as grouped GEMMs over (source rank,
+// local expert) -> all-to-all back -> combine. The backward walks the same steps in reverse.
 //
 // Invariants: every buffer is kernel-plugin memory except the host_* arrays and the group pointer
 // tables; forward outputs are assigned, gradients accumulate (+=) into the caller's buffers. Buffers of
@@ -10,9 +10,11 @@
 // (the GEMMs, bias and GELU run on m = kept rows; combine and dispatch-backward only visit kept slots),
 // so those rows are never cleared between steps.
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "config.h"    // dsmoe_capacity
 #include "dsmoe/rng.h" // dsmoe_rng_key
 #include "moe_layer.h"
 
@@ -25,6 +27,8 @@ struct dsmoe_moe_layer {
     dsmoe_moe_config cfg;
     int ep, ep_rank, E_local;
     int cap; // capacity the C-sized buffers hold
+    dsmoe_exchange *ex;          // the EP group's all-to-all (owned)
+    dsmoe_comm_group *aux_group; // BATCH scope: l_aux's sums are reduced over it (not owned)
 
     // Per-token buffers, sized at create.
     float *logits;    // (S, E); the backward reuses it for dlogits
@@ -36,6 +40,7 @@ struct dsmoe_moe_layer {
     float *xj;        // (S, M) jittered gate input (noise = JITTER only); the backward reuses it
     float *dxj;       // (S, M) d(gate input) before the jitter factor (noise = JITTER only)
     int32_t *cnt;     // (2, E) staging of kept counts and the dropless maximum for the comm plugin
+    double *aux_stage; // (2E + 1) staging of l_aux's sums for the comm plugin
 
     // Capacity buffers: (E, C, width) = (ep, E_local, C, width), sized for cap.
     float *send;      // (E, C, M) tokens by destination expert; backward: dy by expert, then dx rows home
@@ -50,6 +55,9 @@ struct dsmoe_moe_layer {
     int32_t *host_counts;   // (E) tokens choosing each expert (gate_route)
     int32_t *host_kept;     // (E) tokens this rank keeps per expert (gate_assign)
     int32_t *host_recv;     // (ep, E_local) kept counts the sources sent for my experts
+    int32_t *host_first;    // (E) first choices per expert on this rank (gate_assign)
+    double *aux_sums;       // (2E + 1) l_aux's sums over the scope: P (E), N (E), S_tot
+    float *aux_grad;        // (E) backward: d(daux * l_aux)/d probs[s,e] for this rank's tokens
     int *expert_load;       // (E) stats copy of host_kept
     int *gm;                // (E) group rows: group g = src * E_local + el
     const float **ga, **gb; // (E) group operands
@@ -103,6 +111,8 @@ static dsmoe_status ensure_capacity(dsmoe_moe_layer *L, int C, dsmoe_err *err) {
             return s;
         }
     }
+    // The exchange's packing workspace for blocks of this size (the largest the layer sends).
+    DSMOE_TRY(dsmoe_exchange_reserve(L->ex, (size_t)L->E_local * (size_t)C * M * sizeof(float), err));
     L->cap = C;
     return DSMOE_OK;
 }
@@ -111,11 +121,16 @@ void dsmoe_moe_layer_free(dsmoe_moe_layer *L) {
     if (!L) return;
     const dsmoe_runtime *rt = L->rt;
     free_capacity_buffers(L);
-    void *bufs[] = {L->logits, L->probs, L->choice, L->slot, L->weight, L->dweight, L->xj, L->dxj, L->cnt};
+    void *bufs[] = {L->logits, L->probs, L->choice, L->slot, L->weight, L->dweight, L->xj, L->dxj, L->cnt,
+                    L->aux_stage};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) rt->kern->free(rt->kctx, bufs[i]);
+    dsmoe_exchange_free(L->ex); // collective over the EP group
     free(L->host_counts);
     free(L->host_kept);
     free(L->host_recv);
+    free(L->host_first);
+    free(L->aux_sums);
+    free(L->aux_grad);
     free(L->expert_load);
     free(L->gm);
     free(L->ga);
@@ -139,6 +154,20 @@ static dsmoe_status check_config(const dsmoe_runtime *rt, const dsmoe_moe_config
     int gs = rt->comm->group_size(c->ep_group);
     if (gs != c->ep)
         return dsmoe_err_set(err, DSMOE_ERR_INVALID, "moe layer: ep=%d but the EP group has %d ranks", c->ep, gs);
+    // An unset MPI_Comm is MPI_COMM_NULL, or 0 from a zeroed struct (not a valid handle in any MPI).
+    if (c->ep_comm == MPI_COMM_NULL || c->ep_comm == (MPI_Comm)0)
+        return dsmoe_err_set(err, DSMOE_ERR_INVALID, "moe layer: ep_comm is not set (the EP group's communicator, ep=%d)",
+                             c->ep);
+    int cs = 0;
+    if (MPI_Comm_size(c->ep_comm, &cs) != MPI_SUCCESS || cs != c->ep)
+        return dsmoe_err_set(err, DSMOE_ERR_INVALID, "moe layer: ep=%d but ep_comm has %d ranks", c->ep, cs);
+    if (c->alltoall < DSMOE_A2A_FLAT || c->alltoall > DSMOE_A2A_AUTO || c->ranks_per_node < 0)
+        return dsmoe_err_set(err, DSMOE_ERR_INVALID,
+                             "moe layer: alltoall=%d ranks_per_node=%d: expected a dsmoe_a2a_algo (0 flat, 1 "
+                             "hierarchical, 2 auto) and ranks_per_node >= 0", c->alltoall, c->ranks_per_node);
+    if (c->aux_scope != DSMOE_AUX_SCOPE_BATCH && c->aux_scope != DSMOE_AUX_SCOPE_RANK)
+        return dsmoe_err_set(err, DSMOE_ERR_INVALID, "moe layer: aux_scope=%d: expected 0 (batch) or 1 (rank)",
+                             c->aux_scope);
     if (c->drop_tokens && (!(c->capacity_factor > 0.0f) || !(c->eval_capacity_factor > 0.0f)))
         return dsmoe_err_set(err, DSMOE_ERR_INVALID,
                              "moe layer: capacity_factor=%g eval_capacity_factor=%g: expected both > 0",
@@ -163,6 +192,7 @@ static dsmoe_status create_buffers(dsmoe_moe_layer *L, dsmoe_err *err) {
     DSMOE_TRY(layer_alloc(L, S * K * sizeof(float), (void **)&L->weight, "combine weights (S, K)", err));
     DSMOE_TRY(layer_alloc(L, S * K * sizeof(float), (void **)&L->dweight, "combine weight gradients (S, K)", err));
     DSMOE_TRY(layer_alloc(L, 2 * E * sizeof(int32_t), (void **)&L->cnt, "count staging (2, E)", err));
+    DSMOE_TRY(layer_alloc(L, (2 * E + 1) * sizeof(double), (void **)&L->aux_stage, "l_aux staging (2E + 1)", err));
     if (L->cfg.noise == DSMOE_NOISE_JITTER) {
         DSMOE_TRY(layer_alloc(L, S * M * sizeof(float), (void **)&L->xj, "jittered gate input (S, M)", err));
         DSMOE_TRY(layer_alloc(L, S * M * sizeof(float), (void **)&L->dxj, "gate input gradient (S, M)", err));
@@ -170,14 +200,75 @@ static dsmoe_status create_buffers(dsmoe_moe_layer *L, dsmoe_err *err) {
     L->host_counts = dsmoe_calloc(E, sizeof(int32_t), "moe host counts", err);
     L->host_kept = dsmoe_calloc(E, sizeof(int32_t), "moe host kept counts", err);
     L->host_recv = dsmoe_calloc(E, sizeof(int32_t), "moe received counts", err);
+    L->host_first = dsmoe_calloc(E, sizeof(int32_t), "moe first-choice counts", err);
+    L->aux_sums = dsmoe_calloc(2 * E + 1, sizeof(double), "moe l_aux sums", err);
+    L->aux_grad = dsmoe_calloc(E, sizeof(float), "moe l_aux gradient", err);
     L->expert_load = dsmoe_calloc(E, sizeof(int), "moe expert load", err);
     L->gm = dsmoe_calloc(E, sizeof(int), "moe group rows", err);
     L->ga = dsmoe_calloc(E, sizeof(float *), "moe group table", err);
     L->gb = dsmoe_calloc(E, sizeof(float *), "moe group table", err);
     L->gc = dsmoe_calloc(E, sizeof(float *), "moe group table", err);
-    if (!L->host_counts || !L->host_kept || !L->host_recv || !L->expert_load || !L->gm || !L->ga || !L->gb || !L->gc)
+    if (!L->host_counts || !L->host_kept || !L->host_recv || !L->host_first || !L->aux_sums || !L->aux_grad ||
+        !L->expert_load || !L->gm || !L->ga || !L->gb || !L->gc)
         return DSMOE_ERR_NOMEM;
     return DSMOE_OK;
+}
+
+// Ranks per node of the EP group, for the exchange. ranks_per_node > 0 pretends (it must divide ep);
+// else the shared-memory nodes, gathered from every rank, must hold equal contiguous runs of EP ranks
+// (dsmoe_a2a_node_layout). Every rank sees the same table, so every rank reaches the same verdict:
+// *ok = 0 with the reason in *why.
+static dsmoe_status node_layout(dsmoe_moe_layer *L, int *G, int *ok, dsmoe_err *why, dsmoe_err *err) {
+    const dsmoe_moe_config *c = &L->cfg;
+    int p = c->ep;
+    *ok = 0;
+    if (c->ranks_per_node > 0) {
+        if (p % c->ranks_per_node == 0) *G = c->ranks_per_node, *ok = 1;
+        else dsmoe_err_set(why, DSMOE_ERR_INVALID, "ranks_per_node %d does not divide the %d ranks of the EP group",
+                           c->ranks_per_node, p);
+        return DSMOE_OK;
+    }
+    int *leader = dsmoe_calloc((size_t)p, sizeof *leader, "moe layer: node table", err);
+    if (!leader) return DSMOE_ERR_NOMEM;
+    MPI_Comm node;
+    int rank = 0, rc = MPI_Comm_rank(c->ep_comm, &rank);
+    int mine = rank;
+    if (rc == MPI_SUCCESS) rc = MPI_Comm_split_type(c->ep_comm, MPI_COMM_TYPE_SHARED, rank, MPI_INFO_NULL, &node);
+    if (rc == MPI_SUCCESS) {
+        rc = MPI_Allreduce(&rank, &mine, 1, MPI_INT, MPI_MIN, node); // EP rank of my node's first rank
+        MPI_Comm_free(&node);
+    }
+    if (rc == MPI_SUCCESS) rc = MPI_Allgather(&mine, 1, MPI_INT, leader, 1, MPI_INT, c->ep_comm);
+    if (rc != MPI_SUCCESS) {
+        free(leader);
+        return dsmoe_err_set(err, DSMOE_ERR_SYSTEM, "moe layer: finding the nodes of the EP group (MPI error %d)", rc);
+    }
+    *ok = dsmoe_a2a_node_layout(leader, p, G, why) == DSMOE_OK;
+    free(leader);
+    return DSMOE_OK;
+}
+
+// Collective over the EP group: creates the exchange. A layout unfit for the hierarchical all-to-all
+// is an error when it was asked for; AUTO then takes flat (saying so once per process, from EP rank 0),
+// and flat needs no layout: G = 1 (every rank its own node) then only shapes the plan's counts.
+static dsmoe_status exchange_setup(dsmoe_moe_layer *L, dsmoe_err *err) {
+    static int warned; // AUTO's fall-back is said once, not once per layer
+    const dsmoe_moe_config *c = &L->cfg;
+    dsmoe_a2a_algo algo = (dsmoe_a2a_algo)c->alltoall;
+    int G = 1, ok = 0;
+    dsmoe_err why = {0};
+    DSMOE_TRY(node_layout(L, &G, &ok, &why, err));
+    if (!ok) {
+        if (algo == DSMOE_A2A_HIERARCHICAL)
+            return dsmoe_err_set(err, DSMOE_ERR_INVALID, "moe layer: alltoall = hierarchical: %s", why.msg);
+        if (algo == DSMOE_A2A_AUTO && L->ep_rank == 0 && !warned) {
+            warned = 1;
+            fprintf(stderr, "dsmoe: moe layer: alltoall = auto uses the flat all-to-all: %s\n", why.msg);
+        }
+        algo = DSMOE_A2A_FLAT;
+        G = 1;
+    }
+    return dsmoe_exchange_create(L->rt, c->ep_comm, algo, G, &L->ex, err);
 }
 
 dsmoe_status dsmoe_moe_layer_create(const dsmoe_runtime *rt, const dsmoe_moe_config *cfg, dsmoe_moe_layer **layer,
@@ -191,7 +282,16 @@ dsmoe_status dsmoe_moe_layer_create(const dsmoe_runtime *rt, const dsmoe_moe_con
     L->ep = cfg->ep;
     L->ep_rank = rt->comm->group_rank(cfg->ep_group);
     L->E_local = cfg->E / cfg->ep;
-    dsmoe_status s = create_buffers(L, err);
+    L->aux_group = cfg->aux_group ? cfg->aux_group : rt->world;
+    // The collective set-up first, while every rank still takes the same path; then local allocations,
+    // with the capacity buffers at their size when tokens are dropped (dropless grows them by step).
+    dsmoe_status s = exchange_setup(L, err);
+    if (s == DSMOE_OK) s = create_buffers(L, err);
+    if (s == DSMOE_OK && cfg->drop_tokens) {
+        int ct = dsmoe_capacity(cfg->S, cfg->E, cfg->K, cfg->capacity_factor, cfg->min_capacity);
+        int ce = dsmoe_capacity(cfg->S, cfg->E, cfg->K, cfg->eval_capacity_factor, cfg->min_capacity);
+        s = ensure_capacity(L, ct > ce ? ct : ce, err);
+    }
     if (s != DSMOE_OK) {
         dsmoe_moe_layer_free(L);
         return s;
@@ -199,6 +299,8 @@ dsmoe_status dsmoe_moe_layer_create(const dsmoe_runtime *rt, const dsmoe_moe_con
     *layer = L;
     return DSMOE_OK;
 }
+
+const dsmoe_exchange *dsmoe_moe_layer_exchange(const dsmoe_moe_layer *L) { return L->ex; }
 
 // ----------------------------------------------------------------------------------------------------
 // capacity and exchange
@@ -210,15 +312,6 @@ static dsmoe_status kernel_sync(const dsmoe_runtime *rt, dsmoe_err *err) {
         return dsmoe_err_set(err, s, "kernel plugin '%s': synchronize failed: %s", rt->kern->name,
                              rt->kern->last_error(rt->kctx));
     return DSMOE_OK;
-}
-
-// C = max(ceil(S/E * K * cf), min_capacity), in double so that S/E*K*cf rounds as DeepSpeed's
-// torch.ceil on a float64 tensor would for these sizes.
-static int capacity_from_factor(const dsmoe_moe_config *c, int training) {
-    double cf = training ? c->capacity_factor : c->eval_capacity_factor;
-    double v = ceil((double)c->S / (double)c->E * (double)c->K * cf);
-    int C = v > (double)INT32_MAX ? INT32_MAX : (int)v;
-    return C > c->min_capacity ? C : c->min_capacity;
 }
 
 // Dropless: the largest count any expert received on any rank of the EP group. Staged through kernel
@@ -237,12 +330,10 @@ static dsmoe_status capacity_dropless(dsmoe_moe_layer *L, int *C, dsmoe_err *err
 }
 
 // Each rank sends block r of `src` (E_local * C * width floats) to rank r; dst block r comes from rank r.
+// (The exchange waits for pending kernel work itself.)
 static dsmoe_status exchange(dsmoe_moe_layer *L, float *dst, const float *src, int width, dsmoe_err *err) {
-    const dsmoe_runtime *rt = L->rt;
     size_t bytes = (size_t)L->E_local * (size_t)L->C * (size_t)width * sizeof(float);
-    DSMOE_TRY(kernel_sync(rt, err));
-    CCALL(rt, alltoall, L->cfg.ep_group, src, dst, bytes);
-    return DSMOE_OK;
+    return dsmoe_exchange_alltoall(L->ex, src, dst, bytes, err);
 }
 
 // host_recv (ep, E_local) = the kept counts each source rank reported for my experts.
@@ -250,8 +341,7 @@ static dsmoe_status exchange_counts(dsmoe_moe_layer *L, dsmoe_err *err) {
     const dsmoe_runtime *rt = L->rt;
     int E = L->cfg.E;
     KCALL(rt, copy_to_device, L->cnt, L->host_kept, (size_t)E * sizeof(int32_t));
-    DSMOE_TRY(kernel_sync(rt, err));
-    CCALL(rt, alltoall, L->cfg.ep_group, L->cnt, L->cnt + E, (size_t)L->E_local * sizeof(int32_t));
+    DSMOE_TRY(dsmoe_exchange_alltoall(L->ex, L->cnt, L->cnt + E, (size_t)L->E_local * sizeof(int32_t), err));
     KCALL(rt, copy_to_host, L->host_recv, L->cnt + E, (size_t)E * sizeof(int32_t));
     for (int g = 0; g < E; g++)
         if (L->host_recv[g] < 0 || L->host_recv[g] > L->C)
@@ -260,6 +350,46 @@ static dsmoe_status exchange_counts(dsmoe_moe_layer *L, dsmoe_err *err) {
                                  "expected 0..C=%d (ranks disagree on capacity?)",
                                  g / L->E_local, L->host_recv[g], L->ep_rank * L->E_local + g % L->E_local, L->C);
     return DSMOE_OK;
+}
+
+// ----------------------------------------------------------------------------------------------------
+// load-balancing loss
+
+// aux_sums (2E + 1) = [P (E), N (E), S_tot] over the scope; gate_assign has written this rank's P.
+// BATCH scope: all-reduced (SUM in double) over aux_group, staged through kernel memory like the counts;
+// the comm plugin's reductions give the same result on every rank, so every rank holds the same l_aux.
+static dsmoe_status aux_reduce(dsmoe_moe_layer *L, dsmoe_err *err) {
+    const dsmoe_runtime *rt = L->rt;
+    int E = L->cfg.E;
+    double *v = L->aux_sums;
+    for (int e = 0; e < E; e++) v[E + e] = L->host_first[e];
+    v[2 * E] = L->cfg.S;
+    if (L->cfg.aux_scope != DSMOE_AUX_SCOPE_BATCH || rt->comm->group_size(L->aux_group) == 1) return DSMOE_OK;
+    size_t n = 2 * (size_t)E + 1;
+    KCALL(rt, copy_to_device, L->aux_stage, v, n * sizeof(double));
+    DSMOE_TRY(kernel_sync(rt, err));
+    CCALL(rt, allreduce, L->aux_group, DSMOE_IN_PLACE, L->aux_stage, n, DSMOE_FLOAT64, DSMOE_SUM);
+    KCALL(rt, copy_to_host, v, L->aux_stage, n * sizeof(double));
+    return DSMOE_OK;
+}
+
+// l_aux = E * sum_e (P_e / S_tot) * (N_e / S_tot); 0 without tokens.
+static double aux_loss(const dsmoe_moe_layer *L) {
+    int E = L->cfg.E;
+    const double *v = L->aux_sums;
+    double St = v[2 * E], a = 0.0;
+    if (!(St > 0.0)) return 0.0;
+    for (int e = 0; e < E; e++) a += (v[e] / St) * (v[E + e] / St);
+    return E * a;
+}
+
+// aux_grad (E) = d(daux * l_aux)/d probs[s,e] = daux * E * N_e / S_tot^2, the same for each of this
+// rank's tokens s (N is a count: it has no gradient).
+static void aux_backward(dsmoe_moe_layer *L, float daux) {
+    int E = L->cfg.E;
+    const double *v = L->aux_sums;
+    double St = v[2 * E];
+    for (int e = 0; e < E; e++) L->aux_grad[e] = St > 0.0 ? (float)((double)daux * E * v[E + e] / (St * St)) : 0.0f;
 }
 
 // ----------------------------------------------------------------------------------------------------
@@ -377,13 +507,14 @@ dsmoe_status dsmoe_moe_forward(dsmoe_moe_layer *L, const dsmoe_moe_weights *w, c
 
     int C = 0;
     if (c->drop_tokens)
-        C = capacity_from_factor(c, step->training);
+        C = dsmoe_capacity(S, E, K, step->training ? c->capacity_factor : c->eval_capacity_factor, c->min_capacity);
     else
         DSMOE_TRY(capacity_dropless(L, &C, err));
     DSMOE_TRY(ensure_capacity(L, C, err));
     L->C = C;
-    float aux = 0.0f;
-    KCALL(rt, gate_assign, &L->gp, C, L->probs, L->choice, L->slot, L->weight, L->host_kept, &aux);
+    KCALL(rt, gate_assign, &L->gp, C, L->probs, L->choice, L->slot, L->weight, L->host_kept, L->aux_sums,
+          L->host_first);
+    DSMOE_TRY(aux_reduce(L, err));
 
     KCALL(rt, moe_dispatch, L->send, x, L->choice, L->slot, S, K, E, C, M); // (E, C, M)
     DSMOE_TRY(exchange(L, L->recv, L->send, M, err));
@@ -398,7 +529,7 @@ dsmoe_status dsmoe_moe_forward(dsmoe_moe_layer *L, const dsmoe_moe_weights *w, c
             L->expert_load[e] = L->host_kept[e];
             kept += L->host_kept[e];
         }
-        stats->aux_loss = aux;
+        stats->aux_loss = (float)aux_loss(L);
         stats->capacity = C;
         stats->routed = (long)S * K;
         stats->dropped = (long)S * K - kept;
@@ -430,7 +561,8 @@ dsmoe_status dsmoe_moe_backward(dsmoe_moe_layer *L, const dsmoe_moe_weights *w, 
     // Router: dlogits (in the logits buffer) -> dwg += dlogits^T xg, d(xg) = dlogits @ wg.
     float *dlogits = L->logits;
     KCALL(rt, zero, dlogits, (size_t)S * E * sizeof(float));
-    KCALL(rt, gate_backward, &L->gp, dlogits, L->probs, L->choice, L->slot, L->dweight, daux);
+    aux_backward(L, daux);
+    KCALL(rt, gate_backward, &L->gp, dlogits, L->probs, L->choice, L->slot, L->dweight, L->aux_grad);
     const float *xg = L->jittered ? L->xj : L->x;
     KCALL(rt, gemm, 1, 0, E, M, S, 1.0f, dlogits, E, xg, M, 1.0f, grads->wg, M);
     if (L->jittered) {

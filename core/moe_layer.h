@@ -1,14 +1,23 @@
 // core/moe_layer.h: one MoE layer: gate -> dispatch -> exchange -> experts -> exchange -> combine,
 // forward and backward, through the kernel and comm plugins.
-// defines: dsmoe_moe_layer, dsmoe_moe_layer_create, dsmoe_moe_forward, dsmoe_moe_backward
+// defines: dsmoe_aux_scope, dsmoe_moe_layer, dsmoe_moe_layer_create, dsmoe_moe_forward, dsmoe_moe_backward,
+//          dsmoe_moe_layer_exchange
 //
 // Experts are split over an expert-parallel (EP) group of `ep` ranks: rank r holds the experts
-// [r*E_local, (r+1)*E_local), E_local = E/ep. With ep = 1 the exchange is the comm plugin's all-to-all
-// on a group of one (a local copy), so one code path serves every layout.
+// [r*E_local, (r+1)*E_local), E_local = E/ep. The all-to-all is core/exchange.h's (flat, hierarchical or
+// auto) over the EP communicator; with ep = 1 it is a local copy, so one code path serves every layout.
 //
-// Capacity: C = max(ceil(S/E * K * cf), min_capacity) from each rank's own S (as DeepSpeed); in
-// dropless mode C = the max over the EP group of the tokens any expert received (agreed by an
-// all-reduce before any exchange, so ranks never disagree on sizes).
+// Capacity: C = dsmoe_capacity(S, E, K, cf, min_capacity) (config.h: max(ceil(S/E * K * cf),
+// min_capacity)) from each rank's own S (as DeepSpeed); in dropless mode C = the max over the EP group
+// of the tokens any expert received (agreed by an all-reduce before any exchange, so ranks never
+// disagree on sizes).
+//
+// Load-balancing loss: l_aux = E * sum_e (P_e / S_tot) * (N_e / S_tot), P_e = sum of probs[s,e] and
+// N_e = first choices of expert e over the tokens of the scope: with DSMOE_AUX_SCOPE_BATCH the sums
+// (and S_tot) are all-reduced over aux_group (the data-parallel group: all ranks) at every forward, so
+// every rank holds the same l_aux of the whole micro-step, whatever the number of ranks; with
+// DSMOE_AUX_SCOPE_RANK they are this rank's (DeepSpeed's behaviour). In both, the backward gives the
+// gradient of l_aux with respect to this rank's tokens only.
 //
 // Exchange layout: the dispatch buffer is (E, C, M) = (ep, E_local, C, M): block r goes to rank r. The
 // received buffer is (ep, E_local, C, M) indexed by source rank; expert el runs one grouped GEMM over
@@ -19,7 +28,12 @@
 // at a time: forward, backward, forward, ...). Buffers grow when a dropless step needs more.
 #ifndef DSMOE_MOE_LAYER_H
 #define DSMOE_MOE_LAYER_H
+#include <mpi.h>
+#include "exchange.h"
 #include "runtime.h"
+
+// Which tokens l_aux is computed over (deck key moe.aux_loss_scope, same order).
+typedef enum { DSMOE_AUX_SCOPE_BATCH = 0, DSMOE_AUX_SCOPE_RANK = 1 } dsmoe_aux_scope;
 
 typedef struct dsmoe_moe_config {
     int S;                    // tokens per rank per micro-batch (B*T)
@@ -36,6 +50,12 @@ typedef struct dsmoe_moe_config {
     float jitter_eps;
     int ep;                   // EP group size (divides E)
     dsmoe_comm_group *ep_group; // the caller's EP group (size ep); the layer does not own it
+    MPI_Comm ep_comm;         // the same ranks as ep_group, in the same order; the exchange dups it
+    int alltoall;             // dsmoe_a2a_algo: FLAT, HIERARCHICAL or AUTO (AUTO falls back to flat
+                              // when the EP ranks are not node-contiguous; HIERARCHICAL then fails)
+    int ranks_per_node;       // 0 = the real nodes (MPI_Comm_split_type SHARED); > 0 pretends
+    int aux_scope;            // dsmoe_aux_scope
+    dsmoe_comm_group *aux_group; // BATCH: the group l_aux's sums are reduced over; NULL = rt->world
 } dsmoe_moe_config;
 
 // Parameters of one layer (pointers into the model's parameter slab, kernel-plugin memory); the
@@ -57,7 +77,7 @@ typedef struct dsmoe_moe_step {
 
 // What the last forward measured (host values).
 typedef struct dsmoe_moe_stats {
-    float aux_loss;        // l_aux of this rank's tokens (before the coefficient)
+    float aux_loss;        // l_aux over the scope's tokens (before the coefficient)
     int capacity;          // C used
     long routed;           // token choices made (S*K)
     long dropped;          // choices dropped by capacity
@@ -74,8 +94,13 @@ void dsmoe_moe_layer_free(dsmoe_moe_layer *layer);
 dsmoe_status dsmoe_moe_forward(dsmoe_moe_layer *layer, const dsmoe_moe_weights *w, const float *x,
                                float *out, const dsmoe_moe_step *step, dsmoe_moe_stats *stats, dsmoe_err *err);
 // Gradients of the last forward: dx (S, M) +=, grads (same shapes as w) +=.
-// daux = d(loss)/d(l_aux) (the aux coefficient times the loss scale); the gate gradient includes it.
+// daux = d(loss)/d(l_aux) (the aux coefficient times the loss scale); the gate gradient includes the
+// part of daux * l_aux that flows through this rank's tokens (with BATCH scope, summing the ranks'
+// router gradients gives the gradient of the batch l_aux: weight it once, not once per rank).
 dsmoe_status dsmoe_moe_backward(dsmoe_moe_layer *layer, const dsmoe_moe_weights *w, dsmoe_moe_weights *grads,
                                 const float *dout, float *dx, float daux, dsmoe_err *err);
+
+// The layer's exchange (what its last all-to-all did: dsmoe_exchange_last).
+const dsmoe_exchange *dsmoe_moe_layer_exchange(const dsmoe_moe_layer *layer);
 
 #endif

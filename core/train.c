@@ -136,7 +136,9 @@ static dsmoe_status train_step(trainer *tr, int step, uint64_t first_sample, ste
     dsmoe_runtime *rt = tr->rt;
     int world = rt->world_size;
     float dloss = 1.0f / (float)((double)c->batch * tr->T);
-    float daux = c->aux_loss_coeff / (float)(tr->accum * world);
+    // batch scope: every rank holds the same global l_aux and the gradient all-reduce sums; rank scope:
+    // each rank's own l_aux enters the loss as the mean over ranks.
+    float daux = c->aux_loss_coeff / (float)(c->aux_loss_scope == DSMOE_AUX_SCOPE_BATCH ? tr->accum : tr->accum * world);
     uint64_t step_seed = dsmoe_rng_key(c->seed, 0x57e9, (uint64_t)step, 0);
     memset(st, 0, sizeof *st);
     memset(tr->loads, 0, sizeof(long) * (size_t)(c->n_moe_layers ? c->n_moe_layers : 1) * (size_t)tr->max_e);

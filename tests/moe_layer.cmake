@@ -1,7 +1,12 @@
 # The MoE layer (core/moe_layer.c) through the cpu kernel and mpi comm plugins loaded from the build
-# tree: naive reference and finite differences on 1 rank, expert parallelism (ep = ranks) on 2 and 4.
+# tree: naive reference and finite differences on 1 rank (test_moe_layer.c), expert parallelism
+# (ep = ranks), both l_aux scopes and both all-to-alls on 2 and 4 (test_moe_layer_ep.c).
+dsmoe_test(test_moe_layer_np1 SOURCES ${DSMOE_TEST_DIR}/test_moe_layer.c ${DSMOE_TEST_DIR}/moe_layer_testutil.c
+           RANKS 1 TIMEOUT 60 LIBS m LABELS moe)
+foreach(ranks 2 4)
+  dsmoe_test(test_moe_layer_np${ranks} SOURCES ${DSMOE_TEST_DIR}/test_moe_layer_ep.c
+             ${DSMOE_TEST_DIR}/moe_layer_testutil.c RANKS ${ranks} TIMEOUT 60 LIBS m LABELS moe)
+endforeach()
 foreach(ranks 1 2 4)
-  dsmoe_test(test_moe_layer_np${ranks} SOURCES ${DSMOE_TEST_DIR}/test_moe_layer.c RANKS ${ranks} TIMEOUT 60
-             LIBS m LABELS moe)
   add_dependencies(test_moe_layer_np${ranks} dsmoe_kernel_cpu dsmoe_comm_mpi)
 endforeach()

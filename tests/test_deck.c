@@ -507,6 +507,40 @@ static void test_capacity(void **state) {
     assert_int_equal(dsmoe_config_capacity(&c, 100, 10, 1), 13); // 12.5
     c.min_capacity = 0;
     assert_int_equal(dsmoe_config_capacity(&c, 1, 64, 1), 1);
+    // The rule on plain numbers, which the MoE layer uses.
+    assert_int_equal(dsmoe_capacity(100, 10, 1, 1.1f, 0), 11);
+    assert_int_equal(dsmoe_capacity(100, 10, 2, 1.1f, 0), 22);
+    assert_int_equal(dsmoe_capacity(100, 8, 1, 1.0f, 0), 13);
+    assert_int_equal(dsmoe_capacity(8, 8, 1, 1.0f, 4), 4);
+    assert_int_equal(dsmoe_capacity(0, 8, 2, 1.0f, 0), 0);
+    assert_int_equal(dsmoe_capacity(2000000000, 1, 2, 2.0f, 0), 2147483647); // clamped to INT32_MAX
+}
+
+// moe.aux_loss_scope, moe.alltoall, moe.ranks_per_node: defaults, values, errors.
+static void test_moe_exchange_keys(void **state) {
+    dsmoe_config c;
+    dsmoe_err err = {0};
+    if (load_t("", 1, &c, &err) != DSMOE_OK) fail_msg("%s", err.msg);
+    assert_int_equal(c.aux_loss_scope, 0); // batch (DSMOE_AUX_SCOPE_BATCH)
+    assert_int_equal(c.alltoall, 2);       // auto (DSMOE_A2A_AUTO)
+    assert_int_equal(c.ranks_per_node, 0);
+    if (load_t("[moe]\nexperts = 8\nexpert_parallel = 4\naux_loss_scope = rank\nalltoall = hierarchical\n"
+               "ranks_per_node = 2\n", 4, &c, &err) != DSMOE_OK)
+        fail_msg("%s", err.msg);
+    assert_int_equal(c.aux_loss_scope, 1); // DSMOE_AUX_SCOPE_RANK
+    assert_int_equal(c.alltoall, 1);       // DSMOE_A2A_HIERARCHICAL
+    assert_int_equal(c.ranks_per_node, 2);
+    if (load_t("moe.alltoall = flat\n", 1, &c, &err) != DSMOE_OK) fail_msg("%s", err.msg);
+    assert_int_equal(c.alltoall, 0);
+    expect_error("moe.aux_loss_scope = global\n", 1, "t.deck:1: moe.aux_loss_scope = global: expected one of batch, rank");
+    expect_error("moe.alltoall = ring\n", 1, "t.deck:1: moe.alltoall = ring: expected one of flat, hierarchical, auto");
+    expect_error("moe.ranks_per_node = -1\n", 1, "t.deck:1: moe.ranks_per_node = -1: must be >= 0");
+    expect_error("moe.experts = 8\nmoe.expert_parallel = 4\nmoe.alltoall = hierarchical\nmoe.ranks_per_node = 3\n", 4,
+                 "t.deck:4: moe.ranks_per_node = 3 does not divide moe.expert_parallel (4), which moe.alltoall = "
+                 "hierarchical needs");
+    // auto (the default) takes flat instead at run time: no error here.
+    if (load_t("moe.experts = 8\nmoe.expert_parallel = 4\nmoe.ranks_per_node = 3\n", 4, &c, &err) != DSMOE_OK)
+        fail_msg("%s", err.msg);
 }
 
 int main(void) {
@@ -527,6 +561,7 @@ int main(void) {
         cmocka_unit_test(test_example_deck),
         cmocka_unit_test(test_moe_layers),
         cmocka_unit_test(test_capacity),
+        cmocka_unit_test(test_moe_exchange_keys),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -41,14 +41,25 @@ static void fill_uniform(float *x, size_t n, uint64_t key, float lo, float hi) {
 
 typedef struct gate_out {
     float probs[64 * 8];
-    int32_t choice[64 * 2], slot[64 * 2], counts[8], kept[8];
-    float weight[64 * 2], aux;
+    int32_t choice[64 * 2], slot[64 * 2], counts[8], kept[8], first[8];
+    float weight[64 * 2];
+    double psum[8];
+    float aux; // l_aux of these tokens alone, formed here from psum and first as the layer does
 } gate_out;
+
+// l_aux = E * sum_e (P_e / S) * (N_e / S) from gate_assign's sums (docs/gating.md, section 3).
+static float aux_of(const dsmoe_gating_params *p, const double *psum, const int32_t *first) {
+    double a = 0;
+    for (int e = 0; e < p->E && p->S > 0; e++) a += (psum[e] / p->S) * ((double)first[e] / p->S);
+    return (float)(p->E * a);
+}
 
 static void route_assign(const dsmoe_gating_params *p, int C, const float *logits, gate_out *o) {
     dsmoe_kernel_ctx *ctx = ctx_threads(1);
     assert_int_equal(cpu_gate_route(ctx, p, logits, o->probs, o->choice, o->counts), DSMOE_OK);
-    assert_int_equal(cpu_gate_assign(ctx, p, C, o->probs, o->choice, o->slot, o->weight, o->kept, &o->aux), DSMOE_OK);
+    assert_int_equal(cpu_gate_assign(ctx, p, C, o->probs, o->choice, o->slot, o->weight, o->kept, o->psum, o->first),
+                     DSMOE_OK);
+    o->aux = aux_of(p, o->psum, o->first);
 }
 
 static void assert_ints(const int32_t *got, const int32_t *want, int n, const char *what) {
@@ -95,7 +106,9 @@ static void test_top1_capacity_token_order(void **state) {
     assert_ints(o.kept, (int32_t[]){2, 2}, 2, "kept");
     assert_floats(o.weight, (double[]){0.75, 0.75, 0.75, 0, 0.75, 0}, 6, 1e-6, "weight"); // not renormalised
     assert_floats(o.probs, (double[]){0.75, 0.25, 0.75, 0.25, 0.25, 0.75}, 6, 1e-6, "probs");
-    // me = (1/2, 1/2), ce = (1/2, 1/2): l_aux = 2 * (1/4 + 1/4) = 1.
+    // P = (3*3/4 + 3*1/4, the same) = (3, 3), N = (3, 3): l_aux = 2 * (3/6 * 3/6 * 2) = 1.
+    assert_ints(o.first, (int32_t[]){3, 3}, 2, "first");
+    assert_true(fabs(o.psum[0] - 3.0) < 1e-6 && fabs(o.psum[1] - 3.0) < 1e-6);
     assert_floats(&o.aux, (double[]){1.0}, 1, 1e-6, "aux");
 
     // Capacity above the counts (min capacity): nothing dropped, slots still in token order.
@@ -111,6 +124,7 @@ static void test_top1_capacity_token_order(void **state) {
     assert_ints(o.slot, (int32_t[]){-1, -1, -1, -1, -1, -1}, 6, "slot C=0");
     assert_ints(o.kept, (int32_t[]){0, 0}, 2, "kept C=0");
     assert_floats(o.weight, (double[]){0, 0, 0, 0, 0, 0}, 6, 0, "weight C=0");
+    assert_ints(o.first, (int32_t[]){3, 3}, 2, "first C=0"); // counted before capacity drops
     assert_floats(&o.aux, (double[]){1.0}, 1, 1e-6, "aux C=0");
 }
 
@@ -122,6 +136,8 @@ static void test_aux_loss_hand(void **state) {
     fill_ab(l1, "AAAB");
     dsmoe_gating_params p = params(4, 2, 1);
     route_assign(&p, 1, l1, &o);
+    assert_ints(o.first, (int32_t[]){3, 1}, 2, "first AAAB");
+    assert_true(fabs(o.psum[0] - 2.5) < 1e-6 && fabs(o.psum[1] - 1.5) < 1e-6);
     assert_floats(&o.aux, (double[]){1.125}, 1, 1e-6, "aux AAAB");
     assert_ints(o.slot, (int32_t[]){0, -1, -1, 0}, 4, "slot AAAB C=1");
 
@@ -133,6 +149,10 @@ static void test_aux_loss_hand(void **state) {
     route_assign(&p, 3, l2, &o);
     assert_ints(o.choice, (int32_t[]){0, 0, 2}, 3, "choice E=3");
     assert_ints(o.counts, (int32_t[]){2, 0, 1}, 3, "counts E=3");
+    assert_ints(o.first, (int32_t[]){2, 0, 1}, 3, "first E=3");
+    // P = (13/12, 10/12, 13/12) (the means times S = 3).
+    assert_true(fabs(o.psum[0] - 13.0 / 12) < 1e-6 && fabs(o.psum[1] - 10.0 / 12) < 1e-6 &&
+                fabs(o.psum[2] - 13.0 / 12) < 1e-6);
     assert_floats(&o.aux, (double[]){13.0 / 12.0}, 1, 1e-6, "aux E=3");
 }
 
@@ -162,6 +182,7 @@ static void test_top2_queueing_and_renormalisation(void **state) {
     route_assign(&p, 2, logits, &o);
     assert_ints(o.choice, (int32_t[]){0, 1, 1, 0, 0, 1, 0, 2, 0, 1}, 10, "choice");
     assert_ints(o.counts, (int32_t[]){5, 4, 1}, 3, "counts");
+    assert_ints(o.first, (int32_t[]){4, 1, 0}, 3, "first"); // level 0 only, unlike counts
     assert_ints(o.slot, (int32_t[]){0, 1, 0, -1, 1, -1, -1, 0, -1, -1}, 10, "slot");
     assert_ints(o.kept, (int32_t[]){2, 2, 1}, 3, "kept");
     // t0 keeps both: p0/p1 = e, so w = (1/(1+e^-1), e^-1/(1+e^-1)). t1, t2 lose the second choice
@@ -199,7 +220,7 @@ static void test_top2_queueing_and_renormalisation(void **state) {
 // naive reference of assign (docs/gating.md), for RTS and random cross-checks
 
 static void ref_assign(const dsmoe_gating_params *p, int C, const float *probs, const int32_t *choice,
-                       int32_t *slot, float *weight, int32_t *kept, double *aux) {
+                       int32_t *slot, float *weight, int32_t *kept, double *psum, int32_t *first, double *aux) {
     const int S = p->S, E = p->E, K = p->K;
     int used[64] = {0};
     for (int k = 0; k < K; k++) {
@@ -237,17 +258,22 @@ static void ref_assign(const dsmoe_gating_params *p, int C, const float *probs, 
     for (int e = 0; e < E; e++) {
         double me = 0, ce = 0;
         for (int s = 0; s < S; s++) me += probs[s * E + e], ce += choice[s * K] == e;
+        psum[e] = me;
+        first[e] = (int32_t)ce;
         *aux += E * (me / S) * (ce / S);
     }
 }
 
 static void assert_matches_ref(const dsmoe_gating_params *p, int C, const gate_out *o) {
-    int32_t slot[128], kept[8];
+    int32_t slot[128], kept[8], first[8];
     float weight[128];
-    double aux, w[128];
-    ref_assign(p, C, o->probs, o->choice, slot, weight, kept, &aux);
+    double aux, w[128], psum[8];
+    ref_assign(p, C, o->probs, o->choice, slot, weight, kept, psum, first, &aux);
     assert_ints(o->slot, slot, p->S * p->K, "slot vs reference");
     assert_ints(o->kept, kept, p->E, "kept vs reference");
+    assert_ints(o->first, first, p->E, "first vs reference");
+    for (int e = 0; e < p->E; e++)
+        if (fabs(o->psum[e] - psum[e]) > 1e-9 * p->S) fail_msg("psum[%d] = %.12g, expected %.12g", e, o->psum[e], psum[e]);
     for (int i = 0; i < p->S * p->K; i++) w[i] = weight[i];
     assert_floats(o->weight, w, p->S * p->K, 1e-6, "weight vs reference");
     assert_floats(&o->aux, &aux, 1, 1e-5, "aux vs reference");
@@ -369,29 +395,34 @@ static void test_rsample(void **state) {
 // ------------------------------------------------------------------------------------------------
 // gate_backward against central finite differences
 
-// L = sum r[s,k] weight[s,k] + a * l_aux with the choices of `choice` held fixed.
+// L = sum r[s,k] weight[s,k] + sum_{s,e} c[e] probs[s,e] with the choices of `choice` held fixed.
 static double gate_loss(const dsmoe_gating_params *p, int C, const float *logits, const int32_t *choice,
-                        const float *r, float a) {
+                        const float *r, const float *c) {
     gate_out o;
     route_assign(p, C, logits, &o);
     for (int i = 0; i < p->S * p->K; i++)
         if (o.choice[i] != choice[i]) fail_msg("a finite-difference step flipped choice %d: pick other logits", i);
-    double L = a * (double)o.aux;
+    double L = 0;
+    for (int e = 0; e < p->E; e++) L += (double)c[e] * o.psum[e];
     for (int i = 0; i < p->S * p->K; i++) L += (double)r[i] * o.weight[i];
     return L;
 }
 
-static void check_gate_backward(int K, int C, int all_kinds) {
+// aux = 1: the coefficients are those of a * l_aux (the layer's, c_e = a * E * N_e / S^2); else an
+// arbitrary vector of both signs (the member's contract is any per-expert coefficient).
+static void check_gate_backward(int K, int C, int all_kinds, int aux) {
     const int S = 8, E = 4;
     dsmoe_gating_params p = params(S, E, K);
     // Logits with gaps of at least 0.3 between sorted entries, so that steps of h cannot flip choices.
-    float logits[8 * 4], r[8 * 2];
+    float logits[8 * 4], r[8 * 2], c[4];
     for (int s = 0; s < S; s++)
         for (int e = 0; e < E; e++) logits[s * E + e] = 0.45f * (float)((s * 7 + e * 3 + (s % 3) * e) % 5) - 0.8f + 0.05f * e;
     fill_uniform(r, (size_t)S * K, 31 + K, -1, 1);
     const float a = 0.7f;
     gate_out o;
     route_assign(&p, C, logits, &o);
+    for (int e = 0; e < E && aux; e++) c[e] = (float)(a * E * (double)o.first[e] / ((double)S * S));
+    if (!aux) fill_uniform(c, E, 41 + K, -2, 2);
     int first_only = 0, second_only = 0, both = 0;
     for (int s = 0; s < S && K == 2; s++) {
         first_only += o.slot[2 * s] >= 0 && o.slot[2 * s + 1] < 0;
@@ -405,26 +436,40 @@ static void check_gate_backward(int K, int C, int all_kinds) {
 
     float dl[8 * 4];
     for (int i = 0; i < S * E; i++) dl[i] = 0.25f; // backward accumulates
-    assert_int_equal(cpu_gate_backward(ctx_threads(1), &p, dl, o.probs, o.choice, o.slot, r, a), DSMOE_OK);
+    assert_int_equal(cpu_gate_backward(ctx_threads(1), &p, dl, o.probs, o.choice, o.slot, r, c), DSMOE_OK);
     const float h = 1e-2f;
     for (int i = 0; i < S * E; i++) {
         float keep = logits[i];
         logits[i] = keep + h;
-        double lp = gate_loss(&p, C, logits, o.choice, r, a);
+        double lp = gate_loss(&p, C, logits, o.choice, r, c);
         logits[i] = keep - h;
-        double lm = gate_loss(&p, C, logits, o.choice, r, a);
+        double lm = gate_loss(&p, C, logits, o.choice, r, c);
         logits[i] = keep;
         double fd = (lp - lm) / (2.0 * h), an = dl[i] - 0.25;
         if (fabs(fd - an) > 1e-3) fail_msg("K=%d dlogits[%d] (s %d, e %d) = %.6g, finite difference %.6g", K, i, i / E, i % E, an, fd);
+    }
+    if (aux) { // the same coefficients are the gradient of a * l_aux (N held fixed): FD of l_aux itself
+        for (int i = 0; i < S * E; i++) dl[i] = 0.0f;
+        const float zero[16] = {0};
+        assert_int_equal(cpu_gate_backward(ctx_threads(1), &p, dl, o.probs, o.choice, o.slot, zero, c), DSMOE_OK);
+        for (int i = 0; i < S * E; i++) {
+            float keep = logits[i];
+            gate_out op, om;
+            logits[i] = keep + h, route_assign(&p, C, logits, &op);
+            logits[i] = keep - h, route_assign(&p, C, logits, &om);
+            logits[i] = keep;
+            double fd = a * ((double)op.aux - om.aux) / (2.0 * h);
+            if (fabs(fd - dl[i]) > 1e-3) fail_msg("K=%d d(a l_aux)/dlogits[%d] = %.6g, finite difference %.6g", K, i, dl[i], fd);
+        }
     }
 }
 
 static void test_gate_backward_fd(void **state) {
     (void)state;
-    check_gate_backward(1, 1, 0);
-    check_gate_backward(1, 2, 0);
-    check_gate_backward(2, 2, 1);
-    check_gate_backward(2, 3, 0);
+    check_gate_backward(1, 1, 0, 1);
+    check_gate_backward(1, 2, 0, 0);
+    check_gate_backward(2, 2, 1, 1);
+    check_gate_backward(2, 3, 0, 0);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -473,13 +518,14 @@ static void check_moe_ops(int S, int E, int K, int C, int M, int rts, int check_
     p.seed = 99 + (uint64_t)S;
     size_t nx = (size_t)S * M, nb = (size_t)E * C * M;
     float *logits = falloc((size_t)S * E), *probs = falloc((size_t)S * E), *weight = falloc((size_t)S * K);
-    int32_t *choice = malloc(sizeof(int32_t) * S * K), *slot = malloc(sizeof(int32_t) * S * K), counts[64], kept[64];
-    float aux;
+    int32_t *choice = malloc(sizeof(int32_t) * S * K), *slot = malloc(sizeof(int32_t) * S * K), counts[64], kept[64],
+            first[64];
+    double psum[64];
     assert_non_null(choice), assert_non_null(slot);
     fill_uniform(logits, (size_t)S * E, 3, -1, 1);
     dsmoe_kernel_ctx *ctx = ctx_threads(1);
     assert_int_equal(cpu_gate_route(ctx, &p, logits, probs, choice, counts), DSMOE_OK);
-    assert_int_equal(cpu_gate_assign(ctx, &p, C, probs, choice, slot, weight, kept, &aux), DSMOE_OK);
+    assert_int_equal(cpu_gate_assign(ctx, &p, C, probs, choice, slot, weight, kept, psum, first), DSMOE_OK);
     int dropped = 0, used = 0;
     for (int i = 0; i < S * K; i++) dropped += slot[i] < 0;
     for (int e = 0; e < E; e++) used += kept[e];
@@ -563,16 +609,18 @@ static void test_thread_count_independence(void **state) {
     float *logits = falloc((size_t)S * E), *dw = falloc((size_t)S * K);
     fill_uniform(logits, (size_t)S * E, 5, -1, 1);
     fill_uniform(dw, (size_t)S * K, 6, -1, 1);
-    float *probs[2], *weight[2], *dl[2], aux[2];
-    int32_t *choice[2], *slot[2], counts[2][4], kept[2][4];
+    float *probs[2], *weight[2], *dl[2], agrad[4] = {0.3f, -0.1f, 0.05f, 0.2f};
+    int32_t *choice[2], *slot[2], counts[2][4], kept[2][4], first[2][4];
+    double psum[2][4];
     for (int t = 0; t < 2; t++) {
         dsmoe_kernel_ctx *ctx = ctx_threads(t + 1);
         probs[t] = falloc((size_t)S * E), weight[t] = falloc((size_t)S * K), dl[t] = falloc((size_t)S * E);
         choice[t] = malloc(sizeof(int32_t) * S * K), slot[t] = malloc(sizeof(int32_t) * S * K);
         fill_const(dl[t], (size_t)S * E, 0.0f);
         assert_int_equal(cpu_gate_route(ctx, &p, logits, probs[t], choice[t], counts[t]), DSMOE_OK);
-        assert_int_equal(cpu_gate_assign(ctx, &p, C, probs[t], choice[t], slot[t], weight[t], kept[t], &aux[t]), DSMOE_OK);
-        assert_int_equal(cpu_gate_backward(ctx, &p, dl[t], probs[t], choice[t], slot[t], dw, 0.3f), DSMOE_OK);
+        assert_int_equal(cpu_gate_assign(ctx, &p, C, probs[t], choice[t], slot[t], weight[t], kept[t], psum[t], first[t]),
+                         DSMOE_OK);
+        assert_int_equal(cpu_gate_backward(ctx, &p, dl[t], probs[t], choice[t], slot[t], dw, agrad), DSMOE_OK);
     }
     assert_memory_equal(probs[0], probs[1], sizeof(float) * S * E);
     assert_memory_equal(choice[0], choice[1], sizeof(int32_t) * S * K);
@@ -581,7 +629,8 @@ static void test_thread_count_independence(void **state) {
     assert_memory_equal(dl[0], dl[1], sizeof(float) * S * E);
     assert_memory_equal(counts[0], counts[1], sizeof counts[0]);
     assert_memory_equal(kept[0], kept[1], sizeof kept[0]);
-    assert_true(aux[0] == aux[1]);
+    assert_memory_equal(psum[0], psum[1], sizeof psum[0]);
+    assert_memory_equal(first[0], first[1], sizeof first[0]);
     for (int t = 0; t < 2; t++) free(probs[t]), free(weight[t]), free(dl[t]), free(choice[t]), free(slot[t]);
     free(logits), free(dw);
 }
@@ -597,8 +646,9 @@ static void expect_invalid(dsmoe_status st, const char *needle) {
 static void test_invalid_arguments(void **state) {
     (void)state;
     dsmoe_kernel_ctx *ctx = ctx_threads(1);
-    float logits[8] = {0}, probs[8], weight[4], aux, buf[64], x[8];
-    int32_t choice[4] = {0, 1, 1, 0}, slot[4] = {0, 0, 1, 1}, counts[4], kept[4];
+    float logits[8] = {0}, probs[8], weight[4], buf[64], x[8], agrad[3] = {0};
+    int32_t choice[4] = {0, 1, 1, 0}, slot[4] = {0, 0, 1, 1}, counts[4], kept[4], first[4];
+    double psum[4];
     dsmoe_gating_params p = params(2, 2, 3);
     expect_invalid(cpu_gate_route(ctx, &p, logits, probs, choice, counts), "K = 3");
     p = params(2, 1, 2);
@@ -606,21 +656,28 @@ static void test_invalid_arguments(void **state) {
     p = params(-1, 2, 1);
     expect_invalid(cpu_gate_route(ctx, &p, logits, probs, choice, counts), "S = -1");
     p = params(2, 2, 2);
-    expect_invalid(cpu_gate_assign(ctx, &p, -1, probs, choice, slot, weight, kept, &aux), "C = -1");
-    expect_invalid(cpu_gate_backward(ctx, NULL, logits, probs, choice, slot, weight, 0), "params are NULL");
+    expect_invalid(cpu_gate_assign(ctx, &p, -1, probs, choice, slot, weight, kept, psum, first), "C = -1");
+    expect_invalid(cpu_gate_assign(ctx, &p, 2, probs, choice, slot, weight, kept, NULL, first), "host_prob_sum is NULL");
+    expect_invalid(cpu_gate_assign(ctx, &p, 2, probs, choice, slot, weight, kept, psum, NULL), "host_first_count is NULL");
+    expect_invalid(cpu_gate_backward(ctx, NULL, logits, probs, choice, slot, weight, agrad), "params are NULL");
+    expect_invalid(cpu_gate_backward(ctx, &p, logits, probs, choice, slot, weight, NULL), "host_aux_grad is NULL");
     // Tables out of range, or with a slot held twice.
     expect_invalid(cpu_moe_dispatch(ctx, buf, x, choice, (int32_t[]){0, 0, 2, 1}, 2, 2, 2, 2, 2), "slot[2]");
     expect_invalid(cpu_moe_dispatch(ctx, buf, x, (int32_t[]){0, 2, 1, 0}, slot, 2, 2, 2, 2, 2), "choice[1]");
     expect_invalid(cpu_moe_dispatch(ctx, buf, x, choice, (int32_t[]){0, 0, 0, 1}, 2, 2, 2, 2, 2), "both hold slot 0");
     expect_invalid(cpu_moe_combine(ctx, x, buf, choice, slot, weight, 2, 2, 2, -1, 2), "C = -1");
     assert_int_equal(cpu_moe_dispatch(ctx, buf, x, choice, slot, 2, 2, 2, 2, 2), DSMOE_OK);
-    // No tokens is valid: counts zero, l_aux 0.
+    // No tokens is valid: counts and sums zero (assigned over whatever the arrays held).
     p = params(0, 3, 2);
     counts[0] = counts[1] = counts[2] = 9;
+    first[0] = first[1] = first[2] = 9;
+    psum[0] = psum[1] = psum[2] = 9;
     assert_int_equal(cpu_gate_route(ctx, &p, NULL, NULL, NULL, counts), DSMOE_OK);
     assert_ints(counts, (int32_t[]){0, 0, 0}, 3, "counts S=0");
-    assert_int_equal(cpu_gate_assign(ctx, &p, 4, NULL, NULL, NULL, NULL, kept, &aux), DSMOE_OK);
-    assert_true(aux == 0.0f);
+    assert_int_equal(cpu_gate_assign(ctx, &p, 4, NULL, NULL, NULL, NULL, kept, psum, first), DSMOE_OK);
+    assert_ints(first, (int32_t[]){0, 0, 0}, 3, "first S=0");
+    assert_true(psum[0] == 0 && psum[1] == 0 && psum[2] == 0);
+    assert_int_equal(cpu_gate_backward(ctx, &p, NULL, NULL, NULL, NULL, NULL, agrad), DSMOE_OK);
 }
 
 int main(void) {

@@ -1,9 +1,8 @@
-// tests/test_moe_layer.c: the MoE layer (core/moe_layer.c) through the real plugins (cpu kernels, mpi
-// comm). On one rank: forward against an independent naive reference in double (softmax, top-k,
+// tests/test_moe_layer.c: the MoE layer (core/moe_layer.c) on one rank, through the real plugins (cpu
+// kernels, mpi comm): forward against an independent naive reference in double (softmax, top-k,
 // capacity in token order, per-token expert FFN with tanh-GELU), and every gradient against central
 // finite differences of L = sum(r * out) + daux * l_aux computed through that reference in double.
-// On 2 and 4 ranks (ep = ranks): each rank's result equals a one-rank layer (all experts local, on a
-// group made from MPI_COMM_SELF) run on that rank's tokens; expert gradients summed over ranks agree.
+// Expert parallelism on 2 and 4 ranks: tests/test_moe_layer_ep.c.
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -17,121 +16,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "config.h" // dsmoe_capacity
 #include "dsmoe/rng.h"
-#include "moe_layer.h"
-#include "runtime.h"
+#include "moe_layer_testutil.h"
 
 // The jitter sub-key the layer derives from step->seed (docs/moe-layer.md), written again here.
 #define TAG_JITTER 0x4A495454ull
-
-static dsmoe_runtime rt;
-static dsmoe_comm_group *self_group; // a group of one (MPI_COMM_SELF): the ep = 1 reference layer
-static int world_rank, world_size;
-
-// ----------------------------------------------------------------------------------------------------
-// host problems and kernel buffers
-
-typedef struct problem {
-    int S, M, F, E, K;
-    float *x;  // (S, M)
-    float *wg; // (E, M)
-    float *w1; // (E, F, M)
-    float *b1; // (E, F)
-    float *w2; // (E, M, F)
-    float *b2; // (E, M)
-} problem;
-
-static float *host_alloc(size_t n) {
-    float *p = calloc(n ? n : 1, sizeof(float));
-    assert_non_null(p);
-    return p;
-}
-
-static void fill_normal(float *p, size_t n, uint64_t key, float std) {
-    for (size_t i = 0; i < n; i++) p[i] = std * dsmoe_rng_normal(key, i);
-}
-
-// Weights from `wkey` (the same on every rank), tokens from `xkey`.
-static problem problem_make(int S, int M, int F, int E, int K, uint64_t wkey, uint64_t xkey) {
-    problem p = {.S = S, .M = M, .F = F, .E = E, .K = K};
-    p.x = host_alloc((size_t)S * M);
-    p.wg = host_alloc((size_t)E * M);
-    p.w1 = host_alloc((size_t)E * F * M);
-    p.b1 = host_alloc((size_t)E * F);
-    p.w2 = host_alloc((size_t)E * M * F);
-    p.b2 = host_alloc((size_t)E * M);
-    fill_normal(p.x, (size_t)S * M, dsmoe_rng_key(xkey, 1, 0, 0), 1.0f);
-    fill_normal(p.wg, (size_t)E * M, dsmoe_rng_key(wkey, 2, 0, 0), 1.0f / sqrtf((float)M));
-    fill_normal(p.w1, (size_t)E * F * M, dsmoe_rng_key(wkey, 3, 0, 0), 1.0f / sqrtf((float)M));
-    fill_normal(p.b1, (size_t)E * F, dsmoe_rng_key(wkey, 4, 0, 0), 0.2f);
-    fill_normal(p.w2, (size_t)E * M * F, dsmoe_rng_key(wkey, 5, 0, 0), 1.0f / sqrtf((float)F));
-    fill_normal(p.b2, (size_t)E * M, dsmoe_rng_key(wkey, 6, 0, 0), 0.2f);
-    return p;
-}
-
-static void problem_free(problem *p) {
-    free(p->x);
-    free(p->wg);
-    free(p->w1);
-    free(p->b1);
-    free(p->w2);
-    free(p->b2);
-}
-
-static float *dev_copy(const float *host, size_t n) {
-    void *d = NULL;
-    assert_int_equal(rt.kern->alloc(rt.kctx, n * sizeof(float), &d), DSMOE_OK);
-    if (n) assert_int_equal(rt.kern->copy_to_device(rt.kctx, d, host, n * sizeof(float)), DSMOE_OK);
-    return d;
-}
-
-static float *dev_fill(size_t n, float v) {
-    float *h = host_alloc(n);
-    for (size_t i = 0; i < n; i++) h[i] = v;
-    float *d = dev_copy(h, n);
-    free(h);
-    return d;
-}
-
-static void to_host(float *host, const float *dev, size_t n) {
-    if (n) assert_int_equal(rt.kern->copy_to_host(rt.kctx, host, dev, n * sizeof(float)), DSMOE_OK);
-}
-
-// Kernel-memory weights of experts [e0, e0 + El) of p (the router is always whole), or gradient
-// buffers of those shapes filled with `fill` (to check that the backward accumulates).
-static dsmoe_moe_weights weights_dev(const problem *p, int e0, int El) {
-    size_t FM = (size_t)p->F * p->M;
-    return (dsmoe_moe_weights){
-        .wg = dev_copy(p->wg, (size_t)p->E * p->M), .w1 = dev_copy(p->w1 + e0 * FM, El * FM),
-        .b1 = dev_copy(p->b1 + (size_t)e0 * p->F, (size_t)El * p->F), .w2 = dev_copy(p->w2 + e0 * FM, El * FM),
-        .b2 = dev_copy(p->b2 + (size_t)e0 * p->M, (size_t)El * p->M)};
-}
-
-static dsmoe_moe_weights grads_dev(const problem *p, int El, float fill) {
-    size_t FM = (size_t)p->F * p->M;
-    return (dsmoe_moe_weights){.wg = dev_fill((size_t)p->E * p->M, fill), .w1 = dev_fill(El * FM, fill),
-                               .b1 = dev_fill((size_t)El * p->F, fill), .w2 = dev_fill(El * FM, fill),
-                               .b2 = dev_fill((size_t)El * p->M, fill)};
-}
-
-static void weights_free(dsmoe_moe_weights *w) {
-    float *b[] = {w->wg, w->w1, w->b1, w->w2, w->b2};
-    for (int i = 0; i < 5; i++) rt.kern->free(rt.kctx, b[i]);
-}
-
-static dsmoe_moe_config layer_config(const problem *p, int ep, dsmoe_comm_group *group) {
-    return (dsmoe_moe_config){.S = p->S, .M = p->M, .F = p->F, .E = p->E, .K = p->K, .capacity_factor = 1.0f,
-                              .eval_capacity_factor = 1.0f, .min_capacity = 0, .drop_tokens = 1,
-                              .random_token_selection = 0, .noise = DSMOE_NOISE_NONE, .jitter_eps = 0.0f,
-                              .ep = ep, .ep_group = group};
-}
-
-static dsmoe_moe_layer *layer_make(const dsmoe_moe_config *cfg) {
-    dsmoe_moe_layer *L = NULL;
-    dsmoe_err err = {0};
-    if (dsmoe_moe_layer_create(&rt, cfg, &L, &err) != DSMOE_OK) fail_msg("layer create: %s", err.msg);
-    return L;
-}
 
 // ----------------------------------------------------------------------------------------------------
 // naive reference in double
@@ -526,170 +416,60 @@ static void test_bad_config(void **s) {
     cfg = layer_config(&p, 2, self_group); // divides E, but the group has one rank
     assert_int_equal(dsmoe_moe_layer_create(&rt, &cfg, &L, &err), DSMOE_ERR_INVALID);
     assert_non_null(strstr(err.msg, "group has 1"));
+    cfg = layer_config(&p, 1, self_group);
+    cfg.ep_comm = MPI_COMM_NULL;
+    assert_int_equal(dsmoe_moe_layer_create(&rt, &cfg, &L, &err), DSMOE_ERR_INVALID);
+    assert_non_null(strstr(err.msg, "ep_comm is not set"));
+    cfg = layer_config(&p, 1, self_group);
+    cfg.aux_scope = 2;
+    assert_int_equal(dsmoe_moe_layer_create(&rt, &cfg, &L, &err), DSMOE_ERR_INVALID);
+    assert_non_null(strstr(err.msg, "aux_scope=2"));
+    cfg = layer_config(&p, 1, self_group);
+    cfg.alltoall = 3;
+    assert_int_equal(dsmoe_moe_layer_create(&rt, &cfg, &L, &err), DSMOE_ERR_INVALID);
+    assert_non_null(strstr(err.msg, "alltoall=3"));
     assert_null(L);
     problem_free(&p);
 }
 
-// ----------------------------------------------------------------------------------------------------
-// expert parallelism: ep = world size against a one-rank layer per rank
-
-// The largest value of v over all ranks (every rank then asserts on the same number).
-static double all_max(double v) {
-    double r;
-    MPI_Allreduce(&v, &r, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
-    return r;
-}
-
-static void expect_close(const char *what, const float *got, const float *want, size_t n, double rel) {
-    double md = 0, mr = 0;
-    for (size_t i = 0; i < n; i++) {
-        double d = fabs((double)got[i] - want[i]);
-        md = d > md || isnan(d) ? (isnan(d) ? INFINITY : d) : md;
-        mr = fabs(want[i]) > mr ? fabs(want[i]) : mr;
-    }
-    md = all_max(md);
-    mr = all_max(mr);
-    if (!(md <= rel * mr + 1e-6)) fail_msg("%s: max difference %.3g (max |reference| %.3g)", what, md, mr);
-}
-
-typedef struct ep_case {
-    const char *name;
-    int E_per_rank, K, dropless, rts, noise, training;
-    float cf;
-} ep_case;
-
-static void run_ep_case(const ep_case *c) {
-    int R = world_size, r = world_rank, E = c->E_per_rank * R, El = c->E_per_rank;
-    const int S = 24, M = 8, F = 12;
-    problem p = problem_make(S, M, F, E, c->K, 301, dsmoe_rng_key(302, (uint64_t)r, 0, 0));
-    // Rank 0 never picks expert E-1 (a strongly negative router score): it sends that expert nothing.
-    for (int e = 0; e < E; e++) p.wg[e * M] = e == E - 1 ? 3.0f : 0.0f;
-    if (r == 0)
-        for (int t = 0; t < S; t++) p.x[t * M] = -3.0f - fabsf(p.x[t * M]);
-    else
-        for (int t = 0; t < S; t++) p.x[t * M] = 0.3f * p.x[t * M];
-
-    dsmoe_moe_config cfg = layer_config(&p, R, rt.world);
-    cfg.capacity_factor = cfg.eval_capacity_factor = c->cf;
-    cfg.drop_tokens = !c->dropless;
-    cfg.random_token_selection = c->rts;
-    cfg.noise = c->noise;
-    cfg.jitter_eps = 0.1f;
-    dsmoe_moe_config rcfg = cfg;
-    rcfg.ep = 1;
-    rcfg.ep_group = self_group;
-    dsmoe_moe_layer *L = layer_make(&cfg), *Lr = layer_make(&rcfg);
-    dsmoe_moe_weights w = weights_dev(&p, r * El, El), wr = weights_dev(&p, 0, E);
-    size_t SM = (size_t)S * M, FM = (size_t)F * M;
-    float *x = dev_copy(p.x, SM), *out = dev_fill(SM, 0), *out_r = dev_fill(SM, 0);
-    dsmoe_moe_step step = {.training = c->training, .seed = 77, .token_offset = (uint64_t)r * S};
-    dsmoe_moe_stats st, st_r;
+// Capacity follows config.h's rule (dsmoe_capacity): a float cf of 1.1 on 100 tokens over 10 experts
+// is 11 slots (a plain ceil of 100/10 * 1.10000002 would give 12); 1.25 gives ceil(12.5) = 13.
+static void test_capacity_rule(void **s) {
+    (void)s;
+    problem p = problem_make(100, 4, 4, 10, 1, 21, 22);
+    dsmoe_moe_config cfg = layer_config(&p, 1, self_group);
+    cfg.capacity_factor = 1.1f;
+    cfg.eval_capacity_factor = 1.25f;
+    dsmoe_moe_layer *L = layer_make(&cfg);
+    dsmoe_moe_weights w = weights_dev(&p, 0, p.E);
+    size_t SM = (size_t)p.S * p.M;
+    float *x = dev_copy(p.x, SM), *out = dev_fill(SM, 0);
     dsmoe_err err = {0};
-    if (dsmoe_moe_forward(L, &w, x, out, &step, &st, &err) != DSMOE_OK) fail_msg("%s: ep forward: %s", c->name, err.msg);
-    if (dsmoe_moe_forward(Lr, &wr, x, out_r, &step, &st_r, &err) != DSMOE_OK)
-        fail_msg("%s: reference forward: %s", c->name, err.msg);
-
-    float *h = host_alloc(SM), *hr = host_alloc(SM);
-    to_host(h, out, SM);
-    to_host(hr, out_r, SM);
-    expect_close("forward out", h, hr, SM, 1e-6);
-    assert_true(all_max(fabs(st.aux_loss - st_r.aux_loss)) <= 1e-6);
-    assert_int_equal(st.dropped, st_r.dropped);
-    for (int e = 0; e < E; e++) assert_int_equal(st.expert_load[e], st_r.expert_load[e]);
-    // Dropless: the EP group agrees on the largest count of any rank.
-    assert_int_equal(st.capacity, c->dropless ? (int)all_max(st_r.capacity) : st_r.capacity);
-    // The layout this test is about: rank 0 sends nothing to expert E-1, another rank does.
-    assert_int_equal(all_max(r == 0 ? st.expert_load[E - 1] : 0), 0);
-    assert_true(all_max(r != 0 ? st.expert_load[E - 1] : 0) > 0);
-
-    float *rh = host_alloc(SM);
-    fill_normal(rh, SM, dsmoe_rng_key(303, (uint64_t)r, 0, 0), 1.0f);
-    float *dout = dev_copy(rh, SM), *dx = dev_fill(SM, 0), *dx_r = dev_fill(SM, 0);
-    dsmoe_moe_weights g = grads_dev(&p, El, 0), gr = grads_dev(&p, E, 0);
-    if (dsmoe_moe_backward(L, &w, &g, dout, dx, 0.3f, &err) != DSMOE_OK) fail_msg("%s: ep backward: %s", c->name, err.msg);
-    if (dsmoe_moe_backward(Lr, &wr, &gr, dout, dx_r, 0.3f, &err) != DSMOE_OK)
-        fail_msg("%s: reference backward: %s", c->name, err.msg);
-    to_host(h, dx, SM);
-    to_host(hr, dx_r, SM);
-    expect_close("dx", h, hr, SM, 1e-6);
-    float *a = host_alloc((size_t)E * M), *b = host_alloc((size_t)E * M);
-    to_host(a, g.wg, (size_t)E * M);
-    to_host(b, gr.wg, (size_t)E * M);
-    expect_close("dwg (this rank's tokens)", a, b, (size_t)E * M, 1e-6);
-    free(a);
-    free(b);
-    // Expert gradients: the reference's, summed over ranks, against the owner's.
-    struct { const char *what; float *ep, *ref; size_t per_expert; } eg[] = {
-        {"dw1", g.w1, gr.w1, FM}, {"db1", g.b1, gr.b1, (size_t)F}, {"dw2", g.w2, gr.w2, FM}, {"db2", g.b2, gr.b2, (size_t)M}};
-    for (int i = 0; i < 4; i++) {
-        size_t n = (size_t)E * eg[i].per_expert, nl = (size_t)El * eg[i].per_expert;
-        float *sum = host_alloc(n), *mine = host_alloc(nl);
-        to_host(sum, eg[i].ref, n);
-        MPI_Allreduce(MPI_IN_PLACE, sum, (int)n, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD);
-        to_host(mine, eg[i].ep, nl);
-        expect_close(eg[i].what, mine, sum + (size_t)r * nl, nl, 1e-5);
-        free(sum);
-        free(mine);
+    for (int training = 1; training >= 0; training--) {
+        dsmoe_moe_step step = {.training = training, .seed = 3, .token_offset = 0};
+        dsmoe_moe_stats st;
+        if (dsmoe_moe_forward(L, &w, x, out, &step, &st, &err) != DSMOE_OK) fail_msg("forward: %s", err.msg);
+        assert_int_equal(st.capacity, training ? 11 : 13);
+        assert_int_equal(st.capacity, dsmoe_capacity(p.S, p.E, p.K, training ? 1.1f : 1.25f, 0));
     }
-
+    rt.kern->free(rt.kctx, x);
+    rt.kern->free(rt.kctx, out);
     weights_free(&w);
-    weights_free(&wr);
-    weights_free(&g);
-    weights_free(&gr);
-    float *bufs[] = {x, out, out_r, dout, dx, dx_r};
-    for (int i = 0; i < 6; i++) rt.kern->free(rt.kctx, bufs[i]);
-    free(h);
-    free(hr);
-    free(rh);
-    problem_free(&p);
     dsmoe_moe_layer_free(L);
-    dsmoe_moe_layer_free(Lr);
-}
-
-static void test_ep_top2_rts_rsample(void **s) {
-    (void)s;
-    run_ep_case(&(ep_case){"top2 rts rsample", 2, 2, 0, 1, DSMOE_NOISE_RSAMPLE, 1, 1.0f});
-}
-static void test_ep_top1_dropless_jitter(void **s) {
-    (void)s;
-    run_ep_case(&(ep_case){"top1 dropless jitter", 1, 1, 1, 0, DSMOE_NOISE_JITTER, 1, 1.0f});
-}
-static void test_ep_top1_eval(void **s) {
-    (void)s;
-    run_ep_case(&(ep_case){"top1 eval", 2, 1, 0, 0, DSMOE_NOISE_NONE, 0, 1.5f});
+    problem_free(&p);
 }
 
 int main(int argc, char **argv) {
-    MPI_Init(&argc, &argv);
-    dsmoe_err err = {0};
-    if (dsmoe_runtime_open("cpu", "mpi", "", 1, &rt, &err) != DSMOE_OK) {
-        fprintf(stderr, "runtime: %s\n", err.msg);
-        MPI_Finalize();
-        return 1;
-    }
-    world_rank = rt.world_rank;
-    world_size = rt.world_size;
-    if (rt.comm->group_create(rt.cctx, MPI_COMM_SELF, &self_group) != DSMOE_OK) {
-        fprintf(stderr, "group_create(MPI_COMM_SELF): %s\n", rt.comm->last_error(rt.cctx));
-        MPI_Finalize();
-        return 1;
-    }
-    const struct CMUnitTest one_rank[] = {
+    if (moe_test_open(&argc, &argv) != 0) return 1;
+    const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_top1_drops),     cmocka_unit_test(test_top1_no_drops),
         cmocka_unit_test(test_top2_drops),     cmocka_unit_test(test_top2_no_drops),
         cmocka_unit_test(test_top1_dropless),  cmocka_unit_test(test_top2_dropless),
         cmocka_unit_test(test_top2_jitter),    cmocka_unit_test(test_eval_capacity),
         cmocka_unit_test(test_capacity_growth), cmocka_unit_test(test_bad_config),
+        cmocka_unit_test(test_capacity_rule),
     };
-    const struct CMUnitTest many_ranks[] = {
-        cmocka_unit_test(test_ep_top2_rts_rsample),
-        cmocka_unit_test(test_ep_top1_dropless_jitter),
-        cmocka_unit_test(test_ep_top1_eval),
-    };
-    int failed = world_size == 1 ? cmocka_run_group_tests_name("moe layer, one rank", one_rank, NULL, NULL)
-                                 : cmocka_run_group_tests_name("moe layer, expert parallel", many_ranks, NULL, NULL);
-    rt.comm->group_destroy(rt.cctx, self_group);
-    dsmoe_runtime_close(&rt);
-    MPI_Finalize();
+    int failed = cmocka_run_group_tests_name("moe layer, one rank", tests, NULL, NULL);
+    moe_test_close();
     return failed;
 }

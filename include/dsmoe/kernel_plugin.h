@@ -173,14 +173,20 @@ typedef struct dsmoe_kernel_plugin_v1 {
     // the largest priority dsmoe_rng_uniform(rts key of the level, token_offset + s) under RTS; kept tokens
     // get consecutive slots in token order. weight = probs of a kept choice, 0 when dropped; for K = 2
     // the kept weights are divided by max(sum, FLT_EPSILON). host_kept (E) int32 = slots used per
-    // expert; host_aux[0] = l_aux = E * sum_e mean_s(probs[s,e]) * mean_s(choice[s,0] == e).
+    // expert. The load-balancing loss's per-expert sums over this rank's tokens (the caller reduces
+    // them over ranks and forms l_aux, docs/gating.md section 3): host_prob_sum (E) double =
+    // sum_s probs[s,e], summed in double in token order; host_first_count (E) int32 =
+    // sum_s [choice[s,0] == e] (first choices before capacity drops). All host outputs assigned.
     dsmoe_status (*gate_assign)(dsmoe_kernel_ctx *ctx, const dsmoe_gating_params *p, int C,
                                 const float *probs, const int32_t *choice, int32_t *slot, float *weight,
-                                int32_t *host_kept, float *host_aux);
-    // Backward of route + assign: dlogits (S, E) += d/dlogits of [sum dweight * weight + daux * l_aux].
+                                int32_t *host_kept, double *host_prob_sum, int32_t *host_first_count);
+    // Backward of route + assign: dlogits (S, E) += d/dlogits of
+    // [sum_{s,k} dweight[s,k] * weight[s,k] + sum_{s,e} host_aux_grad[e] * probs[s,e]].
+    // host_aux_grad (E) HOST floats: d(loss)/d(probs[s,e]) of the load-balancing loss, the same for
+    // every token s (the caller computes it from the reduced sums: daux * E * N_e / S_tot^2).
     dsmoe_status (*gate_backward)(dsmoe_kernel_ctx *ctx, const dsmoe_gating_params *p, float *dlogits,
                                   const float *probs, const int32_t *choice, const int32_t *slot,
-                                  const float *dweight, float daux);
+                                  const float *dweight, const float *host_aux_grad);
     // Dispatch (assigns): buf (E, C, M) = rows of x (S, M) at their (expert, slot); unused slots 0.
     dsmoe_status (*moe_dispatch)(dsmoe_kernel_ctx *ctx, float *buf, const float *x, const int32_t *choice,
                                  const int32_t *slot, int S, int K, int E, int C, int M);

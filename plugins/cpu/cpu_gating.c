@@ -171,7 +171,7 @@ dsmoe_status cpu_gate_route(dsmoe_kernel_ctx *ctx, const dsmoe_gating_params *p,
 }
 
 // ------------------------------------------------------------------------------------------------
-// assign: capacity, slots, weights, l_aux
+// assign: capacity, slots, weights, the load-balancing sums
 
 typedef struct rts_entry {
     float u;   // priority dsmoe_rng_uniform(key_rts(level), token_offset + s)
@@ -226,13 +226,14 @@ static void assign_level(const dsmoe_gating_params *p, int C, int level, const i
 
 dsmoe_status cpu_gate_assign(dsmoe_kernel_ctx *ctx, const dsmoe_gating_params *p, int C, const float *probs,
                              const int32_t *choice, int32_t *slot, float *weight, int32_t *host_kept,
-                             float *host_aux) {
+                             double *host_prob_sum, int32_t *host_first_count) {
     dsmoe_status st = check_gating_params(ctx, "gate_assign", p);
     if (st != DSMOE_OK) return st;
     const int S = p->S, E = p->E, K = p->K;
     if (C < 0) return cpu_fail(ctx, DSMOE_ERR_INVALID, "cpu: gate_assign: capacity C = %d, expected >= 0", C);
     GATE_NEED(host_kept, "gate_assign");
-    GATE_NEED(host_aux, "gate_assign");
+    GATE_NEED(host_prob_sum, "gate_assign");
+    GATE_NEED(host_first_count, "gate_assign");
     if (S > 0) {
         GATE_NEED(probs, "gate_assign");
         GATE_NEED(choice, "gate_assign");
@@ -280,38 +281,32 @@ dsmoe_status cpu_gate_assign(dsmoe_kernel_ctx *ctx, const dsmoe_gating_params *p
         }
     }
 
-    // l_aux = E * sum_e me_e * ce_e with me_e = mean_s probs[s,e], ce_e = mean_s [choice[s,0] == e]
-    // (the first choice before capacity drops). Summed in double in token order.
-    double aux = 0.0;
-    if (S > 0) {
-        double *me = (double *)calloc((size_t)E, sizeof *me);
-        if (me == NULL) {
-            free(scratch);
-            return cpu_fail(ctx, DSMOE_ERR_NOMEM, "cpu: gate_assign: no memory for %d expert means", E);
-        }
-        for (int s = 0; s < S; s++)
-            for (int e = 0; e < E; e++) me[e] += probs[(size_t)s * E + e];
-        for (int e = 0; e < E; e++) aux += (me[e] / S) * ((double)n[e] / S);
-        aux *= E;
-        free(me);
+    // The load-balancing loss's sums over this rank's tokens (the caller reduces and forms l_aux):
+    // P_e = sum_s probs[s,e] in double in token order, N_e = first choices (before capacity drops).
+    for (int e = 0; e < E; e++) {
+        host_prob_sum[e] = 0.0;
+        host_first_count[e] = n[e];
     }
-    host_aux[0] = (float)aux;
+    for (int s = 0; s < S; s++)
+        for (int e = 0; e < E; e++) host_prob_sum[e] += probs[(size_t)s * E + e];
     free(scratch);
     return DSMOE_OK;
 }
 
-// Backward of route + assign. With g = probs[s] and L = sum_k dweight[s,k] * weight[s,k] + daux * l_aux:
-//   dL/dg_e  = daux * E * ce_e / S                                   (every e: the aux term)
+// Backward of route + assign. With g = probs[s] and
+// L = sum_k dweight[s,k] * weight[s,k] + sum_e aux_grad[e] * g_e (aux_grad = host_aux_grad):
+//   dL/dg_e  = aux_grad[e]                                           (every e: the load-balancing term)
 //            + [top-1] dweight[s,0]                       at e = choice[s,0] if kept
 //            + [top-2] dweight[s,j] / den - (sum_i dweight[s,i] g_i) / den^2   at each kept e = choice[s,j]
 //              with den = g_1 + g_2 over kept choices (only the first term when den is clamped to eps)
 //   dlogits += g * (dL/dg - sum_e g_e dL/dg_e)                       (softmax backward)
 dsmoe_status cpu_gate_backward(dsmoe_kernel_ctx *ctx, const dsmoe_gating_params *p, float *dlogits,
                                const float *probs, const int32_t *choice, const int32_t *slot,
-                               const float *dweight, float daux) {
+                               const float *dweight, const float *host_aux_grad) {
     dsmoe_status st = check_gating_params(ctx, "gate_backward", p);
     if (st != DSMOE_OK) return st;
     const int S = p->S, E = p->E, K = p->K;
+    GATE_NEED(host_aux_grad, "gate_backward");
     if (S == 0) return DSMOE_OK;
     GATE_NEED(dlogits, "gate_backward");
     GATE_NEED(probs, "gate_backward");
@@ -322,12 +317,7 @@ dsmoe_status cpu_gate_backward(dsmoe_kernel_ctx *ctx, const dsmoe_gating_params 
         if (choice[i] < 0 || choice[i] >= E)
             return cpu_fail(ctx, DSMOE_ERR_INVALID, "cpu: gate_backward: choice[%zu] (token %zu) = %d, expected [0, %d)", i,
                             i / K, choice[i], E);
-
-    float *daux_g = malloc((size_t)E * sizeof *daux_g); // (E) dL/dg_e of the aux term, same for every s
-    if (daux_g == NULL) return cpu_fail(ctx, DSMOE_ERR_NOMEM, "cpu: gate_backward: no memory for %d floats", E);
-    for (int e = 0; e < E; e++) daux_g[e] = 0.0f;
-    for (int s = 0; s < S; s++) daux_g[choice[(size_t)s * K]] += 1.0f; // first-choice counts
-    for (int e = 0; e < E; e++) daux_g[e] = (float)((double)daux * E * ((double)daux_g[e] / S) / S);
+    const float *daux_g = host_aux_grad; // (E) dL/dg_e of the aux term, the same for every s
 
     const int nt = gate_threads(ctx);
 #pragma omp parallel for num_threads(nt) schedule(static) if ((size_t)S * E >= GATE_PARALLEL_MIN_WORK)
@@ -359,7 +349,6 @@ dsmoe_status cpu_gate_backward(dsmoe_kernel_ctx *ctx, const dsmoe_gating_params 
         for (int e = 0; e < E; e++) dl[e] += g[e] * (daux_g[e] - fdot);
         for (int k = 0; k < K; k++) dl[c[k]] += g[c[k]] * dgk[k];
     }
-    free(daux_g);
     return DSMOE_OK;
 }
 

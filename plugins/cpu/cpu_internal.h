@@ -27,10 +27,10 @@ dsmoe_status cpu_gate_route(dsmoe_kernel_ctx *ctx, const dsmoe_gating_params *p,
                             float *probs, int32_t *choice, int32_t *host_counts);
 dsmoe_status cpu_gate_assign(dsmoe_kernel_ctx *ctx, const dsmoe_gating_params *p, int C, const float *probs,
                              const int32_t *choice, int32_t *slot, float *weight, int32_t *host_kept,
-                             float *host_aux);
+                             double *host_prob_sum, int32_t *host_first_count);
 dsmoe_status cpu_gate_backward(dsmoe_kernel_ctx *ctx, const dsmoe_gating_params *p, float *dlogits,
                                const float *probs, const int32_t *choice, const int32_t *slot,
-                               const float *dweight, float daux);
+                               const float *dweight, const float *host_aux_grad);
 dsmoe_status cpu_moe_dispatch(dsmoe_kernel_ctx *ctx, float *buf, const float *x, const int32_t *choice,
                               const int32_t *slot, int S, int K, int E, int C, int M);
 dsmoe_status cpu_moe_dispatch_backward(dsmoe_kernel_ctx *ctx, float *dx, const float *dbuf,

@@ -87,8 +87,8 @@ done
 
 # 4. ZeRO stage 1 shards the AdamW state but changes no number: parameters and moments stay bitwise
 #    equal to stage 0, and a stage-1 checkpoint resumes on another layout without ZeRO.
-run zero0 4 moe.expert_parallel=2 train.steps=6 moe.drop_tokens=false
-run zero1 4 moe.expert_parallel=2 train.steps=6 train.zero_stage=1 moe.drop_tokens=false
+run zero0 4 moe.expert_parallel=2 train.steps=6 train.decay_steps=8 moe.drop_tokens=false
+run zero1 4 moe.expert_parallel=2 train.steps=6 train.decay_steps=8 train.zero_stage=1 moe.drop_tokens=false
 grep -q "AdamW state .*ZeRO-1: sharded" "$work/zero1.log" && ok "ZeRO-1 memory line" || fail "no ZeRO-1 memory line"
 z0=$(grep -o "AdamW state [0-9.]* MiB" "$work/zero0.log" | head -1 | awk '{print $3}')
 z1=$(grep -o "AdamW state [0-9.]* MiB" "$work/zero1.log" | head -1 | awk '{print $3}')
