@@ -4,7 +4,7 @@
 set -euo pipefail
 
 DSMOE_PACKAGES=(build-essential cmake pkg-config openmpi-bin libopenmpi-dev libhwloc-dev hwloc
-                libcmocka-dev libopenblas-dev)
+                libcmocka-dev libopenblas-dev procps)
 
 dsmoe_missing_packages() {
   local missing=()
