@@ -19,32 +19,11 @@
 
 #include "data.h"
 
-static char dir[256];
+#include "test_tmpdir.h" // dir, path_of, write_bytes, teardown
 
 static int setup(void **state) {
-    snprintf(dir, sizeof dir, "/tmp/dsmoe_test_data_XXXXXX");
-    return mkdtemp(dir) ? 0 : -1;
-}
-
-static int teardown(void **state) {
-    char cmd[300];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
-    return system(cmd);
-}
-
-static const char *path_of(const char *name) {
-    static char buf[8][512];
-    static int k;
-    k = (k + 1) % 8;
-    snprintf(buf[k], sizeof buf[k], "%s/%s", dir, name);
-    return buf[k];
-}
-
-static void write_bytes(const char *path, const void *data, size_t n) {
-    FILE *f = fopen(path, "wb");
-    assert_non_null(f);
-    assert_int_equal(fwrite(data, 1, n, f), n);
-    fclose(f);
+    (void)state;
+    return tmpdir_create("data");
 }
 
 static void patch(const char *path, long off, const void *data, size_t n) {

@@ -18,32 +18,11 @@
 
 #include "safetensors.h"
 
-static char dir[256];
+#include "test_tmpdir.h" // dir, path_of, write_bytes, teardown
 
 static int setup(void **state) {
-    snprintf(dir, sizeof dir, "/tmp/dsmoe_test_st_XXXXXX");
-    return mkdtemp(dir) ? 0 : -1;
-}
-
-static int teardown(void **state) {
-    char cmd[300];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
-    return system(cmd);
-}
-
-static const char *path_of(const char *name) {
-    static char buf[4][512];
-    static int k;
-    k = (k + 1) % 4;
-    snprintf(buf[k], sizeof buf[k], "%s/%s", dir, name);
-    return buf[k];
-}
-
-static void write_bytes(const char *path, const void *data, size_t n) {
-    FILE *f = fopen(path, "wb");
-    assert_non_null(f);
-    assert_int_equal(fwrite(data, 1, n, f), n);
-    fclose(f);
+    (void)state;
+    return tmpdir_create("st");
 }
 
 static size_t read_bytes(const char *path, char *buf, size_t cap) {
