@@ -84,23 +84,24 @@ dsmoe_status dsmoe_checkpoint_find_latest(const char *dir, char *path, size_t le
     return DSMOE_OK;
 }
 
-// Copies every tensor of one kind to host, gathering expert shards over the EP group to its rank 0.
-// slab: the parameters, or a moment in the parameters' layout.
-static dsmoe_status stage_host(dsmoe_model *m, MPI_Comm ep_comm, const float *slab, float *host, dsmoe_err *err) {
+// Copies every tensor of one kind to host, gathering expert shards over the EP group of the tensor's
+// layer (its own moe.expert_parallel) to that group's rank 0; world rank 0, which writes, is rank 0
+// of each of its groups. slab: the parameters, or a moment in the parameters' layout.
+static dsmoe_status stage_host(dsmoe_model *m, const float *slab, float *host, dsmoe_err *err) {
     dsmoe_runtime *rt = dsmoe_model_runtime(m);
     size_t off = 0;
     for (int i = 0; i < dsmoe_model_tensor_count(m); i++) {
         const dsmoe_param_tensor *t = dsmoe_model_tensor(m, i);
         size_t global = 1;
         for (int d = 0; d < t->ndim; d++) global *= (size_t)t->shape[d];
-        if (t->expert_layer < 0 || dsmoe_model_ep_size(m) == 1) {
+        if (t->expert_layer < 0 || dsmoe_model_ep_size(m, t->expert_layer) == 1) {
             KCALL(rt, copy_to_host, host + off, slab + t->offset, t->numel * sizeof(float));
         } else {
             float *shard = dsmoe_malloc(t->numel * sizeof(float), "checkpoint shard", err);
             if (!shard) return err->status;
             dsmoe_status s = rt->kern->copy_to_host(rt->kctx, shard, slab + t->offset, t->numel * sizeof(float));
             if (s == DSMOE_OK && MPI_Gather(shard, (int)t->numel, MPI_FLOAT, host + off, (int)t->numel, MPI_FLOAT, 0,
-                                            ep_comm) != MPI_SUCCESS)
+                                            dsmoe_model_ep_comm(m, t->expert_layer)) != MPI_SUCCESS)
                 s = dsmoe_err_set(err, DSMOE_ERR_SYSTEM, "MPI_Gather of %s failed", t->name);
             else if (s != DSMOE_OK)
                 dsmoe_err_set(err, s, "copying %s to host: %s", t->name, rt->kern->last_error(rt->kctx));
@@ -117,9 +118,6 @@ dsmoe_status dsmoe_checkpoint_save(dsmoe_model *m, dsmoe_optimizer *opt, const d
                                    size_t path_len, dsmoe_err *err) {
     int rank;
     MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-    int ep = dsmoe_model_ep_size(m);
-    MPI_Comm ep_comm;
-    MPI_Comm_split(MPI_COMM_WORLD, rank / ep, rank, &ep_comm);
     size_t global = dsmoe_model_global_params(m);
     float *host = NULL;
     dsmoe_st_writer *w = NULL;
@@ -134,10 +132,9 @@ dsmoe_status dsmoe_checkpoint_save(dsmoe_model *m, dsmoe_optimizer *opt, const d
         dsmoe_err_set(err, s, "allocating checkpoint staging: %s", rt->kern->last_error(rt->kctx));
     for (int kind = 0; kind < 3 && s == DSMOE_OK; kind++) {
         if (kind > 0) s = dsmoe_optimizer_get_state(opt, kind - 1, moment, err);
-        if (s == DSMOE_OK) s = stage_host(m, ep_comm, kind ? moment : dsmoe_model_params(m), host + kind * global, err);
+        if (s == DSMOE_OK) s = stage_host(m, kind ? moment : dsmoe_model_params(m), host + kind * global, err);
     }
     rt->kern->free(rt->kctx, moment);
-    MPI_Comm_free(&ep_comm);
     if (rank == 0 && s == DSMOE_OK) {
         w = dsmoe_st_writer_new();
         if (!w) s = dsmoe_err_set(err, DSMOE_ERR_NOMEM, "out of memory for the checkpoint writer");

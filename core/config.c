@@ -27,8 +27,8 @@ extern char **environ;
 // ---------------------------------------------------------------------------------------------------
 // The table
 
-enum { K_INT, K_U64, K_FLOAT, K_BOOL, K_ENUM, K_STRING, K_DURATION, K_EXPERTS };
-static const char *const type_names[] = {"int", "int", "float", "bool", "enum", "string", "duration", "list"};
+enum { K_INT, K_U64, K_FLOAT, K_BOOL, K_ENUM, K_STRING, K_DURATION, K_EXPERTS, K_EP_LIST };
+static const char *const type_names[] = {"int", "int", "float", "bool", "enum", "string", "duration", "list", "list"};
 
 // A numeric range: lo_kind '[' (>=) or '(' (>), hi_kind ']' (<=) or ')' (<), 0 = unbounded.
 typedef struct range {
@@ -98,8 +98,9 @@ static const key_def keys[] = {
     KEY("moe.residual", K_BOOL, "false", residual, ANY,
         "Residual MoE: dense MLP + one expert mixed by a learned coefficient (PR-MoE with a pyramid "
         "experts list); requires top_k = 1"),
-    KEY("moe.expert_parallel", K_INT, "1", expert_parallel, GE(1),
-        "ranks per expert-parallel group: must divide the number of ranks and every layer's experts"),
+    KEY("moe.expert_parallel", K_EP_LIST, "1", expert_parallel, ANY,
+        "ranks per expert-parallel group, per MoE layer like moe.experts (one value for every MoE layer, or "
+        "'ep xN' items); each must divide the number of ranks and its layer's experts"),
     ENUM("moe.aux_loss_scope", "batch", aux_loss_scope, v_aux_scope, "tokens the load-balancing loss is computed over: batch = each micro-step's tokens on all ranks (the same loss on any number of ranks), rank = each rank's own tokens (DeepSpeed)"),
     ENUM("moe.alltoall", "auto", alltoall, v_alltoall, "expert all-to-all: flat, hierarchical (inside nodes, then across), or auto (hierarchical for small messages on several nodes; flat when the ranks are not node-contiguous)"),
     KEY("moe.ranks_per_node", K_INT, "0", ranks_per_node, GE(0), "ranks per node for the hierarchical all-to-all; 0 = the real nodes, > 0 pretends (tests)"),
@@ -227,7 +228,7 @@ typedef struct loader {
         int src, line;
         char *text; // the winning value's text, for messages
     } at[N_KEYS];
-    dsmoe_experts_list ex;
+    dsmoe_experts_list ex, ep; // moe.experts, moe.expert_parallel as written
 } loader;
 
 static void loader_free(loader *L) {
@@ -319,6 +320,14 @@ static dsmoe_status set_value(loader *L, int k, const char *text, int src, int l
         break;
     case K_EXPERTS:
         dsmoe_deck_parse_experts(text, &L->ex, &why);
+        break;
+    case K_EP_LIST:
+        if (dsmoe_deck_parse_experts(text, &L->ep, &why) == 0 && L->ep.all && L->ep.count[0] < 1)
+            why = "must be >= 1";
+        else if (why && strncmp(why, "expected", 8) == 0)
+            why = "expected a rank count (e.g. 8) or a list of 'ep xN' items (e.g. 32 x10, 64 x2)";
+        else if (why && strncmp(why, "an expert count", 15) == 0)
+            why = "every expert-parallel size must be >= 1";
         break;
     }
     if (why) {
@@ -456,6 +465,30 @@ static dsmoe_status resolve_experts(loader *L, dsmoe_err *err) {
     return DSMOE_OK;
 }
 
+// Fills cfg->expert_parallel[] from the moe.expert_parallel list (after resolve_experts): a bare
+// value fills every entry, so a dense model keeps it too; a list must cover the MoE layers exactly.
+static dsmoe_status resolve_expert_parallel(loader *L, dsmoe_err *err) {
+    dsmoe_config *c = &L->cfg;
+    int kp = KIDX("moe.expert_parallel"), ke = KIDX("moe.experts");
+    char pre[1200];
+    memset(c->expert_parallel, 0, sizeof c->expert_parallel);
+    if (L->ep.all) {
+        for (int i = 0; i < DSMOE_MAX_MOE_LAYERS; i++) c->expert_parallel[i] = L->ep.count[0];
+        return DSMOE_OK;
+    }
+    int total = 0;
+    for (int i = 0; i < L->ep.n; i++) total += L->ep.reps[i];
+    if (total != c->n_moe_layers)
+        return dsmoe_err_set(err, DSMOE_ERR_INVALID, "%smoe.expert_parallel = %s: the list covers %d MoE layers but "
+                             "the model has %d (moe.experts = %s)", where(L, kp, ke, pre, sizeof pre),
+                             L->at[kp].text, total, c->n_moe_layers, L->at[ke].text);
+    for (int i = 0, l = 0; i < L->ep.n; i++)
+        for (int r = 0; r < L->ep.reps[i]; r++) c->expert_parallel[l++] = L->ep.count[i];
+    // Past the MoE layers the last value repeats, so "4 x2" and "4" resolve (and print) alike.
+    for (int l = c->n_moe_layers; l > 0 && l < DSMOE_MAX_MOE_LAYERS; l++) c->expert_parallel[l] = c->expert_parallel[l - 1];
+    return DSMOE_OK;
+}
+
 static dsmoe_status validate(loader *L, int world_size, dsmoe_err *err) {
     dsmoe_config *c = &L->cfg;
     char pre[1200];
@@ -496,17 +529,35 @@ static dsmoe_status validate(loader *L, int world_size, dsmoe_err *err) {
                  L->at[k_topk].text, i + 1, c->experts[i]);
     if (c->residual && c->top_k != 1)
         FAIL(k_res, k_topk, "moe.residual = %s: requires moe.top_k = 1 (it is %d)", L->at[k_res].text, c->top_k);
-    if (world_size % c->expert_parallel != 0)
-        FAIL(k_ep, -1, "moe.expert_parallel = %s does not divide the %d ranks of this run", L->at[k_ep].text, world_size);
-    for (int i = 0; i < c->n_moe_layers; i++)
-        if (c->experts[i] % c->expert_parallel != 0)
-            FAIL(k_ep, k_ex, "moe.expert_parallel = %s does not divide the %d experts of MoE layer %d (model layer %d)",
-                 L->at[k_ep].text, c->experts[i], i + 1, (i + 1) * c->moe_every);
+    DSMOE_TRY(resolve_expert_parallel(L, err));
+    // A bare value keeps the one-value messages; a list names the layer whose value fails.
+    int ep_all = L->ep.all;
+    const char *ep_txt = L->at[k_ep].text;
+    if (ep_all && world_size % c->expert_parallel[0] != 0)
+        FAIL(k_ep, -1, "moe.expert_parallel = %s does not divide the %d ranks of this run", ep_txt, world_size);
+    for (int i = 0; i < c->n_moe_layers; i++) {
+        int ep = c->expert_parallel[i], ml = (i + 1) * c->moe_every;
+        if (world_size % ep != 0)
+            FAIL(k_ep, -1, "moe.expert_parallel = %s: %d (MoE layer %d, model layer %d) does not divide the %d ranks "
+                 "of this run", ep_txt, ep, i + 1, ml, world_size);
+        if (c->experts[i] % ep != 0) {
+            if (ep_all)
+                FAIL(k_ep, k_ex, "moe.expert_parallel = %s does not divide the %d experts of MoE layer %d (model layer %d)",
+                     ep_txt, c->experts[i], i + 1, ml);
+            FAIL(k_ep, k_ex, "moe.expert_parallel = %s: %d (MoE layer %d, model layer %d) does not divide the %d "
+                 "experts of that layer", ep_txt, ep, i + 1, ml, c->experts[i]);
+        }
+    }
 
     int k_a2a = KIDX("moe.alltoall"), k_rpn = KIDX("moe.ranks_per_node");
-    if (c->alltoall == 1 /* hierarchical */ && c->ranks_per_node > 0 && c->expert_parallel % c->ranks_per_node != 0)
-        FAIL(k_rpn, k_a2a, "moe.ranks_per_node = %s does not divide moe.expert_parallel (%d), which moe.alltoall = "
-             "hierarchical needs", L->at[k_rpn].text, c->expert_parallel);
+    for (int i = 0; i < (ep_all ? 1 : c->n_moe_layers); i++)
+        if (c->alltoall == 1 /* hierarchical */ && c->ranks_per_node > 0 && c->expert_parallel[i] % c->ranks_per_node != 0) {
+            if (ep_all)
+                FAIL(k_rpn, k_a2a, "moe.ranks_per_node = %s does not divide moe.expert_parallel (%d), which "
+                     "moe.alltoall = hierarchical needs", L->at[k_rpn].text, c->expert_parallel[i]);
+            FAIL(k_rpn, k_a2a, "moe.ranks_per_node = %s does not divide moe.expert_parallel of MoE layer %d (%d), "
+                 "which moe.alltoall = hierarchical needs", L->at[k_rpn].text, i + 1, c->expert_parallel[i]);
+        }
 
     int k_batch = KIDX("train.batch"), k_micro = KIDX("train.micro_batch");
     if (c->micro_batch == 0) {
@@ -610,6 +661,25 @@ static void format_experts(const dsmoe_config *c, char *buf, size_t n) {
     }
 }
 
+// moe.expert_parallel: one value when every MoE layer has the same (or the model is dense), else
+// runs of equal values as "ep xN".
+static void format_expert_parallel(const dsmoe_config *c, char *buf, size_t n) {
+    int same = 1;
+    for (int i = 1; i < c->n_moe_layers; i++) same = same && c->expert_parallel[i] == c->expert_parallel[0];
+    if (same) {
+        snprintf(buf, n, "%d", c->expert_parallel[0]);
+        return;
+    }
+    size_t m = 0;
+    buf[0] = '\0';
+    for (int i = 0; i < c->n_moe_layers && m < n;) {
+        int j = i;
+        while (j < c->n_moe_layers && c->expert_parallel[j] == c->expert_parallel[i]) j++;
+        m += (size_t)snprintf(buf + m, n - m, "%s%d x%d", i ? ", " : "", c->expert_parallel[i], j - i);
+        i = j;
+    }
+}
+
 static void format_value(const dsmoe_config *c, int k, char *buf, size_t n) {
     const key_def *kd = &keys[k];
     const char *field = (const char *)c + kd->off;
@@ -627,6 +697,7 @@ static void format_value(const dsmoe_config *c, int k, char *buf, size_t n) {
     }
     case K_STRING: dsmoe_deck_format_string(field, buf, n); break;
     case K_EXPERTS: format_experts(c, buf, n); break;
+    case K_EP_LIST: format_expert_parallel(c, buf, n); break;
     }
 }
 

@@ -52,7 +52,8 @@ typedef struct dsmoe_config {
     float jitter_eps;            // moe.jitter_eps
     float aux_loss_coeff;        // moe.aux_loss_coeff
     int residual;                // moe.residual (Residual MoE / PR-MoE)
-    int expert_parallel;         // moe.expert_parallel (ranks per EP group)
+    int expert_parallel[DSMOE_MAX_MOE_LAYERS]; // moe.expert_parallel per MoE layer (ranks per EP group), the
+                                 // moe.experts list syntax; one bare value fills every entry (dense: [0] too)
     int aux_loss_scope;          // moe.aux_loss_scope: dsmoe_aux_scope (moe_layer.h): 0 batch, 1 rank
     int alltoall;                // moe.alltoall: dsmoe_a2a_algo (exchange.h): 0 flat, 1 hierarchical, 2 auto
     int ranks_per_node;          // moe.ranks_per_node (0 = the real nodes)
@@ -163,7 +164,8 @@ int dsmoe_deck_parse_int(const char *text, int64_t *out);
 // true/false, yes/no, on/off, 1/0, any case.
 int dsmoe_deck_parse_bool(const char *text, int *out);
 // moe.experts as written: one bare count for every MoE layer (all = 1; "0" = dense), or items
-// "count xN" (a bare count in a list is x1). On -1, *why says what is wrong.
+// "count xN" (a bare count in a list is x1). On -1, *why says what is wrong. moe.expert_parallel
+// uses the same syntax (config.c rejects its 0).
 typedef struct dsmoe_experts_list {
     int all, n;
     int count[DSMOE_MAX_MOE_LAYERS], reps[DSMOE_MAX_MOE_LAYERS];

@@ -41,14 +41,22 @@ typedef struct block_acts {
     float *ffn_out;       // (S, M) what is added to the residual stream
 } block_acts;
 
-struct dsmoe_model {
-    const dsmoe_config *cfg;
-    dsmoe_runtime *rt;
-    int B, T, S, M, NH, F, V, L;
+// The groups of one expert-parallel size (created once per distinct moe.expert_parallel value).
+typedef struct ep_groups {
     int ep, ep_rank;
     dsmoe_comm_group *ep_group;  // contiguous blocks of ep ranks
     MPI_Comm ep_comm;            // ep_group's communicator, kept for the MoE layers' exchanges (valid with ep_group)
     dsmoe_comm_group *edp_group; // strided sets {i, i+ep, ...}
+} ep_groups;
+
+struct dsmoe_model {
+    const dsmoe_config *cfg;
+    dsmoe_runtime *rt;
+    int B, T, S, M, NH, F, V, L;
+    ep_groups *epg;               // (n_epg) one per distinct EP size, in order of first MoE layer
+    int n_epg;
+    int *epg_of_moe;              // (n_moe) index into epg
+    size_t *expert_begin, *expert_end; // (n_moe) each MoE layer's expert tensors in the slab
 
     dsmoe_param_tensor *tensors;
     int n_tensors, cap_tensors;
@@ -114,10 +122,11 @@ static dsmoe_status add_tensor(dsmoe_model *m, const char *name, int ndim, const
     t->init_std = init_std;
     t->init_value = init_value;
     if (expert_layer >= 0) {
+        const ep_groups *g = &m->epg[m->epg_of_moe[expert_layer]];
         size_t per_expert = global / (size_t)shape[0];
-        size_t e_local = (size_t)shape[0] / (size_t)m->ep;
+        size_t e_local = (size_t)shape[0] / (size_t)g->ep;
         t->numel = e_local * per_expert;
-        t->shard_begin = (size_t)m->ep_rank * t->numel;
+        t->shard_begin = (size_t)g->ep_rank * t->numel;
     } else {
         t->numel = global;
         t->shard_begin = 0;
@@ -177,6 +186,7 @@ static dsmoe_status build_table(dsmoe_model *m, dsmoe_err *err) {
         int mi = m->moe_of_layer[l];
         if (mi < 0) continue;
         int E = c->experts[mi];
+        m->expert_begin[mi] = m->n_local;
 #define X_(suffix, nd, shp, decay, s)                                                              \
     do {                                                                                           \
         snprintf(n, sizeof n, "h.%d.moe.experts.%s", l, suffix);                                   \
@@ -186,6 +196,7 @@ static dsmoe_status build_table(dsmoe_model *m, dsmoe_err *err) {
         X_("c_fc.bias", 2, SHAPE(E, F), 0, 0);
         X_("c_proj.weight", 3, SHAPE(E, M, F), 1, proj_std);
         X_("c_proj.bias", 2, SHAPE(E, M), 0, 0);
+        m->expert_end[mi] = m->n_local;
 #undef X_
     }
     return DSMOE_OK;
@@ -424,23 +435,39 @@ static dsmoe_status ffn_backward(dsmoe_model *m, int l, float daux, dsmoe_err *e
 // ----------------------------------------------------------------------------------------------------
 // the model
 
-static dsmoe_status create_groups(dsmoe_model *m, dsmoe_err *err) {
-    dsmoe_runtime *rt = m->rt;
+// EP groups are contiguous blocks of ep ranks; EDP groups the strided sets (DeepSpeed's layout).
+static dsmoe_status create_ep_groups(dsmoe_runtime *rt, int ep, ep_groups *g, dsmoe_err *err) {
     int rank = rt->world_rank;
     MPI_Comm ep_comm, edp_comm;
-    // EP groups are contiguous blocks of ep ranks; EDP groups the strided sets (DeepSpeed's layout).
-    if (MPI_Comm_split(MPI_COMM_WORLD, rank / m->ep, rank, &ep_comm) != MPI_SUCCESS ||
-        MPI_Comm_split(MPI_COMM_WORLD, rank % m->ep, rank, &edp_comm) != MPI_SUCCESS)
-        return dsmoe_err_set(err, DSMOE_ERR_SYSTEM, "MPI_Comm_split failed creating expert-parallel groups");
-    dsmoe_status s = rt->comm->group_create(rt->cctx, ep_comm, &m->ep_group);
-    if (s == DSMOE_OK) m->ep_comm = ep_comm; // freed with ep_group in dsmoe_model_free
+    g->ep = ep;
+    if (MPI_Comm_split(MPI_COMM_WORLD, rank / ep, rank, &ep_comm) != MPI_SUCCESS ||
+        MPI_Comm_split(MPI_COMM_WORLD, rank % ep, rank, &edp_comm) != MPI_SUCCESS)
+        return dsmoe_err_set(err, DSMOE_ERR_SYSTEM, "MPI_Comm_split failed creating expert-parallel groups (ep %d)", ep);
+    dsmoe_status s = rt->comm->group_create(rt->cctx, ep_comm, &g->ep_group);
+    if (s == DSMOE_OK) g->ep_comm = ep_comm; // freed with ep_group in dsmoe_model_free
     else MPI_Comm_free(&ep_comm);
-    if (s == DSMOE_OK) s = rt->comm->group_create(rt->cctx, edp_comm, &m->edp_group);
+    if (s == DSMOE_OK) s = rt->comm->group_create(rt->cctx, edp_comm, &g->edp_group);
     MPI_Comm_free(&edp_comm);
     if (s != DSMOE_OK)
-        return dsmoe_err_set(err, s, "comm plugin '%s': group_create failed: %s", rt->comm->name,
+        return dsmoe_err_set(err, s, "comm plugin '%s': group_create failed (ep %d): %s", rt->comm->name, ep,
                              rt->comm->last_error(rt->cctx));
-    m->ep_rank = rt->comm->group_rank(m->ep_group);
+    g->ep_rank = rt->comm->group_rank(g->ep_group);
+    return DSMOE_OK;
+}
+
+// One set of groups per distinct EP size among the MoE layers (PR-MoE: 32 experts with ep 32 and 64
+// with ep 64 share nothing); every rank walks the same layers in the same order, so the splits match.
+static dsmoe_status create_groups(dsmoe_model *m, dsmoe_err *err) {
+    const dsmoe_config *c = m->cfg;
+    for (int mi = 0; mi < c->n_moe_layers; mi++) {
+        int ep = c->expert_parallel[mi], k = 0;
+        while (k < m->n_epg && m->epg[k].ep != ep) k++;
+        if (k == m->n_epg) {
+            m->n_epg++;
+            DSMOE_TRY(create_ep_groups(m->rt, ep, &m->epg[k], err));
+        }
+        m->epg_of_moe[mi] = k;
+    }
     return DSMOE_OK;
 }
 
@@ -460,7 +487,6 @@ dsmoe_status dsmoe_model_create(const dsmoe_config *cfg, dsmoe_runtime *rt, int 
     m->F = cfg->ffn_hidden;
     m->V = cfg->vocab;
     m->L = cfg->layers;
-    m->ep = cfg->expert_parallel;
     m->blocks = calloc((size_t)m->L, sizeof *m->blocks);
     m->dblocks = calloc((size_t)m->L, sizeof *m->dblocks);
     m->acts = calloc((size_t)m->L, sizeof *m->acts);
@@ -468,7 +494,12 @@ dsmoe_status dsmoe_model_create(const dsmoe_config *cfg, dsmoe_runtime *rt, int 
     int n_moe = cfg->n_moe_layers;
     m->moe = calloc((size_t)(n_moe ? n_moe : 1), sizeof *m->moe);
     m->moe_stats = calloc((size_t)(n_moe ? n_moe : 1), sizeof *m->moe_stats);
-    if (!m->blocks || !m->dblocks || !m->acts || !m->moe_of_layer || !m->moe || !m->moe_stats)
+    m->epg = calloc((size_t)(n_moe ? n_moe : 1), sizeof *m->epg);
+    m->epg_of_moe = calloc((size_t)(n_moe ? n_moe : 1), sizeof *m->epg_of_moe);
+    m->expert_begin = calloc((size_t)(n_moe ? n_moe : 1), sizeof *m->expert_begin);
+    m->expert_end = calloc((size_t)(n_moe ? n_moe : 1), sizeof *m->expert_end);
+    if (!m->blocks || !m->dblocks || !m->acts || !m->moe_of_layer || !m->moe || !m->moe_stats || !m->epg ||
+        !m->epg_of_moe || !m->expert_begin || !m->expert_end)
         return dsmoe_err_set(err, DSMOE_ERR_NOMEM, "out of memory creating the model");
     for (int l = 0; l < m->L; l++) {
         int mi = -1;
@@ -482,12 +513,13 @@ dsmoe_status dsmoe_model_create(const dsmoe_config *cfg, dsmoe_runtime *rt, int 
     for (int l = 0; l < m->L; l++) {
         int mi = m->moe_of_layer[l];
         if (mi < 0) continue;
+        const ep_groups *g = &m->epg[m->epg_of_moe[mi]];
         dsmoe_moe_config mc = {
             .S = m->S, .M = m->M, .F = m->F, .E = cfg->experts[mi], .K = cfg->top_k,
             .capacity_factor = cfg->capacity_factor, .eval_capacity_factor = cfg->eval_capacity_factor,
             .min_capacity = cfg->min_capacity, .drop_tokens = cfg->drop_tokens,
             .random_token_selection = cfg->random_token_selection, .noise = cfg->noise,
-            .jitter_eps = cfg->jitter_eps, .ep = m->ep, .ep_group = m->ep_group, .ep_comm = m->ep_comm,
+            .jitter_eps = cfg->jitter_eps, .ep = g->ep, .ep_group = g->ep_group, .ep_comm = g->ep_comm,
             .alltoall = cfg->alltoall, .ranks_per_node = cfg->ranks_per_node, .aux_scope = cfg->aux_loss_scope,
             .aux_group = rt->world, // data parallelism is over all ranks
         };
@@ -514,11 +546,18 @@ void dsmoe_model_free(dsmoe_model *m) {
                           a->coef_logits, a->coef, a->ffn_out};
         for (size_t i = 0; i < sizeof abufs / sizeof abufs[0]; i++) rt->kern->free(rt->kctx, abufs[i]);
     }
-    if (m->ep_group) {
-        rt->comm->group_destroy(rt->cctx, m->ep_group);
-        MPI_Comm_free(&m->ep_comm);
+    for (int k = 0; m->epg && k < m->n_epg; k++) {
+        ep_groups *g = &m->epg[k];
+        if (g->ep_group) {
+            rt->comm->group_destroy(rt->cctx, g->ep_group);
+            MPI_Comm_free(&g->ep_comm);
+        }
+        if (g->edp_group) rt->comm->group_destroy(rt->cctx, g->edp_group);
     }
-    if (m->edp_group) rt->comm->group_destroy(rt->cctx, m->edp_group);
+    free(m->epg);
+    free(m->epg_of_moe);
+    free(m->expert_begin);
+    free(m->expert_end);
     free(m->host_losses);
     free(m->tensors);
     free(m->blocks);
@@ -540,9 +579,15 @@ float *dsmoe_model_params(dsmoe_model *m) { return m->params; }
 float *dsmoe_model_grads(dsmoe_model *m) { return m->grads; }
 size_t dsmoe_model_replicated_params(const dsmoe_model *m) { return m->n_replicated; }
 size_t dsmoe_model_bytes(const dsmoe_model *m) { return m->bytes_allocated; }
-dsmoe_comm_group *dsmoe_model_edp_group(const dsmoe_model *m) { return m->edp_group; }
-int dsmoe_model_ep_rank(const dsmoe_model *m) { return m->ep_rank; }
-int dsmoe_model_ep_size(const dsmoe_model *m) { return m->ep; }
+// Per MoE layer mi (0 <= mi < n_moe_layers; the caller checks).
+dsmoe_comm_group *dsmoe_model_edp_group(const dsmoe_model *m, int mi) { return m->epg[m->epg_of_moe[mi]].edp_group; }
+int dsmoe_model_ep_rank(const dsmoe_model *m, int mi) { return m->epg[m->epg_of_moe[mi]].ep_rank; }
+int dsmoe_model_ep_size(const dsmoe_model *m, int mi) { return m->epg[m->epg_of_moe[mi]].ep; }
+MPI_Comm dsmoe_model_ep_comm(const dsmoe_model *m, int mi) { return m->epg[m->epg_of_moe[mi]].ep_comm; }
+void dsmoe_model_expert_range(const dsmoe_model *m, int mi, size_t *begin, size_t *end) {
+    *begin = m->expert_begin[mi];
+    *end = m->expert_end[mi];
+}
 const dsmoe_config *dsmoe_model_config(const dsmoe_model *m) { return m->cfg; }
 dsmoe_runtime *dsmoe_model_runtime(const dsmoe_model *m) { return m->rt; }
 const dsmoe_moe_stats *dsmoe_model_moe_stats(const dsmoe_model *m, int i) {
@@ -645,10 +690,13 @@ dsmoe_status dsmoe_model_reduce_grads(dsmoe_model *m, dsmoe_err *err) {
     dsmoe_runtime *rt = m->rt;
     if (rt->world_size == 1) return DSMOE_OK;
     CCALL(rt, allreduce, rt->world, DSMOE_IN_PLACE, m->grads, m->n_replicated, DSMOE_FLOAT32, DSMOE_SUM);
-    size_t n_expert = m->n_local - m->n_replicated;
-    if (n_expert > 0 && rt->comm->group_size(m->edp_group) > 1)
-        CCALL(rt, allreduce, m->edp_group, DSMOE_IN_PLACE, m->grads + m->n_replicated, n_expert, DSMOE_FLOAT32,
-              DSMOE_SUM);
+    // Each MoE layer's expert tensors sit together in the slab and are summed over its own EDP group.
+    for (int mi = 0; mi < m->cfg->n_moe_layers; mi++) {
+        dsmoe_comm_group *edp = m->epg[m->epg_of_moe[mi]].edp_group;
+        size_t n = m->expert_end[mi] - m->expert_begin[mi];
+        if (n > 0 && rt->comm->group_size(edp) > 1)
+            CCALL(rt, allreduce, edp, DSMOE_IN_PLACE, m->grads + m->expert_begin[mi], n, DSMOE_FLOAT32, DSMOE_SUM);
+    }
     return DSMOE_OK;
 }
 
@@ -656,9 +704,19 @@ dsmoe_status dsmoe_model_grad_norm(dsmoe_model *m, double *norm, dsmoe_err *err)
     dsmoe_runtime *rt = m->rt;
     double replicated = 0, expert = 0;
     KCALL(rt, sum_squares, m->grads, m->n_replicated, &replicated);
-    KCALL(rt, sum_squares, m->grads + m->n_replicated, m->n_local - m->n_replicated, &expert);
-    // Expert shards differ across the EP group; replicated gradients are already equal everywhere.
-    if (m->ep > 1) CCALL(rt, allreduce, m->ep_group, DSMOE_IN_PLACE, &expert, 1, DSMOE_FLOAT64, DSMOE_SUM);
+    // Expert shards differ across an EP group; replicated gradients are already equal everywhere. Each
+    // EP size sums its layers' squares over its own EP group.
+    for (int k = 0; k < m->n_epg; k++) {
+        double sq = 0;
+        for (int mi = 0; mi < m->cfg->n_moe_layers; mi++) {
+            if (m->epg_of_moe[mi] != k) continue;
+            double layer = 0;
+            KCALL(rt, sum_squares, m->grads + m->expert_begin[mi], m->expert_end[mi] - m->expert_begin[mi], &layer);
+            sq += layer;
+        }
+        if (m->epg[k].ep > 1) CCALL(rt, allreduce, m->epg[k].ep_group, DSMOE_IN_PLACE, &sq, 1, DSMOE_FLOAT64, DSMOE_SUM);
+        expert += sq;
+    }
     *norm = sqrt(replicated + expert);
     return DSMOE_OK;
 }

@@ -9,8 +9,9 @@
 // out = moe(x) * coef[:,0] + mlp(x) * coef[:,1], coef = softmax(Linear(M,2)(x)).
 //
 // Invariants: parameter and gradient slabs are kernel-plugin memory with identical layouts;
-// replicated tensors come first, then the expert tensors of each MoE layer (this rank's shard of the
-// E experts: rows [ep_rank*E_local, (ep_rank+1)*E_local) of the stacked (E, ...) tensor).
+// replicated tensors come first, then the expert tensors of each MoE layer, contiguous per layer (this
+// rank's shard of the E experts: rows [ep_rank*E_local, (ep_rank+1)*E_local) of the stacked (E, ...)
+// tensor, ep_rank and E_local = E/ep of that layer's moe.expert_parallel).
 // Tensor names and layouts are those of docs/checkpoint.md.
 #ifndef DSMOE_MODEL_H
 #define DSMOE_MODEL_H
@@ -60,9 +61,14 @@ size_t dsmoe_model_replicated_params(const dsmoe_model *model); // slab elements
 // Bytes of kernel memory the model holds: parameters, gradients, activations and backward scratch
 // (the MoE layers' capacity buffers come on top and grow with dropless capacity).
 size_t dsmoe_model_bytes(const dsmoe_model *model);
-dsmoe_comm_group *dsmoe_model_edp_group(const dsmoe_model *model); // ranks holding the same expert shards
-int dsmoe_model_ep_rank(const dsmoe_model *model);
-int dsmoe_model_ep_size(const dsmoe_model *model);
+// Expert parallelism of MoE layer moe_layer (0 <= moe_layer < cfg->n_moe_layers): layers with the
+// same moe.expert_parallel share one set of groups.
+dsmoe_comm_group *dsmoe_model_edp_group(const dsmoe_model *model, int moe_layer); // ranks holding the same expert shards
+int dsmoe_model_ep_rank(const dsmoe_model *model, int moe_layer);
+int dsmoe_model_ep_size(const dsmoe_model *model, int moe_layer);
+MPI_Comm dsmoe_model_ep_comm(const dsmoe_model *model, int moe_layer); // the EP group's ranks, in order
+// The layer's expert tensors occupy slab elements [*begin, *end).
+void dsmoe_model_expert_range(const dsmoe_model *model, int moe_layer, size_t *begin, size_t *end);
 const dsmoe_config *dsmoe_model_config(const dsmoe_model *model);
 dsmoe_runtime *dsmoe_model_runtime(const dsmoe_model *model);
 
@@ -85,7 +91,7 @@ dsmoe_status dsmoe_model_backward(dsmoe_model *model, float dloss, float daux, d
 dsmoe_status dsmoe_model_zero_grads(dsmoe_model *model, dsmoe_err *err);
 
 // Sums gradients over the data-parallel ranks: replicated tensors over all ranks, expert tensors over
-// their expert-data-parallel group. (The loss weights already divide by the global token count.)
+// their layer's expert-data-parallel group. (The loss weights already divide by the global token count.)
 dsmoe_status dsmoe_model_reduce_grads(dsmoe_model *model, dsmoe_err *err);
 // Global gradient L2 norm, identical on every rank.
 dsmoe_status dsmoe_model_grad_norm(dsmoe_model *model, double *norm, dsmoe_err *err);

@@ -18,7 +18,8 @@ struct dsmoe_optimizer {
     dsmoe_model *model;
     dsmoe_runtime *rt;
     int zero_stage;
-    shard shards[2];   // replicated, expert
+    shard *shards;     // (n_shards) replicated, then one per MoE layer's experts
+    int n_shards;
     float *m, *v;      // (owned elements) moments
     float *gather;     // (max chunk * size) all-gather landing buffer, zero_stage 1 only
     float *send;       // (max chunk) padded send chunk
@@ -48,17 +49,27 @@ dsmoe_status dsmoe_optimizer_create(dsmoe_model *model, int zero_stage, dsmoe_op
     o->rt = dsmoe_model_runtime(model);
     o->zero_stage = zero_stage;
     dsmoe_runtime *rt = o->rt;
-    size_t n_rep = dsmoe_model_replicated_params(model), n_local = dsmoe_model_local_params(model);
-    int sharded = zero_stage >= 1;
+    size_t n_rep = dsmoe_model_replicated_params(model);
+    int sharded = zero_stage >= 1, n_moe = dsmoe_model_config(model)->n_moe_layers;
+    o->n_shards = 1 + n_moe;
+    o->shards = calloc((size_t)o->n_shards, sizeof *o->shards);
+    if (!o->shards) return dsmoe_err_set(err, DSMOE_ERR_NOMEM, "out of memory creating the optimizer");
+    // Each MoE layer's experts are identical over that layer's EDP group (its own EP size), so each
+    // layer is its own shard.
     plan_shard(&o->shards[0], 0, n_rep, sharded ? rt->world : NULL, rt, 0);
-    plan_shard(&o->shards[1], n_rep, n_local, sharded ? dsmoe_model_edp_group(model) : NULL, rt,
-               o->shards[0].end - o->shards[0].begin);
-    o->n_state = o->shards[1].state_offset + (o->shards[1].end - o->shards[1].begin);
+    o->n_state = o->shards[0].end - o->shards[0].begin;
+    for (int mi = 0; mi < n_moe; mi++) {
+        size_t b, e;
+        dsmoe_model_expert_range(model, mi, &b, &e);
+        shard *s = &o->shards[1 + mi];
+        plan_shard(s, b, e, sharded ? dsmoe_model_edp_group(model, mi) : NULL, rt, o->n_state);
+        o->n_state += s->end - s->begin;
+    }
     KCALL(rt, alloc, o->n_state * sizeof(float), (void **)&o->m);
     KCALL(rt, alloc, o->n_state * sizeof(float), (void **)&o->v);
     if (sharded) {
         size_t most = 0, chunk = 0;
-        for (int k = 0; k < 2; k++) {
+        for (int k = 0; k < o->n_shards; k++) {
             size_t g = o->shards[k].chunk * (size_t)o->shards[k].size;
             most = g > most ? g : most;
             chunk = o->shards[k].chunk > chunk ? o->shards[k].chunk : chunk;
@@ -76,6 +87,7 @@ void dsmoe_optimizer_free(dsmoe_optimizer *o) {
     rt->kern->free(rt->kctx, o->v);
     rt->kern->free(rt->kctx, o->gather);
     rt->kern->free(rt->kctx, o->send);
+    free(o->shards);
     free(o);
 }
 
@@ -100,7 +112,7 @@ dsmoe_status dsmoe_optimizer_step(dsmoe_optimizer *o, float lr, float grad_scale
     float *params = dsmoe_model_params(o->model), *grads = dsmoe_model_grads(o->model);
     for (int i = 0; i < dsmoe_model_tensor_count(o->model); i++) {
         const dsmoe_param_tensor *p = dsmoe_model_tensor(o->model, i);
-        for (int k = 0; k < 2; k++) {
+        for (int k = 0; k < o->n_shards; k++) {
             const shard *s = &o->shards[k];
             size_t lo = p->offset > s->begin ? p->offset : s->begin;
             size_t hi = p->offset + p->numel < s->end ? p->offset + p->numel : s->end;
@@ -110,14 +122,14 @@ dsmoe_status dsmoe_optimizer_step(dsmoe_optimizer *o, float lr, float grad_scale
                   c->adam_eps, p->decay ? c->weight_decay : 0.0f, grad_scale, t);
         }
     }
-    for (int k = 0; k < 2; k++) DSMOE_TRY(allgather_range(o, &o->shards[k], params, err));
+    for (int k = 0; k < o->n_shards; k++) DSMOE_TRY(allgather_range(o, &o->shards[k], params, err));
     return DSMOE_OK;
 }
 
 dsmoe_status dsmoe_optimizer_get_state(dsmoe_optimizer *o, int which, float *full, dsmoe_err *err) {
     dsmoe_runtime *rt = o->rt;
     const float *state = which ? o->v : o->m;
-    for (int k = 0; k < 2; k++) {
+    for (int k = 0; k < o->n_shards; k++) {
         const shard *s = &o->shards[k];
         if (s->end > s->begin)
             KCALL(rt, copy, full + s->begin, state + s->state_offset, (s->end - s->begin) * sizeof(float));
@@ -129,7 +141,7 @@ dsmoe_status dsmoe_optimizer_get_state(dsmoe_optimizer *o, int which, float *ful
 dsmoe_status dsmoe_optimizer_set_state(dsmoe_optimizer *o, int which, const float *full, dsmoe_err *err) {
     dsmoe_runtime *rt = o->rt;
     float *state = which ? o->v : o->m;
-    for (int k = 0; k < 2; k++) {
+    for (int k = 0; k < o->n_shards; k++) {
         const shard *s = &o->shards[k];
         if (s->end > s->begin)
             KCALL(rt, copy, state + s->state_offset, full + s->begin, (s->end - s->begin) * sizeof(float));

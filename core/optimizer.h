@@ -2,12 +2,13 @@
 // defines: dsmoe_optimizer, dsmoe_optimizer_create, dsmoe_optimizer_step, dsmoe_optimizer_get_state,
 //          dsmoe_optimizer_set_state, dsmoe_optimizer_bytes
 //
-// The model's parameter slab has two ranges: replicated tensors (identical on every rank) and this
-// rank's expert shards (identical across its expert-data-parallel group). With zero_stage 0 every rank
-// keeps both AdamW moments for its whole slab. With zero_stage 1 each range is cut into equal chunks
-// over the group that holds it identically (all ranks for the replicated range, the EDP group for the
-// experts); a rank keeps the moments of its chunk only, updates only those parameters, and the updated
-// chunks are all-gathered. AdamW is element-wise, so both stages give bit-identical parameters.
+// The model's parameter slab has the replicated tensors (identical on every rank), then each MoE
+// layer's expert shards (identical across that layer's expert-data-parallel group). With zero_stage 0
+// every rank keeps both AdamW moments for its whole slab. With zero_stage 1 each of these ranges is cut
+// into equal chunks over the group that holds it identically (all ranks for the replicated range, the
+// layer's EDP group for its experts); a rank keeps the moments of its chunks only, updates only those
+// parameters, and the updated chunks are all-gathered. AdamW is element-wise, so both stages give
+// bit-identical parameters.
 #ifndef DSMOE_OPTIMIZER_H
 #define DSMOE_OPTIMIZER_H
 #include "model.h"

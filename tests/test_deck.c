@@ -117,7 +117,7 @@ static void check_good(const dsmoe_config *c) {
     assert_int_equal(c->drop_tokens, 0);
     assert_int_equal(c->random_token_selection, 1);
     assert_int_equal(c->noise, 2); // DSMOE_NOISE_RSAMPLE
-    assert_int_equal(c->expert_parallel, 2);
+    assert_int_equal(c->expert_parallel[0], 2);
     assert_int_equal(c->batch, 16);
     assert_int_equal(c->micro_batch, 4);
     assert_true(c->lr == 6e-4f && c->min_lr == 6e-5f);
@@ -490,6 +490,58 @@ static void test_moe_layers(void **state) {
     for (int l = 0; l < 4; l++) assert_false(dsmoe_config_is_moe_layer(&c, l, NULL));
 }
 
+// moe.expert_parallel per MoE layer (PR-MoE): the moe.experts list syntax, one value per MoE layer.
+static void test_expert_parallel_list(void **state) {
+    dsmoe_config c;
+    dsmoe_err err = {0};
+    const char *deck = "model.layers = 4\nmoe.experts = 4 x1, 8 x1\nmoe.expert_parallel = 2 x1, 8 x1\n";
+    if (load_t(deck, 8, &c, &err) != DSMOE_OK) fail_msg("%s", err.msg);
+    assert_int_equal(c.n_moe_layers, 2);
+    assert_int_equal(c.expert_parallel[0], 2);
+    assert_int_equal(c.expert_parallel[1], 8);
+    char *text = dsmoe_config_to_text(&c, NULL);
+    assert_string_equal(line_of(text, "expert_parallel = "), "expert_parallel = 2 x1, 8 x1");
+    free(text);
+    round_trip(&c, NULL, 8);
+    // a bare value is every layer's; a list of equal values prints as one
+    if (load_t("model.layers = 6\nmoe.experts = 8\nmoe.expert_parallel = 4\n", 4, &c, &err) != DSMOE_OK)
+        fail_msg("%s", err.msg);
+    for (int i = 0; i < 3; i++) assert_int_equal(c.expert_parallel[i], 4);
+    dsmoe_config same;
+    if (load_t("model.layers = 6\nmoe.experts = 8\nmoe.expert_parallel = 4 x2, 4\n", 4, &same, &err) != DSMOE_OK)
+        fail_msg("%s", err.msg);
+    assert_memory_equal(&c, &same, sizeof c);
+    text = dsmoe_config_to_text(&same, NULL);
+    assert_string_equal(line_of(text, "expert_parallel = "), "expert_parallel = 4");
+    free(text);
+    round_trip(&same, NULL, 4);
+    // 32 experts with ep 32 on 10 layers and 64 with ep 64 on 2, on 64 ranks
+    if (load_t("model.layers = 12\nmoe.every = 1\nmoe.experts = 32 x10, 64 x2\nmoe.expert_parallel = 32 x10, 64 x2\n"
+               "train.batch = 64\n", 64, &c, &err) != DSMOE_OK)
+        fail_msg("%s", err.msg);
+    assert_int_equal(c.expert_parallel[9], 32);
+    assert_int_equal(c.expert_parallel[10], 64);
+
+    expect_error("[moe]\nexperts = 8 x1, 6 x1\nexpert_parallel = 2 x1, 4 x1\n", 4,
+                 "t.deck:3: moe.expert_parallel = 2 x1, 4 x1: 4 (MoE layer 2, model layer 4) does not divide the 6 "
+                 "experts of that layer");
+    expect_error("[moe]\nexperts = 8\nexpert_parallel = 2 x1, 8 x1\n", 4,
+                 "t.deck:3: moe.expert_parallel = 2 x1, 8 x1: 8 (MoE layer 2, model layer 4) does not divide the 4 "
+                 "ranks of this run");
+    expect_error("[moe]\nexperts = 8\nexpert_parallel = 2 x3\n", 2,
+                 "t.deck:3: moe.expert_parallel = 2 x3: the list covers 3 MoE layers but the model has 2 "
+                 "(moe.experts = 8)");
+    expect_error("moe.expert_parallel = 0\n", 1, "t.deck:1: moe.expert_parallel = 0: must be >= 1");
+    expect_error("moe.experts = 8\nmoe.expert_parallel = 2 x1, 0 x1\n", 1,
+                 "t.deck:2: moe.expert_parallel = 2 x1, 0 x1: every expert-parallel size must be >= 1");
+    expect_error("moe.expert_parallel = two\n", 1,
+                 "t.deck:1: moe.expert_parallel = two: expected a rank count (e.g. 8) or a list of 'ep xN' items "
+                 "(e.g. 32 x10, 64 x2)");
+    expect_error("[moe]\nexperts = 8\nexpert_parallel = 4 x1, 2 x1\nalltoall = hierarchical\nranks_per_node = 4\n", 4,
+                 "t.deck:5: moe.ranks_per_node = 4 does not divide moe.expert_parallel of MoE layer 2 (2), which "
+                 "moe.alltoall = hierarchical needs");
+}
+
 static void test_capacity(void **state) {
     dsmoe_config c;
     dsmoe_err err = {0};
@@ -560,6 +612,7 @@ int main(void) {
         cmocka_unit_test(test_docs_list_every_key),
         cmocka_unit_test(test_example_deck),
         cmocka_unit_test(test_moe_layers),
+        cmocka_unit_test(test_expert_parallel_list),
         cmocka_unit_test(test_capacity),
         cmocka_unit_test(test_moe_exchange_keys),
     };

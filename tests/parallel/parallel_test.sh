@@ -102,7 +102,36 @@ run zero1full 4 moe.expert_parallel=2 train.steps=8 train.zero_stage=1 moe.drop_
 "$compare" "$work/zero1full/checkpoints/step_00000008.safetensors" "$work/zeroresume/checkpoints/step_00000008.safetensors" 5e-4 all \
   && ok "ZeRO-1 checkpoint resumes on 2 ranks without ZeRO" || fail "ZeRO-1 resume on 2 ranks"
 
-# 5. A failure on one rank ends every rank with that rank's message, never a hang.
+# 5. Expert parallelism per MoE layer (PR-MoE): 4 experts with ep 2 on MoE layer 1, 8 with ep 8 on
+#    MoE layer 2, on 8 ranks; the same numbers as ep 1, with ZeRO-1 too, and its checkpoint resumes
+#    on 2 ranks with ep 1.
+pr=(model.layers=4 moe.experts="4 x1, 8 x1")
+run pr_ep1 8 "${pr[@]}" moe.expert_parallel=1 train.micro_batch=2
+run pr_eplist 8 "${pr[@]}" moe.expert_parallel="2 x1, 8 x1" train.micro_batch=2
+run pr_eplist_z1 8 "${pr[@]}" moe.expert_parallel="2 x1, 8 x1" train.micro_batch=2 train.zero_stage=1
+for r in pr_eplist pr_eplist_z1; do
+  losses_match pr_ep1 $r 1e-6
+  "$compare" "$work/pr_ep1/checkpoints/step_00000020.safetensors" "$work/$r/checkpoints/step_00000020.safetensors" 5e-4 \
+    && ok "parameters pr_ep1 vs $r" || fail "parameters pr_ep1 vs $r"
+done
+grep -q "^expert_parallel = 2 x1, 8 x1 .*# command line$" "$work/pr_eplist/resolved.deck" \
+  && ok "per-layer expert_parallel in resolved.deck" || fail "per-layer expert_parallel not in resolved.deck"
+# Rank 0 holds 2 of layer 1's 4 experts and 1 of layer 2's 8: 136832 - 12 x 8352 replicated + 3 x 8352
+# (an expert is 2 x 128 x 32 + 128 + 32 elements).
+grep -q "136832 parameters (61664 on this rank)" "$work/pr_eplist.log" && ok "per-layer expert shards on rank 0" \
+  || fail "per-layer expert shards: $(grep -o '[0-9]* parameters ([0-9]* on this rank)' "$work/pr_eplist.log")"
+"$compare" "$work/pr_eplist/checkpoints/step_00000020.safetensors" "$work/pr_eplist_z1/checkpoints/step_00000020.safetensors" 0 all \
+  && ok "per-layer ep: ZeRO-1 parameters and moments bitwise equal to ZeRO-0" || fail "per-layer ep: ZeRO-1 differs from ZeRO-0"
+run pr_full 8 "${pr[@]}" moe.expert_parallel="2 x1, 8 x1" moe.drop_tokens=false
+run pr_half 8 "${pr[@]}" moe.expert_parallel="2 x1, 8 x1" moe.drop_tokens=false train.steps=10 train.decay_steps=20
+mkdir -p "$work/pr_resume2/checkpoints"
+cp "$work/pr_half/checkpoints/step_00000010.safetensors" "$work/pr_resume2/checkpoints/"
+run pr_resume2 2 "${pr[@]}" moe.expert_parallel=1 moe.drop_tokens=false checkpoint.resume=auto
+grep -q "resumed from .*step_00000010" "$work/pr_resume2.log" && ok "per-layer ep checkpoint resumed on 2 ranks" \
+  || fail "no resume of the per-layer ep checkpoint"
+losses_match pr_full pr_resume2 1e-5 11
+
+# 6. A failure on one rank ends every rank with that rank's message, never a hang.
 on_rank1() { # runs dsmoe with extra environment on rank 1 only
   local env_assign=$1
   shift
