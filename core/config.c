@@ -645,39 +645,30 @@ void dsmoe_config_sources_free(dsmoe_config_sources *sources) { free(sources); }
 // ---------------------------------------------------------------------------------------------------
 // Printing
 
-// moe.experts in the compact form: runs of equal counts as "count xN".
-static void format_experts(const dsmoe_config *c, char *buf, size_t n) {
-    if (c->n_moe_layers == 0) {
-        snprintf(buf, n, "0");
-        return;
-    }
+// A per-MoE-layer list in the compact form: runs of equal values as "value xN".
+static void format_runs(const int *v, int count, char *buf, size_t n) {
     size_t m = 0;
     buf[0] = '\0';
-    for (int i = 0; i < c->n_moe_layers && m < n;) {
+    for (int i = 0; i < count && m < n;) {
         int j = i;
-        while (j < c->n_moe_layers && c->experts[j] == c->experts[i]) j++;
-        m += (size_t)snprintf(buf + m, n - m, "%s%d x%d", i ? ", " : "", c->experts[i], j - i);
+        while (j < count && v[j] == v[i]) j++;
+        m += (size_t)snprintf(buf + m, n - m, "%s%d x%d", i ? ", " : "", v[i], j - i);
         i = j;
     }
 }
 
-// moe.expert_parallel: one value when every MoE layer has the same (or the model is dense), else
-// runs of equal values as "ep xN".
+// moe.experts: "0" for a dense model, else the runs.
+static void format_experts(const dsmoe_config *c, char *buf, size_t n) {
+    if (c->n_moe_layers == 0) snprintf(buf, n, "0");
+    else format_runs(c->experts, c->n_moe_layers, buf, n);
+}
+
+// moe.expert_parallel: one value when every MoE layer has the same (or the model is dense), else the runs.
 static void format_expert_parallel(const dsmoe_config *c, char *buf, size_t n) {
     int same = 1;
     for (int i = 1; i < c->n_moe_layers; i++) same = same && c->expert_parallel[i] == c->expert_parallel[0];
-    if (same) {
-        snprintf(buf, n, "%d", c->expert_parallel[0]);
-        return;
-    }
-    size_t m = 0;
-    buf[0] = '\0';
-    for (int i = 0; i < c->n_moe_layers && m < n;) {
-        int j = i;
-        while (j < c->n_moe_layers && c->expert_parallel[j] == c->expert_parallel[i]) j++;
-        m += (size_t)snprintf(buf + m, n - m, "%s%d x%d", i ? ", " : "", c->expert_parallel[i], j - i);
-        i = j;
-    }
+    if (same) snprintf(buf, n, "%d", c->expert_parallel[0]);
+    else format_runs(c->expert_parallel, c->n_moe_layers, buf, n);
 }
 
 static void format_value(const dsmoe_config *c, int k, char *buf, size_t n) {

@@ -16,6 +16,7 @@
 #include "dsmoe/rng.h"
 #include "model.h"
 #include "runtime.h"
+#include "test_runtime.h" // test_runtime_start
 
 static dsmoe_runtime rt;
 
@@ -157,13 +158,7 @@ static void test_parameter_count(void **state) {
 }
 
 int main(int argc, char **argv) {
-    MPI_Init(&argc, &argv);
-    dsmoe_err err = {0};
-    if (dsmoe_runtime_open("cpu", "mpi", "", 1, &rt, &err) != DSMOE_OK) {
-        fprintf(stderr, "runtime: %s\n", err.msg);
-        MPI_Finalize();
-        return 1;
-    }
+    if (test_runtime_start(&argc, &argv, &rt) != 0) return 1;
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_dense),
         cmocka_unit_test(test_moe_top1),

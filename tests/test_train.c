@@ -17,6 +17,7 @@
 #include "checkpoint.h"
 #include "config.h"
 #include "safetensors.h"
+#include "test_runtime.h" // test_runtime_start
 #include "train.h"
 
 static dsmoe_runtime rt;
@@ -171,15 +172,9 @@ static void test_converges_to_bound(void **state) {
 }
 
 int main(int argc, char **argv) {
-    MPI_Init(&argc, &argv);
+    if (test_runtime_start(&argc, &argv, &rt) != 0) return 1;
     snprintf(tmpdir, sizeof tmpdir, "/tmp/dsmoe_test_train.XXXXXX");
     if (!mkdtemp(tmpdir)) return 1;
-    dsmoe_err err = {0};
-    if (dsmoe_runtime_open("cpu", "mpi", "", 1, &rt, &err) != DSMOE_OK) {
-        fprintf(stderr, "runtime: %s\n", err.msg);
-        MPI_Finalize();
-        return 1;
-    }
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_lr_schedule),
         cmocka_unit_test(test_deterministic),
