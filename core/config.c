@@ -119,6 +119,7 @@ static const key_def keys[] = {
     KEY("train.weight_decay", K_FLOAT, "0.1", weight_decay, GE(0), "AdamW decoupled weight decay (weights only)"),
     KEY("train.grad_clip", K_FLOAT, "1.0", grad_clip, GE(0), "global gradient-norm clip; 0 = off"),
     KEY("train.zero_stage", K_INT, "0", zero_stage, IN('[', 0, 1, ']'), "ZeRO stage: 0 = every rank keeps the whole AdamW state; 1 = it is sharded over the data-parallel ranks (expert state over the expert-data-parallel group)"),
+    KEY("train.overlap_grad_reduce", K_BOOL, "true", overlap_grad_reduce, ANY, "start each block's gradient all-reduce during the backward of a step's last micro-batch (same bits as false)"),
     KEY("train.eval_every", K_INT, "0", eval_every, GE(0), "steps between validation passes; 0 = only at the end"),
     KEY("train.eval_batches", K_INT, "4", eval_batches, GE(1), "global batches per validation pass"),
 

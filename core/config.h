@@ -71,6 +71,7 @@ typedef struct dsmoe_config {
     float weight_decay;          // train.weight_decay
     float grad_clip;             // train.grad_clip (0 = off)
     int zero_stage;              // train.zero_stage: 0, or 1 = optimizer state sharded over data parallel
+    int overlap_grad_reduce;     // train.overlap_grad_reduce: all-reduce block gradients during the last backward
     int eval_every;              // train.eval_every (0 = only at the end)
     int eval_batches;            // train.eval_batches
 

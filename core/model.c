@@ -57,6 +57,14 @@ struct dsmoe_model {
     int n_epg;
     int *epg_of_moe;              // (n_moe) index into epg
     size_t *expert_begin, *expert_end; // (n_moe) each MoE layer's expert tensors in the slab
+    size_t *block_begin;          // (L+1) block l's replicated tensors are [block_begin[l], block_begin[l+1])
+
+    // Overlapped gradient all-reduce: on the backward flagged by dsmoe_model_set_reduce_in_backward,
+    // block l's replicated range is started right after block l's backward; reduce_grads waits.
+    int can_overlap;              // train.overlap_grad_reduce, the plugin has allreduce_start, world > 1
+    int reduce_in_backward;       // the next backward is the last of the step
+    dsmoe_comm_request **reqs;    // (L) started requests, NULL when not started
+    int n_started;
 
     dsmoe_param_tensor *tensors;
     int n_tensors, cap_tensors;
@@ -150,6 +158,7 @@ static dsmoe_status build_table(dsmoe_model *m, dsmoe_err *err) {
     for (int l = 0; l < m->L; l++) {
         int mi = m->moe_of_layer[l];
         int dense_ffn = mi < 0 || c->residual;
+        m->block_begin[l] = m->n_local;
 #define T_(suffix, nd, shp, decay, s, v)                                                           \
     do {                                                                                           \
         snprintf(n, sizeof n, "h.%d.%s", l, suffix);                                               \
@@ -179,6 +188,7 @@ static dsmoe_status build_table(dsmoe_model *m, dsmoe_err *err) {
         }
 #undef T_
     }
+    m->block_begin[m->L] = m->n_local;
     DSMOE_TRY(add_tensor(m, "ln_f.weight", 1, SHAPE(M), 0, -1, 0, 1, err));
     DSMOE_TRY(add_tensor(m, "ln_f.bias", 1, SHAPE(M), 0, -1, 0, 0, err));
     m->n_replicated = m->n_local;
@@ -479,6 +489,8 @@ dsmoe_status dsmoe_model_create(const dsmoe_config *cfg, dsmoe_runtime *rt, int 
     *model = m;
     m->cfg = cfg;
     m->rt = rt;
+    m->can_overlap = cfg->overlap_grad_reduce && rt->world_size > 1 && rt->comm->allreduce_start &&
+                     rt->comm->request_test && rt->comm->request_wait;
     m->B = B;
     m->T = cfg->seq_len;
     m->S = B * cfg->seq_len;
@@ -491,6 +503,8 @@ dsmoe_status dsmoe_model_create(const dsmoe_config *cfg, dsmoe_runtime *rt, int 
     m->dblocks = calloc((size_t)m->L, sizeof *m->dblocks);
     m->acts = calloc((size_t)m->L, sizeof *m->acts);
     m->moe_of_layer = calloc((size_t)m->L, sizeof *m->moe_of_layer);
+    m->block_begin = calloc((size_t)m->L + 1, sizeof *m->block_begin);
+    m->reqs = calloc((size_t)m->L + 1, sizeof *m->reqs);
     int n_moe = cfg->n_moe_layers;
     m->moe = calloc((size_t)(n_moe ? n_moe : 1), sizeof *m->moe);
     m->moe_stats = calloc((size_t)(n_moe ? n_moe : 1), sizeof *m->moe_stats);
@@ -498,7 +512,8 @@ dsmoe_status dsmoe_model_create(const dsmoe_config *cfg, dsmoe_runtime *rt, int 
     m->epg_of_moe = calloc((size_t)(n_moe ? n_moe : 1), sizeof *m->epg_of_moe);
     m->expert_begin = calloc((size_t)(n_moe ? n_moe : 1), sizeof *m->expert_begin);
     m->expert_end = calloc((size_t)(n_moe ? n_moe : 1), sizeof *m->expert_end);
-    if (!m->blocks || !m->dblocks || !m->acts || !m->moe_of_layer || !m->moe || !m->moe_stats || !m->epg ||
+    if (!m->blocks || !m->dblocks || !m->acts || !m->moe_of_layer || !m->block_begin || !m->reqs || !m->moe ||
+        !m->moe_stats || !m->epg ||
         !m->epg_of_moe || !m->expert_begin || !m->expert_end)
         return dsmoe_err_set(err, DSMOE_ERR_NOMEM, "out of memory creating the model");
     for (int l = 0; l < m->L; l++) {
@@ -564,6 +579,8 @@ void dsmoe_model_free(dsmoe_model *m) {
     free(m->dblocks);
     free(m->acts);
     free(m->moe_of_layer);
+    free(m->block_begin);
+    free(m->reqs);
     free(m->moe);
     free(m->moe_stats);
     free(m);
@@ -668,9 +685,22 @@ dsmoe_status dsmoe_model_backward(dsmoe_model *m, float dloss, float daux, dsmoe
     KCALL(rt, zero, m->dresid, SM * sizeof(float));
     float *xL = m->resid + (size_t)m->L * SM;
     KCALL(rt, layernorm_backward, m->dresid, m->dlnfw, m->dlnfb, m->dln, xL, m->lnfw, m->lnf_mean, m->lnf_rstd, S, M);
+    int overlap = m->can_overlap && m->reduce_in_backward;
     for (int l = m->L - 1; l >= 0; l--) {
         DSMOE_TRY(ffn_backward(m, l, daux, err));
         DSMOE_TRY(attn_backward(m, &m->blocks[l], &m->dblocks[l], &m->acts[l], m->resid + (size_t)l * SM, err));
+        if (!overlap) continue;
+        // Block l's gradients are final for this step (nothing later in the backward touches them).
+        // The kernel plugin's calls are assumed complete on return (host memory; a device plugin
+        // would need a stream sync here).
+        size_t first = m->block_begin[l], n = m->block_begin[l + 1] - first;
+        CCALL(rt, allreduce_start, rt->world, m->grads + first, n, DSMOE_FLOAT32, DSMOE_SUM, &m->reqs[l]);
+        m->n_started++;
+        // Let MPI progress the blocks already in flight while the next block computes.
+        for (int k = l; k < m->L; k++) {
+            int done = 0;
+            if (m->reqs[k]) CCALL(rt, request_test, m->reqs[k], &done);
+        }
     }
     KCALL(rt, embedding_backward, m->dwte, m->dwpe, m->dresid, m->tokens, m->B, m->T, M, V);
     m->has_forward = 0;
@@ -686,10 +716,30 @@ dsmoe_status dsmoe_model_zero_grads(dsmoe_model *m, dsmoe_err *err) {
 // ----------------------------------------------------------------------------------------------------
 // optimizer side
 
+void dsmoe_model_set_reduce_in_backward(dsmoe_model *m, int on) { m->reduce_in_backward = on; }
+
 dsmoe_status dsmoe_model_reduce_grads(dsmoe_model *m, dsmoe_err *err) {
     dsmoe_runtime *rt = m->rt;
     if (rt->world_size == 1) return DSMOE_OK;
-    CCALL(rt, allreduce, rt->world, DSMOE_IN_PLACE, m->grads, m->n_replicated, DSMOE_FLOAT32, DSMOE_SUM);
+    if (m->n_started == 0) {
+        CCALL(rt, allreduce, rt->world, DSMOE_IN_PLACE, m->grads, m->n_replicated, DSMOE_FLOAT32, DSMOE_SUM);
+    } else {
+        // The blocks went out during the backward; what is left is wte/wpe and ln_f. The fixed-order
+        // sum adds each element in rank order whatever the range, so the bits match one big call.
+        if (m->n_started != m->L)
+            return dsmoe_err_set(err, DSMOE_ERR_INTERNAL, "model reduce_grads: %d of %d blocks started", m->n_started,
+                                 m->L);
+        CCALL(rt, allreduce, rt->world, DSMOE_IN_PLACE, m->grads, m->block_begin[0], DSMOE_FLOAT32, DSMOE_SUM);
+        size_t tail = m->block_begin[m->L];
+        CCALL(rt, allreduce, rt->world, DSMOE_IN_PLACE, m->grads + tail, m->n_replicated - tail, DSMOE_FLOAT32,
+              DSMOE_SUM);
+        for (int l = m->L - 1; l >= 0; l--) { // start order, the same on every rank
+            dsmoe_comm_request *r = m->reqs[l];
+            m->reqs[l] = NULL;
+            CCALL(rt, request_wait, r);
+        }
+        m->n_started = 0;
+    }
     // Each MoE layer's expert tensors sit together in the slab and are summed over its own EDP group.
     for (int mi = 0; mi < m->cfg->n_moe_layers; mi++) {
         dsmoe_comm_group *edp = m->epg[m->epg_of_moe[mi]].edp_group;

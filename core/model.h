@@ -93,6 +93,11 @@ dsmoe_status dsmoe_model_zero_grads(dsmoe_model *model, dsmoe_err *err);
 // Sums gradients over the data-parallel ranks: replicated tensors over all ranks, expert tensors over
 // their layer's expert-data-parallel group. (The loss weights already divide by the global token count.)
 dsmoe_status dsmoe_model_reduce_grads(dsmoe_model *model, dsmoe_err *err);
+// on = 1: the next dsmoe_model_backward is the step's last micro-step, so it starts each block's
+// replicated-gradient all-reduce as soon as that block's backward is done (train.overlap_grad_reduce,
+// world > 1, a comm plugin with allreduce_start; else no effect) and dsmoe_model_reduce_grads waits
+// for them. Set 0 for earlier micro-steps: their gradients are still accumulating.
+void dsmoe_model_set_reduce_in_backward(dsmoe_model *model, int on);
 // Global gradient L2 norm, identical on every rank.
 dsmoe_status dsmoe_model_grad_norm(dsmoe_model *model, double *norm, dsmoe_err *err);
 

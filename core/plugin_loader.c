@@ -345,13 +345,19 @@ dsmoe_status dsmoe_plugin_load_kernel(const char *name, const char *extra_path,
     X(init) X(finalize) X(last_error) X(group_create) X(group_destroy) X(group_rank) X(group_size)   \
     X(alltoall) X(alltoallv) X(allreduce) X(allgather) X(broadcast) X(barrier)
 
+// Members a plugin may leave NULL (the core then falls back to the blocking allreduce).
+#define COMM_OPTIONAL(X) X(allreduce_start) X(request_test) X(request_wait)
+
 _Static_assert(sizeof(dsmoe_comm_plugin_v1) ==
-                   offsetof(dsmoe_comm_plugin_v1, init) + (0 COMM_REQUIRED(COUNT_ONE)) * sizeof(void (*)(void)),
-               "dsmoe_comm_plugin_v1 changed: list every new member in COMM_REQUIRED");
+                   offsetof(dsmoe_comm_plugin_v1, init) +
+                       (0 COMM_REQUIRED(COUNT_ONE) COMM_OPTIONAL(COUNT_ONE)) * sizeof(void (*)(void)),
+               "dsmoe_comm_plugin_v1 changed: list every new member in COMM_REQUIRED or COMM_OPTIONAL");
 
 static const char *comm_missing_member(const dsmoe_comm_plugin_v1 *t) {
     if (!t->description) return "description";
     COMM_REQUIRED(RETURN_IF_NULL)
+    // The non-blocking trio is all or nothing: a start without a wait could never be finished.
+    if (t->allreduce_start || t->request_test || t->request_wait) { COMM_OPTIONAL(RETURN_IF_NULL) }
     return NULL;
 }
 

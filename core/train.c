@@ -153,6 +153,7 @@ static dsmoe_status train_step(trainer *tr, int step, uint64_t first_sample, ste
             const dsmoe_moe_stats *ms = dsmoe_model_moe_stats(tr->model, i);
             for (int e = 0; e < c->experts[i]; e++) tr->loads[i * tr->max_e + e] += ms->expert_load[e];
         }
+        dsmoe_model_set_reduce_in_backward(tr->model, j == tr->accum - 1);
         DSMOE_TRY(dsmoe_model_backward(tr->model, dloss, daux, err));
     }
     DSMOE_TRY(dsmoe_model_reduce_grads(tr->model, err));

@@ -23,6 +23,7 @@
 
 typedef struct dsmoe_comm_ctx dsmoe_comm_ctx;     // opaque, one per process
 typedef struct dsmoe_comm_group dsmoe_comm_group; // opaque, one per communicator
+typedef struct dsmoe_comm_request dsmoe_comm_request; // opaque, one per non-blocking collective
 
 typedef enum dsmoe_dtype {
     DSMOE_FLOAT32 = 0,
@@ -83,6 +84,19 @@ typedef struct dsmoe_comm_plugin_v1 {
     // buf (bytes) of rank root copied to every rank.
     dsmoe_status (*broadcast)(dsmoe_comm_ctx *ctx, dsmoe_comm_group *group, void *buf, size_t bytes, int root);
     dsmoe_status (*barrier)(dsmoe_comm_ctx *ctx, dsmoe_comm_group *group);
+
+    // OPTIONAL (may be NULL; then the core uses the blocking allreduce). Non-blocking in-place
+    // allreduce of buf (count): starts it and returns at once with *req. The result, once
+    // request_wait returns, is bitwise the one allreduce(DSMOE_IN_PLACE, buf, ...) gives. Every rank
+    // of the group starts, and waits for, its requests in the same order; several may be
+    // outstanding at once, and blocking collectives on the group may run meanwhile. buf must not be
+    // touched until request_wait returns.
+    dsmoe_status (*allreduce_start)(dsmoe_comm_ctx *ctx, dsmoe_comm_group *group, void *buf, size_t count,
+                                    dsmoe_dtype dtype, dsmoe_reduce_op op, dsmoe_comm_request **req);
+    // OPTIONAL: drives progress of req and never blocks; *done = 1 once the result is in buf.
+    dsmoe_status (*request_test)(dsmoe_comm_ctx *ctx, dsmoe_comm_request *req, int *done);
+    // OPTIONAL: blocks until req completes, then frees it (also on error). NULL is a no-op.
+    dsmoe_status (*request_wait)(dsmoe_comm_ctx *ctx, dsmoe_comm_request *req);
 } dsmoe_comm_plugin_v1;
 
 typedef const dsmoe_comm_plugin_v1 *(*dsmoe_comm_plugin_entry_fn)(void);

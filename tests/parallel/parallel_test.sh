@@ -102,6 +102,17 @@ run zero1full 4 moe.expert_parallel=2 train.steps=8 train.zero_stage=1 moe.drop_
 "$compare" "$work/zero1full/checkpoints/step_00000008.safetensors" "$work/zeroresume/checkpoints/step_00000008.safetensors" 5e-4 all \
   && ok "ZeRO-1 checkpoint resumes on 2 ranks without ZeRO" || fail "ZeRO-1 resume on 2 ranks"
 
+# 4b. Overlapping the gradient all-reduce with the backward changes no bit: 4 ranks, 4 micro-steps
+#     per step (only the last overlaps), overlap off vs on.
+for o in false true; do
+  run "overlap_$o" 4 moe.expert_parallel=2 train.steps=6 train.decay_steps=8 train.micro_batch=1 \
+    train.overlap_grad_reduce=$o
+done
+losses_match overlap_false overlap_true 0
+"$compare" "$work/overlap_false/checkpoints/step_00000006.safetensors" \
+  "$work/overlap_true/checkpoints/step_00000006.safetensors" 0 all \
+  && ok "overlap_grad_reduce: parameters and moments bitwise equal" || fail "overlap_grad_reduce changes the result"
+
 # 5. Expert parallelism per MoE layer (PR-MoE): 4 experts with ep 2 on MoE layer 1, 8 with ep 8 on
 #    MoE layer 2, on 8 ranks; the same numbers as ep 1, with ZeRO-1 too, and its checkpoint resumes
 #    on 2 ranks with ep 1.
