@@ -84,9 +84,12 @@ dsmoe_status dsmoe_checkpoint_find_latest(const char *dir, char *path, size_t le
     return DSMOE_OK;
 }
 
-// Copies every tensor of one kind to host, gathering expert shards over the EP group of the tensor's
-// layer (its own moe.expert_parallel) to that group's rank 0; world rank 0, which writes, is rank 0
-// of each of its groups. slab: the parameters, or a moment in the parameters' layout.
+// Copies every tensor of one kind to host on world rank 0, which writes: its replicated tensors, and the
+// expert shards gathered over the EP group of the tensor's layer (its own moe.expert_parallel). World
+// rank 0 is slot 0 (placement.h), rank 0 of the first EP group of every size; the other groups hold
+// copies of the same experts and skip the gather, and no rank but 0 stages anything (host is NULL
+// there): a 52B-parameter model would otherwise need 624 GB of host memory on every rank.
+// slab: the parameters, or a moment in the parameters' layout.
 static dsmoe_status stage_host(dsmoe_model *m, const float *slab, float *host, dsmoe_err *err) {
     dsmoe_runtime *rt = dsmoe_model_runtime(m);
     size_t off = 0;
@@ -94,14 +97,15 @@ static dsmoe_status stage_host(dsmoe_model *m, const float *slab, float *host, d
         const dsmoe_param_tensor *t = dsmoe_model_tensor(m, i);
         size_t global = 1;
         for (int d = 0; d < t->ndim; d++) global *= (size_t)t->shape[d];
-        if (t->expert_layer < 0 || dsmoe_model_ep_size(m, t->expert_layer) == 1) {
-            KCALL(rt, copy_to_host, host + off, slab + t->offset, t->numel * sizeof(float));
-        } else {
+        int ep = t->expert_layer < 0 ? 1 : dsmoe_model_ep_size(m, t->expert_layer);
+        if (ep == 1) {
+            if (host) KCALL(rt, copy_to_host, host + off, slab + t->offset, t->numel * sizeof(float));
+        } else if (rt->slot < ep) {
             float *shard = dsmoe_malloc(t->numel * sizeof(float), "checkpoint shard", err);
             if (!shard) return err->status;
             dsmoe_status s = rt->kern->copy_to_host(rt->kctx, shard, slab + t->offset, t->numel * sizeof(float));
-            if (s == DSMOE_OK && MPI_Gather(shard, (int)t->numel, MPI_FLOAT, host + off, (int)t->numel, MPI_FLOAT, 0,
-                                            dsmoe_model_ep_comm(m, t->expert_layer)) != MPI_SUCCESS)
+            if (s == DSMOE_OK && MPI_Gather(shard, (int)t->numel, MPI_FLOAT, host ? host + off : NULL, (int)t->numel,
+                                            MPI_FLOAT, 0, dsmoe_model_ep_comm(m, t->expert_layer)) != MPI_SUCCESS)
                 s = dsmoe_err_set(err, DSMOE_ERR_SYSTEM, "MPI_Gather of %s failed", t->name);
             else if (s != DSMOE_OK)
                 dsmoe_err_set(err, s, "copying %s to host: %s", t->name, rt->kern->last_error(rt->kctx));
@@ -123,16 +127,21 @@ dsmoe_status dsmoe_checkpoint_save(dsmoe_model *m, dsmoe_optimizer *opt, const d
     dsmoe_st_writer *w = NULL;
     char path[4096] = "";
     dsmoe_status s = DSMOE_OK;
-    host = dsmoe_malloc(3 * global * sizeof(float), "checkpoint staging", err);
-    if (!host) s = err->status;
+    if (rank == 0) {
+        host = dsmoe_malloc(3 * global * sizeof(float), "checkpoint staging", err);
+        if (!host) s = err->status;
+    }
     // The moments come in the parameters' layout whatever the ZeRO sharding (a collective gather).
     float *moment = NULL;
     dsmoe_runtime *rt = dsmoe_model_runtime(m);
     if (s == DSMOE_OK && (s = rt->kern->alloc(rt->kctx, dsmoe_model_local_params(m) * sizeof(float), (void **)&moment)) != DSMOE_OK)
         dsmoe_err_set(err, s, "allocating checkpoint staging: %s", rt->kern->last_error(rt->kctx));
+    // The staging below is collective (gathers): a rank that could not allocate must not leave the
+    // others waiting in it.
+    s = share_status(s, err);
     for (int kind = 0; kind < 3 && s == DSMOE_OK; kind++) {
         if (kind > 0) s = dsmoe_optimizer_get_state(opt, kind - 1, moment, err);
-        if (s == DSMOE_OK) s = stage_host(m, kind ? moment : dsmoe_model_params(m), host + kind * global, err);
+        if (s == DSMOE_OK) s = stage_host(m, kind ? moment : dsmoe_model_params(m), host ? host + kind * global : NULL, err);
     }
     rt->kern->free(rt->kctx, moment);
     if (rank == 0 && s == DSMOE_OK) {

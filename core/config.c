@@ -57,6 +57,7 @@ static const char *const v_schedule[] = {"cosine", "constant", "linear", NULL};
 static const char *const v_source[] = {"synthetic", "text", "megatron", NULL};
 static const char *const v_aux_scope[] = {"batch", "rank", NULL};                 // = dsmoe_aux_scope
 static const char *const v_alltoall[] = {"flat", "hierarchical", "auto", NULL};   // = dsmoe_a2a_algo
+static const char *const v_bind[] = {"auto", "cores", "none", NULL};                 // = dsmoe_bind_policy
 
 #define FIELD(f) offsetof(dsmoe_config, f), sizeof(((dsmoe_config *)0)->f)
 #define KEY(name, type, def, f, r, help) {name, type, def, FIELD(f), r, NULL, help}
@@ -104,6 +105,13 @@ static const key_def keys[] = {
     ENUM("moe.aux_loss_scope", "batch", aux_loss_scope, v_aux_scope, "tokens the load-balancing loss is computed over: batch = each micro-step's tokens on all ranks (the same loss on any number of ranks), rank = each rank's own tokens (DeepSpeed)"),
     ENUM("moe.alltoall", "auto", alltoall, v_alltoall, "expert all-to-all: flat, hierarchical (inside nodes, then across), or auto (hierarchical for small messages on several nodes; flat when the ranks are not node-contiguous)"),
     KEY("moe.ranks_per_node", K_INT, "0", ranks_per_node, GE(0), "ranks per node for the hierarchical all-to-all; 0 = the real nodes, > 0 pretends (tests)"),
+
+    ENUM("topology.bind", "auto", bind, v_bind, "CPU binding of each rank: auto = keep a binding the launcher made (srun --cpu-bind, mpirun --bind-to), else bind each rank to its own cores spread over packages and NUMA nodes; cores = always bind dsmoe's way; none = leave it to the OS"),
+
+    KEY("plan.nodes", K_INT, "1", plan_nodes, GE(1), "dsmoe --plan: nodes of the planned job, each like plan.topology"),
+    KEY("plan.ranks_per_node", K_INT, "0", plan_ranks_per_node, GE(0), "dsmoe --plan: ranks per node; 0 = one per GPU of the topology (one per core when it has none or run.kernel_backend = cpu)"),
+    KEY("plan.topology", K_STRING, "", plan_topology, ANY, "dsmoe --plan: the node: an hwloc XML file, synthetic:<hwloc synthetic description>, or '' = this machine (or HWLOC_XMLFILE / HWLOC_SYNTHETIC)"),
+    KEY("plan.memory_per_rank", K_U64, "0", plan_memory_per_rank, GE(0), "dsmoe --plan: bytes each rank may use (80Gi); 0 = its GPU's memory, or the node's memory / ranks per node on the cpu backend"),
 
     KEY("train.steps", K_INT, "100", steps, GE(0), "optimizer steps"),
     KEY("train.batch", K_INT, "8", batch, GE(1), "global batch: sequences per optimizer step over all ranks"),
@@ -534,11 +542,12 @@ static dsmoe_status validate(loader *L, int world_size, dsmoe_err *err) {
     // A bare value keeps the one-value messages; a list names the layer whose value fails.
     int ep_all = L->ep.all;
     const char *ep_txt = L->at[k_ep].text;
-    if (ep_all && world_size % c->expert_parallel[0] != 0)
+    // world_size 0: the rank count is not known yet (dsmoe --plan reads it from plan.* keys first).
+    if (ep_all && world_size > 0 && world_size % c->expert_parallel[0] != 0)
         FAIL(k_ep, -1, "moe.expert_parallel = %s does not divide the %d ranks of this run", ep_txt, world_size);
     for (int i = 0; i < c->n_moe_layers; i++) {
         int ep = c->expert_parallel[i], ml = (i + 1) * c->moe_every;
-        if (world_size % ep != 0)
+        if (world_size > 0 && world_size % ep != 0)
             FAIL(k_ep, -1, "moe.expert_parallel = %s: %d (MoE layer %d, model layer %d) does not divide the %d ranks "
                  "of this run", ep_txt, ep, i + 1, ml, world_size);
         if (c->experts[i] % ep != 0) {
@@ -561,7 +570,9 @@ static dsmoe_status validate(loader *L, int world_size, dsmoe_err *err) {
         }
 
     int k_batch = KIDX("train.batch"), k_micro = KIDX("train.micro_batch");
-    if (c->micro_batch == 0) {
+    if (world_size == 0) {
+        // rank-count rules wait for the real count
+    } else if (c->micro_batch == 0) {
         if (c->batch % world_size != 0)
             FAIL(k_batch, k_micro, "train.batch = %s: must be divisible by the %d ranks of this run "
                  "(train.micro_batch = 0 means train.batch / ranks)", L->at[k_batch].text, world_size);
@@ -584,8 +595,8 @@ dsmoe_status dsmoe_config_load_text(const char *deck_text, const char *deck_name
                                     dsmoe_config_sources **sources, dsmoe_err *err) {
     if (sources) *sources = NULL;
     if (!deck_name) deck_name = "deck";
-    if (world_size < 1)
-        return dsmoe_err_set(err, DSMOE_ERR_INVALID, "%s: world size %d: must be >= 1", deck_name, world_size);
+    if (world_size < 0)
+        return dsmoe_err_set(err, DSMOE_ERR_INVALID, "%s: world size %d: must be >= 0", deck_name, world_size);
     if (!envp) envp = environ;
     loader *L = dsmoe_calloc(1, sizeof *L, "the configuration loader", err);
     if (!L) return DSMOE_ERR_NOMEM;

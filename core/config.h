@@ -58,6 +58,15 @@ typedef struct dsmoe_config {
     int alltoall;                // moe.alltoall: dsmoe_a2a_algo (exchange.h): 0 flat, 1 hierarchical, 2 auto
     int ranks_per_node;          // moe.ranks_per_node (0 = the real nodes)
 
+    // [topology]
+    int bind;                    // topology.bind: dsmoe_bind_policy (placement.h): 0 auto, 1 cores, 2 none
+
+    // [plan] (dsmoe --plan)
+    int plan_nodes;              // plan.nodes
+    int plan_ranks_per_node;     // plan.ranks_per_node (0 = one per GPU of the topology, else one per core)
+    char plan_topology[1024];    // plan.topology ("" = this machine or HWLOC_XMLFILE / HWLOC_SYNTHETIC)
+    uint64_t plan_memory_per_rank; // plan.memory_per_rank in bytes (0 = from the topology)
+
     // [train]
     int steps;                   // train.steps
     int batch;                   // train.batch: global batch in sequences per optimizer step
@@ -99,7 +108,8 @@ typedef struct dsmoe_config_sources dsmoe_config_sources;
 
 // Parses the deck at deck_path, applies DSMOE_* environment overrides from envp (NULL = environ) and
 // the "key=value" overrides in argv_overrides (n_overrides of them), validates ranges and cross-key
-// rules given world_size (number of ranks), and fills cfg. On failure returns non-OK with a message
+// rules given world_size (number of ranks; 0 = not known yet: the rules that need it are skipped and
+// train.micro_batch stays as written), and fills cfg. On failure returns non-OK with a message
 // naming the deck file and line (or "command line" / the environment variable) and the key.
 // *sources (may be NULL) receives an allocation to free with dsmoe_config_sources_free.
 dsmoe_status dsmoe_config_load(const char *deck_path, char *const *argv_overrides, int n_overrides,

@@ -12,6 +12,8 @@
 #include <mpi.h>
 
 #include "config.h"        // dsmoe_config_load_text, dsmoe_config_print
+#include "placement.h"     // dsmoe_placement_create, dsmoe_placement_print
+#include "plan.h"          // dsmoe_plan_run
 #include "plugin_loader.h" // dsmoe_plugin_load_*, dsmoe_plugin_search_path
 #include "runtime.h"       // dsmoe_runtime_open, dsmoe_runtime_close
 #include "train.h"         // dsmoe_train_run
@@ -23,12 +25,15 @@
 static void usage(FILE *out) {
     fprintf(out,
             "usage: dsmoe [--check] DECK [key=value ...]\n"
+            "       dsmoe --plan DECK [key=value ...]\n"
             "       dsmoe --help [keys]\n"
             "       dsmoe --version\n"
             "\n"
             "  DECK            input deck: model, MoE, parallelism, backends, data, training (docs/deck.md)\n"
             "  key=value       override a deck key, e.g. train.steps=200 (beats DSMOE_TRAIN_STEPS and the deck)\n"
             "  --check         validate the deck and the plugins it names, print the resolved configuration, exit\n"
+            "  --plan          no training, no MPI: for plan.nodes nodes like plan.topology, print the groups, the\n"
+            "                  placement, memory per rank and all-to-all traffic; exit 1 if it does not fit\n"
             "  --help keys     list every deck key with its type, default and meaning\n"
             "  --version       print the version, plugin ABI versions and the plugin search path\n"
             "\n"
@@ -192,6 +197,13 @@ int main(int argc, char **argv) {
         print_version();
         return 0;
     }
+    if (argc >= 3 && strcmp(argv[1], "--plan") == 0) {
+        dsmoe_err err = {0};
+        dsmoe_status s = dsmoe_plan_run(argv[2], argv + 3, argc - 3, stdout, &err);
+        fflush(stdout);
+        if (s != DSMOE_OK) fprintf(stderr, "dsmoe: error: %s\n", err.msg);
+        return s == DSMOE_OK ? 0 : 1;
+    }
     if (argc >= 2 && strcmp(argv[1], "--check") == 0) {
         check_only = 1;
         argi++;
@@ -236,10 +248,16 @@ int main(int argc, char **argv) {
 
     dsmoe_runtime rt;
     memset(&rt, 0, sizeof rt);
-    s = dsmoe_runtime_open(cfg.kernel_backend, cfg.comm_backend, cfg.plugin_path, cfg.threads, &rt, &err);
-    if (s == DSMOE_OK && rank == 0)
+    dsmoe_placement *pl = NULL;
+    // Binding comes before the plugins start their threads; the device choice between load and init.
+    s = dsmoe_placement_create(&cfg, &pl, &err);
+    if (s == DSMOE_OK)
+        s = dsmoe_runtime_open_placed(cfg.kernel_backend, cfg.comm_backend, cfg.plugin_path, cfg.threads, pl, &rt, &err);
+    if (s == DSMOE_OK && rank == 0) {
         printf("backends: kernel %s (%s: %s), comm %s (%s)\n", rt.kern->name, rt.kernel_handle.path,
                rt.kern->describe(rt.kctx), rt.comm->name, rt.comm_handle.path);
+        dsmoe_placement_print(stdout, pl, &cfg);
+    }
     if (s == DSMOE_OK && check_only) {
         if (rank == 0) printf("deck %s is valid\n", deck_path);
     } else if (s == DSMOE_OK) {
@@ -250,6 +268,7 @@ int main(int argc, char **argv) {
     if (s != DSMOE_OK && err.scope != DSMOE_SCOPE_COLLECTIVE && world_size > 1)
         return finish(s, &err, rank, world_size); // without collective clean-up: other ranks may be mid-step
     dsmoe_runtime_close(&rt);
+    dsmoe_placement_free(pl);
     dsmoe_config_sources_free(sources);
     free(resolved);
     free(deck_text);

@@ -445,9 +445,10 @@ static dsmoe_status ffn_backward(dsmoe_model *m, int l, float daux, dsmoe_err *e
 // ----------------------------------------------------------------------------------------------------
 // the model
 
-// EP groups are contiguous blocks of ep ranks; EDP groups the strided sets (DeepSpeed's layout).
+// EP groups are contiguous blocks of ep slots; EDP groups the strided sets (DeepSpeed's layout, over
+// slots rather than world ranks so that groups follow the nodes: placement.h).
 static dsmoe_status create_ep_groups(dsmoe_runtime *rt, int ep, ep_groups *g, dsmoe_err *err) {
-    int rank = rt->world_rank;
+    int rank = rt->slot;
     MPI_Comm ep_comm, edp_comm;
     g->ep = ep;
     if (MPI_Comm_split(MPI_COMM_WORLD, rank / ep, rank, &ep_comm) != MPI_SUCCESS ||

@@ -4,10 +4,16 @@
 #include <stdlib.h>
 #include <string.h>
 
+// ZeRO-1 gathers the updated parameters in pieces of at most this many elements per rank per call, so
+// the landing buffer stays near DSMOE_ZERO_GATHER_ELEMS floats (256 MiB) whatever the model: one landing
+// buffer for a whole range would be a full fp32 copy of the replicated parameters on every rank and give
+// back most of what sharding the moments saves. dsmoe_zero_piece (optimizer.h) is the rule.
+
 // One range of the slab and the part of it this rank owns.
 typedef struct shard {
     size_t range_begin, range_end; // the range in the slab
     size_t chunk;                  // elements per rank (the last rank's chunk may be short)
+    size_t piece;                  // elements per rank per all-gather call (dsmoe_zero_piece)
     size_t begin, end;             // owned elements, in slab coordinates
     size_t state_offset;           // where the owned moments start in m and v
     dsmoe_comm_group *group;       // ranks holding the range identically (NULL: not sharded)
@@ -21,8 +27,8 @@ struct dsmoe_optimizer {
     shard *shards;     // (n_shards) replicated, then one per MoE layer's experts
     int n_shards;
     float *m, *v;      // (owned elements) moments
-    float *gather;     // (max chunk * size) all-gather landing buffer, zero_stage 1 only
-    float *send;       // (max chunk) padded send chunk
+    float *gather;     // (max piece * size) all-gather landing buffer, zero_stage 1 only
+    float *send;       // (max piece) padded send piece
     size_t n_state;
 };
 
@@ -35,6 +41,7 @@ static void plan_shard(shard *s, size_t begin, size_t end, dsmoe_comm_group *gro
     int rank = group ? rt->comm->group_rank(group) : 0;
     size_t n = end - begin;
     s->chunk = (n + (size_t)s->size - 1) / (size_t)s->size;
+    s->piece = dsmoe_zero_piece(s->chunk, s->size);
     size_t lo = begin + (size_t)rank * s->chunk, hi = lo + s->chunk;
     s->begin = lo < end ? lo : end;
     s->end = hi < end ? hi : end;
@@ -70,9 +77,10 @@ dsmoe_status dsmoe_optimizer_create(dsmoe_model *model, int zero_stage, dsmoe_op
     if (sharded) {
         size_t most = 0, chunk = 0;
         for (int k = 0; k < o->n_shards; k++) {
-            size_t g = o->shards[k].chunk * (size_t)o->shards[k].size;
+            if (o->shards[k].size <= 1) continue; // nothing to gather (allgather_range returns at once)
+            size_t g = o->shards[k].piece * (size_t)o->shards[k].size;
             most = g > most ? g : most;
-            chunk = o->shards[k].chunk > chunk ? o->shards[k].chunk : chunk;
+            chunk = o->shards[k].piece > chunk ? o->shards[k].piece : chunk;
         }
         KCALL(rt, alloc, most * sizeof(float), (void **)&o->gather);
         KCALL(rt, alloc, chunk * sizeof(float), (void **)&o->send);
@@ -93,16 +101,27 @@ void dsmoe_optimizer_free(dsmoe_optimizer *o) {
 
 size_t dsmoe_optimizer_bytes(const dsmoe_optimizer *o) { return 2 * o->n_state * sizeof(float); }
 
-// Every rank's chunk of `slab` (slab coordinates) becomes the whole range on every rank of the group.
+// Every rank's chunk of `slab` (slab coordinates) becomes the whole range on every rank of the group,
+// piece by piece: piece j of every rank's chunk lands as (size, piece) and goes to its place in the range.
 static dsmoe_status allgather_range(dsmoe_optimizer *o, const shard *s, float *slab, dsmoe_err *err) {
     dsmoe_runtime *rt = o->rt;
-    size_t owned = s->end - s->begin, n = s->range_end - s->range_begin;
+    size_t n = s->range_end - s->range_begin;
     if (!s->group || s->size == 1 || n == 0) return DSMOE_OK;
-    KCALL(rt, zero, o->send, s->chunk * sizeof(float));
-    if (owned) KCALL(rt, copy, o->send, slab + s->begin, owned * sizeof(float));
-    KCALL(rt, synchronize);
-    CCALL(rt, allgather, s->group, o->send, o->gather, s->chunk * sizeof(float));
-    KCALL(rt, copy, slab + s->range_begin, o->gather, n * sizeof(float));
+    for (size_t j = 0; j < s->chunk; j += s->piece) {
+        size_t p = s->chunk - j < s->piece ? s->chunk - j : s->piece;
+        size_t mine = s->begin + j < s->end ? s->end - (s->begin + j) : 0;
+        if (mine > p) mine = p;
+        if (mine < p) KCALL(rt, zero, o->send, p * sizeof(float));
+        if (mine) KCALL(rt, copy, o->send, slab + s->begin + j, mine * sizeof(float));
+        KCALL(rt, synchronize);
+        CCALL(rt, allgather, s->group, o->send, o->gather, p * sizeof(float));
+        for (int r = 0; r < s->size; r++) {
+            size_t at = (size_t)r * s->chunk + j; // offset in the range
+            if (at >= n) break;
+            size_t len = n - at < p ? n - at : p;
+            KCALL(rt, copy, slab + s->range_begin + at, o->gather + (size_t)r * p, len * sizeof(float));
+        }
+    }
     return DSMOE_OK;
 }
 

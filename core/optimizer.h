@@ -32,4 +32,15 @@ dsmoe_status dsmoe_optimizer_set_state(dsmoe_optimizer *opt, int which, const fl
 // Bytes of optimizer state this rank holds.
 size_t dsmoe_optimizer_bytes(const dsmoe_optimizer *opt);
 
+// ZeRO-1's all-gather of the updated parameters goes in pieces of this many elements per rank (of a
+// chunk of `chunk` per rank over `size` ranks): at most DSMOE_ZERO_GATHER_ELEMS in the landing buffer.
+#ifndef DSMOE_ZERO_GATHER_ELEMS // tests build optimizer.c with a tiny one to exercise the pieces
+#define DSMOE_ZERO_GATHER_ELEMS ((size_t)64 << 20)
+#endif
+static inline size_t dsmoe_zero_piece(size_t chunk, int size) {
+    size_t most = DSMOE_ZERO_GATHER_ELEMS / (size_t)(size > 0 ? size : 1);
+    if (most == 0) most = 1;
+    return chunk < most ? chunk : most;
+}
+
 #endif

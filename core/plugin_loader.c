@@ -285,7 +285,7 @@ static int single_bit(uint32_t x) { return x != 0 && (x & (x - 1)) == 0; }
 // ------------------------------------------------------------------------------------------------
 // kernel plugins
 
-// Every member but device_pci_bus_id (optional) must be set. The static assert below fails the build
+// Every member but device_count and device_pci_bus_id (optional, both or neither) must be set. The static assert below fails the build
 // when the ABI grows a member that is not listed here.
 #define KERNEL_REQUIRED(X)                                                                         \
     X(init) X(finalize) X(last_error) X(describe) X(alloc) X(free) X(copy_to_device) X(copy_to_host) \
@@ -296,7 +296,7 @@ static int single_bit(uint32_t x) { return x != 0 && (x & (x - 1)) == 0; }
     X(crossentropy_forward) X(crossentropy_backward) X(gate_route) X(gate_assign) X(gate_backward)  \
     X(moe_dispatch) X(moe_dispatch_backward) X(moe_combine) X(moe_combine_backward)                 \
     X(residual_mix_forward) X(residual_mix_backward) X(adamw_update)
-#define KERNEL_OPTIONAL_COUNT 1 // device_pci_bus_id
+#define KERNEL_OPTIONAL_COUNT 2 // device_count, device_pci_bus_id
 
 #define COUNT_ONE(m) +1
 #define RETURN_IF_NULL(m)                                                                          \
@@ -328,6 +328,11 @@ dsmoe_status dsmoe_plugin_load_kernel(const char *name, const char *extra_path,
     if (missing)
         return reject(handle, err, DSMOE_ERR_INTERNAL, "%s: kernel plugin '%s' leaves required member %s NULL",
                       handle->path, name, missing);
+    if (!t->device_count != !t->device_pci_bus_id)
+        return reject(handle, err, DSMOE_ERR_INTERNAL,
+                      "%s: kernel plugin '%s' sets %s but not %s; expected both (a device plugin) or neither",
+                      handle->path, name, t->device_count ? "device_count" : "device_pci_bus_id",
+                      t->device_count ? "device_pci_bus_id" : "device_count");
     if (!single_bit(t->mem_kind)) {
         char kinds[96];
         return reject(handle, err, DSMOE_ERR_INTERNAL,

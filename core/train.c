@@ -11,6 +11,7 @@
 #include "checkpoint.h"
 #include "data.h"
 #include "dsmoe/rng.h"
+#include "memplan.h"
 #include "model.h"
 #include "optimizer.h"
 
@@ -253,13 +254,24 @@ static dsmoe_status run(trainer *tr, const char *config_text, dsmoe_train_result
                "per step\n", dsmoe_model_global_params(tr->model), dsmoe_model_local_params(tr->model),
                c->n_moe_layers, tr->B, tr->T, tr->accum);
     }
-    if (tr->rank == 0) {
-        double mib = 1.0 / 1048576.0, p = (double)dsmoe_model_local_params(tr->model) * sizeof(float);
-        double other = (double)dsmoe_model_bytes(tr->model) - 2 * p, opt = (double)dsmoe_optimizer_bytes(tr->opt);
-        printf("memory per rank (rank 0): parameters %.1f MiB, gradients %.1f MiB, AdamW state %.1f MiB (%s), "
-               "activations and scratch %.1f MiB, total %.1f MiB\n", p * mib, p * mib, opt * mib,
+    // Memory as dsmoe --plan predicts it (core/memplan.h): the same numbers whether planned or running.
+    int node_ranks;
+    MPI_Comm node;
+    MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node);
+    MPI_Comm_size(node, &node_ranks);
+    MPI_Comm_free(&node);
+    dsmoe_mem_estimate mem;
+    dsmoe_err mem_err = {0};
+    if (tr->rank == 0 && dsmoe_mem_estimate_rank(c, tr->rt->world_size, 0, node_ranks, &mem, &mem_err) == DSMOE_OK) {
+        double mib = 1.0 / 1048576.0;
+        printf("memory per rank (rank 0): parameters %.1f MiB, gradients %.1f MiB, AdamW state %.1f MiB (%s) + "
+               "%.1f MiB ZeRO buffers, activations and scratch %.1f MiB, MoE buffers %.1f MiB, total %.1f MiB (peak "
+               "%.1f MiB; dsmoe --plan gives the details)\n", mem.param_bytes * mib, mem.grad_bytes * mib,
+               mem.optimizer_bytes * mib,
                c->zero_stage ? "ZeRO-1: sharded over the data-parallel ranks" : "ZeRO off: full copy per rank",
-               other * mib, (2 * p + opt + other) * mib);
+               mem.optimizer_scratch_bytes * mib, (mem.activation_bytes + mem.token_bytes) * mib,
+               (mem.moe_buffer_bytes + mem.moe_router_bytes + mem.exchange_bytes) * mib, mem.total_bytes * mib,
+               mem.peak_bytes * mib);
     }
     if (tr->rank == 0 && c->n_moe_layers > 0 && c->drop_tokens)
         printf("moe: capacity is computed per rank and micro-batch from its %d tokens (C = %d on layer 0 when "

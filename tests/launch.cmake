@@ -26,6 +26,7 @@ set_tests_properties(launch_slurm_stop PROPERTIES FIXTURES_CLEANUP dsmoe_slurm T
 
 dsmoe_launch_test(launch_srun slurm_srun.sh)
 dsmoe_launch_test(launch_sbatch slurm_sbatch.sh)
+dsmoe_launch_test(launch_cpubind slurm_cpubind.sh)
 # One node of 8 CPUs: each test's job takes all of it, so they take turns.
-set_tests_properties(launch_srun launch_sbatch PROPERTIES FIXTURES_REQUIRED dsmoe_slurm RESOURCE_LOCK dsmoe_slurm
+set_tests_properties(launch_srun launch_sbatch launch_cpubind PROPERTIES FIXTURES_REQUIRED dsmoe_slurm RESOURCE_LOCK dsmoe_slurm
                      LABELS "launch;slurm")

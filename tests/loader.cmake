@@ -28,6 +28,7 @@ dsmoe_fake_plugin(kernel nullmember FAKE_NULL_MEMBER)
 dsmoe_fake_plugin(kernel undefined FAKE_UNDEFINED)          # links: no -z defs; dlopen(RTLD_NOW) fails
 dsmoe_fake_plugin(kernel misnamed FAKE_TABLE_NAME="other")
 dsmoe_fake_plugin(kernel zerokind FAKE_MEM_KIND=0)
+dsmoe_fake_plugin(kernel halfdevice FAKE_HALF_DEVICE)        # device_count without device_pci_bus_id
 dsmoe_fake_plugin(comm cudaonly)                            # valid, mem_kinds CUDA
 dsmoe_fake_plugin(comm nullmember FAKE_NULL_MEMBER)
 dsmoe_fake_plugin(comm badversion FAKE_API_VERSION=2)

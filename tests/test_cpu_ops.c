@@ -145,11 +145,13 @@ static void test_table(void **state) {
     assert_int_equal(P->api_version, DSMOE_KERNEL_API_VERSION);
     assert_string_equal(P->name, "cpu");
     assert_int_equal(P->mem_kind, DSMOE_MEM_HOST);
+    assert_null(P->device_count);
     assert_null(P->device_pci_bus_id);
     // Every other member from init to the end is required.
     const char *base = (const char *)P;
     for (size_t off = offsetof(dsmoe_kernel_plugin_v1, init); off < sizeof *P; off += sizeof(void (*)(void))) {
-        if (off == offsetof(dsmoe_kernel_plugin_v1, device_pci_bus_id))
+        if (off == offsetof(dsmoe_kernel_plugin_v1, device_pci_bus_id) ||
+            off == offsetof(dsmoe_kernel_plugin_v1, device_count))
             continue;
         void (*fn)(void);
         memcpy(&fn, base + off, sizeof fn);

@@ -133,7 +133,8 @@ static void test_env_path_honoured(void **state) {
     assert_int_equal(dsmoe_plugin_load_kernel("fakecuda", NULL, &k, &h, &err), DSMOE_OK);
     assert_string_equal(h.path, FAKE "/libdsmoe_kernel_fakecuda.so");
     assert_int_equal(k->mem_kind, DSMOE_MEM_CUDA);
-    assert_null(k->device_pci_bus_id); // the optional member may be NULL
+    assert_null(k->device_count); // the optional members may be NULL
+    assert_null(k->device_pci_bus_id);
     dsmoe_plugin_unload(&h);
 
     unsetenv("DSMOE_PLUGIN_PATH");
@@ -292,6 +293,11 @@ static void test_bad_tables(void **state) {
     assert_int_equal(dsmoe_plugin_load_kernel("zerokind", FAKE, &k, &h, &err), DSMOE_ERR_INTERNAL);
     assert_contains(err.msg, FAKE "/libdsmoe_kernel_zerokind.so: kernel plugin 'zerokind' declares mem_kind "
                                   "no memory (0x0)");
+    assert_null(k);
+
+    assert_int_equal(dsmoe_plugin_load_kernel("halfdevice", FAKE, &k, &h, &err), DSMOE_ERR_INTERNAL);
+    assert_contains(err.msg, FAKE "/libdsmoe_kernel_halfdevice.so: kernel plugin 'halfdevice' sets device_count but "
+                                  "not device_pci_bus_id; expected both (a device plugin) or neither");
     assert_null(k);
     assert_null(h.dl);
 }

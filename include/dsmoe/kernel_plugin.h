@@ -31,6 +31,10 @@ typedef struct dsmoe_kernel_options {
     int threads;    // compute threads; 0 = the plugin decides (OMP_NUM_THREADS, else 1)
     int device;     // device ordinal for device plugins; ignored by cpu
     int verbose;    // 0 quiet, 1 print what was chosen (BLAS, threads) to stderr once
+    // OS CPU ids (host) to pin compute threads to: thread t on thread_cpus[t % n_thread_cpus]. NULL = leave
+    // the threads where the OS puts them (inside the process's binding). Read during init only.
+    const int *thread_cpus;
+    int n_thread_cpus;
 } dsmoe_kernel_options;
 
 typedef enum dsmoe_noise_policy {
@@ -66,8 +70,14 @@ typedef struct dsmoe_kernel_plugin_v1 {
     const char *(*last_error)(dsmoe_kernel_ctx *ctx);
     // One line describing the resolved setup (BLAS library, threads, device). Host string owned by ctx.
     const char *(*describe)(dsmoe_kernel_ctx *ctx);
-    // (optional, may be NULL) PCI bus id "dddd:bb:dd.f" of the device, for topology mapping.
-    dsmoe_status (*device_pci_bus_id)(dsmoe_kernel_ctx *ctx, char *buf, size_t len);
+    // (optional: both or neither; host-only plugins leave them NULL) The devices this plugin can drive
+    // on this node, callable before init, so that the core can give each rank the device nearest its
+    // cores (core/placement.c) and pass its ordinal as options.device.
+    // *count = number of devices (0 is valid: none here).
+    dsmoe_status (*device_count)(int *count);
+    // PCI bus id of device `ordinal` (0 <= ordinal < count) as "dddd:bb:dd.f", lower-case hex, in buf
+    // (host, len >= 13).
+    dsmoe_status (*device_pci_bus_id)(int ordinal, char *buf, size_t len);
 
     // --- memory --------------------------------------------------------------------------------
     // Allocates `bytes` zeroed bytes aligned to at least 64. bytes == 0 gives a valid unique pointer.

@@ -7,8 +7,11 @@
 // host memory (mem_kind DSMOE_MEM_HOST) so every op runs synchronously and synchronize() is a no-op;
 // forward outputs are assigned, backward outputs accumulate (+=); a result never depends on the
 // thread count (reductions use a fixed blocking, see sum_squares and bias_backward).
+#define _GNU_SOURCE // sched_setaffinity, CPU_SET
 #include <math.h>
 #include <omp.h>
+#include <sched.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -54,6 +57,28 @@ static const char *blas_threading_name(int parallel) {
     return "unknown";
 }
 
+// Pins OpenMP thread t to thread_cpus[t % n] (options contract). libgomp keeps its team threads for later
+// regions of the same size, which is every region of this plugin (num_threads(ctx->threads)), so the
+// pinning holds for the run. Fills errbuf and returns non-OK when the OS refuses a CPU.
+static dsmoe_status pin_threads(int threads, const int *cpus, int n, char *errbuf, size_t errlen) {
+    int failed_cpu = -1;
+#pragma omp parallel num_threads(threads)
+    {
+        int cpu = cpus[omp_get_thread_num() % n];
+        cpu_set_t one;
+        CPU_ZERO(&one);
+        if (cpu >= 0 && cpu < CPU_SETSIZE) CPU_SET(cpu, &one);
+        if (cpu < 0 || cpu >= CPU_SETSIZE || sched_setaffinity(0, sizeof one, &one) != 0) {
+#pragma omp critical
+            failed_cpu = cpu;
+        }
+    }
+    if (failed_cpu == -1) return DSMOE_OK;
+    snprintf(errbuf, errlen, "cpu: init: cannot pin a compute thread to CPU %d (options.thread_cpus): not a CPU "
+             "this process may use", failed_cpu);
+    return DSMOE_ERR_INVALID;
+}
+
 // GEMM output tiles (rows, columns), each one single-threaded BLAS call: see the GEMM section.
 #define GEMM_TILE_M 256
 #define GEMM_TILE_N 256
@@ -71,6 +96,13 @@ static dsmoe_status cpu_init(const dsmoe_kernel_options *opt, dsmoe_kernel_ctx *
     }
     ctx->threads = threads;
     cpu_blas_single_threaded();
+    if (opt && opt->thread_cpus && opt->n_thread_cpus > 0) {
+        s = pin_threads(threads, opt->thread_cpus, opt->n_thread_cpus, errbuf, errlen);
+        if (s != DSMOE_OK) {
+            free(ctx);
+            return s;
+        }
+    }
     // openblas_get_config() is e.g. "OpenBLAS 0.3.21 DYNAMIC_ARCH NO_AFFINITY Zen MAX_THREADS=64 " (the
     // trailing space is OpenBLAS's).
     char blas[256];
@@ -79,8 +111,9 @@ static dsmoe_status cpu_init(const dsmoe_kernel_options *opt, dsmoe_kernel_ctx *
         blas[n - 1] = '\0';
     int parallel = openblas_get_parallel();
     snprintf(ctx->description, sizeof ctx->description,
-             "cpu: %s (%s build, called single-threaded on %dx%d GEMM tiles), %d OpenMP thread%s", blas,
-             blas_threading_name(parallel), GEMM_TILE_M, GEMM_TILE_N, threads, threads == 1 ? "" : "s");
+             "cpu: %s (%s build, called single-threaded on %dx%d GEMM tiles), %d OpenMP thread%s%s", blas,
+             blas_threading_name(parallel), GEMM_TILE_M, GEMM_TILE_N, threads, threads == 1 ? "" : "s",
+             opt && opt->thread_cpus && opt->n_thread_cpus > 0 ? " pinned to one CPU each" : "");
     if (opt && opt->verbose)
         fprintf(stderr, "dsmoe: kernel plugin %s\n", ctx->description);
     *out = ctx;
@@ -478,6 +511,7 @@ static const dsmoe_kernel_plugin_v1 cpu_plugin = {
     .finalize = cpu_finalize,
     .last_error = cpu_last_error,
     .describe = cpu_describe,
+    .device_count = NULL,
     .device_pci_bus_id = NULL,
 
     .alloc = cpu_alloc,

@@ -7,7 +7,8 @@
 //   FAKE_RETURN_NULL         the entry returns NULL
 //   FAKE_NULL_MEMBER         gemm_grouped is NULL
 //   FAKE_UNDEFINED           the entry calls a function no library defines: dlopen(RTLD_NOW) fails
-// device_pci_bus_id is always NULL: it is the one optional member.
+//   FAKE_HALF_DEVICE         device_count set but device_pci_bus_id NULL (the pair is both or neither)
+// Otherwise the optional device_count and device_pci_bus_id are NULL.
 // The members are never called: each is a `void (void)` stub cast to the member's type (calling one
 // through that type would be undefined), which is all the loader's checks look at.
 #include <stddef.h>
@@ -32,7 +33,9 @@ __attribute__((unused)) static const dsmoe_kernel_plugin_v1 fake_table = {
     .description = "fake kernel plugin for the loader tests",
     .mem_kind = FAKE_MEM_KIND,
     STUB(init), STUB(finalize), STUB(last_error), STUB(describe),
-    .device_pci_bus_id = NULL,
+#ifdef FAKE_HALF_DEVICE
+    STUB(device_count),
+#endif
     STUB(alloc), STUB(free), STUB(copy_to_device), STUB(copy_to_host), STUB(copy), STUB(zero),
     STUB(synchronize), STUB(gemm),
 #ifndef FAKE_NULL_MEMBER

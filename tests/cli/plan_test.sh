@@ -1,0 +1,142 @@
+#!/usr/bin/env bash
+# `dsmoe --plan` against numbers worked out by hand: a small model on 2 nodes like
+# inputs/topologies/test-4gpu.xml (4 NUMA nodes, 4 fake 16 GiB GPUs), its placement, parameters, memory
+# and all-to-all counts; refusals (memory per rank, checkpoint staging, activations) with their numbers;
+# bad topologies and rank counts; the paper's decks (inputs/paper/) answer.
+# Usage: plan_test.sh <dsmoe binary> <source dir>
+set -u
+dsmoe=$1
+src=$2
+work=$(mktemp -d /tmp/dsmoe_plan.XXXXXX)
+trap 'rm -rf "$work"' EXIT
+unset DSMOE_PLUGIN_PATH HWLOC_XMLFILE HWLOC_SYNTHETIC
+failures=0
+pass=0
+fail() { echo "FAIL: $*"; failures=$((failures + 1)); }
+
+# expect <name> <0|nonzero> -- command... ; then each further line read from stdin is a fixed string the
+# output must contain.
+expect() {
+  local name=$1 want=$2 out rc line
+  shift 3
+  out=$("$@" 2>&1)
+  rc=$?
+  if [ "$want" = 0 ] && [ $rc -ne 0 ]; then fail "$name: exit $rc, expected 0"; echo "$out" | tail -20; return; fi
+  if [ "$want" != 0 ] && [ $rc -eq 0 ]; then fail "$name: exit 0, expected non-zero"; echo "$out" | tail -20; return; fi
+  while IFS= read -r line; do
+    [ -z "$line" ] && continue
+    if ! grep -qF -- "$line" <<<"$out"; then fail "$name: output lacks: $line"; echo "$out" | tail -30; return; fi
+  done
+  pass=$((pass + 1))
+}
+
+deck=$work/small.deck
+cat >"$deck" <<DECK
+[run]
+kernel_backend = cuda         # plan for GPUs: one rank per GPU
+[model]
+vocab = 32
+seq_len = 16
+layers = 2
+hidden = 32
+heads = 2
+[moe]
+experts = 8
+expert_parallel = 8
+[train]
+batch = 16
+micro_batch = 1
+[plan]
+nodes = 2
+topology = $src/inputs/topologies/test-4gpu.xml
+DECK
+
+# Parameters: wte 32x32 + wpe 16x32 + ln_f 64 = 1600; per block ln_1 64 + c_attn 32x96+96 + c_proj 32x32+32
+# + ln_2 64 = 4352; the dense FFN 32x128+128 + 128x32+32 = 8352; the MoE layer's gate 8x32 = 256 and 8
+# experts of 8352. Rank 0 holds 1600 + 2x4352 + 8352 + 256 + 8352 = 27264 (106.50 KiB in fp32), all
+# ranks 19008 + 8 x 8352 = 85728. Rank r of node 0 takes NUMA node r and its GPU (PCI order 01, 41, 81, c1).
+# Capacity max(ceil(16 / 8), 4) = 4, one expert per rank: 4 x 32 x 4 = 512 B per peer. 16 / (1 x 8) = 2
+# micro-steps x 4 exchanges = 8 per step. Flat: 7 messages each (4 to the other node): 56, 28 KiB, 32 and
+# 16 KiB. Hierarchical (G 4, N 2): 3 in the node of 2 x 512 B and 1 across of 4 x 512 B: 32 messages,
+# 8 x 5 KiB = 40 KiB, 8 across, 16 KiB. 512 B < 64 KiB over 2 nodes: auto picks hierarchical.
+expect small 0 -- "$dsmoe" --plan "$deck" <<WANT
+plan: deck $deck: 2 nodes x 4 ranks = 8 ranks (cuda backend, one GPU per rank where there are enough)
+node: 2 packages, 4 NUMA nodes, 8 cores, 8 PUs, 4.0 GiB, 4 GPUs
+      0     0     0 node0     0 0-1       2 dsmoe       0 0   0000:01:00.0
+      3     0     3 node0     3 6-7       2 dsmoe       3 3   0000:c1:00.0
+experts: MoE layer 1: 8 experts, ep 8 (1 per rank), 1 EP group of 8 ranks, each over 2 nodes (fewest possible 2); expert-data-parallel groups of 1
+  group 0: r0:e0 r1:e1 r2:e2 r3:e3 r4:e4 r5:e5 r6:e6 r7:e7
+model: 85728 parameters (66816 in experts), 27264 on the fullest rank; micro-batch 1 x 16 tokens, 2 micro-steps per step
+  parameters 106.50 KiB, gradients 106.50 KiB, AdamW state 213.00 KiB (ZeRO off: full copy)
+MoE buffers 64.00 KiB (capacity 4)
+has 16.00 GiB (the memory of its GPU 0000:01:00.0
+  1 x (8, ep 8)        flat                 512 B         56    28.00 KiB           32      16.00 KiB  hierarchical
+                       hierarchical         512 B         32    40.00 KiB            8      16.00 KiB
+WANT
+# 4 ranks per node on the cpu backend: one per core would be 8; the ranks then have no GPU and share the
+# node's 4 GiB (1 GiB each).
+expect cpu-backend 0 -- "$dsmoe" --plan "$deck" run.kernel_backend=cpu plan.ranks_per_node=4 <<'WANT'
+2 nodes x 4 ranks = 8 ranks (cpu backend)
+      0     0     0 node0     0 0-1       2 dsmoe       0 -   -
+has 1.00 GiB (the node's 4.00 GiB over its 4 ranks): fits
+WANT
+
+# ZeRO-1 on 8 ranks: the AdamW state shrinks (27264 - 8352 = 18912 replicated elements over 8 ranks =
+# 2364 each, the expert over its EDP group of 1: 8352; m and v: 2 x 4 x 10716 = 83.72 KiB).
+expect zero1 0 -- "$dsmoe" --plan "$deck" train.zero_stage=1 <<'WANT'
+AdamW state 83.72 KiB (ZeRO-1: sharded)
+WANT
+
+expect too-small nonzero -- "$dsmoe" --plan "$deck" plan.memory_per_rank=600Ki <<'WANT'
+needs 708.88 KiB, has 600.00 KiB (plan.memory_per_rank): DOES NOT FIT
+the plan does not fit: rank 0 needs 708.88 KiB (parameters 106.50 KiB, gradients 106.50 KiB, AdamW state 213.00 KiB
+but has 600.00 KiB (plan.memory_per_rank)
+WANT
+
+expect bad-topology nonzero -- "$dsmoe" --plan "$deck" plan.topology="$work/none.xml" <<WANT
+plan.topology: hwloc: cannot read the topology file '$work/none.xml' (expected an hwloc XML file
+WANT
+expect bad-synthetic nonzero -- "$dsmoe" --plan "$deck" "plan.topology=synthetic:pack:x" <<'WANT'
+cannot use the synthetic topology 'pack:x'
+WANT
+expect synthetic 0 -- "$dsmoe" --plan "$deck" "plan.topology=synthetic:pack:2 numa:1(memory=2GiB) core:4 pu:2" run.kernel_backend=cpu <<'WANT'
+2 nodes x 8 ranks = 16 ranks (cpu backend)
+node: 2 packages, 2 NUMA nodes, 8 cores, 16 PUs, 4.0 GiB, 0 GPUs
+WANT
+expect env-topology 0 -- env HWLOC_XMLFILE="$src/inputs/topologies/test-2numa-nogpu.xml" "$dsmoe" --plan "$deck" plan.topology= run.kernel_backend=cpu plan.nodes=1 <<'WANT'
+1 node x 8 ranks = 8 ranks (cpu backend)
+node: 1 package, 2 NUMA nodes, 8 cores, 16 PUs, 4.0 GiB, 0 GPUs
+WANT
+# 3 nodes x 4 GPUs = 12 ranks: ep 8 does not divide them (the deck's own error, with its file).
+expect bad-ranks nonzero -- "$dsmoe" --plan "$deck" plan.nodes=3 <<'WANT'
+moe.expert_parallel = 8 does not divide the 12 ranks of this run
+WANT
+
+# The paper's configurations (docs/topology.md shows their plans).
+expect paper-350m 0 -- "$dsmoe" --plan "$src/inputs/paper/350m-moe128.deck" <<'WANT'
+16 nodes x 8 ranks = 128 ranks
+model: 13.150 B parameters
+fits
+WANT
+expect paper-prmoe 0 -- "$dsmoe" --plan "$src/inputs/paper/350m-prmoe-32-64.deck" <<'WANT'
+8 nodes x 8 ranks = 64 ranks
+experts: MoE layers 1-10: 32 experts, ep 32 (1 per rank), 2 EP groups of 32 ranks, each over 4 nodes (fewest possible 4); expert-data-parallel groups of 2
+experts: MoE layers 11-12: 64 experts, ep 64 (1 per rank), 1 EP group of 64 ranks, each over 8 nodes (fewest possible 8)
+model: 4.118 B parameters
+WANT
+# 1.3B+MoE-128: a checkpoint (586 GiB staged on rank 0) does not fit a 512 GiB node; without checkpoints
+# it trains in 80 GB GPUs, and 4 sequences per micro-step do not fit (activations).
+expect paper-1.3b nonzero -- "$dsmoe" --plan "$src/inputs/paper/1.3b-moe128.deck" <<'WANT'
+model: 52.473 B parameters
+writing a checkpoint stages the whole model (parameters and both AdamW moments, 586.44 GiB) in rank 0's host memory, and its node has 512.00 GiB
+WANT
+expect paper-1.3b-nockpt 0 -- "$dsmoe" --plan "$src/inputs/paper/1.3b-moe128.deck" checkpoint.final=false <<'WANT'
+has 80.00 GiB (the memory of its GPU 0000:07:00.0 (NVIDIA A100-SXM4-80GB)): fits
+WANT
+expect paper-1.3b-mb4 nonzero -- "$dsmoe" --plan "$src/inputs/paper/1.3b-moe128.deck" checkpoint.final=false train.batch=512 train.micro_batch=4 <<'WANT'
+DOES NOT FIT
+activations dominate: lower train.micro_batch
+WANT
+
+echo "plan tests: $pass passed, $failures failed"
+[ "$failures" -eq 0 ]
