@@ -55,6 +55,8 @@ dsmoe_status dsmoe_topo_load(const char *source, dsmoe_topo **topo, dsmoe_err *e
     return DSMOE_OK;
 }
 
+// A source the program sets wins over HWLOC_XMLFILE / HWLOC_SYNTHETIC (hwloc 2.9), so every rank of a
+// node gets the first rank's topology whatever its own environment says.
 dsmoe_status dsmoe_topo_load_xml(const char *xml, size_t len, int this_system, dsmoe_topo **topo, dsmoe_err *err) {
     DSMOE_TRY(topo_begin(topo, this_system ? HWLOC_TOPOLOGY_FLAG_IS_THISSYSTEM : 0, err));
     if (hwloc_topology_set_xmlbuffer((*topo)->t, xml, (int)len + 1) != 0 || hwloc_topology_load((*topo)->t) != 0)

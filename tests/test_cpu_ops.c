@@ -4,8 +4,11 @@
 // (loss = sum(out * w) for a fixed random w, computed in double), hand-computed AdamW steps, and
 // bitwise comparison of a 1-thread and a 2-thread context for the reductions.
 // Backward outputs must accumulate: gradient buffers start at GRAD_BASE and the test subtracts it.
+#define _GNU_SOURCE // sched_getaffinity, CPU_*
 #include <dlfcn.h>
 #include <math.h>
+#include <omp.h>
+#include <sched.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -699,6 +702,48 @@ static void test_thread_independence(void **state) {
     P->finalize(c2);
 }
 
+// options.thread_cpus: compute thread t runs on thread_cpus[t % n] for the context's life. Later OpenMP
+// regions of the same size reuse the same pool threads (libgomp), so they show the pinning.
+static void test_thread_pinning(void **state) {
+    (void)state;
+    cpu_set_t all;
+    CPU_ZERO(&all);
+    sched_getaffinity(0, sizeof all, &all);
+    if (CPU_COUNT(&all) < 2 || !CPU_ISSET(0, &all) || !CPU_ISSET(1, &all)) {
+        fprintf(stderr, "test_thread_pinning: needs CPUs 0 and 1; skipped\n");
+        return;
+    }
+    int cpus[2] = {1, 0};
+    dsmoe_kernel_options opt = {.threads = 2, .thread_cpus = cpus, .n_thread_cpus = 2};
+    dsmoe_kernel_ctx *ctx = NULL;
+    char err[256];
+    assert_int_equal(P->init(&opt, &ctx, err, sizeof err), DSMOE_OK);
+    assert_non_null(strstr(P->describe(ctx), "2 OpenMP threads pinned to one CPU each"));
+    int on[2] = {-1, -1}, count[2] = {0, 0};
+#pragma omp parallel num_threads(2)
+    {
+        cpu_set_t mine;
+        CPU_ZERO(&mine);
+        sched_getaffinity(0, sizeof mine, &mine);
+        int t = omp_get_thread_num();
+        count[t] = CPU_COUNT(&mine);
+        on[t] = CPU_ISSET(1, &mine) ? 1 : CPU_ISSET(0, &mine) ? 0 : -1;
+        sched_setaffinity(0, sizeof all, &all); // leave the process as it was
+    }
+    assert_int_equal(count[0], 1);
+    assert_int_equal(count[1], 1);
+    assert_int_equal(on[0], 1);
+    assert_int_equal(on[1], 0);
+    int bad = 4096;
+    opt.thread_cpus = &bad;
+    opt.n_thread_cpus = 1;
+    P->finalize(ctx);
+    assert_int_equal(P->init(&opt, &ctx, err, sizeof err), DSMOE_ERR_INVALID);
+    assert_non_null(strstr(err, "cannot pin a compute thread to CPU 4096"));
+#pragma omp parallel num_threads(2)
+    sched_setaffinity(0, sizeof all, &all);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_table),
@@ -718,6 +763,7 @@ int main(void) {
         cmocka_unit_test(test_crossentropy),
         cmocka_unit_test(test_residual_mix),
         cmocka_unit_test(test_thread_independence),
+        cmocka_unit_test(test_thread_pinning),
     };
     int rc = setup(NULL);
     if (rc != 0) {

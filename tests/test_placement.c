@@ -101,6 +101,22 @@ static void test_one_device_per_rank(void **state) {
     dsmoe_placement_free(pl);
 }
 
+// The node's first rank loads the topology and the others use its copy: here the others are told to
+// load a different node (no GPUs, 2 NUMA nodes) and must still see rank 0's.
+static void test_topology_shared_from_first_rank(void **state) {
+    (void)state;
+    if (world_rank != 0) setenv("HWLOC_XMLFILE", DSMOE_TEST_SOURCE_DIR "/inputs/topologies/test-2numa-nogpu.xml", 1);
+    dsmoe_config cfg = config("auto");
+    dsmoe_placement *pl = NULL;
+    dsmoe_err err = {0};
+    assert_int_equal(dsmoe_placement_create(&cfg, &pl, &err), DSMOE_OK);
+    setenv("HWLOC_XMLFILE", DSMOE_TEST_SOURCE_DIR "/inputs/topologies/test-4gpu.xml", 1);
+    char desc[256];
+    dsmoe_topo_describe(pl->topo, desc, sizeof desc);
+    assert_non_null(strstr(desc, "4 NUMA nodes, 8 cores, 8 PUs, 4.0 GiB, 4 GPUs"));
+    dsmoe_placement_free(pl);
+}
+
 static void test_bind_none_keeps_everything(void **state) {
     (void)state;
     dsmoe_config cfg = config("none");
@@ -127,6 +143,7 @@ int main(int argc, char **argv) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_each_rank_its_numa_node_and_gpu),
         cmocka_unit_test(test_one_device_per_rank),
+        cmocka_unit_test(test_topology_shared_from_first_rank),
         cmocka_unit_test(test_bind_none_keeps_everything),
     };
     int failed = cmocka_run_group_tests(tests, NULL, NULL);

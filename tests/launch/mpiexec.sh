@@ -42,6 +42,15 @@ if [ "$(nproc)" -ge 2 ]; then
     train.steps=1 topology.bind=none >"$work/bind-off.log" 2>&1 || { fail "bind: none: exit $?"; show "$work/bind-off.log"; }
   has bind-none "$work/bind-off.log" "^binding: topology.bind = none: the binding is left as the ranks started$"
   has bind-none "$work/bind-off.log" "^ +1 +0 +1 +[^ ]+ +1 +[0-9,-]+ +[0-9]+ +no "
+  # A job restricted to CPU 0 (as a batch system's cpuset would): a warning, not an error; 2 ranks on the
+  # one core are oversubscribed, so dsmoe does not bind them.
+  if command -v taskset >/dev/null; then
+    OMP_NUM_THREADS=1 timeout 60 taskset -c 0 "${mpiexec[@]}" --bind-to none -n 2 "$dsmoe" "$deck" \
+      run.output_dir="$work/b4" train.steps=1 >"$work/bind-restricted.log" 2>&1 ||
+      { fail "bind: taskset -c 0: exit $?"; show "$work/bind-restricted.log"; }
+    has bind-restricted "$work/bind-restricted.log" "^binding: warning: the ranks of node 0 may use 1 of its [0-9]+ PUs \(0\): the batch system or launcher restricted them, which is normal under Slurm$"
+    has bind-restricted "$work/bind-restricted.log" "^binding: not bound: 2 ranks on 1 core of node 0"
+  fi
 fi
 
 # The reference run was a singleton: it says so.
