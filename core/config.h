@@ -22,7 +22,7 @@ typedef struct dsmoe_config {
     int mode;                    // run.mode: dsmoe_run_mode
     uint64_t seed;               // run.seed
     char output_dir[1024];       // run.output_dir
-    int threads;                 // run.threads (0 = OMP_NUM_THREADS, else 1)
+    int threads;                 // run.threads (0 = OMP_NUM_THREADS, else the cores of the binding, else 1)
     int log_every;               // run.log_every (steps)
     char kernel_backend[64];     // run.kernel_backend ("cpu")
     char comm_backend[64];       // run.comm_backend ("mpi")
