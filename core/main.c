@@ -204,6 +204,10 @@ int main(int argc, char **argv) {
         if (s != DSMOE_OK) fprintf(stderr, "dsmoe: error: %s\n", err.msg);
         return s == DSMOE_OK ? 0 : 1;
     }
+    if (argc == 2 && strcmp(argv[1], "--plan") == 0) {
+        fprintf(stderr, "dsmoe: --plan needs a deck: dsmoe --plan DECK [key=value ...]\n");
+        return 2;
+    }
     if (argc >= 2 && strcmp(argv[1], "--check") == 0) {
         check_only = 1;
         argi++;

@@ -124,6 +124,10 @@ static void print_alltoall(FILE *out, const dsmoe_config *c, int rpn, int micro_
         double per_step = 4.0 * micro_steps * count;
         char label[32];
         snprintf(label, sizeof label, "%d x (%d, ep %d)", count, E, ep);
+        if (ep == 1) {
+            fprintf(out, "  %-20s none: with ep 1 every rank holds all the layer's experts\n", label);
+            continue;
+        }
         dsmoe_a2a_algo pick = dsmoe_a2a_choose(DSMOE_A2A_AUTO, ep, G, bytes);
         for (int a = 0; a < 2; a++) {
             dsmoe_a2a_plan p;

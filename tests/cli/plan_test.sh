@@ -112,6 +112,14 @@ expect bad-ranks nonzero -- "$dsmoe" --plan "$deck" plan.nodes=3 <<'WANT'
 moe.expert_parallel = 8 does not divide the 12 ranks of this run
 WANT
 
+expect no-deck nonzero -- "$dsmoe" --plan <<'WANT'
+--plan needs a deck
+WANT
+# ep 1: no exchange to count.
+expect ep1 0 -- "$dsmoe" --plan "$deck" moe.expert_parallel=1 <<'WANT'
+1 x (8, ep 1)        none: with ep 1 every rank holds all the layer's experts
+WANT
+
 # The paper's configurations (docs/topology.md shows their plans).
 expect paper-350m 0 -- "$dsmoe" --plan "$src/inputs/paper/350m-moe128.deck" <<'WANT'
 16 nodes x 8 ranks = 128 ranks
