@@ -84,6 +84,26 @@ dsmoe_status dsmoe_checkpoint_find_latest(const char *dir, char *path, size_t le
     return DSMOE_OK;
 }
 
+// Gathers every rank's shard of n floats to rank 0 of comm, rank r's at dst + r*n. MPI counts are ints:
+// a shard may pass 2^31 elements (6.7B+MoE-128 at ep 2), so it goes in pieces of at most 2^30, each
+// received as one block of a type whose extent is a whole shard, which puts rank r's piece at
+// r*n + offset without an int displacement.
+static int gather_shards(const float *shard, size_t n, float *dst, MPI_Comm comm) {
+    const size_t most = (size_t)1 << 30;
+    int rc = MPI_SUCCESS;
+    for (size_t at = 0; at < n && rc == MPI_SUCCESS; at += most) {
+        int piece = (int)(n - at < most ? n - at : most);
+        MPI_Datatype block, spaced;
+        MPI_Type_contiguous(piece, MPI_FLOAT, &block);
+        MPI_Type_create_resized(block, 0, (MPI_Aint)(n * sizeof(float)), &spaced);
+        MPI_Type_commit(&spaced);
+        rc = MPI_Gather(shard + at, piece, MPI_FLOAT, dst ? dst + at : NULL, 1, spaced, 0, comm);
+        MPI_Type_free(&spaced);
+        MPI_Type_free(&block);
+    }
+    return rc;
+}
+
 // Copies every tensor of one kind to host on world rank 0, which writes: its replicated tensors, and the
 // expert shards gathered over the EP group of the tensor's layer (its own moe.expert_parallel). World
 // rank 0 is slot 0 (placement.h), rank 0 of the first EP group of every size; the other groups hold
@@ -104,8 +124,8 @@ static dsmoe_status stage_host(dsmoe_model *m, const float *slab, float *host, d
             float *shard = dsmoe_malloc(t->numel * sizeof(float), "checkpoint shard", err);
             if (!shard) return err->status;
             dsmoe_status s = rt->kern->copy_to_host(rt->kctx, shard, slab + t->offset, t->numel * sizeof(float));
-            if (s == DSMOE_OK && MPI_Gather(shard, (int)t->numel, MPI_FLOAT, host ? host + off : NULL, (int)t->numel,
-                                            MPI_FLOAT, 0, dsmoe_model_ep_comm(m, t->expert_layer)) != MPI_SUCCESS)
+            if (s == DSMOE_OK && gather_shards(shard, t->numel, host ? host + off : NULL,
+                                               dsmoe_model_ep_comm(m, t->expert_layer)) != MPI_SUCCESS)
                 s = dsmoe_err_set(err, DSMOE_ERR_SYSTEM, "MPI_Gather of %s failed", t->name);
             else if (s != DSMOE_OK)
                 dsmoe_err_set(err, s, "copying %s to host: %s", t->name, rt->kern->last_error(rt->kctx));

@@ -6,10 +6,16 @@
 #include <string.h>
 #include <unistd.h>
 
-#define SET_TEXT 512 // an hwloc list of PUs as text; lists of real machines are short ("0-63,128-191")
+#define SET_TEXT 512  // a set of PUs as a list, for people ("0-63,128-191"); long odd sets end in "..."
+#define WIRE_TEXT 2048 // a set as hwloc's hex words, between ranks: 11 characters per 32 PUs, 5952 PUs
 
 static void list_of(hwloc_const_bitmap_t set, char *buf, size_t n) {
     if (hwloc_bitmap_list_snprintf(buf, n, set) >= (int)n && n > 4) strcpy(buf + n - 4, "...");
+}
+
+// Sets travel between ranks in hex, which has a bound length (a list of scattered PUs has none).
+static void to_wire(hwloc_const_bitmap_t set, char buf[WIRE_TEXT]) {
+    if (hwloc_bitmap_snprintf(buf, WIRE_TEXT, set) >= WIRE_TEXT) buf[0] = '\0'; // > 5952 PUs: unknown
 }
 
 int dsmoe_placement_slots(int n, const int *node, const int *local, int *slot) {
@@ -70,14 +76,14 @@ static void initial_binding(const dsmoe_topo *topo, hwloc_cpuset_t set) {
 }
 
 // Decides every node rank's set (each rank computes the same from the gathered start sets) and applies
-// its own. started: (n * SET_TEXT) the start sets as lists, in local order.
+// its own. started: (n * WIRE_TEXT) the start sets (to_wire), in local order.
 static dsmoe_status bind_node(dsmoe_placement *pl, int policy, const char *started, int n, dsmoe_err *err) {
     hwloc_topology_t t = dsmoe_topo_hwloc(pl->topo);
     hwloc_cpuset_t area = hwloc_bitmap_alloc(), *sets = calloc((size_t)n, sizeof *sets);
     int launcher_bound = 0, local = pl->me.local;
     for (int i = 0; i < n; i++) {
         sets[i] = hwloc_bitmap_alloc();
-        hwloc_bitmap_list_sscanf(sets[i], started + (size_t)i * SET_TEXT);
+        hwloc_bitmap_sscanf(sets[i], started + (size_t)i * WIRE_TEXT);
         hwloc_bitmap_or(area, area, sets[i]);
     }
     for (int i = 0; i < n; i++) launcher_bound |= !hwloc_bitmap_isequal(sets[i], area);
@@ -197,12 +203,12 @@ dsmoe_status dsmoe_placement_create(const dsmoe_config *cfg, dsmoe_placement **o
     if (s == DSMOE_OK) {
         int n;
         MPI_Comm_size(pl->node_comm, &n);
-        char mine[SET_TEXT], *started = malloc((size_t)n * SET_TEXT);
+        char mine[WIRE_TEXT], *started = malloc((size_t)n * WIRE_TEXT);
         hwloc_cpuset_t start = hwloc_bitmap_alloc();
         initial_binding(pl->topo, start);
-        list_of(start, mine, sizeof mine);
+        to_wire(start, mine);
         hwloc_bitmap_free(start);
-        MPI_Allgather(mine, SET_TEXT, MPI_CHAR, started, SET_TEXT, MPI_CHAR, pl->node_comm);
+        MPI_Allgather(mine, WIRE_TEXT, MPI_CHAR, started, WIRE_TEXT, MPI_CHAR, pl->node_comm);
         s = dsmoe_errors_agree(bind_node(pl, cfg->bind, started, n, err), err);
         free(started);
     }
@@ -260,13 +266,13 @@ static dsmoe_status choose_local(dsmoe_placement *pl, const dsmoe_kernel_plugin_
         *device = 0;
     } else if (same) {
         // Everyone's set, then the shared choice; each rank keeps its own entry.
-        char *sets_text = malloc((size_t)n * SET_TEXT), mine[SET_TEXT];
-        list_of(pl->set, mine, sizeof mine);
-        MPI_Allgather(mine, SET_TEXT, MPI_CHAR, sets_text, SET_TEXT, MPI_CHAR, pl->node_comm);
+        char *sets_text = malloc((size_t)n * WIRE_TEXT), mine[WIRE_TEXT];
+        to_wire(pl->set, mine);
+        MPI_Allgather(mine, WIRE_TEXT, MPI_CHAR, sets_text, WIRE_TEXT, MPI_CHAR, pl->node_comm);
         hwloc_cpuset_t *sets = calloc((size_t)n, sizeof *sets);
         for (int i = 0; i < n; i++) {
             sets[i] = hwloc_bitmap_alloc();
-            hwloc_bitmap_list_sscanf(sets[i], sets_text + (size_t)i * SET_TEXT);
+            hwloc_bitmap_sscanf(sets[i], sets_text + (size_t)i * WIRE_TEXT);
         }
         int *gpu = malloc(sizeof(int) * (size_t)n);
         dsmoe_topo_choose_gpus(pl->topo, n, (const hwloc_const_cpuset_t *)sets, ndev, (const char(*)[16])busids, gpu);

@@ -174,20 +174,22 @@ static void give(hwloc_obj_t o, hwloc_const_cpuset_t area, hwloc_cpuset_t set) {
 // Ranks [first, first + k) share object o's PUs in area. See dsmoe_topo_spread.
 static void spread(hwloc_obj_t o, hwloc_const_cpuset_t area, int first, int k, hwloc_cpuset_t *sets) {
     if (k <= 0) return;
-    hwloc_obj_t kids[512];
+    hwloc_obj_t *kids = malloc(sizeof *kids * (o->arity > 0 ? o->arity : 1));
     int m = 0, W = 0;
-    if (o->type != HWLOC_OBJ_CORE && o->type != HWLOC_OBJ_PU)
-        for (hwloc_obj_t c = o->first_child; c && m < 512; c = c->next_sibling)
+    if (kids && o->type != HWLOC_OBJ_CORE && o->type != HWLOC_OBJ_PU)
+        for (hwloc_obj_t c = o->first_child; c && m < (int)o->arity; c = c->next_sibling)
             if (weight_in(c, area) > 0) {
                 kids[m++] = c;
                 W += weight_in(c, area);
             }
     if (m == 0) { // a core, a PU or a leaf: everyone here shares it
         for (int r = first; r < first + k; r++) give(o, area, sets[r]);
+        free(kids);
         return;
     }
     if (m == 1) { // a level that does not split here (a package with one NUMA node, a cache): look below
         spread(kids[0], area, first, k, sets);
+        free(kids);
         return;
     }
     if (k >= m) {
@@ -198,6 +200,7 @@ static void spread(hwloc_obj_t o, hwloc_const_cpuset_t area, int first, int k, h
             spread(kids[j], area, first + (int)prev, (int)(upto - prev), sets);
             prev = upto;
         }
+        free(kids);
         return;
     }
     // Fewer ranks than children: child j goes to the rank its weight's midpoint falls in, so each rank
@@ -212,6 +215,7 @@ static void spread(hwloc_obj_t o, hwloc_const_cpuset_t area, int first, int k, h
     }
     for (int r = 1; r < k; r++)
         if (hwloc_bitmap_iszero(sets[first + r])) hwloc_bitmap_copy(sets[first + r], sets[first + r - 1]);
+    free(kids);
 }
 
 dsmoe_status dsmoe_topo_spread(const dsmoe_topo *topo, hwloc_const_cpuset_t area, int n, hwloc_cpuset_t *sets,
