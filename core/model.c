@@ -1,7 +1,8 @@
 // core/model.c: the GPT-MoE model (see model.h for the architecture and invariants).
 // Layout of this file: parameter table, then buffers, then each block's forward beside its backward,
-// then the whole model, then the optimizer side (gradient reduction, norm, AdamW).
+// then the whole model. The groups and the gradient reduction are in model_parallel.c.
 #include "model.h"
+#include "model_internal.h" // struct dsmoe_model, dsmoe_model_create_groups
 
 #include <math.h>
 #include <stdlib.h>
@@ -11,95 +12,6 @@
 
 // ----------------------------------------------------------------------------------------------------
 // parameters
-
-typedef struct block_params {
-    float *ln1w, *ln1b;         // (M)
-    float *qkvw, *qkvb;         // (3M, M), (3M)
-    float *attprojw, *attprojb; // (M, M), (M)
-    float *ln2w, *ln2b;         // (M)
-    float *fcw, *fcb;           // (F, M), (F)  dense FFN, or the residual MLP of a residual MoE layer
-    float *fcprojw, *fcprojb;   // (M, F), (M)
-    float *coefw, *coefb;       // (2, M), (2)  residual MoE coefficient
-    dsmoe_moe_weights moe;      // router and this rank's experts
-} block_params;
-
-typedef struct block_acts {
-    float *ln1;           // (S, M)
-    float *ln1_mean, *ln1_rstd; // (S)
-    float *qkv;           // (S, 3M)
-    float *atty;          // (S, M)
-    float *att;           // (B, NH, T, T)
-    float *resid_mid;     // (S, M) x + attention
-    float *ln2;           // (S, M)
-    float *ln2_mean, *ln2_rstd; // (S)
-    float *fch;           // (S, F) dense FFN pre-activation
-    float *fch_gelu;      // (S, F)
-    float *mlp_out;       // (S, M) dense FFN output (residual MoE: the MLP branch)
-    float *moe_out;       // (S, M)
-    float *coef_logits;   // (S, 2)
-    float *coef;          // (S, 2)
-    float *ffn_out;       // (S, M) what is added to the residual stream
-} block_acts;
-
-// The groups of one expert-parallel size (created once per distinct moe.expert_parallel value).
-typedef struct ep_groups {
-    int ep, ep_rank;
-    dsmoe_comm_group *ep_group;  // contiguous blocks of ep ranks
-    MPI_Comm ep_comm;            // ep_group's communicator, kept for the MoE layers' exchanges (valid with ep_group)
-    dsmoe_comm_group *edp_group; // strided sets {i, i+ep, ...}
-} ep_groups;
-
-struct dsmoe_model {
-    const dsmoe_config *cfg;
-    dsmoe_runtime *rt;
-    int B, T, S, M, NH, F, V, L;
-    ep_groups *epg;               // (n_epg) one per distinct EP size, in order of first MoE layer
-    int n_epg;
-    int *epg_of_moe;              // (n_moe) index into epg
-    size_t *expert_begin, *expert_end; // (n_moe) each MoE layer's expert tensors in the slab
-    size_t *block_begin;          // (L+1) block l's replicated tensors are [block_begin[l], block_begin[l+1])
-
-    // Overlapped gradient all-reduce: on the backward flagged by dsmoe_model_set_reduce_in_backward,
-    // block l's replicated range is started right after block l's backward; reduce_grads waits.
-    int can_overlap;              // train.overlap_grad_reduce, the plugin has allreduce_start, world > 1
-    int reduce_in_backward;       // the next backward is the last of the step
-    dsmoe_comm_request **reqs;    // (L) started requests, NULL when not started
-    int n_started;
-
-    dsmoe_param_tensor *tensors;
-    int n_tensors, cap_tensors;
-    size_t n_local, n_replicated; // replicated tensors occupy [0, n_replicated)
-    size_t n_global;
-    float *params, *grads; // (n_local) each (AdamW state lives in core/optimizer.c)
-
-    float *wte, *wpe, *lnfw, *lnfb;
-    float *dwte, *dwpe, *dlnfw, *dlnfb;
-    block_params *blocks, *dblocks; // (L) parameter and gradient views
-    int *moe_of_layer;              // (L) MoE index or -1
-    dsmoe_moe_layer **moe;          // (n_moe)
-    dsmoe_moe_stats *moe_stats;     // (n_moe)
-
-    // activations of the last forward
-    float *resid;          // (L+1, S, M) residual stream at each block input, and the final output
-    block_acts *acts;      // (L)
-    float *lnf, *lnf_mean, *lnf_rstd; // (S, M), (S), (S)
-    float *logits;         // (S, V)
-    float *probs;          // (S, V) softmax of logits
-    float *losses;         // (S)
-    int32_t *tokens, *targets; // (S) plugin memory
-    float *host_losses;    // (S) host
-
-    // backward scratch
-    float *dresid;          // (S, M) gradient of the residual stream
-    float *dln, *datty, *dmoe, *dmlp, *dffn; // (S, M)
-    float *dqkv;            // (S, 3M)
-    float *dfch, *dfch_gelu; // (S, F)
-    float *dcoef;           // (S, 2)
-    float *datt_scratch;    // (B, NH, T, T)
-    float *dlogits;         // (S, V)
-    int has_forward;
-    size_t bytes_allocated; // every buffer above, for the memory report
-};
 
 static uint64_t name_hash(const char *s) {
     uint64_t h = 1469598103934665603ull;
@@ -445,43 +357,6 @@ static dsmoe_status ffn_backward(dsmoe_model *m, int l, float daux, dsmoe_err *e
 // ----------------------------------------------------------------------------------------------------
 // the model
 
-// EP groups are contiguous blocks of ep slots; EDP groups the strided sets (DeepSpeed's layout, over
-// slots rather than world ranks so that groups follow the nodes: placement.h).
-static dsmoe_status create_ep_groups(dsmoe_runtime *rt, int ep, ep_groups *g, dsmoe_err *err) {
-    int rank = rt->slot;
-    MPI_Comm ep_comm, edp_comm;
-    g->ep = ep;
-    if (MPI_Comm_split(MPI_COMM_WORLD, rank / ep, rank, &ep_comm) != MPI_SUCCESS ||
-        MPI_Comm_split(MPI_COMM_WORLD, rank % ep, rank, &edp_comm) != MPI_SUCCESS)
-        return dsmoe_err_set(err, DSMOE_ERR_SYSTEM, "MPI_Comm_split failed creating expert-parallel groups (ep %d)", ep);
-    dsmoe_status s = rt->comm->group_create(rt->cctx, ep_comm, &g->ep_group);
-    if (s == DSMOE_OK) g->ep_comm = ep_comm; // freed with ep_group in dsmoe_model_free
-    else MPI_Comm_free(&ep_comm);
-    if (s == DSMOE_OK) s = rt->comm->group_create(rt->cctx, edp_comm, &g->edp_group);
-    MPI_Comm_free(&edp_comm);
-    if (s != DSMOE_OK)
-        return dsmoe_err_set(err, s, "comm plugin '%s': group_create failed (ep %d): %s", rt->comm->name, ep,
-                             rt->comm->last_error(rt->cctx));
-    g->ep_rank = rt->comm->group_rank(g->ep_group);
-    return DSMOE_OK;
-}
-
-// One set of groups per distinct EP size among the MoE layers (PR-MoE: 32 experts with ep 32 and 64
-// with ep 64 share nothing); every rank walks the same layers in the same order, so the splits match.
-static dsmoe_status create_groups(dsmoe_model *m, dsmoe_err *err) {
-    const dsmoe_config *c = m->cfg;
-    for (int mi = 0; mi < c->n_moe_layers; mi++) {
-        int ep = c->expert_parallel[mi], k = 0;
-        while (k < m->n_epg && m->epg[k].ep != ep) k++;
-        if (k == m->n_epg) {
-            m->n_epg++;
-            DSMOE_TRY(create_ep_groups(m->rt, ep, &m->epg[k], err));
-        }
-        m->epg_of_moe[mi] = k;
-    }
-    return DSMOE_OK;
-}
-
 dsmoe_status dsmoe_model_create(const dsmoe_config *cfg, dsmoe_runtime *rt, int B, dsmoe_model **model,
                                 dsmoe_err *err) {
     *model = NULL;
@@ -521,7 +396,7 @@ dsmoe_status dsmoe_model_create(const dsmoe_config *cfg, dsmoe_runtime *rt, int 
         int mi = -1;
         m->moe_of_layer[l] = dsmoe_config_is_moe_layer(cfg, l, &mi) ? mi : -1;
     }
-    DSMOE_TRY(create_groups(m, err));
+    DSMOE_TRY(dsmoe_model_create_groups(m, err));
     DSMOE_TRY(build_table(m, err));
     DSMOE_TRY(alloc_buffers(m, err));
     bind_views(m, m->params, m->blocks, &m->wte, &m->wpe, &m->lnfw, &m->lnfb);
@@ -597,15 +472,6 @@ float *dsmoe_model_params(dsmoe_model *m) { return m->params; }
 float *dsmoe_model_grads(dsmoe_model *m) { return m->grads; }
 size_t dsmoe_model_replicated_params(const dsmoe_model *m) { return m->n_replicated; }
 size_t dsmoe_model_bytes(const dsmoe_model *m) { return m->bytes_allocated; }
-// Per MoE layer mi (0 <= mi < n_moe_layers; the caller checks).
-dsmoe_comm_group *dsmoe_model_edp_group(const dsmoe_model *m, int mi) { return m->epg[m->epg_of_moe[mi]].edp_group; }
-int dsmoe_model_ep_rank(const dsmoe_model *m, int mi) { return m->epg[m->epg_of_moe[mi]].ep_rank; }
-int dsmoe_model_ep_size(const dsmoe_model *m, int mi) { return m->epg[m->epg_of_moe[mi]].ep; }
-MPI_Comm dsmoe_model_ep_comm(const dsmoe_model *m, int mi) { return m->epg[m->epg_of_moe[mi]].ep_comm; }
-void dsmoe_model_expert_range(const dsmoe_model *m, int mi, size_t *begin, size_t *end) {
-    *begin = m->expert_begin[mi];
-    *end = m->expert_end[mi];
-}
 const dsmoe_config *dsmoe_model_config(const dsmoe_model *m) { return m->cfg; }
 dsmoe_runtime *dsmoe_model_runtime(const dsmoe_model *m) { return m->rt; }
 const dsmoe_moe_stats *dsmoe_model_moe_stats(const dsmoe_model *m, int i) {
@@ -711,63 +577,5 @@ dsmoe_status dsmoe_model_backward(dsmoe_model *m, float dloss, float daux, dsmoe
 dsmoe_status dsmoe_model_zero_grads(dsmoe_model *m, dsmoe_err *err) {
     dsmoe_runtime *rt = m->rt;
     KCALL(rt, zero, m->grads, m->n_local * sizeof(float));
-    return DSMOE_OK;
-}
-
-// ----------------------------------------------------------------------------------------------------
-// optimizer side
-
-void dsmoe_model_set_reduce_in_backward(dsmoe_model *m, int on) { m->reduce_in_backward = on; }
-
-dsmoe_status dsmoe_model_reduce_grads(dsmoe_model *m, dsmoe_err *err) {
-    dsmoe_runtime *rt = m->rt;
-    if (rt->world_size == 1) return DSMOE_OK;
-    if (m->n_started == 0) {
-        CCALL(rt, allreduce, rt->world, DSMOE_IN_PLACE, m->grads, m->n_replicated, DSMOE_FLOAT32, DSMOE_SUM);
-    } else {
-        // The blocks went out during the backward; what is left is wte/wpe and ln_f. The fixed-order
-        // sum adds each element in rank order whatever the range, so the bits match one big call.
-        if (m->n_started != m->L)
-            return dsmoe_err_set(err, DSMOE_ERR_INTERNAL, "model reduce_grads: %d of %d blocks started", m->n_started,
-                                 m->L);
-        CCALL(rt, allreduce, rt->world, DSMOE_IN_PLACE, m->grads, m->block_begin[0], DSMOE_FLOAT32, DSMOE_SUM);
-        size_t tail = m->block_begin[m->L];
-        CCALL(rt, allreduce, rt->world, DSMOE_IN_PLACE, m->grads + tail, m->n_replicated - tail, DSMOE_FLOAT32,
-              DSMOE_SUM);
-        for (int l = m->L - 1; l >= 0; l--) { // start order, the same on every rank
-            dsmoe_comm_request *r = m->reqs[l];
-            m->reqs[l] = NULL;
-            CCALL(rt, request_wait, r);
-        }
-        m->n_started = 0;
-    }
-    // Each MoE layer's expert tensors sit together in the slab and are summed over its own EDP group.
-    for (int mi = 0; mi < m->cfg->n_moe_layers; mi++) {
-        dsmoe_comm_group *edp = m->epg[m->epg_of_moe[mi]].edp_group;
-        size_t n = m->expert_end[mi] - m->expert_begin[mi];
-        if (n > 0 && rt->comm->group_size(edp) > 1)
-            CCALL(rt, allreduce, edp, DSMOE_IN_PLACE, m->grads + m->expert_begin[mi], n, DSMOE_FLOAT32, DSMOE_SUM);
-    }
-    return DSMOE_OK;
-}
-
-dsmoe_status dsmoe_model_grad_norm(dsmoe_model *m, double *norm, dsmoe_err *err) {
-    dsmoe_runtime *rt = m->rt;
-    double replicated = 0, expert = 0;
-    KCALL(rt, sum_squares, m->grads, m->n_replicated, &replicated);
-    // Expert shards differ across an EP group; replicated gradients are already equal everywhere. Each
-    // EP size sums its layers' squares over its own EP group.
-    for (int k = 0; k < m->n_epg; k++) {
-        double sq = 0;
-        for (int mi = 0; mi < m->cfg->n_moe_layers; mi++) {
-            if (m->epg_of_moe[mi] != k) continue;
-            double layer = 0;
-            KCALL(rt, sum_squares, m->grads + m->expert_begin[mi], m->expert_end[mi] - m->expert_begin[mi], &layer);
-            sq += layer;
-        }
-        if (m->epg[k].ep > 1) CCALL(rt, allreduce, m->epg[k].ep_group, DSMOE_IN_PLACE, &sq, 1, DSMOE_FLOAT64, DSMOE_SUM);
-        expert += sq;
-    }
-    *norm = sqrt(replicated + expert);
     return DSMOE_OK;
 }
