@@ -4,6 +4,7 @@
 
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #define SET_TEXT 512  // a set of PUs as a list, for people ("0-63,128-191"); long odd sets end in "..."
@@ -223,6 +224,22 @@ dsmoe_status dsmoe_placement_create(const dsmoe_config *cfg, dsmoe_placement **o
 // ---------------------------------------------------------------------------------------------------
 // GPUs
 
+// Linux's MPOL_PREFERRED: allocate on NUMA node `node` while it has room, elsewhere after. hwloc's
+// HWLOC_MEMBIND_BIND is MPOL_BIND, which would end a rank whose model outgrows one NUMA node (the OOM
+// killer), where first touch would have spilled over; hwloc has no "preferred" policy. Best effort: a
+// refusal (no NUMA support in the kernel) leaves the default policy.
+static void prefer_numa_node(int node) {
+#if defined(__linux__) && defined(SYS_set_mempolicy)
+    enum { MPOL_PREFERRED_ = 1 };
+    unsigned long mask[16] = {0};
+    if (node < 0 || node >= (int)(sizeof mask * 8)) return;
+    mask[node / (8 * (int)sizeof(unsigned long))] |= 1ul << (node % (8 * (int)sizeof(unsigned long)));
+    syscall(SYS_set_mempolicy, MPOL_PREFERRED_, mask, (unsigned long)(sizeof mask * 8 + 1));
+#else
+    (void)node;
+#endif
+}
+
 // This rank's device list from the plugin (before init). On failure err names the plugin and member.
 static dsmoe_status list_devices(const dsmoe_kernel_plugin_v1 *kern, int *ndev, char (**busids)[16], dsmoe_err *err) {
     *ndev = 0;
@@ -296,12 +313,8 @@ static dsmoe_status choose_local(dsmoe_placement *pl, const dsmoe_kernel_plugin_
     // Host buffers on the NUMA node next to the rank's cores and GPU, when there is a choice and the
     // rank is bound (an unbound rank moves; first touch places its memory well enough).
     if (pl->me.numa >= 0 && pl->me.bound_by != DSMOE_BOUND_NOT && dsmoe_topo_is_this_system(pl->topo) &&
-        hwloc_get_nbobjs_by_type(t, HWLOC_OBJ_NUMANODE) > 1) {
-        hwloc_nodeset_t ns = hwloc_bitmap_alloc();
-        hwloc_bitmap_only(ns, (unsigned)pl->me.numa);
-        hwloc_set_membind(t, ns, HWLOC_MEMBIND_BIND, HWLOC_MEMBIND_PROCESS | HWLOC_MEMBIND_BYNODESET);
-        hwloc_bitmap_free(ns);
-    }
+        hwloc_get_nbobjs_by_type(t, HWLOC_OBJ_NUMANODE) > 1)
+        prefer_numa_node(pl->me.numa);
     return listed;
 }
 
@@ -423,6 +436,6 @@ void dsmoe_placement_print(FILE *out, const dsmoe_placement *pl, const dsmoe_con
     fprintf(out, "binding: %s\n", pl->node_note);
     if (pl->restricted[0]) fprintf(out, "binding: warning: %s\n", pl->restricted);
     dsmoe_placement_print_ranks(out, pl->all, pl->world_size, 0);
-    dsmoe_placement_print_experts(out, cfg, pl->all, pl->world_size, 0);
+    dsmoe_placement_print_experts(out, cfg, pl->all, pl->world_size, 16); // groups alike past 16
     fflush(out);
 }

@@ -59,8 +59,8 @@ dsmoe_status dsmoe_placement_create(const dsmoe_config *cfg, dsmoe_placement **p
 // (device_count / device_pci_bus_id, before init). When a node's ranks see the same list, they share it
 // out with dsmoe_topo_choose_gpus (nearest first, at most ceil(ranks / devices) each); when the launcher
 // gave each rank its own list (CUDA_VISIBLE_DEVICES per task), each picks the nearest of its own. Sets
-// *device (0 for host-only plugins), me.numa, binds host memory to that NUMA node when the machine has
-// several and the rank is bound, and gathers every rank's row to rank 0.
+// *device (0 for host-only plugins) and me.numa, makes that NUMA node the preferred one for host memory
+// when the machine has several and the rank is bound, and gathers every rank's row to rank 0.
 dsmoe_status dsmoe_placement_choose_device(dsmoe_placement *pl, const dsmoe_kernel_plugin_v1 *kern, int *device,
                                            dsmoe_err *err);
 
