@@ -104,37 +104,72 @@ static int gather_shards(const float *shard, size_t n, float *dst, MPI_Comm comm
     return rc;
 }
 
-// Copies every tensor of one kind to host on world rank 0, which writes: its replicated tensors, and the
-// expert shards gathered over the EP group of the tensor's layer (its own moe.expert_parallel). World
-// rank 0 is slot 0 (placement.h), rank 0 of the first EP group of every size; the other groups hold
-// copies of the same experts and skip the gather, and no rank but 0 stages anything (host is NULL
-// there): a 52B-parameter model would otherwise need 624 GB of host memory on every rank.
-// slab: the parameters, or a moment in the parameters' layout.
-static dsmoe_status stage_host(dsmoe_model *m, const float *slab, float *host, dsmoe_err *err) {
+// Saving streams: tensor j of the file (kind j / n, tensor j % n; kinds are the parameters and the two
+// AdamW moments) is staged just before rank 0 writes it, so rank 0 holds one global tensor in host
+// memory, not the model three times (586 GiB for 52B parameters). Every rank stages every j in the same
+// order, because staging is collective: a moment is gathered over the ZeRO shards when its kind begins,
+// and an expert tensor is gathered over its layer's EP group. Only the first EP group of each size
+// (slots [0, ep), placement.h) gathers: world rank 0 is slot 0 and the other groups hold copies.
+typedef struct stager {
+    dsmoe_model *m;
+    dsmoe_optimizer *opt;
+    int kind;        // the kind `moment` holds (0: none yet)
+    float *moment;   // (local params) kernel memory: a moment in the parameters' layout
+    float *host;     // (largest global tensor) rank 0: what it writes next
+    float *shard;    // (largest local expert tensor) host: a shard on its way to rank 0
+} stager;
+
+// Collective whatever happened before on this rank (a failed rank still takes part, with garbage, so
+// that nobody waits): returns the first failure; *data = the host copy on rank 0.
+static dsmoe_status stage_tensor(void *user, int j, const void **data, dsmoe_err *err) {
+    stager *g = user;
+    dsmoe_model *m = g->m;
     dsmoe_runtime *rt = dsmoe_model_runtime(m);
-    size_t off = 0;
-    for (int i = 0; i < dsmoe_model_tensor_count(m); i++) {
-        const dsmoe_param_tensor *t = dsmoe_model_tensor(m, i);
-        size_t global = 1;
-        for (int d = 0; d < t->ndim; d++) global *= (size_t)t->shape[d];
-        int ep = t->expert_layer < 0 ? 1 : dsmoe_model_ep_size(m, t->expert_layer);
-        if (ep == 1) {
-            if (host) KCALL(rt, copy_to_host, host + off, slab + t->offset, t->numel * sizeof(float));
-        } else if (rt->slot < ep) {
-            float *shard = dsmoe_malloc(t->numel * sizeof(float), "checkpoint shard", err);
-            if (!shard) return err->status;
-            dsmoe_status s = rt->kern->copy_to_host(rt->kctx, shard, slab + t->offset, t->numel * sizeof(float));
-            if (s == DSMOE_OK && gather_shards(shard, t->numel, host ? host + off : NULL,
-                                               dsmoe_model_ep_comm(m, t->expert_layer)) != MPI_SUCCESS)
-                s = dsmoe_err_set(err, DSMOE_ERR_SYSTEM, "MPI_Gather of %s failed", t->name);
-            else if (s != DSMOE_OK)
-                dsmoe_err_set(err, s, "copying %s to host: %s", t->name, rt->kern->last_error(rt->kctx));
-            free(shard);
-            if (s != DSMOE_OK) return s;
-        }
-        off += global;
+    int n = dsmoe_model_tensor_count(m), kind = j / n;
+    const dsmoe_param_tensor *t = dsmoe_model_tensor(m, j % n);
+    dsmoe_status s = DSMOE_OK;
+    if (kind > 0 && g->kind != kind) {
+        s = dsmoe_optimizer_get_state(g->opt, kind - 1, g->moment, err);
+        g->kind = kind;
     }
-    return DSMOE_OK;
+    const float *slab = (kind ? g->moment : dsmoe_model_params(m)) + t->offset;
+    int ep = t->expert_layer < 0 ? 1 : dsmoe_model_ep_size(m, t->expert_layer);
+    if (ep == 1) {
+        if (g->host && s == DSMOE_OK && rt->kern->copy_to_host(rt->kctx, g->host, slab, t->numel * sizeof(float)) != DSMOE_OK)
+            s = dsmoe_err_set(err, DSMOE_ERR_SYSTEM, "copying %s to host: %s", t->name, rt->kern->last_error(rt->kctx));
+    } else if (rt->slot < ep) {
+        if (s == DSMOE_OK && rt->kern->copy_to_host(rt->kctx, g->shard, slab, t->numel * sizeof(float)) != DSMOE_OK)
+            s = dsmoe_err_set(err, DSMOE_ERR_SYSTEM, "copying %s to host: %s", t->name, rt->kern->last_error(rt->kctx));
+        if (gather_shards(g->shard, t->numel, g->host, dsmoe_model_ep_comm(m, t->expert_layer)) != MPI_SUCCESS &&
+            s == DSMOE_OK)
+            s = dsmoe_err_set(err, DSMOE_ERR_SYSTEM, "MPI_Gather of %s failed", t->name);
+    }
+    *data = g->host;
+    return s;
+}
+
+// The writer's table: every tensor of every kind, data deferred to stage_tensor, and the metadata.
+static dsmoe_status describe_file(dsmoe_model *m, const dsmoe_config *cfg, const char *config_text,
+                                  const dsmoe_train_position *pos, dsmoe_st_writer *w, dsmoe_err *err) {
+    for (int kind = 0; kind < 3; kind++)
+        for (int i = 0; i < dsmoe_model_tensor_count(m); i++) {
+            const dsmoe_param_tensor *t = dsmoe_model_tensor(m, i);
+            char name[160];
+            snprintf(name, sizeof name, "%s%s", kind_prefix[kind], t->name);
+            DSMOE_TRY(dsmoe_st_writer_add(w, name, DSMOE_ST_F32, t->ndim, t->shape, NULL, err));
+        }
+    char num[64], shape[1024];
+    shape_string(cfg, shape, sizeof shape);
+    DSMOE_TRY(dsmoe_st_writer_meta(w, "format", CKPT_FORMAT, err));
+    DSMOE_TRY(dsmoe_st_writer_meta(w, "format_version", CKPT_VERSION, err));
+    snprintf(num, sizeof num, "%d", pos->step);
+    DSMOE_TRY(dsmoe_st_writer_meta(w, "step", num, err));
+    snprintf(num, sizeof num, "%" PRIu64, pos->next_sample);
+    DSMOE_TRY(dsmoe_st_writer_meta(w, "next_sample", num, err));
+    snprintf(num, sizeof num, "%" PRIu64, pos->seed);
+    DSMOE_TRY(dsmoe_st_writer_meta(w, "seed", num, err));
+    DSMOE_TRY(dsmoe_st_writer_meta(w, "model", shape, err));
+    return dsmoe_st_writer_meta(w, "deck", config_text ? config_text : "", err);
 }
 
 dsmoe_status dsmoe_checkpoint_save(dsmoe_model *m, dsmoe_optimizer *opt, const dsmoe_config *cfg, const char *config_text,
@@ -142,62 +177,50 @@ dsmoe_status dsmoe_checkpoint_save(dsmoe_model *m, dsmoe_optimizer *opt, const d
                                    size_t path_len, dsmoe_err *err) {
     int rank;
     MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-    size_t global = dsmoe_model_global_params(m);
-    float *host = NULL;
-    dsmoe_st_writer *w = NULL;
-    char path[4096] = "";
-    dsmoe_status s = DSMOE_OK;
-    if (rank == 0) {
-        host = dsmoe_malloc(3 * global * sizeof(float), "checkpoint staging", err);
-        if (!host) s = err->status;
-    }
-    // The moments come in the parameters' layout whatever the ZeRO sharding (a collective gather).
-    float *moment = NULL;
     dsmoe_runtime *rt = dsmoe_model_runtime(m);
-    if (s == DSMOE_OK && (s = rt->kern->alloc(rt->kctx, dsmoe_model_local_params(m) * sizeof(float), (void **)&moment)) != DSMOE_OK)
-        dsmoe_err_set(err, s, "allocating checkpoint staging: %s", rt->kern->last_error(rt->kctx));
-    // The staging below is collective (gathers): a rank that could not allocate must not leave the
-    // others waiting in it.
-    s = share_status(s, err);
-    for (int kind = 0; kind < 3 && s == DSMOE_OK; kind++) {
-        if (kind > 0) s = dsmoe_optimizer_get_state(opt, kind - 1, moment, err);
-        if (s == DSMOE_OK) s = stage_host(m, kind ? moment : dsmoe_model_params(m), host ? host + kind * global : NULL, err);
+    stager g = {.m = m, .opt = opt};
+    size_t most_global = 0, most_shard = 0;
+    for (int i = 0; i < dsmoe_model_tensor_count(m); i++) {
+        const dsmoe_param_tensor *t = dsmoe_model_tensor(m, i);
+        size_t global = 1;
+        for (int d = 0; d < t->ndim; d++) global *= (size_t)t->shape[d];
+        most_global = global > most_global ? global : most_global;
+        int ep = t->expert_layer < 0 ? 1 : dsmoe_model_ep_size(m, t->expert_layer);
+        if (ep > 1 && rt->slot < ep && t->numel > most_shard) most_shard = t->numel;
     }
-    rt->kern->free(rt->kctx, moment);
-    if (rank == 0 && s == DSMOE_OK) {
-        w = dsmoe_st_writer_new();
-        if (!w) s = dsmoe_err_set(err, DSMOE_ERR_NOMEM, "out of memory for the checkpoint writer");
-        for (int kind = 0; kind < 3 && s == DSMOE_OK; kind++) {
-            size_t off = 0;
-            for (int i = 0; i < dsmoe_model_tensor_count(m) && s == DSMOE_OK; i++) {
-                const dsmoe_param_tensor *t = dsmoe_model_tensor(m, i);
-                char name[160];
-                snprintf(name, sizeof name, "%s%s", kind_prefix[kind], t->name);
-                s = dsmoe_st_writer_add(w, name, DSMOE_ST_F32, t->ndim, t->shape, host + kind * global + off, err);
-                size_t n = 1;
-                for (int d = 0; d < t->ndim; d++) n *= (size_t)t->shape[d];
-                off += n;
+    dsmoe_status s = DSMOE_OK;
+    if (rank == 0 && !(g.host = dsmoe_malloc(most_global * sizeof(float) + 1, "checkpoint staging", err))) s = err->status;
+    if (s == DSMOE_OK && most_shard && !(g.shard = dsmoe_malloc(most_shard * sizeof(float), "checkpoint shard", err)))
+        s = err->status;
+    if (s == DSMOE_OK && (s = rt->kern->alloc(rt->kctx, dsmoe_model_local_params(m) * sizeof(float), (void **)&g.moment)) != DSMOE_OK)
+        dsmoe_err_set(err, s, "allocating checkpoint staging: %s", rt->kern->last_error(rt->kctx));
+    // Staging is collective: a rank that could not allocate must not leave the others waiting in it.
+    s = share_status(s, err);
+    char path[4096] = "";
+    if (s == DSMOE_OK) {
+        snprintf(path, sizeof path, "%s/step_%08d.safetensors", dir, pos->step);
+        dsmoe_st_writer *w = rank == 0 ? dsmoe_st_writer_new() : NULL;
+        dsmoe_status ready = rank != 0 ? DSMOE_OK
+                             : !w     ? dsmoe_err_set(err, DSMOE_ERR_NOMEM, "out of memory for the checkpoint writer")
+                                      : describe_file(m, cfg, config_text, pos, w, err);
+        if (rank == 0 && ready == DSMOE_OK) ready = dsmoe_mkdir_p(dir, err);
+        if (rank == 0 && ready == DSMOE_OK) {
+            s = dsmoe_st_writer_commit_stream(w, path, stage_tensor, &g, err);
+            if (s == DSMOE_OK) prune(dir, keep);
+        } else {
+            // Not writing (another rank, or rank 0 could not start the file): stage anyway, for the others.
+            s = ready;
+            for (int j = 0; j < 3 * dsmoe_model_tensor_count(m); j++) {
+                const void *ignored;
+                dsmoe_status sj = stage_tensor(&g, j, &ignored, s == DSMOE_OK ? err : NULL);
+                if (s == DSMOE_OK) s = sj;
             }
         }
-        char num[64], shape[1024];
-        shape_string(cfg, shape, sizeof shape);
-        if (s == DSMOE_OK) s = dsmoe_st_writer_meta(w, "format", CKPT_FORMAT, err);
-        if (s == DSMOE_OK) s = dsmoe_st_writer_meta(w, "format_version", CKPT_VERSION, err);
-        snprintf(num, sizeof num, "%d", pos->step);
-        if (s == DSMOE_OK) s = dsmoe_st_writer_meta(w, "step", num, err);
-        snprintf(num, sizeof num, "%" PRIu64, pos->next_sample);
-        if (s == DSMOE_OK) s = dsmoe_st_writer_meta(w, "next_sample", num, err);
-        snprintf(num, sizeof num, "%" PRIu64, pos->seed);
-        if (s == DSMOE_OK) s = dsmoe_st_writer_meta(w, "seed", num, err);
-        if (s == DSMOE_OK) s = dsmoe_st_writer_meta(w, "model", shape, err);
-        if (s == DSMOE_OK) s = dsmoe_st_writer_meta(w, "deck", config_text ? config_text : "", err);
-        if (s == DSMOE_OK) s = dsmoe_mkdir_p(dir, err);
-        snprintf(path, sizeof path, "%s/step_%08d.safetensors", dir, pos->step);
-        if (s == DSMOE_OK) s = dsmoe_st_writer_commit(w, path, err);
-        if (s == DSMOE_OK) prune(dir, keep);
         dsmoe_st_writer_free(w);
     }
-    free(host);
+    rt->kern->free(rt->kctx, g.moment);
+    free(g.shard);
+    free(g.host);
     if (path_out) snprintf(path_out, path_len, "%s", path);
     // A failed write (rank 0) is everyone's error, with rank 0's message: the run stops cleanly.
     s = share_status(s, err);

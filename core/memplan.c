@@ -273,8 +273,19 @@ dsmoe_status dsmoe_mem_estimate_rank(const dsmoe_config *c, int W, int rank, int
     est->checkpoint_bytes = local * F32; // one moment in the slab's layout (checkpoint.c save and load)
     est->peak_bytes = est->total_bytes - est->moe_buffer_bytes - est->exchange_bytes + est->moe_buffer_peak_bytes +
                       est->exchange_peak_bytes + est->checkpoint_bytes;
-    // Only world rank 0 (slot 0) stages the whole model to write it; the others send their shards from a
-    // one-tensor copy (not counted).
-    est->checkpoint_host_bytes = rank == 0 ? 3 * pc.total * F32 : 0;
+    // Checkpoint saves stream (checkpoint.c): rank 0 (slot 0) holds the largest global tensor; the
+    // ranks of the first EP group of each size hold their largest expert shard on its way to rank 0.
+    uint64_t M = (uint64_t)c->hidden, F = (uint64_t)c->ffn_hidden, most_global, most_shard = 0;
+    most_global = (uint64_t)c->vocab * M;                                        // wte
+    if ((uint64_t)c->seq_len * M > most_global) most_global = (uint64_t)c->seq_len * M; // wpe
+    if (3 * M * M > most_global) most_global = 3 * M * M;                       // c_attn
+    if (F * M > most_global) most_global = F * M;                               // a dense c_fc
+    for (int mi = 0; mi < c->n_moe_layers; mi++) {
+        uint64_t E = (uint64_t)c->experts[mi], ep = (uint64_t)c->expert_parallel[mi];
+        if (E * F * M > most_global) most_global = E * F * M;                   // experts' c_fc, c_proj
+        if (E * M > most_global) most_global = E * M;                           // gate
+        if (ep > 1 && (uint64_t)rank < ep && E / ep * F * M > most_shard) most_shard = E / ep * F * M;
+    }
+    est->checkpoint_host_bytes = ((rank == 0 ? most_global : 0) + most_shard) * F32;
     return DSMOE_OK;
 }

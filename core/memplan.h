@@ -52,8 +52,9 @@ typedef struct dsmoe_mem_estimate {
     uint64_t exchange_peak_bytes;     // workspaces at their largest (an upper bound when dropless)
     uint64_t checkpoint_bytes;        // kernel staging of one moment while a checkpoint is saved or loaded
     uint64_t peak_bytes;              // total with the peaks above and the checkpoint staging
-    uint64_t checkpoint_host_bytes;   // host memory dsmoe_checkpoint_save stages: 3 x global x 4 on rank 0, which
-                                      // writes the file; 0 elsewhere (one shard in flight)
+    uint64_t checkpoint_host_bytes;   // host memory dsmoe_checkpoint_save stages (it streams): the largest global
+                                      // tensor on rank 0, which writes; the largest expert shard on the ranks
+                                      // of the first EP group of each size
 } dsmoe_mem_estimate;
 
 // What rank world_rank of world_size allocates for cfg. ranks_per_node: ranks on each node of the job

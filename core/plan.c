@@ -233,9 +233,10 @@ static dsmoe_status plan(const char *deck_path, char *const *overrides, int n_ov
                 c.drop_tokens ? "" : "; dropless: capacity buffers may grow to the peak");
         fprintf(out, "  needs %s, has %s (%s): %s\n", human(need), human(budget), why,
                 budget == 0 ? "unknown" : need <= budget ? "fits" : "DOES NOT FIT");
-        fprintf(out, "  checkpoints: rank 0 stages the whole model in host memory to write one file: %s of its node's %s "
-                "(%s)\n", human(ckpt_host), human(node_memory), !checkpoints ? "checkpoints are off"
-                : ckpt_host <= node_memory ? "fits" : "DOES NOT FIT");
+        fprintf(out, "  checkpoints: one file of %s (parameters and both AdamW moments) written by rank 0, one "
+                "tensor at a time: %s of its node's %s host memory (%s)\n",
+                human(3.0 * (double)worst.global_params * 4), human(ckpt_host), human(node_memory),
+                !checkpoints ? "checkpoints are off" : ckpt_host <= node_memory ? "fits" : "DOES NOT FIT");
         print_alltoall(out, &c, rpn, worst.micro_steps, err);
     }
     fprintf(out, "planned in %.0f ms\n", 1e3 * (dsmoe_now_seconds() - t0));
@@ -243,10 +244,10 @@ static dsmoe_status plan(const char *deck_path, char *const *overrides, int n_ov
         s = dsmoe_err_set(err, DSMOE_ERR_INVALID, "%s: the topology does not say how much memory a rank has: set "
                           "plan.memory_per_rank", deck_path);
     else if (s == DSMOE_OK && checkpoints && node_memory > 0 && ckpt_host > node_memory)
-        s = dsmoe_err_set(err, DSMOE_ERR_NOMEM, "%s: the plan does not fit: writing a checkpoint stages the whole model "
-                          "(parameters and both AdamW moments, %s) in rank 0's host memory, and its node has %s; "
-                          "checkpoint.final = false and checkpoint.every = 0 train without checkpoints (one file per "
-                          "expert-parallel shard is not supported yet)", deck_path, human(ckpt_host), human(node_memory));
+        s = dsmoe_err_set(err, DSMOE_ERR_NOMEM, "%s: the plan does not fit: writing a checkpoint stages its largest "
+                          "tensor (%s) in rank 0's host memory, and its node has %s; checkpoint.final = false and "
+                          "checkpoint.every = 0 train without checkpoints", deck_path, human(ckpt_host),
+                          human(node_memory));
     else if (s == DSMOE_OK && need > budget)
         s = dsmoe_err_set(err, DSMOE_ERR_NOMEM, "%s: the plan does not fit: rank %d needs %s (parameters %s, "
                           "gradients %s, AdamW state %s, activations %s, MoE buffers %s, the rest %s) but has %s (%s); "

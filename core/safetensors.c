@@ -109,7 +109,6 @@ dsmoe_status dsmoe_st_writer_add(dsmoe_st_writer *w, const char *name, dsmoe_st_
     int overflow;
     uint64_t nbytes = tensor_bytes(dtype, ndim, shape, &overflow);
     if (overflow) return dsmoe_err_set(err, DSMOE_ERR_INVALID, "safetensors: tensor '%s': shape too large", name);
-    if (nbytes > 0 && !data) return dsmoe_err_set(err, DSMOE_ERR_INVALID, "safetensors: tensor '%s': data is NULL", name);
     for (int i = 0; i < w->n; i++)
         if (strcmp(w->t[i].name, name) == 0)
             return dsmoe_err_set(err, DSMOE_ERR_INVALID, "safetensors: tensor '%s' added twice", name);
@@ -233,27 +232,39 @@ static int write_all(int fd, const void *data, uint64_t len) {
 }
 
 dsmoe_status dsmoe_st_writer_commit(dsmoe_st_writer *w, const char *path, dsmoe_err *err) {
+    return dsmoe_st_writer_commit_stream(w, path, NULL, NULL, err);
+}
+
+dsmoe_status dsmoe_st_writer_commit_stream(dsmoe_st_writer *w, const char *path, dsmoe_st_source_fn source,
+                                           void *user, dsmoe_err *err) {
     char tmp[4200];
     if ((size_t)snprintf(tmp, sizeof tmp, "%s.tmp.%ld", path, (long)getpid()) >= sizeof tmp)
         return dsmoe_err_set(err, DSMOE_ERR_INVALID, "%s: path too long", path);
+    for (int i = 0; i < w->n; i++)
+        if (!w->t[i].data && w->t[i].nbytes > 0 && !source)
+            return dsmoe_err_set(err, DSMOE_ERR_INVALID, "safetensors: tensor '%s': data is NULL", w->t[i].name);
     sbuf hdr = {0};
-    if (build_header(w, &hdr) != 0) {
-        free(hdr.p);
-        return dsmoe_err_set(err, DSMOE_ERR_NOMEM, "%s: out of memory building the safetensors header", path);
-    }
+    int oom = build_header(w, &hdr) != 0;
     uint8_t len8[8];
     for (int i = 0; i < 8; i++) len8[i] = (uint8_t)((uint64_t)hdr.len >> (8 * i));
     const char *step = "create";
-    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644), ok = fd >= 0;
-    if (ok) step = "write", ok = write_all(fd, len8, 8) == 0 && write_all(fd, hdr.p, hdr.len) == 0;
-    for (int i = 0; ok && i < w->n; i++) ok = write_all(fd, w->t[i].data, w->t[i].nbytes) == 0;
-    if (ok && fsync(fd) != 0) ok = 0, step = "flush";
-    int e = errno;
+    int fd = oom ? -1 : open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644), ok = fd >= 0, e = errno;
+    if (ok) step = "write", ok = write_all(fd, len8, 8) == 0 && write_all(fd, hdr.p, hdr.len) == 0, e = errno;
+    dsmoe_status src = DSMOE_OK;
+    for (int i = 0; i < w->n; i++) {
+        const void *data = w->t[i].data;
+        if (!data && w->t[i].nbytes > 0 && src == DSMOE_OK) src = source(user, i, &data, err);
+        else if (!data && w->t[i].nbytes > 0) source(user, i, &data, NULL); // keep the source's collectives going
+        if (ok && src == DSMOE_OK) ok = write_all(fd, data, w->t[i].nbytes) == 0, e = errno;
+    }
+    if (ok && src == DSMOE_OK && fsync(fd) != 0) ok = 0, step = "flush", e = errno;
     free(hdr.p);
     if (fd >= 0 && close(fd) != 0 && ok) ok = 0, step = "flush", e = errno;
-    if (ok && rename(tmp, path) != 0) ok = 0, step = "rename", e = errno;
-    if (!ok) {
+    if (ok && src == DSMOE_OK && rename(tmp, path) != 0) ok = 0, step = "rename", e = errno;
+    if (!ok || src != DSMOE_OK) {
         if (fd >= 0) unlink(tmp); // never a directory of that name that made open fail
+        if (src != DSMOE_OK) return src;
+        if (oom) return dsmoe_err_set(err, DSMOE_ERR_NOMEM, "%s: out of memory building the safetensors header", path);
         return dsmoe_err_set(err, DSMOE_ERR_IO, "cannot %s %s: %s (%s is unchanged)", step, tmp, strerror(e), path);
     }
     char *copy = strdup(path); // make the rename durable; a directory we cannot open is not an error

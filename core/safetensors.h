@@ -18,13 +18,22 @@ typedef enum { DSMOE_ST_F32 = 0, DSMOE_ST_F64, DSMOE_ST_I32, DSMOE_ST_I64, DSMOE
 // --- writing: collect tensors (copied or borrowed host pointers) and metadata, then commit ----------
 typedef struct dsmoe_st_writer dsmoe_st_writer;
 dsmoe_st_writer *dsmoe_st_writer_new(void);
-// Adds a tensor; data (host, row-major) must stay valid until commit (it is not copied).
+// Adds a tensor; data (host, row-major) must stay valid until commit (it is not copied). data NULL
+// (with bytes to write) defers the data to dsmoe_st_writer_commit_stream's source.
 dsmoe_status dsmoe_st_writer_add(dsmoe_st_writer *w, const char *name, dsmoe_st_dtype dtype, int ndim,
                                  const int64_t *shape, const void *data, dsmoe_err *err);
 dsmoe_status dsmoe_st_writer_meta(dsmoe_st_writer *w, const char *key, const char *value, dsmoe_err *err);
 // Writes the file atomically (temporary name, fsync, rename): an existing file at path is never
 // damaged. Tensors are written in insertion order.
 dsmoe_status dsmoe_st_writer_commit(dsmoe_st_writer *w, const char *path, dsmoe_err *err);
+// The same, with the data of deferred tensors coming from source, asked for tensor i (insertion order)
+// just before it is written: *data (host, the tensor's bytes) must stay valid until the next call.
+// Files larger than memory are written this way. source is called for every deferred tensor, in order,
+// even after the file could not be created or written (callers may run collectives in it); its first
+// failure, or the write's, is returned.
+typedef dsmoe_status (*dsmoe_st_source_fn)(void *user, int i, const void **data, dsmoe_err *err);
+dsmoe_status dsmoe_st_writer_commit_stream(dsmoe_st_writer *w, const char *path, dsmoe_st_source_fn source,
+                                           void *user, dsmoe_err *err);
 void dsmoe_st_writer_free(dsmoe_st_writer *w);
 
 // --- reading: maps the file, validates the whole header -------------------------------------------

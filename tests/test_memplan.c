@@ -262,11 +262,15 @@ static void test_small_model_by_hand(void **state) {
     // Router: logits, probs (16, 4); choice, slot, weight, dweight (16, 1); counts (2, 4); l_aux (9) doubles.
     assert_int_equal(e.moe_router_bytes, 2 * ((2 * 16 * 4 + 4 * 16 + 2 * 4) * 4 + 9 * 8));
     assert_int_equal(e.exchange_bytes, 0); // one node
-    assert_int_equal(e.checkpoint_host_bytes, 0); // rank 3: only rank 0, which writes, stages the model
+    // Checkpoint staging streams: rank 3 (slot 3, outside the first EP group of 2) holds nothing; rank 0
+    // the largest global tensor, the experts' c_fc (4, 24, 16), and its shard (2, 24, 16) in flight.
+    assert_int_equal(e.checkpoint_host_bytes, 0);
     dsmoe_mem_estimate e0;
     dsmoe_err err = {0};
     assert_int_equal(dsmoe_mem_estimate_rank(&cfg, 4, 0, 0, &e0, &err), DSMOE_OK);
-    assert_int_equal(e0.checkpoint_host_bytes, 3 * 4 * (replicated + experts));
+    assert_int_equal(e0.checkpoint_host_bytes, 4 * (4 * 24 * 16 + 2 * 24 * 16));
+    assert_int_equal(dsmoe_mem_estimate_rank(&cfg, 4, 1, 0, &e0, &err), DSMOE_OK);
+    assert_int_equal(e0.checkpoint_host_bytes, 4 * 2 * 24 * 16);
 
     // Residual: the MoE layers keep their dense FFN and gain the coefficient Linear(16, 2).
     load_ok(small_deck, "moe.experts=4;moe.residual=true", 1, &cfg);

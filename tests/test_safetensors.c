@@ -309,11 +309,83 @@ static void test_failed_commit(void **state) {
     assert_int_equal(count_entries(sub), 2);
 }
 
+// Streamed commit: deferred tensors come from the source, in order, just before they are written; the
+// source is called for every one of them even when the file cannot be written or the source failed
+// (checkpoint.c runs collectives in it), and a failure leaves the old file alone.
+static int calls[8], n_calls, fail_at = -1;
+static float streamed[4];
+
+static dsmoe_status source(void *user, int i, const void **data, dsmoe_err *err) {
+    (void)user;
+    calls[n_calls++] = i;
+    for (int k = 0; k < 4; k++) streamed[k] = 10.0f * (float)i + (float)k;
+    *data = streamed;
+    if (i == fail_at) return dsmoe_err_set(err, DSMOE_ERR_SYSTEM, "source failed at %d", i);
+    return DSMOE_OK;
+}
+
+static dsmoe_status commit_streamed(const char *path, dsmoe_err *err) {
+    static const float a[3] = {1, 2, 3};
+    dsmoe_st_writer *w = dsmoe_st_writer_new();
+    assert_int_equal(dsmoe_st_writer_add(w, "a", DSMOE_ST_F32, 1, (int64_t[]){3}, a, err), DSMOE_OK);
+    assert_int_equal(dsmoe_st_writer_add(w, "b", DSMOE_ST_F32, 1, (int64_t[]){4}, NULL, err), DSMOE_OK);
+    assert_int_equal(dsmoe_st_writer_add(w, "c", DSMOE_ST_F32, 1, (int64_t[]){2}, NULL, err), DSMOE_OK);
+    n_calls = 0;
+    dsmoe_status s = dsmoe_st_writer_commit_stream(w, path, source, NULL, err);
+    dsmoe_st_writer_free(w);
+    return s;
+}
+
+static void test_streamed_commit(void **state) {
+    (void)state;
+    char sub[512], p[600], tmp[700];
+    snprintf(sub, sizeof sub, "%s/stream", dir);
+    assert_int_equal(mkdir(sub, 0755), 0);
+    snprintf(p, sizeof p, "%s/s.safetensors", sub);
+    snprintf(tmp, sizeof tmp, "%s.tmp.%ld", p, (long)getpid());
+    dsmoe_err err = {0};
+    assert_int_equal(commit_streamed(p, &err), DSMOE_OK);
+    assert_int_equal(n_calls, 2);
+    assert_int_equal(calls[0], 1);
+    assert_int_equal(calls[1], 2);
+    dsmoe_st_file *f;
+    assert_int_equal(dsmoe_st_open(p, &f, &err), DSMOE_OK);
+    float b[4], c[2], a[3];
+    memcpy(a, dsmoe_st_find(f, "a")->data, sizeof a);
+    memcpy(b, dsmoe_st_find(f, "b")->data, sizeof b);
+    memcpy(c, dsmoe_st_find(f, "c")->data, sizeof c);
+    assert_true(a[2] == 3.0f && b[0] == 10.0f && b[3] == 13.0f && c[0] == 20.0f && c[1] == 21.0f);
+    dsmoe_st_close(f);
+    char before[256], after[256];
+    size_t n0 = read_bytes(p, before, sizeof before);
+
+    assert_int_equal(symlink("/dev/full", tmp), 0); // the disk fills: still every source call
+    assert_int_equal(commit_streamed(p, &err), DSMOE_ERR_IO);
+    assert_int_equal(n_calls, 2);
+    assert_int_equal(read_bytes(p, after, sizeof after), n0);
+    assert_memory_equal(before, after, n0);
+
+    fail_at = 1; // the source fails: its error, the later tensor still asked for, the file unchanged
+    assert_int_equal(commit_streamed(p, &err), DSMOE_ERR_SYSTEM);
+    fail_at = -1;
+    assert_non_null(strstr(err.msg, "source failed at 1"));
+    assert_int_equal(n_calls, 2);
+    assert_int_equal(read_bytes(p, after, sizeof after), n0);
+    assert_memory_equal(before, after, n0);
+    assert_int_equal(count_entries(sub), 1);
+
+    dsmoe_st_writer *w = dsmoe_st_writer_new(); // deferred data needs the streamed commit
+    assert_int_equal(dsmoe_st_writer_add(w, "b", DSMOE_ST_F32, 1, (int64_t[]){4}, NULL, &err), DSMOE_OK);
+    assert_int_equal(dsmoe_st_writer_commit(w, p, &err), DSMOE_ERR_INVALID);
+    assert_non_null(strstr(err.msg, "tensor 'b': data is NULL"));
+    dsmoe_st_writer_free(w);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_round_trip),   cmocka_unit_test(test_writer_bytes), cmocka_unit_test(test_read_handmade),
         cmocka_unit_test(test_corrupt),      cmocka_unit_test(test_writer_refuses),
-        cmocka_unit_test(test_failed_commit),
+        cmocka_unit_test(test_failed_commit), cmocka_unit_test(test_streamed_commit),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -132,16 +132,20 @@ experts: MoE layers 1-10: 32 experts, ep 32 (1 per rank), 2 EP groups of 32 rank
 experts: MoE layers 11-12: 64 experts, ep 64 (1 per rank), 1 EP group of 64 ranks, each over 8 nodes (fewest possible 8)
 model: 4.118 B parameters
 WANT
-# 1.3B+MoE-128: a checkpoint (586 GiB staged on rank 0) does not fit a 512 GiB node; without checkpoints
-# it trains in 80 GB GPUs, and 4 sequences per micro-step do not fit (activations).
-expect paper-1.3b nonzero -- "$dsmoe" --plan "$src/inputs/paper/1.3b-moe128.deck" <<'WANT'
+# 1.3B+MoE-128 fits 80 GB GPUs; its 586 GiB checkpoint streams through rank 0 one tensor at a time (the
+# experts' c_fc of a layer, 128 x 8192 x 2048 floats = 8 GiB, plus its own shard of 64 MiB); 4 sequences
+# per micro-step do not fit (activations).
+expect paper-1.3b 0 -- "$dsmoe" --plan "$src/inputs/paper/1.3b-moe128.deck" <<'WANT'
 model: 52.473 B parameters
-writing a checkpoint stages the whole model (parameters and both AdamW moments, 586.44 GiB) in rank 0's host memory, and its node has 512.00 GiB
-WANT
-expect paper-1.3b-nockpt 0 -- "$dsmoe" --plan "$src/inputs/paper/1.3b-moe128.deck" checkpoint.final=false <<'WANT'
 has 80.00 GiB (the memory of its GPU 0000:07:00.0 (NVIDIA A100-SXM4-80GB)): fits
+checkpoints: one file of 586.44 GiB (parameters and both AdamW moments) written by rank 0, one tensor at a time: 8.06 GiB of its node's 512.00 GiB host memory (fits)
 WANT
-expect paper-1.3b-mb4 nonzero -- "$dsmoe" --plan "$src/inputs/paper/1.3b-moe128.deck" checkpoint.final=false train.batch=512 train.micro_batch=4 <<'WANT'
+# A node too small to stage a checkpoint: rank 0 holds the experts' c_fc (8, 128, 32) = 128 KiB and its
+# shard (1, 128, 32) = 16 KiB.
+expect ckpt-host nonzero -- "$dsmoe" --plan "$deck" "plan.topology=synthetic:pack:1 numa:1(memory=64KiB) core:4 pu:1" run.kernel_backend=cpu plan.memory_per_rank=1Gi <<'WANT'
+writing a checkpoint stages its largest tensor (144.00 KiB) in rank 0's host memory, and its node has 64.00 KiB
+WANT
+expect paper-1.3b-mb4 nonzero -- "$dsmoe" --plan "$src/inputs/paper/1.3b-moe128.deck" train.batch=512 train.micro_batch=4 <<'WANT'
 DOES NOT FIT
 activations dominate: lower train.micro_batch
 WANT
