@@ -253,7 +253,10 @@ static dsmoe_status list_devices(const dsmoe_kernel_plugin_v1 *kern, int *ndev, 
         if (kern->device_pci_bus_id(d, buf, sizeof buf) != DSMOE_OK)
             return dsmoe_err_set(err, DSMOE_ERR_SYSTEM, "kernel plugin '%s': device_pci_bus_id(%d) failed", kern->name, d);
         for (char *p = buf; *p; p++) *p = (char)(*p >= 'A' && *p <= 'F' ? *p - 'A' + 'a' : *p);
-        snprintf((*busids)[d], 16, "%s", buf);
+        if (strlen(buf) != 12 || buf[4] != ':' || buf[7] != ':' || buf[10] != '.')
+            return dsmoe_err_set(err, DSMOE_ERR_INTERNAL, "kernel plugin '%s': device_pci_bus_id(%d) gave '%s'; expected "
+                                 "a PCI bus id dddd:bb:dd.f", kern->name, d, buf);
+        memcpy((*busids)[d], buf, 13);
     }
     return DSMOE_OK;
 }
