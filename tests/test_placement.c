@@ -117,6 +117,30 @@ static void test_topology_shared_from_first_rank(void **state) {
     dsmoe_placement_free(pl);
 }
 
+static dsmoe_status bad_busid(int ordinal, char *buf, size_t len) {
+    (void)ordinal;
+    snprintf(buf, len, "GPU-%d", world_rank);
+    return DSMOE_OK;
+}
+static const dsmoe_kernel_plugin_v1 bad_gpus = {
+    .api_version = DSMOE_KERNEL_API_VERSION, .name = "badgpus", .device_count = fake_count,
+    .device_pci_bus_id = bad_busid};
+
+// A plugin that reports something else than a bus id: every rank returns, with the plugin named.
+static void test_bad_bus_id(void **state) {
+    (void)state;
+    dsmoe_config cfg = config("auto");
+    dsmoe_placement *pl = NULL;
+    dsmoe_err err = {0};
+    assert_int_equal(dsmoe_placement_create(&cfg, &pl, &err), DSMOE_OK);
+    int device = -1;
+    assert_int_equal(dsmoe_placement_choose_device(pl, &bad_gpus, &device, &err), DSMOE_ERR_INTERNAL);
+    assert_int_equal(err.scope, DSMOE_SCOPE_COLLECTIVE);
+    assert_non_null(strstr(err.msg, "kernel plugin 'badgpus': device_pci_bus_id(0) gave 'GPU-"));
+    assert_non_null(strstr(err.msg, "expected a PCI bus id dddd:bb:dd.f"));
+    dsmoe_placement_free(pl);
+}
+
 static void test_bind_none_keeps_everything(void **state) {
     (void)state;
     dsmoe_config cfg = config("none");
@@ -144,6 +168,7 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_each_rank_its_numa_node_and_gpu),
         cmocka_unit_test(test_one_device_per_rank),
         cmocka_unit_test(test_topology_shared_from_first_rank),
+        cmocka_unit_test(test_bad_bus_id),
         cmocka_unit_test(test_bind_none_keeps_everything),
     };
     int failed = cmocka_run_group_tests(tests, NULL, NULL);
