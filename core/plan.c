@@ -98,6 +98,31 @@ static uint64_t rank_budget(const dsmoe_config *c, const dsmoe_topo *topo, const
     return node / (uint64_t)rpn;
 }
 
+// What the fit check compares with a rank's memory. Dropless capacity is data-dependent: its peak (C up
+// to every token) is a bound, not a need, so it takes the allocation at start plus the checkpoint
+// staging; with drops the peak is exact.
+static uint64_t need_of(const dsmoe_config *c, const dsmoe_mem_estimate *e) {
+    return c->drop_tokens ? e->peak_bytes : e->total_bytes + e->checkpoint_bytes;
+}
+
+// The largest train.micro_batch below the deck's that fits rank `rank` (a divisor of the sequences each
+// rank takes per step, so the global batch stays), 0 when none does.
+static int fitting_micro_batch(const dsmoe_config *c, int ranks, int rpn, int rank, uint64_t budget) {
+    dsmoe_config *t = malloc(sizeof *t);
+    int found = 0;
+    if (!t) return 0;
+    *t = *c;
+    for (int B = c->micro_batch - 1; B >= 1 && !found; B--) {
+        if ((c->batch / ranks) % B != 0) continue;
+        t->micro_batch = B;
+        dsmoe_mem_estimate e;
+        dsmoe_err ignored = {0};
+        if (dsmoe_mem_estimate_rank(t, ranks, rank, rpn, &e, &ignored) == DSMOE_OK && need_of(t, &e) <= budget) found = B;
+    }
+    free(t);
+    return found;
+}
+
 static void print_groups(FILE *out, const dsmoe_config *c, int ranks) {
     fprintf(out, "groups: data parallel over all %d ranks (each takes %d of the %d sequences of a step, %d per "
             "micro-step)\n", ranks, c->batch / ranks, c->batch, c->micro_batch);
@@ -208,9 +233,7 @@ static dsmoe_status plan(const char *deck_path, char *const *overrides, int n_ov
     }
     char why[256];
     uint64_t budget = s == DSMOE_OK ? rank_budget(&c, topo, &rows[worst_rank], rpn, why, sizeof why) : 0;
-    // Dropless capacity is data-dependent: its peak (C up to every token) is a bound, not a need, so
-    // the check takes the allocation at start plus the checkpoint staging; with drops the peak is exact.
-    uint64_t need = c.drop_tokens ? worst.peak_bytes : worst.total_bytes + worst.checkpoint_bytes;
+    uint64_t need = s == DSMOE_OK ? need_of(&c, &worst) : 0;
     dsmoe_mem_estimate first;
     uint64_t ckpt_host = 0, node_memory = dsmoe_topo_memory(topo);
     if (s == DSMOE_OK && dsmoe_mem_estimate_rank(&c, ranks, 0, rpn, &first, err) == DSMOE_OK)
@@ -248,7 +271,18 @@ static dsmoe_status plan(const char *deck_path, char *const *overrides, int n_ov
                           "tensor (%s) in rank 0's host memory, and its node has %s; checkpoint.final = false and "
                           "checkpoint.every = 0 train without checkpoints", deck_path, human(ckpt_host),
                           human(node_memory));
-    else if (s == DSMOE_OK && need > budget)
+    else if (s == DSMOE_OK && need > budget) {
+        char hint[256];
+        int B = fitting_micro_batch(&c, ranks, rpn, worst_rank, budget);
+        if (B > 0)
+            snprintf(hint, sizeof hint, "train.micro_batch = %d fits (%d micro-steps per step, the same batch)", B,
+                     c.batch / (B * ranks));
+        else if (c.zero_stage == 0)
+            snprintf(hint, sizeof hint, "no smaller train.micro_batch fits: try train.zero_stage = 1, more ranks or a "
+                     "larger moe.expert_parallel");
+        else
+            snprintf(hint, sizeof hint, "no smaller train.micro_batch fits: try more ranks or a larger "
+                     "moe.expert_parallel");
         s = dsmoe_err_set(err, DSMOE_ERR_NOMEM, "%s: the plan does not fit: rank %d needs %s (parameters %s, "
                           "gradients %s, AdamW state %s, activations %s, MoE buffers %s, the rest %s) but has %s (%s); "
                           "%s", deck_path, worst_rank, human(need), human(worst.param_bytes), human(worst.grad_bytes),
@@ -256,11 +290,8 @@ static dsmoe_status plan(const char *deck_path, char *const *overrides, int n_ov
                           human(worst.activation_bytes + worst.token_bytes), human(worst.moe_buffer_bytes),
                           human(need - worst.param_bytes - worst.grad_bytes - worst.optimizer_bytes -
                                 worst.optimizer_scratch_bytes - worst.activation_bytes - worst.token_bytes -
-                                worst.moe_buffer_bytes), human(budget), why,
-                          worst.activation_bytes > worst.param_bytes + worst.optimizer_bytes
-                              ? "activations dominate: lower train.micro_batch (more micro-steps) or model.seq_len"
-                          : c.zero_stage == 0 ? "try train.zero_stage = 1, more ranks or a larger moe.expert_parallel"
-                                              : "try more ranks or a larger moe.expert_parallel");
+                                worst.moe_buffer_bytes), human(budget), why, hint);
+    }
     free(rows);
     dsmoe_topo_free(topo);
     return s;

@@ -90,7 +90,7 @@ WANT
 expect too-small nonzero -- "$dsmoe" --plan "$deck" plan.memory_per_rank=600Ki <<'WANT'
 needs 708.88 KiB, has 600.00 KiB (plan.memory_per_rank): DOES NOT FIT
 the plan does not fit: rank 0 needs 708.88 KiB (parameters 106.50 KiB, gradients 106.50 KiB, AdamW state 213.00 KiB
-but has 600.00 KiB (plan.memory_per_rank)
+but has 600.00 KiB (plan.memory_per_rank); no smaller train.micro_batch fits: try train.zero_stage = 1
 WANT
 
 expect bad-topology nonzero -- "$dsmoe" --plan "$deck" plan.topology="$work/none.xml" <<WANT
@@ -147,7 +147,12 @@ writing a checkpoint stages its largest tensor (144.00 KiB) in rank 0's host mem
 WANT
 expect paper-1.3b-mb4 nonzero -- "$dsmoe" --plan "$src/inputs/paper/1.3b-moe128.deck" train.batch=512 train.micro_batch=4 <<'WANT'
 DOES NOT FIT
-activations dominate: lower train.micro_batch
+train.micro_batch = 2 fits (2 micro-steps per step, the same batch)
+WANT
+# ... and what it suggests does fit.
+expect paper-1.3b-mb2 0 -- "$dsmoe" --plan "$src/inputs/paper/1.3b-moe128.deck" train.batch=512 train.micro_batch=2 <<'WANT'
+2 micro-steps per step
+): fits
 WANT
 
 echo "plan tests: $pass passed, $failures failed"
