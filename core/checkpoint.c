@@ -189,7 +189,7 @@ dsmoe_status dsmoe_checkpoint_save(dsmoe_model *m, dsmoe_optimizer *opt, const d
         if (ep > 1 && rt->slot < ep && t->numel > most_shard) most_shard = t->numel;
     }
     dsmoe_status s = DSMOE_OK;
-    if (rank == 0 && !(g.host = dsmoe_malloc(most_global * sizeof(float) + 1, "checkpoint staging", err))) s = err->status;
+    if (rank == 0 && !(g.host = dsmoe_malloc(most_global * sizeof(float), "checkpoint staging", err))) s = err->status;
     if (s == DSMOE_OK && most_shard && !(g.shard = dsmoe_malloc(most_shard * sizeof(float), "checkpoint shard", err)))
         s = err->status;
     if (s == DSMOE_OK && (s = rt->kern->alloc(rt->kctx, dsmoe_model_local_params(m) * sizeof(float), (void **)&g.moment)) != DSMOE_OK)

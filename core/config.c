@@ -25,10 +25,10 @@
 
 extern char **environ;
 
+// The registry (config_keys.c) under short names.
+static const key_def *const keys = dsmoe_config_keys;
+static const char *const *const type_names = dsmoe_config_type_names;
 #define N_KEYS dsmoe_config_n_keys
-#define keys dsmoe_config_keys
-#define type_names dsmoe_config_type_names
-#define v_source dsmoe_config_v_source
 
 int dsmoe_config_key_count(void) { return N_KEYS; }
 
@@ -407,7 +407,8 @@ static dsmoe_status validate(loader *L, int world_size, dsmoe_err *err) {
              L->at[k_br].text, c->vocab - c->synthetic_sources);
     int k_path = KIDX("data.path"), k_source = KIDX("data.source");
     if (c->data_source != DSMOE_DATA_SYNTHETIC && c->data_path[0] == '\0')
-        FAIL(k_path, k_source, "data.path is empty: it is required when data.source = %s", v_source[c->data_source]);
+        FAIL(k_path, k_source, "data.path is empty: it is required when data.source = %s",
+             dsmoe_config_v_source[c->data_source]);
 
     DSMOE_TRY(resolve_experts(L, err));
     int k_ex = KIDX("moe.experts"), k_topk = KIDX("moe.top_k"), k_res = KIDX("moe.residual");

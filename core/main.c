@@ -89,26 +89,13 @@ static dsmoe_status read_deck(const char *path, int rank, char **text, dsmoe_err
 }
 
 // What the batch system says about this job, so a log shows where it ran. Placement (ranks, nodes,
-// ranks per node) comes from MPI; the launcher and job come from the environment it sets: Open MPI's
+// ranks per node) comes from MPI through the placement; the launcher and job come from the environment it sets: Open MPI's
 // mpiexec (OMPI_MCA_orte_hnp_uri in 4.x, PRTE_LAUNCHED in 5.x; a singleton has neither), MPICH/Intel
 // hydra (PMI_RANK), srun (SLURM_STEP_ID with SLURM_PROCID), PBS Pro / Torque (PBS_JOBID, PBS_NODEFILE).
-// Collective: every rank calls it; rank 0 prints.
-static void print_launcher(int world_size) {
-    int len, rank, node_size, node_rank, nodes, is_leader, per_node[2];
-    char host[MPI_MAX_PROCESSOR_NAME];
-    MPI_Get_processor_name(host, &len);
-    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-    MPI_Comm node;
-    MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node);
-    MPI_Comm_size(node, &node_size);
-    MPI_Comm_rank(node, &node_rank);
-    MPI_Comm_free(&node);
-    is_leader = node_rank == 0;
-    MPI_Allreduce(&is_leader, &nodes, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
-    int minmax[2] = {-node_size, node_size}; // min as -max, so one MAX reduction gives both
-    MPI_Allreduce(minmax, per_node, 2, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
-    if (rank != 0) return;
-
+// Rank 0 prints.
+static void print_launcher(const dsmoe_placement *pl) {
+    if (pl->world_rank != 0) return;
+    int world_size = pl->world_size, nodes = pl->nodes;
     const char *slurm_job = getenv("SLURM_JOB_ID"), *slurm_step = getenv("SLURM_STEP_ID");
     const char *pbs_job = getenv("PBS_JOBID"), *launcher = "singleton (no launcher)";
     if (getenv("OMPI_MCA_orte_hnp_uri") || getenv("PRTE_LAUNCHED")) launcher = "launched by mpiexec (Open MPI)";
@@ -116,9 +103,9 @@ static void print_launcher(int world_size) {
     else if (slurm_step && getenv("SLURM_PROCID")) launcher = "launched by srun";
     printf("dsmoe %s: %d rank%s on %d node%s (", DSMOE_VERSION, world_size, world_size == 1 ? "" : "s", nodes,
            nodes == 1 ? "" : "s");
-    if (-per_node[0] == per_node[1]) printf("%d per node", per_node[1]);
-    else printf("%d-%d per node", -per_node[0], per_node[1]);
-    printf("; rank 0 on %s), %s", host, launcher);
+    if (pl->min_node_ranks == pl->max_node_ranks) printf("%d per node", pl->max_node_ranks);
+    else printf("%d-%d per node", pl->min_node_ranks, pl->max_node_ranks);
+    printf("; rank 0 on %s), %s", pl->me.host, launcher);
 
     if (slurm_job) {
         // In a step (srun, or the step mpiexec's daemons run in) the step's counts; in the batch
@@ -241,7 +228,11 @@ int main(int argc, char **argv) {
         MPI_Finalize();
         return 1;
     }
-    print_launcher(world_size);
+    // Binding comes before the plugins start their threads (the device choice is made between their
+    // loading and init, in dsmoe_runtime_open_placed).
+    dsmoe_placement *pl = NULL;
+    s = dsmoe_placement_create(&cfg, &pl, &err);
+    if (s == DSMOE_OK) print_launcher(pl);
     resolved = dsmoe_config_to_text(&cfg, sources);
     if (rank == 0) {
         printf("---- resolved configuration (deck %s) ----\n", deck_path);
@@ -252,9 +243,6 @@ int main(int argc, char **argv) {
 
     dsmoe_runtime rt;
     memset(&rt, 0, sizeof rt);
-    dsmoe_placement *pl = NULL;
-    // Binding comes before the plugins start their threads; the device choice between load and init.
-    s = dsmoe_placement_create(&cfg, &pl, &err);
     if (s == DSMOE_OK)
         s = dsmoe_runtime_open_placed(cfg.kernel_backend, cfg.comm_backend, cfg.plugin_path, cfg.threads, pl, &rt, &err);
     if (s == DSMOE_OK && rank == 0) {

@@ -155,33 +155,36 @@ static dsmoe_status bind_node(dsmoe_placement *pl, int policy, const char *start
     return s;
 }
 
-// Node index (nodes numbered by their first world rank), local index, slot.
+// Node index (nodes numbered by their first world rank), local index, slot, and ranks per node: one
+// all-gather of (the node's first world rank, local index). MPI_Comm_split_type orders a node's ranks by
+// world rank, so its local index 0 is its first.
 static void number_nodes(dsmoe_placement *pl) {
-    int local, leader_rank, is_leader;
-    MPI_Comm_rank(pl->node_comm, &local);
-    leader_rank = pl->world_rank;
-    MPI_Bcast(&leader_rank, 1, MPI_INT, 0, pl->node_comm);
-    is_leader = local == 0;
-    int *leaders = malloc(sizeof(int) * (size_t)pl->world_size);
-    MPI_Allgather(&is_leader, 1, MPI_INT, leaders, 1, MPI_INT, MPI_COMM_WORLD);
-    pl->me.node = 0;
-    pl->nodes = 0;
-    for (int r = 0; r < pl->world_size; r++) {
-        pl->nodes += leaders[r];
-        if (leaders[r] && r < leader_rank) pl->me.node++;
-    }
-    pl->me.local = local;
-    int mine[2] = {pl->me.node, local}, *all = malloc(sizeof(int) * 2 * (size_t)pl->world_size);
+    int W = pl->world_size, mine[2] = {pl->world_rank, 0};
+    MPI_Comm_rank(pl->node_comm, &mine[1]);
+    MPI_Bcast(&mine[0], 1, MPI_INT, 0, pl->node_comm);
+    int *all = malloc(sizeof(int) * 2 * (size_t)W), *node = malloc(sizeof(int) * (size_t)W);
+    int *local = malloc(sizeof(int) * (size_t)W), *slot = malloc(sizeof(int) * (size_t)W);
+    int *count = calloc((size_t)W, sizeof(int));
     MPI_Allgather(mine, 2, MPI_INT, all, 2, MPI_INT, MPI_COMM_WORLD);
-    for (int r = 0; r < pl->world_size; r++) leaders[r] = all[2 * r]; // reuse: node of each rank
-    int *locals = malloc(sizeof(int) * (size_t)pl->world_size), *slots = malloc(sizeof(int) * (size_t)pl->world_size);
-    for (int r = 0; r < pl->world_size; r++) locals[r] = all[2 * r + 1];
-    dsmoe_placement_slots(pl->world_size, leaders, locals, slots);
-    pl->me.slot = slots[pl->world_rank];
-    free(slots);
-    free(locals);
+    pl->nodes = 0;
+    for (int r = 0; r < W; r++) // a node's first rank is met before its others: number nodes as met
+        node[r] = all[2 * r] == r ? pl->nodes++ : node[all[2 * r]];
+    for (int r = 0; r < W; r++) local[r] = all[2 * r + 1], count[node[r]]++;
+    pl->min_node_ranks = W;
+    pl->max_node_ranks = 0;
+    for (int k = 0; k < pl->nodes; k++) {
+        pl->min_node_ranks = count[k] < pl->min_node_ranks ? count[k] : pl->min_node_ranks;
+        pl->max_node_ranks = count[k] > pl->max_node_ranks ? count[k] : pl->max_node_ranks;
+    }
+    dsmoe_placement_slots(W, node, local, slot);
+    pl->me.node = node[pl->world_rank];
+    pl->me.local = local[pl->world_rank];
+    pl->me.slot = slot[pl->world_rank];
+    free(count);
+    free(slot);
+    free(local);
+    free(node);
     free(all);
-    free(leaders);
 }
 
 dsmoe_status dsmoe_placement_create(const dsmoe_config *cfg, dsmoe_placement **out, dsmoe_err *err) {
@@ -310,21 +313,23 @@ static dsmoe_status choose_local(dsmoe_placement *pl, const dsmoe_kernel_plugin_
         snprintf(pl->me.gpu_busid, sizeof pl->me.gpu_busid, "%s", busids[*device]);
     }
     free(busids);
-
-    hwloc_topology_t t = dsmoe_topo_hwloc(pl->topo);
-    pl->me.numa = dsmoe_topo_numa_of(pl->topo, pl->set, pl->me.gpu_busid);
-    // Host buffers on the NUMA node next to the rank's cores and GPU, when there is a choice and the
-    // rank is bound (an unbound rank moves; first touch places its memory well enough).
-    if (pl->me.numa >= 0 && pl->me.bound_by != DSMOE_BOUND_NOT && dsmoe_topo_is_this_system(pl->topo) &&
-        hwloc_get_nbobjs_by_type(t, HWLOC_OBJ_NUMANODE) > 1)
-        prefer_numa_node(pl->me.numa);
     return listed;
+}
+
+// Host buffers on the NUMA node next to the rank's cores and GPU, when there is a choice and the rank
+// is bound (an unbound rank moves; first touch places its memory well enough).
+static void place_host_memory(dsmoe_placement *pl) {
+    pl->me.numa = dsmoe_topo_numa_of(pl->topo, pl->set, pl->me.gpu_busid);
+    if (pl->me.numa >= 0 && pl->me.bound_by != DSMOE_BOUND_NOT && dsmoe_topo_is_this_system(pl->topo) &&
+        hwloc_get_nbobjs_by_type(dsmoe_topo_hwloc(pl->topo), HWLOC_OBJ_NUMANODE) > 1)
+        prefer_numa_node(pl->me.numa);
 }
 
 dsmoe_status dsmoe_placement_choose_device(dsmoe_placement *pl, const dsmoe_kernel_plugin_v1 *kern, int *device,
                                            dsmoe_err *err) {
     *device = 0;
     DSMOE_TRY(dsmoe_errors_agree(choose_local(pl, kern, device, err), err));
+    place_host_memory(pl);
     if (pl->world_rank == 0) {
         free(pl->all);
         pl->all = calloc((size_t)pl->world_size, sizeof *pl->all);

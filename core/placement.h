@@ -40,6 +40,7 @@ typedef struct dsmoe_rank_place {
 typedef struct dsmoe_placement {
     dsmoe_topo *topo;               // this node's topology
     int world_rank, world_size, nodes;
+    int min_node_ranks, max_node_ranks; // ranks on the emptiest and the fullest node
     MPI_Comm node_comm;             // the ranks of this node (MPI_Comm_split_type SHARED)
     hwloc_cpuset_t set;             // this rank's binding
     dsmoe_rank_place me;

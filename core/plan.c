@@ -227,17 +227,16 @@ static dsmoe_status plan(const char *deck_path, char *const *overrides, int n_ov
     // Memory: every rank's (ZeRO shards differ by a few elements), the largest decides.
     dsmoe_mem_estimate worst = {0}, est;
     int worst_rank = 0;
+    uint64_t ckpt_host = 0; // rank 0's: it writes checkpoints
     for (int r = 0; r < ranks && s == DSMOE_OK; r++) {
         s = dsmoe_mem_estimate_rank(&c, ranks, r, rpn, &est, err);
+        if (s == DSMOE_OK && r == 0) ckpt_host = est.checkpoint_host_bytes;
         if (s == DSMOE_OK && (r == 0 || est.total_bytes > worst.total_bytes)) worst = est, worst_rank = r;
     }
     char why[256];
     uint64_t budget = s == DSMOE_OK ? rank_budget(&c, topo, &rows[worst_rank], rpn, why, sizeof why) : 0;
     uint64_t need = s == DSMOE_OK ? need_of(&c, &worst) : 0;
-    dsmoe_mem_estimate first;
-    uint64_t ckpt_host = 0, node_memory = dsmoe_topo_memory(topo);
-    if (s == DSMOE_OK && dsmoe_mem_estimate_rank(&c, ranks, 0, rpn, &first, err) == DSMOE_OK)
-        ckpt_host = first.checkpoint_host_bytes;
+    uint64_t node_memory = dsmoe_topo_memory(topo);
     int checkpoints = c.checkpoint_final || c.checkpoint_every > 0;
     if (s == DSMOE_OK) {
         fprintf(out, "model: %s parameters (%s in experts), %s on the fullest rank; micro-batch %d x %d tokens, %d "

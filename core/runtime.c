@@ -65,7 +65,10 @@ dsmoe_status dsmoe_runtime_open_placed(const char *kernel_name, const char *comm
     }
     if (s == DSMOE_OK) s = dsmoe_errors_agree(init_local(&opt, rt, err), err);
     if (s == DSMOE_OK) s = open_world(rt, err);
-    if (s == DSMOE_OK) rt->slot = pl ? pl->me.slot : rt->world_rank;
+    if (s == DSMOE_OK) {
+        rt->slot = pl ? pl->me.slot : rt->world_rank;
+        if (pl) MPI_Comm_size(pl->node_comm, &rt->node_ranks);
+    }
     if (s != DSMOE_OK) dsmoe_runtime_close(rt);
     return s;
 }

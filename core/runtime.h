@@ -15,6 +15,7 @@ typedef struct dsmoe_runtime {
     int world_rank, world_size;
     int slot;                           // place in node-major order (placement.h); EP groups are contiguous
                                         // runs of slots. = world_rank unless a placement says otherwise
+    int node_ranks;                     // ranks on this rank's node (placement); 0 = not known (one node)
     dsmoe_comm_group *world;            // all ranks (the data-parallel group)
     dsmoe_plugin_handle kernel_handle;  // the loaded files (path for messages; dlclose'd by close)
     dsmoe_plugin_handle comm_handle;
@@ -30,7 +31,7 @@ dsmoe_status dsmoe_runtime_open(const char *kernel_name, const char *comm_name, 
 // The same, placed (pl may be NULL = as above): the kernel plugin's device is chosen by pl (nearest
 // GPU, placement.h) between loading and init; its compute threads are pinned to pl's thread CPUs when
 // the rank is bound; threads == 0 with OMP_NUM_THREADS unset becomes the cores of the rank's binding;
-// slot comes from pl.
+// slot and node_ranks come from pl.
 typedef struct dsmoe_placement dsmoe_placement;
 dsmoe_status dsmoe_runtime_open_placed(const char *kernel_name, const char *comm_name, const char *plugin_path,
                                        int threads, dsmoe_placement *pl, dsmoe_runtime *rt, dsmoe_err *err);

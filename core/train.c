@@ -255,14 +255,10 @@ static dsmoe_status run(trainer *tr, const char *config_text, dsmoe_train_result
                c->n_moe_layers, tr->B, tr->T, tr->accum);
     }
     // Memory as dsmoe --plan predicts it (core/memplan.h): the same numbers whether planned or running.
-    int node_ranks;
-    MPI_Comm node;
-    MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node);
-    MPI_Comm_size(node, &node_ranks);
-    MPI_Comm_free(&node);
     dsmoe_mem_estimate mem;
     dsmoe_err mem_err = {0};
-    if (tr->rank == 0 && dsmoe_mem_estimate_rank(c, tr->rt->world_size, 0, node_ranks, &mem, &mem_err) == DSMOE_OK) {
+    if (tr->rank == 0 &&
+        dsmoe_mem_estimate_rank(c, tr->rt->world_size, 0, tr->rt->node_ranks, &mem, &mem_err) == DSMOE_OK) {
         double mib = 1.0 / 1048576.0;
         printf("memory per rank (rank 0): parameters %.1f MiB, gradients %.1f MiB, AdamW state %.1f MiB (%s) + "
                "%.1f MiB ZeRO buffers, activations and scratch %.1f MiB, MoE buffers %.1f MiB, total %.1f MiB (peak "

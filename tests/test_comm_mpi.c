@@ -205,14 +205,15 @@ static void test_broadcast(void **state) {
         free(mine), free(out), free(again), free(ref);                                             \
     } while (0)
 
+// Element counts per variant (world, then the sub-group): 3 < 4 ranks gives empty chunks.
+static const size_t sum_sizes[2][5] = {{0, 1, 3, 1000, 4097}, {0, 3, 37}};
+static const size_t n_sum_sizes[2] = {5, 3};
+
 static void test_allreduce_float_sum_fixed_order(void **state) {
-    const size_t sizes0[] = {0, 1, 3, 1000, 4097}, sizes1[] = {0, 3, 37}; // 3 < 4 ranks: empty chunks
     for (int vi = 0; vi < 2; vi++) {
         variant *v = &V[vi];
-        const size_t *sizes = vi ? sizes1 : sizes0;
-        size_t nsizes = vi ? 3 : 5;
-        for (size_t t = 0; t < nsizes; t++) {
-            size_t n = sizes[t];
+        for (size_t t = 0; t < n_sum_sizes[vi]; t++) {
+            size_t n = sum_sizes[vi][t];
             SUM_CASE(float, DSMOE_FLOAT32);
             SUM_CASE(double, DSMOE_FLOAT64);
         }
@@ -265,13 +266,10 @@ static void test_allreduce_exact_ops(void **state) {
 // requests outstanding at once (each polled while the other, and a blocking collective, run).
 static void test_allreduce_start(void **state) {
     ALL_OK(P->allreduce_start && P->request_test && P->request_wait, "mpi plugin lacks the non-blocking trio");
-    const size_t sizes0[] = {0, 1, 3, 1000, 4097}, sizes1[] = {0, 3, 37};
     for (int vi = 0; vi < 2; vi++) {
         variant *v = &V[vi];
-        const size_t *sizes = vi ? sizes1 : sizes0;
-        size_t nsizes = vi ? 3 : 5;
-        for (size_t t = 0; t < nsizes; t++) {
-            size_t n = sizes[t];
+        for (size_t t = 0; t < n_sum_sizes[vi]; t++) {
+            size_t n = sum_sizes[vi][t];
             float *a = malloc(n * sizeof *a + 1), *b = malloc(n * sizeof *b + 1);
             int32_t *ia = malloc(n * sizeof *ia + 4), *ib = malloc(n * sizeof *ib + 4);
             for (size_t i = 0; i < n; i++) {
