@@ -1,40 +1,90 @@
-// dsmoe/kernel_plugin.h: the ABI of expert-kernel plugins (cpu, cuda, ...).
+// dsmoe/kernel_plugin.h: ABI version 2 of expert-kernel plugins (cpu, cuda, ...). docs/plugins.md
+// explains it member by member; include/dsmoe/v1/kernel_plugin_v1.h is version 1, still loaded through
+// an adapter (core/kernel_adapt_v1.c).
 //
 // A kernel plugin is a shared object that exports one function, DSMOE_KERNEL_PLUGIN_ENTRY:
-// `DSMOE_PLUGIN_EXPORT const dsmoe_kernel_plugin_v1 *DSMOE_KERNEL_PLUGIN_ENTRY(void)`. The returned table starts with api_version; the core refuses
-// a table whose version it does not speak, naming both numbers.
+// `DSMOE_PLUGIN_EXPORT const dsmoe_kernel_plugin_v2 *DSMOE_KERNEL_PLUGIN_ENTRY(void)`. The table starts
+// with api_version; the loader refuses a version it does not speak, naming both numbers.
 //
-// Conventions that hold for every member (read once, assumed below):
-// - Pointers named like tensors are buffers from this plugin's alloc() (its mem_kind), never host
-//   pointers, unless documented "host". Offsets into such buffers (p + n) are valid buffers.
-// - Shapes are given in comments as (rows, cols), row-major, contiguous. S = tokens, M = hidden,
-//   F = FFN hidden, E = experts, C = expert capacity, K = top-k, V = vocabulary, B = batch, T = sequence,
-//   NH = heads.
-// - Forward outputs are assigned (=). Backward outputs ACCUMULATE (+=) into their gradient buffers, for
-//   parameters and activations alike; the caller zeroes them. Exceptions are marked "(assigns)".
-// - Results must not depend on the thread count: reductions use a fixed blocking.
-// - Calls may be asynchronous on devices; synchronize() waits. Host outputs are valid on return.
-// - Errors: a member returns a dsmoe_status; last_error() then gives a one-line message.
+// The asynchronous model (read once, assumed below):
+// - Work runs on QUEUES (a CUDA stream, or the cpu plugin's in-order host queue). Every op takes the
+//   queue it is enqueued on and may return before it has run. Ops on one queue run in call order; ops on
+//   different queues are ordered only by events (event_record on one, queue_wait_event on the other).
+// - Host inputs are consumed before the call returns: scalars, parameter structs, descriptor structs and
+//   the arrays they point to (unless documented "device"), and the source of copy_to_device from
+//   ordinary (not host_alloc) memory. The caller may reuse them at once.
+// - Device memory (everything from alloc()) is never read or written by the host: the core moves data
+//   only with the copy members. A plugin may hand out memory the host cannot touch at all.
+// - Host-visible results (copy_to_host into host memory) are valid only after an event recorded after
+//   them has completed (event_synchronize / event_query) or after queue_synchronize / synchronize.
+// - Errors: a member returns DSMOE_OK when the work was accepted. An error found while enqueuing (bad
+//   shape, unsupported dtype) is returned at once. An error found while running (bad data: a token id
+//   out of range, a count above its bound; a device fault) is STICKY: it is returned by the next
+//   event_synchronize, event_query, queue_synchronize or synchronize on that context, and by every call
+//   after it; last_error() gives the message. The context is unusable afterwards.
+// - Threading: one host thread at a time per context (the core uses one). Different contexts are
+//   independent.
+//
+// Conventions for the ops:
+// - Pointers named like tensors are buffers from this plugin's alloc() (its mem_kind); offsets into
+//   such buffers (p + n) are valid buffers. Shapes are (rows, cols), row-major, contiguous unless a
+//   leading dimension is given. S = tokens, M = hidden, F = FFN hidden, E = experts, C = expert capacity,
+//   K = top-k, V = vocabulary, B = batch, T = sequence, NH = heads, D = M / NH.
+// - dtype: activation tensors and GEMM operands carry a dsmoe_dtype (`dt` is the type of every
+//   activation tensor of the op unless the comment says float32). Master weights, optimizer state,
+//   gating (logits, probs, weights), layer-norm statistics, losses and reductions are float32 (or
+//   float64 where stated). A plugin declares the activation dtypes it supports in `dtypes` (float32
+//   always); another dtype is refused at once with DSMOE_ERR_UNSUPPORTED. Accumulation is float32.
+// - Forward outputs are assigned (=). Backward outputs ACCUMULATE (+=) into their gradient buffers;
+//   the caller zeroes them. Exceptions are marked "(assigns)".
+// - Results do not depend on the thread count, and with DSMOE_KCAP_DETERMINISTIC not on anything but
+//   the inputs: reductions use a fixed order.
 #ifndef DSMOE_KERNEL_PLUGIN_H
 #define DSMOE_KERNEL_PLUGIN_H
 #include <stddef.h>
 #include <stdint.h>
-#include "dsmoe/status.h"
+#include "dsmoe/types.h"
 
-#define DSMOE_KERNEL_API_VERSION 1
-#define DSMOE_KERNEL_PLUGIN_ENTRY dsmoe_kernel_plugin_entry_v1
-#define DSMOE_KERNEL_PLUGIN_SYMBOL "dsmoe_kernel_plugin_entry_v1"
+DSMOE_EXTERN_C_BEGIN
 
-typedef struct dsmoe_kernel_ctx dsmoe_kernel_ctx; // opaque, owned by the plugin
+#define DSMOE_KERNEL_API_VERSION 2
+#define DSMOE_KERNEL_PLUGIN_ENTRY dsmoe_kernel_plugin_entry_v2
+#define DSMOE_KERNEL_PLUGIN_SYMBOL "dsmoe_kernel_plugin_entry_v2"
 
+typedef struct dsmoe_kernel_ctx dsmoe_kernel_ctx;     // opaque, owned by the plugin
+typedef struct dsmoe_kernel_queue dsmoe_kernel_queue; // opaque: an in-order queue of work
+typedef struct dsmoe_kernel_event dsmoe_kernel_event; // opaque: a point in a queue
+
+// Capabilities (the `caps` member): what the core and the tests may rely on.
+enum {
+    DSMOE_KCAP_ASYNC = 1u << 0,         // ops may return before they run (events are needed)
+    DSMOE_KCAP_BF16 = 1u << 1,          // bfloat16 activations and GEMM operands (also in `dtypes`)
+    DSMOE_KCAP_FUSED_EPILOGUE = 1u << 2, // grouped GEMM fuses bias / GELU / GELU-backward itself
+    DSMOE_KCAP_DETERMINISTIC = 1u << 3, // bitwise reproducible results for the same inputs
+    DSMOE_KCAP_INFERENCE = 1u << 4,     // the KV-cache members and sample are present
+    DSMOE_KCAP_HOST_MEMORY = 1u << 5,   // alloc() memory is host-addressable (cpu); never assumed by the core
+};
+
+// Flags of alloc().
+enum {
+    DSMOE_ALLOC_ZERO = 1u << 0, // the buffer is zeroed (ordered before any later work on any queue)
+};
+
+// Init options; read during init only (the pointers need not outlive it).
 typedef struct dsmoe_kernel_options {
     int threads;    // compute threads; 0 = the plugin decides (OMP_NUM_THREADS, else 1)
     int device;     // device ordinal for device plugins; ignored by cpu
-    int verbose;    // 0 quiet, 1 print what was chosen (BLAS, threads) to stderr once
-    // OS CPU ids (host) to pin compute threads to: thread t on thread_cpus[t % n_thread_cpus]. NULL = leave
-    // the threads where the OS puts them (inside the process's binding). Read during init only.
+    int verbose;    // 0 quiet, 1 report what was chosen (BLAS, threads, device) once through log
+    // OS CPU ids (host) to pin compute threads to: thread t on thread_cpus[t % n_thread_cpus]. NULL =
+    // leave the threads where the OS puts them (inside the process's binding).
     const int *thread_cpus;
     int n_thread_cpus;
+    dsmoe_log_fn log; // may be NULL
+    void *log_user;
+    // The plugin's own settings, resolved by the core: param_values[i] is the text value of params[i]
+    // (n_param_values == n_params). NULL when the plugin declares none.
+    const char *const *param_values;
+    int n_param_values;
 } dsmoe_kernel_options;
 
 typedef enum dsmoe_noise_policy {
@@ -55,181 +105,349 @@ typedef struct dsmoe_gating_params {
     uint64_t token_offset; // global index of this rank's first token: noise counter = offset + s
 } dsmoe_gating_params;
 
-typedef struct dsmoe_kernel_plugin_v1 {
-    uint32_t api_version; // DSMOE_KERNEL_API_VERSION
-    const char *name;     // short name, e.g. "cpu"; what decks select
+// Epilogues of the grouped GEMM, applied to each group's rows after c = alpha a op(b) + beta c.
+typedef enum dsmoe_epilogue {
+    DSMOE_EPI_NONE = 0,
+    DSMOE_EPI_BIAS = 1,       // c += bias[w]                             (bias (n) per weight w)
+    DSMOE_EPI_BIAS_GELU = 2,  // aux = c + bias[w]; c = gelu(aux)          (aux saves the pre-activation)
+    DSMOE_EPI_DGELU = 3,      // c = gelu'(aux) * c                        (aux: the saved pre-activation)
+} dsmoe_epilogue;
+
+// One grouped GEMM (dsmoe_kernel_plugin_v2.gemm_grouped). Group g has m[g] = counts[g] rows
+// (0 <= m[g] <= m_max) and uses weight w = g % b_groups:
+//   c_g (m[g], n) = alpha * a_g (m[g], k) @ op(b_w) + beta * c_g, then the epilogue,
+// with a_g = a + g * a_stride (elements), c_g = c + g * c_stride, aux_g = aux + g * c_stride (leading
+// dimension ldc), b_w = b + w * b_stride, op(b_w) = b_w^T when trans_b (b_w is (n, k), ldb) else b_w
+// ((k, n), ldb), bias_w = bias + w * bias_stride (float32). Rows m[g] .. m_max - 1 of a group are
+// neither read nor written. counts is DEVICE memory (the per-expert token counts stay on the device);
+// a count outside [0, m_max] is a sticky error. The struct is host memory, consumed before return.
+typedef struct dsmoe_grouped_gemm {
+    int groups;
+    const int32_t *counts; // (groups) device
+    int m_max;             // host upper bound of every count (the expert capacity C)
+    int n, k;
+    float alpha, beta;
+    const void *a; dsmoe_dtype a_type; int lda; size_t a_stride;
+    const void *b; dsmoe_dtype b_type; int ldb; size_t b_stride; int b_groups; int trans_b;
+    void *c; dsmoe_dtype c_type; int ldc; size_t c_stride;
+    dsmoe_epilogue epilogue;
+    const float *bias; size_t bias_stride; // BIAS, BIAS_GELU
+    void *aux;                             // BIAS_GELU (written), DGELU (read); type c_type
+} dsmoe_grouped_gemm;
+
+// Weight gradients of a grouped GEMM (gemm_grouped_wgrad): for every group g in ascending order, with
+// w = g % b_groups: dw_w (n, k) += alpha * dy_g^T (n, m[g]) @ x_g (m[g], k), and when dbias is not NULL
+// dbias_w (n) += sum of the m[g] rows of dy_g. dy_g = dy + g * dy_stride (rows of n, leading dim n),
+// x_g = x + g * x_stride (rows of k, leading dim k), dw_w = dw + w * dw_stride, dbias_w = dbias +
+// w * dbias_stride. Groups sharing a weight are added in ascending g, so the sum has a fixed order.
+typedef struct dsmoe_grouped_wgrad {
+    int groups;
+    const int32_t *counts; // (groups) device
+    int m_max;
+    int n, k;
+    float alpha;
+    const void *dy; dsmoe_dtype dy_type; size_t dy_stride;
+    const void *x; dsmoe_dtype x_type; size_t x_stride;
+    float *dw; size_t dw_stride; int b_groups; // float32 gradients
+    float *dbias; size_t dbias_stride;          // may be NULL
+} dsmoe_grouped_wgrad;
+
+// One tensor of a multi-tensor AdamW update (adamw): every array is float32 device memory of n elements.
+typedef struct dsmoe_adamw_tensor {
+    float *param;
+    const float *grad;
+    float *m, *v;
+    size_t n;
+    float weight_decay; // 0 for tensors without decay
+} dsmoe_adamw_tensor;
+
+// AdamW hyper-parameters: g = grad * grad_scale; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
+// param -= lr * (m / (1 - b1^t) / (sqrt(v / (1 - b2^t)) + eps) + weight_decay * param). t >= 1.
+typedef struct dsmoe_adamw_params {
+    float lr, beta1, beta2, eps, grad_scale;
+    int t;
+} dsmoe_adamw_params;
+
+// Device-side parameter initialisation (init_tensor): dst[i] = std * dsmoe_rng_normal(key, offset + i)
+// when std > 0, else value (dsmoe/rng.h, computed as its host code does: see docs/plugins.md on the last
+// bits of device math).
+typedef struct dsmoe_init_params {
+    uint64_t key, offset;
+    float std, value;
+} dsmoe_init_params;
+
+// Attention shape (attention_bytes and the attention members).
+typedef struct dsmoe_attention_shape {
+    int B, T, M, NH;
+    dsmoe_dtype dt;
+} dsmoe_attention_shape;
+
+// Token sampling (sample): per row r of the logits, the token drawn with key `seed` and counter
+// counters[r] (host array of rows, consumed before return) so that a sequence's stream does not depend
+// on the batch it is in. temperature 0 = greedy (argmax, ties to the lowest id); else softmax of
+// logits / temperature restricted to the top_k largest (0 = all) and then to the smallest set whose
+// probability reaches top_p (1 = all), drawn by inverse CDF of dsmoe_rng_uniform(seed, counter).
+typedef struct dsmoe_sampling_params {
+    float temperature;
+    int top_k;
+    float top_p;
+    uint64_t seed;
+} dsmoe_sampling_params;
+
+typedef struct dsmoe_kernel_plugin_v2 {
+    uint32_t api_version;    // DSMOE_KERNEL_API_VERSION (2)
+    const char *name;        // short name, e.g. "cpu"; what decks select
     const char *description; // one line for --version
-    uint32_t mem_kind;    // DSMOE_MEM_* of every buffer this plugin allocates
+    uint32_t mem_kind;       // DSMOE_MEM_* of every buffer alloc() returns
+    uint32_t caps;           // DSMOE_KCAP_*
+    uint32_t dtypes;         // DSMOE_DTYPE_BIT mask of activation dtypes; FLOAT32 must be set
+    const dsmoe_param_decl *params; // the plugin's settings (types.h); NULL when n_params == 0
+    int n_params;
 
-    // --- lifecycle -----------------------------------------------------------------------------
-    // Creates a context. On failure *ctx is NULL and the message is written to errbuf (host, errlen).
+    // --- lifecycle (host, synchronous) ---------------------------------------------------------------
+    // Creates a context with its default queue. On failure *ctx is NULL and the message is in errbuf.
     dsmoe_status (*init)(const dsmoe_kernel_options *opt, dsmoe_kernel_ctx **ctx, char *errbuf, size_t errlen);
-    // Frees the context and everything it owns; NULL is a no-op.
+    // Waits for all queued work, then frees the context and everything it owns; NULL is a no-op.
     void (*finalize)(dsmoe_kernel_ctx *ctx);
-    // The message of the last failing call on ctx (never NULL; "" when none).
+    // The message of the last failing call or sticky error on ctx (never NULL; "" when none).
     const char *(*last_error)(dsmoe_kernel_ctx *ctx);
-    // One line describing the resolved setup (BLAS library, threads, device). Host string owned by ctx.
+    // One line describing the resolved setup (BLAS, threads, device). Host string owned by ctx.
     const char *(*describe)(dsmoe_kernel_ctx *ctx);
-    // (optional: both or neither; host-only plugins leave them NULL) The devices this plugin can drive
-    // on this node, callable before init, so that the core can give each rank the device nearest its
-    // cores (core/placement.c) and pass its ordinal as options.device.
-    // *count = number of devices (0 is valid: none here).
+    // (optional: both or neither) Devices this plugin can drive on this node, callable before init, so
+    // that the core can give each rank the device nearest its cores (core/placement.c).
     dsmoe_status (*device_count)(int *count);
-    // PCI bus id of device `ordinal` (0 <= ordinal < count) as "dddd:bb:dd.f", lower-case hex, in buf
-    // (host, len >= 13).
+    // PCI bus id of device `ordinal` as "dddd:bb:dd.f", lower-case hex, in buf (host, len >= 13).
     dsmoe_status (*device_pci_bus_id)(int ordinal, char *buf, size_t len);
+    // (optional) Free and total bytes of the device's memory (--plan and the memory line).
+    dsmoe_status (*mem_info)(dsmoe_kernel_ctx *ctx, size_t *free_bytes, size_t *total_bytes);
+    // Bytes the attention members need for a shape, callable before init (ctx may be NULL) so that
+    // --plan gives the same number the run allocates: *saved = the state attention_forward keeps for the
+    // backward (att_saved), *workspace = attention_backward's scratch. Both may be 0.
+    dsmoe_status (*attention_bytes)(dsmoe_kernel_ctx *ctx, const dsmoe_attention_shape *shape, size_t *saved,
+                                    size_t *workspace);
 
-    // --- memory --------------------------------------------------------------------------------
-    // Allocates `bytes` zeroed bytes aligned to at least 64. bytes == 0 gives a valid unique pointer.
-    dsmoe_status (*alloc)(dsmoe_kernel_ctx *ctx, size_t bytes, void **ptr);
-    // Frees a buffer from alloc(); NULL is a no-op.
-    void (*free)(dsmoe_kernel_ctx *ctx, void *ptr);
-    dsmoe_status (*copy_to_device)(dsmoe_kernel_ctx *ctx, void *dst, const void *host_src, size_t bytes);
-    dsmoe_status (*copy_to_host)(dsmoe_kernel_ctx *ctx, void *host_dst, const void *src, size_t bytes);
-    dsmoe_status (*copy)(dsmoe_kernel_ctx *ctx, void *dst, const void *src, size_t bytes); // device to device
-    dsmoe_status (*zero)(dsmoe_kernel_ctx *ctx, void *dst, size_t bytes);
-    // Waits for all work queued on ctx.
+    // --- queues and events (host calls) ----------------------------------------------------------------
+    // The context's default queue (never NULL, owned by ctx).
+    dsmoe_kernel_queue *(*default_queue)(dsmoe_kernel_ctx *ctx);
+    // (optional) Another in-order queue; destroy waits for its work.
+    dsmoe_status (*queue_create)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue **q);
+    void (*queue_destroy)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q);
+    // The queue's native handle (cudaStream_t for cuda), for a comm plugin that orders collectives on it;
+    // NULL for host queues.
+    void *(*queue_native)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q);
+    // Enqueues fn(arg) on q: it runs on a plugin thread when q reaches it, after the work before it and
+    // before the work after it (as cudaLaunchHostFunc). fn must not call this plugin. Host-progressed
+    // comm plugins use it to order collectives on a queue.
+    dsmoe_status (*queue_enqueue_host)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, void (*fn)(void *arg), void *arg);
+    // Blocks until all work on q has run; returns a sticky error if there is one.
+    dsmoe_status (*queue_synchronize)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q);
+    // Blocks until all work on every queue of ctx has run; returns a sticky error if there is one.
     dsmoe_status (*synchronize)(dsmoe_kernel_ctx *ctx);
+    dsmoe_status (*event_create)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_event **ev);
+    // NULL is a no-op. The event may still be pending.
+    void (*event_destroy)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_event *ev);
+    // ev marks the current end of q (re-recording moves it).
+    dsmoe_status (*event_record)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_event *ev, dsmoe_kernel_queue *q);
+    // Work enqueued on q after this call waits for ev. Returns at once.
+    dsmoe_status (*queue_wait_event)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, dsmoe_kernel_event *ev);
+    // Blocks until ev has completed (an event never recorded counts as completed).
+    dsmoe_status (*event_synchronize)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_event *ev);
+    // *done = 1 when ev has completed, else 0; never blocks, but may drive a host queue forward.
+    dsmoe_status (*event_query)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_event *ev, int *done);
 
-    // --- GEMM (row-major, BLAS semantics) ------------------------------------------------------
-    // c (m, n) = alpha * op(a) @ op(b) + beta * c; op(a) is (m, k), op(b) is (k, n);
-    // trans_a: a is stored (k, m) with leading dimension lda; likewise trans_b.
-    dsmoe_status (*gemm)(dsmoe_kernel_ctx *ctx, int trans_a, int trans_b, int m, int n, int k,
-                         float alpha, const float *a, int lda, const float *b, int ldb,
-                         float beta, float *c, int ldc);
-    // Grouped GEMM: for g in [0, groups): c[g] (m[g], n) = alpha op(a[g]) @ op(b[g]) + beta c[g].
-    // m, a, b, c are HOST arrays of length groups; m[g] may differ per group and may be 0 (the
-    // per-expert token counts). n, k and the leading dimensions are shared.
-    dsmoe_status (*gemm_grouped)(dsmoe_kernel_ctx *ctx, int groups, int trans_a, int trans_b,
-                                 const int *m, int n, int k, float alpha,
-                                 const float *const *a, int lda, const float *const *b, int ldb,
-                                 float beta, float *const *c, int ldc);
-    // Grouped GEMM for expert weight gradients: dw[g] (n, k) += alpha * dy[g]^T @ x[g], where
-    // dy[g] is (m[g], n) and x[g] is (m[g], k). m, dy, x, dw are HOST arrays; m[g] = 0 leaves dw[g].
-    dsmoe_status (*gemm_grouped_wgrad)(dsmoe_kernel_ctx *ctx, int groups, const int *m, int n, int k,
-                                       float alpha, const float *const *dy, const float *const *x,
-                                       float *const *dw);
+    // --- memory -------------------------------------------------------------------------------------
+    // Allocates `bytes` aligned to at least 256, zeroed with DSMOE_ALLOC_ZERO, else UNDEFINED (a plugin
+    // may fill it with garbage). bytes == 0 gives a valid unique pointer. Host call; not queued.
+    dsmoe_status (*alloc)(dsmoe_kernel_ctx *ctx, size_t bytes, uint32_t flags, void **ptr);
+    // Frees a buffer from alloc() after all work queued before the call has run; NULL is a no-op.
+    void (*free)(dsmoe_kernel_ctx *ctx, void *ptr);
+    // Host memory the plugin can copy to and from asynchronously (pinned for cuda); host-readable and
+    // writable, but while a copy from or into it is queued the host must not touch it.
+    dsmoe_status (*host_alloc)(dsmoe_kernel_ctx *ctx, size_t bytes, void **ptr);
+    void (*host_free)(dsmoe_kernel_ctx *ctx, void *ptr); // after queued work; NULL is a no-op
+    // dst (device) = host_src (bytes). From ordinary host memory the source is consumed before return;
+    // from host_alloc memory it must stay unchanged until q reaches the copy.
+    dsmoe_status (*copy_to_device)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, void *dst, const void *host_src,
+                                   size_t bytes);
+    // host_dst (bytes) = src (device); valid on the host after an event (see the asynchronous model).
+    dsmoe_status (*copy_to_host)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, void *host_dst, const void *src,
+                                 size_t bytes);
+    // Device to device; the ranges do not overlap.
+    dsmoe_status (*copy)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, void *dst, const void *src, size_t bytes);
+    // 2-D device copy: `rows` rows of `width` bytes, from src with pitch spitch to dst with pitch dpitch
+    // (pitches in bytes, >= width).
+    dsmoe_status (*copy_2d)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, void *dst, size_t dpitch, const void *src,
+                            size_t spitch, size_t width, size_t rows);
+    dsmoe_status (*zero)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, void *dst, size_t bytes);
 
-    // --- element-wise and small ops ------------------------------------------------------------
-    // out (rows, n) += bias (n) broadcast over rows.
-    dsmoe_status (*bias_add)(dsmoe_kernel_ctx *ctx, float *out, const float *bias, int rows, int n);
-    // dbias (n) += sum over rows of dout (rows, n).
-    dsmoe_status (*bias_backward)(dsmoe_kernel_ctx *ctx, float *dbias, const float *dout, int rows, int n);
-    // y (n) += alpha * x (n).
-    dsmoe_status (*axpy)(dsmoe_kernel_ctx *ctx, float *y, float alpha, const float *x, size_t n);
-    // x (n) *= alpha.
-    dsmoe_status (*scale)(dsmoe_kernel_ctx *ctx, float *x, float alpha, size_t n);
-    // out (n) = in (n) * u, u ~ U(1-eps, 1+eps) drawn with dsmoe_rng_uniform(seed, offset + i).
-    // The same call on the gradient is the backward (dx = dout * u): pass the same seed and offset.
-    dsmoe_status (*mul_uniform_noise)(dsmoe_kernel_ctx *ctx, float *out, const float *in, size_t n,
-                                      float eps, uint64_t seed, uint64_t offset);
-    // host_out[0] = sum of x[i]^2 in double, blocking fixed so that it does not depend on threads.
-    dsmoe_status (*sum_squares)(dsmoe_kernel_ctx *ctx, const float *x, size_t n, double *host_out);
-    // host_out[0] = 1 if every x[i] is finite, else 0.
-    dsmoe_status (*all_finite)(dsmoe_kernel_ctx *ctx, const float *x, size_t n, int *host_out);
+    // --- GEMM (row-major, BLAS semantics, float32 accumulation) ---------------------------------------
+    // c (m, n) = alpha * op(a) @ op(b) + beta * c; op(a) is (m, k), op(b) is (k, n); trans_a: a is stored
+    // (k, m) with leading dimension lda; likewise trans_b.
+    dsmoe_status (*gemm)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, int trans_a, int trans_b, int m, int n, int k,
+                         float alpha, const void *a, dsmoe_dtype a_type, int lda, const void *b, dsmoe_dtype b_type,
+                         int ldb, float beta, void *c, dsmoe_dtype c_type, int ldc);
+    // One call for all experts of an MoE layer stage (dsmoe_grouped_gemm above).
+    dsmoe_status (*gemm_grouped)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, const dsmoe_grouped_gemm *g);
+    // Expert weight (and bias) gradients over the groups (dsmoe_grouped_wgrad above).
+    dsmoe_status (*gemm_grouped_wgrad)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, const dsmoe_grouped_wgrad *g);
 
-    // --- embedding: out (B*T, M) = wte[tokens] + wpe[t] ----------------------------------------
-    // tokens (B*T) int32 in [0, V).
-    dsmoe_status (*embedding_forward)(dsmoe_kernel_ctx *ctx, float *out, const int32_t *tokens,
-                                      const float *wte, const float *wpe, int B, int T, int M);
+    // --- element-wise and small ops ------------------------------------------------------------------
+    // out (rows, n) += bias (n, float32) broadcast over rows.
+    dsmoe_status (*bias_add)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, void *out, dsmoe_dtype dt, const float *bias,
+                             int rows, int n);
+    // dbias (n, float32) += sum over rows of dout (rows, n), in a fixed order.
+    dsmoe_status (*bias_backward)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, float *dbias, const void *dout,
+                                  dsmoe_dtype dt, int rows, int n);
+    // y (n) += alpha * x (n), both of type dt.
+    dsmoe_status (*axpy)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, void *y, float alpha, const void *x, dsmoe_dtype dt,
+                         size_t n);
+    // out (n) = in (n) * u, u ~ U(1-eps, 1+eps) drawn with dsmoe_rng_uniform(seed, offset + i). The same
+    // call on the gradient is the backward (dx = dout * u): pass the same seed and offset.
+    dsmoe_status (*mul_uniform_noise)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, void *out, const void *in,
+                                      dsmoe_dtype dt, size_t n, float eps, uint64_t seed, uint64_t offset);
+    // out[0] (device float64) = sum of x[i]^2 (float32 x), summed in double with a fixed blocking.
+    dsmoe_status (*sum_squares)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, const float *x, size_t n, double *out);
+    // (optional) out[0] (device int32) = 1 if every x[i] (type dt) is finite, else 0.
+    dsmoe_status (*all_finite)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, const void *x, dsmoe_dtype dt, size_t n,
+                               int32_t *out);
+    // (optional) Type conversion: dst (n, dst_type) = src (n, src_type), round-to-nearest-even.
+    dsmoe_status (*convert)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, void *dst, dsmoe_dtype dst_type,
+                            const void *src, dsmoe_dtype src_type, size_t n);
+    // Parameter initialisation on the device: dst (n, float32) per dsmoe_init_params.
+    dsmoe_status (*init_tensor)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, float *dst, size_t n,
+                                const dsmoe_init_params *p);
+
+    // --- embedding: out (B*T, M) = wte[tokens] + wpe[pos0 + t] -----------------------------------------
+    // tokens (B*T) int32 in [0, V) (out of range: sticky error); wte (V, M), wpe (T_max, M) float32.
+    dsmoe_status (*embedding_forward)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, void *out, dsmoe_dtype dt,
+                                      const int32_t *tokens, const float *wte, const float *wpe, int B, int T, int M,
+                                      int V);
     // dwte (V, M) += scatter of dout rows; dwpe (T, M) += sum over batch. Deterministic order.
-    dsmoe_status (*embedding_backward)(dsmoe_kernel_ctx *ctx, float *dwte, float *dwpe, const float *dout,
-                                       const int32_t *tokens, int B, int T, int M, int V);
+    dsmoe_status (*embedding_backward)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, float *dwte, float *dwpe,
+                                       const void *dout, dsmoe_dtype dt, const int32_t *tokens, int B, int T, int M,
+                                       int V);
 
-    // --- layer norm over the last dimension, eps given -----------------------------------------
-    // out (S, M); mean, rstd (S) saved for backward.
-    dsmoe_status (*layernorm_forward)(dsmoe_kernel_ctx *ctx, float *out, float *mean, float *rstd,
-                                      const float *in, const float *weight, const float *bias,
-                                      int S, int M, float eps);
-    dsmoe_status (*layernorm_backward)(dsmoe_kernel_ctx *ctx, float *din, float *dweight, float *dbias,
-                                       const float *dout, const float *in, const float *weight,
-                                       const float *mean, const float *rstd, int S, int M);
+    // --- layer norm over the last dimension ---------------------------------------------------------
+    // out (S, M) of type dt from in (S, M) of type dt; weight, bias (M) float32; mean, rstd (S) float32
+    // saved for the backward.
+    dsmoe_status (*layernorm_forward)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, void *out, float *mean,
+                                      float *rstd, const void *in, dsmoe_dtype dt, const float *weight,
+                                      const float *bias, int S, int M, float eps);
+    // din (S, M) +=, dweight, dbias (M, float32) +=.
+    dsmoe_status (*layernorm_backward)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, void *din, float *dweight,
+                                       float *dbias, const void *dout, const void *in, dsmoe_dtype dt,
+                                       const float *weight, const float *mean, const float *rstd, int S, int M);
 
-    // --- GELU, tanh approximation (as torch gelu(approximate="tanh")) --------------------------
-    dsmoe_status (*gelu_forward)(dsmoe_kernel_ctx *ctx, float *out, const float *in, size_t n);
-    dsmoe_status (*gelu_backward)(dsmoe_kernel_ctx *ctx, float *din, const float *in, const float *dout, size_t n);
+    // --- GELU, tanh approximation (as torch gelu(approximate="tanh")) --------------------------------
+    dsmoe_status (*gelu_forward)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, void *out, const void *in,
+                                 dsmoe_dtype dt, size_t n);
+    // din (n) += gelu'(in) * dout.
+    dsmoe_status (*gelu_backward)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, void *din, const void *in,
+                                  const void *dout, dsmoe_dtype dt, size_t n);
 
-    // --- causal multi-head self-attention ------------------------------------------------------
-    // qkv (B*T, 3M): per token [q | k | v], head h uses columns [h*M/NH, (h+1)*M/NH) of each.
-    // out (B*T, M) = concat over heads of softmax(q k^T / sqrt(M/NH), causal) v.
-    // att (B, NH, T, T) saves the probabilities (entries above the diagonal are 0).
-    dsmoe_status (*attention_forward)(dsmoe_kernel_ctx *ctx, float *out, float *att, const float *qkv,
-                                      int B, int T, int M, int NH);
-    // dqkv (B*T, 3M) +=; scratch is a buffer of B*NH*T*T floats the op may overwrite.
-    dsmoe_status (*attention_backward)(dsmoe_kernel_ctx *ctx, float *dqkv, float *scratch,
-                                       const float *dout, const float *qkv, const float *att,
-                                       int B, int T, int M, int NH);
+    // --- causal multi-head self-attention ------------------------------------------------------------
+    // qkv (B*T, 3M): per token [q | k | v], head h uses columns [h*D, (h+1)*D) of each.
+    // out (B*T, M) = concat over heads of softmax(q k^T / sqrt(D), causal) v. saved: attention_bytes'
+    // `saved` bytes the backward needs (the plugin's format: probabilities, or row statistics for a
+    // flash-style kernel).
+    dsmoe_status (*attention_forward)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, void *out, void *saved,
+                                      const void *qkv, const dsmoe_attention_shape *shape);
+    // dqkv (B*T, 3M) +=; workspace: attention_bytes' `workspace` bytes the op may overwrite.
+    dsmoe_status (*attention_backward)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, void *dqkv, void *workspace,
+                                       const void *dout, const void *qkv, const void *out, const void *saved,
+                                       const dsmoe_attention_shape *shape);
 
-    // --- softmax cross-entropy over V classes --------------------------------------------------
-    // probs (S, V) = softmax(logits); losses (S) = -log probs[s, targets[s]]. targets int32 in [0, V).
-    dsmoe_status (*crossentropy_forward)(dsmoe_kernel_ctx *ctx, float *losses, float *probs,
-                                         const float *logits, const int32_t *targets, int S, int V);
-    // dlogits (S, V) += dloss * (probs - onehot(targets)); dloss is the same for every row.
-    dsmoe_status (*crossentropy_backward)(dsmoe_kernel_ctx *ctx, float *dlogits, const float *probs,
-                                          const int32_t *targets, float dloss, int S, int V);
+    // --- softmax cross-entropy over V classes -----------------------------------------------------
+    // probs (S, V) float32 = softmax(logits (S, V) of type dt); losses (S) float32 = -log probs[s,
+    // targets[s]]. targets int32 in [0, V) (out of range: sticky error).
+    dsmoe_status (*crossentropy_forward)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, float *losses, float *probs,
+                                         const void *logits, dsmoe_dtype dt, const int32_t *targets, int S, int V);
+    // dlogits (S, V) of type dt += dloss * (probs - onehot(targets)); dloss is the same for every row.
+    dsmoe_status (*crossentropy_backward)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, void *dlogits, dsmoe_dtype dt,
+                                          const float *probs, const int32_t *targets, float dloss, int S, int V);
 
-    // --- MoE gating (fp32), dispatch and combine through the token -> (expert, slot) table -------
-    // docs/gating.md is the full specification, including the RNG keys and counters a device plugin
-    // must use to give the same choices as the cpu plugin.
-    // Route: probs (S, E) = softmax(logits); choice (S, K) int32 = chosen experts (first choice =
-    // argmax of probs, or for K = 1 of logits + Gumbel noise under RSAMPLE while training; second
-    // choice = argmax over the other experts of logits + Gumbel noise under RSAMPLE while training,
-    // else of probs; ties go to the lowest index); host_counts (E) int32 = tokens choosing each
-    // expert, all k levels together (what dropless capacity is agreed on).
-    dsmoe_status (*gate_route)(dsmoe_kernel_ctx *ctx, const dsmoe_gating_params *p, const float *logits,
-                               float *probs, int32_t *choice, int32_t *host_counts);
-    // Assign: with capacity C, fill slot (S, K) int32 (-1 = dropped) and weight (S, K): level 0 for all
-    // tokens first, then level 1 after it; within a level an expert keeps tokens by token order, or by
-    // the largest priority dsmoe_rng_uniform(rts key of the level, token_offset + s) under RTS; kept tokens
-    // get consecutive slots in token order. weight = probs of a kept choice, 0 when dropped; for K = 2
-    // the kept weights are divided by max(sum, FLT_EPSILON). host_kept (E) int32 = slots used per
-    // expert. The load-balancing loss's per-expert sums over this rank's tokens (the caller reduces
-    // them over ranks and forms l_aux, docs/gating.md section 3): host_prob_sum (E) double =
-    // sum_s probs[s,e], summed in double in token order; host_first_count (E) int32 =
-    // sum_s [choice[s,0] == e] (first choices before capacity drops). All host outputs assigned.
-    dsmoe_status (*gate_assign)(dsmoe_kernel_ctx *ctx, const dsmoe_gating_params *p, int C,
+    // --- MoE gating (float32), dispatch and combine through the token -> (expert, slot) table ----------
+    // docs/gating.md is the full specification (the RNG keys and counters a device plugin must use to
+    // give the same choices as the cpu plugin). Every output stays on the device.
+    // Route: probs (S, E) = softmax(logits); choice (S, K) int32 = chosen experts (first choice = argmax
+    // of probs, or for K = 1 of logits + Gumbel noise under RSAMPLE while training; second choice =
+    // argmax over the other experts of logits + Gumbel noise under RSAMPLE while training, else of
+    // probs; ties go to the lowest index); counts (E) int32 (assigns) = tokens choosing each expert, all
+    // k levels together (what dropless capacity is agreed on).
+    dsmoe_status (*gate_route)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, const dsmoe_gating_params *p,
+                               const float *logits, float *probs, int32_t *choice, int32_t *counts);
+    // Assign with capacity C (host): slot (S, K) int32 (-1 = dropped) and weight (S, K): level 0 for all
+    // tokens first, then level 1; within a level an expert keeps tokens by token order, or by the largest
+    // priority dsmoe_rng_uniform(rts key of the level, token_offset + s) under RTS; kept tokens get
+    // consecutive slots in token order. weight = probs of a kept choice, 0 when dropped; for K = 2 the
+    // kept weights are divided by max(sum, FLT_EPSILON). kept (E) int32 = slots used per expert.
+    // aux_sums (2E + 1) float64, the load-balancing loss's sums over this rank's tokens (the caller
+    // reduces them over ranks, docs/gating.md section 3): [P_e = sum_s probs[s,e] summed in token
+    // order (E), N_e = sum_s [choice[s,0] == e] (E, first choices before drops), S]. All assigned.
+    dsmoe_status (*gate_assign)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, const dsmoe_gating_params *p, int C,
                                 const float *probs, const int32_t *choice, int32_t *slot, float *weight,
-                                int32_t *host_kept, double *host_prob_sum, int32_t *host_first_count);
+                                int32_t *kept, double *aux_sums);
     // Backward of route + assign: dlogits (S, E) += d/dlogits of
-    // [sum_{s,k} dweight[s,k] * weight[s,k] + sum_{s,e} host_aux_grad[e] * probs[s,e]].
-    // host_aux_grad (E) HOST floats: d(loss)/d(probs[s,e]) of the load-balancing loss, the same for
-    // every token s (the caller computes it from the reduced sums: daux * E * N_e / S_tot^2).
-    dsmoe_status (*gate_backward)(dsmoe_kernel_ctx *ctx, const dsmoe_gating_params *p, float *dlogits,
-                                  const float *probs, const int32_t *choice, const int32_t *slot,
-                                  const float *dweight, const float *host_aux_grad);
-    // Dispatch (assigns): buf (E, C, M) = rows of x (S, M) at their (expert, slot); unused slots 0.
-    dsmoe_status (*moe_dispatch)(dsmoe_kernel_ctx *ctx, float *buf, const float *x, const int32_t *choice,
-                                 const int32_t *slot, int S, int K, int E, int C, int M);
+    // [sum_{s,k} dweight[s,k] * weight[s,k] + daux * l_aux], where the gradient of l_aux =
+    // E * sum_e (P_e / S_tot) (N_e / S_tot) flows through this rank's probs only:
+    // d/dprobs[s,e] = (float)((double)daux * E * N_e / S_tot^2) from aux_sums (2E + 1, device, already
+    // reduced over the scope), 0 when S_tot is 0.
+    dsmoe_status (*gate_backward)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, const dsmoe_gating_params *p,
+                                  float *dlogits, const float *probs, const int32_t *choice, const int32_t *slot,
+                                  const float *dweight, const double *aux_sums, float daux);
+    // Dispatch (assigns): buf (E, C, M) = rows of x (S, M) at their (expert, slot); rows of a slot no
+    // token took are unspecified (readers stop at the kept counts).
+    dsmoe_status (*moe_dispatch)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, void *buf, const void *x, dsmoe_dtype dt,
+                                 const int32_t *choice, const int32_t *slot, int S, int K, int E, int C, int M);
     // dx (S, M) += dbuf rows of each kept (expert, slot).
-    dsmoe_status (*moe_dispatch_backward)(dsmoe_kernel_ctx *ctx, float *dx, const float *dbuf,
-                                          const int32_t *choice, const int32_t *slot, int S, int K, int E,
-                                          int C, int M);
+    dsmoe_status (*moe_dispatch_backward)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, void *dx, const void *dbuf,
+                                          dsmoe_dtype dt, const int32_t *choice, const int32_t *slot, int S, int K,
+                                          int E, int C, int M);
     // Combine (assigns): out (S, M) = sum over kept k of weight[s,k] * y[choice, slot]; y (E, C, M).
-    dsmoe_status (*moe_combine)(dsmoe_kernel_ctx *ctx, float *out, const float *y, const int32_t *choice,
-                                const int32_t *slot, const float *weight, int S, int K, int E, int C, int M);
-    // dy (E, C, M) (assigns; unused slots 0) = weight * dout; dweight (S, K) (assigns; 0 when
+    dsmoe_status (*moe_combine)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, void *out, const void *y, dsmoe_dtype dt,
+                                const int32_t *choice, const int32_t *slot, const float *weight, int S, int K, int E,
+                                int C, int M);
+    // dy (E, C, M) (assigns; rows of unused slots unspecified) = weight * dout; dweight (S, K) float32 (assigns; 0 when
     // dropped) = dot(dout[s], y[choice, slot]).
-    dsmoe_status (*moe_combine_backward)(dsmoe_kernel_ctx *ctx, float *dy, float *dweight, const float *dout,
-                                         const float *y, const int32_t *choice, const int32_t *slot,
-                                         const float *weight, int S, int K, int E, int C, int M);
+    dsmoe_status (*moe_combine_backward)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, void *dy, float *dweight,
+                                         const void *dout, const void *y, dsmoe_dtype dt, const int32_t *choice,
+                                         const int32_t *slot, const float *weight, int S, int K, int E, int C, int M);
 
-    // --- residual MoE mixing: coef = softmax(coef_logits (S, 2)) ---------------------------------
-    // out (S, M) = moe * coef[:,0] + mlp * coef[:,1]; coef (S, 2) saved.
-    dsmoe_status (*residual_mix_forward)(dsmoe_kernel_ctx *ctx, float *out, float *coef, const float *moe,
-                                         const float *mlp, const float *coef_logits, int S, int M);
-    // dmoe, dmlp (S, M) +=; dcoef_logits (S, 2) +=.
-    dsmoe_status (*residual_mix_backward)(dsmoe_kernel_ctx *ctx, float *dmoe, float *dmlp, float *dcoef_logits,
-                                          const float *dout, const float *moe, const float *mlp,
-                                          const float *coef, int S, int M);
+    // --- residual MoE mixing: coef = softmax(coef_logits (S, 2), float32) -----------------------------
+    // out (S, M) = moe * coef[:,0] + mlp * coef[:,1]; coef (S, 2) float32 saved.
+    dsmoe_status (*residual_mix_forward)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, void *out, float *coef,
+                                         const void *moe, const void *mlp, dsmoe_dtype dt, const float *coef_logits,
+                                         int S, int M);
+    // dmoe, dmlp (S, M) +=; dcoef_logits (S, 2) float32 +=.
+    dsmoe_status (*residual_mix_backward)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, void *dmoe, void *dmlp,
+                                          float *dcoef_logits, const void *dout, const void *moe, const void *mlp,
+                                          dsmoe_dtype dt, const float *coef, int S, int M);
 
-    // --- optimizer: AdamW on n parameters ------------------------------------------------------
-    // g = grad * grad_scale; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
-    // param -= lr * (m / (1 - b1^t) / (sqrt(v / (1 - b2^t)) + eps) + weight_decay * param). t >= 1.
-    dsmoe_status (*adamw_update)(dsmoe_kernel_ctx *ctx, float *param, const float *grad, float *m, float *v,
-                                 size_t n, float lr, float beta1, float beta2, float eps, float weight_decay,
-                                 float grad_scale, int t);
-} dsmoe_kernel_plugin_v1;
+    // --- optimizer ---------------------------------------------------------------------------------
+    // AdamW over n tensors in one call (the list is host memory, consumed before return).
+    dsmoe_status (*adamw)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, const dsmoe_adamw_params *hp,
+                          const dsmoe_adamw_tensor *tensors, int n);
 
-typedef const dsmoe_kernel_plugin_v1 *(*dsmoe_kernel_plugin_entry_fn)(void);
+    // --- inference (optional as a group: all or none, with DSMOE_KCAP_INFERENCE) -----------------------
+    // KV cache of one layer: k_cache, v_cache (B, NH, T_max, D) of type dt. Append: for each sequence b,
+    // the T_new tokens' keys and values from qkv (B*T_new, 3M) go to positions pos[b] .. pos[b]+T_new-1
+    // (pos (B) int32 device; pos[b] + T_new <= T_max, else sticky error).
+    dsmoe_status (*kv_append)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, void *k_cache, void *v_cache,
+                              const void *qkv, dsmoe_dtype dt, const int32_t *pos, int B, int T_new, int M, int NH,
+                              int T_max);
+    // Attention of a query block over the cache: out (B*T_new, M) for query t of sequence b at position
+    // pos[b] + t attends causally to cached positions 0 .. pos[b] + t (kv_append first).
+    dsmoe_status (*attention_cached)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, void *out, const void *qkv,
+                                     const void *k_cache, const void *v_cache, dsmoe_dtype dt, const int32_t *pos,
+                                     int B, int T_new, int M, int NH, int T_max);
+    // tokens (rows) int32 (assigns) drawn from logits (rows, V) of type dt per dsmoe_sampling_params;
+    // counters (rows) host, consumed before return.
+    dsmoe_status (*sample)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, int32_t *tokens, const void *logits,
+                           dsmoe_dtype dt, int rows, int V, const dsmoe_sampling_params *p, const uint64_t *counters);
+} dsmoe_kernel_plugin_v2;
+
+typedef const dsmoe_kernel_plugin_v2 *(*dsmoe_kernel_plugin_entry_fn)(void);
+
+DSMOE_EXTERN_C_END
 
 #endif
