@@ -116,7 +116,9 @@ static double timed_call(dsmoe_exchange *ex, const void *send, void *recv, size_
     dsmoe_err err = {0};
     MPI_Barrier(MPI_COMM_WORLD);
     double t0 = MPI_Wtime();
-    if (dsmoe_exchange_alltoall(ex, send, recv, bytes, &err) != DSMOE_OK) die("dsmoe_exchange_alltoall", err.msg);
+    if (dsmoe_exchange_alltoall(ex, send, recv, bytes, &err) != DSMOE_OK ||
+        dsmoe_rt_wait(&rt, &err) != DSMOE_OK) // the call may only be enqueued: time until it has run
+        die("dsmoe_exchange_alltoall", err.msg);
     double t = MPI_Wtime() - t0, slowest;
     MPI_Allreduce(&t, &slowest, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
     return slowest;
@@ -141,8 +143,8 @@ int main(int argc, char **argv) {
     if (dsmoe_runtime_open(o.kernel, o.comm, "", 1, &rt, &err) != DSMOE_OK) die("runtime", err.msg);
     int me = rt.world_rank, p = rt.world_size;
     dsmoe_exchange *flat = NULL, *hier = NULL;
-    if (dsmoe_exchange_create(&rt, MPI_COMM_WORLD, DSMOE_A2A_FLAT, o.rpn, &flat, &err) != DSMOE_OK ||
-        dsmoe_exchange_create(&rt, MPI_COMM_WORLD, DSMOE_A2A_HIERARCHICAL, o.rpn, &hier, &err) != DSMOE_OK)
+    if (dsmoe_exchange_create(&rt, rt.world_ctl, DSMOE_A2A_FLAT, o.rpn, &flat, &err) != DSMOE_OK ||
+        dsmoe_exchange_create(&rt, rt.world_ctl, DSMOE_A2A_HIERARCHICAL, o.rpn, &hier, &err) != DSMOE_OK)
         die("dsmoe_exchange_create", err.msg);
     const dsmoe_a2a_plan *info = dsmoe_exchange_last(hier);
     int G = info->ranks_per_node, N = info->nodes;
@@ -154,10 +156,10 @@ int main(int argc, char **argv) {
     if (!host) die("malloc", "out of host memory");
     for (size_t i = 0; i < max_total; i++) host[i] = (unsigned char)dsmoe_rng_u64(dsmoe_rng_key(77, me, 0, 0), i);
     void *send = NULL, *recv_flat = NULL, *recv_hier = NULL;
-    KCHECK(rt.kern->alloc(rt.kctx, max_total, &send));
-    KCHECK(rt.kern->alloc(rt.kctx, max_total, &recv_flat));
-    KCHECK(rt.kern->alloc(rt.kctx, max_total, &recv_hier));
-    KCHECK(rt.kern->copy_to_device(rt.kctx, send, host, max_total));
+    KCHECK(rt.kern->alloc(rt.kctx, max_total, 0, &send));
+    KCHECK(rt.kern->alloc(rt.kctx, max_total, 0, &recv_flat));
+    KCHECK(rt.kern->alloc(rt.kctx, max_total, 0, &recv_hier));
+    KCHECK(rt.kern->copy_to_device(rt.kctx, rt.q, send, host, max_total));
     unsigned char *host2 = malloc(max_total ? max_total : 1);
     if (!host2) die("malloc", "out of host memory");
 
@@ -189,8 +191,9 @@ int main(int argc, char **argv) {
             }
         }
         size_t total = (size_t)p * bytes;
-        KCHECK(rt.kern->copy_to_host(rt.kctx, host, recv_flat, total));
-        KCHECK(rt.kern->copy_to_host(rt.kctx, host2, recv_hier, total));
+        KCHECK(rt.kern->copy_to_host(rt.kctx, rt.q, host, recv_flat, total));
+        KCHECK(rt.kern->copy_to_host(rt.kctx, rt.q, host2, recv_hier, total));
+        KCHECK(rt.kern->synchronize(rt.kctx));
         int same = memcmp(host, host2, total) == 0, all_same = 0;
         MPI_Allreduce(&same, &all_same, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
         if (!all_same) die("check", "flat and hierarchical results differ");

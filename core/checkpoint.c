@@ -1,7 +1,9 @@
-// core/checkpoint.c: see checkpoint.h. Host-side gathers use MPI directly: checkpoint data is staged
+// core/checkpoint.c: see checkpoint.h. Host-side gathers go through the control plane (control.h): checkpoint data is staged
 // in host memory whatever the kernel plugin, and the comm plugin may accept device memory only.
 #define _GNU_SOURCE
 #include "checkpoint.h"
+
+#include <mpi.h> // the world-wide error agreement and rank 0 (host side)
 
 #include <dirent.h>
 #include <errno.h>
@@ -84,25 +86,6 @@ dsmoe_status dsmoe_checkpoint_find_latest(const char *dir, char *path, size_t le
     return DSMOE_OK;
 }
 
-// Gathers every rank's shard of n floats to rank 0 of comm, rank r's at dst + r*n. MPI counts are ints:
-// a shard may pass 2^31 elements (6.7B+MoE-128 at ep 2), so it goes in pieces of at most 2^30, each
-// received as one block of a type whose extent is a whole shard, which puts rank r's piece at
-// r*n + offset without an int displacement.
-static int gather_shards(const float *shard, size_t n, float *dst, MPI_Comm comm) {
-    const size_t most = (size_t)1 << 30;
-    int rc = MPI_SUCCESS;
-    for (size_t at = 0; at < n && rc == MPI_SUCCESS; at += most) {
-        int piece = (int)(n - at < most ? n - at : most);
-        MPI_Datatype block, spaced;
-        MPI_Type_contiguous(piece, MPI_FLOAT, &block);
-        MPI_Type_create_resized(block, 0, (MPI_Aint)(n * sizeof(float)), &spaced);
-        MPI_Type_commit(&spaced);
-        rc = MPI_Gather(shard + at, piece, MPI_FLOAT, dst ? dst + at : NULL, 1, spaced, 0, comm);
-        MPI_Type_free(&spaced);
-        MPI_Type_free(&block);
-    }
-    return rc;
-}
 
 // Saving streams: tensor j of the file (kind j / n, tensor j % n; kinds are the parameters and the two
 // AdamW moments) is staged just before rank 0 writes it, so rank 0 holds one global tensor in host
@@ -134,15 +117,19 @@ static dsmoe_status stage_tensor(void *user, int j, const void **data, dsmoe_err
     }
     const float *slab = (kind ? g->moment : dsmoe_model_params(m)) + t->offset;
     int ep = t->expert_layer < 0 ? 1 : dsmoe_model_ep_size(m, t->expert_layer);
+    // Host copies are valid after a wait on the queue (dsmoe/kernel_plugin.h).
     if (ep == 1) {
-        if (g->host && s == DSMOE_OK && rt->kern->copy_to_host(rt->kctx, g->host, slab, t->numel * sizeof(float)) != DSMOE_OK)
+        if (g->host && s == DSMOE_OK && rt->kern->copy_to_host(rt->kctx, rt->q, g->host, slab, t->numel * sizeof(float)) != DSMOE_OK)
             s = dsmoe_err_set(err, DSMOE_ERR_SYSTEM, "copying %s to host: %s", t->name, rt->kern->last_error(rt->kctx));
+        if (g->host && s == DSMOE_OK) s = dsmoe_rt_wait(rt, err);
     } else if (rt->slot < ep) {
-        if (s == DSMOE_OK && rt->kern->copy_to_host(rt->kctx, g->shard, slab, t->numel * sizeof(float)) != DSMOE_OK)
+        if (s == DSMOE_OK && rt->kern->copy_to_host(rt->kctx, rt->q, g->shard, slab, t->numel * sizeof(float)) != DSMOE_OK)
             s = dsmoe_err_set(err, DSMOE_ERR_SYSTEM, "copying %s to host: %s", t->name, rt->kern->last_error(rt->kctx));
-        if (gather_shards(g->shard, t->numel, g->host, dsmoe_model_ep_comm(m, t->expert_layer)) != MPI_SUCCESS &&
-            s == DSMOE_OK)
-            s = dsmoe_err_set(err, DSMOE_ERR_SYSTEM, "MPI_Gather of %s failed", t->name);
+        if (s == DSMOE_OK) s = dsmoe_rt_wait(rt, err);
+        dsmoe_err gerr = {0};
+        if (dsmoe_ctl_gather_spaced(dsmoe_model_ep_ctl(m, t->expert_layer), g->shard, t->numel, g->host, &gerr) !=
+                DSMOE_OK && s == DSMOE_OK)
+            s = dsmoe_err_set(err, DSMOE_ERR_SYSTEM, "gathering %s: %s", t->name, gerr.msg);
     }
     *data = g->host;
     return s;
@@ -192,7 +179,7 @@ dsmoe_status dsmoe_checkpoint_save(dsmoe_model *m, dsmoe_optimizer *opt, const d
     if (rank == 0 && !(g.host = dsmoe_malloc(most_global * sizeof(float), "checkpoint staging", err))) s = err->status;
     if (s == DSMOE_OK && most_shard && !(g.shard = dsmoe_malloc(most_shard * sizeof(float), "checkpoint shard", err)))
         s = err->status;
-    if (s == DSMOE_OK && (s = rt->kern->alloc(rt->kctx, dsmoe_model_local_params(m) * sizeof(float), (void **)&g.moment)) != DSMOE_OK)
+    if (s == DSMOE_OK && (s = rt->kern->alloc(rt->kctx, dsmoe_model_local_params(m) * sizeof(float), 0, (void **)&g.moment)) != DSMOE_OK)
         dsmoe_err_set(err, s, "allocating checkpoint staging: %s", rt->kern->last_error(rt->kctx));
     // Staging is collective: a rank that could not allocate must not leave the others waiting in it.
     s = share_status(s, err);
@@ -248,7 +235,7 @@ dsmoe_status dsmoe_checkpoint_load(dsmoe_model *m, dsmoe_optimizer *opt, const d
     dsmoe_status s = DSMOE_OK;
     int with_optimizer = opt != NULL;
     float *moment = NULL; // a moment in the parameters' layout, handed to the optimizer
-    if (with_optimizer && (s = rt->kern->alloc(rt->kctx, dsmoe_model_local_params(m) * sizeof(float), (void **)&moment)) != DSMOE_OK)
+    if (with_optimizer && (s = rt->kern->alloc(rt->kctx, dsmoe_model_local_params(m) * sizeof(float), 0, (void **)&moment)) != DSMOE_OK)
         dsmoe_err_set(err, s, "allocating checkpoint staging: %s", rt->kern->last_error(rt->kctx));
     const char *fmt = dsmoe_st_meta(f, "format"), *ver = dsmoe_st_meta(f, "format_version");
     char shape[1024];
@@ -296,7 +283,7 @@ dsmoe_status dsmoe_checkpoint_load(dsmoe_model *m, dsmoe_optimizer *opt, const d
             if (!tmp) { s = err->status; break; }
             memcpy(tmp, (const char *)ft->data + t->shard_begin * sizeof(float), t->numel * sizeof(float));
             float *dest = kind ? moment : dsmoe_model_params(m);
-            s = rt->kern->copy_to_device(rt->kctx, dest + t->offset, tmp, t->numel * sizeof(float));
+            s = rt->kern->copy_to_device(rt->kctx, rt->q, dest + t->offset, tmp, t->numel * sizeof(float));
             if (s != DSMOE_OK) dsmoe_err_set(err, s, "loading %s: %s", name, rt->kern->last_error(rt->kctx));
             free(tmp);
         }

@@ -10,8 +10,8 @@ struct dsmoe_exchange {
     const dsmoe_runtime *rt;
     dsmoe_a2a_algo algo;       // as asked at create (may be AUTO)
     int p, G, N, rank;         // group size, ranks per node, nodes, my rank in the group
-    MPI_Comm comm;             // our dup of the caller's comm (the plugin groups are made from it)
-    MPI_Comm intra_comm, inter_comm;
+    dsmoe_ctl_group *ctl;      // the caller's control-plane group (not owned)
+    dsmoe_ctl_group *intra_ctl, *inter_ctl; // control-plane halves of intra and inter (owned)
     dsmoe_comm_group *group;   // all p ranks
     dsmoe_comm_group *intra;   // the G ranks of my node, ordered by local index (NULL when algo is FLAT)
     dsmoe_comm_group *inter;   // the N ranks with my local index, ordered by node (NULL when algo is FLAT)
@@ -99,23 +99,6 @@ dsmoe_status dsmoe_a2a_node_layout(const int *leader, int p, int *G, dsmoe_err *
 // ---------------------------------------------------------------------------------------------------
 // create and free
 
-static dsmoe_status mpi_failed(dsmoe_err *err, int rc, const char *what) {
-    char msg[MPI_MAX_ERROR_STRING];
-    int len = 0;
-    if (MPI_Error_string(rc, msg, &len) != MPI_SUCCESS) snprintf(msg, sizeof msg, "MPI error %d", rc);
-    return dsmoe_err_set(err, DSMOE_ERR_SYSTEM, "exchange: create: %s failed: %s", what, msg);
-}
-
-// Group rank of the first rank on my shared-memory node.
-static int node_leader(MPI_Comm comm, int rank, int *leader) {
-    MPI_Comm node;
-    int rc = MPI_Comm_split_type(comm, MPI_COMM_TYPE_SHARED, rank, MPI_INFO_NULL, &node);
-    if (rc != MPI_SUCCESS) return rc;
-    rc = MPI_Allreduce(&rank, leader, 1, MPI_INT, MPI_MIN, node);
-    MPI_Comm_free(&node);
-    return rc;
-}
-
 // Finds G from the agreed (leader, algo, ranks_per_node) of every rank: every rank sees the same
 // table, so every rank reaches the same verdict and an error here is collective.
 static dsmoe_status agree_layout(const int *table, int p, int *G, dsmoe_err *err) {
@@ -143,10 +126,12 @@ static dsmoe_status agree_layout(const int *table, int p, int *G, dsmoe_err *err
     return s;
 }
 
-static dsmoe_status make_group(dsmoe_exchange *ex, MPI_Comm comm, int want_rank, int want_size,
+static dsmoe_status make_group(dsmoe_exchange *ex, dsmoe_ctl_group *ctl, int want_rank, int want_size,
                                dsmoe_comm_group **group, const char *what, dsmoe_err *err) {
     const dsmoe_runtime *rt = ex->rt;
-    CCALL(rt, group_create, comm, group);
+    dsmoe_bootstrap bs;
+    dsmoe_ctl_bootstrap(ctl, &bs);
+    CCALL(rt, group_create, &bs, group);
     int r = rt->comm->group_rank(*group), n = rt->comm->group_size(*group);
     if (r != want_rank || n != want_size)
         return dsmoe_err_set(err, DSMOE_ERR_INTERNAL,
@@ -156,23 +141,21 @@ static dsmoe_status make_group(dsmoe_exchange *ex, MPI_Comm comm, int want_rank,
 }
 
 static dsmoe_status create_groups(dsmoe_exchange *ex, dsmoe_err *err) {
-    DSMOE_TRY(make_group(ex, ex->comm, ex->rank, ex->p, &ex->group, "EP", err));
+    DSMOE_TRY(make_group(ex, ex->ctl, ex->rank, ex->p, &ex->group, "EP", err));
     if (ex->algo == DSMOE_A2A_FLAT) return DSMOE_OK;
     int n = ex->rank / ex->G, g = ex->rank % ex->G;
-    int rc = MPI_Comm_split(ex->comm, n, g, &ex->intra_comm);
-    if (rc != MPI_SUCCESS) return mpi_failed(err, rc, "MPI_Comm_split into nodes");
-    rc = MPI_Comm_split(ex->comm, g, n, &ex->inter_comm);
-    if (rc != MPI_SUCCESS) return mpi_failed(err, rc, "MPI_Comm_split by local index");
-    DSMOE_TRY(make_group(ex, ex->intra_comm, g, ex->G, &ex->intra, "intra-node", err));
-    return make_group(ex, ex->inter_comm, n, ex->N, &ex->inter, "inter-node", err);
+    DSMOE_TRY(dsmoe_ctl_split(ex->ctl, n, g, &ex->intra_ctl, err));
+    DSMOE_TRY(dsmoe_ctl_split(ex->ctl, g, n, &ex->inter_ctl, err));
+    DSMOE_TRY(make_group(ex, ex->intra_ctl, g, ex->G, &ex->intra, "intra-node", err));
+    return make_group(ex, ex->inter_ctl, n, ex->N, &ex->inter, "inter-node", err);
 }
 
-dsmoe_status dsmoe_exchange_create(const dsmoe_runtime *rt, MPI_Comm comm, dsmoe_a2a_algo algo, int ranks_per_node,
+dsmoe_status dsmoe_exchange_create(const dsmoe_runtime *rt, dsmoe_ctl_group *ctl, dsmoe_a2a_algo algo, int ranks_per_node,
                                    dsmoe_exchange **out, dsmoe_err *err) {
     if (!out) return dsmoe_err_set(err, DSMOE_ERR_INVALID, "exchange: create: the output pointer is NULL");
     *out = NULL;
-    if (!rt || !rt->kern || !rt->comm || comm == MPI_COMM_NULL)
-        return dsmoe_err_set(err, DSMOE_ERR_INVALID, "exchange: create: needs an open runtime and a communicator");
+    if (!rt || !rt->kern || !rt->comm || !ctl)
+        return dsmoe_err_set(err, DSMOE_ERR_INVALID, "exchange: create: needs an open runtime and a control group");
     if (algo < DSMOE_A2A_FLAT || algo > DSMOE_A2A_AUTO || ranks_per_node < 0)
         return dsmoe_err_set(err, DSMOE_ERR_INVALID,
                              "exchange: create: algorithm %d ranks_per_node %d; expected flat (0), hierarchical (1) "
@@ -180,26 +163,24 @@ dsmoe_status dsmoe_exchange_create(const dsmoe_runtime *rt, MPI_Comm comm, dsmoe
                              (int)algo, ranks_per_node);
     dsmoe_exchange *ex = calloc(1, sizeof *ex);
     if (!ex) return dsmoe_err_set(err, DSMOE_ERR_NOMEM, "exchange: create: out of memory");
-    *ex = (dsmoe_exchange){.rt = rt, .algo = algo, .comm = MPI_COMM_NULL, .intra_comm = MPI_COMM_NULL,
-                           .inter_comm = MPI_COMM_NULL};
-    int rc = MPI_Comm_dup(comm, &ex->comm);
-    if (rc != MPI_SUCCESS) {
-        ex->comm = MPI_COMM_NULL;
-        dsmoe_exchange_free(ex);
-        return mpi_failed(err, rc, "MPI_Comm_dup of the EP communicator");
-    }
-    MPI_Comm_set_errhandler(ex->comm, MPI_ERRORS_RETURN);
-    MPI_Comm_rank(ex->comm, &ex->rank);
-    MPI_Comm_size(ex->comm, &ex->p);
+    *ex = (dsmoe_exchange){.rt = rt, .algo = algo, .ctl = ctl, .rank = dsmoe_ctl_rank(ctl), .p = dsmoe_ctl_size(ctl)};
 
-    int mine[3] = {-1, (int)algo, ranks_per_node}, *table = malloc(3 * (size_t)ex->p * sizeof *table);
-    dsmoe_status s = DSMOE_OK;
-    rc = ranks_per_node == 0 ? node_leader(ex->comm, ex->rank, &mine[0]) : MPI_SUCCESS;
-    if (!table) s = dsmoe_err_set(err, DSMOE_ERR_NOMEM, "exchange: create: out of memory for %d ranks", ex->p);
-    else if (rc != MPI_SUCCESS) s = mpi_failed(err, rc, "MPI_Comm_split_type(SHARED) finding the nodes");
-    else if ((rc = MPI_Allgather(mine, 3, MPI_INT, table, 3, MPI_INT, ex->comm)) != MPI_SUCCESS)
-        s = mpi_failed(err, rc, "MPI_Allgather of the node layout");
-    if (s == DSMOE_OK) s = agree_layout(table, ex->p, &ex->G, err);
+    // (node, algo, ranks_per_node) of every rank; a rank's leader is the first group rank on its node.
+    int mine[3] = {rt->node, (int)algo, ranks_per_node}, *table = malloc(3 * (size_t)ex->p * sizeof *table);
+    dsmoe_status s = table ? dsmoe_ctl_allgather(ctl, mine, table, sizeof mine, err)
+                           : dsmoe_err_set(err, DSMOE_ERR_NOMEM, "exchange: create: out of memory for %d ranks", ex->p);
+    if (s == DSMOE_OK) {
+        for (int r = ex->p - 1; r >= 0; r--) {
+            int leader = r;
+            for (int q = 0; q < r; q++)
+                if (table[3 * q] == table[3 * r]) {
+                    leader = q;
+                    break;
+                }
+            table[3 * r] = leader;
+        }
+        s = agree_layout(table, ex->p, &ex->G, err);
+    }
     free(table);
     if (s == DSMOE_OK) {
         ex->N = ex->p / ex->G;
@@ -218,12 +199,12 @@ dsmoe_status dsmoe_exchange_create(const dsmoe_runtime *rt, MPI_Comm comm, dsmoe
 void dsmoe_exchange_free(dsmoe_exchange *ex) {
     if (!ex) return;
     const dsmoe_runtime *rt = ex->rt;
+    rt->kern->synchronize(rt->kctx); // no queued collective may still use the groups
     rt->comm->group_destroy(rt->cctx, ex->inter);
     rt->comm->group_destroy(rt->cctx, ex->intra);
     rt->comm->group_destroy(rt->cctx, ex->group);
-    if (ex->inter_comm != MPI_COMM_NULL) MPI_Comm_free(&ex->inter_comm);
-    if (ex->intra_comm != MPI_COMM_NULL) MPI_Comm_free(&ex->intra_comm);
-    if (ex->comm != MPI_COMM_NULL) MPI_Comm_free(&ex->comm);
+    dsmoe_ctl_free(ex->inter_ctl);
+    dsmoe_ctl_free(ex->intra_ctl);
     rt->kern->free(rt->kctx, ex->ws);
     free(ex);
 }
@@ -237,7 +218,7 @@ static dsmoe_status grow_workspace(dsmoe_exchange *ex, size_t need, dsmoe_err *e
     rt->kern->free(rt->kctx, ex->ws);
     ex->ws = NULL;
     ex->ws_bytes = 0;
-    KCALL(rt, alloc, need, &ex->ws);
+    DSMOE_TRY(dsmoe_rt_alloc(rt, need, 0, &ex->ws, "exchange workspace", err));
     ex->ws_bytes = need;
     return DSMOE_OK;
 }
@@ -252,22 +233,13 @@ dsmoe_status dsmoe_exchange_reserve(dsmoe_exchange *ex, size_t bytes, dsmoe_err 
     return grow_workspace(ex, (size_t)ex->p * bytes, err);
 }
 
-// Kernel copies may be queued on a device stream; the comm plugin reads the buffers afterwards.
-static dsmoe_status kernel_sync(const dsmoe_runtime *rt, dsmoe_err *err) {
-    dsmoe_status s = rt->kern->synchronize(rt->kctx);
-    if (s != DSMOE_OK)
-        return dsmoe_err_set(err, s, "exchange: kernel plugin '%s': synchronize failed: %s", rt->kern->name,
-                             rt->kern->last_error(rt->kctx));
-    return DSMOE_OK;
-}
-
-// dst (cols, rows) blocks = src (rows, cols) blocks, a block being `b` bytes. Host pointer arithmetic
-// only; the copies are the kernel plugin's, so src and dst may be device memory.
+// dst (cols, rows) blocks = src (rows, cols) blocks, a block being `b` bytes: source row r (cols
+// contiguous blocks) becomes dst column r, one 2-D copy per row. Host pointer arithmetic only; the copies
+// are the kernel plugin's, so src and dst may be device memory.
 static dsmoe_status transpose_blocks(const dsmoe_runtime *rt, char *dst, const char *src, int rows, int cols,
                                      size_t b, dsmoe_err *err) {
     for (int r = 0; r < rows; r++)
-        for (int c = 0; c < cols; c++)
-            KCALL(rt, copy, dst + ((size_t)c * rows + r) * b, src + ((size_t)r * cols + c) * b, b);
+        KCALL(rt, copy_2d, dst + (size_t)r * b, (size_t)rows * b, src + (size_t)r * cols * b, b, b, (size_t)cols);
     return DSMOE_OK;
 }
 
@@ -277,25 +249,23 @@ static dsmoe_status hierarchical(dsmoe_exchange *ex, const char *send, char *rec
     // One node, or one rank per node: the other step is an exchange with oneself and both packs are
     // identities, so this is the flat all-to-all over the one group that is not trivial.
     if (N == 1) {
-        CCALL(rt, alltoall, ex->intra, send, recv, b);
+        CCOLL(rt, alltoall, ex->intra, send, recv, b);
         return DSMOE_OK;
     }
     if (G == 1) {
-        CCALL(rt, alltoall, ex->inter, send, recv, b);
+        CCOLL(rt, alltoall, ex->inter, send, recv, b);
         return DSMOE_OK;
     }
     DSMOE_TRY(grow_workspace(ex, (size_t)ex->p * b, err));
     char *ws = ex->ws;
     // send (N, G) -> ws (G, N): the N blocks for local index g' made contiguous.
     DSMOE_TRY(transpose_blocks(rt, ws, send, N, G, b, err));
-    DSMOE_TRY(kernel_sync(rt, err));
     // recv (G_src, N_dst) after: from each rank of my node, its blocks for (n', my g) on every node n'.
-    CCALL(rt, alltoall, ex->intra, ws, recv, (size_t)N * b);
+    CCOLL(rt, alltoall, ex->intra, ws, recv, (size_t)N * b);
     // recv (G_src, N_dst) -> ws (N_dst, G_src): the G blocks for node n' made contiguous.
     DSMOE_TRY(transpose_blocks(rt, ws, recv, G, N, b, err));
-    DSMOE_TRY(kernel_sync(rt, err));
     // recv (N_src, G_src): block n*G + g of recv came from rank (n, g), the flat layout.
-    CCALL(rt, alltoall, ex->inter, ws, recv, (size_t)G * b);
+    CCOLL(rt, alltoall, ex->inter, ws, recv, (size_t)G * b);
     return DSMOE_OK;
 }
 
@@ -314,8 +284,7 @@ dsmoe_status dsmoe_exchange_alltoall(dsmoe_exchange *ex, const void *send, void 
         return dsmoe_err_set(err, DSMOE_ERR_INVALID,
                              "exchange: alltoall: send %p and recv %p (%zu bytes each) must be non-NULL and must not "
                              "overlap", send, recv, total);
-    DSMOE_TRY(kernel_sync(rt, err));
-    if (plan.algo == DSMOE_A2A_FLAT) CCALL(rt, alltoall, ex->group, send, recv, bytes);
+    if (plan.algo == DSMOE_A2A_FLAT) CCOLL(rt, alltoall, ex->group, send, recv, bytes);
     else DSMOE_TRY(hierarchical(ex, send, recv, bytes, err));
     ex->last = plan;
     return DSMOE_OK;

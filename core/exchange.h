@@ -14,12 +14,12 @@
 //      of recv now came from rank (n, g_src): exactly the flat layout, so no unpack is needed.
 // (G - 1) + (N - 1) messages per rank instead of p - 1; the bytes that cross nodes are the same as
 // flat ((p - G) blocks), the intra-node bytes are added on top (about twice the volume in all).
-// Packing is done block by block with the kernel plugin's copy, so buffers may be device memory.
+// Packing is done with the kernel plugin's 2-D copies (one per block row), so buffers may be device memory;
+// every step is enqueued on the runtime's queue, collectives through CCOLL (runtime.h).
 #ifndef DSMOE_EXCHANGE_H
 #define DSMOE_EXCHANGE_H
 #include <stddef.h>
 #include <stdint.h>
-#include <mpi.h>
 #include "runtime.h"
 #include "util.h"
 
@@ -63,14 +63,14 @@ dsmoe_status dsmoe_a2a_node_layout(const int *leader, int p, int *G, dsmoe_err *
 
 typedef struct dsmoe_exchange dsmoe_exchange; // one per EP group
 
-// Collective over comm (the EP group; the module dups it, the caller keeps comm). Nodes are the ranks
-// that share memory (MPI_Comm_split_type SHARED) unless ranks_per_node > 0 sets G (tests and benchmarks
+// Collective over ctl (the EP group's control-plane group; the caller keeps it). Nodes are the runtime's
+// (rt->node, found once) unless ranks_per_node > 0 sets G (tests and benchmarks
 // pretend to have nodes: 2 on 8 ranks = 4 nodes); G must divide the group size and nodes must hold
 // contiguous ranks, else DSMOE_ERR_INVALID on every rank, before any group is made. Every rank must
 // pass the same algo and ranks_per_node (checked). Creates the plugin groups: the whole group, and
 // unless algo is FLAT the intra-node group and the inter-node group (same local index, one per node).
 // A failure after the checks (out of memory, MPI) may be on some ranks only: end the job then.
-dsmoe_status dsmoe_exchange_create(const dsmoe_runtime *rt, MPI_Comm comm, dsmoe_a2a_algo algo, int ranks_per_node,
+dsmoe_status dsmoe_exchange_create(const dsmoe_runtime *rt, dsmoe_ctl_group *ctl, dsmoe_a2a_algo algo, int ranks_per_node,
                                    dsmoe_exchange **ex, dsmoe_err *err);
 // Collective: destroys the groups and frees the workspace. NULL is a no-op.
 void dsmoe_exchange_free(dsmoe_exchange *ex);
@@ -81,8 +81,8 @@ dsmoe_status dsmoe_exchange_reserve(dsmoe_exchange *ex, size_t bytes, dsmoe_err 
 
 // Collective: the same semantics as the comm plugin's alltoall. send and recv (group size * bytes) are
 // kernel-plugin buffers that do not overlap; block j of send goes to rank j and block i of recv comes
-// from rank i. Every rank passes the same bytes. send is not modified. Pending kernel work is waited
-// for first (kernel synchronize), so send may come straight from a kernel.
+// from rank i. Every rank passes the same bytes. send is not modified. Enqueued on the runtime's queue
+// after the work that produced send (a host-progressed comm plugin waits for that work first).
 dsmoe_status dsmoe_exchange_alltoall(dsmoe_exchange *ex, const void *send, void *recv, size_t bytes, dsmoe_err *err);
 
 // What a call with `bytes` per peer would do on this group (algo resolved as the call would).

@@ -113,8 +113,9 @@ static uint64_t activation_floats(const dsmoe_config *c, int B) {
         if (moe && c->residual) n += 4 * S;             // coef_logits, coef (S, 2)
     }
     n += S * M + 3 * S + 2 * S * V; // lnf, lnf_mean, lnf_rstd, losses; logits, probs
-    // backward scratch: dresid, dln, datty, dmoe, dmlp, dffn, dqkv (3); dfch, dfch_gelu; dcoef; datt; dlogits
-    n += 9 * S * M + 2 * S * F + 2 * S + att + S * V;
+    // backward scratch: dresid, dln, datty, dmoe, dmlp, dqkv (3); dfch, dfch_gelu; dcoef; datt; dlogits
+    n += 8 * S * M + 2 * S * F + 2 * S + att + S * V;
+    n += 2 * ((uint64_t)c->n_moe_layers + 2); // norm_dev: n_moe + 2 doubles (squared gradient sums)
     return n;
 }
 
@@ -166,8 +167,9 @@ static dsmoe_status moe_layer_mem(const dsmoe_config *c, int mi, int W, int rank
     int ep = c->expert_parallel[mi];
     uint64_t E_local = E / (uint64_t)ep;
     *out = (moe_mem){0};
-    // logits, probs (S, E); choice, slot, weight, dweight (S, K); cnt (2, E) int32; aux_stage (2E + 1) double
-    out->router = (2 * S * E + 4 * S * K + 2 * E) * F32 + (2 * E + 1) * sizeof(double);
+    // logits, probs (S, E); choice, slot, weight, dweight (S, K); counts, kept, recv_cnt (E) int32; aux (2E + 1)
+    // double
+    out->router = (2 * S * E + 4 * S * K + 3 * E) * F32 + (2 * E + 1) * sizeof(double);
     if (c->noise == DSMOE_NOISE_JITTER) out->router += 2 * S * M * F32; // xj, dxj (S, M)
     // Capacity buffers: send, recv, yexp, yhome (E, C, M); h, act, da (E, C, F).
     uint64_t per_slot = (4 * E * M + 3 * E * F) * F32;

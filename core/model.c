@@ -10,6 +10,9 @@
 
 #include "dsmoe/rng.h"
 
+// Activations are float32 for now (bf16 is the mixed-precision work); every op names the type.
+#define F32 DSMOE_FLOAT32
+
 // ----------------------------------------------------------------------------------------------------
 // parameters
 
@@ -162,17 +165,27 @@ static void bind_views(dsmoe_model *m, float *slab, block_params *bp, float **wt
 // ----------------------------------------------------------------------------------------------------
 // buffers
 
-static dsmoe_status kalloc(dsmoe_model *m, float **p, size_t n, dsmoe_err *err) {
-    dsmoe_runtime *rt = m->rt;
-    KCALL(rt, alloc, n * sizeof(float), (void **)p);
-    m->bytes_allocated += n * sizeof(float);
+// Every buffer is assigned before it is read (gradients are zeroed by their users), so none is asked to
+// be zeroed: a plugin that poisons fresh memory (tests/plugins/strict) finds a read before a write.
+static dsmoe_status kalloc_bytes(dsmoe_model *m, void **p, size_t bytes, dsmoe_err *err) {
+    DSMOE_TRY(dsmoe_rt_alloc(m->rt, bytes, 0, p, "model buffer", err));
+    m->bytes_allocated += bytes;
     return DSMOE_OK;
+}
+
+static dsmoe_status kalloc(dsmoe_model *m, float **p, size_t n, dsmoe_err *err) {
+    return kalloc_bytes(m, (void **)p, n * sizeof(float), err);
 }
 
 static dsmoe_status alloc_buffers(dsmoe_model *m, dsmoe_err *err) {
     size_t S = (size_t)m->S, M = (size_t)m->M, F = (size_t)m->F, V = (size_t)m->V;
-    size_t att = (size_t)m->B * m->NH * m->T * m->T;
     dsmoe_runtime *rt = m->rt;
+    dsmoe_attention_shape ash = {.B = m->B, .T = m->T, .M = m->M, .NH = m->NH, .dt = F32};
+    size_t att_saved = 0, att_ws = 0;
+    dsmoe_status as = rt->kern->attention_bytes(rt->kctx, &ash, &att_saved, &att_ws);
+    if (as != DSMOE_OK)
+        return dsmoe_err_set(err, as, "kernel plugin '%s': attention_bytes: %s", rt->kern->name,
+                             rt->kern->last_error(rt->kctx));
     DSMOE_TRY(kalloc(m, &m->params, m->n_local, err));
     DSMOE_TRY(kalloc(m, &m->grads, m->n_local, err));
     DSMOE_TRY(kalloc(m, &m->resid, (size_t)(m->L + 1) * S * M, err));
@@ -185,7 +198,7 @@ static dsmoe_status alloc_buffers(dsmoe_model *m, dsmoe_err *err) {
         DSMOE_TRY(kalloc(m, &a->ln1_rstd, S, err));
         DSMOE_TRY(kalloc(m, &a->qkv, S * 3 * M, err));
         DSMOE_TRY(kalloc(m, &a->atty, S * M, err));
-        DSMOE_TRY(kalloc(m, &a->att, att, err));
+        DSMOE_TRY(kalloc_bytes(m, &a->att, att_saved, err));
         DSMOE_TRY(kalloc(m, &a->resid_mid, S * M, err));
         DSMOE_TRY(kalloc(m, &a->ln2, S * M, err));
         DSMOE_TRY(kalloc(m, &a->ln2_mean, S, err));
@@ -208,21 +221,24 @@ static dsmoe_status alloc_buffers(dsmoe_model *m, dsmoe_err *err) {
     DSMOE_TRY(kalloc(m, &m->logits, S * V, err));
     DSMOE_TRY(kalloc(m, &m->probs, S * V, err));
     DSMOE_TRY(kalloc(m, &m->losses, S, err));
-    KCALL(rt, alloc, S * sizeof(int32_t), (void **)&m->tokens);
-    KCALL(rt, alloc, S * sizeof(int32_t), (void **)&m->targets);
-    m->host_losses = dsmoe_malloc(S * sizeof(float), "losses", err);
-    if (!m->host_losses) return err->status;
+    DSMOE_TRY(kalloc_bytes(m, (void **)&m->tokens, S * sizeof(int32_t), err));
+    DSMOE_TRY(kalloc_bytes(m, (void **)&m->targets, S * sizeof(int32_t), err));
+    size_t n_norm = (size_t)m->cfg->n_moe_layers + 2;
+    DSMOE_TRY(kalloc_bytes(m, (void **)&m->norm_dev, n_norm * sizeof(double), err));
+    if (rt->kern->host_alloc(rt->kctx, S * sizeof(float), (void **)&m->host_losses) != DSMOE_OK ||
+        rt->kern->host_alloc(rt->kctx, n_norm * sizeof(double), (void **)&m->norm_host) != DSMOE_OK)
+        return dsmoe_err_set(err, DSMOE_ERR_NOMEM, "kernel plugin '%s': host_alloc of staging buffers: %s",
+                             rt->kern->name, rt->kern->last_error(rt->kctx));
     DSMOE_TRY(kalloc(m, &m->dresid, S * M, err));
     DSMOE_TRY(kalloc(m, &m->dln, S * M, err));
     DSMOE_TRY(kalloc(m, &m->datty, S * M, err));
     DSMOE_TRY(kalloc(m, &m->dmoe, S * M, err));
     DSMOE_TRY(kalloc(m, &m->dmlp, S * M, err));
-    DSMOE_TRY(kalloc(m, &m->dffn, S * M, err));
     DSMOE_TRY(kalloc(m, &m->dqkv, S * 3 * M, err));
     DSMOE_TRY(kalloc(m, &m->dfch, S * F, err));
     DSMOE_TRY(kalloc(m, &m->dfch_gelu, S * F, err));
     DSMOE_TRY(kalloc(m, &m->dcoef, S * 2, err));
-    DSMOE_TRY(kalloc(m, &m->datt_scratch, att, err));
+    DSMOE_TRY(kalloc_bytes(m, &m->datt_workspace, att_ws, err));
     DSMOE_TRY(kalloc(m, &m->dlogits, S * V, err));
     return DSMOE_OK;
 }
@@ -233,17 +249,17 @@ static dsmoe_status alloc_buffers(dsmoe_model *m, dsmoe_err *err) {
 // out (S, N) = in (S, K) @ w (N, K)^T + b (N); b may be NULL.
 static dsmoe_status linear_forward(dsmoe_runtime *rt, float *out, const float *in, const float *w, const float *b,
                                    int S, int K, int N, dsmoe_err *err) {
-    KCALL(rt, gemm, 0, 1, S, N, K, 1.0f, in, K, w, K, 0.0f, out, N);
-    if (b) KCALL(rt, bias_add, out, b, S, N);
+    KCALL(rt, gemm, 0, 1, S, N, K, 1.0f, in, F32, K, w, F32, K, 0.0f, out, F32, N);
+    if (b) KCALL(rt, bias_add, out, F32, b, S, N);
     return DSMOE_OK;
 }
 
 // din (S, K) +=, dw (N, K) +=, db (N) += (db may be NULL); din may be NULL.
 static dsmoe_status linear_backward(dsmoe_runtime *rt, float *din, float *dw, float *db, const float *dout,
                                     const float *in, const float *w, int S, int K, int N, dsmoe_err *err) {
-    KCALL(rt, gemm, 1, 0, N, K, S, 1.0f, dout, N, in, K, 1.0f, dw, K);
-    if (db) KCALL(rt, bias_backward, db, dout, S, N);
-    if (din) KCALL(rt, gemm, 0, 0, S, K, N, 1.0f, dout, N, w, K, 1.0f, din, K);
+    KCALL(rt, gemm, 1, 0, N, K, S, 1.0f, dout, F32, N, in, F32, K, 1.0f, dw, F32, K);
+    if (db) KCALL(rt, bias_backward, db, dout, F32, S, N);
+    if (din) KCALL(rt, gemm, 0, 0, S, K, N, 1.0f, dout, F32, N, w, F32, K, 1.0f, din, F32, K);
     return DSMOE_OK;
 }
 
@@ -252,7 +268,7 @@ static dsmoe_status mlp_forward(dsmoe_model *m, const block_params *p, block_act
                                 dsmoe_err *err) {
     dsmoe_runtime *rt = m->rt;
     DSMOE_TRY(linear_forward(rt, a->fch, x, p->fcw, p->fcb, m->S, m->M, m->F, err));
-    KCALL(rt, gelu_forward, a->fch_gelu, a->fch, (size_t)m->S * m->F);
+    KCALL(rt, gelu_forward, a->fch_gelu, a->fch, F32, (size_t)m->S * m->F);
     DSMOE_TRY(linear_forward(rt, out, a->fch_gelu, p->fcprojw, p->fcprojb, m->S, m->F, m->M, err));
     return DSMOE_OK;
 }
@@ -265,7 +281,7 @@ static dsmoe_status mlp_backward(dsmoe_model *m, const block_params *p, block_pa
     KCALL(rt, zero, m->dfch, SF * sizeof(float));
     DSMOE_TRY(linear_backward(rt, m->dfch_gelu, g->fcprojw, g->fcprojb, dout, a->fch_gelu, p->fcprojw, m->S, m->F,
                               m->M, err));
-    KCALL(rt, gelu_backward, m->dfch, a->fch, m->dfch_gelu, SF);
+    KCALL(rt, gelu_backward, m->dfch, a->fch, m->dfch_gelu, F32, SF);
     DSMOE_TRY(linear_backward(rt, dx, g->fcw, g->fcb, m->dfch, x, p->fcw, m->S, m->M, m->F, err));
     return DSMOE_OK;
 }
@@ -275,11 +291,12 @@ static dsmoe_status attn_forward(dsmoe_model *m, const block_params *p, block_ac
                                  dsmoe_err *err) {
     dsmoe_runtime *rt = m->rt;
     int S = m->S, M = m->M;
-    KCALL(rt, layernorm_forward, a->ln1, a->ln1_mean, a->ln1_rstd, x, p->ln1w, p->ln1b, S, M, m->cfg->ln_eps);
+    KCALL(rt, layernorm_forward, a->ln1, a->ln1_mean, a->ln1_rstd, x, F32, p->ln1w, p->ln1b, S, M, m->cfg->ln_eps);
     DSMOE_TRY(linear_forward(rt, a->qkv, a->ln1, p->qkvw, p->qkvb, S, M, 3 * M, err));
-    KCALL(rt, attention_forward, a->atty, a->att, a->qkv, m->B, m->T, M, m->NH);
+    dsmoe_attention_shape ash = {.B = m->B, .T = m->T, .M = M, .NH = m->NH, .dt = F32};
+    KCALL(rt, attention_forward, a->atty, a->att, a->qkv, &ash);
     DSMOE_TRY(linear_forward(rt, a->resid_mid, a->atty, p->attprojw, p->attprojb, S, M, M, err));
-    KCALL(rt, axpy, a->resid_mid, 1.0f, x, (size_t)S * M);
+    KCALL(rt, axpy, a->resid_mid, 1.0f, x, F32, (size_t)S * M);
     return DSMOE_OK;
 }
 
@@ -293,10 +310,12 @@ static dsmoe_status attn_backward(dsmoe_model *m, const block_params *p, block_p
     KCALL(rt, zero, m->dqkv, 3 * SM * sizeof(float));
     KCALL(rt, zero, m->dln, SM * sizeof(float));
     DSMOE_TRY(linear_backward(rt, m->datty, g->attprojw, g->attprojb, m->dresid, a->atty, p->attprojw, S, M, M, err));
-    KCALL(rt, attention_backward, m->dqkv, m->datt_scratch, m->datty, a->qkv, a->att, m->B, m->T, M, m->NH);
+    dsmoe_attention_shape ash = {.B = m->B, .T = m->T, .M = M, .NH = m->NH, .dt = F32};
+    KCALL(rt, attention_backward, m->dqkv, m->datt_workspace, m->datty, a->qkv, a->atty, a->att, &ash);
     DSMOE_TRY(linear_backward(rt, m->dln, g->qkvw, g->qkvb, m->dqkv, a->ln1, p->qkvw, S, M, 3 * M, err));
     // The residual path carries dresid through unchanged; layer norm adds its part.
-    KCALL(rt, layernorm_backward, m->dresid, g->ln1w, g->ln1b, m->dln, x, p->ln1w, a->ln1_mean, a->ln1_rstd, S, M);
+    KCALL(rt, layernorm_backward, m->dresid, g->ln1w, g->ln1b, m->dln, x, F32, p->ln1w, a->ln1_mean, a->ln1_rstd, S,
+          M);
     return DSMOE_OK;
 }
 
@@ -307,22 +326,22 @@ static dsmoe_status ffn_forward(dsmoe_model *m, int l, const dsmoe_moe_step *ste
     block_acts *a = &m->acts[l];
     int S = m->S, M = m->M, mi = m->moe_of_layer[l];
     size_t SM = (size_t)S * M;
-    KCALL(rt, layernorm_forward, a->ln2, a->ln2_mean, a->ln2_rstd, a->resid_mid, p->ln2w, p->ln2b, S, M,
+    KCALL(rt, layernorm_forward, a->ln2, a->ln2_mean, a->ln2_rstd, a->resid_mid, F32, p->ln2w, p->ln2b, S, M,
           m->cfg->ln_eps);
     if (mi < 0) {
         DSMOE_TRY(mlp_forward(m, p, a, a->ln2, a->ffn_out, err));
     } else {
-        DSMOE_TRY(dsmoe_moe_forward(m->moe[mi], &p->moe, a->ln2, a->moe_out, step, &m->moe_stats[mi], err));
+        DSMOE_TRY(dsmoe_moe_forward(m->moe[mi], &p->moe, a->ln2, a->moe_out, step, NULL, err));
         if (m->cfg->residual) {
             DSMOE_TRY(mlp_forward(m, p, a, a->ln2, a->mlp_out, err));
             DSMOE_TRY(linear_forward(rt, a->coef_logits, a->ln2, p->coefw, p->coefb, S, M, 2, err));
-            KCALL(rt, residual_mix_forward, a->ffn_out, a->coef, a->moe_out, a->mlp_out, a->coef_logits, S, M);
+            KCALL(rt, residual_mix_forward, a->ffn_out, a->coef, a->moe_out, a->mlp_out, F32, a->coef_logits, S, M);
         } else {
             KCALL(rt, copy, a->ffn_out, a->moe_out, SM * sizeof(float));
         }
     }
     KCALL(rt, copy, out, a->resid_mid, SM * sizeof(float));
-    KCALL(rt, axpy, out, 1.0f, a->ffn_out, SM);
+    KCALL(rt, axpy, out, 1.0f, a->ffn_out, F32, SM);
     return DSMOE_OK;
 }
 
@@ -343,13 +362,13 @@ static dsmoe_status ffn_backward(dsmoe_model *m, int l, float daux, dsmoe_err *e
         KCALL(rt, zero, m->dmoe, SM * sizeof(float));
         KCALL(rt, zero, m->dmlp, SM * sizeof(float));
         KCALL(rt, zero, m->dcoef, (size_t)S * 2 * sizeof(float));
-        KCALL(rt, residual_mix_backward, m->dmoe, m->dmlp, m->dcoef, m->dresid, a->moe_out, a->mlp_out, a->coef, S,
-              M);
+        KCALL(rt, residual_mix_backward, m->dmoe, m->dmlp, m->dcoef, m->dresid, a->moe_out, a->mlp_out, F32, a->coef,
+              S, M);
         DSMOE_TRY(linear_backward(rt, m->dln, g->coefw, g->coefb, m->dcoef, a->ln2, p->coefw, S, M, 2, err));
         DSMOE_TRY(mlp_backward(m, p, g, a, a->ln2, m->dmlp, m->dln, err));
         DSMOE_TRY(dsmoe_moe_backward(m->moe[mi], &p->moe, &g->moe, m->dmoe, m->dln, daux, err));
     }
-    KCALL(rt, layernorm_backward, m->dresid, g->ln2w, g->ln2b, m->dln, a->resid_mid, p->ln2w, a->ln2_mean,
+    KCALL(rt, layernorm_backward, m->dresid, g->ln2w, g->ln2b, m->dln, a->resid_mid, F32, p->ln2w, a->ln2_mean,
           a->ln2_rstd, S, M);
     return DSMOE_OK;
 }
@@ -365,8 +384,10 @@ dsmoe_status dsmoe_model_create(const dsmoe_config *cfg, dsmoe_runtime *rt, int 
     *model = m;
     m->cfg = cfg;
     m->rt = rt;
-    m->can_overlap = cfg->overlap_grad_reduce && rt->world_size > 1 && rt->comm->allreduce_start &&
-                     rt->comm->request_test && rt->comm->request_wait;
+    // Stream-ordered comm plugins overlap by construction (each block's allreduce is enqueued after its
+    // backward); host-progressed ones need the non-blocking trio.
+    m->can_overlap = cfg->overlap_grad_reduce && rt->world_size > 1 &&
+                     (rt->stream_ordered || (rt->comm->caps & DSMOE_CCAP_NONBLOCKING));
     m->B = B;
     m->T = cfg->seq_len;
     m->S = B * cfg->seq_len;
@@ -381,6 +402,7 @@ dsmoe_status dsmoe_model_create(const dsmoe_config *cfg, dsmoe_runtime *rt, int 
     m->moe_of_layer = calloc((size_t)m->L, sizeof *m->moe_of_layer);
     m->block_begin = calloc((size_t)m->L + 1, sizeof *m->block_begin);
     m->reqs = calloc((size_t)m->L + 1, sizeof *m->reqs);
+    m->block_done = calloc((size_t)m->L + 1, sizeof *m->block_done);
     int n_moe = cfg->n_moe_layers;
     m->moe = calloc((size_t)(n_moe ? n_moe : 1), sizeof *m->moe);
     m->moe_stats = calloc((size_t)(n_moe ? n_moe : 1), sizeof *m->moe_stats);
@@ -388,7 +410,7 @@ dsmoe_status dsmoe_model_create(const dsmoe_config *cfg, dsmoe_runtime *rt, int 
     m->epg_of_moe = calloc((size_t)(n_moe ? n_moe : 1), sizeof *m->epg_of_moe);
     m->expert_begin = calloc((size_t)(n_moe ? n_moe : 1), sizeof *m->expert_begin);
     m->expert_end = calloc((size_t)(n_moe ? n_moe : 1), sizeof *m->expert_end);
-    if (!m->blocks || !m->dblocks || !m->acts || !m->moe_of_layer || !m->block_begin || !m->reqs || !m->moe ||
+    if (!m->blocks || !m->dblocks || !m->acts || !m->moe_of_layer || !m->block_begin || !m->reqs || !m->block_done || !m->moe ||
         !m->moe_stats || !m->epg ||
         !m->epg_of_moe || !m->expert_begin || !m->expert_end)
         return dsmoe_err_set(err, DSMOE_ERR_NOMEM, "out of memory creating the model");
@@ -396,6 +418,10 @@ dsmoe_status dsmoe_model_create(const dsmoe_config *cfg, dsmoe_runtime *rt, int 
         int mi = -1;
         m->moe_of_layer[l] = dsmoe_config_is_moe_layer(cfg, l, &mi) ? mi : -1;
     }
+    for (int l = 0; l < m->L && m->can_overlap && !rt->stream_ordered; l++)
+        if (rt->kern->event_create(rt->kctx, &m->block_done[l]) != DSMOE_OK)
+            return dsmoe_err_set(err, DSMOE_ERR_NOMEM, "kernel plugin '%s': event_create: %s", rt->kern->name,
+                                 rt->kern->last_error(rt->kctx));
     DSMOE_TRY(dsmoe_model_create_groups(m, err));
     DSMOE_TRY(build_table(m, err));
     DSMOE_TRY(alloc_buffers(m, err));
@@ -410,7 +436,7 @@ dsmoe_status dsmoe_model_create(const dsmoe_config *cfg, dsmoe_runtime *rt, int 
             .capacity_factor = cfg->capacity_factor, .eval_capacity_factor = cfg->eval_capacity_factor,
             .min_capacity = cfg->min_capacity, .drop_tokens = cfg->drop_tokens,
             .random_token_selection = cfg->random_token_selection, .noise = cfg->noise,
-            .jitter_eps = cfg->jitter_eps, .ep = g->ep, .ep_group = g->ep_group, .ep_comm = g->ep_comm,
+            .jitter_eps = cfg->jitter_eps, .ep = g->ep, .ep_group = g->ep_g.comm, .ep_ctl = g->ep_g.ctl,
             .alltoall = cfg->alltoall, .ranks_per_node = cfg->ranks_per_node, .aux_scope = cfg->aux_loss_scope,
             .aux_group = rt->world, // data parallelism is over all ranks
         };
@@ -427,29 +453,29 @@ void dsmoe_model_free(dsmoe_model *m) {
                      (void **)&m->resid, (void **)&m->lnf, (void **)&m->lnf_mean, (void **)&m->lnf_rstd,
                      (void **)&m->logits, (void **)&m->probs, (void **)&m->losses, (void **)&m->tokens, (void **)&m->targets,
                      (void **)&m->dresid, (void **)&m->dln, (void **)&m->datty, (void **)&m->dmoe,
-                     (void **)&m->dmlp, (void **)&m->dffn, (void **)&m->dqkv, (void **)&m->dfch,
-                     (void **)&m->dfch_gelu, (void **)&m->dcoef, (void **)&m->datt_scratch, (void **)&m->dlogits};
+                     (void **)&m->dmlp, (void **)&m->dqkv, (void **)&m->dfch, (void **)&m->dfch_gelu,
+                     (void **)&m->dcoef, (void **)&m->datt_workspace, (void **)&m->dlogits, (void **)&m->norm_dev};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) rt->kern->free(rt->kctx, *bufs[i]);
     for (int l = 0; m->acts && l < m->L; l++) {
         block_acts *a = &m->acts[l];
-        float *abufs[] = {a->ln1, a->ln1_mean, a->ln1_rstd, a->qkv, a->atty, a->att, a->resid_mid, a->ln2,
+        void *abufs[] = {a->ln1, a->ln1_mean, a->ln1_rstd, a->qkv, a->atty, a->att, a->resid_mid, a->ln2,
                           a->ln2_mean, a->ln2_rstd, a->fch, a->fch_gelu, a->mlp_out, a->moe_out,
                           a->coef_logits, a->coef, a->ffn_out};
         for (size_t i = 0; i < sizeof abufs / sizeof abufs[0]; i++) rt->kern->free(rt->kctx, abufs[i]);
     }
     for (int k = 0; m->epg && k < m->n_epg; k++) {
         ep_groups *g = &m->epg[k];
-        if (g->ep_group) {
-            rt->comm->group_destroy(rt->cctx, g->ep_group);
-            MPI_Comm_free(&g->ep_comm);
-        }
-        if (g->edp_group) rt->comm->group_destroy(rt->cctx, g->edp_group);
+        dsmoe_rt_group_free(rt, &g->ep_g);
+        dsmoe_rt_group_free(rt, &g->edp_g);
     }
     free(m->epg);
     free(m->epg_of_moe);
     free(m->expert_begin);
     free(m->expert_end);
-    free(m->host_losses);
+    rt->kern->host_free(rt->kctx, m->host_losses);
+    rt->kern->host_free(rt->kctx, m->norm_host);
+    for (int l = 0; m->block_done && l < m->L; l++) rt->kern->event_destroy(rt->kctx, m->block_done[l]);
+    free(m->block_done);
     free(m->tensors);
     free(m->blocks);
     free(m->dblocks);
@@ -478,25 +504,16 @@ const dsmoe_moe_stats *dsmoe_model_moe_stats(const dsmoe_model *m, int i) {
     return i >= 0 && i < m->cfg->n_moe_layers ? &m->moe_stats[i] : NULL;
 }
 
+// On the device: each element is a pure function of (seed, tensor name, global index), so a shard gets
+// the same values on any rank layout.
 dsmoe_status dsmoe_model_init_params(dsmoe_model *m, uint64_t seed, dsmoe_err *err) {
     dsmoe_runtime *rt = m->rt;
-    size_t max_numel = 0;
-    for (int i = 0; i < m->n_tensors; i++)
-        if (m->tensors[i].numel > max_numel) max_numel = m->tensors[i].numel;
-    float *host = dsmoe_malloc(max_numel * sizeof(float), "parameter init", err);
-    if (!host) return err->status;
     for (int i = 0; i < m->n_tensors; i++) {
         const dsmoe_param_tensor *t = &m->tensors[i];
-        uint64_t key = dsmoe_rng_key(seed, 0x1417, name_hash(t->name), 0);
-        for (size_t j = 0; j < t->numel; j++)
-            host[j] = t->init_std > 0 ? t->init_std * dsmoe_rng_normal(key, t->shard_begin + j) : t->init_value;
-        dsmoe_status s = rt->kern->copy_to_device(rt->kctx, m->params + t->offset, host, t->numel * sizeof(float));
-        if (s != DSMOE_OK) {
-            free(host);
-            return dsmoe_err_set(err, s, "initialising %s: %s", t->name, rt->kern->last_error(rt->kctx));
-        }
+        dsmoe_init_params ip = {.key = dsmoe_rng_key(seed, 0x1417, name_hash(t->name), 0), .offset = t->shard_begin,
+                                .std = t->init_std > 0 ? t->init_std : 0.0f, .value = t->init_value};
+        KCALL(rt, init_tensor, m->params + t->offset, t->numel, &ip);
     }
-    free(host);
     return DSMOE_OK;
 }
 
@@ -512,7 +529,7 @@ dsmoe_status dsmoe_model_forward(dsmoe_model *m, const int32_t *inputs, const in
                                  inputs[s] < 0 || inputs[s] >= V ? inputs[s] : targets[s], s, V);
     KCALL(rt, copy_to_device, m->tokens, inputs, (size_t)S * sizeof(int32_t));
     KCALL(rt, copy_to_device, m->targets, targets, (size_t)S * sizeof(int32_t));
-    KCALL(rt, embedding_forward, m->resid, m->tokens, m->wte, m->wpe, m->B, m->T, M);
+    KCALL(rt, embedding_forward, m->resid, F32, m->tokens, m->wte, m->wpe, m->B, m->T, M, V);
     for (int l = 0; l < m->L; l++) {
         float *x = m->resid + (size_t)l * SM;
         DSMOE_TRY(attn_forward(m, &m->blocks[l], &m->acts[l], x, err));
@@ -524,10 +541,14 @@ dsmoe_status dsmoe_model_forward(dsmoe_model *m, const int32_t *inputs, const in
         DSMOE_TRY(ffn_forward(m, l, &step, x + SM, err));
     }
     float *xL = m->resid + (size_t)m->L * SM;
-    KCALL(rt, layernorm_forward, m->lnf, m->lnf_mean, m->lnf_rstd, xL, m->lnfw, m->lnfb, S, M, m->cfg->ln_eps);
+    KCALL(rt, layernorm_forward, m->lnf, m->lnf_mean, m->lnf_rstd, xL, F32, m->lnfw, m->lnfb, S, M, m->cfg->ln_eps);
     DSMOE_TRY(linear_forward(rt, m->logits, m->lnf, m->wte, NULL, S, M, V, err));
-    KCALL(rt, crossentropy_forward, m->losses, m->probs, m->logits, m->targets, S, V);
+    KCALL(rt, crossentropy_forward, m->losses, m->probs, m->logits, F32, m->targets, S, V);
+    // The losses and the MoE layers' statistics come back to the host once, after one wait.
     KCALL(rt, copy_to_host, m->host_losses, m->losses, (size_t)S * sizeof(float));
+    for (int i = 0; i < m->cfg->n_moe_layers; i++) DSMOE_TRY(dsmoe_moe_stats_copy(m->moe[i], err));
+    DSMOE_TRY(dsmoe_rt_wait(rt, err));
+    for (int i = 0; i < m->cfg->n_moe_layers; i++) dsmoe_moe_stats_read(m->moe[i], &m->moe_stats[i]);
     memset(res, 0, sizeof *res);
     for (int s = 0; s < S; s++) res->loss_sum += m->host_losses[s];
     res->tokens = S;
@@ -546,30 +567,35 @@ dsmoe_status dsmoe_model_backward(dsmoe_model *m, float dloss, float daux, dsmoe
     int S = m->S, M = m->M, V = m->V;
     size_t SM = (size_t)S * M;
     KCALL(rt, zero, m->dlogits, (size_t)S * V * sizeof(float));
-    KCALL(rt, crossentropy_backward, m->dlogits, m->probs, m->targets, dloss, S, V);
+    KCALL(rt, crossentropy_backward, m->dlogits, F32, m->probs, m->targets, dloss, S, V);
     KCALL(rt, zero, m->dln, SM * sizeof(float));
     DSMOE_TRY(linear_backward(rt, m->dln, m->dwte, NULL, m->dlogits, m->lnf, m->wte, S, M, V, err));
     KCALL(rt, zero, m->dresid, SM * sizeof(float));
     float *xL = m->resid + (size_t)m->L * SM;
-    KCALL(rt, layernorm_backward, m->dresid, m->dlnfw, m->dlnfb, m->dln, xL, m->lnfw, m->lnf_mean, m->lnf_rstd, S, M);
+    KCALL(rt, layernorm_backward, m->dresid, m->dlnfw, m->dlnfb, m->dln, xL, F32, m->lnfw, m->lnf_mean, m->lnf_rstd, S,
+          M);
     int overlap = m->can_overlap && m->reduce_in_backward;
     for (int l = m->L - 1; l >= 0; l--) {
         DSMOE_TRY(ffn_backward(m, l, daux, err));
         DSMOE_TRY(attn_backward(m, &m->blocks[l], &m->dblocks[l], &m->acts[l], m->resid + (size_t)l * SM, err));
         if (!overlap) continue;
-        // Block l's gradients are final for this step (nothing later in the backward touches them).
-        // The kernel plugin's calls are assumed complete on return (host memory; a device plugin
-        // would need a stream sync here).
-        size_t first = m->block_begin[l], n = m->block_begin[l + 1] - first;
-        CCALL(rt, allreduce_start, rt->world, m->grads + first, n, DSMOE_FLOAT32, DSMOE_SUM, &m->reqs[l]);
-        m->n_started++;
-        // Let MPI progress the blocks already in flight while the next block computes.
-        for (int k = l; k < m->L; k++) {
-            int done = 0;
-            if (m->reqs[k]) CCALL(rt, request_test, m->reqs[k], &done);
+        // Block l's gradients are final for this step once its backward has run (nothing later in the
+        // backward touches them).
+        if (rt->stream_ordered) { // enqueued behind the block's backward; the queue orders it
+            size_t first = m->block_begin[l], n = m->block_begin[l + 1] - first;
+            CCOLL(rt, allreduce, rt->world, DSMOE_IN_PLACE, m->grads + first, n, DSMOE_FLOAT32, DSMOE_SUM);
+            m->n_started++;
+            continue;
         }
+        // Host-progressed: an event marks the end of block l's backward; blocks start when it completes.
+        dsmoe_status rs = rt->kern->event_record(rt->kctx, m->block_done[l], rt->q);
+        if (rs != DSMOE_OK)
+            return dsmoe_err_set(err, rs, "kernel plugin '%s': event_record: %s", rt->kern->name,
+                                 rt->kern->last_error(rt->kctx));
+        m->n_recorded++;
+        DSMOE_TRY(dsmoe_model_start_block_reductions(m, 0, err));
     }
-    KCALL(rt, embedding_backward, m->dwte, m->dwpe, m->dresid, m->tokens, m->B, m->T, M, V);
+    KCALL(rt, embedding_backward, m->dwte, m->dwpe, m->dresid, F32, m->tokens, m->B, m->T, M, V);
     m->has_forward = 0;
     return DSMOE_OK;
 }

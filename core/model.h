@@ -66,7 +66,7 @@ size_t dsmoe_model_bytes(const dsmoe_model *model);
 dsmoe_comm_group *dsmoe_model_edp_group(const dsmoe_model *model, int moe_layer); // ranks holding the same expert shards
 int dsmoe_model_ep_rank(const dsmoe_model *model, int moe_layer);
 int dsmoe_model_ep_size(const dsmoe_model *model, int moe_layer);
-MPI_Comm dsmoe_model_ep_comm(const dsmoe_model *model, int moe_layer); // the EP group's ranks, in order
+dsmoe_ctl_group *dsmoe_model_ep_ctl(const dsmoe_model *model, int moe_layer); // the EP group's ranks, in order
 // The layer's expert tensors occupy slab elements [*begin, *end).
 void dsmoe_model_expert_range(const dsmoe_model *model, int moe_layer, size_t *begin, size_t *end);
 const dsmoe_config *dsmoe_model_config(const dsmoe_model *model);

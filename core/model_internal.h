@@ -22,7 +22,7 @@ typedef struct block_acts {
     float *ln1_mean, *ln1_rstd; // (S)
     float *qkv;           // (S, 3M)
     float *atty;          // (S, M)
-    float *att;           // (B, NH, T, T)
+    void *att;            // attention state saved for the backward (the plugin's attention_bytes)
     float *resid_mid;     // (S, M) x + attention
     float *ln2;           // (S, M)
     float *ln2_mean, *ln2_rstd; // (S)
@@ -38,9 +38,8 @@ typedef struct block_acts {
 // The groups of one expert-parallel size (created once per distinct moe.expert_parallel value).
 typedef struct ep_groups {
     int ep, ep_rank;
-    dsmoe_comm_group *ep_group;  // contiguous blocks of ep slots (placement.h)
-    MPI_Comm ep_comm;            // ep_group's communicator, kept for the MoE layers' exchanges (valid with ep_group)
-    dsmoe_comm_group *edp_group; // strided sets {i, i+ep, ...}
+    dsmoe_rt_group ep_g;  // contiguous blocks of ep slots (placement.h)
+    dsmoe_rt_group edp_g; // strided sets {i, i+ep, ...}
 } ep_groups;
 
 struct dsmoe_model {
@@ -58,7 +57,9 @@ struct dsmoe_model {
     int can_overlap;              // train.overlap_grad_reduce, the plugin has allreduce_start, world > 1
     int reduce_in_backward;       // the next backward is the last of the step
     dsmoe_comm_request **reqs;    // (L) started requests, NULL when not started
-    int n_started;
+    dsmoe_kernel_event **block_done; // (L) recorded after block l's backward (host-progressed overlap)
+    int n_started;                // blocks whose reduction has started (in order L-1, L-2, ...)
+    int n_recorded;               // blocks whose backward has been enqueued (and event recorded)
 
     dsmoe_param_tensor *tensors;
     int n_tensors, cap_tensors;
@@ -81,21 +82,25 @@ struct dsmoe_model {
     float *probs;          // (S, V) softmax of logits
     float *losses;         // (S)
     int32_t *tokens, *targets; // (S) plugin memory
-    float *host_losses;    // (S) host
+    float *host_losses;    // (S) host_alloc memory: copied at the end of the forward, read after a wait
 
     // backward scratch
     float *dresid;          // (S, M) gradient of the residual stream
-    float *dln, *datty, *dmoe, *dmlp, *dffn; // (S, M)
+    float *dln, *datty, *dmoe, *dmlp; // (S, M)
     float *dqkv;            // (S, 3M)
     float *dfch, *dfch_gelu; // (S, F)
     float *dcoef;           // (S, 2)
-    float *datt_scratch;    // (B, NH, T, T)
+    void *datt_workspace;   // attention_backward's workspace (the plugin's attention_bytes)
     float *dlogits;         // (S, V)
+    double *norm_dev;       // (n_moe + 2) device: squared gradient sums, and a staging slot
+    double *norm_host;      // (n_moe + 2) host_alloc copy
     int has_forward;
     size_t bytes_allocated; // every buffer above, for the memory report
 };
 
 // Collective: the EP and EDP groups of every distinct moe.expert_parallel (fills epg, n_epg, epg_of_moe).
 dsmoe_status dsmoe_model_create_groups(dsmoe_model *m, dsmoe_err *err);
+// Starts the overlapped reductions of the blocks whose backward has run (model_parallel.c).
+dsmoe_status dsmoe_model_start_block_reductions(dsmoe_model *m, int wait, dsmoe_err *err);
 
 #endif

@@ -4,11 +4,12 @@
 // over the scope) -> dispatch (E, C, M) -> all-to-all -> expert FFN as grouped GEMMs over (source rank,
 // local expert) -> all-to-all back -> combine. The backward walks the same steps in reverse.
 //
-// Invariants: every buffer is kernel-plugin memory except the host_* arrays and the group pointer
-// tables; forward outputs are assigned, gradients accumulate (+=) into the caller's buffers. Buffers of
-// capacity size hold rows of kept tokens only: a group's rows beyond its kept count are never read
-// (the GEMMs, bias and GELU run on m = kept rows; combine and dispatch-backward only visit kept slots),
-// so those rows are never cleared between steps.
+// Invariants: every buffer is kernel-plugin memory except the host staging (host_alloc, read only after
+// a wait); the counts stay on the device (the grouped GEMMs read them there); forward outputs are
+// assigned, gradients accumulate (+=) into the caller's buffers. Buffers of capacity size hold rows of
+// kept tokens only: a group's rows beyond its kept count are never read (the grouped GEMMs and their
+// epilogues run on m = kept rows; combine and dispatch-backward only visit kept slots), so those rows are
+// never cleared between steps. Activations are float32 (F32) until mixed precision lands.
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -17,6 +18,8 @@
 #include "config.h"    // dsmoe_capacity
 #include "dsmoe/rng.h" // dsmoe_rng_key
 #include "moe_layer.h"
+
+#define F32 DSMOE_FLOAT32
 
 // Purpose tags of the sub-keys derived from step->seed (docs/moe-layer.md lists them).
 #define MOE_TAG_JITTER 0x4A495454u // "JITT": multiplicative jitter on the gate input
@@ -39,29 +42,25 @@ struct dsmoe_moe_layer {
     float *dweight;   // (S, K)
     float *xj;        // (S, M) jittered gate input (noise = JITTER only); the backward reuses it
     float *dxj;       // (S, M) d(gate input) before the jitter factor (noise = JITTER only)
-    int32_t *cnt;     // (2, E) staging of kept counts and the dropless maximum for the comm plugin
-    double *aux_stage; // (2E + 1) staging of l_aux's sums for the comm plugin
+    int32_t *counts;  // (E) tokens choosing each expert (gate_route), then the dropless maximum in [0]
+    int32_t *kept;    // (E) slots this rank fills per expert (gate_assign), sent with the tokens
+    int32_t *recv_cnt; // (ep, E_local) kept counts the sources sent for my experts: the GEMMs' rows
+    double *aux;      // (2E + 1) l_aux's sums: P (E), N (E), S_tot; reduced over the scope in place
 
     // Capacity buffers: (E, C, width) = (ep, E_local, C, width), sized for cap.
     float *send;      // (E, C, M) tokens by destination expert; backward: dy by expert, then dx rows home
     float *recv;      // (ep, E_local, C, M) tokens by source rank (kept for dw1)
     float *h;         // (ep, E_local, C, F) fc pre-activation (kept for the GELU backward)
-    float *act;       // (ep, E_local, C, F) gelu(h) (kept for dw2); backward: dh
-    float *da;        // (ep, E_local, C, F) backward: d(act)
+    float *act;       // (ep, E_local, C, F) gelu(h) (kept for dw2)
+    float *da;        // (ep, E_local, C, F) backward: dh = gelu'(h) * d(act)
     float *yexp;      // (ep, E_local, C, M) expert outputs by source; backward: dy, then dbuf by source
     float *yhome;     // (E, C, M) expert outputs of this rank's tokens (kept for dweight)
 
-    // Host arrays.
-    int32_t *host_counts;   // (E) tokens choosing each expert (gate_route)
-    int32_t *host_kept;     // (E) tokens this rank keeps per expert (gate_assign)
-    int32_t *host_recv;     // (ep, E_local) kept counts the sources sent for my experts
-    int32_t *host_first;    // (E) first choices per expert on this rank (gate_assign)
-    double *aux_sums;       // (2E + 1) l_aux's sums over the scope: P (E), N (E), S_tot
-    float *aux_grad;        // (E) backward: d(daux * l_aux)/d probs[s,e] for this rank's tokens
-    int *expert_load;       // (E) stats copy of host_kept
-    int *gm;                // (E) group rows: group g = src * E_local + el
-    const float **ga, **gb; // (E) group operands
-    float **gc;             // (E) group outputs
+    // Host staging (host_alloc), valid after a wait: [kept (E) int32 | pad | aux (2E + 1) double], and
+    // the dropless counts.
+    void *stage;
+    int32_t *stage_counts; // (E)
+    int *expert_load;      // (E) stats copy of kept
 
     // What the backward needs of the last forward.
     int have_forward;
@@ -76,11 +75,7 @@ struct dsmoe_moe_layer {
 // buffers
 
 static dsmoe_status layer_alloc(dsmoe_moe_layer *L, size_t bytes, void **p, const char *what, dsmoe_err *err) {
-    const dsmoe_runtime *rt = L->rt;
-    if (rt->kern->alloc(rt->kctx, bytes, p) != DSMOE_OK)
-        return dsmoe_err_set(err, DSMOE_ERR_NOMEM, "moe layer: allocating %s (%zu bytes) with kernel plugin '%s': %s",
-                             what, bytes, rt->kern->name, rt->kern->last_error(rt->kctx));
-    return DSMOE_OK;
+    return dsmoe_rt_alloc(L->rt, bytes, 0, p, what, err);
 }
 
 static void free_capacity_buffers(dsmoe_moe_layer *L) {
@@ -121,21 +116,13 @@ void dsmoe_moe_layer_free(dsmoe_moe_layer *L) {
     if (!L) return;
     const dsmoe_runtime *rt = L->rt;
     free_capacity_buffers(L);
-    void *bufs[] = {L->logits, L->probs, L->choice, L->slot, L->weight, L->dweight, L->xj, L->dxj, L->cnt,
-                    L->aux_stage};
+    void *bufs[] = {L->logits, L->probs, L->choice, L->slot, L->weight, L->dweight, L->xj, L->dxj, L->counts,
+                    L->kept, L->recv_cnt, L->aux};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) rt->kern->free(rt->kctx, bufs[i]);
+    rt->kern->host_free(rt->kctx, L->stage);
+    rt->kern->host_free(rt->kctx, L->stage_counts);
     dsmoe_exchange_free(L->ex); // collective over the EP group
-    free(L->host_counts);
-    free(L->host_kept);
-    free(L->host_recv);
-    free(L->host_first);
-    free(L->aux_sums);
-    free(L->aux_grad);
     free(L->expert_load);
-    free(L->gm);
-    free(L->ga);
-    free(L->gb);
-    free(L->gc);
     free(L);
 }
 
@@ -154,13 +141,12 @@ static dsmoe_status check_config(const dsmoe_runtime *rt, const dsmoe_moe_config
     int gs = rt->comm->group_size(c->ep_group);
     if (gs != c->ep)
         return dsmoe_err_set(err, DSMOE_ERR_INVALID, "moe layer: ep=%d but the EP group has %d ranks", c->ep, gs);
-    // An unset MPI_Comm is MPI_COMM_NULL, or 0 from a zeroed struct (not a valid handle in any MPI).
-    if (c->ep_comm == MPI_COMM_NULL || c->ep_comm == (MPI_Comm)0)
-        return dsmoe_err_set(err, DSMOE_ERR_INVALID, "moe layer: ep_comm is not set (the EP group's communicator, ep=%d)",
+    if (!c->ep_ctl)
+        return dsmoe_err_set(err, DSMOE_ERR_INVALID, "moe layer: ep_ctl is not set (the EP group's control group, ep=%d)",
                              c->ep);
-    int cs = 0;
-    if (MPI_Comm_size(c->ep_comm, &cs) != MPI_SUCCESS || cs != c->ep)
-        return dsmoe_err_set(err, DSMOE_ERR_INVALID, "moe layer: ep=%d but ep_comm has %d ranks", c->ep, cs);
+    if (dsmoe_ctl_size(c->ep_ctl) != c->ep)
+        return dsmoe_err_set(err, DSMOE_ERR_INVALID, "moe layer: ep=%d but ep_ctl has %d ranks", c->ep,
+                             dsmoe_ctl_size(c->ep_ctl));
     if (c->alltoall < DSMOE_A2A_FLAT || c->alltoall > DSMOE_A2A_AUTO || c->ranks_per_node < 0)
         return dsmoe_err_set(err, DSMOE_ERR_INVALID,
                              "moe layer: alltoall=%d ranks_per_node=%d: expected a dsmoe_a2a_algo (0 flat, 1 "
@@ -183,7 +169,11 @@ static dsmoe_status check_config(const dsmoe_runtime *rt, const dsmoe_moe_config
     return DSMOE_OK;
 }
 
+// Byte offset of the l_aux sums in the host staging (after the kept counts, 8-aligned).
+static size_t stage_aux_offset(int E) { return ((size_t)E * sizeof(int32_t) + 7) & ~(size_t)7; }
+
 static dsmoe_status create_buffers(dsmoe_moe_layer *L, dsmoe_err *err) {
+    const dsmoe_runtime *rt = L->rt;
     size_t S = (size_t)L->cfg.S, E = (size_t)L->cfg.E, K = (size_t)L->cfg.K, M = (size_t)L->cfg.M;
     DSMOE_TRY(layer_alloc(L, S * E * sizeof(float), (void **)&L->logits, "router logits (S, E)", err));
     DSMOE_TRY(layer_alloc(L, S * E * sizeof(float), (void **)&L->probs, "router probabilities (S, E)", err));
@@ -191,27 +181,21 @@ static dsmoe_status create_buffers(dsmoe_moe_layer *L, dsmoe_err *err) {
     DSMOE_TRY(layer_alloc(L, S * K * sizeof(int32_t), (void **)&L->slot, "slots (S, K)", err));
     DSMOE_TRY(layer_alloc(L, S * K * sizeof(float), (void **)&L->weight, "combine weights (S, K)", err));
     DSMOE_TRY(layer_alloc(L, S * K * sizeof(float), (void **)&L->dweight, "combine weight gradients (S, K)", err));
-    DSMOE_TRY(layer_alloc(L, 2 * E * sizeof(int32_t), (void **)&L->cnt, "count staging (2, E)", err));
-    DSMOE_TRY(layer_alloc(L, (2 * E + 1) * sizeof(double), (void **)&L->aux_stage, "l_aux staging (2E + 1)", err));
+    DSMOE_TRY(layer_alloc(L, E * sizeof(int32_t), (void **)&L->counts, "route counts (E)", err));
+    DSMOE_TRY(layer_alloc(L, E * sizeof(int32_t), (void **)&L->kept, "kept counts (E)", err));
+    DSMOE_TRY(layer_alloc(L, E * sizeof(int32_t), (void **)&L->recv_cnt, "received counts (ep, E_local)", err));
+    DSMOE_TRY(layer_alloc(L, (2 * E + 1) * sizeof(double), (void **)&L->aux, "l_aux sums (2E + 1)", err));
     if (L->cfg.noise == DSMOE_NOISE_JITTER) {
         DSMOE_TRY(layer_alloc(L, S * M * sizeof(float), (void **)&L->xj, "jittered gate input (S, M)", err));
         DSMOE_TRY(layer_alloc(L, S * M * sizeof(float), (void **)&L->dxj, "gate input gradient (S, M)", err));
     }
-    L->host_counts = dsmoe_calloc(E, sizeof(int32_t), "moe host counts", err);
-    L->host_kept = dsmoe_calloc(E, sizeof(int32_t), "moe host kept counts", err);
-    L->host_recv = dsmoe_calloc(E, sizeof(int32_t), "moe received counts", err);
-    L->host_first = dsmoe_calloc(E, sizeof(int32_t), "moe first-choice counts", err);
-    L->aux_sums = dsmoe_calloc(2 * E + 1, sizeof(double), "moe l_aux sums", err);
-    L->aux_grad = dsmoe_calloc(E, sizeof(float), "moe l_aux gradient", err);
+    size_t stage = stage_aux_offset((int)E) + (2 * E + 1) * sizeof(double);
+    if (rt->kern->host_alloc(rt->kctx, stage, &L->stage) != DSMOE_OK ||
+        rt->kern->host_alloc(rt->kctx, E * sizeof(int32_t), (void **)&L->stage_counts) != DSMOE_OK)
+        return dsmoe_err_set(err, DSMOE_ERR_NOMEM, "moe layer: host staging with kernel plugin '%s': %s", rt->kern->name,
+                             rt->kern->last_error(rt->kctx));
     L->expert_load = dsmoe_calloc(E, sizeof(int), "moe expert load", err);
-    L->gm = dsmoe_calloc(E, sizeof(int), "moe group rows", err);
-    L->ga = dsmoe_calloc(E, sizeof(float *), "moe group table", err);
-    L->gb = dsmoe_calloc(E, sizeof(float *), "moe group table", err);
-    L->gc = dsmoe_calloc(E, sizeof(float *), "moe group table", err);
-    if (!L->host_counts || !L->host_kept || !L->host_recv || !L->host_first || !L->aux_sums || !L->aux_grad ||
-        !L->expert_load || !L->gm || !L->ga || !L->gb || !L->gc)
-        return DSMOE_ERR_NOMEM;
-    return DSMOE_OK;
+    return L->expert_load ? DSMOE_OK : DSMOE_ERR_NOMEM;
 }
 
 // Ranks per node of the EP group, for the exchange. ranks_per_node > 0 pretends (it must divide ep);
@@ -228,21 +212,25 @@ static dsmoe_status node_layout(dsmoe_moe_layer *L, int *G, int *ok, dsmoe_err *
                            c->ranks_per_node, p);
         return DSMOE_OK;
     }
+    int *node = dsmoe_calloc((size_t)p, sizeof *node, "moe layer: node table", err);
     int *leader = dsmoe_calloc((size_t)p, sizeof *leader, "moe layer: node table", err);
-    if (!leader) return DSMOE_ERR_NOMEM;
-    MPI_Comm node;
-    int rank = 0, rc = MPI_Comm_rank(c->ep_comm, &rank);
-    int mine = rank;
-    if (rc == MPI_SUCCESS) rc = MPI_Comm_split_type(c->ep_comm, MPI_COMM_TYPE_SHARED, rank, MPI_INFO_NULL, &node);
-    if (rc == MPI_SUCCESS) {
-        rc = MPI_Allreduce(&rank, &mine, 1, MPI_INT, MPI_MIN, node); // EP rank of my node's first rank
-        MPI_Comm_free(&node);
-    }
-    if (rc == MPI_SUCCESS) rc = MPI_Allgather(&mine, 1, MPI_INT, leader, 1, MPI_INT, c->ep_comm);
-    if (rc != MPI_SUCCESS) {
+    dsmoe_status st = node && leader ? dsmoe_ctl_allgather(c->ep_ctl, &L->rt->node, node, sizeof(int), err)
+                                     : DSMOE_ERR_NOMEM;
+    if (st != DSMOE_OK) {
+        free(node);
         free(leader);
-        return dsmoe_err_set(err, DSMOE_ERR_SYSTEM, "moe layer: finding the nodes of the EP group (MPI error %d)", rc);
+        return st;
     }
+    // Each rank's leader: the EP rank of the first rank on its node (nodes found once, rt->node).
+    for (int r = 0; r < p; r++) {
+        leader[r] = r;
+        for (int q = 0; q < r; q++)
+            if (node[q] == node[r]) {
+                leader[r] = q;
+                break;
+            }
+    }
+    free(node);
     *ok = dsmoe_a2a_node_layout(leader, p, G, why) == DSMOE_OK;
     free(leader);
     return DSMOE_OK;
@@ -268,7 +256,7 @@ static dsmoe_status exchange_setup(dsmoe_moe_layer *L, dsmoe_err *err) {
         algo = DSMOE_A2A_FLAT;
         G = 1;
     }
-    return dsmoe_exchange_create(L->rt, c->ep_comm, algo, G, &L->ex, err);
+    return dsmoe_exchange_create(L->rt, c->ep_ctl, algo, G, &L->ex, err);
 }
 
 dsmoe_status dsmoe_moe_layer_create(const dsmoe_runtime *rt, const dsmoe_moe_config *cfg, dsmoe_moe_layer **layer,
@@ -305,146 +293,124 @@ const dsmoe_exchange *dsmoe_moe_layer_exchange(const dsmoe_moe_layer *L) { retur
 // ----------------------------------------------------------------------------------------------------
 // capacity and exchange
 
-// Device plugins may queue work: the comm plugin must see finished buffers.
-static dsmoe_status kernel_sync(const dsmoe_runtime *rt, dsmoe_err *err) {
-    dsmoe_status s = rt->kern->synchronize(rt->kctx);
-    if (s != DSMOE_OK)
-        return dsmoe_err_set(err, s, "kernel plugin '%s': synchronize failed: %s", rt->kern->name,
-                             rt->kern->last_error(rt->kctx));
-    return DSMOE_OK;
-}
-
-// Dropless: the largest count any expert received on any rank of the EP group. Staged through kernel
-// memory so that a comm plugin that only accepts device memory works too.
+// Dropless: the largest count any expert received on any rank of the EP group. The host needs it (it
+// sizes the buffers and the exchange), so this is the layer's one wait; the maximum is taken by the
+// comm plugin on device memory, like every other reduction.
 static dsmoe_status capacity_dropless(dsmoe_moe_layer *L, int *C, dsmoe_err *err) {
     const dsmoe_runtime *rt = L->rt;
+    int E = L->cfg.E;
+    KCALL(rt, copy_to_host, L->stage_counts, L->counts, (size_t)E * sizeof(int32_t));
+    DSMOE_TRY(dsmoe_rt_wait(rt, err));
     int32_t mx = 0;
-    for (int e = 0; e < L->cfg.E; e++)
-        if (L->host_counts[e] > mx) mx = L->host_counts[e];
-    KCALL(rt, copy_to_device, L->cnt, &mx, sizeof mx);
-    DSMOE_TRY(kernel_sync(rt, err));
-    CCALL(rt, allreduce, L->cfg.ep_group, DSMOE_IN_PLACE, L->cnt, 1, DSMOE_INT32, DSMOE_MAX);
-    KCALL(rt, copy_to_host, &mx, L->cnt, sizeof mx);
-    *C = mx;
+    for (int e = 0; e < E; e++)
+        if (L->stage_counts[e] > mx) mx = L->stage_counts[e];
+    KCALL(rt, copy_to_device, L->counts, &mx, sizeof mx);
+    CCOLL(rt, allreduce, L->cfg.ep_group, DSMOE_IN_PLACE, L->counts, 1, DSMOE_INT32, DSMOE_MAX);
+    KCALL(rt, copy_to_host, L->stage_counts, L->counts, sizeof mx);
+    DSMOE_TRY(dsmoe_rt_wait(rt, err));
+    *C = L->stage_counts[0];
     return DSMOE_OK;
 }
 
 // Each rank sends block r of `src` (E_local * C * width floats) to rank r; dst block r comes from rank r.
-// (The exchange waits for pending kernel work itself.)
 static dsmoe_status exchange(dsmoe_moe_layer *L, float *dst, const float *src, int width, dsmoe_err *err) {
     size_t bytes = (size_t)L->E_local * (size_t)L->C * (size_t)width * sizeof(float);
     return dsmoe_exchange_alltoall(L->ex, src, dst, bytes, err);
 }
 
-// host_recv (ep, E_local) = the kept counts each source rank reported for my experts.
-static dsmoe_status exchange_counts(dsmoe_moe_layer *L, dsmoe_err *err) {
-    const dsmoe_runtime *rt = L->rt;
-    int E = L->cfg.E;
-    KCALL(rt, copy_to_device, L->cnt, L->host_kept, (size_t)E * sizeof(int32_t));
-    DSMOE_TRY(dsmoe_exchange_alltoall(L->ex, L->cnt, L->cnt + E, (size_t)L->E_local * sizeof(int32_t), err));
-    KCALL(rt, copy_to_host, L->host_recv, L->cnt + E, (size_t)E * sizeof(int32_t));
-    for (int g = 0; g < E; g++)
-        if (L->host_recv[g] < 0 || L->host_recv[g] > L->C)
-            return dsmoe_err_set(err, DSMOE_ERR_INTERNAL,
-                                 "moe layer: rank %d of the EP group reported %d kept tokens for expert %d; "
-                                 "expected 0..C=%d (ranks disagree on capacity?)",
-                                 g / L->E_local, L->host_recv[g], L->ep_rank * L->E_local + g % L->E_local, L->C);
-    return DSMOE_OK;
-}
-
 // ----------------------------------------------------------------------------------------------------
 // load-balancing loss
 
-// aux_sums (2E + 1) = [P (E), N (E), S_tot] over the scope; gate_assign has written this rank's P.
-// BATCH scope: all-reduced (SUM in double) over aux_group, staged through kernel memory like the counts;
-// the comm plugin's reductions give the same result on every rank, so every rank holds the same l_aux.
+// aux (2E + 1) = [P (E), N (E), S_tot] over the scope; gate_assign has written this rank's. BATCH scope:
+// all-reduced (SUM in double) over aux_group on the device; the comm plugin's reductions give the same
+// result on every rank, so every rank holds the same l_aux.
 static dsmoe_status aux_reduce(dsmoe_moe_layer *L, dsmoe_err *err) {
     const dsmoe_runtime *rt = L->rt;
-    int E = L->cfg.E;
-    double *v = L->aux_sums;
-    for (int e = 0; e < E; e++) v[E + e] = L->host_first[e];
-    v[2 * E] = L->cfg.S;
     if (L->cfg.aux_scope != DSMOE_AUX_SCOPE_BATCH || rt->comm->group_size(L->aux_group) == 1) return DSMOE_OK;
-    size_t n = 2 * (size_t)E + 1;
-    KCALL(rt, copy_to_device, L->aux_stage, v, n * sizeof(double));
-    DSMOE_TRY(kernel_sync(rt, err));
-    CCALL(rt, allreduce, L->aux_group, DSMOE_IN_PLACE, L->aux_stage, n, DSMOE_FLOAT64, DSMOE_SUM);
-    KCALL(rt, copy_to_host, v, L->aux_stage, n * sizeof(double));
+    CCOLL(rt, allreduce, L->aux_group, DSMOE_IN_PLACE, L->aux, 2 * (size_t)L->cfg.E + 1, DSMOE_FLOAT64, DSMOE_SUM);
     return DSMOE_OK;
 }
 
-// l_aux = E * sum_e (P_e / S_tot) * (N_e / S_tot); 0 without tokens.
-static double aux_loss(const dsmoe_moe_layer *L) {
-    int E = L->cfg.E;
-    const double *v = L->aux_sums;
+// l_aux = E * sum_e (P_e / S_tot) * (N_e / S_tot); 0 without tokens. v: the staged sums (host).
+static double aux_loss(const double *v, int E) {
     double St = v[2 * E], a = 0.0;
     if (!(St > 0.0)) return 0.0;
     for (int e = 0; e < E; e++) a += (v[e] / St) * (v[E + e] / St);
     return E * a;
 }
 
-// aux_grad (E) = d(daux * l_aux)/d probs[s,e] = daux * E * N_e / S_tot^2, the same for each of this
-// rank's tokens s (N is a count: it has no gradient).
-static void aux_backward(dsmoe_moe_layer *L, float daux) {
+dsmoe_status dsmoe_moe_stats_copy(dsmoe_moe_layer *L, dsmoe_err *err) {
+    const dsmoe_runtime *rt = L->rt;
     int E = L->cfg.E;
-    const double *v = L->aux_sums;
-    double St = v[2 * E];
-    for (int e = 0; e < E; e++) L->aux_grad[e] = St > 0.0 ? (float)((double)daux * E * v[E + e] / (St * St)) : 0.0f;
+    KCALL(rt, copy_to_host, L->stage, L->kept, (size_t)E * sizeof(int32_t));
+    KCALL(rt, copy_to_host, (char *)L->stage + stage_aux_offset(E), L->aux, (2 * (size_t)E + 1) * sizeof(double));
+    return DSMOE_OK;
+}
+
+void dsmoe_moe_stats_read(dsmoe_moe_layer *L, dsmoe_moe_stats *stats) {
+    int E = L->cfg.E;
+    const int32_t *kept = L->stage;
+    const double *aux = (const double *)((const char *)L->stage + stage_aux_offset(E));
+    long total = 0;
+    for (int e = 0; e < E; e++) {
+        L->expert_load[e] = kept[e];
+        total += kept[e];
+    }
+    stats->aux_loss = (float)aux_loss(aux, E);
+    stats->capacity = L->C;
+    stats->routed = (long)L->cfg.S * L->cfg.K;
+    stats->dropped = (long)L->cfg.S * L->cfg.K - total;
+    stats->expert_load = L->expert_load;
 }
 
 // ----------------------------------------------------------------------------------------------------
-// expert FFN over the groups g = src * E_local + el (rows: the kept count from source src)
+// expert FFN: one grouped call per stage over the groups g = src * E_local + el (rows: the kept count
+// from source src, read by the plugin from recv_cnt on the device; weight el = g % E_local)
 
-// Group g's block of a capacity buffer of row width `width`.
-static inline float *block(const dsmoe_moe_layer *L, float *buf, int g, int width) {
-    return buf + (size_t)g * (size_t)L->C * (size_t)width;
-}
-
-// Points the group tables at: a = block of abuf, b = expert el's slice of wbase (wstride floats each),
-// c = block of cbuf.
-static void bind_groups(dsmoe_moe_layer *L, const float *abuf, int awidth, const float *wbase, size_t wstride,
-                        float *cbuf, int cwidth) {
-    for (int g = 0; g < L->cfg.E; g++) {
-        L->gm[g] = L->host_recv[g];
-        L->ga[g] = block(L, (float *)abuf, g, awidth);
-        L->gb[g] = wbase + (size_t)(g % L->E_local) * wstride;
-        L->gc[g] = block(L, cbuf, g, cwidth);
-    }
+// A grouped GEMM over capacity blocks: a (rows, k) blocks of abuf, weights w (n, k) (trans_b) or (k, n),
+// c (rows, n) blocks of cbuf.
+static dsmoe_grouped_gemm groups_gemm(const dsmoe_moe_layer *L, const float *abuf, int k, const float *w,
+                                      int trans_b, float *cbuf, int n) {
+    size_t C = (size_t)L->C;
+    return (dsmoe_grouped_gemm){
+        .groups = L->cfg.E, .counts = L->recv_cnt, .m_max = L->C, .n = n, .k = k, .alpha = 1.0f, .beta = 0.0f,
+        .a = abuf, .a_type = F32, .lda = k, .a_stride = C * (size_t)k,
+        .b = w, .b_type = F32, .ldb = trans_b ? k : n, .b_stride = (size_t)n * (size_t)k, .b_groups = L->E_local,
+        .trans_b = trans_b,
+        .c = cbuf, .c_type = F32, .ldc = n, .c_stride = C * (size_t)n,
+    };
 }
 
 // y (rows, M) = gelu(x (rows, M) @ w1[el]^T + b1[el]) @ w2[el]^T + b2[el] for every group.
 static dsmoe_status experts_forward(dsmoe_moe_layer *L, const dsmoe_moe_weights *w, dsmoe_err *err) {
     const dsmoe_runtime *rt = L->rt;
-    int E = L->cfg.E, M = L->cfg.M, F = L->cfg.F;
-    size_t FM = (size_t)F * M;
-    bind_groups(L, L->recv, M, w->w1, FM, L->h, F);
-    KCALL(rt, gemm_grouped, E, 0, 1, L->gm, F, M, 1.0f, L->ga, M, L->gb, M, 0.0f, L->gc, F);
-    for (int g = 0; g < E; g++) {
-        if (!L->gm[g]) continue;
-        KCALL(rt, bias_add, block(L, L->h, g, F), w->b1 + (size_t)(g % L->E_local) * F, L->gm[g], F);
-        KCALL(rt, gelu_forward, block(L, L->act, g, F), block(L, L->h, g, F), (size_t)L->gm[g] * F);
-    }
-    bind_groups(L, L->act, F, w->w2, FM, L->yexp, M);
-    KCALL(rt, gemm_grouped, E, 0, 1, L->gm, M, F, 1.0f, L->ga, F, L->gb, F, 0.0f, L->gc, M);
-    for (int g = 0; g < E; g++)
-        if (L->gm[g]) KCALL(rt, bias_add, block(L, L->yexp, g, M), w->b2 + (size_t)(g % L->E_local) * M, L->gm[g], M);
+    int M = L->cfg.M, F = L->cfg.F;
+    dsmoe_grouped_gemm fc = groups_gemm(L, L->recv, M, w->w1, 1, L->act, F); // h = x w1^T + b1, act = gelu(h)
+    fc.epilogue = DSMOE_EPI_BIAS_GELU;
+    fc.bias = w->b1;
+    fc.bias_stride = (size_t)F;
+    fc.aux = L->h;
+    KCALL(rt, gemm_grouped, &fc);
+    dsmoe_grouped_gemm proj = groups_gemm(L, L->act, F, w->w2, 1, L->yexp, M); // y = act w2^T + b2
+    proj.epilogue = DSMOE_EPI_BIAS;
+    proj.bias = w->b2;
+    proj.bias_stride = (size_t)M;
+    KCALL(rt, gemm_grouped, &proj);
     return DSMOE_OK;
 }
 
-// dw[el] (n, k) += dy^T @ x summed over the groups of expert el: one wgrad call per source rank, so
-// no call names the same dw twice (a device plugin may run the groups of one call concurrently).
+// dw[el] (n, k) += dy^T @ x and db[el] (n) += column sums of dy, summed over the groups of expert el in
+// ascending group order (a fixed order, whatever the plugin runs concurrently).
 static dsmoe_status experts_wgrad(dsmoe_moe_layer *L, const float *dybuf, int n, const float *xbuf, int k, float *dw,
-                                  dsmoe_err *err) {
+                                  float *db, dsmoe_err *err) {
     const dsmoe_runtime *rt = L->rt;
-    int El = L->E_local;
-    for (int g = 0; g < L->cfg.E; g++) {
-        L->ga[g] = block(L, (float *)dybuf, g, n);
-        L->gb[g] = block(L, (float *)xbuf, g, k);
-        L->gc[g] = dw + (size_t)(g % El) * (size_t)n * k;
-    }
-    for (int src = 0; src < L->ep; src++)
-        KCALL(rt, gemm_grouped_wgrad, El, L->gm + src * El, n, k, 1.0f, L->ga + src * El, L->gb + src * El,
-              L->gc + src * El);
+    size_t C = (size_t)L->C;
+    dsmoe_grouped_wgrad g = {
+        .groups = L->cfg.E, .counts = L->recv_cnt, .m_max = L->C, .n = n, .k = k, .alpha = 1.0f,
+        .dy = dybuf, .dy_type = F32, .dy_stride = C * (size_t)n, .x = xbuf, .x_type = F32, .x_stride = C * (size_t)k,
+        .dw = dw, .dw_stride = (size_t)n * (size_t)k, .b_groups = L->E_local, .dbias = db, .dbias_stride = (size_t)n,
+    };
+    KCALL(rt, gemm_grouped_wgrad, &g);
     return DSMOE_OK;
 }
 
@@ -452,25 +418,17 @@ static dsmoe_status experts_wgrad(dsmoe_moe_layer *L, const float *dybuf, int n,
 static dsmoe_status experts_backward(dsmoe_moe_layer *L, const dsmoe_moe_weights *w, dsmoe_moe_weights *gw,
                                      dsmoe_err *err) {
     const dsmoe_runtime *rt = L->rt;
-    int E = L->cfg.E, El = L->E_local, M = L->cfg.M, F = L->cfg.F;
-    size_t FM = (size_t)F * M;
-    // da (rows, F) = dy (rows, M) @ w2[el] (M, F)
-    bind_groups(L, L->yexp, M, w->w2, FM, L->da, F);
-    KCALL(rt, gemm_grouped, E, 0, 0, L->gm, F, M, 1.0f, L->ga, M, L->gb, F, 0.0f, L->gc, F);
-    DSMOE_TRY(experts_wgrad(L, L->yexp, M, L->act, F, gw->w2, err)); // dw2 (M, F) += dy^T act
-    for (int g = 0; g < E; g++) {
-        if (!L->gm[g]) continue;
-        size_t n = (size_t)L->gm[g] * F;
-        KCALL(rt, bias_backward, gw->b2 + (size_t)(g % El) * M, block(L, L->yexp, g, M), L->gm[g], M);
-        // act is not needed any more: it becomes dh = gelu'(h) * da.
-        KCALL(rt, zero, block(L, L->act, g, F), n * sizeof(float));
-        KCALL(rt, gelu_backward, block(L, L->act, g, F), block(L, L->h, g, F), block(L, L->da, g, F), n);
-        KCALL(rt, bias_backward, gw->b1 + (size_t)(g % El) * F, block(L, L->act, g, F), L->gm[g], F);
-    }
-    DSMOE_TRY(experts_wgrad(L, L->act, F, L->recv, M, gw->w1, err)); // dw1 (F, M) += dh^T x
+    int M = L->cfg.M, F = L->cfg.F;
+    DSMOE_TRY(experts_wgrad(L, L->yexp, M, L->act, F, gw->w2, gw->b2, err)); // dw2 += dy^T act, db2 += sum dy
+    // dh (rows, F) = gelu'(h) * (dy (rows, M) @ w2[el] (M, F)), into da
+    dsmoe_grouped_gemm dact = groups_gemm(L, L->yexp, M, w->w2, 0, L->da, F);
+    dact.epilogue = DSMOE_EPI_DGELU;
+    dact.aux = L->h;
+    KCALL(rt, gemm_grouped, &dact);
+    DSMOE_TRY(experts_wgrad(L, L->da, F, L->recv, M, gw->w1, gw->b1, err)); // dw1 += dh^T x, db1 += sum dh
     // dbuf (rows, M) = dh (rows, F) @ w1[el] (F, M), into yexp (dy is consumed)
-    bind_groups(L, L->act, F, w->w1, FM, L->yexp, M);
-    KCALL(rt, gemm_grouped, E, 0, 0, L->gm, M, F, 1.0f, L->ga, F, L->gb, M, 0.0f, L->gc, M);
+    dsmoe_grouped_gemm dx = groups_gemm(L, L->da, F, w->w1, 0, L->yexp, M);
+    KCALL(rt, gemm_grouped, &dx);
     return DSMOE_OK;
 }
 
@@ -499,11 +457,11 @@ dsmoe_status dsmoe_moe_forward(dsmoe_moe_layer *L, const dsmoe_moe_weights *w, c
     if (L->jittered) {
         L->jitter_key = dsmoe_rng_key(step->seed, MOE_TAG_JITTER, 0, 0);
         L->jitter_offset = step->token_offset * (uint64_t)M;
-        KCALL(rt, mul_uniform_noise, L->xj, x, (size_t)S * M, c->jitter_eps, L->jitter_key, L->jitter_offset);
+        KCALL(rt, mul_uniform_noise, L->xj, x, F32, (size_t)S * M, c->jitter_eps, L->jitter_key, L->jitter_offset);
         xg = L->xj;
     }
-    KCALL(rt, gemm, 0, 1, S, E, M, 1.0f, xg, M, w->wg, M, 0.0f, L->logits, E); // logits (S, E) = xg @ wg^T
-    KCALL(rt, gate_route, &L->gp, L->logits, L->probs, L->choice, L->host_counts);
+    KCALL(rt, gemm, 0, 1, S, E, M, 1.0f, xg, F32, M, w->wg, F32, M, 0.0f, L->logits, F32, E); // (S, E) = xg wg^T
+    KCALL(rt, gate_route, &L->gp, L->logits, L->probs, L->choice, L->counts);
 
     int C = 0;
     if (c->drop_tokens)
@@ -512,28 +470,21 @@ dsmoe_status dsmoe_moe_forward(dsmoe_moe_layer *L, const dsmoe_moe_weights *w, c
         DSMOE_TRY(capacity_dropless(L, &C, err));
     DSMOE_TRY(ensure_capacity(L, C, err));
     L->C = C;
-    KCALL(rt, gate_assign, &L->gp, C, L->probs, L->choice, L->slot, L->weight, L->host_kept, L->aux_sums,
-          L->host_first);
+    KCALL(rt, gate_assign, &L->gp, C, L->probs, L->choice, L->slot, L->weight, L->kept, L->aux);
     DSMOE_TRY(aux_reduce(L, err));
 
-    KCALL(rt, moe_dispatch, L->send, x, L->choice, L->slot, S, K, E, C, M); // (E, C, M)
+    KCALL(rt, moe_dispatch, L->send, x, F32, L->choice, L->slot, S, K, E, C, M); // (E, C, M)
     DSMOE_TRY(exchange(L, L->recv, L->send, M, err));
-    DSMOE_TRY(exchange_counts(L, err));
+    // recv_cnt (ep, E_local) = the kept counts each source rank reported for my experts
+    DSMOE_TRY(dsmoe_exchange_alltoall(L->ex, L->kept, L->recv_cnt, (size_t)L->E_local * sizeof(int32_t), err));
     DSMOE_TRY(experts_forward(L, w, err));
     DSMOE_TRY(exchange(L, L->yhome, L->yexp, M, err));
-    KCALL(rt, moe_combine, out, L->yhome, L->choice, L->slot, L->weight, S, K, E, C, M);
+    KCALL(rt, moe_combine, out, L->yhome, F32, L->choice, L->slot, L->weight, S, K, E, C, M);
 
     if (stats) {
-        long kept = 0;
-        for (int e = 0; e < E; e++) {
-            L->expert_load[e] = L->host_kept[e];
-            kept += L->host_kept[e];
-        }
-        stats->aux_loss = (float)aux_loss(L);
-        stats->capacity = C;
-        stats->routed = (long)S * K;
-        stats->dropped = (long)S * K - kept;
-        stats->expert_load = L->expert_load;
+        DSMOE_TRY(dsmoe_moe_stats_copy(L, err));
+        DSMOE_TRY(dsmoe_rt_wait(rt, err));
+        dsmoe_moe_stats_read(L, stats);
     }
     L->have_forward = 1;
     return DSMOE_OK;
@@ -548,30 +499,31 @@ dsmoe_status dsmoe_moe_backward(dsmoe_moe_layer *L, const dsmoe_moe_weights *w, 
         return dsmoe_err_set(err, DSMOE_ERR_INTERNAL, "moe backward: no forward to differentiate (or it failed)");
     if (!w || !grads || !grads->wg || !grads->w1 || !grads->b1 || !grads->w2 || !grads->b2 || (S > 0 && (!dout || !dx)))
         return dsmoe_err_set(err, DSMOE_ERR_INVALID, "moe backward: NULL weights, gradients, dout or dx");
-    L->have_forward = 0; // the backward consumes saved activations (act, yexp, xj are overwritten)
+    L->have_forward = 0; // the backward consumes saved activations (yexp, da, xj are overwritten)
 
     // dy (E, C, M) = weight * dout at kept slots; dweight (S, K) = dot(dout, y)
-    KCALL(rt, moe_combine_backward, L->send, L->dweight, dout, L->yhome, L->choice, L->slot, L->weight, S, K, E, C,
-          M);
+    KCALL(rt, moe_combine_backward, L->send, L->dweight, dout, L->yhome, F32, L->choice, L->slot, L->weight, S, K, E,
+          C, M);
     DSMOE_TRY(exchange(L, L->yexp, L->send, M, err));
     DSMOE_TRY(experts_backward(L, w, grads, err));
     DSMOE_TRY(exchange(L, L->send, L->yexp, M, err));
-    KCALL(rt, moe_dispatch_backward, dx, L->send, L->choice, L->slot, S, K, E, C, M);
+    KCALL(rt, moe_dispatch_backward, dx, L->send, F32, L->choice, L->slot, S, K, E, C, M);
 
-    // Router: dlogits (in the logits buffer) -> dwg += dlogits^T xg, d(xg) = dlogits @ wg.
+    // Router: dlogits (in the logits buffer) -> dwg += dlogits^T xg, d(xg) = dlogits @ wg. The l_aux part
+    // (daux * E * N_e / S_tot^2 per token) is formed by the plugin from the reduced sums on the device.
     float *dlogits = L->logits;
     KCALL(rt, zero, dlogits, (size_t)S * E * sizeof(float));
-    aux_backward(L, daux);
-    KCALL(rt, gate_backward, &L->gp, dlogits, L->probs, L->choice, L->slot, L->dweight, L->aux_grad);
+    KCALL(rt, gate_backward, &L->gp, dlogits, L->probs, L->choice, L->slot, L->dweight, L->aux, daux);
     const float *xg = L->jittered ? L->xj : L->x;
-    KCALL(rt, gemm, 1, 0, E, M, S, 1.0f, dlogits, E, xg, M, 1.0f, grads->wg, M);
+    KCALL(rt, gemm, 1, 0, E, M, S, 1.0f, dlogits, F32, E, xg, F32, M, 1.0f, grads->wg, F32, M);
     if (L->jittered) {
         // dx += d(xg) * u with the forward's u; xj is free now and takes the product.
-        KCALL(rt, gemm, 0, 0, S, M, E, 1.0f, dlogits, E, w->wg, M, 0.0f, L->dxj, M);
-        KCALL(rt, mul_uniform_noise, L->xj, L->dxj, (size_t)S * M, c->jitter_eps, L->jitter_key, L->jitter_offset);
-        KCALL(rt, axpy, dx, 1.0f, L->xj, (size_t)S * M);
+        KCALL(rt, gemm, 0, 0, S, M, E, 1.0f, dlogits, F32, E, w->wg, F32, M, 0.0f, L->dxj, F32, M);
+        KCALL(rt, mul_uniform_noise, L->xj, L->dxj, F32, (size_t)S * M, c->jitter_eps, L->jitter_key,
+              L->jitter_offset);
+        KCALL(rt, axpy, dx, 1.0f, L->xj, F32, (size_t)S * M);
     } else {
-        KCALL(rt, gemm, 0, 0, S, M, E, 1.0f, dlogits, E, w->wg, M, 1.0f, dx, M);
+        KCALL(rt, gemm, 0, 0, S, M, E, 1.0f, dlogits, F32, E, w->wg, F32, M, 1.0f, dx, F32, M);
     }
     return DSMOE_OK;
 }

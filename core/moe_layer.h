@@ -28,7 +28,6 @@
 // at a time: forward, backward, forward, ...). Buffers grow when a dropless step needs more.
 #ifndef DSMOE_MOE_LAYER_H
 #define DSMOE_MOE_LAYER_H
-#include <mpi.h>
 #include "exchange.h"
 #include "runtime.h"
 
@@ -50,10 +49,10 @@ typedef struct dsmoe_moe_config {
     float jitter_eps;
     int ep;                   // EP group size (divides E)
     dsmoe_comm_group *ep_group; // the caller's EP group (size ep); the layer does not own it
-    MPI_Comm ep_comm;         // the same ranks as ep_group, in the same order; the exchange dups it
+    dsmoe_ctl_group *ep_ctl;  // the same ranks as ep_group, in the same order (control plane: set-up)
     int alltoall;             // dsmoe_a2a_algo: FLAT, HIERARCHICAL or AUTO (AUTO falls back to flat
                               // when the EP ranks are not node-contiguous; HIERARCHICAL then fails)
-    int ranks_per_node;       // 0 = the real nodes (MPI_Comm_split_type SHARED); > 0 pretends
+    int ranks_per_node;       // 0 = the real nodes (rt->node); > 0 pretends
     int aux_scope;            // dsmoe_aux_scope
     dsmoe_comm_group *aux_group; // BATCH: the group l_aux's sums are reduced over; NULL = rt->world
 } dsmoe_moe_config;
@@ -75,7 +74,8 @@ typedef struct dsmoe_moe_step {
     uint64_t token_offset; // global index of this rank's first token
 } dsmoe_moe_step;
 
-// What the last forward measured (host values).
+// What the last forward measured (host values: valid after dsmoe_moe_stats_copy, a wait on the queue,
+// then dsmoe_moe_stats_read).
 typedef struct dsmoe_moe_stats {
     float aux_loss;        // l_aux over the scope's tokens (before the coefficient)
     int capacity;          // C used
@@ -91,6 +91,9 @@ dsmoe_status dsmoe_moe_layer_create(const dsmoe_runtime *rt, const dsmoe_moe_con
 void dsmoe_moe_layer_free(dsmoe_moe_layer *layer);
 
 // out (S, M) = MoE(x (S, M)); x must stay unchanged until the backward.
+// Nothing here waits for the queue, except a dropless layer (the host must know its capacity to size the
+// exchange) and a non-NULL stats (the forward then waits and fills it: tests and benchmarks). The model
+// passes NULL and collects every layer's stats after one wait (dsmoe_moe_stats_copy / _read).
 dsmoe_status dsmoe_moe_forward(dsmoe_moe_layer *layer, const dsmoe_moe_weights *w, const float *x,
                                float *out, const dsmoe_moe_step *step, dsmoe_moe_stats *stats, dsmoe_err *err);
 // Gradients of the last forward: dx (S, M) +=, grads (same shapes as w) +=.
@@ -99,6 +102,11 @@ dsmoe_status dsmoe_moe_forward(dsmoe_moe_layer *layer, const dsmoe_moe_weights *
 // router gradients gives the gradient of the batch l_aux: weight it once, not once per rank).
 dsmoe_status dsmoe_moe_backward(dsmoe_moe_layer *layer, const dsmoe_moe_weights *w, dsmoe_moe_weights *grads,
                                 const float *dout, float *dx, float daux, dsmoe_err *err);
+
+// Enqueues the copy of the last forward's kept counts and l_aux sums to the layer's host staging.
+dsmoe_status dsmoe_moe_stats_copy(dsmoe_moe_layer *layer, dsmoe_err *err);
+// After a wait on the queue: fills *stats from the staging (expert_load points into the layer).
+void dsmoe_moe_stats_read(dsmoe_moe_layer *layer, dsmoe_moe_stats *stats);
 
 // The layer's exchange (what its last all-to-all did: dsmoe_exchange_last).
 const dsmoe_exchange *dsmoe_moe_layer_exchange(const dsmoe_moe_layer *layer);

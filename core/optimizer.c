@@ -72,8 +72,8 @@ dsmoe_status dsmoe_optimizer_create(dsmoe_model *model, int zero_stage, dsmoe_op
         plan_shard(s, b, e, sharded ? dsmoe_model_edp_group(model, mi) : NULL, rt, o->n_state);
         o->n_state += s->end - s->begin;
     }
-    KCALL(rt, alloc, o->n_state * sizeof(float), (void **)&o->m);
-    KCALL(rt, alloc, o->n_state * sizeof(float), (void **)&o->v);
+    DSMOE_TRY(dsmoe_rt_alloc(rt, o->n_state * sizeof(float), DSMOE_ALLOC_ZERO, (void **)&o->m, "AdamW m", err));
+    DSMOE_TRY(dsmoe_rt_alloc(rt, o->n_state * sizeof(float), DSMOE_ALLOC_ZERO, (void **)&o->v, "AdamW v", err));
     if (sharded) {
         size_t most = 0, chunk = 0;
         for (int k = 0; k < o->n_shards; k++) {
@@ -82,8 +82,8 @@ dsmoe_status dsmoe_optimizer_create(dsmoe_model *model, int zero_stage, dsmoe_op
             most = g > most ? g : most;
             chunk = o->shards[k].piece > chunk ? o->shards[k].piece : chunk;
         }
-        KCALL(rt, alloc, most * sizeof(float), (void **)&o->gather);
-        KCALL(rt, alloc, chunk * sizeof(float), (void **)&o->send);
+        DSMOE_TRY(dsmoe_rt_alloc(rt, most * sizeof(float), 0, (void **)&o->gather, "ZeRO gather buffer", err));
+        DSMOE_TRY(dsmoe_rt_alloc(rt, chunk * sizeof(float), 0, (void **)&o->send, "ZeRO send buffer", err));
     }
     return DSMOE_OK;
 }
@@ -113,8 +113,7 @@ static dsmoe_status allgather_range(dsmoe_optimizer *o, const shard *s, float *s
         if (mine > p) mine = p;
         if (mine < p) KCALL(rt, zero, o->send, p * sizeof(float));
         if (mine) KCALL(rt, copy, o->send, slab + s->begin + j, mine * sizeof(float));
-        KCALL(rt, synchronize);
-        CCALL(rt, allgather, s->group, o->send, o->gather, p * sizeof(float));
+        CCOLL(rt, allgather, s->group, o->send, o->gather, p * sizeof(float));
         for (int r = 0; r < s->size; r++) {
             size_t at = (size_t)r * s->chunk + j; // offset in the range
             if (at >= n) break;
@@ -125,11 +124,16 @@ static dsmoe_status allgather_range(dsmoe_optimizer *o, const shard *s, float *s
     return DSMOE_OK;
 }
 
+// One multi-tensor AdamW call: every (tensor, shard) overlap of this rank, in tensor order.
 dsmoe_status dsmoe_optimizer_step(dsmoe_optimizer *o, float lr, float grad_scale, int t, dsmoe_err *err) {
     dsmoe_runtime *rt = o->rt;
     const dsmoe_config *c = dsmoe_model_config(o->model);
     float *params = dsmoe_model_params(o->model), *grads = dsmoe_model_grads(o->model);
-    for (int i = 0; i < dsmoe_model_tensor_count(o->model); i++) {
+    int n = 0, n_tensors = dsmoe_model_tensor_count(o->model);
+    dsmoe_adamw_tensor *list = dsmoe_calloc((size_t)n_tensors * (size_t)o->n_shards + 1, sizeof *list,
+                                            "AdamW tensor list", err);
+    if (!list) return err->status;
+    for (int i = 0; i < n_tensors; i++) {
         const dsmoe_param_tensor *p = dsmoe_model_tensor(o->model, i);
         for (int k = 0; k < o->n_shards; k++) {
             const shard *s = &o->shards[k];
@@ -137,10 +141,16 @@ dsmoe_status dsmoe_optimizer_step(dsmoe_optimizer *o, float lr, float grad_scale
             size_t hi = p->offset + p->numel < s->end ? p->offset + p->numel : s->end;
             if (lo >= hi) continue;
             size_t st = s->state_offset + (lo - s->begin);
-            KCALL(rt, adamw_update, params + lo, grads + lo, o->m + st, o->v + st, hi - lo, lr, c->beta1, c->beta2,
-                  c->adam_eps, p->decay ? c->weight_decay : 0.0f, grad_scale, t);
+            list[n++] = (dsmoe_adamw_tensor){.param = params + lo, .grad = grads + lo, .m = o->m + st, .v = o->v + st,
+                                             .n = hi - lo, .weight_decay = p->decay ? c->weight_decay : 0.0f};
         }
     }
+    dsmoe_adamw_params hp = {.lr = lr, .beta1 = c->beta1, .beta2 = c->beta2, .eps = c->adam_eps,
+                             .grad_scale = grad_scale, .t = t};
+    dsmoe_status s = rt->kern->adamw(rt->kctx, rt->q, &hp, list, n); // the list is consumed before return
+    free(list);
+    if (s != DSMOE_OK)
+        return dsmoe_err_set(err, s, "kernel plugin '%s': adamw failed: %s", rt->kern->name, rt->kern->last_error(rt->kctx));
     for (int k = 0; k < o->n_shards; k++) DSMOE_TRY(allgather_range(o, &o->shards[k], params, err));
     return DSMOE_OK;
 }

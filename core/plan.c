@@ -132,7 +132,7 @@ static void print_groups(FILE *out, const dsmoe_config *c, int ranks) {
 static void print_alltoall(FILE *out, const dsmoe_config *c, int rpn, int micro_steps, dsmoe_err *err) {
     int S = c->micro_batch * c->seq_len;
     fprintf(out, "all-to-all per rank per optimizer step (%d micro-step%s x 4 exchanges per MoE layer: dispatch and "
-            "combine, forward and backward; capacity at train.capacity_factor%s):\n", micro_steps,
+            "combine, forward and backward; capacity at moe.capacity_factor%s):\n", micro_steps,
             micro_steps == 1 ? "" : "s", c->drop_tokens ? "" : "; dropless: at least this, the busiest expert decides");
     fprintf(out, "  %-20s %-13s %12s %10s %12s %12s %14s  %s\n", "MoE layers", "algorithm", "per peer", "messages",
             "sent", "to nodes", "sent to nodes", "auto picks");

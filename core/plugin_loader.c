@@ -1,16 +1,21 @@
 // core/plugin_loader.c: see plugin_loader.h.
 //
 // Loading a plugin is: search path -> the first existing libdsmoe_<kind>_<name>.so -> dlopen(RTLD_NOW |
-// RTLD_LOCAL) -> dlsym(entry symbol) -> entry() -> table checks. Each step that can fail has its own
-// message and status, because the user's fix differs for each (set a path, rebuild the plugin against
-// this dsmoe, fix a plugin bug). Only after the version check is any field past api_version read: a
-// table of another version may have another layout.
+// RTLD_LOCAL) -> dlsym(the v2 entry symbol, else the v1 one) -> entry() -> table checks -> for a v1
+// table, the adapter. Each step that can fail has its own message and status, because the user's fix
+// differs for each (set a path, rebuild the plugin against this dsmoe, fix a plugin bug). Only after the
+// version check is any field past api_version read: a table of another version has another layout.
 //
-// Versioning: a future ABI v2 exports dsmoe_<kind>_plugin_v2; the loader will try it first and fall back
-// to the v1 symbol through an adapter (one small file per old version, as NCCL does). Today v1 is the
-// only version, so each kind tries exactly one symbol.
+// A v1 table is checked by the v1 rules (every member but the device pair set), then wrapped by its
+// adapter (core/plugin_adapt.h); the adapted v2 table goes through the v2 checks like any other, so an
+// adapter that forgot a member is caught here rather than by a crash.
 #define _GNU_SOURCE
+// <mpi.h> before the plugin headers: DSMOE_MPI_ABI_STRING (dsmoe/comm_plugin.h) then names the MPI this
+// dsmoe is built with, which a comm plugin's mpi_abi must equal.
+#include <mpi.h>
+
 #include "plugin_loader.h"
+#include "plugin_adapt.h" // dsmoe_kernel_adapt_v1, dsmoe_comm_adapt_v1, the v1 tables
 
 #include <dirent.h>
 #include <dlfcn.h>
@@ -20,6 +25,8 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
+
+_Static_assert(sizeof(DSMOE_MPI_ABI_STRING) > 1, "<mpi.h> must come before dsmoe/comm_plugin.h in this file");
 
 #ifndef DSMOE_BUILD_PLUGIN_DIRS
 #define DSMOE_BUILD_PLUGIN_DIRS ""
@@ -159,9 +166,24 @@ static dsmoe_status not_found(const char *kind, const char *name, const char *pa
 // ------------------------------------------------------------------------------------------------
 // finding, opening and rejecting
 
+#define ABI_NEWEST 2 // the version this dsmoe speaks natively; 1 runs through an adapter
+#define ABI_PROBE_MAX 32 // unknown future versions looked for, to name them in the message
+
 static void handle_reset(dsmoe_plugin_handle *h) {
     h->dl = NULL;
     h->path[0] = '\0';
+    h->api_version = 0;
+    h->adapter = NULL;
+}
+
+static void handle_release(dsmoe_plugin_handle *h) {
+    if (h->adapter) {
+        dsmoe_plugin_adapter *a = h->adapter;
+        a->release(a);
+    }
+    h->adapter = NULL;
+    if (h->dl) dlclose(h->dl);
+    h->dl = NULL;
 }
 
 // Closes what was opened and reports why the plugin at h->path was refused.
@@ -175,15 +197,14 @@ static dsmoe_status reject(dsmoe_plugin_handle *h, dsmoe_err *err, dsmoe_status 
         va_end(ap);
         err->status = status;
     }
-    if (h->dl) dlclose(h->dl);
-    h->dl = NULL;
+    handle_release(h);
+    h->api_version = 0;
     return status;
 }
 
-// Finds and opens libdsmoe_<kind>_<name>.so and returns its entry symbol; h->path names the file.
-static dsmoe_status open_plugin(const char *kind, const char *name, const char *extra_path, const char *symbol,
-                                dsmoe_plugin_handle *h, void **entry, dsmoe_err *err) {
-    *entry = NULL;
+// Finds and opens libdsmoe_<kind>_<name>.so; h->path names the file.
+static dsmoe_status open_plugin(const char *kind, const char *name, const char *extra_path, dsmoe_plugin_handle *h,
+                                dsmoe_err *err) {
     // The name becomes part of a file name: keep it to one path component of ordinary characters.
     size_t nlen = name ? strlen(name) : 0;
     if (nlen == 0 || nlen > 63 || strspn(name, "abcdefghijklmnopqrstuvwxyz0123456789_-") != nlen)
@@ -221,28 +242,52 @@ static dsmoe_status open_plugin(const char *kind, const char *name, const char *
         return reject(h, err, DSMOE_ERR_SYSTEM, "%s plugin '%s' found at %s but failed to load: %s", kind, name,
                       h->path, why ? why : "unknown dlopen error");
     }
-    dlerror();
-    *entry = dlsym(h->dl, symbol);
-    if (!*entry)
-        return reject(h, err, DSMOE_ERR_IO, "%s is not a dsmoe %s plugin: symbol %s not found", h->path, kind,
-                      symbol);
     return DSMOE_OK;
 }
 
-// Checks what every kind's table starts with: present, of our version, named as its file.
-// Only api_version is read before the version is known to match.
-static dsmoe_status check_header(const char *kind, const char *name, const char *symbol, const void *table,
-                                 uint32_t expected, dsmoe_plugin_handle *h, dsmoe_err *err) {
+// Looks up dsmoe_<kind>_plugin_entry_v2, else _v1; *version = the version of the symbol found. A file
+// with neither but the symbol of another version is refused naming that version.
+static dsmoe_status find_entry(const char *kind, dsmoe_plugin_handle *h, void **entry, int *version, char *symbol,
+                               size_t symlen, dsmoe_err *err) {
+    *entry = NULL;
+    for (int v = ABI_NEWEST; v >= 1 && !*entry; v--) {
+        snprintf(symbol, symlen, "dsmoe_%s_plugin_entry_v%d", kind, v);
+        dlerror();
+        *entry = dlsym(h->dl, symbol);
+        *version = v;
+    }
+    if (*entry) return DSMOE_OK;
+    for (int v = ABI_NEWEST + 1; v <= ABI_PROBE_MAX; v++) {
+        snprintf(symbol, symlen, "dsmoe_%s_plugin_entry_v%d", kind, v);
+        if (dlsym(h->dl, symbol))
+            return reject(h, err, DSMOE_ERR_UNSUPPORTED,
+                          "%s: the plugin speaks %s ABI %d (it exports %s only); this dsmoe speaks %d (and 1 through "
+                          "an adapter); rebuild the plugin against this dsmoe's include/dsmoe headers",
+                          h->path, kind, v, symbol, ABI_NEWEST);
+    }
+    return reject(h, err, DSMOE_ERR_IO,
+                  "%s is not a dsmoe %s plugin: neither symbol dsmoe_%s_plugin_entry_v%d nor dsmoe_%s_plugin_entry_v1 "
+                  "found",
+                  h->path, kind, kind, ABI_NEWEST, kind);
+}
+
+// Checks what every table starts with: present, of a version we speak, the version its symbol names.
+// Only api_version is read before the version is known: every table version starts with it.
+static dsmoe_status check_version(const char *kind, const char *symbol, int symbol_version, const void *table,
+                                  dsmoe_plugin_handle *h, dsmoe_err *err) {
     if (!table)
-        return reject(h, err, DSMOE_ERR_INTERNAL, "%s: %s() returned NULL: the plugin refused to load", h->path,
-                      symbol);
-    // Every table version starts with uint32_t api_version, so this read is valid for any version.
+        return reject(h, err, DSMOE_ERR_INTERNAL, "%s: %s() returned NULL: the plugin refused to load", h->path, symbol);
     uint32_t version = *(const uint32_t *)table;
-    if (version != expected)
+    if (version != 1 && version != ABI_NEWEST)
         return reject(h, err, DSMOE_ERR_UNSUPPORTED,
-                      "%s: %s plugin ABI version %u, this dsmoe speaks %u; rebuild the plugin against this "
-                      "dsmoe's include/dsmoe headers",
-                      h->path, kind, (unsigned)version, (unsigned)expected);
+                      "%s: the plugin speaks %s ABI %u; this dsmoe speaks %d (and 1 through an adapter); rebuild the "
+                      "plugin against this dsmoe's include/dsmoe headers",
+                      h->path, kind, (unsigned)version, ABI_NEWEST);
+    if ((int)version != symbol_version)
+        return reject(h, err, DSMOE_ERR_INTERNAL,
+                      "%s: %s() returned a table of %s ABI %u; expected %d, the version in the symbol's name",
+                      h->path, symbol, kind, (unsigned)version, symbol_version);
+    h->api_version = (int)version;
     return DSMOE_OK;
 }
 
@@ -257,6 +302,48 @@ static dsmoe_status check_name(const char *kind, const char *name, const char *t
                       "table must match libdsmoe_%s_<name>.so",
                       h->path, kind, table_name, name, kind);
     return DSMOE_OK;
+}
+
+// The settings a v2 plugin declares (dsmoe/types.h): the core registers them as <kind>.<name>.<key>,
+// so a malformed entry is refused here, before any deck is read against it.
+static dsmoe_status check_params(const char *kind, const char *name, const dsmoe_param_decl *params, int n_params,
+                                 dsmoe_plugin_handle *h, dsmoe_err *err) {
+    if (n_params < 0 || (n_params > 0) != (params != NULL))
+        return reject(h, err, DSMOE_ERR_INTERNAL,
+                      "%s: %s plugin '%s' declares n_params = %d with params %s; expected params non-NULL exactly "
+                      "when n_params > 0",
+                      h->path, kind, name, n_params, params ? "set" : "NULL");
+    for (int i = 0; i < n_params; i++) {
+        const dsmoe_param_decl *p = &params[i];
+        size_t len = p->name ? strlen(p->name) : 0;
+        const char *why = NULL;
+        if (len == 0 || strspn(p->name, "abcdefghijklmnopqrstuvwxyz0123456789_") != len)
+            why = "its name is not a lower-case key of [a-z0-9_]+";
+        else if (p->type < DSMOE_PARAM_INT || p->type > DSMOE_PARAM_ENUM)
+            why = "its type is not a DSMOE_PARAM_* value";
+        else if (!p->default_value)
+            why = "default_value is NULL";
+        else if (!p->help)
+            why = "help is NULL";
+        else if ((p->type == DSMOE_PARAM_ENUM) != (p->choices != NULL))
+            why = p->choices ? "choices are set but the type is not DSMOE_PARAM_ENUM" : "an ENUM without choices";
+        if (why)
+            return reject(h, err, DSMOE_ERR_INTERNAL, "%s: %s plugin '%s' declares setting %d ('%s'): %s", h->path,
+                          kind, name, i, p->name ? p->name : "(null)", why);
+        for (int j = 0; j < i; j++)
+            if (strcmp(params[j].name, p->name) == 0)
+                return reject(h, err, DSMOE_ERR_INTERNAL, "%s: %s plugin '%s' declares setting '%s' twice", h->path,
+                              kind, name, p->name);
+    }
+    return DSMOE_OK;
+}
+
+// "sets a but not b; expected both or neither" for a pair of optional members that come together.
+static dsmoe_status check_both_or_neither(const char *kind, const char *name, int has_a, const char *a, int has_b,
+                                          const char *b, const char *why, dsmoe_plugin_handle *h, dsmoe_err *err) {
+    if (has_a == has_b) return DSMOE_OK;
+    return reject(h, err, DSMOE_ERR_INTERNAL, "%s: %s plugin '%s' sets %s but not %s; expected both (%s) or neither",
+                  h->path, kind, name, has_a ? a : b, has_a ? b : a, why);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -282,12 +369,114 @@ static const char *mem_kinds_name(uint32_t kinds, char *buf, size_t len) {
 
 static int single_bit(uint32_t x) { return x != 0 && (x & (x - 1)) == 0; }
 
-// ------------------------------------------------------------------------------------------------
-// kernel plugins
+static dsmoe_status check_kernel_mem_kind(const char *name, uint32_t kind, dsmoe_plugin_handle *h, dsmoe_err *err) {
+    if (single_bit(kind)) return DSMOE_OK;
+    char kinds[96];
+    return reject(h, err, DSMOE_ERR_INTERNAL,
+                  "%s: kernel plugin '%s' declares mem_kind %s memory (0x%x); expected exactly one DSMOE_MEM_* bit",
+                  h->path, name, mem_kinds_name(kind, kinds, sizeof kinds), (unsigned)kind);
+}
 
-// Every member but device_count and device_pci_bus_id (optional, both or neither) must be set. The static assert below fails the build
-// when the ABI grows a member that is not listed here.
+static dsmoe_status check_comm_mem_kinds(const char *name, uint32_t kinds, dsmoe_plugin_handle *h, dsmoe_err *err) {
+    if (kinds != 0) return DSMOE_OK;
+    return reject(h, err, DSMOE_ERR_INTERNAL,
+                  "%s: comm plugin '%s' declares mem_kinds 0; expected a set of DSMOE_MEM_* bits", h->path, name);
+}
+
+#define COUNT_ONE(m) +1
+#define RETURN_IF_NULL(m)                                                                          \
+    if (!t->m) return #m;
+#define FN_SIZE sizeof(void (*)(void))
+
+// ------------------------------------------------------------------------------------------------
+// kernel plugins, ABI 2
+
+// The static assert below fails the build when the ABI grows a member not listed in one of these.
 #define KERNEL_REQUIRED(X)                                                                         \
+    X(init) X(finalize) X(last_error) X(describe) X(attention_bytes) X(default_queue) X(queue_native) \
+    X(queue_enqueue_host) X(queue_synchronize) X(synchronize) X(event_create) X(event_destroy)       \
+    X(event_record) X(queue_wait_event) X(event_synchronize) X(event_query) X(alloc) X(free)         \
+    X(host_alloc) X(host_free) X(copy_to_device) X(copy_to_host) X(copy) X(copy_2d) X(zero) X(gemm)  \
+    X(gemm_grouped) X(gemm_grouped_wgrad) X(bias_add) X(bias_backward) X(axpy) X(mul_uniform_noise)  \
+    X(sum_squares) X(init_tensor) X(embedding_forward) X(embedding_backward) X(layernorm_forward)    \
+    X(layernorm_backward) X(gelu_forward) X(gelu_backward) X(attention_forward)                      \
+    X(attention_backward) X(crossentropy_forward) X(crossentropy_backward) X(gate_route)            \
+    X(gate_assign) X(gate_backward) X(moe_dispatch) X(moe_dispatch_backward) X(moe_combine)          \
+    X(moe_combine_backward) X(residual_mix_forward) X(residual_mix_backward) X(adamw)
+// "(optional)" in the header; device_count/device_pci_bus_id and queue_create/queue_destroy go in pairs.
+#define KERNEL_OPTIONAL(X)                                                                         \
+    X(device_count) X(device_pci_bus_id) X(mem_info) X(queue_create) X(queue_destroy) X(all_finite) X(convert)
+// All or none, present exactly with DSMOE_KCAP_INFERENCE.
+#define KERNEL_INFERENCE(X) X(kv_append) X(attention_cached) X(sample)
+
+_Static_assert(sizeof(dsmoe_kernel_plugin_v2) ==
+                   offsetof(dsmoe_kernel_plugin_v2, init) +
+                       (0 KERNEL_REQUIRED(COUNT_ONE) KERNEL_OPTIONAL(COUNT_ONE) KERNEL_INFERENCE(COUNT_ONE)) * FN_SIZE,
+               "dsmoe_kernel_plugin_v2 changed: list every new member in KERNEL_REQUIRED, _OPTIONAL or _INFERENCE");
+
+static const char *kernel_missing_member(const dsmoe_kernel_plugin_v2 *t) {
+    if (!t->description) return "description";
+    KERNEL_REQUIRED(RETURN_IF_NULL)
+    return NULL;
+}
+
+static const char *kernel_inference_missing(const dsmoe_kernel_plugin_v2 *t) {
+    KERNEL_INFERENCE(RETURN_IF_NULL)
+    return NULL;
+}
+
+// Everything past the header of a v2 kernel table.
+static dsmoe_status check_kernel_v2(const char *name, const dsmoe_kernel_plugin_v2 *t, dsmoe_plugin_handle *h,
+                                    dsmoe_err *err) {
+    const char *missing = kernel_missing_member(t);
+    if (missing)
+        return reject(h, err, DSMOE_ERR_INTERNAL, "%s: kernel plugin '%s' leaves required member %s NULL", h->path,
+                      name, missing);
+    DSMOE_TRY(check_both_or_neither("kernel", name, t->device_count != NULL, "device_count",
+                                    t->device_pci_bus_id != NULL, "device_pci_bus_id", "a device plugin", h, err));
+    DSMOE_TRY(check_both_or_neither("kernel", name, t->queue_create != NULL, "queue_create", t->queue_destroy != NULL,
+                                    "queue_destroy", "more queues than the default one", h, err));
+    const char *inf_missing = kernel_inference_missing(t);
+    int inf_any = t->kv_append || t->attention_cached || t->sample;
+    if (t->caps & DSMOE_KCAP_INFERENCE) {
+        if (inf_missing)
+            return reject(h, err, DSMOE_ERR_INTERNAL,
+                          "%s: kernel plugin '%s' declares DSMOE_KCAP_INFERENCE but leaves %s NULL; expected "
+                          "kv_append, attention_cached and sample with that capability, or none without it",
+                          h->path, name, inf_missing);
+    } else if (inf_any) {
+        if (inf_missing)
+            return reject(h, err, DSMOE_ERR_INTERNAL,
+                          "%s: kernel plugin '%s' sets some inference members but leaves %s NULL; expected kv_append, "
+                          "attention_cached and sample with DSMOE_KCAP_INFERENCE, or none without it",
+                          h->path, name, inf_missing);
+        return reject(h, err, DSMOE_ERR_INTERNAL,
+                      "%s: kernel plugin '%s' sets kv_append, attention_cached and sample but does not declare "
+                      "DSMOE_KCAP_INFERENCE in caps (0x%x); expected both or neither",
+                      h->path, name, (unsigned)t->caps);
+    }
+    if (!(t->dtypes & DSMOE_DTYPE_BIT(DSMOE_FLOAT32)))
+        return reject(h, err, DSMOE_ERR_INTERNAL,
+                      "%s: kernel plugin '%s' declares dtypes 0x%x without float32; expected "
+                      "DSMOE_DTYPE_BIT(DSMOE_FLOAT32) set (every plugin computes in float32)",
+                      h->path, name, (unsigned)t->dtypes);
+    int bf16_dtype = (t->dtypes & DSMOE_DTYPE_BIT(DSMOE_BFLOAT16)) != 0, bf16_cap = (t->caps & DSMOE_KCAP_BF16) != 0;
+    if (bf16_dtype != bf16_cap)
+        return reject(h, err, DSMOE_ERR_INTERNAL,
+                      "%s: kernel plugin '%s' %s; expected DSMOE_KCAP_BF16 in caps exactly when "
+                      "DSMOE_DTYPE_BIT(DSMOE_BFLOAT16) is in dtypes",
+                      h->path, name,
+                      bf16_cap ? "declares DSMOE_KCAP_BF16 but not bfloat16 in dtypes"
+                               : "lists bfloat16 in dtypes but does not declare DSMOE_KCAP_BF16");
+    DSMOE_TRY(check_kernel_mem_kind(name, t->mem_kind, h, err));
+    return check_params("kernel", name, t->params, t->n_params, h, err);
+}
+
+// ------------------------------------------------------------------------------------------------
+// kernel plugins, ABI 1 (then adapted)
+
+// Every member but device_count and device_pci_bus_id (optional, both or neither) must be set.
+#define KERNEL_V1_REQUIRED(X)                                                                      \
     X(init) X(finalize) X(last_error) X(describe) X(alloc) X(free) X(copy_to_device) X(copy_to_host) \
     X(copy) X(zero) X(synchronize) X(gemm) X(gemm_grouped) X(gemm_grouped_wgrad) X(bias_add)         \
     X(bias_backward) X(axpy) X(scale) X(mul_uniform_noise) X(sum_squares) X(all_finite)             \
@@ -296,94 +485,203 @@ static int single_bit(uint32_t x) { return x != 0 && (x & (x - 1)) == 0; }
     X(crossentropy_forward) X(crossentropy_backward) X(gate_route) X(gate_assign) X(gate_backward)  \
     X(moe_dispatch) X(moe_dispatch_backward) X(moe_combine) X(moe_combine_backward)                 \
     X(residual_mix_forward) X(residual_mix_backward) X(adamw_update)
-#define KERNEL_OPTIONAL_COUNT 2 // device_count, device_pci_bus_id
-
-#define COUNT_ONE(m) +1
-#define RETURN_IF_NULL(m)                                                                          \
-    if (!t->m) return #m;
+#define KERNEL_V1_OPTIONAL_COUNT 2 // device_count, device_pci_bus_id
 
 _Static_assert(sizeof(dsmoe_kernel_plugin_v1) ==
                    offsetof(dsmoe_kernel_plugin_v1, init) +
-                       (0 KERNEL_REQUIRED(COUNT_ONE) + KERNEL_OPTIONAL_COUNT) * sizeof(void (*)(void)),
-               "dsmoe_kernel_plugin_v1 changed: list every new member in KERNEL_REQUIRED or as optional");
+                       (0 KERNEL_V1_REQUIRED(COUNT_ONE) + KERNEL_V1_OPTIONAL_COUNT) * FN_SIZE,
+               "dsmoe_kernel_plugin_v1 is frozen: it must not change");
 
-static const char *kernel_missing_member(const dsmoe_kernel_plugin_v1 *t) {
+static const char *kernel_v1_missing_member(const dsmoe_kernel_plugin_v1 *t) {
     if (!t->description) return "description";
-    KERNEL_REQUIRED(RETURN_IF_NULL)
+    KERNEL_V1_REQUIRED(RETURN_IF_NULL)
     return NULL;
 }
 
+static dsmoe_status check_kernel_v1(const char *name, const dsmoe_kernel_plugin_v1 *t, dsmoe_plugin_handle *h,
+                                    dsmoe_err *err) {
+    const char *missing = kernel_v1_missing_member(t);
+    if (missing)
+        return reject(h, err, DSMOE_ERR_INTERNAL, "%s: kernel plugin '%s' (ABI 1) leaves required member %s NULL",
+                      h->path, name, missing);
+    DSMOE_TRY(check_both_or_neither("kernel", name, t->device_count != NULL, "device_count",
+                                    t->device_pci_bus_id != NULL, "device_pci_bus_id", "a device plugin", h, err));
+    return check_kernel_mem_kind(name, t->mem_kind, h, err);
+}
+
+// Wraps a checked v1 table; the adapted table must then pass the v2 checks (else the adapter is wrong).
+static dsmoe_status adapt_kernel(const char *name, const dsmoe_kernel_plugin_v1 *v1,
+                                 const dsmoe_kernel_plugin_v2 **out, dsmoe_plugin_handle *h, dsmoe_err *err) {
+    char why[512] = "";
+    dsmoe_plugin_adapter *adapter = NULL;
+    dsmoe_status s = dsmoe_kernel_adapt_v1(v1, out, &adapter, why, sizeof why);
+    if (s != DSMOE_OK)
+        return reject(h, err, s, "%s: kernel plugin '%s' speaks ABI 1 and cannot be adapted to ABI %d: %s", h->path,
+                      name, ABI_NEWEST, why);
+    h->adapter = adapter;
+    dsmoe_err inner = {0};
+    s = check_kernel_v2(name, *out, h, &inner);
+    if (s != DSMOE_OK)
+        return dsmoe_err_set(err, DSMOE_ERR_INTERNAL, "the v1 kernel adapter built a table the loader refuses (a bug "
+                             "in dsmoe's core/kernel_adapt_v1.c): %s", inner.msg);
+    return DSMOE_OK;
+}
+
 dsmoe_status dsmoe_plugin_load_kernel(const char *name, const char *extra_path,
-                                      const dsmoe_kernel_plugin_v1 **plugin, dsmoe_plugin_handle *handle,
+                                      const dsmoe_kernel_plugin_v2 **plugin, dsmoe_plugin_handle *handle,
                                       dsmoe_err *err) {
     *plugin = NULL;
     handle_reset(handle);
+    DSMOE_TRY(open_plugin("kernel", name, extra_path, handle, err));
     void *sym;
-    DSMOE_TRY(open_plugin("kernel", name, extra_path, DSMOE_KERNEL_PLUGIN_SYMBOL, handle, &sym, err));
-    dsmoe_kernel_plugin_entry_fn entry = (dsmoe_kernel_plugin_entry_fn)sym;
-    const dsmoe_kernel_plugin_v1 *t = entry();
-    DSMOE_TRY(check_header("kernel", name, DSMOE_KERNEL_PLUGIN_SYMBOL, t, DSMOE_KERNEL_API_VERSION, handle, err));
-    DSMOE_TRY(check_name("kernel", name, t->name, handle, err));
-    const char *missing = kernel_missing_member(t);
-    if (missing)
-        return reject(handle, err, DSMOE_ERR_INTERNAL, "%s: kernel plugin '%s' leaves required member %s NULL",
-                      handle->path, name, missing);
-    if (!t->device_count != !t->device_pci_bus_id)
-        return reject(handle, err, DSMOE_ERR_INTERNAL,
-                      "%s: kernel plugin '%s' sets %s but not %s; expected both (a device plugin) or neither",
-                      handle->path, name, t->device_count ? "device_count" : "device_pci_bus_id",
-                      t->device_count ? "device_pci_bus_id" : "device_count");
-    if (!single_bit(t->mem_kind)) {
-        char kinds[96];
-        return reject(handle, err, DSMOE_ERR_INTERNAL,
-                      "%s: kernel plugin '%s' declares mem_kind %s memory (0x%x); expected exactly one DSMOE_MEM_* bit",
-                      handle->path, name, mem_kinds_name(t->mem_kind, kinds, sizeof kinds), (unsigned)t->mem_kind);
+    int sym_version;
+    char symbol[64];
+    DSMOE_TRY(find_entry("kernel", handle, &sym, &sym_version, symbol, sizeof symbol, err));
+    // Both entry types are `const T *(void)`; the table's own api_version decides the type read.
+    const void *table = ((const void *(*)(void))sym)();
+    DSMOE_TRY(check_version("kernel", symbol, sym_version, table, handle, err));
+    const dsmoe_kernel_plugin_v2 *t;
+    if (handle->api_version == 1) {
+        const dsmoe_kernel_plugin_v1 *v1 = table;
+        DSMOE_TRY(check_name("kernel", name, v1->name, handle, err));
+        DSMOE_TRY(check_kernel_v1(name, v1, handle, err));
+        DSMOE_TRY(adapt_kernel(name, v1, &t, handle, err));
+    } else {
+        t = table;
+        DSMOE_TRY(check_name("kernel", name, t->name, handle, err));
+        DSMOE_TRY(check_kernel_v2(name, t, handle, err));
     }
     *plugin = t;
     return DSMOE_OK;
 }
 
 // ------------------------------------------------------------------------------------------------
-// comm plugins
+// comm plugins, ABI 2
 
 #define COMM_REQUIRED(X)                                                                           \
     X(init) X(finalize) X(last_error) X(group_create) X(group_destroy) X(group_rank) X(group_size)   \
-    X(alltoall) X(alltoallv) X(allreduce) X(allgather) X(broadcast) X(barrier)
+    X(alltoall) X(allreduce) X(allgather) X(reduce_scatter)
+// Each optional on its own (the core has fallbacks).
+#define COMM_OPTIONAL(X) X(alltoallv) X(broadcast) X(barrier)
+// All or none, present exactly with DSMOE_CCAP_NONBLOCKING: a start without a wait could never finish.
+#define COMM_NONBLOCKING(X) X(allreduce_start) X(request_test) X(request_wait)
 
-// Members a plugin may leave NULL (the core then falls back to the blocking allreduce).
-#define COMM_OPTIONAL(X) X(allreduce_start) X(request_test) X(request_wait)
+_Static_assert(sizeof(dsmoe_comm_plugin_v2) ==
+                   offsetof(dsmoe_comm_plugin_v2, init) +
+                       (0 COMM_REQUIRED(COUNT_ONE) COMM_OPTIONAL(COUNT_ONE) COMM_NONBLOCKING(COUNT_ONE)) * FN_SIZE,
+               "dsmoe_comm_plugin_v2 changed: list every new member in COMM_REQUIRED, _OPTIONAL or _NONBLOCKING");
 
-_Static_assert(sizeof(dsmoe_comm_plugin_v1) ==
-                   offsetof(dsmoe_comm_plugin_v1, init) +
-                       (0 COMM_REQUIRED(COUNT_ONE) COMM_OPTIONAL(COUNT_ONE)) * sizeof(void (*)(void)),
-               "dsmoe_comm_plugin_v1 changed: list every new member in COMM_REQUIRED or COMM_OPTIONAL");
-
-static const char *comm_missing_member(const dsmoe_comm_plugin_v1 *t) {
+static const char *comm_missing_member(const dsmoe_comm_plugin_v2 *t) {
     if (!t->description) return "description";
     COMM_REQUIRED(RETURN_IF_NULL)
-    // The non-blocking trio is all or nothing: a start without a wait could never be finished.
-    if (t->allreduce_start || t->request_test || t->request_wait) { COMM_OPTIONAL(RETURN_IF_NULL) }
     return NULL;
 }
 
-dsmoe_status dsmoe_plugin_load_comm(const char *name, const char *extra_path, const dsmoe_comm_plugin_v1 **plugin,
+static const char *comm_nonblocking_missing(const dsmoe_comm_plugin_v2 *t) {
+    COMM_NONBLOCKING(RETURN_IF_NULL)
+    return NULL;
+}
+
+static dsmoe_status check_comm_v2(const char *name, const dsmoe_comm_plugin_v2 *t, dsmoe_plugin_handle *h,
+                                  dsmoe_err *err) {
+    const char *missing = comm_missing_member(t);
+    if (missing)
+        return reject(h, err, DSMOE_ERR_INTERNAL, "%s: comm plugin '%s' leaves required member %s NULL", h->path, name,
+                      missing);
+    const char *nb_missing = comm_nonblocking_missing(t);
+    int nb_any = t->allreduce_start || t->request_test || t->request_wait;
+    if (t->caps & DSMOE_CCAP_NONBLOCKING) {
+        if (nb_missing)
+            return reject(h, err, DSMOE_ERR_INTERNAL,
+                          "%s: comm plugin '%s' declares DSMOE_CCAP_NONBLOCKING but leaves %s NULL; expected "
+                          "allreduce_start, request_test and request_wait with that capability, or none without it",
+                          h->path, name, nb_missing);
+    } else if (nb_any) {
+        if (nb_missing)
+            return reject(h, err, DSMOE_ERR_INTERNAL,
+                          "%s: comm plugin '%s' sets some non-blocking members but leaves %s NULL; expected "
+                          "allreduce_start, request_test and request_wait with DSMOE_CCAP_NONBLOCKING, or none "
+                          "without it",
+                          h->path, name, nb_missing);
+        return reject(h, err, DSMOE_ERR_INTERNAL,
+                      "%s: comm plugin '%s' sets allreduce_start, request_test and request_wait but does not declare "
+                      "DSMOE_CCAP_NONBLOCKING in caps (0x%x); expected both or neither",
+                      h->path, name, (unsigned)t->caps);
+    }
+    DSMOE_TRY(check_comm_mem_kinds(name, t->mem_kinds, h, err));
+    // A plugin calling MPI runs on the very library the core initialised: another MPI's handles and
+    // constants mean nothing to ours (and may crash far from here).
+    if (t->mpi_abi && strcmp(t->mpi_abi, DSMOE_MPI_ABI_STRING) != 0)
+        return reject(h, err, DSMOE_ERR_UNSUPPORTED,
+                      "%s: comm plugin '%s' was built against MPI '%s' but this dsmoe uses MPI '%s'; rebuild the "
+                      "plugin with this dsmoe's MPI (its mpicc)",
+                      h->path, name, t->mpi_abi, DSMOE_MPI_ABI_STRING);
+    return check_params("comm", name, t->params, t->n_params, h, err);
+}
+
+// ------------------------------------------------------------------------------------------------
+// comm plugins, ABI 1 (then adapted)
+
+#define COMM_V1_REQUIRED(X)                                                                        \
+    X(init) X(finalize) X(last_error) X(group_create) X(group_destroy) X(group_rank) X(group_size)   \
+    X(alltoall) X(alltoallv) X(allreduce) X(allgather) X(broadcast) X(barrier)
+
+_Static_assert(sizeof(dsmoe_comm_plugin_v1) ==
+                   offsetof(dsmoe_comm_plugin_v1, init) +
+                       (0 COMM_V1_REQUIRED(COUNT_ONE) COMM_NONBLOCKING(COUNT_ONE)) * FN_SIZE,
+               "dsmoe_comm_plugin_v1 is frozen: it must not change");
+
+static const char *comm_v1_missing_member(const dsmoe_comm_plugin_v1 *t) {
+    if (!t->description) return "description";
+    COMM_V1_REQUIRED(RETURN_IF_NULL)
+    // v1 has no capability bit: the trio is simply all or nothing.
+    if (t->allreduce_start || t->request_test || t->request_wait) { COMM_NONBLOCKING(RETURN_IF_NULL) }
+    return NULL;
+}
+
+static dsmoe_status adapt_comm(const char *name, const dsmoe_comm_plugin_v1 *v1, const dsmoe_comm_plugin_v2 **out,
+                               dsmoe_plugin_handle *h, dsmoe_err *err) {
+    char why[512] = "";
+    dsmoe_plugin_adapter *adapter = NULL;
+    dsmoe_status s = dsmoe_comm_adapt_v1(v1, out, &adapter, why, sizeof why);
+    if (s != DSMOE_OK)
+        return reject(h, err, s, "%s: comm plugin '%s' speaks ABI 1 and cannot be adapted to ABI %d: %s", h->path,
+                      name, ABI_NEWEST, why);
+    h->adapter = adapter;
+    dsmoe_err inner = {0};
+    s = check_comm_v2(name, *out, h, &inner);
+    if (s != DSMOE_OK)
+        return dsmoe_err_set(err, DSMOE_ERR_INTERNAL, "the v1 comm adapter built a table the loader refuses (a bug "
+                             "in dsmoe's core/comm_adapt_v1.c): %s", inner.msg);
+    return DSMOE_OK;
+}
+
+dsmoe_status dsmoe_plugin_load_comm(const char *name, const char *extra_path, const dsmoe_comm_plugin_v2 **plugin,
                                     dsmoe_plugin_handle *handle, dsmoe_err *err) {
     *plugin = NULL;
     handle_reset(handle);
+    DSMOE_TRY(open_plugin("comm", name, extra_path, handle, err));
     void *sym;
-    DSMOE_TRY(open_plugin("comm", name, extra_path, DSMOE_COMM_PLUGIN_SYMBOL, handle, &sym, err));
-    dsmoe_comm_plugin_entry_fn entry = (dsmoe_comm_plugin_entry_fn)sym;
-    const dsmoe_comm_plugin_v1 *t = entry();
-    DSMOE_TRY(check_header("comm", name, DSMOE_COMM_PLUGIN_SYMBOL, t, DSMOE_COMM_API_VERSION, handle, err));
-    DSMOE_TRY(check_name("comm", name, t->name, handle, err));
-    const char *missing = comm_missing_member(t);
-    if (missing)
-        return reject(handle, err, DSMOE_ERR_INTERNAL, "%s: comm plugin '%s' leaves required member %s NULL",
-                      handle->path, name, missing);
-    if (t->mem_kinds == 0)
-        return reject(handle, err, DSMOE_ERR_INTERNAL,
-                      "%s: comm plugin '%s' declares mem_kinds 0; expected a set of DSMOE_MEM_* bits", handle->path,
-                      name);
+    int sym_version;
+    char symbol[64];
+    DSMOE_TRY(find_entry("comm", handle, &sym, &sym_version, symbol, sizeof symbol, err));
+    const void *table = ((const void *(*)(void))sym)();
+    DSMOE_TRY(check_version("comm", symbol, sym_version, table, handle, err));
+    const dsmoe_comm_plugin_v2 *t;
+    if (handle->api_version == 1) {
+        const dsmoe_comm_plugin_v1 *v1 = table;
+        DSMOE_TRY(check_name("comm", name, v1->name, handle, err));
+        const char *missing = comm_v1_missing_member(v1);
+        if (missing)
+            return reject(handle, err, DSMOE_ERR_INTERNAL, "%s: comm plugin '%s' (ABI 1) leaves required member %s NULL",
+                          handle->path, name, missing);
+        DSMOE_TRY(check_comm_mem_kinds(name, v1->mem_kinds, handle, err));
+        DSMOE_TRY(adapt_comm(name, v1, &t, handle, err));
+    } else {
+        t = table;
+        DSMOE_TRY(check_name("comm", name, t->name, handle, err));
+        DSMOE_TRY(check_comm_v2(name, t, handle, err));
+    }
     *plugin = t;
     return DSMOE_OK;
 }
@@ -391,28 +689,26 @@ dsmoe_status dsmoe_plugin_load_comm(const char *name, const char *extra_path, co
 // ------------------------------------------------------------------------------------------------
 // pairing and unloading
 
-dsmoe_status dsmoe_plugin_check_pair(const dsmoe_kernel_plugin_v1 *kernel, const dsmoe_comm_plugin_v1 *comm,
-                                     dsmoe_err *err) {
-    if (!kernel || !comm)
+dsmoe_status dsmoe_plugin_check_pair(const dsmoe_kernel_plugin_v2 *k, const dsmoe_comm_plugin_v2 *c, dsmoe_err *err) {
+    if (!k || !c)
         return dsmoe_err_set(err, DSMOE_ERR_INVALID, "dsmoe_plugin_check_pair: %s plugin is NULL",
-                             kernel ? "comm" : "kernel");
-    if (kernel->mem_kind & comm->mem_kinds) return DSMOE_OK;
+                             k ? "comm" : "kernel");
+    if (k->mem_kind & c->mem_kinds) return DSMOE_OK;
     char kbuf[96], cbuf[96];
     const char *hint;
-    if (kernel->mem_kind & DSMOE_MEM_CUDA)
+    if (k->mem_kind & DSMOE_MEM_CUDA)
         hint = "choose run.comm_backend = nccl or a CUDA-aware MPI build";
-    else if (kernel->mem_kind & DSMOE_MEM_HOST)
+    else if (k->mem_kind & DSMOE_MEM_HOST)
         hint = "choose run.comm_backend = mpi, or a kernel plugin that allocates device memory";
     else
         hint = "choose a comm plugin (run.comm_backend) that accepts this memory kind";
     return dsmoe_err_set(err, DSMOE_ERR_INVALID,
                          "kernel plugin '%s' allocates %s memory but comm plugin '%s' accepts only %s memory; %s",
-                         kernel->name, mem_kinds_name(kernel->mem_kind, kbuf, sizeof kbuf), comm->name,
-                         mem_kinds_name(comm->mem_kinds, cbuf, sizeof cbuf), hint);
+                         k->name, mem_kinds_name(k->mem_kind, kbuf, sizeof kbuf), c->name,
+                         mem_kinds_name(c->mem_kinds, cbuf, sizeof cbuf), hint);
 }
 
 void dsmoe_plugin_unload(dsmoe_plugin_handle *handle) {
     if (!handle) return;
-    if (handle->dl) dlclose(handle->dl);
-    handle->dl = NULL;
+    handle_release(handle);
 }

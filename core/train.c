@@ -1,4 +1,4 @@
-// core/train.c: see train.h. Host-side statistics (losses, expert loads) are reduced with MPI directly:
+// core/train.c: see train.h. Host-side statistics (losses, expert loads) are reduced by the control plane:
 // they are a few numbers in host memory, whatever memory the comm plugin works on.
 #define _GNU_SOURCE
 #include "train.h"
@@ -38,7 +38,7 @@ typedef struct trainer {
     int B, T, accum;          // micro-batch sequences per rank, sequence length, micro-steps per step
     int32_t *window;          // (T+1) host
     int32_t *inputs, *targets; // (B*T) host
-    long *loads;              // (n_moe, max E) kept tokens per expert over the step, all ranks
+    int64_t *loads;           // (n_moe, max E) kept tokens per expert over the step, all ranks
     int max_e;
     FILE *metrics;
     char ckpt_dir[1200];
@@ -60,10 +60,11 @@ static dsmoe_status load_micro_batch(trainer *tr, dsmoe_split split, uint64_t fi
     return DSMOE_OK;
 }
 
-static void reduce_stats(step_stats *st) {
+static dsmoe_status reduce_stats(const trainer *tr, step_stats *st, dsmoe_err *err) {
     double v[6] = {st->loss_sum, st->tokens, st->aux_sum, st->micro_count, st->routed, st->dropped};
-    MPI_Allreduce(MPI_IN_PLACE, v, 6, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
+    DSMOE_TRY(dsmoe_ctl_allreduce_f64(tr->rt->world_ctl, v, 6, err));
     *st = (step_stats){v[0], v[1], v[2], v[3], v[4], v[5]};
+    return DSMOE_OK;
 }
 
 static void add_forward(step_stats *st, const dsmoe_forward_result *r) {
@@ -88,7 +89,7 @@ static dsmoe_status evaluate(trainer *tr, double *loss, dsmoe_err *err) {
             add_forward(&st, &r);
         }
     }
-    reduce_stats(&st);
+    DSMOE_TRY(reduce_stats(tr, &st, err));
     *loss = st.loss_sum / st.tokens;
     return DSMOE_OK;
 }
@@ -142,7 +143,7 @@ static dsmoe_status train_step(trainer *tr, int step, uint64_t first_sample, ste
     float daux = c->aux_loss_coeff / (float)(c->aux_loss_scope == DSMOE_AUX_SCOPE_BATCH ? tr->accum : tr->accum * world);
     uint64_t step_seed = dsmoe_rng_key(c->seed, 0x57e9, (uint64_t)step, 0);
     memset(st, 0, sizeof *st);
-    memset(tr->loads, 0, sizeof(long) * (size_t)(c->n_moe_layers ? c->n_moe_layers : 1) * (size_t)tr->max_e);
+    memset(tr->loads, 0, sizeof(int64_t) * (size_t)(c->n_moe_layers ? c->n_moe_layers : 1) * (size_t)tr->max_e);
     DSMOE_TRY(dsmoe_model_zero_grads(tr->model, err));
     for (int j = 0; j < tr->accum; j++) {
         uint64_t pos = (uint64_t)(j * world + rt->world_rank) * (uint64_t)tr->B; // sample position in the step
@@ -169,9 +170,8 @@ static dsmoe_status train_step(trainer *tr, int step, uint64_t first_sample, ste
     }
     float scale = c->grad_clip > 0 && *gnorm > c->grad_clip ? (float)(c->grad_clip / *gnorm) : 1.0f;
     DSMOE_TRY(dsmoe_optimizer_step(tr->opt, dsmoe_lr_at(c, step), scale, step + 1, err));
-    reduce_stats(st);
-    if (c->n_moe_layers > 0)
-        MPI_Allreduce(MPI_IN_PLACE, tr->loads, c->n_moe_layers * tr->max_e, MPI_LONG, MPI_SUM, MPI_COMM_WORLD);
+    DSMOE_TRY(reduce_stats(tr, st, err));
+    if (c->n_moe_layers > 0) DSMOE_TRY(dsmoe_ctl_allreduce_i64(tr->rt->world_ctl, tr->loads, c->n_moe_layers * tr->max_e, err));
     return DSMOE_OK;
 }
 
@@ -191,7 +191,7 @@ static dsmoe_status open_run(trainer *tr, const dsmoe_config *c, dsmoe_runtime *
     tr->window = dsmoe_malloc((size_t)(tr->T + 1) * sizeof(int32_t), "token window", err);
     tr->inputs = dsmoe_malloc((size_t)tr->B * tr->T * sizeof(int32_t), "inputs", err);
     tr->targets = dsmoe_malloc((size_t)tr->B * tr->T * sizeof(int32_t), "targets", err);
-    tr->loads = dsmoe_calloc((size_t)(c->n_moe_layers ? c->n_moe_layers : 1) * (size_t)tr->max_e, sizeof(long),
+    tr->loads = dsmoe_calloc((size_t)(c->n_moe_layers ? c->n_moe_layers : 1) * (size_t)tr->max_e, sizeof(int64_t),
                              "expert loads", err);
     if (!tr->window || !tr->inputs || !tr->targets || !tr->loads) return DSMOE_ERR_NOMEM;
     dsmoe_dataset_options dopt = {

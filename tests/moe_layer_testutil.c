@@ -15,6 +15,8 @@
 
 dsmoe_runtime rt;
 dsmoe_comm_group *self_group;
+dsmoe_ctl_group *self_ctl;
+static dsmoe_rt_group self;
 int world_rank, world_size;
 
 int moe_test_open(int *argc, char ***argv) {
@@ -27,16 +29,18 @@ int moe_test_open(int *argc, char ***argv) {
     }
     world_rank = rt.world_rank;
     world_size = rt.world_size;
-    if (rt.comm->group_create(rt.cctx, MPI_COMM_SELF, &self_group) != DSMOE_OK) {
-        fprintf(stderr, "group_create(MPI_COMM_SELF): %s\n", rt.comm->last_error(rt.cctx));
+    if (dsmoe_rt_group_split(&rt, world_rank, 0, &self, &err) != DSMOE_OK) { // a group of one
+        fprintf(stderr, "group of one: %s\n", err.msg);
         MPI_Finalize();
         return 1;
     }
+    self_group = self.comm;
+    self_ctl = self.ctl;
     return 0;
 }
 
 void moe_test_close(void) {
-    rt.comm->group_destroy(rt.cctx, self_group);
+    dsmoe_rt_group_free(&rt, &self);
     dsmoe_runtime_close(&rt);
     MPI_Finalize();
 }
@@ -79,8 +83,8 @@ void problem_free(problem *p) {
 
 float *dev_copy(const float *host, size_t n) {
     void *d = NULL;
-    assert_int_equal(rt.kern->alloc(rt.kctx, n * sizeof(float), &d), DSMOE_OK);
-    if (n) assert_int_equal(rt.kern->copy_to_device(rt.kctx, d, host, n * sizeof(float)), DSMOE_OK);
+    assert_int_equal(rt.kern->alloc(rt.kctx, n * sizeof(float), 0, &d), DSMOE_OK);
+    if (n) assert_int_equal(rt.kern->copy_to_device(rt.kctx, rt.q, d, host, n * sizeof(float)), DSMOE_OK);
     return d;
 }
 
@@ -93,7 +97,8 @@ float *dev_fill(size_t n, float v) {
 }
 
 void to_host(float *host, const float *dev, size_t n) {
-    if (n) assert_int_equal(rt.kern->copy_to_host(rt.kctx, host, dev, n * sizeof(float)), DSMOE_OK);
+    if (n) assert_int_equal(rt.kern->copy_to_host(rt.kctx, rt.q, host, dev, n * sizeof(float)), DSMOE_OK);
+    assert_int_equal(rt.kern->synchronize(rt.kctx), DSMOE_OK); // host copies are valid after a wait
 }
 
 dsmoe_moe_weights weights_dev(const problem *p, int e0, int El) {
@@ -121,7 +126,7 @@ dsmoe_moe_config layer_config(const problem *p, int ep, dsmoe_comm_group *group)
                               .eval_capacity_factor = 1.0f, .min_capacity = 0, .drop_tokens = 1,
                               .random_token_selection = 0, .noise = DSMOE_NOISE_NONE, .jitter_eps = 0.0f,
                               .ep = ep, .ep_group = group,
-                              .ep_comm = group == self_group ? MPI_COMM_SELF : MPI_COMM_WORLD,
+                              .ep_ctl = group == self_group ? self_ctl : rt.world_ctl,
                               .alltoall = DSMOE_A2A_FLAT, .ranks_per_node = 0,
                               .aux_scope = DSMOE_AUX_SCOPE_BATCH, .aux_group = group};
 }

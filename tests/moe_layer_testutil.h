@@ -9,7 +9,8 @@
 #include "runtime.h"
 
 extern dsmoe_runtime rt;
-extern dsmoe_comm_group *self_group; // a group of one (MPI_COMM_SELF): the ep = 1 reference layer
+extern dsmoe_comm_group *self_group; // a group of one: the ep = 1 reference layer
+extern dsmoe_ctl_group *self_ctl;     // its control-plane group
 extern int world_rank, world_size;
 
 // MPI_Init, the cpu + mpi runtime and self_group; 0 on success (messages on stderr).

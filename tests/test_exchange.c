@@ -148,8 +148,8 @@ typedef struct bufs {
 static bufs bufs_make(size_t total) {
     bufs B = {malloc(total + 1), malloc(total + 1), malloc(total + 1), NULL, NULL};
     assert_true(B.h_send && B.h_ref && B.h_out);
-    assert_int_equal(rt.kern->alloc(rt.kctx, total, &B.send), DSMOE_OK);
-    assert_int_equal(rt.kern->alloc(rt.kctx, total, &B.recv), DSMOE_OK);
+    assert_int_equal(rt.kern->alloc(rt.kctx, total, 0, &B.send), DSMOE_OK);
+    assert_int_equal(rt.kern->alloc(rt.kctx, total, 0, &B.recv), DSMOE_OK);
     return B;
 }
 
@@ -188,18 +188,20 @@ static void check_exchange(dsmoe_exchange *ex, MPI_Comm comm, uint64_t tag, cons
                 if (B.h_ref[(size_t)s * b + k] != payload(key, p, s, me, k))
                     fail_msg("MPI_Alltoall disagrees with the payload formula at block %d byte %zu", s, k);
 
-        assert_int_equal(rt.kern->copy_to_device(rt.kctx, B.send, B.h_send, total), DSMOE_OK);
+        assert_int_equal(rt.kern->copy_to_device(rt.kctx, rt.q, B.send, B.h_send, total), DSMOE_OK);
         memset(B.h_out, 0xCD, total); // recv starts as garbage: a block the exchange misses shows
-        assert_int_equal(rt.kern->copy_to_device(rt.kctx, B.recv, B.h_out, total), DSMOE_OK);
+        assert_int_equal(rt.kern->copy_to_device(rt.kctx, rt.q, B.recv, B.h_out, total), DSMOE_OK);
         dsmoe_err err = {0};
         dsmoe_status s = dsmoe_exchange_alltoall(ex, B.send, B.recv, b, &err);
         if (s != DSMOE_OK) fail_msg("%s, %zu bytes: %s", label, b, err.msg);
-        assert_int_equal(rt.kern->copy_to_host(rt.kctx, B.h_out, B.recv, total), DSMOE_OK);
+        assert_int_equal(rt.kern->copy_to_host(rt.kctx, rt.q, B.h_out, B.recv, total), DSMOE_OK);
+        assert_int_equal(rt.kern->synchronize(rt.kctx), DSMOE_OK);
         char what[160];
         snprintf(what, sizeof what, "%s (rank %d)", label, me);
         assert_bytes_equal(B.h_out, B.h_ref, total, what, p, b);
         // send is untouched (the packs go to the workspace).
-        assert_int_equal(rt.kern->copy_to_host(rt.kctx, B.h_out, B.send, total), DSMOE_OK);
+        assert_int_equal(rt.kern->copy_to_host(rt.kctx, rt.q, B.h_out, B.send, total), DSMOE_OK);
+        assert_int_equal(rt.kern->synchronize(rt.kctx), DSMOE_OK);
         snprintf(what, sizeof what, "%s (rank %d): send buffer after the call", label, me);
         assert_bytes_equal(B.h_out, B.h_send, total, what, p, b);
         // The report of the call is the pure plan for this layout and size.
@@ -212,19 +214,20 @@ static void check_exchange(dsmoe_exchange *ex, MPI_Comm comm, uint64_t tag, cons
     }
 }
 
-static dsmoe_exchange *create_ok(MPI_Comm comm, dsmoe_a2a_algo algo, int rpn) {
+static dsmoe_exchange *create_ok(dsmoe_ctl_group *ctl, dsmoe_a2a_algo algo, int rpn) {
     dsmoe_exchange *ex = NULL;
     dsmoe_err err = {0};
-    dsmoe_status s = dsmoe_exchange_create(&rt, comm, algo, rpn, &ex, &err);
+    dsmoe_status s = dsmoe_exchange_create(&rt, ctl, algo, rpn, &ex, &err);
     if (s != DSMOE_OK) fail_msg("create %s ranks_per_node %d: %s", dsmoe_a2a_algo_name(algo), rpn, err.msg);
     return ex;
 }
 
-static void check_all_algos(MPI_Comm comm, int rpn, uint64_t tag) {
+// comm (the reference's) and ctl (the exchange's) hold the same ranks in the same order.
+static void check_all_algos(MPI_Comm comm, dsmoe_ctl_group *ctl, int rpn, uint64_t tag) {
     int p;
     MPI_Comm_size(comm, &p);
     for (int a = DSMOE_A2A_FLAT; a <= DSMOE_A2A_AUTO; a++) {
-        dsmoe_exchange *ex = create_ok(comm, (dsmoe_a2a_algo)a, rpn);
+        dsmoe_exchange *ex = create_ok(ctl, (dsmoe_a2a_algo)a, rpn);
         const dsmoe_a2a_plan *info = dsmoe_exchange_last(ex);
         if (rpn > 0) assert_int_equal(info->ranks_per_node, rpn);
         assert_int_equal(info->ranks, p);
@@ -240,13 +243,13 @@ static void check_all_algos(MPI_Comm comm, int rpn, uint64_t tag) {
 static void test_pretend_nodes(void **state) {
     (void)state;
     for (int rpn = 1; rpn <= world_size; rpn *= 2)
-        if (world_size % rpn == 0) check_all_algos(MPI_COMM_WORLD, rpn, 1);
+        if (world_size % rpn == 0) check_all_algos(MPI_COMM_WORLD, rt.world_ctl, rpn, 1);
 }
 
 // The auto rule on a layout where it matters: hierarchical below 64 KiB per peer, flat above.
 static void test_auto_resolution(void **state) {
     (void)state;
-    dsmoe_exchange *ex = create_ok(MPI_COMM_WORLD, DSMOE_A2A_AUTO, 2);
+    dsmoe_exchange *ex = create_ok(rt.world_ctl, DSMOE_A2A_AUTO, 2);
     dsmoe_a2a_plan plan;
     dsmoe_exchange_plan(ex, 1000, &plan);
     assert_int_equal(plan.algo, DSMOE_A2A_HIERARCHICAL);
@@ -269,10 +272,10 @@ static void test_real_nodes(void **state) {
     int same = 0;
     for (int r = 0; r < world_size; r++) same += strcmp(all + (size_t)r * MPI_MAX_PROCESSOR_NAME, names) == 0;
     free(all);
-    dsmoe_exchange *ex = create_ok(MPI_COMM_WORLD, DSMOE_A2A_HIERARCHICAL, 0);
+    dsmoe_exchange *ex = create_ok(rt.world_ctl, DSMOE_A2A_HIERARCHICAL, 0);
     assert_int_equal(dsmoe_exchange_last(ex)->ranks_per_node, same);
     dsmoe_exchange_free(ex);
-    check_all_algos(MPI_COMM_WORLD, 0, 2);
+    check_all_algos(MPI_COMM_WORLD, rt.world_ctl, 0, 2);
 }
 
 // EP groups that are contiguous halves of the world (as model.c builds them), pretend nodes of 2.
@@ -280,15 +283,19 @@ static void test_ep_halves(void **state) {
     (void)state;
     MPI_Comm half;
     assert_int_equal(MPI_Comm_split(MPI_COMM_WORLD, world_rank / (world_size / 2), world_rank, &half), MPI_SUCCESS);
-    check_all_algos(half, 2, 3 + (uint64_t)(world_rank / (world_size / 2)));
-    check_all_algos(half, 1, 5);
+    dsmoe_ctl_group *half_ctl = NULL;
+    dsmoe_err err = {0};
+    assert_int_equal(dsmoe_ctl_split(rt.world_ctl, world_rank / (world_size / 2), world_rank, &half_ctl, &err), DSMOE_OK);
+    check_all_algos(half, half_ctl, 2, 3 + (uint64_t)(world_rank / (world_size / 2)));
+    check_all_algos(half, half_ctl, 1, 5);
+    dsmoe_ctl_free(half_ctl);
     MPI_Comm_free(&half);
 }
 
 static void expect_create_error(int rpn, const char *needle) {
     dsmoe_exchange *ex = (dsmoe_exchange *)&ex; // must be reset to NULL on failure
     dsmoe_err err = {0};
-    assert_int_equal(dsmoe_exchange_create(&rt, MPI_COMM_WORLD, DSMOE_A2A_HIERARCHICAL, rpn, &ex, &err),
+    assert_int_equal(dsmoe_exchange_create(&rt, rt.world_ctl, DSMOE_A2A_HIERARCHICAL, rpn, &ex, &err),
                      DSMOE_ERR_INVALID);
     assert_null(ex);
     if (!strstr(err.msg, needle)) fail_msg("ranks_per_node %d: message \"%s\" lacks \"%s\"", rpn, err.msg, needle);
@@ -306,9 +313,9 @@ static void test_create_errors(void **state) {
     MPI_Allreduce(&one, &sum, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
     assert_int_equal(sum, world_size);
     // Overlapping buffers are refused before any communication (every rank passes the same).
-    dsmoe_exchange *ex = create_ok(MPI_COMM_WORLD, DSMOE_A2A_FLAT, 0);
+    dsmoe_exchange *ex = create_ok(rt.world_ctl, DSMOE_A2A_FLAT, 0);
     void *buf;
-    assert_int_equal(rt.kern->alloc(rt.kctx, (size_t)world_size * 16 + 8, &buf), DSMOE_OK);
+    assert_int_equal(rt.kern->alloc(rt.kctx, (size_t)world_size * 16 + 8, 0, &buf), DSMOE_OK);
     dsmoe_err err = {0};
     assert_int_equal(dsmoe_exchange_alltoall(ex, buf, (char *)buf + 8, 16, &err), DSMOE_ERR_INVALID);
     assert_non_null(strstr(err.msg, "overlap"));

@@ -35,14 +35,14 @@ static dsmoe_runtime rt;
 // ----------------------------------------------------------------------------------------------------
 // counting kernel allocator
 
-static const dsmoe_kernel_plugin_v1 *real_kern;
-static dsmoe_kernel_plugin_v1 counting_kern;
+static const dsmoe_kernel_plugin_v2 *real_kern;
+static dsmoe_kernel_plugin_v2 counting_kern;
 static struct { void *p; size_t n; } recs[8192];
 static int n_recs;
 static uint64_t live; // bytes held through the kernel plugin
 
-static dsmoe_status count_alloc(dsmoe_kernel_ctx *ctx, size_t bytes, void **ptr) {
-    dsmoe_status s = real_kern->alloc(ctx, bytes, ptr);
+static dsmoe_status count_alloc(dsmoe_kernel_ctx *ctx, size_t bytes, uint32_t flags, void **ptr) {
+    dsmoe_status s = real_kern->alloc(ctx, bytes, flags, ptr);
     if (s != DSMOE_OK) return s;
     if (n_recs == (int)(sizeof recs / sizeof recs[0])) {
         fprintf(stderr, "test_memplan: more than %d live allocations\n", n_recs);

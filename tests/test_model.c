@@ -51,10 +51,11 @@ static double total_loss(dsmoe_model *m, const dsmoe_config *cfg, const int32_t 
 
 static float get_param(float *slab, size_t i) {
     float v;
-    rt.kern->copy_to_host(rt.kctx, &v, slab + i, sizeof v);
+    rt.kern->copy_to_host(rt.kctx, rt.q, &v, slab + i, sizeof v);
+    rt.kern->synchronize(rt.kctx);
     return v;
 }
-static void set_param(float *slab, size_t i, float v) { rt.kern->copy_to_device(rt.kctx, slab + i, &v, sizeof v); }
+static void set_param(float *slab, size_t i, float v) { rt.kern->copy_to_device(rt.kctx, rt.q, slab + i, &v, sizeof v); }
 
 static void check_gradients(const fd_case *c) {
     dsmoe_config cfg;

@@ -417,9 +417,9 @@ static void test_bad_config(void **s) {
     assert_int_equal(dsmoe_moe_layer_create(&rt, &cfg, &L, &err), DSMOE_ERR_INVALID);
     assert_non_null(strstr(err.msg, "group has 1"));
     cfg = layer_config(&p, 1, self_group);
-    cfg.ep_comm = MPI_COMM_NULL;
+    cfg.ep_ctl = NULL;
     assert_int_equal(dsmoe_moe_layer_create(&rt, &cfg, &L, &err), DSMOE_ERR_INVALID);
-    assert_non_null(strstr(err.msg, "ep_comm is not set"));
+    assert_non_null(strstr(err.msg, "ep_ctl is not set"));
     cfg = layer_config(&p, 1, self_group);
     cfg.aux_scope = 2;
     assert_int_equal(dsmoe_moe_layer_create(&rt, &cfg, &L, &err), DSMOE_ERR_INVALID);

@@ -140,7 +140,7 @@ static void ep_rank_scope(const ep_case *c, const dsmoe_moe_config *cfg, const e
     dsmoe_moe_config rcfg = *cfg;
     rcfg.ep = 1;
     rcfg.ep_group = rcfg.aux_group = self_group;
-    rcfg.ep_comm = MPI_COMM_SELF;
+    rcfg.ep_ctl = self_ctl;
     ep_result ref;
     ep_run(c, &rcfg, &p, 0, dout, (uint64_t)r * EP_S, &ref);
     size_t SM = (size_t)EP_S * EP_M;
@@ -178,7 +178,7 @@ static void ep_batch_scope(const ep_case *c, const dsmoe_moe_config *cfg, const 
     rcfg.S = St;
     rcfg.ep = 1;
     rcfg.ep_group = rcfg.aux_group = self_group;
-    rcfg.ep_comm = MPI_COMM_SELF;
+    rcfg.ep_ctl = self_ctl;
     ep_result ref;
     ep_run(c, &rcfg, &p, 0, dout, 0, &ref);
     assert_int_equal(ref.st.dropped, 0);

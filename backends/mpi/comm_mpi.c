@@ -1,75 +1,99 @@
-// backends/mpi/comm_mpi.c: the "mpi" comm plugin: collectives on host memory over MPI.
+// backends/mpi/comm_mpi.c: the "mpi" comm plugin (comm ABI v2, include/dsmoe/comm_plugin.h):
+// collectives on host memory over MPI. This one file builds two plugins:
+// - "mpi" (lib/dsmoe): HOST-PROGRESSED. Every collective runs at the call and ignores `stream`; caps
+//   DETERMINISTIC | NONBLOCKING.
+// - "mpistream" (-DCOMM_MPI_STREAM_ORDERED, test-only, <build>/tests/plugins): STREAM-ORDERED, caps
+//   DETERMINISTIC. Every collective copies its arguments into a heap closure and enqueues it on the
+//   caller's kernel queue (stream->enqueue_host); the closure runs the very MPI code of "mpi" when the
+//   queue reaches it. Under a kernel plugin that runs host callbacks at once this behaves as "mpi";
+//   under the strict test kernel plugin a collective completes only when that queue runs, so a core
+//   that reads a result before ordering itself after the collective reads stale data and fails.
+//   An error inside a closure is sticky: every later call returns it, and last_error gives it.
+//   Lifetimes: a closure holds a reference on its group and on the context, so group_destroy and
+//   finalize with closures still queued are safe (the last reference frees; the core may also
+//   synchronise its queues first). The closure runs MPI on whichever thread the queue runs host
+//   callbacks on: if that is not the thread that makes the other MPI calls, MPI needs
+//   MPI_THREAD_MULTIPLE. A group's collectives must reach MPI in one order on every rank: keep them on
+//   one queue (or order the queues), as the core keeps them in one order across ranks anyway.
 //
-// The core owns MPI_Init/Finalize. A group is an MPI_Comm_dup of the communicator the core hands us,
-// with MPI_ERRORS_RETURN set on the dup, so every MPI failure on it comes back as a dsmoe_status and a
-// last_error message built with MPI_Error_string. (Datatype calls are not tied to a communicator; their
-// errors go to MPI's default handler, which the core owns. They fail only when MPI is out of memory.)
+// The core owns MPI_Init/Finalize. A group is made from the bootstrap's world ranks with
+// MPI_Comm_create_group (collective over the members only), with MPI_ERRORS_RETURN set on it, so every
+// MPI failure on it comes back as a dsmoe_status and a last_error message built with MPI_Error_string.
+// (World-level and datatype calls stay under the core's handler; they fail only when MPI is broken.)
 //
-// Sizes are size_t in the ABI and int in MPI. A byte block larger than max_count (INT_MAX) travels as
-// one element of a derived datatype of exactly that many bytes (the BigMPI trick); element-wise
-// reductions are cut into pieces of at most max_count elements.
+// Sizes are size_t in the ABI and int in MPI. A byte block larger than max_count (the setting below,
+// INT_MAX by default) travels as one element of a derived datatype of exactly that many bytes (the
+// BigMPI trick); element-wise reductions are cut into pieces of at most max_count elements.
 //
 // Determinism: MPI_Allreduce's summation order depends on the algorithm the library picks (Open MPI's
 // coll/tuned chooses recursive doubling, ring, Rabenseifner... by message size and group size; hcoll or
 // ucc, MCA parameters or another MPI build choose differently), so float sums could change bits with
 // the message size or the machine. Float SUM therefore does its own fixed-order reduction (see
-// sum_fixed_order); integer sums and MAX/MIN are exact in any order and use MPI_Allreduce.
+// sum_fixed_order): every element is the sum in rank order ((x0 + x1) + x2) + ..., whatever the piece
+// or chunk it falls in. reduce_scatter adds in that same order, so its block is bitwise allreduce's.
+// Integer sums and MAX/MIN are exact in any order and use MPI_Allreduce.
 #include <limits.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include <mpi.h>
+#include "comm_mpi.h" // the context, the group, the cm_* helpers shared with comm_mpi_nonblocking.c
 
-#include "dsmoe/comm_plugin.h"
+// MPI_Comm_create_group's tag (at most 32767, the smallest MPI_TAG_UB the standard allows).
+#define GROUP_CREATE_TAG 0x6473
 
-struct dsmoe_comm_ctx {
-    size_t max_count; // largest count handed to MPI as an int: INT_MAX, or DSMOE_COMM_MPI_MAX_COUNT (tests)
-    char error[1024]; // last_error()
-};
-
-struct dsmoe_comm_group {
-    MPI_Comm comm;     // our dup of the caller's communicator, MPI_ERRORS_RETURN
-    int rank, size;
-    int *iv;           // (4, size) int counts/displacements for MPI's v-collectives
-    void *scratch;     // sum_fixed_order: (size, chunk) contributions to this rank's chunk
-    size_t scratch_bytes;
-    // Non-blocking allreduces: each outstanding request runs on its own dup of comm, so that the
-    // second phase of one (started whenever a rank sees the first phase done, which differs from
-    // rank to rank) never meets another request's collective out of order. Slot k is taken at
-    // start and given back at wait; both happen in the same order on every rank, so every rank
-    // picks the same slot. Dups are made lazily (collective, at a start every rank makes).
-    MPI_Comm *pool;
-    unsigned char *pool_busy;
-    int pool_len;
-};
-
-static dsmoe_status fail(dsmoe_comm_ctx *ctx, dsmoe_status status, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static dsmoe_status fail(dsmoe_comm_ctx *ctx, dsmoe_status status, const char *fmt, ...) {
-    if (!ctx) return status;
+dsmoe_status cm_fail(mpi_env *e, dsmoe_status status, const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(ctx->error, sizeof ctx->error, fmt, ap);
+    vsnprintf(e->error, sizeof e->error, fmt, ap);
     va_end(ap);
     return status;
 }
 
-// Turns an MPI error code into last_error: "<what> failed: <MPI's message>".
-static dsmoe_status mpi_fail(dsmoe_comm_ctx *ctx, int rc, const char *what) {
+// Turns an MPI error code into the error text: "<what> failed: <MPI's message>".
+dsmoe_status cm_mpi_fail(mpi_env *e, int rc, const char *what) {
     char msg[MPI_MAX_ERROR_STRING];
     int len = 0;
     if (MPI_Error_string(rc, msg, &len) != MPI_SUCCESS) snprintf(msg, sizeof msg, "MPI error code %d", rc);
-    return fail(ctx, DSMOE_ERR_SYSTEM, "comm mpi: %s failed: %s", what, msg);
+    return cm_fail(e, DSMOE_ERR_SYSTEM, TAG "%s failed: %s", what, msg);
 }
 
-// Checks the arguments every collective shares: a context, a group, and buffers where bytes move.
-static dsmoe_status check_call(dsmoe_comm_ctx *ctx, dsmoe_comm_group *g, const char *op, int missing_buffer) {
+static dsmoe_status sticky_get(dsmoe_comm_ctx *ctx) {
+    return (dsmoe_status)atomic_load_explicit(&ctx->sticky, memory_order_acquire);
+}
+
+// Keeps the first error of a queued collective; later ones follow from it.
+static void sticky_set(dsmoe_comm_ctx *ctx, dsmoe_status s, const char *msg) {
+    if (atomic_flag_test_and_set(&ctx->sticky_claimed)) return;
+    snprintf(ctx->sticky_msg, sizeof ctx->sticky_msg, "%s", msg);
+    atomic_store_explicit(&ctx->sticky, (int)s, memory_order_release);
+}
+
+// Checks what every call shares: a context, no sticky error, a kernel queue for a queued collective
+// (stream-ordered build), a group, and buffers where bytes move.
+dsmoe_status cm_check_call(dsmoe_comm_ctx *ctx, dsmoe_comm_group *g, const char *op, int missing_buffer,
+                               int queued, const dsmoe_comm_stream *stream) {
     if (!ctx) return DSMOE_ERR_INVALID;
-    if (!g) return fail(ctx, DSMOE_ERR_INVALID, "comm mpi: %s: group is NULL", op);
-    if (missing_buffer) return fail(ctx, DSMOE_ERR_INVALID, "comm mpi: %s: a buffer is NULL but the size is not 0", op);
+    dsmoe_status s = sticky_get(ctx);
+    if (s != DSMOE_OK) return cm_fail(&ctx->env, s, "%s", ctx->sticky_msg);
+#ifdef COMM_MPI_STREAM_ORDERED
+    if (queued && (!stream || !stream->enqueue_host))
+        return cm_fail(&ctx->env, DSMOE_ERR_INVALID, TAG "%s: stream-ordered plugin '" PLUGIN_NAME "' needs a kernel "
+                    "queue (stream %s)", op, stream ? "has no enqueue_host" : "is NULL");
+#endif
+    if (!g) return cm_fail(&ctx->env, DSMOE_ERR_INVALID, TAG "%s: group is NULL", op);
+    if (missing_buffer) return cm_fail(&ctx->env, DSMOE_ERR_INVALID, TAG "%s: a buffer is NULL but the size is not 0", op);
     return DSMOE_OK;
+}
+
+// Grows *buf to at least need bytes; 0 on success.
+int cm_grow(void **buf, size_t *bytes, size_t need) {
+    if (need <= *bytes) return 0;
+    void *grown = realloc(*buf, need);
+    if (!grown) return -1;
+    *buf = grown, *bytes = need;
+    return 0;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -120,123 +144,228 @@ static void byte_msg_free(byte_msg *m) {
 }
 
 // ------------------------------------------------------------------------------------------------
-// lifecycle and groups
+// lifecycle
 
-static dsmoe_status mpi_init(dsmoe_comm_ctx **ctx, char *errbuf, size_t errlen) {
+static const dsmoe_param_decl mpi_params[] = {
+    {.name = "max_count", .type = DSMOE_PARAM_INT, .default_value = "2147483647",
+     .help = "largest count handed to MPI as an int: longer byte blocks travel as one derived-datatype "
+             "element, reductions go in pieces of this many elements (small values exercise those paths)"},
+};
+
+// A count in [1, INT_MAX]: decimal, with an optional K, M, G (10^3, 10^6, 10^9) or Ki, Mi, Gi (2^10,
+// 2^20, 2^30) suffix, as the core reads INT settings. 0 on success.
+static int parse_count(const char *text, size_t *out) {
+    char *end;
+    if (*text < '0' || *text > '9') return -1;
+    unsigned long long v = strtoull(text, &end, 10), mult = 1;
+    if (*end == 'K' || *end == 'k') mult = 1000;
+    else if (*end == 'M') mult = 1000000;
+    else if (*end == 'G') mult = 1000000000;
+    if (mult > 1 && *++end == 'i') mult = mult == 1000 ? 1ull << 10 : mult == 1000000 ? 1ull << 20 : 1ull << 30, end++;
+    if (*end || v < 1 || v > INT_MAX || v * mult > INT_MAX) return -1;
+    *out = (size_t)(v * mult);
+    return 0;
+}
+
+static dsmoe_status mpi_init(const dsmoe_comm_options *opt, dsmoe_comm_ctx **ctx, char *errbuf, size_t errlen) {
+    if (!ctx) return DSMOE_ERR_INVALID;
     *ctx = NULL;
-    int initialized = 0, finalized = 0;
+    int initialized = 0, finalized = 0, world_size = 0;
     MPI_Initialized(&initialized);
     MPI_Finalized(&finalized);
     if (!initialized || finalized) {
-        snprintf(errbuf, errlen, "comm mpi: init: MPI is %s; the core must call MPI_Init before comm init",
+        snprintf(errbuf, errlen, TAG "init: MPI is %s; the core must call MPI_Init before comm init",
                  finalized ? "already finalized" : "not initialised");
         return DSMOE_ERR_INVALID;
     }
+    MPI_Comm_size(MPI_COMM_WORLD, &world_size);
+    if (opt && opt->world && opt->world->world_size != world_size) {
+        snprintf(errbuf, errlen, TAG "init: the core's world has %d ranks but MPI_COMM_WORLD has %d; this plugin "
+                 "builds its groups from MPI_COMM_WORLD", opt->world->world_size, world_size);
+        return DSMOE_ERR_INVALID;
+    }
     size_t max_count = INT_MAX;
-    // Test knob: a small limit sends small messages through the large-message paths.
-    const char *knob = getenv("DSMOE_COMM_MPI_MAX_COUNT");
-    if (knob && *knob) {
-        char *end;
-        unsigned long long v = strtoull(knob, &end, 10);
-        if (*end || v < 1 || v > INT_MAX) {
-            snprintf(errbuf, errlen, "comm mpi: init: DSMOE_COMM_MPI_MAX_COUNT='%s' is not an integer in [1, %d]",
-                     knob, INT_MAX);
-            return DSMOE_ERR_INVALID;
-        }
-        max_count = (size_t)v;
+    const char *text = opt && opt->param_values && opt->n_param_values >= 1 ? opt->param_values[0] : NULL;
+    if (text && parse_count(text, &max_count) != 0) {
+        snprintf(errbuf, errlen, TAG "init: max_count='%s' is not an integer in [1, %d]", text, INT_MAX);
+        return DSMOE_ERR_INVALID;
     }
     dsmoe_comm_ctx *c = calloc(1, sizeof *c);
     if (!c) {
-        snprintf(errbuf, errlen, "comm mpi: init: out of memory");
+        snprintf(errbuf, errlen, TAG "init: out of memory");
         return DSMOE_ERR_NOMEM;
     }
-    c->max_count = max_count;
+    c->env.max_count = max_count;
+    atomic_init(&c->refs, 1);
+    atomic_flag_clear(&c->sticky_claimed);
+    atomic_init(&c->sticky, DSMOE_OK);
     *ctx = c;
     return DSMOE_OK;
 }
 
-static void mpi_finalize(dsmoe_comm_ctx *ctx) { free(ctx); }
+static void ctx_release(dsmoe_comm_ctx *ctx) {
+    if (atomic_fetch_sub(&ctx->refs, 1) == 1) free(ctx);
+}
 
-static const char *mpi_last_error(dsmoe_comm_ctx *ctx) { return ctx ? ctx->error : "comm mpi: no context"; }
+static void mpi_finalize(dsmoe_comm_ctx *ctx) {
+    if (ctx) ctx_release(ctx);
+}
+
+static const char *mpi_last_error(dsmoe_comm_ctx *ctx) {
+    if (!ctx) return TAG "no context";
+    return sticky_get(ctx) != DSMOE_OK ? ctx->sticky_msg : ctx->env.error;
+}
+
+// ------------------------------------------------------------------------------------------------
+// groups
 
 static void group_free(dsmoe_comm_group *g) {
+    for (int k = 0; k < g->pool_len; k++) MPI_Comm_free(&g->pool[k]);
+    if (g->host_comm != MPI_COMM_NULL) MPI_Comm_free(&g->host_comm);
+    if (g->comm != MPI_COMM_NULL) MPI_Comm_free(&g->comm);
+    free(g->pool);
+    free(g->pool_busy);
     free(g->iv);
     free(g->scratch);
+    free(g->pack);
     free(g);
 }
 
-static dsmoe_status mpi_group_create(dsmoe_comm_ctx *ctx, MPI_Comm comm, dsmoe_comm_group **group) {
+static void group_release(dsmoe_comm_group *g) {
+    if (atomic_fetch_sub(&g->refs, 1) == 1) group_free(g);
+}
+
+// What a member can see wrong in the bootstrap on its own ("" when nothing).
+static void bootstrap_check(const dsmoe_bootstrap *b, char *why, size_t len) {
+    int world_rank = -1, world_size = 0;
+    MPI_Comm_rank(MPI_COMM_WORLD, &world_rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &world_size);
+    if (b->rank < 0 || b->rank >= b->size) {
+        snprintf(why, len, "rank %d is not in [0, %d)", b->rank, b->size);
+    } else if (b->world_size != world_size || b->world_rank != world_rank) {
+        snprintf(why, len, "the bootstrap says world rank %d of %d, MPI_COMM_WORLD says %d of %d", b->world_rank,
+                 b->world_size, world_rank, world_size);
+    } else if (b->world_ranks[b->rank] != world_rank) {
+        snprintf(why, len, "world_ranks[%d] = %d is not this process (world rank %d)", b->rank,
+                 b->world_ranks[b->rank], world_rank);
+    } else {
+        unsigned char *seen = calloc((size_t)world_size, 1);
+        if (!seen) {
+            snprintf(why, len, "out of memory");
+            return;
+        }
+        for (int i = 0; i < b->size && !*why; i++) {
+            int w = b->world_ranks[i];
+            if (w < 0 || w >= world_size) snprintf(why, len, "world_ranks[%d] = %d is not in [0, %d)", i, w, world_size);
+            else if (seen[w]++) snprintf(why, len, "world rank %d appears twice in world_ranks", w);
+        }
+        free(seen);
+    }
+}
+
+static dsmoe_status mpi_group_create(dsmoe_comm_ctx *ctx, const dsmoe_bootstrap *b, dsmoe_comm_group **group) {
     if (!ctx) return DSMOE_ERR_INVALID;
-    if (!group) return fail(ctx, DSMOE_ERR_INVALID, "comm mpi: group_create: group is NULL");
+    mpi_env *e = &ctx->env;
+    if (!group) return cm_fail(e, DSMOE_ERR_INVALID, TAG "group_create: group is NULL");
     *group = NULL;
-    if (comm == MPI_COMM_NULL) return fail(ctx, DSMOE_ERR_INVALID, "comm mpi: group_create: comm is MPI_COMM_NULL");
+    if (!b || !b->allgather || !b->world_ranks || b->size < 1)
+        return cm_fail(e, DSMOE_ERR_INVALID, TAG "group_create: the bootstrap is NULL, has no members, or lacks "
+                    "world_ranks or allgather");
+    // Local checks, then one all-gather of the verdicts, so that every member refuses together: one
+    // returning alone would leave the others waiting in MPI_Comm_create_group.
+    char why[256] = "";
+    bootstrap_check(b, why, sizeof why);
+    int ok = why[0] == 0, bad = -1;
+    int *oks = malloc((size_t)b->size * sizeof *oks);
+    if (!oks) return cm_fail(e, DSMOE_ERR_NOMEM, TAG "group_create: out of memory for %d members", b->size);
+    dsmoe_status s = b->allgather(b->ctx, &ok, oks, sizeof ok);
+    for (int i = 0; i < b->size && s == DSMOE_OK && bad < 0; i++)
+        if (!oks[i]) bad = i;
+    free(oks);
+    if (s != DSMOE_OK)
+        return cm_fail(e, s, TAG "group_create: the bootstrap's allgather failed (%s)", dsmoe_status_name(s));
+    if (!ok) return cm_fail(e, DSMOE_ERR_INVALID, TAG "group_create: bad bootstrap: %s", why);
+    if (bad >= 0) return cm_fail(e, DSMOE_ERR_INVALID, TAG "group_create: member %d refused the bootstrap", bad);
+
     dsmoe_comm_group *g = calloc(1, sizeof *g);
-    if (!g) return fail(ctx, DSMOE_ERR_NOMEM, "comm mpi: group_create: out of memory");
-    int rc = MPI_Comm_dup(comm, &g->comm);
+    if (!g) return cm_fail(e, DSMOE_ERR_NOMEM, TAG "group_create: out of memory");
+    g->comm = g->host_comm = MPI_COMM_NULL;
+    atomic_init(&g->refs, 1);
+    MPI_Group world, members;
+    int rc = MPI_Comm_group(MPI_COMM_WORLD, &world);
+    if (rc == MPI_SUCCESS) {
+        rc = MPI_Group_incl(world, b->size, b->world_ranks, &members); // group rank i = world_ranks[i]
+        MPI_Group_free(&world);
+    }
+    if (rc == MPI_SUCCESS) {
+        rc = MPI_Comm_create_group(MPI_COMM_WORLD, members, GROUP_CREATE_TAG, &g->comm);
+        MPI_Group_free(&members);
+    }
     if (rc != MPI_SUCCESS) {
-        free(g);
-        return mpi_fail(ctx, rc, "group_create: MPI_Comm_dup");
+        group_free(g);
+        return cm_mpi_fail(e, rc, "group_create: MPI_Comm_create_group over the bootstrap's world ranks");
     }
     rc = MPI_Comm_set_errhandler(g->comm, MPI_ERRORS_RETURN);
     if (rc == MPI_SUCCESS) rc = MPI_Comm_rank(g->comm, &g->rank);
     if (rc == MPI_SUCCESS) rc = MPI_Comm_size(g->comm, &g->size);
+#ifdef COMM_MPI_STREAM_ORDERED
+    if (rc == MPI_SUCCESS) rc = MPI_Comm_dup(g->comm, &g->host_comm);
+    if (rc == MPI_SUCCESS) rc = MPI_Comm_set_errhandler(g->host_comm, MPI_ERRORS_RETURN);
+#endif
     if (rc != MPI_SUCCESS) {
-        MPI_Comm_free(&g->comm);
         group_free(g);
-        return mpi_fail(ctx, rc, "group_create: setting up the duplicated communicator");
+        return cm_mpi_fail(e, rc, "group_create: setting up the group's communicator");
+    }
+    if (g->rank != b->rank || g->size != b->size) {
+        int r = g->rank, n = g->size;
+        group_free(g);
+        return cm_fail(e, DSMOE_ERR_INTERNAL, TAG "group_create: MPI made rank %d of %d, the bootstrap says %d of %d", r,
+                    n, b->rank, b->size);
     }
     g->iv = malloc(4 * (size_t)g->size * sizeof *g->iv);
     if (!g->iv) {
-        int n = g->size;
-        MPI_Comm_free(&g->comm);
         group_free(g);
-        return fail(ctx, DSMOE_ERR_NOMEM, "comm mpi: group_create: out of memory for %d ranks", n);
+        return cm_fail(e, DSMOE_ERR_NOMEM, TAG "group_create: out of memory for %d ranks", b->size);
     }
     *group = g;
     return DSMOE_OK;
 }
 
+// Collective. Stream-ordered: closures still queued hold references, so the communicator is freed
+// after the last of them has run (the core also synchronises its queue before destroying groups).
 static void mpi_group_destroy(dsmoe_comm_ctx *ctx, dsmoe_comm_group *g) {
-    if (!g) return;
-    for (int k = 0; k < g->pool_len; k++) MPI_Comm_free(&g->pool[k]);
-    free(g->pool);
-    free(g->pool_busy);
-    MPI_Comm_free(&g->comm);
-    group_free(g);
+    if (g) group_release(g);
 }
 
 static int mpi_group_rank(const dsmoe_comm_group *g) { return g ? g->rank : -1; }
 static int mpi_group_size(const dsmoe_comm_group *g) { return g ? g->size : 0; }
 
 // ------------------------------------------------------------------------------------------------
-// data movement
+// data movement (the MPI code: run at the call, or from the queue)
 
-static dsmoe_status mpi_alltoall(dsmoe_comm_ctx *ctx, dsmoe_comm_group *g, const void *sendbuf, void *recvbuf,
-                                 size_t bytes) {
-    dsmoe_status s = check_call(ctx, g, "alltoall", bytes > 0 && (!sendbuf || !recvbuf));
-    if (s != DSMOE_OK) return s;
+static dsmoe_status do_alltoall(mpi_env *e, dsmoe_comm_group *g, const void *sendbuf, void *recvbuf, size_t bytes) {
     byte_msg m;
-    int rc = byte_msg_make(bytes, ctx->max_count, &m);
+    int rc = byte_msg_make(bytes, e->max_count, &m);
     if (rc == MPI_SUCCESS) rc = MPI_Alltoall(sendbuf, m.count, m.type, recvbuf, m.count, m.type, g->comm);
     byte_msg_free(&m);
     if (rc != MPI_SUCCESS) {
         char what[128];
         snprintf(what, sizeof what, "MPI_Alltoall of %zu bytes per rank over %d ranks", bytes, g->size);
-        return mpi_fail(ctx, rc, what);
+        return cm_mpi_fail(e, rc, what);
     }
     return DSMOE_OK;
 }
 
 // One pairwise exchange per step: at step k send to rank+k and receive from rank-k, so every pair meets
 // exactly once; each side describes its block on its own (MPI matches type signatures, not types).
-static int alltoallv_pairwise(dsmoe_comm_ctx *ctx, dsmoe_comm_group *g, const char *send, const size_t *scounts,
+static int alltoallv_pairwise(mpi_env *e, dsmoe_comm_group *g, const char *send, const size_t *scounts,
                               const size_t *sdispls, char *recv, const size_t *rcounts, const size_t *rdispls) {
     int rc = MPI_SUCCESS;
     for (int k = 0; k < g->size && rc == MPI_SUCCESS; k++) {
         int dst = (g->rank + k) % g->size, src = (g->rank - k + g->size) % g->size;
         byte_msg sm = {0, MPI_BYTE}, rm = {0, MPI_BYTE};
-        rc = byte_msg_make(scounts[dst], ctx->max_count, &sm);
-        if (rc == MPI_SUCCESS) rc = byte_msg_make(rcounts[src], ctx->max_count, &rm);
+        rc = byte_msg_make(scounts[dst], e->max_count, &sm);
+        if (rc == MPI_SUCCESS) rc = byte_msg_make(rcounts[src], e->max_count, &rm);
         if (rc == MPI_SUCCESS)
             rc = MPI_Sendrecv(scounts[dst] ? send + sdispls[dst] : send, sm.count, sm.type, dst, 0,
                               rcounts[src] ? recv + rdispls[src] : recv, rm.count, rm.type, src, 0, g->comm,
@@ -247,23 +376,17 @@ static int alltoallv_pairwise(dsmoe_comm_ctx *ctx, dsmoe_comm_group *g, const ch
     return rc;
 }
 
-static dsmoe_status mpi_alltoallv(dsmoe_comm_ctx *ctx, dsmoe_comm_group *g, const void *sendbuf,
-                                  const size_t *sendcounts, const size_t *sdispls, void *recvbuf,
-                                  const size_t *recvcounts, const size_t *rdispls) {
-    dsmoe_status s = check_call(ctx, g, "alltoallv", 0);
-    if (s != DSMOE_OK) return s;
-    if (!sendcounts || !sdispls || !recvcounts || !rdispls)
-        return fail(ctx, DSMOE_ERR_INVALID, "comm mpi: alltoallv: a count or displacement array is NULL");
+static dsmoe_status do_alltoallv(mpi_env *e, dsmoe_comm_group *g, const void *sendbuf, const size_t *sendcounts,
+                                 const size_t *sdispls, void *recvbuf, const size_t *recvcounts,
+                                 const size_t *rdispls) {
     size_t sent = 0, received = 0;
     int fits = 1;
     for (int j = 0; j < g->size; j++) {
         sent += sendcounts[j];
         received += recvcounts[j];
-        fits &= sendcounts[j] <= ctx->max_count && sdispls[j] <= ctx->max_count &&
-                recvcounts[j] <= ctx->max_count && rdispls[j] <= ctx->max_count;
+        fits &= sendcounts[j] <= e->max_count && sdispls[j] <= e->max_count && recvcounts[j] <= e->max_count &&
+                rdispls[j] <= e->max_count;
     }
-    if ((sent && !sendbuf) || (received && !recvbuf))
-        return fail(ctx, DSMOE_ERR_INVALID, "comm mpi: alltoallv: a buffer is NULL but its counts are not all 0");
     // Every rank must take the same path (MPI_Alltoallv on one rank never matches MPI_Sendrecv on
     // another) but each sees only its own counts: agree with one int.
     int rc = g->size > 1 ? MPI_Allreduce(MPI_IN_PLACE, &fits, 1, MPI_INT, MPI_MIN, g->comm) : MPI_SUCCESS;
@@ -277,75 +400,83 @@ static dsmoe_status mpi_alltoallv(dsmoe_comm_ctx *ctx, dsmoe_comm_group *g, cons
         what = "MPI_Alltoallv";
         rc = MPI_Alltoallv(sendbuf, sc, sd, MPI_BYTE, recvbuf, rcn, rd, MPI_BYTE, g->comm);
     } else if (rc == MPI_SUCCESS) {
-        what = "pairwise MPI_Sendrecv (alltoallv with counts or displacements above INT_MAX)";
-        rc = alltoallv_pairwise(ctx, g, sendbuf, sendcounts, sdispls, recvbuf, recvcounts, rdispls);
+        what = "pairwise MPI_Sendrecv (alltoallv with counts or displacements above max_count)";
+        rc = alltoallv_pairwise(e, g, sendbuf, sendcounts, sdispls, recvbuf, recvcounts, rdispls);
     }
     if (rc != MPI_SUCCESS) {
         char msg[256];
         snprintf(msg, sizeof msg, "alltoallv: %s (%zu bytes out, %zu in, %d ranks)", what, sent, received, g->size);
-        return mpi_fail(ctx, rc, msg);
+        return cm_mpi_fail(e, rc, msg);
     }
     return DSMOE_OK;
 }
 
-static dsmoe_status mpi_allgather(dsmoe_comm_ctx *ctx, dsmoe_comm_group *g, const void *sendbuf, void *recvbuf,
-                                  size_t bytes) {
-    dsmoe_status s = check_call(ctx, g, "allgather", bytes > 0 && (!sendbuf || !recvbuf));
-    if (s != DSMOE_OK) return s;
+static dsmoe_status do_allgather(mpi_env *e, dsmoe_comm_group *g, const void *sendbuf, void *recvbuf, size_t bytes) {
     byte_msg m;
-    int rc = byte_msg_make(bytes, ctx->max_count, &m);
+    int rc = byte_msg_make(bytes, e->max_count, &m);
     if (rc == MPI_SUCCESS) rc = MPI_Allgather(sendbuf, m.count, m.type, recvbuf, m.count, m.type, g->comm);
     byte_msg_free(&m);
     if (rc != MPI_SUCCESS) {
         char what[128];
         snprintf(what, sizeof what, "MPI_Allgather of %zu bytes per rank over %d ranks", bytes, g->size);
-        return mpi_fail(ctx, rc, what);
+        return cm_mpi_fail(e, rc, what);
     }
     return DSMOE_OK;
 }
 
-static dsmoe_status mpi_broadcast(dsmoe_comm_ctx *ctx, dsmoe_comm_group *g, void *buf, size_t bytes, int root) {
-    dsmoe_status s = check_call(ctx, g, "broadcast", bytes > 0 && !buf);
-    if (s != DSMOE_OK) return s;
-    if (root < 0 || root >= g->size)
-        return fail(ctx, DSMOE_ERR_INVALID, "comm mpi: broadcast: root %d is not a rank of this group of %d", root,
-                    g->size);
+static dsmoe_status do_broadcast(mpi_env *e, dsmoe_comm_group *g, void *buf, size_t bytes, int root) {
     byte_msg m;
-    int rc = byte_msg_make(bytes, ctx->max_count, &m);
+    int rc = byte_msg_make(bytes, e->max_count, &m);
     if (rc == MPI_SUCCESS) rc = MPI_Bcast(buf, m.count, m.type, root, g->comm);
     byte_msg_free(&m);
     if (rc != MPI_SUCCESS) {
         char what[128];
         snprintf(what, sizeof what, "MPI_Bcast of %zu bytes from root %d over %d ranks", bytes, root, g->size);
-        return mpi_fail(ctx, rc, what);
+        return cm_mpi_fail(e, rc, what);
     }
     return DSMOE_OK;
-}
-
-static dsmoe_status mpi_barrier(dsmoe_comm_ctx *ctx, dsmoe_comm_group *g) {
-    dsmoe_status s = check_call(ctx, g, "barrier", 0);
-    if (s != DSMOE_OK) return s;
-    int rc = MPI_Barrier(g->comm);
-    return rc == MPI_SUCCESS ? DSMOE_OK : mpi_fail(ctx, rc, "MPI_Barrier");
 }
 
 // ------------------------------------------------------------------------------------------------
 // reductions
 
-// Element i of chunk j of an n-vector split over p ranks: chunk j starts at chunk_first(n, p, j).
-static size_t chunk_first(size_t n, int p, int j) {
+// Element i of chunk j of an n-vector split over p ranks: chunk j starts at cm_chunk_first(n, p, j).
+size_t cm_chunk_first(size_t n, int p, int j) {
     return (size_t)j * (n / (size_t)p) + ((size_t)j < n % (size_t)p ? (size_t)j : n % (size_t)p);
 }
 
-// acc (len) = c[0] + c[1] + ... + c[p-1], added in that order; c is (p, len).
-#define DEFINE_ADD_IN_RANK_ORDER(T)                                                                \
-    static void add_in_rank_order_##T(T *acc, const T *c, size_t len, int p) {                     \
+// acc (len) = c[0] op c[1] op ... op c[p-1], applied in that order; c is (p, len), by source rank.
+// This is THE order of this plugin's float sums: allreduce and reduce_scatter both reduce through it.
+// Integer sums wrap (computed in the unsigned type U), as MPI_SUM does in practice.
+#define DEFINE_REDUCE_IN_RANK_ORDER(T, U)                                                          \
+    static void reduce_in_rank_order_##T(T *acc, const T *c, size_t len, int p, dsmoe_reduce_op op) { \
         for (size_t i = 0; i < len; i++) acc[i] = c[i];                                            \
-        for (int q = 1; q < p; q++)                                                                \
-            for (size_t i = 0; i < len; i++) acc[i] += c[(size_t)q * len + i];                     \
+        for (int q = 1; q < p; q++) {                                                              \
+            const T *x = c + (size_t)q * len;                                                      \
+            if (op == DSMOE_SUM)                                                                   \
+                for (size_t i = 0; i < len; i++) acc[i] = (T)((U)acc[i] + (U)x[i]);                \
+            else if (op == DSMOE_MAX)                                                              \
+                for (size_t i = 0; i < len; i++) acc[i] = x[i] > acc[i] ? x[i] : acc[i];           \
+            else                                                                                   \
+                for (size_t i = 0; i < len; i++) acc[i] = x[i] < acc[i] ? x[i] : acc[i];           \
+        }                                                                                          \
     }
-DEFINE_ADD_IN_RANK_ORDER(float)
-DEFINE_ADD_IN_RANK_ORDER(double)
+DEFINE_REDUCE_IN_RANK_ORDER(float, float)
+DEFINE_REDUCE_IN_RANK_ORDER(double, double)
+DEFINE_REDUCE_IN_RANK_ORDER(int32_t, uint32_t)
+DEFINE_REDUCE_IN_RANK_ORDER(int64_t, uint64_t)
+DEFINE_REDUCE_IN_RANK_ORDER(uint8_t, uint32_t)
+
+void cm_reduce_in_rank_order(dsmoe_dtype dtype, dsmoe_reduce_op op, void *acc, const void *c, size_t len, int p) {
+    switch (dtype) {
+    case DSMOE_FLOAT32: reduce_in_rank_order_float(acc, c, len, p, op); break;
+    case DSMOE_FLOAT64: reduce_in_rank_order_double(acc, c, len, p, op); break;
+    case DSMOE_INT32: reduce_in_rank_order_int32_t(acc, c, len, p, op); break;
+    case DSMOE_INT64: reduce_in_rank_order_int64_t(acc, c, len, p, op); break;
+    case DSMOE_UINT8: reduce_in_rank_order_uint8_t(acc, c, len, p, op); break;
+    default: break; // refused by check_reduction
+    }
+}
 
 // Float SUM whose bits do not depend on the MPI library: chunk j of the vector is owned by rank j.
 // Every rank sends its chunk j to rank j (MPI_Alltoallv), the owner adds the p contributions in rank
@@ -353,44 +484,40 @@ DEFINE_ADD_IN_RANK_ORDER(double)
 // is summed once, in one fixed order, so every rank gets the same bits, run after run, whatever
 // algorithm MPI picks. Traffic is about 2n elements per rank, as for a ring allreduce.
 // src (n) is NULL for in place (the data is in dst); n <= max_count <= INT_MAX.
-static dsmoe_status sum_fixed_order(dsmoe_comm_ctx *ctx, dsmoe_comm_group *g, const void *src, void *dst,
-                                    size_t n, MPI_Datatype type, size_t esize, dsmoe_dtype dtype) {
+static dsmoe_status sum_fixed_order(mpi_env *e, dsmoe_comm_group *g, const void *src, void *dst, size_t n,
+                                    MPI_Datatype type, size_t esize, dsmoe_dtype dtype) {
     int p = g->size, me = g->rank;
     int *cnt = g->iv, *dsp = cnt + p, *rcnt = dsp + p, *rdsp = rcnt + p;
-    size_t first = chunk_first(n, p, me), len = chunk_first(n, p, me + 1) - first;
+    size_t first = cm_chunk_first(n, p, me), len = cm_chunk_first(n, p, me + 1) - first;
     for (int j = 0; j < p; j++) {
-        size_t f = chunk_first(n, p, j);
-        cnt[j] = (int)(chunk_first(n, p, j + 1) - f), dsp[j] = (int)f;
+        size_t f = cm_chunk_first(n, p, j);
+        cnt[j] = (int)(cm_chunk_first(n, p, j + 1) - f), dsp[j] = (int)f;
         rcnt[j] = (int)len, rdsp[j] = (int)((size_t)j * len); // (p, len) contributions, by source rank
     }
     size_t need = (size_t)p * len * esize;
-    if (need > g->scratch_bytes) {
-        void *grown = realloc(g->scratch, need);
-        if (!grown) return fail(ctx, DSMOE_ERR_NOMEM, "comm mpi: allreduce: out of memory for %zu bytes", need);
-        g->scratch = grown, g->scratch_bytes = need;
-    }
+    if (cm_grow(&g->scratch, &g->scratch_bytes, need))
+        return cm_fail(e, DSMOE_ERR_NOMEM, TAG "allreduce: out of memory for %zu bytes", need);
     int rc = MPI_Alltoallv(src ? src : dst, cnt, dsp, type, g->scratch, rcnt, rdsp, type, g->comm);
-    if (rc != MPI_SUCCESS) return mpi_fail(ctx, rc, "allreduce (fixed-order sum): MPI_Alltoallv of the chunks");
+    if (rc != MPI_SUCCESS) return cm_mpi_fail(e, rc, "allreduce (fixed-order sum): MPI_Alltoallv of the chunks");
     char *mine = (char *)dst + first * esize; // the alltoallv is done: dst may now be overwritten
-    if (dtype == DSMOE_FLOAT32) add_in_rank_order_float((float *)mine, g->scratch, len, p);
-    else add_in_rank_order_double((double *)mine, g->scratch, len, p);
+    cm_reduce_in_rank_order(dtype, DSMOE_SUM, mine, g->scratch, len, p);
     rc = MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, dst, cnt, dsp, type, g->comm);
-    if (rc != MPI_SUCCESS) return mpi_fail(ctx, rc, "allreduce (fixed-order sum): MPI_Allgatherv of the sums");
+    if (rc != MPI_SUCCESS) return cm_mpi_fail(e, rc, "allreduce (fixed-order sum): MPI_Allgatherv of the sums");
     return DSMOE_OK;
 }
 
-static int dtype_info(dsmoe_dtype dtype, MPI_Datatype *type, size_t *esize) {
+int cm_dtype_info(dsmoe_dtype dtype, MPI_Datatype *type, size_t *esize) {
     switch (dtype) {
     case DSMOE_FLOAT32: *type = MPI_FLOAT, *esize = 4; return 1;
     case DSMOE_FLOAT64: *type = MPI_DOUBLE, *esize = 8; return 1;
     case DSMOE_INT32: *type = MPI_INT32_T, *esize = 4; return 1;
     case DSMOE_INT64: *type = MPI_INT64_T, *esize = 8; return 1;
     case DSMOE_UINT8: *type = MPI_UINT8_T, *esize = 1; return 1;
+    default: return 0; // bfloat16 and float16: host MPI has no such type
     }
-    return 0;
 }
 
-static int op_info(dsmoe_reduce_op op, MPI_Op *mop) {
+int cm_op_info(dsmoe_reduce_op op, MPI_Op *mop) {
     switch (op) {
     case DSMOE_SUM: *mop = MPI_SUM; return 1;
     case DSMOE_MAX: *mop = MPI_MAX; return 1;
@@ -399,25 +526,37 @@ static int op_info(dsmoe_reduce_op op, MPI_Op *mop) {
     return 0;
 }
 
-static dsmoe_status mpi_allreduce(dsmoe_comm_ctx *ctx, dsmoe_comm_group *g, const void *sendbuf, void *recvbuf,
-                                  size_t count, dsmoe_dtype dtype, dsmoe_reduce_op op) {
-    dsmoe_status s = check_call(ctx, g, "allreduce", count > 0 && (!sendbuf || !recvbuf));
-    if (s != DSMOE_OK) return s;
+int cm_is_float_sum(dsmoe_dtype dtype, dsmoe_reduce_op op) {
+    return op == DSMOE_SUM && (dtype == DSMOE_FLOAT32 || dtype == DSMOE_FLOAT64);
+}
+
+// Refuses a dtype or op the reductions cannot do, before anything moves (every rank refuses alike).
+dsmoe_status cm_check_reduction(mpi_env *e, const char *what, dsmoe_dtype dtype, dsmoe_reduce_op op) {
     MPI_Datatype type;
     size_t esize;
     MPI_Op mop;
-    if (!dtype_info(dtype, &type, &esize))
-        return fail(ctx, DSMOE_ERR_INVALID, "comm mpi: allreduce: unknown dtype %d", (int)dtype);
-    if (!op_info(op, &mop)) return fail(ctx, DSMOE_ERR_INVALID, "comm mpi: allreduce: unknown op %d", (int)op);
-    int in_place = sendbuf == DSMOE_IN_PLACE;
-    int fixed_order = op == DSMOE_SUM && (dtype == DSMOE_FLOAT32 || dtype == DSMOE_FLOAT64);
+    if (dtype == DSMOE_BFLOAT16 || dtype == DSMOE_FLOAT16)
+        return cm_fail(e, DSMOE_ERR_UNSUPPORTED, TAG "%s: dtype %s is not supported (MPI has no such type)", what,
+                    dsmoe_dtype_name(dtype));
+    if (!cm_dtype_info(dtype, &type, &esize)) return cm_fail(e, DSMOE_ERR_INVALID, TAG "%s: unknown dtype %d", what, (int)dtype);
+    if (!cm_op_info(op, &mop)) return cm_fail(e, DSMOE_ERR_INVALID, TAG "%s: unknown op %d", what, (int)op);
+    return DSMOE_OK;
+}
+
+static dsmoe_status do_allreduce(mpi_env *e, dsmoe_comm_group *g, const void *sendbuf, void *recvbuf, size_t count,
+                                 dsmoe_dtype dtype, dsmoe_reduce_op op) {
+    MPI_Datatype type;
+    size_t esize;
+    MPI_Op mop;
+    cm_dtype_info(dtype, &type, &esize);
+    cm_op_info(op, &mop);
     // Element-wise, so pieces of at most max_count elements give the same result as one call.
-    for (size_t off = 0; off < count; off += ctx->max_count) {
-        size_t n = count - off < ctx->max_count ? count - off : ctx->max_count;
-        const char *src = in_place ? NULL : (const char *)sendbuf + off * esize;
+    for (size_t off = 0; off < count; off += e->max_count) {
+        size_t n = count - off < e->max_count ? count - off : e->max_count;
+        const char *src = sendbuf ? (const char *)sendbuf + off * esize : NULL;
         char *dst = (char *)recvbuf + off * esize;
-        if (fixed_order) {
-            s = sum_fixed_order(ctx, g, src, dst, n, type, esize, dtype);
+        if (cm_is_float_sum(dtype, op)) {
+            dsmoe_status s = sum_fixed_order(e, g, src, dst, n, type, esize, dtype);
             if (s != DSMOE_OK) return s;
             continue;
         }
@@ -425,191 +564,220 @@ static dsmoe_status mpi_allreduce(dsmoe_comm_ctx *ctx, dsmoe_comm_group *g, cons
         if (rc != MPI_SUCCESS) {
             char what[128];
             snprintf(what, sizeof what, "MPI_Allreduce of %zu elements over %d ranks", n, g->size);
-            return mpi_fail(ctx, rc, what);
+            return cm_mpi_fail(e, rc, what);
         }
+    }
+    return DSMOE_OK;
+}
+
+// recv (n) = block `rank` of the reduction of every rank's send (size, n). Rank j receives block j of
+// every rank (MPI_Alltoall) and reduces the p contributions in rank order, as sum_fixed_order does for
+// its chunk: each element is reduced once, in the one order of this plugin, so for float SUM the block
+// is bitwise allreduce's. Every dtype and op takes this path (integer sums, MAX and MIN are exact in
+// any order). Blocks longer than max_count go in pieces: piece [off, off + m) of every block is packed
+// into g->pack so that one MPI_Alltoall of m elements per rank moves it.
+static dsmoe_status do_reduce_scatter(mpi_env *e, dsmoe_comm_group *g, const void *sendbuf, void *recvbuf, size_t n,
+                                      dsmoe_dtype dtype, dsmoe_reduce_op op) {
+    MPI_Datatype type;
+    size_t esize;
+    cm_dtype_info(dtype, &type, &esize);
+    int p = g->size;
+    for (size_t off = 0; off < n; off += e->max_count) {
+        size_t m = n - off < e->max_count ? n - off : e->max_count, need = (size_t)p * m * esize;
+        if (cm_grow(&g->scratch, &g->scratch_bytes, need) || (m < n && cm_grow(&g->pack, &g->pack_bytes, need)))
+            return cm_fail(e, DSMOE_ERR_NOMEM, TAG "reduce_scatter: out of memory for %zu bytes", need);
+        const void *src = sendbuf; // one piece: the blocks are already laid out as MPI_Alltoall wants
+        if (m < n) {
+            for (int j = 0; j < p; j++)
+                memcpy((char *)g->pack + (size_t)j * m * esize, (const char *)sendbuf + ((size_t)j * n + off) * esize,
+                       m * esize);
+            src = g->pack;
+        }
+        int rc = MPI_Alltoall(src, (int)m, type, g->scratch, (int)m, type, g->comm);
+        if (rc != MPI_SUCCESS) {
+            char what[128];
+            snprintf(what, sizeof what, "reduce_scatter: MPI_Alltoall of %zu elements per rank over %d ranks", m, p);
+            return cm_mpi_fail(e, rc, what);
+        }
+        cm_reduce_in_rank_order(dtype, op, (char *)recvbuf + off * esize, g->scratch, m, p);
     }
     return DSMOE_OK;
 }
 
 // ------------------------------------------------------------------------------------------------
-// non-blocking allreduce
+// calls: validated at the call, then run at once (mpi) or from the caller's queue (mpistream)
 
-// One in-place allreduce in flight. The vector goes in pieces of at most max_count elements, one
-// after the other (as the blocking path does); a fixed-order float sum piece has two phases.
-struct dsmoe_comm_request {
+typedef enum { C_ALLTOALL, C_ALLTOALLV, C_ALLGATHER, C_BROADCAST, C_ALLREDUCE, C_REDUCE_SCATTER } coll_kind;
+static const char *const coll_name[] = {"alltoall", "alltoallv", "allgather", "broadcast", "allreduce", "reduce_scatter"};
+
+// One collective, as the entry points validated it.
+typedef struct coll {
+    coll_kind kind;
     dsmoe_comm_group *g;
-    int slot;          // index into g->pool
-    char *buf;         // (count) in place
-    size_t count, off, n, esize; // current piece is [off, off + n)
-    MPI_Datatype type;
-    MPI_Op mop;
+    const void *send;  // NULL: allreduce in place
+    void *recv;        // broadcast: the buffer
+    size_t n;          // bytes (alltoall, allgather, broadcast) or elements (allreduce, reduce_scatter)
     dsmoe_dtype dtype;
-    int fixed_order;
-    int phase;         // 0: Ialltoallv (or Iallreduce) in flight, 1: Iallgatherv in flight, 2: done
-    MPI_Request mreq;
-    int *iv;           // (4, size) counts/displacements; MPI reads them until the call completes
-    void *scratch;     // (size, chunk) contributions to this rank's chunk
-    size_t scratch_bytes;
-};
+    dsmoe_reduce_op op;
+    int root;
+    const size_t *sc, *sd, *rc, *rd; // alltoallv: (size) counts and displacements
+} coll;
 
-static void request_free(dsmoe_comm_request *r) {
-    if (!r) return;
-    if (r->slot >= 0) r->g->pool_busy[r->slot] = 0;
-    free(r->iv);
-    free(r->scratch);
-    free(r);
+static dsmoe_status coll_run(mpi_env *e, const coll *c) {
+    switch (c->kind) {
+    case C_ALLTOALL: return do_alltoall(e, c->g, c->send, c->recv, c->n);
+    case C_ALLTOALLV: return do_alltoallv(e, c->g, c->send, c->sc, c->sd, c->recv, c->rc, c->rd);
+    case C_ALLGATHER: return do_allgather(e, c->g, c->send, c->recv, c->n);
+    case C_BROADCAST: return do_broadcast(e, c->g, c->recv, c->n, c->root);
+    case C_ALLREDUCE: return do_allreduce(e, c->g, c->send, c->recv, c->n, c->dtype, c->op);
+    case C_REDUCE_SCATTER: return do_reduce_scatter(e, c->g, c->send, c->recv, c->n, c->dtype, c->op);
+    }
+    return cm_fail(e, DSMOE_ERR_INTERNAL, TAG "unknown collective %d", (int)c->kind);
 }
 
-// Starts the piece at r->off (phase 0).
-static dsmoe_status piece_start(dsmoe_comm_ctx *ctx, dsmoe_comm_request *r) {
-    dsmoe_comm_group *g = r->g;
-    MPI_Comm comm = g->pool[r->slot];
-    r->n = r->count - r->off < ctx->max_count ? r->count - r->off : ctx->max_count;
-    char *dst = r->buf + r->off * r->esize;
-    r->phase = 0;
-    if (!r->fixed_order) {
-        int rc = MPI_Iallreduce(MPI_IN_PLACE, dst, (int)r->n, r->type, r->mop, comm, &r->mreq);
-        return rc == MPI_SUCCESS ? DSMOE_OK : mpi_fail(ctx, rc, "allreduce_start: MPI_Iallreduce");
-    }
-    int p = g->size, me = g->rank;
-    int *cnt = r->iv, *dsp = cnt + p, *rcnt = dsp + p, *rdsp = rcnt + p;
-    size_t n = r->n, len = chunk_first(n, p, me + 1) - chunk_first(n, p, me);
-    for (int j = 0; j < p; j++) {
-        size_t f = chunk_first(n, p, j);
-        cnt[j] = (int)(chunk_first(n, p, j + 1) - f), dsp[j] = (int)f;
-        rcnt[j] = (int)len, rdsp[j] = (int)((size_t)j * len);
-    }
-    size_t need = (size_t)p * len * r->esize;
-    if (need > r->scratch_bytes) {
-        void *grown = realloc(r->scratch, need);
-        if (!grown) return fail(ctx, DSMOE_ERR_NOMEM, "comm mpi: allreduce_start: out of memory for %zu bytes", need);
-        r->scratch = grown, r->scratch_bytes = need;
-    }
-    int rc = MPI_Ialltoallv(dst, cnt, dsp, r->type, r->scratch, rcnt, rdsp, r->type, comm, &r->mreq);
-    return rc == MPI_SUCCESS ? DSMOE_OK : mpi_fail(ctx, rc, "allreduce_start: MPI_Ialltoallv of the chunks");
+#ifdef COMM_MPI_STREAM_ORDERED
+// A queued collective: the call's arguments, and its own copy of alltoallv's arrays (consumed at the call).
+typedef struct queued {
+    dsmoe_comm_ctx *ctx;
+    coll c;
+    size_t v[]; // alltoallv: (4, size)
+} queued;
+
+static void queued_run(void *arg) {
+    queued *q = arg;
+    mpi_env e = {.max_count = q->ctx->env.max_count};
+    dsmoe_status s = coll_run(&e, &q->c);
+    if (s != DSMOE_OK) sticky_set(q->ctx, s, e.error);
+    group_release(q->c.g);
+    ctx_release(q->ctx);
+    free(q);
 }
 
-// Called when the MPI request of the current phase has completed: moves to the next phase/piece.
-static dsmoe_status request_advance(dsmoe_comm_ctx *ctx, dsmoe_comm_request *r) {
-    if (r->fixed_order && r->phase == 0) {
-        dsmoe_comm_group *g = r->g;
-        int p = g->size;
-        size_t first = chunk_first(r->n, p, g->rank), len = chunk_first(r->n, p, g->rank + 1) - first;
-        char *mine = r->buf + (r->off + first) * r->esize;
-        if (r->dtype == DSMOE_FLOAT32) add_in_rank_order_float((float *)mine, r->scratch, len, p);
-        else add_in_rank_order_double((double *)mine, r->scratch, len, p);
-        int *cnt = r->iv, *dsp = cnt + p;
-        int rc = MPI_Iallgatherv(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, r->buf + r->off * r->esize, cnt, dsp, r->type,
-                                 g->pool[r->slot], &r->mreq);
-        if (rc != MPI_SUCCESS) return mpi_fail(ctx, rc, "request_test: MPI_Iallgatherv of the sums");
-        r->phase = 1;
-        return DSMOE_OK;
+static dsmoe_status submit(dsmoe_comm_ctx *ctx, const coll *c, const dsmoe_comm_stream *stream) {
+    size_t nv = c->kind == C_ALLTOALLV ? 4 * (size_t)c->g->size : 0;
+    queued *q = malloc(sizeof *q + nv * sizeof(size_t));
+    if (!q) return cm_fail(&ctx->env, DSMOE_ERR_NOMEM, TAG "%s: out of memory for the queued call", coll_name[c->kind]);
+    q->ctx = ctx, q->c = *c;
+    if (nv) {
+        size_t p = (size_t)c->g->size;
+        memcpy(q->v, c->sc, p * sizeof(size_t)), memcpy(q->v + p, c->sd, p * sizeof(size_t));
+        memcpy(q->v + 2 * p, c->rc, p * sizeof(size_t)), memcpy(q->v + 3 * p, c->rd, p * sizeof(size_t));
+        q->c.sc = q->v, q->c.sd = q->v + p, q->c.rc = q->v + 2 * p, q->c.rd = q->v + 3 * p;
     }
-    r->off += r->n;
-    if (r->off >= r->count) {
-        r->phase = 2;
-        return DSMOE_OK;
+    atomic_fetch_add(&ctx->refs, 1); // taken before enqueueing: a queue may run fn at once
+    atomic_fetch_add(&c->g->refs, 1);
+    dsmoe_status s = stream->enqueue_host(stream->owner, queued_run, q);
+    if (s != DSMOE_OK) { // not queued, so not run
+        group_release(c->g);
+        ctx_release(ctx);
+        free(q);
+        return cm_fail(&ctx->env, s, TAG "%s: the kernel queue refused the host callback (%s)", coll_name[c->kind],
+                    dsmoe_status_name(s));
     }
-    return piece_start(ctx, r);
+    return DSMOE_OK;
 }
+#else
+static dsmoe_status submit(dsmoe_comm_ctx *ctx, const coll *c, const dsmoe_comm_stream *stream) {
+    return coll_run(&ctx->env, c); // host-progressed: `stream` is ignored
+}
+#endif
 
-static dsmoe_status mpi_allreduce_start(dsmoe_comm_ctx *ctx, dsmoe_comm_group *g, void *buf, size_t count,
-                                        dsmoe_dtype dtype, dsmoe_reduce_op op, dsmoe_comm_request **req) {
-    dsmoe_status s = check_call(ctx, g, "allreduce_start", (count > 0 && !buf) || !req);
+static dsmoe_status mpi_alltoall(dsmoe_comm_ctx *ctx, dsmoe_comm_group *g, const void *sendbuf, void *recvbuf,
+                                 size_t bytes, const dsmoe_comm_stream *stream) {
+    dsmoe_status s = cm_check_call(ctx, g, "alltoall", bytes > 0 && (!sendbuf || !recvbuf), 1, stream);
     if (s != DSMOE_OK) return s;
-    *req = NULL;
-    dsmoe_comm_request *r = calloc(1, sizeof *r);
-    if (!r) return fail(ctx, DSMOE_ERR_NOMEM, "comm mpi: allreduce_start: out of memory");
-    r->g = g, r->slot = -1, r->buf = buf, r->count = count, r->dtype = dtype;
-    if (!dtype_info(dtype, &r->type, &r->esize)) {
-        free(r);
-        return fail(ctx, DSMOE_ERR_INVALID, "comm mpi: allreduce_start: unknown dtype %d", (int)dtype);
-    }
-    if (!op_info(op, &r->mop)) {
-        free(r);
-        return fail(ctx, DSMOE_ERR_INVALID, "comm mpi: allreduce_start: unknown op %d", (int)op);
-    }
-    r->fixed_order = op == DSMOE_SUM && (dtype == DSMOE_FLOAT32 || dtype == DSMOE_FLOAT64);
-    if (count == 0) { // nothing moves, so no collective: every rank agrees on count
-        r->phase = 2;
-        *req = r;
-        return DSMOE_OK;
-    }
-    int slot = 0;
-    while (slot < g->pool_len && g->pool_busy[slot]) slot++;
-    if (slot == g->pool_len) {
-        MPI_Comm *pool = realloc(g->pool, (size_t)(slot + 1) * sizeof *pool);
-        if (pool) g->pool = pool;
-        unsigned char *busy = realloc(g->pool_busy, (size_t)(slot + 1));
-        if (busy) g->pool_busy = busy;
-        if (!pool || !busy) {
-            free(r);
-            return fail(ctx, DSMOE_ERR_NOMEM, "comm mpi: allreduce_start: out of memory");
-        }
-        int rc = MPI_Comm_dup(g->comm, &g->pool[slot]);
-        if (rc != MPI_SUCCESS) {
-            free(r);
-            return mpi_fail(ctx, rc, "allreduce_start: MPI_Comm_dup for a request");
-        }
-        MPI_Comm_set_errhandler(g->pool[slot], MPI_ERRORS_RETURN);
-        g->pool_busy[slot] = 0;
-        g->pool_len = slot + 1;
-    }
-    g->pool_busy[slot] = 1;
-    r->slot = slot;
-    r->iv = malloc(4 * (size_t)g->size * sizeof *r->iv);
-    if (!r->iv) {
-        request_free(r);
-        return fail(ctx, DSMOE_ERR_NOMEM, "comm mpi: allreduce_start: out of memory for %d ranks", g->size);
-    }
-    s = piece_start(ctx, r);
-    if (s != DSMOE_OK) {
-        request_free(r);
-        return s;
-    }
-    *req = r;
-    return DSMOE_OK;
+    coll c = {.kind = C_ALLTOALL, .g = g, .send = sendbuf, .recv = recvbuf, .n = bytes};
+    return submit(ctx, &c, stream);
 }
 
-static dsmoe_status mpi_request_test(dsmoe_comm_ctx *ctx, dsmoe_comm_request *r, int *done) {
-    if (!ctx) return DSMOE_ERR_INVALID;
-    if (!r || !done) return fail(ctx, DSMOE_ERR_INVALID, "comm mpi: request_test: request or done is NULL");
-    while (r->phase != 2) {
-        int flag = 0;
-        int rc = MPI_Test(&r->mreq, &flag, MPI_STATUS_IGNORE);
-        if (rc != MPI_SUCCESS) return mpi_fail(ctx, rc, "request_test: MPI_Test");
-        if (!flag) break;
-        dsmoe_status s = request_advance(ctx, r);
-        if (s != DSMOE_OK) return s;
-    }
-    *done = r->phase == 2;
-    return DSMOE_OK;
+static dsmoe_status mpi_alltoallv(dsmoe_comm_ctx *ctx, dsmoe_comm_group *g, const void *sendbuf,
+                                  const size_t *sendcounts, const size_t *sdispls, void *recvbuf,
+                                  const size_t *recvcounts, const size_t *rdispls, const dsmoe_comm_stream *stream) {
+    dsmoe_status s = cm_check_call(ctx, g, "alltoallv", 0, 1, stream);
+    if (s != DSMOE_OK) return s;
+    if (!sendcounts || !sdispls || !recvcounts || !rdispls)
+        return cm_fail(&ctx->env, DSMOE_ERR_INVALID, TAG "alltoallv: a count or displacement array is NULL");
+    size_t sent = 0, received = 0;
+    for (int j = 0; j < g->size; j++) sent += sendcounts[j], received += recvcounts[j];
+    if ((sent && !sendbuf) || (received && !recvbuf))
+        return cm_fail(&ctx->env, DSMOE_ERR_INVALID, TAG "alltoallv: a buffer is NULL but its counts are not all 0");
+    coll c = {.kind = C_ALLTOALLV, .g = g, .send = sendbuf, .recv = recvbuf,
+              .sc = sendcounts, .sd = sdispls, .rc = recvcounts, .rd = rdispls};
+    return submit(ctx, &c, stream);
 }
 
-static dsmoe_status mpi_request_wait(dsmoe_comm_ctx *ctx, dsmoe_comm_request *r) {
-    if (!r) return DSMOE_OK;
-    dsmoe_status s = DSMOE_OK;
-    while (r->phase != 2) {
-        int rc = MPI_Wait(&r->mreq, MPI_STATUS_IGNORE);
-        if (rc != MPI_SUCCESS) {
-            s = mpi_fail(ctx, rc, "request_wait: MPI_Wait");
-            break;
-        }
-        s = request_advance(ctx, r);
-        if (s != DSMOE_OK) break;
-    }
-    request_free(r);
-    return s;
+static dsmoe_status mpi_allgather(dsmoe_comm_ctx *ctx, dsmoe_comm_group *g, const void *sendbuf, void *recvbuf,
+                                  size_t bytes, const dsmoe_comm_stream *stream) {
+    dsmoe_status s = cm_check_call(ctx, g, "allgather", bytes > 0 && (!sendbuf || !recvbuf), 1, stream);
+    if (s != DSMOE_OK) return s;
+    coll c = {.kind = C_ALLGATHER, .g = g, .send = sendbuf, .recv = recvbuf, .n = bytes};
+    return submit(ctx, &c, stream);
+}
+
+static dsmoe_status mpi_broadcast(dsmoe_comm_ctx *ctx, dsmoe_comm_group *g, void *buf, size_t bytes, int root,
+                                  const dsmoe_comm_stream *stream) {
+    dsmoe_status s = cm_check_call(ctx, g, "broadcast", bytes > 0 && !buf, 1, stream);
+    if (s != DSMOE_OK) return s;
+    if (root < 0 || root >= g->size)
+        return cm_fail(&ctx->env, DSMOE_ERR_INVALID, TAG "broadcast: root %d is not a rank of this group of %d", root,
+                    g->size);
+    coll c = {.kind = C_BROADCAST, .g = g, .recv = buf, .n = bytes, .root = root};
+    return submit(ctx, &c, stream);
+}
+
+static dsmoe_status mpi_allreduce(dsmoe_comm_ctx *ctx, dsmoe_comm_group *g, const void *sendbuf, void *recvbuf,
+                                  size_t count, dsmoe_dtype dtype, dsmoe_reduce_op op, const dsmoe_comm_stream *stream) {
+    dsmoe_status s = cm_check_call(ctx, g, "allreduce", count > 0 && (!sendbuf || !recvbuf), 1, stream);
+    if (s == DSMOE_OK) s = cm_check_reduction(&ctx->env, "allreduce", dtype, op);
+    if (s != DSMOE_OK) return s;
+    coll c = {.kind = C_ALLREDUCE, .g = g, .send = sendbuf == DSMOE_IN_PLACE ? NULL : sendbuf, .recv = recvbuf,
+              .n = count, .dtype = dtype, .op = op};
+    return submit(ctx, &c, stream);
+}
+
+// DSMOE_IN_PLACE is refused: the header defines it for allreduce only.
+static dsmoe_status mpi_reduce_scatter(dsmoe_comm_ctx *ctx, dsmoe_comm_group *g, const void *sendbuf, void *recvbuf,
+                                       size_t recvcount, dsmoe_dtype dtype, dsmoe_reduce_op op,
+                                       const dsmoe_comm_stream *stream) {
+    dsmoe_status s = cm_check_call(ctx, g, "reduce_scatter", recvcount > 0 && (!sendbuf || !recvbuf), 1, stream);
+    if (s == DSMOE_OK) s = cm_check_reduction(&ctx->env, "reduce_scatter", dtype, op);
+    if (s != DSMOE_OK) return s;
+    if (sendbuf == DSMOE_IN_PLACE)
+        return cm_fail(&ctx->env, DSMOE_ERR_INVALID, TAG "reduce_scatter: sendbuf is DSMOE_IN_PLACE; pass the input");
+    coll c = {.kind = C_REDUCE_SCATTER, .g = g, .send = sendbuf, .recv = recvbuf, .n = recvcount, .dtype = dtype,
+              .op = op};
+    return submit(ctx, &c, stream);
+}
+
+// Host-level in both builds: in mpistream it synchronises the ranks' host threads (on host_comm, so it
+// never meets a queued collective), not their queues.
+static dsmoe_status mpi_barrier(dsmoe_comm_ctx *ctx, dsmoe_comm_group *g) {
+    dsmoe_status s = cm_check_call(ctx, g, "barrier", 0, 0, NULL);
+    if (s != DSMOE_OK) return s;
+    int rc = MPI_Barrier(g->host_comm != MPI_COMM_NULL ? g->host_comm : g->comm);
+    return rc == MPI_SUCCESS ? DSMOE_OK : cm_mpi_fail(&ctx->env, rc, "MPI_Barrier");
 }
 
 // ------------------------------------------------------------------------------------------------
 // the table
 
-static const dsmoe_comm_plugin_v1 mpi_plugin = {
+static const dsmoe_comm_plugin_v2 mpi_plugin = {
     .api_version = DSMOE_COMM_API_VERSION,
-    .name = "mpi",
+    .name = PLUGIN_NAME,
+#ifdef COMM_MPI_STREAM_ORDERED
+    .description = "TEST ONLY: the mpi plugin's collectives, run from the caller's kernel queue (stream-ordered)",
+    .caps = DSMOE_CCAP_STREAM_ORDERED | DSMOE_CCAP_DETERMINISTIC,
+#else
     .description = "MPI collectives on host memory (float sums in fixed rank order)",
+    .caps = DSMOE_CCAP_DETERMINISTIC | DSMOE_CCAP_NONBLOCKING,
+    .allreduce_start = cm_allreduce_start,
+    .request_test = cm_request_test,
+    .request_wait = cm_request_wait,
+#endif
     .mem_kinds = DSMOE_MEM_HOST,
+    .mpi_abi = DSMOE_MPI_ABI_STRING,
+    .params = mpi_params,
+    .n_params = (int)(sizeof mpi_params / sizeof mpi_params[0]),
     .init = mpi_init,
     .finalize = mpi_finalize,
     .last_error = mpi_last_error,
@@ -618,14 +786,12 @@ static const dsmoe_comm_plugin_v1 mpi_plugin = {
     .group_rank = mpi_group_rank,
     .group_size = mpi_group_size,
     .alltoall = mpi_alltoall,
-    .alltoallv = mpi_alltoallv,
     .allreduce = mpi_allreduce,
     .allgather = mpi_allgather,
+    .reduce_scatter = mpi_reduce_scatter,
+    .alltoallv = mpi_alltoallv,
     .broadcast = mpi_broadcast,
     .barrier = mpi_barrier,
-    .allreduce_start = mpi_allreduce_start,
-    .request_test = mpi_request_test,
-    .request_wait = mpi_request_wait,
 };
 
-DSMOE_PLUGIN_EXPORT const dsmoe_comm_plugin_v1 *DSMOE_COMM_PLUGIN_ENTRY(void) { return &mpi_plugin; }
+DSMOE_PLUGIN_EXPORT const dsmoe_comm_plugin_v2 *DSMOE_COMM_PLUGIN_ENTRY(void) { return &mpi_plugin; }

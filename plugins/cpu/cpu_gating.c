@@ -11,6 +11,9 @@
 // (assigns). Every parallel loop gives each output row to one thread and reduces inside a row in a
 // fixed order, so results do not depend on the thread count. Gating itself (route, assign) is
 // O(S*E) and O(S*K): small next to dispatch and combine, and assign is a sequential prefix count.
+// The table, counts and load-balancing sums are device data: an entry out of range is bad data, the
+// context's sticky error (cpu_sticky), not a bad call. float32 only (gating is float32 by contract;
+// dispatch and combine refuse other activation dtypes so far). Results are bitwise version 1's.
 #include <float.h>
 #include <math.h>
 #include <omp.h>
@@ -31,16 +34,14 @@
 // ------------------------------------------------------------------------------------------------
 // argument checks
 
-static int gate_threads(const dsmoe_kernel_ctx *ctx) {
-    return ctx->threads > 0 ? ctx->threads : omp_get_max_threads();
-}
+static int gate_threads(const cpu_ctx *ctx) { return ctx->threads > 0 ? ctx->threads : omp_get_max_threads(); }
 
 #define GATE_NEED(ptr, op)                                                                         \
     do {                                                                                           \
         if ((ptr) == NULL) return cpu_fail(ctx, DSMOE_ERR_INVALID, "cpu: %s: %s is NULL", op, #ptr); \
     } while (0)
 
-static dsmoe_status check_gating_params(dsmoe_kernel_ctx *ctx, const char *op, const dsmoe_gating_params *p) {
+static dsmoe_status check_gating_params(cpu_ctx *ctx, const char *op, const dsmoe_gating_params *p) {
     if (p == NULL) return cpu_fail(ctx, DSMOE_ERR_INVALID, "cpu: %s: gating params are NULL", op);
     if (p->S < 0) return cpu_fail(ctx, DSMOE_ERR_INVALID, "cpu: %s: S = %d tokens, expected >= 0", op, p->S);
     if (p->E < 1) return cpu_fail(ctx, DSMOE_ERR_INVALID, "cpu: %s: E = %d experts, expected >= 1", op, p->E);
@@ -54,10 +55,10 @@ static dsmoe_status check_gating_params(dsmoe_kernel_ctx *ctx, const char *op, c
     return DSMOE_OK;
 }
 
-// Checks the sizes and every entry of the table: choice in [0, E), slot in [-1, C). O(S*K), cheap
-// next to the O(S*K*M) copy that a bad entry would send out of bounds.
-static dsmoe_status check_table(dsmoe_kernel_ctx *ctx, const char *op, const int32_t *choice, const int32_t *slot,
-                                int S, int K, int E, int C, int M) {
+// Checks the sizes (a bad call) and every entry of the table (bad data: sticky): choice in [0, E), slot
+// in [-1, C). O(S*K), cheap next to the O(S*K*M) copy that a bad entry would send out of bounds.
+static dsmoe_status check_table(cpu_ctx *ctx, const char *op, const int32_t *choice, const int32_t *slot, int S,
+                                int K, int E, int C, int M) {
     if (S < 0 || E < 1 || C < 0 || M < 0)
         return cpu_fail(ctx, DSMOE_ERR_INVALID, "cpu: %s: S = %d, E = %d, C = %d, M = %d; expected S >= 0, E >= 1, C >= 0, M >= 0",
                         op, S, E, C, M);
@@ -69,18 +70,18 @@ static dsmoe_status check_table(dsmoe_kernel_ctx *ctx, const char *op, const int
     }
     for (size_t i = 0; i < (size_t)S * K; i++) {
         if (choice[i] < 0 || choice[i] >= E)
-            return cpu_fail(ctx, DSMOE_ERR_INVALID, "cpu: %s: choice[%zu] (token %zu, k %zu) = %d, expected [0, %d)", op, i,
-                            i / K, i % K, choice[i], E);
+            return cpu_sticky(ctx, DSMOE_ERR_INVALID, "cpu: %s: choice[%zu] (token %zu, k %zu) = %d, expected [0, %d)", op,
+                              i, i / K, i % K, choice[i], E);
         if (slot[i] < -1 || slot[i] >= C)
-            return cpu_fail(ctx, DSMOE_ERR_INVALID, "cpu: %s: slot[%zu] (token %zu, k %zu) = %d, expected [-1, %d) for C = %d",
-                            op, i, i / K, i % K, slot[i], C, C);
+            return cpu_sticky(ctx, DSMOE_ERR_INVALID, "cpu: %s: slot[%zu] (token %zu, k %zu) = %d, expected [-1, %d) for C = %d",
+                              op, i, i / K, i % K, slot[i], C, C);
     }
     return DSMOE_OK;
 }
 
 // src (E*C) = index s*K + k of the choice that owns each (expert, slot), -1 when unused. Also proves
 // that no two choices share a slot, which the parallel writers below rely on.
-static dsmoe_status slot_owners(dsmoe_kernel_ctx *ctx, const char *op, const int32_t *choice, const int32_t *slot,
+static dsmoe_status slot_owners(cpu_ctx *ctx, const char *op, const int32_t *choice, const int32_t *slot,
                                 int S, int K, int C, int E, int32_t **src_out) {
     size_t rows = (size_t)E * C;
     int32_t *src = malloc((rows ? rows : 1) * sizeof *src);
@@ -90,15 +91,24 @@ static dsmoe_status slot_owners(dsmoe_kernel_ctx *ctx, const char *op, const int
         if (slot[i] < 0) continue;
         size_t r = (size_t)choice[i] * C + slot[i];
         if (src[r] >= 0) {
-            dsmoe_status st = cpu_fail(ctx, DSMOE_ERR_INVALID,
-                                       "cpu: %s: tokens %d and %zu both hold slot %d of expert %d (a table from gate_assign never does)",
-                                       op, src[r] / K, i / K, slot[i], choice[i]);
+            dsmoe_status st = cpu_sticky(ctx, DSMOE_ERR_INVALID,
+                                         "cpu: %s: tokens %d and %zu both hold slot %d of expert %d (a table from gate_assign never does)",
+                                         op, src[r] / K, i / K, slot[i], choice[i]);
             free(src);
             return st;
         }
         src[r] = (int32_t)i;
     }
     *src_out = src;
+    return DSMOE_OK;
+}
+
+// choice (S, K) from gate_route: every entry in [0, E), else the sticky error.
+static dsmoe_status check_choice(cpu_ctx *ctx, const char *op, const int32_t *choice, int S, int K, int E) {
+    for (size_t i = 0; i < (size_t)S * K; i++)
+        if (choice[i] < 0 || choice[i] >= E)
+            return cpu_sticky(ctx, DSMOE_ERR_INVALID, "cpu: %s: choice[%zu] (token %zu) = %d, expected [0, %d)", op, i,
+                              i / K, choice[i], E);
     return DSMOE_OK;
 }
 
@@ -128,12 +138,12 @@ static int argmax_gumbel(const float *logits, int E, int skip, uint64_t key, uin
     return best;
 }
 
-dsmoe_status cpu_gate_route(dsmoe_kernel_ctx *ctx, const dsmoe_gating_params *p, const float *logits,
-                            float *probs, int32_t *choice, int32_t *host_counts) {
-    dsmoe_status st = check_gating_params(ctx, "gate_route", p);
-    if (st != DSMOE_OK) return st;
+dsmoe_status cpu_gate_route(cpu_ctx *ctx, cpu_queue *q, const dsmoe_gating_params *p, const float *logits,
+                            float *probs, int32_t *choice, int32_t *counts) {
+    CPU_BEGIN(ctx, q, "gate_route");
+    CPU_TRY(check_gating_params(ctx, "gate_route", p));
     const int S = p->S, E = p->E, K = p->K;
-    GATE_NEED(host_counts, "gate_route");
+    GATE_NEED(counts, "gate_route");
     if (S > 0) {
         GATE_NEED(logits, "gate_route");
         GATE_NEED(probs, "gate_route");
@@ -165,8 +175,8 @@ dsmoe_status cpu_gate_route(dsmoe_kernel_ctx *ctx, const dsmoe_gating_params *p,
             choice[(size_t)s * K + 1] = noisy ? argmax_gumbel(l, E, first, key1, token) : argmax_row(g, E, first);
     }
 
-    for (int e = 0; e < E; e++) host_counts[e] = 0;
-    for (size_t i = 0; i < (size_t)S * K; i++) host_counts[choice[i]]++;
+    for (int e = 0; e < E; e++) counts[e] = 0;
+    for (size_t i = 0; i < (size_t)S * K; i++) counts[choice[i]]++;
     return DSMOE_OK;
 }
 
@@ -224,26 +234,21 @@ static void assign_level(const dsmoe_gating_params *p, int C, int level, const i
     }
 }
 
-dsmoe_status cpu_gate_assign(dsmoe_kernel_ctx *ctx, const dsmoe_gating_params *p, int C, const float *probs,
-                             const int32_t *choice, int32_t *slot, float *weight, int32_t *host_kept,
-                             double *host_prob_sum, int32_t *host_first_count) {
-    dsmoe_status st = check_gating_params(ctx, "gate_assign", p);
-    if (st != DSMOE_OK) return st;
+dsmoe_status cpu_gate_assign(cpu_ctx *ctx, cpu_queue *q, const dsmoe_gating_params *p, int C, const float *probs,
+                             const int32_t *choice, int32_t *slot, float *weight, int32_t *kept, double *aux_sums) {
+    CPU_BEGIN(ctx, q, "gate_assign");
+    CPU_TRY(check_gating_params(ctx, "gate_assign", p));
     const int S = p->S, E = p->E, K = p->K;
     if (C < 0) return cpu_fail(ctx, DSMOE_ERR_INVALID, "cpu: gate_assign: capacity C = %d, expected >= 0", C);
-    GATE_NEED(host_kept, "gate_assign");
-    GATE_NEED(host_prob_sum, "gate_assign");
-    GATE_NEED(host_first_count, "gate_assign");
+    GATE_NEED(kept, "gate_assign");
+    GATE_NEED(aux_sums, "gate_assign");
     if (S > 0) {
         GATE_NEED(probs, "gate_assign");
         GATE_NEED(choice, "gate_assign");
         GATE_NEED(slot, "gate_assign");
         GATE_NEED(weight, "gate_assign");
     }
-    for (size_t i = 0; i < (size_t)S * K; i++)
-        if (choice[i] < 0 || choice[i] >= E)
-            return cpu_fail(ctx, DSMOE_ERR_INVALID, "cpu: gate_assign: choice[%zu] (token %zu) = %d, expected [0, %d)", i,
-                            i / K, choice[i], E);
+    CPU_TRY(check_choice(ctx, "gate_assign", choice, S, K, E));
 
     // One scratch block: n (K, E) per-level counts, base (E), bucket_off (E+1), bucket (S), keep (S).
     size_t bytes = ((size_t)K * E + E + E + 1) * sizeof(int32_t) + (size_t)S * (sizeof(rts_entry) + 1);
@@ -263,7 +268,7 @@ dsmoe_status cpu_gate_assign(dsmoe_kernel_ctx *ctx, const dsmoe_gating_params *p
     memset(base, 0, (size_t)E * sizeof *base);
     for (int k = 0; k < K; k++)
         assign_level(p, C, k, choice, slot, base, n + (size_t)k * E, bucket_off, bucket, keep);
-    for (int e = 0; e < E; e++) host_kept[e] = base[e];
+    for (int e = 0; e < E; e++) kept[e] = base[e];
 
     for (int s = 0; s < S; s++) {
         const float *g = probs + (size_t)s * E;
@@ -282,42 +287,47 @@ dsmoe_status cpu_gate_assign(dsmoe_kernel_ctx *ctx, const dsmoe_gating_params *p
     }
 
     // The load-balancing loss's sums over this rank's tokens (the caller reduces and forms l_aux):
-    // P_e = sum_s probs[s,e] in double in token order, N_e = first choices (before capacity drops).
+    // aux_sums = [P_e = sum_s probs[s,e] in double in token order (E), N_e = first choices before
+    // capacity drops (E), S].
+    double *psum = aux_sums, *first = aux_sums + E;
     for (int e = 0; e < E; e++) {
-        host_prob_sum[e] = 0.0;
-        host_first_count[e] = n[e];
+        psum[e] = 0.0;
+        first[e] = (double)n[e];
     }
+    aux_sums[2 * (size_t)E] = (double)S;
     for (int s = 0; s < S; s++)
-        for (int e = 0; e < E; e++) host_prob_sum[e] += probs[(size_t)s * E + e];
+        for (int e = 0; e < E; e++) psum[e] += probs[(size_t)s * E + e];
     free(scratch);
     return DSMOE_OK;
 }
 
 // Backward of route + assign. With g = probs[s] and
-// L = sum_k dweight[s,k] * weight[s,k] + sum_e aux_grad[e] * g_e (aux_grad = host_aux_grad):
+// L = sum_k dweight[s,k] * weight[s,k] + sum_e aux_grad[e] * g_e, where
+// aux_grad[e] = (float)(daux * E * N_e / S_tot^2) from the reduced aux_sums (0 when S_tot is 0):
 //   dL/dg_e  = aux_grad[e]                                           (every e: the load-balancing term)
 //            + [top-1] dweight[s,0]                       at e = choice[s,0] if kept
 //            + [top-2] dweight[s,j] / den - (sum_i dweight[s,i] g_i) / den^2   at each kept e = choice[s,j]
 //              with den = g_1 + g_2 over kept choices (only the first term when den is clamped to eps)
 //   dlogits += g * (dL/dg - sum_e g_e dL/dg_e)                       (softmax backward)
-dsmoe_status cpu_gate_backward(dsmoe_kernel_ctx *ctx, const dsmoe_gating_params *p, float *dlogits,
-                               const float *probs, const int32_t *choice, const int32_t *slot,
-                               const float *dweight, const float *host_aux_grad) {
-    dsmoe_status st = check_gating_params(ctx, "gate_backward", p);
-    if (st != DSMOE_OK) return st;
+dsmoe_status cpu_gate_backward(cpu_ctx *ctx, cpu_queue *q, const dsmoe_gating_params *p, float *dlogits,
+                               const float *probs, const int32_t *choice, const int32_t *slot, const float *dweight,
+                               const double *aux_sums, float daux) {
+    CPU_BEGIN(ctx, q, "gate_backward");
+    CPU_TRY(check_gating_params(ctx, "gate_backward", p));
     const int S = p->S, E = p->E, K = p->K;
-    GATE_NEED(host_aux_grad, "gate_backward");
+    GATE_NEED(aux_sums, "gate_backward");
     if (S == 0) return DSMOE_OK;
     GATE_NEED(dlogits, "gate_backward");
     GATE_NEED(probs, "gate_backward");
     GATE_NEED(choice, "gate_backward");
     GATE_NEED(slot, "gate_backward");
     GATE_NEED(dweight, "gate_backward");
-    for (size_t i = 0; i < (size_t)S * K; i++)
-        if (choice[i] < 0 || choice[i] >= E)
-            return cpu_fail(ctx, DSMOE_ERR_INVALID, "cpu: gate_backward: choice[%zu] (token %zu) = %d, expected [0, %d)", i,
-                            i / K, choice[i], E);
-    const float *daux_g = host_aux_grad; // (E) dL/dg_e of the aux term, the same for every s
+    CPU_TRY(check_choice(ctx, "gate_backward", choice, S, K, E));
+    float *daux_g = malloc((size_t)E * sizeof *daux_g); // (E) dL/dg_e of the aux term, the same for every s
+    if (daux_g == NULL) return cpu_fail(ctx, DSMOE_ERR_NOMEM, "cpu: gate_backward: no memory for %d floats", E);
+    // The formula (and its evaluation order) the v1 core used on the host.
+    const double St = aux_sums[2 * (size_t)E];
+    for (int e = 0; e < E; e++) daux_g[e] = St > 0.0 ? (float)((double)daux * E * aux_sums[E + e] / (St * St)) : 0.0f;
 
     const int nt = gate_threads(ctx);
 #pragma omp parallel for num_threads(nt) schedule(static) if ((size_t)S * E >= GATE_PARALLEL_MIN_WORK)
@@ -349,14 +359,19 @@ dsmoe_status cpu_gate_backward(dsmoe_kernel_ctx *ctx, const dsmoe_gating_params 
         for (int e = 0; e < E; e++) dl[e] += g[e] * (daux_g[e] - fdot);
         for (int k = 0; k < K; k++) dl[c[k]] += g[c[k]] * dgk[k];
     }
+    free(daux_g);
     return DSMOE_OK;
 }
 
 // ------------------------------------------------------------------------------------------------
 // dispatch and combine through the table
 
-dsmoe_status cpu_moe_dispatch(dsmoe_kernel_ctx *ctx, float *buf, const float *x, const int32_t *choice,
-                              const int32_t *slot, int S, int K, int E, int C, int M) {
+dsmoe_status cpu_moe_dispatch(cpu_ctx *ctx, cpu_queue *q, void *buf_, const void *x_, dsmoe_dtype dt,
+                              const int32_t *choice, const int32_t *slot, int S, int K, int E, int C, int M) {
+    CPU_BEGIN(ctx, q, "moe_dispatch");
+    CPU_DTYPE(ctx, "moe_dispatch", "dt", dt);
+    float *buf = buf_;
+    const float *x = x_;
     dsmoe_status st = check_table(ctx, "moe_dispatch", choice, slot, S, K, E, C, M);
     if (st != DSMOE_OK) return st;
     const size_t rows = (size_t)E * C;
@@ -367,20 +382,21 @@ dsmoe_status cpu_moe_dispatch(dsmoe_kernel_ctx *ctx, float *buf, const float *x,
     st = slot_owners(ctx, "moe_dispatch", choice, slot, S, K, C, E, &src);
     if (st != DSMOE_OK) return st;
     const int nt = gate_threads(ctx);
-    // Walk the buffer rather than the tokens: every (E, C) row is written once, copy or zero.
+    // Walk the buffer rather than the tokens: every used (E, C) row is written once; unused rows are
+    // left as they are (the contract leaves them unspecified: readers stop at the kept counts).
 #pragma omp parallel for num_threads(nt) schedule(static) if (rows * M >= GATE_PARALLEL_MIN_WORK)
-    for (size_t r = 0; r < rows; r++) {
-        float *dst = buf + r * M; // (M)
-        if (src[r] >= 0) memcpy(dst, x + (size_t)(src[r] / K) * M, (size_t)M * sizeof *dst);
-        else memset(dst, 0, (size_t)M * sizeof *dst);
-    }
+    for (size_t r = 0; r < rows; r++)
+        if (src[r] >= 0) memcpy(buf + r * M, x + (size_t)(src[r] / K) * M, (size_t)M * sizeof *buf);
     free(src);
     return DSMOE_OK;
 }
 
-dsmoe_status cpu_moe_dispatch_backward(dsmoe_kernel_ctx *ctx, float *dx, const float *dbuf,
-                                       const int32_t *choice, const int32_t *slot, int S, int K, int E, int C,
-                                       int M) {
+dsmoe_status cpu_moe_dispatch_backward(cpu_ctx *ctx, cpu_queue *q, void *dx_, const void *dbuf_, dsmoe_dtype dt,
+                                       const int32_t *choice, const int32_t *slot, int S, int K, int E, int C, int M) {
+    CPU_BEGIN(ctx, q, "moe_dispatch_backward");
+    CPU_DTYPE(ctx, "moe_dispatch_backward", "dt", dt);
+    float *dx = dx_;
+    const float *dbuf = dbuf_;
     dsmoe_status st = check_table(ctx, "moe_dispatch_backward", choice, slot, S, K, E, C, M);
     if (st != DSMOE_OK) return st;
     if (S == 0 || M == 0) return DSMOE_OK;
@@ -401,8 +417,13 @@ dsmoe_status cpu_moe_dispatch_backward(dsmoe_kernel_ctx *ctx, float *dx, const f
     return DSMOE_OK;
 }
 
-dsmoe_status cpu_moe_combine(dsmoe_kernel_ctx *ctx, float *out, const float *y, const int32_t *choice,
-                             const int32_t *slot, const float *weight, int S, int K, int E, int C, int M) {
+dsmoe_status cpu_moe_combine(cpu_ctx *ctx, cpu_queue *q, void *out_, const void *y_, dsmoe_dtype dt,
+                             const int32_t *choice, const int32_t *slot, const float *weight, int S, int K, int E,
+                             int C, int M) {
+    CPU_BEGIN(ctx, q, "moe_combine");
+    CPU_DTYPE(ctx, "moe_combine", "dt", dt);
+    float *out = out_;
+    const float *y = y_;
     dsmoe_status st = check_table(ctx, "moe_combine", choice, slot, S, K, E, C, M);
     if (st != DSMOE_OK) return st;
     if (S == 0 || M == 0) return DSMOE_OK;
@@ -445,9 +466,13 @@ static float dot16(const float *a, const float *b, int n) {
     return acc[0];
 }
 
-dsmoe_status cpu_moe_combine_backward(dsmoe_kernel_ctx *ctx, float *dy, float *dweight, const float *dout,
-                                      const float *y, const int32_t *choice, const int32_t *slot,
+dsmoe_status cpu_moe_combine_backward(cpu_ctx *ctx, cpu_queue *q, void *dy_, float *dweight, const void *dout_,
+                                      const void *y_, dsmoe_dtype dt, const int32_t *choice, const int32_t *slot,
                                       const float *weight, int S, int K, int E, int C, int M) {
+    CPU_BEGIN(ctx, q, "moe_combine_backward");
+    CPU_DTYPE(ctx, "moe_combine_backward", "dt", dt);
+    float *dy = dy_;
+    const float *dout = dout_, *y = y_;
     dsmoe_status st = check_table(ctx, "moe_combine_backward", choice, slot, S, K, E, C, M);
     if (st != DSMOE_OK) return st;
     const size_t rows = (size_t)E * C;
@@ -463,14 +488,11 @@ dsmoe_status cpu_moe_combine_backward(dsmoe_kernel_ctx *ctx, float *dy, float *d
     if (st != DSMOE_OK) return st;
     const int nt = gate_threads(ctx);
 
-    // dy (E, C, M) (assigns): each row once, scaled dout row or zero.
+    // dy (E, C, M) (assigns): each used row once, the scaled dout row; unused rows are left as they are.
 #pragma omp parallel for num_threads(nt) schedule(static) if (rows * M >= GATE_PARALLEL_MIN_WORK)
     for (size_t r = 0; r < (M > 0 ? rows : 0); r++) {
         float *d = dy + r * M; // (M)
-        if (src[r] < 0) {
-            memset(d, 0, (size_t)M * sizeof *d);
-            continue;
-        }
+        if (src[r] < 0) continue;
         const float w = weight[src[r]];
         const float *g = dout + (size_t)(src[r] / K) * M; // (M)
         for (int m = 0; m < M; m++) d[m] = w * g[m];

@@ -1,12 +1,13 @@
 // plugins/cpu/cpu_ops.c: the GPT layer ops of the cpu plugin: embedding, layer norm, GELU, causal
 // attention, softmax cross-entropy and the residual-MoE mix, each forward beside its backward.
-// defines: cpu_embedding_*, cpu_layernorm_*, cpu_gelu_*, cpu_attention_*, cpu_crossentropy_*,
-//          cpu_residual_mix_*
+// defines: cpu_embedding_*, cpu_layernorm_*, cpu_gelu_*, cpu_attention_* (and _bytes),
+//          cpu_crossentropy_*, cpu_residual_mix_*
 //
 // Contracts are the comments in include/dsmoe/kernel_plugin.h; karpathy/llm.c's train_gpt2.c is the
-// model for the math. Invariants: forward outputs are assigned, backward outputs accumulate (+=);
+// model for the math, and every result is bitwise version 1's (float32 only so far). Invariants: forward outputs are assigned, backward outputs accumulate (+=);
 // tensors are row-major and contiguous; every output element is written by one thread, and sums over
-// rows run in row order inside the thread that owns the column (threading rules in cpu_ops.h).
+// rows run in row order inside the thread that owns the column (threading rules in cpu_internal.h).
+// Bad data (a token or target out of range) is a sticky error (cpu_sticky).
 // Per-row statistics (mean, variance, softmax sums) are accumulated in double: they cost little next
 // to the GEMMs and keep float rounding out of the finite-difference tests. `omp simd` reductions have
 // a lane count fixed at compile time, so their order, and results, do not depend on the thread.
@@ -16,46 +17,34 @@
 
 #include <cblas.h> // cblas_sgemm, for attention (called single-threaded, see cpu_blas_single_threaded)
 
-#include "cpu_ops.h" // CPU_REQUIRE, CPU_PAR_MIN, cpu_blas_single_threaded, the declarations of this file
-
-// Reductions over rows split the columns into chunks of this many floats; each chunk is one thread's.
-#define COL_CHUNK 64
-
-// exp(x) for float, vectorizable (glibc's expf is a call the compiler cannot vectorize; it made GELU
-// and the softmaxes 5-10x slower). Cephes' expf: x = n ln2 + r, |r| <= ln2/2, a degree-6 polynomial
-// for exp(r), 2^n built in the exponent bits; within 2 ulp of expf. x is clamped to [-87, 88], so
-// exp of very negative x gives about 1.6e-38 rather than 0: a softmax entry that small is 0 in any
-// sum with its row maximum (which is 1).
-static inline float exp_fast(float x) {
-    x = x < -87.0f ? -87.0f : x > 88.0f ? 88.0f : x;
-    float n = floorf(x * 1.44269504088896341f + 0.5f);
-    float r = x - n * 0.693359375f + n * 2.12194440e-4f; // ln2 split in two for an exact n*ln2
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    float y = p * r * r + r + 1.0f;
-    int32_t bits = ((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return y * scale;
-}
+#include "cpu_internal.h" // CPU_BEGIN, CPU_DTYPE, CPU_REQUIRE, cpu_sticky, cpu_blas_single_threaded
+#include "cpu_math.h"     // cpu_exp_fast, cpu_gelu, cpu_gelu_grad, CPU_COL_CHUNK
 
 // ---------------------------------------------------------------------------------------------------
 // Embedding: out (B*T, M) = wte[tokens] + wpe[t]
 
-dsmoe_status cpu_embedding_forward(dsmoe_kernel_ctx *ctx, float *out, const int32_t *tokens, const float *wte,
-                                   const float *wpe, int B, int T, int M) {
-    CPU_REQUIRE(ctx, B >= 0 && T >= 0 && M >= 0, "cpu: embedding_forward: B=%d T=%d M=%d: expected >= 0", B, T, M);
+// tokens (rows) are device data: one out of [0, V) is the sticky error.
+static dsmoe_status check_tokens(cpu_ctx *ctx, const char *op, const char *what, const int32_t *tokens, int rows,
+                                 int V) {
+    for (int r = 0; r < rows; r++)
+        if (tokens[r] < 0 || tokens[r] >= V)
+            return cpu_sticky(ctx, DSMOE_ERR_INVALID, "cpu: %s: %s[%d]=%d: expected in [0, %d)", op, what, r,
+                              tokens[r], V);
+    return DSMOE_OK;
+}
+
+dsmoe_status cpu_embedding_forward(cpu_ctx *ctx, cpu_queue *q, void *out_, dsmoe_dtype dt, const int32_t *tokens,
+                                   const float *wte, const float *wpe, int B, int T, int M, int V) {
+    CPU_BEGIN(ctx, q, "embedding_forward");
+    CPU_DTYPE(ctx, "embedding_forward", "dt", dt);
+    CPU_REQUIRE(ctx, B >= 0 && T >= 0 && M >= 0 && V > 0, "cpu: embedding_forward: B=%d T=%d M=%d V=%d: expected "
+                "B, T, M >= 0 and V > 0", B, T, M, V);
     int rows = B * T;
     if ((long)rows * M == 0)
         return DSMOE_OK;
-    CPU_REQUIRE(ctx, out && tokens && wte && wpe, "cpu: embedding_forward: NULL out, tokens, wte or wpe");
-    // V is not known here; a negative token is still certainly wrong.
-    for (int r = 0; r < rows; r++)
-        CPU_REQUIRE(ctx, tokens[r] >= 0, "cpu: embedding_forward: tokens[%d]=%d: expected >= 0", r, tokens[r]);
+    CPU_REQUIRE(ctx, out_ && tokens && wte && wpe, "cpu: embedding_forward: NULL out, tokens, wte or wpe");
+    CPU_TRY(check_tokens(ctx, "embedding_forward", "tokens", tokens, rows, V));
+    float *out = out_;
 #pragma omp parallel for num_threads(ctx->threads) schedule(static) if ((long)rows * M >= CPU_PAR_MIN)
     for (int r = 0; r < rows; r++) {
         const float *e = wte + (size_t)tokens[r] * M, *p = wpe + (size_t)(r % T) * M;
@@ -68,24 +57,25 @@ dsmoe_status cpu_embedding_forward(dsmoe_kernel_ctx *ctx, float *out, const int3
 
 // dwte rows are scattered to by every token that names them, so dwte is split by columns: the thread
 // owning a column chunk walks all tokens in order. dwpe (T, M): each position owned by one thread.
-dsmoe_status cpu_embedding_backward(dsmoe_kernel_ctx *ctx, float *dwte, float *dwpe, const float *dout,
-                                    const int32_t *tokens, int B, int T, int M, int V) {
+dsmoe_status cpu_embedding_backward(cpu_ctx *ctx, cpu_queue *q, float *dwte, float *dwpe, const void *dout_,
+                                    dsmoe_dtype dt, const int32_t *tokens, int B, int T, int M, int V) {
+    CPU_BEGIN(ctx, q, "embedding_backward");
+    CPU_DTYPE(ctx, "embedding_backward", "dt", dt);
     CPU_REQUIRE(ctx, B >= 0 && T >= 0 && M >= 0 && V > 0, "cpu: embedding_backward: B=%d T=%d M=%d V=%d: "
                 "expected B, T, M >= 0 and V > 0", B, T, M, V);
     int rows = B * T;
     if ((long)rows * M == 0)
         return DSMOE_OK;
-    CPU_REQUIRE(ctx, dwte && dwpe && dout && tokens, "cpu: embedding_backward: NULL dwte, dwpe, dout or tokens");
-    for (int r = 0; r < rows; r++)
-        CPU_REQUIRE(ctx, tokens[r] >= 0 && tokens[r] < V, "cpu: embedding_backward: tokens[%d]=%d: expected in [0, %d)",
-                    r, tokens[r], V);
-    int chunks = (M + COL_CHUNK - 1) / COL_CHUNK;
+    CPU_REQUIRE(ctx, dwte && dwpe && dout_ && tokens, "cpu: embedding_backward: NULL dwte, dwpe, dout or tokens");
+    CPU_TRY(check_tokens(ctx, "embedding_backward", "tokens", tokens, rows, V));
+    const float *dout = dout_;
+    int chunks = (M + CPU_COL_CHUNK - 1) / CPU_COL_CHUNK;
     int par = (long)rows * M >= CPU_PAR_MIN;
 #pragma omp parallel num_threads(ctx->threads) if (par)
     {
 #pragma omp for schedule(static) nowait
         for (int ch = 0; ch < chunks; ch++) {
-            int j0 = ch * COL_CHUNK, w = M - j0 < COL_CHUNK ? M - j0 : COL_CHUNK;
+            int j0 = ch * CPU_COL_CHUNK, w = M - j0 < CPU_COL_CHUNK ? M - j0 : CPU_COL_CHUNK;
             for (int r = 0; r < rows; r++) {
                 float *d = dwte + (size_t)tokens[r] * M + j0;
                 const float *g = dout + (size_t)r * M + j0;
@@ -110,13 +100,17 @@ dsmoe_status cpu_embedding_backward(dsmoe_kernel_ctx *ctx, float *dwte, float *d
 // Layer norm over the last dimension: out = (in - mean) * rstd * weight + bias, variance biased (as
 // torch). mean and rstd (S) are saved for the backward; either may be NULL when no backward follows.
 
-dsmoe_status cpu_layernorm_forward(dsmoe_kernel_ctx *ctx, float *out, float *mean, float *rstd, const float *in,
-                                   const float *weight, const float *bias, int S, int M, float eps) {
+dsmoe_status cpu_layernorm_forward(cpu_ctx *ctx, cpu_queue *q, void *out_, float *mean, float *rstd, const void *in_,
+                                   dsmoe_dtype dt, const float *weight, const float *bias, int S, int M, float eps) {
+    CPU_BEGIN(ctx, q, "layernorm_forward");
+    CPU_DTYPE(ctx, "layernorm_forward", "dt", dt);
     CPU_REQUIRE(ctx, S >= 0 && M > 0, "cpu: layernorm_forward: S=%d M=%d: expected S >= 0 and M > 0", S, M);
     CPU_REQUIRE(ctx, eps >= 0.0f, "cpu: layernorm_forward: eps=%g: expected >= 0", (double)eps);
     if (S == 0)
         return DSMOE_OK;
-    CPU_REQUIRE(ctx, out && in && weight && bias, "cpu: layernorm_forward: NULL out, in, weight or bias");
+    CPU_REQUIRE(ctx, out_ && in_ && weight && bias, "cpu: layernorm_forward: NULL out, in, weight or bias");
+    float *out = out_;
+    const float *in = in_;
 #pragma omp parallel for num_threads(ctx->threads) schedule(static) if ((long)S * M >= CPU_PAR_MIN)
     for (int s = 0; s < S; s++) {
         const float *x = in + (size_t)s * M;
@@ -142,16 +136,20 @@ dsmoe_status cpu_layernorm_forward(dsmoe_kernel_ctx *ctx, float *out, float *mea
 
 // din needs two sums per row (row-parallel pass); dweight and dbias need sums over rows
 // (column-parallel pass, recomputing the normalized input instead of storing it).
-dsmoe_status cpu_layernorm_backward(dsmoe_kernel_ctx *ctx, float *din, float *dweight, float *dbias,
-                                    const float *dout, const float *in, const float *weight, const float *mean,
-                                    const float *rstd, int S, int M) {
+dsmoe_status cpu_layernorm_backward(cpu_ctx *ctx, cpu_queue *q, void *din_, float *dweight, float *dbias,
+                                    const void *dout_, const void *in_, dsmoe_dtype dt, const float *weight,
+                                    const float *mean, const float *rstd, int S, int M) {
+    CPU_BEGIN(ctx, q, "layernorm_backward");
+    CPU_DTYPE(ctx, "layernorm_backward", "dt", dt);
     CPU_REQUIRE(ctx, S >= 0 && M > 0, "cpu: layernorm_backward: S=%d M=%d: expected S >= 0 and M > 0", S, M);
     if (S == 0)
         return DSMOE_OK;
-    CPU_REQUIRE(ctx, din && dweight && dbias && dout && in && weight && mean && rstd,
+    CPU_REQUIRE(ctx, din_ && dweight && dbias && dout_ && in_ && weight && mean && rstd,
                 "cpu: layernorm_backward: NULL argument (din, dweight, dbias, dout, in, weight, mean or rstd)");
+    float *din = din_;
+    const float *dout = dout_, *in = in_;
     int par = (long)S * M >= CPU_PAR_MIN;
-    int chunks = (M + COL_CHUNK - 1) / COL_CHUNK;
+    int chunks = (M + CPU_COL_CHUNK - 1) / CPU_COL_CHUNK;
 #pragma omp parallel num_threads(ctx->threads) if (par)
     {
 #pragma omp for schedule(static) nowait
@@ -174,8 +172,8 @@ dsmoe_status cpu_layernorm_backward(dsmoe_kernel_ctx *ctx, float *din, float *dw
         }
 #pragma omp for schedule(static)
         for (int ch = 0; ch < chunks; ch++) {
-            int j0 = ch * COL_CHUNK, w = M - j0 < COL_CHUNK ? M - j0 : COL_CHUNK;
-            float acc_w[COL_CHUNK] = {0}, acc_b[COL_CHUNK] = {0};
+            int j0 = ch * CPU_COL_CHUNK, w = M - j0 < CPU_COL_CHUNK ? M - j0 : CPU_COL_CHUNK;
+            float acc_w[CPU_COL_CHUNK] = {0}, acc_b[CPU_COL_CHUNK] = {0};
             for (int s = 0; s < S; s++) {
                 const float *x = in + (size_t)s * M + j0, *g = dout + (size_t)s * M + j0;
                 float m = mean[s], r = rstd[s];
@@ -194,69 +192,90 @@ dsmoe_status cpu_layernorm_backward(dsmoe_kernel_ctx *ctx, float *din, float *dw
 }
 
 // ---------------------------------------------------------------------------------------------------
-// GELU, tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), as torch
-// gelu(approximate="tanh").
+// GELU, tanh approximation (cpu_math.h: the same code as the grouped GEMM's epilogue).
 
-#define GELU_SCALE 0.7978845608028654f // sqrt(2 / pi)
-#define GELU_CUBE 0.044715f
-
-// tanh(u) = 1 - 2 / (1 + exp(2u)): absolute error about 1e-7 (what GELU needs; tanhf itself was 25 ns
-// an element here); saturates to +-1 through exp_fast's clamp.
-static inline float tanh_fast(float u) { return 1.0f - 2.0f / (1.0f + exp_fast(2.0f * u)); }
-
-dsmoe_status cpu_gelu_forward(dsmoe_kernel_ctx *ctx, float *out, const float *in, size_t n) {
+dsmoe_status cpu_gelu_forward(cpu_ctx *ctx, cpu_queue *q, void *out_, const void *in_, dsmoe_dtype dt, size_t n) {
+    CPU_BEGIN(ctx, q, "gelu_forward");
+    CPU_DTYPE(ctx, "gelu_forward", "dt", dt);
     if (n == 0)
         return DSMOE_OK;
-    CPU_REQUIRE(ctx, out && in, "cpu: gelu_forward: NULL %s with n=%zu", out ? "in" : "out", n);
+    CPU_REQUIRE(ctx, out_ && in_, "cpu: gelu_forward: NULL %s with n=%zu", out_ ? "in" : "out", n);
+    float *out = out_;
+    const float *in = in_;
 #pragma omp parallel for num_threads(ctx->threads) schedule(static) if (n >= CPU_PAR_MIN / 4)
-    for (size_t i = 0; i < n; i++) {
-        float x = in[i];
-        out[i] = 0.5f * x * (1.0f + tanh_fast(GELU_SCALE * (x + GELU_CUBE * x * x * x)));
-    }
+    for (size_t i = 0; i < n; i++)
+        out[i] = cpu_gelu(in[i]);
     return DSMOE_OK;
 }
 
-dsmoe_status cpu_gelu_backward(dsmoe_kernel_ctx *ctx, float *din, const float *in, const float *dout, size_t n) {
+dsmoe_status cpu_gelu_backward(cpu_ctx *ctx, cpu_queue *q, void *din_, const void *in_, const void *dout_,
+                               dsmoe_dtype dt, size_t n) {
+    CPU_BEGIN(ctx, q, "gelu_backward");
+    CPU_DTYPE(ctx, "gelu_backward", "dt", dt);
     if (n == 0)
         return DSMOE_OK;
-    CPU_REQUIRE(ctx, din && in && dout, "cpu: gelu_backward: NULL din, in or dout with n=%zu", n);
+    CPU_REQUIRE(ctx, din_ && in_ && dout_, "cpu: gelu_backward: NULL din, in or dout with n=%zu", n);
+    float *din = din_;
+    const float *in = in_, *dout = dout_;
 #pragma omp parallel for num_threads(ctx->threads) schedule(static) if (n >= CPU_PAR_MIN / 4)
-    for (size_t i = 0; i < n; i++) {
-        float x = in[i];
-        float th = tanh_fast(GELU_SCALE * (x + GELU_CUBE * x * x * x));
-        float local = 0.5f * (1.0f + th) + 0.5f * x * (1.0f - th * th) * GELU_SCALE * (1.0f + 3.0f * GELU_CUBE * x * x);
-        din[i] += local * dout[i];
-    }
+    for (size_t i = 0; i < n; i++)
+        din[i] += cpu_gelu_grad(in[i]) * dout[i];
     return DSMOE_OK;
 }
 
 // ---------------------------------------------------------------------------------------------------
 // Causal multi-head self-attention. qkv (B*T, 3M) = per token [q | k | v]; head h uses columns
-// [h*hs, (h+1)*hs) of each part, hs = M/NH. att (B, NH, T, T) holds the softmax probabilities.
+// [h*hs, (h+1)*hs) of each part, hs = M/NH. saved = att (B, NH, T, T): the softmax probabilities.
 
-static dsmoe_status check_attention(dsmoe_kernel_ctx *ctx, const char *op, int B, int T, int M, int NH) {
-    CPU_REQUIRE(ctx, B >= 0 && T >= 0 && M > 0 && NH > 0, "cpu: %s: B=%d T=%d M=%d NH=%d: expected B, T >= 0 and "
-                "M, NH > 0", op, B, T, M, NH);
-    CPU_REQUIRE(ctx, M % NH == 0, "cpu: %s: M=%d is not a multiple of NH=%d", op, M, NH);
+static dsmoe_status check_attention(cpu_ctx *ctx, const char *op, const dsmoe_attention_shape *sh) {
+    CPU_REQUIRE(ctx, sh, "cpu: %s: NULL shape", op);
+    CPU_DTYPE(ctx, op, "shape.dt", sh->dt);
+    CPU_REQUIRE(ctx, sh->B >= 0 && sh->T >= 0 && sh->M > 0 && sh->NH > 0, "cpu: %s: B=%d T=%d M=%d NH=%d: expected "
+                "B, T >= 0 and M, NH > 0", op, sh->B, sh->T, sh->M, sh->NH);
+    CPU_REQUIRE(ctx, sh->M % sh->NH == 0, "cpu: %s: M=%d is not a multiple of NH=%d", op, sh->M, sh->NH);
     return DSMOE_OK;
 }
 
-// Causal softmax of one (T, T) block in place: row t keeps columns [0, t], the rest become 0.
-static void causal_softmax_rows(float *a, int T) {
-    for (int t = 0; t < T; t++) {
-        float *row = a + (size_t)t * T, maxv = -INFINITY;
-        for (int t2 = 0; t2 <= t; t2++)
+// saved = the probabilities (B, NH, T, T); workspace = the backward's (B, NH, T, T) scratch. ctx may be
+// NULL (--plan asks before init): then a bad shape gives its status without a message.
+dsmoe_status cpu_attention_bytes(cpu_ctx *ctx, const dsmoe_attention_shape *shape, size_t *saved,
+                                 size_t *workspace) {
+    if (!ctx) {
+        if (!shape || !saved || !workspace)
+            return DSMOE_ERR_INVALID;
+        if (shape->dt != DSMOE_FLOAT32)
+            return DSMOE_ERR_UNSUPPORTED;
+        if (shape->B < 0 || shape->T < 0 || shape->M <= 0 || shape->NH <= 0 || shape->M % shape->NH)
+            return DSMOE_ERR_INVALID;
+    } else {
+        CPU_REQUIRE(ctx, saved && workspace, "cpu: attention_bytes: NULL saved or workspace");
+        CPU_TRY(check_attention(ctx, "attention_bytes", shape));
+    }
+    size_t n = (size_t)shape->B * (size_t)shape->NH * (size_t)shape->T * (size_t)shape->T * sizeof(float);
+    *saved = n;
+    *workspace = n;
+    return DSMOE_OK;
+}
+
+// Masked softmax of `rows` rows of a (rows, ld) block in place: row t keeps columns [0, first + t],
+// the rest of its ld columns become 0. Attention: first = 0 (causal); cached attention: first = the
+// position of the block's first query.
+void cpu_causal_softmax_rows(float *a, int rows, int ld, int first) {
+    for (int t = 0; t < rows; t++) {
+        float *row = a + (size_t)t * ld, maxv = -INFINITY;
+        int last = first + t;
+        for (int t2 = 0; t2 <= last; t2++)
             maxv = row[t2] > maxv ? row[t2] : maxv;
         double sum = 0.0;
 #pragma omp simd reduction(+ : sum)
-        for (int t2 = 0; t2 <= t; t2++) {
-            row[t2] = exp_fast(row[t2] - maxv);
+        for (int t2 = 0; t2 <= last; t2++) {
+            row[t2] = cpu_exp_fast(row[t2] - maxv);
             sum += row[t2];
         }
         float inv = (float)(1.0 / sum);
-        for (int t2 = 0; t2 <= t; t2++)
+        for (int t2 = 0; t2 <= last; t2++)
             row[t2] *= inv;
-        for (int t2 = t + 1; t2 < T; t2++)
+        for (int t2 = last + 1; t2 < ld; t2++)
             row[t2] = 0.0f;
     }
 }
@@ -264,14 +283,16 @@ static void causal_softmax_rows(float *a, int T) {
 // Work units are (b, h) pairs, each three single-threaded GEMMs on strided views of qkv: q, k and v of
 // head h are (T, hs) with leading dimension 3M. The full (T, T) product is computed and the upper
 // triangle masked: twice the causal work, at BLAS speed.
-dsmoe_status cpu_attention_forward(dsmoe_kernel_ctx *ctx, float *out, float *att, const float *qkv, int B, int T,
-                                   int M, int NH) {
-    dsmoe_status st = check_attention(ctx, "attention_forward", B, T, M, NH);
-    if (st != DSMOE_OK)
-        return st;
+dsmoe_status cpu_attention_forward(cpu_ctx *ctx, cpu_queue *q, void *out_, void *saved, const void *qkv_,
+                                   const dsmoe_attention_shape *shape) {
+    CPU_BEGIN(ctx, q, "attention_forward");
+    CPU_TRY(check_attention(ctx, "attention_forward", shape));
+    const int B = shape->B, T = shape->T, M = shape->M, NH = shape->NH;
     if (B == 0 || T == 0)
         return DSMOE_OK;
-    CPU_REQUIRE(ctx, out && att && qkv, "cpu: attention_forward: NULL out, att or qkv");
+    CPU_REQUIRE(ctx, out_ && saved && qkv_, "cpu: attention_forward: NULL out, saved or qkv");
+    float *out = out_, *att = saved;
+    const float *qkv = qkv_;
     int hs = M / NH, ld = 3 * M, units = B * NH;
     float scale = 1.0f / sqrtf((float)hs);
     cpu_blas_single_threaded();
@@ -281,7 +302,7 @@ dsmoe_status cpu_attention_forward(dsmoe_kernel_ctx *ctx, float *out, float *att
         const float *q = qkv + (size_t)b * T * ld + (size_t)h * hs, *k = q + M, *v = q + 2 * (size_t)M;
         float *a = att + (size_t)u * T * T; // (T, T) block (b, h) of att
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, hs, scale, q, ld, k, ld, 0.0f, a, T);
-        causal_softmax_rows(a, T);
+        cpu_causal_softmax_rows(a, T, T, 0);
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, hs, T, 1.0f, a, T, v, ld, 0.0f,
                     out + (size_t)b * T * M + (size_t)h * hs, M);
     }
@@ -290,16 +311,20 @@ dsmoe_status cpu_attention_forward(dsmoe_kernel_ctx *ctx, float *out, float *att
 
 // Per (b, h): da = dout v^T; dv += a^T dout; dpre = a * (da - rowsum(a * da)) (softmax backward,
 // 0 above the diagonal since a is); dq += scale dpre k; dk += scale dpre^T q. The (b, h) pair owns
-// all its rows of dq, dk, dv, so pairs run in parallel; scratch block (b, h) holds da, then dpre.
-dsmoe_status cpu_attention_backward(dsmoe_kernel_ctx *ctx, float *dqkv, float *scratch, const float *dout,
-                                    const float *qkv, const float *att, int B, int T, int M, int NH) {
-    dsmoe_status st = check_attention(ctx, "attention_backward", B, T, M, NH);
-    if (st != DSMOE_OK)
-        return st;
+// all its rows of dq, dk, dv, so pairs run in parallel; scratch block (b, h) of the workspace holds da,
+// then dpre. `out` is not needed (the probabilities are saved).
+dsmoe_status cpu_attention_backward(cpu_ctx *ctx, cpu_queue *q, void *dqkv_, void *workspace, const void *dout_,
+                                    const void *qkv_, const void *out, const void *saved,
+                                    const dsmoe_attention_shape *shape) {
+    CPU_BEGIN(ctx, q, "attention_backward");
+    CPU_TRY(check_attention(ctx, "attention_backward", shape));
+    const int B = shape->B, T = shape->T, M = shape->M, NH = shape->NH;
     if (B == 0 || T == 0)
         return DSMOE_OK;
-    CPU_REQUIRE(ctx, dqkv && scratch && dout && qkv && att,
-                "cpu: attention_backward: NULL dqkv, scratch, dout, qkv or att");
+    CPU_REQUIRE(ctx, dqkv_ && workspace && dout_ && qkv_ && saved,
+                "cpu: attention_backward: NULL dqkv, workspace, dout, qkv or saved");
+    float *dqkv = dqkv_, *scratch = workspace;
+    const float *dout = dout_, *qkv = qkv_, *att = saved;
     int hs = M / NH, ld = 3 * M, units = B * NH;
     float scale = 1.0f / sqrtf((float)hs);
     cpu_blas_single_threaded();
@@ -334,24 +359,18 @@ dsmoe_status cpu_attention_backward(dsmoe_kernel_ctx *ctx, float *dqkv, float *s
 // ---------------------------------------------------------------------------------------------------
 // Softmax cross-entropy over V classes
 
-static dsmoe_status check_targets(dsmoe_kernel_ctx *ctx, const char *op, const int32_t *targets, int S, int V) {
-    for (int s = 0; s < S; s++)
-        CPU_REQUIRE(ctx, targets[s] >= 0 && targets[s] < V, "cpu: %s: targets[%d]=%d: expected in [0, %d)", op, s,
-                    targets[s], V);
-    return DSMOE_OK;
-}
-
 // loss = log(sum exp(z - max)) - (z[target] - max): exact even where probs[target] underflows to 0.
-dsmoe_status cpu_crossentropy_forward(dsmoe_kernel_ctx *ctx, float *losses, float *probs, const float *logits,
-                                      const int32_t *targets, int S, int V) {
+dsmoe_status cpu_crossentropy_forward(cpu_ctx *ctx, cpu_queue *q, float *losses, float *probs, const void *logits_,
+                                      dsmoe_dtype dt, const int32_t *targets, int S, int V) {
+    CPU_BEGIN(ctx, q, "crossentropy_forward");
+    CPU_DTYPE(ctx, "crossentropy_forward", "dt", dt);
     CPU_REQUIRE(ctx, S >= 0 && V > 0, "cpu: crossentropy_forward: S=%d V=%d: expected S >= 0 and V > 0", S, V);
     if (S == 0)
         return DSMOE_OK;
-    CPU_REQUIRE(ctx, losses && probs && logits && targets,
+    CPU_REQUIRE(ctx, losses && probs && logits_ && targets,
                 "cpu: crossentropy_forward: NULL losses, probs, logits or targets");
-    dsmoe_status st = check_targets(ctx, "crossentropy_forward", targets, S, V);
-    if (st != DSMOE_OK)
-        return st;
+    CPU_TRY(check_tokens(ctx, "crossentropy_forward", "targets", targets, S, V));
+    const float *logits = logits_;
 #pragma omp parallel for num_threads(ctx->threads) schedule(static) if ((long)S * V >= CPU_PAR_MIN / 4)
     for (int s = 0; s < S; s++) {
         const float *z = logits + (size_t)s * V;
@@ -363,7 +382,7 @@ dsmoe_status cpu_crossentropy_forward(dsmoe_kernel_ctx *ctx, float *losses, floa
         double sum = 0.0;
 #pragma omp simd reduction(+ : sum)
         for (int i = 0; i < V; i++) {
-            p[i] = exp_fast(z[i] - maxv);
+            p[i] = cpu_exp_fast(z[i] - maxv);
             sum += p[i];
         }
         float inv = (float)(1.0 / sum);
@@ -374,15 +393,16 @@ dsmoe_status cpu_crossentropy_forward(dsmoe_kernel_ctx *ctx, float *losses, floa
     return DSMOE_OK;
 }
 
-dsmoe_status cpu_crossentropy_backward(dsmoe_kernel_ctx *ctx, float *dlogits, const float *probs,
+dsmoe_status cpu_crossentropy_backward(cpu_ctx *ctx, cpu_queue *q, void *dlogits_, dsmoe_dtype dt, const float *probs,
                                        const int32_t *targets, float dloss, int S, int V) {
+    CPU_BEGIN(ctx, q, "crossentropy_backward");
+    CPU_DTYPE(ctx, "crossentropy_backward", "dt", dt);
     CPU_REQUIRE(ctx, S >= 0 && V > 0, "cpu: crossentropy_backward: S=%d V=%d: expected S >= 0 and V > 0", S, V);
     if (S == 0)
         return DSMOE_OK;
-    CPU_REQUIRE(ctx, dlogits && probs && targets, "cpu: crossentropy_backward: NULL dlogits, probs or targets");
-    dsmoe_status st = check_targets(ctx, "crossentropy_backward", targets, S, V);
-    if (st != DSMOE_OK)
-        return st;
+    CPU_REQUIRE(ctx, dlogits_ && probs && targets, "cpu: crossentropy_backward: NULL dlogits, probs or targets");
+    CPU_TRY(check_tokens(ctx, "crossentropy_backward", "targets", targets, S, V));
+    float *dlogits = dlogits_;
 #pragma omp parallel for num_threads(ctx->threads) schedule(static) if ((long)S * V >= CPU_PAR_MIN)
     for (int s = 0; s < S; s++) {
         float *d = dlogits + (size_t)s * V;
@@ -397,13 +417,17 @@ dsmoe_status cpu_crossentropy_backward(dsmoe_kernel_ctx *ctx, float *dlogits, co
 // ---------------------------------------------------------------------------------------------------
 // Residual-MoE mix: coef (S, 2) = softmax(coef_logits); out = moe * coef[:,0] + mlp * coef[:,1]
 
-dsmoe_status cpu_residual_mix_forward(dsmoe_kernel_ctx *ctx, float *out, float *coef, const float *moe,
-                                      const float *mlp, const float *coef_logits, int S, int M) {
+dsmoe_status cpu_residual_mix_forward(cpu_ctx *ctx, cpu_queue *q, void *out_, float *coef, const void *moe_,
+                                      const void *mlp_, dsmoe_dtype dt, const float *coef_logits, int S, int M) {
+    CPU_BEGIN(ctx, q, "residual_mix_forward");
+    CPU_DTYPE(ctx, "residual_mix_forward", "dt", dt);
     CPU_REQUIRE(ctx, S >= 0 && M >= 0, "cpu: residual_mix_forward: S=%d M=%d: expected >= 0", S, M);
     if (S == 0)
         return DSMOE_OK;
-    CPU_REQUIRE(ctx, out && coef && moe && mlp && coef_logits,
+    CPU_REQUIRE(ctx, out_ && coef && moe_ && mlp_ && coef_logits,
                 "cpu: residual_mix_forward: NULL out, coef, moe, mlp or coef_logits");
+    float *out = out_;
+    const float *moe = moe_, *mlp = mlp_;
 #pragma omp parallel for num_threads(ctx->threads) schedule(static) if ((long)S * M >= CPU_PAR_MIN)
     for (int s = 0; s < S; s++) {
         float l0 = coef_logits[2 * s], l1 = coef_logits[2 * s + 1];
@@ -421,14 +445,18 @@ dsmoe_status cpu_residual_mix_forward(dsmoe_kernel_ctx *ctx, float *out, float *
 }
 
 // d coef_k = dout . input_k; through the 2-way softmax, dlogit0 = c0 c1 (dcoef0 - dcoef1) = -dlogit1.
-dsmoe_status cpu_residual_mix_backward(dsmoe_kernel_ctx *ctx, float *dmoe, float *dmlp, float *dcoef_logits,
-                                       const float *dout, const float *moe, const float *mlp, const float *coef,
-                                       int S, int M) {
+dsmoe_status cpu_residual_mix_backward(cpu_ctx *ctx, cpu_queue *q, void *dmoe_, void *dmlp_, float *dcoef_logits,
+                                       const void *dout_, const void *moe_, const void *mlp_, dsmoe_dtype dt,
+                                       const float *coef, int S, int M) {
+    CPU_BEGIN(ctx, q, "residual_mix_backward");
+    CPU_DTYPE(ctx, "residual_mix_backward", "dt", dt);
     CPU_REQUIRE(ctx, S >= 0 && M >= 0, "cpu: residual_mix_backward: S=%d M=%d: expected >= 0", S, M);
     if (S == 0)
         return DSMOE_OK;
-    CPU_REQUIRE(ctx, dmoe && dmlp && dcoef_logits && dout && moe && mlp && coef,
+    CPU_REQUIRE(ctx, dmoe_ && dmlp_ && dcoef_logits && dout_ && moe_ && mlp_ && coef,
                 "cpu: residual_mix_backward: NULL argument (dmoe, dmlp, dcoef_logits, dout, moe, mlp or coef)");
+    float *dmoe = dmoe_, *dmlp = dmlp_;
+    const float *dout = dout_, *moe = moe_, *mlp = mlp_;
 #pragma omp parallel for num_threads(ctx->threads) schedule(static) if ((long)S * M >= CPU_PAR_MIN)
     for (int s = 0; s < S; s++) {
         float c0 = coef[2 * s], c1 = coef[2 * s + 1];

@@ -1,0 +1,70 @@
+// plugins/cpu/cpu_math.h: the float math several files of the cpu plugin share, inline, so that the
+// GELU of gelu_forward and the GELU of the grouped GEMM's epilogue are the same compiled expression
+// and give the same bits (the core may use either; training must not depend on which).
+// defines: cpu_exp_fast, cpu_tanh_fast, cpu_gelu, cpu_gelu_grad, cpu_bias_chunk, CPU_COL_CHUNK
+#ifndef DSMOE_CPU_MATH_H
+#define DSMOE_CPU_MATH_H
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+// exp(x) for float, vectorizable (glibc's expf is a call the compiler cannot vectorize; it made GELU
+// and the softmaxes 5-10x slower). Cephes' expf: x = n ln2 + r, |r| <= ln2/2, a degree-6 polynomial
+// for exp(r), 2^n built in the exponent bits; within 2 ulp of expf. x is clamped to [-87, 88], so
+// exp of very negative x gives about 1.6e-38 rather than 0: a softmax entry that small is 0 in any
+// sum with its row maximum (which is 1).
+static inline float cpu_exp_fast(float x) {
+    x = x < -87.0f ? -87.0f : x > 88.0f ? 88.0f : x;
+    float n = floorf(x * 1.44269504088896341f + 0.5f);
+    float r = x - n * 0.693359375f + n * 2.12194440e-4f; // ln2 split in two for an exact n*ln2
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    float y = p * r * r + r + 1.0f;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return y * scale;
+}
+
+// GELU, tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), as torch
+// gelu(approximate="tanh").
+#define CPU_GELU_SCALE 0.7978845608028654f // sqrt(2 / pi)
+#define CPU_GELU_CUBE 0.044715f
+
+// tanh(u) = 1 - 2 / (1 + exp(2u)): absolute error about 1e-7 (what GELU needs; tanhf itself was 25 ns
+// an element here); saturates to +-1 through cpu_exp_fast's clamp.
+static inline float cpu_tanh_fast(float u) { return 1.0f - 2.0f / (1.0f + cpu_exp_fast(2.0f * u)); }
+
+static inline float cpu_gelu(float x) {
+    return 0.5f * x * (1.0f + cpu_tanh_fast(CPU_GELU_SCALE * (x + CPU_GELU_CUBE * x * x * x)));
+}
+
+// d gelu(x) / dx. Callers accumulate it as `din += cpu_gelu_grad(x) * dout`, in that form everywhere
+// (the epilogue's `c = gelu'(aux) * c` is `0 + gelu'(aux) * c`, what zero-then-gelu_backward gave).
+static inline float cpu_gelu_grad(float x) {
+    float th = cpu_tanh_fast(CPU_GELU_SCALE * (x + CPU_GELU_CUBE * x * x * x));
+    return 0.5f * (1.0f + th) + 0.5f * x * (1.0f - th * th) * CPU_GELU_SCALE * (1.0f + 3.0f * CPU_GELU_CUBE * x * x);
+}
+
+// Reductions over rows split the columns into chunks of this many floats; each chunk is one thread's
+// (64 floats = 4 cache lines per row).
+#define CPU_COL_CHUNK 64
+
+// dbias[j0 .. j0+w) += sum over rows of dout (rows, n) in those columns, rows in order into a zeroed
+// float accumulator, then added: bias_backward, and the grouped wgrad's dbias, one group at a time.
+static inline void cpu_bias_chunk(float *dbias, const float *dout, int rows, int n, int j0, int w) {
+    float acc[CPU_COL_CHUNK] = {0};
+    for (int r = 0; r < rows; r++) {
+        const float *d = dout + (size_t)r * n + j0;
+        for (int j = 0; j < w; j++)
+            acc[j] += d[j];
+    }
+    for (int j = 0; j < w; j++)
+        dbias[j0 + j] += acc[j];
+}
+
+#endif

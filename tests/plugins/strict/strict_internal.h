@@ -1,0 +1,131 @@
+// tests/plugins/strict/strict_internal.h: what the files of the strict kernel plugin share. What the
+// plugin is for, and the rules it enforces, are at the top of strict_plugin.c.
+// defines: the context, queue, event, allocation and closure (strict_op) types; the enqueue helpers
+// (strict_op_new, strict_ref*, strict_dtype, strict_check, strict_submit) that strict_ops_*.c use.
+#ifndef DSMOE_STRICT_INTERNAL_H
+#define DSMOE_STRICT_INTERNAL_H
+#include <stddef.h>
+#include <stdint.h>
+
+#include "dsmoe/kernel_plugin.h"
+
+#define STRICT_POISON 0xFF // a NaN as float32/float64/bf16/fp16, -1 as int32/int64
+
+// One mapping handed out by alloc() (device memory) or host_alloc() (host memory).
+typedef struct strict_alloc {
+    char *base;       // page-aligned, what alloc returned
+    size_t bytes;     // as asked
+    size_t map_bytes; // page-rounded, at least one page
+    int host;         // 1: host_alloc memory, never protected
+    int open;         // the pages are PROT_READ|PROT_WRITE now (device memory)
+    int pending;      // references from ops still queued (an op referencing it twice counts twice)
+    int freed;        // free()/host_free() was called; released when pending drops to 0
+} strict_alloc;
+
+typedef struct strict_op strict_op;
+// Runs a closure: calls the cpu plugin (or does the copy) with the arguments captured at enqueue time.
+typedef dsmoe_status (*strict_run_fn)(dsmoe_kernel_ctx *c, strict_op *op);
+
+// A closure: one enqueued member call, run when its queue runs.
+struct strict_op {
+    strict_op *next;
+    const char *name;     // the member's name: errors and DSMOE_STRICT_BREAK
+    strict_run_fn run;
+    int cpu;              // run calls the cpu plugin: synchronize the cpu context after it
+    dsmoe_status status;  // first enqueue-time error found while building the closure
+    strict_alloc **refs;  // allocations it reads or writes (pending counts, closing memory)
+    int n_refs, cap_refs;
+    void *extra;          // heap copy of host arrays the call passed (adamw tensors, sample counters)
+    _Alignas(max_align_t) unsigned char args[]; // the op's argument struct
+};
+
+struct dsmoe_kernel_queue {
+    dsmoe_kernel_queue *next; // every queue of the context, the default one first
+    strict_op *head, *tail;
+    uint64_t enq_seq;  // ops enqueued so far
+    uint64_t done_seq; // ops run (or dropped) so far: op number i (from 1) has run when done_seq >= i
+    int running;       // being run now (a wait on a queue that is running is a dependency cycle)
+    int destroyed;     // queue_destroy was called (kept until finalize: waits may still name it)
+    int id;            // 0 = default queue
+};
+
+struct dsmoe_kernel_event {
+    dsmoe_kernel_event *next; // every event of the context
+    dsmoe_kernel_queue *q;    // queue of the last record; NULL = never recorded (or record dropped)
+    uint64_t seq;             // completed when q->done_seq >= seq
+};
+
+struct dsmoe_kernel_ctx {
+    const dsmoe_kernel_plugin_v2 *cpu; // the wrapped cpu plugin's v2 table
+    dsmoe_kernel_ctx *cc;              // its context
+    dsmoe_kernel_queue *cq;            // its default queue: every closure runs there
+    dsmoe_kernel_queue *queues;        // ours; the default queue first
+    dsmoe_kernel_event *events;
+    strict_alloc **allocs;             // live allocations sorted by base
+    int n_allocs, cap_allocs;
+    size_t page;
+    int protect;       // 0 with DSMOE_STRICT_NO_PROTECT=1
+    int always_closed; // DSMOE_STRICT_ALWAYS_CLOSED=1
+    char breaks[256];  // ",name,name," from DSMOE_STRICT_BREAK ("" = none)
+    dsmoe_status sticky;
+    char err[1024];
+    char desc[1024];
+    int n_queues;
+};
+
+// strict_plugin.c
+dsmoe_status strict_fail(dsmoe_kernel_ctx *c, dsmoe_status s, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+extern uint32_t strict_dtypes; // activation dtypes (the cpu plugin's)
+
+// strict_queue.c: closures.
+// A new closure for member `name` with an argument struct of args_bytes (zeroed), or NULL (no memory:
+// the error is set). The caller fills op->args, declares the buffers it touches, then submits.
+strict_op *strict_op_new(dsmoe_kernel_ctx *c, const char *name, strict_run_fn run, size_t args_bytes);
+// Declares a device buffer the op touches: [p, p + bytes) inside one live alloc() buffer (bytes 0: only
+// p is checked). NULL is an error unless optional.
+void strict_ref(dsmoe_kernel_ctx *c, strict_op *op, const void *p, size_t bytes, const char *what);
+void strict_ref_opt(dsmoe_kernel_ctx *c, strict_op *op, const void *p, size_t bytes, const char *what);
+// The same for host_alloc memory (the host side of a copy, read or written when the queue runs).
+void strict_ref_host(dsmoe_kernel_ctx *c, strict_op *op, const void *p, size_t bytes, const char *what);
+// The op's activation dtype must be one the plugin declares.
+void strict_dtype(dsmoe_kernel_ctx *c, strict_op *op, dsmoe_dtype dt, const char *what);
+// Records an enqueue-time error unless cond holds.
+void strict_check(dsmoe_kernel_ctx *c, strict_op *op, int cond, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+// Appends op to q, or frees it and returns its enqueue-time error (or the sticky one).
+dsmoe_status strict_submit(dsmoe_kernel_ctx *c, dsmoe_kernel_queue *q, strict_op *op);
+// The start of every enqueuing member: the sticky error, or INVALID for a NULL queue.
+dsmoe_status strict_enter(dsmoe_kernel_ctx *c, dsmoe_kernel_queue *q, const char *name);
+// Bytes of a (rows, cols) matrix with leading dimension ld of esize-byte elements (0 when empty).
+size_t strict_mat_bytes(size_t rows, size_t cols, size_t ld, size_t esize);
+
+// strict_queue.c: running.
+dsmoe_status strict_run_all(dsmoe_kernel_ctx *c); // every queue to its end, then settles memory
+void strict_fill_queue_members(dsmoe_kernel_plugin_v2 *t);
+
+// strict_mem.c: the allocation table and the memory members.
+strict_alloc *strict_find(dsmoe_kernel_ctx *c, const void *p); // the allocation holding p, or NULL
+void strict_set_open(dsmoe_kernel_ctx *c, strict_alloc *a, int open); // mprotect (unless NO_PROTECT)
+void strict_unref(dsmoe_kernel_ctx *c, strict_alloc *a); // pending--; releases a freed one at 0
+void strict_release_all(dsmoe_kernel_ctx *c);           // finalize: unmaps every allocation
+void strict_fill_mem_members(dsmoe_kernel_plugin_v2 *t);
+
+// strict_ops_dense.c, strict_ops_moe.c: the compute members.
+void strict_fill_dense_members(dsmoe_kernel_plugin_v2 *t, const dsmoe_kernel_plugin_v2 *cpu);
+void strict_fill_moe_members(dsmoe_kernel_plugin_v2 *t, const dsmoe_kernel_plugin_v2 *cpu);
+
+// Starts an enqueuing member: checks the context and queue, makes the closure `op` with argument struct
+// `a` of type T, or returns.
+#define STRICT_BEGIN(ctx, q, NAME, RUN, T)                                                               \
+    dsmoe_status st_enter_ = strict_enter((ctx), (q), NAME);                                             \
+    if (st_enter_ != DSMOE_OK) return st_enter_;                                                         \
+    strict_op *op = strict_op_new((ctx), NAME, (RUN), sizeof(T));                                        \
+    if (!op) return DSMOE_ERR_NOMEM;                                                                     \
+    T *a = (T *)(void *)op->args;                                                                        \
+    op->cpu = 1
+
+// The argument struct of a closure, in its run function.
+#define STRICT_ARGS(T) const T *a = (const T *)(void *)op->args
+
+#endif
