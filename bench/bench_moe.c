@@ -119,6 +119,8 @@ static int parse_args(int argc, char **argv, opts *o) {
 // kernel memory helpers (the bench exits on failure, naming the call)
 
 static dsmoe_runtime rt;
+static dsmoe_kernel_queue *kq; // rt.q, the compute queue: every kernel call of this bench runs on it
+#define F32 DSMOE_FLOAT32
 
 static void die(const char *what, const char *msg) {
     fprintf(stderr, "dsmoe_bench_moe: %s: %s\n", what, msg);
@@ -133,7 +135,7 @@ static void die(const char *what, const char *msg) {
 
 static void *dev_alloc(size_t bytes) {
     void *p = NULL;
-    KCHECK(rt.kern->alloc(rt.kctx, bytes, &p));
+    KCHECK(rt.kern->alloc(rt.kctx, bytes, 0, &p));
     return p;
 }
 
@@ -143,7 +145,7 @@ static float *dev_uniform(size_t n, uint64_t key, float a) {
     if (!h) die("malloc", "out of memory");
     for (size_t i = 0; i < n; i++) h[i] = a * (2.0f * dsmoe_rng_uniform(key, i) - 1.0f);
     float *d = dev_alloc(n * sizeof(float));
-    KCHECK(rt.kern->copy_to_device(rt.kctx, d, h, n * sizeof(float)));
+    KCHECK(rt.kern->copy_to_device(rt.kctx, kq, d, h, n * sizeof(float)));
     free(h);
     return d;
 }
@@ -166,8 +168,8 @@ static void make_inputs(const opts *o, float **x, dsmoe_moe_weights *w) {
     }
     *x = dev_alloc(S * M * sizeof(float));
     w->wg = dev_alloc(E * M * sizeof(float));
-    KCHECK(rt.kern->copy_to_device(rt.kctx, *x, hx, S * M * sizeof(float)));
-    KCHECK(rt.kern->copy_to_device(rt.kctx, w->wg, hg, E * M * sizeof(float)));
+    KCHECK(rt.kern->copy_to_device(rt.kctx, kq, *x, hx, S * M * sizeof(float)));
+    KCHECK(rt.kern->copy_to_device(rt.kctx, kq, w->wg, hg, E * M * sizeof(float)));
     free(hx);
     free(hg);
     w->w1 = dev_uniform(E * F * M, 13, 1.0f / sqrtf((float)M));
@@ -201,7 +203,8 @@ typedef struct gate_bench {
     int32_t *choice, *slot;                              // (S, K)
     float *buf, *y, *dy;                                 // (E, C, M)
     float *out, *dout, *dx;                              // (S, M)
-    int32_t *counts, *kept;                              // host (E)
+    int32_t *counts, *kept;                              // (E), device
+    double *aux_sums;                                    // (2E + 1), device: l_aux's sums
 } gate_bench;
 
 static void gate_bench_init(gate_bench *g, const opts *o, const float *x, const float *wg, int C) {
@@ -222,30 +225,29 @@ static void gate_bench_init(gate_bench *g, const opts *o, const float *x, const 
     g->out = dev_alloc(S * M * sizeof(float));
     g->dout = dev_uniform(S * M, 22, 1.0f);
     g->dx = dev_alloc(S * M * sizeof(float));
-    g->counts = calloc(E, sizeof(int32_t));
-    g->kept = calloc(E, sizeof(int32_t));
-    if (!g->counts || !g->kept) die("calloc", "out of memory");
-    KCHECK(rt.kern->gemm(rt.kctx, 0, 1, o->S, o->E, o->M, 1.0f, x, o->M, wg, o->M, 0.0f, g->logits, o->E));
+    g->counts = dev_alloc(E * sizeof(int32_t));
+    g->kept = dev_alloc(E * sizeof(int32_t));
+    g->aux_sums = dev_alloc((2 * E + 1) * sizeof(double));
+    KCHECK(rt.kern->gemm(rt.kctx, kq, 0, 1, o->S, o->E, o->M, 1.0f, x, F32, o->M, wg, F32, o->M, 0.0f, g->logits, F32,
+                         o->E));
 }
 
 static double gate_bench_run(gate_bench *g, const opts *o, const float *x) {
     int S = o->S, M = o->M, E = o->E, K = o->K, C = g->C;
-    double psum[E];   // (E) host: l_aux's probability sums
-    int32_t first[E]; // (E) host: first-choice counts
-    float agrad[E];   // (E) host: the l_aux gradient per probability, as the layer passes it
-    for (int e = 0; e < E; e++) agrad[e] = 0.01f / (float)E;
+    const float daux = 0.01f; // the l_aux weight; gate_backward forms its gradient from aux_sums
     double t0 = now_synced();
-    KCHECK(rt.kern->gate_route(rt.kctx, &g->gp, g->logits, g->probs, g->choice, g->counts));
-    KCHECK(rt.kern->gate_assign(rt.kctx, &g->gp, C, g->probs, g->choice, g->slot, g->weight, g->kept, psum,
-                                first));
-    KCHECK(rt.kern->moe_dispatch(rt.kctx, g->buf, x, g->choice, g->slot, S, K, E, C, M));
-    KCHECK(rt.kern->moe_combine(rt.kctx, g->out, g->y, g->choice, g->slot, g->weight, S, K, E, C, M));
+    KCHECK(rt.kern->gate_route(rt.kctx, kq, &g->gp, g->logits, g->probs, g->choice, g->counts));
+    KCHECK(rt.kern->gate_assign(rt.kctx, kq, &g->gp, C, g->probs, g->choice, g->slot, g->weight, g->kept,
+                                g->aux_sums));
+    KCHECK(rt.kern->moe_dispatch(rt.kctx, kq, g->buf, x, F32, g->choice, g->slot, S, K, E, C, M));
+    KCHECK(rt.kern->moe_combine(rt.kctx, kq, g->out, g->y, F32, g->choice, g->slot, g->weight, S, K, E, C, M));
     if (o->bwd) {
-        KCHECK(rt.kern->moe_combine_backward(rt.kctx, g->dy, g->dweight, g->dout, g->y, g->choice, g->slot, g->weight,
-                                             S, K, E, C, M));
-        KCHECK(rt.kern->moe_dispatch_backward(rt.kctx, g->dx, g->dy, g->choice, g->slot, S, K, E, C, M));
-        KCHECK(rt.kern->zero(rt.kctx, g->dlogits, (size_t)S * E * sizeof(float)));
-        KCHECK(rt.kern->gate_backward(rt.kctx, &g->gp, g->dlogits, g->probs, g->choice, g->slot, g->dweight, agrad));
+        KCHECK(rt.kern->moe_combine_backward(rt.kctx, kq, g->dy, g->dweight, g->dout, g->y, F32, g->choice, g->slot,
+                                             g->weight, S, K, E, C, M));
+        KCHECK(rt.kern->moe_dispatch_backward(rt.kctx, kq, g->dx, g->dy, F32, g->choice, g->slot, S, K, E, C, M));
+        KCHECK(rt.kern->zero(rt.kctx, kq, g->dlogits, (size_t)S * E * sizeof(float)));
+        KCHECK(rt.kern->gate_backward(rt.kctx, kq, &g->gp, g->dlogits, g->probs, g->choice, g->slot, g->dweight,
+                                      g->aux_sums, daux));
     }
     return now_synced() - t0;
 }
@@ -265,20 +267,22 @@ static double gemm_bench_run(gemm_bench *b, const opts *o, const dsmoe_moe_weigh
         int m = rows[e];
         if (!m) continue;
         // forward: h = x w1^T, y = act w2^T
-        KCHECK(rt.kern->gemm(rt.kctx, 0, 1, m, F, M, 1.0f, b->a, M, w->w1 + e * FM, M, 0.0f, b->h, F));
-        KCHECK(rt.kern->gemm(rt.kctx, 0, 1, m, M, F, 1.0f, b->h, F, w->w2 + e * FM, F, 0.0f, b->y, M));
+        const float *w1 = w->w1 + e * FM, *w2 = w->w2 + e * FM;
+        KCHECK(rt.kern->gemm(rt.kctx, kq, 0, 1, m, F, M, 1.0f, b->a, F32, M, w1, F32, M, 0.0f, b->h, F32, F));
+        KCHECK(rt.kern->gemm(rt.kctx, kq, 0, 1, m, M, F, 1.0f, b->h, F32, F, w2, F32, F, 0.0f, b->y, F32, M));
         if (!o->bwd) continue;
         // backward: da = dy w2, dw2 += dy^T act, dw1 += dh^T x, dx = dh w1
-        KCHECK(rt.kern->gemm(rt.kctx, 0, 0, m, F, M, 1.0f, b->y, M, w->w2 + e * FM, F, 0.0f, b->h, F));
-        KCHECK(rt.kern->gemm(rt.kctx, 1, 0, M, F, m, 1.0f, b->y, M, b->h, F, 1.0f, b->dw2, F));
-        KCHECK(rt.kern->gemm(rt.kctx, 1, 0, F, M, m, 1.0f, b->h, F, b->a, M, 1.0f, b->dw1, M));
-        KCHECK(rt.kern->gemm(rt.kctx, 0, 0, m, M, F, 1.0f, b->h, F, w->w1 + e * FM, M, 0.0f, b->y, M));
+        KCHECK(rt.kern->gemm(rt.kctx, kq, 0, 0, m, F, M, 1.0f, b->y, F32, M, w2, F32, F, 0.0f, b->h, F32, F));
+        KCHECK(rt.kern->gemm(rt.kctx, kq, 1, 0, M, F, m, 1.0f, b->y, F32, M, b->h, F32, F, 1.0f, b->dw2, F32, F));
+        KCHECK(rt.kern->gemm(rt.kctx, kq, 1, 0, F, M, m, 1.0f, b->h, F32, F, b->a, F32, M, 1.0f, b->dw1, F32, M));
+        KCHECK(rt.kern->gemm(rt.kctx, kq, 0, 0, m, M, F, 1.0f, b->h, F32, F, w1, F32, M, 0.0f, b->y, F32, M));
     }
     return now_synced() - t0;
 }
 
-// The same GEMMs through the BLAS library directly, with its own threading (host buffers: only for
-// the cpu plugin). The efficiency is against the faster of the two references.
+// The same GEMMs through the BLAS library directly, with its own threading (host buffers: only for a
+// plugin whose memory is host memory, DSMOE_KCAP_HOST_MEMORY). The efficiency is against the faster of
+// the two references.
 static double native_bench_run(gemm_bench *b, const opts *o, const dsmoe_moe_weights *w, const int *rows) {
     int M = o->M, F = o->F;
     size_t FM = (size_t)F * M;
@@ -309,6 +313,7 @@ int main(int argc, char **argv) {
     dsmoe_err err = {0};
     if (dsmoe_runtime_open(o.kernel, "mpi", "", o.threads, &rt, &err) != DSMOE_OK) die("runtime", err.msg);
     if (rt.world_size != 1) die("setup", "runs on one rank (start it without mpirun, or with -n 1)");
+    kq = rt.q; // the core's compute queue (the plugin's default queue)
     printf("kernel: %s (%s)\n", rt.kern->describe(rt.kctx), rt.kernel_handle.path);
 
     size_t S = o.S, M = o.M, F = o.F, E = o.E;
@@ -326,7 +331,7 @@ int main(int argc, char **argv) {
     dsmoe_moe_config cfg = {.S = o.S, .M = o.M, .F = o.F, .E = o.E, .K = o.K, .capacity_factor = (float)o.cf,
                             .eval_capacity_factor = (float)o.cf, .min_capacity = 4, .drop_tokens = 1,
                             .random_token_selection = 0, .noise = DSMOE_NOISE_NONE, .jitter_eps = 0.0f,
-                            .ep = 1, .ep_group = rt.world, .ep_comm = MPI_COMM_WORLD};
+                            .ep = 1, .ep_group = rt.world, .ep_ctl = rt.world_ctl};
     dsmoe_moe_layer *layer = NULL;
     if (dsmoe_moe_layer_create(&rt, &cfg, &layer, &err) != DSMOE_OK) die("layer", err.msg);
     dsmoe_moe_step step = {.training = 1, .seed = 7, .token_offset = 0};
@@ -377,7 +382,7 @@ int main(int argc, char **argv) {
     double flops = expert_flops + router_flops;
     // Native BLAS last, after every layer iteration: its own thread pool must not disturb the layer.
     double tn = INFINITY;
-    if (strcmp(rt.kern->name, "cpu") == 0) {
+    if (rt.kern->caps & DSMOE_KCAP_HOST_MEMORY) {
         openblas_set_num_threads(o.threads);
         for (int it = -o.warmup; it < o.iters; it++) {
             double t = native_bench_run(&sb, &o, &w, rows);

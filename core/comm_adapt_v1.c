@@ -14,8 +14,11 @@
 // the v1 plugin has the optional allreduce_start / request_test / request_wait. mpi_abi is this core's
 // MPI: a v1 plugin took MPI_Comm from the core's <mpi.h> by construction.
 //
-// reduce_scatter is required in v2 but absent in v1: the member is set, and returns
-// DSMOE_ERR_UNSUPPORTED with a message saying so (the core must not need it with a v1 comm plugin).
+// reduce_scatter is required in v2 but absent in v1. It is composed from v1 allreduce: the whole
+// (size * recvcount) vector into a host scratch, then this rank's block copied out (bitwise the block a
+// native reduce_scatter gives, which adds in allreduce's order). That needs scratch memory of the
+// plugin's kind and host access to recvbuf, which the adapter has only for a plugin whose mem_kinds is
+// host memory alone; for any other it returns DSMOE_ERR_UNSUPPORTED with a message saying so.
 //
 // v2 init() gets no table pointer, so each adapted table has its own init: one trampoline per slot of a
 // fixed array (DSMOE_ADAPT_V1_SLOTS, 8 adapted comm plugins loaded at once).
@@ -49,6 +52,8 @@ typedef struct cctx {
     const dsmoe_comm_plugin_v1 *v1;
     dsmoe_comm_ctx *in; // the v1 plugin's own context
     char error[1024];   // last_error()
+    void *scratch;      // (scratch_bytes) host: reduce_scatter's whole reduced vector
+    size_t scratch_bytes;
 } cctx;
 
 // What a v2 dsmoe_comm_group * points to: group_rank and group_size get no context, so it names v1 too.
@@ -118,6 +123,7 @@ _Static_assert(sizeof init_slots / sizeof init_slots[0] == DSMOE_ADAPT_V1_SLOTS,
 static void c_finalize(dsmoe_comm_ctx *ctx) {
     if (!ctx) return;
     CCTX(ctx)->v1->finalize(CCTX(ctx)->in);
+    free(CCTX(ctx)->scratch);
     free(ctx);
 }
 
@@ -204,13 +210,35 @@ static dsmoe_status c_allgather(dsmoe_comm_ctx *ctx, dsmoe_comm_group *group, co
     return V1(ctx, allgather, CGROUP(group)->in, sendbuf, recvbuf, bytes);
 }
 
+// recvbuf (recvcount) = block `rank` of allreduce(sendbuf (size * recvcount)), through a host scratch.
 static dsmoe_status c_reduce_scatter(dsmoe_comm_ctx *ctx, dsmoe_comm_group *group, const void *sendbuf,
                                      void *recvbuf, size_t recvcount, dsmoe_dtype dtype, dsmoe_reduce_op op,
                                      const dsmoe_comm_stream *stream) {
     cctx *x = CCTX(ctx);
-    return fail(x, DSMOE_ERR_UNSUPPORTED,
-                "comm plugin '%s' speaks ABI 1 (run through an adapter), which has no reduce_scatter; use a comm "
-                "plugin of ABI 2", x->v1->name);
+    if (x->v1->mem_kinds != DSMOE_MEM_HOST)
+        return fail(x, DSMOE_ERR_UNSUPPORTED,
+                    "comm plugin '%s' speaks ABI 1 (run through an adapter), which has no reduce_scatter; the "
+                    "adapter composes it from allreduce for host-memory plugins only, and this one accepts other "
+                    "memory kinds (0x%x); use a comm plugin of ABI 2", x->v1->name, (unsigned)x->v1->mem_kinds);
+    size_t esize = dsmoe_dtype_size(dtype);
+    if (esize == 0 || sendbuf == DSMOE_IN_PLACE || (recvcount > 0 && (!sendbuf || !recvbuf)))
+        return fail(x, DSMOE_ERR_INVALID, "comm v1 adapter: reduce_scatter: expected a known dtype (got %d) and "
+                    "separate send and receive buffers", (int)dtype);
+    cgroup *g = CGROUP(group);
+    size_t size = (size_t)x->v1->group_size(g->in), rank = (size_t)x->v1->group_rank(g->in);
+    size_t bytes = size * recvcount * esize;
+    if (bytes > x->scratch_bytes) {
+        void *p = realloc(x->scratch, bytes);
+        if (!p)
+            return fail(x, DSMOE_ERR_NOMEM, "comm v1 adapter: reduce_scatter: cannot allocate %zu bytes of scratch",
+                        bytes);
+        x->scratch = p;
+        x->scratch_bytes = bytes;
+    }
+    dsmoe_status s = V1(ctx, allreduce, g->in, sendbuf, x->scratch, size * recvcount, dtype, op);
+    if (s != DSMOE_OK) return s;
+    memcpy(recvbuf, (const char *)x->scratch + rank * recvcount * esize, recvcount * esize);
+    return DSMOE_OK;
 }
 
 static dsmoe_status c_alltoallv(dsmoe_comm_ctx *ctx, dsmoe_comm_group *group, const void *sendbuf,
@@ -298,7 +326,7 @@ dsmoe_status dsmoe_comm_adapt_v1(const dsmoe_comm_plugin_v1 *v1, const dsmoe_com
         .alltoall = c_alltoall,
         .allreduce = c_allreduce,
         .allgather = c_allgather,
-        .reduce_scatter = c_reduce_scatter, // always DSMOE_ERR_UNSUPPORTED (see the top of the file)
+        .reduce_scatter = c_reduce_scatter, // composed from allreduce, host-memory plugins only (top of file)
 
         .alltoallv = c_alltoallv,
         .broadcast = c_broadcast,

@@ -2,7 +2,7 @@
 // Three corpora behind one map "sample index -> window of T+1 tokens":
 //   synthetic: K Markov chains over the chain tokens [K, V), tables built at open time from the seed;
 //   text:      byte-level files, concatenated;
-//   megatron:  MMIDIDX .bin/.idx pairs (formats.md), memory-mapped and fully validated at open time.
+//   megatron:  MMIDIDX .bin/.idx pairs (docs/data.md, "Megatron-LM indexed datasets"), memory-mapped and fully validated at open time.
 // Every random choice is a pure function of (seed, tag, index) through dsmoe/rng.h, so any sample is
 // computed in O(T * branching) (synthetic) or O(T + log segments) (files) with no state.
 #define _GNU_SOURCE
@@ -405,7 +405,7 @@ static void copy_tokens(const dsmoe_dataset *ds, uint64_t pos, uint64_t n, int32
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Megatron-LM indexed datasets (formats.md): prefix.idx + prefix.bin
+// Megatron-LM indexed datasets (docs/data.md, "Megatron-LM indexed datasets"): prefix.idx + prefix.bin
 
 #define IDX_HEADER 34 // magic 9 + version 8 + dtype 1 + sequence_count 8 + document_count 8
 

@@ -3,11 +3,12 @@
 //
 // v1 is synchronous as the host sees it: host outputs are valid when a member returns, and v1
 // synchronize() waits for whatever a device plugin still runs. So v2's asynchronous model is trivial
-// here: every queue is the one in-order stream of v1 calls, an event is complete as soon as it is
-// recorded, event_synchronize / event_query / synchronize call v1 synchronize, and queue_enqueue_host
-// runs fn at once (everything before it has run). What v2 keeps on the device and v1 returned to the
-// host (grouped-GEMM counts, gating counts and load-balancing sums, sum_squares, all_finite) goes
-// through small host arrays and the v1 copy members; init_tensor computes on the host and copies.
+// here: the default queue (the only one: no queue_create) is the in-order stream of v1 calls, an event
+// is complete as soon as it is recorded, event_synchronize / event_query / synchronize call v1
+// synchronize, and queue_enqueue_host runs fn at once (everything before it has run). What v2 keeps on
+// the device and v1 returned to the host (grouped-GEMM counts, gating counts and load-balancing sums,
+// sum_squares, all_finite) goes through small host arrays and the v1 copy members; init_tensor computes
+// on the host and copies.
 //
 // Only float32 activations: another dtype is DSMOE_ERR_UNSUPPORTED with a message. The grouped-GEMM
 // epilogues are fused here out of v1 calls, in the order the v1 core made them (h = gemm; h += b1;
@@ -94,6 +95,9 @@ static dsmoe_status v1_status(actx *x, dsmoe_status s) {
     if (x->sticky != DSMOE_OK) return x->sticky
 #define NEED_F32(op, dt)                                                                           \
     if ((dt) != DSMOE_FLOAT32) return unsupported(x, (op), (dt))
+#define ENTER_F32(ctx, op, dt)                                                                     \
+    ENTER(ctx);                                                                                    \
+    NEED_F32(op, dt)
 
 static dsmoe_status unsupported(actx *x, const char *op, dsmoe_dtype dt) {
     return fail(x, DSMOE_ERR_UNSUPPORTED,
@@ -182,7 +186,9 @@ static void k_finalize(dsmoe_kernel_ctx *ctx) {
     free(x);
 }
 
-static const char *k_last_error(dsmoe_kernel_ctx *ctx) { return ctx ? ACTX(ctx)->error : "kernel v1 adapter: no context"; }
+static const char *k_last_error(dsmoe_kernel_ctx *ctx) {
+    return ctx ? ACTX(ctx)->error : "kernel v1 adapter: no context";
+}
 
 static const char *k_describe(dsmoe_kernel_ctx *ctx) { return ACTX(ctx)->v1->describe(ACTX(ctx)->in); }
 
@@ -191,7 +197,8 @@ static dsmoe_status k_attention_bytes(dsmoe_kernel_ctx *ctx, const dsmoe_attenti
                                       size_t *workspace) {
     if (!shape || !saved || !workspace)
         return ctx ? fail(ACTX(ctx), DSMOE_ERR_INVALID, "attention_bytes: NULL shape or output") : DSMOE_ERR_INVALID;
-    if (shape->dt != DSMOE_FLOAT32) return ctx ? unsupported(ACTX(ctx), "attention_bytes", shape->dt) : DSMOE_ERR_UNSUPPORTED;
+    if (shape->dt != DSMOE_FLOAT32)
+        return ctx ? unsupported(ACTX(ctx), "attention_bytes", shape->dt) : DSMOE_ERR_UNSUPPORTED;
     if (shape->B < 0 || shape->T < 0 || shape->NH < 0)
         return ctx ? fail(ACTX(ctx), DSMOE_ERR_INVALID, "attention_bytes: B=%d T=%d NH=%d: expected >= 0", shape->B,
                           shape->T, shape->NH)
@@ -201,20 +208,9 @@ static dsmoe_status k_attention_bytes(dsmoe_kernel_ctx *ctx, const dsmoe_attenti
 }
 
 // ------------------------------------------------------------------------------------------------
-// queues and events: one synchronous stream
+// queues and events: the default queue, one synchronous stream
 
 static dsmoe_kernel_queue *k_default_queue(dsmoe_kernel_ctx *ctx) { return (dsmoe_kernel_queue *)&ACTX(ctx)->queue; }
-
-// Any number of queues: every call has run when it returns, so any order the caller asks for holds.
-static dsmoe_status k_queue_create(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue **q) {
-    ENTER(ctx);
-    *q = malloc(1);
-    return *q ? DSMOE_OK : fail(x, DSMOE_ERR_NOMEM, "kernel v1 adapter: queue_create: out of memory");
-}
-
-static void k_queue_destroy(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q) {
-    if (q != k_default_queue(ctx)) free(q);
-}
 
 static void *k_queue_native(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q) { return NULL; }
 
@@ -276,7 +272,8 @@ static dsmoe_status k_host_alloc(dsmoe_kernel_ctx *ctx, size_t bytes, void **ptr
     ENTER(ctx);
     size_t rounded = bytes == 0 ? 64 : (bytes + 63) & ~(size_t)63;
     *ptr = rounded < bytes ? NULL : aligned_alloc(64, rounded);
-    return *ptr ? DSMOE_OK : fail(x, DSMOE_ERR_NOMEM, "kernel v1 adapter: host_alloc: cannot allocate %zu bytes", bytes);
+    if (!*ptr) return fail(x, DSMOE_ERR_NOMEM, "kernel v1 adapter: host_alloc: cannot allocate %zu bytes", bytes);
+    return DSMOE_OK;
 }
 
 static void k_host_free(dsmoe_kernel_ctx *ctx, void *ptr) { free(ptr); }
@@ -446,29 +443,25 @@ static dsmoe_status k_gemm_grouped_wgrad(dsmoe_kernel_ctx *ctx, dsmoe_kernel_que
 
 static dsmoe_status k_bias_add(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, void *out, dsmoe_dtype dt,
                                const float *bias, int rows, int n) {
-    ENTER(ctx);
-    NEED_F32("bias_add", dt);
+    ENTER_F32(ctx, "bias_add", dt);
     return V1(x, bias_add, out, bias, rows, n);
 }
 
 static dsmoe_status k_bias_backward(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, float *dbias, const void *dout,
                                     dsmoe_dtype dt, int rows, int n) {
-    ENTER(ctx);
-    NEED_F32("bias_backward", dt);
+    ENTER_F32(ctx, "bias_backward", dt);
     return V1(x, bias_backward, dbias, dout, rows, n);
 }
 
 static dsmoe_status k_axpy(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, void *y, float alpha, const void *xs,
                            dsmoe_dtype dt, size_t n) {
-    ENTER(ctx);
-    NEED_F32("axpy", dt);
+    ENTER_F32(ctx, "axpy", dt);
     return V1(x, axpy, y, alpha, xs, n);
 }
 
 static dsmoe_status k_mul_uniform_noise(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, void *out, const void *in,
                                         dsmoe_dtype dt, size_t n, float eps, uint64_t seed, uint64_t offset) {
-    ENTER(ctx);
-    NEED_F32("mul_uniform_noise", dt);
+    ENTER_F32(ctx, "mul_uniform_noise", dt);
     return V1(x, mul_uniform_noise, out, in, n, eps, seed, offset);
 }
 
@@ -482,8 +475,7 @@ static dsmoe_status k_sum_squares(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, 
 
 static dsmoe_status k_all_finite(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, const void *xs, dsmoe_dtype dt,
                                  size_t n, int32_t *out) {
-    ENTER(ctx);
-    NEED_F32("all_finite", dt);
+    ENTER_F32(ctx, "all_finite", dt);
     int h = 0;
     TRY(V1(x, all_finite, xs, n, &h));
     int32_t v = h;
@@ -513,46 +505,40 @@ static dsmoe_status k_init_tensor(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, 
 static dsmoe_status k_embedding_forward(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, void *out, dsmoe_dtype dt,
                                         const int32_t *tokens, const float *wte, const float *wpe, int B, int T, int M,
                                         int V) {
-    ENTER(ctx);
-    NEED_F32("embedding_forward", dt);
+    ENTER_F32(ctx, "embedding_forward", dt);
     return V1(x, embedding_forward, out, tokens, wte, wpe, B, T, M);
 }
 
 static dsmoe_status k_embedding_backward(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, float *dwte, float *dwpe,
                                          const void *dout, dsmoe_dtype dt, const int32_t *tokens, int B, int T, int M,
                                          int V) {
-    ENTER(ctx);
-    NEED_F32("embedding_backward", dt);
+    ENTER_F32(ctx, "embedding_backward", dt);
     return V1(x, embedding_backward, dwte, dwpe, dout, tokens, B, T, M, V);
 }
 
 static dsmoe_status k_layernorm_forward(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, void *out, float *mean,
                                         float *rstd, const void *in, dsmoe_dtype dt, const float *weight,
                                         const float *bias, int S, int M, float eps) {
-    ENTER(ctx);
-    NEED_F32("layernorm_forward", dt);
+    ENTER_F32(ctx, "layernorm_forward", dt);
     return V1(x, layernorm_forward, out, mean, rstd, in, weight, bias, S, M, eps);
 }
 
 static dsmoe_status k_layernorm_backward(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, void *din, float *dweight,
                                          float *dbias, const void *dout, const void *in, dsmoe_dtype dt,
                                          const float *weight, const float *mean, const float *rstd, int S, int M) {
-    ENTER(ctx);
-    NEED_F32("layernorm_backward", dt);
+    ENTER_F32(ctx, "layernorm_backward", dt);
     return V1(x, layernorm_backward, din, dweight, dbias, dout, in, weight, mean, rstd, S, M);
 }
 
 static dsmoe_status k_gelu_forward(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, void *out, const void *in,
                                    dsmoe_dtype dt, size_t n) {
-    ENTER(ctx);
-    NEED_F32("gelu_forward", dt);
+    ENTER_F32(ctx, "gelu_forward", dt);
     return V1(x, gelu_forward, out, in, n);
 }
 
 static dsmoe_status k_gelu_backward(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, void *din, const void *in,
                                     const void *dout, dsmoe_dtype dt, size_t n) {
-    ENTER(ctx);
-    NEED_F32("gelu_backward", dt);
+    ENTER_F32(ctx, "gelu_backward", dt);
     return V1(x, gelu_backward, din, in, dout, n);
 }
 
@@ -576,16 +562,14 @@ static dsmoe_status k_attention_backward(dsmoe_kernel_ctx *ctx, dsmoe_kernel_que
 
 static dsmoe_status k_crossentropy_forward(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, float *losses, float *probs,
                                            const void *logits, dsmoe_dtype dt, const int32_t *targets, int S, int V) {
-    ENTER(ctx);
-    NEED_F32("crossentropy_forward", dt);
+    ENTER_F32(ctx, "crossentropy_forward", dt);
     return V1(x, crossentropy_forward, losses, probs, logits, targets, S, V);
 }
 
 static dsmoe_status k_crossentropy_backward(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, void *dlogits,
                                             dsmoe_dtype dt, const float *probs, const int32_t *targets, float dloss,
                                             int S, int V) {
-    ENTER(ctx);
-    NEED_F32("crossentropy_backward", dt);
+    ENTER_F32(ctx, "crossentropy_backward", dt);
     return V1(x, crossentropy_backward, dlogits, probs, targets, dloss, S, V);
 }
 
@@ -640,24 +624,21 @@ static dsmoe_status k_gate_backward(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q
 static dsmoe_status k_moe_dispatch(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, void *buf, const void *xs,
                                    dsmoe_dtype dt, const int32_t *choice, const int32_t *slot, int S, int K, int E,
                                    int C, int M) {
-    ENTER(ctx);
-    NEED_F32("moe_dispatch", dt);
+    ENTER_F32(ctx, "moe_dispatch", dt);
     return V1(x, moe_dispatch, buf, xs, choice, slot, S, K, E, C, M);
 }
 
 static dsmoe_status k_moe_dispatch_backward(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, void *dx, const void *dbuf,
                                             dsmoe_dtype dt, const int32_t *choice, const int32_t *slot, int S, int K,
                                             int E, int C, int M) {
-    ENTER(ctx);
-    NEED_F32("moe_dispatch_backward", dt);
+    ENTER_F32(ctx, "moe_dispatch_backward", dt);
     return V1(x, moe_dispatch_backward, dx, dbuf, choice, slot, S, K, E, C, M);
 }
 
 static dsmoe_status k_moe_combine(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, void *out, const void *y,
                                   dsmoe_dtype dt, const int32_t *choice, const int32_t *slot, const float *weight,
                                   int S, int K, int E, int C, int M) {
-    ENTER(ctx);
-    NEED_F32("moe_combine", dt);
+    ENTER_F32(ctx, "moe_combine", dt);
     return V1(x, moe_combine, out, y, choice, slot, weight, S, K, E, C, M);
 }
 
@@ -665,24 +646,21 @@ static dsmoe_status k_moe_combine_backward(dsmoe_kernel_ctx *ctx, dsmoe_kernel_q
                                            const void *dout, const void *y, dsmoe_dtype dt, const int32_t *choice,
                                            const int32_t *slot, const float *weight, int S, int K, int E, int C,
                                            int M) {
-    ENTER(ctx);
-    NEED_F32("moe_combine_backward", dt);
+    ENTER_F32(ctx, "moe_combine_backward", dt);
     return V1(x, moe_combine_backward, dy, dweight, dout, y, choice, slot, weight, S, K, E, C, M);
 }
 
 static dsmoe_status k_residual_mix_forward(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, void *out, float *coef,
                                            const void *moe, const void *mlp, dsmoe_dtype dt, const float *coef_logits,
                                            int S, int M) {
-    ENTER(ctx);
-    NEED_F32("residual_mix_forward", dt);
+    ENTER_F32(ctx, "residual_mix_forward", dt);
     return V1(x, residual_mix_forward, out, coef, moe, mlp, coef_logits, S, M);
 }
 
 static dsmoe_status k_residual_mix_backward(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, void *dmoe, void *dmlp,
                                             float *dcoef_logits, const void *dout, const void *moe, const void *mlp,
                                             dsmoe_dtype dt, const float *coef, int S, int M) {
-    ENTER(ctx);
-    NEED_F32("residual_mix_backward", dt);
+    ENTER_F32(ctx, "residual_mix_backward", dt);
     return V1(x, residual_mix_backward, dmoe, dmlp, dcoef_logits, dout, moe, mlp, coef, S, M);
 }
 
@@ -757,8 +735,8 @@ dsmoe_status dsmoe_kernel_adapt_v1(const dsmoe_kernel_plugin_v1 *v1, const dsmoe
         .attention_bytes = k_attention_bytes,
 
         .default_queue = k_default_queue,
-        .queue_create = k_queue_create,
-        .queue_destroy = k_queue_destroy,
+        .queue_create = NULL, // the default queue only: every call has run when it returns anyway
+        .queue_destroy = NULL,
         .queue_native = k_queue_native,
         .queue_enqueue_host = k_queue_enqueue_host,
         .queue_synchronize = k_queue_synchronize,

@@ -44,8 +44,10 @@ static void print_version(void) {
     char path[8192];
     dsmoe_plugin_search_path("", path, sizeof path);
     printf("dsmoe %s\n", DSMOE_VERSION);
-    printf("kernel plugin ABI %d (symbol %s)\n", DSMOE_KERNEL_API_VERSION, DSMOE_KERNEL_PLUGIN_SYMBOL);
-    printf("comm plugin ABI %d (symbol %s)\n", DSMOE_COMM_API_VERSION, DSMOE_COMM_PLUGIN_SYMBOL);
+    printf("kernel plugin ABI %d (symbol %s; ABI 1 through an adapter)\n", DSMOE_KERNEL_API_VERSION,
+           DSMOE_KERNEL_PLUGIN_SYMBOL);
+    printf("comm plugin ABI %d (symbol %s; ABI 1 through an adapter)\n", DSMOE_COMM_API_VERSION,
+           DSMOE_COMM_PLUGIN_SYMBOL);
     printf("plugin search path: %s\n", path);
     char mpi[MPI_MAX_LIBRARY_VERSION_STRING];
     int len;

@@ -221,8 +221,9 @@ static dsmoe_status alloc_buffers(dsmoe_model *m, dsmoe_err *err) {
     DSMOE_TRY(kalloc(m, &m->logits, S * V, err));
     DSMOE_TRY(kalloc(m, &m->probs, S * V, err));
     DSMOE_TRY(kalloc(m, &m->losses, S, err));
-    DSMOE_TRY(kalloc_bytes(m, (void **)&m->tokens, S * sizeof(int32_t), err));
-    DSMOE_TRY(kalloc_bytes(m, (void **)&m->targets, S * sizeof(int32_t), err));
+    // Token ids are input staging, not counted among the model's buffers (memplan.c counts them apart).
+    DSMOE_TRY(dsmoe_rt_alloc(rt, S * sizeof(int32_t), 0, (void **)&m->tokens, "token ids", err));
+    DSMOE_TRY(dsmoe_rt_alloc(rt, S * sizeof(int32_t), 0, (void **)&m->targets, "target ids", err));
     size_t n_norm = (size_t)m->cfg->n_moe_layers + 2;
     DSMOE_TRY(kalloc_bytes(m, (void **)&m->norm_dev, n_norm * sizeof(double), err));
     if (rt->kern->host_alloc(rt->kctx, S * sizeof(float), (void **)&m->host_losses) != DSMOE_OK ||

@@ -99,7 +99,7 @@ void dsmoe_plugin_search_path(const char *extra_path, char *buf, size_t len) {
 // ------------------------------------------------------------------------------------------------
 // "not found": what is there instead
 
-#define MAX_LISTED 32
+#define MAX_LISTED 64
 
 typedef struct name_list {
     int n;
@@ -276,7 +276,8 @@ static dsmoe_status find_entry(const char *kind, dsmoe_plugin_handle *h, void **
 static dsmoe_status check_version(const char *kind, const char *symbol, int symbol_version, const void *table,
                                   dsmoe_plugin_handle *h, dsmoe_err *err) {
     if (!table)
-        return reject(h, err, DSMOE_ERR_INTERNAL, "%s: %s() returned NULL: the plugin refused to load", h->path, symbol);
+        return reject(h, err, DSMOE_ERR_INTERNAL, "%s: %s() returned NULL: the plugin refused to load", h->path,
+                      symbol);
     uint32_t version = *(const uint32_t *)table;
     if (version != 1 && version != ABI_NEWEST)
         return reject(h, err, DSMOE_ERR_UNSUPPORTED,
@@ -673,8 +674,8 @@ dsmoe_status dsmoe_plugin_load_comm(const char *name, const char *extra_path, co
         DSMOE_TRY(check_name("comm", name, v1->name, handle, err));
         const char *missing = comm_v1_missing_member(v1);
         if (missing)
-            return reject(handle, err, DSMOE_ERR_INTERNAL, "%s: comm plugin '%s' (ABI 1) leaves required member %s NULL",
-                          handle->path, name, missing);
+            return reject(handle, err, DSMOE_ERR_INTERNAL,
+                          "%s: comm plugin '%s' (ABI 1) leaves required member %s NULL", handle->path, name, missing);
         DSMOE_TRY(check_comm_mem_kinds(name, v1->mem_kinds, handle, err));
         DSMOE_TRY(adapt_comm(name, v1, &t, handle, err));
     } else {

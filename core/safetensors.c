@@ -1,4 +1,4 @@
-// core/safetensors.c: see safetensors.h, formats.md and docs/checkpoint.md.
+// core/safetensors.c: see safetensors.h and docs/checkpoint.md (section "The file format").
 // The writer streams header and tensors into `<path>.tmp.<pid>`, fsyncs, renames over path and fsyncs
 // the directory, so a checkpoint of hundreds of MB never sits in one buffer and an existing file is
 // replaced whole or not at all. The reader maps the file read-only and parses the JSON header with a

@@ -1,4 +1,4 @@
-// core/safetensors.h: reading and writing safetensors files (docs/checkpoint.md, formats.md).
+// core/safetensors.h: reading and writing safetensors files (docs/checkpoint.md, section "The file format").
 // defines: dsmoe_st_writer_*, dsmoe_st_file_*
 //
 // Layout: u64 little-endian header length N, N bytes of JSON, then the data buffer. The JSON maps each

@@ -42,7 +42,8 @@ static const dsmoe_comm_plugin_v2 *conf_load_comm(const char *name, const char *
     }
     dsmoe_comm_plugin_entry_fn entry = (dsmoe_comm_plugin_entry_fn)dlsym(*handle, DSMOE_COMM_PLUGIN_SYMBOL);
     const dsmoe_comm_plugin_v2 *p = entry ? entry() : NULL;
-    if (!p) snprintf(why, why_len, "%s: %s", path, entry ? "the entry returned NULL" : "no symbol " DSMOE_COMM_PLUGIN_SYMBOL);
+    if (!p)
+        snprintf(why, why_len, "%s: %s", path, entry ? "the entry returned NULL" : "no symbol " DSMOE_COMM_PLUGIN_SYMBOL);
     return p;
 }
 

@@ -1,5 +1,16 @@
-# The cpu kernel plugin's dense ops (GEMM, element-wise, GPT layer ops, AdamW). The test dlopens the
-# built plugin from the build tree, as the core does, so it depends on the plugin target.
-dsmoe_test(test_cpu_ops SOURCES ${DSMOE_TEST_DIR}/test_cpu_ops.c TIMEOUT 60 LABELS cpu)
-add_dependencies(test_cpu_ops dsmoe_kernel_cpu)
-target_link_libraries(test_cpu_ops PRIVATE OpenMP::OpenMP_C) # test_thread_pinning looks at the plugin's threads
+# The cpu kernel plugin (plugins/cpu), tested through its table: each program dlopens the built plugin
+# from the build tree as the core does (tests/cpu_plugin_test.h) and links no core library, so these
+# build and run while the core does not. test_cpu_ops: table, memory, queues, errors, GEMM, element-wise
+# ops, AdamW; test_cpu_ops_layers: GPT layer ops and the inference ops; test_cpu_ops_grouped: grouped
+# GEMMs with epilogues and weight gradients.
+foreach(t test_cpu_ops test_cpu_ops_layers test_cpu_ops_grouped)
+  add_executable(${t} ${DSMOE_TEST_DIR}/${t}.c)
+  set_target_properties(${t} PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/tests)
+  target_include_directories(${t} PRIVATE ${PROJECT_SOURCE_DIR}/include)
+  target_compile_definitions(${t} PRIVATE DSMOE_BUILD_PLUGIN_DIRS="${DSMOE_BUILD_PLUGIN_DIR}")
+  # OpenMP: test_thread_pinning looks at the plugin's threads.
+  target_link_libraries(${t} PRIVATE PkgConfig::CMOCKA OpenMP::OpenMP_C m ${CMAKE_DL_LIBS})
+  add_dependencies(${t} dsmoe_kernel_cpu)
+  add_test(NAME ${t} COMMAND ${t})
+  set_tests_properties(${t} PROPERTIES TIMEOUT 120 LABELS cpu ENVIRONMENT "OMP_NUM_THREADS=2;DSMOE_PLUGIN_PATH=")
+endforeach()

@@ -33,7 +33,7 @@ static dsmoe_kernel_queue *Q;           // its default queue
 #define OK(call) OKC(C, call)
 
 // A new context with `threads` compute threads and poisoned allocations.
-static dsmoe_kernel_ctx *cpt_ctx(int threads) {
+static inline dsmoe_kernel_ctx *cpt_ctx(int threads) {
     static const char *const values[] = {"1"}; // poison
     dsmoe_kernel_options opt = {.threads = threads, .param_values = values, .n_param_values = 1};
     dsmoe_kernel_ctx *c = NULL;
@@ -46,7 +46,7 @@ static dsmoe_kernel_ctx *cpt_ctx(int threads) {
 }
 
 // Loads the plugin and makes C; returns 0 or -1 (with a message on stderr).
-static int cpt_load(int threads) {
+static inline int cpt_load(int threads) {
     cpt_dl = dlopen(CPT_PLUGIN_FILE, RTLD_NOW | RTLD_LOCAL);
     if (!cpt_dl) {
         fprintf(stderr, "cannot load %s: %s\n", CPT_PLUGIN_FILE, dlerror());
@@ -69,54 +69,55 @@ static int cpt_load(int threads) {
     return 0;
 }
 
-static void cpt_unload(void) {
+static inline void cpt_unload(void) {
     P->finalize(C);
     dlclose(cpt_dl);
 }
 
 // --- device buffers on context c (all traffic through the copy members) ---
 
-static void *dev_new(dsmoe_kernel_ctx *c, size_t bytes, uint32_t flags) {
+static inline void *dev_new(dsmoe_kernel_ctx *c, size_t bytes, uint32_t flags) {
     void *p = NULL;
     if (P->alloc(c, bytes, flags, &p) != DSMOE_OK)
         fail_msg("alloc %zu bytes: %s", bytes, P->last_error(c));
     return p;
 }
 
-static void *dev_zeros(dsmoe_kernel_ctx *c, size_t bytes) { return dev_new(c, bytes, DSMOE_ALLOC_ZERO); }
+static inline void *dev_zeros(dsmoe_kernel_ctx *c, size_t bytes) { return dev_new(c, bytes, DSMOE_ALLOC_ZERO); }
 
 // A new buffer holding host[0 .. bytes).
-static void *dev_put(dsmoe_kernel_ctx *c, const void *host, size_t bytes) {
+static inline void *dev_put(dsmoe_kernel_ctx *c, const void *host, size_t bytes) {
     void *d = dev_new(c, bytes, 0);
     OKC(c, P->copy_to_device(c, P->default_queue(c), d, host, bytes));
     return d;
 }
 
 // host = dev, valid after the synchronize.
-static void dev_get(dsmoe_kernel_ctx *c, void *host, const void *dev, size_t bytes) {
+static inline void dev_get(dsmoe_kernel_ctx *c, void *host, const void *dev, size_t bytes) {
     OKC(c, P->copy_to_host(c, P->default_queue(c), host, dev, bytes));
     OKC(c, P->synchronize(c));
 }
 
-static void dev_free(dsmoe_kernel_ctx *c, void *p) { P->free(c, p); }
+static inline void dev_free(dsmoe_kernel_ctx *c, void *p) { P->free(c, p); }
 
 // --- host data and comparisons ---
 
 static uint64_t cpt_rng_state = 12345;
-static float rnd(void) { // uniform in [-1, 1)
+static inline float rnd(void) { // uniform in [-1, 1)
     cpt_rng_state = cpt_rng_state * 6364136223846793005ull + 1442695040888963407ull;
     return (float)(cpt_rng_state >> 40) / 8388608.0f - 1.0f;
 }
 
 // A host array of n floats, uniform in [-scale, scale).
-static float *rnd_fill(size_t n, float scale) {
+static inline float *rnd_fill(size_t n, float scale) {
     float *f = malloc((n ? n : 1) * sizeof *f);
     for (size_t i = 0; i < n; i++)
         f[i] = scale * rnd();
     return f;
 }
 
-static void assert_close(const char *what, const float *got, const double *want, size_t n, double atol, double rtol) {
+static inline void assert_close(const char *what, const float *got, const double *want, size_t n, double atol,
+                                double rtol) {
     double worst = 0;
     size_t wi = 0;
     for (size_t i = 0; i < n; i++) {
@@ -131,7 +132,7 @@ static void assert_close(const char *what, const float *got, const double *want,
                  atol, rtol);
 }
 
-static double dot_d(const float *a, const float *b, size_t n) {
+static inline double dot_d(const float *a, const float *b, size_t n) {
     double s = 0;
     for (size_t i = 0; i < n; i++)
         s += (double)a[i] * b[i];

@@ -1,9 +1,11 @@
-# Gating, dispatch and combine of the cpu kernel plugin (plugins/cpu/cpu_gating.c), compiled into the
-# test and called directly, with the plugin's own optimisation flags.
-dsmoe_test(test_gating
-  SOURCES ${PROJECT_SOURCE_DIR}/tests/test_gating.c ${PROJECT_SOURCE_DIR}/plugins/cpu/cpu_gating.c
-  LIBS OpenMP::OpenMP_C m
-  TIMEOUT 60
-  LABELS cpu gating)
-target_include_directories(test_gating PRIVATE ${PROJECT_SOURCE_DIR}/include ${PROJECT_SOURCE_DIR}/plugins/cpu)
-target_compile_options(test_gating PRIVATE -O3 -march=x86-64-v3)
+# Gating, dispatch and combine of the cpu kernel plugin (plugins/cpu/cpu_gating.c), through the plugin's
+# table: the program dlopens the built plugin from the build tree (tests/cpu_plugin_test.h) and links no
+# core library.
+add_executable(test_gating ${DSMOE_TEST_DIR}/test_gating.c)
+set_target_properties(test_gating PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/tests)
+target_include_directories(test_gating PRIVATE ${PROJECT_SOURCE_DIR}/include)
+target_compile_definitions(test_gating PRIVATE DSMOE_BUILD_PLUGIN_DIRS="${DSMOE_BUILD_PLUGIN_DIR}")
+target_link_libraries(test_gating PRIVATE PkgConfig::CMOCKA m ${CMAKE_DL_LIBS})
+add_dependencies(test_gating dsmoe_kernel_cpu)
+add_test(NAME test_gating COMMAND test_gating)
+set_tests_properties(test_gating PROPERTIES TIMEOUT 60 LABELS "cpu;gating" ENVIRONMENT "OMP_NUM_THREADS=2;DSMOE_PLUGIN_PATH=")

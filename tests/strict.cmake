@@ -21,15 +21,19 @@ target_compile_definitions(dsmoe_kernel_strict PRIVATE
 target_link_libraries(dsmoe_kernel_strict PRIVATE ${CMAKE_DL_LIBS})
 target_link_options(dsmoe_kernel_strict PRIVATE -Wl,-z,defs)
 
-# The plugin's own test: dlopens both plugins from the build tree, so it needs no dsmoe_core.
-add_executable(test_strict ${DSMOE_TEST_DIR}/test_strict.c)
-set_target_properties(test_strict PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/tests)
-target_include_directories(test_strict PRIVATE ${PROJECT_SOURCE_DIR}/include)
-target_link_libraries(test_strict PRIVATE PkgConfig::CMOCKA ${CMAKE_DL_LIBS} m)
-target_compile_definitions(test_strict PRIVATE
-  DSMOE_STRICT_PLUGIN_FILE="${DSMOE_STRICT_PLUGIN_DIR}/libdsmoe_kernel_strict.so"
-  DSMOE_CPU_PLUGIN_FILE="${DSMOE_BUILD_PLUGIN_DIR}/libdsmoe_kernel_cpu.so")
-add_dependencies(test_strict dsmoe_kernel_strict dsmoe_kernel_cpu)
-add_test(NAME test_strict COMMAND test_strict)
-set_tests_properties(test_strict PROPERTIES TIMEOUT 60 SKIP_RETURN_CODE 77 LABELS cpu
-                     ENVIRONMENT "OMP_NUM_THREADS=2;DSMOE_PLUGIN_PATH=")
+# The plugin's own tests: they dlopen both plugins from the build tree, so they need no dsmoe_core.
+#   test_strict      deferral, protection faults, poison, events, errors, callbacks, frees, the knobs
+#   test_strict_ops  every compute and copy member bitwise against the cpu plugin
+foreach(name test_strict test_strict_ops)
+  add_executable(${name} ${DSMOE_TEST_DIR}/${name}.c)
+  set_target_properties(${name} PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/tests)
+  target_include_directories(${name} PRIVATE ${PROJECT_SOURCE_DIR}/include)
+  target_link_libraries(${name} PRIVATE PkgConfig::CMOCKA ${CMAKE_DL_LIBS} m)
+  target_compile_definitions(${name} PRIVATE
+    DSMOE_STRICT_PLUGIN_FILE="${DSMOE_STRICT_PLUGIN_DIR}/libdsmoe_kernel_strict.so"
+    DSMOE_CPU_PLUGIN_FILE="${DSMOE_BUILD_PLUGIN_DIR}/libdsmoe_kernel_cpu.so")
+  add_dependencies(${name} dsmoe_kernel_strict dsmoe_kernel_cpu)
+  add_test(NAME ${name} COMMAND ${name})
+  set_tests_properties(${name} PROPERTIES TIMEOUT 60 SKIP_RETURN_CODE 77 LABELS "cpu;strict"
+                       ENVIRONMENT "OMP_NUM_THREADS=2;DSMOE_PLUGIN_PATH=")
+endforeach()

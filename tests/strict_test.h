@@ -49,7 +49,7 @@ static dsmoe_kernel_ctx *make_ctx(const dsmoe_kernel_plugin_v2 *T, int threads) 
 }
 
 // A strict context with DSMOE_STRICT_<knob> set during its init (knobs are read there).
-static dsmoe_kernel_ctx *strict_ctx_with(const char *var, const char *value, int threads) {
+__attribute__((unused)) static dsmoe_kernel_ctx *strict_ctx_with(const char *var, const char *value, int threads) {
     if (var) setenv(var, value, 1);
     dsmoe_kernel_ctx *ctx = make_ctx(S, threads);
     if (var) unsetenv(var);

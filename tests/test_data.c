@@ -272,7 +272,7 @@ static void test_text(void **state) {
 // ---------------------------------------------------------------------------------------------------
 // Megatron indexed datasets
 
-// The .idx and .bin of formats.md, written field by field. modes != 0 appends the multimodal array.
+// The .idx and .bin of docs/data.md ("Megatron-LM indexed datasets"), written field by field. modes != 0 appends the multimodal array.
 static void write_megatron(const char *prefix, int code, const int64_t *tokens, const int32_t *lengths, int nseq,
                            const int64_t *docs, int ndocs, int modes) {
     static const int isz[9] = {0, 1, 1, 2, 4, 8, 8, 4, 2};

@@ -1,7 +1,9 @@
 // tests/test_gating.c: MoE gating, dispatch and combine of the cpu plugin (plugins/cpu/cpu_gating.c),
-// called directly with a context built here. Expected values come from hand computation (small cases
-// written out below), from an independent naive implementation of docs/gating.md (ref_assign, naive
-// dispatch/combine loops), from dsmoe_rng_* evaluated here, and from central finite differences.
+// through the plugin's table: the built plugin is dlopen'ed as the core loads it (cpu_plugin_test.h),
+// and every call below moves its host arrays in and out with the copy members (gating_calls.h).
+// Expected values come from hand computation (small cases written out below), from an independent
+// naive implementation of docs/gating.md (ref_assign, naive dispatch/combine loops), from dsmoe_rng_*
+// evaluated here, and from central finite differences.
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -14,19 +16,16 @@
 #include <string.h>
 
 #include "dsmoe/rng.h"
-#include "cpu_internal.h"
+#include "cpu_plugin_test.h" // P, cpt_load, cpt_ctx, dev_*, OKC
+#include "gating_calls.h"    // run_gate_*, run_dispatch*, run_combine*: the members on host arrays
 
 // The key tags docs/gating.md fixes (written again here, not taken from the plugin).
 #define TAG_GUMBEL 0x47554D42ull
 #define TAG_RTS 0x525453ull
 
-static dsmoe_kernel_ctx g_ctx;
+static dsmoe_kernel_ctx *g_ctx[2]; // 1 and 2 compute threads
 
-static dsmoe_kernel_ctx *ctx_threads(int threads) {
-    memset(&g_ctx, 0, sizeof g_ctx);
-    g_ctx.threads = threads;
-    return &g_ctx;
-}
+static dsmoe_kernel_ctx *ctx_threads(int threads) { return g_ctx[threads - 1]; }
 
 static dsmoe_gating_params params(int S, int E, int K) {
     dsmoe_gating_params p = {.S = S, .E = E, .K = K, .noise = DSMOE_NOISE_NONE, .random_selection = 0,
@@ -44,6 +43,7 @@ typedef struct gate_out {
     int32_t choice[64 * 2], slot[64 * 2], counts[8], kept[8], first[8];
     float weight[64 * 2];
     double psum[8];
+    double aux_sums[2 * 8 + 1]; // as gate_assign wrote them: [psum, first, S]
     float aux; // l_aux of these tokens alone, formed here from psum and first as the layer does
 } gate_out;
 
@@ -56,9 +56,14 @@ static float aux_of(const dsmoe_gating_params *p, const double *psum, const int3
 
 static void route_assign(const dsmoe_gating_params *p, int C, const float *logits, gate_out *o) {
     dsmoe_kernel_ctx *ctx = ctx_threads(1);
-    assert_int_equal(cpu_gate_route(ctx, p, logits, o->probs, o->choice, o->counts), DSMOE_OK);
-    assert_int_equal(cpu_gate_assign(ctx, p, C, o->probs, o->choice, o->slot, o->weight, o->kept, o->psum, o->first),
-                     DSMOE_OK);
+    OKC(ctx, run_gate_route(ctx, p, logits, o->probs, o->choice, o->counts));
+    OKC(ctx, run_gate_assign(ctx, p, C, o->probs, o->choice, o->slot, o->weight, o->kept, o->aux_sums));
+    for (int e = 0; e < p->E; e++) {
+        o->psum[e] = o->aux_sums[e];
+        o->first[e] = (int32_t)o->aux_sums[p->E + e];
+        assert_true(o->first[e] == o->aux_sums[p->E + e]); // a count
+    }
+    assert_true(o->aux_sums[2 * p->E] == p->S);
     o->aux = aux_of(p, o->psum, o->first);
 }
 
@@ -408,8 +413,10 @@ static double gate_loss(const dsmoe_gating_params *p, int C, const float *logits
     return L;
 }
 
-// aux = 1: the coefficients are those of a * l_aux (the layer's, c_e = a * E * N_e / S^2); else an
-// arbitrary vector of both signs (the member's contract is any per-expert coefficient).
+// aux = 1: the coefficients are those of a * l_aux (the layer's, c_e = a * E * N_e / S^2: gate_assign's
+// aux_sums with daux = a); else an arbitrary vector of both signs, passed as aux_sums that give it
+// (N_e = c_e / E, S_tot = 1, daux = 1). The plugin forms c from aux_sums by the header's formula; the
+// reference uses the same formula on the same numbers.
 static void check_gate_backward(int K, int C, int all_kinds, int aux) {
     const int S = 8, E = 4;
     dsmoe_gating_params p = params(S, E, K);
@@ -421,8 +428,16 @@ static void check_gate_backward(int K, int C, int all_kinds, int aux) {
     const float a = 0.7f;
     gate_out o;
     route_assign(&p, C, logits, &o);
-    for (int e = 0; e < E && aux; e++) c[e] = (float)(a * E * (double)o.first[e] / ((double)S * S));
-    if (!aux) fill_uniform(c, E, 41 + K, -2, 2);
+    double sums[2 * 4 + 1];
+    float daux = aux ? a : 1.0f;
+    if (aux) {
+        memcpy(sums, o.aux_sums, sizeof sums);
+    } else {
+        fill_uniform(c, E, 41 + K, -2, 2);
+        for (int e = 0; e < E; e++) sums[e] = 0.0, sums[E + e] = (double)c[e] / E;
+        sums[2 * E] = 1.0;
+    }
+    for (int e = 0; e < E; e++) c[e] = (float)((double)daux * E * sums[E + e] / (sums[2 * E] * sums[2 * E]));
     int first_only = 0, second_only = 0, both = 0;
     for (int s = 0; s < S && K == 2; s++) {
         first_only += o.slot[2 * s] >= 0 && o.slot[2 * s + 1] < 0;
@@ -436,7 +451,7 @@ static void check_gate_backward(int K, int C, int all_kinds, int aux) {
 
     float dl[8 * 4];
     for (int i = 0; i < S * E; i++) dl[i] = 0.25f; // backward accumulates
-    assert_int_equal(cpu_gate_backward(ctx_threads(1), &p, dl, o.probs, o.choice, o.slot, r, c), DSMOE_OK);
+    OKC(ctx_threads(1), run_gate_backward(ctx_threads(1), &p, dl, o.probs, o.choice, o.slot, r, sums, daux));
     const float h = 1e-2f;
     for (int i = 0; i < S * E; i++) {
         float keep = logits[i];
@@ -451,7 +466,7 @@ static void check_gate_backward(int K, int C, int all_kinds, int aux) {
     if (aux) { // the same coefficients are the gradient of a * l_aux (N held fixed): FD of l_aux itself
         for (int i = 0; i < S * E; i++) dl[i] = 0.0f;
         const float zero[16] = {0};
-        assert_int_equal(cpu_gate_backward(ctx_threads(1), &p, dl, o.probs, o.choice, o.slot, zero, c), DSMOE_OK);
+        OKC(ctx_threads(1), run_gate_backward(ctx_threads(1), &p, dl, o.probs, o.choice, o.slot, zero, sums, daux));
         for (int i = 0; i < S * E; i++) {
             float keep = logits[i];
             gate_out op, om;
@@ -490,7 +505,8 @@ static void fill_const(float *x, size_t n, float v) {
 }
 
 // Runs all four ops on the table with `threads` threads; outputs prefilled with garbage (assigns) or
-// with `acc` (dx accumulates).
+// with `acc` (dx accumulates). Rows of unused slots in buf and dy are unspecified (the plugin may
+// leave them): only the used rows are compared.
 static void run_moe(int threads, const int32_t *choice, const int32_t *slot, const float *weight, const float *x,
                     const float *y, const float *dout, const float *acc, int S, int K, int E, int C, int M, moe_run *r) {
     dsmoe_kernel_ctx *ctx = ctx_threads(threads);
@@ -500,12 +516,11 @@ static void run_moe(int threads, const int32_t *choice, const int32_t *slot, con
     fill_const(r->buf, nb, 7.0f), fill_const(r->out, nx, 7.0f), fill_const(r->round, nx, 7.0f);
     fill_const(r->dy, nb, 7.0f), fill_const(r->dweight, (size_t)S * K, 7.0f);
     memcpy(r->dx, acc, nx * sizeof *acc);
-    assert_int_equal(cpu_moe_dispatch(ctx, r->buf, x, choice, slot, S, K, E, C, M), DSMOE_OK);
-    assert_int_equal(cpu_moe_combine(ctx, r->round, r->buf, choice, slot, weight, S, K, E, C, M), DSMOE_OK);
-    assert_int_equal(cpu_moe_combine(ctx, r->out, y, choice, slot, weight, S, K, E, C, M), DSMOE_OK);
-    assert_int_equal(cpu_moe_dispatch_backward(ctx, r->dx, y, choice, slot, S, K, E, C, M), DSMOE_OK);
-    assert_int_equal(cpu_moe_combine_backward(ctx, r->dy, r->dweight, dout, y, choice, slot, weight, S, K, E, C, M),
-                     DSMOE_OK);
+    OKC(ctx, run_dispatch(ctx, r->buf, x, choice, slot, S, K, E, C, M));
+    OKC(ctx, run_combine(ctx, r->round, r->buf, choice, slot, weight, S, K, E, C, M));
+    OKC(ctx, run_combine(ctx, r->out, y, choice, slot, weight, S, K, E, C, M));
+    OKC(ctx, run_dispatch_backward(ctx, r->dx, y, choice, slot, S, K, E, C, M));
+    OKC(ctx, run_combine_backward(ctx, r->dy, r->dweight, dout, y, choice, slot, weight, S, K, E, C, M));
 }
 
 static void free_run(moe_run *r) {
@@ -518,14 +533,13 @@ static void check_moe_ops(int S, int E, int K, int C, int M, int rts, int check_
     p.seed = 99 + (uint64_t)S;
     size_t nx = (size_t)S * M, nb = (size_t)E * C * M;
     float *logits = falloc((size_t)S * E), *probs = falloc((size_t)S * E), *weight = falloc((size_t)S * K);
-    int32_t *choice = malloc(sizeof(int32_t) * S * K), *slot = malloc(sizeof(int32_t) * S * K), counts[64], kept[64],
-            first[64];
-    double psum[64];
+    int32_t *choice = malloc(sizeof(int32_t) * S * K), *slot = malloc(sizeof(int32_t) * S * K), counts[64], kept[64];
+    double sums[2 * 64 + 1];
     assert_non_null(choice), assert_non_null(slot);
     fill_uniform(logits, (size_t)S * E, 3, -1, 1);
     dsmoe_kernel_ctx *ctx = ctx_threads(1);
-    assert_int_equal(cpu_gate_route(ctx, &p, logits, probs, choice, counts), DSMOE_OK);
-    assert_int_equal(cpu_gate_assign(ctx, &p, C, probs, choice, slot, weight, kept, psum, first), DSMOE_OK);
+    OKC(ctx, run_gate_route(ctx, &p, logits, probs, choice, counts));
+    OKC(ctx, run_gate_assign(ctx, &p, C, probs, choice, slot, weight, kept, sums));
     int dropped = 0, used = 0;
     for (int i = 0; i < S * K; i++) dropped += slot[i] < 0;
     for (int e = 0; e < E; e++) used += kept[e];
@@ -543,10 +557,10 @@ static void check_moe_ops(int S, int E, int K, int C, int M, int rts, int check_
             int owner = -1;
             for (int i = 0; i < S * K; i++)
                 if (choice[i] == e && slot[i] == c) owner = i;
-            for (int m = 0; m < M; m++) {
+            for (int m = 0; m < M && owner >= 0; m++) {
                 size_t b = ((size_t)e * C + c) * M + m;
-                float want_buf = owner < 0 ? 0.0f : x[(size_t)(owner / K) * M + m];
-                float want_dy = owner < 0 ? 0.0f : weight[owner] * dout[(size_t)(owner / K) * M + m];
+                float want_buf = x[(size_t)(owner / K) * M + m];
+                float want_dy = weight[owner] * dout[(size_t)(owner / K) * M + m];
                 if (r1.buf[b] != want_buf) fail_msg("buf[%d,%d,%d] = %g, expected %g", e, c, m, r1.buf[b], want_buf);
                 if (fabsf(r1.dy[b] - want_dy) > 1e-6f) fail_msg("dy[%d,%d,%d] = %g, expected %g", e, c, m, r1.dy[b], want_dy);
             }
@@ -609,18 +623,17 @@ static void test_thread_count_independence(void **state) {
     float *logits = falloc((size_t)S * E), *dw = falloc((size_t)S * K);
     fill_uniform(logits, (size_t)S * E, 5, -1, 1);
     fill_uniform(dw, (size_t)S * K, 6, -1, 1);
-    float *probs[2], *weight[2], *dl[2], agrad[4] = {0.3f, -0.1f, 0.05f, 0.2f};
-    int32_t *choice[2], *slot[2], counts[2][4], kept[2][4], first[2][4];
-    double psum[2][4];
+    float *probs[2], *weight[2], *dl[2];
+    int32_t *choice[2], *slot[2], counts[2][4], kept[2][4];
+    double sums[2][2 * 4 + 1];
     for (int t = 0; t < 2; t++) {
         dsmoe_kernel_ctx *ctx = ctx_threads(t + 1);
         probs[t] = falloc((size_t)S * E), weight[t] = falloc((size_t)S * K), dl[t] = falloc((size_t)S * E);
         choice[t] = malloc(sizeof(int32_t) * S * K), slot[t] = malloc(sizeof(int32_t) * S * K);
         fill_const(dl[t], (size_t)S * E, 0.0f);
-        assert_int_equal(cpu_gate_route(ctx, &p, logits, probs[t], choice[t], counts[t]), DSMOE_OK);
-        assert_int_equal(cpu_gate_assign(ctx, &p, C, probs[t], choice[t], slot[t], weight[t], kept[t], psum[t], first[t]),
-                         DSMOE_OK);
-        assert_int_equal(cpu_gate_backward(ctx, &p, dl[t], probs[t], choice[t], slot[t], dw, agrad), DSMOE_OK);
+        OKC(ctx, run_gate_route(ctx, &p, logits, probs[t], choice[t], counts[t]));
+        OKC(ctx, run_gate_assign(ctx, &p, C, probs[t], choice[t], slot[t], weight[t], kept[t], sums[t]));
+        OKC(ctx, run_gate_backward(ctx, &p, dl[t], probs[t], choice[t], slot[t], dw, sums[t], 0.3f));
     }
     assert_memory_equal(probs[0], probs[1], sizeof(float) * S * E);
     assert_memory_equal(choice[0], choice[1], sizeof(int32_t) * S * K);
@@ -629,8 +642,7 @@ static void test_thread_count_independence(void **state) {
     assert_memory_equal(dl[0], dl[1], sizeof(float) * S * E);
     assert_memory_equal(counts[0], counts[1], sizeof counts[0]);
     assert_memory_equal(kept[0], kept[1], sizeof kept[0]);
-    assert_memory_equal(psum[0], psum[1], sizeof psum[0]);
-    assert_memory_equal(first[0], first[1], sizeof first[0]);
+    assert_memory_equal(sums[0], sums[1], sizeof sums[0]);
     for (int t = 0; t < 2; t++) free(probs[t]), free(weight[t]), free(dl[t]), free(choice[t]), free(slot[t]);
     free(logits), free(dw);
 }
@@ -638,46 +650,55 @@ static void test_thread_count_independence(void **state) {
 // ------------------------------------------------------------------------------------------------
 // argument checks
 
-static void expect_invalid(dsmoe_status st, const char *needle) {
+static void expect_invalid(dsmoe_kernel_ctx *ctx, dsmoe_status st, const char *needle) {
     assert_int_equal(st, DSMOE_ERR_INVALID);
-    if (strstr(g_ctx.error, needle) == NULL) fail_msg("message \"%s\" lacks \"%s\"", g_ctx.error, needle);
+    const char *msg = P->last_error(ctx);
+    if (strstr(msg, needle) == NULL) fail_msg("message \"%s\" lacks \"%s\"", msg, needle);
+}
+
+// A bad table is bad data found while running: the context's sticky error, so each on a context of
+// its own, and the next synchronize reports it too.
+static void expect_sticky_table(const int32_t *choice, const int32_t *slot, const char *needle) {
+    dsmoe_kernel_ctx *c = cpt_ctx(1);
+    float buf[8], x[4] = {0};
+    expect_invalid(c, run_dispatch(c, buf, x, choice, slot, 2, 2, 2, 2, 2), needle);
+    assert_int_equal(P->synchronize(c), DSMOE_ERR_INVALID);
+    expect_invalid(c, P->synchronize(c), needle);
+    P->finalize(c);
 }
 
 static void test_invalid_arguments(void **state) {
     (void)state;
     dsmoe_kernel_ctx *ctx = ctx_threads(1);
-    float logits[8] = {0}, probs[8], weight[4], buf[64], x[8], agrad[3] = {0};
-    int32_t choice[4] = {0, 1, 1, 0}, slot[4] = {0, 0, 1, 1}, counts[4], kept[4], first[4];
-    double psum[4];
+    float logits[8] = {0}, probs[8], weight[4], buf[64], x[8];
+    int32_t choice[4] = {0, 1, 1, 0}, slot[4] = {0, 0, 1, 1}, counts[4], kept[4];
+    double sums[2 * 3 + 1];
     dsmoe_gating_params p = params(2, 2, 3);
-    expect_invalid(cpu_gate_route(ctx, &p, logits, probs, choice, counts), "K = 3");
+    expect_invalid(ctx, run_gate_route(ctx, &p, logits, probs, choice, counts), "K = 3");
     p = params(2, 1, 2);
-    expect_invalid(cpu_gate_route(ctx, &p, logits, probs, choice, counts), "exceeds E = 1");
+    expect_invalid(ctx, run_gate_route(ctx, &p, logits, probs, choice, counts), "exceeds E = 1");
     p = params(-1, 2, 1);
-    expect_invalid(cpu_gate_route(ctx, &p, logits, probs, choice, counts), "S = -1");
+    expect_invalid(ctx, run_gate_route(ctx, &p, logits, probs, choice, counts), "S = -1");
     p = params(2, 2, 2);
-    expect_invalid(cpu_gate_assign(ctx, &p, -1, probs, choice, slot, weight, kept, psum, first), "C = -1");
-    expect_invalid(cpu_gate_assign(ctx, &p, 2, probs, choice, slot, weight, kept, NULL, first), "host_prob_sum is NULL");
-    expect_invalid(cpu_gate_assign(ctx, &p, 2, probs, choice, slot, weight, kept, psum, NULL), "host_first_count is NULL");
-    expect_invalid(cpu_gate_backward(ctx, NULL, logits, probs, choice, slot, weight, agrad), "params are NULL");
-    expect_invalid(cpu_gate_backward(ctx, &p, logits, probs, choice, slot, weight, NULL), "host_aux_grad is NULL");
+    expect_invalid(ctx, run_gate_assign(ctx, &p, -1, probs, choice, slot, weight, kept, sums), "C = -1");
+    expect_invalid(ctx, run_gate_assign(ctx, &p, 2, probs, choice, slot, weight, kept, NULL), "aux_sums is NULL");
+    expect_invalid(ctx, run_gate_assign(ctx, &p, 2, probs, choice, slot, weight, NULL, sums), "kept is NULL");
+    expect_invalid(ctx, run_gate_backward(ctx, NULL, logits, probs, choice, slot, weight, sums, 1.0f), "params are NULL");
+    expect_invalid(ctx, run_gate_backward(ctx, &p, logits, probs, choice, slot, weight, NULL, 1.0f), "aux_sums is NULL");
+    expect_invalid(ctx, run_combine(ctx, x, buf, choice, slot, weight, 2, 2, 2, -1, 2), "C = -1");
+    OKC(ctx, P->synchronize(ctx)); // bad calls are refused at once, not sticky
     // Tables out of range, or with a slot held twice.
-    expect_invalid(cpu_moe_dispatch(ctx, buf, x, choice, (int32_t[]){0, 0, 2, 1}, 2, 2, 2, 2, 2), "slot[2]");
-    expect_invalid(cpu_moe_dispatch(ctx, buf, x, (int32_t[]){0, 2, 1, 0}, slot, 2, 2, 2, 2, 2), "choice[1]");
-    expect_invalid(cpu_moe_dispatch(ctx, buf, x, choice, (int32_t[]){0, 0, 0, 1}, 2, 2, 2, 2, 2), "both hold slot 0");
-    expect_invalid(cpu_moe_combine(ctx, x, buf, choice, slot, weight, 2, 2, 2, -1, 2), "C = -1");
-    assert_int_equal(cpu_moe_dispatch(ctx, buf, x, choice, slot, 2, 2, 2, 2, 2), DSMOE_OK);
-    // No tokens is valid: counts and sums zero (assigned over whatever the arrays held).
+    expect_sticky_table(choice, (int32_t[]){0, 0, 2, 1}, "slot[2]");
+    expect_sticky_table((int32_t[]){0, 2, 1, 0}, slot, "choice[1]");
+    expect_sticky_table(choice, (int32_t[]){0, 0, 0, 1}, "both hold slot 0");
+    OKC(ctx, run_dispatch(ctx, buf, x, choice, slot, 2, 2, 2, 2, 2));
+    // No tokens is valid: counts and sums zero (assigned over whatever the buffers held).
     p = params(0, 3, 2);
-    counts[0] = counts[1] = counts[2] = 9;
-    first[0] = first[1] = first[2] = 9;
-    psum[0] = psum[1] = psum[2] = 9;
-    assert_int_equal(cpu_gate_route(ctx, &p, NULL, NULL, NULL, counts), DSMOE_OK);
+    OKC(ctx, run_gate_route(ctx, &p, NULL, NULL, NULL, counts));
     assert_ints(counts, (int32_t[]){0, 0, 0}, 3, "counts S=0");
-    assert_int_equal(cpu_gate_assign(ctx, &p, 4, NULL, NULL, NULL, NULL, kept, psum, first), DSMOE_OK);
-    assert_ints(first, (int32_t[]){0, 0, 0}, 3, "first S=0");
-    assert_true(psum[0] == 0 && psum[1] == 0 && psum[2] == 0);
-    assert_int_equal(cpu_gate_backward(ctx, &p, NULL, NULL, NULL, NULL, NULL, agrad), DSMOE_OK);
+    OKC(ctx, run_gate_assign(ctx, &p, 4, NULL, NULL, NULL, NULL, kept, sums));
+    for (int i = 0; i < 7; i++) assert_true(sums[i] == 0.0); // P, N and S
+    OKC(ctx, run_gate_backward(ctx, &p, NULL, NULL, NULL, NULL, NULL, sums, 1.0f));
 }
 
 int main(void) {
@@ -694,5 +715,14 @@ int main(void) {
         cmocka_unit_test(test_thread_count_independence),
         cmocka_unit_test(test_invalid_arguments),
     };
-    return cmocka_run_group_tests(tests, NULL, NULL);
+    if (cpt_load(1) != 0) {
+        fprintf(stderr, "test_gating: cannot load or initialise the cpu plugin %s\n", CPT_PLUGIN_FILE);
+        return 1;
+    }
+    g_ctx[0] = C;
+    g_ctx[1] = cpt_ctx(2);
+    int rc = cmocka_run_group_tests(tests, NULL, NULL);
+    P->finalize(g_ctx[1]);
+    cpt_unload();
+    return rc;
 }

@@ -259,8 +259,9 @@ static void test_small_model_by_hand(void **state) {
     // Capacity C = max(ceil(16 / 4 * 1 * 1.0), 4) = 4 per expert: (E, C, M) x4 + (E, C, F) x3 per layer.
     assert_int_equal(e.capacity_max, 4);
     assert_int_equal(e.moe_buffer_bytes, 2 * 4 * (4 * 4 * 16 + 3 * 4 * 24) * 4);
-    // Router: logits, probs (16, 4); choice, slot, weight, dweight (16, 1); counts (2, 4); l_aux (9) doubles.
-    assert_int_equal(e.moe_router_bytes, 2 * ((2 * 16 * 4 + 4 * 16 + 2 * 4) * 4 + 9 * 8));
+    // Router: logits, probs (16, 4); choice, slot, weight, dweight (16, 1); route, kept and received counts
+    // (3, 4) int32; l_aux sums (9) doubles.
+    assert_int_equal(e.moe_router_bytes, 2 * ((2 * 16 * 4 + 4 * 16 + 3 * 4) * 4 + 9 * 8));
     assert_int_equal(e.exchange_bytes, 0); // one node
     // Checkpoint staging streams: rank 3 (slot 3, outside the first EP group of 2) holds nothing; rank 0
     // the largest global tensor, the experts' c_fc (4, 24, 16), and its shard (2, 24, 16) in flight.

@@ -3,7 +3,8 @@
 // deferred until a call that waits (stale host buffers, callbacks run late and in order), cross-queue
 // events honoured exactly, device memory that faults when touched while work on it is queued (in a
 // forked child: SIGSEGV), poisoned unzeroed memory, sticky run-time errors, enqueue-time errors at once,
-// frees deferred after the work using the buffer, and the DSMOE_STRICT_BREAK knob.
+// frees deferred after the work using the buffer, and the knobs (BREAK, EAGER_HOST_FN, ALWAYS_CLOSED,
+// NO_PROTECT). The fault tests' children print strict's violation lines on stderr: that is expected.
 // Both plugins are dlopen'ed from the build tree; no dsmoe_core. The fault tests run first, before this
 // process starts any OpenMP threads, because a forked child of a process with a thread pool may hang.
 #include <dlfcn.h>
@@ -98,6 +99,24 @@ static void child_window(void) {
     _exit(0);
 }
 
+// A page shared by queued and idle bytes (the gradient slab: one block's all-reduce runs while another
+// block's backward is queued): the idle bytes may be touched, the queued ones may not.
+static void child_shared_page(int touch_queued) {
+    dsmoe_kernel_ctx *ctx = make_ctx(S, 1);
+    float *slab = dev(S, ctx, 3 * 4096, DSMOE_ALLOC_ZERO);
+    if (S->synchronize(ctx) != DSMOE_OK) _exit(2);
+    if (S->zero(ctx, S->default_queue(ctx), slab + 100, 50 * sizeof(float)) != DSMOE_OK) _exit(3); // bytes 400..599
+    ((volatile float *)slab)[10] = 1.0f;  // same page, idle bytes: let through
+    sink = ((volatile float *)slab)[160]; // just past the queued range
+    sink = ((volatile float *)slab)[2000]; // another page
+    if (touch_queued) sink = ((volatile float *)slab)[120]; // inside the queued range: faults
+    if (S->synchronize(ctx) != DSMOE_OK) _exit(4);
+    if (((volatile float *)slab)[10] != 1.0f || ((volatile float *)slab)[120] != 0.0f) _exit(5);
+    _exit(0);
+}
+static void child_shared_page_idle(void) { child_shared_page(0); }
+static void child_shared_page_queued(void) { child_shared_page(1); }
+
 // DSMOE_STRICT_ALWAYS_CLOSED: even after a wait, the host may not touch device memory.
 static void child_always_closed(void) {
     dsmoe_kernel_ctx *ctx = strict_ctx_with("DSMOE_STRICT_ALWAYS_CLOSED", "1", 1);
@@ -122,6 +141,8 @@ static void test_memory_faults(void **state) {
     assert_int_equal(in_child(child_write_queued), SIGSEGV);
     assert_int_equal(in_child(child_read_fresh), SIGSEGV);
     assert_int_equal(in_child(child_window), SIGSEGV);
+    assert_int_equal(in_child(child_shared_page_idle), 1000);
+    assert_int_equal(in_child(child_shared_page_queued), SIGSEGV);
     assert_int_equal(in_child(child_always_closed), SIGSEGV);
     assert_int_equal(in_child(child_no_protect), 1000);
 }
@@ -356,7 +377,8 @@ static void test_errors(void **state) {
     S->finalize(ctx);
 }
 
-// (7) Host callbacks run when the queue runs, in order, after the work before them.
+// (7) Host callbacks run when the queue runs, in order, after the work before them (or, with
+// DSMOE_STRICT_EAGER_HOST_FN, when enqueued).
 static int cb_log[8], cb_n;
 static float *cb_host;
 static void cb(void *arg) {
@@ -381,6 +403,27 @@ static void test_host_callbacks(void **state) {
     assert_int_equal(cb_log[0], 1);
     assert_int_equal(cb_log[1], 20);
     assert_int_equal(cb_log[2], 3);
+    S->free(ctx, buf);
+    S->finalize(ctx);
+
+    // DSMOE_STRICT_EAGER_HOST_FN: a callback runs when enqueued, after the work before it; the work after
+    // it stays deferred.
+    ctx = strict_ctx_with("DSMOE_STRICT_EAGER_HOST_FN", "1", 2);
+    q = S->default_queue(ctx);
+    buf = dev(S, ctx, sizeof three, 0);
+    cb_n = 0;
+    host = 0.0f;
+    OK(S, ctx, S->copy_to_device(ctx, q, buf, &three, sizeof three));
+    OK(S, ctx, S->copy_to_host(ctx, q, &host, buf, sizeof host));
+    assert_true(host == 0.0f);
+    OK(S, ctx, S->queue_enqueue_host(ctx, q, cb, (void *)2));
+    assert_int_equal(cb_n, 1);
+    assert_int_equal(cb_log[0], 20);
+    OK(S, ctx, S->zero(ctx, q, buf, sizeof three));
+    OK(S, ctx, S->copy_to_host(ctx, q, &host, buf, sizeof host));
+    assert_true(host == 3.0f); // deferred again
+    OK(S, ctx, S->synchronize(ctx));
+    assert_true(host == 0.0f);
     S->free(ctx, buf);
     S->finalize(ctx);
 }

@@ -63,27 +63,21 @@ static dsmoe_status sticky_get(dsmoe_comm_ctx *ctx) {
     return (dsmoe_status)atomic_load_explicit(&ctx->sticky, memory_order_acquire);
 }
 
-// Keeps the first error of a queued collective; later ones follow from it.
-static void sticky_set(dsmoe_comm_ctx *ctx, dsmoe_status s, const char *msg) {
-    if (atomic_flag_test_and_set(&ctx->sticky_claimed)) return;
-    snprintf(ctx->sticky_msg, sizeof ctx->sticky_msg, "%s", msg);
-    atomic_store_explicit(&ctx->sticky, (int)s, memory_order_release);
-}
-
 // Checks what every call shares: a context, no sticky error, a kernel queue for a queued collective
 // (stream-ordered build), a group, and buffers where bytes move.
-dsmoe_status cm_check_call(dsmoe_comm_ctx *ctx, dsmoe_comm_group *g, const char *op, int missing_buffer,
-                               int queued, const dsmoe_comm_stream *stream) {
+dsmoe_status cm_check_call(dsmoe_comm_ctx *ctx, dsmoe_comm_group *g, const char *op, int missing_buffer, int queued,
+                           const dsmoe_comm_stream *stream) {
     if (!ctx) return DSMOE_ERR_INVALID;
     dsmoe_status s = sticky_get(ctx);
     if (s != DSMOE_OK) return cm_fail(&ctx->env, s, "%s", ctx->sticky_msg);
 #ifdef COMM_MPI_STREAM_ORDERED
     if (queued && (!stream || !stream->enqueue_host))
         return cm_fail(&ctx->env, DSMOE_ERR_INVALID, TAG "%s: stream-ordered plugin '" PLUGIN_NAME "' needs a kernel "
-                    "queue (stream %s)", op, stream ? "has no enqueue_host" : "is NULL");
+                       "queue (stream %s)", op, stream ? "has no enqueue_host" : "is NULL");
 #endif
     if (!g) return cm_fail(&ctx->env, DSMOE_ERR_INVALID, TAG "%s: group is NULL", op);
-    if (missing_buffer) return cm_fail(&ctx->env, DSMOE_ERR_INVALID, TAG "%s: a buffer is NULL but the size is not 0", op);
+    if (missing_buffer)
+        return cm_fail(&ctx->env, DSMOE_ERR_INVALID, TAG "%s: a buffer is NULL but the size is not 0", op);
     return DSMOE_OK;
 }
 
@@ -256,7 +250,8 @@ static void bootstrap_check(const dsmoe_bootstrap *b, char *why, size_t len) {
         }
         for (int i = 0; i < b->size && !*why; i++) {
             int w = b->world_ranks[i];
-            if (w < 0 || w >= world_size) snprintf(why, len, "world_ranks[%d] = %d is not in [0, %d)", i, w, world_size);
+            if (w < 0 || w >= world_size)
+                snprintf(why, len, "world_ranks[%d] = %d is not in [0, %d)", i, w, world_size);
             else if (seen[w]++) snprintf(why, len, "world rank %d appears twice in world_ranks", w);
         }
         free(seen);
@@ -270,7 +265,7 @@ static dsmoe_status mpi_group_create(dsmoe_comm_ctx *ctx, const dsmoe_bootstrap 
     *group = NULL;
     if (!b || !b->allgather || !b->world_ranks || b->size < 1)
         return cm_fail(e, DSMOE_ERR_INVALID, TAG "group_create: the bootstrap is NULL, has no members, or lacks "
-                    "world_ranks or allgather");
+                       "world_ranks or allgather");
     // Local checks, then one all-gather of the verdicts, so that every member refuses together: one
     // returning alone would leave the others waiting in MPI_Comm_create_group.
     char why[256] = "";
@@ -319,8 +314,8 @@ static dsmoe_status mpi_group_create(dsmoe_comm_ctx *ctx, const dsmoe_bootstrap 
     if (g->rank != b->rank || g->size != b->size) {
         int r = g->rank, n = g->size;
         group_free(g);
-        return cm_fail(e, DSMOE_ERR_INTERNAL, TAG "group_create: MPI made rank %d of %d, the bootstrap says %d of %d", r,
-                    n, b->rank, b->size);
+        return cm_fail(e, DSMOE_ERR_INTERNAL, TAG "group_create: MPI made rank %d of %d, the bootstrap says %d of %d",
+                       r, n, b->rank, b->size);
     }
     g->iv = malloc(4 * (size_t)g->size * sizeof *g->iv);
     if (!g->iv) {
@@ -537,17 +532,18 @@ dsmoe_status cm_check_reduction(mpi_env *e, const char *what, dsmoe_dtype dtype,
     MPI_Op mop;
     if (dtype == DSMOE_BFLOAT16 || dtype == DSMOE_FLOAT16)
         return cm_fail(e, DSMOE_ERR_UNSUPPORTED, TAG "%s: dtype %s is not supported (MPI has no such type)", what,
-                    dsmoe_dtype_name(dtype));
-    if (!cm_dtype_info(dtype, &type, &esize)) return cm_fail(e, DSMOE_ERR_INVALID, TAG "%s: unknown dtype %d", what, (int)dtype);
+                       dsmoe_dtype_name(dtype));
+    if (!cm_dtype_info(dtype, &type, &esize))
+        return cm_fail(e, DSMOE_ERR_INVALID, TAG "%s: unknown dtype %d", what, (int)dtype);
     if (!cm_op_info(op, &mop)) return cm_fail(e, DSMOE_ERR_INVALID, TAG "%s: unknown op %d", what, (int)op);
     return DSMOE_OK;
 }
 
 static dsmoe_status do_allreduce(mpi_env *e, dsmoe_comm_group *g, const void *sendbuf, void *recvbuf, size_t count,
                                  dsmoe_dtype dtype, dsmoe_reduce_op op) {
-    MPI_Datatype type;
-    size_t esize;
-    MPI_Op mop;
+    MPI_Datatype type = MPI_DATATYPE_NULL;
+    size_t esize = 0;
+    MPI_Op mop = MPI_OP_NULL;
     cm_dtype_info(dtype, &type, &esize);
     cm_op_info(op, &mop);
     // Element-wise, so pieces of at most max_count elements give the same result as one call.
@@ -578,8 +574,8 @@ static dsmoe_status do_allreduce(mpi_env *e, dsmoe_comm_group *g, const void *se
 // into g->pack so that one MPI_Alltoall of m elements per rank moves it.
 static dsmoe_status do_reduce_scatter(mpi_env *e, dsmoe_comm_group *g, const void *sendbuf, void *recvbuf, size_t n,
                                       dsmoe_dtype dtype, dsmoe_reduce_op op) {
-    MPI_Datatype type;
-    size_t esize;
+    MPI_Datatype type = MPI_DATATYPE_NULL;
+    size_t esize = 0;
     cm_dtype_info(dtype, &type, &esize);
     int p = g->size;
     for (size_t off = 0; off < n; off += e->max_count) {
@@ -608,7 +604,6 @@ static dsmoe_status do_reduce_scatter(mpi_env *e, dsmoe_comm_group *g, const voi
 // calls: validated at the call, then run at once (mpi) or from the caller's queue (mpistream)
 
 typedef enum { C_ALLTOALL, C_ALLTOALLV, C_ALLGATHER, C_BROADCAST, C_ALLREDUCE, C_REDUCE_SCATTER } coll_kind;
-static const char *const coll_name[] = {"alltoall", "alltoallv", "allgather", "broadcast", "allreduce", "reduce_scatter"};
 
 // One collective, as the entry points validated it.
 typedef struct coll {
@@ -636,6 +631,16 @@ static dsmoe_status coll_run(mpi_env *e, const coll *c) {
 }
 
 #ifdef COMM_MPI_STREAM_ORDERED
+static const char *const coll_name[] = {"alltoall",  "alltoallv", "allgather",
+                                        "broadcast", "allreduce", "reduce_scatter"};
+
+// Keeps the first error of a queued collective; later ones follow from it.
+static void sticky_set(dsmoe_comm_ctx *ctx, dsmoe_status s, const char *msg) {
+    if (atomic_flag_test_and_set(&ctx->sticky_claimed)) return;
+    snprintf(ctx->sticky_msg, sizeof ctx->sticky_msg, "%s", msg);
+    atomic_store_explicit(&ctx->sticky, (int)s, memory_order_release);
+}
+
 // A queued collective: the call's arguments, and its own copy of alltoallv's arrays (consumed at the call).
 typedef struct queued {
     dsmoe_comm_ctx *ctx;
@@ -668,11 +673,12 @@ static dsmoe_status submit(dsmoe_comm_ctx *ctx, const coll *c, const dsmoe_comm_
     atomic_fetch_add(&c->g->refs, 1);
     dsmoe_status s = stream->enqueue_host(stream->owner, queued_run, q);
     if (s != DSMOE_OK) { // not queued, so not run
+        cm_fail(&ctx->env, s, TAG "%s: the kernel queue refused the host callback (%s)", coll_name[c->kind],
+                dsmoe_status_name(s));
         group_release(c->g);
-        ctx_release(ctx);
+        ctx_release(ctx); // the caller's reference remains
         free(q);
-        return cm_fail(&ctx->env, s, TAG "%s: the kernel queue refused the host callback (%s)", coll_name[c->kind],
-                    dsmoe_status_name(s));
+        return s;
     }
     return DSMOE_OK;
 }
@@ -720,13 +726,14 @@ static dsmoe_status mpi_broadcast(dsmoe_comm_ctx *ctx, dsmoe_comm_group *g, void
     if (s != DSMOE_OK) return s;
     if (root < 0 || root >= g->size)
         return cm_fail(&ctx->env, DSMOE_ERR_INVALID, TAG "broadcast: root %d is not a rank of this group of %d", root,
-                    g->size);
+                       g->size);
     coll c = {.kind = C_BROADCAST, .g = g, .recv = buf, .n = bytes, .root = root};
     return submit(ctx, &c, stream);
 }
 
 static dsmoe_status mpi_allreduce(dsmoe_comm_ctx *ctx, dsmoe_comm_group *g, const void *sendbuf, void *recvbuf,
-                                  size_t count, dsmoe_dtype dtype, dsmoe_reduce_op op, const dsmoe_comm_stream *stream) {
+                                  size_t count, dsmoe_dtype dtype, dsmoe_reduce_op op,
+                                  const dsmoe_comm_stream *stream) {
     dsmoe_status s = cm_check_call(ctx, g, "allreduce", count > 0 && (!sendbuf || !recvbuf), 1, stream);
     if (s == DSMOE_OK) s = cm_check_reduction(&ctx->env, "allreduce", dtype, op);
     if (s != DSMOE_OK) return s;

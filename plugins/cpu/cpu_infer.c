@@ -87,7 +87,8 @@ dsmoe_status cpu_attention_cached(cpu_ctx *ctx, cpu_queue *q, void *out_, const 
                         ctx->threads, per);
     float scale = 1.0f / sqrtf((float)D);
     cpu_blas_single_threaded();
-#pragma omp parallel for num_threads(ctx->threads) schedule(dynamic, 1) if (units > 1 && (long)T_new * tk_max * D >= 4096)
+    int par = units > 1 && (long)T_new * tk_max * D >= 4096;
+#pragma omp parallel for num_threads(ctx->threads) schedule(dynamic, 1) if (par)
     for (int u = 0; u < units; u++) {
         int h = u % NH, b = u / NH, tk = pos[b] + T_new;
         const float *qh = qkv + (size_t)b * T_new * ld + (size_t)h * D;

@@ -175,7 +175,8 @@ dsmoe_status cpu_mem_info(cpu_ctx *ctx, size_t *free_bytes, size_t *total_bytes)
     }
     long page = sysconf(_SC_PAGESIZE), pages = sysconf(_SC_PHYS_PAGES), avail = sysconf(_SC_AVPHYS_PAGES);
     if (page <= 0 || pages <= 0 || avail < 0)
-        return cpu_fail(ctx, DSMOE_ERR_SYSTEM, "cpu: mem_info: neither /proc/meminfo nor sysconf gives the memory size");
+        return cpu_fail(ctx, DSMOE_ERR_SYSTEM, "cpu: mem_info: neither /proc/meminfo nor sysconf gives the "
+                        "memory size");
     *free_bytes = (size_t)avail * (size_t)page;
     *total_bytes = (size_t)pages * (size_t)page;
     return DSMOE_OK;

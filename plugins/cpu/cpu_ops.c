@@ -4,8 +4,8 @@
 //          cpu_crossentropy_*, cpu_residual_mix_*
 //
 // Contracts are the comments in include/dsmoe/kernel_plugin.h; karpathy/llm.c's train_gpt2.c is the
-// model for the math, and every result is bitwise version 1's (float32 only so far). Invariants: forward outputs are assigned, backward outputs accumulate (+=);
-// tensors are row-major and contiguous; every output element is written by one thread, and sums over
+// model for the math, and every result is bitwise version 1's (float32 only so far). Invariants:
+// forward outputs are assigned, backward outputs accumulate (+=); tensors are row-major and contiguous; every output element is written by one thread, and sums over
 // rows run in row order inside the thread that owns the column (threading rules in cpu_internal.h).
 // Bad data (a token or target out of range) is a sticky error (cpu_sticky).
 // Per-row statistics (mean, variance, softmax sums) are accumulated in double: they cost little next

@@ -30,12 +30,17 @@ static const dsmoe_param_decl cpu_params[N_PARAMS] = {
                       NULL},
 };
 
-// The value of a BOOL setting as the core passes it ("1" or "0"), the usual spellings accepted too.
+// The value of a BOOL setting as the core passes it ("1" or "0"), the usual spellings accepted too;
+// the declared default without values.
 static int param_bool(const dsmoe_kernel_options *opt, int i, int *out, char *errbuf, size_t errlen) {
-    const char *v = opt && opt->param_values && opt->n_param_values == N_PARAMS ? opt->param_values[i] : NULL;
-    if (!v) {
-        v = cpu_params[i].default_value;
+    if (opt && opt->param_values && opt->n_param_values != N_PARAMS) {
+        snprintf(errbuf, errlen, "cpu: init: %d setting values for the plugin's %d settings", opt->n_param_values,
+                 N_PARAMS);
+        return -1;
     }
+    const char *v = cpu_params[i].default_value;
+    if (opt && opt->param_values && opt->param_values[i])
+        v = opt->param_values[i];
     static const char *yes[] = {"1", "true", "yes", "on"}, *no[] = {"0", "false", "no", "off"};
     for (int k = 0; k < 4; k++) {
         if (!strcmp(v, yes[k]))

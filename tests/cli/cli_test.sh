@@ -54,7 +54,7 @@ every = 1
 keep = 2
 DECK
 
-expect version 0 "kernel plugin ABI 1 \(symbol dsmoe_kernel_plugin_entry_v1\)" -- "$dsmoe" --version
+expect version 0 "kernel plugin ABI 2 \(symbol dsmoe_kernel_plugin_entry_v2; ABI 1 through an adapter\)" -- "$dsmoe" --version
 expect help 0 "usage: dsmoe" -- "$dsmoe" --help
 expect help-keys 0 "moe.capacity_factor" -- "$dsmoe" --help keys
 expect no-args nonzero "usage: dsmoe" -- "$dsmoe"

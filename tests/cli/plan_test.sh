@@ -87,9 +87,11 @@ expect zero1 0 -- "$dsmoe" --plan "$deck" train.zero_stage=1 <<'WANT'
 AdamW state 83.72 KiB (ZeRO-1: sharded)
 WANT
 
+# 706.94 KiB = the 708.88 of ABI v1 less the unused (S, M) = 16 x 32 x 4 = 2048 B gradient buffer, plus the
+# gradient-norm sums (n_moe + 2 = 3 doubles, 24 B) and the received counts of the 8 experts (32 B).
 expect too-small nonzero -- "$dsmoe" --plan "$deck" plan.memory_per_rank=600Ki <<'WANT'
-needs 708.88 KiB, has 600.00 KiB (plan.memory_per_rank): DOES NOT FIT
-the plan does not fit: rank 0 needs 708.88 KiB (parameters 106.50 KiB, gradients 106.50 KiB, AdamW state 213.00 KiB
+needs 706.94 KiB, has 600.00 KiB (plan.memory_per_rank): DOES NOT FIT
+the plan does not fit: rank 0 needs 706.94 KiB (parameters 106.50 KiB, gradients 106.50 KiB, AdamW state 213.00 KiB
 but has 600.00 KiB (plan.memory_per_rank); no smaller train.micro_batch fits: try train.zero_stage = 1
 WANT
 

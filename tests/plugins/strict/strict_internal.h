@@ -16,11 +16,22 @@ typedef struct strict_alloc {
     char *base;       // page-aligned, what alloc returned
     size_t bytes;     // as asked
     size_t map_bytes; // page-rounded, at least one page
+    size_t n_pages;
     int host;         // 1: host_alloc memory, never protected
-    int open;         // the pages are PROT_READ|PROT_WRITE now (device memory)
-    int pending;      // references from ops still queued (an op referencing it twice counts twice)
+    int fresh;        // device memory no call that waits has opened yet: any host access is a violation
+    int all_open;     // every page is PROT_READ|PROT_WRITE (device memory)
+    int pending;      // ranges of queued ops in it
     int freed;        // free()/host_free() was called; released when pending drops to 0
+    uint32_t *page_pending;   // (n_pages) ranges of queued ops touching each page (device memory)
+    unsigned char *page_open; // (n_pages) 1 = the page is PROT_READ|PROT_WRITE now
 } strict_alloc;
+
+// Bytes [off, off + len) of an allocation that a queued op reads or writes.
+typedef struct strict_range {
+    strict_alloc *a;
+    size_t off, len;
+    const char *what; // the argument's name, for a violation's message
+} strict_range;
 
 typedef struct strict_op strict_op;
 // Runs a closure: calls the cpu plugin (or does the copy) with the arguments captured at enqueue time.
@@ -33,7 +44,7 @@ struct strict_op {
     strict_run_fn run;
     int cpu;              // run calls the cpu plugin: synchronize the cpu context after it
     dsmoe_status status;  // first enqueue-time error found while building the closure
-    strict_alloc **refs;  // allocations it reads or writes (pending counts, closing memory)
+    strict_range *refs;   // what it reads or writes (pending counts, closing pages, violation messages)
     int n_refs, cap_refs;
     void *extra;          // heap copy of host arrays the call passed (adamw tensors, sample counters)
     _Alignas(max_align_t) unsigned char args[]; // the op's argument struct
@@ -66,6 +77,7 @@ struct dsmoe_kernel_ctx {
     size_t page;
     int protect;       // 0 with DSMOE_STRICT_NO_PROTECT=1
     int always_closed; // DSMOE_STRICT_ALWAYS_CLOSED=1
+    int eager_host_fn; // DSMOE_STRICT_EAGER_HOST_FN=1: queue_enqueue_host runs its queue up to the callback
     char breaks[256];  // ",name,name," from DSMOE_STRICT_BREAK ("" = none)
     dsmoe_status sticky;
     char err[1024];
@@ -82,10 +94,13 @@ extern uint32_t strict_dtypes; // activation dtypes (the cpu plugin's)
 // A new closure for member `name` with an argument struct of args_bytes (zeroed), or NULL (no memory:
 // the error is set). The caller fills op->args, declares the buffers it touches, then submits.
 strict_op *strict_op_new(dsmoe_kernel_ctx *c, const char *name, strict_run_fn run, size_t args_bytes);
-// Declares a device buffer the op touches: [p, p + bytes) inside one live alloc() buffer (bytes 0: only
-// p is checked). NULL is an error unless optional.
+// Declares a device buffer the op touches: [p, p + bytes) inside one live alloc() buffer. An empty one
+// (bytes 0) may be NULL; otherwise NULL is an error unless optional.
 void strict_ref(dsmoe_kernel_ctx *c, strict_op *op, const void *p, size_t bytes, const char *what);
 void strict_ref_opt(dsmoe_kernel_ctx *c, strict_op *op, const void *p, size_t bytes, const char *what);
+// The same with `bytes` an upper bound (clipped at the buffer's end, never an error): the grouped GEMMs,
+// whose last group's rows past its count need not exist.
+void strict_ref_bound(dsmoe_kernel_ctx *c, strict_op *op, const void *p, size_t bytes, const char *what);
 // The same for host_alloc memory (the host side of a copy, read or written when the queue runs).
 void strict_ref_host(dsmoe_kernel_ctx *c, strict_op *op, const void *p, size_t bytes, const char *what);
 // The op's activation dtype must be one the plugin declares.
@@ -102,14 +117,25 @@ size_t strict_mat_bytes(size_t rows, size_t cols, size_t ld, size_t esize);
 
 // strict_queue.c: running.
 dsmoe_status strict_run_all(dsmoe_kernel_ctx *c); // every queue to its end, then settles memory
+// The queued op with a range holding byte `off` of a, or NULL (the fault handler's question).
+const strict_op *strict_pending_at(const dsmoe_kernel_ctx *c, const strict_alloc *a, size_t off,
+                                   const strict_range **range);
 void strict_fill_queue_members(dsmoe_kernel_plugin_v2 *t);
 
 // strict_mem.c: the allocation table and the memory members.
 strict_alloc *strict_find(dsmoe_kernel_ctx *c, const void *p); // the allocation holding p, or NULL
-void strict_set_open(dsmoe_kernel_ctx *c, strict_alloc *a, int open); // mprotect (unless NO_PROTECT)
-void strict_unref(dsmoe_kernel_ctx *c, strict_alloc *a); // pending--; releases a freed one at 0
-void strict_release_all(dsmoe_kernel_ctx *c);           // finalize: unmaps every allocation
+void strict_release(dsmoe_kernel_ctx *c, strict_alloc *a);     // poisons and unmaps a freed buffer
+void strict_release_all(dsmoe_kernel_ctx *c);                  // finalize: unmaps every allocation
 void strict_fill_mem_members(dsmoe_kernel_plugin_v2 *t);
+
+// strict_protect.c: the window rules (page protection of device memory) and the fault handler.
+dsmoe_status strict_pages_init(dsmoe_kernel_ctx *c, strict_alloc *a); // a fresh buffer: all closed
+void strict_range_add(dsmoe_kernel_ctx *c, const strict_range *r);    // queued: count it, close its pages
+void strict_range_drop(dsmoe_kernel_ctx *c, const strict_range *r);   // ran or dropped: uncount it
+void strict_open_all(dsmoe_kernel_ctx *c);    // a queue runs: every device page open
+void strict_settle_pages(dsmoe_kernel_ctx *c); // a call that waits returns: the window rule
+void strict_protect_attach(dsmoe_kernel_ctx *c); // init: the SIGSEGV handler knows this context
+void strict_protect_detach(dsmoe_kernel_ctx *c);
 
 // strict_ops_dense.c, strict_ops_moe.c: the compute members.
 void strict_fill_dense_members(dsmoe_kernel_plugin_v2 *t, const dsmoe_kernel_plugin_v2 *cpu);

@@ -1,10 +1,9 @@
 // tests/plugins/strict/strict_mem.c: the strict plugin's memory. Every buffer is its own anonymous
 // mapping (page-aligned, so >= 256-byte alignment holds), kept in a table sorted by address so that an
-// op's pointers can be checked and the buffers it touches found. Device buffers (alloc) are PROT_NONE
-// whenever work on them is queued (strict_plugin.c has the window rules); host buffers (host_alloc) are
-// never protected. Unzeroed and freed memory is filled with 0xFF bytes (NaN in every float type, -1 in
+// op's pointers can be checked and the bytes it touches found. The pages of device buffers (alloc) are
+// PROT_NONE while work on them is queued (strict_protect.c); host buffers (host_alloc) never are. Unzeroed and freed memory is filled with 0xFF bytes (NaN in every float type, -1 in
 // the integer ones), so results computed from memory nobody wrote show up.
-// defines: strict_find, strict_set_open, strict_unref, strict_release_all, strict_fill_mem_members
+// defines: strict_find, strict_release, strict_release_all, strict_fill_mem_members
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
@@ -56,34 +55,25 @@ static void table_remove(dsmoe_kernel_ctx *c, strict_alloc *a) {
     c->n_allocs--;
 }
 
-void strict_set_open(dsmoe_kernel_ctx *c, strict_alloc *a, int open) {
-    if (a->host || a->open == open) return;
-    if (c->protect && mprotect(a->base, a->map_bytes, open ? PROT_READ | PROT_WRITE : PROT_NONE) != 0) {
-        if (!c->sticky)
-            c->sticky = strict_fail(c, DSMOE_ERR_SYSTEM, "mprotect of a %zu-byte buffer failed: %s (too many "
-                                    "mappings? see vm.max_map_count)", a->map_bytes, strerror(errno));
-        return;
-    }
-    a->open = open;
-}
-
-// Poisons and unmaps a buffer nothing refers to any more.
-static void release(dsmoe_kernel_ctx *c, strict_alloc *a) {
-    table_remove(c, a);
-    strict_set_open(c, a, 1);
-    if (a->open || !c->protect) memset(a->base, STRICT_POISON, a->map_bytes);
-    munmap(a->base, a->map_bytes);
+static void free_record(strict_alloc *a) {
+    free(a->page_pending);
+    free(a->page_open);
     free(a);
 }
 
-void strict_unref(dsmoe_kernel_ctx *c, strict_alloc *a) {
-    if (--a->pending == 0 && a->freed) release(c, a);
+// Poisons and unmaps a buffer nothing refers to any more (freed, and no queued op uses it).
+void strict_release(dsmoe_kernel_ctx *c, strict_alloc *a) {
+    table_remove(c, a);
+    if (a->host || !c->protect || mprotect(a->base, a->map_bytes, PROT_READ | PROT_WRITE) == 0)
+        memset(a->base, STRICT_POISON, a->map_bytes); // a stale pointer into a recycled mapping reads NaN
+    munmap(a->base, a->map_bytes);
+    free_record(a);
 }
 
 void strict_release_all(dsmoe_kernel_ctx *c) {
     for (int i = 0; i < c->n_allocs; i++) {
         munmap(c->allocs[i]->base, c->allocs[i]->map_bytes);
-        free(c->allocs[i]);
+        free_record(c->allocs[i]);
     }
     free(c->allocs);
     c->allocs = NULL;
@@ -106,17 +96,20 @@ static dsmoe_status map_new(dsmoe_kernel_ctx *c, const char *name, size_t bytes,
         return strict_fail(c, DSMOE_ERR_NOMEM, "%s of %zu bytes: mmap failed: %s", name, bytes, strerror(errno));
     if (!zero) memset(m, STRICT_POISON, len); // fresh anonymous pages are already zero
     strict_alloc *a = calloc(1, sizeof *a);
-    if (a) *a = (strict_alloc){.base = m, .bytes = bytes, .map_bytes = len, .host = host, .open = 1};
+    if (a) *a = (strict_alloc){.base = m, .bytes = bytes, .map_bytes = len, .host = host};
     if (!a || table_insert(c, a) != DSMOE_OK) {
-        free(a);
+        if (a) free_record(a);
         munmap(m, len);
         return strict_fail(c, DSMOE_ERR_NOMEM, "%s: no host memory for the allocation table", name);
     }
-    // Device memory starts closed: nothing may touch it before a synchronizing call (ALLOC_ZERO is work
-    // ordered before later work; a device plugin may still be zeroing it).
-    strict_set_open(c, a, 0); // host memory is never protected
+    if (strict_pages_init(c, a) != DSMOE_OK) { // device memory starts closed (strict_protect.c)
+        table_remove(c, a);
+        free_record(a);
+        munmap(m, len);
+        return c->sticky ? c->sticky : strict_fail(c, DSMOE_ERR_NOMEM, "%s: no host memory for the page table", name);
+    }
     *ptr = m;
-    return c->sticky;
+    return DSMOE_OK;
 }
 
 static dsmoe_status s_alloc(dsmoe_kernel_ctx *c, size_t bytes, uint32_t flags, void **ptr) {
@@ -144,7 +137,7 @@ static void free_kind(dsmoe_kernel_ctx *c, void *p, int host, const char *name) 
         return;
     }
     a->freed = 1;
-    if (a->pending == 0) release(c, a);
+    if (a->pending == 0) strict_release(c, a);
 }
 
 static void s_free(dsmoe_kernel_ctx *c, void *p) { free_kind(c, p, 0, "free"); }

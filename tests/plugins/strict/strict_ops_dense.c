@@ -51,8 +51,15 @@ static dsmoe_status s_gemm(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, int ta,
     return strict_submit(ctx, q, op);
 }
 
-// The grouped GEMMs: the descriptor is copied; its pointers are device buffers (extent left to the cpu
-// plugin: rows past a group's count are never touched, so m_max rows need not exist for the last group).
+// The grouped GEMMs: the descriptor is copied. The extents of its operands are upper bounds (every group
+// with m_max rows), clipped at the buffer's end: the rows past a group's count are never touched, so
+// they need not exist for the last group.
+
+// Bytes spanned by `count` blocks `stride` elements apart, the last one `last` elements long.
+static size_t span(size_t count, size_t stride, size_t last, size_t esize) {
+    return count == 0 || last == 0 ? 0 : ((count - 1) * stride + last) * esize;
+}
+
 static dsmoe_status run_gemm_grouped(dsmoe_kernel_ctx *c, strict_op *op) {
     STRICT_ARGS(dsmoe_grouped_gemm);
     return CPU(gemm_grouped)(c->cc, c->cq, a);
@@ -73,12 +80,18 @@ static dsmoe_status s_gemm_grouped(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q,
         strict_dtype(ctx, op, g->c_type, "c");
         int bias = g->epilogue == DSMOE_EPI_BIAS || g->epilogue == DSMOE_EPI_BIAS_GELU;
         int aux = g->epilogue == DSMOE_EPI_BIAS_GELU || g->epilogue == DSMOE_EPI_DGELU;
-        strict_ref(ctx, op, g->counts, Z(g->groups) * 4, "counts");
-        strict_ref(ctx, op, g->a, SIZE_MAX, "a");
-        strict_ref(ctx, op, g->b, SIZE_MAX, "b");
-        strict_ref(ctx, op, g->c, SIZE_MAX, "c");
-        if (bias) strict_ref(ctx, op, g->bias, SIZE_MAX, "bias");
-        if (aux) strict_ref(ctx, op, g->aux, SIZE_MAX, "aux");
+        if (op->status) return strict_submit(ctx, q, op);
+        size_t G = Z(g->groups), W = Z(g->groups < g->b_groups ? g->groups : g->b_groups); // weights used
+        size_t cn = span(G, g->c_stride, strict_mat_bytes(Z(g->m_max), Z(g->n), Z(g->ldc), 1), ES(g->c_type));
+        strict_ref(ctx, op, g->counts, G * 4, "counts");
+        strict_ref_bound(ctx, op, g->a, span(G, g->a_stride, strict_mat_bytes(Z(g->m_max), Z(g->k), Z(g->lda), 1),
+                                             ES(g->a_type)), "a");
+        strict_ref_bound(ctx, op, g->b, span(W, g->b_stride, g->trans_b ? strict_mat_bytes(Z(g->n), Z(g->k), Z(g->ldb), 1)
+                                                                         : strict_mat_bytes(Z(g->k), Z(g->n), Z(g->ldb), 1),
+                                             ES(g->b_type)), "b");
+        strict_ref_bound(ctx, op, g->c, cn, "c");
+        if (bias) strict_ref_bound(ctx, op, g->bias, span(W, g->bias_stride, Z(g->n), F32), "bias");
+        if (aux) strict_ref_bound(ctx, op, g->aux, cn, "aux");
     }
     return strict_submit(ctx, q, op);
 }
@@ -98,11 +111,13 @@ static dsmoe_status s_gemm_grouped_wgrad(dsmoe_kernel_ctx *ctx, dsmoe_kernel_que
         strict_check(ctx, op, g->groups == 0 || g->b_groups >= 1, "b_groups %d < 1", g->b_groups);
         strict_dtype(ctx, op, g->dy_type, "dy");
         strict_dtype(ctx, op, g->x_type, "x");
-        strict_ref(ctx, op, g->counts, Z(g->groups) * 4, "counts");
-        strict_ref(ctx, op, g->dy, SIZE_MAX, "dy");
-        strict_ref(ctx, op, g->x, SIZE_MAX, "x");
-        strict_ref(ctx, op, g->dw, SIZE_MAX, "dw");
-        strict_ref_opt(ctx, op, g->dbias, SIZE_MAX, "dbias");
+        if (op->status) return strict_submit(ctx, q, op);
+        size_t G = Z(g->groups), W = Z(g->groups < g->b_groups ? g->groups : g->b_groups), mm = Z(g->m_max);
+        strict_ref(ctx, op, g->counts, G * 4, "counts");
+        strict_ref_bound(ctx, op, g->dy, span(G, g->dy_stride, mm * Z(g->n), ES(g->dy_type)), "dy");
+        strict_ref_bound(ctx, op, g->x, span(G, g->x_stride, mm * Z(g->k), ES(g->x_type)), "x");
+        strict_ref_bound(ctx, op, g->dw, span(W, g->dw_stride, Z(g->n) * Z(g->k), F32), "dw");
+        if (g->dbias) strict_ref_bound(ctx, op, g->dbias, span(W, g->dbias_stride, Z(g->n), F32), "dbias");
     }
     return strict_submit(ctx, q, op);
 }

@@ -16,19 +16,28 @@
 //    buffer only when the queue runs: a core that reads it without waiting sees stale data. free and
 //    host_free run nothing either: a buffer with queued work is released after the last op using it.
 // 2. Memory the host cannot touch. Each buffer is its own mmap. The window rule for device (alloc)
-//    buffers:
+//    memory, per byte:
 //    - a fresh buffer is closed (PROT_NONE) until the next call that waits;
-//    - enqueuing an op closes every buffer it touches;
-//    - running a queue opens every buffer (the cpu plugin reads them);
-//    - when a call that waits returns, a buffer with no queued work left stays OPEN (read/write), one
-//      with queued work is closed.
-//    A host access to a buffer while work on it is queued therefore segfaults, while an access right
-//    after the wait for that work works. mem_kind is DSMOE_MEM_HOST for exactly that second case: a
-//    host-progressed comm plugin (mpi) reads and writes the buffers of a collective the core started
-//    after waiting for the kernels producing them, and overlapping such a collective with kernels on
-//    OTHER buffers stays legal. DSMOE_STRICT_ALWAYS_CLOSED=1 keeps buffers closed except while a queue
-//    runs (any host access faults: for stream-ordered comm plugins only). DSMOE_STRICT_NO_PROTECT=1
-//    turns mprotect off (debugging; the queues stay deferred). host_alloc memory is never protected.
+//    - enqueuing an op closes the bytes it reads or writes (their pages), until a call that waits has
+//      run it; running a queue opens everything (the cpu plugin works on the buffers directly);
+//    - when a call that waits returns, bytes without queued work are OPEN (read/write).
+//    A host access to bytes that queued work still has to use therefore dies with SIGSEGV, after a
+//    line on stderr naming the op and argument; an access right after the wait for that work works.
+//    mem_kind is DSMOE_MEM_HOST for exactly that second case: a host-progressed comm plugin (mpi)
+//    reads and writes the buffers of a collective the core started after waiting for the kernels that
+//    produce them, while kernels on OTHER bytes, even of the same buffer, may be queued (the core's
+//    overlapped gradient all-reduce). Pages cannot tell bytes apart: strict_protect.c's SIGSEGV handler
+//    lets an access to a closed page through when no queued range holds the byte touched.
+//    DSMOE_STRICT_ALWAYS_CLOSED=1 keeps device memory closed except while a queue runs (any host access
+//    is a violation: for stream-ordered comm plugins, whose collectives run inside the queue).
+//    DSMOE_STRICT_NO_PROTECT=1 turns mprotect off (debugging; the queues stay deferred). host_alloc
+//    memory is never protected.
+//    DSMOE_STRICT_EAGER_HOST_FN=1 runs a queue up to a queue_enqueue_host callback when the callback is
+//    enqueued. Use it with stream-ordered comm plugins, whose callbacks are collectives: a real device
+//    runs a queued collective while its host is blocked elsewhere (say in a host-side MPI call the
+//    other ranks reach only after that collective), but strict runs it only when the host waits, so
+//    ranks that wait at different points around host-side collectives would deadlock under strict
+//    alone. (Work queued after the callback stays deferred.)
 // 3. Poison. alloc() without DSMOE_ALLOC_ZERO, host_alloc() and freed buffers are filled with 0xFF
 //    bytes: NaN in every float type, -1 in int32 and int64.
 // 4. Errors. At enqueue time, returned at once: a NULL or destroyed queue, an unsupported dtype, a
@@ -124,6 +133,7 @@ static void parse_breaks(char *out, size_t len) {
 }
 
 static void free_ctx(dsmoe_kernel_ctx *c) {
+    strict_protect_detach(c);
     for (dsmoe_kernel_queue *q = c->queues, *next; q; q = next) {
         next = q->next;
         free(q);
@@ -160,6 +170,7 @@ static dsmoe_status s_init(const dsmoe_kernel_options *opt, dsmoe_kernel_ctx **o
     c->page = (size_t)sysconf(_SC_PAGESIZE);
     c->protect = !env_flag("DSMOE_STRICT_NO_PROTECT");
     c->always_closed = env_flag("DSMOE_STRICT_ALWAYS_CLOSED");
+    c->eager_host_fn = env_flag("DSMOE_STRICT_EAGER_HOST_FN");
     parse_breaks(c->breaks, sizeof c->breaks);
     // Same options (threads, pinning, logger, settings: strict declares the cpu plugin's as its own).
     char cerr[768] = "";
@@ -170,7 +181,8 @@ static dsmoe_status s_init(const dsmoe_kernel_options *opt, dsmoe_kernel_ctx **o
         return s;
     }
     c->cq = cpu->default_queue(c->cc);
-    snprintf(c->desc, sizeof c->desc, "strict: deferred queues, device memory %s%s%s; over %s",
+    snprintf(c->desc, sizeof c->desc, "strict: deferred queues%s, device memory %s%s%s; over %s",
+             c->eager_host_fn ? " (host callbacks at once: DSMOE_STRICT_EAGER_HOST_FN)" : "",
              !c->protect ? "unprotected (DSMOE_STRICT_NO_PROTECT)"
              : c->always_closed ? "closed except while a queue runs (DSMOE_STRICT_ALWAYS_CLOSED)"
                                 : "closed while work on it is queued",
@@ -178,6 +190,7 @@ static dsmoe_status s_init(const dsmoe_kernel_options *opt, dsmoe_kernel_ctx **o
              cpu->describe(c->cc));
     if (opt->log && (opt->verbose || c->breaks[0]))
         opt->log(opt->log_user, c->breaks[0] ? DSMOE_LOG_WARN : DSMOE_LOG_INFO, c->desc);
+    strict_protect_attach(c);
     *out = c;
     return DSMOE_OK;
 }

@@ -4,8 +4,9 @@
 // needs (strict_plugin.c has the list and the memory rules). An event is a position in a queue (the
 // number of ops enqueued on it when it was recorded); queue_wait_event is a closure that, when it runs,
 // first runs the other queue up to that position.
-// defines: strict_op_new, strict_ref, strict_ref_opt, strict_ref_host, strict_dtype, strict_check,
-//          strict_submit, strict_enter, strict_mat_bytes, strict_run_all, strict_fill_queue_members
+// defines: strict_op_new, strict_ref, strict_ref_opt, strict_ref_bound, strict_ref_host, strict_dtype,
+//          strict_check, strict_submit, strict_enter, strict_mat_bytes, strict_run_all, strict_pending_at,
+//          strict_fill_queue_members
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -61,10 +62,10 @@ size_t strict_mat_bytes(size_t rows, size_t cols, size_t ld, size_t esize) {
     return ((rows - 1) * ld + cols) * esize;
 }
 
-static void add_ref(dsmoe_kernel_ctx *c, strict_op *op, strict_alloc *a) {
+static void add_ref(dsmoe_kernel_ctx *c, strict_op *op, strict_alloc *a, size_t off, size_t len, const char *what) {
     if (op->n_refs == op->cap_refs) {
         int cap = op->cap_refs ? 2 * op->cap_refs : 8;
-        strict_alloc **r = realloc(op->refs, (size_t)cap * sizeof *r);
+        strict_range *r = realloc(op->refs, (size_t)cap * sizeof *r);
         if (!r) {
             check_status(c, op, DSMOE_ERR_NOMEM, "no host memory for the closure");
             return;
@@ -72,17 +73,17 @@ static void add_ref(dsmoe_kernel_ctx *c, strict_op *op, strict_alloc *a) {
         op->refs = r;
         op->cap_refs = cap;
     }
-    op->refs[op->n_refs++] = a;
+    op->refs[op->n_refs++] = (strict_range){a, off, len, what};
 }
 
-// [p, p + bytes) must lie in one live allocation of the wanted kind (host = 1: host_alloc memory).
-// bytes == SIZE_MAX: extent unknown, p alone is checked. NULL is allowed only when optional.
-static void ref_kind(dsmoe_kernel_ctx *c, strict_op *op, const void *p, size_t bytes, const char *what,
-                     int host, int optional) {
+// [p, p + bytes) must lie in one live allocation of the wanted kind (host = 1: host_alloc memory); with
+// bound, bytes is an upper bound, clipped at the buffer's end. NULL is allowed only when optional or
+// empty.
+static void ref_kind(dsmoe_kernel_ctx *c, strict_op *op, const void *p, size_t bytes, const char *what, int host,
+                     int optional, int bound) {
     if (op->status != DSMOE_OK) return;
     if (!p) {
-        // An empty tensor may be NULL: a device plugin never dereferences it.
-        strict_check(c, op, optional || bytes == 0, "%s is NULL", what);
+        strict_check(c, op, optional || bytes == 0, "%s is NULL", what); // a device never reads an empty one
         return;
     }
     strict_alloc *a = strict_find(c, p);
@@ -97,22 +98,26 @@ static void ref_kind(dsmoe_kernel_ctx *c, strict_op *op, const void *p, size_t b
         return;
     }
     size_t off = (size_t)((const char *)p - a->base);
-    if (bytes != SIZE_MAX && (bytes > a->bytes || off > a->bytes - bytes)) {
+    if (bound && bytes > a->bytes - off) bytes = a->bytes - off;
+    if (bytes > a->bytes || off > a->bytes - bytes) {
         strict_check(c, op, 0, "%s: %zu bytes at offset %zu overrun its buffer of %zu bytes", what, bytes, off,
                      a->bytes);
         return;
     }
-    add_ref(c, op, a);
+    add_ref(c, op, a, off, bytes, what);
 }
 
 void strict_ref(dsmoe_kernel_ctx *c, strict_op *op, const void *p, size_t bytes, const char *what) {
-    ref_kind(c, op, p, bytes, what, 0, 0);
+    ref_kind(c, op, p, bytes, what, 0, 0, 0);
 }
 void strict_ref_opt(dsmoe_kernel_ctx *c, strict_op *op, const void *p, size_t bytes, const char *what) {
-    ref_kind(c, op, p, bytes, what, 0, 1);
+    ref_kind(c, op, p, bytes, what, 0, 1, 0);
+}
+void strict_ref_bound(dsmoe_kernel_ctx *c, strict_op *op, const void *p, size_t bytes, const char *what) {
+    ref_kind(c, op, p, bytes, what, 0, 0, 1);
 }
 void strict_ref_host(dsmoe_kernel_ctx *c, strict_op *op, const void *p, size_t bytes, const char *what) {
-    ref_kind(c, op, p, bytes, what, 1, 0);
+    ref_kind(c, op, p, bytes, what, 1, 0, 0);
 }
 
 dsmoe_status strict_enter(dsmoe_kernel_ctx *c, dsmoe_kernel_queue *q, const char *name) {
@@ -125,7 +130,7 @@ dsmoe_status strict_enter(dsmoe_kernel_ctx *c, dsmoe_kernel_queue *q, const char
 
 static void op_destroy(dsmoe_kernel_ctx *c, strict_op *op) {
     for (int i = 0; i < op->n_refs; i++)
-        strict_unref(c, op->refs[i]);
+        strict_range_drop(c, &op->refs[i]);
     free(op->refs);
     free(op->extra);
     free(op);
@@ -138,11 +143,9 @@ dsmoe_status strict_submit(dsmoe_kernel_ctx *c, dsmoe_kernel_queue *q, strict_op
         op_destroy(c, op);
         return s;
     }
-    // Work on a buffer is now pending: the host may not touch it until a synchronizing call has run it.
-    for (int i = 0; i < op->n_refs; i++) {
-        op->refs[i]->pending++;
-        strict_set_open(c, op->refs[i], 0);
-    }
+    // Work on these bytes is now queued: the host may not touch them until a call that waits has run it.
+    for (int i = 0; i < op->n_refs; i++)
+        strict_range_add(c, &op->refs[i]);
     if (q->tail) q->tail->next = op;
     else q->head = op;
     q->tail = op;
@@ -174,12 +177,6 @@ static void run_one(dsmoe_kernel_ctx *c, strict_op *op) {
     c->sticky = s; // a non-cpu op (a wait) wrote its message through strict_fail
 }
 
-// Opens every device buffer for the closures (the cpu plugin reads and writes them directly).
-static void open_all(dsmoe_kernel_ctx *c) {
-    for (int i = 0; i < c->n_allocs; i++)
-        strict_set_open(c, c->allocs[i], 1);
-}
-
 // Runs q until it has run `upto` ops (or is empty). Waits in it may run other queues first.
 static dsmoe_status run_queue(dsmoe_kernel_ctx *c, dsmoe_kernel_queue *q, uint64_t upto) {
     if (c->sticky) return c->sticky;
@@ -191,7 +188,7 @@ static dsmoe_status run_queue(dsmoe_kernel_ctx *c, dsmoe_kernel_queue *q, uint64
                                 q->id);
         return c->sticky;
     }
-    open_all(c);
+    strict_open_all(c); // the cpu plugin reads and writes the buffers directly
     q->running = 1;
     while (q->done_seq < upto && q->head && !c->sticky) {
         strict_op *op = q->head;
@@ -205,8 +202,8 @@ static dsmoe_status run_queue(dsmoe_kernel_ctx *c, dsmoe_kernel_queue *q, uint64
     return c->sticky;
 }
 
-// After a synchronizing call: a sticky error drops all queued work; then every device buffer without
-// queued work stays open for the host (the window a host-progressed collective needs), the others close.
+// After a call that waits: a sticky error drops all queued work; then every device page without queued
+// work stays open for the host (the window a host-progressed collective needs), the others close.
 static dsmoe_status settle(dsmoe_kernel_ctx *c) {
     if (c->sticky)
         for (dsmoe_kernel_queue *q = c->queues; q; q = q->next) {
@@ -218,11 +215,22 @@ static dsmoe_status settle(dsmoe_kernel_ctx *c) {
             }
             q->tail = NULL;
         }
-    for (int i = 0; i < c->n_allocs; i++) {
-        strict_alloc *a = c->allocs[i];
-        strict_set_open(c, a, !c->always_closed && a->pending == 0);
-    }
+    strict_settle_pages(c);
     return c->sticky;
+}
+
+const strict_op *strict_pending_at(const dsmoe_kernel_ctx *c, const strict_alloc *a, size_t off,
+                                   const strict_range **range) {
+    for (const dsmoe_kernel_queue *q = c->queues; q; q = q->next)
+        for (const strict_op *op = q->head; op; op = op->next)
+            for (int i = 0; i < op->n_refs; i++) {
+                const strict_range *r = &op->refs[i];
+                if (r->a == a && off >= r->off && off - r->off < r->len) {
+                    *range = r;
+                    return op;
+                }
+            }
+    return NULL;
 }
 
 dsmoe_status strict_run_all(dsmoe_kernel_ctx *c) {
@@ -279,7 +287,10 @@ static dsmoe_status s_queue_enqueue_host(dsmoe_kernel_ctx *ctx, dsmoe_kernel_que
     a->fn = fn;
     a->arg = arg;
     strict_check(ctx, op, fn != NULL, "fn is NULL");
-    return strict_submit(ctx, q, op);
+    dsmoe_status s = strict_submit(ctx, q, op);
+    if (s != DSMOE_OK || !ctx->eager_host_fn) return s;
+    run_queue(ctx, q, q->enq_seq); // DSMOE_STRICT_EAGER_HOST_FN (strict_plugin.c says why)
+    return settle(ctx);
 }
 
 static dsmoe_status s_queue_synchronize(dsmoe_kernel_ctx *c, dsmoe_kernel_queue *q) {
