@@ -26,7 +26,6 @@
 
 #include "plugin_adapt.h"
 
-#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -44,8 +43,7 @@ typedef struct cadapter {
     dsmoe_comm_plugin_v2 table;
 } cadapter;
 
-static cadapter *slots[DSMOE_ADAPT_V1_SLOTS];
-static pthread_mutex_t slots_lock = PTHREAD_MUTEX_INITIALIZER;
+static dsmoe_adapt_slots slots = DSMOE_ADAPT_SLOTS_INIT;
 
 // What a v2 dsmoe_comm_ctx * points to when it comes from an adapted table.
 typedef struct cctx {
@@ -87,9 +85,7 @@ static dsmoe_status v1_status(cctx *x, dsmoe_status s) {
 static dsmoe_status adapt_init(int slot, const dsmoe_comm_options *opt, dsmoe_comm_ctx **out, char *errbuf,
                                size_t errlen) {
     *out = NULL;
-    pthread_mutex_lock(&slots_lock);
-    const dsmoe_comm_plugin_v1 *v1 = slots[slot] ? slots[slot]->v1 : NULL;
-    pthread_mutex_unlock(&slots_lock);
+    const dsmoe_comm_plugin_v1 *v1 = dsmoe_adapt_slot_v1(&slots, slot);
     if (!v1) {
         snprintf(errbuf, errlen, "comm v1 adapter: init of slot %d, whose plugin was unloaded", slot);
         return DSMOE_ERR_INTERNAL;
@@ -275,9 +271,7 @@ static dsmoe_status c_request_wait(dsmoe_comm_ctx *ctx, dsmoe_comm_request *req)
 
 static void release(dsmoe_plugin_adapter *self) {
     cadapter *a = (cadapter *)self;
-    pthread_mutex_lock(&slots_lock);
-    if (slots[a->slot] == a) slots[a->slot] = NULL;
-    pthread_mutex_unlock(&slots_lock);
+    dsmoe_adapt_slot_release(&slots, a->slot, a);
     free(a);
 }
 
@@ -290,12 +284,7 @@ dsmoe_status dsmoe_comm_adapt_v1(const dsmoe_comm_plugin_v1 *v1, const dsmoe_com
         snprintf(errbuf, errlen, "out of memory for the adapter");
         return DSMOE_ERR_NOMEM;
     }
-    pthread_mutex_lock(&slots_lock);
-    int slot = -1;
-    for (int i = 0; i < DSMOE_ADAPT_V1_SLOTS && slot < 0; i++)
-        if (!slots[i]) slot = i;
-    if (slot >= 0) slots[slot] = a;
-    pthread_mutex_unlock(&slots_lock);
+    int slot = dsmoe_adapt_slot_claim(&slots, a, v1);
     if (slot < 0) {
         free(a);
         snprintf(errbuf, errlen, "%d comm plugins of ABI 1 are loaded already, the most the adapter runs at once "

@@ -24,7 +24,6 @@
 // the context, which holds the v1 table.
 #include "plugin_adapt.h"
 
-#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -42,8 +41,7 @@ typedef struct kadapter {
     dsmoe_kernel_plugin_v2 table;
 } kadapter;
 
-static kadapter *slots[DSMOE_ADAPT_V1_SLOTS];
-static pthread_mutex_t slots_lock = PTHREAD_MUTEX_INITIALIZER;
+static dsmoe_adapt_slots slots = DSMOE_ADAPT_SLOTS_INIT;
 
 // What a v2 dsmoe_kernel_ctx * points to when it comes from an adapted table.
 typedef struct actx {
@@ -139,9 +137,7 @@ static dsmoe_status grow_groups(actx *x, int groups) {
 static dsmoe_status adapt_init(int slot, const dsmoe_kernel_options *opt, dsmoe_kernel_ctx **out, char *errbuf,
                                size_t errlen) {
     *out = NULL;
-    pthread_mutex_lock(&slots_lock);
-    const dsmoe_kernel_plugin_v1 *v1 = slots[slot] ? slots[slot]->v1 : NULL;
-    pthread_mutex_unlock(&slots_lock);
+    const dsmoe_kernel_plugin_v1 *v1 = dsmoe_adapt_slot_v1(&slots, slot);
     if (!v1) {
         snprintf(errbuf, errlen, "kernel v1 adapter: init of slot %d, whose plugin was unloaded", slot);
         return DSMOE_ERR_INTERNAL;
@@ -683,9 +679,7 @@ static dsmoe_status k_adamw(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, const 
 
 static void release(dsmoe_plugin_adapter *self) {
     kadapter *a = (kadapter *)self;
-    pthread_mutex_lock(&slots_lock);
-    if (slots[a->slot] == a) slots[a->slot] = NULL;
-    pthread_mutex_unlock(&slots_lock);
+    dsmoe_adapt_slot_release(&slots, a->slot, a);
     free(a);
 }
 
@@ -698,12 +692,7 @@ dsmoe_status dsmoe_kernel_adapt_v1(const dsmoe_kernel_plugin_v1 *v1, const dsmoe
         snprintf(errbuf, errlen, "out of memory for the adapter");
         return DSMOE_ERR_NOMEM;
     }
-    pthread_mutex_lock(&slots_lock);
-    int slot = -1;
-    for (int i = 0; i < DSMOE_ADAPT_V1_SLOTS && slot < 0; i++)
-        if (!slots[i]) slot = i;
-    if (slot >= 0) slots[slot] = a;
-    pthread_mutex_unlock(&slots_lock);
+    int slot = dsmoe_adapt_slot_claim(&slots, a, v1);
     if (slot < 0) {
         free(a);
         snprintf(errbuf, errlen, "%d kernel plugins of ABI 1 are loaded already, the most the adapter runs at once "
