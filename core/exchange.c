@@ -99,7 +99,19 @@ dsmoe_status dsmoe_a2a_node_layout(const int *leader, int p, int *G, dsmoe_err *
 // ---------------------------------------------------------------------------------------------------
 // create and free
 
-// Finds G from the agreed (leader, algo, ranks_per_node) of every rank: every rank sees the same
+void dsmoe_a2a_leaders(const int *node, int p, int *leader) {
+    for (int r = p - 1; r >= 0; r--) { // descending, so that leader may alias node
+        int first = r;
+        for (int q = 0; q < r; q++)
+            if (node[q] == node[r]) {
+                first = q;
+                break;
+            }
+        leader[r] = first;
+    }
+}
+
+// Finds G from the agreed (node, algo, ranks_per_node) of every rank: every rank sees the same
 // table, so every rank reaches the same verdict and an error here is collective.
 static dsmoe_status agree_layout(const int *table, int p, int *G, dsmoe_err *err) {
     for (int r = 1; r < p; r++)
@@ -120,7 +132,8 @@ static dsmoe_status agree_layout(const int *table, int p, int *G, dsmoe_err *err
     }
     int *leader = malloc((size_t)p * sizeof *leader);
     if (!leader) return dsmoe_err_set(err, DSMOE_ERR_NOMEM, "exchange: create: out of memory for %d ranks", p);
-    for (int r = 0; r < p; r++) leader[r] = table[3 * r];
+    for (int r = 0; r < p; r++) leader[r] = table[3 * r]; // node ids, then each rank's leader
+    dsmoe_a2a_leaders(leader, p, leader);
     dsmoe_status s = dsmoe_a2a_node_layout(leader, p, G, err);
     free(leader);
     return s;
@@ -170,15 +183,6 @@ dsmoe_status dsmoe_exchange_create(const dsmoe_runtime *rt, dsmoe_ctl_group *ctl
     dsmoe_status s = table ? dsmoe_ctl_allgather(ctl, mine, table, sizeof mine, err)
                            : dsmoe_err_set(err, DSMOE_ERR_NOMEM, "exchange: create: out of memory for %d ranks", ex->p);
     if (s == DSMOE_OK) {
-        for (int r = ex->p - 1; r >= 0; r--) {
-            int leader = r;
-            for (int q = 0; q < r; q++)
-                if (table[3 * q] == table[3 * r]) {
-                    leader = q;
-                    break;
-                }
-            table[3 * r] = leader;
-        }
         s = agree_layout(table, ex->p, &ex->G, err);
     }
     free(table);

@@ -1,7 +1,7 @@
 // core/exchange.h: the all-to-all of an expert-parallel (EP) group, flat or hierarchical (DeepSpeed-MoE
 // §4), built on the comm plugin's collectives so that every comm backend gets both.
 // defines: dsmoe_a2a_algo, dsmoe_a2a_plan, dsmoe_a2a_plan_compute, dsmoe_a2a_choose, dsmoe_a2a_algo_name,
-//          dsmoe_a2a_node_layout, dsmoe_exchange, dsmoe_exchange_create, dsmoe_exchange_free,
+//          dsmoe_a2a_node_layout, dsmoe_a2a_leaders, dsmoe_exchange, dsmoe_exchange_create, dsmoe_exchange_free,
 //          dsmoe_exchange_reserve, dsmoe_exchange_alltoall, dsmoe_exchange_plan, dsmoe_exchange_last
 //
 // Rank r of a group of p ranks with G ranks per node is (node n, local index g) = (r / G, r % G); there
@@ -60,6 +60,10 @@ dsmoe_status dsmoe_a2a_plan_compute(dsmoe_a2a_algo algo, int p, int G, size_t by
 // first rank on its node. Valid when every node has the same number of ranks G and holds the contiguous
 // ranks [k*G, (k+1)*G). Fills err naming the first rank that breaks it.
 dsmoe_status dsmoe_a2a_node_layout(const int *leader, int p, int *G, dsmoe_err *err);
+
+// Pure: leader (p) = for each rank, the first rank with the same node id (node (p), e.g. rt->node of
+// every member). leader may alias node.
+void dsmoe_a2a_leaders(const int *node, int p, int *leader);
 
 typedef struct dsmoe_exchange dsmoe_exchange; // one per EP group
 

@@ -221,15 +221,7 @@ static dsmoe_status node_layout(dsmoe_moe_layer *L, int *G, int *ok, dsmoe_err *
         free(leader);
         return st;
     }
-    // Each rank's leader: the EP rank of the first rank on its node (nodes found once, rt->node).
-    for (int r = 0; r < p; r++) {
-        leader[r] = r;
-        for (int q = 0; q < r; q++)
-            if (node[q] == node[r]) {
-                leader[r] = q;
-                break;
-            }
-    }
+    dsmoe_a2a_leaders(node, p, leader); // the EP rank of the first rank on each node (rt->node, found once)
     free(node);
     *ok = dsmoe_a2a_node_layout(leader, p, G, why) == DSMOE_OK;
     free(leader);
