@@ -14,6 +14,12 @@ static dsmoe_status load_local(const char *kernel_name, const char *comm_name, c
     const char *path = plugin_path ? plugin_path : "";
     DSMOE_TRY(dsmoe_plugin_load_kernel(kernel_name, path, &rt->kern, &rt->kernel_handle, err));
     DSMOE_TRY(dsmoe_plugin_load_comm(comm_name, path, &rt->comm, &rt->comm_handle, err));
+    // Device memory and a host-memory comm plugin meet through pinned host staging (comm_staged.c).
+    if (!(rt->kern->mem_kind & rt->comm->mem_kinds) && (rt->comm->mem_kinds & DSMOE_MEM_HOST) &&
+        !(rt->kern->mem_kind & DSMOE_MEM_HOST)) {
+        rt->comm_staged = 1;
+        return DSMOE_OK;
+    }
     return dsmoe_plugin_check_pair(rt->kern, rt->comm, err);
 }
 
@@ -63,6 +69,16 @@ static dsmoe_status open_world(dsmoe_runtime *rt, dsmoe_err *err) {
     if (s != DSMOE_OK)
         return dsmoe_err_set(err, s, "comm plugin '%s' (%s): init failed: %s", rt->comm->name, rt->comm_handle.path,
                              msg[0] ? msg : "another rank failed");
+    if (rt->comm_staged) {
+        const dsmoe_comm_plugin_v2 *inner = rt->comm;
+        s = dsmoe_errors_agree(dsmoe_comm_staged_open(inner, rt->cctx, rt->kern, rt->kctx, rt->q, &rt->comm, &rt->cctx, err),
+                               err);
+        if (s != DSMOE_OK) {
+            inner->finalize(rt->cctx);
+            rt->cctx = NULL;
+            return s;
+        }
+    }
     rt->stream_ordered = (rt->comm->caps & DSMOE_CCAP_STREAM_ORDERED) != 0;
     s = rt->comm->group_create(rt->cctx, &bs, &rt->world);
     if (s != DSMOE_OK)

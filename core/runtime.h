@@ -22,6 +22,7 @@ typedef struct dsmoe_runtime {
     dsmoe_comm_ctx *cctx;
     dsmoe_comm_stream stream;           // q as the comm plugin sees it
     int stream_ordered;                 // comm caps & DSMOE_CCAP_STREAM_ORDERED
+    int comm_staged;                    // comm is the host staging adapter in front of a host-memory plugin
     int world_rank, world_size;
     int slot;                           // place in node-major order (placement.h); EP groups are contiguous
                                         // runs of slots. = world_rank unless a placement says otherwise
@@ -72,6 +73,13 @@ dsmoe_status dsmoe_runtime_open_placed(const char *kernel_name, const char *comm
 // Destroys the world group (collective), finalizes both plugins and unloads them. Accepts a zeroed
 // or partly opened runtime; leaves *rt zeroed.
 void dsmoe_runtime_close(dsmoe_runtime *rt);
+
+// The host staging adapter (comm_staged.c): `in` (host memory, initialised as in_ctx) behind a table that
+// accepts the kernel plugin's memory too; every collective goes through kern's pinned host memory on q.
+// *out / *out_ctx replace the plugin and context; finalizing *out_ctx finalizes in_ctx.
+dsmoe_status dsmoe_comm_staged_open(const dsmoe_comm_plugin_v2 *in, dsmoe_comm_ctx *in_ctx,
+                                    const dsmoe_kernel_plugin_v2 *kern, dsmoe_kernel_ctx *kctx, dsmoe_kernel_queue *q,
+                                    const dsmoe_comm_plugin_v2 **out, dsmoe_comm_ctx **out_ctx, dsmoe_err *err);
 
 // Enqueues kernel op `op` on rt's queue (the context and queue arguments are supplied); on failure fills `err` with the op, the call site and the plugin's
 // message, and returns the status from the enclosing function. Use inside functions that return

@@ -70,18 +70,23 @@ tensors() { local n; n=$(od -An -t u8 -N 8 "$1" | tr -d ' '); tail -c +$((9 + n)
 # metrics without the timing columns (tokens_per_s, elapsed_s)
 numbers() { awk -F, 'BEGIN { OFS = "," } { $6 = ""; $8 = ""; print }' "$1"; }
 
-# same <config name> <ranks> [key=value ...]: cpu+mpi against strict+mpi and strict+mpistream.
+# same <config name> <ranks> [key=value ...]: cpu+mpi against strict+mpi, strict+mpistream and strict
+# declaring device memory + mpi through the core's pinned host staging ("staged").
 same() {
   local name=$1 n=$2
   shift 2
   run "cpu_$name" "$n" run.kernel_backend=cpu run.comm_backend=mpi "$@" || return
-  for comm in mpi mpistream; do
+  for comm in mpi mpistream staged; do
     local s="strict_${comm}_$name"
     # mpistream runs collectives inside the strict queue: memory stays closed outside it, and a host
     # callback drives its queue (as a device would run it without a host wait).
-    if [ "$comm" = mpistream ]; then export DSMOE_STRICT_ALWAYS_CLOSED=1 DSMOE_STRICT_EAGER_HOST_FN=1
-    else unset DSMOE_STRICT_ALWAYS_CLOSED DSMOE_STRICT_EAGER_HOST_FN; fi
-    run "$s" "$n" run.kernel_backend=strict run.comm_backend=$comm "$@" || continue
+    # staged: the strict plugin declares device memory, so mpi reaches it only through host staging.
+    unset DSMOE_STRICT_ALWAYS_CLOSED DSMOE_STRICT_EAGER_HOST_FN DSMOE_STRICT_MEM_KIND
+    case "$comm" in
+      mpistream) export DSMOE_STRICT_ALWAYS_CLOSED=1 DSMOE_STRICT_EAGER_HOST_FN=1;;
+      staged) export DSMOE_STRICT_ALWAYS_CLOSED=1 DSMOE_STRICT_MEM_KIND=device;;
+    esac
+    run "$s" "$n" run.kernel_backend=strict run.comm_backend=${comm/staged/mpi} "$@" || continue
     if ! diff <(numbers "$work/cpu_$name/metrics.csv") <(numbers "$work/$s/metrics.csv") > "$work/$s.diff"; then
       fail "$name on $n rank(s), strict + $comm: metrics differ from cpu"; head -6 "$work/$s.diff"; continue
     fi
@@ -92,7 +97,7 @@ same() {
     [ $bad = 0 ] && ok "$name on $n rank(s), strict + $comm: metrics and checkpoints bitwise equal to cpu" \
       || fail "$name on $n rank(s), strict + $comm: checkpoints differ"
   done
-  unset DSMOE_STRICT_ALWAYS_CLOSED DSMOE_STRICT_EAGER_HOST_FN
+  unset DSMOE_STRICT_ALWAYS_CLOSED DSMOE_STRICT_EAGER_HOST_FN DSMOE_STRICT_MEM_KIND
 }
 
 same base 1

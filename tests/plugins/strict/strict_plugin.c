@@ -30,6 +30,9 @@
 //    lets an access to a closed page through when no queued range holds the byte touched.
 //    DSMOE_STRICT_ALWAYS_CLOSED=1 keeps device memory closed except while a queue runs (any host access
 //    is a violation: for stream-ordered comm plugins, whose collectives run inside the queue).
+//    DSMOE_STRICT_MEM_KIND=device declares DSMOE_MEM_CUDA instead: the core then reaches a host comm
+//    plugin (mpi) only through its pinned host staging (core/comm_staged.c), as with a GPU plugin; use
+//    it with DSMOE_STRICT_ALWAYS_CLOSED=1, so that no host access to device memory goes unnoticed.
 //    DSMOE_STRICT_NO_PROTECT=1 turns mprotect off (debugging; the queues stay deferred). host_alloc
 //    memory is never protected.
 //    DSMOE_STRICT_EAGER_HOST_FN=1 runs a queue up to a queue_enqueue_host callback when the callback is
@@ -235,6 +238,8 @@ static void fill_table(void) {
     t->name = "strict";
     t->description = "test plugin: the cpu plugin's ops on deferred queues over memory the host cannot touch";
     t->mem_kind = DSMOE_MEM_HOST; // host-progressed comm plugins may use it after a wait (see above)
+    const char *kind = getenv("DSMOE_STRICT_MEM_KIND");
+    if (kind && !strcmp(kind, "device")) t->mem_kind = DSMOE_MEM_CUDA;
     t->caps = DSMOE_KCAP_ASYNC;
     if (cpu)
         t->caps |= cpu->caps & (DSMOE_KCAP_BF16 | DSMOE_KCAP_FUSED_EPILOGUE | DSMOE_KCAP_DETERMINISTIC |
