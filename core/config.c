@@ -73,7 +73,15 @@ static int suggest_key(const char *name) {
     return best;
 }
 
+// "kernel.NAME" or "comm.NAME" (a plugin's settings); *len_kind = length of the kind.
+static int is_plugin_section(const char *name) {
+    size_t n = strcspn(name, ".");
+    if (!name[n] || !name[n + 1] || strchr(name + n + 1, '.')) return 0;
+    return (n == 6 && !strncmp(name, "kernel", 6)) || (n == 4 && !strncmp(name, "comm", 4));
+}
+
 static int is_section(const char *name) {
+    if (is_plugin_section(name)) return 1;
     for (int k = 0; k < N_KEYS; k++)
         if (strlen(name) == strcspn(keys[k].name, ".") && same_section(name, keys[k].name)) return 1;
     return 0;
@@ -242,6 +250,54 @@ static dsmoe_status unknown_key(const char *pre, const char *name, dsmoe_err *er
     return dsmoe_err_set(err, DSMOE_ERR_INVALID, "%sunknown key '%s' (dsmoe --help keys lists them)", pre, name);
 }
 
+// Records "kernel.NAME.KEY" / "comm.NAME.KEY" = value (the plugin's declarations check it later); a
+// deck key given twice is an error, a command-line one replaces the earlier value.
+static dsmoe_status add_plugin_setting(loader *L, const char *pre, const char *name, const char *value, int cmdline,
+                                       int line, dsmoe_err *err) {
+    const char *dot = strrchr(name, '.');
+    char section[128];
+    snprintf(section, sizeof section, "%.*s", (int)(dot - name), name);
+    const char *key = dot + 1;
+    size_t kind_len = strcspn(section, ".");
+    if (!*key || strlen(key) >= sizeof L->cfg.plugin_settings[0].key || strlen(section + kind_len + 1) >= 64)
+        return dsmoe_err_set(err, DSMOE_ERR_INVALID, "%s'%s': expected kernel.<plugin>.<setting> or "
+                             "comm.<plugin>.<setting> with names of at most 63 characters", pre, name);
+    if (strlen(value) >= sizeof L->cfg.plugin_settings[0].value)
+        return dsmoe_err_set(err, DSMOE_ERR_INVALID, "%s%s = %s: the value is too long (at most 255 characters)", pre,
+                             name, value);
+    dsmoe_plugin_setting *ps = NULL;
+    for (int i = 0; i < L->cfg.n_plugin_settings; i++) {
+        dsmoe_plugin_setting *p = &L->cfg.plugin_settings[i];
+        if (strncmp(p->kind, section, kind_len) || strcmp(p->plugin, section + kind_len + 1) || strcmp(p->key, key)) continue;
+        if (!cmdline && !p->cmdline)
+            return dsmoe_err_set(err, DSMOE_ERR_INVALID, "%s%s given twice (first at line %d)", pre, name, p->line);
+        ps = p;
+    }
+    if (!ps) {
+        if (L->cfg.n_plugin_settings == DSMOE_PLUGIN_SETTINGS_MAX)
+            return dsmoe_err_set(err, DSMOE_ERR_INVALID, "%s%s: more than %d plugin settings", pre, name,
+                                 DSMOE_PLUGIN_SETTINGS_MAX);
+        ps = &L->cfg.plugin_settings[L->cfg.n_plugin_settings++];
+    }
+    snprintf(ps->kind, sizeof ps->kind, "%.*s", (int)kind_len, section);
+    snprintf(ps->plugin, sizeof ps->plugin, "%s", section + kind_len + 1);
+    snprintf(ps->key, sizeof ps->key, "%s", key);
+    snprintf(ps->value, sizeof ps->value, "%s", value);
+    ps->cmdline = cmdline;
+    ps->line = line;
+    snprintf(ps->deck, sizeof ps->deck, "%s", L->deck);
+    return DSMOE_OK;
+}
+
+// "kernel.NAME.KEY" or "comm.NAME.KEY".
+static int is_plugin_key(const char *name) {
+    const char *dot = strrchr(name, '.');
+    if (!dot) return 0;
+    char section[128];
+    snprintf(section, sizeof section, "%.*s", (int)(dot - name), name);
+    return is_plugin_section(section);
+}
+
 static dsmoe_status on_deck_entry(void *user, const char *section, const char *key, const char *value, int line,
                                   dsmoe_err *err) {
     loader *L = user;
@@ -265,6 +321,7 @@ static dsmoe_status on_deck_entry(void *user, const char *section, const char *k
     // A dotted key is fully qualified; a plain one belongs to the current section.
     if (strchr(key, '.') || !section[0]) snprintf(name, sizeof name, "%s", key);
     else snprintf(name, sizeof name, "%s.%s", section, key);
+    if (is_plugin_key(name)) return add_plugin_setting(L, pre, name, value, 0, line, err);
     int k = find_key(name);
     if (k < 0) return unknown_key(pre, name, err);
     if (L->at[k].src == SRC_DECK)
@@ -295,6 +352,10 @@ static dsmoe_status apply_cmdline(loader *L, char *const *argv, int n, dsmoe_err
             return dsmoe_err_set(err, DSMOE_ERR_INVALID, "command line: '%s': expected key=value", argv[i]);
         char name[256];
         snprintf(name, sizeof name, "%.*s", (int)(eq - argv[i]), argv[i]);
+        if (is_plugin_key(name)) {
+            DSMOE_TRY(add_plugin_setting(L, "command line: ", name, eq + 1, 1, 0, err));
+            continue;
+        }
         int k = find_key(name);
         if (k < 0) return unknown_key("command line: ", name, err);
         DSMOE_TRY(set_value(L, k, eq + 1, SRC_CMDLINE, 0, err));

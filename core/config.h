@@ -17,6 +17,18 @@ typedef enum { DSMOE_MODE_TRAIN = 0, DSMOE_MODE_EVAL = 1 } dsmoe_run_mode;
 typedef enum { DSMOE_DATA_SYNTHETIC = 0, DSMOE_DATA_TEXT = 1, DSMOE_DATA_MEGATRON = 2 } dsmoe_data_source;
 typedef enum { DSMOE_LR_COSINE = 0, DSMOE_LR_CONSTANT = 1, DSMOE_LR_LINEAR = 2 } dsmoe_lr_schedule;
 
+// One plugin setting as given (deck or command line); the environment is read when the plugin loads.
+#define DSMOE_PLUGIN_SETTINGS_MAX 32
+typedef struct dsmoe_plugin_setting {
+    char kind[8];     // "kernel" or "comm"
+    char plugin[64];  // the plugin's name
+    char key[64];
+    char value[256];
+    int cmdline;      // 1 = command line, 0 = deck
+    int line;         // deck line
+    char deck[256];   // the deck's name, for messages
+} dsmoe_plugin_setting;
+
 typedef struct dsmoe_config {
     // [run]
     int mode;                    // run.mode: dsmoe_run_mode
@@ -101,6 +113,11 @@ typedef struct dsmoe_config {
 
     // [metrics]
     char metrics_file[1024];     // metrics.file ("" = <run.output_dir>/metrics.csv)
+
+    // [kernel.NAME] and [comm.NAME]: plugin-declared settings as written in the deck and on the command
+    // line, checked against the plugin's declarations when it is loaded (core/plugin_settings.c).
+    dsmoe_plugin_setting plugin_settings[DSMOE_PLUGIN_SETTINGS_MAX];
+    int n_plugin_settings;
 } dsmoe_config;
 
 // Opaque record of where each key's value came from, for printing.

@@ -126,10 +126,12 @@ static dsmoe_status expand_value(const char *deck, int line, const char *v, char
     return DSMOE_OK;
 }
 
+// dots: 0 = letters, digits, '_'; 1 = also '.'; 2 = also '.' and '-' (section names such as
+// [kernel.NAME], whose NAME is a plugin name).
 static int is_name(const char *s, int dots) {
     if (!isalpha((unsigned char)*s) && *s != '_') return 0;
     for (; *s; s++)
-        if (!isalnum((unsigned char)*s) && *s != '_' && !(dots && *s == '.')) return 0;
+        if (!isalnum((unsigned char)*s) && *s != '_' && !(dots && *s == '.') && !(dots == 2 && *s == '-')) return 0;
     return 1;
 }
 
@@ -145,7 +147,7 @@ static dsmoe_status parse_entry(char *text, const char *deck, int line, char *co
             return DECK_ERR(DSMOE_ERR_INVALID, "%s:%d: expected '[section]', got '%s'", deck, line, s);
         *close = '\0';
         char *name = trim(s + 1);
-        if (!is_name(name, 0) || strlen(name) >= section_size)
+        if (!is_name(name, 2) || strlen(name) >= section_size)
             return DECK_ERR(DSMOE_ERR_INVALID, "%s:%d: bad section name '[%s]'", deck, line, name);
         strcpy(section, name);
         return fn(user, section, NULL, NULL, line, err);

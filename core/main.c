@@ -57,6 +57,27 @@ static void print_version(void) {
     printf("MPI: %s\n", mpi);
 }
 
+// The plugins' resolved settings after the core's keys, so that the resolved deck stays complete.
+static char *append_plugin_settings(char *resolved, const dsmoe_runtime *rt) {
+    char *k = dsmoe_plugin_values_text(&rt->kernel_settings), *c = dsmoe_plugin_values_text(&rt->comm_settings);
+    char *all = NULL;
+    if (resolved && k && c && asprintf(&all, "%s%s%s", resolved, k, c) >= 0) {
+        free(resolved);
+        resolved = all;
+    }
+    free(k);
+    free(c);
+    return resolved;
+}
+
+static void print_plugin_settings(const dsmoe_runtime *rt) {
+    const dsmoe_plugin_values *v[2] = {&rt->kernel_settings, &rt->comm_settings};
+    for (int j = 0; j < 2; j++)
+        for (int i = 0; i < v[j]->n; i++)
+            printf("setting: %s.%s.%s = %s (%s)\n", v[j]->kind, v[j]->plugin, v[j]->params[i].name, v[j]->values[i],
+                   v[j]->origin[i]);
+}
+
 // Rank 0 reads the file; everyone gets the text or rank 0's error.
 static dsmoe_status read_deck(const char *path, int rank, char **text, dsmoe_err *err) {
     long len = -1;
@@ -246,10 +267,14 @@ int main(int argc, char **argv) {
     dsmoe_runtime rt;
     memset(&rt, 0, sizeof rt);
     if (s == DSMOE_OK)
-        s = dsmoe_runtime_open_placed(cfg.kernel_backend, cfg.comm_backend, cfg.plugin_path, cfg.threads, pl, &rt, &err);
+        s = dsmoe_runtime_open_placed(cfg.kernel_backend, cfg.comm_backend, cfg.plugin_path, cfg.threads, &cfg, pl, &rt,
+                                      &err);
+    if (s == DSMOE_OK) resolved = append_plugin_settings(resolved, &rt);
     if (s == DSMOE_OK && rank == 0) {
-        printf("backends: kernel %s (%s: %s), comm %s (%s)\n", rt.kern->name, rt.kernel_handle.path,
-               rt.kern->describe(rt.kctx), rt.comm->name, rt.comm_handle.path);
+        printf("backends: kernel %s (%s: %s), comm %s (%s%s)\n", rt.kern->name, rt.kernel_handle.path,
+               rt.kern->describe(rt.kctx), rt.comm->name, rt.comm_handle.path,
+               rt.comm_staged ? "; collectives through pinned host staging" : "");
+        print_plugin_settings(&rt);
         dsmoe_placement_print(stdout, pl, &cfg);
     }
     if (s == DSMOE_OK && check_only) {

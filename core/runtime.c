@@ -57,15 +57,21 @@ static dsmoe_status init_kernel(dsmoe_kernel_options *opt, dsmoe_runtime *rt, ds
 }
 
 // Collective: the comm plugin (its init sees the world's bootstrap) and the world group.
-static dsmoe_status open_world(dsmoe_runtime *rt, dsmoe_err *err) {
+static dsmoe_status open_world(const dsmoe_config *cfg, dsmoe_runtime *rt, dsmoe_err *err) {
     DSMOE_TRY(dsmoe_ctl_world(&rt->world_ctl, err));
     rt->world_rank = dsmoe_ctl_rank(rt->world_ctl);
     rt->world_size = dsmoe_ctl_size(rt->world_ctl);
     dsmoe_bootstrap bs;
     dsmoe_ctl_bootstrap(rt->world_ctl, &bs);
-    dsmoe_comm_options copt = {.log = log_line, .log_user = rt, .world = &bs};
+    dsmoe_status s = dsmoe_errors_agree(dsmoe_plugin_settings_resolve(cfg, "comm", rt->comm->name, rt->comm->params,
+                                                                      rt->comm->n_params, NULL, &rt->comm_settings, err),
+                                        err);
+    if (s != DSMOE_OK) return s;
+    dsmoe_comm_options copt = {.log = log_line, .log_user = rt, .world = &bs,
+                               .param_values = (const char *const *)rt->comm_settings.values,
+                               .n_param_values = rt->comm_settings.n};
     char msg[1024] = "";
-    dsmoe_status s = dsmoe_errors_agree(rt->comm->init(&copt, &rt->cctx, msg, sizeof msg), err);
+    s = dsmoe_errors_agree(rt->comm->init(&copt, &rt->cctx, msg, sizeof msg), err);
     if (s != DSMOE_OK)
         return dsmoe_err_set(err, s, "comm plugin '%s' (%s): init failed: %s", rt->comm->name, rt->comm_handle.path,
                              msg[0] ? msg : "another rank failed");
@@ -88,7 +94,8 @@ static dsmoe_status open_world(dsmoe_runtime *rt, dsmoe_err *err) {
 }
 
 dsmoe_status dsmoe_runtime_open_placed(const char *kernel_name, const char *comm_name, const char *plugin_path,
-                                       int threads, dsmoe_placement *pl, dsmoe_runtime *rt, dsmoe_err *err) {
+                                       int threads, const dsmoe_config *cfg, dsmoe_placement *pl, dsmoe_runtime *rt,
+                                       dsmoe_err *err) {
     memset(rt, 0, sizeof *rt);
     if (!kernel_name || !*kernel_name || !comm_name || !*comm_name)
         return dsmoe_err_set(err, DSMOE_ERR_INVALID, "dsmoe_runtime_open: empty %s plugin name",
@@ -110,8 +117,14 @@ dsmoe_status dsmoe_runtime_open_placed(const char *kernel_name, const char *comm
         if (threads == 0 && !getenv("OMP_NUM_THREADS") && pl->me.bound_by != DSMOE_BOUND_NOT && pl->me.cores > 0)
             opt.threads = pl->me.cores;
     }
+    if (s == DSMOE_OK)
+        s = dsmoe_errors_agree(dsmoe_plugin_settings_resolve(cfg, "kernel", rt->kern->name, rt->kern->params,
+                                                             rt->kern->n_params, NULL, &rt->kernel_settings, err),
+                               err);
+    opt.param_values = (const char *const *)rt->kernel_settings.values;
+    opt.n_param_values = rt->kernel_settings.n;
     if (s == DSMOE_OK) s = dsmoe_errors_agree(init_kernel(&opt, rt, err), err);
-    if (s == DSMOE_OK) s = open_world(rt, err);
+    if (s == DSMOE_OK) s = open_world(cfg, rt, err);
     if (s == DSMOE_OK) {
         rt->slot = pl ? pl->me.slot : rt->world_rank;
         if (pl) {
@@ -127,7 +140,7 @@ dsmoe_status dsmoe_runtime_open_placed(const char *kernel_name, const char *comm
 
 dsmoe_status dsmoe_runtime_open(const char *kernel_name, const char *comm_name, const char *plugin_path,
                                 int threads, dsmoe_runtime *rt, dsmoe_err *err) {
-    return dsmoe_runtime_open_placed(kernel_name, comm_name, plugin_path, threads, NULL, rt, err);
+    return dsmoe_runtime_open_placed(kernel_name, comm_name, plugin_path, threads, NULL, NULL, rt, err);
 }
 
 void dsmoe_runtime_close(dsmoe_runtime *rt) {
@@ -144,6 +157,8 @@ void dsmoe_runtime_close(dsmoe_runtime *rt) {
     }
     dsmoe_plugin_unload(&rt->comm_handle);
     dsmoe_plugin_unload(&rt->kernel_handle);
+    dsmoe_plugin_values_free(&rt->kernel_settings);
+    dsmoe_plugin_values_free(&rt->comm_settings);
     memset(rt, 0, sizeof *rt);
 }
 

@@ -7,6 +7,7 @@
 #include "dsmoe/kernel_plugin.h"
 #include "control.h"       // dsmoe_ctl_group
 #include "plugin_loader.h" // dsmoe_plugin_handle
+#include "plugin_settings.h" // dsmoe_plugin_values
 #include "util.h"
 
 // The asynchronous model (dsmoe/kernel_plugin.h): the core enqueues every kernel op on `q` and never
@@ -32,6 +33,8 @@ typedef struct dsmoe_runtime {
     dsmoe_comm_group *world;            // all ranks (the data-parallel group)
     dsmoe_plugin_handle kernel_handle;  // the loaded files (path for messages; dlclose'd by close)
     dsmoe_plugin_handle comm_handle;
+    dsmoe_plugin_values kernel_settings; // the plugins' resolved settings (what their init got)
+    dsmoe_plugin_values comm_settings;
 } dsmoe_runtime;
 
 // A group of ranks as both planes see it: the control-plane group (set-up, host statistics) and the comm
@@ -63,13 +66,15 @@ dsmoe_status dsmoe_rt_alloc(const dsmoe_runtime *rt, size_t bytes, uint32_t flag
 // everything opened so far is closed again and *rt is left zeroed.
 dsmoe_status dsmoe_runtime_open(const char *kernel_name, const char *comm_name, const char *plugin_path,
                                 int threads, dsmoe_runtime *rt, dsmoe_err *err);
-// The same, placed (pl may be NULL = as above): the kernel plugin's device is chosen by pl (nearest
+// The same, with the plugins' settings resolved from cfg (plugin_settings.h; NULL = defaults and the
+// environment) and placed (pl may be NULL = as above): the kernel plugin's device is chosen by pl (nearest
 // GPU, placement.h) between loading and init; its compute threads are pinned to pl's thread CPUs when
 // the rank is bound; threads == 0 with OMP_NUM_THREADS unset becomes the cores of the rank's binding;
 // slot and node_ranks come from pl.
 typedef struct dsmoe_placement dsmoe_placement;
 dsmoe_status dsmoe_runtime_open_placed(const char *kernel_name, const char *comm_name, const char *plugin_path,
-                                       int threads, dsmoe_placement *pl, dsmoe_runtime *rt, dsmoe_err *err);
+                                       int threads, const dsmoe_config *cfg, dsmoe_placement *pl, dsmoe_runtime *rt,
+                                       dsmoe_err *err);
 // Destroys the world group (collective), finalizes both plugins and unloads them. Accepts a zeroed
 // or partly opened runtime; leaves *rt zeroed.
 void dsmoe_runtime_close(dsmoe_runtime *rt);

@@ -58,6 +58,20 @@ expect version 0 "kernel plugin ABI 2 \(symbol dsmoe_kernel_plugin_entry_v2; ABI
 expect help 0 "usage: dsmoe" -- "$dsmoe" --help
 expect help-keys 0 "moe.capacity_factor" -- "$dsmoe" --help keys
 expect no-args nonzero "usage: dsmoe" -- "$dsmoe"
+# Plugin settings ([kernel.NAME] / [comm.NAME]): deck, environment and command line in rising priority,
+# checked against the plugin's declarations; another plugin's section is left alone.
+psdeck="$work/psettings.deck"
+{ cat "$tiny"; printf '[kernel.cpu]\npoison = yes\n[kernel.cuda]\ntf32 = on\n'; } > "$psdeck"
+expect setting-deck 0 "setting: kernel.cpu.poison = 1 \(deck $psdeck:[0-9]+\)" -- "$dsmoe" --check "$psdeck"
+expect setting-env 0 "setting: kernel.cpu.poison = 0 \(environment DSMOE_KERNEL_CPU_POISON\)" -- \
+  env DSMOE_KERNEL_CPU_POISON=off "$dsmoe" --check "$psdeck"
+expect setting-cmdline 0 "setting: comm.mpi.max_count = 4096 \(command line\)" -- \
+  env DSMOE_KERNEL_CPU_POISON=off "$dsmoe" --check "$psdeck" comm.mpi.max_count=4Ki
+expect setting-type nonzero "command line: kernel.cpu.poison = maybe: expected a boolean" -- \
+  "$dsmoe" --check "$psdeck" kernel.cpu.poison=maybe
+printf '[kernel.cpu]\npoisson = 1\n' >> "$psdeck"
+expect setting-unknown nonzero "$psdeck:[0-9]+: kernel plugin 'cpu' has no setting 'poisson' \(its settings: poison\)" -- \
+  "$dsmoe" --check "$psdeck"
 expect check-quickstart 0 "deck .*quickstart.deck is valid" -- "$dsmoe" --check "$src/inputs/quickstart.deck"
 expect check-missing nonzero "cannot open deck '$work/nope.deck'" -- "$dsmoe" --check "$work/nope.deck"
 

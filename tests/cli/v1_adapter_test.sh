@@ -71,7 +71,7 @@ header_len() { od -An -t u8 -N 8 "$1" | tr -d ' '; }
 header_without_deck() {
   local n
   n=$(header_len "$1")
-  tail -c +9 "$1" | head -c "$n" | sed -E 's/"deck":"([^"\\]|\\.)*"//'
+  tail -c +9 "$1" | head -c "$n" | sed -E 's/"deck":"([^"\\]|\\.)*"//; s/ +$//' # the padding follows the deck's length
 }
 tensor_data() { tail -c +$((9 + $(header_len "$1"))) "$1"; }
 
