@@ -7,7 +7,8 @@
 # numbers or crashes. Run with the host-progressed "mpi" comm plugin and with the stream-ordered
 # "mpistream" one (collectives run inside the kernel queue).
 # usage: strict_train.sh <dsmoe> <test plugin dir> <mpiexec> [mpiexec flags...]
-# Environment: STRICT_BREAK=<op> passes DSMOE_STRICT_BREAK to the strict runs (the test must then fail).
+# Environment: STRICT_BREAK=<op> passes DSMOE_STRICT_BREAK to the strict runs (the test must then fail);
+# STRICT_ONLY="base ep2" runs only those configurations (tests/strict/strict_break.sh).
 set -u
 dsmoe=$1 plugdir=$2
 shift 2
@@ -75,6 +76,7 @@ numbers() { awk -F, 'BEGIN { OFS = "," } { $6 = ""; $8 = ""; print }' "$1"; }
 same() {
   local name=$1 n=$2
   shift 2
+  [ -n "${STRICT_ONLY:-}" ] && [[ " $STRICT_ONLY " != *" $name "* ]] && return
   run "cpu_$name" "$n" run.kernel_backend=cpu run.comm_backend=mpi "$@" || return
   for comm in mpi mpistream staged; do
     local s="strict_${comm}_$name"
@@ -109,7 +111,7 @@ same residual_rts 2 moe.residual=true moe.token_selection=random
 same pyramid 4 'moe.experts=4 x1, 8 x1' 'moe.expert_parallel=2 x1, 4 x1'
 same hier 4 moe.expert_parallel=4 moe.alltoall=hierarchical moe.ranks_per_node=2 moe.noise=jitter
 # Resume: the step-2 checkpoint of the strict run, resumed on strict, ends where cpu ends.
-if [ -f "$work/strict_mpi_ep2/checkpoints/step_00000002.safetensors" ]; then
+if [ -z "${STRICT_ONLY:-}" ] && [ -f "$work/strict_mpi_ep2/checkpoints/step_00000002.safetensors" ]; then
   mkdir -p "$work/strict_resume/checkpoints"
   cp "$work/strict_mpi_ep2/checkpoints/step_00000002.safetensors" "$work/strict_resume/checkpoints/"
   run strict_resume 2 run.kernel_backend=strict moe.expert_parallel=2 checkpoint.resume=auto \
