@@ -98,23 +98,39 @@ static dsmoe_status check_run(const dsmoe_config *c, int W, int rank, int rpn, i
 // ----------------------------------------------------------------------------------------------------
 // the model's buffers (core/model.c alloc_buffers), in floats
 
+// Attention's saved state (per layer) and backward workspace, in bytes: the kernel plugin's own
+// attention_bytes when given (callable before init), else the cpu plugin's probabilities (B, NH, T, T).
+static dsmoe_status attention_mem(const dsmoe_config *c, int B, const dsmoe_kernel_plugin_v2 *kern, uint64_t *saved,
+                                  uint64_t *ws, dsmoe_err *err) {
+    *saved = *ws = (uint64_t)B * (uint64_t)c->heads * (uint64_t)c->seq_len * (uint64_t)c->seq_len * F32;
+    if (!kern || !kern->attention_bytes) return DSMOE_OK;
+    dsmoe_attention_shape sh = {.B = B, .T = c->seq_len, .M = c->hidden, .NH = c->heads, .dt = DSMOE_FLOAT32};
+    size_t a = 0, w = 0;
+    dsmoe_status s = kern->attention_bytes(NULL, &sh, &a, &w);
+    if (s != DSMOE_OK)
+        return dsmoe_err_set(err, s, "memory plan: kernel plugin '%s': attention_bytes(B=%d, T=%d, M=%d, NH=%d) failed",
+                             kern->name, B, c->seq_len, c->hidden, c->heads);
+    *saved = a, *ws = w;
+    return DSMOE_OK;
+}
+
+// In floats, but for attention's state (att_bytes: saved per layer x layers + workspace), added by the caller.
 static uint64_t activation_floats(const dsmoe_config *c, int B) {
     uint64_t S = (uint64_t)B * (uint64_t)c->seq_len, M = (uint64_t)c->hidden, F = (uint64_t)c->ffn_hidden;
     uint64_t V = (uint64_t)c->vocab, L = (uint64_t)c->layers;
-    uint64_t att = (uint64_t)B * (uint64_t)c->heads * (uint64_t)c->seq_len * (uint64_t)c->seq_len; // (B, NH, T, T)
     uint64_t n = (L + 1) * S * M; // resid
     for (int l = 0; l < c->layers; l++) {
         int mi = -1;
         int moe = dsmoe_config_is_moe_layer(c, l, &mi);
-        // ln1, qkv (3), atty, resid_mid, ln2, ffn_out: 8 (S, M); ln1/ln2 mean and rstd: 4 (S); att
-        n += 8 * S * M + 4 * S + att;
+        // ln1, qkv (3), atty, resid_mid, ln2, ffn_out: 8 (S, M); ln1/ln2 mean and rstd: 4 (S)
+        n += 8 * S * M + 4 * S;
         if (!moe || c->residual) n += 2 * S * F + S * M; // fch, fch_gelu, mlp_out
         if (moe) n += S * M;                            // moe_out
         if (moe && c->residual) n += 4 * S;             // coef_logits, coef (S, 2)
     }
     n += S * M + 3 * S + 2 * S * V; // lnf, lnf_mean, lnf_rstd, losses; logits, probs
-    // backward scratch: dresid, dln, datty, dmoe, dmlp, dqkv (3); dfch, dfch_gelu; dcoef; datt; dlogits
-    n += 8 * S * M + 2 * S * F + 2 * S + att + S * V;
+    // backward scratch: dresid, dln, datty, dmoe, dmlp, dqkv (3); dfch, dfch_gelu; dcoef; dlogits
+    n += 8 * S * M + 2 * S * F + 2 * S + S * V;
     n += 2 * ((uint64_t)c->n_moe_layers + 2); // norm_dev: n_moe + 2 doubles (squared gradient sums)
     return n;
 }
@@ -221,6 +237,11 @@ static shard_mem shard(uint64_t n, int size, int rank) {
 
 dsmoe_status dsmoe_mem_estimate_rank(const dsmoe_config *c, int W, int rank, int rpn, dsmoe_mem_estimate *est,
                                      dsmoe_err *err) {
+    return dsmoe_mem_estimate_rank_for(c, W, rank, rpn, NULL, est, err);
+}
+
+dsmoe_status dsmoe_mem_estimate_rank_for(const dsmoe_config *c, int W, int rank, int rpn,
+                                         const dsmoe_kernel_plugin_v2 *kern, dsmoe_mem_estimate *est, dsmoe_err *err) {
     *est = (dsmoe_mem_estimate){0};
     int B = 0;
     DSMOE_TRY(check_run(c, W, rank, rpn, &B, err));
@@ -256,7 +277,9 @@ dsmoe_status dsmoe_mem_estimate_rank(const dsmoe_config *c, int W, int rank, int
     est->param_bytes = est->grad_bytes = local * F32;
     est->optimizer_bytes = 2 * state * F32;
     est->optimizer_scratch_bytes = zero1 ? (gather + send) * F32 : 0;
-    est->activation_bytes = activation_floats(c, B) * F32;
+    uint64_t att_saved, att_ws;
+    DSMOE_TRY(attention_mem(c, B, kern, &att_saved, &att_ws, err));
+    est->activation_bytes = activation_floats(c, B) * F32 + (uint64_t)c->layers * att_saved + att_ws;
     est->model_bytes = est->param_bytes + est->grad_bytes + est->activation_bytes;
     est->token_bytes = 2 * S * sizeof(int32_t);
 

@@ -18,6 +18,7 @@
 #define DSMOE_MEMPLAN_H
 #include <stdint.h>
 #include "config.h"
+#include "dsmoe/kernel_plugin.h"
 
 // Parameters of the whole model (no rank count needed).
 typedef struct dsmoe_param_counts {
@@ -65,5 +66,10 @@ typedef struct dsmoe_mem_estimate {
 // cannot use, or a micro-batch whose B * seq_len does not fit the int the model keeps it in.
 dsmoe_status dsmoe_mem_estimate_rank(const dsmoe_config *cfg, int world_size, int world_rank, int ranks_per_node,
                                      dsmoe_mem_estimate *est, dsmoe_err *err);
+// The same for the kernel plugin `kern` (NULL = the cpu plugin's layout): its attention_bytes, callable
+// before init, sizes attention's saved state and workspace (a flash-style GPU kernel keeps O(B NH T)
+// where the cpu plugin keeps the (B, NH, T, T) probabilities).
+dsmoe_status dsmoe_mem_estimate_rank_for(const dsmoe_config *cfg, int world_size, int world_rank, int ranks_per_node,
+                                         const dsmoe_kernel_plugin_v2 *kern, dsmoe_mem_estimate *est, dsmoe_err *err);
 
 #endif

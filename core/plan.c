@@ -9,6 +9,7 @@
 
 #include "config.h"    // dsmoe_config_load, dsmoe_config_capacity
 #include "exchange.h"  // dsmoe_a2a_plan_compute, dsmoe_a2a_choose
+#include "plugin_loader.h" // dsmoe_plugin_load_kernel: attention_bytes
 #include "memplan.h"   // dsmoe_mem_estimate_rank
 #include "placement.h" // dsmoe_rank_place, dsmoe_placement_print_ranks, dsmoe_placement_print_experts
 #include "topology.h"
@@ -107,7 +108,8 @@ static uint64_t need_of(const dsmoe_config *c, const dsmoe_mem_estimate *e) {
 
 // The largest train.micro_batch below the deck's that fits rank `rank` (a divisor of the sequences each
 // rank takes per step, so the global batch stays), 0 when none does.
-static int fitting_micro_batch(const dsmoe_config *c, int ranks, int rpn, int rank, uint64_t budget) {
+static int fitting_micro_batch(const dsmoe_config *c, int ranks, int rpn, int rank, uint64_t budget,
+                               const dsmoe_kernel_plugin_v2 *kern) {
     dsmoe_config *t = malloc(sizeof *t);
     int found = 0;
     if (!t) return 0;
@@ -117,7 +119,8 @@ static int fitting_micro_batch(const dsmoe_config *c, int ranks, int rpn, int ra
         t->micro_batch = B;
         dsmoe_mem_estimate e;
         dsmoe_err ignored = {0};
-        if (dsmoe_mem_estimate_rank(t, ranks, rank, rpn, &e, &ignored) == DSMOE_OK && need_of(t, &e) <= budget) found = B;
+        if (dsmoe_mem_estimate_rank_for(t, ranks, rank, rpn, kern, &e, &ignored) == DSMOE_OK && need_of(t, &e) <= budget)
+            found = B;
     }
     free(t);
     return found;
@@ -224,12 +227,23 @@ static dsmoe_status plan(const char *deck_path, char *const *overrides, int n_ov
     dsmoe_placement_print_ranks(out, rows, ranks, rpn);
     dsmoe_placement_print_experts(out, &c, rows, ranks, 2);
 
+    // The kernel plugin sizes attention's state (attention_bytes works before init); without it here,
+    // the cpu plugin's layout stands in, and the plan says so.
+    dsmoe_plugin_handle kh;
+    memset(&kh, 0, sizeof kh);
+    const dsmoe_kernel_plugin_v2 *kern = NULL;
+    dsmoe_err kerr = {0};
+    if (dsmoe_plugin_load_kernel(c.kernel_backend, c.plugin_path, &kern, &kh, &kerr) != DSMOE_OK) {
+        kern = NULL;
+        fprintf(out, "note: kernel plugin '%s' does not load here (%s): attention memory is sized as the cpu plugin's\n",
+                c.kernel_backend, kerr.msg);
+    }
     // Memory: every rank's (ZeRO shards differ by a few elements), the largest decides.
     dsmoe_mem_estimate worst = {0}, est;
     int worst_rank = 0;
     uint64_t ckpt_host = 0; // rank 0's: it writes checkpoints
     for (int r = 0; r < ranks && s == DSMOE_OK; r++) {
-        s = dsmoe_mem_estimate_rank(&c, ranks, r, rpn, &est, err);
+        s = dsmoe_mem_estimate_rank_for(&c, ranks, r, rpn, kern, &est, err);
         if (s == DSMOE_OK && r == 0) ckpt_host = est.checkpoint_host_bytes;
         if (s == DSMOE_OK && (r == 0 || est.total_bytes > worst.total_bytes)) worst = est, worst_rank = r;
     }
@@ -272,7 +286,7 @@ static dsmoe_status plan(const char *deck_path, char *const *overrides, int n_ov
                           human(node_memory));
     else if (s == DSMOE_OK && need > budget) {
         char hint[256];
-        int B = fitting_micro_batch(&c, ranks, rpn, worst_rank, budget);
+        int B = fitting_micro_batch(&c, ranks, rpn, worst_rank, budget, kern);
         if (B > 0)
             snprintf(hint, sizeof hint, "train.micro_batch = %d fits (%d micro-steps per step, the same batch)", B,
                      c.batch / (B * ranks));
@@ -293,6 +307,7 @@ static dsmoe_status plan(const char *deck_path, char *const *overrides, int n_ov
     }
     free(rows);
     dsmoe_topo_free(topo);
+    dsmoe_plugin_unload(&kh);
     return s;
 }
 

@@ -258,7 +258,8 @@ static dsmoe_status run(trainer *tr, const char *config_text, dsmoe_train_result
     dsmoe_mem_estimate mem;
     dsmoe_err mem_err = {0};
     if (tr->rank == 0 &&
-        dsmoe_mem_estimate_rank(c, tr->rt->world_size, 0, tr->rt->node_ranks, &mem, &mem_err) == DSMOE_OK) {
+        dsmoe_mem_estimate_rank_for(c, tr->rt->world_size, 0, tr->rt->node_ranks, tr->rt->kern, &mem, &mem_err) ==
+            DSMOE_OK) {
         double mib = 1.0 / 1048576.0;
         printf("memory per rank (rank 0): parameters %.1f MiB, gradients %.1f MiB, AdamW state %.1f MiB (%s) + "
                "%.1f MiB ZeRO buffers, activations and scratch %.1f MiB, MoE buffers %.1f MiB, total %.1f MiB (peak "
