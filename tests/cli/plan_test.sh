@@ -87,11 +87,17 @@ expect zero1 0 -- "$dsmoe" --plan "$deck" train.zero_stage=1 <<'WANT'
 AdamW state 83.72 KiB (ZeRO-1: sharded)
 WANT
 
+# Attention's state comes from the deck's kernel plugin (attention_bytes) when it loads: the cpu plugin's
+# layout otherwise, (B, NH, T, T) saved per layer and as workspace: 2 x 2048 + 2048 = 6 KiB; the cuda
+# plugin keeps O(B NH T): 2 x 128 + 128 = 384 B (when this build has it).
 # 706.94 KiB = the 708.88 of ABI v1 less the unused (S, M) = 16 x 32 x 4 = 2048 B gradient buffer, plus the
-# gradient-norm sums (n_moe + 2 = 3 doubles, 24 B) and the received counts of the 8 experts (32 B).
-expect too-small nonzero -- "$dsmoe" --plan "$deck" plan.memory_per_rank=600Ki <<'WANT'
-needs 706.94 KiB, has 600.00 KiB (plan.memory_per_rank): DOES NOT FIT
-the plan does not fit: rank 0 needs 706.94 KiB (parameters 106.50 KiB, gradients 106.50 KiB, AdamW state 213.00 KiB
+# gradient-norm sums (n_moe + 2 = 3 doubles, 24 B) and the received counts of the 8 experts (32 B);
+# with the cuda plugin's attention 6144 - 384 = 5760 B less: 701.31 KiB.
+cuda_plugin=$(dirname "$dsmoe")/../lib/dsmoe/libdsmoe_kernel_cuda.so
+if [ -f "$cuda_plugin" ]; then small_need="701.31 KiB"; else small_need="706.94 KiB"; fi
+expect too-small nonzero -- "$dsmoe" --plan "$deck" plan.memory_per_rank=600Ki <<WANT
+needs $small_need, has 600.00 KiB (plan.memory_per_rank): DOES NOT FIT
+the plan does not fit: rank 0 needs $small_need (parameters 106.50 KiB, gradients 106.50 KiB, AdamW state 213.00 KiB
 but has 600.00 KiB (plan.memory_per_rank); no smaller train.micro_batch fits: try train.zero_stage = 1
 WANT
 
@@ -147,13 +153,16 @@ WANT
 expect ckpt-host nonzero -- "$dsmoe" --plan "$deck" "plan.topology=synthetic:pack:1 numa:1(memory=64KiB) core:4 pu:1" run.kernel_backend=cpu plan.memory_per_rank=1Gi <<'WANT'
 writing a checkpoint stages its largest tensor (144.00 KiB) in rank 0's host memory, and its node has 64.00 KiB
 WANT
-expect paper-1.3b-mb4 nonzero -- "$dsmoe" --plan "$src/inputs/paper/1.3b-moe128.deck" train.batch=512 train.micro_batch=4 <<'WANT'
+# Too large a micro-batch for an 80 GiB GPU, and the suggestion. The cpu plugin's (B, NH, T, T) attention
+# state makes micro-batch 4 too large; the cuda plugin's flash-style state lets 4 fit and 8 not.
+if [ -f "$cuda_plugin" ]; then paper_batch=2048 too_big=8 fits=4 steps=4; else paper_batch=512 too_big=4 fits=2 steps=2; fi
+expect paper-1.3b-too-big nonzero -- "$dsmoe" --plan "$src/inputs/paper/1.3b-moe128.deck" train.batch=$paper_batch train.micro_batch=$too_big <<WANT
 DOES NOT FIT
-train.micro_batch = 2 fits (2 micro-steps per step, the same batch)
+train.micro_batch = $fits fits ($steps micro-steps per step, the same batch)
 WANT
 # ... and what it suggests does fit.
-expect paper-1.3b-mb2 0 -- "$dsmoe" --plan "$src/inputs/paper/1.3b-moe128.deck" train.batch=512 train.micro_batch=2 <<'WANT'
-2 micro-steps per step
+expect paper-1.3b-suggested 0 -- "$dsmoe" --plan "$src/inputs/paper/1.3b-moe128.deck" train.batch=$paper_batch train.micro_batch=$fits <<WANT
+$steps micro-steps per step
 ): fits
 WANT
 

@@ -1,0 +1,75 @@
+// kernels/cuda_common.cuh: device helpers every kernels/*.cu uses: element loads and stores for the
+// activation dtypes (float32 and bfloat16, computed in float32), the fault record, block reductions in
+// a fixed order (deterministic: no floating-point atomics anywhere in kernels/).
+#ifndef DSMOE_KERNELS_CUDA_COMMON_CUH
+#define DSMOE_KERNELS_CUDA_COMMON_CUH
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include "cuda_env.h"
+
+// Activations are float32 or bfloat16; arithmetic is float32. Stores round to nearest even.
+__device__ __forceinline__ float dsmoe_ld(const float *p, size_t i) { return p[i]; }
+__device__ __forceinline__ float dsmoe_ld(const __nv_bfloat16 *p, size_t i) { return __bfloat162float(p[i]); }
+__device__ __forceinline__ void dsmoe_st(float *p, size_t i, float v) { p[i] = v; }
+__device__ __forceinline__ void dsmoe_st(__nv_bfloat16 *p, size_t i, float v) { p[i] = __float2bfloat16_rn(v); }
+
+// Records the first data fault (see dsmoe_cu_fault_code); later ones are dropped.
+__device__ __forceinline__ void dsmoe_cu_raise(dsmoe_cu_fault *f, int code, long long a, long long b) {
+    if (atomicCAS(&f->code, 0, code) == 0) {
+        f->a = a;
+        f->b = b;
+        __threadfence_system();
+    }
+}
+
+// Sum of v over the block in a fixed order (warp shuffles, then warp 0 over the warp sums); every
+// thread gets the result. blockDim.x must be a multiple of 32, at most 1024. `shared` holds 32 floats.
+template <typename T>
+__device__ __forceinline__ T dsmoe_block_sum(T v, T *shared) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    __syncthreads(); // shared may still be read by a previous call
+    if (lane == 0) shared[warp] = v;
+    __syncthreads();
+    v = lane < nwarps ? shared[lane] : (T)0;
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+template <typename T>
+__device__ __forceinline__ T dsmoe_block_max(T v, T *shared) {
+    for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    __syncthreads();
+    if (lane == 0) shared[warp] = v;
+    __syncthreads();
+    v = lane < nwarps ? shared[lane] : shared[0];
+    for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Dispatches a templated launch on the activation dtype: DSMOE_CU_DISPATCH(dt, T, { launch<T>(...); }).
+#define DSMOE_CU_DISPATCH(dt, T, ...)                                                                      \
+    do {                                                                                                   \
+        if ((dt) == DSMOE_FLOAT32) {                                                                       \
+            typedef float T;                                                                               \
+            __VA_ARGS__                                                                                    \
+        } else {                                                                                           \
+            typedef __nv_bfloat16 T;                                                                       \
+            __VA_ARGS__                                                                                    \
+        }                                                                                                  \
+    } while (0)
+
+// Checks that dt is an activation dtype the cuda plugin computes (float32, bfloat16).
+static inline dsmoe_status dsmoe_cu_check_dtype(const dsmoe_cu_env *env, dsmoe_dtype dt, const char *op) {
+    if (dt == DSMOE_FLOAT32 || dt == DSMOE_BFLOAT16) return DSMOE_OK;
+    return dsmoe_cu_fail(env, DSMOE_ERR_UNSUPPORTED, "%s: dtype %s is not supported (float32 or bfloat16)", op,
+                         dsmoe_dtype_name(dt));
+}
+
+static inline unsigned dsmoe_cu_blocks(size_t n, unsigned threads) {
+    size_t b = (n + threads - 1) / threads;
+    return (unsigned)(b < 1 ? 1 : (b > 65535u * 32u ? 65535u * 32u : b));
+}
+
+#endif

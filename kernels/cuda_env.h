@@ -1,0 +1,63 @@
+// kernels/cuda_env.h: what every launcher in kernels/ receives from the cuda plugin (plugins/cuda/).
+// Plain C, so that the plugin's glue (C) and the device code (CUDA C++) share it.
+//
+// A launcher mirrors one member of dsmoe_kernel_plugin_v2 (include/dsmoe/kernel_plugin.h): the same
+// arguments in the same order, with (ctx, q) replaced by `const dsmoe_cu_env *env`. It checks shapes
+// and dtypes (returning DSMOE_ERR_INVALID / _UNSUPPORTED through dsmoe_cu_fail, which writes the
+// message), enqueues its kernels on env->stream and returns without synchronising. Scratch memory is
+// stream-ordered: cudaMallocAsync / cudaFreeAsync on env->stream (the plugin sets up the pool).
+// Errors in the DATA (a token id out of range, a count above its bound) are found by kernels: they
+// call dsmoe_cu_raise (kernels/cuda_common.cuh), which records the first fault in env->fault; the
+// plugin turns it into a sticky error at the next synchronisation.
+#ifndef DSMOE_KERNELS_CUDA_ENV_H
+#define DSMOE_KERNELS_CUDA_ENV_H
+#include <stddef.h>
+#include <stdint.h>
+#include <cuda_runtime_api.h>
+#include "dsmoe/kernel_plugin.h"
+
+DSMOE_EXTERN_C_BEGIN
+
+// Data faults a kernel can raise. The first one raised wins; the plugin reports it with its values.
+typedef enum dsmoe_cu_fault_code {
+    DSMOE_CU_FAULT_NONE = 0,
+    DSMOE_CU_FAULT_TOKEN_RANGE = 1,  // a = index, b = the token id (embedding: not in [0, V))
+    DSMOE_CU_FAULT_TARGET_RANGE = 2, // a = row, b = the target id (cross-entropy: not in [0, V))
+    DSMOE_CU_FAULT_COUNT_RANGE = 3,  // a = group, b = the count (grouped GEMM: not in [0, m_max])
+    DSMOE_CU_FAULT_KV_RANGE = 4,     // a = sequence, b = pos + T_new (negative pos, or above T_max)
+    DSMOE_CU_FAULT_CHOICE_RANGE = 5, // a = token, b = the expert id or slot (routing table: not in [0, E) / [-1, C))
+} dsmoe_cu_fault_code;
+
+// Written by device code (mapped, pinned host memory: the host reads it after a synchronisation).
+typedef struct dsmoe_cu_fault {
+    int32_t code;       // dsmoe_cu_fault_code; 0 = none
+    int32_t op;         // reserved (0)
+    long long a, b;
+} dsmoe_cu_fault;
+
+typedef struct dsmoe_cu_env {
+    cudaStream_t stream;   // where the launcher enqueues everything
+    dsmoe_cu_fault *fault; // device pointer to the context's fault record
+    int device;            // CUDA ordinal
+    int sm_count;          // multiprocessors of the device
+    int allow_tf32;        // GEMM family: float32 GEMMs may use TF32 tensor cores (setting "tf32")
+    void *cublas;          // GEMM family: cublasHandle_t bound to `stream`
+    void *cublaslt;        // GEMM family: cublasLtHandle_t
+    void *blas_workspace;  // GEMM family: cuBLAS workspace (blas_workspace_bytes), owned by the plugin
+    size_t blas_workspace_bytes;
+    char *msg;             // enqueue-time error message buffer (msg_len bytes), owned by the plugin
+    size_t msg_len;
+} dsmoe_cu_env;
+
+// Writes "op: message" into env->msg and returns st (st != DSMOE_OK). Defined in kernels/cuda_env.c.
+dsmoe_status dsmoe_cu_fail(const dsmoe_cu_env *env, dsmoe_status st, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+// After a launch: DSMOE_OK, or DSMOE_ERR_SYSTEM with "<op>: <cudaGetErrorString>" when the launch (or an
+// earlier asynchronous error) failed.
+dsmoe_status dsmoe_cu_check_launch(const dsmoe_cu_env *env, const char *op);
+// Same for the result of a CUDA runtime call.
+dsmoe_status dsmoe_cu_check(const dsmoe_cu_env *env, cudaError_t e, const char *what);
+
+DSMOE_EXTERN_C_END
+
+#endif
