@@ -3,7 +3,6 @@
 #define _GNU_SOURCE
 #include "checkpoint.h"
 
-#include <mpi.h> // the world-wide error agreement and rank 0 (host side)
 
 #include <dirent.h>
 #include <errno.h>
@@ -31,18 +30,8 @@ static void shape_string(const dsmoe_config *c, char *buf, size_t len) {
 
 // Every rank learns the outcome: rank 0's status and message if rank 0 failed (it writes the file),
 // else whether any other rank failed while staging its shard.
-static dsmoe_status share_status(dsmoe_status s, dsmoe_err *err) {
-    int rank;
-    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-    int codes[2] = {rank == 0 ? (int)s : 0, s != DSMOE_OK};
-    MPI_Allreduce(MPI_IN_PLACE, codes, 2, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
-    if (codes[0] != DSMOE_OK) {
-        MPI_Bcast(err->msg, (int)sizeof err->msg, MPI_CHAR, 0, MPI_COMM_WORLD);
-        err->status = (dsmoe_status)codes[0];
-        return err->status;
-    }
-    if (codes[1] && s == DSMOE_OK) return dsmoe_err_set(err, DSMOE_ERR_IO, "another rank failed while staging the checkpoint");
-    return s;
+static dsmoe_status share_status(const dsmoe_runtime *rt, dsmoe_status s, dsmoe_err *err) {
+    return dsmoe_ctl_root_status(rt->world_ctl, s, "another rank failed while staging the checkpoint", err);
 }
 
 static int is_checkpoint_name(const char *name, int *step) {
@@ -162,9 +151,8 @@ static dsmoe_status describe_file(dsmoe_model *m, const dsmoe_config *cfg, const
 dsmoe_status dsmoe_checkpoint_save(dsmoe_model *m, dsmoe_optimizer *opt, const dsmoe_config *cfg, const char *config_text,
                                    const dsmoe_train_position *pos, const char *dir, int keep, char *path_out,
                                    size_t path_len, dsmoe_err *err) {
-    int rank;
-    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
     dsmoe_runtime *rt = dsmoe_model_runtime(m);
+    int rank = dsmoe_ctl_rank(rt->world_ctl);
     stager g = {.m = m, .opt = opt};
     size_t most_global = 0, most_shard = 0;
     for (int i = 0; i < dsmoe_model_tensor_count(m); i++) {
@@ -182,7 +170,7 @@ dsmoe_status dsmoe_checkpoint_save(dsmoe_model *m, dsmoe_optimizer *opt, const d
     if (s == DSMOE_OK && (s = rt->kern->alloc(rt->kctx, dsmoe_model_local_params(m) * sizeof(float), 0, (void **)&g.moment)) != DSMOE_OK)
         dsmoe_err_set(err, s, "allocating checkpoint staging: %s", rt->kern->last_error(rt->kctx));
     // Staging is collective: a rank that could not allocate must not leave the others waiting in it.
-    s = share_status(s, err);
+    s = share_status(rt, s, err);
     char path[4096] = "";
     if (s == DSMOE_OK) {
         snprintf(path, sizeof path, "%s/step_%08d.safetensors", dir, pos->step);
@@ -210,7 +198,7 @@ dsmoe_status dsmoe_checkpoint_save(dsmoe_model *m, dsmoe_optimizer *opt, const d
     free(g.host);
     if (path_out) snprintf(path_out, path_len, "%s", path);
     // A failed write (rank 0) is everyone's error, with rank 0's message: the run stops cleanly.
-    s = share_status(s, err);
+    s = share_status(rt, s, err);
     if (s != DSMOE_OK) err->scope = DSMOE_SCOPE_COLLECTIVE;
     return s;
 }

@@ -105,6 +105,20 @@ dsmoe_status dsmoe_ctl_allreduce_i64(const dsmoe_ctl_group *g, int64_t *v, int n
     return rc == MPI_SUCCESS ? DSMOE_OK : mpi_failed(err, rc, "MPI_Allreduce of statistics");
 }
 
+dsmoe_status dsmoe_ctl_root_status(const dsmoe_ctl_group *g, dsmoe_status s, const char *others, dsmoe_err *err) {
+    int codes[2] = {g->rank == 0 ? (int)s : 0, s != DSMOE_OK};
+    int rc = MPI_Allreduce(MPI_IN_PLACE, codes, 2, MPI_INT, MPI_MAX, g->comm);
+    if (rc != MPI_SUCCESS) return mpi_failed(err, rc, "MPI_Allreduce of a status");
+    if (codes[0] != DSMOE_OK) {
+        rc = MPI_Bcast(err->msg, (int)sizeof err->msg, MPI_CHAR, 0, g->comm);
+        if (rc != MPI_SUCCESS) return mpi_failed(err, rc, "MPI_Bcast of rank 0's error");
+        err->status = (dsmoe_status)codes[0];
+        return err->status;
+    }
+    if (codes[1] && s == DSMOE_OK) return dsmoe_err_set(err, DSMOE_ERR_IO, "%s", others);
+    return s;
+}
+
 dsmoe_status dsmoe_ctl_gather_spaced(const dsmoe_ctl_group *g, const float *shard, size_t n, float *dst,
                                      dsmoe_err *err) {
     const size_t most = (size_t)1 << 30;

@@ -1,7 +1,7 @@
 // core/control.h: the control plane: every MPI call of the core's compute path lives behind this header.
 // defines: dsmoe_ctl_group, dsmoe_ctl_world, dsmoe_ctl_split, dsmoe_ctl_free, dsmoe_ctl_rank, dsmoe_ctl_size,
 //          dsmoe_ctl_bootstrap, dsmoe_ctl_allgather, dsmoe_ctl_allreduce_f64, dsmoe_ctl_allreduce_i64,
-//          dsmoe_ctl_gather_spaced, dsmoe_ctl_node_of_world
+//          dsmoe_ctl_gather_spaced, dsmoe_ctl_root_status, dsmoe_ctl_node_of_world
 //
 // The rule (docs/architecture.md): MPI is for set-up (group splits, node discovery, bootstraps for the
 // comm plugin) and host-side statistics (a few numbers in host memory). Tensors move only through the
@@ -41,6 +41,10 @@ dsmoe_status dsmoe_ctl_allreduce_i64(const dsmoe_ctl_group *g, int64_t *v, int n
 // datatype, so n may pass 2^31.
 dsmoe_status dsmoe_ctl_gather_spaced(const dsmoe_ctl_group *g, const float *shard, size_t n, float *dst,
                                      dsmoe_err *err);
+
+// Every member learns the outcome of a step that rank 0 leads (it writes a file): rank 0's status and
+// err message when rank 0 failed; else DSMOE_ERR_IO with `others` when another member failed; else s.
+dsmoe_status dsmoe_ctl_root_status(const dsmoe_ctl_group *g, dsmoe_status s, const char *others, dsmoe_err *err);
 
 // Collective over the world, once per process: this rank's node, nodes numbered in order of their first
 // world rank (the ranks that share memory: MPI_Comm_split_type SHARED).
