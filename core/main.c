@@ -78,6 +78,45 @@ static void print_plugin_settings(const dsmoe_runtime *rt) {
                    v[j]->origin[i]);
 }
 
+// --help keys, second part: the settings of every plugin on the search path ([kernel.NAME], [comm.NAME]).
+static void print_plugin_keys(void) {
+    printf("\nPlugin settings (docs/deck.md): in a [kernel.NAME] or [comm.NAME] section, as\n"
+           "DSMOE_KERNEL_<NAME>_<KEY> / DSMOE_COMM_<NAME>_<KEY>, or as kernel.NAME.key=value. The plugins on the\n"
+           "search path:\n");
+    static const char *const kinds[2] = {"kernel", "comm"};
+    static const char *const types[] = {"int", "float", "bool", "string", "enum"};
+    for (int j = 0; j < 2; j++) {
+        char names[64][64];
+        int n = dsmoe_plugin_list(kinds[j], "", names, 64);
+        for (int i = 0; i < n; i++) {
+            dsmoe_plugin_handle h;
+            memset(&h, 0, sizeof h);
+            dsmoe_err err = {0};
+            const dsmoe_param_decl *params = NULL;
+            int np = 0;
+            const dsmoe_kernel_plugin_v2 *k = NULL;
+            const dsmoe_comm_plugin_v2 *c = NULL;
+            dsmoe_status s = j == 0 ? dsmoe_plugin_load_kernel(names[i], "", &k, &h, &err)
+                                    : dsmoe_plugin_load_comm(names[i], "", &c, &h, &err);
+            printf("\n[%s.%s]", kinds[j], names[i]);
+            if (s != DSMOE_OK) {
+                printf("   (does not load here: %s)\n", err.msg);
+                continue;
+            }
+            params = k ? k->params : c->params;
+            np = k ? k->n_params : c->n_params;
+            printf("   (%s)%s\n", h.path, np == 0 ? ": no settings" : "");
+            for (int p = 0; p < np; p++) {
+                unsigned t = (unsigned)params[p].type;
+                printf("  %s.%s.%s = %s   (%s%s%s)\n      %s\n", kinds[j], names[i], params[p].name,
+                       params[p].default_value, t < 5 ? types[t] : "?", params[p].choices ? ": " : "",
+                       params[p].choices ? params[p].choices : "", params[p].help);
+            }
+            dsmoe_plugin_unload(&h);
+        }
+    }
+}
+
 // Rank 0 reads the file; everyone gets the text or rank 0's error.
 static dsmoe_status read_deck(const char *path, int rank, char **text, dsmoe_err *err) {
     long len = -1;
@@ -199,7 +238,10 @@ static int finish(dsmoe_status s, const dsmoe_err *err, int rank, int world_size
 int main(int argc, char **argv) {
     int check_only = 0, argi = 1;
     if (argc >= 2 && (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0)) {
-        if (argc >= 3 && strcmp(argv[2], "keys") == 0) dsmoe_config_print_keys(stdout);
+        if (argc >= 3 && strcmp(argv[2], "keys") == 0) {
+            dsmoe_config_print_keys(stdout);
+            print_plugin_keys();
+        }
         else usage(stdout);
         return 0;
     }

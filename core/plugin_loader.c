@@ -143,6 +143,16 @@ static void list_available(const char *kind, const char *path, name_list *out) {
     qsort(out->names, (size_t)out->n, sizeof out->names[0], cmp_names);
 }
 
+int dsmoe_plugin_list(const char *kind, const char *extra_path, char (*names)[64], int max) {
+    char path[8192];
+    dsmoe_plugin_search_path(extra_path, path, sizeof path);
+    name_list found;
+    list_available(kind, path, &found);
+    int n = found.n < max ? found.n : max;
+    for (int i = 0; i < n; i++) memcpy(names[i], found.names[i], sizeof names[i]);
+    return n;
+}
+
 static dsmoe_status not_found(const char *kind, const char *name, const char *path, dsmoe_err *err) {
     name_list avail;
     list_available(kind, path, &avail);

@@ -1,6 +1,6 @@
 // core/plugin_loader.h: finds, loads and checks comm and expert-kernel plugins.
 // defines: dsmoe_plugin_handle, dsmoe_plugin_load_kernel, dsmoe_plugin_load_comm, dsmoe_plugin_check_pair,
-//          dsmoe_plugin_unload, dsmoe_plugin_search_path
+//          dsmoe_plugin_unload, dsmoe_plugin_search_path, dsmoe_plugin_list
 //
 // A plugin named NAME of kind KIND ("kernel" or "comm") is the file libdsmoe_KIND_NAME.so. The search
 // path, in order: the directories in extra_path (':'-separated: the deck's run.plugin_path), then
@@ -48,6 +48,9 @@ dsmoe_status dsmoe_plugin_check_pair(const dsmoe_kernel_plugin_v2 *k, const dsmo
 // Frees the adapter (if any) and closes the file; every context made through the table must be
 // finalized first. NULL and a handle already unloaded are no-ops.
 void dsmoe_plugin_unload(dsmoe_plugin_handle *handle);
+
+// The names of the plugins of `kind` ("kernel" or "comm") on the search path, sorted, at most max.
+int dsmoe_plugin_list(const char *kind, const char *extra_path, char (*names)[64], int max);
 
 // Writes the search path for a kind into buf as "dir1:dir2:..." (for messages and --version).
 void dsmoe_plugin_search_path(const char *extra_path, char *buf, size_t len);

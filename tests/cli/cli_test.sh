@@ -57,6 +57,7 @@ DECK
 expect version 0 "kernel plugin ABI 2 \(symbol dsmoe_kernel_plugin_entry_v2; ABI 1 through an adapter\)" -- "$dsmoe" --version
 expect help 0 "usage: dsmoe" -- "$dsmoe" --help
 expect help-keys 0 "moe.capacity_factor" -- "$dsmoe" --help keys
+expect help-keys-plugins 0 "kernel.cpu.poison = 0 +\(bool\)" -- "$dsmoe" --help keys
 expect no-args nonzero "usage: dsmoe" -- "$dsmoe"
 # Plugin settings ([kernel.NAME] / [comm.NAME]): deck, environment and command line in rising priority,
 # checked against the plugin's declarations; another plugin's section is left alone.
