@@ -118,8 +118,9 @@ typedef enum dsmoe_epilogue {
 //   c_g (m[g], n) = alpha * a_g (m[g], k) @ op(b_w) + beta * c_g, then the epilogue,
 // with a_g = a + g * a_stride (elements), c_g = c + g * c_stride, aux_g = aux + g * c_stride (leading
 // dimension ldc), b_w = b + w * b_stride, op(b_w) = b_w^T when trans_b (b_w is (n, k), ldb) else b_w
-// ((k, n), ldb), bias_w = bias + w * bias_stride (float32). Rows m[g] .. m_max - 1 of a group are
-// neither read nor written. counts is DEVICE memory (the per-expert token counts stay on the device);
+// ((k, n), ldb), bias_w = bias + w * bias_stride (float32). Rows m[g] .. m_max - 1 of c_g and aux_g
+// are not written, and rows m[g] .. m_max - 1 of a_g do not affect the result (a plugin may read them,
+// so a_g holds m_max rows; their values may be anything, NaN included). counts is DEVICE memory (the per-expert token counts stay on the device);
 // a count outside [0, m_max] is a sticky error. The struct is host memory, consumed before return.
 typedef struct dsmoe_grouped_gemm {
     int groups;
@@ -186,7 +187,10 @@ typedef struct dsmoe_attention_shape {
 // counters[r] (host array of rows, consumed before return) so that a sequence's stream does not depend
 // on the batch it is in. temperature 0 = greedy (argmax, ties to the lowest id); else softmax of
 // logits / temperature restricted to the top_k largest (0 = all) and then to the smallest set whose
-// probability reaches top_p (1 = all), drawn by inverse CDF of dsmoe_rng_uniform(seed, counter).
+// probability reaches top_p (1 = all), drawn by inverse CDF of dsmoe_rng_uniform(seed, counter). The
+// candidates are in the order of descending logit, ties by ascending token id (NaN as -inf): top_k keeps
+// the first top_k of that order, top_p its shortest prefix, and the inverse CDF walks it, so every
+// plugin draws the same token for the same logits.
 typedef struct dsmoe_sampling_params {
     float temperature;
     int top_k;
@@ -282,7 +286,8 @@ typedef struct dsmoe_kernel_plugin_v2 {
 
     // --- GEMM (row-major, BLAS semantics, float32 accumulation) ---------------------------------------
     // c (m, n) = alpha * op(a) @ op(b) + beta * c; op(a) is (m, k), op(b) is (k, n); trans_a: a is stored
-    // (k, m) with leading dimension lda; likewise trans_b.
+    // (k, m) with leading dimension lda; likewise trans_b. a and b have the same dtype; c is float32 or
+    // that dtype (a plugin refuses other mixes with DSMOE_ERR_UNSUPPORTED).
     dsmoe_status (*gemm)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, int trans_a, int trans_b, int m, int n, int k,
                          float alpha, const void *a, dsmoe_dtype a_type, int lda, const void *b, dsmoe_dtype b_type,
                          int ldb, float beta, void *c, dsmoe_dtype c_type, int ldc);
@@ -302,7 +307,7 @@ typedef struct dsmoe_kernel_plugin_v2 {
     dsmoe_status (*axpy)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, void *y, float alpha, const void *x, dsmoe_dtype dt,
                          size_t n);
     // out (n) = in (n) * u, u ~ U(1-eps, 1+eps) drawn with dsmoe_rng_uniform(seed, offset + i). The same
-    // call on the gradient is the backward (dx = dout * u): pass the same seed and offset.
+    // call on the gradient is the backward (dx = dout * u): pass the same seed and offset. out may be in.
     dsmoe_status (*mul_uniform_noise)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, void *out, const void *in,
                                       dsmoe_dtype dt, size_t n, float eps, uint64_t seed, uint64_t offset);
     // out[0] (device float64) = sum of x[i]^2 (float32 x), summed in double with a fixed blocking.
@@ -310,15 +315,19 @@ typedef struct dsmoe_kernel_plugin_v2 {
     // (optional) out[0] (device int32) = 1 if every x[i] (type dt) is finite, else 0.
     dsmoe_status (*all_finite)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, const void *x, dsmoe_dtype dt, size_t n,
                                int32_t *out);
-    // (optional) Type conversion: dst (n, dst_type) = src (n, src_type), round-to-nearest-even.
+    // (optional) Type conversion: dst (n, dst_type) = src (n, src_type), round-to-nearest-even; a NaN
+    // stays a NaN (its payload unspecified). dst and src do not overlap unless they are the same buffer
+    // of the same type.
     dsmoe_status (*convert)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, void *dst, dsmoe_dtype dst_type,
                             const void *src, dsmoe_dtype src_type, size_t n);
     // Parameter initialisation on the device: dst (n, float32) per dsmoe_init_params.
     dsmoe_status (*init_tensor)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, float *dst, size_t n,
                                 const dsmoe_init_params *p);
 
-    // --- embedding: out (B*T, M) = wte[tokens] + wpe[pos0 + t] -----------------------------------------
-    // tokens (B*T) int32 in [0, V) (out of range: sticky error); wte (V, M), wpe (T_max, M) float32.
+    // --- embedding: out (B*T, M) = wte[tokens[r]] + wpe[r % T] ----------------------------------------
+    // tokens (B*T) int32 in [0, V) (out of range: sticky error); wte (V, M), wpe (at least T rows, M)
+    // float32. Position t of every sequence reads wpe row t: a caller that embeds tokens at position p
+    // passes wpe + p * M (decoding sequences at different positions takes one call per position).
     dsmoe_status (*embedding_forward)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, void *out, dsmoe_dtype dt,
                                       const int32_t *tokens, const float *wte, const float *wpe, int B, int T, int M,
                                       int V);
@@ -329,7 +338,7 @@ typedef struct dsmoe_kernel_plugin_v2 {
 
     // --- layer norm over the last dimension ---------------------------------------------------------
     // out (S, M) of type dt from in (S, M) of type dt; weight, bias (M) float32; mean, rstd (S) float32
-    // saved for the backward.
+    // saved for the backward (either may be NULL when no backward follows).
     dsmoe_status (*layernorm_forward)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, void *out, float *mean,
                                       float *rstd, const void *in, dsmoe_dtype dt, const float *weight,
                                       const float *bias, int S, int M, float eps);
