@@ -159,29 +159,28 @@ static dsmoe_status set_value(loader *L, int k, const char *text, int src, int l
     char whybuf[160];
     int prev_src = L->at[k].src, prev_line = L->at[k].line;
     L->at[k].src = src, L->at[k].line = line; // so where() names this source
-    int64_t iv;
+    int64_t iv = 0;
     double dv;
     switch (kd->type) {
-    case K_INT:
-        if (dsmoe_deck_parse_int(text, &iv) != 0) why = "expected an integer";
-        else if (iv < INT_MIN || iv > INT_MAX) why = "does not fit in a 32-bit integer";
+    case K_INT: {
+        int rc = dsmoe_deck_parse_int(text, &iv);
+        if (rc == -1) why = "expected an integer";
+        else if (rc != 0 || iv < INT_MIN || iv > INT_MAX) why = "does not fit in a 32-bit integer";
         else *(int *)field = (int)iv;
         break;
+    }
     case K_U64: {
-        char *end;
-        errno = 0;
-        unsigned long long u = strtoull(text, &end, 10);
-        if (text[0] == '-') why = "expected an integer >= 0";
-        else if (end != text && *end == '\0' && errno == 0) *(uint64_t *)field = u;
-        else if (dsmoe_deck_parse_int(text, &iv) == 0 && iv >= 0) *(uint64_t *)field = (uint64_t)iv;
-        else why = "expected an integer >= 0";
+        int rc = dsmoe_deck_parse_u64(text, (uint64_t *)field);
+        if (rc == -1) why = "expected an integer >= 0";
+        else if (rc != 0) why = "does not fit in a 64-bit integer";
         break;
     }
-    case K_FLOAT:
-        if (dsmoe_parse_scaled(text, &dv) != 0) why = "expected a number";
-        else if (!isfinite((float)dv)) why = "does not fit in a float";
-        else *(float *)field = (float)dv;
+    case K_FLOAT: {
+        int rc = dsmoe_deck_parse_float(text, (float *)field);
+        if (rc == -1) why = "expected a number";
+        else if (rc != 0) why = "does not fit in a float";
         break;
+    }
     case K_DURATION:
         if (dsmoe_parse_duration(text, &dv) != 0) why = "expected a duration (e.g. 30, 30s, 5min, 2h)";
         else *(double *)field = dv;
@@ -439,6 +438,49 @@ static dsmoe_status resolve_expert_parallel(loader *L, dsmoe_err *err) {
     return DSMOE_OK;
 }
 
+// Overflow-checked uint64_t arithmetic for the derived sizes: a flag, once set, stays set.
+static uint64_t mul_u64(uint64_t a, uint64_t b, int *over) {
+    uint64_t r;
+    if (__builtin_mul_overflow(a, b, &r)) *over = 1;
+    return r;
+}
+static uint64_t add_u64(uint64_t a, uint64_t b, int *over) {
+    uint64_t r;
+    if (__builtin_add_overflow(a, b, &r)) *over = 1;
+    return r;
+}
+
+// Bytes of the parameters with their gradients and AdamW moments (4 fp32 copies), counted as
+// core/memplan.c counts the model's tensors; 0 when that does not fit in int64_t (then nothing
+// that sizes or allocates them could either).
+static uint64_t state_bytes(const dsmoe_config *c) {
+    int over = 0;
+    uint64_t M = (uint64_t)c->hidden, F = (uint64_t)c->ffn_hidden, V = (uint64_t)c->vocab, T = (uint64_t)c->seq_len;
+    uint64_t ffn = add_u64(mul_u64(mul_u64(2, F, &over), M, &over), F + M, &over); // c_fc, c_proj
+    uint64_t n = add_u64(mul_u64(V + T, M, &over), 2 * M, &over);                  // wte, wpe, ln_f
+    for (int l = 0; l < c->layers && !over; l++) {
+        int mi = -1, moe = dsmoe_config_is_moe_layer(c, l, &mi);
+        n = add_u64(n, add_u64(mul_u64(4 * M, M, &over), 8 * M, &over), &over); // attention, layer norms
+        if (!moe || c->residual) n = add_u64(n, ffn, &over);
+        if (moe) n = add_u64(n, mul_u64((uint64_t)c->experts[mi], add_u64(ffn, M, &over), &over), &over);
+        if (moe && c->residual) n = add_u64(n, 2 * M + 2, &over);
+    }
+    uint64_t bytes = mul_u64(n, 4 * sizeof(float), &over);
+    return over || bytes > INT64_MAX ? 0 : bytes;
+}
+
+// Elements of one micro-step's activations (an upper bound of core/memplan.c's count, with backward
+// scratch), times 4 bytes; 0 when that does not fit in int64_t.
+static uint64_t activation_bytes(const dsmoe_config *c, uint64_t B) {
+    int over = 0;
+    uint64_t S = mul_u64(B, (uint64_t)c->seq_len, &over), L = (uint64_t)c->layers;
+    uint64_t per = add_u64(mul_u64(L + 18, (uint64_t)c->hidden, &over), mul_u64(2 * L + 2, (uint64_t)c->ffn_hidden, &over),
+                           &over);
+    per = add_u64(per, add_u64(mul_u64(4, (uint64_t)c->vocab, &over), 8 * L + 8, &over), &over);
+    uint64_t bytes = mul_u64(mul_u64(S, per, &over), sizeof(float), &over);
+    return over || bytes > INT64_MAX ? 0 : bytes;
+}
+
 static dsmoe_status validate(loader *L, int world_size, dsmoe_err *err) {
     dsmoe_config *c = &L->cfg;
     char pre[1200];
@@ -453,7 +495,15 @@ static dsmoe_status validate(loader *L, int world_size, dsmoe_err *err) {
     int k_hidden = KIDX("model.hidden"), k_heads = KIDX("model.heads");
     if (c->hidden % c->heads != 0)
         FAIL(k_hidden, k_heads, "model.hidden = %s: must be divisible by model.heads (%d)", L->at[k_hidden].text, c->heads);
-    if (c->ffn_hidden == 0) c->ffn_hidden = 4 * c->hidden;
+    int k_ffn = KIDX("model.ffn_hidden");
+    if (c->ffn_hidden == 0) {
+        if (c->hidden > INT_MAX / 4)
+            FAIL(k_hidden, k_ffn, "model.hidden = %s: model.ffn_hidden = 0 makes the FFN width 4 * model.hidden = %lld, "
+                 "which does not fit in a 32-bit integer", L->at[k_hidden].text, 4LL * c->hidden);
+        c->ffn_hidden = 4 * c->hidden;
+    }
+    int k_out = KIDX("run.output_dir");
+    if (c->output_dir[0] == '\0') FAIL(k_out, -1, "run.output_dir is empty: give a directory (the default is dsmoe_out)");
 
     int k_lr = KIDX("train.lr"), k_min_lr = KIDX("train.min_lr");
     if (c->min_lr > c->lr)
@@ -525,6 +575,24 @@ static dsmoe_status validate(loader *L, int world_size, dsmoe_err *err) {
              " (it would need %.3g accumulation steps)", L->at[k_batch].text, c->micro_batch, world_size, per_step,
              (double)c->batch / (double)per_step);
     }
+
+    // Derived sizes, so that a model too large to count fails here with its keys, not as a wrapped
+    // size in the allocator or the memory plan.
+    int k_layers = KIDX("model.layers");
+    if (state_bytes(c) == 0)
+        FAIL(k_hidden, k_layers, "model.hidden = %s: with model.layers = %d, model.vocab = %d, model.ffn_hidden = %d "
+             "and moe.experts = %s the parameters, their gradients and AdamW state (16 bytes each) need more than "
+             "2^63 bytes", L->at[k_hidden].text, c->layers, c->vocab, c->ffn_hidden, L->at[k_ex].text);
+    int k_seq = KIDX("model.seq_len");
+    uint64_t B = c->micro_batch > 0 ? (uint64_t)c->micro_batch : 1; // 0: world size not known yet, the least
+    if ((int64_t)B * c->seq_len > INT_MAX)
+        FAIL(k_seq, k_micro, "model.seq_len = %s: %" PRIu64 " sequences per micro-step x %d tokens = %" PRId64 " tokens, "
+             "more than a 32-bit count holds (lower train.micro_batch or model.seq_len)", L->at[k_seq].text, B,
+             c->seq_len, (int64_t)B * c->seq_len);
+    if (activation_bytes(c, B) == 0)
+        FAIL(k_seq, k_hidden, "model.seq_len = %s: the activations of %" PRIu64 " sequences per micro-step (model.hidden "
+             "= %d, model.ffn_hidden = %d, model.vocab = %d, model.layers = %d) need more than 2^63 bytes",
+             L->at[k_seq].text, B, c->hidden, c->ffn_hidden, c->vocab, c->layers);
 #undef FAIL
     return DSMOE_OK;
 }
@@ -566,28 +634,10 @@ dsmoe_status dsmoe_config_load_text(const char *deck_text, const char *deck_name
 dsmoe_status dsmoe_config_load(const char *deck_path, char *const *argv_overrides, int n_overrides, char *const *envp,
                                int world_size, dsmoe_config *cfg, dsmoe_config_sources **sources, dsmoe_err *err) {
     if (sources) *sources = NULL;
-    FILE *f = fopen(deck_path, "rb");
-    if (!f) return dsmoe_err_set(err, DSMOE_ERR_IO, "cannot open deck '%s': %s", deck_path, strerror(errno));
     char *text = NULL;
     size_t len = 0;
-    FILE *mem = open_memstream(&text, &len);
-    char buf[8192];
-    size_t n;
-    int bad = mem == NULL;
-    while (!bad && (n = fread(buf, 1, sizeof buf, f)) > 0) bad = fwrite(buf, 1, n, mem) != n;
-    bad = bad || ferror(f);
-    int e = errno;
-    fclose(f);
-    if (mem) fclose(mem);
-    if (bad) {
-        free(text);
-        return dsmoe_err_set(err, DSMOE_ERR_IO, "cannot read deck '%s': %s", deck_path, strerror(e));
-    }
-    if (!text) return dsmoe_err_set(err, DSMOE_ERR_NOMEM, "out of memory reading deck '%s'", deck_path);
-    if (strlen(text) != len) {
-        free(text);
-        return dsmoe_err_set(err, DSMOE_ERR_IO, "deck '%s' contains a NUL byte: is it a text file?", deck_path);
-    }
+    DSMOE_TRY(dsmoe_deck_read_file(deck_path, &text, &len, err));
+    if (strcmp(deck_path, "-") == 0) deck_path = "<stdin>"; // the name dsmoe_deck_read_file's messages use
     dsmoe_status st = dsmoe_config_load_text(text, deck_path, argv_overrides, n_overrides, envp, world_size, cfg,
                                              sources, err);
     free(text);
@@ -661,7 +711,11 @@ dsmoe_status dsmoe_config_print(FILE *out, const dsmoe_config *cfg, const dsmoe_
         fprintf(out, "%*s# ", width < 37 ? 40 - width : 3, "");
         char env[96];
         switch (sources->at[k].src) {
-        case SRC_DECK: fprintf(out, "deck %s:%d\n", sources->deck, sources->at[k].line); break;
+        case SRC_DECK:
+            fputs("deck ", out);
+            for (const char *p = sources->deck; *p; p++) fputc((unsigned char)*p < 0x20 ? '?' : *p, out); // a comment ends at a line end
+            fprintf(out, ":%d\n", sources->at[k].line);
+            break;
         case SRC_ENV: env_name(k, env, sizeof env); fprintf(out, "env %s\n", env); break;
         case SRC_CMDLINE: fprintf(out, "command line\n"); break;
         default: fprintf(out, "default\n"); break;

@@ -1,6 +1,7 @@
 // core/config.h: the resolved configuration of a run, and the registry of every tunable.
 // defines: dsmoe_config, dsmoe_capacity, dsmoe_config_load, dsmoe_config_print, dsmoe_config_to_text, dsmoe_config_print_keys,
-//          dsmoe_config_key_count, dsmoe_config_key, dsmoe_deck_parse and the deck value syntax (core/deck.c)
+//          dsmoe_config_key_count, dsmoe_config_key, dsmoe_deck_read_file, dsmoe_deck_parse and the deck
+//          value syntax (core/deck.c)
 //
 // Every key is declared once in config.c (name, type, default, range, help) and documented in
 // docs/deck.md. A key's value comes from, in rising priority: its default, the deck, the environment
@@ -39,6 +40,7 @@ typedef struct dsmoe_config {
     char kernel_backend[64];     // run.kernel_backend ("cpu")
     char comm_backend[64];       // run.comm_backend ("mpi")
     char plugin_path[1024];      // run.plugin_path (extra plugin directories, ':'-separated)
+    char signals[256];           // run.signals: names of the signals that checkpoint and stop (train.h)
 
     // [model]
     int vocab;                   // model.vocab
@@ -184,15 +186,30 @@ typedef dsmoe_status (*dsmoe_deck_entry_fn)(void *user, const char *section, con
 dsmoe_status dsmoe_deck_parse(const char *text, const char *deck_name, char *const *envp,
                               dsmoe_deck_entry_fn fn, void *user, dsmoe_err *err);
 
-// Deck value syntax (core/deck.c), shared by the loader and the printer. Parsers return 0, or -1
-// when text is not such a value.
-// Integer: plain digits (exact to 64 bits), or what dsmoe_parse_scaled takes ("4K", "4Ki", "1e3")
-// when that lands on an integer.
+// Reads the deck file at path completely: a regular file, or a pipe / FIFO / stdin ("-", named
+// "<stdin>" in messages) read to EOF. A FIFO is opened without blocking: one with no writer, or a
+// pipe that gives no data at all (or none for 30 s), is refused, as are directories and devices
+// (a terminal, /dev/zero). NUL bytes, invalid UTF-8 and more than 64 MiB are errors; the first two
+// name "<path>:<line>" (LF, CRLF and CR end lines). On success *text is a malloc'd NUL-terminated
+// copy of the *len bytes (no NUL inside), for dsmoe_config_load_text; on failure *text is NULL.
+dsmoe_status dsmoe_deck_read_file(const char *path, char **text, size_t *len, dsmoe_err *err);
+
+// Deck value syntax (core/deck.c), shared by the loader and the printer. Parsers return 0, -1 when
+// text is not such a value, and (the numbers) -2 when it is one that does not fit.
+// Integer: decimal digits with an optional sign, fraction, exponent and suffix, as
+// dsmoe_parse_int_strict reads them ("12", "-3", "4K", "4Ki", "1e3", "1.5K"), whose value is whole;
+// computed exactly (no wrap, no rounding, no hex); -2 outside int64_t.
 int dsmoe_deck_parse_int(const char *text, int64_t *out);
+// The same for 0 .. UINT64_MAX (-1 for a negative value).
+int dsmoe_deck_parse_u64(const char *text, uint64_t *out);
+// A float: dsmoe_parse_scaled's syntax ("3e-4", "1.5K"); read with strtof when there is no suffix,
+// so the printer's shortest digits read back exactly; -2 beyond the float range (or rounded to 0).
+int dsmoe_deck_parse_float(const char *text, float *out);
 // true/false, yes/no, on/off, 1/0, any case.
 int dsmoe_deck_parse_bool(const char *text, int *out);
 // moe.experts as written: one bare count for every MoE layer (all = 1; "0" = dense), or items
-// "count xN" (a bare count in a list is x1). On -1, *why says what is wrong. moe.expert_parallel
+// "count xN" (a bare count in a list is x1); counts are integers as dsmoe_deck_parse_int reads them
+// and must fit 32 bits. On -1, *why says what is wrong. moe.expert_parallel
 // uses the same syntax (config.c rejects its 0).
 typedef struct dsmoe_experts_list {
     int all, n;

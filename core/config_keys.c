@@ -27,6 +27,9 @@ const key_def dsmoe_config_keys[] = {
     KEY("run.kernel_backend", K_STRING, "cpu", kernel_backend, ANY, "expert-kernel plugin (libdsmoe_kernel_<name>.so)"),
     KEY("run.comm_backend", K_STRING, "mpi", comm_backend, ANY, "communication plugin (libdsmoe_comm_<name>.so)"),
     KEY("run.plugin_path", K_STRING, "", plugin_path, ANY, "extra plugin directories, ':'-separated"),
+    KEY("run.signals", K_STRING, "USR1,TERM", signals, ANY,
+        "signals that make every rank write a checkpoint at the next step boundary and exit with 75 (a second "
+        "one exits at once with 76): names from HUP INT QUIT USR1 USR2 TERM XCPU, comma-separated; '' = none"),
 
     KEY("model.vocab", K_INT, "256", vocab, GE(2), "vocabulary size (tokens 0 .. vocab-1)"),
     KEY("model.seq_len", K_INT, "128", seq_len, GE(1), "tokens per sequence (context length)"),

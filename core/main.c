@@ -37,7 +37,11 @@ static void usage(FILE *out) {
             "  --help keys     list every deck key with its type, default and meaning\n"
             "  --version       print the version, plugin ABI versions and the plugin search path\n"
             "\n"
-            "Launch with srun, mpiexec, or as a single process.\n");
+            "Launch with srun, mpiexec, or as a single process.\n"
+            "\n"
+            "Exit codes: 0 done; 1 error; 2 bad command line; 75 stopped by a run.signals signal (default USR1,\n"
+            "TERM) after writing a checkpoint: requeue with checkpoint.resume=auto; 76 a second signal ended it\n"
+            "at once (docs/parallel.md).\n");
 }
 
 static void print_version(void) {
@@ -119,33 +123,23 @@ static void print_plugin_keys(void) {
 
 // Rank 0 reads the file; everyone gets the text or rank 0's error.
 static dsmoe_status read_deck(const char *path, int rank, char **text, dsmoe_err *err) {
-    long len = -1;
+    long long hdr[2] = {0, DSMOE_OK}; // rank 0's {bytes, status}
     char *buf = NULL;
     if (rank == 0) {
-        FILE *f = fopen(path, "rb");
-        if (!f) {
-            dsmoe_err_set(err, DSMOE_ERR_IO, "cannot open deck '%s': %s", path, strerror(errno));
-        } else {
-            fseek(f, 0, SEEK_END);
-            len = ftell(f);
-            fseek(f, 0, SEEK_SET);
-            buf = malloc((size_t)len + 1);
-            if (!buf || fread(buf, 1, (size_t)len, f) != (size_t)len) {
-                dsmoe_err_set(err, DSMOE_ERR_IO, "cannot read deck '%s'", path);
-                len = -1;
-            }
-            fclose(f);
-        }
+        size_t n = 0;
+        hdr[1] = dsmoe_deck_read_file(path, &buf, &n, err); // to EOF (pipes too), NUL-free UTF-8, <= 64 MiB
+        hdr[0] = (long long)n;
     }
-    MPI_Bcast(&len, 1, MPI_LONG, 0, MPI_COMM_WORLD);
-    if (len < 0) {
+    MPI_Bcast(hdr, 2, MPI_LONG_LONG, 0, MPI_COMM_WORLD);
+    if (hdr[1] != DSMOE_OK) {
         free(buf);
         MPI_Bcast(err->msg, (int)sizeof err->msg, MPI_CHAR, 0, MPI_COMM_WORLD);
-        return err->status = DSMOE_ERR_IO;
+        return err->status = (dsmoe_status)hdr[1];
     }
-    if (rank != 0) buf = malloc((size_t)len + 1);
-    MPI_Bcast(buf, (int)len, MPI_CHAR, 0, MPI_COMM_WORLD);
-    buf[len] = '\0';
+    if (rank != 0 && !(buf = malloc((size_t)hdr[0] + 1)))
+        return dsmoe_err_set(err, DSMOE_ERR_NOMEM, "out of memory for the deck (%lld bytes)", hdr[0]);
+    MPI_Bcast(buf, (int)hdr[0], MPI_CHAR, 0, MPI_COMM_WORLD); // at most 64 MiB: fits an int
+    buf[hdr[0]] = '\0';
     *text = buf;
     return DSMOE_OK;
 }
@@ -286,7 +280,20 @@ int main(int argc, char **argv) {
     dsmoe_config_sources *sources = NULL;
     dsmoe_status s = read_deck(deck_path, rank, &deck_text, &err);
     if (s == DSMOE_OK)
-        s = dsmoe_config_load_text(deck_text, deck_path, overrides, n_overrides, NULL, world_size, &cfg, &sources, &err);
+        s = dsmoe_config_load_text(deck_text, strcmp(deck_path, "-") ? deck_path : "<stdin>", overrides, n_overrides,
+                                   NULL, world_size, &cfg, &sources, &err);
+    if (s != DSMOE_OK) {
+        if (rank == 0) fprintf(stderr, "dsmoe: error: %s\n", err.msg);
+        free(deck_text);
+        MPI_Finalize();
+        return 1;
+    }
+    // Walltime signals: from here on a signal is a request to checkpoint, not the end (train.h).
+    if (cfg.mode == DSMOE_MODE_TRAIN && !check_only) s = dsmoe_signals_install(&cfg, &err);
+    else {
+        int signos[16], n;
+        s = dsmoe_signals_parse(cfg.signals, signos, 16, &n, &err); // --check refuses a bad name too
+    }
     if (s != DSMOE_OK) {
         if (rank == 0) fprintf(stderr, "dsmoe: error: %s\n", err.msg);
         free(deck_text);
@@ -319,12 +326,14 @@ int main(int argc, char **argv) {
         print_plugin_settings(&rt);
         dsmoe_placement_print(stdout, pl, &cfg);
     }
+    int stopped = 0;
     if (s == DSMOE_OK && check_only) {
         if (rank == 0) printf("deck %s is valid\n", deck_path);
     } else if (s == DSMOE_OK) {
         dsmoe_train_result result;
         memset(&result, 0, sizeof result);
         s = dsmoe_train_run(&cfg, resolved, &rt, &result, &err);
+        stopped = result.stopped_signal != 0;
     }
     if (s != DSMOE_OK && err.scope != DSMOE_SCOPE_COLLECTIVE && world_size > 1)
         return finish(s, &err, rank, world_size); // without collective clean-up: other ranks may be mid-step
@@ -333,5 +342,6 @@ int main(int argc, char **argv) {
     dsmoe_config_sources_free(sources);
     free(resolved);
     free(deck_text);
-    return finish(s, &err, rank, world_size);
+    int rc = finish(s, &err, rank, world_size);
+    return rc == 0 && stopped ? DSMOE_EXIT_SIGNAL_CHECKPOINT : rc;
 }

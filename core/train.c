@@ -3,10 +3,14 @@
 #define _GNU_SOURCE
 #include "train.h"
 
+#include <ctype.h>
 #include <inttypes.h>
 #include <math.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
+#include <unistd.h>
 
 #include "checkpoint.h"
 #include "data.h"
@@ -127,6 +131,126 @@ static void format_hms(double s, char *buf, size_t len) {
     long t = (long)(s + 0.5);
     if (t >= 3600) snprintf(buf, len, "%ld:%02ld:%02ld", t / 3600, (t / 60) % 60, t % 60);
     else snprintf(buf, len, "%ld:%02ld", t / 60, t % 60);
+}
+
+// ----------------------------------------------------------------------------------------------------
+// walltime signals (train.h)
+
+static const struct {
+    const char *name;
+    int signo;
+} signal_names[] = {{"HUP", SIGHUP}, {"INT", SIGINT}, {"QUIT", SIGQUIT}, {"USR1", SIGUSR1},
+                    {"USR2", SIGUSR2}, {"TERM", SIGTERM}, {"XCPU", SIGXCPU}};
+#define N_SIGNAL_NAMES (int)(sizeof signal_names / sizeof signal_names[0])
+
+static volatile sig_atomic_t stop_signal; // the first signal received; 0 = none
+static int signals_installed;             // the same on every rank: the deck decides
+
+static const char *signal_name(int signo) {
+    for (int i = 0; i < N_SIGNAL_NAMES; i++)
+        if (signal_names[i].signo == signo) return signal_names[i].name;
+    return "?";
+}
+
+// Async-signal-safe: a flag, or write(2) and _exit(2) on the second signal.
+static void on_stop_signal(int signo) {
+    if (stop_signal) {
+        static const char msg[] = "dsmoe: second signal: exiting at once (76), without a checkpoint of this step\n";
+        ssize_t w = write(STDERR_FILENO, msg, sizeof msg - 1);
+        (void)w;
+        _exit(DSMOE_EXIT_SIGNAL_TWICE);
+    }
+    stop_signal = signo;
+}
+
+dsmoe_status dsmoe_signals_parse(const char *list, int *signos, int max, int *n, dsmoe_err *err) {
+    *n = 0;
+    const char *p = list;
+    while (*p) {
+        while (*p == ',' || isspace((unsigned char)*p)) p++;
+        if (!*p) break;
+        size_t len = strcspn(p, ", \t\n");
+        char word[32];
+        snprintf(word, sizeof word, "%.*s", (int)(len < sizeof word - 1 ? len : sizeof word - 1), p);
+        p += len;
+        if (strcasecmp(word, "none") == 0) continue;
+        const char *bare = strncasecmp(word, "SIG", 3) == 0 ? word + 3 : word;
+        int signo = 0;
+        for (int i = 0; i < N_SIGNAL_NAMES; i++)
+            if (strcasecmp(bare, signal_names[i].name) == 0) signo = signal_names[i].signo;
+        if (!signo || len >= sizeof word)
+            return dsmoe_err_set(err, DSMOE_ERR_INVALID,
+                                 "run.signals = %s: '%s' is not one of HUP INT QUIT USR1 USR2 TERM XCPU", list, word);
+        int seen = 0;
+        for (int i = 0; i < *n; i++) seen |= signos[i] == signo;
+        if (!seen && *n < max) signos[(*n)++] = signo;
+    }
+    return DSMOE_OK;
+}
+
+dsmoe_status dsmoe_signals_install(const dsmoe_config *cfg, dsmoe_err *err) {
+    int signos[N_SIGNAL_NAMES], n;
+    DSMOE_TRY(dsmoe_signals_parse(cfg->signals, signos, N_SIGNAL_NAMES, &n, err));
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_stop_signal;
+    sa.sa_flags = SA_RESTART; // MPI and file I/O carry on; the loop looks at the flag between steps
+    sigemptyset(&sa.sa_mask);
+    for (int i = 0; i < n; i++)
+        if (sigaction(signos[i], &sa, NULL) != 0)
+            return dsmoe_err_set(err, DSMOE_ERR_SYSTEM, "cannot handle SIG%s", signal_name(signos[i]));
+    signals_installed = n > 0;
+    return DSMOE_OK;
+}
+
+// At a step boundary: did any rank get a signal? v = (ranks that got one, ranks per signal name).
+// *signo: this rank's signal, else the one the others got (the lowest-numbered, should they differ).
+static dsmoe_status signals_agree(trainer *tr, int *signo, int *ranks, dsmoe_err *err) {
+    *signo = *ranks = 0;
+    if (!signals_installed) return DSMOE_OK;
+    int mine = stop_signal;
+    int64_t v[1 + N_SIGNAL_NAMES] = {mine != 0};
+    for (int i = 0; i < N_SIGNAL_NAMES; i++) v[1 + i] = signal_names[i].signo == mine;
+    DSMOE_TRY(dsmoe_ctl_allreduce_i64(tr->rt->world_ctl, v, 1 + N_SIGNAL_NAMES, err));
+    *ranks = (int)v[0];
+    *signo = mine;
+    for (int i = 0; i < N_SIGNAL_NAMES && !*signo; i++)
+        if (v[1 + i]) *signo = signal_names[i].signo;
+    return DSMOE_OK;
+}
+
+// On resume, rows after the checkpoint's step come from a run that went on past it (killed later, or
+// stopped by a signal after its last checkpoint.every): drop them, and a torn last line, so that each
+// step appears once. Writes through a temporary file and a rename. *has_header: the file has its header.
+static dsmoe_status trim_metrics(const char *path, int step, int *has_header, dsmoe_err *err) {
+    *has_header = 0;
+    FILE *f = fopen(path, "rb");
+    if (!f) return DSMOE_OK; // a new file: the caller writes the header
+    fseek(f, 0, SEEK_END);
+    long len = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *text = dsmoe_malloc((size_t)len + 1, "metrics file", err);
+    if (!text) {
+        fclose(f);
+        return err->status;
+    }
+    size_t got = fread(text, 1, (size_t)len, f);
+    fclose(f);
+    text[got] = '\0';
+    size_t keep = 0, at = 0; // keep: bytes of whole lines to keep, all of them at the start of the file
+    while (at < got) {
+        char *nl = memchr(text + at, '\n', got - at);
+        if (!nl) break; // torn line
+        size_t end = (size_t)(nl - text) + 1;
+        if (at == 0 && strncmp(text, "step,", 5) == 0) *has_header = 1;
+        else if (strtol(text + at, NULL, 10) > step) break;
+        keep = at = end;
+    }
+    dsmoe_status s = DSMOE_OK;
+    if (keep < got) printf("metrics: dropped %zu bytes of rows after step %d from %s\n", got - keep, step, path);
+    if (keep < got) s = dsmoe_write_file_atomic(path, text, keep, err);
+    free(text);
+    return s;
 }
 
 // ----------------------------------------------------------------------------------------------------
@@ -288,9 +412,11 @@ static dsmoe_status run(trainer *tr, const char *config_text, dsmoe_train_result
         DSMOE_TRY(dsmoe_write_file_atomic(path, config_text, strlen(config_text), err));
         if (c->metrics_file[0]) snprintf(path, sizeof path, "%s", c->metrics_file);
         else snprintf(path, sizeof path, "%s/metrics.csv", c->output_dir);
+        int has_header = 0;
+        if (resumed) DSMOE_TRY(trim_metrics(path, pos.step, &has_header, err));
         tr->metrics = fopen(path, resumed ? "a" : "w");
         if (!tr->metrics) return dsmoe_err_set(err, DSMOE_ERR_IO, "cannot open metrics file %s", path);
-        if (!resumed) metrics_header(tr);
+        if (!has_header) metrics_header(tr);
     }
     double t_start = dsmoe_now_seconds(), t_last = t_start;
     int first = pos.step, logged_from = pos.step;
@@ -330,10 +456,28 @@ static dsmoe_status run(trainer *tr, const char *config_text, dsmoe_train_result
             }
             metrics_row(tr, pos.step, &st, dsmoe_lr_at(c, step), gnorm, tok_s, elapsed, valid);
         }
-        if ((c->checkpoint_every > 0 && pos.step % c->checkpoint_every == 0) || (last && c->checkpoint_final)) {
+        int saved = (c->checkpoint_every > 0 && pos.step % c->checkpoint_every == 0) || (last && c->checkpoint_final);
+        if (saved) {
             DSMOE_TRY(dsmoe_checkpoint_save(tr->model, tr->opt, c, config_text, &pos, tr->ckpt_dir, c->checkpoint_keep,
                                             res->checkpoint, sizeof res->checkpoint, err));
             if (tr->rank == 0) printf("checkpoint: %s\n", res->checkpoint);
+        }
+        // A signal during the last step changes nothing: the run is complete.
+        int signo, ranks;
+        if (!last) DSMOE_TRY(signals_agree(tr, &signo, &ranks, err));
+        if (!last && ranks > 0) {
+            if (!saved)
+                DSMOE_TRY(dsmoe_checkpoint_save(tr->model, tr->opt, c, config_text, &pos, tr->ckpt_dir,
+                                                c->checkpoint_keep, res->checkpoint, sizeof res->checkpoint, err));
+            if (tr->rank == 0) {
+                if (!saved) printf("checkpoint: %s\n", res->checkpoint);
+                printf("stopped: SIG%s at step %d of %d (%d of %d ranks got a signal): exit code %d; resume with "
+                       "checkpoint.resume=auto\n", signal_name(signo), pos.step, c->steps, ranks,
+                       tr->rt->world_size, DSMOE_EXIT_SIGNAL_CHECKPOINT);
+                fflush(stdout);
+            }
+            res->stopped_signal = signo;
+            break;
         }
     }
     res->steps_done = pos.step;

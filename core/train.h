@@ -1,5 +1,6 @@
 // core/train.h: the training and evaluation driver.
-// defines: dsmoe_train_run, dsmoe_train_result, dsmoe_lr_at
+// defines: dsmoe_train_run, dsmoe_train_result, dsmoe_lr_at, dsmoe_signals_parse, dsmoe_signals_install,
+//          DSMOE_EXIT_SIGNAL_CHECKPOINT, DSMOE_EXIT_SIGNAL_TWICE
 //
 // One optimizer step = the deck's global batch (train.batch sequences) split over the ranks and
 // micro-batches: rank r, micro-step j takes samples step*batch + (j*ranks + r)*micro_batch + [0, micro_batch).
@@ -20,7 +21,22 @@ typedef struct dsmoe_train_result {
     double loss_bound;       // synthetic corpus: the achievable minimum; else -1
     double *loss_history;    // (steps) if the caller set it: training loss of each step run here
     char checkpoint[4096];   // the last checkpoint written ("" if none)
+    int stopped_signal;      // 0, or training stopped on a run.signals signal after steps_done, whose
+                             // checkpoint is written: this rank's signal, else one another rank got
 } dsmoe_train_result;
+
+// Walltime signals (run.signals, docs/parallel.md "Walltime signals and exit codes"). The handler only
+// records the signal; at the next step boundary the ranks agree (one host all-reduce) whether any got
+// one, write a checkpoint of that step, and dsmoe exits with DSMOE_EXIT_SIGNAL_CHECKPOINT, for a job
+// script to requeue with checkpoint.resume=auto. A second signal to a rank ends it at once, from the
+// handler, with DSMOE_EXIT_SIGNAL_TWICE (no checkpoint of the current step; earlier ones are kept).
+#define DSMOE_EXIT_SIGNAL_CHECKPOINT 75 // EX_TEMPFAIL: "try again", as sysexits.h has it
+#define DSMOE_EXIT_SIGNAL_TWICE 76
+// Reads run.signals: names from HUP INT QUIT USR1 USR2 TERM XCPU, any case, with or without SIG,
+// separated by commas or blanks; "" or "none" = no signal. Local.
+dsmoe_status dsmoe_signals_parse(const char *list, int *signos, int max, int *n, dsmoe_err *err);
+// Installs the handler for cfg->signals (process-wide; call once, before training). Local.
+dsmoe_status dsmoe_signals_install(const dsmoe_config *cfg, dsmoe_err *err);
 
 // Learning rate for a 0-based step: linear warm-up, then cosine/linear decay to min_lr, or constant.
 float dsmoe_lr_at(const dsmoe_config *cfg, int step);

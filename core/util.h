@@ -62,8 +62,14 @@ dsmoe_status dsmoe_mkdir_p(const char *path, dsmoe_err *err);
 double dsmoe_now_seconds(void);
 
 // "12", "4K", "1.5M", "2G" (powers of 1000; "Ki", "Mi", "Gi" are powers of 1024) -> value.
-// Returns 0 on success, -1 if text is not such a number.
+// Decimal only: no blanks, no hex ("0x1p4"), no "inf"/"nan". Returns 0 on success, -1 if text is not
+// such a number (or is not finite as a double).
 int dsmoe_parse_scaled(const char *text, double *out);
+// The same syntax read exactly as an integer: [+-]digits[.digits][e[+-]digits][K|M|G|T[i]], whose value
+// must be whole ("1.5K" = 1500, "1e3" = 1000, "2.5" is not). Computed in integers, never through a
+// double, so nothing rounds or wraps: *negative and *magnitude (|value| <= UINT64_MAX) get the value.
+// Returns 0, -1 when text is not such a whole number, -2 when |value| > UINT64_MAX.
+int dsmoe_parse_int_strict(const char *text, int *negative, uint64_t *magnitude);
 // "30", "30s", "5min", "2h", "1.5h" -> seconds. Returns 0 on success, -1 otherwise.
 int dsmoe_parse_duration(const char *text, double *out);
 

@@ -2,8 +2,10 @@
 # `sbatch --wait jobscripts/slurm.sbatch DECK key=value ...` in the local Slurm, as a user submits it:
 # the job's exit code is sbatch's; the script runs in the submit directory, passes the overrides on,
 # sets OMP_NUM_THREADS from --cpus-per-task, launches 4 ranks with srun; its USR1 trap (what
-# --signal=B:USR1@300 sends before the time limit; sent here with scancel) notes it and the run goes on
-# to the end; losses match a one-process reference. A job with a missing deck fails with its message.
+# --signal=B:USR1@300 sends before the time limit; sent here with scancel) forwards it through srun, all
+# 4 ranks checkpoint and the job exits 75 (DSMOE_REQUEUE=0: no scontrol requeue here); a second job with
+# checkpoint.resume=auto finishes, and the losses match a one-process reference with every step once. A
+# job with a missing deck fails with its message.
 # Skips (77) when no local Slurm runs (the slurm_start fixture starts it).
 # Usage: slurm_sbatch.sh <dsmoe> <source dir>
 source "$(dirname "$0")/common.sh"
@@ -14,6 +16,8 @@ script=$src/jobscripts/slurm.sbatch
 export DSMOE=$dsmoe
 # The local node declares 8 CPUs on fewer cores, so CPU binding cannot be real here.
 export DSMOE_CPU_BIND=none
+# The requeue itself is left out: a requeued job waits for the scheduler well past this test's time.
+export DSMOE_REQUEUE=0
 
 # submit <name> <args...>: sbatch --wait in the background; sets job (id), sb (sbatch's PID).
 submit() {
@@ -58,15 +62,26 @@ else
   scancel --batch --signal=USR1 "$job" && ok || fail "scancel --batch --signal=USR1 $job"
 fi
 collect train
-[ $rc -eq 0 ] && ok || { fail "sbatch --wait: exit $rc"; cat "$work/train.sbatch"; }
+[ $rc -eq 75 ] && ok || { fail "sbatch --wait: exit $rc, expected 75 (checkpoint on USR1)"; cat "$work/train.sbatch"; }
 has sbatch "$log" "^dsmoe job $job: 1 node\(s\) localhost, 4 tasks, 2 threads each: $dsmoe $deck train.steps=600 moe.expert_parallel=2 run.output_dir=sbatch_out$"
 has sbatch "$log" "^dsmoe [^ ]+: 4 ranks on 1 node \(4 per node; rank 0 on [^)]+\), launched by srun: Slurm job $job step 0, 1 node, tasks per node 4, 2 CPUs per task$"
 has sbatch "$log" "2 OpenMP threads"
-has sbatch-usr1 "$log" "^dsmoe job $job: [0-9:]+ SIGUSR1: walltime nearly over; dsmoe does not checkpoint on a signal yet"
-has sbatch "$log" "^dsmoe job $job: srun exited with 0$"
+has sbatch-usr1 "$log" "^dsmoe job $job: [0-9:]+ SIGUSR1: walltime nearly over: asking dsmoe for a checkpoint$"
+has sbatch-usr1 "$log" "^stopped: SIGUSR1 at step [0-9]+ of 600 \(4 of 4 ranks got a signal\): exit code 75"
+has sbatch-usr1 "$log" "^dsmoe job $job: srun exited with 75$"
 has sbatch "$work/sbatch_out/resolved.deck" "^expert_parallel = 2 +# command line$"
+step=$(sed -nE 's/^stopped: SIGUSR1 at step ([0-9]+) .*/\1/p' "$log")
+[ -n "$step" ] && finished sbatch-usr1 "$work/sbatch_out" "$step"
+
+submit resume "$deck" train.steps=600 moe.expert_parallel=2 run.output_dir=sbatch_out checkpoint.resume=auto
+collect resume
+[ $rc -eq 0 ] && ok || { fail "sbatch --wait (resume): exit $rc"; cat "$work/resume.sbatch"; }
+has sbatch-resume "$work/dsmoe-$job.out" "^resumed from .*step_0*$step.safetensors at step $step "
+has sbatch-resume "$work/dsmoe-$job.out" "^dsmoe job $job: srun exited with 0$"
 finished sbatch "$work/sbatch_out" 600
 same_metrics sbatch "$work/ref/metrics.csv" "$work/sbatch_out/metrics.csv"
+dups=$(tail -n +2 "$work/sbatch_out/metrics.csv" | cut -d, -f1 | sort | uniq -d | head -3)
+[ -z "$dups" ] && ok || fail "sbatch: steps logged twice in metrics.csv: $dups"
 
 submit missing "$work/nope.deck"
 collect missing

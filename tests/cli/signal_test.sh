@@ -1,0 +1,210 @@
+#!/usr/bin/env bash
+# Walltime signals (run.signals, docs/parallel.md): a tiny deck trains many steps on 1 and 2 ranks and is
+# sent SIGUSR1 / SIGTERM mid-run: to the process, to mpiexec (Open MPI forwards USR1 to every rank), and
+# to one rank of two only (the ranks must agree). Each must exit 75 after writing the checkpoint of the
+# step it names; a resume to the end must give the uninterrupted run's final tensors bit for bit and its
+# metrics.csv (timing columns aside) with every step once. Also: a second signal exits 76 at once, a run
+# killed (SIGKILL) after its last checkpoint.every resumes without duplicate rows, run.signals = "" leaves
+# a signal's default action, and a bad name is a deck error.
+# Usage: signal_test.sh <dsmoe> <source dir> <mpiexec> [mpiexec flags ...]
+set -u
+dsmoe=$1
+src=$2
+mpiexec=$3
+shift 3
+mpiflags=("$@")
+work=$(mktemp -d /tmp/dsmoe_signal.XXXXXX)
+trap '[ -n "${KEEP:-}" ] || rm -rf "$work"' EXIT
+unset DSMOE_PLUGIN_PATH
+export OMP_NUM_THREADS=1 OMPI_MCA_mpi_yield_when_idle=1 OMP_WAIT_POLICY=passive
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+steps=1500
+failures=0
+passes=0
+fail() { echo "FAIL: $*"; failures=$((failures + 1)); }
+ok() { passes=$((passes + 1)); }
+show() { grep -Ev '^[a-z_0-9]+ += ' "$1" | tail -n 15 | sed 's/^/  | /'; }
+
+deck="$work/tiny.deck"
+cat >"$deck" <<DECK
+[run]
+log_every = 1
+[model]
+vocab = 32
+seq_len = 8
+layers = 2
+hidden = 16
+heads = 2
+[moe]
+experts = 4
+[train]
+steps = $steps
+batch = 4
+eval_every = 100
+eval_batches = 1
+[data]
+synthetic_sources = 2
+synthetic_branching = 2
+[checkpoint]
+keep = 3
+DECK
+
+# launch <ranks> <log> args...: dsmoe in the background (a singleton for 1 rank); each rank writes its
+# pid to <log>.pid.<rank>. Sets $pid to the launcher's (or the singleton's) pid.
+launch() {
+  local ranks=$1 log=$2
+  shift 2
+  if [ "$ranks" = 1 ]; then
+    bash -c 'echo $$ >"$0.pid.0"; exec "$@"' "$log" "$dsmoe" "$deck" "$@" >"$log" 2>&1 &
+  else
+    "$mpiexec" "${mpiflags[@]}" -n "$ranks" bash -c 'echo $$ >"$0.pid.$OMPI_COMM_WORLD_RANK"; exec "$@"' \
+      "$log" "$dsmoe" "$deck" "$@" >"$log" 2>&1 &
+  fi
+  pid=$!
+}
+
+# wait_rows <metrics.csv> <rows>: until the run has logged that many steps (60 s at most).
+wait_rows() {
+  for _ in $(seq 1200); do
+    [ -f "$1" ] && [ "$(wc -l <"$1")" -gt "$2" ] && return 0
+    sleep 0.05
+  done
+  return 1
+}
+
+# tensors <checkpoint>: the safetensors data section (every tensor's bytes, after the JSON header, which
+# also holds the deck and so differs between a fresh and a resumed run).
+tensors() {
+  local n
+  n=$(od -An -tu8 -N8 "$1" | tr -d ' ')
+  tail -c +$((8 + n + 1)) "$1"
+}
+
+# same_run <name> <reference dir> <dir>: final checkpoint bitwise, metrics without the timing columns
+# (tokens_per_s, elapsed_s), each step once.
+same_run() {
+  local name=$1 ck
+  ck=$(printf 'checkpoints/step_%08d.safetensors' $steps)
+  if [ ! -s "$2/$ck" ] || [ ! -s "$3/$ck" ]; then fail "$name: missing $2/$ck or $3/$ck"; return; fi
+  if cmp -s <(tensors "$2/$ck") <(tensors "$3/$ck"); then ok; else fail "$name: final tensors differ from the uninterrupted run"; fi
+  if [ "$(tensors "$3/$ck" | wc -c)" -gt 1000 ]; then ok; else fail "$name: $3/$ck has no tensor data"; fi
+  if cmp -s <(cut -d, -f6,8 --complement "$2/metrics.csv") <(cut -d, -f6,8 --complement "$3/metrics.csv"); then ok
+  else fail "$name: metrics.csv differs from the uninterrupted run"
+    diff <(cut -d, -f1-5 "$2/metrics.csv") <(cut -d, -f1-5 "$3/metrics.csv") | head -5; fi
+  local dups rows
+  dups=$(tail -n +2 "$3/metrics.csv" | cut -d, -f1 | sort | uniq -d | head -3 | tr '\n' ' ')
+  rows=$(tail -n +2 "$3/metrics.csv" | wc -l)
+  [ -z "$dups" ] && [ "$rows" = $steps ] && ok || fail "$name: metrics.csv has $rows rows, repeated steps: '$dups'"
+}
+
+# interrupted <name> <ranks> <reference dir> <signal> <target: launcher|all|rank1>: signal mid-run,
+# expect 75 and the named step's checkpoint, resume to the end, compare with the reference.
+interrupted() {
+  local name=$1 ranks=$2 ref=$3 sig=$4 target=$5 out="$work/$1" rc step
+  launch "$ranks" "$out.log" run.output_dir="$out"
+  if ! wait_rows "$out/metrics.csv" 5; then fail "$name: no metrics rows"; kill -KILL $pid; wait $pid; show "$out.log"; return; fi
+  case $target in
+    launcher) kill -"$sig" $pid ;;
+    all) for f in "$out.log".pid.*; do kill -"$sig" "$(cat "$f")"; done ;;
+    rank1) kill -"$sig" "$(cat "$out.log.pid.1")" ;;
+  esac
+  wait $pid
+  rc=$?
+  [ $rc = 75 ] && ok || { fail "$name: exit $rc after SIG$sig, expected 75"; show "$out.log"; return; }
+  step=$(sed -nE "s/^stopped: SIG$sig at step ([0-9]+) of $steps \(([0-9]) of $ranks ranks got a signal\).*exit code 75.*/\1/p" "$out.log")
+  if [ -z "$step" ]; then fail "$name: no 'stopped: SIG$sig at step N' line"; show "$out.log"; return; fi
+  [ "$step" -ge 5 ] && [ "$step" -lt $steps ] && ok || fail "$name: stopped at step $step"
+  [ -s "$(printf '%s/checkpoints/step_%08d.safetensors' "$out" "$step")" ] && ok || fail "$name: no checkpoint of step $step"
+  [ "$(tail -1 "$out/metrics.csv" | cut -d, -f1)" = "$step" ] && ok || fail "$name: metrics.csv does not end at step $step"
+  if [ "$target" = rank1 ]; then
+    grep -q "(1 of 2 ranks got a signal)" "$out.log" && ok || fail "$name: not '1 of 2 ranks'"
+  fi
+  launch "$ranks" "$out.resume.log" run.output_dir="$out" checkpoint.resume=auto
+  wait $pid
+  rc=$?
+  [ $rc = 0 ] && ok || { fail "$name: resume exit $rc"; show "$out.resume.log"; return; }
+  grep -q "resumed from .*step_$(printf %08d "$step").safetensors at step $step" "$out.resume.log" && ok ||
+    fail "$name: did not resume from step $step"
+  same_run "$name" "$ref" "$out"
+}
+
+# References: uninterrupted runs on 1 and 2 ranks (capacity is per rank, so they differ).
+for r in 1 2; do
+  launch $r "$work/ref$r.log" run.output_dir="$work/ref$r"
+  wait $pid || { fail "reference run on $r ranks: exit $?"; show "$work/ref$r.log"; }
+done
+
+interrupted usr1-1rank 1 "$work/ref1" USR1 launcher
+interrupted term-1rank 1 "$work/ref1" TERM launcher
+interrupted usr1-mpiexec 2 "$work/ref2" USR1 launcher
+interrupted term-ranks 2 "$work/ref2" TERM all
+interrupted usr1-one-rank 2 "$work/ref2" USR1 rank1
+
+# A second signal before the first is handled: the handler exits at once with 76.
+out="$work/twice"
+launch 1 "$out.log" run.output_dir="$out"
+wait_rows "$out/metrics.csv" 5
+kill -USR1 $pid
+kill -TERM $pid
+wait $pid
+rc=$?
+[ $rc = 76 ] && ok || { fail "second signal: exit $rc, expected 76"; show "$out.log"; }
+grep -q "second signal: exiting at once (76)" "$out.log" && ok || fail "second signal: no message"
+
+# Killed outright after its last checkpoint.every: rows past that checkpoint are dropped on resume.
+out="$work/killed"
+launch 1 "$out.log" run.output_dir="$out" checkpoint.every=50
+wait_rows "$out/metrics.csv" 120
+kill -KILL $pid
+wait $pid
+last=$(tail -1 "$out/metrics.csv" | cut -d, -f1)
+ck=$(ls "$out/checkpoints" | grep -E '^step_[0-9]+\.safetensors$' | tail -1)
+[ -n "$ck" ] && [ "$last" -gt "$((10#${ck//[!0-9]/}))" ] && ok ||
+  fail "killed: expected rows after the last checkpoint ($ck, last row $last): the test did not test trimming"
+launch 1 "$out.resume.log" run.output_dir="$out" checkpoint.every=50 checkpoint.resume=auto
+wait $pid || { fail "killed: resume exit $?"; show "$out.resume.log"; }
+grep -q "^metrics: dropped .* after step" "$out.resume.log" && ok || fail "killed: resume did not say it dropped rows"
+same_run killed "$work/ref1" "$out"
+
+# run.signals = "": USR1 keeps its default action (the process dies of it).
+out="$work/nosig"
+launch 1 "$out.log" run.output_dir="$out" run.signals=
+wait_rows "$out/metrics.csv" 5
+kill -USR1 $pid
+wait $pid
+rc=$?
+[ $rc = $((128 + $(kill -l USR1))) ] && ok || fail "run.signals='': exit $rc, expected death by SIGUSR1"
+
+# The PBS job script's own walltime signal: a 2 s walltime with DSMOE_SIGNAL_BEFORE=1 sends USR1 to
+# mpiexec after about 1 s; dsmoe exits 75 and the script resubmits itself (a stand-in qsub records how).
+mkdir -p "$work/pbs/bin"
+printf 'localhost\nlocalhost\n' >"$work/pbs/nodefile"
+cat >"$work/pbs/bin/qsub" <<QSUB
+#!/usr/bin/env bash
+printf '%s\n' "\$@" >"$work/pbs/qsub.args"
+env | grep '^DSMOE' | sort >"$work/pbs/qsub.env"
+echo 4243.pbs-test
+QSUB
+chmod +x "$work/pbs/bin/qsub"
+(cd / && env PATH="$work/pbs/bin:$PATH" PBS_JOBID=4242.pbs-test PBS_O_WORKDIR="$work/pbs" PBS_NODEFILE="$work/pbs/nodefile" \
+   NCPUS=2 PBS_WALLTIME=2 DSMOE_SIGNAL_BEFORE=1 DSMOE="$dsmoe" DSMOE_BIND=none DSMOE_DECK="$deck" \
+   DSMOE_ARGS="run.output_dir=$work/pbs/out train.steps=100000" timeout 120 bash "$src/jobscripts/pbs.qsub") \
+  >"$work/pbs.log" 2>&1
+rc=$?
+[ $rc = 75 ] && ok || { fail "pbs.qsub walltime signal: exit $rc, expected 75"; show "$work/pbs.log"; }
+grep -Eq "^stopped: SIGUSR1 at step [0-9]+ of 100000 \(2 of 2 ranks" "$work/pbs.log" && ok || fail "pbs.qsub: dsmoe did not stop on USR1"
+grep -q "resubmitted as 4243.pbs-test" "$work/pbs.log" && ok || { fail "pbs.qsub: no resubmission"; show "$work/pbs.log"; }
+grep -qx "DSMOE_CHECKPOINT_RESUME=auto" "$work/pbs/qsub.env" 2>/dev/null && grep -qx "DSMOE_DECK=$deck" "$work/pbs/qsub.env" &&
+  grep -qx "DSMOE_ARGS=run.output_dir=$work/pbs/out train.steps=100000" "$work/pbs/qsub.env" && ok ||
+  fail "pbs.qsub: the resubmission lacks the deck, arguments or resume: $(cat "$work/pbs/qsub.env" 2>&1)"
+grep -q "DSMOE_CHECKPOINT_RESUME" "$work/pbs/qsub.args" 2>/dev/null && grep -qx "jobscripts/pbs.qsub" "$work/pbs/qsub.args" && ok ||
+  fail "pbs.qsub: qsub got $(tr '\n' ' ' <"$work/pbs/qsub.args" 2>&1)"
+
+out=$("$dsmoe" --check "$deck" run.signals=USR1,KILL 2>&1)
+rc=$?
+[ $rc = 1 ] && grep -q "run.signals = USR1,KILL: 'KILL' is not one of HUP INT QUIT USR1 USR2 TERM XCPU" <<<"$out" && ok ||
+  fail "bad run.signals: exit $rc, $out"
+"$dsmoe" --check "$deck" run.signals="sigusr2 xcpu" >/dev/null 2>&1 && ok || fail "run.signals='sigusr2 xcpu' refused"
+
+echo "$passes checks passed, $failures failed"
+[ $failures -eq 0 ]

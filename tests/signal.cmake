@@ -1,0 +1,6 @@
+# Walltime signals end to end (tests/cli/signal_test.sh): SIGUSR1/SIGTERM mid-run on 1 and 2 ranks (to the
+# process, to mpiexec, to one rank), exit code 75, the checkpoint of the named step, a bit-exact resume
+# with every metrics row once; a second signal's 76; rows after the checkpoint dropped on resume.
+add_test(NAME signal COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/cli/signal_test.sh $<TARGET_FILE:dsmoe> ${PROJECT_SOURCE_DIR}
+                             ${DSMOE_MPIEXEC} ${DSMOE_MPIEXEC_PREFLAGS})
+set_tests_properties(signal PROPERTIES TIMEOUT 300 LABELS cli)
