@@ -1,4 +1,6 @@
-// core/checkpoint.c: see checkpoint.h. Host-side gathers go through the control plane (control.h): checkpoint data is staged
+// core/checkpoint.c: see checkpoint.h. A file is verified whole (header, metadata ranges, every tensor's
+// CRC32C, finite values) before any parameter is overwritten, so a damaged checkpoint leaves the model as
+// it was; checkpoint.resume = auto takes the newest file that verifies. Host-side gathers go through the control plane (control.h): checkpoint data is staged
 // in host memory whatever the kernel plugin, and the comm plugin may accept device memory only.
 #define _GNU_SOURCE
 #include "checkpoint.h"
@@ -7,6 +9,10 @@
 #include <dirent.h>
 #include <errno.h>
 #include <inttypes.h>
+#include <limits.h>
+#include <math.h>
+#include <signal.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -44,6 +50,40 @@ static int cmp_int(const void *a, const void *b) {
     return (*(const int *)a > *(const int *)b) - (*(const int *)a < *(const int *)b);
 }
 
+// What dsmoe_checkpoint_find_latest skipped, said by rank 0 when that file is loaded (find_latest does
+// not know the rank and runs on every rank).
+static char latest_path[4096], skipped_note[8192];
+
+// step_<8 digits>.safetensors.tmp.<pid> (safetensors.c's temporary) of a save that never finished.
+static int is_stale_tmp(const char *name, long *pid) {
+    const char *mid = ".safetensors.tmp.";
+    if (strncmp(name, "step_", 5) != 0 || strlen(name) <= 13 + strlen(mid)) return 0;
+    for (int k = 5; k < 13; k++)
+        if (name[k] < '0' || name[k] > '9') return 0;
+    if (strncmp(name + 13, mid, strlen(mid)) != 0) return 0;
+    const char *digits = name + 13 + strlen(mid);
+    for (const char *q = digits; *q; q++)
+        if (*q < '0' || *q > '9') return 0;
+    *pid = strtol(digits, NULL, 10);
+    // A live process on this host may be writing it (another save into the same directory): left alone.
+    return *pid > 0 && *pid != (long)getpid() && kill((pid_t)*pid, 0) != 0 && errno == ESRCH;
+}
+
+void dsmoe_checkpoint_remove_stale(const char *dir) {
+    DIR *d = opendir(dir);
+    if (!d) return;
+    struct dirent *e;
+    long pid;
+    while ((e = readdir(d)))
+        if (is_stale_tmp(e->d_name, &pid)) {
+            char path[4400];
+            snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+            if (unlink(path) == 0)
+                printf("checkpoint: removed %s, left by an interrupted save (process %ld)\n", path, pid);
+        }
+    closedir(d);
+}
+
 static void prune(const char *dir, int keep) {
     DIR *d = opendir(dir);
     if (!d) return;
@@ -60,19 +100,45 @@ static void prune(const char *dir, int keep) {
     }
 }
 
+static dsmoe_status verify_file(const dsmoe_st_file *f, const char *path, dsmoe_train_position *pos, dsmoe_err *err);
+
 dsmoe_status dsmoe_checkpoint_find_latest(const char *dir, char *path, size_t len, dsmoe_err *err) {
-    path[0] = '\0';
+    path[0] = latest_path[0] = skipped_note[0] = '\0';
     DIR *d = opendir(dir);
     if (!d) return errno == ENOENT ? DSMOE_OK
                                    : dsmoe_err_set(err, DSMOE_ERR_IO, "cannot read checkpoint directory %s: %s", dir,
                                                    strerror(errno));
-    int best = -1, step;
+    static int steps[4096];
+    int n = 0;
     struct dirent *e;
-    while ((e = readdir(d)))
-        if (is_checkpoint_name(e->d_name, &step) && step > best) best = step;
+    while ((e = readdir(d)) && n < 4096)
+        if (is_checkpoint_name(e->d_name, &steps[n])) n++;
     closedir(d);
-    if (best >= 0) snprintf(path, len, "%s/step_%08d.safetensors", dir, best);
-    return DSMOE_OK;
+    qsort(steps, (size_t)n, sizeof steps[0], cmp_int);
+    size_t at = 0;
+    dsmoe_err first = {0}; // why the newest was refused
+    for (int i = n - 1; i >= 0; i--) {
+        char p[4096];
+        snprintf(p, sizeof p, "%s/step_%08d.safetensors", dir, steps[i]);
+        dsmoe_st_file *f = NULL;
+        dsmoe_err why = {0};
+        dsmoe_train_position pos;
+        dsmoe_status s = dsmoe_st_open(p, &f, &why);
+        if (s == DSMOE_OK) s = verify_file(f, p, &pos, &why);
+        dsmoe_st_close(f);
+        if (s == DSMOE_OK) {
+            snprintf(path, len, "%s", p);
+            snprintf(latest_path, sizeof latest_path, "%s", p);
+            return DSMOE_OK;
+        }
+        if (i == n - 1) first = why;
+        if (at < sizeof skipped_note)
+            at += (size_t)snprintf(skipped_note + at, sizeof skipped_note - at, "checkpoint: skipped %s, which does not "
+                                   "verify: %s\n", p, why.msg);
+    }
+    if (n == 0) return DSMOE_OK;
+    return dsmoe_err_set(err, DSMOE_ERR_IO, "checkpoint.resume = auto: none of the %d checkpoints in %s verifies; the "
+                         "newest: %s", n, dir, first.msg);
 }
 
 
@@ -179,6 +245,7 @@ dsmoe_status dsmoe_checkpoint_save(dsmoe_model *m, dsmoe_optimizer *opt, const d
                              : !w     ? dsmoe_err_set(err, DSMOE_ERR_NOMEM, "out of memory for the checkpoint writer")
                                       : describe_file(m, cfg, config_text, pos, w, err);
         if (rank == 0 && ready == DSMOE_OK) ready = dsmoe_mkdir_p(dir, err);
+        if (rank == 0 && ready == DSMOE_OK) dsmoe_checkpoint_remove_stale(dir);
         if (rank == 0 && ready == DSMOE_OK) {
             s = dsmoe_st_writer_commit_stream(w, path, stage_tensor, &g, err);
             if (s == DSMOE_OK) prune(dir, keep);
@@ -209,75 +276,121 @@ static dsmoe_status parse_u64_meta(const dsmoe_st_file *f, const char *path, con
     char *end;
     if (!v || !*v) return dsmoe_err_set(err, DSMOE_ERR_IO, "checkpoint %s: metadata '%s' is missing", path, key);
     errno = 0;
-    unsigned long long x = strtoull(v, &end, 10);
-    if (*end || errno) return dsmoe_err_set(err, DSMOE_ERR_IO, "checkpoint %s: metadata '%s' = '%s' is not a number", path, key, v);
+    unsigned long long x = strtoull(v, &end, 10); // strtoull takes a sign and wraps "-1": digits only
+    if (*end || errno || v[0] < '0' || v[0] > '9' || x > *out)
+        return dsmoe_err_set(err, DSMOE_ERR_IO, "checkpoint %s: metadata '%s' = '%s' is not a number in [0, %" PRIu64 "]",
+                             path, key, v, *out);
     *out = x;
     return DSMOE_OK;
+}
+
+// Everything that can be checked without the model: format, metadata ranges (in 64 bits: a step above
+// INT_MAX is refused, not wrapped), every tensor's checksum and, for F32 tensors, finite values.
+static dsmoe_status verify_file(const dsmoe_st_file *f, const char *path, dsmoe_train_position *pos, dsmoe_err *err) {
+    const char *fmt = dsmoe_st_meta(f, "format"), *ver = dsmoe_st_meta(f, "format_version");
+    if (!fmt || strcmp(fmt, CKPT_FORMAT) != 0)
+        return dsmoe_err_set(err, DSMOE_ERR_IO, "%s is not a dsmoe checkpoint (metadata format = '%s', expected '%s')",
+                             path, fmt ? fmt : "(none)", CKPT_FORMAT);
+    if (!ver || strcmp(ver, CKPT_VERSION) != 0)
+        return dsmoe_err_set(err, DSMOE_ERR_IO, "checkpoint %s has format version '%s'; this dsmoe reads version %s", path,
+                             ver ? ver : "(none)", CKPT_VERSION);
+    uint64_t step = INT_MAX;
+    pos->next_sample = INT64_MAX;
+    pos->seed = UINT64_MAX;
+    DSMOE_TRY(parse_u64_meta(f, path, "step", &step, err));
+    DSMOE_TRY(parse_u64_meta(f, path, "next_sample", &pos->next_sample, err));
+    DSMOE_TRY(parse_u64_meta(f, path, "seed", &pos->seed, err));
+    pos->step = (int)step;
+    float chunk[4096];
+    for (int i = 0; i < dsmoe_st_count(f); i++) {
+        const dsmoe_st_tensor *t = dsmoe_st_at(f, i);
+        DSMOE_TRY(dsmoe_st_verify(f, t, err));
+        if (t->dtype != DSMOE_ST_F32) continue;
+        size_t n = t->nbytes / sizeof(float);
+        for (size_t k = 0; k < n; k += 4096) { // through an aligned copy: mapped data may be unaligned
+            size_t m = n - k < 4096 ? n - k : 4096;
+            memcpy(chunk, (const char *)t->data + k * sizeof(float), m * sizeof(float));
+            for (size_t q = 0; q < m; q++)
+                if (!isfinite(chunk[q]))
+                    return dsmoe_err_set(err, DSMOE_ERR_IO, "checkpoint %s: tensor '%s' holds %s at element %zu: refused "
+                                         "(a diverged run or damaged data)", path, t->name, isnan(chunk[q]) ? "NaN" :
+                                         chunk[q] > 0 ? "+Inf" : "-Inf", k + q);
+        }
+    }
+    return DSMOE_OK;
+}
+
+// The file's tensor for (kind, model tensor i), checked against the model: present, F32, same shape.
+static dsmoe_status find_tensor(const dsmoe_st_file *f, const char *path, const dsmoe_param_tensor *t, int kind,
+                                const dsmoe_st_tensor **out, dsmoe_err *err) {
+    char name[160];
+    snprintf(name, sizeof name, "%s%s", kind_prefix[kind], t->name);
+    const dsmoe_st_tensor *ft = *out = dsmoe_st_find(f, name);
+    if (!ft) return dsmoe_err_set(err, DSMOE_ERR_IO, "checkpoint %s: tensor '%s' is missing", path, name);
+    int same = ft->dtype == DSMOE_ST_F32 && ft->ndim == t->ndim;
+    for (int d = 0; same && d < t->ndim; d++) same = ft->shape[d] == t->shape[d];
+    if (same) return DSMOE_OK;
+    char want[128] = "", got[128] = "";
+    for (int d = 0; d < t->ndim; d++)
+        snprintf(want + strlen(want), sizeof want - strlen(want), "%s%" PRId64, d ? ", " : "", t->shape[d]);
+    for (int d = 0; d < ft->ndim; d++)
+        snprintf(got + strlen(got), sizeof got - strlen(got), "%s%" PRId64, d ? ", " : "", ft->shape[d]);
+    return dsmoe_err_set(err, DSMOE_ERR_INVALID, "checkpoint %s: tensor '%s' is %s [%s], the deck's model needs F32 [%s]",
+                         path, name, dsmoe_st_dtype_name(ft->dtype), got, want);
 }
 
 dsmoe_status dsmoe_checkpoint_load(dsmoe_model *m, dsmoe_optimizer *opt, const dsmoe_config *cfg, const char *path,
                                    dsmoe_train_position *pos, dsmoe_err *err) {
     dsmoe_runtime *rt = dsmoe_model_runtime(m);
+    int rank = dsmoe_ctl_rank(rt->world_ctl), kinds = opt ? 3 : 1;
+    if (rank == 0 && latest_path[0] && strcmp(path, latest_path) == 0) { // chosen by checkpoint.resume = auto
+        fputs(skipped_note, stdout);
+        char dir[4096];
+        snprintf(dir, sizeof dir, "%s", path);
+        char *slash = strrchr(dir, '/');
+        if (slash) *slash = '\0';
+        dsmoe_checkpoint_remove_stale(slash ? dir : ".");
+    }
     dsmoe_st_file *f = NULL;
     DSMOE_TRY(dsmoe_st_open(path, &f, err));
-    dsmoe_status s = DSMOE_OK;
-    int with_optimizer = opt != NULL;
-    float *moment = NULL; // a moment in the parameters' layout, handed to the optimizer
-    if (with_optimizer && (s = rt->kern->alloc(rt->kctx, dsmoe_model_local_params(m) * sizeof(float), 0, (void **)&moment)) != DSMOE_OK)
-        dsmoe_err_set(err, s, "allocating checkpoint staging: %s", rt->kern->last_error(rt->kctx));
-    const char *fmt = dsmoe_st_meta(f, "format"), *ver = dsmoe_st_meta(f, "format_version");
+    // Read and verify everything first: nothing below the checks touches the model.
+    dsmoe_train_position got;
+    dsmoe_status s = verify_file(f, path, &got, err);
     char shape[1024];
     shape_string(cfg, shape, sizeof shape);
     const char *file_shape = dsmoe_st_meta(f, "model");
-    uint64_t step = 0;
-    if (!fmt || strcmp(fmt, CKPT_FORMAT) != 0)
-        s = dsmoe_err_set(err, DSMOE_ERR_IO, "%s is not a dsmoe checkpoint (metadata format = '%s', expected '%s')",
-                          path, fmt ? fmt : "(none)", CKPT_FORMAT);
-    else if (!ver || strcmp(ver, CKPT_VERSION) != 0)
-        s = dsmoe_err_set(err, DSMOE_ERR_IO, "checkpoint %s has format version '%s'; this dsmoe reads version %s", path,
-                          ver ? ver : "(none)", CKPT_VERSION);
-    else if (!file_shape || strcmp(file_shape, shape) != 0)
+    if (s == DSMOE_OK && (!file_shape || strcmp(file_shape, shape) != 0))
         s = dsmoe_err_set(err, DSMOE_ERR_INVALID,
                           "checkpoint %s holds a different model:\n  checkpoint: %s\n  deck:       %s", path,
                           file_shape ? file_shape : "(none)", shape);
-    if (s == DSMOE_OK) s = parse_u64_meta(f, path, "step", &step, err);
-    if (s == DSMOE_OK) s = parse_u64_meta(f, path, "next_sample", &pos->next_sample, err);
-    if (s == DSMOE_OK) s = parse_u64_meta(f, path, "seed", &pos->seed, err);
-    pos->step = (int)step;
-    for (int kind = 0; kind < (with_optimizer ? 3 : 1) && s == DSMOE_OK; kind++) {
+    const dsmoe_st_tensor *ft;
+    for (int kind = 0; kind < kinds && s == DSMOE_OK; kind++)
+        for (int i = 0; i < dsmoe_model_tensor_count(m) && s == DSMOE_OK; i++)
+            s = find_tensor(f, path, dsmoe_model_tensor(m, i), kind, &ft, err);
+    if (s == DSMOE_OK && rank == 0 && !dsmoe_st_has_checksums(f))
+        fprintf(stderr, "warning: checkpoint %s has no checksums (written before dsmoe recorded them): its tensor data "
+                "cannot be verified\n", path);
+    float *moment = NULL; // a moment in the parameters' layout, handed to the optimizer
+    if (s == DSMOE_OK && opt && (s = rt->kern->alloc(rt->kctx, dsmoe_model_local_params(m) * sizeof(float), 0, (void **)&moment)) != DSMOE_OK)
+        dsmoe_err_set(err, s, "allocating checkpoint staging: %s", rt->kern->last_error(rt->kctx));
+    for (int kind = 0; kind < kinds && s == DSMOE_OK; kind++) {
         for (int i = 0; i < dsmoe_model_tensor_count(m) && s == DSMOE_OK; i++) {
             const dsmoe_param_tensor *t = dsmoe_model_tensor(m, i);
-            char name[160];
-            snprintf(name, sizeof name, "%s%s", kind_prefix[kind], t->name);
-            const dsmoe_st_tensor *ft = dsmoe_st_find(f, name);
-            if (!ft) {
-                s = dsmoe_err_set(err, DSMOE_ERR_IO, "checkpoint %s: tensor '%s' is missing", path, name);
-                break;
-            }
-            int same = ft->dtype == DSMOE_ST_F32 && ft->ndim == t->ndim;
-            for (int d = 0; same && d < t->ndim; d++) same = ft->shape[d] == t->shape[d];
-            if (!same) {
-                char want[128] = "", got[128] = "";
-                for (int d = 0; d < t->ndim; d++)
-                    snprintf(want + strlen(want), sizeof want - strlen(want), "%s%" PRId64, d ? ", " : "", t->shape[d]);
-                for (int d = 0; d < ft->ndim; d++)
-                    snprintf(got + strlen(got), sizeof got - strlen(got), "%s%" PRId64, d ? ", " : "", ft->shape[d]);
-                s = dsmoe_err_set(err, DSMOE_ERR_INVALID, "checkpoint %s: tensor '%s' is %s [%s], the deck's model needs F32 [%s]",
-                                  path, name, dsmoe_st_dtype_name(ft->dtype), got, want);
-                break;
-            }
+            s = find_tensor(f, path, t, kind, &ft, err);
             // Staged through an aligned host copy: mapped data need not be 4-byte aligned.
-            float *tmp = dsmoe_malloc(t->numel * sizeof(float), "checkpoint load", err);
-            if (!tmp) { s = err->status; break; }
+            float *tmp = s == DSMOE_OK ? dsmoe_malloc(t->numel * sizeof(float), "checkpoint load", err) : NULL;
+            if (s == DSMOE_OK && !tmp) s = err->status;
+            if (s != DSMOE_OK) break;
             memcpy(tmp, (const char *)ft->data + t->shard_begin * sizeof(float), t->numel * sizeof(float));
             float *dest = kind ? moment : dsmoe_model_params(m);
             s = rt->kern->copy_to_device(rt->kctx, rt->q, dest + t->offset, tmp, t->numel * sizeof(float));
-            if (s != DSMOE_OK) dsmoe_err_set(err, s, "loading %s: %s", name, rt->kern->last_error(rt->kctx));
+            if (s != DSMOE_OK) dsmoe_err_set(err, s, "loading %s: %s", ft->name, rt->kern->last_error(rt->kctx));
             free(tmp);
         }
         if (kind > 0 && s == DSMOE_OK) s = dsmoe_optimizer_set_state(opt, kind - 1, moment, err);
     }
-    rt->kern->free(rt->kctx, moment);
+    if (s == DSMOE_OK) *pos = got;
+    if (moment) rt->kern->free(rt->kctx, moment);
     dsmoe_st_close(f);
     return s; // local: the caller agrees on the outcome
 }

@@ -1,5 +1,6 @@
 // core/checkpoint.h: model checkpoints as one safetensors file (docs/checkpoint.md).
-// defines: dsmoe_checkpoint_save, dsmoe_checkpoint_load, dsmoe_checkpoint_find_latest
+// defines: dsmoe_checkpoint_save, dsmoe_checkpoint_load, dsmoe_checkpoint_find_latest,
+//          dsmoe_checkpoint_remove_stale
 //
 // One file per checkpoint, global tensor names whatever the rank layout: parameters under their
 // model names, AdamW moments as "optim.exp_avg.<name>" and "optim.exp_avg_sq.<name>", and metadata
@@ -28,12 +29,23 @@ dsmoe_status dsmoe_checkpoint_save(dsmoe_model *model, dsmoe_optimizer *opt, con
 
 // Loads parameters (and, if opt is not NULL, the AdamW moments) and the position from path. Not
 // collective: every rank maps the file and takes its shard; the caller agrees on the outcome.
-// Refuses a file that is not a dsmoe checkpoint, or whose tensors are missing or have other shapes
-// than the deck's model, naming the tensor and both shapes.
+// The whole file is verified before anything is overwritten (a refused file leaves model, opt and pos
+// as they were): refuses a file that is not a dsmoe checkpoint, whose header is malformed, whose
+// tensors fail their CRC32C or hold NaN/Inf, whose step/next_sample/seed are not numbers in range
+// (step <= INT_MAX), or whose tensors are missing or have other shapes than the deck's model, naming
+// the file and the tensor or field. A file without checksums (older dsmoe) loads with a warning (rank 0).
+// When path is what dsmoe_checkpoint_find_latest returned last, rank 0 first says which newer files it
+// skipped and removes stale temporaries in that directory.
 dsmoe_status dsmoe_checkpoint_load(dsmoe_model *model, dsmoe_optimizer *opt, const dsmoe_config *cfg,
                                    const char *path, dsmoe_train_position *pos, dsmoe_err *err);
 
-// Newest step_*.safetensors in dir into path; returns DSMOE_OK with path[0] = 0 when there is none.
+// Newest step_*.safetensors in dir that verifies (as dsmoe_checkpoint_load does, but for the model's
+// shape) into path; DSMOE_OK with path[0] = 0 when there is none; DSMOE_ERR_IO, with why the newest
+// was refused, when there are some and none verifies. Reads every candidate whole; local, no output.
 dsmoe_status dsmoe_checkpoint_find_latest(const char *dir, char *path, size_t len, dsmoe_err *err);
+
+// Removes step_<8 digits>.safetensors.tmp.<pid> files in dir whose process is gone (saves that were
+// interrupted), printing a line for each. Call on one rank; dsmoe_checkpoint_save does (rank 0).
+void dsmoe_checkpoint_remove_stale(const char *dir);
 
 #endif

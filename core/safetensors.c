@@ -1,7 +1,9 @@
 // core/safetensors.c: see safetensors.h and docs/checkpoint.md (section "The file format").
 // The writer streams header and tensors into `<path>.tmp.<pid>`, fsyncs, renames over path and fsyncs
 // the directory, so a checkpoint of hundreds of MB never sits in one buffer and an existing file is
-// replaced whole or not at all. The reader maps the file read-only and parses the JSON header with a
+// replaced whole or not at all. The CRC32C of each tensor is computed over the bytes as they are written
+// and lands in the header's metadata: the header is written first with placeholders of the same width
+// and rewritten in place once the data is out, before the fsync. The reader maps the file read-only and parses the JSON header with a
 // small strict parser (objects, arrays, strings with escapes, numbers; true/false/null are refused).
 // Assumes a little-endian host (x86-64, AArch64): tensor bytes are written and exposed as they are.
 #define _GNU_SOURCE
@@ -11,6 +13,7 @@
 #include <fcntl.h>
 #include <inttypes.h>
 #include <libgen.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -46,6 +49,37 @@ static uint64_t tensor_bytes(dsmoe_st_dtype dtype, int ndim, const int64_t *shap
     return *overflow ? 0 : (uint64_t)n;
 }
 
+// CRC32C, slicing by 8: crc_table[k][b] is the CRC of byte b followed by k zero bytes, so eight bytes
+// are folded per step with eight lookups.
+static uint32_t crc_table[8][256];
+static pthread_once_t crc_once = PTHREAD_ONCE_INIT;
+
+static void crc_init(void) {
+    for (uint32_t b = 0; b < 256; b++) {
+        uint32_t c = b;
+        for (int k = 0; k < 8; k++) c = c & 1 ? (c >> 1) ^ 0x82F63B78u : c >> 1;
+        crc_table[0][b] = c;
+    }
+    for (int k = 1; k < 8; k++)
+        for (int b = 0; b < 256; b++) crc_table[k][b] = (crc_table[k - 1][b] >> 8) ^ crc_table[0][crc_table[k - 1][b] & 0xff];
+}
+
+uint32_t dsmoe_crc32c(uint32_t crc, const void *data, size_t n) {
+    pthread_once(&crc_once, crc_init);
+    const uint8_t *p = data;
+    uint32_t c = ~crc;
+    for (; n >= 8; n -= 8, p += 8) { // little-endian host (see the top of this file)
+        uint64_t w;
+        memcpy(&w, p, 8);
+        w ^= c;
+        c = crc_table[7][w & 0xff] ^ crc_table[6][(w >> 8) & 0xff] ^ crc_table[5][(w >> 16) & 0xff] ^
+            crc_table[4][(w >> 24) & 0xff] ^ crc_table[3][(w >> 32) & 0xff] ^ crc_table[2][(w >> 40) & 0xff] ^
+            crc_table[1][(w >> 48) & 0xff] ^ crc_table[0][w >> 56];
+    }
+    for (; n > 0; n--, p++) c = (c >> 8) ^ crc_table[0][(c ^ *p) & 0xff];
+    return ~c;
+}
+
 // Makes room for element n of the array *pp (capacity *cap, doubling); -1 when out of memory.
 static int grow(void *pp, int n, int *cap, size_t elem) {
     if (n < *cap) return 0;
@@ -74,6 +108,7 @@ typedef struct st_entry {
     int64_t shape[DSMOE_ST_MAX_DIMS];
     const void *data; // borrowed until commit
     uint64_t nbytes;
+    uint32_t crc;     // of the bytes written (commit)
 } st_entry;
 
 struct dsmoe_st_writer {
@@ -124,6 +159,9 @@ dsmoe_status dsmoe_st_writer_add(dsmoe_st_writer *w, const char *name, dsmoe_st_
 
 dsmoe_status dsmoe_st_writer_meta(dsmoe_st_writer *w, const char *key, const char *value, dsmoe_err *err) {
     if (!key || !value) return dsmoe_err_set(err, DSMOE_ERR_INVALID, "safetensors: metadata key and value must not be NULL");
+    if (strncmp(key, DSMOE_ST_CRC_PREFIX, strlen(DSMOE_ST_CRC_PREFIX)) == 0)
+        return dsmoe_err_set(err, DSMOE_ERR_INVALID, "safetensors: metadata key '%s': the prefix " DSMOE_ST_CRC_PREFIX
+                             " is the writer's (tensor checksums)", key);
     for (int i = 0; i < w->nm; i++)
         if (strcmp(w->meta[2 * i], key) == 0)
             return dsmoe_err_set(err, DSMOE_ERR_INVALID, "safetensors: metadata key '%s' set twice", key);
@@ -182,10 +220,12 @@ static void sb_json(sbuf *b, const char *s) {
 }
 
 // The header: JSON padded with spaces so that 8 + length is a multiple of 8; offsets in insertion order.
+// The metadata ends with "crc32c.<name>": "<8 hex digits>" per tensor (fixed width: the header is
+// rebuilt with the real values after the data is written, and must keep its length).
 static int build_header(const dsmoe_st_writer *w, sbuf *b) {
     char num[64];
     sb_str(b, "{");
-    if (w->nm > 0) {
+    if (w->nm > 0 || w->n > 0) {
         sb_str(b, "\"__metadata__\":{");
         for (int i = 0; i < w->nm; i++) {
             if (i) sb_str(b, ",");
@@ -193,12 +233,23 @@ static int build_header(const dsmoe_st_writer *w, sbuf *b) {
             sb_str(b, ":");
             sb_json(b, w->meta[2 * i + 1]);
         }
+        for (int i = 0; i < w->n; i++) {
+            sbuf key = {0};
+            sb_str(&key, DSMOE_ST_CRC_PREFIX);
+            sb_str(&key, w->t[i].name);
+            if (key.oom) b->oom = 1;
+            if (i || w->nm) sb_str(b, ",");
+            if (!key.oom) sb_json(b, key.p);
+            free(key.p);
+            snprintf(num, sizeof num, ":\"%08" PRIx32 "\"", w->t[i].crc);
+            sb_str(b, num);
+        }
         sb_str(b, "}");
     }
     uint64_t off = 0;
     for (int i = 0; i < w->n; i++) {
         const st_entry *e = &w->t[i];
-        if (i || w->nm) sb_str(b, ",");
+        sb_str(b, ",");
         sb_json(b, e->name);
         sb_str(b, ":{\"dtype\":\"");
         sb_str(b, dtypes[e->dtype].name);
@@ -243,6 +294,7 @@ dsmoe_status dsmoe_st_writer_commit_stream(dsmoe_st_writer *w, const char *path,
     for (int i = 0; i < w->n; i++)
         if (!w->t[i].data && w->t[i].nbytes > 0 && !source)
             return dsmoe_err_set(err, DSMOE_ERR_INVALID, "safetensors: tensor '%s': data is NULL", w->t[i].name);
+    for (int i = 0; i < w->n; i++) w->t[i].crc = 0; // placeholders, rewritten below
     sbuf hdr = {0};
     int oom = build_header(w, &hdr) != 0;
     uint8_t len8[8];
@@ -255,7 +307,17 @@ dsmoe_status dsmoe_st_writer_commit_stream(dsmoe_st_writer *w, const char *path,
         const void *data = w->t[i].data;
         if (!data && w->t[i].nbytes > 0 && src == DSMOE_OK) src = source(user, i, &data, err);
         else if (!data && w->t[i].nbytes > 0) source(user, i, &data, NULL); // keep the source's collectives going
-        if (ok && src == DSMOE_OK) ok = write_all(fd, data, w->t[i].nbytes) == 0, e = errno;
+        if (ok && src == DSMOE_OK) {
+            w->t[i].crc = dsmoe_crc32c(0, data, w->t[i].nbytes);
+            ok = write_all(fd, data, w->t[i].nbytes) == 0, e = errno;
+        }
+    }
+    if (ok && src == DSMOE_OK) { // the header again, with the checksums, over the placeholders
+        sbuf final = {0};
+        step = "write";
+        if (build_header(w, &final) != 0 || final.len != hdr.len) ok = 0, oom = 1;
+        else if (pwrite(fd, final.p, final.len, 8) != (ssize_t)final.len) ok = 0, e = errno ? errno : EIO;
+        free(final.p);
     }
     if (ok && src == DSMOE_OK && fsync(fd) != 0) ok = 0, step = "flush", e = errno;
     free(hdr.p);
@@ -281,6 +343,8 @@ struct dsmoe_st_file {
     char *path;
     void *map;
     size_t len;
+    uint64_t hlen;      // the header's declared length: the data buffer is [8 + hlen, len)
+    int checksums;      // every tensor has a recorded CRC32C (0: none has)
     dsmoe_st_tensor *t; // (n) in data-offset order
     uint64_t *begin;    // (n) data offsets, for messages
     int n, cap, capb;
@@ -575,8 +639,17 @@ static dsmoe_status parse_header(jp *j, dsmoe_st_file *f) {
         DSMOE_TRY(s);
         if ((more = jnext(j, '}')) < 0) return DSMOE_ERR_IO;
     }
-    jws(j);
+    // The declared length ends at the closing brace or at the format's padding after it: fewer than 8
+    // spaces that make the length a multiple of 8. Anything else means the length is wrong (a length a
+    // few bytes short would otherwise still parse, and every tensor would be read shifted).
+    const char *close = j->p;
+    while (j->p < j->end && *j->p == ' ') j->p++;
     if (j->p != j->end) return jfail(j, "only spaces after the header's closing '}'");
+    size_t pad = (size_t)(j->end - close), hlen = (size_t)(j->end - j->s);
+    if (pad >= 8 || (pad > 0 && hlen % 8 != 0))
+        return dsmoe_err_set(j->err, DSMOE_ERR_IO, "%s: header length %zu leaves %zu padding spaces after the JSON "
+                             "(which ends at byte %zu); safetensors pads with fewer than 8 up to a multiple of 8, so the "
+                             "length is wrong (damaged file?)", j->path, hlen, pad, (size_t)(close - j->s) + 8);
     return DSMOE_OK;
 }
 
@@ -611,22 +684,66 @@ static dsmoe_status order_tensors(dsmoe_st_file *f, dsmoe_err *err) {
     for (int i = 0; i < n; i++) t[i] = f->t[idx[i]], begin[i] = f->begin[idx[i]];
     free(f->t), free(f->begin), free(idx);
     f->t = t, f->begin = begin, f->cap = f->capb = n;
+    // The non-empty tensors tile the data buffer: each starts where the previous one ends, the first at
+    // 0, the last at the end of the file. A gap or trailing bytes mean a wrong header length or a damaged
+    // header; safetensors' own reader refuses them too.
     int last = -1; // the non-empty tensor that ends last so far
+    uint64_t at = 0, data_size = f->len - 8 - f->hlen;
     for (int i = 0; i < n; i++) {
         if (t[i].nbytes == 0) continue;
-        if (last >= 0 && begin[i] < begin[last] + t[last].nbytes)
+        if (last >= 0 && begin[i] < at)
             return dsmoe_err_set(err, DSMOE_ERR_IO,
                                  "%s: tensors '%s' [%" PRIu64 ", %" PRIu64 ") and '%s' [%" PRIu64 ", %" PRIu64 ") overlap",
                                  f->path, t[last].name, begin[last], begin[last] + t[last].nbytes, t[i].name, begin[i],
                                  begin[i] + t[i].nbytes);
-        if (last < 0 || begin[i] + t[i].nbytes > begin[last] + t[last].nbytes) last = i;
+        if (begin[i] > at)
+            return dsmoe_err_set(err, DSMOE_ERR_IO, "%s: bytes [%" PRIu64 ", %" PRIu64 ") of the data buffer, before tensor "
+                                 "'%s', belong to no tensor (wrong header length or damaged header?)", f->path, at,
+                                 begin[i], t[i].name);
+        last = i;
+        at = begin[i] + t[i].nbytes;
     }
+    if (at != data_size)
+        return dsmoe_err_set(err, DSMOE_ERR_IO, "%s: the data buffer holds %" PRIu64 " bytes but the tensors end at byte "
+                             "%" PRIu64 "%s (wrong header length or damaged file?)", f->path, data_size, at,
+                             last >= 0 ? ", after the last one" : "");
     for (int i = 0; i < n; i++) f->by_name[i] = i;
     qsort_r(f->by_name, (size_t)n, sizeof(int), by_name, f);
     for (int i = 1; i < n; i++)
         if (strcmp(t[f->by_name[i]].name, t[f->by_name[i - 1]].name) == 0)
             return dsmoe_err_set(err, DSMOE_ERR_IO, "%s: tensor '%s' appears twice in the header", f->path,
                                  t[f->by_name[i]].name);
+    return DSMOE_OK;
+}
+
+// Attaches the recorded checksums ("crc32c.<name>" = 8 hex digits) to their tensors: all or none, each
+// naming a tensor of the file.
+static dsmoe_status read_checksums(dsmoe_st_file *f, dsmoe_err *err) {
+    size_t plen = strlen(DSMOE_ST_CRC_PREFIX);
+    int found = 0;
+    for (int i = 0; i < f->nm; i++) {
+        const char *key = f->meta[2 * i], *v = f->meta[2 * i + 1];
+        if (strncmp(key, DSMOE_ST_CRC_PREFIX, plen) != 0) continue;
+        dsmoe_st_tensor *t = (dsmoe_st_tensor *)dsmoe_st_find(f, key + plen);
+        if (!t)
+            return dsmoe_err_set(err, DSMOE_ERR_IO, "%s: __metadata__ '%s' is the checksum of tensor '%s', which is not "
+                                 "in the file (damaged header?)", f->path, key, key + plen);
+        int hex = strlen(v) == 8;
+        for (int d = 0; hex && d < 8; d++) hex = strchr("0123456789abcdefABCDEF", v[d]) != NULL;
+        if (!hex)
+            return dsmoe_err_set(err, DSMOE_ERR_IO, "%s: tensor '%s': checksum '%s' is not 8 hex digits", f->path,
+                                 t->name, v);
+        unsigned long crc = strtoul(v, NULL, 16);
+        t->has_crc = 1;
+        t->crc = (uint32_t)crc;
+        found++;
+    }
+    for (int i = 0; found && i < f->n; i++)
+        if (!f->t[i].has_crc)
+            return dsmoe_err_set(err, DSMOE_ERR_IO, "%s: tensor '%s' has no checksum (__metadata__ '" DSMOE_ST_CRC_PREFIX
+                                 "%s') though %d other tensors have one (damaged header?)", f->path, f->t[i].name,
+                                 f->t[i].name, found);
+    f->checksums = found > 0;
     return DSMOE_OK;
 }
 
@@ -663,11 +780,13 @@ dsmoe_status dsmoe_st_open(const char *path, dsmoe_st_file **out, dsmoe_err *err
     if (hlen > f->len - 8)
         s = dsmoe_err_set(err, DSMOE_ERR_IO, "%s: header length %" PRIu64 " runs past the end of the file (%zu bytes): "
                           "truncated, or not a safetensors file", path, hlen, f->len);
+    f->hlen = hlen;
     if (s == DSMOE_OK) {
         jp j = {(const char *)map + 8, (const char *)map + 8, (const char *)map + 8 + hlen, f->path, err};
         s = parse_header(&j, f);
     }
     if (s == DSMOE_OK) s = order_tensors(f, err);
+    if (s == DSMOE_OK) s = read_checksums(f, err);
     if (s != DSMOE_OK) {
         dsmoe_st_close(f);
         return s;
@@ -703,4 +822,15 @@ const char *dsmoe_st_meta(const dsmoe_st_file *f, const char *key) {
     for (int i = 0; i < f->nm; i++)
         if (strcmp(f->meta[2 * i], key) == 0) return f->meta[2 * i + 1];
     return NULL;
+}
+
+int dsmoe_st_has_checksums(const dsmoe_st_file *f) { return f->checksums; }
+
+dsmoe_status dsmoe_st_verify(const dsmoe_st_file *f, const dsmoe_st_tensor *t, dsmoe_err *err) {
+    if (!t->has_crc) return DSMOE_OK;
+    uint32_t crc = dsmoe_crc32c(0, t->data, t->nbytes);
+    if (crc != t->crc)
+        return dsmoe_err_set(err, DSMOE_ERR_IO, "%s: tensor '%s': its bytes have CRC32C %08" PRIx32 " but the header "
+                             "records %08" PRIx32 " (damaged data)", f->path, t->name, crc, t->crc);
+    return DSMOE_OK;
 }

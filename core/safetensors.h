@@ -4,6 +4,8 @@
 // Layout: u64 little-endian header length N, N bytes of JSON, then the data buffer. The JSON maps each
 // tensor name to {"dtype", "shape", "data_offsets": [begin, end)} relative to the data buffer, plus
 // "__metadata__": {string: string}. We pad the header with spaces so data starts 8-byte aligned.
+// The writer records a CRC32C of every tensor's bytes as metadata "crc32c.<name>" = 8 hex digits; the
+// reader checks them with dsmoe_st_verify (files without them, from older dsmoe or other writers, open).
 #ifndef DSMOE_SAFETENSORS_H
 #define DSMOE_SAFETENSORS_H
 #include <stddef.h>
@@ -46,10 +48,21 @@ typedef struct dsmoe_st_tensor {
     int64_t shape[DSMOE_ST_MAX_DIMS];
     const void *data;   // points into the mapping; little-endian, may be unaligned for non-8-aligned files
     size_t nbytes;
+    int has_crc;        // the header records crc (metadata "crc32c.<name>")
+    uint32_t crc;
 } dsmoe_st_tensor;
 
-// Opens and validates: header length within the file, valid JSON, known dtypes, offsets inside the
-// data buffer and matching dtype x shape, no overlaps. Errors name the file and the tensor or offset.
+#define DSMOE_ST_CRC_PREFIX "crc32c."
+
+// CRC32C (Castagnoli, reflected polynomial 0x82F63B78) of n bytes continuing crc (0 to start):
+// dsmoe_crc32c(0, "123456789", 9) = 0xE3069283.
+uint32_t dsmoe_crc32c(uint32_t crc, const void *data, size_t n);
+
+// Opens and validates: header length within the file and ending at the JSON's closing brace or at the
+// padding after it (< 8 spaces up to a multiple of 8), valid JSON, known dtypes, offsets inside the data
+// buffer and matching dtype x shape, the tensors tiling the data buffer (no overlap, no gap, nothing
+// after the last), checksums for every tensor or for none. Errors name the file and the tensor or offset.
+// Tensor bytes are not read: dsmoe_st_verify checks them.
 dsmoe_status dsmoe_st_open(const char *path, dsmoe_st_file **f, dsmoe_err *err);
 void dsmoe_st_close(dsmoe_st_file *f);
 int dsmoe_st_count(const dsmoe_st_file *f);
@@ -59,5 +72,10 @@ const dsmoe_st_tensor *dsmoe_st_find(const dsmoe_st_file *f, const char *name);
 // NULL when absent.
 const char *dsmoe_st_meta(const dsmoe_st_file *f, const char *key);
 const char *dsmoe_st_dtype_name(dsmoe_st_dtype dtype);
+// 1 when every tensor has a recorded checksum, 0 when none has (dsmoe_st_open refuses a mix).
+int dsmoe_st_has_checksums(const dsmoe_st_file *f);
+// Reads t's bytes and compares their CRC32C with the recorded one: DSMOE_ERR_IO naming the file and the
+// tensor when they differ; DSMOE_OK when they match or t has no recorded checksum.
+dsmoe_status dsmoe_st_verify(const dsmoe_st_file *f, const dsmoe_st_tensor *t, dsmoe_err *err);
 
 #endif

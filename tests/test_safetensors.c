@@ -2,7 +2,10 @@
 // Round trips of every dtype, 0-d and empty tensors and escaped names/metadata; the writer's exact bytes
 // for a small file against a hand-written expectation; a file written byte by byte here (unpadded,
 // with \u escapes and surrogate pairs) read back; each kind of corrupt file refused with its message;
-// failed commits (temporary unwritable, disk full, path is a directory) leave the old file untouched.
+// failed commits (temporary unwritable, disk full, path is a directory) leave the old file untouched;
+// CRC32C against the standard check value and a bit-at-a-time reference; checksums recorded by the writer
+// and every damage to a written file (a flipped data byte, a header length 4 or 1 short, a truncation, a
+// checksum lost or orphaned) refused with the file and the tensor named.
 #include <stdarg.h>
 #include <stddef.h>
 #include <setjmp.h>
@@ -55,6 +58,17 @@ static void expect_open_error(const char *name, const char *header, size_t data_
     if (s == DSMOE_OK) fail_msg("%s opened, expected: %s", name, msg);
     assert_null(f);
     if (!strstr(err.msg, msg)) fail_msg("message\n  got:      %s\n  expected: ...%s...", err.msg, msg);
+}
+
+// CRC32C one bit at a time, straight from the definition (reflected polynomial 0x82F63B78).
+static uint32_t crc32c_bitwise(const void *data, size_t n) {
+    const uint8_t *p = data;
+    uint32_t c = 0xFFFFFFFFu;
+    for (size_t i = 0; i < n; i++) {
+        c ^= p[i];
+        for (int k = 0; k < 8; k++) c = (c >> 1) ^ (0x82F63B78u & (0u - (c & 1)));
+    }
+    return ~c;
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -130,14 +144,16 @@ static void test_writer_bytes(void **state) {
     const char *p = path_of("bytes.safetensors");
     assert_int_equal(dsmoe_st_writer_commit(w, p, &err), DSMOE_OK);
     dsmoe_st_writer_free(w);
-    const char json[] = "{\"__metadata__\":{\"a\":\"b\\n\"},\"x\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]}}";
-    size_t hl = strlen(json); // 81: padded with 7 spaces to 88, so 8 + 88 = 96 is a multiple of 8
-    assert_int_equal(hl, 81);
-    unsigned char want[8 + 88 + 8] = {88, 0, 0, 0, 0, 0, 0, 0};
-    memcpy(want + 8, json, hl);
-    memset(want + 8 + hl, ' ', 7);
     const unsigned char data[8] = {0x00, 0x00, 0x80, 0x3f, 0x00, 0x00, 0x00, 0xc0}; // 1.0f, -2.0f little-endian
-    memcpy(want + 96, data, 8);
+    char json[160];
+    snprintf(json, sizeof json, "{\"__metadata__\":{\"a\":\"b\\n\",\"crc32c.x\":\"%08x\"},\"x\":{\"dtype\":\"F32\","
+             "\"shape\":[2],\"data_offsets\":[0,8]}}", (unsigned)crc32c_bitwise(data, 8));
+    size_t hl = strlen(json); // 103: padded with 1 space to 104, so 8 + 104 = 112 is a multiple of 8
+    assert_int_equal(hl, 103);
+    unsigned char want[8 + 104 + 8] = {104, 0, 0, 0, 0, 0, 0, 0};
+    memcpy(want + 8, json, hl);
+    memset(want + 8 + hl, ' ', 1);
+    memcpy(want + 112, data, 8);
     char got[256];
     assert_int_equal(read_bytes(p, got, sizeof got), sizeof want);
     assert_memory_equal(got, want, sizeof want);
@@ -147,7 +163,7 @@ static void test_writer_bytes(void **state) {
 static void test_read_handmade(void **state) {
     const char *header = " { \"b\" : {\"data_offsets\":[16, 24], \"shape\":[1],\"dtype\":\"I64\", \"extra\": [1, {\"z\": -2.5e3}]},\n"
                          "\"w\\u00e9\\/\": {\"dtype\": \"F32\", \"shape\": [2, 2], \"data_offsets\": [0, 16]},\r\n"
-                         "\"__metadata__\": {\"smile\": \"\\ud83d\\ude00\", \"t\": \"a\\tb\\\"c\\\\\"}}  ";
+                         "\"__metadata__\": {\"smile\": \"\\ud83d\\ude00\", \"t\": \"a\\tb\\\"c\\\\\"}}";
     unsigned char data[24] = {0x00, 0x00, 0x80, 0x3f, 0x00, 0x00, 0x00, 0x40, 0x00, 0x00, 0x40, 0x40, 0x00, 0x00, 0x80, 0xc0,
                               0xfe, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff}; // 1, 2, 3, -4 as F32; -2 as I64
     const char *p = path_of("hand.safetensors");
@@ -174,6 +190,8 @@ static void test_read_handmade(void **state) {
     assert_string_equal(dsmoe_st_meta(f, "smile"), "\xf0\x9f\x98\x80");
     assert_string_equal(dsmoe_st_meta(f, "t"), "a\tb\"c\\");
     assert_string_equal(dsmoe_st_dtype_name(b->dtype), "I64");
+    assert_int_equal(dsmoe_st_has_checksums(f), 0); // another writer's file: opens, nothing to verify
+    assert_int_equal(dsmoe_st_verify(f, w, &err), DSMOE_OK);
     dsmoe_st_close(f);
 }
 
@@ -222,9 +240,34 @@ static void test_corrupt(void **state) {
     expect_open_error("lack.safetensors", "{\"x\":{\"dtype\":\"F32\",\"data_offsets\":[0,4]}}", 4, "tensor 'x' lacks shape");
     expect_open_error("dims.safetensors", "{\"x\":{\"dtype\":\"U8\",\"shape\":[1,1,1,1,1,1,1,1,1],\"data_offsets\":[0,1]}}", 1,
                       "expected at most 8 dimensions");
-    // Adjacent tensors and a gap are fine; an empty tensor inside another's range is not an overlap.
+    // The tensors tile the data buffer: a gap, bytes before the first or after the last are refused.
+    expect_open_error("gap.safetensors",
+                      "{\"a\":{\"dtype\":\"U8\",\"shape\":[4],\"data_offsets\":[0,4]},"
+                      "\"b\":{\"dtype\":\"U8\",\"shape\":[2],\"data_offsets\":[6,8]}}", 8,
+                      "gap.safetensors: bytes [4, 6) of the data buffer, before tensor 'b', belong to no tensor");
+    expect_open_error("lead.safetensors", "{\"a\":{\"dtype\":\"U8\",\"shape\":[4],\"data_offsets\":[1,5]}}", 5,
+                      "lead.safetensors: bytes [0, 1) of the data buffer, before tensor 'a', belong to no tensor");
+    expect_open_error("tail.safetensors", "{\"a\":{\"dtype\":\"U8\",\"shape\":[4],\"data_offsets\":[0,4]}}", 5,
+                      "tail.safetensors: the data buffer holds 5 bytes but the tensors end at byte 4, after the last one");
+    expect_open_error("nodata.safetensors", "{}", 3, "the data buffer holds 3 bytes but the tensors end at byte 0 (");
+    // Padding: fewer than 8 spaces, and only up to a multiple of 8.
+    expect_open_error("pad8.safetensors", "{}        ", 0, "header length 10 leaves 8 padding spaces after the JSON");
+    expect_open_error("pad3.safetensors", "{}   ", 0, "header length 5 leaves 3 padding spaces");
+    expect_open_error("tab.safetensors", "{}\t", 0, "expected only spaces after the header's closing '}'");
+    // Checksums: for every tensor or for none, each naming a tensor, 8 hex digits.
+    expect_open_error("crcpart.safetensors",
+                      "{\"__metadata__\":{\"crc32c.a\":\"00000000\"},\"a\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,1]},"
+                      "\"b\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[1,2]}}", 2,
+                      "crcpart.safetensors: tensor 'b' has no checksum (__metadata__ 'crc32c.b') though 1 other");
+    expect_open_error("crcorphan.safetensors",
+                      "{\"__metadata__\":{\"crc32c.z\":\"00000000\"},\"a\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,1]}}",
+                      1, "crcorphan.safetensors: __metadata__ 'crc32c.z' is the checksum of tensor 'z', which is not in the file");
+    expect_open_error("crchex.safetensors",
+                      "{\"__metadata__\":{\"crc32c.a\":\"0000000g\"},\"a\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,1]}}",
+                      1, "crchex.safetensors: tensor 'a': checksum '0000000g' is not 8 hex digits");
+    // Adjacent tensors are fine; an empty tensor inside another's range is not an overlap.
     const char *ok = "{\"a\":{\"dtype\":\"U8\",\"shape\":[4],\"data_offsets\":[0,4]},\"e\":{\"dtype\":\"F32\",\"shape\":[0],"
-                     "\"data_offsets\":[2,2]},\"b\":{\"dtype\":\"U8\",\"shape\":[2],\"data_offsets\":[6,8]}}";
+                     "\"data_offsets\":[2,2]},\"b\":{\"dtype\":\"U8\",\"shape\":[4],\"data_offsets\":[4,8]}}";
     char data[8] = {0};
     write_st(path_of("ok.safetensors"), ok, data, 8);
     assert_int_equal(dsmoe_st_open(path_of("ok.safetensors"), &f, &err), DSMOE_OK);
@@ -245,6 +288,7 @@ static void test_writer_refuses(void **state) {
     assert_int_equal(dsmoe_st_writer_add(w, "d", DSMOE_ST_F32, 9, s1, &x, &err), DSMOE_ERR_INVALID);
     assert_int_equal(dsmoe_st_writer_meta(w, "k", "v", &err), DSMOE_OK);
     assert_int_equal(dsmoe_st_writer_meta(w, "k", "w", &err), DSMOE_ERR_INVALID);
+    assert_int_equal(dsmoe_st_writer_meta(w, "crc32c.x", "00000000", &err), DSMOE_ERR_INVALID); // the writer's own
     dsmoe_st_writer_free(w);
 }
 
@@ -381,11 +425,113 @@ static void test_streamed_commit(void **state) {
     dsmoe_st_writer_free(w);
 }
 
+static void test_crc32c(void **state) {
+    (void)state;
+    assert_int_equal(dsmoe_crc32c(0, "123456789", 9), 0xE3069283u); // the standard check value
+    assert_int_equal(dsmoe_crc32c(0, "", 0), 0);
+    uint8_t buf[1000];
+    uint32_t x = 12345;
+    for (size_t i = 0; i < sizeof buf; i++) buf[i] = (uint8_t)((x = x * 1103515245u + 12345u) >> 24);
+    for (size_t off = 0; off < 9; off++) // every alignment and length against the bitwise definition
+        for (size_t n = 0; n + off <= sizeof buf; n += 1 + n / 3)
+            assert_int_equal(dsmoe_crc32c(0, buf + off, n), crc32c_bitwise(buf + off, n));
+    assert_int_equal(dsmoe_crc32c(dsmoe_crc32c(0, buf, 333), buf + 333, 667), crc32c_bitwise(buf, 1000)); // chained
+}
+
+// Reads a whole file into a new buffer.
+static char *slurp(const char *path, size_t *n) {
+    FILE *f = fopen(path, "rb");
+    assert_non_null(f);
+    fseek(f, 0, SEEK_END);
+    *n = (size_t)ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *b = malloc(*n ? *n : 1);
+    assert_int_equal(fread(b, 1, *n, f), *n);
+    fclose(f);
+    return b;
+}
+
+// A copy of good with `edit` applied, then opened (and every tensor verified): must fail naming msg.
+static void expect_damage(const char *good, const char *name, void (*edit)(char *b, size_t *n), const char *msg) {
+    size_t n;
+    char *b = slurp(good, &n);
+    edit(b, &n);
+    const char *p = path_of(name);
+    write_bytes(p, b, n);
+    free(b);
+    dsmoe_st_file *f = NULL;
+    dsmoe_err err = {0};
+    dsmoe_status s = dsmoe_st_open(p, &f, &err);
+    for (int i = 0; s == DSMOE_OK && i < dsmoe_st_count(f); i++) s = dsmoe_st_verify(f, dsmoe_st_at(f, i), &err);
+    dsmoe_st_close(f);
+    if (s == DSMOE_OK) fail_msg("%s: damaged copy accepted, expected: %s", name, msg);
+    if (!strstr(err.msg, name) || !strstr(err.msg, msg))
+        fail_msg("message\n  got:      %s\n  expected: ...%s: ...%s...", err.msg, name, msg);
+}
+
+static uint64_t hlen_of(const char *b) {
+    uint64_t h = 0;
+    for (int i = 0; i < 8; i++) h |= (uint64_t)(uint8_t)b[i] << (8 * i);
+    return h;
+}
+static void set_hlen(char *b, uint64_t h) {
+    for (int i = 0; i < 8; i++) b[i] = (char)(h >> (8 * i));
+}
+static void flip_last(char *b, size_t *n) { b[*n - 1] ^= 0x10; }   // in tensor "b" (written last)
+static void flip_first(char *b, size_t *n) { b[8 + hlen_of(b)] ^= 1; (void)n; } // in tensor "a"
+static void short4(char *b, size_t *n) { set_hlen(b, hlen_of(b) - 4); (void)n; }
+static void short1(char *b, size_t *n) { set_hlen(b, hlen_of(b) - 1); (void)n; }
+static void truncate8(char *b, size_t *n) { *n -= 8; (void)b; }
+
+// The writer records a checksum per tensor (the CRC of the bytes written, streamed or not); any damage
+// to the file is refused.
+static void test_checksums(void **state) {
+    (void)state;
+    const char *p = path_of("crc.safetensors");
+    float a[5] = {1, 2, 3, 4, 5};
+    dsmoe_err err = {0};
+    char value[16] = "";
+    for (int pad = 0; pad < 5;) { // a metadata value that leaves at least 5 padding spaces
+        strcat(value, "v");
+        dsmoe_st_writer *w = dsmoe_st_writer_new();
+        assert_int_equal(dsmoe_st_writer_add(w, "a", DSMOE_ST_F32, 1, (int64_t[]){5}, a, &err), DSMOE_OK);
+        assert_int_equal(dsmoe_st_writer_add(w, "e", DSMOE_ST_F32, 1, (int64_t[]){0}, NULL, &err), DSMOE_OK);
+        assert_int_equal(dsmoe_st_writer_add(w, "b", DSMOE_ST_F32, 1, (int64_t[]){4}, NULL, &err), DSMOE_OK);
+        assert_int_equal(dsmoe_st_writer_meta(w, "k", value, &err), DSMOE_OK);
+        n_calls = 0;
+        assert_int_equal(dsmoe_st_writer_commit_stream(w, p, source, NULL, &err), DSMOE_OK);
+        dsmoe_st_writer_free(w);
+        size_t n;
+        char *b = slurp(p, &n);
+        for (pad = 0; b[8 + hlen_of(b) - 1 - pad] == ' '; pad++) {}
+        free(b);
+    }
+    dsmoe_st_file *f;
+    assert_int_equal(dsmoe_st_open(p, &f, &err), DSMOE_OK);
+    assert_int_equal(dsmoe_st_has_checksums(f), 1);
+    const dsmoe_st_tensor *ta = dsmoe_st_find(f, "a"), *tb = dsmoe_st_find(f, "b"), *te = dsmoe_st_find(f, "e");
+    float bwant[4] = {20, 21, 22, 23}; // source(i = 2)
+    assert_true(ta->has_crc && tb->has_crc && te->has_crc);
+    assert_int_equal(ta->crc, crc32c_bitwise(a, sizeof a));
+    assert_int_equal(tb->crc, crc32c_bitwise(bwant, sizeof bwant));
+    assert_int_equal(te->crc, 0);
+    for (int i = 0; i < 3; i++) assert_int_equal(dsmoe_st_verify(f, dsmoe_st_at(f, i), &err), DSMOE_OK);
+    assert_string_equal(dsmoe_st_meta(f, "k"), value);
+    dsmoe_st_close(f);
+
+    expect_damage(p, "flip_b.safetensors", flip_last, "tensor 'b': its bytes have CRC32C");
+    expect_damage(p, "flip_a.safetensors", flip_first, "tensor 'a': its bytes have CRC32C");
+    expect_damage(p, "short4.safetensors", short4, "padding spaces after the JSON");
+    expect_damage(p, "short1.safetensors", short1, "padding spaces after the JSON");
+    expect_damage(p, "trunc.safetensors", truncate8, "tensor 'b' data_offsets [20, 36) run past the data buffer");
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_round_trip),   cmocka_unit_test(test_writer_bytes), cmocka_unit_test(test_read_handmade),
         cmocka_unit_test(test_corrupt),      cmocka_unit_test(test_writer_refuses),
         cmocka_unit_test(test_failed_commit), cmocka_unit_test(test_streamed_commit),
+        cmocka_unit_test(test_crc32c),        cmocka_unit_test(test_checksums),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

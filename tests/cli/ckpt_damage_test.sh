@@ -1,0 +1,153 @@
+#!/usr/bin/env bash
+# A damaged checkpoint never loads silently (docs/checkpoint.md, "Verification"). A short training run
+# writes good checkpoints; copies are damaged here (python3, with its own CRC32C from the definition):
+# a flipped data byte, a header length 4 and 1 short, a truncation, NaN in a tensor with its checksum
+# fixed, step = 4294967297 and -1, next_sample = -1; each is refused naming the file and the tensor or
+# field. A copy without checksums loads with a warning. checkpoint.resume = auto skips a damaged newest
+# file and resumes from the one before, saying so, and removes a dead save's temporary.
+# Usage: ckpt_damage_test.sh <dsmoe binary>
+set -u
+dsmoe=$1
+work=$(mktemp -d /tmp/dsmoe_ckpt.XXXXXX)
+trap 'rm -rf "$work"' EXIT
+export OMP_NUM_THREADS=1
+unset DSMOE_PLUGIN_PATH
+failures=0
+pass=0
+fail() { echo "FAIL: $*"; failures=$((failures + 1)); }
+ok() { pass=$((pass + 1)); }
+
+# expect <name> <expected exit: 0|nonzero> <regex that must appear in stdout+stderr> -- command...
+expect() {
+  local name=$1 want=$2 regex=$3
+  shift 4
+  local out rc
+  out=$("$@" 2>&1)
+  rc=$?
+  if [ "$want" = 0 ] && [ $rc -ne 0 ]; then fail "$name: exit $rc, expected 0"; echo "$out" | tail -20; return; fi
+  if [ "$want" != 0 ] && [ $rc -eq 0 ]; then fail "$name: exit 0, expected non-zero"; echo "$out" | tail -20; return; fi
+  if ! grep -Eq -- "$regex" <<<"$out"; then fail "$name: output lacks /$regex/"; echo "$out" | tail -20; return; fi
+  ok
+}
+
+tiny="$work/tiny.deck"
+cat > "$tiny" <<DECK
+[run]
+output_dir = $work/out
+[model]
+vocab = 32
+seq_len = 8
+layers = 2
+hidden = 16
+heads = 2
+[moe]
+experts = 4
+[train]
+steps = 3
+batch = 4
+eval_batches = 1
+[data]
+synthetic_sources = 2
+synthetic_branching = 2
+[checkpoint]
+every = 1
+keep = 3
+DECK
+
+# damage <in> <out> <what>: a damaged copy. The header is rewritten as dsmoe writes it (compact JSON,
+# spaces up to a multiple of 8) when metadata or checksums change.
+damage() {
+  python3 - "$1" "$2" "$3" <<'PY'
+import json, struct, sys
+src, dst, what = sys.argv[1:]
+b = bytearray(open(src, "rb").read())
+n = struct.unpack("<Q", b[:8])[0]
+h = json.loads(b[8:8 + n])
+data = b[8 + n:]
+def crc32c(buf):  # bit by bit, reflected polynomial 0x82F63B78
+    c = 0xFFFFFFFF
+    for x in buf:
+        c ^= x
+        for _ in range(8):
+            c = (c >> 1) ^ (0x82F63B78 & -(c & 1))
+    return c ^ 0xFFFFFFFF
+def header(h):
+    j = json.dumps(h, separators=(",", ":"), ensure_ascii=False).encode()
+    return j + b" " * ((8 - len(j) % 8) % 8)
+meta = h["__metadata__"]
+if what == "flip":
+    b[len(b) - 3] ^= 0x04
+elif what in ("short4", "short1"):
+    b[:8] = struct.pack("<Q", n - int(what[5:]))
+elif what == "trunc":
+    b = b[:len(b) - 100]
+else:
+    if what == "nan":
+        t = h["wte.weight"]
+        lo, hi = t["data_offsets"]
+        data[lo + 4 * 5:lo + 4 * 6] = struct.pack("<f", float("nan"))
+        meta["crc32c.wte.weight"] = "%08x" % crc32c(data[lo:hi])
+    elif what == "step_big":
+        meta["step"] = "4294967297"
+    elif what == "step_neg":
+        meta["step"] = "-1"
+    elif what == "sample_neg":
+        meta["next_sample"] = "-1"
+    elif what == "nocrc":
+        for k in [k for k in meta if k.startswith("crc32c.")]:
+            del meta[k]
+    else:
+        sys.exit("unknown damage " + what)
+    j = header(h)
+    b = struct.pack("<Q", len(j)) + j + data
+open(dst, "wb").write(b)
+PY
+}
+
+expect train 0 "checkpoint: .*step_00000003.safetensors" -- "$dsmoe" "$tiny"
+good="$work/out/checkpoints/step_00000003.safetensors"
+grep -aq '"crc32c.wte.weight":"[0-9a-f]\{8\}"' "$good" && ok || fail "no checksum for wte.weight in the written header"
+expect good 0 "eval: validation loss [0-9.]+" -- "$dsmoe" "$tiny" run.mode=eval checkpoint.resume="$good"
+
+# Every damage refused, naming the file and what is wrong with it.
+refuse() { # refuse <damage> <regex after the file name>
+  damage "$good" "$work/$1.safetensors" "$1" || { fail "$1: could not make the damaged copy"; return; }
+  expect "$1" nonzero "$1\.safetensors.*$2" -- "$dsmoe" "$tiny" run.mode=eval checkpoint.resume="$work/$1.safetensors"
+  expect "$1-train" nonzero "$1\.safetensors.*$2" -- "$dsmoe" "$tiny" train.steps=4 checkpoint.resume="$work/$1.safetensors" \
+    run.output_dir="$work/out_$1"
+}
+refuse flip "tensor '[^']+': its bytes have CRC32C [0-9a-f]{8} but the header records [0-9a-f]{8}"
+refuse short4 "(header length [0-9]+ leaves [0-9]+ padding spaces|bad JSON header|the data buffer holds)"
+refuse short1 "(header length [0-9]+ leaves [0-9]+ padding spaces|bad JSON header|the data buffer holds)"
+refuse trunc "tensor '[^']+' data_offsets .* run past the data buffer"
+refuse nan "tensor 'wte.weight' holds NaN at element 5"
+refuse step_big "metadata 'step' = '4294967297' is not a number in \[0, 2147483647\]"
+refuse step_neg "metadata 'step' = '-1' is not a number"
+refuse sample_neg "metadata 'next_sample' = '-1' is not a number"
+[ -e "$work/out_flip/checkpoints" ] && fail "a refused resume wrote checkpoints" || ok
+
+# The damage script itself: the NaN copy's checksum was recomputed right, so the NaN check refused it
+# (not the CRC), and the copy without checksums loads, with a warning.
+damage "$good" "$work/nocrc.safetensors" nocrc
+expect nocrc 0 "warning: checkpoint .*nocrc.safetensors has no checksums" -- \
+  "$dsmoe" "$tiny" run.mode=eval checkpoint.resume="$work/nocrc.safetensors"
+
+# auto: the newest (step 3) is damaged, step 2 is good; a dead save's temporary lies next to them.
+ck="$work/out/checkpoints"
+damage "$good" "$ck/step_00000003.safetensors" flip
+echo partial > "$ck/step_00000004.safetensors.tmp.999999999"
+expect auto-eval 0 "skipped .*step_00000003.safetensors, which does not verify: .*tensor '[^']+': its bytes have CRC32C" -- \
+  "$dsmoe" "$tiny" run.mode=eval checkpoint.resume=auto
+expect auto 0 "resumed from .*step_00000002.safetensors at step 2" -- "$dsmoe" "$tiny" train.steps=3 checkpoint.resume=auto
+[ ! -e "$ck/step_00000004.safetensors.tmp.999999999" ] && ok || fail "the stale temporary is still there"
+# A stale temporary is reported when removed.
+echo partial > "$ck/step_00000009.safetensors.tmp.999999998"
+expect stale 0 "checkpoint: removed .*step_00000009.safetensors.tmp.999999998, left by an interrupted save" -- \
+  "$dsmoe" "$tiny" train.steps=4 checkpoint.resume=auto
+# Nothing verifies: auto fails rather than starting over.
+for f in "$ck"/step_*.safetensors; do damage "$f" "$f.bad" trunc && mv "$f.bad" "$f"; done
+expect auto-none nonzero "checkpoint.resume = auto: none of the [0-9]+ checkpoints in .* verifies; the newest: .*step_00000004.safetensors" -- \
+  "$dsmoe" "$tiny" train.steps=5 checkpoint.resume=auto
+
+echo "ckpt_damage_test: $pass passed, $failures failed"
+[ $failures -eq 0 ]
