@@ -56,7 +56,7 @@ static const group groups[] = {
     {"elementwise", cf_group_elementwise}, {"layers", cf_group_layers},   {"attention", cf_group_attention},
     {"loss_mix", cf_group_loss_mix},   {"adamw", cf_group_adamw},           {"gating", cf_group_gating},
     {"dispatch", cf_group_dispatch},   {"inference", cf_group_inference},   {"errors", cf_group_errors},
-    {"sticky", cf_group_sticky},
+    {"sticky", cf_group_sticky},       {"fd", cf_group_fd},
 };
 
 static const char *cand_name = "strict";

@@ -3,7 +3,8 @@
 // plugin as the REFERENCE run the same ops on the same inputs; every output is copied back and compared.
 // Files: harness.c (sides, buffers, comparisons, result lines), ops_dense.c (GEMMs, element-wise ops,
 // conversion, initialisation, AdamW), ops_layers.c (embedding, layer norm, GELU, attention,
-// cross-entropy, residual mix, inference ops), ops_moe.c (gating, dispatch, combine, error paths).
+// cross-entropy, residual mix, inference ops), ops_moe.c (gating, dispatch, combine, error paths),
+// ops_fd.c (the candidate's backward ops against finite differences of its own forward ops).
 //
 // How a check is written (one "check" = one op variant, run by cf_run; its outputs print one line each):
 //   static void v_axpy(const void *arg) {
@@ -173,5 +174,6 @@ void cf_group_gating(void);
 void cf_group_dispatch(void);
 void cf_group_errors(void);
 void cf_group_sticky(void);
+void cf_group_fd(void);
 
 #endif
