@@ -1,8 +1,10 @@
-// core/memplan.c: see memplan.h. Each section mirrors one allocating file; a change of what that file
-// allocates must be made here too (tests/test_memplan.c counts the real allocation and will fail).
-// Element counts are uint64_t from the first multiplication on; bytes are elements * 4 (fp32, int32)
-// or * 8 (the l_aux staging doubles).
+// core/memplan.c: see memplan.h. The model's and the MoE layers' buffers are summed from the tables
+// their allocating code walks (core/model_buffers.h), so they follow any change there. The other
+// sections mirror one allocating file (the exchange's workspace, the optimizer's shards): a change of
+// what that file allocates must be made here too (tests/test_memplan.c counts the real allocation and
+// will fail). Element counts are uint64_t from the first multiplication on.
 #include "memplan.h"
+#include "model_buffers.h" // dsmoe_model_buffers: the model's buffers, the list core/model.c allocates
 #include "optimizer.h" // dsmoe_zero_piece
 
 #include <limits.h>
@@ -96,7 +98,7 @@ static dsmoe_status check_run(const dsmoe_config *c, int W, int rank, int rpn, i
 }
 
 // ----------------------------------------------------------------------------------------------------
-// the model's buffers (core/model.c alloc_buffers), in floats
+// the model's buffers (core/model_buffers.c's table, which core/model.c alloc_buffers allocates)
 
 // Attention's saved state (per layer) and backward workspace, in bytes: the kernel plugin's own
 // attention_bytes when given (callable before init), else the cpu plugin's probabilities (B, NH, T, T).
@@ -114,29 +116,24 @@ static dsmoe_status attention_mem(const dsmoe_config *c, int B, const dsmoe_kern
     return DSMOE_OK;
 }
 
-// In floats, but for attention's state (att_bytes: saved per layer x layers + workspace), added by the caller.
-static uint64_t activation_floats(const dsmoe_config *c, int B) {
-    uint64_t S = (uint64_t)B * (uint64_t)c->seq_len, M = (uint64_t)c->hidden, F = (uint64_t)c->ffn_hidden;
-    uint64_t V = (uint64_t)c->vocab, L = (uint64_t)c->layers;
-    uint64_t n = (L + 1) * S * M; // resid
-    for (int l = 0; l < c->layers; l++) {
-        int mi = -1;
-        int moe = dsmoe_config_is_moe_layer(c, l, &mi);
-        // ln1, qkv (3), atty, resid_mid, ln2, ffn_out: 8 (S, M); ln1/ln2 mean and rstd: 4 (S)
-        n += 8 * S * M + 4 * S;
-        if (!moe || c->residual) n += 2 * S * F + S * M; // fch, fch_gelu, mlp_out
-        if (moe) n += S * M;                            // moe_out
-        if (moe && c->residual) n += 4 * S;             // coef_logits, coef (S, 2)
-    }
-    n += S * M + 3 * S + 2 * S * V; // lnf, lnf_mean, lnf_rstd, losses; logits, probs
-    // backward scratch: dresid, dln, datty, dmoe, dmlp, dqkv (3); dfch, dfch_gelu; dcoef; dlogits
-    n += 8 * S * M + 2 * S * F + 2 * S + S * V;
-    n += 2 * ((uint64_t)c->n_moe_layers + 2); // norm_dev: n_moe + 2 doubles (squared gradient sums)
-    return n;
+// Sums a walk of a buffer table (core/model_buffers.h) by class.
+typedef struct buf_mem {
+    uint64_t params, grads, act, tokens, capacity;
+} buf_mem;
+
+static dsmoe_status add_buffer(const dsmoe_buffer *b, void *ctx, dsmoe_err *err) {
+    (void)err;
+    buf_mem *mm = ctx;
+    if (b->cls == DSMOE_BUF_PARAMS) mm->params += b->bytes;
+    else if (b->cls == DSMOE_BUF_GRADS) mm->grads += b->bytes;
+    else if (b->cls == DSMOE_BUF_ACT) mm->act += b->bytes;
+    else if (b->cls == DSMOE_BUF_TOKENS) mm->tokens += b->bytes;
+    else if (b->cls == DSMOE_BUF_CAPACITY) mm->capacity += b->bytes;
+    return DSMOE_OK; // host staging is not kernel memory
 }
 
 // ----------------------------------------------------------------------------------------------------
-// MoE layers (core/moe_layer.c create_buffers, ensure_capacity) and their exchanges (core/exchange.c)
+// MoE layers (core/moe_layer.c's tables) and their exchanges (core/exchange.c reserve, mirrored)
 
 typedef struct moe_mem {
     uint64_t router, buffers, buffers_peak, ws, ws_peak; // bytes
@@ -176,28 +173,34 @@ static dsmoe_status exchange_layout(const dsmoe_config *c, int W, int rpn, int e
     return DSMOE_OK;
 }
 
+// Kernel bytes of one MoE layer's table set (core/moe_layer.c's rows): host staging is not counted.
+static uint64_t moe_set_bytes(dsmoe_moe_buffer_set set, const dsmoe_moe_sizes *z) {
+    buf_mem sum = {0};
+    dsmoe_moe_buffers(set, z, add_buffer, &sum, NULL); // add_buffer never fails
+    return sum.act + sum.capacity;
+}
+
 static dsmoe_status moe_layer_mem(const dsmoe_config *c, int mi, int W, int rank, int rpn, uint64_t S, moe_mem *out,
                                   dsmoe_err *err) {
     uint64_t E = (uint64_t)c->experts[mi], K = (uint64_t)c->top_k, M = (uint64_t)c->hidden;
-    uint64_t F = (uint64_t)c->ffn_hidden;
     int ep = c->expert_parallel[mi];
     uint64_t E_local = E / (uint64_t)ep;
     *out = (moe_mem){0};
-    // logits, probs (S, E); choice, slot, weight, dweight (S, K); counts, kept, recv_cnt (E) int32; aux (2E + 1)
-    // double
-    out->router = (2 * S * E + 4 * S * K + 3 * E) * F32 + (2 * E + 1) * sizeof(double);
-    if (c->noise == DSMOE_NOISE_JITTER) out->router += 2 * S * M * F32; // xj, dxj (S, M)
-    // Capacity buffers: send, recv, yexp, yhome (E, C, M); h, act, da (E, C, F).
-    uint64_t per_slot = (4 * E * M + 3 * E * F) * F32;
+    dsmoe_moe_sizes z = {.S = S, .M = M, .F = (uint64_t)c->ffn_hidden, .E = E, .K = K,
+                         .jitter = c->noise == DSMOE_NOISE_JITTER};
+    out->router = moe_set_bytes(DSMOE_MOE_ROUTER, &z);
+    // Capacity buffers at the C allocated at create (none when dropless) and at their largest.
     uint64_t cap_peak = S; // dropless: an expert gets at most every token of a rank (top-2 picks two experts)
     if (c->drop_tokens) {
         int ct = dsmoe_capacity((int)S, (int)E, (int)K, c->capacity_factor, c->min_capacity);
         int ce = dsmoe_capacity((int)S, (int)E, (int)K, c->eval_capacity_factor, c->min_capacity);
         out->cap = ct > ce ? ct : ce;
-        out->buffers = per_slot * (uint64_t)out->cap;
+        z.C = (uint64_t)out->cap;
+        out->buffers = moe_set_bytes(DSMOE_MOE_CAPACITY, &z);
         cap_peak = (uint64_t)out->cap;
     }
-    out->buffers_peak = per_slot * cap_peak;
+    z.C = cap_peak;
+    out->buffers_peak = moe_set_bytes(DSMOE_MOE_CAPACITY, &z);
     int algo, G;
     DSMOE_TRY(exchange_layout(c, W, rpn, ep, rank / ep * ep, &algo, &G, err));
     int N = ep / G;
@@ -274,14 +277,17 @@ dsmoe_status dsmoe_mem_estimate_rank_for(const dsmoe_config *c, int W, int rank,
         if (piece > send) send = piece;
     }
     est->local_params = local;
-    est->param_bytes = est->grad_bytes = local * F32;
     est->optimizer_bytes = 2 * state * F32;
     est->optimizer_scratch_bytes = zero1 ? (gather + send) * F32 : 0;
-    uint64_t att_saved, att_ws;
-    DSMOE_TRY(attention_mem(c, B, kern, &att_saved, &att_ws, err));
-    est->activation_bytes = activation_floats(c, B) * F32 + (uint64_t)c->layers * att_saved + att_ws;
+    dsmoe_model_sizes z = {.B = B, .local_params = local};
+    DSMOE_TRY(attention_mem(c, B, kern, &z.att_saved, &z.att_ws, err));
+    buf_mem mb = {0};
+    DSMOE_TRY(dsmoe_model_buffers(c, &z, add_buffer, &mb, err));
+    est->param_bytes = mb.params;
+    est->grad_bytes = mb.grads;
+    est->activation_bytes = mb.act;
     est->model_bytes = est->param_bytes + est->grad_bytes + est->activation_bytes;
-    est->token_bytes = 2 * S * sizeof(int32_t);
+    est->token_bytes = mb.tokens;
 
     for (int mi = 0; mi < c->n_moe_layers; mi++) {
         moe_mem mm;

@@ -12,6 +12,11 @@
 //                     node, or one rank per node);
 //   core/optimizer.c  AdamW m and v of this rank's ZeRO shards (dsmoe_optimizer_bytes) and, with ZeRO-1,
 //                     its all-gather landing and send buffers (not in dsmoe_optimizer_bytes).
+// Where the lists live: the model's buffers are one table in core/model_buffers.c (dsmoe_model_buffers),
+// each MoE layer's are two tables in core/moe_layer.c (dsmoe_moe_buffers: router, capacity), both
+// declared in core/model_buffers.h. model.c and moe_layer.c allocate and free by walking them and this
+// plan sums the same walks, so the two cannot drift. The exchange's workspace and the optimizer's
+// shards are still mirrored in core/memplan.c from exchange.c and optimizer.c.
 // Every one of these is kernel-plugin memory (device memory on a GPU backend). Ranks are slots in
 // node-major order (placement.h): EP groups are contiguous runs of ep slots, EDP groups strided sets.
 #ifndef DSMOE_MEMPLAN_H

@@ -2,6 +2,7 @@
 // Layout of this file: parameter table, then buffers, then each block's forward beside its backward,
 // then the whole model. The groups and the gradient reduction are in model_parallel.c.
 #include "model.h"
+#include "model_buffers.h"  // dsmoe_model_buffers: the list of buffers alloc_buffers allocates
 #include "model_internal.h" // struct dsmoe_model, dsmoe_model_create_groups
 
 #include <math.h>
@@ -167,18 +168,43 @@ static void bind_views(dsmoe_model *m, float *slab, block_params *bp, float **wt
 
 // Every buffer is assigned before it is read (gradients are zeroed by their users), so none is asked to
 // be zeroed: a plugin that poisons fresh memory (tests/plugins/strict) finds a read before a write.
-static dsmoe_status kalloc_bytes(dsmoe_model *m, void **p, size_t bytes, dsmoe_err *err) {
-    DSMOE_TRY(dsmoe_rt_alloc(m->rt, bytes, 0, p, "model buffer", err));
-    m->bytes_allocated += bytes;
+// The pointer fields are reached by the table's offsets; memcpy, not a (void **) cast, reads and writes
+// them, as their types differ (float *, int32_t *, double *, void *).
+static char *buffer_field(dsmoe_model *m, const dsmoe_buffer *b) {
+    return (b->layer >= 0 ? (char *)&m->acts[b->layer] : (char *)m) + b->field;
+}
+
+static dsmoe_status alloc_one(const dsmoe_buffer *b, void *ctx, dsmoe_err *err) {
+    dsmoe_model *m = ctx;
+    dsmoe_runtime *rt = m->rt;
+    void *p = NULL;
+    if (b->cls == DSMOE_BUF_HOST) {
+        if (rt->kern->host_alloc(rt->kctx, (size_t)b->bytes, &p) != DSMOE_OK)
+            return dsmoe_err_set(err, DSMOE_ERR_NOMEM, "kernel plugin '%s': host_alloc of staging buffers: %s",
+                                 rt->kern->name, rt->kern->last_error(rt->kctx));
+    } else {
+        DSMOE_TRY(dsmoe_rt_alloc(rt, (size_t)b->bytes, 0, &p, b->name, err));
+        // Token ids are input staging, not counted among the model's buffers (memplan.c counts them apart).
+        if (b->cls != DSMOE_BUF_TOKENS) m->bytes_allocated += (size_t)b->bytes;
+    }
+    memcpy(buffer_field(m, b), &p, sizeof p);
     return DSMOE_OK;
 }
 
-static dsmoe_status kalloc(dsmoe_model *m, float **p, size_t n, dsmoe_err *err) {
-    return kalloc_bytes(m, (void **)p, n * sizeof(float), err);
+static dsmoe_status free_one(const dsmoe_buffer *b, void *ctx, dsmoe_err *err) {
+    (void)err;
+    dsmoe_model *m = ctx;
+    dsmoe_runtime *rt = m->rt;
+    if (b->layer >= 0 && !m->acts) return DSMOE_OK; // create failed before the blocks existed
+    void *p;
+    memcpy(&p, buffer_field(m, b), sizeof p);
+    if (b->cls == DSMOE_BUF_HOST) rt->kern->host_free(rt->kctx, p);
+    else rt->kern->free(rt->kctx, p);
+    return DSMOE_OK;
 }
 
+// Every buffer of core/model_buffers.c's table, attention's sized by the kernel plugin.
 static dsmoe_status alloc_buffers(dsmoe_model *m, dsmoe_err *err) {
-    size_t S = (size_t)m->S, M = (size_t)m->M, F = (size_t)m->F, V = (size_t)m->V;
     dsmoe_runtime *rt = m->rt;
     dsmoe_attention_shape ash = {.B = m->B, .T = m->T, .M = m->M, .NH = m->NH, .dt = F32};
     size_t att_saved = 0, att_ws = 0;
@@ -186,62 +212,8 @@ static dsmoe_status alloc_buffers(dsmoe_model *m, dsmoe_err *err) {
     if (as != DSMOE_OK)
         return dsmoe_err_set(err, as, "kernel plugin '%s': attention_bytes: %s", rt->kern->name,
                              rt->kern->last_error(rt->kctx));
-    DSMOE_TRY(kalloc(m, &m->params, m->n_local, err));
-    DSMOE_TRY(kalloc(m, &m->grads, m->n_local, err));
-    DSMOE_TRY(kalloc(m, &m->resid, (size_t)(m->L + 1) * S * M, err));
-    for (int l = 0; l < m->L; l++) {
-        block_acts *a = &m->acts[l];
-        int mi = m->moe_of_layer[l];
-        int dense_ffn = mi < 0 || m->cfg->residual;
-        DSMOE_TRY(kalloc(m, &a->ln1, S * M, err));
-        DSMOE_TRY(kalloc(m, &a->ln1_mean, S, err));
-        DSMOE_TRY(kalloc(m, &a->ln1_rstd, S, err));
-        DSMOE_TRY(kalloc(m, &a->qkv, S * 3 * M, err));
-        DSMOE_TRY(kalloc(m, &a->atty, S * M, err));
-        DSMOE_TRY(kalloc_bytes(m, &a->att, att_saved, err));
-        DSMOE_TRY(kalloc(m, &a->resid_mid, S * M, err));
-        DSMOE_TRY(kalloc(m, &a->ln2, S * M, err));
-        DSMOE_TRY(kalloc(m, &a->ln2_mean, S, err));
-        DSMOE_TRY(kalloc(m, &a->ln2_rstd, S, err));
-        DSMOE_TRY(kalloc(m, &a->ffn_out, S * M, err));
-        if (dense_ffn) {
-            DSMOE_TRY(kalloc(m, &a->fch, S * F, err));
-            DSMOE_TRY(kalloc(m, &a->fch_gelu, S * F, err));
-            DSMOE_TRY(kalloc(m, &a->mlp_out, S * M, err));
-        }
-        if (mi >= 0) DSMOE_TRY(kalloc(m, &a->moe_out, S * M, err));
-        if (mi >= 0 && m->cfg->residual) {
-            DSMOE_TRY(kalloc(m, &a->coef_logits, S * 2, err));
-            DSMOE_TRY(kalloc(m, &a->coef, S * 2, err));
-        }
-    }
-    DSMOE_TRY(kalloc(m, &m->lnf, S * M, err));
-    DSMOE_TRY(kalloc(m, &m->lnf_mean, S, err));
-    DSMOE_TRY(kalloc(m, &m->lnf_rstd, S, err));
-    DSMOE_TRY(kalloc(m, &m->logits, S * V, err));
-    DSMOE_TRY(kalloc(m, &m->probs, S * V, err));
-    DSMOE_TRY(kalloc(m, &m->losses, S, err));
-    // Token ids are input staging, not counted among the model's buffers (memplan.c counts them apart).
-    DSMOE_TRY(dsmoe_rt_alloc(rt, S * sizeof(int32_t), 0, (void **)&m->tokens, "token ids", err));
-    DSMOE_TRY(dsmoe_rt_alloc(rt, S * sizeof(int32_t), 0, (void **)&m->targets, "target ids", err));
-    size_t n_norm = (size_t)m->cfg->n_moe_layers + 2;
-    DSMOE_TRY(kalloc_bytes(m, (void **)&m->norm_dev, n_norm * sizeof(double), err));
-    if (rt->kern->host_alloc(rt->kctx, S * sizeof(float), (void **)&m->host_losses) != DSMOE_OK ||
-        rt->kern->host_alloc(rt->kctx, n_norm * sizeof(double), (void **)&m->norm_host) != DSMOE_OK)
-        return dsmoe_err_set(err, DSMOE_ERR_NOMEM, "kernel plugin '%s': host_alloc of staging buffers: %s",
-                             rt->kern->name, rt->kern->last_error(rt->kctx));
-    DSMOE_TRY(kalloc(m, &m->dresid, S * M, err));
-    DSMOE_TRY(kalloc(m, &m->dln, S * M, err));
-    DSMOE_TRY(kalloc(m, &m->datty, S * M, err));
-    DSMOE_TRY(kalloc(m, &m->dmoe, S * M, err));
-    DSMOE_TRY(kalloc(m, &m->dmlp, S * M, err));
-    DSMOE_TRY(kalloc(m, &m->dqkv, S * 3 * M, err));
-    DSMOE_TRY(kalloc(m, &m->dfch, S * F, err));
-    DSMOE_TRY(kalloc(m, &m->dfch_gelu, S * F, err));
-    DSMOE_TRY(kalloc(m, &m->dcoef, S * 2, err));
-    DSMOE_TRY(kalloc_bytes(m, &m->datt_workspace, att_ws, err));
-    DSMOE_TRY(kalloc(m, &m->dlogits, S * V, err));
-    return DSMOE_OK;
+    dsmoe_model_sizes z = {.B = m->B, .local_params = m->n_local, .att_saved = att_saved, .att_ws = att_ws};
+    return dsmoe_model_buffers(m->cfg, &z, alloc_one, m, err);
 }
 
 // ----------------------------------------------------------------------------------------------------
@@ -450,20 +422,8 @@ void dsmoe_model_free(dsmoe_model *m) {
     if (!m) return;
     dsmoe_runtime *rt = m->rt;
     for (int i = 0; i < m->cfg->n_moe_layers && m->moe; i++) dsmoe_moe_layer_free(m->moe[i]);
-    void **bufs[] = {(void **)&m->params, (void **)&m->grads,
-                     (void **)&m->resid, (void **)&m->lnf, (void **)&m->lnf_mean, (void **)&m->lnf_rstd,
-                     (void **)&m->logits, (void **)&m->probs, (void **)&m->losses, (void **)&m->tokens, (void **)&m->targets,
-                     (void **)&m->dresid, (void **)&m->dln, (void **)&m->datty, (void **)&m->dmoe,
-                     (void **)&m->dmlp, (void **)&m->dqkv, (void **)&m->dfch, (void **)&m->dfch_gelu,
-                     (void **)&m->dcoef, (void **)&m->datt_workspace, (void **)&m->dlogits, (void **)&m->norm_dev};
-    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) rt->kern->free(rt->kctx, *bufs[i]);
-    for (int l = 0; m->acts && l < m->L; l++) {
-        block_acts *a = &m->acts[l];
-        void *abufs[] = {a->ln1, a->ln1_mean, a->ln1_rstd, a->qkv, a->atty, a->att, a->resid_mid, a->ln2,
-                          a->ln2_mean, a->ln2_rstd, a->fch, a->fch_gelu, a->mlp_out, a->moe_out,
-                          a->coef_logits, a->coef, a->ffn_out};
-        for (size_t i = 0; i < sizeof abufs / sizeof abufs[0]; i++) rt->kern->free(rt->kctx, abufs[i]);
-    }
+    dsmoe_model_sizes none = {0}; // sizes do not matter to a free
+    dsmoe_model_buffers(m->cfg, &none, free_one, m, NULL);
     for (int k = 0; m->epg && k < m->n_epg; k++) {
         ep_groups *g = &m->epg[k];
         dsmoe_rt_group_free(rt, &g->ep_g);
@@ -473,8 +433,6 @@ void dsmoe_model_free(dsmoe_model *m) {
     free(m->epg_of_moe);
     free(m->expert_begin);
     free(m->expert_end);
-    rt->kern->host_free(rt->kctx, m->host_losses);
-    rt->kern->host_free(rt->kctx, m->norm_host);
     for (int l = 0; m->block_done && l < m->L; l++) rt->kern->event_destroy(rt->kctx, m->block_done[l]);
     free(m->block_done);
     free(m->tensors);

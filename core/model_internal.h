@@ -17,6 +17,8 @@ typedef struct block_params {
     dsmoe_moe_weights moe;      // router and this rank's experts
 } block_params;
 
+// The buffers of block_acts and of struct dsmoe_model's activation and scratch pointers are listed,
+// with their sizes, in core/model_buffers.c: model.c allocates and frees by that table, memplan.c sums it.
 typedef struct block_acts {
     float *ln1;           // (S, M)
     float *ln1_mean, *ln1_rstd; // (S)

@@ -17,6 +17,7 @@
 
 #include "config.h"    // dsmoe_capacity
 #include "dsmoe/rng.h" // dsmoe_rng_key
+#include "model_buffers.h" // dsmoe_moe_buffers: the tables below
 #include "moe_layer.h"
 
 #define F32 DSMOE_FLOAT32
@@ -72,18 +73,99 @@ struct dsmoe_moe_layer {
 };
 
 // ----------------------------------------------------------------------------------------------------
-// buffers
+// buffers: the layer's two tables (core/memplan.c sums the same rows through dsmoe_moe_buffers)
 
-static dsmoe_status layer_alloc(dsmoe_moe_layer *L, size_t bytes, void **p, const char *what, dsmoe_err *err) {
-    return dsmoe_rt_alloc(L->rt, bytes, 0, p, what, err);
+#define LAYER(f) offsetof(struct dsmoe_moe_layer, f)
+#define ROW DSMOE_BUFFER_ROW
+enum { JITTER = DSMOE_MOE_IF_JITTER };
+
+// Per-token buffers and host staging, allocated at create.
+static const dsmoe_buffer_row router_rows[] = {
+    //  name (and allocation tag)                class   when    unit, mult, dims  field
+    ROW("router logits (S, E)",                    ACT,    0,      4, 1, S,     E, 1, LAYER(logits)),
+    ROW("router probabilities (S, E)",             ACT,    0,      4, 1, S,     E, 1, LAYER(probs)),
+    ROW("choices (S, K)",                          ACT,    0,      4, 1, S,     K, 1, LAYER(choice)),
+    ROW("slots (S, K)",                            ACT,    0,      4, 1, S,     K, 1, LAYER(slot)),
+    ROW("combine weights (S, K)",                  ACT,    0,      4, 1, S,     K, 1, LAYER(weight)),
+    ROW("combine weight gradients (S, K)",         ACT,    0,      4, 1, S,     K, 1, LAYER(dweight)),
+    ROW("route counts (E)",                        ACT,    0,      4, 1, E,     1, 1, LAYER(counts)),
+    ROW("kept counts (E)",                         ACT,    0,      4, 1, E,     1, 1, LAYER(kept)),
+    ROW("received counts (ep, E_local)",           ACT,    0,      4, 1, E,     1, 1, LAYER(recv_cnt)),
+    ROW("l_aux sums (2E + 1)",                     ACT,    0,      8, 1, AUX,   1, 1, LAYER(aux)),
+    ROW("jittered gate input (S, M)",              ACT,    JITTER, 4, 1, S,     M, 1, LAYER(xj)),
+    ROW("gate input gradient (S, M)",              ACT,    JITTER, 4, 1, S,     M, 1, LAYER(dxj)),
+    ROW("host staging: kept counts, l_aux sums",   HOST,   0,      1, 1, STAGE, 1, 1, LAYER(stage)),
+    ROW("host staging: dropless counts (E)",       HOST,   0,      4, 1, E,     1, 1, LAYER(stage_counts)),
+};
+
+// (E, C, width) = (ep, E_local, C, width), sized for C slots per expert.
+static const dsmoe_buffer_row capacity_rows[] = {
+    ROW("dispatch buffer (E, C, M)",                       CAPACITY, 0, 4, 1, E, C, M, LAYER(send)),
+    ROW("receive buffer (ep, E_local, C, M)",              CAPACITY, 0, 4, 1, E, C, M, LAYER(recv)),
+    ROW("expert pre-activation (ep, E_local, C, F)",       CAPACITY, 0, 4, 1, E, C, F, LAYER(h)),
+    ROW("expert activation (ep, E_local, C, F)",           CAPACITY, 0, 4, 1, E, C, F, LAYER(act)),
+    ROW("expert activation gradient (ep, E_local, C, F)",  CAPACITY, 0, 4, 1, E, C, F, LAYER(da)),
+    ROW("expert output (ep, E_local, C, M)",               CAPACITY, 0, 4, 1, E, C, M, LAYER(yexp)),
+    ROW("returned output (E, C, M)",                       CAPACITY, 0, 4, 1, E, C, M, LAYER(yhome)),
+};
+#undef ROW
+
+// Byte offset of the l_aux sums in the host staging (after the kept counts, 8-aligned).
+static size_t stage_aux_offset(int E) { return ((size_t)E * sizeof(int32_t) + 7) & ~(size_t)7; }
+
+dsmoe_status dsmoe_moe_buffers(dsmoe_moe_buffer_set set, const dsmoe_moe_sizes *z, dsmoe_buffer_fn fn, void *ctx,
+                               dsmoe_err *err) {
+    uint64_t d[DSMOE_D_COUNT] = {0};
+    d[DSMOE_D_1] = 1;
+    d[DSMOE_D_S] = z->S, d[DSMOE_D_M] = z->M, d[DSMOE_D_F] = z->F, d[DSMOE_D_E] = z->E, d[DSMOE_D_K] = z->K;
+    d[DSMOE_D_C] = z->C;
+    d[DSMOE_D_AUX] = 2 * z->E + 1;
+    d[DSMOE_D_STAGE] = stage_aux_offset((int)z->E) + (2 * z->E + 1) * sizeof(double);
+    const dsmoe_buffer_row *rows = set == DSMOE_MOE_ROUTER ? router_rows : capacity_rows;
+    size_t n = set == DSMOE_MOE_ROUTER ? sizeof router_rows / sizeof router_rows[0]
+                                       : sizeof capacity_rows / sizeof capacity_rows[0];
+    for (size_t i = 0; i < n; i++)
+        if (!(rows[i].when & JITTER) || z->jitter) DSMOE_TRY(dsmoe_buffer_row_emit(&rows[i], d, -1, fn, ctx, err));
+    return DSMOE_OK;
+}
+
+static dsmoe_moe_sizes layer_sizes(const dsmoe_moe_layer *L, int C) {
+    const dsmoe_moe_config *c = &L->cfg;
+    return (dsmoe_moe_sizes){.S = (uint64_t)c->S, .M = (uint64_t)c->M, .F = (uint64_t)c->F, .E = (uint64_t)c->E,
+                             .K = (uint64_t)c->K, .jitter = c->noise == DSMOE_NOISE_JITTER, .C = (uint64_t)C};
+}
+
+// The pointer fields are reached by the tables' offsets; memcpy, not a (void **) cast, reads and writes
+// them, as their types differ.
+static dsmoe_status alloc_one(const dsmoe_buffer *b, void *ctx, dsmoe_err *err) {
+    dsmoe_moe_layer *L = ctx;
+    const dsmoe_runtime *rt = L->rt;
+    void *p = NULL;
+    if (b->cls == DSMOE_BUF_HOST) {
+        if (rt->kern->host_alloc(rt->kctx, (size_t)b->bytes, &p) != DSMOE_OK)
+            return dsmoe_err_set(err, DSMOE_ERR_NOMEM, "moe layer: host staging with kernel plugin '%s': %s",
+                                 rt->kern->name, rt->kern->last_error(rt->kctx));
+    } else {
+        DSMOE_TRY(dsmoe_rt_alloc(rt, (size_t)b->bytes, 0, &p, b->name, err));
+    }
+    memcpy((char *)L + b->field, &p, sizeof p);
+    return DSMOE_OK;
+}
+
+static dsmoe_status free_one(const dsmoe_buffer *b, void *ctx, dsmoe_err *err) {
+    (void)err;
+    dsmoe_moe_layer *L = ctx;
+    void *p, *none = NULL;
+    memcpy(&p, (char *)L + b->field, sizeof p);
+    if (b->cls == DSMOE_BUF_HOST) L->rt->kern->host_free(L->rt->kctx, p);
+    else L->rt->kern->free(L->rt->kctx, p);
+    memcpy((char *)L + b->field, &none, sizeof none);
+    return DSMOE_OK;
 }
 
 static void free_capacity_buffers(dsmoe_moe_layer *L) {
-    float **bufs[] = {&L->send, &L->recv, &L->h, &L->act, &L->da, &L->yexp, &L->yhome};
-    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) {
-        L->rt->kern->free(L->rt->kctx, *bufs[i]);
-        *bufs[i] = NULL;
-    }
+    dsmoe_moe_sizes z = layer_sizes(L, 0);
+    dsmoe_moe_buffers(DSMOE_MOE_CAPACITY, &z, free_one, L, NULL);
     L->cap = 0;
 }
 
@@ -91,22 +173,14 @@ static void free_capacity_buffers(dsmoe_moe_layer *L) {
 static dsmoe_status ensure_capacity(dsmoe_moe_layer *L, int C, dsmoe_err *err) {
     if (C <= L->cap && L->send) return DSMOE_OK;
     free_capacity_buffers(L);
-    size_t rows = (size_t)L->cfg.E * (size_t)C, M = (size_t)L->cfg.M, F = (size_t)L->cfg.F;
-    struct { float **p; size_t n; const char *what; } b[] = {
-        {&L->send, rows * M, "dispatch buffer (E, C, M)"}, {&L->recv, rows * M, "receive buffer (ep, E_local, C, M)"},
-        {&L->h, rows * F, "expert pre-activation (ep, E_local, C, F)"},
-        {&L->act, rows * F, "expert activation (ep, E_local, C, F)"},
-        {&L->da, rows * F, "expert activation gradient (ep, E_local, C, F)"},
-        {&L->yexp, rows * M, "expert output (ep, E_local, C, M)"}, {&L->yhome, rows * M, "returned output (E, C, M)"},
-    };
-    for (size_t i = 0; i < sizeof b / sizeof b[0]; i++) {
-        dsmoe_status s = layer_alloc(L, b[i].n * sizeof(float), (void **)b[i].p, b[i].what, err);
-        if (s != DSMOE_OK) {
-            free_capacity_buffers(L);
-            return s;
-        }
+    dsmoe_moe_sizes z = layer_sizes(L, C);
+    dsmoe_status s = dsmoe_moe_buffers(DSMOE_MOE_CAPACITY, &z, alloc_one, L, err);
+    if (s != DSMOE_OK) {
+        free_capacity_buffers(L);
+        return s;
     }
     // The exchange's packing workspace for blocks of this size (the largest the layer sends).
+    size_t M = (size_t)L->cfg.M;
     DSMOE_TRY(dsmoe_exchange_reserve(L->ex, (size_t)L->E_local * (size_t)C * M * sizeof(float), err));
     L->cap = C;
     return DSMOE_OK;
@@ -114,13 +188,9 @@ static dsmoe_status ensure_capacity(dsmoe_moe_layer *L, int C, dsmoe_err *err) {
 
 void dsmoe_moe_layer_free(dsmoe_moe_layer *L) {
     if (!L) return;
-    const dsmoe_runtime *rt = L->rt;
     free_capacity_buffers(L);
-    void *bufs[] = {L->logits, L->probs, L->choice, L->slot, L->weight, L->dweight, L->xj, L->dxj, L->counts,
-                    L->kept, L->recv_cnt, L->aux};
-    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) rt->kern->free(rt->kctx, bufs[i]);
-    rt->kern->host_free(rt->kctx, L->stage);
-    rt->kern->host_free(rt->kctx, L->stage_counts);
+    dsmoe_moe_sizes z = layer_sizes(L, 0);
+    dsmoe_moe_buffers(DSMOE_MOE_ROUTER, &z, free_one, L, NULL);
     dsmoe_exchange_free(L->ex); // collective over the EP group
     free(L->expert_load);
     free(L);
@@ -169,32 +239,10 @@ static dsmoe_status check_config(const dsmoe_runtime *rt, const dsmoe_moe_config
     return DSMOE_OK;
 }
 
-// Byte offset of the l_aux sums in the host staging (after the kept counts, 8-aligned).
-static size_t stage_aux_offset(int E) { return ((size_t)E * sizeof(int32_t) + 7) & ~(size_t)7; }
-
 static dsmoe_status create_buffers(dsmoe_moe_layer *L, dsmoe_err *err) {
-    const dsmoe_runtime *rt = L->rt;
-    size_t S = (size_t)L->cfg.S, E = (size_t)L->cfg.E, K = (size_t)L->cfg.K, M = (size_t)L->cfg.M;
-    DSMOE_TRY(layer_alloc(L, S * E * sizeof(float), (void **)&L->logits, "router logits (S, E)", err));
-    DSMOE_TRY(layer_alloc(L, S * E * sizeof(float), (void **)&L->probs, "router probabilities (S, E)", err));
-    DSMOE_TRY(layer_alloc(L, S * K * sizeof(int32_t), (void **)&L->choice, "choices (S, K)", err));
-    DSMOE_TRY(layer_alloc(L, S * K * sizeof(int32_t), (void **)&L->slot, "slots (S, K)", err));
-    DSMOE_TRY(layer_alloc(L, S * K * sizeof(float), (void **)&L->weight, "combine weights (S, K)", err));
-    DSMOE_TRY(layer_alloc(L, S * K * sizeof(float), (void **)&L->dweight, "combine weight gradients (S, K)", err));
-    DSMOE_TRY(layer_alloc(L, E * sizeof(int32_t), (void **)&L->counts, "route counts (E)", err));
-    DSMOE_TRY(layer_alloc(L, E * sizeof(int32_t), (void **)&L->kept, "kept counts (E)", err));
-    DSMOE_TRY(layer_alloc(L, E * sizeof(int32_t), (void **)&L->recv_cnt, "received counts (ep, E_local)", err));
-    DSMOE_TRY(layer_alloc(L, (2 * E + 1) * sizeof(double), (void **)&L->aux, "l_aux sums (2E + 1)", err));
-    if (L->cfg.noise == DSMOE_NOISE_JITTER) {
-        DSMOE_TRY(layer_alloc(L, S * M * sizeof(float), (void **)&L->xj, "jittered gate input (S, M)", err));
-        DSMOE_TRY(layer_alloc(L, S * M * sizeof(float), (void **)&L->dxj, "gate input gradient (S, M)", err));
-    }
-    size_t stage = stage_aux_offset((int)E) + (2 * E + 1) * sizeof(double);
-    if (rt->kern->host_alloc(rt->kctx, stage, &L->stage) != DSMOE_OK ||
-        rt->kern->host_alloc(rt->kctx, E * sizeof(int32_t), (void **)&L->stage_counts) != DSMOE_OK)
-        return dsmoe_err_set(err, DSMOE_ERR_NOMEM, "moe layer: host staging with kernel plugin '%s': %s", rt->kern->name,
-                             rt->kern->last_error(rt->kctx));
-    L->expert_load = dsmoe_calloc(E, sizeof(int), "moe expert load", err);
+    dsmoe_moe_sizes z = layer_sizes(L, 0);
+    DSMOE_TRY(dsmoe_moe_buffers(DSMOE_MOE_ROUTER, &z, alloc_one, L, err));
+    L->expert_load = dsmoe_calloc((size_t)L->cfg.E, sizeof(int), "moe expert load", err);
     return L->expert_load ? DSMOE_OK : DSMOE_ERR_NOMEM;
 }
 
