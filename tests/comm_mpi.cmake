@@ -11,7 +11,8 @@
 
 # "mpistream": test-only, never installed, beside the loader's fake plugins (not in lib/dsmoe, so no
 # real search path ever sees it).
-add_library(dsmoe_comm_mpistream MODULE ${PROJECT_SOURCE_DIR}/backends/mpi/comm_mpi.c)
+add_library(dsmoe_comm_mpistream MODULE ${PROJECT_SOURCE_DIR}/backends/mpi/comm_mpi.c
+            ${PROJECT_SOURCE_DIR}/backends/mpi/comm_mpi_reduce.c)
 set_target_properties(dsmoe_comm_mpistream PROPERTIES
   OUTPUT_NAME dsmoe_comm_mpistream
   PREFIX lib

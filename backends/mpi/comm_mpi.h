@@ -1,6 +1,6 @@
 // backends/mpi/comm_mpi.h: what the files of the mpi comm plugin share (private to the plugin):
 // its context and group, the error helpers and the reduction helpers.
-// defines: mpi_env, struct dsmoe_comm_ctx, struct dsmoe_comm_group, cm_* (comm_mpi.c), and the
+// defines: mpi_env, struct dsmoe_comm_ctx, struct dsmoe_comm_group, cm_* (comm_mpi.c; the reductions in comm_mpi_reduce.c), and the
 // non-blocking trio cm_allreduce_start/cm_request_test/cm_request_wait (comm_mpi_nonblocking.c, "mpi" only)
 #ifndef DSMOE_COMM_MPI_H
 #define DSMOE_COMM_MPI_H
@@ -72,6 +72,12 @@ int cm_op_info(dsmoe_reduce_op op, MPI_Op *mop);
 int cm_is_float_sum(dsmoe_dtype dtype, dsmoe_reduce_op op); // the sums done in fixed rank order
 // acc (len) = c[0] op c[1] op ... op c[p-1] in that order; c is (p, len), by source rank.
 void cm_reduce_in_rank_order(dsmoe_dtype dtype, dsmoe_reduce_op op, void *acc, const void *c, size_t len, int p);
+// The reductions themselves (comm_mpi_reduce.c), run at the call or from the queue: recvbuf (count) =
+// op over the group of sendbuf (NULL = in place); recvbuf (n) = block `rank` of the reduction.
+dsmoe_status cm_do_allreduce(mpi_env *e, dsmoe_comm_group *g, const void *sendbuf, void *recvbuf, size_t count,
+                             dsmoe_dtype dtype, dsmoe_reduce_op op);
+dsmoe_status cm_do_reduce_scatter(mpi_env *e, dsmoe_comm_group *g, const void *sendbuf, void *recvbuf, size_t n,
+                                  dsmoe_dtype dtype, dsmoe_reduce_op op);
 
 #ifndef COMM_MPI_STREAM_ORDERED
 dsmoe_status cm_allreduce_start(dsmoe_comm_ctx *ctx, dsmoe_comm_group *g, void *buf, size_t count, dsmoe_dtype dtype,
