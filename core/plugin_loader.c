@@ -16,9 +16,12 @@
 
 #include "plugin_loader.h"
 #include "plugin_adapt.h" // dsmoe_kernel_adapt_v1, dsmoe_comm_adapt_v1, the v1 tables
+#include "plugin_files.h" // the search path, the listing, the ELF check
 
 #include <dirent.h>
 #include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdlib.h>
@@ -27,151 +30,6 @@
 #include <unistd.h>
 
 _Static_assert(sizeof(DSMOE_MPI_ABI_STRING) > 1, "<mpi.h> must come before dsmoe/comm_plugin.h in this file");
-
-#ifndef DSMOE_BUILD_PLUGIN_DIRS
-#define DSMOE_BUILD_PLUGIN_DIRS ""
-#endif
-#ifndef DSMOE_INSTALL_PLUGIN_DIR
-#define DSMOE_INSTALL_PLUGIN_DIR ""
-#endif
-
-#define SEARCH_PATH_MAX 16384 // longest search path we keep (all directories, ':'-joined)
-
-// ------------------------------------------------------------------------------------------------
-// search path
-
-// Appends dir (dlen bytes, not terminated) to the ':'-list in buf unless it is empty, already listed,
-// or does not fit whole (a cut directory name would mislead more than a missing one).
-static void path_add(char *buf, size_t len, const char *dir, size_t dlen) {
-    if (dlen == 0) return;
-    for (const char *p = buf; *p;) {
-        const char *end = strchr(p, ':');
-        size_t n = end ? (size_t)(end - p) : strlen(p);
-        if (n == dlen && memcmp(p, dir, dlen) == 0) return;
-        p += n + (end != NULL);
-    }
-    size_t used = strlen(buf), sep = used > 0;
-    if (used + sep + dlen + 1 > len) return;
-    if (sep) buf[used++] = ':';
-    memcpy(buf + used, dir, dlen);
-    buf[used + dlen] = '\0';
-}
-
-static void path_add_list(char *buf, size_t len, const char *list) {
-    if (!list) return;
-    while (*list) {
-        const char *end = strchr(list, ':');
-        size_t n = end ? (size_t)(end - list) : strlen(list);
-        path_add(buf, len, list, n);
-        list += n + (end != NULL);
-    }
-}
-
-// <dir of the executable>/../lib/dsmoe, written as <parent of that dir>/lib/dsmoe.
-static void path_add_exe_rule(char *buf, size_t len) {
-    char exe[4096];
-    ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
-    if (n <= 0) return;
-    exe[n] = '\0';
-    char *slash = strrchr(exe, '/'); // cut the file name
-    if (!slash) return;
-    *slash = '\0';
-    slash = strrchr(exe, '/'); // cut the directory the executable is in
-    if (!slash) return;
-    *slash = '\0';
-    char dir[4096 + 16];
-    snprintf(dir, sizeof dir, "%s/lib/dsmoe", exe);
-    path_add(buf, len, dir, strlen(dir));
-}
-
-void dsmoe_plugin_search_path(const char *extra_path, char *buf, size_t len) {
-    if (!buf || len == 0) return;
-    buf[0] = '\0';
-    path_add_list(buf, len, extra_path);
-    path_add_list(buf, len, getenv("DSMOE_PLUGIN_PATH"));
-    // The executable's own tree first: an installed dsmoe must not pick up plugins from the build tree
-    // it was compiled in (in the build tree both rules name the same directory).
-    path_add_exe_rule(buf, len);
-    path_add_list(buf, len, DSMOE_BUILD_PLUGIN_DIRS);
-    path_add_list(buf, len, DSMOE_INSTALL_PLUGIN_DIR);
-}
-
-// ------------------------------------------------------------------------------------------------
-// "not found": what is there instead
-
-#define MAX_LISTED 64
-
-typedef struct name_list {
-    int n;
-    char names[MAX_LISTED][64];
-} name_list;
-
-static int cmp_names(const void *a, const void *b) { return strcmp(a, b); }
-
-// Collects the names of the <kind> plugins (libdsmoe_<kind>_<name>.so) in every directory of path.
-static void list_available(const char *kind, const char *path, name_list *out) {
-    char prefix[64];
-    int plen = snprintf(prefix, sizeof prefix, "libdsmoe_%s_", kind);
-    out->n = 0;
-    for (const char *p = path; *p;) {
-        const char *end = strchr(p, ':');
-        size_t n = end ? (size_t)(end - p) : strlen(p);
-        char dir[4096];
-        if (n < sizeof dir) {
-            memcpy(dir, p, n);
-            dir[n] = '\0';
-            DIR *d = opendir(dir);
-            struct dirent *e;
-            while (d && (e = readdir(d)) != NULL && out->n < MAX_LISTED) {
-                size_t elen = strlen(e->d_name);
-                if (strncmp(e->d_name, prefix, (size_t)plen) != 0 || elen <= (size_t)plen + 3 ||
-                    strcmp(e->d_name + elen - 3, ".so") != 0)
-                    continue;
-                size_t nlen = elen - (size_t)plen - 3;
-                if (nlen >= sizeof out->names[0]) continue;
-                char name[64];
-                memcpy(name, e->d_name + plen, nlen);
-                name[nlen] = '\0';
-                int dup = 0;
-                for (int i = 0; i < out->n; i++) dup |= strcmp(out->names[i], name) == 0;
-                if (!dup) strcpy(out->names[out->n++], name);
-            }
-            if (d) closedir(d);
-        }
-        p += n + (end != NULL);
-    }
-    qsort(out->names, (size_t)out->n, sizeof out->names[0], cmp_names);
-}
-
-int dsmoe_plugin_list(const char *kind, const char *extra_path, char (*names)[64], int max) {
-    char path[8192];
-    dsmoe_plugin_search_path(extra_path, path, sizeof path);
-    name_list found;
-    list_available(kind, path, &found);
-    int n = found.n < max ? found.n : max;
-    for (int i = 0; i < n; i++) memcpy(names[i], found.names[i], sizeof names[i]);
-    return n;
-}
-
-static dsmoe_status not_found(const char *kind, const char *name, const char *path, dsmoe_err *err) {
-    name_list avail;
-    list_available(kind, path, &avail);
-    char listed[MAX_LISTED * 66] = "none";
-    size_t used = 0;
-    const char *closest = NULL;
-    int best = 3; // suggest only a near miss (a typo), not any plugin
-    for (int i = 0; i < avail.n; i++) {
-        used += (size_t)snprintf(listed + used, sizeof listed - used, "%s%s", i ? ", " : "", avail.names[i]);
-        int d = dsmoe_edit_distance(name, avail.names[i]);
-        if (d < best) best = d, closest = avail.names[i];
-    }
-    char hint[128] = "";
-    if (closest) snprintf(hint, sizeof hint, " (did you mean '%s'?)", closest);
-    return dsmoe_err_set(err, DSMOE_ERR_IO,
-                         "%s plugin '%s' not found: no libdsmoe_%s_%s.so in %s; available: %s%s; "
-                         "add its directory to run.plugin_path or DSMOE_PLUGIN_PATH",
-                         kind, name, kind, name, path[0] ? path : "(empty search path)", listed, hint);
-}
 
 // ------------------------------------------------------------------------------------------------
 // finding, opening and rejecting
@@ -212,6 +70,47 @@ static dsmoe_status reject(dsmoe_plugin_handle *h, dsmoe_err *err, dsmoe_status 
     return status;
 }
 
+// A directory the user listed (run.plugin_path, $DSMOE_PLUGIN_PATH) that is missing, not a directory or
+// unreadable is an error, not a skip: silently falling through to the bundled plugin runs other code
+// than the user asked for. `source` names where the list came from. The built-in rules stay silent.
+static dsmoe_status check_user_dirs(const char *kind, const char *name, const char *list, const char *source,
+                                    dsmoe_err *err) {
+    for (const char *p = list ? list : ""; *p;) {
+        const char *end = strchr(p, ':');
+        size_t n = end ? (size_t)(end - p) : strlen(p);
+        char dir[4096];
+        const char *why = NULL;
+        char buf[160];
+        struct stat st;
+        DIR *d;
+        if (n == 0) {
+            // empty entries are dropped (path_add)
+        } else if (n >= sizeof dir) {
+            why = "is longer than 4095 bytes";
+        } else {
+            memcpy(dir, p, n);
+            dir[n] = '\0';
+            if (stat(dir, &st) != 0) {
+                snprintf(buf, sizeof buf, errno == ENOENT || errno == ENOTDIR ? "does not exist" : "cannot be read (%s)",
+                         strerror(errno));
+                why = buf;
+            } else if (!S_ISDIR(st.st_mode)) {
+                why = "is not a directory";
+            } else if ((d = opendir(dir)) == NULL) {
+                snprintf(buf, sizeof buf, "cannot be read (%s)", strerror(errno));
+                why = buf;
+            } else {
+                closedir(d);
+            }
+        }
+        if (why)
+            return dsmoe_err_set(err, DSMOE_ERR_IO, "%s plugin '%s': the directory '%.*s' listed in %s %s; fix or "
+                                 "remove that entry", kind, name, (int)(n < 4096 ? n : 4096), p, source, why);
+        p += n + (end != NULL);
+    }
+    return DSMOE_OK;
+}
+
 // Finds and opens libdsmoe_<kind>_<name>.so; h->path names the file.
 static dsmoe_status open_plugin(const char *kind, const char *name, const char *extra_path, dsmoe_plugin_handle *h,
                                 dsmoe_err *err) {
@@ -221,6 +120,9 @@ static dsmoe_status open_plugin(const char *kind, const char *name, const char *
         return dsmoe_err_set(err, DSMOE_ERR_INVALID,
                              "%s plugin name '%s' is invalid: expected 1-63 characters of a-z, 0-9, '_' or '-'",
                              kind, name ? name : "(null)");
+    DSMOE_TRY(check_user_dirs(kind, name, extra_path, "run.plugin_path", err));
+    DSMOE_TRY(check_user_dirs(kind, name, getenv("DSMOE_PLUGIN_PATH"), "the environment variable DSMOE_PLUGIN_PATH",
+                              err));
     char *path = malloc(SEARCH_PATH_MAX);
     if (!path) return dsmoe_err_set(err, DSMOE_ERR_NOMEM, "out of memory building the plugin search path");
     dsmoe_plugin_search_path(extra_path, path, SEARCH_PATH_MAX);
@@ -237,12 +139,16 @@ static dsmoe_status open_plugin(const char *kind, const char *name, const char *
     }
     if (!found) {
         h->path[0] = '\0';
-        dsmoe_status s = not_found(kind, name, path, err);
+        dsmoe_status s = dsmoe_plugin_not_found(kind, name, path, err);
         free(path);
         return s;
     }
     free(path);
 
+    char why[256];
+    if (dsmoe_plugin_check_elf(h->path, why, sizeof why))
+        return reject(h, err, DSMOE_ERR_IO, "%s plugin '%s' found at %s but is not a loadable shared object: %s",
+                      kind, name, h->path, why);
     // RTLD_NOW: an unresolved symbol fails here, with dlerror naming it, not at the first call.
     // RTLD_LOCAL: two plugins may define the same internal names.
     dlerror();

@@ -7,7 +7,9 @@
 // $DSMOE_PLUGIN_PATH (':'-separated), then <dir of the executable>/../lib/dsmoe, then the build tree's
 // plugin directories (compiled in as DSMOE_BUILD_PLUGIN_DIRS), then the install dir
 // (DSMOE_INSTALL_PLUGIN_DIR). The first file that exists is used: a later directory is never tried
-// after a file was found but failed, so the message is about the file the user would expect.
+// after a file was found but failed, so the message is about the file the user would expect. An entry
+// of extra_path or $DSMOE_PLUGIN_PATH that is missing, not a directory or unreadable is an error naming
+// it and its source (never a silent fall-back to the bundled plugin); the built-in dirs may be missing.
 //
 // Versions: this dsmoe speaks ABI 2 of both kinds, and ABI 1 through an adapter (core/kernel_adapt_v1.c,
 // core/comm_adapt_v1.c). The loader looks up the v2 entry symbol first, then the v1 one, and wraps a v1
@@ -15,7 +17,9 @@
 // At most DSMOE_ADAPT_V1_SLOTS (8) v1 plugins of each kind can be loaded at once.
 //
 // Rejections are explained, each naming the file: not found (with the directories searched), found but
-// failed to load (dlerror), no entry symbol, an ABI version this dsmoe does not speak (both numbers), or
+// not a whole ELF shared object for this machine (checked before dlopen, which would die of SIGBUS in
+// a truncated file: bad magic, class, byte order, e_type, e_machine, or a program header table or
+// PT_LOAD segment past the end of the file), found but failed to load (dlerror), no entry symbol, an ABI version this dsmoe does not speak (both numbers), or
 // a bad table: a required member NULL (named), an optional group half set (device_count and
 // device_pci_bus_id, queue_create and queue_destroy, the inference members with DSMOE_KCAP_INFERENCE,
 // the non-blocking trio with DSMOE_CCAP_NONBLOCKING), dtypes without float32 or a bfloat16 bit that

@@ -1,10 +1,15 @@
 // tests/test_loader.c: core/plugin_loader.c against the real mpi comm plugin of the build tree and the
 // fake plugins of tests/plugins/ (built into DSMOE_FAKE_PLUGIN_DIR by tests/loader.cmake): v2 files load
 // natively, v1 files through the adapters (the caller sees a v2 table either way), other versions are
-// refused with both numbers, and every rule of a v2 table is refused with the member named. Every
+// refused with both numbers, and every rule of a v2 table is refused with the member named. Damaged
+// copies of a real plugin (cut at several lengths, patched to another machine) are refused before
+// dlopen, and a run.plugin_path / DSMOE_PLUGIN_PATH entry that is not a readable directory is an
+// error rather than a skip. Every
 // rejection is checked by its status and the exact words of its message.
 #define _GNU_SOURCE
 #include <dlfcn.h>
+#include <elf.h>
+#include <errno.h>
 #include <glob.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -144,7 +149,7 @@ static void test_env_path_honoured(void **state) {
     const dsmoe_kernel_plugin_v2 *k = NULL;
     dsmoe_plugin_handle h;
     dsmoe_err err = {0};
-    setenv("DSMOE_PLUGIN_PATH", "/nonexistent/dir:" FAKE, 1); // a missing directory is skipped
+    setenv("DSMOE_PLUGIN_PATH", ":" FAKE ":", 1); // empty entries are dropped
     assert_int_equal(dsmoe_plugin_load_kernel("fakecuda", NULL, &k, &h, &err), DSMOE_OK);
     assert_string_equal(h.path, FAKE "/libdsmoe_kernel_fakecuda.so");
     assert_int_equal(h.api_version, 2); // natively: no adapter
@@ -396,9 +401,177 @@ static void test_failed_to_load(void **state) {
     assert_contains(err.msg, "undefined symbol: dsmoe_test_symbol_that_no_library_defines"); // dlerror's words
     assert_null(h.dl);
 
-    assert_int_equal(dsmoe_plugin_load_kernel("text", dir_c, &k, &h, &err), DSMOE_ERR_SYSTEM);
-    assert_contains(err.msg, fmt("kernel plugin 'text' found at %s/libdsmoe_kernel_text.so but failed to load: ",
-                                 dir_c));
+    // Refused before dlopen, by its first bytes.
+    assert_int_equal(dsmoe_plugin_load_kernel("text", dir_c, &k, &h, &err), DSMOE_ERR_IO);
+    assert_contains(err.msg, fmt("kernel plugin 'text' found at %s/libdsmoe_kernel_text.so but is not a loadable "
+                                 "shared object: not an ELF file", dir_c));
+    assert_null(h.dl);
+}
+
+// ------------------------------------------------------------------------------------------------
+// damaged files: refused by the ELF check, before dlopen could die of SIGBUS in them
+
+static unsigned char *read_whole(const char *path, size_t *n) {
+    FILE *f = fopen(path, "rb");
+    assert_non_null(f);
+    fseek(f, 0, SEEK_END);
+    *n = (size_t)ftell(f);
+    fseek(f, 0, SEEK_SET);
+    unsigned char *b = malloc(*n);
+    assert_non_null(b);
+    assert_int_equal(fread(b, 1, *n, f), *n);
+    fclose(f);
+    return b;
+}
+
+static void write_whole(const char *path, const void *b, size_t n) {
+    FILE *f = fopen(path, "wb");
+    assert_non_null(f);
+    assert_int_equal(fwrite(b, 1, n, f), n);
+    fclose(f);
+}
+
+// Writes the first n bytes of img as libdsmoe_kernel_damaged.so in dir_a, loads it, expects `text`.
+static void expect_damaged(const unsigned char *img, size_t n, const char *text) {
+    const dsmoe_kernel_plugin_v2 *k = (void *)1;
+    dsmoe_plugin_handle h;
+    dsmoe_err err = {0};
+    char *file = fmt("%s/libdsmoe_kernel_damaged.so", dir_a);
+    write_whole(file, img, n);
+    assert_int_equal(dsmoe_plugin_load_kernel("damaged", dir_a, &k, &h, &err), DSMOE_ERR_IO);
+    assert_contains(err.msg, fmt("kernel plugin 'damaged' found at %s but is not a loadable shared object: %s", file,
+                                 text));
+    assert_null(k);
+    assert_null(h.dl);
+    unlink(file);
+}
+
+static void test_damaged_elf(void **state) {
+    size_t n;
+    unsigned char *img = read_whole(FAKE "/libdsmoe_kernel_fakecuda.so", &n);
+    // The layout, read here on its own (the test's reference): where the header, the program header
+    // table and the PT_LOAD segments end.
+    Elf64_Ehdr eh;
+    memcpy(&eh, img, sizeof eh);
+    assert_true(n > sizeof eh);
+    assert_int_equal(eh.e_phentsize, sizeof(Elf64_Phdr));
+    size_t ph_end = (size_t)eh.e_phoff + (size_t)eh.e_phnum * sizeof(Elf64_Phdr);
+    size_t last_end = 0, last_off = 0;
+    for (int i = 0; i < eh.e_phnum; i++) {
+        Elf64_Phdr ph;
+        memcpy(&ph, img + eh.e_phoff + (size_t)i * sizeof ph, sizeof ph);
+        if (ph.p_type == PT_LOAD && ph.p_offset + ph.p_filesz > last_end)
+            last_end = (size_t)(ph.p_offset + ph.p_filesz), last_off = (size_t)ph.p_offset;
+    }
+    assert_true(last_end > last_off + 2 && last_end <= n);
+
+    expect_damaged(img, 0, "not an ELF file");
+    expect_damaged(img, 3, "not an ELF file");
+    expect_damaged(img, 10, "truncated: the ELF header ends at byte 64 but the file has 10 bytes");
+    expect_damaged(img, 40, "truncated: the ELF header ends at byte 64 but the file has 40 bytes");
+    expect_damaged(img, sizeof eh, fmt("truncated: the program header table ends at byte %zu but the file has %zu "
+                                       "bytes", ph_end, sizeof eh)); // header only
+    size_t mid_ph = (size_t)eh.e_phoff + sizeof(Elf64_Phdr) + 10;
+    expect_damaged(img, mid_ph, fmt("truncated: the program header table ends at byte %zu but the file has %zu "
+                                    "bytes", ph_end, mid_ph));
+    // Cut inside the last segment, and one byte short of its end: the first PT_LOAD (in table order)
+    // that reaches past the cut is named.
+    size_t cuts[] = {(last_off + last_end) / 2, last_end - 1};
+    for (int c = 0; c < 2; c++) {
+        int first = -1;
+        size_t end = 0;
+        for (int i = 0; i < eh.e_phnum && first < 0; i++) {
+            Elf64_Phdr ph;
+            memcpy(&ph, img + eh.e_phoff + (size_t)i * sizeof ph, sizeof ph);
+            if (ph.p_type == PT_LOAD && ph.p_offset + ph.p_filesz > cuts[c])
+                first = i, end = (size_t)(ph.p_offset + ph.p_filesz);
+        }
+        assert_true(first >= 0);
+        expect_damaged(img, cuts[c], fmt("truncated: PT_LOAD segment %d ends at byte %zu but the file has %zu bytes",
+                                         first, end, cuts[c]));
+    }
+
+    // Whole, but not for this process: another machine, another class, not a shared object.
+    unsigned char *alt = malloc(n);
+    assert_non_null(alt);
+    memcpy(alt, img, n);
+    uint16_t machine = EM_AARCH64 == EM_X86_64 ? 0 : (eh.e_machine == EM_AARCH64 ? EM_X86_64 : EM_AARCH64);
+    memcpy(alt + offsetof(Elf64_Ehdr, e_machine), &machine, sizeof machine);
+    expect_damaged(alt, n, fmt("built for another machine (e_machine %u; this machine is %u)", machine,
+                               eh.e_machine));
+    memcpy(alt, img, n);
+    alt[EI_CLASS] = ELFCLASS32;
+    expect_damaged(alt, n, "built for another word size (ELF class 1;");
+    memcpy(alt, img, n);
+    uint16_t exec = ET_EXEC;
+    memcpy(alt + offsetof(Elf64_Ehdr, e_type), &exec, sizeof exec);
+    expect_damaged(alt, n, "not a shared object (e_type 2;");
+
+    // The whole copy loads: the check refuses nothing a good file has.
+    write_whole(fmt("%s/libdsmoe_kernel_fakecuda.so", dir_a), img, n);
+    const dsmoe_kernel_plugin_v2 *k;
+    dsmoe_plugin_handle h;
+    dsmoe_err err = {0};
+    assert_int_equal(dsmoe_plugin_load_kernel("fakecuda", dir_a, &k, &h, &err), DSMOE_OK);
+    dsmoe_plugin_unload(&h);
+    unlink(fmt("%s/libdsmoe_kernel_fakecuda.so", dir_a));
+    free(alt);
+    free(img);
+}
+
+// ------------------------------------------------------------------------------------------------
+// the user's directories: an entry that is not a readable directory is an error, not a skip
+
+static void test_bad_user_dirs(void **state) {
+    const dsmoe_comm_plugin_v2 *c = (void *)1;
+    dsmoe_plugin_handle h;
+    dsmoe_err err = {0};
+    char missing[256], file[256], locked[256]; // own buffers: fmt's rotate
+    snprintf(missing, sizeof missing, "%s/missing", tmp_root);
+    snprintf(file, sizeof file, "%s/libdsmoe_comm_mpi.so", dir_a); // a link to a file: not a directory
+    snprintf(locked, sizeof locked, "%s/locked", tmp_root);
+    // mpi would load from the build dir: the bad entry must not be skipped to reach it.
+    assert_int_equal(dsmoe_plugin_load_comm("mpi", fmt("%s:%s", dir_b, missing), &c, &h, &err), DSMOE_ERR_IO);
+    assert_string_equal(err.msg, fmt("comm plugin 'mpi': the directory '%s' listed in run.plugin_path does not "
+                                     "exist; fix or remove that entry", missing));
+    assert_null(c);
+    assert_null(h.dl);
+    assert_int_equal(dsmoe_plugin_load_comm("mpi", file, &c, &h, &err), DSMOE_ERR_IO);
+    assert_contains(err.msg, fmt("the directory '%s' listed in run.plugin_path is not a directory", file));
+    assert_int_equal(dsmoe_plugin_load_comm("mpi", fmt("%s/x", file), &c, &h, &err), DSMOE_ERR_IO); // ENOTDIR
+    assert_contains(err.msg, fmt("the directory '%s/x' listed in run.plugin_path does not exist", file));
+
+    setenv("DSMOE_PLUGIN_PATH", fmt("%s:%s", dir_b, missing), 1);
+    assert_int_equal(dsmoe_plugin_load_comm("mpi", dir_a, &c, &h, &err), DSMOE_ERR_IO);
+    assert_contains(err.msg, fmt("the directory '%s' listed in the environment variable DSMOE_PLUGIN_PATH does "
+                                 "not exist", missing));
+    setenv("DSMOE_PLUGIN_PATH", file, 1);
+    assert_int_equal(dsmoe_plugin_load_comm("mpi", NULL, &c, &h, &err), DSMOE_ERR_IO);
+    assert_contains(err.msg, "listed in the environment variable DSMOE_PLUGIN_PATH is not a directory");
+    unsetenv("DSMOE_PLUGIN_PATH");
+
+    // Unreadable: as root (the CI containers) mode 000 does not stop opendir, so there the directory
+    // is simply searched; as anyone else it is refused.
+    assert_int_equal(mkdir(locked, 0755), 0);
+    assert_int_equal(chmod(locked, 0), 0);
+    dsmoe_status s = dsmoe_plugin_load_comm("mpi", locked, &c, &h, &err);
+    if (geteuid() != 0) {
+        assert_int_equal(s, DSMOE_ERR_IO);
+        assert_contains(err.msg, fmt("the directory '%s' listed in run.plugin_path cannot be read (", locked));
+    } else {
+        assert_int_equal(s, DSMOE_OK);
+        assert_string_equal(h.path, BUILD "/libdsmoe_comm_mpi.so");
+        dsmoe_plugin_unload(&h);
+    }
+    chmod(locked, 0755);
+    rmdir(locked);
+
+    // The built-in rules stay silent (the install dir of a build tree does not exist), and so does
+    // dsmoe_plugin_list: it lists what is there.
+    assert_int_equal(dsmoe_plugin_load_comm("mpi", "", &c, &h, &err), DSMOE_OK);
+    dsmoe_plugin_unload(&h);
+    char names[4][64];
+    assert_true(dsmoe_plugin_list("comm", missing, names, 4) >= 1);
 }
 
 static void test_missing_symbol(void **state) {
@@ -572,6 +745,8 @@ int main(void) {
         cmocka_unit_test(test_not_found_lists_dirs_and_available),
         cmocka_unit_test(test_failed_to_load),
         cmocka_unit_test(test_missing_symbol),
+        cmocka_unit_test(test_damaged_elf),
+        cmocka_unit_test(test_bad_user_dirs),
         cmocka_unit_test(test_bad_tables),
         cmocka_unit_test(test_optional_groups),
         cmocka_unit_test(test_mpi_abi),
