@@ -112,6 +112,7 @@ typedef struct dsmoe_config {
     char checkpoint_dir[1024];   // checkpoint.dir ("" = <run.output_dir>/checkpoints)
     char resume[1024];           // checkpoint.resume ("" = fresh start, "auto" = newest in dir, or a path)
     int checkpoint_final;        // checkpoint.final (write one at the end)
+    int checkpoint_max_failures; // checkpoint.max_failures (failed saves in a row that end the run)
 
     // [metrics]
     char metrics_file[1024];     // metrics.file ("" = <run.output_dir>/metrics.csv)

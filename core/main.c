@@ -326,7 +326,7 @@ int main(int argc, char **argv) {
         print_plugin_settings(&rt);
         dsmoe_placement_print(stdout, pl, &cfg);
     }
-    int stopped = 0;
+    int stopped = 0, save_failed = 0, metrics_failed = 0;
     if (s == DSMOE_OK && check_only) {
         if (rank == 0) printf("deck %s is valid\n", deck_path);
     } else if (s == DSMOE_OK) {
@@ -334,6 +334,8 @@ int main(int argc, char **argv) {
         memset(&result, 0, sizeof result);
         s = dsmoe_train_run(&cfg, resolved, &rt, &result, &err);
         stopped = result.stopped_signal != 0;
+        save_failed = result.save_failed;
+        metrics_failed = result.metrics_failed;
     }
     if (s != DSMOE_OK && err.scope != DSMOE_SCOPE_COLLECTIVE && world_size > 1)
         return finish(s, &err, rank, world_size); // without collective clean-up: other ranks may be mid-step
@@ -343,5 +345,7 @@ int main(int argc, char **argv) {
     free(resolved);
     free(deck_text);
     int rc = finish(s, &err, rank, world_size);
-    return rc == 0 && stopped ? DSMOE_EXIT_SIGNAL_CHECKPOINT : rc;
+    // Exit codes: docs/parallel.md "Walltime signals and exit codes" (train.h).
+    if (rc != 0) return save_failed ? DSMOE_EXIT_SAVE_FAILED : rc;
+    return stopped ? DSMOE_EXIT_SIGNAL_CHECKPOINT : metrics_failed ? DSMOE_EXIT_METRICS_FAILED : 0;
 }

@@ -4,9 +4,11 @@
 #include "train.h"
 
 #include <ctype.h>
+#include <errno.h>
 #include <inttypes.h>
 #include <math.h>
 #include <signal.h>
+#include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
@@ -45,6 +47,10 @@ typedef struct trainer {
     int64_t *loads;           // (n_moe, max E) kept tokens per expert over the step, all ranks
     int max_e;
     FILE *metrics;
+    char metrics_path[2048];
+    int metrics_errno;        // rank 0: the first failed metrics write's errno (0 = none); no rows after it
+    int metrics_step;         // the step whose row failed first (0 = the header)
+    int failed_saves;         // consecutive failed checkpoint saves (every rank: saves share their status)
     char ckpt_dir[1200];
     int rank;
 } trainer;
@@ -98,33 +104,112 @@ static dsmoe_status evaluate(trainer *tr, double *loss, dsmoe_err *err) {
     return DSMOE_OK;
 }
 
+// Metrics writes are checked (a full disk gave an empty file and exit 0): the first failure is reported
+// once, the file gets no more rows, training goes on (the run is worth more than its log) and dsmoe exits
+// DSMOE_EXIT_METRICS_FAILED at the end, after saying so again.
+static void metrics_printf(trainer *tr, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void metrics_printf(trainer *tr, const char *fmt, ...) {
+    if (!tr->metrics || tr->metrics_errno) return;
+    va_list ap;
+    va_start(ap, fmt);
+    if (vfprintf(tr->metrics, fmt, ap) < 0) tr->metrics_errno = errno ? errno : EIO;
+    va_end(ap);
+}
+
+// Ends a row (or the header): flushes, and reports the first failure.
+static void metrics_end_row(trainer *tr, int step) {
+    if (!tr->metrics) return;
+    errno = 0;
+    if (!tr->metrics_errno && (fflush(tr->metrics) != 0 || ferror(tr->metrics))) tr->metrics_errno = errno ? errno : EIO;
+    if (!tr->metrics_errno) return;
+    tr->metrics_step = step;
+    fprintf(stderr, "dsmoe: warning: cannot write metrics file %s (%s at step %d): training goes on without its rows; "
+            "dsmoe will exit with code %d at the end\n", tr->metrics_path, strerror(tr->metrics_errno), step,
+            DSMOE_EXIT_METRICS_FAILED);
+    fflush(stderr);
+}
+
 static void metrics_header(trainer *tr) {
     if (!tr->metrics) return;
-    fprintf(tr->metrics, "step,loss,aux_loss,lr,grad_norm,tokens_per_s,dropped_frac,elapsed_s,valid_loss");
+    metrics_printf(tr, "step,loss,aux_loss,lr,grad_norm,tokens_per_s,dropped_frac,elapsed_s,valid_loss");
     for (int i = 0; i < tr->cfg->n_moe_layers; i++) {
-        fprintf(tr->metrics, ",moe%d_capacity,moe%d_drop", i, i);
-        for (int e = 0; e < tr->cfg->experts[i]; e++) fprintf(tr->metrics, ",moe%d_load_e%d", i, e);
+        metrics_printf(tr, ",moe%d_capacity,moe%d_drop", i, i);
+        for (int e = 0; e < tr->cfg->experts[i]; e++) metrics_printf(tr, ",moe%d_load_e%d", i, e);
     }
-    fprintf(tr->metrics, "\n");
+    metrics_printf(tr, "\n");
+    metrics_end_row(tr, 0);
 }
 
 static void metrics_row(trainer *tr, int step, const step_stats *st, float lr, double gnorm, double tok_s,
                         double elapsed, double valid) {
-    if (!tr->metrics) return;
-    fprintf(tr->metrics, "%d,%.9g,%.9g,%.6e,%.9g,%.1f,%.6f,%.3f,", step, st->loss_sum / st->tokens,
-            st->aux_sum / st->micro_count, lr, gnorm, tok_s, st->routed > 0 ? st->dropped / st->routed : 0.0, elapsed);
-    if (!isnan(valid)) fprintf(tr->metrics, "%.9g", valid);
+    if (!tr->metrics || tr->metrics_errno) return;
+    metrics_printf(tr, "%d,%.9g,%.9g,%.6e,%.9g,%.1f,%.6f,%.3f,", step, st->loss_sum / st->tokens,
+                   st->aux_sum / st->micro_count, lr, gnorm, tok_s, st->routed > 0 ? st->dropped / st->routed : 0.0,
+                   elapsed);
+    if (!isnan(valid)) metrics_printf(tr, "%.9g", valid);
     for (int i = 0; i < tr->cfg->n_moe_layers; i++) {
         const dsmoe_moe_stats *ms = dsmoe_model_moe_stats(tr->model, i);
         long kept = 0;
         for (int e = 0; e < tr->cfg->experts[i]; e++) kept += tr->loads[i * tr->max_e + e];
         double routed_layer = st->routed / tr->cfg->n_moe_layers;
-        fprintf(tr->metrics, ",%d,%.6f", ms->capacity, routed_layer > 0 ? 1.0 - kept / routed_layer : 0.0);
+        metrics_printf(tr, ",%d,%.6f", ms->capacity, routed_layer > 0 ? 1.0 - kept / routed_layer : 0.0);
         for (int e = 0; e < tr->cfg->experts[i]; e++)
-            fprintf(tr->metrics, ",%.5f", kept ? (double)tr->loads[i * tr->max_e + e] / kept : 0.0);
+            metrics_printf(tr, ",%.5f", kept ? (double)tr->loads[i * tr->max_e + e] / kept : 0.0);
     }
-    fprintf(tr->metrics, "\n");
-    fflush(tr->metrics);
+    metrics_printf(tr, "\n");
+    metrics_end_row(tr, step);
+}
+
+// Closes the metrics file (rank 0) and tells every rank whether its writes failed, for one exit code.
+static dsmoe_status metrics_finish(trainer *tr, dsmoe_train_result *res, dsmoe_err *err) {
+    if (tr->metrics) {
+        errno = 0;
+        if (fclose(tr->metrics) != 0 && !tr->metrics_errno) {
+            tr->metrics_errno = errno ? errno : EIO;
+            tr->metrics_step = res->steps_done;
+        }
+        tr->metrics = NULL;
+    }
+    int64_t failed = tr->metrics_errno != 0;
+    DSMOE_TRY(dsmoe_ctl_allreduce_i64(tr->rt->world_ctl, &failed, 1, err));
+    res->metrics_failed = failed != 0;
+    if (tr->metrics_errno)
+        fprintf(stderr, "dsmoe: warning: metrics file %s is incomplete: writing failed at step %d (%s): exit code %d\n",
+                tr->metrics_path, tr->metrics_step, strerror(tr->metrics_errno), DSMOE_EXIT_METRICS_FAILED);
+    return DSMOE_OK;
+}
+
+// A failed save (disk full, I/O error) keeps the older checkpoints and training goes on; the run fails
+// (DSMOE_EXIT_SAVE_FAILED) after checkpoint.max_failures failed saves in a row, or when the final one
+// fails. dsmoe_checkpoint_save's status is shared by all ranks, so they all count alike.
+static dsmoe_status save_checkpoint(trainer *tr, const char *config_text, const dsmoe_train_position *pos, int final,
+                                    dsmoe_train_result *res, dsmoe_err *err) {
+    const dsmoe_config *c = tr->cfg;
+    char path[sizeof res->checkpoint];
+    dsmoe_err serr = {0};
+    if (dsmoe_checkpoint_save(tr->model, tr->opt, c, config_text, pos, tr->ckpt_dir, c->checkpoint_keep, path,
+                              sizeof path, &serr) == DSMOE_OK) {
+        tr->failed_saves = 0;
+        snprintf(res->checkpoint, sizeof res->checkpoint, "%s", path);
+        if (tr->rank == 0) printf("checkpoint: %s\n", res->checkpoint);
+        return DSMOE_OK;
+    }
+    tr->failed_saves++;
+    const char *kept = res->checkpoint[0] ? res->checkpoint : "none written by this run";
+    int fatal = final || tr->failed_saves >= c->checkpoint_max_failures;
+    if (tr->rank == 0 && !fatal) {
+        fprintf(stderr, "dsmoe: warning: checkpoint of step %d failed (%d in a row; checkpoint.max_failures = %d): %s; "
+                "training goes on (newest checkpoint: %s)\n", pos->step, tr->failed_saves, c->checkpoint_max_failures,
+                serr.msg, kept);
+        fflush(stderr);
+    }
+    if (!fatal) return DSMOE_OK;
+    res->save_failed = 1;
+    dsmoe_err_set(err, DSMOE_ERR_IO, "%s checkpoint of step %d failed (%d in a row; checkpoint.max_failures = %d): %s; "
+                  "newest checkpoint: %s; exit code %d", final ? "the final" : "the", pos->step, tr->failed_saves,
+                  c->checkpoint_max_failures, serr.msg, kept, DSMOE_EXIT_SAVE_FAILED);
+    err->scope = DSMOE_SCOPE_COLLECTIVE;
+    return err->status;
 }
 
 static void format_hms(double s, char *buf, size_t len) {
@@ -364,6 +449,24 @@ static dsmoe_status start_position(trainer *tr, dsmoe_train_position *pos, int *
     return DSMOE_OK;
 }
 
+// Rank 0: output_dir, resolved.deck and the metrics file (trimmed on resume), with its header.
+static dsmoe_status open_outputs(trainer *tr, const char *config_text, int resumed, int step, dsmoe_err *err) {
+    const dsmoe_config *c = tr->cfg;
+    char path[2048];
+    DSMOE_TRY(dsmoe_mkdir_p(c->output_dir, err));
+    snprintf(path, sizeof path, "%s/resolved.deck", c->output_dir);
+    DSMOE_TRY(dsmoe_write_file_atomic(path, config_text, strlen(config_text), err));
+    if (c->metrics_file[0]) snprintf(tr->metrics_path, sizeof tr->metrics_path, "%s", c->metrics_file);
+    else snprintf(tr->metrics_path, sizeof tr->metrics_path, "%s/metrics.csv", c->output_dir);
+    int has_header = 0;
+    if (resumed) DSMOE_TRY(trim_metrics(tr->metrics_path, step, &has_header, err));
+    tr->metrics = fopen(tr->metrics_path, resumed ? "a" : "w");
+    if (!tr->metrics)
+        return dsmoe_err_set(err, DSMOE_ERR_IO, "cannot open metrics file %s: %s", tr->metrics_path, strerror(errno));
+    if (!has_header) metrics_header(tr);
+    return DSMOE_OK;
+}
+
 static dsmoe_status run(trainer *tr, const char *config_text, dsmoe_train_result *res, dsmoe_err *err) {
     const dsmoe_config *c = tr->cfg;
     dsmoe_train_position pos;
@@ -405,18 +508,11 @@ static dsmoe_status run(trainer *tr, const char *config_text, dsmoe_train_result
         res->steps_done = pos.step;
         return DSMOE_OK;
     }
-    if (tr->rank == 0) {
-        char path[2048];
-        DSMOE_TRY(dsmoe_mkdir_p(c->output_dir, err));
-        snprintf(path, sizeof path, "%s/resolved.deck", c->output_dir);
-        DSMOE_TRY(dsmoe_write_file_atomic(path, config_text, strlen(config_text), err));
-        if (c->metrics_file[0]) snprintf(path, sizeof path, "%s", c->metrics_file);
-        else snprintf(path, sizeof path, "%s/metrics.csv", c->output_dir);
-        int has_header = 0;
-        if (resumed) DSMOE_TRY(trim_metrics(path, pos.step, &has_header, err));
-        tr->metrics = fopen(path, resumed ? "a" : "w");
-        if (!tr->metrics) return dsmoe_err_set(err, DSMOE_ERR_IO, "cannot open metrics file %s", path);
-        if (!has_header) metrics_header(tr);
+    // Rank 0 writes the outputs; every rank learns before the first step whether it could (with its reason).
+    dsmoe_status s = tr->rank == 0 ? open_outputs(tr, config_text, resumed, pos.step, err) : DSMOE_OK;
+    if ((s = dsmoe_ctl_root_status(tr->rt->world_ctl, s, "another rank failed", err)) != DSMOE_OK) {
+        err->scope = DSMOE_SCOPE_COLLECTIVE; // every rank holds rank 0's message: it prints once
+        return s;
     }
     double t_start = dsmoe_now_seconds(), t_last = t_start;
     int first = pos.step, logged_from = pos.step;
@@ -457,20 +553,14 @@ static dsmoe_status run(trainer *tr, const char *config_text, dsmoe_train_result
             metrics_row(tr, pos.step, &st, dsmoe_lr_at(c, step), gnorm, tok_s, elapsed, valid);
         }
         int saved = (c->checkpoint_every > 0 && pos.step % c->checkpoint_every == 0) || (last && c->checkpoint_final);
-        if (saved) {
-            DSMOE_TRY(dsmoe_checkpoint_save(tr->model, tr->opt, c, config_text, &pos, tr->ckpt_dir, c->checkpoint_keep,
-                                            res->checkpoint, sizeof res->checkpoint, err));
-            if (tr->rank == 0) printf("checkpoint: %s\n", res->checkpoint);
-        }
+        if (saved) DSMOE_TRY(save_checkpoint(tr, config_text, &pos, last && c->checkpoint_final, res, err));
         // A signal during the last step changes nothing: the run is complete.
         int signo, ranks;
         if (!last) DSMOE_TRY(signals_agree(tr, &signo, &ranks, err));
         if (!last && ranks > 0) {
-            if (!saved)
-                DSMOE_TRY(dsmoe_checkpoint_save(tr->model, tr->opt, c, config_text, &pos, tr->ckpt_dir,
-                                                c->checkpoint_keep, res->checkpoint, sizeof res->checkpoint, err));
+            // The run stops here: this save is its last, and 75 promises its checkpoint.
+            if (!saved || tr->failed_saves > 0) DSMOE_TRY(save_checkpoint(tr, config_text, &pos, 1, res, err));
             if (tr->rank == 0) {
-                if (!saved) printf("checkpoint: %s\n", res->checkpoint);
                 printf("stopped: SIG%s at step %d of %d (%d of %d ranks got a signal): exit code %d; resume with "
                        "checkpoint.resume=auto\n", signal_name(signo), pos.step, c->steps, ranks,
                        tr->rt->world_size, DSMOE_EXIT_SIGNAL_CHECKPOINT);
@@ -481,7 +571,7 @@ static dsmoe_status run(trainer *tr, const char *config_text, dsmoe_train_result
         }
     }
     res->steps_done = pos.step;
-    return DSMOE_OK;
+    return metrics_finish(tr, res, err);
 }
 
 dsmoe_status dsmoe_train_run(const dsmoe_config *cfg, const char *config_text, dsmoe_runtime *rt,

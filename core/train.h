@@ -1,6 +1,6 @@
 // core/train.h: the training and evaluation driver.
 // defines: dsmoe_train_run, dsmoe_train_result, dsmoe_lr_at, dsmoe_signals_parse, dsmoe_signals_install,
-//          DSMOE_EXIT_SIGNAL_CHECKPOINT, DSMOE_EXIT_SIGNAL_TWICE
+//          DSMOE_EXIT_SIGNAL_CHECKPOINT, DSMOE_EXIT_SIGNAL_TWICE, DSMOE_EXIT_SAVE_FAILED, DSMOE_EXIT_METRICS_FAILED
 //
 // One optimizer step = the deck's global batch (train.batch sequences) split over the ranks and
 // micro-batches: rank r, micro-step j takes samples step*batch + (j*ranks + r)*micro_batch + [0, micro_batch).
@@ -23,6 +23,8 @@ typedef struct dsmoe_train_result {
     char checkpoint[4096];   // the last checkpoint written ("" if none)
     int stopped_signal;      // 0, or training stopped on a run.signals signal after steps_done, whose
                              // checkpoint is written: this rank's signal, else one another rank got
+    int save_failed;         // the run failed because checkpoint saves failed (DSMOE_EXIT_SAVE_FAILED)
+    int metrics_failed;      // writing metrics.file failed (every rank knows): DSMOE_EXIT_METRICS_FAILED
 } dsmoe_train_result;
 
 // Walltime signals (run.signals, docs/parallel.md "Walltime signals and exit codes"). The handler only
@@ -32,6 +34,12 @@ typedef struct dsmoe_train_result {
 // handler, with DSMOE_EXIT_SIGNAL_TWICE (no checkpoint of the current step; earlier ones are kept).
 #define DSMOE_EXIT_SIGNAL_CHECKPOINT 75 // EX_TEMPFAIL: "try again", as sysexits.h has it
 #define DSMOE_EXIT_SIGNAL_TWICE 76
+// Output failures (docs/parallel.md). A failed checkpoint save keeps the older ones and training goes on;
+// checkpoint.max_failures failed saves in a row, or a failed final save (or a walltime signal's), end the
+// run with this code and the reason. A failed metrics.file write is reported once, training goes on
+// without rows, and a run that otherwise exits 0 exits with DSMOE_EXIT_METRICS_FAILED.
+#define DSMOE_EXIT_SAVE_FAILED 74    // EX_IOERR
+#define DSMOE_EXIT_METRICS_FAILED 73 // EX_CANTCREAT: the output file could not be written
 // Reads run.signals: names from HUP INT QUIT USR1 USR2 TERM XCPU, any case, with or without SIG,
 // separated by commas or blanks; "" or "none" = no signal. Local.
 dsmoe_status dsmoe_signals_parse(const char *list, int *signos, int max, int *n, dsmoe_err *err);

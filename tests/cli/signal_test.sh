@@ -186,8 +186,10 @@ env | grep '^DSMOE' | sort >"$work/pbs/qsub.env"
 echo 4243.pbs-test
 QSUB
 chmod +x "$work/pbs/bin/qsub"
+# The signal comes 8 s after the start: dsmoe must be training by then (its handlers are set), also on a
+# loaded machine.
 (cd / && env PATH="$work/pbs/bin:$PATH" PBS_JOBID=4242.pbs-test PBS_O_WORKDIR="$work/pbs" PBS_NODEFILE="$work/pbs/nodefile" \
-   NCPUS=2 PBS_WALLTIME=2 DSMOE_SIGNAL_BEFORE=1 DSMOE="$dsmoe" DSMOE_BIND=none DSMOE_DECK="$deck" \
+   NCPUS=2 PBS_WALLTIME=12 DSMOE_SIGNAL_BEFORE=4 DSMOE="$dsmoe" DSMOE_BIND=none DSMOE_DECK="$deck" \
    DSMOE_ARGS="run.output_dir=$work/pbs/out train.steps=100000" timeout 120 bash "$src/jobscripts/pbs.qsub") \
   >"$work/pbs.log" 2>&1
 rc=$?

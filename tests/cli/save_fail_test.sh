@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# Output failures (docs/deck.md, docs/parallel.md "Walltime signals and exit codes"): failed checkpoint
+# saves keep the older checkpoints, are reported with the system's reason, and training goes on until
+# checkpoint.max_failures in a row (or the final save) fail: exit 74. metrics.file = /dev/full: reported
+# once with the reason, training completes, reported again, exit 73. An unopenable metrics file: the
+# reason, before the first step, exit 1. On 1 rank and on 2 ranks (every rank must agree on the code).
+# Usage: save_fail_test.sh <dsmoe> <source dir> <mpiexec> [mpiexec flags ...]
+set -u
+dsmoe=$1
+src=$2
+mpiexec=$3
+shift 3
+mpiflags=("$@")
+work=$(mktemp -d /tmp/dsmoe_save_fail.XXXXXX)
+trap '[ -n "${KEEP:-}" ] || rm -rf "$work"' EXIT
+unset DSMOE_PLUGIN_PATH
+export OMP_NUM_THREADS=1 OMPI_MCA_mpi_yield_when_idle=1 OMP_WAIT_POLICY=passive
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+failures=0
+passes=0
+fail() { echo "FAIL: $*"; failures=$((failures + 1)); }
+ok() { passes=$((passes + 1)); }
+show() { grep -Ev '^[a-z_0-9]+ += ' "$1" | tail -n 15 | sed 's/^/  | /'; }
+
+deck="$work/tiny.deck"
+cat >"$deck" <<DECK
+[run]
+log_every = 1
+[model]
+vocab = 32
+seq_len = 8
+layers = 2
+hidden = 16
+heads = 2
+[moe]
+experts = 4
+[train]
+steps = 6
+batch = 4
+eval_every = 100
+eval_batches = 1
+[data]
+synthetic_sources = 2
+synthetic_branching = 2
+[checkpoint]
+keep = 3
+every = 1
+DECK
+
+# dsmoe_run <ranks> <log> args...: runs dsmoe to the end; sets $rc.
+dsmoe_run() {
+  local ranks=$1 log=$2
+  shift 2
+  if [ "$ranks" = 1 ]; then timeout 120 "$dsmoe" "$deck" "$@" >"$log" 2>&1
+  else timeout 120 "$mpiexec" "${mpiflags[@]}" -n "$ranks" "$dsmoe" "$deck" "$@" >"$log" 2>&1; fi
+  rc=$?
+}
+
+for ranks in 1 2; do
+  d="$work/r$ranks"
+  mkdir -p "$d"
+
+  # 1. checkpoint.dir is a regular file: every save fails. max_failures = 3: steps 1-3 run (two warnings
+  # naming the reason), the third failure ends the run with 74; no step 4.
+  : >"$d/notadir"
+  dsmoe_run $ranks "$d/a.log" run.output_dir="$d/a" checkpoint.dir="$d/notadir"
+  [ $rc = 74 ] && ok || { fail "$ranks rank(s), checkpoint.dir a file: exit $rc, expected 74"; show "$d/a.log"; }
+  [ "$(grep -c "dsmoe: warning: checkpoint of step [12] failed (. in a row; checkpoint.max_failures = 3): .*$d/notadir.*training goes on" "$d/a.log")" = 2 ] && ok ||
+    { fail "$ranks rank(s): not two warnings for steps 1, 2 naming the directory"; show "$d/a.log"; }
+  grep -q "dsmoe: error: the checkpoint of step 3 failed (3 in a row; checkpoint.max_failures = 3): $d/notadir exists and is not a directory; newest checkpoint: none written by this run; exit code 74" "$d/a.log" && ok ||
+    { fail "$ranks rank(s): no error for step 3 with the reason"; show "$d/a.log"; }
+  grep -q "^step 3/6" "$d/a.log" && ! grep -q "^step 4/6" "$d/a.log" && ok ||
+    fail "$ranks rank(s): training did not go on to exactly step 3"
+
+  # 2. max_failures larger than the run: every step runs, the final save's failure gives 74.
+  dsmoe_run $ranks "$d/b.log" run.output_dir="$d/b" checkpoint.dir="$d/notadir" checkpoint.max_failures=100
+  [ $rc = 74 ] && grep -q "^step 6/6" "$d/b.log" && grep -q "dsmoe: error: the final checkpoint of step 6 failed (6 in a row" "$d/b.log" && ok ||
+    { fail "$ranks rank(s), max_failures=100: exit $rc (expected 74 after step 6 with the final save's error)"; show "$d/b.log"; }
+  [ "$(wc -l <"$d/b/metrics.csv")" = 7 ] && ok || fail "$ranks rank(s): metrics.csv lacks rows of a run whose saves failed"
+
+  # 3. The directory turns into a file after the first saves (the run is slowed to see it): the older
+  # checkpoints are kept, and three failures in a row end the run with 74.
+  dsmoe_run $ranks "$d/c0.log" run.output_dir="$d/c0" checkpoint.dir="$d/ck" train.steps=2 # steps 1, 2 saved
+  mv "$d/ck" "$d/ck.kept" && : >"$d/ck"
+  dsmoe_run $ranks "$d/c.log" run.output_dir="$d/c" checkpoint.dir="$d/ck.kept" checkpoint.resume=auto train.steps=3
+  [ $rc = 0 ] && [ -f "$d/ck.kept/step_00000003.safetensors" ] && ok || { fail "$ranks rank(s): resume + save: exit $rc"; show "$d/c.log"; }
+  dsmoe_run $ranks "$d/c2.log" run.output_dir="$d/c2" checkpoint.dir="$d/ck" checkpoint.resume="$d/ck.kept/step_00000003.safetensors" \
+    train.steps=9 checkpoint.keep=10
+  [ $rc = 74 ] && grep -q "^step 6/9" "$d/c2.log" && ! grep -q "^step 7/9" "$d/c2.log" &&
+    grep -q "newest checkpoint: none written by this run; exit code 74" "$d/c2.log" && ok ||
+    { fail "$ranks rank(s), resumed into an unwritable dir: exit $rc, expected 74 after step 6"; show "$d/c2.log"; }
+  ls "$d/ck.kept"/step_0000000[123].safetensors >/dev/null 2>&1 && ok || fail "$ranks rank(s): older checkpoints lost"
+
+  # 4. metrics.file = /dev/full: reported once when written (the header, before step 1), training and its
+  # checkpoints complete, reported again at the end, exit 73.
+  dsmoe_run $ranks "$d/m.log" run.output_dir="$d/m" metrics.file=/dev/full
+  [ $rc = 73 ] && ok || { fail "$ranks rank(s), metrics.file=/dev/full: exit $rc, expected 73"; show "$d/m.log"; }
+  [ "$(grep -c "dsmoe: warning: cannot write metrics file /dev/full (No space left on device at step 0)" "$d/m.log")" = 1 ] &&
+    [ "$(grep -c "dsmoe: warning: metrics file /dev/full is incomplete: writing failed at step 0 (No space left on device): exit code 73" "$d/m.log")" = 1 ] && ok ||
+    { fail "$ranks rank(s), /dev/full: not one warning at the start and one at the end"; show "$d/m.log"; }
+  grep -q "^step 6/6" "$d/m.log" && [ -f "$d/m/checkpoints/step_00000006.safetensors" ] && ok ||
+    fail "$ranks rank(s), /dev/full: training did not complete"
+
+  # 5. A metrics file that cannot be opened: the reason, before the first step, exit 1.
+  dsmoe_run $ranks "$d/o.log" run.output_dir="$d/o" metrics.file="$d/no/such/dir/m.csv"
+  [ $rc = 1 ] && grep -q "dsmoe: error: cannot open metrics file $d/no/such/dir/m.csv: No such file or directory" "$d/o.log" &&
+    ! grep -q "^step 1/" "$d/o.log" && ok || { fail "$ranks rank(s), unopenable metrics file: exit $rc"; show "$d/o.log"; }
+
+  # A healthy run still exits 0.
+  dsmoe_run $ranks "$d/h.log" run.output_dir="$d/h"
+  [ $rc = 0 ] && ok || { fail "$ranks rank(s), healthy run: exit $rc"; show "$d/h.log"; }
+done
+
+echo "$passes checks passed, $failures failed"
+[ $failures -eq 0 ]
