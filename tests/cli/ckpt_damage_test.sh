@@ -12,23 +12,7 @@ work=$(mktemp -d /tmp/dsmoe_ckpt.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 export OMP_NUM_THREADS=1
 unset DSMOE_PLUGIN_PATH
-failures=0
-pass=0
-fail() { echo "FAIL: $*"; failures=$((failures + 1)); }
-ok() { pass=$((pass + 1)); }
-
-# expect <name> <expected exit: 0|nonzero> <regex that must appear in stdout+stderr> -- command...
-expect() {
-  local name=$1 want=$2 regex=$3
-  shift 4
-  local out rc
-  out=$("$@" 2>&1)
-  rc=$?
-  if [ "$want" = 0 ] && [ $rc -ne 0 ]; then fail "$name: exit $rc, expected 0"; echo "$out" | tail -20; return; fi
-  if [ "$want" != 0 ] && [ $rc -eq 0 ]; then fail "$name: exit 0, expected non-zero"; echo "$out" | tail -20; return; fi
-  if ! grep -Eq -- "$regex" <<<"$out"; then fail "$name: output lacks /$regex/"; echo "$out" | tail -20; return; fi
-  ok
-}
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh" # fail, ok, show, expect, finish
 
 tiny="$work/tiny.deck"
 cat > "$tiny" <<DECK
@@ -149,5 +133,4 @@ for f in "$ck"/step_*.safetensors; do damage "$f" "$f.bad" trunc && mv "$f.bad" 
 expect auto-none nonzero "checkpoint.resume = auto: none of the [0-9]+ checkpoints in .* verifies; the newest: .*step_00000004.safetensors" -- \
   "$dsmoe" "$tiny" train.steps=5 checkpoint.resume=auto
 
-echo "ckpt_damage_test: $pass passed, $failures failed"
-[ $failures -eq 0 ]
+finish ckpt_damage_test

@@ -9,24 +9,7 @@ work=$(mktemp -d /tmp/dsmoe_cli.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 export OMP_NUM_THREADS=1
 unset DSMOE_PLUGIN_PATH
-failures=0
-pass=0
-
-fail() { echo "FAIL: $*"; failures=$((failures + 1)); }
-ok() { pass=$((pass + 1)); }
-
-# expect <name> <expected exit: 0|nonzero> <regex that must appear in stdout+stderr> -- command...
-expect() {
-  local name=$1 want=$2 regex=$3
-  shift 4
-  local out rc
-  out=$("$@" 2>&1)
-  rc=$?
-  if [ "$want" = 0 ] && [ $rc -ne 0 ]; then fail "$name: exit $rc, expected 0"; echo "$out" | tail -20; return; fi
-  if [ "$want" != 0 ] && [ $rc -eq 0 ]; then fail "$name: exit 0, expected non-zero"; echo "$out" | tail -20; return; fi
-  if ! grep -Eq -- "$regex" <<<"$out"; then fail "$name: output lacks /$regex/"; echo "$out" | tail -20; return; fi
-  ok
-}
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh" # fail, ok, show, expect, finish
 
 tiny="$work/tiny.deck"
 cat > "$tiny" <<DECK
@@ -112,5 +95,4 @@ expect missing-text nonzero "$work/missing.txt" -- "$dsmoe" "$tiny" data.source=
 for i in $(seq 1 200); do echo "the quick brown fox jumps over the lazy dog $i"; done > "$work/text.txt"
 expect text-train 0 "step 4/4" -- "$dsmoe" "$tiny" data.source=text data.path="$work/text.txt" model.vocab=256 run.output_dir="$work/textout"
 
-echo "$pass passed, $failures failed"
-[ $failures -eq 0 ]
+finish cli_test

@@ -16,11 +16,7 @@ trap '[ -n "${KEEP:-}" ] || rm -rf "$work"' EXIT
 unset DSMOE_PLUGIN_PATH
 export OMP_NUM_THREADS=1 OMPI_MCA_mpi_yield_when_idle=1 OMP_WAIT_POLICY=passive
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-failures=0
-passes=0
-fail() { echo "FAIL: $*"; failures=$((failures + 1)); }
-ok() { passes=$((passes + 1)); }
-show() { grep -Ev '^[a-z_0-9]+ += ' "$1" | tail -n 15 | sed 's/^/  | /'; }
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh" # fail, ok, show, expect, finish
 
 deck="$work/tiny.deck"
 cat >"$deck" <<DECK
@@ -111,5 +107,4 @@ for ranks in 1 2; do
   [ $rc = 0 ] && ok || { fail "$ranks rank(s), healthy run: exit $rc"; show "$d/h.log"; }
 done
 
-echo "$passes checks passed, $failures failed"
-[ $failures -eq 0 ]
+finish save_fail_test

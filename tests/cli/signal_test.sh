@@ -19,11 +19,7 @@ unset DSMOE_PLUGIN_PATH
 export OMP_NUM_THREADS=1 OMPI_MCA_mpi_yield_when_idle=1 OMP_WAIT_POLICY=passive
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 steps=1500
-failures=0
-passes=0
-fail() { echo "FAIL: $*"; failures=$((failures + 1)); }
-ok() { passes=$((passes + 1)); }
-show() { grep -Ev '^[a-z_0-9]+ += ' "$1" | tail -n 15 | sed 's/^/  | /'; }
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh" # fail, ok, show, expect, finish
 
 deck="$work/tiny.deck"
 cat >"$deck" <<DECK
@@ -208,5 +204,4 @@ rc=$?
   fail "bad run.signals: exit $rc, $out"
 "$dsmoe" --check "$deck" run.signals="sigusr2 xcpu" >/dev/null 2>&1 && ok || fail "run.signals='sigusr2 xcpu' refused"
 
-echo "$passes checks passed, $failures failed"
-[ $failures -eq 0 ]
+finish signal_test
