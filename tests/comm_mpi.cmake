@@ -37,6 +37,7 @@ foreach(comm mpi mpistream)
     add_test(NAME ${name} COMMAND ${DSMOE_MPIEXEC} ${MPIEXEC_NUMPROC_FLAG} ${ranks} ${DSMOE_MPIEXEC_PREFLAGS}
              $<TARGET_FILE:test_comm_mpi>)
     set_tests_properties(${name} PROPERTIES TIMEOUT 60 SKIP_RETURN_CODE 77 LABELS "conformance;comm"
-                         ENVIRONMENT "OMP_NUM_THREADS=2;DSMOE_CONFORMANCE_DEFAULT_COMM=${comm}")
+                         RESOURCE_LOCK dsmoe_ranks
+                         ENVIRONMENT "OMP_NUM_THREADS=2;DSMOE_CONFORMANCE_DEFAULT_COMM=${comm};${DSMOE_RANKS_ENV}")
   endforeach()
 endforeach()

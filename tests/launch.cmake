@@ -6,7 +6,7 @@ set(DSMOE_LAUNCH_DIR ${CMAKE_CURRENT_SOURCE_DIR}/launch)
 
 function(dsmoe_launch_test name script)
   add_test(NAME ${name} COMMAND bash ${DSMOE_LAUNCH_DIR}/${script} $<TARGET_FILE:dsmoe> ${PROJECT_SOURCE_DIR} ${ARGN})
-  set_tests_properties(${name} PROPERTIES TIMEOUT 120 SKIP_RETURN_CODE 77 LABELS launch)
+  set_tests_properties(${name} PROPERTIES TIMEOUT 120 SKIP_RETURN_CODE 77 LABELS launch RESOURCE_LOCK dsmoe_ranks)
 endfunction()
 
 dsmoe_launch_test(launch_mpiexec mpiexec.sh ${DSMOE_MPIEXEC} ${DSMOE_MPIEXEC_PREFLAGS})
@@ -28,5 +28,5 @@ dsmoe_launch_test(launch_srun slurm_srun.sh)
 dsmoe_launch_test(launch_sbatch slurm_sbatch.sh)
 dsmoe_launch_test(launch_cpubind slurm_cpubind.sh)
 # One node of 8 CPUs: each test's job takes all of it, so they take turns.
-set_tests_properties(launch_srun launch_sbatch launch_cpubind PROPERTIES FIXTURES_REQUIRED dsmoe_slurm RESOURCE_LOCK dsmoe_slurm
+set_tests_properties(launch_srun launch_sbatch launch_cpubind PROPERTIES FIXTURES_REQUIRED dsmoe_slurm RESOURCE_LOCK "dsmoe_slurm;dsmoe_ranks"
                      LABELS "launch;slurm")

@@ -3,4 +3,5 @@
 # with every metrics row once; a second signal's 76; rows after the checkpoint dropped on resume.
 add_test(NAME signal COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/cli/signal_test.sh $<TARGET_FILE:dsmoe> ${PROJECT_SOURCE_DIR}
                              ${DSMOE_MPIEXEC} ${DSMOE_MPIEXEC_PREFLAGS})
-set_tests_properties(signal PROPERTIES TIMEOUT 300 LABELS cli)
+# Its waits are timed: it runs alone (RUN_SERIAL), as the other timed multi-rank scripts do.
+set_tests_properties(signal PROPERTIES TIMEOUT 300 LABELS cli RUN_SERIAL TRUE)
