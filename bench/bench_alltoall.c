@@ -1,4 +1,4 @@
-// bench/bench_alltoall.c: flat against hierarchical all-to-all (core/exchange.c) over one EP group of all
+// bench/bench_alltoall.c: flat against hierarchical all-to-all (core/parallel/exchange.c) over one EP group of all
 // ranks, with real or pretend nodes, over a range of message sizes per peer.
 //
 // usage: dsmoe_bench_alltoall [--ranks-per-node G] [--min-bytes B] [--max-bytes B] [--iters n] [--warmup n]

@@ -1,4 +1,4 @@
-// bench/bench_moe.c: speed of one MoE layer (core/moe_layer.c) on one rank, against the kernel plugin's
+// bench/bench_moe.c: speed of one MoE layer (core/model/moe_layer.c) on one rank, against the kernel plugin's
 // own sgemm on the same expert shapes, measured in the same run.
 //
 // usage: dsmoe_bench_moe [--tokens N] [--hidden M] [--ffn F] [--experts E] [--top-k K] [--threads T]

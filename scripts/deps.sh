@@ -4,7 +4,9 @@
 set -euo pipefail
 
 DSMOE_PACKAGES=(build-essential cmake pkg-config openmpi-bin libopenmpi-dev libhwloc-dev hwloc
-                libcmocka-dev libopenblas-dev procps)
+                libcmocka-dev libopenblas-dev libdnnl-dev procps)
+# scripts/test adds what only the tests need (DSMOE_EXTRA_PACKAGES).
+DSMOE_PACKAGES+=(${DSMOE_EXTRA_PACKAGES[@]+"${DSMOE_EXTRA_PACKAGES[@]}"})
 
 dsmoe_missing_packages() {
   local missing=()

@@ -1,4 +1,4 @@
-// tests/test_adapt_v1.c: core/kernel_adapt_v1.c driving a real v1 plugin: the cpu plugin of ABI 1 frozen
+// tests/test_adapt_v1.c: core/plugins/kernel_adapt_v1.c driving a real v1 plugin: the cpu plugin of ABI 1 frozen
 // in tests/plugins/cpu_v1 (built by tests/loader.cmake into DSMOE_CPU_V1_DIR), loaded through the
 // loader, used only through the adapted v2 table. Every result is compared with a naive reference in
 // double written here: the grouped GEMM with each epilogue (and the rows it must not touch), the weight

@@ -1,4 +1,4 @@
-// tests/test_data.c: the datasets (core/data.c).
+// tests/test_data.c: the datasets (core/io/data.c).
 // Synthetic: determinism, token ranges, transition rows (exactly `branching` successors summing to 1,
 // sampled at their stated frequencies), the exact loss bound against a Monte-Carlo estimate of the true
 // conditional log-likelihood, and the branching-1 closed form. Text: windows equal the file bytes, the

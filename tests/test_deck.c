@@ -1,4 +1,4 @@
-// tests/test_deck.c: the deck parser and the configuration registry (core/config.c, core/deck.c).
+// tests/test_deck.c: the deck parser and the configuration registry (core/deck/config.c, core/deck/deck.c).
 // Good decks parse to hand-written values; each kind of bad deck gives its exact message; overrides
 // win in the documented order; the printed configuration loads back to the same struct; the key
 // table and docs/deck.md list the same keys with the same types and defaults.

@@ -1,4 +1,4 @@
-// tests/test_exchange.c: the EP all-to-all (core/exchange.c) through the real plugins (cpu kernels, mpi
+// tests/test_exchange.c: the EP all-to-all (core/parallel/exchange.c) through the real plugins (cpu kernels, mpi
 // comm), on 4 and 8 ranks.
 // - Pure functions: message and byte counts against hand-computed values (p=8, G=2: 1 + 3 = 4 messages
 //   instead of 7), the AUTO rule at its threshold, node layouts that are and are not node-contiguous.

@@ -1,4 +1,4 @@
-// tests/test_loader.c: core/plugin_loader.c against the real mpi comm plugin of the build tree and the
+// tests/test_loader.c: core/plugins/plugin_loader.c against the real mpi comm plugin of the build tree and the
 // fake plugins of tests/plugins/ (built into DSMOE_FAKE_PLUGIN_DIR by tests/loader.cmake): v2 files load
 // natively, v1 files through the adapters (the caller sees a v2 table either way), other versions are
 // refused with both numbers, and every rule of a v2 table is refused with the member named. Damaged

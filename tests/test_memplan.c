@@ -1,4 +1,4 @@
-// tests/test_memplan.c: core/memplan.c's prediction against the real allocation, and against counts
+// tests/test_memplan.c: core/drivers/memplan.c's prediction against the real allocation, and against counts
 // worked out by hand.
 // - Real: the kernel plugin's alloc/free are wrapped to count live bytes; for small configs (dense,
 //   top-1, top-2 with capacity factors, residual, PR-MoE, ZeRO 0 and 1, several micro-steps, jitter

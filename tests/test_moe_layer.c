@@ -1,4 +1,4 @@
-// tests/test_moe_layer.c: the MoE layer (core/moe_layer.c) on one rank, through the real plugins (cpu
+// tests/test_moe_layer.c: the MoE layer (core/model/moe_layer.c) on one rank, through the real plugins (cpu
 // kernels, mpi comm): forward against an independent naive reference in double (softmax, top-k,
 // capacity in token order, per-token expert FFN with tanh-GELU), and every gradient against central
 // finite differences of L = sum(r * out) + daux * l_aux computed through that reference in double.

@@ -1,4 +1,4 @@
-// tests/test_moe_layer_ep.c: the MoE layer (core/moe_layer.c) on 2 and 4 ranks, ep = ranks, through
+// tests/test_moe_layer_ep.c: the MoE layer (core/model/moe_layer.c) on 2 and 4 ranks, ep = ranks, through
 // the real plugins. Rank scope of l_aux: each rank's result equals a one-rank layer (all experts local,
 // on a group made from MPI_COMM_SELF) run on that rank's tokens; expert gradients summed over ranks
 // agree. Batch scope: l_aux and every gradient equal those of one rank holding all ranks' tokens. The

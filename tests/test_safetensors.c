@@ -1,4 +1,4 @@
-// tests/test_safetensors.c: the safetensors writer and reader (core/safetensors.c).
+// tests/test_safetensors.c: the safetensors writer and reader (core/io/safetensors.c).
 // Round trips of every dtype, 0-d and empty tensors and escaped names/metadata; the writer's exact bytes
 // for a small file against a hand-written expectation; a file written byte by byte here (unpadded,
 // with \u escapes and surrogate pairs) read back; each kind of corrupt file refused with its message;

@@ -1,4 +1,4 @@
-// tests/test_topology.c: the pure decisions of core/topology.c and core/placement.c on described nodes
+// tests/test_topology.c: the pure decisions of core/parallel/topology.c and core/parallel/placement.c on described nodes
 // (hwloc synthetic descriptions, and inputs/topologies/test-4gpu.xml with four fake GPUs whose ordinals
 // run against the NUMA order), against sets worked out by hand from the rules in topology.h.
 #include <setjmp.h>

@@ -1,5 +1,5 @@
 // tests/test_zero_pieces.c (4 ranks): ZeRO-1's pieced all-gather. This binary links its own copy of
-// core/optimizer.c built with DSMOE_ZERO_GATHER_ELEMS = 12 (tests/zero_pieces.cmake), so every range is
+// core/model/optimizer.c built with DSMOE_ZERO_GATHER_ELEMS = 12 (tests/zero_pieces.cmake), so every range is
 // gathered in pieces of 3 elements per rank (replicated, 4 ranks) or 6 (experts, expert-data-parallel
 // groups of 2), with short last pieces and ranks that own fewer elements. Three AdamW steps from the same
 // parameters and gradients must leave ZeRO-1's parameters and moments bitwise equal to ZeRO-0's.

@@ -1,6 +1,6 @@
 // dsmoe/kernel_plugin.h: ABI version 2 of expert-kernel plugins (cpu, cuda, ...). docs/plugins.md
 // explains it member by member; include/dsmoe/v1/kernel_plugin_v1.h is version 1, still loaded through
-// an adapter (core/kernel_adapt_v1.c).
+// an adapter (core/plugins/kernel_adapt_v1.c).
 //
 // A kernel plugin is a shared object that exports one function, DSMOE_KERNEL_PLUGIN_ENTRY:
 // `DSMOE_PLUGIN_EXPORT const dsmoe_kernel_plugin_v2 *DSMOE_KERNEL_PLUGIN_ENTRY(void)`. The table starts
@@ -218,7 +218,7 @@ typedef struct dsmoe_kernel_plugin_v2 {
     // One line describing the resolved setup (BLAS, threads, device). Host string owned by ctx.
     const char *(*describe)(dsmoe_kernel_ctx *ctx);
     // (optional: both or neither) Devices this plugin can drive on this node, callable before init, so
-    // that the core can give each rank the device nearest its cores (core/placement.c).
+    // that the core can give each rank the device nearest its cores (core/parallel/placement.c).
     dsmoe_status (*device_count)(int *count);
     // PCI bus id of device `ordinal` as "dddd:bb:dd.f", lower-case hex, in buf (host, len >= 13).
     dsmoe_status (*device_pci_bus_id)(int ordinal, char *buf, size_t len);

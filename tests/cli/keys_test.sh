@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Every deck key the documentation and the program's messages name exists. The keys are those declared in
-# core/config_keys.c (KEY(...) and ENUM(...) entries, "section.key"); a candidate is a word
+# core/deck/config_keys.c (KEY(...) and ENUM(...) entries, "section.key"); a candidate is a word
 # `section.key` ([a-z_]+ "." [a-z0-9_]+) whose section is one of theirs, found in docs/*.md, README.md,
 # jobscripts/*, inputs/**/*.deck and inputs/**/README.md, and in the string literals of core/*.c.
 # Not candidates: file names (a known extension after the dot: train.c, data.md, run.deck,
-# metrics.csv), path components (core/train.c), parts of longer dotted names (h.0.moe.experts.c_fc),
+# metrics.csv), path components (core/drivers/train.c), parts of longer dotted names (h.0.moe.experts.c_fc),
 # C comments, and the misspelt key of an "unknown key '...'" error example.
 # Prints file:line for each unknown key and fails if there is one.
 # Usage: keys_test.sh <source dir>
@@ -12,8 +12,8 @@ set -u
 src=${1:?usage: keys_test.sh <source dir>}
 cd "$src" || exit 2
 
-keys=$(grep -oE '^[[:space:]]*(KEY|ENUM)\("[a-z_]+\.[a-z0-9_]+"' core/config_keys.c | grep -oE '[a-z_]+\.[a-z0-9_]+' | LC_ALL=C sort -u)
-[ "$(echo "$keys" | wc -l)" -ge 20 ] || { echo "FAIL: found only $(echo "$keys" | wc -w) keys in core/config_keys.c"; exit 1; }
+keys=$(grep -oE '^[[:space:]]*(KEY|ENUM)\("[a-z_]+\.[a-z0-9_]+"' core/deck/config_keys.c | grep -oE '[a-z_]+\.[a-z0-9_]+' | LC_ALL=C sort -u)
+[ "$(echo "$keys" | wc -l)" -ge 20 ] || { echo "FAIL: found only $(echo "$keys" | wc -w) keys in core/deck/config_keys.c"; exit 1; }
 sections=$(echo "$keys" | cut -d. -f1 | LC_ALL=C sort -u | paste -sd'|')
 
 # scan <mode> <files...>: prints "file:line:candidate" for each candidate (mode c: string literals only).
@@ -54,7 +54,7 @@ scan() {
 # finding nothing.
 probe=$(mktemp /tmp/dsmoe_keys.XXXXXX)
 trap 'rm -f "$probe"' EXIT
-printf '%s\n' 'set train.steps = 5 and train.stepz, see core/train.c, data.md, run.deck and metrics.csv;' \
+printf '%s\n' 'set train.steps = 5 and train.stepz, see core/drivers/train.c, data.md, run.deck and metrics.csv;' \
               "h.0.moe.experts.c_fc.weight; train.steps. unknown key 'model.hiden'" > "$probe"
 got=$(scan txt "$probe" | cut -d: -f3 | paste -sd' ')
 if [ "$got" != "train.steps train.stepz train.steps" ]; then

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The v1 kernel adapter end to end: trains inputs/ci-short.deck (kept tiny by overrides, with
 # checkpoints) once with the cpu plugin of ABI 1 (tests/plugins/cpu_v1, run through
-# core/kernel_adapt_v1.c) and once with the cpu plugin of this tree (ABI 2), for top-1 and top-2
+# core/plugins/kernel_adapt_v1.c) and once with the cpu plugin of this tree (ABI 2), for top-1 and top-2
 # gating, and asserts that the runs agree to the last bit: every metrics column but the timings, as
 # text, and every checkpoint byte for byte.
 #

@@ -398,7 +398,7 @@ static void v_dispatch(const void *arg) {
 }
 
 // ---------------------------------------------------------------------------------------------------
-// the experts' FFN as core/moe_layer.c runs it: y = gelu(a w1[w]^T + b1[w]) w2[w]^T + b2[w] per group
+// the experts' FFN as core/model/moe_layer.c runs it: y = gelu(a w1[w]^T + b1[w]) w2[w]^T + b2[w] per group
 // (BIAS_GELU, then BIAS); backward: wgrad of w2, b2; the DGELU GEMM dh = gelu'(h) * (dy w2[w]); wgrad of
 // w1, b1; the transposed GEMM da = dh w1[w]. Four groups over two weights (w = g % 2), counts with an
 // empty and a full group.

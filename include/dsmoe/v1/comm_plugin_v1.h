@@ -1,5 +1,5 @@
 // dsmoe/v1/comm_plugin_v1.h: ABI version 1 of communication plugins, kept so that the loader can still
-// load v1 plugins through its adapter (core/comm_adapt_v1.c). New plugins use version 2
+// load v1 plugins through its adapter (core/plugins/comm_adapt_v1.c). New plugins use version 2
 // (dsmoe/comm_plugin.h), which has no MPI types. Shared types (dsmoe_dtype, dsmoe_reduce_op,
 // DSMOE_IN_PLACE) come from the v2 headers.
 //

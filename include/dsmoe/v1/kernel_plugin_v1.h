@@ -1,5 +1,5 @@
 // dsmoe/v1/kernel_plugin_v1.h: ABI version 1 of expert-kernel plugins, kept so that the loader can
-// still load v1 plugins through its adapter (core/kernel_adapt_v1.c). New plugins use version 2
+// still load v1 plugins through its adapter (core/plugins/kernel_adapt_v1.c). New plugins use version 2
 // (dsmoe/kernel_plugin.h). Types both versions share (dsmoe_gating_params, dsmoe_noise_policy) come
 // from the v2 header; the v1-only ones carry a _v1 suffix.
 //
@@ -52,7 +52,7 @@ typedef struct dsmoe_kernel_plugin_v1 {
     const char *(*describe)(dsmoe_kernel_ctx *ctx);
     // (optional: both or neither; host-only plugins leave them NULL) The devices this plugin can drive
     // on this node, callable before init, so that the core can give each rank the device nearest its
-    // cores (core/placement.c) and pass its ordinal as options.device.
+    // cores (core/parallel/placement.c) and pass its ordinal as options.device.
     // *count = number of devices (0 is valid: none here).
     dsmoe_status (*device_count)(int *count);
     // PCI bus id of device `ordinal` (0 <= ordinal < count) as "dddd:bb:dd.f", lower-case hex, in buf

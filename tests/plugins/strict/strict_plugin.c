@@ -31,7 +31,7 @@
 //    DSMOE_STRICT_ALWAYS_CLOSED=1 keeps device memory closed except while a queue runs (any host access
 //    is a violation: for stream-ordered comm plugins, whose collectives run inside the queue).
 //    DSMOE_STRICT_MEM_KIND=device declares DSMOE_MEM_CUDA instead: the core then reaches a host comm
-//    plugin (mpi) only through its pinned host staging (core/comm_staged.c), as with a GPU plugin; use
+//    plugin (mpi) only through its pinned host staging (core/plugins/comm_staged.c), as with a GPU plugin; use
 //    it with DSMOE_STRICT_ALWAYS_CLOSED=1, so that no host access to device memory goes unnoticed.
 //    DSMOE_STRICT_NO_PROTECT=1 turns mprotect off (debugging; the queues stay deferred). host_alloc
 //    memory is never protected.

@@ -72,7 +72,7 @@ typedef struct dsmoe_kernel_plugin_v1 {
     const char *(*describe)(dsmoe_kernel_ctx *ctx);
     // (optional: both or neither; host-only plugins leave them NULL) The devices this plugin can drive
     // on this node, callable before init, so that the core can give each rank the device nearest its
-    // cores (core/placement.c) and pass its ordinal as options.device.
+    // cores (core/parallel/placement.c) and pass its ordinal as options.device.
     // *count = number of devices (0 is valid: none here).
     dsmoe_status (*device_count)(int *count);
     // PCI bus id of device `ordinal` (0 <= ordinal < count) as "dddd:bb:dd.f", lower-case hex, in buf

@@ -1,0 +1,587 @@
+// core/drivers/train.c: see train.h. Host-side statistics (losses, expert loads) are reduced by the control plane:
+// they are a few numbers in host memory, whatever memory the comm plugin works on.
+#define _GNU_SOURCE
+#include "train.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <math.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <unistd.h>
+
+#include "checkpoint.h"
+#include "data.h"
+#include "dsmoe/rng.h"
+#include "memplan.h"
+#include "model.h"
+#include "optimizer.h"
+
+float dsmoe_lr_at(const dsmoe_config *c, int step) {
+    if (c->warmup_steps > 0 && step < c->warmup_steps) return c->lr * (float)(step + 1) / (float)c->warmup_steps;
+    if (c->lr_schedule == DSMOE_LR_CONSTANT) return c->lr;
+    int decay_end = c->decay_steps > 0 ? c->decay_steps : c->steps;
+    double span = (double)(decay_end - c->warmup_steps);
+    double p = span > 0 ? (double)(step - c->warmup_steps) / span : 1.0;
+    p = p < 0 ? 0 : p > 1 ? 1 : p;
+    double f = c->lr_schedule == DSMOE_LR_COSINE ? 0.5 * (1.0 + cos(M_PI * p)) : 1.0 - p;
+    return (float)(c->min_lr + (c->lr - c->min_lr) * f);
+}
+
+// ----------------------------------------------------------------------------------------------------
+// per-run state
+
+typedef struct trainer {
+    const dsmoe_config *cfg;
+    dsmoe_runtime *rt;
+    dsmoe_model *model;
+    dsmoe_optimizer *opt;
+    dsmoe_dataset *data;
+    int B, T, accum;          // micro-batch sequences per rank, sequence length, micro-steps per step
+    int32_t *window;          // (T+1) host
+    int32_t *inputs, *targets; // (B*T) host
+    int64_t *loads;           // (n_moe, max E) kept tokens per expert over the step, all ranks
+    int max_e;
+    FILE *metrics;
+    char metrics_path[2048];
+    int metrics_errno;        // rank 0: the first failed metrics write's errno (0 = none); no rows after it
+    int metrics_step;         // the step whose row failed first (0 = the header)
+    int failed_saves;         // consecutive failed checkpoint saves (every rank: saves share their status)
+    char ckpt_dir[1200];
+    int rank;
+} trainer;
+
+// Statistics of one step or evaluation, summed over micro-batches and ranks.
+typedef struct step_stats {
+    double loss_sum, tokens, aux_sum, micro_count, routed, dropped;
+} step_stats;
+
+static dsmoe_status load_micro_batch(trainer *tr, dsmoe_split split, uint64_t first_sample, dsmoe_err *err) {
+    int T = tr->T;
+    for (int b = 0; b < tr->B; b++) {
+        DSMOE_TRY(dsmoe_dataset_sample(tr->data, split, first_sample + (uint64_t)b, tr->window, err));
+        memcpy(tr->inputs + (size_t)b * T, tr->window, (size_t)T * sizeof(int32_t));
+        memcpy(tr->targets + (size_t)b * T, tr->window + 1, (size_t)T * sizeof(int32_t));
+    }
+    return DSMOE_OK;
+}
+
+static dsmoe_status reduce_stats(const trainer *tr, step_stats *st, dsmoe_err *err) {
+    double v[6] = {st->loss_sum, st->tokens, st->aux_sum, st->micro_count, st->routed, st->dropped};
+    DSMOE_TRY(dsmoe_ctl_allreduce_f64(tr->rt->world_ctl, v, 6, err));
+    *st = (step_stats){v[0], v[1], v[2], v[3], v[4], v[5]};
+    return DSMOE_OK;
+}
+
+static void add_forward(step_stats *st, const dsmoe_forward_result *r) {
+    st->loss_sum += r->loss_sum;
+    st->tokens += r->tokens;
+    st->aux_sum += r->aux_sum;
+    st->micro_count += 1;
+    st->routed += (double)r->routed;
+    st->dropped += (double)r->dropped;
+}
+
+// Mean validation loss over eval_batches global batches of the validation split.
+static dsmoe_status evaluate(trainer *tr, double *loss, dsmoe_err *err) {
+    const dsmoe_config *c = tr->cfg;
+    step_stats st = {0};
+    for (int batch = 0; batch < c->eval_batches; batch++) {
+        for (int j = 0; j < tr->accum; j++) {
+            uint64_t pos = (uint64_t)(j * tr->rt->world_size + tr->rt->world_rank) * (uint64_t)tr->B;
+            DSMOE_TRY(load_micro_batch(tr, DSMOE_SPLIT_VALID, (uint64_t)batch * c->batch + pos, err));
+            dsmoe_forward_result r;
+            DSMOE_TRY(dsmoe_model_forward(tr->model, tr->inputs, tr->targets, 0, 0, pos * (uint64_t)tr->T, &r, err));
+            add_forward(&st, &r);
+        }
+    }
+    DSMOE_TRY(reduce_stats(tr, &st, err));
+    *loss = st.loss_sum / st.tokens;
+    return DSMOE_OK;
+}
+
+// Metrics writes are checked (a full disk gave an empty file and exit 0): the first failure is reported
+// once, the file gets no more rows, training goes on (the run is worth more than its log) and dsmoe exits
+// DSMOE_EXIT_METRICS_FAILED at the end, after saying so again.
+static void metrics_printf(trainer *tr, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void metrics_printf(trainer *tr, const char *fmt, ...) {
+    if (!tr->metrics || tr->metrics_errno) return;
+    va_list ap;
+    va_start(ap, fmt);
+    if (vfprintf(tr->metrics, fmt, ap) < 0) tr->metrics_errno = errno ? errno : EIO;
+    va_end(ap);
+}
+
+// Ends a row (or the header): flushes, and reports the first failure.
+static void metrics_end_row(trainer *tr, int step) {
+    if (!tr->metrics) return;
+    errno = 0;
+    if (!tr->metrics_errno && (fflush(tr->metrics) != 0 || ferror(tr->metrics))) tr->metrics_errno = errno ? errno : EIO;
+    if (!tr->metrics_errno) return;
+    tr->metrics_step = step;
+    fprintf(stderr, "dsmoe: warning: cannot write metrics file %s (%s at step %d): training goes on without its rows; "
+            "dsmoe will exit with code %d at the end\n", tr->metrics_path, strerror(tr->metrics_errno), step,
+            DSMOE_EXIT_METRICS_FAILED);
+    fflush(stderr);
+}
+
+static void metrics_header(trainer *tr) {
+    if (!tr->metrics) return;
+    metrics_printf(tr, "step,loss,aux_loss,lr,grad_norm,tokens_per_s,dropped_frac,elapsed_s,valid_loss");
+    for (int i = 0; i < tr->cfg->n_moe_layers; i++) {
+        metrics_printf(tr, ",moe%d_capacity,moe%d_drop", i, i);
+        for (int e = 0; e < tr->cfg->experts[i]; e++) metrics_printf(tr, ",moe%d_load_e%d", i, e);
+    }
+    metrics_printf(tr, "\n");
+    metrics_end_row(tr, 0);
+}
+
+static void metrics_row(trainer *tr, int step, const step_stats *st, float lr, double gnorm, double tok_s,
+                        double elapsed, double valid) {
+    if (!tr->metrics || tr->metrics_errno) return;
+    metrics_printf(tr, "%d,%.9g,%.9g,%.6e,%.9g,%.1f,%.6f,%.3f,", step, st->loss_sum / st->tokens,
+                   st->aux_sum / st->micro_count, lr, gnorm, tok_s, st->routed > 0 ? st->dropped / st->routed : 0.0,
+                   elapsed);
+    if (!isnan(valid)) metrics_printf(tr, "%.9g", valid);
+    for (int i = 0; i < tr->cfg->n_moe_layers; i++) {
+        const dsmoe_moe_stats *ms = dsmoe_model_moe_stats(tr->model, i);
+        long kept = 0;
+        for (int e = 0; e < tr->cfg->experts[i]; e++) kept += tr->loads[i * tr->max_e + e];
+        double routed_layer = st->routed / tr->cfg->n_moe_layers;
+        metrics_printf(tr, ",%d,%.6f", ms->capacity, routed_layer > 0 ? 1.0 - kept / routed_layer : 0.0);
+        for (int e = 0; e < tr->cfg->experts[i]; e++)
+            metrics_printf(tr, ",%.5f", kept ? (double)tr->loads[i * tr->max_e + e] / kept : 0.0);
+    }
+    metrics_printf(tr, "\n");
+    metrics_end_row(tr, step);
+}
+
+// Closes the metrics file (rank 0) and tells every rank whether its writes failed, for one exit code.
+static dsmoe_status metrics_finish(trainer *tr, dsmoe_train_result *res, dsmoe_err *err) {
+    if (tr->metrics) {
+        errno = 0;
+        if (fclose(tr->metrics) != 0 && !tr->metrics_errno) {
+            tr->metrics_errno = errno ? errno : EIO;
+            tr->metrics_step = res->steps_done;
+        }
+        tr->metrics = NULL;
+    }
+    int64_t failed = tr->metrics_errno != 0;
+    DSMOE_TRY(dsmoe_ctl_allreduce_i64(tr->rt->world_ctl, &failed, 1, err));
+    res->metrics_failed = failed != 0;
+    if (tr->metrics_errno)
+        fprintf(stderr, "dsmoe: warning: metrics file %s is incomplete: writing failed at step %d (%s): exit code %d\n",
+                tr->metrics_path, tr->metrics_step, strerror(tr->metrics_errno), DSMOE_EXIT_METRICS_FAILED);
+    return DSMOE_OK;
+}
+
+// A failed save (disk full, I/O error) keeps the older checkpoints and training goes on; the run fails
+// (DSMOE_EXIT_SAVE_FAILED) after checkpoint.max_failures failed saves in a row, or when the final one
+// fails. dsmoe_checkpoint_save's status is shared by all ranks, so they all count alike.
+static dsmoe_status save_checkpoint(trainer *tr, const char *config_text, const dsmoe_train_position *pos, int final,
+                                    dsmoe_train_result *res, dsmoe_err *err) {
+    const dsmoe_config *c = tr->cfg;
+    char path[sizeof res->checkpoint];
+    dsmoe_err serr = {0};
+    if (dsmoe_checkpoint_save(tr->model, tr->opt, c, config_text, pos, tr->ckpt_dir, c->checkpoint_keep, path,
+                              sizeof path, &serr) == DSMOE_OK) {
+        tr->failed_saves = 0;
+        snprintf(res->checkpoint, sizeof res->checkpoint, "%s", path);
+        if (tr->rank == 0) printf("checkpoint: %s\n", res->checkpoint);
+        return DSMOE_OK;
+    }
+    tr->failed_saves++;
+    const char *kept = res->checkpoint[0] ? res->checkpoint : "none written by this run";
+    int fatal = final || tr->failed_saves >= c->checkpoint_max_failures;
+    if (tr->rank == 0 && !fatal) {
+        fprintf(stderr, "dsmoe: warning: checkpoint of step %d failed (%d in a row; checkpoint.max_failures = %d): %s; "
+                "training goes on (newest checkpoint: %s)\n", pos->step, tr->failed_saves, c->checkpoint_max_failures,
+                serr.msg, kept);
+        fflush(stderr);
+    }
+    if (!fatal) return DSMOE_OK;
+    res->save_failed = 1;
+    dsmoe_err_set(err, DSMOE_ERR_IO, "%s checkpoint of step %d failed (%d in a row; checkpoint.max_failures = %d): %s; "
+                  "newest checkpoint: %s; exit code %d", final ? "the final" : "the", pos->step, tr->failed_saves,
+                  c->checkpoint_max_failures, serr.msg, kept, DSMOE_EXIT_SAVE_FAILED);
+    err->scope = DSMOE_SCOPE_COLLECTIVE;
+    return err->status;
+}
+
+static void format_hms(double s, char *buf, size_t len) {
+    long t = (long)(s + 0.5);
+    if (t >= 3600) snprintf(buf, len, "%ld:%02ld:%02ld", t / 3600, (t / 60) % 60, t % 60);
+    else snprintf(buf, len, "%ld:%02ld", t / 60, t % 60);
+}
+
+// ----------------------------------------------------------------------------------------------------
+// walltime signals (train.h)
+
+static const struct {
+    const char *name;
+    int signo;
+} signal_names[] = {{"HUP", SIGHUP}, {"INT", SIGINT}, {"QUIT", SIGQUIT}, {"USR1", SIGUSR1},
+                    {"USR2", SIGUSR2}, {"TERM", SIGTERM}, {"XCPU", SIGXCPU}};
+#define N_SIGNAL_NAMES (int)(sizeof signal_names / sizeof signal_names[0])
+
+static volatile sig_atomic_t stop_signal; // the first signal received; 0 = none
+static int signals_installed;             // the same on every rank: the deck decides
+
+static const char *signal_name(int signo) {
+    for (int i = 0; i < N_SIGNAL_NAMES; i++)
+        if (signal_names[i].signo == signo) return signal_names[i].name;
+    return "?";
+}
+
+// Async-signal-safe: a flag, or write(2) and _exit(2) on the second signal.
+static void on_stop_signal(int signo) {
+    if (stop_signal) {
+        static const char msg[] = "dsmoe: second signal: exiting at once (76), without a checkpoint of this step\n";
+        ssize_t w = write(STDERR_FILENO, msg, sizeof msg - 1);
+        (void)w;
+        _exit(DSMOE_EXIT_SIGNAL_TWICE);
+    }
+    stop_signal = signo;
+}
+
+dsmoe_status dsmoe_signals_parse(const char *list, int *signos, int max, int *n, dsmoe_err *err) {
+    *n = 0;
+    const char *p = list;
+    while (*p) {
+        while (*p == ',' || isspace((unsigned char)*p)) p++;
+        if (!*p) break;
+        size_t len = strcspn(p, ", \t\n");
+        char word[32];
+        snprintf(word, sizeof word, "%.*s", (int)(len < sizeof word - 1 ? len : sizeof word - 1), p);
+        p += len;
+        if (strcasecmp(word, "none") == 0) continue;
+        const char *bare = strncasecmp(word, "SIG", 3) == 0 ? word + 3 : word;
+        int signo = 0;
+        for (int i = 0; i < N_SIGNAL_NAMES; i++)
+            if (strcasecmp(bare, signal_names[i].name) == 0) signo = signal_names[i].signo;
+        if (!signo || len >= sizeof word)
+            return dsmoe_err_set(err, DSMOE_ERR_INVALID,
+                                 "run.signals = %s: '%s' is not one of HUP INT QUIT USR1 USR2 TERM XCPU", list, word);
+        int seen = 0;
+        for (int i = 0; i < *n; i++) seen |= signos[i] == signo;
+        if (!seen && *n < max) signos[(*n)++] = signo;
+    }
+    return DSMOE_OK;
+}
+
+dsmoe_status dsmoe_signals_install(const dsmoe_config *cfg, dsmoe_err *err) {
+    int signos[N_SIGNAL_NAMES], n;
+    DSMOE_TRY(dsmoe_signals_parse(cfg->signals, signos, N_SIGNAL_NAMES, &n, err));
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_stop_signal;
+    sa.sa_flags = SA_RESTART; // MPI and file I/O carry on; the loop looks at the flag between steps
+    sigemptyset(&sa.sa_mask);
+    for (int i = 0; i < n; i++)
+        if (sigaction(signos[i], &sa, NULL) != 0)
+            return dsmoe_err_set(err, DSMOE_ERR_SYSTEM, "cannot handle SIG%s", signal_name(signos[i]));
+    signals_installed = n > 0;
+    return DSMOE_OK;
+}
+
+// At a step boundary: did any rank get a signal? v = (ranks that got one, ranks per signal name).
+// *signo: this rank's signal, else the one the others got (the lowest-numbered, should they differ).
+static dsmoe_status signals_agree(trainer *tr, int *signo, int *ranks, dsmoe_err *err) {
+    *signo = *ranks = 0;
+    if (!signals_installed) return DSMOE_OK;
+    int mine = stop_signal;
+    int64_t v[1 + N_SIGNAL_NAMES] = {mine != 0};
+    for (int i = 0; i < N_SIGNAL_NAMES; i++) v[1 + i] = signal_names[i].signo == mine;
+    DSMOE_TRY(dsmoe_ctl_allreduce_i64(tr->rt->world_ctl, v, 1 + N_SIGNAL_NAMES, err));
+    *ranks = (int)v[0];
+    *signo = mine;
+    for (int i = 0; i < N_SIGNAL_NAMES && !*signo; i++)
+        if (v[1 + i]) *signo = signal_names[i].signo;
+    return DSMOE_OK;
+}
+
+// On resume, rows after the checkpoint's step come from a run that went on past it (killed later, or
+// stopped by a signal after its last checkpoint.every): drop them, and a torn last line, so that each
+// step appears once. Writes through a temporary file and a rename. *has_header: the file has its header.
+static dsmoe_status trim_metrics(const char *path, int step, int *has_header, dsmoe_err *err) {
+    *has_header = 0;
+    FILE *f = fopen(path, "rb");
+    if (!f) return DSMOE_OK; // a new file: the caller writes the header
+    fseek(f, 0, SEEK_END);
+    long len = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *text = dsmoe_malloc((size_t)len + 1, "metrics file", err);
+    if (!text) {
+        fclose(f);
+        return err->status;
+    }
+    size_t got = fread(text, 1, (size_t)len, f);
+    fclose(f);
+    text[got] = '\0';
+    size_t keep = 0, at = 0; // keep: bytes of whole lines to keep, all of them at the start of the file
+    while (at < got) {
+        char *nl = memchr(text + at, '\n', got - at);
+        if (!nl) break; // torn line
+        size_t end = (size_t)(nl - text) + 1;
+        if (at == 0 && strncmp(text, "step,", 5) == 0) *has_header = 1;
+        else if (strtol(text + at, NULL, 10) > step) break;
+        keep = at = end;
+    }
+    dsmoe_status s = DSMOE_OK;
+    if (keep < got) printf("metrics: dropped %zu bytes of rows after step %d from %s\n", got - keep, step, path);
+    if (keep < got) s = dsmoe_write_file_atomic(path, text, keep, err);
+    free(text);
+    return s;
+}
+
+// ----------------------------------------------------------------------------------------------------
+// one optimizer step
+
+static dsmoe_status train_step(trainer *tr, int step, uint64_t first_sample, step_stats *st, double *gnorm,
+                               dsmoe_err *err) {
+    const dsmoe_config *c = tr->cfg;
+    dsmoe_runtime *rt = tr->rt;
+    int world = rt->world_size;
+    float dloss = 1.0f / (float)((double)c->batch * tr->T);
+    // batch scope: every rank holds the same global l_aux and the gradient all-reduce sums; rank scope:
+    // each rank's own l_aux enters the loss as the mean over ranks.
+    float daux = c->aux_loss_coeff / (float)(c->aux_loss_scope == DSMOE_AUX_SCOPE_BATCH ? tr->accum : tr->accum * world);
+    uint64_t step_seed = dsmoe_rng_key(c->seed, 0x57e9, (uint64_t)step, 0);
+    memset(st, 0, sizeof *st);
+    memset(tr->loads, 0, sizeof(int64_t) * (size_t)(c->n_moe_layers ? c->n_moe_layers : 1) * (size_t)tr->max_e);
+    DSMOE_TRY(dsmoe_model_zero_grads(tr->model, err));
+    for (int j = 0; j < tr->accum; j++) {
+        uint64_t pos = (uint64_t)(j * world + rt->world_rank) * (uint64_t)tr->B; // sample position in the step
+        DSMOE_TRY(load_micro_batch(tr, DSMOE_SPLIT_TRAIN, first_sample + pos, err));
+        dsmoe_forward_result r;
+        DSMOE_TRY(dsmoe_model_forward(tr->model, tr->inputs, tr->targets, 1, step_seed, pos * (uint64_t)tr->T, &r, err));
+        add_forward(st, &r);
+        for (int i = 0; i < c->n_moe_layers; i++) {
+            const dsmoe_moe_stats *ms = dsmoe_model_moe_stats(tr->model, i);
+            for (int e = 0; e < c->experts[i]; e++) tr->loads[i * tr->max_e + e] += ms->expert_load[e];
+        }
+        dsmoe_model_set_reduce_in_backward(tr->model, j == tr->accum - 1);
+        DSMOE_TRY(dsmoe_model_backward(tr->model, dloss, daux, err));
+    }
+    DSMOE_TRY(dsmoe_model_reduce_grads(tr->model, err));
+    DSMOE_TRY(dsmoe_model_grad_norm(tr->model, gnorm, err));
+    if (!isfinite(*gnorm)) {
+        // The norm is reduced over all ranks: every rank stops here together.
+        dsmoe_err_set(err, DSMOE_ERR_INVALID,
+                      "step %d: the gradient norm is not finite (%g)\n---> HINT: lower train.lr, or check the data "
+                      "for tokens outside the vocabulary", step + 1, *gnorm);
+        err->scope = DSMOE_SCOPE_COLLECTIVE;
+        return err->status;
+    }
+    float scale = c->grad_clip > 0 && *gnorm > c->grad_clip ? (float)(c->grad_clip / *gnorm) : 1.0f;
+    DSMOE_TRY(dsmoe_optimizer_step(tr->opt, dsmoe_lr_at(c, step), scale, step + 1, err));
+    DSMOE_TRY(reduce_stats(tr, st, err));
+    if (c->n_moe_layers > 0) DSMOE_TRY(dsmoe_ctl_allreduce_i64(tr->rt->world_ctl, tr->loads, c->n_moe_layers * tr->max_e, err));
+    return DSMOE_OK;
+}
+
+// ----------------------------------------------------------------------------------------------------
+// the run
+
+static dsmoe_status open_run(trainer *tr, const dsmoe_config *c, dsmoe_runtime *rt, dsmoe_err *err) {
+    tr->cfg = c;
+    tr->rt = rt;
+    tr->rank = rt->world_rank;
+    tr->T = c->seq_len;
+    tr->B = c->micro_batch; // resolved and checked against batch and ranks by the config
+    tr->accum = c->batch / (tr->B * rt->world_size);
+    tr->max_e = 1;
+    for (int i = 0; i < c->n_moe_layers; i++)
+        if (c->experts[i] > tr->max_e) tr->max_e = c->experts[i];
+    tr->window = dsmoe_malloc((size_t)(tr->T + 1) * sizeof(int32_t), "token window", err);
+    tr->inputs = dsmoe_malloc((size_t)tr->B * tr->T * sizeof(int32_t), "inputs", err);
+    tr->targets = dsmoe_malloc((size_t)tr->B * tr->T * sizeof(int32_t), "targets", err);
+    tr->loads = dsmoe_calloc((size_t)(c->n_moe_layers ? c->n_moe_layers : 1) * (size_t)tr->max_e, sizeof(int64_t),
+                             "expert loads", err);
+    if (!tr->window || !tr->inputs || !tr->targets || !tr->loads) return DSMOE_ERR_NOMEM;
+    dsmoe_dataset_options dopt = {
+        .source = c->data_source, .path = c->data_path, .vocab = c->vocab, .seq_len = c->seq_len,
+        .valid_fraction = c->valid_fraction, .seed = c->data_seed ? c->data_seed : c->seed,
+        .synthetic_sources = c->synthetic_sources, .synthetic_branching = c->synthetic_branching,
+    };
+    // Model creation is collective: a data file that fails on some ranks is agreed on first.
+    DSMOE_TRY(dsmoe_errors_agree(dsmoe_dataset_open(&dopt, &tr->data, err), err));
+    DSMOE_TRY(dsmoe_model_create(c, rt, tr->B, &tr->model, err));
+    DSMOE_TRY(dsmoe_optimizer_create(tr->model, c->zero_stage, &tr->opt, err));
+    if (c->checkpoint_dir[0]) snprintf(tr->ckpt_dir, sizeof tr->ckpt_dir, "%s", c->checkpoint_dir);
+    else snprintf(tr->ckpt_dir, sizeof tr->ckpt_dir, "%s/checkpoints", c->output_dir);
+    return DSMOE_OK;
+}
+
+static void close_run(trainer *tr) {
+    dsmoe_optimizer_free(tr->opt);
+    dsmoe_model_free(tr->model);
+    dsmoe_dataset_close(tr->data);
+    if (tr->metrics) fclose(tr->metrics);
+    free(tr->window);
+    free(tr->inputs);
+    free(tr->targets);
+    free(tr->loads);
+}
+
+// Starts fresh, or loads checkpoint.resume ("auto": the newest in the checkpoint dir, if any).
+static dsmoe_status start_position(trainer *tr, dsmoe_train_position *pos, int *resumed, dsmoe_err *err) {
+    const dsmoe_config *c = tr->cfg;
+    char path[4096] = "";
+    *resumed = 0;
+    if (strcmp(c->resume, "auto") == 0) DSMOE_TRY(dsmoe_checkpoint_find_latest(tr->ckpt_dir, path, sizeof path, err));
+    else if (c->resume[0]) snprintf(path, sizeof path, "%s", c->resume);
+    if (!path[0]) {
+        if (c->mode == DSMOE_MODE_EVAL)
+            return dsmoe_err_set(err, DSMOE_ERR_INVALID,
+                                 "run.mode = eval needs a checkpoint: set checkpoint.resume to a file or to auto "
+                                 "(none found in %s)", tr->ckpt_dir);
+        *pos = (dsmoe_train_position){.step = 0, .next_sample = 0, .seed = c->seed};
+        return dsmoe_model_init_params(tr->model, c->seed, err);
+    }
+    DSMOE_TRY(dsmoe_checkpoint_load(tr->model, c->mode == DSMOE_MODE_TRAIN ? tr->opt : NULL, c, path, pos, err));
+    if (tr->rank == 0) printf("resumed from %s at step %d (next sample %" PRIu64 ")\n", path, pos->step, pos->next_sample);
+    *resumed = 1;
+    return DSMOE_OK;
+}
+
+// Rank 0: output_dir, resolved.deck and the metrics file (trimmed on resume), with its header.
+static dsmoe_status open_outputs(trainer *tr, const char *config_text, int resumed, int step, dsmoe_err *err) {
+    const dsmoe_config *c = tr->cfg;
+    char path[2048];
+    DSMOE_TRY(dsmoe_mkdir_p(c->output_dir, err));
+    snprintf(path, sizeof path, "%s/resolved.deck", c->output_dir);
+    DSMOE_TRY(dsmoe_write_file_atomic(path, config_text, strlen(config_text), err));
+    if (c->metrics_file[0]) snprintf(tr->metrics_path, sizeof tr->metrics_path, "%s", c->metrics_file);
+    else snprintf(tr->metrics_path, sizeof tr->metrics_path, "%s/metrics.csv", c->output_dir);
+    int has_header = 0;
+    if (resumed) DSMOE_TRY(trim_metrics(tr->metrics_path, step, &has_header, err));
+    tr->metrics = fopen(tr->metrics_path, resumed ? "a" : "w");
+    if (!tr->metrics)
+        return dsmoe_err_set(err, DSMOE_ERR_IO, "cannot open metrics file %s: %s", tr->metrics_path, strerror(errno));
+    if (!has_header) metrics_header(tr);
+    return DSMOE_OK;
+}
+
+static dsmoe_status run(trainer *tr, const char *config_text, dsmoe_train_result *res, dsmoe_err *err) {
+    const dsmoe_config *c = tr->cfg;
+    dsmoe_train_position pos;
+    int resumed;
+    DSMOE_TRY(dsmoe_errors_agree(start_position(tr, &pos, &resumed, err), err));
+    res->loss_bound = dsmoe_dataset_loss_bound(tr->data);
+    res->valid_loss = NAN;
+    if (tr->rank == 0) {
+        printf("data: %s\n", dsmoe_dataset_describe(tr->data));
+        if (res->loss_bound >= 0) printf("data: achievable loss bound %.4f nats/token\n", res->loss_bound);
+        printf("model: %zu parameters (%zu on this rank), %d MoE layers, micro-batch %d x %d tokens, %d micro-steps "
+               "per step\n", dsmoe_model_global_params(tr->model), dsmoe_model_local_params(tr->model),
+               c->n_moe_layers, tr->B, tr->T, tr->accum);
+    }
+    // Memory as dsmoe --plan predicts it (core/drivers/memplan.h): the same numbers whether planned or running.
+    dsmoe_mem_estimate mem;
+    dsmoe_err mem_err = {0};
+    if (tr->rank == 0 &&
+        dsmoe_mem_estimate_rank_for(c, tr->rt->world_size, 0, tr->rt->node_ranks, tr->rt->kern, &mem, &mem_err) ==
+            DSMOE_OK) {
+        double mib = 1.0 / 1048576.0;
+        printf("memory per rank (rank 0): parameters %.1f MiB, gradients %.1f MiB, AdamW state %.1f MiB (%s) + "
+               "%.1f MiB ZeRO buffers, activations and scratch %.1f MiB, MoE buffers %.1f MiB, total %.1f MiB (peak "
+               "%.1f MiB; dsmoe --plan gives the details)\n", mem.param_bytes * mib, mem.grad_bytes * mib,
+               mem.optimizer_bytes * mib,
+               c->zero_stage ? "ZeRO-1: sharded over the data-parallel ranks" : "ZeRO off: full copy per rank",
+               mem.optimizer_scratch_bytes * mib, (mem.activation_bytes + mem.token_bytes) * mib,
+               (mem.moe_buffer_bytes + mem.moe_router_bytes + mem.exchange_bytes) * mib, mem.total_bytes * mib,
+               mem.peak_bytes * mib);
+    }
+    if (tr->rank == 0 && c->n_moe_layers > 0 && c->drop_tokens)
+        printf("moe: capacity is computed per rank and micro-batch from its %d tokens (C = %d on layer 0 when "
+               "training), as in DeepSpeed: another rank count or train.micro_batch drops other tokens; "
+               "moe.drop_tokens = false gives the same results on any layout\n",
+               tr->B * tr->T, dsmoe_config_capacity(c, tr->B * tr->T, c->experts[0], 1));
+    if (c->mode == DSMOE_MODE_EVAL) {
+        DSMOE_TRY(evaluate(tr, &res->valid_loss, err));
+        if (tr->rank == 0) printf("eval: validation loss %.4f over %d batches\n", res->valid_loss, c->eval_batches);
+        res->steps_done = pos.step;
+        return DSMOE_OK;
+    }
+    // Rank 0 writes the outputs; every rank learns before the first step whether it could (with its reason).
+    dsmoe_status s = tr->rank == 0 ? open_outputs(tr, config_text, resumed, pos.step, err) : DSMOE_OK;
+    if ((s = dsmoe_ctl_root_status(tr->rt->world_ctl, s, "another rank failed", err)) != DSMOE_OK) {
+        err->scope = DSMOE_SCOPE_COLLECTIVE; // every rank holds rank 0's message: it prints once
+        return s;
+    }
+    double t_start = dsmoe_now_seconds(), t_last = t_start;
+    int first = pos.step, logged_from = pos.step;
+    for (int step = pos.step; step < c->steps; step++) {
+        step_stats st;
+        double gnorm;
+        DSMOE_TRY(train_step(tr, step, pos.next_sample, &st, &gnorm, err));
+        pos.step = step + 1;
+        pos.next_sample += (uint64_t)c->batch;
+        double loss = st.loss_sum / st.tokens;
+        res->last_loss = loss;
+        res->last_aux = st.aux_sum / st.micro_count;
+        if (res->loss_history) res->loss_history[step] = loss;
+        int last = pos.step == c->steps;
+        double valid = NAN;
+        if ((c->eval_every > 0 && pos.step % c->eval_every == 0) || last) {
+            DSMOE_TRY(evaluate(tr, &valid, err));
+            res->valid_loss = valid;
+        }
+        if (pos.step % c->log_every == 0 || last || !isnan(valid)) {
+            double now = dsmoe_now_seconds(), elapsed = now - t_start;
+            double tok_s = (double)(pos.step - logged_from) * c->batch * tr->T / (now - t_last);
+            double eta = elapsed / (pos.step - first) * (c->steps - pos.step);
+            t_last = now;
+            logged_from = pos.step;
+            if (tr->rank == 0) {
+                char el[32], et[32];
+                format_hms(elapsed, el, sizeof el);
+                format_hms(eta, et, sizeof et);
+                printf("step %*d/%d | loss %.4f", (int)snprintf(NULL, 0, "%d", c->steps), pos.step, c->steps, loss);
+                if (res->loss_bound >= 0) printf(" (bound %.4f)", res->loss_bound);
+                if (c->n_moe_layers) printf(" | aux %.4f | drop %5.2f%%", res->last_aux, 100.0 * st.dropped / st.routed);
+                printf(" | lr %.2e | gnorm %.3f | %.0f tok/s | %s elapsed | ETA %s", dsmoe_lr_at(c, step), gnorm, tok_s, el, et);
+                if (!isnan(valid)) printf(" | valid %.4f", valid);
+                printf("\n");
+                fflush(stdout);
+            }
+            metrics_row(tr, pos.step, &st, dsmoe_lr_at(c, step), gnorm, tok_s, elapsed, valid);
+        }
+        int saved = (c->checkpoint_every > 0 && pos.step % c->checkpoint_every == 0) || (last && c->checkpoint_final);
+        if (saved) DSMOE_TRY(save_checkpoint(tr, config_text, &pos, last && c->checkpoint_final, res, err));
+        // A signal during the last step changes nothing: the run is complete.
+        int signo, ranks;
+        if (!last) DSMOE_TRY(signals_agree(tr, &signo, &ranks, err));
+        if (!last && ranks > 0) {
+            // The run stops here: this save is its last, and 75 promises its checkpoint.
+            if (!saved || tr->failed_saves > 0) DSMOE_TRY(save_checkpoint(tr, config_text, &pos, 1, res, err));
+            if (tr->rank == 0) {
+                printf("stopped: SIG%s at step %d of %d (%d of %d ranks got a signal): exit code %d; resume with "
+                       "checkpoint.resume=auto\n", signal_name(signo), pos.step, c->steps, ranks,
+                       tr->rt->world_size, DSMOE_EXIT_SIGNAL_CHECKPOINT);
+                fflush(stdout);
+            }
+            res->stopped_signal = signo;
+            break;
+        }
+    }
+    res->steps_done = pos.step;
+    return metrics_finish(tr, res, err);
+}
+
+dsmoe_status dsmoe_train_run(const dsmoe_config *cfg, const char *config_text, dsmoe_runtime *rt,
+                             dsmoe_train_result *result, dsmoe_err *err) {
+    trainer tr;
+    memset(&tr, 0, sizeof tr);
+    // Set-up failures (a data file, memory) are agreed on, so a failure every rank shares prints once;
+    // failures inside the loop end the job from the rank that failed.
+    dsmoe_status s = dsmoe_errors_agree(open_run(&tr, cfg, rt, err), err);
+    if (s == DSMOE_OK) s = run(&tr, config_text, result, err);
+    close_run(&tr);
+    return s;
+}

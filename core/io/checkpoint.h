@@ -1,0 +1,51 @@
+// core/io/checkpoint.h: model checkpoints as one safetensors file (docs/checkpoint.md).
+// defines: dsmoe_checkpoint_save, dsmoe_checkpoint_load, dsmoe_checkpoint_find_latest,
+//          dsmoe_checkpoint_remove_stale
+//
+// One file per checkpoint, global tensor names whatever the rank layout: parameters under their
+// model names, AdamW moments as "optim.exp_avg.<name>" and "optim.exp_avg_sq.<name>", and metadata
+// (format, step, next training sample, seed, the resolved deck, the model's shape). Expert shards are
+// gathered over the EP group and rank 0 writes; on load every rank maps the file and copies only its
+// own shard. Files are written atomically (temporary name, fsync, rename); only checkpoints named
+// step_<8 digits>.safetensors in the directory are ever pruned.
+#ifndef DSMOE_CHECKPOINT_H
+#define DSMOE_CHECKPOINT_H
+#include "config.h"
+#include "model.h"
+#include "optimizer.h"
+
+typedef struct dsmoe_train_position {
+    int step;                 // optimizer steps completed
+    uint64_t next_sample;     // next training sample index
+    uint64_t seed;            // run.seed the run was started with
+} dsmoe_train_position;
+
+// Collective. Writes <dir>/step_<step>.safetensors and prunes to `keep` newest. *path_out (may be NULL)
+// receives the file name (on rank 0).
+dsmoe_status dsmoe_checkpoint_save(dsmoe_model *model, dsmoe_optimizer *opt, const dsmoe_config *cfg,
+                                   const char *config_text,
+                                   const dsmoe_train_position *pos, const char *dir, int keep,
+                                   char *path_out, size_t path_len, dsmoe_err *err);
+
+// Loads parameters (and, if opt is not NULL, the AdamW moments) and the position from path. Not
+// collective: every rank maps the file and takes its shard; the caller agrees on the outcome.
+// The whole file is verified before anything is overwritten (a refused file leaves model, opt and pos
+// as they were): refuses a file that is not a dsmoe checkpoint, whose header is malformed, whose
+// tensors fail their CRC32C or hold NaN/Inf, whose step/next_sample/seed are not numbers in range
+// (step <= INT_MAX), or whose tensors are missing or have other shapes than the deck's model, naming
+// the file and the tensor or field. A file without checksums (older dsmoe) loads with a warning (rank 0).
+// When path is what dsmoe_checkpoint_find_latest returned last, rank 0 first says which newer files it
+// skipped and removes stale temporaries in that directory.
+dsmoe_status dsmoe_checkpoint_load(dsmoe_model *model, dsmoe_optimizer *opt, const dsmoe_config *cfg,
+                                   const char *path, dsmoe_train_position *pos, dsmoe_err *err);
+
+// Newest step_*.safetensors in dir that verifies (as dsmoe_checkpoint_load does, but for the model's
+// shape) into path; DSMOE_OK with path[0] = 0 when there is none; DSMOE_ERR_IO, with why the newest
+// was refused, when there are some and none verifies. Reads every candidate whole; local, no output.
+dsmoe_status dsmoe_checkpoint_find_latest(const char *dir, char *path, size_t len, dsmoe_err *err);
+
+// Removes step_<8 digits>.safetensors.tmp.<pid> files in dir whose process is gone (saves that were
+// interrupted), printing a line for each. Call on one rank; dsmoe_checkpoint_save does (rank 0).
+void dsmoe_checkpoint_remove_stale(const char *dir);
+
+#endif

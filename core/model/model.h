@@ -1,0 +1,104 @@
+// core/model/model.h: the GPT-MoE model: parameters in one slab, forward and backward through the plugins.
+// defines: dsmoe_model, dsmoe_param_tensor, dsmoe_model_create, dsmoe_model_forward,
+//          dsmoe_model_backward, dsmoe_model_reduce_grads, dsmoe_model_grad_norm
+//
+// GPT as in GPT-2 / nanoGPT: learned token and position embeddings, pre-LayerNorm blocks (eps from the
+// deck), causal multi-head attention with biases on QKV and output projection, an FFN of
+// Linear(M,F) -> GELU(tanh) -> Linear(F,M), a final LayerNorm, logits = lnf @ wte^T (tied). On MoE layers
+// the FFN is an MoE layer (core/model/moe_layer.h); with moe.residual it is the Residual MoE of DeepSpeed-MoE:
+// out = moe(x) * coef[:,0] + mlp(x) * coef[:,1], coef = softmax(Linear(M,2)(x)).
+//
+// Invariants: parameter and gradient slabs are kernel-plugin memory with identical layouts;
+// replicated tensors come first, then the expert tensors of each MoE layer, contiguous per layer (this
+// rank's shard of the E experts: rows [ep_rank*E_local, (ep_rank+1)*E_local) of the stacked (E, ...)
+// tensor, ep_rank and E_local = E/ep of that layer's moe.expert_parallel).
+// Tensor names and layouts are those of docs/checkpoint.md.
+#ifndef DSMOE_MODEL_H
+#define DSMOE_MODEL_H
+#include "config.h"
+#include "moe_layer.h"
+#include "runtime.h"
+
+#define DSMOE_MAX_NDIM 4
+
+typedef struct dsmoe_param_tensor {
+    char name[96];
+    int ndim;
+    int64_t shape[DSMOE_MAX_NDIM]; // global shape (expert tensors: leading dimension E)
+    size_t offset;                 // first element in the local slab
+    size_t numel;                  // local elements
+    size_t shard_begin;            // first local element's index in the global tensor
+    int decay;                     // AdamW weight decay applies (weights, not biases or LayerNorm)
+    int expert_layer;              // MoE layer index when sharded over an EP group, else -1
+    float init_std;                // normal(0, std); 0 = constant init_value
+    float init_value;
+} dsmoe_param_tensor;
+
+// Results of one forward (host values).
+typedef struct dsmoe_forward_result {
+    double loss_sum;      // sum over this rank's tokens of the cross-entropy (nats)
+    int tokens;           // tokens it covers
+    double aux_sum;       // sum over MoE layers of l_aux
+    long routed, dropped; // over all MoE layers
+} dsmoe_forward_result;
+
+typedef struct dsmoe_model dsmoe_model;
+
+// Builds the model for micro-batches of B sequences of cfg->seq_len tokens on this rank, creating the
+// EP and EDP groups (collective over the world). Parameters are zero until init or load.
+dsmoe_status dsmoe_model_create(const dsmoe_config *cfg, dsmoe_runtime *rt, int B, dsmoe_model **model,
+                                dsmoe_err *err);
+void dsmoe_model_free(dsmoe_model *model);
+
+// Parameter table (for init, checkpoints and logs).
+int dsmoe_model_tensor_count(const dsmoe_model *model);
+const dsmoe_param_tensor *dsmoe_model_tensor(const dsmoe_model *model, int i);
+size_t dsmoe_model_local_params(const dsmoe_model *model);
+size_t dsmoe_model_global_params(const dsmoe_model *model);
+float *dsmoe_model_params(dsmoe_model *model); // slab (plugin memory)
+float *dsmoe_model_grads(dsmoe_model *model);  // slab (plugin memory)
+size_t dsmoe_model_replicated_params(const dsmoe_model *model); // slab elements [0, n) are replicated
+// Bytes of kernel memory the model holds: parameters, gradients, activations and backward scratch
+// (the MoE layers' capacity buffers come on top and grow with dropless capacity).
+size_t dsmoe_model_bytes(const dsmoe_model *model);
+// Expert parallelism of MoE layer moe_layer (0 <= moe_layer < cfg->n_moe_layers): layers with the
+// same moe.expert_parallel share one set of groups.
+dsmoe_comm_group *dsmoe_model_edp_group(const dsmoe_model *model, int moe_layer); // ranks holding the same expert shards
+int dsmoe_model_ep_rank(const dsmoe_model *model, int moe_layer);
+int dsmoe_model_ep_size(const dsmoe_model *model, int moe_layer);
+dsmoe_ctl_group *dsmoe_model_ep_ctl(const dsmoe_model *model, int moe_layer); // the EP group's ranks, in order
+// The layer's expert tensors occupy slab elements [*begin, *end).
+void dsmoe_model_expert_range(const dsmoe_model *model, int moe_layer, size_t *begin, size_t *end);
+const dsmoe_config *dsmoe_model_config(const dsmoe_model *model);
+dsmoe_runtime *dsmoe_model_runtime(const dsmoe_model *model);
+
+// Initialises every parameter from the counter RNG keyed by (seed, tensor name, global element
+// index): the same values whatever the rank count or expert layout.
+dsmoe_status dsmoe_model_init_params(dsmoe_model *model, uint64_t seed, dsmoe_err *err);
+
+// Forward of one micro-batch: inputs and targets are HOST (B*T) int32. training selects noise and
+// the capacity factor; step_seed keys the noise of this step and micro-batch; token_offset is the
+// global index of this rank's first token (noise counters). Activations are kept for backward.
+dsmoe_status dsmoe_model_forward(dsmoe_model *model, const int32_t *inputs, const int32_t *targets,
+                                 int training, uint64_t step_seed, uint64_t token_offset,
+                                 dsmoe_forward_result *result, dsmoe_err *err);
+// MoE statistics of the last forward for MoE layer i (NULL if out of range).
+const dsmoe_moe_stats *dsmoe_model_moe_stats(const dsmoe_model *model, int i);
+
+// Backward of the last forward, accumulating into the gradient slab: dloss is the weight of each
+// token's cross-entropy in the total loss, daux the weight of each layer's l_aux.
+dsmoe_status dsmoe_model_backward(dsmoe_model *model, float dloss, float daux, dsmoe_err *err);
+dsmoe_status dsmoe_model_zero_grads(dsmoe_model *model, dsmoe_err *err);
+
+// Sums gradients over the data-parallel ranks: replicated tensors over all ranks, expert tensors over
+// their layer's expert-data-parallel group. (The loss weights already divide by the global token count.)
+dsmoe_status dsmoe_model_reduce_grads(dsmoe_model *model, dsmoe_err *err);
+// on = 1: the next dsmoe_model_backward is the step's last micro-step, so it starts each block's
+// replicated-gradient all-reduce as soon as that block's backward is done (train.overlap_grad_reduce,
+// world > 1, a comm plugin with allreduce_start; else no effect) and dsmoe_model_reduce_grads waits
+// for them. Set 0 for earlier micro-steps: their gradients are still accumulating.
+void dsmoe_model_set_reduce_in_backward(dsmoe_model *model, int on);
+// Global gradient L2 norm, identical on every rank.
+dsmoe_status dsmoe_model_grad_norm(dsmoe_model *model, double *norm, dsmoe_err *err);
+
+#endif

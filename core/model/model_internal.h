@@ -1,0 +1,108 @@
+// core/model/model_internal.h: the model's data, shared by model.c (parameters, buffers, forward, backward)
+// and model_parallel.c (expert-parallel groups, gradient reduction, norm). Not for other modules: they
+// use model.h.
+// defines: block_params, block_acts, ep_groups, struct dsmoe_model, dsmoe_model_create_groups
+#ifndef DSMOE_MODEL_INTERNAL_H
+#define DSMOE_MODEL_INTERNAL_H
+#include "model.h"
+
+typedef struct block_params {
+    float *ln1w, *ln1b;         // (M)
+    float *qkvw, *qkvb;         // (3M, M), (3M)
+    float *attprojw, *attprojb; // (M, M), (M)
+    float *ln2w, *ln2b;         // (M)
+    float *fcw, *fcb;           // (F, M), (F)  dense FFN, or the residual MLP of a residual MoE layer
+    float *fcprojw, *fcprojb;   // (M, F), (M)
+    float *coefw, *coefb;       // (2, M), (2)  residual MoE coefficient
+    dsmoe_moe_weights moe;      // router and this rank's experts
+} block_params;
+
+// The buffers of block_acts and of struct dsmoe_model's activation and scratch pointers are listed,
+// with their sizes, in core/model/model_buffers.c: model.c allocates and frees by that table, memplan.c sums it.
+typedef struct block_acts {
+    float *ln1;           // (S, M)
+    float *ln1_mean, *ln1_rstd; // (S)
+    float *qkv;           // (S, 3M)
+    float *atty;          // (S, M)
+    void *att;            // attention state saved for the backward (the plugin's attention_bytes)
+    float *resid_mid;     // (S, M) x + attention
+    float *ln2;           // (S, M)
+    float *ln2_mean, *ln2_rstd; // (S)
+    float *fch;           // (S, F) dense FFN pre-activation
+    float *fch_gelu;      // (S, F)
+    float *mlp_out;       // (S, M) dense FFN output (residual MoE: the MLP branch)
+    float *moe_out;       // (S, M)
+    float *coef_logits;   // (S, 2)
+    float *coef;          // (S, 2)
+    float *ffn_out;       // (S, M) what is added to the residual stream
+} block_acts;
+
+// The groups of one expert-parallel size (created once per distinct moe.expert_parallel value).
+typedef struct ep_groups {
+    int ep, ep_rank;
+    dsmoe_rt_group ep_g;  // contiguous blocks of ep slots (placement.h)
+    dsmoe_rt_group edp_g; // strided sets {i, i+ep, ...}
+} ep_groups;
+
+struct dsmoe_model {
+    const dsmoe_config *cfg;
+    dsmoe_runtime *rt;
+    int B, T, S, M, NH, F, V, L;
+    ep_groups *epg;               // (n_epg) one per distinct EP size, in order of first MoE layer
+    int n_epg;
+    int *epg_of_moe;              // (n_moe) index into epg
+    size_t *expert_begin, *expert_end; // (n_moe) each MoE layer's expert tensors in the slab
+    size_t *block_begin;          // (L+1) block l's replicated tensors are [block_begin[l], block_begin[l+1])
+
+    // Overlapped gradient all-reduce: on the backward flagged by dsmoe_model_set_reduce_in_backward,
+    // block l's replicated range is started right after block l's backward; reduce_grads waits.
+    int can_overlap;              // train.overlap_grad_reduce, the plugin has allreduce_start, world > 1
+    int reduce_in_backward;       // the next backward is the last of the step
+    dsmoe_comm_request **reqs;    // (L) started requests, NULL when not started
+    dsmoe_kernel_event **block_done; // (L) recorded after block l's backward (host-progressed overlap)
+    int n_started;                // blocks whose reduction has started (in order L-1, L-2, ...)
+    int n_recorded;               // blocks whose backward has been enqueued (and event recorded)
+
+    dsmoe_param_tensor *tensors;
+    int n_tensors, cap_tensors;
+    size_t n_local, n_replicated; // replicated tensors occupy [0, n_replicated)
+    size_t n_global;
+    float *params, *grads; // (n_local) each (AdamW state lives in core/model/optimizer.c)
+
+    float *wte, *wpe, *lnfw, *lnfb;
+    float *dwte, *dwpe, *dlnfw, *dlnfb;
+    block_params *blocks, *dblocks; // (L) parameter and gradient views
+    int *moe_of_layer;              // (L) MoE index or -1
+    dsmoe_moe_layer **moe;          // (n_moe)
+    dsmoe_moe_stats *moe_stats;     // (n_moe)
+
+    // activations of the last forward
+    float *resid;          // (L+1, S, M) residual stream at each block input, and the final output
+    block_acts *acts;      // (L)
+    float *lnf, *lnf_mean, *lnf_rstd; // (S, M), (S), (S)
+    float *logits;         // (S, V)
+    float *probs;          // (S, V) softmax of logits
+    float *losses;         // (S)
+    int32_t *tokens, *targets; // (S) plugin memory
+    float *host_losses;    // (S) host_alloc memory: copied at the end of the forward, read after a wait
+
+    // backward scratch
+    float *dresid;          // (S, M) gradient of the residual stream
+    float *dln, *datty, *dmoe, *dmlp; // (S, M)
+    float *dqkv;            // (S, 3M)
+    float *dfch, *dfch_gelu; // (S, F)
+    float *dcoef;           // (S, 2)
+    void *datt_workspace;   // attention_backward's workspace (the plugin's attention_bytes)
+    float *dlogits;         // (S, V)
+    double *norm_dev;       // (n_moe + 2) device: squared gradient sums, and a staging slot
+    double *norm_host;      // (n_moe + 2) host_alloc copy
+    int has_forward;
+    size_t bytes_allocated; // every buffer above, for the memory report
+};
+
+// Collective: the EP and EDP groups of every distinct moe.expert_parallel (fills epg, n_epg, epg_of_moe).
+dsmoe_status dsmoe_model_create_groups(dsmoe_model *m, dsmoe_err *err);
+// Starts the overlapped reductions of the blocks whose backward has run (model_parallel.c).
+dsmoe_status dsmoe_model_start_block_reductions(dsmoe_model *m, int wait, dsmoe_err *err);
+
+#endif
