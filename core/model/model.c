@@ -459,6 +459,7 @@ size_t dsmoe_model_replicated_params(const dsmoe_model *m) { return m->n_replica
 size_t dsmoe_model_bytes(const dsmoe_model *m) { return m->bytes_allocated; }
 const dsmoe_config *dsmoe_model_config(const dsmoe_model *m) { return m->cfg; }
 dsmoe_runtime *dsmoe_model_runtime(const dsmoe_model *m) { return m->rt; }
+const float *dsmoe_model_logits(const dsmoe_model *m) { return m->logits; }
 const dsmoe_moe_stats *dsmoe_model_moe_stats(const dsmoe_model *m, int i) {
     return i >= 0 && i < m->cfg->n_moe_layers ? &m->moe_stats[i] : NULL;
 }

@@ -65,6 +65,7 @@ struct dsmoe_moe_layer {
 
     // What the backward needs of the last forward.
     int have_forward;
+    int S_last; // tokens of the last forward
     int C;
     int jittered;
     uint64_t jitter_key, jitter_offset;
@@ -398,8 +399,8 @@ void dsmoe_moe_stats_read(dsmoe_moe_layer *L, dsmoe_moe_stats *stats) {
     }
     stats->aux_loss = (float)aux_loss(aux, E);
     stats->capacity = L->C;
-    stats->routed = (long)L->cfg.S * L->cfg.K;
-    stats->dropped = (long)L->cfg.S * L->cfg.K - total;
+    stats->routed = (long)L->S_last * L->cfg.K;
+    stats->dropped = (long)L->S_last * L->cfg.K - total;
     stats->expert_load = L->expert_load;
 }
 
@@ -475,14 +476,36 @@ static dsmoe_status experts_backward(dsmoe_moe_layer *L, const dsmoe_moe_weights
 // ----------------------------------------------------------------------------------------------------
 // the layer
 
+// A profiled inference forward (step->times): waits for the queue and adds the wall time since *t0 to
+// times[phase] (0 gating, 1 all-to-all, 2 experts).
+static dsmoe_status phase_done(const dsmoe_moe_layer *L, const dsmoe_moe_step *step, int phase, double *t0,
+                               dsmoe_err *err) {
+    if (!step->times) return DSMOE_OK;
+    DSMOE_TRY(dsmoe_rt_wait(L->rt, err));
+    double now = dsmoe_now_seconds();
+    step->times[phase] += now - *t0;
+    *t0 = now;
+    return DSMOE_OK;
+}
+
 dsmoe_status dsmoe_moe_forward(dsmoe_moe_layer *L, const dsmoe_moe_weights *w, const float *x, float *out,
                                const dsmoe_moe_step *step, dsmoe_moe_stats *stats, dsmoe_err *err) {
     const dsmoe_runtime *rt = L->rt;
     const dsmoe_moe_config *c = &L->cfg;
-    int S = c->S, M = c->M, E = c->E, K = c->K;
-    if (!w || !w->wg || !w->w1 || !w->b1 || !w->w2 || !w->b2 || !out || !step || (S > 0 && !x))
-        return dsmoe_err_set(err, DSMOE_ERR_INVALID, "moe forward: NULL weights, x, out or step");
+    if (!step) return dsmoe_err_set(err, DSMOE_ERR_INVALID, "moe forward: NULL step");
+    int S = step->inference ? step->tokens : c->S, M = c->M, E = c->E, K = c->K;
+    if (!w || !w->wg || !w->w1 || !w->b1 || !w->w2 || !w->b2 || !out || (S > 0 && !x))
+        return dsmoe_err_set(err, DSMOE_ERR_INVALID, "moe forward: NULL weights, x or out");
+    if (step->inference && (S < 0 || S > c->S || step->capacity < 1))
+        return dsmoe_err_set(err, DSMOE_ERR_INVALID, "moe forward: %d tokens, capacity %d: expected 0 .. %d "
+                             "tokens and capacity >= 1", S, step->capacity, c->S);
+    double t0 = 0.0;
+    if (step->times) { // earlier work is not the layer's
+        DSMOE_TRY(dsmoe_rt_wait(rt, err));
+        t0 = dsmoe_now_seconds();
+    }
     L->have_forward = 0;
+    L->S_last = S;
     L->x = x;
     L->gp = (dsmoe_gating_params){
         .S = S, .E = E, .K = K, .noise = c->noise, .random_selection = c->random_token_selection,
@@ -504,29 +527,36 @@ dsmoe_status dsmoe_moe_forward(dsmoe_moe_layer *L, const dsmoe_moe_weights *w, c
     KCALL(rt, gate_route, &L->gp, L->logits, L->probs, L->choice, L->counts);
 
     int C = 0;
-    if (c->drop_tokens)
+    if (step->inference)
+        C = step->capacity;
+    else if (c->drop_tokens)
         C = dsmoe_capacity(S, E, K, step->training ? c->capacity_factor : c->eval_capacity_factor, c->min_capacity);
     else
         DSMOE_TRY(capacity_dropless(L, &C, err));
     DSMOE_TRY(ensure_capacity(L, C, err));
     L->C = C;
     KCALL(rt, gate_assign, &L->gp, C, L->probs, L->choice, L->slot, L->weight, L->kept, L->aux);
-    DSMOE_TRY(aux_reduce(L, err));
+    if (!step->inference) DSMOE_TRY(aux_reduce(L, err)); // inference needs no l_aux (nor its collective)
 
     KCALL(rt, moe_dispatch, L->send, x, F32, L->choice, L->slot, S, K, E, C, M); // (E, C, M)
+    DSMOE_TRY(phase_done(L, step, 0, &t0, err));
     DSMOE_TRY(exchange(L, L->recv, L->send, M, err));
     // recv_cnt (ep, E_local) = the kept counts each source rank reported for my experts
     DSMOE_TRY(dsmoe_exchange_alltoall(L->ex, L->kept, L->recv_cnt, (size_t)L->E_local * sizeof(int32_t), err));
+    DSMOE_TRY(phase_done(L, step, 1, &t0, err));
     DSMOE_TRY(experts_forward(L, w, err));
+    DSMOE_TRY(phase_done(L, step, 2, &t0, err));
     DSMOE_TRY(exchange(L, L->yhome, L->yexp, M, err));
+    DSMOE_TRY(phase_done(L, step, 1, &t0, err));
     KCALL(rt, moe_combine, out, L->yhome, F32, L->choice, L->slot, L->weight, S, K, E, C, M);
+    DSMOE_TRY(phase_done(L, step, 0, &t0, err));
 
     if (stats) {
         DSMOE_TRY(dsmoe_moe_stats_copy(L, err));
         DSMOE_TRY(dsmoe_rt_wait(rt, err));
         dsmoe_moe_stats_read(L, stats);
     }
-    L->have_forward = 1;
+    L->have_forward = !step->inference;
     return DSMOE_OK;
 }
 

@@ -72,6 +72,16 @@ typedef struct dsmoe_moe_step {
     int training;          // noise and capacity_factor vs eval_capacity_factor
     uint64_t seed;         // counter-RNG key for this layer, step and micro-batch
     uint64_t token_offset; // global index of this rank's first token
+    // Inference (forward only, no backward follows): the layer runs the first `tokens` rows of x
+    // (0 <= tokens <= cfg.S; a rank with none still takes part in the exchange), with C = capacity
+    // instead of the capacity factor's (>= 1, the same on every rank of the EP group: the caller agrees
+    // on it; C >= the group's largest `tokens` drops nothing, as an expert gets at most one slot per
+    // token). times: when not NULL, the layer waits for the queue after each phase and adds the wall
+    // seconds of gating, all-to-all and experts (a profile, at the cost of those waits).
+    int inference;
+    int tokens;
+    int capacity;
+    double *times; // (3) gating, all-to-all, experts
 } dsmoe_moe_step;
 
 // What the last forward measured (host values: valid after dsmoe_moe_stats_copy, a wait on the queue,

@@ -1,0 +1,321 @@
+// core/model/model_infer.c: the model's forward for new tokens over a KV cache (see model_infer.h).
+// Layout of this file: the state and its buffers, then one block (attention over the cache, the FFN),
+// then the whole forward and sampling. The math mirrors model.c's forward op for op.
+#include "model_infer.h"
+#include "model_internal.h" // struct dsmoe_model: parameters, groups, layer kinds
+
+#include <stdlib.h>
+#include <string.h>
+
+#define F32 DSMOE_FLOAT32
+
+struct dsmoe_infer {
+    dsmoe_model *m;
+    dsmoe_runtime *rt;
+    int slots, t_max, R; // sequences, positions per sequence, rows per call
+    int M, NH, F, V, L;
+    int *len;            // (slots) host: positions cached
+    dsmoe_moe_layer **moe; // (n_moe) layers sized for R rows, sharing the model's EP groups
+
+    // kernel memory
+    float **k_cache, **v_cache; // (L) each (slots, NH, t_max, D)
+    float *x, *mid;       // (R, M) residual stream in, and after attention
+    float *ln, *atty, *ffn_out, *moe_out, *mlp_out; // (R, M)
+    float *qkv;           // (R, 3M)
+    float *fch, *fch_gelu; // (R, F)
+    float *coef_logits, *coef; // (R, 2)
+    float *last, *lnf;    // (slots, M) each sequence's last row, and its final layer norm
+    float *logits;        // (slots, V)
+    int32_t *tokens;      // (R)
+    int32_t *pos;         // (slots) position of each sequence's first new token
+    int32_t *sampled;     // (slots)
+    int32_t *host_pos;    // (slots) ordinary host memory: copy_to_device consumes it at the call
+    int32_t *host_sampled; // (slots) host_alloc
+    int n_last;           // sequences of the last forward
+    size_t bytes;
+};
+
+// ----------------------------------------------------------------------------------------------------
+// state
+
+static dsmoe_status alloc_dev(dsmoe_infer *s, size_t bytes, void *field, const char *what, dsmoe_err *err) {
+    void *p = NULL;
+    DSMOE_TRY(dsmoe_rt_alloc(s->rt, bytes ? bytes : 1, 0, &p, what, err));
+    memcpy(field, &p, sizeof p);
+    s->bytes += bytes;
+    return DSMOE_OK;
+}
+
+static dsmoe_status alloc_host(dsmoe_infer *s, size_t bytes, void *field, dsmoe_err *err) {
+    void *p = NULL;
+    if (s->rt->kern->host_alloc(s->rt->kctx, bytes, &p) != DSMOE_OK)
+        return dsmoe_err_set(err, DSMOE_ERR_NOMEM, "inference: host_alloc of %zu bytes with kernel plugin '%s': %s",
+                             bytes, s->rt->kern->name, s->rt->kern->last_error(s->rt->kctx));
+    memcpy(field, &p, sizeof p);
+    return DSMOE_OK;
+}
+
+dsmoe_status dsmoe_infer_create(dsmoe_model *m, int slots, int t_max, int max_rows, dsmoe_infer **out,
+                                dsmoe_err *err) {
+    *out = NULL;
+    const dsmoe_config *cfg = m->cfg;
+    if (slots < 1 || max_rows < 1 || t_max < 1 || t_max > cfg->seq_len)
+        return dsmoe_err_set(err, DSMOE_ERR_INVALID, "inference: %d slots of %d positions, %d rows a call: expected "
+                             "slots, rows >= 1 and 1 <= positions <= model.seq_len (%d)", slots, t_max, max_rows,
+                             cfg->seq_len);
+    dsmoe_infer *s = calloc(1, sizeof *s);
+    if (!s) return dsmoe_err_set(err, DSMOE_ERR_NOMEM, "inference: out of memory");
+    *out = s;
+    s->m = m;
+    s->rt = m->rt;
+    s->slots = slots;
+    s->t_max = t_max;
+    s->R = max_rows;
+    s->M = m->M, s->NH = m->NH, s->F = m->F, s->V = m->V, s->L = m->L;
+    int n_moe = cfg->n_moe_layers;
+    s->len = calloc((size_t)slots, sizeof *s->len);
+    s->host_pos = calloc((size_t)slots, sizeof *s->host_pos);
+    s->moe = calloc((size_t)(n_moe ? n_moe : 1), sizeof *s->moe);
+    s->k_cache = calloc((size_t)s->L, sizeof *s->k_cache);
+    s->v_cache = calloc((size_t)s->L, sizeof *s->v_cache);
+    if (!s->len || !s->host_pos || !s->moe || !s->k_cache || !s->v_cache)
+        return dsmoe_err_set(err, DSMOE_ERR_NOMEM, "inference: out of memory");
+
+    size_t R = (size_t)max_rows, M = (size_t)s->M, F = (size_t)s->F, V = (size_t)s->V, B = (size_t)slots;
+    size_t cache = B * M * (size_t)t_max * sizeof(float); // (slots, NH, t_max, D)
+    for (int l = 0; l < s->L; l++) {
+        DSMOE_TRY(alloc_dev(s, cache, &s->k_cache[l], "KV cache keys (slots, NH, T, D)", err));
+        DSMOE_TRY(alloc_dev(s, cache, &s->v_cache[l], "KV cache values (slots, NH, T, D)", err));
+    }
+    size_t RM = R * M * sizeof(float);
+    DSMOE_TRY(alloc_dev(s, RM, &s->x, "inference residual (R, M)", err));
+    DSMOE_TRY(alloc_dev(s, RM, &s->mid, "inference residual after attention (R, M)", err));
+    DSMOE_TRY(alloc_dev(s, RM, &s->ln, "inference layer norm (R, M)", err));
+    DSMOE_TRY(alloc_dev(s, RM, &s->atty, "inference attention output (R, M)", err));
+    DSMOE_TRY(alloc_dev(s, RM, &s->ffn_out, "inference FFN output (R, M)", err));
+    DSMOE_TRY(alloc_dev(s, RM, &s->moe_out, "inference MoE output (R, M)", err));
+    DSMOE_TRY(alloc_dev(s, RM, &s->mlp_out, "inference MLP output (R, M)", err));
+    DSMOE_TRY(alloc_dev(s, 3 * RM, &s->qkv, "inference qkv (R, 3M)", err));
+    DSMOE_TRY(alloc_dev(s, R * F * sizeof(float), &s->fch, "inference fc (R, F)", err));
+    DSMOE_TRY(alloc_dev(s, R * F * sizeof(float), &s->fch_gelu, "inference gelu (R, F)", err));
+    DSMOE_TRY(alloc_dev(s, R * 2 * sizeof(float), &s->coef_logits, "inference coefficient logits (R, 2)", err));
+    DSMOE_TRY(alloc_dev(s, R * 2 * sizeof(float), &s->coef, "inference coefficients (R, 2)", err));
+    DSMOE_TRY(alloc_dev(s, B * M * sizeof(float), &s->last, "inference last rows (slots, M)", err));
+    DSMOE_TRY(alloc_dev(s, B * M * sizeof(float), &s->lnf, "inference final layer norm (slots, M)", err));
+    DSMOE_TRY(alloc_dev(s, B * V * sizeof(float), &s->logits, "inference logits (slots, V)", err));
+    DSMOE_TRY(alloc_dev(s, R * sizeof(int32_t), &s->tokens, "inference token ids (R)", err));
+    DSMOE_TRY(alloc_dev(s, B * sizeof(int32_t), &s->pos, "inference positions (slots)", err));
+    DSMOE_TRY(alloc_dev(s, B * sizeof(int32_t), &s->sampled, "inference sampled ids (slots)", err));
+    DSMOE_TRY(alloc_host(s, B * sizeof(int32_t), &s->host_sampled, err));
+
+    // The MoE layers, sized for R rows, on the model's groups (collective over each EP group).
+    for (int l = 0; l < s->L; l++) {
+        int mi = m->moe_of_layer[l];
+        if (mi < 0) continue;
+        const ep_groups *g = &m->epg[m->epg_of_moe[mi]];
+        dsmoe_moe_config mc = {
+            .S = max_rows, .M = s->M, .F = s->F, .E = cfg->experts[mi], .K = cfg->top_k,
+            .capacity_factor = cfg->capacity_factor, .eval_capacity_factor = cfg->eval_capacity_factor,
+            .min_capacity = cfg->min_capacity, .drop_tokens = 1, .random_token_selection = 0,
+            .noise = cfg->noise, .jitter_eps = cfg->jitter_eps, .ep = g->ep, .ep_group = g->ep_g.comm,
+            .ep_ctl = g->ep_g.ctl, .alltoall = cfg->alltoall, .ranks_per_node = cfg->ranks_per_node,
+            .aux_scope = DSMOE_AUX_SCOPE_RANK, .aux_group = NULL,
+        };
+        DSMOE_TRY(dsmoe_moe_layer_create(s->rt, &mc, &s->moe[mi], err));
+    }
+    return DSMOE_OK;
+}
+
+static void free_dev(dsmoe_infer *s, void *p) {
+    if (p) s->rt->kern->free(s->rt->kctx, p);
+}
+
+void dsmoe_infer_free(dsmoe_infer *s) {
+    if (!s) return;
+    for (int i = 0; s->moe && i < s->m->cfg->n_moe_layers; i++) dsmoe_moe_layer_free(s->moe[i]);
+    for (int l = 0; l < s->L; l++) {
+        if (s->k_cache) free_dev(s, s->k_cache[l]);
+        if (s->v_cache) free_dev(s, s->v_cache[l]);
+    }
+    void *dev[] = {s->x, s->mid, s->ln, s->atty, s->ffn_out, s->moe_out, s->mlp_out, s->qkv, s->fch, s->fch_gelu,
+                   s->coef_logits, s->coef, s->last, s->lnf, s->logits, s->tokens, s->pos, s->sampled};
+    for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++) free_dev(s, dev[i]);
+    if (s->host_sampled) s->rt->kern->host_free(s->rt->kctx, s->host_sampled);
+    free(s->k_cache);
+    free(s->v_cache);
+    free(s->moe);
+    free(s->len);
+    free(s->host_pos);
+    free(s);
+}
+
+size_t dsmoe_infer_bytes(const dsmoe_infer *s) { return s->bytes; }
+void dsmoe_infer_reset(dsmoe_infer *s, int slot) {
+    if (slot >= 0 && slot < s->slots) s->len[slot] = 0;
+}
+int dsmoe_infer_length(const dsmoe_infer *s, int slot) { return slot >= 0 && slot < s->slots ? s->len[slot] : -1; }
+const float *dsmoe_infer_logits(const dsmoe_infer *s) { return s->logits; }
+
+// ----------------------------------------------------------------------------------------------------
+// one block
+
+// A profiled forward waits and adds the seconds since *t0 to *part.
+static dsmoe_status part_done(const dsmoe_infer *s, int profile, double *part, double *t0, dsmoe_err *err) {
+    if (!profile) return DSMOE_OK;
+    DSMOE_TRY(dsmoe_rt_wait(s->rt, err));
+    double now = dsmoe_now_seconds();
+    *part += now - *t0;
+    *t0 = now;
+    return DSMOE_OK;
+}
+
+// out (rows, N) = in (rows, K) @ w (N, K)^T + b (N); b may be NULL.
+static dsmoe_status linear(dsmoe_runtime *rt, float *out, const float *in, const float *w, const float *b, int rows,
+                           int K, int N, dsmoe_err *err) {
+    KCALL(rt, gemm, 0, 1, rows, N, K, 1.0f, in, F32, K, w, F32, K, 0.0f, out, F32, N);
+    if (b) KCALL(rt, bias_add, out, F32, b, rows, N);
+    return DSMOE_OK;
+}
+
+// mid (rows, M) = x + c_proj(attention over the cache(c_attn(ln_1(x)))); sequence i's rows append to its
+// slot's cache first, then attend to positions 0 .. their own.
+static dsmoe_status attn_block(dsmoe_infer *s, int l, int n, const int *slot, const int *count, int rows,
+                               dsmoe_err *err) {
+    dsmoe_runtime *rt = s->rt;
+    const block_params *p = &s->m->blocks[l];
+    int M = s->M, NH = s->NH, T = s->t_max;
+    size_t per_slot = (size_t)NH * (size_t)T * (size_t)(M / NH); // one slot's (NH, T, D)
+    KCALL(rt, layernorm_forward, s->ln, NULL, NULL, s->x, F32, p->ln1w, p->ln1b, rows, M, s->m->cfg->ln_eps);
+    DSMOE_TRY(linear(rt, s->qkv, s->ln, p->qkvw, p->qkvb, rows, M, 3 * M, err));
+    for (int i = 0, r0 = 0; i < n; r0 += count[i++]) {
+        float *k = s->k_cache[l] + (size_t)slot[i] * per_slot, *v = s->v_cache[l] + (size_t)slot[i] * per_slot;
+        const float *qkv = s->qkv + (size_t)r0 * 3 * M;
+        KCALL(rt, kv_append, k, v, qkv, F32, &s->pos[i], 1, count[i], M, NH, T);
+        KCALL(rt, attention_cached, s->atty + (size_t)r0 * M, qkv, k, v, F32, &s->pos[i], 1, count[i], M, NH, T);
+    }
+    DSMOE_TRY(linear(rt, s->mid, s->atty, p->attprojw, p->attprojb, rows, M, M, err));
+    KCALL(rt, axpy, s->mid, 1.0f, s->x, F32, (size_t)rows * M);
+    return DSMOE_OK;
+}
+
+// Dense FFN: out (rows, M) = c_proj(gelu(c_fc(in))).
+static dsmoe_status mlp(dsmoe_infer *s, const block_params *p, const float *in, float *out, int rows, dsmoe_err *err) {
+    dsmoe_runtime *rt = s->rt;
+    DSMOE_TRY(linear(rt, s->fch, in, p->fcw, p->fcb, rows, s->M, s->F, err));
+    KCALL(rt, gelu_forward, s->fch_gelu, s->fch, F32, (size_t)rows * s->F);
+    DSMOE_TRY(linear(rt, out, s->fch_gelu, p->fcprojw, p->fcprojb, rows, s->F, s->M, err));
+    return DSMOE_OK;
+}
+
+// x (rows, M) = mid + ffn(ln_2(mid)), ffn = dense MLP, MoE or residual MoE (model.c's ffn_forward).
+static dsmoe_status ffn_block(dsmoe_infer *s, int l, int rows, int capacity, int profile, dsmoe_infer_times *times,
+                              double *t0, dsmoe_err *err) {
+    dsmoe_runtime *rt = s->rt;
+    const block_params *p = &s->m->blocks[l];
+    int M = s->M, mi = s->m->moe_of_layer[l];
+    size_t RM = (size_t)rows * M;
+    KCALL(rt, layernorm_forward, s->ln, NULL, NULL, s->mid, F32, p->ln2w, p->ln2b, rows, M, s->m->cfg->ln_eps);
+    if (mi < 0) {
+        DSMOE_TRY(mlp(s, p, s->ln, s->ffn_out, rows, err));
+    } else {
+        DSMOE_TRY(part_done(s, profile, &times->other, t0, err));
+        double moe_times[3] = {0};
+        dsmoe_moe_step step = {.training = 0, .inference = 1, .tokens = rows, .capacity = capacity,
+                               .times = profile ? moe_times : NULL};
+        DSMOE_TRY(dsmoe_moe_forward(s->moe[mi], &p->moe, s->ln, s->moe_out, &step, NULL, err));
+        if (profile) {
+            DSMOE_TRY(dsmoe_rt_wait(rt, err));
+            times->gating += moe_times[0];
+            times->alltoall += moe_times[1];
+            times->experts += moe_times[2];
+            *t0 = dsmoe_now_seconds();
+        }
+        if (s->m->cfg->residual) {
+            DSMOE_TRY(mlp(s, p, s->ln, s->mlp_out, rows, err));
+            DSMOE_TRY(linear(rt, s->coef_logits, s->ln, p->coefw, p->coefb, rows, M, 2, err));
+            KCALL(rt, residual_mix_forward, s->ffn_out, s->coef, s->moe_out, s->mlp_out, F32, s->coef_logits, rows, M);
+        } else {
+            KCALL(rt, copy, s->ffn_out, s->moe_out, RM * sizeof(float));
+        }
+    }
+    KCALL(rt, copy, s->x, s->mid, RM * sizeof(float));
+    KCALL(rt, axpy, s->x, 1.0f, s->ffn_out, F32, RM);
+    return DSMOE_OK;
+}
+
+// ----------------------------------------------------------------------------------------------------
+// the forward
+
+dsmoe_status dsmoe_infer_forward(dsmoe_infer *s, int n, const int *slot, const int *count, const int32_t *tokens,
+                                 int capacity, dsmoe_infer_times *times, dsmoe_err *err) {
+    dsmoe_runtime *rt = s->rt;
+    int M = s->M, V = s->V, rows = 0;
+    if (n < 0 || n > s->slots || capacity < 1)
+        return dsmoe_err_set(err, DSMOE_ERR_INVALID, "inference: %d sequences, capacity %d: expected 0 .. %d and "
+                             "capacity >= 1", n, capacity, s->slots);
+    for (int i = 0; i < n; i++) {
+        if (slot[i] < 0 || slot[i] >= s->slots || count[i] < 1 || count[i] > s->t_max - s->len[slot[i]])
+            return dsmoe_err_set(err, DSMOE_ERR_INVALID, "inference: sequence %d: slot %d holding %d positions gets "
+                                 "%d more: expected a slot in [0, %d), at least 1 token, at most %d positions",
+                                 i, slot[i], slot[i] >= 0 && slot[i] < s->slots ? s->len[slot[i]] : -1, count[i],
+                                 s->slots, s->t_max);
+        for (int j = 0; j < i; j++)
+            if (slot[j] == slot[i])
+                return dsmoe_err_set(err, DSMOE_ERR_INVALID, "inference: slot %d appears twice in one call", slot[i]);
+        rows += count[i];
+    }
+    if (rows > s->R)
+        return dsmoe_err_set(err, DSMOE_ERR_INVALID, "inference: %d tokens in one call: at most %d", rows, s->R);
+    for (int r = 0; r < rows; r++)
+        if (tokens[r] < 0 || tokens[r] >= V)
+            return dsmoe_err_set(err, DSMOE_ERR_INVALID, "inference: token id %d is outside the vocabulary [0, %d)",
+                                 tokens[r], V);
+    int profile = times != NULL;
+    dsmoe_infer_times unused;
+    if (!profile) times = &unused;
+    double t0 = 0.0;
+    if (profile) {
+        DSMOE_TRY(dsmoe_rt_wait(rt, err));
+        t0 = dsmoe_now_seconds();
+    }
+    if (n > 0) {
+        for (int i = 0; i < n; i++) s->host_pos[i] = s->len[slot[i]];
+        KCALL(rt, copy_to_device, s->pos, s->host_pos, (size_t)n * sizeof(int32_t));
+        KCALL(rt, copy_to_device, s->tokens, tokens, (size_t)rows * sizeof(int32_t));
+    }
+    // Embedding: token + position, one call per sequence (each starts at its own position).
+    for (int i = 0, r0 = 0; i < n; r0 += count[i++]) {
+        const float *wpe = s->m->wpe + (size_t)s->len[slot[i]] * M;
+        KCALL(rt, embedding_forward, s->x + (size_t)r0 * M, F32, s->tokens + r0, s->m->wte, wpe, 1, count[i], M, V);
+    }
+    DSMOE_TRY(part_done(s, profile, &times->other, &t0, err));
+    for (int l = 0; l < s->L; l++) {
+        DSMOE_TRY(attn_block(s, l, n, slot, count, rows, err));
+        DSMOE_TRY(part_done(s, profile, &times->attention, &t0, err));
+        DSMOE_TRY(ffn_block(s, l, rows, capacity, profile, times, &t0, err));
+        DSMOE_TRY(part_done(s, profile, &times->other, &t0, err));
+    }
+    // The head on each sequence's last row only.
+    for (int i = 0, r0 = 0; i < n; r0 += count[i++])
+        KCALL(rt, copy, s->last + (size_t)i * M, s->x + (size_t)(r0 + count[i] - 1) * M, (size_t)M * sizeof(float));
+    if (n > 0) {
+        KCALL(rt, layernorm_forward, s->lnf, NULL, NULL, s->last, F32, s->m->lnfw, s->m->lnfb, n, M, s->m->cfg->ln_eps);
+        DSMOE_TRY(linear(rt, s->logits, s->lnf, s->m->wte, NULL, n, M, V, err));
+    }
+    DSMOE_TRY(part_done(s, profile, &times->other, &t0, err));
+    for (int i = 0; i < n; i++) s->len[slot[i]] += count[i];
+    s->n_last = n;
+    return DSMOE_OK;
+}
+
+dsmoe_status dsmoe_infer_sample(dsmoe_infer *s, const dsmoe_sampling_params *p, const uint64_t *counters,
+                                int32_t *tokens, dsmoe_err *err) {
+    dsmoe_runtime *rt = s->rt;
+    int n = s->n_last;
+    for (int i = 0; i < n; i++)
+        KCALL(rt, sample, &s->sampled[i], s->logits + (size_t)i * s->V, F32, 1, s->V, &p[i], &counters[i]);
+    if (n > 0) KCALL(rt, copy_to_host, s->host_sampled, s->sampled, (size_t)n * sizeof(int32_t));
+    DSMOE_TRY(dsmoe_rt_wait(rt, err));
+    memcpy(tokens, s->host_sampled, (size_t)n * sizeof(int32_t));
+    return DSMOE_OK;
+}

@@ -1,0 +1,58 @@
+// core/model/model_infer.h: inference on a model's parameters: a KV cache for a set of sequence slots and
+// one forward over the new tokens of any of them (prompts being prefilled and sequences decoding one
+// token, in the same call), giving each sequence's next-token logits.
+// defines: dsmoe_infer, dsmoe_infer_times, dsmoe_infer_create, dsmoe_infer_free, dsmoe_infer_reset,
+//          dsmoe_infer_length, dsmoe_infer_forward, dsmoe_infer_logits, dsmoe_infer_sample, dsmoe_infer_bytes
+//
+// The math is the model's forward (model.h) for the new tokens only: a token at position p attends to
+// the cached keys and values of positions 0 .. p of its own sequence, so feeding a sequence in any
+// split (all at once, token by token, or chunks) gives the logits a full forward gives, within the
+// rounding of the GEMMs' other row counts. MoE layers run as at evaluation (no noise) with a capacity
+// the caller chooses; C >= the tokens of the call drops nothing (docs/inference.md).
+//
+// Slots: sequence slot s owns rows s of every layer's cache (slots, NH, t_max, D) and has a length (the
+// positions cached). A call appends count[i] tokens to slot[i] for each of its n sequences; their rows
+// are laid out one sequence after the other. Every rank of an expert-parallel group calls forward
+// together, a rank with no sequences too (n = 0), with the same capacity.
+#ifndef DSMOE_MODEL_INFER_H
+#define DSMOE_MODEL_INFER_H
+#include "model.h"
+
+typedef struct dsmoe_infer dsmoe_infer;
+
+// Seconds by part, summed over forwards that profile (dsmoe_infer_forward's times argument).
+typedef struct dsmoe_infer_times {
+    double attention; // layer norm, QKV, the cache, attention and its projection
+    double gating;    // router GEMM, top-k, dispatch and combine
+    double alltoall;  // the MoE layers' exchanges
+    double experts;   // the expert FFNs
+    double other;     // embedding, dense FFNs, residual mixing, the head, sampling
+} dsmoe_infer_times;
+
+// Caches for `slots` sequences of up to t_max positions (<= model.seq_len) and buffers for up to
+// max_rows new tokens per call. Collective over the model's expert-parallel groups (its MoE layers).
+dsmoe_status dsmoe_infer_create(dsmoe_model *model, int slots, int t_max, int max_rows, dsmoe_infer **out,
+                                dsmoe_err *err);
+void dsmoe_infer_free(dsmoe_infer *inf); // collective, as create
+// Kernel memory it holds: caches and buffers (the MoE layers' capacity buffers at the largest C so far).
+size_t dsmoe_infer_bytes(const dsmoe_infer *inf);
+
+// Empties a slot (its next token is position 0).
+void dsmoe_infer_reset(dsmoe_infer *inf, int slot);
+int dsmoe_infer_length(const dsmoe_infer *inf, int slot);
+
+// Appends count[i] tokens to slot[i] (i < n; distinct slots, count >= 1, lengths stay <= t_max; tokens
+// host, (sum count) in sequence order, each in [0, vocab)) and computes row i of the logits: the next
+// token's logits of sequence i. capacity: the MoE layers' C (>= 1, the same on every rank of an EP
+// group). times: when not NULL, the forward waits after each part and adds its seconds (a profile).
+dsmoe_status dsmoe_infer_forward(dsmoe_infer *inf, int n, const int *slot, const int *count, const int32_t *tokens,
+                                 int capacity, dsmoe_infer_times *times, dsmoe_err *err);
+// The last forward's logits (n, V), kernel memory.
+const float *dsmoe_infer_logits(const dsmoe_infer *inf);
+// Draws the next token of each sequence of the last forward: row i per p[i] (temperature 0 = greedy)
+// keyed by p[i].seed and counters[i] (the token's index in its completion), so a sequence's tokens do
+// not depend on the others in its batch. Waits; tokens (n) host.
+dsmoe_status dsmoe_infer_sample(dsmoe_infer *inf, const dsmoe_sampling_params *p, const uint64_t *counters,
+                                int32_t *tokens, dsmoe_err *err);
+
+#endif
