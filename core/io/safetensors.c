@@ -3,11 +3,14 @@
 // the directory, so a checkpoint of hundreds of MB never sits in one buffer and an existing file is
 // replaced whole or not at all. The CRC32C of each tensor is computed over the bytes as they are written
 // and lands in the header's metadata: the header is written first with placeholders of the same width
-// and rewritten in place once the data is out, before the fsync. The reader maps the file read-only and parses the JSON header with a
-// small strict parser (objects, arrays, strings with escapes, numbers; true/false/null are refused).
+// and rewritten in place once the data is out, before the fsync. The reader maps the file read-only and
+// parses the JSON header with the strict reader of json.h (objects, arrays, strings with escapes, numbers;
+// true/false/null and \u0000 are refused).
 // Assumes a little-endian host (x86-64, AArch64): tensor bytes are written and exposed as they are.
 #define _GNU_SOURCE
 #include "safetensors.h"
+
+#include "json.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -176,53 +179,16 @@ dsmoe_status dsmoe_st_writer_meta(dsmoe_st_writer *w, const char *key, const cha
     return DSMOE_OK;
 }
 
-// A growable string; `oom` sticks once an allocation fails.
-typedef struct sbuf {
-    char *p;
-    size_t len, cap;
-    int oom;
-} sbuf;
+static void sb_str(dsmoe_buf *b, const char *s) { dsmoe_buf_put(b, s, strlen(s)); }
 
-static void sb_put(sbuf *b, const char *s, size_t n) {
-    if (b->oom) return;
-    if (b->len + n + 1 > b->cap) {
-        size_t cap = b->cap ? b->cap : 4096;
-        while (b->len + n + 1 > cap) cap *= 2;
-        char *p = realloc(b->p, cap);
-        if (!p) {
-            b->oom = 1;
-            return;
-        }
-        b->p = p, b->cap = cap;
-    }
-    memcpy(b->p + b->len, s, n);
-    b->len += n;
-    b->p[b->len] = '\0';
-}
-
-static void sb_str(sbuf *b, const char *s) { sb_put(b, s, strlen(s)); }
-
-// A JSON string literal: quote, backslash and control characters escaped; other bytes as they are.
-static void sb_json(sbuf *b, const char *s) {
-    sb_put(b, "\"", 1);
-    for (; *s; s++) {
-        unsigned char c = (unsigned char)*s;
-        char esc[8];
-        if (c == '"') sb_put(b, "\\\"", 2);
-        else if (c == '\\') sb_put(b, "\\\\", 2);
-        else if (c == '\n') sb_put(b, "\\n", 2);
-        else if (c == '\r') sb_put(b, "\\r", 2);
-        else if (c == '\t') sb_put(b, "\\t", 2);
-        else if (c < 0x20) sb_put(b, esc, (size_t)snprintf(esc, sizeof esc, "\\u%04x", c));
-        else sb_put(b, s, 1);
-    }
-    sb_put(b, "\"", 1);
-}
+// A JSON string literal (json.h: quote, backslash and control characters escaped; a byte that is not
+// UTF-8 as \ufffd, which names and metadata, made from UTF-8 decks, never hold).
+static void sb_json(dsmoe_buf *b, const char *s) { dsmoe_json_write_string(b, s, strlen(s)); }
 
 // The header: JSON padded with spaces so that 8 + length is a multiple of 8; offsets in insertion order.
 // The metadata ends with "crc32c.<name>": "<8 hex digits>" per tensor (fixed width: the header is
 // rebuilt with the real values after the data is written, and must keep its length).
-static int build_header(const dsmoe_st_writer *w, sbuf *b) {
+static int build_header(const dsmoe_st_writer *w, dsmoe_buf *b) {
     char num[64];
     sb_str(b, "{");
     if (w->nm > 0 || w->n > 0) {
@@ -234,7 +200,7 @@ static int build_header(const dsmoe_st_writer *w, sbuf *b) {
             sb_json(b, w->meta[2 * i + 1]);
         }
         for (int i = 0; i < w->n; i++) {
-            sbuf key = {0};
+            dsmoe_buf key = {0};
             sb_str(&key, DSMOE_ST_CRC_PREFIX);
             sb_str(&key, w->t[i].name);
             if (key.oom) b->oom = 1;
@@ -295,7 +261,7 @@ dsmoe_status dsmoe_st_writer_commit_stream(dsmoe_st_writer *w, const char *path,
         if (!w->t[i].data && w->t[i].nbytes > 0 && !source)
             return dsmoe_err_set(err, DSMOE_ERR_INVALID, "safetensors: tensor '%s': data is NULL", w->t[i].name);
     for (int i = 0; i < w->n; i++) w->t[i].crc = 0; // placeholders, rewritten below
-    sbuf hdr = {0};
+    dsmoe_buf hdr = {0};
     int oom = build_header(w, &hdr) != 0;
     uint8_t len8[8];
     for (int i = 0; i < 8; i++) len8[i] = (uint8_t)((uint64_t)hdr.len >> (8 * i));
@@ -313,7 +279,7 @@ dsmoe_status dsmoe_st_writer_commit_stream(dsmoe_st_writer *w, const char *path,
         }
     }
     if (ok && src == DSMOE_OK) { // the header again, with the checksums, over the placeholders
-        sbuf final = {0};
+        dsmoe_buf final = {0};
         step = "write";
         if (build_header(w, &final) != 0 || final.len != hdr.len) ok = 0, oom = 1;
         else if (pwrite(fd, final.p, final.len, 8) != (ssize_t)final.len) ok = 0, e = errno ? errno : EIO;
@@ -337,7 +303,7 @@ dsmoe_status dsmoe_st_writer_commit_stream(dsmoe_st_writer *w, const char *path,
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Reading: a strict JSON parser over the header bytes
+// Reading: the JSON header (json.h), byte offsets in messages counted from the start of the file
 
 struct dsmoe_st_file {
     char *path;
@@ -353,173 +319,23 @@ struct dsmoe_st_file {
     int nm, capm;
 };
 
-typedef struct jp {
-    const char *s, *p, *end; // the header text
-    const char *path;
-    dsmoe_err *err;
-} jp;
-
-// Byte offsets in messages count from the start of the file (the JSON starts at byte 8).
-static dsmoe_status jfail(jp *j, const char *expected) {
-    char found[32];
-    if (j->p >= j->end) snprintf(found, sizeof found, "the end of the header");
-    else if ((unsigned char)*j->p >= 0x20 && (unsigned char)*j->p < 0x7f) snprintf(found, sizeof found, "'%c'", *j->p);
-    else snprintf(found, sizeof found, "byte 0x%02x", (unsigned char)*j->p);
-    return dsmoe_err_set(j->err, DSMOE_ERR_IO, "%s: bad JSON header at byte %zu: expected %s, found %s", j->path,
-                         (size_t)(j->p - j->s) + 8, expected, found);
-}
-
-static void jws(jp *j) {
-    while (j->p < j->end && (*j->p == ' ' || *j->p == '\t' || *j->p == '\n' || *j->p == '\r')) j->p++;
-}
-
-static dsmoe_status jexpect(jp *j, char c, const char *what) {
-    jws(j);
-    if (j->p < j->end && *j->p == c) {
-        j->p++;
-        return DSMOE_OK;
-    }
-    return jfail(j, what);
-}
-
-// After a member of an array or object: 1 on ',' (another member follows), 0 on the closing bracket,
-// -1 on anything else (err set).
-static int jnext(jp *j, char close) {
-    jws(j);
-    if (j->p < j->end && *j->p == ',') return j->p++, 1;
-    return jexpect(j, close, close == ']' ? "',' or ']'" : "',' or '}'") == DSMOE_OK ? 0 : -1;
-}
-
-// The opening bracket: 0 when members follow, 1 when the container is empty (closed), -1 on error.
-static int jopen(jp *j, char open, const char *what) {
-    if (jexpect(j, open, what) != DSMOE_OK) return -1;
-    jws(j);
-    if (j->p < j->end && *j->p == (open == '[' ? ']' : '}')) return j->p++, 1;
-    return 0;
-}
-
-static const char *jdigits(const jp *j, const char *q) {
-    while (q < j->end && *q >= '0' && *q <= '9') q++;
-    return q;
-}
-
-static int hex4(const char *p, const char *end, unsigned *out) {
-    *out = 0;
-    for (int i = 0; i < 4; i++) {
-        const char *d = p + i < end ? strchr("0123456789abcdef", p[i] | 0x20) : NULL;
-        if (!d || !*d) return -1;
-        *out = *out * 16 + (unsigned)(d - "0123456789abcdef");
-    }
-    return 0;
-}
-
-// Appends code point u as UTF-8.
-static void sb_utf8(sbuf *b, unsigned u) {
-    char c[4];
-    int n = u < 0x80 ? 1 : u < 0x800 ? 2 : u < 0x10000 ? 3 : 4;
-    static const unsigned char lead[5] = {0, 0x00, 0xC0, 0xE0, 0xF0};
-    for (int i = n - 1; i > 0; i--, u >>= 6) c[i] = (char)(0x80 | (u & 63));
-    c[0] = (char)(lead[n] | u);
-    sb_put(b, c, (size_t)n);
-}
-
-// One character or escape of a string literal appended to b; \u0000 is refused (names are C strings).
-static dsmoe_status jchar(jp *j, sbuf *b) {
-    unsigned char c = (unsigned char)*j->p;
-    if (c < 0x20) return jfail(j, "a string character (control characters must be escaped)");
-    if (c != '\\') return sb_put(b, j->p++, 1), DSMOE_OK;
-    const char *esc = j->p + 1 < j->end ? strchr("\"\\/bfnrt", j->p[1]) : NULL;
-    if (esc && *esc) {
-        sb_put(b, &"\"\\/\b\f\n\r\t"[esc - "\"\\/bfnrt"], 1);
-        j->p += 2;
-        return DSMOE_OK;
-    }
-    j->p++;
-    unsigned u, lo;
-    if (j->p >= j->end || *j->p != 'u') return jfail(j, "an escape (\\\" \\\\ \\/ \\b \\f \\n \\r \\t \\uXXXX)");
-    if (hex4(j->p + 1, j->end, &u) != 0 || u == 0) return jfail(j, "u and four hex digits (not 0000)");
-    j->p += 5;
-    if (u >= 0xDC00 && u < 0xE000) return jfail(j, "no lone low surrogate");
-    if (u >= 0xD800 && u < 0xDC00) { // a surrogate pair encodes one code point above U+FFFF
-        if (j->end - j->p < 6 || j->p[0] != '\\' || j->p[1] != 'u' || hex4(j->p + 2, j->end, &lo) != 0 || lo < 0xDC00 ||
-            lo > 0xDFFF)
-            return jfail(j, "the low half of a \\u surrogate pair");
-        j->p += 6;
-        u = 0x10000 + ((u - 0xD800) << 10) + (lo - 0xDC00);
-    }
-    sb_utf8(b, u);
-    return DSMOE_OK;
-}
-
-// A string literal into a new NUL-terminated buffer (out may be NULL to skip).
-static dsmoe_status jstring(jp *j, char **out) {
-    DSMOE_TRY(jexpect(j, '"', "a string"));
-    sbuf b = {0};
-    dsmoe_status s = DSMOE_OK;
-    while (s == DSMOE_OK && j->p < j->end && *j->p != '"') s = jchar(j, &b);
-    if (s == DSMOE_OK && j->p >= j->end) s = jfail(j, "the closing quote of a string");
-    sb_put(&b, "", 0);
-    if (s == DSMOE_OK && b.oom) s = dsmoe_err_set(j->err, DSMOE_ERR_NOMEM, "%s: out of memory parsing the header", j->path);
-    if (s == DSMOE_OK) j->p++;
-    if (s != DSMOE_OK || !out) free(b.p);
-    else *out = b.p;
-    return s;
-}
-
 // A non-negative integer (no sign, fraction or exponent) below 2^63.
-static dsmoe_status juint(jp *j, uint64_t *out) {
-    jws(j);
-    const char *start = j->p;
-    uint64_t v = 0;
-    while (j->p < j->end && *j->p >= '0' && *j->p <= '9') {
-        if (v > (uint64_t)(INT64_MAX - 9) / 10) return jfail(j, "an integer below 2^63");
-        v = v * 10 + (uint64_t)(*j->p++ - '0');
-    }
-    if (j->p == start || (j->p - start > 1 && *start == '0')) {
-        j->p = start;
-        return jfail(j, "a non-negative integer");
-    }
-    if (j->p < j->end && (*j->p == '.' || *j->p == 'e' || *j->p == 'E')) return jfail(j, "an integer");
-    *out = v;
+static dsmoe_status juint(dsmoe_json *j, uint64_t *out) {
+    int64_t v;
+    DSMOE_TRY(dsmoe_json_int(j, 0, INT64_MAX, 0, &v));
+    *out = (uint64_t)v;
     return DSMOE_OK;
-}
-
-// Skips any value this parser accepts: string, number, array, object.
-static dsmoe_status jskip(jp *j, int depth) {
-    jws(j);
-    if (depth > 64) return jfail(j, "at most 64 levels of nesting");
-    char c = j->p < j->end ? *j->p : 0;
-    if (c == '"') return jstring(j, NULL);
-    if (c == '[' || c == '{') {
-        int more = !jopen(j, c, "'['"); // cannot fail: c is the bracket
-        while (more) {
-            if (c == '{' && (jstring(j, NULL) != DSMOE_OK || jexpect(j, ':', "':'") != DSMOE_OK)) return DSMOE_ERR_IO;
-            DSMOE_TRY(jskip(j, depth + 1));
-            if ((more = jnext(j, c == '[' ? ']' : '}')) < 0) return DSMOE_ERR_IO;
-        }
-        return DSMOE_OK;
-    }
-    if (c != '-' && (c < '0' || c > '9')) return jfail(j, "a string, number, array or object");
-    const char *q = j->p + (c == '-'), *d = jdigits(j, q); // -?digits(.digits)?([eE][+-]?digits)?
-    int bad = d == q;
-    if (!bad && d < j->end && *d == '.') q = d + 1, d = jdigits(j, q), bad = d == q;
-    if (!bad && d < j->end && (*d | 0x20) == 'e') {
-        q = d + 1 + (d + 1 < j->end && (d[1] == '+' || d[1] == '-'));
-        d = jdigits(j, q), bad = d == q;
-    }
-    j->p = d;
-    return bad ? jfail(j, "a digit") : DSMOE_OK;
 }
 
 // [a, b, ...] of non-negative integers, at most max of them.
-static dsmoe_status juint_array(jp *j, uint64_t *v, int max, int *n, const char *what) {
+static dsmoe_status juint_array(dsmoe_json *j, uint64_t *v, int max, int *n, const char *what) {
     *n = 0;
-    int more = jopen(j, '[', what);
+    int more = dsmoe_json_begin(j, '[', what);
     if (more < 0) return DSMOE_ERR_IO;
-    for (more = !more; more; ) {
-        if (*n == max) return jfail(j, max == 2 ? "two offsets" : "at most 8 dimensions");
+    for (; more;) {
+        if (*n == max) return dsmoe_json_fail(j, max == 2 ? "two offsets" : "at most 8 dimensions");
         DSMOE_TRY(juint(j, &v[(*n)++]));
-        if ((more = jnext(j, ']')) < 0) return DSMOE_ERR_IO;
+        if ((more = dsmoe_json_next(j, ']')) < 0) return DSMOE_ERR_IO;
     }
     return DSMOE_OK;
 }
@@ -531,29 +347,29 @@ static int find_dtype(const char *name) {
 }
 
 // {"dtype": ..., "shape": [...], "data_offsets": [b, e]} (other keys skipped); fills f->t[f->n].
-static dsmoe_status parse_tensor(jp *j, dsmoe_st_file *f, char *name) {
+static dsmoe_status parse_tensor(dsmoe_json *j, dsmoe_st_file *f, char *name) {
     dsmoe_st_tensor *t = &f->t[f->n];
     *t = (dsmoe_st_tensor){.name = name};
     f->n++; // owns name from here on, freed with the file
     uint64_t shape[DSMOE_ST_MAX_DIMS], off[2];
     int have = 0, n_off = 0;
-    int more = jopen(j, '{', "'{' (tensor info)");
+    int more = dsmoe_json_begin(j, '{', "'{' (tensor info)");
     if (more < 0) return DSMOE_ERR_IO;
-    for (more = !more; more;) {
+    for (; more;) {
         char *key;
-        DSMOE_TRY(jstring(j, &key));
+        DSMOE_TRY(dsmoe_json_string_dup(j, &key));
         int which = strcmp(key, "dtype") == 0 ? 1 : strcmp(key, "shape") == 0 ? 2 : strcmp(key, "data_offsets") == 0 ? 4 : 0;
         free(key);
-        DSMOE_TRY(jexpect(j, ':', "':'"));
-        if (which & have) return dsmoe_err_set(j->err, DSMOE_ERR_IO, "%s: tensor '%s' has a key twice", j->path, name);
+        DSMOE_TRY(dsmoe_json_expect(j, ':', "':'"));
+        if (which & have) return dsmoe_err_set(j->err, DSMOE_ERR_IO, "%s: tensor '%s' has a key twice", j->name, name);
         have |= which;
         if (which == 1) {
             char *dt;
-            DSMOE_TRY(jstring(j, &dt));
+            DSMOE_TRY(dsmoe_json_string_dup(j, &dt));
             int d = find_dtype(dt);
             if (d < 0) {
                 dsmoe_err_set(j->err, DSMOE_ERR_IO, "%s: tensor '%s' has dtype '%s', which dsmoe does not read (known: "
-                              KNOWN_DTYPES ")", j->path, name, dt);
+                              KNOWN_DTYPES ")", j->name, name, dt);
                 free(dt);
                 return DSMOE_ERR_IO;
             }
@@ -564,92 +380,92 @@ static dsmoe_status parse_tensor(jp *j, dsmoe_st_file *f, char *name) {
         } else if (which == 4) {
             DSMOE_TRY(juint_array(j, off, 2, &n_off, "'[' (data_offsets)"));
             if (n_off != 2) return dsmoe_err_set(j->err, DSMOE_ERR_IO, "%s: tensor '%s': data_offsets must hold two numbers",
-                                                 j->path, name);
+                                                 j->name, name);
         } else {
-            DSMOE_TRY(jskip(j, 1));
+            DSMOE_TRY(dsmoe_json_skip(j));
         }
-        if ((more = jnext(j, '}')) < 0) return DSMOE_ERR_IO;
+        if ((more = dsmoe_json_next(j, '}')) < 0) return DSMOE_ERR_IO;
     }
     if (have != 7)
-        return dsmoe_err_set(j->err, DSMOE_ERR_IO, "%s: tensor '%s' lacks %s", j->path, name,
+        return dsmoe_err_set(j->err, DSMOE_ERR_IO, "%s: tensor '%s' lacks %s", j->name, name,
                              !(have & 1) ? "dtype" : !(have & 2) ? "shape" : "data_offsets");
     for (int d = 0; d < t->ndim; d++) t->shape[d] = (int64_t)shape[d];
-    size_t data_size = f->len - (size_t)(j->end - j->s) - 8;
+    size_t data_size = f->len - (size_t)(j->end - j->start) - 8;
     char want[256];
     describe_shape(want, sizeof want, t->dtype, t->ndim, t->shape);
     if (off[1] < off[0] || off[1] > data_size)
         return dsmoe_err_set(j->err, DSMOE_ERR_IO, "%s: tensor '%s' data_offsets [%" PRIu64 ", %" PRIu64 ") %s the data "
-                             "buffer [0, %zu)%s", j->path, name, off[0], off[1], off[1] < off[0] ? "are reversed in" :
+                             "buffer [0, %zu)%s", j->name, name, off[0], off[1], off[1] < off[0] ? "are reversed in" :
                              "run past", data_size, off[1] < off[0] ? "" : " (truncated file?)");
     int overflow;
     uint64_t need = tensor_bytes(t->dtype, t->ndim, t->shape, &overflow);
     if (overflow || need != off[1] - off[0])
         return dsmoe_err_set(j->err, DSMOE_ERR_IO, "%s: tensor '%s' data_offsets [%" PRIu64 ", %" PRIu64 ") hold %" PRIu64
-                             " bytes but %s needs %s%" PRIu64, j->path, name, off[0], off[1], off[1] - off[0], want,
+                             " bytes but %s needs %s%" PRIu64, j->name, name, off[0], off[1], off[1] - off[0], want,
                              overflow ? "more than " : "", overflow ? (uint64_t)INT64_MAX : need);
-    t->data = (const uint8_t *)f->map + 8 + (j->end - j->s) + off[0];
+    t->data = (const uint8_t *)f->map + 8 + (j->end - j->start) + off[0];
     t->nbytes = (size_t)need;
     f->begin[f->n - 1] = off[0];
     return DSMOE_OK;
 }
 
-static dsmoe_status parse_metadata(jp *j, dsmoe_st_file *f) {
-    int more = jopen(j, '{', "'{' (__metadata__ holds an object of strings)");
+static dsmoe_status parse_metadata(dsmoe_json *j, dsmoe_st_file *f) {
+    int more = dsmoe_json_begin(j, '{', "'{' (__metadata__ holds an object of strings)");
     if (more < 0) return DSMOE_ERR_IO;
-    for (more = !more; more;) {
+    for (; more;) {
         if (grow(&f->meta, f->nm, &f->capm, 2 * sizeof *f->meta) != 0)
-            return dsmoe_err_set(j->err, DSMOE_ERR_NOMEM, "%s: out of memory reading metadata", j->path);
+            return dsmoe_err_set(j->err, DSMOE_ERR_NOMEM, "%s: out of memory reading metadata", j->name);
         char **kv = &f->meta[2 * f->nm];
         kv[0] = kv[1] = NULL;
         f->nm++; // owns what is parsed into kv
-        DSMOE_TRY(jstring(j, &kv[0]));
-        DSMOE_TRY(jexpect(j, ':', "':'"));
-        jws(j);
+        DSMOE_TRY(dsmoe_json_string_dup(j, &kv[0]));
+        DSMOE_TRY(dsmoe_json_expect(j, ':', "':'"));
+        dsmoe_json_ws(j);
         if (j->p >= j->end || *j->p != '"')
-            return dsmoe_err_set(j->err, DSMOE_ERR_IO, "%s: __metadata__ '%s' must be a string (at byte %zu)", j->path,
-                                 kv[0], (size_t)(j->p - j->s) + 8);
-        DSMOE_TRY(jstring(j, &kv[1]));
+            return dsmoe_err_set(j->err, DSMOE_ERR_IO, "%s: __metadata__ '%s' must be a string (at byte %zu)", j->name,
+                                 kv[0], (size_t)(j->p - j->start) + 8);
+        DSMOE_TRY(dsmoe_json_string_dup(j, &kv[1]));
         for (int i = 0; i < f->nm - 1; i++)
             if (strcmp(f->meta[2 * i], kv[0]) == 0)
-                return dsmoe_err_set(j->err, DSMOE_ERR_IO, "%s: __metadata__ key '%s' appears twice", j->path, kv[0]);
-        if ((more = jnext(j, '}')) < 0) return DSMOE_ERR_IO;
+                return dsmoe_err_set(j->err, DSMOE_ERR_IO, "%s: __metadata__ key '%s' appears twice", j->name, kv[0]);
+        if ((more = dsmoe_json_next(j, '}')) < 0) return DSMOE_ERR_IO;
     }
     return DSMOE_OK;
 }
 
-static dsmoe_status parse_header(jp *j, dsmoe_st_file *f) {
-    int more = jopen(j, '{', "'{'");
+static dsmoe_status parse_header(dsmoe_json *j, dsmoe_st_file *f) {
+    int more = dsmoe_json_begin(j, '{', "'{'");
     if (more < 0) return DSMOE_ERR_IO;
-    for (more = !more; more;) {
+    for (; more;) {
         char *name;
-        DSMOE_TRY(jstring(j, &name));
-        dsmoe_status s = jexpect(j, ':', "':'");
+        DSMOE_TRY(dsmoe_json_string_dup(j, &name));
+        dsmoe_status s = dsmoe_json_expect(j, ':', "':'");
         if (s == DSMOE_OK && strcmp(name, "__metadata__") == 0) {
             free(name);
             s = parse_metadata(j, f);
         } else if (s == DSMOE_OK) {
             if (grow(&f->t, f->n, &f->cap, sizeof *f->t) != 0 || grow(&f->begin, f->n, &f->capb, sizeof *f->begin) != 0) {
                 free(name);
-                return dsmoe_err_set(j->err, DSMOE_ERR_NOMEM, "%s: out of memory reading the header", j->path);
+                return dsmoe_err_set(j->err, DSMOE_ERR_NOMEM, "%s: out of memory reading the header", j->name);
             }
             s = parse_tensor(j, f, name);
         } else {
             free(name);
         }
         DSMOE_TRY(s);
-        if ((more = jnext(j, '}')) < 0) return DSMOE_ERR_IO;
+        if ((more = dsmoe_json_next(j, '}')) < 0) return DSMOE_ERR_IO;
     }
     // The declared length ends at the closing brace or at the format's padding after it: fewer than 8
     // spaces that make the length a multiple of 8. Anything else means the length is wrong (a length a
     // few bytes short would otherwise still parse, and every tensor would be read shifted).
     const char *close = j->p;
     while (j->p < j->end && *j->p == ' ') j->p++;
-    if (j->p != j->end) return jfail(j, "only spaces after the header's closing '}'");
-    size_t pad = (size_t)(j->end - close), hlen = (size_t)(j->end - j->s);
+    if (j->p != j->end) return dsmoe_json_fail(j, "only spaces after the header's closing '}'");
+    size_t pad = (size_t)(j->end - close), hlen = (size_t)(j->end - j->start);
     if (pad >= 8 || (pad > 0 && hlen % 8 != 0))
         return dsmoe_err_set(j->err, DSMOE_ERR_IO, "%s: header length %zu leaves %zu padding spaces after the JSON "
                              "(which ends at byte %zu); safetensors pads with fewer than 8 up to a multiple of 8, so the "
-                             "length is wrong (damaged file?)", j->path, hlen, pad, (size_t)(close - j->s) + 8);
+                             "length is wrong (damaged file?)", j->name, hlen, pad, (size_t)(close - j->start) + 8);
     return DSMOE_OK;
 }
 
@@ -782,7 +598,10 @@ dsmoe_status dsmoe_st_open(const char *path, dsmoe_st_file **out, dsmoe_err *err
                           "truncated, or not a safetensors file", path, hlen, f->len);
     f->hlen = hlen;
     if (s == DSMOE_OK) {
-        jp j = {(const char *)map + 8, (const char *)map + 8, (const char *)map + 8 + hlen, f->path, err};
+        dsmoe_json j;
+        dsmoe_json_init(&j, (const char *)map + 8, hlen, f->path, 1, err);
+        j.byte_label = "bad JSON header", j.byte_base = 8, j.end_name = "the end of the header";
+        j.flags = DSMOE_JSON_NO_NUL | DSMOE_JSON_NO_LITERALS | DSMOE_JSON_UTF8; // the format is UTF-8 JSON
         s = parse_header(&j, f);
     }
     if (s == DSMOE_OK) s = order_tensors(f, err);
