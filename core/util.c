@@ -102,6 +102,12 @@ dsmoe_status dsmoe_mkdir_p(const char *path, dsmoe_err *err) {
     return DSMOE_OK;
 }
 
+void dsmoe_format_hms(double seconds, char *buf, size_t len) {
+    long t = (long)(seconds + 0.5);
+    if (t >= 3600) snprintf(buf, len, "%ld:%02ld:%02ld", t / 3600, (t / 60) % 60, t % 60);
+    else snprintf(buf, len, "%ld:%02ld", t / 60, t % 60);
+}
+
 double dsmoe_now_seconds(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);

@@ -1,6 +1,6 @@
 // core/util.h: error reporting, checked allocation and atomic file writes for the core.
 // defines: dsmoe_err, dsmoe_err_set, DSMOE_TRY, dsmoe_malloc, dsmoe_write_file_atomic,
-//          dsmoe_now_seconds, dsmoe_parse_size, dsmoe_parse_duration, dsmoe_mkdir_p
+//          dsmoe_now_seconds, dsmoe_format_hms, dsmoe_parse_size, dsmoe_parse_duration, dsmoe_mkdir_p
 // Library functions return dsmoe_status and, on failure, leave one human-readable message in a
 // dsmoe_err the caller passed (file, line or key, what was expected). Only main() and tests exit.
 #ifndef DSMOE_UTIL_H
@@ -60,6 +60,8 @@ dsmoe_status dsmoe_mkdir_p(const char *path, dsmoe_err *err);
 
 // Monotonic wall clock in seconds.
 double dsmoe_now_seconds(void);
+// Seconds as m:ss or h:mm:ss (progress lines).
+void dsmoe_format_hms(double seconds, char *buf, size_t len);
 
 // "12", "4K", "1.5M", "2G" (powers of 1000; "Ki", "Mi", "Gi" are powers of 1024) -> value.
 // Decimal only: no blanks, no hex ("0x1p4"), no "inf"/"nan". Returns 0 on success, -1 if text is not

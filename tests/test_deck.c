@@ -208,7 +208,7 @@ static void test_bad_values(void **state) {
     expect_error("train.lr = fast\n", 1, "t.deck:1: train.lr = fast: expected a number");
     expect_error("moe.residual = maybe\n", 1,
                  "t.deck:1: moe.residual = maybe: expected a boolean (true/false, yes/no, on/off, 1/0)");
-    expect_error("run.mode = serve\n", 1, "t.deck:1: run.mode = serve: expected one of train, eval");
+    expect_error("run.mode = serve\n", 1, "t.deck:1: run.mode = serve: expected one of train, eval, generate");
     expect_error("\n[train]\nlr_schedule = step\n", 1,
                  "t.deck:3: train.lr_schedule = step: expected one of cosine, constant, linear");
     expect_error("run.seed = -1\n", 1, "t.deck:1: run.seed = -1: expected an integer >= 0");
@@ -877,7 +877,7 @@ static void test_print_keys(void **state) {
         assert_non_null(strstr(buf, want));
     }
     assert_non_null(strstr(buf, "  moe.top_k = 1   (int, 1 or 2)\n"));
-    assert_non_null(strstr(buf, "  run.mode = train   (enum: train | eval)\n"));
+    assert_non_null(strstr(buf, "  run.mode = train   (enum: train | eval | generate)\n"));
     assert_non_null(strstr(buf, "  data.path = \"\"   (string)\n"));
     free(buf);
 }

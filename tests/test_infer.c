@@ -1,7 +1,8 @@
 // tests/test_infer.c: the KV-cache forward (core/model/model_infer.c) against the model's full forward:
 // feeding sequences in pieces (prefill chunks, token by token, two sequences of different lengths in one
 // call, a slot reused) gives the logits the full forward gives at the same positions, within 1e-5
-// relative, on dense, top-1, top-2, residual and pyramid-residual models; greedy sampling picks the
+// relative, on dense, top-1, top-2 (also with two MoE layers sharing buffers), residual and
+// pyramid-residual models; greedy sampling picks the
 // reference's argmax; bad calls are refused.
 #include <math.h>
 #include <setjmp.h>
@@ -91,7 +92,12 @@ static void check_case(const char *extra) {
     // beside a single token: every split of the sequences' positions.
     const call schedule[] = {{{5, 3}}, {{1, 1}}, {{1, 0}}, {{0, 2}}, {{2, 1}}, {{1, 1}}, {{1, 2}}, {{1, 1}}, {{0, 1}}};
     dsmoe_infer *inf = NULL;
-    assert_int_equal(dsmoe_infer_create(m, NSEQ, T, 2 * T, &inf, &err), DSMOE_OK);
+    assert_int_equal(dsmoe_infer_create(m, NSEQ, T, 2 * T, 1, 0, &inf, &err), DSMOE_OK);
+    // dsmoe --plan's estimate of the buffers, from the config alone.
+    dsmoe_infer_sizes z;
+    dsmoe_infer_estimate(&cfg, NSEQ, T, 2 * T, 1, 0, &z);
+    assert_int_equal(dsmoe_infer_bytes(inf), z.cache_bytes + z.slice_bytes + z.row_bytes);
+    assert_int_equal(z.cache_bytes, (uint64_t)cfg.layers * 2 * NSEQ * cfg.hidden * T * sizeof(float));
     int fed[NSEQ] = {0};
     float *logits = malloc((size_t)NSEQ * V * sizeof(float));
     double worst = 0.0;
@@ -105,7 +111,7 @@ static void check_case(const char *extra) {
             for (int j = 0; j < count[n]; j++) tokens[rows++] = seq[q][fed[q] + j];
             n++;
         }
-        if (dsmoe_infer_forward(inf, n, slot, count, tokens, rows, NULL, &err) != DSMOE_OK)
+        if (dsmoe_infer_forward(inf, n, slot, count, tokens, rows, 0.0f, NULL, &err) != DSMOE_OK)
             fail_msg("%s: call %zu: %s", extra, c, err.msg);
         to_host(logits, dsmoe_infer_logits(inf), (size_t)n * V);
         for (int i = 0; i < n; i++) {
@@ -130,7 +136,7 @@ static void check_case(const char *extra) {
     // A slot reused: sequence 1 whole in slot 0 after a reset.
     dsmoe_infer_reset(inf, 0);
     int slot0 = 0, all = T;
-    assert_int_equal(dsmoe_infer_forward(inf, 1, &slot0, &all, seq[1], T, NULL, &err), DSMOE_OK);
+    assert_int_equal(dsmoe_infer_forward(inf, 1, &slot0, &all, seq[1], T, 0.0f, NULL, &err), DSMOE_OK);
     to_host(logits, dsmoe_infer_logits(inf), (size_t)V);
     double e = row_error(logits, ref + ((size_t)1 * T + T - 1) * V, V);
     if (e > 1e-5) fail_msg("%s: reused slot: relative error %.3g", extra, e);
@@ -139,15 +145,15 @@ static void check_case(const char *extra) {
     // Refused: past the cache, a slot twice, a token outside the vocabulary, no capacity.
     int one = 1, two[2] = {1, 1}, slots_twice[2] = {1, 1};
     int32_t tok2[2] = {1, 2}, bad = V;
-    assert_int_not_equal(dsmoe_infer_forward(inf, 1, &slot0, &one, seq[0], 1, NULL, &err), DSMOE_OK); // slot 0 full
+    assert_int_not_equal(dsmoe_infer_forward(inf, 1, &slot0, &one, seq[0], 1, 0.0f, NULL, &err), DSMOE_OK); // slot 0 full
     assert_non_null(strstr(err.msg, "positions"));
     dsmoe_infer_reset(inf, 0);
     dsmoe_infer_reset(inf, 1);
-    assert_int_not_equal(dsmoe_infer_forward(inf, 2, slots_twice, two, tok2, 2, NULL, &err), DSMOE_OK);
+    assert_int_not_equal(dsmoe_infer_forward(inf, 2, slots_twice, two, tok2, 2, 0.0f, NULL, &err), DSMOE_OK);
     assert_non_null(strstr(err.msg, "twice"));
-    assert_int_not_equal(dsmoe_infer_forward(inf, 1, &slot0, &one, &bad, 1, NULL, &err), DSMOE_OK);
+    assert_int_not_equal(dsmoe_infer_forward(inf, 1, &slot0, &one, &bad, 1, 0.0f, NULL, &err), DSMOE_OK);
     assert_non_null(strstr(err.msg, "vocabulary"));
-    assert_int_not_equal(dsmoe_infer_forward(inf, 1, &slot0, &one, tok2, 0, NULL, &err), DSMOE_OK);
+    assert_int_not_equal(dsmoe_infer_forward(inf, 1, &slot0, &one, tok2, 0, 0.0f, NULL, &err), DSMOE_OK); // group < own
 
     dsmoe_infer_free(inf);
     dsmoe_model_free(m);
@@ -158,6 +164,8 @@ static void check_case(const char *extra) {
 static void test_dense(void **state) { (void)state; check_case("moe.experts=0"); }
 static void test_moe_top1(void **state) { (void)state; check_case("moe.experts=4 moe.top_k=1"); }
 static void test_moe_top2(void **state) { (void)state; check_case("moe.experts=4 moe.top_k=2"); }
+// Two MoE layers of the same shape share one set of buffers in turn.
+static void test_moe_layers_sharing(void **state) { (void)state; check_case("model.layers=4 moe.experts=4 moe.top_k=2"); }
 static void test_residual_moe(void **state) { (void)state; check_case("moe.experts=4 moe.residual=true"); }
 static void test_pyramid_residual_moe(void **state) {
     (void)state;
@@ -170,6 +178,7 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_dense),
         cmocka_unit_test(test_moe_top1),
         cmocka_unit_test(test_moe_top2),
+        cmocka_unit_test(test_moe_layers_sharing),
         cmocka_unit_test(test_residual_moe),
         cmocka_unit_test(test_pyramid_residual_moe),
     };

@@ -551,6 +551,30 @@ static dsmoe_status validate(loader *L, int world_size, dsmoe_err *err) {
         }
     }
 
+    // Tensor slicing (inference only): ranks are (data rank, tensor rank) with the tensor rank fastest;
+    // an expert-parallel group is made of ranks with the same tensor rank.
+    int k_tp = KIDX("generate.tensor_parallel"), tp = c->gen_tensor_parallel;
+    const char *tp_txt = L->at[k_tp].text;
+    if (tp > 1) {
+        if (c->mode != DSMOE_MODE_GENERATE)
+            FAIL(k_tp, -1, "generate.tensor_parallel = %s: tensor slicing is for run.mode = generate only (training "
+                 "with tensor slicing is not supported)", tp_txt);
+        if (world_size > 0 && world_size % tp != 0)
+            FAIL(k_tp, -1, "generate.tensor_parallel = %s does not divide the %d ranks of this run", tp_txt, world_size);
+        if (c->heads % tp != 0)
+            FAIL(k_tp, k_heads, "generate.tensor_parallel = %s does not divide model.heads = %d (attention is split "
+                 "by heads)", tp_txt, c->heads);
+        if (c->ffn_hidden % tp != 0)
+            FAIL(k_tp, k_ffn, "generate.tensor_parallel = %s does not divide model.ffn_hidden = %d (the dense FFN is "
+                 "split by its hidden columns)", tp_txt, c->ffn_hidden);
+        for (int i = 0; world_size > 0 && i < c->n_moe_layers; i++)
+            if ((world_size / tp) % c->expert_parallel[i] != 0)
+                FAIL(k_ep, k_tp, "moe.expert_parallel = %s: %d (MoE layer %d) does not divide the %d ranks of one "
+                     "tensor rank (%d ranks / generate.tensor_parallel %d): an expert-parallel group is made of "
+                     "ranks with the same tensor rank", ep_txt, c->expert_parallel[i], i + 1, world_size / tp,
+                     world_size, tp);
+    }
+
     int k_a2a = KIDX("moe.alltoall"), k_rpn = KIDX("moe.ranks_per_node");
     for (int i = 0; i < (ep_all ? 1 : c->n_moe_layers); i++)
         if (c->alltoall == 1 /* hierarchical */ && c->ranks_per_node > 0 && c->expert_parallel[i] % c->ranks_per_node != 0) {
@@ -564,6 +588,8 @@ static dsmoe_status validate(loader *L, int world_size, dsmoe_err *err) {
     int k_batch = KIDX("train.batch"), k_micro = KIDX("train.micro_batch");
     if (world_size == 0) {
         // rank-count rules wait for the real count
+    } else if (c->mode == DSMOE_MODE_GENERATE) {
+        c->micro_batch = 1; // generation has its own batches (generate.batch); the model holds one sequence
     } else if (c->micro_batch == 0) {
         if (c->batch % world_size != 0)
             FAIL(k_batch, k_micro, "train.batch = %s: must be divisible by the %d ranks of this run "

@@ -14,7 +14,10 @@
 
 #define DSMOE_MAX_MOE_LAYERS 256
 
-typedef enum { DSMOE_MODE_TRAIN = 0, DSMOE_MODE_EVAL = 1 } dsmoe_run_mode;
+typedef enum { DSMOE_MODE_TRAIN = 0, DSMOE_MODE_EVAL = 1, DSMOE_MODE_GENERATE = 2 } dsmoe_run_mode;
+// generate.prompt_format and generate.tokenizer (same order as their value lists).
+typedef enum { DSMOE_PROMPTS_AUTO = 0, DSMOE_PROMPTS_TEXT = 1, DSMOE_PROMPTS_JSONL = 2 } dsmoe_prompt_format;
+typedef enum { DSMOE_TOKENIZER_AUTO = 0, DSMOE_TOKENIZER_BYTES = 1, DSMOE_TOKENIZER_BPE = 2 } dsmoe_tokenizer_kind;
 typedef enum { DSMOE_DATA_SYNTHETIC = 0, DSMOE_DATA_TEXT = 1, DSMOE_DATA_MEGATRON = 2 } dsmoe_data_source;
 typedef enum { DSMOE_LR_COSINE = 0, DSMOE_LR_CONSTANT = 1, DSMOE_LR_LINEAR = 2 } dsmoe_lr_schedule;
 
@@ -80,6 +83,11 @@ typedef struct dsmoe_config {
     int plan_ranks_per_node;     // plan.ranks_per_node (0 = one per GPU of the topology, else one per core)
     char plan_topology[1024];    // plan.topology ("" = this machine or HWLOC_XMLFILE / HWLOC_SYNTHETIC)
     uint64_t plan_memory_per_rank; // plan.memory_per_rank in bytes (0 = from the topology)
+    uint64_t plan_memory_bandwidth;  // plan.memory_bandwidth, bytes/s per rank (0 = assumed by backend)
+    uint64_t plan_node_bandwidth;    // plan.node_bandwidth, bytes/s a rank sends inside its node (0 = assumed)
+    uint64_t plan_network_bandwidth; // plan.network_bandwidth, bytes/s a rank sends to other nodes (0 = assumed)
+    float plan_node_latency;         // plan.node_latency, seconds per message inside a node
+    float plan_network_latency;      // plan.network_latency, seconds per message between nodes
 
     // [train]
     int steps;                   // train.steps
@@ -116,6 +124,27 @@ typedef struct dsmoe_config {
 
     // [metrics]
     char metrics_file[1024];     // metrics.file ("" = <run.output_dir>/metrics.csv)
+
+    // [generate] (run.mode = generate; docs/inference.md)
+    char gen_prompts[4096];      // generate.prompts: the prompt file
+    int gen_prompt_format;       // generate.prompt_format: dsmoe_prompt_format
+    char gen_output[4096];       // generate.output ("" = <run.output_dir>/generations.jsonl)
+    int gen_tokenizer;           // generate.tokenizer: dsmoe_tokenizer_kind
+    char gen_vocab_file[4096];   // generate.vocab_file (GPT-2 BPE vocab.json)
+    char gen_merges_file[4096];  // generate.merges_file (GPT-2 BPE merges.txt)
+    int gen_batch;               // generate.batch: sequences decoded together per rank
+    int gen_prefill_tokens;      // generate.prefill_tokens: prompt tokens per rank per step
+    int gen_max_new_tokens;      // generate.max_new_tokens (default per prompt)
+    float gen_temperature;       // generate.temperature (0 = greedy)
+    int gen_top_k;               // generate.top_k (0 = all)
+    float gen_top_p;             // generate.top_p
+    uint64_t gen_seed;           // generate.seed (0 = run.seed)
+    char gen_stop[256];          // generate.stop: one stop sequence, C escapes (\n \t \\)
+    int gen_context;             // generate.context (0 = model.seq_len)
+    float gen_capacity_factor;   // generate.capacity_factor (0 = no token dropped)
+    int gen_profile;             // generate.profile: time breakdown (a wait per part)
+    int gen_tensor_parallel;     // generate.tensor_parallel: ranks each dense block is sliced over
+    int gen_coordinated;         // generate.coordinated_alltoall: tensor ranks split the MoE layers' tokens
 
     // [kernel.NAME] and [comm.NAME]: plugin-declared settings as written in the deck and on the command
     // line, checked against the plugin's declarations when it is loaded (core/deck/plugin_settings.c).

@@ -5,7 +5,9 @@
 
 const char *const dsmoe_config_type_names[] = {"int", "int", "float", "bool", "enum", "string", "duration", "list", "list"};
 
-static const char *const v_mode[] = {"train", "eval", NULL};
+static const char *const v_mode[] = {"train", "eval", "generate", NULL};
+static const char *const v_prompt_format[] = {"auto", "text", "jsonl", NULL}; // = dsmoe_prompt_format
+static const char *const v_tokenizer[] = {"auto", "bytes", "bpe", NULL};      // = dsmoe_tokenizer_kind
 static const char *const v_selection[] = {"position", "random", NULL};
 static const char *const v_noise[] = {"none", "jitter", "rsample", NULL}; // = dsmoe_noise_policy
 static const char *const v_schedule[] = {"cosine", "constant", "linear", NULL};
@@ -19,7 +21,7 @@ static const char *const v_bind[] = {"auto", "cores", "none", NULL};            
 #define ENUM(name, def, f, values, help) {name, K_ENUM, def, FIELD(f), ANY, values, help}
 
 const key_def dsmoe_config_keys[] = {
-    ENUM("run.mode", "train", mode, v_mode, "train, or evaluate a checkpoint on the validation split"),
+    ENUM("run.mode", "train", mode, v_mode, "train, evaluate a checkpoint on the validation split, or generate text from a checkpoint"),
     KEY("run.seed", K_U64, "1234", seed, GE(0), "seed of every random stream (initialisation, data, noise)"),
     KEY("run.output_dir", K_STRING, "dsmoe_out", output_dir, ANY, "directory for metrics, checkpoints and resolved.deck"),
     KEY("run.threads", K_INT, "0", threads, GE(0), "compute threads per rank; 0 = OMP_NUM_THREADS, else one per core of the rank's binding (topology.bind), else 1"),
@@ -70,6 +72,11 @@ const key_def dsmoe_config_keys[] = {
     KEY("plan.ranks_per_node", K_INT, "0", plan_ranks_per_node, GE(0), "dsmoe --plan: ranks per node; 0 = one per GPU of the topology (one per core when it has none or run.kernel_backend = cpu)"),
     KEY("plan.topology", K_STRING, "", plan_topology, ANY, "dsmoe --plan: the node: an hwloc XML file, synthetic:<hwloc synthetic description>, or '' = this machine (or HWLOC_XMLFILE / HWLOC_SYNTHETIC)"),
     KEY("plan.memory_per_rank", K_U64, "0", plan_memory_per_rank, GE(0), "dsmoe --plan: bytes each rank may use (80Gi); 0 = its GPU's memory, or the node's memory / ranks per node on the cpu backend"),
+    KEY("plan.memory_bandwidth", K_U64, "0", plan_memory_bandwidth, GE(0), "dsmoe --plan of a generate deck: bytes/s a rank reads from its memory; 0 = 2T for a GPU rank, 10G for a CPU core"),
+    KEY("plan.node_bandwidth", K_U64, "0", plan_node_bandwidth, GE(0), "dsmoe --plan of a generate deck: bytes/s a rank sends to ranks of its node; 0 = 150G for GPU ranks (NVLink), 5G for CPU ranks"),
+    KEY("plan.network_bandwidth", K_U64, "0", plan_network_bandwidth, GE(0), "dsmoe --plan of a generate deck: bytes/s a rank sends to other nodes; 0 = 25G (one 200 Gb/s port per GPU)"),
+    KEY("plan.node_latency", K_FLOAT, "2e-6", plan_node_latency, GE(0), "dsmoe --plan of a generate deck: seconds per message inside a node"),
+    KEY("plan.network_latency", K_FLOAT, "5e-6", plan_network_latency, GE(0), "dsmoe --plan of a generate deck: seconds per message between nodes"),
 
     KEY("train.steps", K_INT, "100", steps, GE(0), "optimizer steps"),
     KEY("train.batch", K_INT, "8", batch, GE(1), "global batch: sequences per optimizer step over all ranks"),
@@ -106,7 +113,33 @@ const key_def dsmoe_config_keys[] = {
     KEY("checkpoint.max_failures", K_INT, "3", checkpoint_max_failures, GE(1),
         "failed saves in a row that end the run (exit 74); a failed final save always does"),
 
-    KEY("metrics.file", K_STRING, "", metrics_file, ANY, "'' = <run.output_dir>/metrics.csv"),
+    KEY("metrics.file", K_STRING, "", metrics_file, ANY, "'' = <run.output_dir>/metrics.csv (eval.csv with run.mode = eval)"),
+
+    KEY("generate.prompts", K_STRING, "", gen_prompts, ANY, "run.mode = generate: the prompt file (text lines or JSON lines)"),
+    ENUM("generate.prompt_format", "auto", gen_prompt_format, v_prompt_format,
+         "auto = jsonl for a .jsonl or .json file, else text; text = one prompt a line; jsonl = one JSON object a line"),
+    KEY("generate.output", K_STRING, "", gen_output, ANY, "'' = <run.output_dir>/generations.jsonl"),
+    ENUM("generate.tokenizer", "auto", gen_tokenizer, v_tokenizer,
+         "auto = bpe when generate.vocab_file is set, else bytes (model.vocab >= 256); bpe = GPT-2 byte-level BPE"),
+    KEY("generate.vocab_file", K_STRING, "", gen_vocab_file, ANY, "GPT-2 BPE vocab.json"),
+    KEY("generate.merges_file", K_STRING, "", gen_merges_file, ANY, "GPT-2 BPE merges.txt"),
+    KEY("generate.batch", K_INT, "8", gen_batch, GE(1), "sequences each rank decodes together (continuous batching)"),
+    KEY("generate.prefill_tokens", K_INT, "256", gen_prefill_tokens, GE(1), "prompt tokens each rank prefills per step (longer prompts take several steps)"),
+    KEY("generate.max_new_tokens", K_INT, "64", gen_max_new_tokens, GE(1), "tokens generated per prompt unless it says otherwise"),
+    KEY("generate.temperature", K_FLOAT, "0", gen_temperature, GE(0), "sampling temperature; 0 = greedy"),
+    KEY("generate.top_k", K_INT, "0", gen_top_k, GE(0), "sample from the k most likely tokens; 0 = all"),
+    KEY("generate.top_p", K_FLOAT, "1.0", gen_top_p, IN('(', 0, 1, ']'), "nucleus sampling: the smallest set of tokens with this much probability"),
+    KEY("generate.seed", K_U64, "0", gen_seed, GE(0), "seed of the sampling streams (each prompt's own, by its index); 0 = run.seed"),
+    KEY("generate.stop", K_STRING, "", gen_stop, ANY, "a stop sequence for every prompt (C escapes \\n \\t \\\\); '' = none"),
+    KEY("generate.context", K_INT, "0", gen_context, GE(0), "context limit: prompt + completion tokens; 0 = model.seq_len"),
+    KEY("generate.capacity_factor", K_FLOAT, "0", gen_capacity_factor, GE(0), "expert capacity factor while generating; 0 = no token is dropped"),
+    KEY("generate.profile", K_BOOL, "true", gen_profile, ANY, "time breakdown (attention, gating, all-to-all, experts, other): a wait after each part"),
+    KEY("generate.tensor_parallel", K_INT, "1", gen_tensor_parallel, GE(1),
+        "tensor-slicing width: the attention heads and the dense FFN of every block are split over this many "
+        "consecutive ranks (Megatron style); must divide the ranks, model.heads and model.ffn_hidden"),
+    KEY("generate.coordinated_alltoall", K_BOOL, "true", gen_coordinated, ANY,
+        "with tensor slicing: each tensor rank sends only its share of the tokens through the MoE layers' "
+        "all-to-all, then the tensor group all-gathers them (DeepSpeed-MoE's parallelism-coordinated all-to-all)"),
 };
 const int dsmoe_config_n_keys = (int)(sizeof dsmoe_config_keys / sizeof dsmoe_config_keys[0]);
 _Static_assert(sizeof dsmoe_config_keys / sizeof dsmoe_config_keys[0] <= DSMOE_CONFIG_MAX_KEYS,

@@ -11,7 +11,9 @@
 
 #include <mpi.h>
 
+#include "build_report.h"  // dsmoe_build_report (--config)
 #include "config.h"        // dsmoe_config_load_text, dsmoe_config_print
+#include "generate.h"      // dsmoe_generate_run
 #include "placement.h"     // dsmoe_placement_create, dsmoe_placement_print
 #include "plan.h"          // dsmoe_plan_run
 #include "plugin_loader.h" // dsmoe_plugin_load_*, dsmoe_plugin_search_path
@@ -28,6 +30,7 @@ static void usage(FILE *out) {
             "       dsmoe --plan DECK [key=value ...]\n"
             "       dsmoe --help [keys]\n"
             "       dsmoe --version\n"
+            "       dsmoe --config\n"
             "\n"
             "  DECK            input deck: model, MoE, parallelism, backends, data, training (docs/deck.md)\n"
             "  key=value       override a deck key, e.g. train.steps=200 (beats DSMOE_TRAIN_STEPS and the deck)\n"
@@ -36,6 +39,7 @@ static void usage(FILE *out) {
             "                  placement, memory per rank and all-to-all traffic; exit 1 if it does not fit\n"
             "  --help keys     list every deck key with its type, default and meaning\n"
             "  --version       print the version, plugin ABI versions and the plugin search path\n"
+            "  --config        print how dsmoe was built (compiler, MPI, hwloc, CUDA) and every plugin found\n"
             "\n"
             "Launch with srun, mpiexec, or as a single process.\n"
             "\n"
@@ -243,6 +247,7 @@ int main(int argc, char **argv) {
         print_version();
         return 0;
     }
+    if (argc >= 2 && strcmp(argv[1], "--config") == 0) return dsmoe_build_report(stdout);
     if (argc >= 3 && strcmp(argv[1], "--plan") == 0) {
         dsmoe_err err = {0};
         dsmoe_status s = dsmoe_plan_run(argv[2], argv + 3, argc - 3, stdout, &err);
@@ -329,6 +334,8 @@ int main(int argc, char **argv) {
     int stopped = 0, save_failed = 0, metrics_failed = 0;
     if (s == DSMOE_OK && check_only) {
         if (rank == 0) printf("deck %s is valid\n", deck_path);
+    } else if (s == DSMOE_OK && cfg.mode == DSMOE_MODE_GENERATE) {
+        s = dsmoe_generate_run(&cfg, resolved, &rt, &err);
     } else if (s == DSMOE_OK) {
         dsmoe_train_result result;
         memset(&result, 0, sizeof result);

@@ -56,7 +56,9 @@ static dsmoe_status check_run(const dsmoe_config *c, int W, int rank, int rpn, i
                              "expected positive sizes with hidden divisible by heads (a loaded config resolves "
                              "ffn_hidden = 0 to 4*hidden)", c->layers, c->hidden, c->heads, c->ffn_hidden, c->vocab,
                              c->seq_len);
-    if (c->micro_batch == 0) {
+    if (c->mode == DSMOE_MODE_GENERATE) {
+        *B = 0; // generation's model holds parameters only (its batches are the inference state's)
+    } else if (c->micro_batch == 0) {
         if (c->batch < 1 || c->batch % W != 0)
             return dsmoe_err_set(err, DSMOE_ERR_INVALID,
                                  "memory plan: train.batch = %d: must be divisible by the %d ranks (train.micro_batch "
@@ -250,7 +252,7 @@ dsmoe_status dsmoe_mem_estimate_rank_for(const dsmoe_config *c, int W, int rank,
     DSMOE_TRY(check_run(c, W, rank, rpn, &B, err));
     uint64_t S = (uint64_t)B * (uint64_t)c->seq_len;
     est->micro_batch = B;
-    est->micro_steps = c->batch / (B * W);
+    est->micro_steps = B > 0 ? c->batch / (B * W) : 0;
 
     dsmoe_param_counts pc;
     dsmoe_mem_param_counts(c, &pc);

@@ -14,11 +14,10 @@
 #include "placement.h" // dsmoe_rank_place, dsmoe_placement_print_ranks, dsmoe_placement_print_experts
 #include "topology.h"
 
-// Bytes for people: "512 B", "14.00 KiB", "1.49 GiB". Up to 12 calls may share one printf (rotating buffers).
-static const char *human(double bytes) {
-    static char bufs[12][32];
+const char *dsmoe_plan_bytes(double bytes) {
+    static char bufs[16][32];
     static int next;
-    char *b = bufs[next++ % 12];
+    char *b = bufs[next++ % 16];
     const char *unit[] = {"B", "KiB", "MiB", "GiB", "TiB"};
     int u = 0;
     while (bytes >= 1024.0 && u < 4) bytes /= 1024.0, u++;
@@ -95,7 +94,7 @@ static uint64_t rank_budget(const dsmoe_config *c, const dsmoe_topo *topo, const
         return gi.memory_bytes;
     }
     uint64_t node = dsmoe_topo_memory(topo);
-    snprintf(why, n, "the node's %s over its %d ranks", human(node), rpn);
+    snprintf(why, n, "the node's %s over its %d ranks", dsmoe_plan_bytes(node), rpn);
     return node / (uint64_t)rpn;
 }
 
@@ -167,8 +166,8 @@ static void print_alltoall(FILE *out, const dsmoe_config *c, int rpn, int micro_
             if (dsmoe_a2a_plan_compute(a ? DSMOE_A2A_HIERARCHICAL : DSMOE_A2A_FLAT, ep, G, bytes, &p, err) != DSMOE_OK)
                 continue;
             fprintf(out, "  %-20s %-13s %12s %10.0f %12s %12.0f %14s  %s\n", a ? "" : label, a ? "hierarchical" : "flat",
-                    human((double)bytes), per_step * (double)p.messages, human(per_step * (double)p.bytes_sent),
-                    per_step * (double)p.inter_node_messages, human(per_step * (double)p.inter_node_bytes),
+                    dsmoe_plan_bytes((double)bytes), per_step * (double)p.messages, dsmoe_plan_bytes(per_step * (double)p.bytes_sent),
+                    per_step * (double)p.inter_node_messages, dsmoe_plan_bytes(per_step * (double)p.inter_node_bytes),
                     a ? "" : dsmoe_a2a_algo_name(pick));
         }
     }
@@ -221,7 +220,11 @@ static dsmoe_status plan(const char *deck_path, char *const *overrides, int n_ov
             use_gpus ? ", one GPU per rank where there are enough" : "");
     fprintf(out, "node: %s (%s)\n", desc, topo_path[0] ? topo_path : getenv("HWLOC_XMLFILE") ? getenv("HWLOC_XMLFILE")
                                                         : getenv("HWLOC_SYNTHETIC") ? getenv("HWLOC_SYNTHETIC") : "this machine");
-    print_groups(out, &c, ranks);
+    if (c.mode == DSMOE_MODE_GENERATE)
+        fprintf(out, "groups: %d data-parallel groups of %d tensor rank%s; prompts split over the groups\n",
+                ranks / c.gen_tensor_parallel, c.gen_tensor_parallel, c.gen_tensor_parallel == 1 ? "" : "s");
+    else
+        print_groups(out, &c, ranks);
     fprintf(out, "placement (node 0; every node alike; slots are node-major, so rank = slot; GPU = index in the "
             "node's PCI order):\n");
     dsmoe_placement_print_ranks(out, rows, ranks, rpn);
@@ -252,26 +255,37 @@ static dsmoe_status plan(const char *deck_path, char *const *overrides, int n_ov
     uint64_t need = s == DSMOE_OK ? need_of(&c, &worst) : 0;
     uint64_t node_memory = dsmoe_topo_memory(topo);
     int checkpoints = c.checkpoint_final || c.checkpoint_every > 0;
+    if (s == DSMOE_OK && c.mode == DSMOE_MODE_GENERATE) {
+        s = dsmoe_plan_generate(out, &c, ranks, rpn, use_gpus, budget, why, err);
+        fprintf(out, "planned in %.0f ms\n", 1e3 * (dsmoe_now_seconds() - t0));
+        if (s == DSMOE_OK && budget == 0)
+            s = dsmoe_err_set(err, DSMOE_ERR_INVALID, "%s: the topology does not say how much memory a rank has: set "
+                              "plan.memory_per_rank", deck_path);
+        free(rows);
+        dsmoe_topo_free(topo);
+        dsmoe_plugin_unload(&kh);
+        return s;
+    }
     if (s == DSMOE_OK) {
         fprintf(out, "model: %s parameters (%s in experts), %s on the fullest rank; micro-batch %d x %d tokens, %d "
                 "micro-step%s per step\n", count(worst.global_params), count(worst.global_expert_params),
                 count(worst.local_params), worst.micro_batch, c.seq_len, worst.micro_steps,
                 worst.micro_steps == 1 ? "" : "s");
         fprintf(out, "memory per rank (rank %d, the fullest; fp32):\n", worst_rank);
-        fprintf(out, "  parameters %s, gradients %s, AdamW state %s (%s) + %s ZeRO buffers\n", human(worst.param_bytes),
-                human(worst.grad_bytes), human(worst.optimizer_bytes),
-                c.zero_stage ? "ZeRO-1: sharded" : "ZeRO off: full copy", human(worst.optimizer_scratch_bytes));
+        fprintf(out, "  parameters %s, gradients %s, AdamW state %s (%s) + %s ZeRO buffers\n", dsmoe_plan_bytes(worst.param_bytes),
+                dsmoe_plan_bytes(worst.grad_bytes), dsmoe_plan_bytes(worst.optimizer_bytes),
+                c.zero_stage ? "ZeRO-1: sharded" : "ZeRO off: full copy", dsmoe_plan_bytes(worst.optimizer_scratch_bytes));
         fprintf(out, "  activations and scratch %s, MoE buffers %s (capacity %d) + routing %s + exchange %s\n",
-                human(worst.activation_bytes + worst.token_bytes), human(worst.moe_buffer_bytes), worst.capacity_max,
-                human(worst.moe_router_bytes), human(worst.exchange_bytes));
-        fprintf(out, "  at start %s; peak %s (checkpoint staging %s%s)\n", human(worst.total_bytes),
-                human(worst.peak_bytes), human(worst.checkpoint_bytes),
+                dsmoe_plan_bytes(worst.activation_bytes + worst.token_bytes), dsmoe_plan_bytes(worst.moe_buffer_bytes), worst.capacity_max,
+                dsmoe_plan_bytes(worst.moe_router_bytes), dsmoe_plan_bytes(worst.exchange_bytes));
+        fprintf(out, "  at start %s; peak %s (checkpoint staging %s%s)\n", dsmoe_plan_bytes(worst.total_bytes),
+                dsmoe_plan_bytes(worst.peak_bytes), dsmoe_plan_bytes(worst.checkpoint_bytes),
                 c.drop_tokens ? "" : "; dropless: capacity buffers may grow to the peak");
-        fprintf(out, "  needs %s, has %s (%s): %s\n", human(need), human(budget), why,
+        fprintf(out, "  needs %s, has %s (%s): %s\n", dsmoe_plan_bytes(need), dsmoe_plan_bytes(budget), why,
                 budget == 0 ? "unknown" : need <= budget ? "fits" : "DOES NOT FIT");
         fprintf(out, "  checkpoints: one file of %s (parameters and both AdamW moments) written by rank 0, one "
                 "tensor at a time: %s of its node's %s host memory (%s)\n",
-                human(3.0 * (double)worst.global_params * 4), human(ckpt_host), human(node_memory),
+                dsmoe_plan_bytes(3.0 * (double)worst.global_params * 4), dsmoe_plan_bytes(ckpt_host), dsmoe_plan_bytes(node_memory),
                 !checkpoints ? "checkpoints are off" : ckpt_host <= node_memory ? "fits" : "DOES NOT FIT");
         print_alltoall(out, &c, rpn, worst.micro_steps, err);
     }
@@ -282,8 +296,8 @@ static dsmoe_status plan(const char *deck_path, char *const *overrides, int n_ov
     else if (s == DSMOE_OK && checkpoints && node_memory > 0 && ckpt_host > node_memory)
         s = dsmoe_err_set(err, DSMOE_ERR_NOMEM, "%s: the plan does not fit: writing a checkpoint stages its largest "
                           "tensor (%s) in rank 0's host memory, and its node has %s; checkpoint.final = false and "
-                          "checkpoint.every = 0 train without checkpoints", deck_path, human(ckpt_host),
-                          human(node_memory));
+                          "checkpoint.every = 0 train without checkpoints", deck_path, dsmoe_plan_bytes(ckpt_host),
+                          dsmoe_plan_bytes(node_memory));
     else if (s == DSMOE_OK && need > budget) {
         char hint[256];
         int B = fitting_micro_batch(&c, ranks, rpn, worst_rank, budget, kern);
@@ -298,12 +312,12 @@ static dsmoe_status plan(const char *deck_path, char *const *overrides, int n_ov
                      "moe.expert_parallel");
         s = dsmoe_err_set(err, DSMOE_ERR_NOMEM, "%s: the plan does not fit: rank %d needs %s (parameters %s, "
                           "gradients %s, AdamW state %s, activations %s, MoE buffers %s, the rest %s) but has %s (%s); "
-                          "%s", deck_path, worst_rank, human(need), human(worst.param_bytes), human(worst.grad_bytes),
-                          human(worst.optimizer_bytes + worst.optimizer_scratch_bytes),
-                          human(worst.activation_bytes + worst.token_bytes), human(worst.moe_buffer_bytes),
-                          human(need - worst.param_bytes - worst.grad_bytes - worst.optimizer_bytes -
+                          "%s", deck_path, worst_rank, dsmoe_plan_bytes(need), dsmoe_plan_bytes(worst.param_bytes), dsmoe_plan_bytes(worst.grad_bytes),
+                          dsmoe_plan_bytes(worst.optimizer_bytes + worst.optimizer_scratch_bytes),
+                          dsmoe_plan_bytes(worst.activation_bytes + worst.token_bytes), dsmoe_plan_bytes(worst.moe_buffer_bytes),
+                          dsmoe_plan_bytes(need - worst.param_bytes - worst.grad_bytes - worst.optimizer_bytes -
                                 worst.optimizer_scratch_bytes - worst.activation_bytes - worst.token_bytes -
-                                worst.moe_buffer_bytes), human(budget), why, hint);
+                                worst.moe_buffer_bytes), dsmoe_plan_bytes(budget), why, hint);
     }
     free(rows);
     dsmoe_topo_free(topo);

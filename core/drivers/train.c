@@ -86,10 +86,13 @@ static void add_forward(step_stats *st, const dsmoe_forward_result *r) {
     st->dropped += (double)r->dropped;
 }
 
-// Mean validation loss over eval_batches global batches of the validation split.
-static dsmoe_status evaluate(trainer *tr, double *loss, dsmoe_err *err) {
+// Mean validation loss over eval_batches global batches of the validation split. layer_stats (when not
+// NULL): per MoE layer i, [i * (max_e + 2) + e] = tokens kept by expert e, then routed and dropped choices,
+// summed over the pass and the ranks.
+static dsmoe_status evaluate(trainer *tr, double *loss, int64_t *layer_stats, step_stats *total, dsmoe_err *err) {
     const dsmoe_config *c = tr->cfg;
     step_stats st = {0};
+    int W = tr->max_e + 2;
     for (int batch = 0; batch < c->eval_batches; batch++) {
         for (int j = 0; j < tr->accum; j++) {
             uint64_t pos = (uint64_t)(j * tr->rt->world_size + tr->rt->world_rank) * (uint64_t)tr->B;
@@ -97,11 +100,69 @@ static dsmoe_status evaluate(trainer *tr, double *loss, dsmoe_err *err) {
             dsmoe_forward_result r;
             DSMOE_TRY(dsmoe_model_forward(tr->model, tr->inputs, tr->targets, 0, 0, pos * (uint64_t)tr->T, &r, err));
             add_forward(&st, &r);
+            for (int i = 0; layer_stats && i < c->n_moe_layers; i++) {
+                const dsmoe_moe_stats *ms = dsmoe_model_moe_stats(tr->model, i);
+                for (int e = 0; e < c->experts[i]; e++) layer_stats[i * W + e] += ms->expert_load[e];
+                layer_stats[i * W + tr->max_e] += ms->routed;
+                layer_stats[i * W + tr->max_e + 1] += ms->dropped;
+            }
         }
     }
     DSMOE_TRY(reduce_stats(tr, &st, err));
+    if (layer_stats && c->n_moe_layers)
+        DSMOE_TRY(dsmoe_ctl_allreduce_i64(tr->rt->world_ctl, layer_stats, c->n_moe_layers * W, err));
     *loss = st.loss_sum / st.tokens;
+    if (total) *total = st;
     return DSMOE_OK;
+}
+
+// run.mode = eval: loss, perplexity and dropped share in the log; each MoE layer's expert load in
+// metrics.file (default <run.output_dir>/eval.csv), one row per (layer, expert), written atomically.
+static dsmoe_status evaluate_checkpoint(trainer *tr, double *loss, dsmoe_err *err) {
+    const dsmoe_config *c = tr->cfg;
+    int W = tr->max_e + 2, n_moe = c->n_moe_layers;
+    int64_t *ls = dsmoe_calloc((size_t)(n_moe ? n_moe : 1) * (size_t)W, sizeof *ls, "eval statistics", err);
+    if (!ls) return DSMOE_ERR_NOMEM;
+    step_stats st;
+    dsmoe_status s = evaluate(tr, loss, ls, &st, err);
+    if (s == DSMOE_OK && tr->rank == 0) {
+        printf("eval: validation loss %.4f, perplexity %.3f over %d batches (%.0f tokens)", *loss, exp(*loss),
+               c->eval_batches, st.tokens);
+        if (n_moe) printf(", %.2f%% of expert choices dropped (moe.eval_capacity_factor %g)",
+                          st.routed > 0 ? 100.0 * st.dropped / st.routed : 0.0, (double)c->eval_capacity_factor);
+        printf("\n");
+    }
+    char path[2048], *text = NULL;
+    size_t len = 0;
+    FILE *f = NULL;
+    if (s == DSMOE_OK && tr->rank == 0) {
+        if (c->metrics_file[0]) snprintf(path, sizeof path, "%s", c->metrics_file);
+        else snprintf(path, sizeof path, "%s/eval.csv", c->output_dir);
+        f = open_memstream(&text, &len);
+        if (!f) s = dsmoe_err_set(err, DSMOE_ERR_NOMEM, "eval: out of memory for %s", path);
+    }
+    if (f) {
+        fprintf(f, "moe_layer,block,experts,capacity_factor,routed,dropped,dropped_frac,expert,tokens,share\n");
+        for (int i = 0, l = 0; i < n_moe; i++) {
+            int mi = -1;
+            while (l < c->layers && !(dsmoe_config_is_moe_layer(c, l, &mi) && mi == i)) l++;
+            const int64_t *v = ls + (size_t)i * W;
+            int64_t routed = v[tr->max_e], dropped = v[tr->max_e + 1], kept = routed - dropped;
+            for (int e = 0; e < c->experts[i]; e++)
+                fprintf(f, "%d,%d,%d,%g,%" PRId64 ",%" PRId64 ",%.6f,%d,%" PRId64 ",%.6f\n", i, l, c->experts[i],
+                        (double)c->eval_capacity_factor, routed, dropped, routed ? (double)dropped / routed : 0.0, e,
+                        v[e], kept ? (double)v[e] / kept : 0.0);
+        }
+        fclose(f);
+        s = dsmoe_mkdir_p(c->output_dir, err);
+        if (s == DSMOE_OK) s = dsmoe_write_file_atomic(path, text, len, err);
+        if (s == DSMOE_OK) printf("eval: expert loads in %s\n", path);
+        free(text);
+    }
+    free(ls);
+    s = dsmoe_ctl_root_status(tr->rt->world_ctl, s, "another rank failed", err);
+    if (s != DSMOE_OK) err->scope = DSMOE_SCOPE_COLLECTIVE;
+    return s;
 }
 
 // Metrics writes are checked (a full disk gave an empty file and exit 0): the first failure is reported
@@ -210,12 +271,6 @@ static dsmoe_status save_checkpoint(trainer *tr, const char *config_text, const 
                   c->checkpoint_max_failures, serr.msg, kept, DSMOE_EXIT_SAVE_FAILED);
     err->scope = DSMOE_SCOPE_COLLECTIVE;
     return err->status;
-}
-
-static void format_hms(double s, char *buf, size_t len) {
-    long t = (long)(s + 0.5);
-    if (t >= 3600) snprintf(buf, len, "%ld:%02ld:%02ld", t / 3600, (t / 60) % 60, t % 60);
-    else snprintf(buf, len, "%ld:%02ld", t / 60, t % 60);
 }
 
 // ----------------------------------------------------------------------------------------------------
@@ -503,8 +558,7 @@ static dsmoe_status run(trainer *tr, const char *config_text, dsmoe_train_result
                "moe.drop_tokens = false gives the same results on any layout\n",
                tr->B * tr->T, dsmoe_config_capacity(c, tr->B * tr->T, c->experts[0], 1));
     if (c->mode == DSMOE_MODE_EVAL) {
-        DSMOE_TRY(evaluate(tr, &res->valid_loss, err));
-        if (tr->rank == 0) printf("eval: validation loss %.4f over %d batches\n", res->valid_loss, c->eval_batches);
+        DSMOE_TRY(evaluate_checkpoint(tr, &res->valid_loss, err));
         res->steps_done = pos.step;
         return DSMOE_OK;
     }
@@ -529,7 +583,7 @@ static dsmoe_status run(trainer *tr, const char *config_text, dsmoe_train_result
         int last = pos.step == c->steps;
         double valid = NAN;
         if ((c->eval_every > 0 && pos.step % c->eval_every == 0) || last) {
-            DSMOE_TRY(evaluate(tr, &valid, err));
+            DSMOE_TRY(evaluate(tr, &valid, NULL, NULL, err));
             res->valid_loss = valid;
         }
         if (pos.step % c->log_every == 0 || last || !isnan(valid)) {
@@ -540,8 +594,8 @@ static dsmoe_status run(trainer *tr, const char *config_text, dsmoe_train_result
             logged_from = pos.step;
             if (tr->rank == 0) {
                 char el[32], et[32];
-                format_hms(elapsed, el, sizeof el);
-                format_hms(eta, et, sizeof et);
+                dsmoe_format_hms(elapsed, el, sizeof el);
+                dsmoe_format_hms(eta, et, sizeof et);
                 printf("step %*d/%d | loss %.4f", (int)snprintf(NULL, 0, "%d", c->steps), pos.step, c->steps, loss);
                 if (res->loss_bound >= 0) printf(" (bound %.4f)", res->loss_bound);
                 if (c->n_moe_layers) printf(" | aux %.4f | drop %5.2f%%", res->last_aux, 100.0 * st.dropped / st.routed);

@@ -399,7 +399,7 @@ dsmoe_status dsmoe_model_create(const dsmoe_config *cfg, dsmoe_runtime *rt, int 
     DSMOE_TRY(build_table(m, err));
     DSMOE_TRY(alloc_buffers(m, err));
     bind_views(m, m->params, m->blocks, &m->wte, &m->wpe, &m->lnfw, &m->lnfb);
-    bind_views(m, m->grads, m->dblocks, &m->dwte, &m->dwpe, &m->dlnfw, &m->dlnfb);
+    if (m->grads) bind_views(m, m->grads, m->dblocks, &m->dwte, &m->dwpe, &m->dlnfw, &m->dlnfb);
     for (int l = 0; l < m->L; l++) {
         int mi = m->moe_of_layer[l];
         if (mi < 0) continue;
@@ -422,7 +422,7 @@ void dsmoe_model_free(dsmoe_model *m) {
     if (!m) return;
     dsmoe_runtime *rt = m->rt;
     for (int i = 0; i < m->cfg->n_moe_layers && m->moe; i++) dsmoe_moe_layer_free(m->moe[i]);
-    dsmoe_model_sizes none = {0}; // sizes do not matter to a free
+    dsmoe_model_sizes none = {.B = m->B}; // sizes do not matter to a free (B = 0: no gradient slab)
     dsmoe_model_buffers(m->cfg, &none, free_one, m, NULL);
     for (int k = 0; m->epg && k < m->n_epg; k++) {
         ep_groups *g = &m->epg[k];
@@ -481,6 +481,7 @@ dsmoe_status dsmoe_model_forward(dsmoe_model *m, const int32_t *inputs, const in
                                  uint64_t step_seed, uint64_t token_offset, dsmoe_forward_result *res,
                                  dsmoe_err *err) {
     dsmoe_runtime *rt = m->rt;
+    if (m->B == 0) return dsmoe_err_set(err, DSMOE_ERR_INVALID, "model forward: a parameters-only model (B = 0)");
     int S = m->S, M = m->M, V = m->V;
     size_t SM = (size_t)S * M;
     for (int s = 0; s < S; s++)
@@ -562,6 +563,7 @@ dsmoe_status dsmoe_model_backward(dsmoe_model *m, float dloss, float daux, dsmoe
 
 dsmoe_status dsmoe_model_zero_grads(dsmoe_model *m, dsmoe_err *err) {
     dsmoe_runtime *rt = m->rt;
+    if (!m->grads) return dsmoe_err_set(err, DSMOE_ERR_INVALID, "model: a parameters-only model has no gradients");
     KCALL(rt, zero, m->grads, m->n_local * sizeof(float));
     return DSMOE_OK;
 }

@@ -45,7 +45,9 @@ typedef struct dsmoe_forward_result {
 typedef struct dsmoe_model dsmoe_model;
 
 // Builds the model for micro-batches of B sequences of cfg->seq_len tokens on this rank, creating the
-// EP and EDP groups (collective over the world). Parameters are zero until init or load.
+// EP and EDP groups (collective over the world). Parameters are zero until init or load. B = 0: the
+// parameters only (no gradients, no activations; forward and backward refuse): generation's model,
+// which runs through model_infer.h.
 dsmoe_status dsmoe_model_create(const dsmoe_config *cfg, dsmoe_runtime *rt, int B, dsmoe_model **model,
                                 dsmoe_err *err);
 void dsmoe_model_free(dsmoe_model *model);

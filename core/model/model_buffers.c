@@ -97,6 +97,11 @@ dsmoe_status dsmoe_model_buffers(const dsmoe_config *c, const dsmoe_model_sizes 
     const int n = (int)(sizeof rows / sizeof rows[0]);
     for (int i = 0; i < n;) {
         if (rows[i].when == 0) {
+            // B = 0 (a model for generation: parameters only) has no gradient slab; its activations are empty.
+            if (z->B == 0 && rows[i].cls == DSMOE_BUF_GRADS) {
+                i++;
+                continue;
+            }
             DSMOE_TRY(dsmoe_buffer_row_emit(&rows[i++], d, -1, fn, ctx, err));
             continue;
         }

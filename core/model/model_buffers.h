@@ -40,7 +40,7 @@ typedef dsmoe_status (*dsmoe_buffer_fn)(const dsmoe_buffer *b, void *ctx, dsmoe_
 // the model (table in core/model/model_buffers.c; owner struct dsmoe_model, per block block_acts)
 
 typedef struct dsmoe_model_sizes {
-    int B;                 // micro-batch: S = B * seq_len tokens
+    int B;                 // micro-batch: S = B * seq_len tokens; 0 = parameters only (no gradient slab)
     uint64_t local_params; // this rank's parameter slab (replicated + its expert shards)
     uint64_t att_saved;    // attention state each block saves for the backward (kernel attention_bytes)
     uint64_t att_ws;       // attention_backward's workspace, one for the model

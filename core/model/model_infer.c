@@ -1,7 +1,17 @@
 // core/model/model_infer.c: the model's forward for new tokens over a KV cache (see model_infer.h).
 // Layout of this file: the state and its buffers, then one block (attention over the cache, the FFN),
 // then the whole forward and sampling. The math mirrors model.c's forward op for op.
+//
+// Tensor slicing (width W = generate.tensor_parallel, this rank's part t): attention keeps heads
+// [t*NH/W, (t+1)*NH/W) — their rows of c_attn (Megatron's column-parallel Linear: a local copy of the q,
+// k and v row blocks) and columns of c_proj (row-parallel: a partial sum, all-reduced over the tensor
+// group before the bias); the dense FFN likewise keeps F/W hidden columns. Every rank of a tensor group
+// holds the same tokens, so the replicated parts (embedding, layer norms, residual coefficients, the
+// head) give the same bits on each. The coordinated all-to-all: in a MoE layer tensor rank t takes
+// only rows [t*q, (t+1)*q), q = ceil(rows/W), through gate, exchange and experts, and the tensor group
+// all-gathers the outputs.
 #include "model_infer.h"
+#include "model_buffers.h"  // dsmoe_moe_buffers: the MoE layers' buffer tables (for the estimate)
 #include "model_internal.h" // struct dsmoe_model: parameters, groups, layer kinds
 
 #include <stdlib.h>
@@ -14,15 +24,26 @@ struct dsmoe_infer {
     dsmoe_runtime *rt;
     int slots, t_max, R; // sequences, positions per sequence, rows per call
     int M, NH, F, V, L;
+    int W, t;            // tensor-slicing width and this rank's part
+    int NHt, Mt, Ft;     // this rank's heads, their width (NHt * D) and FFN columns
+    int coordinated;     // W > 1 and the MoE layers split the rows over the tensor group
+    int Rm;              // rows a MoE layer runs per call (R, or ceil(R / W) when coordinated)
+    dsmoe_rt_group tp;   // the tensor group (W > 1)
     int *len;            // (slots) host: positions cached
-    dsmoe_moe_layer **moe; // (n_moe) layers sized for R rows, sharing the model's EP groups
+    dsmoe_moe_layer **moe; // (n_moe) layers sized for Rm rows, sharing the model's EP groups; MoE layers of
+                           // the same experts and ep share one (its buffers serve them in turn: weights
+                           // come with each call)
+    int *moe_owner;        // (n_moe) 1 where moe[i] is first of its kind (freed once)
 
     // kernel memory
-    float **k_cache, **v_cache; // (L) each (slots, NH, t_max, D)
+    float **k_cache, **v_cache; // (L) each (slots, NHt, t_max, D)
+    float **qkvw, **qkvb; // (L) W > 1: this rank's c_attn rows (3Mt, M) and bias (3Mt): [q | k | v] parts
     float *x, *mid;       // (R, M) residual stream in, and after attention
-    float *ln, *atty, *ffn_out, *moe_out, *mlp_out; // (R, M)
-    float *qkv;           // (R, 3M)
-    float *fch, *fch_gelu; // (R, F)
+    float *ln, *ffn_out, *moe_out, *mlp_out; // (R, M); moe_out (W * Rm, M) when coordinated
+    float *moe_share;     // (Rm, M) coordinated: this tensor rank's MoE outputs, before the all-gather
+    float *atty;          // (R, Mt)
+    float *qkv;           // (R, 3Mt)
+    float *fch, *fch_gelu; // (R, Ft)
     float *coef_logits, *coef; // (R, 2)
     float *last, *lnf;    // (slots, M) each sequence's last row, and its final layer norm
     float *logits;        // (slots, V)
@@ -55,14 +76,19 @@ static dsmoe_status alloc_host(dsmoe_infer *s, size_t bytes, void *field, dsmoe_
     return DSMOE_OK;
 }
 
-dsmoe_status dsmoe_infer_create(dsmoe_model *m, int slots, int t_max, int max_rows, dsmoe_infer **out,
-                                dsmoe_err *err) {
+dsmoe_status dsmoe_infer_create(dsmoe_model *m, int slots, int t_max, int max_rows, int tensor_parallel,
+                                int coordinated, dsmoe_infer **out, dsmoe_err *err) {
     *out = NULL;
     const dsmoe_config *cfg = m->cfg;
     if (slots < 1 || max_rows < 1 || t_max < 1 || t_max > cfg->seq_len)
         return dsmoe_err_set(err, DSMOE_ERR_INVALID, "inference: %d slots of %d positions, %d rows a call: expected "
                              "slots, rows >= 1 and 1 <= positions <= model.seq_len (%d)", slots, t_max, max_rows,
                              cfg->seq_len);
+    int W = tensor_parallel;
+    if (W < 1 || m->rt->world_size % W || cfg->heads % W || cfg->ffn_hidden % W)
+        return dsmoe_err_set(err, DSMOE_ERR_INVALID, "inference: tensor slicing over %d ranks: it must divide the %d "
+                             "ranks, model.heads (%d) and model.ffn_hidden (%d)", W, m->rt->world_size, cfg->heads,
+                             cfg->ffn_hidden);
     dsmoe_infer *s = calloc(1, sizeof *s);
     if (!s) return dsmoe_err_set(err, DSMOE_ERR_NOMEM, "inference: out of memory");
     *out = s;
@@ -72,32 +98,56 @@ dsmoe_status dsmoe_infer_create(dsmoe_model *m, int slots, int t_max, int max_ro
     s->t_max = t_max;
     s->R = max_rows;
     s->M = m->M, s->NH = m->NH, s->F = m->F, s->V = m->V, s->L = m->L;
+    s->W = W;
+    s->t = m->rt->slot % W;
+    s->NHt = m->NH / W, s->Mt = m->M / W, s->Ft = m->F / W;
+    s->coordinated = W > 1 && coordinated;
+    s->Rm = s->coordinated ? (max_rows + W - 1) / W : max_rows;
     int n_moe = cfg->n_moe_layers;
     s->len = calloc((size_t)slots, sizeof *s->len);
     s->host_pos = calloc((size_t)slots, sizeof *s->host_pos);
     s->moe = calloc((size_t)(n_moe ? n_moe : 1), sizeof *s->moe);
+    s->moe_owner = calloc((size_t)(n_moe ? n_moe : 1), sizeof *s->moe_owner);
     s->k_cache = calloc((size_t)s->L, sizeof *s->k_cache);
     s->v_cache = calloc((size_t)s->L, sizeof *s->v_cache);
-    if (!s->len || !s->host_pos || !s->moe || !s->k_cache || !s->v_cache)
+    s->qkvw = calloc((size_t)s->L, sizeof *s->qkvw);
+    s->qkvb = calloc((size_t)s->L, sizeof *s->qkvb);
+    if (!s->len || !s->host_pos || !s->moe || !s->moe_owner || !s->k_cache || !s->v_cache || !s->qkvw || !s->qkvb)
         return dsmoe_err_set(err, DSMOE_ERR_NOMEM, "inference: out of memory");
+    if (W > 1) // collective over the world: the tensor groups are consecutive slots
+        DSMOE_TRY(dsmoe_rt_group_split(s->rt, m->rt->slot / W, m->rt->slot, &s->tp, err));
 
-    size_t R = (size_t)max_rows, M = (size_t)s->M, F = (size_t)s->F, V = (size_t)s->V, B = (size_t)slots;
-    size_t cache = B * M * (size_t)t_max * sizeof(float); // (slots, NH, t_max, D)
+    size_t R = (size_t)max_rows, M = (size_t)s->M, Mt = (size_t)s->Mt, Ft = (size_t)s->Ft, V = (size_t)s->V,
+           B = (size_t)slots;
+    size_t cache = B * Mt * (size_t)t_max * sizeof(float); // (slots, NHt, t_max, D)
     for (int l = 0; l < s->L; l++) {
         DSMOE_TRY(alloc_dev(s, cache, &s->k_cache[l], "KV cache keys (slots, NH, T, D)", err));
         DSMOE_TRY(alloc_dev(s, cache, &s->v_cache[l], "KV cache values (slots, NH, T, D)", err));
+        if (W == 1) continue;
+        // This rank's rows of c_attn: q, k and v each keep rows [t*Mt, (t+1)*Mt) of their (M, M) block.
+        DSMOE_TRY(alloc_dev(s, 3 * Mt * M * sizeof(float), &s->qkvw[l], "tensor slice of c_attn (3Mt, M)", err));
+        DSMOE_TRY(alloc_dev(s, 3 * Mt * sizeof(float), &s->qkvb[l], "tensor slice of c_attn's bias (3Mt)", err));
+        const block_params *p = &m->blocks[l];
+        for (int part = 0; part < 3; part++) {
+            size_t row = (size_t)part * M + (size_t)s->t * Mt;
+            KCALL(s->rt, copy, s->qkvw[l] + (size_t)part * Mt * M, p->qkvw + row * M, Mt * M * sizeof(float));
+            KCALL(s->rt, copy, s->qkvb[l] + (size_t)part * Mt, p->qkvb + row, Mt * sizeof(float));
+        }
     }
     size_t RM = R * M * sizeof(float);
     DSMOE_TRY(alloc_dev(s, RM, &s->x, "inference residual (R, M)", err));
     DSMOE_TRY(alloc_dev(s, RM, &s->mid, "inference residual after attention (R, M)", err));
     DSMOE_TRY(alloc_dev(s, RM, &s->ln, "inference layer norm (R, M)", err));
-    DSMOE_TRY(alloc_dev(s, RM, &s->atty, "inference attention output (R, M)", err));
+    DSMOE_TRY(alloc_dev(s, R * Mt * sizeof(float), &s->atty, "inference attention output (R, Mt)", err));
     DSMOE_TRY(alloc_dev(s, RM, &s->ffn_out, "inference FFN output (R, M)", err));
-    DSMOE_TRY(alloc_dev(s, RM, &s->moe_out, "inference MoE output (R, M)", err));
+    DSMOE_TRY(alloc_dev(s, (size_t)W * (size_t)s->Rm * M * sizeof(float), &s->moe_out, "inference MoE output (R, M)",
+                        err));
     DSMOE_TRY(alloc_dev(s, RM, &s->mlp_out, "inference MLP output (R, M)", err));
-    DSMOE_TRY(alloc_dev(s, 3 * RM, &s->qkv, "inference qkv (R, 3M)", err));
-    DSMOE_TRY(alloc_dev(s, R * F * sizeof(float), &s->fch, "inference fc (R, F)", err));
-    DSMOE_TRY(alloc_dev(s, R * F * sizeof(float), &s->fch_gelu, "inference gelu (R, F)", err));
+    if (s->coordinated)
+        DSMOE_TRY(alloc_dev(s, (size_t)s->Rm * M * sizeof(float), &s->moe_share, "inference MoE share (R/W, M)", err));
+    DSMOE_TRY(alloc_dev(s, 3 * R * Mt * sizeof(float), &s->qkv, "inference qkv (R, 3Mt)", err));
+    DSMOE_TRY(alloc_dev(s, R * Ft * sizeof(float), &s->fch, "inference fc (R, Ft)", err));
+    DSMOE_TRY(alloc_dev(s, R * Ft * sizeof(float), &s->fch_gelu, "inference gelu (R, Ft)", err));
     DSMOE_TRY(alloc_dev(s, R * 2 * sizeof(float), &s->coef_logits, "inference coefficient logits (R, 2)", err));
     DSMOE_TRY(alloc_dev(s, R * 2 * sizeof(float), &s->coef, "inference coefficients (R, 2)", err));
     DSMOE_TRY(alloc_dev(s, B * M * sizeof(float), &s->last, "inference last rows (slots, M)", err));
@@ -108,13 +158,21 @@ dsmoe_status dsmoe_infer_create(dsmoe_model *m, int slots, int t_max, int max_ro
     DSMOE_TRY(alloc_dev(s, B * sizeof(int32_t), &s->sampled, "inference sampled ids (slots)", err));
     DSMOE_TRY(alloc_host(s, B * sizeof(int32_t), &s->host_sampled, err));
 
-    // The MoE layers, sized for R rows, on the model's groups (collective over each EP group).
+    // The MoE layers, sized for Rm rows, on the model's groups (collective over each EP group); one per
+    // distinct (experts, ep), in the same order on every rank.
     for (int l = 0; l < s->L; l++) {
-        int mi = m->moe_of_layer[l];
+        int mi = m->moe_of_layer[l], same = -1;
         if (mi < 0) continue;
+        for (int j = 0; j < mi && same < 0; j++)
+            if (cfg->experts[j] == cfg->experts[mi] && m->epg_of_moe[j] == m->epg_of_moe[mi]) same = j;
+        if (same >= 0) {
+            s->moe[mi] = s->moe[same];
+            continue;
+        }
+        s->moe_owner[mi] = 1;
         const ep_groups *g = &m->epg[m->epg_of_moe[mi]];
         dsmoe_moe_config mc = {
-            .S = max_rows, .M = s->M, .F = s->F, .E = cfg->experts[mi], .K = cfg->top_k,
+            .S = s->Rm, .M = s->M, .F = s->F, .E = cfg->experts[mi], .K = cfg->top_k,
             .capacity_factor = cfg->capacity_factor, .eval_capacity_factor = cfg->eval_capacity_factor,
             .min_capacity = cfg->min_capacity, .drop_tokens = 1, .random_token_selection = 0,
             .noise = cfg->noise, .jitter_eps = cfg->jitter_eps, .ep = g->ep, .ep_group = g->ep_g.comm,
@@ -132,24 +190,64 @@ static void free_dev(dsmoe_infer *s, void *p) {
 
 void dsmoe_infer_free(dsmoe_infer *s) {
     if (!s) return;
-    for (int i = 0; s->moe && i < s->m->cfg->n_moe_layers; i++) dsmoe_moe_layer_free(s->moe[i]);
+    for (int i = 0; s->moe && s->moe_owner && i < s->m->cfg->n_moe_layers; i++)
+        if (s->moe_owner[i]) dsmoe_moe_layer_free(s->moe[i]);
     for (int l = 0; l < s->L; l++) {
         if (s->k_cache) free_dev(s, s->k_cache[l]);
         if (s->v_cache) free_dev(s, s->v_cache[l]);
+        if (s->qkvw) free_dev(s, s->qkvw[l]);
+        if (s->qkvb) free_dev(s, s->qkvb[l]);
     }
-    void *dev[] = {s->x, s->mid, s->ln, s->atty, s->ffn_out, s->moe_out, s->mlp_out, s->qkv, s->fch, s->fch_gelu,
+    if (s->W > 1) dsmoe_rt_group_free(s->rt, &s->tp);
+    void *dev[] = {s->x, s->mid, s->ln, s->atty, s->ffn_out, s->moe_out, s->moe_share, s->mlp_out, s->qkv, s->fch,
+                   s->fch_gelu,
                    s->coef_logits, s->coef, s->last, s->lnf, s->logits, s->tokens, s->pos, s->sampled};
     for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++) free_dev(s, dev[i]);
     if (s->host_sampled) s->rt->kern->host_free(s->rt->kctx, s->host_sampled);
     free(s->k_cache);
     free(s->v_cache);
+    free(s->qkvw);
+    free(s->qkvb);
     free(s->moe);
+    free(s->moe_owner);
     free(s->len);
     free(s->host_pos);
     free(s);
 }
 
 size_t dsmoe_infer_bytes(const dsmoe_infer *s) { return s->bytes; }
+
+static dsmoe_status add_bytes(const dsmoe_buffer *b, void *ctx, dsmoe_err *err) {
+    (void)err;
+    *(uint64_t *)ctx += b->bytes;
+    return DSMOE_OK;
+}
+
+// The same sizes dsmoe_infer_create allocates, in its order (tests/test_infer.c compares them).
+void dsmoe_infer_estimate(const dsmoe_config *c, int slots, int t_max, int max_rows, int W, int coordinated,
+                          dsmoe_infer_sizes *z) {
+    uint64_t R = (uint64_t)max_rows, M = (uint64_t)c->hidden, Mt = M / (uint64_t)W, Ft = (uint64_t)c->ffn_hidden / W,
+             V = (uint64_t)c->vocab, B = (uint64_t)slots, L = (uint64_t)c->layers, f = sizeof(float);
+    int coord = W > 1 && coordinated;
+    uint64_t Rm = coord ? (R + (uint64_t)W - 1) / (uint64_t)W : R;
+    memset(z, 0, sizeof *z);
+    z->moe_rows = (int)Rm;
+    z->cache_bytes = L * 2 * B * Mt * (uint64_t)t_max * f;
+    z->slice_bytes = W > 1 ? L * (3 * Mt * M + 3 * Mt) * f : 0;
+    z->row_bytes = (3 * R * M + R * Mt + R * M + (uint64_t)W * Rm * M + R * M + (coord ? Rm * M : 0) + 3 * R * Mt +
+                    2 * R * Ft + 2 * R * 2 + 2 * B * M + B * V) * f +
+                   R * sizeof(int32_t) + 2 * B * sizeof(int32_t);
+    for (int i = 0; i < c->n_moe_layers; i++) {
+        int seen = 0;
+        for (int j = 0; j < i; j++) seen |= c->experts[j] == c->experts[i] && c->expert_parallel[j] == c->expert_parallel[i];
+        if (seen) continue; // shares the earlier layer's buffers
+        dsmoe_moe_sizes ms = {.S = Rm, .M = M, .F = (uint64_t)c->ffn_hidden, .E = (uint64_t)c->experts[i],
+                              .K = (uint64_t)c->top_k, .jitter = 0, .C = Rm};
+        // The capacity buffers hold E_local per source rank: (ep, E_local, C, .) = (E, C, .) on every rank.
+        dsmoe_moe_buffers(DSMOE_MOE_ROUTER, &ms, add_bytes, &z->moe_bytes, NULL);
+        dsmoe_moe_buffers(DSMOE_MOE_CAPACITY, &ms, add_bytes, &z->moe_bytes, NULL);
+    }
+}
 void dsmoe_infer_reset(dsmoe_infer *s, int slot) {
     if (slot >= 0 && slot < s->slots) s->len[slot] = 0;
 }
@@ -183,33 +281,44 @@ static dsmoe_status attn_block(dsmoe_infer *s, int l, int n, const int *slot, co
                                dsmoe_err *err) {
     dsmoe_runtime *rt = s->rt;
     const block_params *p = &s->m->blocks[l];
-    int M = s->M, NH = s->NH, T = s->t_max;
-    size_t per_slot = (size_t)NH * (size_t)T * (size_t)(M / NH); // one slot's (NH, T, D)
+    int M = s->M, Mt = s->Mt, NHt = s->NHt, T = s->t_max;
+    size_t per_slot = (size_t)NHt * (size_t)T * (size_t)(M / s->NH); // one slot's (NHt, T, D)
     KCALL(rt, layernorm_forward, s->ln, NULL, NULL, s->x, F32, p->ln1w, p->ln1b, rows, M, s->m->cfg->ln_eps);
-    DSMOE_TRY(linear(rt, s->qkv, s->ln, p->qkvw, p->qkvb, rows, M, 3 * M, err));
+    DSMOE_TRY(linear(rt, s->qkv, s->ln, s->W > 1 ? s->qkvw[l] : p->qkvw, s->W > 1 ? s->qkvb[l] : p->qkvb, rows, M,
+                     3 * Mt, err));
     for (int i = 0, r0 = 0; i < n; r0 += count[i++]) {
         float *k = s->k_cache[l] + (size_t)slot[i] * per_slot, *v = s->v_cache[l] + (size_t)slot[i] * per_slot;
-        const float *qkv = s->qkv + (size_t)r0 * 3 * M;
-        KCALL(rt, kv_append, k, v, qkv, F32, &s->pos[i], 1, count[i], M, NH, T);
-        KCALL(rt, attention_cached, s->atty + (size_t)r0 * M, qkv, k, v, F32, &s->pos[i], 1, count[i], M, NH, T);
+        const float *qkv = s->qkv + (size_t)r0 * 3 * Mt;
+        KCALL(rt, kv_append, k, v, qkv, F32, &s->pos[i], 1, count[i], Mt, NHt, T);
+        KCALL(rt, attention_cached, s->atty + (size_t)r0 * Mt, qkv, k, v, F32, &s->pos[i], 1, count[i], Mt, NHt, T);
     }
-    DSMOE_TRY(linear(rt, s->mid, s->atty, p->attprojw, p->attprojb, rows, M, M, err));
+    // c_proj over this rank's Mt input columns (row-parallel): mid = atty_t @ attprojw[:, t*Mt:(t+1)*Mt]^T,
+    // summed over the tensor group, then the bias once and the residual.
+    KCALL(rt, gemm, 0, 1, rows, M, Mt, 1.0f, s->atty, F32, Mt, p->attprojw + (size_t)s->t * Mt, F32, M, 0.0f, s->mid,
+          F32, M);
+    if (s->W > 1 && rows > 0) CCOLL(rt, allreduce, s->tp.comm, DSMOE_IN_PLACE, s->mid, (size_t)rows * M, F32, DSMOE_SUM);
+    KCALL(rt, bias_add, s->mid, F32, p->attprojb, rows, M);
     KCALL(rt, axpy, s->mid, 1.0f, s->x, F32, (size_t)rows * M);
     return DSMOE_OK;
 }
 
-// Dense FFN: out (rows, M) = c_proj(gelu(c_fc(in))).
+// Dense FFN: out (rows, M) = c_proj(gelu(c_fc(in))); with tensor slicing this rank's Ft hidden columns
+// (rows of c_fc, columns of c_proj), the partial outputs summed over the tensor group.
 static dsmoe_status mlp(dsmoe_infer *s, const block_params *p, const float *in, float *out, int rows, dsmoe_err *err) {
     dsmoe_runtime *rt = s->rt;
-    DSMOE_TRY(linear(rt, s->fch, in, p->fcw, p->fcb, rows, s->M, s->F, err));
-    KCALL(rt, gelu_forward, s->fch_gelu, s->fch, F32, (size_t)rows * s->F);
-    DSMOE_TRY(linear(rt, out, s->fch_gelu, p->fcprojw, p->fcprojb, rows, s->F, s->M, err));
+    size_t f0 = (size_t)s->t * s->Ft;
+    DSMOE_TRY(linear(rt, s->fch, in, p->fcw + f0 * s->M, p->fcb + f0, rows, s->M, s->Ft, err));
+    KCALL(rt, gelu_forward, s->fch_gelu, s->fch, F32, (size_t)rows * s->Ft);
+    KCALL(rt, gemm, 0, 1, rows, s->M, s->Ft, 1.0f, s->fch_gelu, F32, s->Ft, p->fcprojw + f0, F32, s->F, 0.0f, out, F32,
+          s->M);
+    if (s->W > 1 && rows > 0) CCOLL(rt, allreduce, s->tp.comm, DSMOE_IN_PLACE, out, (size_t)rows * s->M, F32, DSMOE_SUM);
+    KCALL(rt, bias_add, out, F32, p->fcprojb, rows, s->M);
     return DSMOE_OK;
 }
 
 // x (rows, M) = mid + ffn(ln_2(mid)), ffn = dense MLP, MoE or residual MoE (model.c's ffn_forward).
-static dsmoe_status ffn_block(dsmoe_infer *s, int l, int rows, int capacity, int profile, dsmoe_infer_times *times,
-                              double *t0, dsmoe_err *err) {
+static dsmoe_status ffn_block(dsmoe_infer *s, int l, int rows, int group_rows, float cf, int profile,
+                              dsmoe_infer_times *times, double *t0, dsmoe_err *err) {
     dsmoe_runtime *rt = s->rt;
     const block_params *p = &s->m->blocks[l];
     int M = s->M, mi = s->m->moe_of_layer[l];
@@ -219,16 +328,30 @@ static dsmoe_status ffn_block(dsmoe_infer *s, int l, int rows, int capacity, int
         DSMOE_TRY(mlp(s, p, s->ln, s->ffn_out, rows, err));
     } else {
         DSMOE_TRY(part_done(s, profile, &times->other, t0, err));
+        const dsmoe_config *c = s->m->cfg;
+        // Coordinated: this tensor rank's share of the rows (the group's rows split W ways).
+        int q = s->coordinated ? (rows + s->W - 1) / s->W : rows, first = s->coordinated ? s->t * q : 0;
+        int mine = rows - first < q ? rows - first : q, g_rows = s->coordinated ? (group_rows + s->W - 1) / s->W : group_rows;
+        if (mine < 0) mine = 0;
+        int capacity = cf > 0.0f ? dsmoe_capacity(g_rows, c->experts[mi], c->top_k, cf, c->min_capacity) : g_rows;
+        if (capacity < 1) capacity = 1;
         double moe_times[3] = {0};
-        dsmoe_moe_step step = {.training = 0, .inference = 1, .tokens = rows, .capacity = capacity,
+        dsmoe_moe_step step = {.training = 0, .inference = 1, .tokens = mine, .capacity = capacity,
                                .times = profile ? moe_times : NULL};
-        DSMOE_TRY(dsmoe_moe_forward(s->moe[mi], &p->moe, s->ln, s->moe_out, &step, NULL, err));
+        float *moe_out = s->coordinated ? s->moe_share : s->moe_out;
+        DSMOE_TRY(dsmoe_moe_forward(s->moe[mi], &p->moe, s->ln + (size_t)first * M, moe_out, &step, NULL, err));
+        if (s->coordinated && q > 0) { // every tensor rank's share, in rank order: rows 0 .. rows-1 first
+            size_t bytes = (size_t)q * M * sizeof(float);
+            CCOLL(rt, allgather, s->tp.comm, s->moe_share, s->moe_out, bytes);
+            if (profile) DSMOE_TRY(dsmoe_rt_wait(rt, err));
+        }
         if (profile) {
             DSMOE_TRY(dsmoe_rt_wait(rt, err));
+            double now = dsmoe_now_seconds();
             times->gating += moe_times[0];
-            times->alltoall += moe_times[1];
+            times->alltoall += moe_times[1] + (now - *t0 - moe_times[0] - moe_times[1] - moe_times[2]);
             times->experts += moe_times[2];
-            *t0 = dsmoe_now_seconds();
+            *t0 = now;
         }
         if (s->m->cfg->residual) {
             DSMOE_TRY(mlp(s, p, s->ln, s->mlp_out, rows, err));
@@ -247,12 +370,12 @@ static dsmoe_status ffn_block(dsmoe_infer *s, int l, int rows, int capacity, int
 // the forward
 
 dsmoe_status dsmoe_infer_forward(dsmoe_infer *s, int n, const int *slot, const int *count, const int32_t *tokens,
-                                 int capacity, dsmoe_infer_times *times, dsmoe_err *err) {
+                                 int group_rows, float capacity_factor, dsmoe_infer_times *times, dsmoe_err *err) {
     dsmoe_runtime *rt = s->rt;
     int M = s->M, V = s->V, rows = 0;
-    if (n < 0 || n > s->slots || capacity < 1)
-        return dsmoe_err_set(err, DSMOE_ERR_INVALID, "inference: %d sequences, capacity %d: expected 0 .. %d and "
-                             "capacity >= 1", n, capacity, s->slots);
+    if (n < 0 || n > s->slots || !(capacity_factor >= 0.0f))
+        return dsmoe_err_set(err, DSMOE_ERR_INVALID, "inference: %d sequences, capacity factor %g: expected 0 .. %d "
+                             "and a factor >= 0", n, (double)capacity_factor, s->slots);
     for (int i = 0; i < n; i++) {
         if (slot[i] < 0 || slot[i] >= s->slots || count[i] < 1 || count[i] > s->t_max - s->len[slot[i]])
             return dsmoe_err_set(err, DSMOE_ERR_INVALID, "inference: sequence %d: slot %d holding %d positions gets "
@@ -264,8 +387,9 @@ dsmoe_status dsmoe_infer_forward(dsmoe_infer *s, int n, const int *slot, const i
                 return dsmoe_err_set(err, DSMOE_ERR_INVALID, "inference: slot %d appears twice in one call", slot[i]);
         rows += count[i];
     }
-    if (rows > s->R)
-        return dsmoe_err_set(err, DSMOE_ERR_INVALID, "inference: %d tokens in one call: at most %d", rows, s->R);
+    if (rows > s->R || group_rows < rows || group_rows > s->R || group_rows < 1)
+        return dsmoe_err_set(err, DSMOE_ERR_INVALID, "inference: %d tokens in one call, %d in the group's largest: "
+                             "expected 1 <= the group's >= this rank's, both <= %d", rows, group_rows, s->R);
     for (int r = 0; r < rows; r++)
         if (tokens[r] < 0 || tokens[r] >= V)
             return dsmoe_err_set(err, DSMOE_ERR_INVALID, "inference: token id %d is outside the vocabulary [0, %d)",
@@ -292,7 +416,7 @@ dsmoe_status dsmoe_infer_forward(dsmoe_infer *s, int n, const int *slot, const i
     for (int l = 0; l < s->L; l++) {
         DSMOE_TRY(attn_block(s, l, n, slot, count, rows, err));
         DSMOE_TRY(part_done(s, profile, &times->attention, &t0, err));
-        DSMOE_TRY(ffn_block(s, l, rows, capacity, profile, times, &t0, err));
+        DSMOE_TRY(ffn_block(s, l, rows, group_rows, capacity_factor, profile, times, &t0, err));
         DSMOE_TRY(part_done(s, profile, &times->other, &t0, err));
     }
     // The head on each sequence's last row only.

@@ -30,12 +30,30 @@ typedef struct dsmoe_infer_times {
 } dsmoe_infer_times;
 
 // Caches for `slots` sequences of up to t_max positions (<= model.seq_len) and buffers for up to
-// max_rows new tokens per call. Collective over the model's expert-parallel groups (its MoE layers).
-dsmoe_status dsmoe_infer_create(dsmoe_model *model, int slots, int t_max, int max_rows, dsmoe_infer **out,
-                                dsmoe_err *err);
+// max_rows new tokens per call. tensor_parallel: the tensor-slicing width W (1 = none; it divides the
+// ranks, heads and FFN width; consecutive slots form a tensor group and get the same calls, and the
+// model's EP groups must be made for it: model_parallel.c); coordinated: with W > 1, each tensor rank
+// takes 1/W of the rows through the MoE layers (see model_infer.c). Collective over the world.
+dsmoe_status dsmoe_infer_create(dsmoe_model *model, int slots, int t_max, int max_rows, int tensor_parallel,
+                                int coordinated, dsmoe_infer **out, dsmoe_err *err);
 void dsmoe_infer_free(dsmoe_infer *inf); // collective, as create
-// Kernel memory it holds: caches and buffers (the MoE layers' capacity buffers at the largest C so far).
+// Kernel memory it holds itself: caches, tensor slices and row buffers (its MoE layers' own buffers
+// apart: dsmoe_infer_estimate's moe_bytes).
 size_t dsmoe_infer_bytes(const dsmoe_infer *inf);
+
+// What dsmoe_infer_create(model of cfg, slots, t_max, max_rows, W, coordinated) allocates, from the
+// config alone (dsmoe --plan): cache + slice + rows = dsmoe_infer_bytes; moe_bytes: its MoE layers'
+// router and capacity buffers at their largest (C = the rows a layer runs: nothing dropped), one set per
+// distinct (experts, expert_parallel): MoE layers alike share it.
+typedef struct dsmoe_infer_sizes {
+    uint64_t cache_bytes; // KV cache: 2 x layers x (slots, heads / W, t_max, head width) fp32
+    uint64_t slice_bytes; // W > 1: each layer's copy of this rank's c_attn rows
+    uint64_t row_bytes;   // per-call buffers for max_rows tokens, and the slots' logits
+    uint64_t moe_bytes;
+    int moe_rows;         // rows a MoE layer runs per call (max_rows, or / W when coordinated)
+} dsmoe_infer_sizes;
+void dsmoe_infer_estimate(const dsmoe_config *cfg, int slots, int t_max, int max_rows, int tensor_parallel,
+                          int coordinated, dsmoe_infer_sizes *z);
 
 // Empties a slot (its next token is position 0).
 void dsmoe_infer_reset(dsmoe_infer *inf, int slot);
@@ -43,10 +61,13 @@ int dsmoe_infer_length(const dsmoe_infer *inf, int slot);
 
 // Appends count[i] tokens to slot[i] (i < n; distinct slots, count >= 1, lengths stay <= t_max; tokens
 // host, (sum count) in sequence order, each in [0, vocab)) and computes row i of the logits: the next
-// token's logits of sequence i. capacity: the MoE layers' C (>= 1, the same on every rank of an EP
-// group). times: when not NULL, the forward waits after each part and adds its seconds (a profile).
+// token's logits of sequence i. group_rows: the most tokens any rank of this call's EP groups feeds
+// (>= this rank's; the same on all of them), from which each MoE layer's capacity C comes: group_rows
+// itself when capacity_factor = 0 (no token dropped), else dsmoe_capacity(group_rows, E, K,
+// capacity_factor, moe.min_capacity). times: when not NULL, the forward waits after each part and adds
+// its seconds (a profile).
 dsmoe_status dsmoe_infer_forward(dsmoe_infer *inf, int n, const int *slot, const int *count, const int32_t *tokens,
-                                 int capacity, dsmoe_infer_times *times, dsmoe_err *err);
+                                 int group_rows, float capacity_factor, dsmoe_infer_times *times, dsmoe_err *err);
 // The last forward's logits (n, V), kernel memory.
 const float *dsmoe_infer_logits(const dsmoe_infer *inf);
 // Draws the next token of each sequence of the last forward: row i per p[i] (temperature 0 = greedy)

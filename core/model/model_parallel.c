@@ -9,12 +9,14 @@
 // groups
 
 // EP groups are contiguous blocks of ep slots; EDP groups the strided sets (DeepSpeed's layout, over
-// slots rather than world ranks so that groups follow the nodes: placement.h).
-static dsmoe_status create_ep_groups(dsmoe_runtime *rt, int ep, ep_groups *g, dsmoe_err *err) {
-    int rank = rt->slot;
+// slots rather than world ranks so that groups follow the nodes: placement.h). With tensor slicing of
+// width tp (generation only), slot = data rank * tp + tensor rank, and the groups are made the same way
+// over the data ranks of each tensor rank (the ranks that hold the same part of every dense block).
+static dsmoe_status create_ep_groups(dsmoe_runtime *rt, int ep, int tp, ep_groups *g, dsmoe_err *err) {
+    int d = rt->slot / tp, t = rt->slot % tp;
     g->ep = ep;
-    DSMOE_TRY(dsmoe_rt_group_split(rt, rank / ep, rank, &g->ep_g, err));
-    DSMOE_TRY(dsmoe_rt_group_split(rt, rank % ep, rank, &g->edp_g, err));
+    DSMOE_TRY(dsmoe_rt_group_split(rt, (d / ep) * tp + t, d, &g->ep_g, err));
+    DSMOE_TRY(dsmoe_rt_group_split(rt, (d % ep) * tp + t, d, &g->edp_g, err));
     g->ep_rank = rt->comm->group_rank(g->ep_g.comm);
     return DSMOE_OK;
 }
@@ -28,7 +30,8 @@ dsmoe_status dsmoe_model_create_groups(dsmoe_model *m, dsmoe_err *err) {
         while (k < m->n_epg && m->epg[k].ep != ep) k++;
         if (k == m->n_epg) {
             m->n_epg++;
-            DSMOE_TRY(create_ep_groups(m->rt, ep, &m->epg[k], err));
+            int tp = c->mode == DSMOE_MODE_GENERATE ? c->gen_tensor_parallel : 1;
+            DSMOE_TRY(create_ep_groups(m->rt, ep, tp, &m->epg[k], err));
         }
         m->epg_of_moe[mi] = k;
     }

@@ -105,6 +105,52 @@ dsmoe_status dsmoe_ctl_allreduce_i64(const dsmoe_ctl_group *g, int64_t *v, int n
     return rc == MPI_SUCCESS ? DSMOE_OK : mpi_failed(err, rc, "MPI_Allreduce of statistics");
 }
 
+dsmoe_status dsmoe_ctl_gather_bytes(const dsmoe_ctl_group *g, const void *send, size_t n, char **all, size_t *total,
+                                    size_t *counts, dsmoe_err *err) {
+    *all = NULL;
+    *total = 0;
+    if (n > (size_t)INT32_MAX)
+        return dsmoe_err_set(err, DSMOE_ERR_INVALID, "control plane: gather of %zu bytes from one rank", n);
+    int mine = (int)n, *sizes = NULL, *displs = NULL;
+    if (g->rank == 0) {
+        sizes = calloc((size_t)g->size, sizeof *sizes);
+        displs = calloc((size_t)g->size, sizeof *displs);
+    }
+    int ok = g->rank != 0 || (sizes && displs), rc = MPI_Gather(&mine, 1, MPI_INT, sizes, 1, MPI_INT, 0, g->comm);
+    if (rc != MPI_SUCCESS) {
+        free(sizes);
+        free(displs);
+        return mpi_failed(err, rc, "MPI_Gather of sizes");
+    }
+    size_t sum = 0;
+    if (g->rank == 0 && ok) {
+        for (int r = 0; r < g->size; r++) {
+            displs[r] = (int)sum;
+            sum += (size_t)sizes[r];
+            if (counts) counts[r] = (size_t)sizes[r];
+        }
+        // MPI_Gatherv counts displacements in int: the whole must fit.
+        if (sum > (size_t)INT32_MAX) ok = 0;
+        else if (!(*all = malloc(sum ? sum : 1))) ok = 0;
+    }
+    rc = MPI_Bcast(&ok, 1, MPI_INT, 0, g->comm); // nobody sends to a rank 0 that has no room
+    if (rc == MPI_SUCCESS && ok) rc = MPI_Gatherv(send, mine, MPI_BYTE, *all, sizes, displs, MPI_BYTE, 0, g->comm);
+    free(sizes);
+    free(displs);
+    if (rc != MPI_SUCCESS) {
+        free(*all);
+        *all = NULL;
+        return mpi_failed(err, rc, "MPI_Gatherv of results");
+    }
+    if (!ok) {
+        free(*all);
+        *all = NULL;
+        return dsmoe_err_set(err, DSMOE_ERR_NOMEM, "control plane: rank 0 has no room to gather the results");
+    }
+    *total = sum;
+    return DSMOE_OK;
+}
+
 dsmoe_status dsmoe_ctl_root_status(const dsmoe_ctl_group *g, dsmoe_status s, const char *others, dsmoe_err *err) {
     int codes[2] = {g->rank == 0 ? (int)s : 0, s != DSMOE_OK};
     int rc = MPI_Allreduce(MPI_IN_PLACE, codes, 2, MPI_INT, MPI_MAX, g->comm);

@@ -42,6 +42,12 @@ dsmoe_status dsmoe_ctl_allreduce_i64(const dsmoe_ctl_group *g, int64_t *v, int n
 dsmoe_status dsmoe_ctl_gather_spaced(const dsmoe_ctl_group *g, const float *shard, size_t n, float *dst,
                                      dsmoe_err *err);
 
+// Rank 0 of g receives every member's bytes (n, different per member) concatenated in rank order into a
+// malloc'ed *all (its length in *total; NULL and 0 on other ranks; the caller frees), and each member's
+// length in counts (size) when counts is not NULL (rank 0 only). For results of host-side work (text).
+dsmoe_status dsmoe_ctl_gather_bytes(const dsmoe_ctl_group *g, const void *send, size_t n, char **all, size_t *total,
+                                    size_t *counts, dsmoe_err *err);
+
 // Every member learns the outcome of a step that rank 0 leads (it writes a file): rank 0's status and
 // err message when rank 0 failed; else DSMOE_ERR_IO with `others` when another member failed; else s.
 dsmoe_status dsmoe_ctl_root_status(const dsmoe_ctl_group *g, dsmoe_status s, const char *others, dsmoe_err *err);

@@ -388,8 +388,13 @@ static void layer_list(const dsmoe_config *cfg, int E, int ep, char *buf, size_t
     }
 }
 
+// Member j of EP group g (core/model/model_parallel.c): groups are blocks of ep slots, or with tensor
+// slicing of width tp (generation) blocks of ep data ranks of one tensor rank, slot = data rank * tp + t.
+static int ep_member_slot(int g, int j, int ep, int tp) { return ((g / tp) * ep + j) * tp + g % tp; }
+
 void dsmoe_placement_print_experts(FILE *out, const dsmoe_config *cfg, const dsmoe_rank_place *rows, int n,
                                    int max_groups) {
+    int tp = cfg->mode == DSMOE_MODE_GENERATE && n % cfg->gen_tensor_parallel == 0 ? cfg->gen_tensor_parallel : 1;
     if (cfg->n_moe_layers == 0) {
         fprintf(out, "experts: none (dense model)\n");
         return;
@@ -406,8 +411,10 @@ void dsmoe_placement_print_experts(FILE *out, const dsmoe_config *cfg, const dsm
         int groups = n / ep, per = E / ep, fewest = (ep + max_local - 1) / max_local, worst = 0;
         for (int g = 0; g < groups; g++) {
             int spanned = 0, last = -1;
-            for (int s = g * ep; s < (g + 1) * ep; s++)
+            for (int j = 0; j < ep; j++) {
+                int s = ep_member_slot(g, j, ep, tp);
                 if (rows[by_slot[s]].node != last) spanned++, last = rows[by_slot[s]].node;
+            }
             worst = spanned > worst ? spanned : worst;
         }
         fprintf(out, "experts: MoE layer%s %s: %d experts, ep %d (%d per rank), %d EP group%s of %d rank%s, each over "
@@ -417,13 +424,13 @@ void dsmoe_placement_print_experts(FILE *out, const dsmoe_config *cfg, const dsm
         int shown = max_groups > 0 && groups > max_groups ? max_groups : groups;
         for (int g = 0; g < shown; g++) {
             fprintf(out, "  group %d:", g);
-            for (int s = g * ep; s < (g + 1) * ep; s++) {
-                if (ep > 20 && s - g * ep == 16) { // long groups: the first 16 and the last
+            for (int j = 0; j < ep; j++) {
+                if (ep > 20 && j == 16) { // long groups: the first 16 and the last
                     fprintf(out, " ...");
-                    s = (g + 1) * ep - 1;
+                    j = ep - 1;
                 }
-                const dsmoe_rank_place *p = &rows[by_slot[s]];
-                int e0 = (s - g * ep) * per;
+                const dsmoe_rank_place *p = &rows[by_slot[ep_member_slot(g, j, ep, tp)]];
+                int e0 = j * per;
                 if (per == 1) fprintf(out, " r%d:e%d", p->rank, e0);
                 else fprintf(out, " r%d:e%d-%d", p->rank, e0, e0 + per - 1);
             }

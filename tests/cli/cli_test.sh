@@ -79,7 +79,13 @@ expect resolved-deck-valid 0 "is valid" -- "$dsmoe" --check "$work/out/resolved.
 
 # Resume from the newest checkpoint, and evaluation of a checkpoint.
 expect resume 0 "resumed from .*step_00000004.safetensors at step 4" -- "$dsmoe" "$tiny" train.steps=6 checkpoint.resume=auto
-expect eval 0 "eval: validation loss [0-9.]+" -- "$dsmoe" "$tiny" run.mode=eval checkpoint.resume=auto
+expect eval 0 "eval: validation loss [0-9.]+, perplexity [0-9.]+ over 1 batches .* of expert choices dropped" -- \
+  "$dsmoe" "$tiny" run.mode=eval checkpoint.resume=auto
+# eval.csv: one row per expert; per layer the kept tokens add up to routed - dropped and the shares to 1;
+# the perplexity is exp(loss) of the printed loss.
+awk -F, 'NR > 1 { kept[$1] += $9; share[$1] += $10; routed[$1] = $5; dropped[$1] = $6; n++ }
+         END { if (n != 4) exit 1; for (l in kept) if (kept[l] != routed[l] - dropped[l] || share[l] < 0.9999 || share[l] > 1.0001) exit 1 }' \
+  "$work/out/eval.csv" && ok || fail "eval.csv: $(cat "$work/out/eval.csv" 2>&1 | head -3)"
 expect eval-no-ckpt nonzero "run.mode = eval needs a checkpoint" -- "$dsmoe" "$tiny" run.mode=eval run.output_dir="$work/empty"
 
 # A corrupt checkpoint is refused and the existing ones stay intact.

@@ -166,5 +166,21 @@ $steps micro-steps per step
 ): fits
 WANT
 
+# Generation on 128 A100s: the KV cache of 8 sequences x 2048 positions x 24 layers x 2048 wide x 2 (K, V)
+# x 4 bytes = 6 GiB; per decode step and MoE layer each rank sends 1 expert x 8 tokens x 2048 x 4 bytes
+# = 64 KiB to each peer: flat 2 x 12 layers x 127 peers = 3048 messages, hierarchical (8 per node, 16
+# nodes) 2 x 12 x (7 + 15) = 528. Tensor slicing 8 (ep 16 over one rank a node): KV cache / 8, and the
+# coordinated all-to-all sends 8 experts x 1 token x 2048 x 4 = 64 KiB to each of 15 peers.
+expect paper-generate 0 -- "$dsmoe" --plan "$src/inputs/paper/1.3b-moe128-generate.deck" <<'WANT'
+KV cache 6.00 GiB (2 x 24 layers x 8 sequences x 2048 positions x 2048 wide)
+12 x (128, ep 128)   flat             64.00 KiB       3048
+hierarchical     64.00 KiB        528
+WANT
+expect paper-generate-tensor 0 -- "$dsmoe" --plan "$src/inputs/paper/1.3b-moe128-generate.deck" generate.tensor_parallel=8 moe.expert_parallel=16 <<'WANT'
+KV cache 768.00 MiB (2 x 24 layers x 8 sequences x 2048 positions x 256 wide)
+12 x (128, ep 16)    flat             64.00 KiB        360
+coordinated all-to-all (1/8 of the tokens, flat)
+WANT
+
 echo "plan tests: $pass passed, $failures failed"
 [ "$failures" -eq 0 ]

@@ -1,0 +1,21 @@
+// core/drivers/generate.h: the generation driver (run.mode = generate, docs/inference.md).
+// defines: dsmoe_generate_run
+//
+// Every rank reads the prompt file and takes prompts i with i % ranks == its rank (data parallelism);
+// the ranks step together, one forward per step, so that the MoE layers' all-to-all meets (a rank with
+// no work left joins with no tokens). Each rank runs continuous batching: generate.batch slots; a new
+// prompt takes a free slot and is prefilled (generate.prefill_tokens a step, so long prompts do not stall
+// the others); each step then decodes one token for every sequence whose prompt is in; a sequence that
+// ends (max_new_tokens, a stop sequence, the end-of-text token, the context limit) frees its slot at
+// once. Sampling streams are keyed by the prompt's seed (its own, or generate.seed with its index) and
+// the token's index in its completion: the same tokens whatever batch, rank or layout the prompt gets.
+// Rank 0 gathers the completions and writes them in prompt order, atomically.
+#ifndef DSMOE_GENERATE_H
+#define DSMOE_GENERATE_H
+#include "config.h"
+#include "runtime.h"
+
+// Runs the deck's generation to completion. Collective; on failure every rank returns the error.
+dsmoe_status dsmoe_generate_run(const dsmoe_config *cfg, const char *config_text, dsmoe_runtime *rt, dsmoe_err *err);
+
+#endif

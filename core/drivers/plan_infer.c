@@ -1,0 +1,179 @@
+// core/drivers/plan_infer.c: dsmoe --plan of a run.mode = generate deck (plan.h): memory per rank with
+// the KV cache, the all-to-all of one decode step (flat, hierarchical, coordinated) and an estimated
+// per-token latency on the planned machine, with every hardware figure printed beside the key that sets it.
+//
+// The latency model, per decode step (every sequence of a rank's batch gets one token):
+//   memory:   the bytes a rank must read / plan.memory_bandwidth: its slice of the dense weights, the
+//             experts its tokens reach (expected number, tokens spread evenly), the head, the KV cache;
+//   exchange: per MoE layer two all-to-alls (dispatch and combine) costing, per message, the latency of
+//             its path (node or network) and its bytes / that path's bandwidth, serially (no overlap);
+//   tensor:   per block two ring all-reduces of the rows (attention and dense FFN), 2 (W - 1) messages of
+//             rows x M / W floats inside the node; coordinated: one all-gather per MoE layer.
+// It ignores compute (decode is bandwidth-bound), kernel launch costs and overlap: a floor, not a forecast.
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "exchange.h"    // dsmoe_a2a_plan_compute
+#include "memplan.h"     // dsmoe_mem_estimate_rank_for
+#include "model_infer.h" // dsmoe_infer_estimate
+#include "plan.h"
+
+// Rates in decimal units, as hardware sheets give them (GB/s).
+static const char *rate(double bytes_per_s) {
+    static char buf[4][32];
+    static int k;
+    char *b = buf[k++ % 4];
+    const char *unit[] = {"B/s", "kB/s", "MB/s", "GB/s", "TB/s"};
+    int u = 0;
+    while (bytes_per_s >= 1000.0 && u < 4) bytes_per_s /= 1000.0, u++;
+    snprintf(b, 32, "%.3g %s", bytes_per_s, unit[u]);
+    return b;
+}
+
+typedef struct hw {
+    double mem_bw, node_bw, net_bw, node_lat, net_lat;
+    int mem_assumed, node_assumed, net_assumed;
+} hw;
+
+// Time of an exchange plan: each message pays its path's latency, each byte its path's bandwidth.
+static double a2a_seconds(const dsmoe_a2a_plan *p, const hw *h) {
+    double intra_msgs = (double)(p->messages - p->inter_node_messages);
+    double intra_bytes = (double)(p->bytes_sent - p->inter_node_bytes);
+    return intra_msgs * h->node_lat + intra_bytes / h->node_bw + (double)p->inter_node_messages * h->net_lat +
+           (double)p->inter_node_bytes / h->net_bw;
+}
+
+dsmoe_status dsmoe_plan_generate(FILE *out, const dsmoe_config *c, int ranks, int rpn, int use_gpus, uint64_t budget,
+                                 const char *budget_why, dsmoe_err *err) {
+    int W = c->gen_tensor_parallel, D = ranks / W, B = c->gen_batch;
+    int T = c->gen_context ? c->gen_context : c->seq_len;
+    int R = B + c->gen_prefill_tokens;
+    uint64_t M = (uint64_t)c->hidden, F = (uint64_t)c->ffn_hidden, V = (uint64_t)c->vocab, f = sizeof(float);
+    hw h = {
+        .mem_bw = c->plan_memory_bandwidth ? (double)c->plan_memory_bandwidth : use_gpus ? 2e12 : 10e9,
+        .node_bw = c->plan_node_bandwidth ? (double)c->plan_node_bandwidth : use_gpus ? 150e9 : 5e9,
+        .net_bw = c->plan_network_bandwidth ? (double)c->plan_network_bandwidth : 25e9,
+        .node_lat = c->plan_node_latency, .net_lat = c->plan_network_latency,
+        .mem_assumed = !c->plan_memory_bandwidth, .node_assumed = !c->plan_node_bandwidth,
+        .net_assumed = !c->plan_network_bandwidth,
+    };
+    fprintf(out, "generate: %d data-parallel group%s x tensor slicing %d; each group decodes %d sequences of up to %d "
+            "positions (generate.batch, generate.context); calls of up to %d tokens\n", D, D == 1 ? "" : "s", W, B, T, R);
+
+    // Memory: the model as generation holds it (every dense weight on each rank: slices are computed on,
+    // not stored apart), plus what the inference state allocates.
+    dsmoe_mem_estimate est;
+    DSMOE_TRY(dsmoe_mem_estimate_rank_for(c, ranks, 0, rpn, NULL, &est, err));
+    dsmoe_infer_sizes z;
+    dsmoe_infer_estimate(c, B, T, R, W, c->gen_coordinated, &z);
+    uint64_t model = est.param_bytes + est.grad_bytes + est.activation_bytes + est.token_bytes;
+    uint64_t total = model + z.cache_bytes + z.slice_bytes + z.row_bytes + z.moe_bytes;
+    fprintf(out, "memory per rank (fp32): parameters %s (this rank's experts and every dense weight), the model's "
+            "other buffers %s, KV cache %s (2 x %d layers x %d sequences x %d positions x %d "
+            "wide), tensor slices %s, per-call buffers %s, MoE buffers %s (%d rows a layer); total %s of %s (%s): %s\n",
+            dsmoe_plan_bytes((double)est.param_bytes), dsmoe_plan_bytes((double)(model - est.param_bytes)), dsmoe_plan_bytes((double)z.cache_bytes),
+            c->layers, B, T, c->hidden / W, dsmoe_plan_bytes((double)z.slice_bytes), dsmoe_plan_bytes((double)z.row_bytes),
+            dsmoe_plan_bytes((double)z.moe_bytes), z.moe_rows, dsmoe_plan_bytes((double)total), dsmoe_plan_bytes((double)budget), budget_why,
+            budget == 0 ? "unknown" : total <= budget ? "fits" : "DOES NOT FIT");
+
+    // Bytes one decode step reads on a rank.
+    int coord = W > 1 && c->gen_coordinated && c->n_moe_layers > 0;
+    double tokens_share = coord ? ceil((double)B / W) : (double)B; // rows a rank sends through a MoE layer
+    double attn = (double)(4 * M * M + 4 * M) / W + 4.0 * M, dense_ffn = (double)(2 * M * F + F) / W + M;
+    double weights = 0, experts = 0, kv = 2.0 * c->layers * B * T * (double)(M / W);
+    double hit_sum = 0;
+    for (int l = 0, mi = 0; l < c->layers; l++) {
+        weights += attn;
+        if (!dsmoe_config_is_moe_layer(c, l, &mi)) {
+            weights += dense_ffn;
+            continue;
+        }
+        int E = c->experts[mi], ep = c->expert_parallel[mi], El = E / ep, K = c->top_k;
+        weights += (double)E * M + (c->residual ? dense_ffn + 2.0 * M + 2 : 0);
+        // Tokens an EP group sends: ep ranks x their share; each picks K of E experts.
+        double group_tokens = (double)ep * tokens_share, hit = El * (1.0 - pow(1.0 - (double)K / E, group_tokens));
+        hit_sum += hit;
+        experts += hit * (double)(2 * M * F + F + M);
+    }
+    double head = (double)(V * M + 2 * M), bytes_read = (weights + experts + head + kv) * f;
+    fprintf(out, "decode step, per rank: reads %s: dense weights %s, experts %s (%.1f per MoE layer on average), head "
+            "%s, KV cache %s at full context\n", dsmoe_plan_bytes(bytes_read), dsmoe_plan_bytes(weights * f), dsmoe_plan_bytes(experts * f),
+            c->n_moe_layers ? hit_sum / c->n_moe_layers : 0.0, dsmoe_plan_bytes(head * f), dsmoe_plan_bytes(kv * f));
+
+    // All-to-all per decode step, and the estimate under each algorithm.
+    double t_mem = bytes_read / h.mem_bw, t_flat = 0, t_hier = 0, t_coord = 0;
+    fprintf(out, "all-to-all per decode step per rank (dispatch and combine per MoE layer, %s tokens a rank):\n",
+            coord ? "1/W of the" : "all its");
+    fprintf(out, "  %-20s %-13s %12s %10s %12s %12s %14s\n", "MoE layers", "algorithm", "per peer", "messages", "sent",
+            "to nodes", "sent to nodes");
+    for (int i = 0; i < c->n_moe_layers; i++) {
+        int E = c->experts[i], ep = c->expert_parallel[i], n = 0, seen = 0;
+        for (int j = 0; j < i; j++) seen |= c->experts[j] == E && c->expert_parallel[j] == ep;
+        for (int j = 0; j < c->n_moe_layers; j++) n += c->experts[j] == E && c->expert_parallel[j] == ep;
+        // An EP group is ep ranks of one tensor rank, W slots apart: G of them share a node.
+        int stride_rpn = rpn / W > 0 ? rpn / W : 1, G = stride_rpn % ep == 0 ? ep : ep % stride_rpn == 0 ? stride_rpn : 1;
+        char label[32];
+        snprintf(label, sizeof label, "%d x (%d, ep %d)", n, E, ep);
+        if (ep == 1) {
+            if (!seen) fprintf(out, "  %-20s none: with ep 1 every rank holds all the layer's experts\n", label);
+            continue;
+        }
+        size_t per_peer = (size_t)(E / ep) * (size_t)ceil(tokens_share) * M * f;
+        for (int a = 0; a < 2; a++) {
+            dsmoe_a2a_plan p;
+            if (a == 1 && (G == 1 || G == ep)) {
+                if (!seen) fprintf(out, "  %-20s %-13s %s\n", "", "hierarchical",
+                                   G == ep ? "= flat: the group is inside one node"
+                                   : "= flat: one rank of the group per node (or uneven parts)");
+                continue;
+            }
+            if (dsmoe_a2a_plan_compute(a ? DSMOE_A2A_HIERARCHICAL : DSMOE_A2A_FLAT, ep, G, per_peer, &p, err) != DSMOE_OK)
+                return err->status;
+            double t = 2 * a2a_seconds(&p, &h);
+            if (a == 0) t_flat += t;
+            else t_hier += t;
+            if (!seen)
+                fprintf(out, "  %-20s %-13s %12s %10.0f %12s %12.0f %14s\n", a ? "" : label,
+                        a ? "hierarchical" : "flat", dsmoe_plan_bytes((double)per_peer), 2.0 * n * (double)p.messages,
+                        dsmoe_plan_bytes(2.0 * n * (double)p.bytes_sent), 2.0 * n * (double)p.inter_node_messages,
+                        dsmoe_plan_bytes(2.0 * n * (double)p.inter_node_bytes));
+        }
+        if (G == 1 || G == ep) { // no hierarchical variant: it is the flat one
+            dsmoe_a2a_plan p;
+            if (dsmoe_a2a_plan_compute(DSMOE_A2A_FLAT, ep, G, per_peer, &p, err) != DSMOE_OK) return err->status;
+            t_hier += 2 * a2a_seconds(&p, &h);
+        }
+    }
+    // Tensor slicing: two ring all-reduces of B x M floats per block; coordinated: an all-gather of the MoE
+    // outputs per MoE layer.
+    double t_tensor = 0, t_gather = 0;
+    if (W > 1) {
+        double rows_bytes = (double)B * M * f;
+        t_tensor = c->layers * 2 * (2.0 * (W - 1) * h.node_lat + 2.0 * (W - 1) / W * rows_bytes / h.node_bw);
+        if (coord) t_gather = c->n_moe_layers * ((W - 1) * h.node_lat + (double)(W - 1) / W * rows_bytes / h.node_bw);
+        t_coord = t_flat + t_gather; // the flat exchange on 1/W of the tokens (tokens_share above)
+    }
+    fprintf(out, "estimated time per decode step (= per token of each sequence): memory %.3f ms", 1e3 * t_mem);
+    if (W > 1) fprintf(out, " + tensor all-reduces %.3f ms", 1e3 * t_tensor);
+    fprintf(out, "\n");
+    if (c->n_moe_layers > 0 && !coord)
+        fprintf(out, "  + all-to-all: flat %.3f ms -> %.3f ms; hierarchical %.3f ms -> %.3f ms\n", 1e3 * t_flat,
+                1e3 * (t_mem + t_tensor + t_flat), 1e3 * t_hier, 1e3 * (t_mem + t_tensor + t_hier));
+    else if (coord)
+        fprintf(out, "  + coordinated all-to-all (1/%d of the tokens, flat) %.3f ms + all-gather %.3f ms -> %.3f ms\n", W,
+                1e3 * t_flat, 1e3 * t_gather, 1e3 * (t_mem + t_tensor + t_coord));
+    else
+        fprintf(out, "  -> %.3f ms (no MoE layer)\n", 1e3 * (t_mem + t_tensor));
+    fprintf(out, "assumed: memory bandwidth %s%s, inside a node %s%s and %.1f us a message, between nodes %s%s "
+            "and %.1f us a message (plan.node_latency, plan.network_latency); compute, launches and overlap ignored\n",
+            rate(h.mem_bw), h.mem_assumed ? " (plan.memory_bandwidth = 0: assumed)" : " (plan.memory_bandwidth)",
+            rate(h.node_bw), h.node_assumed ? " (plan.node_bandwidth = 0: assumed)" : " (plan.node_bandwidth)",
+            1e6 * h.node_lat, rate(h.net_bw),
+            h.net_assumed ? " (plan.network_bandwidth = 0: assumed)" : " (plan.network_bandwidth)", 1e6 * h.net_lat);
+    if (budget > 0 && total > budget)
+        return dsmoe_err_set(err, DSMOE_ERR_NOMEM, "the plan does not fit: a rank needs %s for generation but has %s "
+                             "(%s); lower generate.batch or generate.context, or use more ranks", dsmoe_plan_bytes((double)total),
+                             dsmoe_plan_bytes((double)budget), budget_why);
+    return DSMOE_OK;
+}

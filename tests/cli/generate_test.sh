@@ -1,0 +1,214 @@
+#!/usr/bin/env bash
+# run.mode = generate end to end (docs/inference.md). A short training run of a small top-1 MoE model
+# (4 experts, byte vocabulary) writes a checkpoint; then:
+# - greedy generation of text and JSON-lines prompts gives the same tokens on 1 rank and on 4 ranks with
+#   ep 4, ep 2 x data 2, the hierarchical all-to-all forced (ranks_per_node 2), tensor slicing 2 and 4,
+#   ep 2 x tensor 2 with and without the coordinated all-to-all, and whatever generate.batch is;
+# - seeded sampling (temperature, top-k, top-p) gives each prompt the same tokens whatever its batch or
+#   rank, and another seed gives other tokens;
+# - the output is one JSON object per prompt in file order, with the fields docs/inference.md lists;
+#   its completion decodes from its tokens; a stop sequence ends a completion and is cut from its text;
+# - bad input (empty prompt file, malformed JSON line, unknown token id, a prompt longer than the
+#   context, tokenizer files that do not fit model.vocab, a corrupt or mismatched checkpoint, no
+#   checkpoint) is refused before any work, naming the file (and line), and an output file already there
+#   is left as it was.
+# Usage: generate_test.sh <dsmoe> <mpiexec> [mpiexec flags ...]
+set -u
+dsmoe=$1
+mpiexec=$2
+shift 2
+mpiflags=("$@")
+work=$(mktemp -d /tmp/dsmoe_generate.XXXXXX)
+trap '[ -n "${KEEP:-}" ] || rm -rf "$work"' EXIT
+unset DSMOE_PLUGIN_PATH
+export OMP_NUM_THREADS=1 OMPI_MCA_mpi_yield_when_idle=1
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh" # fail, ok, show, expect, finish
+
+deck="$work/model.deck"
+cat >"$deck" <<DECK
+[run]
+output_dir = $work/train
+log_every = 50
+[model]
+vocab = 256
+seq_len = 48
+layers = 2
+hidden = 32
+heads = 4
+[moe]
+experts = 4
+[train]
+steps = 300
+batch = 8
+lr = 5e-3
+eval_batches = 1
+[data]
+source = text
+path = $work/corpus.txt
+[generate]
+max_new_tokens = 12
+DECK
+# English-like text, so that completions are mostly printable ASCII (stop sequences are picked from them).
+python3 - "$work/corpus.txt" <<'PY'
+import random, sys
+random.seed(5)
+words = "the a of and to in is it that for on with as was by at be this from or an are expert model token layer".split()
+with open(sys.argv[1], "w") as f:
+    for _ in range(3000):
+        f.write(" ".join(random.choice(words) for _ in range(12)) + ".\n")
+PY
+"$dsmoe" "$deck" >"$work/train.log" 2>&1 || { fail "training the model: exit $?"; show "$work/train.log"; finish generate_test; exit 1; }
+ckpt=$(ls "$work"/train/checkpoints/step_*.safetensors | tail -1)
+
+# Prompts: plain text lines, and JSON lines with text, token ids and settings of their own.
+printf 'Hello\nthe quick brown fox\na\n\x01\x02 bytes\nMoE\n' >"$work/prompts.txt"
+cat >"$work/prompts.jsonl" <<'JSONL'
+{"prompt": "first prompt", "id": "p1"}
+{"tokens": [72, 105, 33], "max_new_tokens": 5}
+{"prompt": "tab\there", "id": 7, "stop": ["zz"]}
+{"prompt": "longer prompt that takes a few prefill chunks", "max_new_tokens": 3}
+{"prompt": "x"}
+JSONL
+
+# gen <ranks> <out> key=value...: generate from the checkpoint; the log beside the output.
+gen() {
+  local ranks=$1 out=$2
+  shift 2
+  if [ "$ranks" = 1 ]; then
+    timeout 120 "$dsmoe" "$deck" run.mode=generate checkpoint.resume="$ckpt" generate.output="$out" "$@" >"$out.log" 2>&1
+  else
+    timeout 120 "$mpiexec" "${mpiflags[@]}" -n "$ranks" "$dsmoe" "$deck" run.mode=generate checkpoint.resume="$ckpt" \
+      generate.output="$out" "$@" >"$out.log" 2>&1
+  fi
+}
+
+# tokens_of <out.jsonl>: each line's index and tokens, one line per prompt.
+tokens_of() { python3 -c 'import json,sys
+for l in open(sys.argv[1]): r=json.loads(l); print(r["index"], r["tokens"])' "$1" 2>&1; }
+
+for f in txt jsonl; do
+  gen 1 "$work/ref.$f" generate.prompts="$work/prompts.$f" generate.batch=2 generate.prefill_tokens=8
+  [ $? = 0 ] && ok || { fail "generate $f on 1 rank: exit $?"; show "$work/ref.$f.log"; continue; }
+  # The output: valid JSON lines in file order, every field, completion text = its tokens' bytes (byte
+  # vocabulary) unless a stop sequence cut it, finish reasons that hold.
+  python3 - "$work/ref.$f" "$work/prompts.$f" <<'PY' && ok || fail "generate $f: output fields"
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+n = sum(1 for l in open(sys.argv[2], 'rb') if l.strip())
+assert len(rows) == n, (len(rows), n)
+keys = {"index", "id", "prompt", "completion", "prompt_tokens", "completion_tokens", "finish_reason",
+        "time_to_first_token_ms", "tokens", "token_latencies_ms"}
+for i, r in enumerate(rows):
+    assert set(r) == keys, set(r) ^ keys
+    assert r["index"] == i
+    assert r["completion_tokens"] == len(r["tokens"]) == len(r["token_latencies_ms"]) >= 1
+    assert r["finish_reason"] in ("length", "stop"), r["finish_reason"]
+    text = bytes(r["tokens"]).decode("utf-8", "replace")
+    if r["finish_reason"] == "length":
+        assert r["completion"] == text, (r["completion"], text)
+    else:
+        assert text.startswith(r["completion"]) and len(r["completion"]) < len(text)
+    assert r["time_to_first_token_ms"] >= 0 and all(x >= 0 for x in r["token_latencies_ms"])
+print("ok")
+PY
+  for layout in "4 moe.expert_parallel=4" "4 moe.expert_parallel=2" \
+                "4 moe.expert_parallel=4 moe.alltoall=hierarchical moe.ranks_per_node=2" "1 generate.batch=5" \
+                "2 generate.batch=1" "2 generate.tensor_parallel=2" "4 generate.tensor_parallel=2 moe.expert_parallel=2" \
+                "4 generate.tensor_parallel=2 moe.expert_parallel=2 generate.coordinated_alltoall=false" \
+                "4 generate.tensor_parallel=4"; do
+    set -- $layout
+    r=$1
+    shift
+    name="$f-np$r-$(echo "$*" | tr ' =.' '_-_')"
+    gen "$r" "$work/$name" generate.prompts="$work/prompts.$f" generate.prefill_tokens=8 "$@"
+    [ $? = 0 ] || { fail "generate $name: exit $?"; show "$work/$name.log"; continue; }
+    [ "$(tokens_of "$work/$name")" = "$(tokens_of "$work/ref.$f")" ] && ok ||
+      { fail "generate $name: greedy tokens differ from 1 rank"; diff <(tokens_of "$work/ref.$f") <(tokens_of "$work/$name") | head -4; }
+  done
+done
+
+# The JSON-lines prompts' own settings: max_new_tokens 5 and 3; a stop sequence "zz" never drawn here
+# leaves the length limit.
+python3 - "$work/ref.jsonl" <<'PY' && ok || fail "per-prompt settings not applied"
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+assert [r["id"] for r in rows] == ["p1", 2, 7, 4, 5], [r["id"] for r in rows]
+assert rows[1]["completion_tokens"] == 5 and rows[1]["prompt_tokens"] == 3 and rows[1]["prompt"] == "Hi!"
+assert rows[3]["completion_tokens"] == 3
+assert rows[0]["completion_tokens"] == 12
+PY
+
+# A stop sequence taken from a greedy completion (two printable characters that first occur after its
+# third byte, in the first completion that has them) ends it there and is cut from the text.
+pick=$(python3 -c 'import json,sys
+for l in open(sys.argv[1]):
+    r=json.loads(l); t=bytes(r["tokens"])
+    for i in range(3, len(t)-1):
+        if all(32 <= b < 127 and b != 92 for b in t[i:i+2]) and t.find(t[i:i+2]) == i:
+            print(r["index"], t[i:i+2].hex()); sys.exit()' "$work/ref.txt")
+if [ -z "$pick" ]; then
+  fail "no printable pair in the greedy completions to stop at"; head -3 "$work/ref.txt"
+else
+  read -r line stop <<<"$pick"
+  stop_text=$(printf "$(echo "$stop" | sed 's/../\\x&/g')")
+  gen 1 "$work/stop.txt" generate.prompts="$work/prompts.txt" generate.stop="$stop_text"
+  python3 - "$work/stop.txt" "$work/ref.txt" "$stop" "$line" <<'PY' && ok || fail "generate.stop did not end the completion"
+import json, sys
+line = int(sys.argv[4])
+r = json.loads(open(sys.argv[1]).readlines()[line]); ref = json.loads(open(sys.argv[2]).readlines()[line])
+stop = bytes.fromhex(sys.argv[3])
+t = bytes(ref["tokens"]); cut = t.find(stop)
+assert r["finish_reason"] == "stop", r["finish_reason"]
+assert r["completion"] == t[:cut].decode("utf-8", "replace"), (r["completion"], t[:cut])
+assert r["tokens"] == ref["tokens"][:len(r["tokens"])]
+PY
+fi
+
+# Seeded sampling: the same tokens for each prompt whatever the batch and the ranks; another seed differs.
+samp=(generate.temperature=0.9 generate.top_k=40 generate.top_p=0.95 generate.prompts="$work/prompts.txt")
+gen 1 "$work/s1" "${samp[@]}" generate.batch=4 generate.seed=7 && gen 1 "$work/s2" "${samp[@]}" generate.batch=1 generate.seed=7 &&
+  gen 2 "$work/s3" "${samp[@]}" generate.batch=2 generate.seed=7 && gen 1 "$work/s4" "${samp[@]}" generate.batch=4 generate.seed=8
+if [ $? = 0 ]; then
+  [ "$(tokens_of "$work/s1")" = "$(tokens_of "$work/s2")" ] && [ "$(tokens_of "$work/s1")" = "$(tokens_of "$work/s3")" ] && ok ||
+    fail "seeded sampling depends on the batch or the ranks"
+  [ "$(tokens_of "$work/s1")" != "$(tokens_of "$work/s4")" ] && ok || fail "generate.seed changes nothing"
+  [ "$(tokens_of "$work/s1")" != "$(tokens_of "$work/ref.txt")" ] && ok || fail "sampling gave the greedy tokens"
+else
+  fail "seeded sampling runs: exit $?"; show "$work/s1.log"
+fi
+
+# Bad input: refused before any work, naming the file (and line); an existing output stays as it was.
+out="$work/keep.jsonl"
+echo '{"kept": true}' >"$out"
+bad() { # bad <name> <regex> key=value...
+  local name=$1 regex=$2
+  shift 2
+  expect "$name" nonzero "$regex" -- "$dsmoe" "$deck" run.mode=generate checkpoint.resume="$ckpt" generate.output="$out" "$@"
+  [ "$(cat "$out")" = '{"kept": true}' ] && ok || fail "$name: the existing output changed"
+}
+: >"$work/empty.txt"
+printf '{"prompt": "a"}\n{"prompt": "b",}\n' >"$work/malformed.jsonl"
+printf '{"tokens": [1, 300]}\n' >"$work/badid.jsonl"
+python3 -c 'print("y" * 60)' >"$work/long.txt"
+printf '{"a": 0}' >"$work/vocab.json"
+printf '#version: 0.2\n' >"$work/merges.txt"
+bad empty-prompts "empty.txt.*(no prompt|empty)" generate.prompts="$work/empty.txt"
+bad malformed-json "malformed.jsonl:2" generate.prompts="$work/malformed.jsonl"
+bad unknown-token "badid.jsonl:1.*300" generate.prompts="$work/badid.jsonl"
+bad too-long "long.txt:1.*(context|48)" generate.prompts="$work/long.txt"
+bad tokenizer-files "vocab.json" generate.prompts="$work/prompts.txt" generate.vocab_file="$work/vocab.json" \
+  generate.merges_file="$work/merges.txt"
+bad no-prompts "generate.prompts" generate.prompts=
+cp "$ckpt" "$work/corrupt.safetensors"
+printf '\x55' | dd of="$work/corrupt.safetensors" bs=1 seek=$(( $(stat -c %s "$ckpt") - 100 )) conv=notrunc status=none
+bad corrupt-checkpoint "corrupt.safetensors" generate.prompts="$work/prompts.txt" checkpoint.resume="$work/corrupt.safetensors"
+bad mismatched-checkpoint "$(basename "$ckpt") holds a different model" generate.prompts="$work/prompts.txt" model.hidden=64
+bad no-checkpoint "checkpoint.resume" generate.prompts="$work/prompts.txt" checkpoint.resume=
+expect tensor-heads nonzero "generate.tensor_parallel = 2 does not divide model.heads = 1" -- \
+  "$mpiexec" "${mpiflags[@]}" -n 2 "$dsmoe" "$deck" run.mode=generate checkpoint.resume="$ckpt" \
+  generate.prompts="$work/prompts.txt" generate.output="$out" generate.tensor_parallel=2 model.heads=1
+[ "$(cat "$out")" = '{"kept": true}' ] && ok || fail "tensor-heads: the existing output changed"
+expect tensor-training nonzero "generate.tensor_parallel = 2: tensor slicing is for run.mode = generate only" -- \
+  "$dsmoe" --check "$deck" generate.tensor_parallel=2
+finish generate_test
