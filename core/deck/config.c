@@ -553,8 +553,11 @@ static dsmoe_status validate(loader *L, int world_size, dsmoe_err *err) {
 
     // Tensor slicing (inference only): ranks are (data rank, tensor rank) with the tensor rank fastest;
     // an expert-parallel group is made of ranks with the same tensor rank.
-    int k_tp = KIDX("generate.tensor_parallel"), tp = c->gen_tensor_parallel;
+    int k_tp = KIDX("generate.tensor_parallel"), tp = c->gen_tensor_parallel, k_es = KIDX("generate.expert_slicing");
     const char *tp_txt = L->at[k_tp].text;
+    if (c->gen_expert_slicing && tp == 1 && c->mode == DSMOE_MODE_GENERATE)
+        FAIL(k_es, k_tp, "generate.expert_slicing = %s: experts are sliced over the tensor group, and "
+             "generate.tensor_parallel = 1 has none (set it to the slicing width)", L->at[k_es].text);
     if (tp > 1) {
         if (c->mode != DSMOE_MODE_GENERATE)
             FAIL(k_tp, -1, "generate.tensor_parallel = %s: tensor slicing is for run.mode = generate only (training "
@@ -564,7 +567,7 @@ static dsmoe_status validate(loader *L, int world_size, dsmoe_err *err) {
         if (c->heads % tp != 0)
             FAIL(k_tp, k_heads, "generate.tensor_parallel = %s does not divide model.heads = %d (attention is split "
                  "by heads)", tp_txt, c->heads);
-        if (c->ffn_hidden % tp != 0)
+        if (c->ffn_hidden % tp != 0)  // the dense FFN, and the experts under generate.expert_slicing
             FAIL(k_tp, k_ffn, "generate.tensor_parallel = %s does not divide model.ffn_hidden = %d (the dense FFN is "
                  "split by its hidden columns)", tp_txt, c->ffn_hidden);
         for (int i = 0; world_size > 0 && i < c->n_moe_layers; i++)

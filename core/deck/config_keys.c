@@ -140,6 +140,9 @@ const key_def dsmoe_config_keys[] = {
     KEY("generate.coordinated_alltoall", K_BOOL, "true", gen_coordinated, ANY,
         "with tensor slicing: each tensor rank sends only its share of the tokens through the MoE layers' "
         "all-to-all, then the tensor group all-gathers them (DeepSpeed-MoE's parallelism-coordinated all-to-all)"),
+    KEY("generate.expert_slicing", K_BOOL, "false", gen_expert_slicing, ANY,
+        "with tensor slicing: split every expert's FFN over the tensor group too (model.ffn_hidden / "
+        "generate.tensor_parallel columns each, the partial outputs summed), instead of the coordinated all-to-all"),
 };
 const int dsmoe_config_n_keys = (int)(sizeof dsmoe_config_keys / sizeof dsmoe_config_keys[0]);
 _Static_assert(sizeof dsmoe_config_keys / sizeof dsmoe_config_keys[0] <= DSMOE_CONFIG_MAX_KEYS,

@@ -349,14 +349,15 @@ dsmoe_status dsmoe_generate_run(const dsmoe_config *c, const char *config_text, 
                    g.ranks, g.ranks == 1 ? "" : "s", c->gen_batch, g.context);
     }
     if (s == DSMOE_OK) s = dsmoe_infer_create(g.model, c->gen_batch, g.context, c->gen_batch + c->gen_prefill_tokens,
-                                              g.W, c->gen_coordinated, &g.inf, err);
+                                              g.W, dsmoe_tensor_moe_of(c), &g.inf, err);
     if (s == DSMOE_OK && g.rank == 0 && g.W > 1)
         printf("generate: tensor slicing over %d ranks (%d heads and %d FFN columns each), %d data-parallel groups%s\n",
                g.W, c->heads / g.W, c->ffn_hidden / g.W, g.data_ranks,
-               c->n_moe_layers ? (c->gen_coordinated ? ", coordinated all-to-all (each tensor rank sends 1/width of "
-                                                       "the tokens, then the group all-gathers)"
-                                                     : ", every tensor rank sends all tokens to the experts")
-                               : "");
+               !c->n_moe_layers ? ""
+               : c->gen_expert_slicing ? ", expert-slicing (each expert's FFN split over the tensor group)"
+               : c->gen_coordinated ? ", coordinated all-to-all (each tensor rank sends 1/width of the tokens, then the "
+                                      "group all-gathers)"
+                                    : ", every tensor rank sends all tokens to the experts");
     double t_start = dsmoe_now_seconds();
     if (s == DSMOE_OK) s = run_steps(&g, t_start, err);
     double elapsed = dsmoe_now_seconds() - t_start;

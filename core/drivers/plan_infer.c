@@ -66,7 +66,7 @@ dsmoe_status dsmoe_plan_generate(FILE *out, const dsmoe_config *c, int ranks, in
     dsmoe_mem_estimate est;
     DSMOE_TRY(dsmoe_mem_estimate_rank_for(c, ranks, 0, rpn, NULL, &est, err));
     dsmoe_infer_sizes z;
-    dsmoe_infer_estimate(c, B, T, R, W, c->gen_coordinated, &z);
+    dsmoe_infer_estimate(c, B, T, R, W, dsmoe_tensor_moe_of(c), &z);
     uint64_t model = est.param_bytes + est.grad_bytes + est.activation_bytes + est.token_bytes;
     uint64_t total = model + z.cache_bytes + z.slice_bytes + z.row_bytes + z.moe_bytes;
     fprintf(out, "memory per rank (fp32): parameters %s (this rank's experts and every dense weight), the model's "
@@ -78,7 +78,8 @@ dsmoe_status dsmoe_plan_generate(FILE *out, const dsmoe_config *c, int ranks, in
             budget == 0 ? "unknown" : total <= budget ? "fits" : "DOES NOT FIT");
 
     // Bytes one decode step reads on a rank.
-    int coord = W > 1 && c->gen_coordinated && c->n_moe_layers > 0;
+    int coord = W > 1 && dsmoe_tensor_moe_of(c) == DSMOE_TENSOR_MOE_COORDINATED && c->n_moe_layers > 0;
+    int sliced = W > 1 && dsmoe_tensor_moe_of(c) == DSMOE_TENSOR_MOE_SLICED;
     double tokens_share = coord ? ceil((double)B / W) : (double)B; // rows a rank sends through a MoE layer
     double attn = (double)(4 * M * M + 4 * M) / W + 4.0 * M, dense_ffn = (double)(2 * M * F + F) / W + M;
     double weights = 0, experts = 0, kv = 2.0 * c->layers * B * T * (double)(M / W);
@@ -94,7 +95,7 @@ dsmoe_status dsmoe_plan_generate(FILE *out, const dsmoe_config *c, int ranks, in
         // Tokens an EP group sends: ep ranks x their share; each picks K of E experts.
         double group_tokens = (double)ep * tokens_share, hit = El * (1.0 - pow(1.0 - (double)K / E, group_tokens));
         hit_sum += hit;
-        experts += hit * (double)(2 * M * F + F + M);
+        experts += hit * ((double)(2 * M * F + F) / (sliced ? W : 1) + M);
     }
     double head = (double)(V * M + 2 * M), bytes_read = (weights + experts + head + kv) * f;
     fprintf(out, "decode step, per rank: reads %s: dense weights %s, experts %s (%.1f per MoE layer on average), head "
@@ -152,12 +153,18 @@ dsmoe_status dsmoe_plan_generate(FILE *out, const dsmoe_config *c, int ranks, in
         double rows_bytes = (double)B * M * f;
         t_tensor = c->layers * 2 * (2.0 * (W - 1) * h.node_lat + 2.0 * (W - 1) / W * rows_bytes / h.node_bw);
         if (coord) t_gather = c->n_moe_layers * ((W - 1) * h.node_lat + (double)(W - 1) / W * rows_bytes / h.node_bw);
+        if (sliced) // the experts' partial outputs: one more ring all-reduce per MoE layer
+            t_gather = c->n_moe_layers * (2.0 * (W - 1) * h.node_lat + 2.0 * (W - 1) / W * rows_bytes / h.node_bw);
         t_coord = t_flat + t_gather; // the flat exchange on 1/W of the tokens (tokens_share above)
     }
     fprintf(out, "estimated time per decode step (= per token of each sequence): memory %.3f ms", 1e3 * t_mem);
     if (W > 1) fprintf(out, " + tensor all-reduces %.3f ms", 1e3 * t_tensor);
     fprintf(out, "\n");
-    if (c->n_moe_layers > 0 && !coord)
+    if (sliced && c->n_moe_layers > 0)
+        fprintf(out, "  + expert-slicing all-reduces %.3f ms + all-to-all: flat %.3f ms -> %.3f ms; hierarchical %.3f ms "
+                "-> %.3f ms\n", 1e3 * t_gather, 1e3 * t_flat, 1e3 * (t_mem + t_tensor + t_gather + t_flat), 1e3 * t_hier,
+                1e3 * (t_mem + t_tensor + t_gather + t_hier));
+    else if (c->n_moe_layers > 0 && !coord)
         fprintf(out, "  + all-to-all: flat %.3f ms -> %.3f ms; hierarchical %.3f ms -> %.3f ms\n", 1e3 * t_flat,
                 1e3 * (t_mem + t_tensor + t_flat), 1e3 * t_hier, 1e3 * (t_mem + t_tensor + t_hier));
     else if (coord)

@@ -9,7 +9,9 @@
 // holds the same tokens, so the replicated parts (embedding, layer norms, residual coefficients, the
 // head) give the same bits on each. The coordinated all-to-all: in a MoE layer tensor rank t takes
 // only rows [t*q, (t+1)*q), q = ceil(rows/W), through gate, exchange and experts, and the tensor group
-// all-gathers the outputs.
+// all-gathers the outputs. Expert-slicing instead: every tensor rank runs every row, on its F/W columns
+// of each local expert (local copies: rows of w1 and b1, columns of w2; b2 on tensor rank 0 only), and
+// the group sums the partial outputs: the router, and so the routing, is the same on every tensor rank.
 #include "model_infer.h"
 #include "model_buffers.h"  // dsmoe_moe_buffers: the MoE layers' buffer tables (for the estimate)
 #include "model_internal.h" // struct dsmoe_model: parameters, groups, layer kinds
@@ -27,6 +29,8 @@ struct dsmoe_infer {
     int W, t;            // tensor-slicing width and this rank's part
     int NHt, Mt, Ft;     // this rank's heads, their width (NHt * D) and FFN columns
     int coordinated;     // W > 1 and the MoE layers split the rows over the tensor group
+    int sliced;          // W > 1 and every expert's FFN is split over the tensor group
+    dsmoe_moe_weights *ew; // (n_moe) sliced: this rank's columns of each MoE layer's local experts
     int Rm;              // rows a MoE layer runs per call (R, or ceil(R / W) when coordinated)
     dsmoe_rt_group tp;   // the tensor group (W > 1)
     int *len;            // (slots) host: positions cached
@@ -76,8 +80,38 @@ static dsmoe_status alloc_host(dsmoe_infer *s, size_t bytes, void *field, dsmoe_
     return DSMOE_OK;
 }
 
+// Expert-slicing: this tensor rank's F/W columns of each local expert of every MoE layer, as the MoE
+// layer's (E_local, Ft, M), (E_local, Ft), (E_local, M, Ft) and (E_local, M) tensors. w2's columns are
+// not contiguous: one copy per row. b2 is added once, by tensor rank 0 (zeros elsewhere).
+static dsmoe_status slice_experts(dsmoe_infer *s, dsmoe_err *err) {
+    dsmoe_runtime *rt = s->rt;
+    const dsmoe_model *m = s->m;
+    size_t M = (size_t)s->M, F = (size_t)s->F, Ft = (size_t)s->Ft, f0 = (size_t)s->t * Ft;
+    for (int l = 0; l < s->L; l++) {
+        int mi = m->moe_of_layer[l];
+        if (mi < 0) continue;
+        const dsmoe_moe_weights *w = &m->blocks[l].moe;
+        dsmoe_moe_weights *o = &s->ew[mi];
+        size_t El = (size_t)(m->cfg->experts[mi] / m->epg[m->epg_of_moe[mi]].ep);
+        o->wg = w->wg;
+        DSMOE_TRY(alloc_dev(s, El * Ft * M * sizeof(float), &o->w1, "expert slice of w1 (E_local, F/W, M)", err));
+        DSMOE_TRY(alloc_dev(s, El * Ft * sizeof(float), &o->b1, "expert slice of b1 (E_local, F/W)", err));
+        DSMOE_TRY(alloc_dev(s, El * M * Ft * sizeof(float), &o->w2, "expert slice of w2 (E_local, M, F/W)", err));
+        DSMOE_TRY(alloc_dev(s, El * M * sizeof(float), &o->b2, "expert bias b2 of tensor rank 0 (E_local, M)", err));
+        for (size_t e = 0; e < El; e++) {
+            KCALL(rt, copy, o->w1 + e * Ft * M, w->w1 + (e * F + f0) * M, Ft * M * sizeof(float));
+            KCALL(rt, copy, o->b1 + e * Ft, w->b1 + e * F + f0, Ft * sizeof(float));
+            for (size_t r = 0; r < M; r++)
+                KCALL(rt, copy, o->w2 + (e * M + r) * Ft, w->w2 + (e * M + r) * F + f0, Ft * sizeof(float));
+        }
+        if (s->t == 0) KCALL(rt, copy, o->b2, w->b2, El * M * sizeof(float));
+        else KCALL(rt, zero, o->b2, El * M * sizeof(float));
+    }
+    return DSMOE_OK;
+}
+
 dsmoe_status dsmoe_infer_create(dsmoe_model *m, int slots, int t_max, int max_rows, int tensor_parallel,
-                                int coordinated, dsmoe_infer **out, dsmoe_err *err) {
+                                int moe_mode, dsmoe_infer **out, dsmoe_err *err) {
     *out = NULL;
     const dsmoe_config *cfg = m->cfg;
     if (slots < 1 || max_rows < 1 || t_max < 1 || t_max > cfg->seq_len)
@@ -101,18 +135,20 @@ dsmoe_status dsmoe_infer_create(dsmoe_model *m, int slots, int t_max, int max_ro
     s->W = W;
     s->t = m->rt->slot % W;
     s->NHt = m->NH / W, s->Mt = m->M / W, s->Ft = m->F / W;
-    s->coordinated = W > 1 && coordinated;
+    s->coordinated = W > 1 && moe_mode == DSMOE_TENSOR_MOE_COORDINATED;
+    s->sliced = W > 1 && moe_mode == DSMOE_TENSOR_MOE_SLICED;
     s->Rm = s->coordinated ? (max_rows + W - 1) / W : max_rows;
     int n_moe = cfg->n_moe_layers;
     s->len = calloc((size_t)slots, sizeof *s->len);
     s->host_pos = calloc((size_t)slots, sizeof *s->host_pos);
     s->moe = calloc((size_t)(n_moe ? n_moe : 1), sizeof *s->moe);
     s->moe_owner = calloc((size_t)(n_moe ? n_moe : 1), sizeof *s->moe_owner);
+    s->ew = calloc((size_t)(n_moe ? n_moe : 1), sizeof *s->ew);
     s->k_cache = calloc((size_t)s->L, sizeof *s->k_cache);
     s->v_cache = calloc((size_t)s->L, sizeof *s->v_cache);
     s->qkvw = calloc((size_t)s->L, sizeof *s->qkvw);
     s->qkvb = calloc((size_t)s->L, sizeof *s->qkvb);
-    if (!s->len || !s->host_pos || !s->moe || !s->moe_owner || !s->k_cache || !s->v_cache || !s->qkvw || !s->qkvb)
+    if (!s->len || !s->host_pos || !s->moe || !s->moe_owner || !s->ew || !s->k_cache || !s->v_cache || !s->qkvw || !s->qkvb)
         return dsmoe_err_set(err, DSMOE_ERR_NOMEM, "inference: out of memory");
     if (W > 1) // collective over the world: the tensor groups are consecutive slots
         DSMOE_TRY(dsmoe_rt_group_split(s->rt, m->rt->slot / W, m->rt->slot, &s->tp, err));
@@ -172,7 +208,7 @@ dsmoe_status dsmoe_infer_create(dsmoe_model *m, int slots, int t_max, int max_ro
         s->moe_owner[mi] = 1;
         const ep_groups *g = &m->epg[m->epg_of_moe[mi]];
         dsmoe_moe_config mc = {
-            .S = s->Rm, .M = s->M, .F = s->F, .E = cfg->experts[mi], .K = cfg->top_k,
+            .S = s->Rm, .M = s->M, .F = s->sliced ? s->Ft : s->F, .E = cfg->experts[mi], .K = cfg->top_k,
             .capacity_factor = cfg->capacity_factor, .eval_capacity_factor = cfg->eval_capacity_factor,
             .min_capacity = cfg->min_capacity, .drop_tokens = 1, .random_token_selection = 0,
             .noise = cfg->noise, .jitter_eps = cfg->jitter_eps, .ep = g->ep, .ep_group = g->ep_g.comm,
@@ -181,6 +217,7 @@ dsmoe_status dsmoe_infer_create(dsmoe_model *m, int slots, int t_max, int max_ro
         };
         DSMOE_TRY(dsmoe_moe_layer_create(s->rt, &mc, &s->moe[mi], err));
     }
+    if (s->sliced) DSMOE_TRY(slice_experts(s, err));
     return DSMOE_OK;
 }
 
@@ -198,6 +235,13 @@ void dsmoe_infer_free(dsmoe_infer *s) {
         if (s->qkvw) free_dev(s, s->qkvw[l]);
         if (s->qkvb) free_dev(s, s->qkvb[l]);
     }
+    for (int i = 0; s->ew && i < s->m->cfg->n_moe_layers; i++) {
+        free_dev(s, s->ew[i].w1);
+        free_dev(s, s->ew[i].b1);
+        free_dev(s, s->ew[i].w2);
+        free_dev(s, s->ew[i].b2);
+    }
+    free(s->ew);
     if (s->W > 1) dsmoe_rt_group_free(s->rt, &s->tp);
     void *dev[] = {s->x, s->mid, s->ln, s->atty, s->ffn_out, s->moe_out, s->moe_share, s->mlp_out, s->qkv, s->fch,
                    s->fch_gelu,
@@ -224,16 +268,20 @@ static dsmoe_status add_bytes(const dsmoe_buffer *b, void *ctx, dsmoe_err *err) 
 }
 
 // The same sizes dsmoe_infer_create allocates, in its order (tests/test_infer.c compares them).
-void dsmoe_infer_estimate(const dsmoe_config *c, int slots, int t_max, int max_rows, int W, int coordinated,
+void dsmoe_infer_estimate(const dsmoe_config *c, int slots, int t_max, int max_rows, int W, int moe_mode,
                           dsmoe_infer_sizes *z) {
     uint64_t R = (uint64_t)max_rows, M = (uint64_t)c->hidden, Mt = M / (uint64_t)W, Ft = (uint64_t)c->ffn_hidden / W,
              V = (uint64_t)c->vocab, B = (uint64_t)slots, L = (uint64_t)c->layers, f = sizeof(float);
-    int coord = W > 1 && coordinated;
+    int coord = W > 1 && moe_mode == DSMOE_TENSOR_MOE_COORDINATED, sliced = W > 1 && moe_mode == DSMOE_TENSOR_MOE_SLICED;
     uint64_t Rm = coord ? (R + (uint64_t)W - 1) / (uint64_t)W : R;
     memset(z, 0, sizeof *z);
     z->moe_rows = (int)Rm;
     z->cache_bytes = L * 2 * B * Mt * (uint64_t)t_max * f;
     z->slice_bytes = W > 1 ? L * (3 * Mt * M + 3 * Mt) * f : 0;
+    for (int i = 0; sliced && i < c->n_moe_layers; i++) {
+        uint64_t El = (uint64_t)(c->experts[i] / c->expert_parallel[i]);
+        z->slice_bytes += El * (Ft * M + Ft + M * Ft + M) * f;
+    }
     z->row_bytes = (3 * R * M + R * Mt + R * M + (uint64_t)W * Rm * M + R * M + (coord ? Rm * M : 0) + 3 * R * Mt +
                     2 * R * Ft + 2 * R * 2 + 2 * B * M + B * V) * f +
                    R * sizeof(int32_t) + 2 * B * sizeof(int32_t);
@@ -241,7 +289,7 @@ void dsmoe_infer_estimate(const dsmoe_config *c, int slots, int t_max, int max_r
         int seen = 0;
         for (int j = 0; j < i; j++) seen |= c->experts[j] == c->experts[i] && c->expert_parallel[j] == c->expert_parallel[i];
         if (seen) continue; // shares the earlier layer's buffers
-        dsmoe_moe_sizes ms = {.S = Rm, .M = M, .F = (uint64_t)c->ffn_hidden, .E = (uint64_t)c->experts[i],
+        dsmoe_moe_sizes ms = {.S = Rm, .M = M, .F = sliced ? Ft : (uint64_t)c->ffn_hidden, .E = (uint64_t)c->experts[i],
                               .K = (uint64_t)c->top_k, .jitter = 0, .C = Rm};
         // The capacity buffers hold E_local per source rank: (ep, E_local, C, .) = (E, C, .) on every rank.
         dsmoe_moe_buffers(DSMOE_MOE_ROUTER, &ms, add_bytes, &z->moe_bytes, NULL);
@@ -339,7 +387,10 @@ static dsmoe_status ffn_block(dsmoe_infer *s, int l, int rows, int group_rows, f
         dsmoe_moe_step step = {.training = 0, .inference = 1, .tokens = mine, .capacity = capacity,
                                .times = profile ? moe_times : NULL};
         float *moe_out = s->coordinated ? s->moe_share : s->moe_out;
-        DSMOE_TRY(dsmoe_moe_forward(s->moe[mi], &p->moe, s->ln + (size_t)first * M, moe_out, &step, NULL, err));
+        const dsmoe_moe_weights *w = s->sliced ? &s->ew[mi] : &p->moe;
+        DSMOE_TRY(dsmoe_moe_forward(s->moe[mi], w, s->ln + (size_t)first * M, moe_out, &step, NULL, err));
+        if (s->sliced && rows > 0) // the experts' partial outputs, summed over the tensor group
+            CCOLL(rt, allreduce, s->tp.comm, DSMOE_IN_PLACE, s->moe_out, (size_t)rows * M, F32, DSMOE_SUM);
         if (s->coordinated && q > 0) { // every tensor rank's share, in rank order: rows 0 .. rows-1 first
             size_t bytes = (size_t)q * M * sizeof(float);
             CCOLL(rt, allgather, s->tp.comm, s->moe_share, s->moe_out, bytes);

@@ -20,6 +20,20 @@
 
 typedef struct dsmoe_infer dsmoe_infer;
 
+// How the MoE layers run under tensor slicing (the W ranks of a tensor group hold the same tokens):
+typedef enum {
+    DSMOE_TENSOR_MOE_ALL = 0,         // every tensor rank runs every row (the same work W times)
+    DSMOE_TENSOR_MOE_COORDINATED = 1, // tensor rank t runs 1/W of the rows, then the group all-gathers
+    DSMOE_TENSOR_MOE_SLICED = 2,      // expert-slicing: tensor rank t runs every row on F/W columns of
+                                      // each expert, then the group sums the partial outputs
+} dsmoe_tensor_moe;
+// The deck's choice: generate.expert_slicing, else generate.coordinated_alltoall.
+static inline int dsmoe_tensor_moe_of(const dsmoe_config *c) {
+    return c->gen_expert_slicing ? DSMOE_TENSOR_MOE_SLICED
+           : c->gen_coordinated  ? DSMOE_TENSOR_MOE_COORDINATED
+                                 : DSMOE_TENSOR_MOE_ALL;
+}
+
 // Seconds by part, summed over forwards that profile (dsmoe_infer_forward's times argument).
 typedef struct dsmoe_infer_times {
     double attention; // layer norm, QKV, the cache, attention and its projection
@@ -32,28 +46,29 @@ typedef struct dsmoe_infer_times {
 // Caches for `slots` sequences of up to t_max positions (<= model.seq_len) and buffers for up to
 // max_rows new tokens per call. tensor_parallel: the tensor-slicing width W (1 = none; it divides the
 // ranks, heads and FFN width; consecutive slots form a tensor group and get the same calls, and the
-// model's EP groups must be made for it: model_parallel.c); coordinated: with W > 1, each tensor rank
-// takes 1/W of the rows through the MoE layers (see model_infer.c). Collective over the world.
+// model's EP groups must be made for it: model_parallel.c); moe_mode: dsmoe_tensor_moe (with W > 1).
+// Collective over the world.
 dsmoe_status dsmoe_infer_create(dsmoe_model *model, int slots, int t_max, int max_rows, int tensor_parallel,
-                                int coordinated, dsmoe_infer **out, dsmoe_err *err);
+                                int moe_mode, dsmoe_infer **out, dsmoe_err *err);
 void dsmoe_infer_free(dsmoe_infer *inf); // collective, as create
 // Kernel memory it holds itself: caches, tensor slices and row buffers (its MoE layers' own buffers
 // apart: dsmoe_infer_estimate's moe_bytes).
 size_t dsmoe_infer_bytes(const dsmoe_infer *inf);
 
-// What dsmoe_infer_create(model of cfg, slots, t_max, max_rows, W, coordinated) allocates, from the
+// What dsmoe_infer_create(model of cfg, slots, t_max, max_rows, W, moe_mode) allocates, from the
 // config alone (dsmoe --plan): cache + slice + rows = dsmoe_infer_bytes; moe_bytes: its MoE layers'
 // router and capacity buffers at their largest (C = the rows a layer runs: nothing dropped), one set per
 // distinct (experts, expert_parallel): MoE layers alike share it.
 typedef struct dsmoe_infer_sizes {
     uint64_t cache_bytes; // KV cache: 2 x layers x (slots, heads / W, t_max, head width) fp32
-    uint64_t slice_bytes; // W > 1: each layer's copy of this rank's c_attn rows
+    uint64_t slice_bytes; // W > 1: each layer's copy of this rank's c_attn rows (and with expert-slicing,
+                          // of its columns of every local expert)
     uint64_t row_bytes;   // per-call buffers for max_rows tokens, and the slots' logits
     uint64_t moe_bytes;
     int moe_rows;         // rows a MoE layer runs per call (max_rows, or / W when coordinated)
 } dsmoe_infer_sizes;
 void dsmoe_infer_estimate(const dsmoe_config *cfg, int slots, int t_max, int max_rows, int tensor_parallel,
-                          int coordinated, dsmoe_infer_sizes *z);
+                          int moe_mode, dsmoe_infer_sizes *z);
 
 // Empties a slot (its next token is position 0).
 void dsmoe_infer_reset(dsmoe_infer *inf, int slot);

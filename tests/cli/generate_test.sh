@@ -3,7 +3,8 @@
 # (4 experts, byte vocabulary) writes a checkpoint; then:
 # - greedy generation of text and JSON-lines prompts gives the same tokens on 1 rank and on 4 ranks with
 #   ep 4, ep 2 x data 2, the hierarchical all-to-all forced (ranks_per_node 2), tensor slicing 2 and 4,
-#   ep 2 x tensor 2 with and without the coordinated all-to-all, and whatever generate.batch is;
+#   ep 2 x tensor 2 with and without the coordinated all-to-all, expert-slicing (ep 2 x tensor 2, and 8
+#   ranks for 4 experts: ep 4 x tensor 2), and whatever generate.batch is;
 # - seeded sampling (temperature, top-k, top-p) gives each prompt the same tokens whatever its batch or
 #   rank, and another seed gives other tokens;
 # - the output is one JSON object per prompt in file order, with the fields docs/inference.md lists;
@@ -116,7 +117,8 @@ PY
                 "4 moe.expert_parallel=4 moe.alltoall=hierarchical moe.ranks_per_node=2" "1 generate.batch=5" \
                 "2 generate.batch=1" "2 generate.tensor_parallel=2" "4 generate.tensor_parallel=2 moe.expert_parallel=2" \
                 "4 generate.tensor_parallel=2 moe.expert_parallel=2 generate.coordinated_alltoall=false" \
-                "4 generate.tensor_parallel=4"; do
+                "4 generate.tensor_parallel=4" "4 generate.tensor_parallel=2 moe.expert_parallel=2 generate.expert_slicing=true" \
+                "8 generate.tensor_parallel=2 moe.expert_parallel=4 generate.expert_slicing=true"; do
     set -- $layout
     r=$1
     shift
