@@ -422,11 +422,13 @@ static dsmoe_grouped_gemm groups_gemm(const dsmoe_moe_layer *L, const float *abu
     };
 }
 
-// y (rows, M) = gelu(x (rows, M) @ w1[el]^T + b1[el]) @ w2[el]^T + b2[el] for every group.
-static dsmoe_status experts_forward(dsmoe_moe_layer *L, const dsmoe_moe_weights *w, dsmoe_err *err) {
+// y (rows, M) = gelu(x (rows, M) @ w1[el]^T + b1[el]) @ w2[el]^T + b2[el] for every group; x = xbuf
+// (recv, or send itself when nothing moves).
+static dsmoe_status experts_forward(dsmoe_moe_layer *L, const dsmoe_moe_weights *w, const float *xbuf,
+                                    dsmoe_err *err) {
     const dsmoe_runtime *rt = L->rt;
     int M = L->cfg.M, F = L->cfg.F;
-    dsmoe_grouped_gemm fc = groups_gemm(L, L->recv, M, w->w1, 1, L->act, F); // h = x w1^T + b1, act = gelu(h)
+    dsmoe_grouped_gemm fc = groups_gemm(L, xbuf, M, w->w1, 1, L->act, F); // h = x w1^T + b1, act = gelu(h)
     fc.epilogue = DSMOE_EPI_BIAS_GELU;
     fc.bias = w->b1;
     fc.bias_stride = (size_t)F;
@@ -540,15 +542,18 @@ dsmoe_status dsmoe_moe_forward(dsmoe_moe_layer *L, const dsmoe_moe_weights *w, c
 
     KCALL(rt, moe_dispatch, L->send, x, F32, L->choice, L->slot, S, K, E, C, M); // (E, C, M)
     DSMOE_TRY(phase_done(L, step, 0, &t0, err));
-    DSMOE_TRY(exchange(L, L->recv, L->send, M, err));
+    // Inference with ep = 1: the exchanges would copy the (E, C, M) blocks onto themselves; the experts
+    // read send and combine reads yexp in place. (Training keeps the copies: its backward reuses send.)
+    int in_place = step->inference && L->ep == 1;
+    if (!in_place) DSMOE_TRY(exchange(L, L->recv, L->send, M, err));
     // recv_cnt (ep, E_local) = the kept counts each source rank reported for my experts
     DSMOE_TRY(dsmoe_exchange_alltoall(L->ex, L->kept, L->recv_cnt, (size_t)L->E_local * sizeof(int32_t), err));
     DSMOE_TRY(phase_done(L, step, 1, &t0, err));
-    DSMOE_TRY(experts_forward(L, w, err));
+    DSMOE_TRY(experts_forward(L, w, in_place ? L->send : L->recv, err));
     DSMOE_TRY(phase_done(L, step, 2, &t0, err));
-    DSMOE_TRY(exchange(L, L->yhome, L->yexp, M, err));
+    if (!in_place) DSMOE_TRY(exchange(L, L->yhome, L->yexp, M, err));
     DSMOE_TRY(phase_done(L, step, 1, &t0, err));
-    KCALL(rt, moe_combine, out, L->yhome, F32, L->choice, L->slot, L->weight, S, K, E, C, M);
+    KCALL(rt, moe_combine, out, in_place ? L->yexp : L->yhome, F32, L->choice, L->slot, L->weight, S, K, E, C, M);
     DSMOE_TRY(phase_done(L, step, 0, &t0, err));
 
     if (stats) {
