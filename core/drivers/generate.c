@@ -334,6 +334,19 @@ static void teardown(generator *g) {
     dsmoe_tokenizer_free(g->tok);
 }
 
+dsmoe_status dsmoe_generate_check(const dsmoe_config *c, dsmoe_runtime *rt, dsmoe_err *err) {
+    generator g = {.cfg = c, .rt = rt, .rank = rt->world_rank, .ranks = rt->world_size};
+    dsmoe_train_position pos = {0};
+    dsmoe_status s = setup(&g, err);
+    if (s == DSMOE_OK) s = dsmoe_checkpoint_verify(c, g.checkpoint, &pos, err);
+    s = dsmoe_errors_agree(s, err);
+    if (s == DSMOE_OK && g.rank == 0)
+        printf("generate: %d prompts from %s (%s tokenizer), checkpoint %s verifies (step %d), output %s\n",
+               g.prompts->n, c->gen_prompts, dsmoe_tokenizer_describe(g.tok), g.checkpoint, pos.step, g.output);
+    teardown(&g);
+    return s;
+}
+
 dsmoe_status dsmoe_generate_run(const dsmoe_config *c, const char *config_text, dsmoe_runtime *rt, dsmoe_err *err) {
     (void)config_text;
     generator g = {.cfg = c, .rt = rt, .rank = rt->world_rank, .ranks = rt->world_size};

@@ -1,5 +1,5 @@
 // core/drivers/generate.h: the generation driver (run.mode = generate, docs/inference.md).
-// defines: dsmoe_generate_run
+// defines: dsmoe_generate_run, dsmoe_generate_check
 //
 // Every rank reads the prompt file and takes prompts i with i % ranks == its rank (data parallelism);
 // the ranks step together, one forward per step, so that the MoE layers' all-to-all meets (a rank with
@@ -17,5 +17,9 @@
 
 // Runs the deck's generation to completion. Collective; on failure every rank returns the error.
 dsmoe_status dsmoe_generate_run(const dsmoe_config *cfg, const char *config_text, dsmoe_runtime *rt, dsmoe_err *err);
+// dsmoe --check of a generate deck: everything the run checks before its first step (tokenizer files,
+// the prompt file, the output's directory, the checkpoint verified against the deck's model); writes
+// nothing but the output's directory when it is missing. Collective.
+dsmoe_status dsmoe_generate_check(const dsmoe_config *cfg, dsmoe_runtime *rt, dsmoe_err *err);
 
 #endif

@@ -320,6 +320,22 @@ static dsmoe_status verify_file(const dsmoe_st_file *f, const char *path, dsmoe_
     return DSMOE_OK;
 }
 
+dsmoe_status dsmoe_checkpoint_verify(const dsmoe_config *cfg, const char *path, dsmoe_train_position *pos,
+                                     dsmoe_err *err) {
+    dsmoe_st_file *f = NULL;
+    DSMOE_TRY(dsmoe_st_open(path, &f, err));
+    dsmoe_status s = verify_file(f, path, pos, err);
+    char shape[1024];
+    shape_string(cfg, shape, sizeof shape);
+    const char *file_shape = dsmoe_st_meta(f, "model");
+    if (s == DSMOE_OK && (!file_shape || strcmp(file_shape, shape) != 0))
+        s = dsmoe_err_set(err, DSMOE_ERR_INVALID,
+                          "checkpoint %s holds a different model:\n  checkpoint: %s\n  deck:       %s", path,
+                          file_shape ? file_shape : "(none)", shape);
+    dsmoe_st_close(f);
+    return s;
+}
+
 // The file's tensor for (kind, model tensor i), checked against the model: present, F32, same shape.
 static dsmoe_status find_tensor(const dsmoe_st_file *f, const char *path, const dsmoe_param_tensor *t, int kind,
                                 const dsmoe_st_tensor **out, dsmoe_err *err) {

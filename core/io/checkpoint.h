@@ -1,5 +1,5 @@
 // core/io/checkpoint.h: model checkpoints as one safetensors file (docs/checkpoint.md).
-// defines: dsmoe_checkpoint_save, dsmoe_checkpoint_load, dsmoe_checkpoint_find_latest,
+// defines: dsmoe_checkpoint_save, dsmoe_checkpoint_load, dsmoe_checkpoint_verify, dsmoe_checkpoint_find_latest,
 //          dsmoe_checkpoint_remove_stale
 //
 // One file per checkpoint, global tensor names whatever the rank layout: parameters under their
@@ -38,6 +38,11 @@ dsmoe_status dsmoe_checkpoint_save(dsmoe_model *model, dsmoe_optimizer *opt, con
 // skipped and removes stale temporaries in that directory.
 dsmoe_status dsmoe_checkpoint_load(dsmoe_model *model, dsmoe_optimizer *opt, const dsmoe_config *cfg,
                                    const char *path, dsmoe_train_position *pos, dsmoe_err *err);
+
+// Verifies path as dsmoe_checkpoint_load would (format, metadata, every tensor's checksum and values,
+// the deck's model shape) without a model: for --check. Local; fills *pos.
+dsmoe_status dsmoe_checkpoint_verify(const dsmoe_config *cfg, const char *path, dsmoe_train_position *pos,
+                                     dsmoe_err *err);
 
 // Newest step_*.safetensors in dir that verifies (as dsmoe_checkpoint_load does, but for the model's
 // shape) into path; DSMOE_OK with path[0] = 0 when there is none; DSMOE_ERR_IO, with why the newest

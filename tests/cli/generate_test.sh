@@ -180,6 +180,13 @@ else
   fail "seeded sampling runs: exit $?"; show "$work/s1.log"
 fi
 
+# dsmoe --check of a generate deck reads the prompts and verifies the checkpoint; a bad prompt file fails it.
+expect check-generate 0 "checkpoint .*$(basename "$ckpt") verifies \(step 300\)" -- \
+  "$dsmoe" --check "$deck" run.mode=generate checkpoint.resume="$ckpt" generate.prompts="$work/prompts.jsonl"
+printf '{"prompt": 3}\n' >"$work/check.jsonl"
+expect check-generate-bad nonzero "check.jsonl:1" -- \
+  "$dsmoe" --check "$deck" run.mode=generate checkpoint.resume="$ckpt" generate.prompts="$work/check.jsonl"
+
 # Bad input: refused before any work, naming the file (and line); an existing output stays as it was.
 out="$work/keep.jsonl"
 echo '{"kept": true}' >"$out"
