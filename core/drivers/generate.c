@@ -17,6 +17,7 @@
 #include "generate_output.h"
 #include "model.h"
 #include "model_infer.h"
+#include "preflight.h" // dsmoe_probe_dir
 #include "prompts.h"
 #include "tokenizer.h"
 
@@ -120,7 +121,7 @@ static dsmoe_status find_checkpoint(generator *g, dsmoe_err *err) {
     return DSMOE_OK;
 }
 
-// Rank 0: the output's directory exists and takes a file (probed: created, removed) before any work.
+// Rank 0: the output's directory exists and takes a file before any work.
 static dsmoe_status probe_output(generator *g, dsmoe_err *err) {
     const dsmoe_config *c = g->cfg;
     if (c->gen_output[0]) snprintf(g->output, sizeof g->output, "%s", c->gen_output);
@@ -129,18 +130,10 @@ static dsmoe_status probe_output(generator *g, dsmoe_err *err) {
     char dir[4096];
     snprintf(dir, sizeof dir, "%s", g->output);
     char *slash = strrchr(dir, '/');
-    if (slash) *slash = 0;
+    if (slash == dir) slash[1] = '\0';
+    else if (slash) *slash = '\0';
     else snprintf(dir, sizeof dir, ".");
-    DSMOE_TRY(dsmoe_mkdir_p(dir, err));
-    char probe[4200];
-    snprintf(probe, sizeof probe, "%s.probe.%ld", g->output, (long)getpid());
-    FILE *f = fopen(probe, "w");
-    if (!f)
-        return dsmoe_err_set(err, DSMOE_ERR_IO, "generate.output %s: cannot create a file in %s: %s", g->output, dir,
-                             strerror(errno));
-    fclose(f);
-    remove(probe);
-    return DSMOE_OK;
+    return dsmoe_probe_dir(dir, c->gen_output[0] ? "generate.output's directory" : "run.output_dir", err);
 }
 
 // ----------------------------------------------------------------------------------------------------
@@ -339,7 +332,7 @@ dsmoe_status dsmoe_generate_check(const dsmoe_config *c, dsmoe_runtime *rt, dsmo
     dsmoe_train_position pos = {0};
     dsmoe_status s = setup(&g, err);
     if (s == DSMOE_OK) s = dsmoe_checkpoint_verify(c, g.checkpoint, &pos, err);
-    s = dsmoe_errors_agree(s, err);
+    s = dsmoe_ctl_checks_agree(rt->world_ctl, s, err);
     if (s == DSMOE_OK && g.rank == 0)
         printf("generate: %d prompts from %s (%s tokenizer), checkpoint %s verifies (step %d), output %s\n",
                g.prompts->n, c->gen_prompts, dsmoe_tokenizer_describe(g.tok), g.checkpoint, pos.step, g.output);
@@ -351,7 +344,7 @@ dsmoe_status dsmoe_generate_run(const dsmoe_config *c, const char *config_text, 
     (void)config_text;
     generator g = {.cfg = c, .rt = rt, .rank = rt->world_rank, .ranks = rt->world_size};
     // Everything that can fail on the inputs fails here, on every rank, before the model exists.
-    dsmoe_status s = dsmoe_errors_agree(setup(&g, err), err);
+    dsmoe_status s = dsmoe_ctl_checks_agree(rt->world_ctl, setup(&g, err), err);
     if (s == DSMOE_OK) s = dsmoe_model_create(c, rt, 0, &g.model, err); // parameters only
     if (s == DSMOE_OK) {
         dsmoe_train_position pos;

@@ -333,7 +333,7 @@ int main(int argc, char **argv) {
     }
     int stopped = 0, save_failed = 0, metrics_failed = 0;
     if (s == DSMOE_OK && check_only) {
-        if (cfg.mode == DSMOE_MODE_GENERATE) s = dsmoe_generate_check(&cfg, &rt, &err);
+        s = cfg.mode == DSMOE_MODE_GENERATE ? dsmoe_generate_check(&cfg, &rt, &err) : dsmoe_train_check(&cfg, &rt, &err);
         if (s == DSMOE_OK && rank == 0) printf("deck %s is valid\n", deck_path);
     } else if (s == DSMOE_OK && cfg.mode == DSMOE_MODE_GENERATE) {
         s = dsmoe_generate_run(&cfg, resolved, &rt, &err);

@@ -20,6 +20,7 @@
 #include "memplan.h"
 #include "model.h"
 #include "optimizer.h"
+#include "preflight.h"
 
 float dsmoe_lr_at(const dsmoe_config *c, int step) {
     if (c->warmup_steps > 0 && step < c->warmup_steps) return c->lr * (float)(step + 1) / (float)c->warmup_steps;
@@ -442,6 +443,22 @@ static dsmoe_status train_step(trainer *tr, int step, uint64_t first_sample, ste
 // ----------------------------------------------------------------------------------------------------
 // the run
 
+static dsmoe_status open_data(const dsmoe_config *c, dsmoe_dataset **ds, dsmoe_err *err) {
+    dsmoe_dataset_options dopt = {
+        .source = c->data_source, .path = c->data_path, .vocab = c->vocab, .seq_len = c->seq_len,
+        .valid_fraction = c->valid_fraction, .seed = c->data_seed ? c->data_seed : c->seed,
+        .synthetic_sources = c->synthetic_sources, .synthetic_branching = c->synthetic_branching,
+    };
+    return dsmoe_dataset_open(&dopt, ds, err);
+}
+
+// A checkpoint's size: the parameters and both AdamW moments, fp32 (docs/checkpoint.md).
+static uint64_t checkpoint_bytes(const dsmoe_config *c) {
+    dsmoe_param_counts pc;
+    dsmoe_mem_param_counts(c, &pc);
+    return 3 * pc.total * sizeof(float);
+}
+
 static dsmoe_status open_run(trainer *tr, const dsmoe_config *c, dsmoe_runtime *rt, dsmoe_err *err) {
     tr->cfg = c;
     tr->rt = rt;
@@ -458,13 +475,11 @@ static dsmoe_status open_run(trainer *tr, const dsmoe_config *c, dsmoe_runtime *
     tr->loads = dsmoe_calloc((size_t)(c->n_moe_layers ? c->n_moe_layers : 1) * (size_t)tr->max_e, sizeof(int64_t),
                              "expert loads", err);
     if (!tr->window || !tr->inputs || !tr->targets || !tr->loads) return DSMOE_ERR_NOMEM;
-    dsmoe_dataset_options dopt = {
-        .source = c->data_source, .path = c->data_path, .vocab = c->vocab, .seq_len = c->seq_len,
-        .valid_fraction = c->valid_fraction, .seed = c->data_seed ? c->data_seed : c->seed,
-        .synthetic_sources = c->synthetic_sources, .synthetic_branching = c->synthetic_branching,
-    };
-    // Model creation is collective: a data file that fails on some ranks is agreed on first.
-    DSMOE_TRY(dsmoe_errors_agree(dsmoe_dataset_open(&dopt, &tr->data, err), err));
+    // Model creation is collective: a data file, or a check before the first step, that fails on some
+    // ranks is agreed on first.
+    DSMOE_TRY(dsmoe_errors_agree(open_data(c, &tr->data, err), err));
+    DSMOE_TRY(dsmoe_ctl_checks_agree(rt->world_ctl, dsmoe_preflight_train(c, tr->data, tr->rank, checkpoint_bytes(c), err),
+                                     err));
     DSMOE_TRY(dsmoe_model_create(c, rt, tr->B, &tr->model, err));
     DSMOE_TRY(dsmoe_optimizer_create(tr->model, c->zero_stage, &tr->opt, err));
     if (c->checkpoint_dir[0]) snprintf(tr->ckpt_dir, sizeof tr->ckpt_dir, "%s", c->checkpoint_dir);
@@ -481,6 +496,15 @@ static void close_run(trainer *tr) {
     free(tr->inputs);
     free(tr->targets);
     free(tr->loads);
+}
+
+dsmoe_status dsmoe_train_check(const dsmoe_config *c, dsmoe_runtime *rt, dsmoe_err *err) {
+    dsmoe_dataset *ds = NULL;
+    dsmoe_status s = open_data(c, &ds, err);
+    if (s == DSMOE_OK) s = dsmoe_preflight_train(c, ds, rt->world_rank, checkpoint_bytes(c), err);
+    if (s == DSMOE_OK && rt->world_rank == 0) printf("data: %s\n", dsmoe_dataset_describe(ds));
+    dsmoe_dataset_close(ds);
+    return dsmoe_ctl_checks_agree(rt->world_ctl, s, err);
 }
 
 // Starts fresh, or loads checkpoint.resume ("auto": the newest in the checkpoint dir, if any).

@@ -1,5 +1,5 @@
 // core/drivers/train.h: the training and evaluation driver.
-// defines: dsmoe_train_run, dsmoe_train_result, dsmoe_lr_at, dsmoe_signals_parse, dsmoe_signals_install,
+// defines: dsmoe_train_run, dsmoe_train_check, dsmoe_train_result, dsmoe_lr_at, dsmoe_signals_parse, dsmoe_signals_install,
 //          DSMOE_EXIT_SIGNAL_CHECKPOINT, DSMOE_EXIT_SIGNAL_TWICE, DSMOE_EXIT_SAVE_FAILED, DSMOE_EXIT_METRICS_FAILED
 //
 // One optimizer step = the deck's global batch (train.batch sequences) split over the ranks and
@@ -48,6 +48,10 @@ dsmoe_status dsmoe_signals_install(const dsmoe_config *cfg, dsmoe_err *err);
 
 // Learning rate for a 0-based step: linear warm-up, then cosine/linear decay to min_lr, or constant.
 float dsmoe_lr_at(const dsmoe_config *cfg, int step);
+
+// dsmoe --check of a train or eval deck: the data opens (files of the right kind) and the checks of
+// dsmoe_preflight_train hold. Collective.
+dsmoe_status dsmoe_train_check(const dsmoe_config *cfg, dsmoe_runtime *rt, dsmoe_err *err);
 
 // Runs cfg->mode (train or eval) to completion. config_text is the resolved deck (saved beside outputs
 // and in checkpoints). Collective; on failure every rank returns the error.

@@ -151,6 +151,12 @@ dsmoe_status dsmoe_ctl_gather_bytes(const dsmoe_ctl_group *g, const void *send, 
     return DSMOE_OK;
 }
 
+dsmoe_status dsmoe_ctl_checks_agree(const dsmoe_ctl_group *g, dsmoe_status s, dsmoe_err *err) {
+    s = dsmoe_ctl_root_status(g, s, "another rank failed its checks (its message is above)", err);
+    if (s != DSMOE_OK) err->scope = DSMOE_SCOPE_COLLECTIVE;
+    return s;
+}
+
 dsmoe_status dsmoe_ctl_root_status(const dsmoe_ctl_group *g, dsmoe_status s, const char *others, dsmoe_err *err) {
     int codes[2] = {g->rank == 0 ? (int)s : 0, s != DSMOE_OK};
     int rc = MPI_Allreduce(MPI_IN_PLACE, codes, 2, MPI_INT, MPI_MAX, g->comm);

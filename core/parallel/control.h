@@ -51,6 +51,9 @@ dsmoe_status dsmoe_ctl_gather_bytes(const dsmoe_ctl_group *g, const void *send, 
 // Every member learns the outcome of a step that rank 0 leads (it writes a file): rank 0's status and
 // err message when rank 0 failed; else DSMOE_ERR_IO with `others` when another member failed; else s.
 dsmoe_status dsmoe_ctl_root_status(const dsmoe_ctl_group *g, dsmoe_status s, const char *others, dsmoe_err *err);
+// The same for checks every rank makes and rank 0 makes more of: a failure comes back marked collective
+// (every rank holds the message, rank 0's when it failed: it prints once and the ranks end cleanly).
+dsmoe_status dsmoe_ctl_checks_agree(const dsmoe_ctl_group *g, dsmoe_status s, dsmoe_err *err);
 
 // Collective over the world, once per process: this rank's node, nodes numbered in order of their first
 // world rank (the ranks that share memory: MPI_Comm_split_type SHARED).

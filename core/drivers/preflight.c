@@ -1,0 +1,93 @@
+// core/drivers/preflight.c: see preflight.h.
+#include "preflight.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
+#include <unistd.h>
+
+// Nothing is created but the probe file: a directory that does not exist yet is probed in its nearest
+// existing ancestor (where the run will create it).
+dsmoe_status dsmoe_probe_dir(const char *dir, const char *key, dsmoe_err *err) {
+    char at[4096];
+    if (!dir[0]) return dsmoe_err_set(err, DSMOE_ERR_INVALID, "%s is empty", key);
+    if (strlen(dir) >= sizeof at) return dsmoe_err_set(err, DSMOE_ERR_INVALID, "%s = %s: path too long", key, dir);
+    snprintf(at, sizeof at, "%s", dir);
+    struct stat st;
+    for (;;) {
+        if (stat(at, &st) == 0) break;
+        if (errno != ENOENT)
+            return dsmoe_err_set(err, DSMOE_ERR_IO, "%s = %s: cannot reach %s: %s", key, dir, at, strerror(errno));
+        char *slash = strrchr(at, '/');
+        if (!slash) {
+            snprintf(at, sizeof at, ".");
+        } else if (slash == at) {
+            at[1] = '\0';
+        } else {
+            *slash = '\0';
+        }
+    }
+    if (!S_ISDIR(st.st_mode))
+        return dsmoe_err_set(err, DSMOE_ERR_IO, "%s = %s: %s exists and is not a directory", key, dir, at);
+    char probe[4200];
+    snprintf(probe, sizeof probe, "%s/.dsmoe-probe.%ld", at, (long)getpid());
+    FILE *f = fopen(probe, "w");
+    if (!f)
+        return dsmoe_err_set(err, DSMOE_ERR_IO, "%s = %s: cannot create a file in %s: %s", key, dir, at, strerror(errno));
+    fclose(f);
+    remove(probe);
+    return DSMOE_OK;
+}
+
+static const char *size_text(double bytes, char *buf, size_t n) {
+    const char *unit[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+    int u = 0;
+    while (bytes >= 1024.0 && u < 4) bytes /= 1024.0, u++;
+    snprintf(buf, n, u ? "%.1f %s" : "%.0f %s", bytes, unit[u]);
+    return buf;
+}
+
+dsmoe_status dsmoe_preflight_train(const dsmoe_config *c, const dsmoe_dataset *ds, int rank, uint64_t checkpoint_bytes,
+                                   dsmoe_err *err) {
+    // Evaluation runs at the end of training (and every train.eval_every steps), and is all of eval.
+    int evaluates = c->mode == DSMOE_MODE_EVAL || c->steps > 0;
+    if (evaluates && c->data_source != DSMOE_DATA_SYNTHETIC && dsmoe_dataset_windows(ds, DSMOE_SPLIT_VALID) == 0)
+        return dsmoe_err_set(err, DSMOE_ERR_INVALID, "data.valid_fraction = %g holds out no validation sequence of %s, "
+                             "and %s evaluates on it (train.eval_batches = %d): set data.valid_fraction above 0",
+                             (double)c->valid_fraction, c->data_path, c->mode == DSMOE_MODE_EVAL ? "run.mode = eval"
+                             : "training", c->eval_batches);
+    if (rank != 0 || c->mode != DSMOE_MODE_TRAIN) return DSMOE_OK;
+    DSMOE_TRY(dsmoe_probe_dir(c->output_dir, "run.output_dir", err));
+    int checkpoints = c->checkpoint_final || c->checkpoint_every > 0;
+    char dir[2048];
+    if (c->checkpoint_dir[0]) snprintf(dir, sizeof dir, "%s", c->checkpoint_dir);
+    else snprintf(dir, sizeof dir, "%s/checkpoints", c->output_dir);
+    if (checkpoints) DSMOE_TRY(dsmoe_probe_dir(dir, c->checkpoint_dir[0] ? "checkpoint.dir" : "checkpoint.dir (default)", err));
+    // metrics.file is opened (created or appended to) at the start; its directory must be there.
+    if (c->metrics_file[0]) {
+        char parent[4096];
+        snprintf(parent, sizeof parent, "%s", c->metrics_file);
+        char *slash = strrchr(parent, '/');
+        if (slash == parent) slash[1] = '\0';
+        else if (slash) *slash = '\0';
+        else snprintf(parent, sizeof parent, ".");
+        if (access(parent, W_OK | X_OK) != 0)
+            return dsmoe_err_set(err, DSMOE_ERR_IO, "cannot open metrics file %s: %s", c->metrics_file, strerror(errno));
+    }
+    struct statvfs fs;
+    if (checkpoints && checkpoint_bytes > 0 && statvfs(dir, &fs) == 0) {
+        uint64_t room = (uint64_t)fs.f_bavail * (uint64_t)fs.f_frsize;
+        char a[32], b[32];
+        if (room < checkpoint_bytes) {
+            fprintf(stderr, "dsmoe: warning: the file system of the checkpoint directory %s has %s free, less than one "
+                    "checkpoint (%s): saves will fail unless room is made (checkpoint.max_failures = %d)\n", dir,
+                    size_text((double)room, a, sizeof a), size_text((double)checkpoint_bytes, b, sizeof b),
+                    c->checkpoint_max_failures);
+            fflush(stderr);
+        }
+    }
+    return DSMOE_OK;
+}
