@@ -121,6 +121,7 @@ typedef struct dsmoe_config {
     char resume[1024];           // checkpoint.resume ("" = fresh start, "auto" = newest in dir, or a path)
     int checkpoint_final;        // checkpoint.final (write one at the end)
     int checkpoint_max_failures; // checkpoint.max_failures (failed saves in a row that end the run)
+    int allow_seed_change;       // checkpoint.allow_seed_change (resume with another run.seed)
 
     // [metrics]
     char metrics_file[1024];     // metrics.file ("" = <run.output_dir>/metrics.csv)

@@ -110,6 +110,8 @@ const key_def dsmoe_config_keys[] = {
     KEY("checkpoint.resume", K_STRING, "", resume, ANY,
         "'' = fresh start, auto = newest checkpoint in checkpoint.dir if any, or a file path"),
     KEY("checkpoint.final", K_BOOL, "true", checkpoint_final, ANY, "write a checkpoint at the end"),
+    KEY("checkpoint.allow_seed_change", K_BOOL, "false", allow_seed_change, ANY,
+        "resume a checkpoint written with another run.seed (the data order and noise then change); false = refused"),
     KEY("checkpoint.max_failures", K_INT, "3", checkpoint_max_failures, GE(1),
         "failed saves in a row that end the run (exit 74); a failed final save always does"),
 

@@ -523,6 +523,18 @@ static dsmoe_status start_position(trainer *tr, dsmoe_train_position *pos, int *
         return dsmoe_model_init_params(tr->model, c->seed, err);
     }
     DSMOE_TRY(dsmoe_checkpoint_load(tr->model, c->mode == DSMOE_MODE_TRAIN ? tr->opt : NULL, c, path, pos, err));
+    // The seed keys the data order and every noise stream: another one would continue a different run.
+    if (c->mode == DSMOE_MODE_TRAIN && pos->seed != c->seed) {
+        if (!c->allow_seed_change)
+            return dsmoe_err_set(err, DSMOE_ERR_INVALID, "checkpoint %s was written by a run with run.seed = %" PRIu64
+                                 "; this deck has run.seed = %" PRIu64 ": resuming would change the data order and "
+                                 "the noise streams. Set run.seed = %" PRIu64 ", or checkpoint.allow_seed_change = true "
+                                 "to go on with %" PRIu64, path, pos->seed, c->seed, pos->seed, c->seed);
+        if (tr->rank == 0)
+            printf("resume: run.seed changes from %" PRIu64 " to %" PRIu64 " (checkpoint.allow_seed_change): the data "
+                   "order and noise differ from here on\n", pos->seed, c->seed);
+        pos->seed = c->seed;
+    }
     if (tr->rank == 0) printf("resumed from %s at step %d (next sample %" PRIu64 ")\n", path, pos->step, pos->next_sample);
     *resumed = 1;
     return DSMOE_OK;

@@ -110,6 +110,12 @@ refuse step_neg "metadata 'step' = '-1' is not a number"
 refuse sample_neg "metadata 'next_sample' = '-1' is not a number"
 [ -e "$work/out_flip/checkpoints" ] && fail "a refused resume wrote checkpoints" || ok
 
+# Another run.seed is refused on resume (it would silently change the data stream), unless allowed.
+expect seed-change nonzero "written by a run with run.seed = 1234; this deck has run.seed = 99.*checkpoint.allow_seed_change" -- \
+  "$dsmoe" "$tiny" train.steps=4 run.seed=99 checkpoint.resume="$good" run.output_dir="$work/out_seed"
+expect seed-change-allowed 0 "run.seed changes from 1234 to 99" -- "$dsmoe" "$tiny" train.steps=4 run.seed=99 \
+  checkpoint.allow_seed_change=true checkpoint.resume="$good" run.output_dir="$work/out_seed2"
+
 # The damage script itself: the NaN copy's checksum was recomputed right, so the NaN check refused it
 # (not the CRC), and the copy without checksums loads, with a warning.
 damage "$good" "$work/nocrc.safetensors" nocrc
