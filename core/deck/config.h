@@ -37,6 +37,7 @@ typedef struct dsmoe_config {
     // [run]
     int mode;                    // run.mode: dsmoe_run_mode
     uint64_t seed;               // run.seed
+    double watchdog;             // run.watchdog: seconds without progress that end the job (0 = off)
     char output_dir[1024];       // run.output_dir
     int threads;                 // run.threads (0 = OMP_NUM_THREADS, else the cores of the binding, else 1)
     int log_every;               // run.log_every (steps)

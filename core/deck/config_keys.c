@@ -29,6 +29,9 @@ const key_def dsmoe_config_keys[] = {
     KEY("run.kernel_backend", K_STRING, "cpu", kernel_backend, ANY, "expert-kernel plugin (libdsmoe_kernel_<name>.so)"),
     KEY("run.comm_backend", K_STRING, "mpi", comm_backend, ANY, "communication plugin (libdsmoe_comm_<name>.so)"),
     KEY("run.plugin_path", K_STRING, "", plugin_path, ANY, "extra plugin directories, ':'-separated"),
+    KEY("run.watchdog", K_DURATION, "30min", watchdog, GE(0),
+        "a rank that makes no progress this long (a peer stopped, hung or gone) ends the job with exit code 70, "
+        "naming the step and phase; 0 = off"),
     KEY("run.signals", K_STRING, "USR1,TERM", signals, ANY,
         "signals that make every rank write a checkpoint at the next step boundary and exit with 75 (a second "
         "one exits at once with 76): names from HUP INT QUIT USR1 USR2 TERM XCPU, comma-separated; '' = none"),

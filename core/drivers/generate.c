@@ -20,6 +20,7 @@
 #include "preflight.h" // dsmoe_probe_dir
 #include "prompts.h"
 #include "tokenizer.h"
+#include "watchdog.h"
 
 // One of this rank's prompts.
 typedef struct gen_seq {
@@ -240,6 +241,7 @@ static dsmoe_status run_steps(generator *g, double t_start, dsmoe_err *err) {
     while (s == DSMOE_OK) {
         int rows, busy, n = build_call(g, slot, count, tokens, &rows, &busy, dsmoe_now_seconds());
         step_agreement me = {rows, busy, g->done, g->tokens_out}, all = {0};
+        dsmoe_watchdog_beat("generation step", steps + 1);
         if ((s = agree(g, &me, &all, err)) != DSMOE_OK || all.busy == 0) break;
         s = dsmoe_infer_forward(g->inf, n, slot, count, tokens, all.rows > 0 ? (int)all.rows : 1,
                                 c->gen_capacity_factor, c->gen_profile ? &g->times : NULL, err);

@@ -19,6 +19,7 @@
 #include "plugin_loader.h" // dsmoe_plugin_load_*, dsmoe_plugin_search_path
 #include "runtime.h"       // dsmoe_runtime_open, dsmoe_runtime_close
 #include "train.h"         // dsmoe_train_run
+#include "watchdog.h"      // dsmoe_watchdog_start (run.watchdog)
 
 #ifndef DSMOE_VERSION
 #define DSMOE_VERSION "unknown"
@@ -43,9 +44,10 @@ static void usage(FILE *out) {
             "\n"
             "Launch with srun, mpiexec, or as a single process.\n"
             "\n"
-            "Exit codes: 0 done; 1 error; 2 bad command line; 75 stopped by a run.signals signal (default USR1,\n"
-            "TERM) after writing a checkpoint: requeue with checkpoint.resume=auto; 76 a second signal ended it\n"
-            "at once (docs/parallel.md).\n");
+            "Exit codes: 0 done; 1 error; 2 bad command line; 70 run.watchdog: a rank made no progress (a peer\n"
+            "stopped or hung); 73 metrics file not written; 74 checkpoint saves failed; 75 stopped by a\n"
+            "run.signals signal (default USR1, TERM) after writing a checkpoint: requeue with\n"
+            "checkpoint.resume=auto; 76 a second signal ended it at once (docs/parallel.md).\n");
 }
 
 static void print_version(void) {
@@ -335,6 +337,8 @@ int main(int argc, char **argv) {
     if (s == DSMOE_OK && check_only) {
         s = cfg.mode == DSMOE_MODE_GENERATE ? dsmoe_generate_check(&cfg, &rt, &err) : dsmoe_train_check(&cfg, &rt, &err);
         if (s == DSMOE_OK && rank == 0) printf("deck %s is valid\n", deck_path);
+    } else if (s == DSMOE_OK && (s = dsmoe_watchdog_start(cfg.watchdog, rank, &err)) != DSMOE_OK) {
+        // no thread, no run
     } else if (s == DSMOE_OK && cfg.mode == DSMOE_MODE_GENERATE) {
         s = dsmoe_generate_run(&cfg, resolved, &rt, &err);
     } else if (s == DSMOE_OK) {
@@ -345,6 +349,7 @@ int main(int argc, char **argv) {
         save_failed = result.save_failed;
         metrics_failed = result.metrics_failed;
     }
+    dsmoe_watchdog_stop();
     if (s != DSMOE_OK && err.scope != DSMOE_SCOPE_COLLECTIVE && world_size > 1)
         return finish(s, &err, rank, world_size); // without collective clean-up: other ranks may be mid-step
     dsmoe_runtime_close(&rt);

@@ -21,6 +21,7 @@
 #include "model.h"
 #include "optimizer.h"
 #include "preflight.h"
+#include "watchdog.h"
 
 float dsmoe_lr_at(const dsmoe_config *c, int step) {
     if (c->warmup_steps > 0 && step < c->warmup_steps) return c->lr * (float)(step + 1) / (float)c->warmup_steps;
@@ -98,6 +99,7 @@ static dsmoe_status evaluate(trainer *tr, double *loss, int64_t *layer_stats, st
         for (int j = 0; j < tr->accum; j++) {
             uint64_t pos = (uint64_t)(j * tr->rt->world_size + tr->rt->world_rank) * (uint64_t)tr->B;
             DSMOE_TRY(load_micro_batch(tr, DSMOE_SPLIT_VALID, (uint64_t)batch * c->batch + pos, err));
+            dsmoe_watchdog_beat("evaluation", -1);
             dsmoe_forward_result r;
             DSMOE_TRY(dsmoe_model_forward(tr->model, tr->inputs, tr->targets, 0, 0, pos * (uint64_t)tr->T, &r, err));
             add_forward(&st, &r);
@@ -414,6 +416,7 @@ static dsmoe_status train_step(trainer *tr, int step, uint64_t first_sample, ste
         uint64_t pos = (uint64_t)(j * world + rt->world_rank) * (uint64_t)tr->B; // sample position in the step
         DSMOE_TRY(load_micro_batch(tr, DSMOE_SPLIT_TRAIN, first_sample + pos, err));
         dsmoe_forward_result r;
+        dsmoe_watchdog_beat("forward", step + 1);
         DSMOE_TRY(dsmoe_model_forward(tr->model, tr->inputs, tr->targets, 1, step_seed, pos * (uint64_t)tr->T, &r, err));
         add_forward(st, &r);
         for (int i = 0; i < c->n_moe_layers; i++) {
@@ -421,8 +424,10 @@ static dsmoe_status train_step(trainer *tr, int step, uint64_t first_sample, ste
             for (int e = 0; e < c->experts[i]; e++) tr->loads[i * tr->max_e + e] += ms->expert_load[e];
         }
         dsmoe_model_set_reduce_in_backward(tr->model, j == tr->accum - 1);
+        dsmoe_watchdog_beat("backward", step + 1);
         DSMOE_TRY(dsmoe_model_backward(tr->model, dloss, daux, err));
     }
+    dsmoe_watchdog_beat("gradient reduction and optimizer", step + 1);
     DSMOE_TRY(dsmoe_model_reduce_grads(tr->model, err));
     DSMOE_TRY(dsmoe_model_grad_norm(tr->model, gnorm, err));
     if (!isfinite(*gnorm)) {
@@ -643,7 +648,9 @@ static dsmoe_status run(trainer *tr, const char *config_text, dsmoe_train_result
             metrics_row(tr, pos.step, &st, dsmoe_lr_at(c, step), gnorm, tok_s, elapsed, valid);
         }
         int saved = (c->checkpoint_every > 0 && pos.step % c->checkpoint_every == 0) || (last && c->checkpoint_final);
+        dsmoe_watchdog_beat("checkpoint save", pos.step);
         if (saved) DSMOE_TRY(save_checkpoint(tr, config_text, &pos, last && c->checkpoint_final, res, err));
+        dsmoe_watchdog_beat("step boundary", pos.step);
         // A signal during the last step changes nothing: the run is complete.
         int signo, ranks;
         if (!last) DSMOE_TRY(signals_agree(tr, &signo, &ranks, err));

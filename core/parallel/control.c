@@ -3,6 +3,7 @@
 #include <mpi.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "control.h"
 
@@ -149,6 +150,11 @@ dsmoe_status dsmoe_ctl_gather_bytes(const dsmoe_ctl_group *g, const void *send, 
     }
     *total = sum;
     return DSMOE_OK;
+}
+
+void dsmoe_ctl_abort(int code) {
+    MPI_Abort(MPI_COMM_WORLD, code);
+    _exit(code); // MPI_Abort does not return; if it did, the launcher still sees this rank fail
 }
 
 dsmoe_status dsmoe_ctl_checks_agree(const dsmoe_ctl_group *g, dsmoe_status s, dsmoe_err *err) {

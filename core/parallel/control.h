@@ -48,6 +48,9 @@ dsmoe_status dsmoe_ctl_gather_spaced(const dsmoe_ctl_group *g, const float *shar
 dsmoe_status dsmoe_ctl_gather_bytes(const dsmoe_ctl_group *g, const void *send, size_t n, char **all, size_t *total,
                                     size_t *counts, dsmoe_err *err);
 
+// Ends every rank of the job now with `code` (MPI_Abort on the world); from any thread. Does not return.
+void dsmoe_ctl_abort(int code) __attribute__((noreturn));
+
 // Every member learns the outcome of a step that rank 0 leads (it writes a file): rank 0's status and
 // err message when rank 0 failed; else DSMOE_ERR_IO with `others` when another member failed; else s.
 dsmoe_status dsmoe_ctl_root_status(const dsmoe_ctl_group *g, dsmoe_status s, const char *others, dsmoe_err *err);

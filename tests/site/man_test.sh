@@ -28,7 +28,7 @@ fi
 
 # Exit codes: those --help names ("Exit codes: 0 done; 1 error; ...") and the DSMOE_EXIT_* of train.h.
 codes=$( { sed -n '/^Exit codes:/,$p' <<<"$help" | grep -oE '(^|[;:] *)[0-9]+ ' | grep -oE '[0-9]+'
-           sed -n 's/^#define DSMOE_EXIT_[A-Z_]* \([0-9]*\).*/\1/p' "$src/core/drivers/train.h"; } | sort -un)
+           sed -n 's/^#define DSMOE_EXIT_[A-Z_]* \([0-9]*\).*/\1/p' "$src/core/drivers/train.h" "$src/core/drivers/watchdog.h"; } | sort -un)
 [ "$(wc -l <<<"$codes")" -ge 5 ] || fail "found only these exit codes: $codes"
 exit_section=$(sed -n '/^\.SH EXIT STATUS/,/^\.SH /p' "$page")
 for c in $codes; do
