@@ -265,8 +265,8 @@ static void test_text(void **state) {
     o = text(path_of("a.txt,"), T, 0.1f);
     expect_open_error(&o, "empty file name", NULL);
     o = text(path_of("all.txt"), 500, 0.1f); // 100 valid tokens, raised to 501, + 501 for training > 1000
-    expect_open_error(&o, "the corpus is too small: it has 1000 tokens, but one training window of model.seq_len + 1 = "
-                          "501 tokens plus the validation split needs 1002", NULL);
+    expect_open_error(&o, "data.path = ", "all.txt: the corpus is too small: it has 1000 tokens, but one training window "
+                          "of model.seq_len + 1 = 501 tokens plus the validation split needs 1002", NULL);
 }
 
 // ---------------------------------------------------------------------------------------------------

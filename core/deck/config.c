@@ -753,6 +753,19 @@ dsmoe_status dsmoe_config_print(FILE *out, const dsmoe_config *cfg, const dsmoe_
     return ferror(out) ? DSMOE_ERR_IO : DSMOE_OK;
 }
 
+void dsmoe_config_source_of(const dsmoe_config_sources *sources, const char *key, char *buf, size_t n) {
+    int k = find_key(key);
+    char env[96];
+    if (k < 0) snprintf(buf, n, "%s", "");
+    else if (!sources) snprintf(buf, n, "the default");
+    else switch (sources->at[k].src) {
+        case SRC_DECK: snprintf(buf, n, "deck %s:%d", sources->deck, sources->at[k].line); break;
+        case SRC_ENV: env_name(k, env, sizeof env); snprintf(buf, n, "environment %s", env); break;
+        case SRC_CMDLINE: snprintf(buf, n, "the command line"); break;
+        default: snprintf(buf, n, "the default"); break;
+        }
+}
+
 char *dsmoe_config_to_text(const dsmoe_config *cfg, const dsmoe_config_sources *sources) {
     char *text = NULL;
     size_t len = 0;

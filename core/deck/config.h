@@ -175,6 +175,9 @@ dsmoe_status dsmoe_config_load_text(const char *deck_text, const char *deck_name
                                     dsmoe_config_sources **sources, dsmoe_err *err);
 
 void dsmoe_config_sources_free(dsmoe_config_sources *sources);
+// Where key's value came from, for messages: "deck run.deck:3", "environment DSMOE_RUN_SEED",
+// "the command line" or "the default" ("" for an unknown key; "the default" when sources is NULL).
+void dsmoe_config_source_of(const dsmoe_config_sources *sources, const char *key, char *buf, size_t n);
 
 // Writes the resolved configuration, one "key = value   # source" line per key, as a valid deck.
 dsmoe_status dsmoe_config_print(FILE *out, const dsmoe_config *cfg, const dsmoe_config_sources *sources);

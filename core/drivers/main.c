@@ -325,6 +325,18 @@ int main(int argc, char **argv) {
     if (s == DSMOE_OK)
         s = dsmoe_runtime_open_placed(cfg.kernel_backend, cfg.comm_backend, cfg.plugin_path, cfg.threads, &cfg, pl, &rt,
                                       &err);
+    if (s != DSMOE_OK) { // say where the backend was chosen
+        const char *key = strncmp(err.msg, "kernel plugin", 13) == 0 ? "run.kernel_backend"
+                          : strncmp(err.msg, "comm plugin", 11) == 0   ? "run.comm_backend"
+                                                                       : NULL;
+        char from[1200];
+        if (key) {
+            dsmoe_config_source_of(sources, key, from, sizeof from);
+            size_t len = strlen(err.msg);
+            snprintf(err.msg + len, sizeof err.msg - len, " (%s = %s, from %s)", key,
+                     key[4] == 'k' ? cfg.kernel_backend : cfg.comm_backend, from);
+        }
+    }
     if (s == DSMOE_OK) resolved = append_plugin_settings(resolved, &rt);
     if (s == DSMOE_OK && rank == 0) {
         printf("backends: kernel %s (%s: %s), comm %s (%s%s)\n", rt.kern->name, rt.kernel_handle.path,

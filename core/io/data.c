@@ -348,7 +348,8 @@ static dsmoe_status for_each_item(dsmoe_dataset *ds, const char *list, const cha
         if (n == 0)
             return dsmoe_err_set(err, DSMOE_ERR_INVALID, "data.path = '%s': empty %s in the comma-separated list",
                                  list, what);
-        if (n >= 4000) return dsmoe_err_set(err, DSMOE_ERR_INVALID, "data.path: %s name too long", what);
+        if (n >= 4000)
+            return dsmoe_err_set(err, DSMOE_ERR_INVALID, "data.path: a %s of %zu bytes: at most 3999", what, n);
         char item[4096];
         memcpy(item, p, n);
         item[n] = '\0';
@@ -368,7 +369,7 @@ static dsmoe_status add_text_file(dsmoe_dataset *ds, const char *path, void *ctx
 }
 
 // The last floor(n * valid_fraction) tokens (at least T+1 when the fraction is > 0) are validation.
-static dsmoe_status make_splits(dsmoe_dataset *ds, float valid_fraction, dsmoe_err *err) {
+static dsmoe_status make_splits(dsmoe_dataset *ds, const char *path, float valid_fraction, dsmoe_err *err) {
     uint64_t n = ds->n_tokens, T = (uint64_t)ds->T;
     if (!(valid_fraction >= 0 && valid_fraction < 1))
         return dsmoe_err_set(err, DSMOE_ERR_INVALID, "data.valid_fraction = %g must be in [0, 1)", valid_fraction);
@@ -376,9 +377,9 @@ static dsmoe_status make_splits(dsmoe_dataset *ds, float valid_fraction, dsmoe_e
     if (valid_fraction > 0 && nv < T + 1) nv = T + 1;
     if (n < nv + T + 1)
         return dsmoe_err_set(err, DSMOE_ERR_INVALID,
-                             "the corpus is too small: it has %" PRIu64 " tokens, but one training window of "
+                             "data.path = %s: the corpus is too small: it has %" PRIu64 " tokens, but one training window of "
                              "model.seq_len + 1 = %" PRIu64 " tokens%s needs %" PRIu64 "%s",
-                             n, T + 1, nv ? " plus the validation split" : "", nv + T + 1,
+                             path, n, T + 1, nv ? " plus the validation split" : "", nv + T + 1,
                              nv ? " (lower model.seq_len or data.valid_fraction, or add data)" :
                                   " (lower model.seq_len or add data)");
     ds->split_start[0] = 0;
@@ -563,7 +564,7 @@ dsmoe_status dsmoe_dataset_open(const dsmoe_dataset_options *opt, dsmoe_dataset 
             s = for_each_item(ds, path, "file name", &items, add_text_file, NULL, err);
         else
             s = for_each_item(ds, path, "prefix", &items, add_megatron, &ctx, err);
-        if (s == DSMOE_OK) s = make_splits(ds, opt->valid_fraction, err);
+        if (s == DSMOE_OK) s = make_splits(ds, path, opt->valid_fraction, err);
         if (s == DSMOE_OK) {
             char head[160];
             if (opt->source == 1)
