@@ -127,7 +127,7 @@ static void check_case(const char *extra) {
         dsmoe_sampling_params greedy[NSEQ] = {{.temperature = 0.0f, .top_p = 1.0f}, {.temperature = 0.0f, .top_p = 1.0f}};
         uint64_t counters[NSEQ] = {0, 0};
         int32_t drawn[NSEQ];
-        assert_int_equal(dsmoe_infer_sample(inf, greedy, counters, drawn, &err), DSMOE_OK);
+        assert_int_equal(dsmoe_infer_sample(inf, greedy, counters, V, drawn, &err), DSMOE_OK);
         for (int i = 0; i < n; i++)
             assert_int_equal(drawn[i], argmax(ref + ((size_t)slot[i] * T + fed[slot[i]] - 1) * V, V));
     }

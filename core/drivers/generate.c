@@ -41,6 +41,7 @@ typedef struct generator {
     int W, t;                    // tensor-slicing width and this rank's part (its group holds the same prompts)
     int data_rank, data_ranks;   // which share of the prompts: slot / W of ranks / W
     int context;                 // positions per sequence
+    int vocab_drawn;             // sampling draws ids [0, vocab_drawn): those the tokenizer decodes
     dsmoe_tokenizer *tok;
     dsmoe_prompt_list *prompts;  // the whole file (every rank reads it)
     char output[4096], checkpoint[4096];
@@ -252,7 +253,7 @@ static dsmoe_status run_steps(generator *g, double t_start, dsmoe_err *err) {
             sp[i] = q->sp;
             counters[i] = (uint64_t)q->out.n_tokens;
         }
-        if ((s = dsmoe_infer_sample(g->inf, sp, counters, drawn, err)) != DSMOE_OK) break;
+        if ((s = dsmoe_infer_sample(g->inf, sp, counters, g->vocab_drawn, drawn, err)) != DSMOE_OK) break;
         double now = dsmoe_now_seconds();
         for (int i = 0; i < n; i++) {
             gen_seq *q = &g->mine[g->slot_owner[slot[i]]];
@@ -294,6 +295,12 @@ static dsmoe_status setup(generator *g, dsmoe_err *err) {
         return dsmoe_err_set(err, DSMOE_ERR_INVALID, "generate.context = %d exceeds model.seq_len = %d (the model has "
                              "no position embedding past it)", c->gen_context, c->seq_len);
     DSMOE_TRY(open_text(g, err));
+    int holes = 0;
+    g->vocab_drawn = dsmoe_tokenizer_id_end(g->tok, &holes);
+    if (holes > 0)
+        return dsmoe_err_set(err, DSMOE_ERR_INVALID, "generate.vocab_file = %s leaves %d ids below its highest (%d) "
+                             "without a token: generation could draw one and not decode it", c->gen_vocab_file, holes,
+                             g->vocab_drawn - 1);
     DSMOE_TRY(find_checkpoint(g, err));
     DSMOE_TRY(probe_output(g, err));
     int n = g->prompts->n;

@@ -472,6 +472,14 @@ void dsmoe_tokenizer_free(dsmoe_tokenizer *t) {
 
 const char *dsmoe_tokenizer_describe(const dsmoe_tokenizer *t) { return t->describe; }
 int dsmoe_tokenizer_vocab(const dsmoe_tokenizer *t) { return t->model_vocab; }
+int dsmoe_tokenizer_id_end(const dsmoe_tokenizer *t, int *holes) {
+    int end = 0, missing = 0;
+    for (int i = 0; i < t->model_vocab; i++)
+        if (t->tok_len[i] >= 0) end = i + 1;
+    for (int i = 0; i < end; i++) missing += t->tok_len[i] < 0;
+    if (holes) *holes = missing;
+    return end;
+}
 int32_t dsmoe_tokenizer_eot(const dsmoe_tokenizer *t) { return t->eot; }
 
 // ---------------------------------------------------------------------------------------------------

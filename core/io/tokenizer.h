@@ -1,7 +1,8 @@
 // core/io/tokenizer.h: text <-> token ids for generation (docs/text.md): the byte vocabulary, and GPT-2's
 // byte-level BPE read from the vocab.json + merges.txt pair of Megatron's preprocessing.
 // defines: dsmoe_tokenizer, dsmoe_tokenizer_open_bytes, dsmoe_tokenizer_open_bpe, dsmoe_tokenizer_open_bpe_mem,
-//          dsmoe_tokenizer_free, dsmoe_tokenizer_describe, dsmoe_tokenizer_vocab, dsmoe_tokenizer_eot,
+//          dsmoe_tokenizer_free, dsmoe_tokenizer_describe, dsmoe_tokenizer_vocab, dsmoe_tokenizer_id_end,
+//          dsmoe_tokenizer_eot,
 //          dsmoe_tokenizer_encode, dsmoe_tokenizer_token_bytes, dsmoe_tokenizer_decode,
 //          dsmoe_pretokenize_next, dsmoe_uc_class (and the generated tables of core/io/unicode_tables.c)
 //
@@ -42,6 +43,9 @@ void dsmoe_tokenizer_free(dsmoe_tokenizer *t);
 const char *dsmoe_tokenizer_describe(const dsmoe_tokenizer *t);
 // model_vocab as opened: valid ids are [0, vocab) (those with bytes).
 int dsmoe_tokenizer_vocab(const dsmoe_tokenizer *t);
+// One past the highest id that has bytes (ids at and above it are the padding of a model vocabulary
+// larger than the tokenizer's); *holes (may be NULL): ids below it without bytes.
+int dsmoe_tokenizer_id_end(const dsmoe_tokenizer *t, int *holes);
 // The id of "<|endoftext|>" in a BPE vocabulary, -1 when there is none (and for bytes).
 int32_t dsmoe_tokenizer_eot(const dsmoe_tokenizer *t);
 

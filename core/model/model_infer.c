@@ -484,11 +484,14 @@ dsmoe_status dsmoe_infer_forward(dsmoe_infer *s, int n, const int *slot, const i
 }
 
 dsmoe_status dsmoe_infer_sample(dsmoe_infer *s, const dsmoe_sampling_params *p, const uint64_t *counters,
-                                int32_t *tokens, dsmoe_err *err) {
+                                int vocab_drawn, int32_t *tokens, dsmoe_err *err) {
     dsmoe_runtime *rt = s->rt;
     int n = s->n_last;
-    for (int i = 0; i < n; i++)
-        KCALL(rt, sample, &s->sampled[i], s->logits + (size_t)i * s->V, F32, 1, s->V, &p[i], &counters[i]);
+    if (vocab_drawn < 1 || vocab_drawn > s->V)
+        return dsmoe_err_set(err, DSMOE_ERR_INVALID, "inference: sampling among %d ids of a vocabulary of %d", vocab_drawn,
+                             s->V);
+    for (int i = 0; i < n; i++) // the row's first vocab_drawn logits
+        KCALL(rt, sample, &s->sampled[i], s->logits + (size_t)i * s->V, F32, 1, vocab_drawn, &p[i], &counters[i]);
     if (n > 0) KCALL(rt, copy_to_host, s->host_sampled, s->sampled, (size_t)n * sizeof(int32_t));
     DSMOE_TRY(dsmoe_rt_wait(rt, err));
     memcpy(tokens, s->host_sampled, (size_t)n * sizeof(int32_t));

@@ -85,10 +85,11 @@ dsmoe_status dsmoe_infer_forward(dsmoe_infer *inf, int n, const int *slot, const
                                  int group_rows, float capacity_factor, dsmoe_infer_times *times, dsmoe_err *err);
 // The last forward's logits (n, V), kernel memory.
 const float *dsmoe_infer_logits(const dsmoe_infer *inf);
-// Draws the next token of each sequence of the last forward: row i per p[i] (temperature 0 = greedy)
-// keyed by p[i].seed and counters[i] (the token's index in its completion), so a sequence's tokens do
-// not depend on the others in its batch. Waits; tokens (n) host.
+// Draws the next token of each sequence of the last forward among ids [0, vocab_drawn) (<= model.vocab:
+// the ids a tokenizer can decode): row i per p[i] (temperature 0 = greedy) keyed by p[i].seed and
+// counters[i] (the token's index in its completion), so a sequence's tokens do not depend on the others
+// in its batch. Waits; tokens (n) host.
 dsmoe_status dsmoe_infer_sample(dsmoe_infer *inf, const dsmoe_sampling_params *p, const uint64_t *counters,
-                                int32_t *tokens, dsmoe_err *err);
+                                int vocab_drawn, int32_t *tokens, dsmoe_err *err);
 
 #endif

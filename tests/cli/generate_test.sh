@@ -187,6 +187,73 @@ printf '{"prompt": 3}\n' >"$work/check.jsonl"
 expect check-generate-bad nonzero "check.jsonl:1" -- \
   "$dsmoe" --check "$deck" run.mode=generate checkpoint.resume="$ckpt" generate.prompts="$work/check.jsonl"
 
+# A GPT-2 BPE tokenizer end to end: a byte-level vocab.json (the 256 byte symbols, a few merged tokens,
+# <|endoftext|>) and merges.txt made here, a model of vocabulary 300 trained for a few steps; the
+# prompts' token counts equal those of a reference BPE written here from GPT-2's definition, the prompt
+# text comes back, and every completion decodes from its tokens through the same vocabulary.
+python3 - "$work" <<'PY' || fail "writing the BPE files"
+import json, sys
+w = sys.argv[1]
+bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + list(range(ord("\xae"), ord("\xff") + 1))
+cs = bs[:]
+n = 0
+for b in range(256):
+    if b not in bs: bs.append(b); cs.append(256 + n); n += 1
+byte_sym = {b: chr(c) for b, c in zip(bs, cs)}
+vocab = {byte_sym[b]: b for b in range(256)}
+merges = [("h", "e"), ("l", "l"), ("he", "ll"), ("\u0120", "t"), ("\u0120t", "he"), ("o", "\u0120")]
+for a, b in merges: vocab[a + b] = len(vocab)
+vocab["<|endoftext|>"] = len(vocab)
+json.dump(vocab, open(w + "/vocab.json", "w"), ensure_ascii=False)
+open(w + "/merges.txt", "w").write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+json.dump({"byte_sym": byte_sym, "merges": merges}, open(w + "/bpe_ref.json", "w"))
+PY
+printf 'hello the world\nthe hell\no the\n' >"$work/bpe_prompts.txt"
+bpedeck=(model.vocab=300 run.output_dir="$work/bpe" train.steps=5 data.synthetic_sources=8)
+"$dsmoe" "$deck" "${bpedeck[@]}" >"$work/bpe_train.log" 2>&1 || { fail "training the BPE model: exit $?"; show "$work/bpe_train.log"; }
+expect bpe-generate 0 "GPT-2 BPE" -- "$dsmoe" "$deck" "${bpedeck[@]}" run.mode=generate checkpoint.resume=auto \
+  generate.prompts="$work/bpe_prompts.txt" generate.vocab_file="$work/vocab.json" generate.merges_file="$work/merges.txt" \
+  generate.output="$work/bpe.jsonl" generate.max_new_tokens=6
+python3 - "$work" <<'PY' && ok || fail "BPE generation: prompts or completions do not match the reference tokenizer"
+import json, re, sys
+w = sys.argv[1]
+ref = json.load(open(w + "/bpe_ref.json")); vocab = json.load(open(w + "/vocab.json"))
+sym = {int(k): v for k, v in ref["byte_sym"].items()}
+ranks = {tuple(m): i for i, m in enumerate(ref["merges"])}
+def bpe(word):
+    parts = [sym[b] for b in word.encode()]
+    while len(parts) > 1:
+        pairs = [(ranks.get((a, b), 1 << 30), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+        r, i = min(pairs)
+        if r == 1 << 30: break
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    return [vocab[p] for p in parts]
+def encode(text):  # GPT-2's split for lower-case ASCII words and single spaces
+    return [t for piece in re.findall(r" ?[a-z]+| ?[^a-z ]+|\s+", text) for t in bpe(piece)]
+inv = {v: k for k, v in vocab.items()}
+unsym = {v: k for k, v in sym.items()}
+texts = open(w + "/bpe_prompts.txt").read().split("\n")[:3]
+rows = [json.loads(l) for l in open(w + "/bpe.jsonl")]
+assert len(rows) == 3
+for r, t in zip(rows, texts):
+    assert r["prompt"] == t, (r["prompt"], t)
+    assert r["prompt_tokens"] == len(encode(t)) < len(t.encode()), (r["prompt_tokens"], encode(t), t)
+    out = b"".join(bytes(unsym[c] for c in inv[i]) if i in inv and inv[i] != "<|endoftext|>" else inv.get(i, "").encode()
+                   for i in r["tokens"])
+    if r["finish_reason"] == "length":
+        assert r["completion"] == out.decode("utf-8", "replace"), (r["completion"], out)
+print("ok")
+PY
+# Hot sampling over a model vocabulary (300) larger than the tokenizer's (265 ids): never a padding id.
+expect bpe-hot 0 "GPT-2 BPE" -- "$dsmoe" "$deck" "${bpedeck[@]}" run.mode=generate checkpoint.resume=auto \
+  generate.prompts="$work/bpe_prompts.txt" generate.vocab_file="$work/vocab.json" generate.merges_file="$work/merges.txt" \
+  generate.output="$work/bpe_hot.jsonl" generate.max_new_tokens=30 generate.temperature=5
+python3 -c 'import json,sys
+n = len(json.load(open(sys.argv[2])))
+toks = [t for l in open(sys.argv[1]) for t in json.loads(l)["tokens"]]
+assert len(toks) >= 60 and max(toks) < n, (max(toks), n)' "$work/bpe_hot.jsonl" "$work/vocab.json" && ok ||
+  fail "sampling drew an id the tokenizer cannot decode"
+
 # Bad input: refused before any work, naming the file (and line); an existing output stays as it was.
 out="$work/keep.jsonl"
 echo '{"kept": true}' >"$out"
