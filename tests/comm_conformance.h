@@ -56,21 +56,21 @@ typedef struct conf_boot {
     int *world_ranks;  // (size)
 } conf_boot;
 
-static dsmoe_status conf_boot_allgather(void *ctx, const void *send, void *recv, size_t bytes) {
+static inline dsmoe_status conf_boot_allgather(void *ctx, const void *send, void *recv, size_t bytes) {
     conf_boot *cb = ctx;
     if (bytes > INT_MAX) return DSMOE_ERR_UNSUPPORTED;
     int rc = MPI_Allgather(send, (int)bytes, MPI_BYTE, recv, (int)bytes, MPI_BYTE, cb->comm);
     return rc == MPI_SUCCESS ? DSMOE_OK : DSMOE_ERR_SYSTEM;
 }
 
-static dsmoe_status conf_boot_broadcast(void *ctx, void *buf, size_t bytes, int root) {
+static inline dsmoe_status conf_boot_broadcast(void *ctx, void *buf, size_t bytes, int root) {
     conf_boot *cb = ctx;
     if (bytes > INT_MAX) return DSMOE_ERR_UNSUPPORTED;
     return MPI_Bcast(buf, (int)bytes, MPI_BYTE, root, cb->comm) == MPI_SUCCESS ? DSMOE_OK : DSMOE_ERR_SYSTEM;
 }
 
 // Takes comm (collective over its members).
-static void conf_boot_make(conf_boot *cb, MPI_Comm comm) {
+static inline void conf_boot_make(conf_boot *cb, MPI_Comm comm) {
     int r, n, wr, wn;
     MPI_Comm_rank(comm, &r);
     MPI_Comm_size(comm, &n);
@@ -84,7 +84,7 @@ static void conf_boot_make(conf_boot *cb, MPI_Comm comm) {
                               .broadcast = conf_boot_broadcast};
 }
 
-static void conf_boot_free(conf_boot *cb) {
+static inline void conf_boot_free(conf_boot *cb) {
     MPI_Comm_free(&cb->comm);
     free(cb->world_ranks);
     memset(cb, 0, sizeof *cb);
@@ -101,7 +101,7 @@ typedef struct conf_queue {
     size_t n, cap;
 } conf_queue;
 
-static dsmoe_status conf_queue_enqueue(void *owner, void (*fn)(void *arg), void *arg) {
+static inline dsmoe_status conf_queue_enqueue(void *owner, void (*fn)(void *arg), void *arg) {
     conf_queue *q = owner;
     if (!q || !fn) return DSMOE_ERR_INVALID;
     if (q->n == q->cap) {
@@ -114,12 +114,12 @@ static dsmoe_status conf_queue_enqueue(void *owner, void (*fn)(void *arg), void 
     return DSMOE_OK;
 }
 
-static void conf_queue_run(conf_queue *q) {
+static inline void conf_queue_run(conf_queue *q) {
     for (size_t i = 0; i < q->n; i++) q->items[i].fn(q->items[i].arg); // re-read: a closure may enqueue
     q->n = 0;
 }
 
-static void conf_queue_free(conf_queue *q) {
+static inline void conf_queue_free(conf_queue *q) {
     free(q->items);
     memset(q, 0, sizeof *q);
 }

@@ -39,6 +39,9 @@
 #include <string.h>
 
 #include "comm_mpi.h" // the context, the group, the cm_* helpers shared with comm_mpi_nonblocking.c
+#if defined(OPEN_MPI) && OPEN_MPI
+#include <mpi-ext.h> // MPIX_Query_cuda_support, where this Open MPI has the cuda extension
+#endif
 
 // MPI_Comm_create_group's tag (at most 32767, the smallest MPI_TAG_UB the standard allows).
 #define GROUP_CREATE_TAG 0x6473
@@ -144,7 +147,35 @@ static const dsmoe_param_decl mpi_params[] = {
     {.name = "max_count", .type = DSMOE_PARAM_INT, .default_value = "2147483647",
      .help = "largest count handed to MPI as an int: longer byte blocks travel as one derived-datatype "
              "element, reductions go in pieces of this many elements (small values exercise those paths)"},
+    {.name = "cuda_aware", .type = DSMOE_PARAM_ENUM, .default_value = "auto", .choices = "auto|on|off",
+     .help = "CUDA-aware MPI: auto and off keep host memory (device buffers go through the core's host "
+             "staging); on (device buffers straight to MPI) is refused: on an MPI that is not CUDA-aware with "
+             "what to use instead, on one that is because this plugin does not take device buffers yet"},
 };
+
+// Whether the MPI library says, at run time, that it takes CUDA device buffers (Open MPI's
+// MPIX_Query_cuda_support; 0 for an MPI without such a query).
+static int mpi_is_cuda_aware(void) {
+#if defined(MPIX_CUDA_AWARE_SUPPORT)
+    return MPIX_Query_cuda_support() == 1;
+#else
+    return 0;
+#endif
+}
+
+// cuda_aware = on on an MPI that is not: the message names the library and what to do instead.
+static dsmoe_status refuse_cuda_aware(char *errbuf, size_t errlen) {
+    char lib[MPI_MAX_LIBRARY_VERSION_STRING] = "";
+    int len = 0;
+    MPI_Get_library_version(lib, &len);
+    char *nl = strchr(lib, '\n');
+    if (nl) *nl = 0;
+    snprintf(errbuf, errlen, TAG "init: cuda_aware=on but this MPI library (%s) is not CUDA-aware "
+             "(MPIX_Query_cuda_support says no, or the library has no such query); use comm plugin nccl for device "
+             "buffers, or this plugin with cuda_aware=auto or off (device buffers then go through host staging), "
+             "or an MPI built with CUDA support", lib[0] ? lib : "unknown");
+    return DSMOE_ERR_UNSUPPORTED;
+}
 
 // A count in [1, INT_MAX]: decimal, with an optional K, M, G (10^3, 10^6, 10^9) or Ki, Mi, Gi (2^10,
 // 2^20, 2^30) suffix, as the core reads INT settings. 0 on success.
@@ -183,6 +214,17 @@ static dsmoe_status mpi_init(const dsmoe_comm_options *opt, dsmoe_comm_ctx **ctx
     if (text && parse_count(text, &max_count) != 0) {
         snprintf(errbuf, errlen, TAG "init: max_count='%s' is not an integer in [1, %d]", text, INT_MAX);
         return DSMOE_ERR_INVALID;
+    }
+    const char *aware = opt && opt->param_values && opt->n_param_values >= 2 ? opt->param_values[1] : NULL;
+    if (aware && strcmp(aware, "auto") != 0 && strcmp(aware, "on") != 0 && strcmp(aware, "off") != 0) {
+        snprintf(errbuf, errlen, TAG "init: cuda_aware='%s' is not one of auto, on, off", aware);
+        return DSMOE_ERR_INVALID;
+    }
+    if (aware && strcmp(aware, "on") == 0 && !mpi_is_cuda_aware()) return refuse_cuda_aware(errbuf, errlen);
+    if (aware && strcmp(aware, "on") == 0) { // a CUDA-aware MPI: the plugin's side is not built yet
+        snprintf(errbuf, errlen, TAG "init: cuda_aware=on: this MPI library is CUDA-aware, but this plugin does not "
+                 "take device buffers yet (docs/nccl.md); use comm plugin nccl, or cuda_aware=auto (host staging)");
+        return DSMOE_ERR_UNSUPPORTED;
     }
     dsmoe_comm_ctx *c = calloc(1, sizeof *c);
     if (!c) {

@@ -1,0 +1,83 @@
+// tests/nccl_double/test_nccl_fail.c: a failed peer ends an nccl run with a message instead of a hang,
+// on the test double (tests/nccl.cmake runs it on 2 ranks with DSMOE_NCCLSIM_TIMEOUT=2). The last rank
+// stops itself (SIGSTOP: it keeps its connections open, as a hung GPU or a dead node behind a live
+// socket does, which is what leaves NCCL waiting) in the middle of a loop of all-reduces; every other
+// rank must see a comm error naming the abort within seconds, print it, and end the job (MPI_Abort).
+// A survivor that finishes the loop prints "NOT DETECTED" (the test fails on that text, or on its
+// timeout when a rank hangs).
+#define _GNU_SOURCE
+#include <signal.h>
+#include <stdio.h>
+#include <time.h>
+
+#include "comm_conformance.h" // conf_load_comm, conf_boot, conf_queue
+
+static int rank;
+
+static void log_line(void *user, dsmoe_log_level level, const char *line) {
+    fprintf(stderr, "[rank %d] log: %s\n", rank, line);
+}
+
+static double now_s(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+int main(int argc, char **argv) {
+    int size;
+    MPI_Init(&argc, &argv);
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &size);
+    void *handle;
+    char path[4096], why[8192];
+    const dsmoe_comm_plugin_v2 *P = conf_load_comm("ncclsim", DSMOE_CONFORMANCE_DEFAULT_DIRS, &handle, path,
+                                                   sizeof path, why, sizeof why);
+    if (!P) {
+        fprintf(stderr, "%s\n", why);
+        MPI_Abort(MPI_COMM_WORLD, 1);
+    }
+    MPI_Comm wc;
+    MPI_Comm_dup(MPI_COMM_WORLD, &wc);
+    conf_boot boot;
+    conf_boot_make(&boot, wc);
+    conf_queue Q = {0};
+    dsmoe_comm_stream S = {.native = NULL, .enqueue_host = conf_queue_enqueue, .owner = &Q};
+    dsmoe_comm_options opt = {.log = log_line, .world = &boot.b};
+    dsmoe_comm_ctx *ctx = NULL;
+    dsmoe_comm_group *g = NULL;
+    char errbuf[512];
+    if (P->init(&opt, &ctx, errbuf, sizeof errbuf) != DSMOE_OK || P->group_create(ctx, &boot.b, &g) != DSMOE_OK) {
+        fprintf(stderr, "rank %d: setup failed: %s\n", rank, ctx ? P->last_error(ctx) : errbuf);
+        MPI_Abort(MPI_COMM_WORLD, 1);
+    }
+    enum { N = 1000, STOP_AT = 5 };
+    static int buf[N];
+    double t_fail = 0;
+    for (int it = 0; it < 200; it++) {
+        if (it == STOP_AT && rank == size - 1) {
+            fprintf(stderr, "rank %d: stopping itself (SIGSTOP) at iteration %d\n", rank, it);
+            raise(SIGSTOP);
+        }
+        for (int i = 0; i < N; i++) buf[i] = rank + i;
+        if (it == STOP_AT) t_fail = now_s();
+        dsmoe_status s = P->allreduce(ctx, g, DSMOE_IN_PLACE, buf, N, DSMOE_INT32, DSMOE_SUM, &S);
+        conf_queue_run(&Q);
+        int bad = 0;
+        for (int i = 0; i < N && s == DSMOE_OK && it < STOP_AT; i++) bad += buf[i] != size * (size - 1) / 2 + size * i;
+        if (bad) fprintf(stderr, "rank %d: iteration %d: %d wrong sums\n", rank, it, bad), MPI_Abort(MPI_COMM_WORLD, 1);
+        if (s == DSMOE_OK) {
+            float z = 0; // a zero-count call returns an error of the queued one (sticky)
+            s = P->allreduce(ctx, g, &z, &z, 0, DSMOE_FLOAT32, DSMOE_SUM, &S);
+        }
+        if (s != DSMOE_OK) {
+            fprintf(stderr, "rank %d: ended after %.1f s: %s\n", rank, t_fail ? now_s() - t_fail : 0.0,
+                    P->last_error(ctx));
+            fflush(stderr);
+            MPI_Abort(MPI_COMM_WORLD, 3);
+        }
+    }
+    fprintf(stderr, "rank %d: NOT DETECTED: 200 all-reduces went through with a stopped peer\n", rank);
+    MPI_Abort(MPI_COMM_WORLD, 1);
+    return 1;
+}
