@@ -52,9 +52,9 @@ static void test_table(void **state) {
     assert_int_equal(P->api_version, DSMOE_KERNEL_API_VERSION);
     assert_string_equal(P->name, "cpu");
     assert_int_equal(P->mem_kind, DSMOE_MEM_HOST);
-    assert_int_equal(P->caps, DSMOE_KCAP_FUSED_EPILOGUE | DSMOE_KCAP_DETERMINISTIC | DSMOE_KCAP_HOST_MEMORY |
-                                  DSMOE_KCAP_INFERENCE);
-    assert_int_equal(P->dtypes, DSMOE_DTYPE_BIT(DSMOE_FLOAT32));
+    assert_int_equal(P->caps, DSMOE_KCAP_BF16 | DSMOE_KCAP_FUSED_EPILOGUE | DSMOE_KCAP_DETERMINISTIC |
+                                  DSMOE_KCAP_HOST_MEMORY | DSMOE_KCAP_INFERENCE);
+    assert_int_equal(P->dtypes, DSMOE_DTYPE_BIT(DSMOE_FLOAT32) | DSMOE_DTYPE_BIT(DSMOE_BFLOAT16));
     assert_int_equal(P->n_params, 1);
     assert_string_equal(P->params[0].name, "poison");
     assert_int_equal(P->params[0].type, DSMOE_PARAM_BOOL);
@@ -253,7 +253,7 @@ static void test_queues_events(void **state) {
     assert_int_equal(ws, 400);
     sh.NH = 3;
     assert_int_equal(P->attention_bytes(NULL, &sh, &saved, &ws), DSMOE_ERR_INVALID);
-    sh.NH = 2, sh.dt = DSMOE_BFLOAT16;
+    sh.NH = 2, sh.dt = DSMOE_FLOAT16;
     assert_int_equal(P->attention_bytes(NULL, &sh, &saved, &ws), DSMOE_ERR_UNSUPPORTED);
 }
 
@@ -261,46 +261,46 @@ static void test_queues_events(void **state) {
 // Errors: other dtypes refused at once (not sticky); bad data sticky
 
 static void test_dtype_refusal(void **state) {
-    const dsmoe_dtype bf = DSMOE_BFLOAT16;
+    const dsmoe_dtype f16 = DSMOE_FLOAT16; // float32 and bfloat16 are taken (test_cpu_bf16.c)
     void *d = dev_zeros(C, 4096);
     int32_t *z = d;
-    expect_error(C, P->gemm(C, Q, 0, 0, 2, 2, 2, 1.0f, d, bf, 2, d, F32, 2, 0.0f, d, F32, 2), DSMOE_ERR_UNSUPPORTED,
-                 "gemm", "bfloat16");
+    expect_error(C, P->gemm(C, Q, 0, 0, 2, 2, 2, 1.0f, d, f16, 2, d, F32, 2, 0.0f, d, F32, 2), DSMOE_ERR_UNSUPPORTED,
+                 "gemm", "float16");
     expect_error(C, P->gemm(C, Q, 0, 0, 2, 2, 2, 1.0f, d, F32, 2, d, F32, 2, 0.0f, d, DSMOE_FLOAT16, 2),
                  DSMOE_ERR_UNSUPPORTED, "gemm", "float16");
     dsmoe_grouped_gemm g = {.groups = 1, .counts = z, .m_max = 2, .n = 2, .k = 2, .alpha = 1.0f, .a = d, .lda = 2,
-                            .b = d, .ldb = 2, .b_groups = 1, .c = d, .c_type = bf, .ldc = 2};
-    expect_error(C, P->gemm_grouped(C, Q, &g), DSMOE_ERR_UNSUPPORTED, "gemm_grouped", "bfloat16");
+                            .b = d, .ldb = 2, .b_groups = 1, .c = d, .c_type = f16, .ldc = 2};
+    expect_error(C, P->gemm_grouped(C, Q, &g), DSMOE_ERR_UNSUPPORTED, "gemm_grouped", "float16");
     dsmoe_grouped_wgrad w = {.groups = 1, .counts = z, .m_max = 2, .n = 2, .k = 2, .alpha = 1.0f, .dy = d,
-                             .x = d, .x_type = bf, .dw = d, .b_groups = 1};
-    expect_error(C, P->gemm_grouped_wgrad(C, Q, &w), DSMOE_ERR_UNSUPPORTED, "gemm_grouped_wgrad", "bfloat16");
-    expect_error(C, P->bias_add(C, Q, d, bf, d, 2, 2), DSMOE_ERR_UNSUPPORTED, "bias_add", "bfloat16");
-    expect_error(C, P->bias_backward(C, Q, d, d, bf, 2, 2), DSMOE_ERR_UNSUPPORTED, "bias_backward", "bfloat16");
-    expect_error(C, P->axpy(C, Q, d, 1.0f, d, bf, 4), DSMOE_ERR_UNSUPPORTED, "axpy", "bfloat16");
-    expect_error(C, P->mul_uniform_noise(C, Q, d, d, bf, 4, 0.1f, 1, 0), DSMOE_ERR_UNSUPPORTED, "mul_uniform_noise",
-                 "bfloat16");
-    expect_error(C, P->all_finite(C, Q, d, bf, 4, z), DSMOE_ERR_UNSUPPORTED, "all_finite", "bfloat16");
-    expect_error(C, P->embedding_forward(C, Q, d, bf, z, d, d, 1, 1, 2, 4), DSMOE_ERR_UNSUPPORTED,
-                 "embedding_forward", "bfloat16");
-    expect_error(C, P->layernorm_forward(C, Q, d, d, d, d, bf, d, d, 1, 4, 1e-5f), DSMOE_ERR_UNSUPPORTED,
-                 "layernorm_forward", "bfloat16");
-    expect_error(C, P->gelu_forward(C, Q, d, d, bf, 4), DSMOE_ERR_UNSUPPORTED, "gelu_forward", "bfloat16");
-    expect_error(C, P->gelu_backward(C, Q, d, d, d, bf, 4), DSMOE_ERR_UNSUPPORTED, "gelu_backward", "bfloat16");
-    dsmoe_attention_shape sh = {.B = 1, .T = 2, .M = 4, .NH = 2, .dt = bf};
-    expect_error(C, P->attention_forward(C, Q, d, d, d, &sh), DSMOE_ERR_UNSUPPORTED, "attention_forward", "bfloat16");
-    expect_error(C, P->crossentropy_forward(C, Q, d, d, d, bf, z, 1, 4), DSMOE_ERR_UNSUPPORTED,
-                 "crossentropy_forward", "bfloat16");
-    expect_error(C, P->moe_dispatch(C, Q, d, d, bf, z, z, 1, 1, 1, 1, 4), DSMOE_ERR_UNSUPPORTED, "moe_dispatch",
-                 "bfloat16");
-    expect_error(C, P->moe_combine(C, Q, d, d, bf, z, z, d, 1, 1, 1, 1, 4), DSMOE_ERR_UNSUPPORTED, "moe_combine",
-                 "bfloat16");
-    expect_error(C, P->residual_mix_forward(C, Q, d, d, d, d, bf, d, 1, 4), DSMOE_ERR_UNSUPPORTED,
-                 "residual_mix_forward", "bfloat16");
-    expect_error(C, P->kv_append(C, Q, d, d, d, bf, z, 1, 1, 4, 2, 4), DSMOE_ERR_UNSUPPORTED, "kv_append", "bfloat16");
-    expect_error(C, P->attention_cached(C, Q, d, d, d, d, bf, z, 1, 1, 4, 2, 4), DSMOE_ERR_UNSUPPORTED,
-                 "attention_cached", "bfloat16");
+                             .x = d, .x_type = f16, .dw = d, .b_groups = 1};
+    expect_error(C, P->gemm_grouped_wgrad(C, Q, &w), DSMOE_ERR_UNSUPPORTED, "gemm_grouped_wgrad", "float16");
+    expect_error(C, P->bias_add(C, Q, d, f16, d, 2, 2), DSMOE_ERR_UNSUPPORTED, "bias_add", "float16");
+    expect_error(C, P->bias_backward(C, Q, d, d, f16, 2, 2), DSMOE_ERR_UNSUPPORTED, "bias_backward", "float16");
+    expect_error(C, P->axpy(C, Q, d, 1.0f, d, f16, 4), DSMOE_ERR_UNSUPPORTED, "axpy", "float16");
+    expect_error(C, P->mul_uniform_noise(C, Q, d, d, f16, 4, 0.1f, 1, 0), DSMOE_ERR_UNSUPPORTED, "mul_uniform_noise",
+                 "float16");
+    expect_error(C, P->all_finite(C, Q, d, f16, 4, z), DSMOE_ERR_UNSUPPORTED, "all_finite", "float16");
+    expect_error(C, P->embedding_forward(C, Q, d, f16, z, d, d, 1, 1, 2, 4), DSMOE_ERR_UNSUPPORTED,
+                 "embedding_forward", "float16");
+    expect_error(C, P->layernorm_forward(C, Q, d, d, d, d, f16, d, d, 1, 4, 1e-5f), DSMOE_ERR_UNSUPPORTED,
+                 "layernorm_forward", "float16");
+    expect_error(C, P->gelu_forward(C, Q, d, d, f16, 4), DSMOE_ERR_UNSUPPORTED, "gelu_forward", "float16");
+    expect_error(C, P->gelu_backward(C, Q, d, d, d, f16, 4), DSMOE_ERR_UNSUPPORTED, "gelu_backward", "float16");
+    dsmoe_attention_shape sh = {.B = 1, .T = 2, .M = 4, .NH = 2, .dt = f16};
+    expect_error(C, P->attention_forward(C, Q, d, d, d, &sh), DSMOE_ERR_UNSUPPORTED, "attention_forward", "float16");
+    expect_error(C, P->crossentropy_forward(C, Q, d, d, d, f16, z, 1, 4), DSMOE_ERR_UNSUPPORTED,
+                 "crossentropy_forward", "float16");
+    expect_error(C, P->moe_dispatch(C, Q, d, d, f16, z, z, 1, 1, 1, 1, 4), DSMOE_ERR_UNSUPPORTED, "moe_dispatch",
+                 "float16");
+    expect_error(C, P->moe_combine(C, Q, d, d, f16, z, z, d, 1, 1, 1, 1, 4), DSMOE_ERR_UNSUPPORTED, "moe_combine",
+                 "float16");
+    expect_error(C, P->residual_mix_forward(C, Q, d, d, d, d, f16, d, 1, 4), DSMOE_ERR_UNSUPPORTED,
+                 "residual_mix_forward", "float16");
+    expect_error(C, P->kv_append(C, Q, d, d, d, f16, z, 1, 1, 4, 2, 4), DSMOE_ERR_UNSUPPORTED, "kv_append", "float16");
+    expect_error(C, P->attention_cached(C, Q, d, d, d, d, f16, z, 1, 1, 4, 2, 4), DSMOE_ERR_UNSUPPORTED,
+                 "attention_cached", "float16");
     dsmoe_sampling_params sp = {.temperature = 0.0f, .top_p = 1.0f};
-    expect_error(C, P->sample(C, Q, z, d, bf, 1, 4, &sp, NULL), DSMOE_ERR_UNSUPPORTED, "sample", "bfloat16");
+    expect_error(C, P->sample(C, Q, z, d, f16, 1, 4, &sp, NULL), DSMOE_ERR_UNSUPPORTED, "sample", "float16");
     expect_error(C, P->convert(C, Q, d, DSMOE_INT32, d, F32, 4), DSMOE_ERR_UNSUPPORTED, "convert", "int32");
     OK(P->synchronize(C)); // refusals are not sticky
     OK(P->zero(C, Q, d, 16));

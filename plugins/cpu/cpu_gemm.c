@@ -1,5 +1,6 @@
 // plugins/cpu/cpu_gemm.c: GEMM for the cpu plugin through OpenBLAS: plain, grouped with epilogues
 // (bias, bias + GELU, GELU backward), and the grouped weight gradients with their bias gradients.
+// Every member checks its arguments here; bfloat16 operands then go to cpu_gemm_bf16.c (oneDNN).
 // defines: cpu_blas_single_threaded, cpu_gemm, cpu_gemm_grouped, cpu_gemm_grouped_wgrad
 //
 // Contracts are include/dsmoe/kernel_plugin.h's (dsmoe_grouped_gemm, dsmoe_grouped_wgrad). Invariant:
@@ -14,6 +15,7 @@
 
 #include <cblas.h> // cblas_sgemm, openblas_set_num_threads, openblas_get_num_threads
 
+#include "cpu_bf16.h"     // cpu_bf16_job, cpu_bf16_gemm_run, cpu_bf16_wgrad_run
 #include "cpu_internal.h" // CPU_BEGIN, CPU_REQUIRE, cpu_sticky
 #include "cpu_math.h"     // cpu_gelu, cpu_gelu_grad, cpu_bias_chunk
 
@@ -61,6 +63,21 @@ void cpu_blas_single_threaded(void) {
 }
 
 static int imax1(int v) { return v > 1 ? v : 1; }
+
+// Operand types (kernel_plugin.h, gemm): a and b float32 or bfloat16 and the same; c float32 or a's.
+static dsmoe_status check_gemm_types(cpu_ctx *ctx, const char *op, const char *an, dsmoe_dtype at, const char *bn,
+                                     dsmoe_dtype bt, const char *cn, dsmoe_dtype ct) {
+    if (at != DSMOE_FLOAT32 && at != DSMOE_BFLOAT16)
+        return cpu_fail(ctx, DSMOE_ERR_UNSUPPORTED, "cpu: %s: %s is %s: expected float32 or bfloat16", op, an,
+                        dsmoe_dtype_name(at));
+    if (bt != at)
+        return cpu_fail(ctx, DSMOE_ERR_UNSUPPORTED, "cpu: %s: %s is %s but %s is %s: expected the same type", op, an,
+                        dsmoe_dtype_name(at), bn, dsmoe_dtype_name(bt));
+    if (cn && ct != DSMOE_FLOAT32 && ct != at)
+        return cpu_fail(ctx, DSMOE_ERR_UNSUPPORTED, "cpu: %s: %s is %s with %s %s: expected float32 or %s's type", op,
+                        cn, dsmoe_dtype_name(ct), an, dsmoe_dtype_name(at), an);
+    return DSMOE_OK;
+}
 
 // Checks the shape arguments of a GEMM: op(a) (m, k), op(b) (k, n), c (m, n), row-major.
 static dsmoe_status check_gemm_dims(cpu_ctx *ctx, const char *op, int ta, int tb, int m, int n, int k, int lda,
@@ -148,9 +165,9 @@ static void gemm_tiled(const cpu_ctx *ctx, const gemm_job *J, long *first) {
 #pragma omp parallel num_threads(ctx->threads) if (tiles > 1)
     {
         int g = 0;
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(monotonic: dynamic, 1)
         for (long t = 0; t < tiles; t++) {
-            while (first[g + 1] <= t) // tiles come in increasing order per thread: g only moves forward
+            while (first[g + 1] <= t) // monotonic: tiles come in increasing order per thread, g only moves forward
                 g++;
             long local = t - first[g];
             int i0 = (int)(local / tn) * CPU_GEMM_TILE_M, j0 = (int)(local % tn) * CPU_GEMM_TILE_N;
@@ -168,15 +185,19 @@ dsmoe_status cpu_gemm(cpu_ctx *ctx, cpu_queue *q, int trans_a, int trans_b, int 
                       const void *a, dsmoe_dtype a_type, int lda, const void *b, dsmoe_dtype b_type, int ldb,
                       float beta, void *c, dsmoe_dtype c_type, int ldc) {
     CPU_BEGIN(ctx, q, "gemm");
-    CPU_DTYPE(ctx, "gemm", "a_type", a_type);
-    CPU_DTYPE(ctx, "gemm", "b_type", b_type);
-    CPU_DTYPE(ctx, "gemm", "c_type", c_type);
+    CPU_TRY(check_gemm_types(ctx, "gemm", "a_type", a_type, "b_type", b_type, "c_type", c_type));
     CPU_TRY(check_gemm_dims(ctx, "gemm", trans_a, trans_b, m, n, k, lda, ldb, ldc));
     if (m == 0 || n == 0)
         return DSMOE_OK;
     CPU_REQUIRE(ctx, c && (k == 0 || (a && b)), "cpu: gemm: NULL %s with m=%d n=%d k=%d", !c ? "c" : !a ? "a" : "b",
                 m, n, k);
     int32_t rows = m;
+    if (a_type == DSMOE_BFLOAT16) {
+        cpu_bf16_job B = {.groups = 1, .ta = trans_a, .tb = trans_b, .n = n, .k = k, .m = &rows, .alpha = alpha,
+                          .beta = beta, .a = a, .lda = lda, .b = b, .ldb = ldb, .b_groups = 1, .c = c,
+                          .c_type = c_type, .ldc = ldc, .epi = DSMOE_EPI_NONE};
+        return cpu_bf16_gemm_run(ctx, "gemm", &B);
+    }
     gemm_job J = {.groups = 1, .ta = trans_a, .tb = trans_b, .n = n, .k = k, .m = &rows, .alpha = alpha,
                   .beta = beta, .a = a, .lda = lda, .b = b, .ldb = ldb, .b_groups = 1, .c = c, .ldc = ldc,
                   .epi = DSMOE_EPI_NONE};
@@ -201,9 +222,7 @@ dsmoe_status cpu_gemm_grouped(cpu_ctx *ctx, cpu_queue *q, const dsmoe_grouped_ge
     static const char op[] = "gemm_grouped";
     CPU_BEGIN(ctx, q, op);
     CPU_REQUIRE(ctx, G, "cpu: gemm_grouped: NULL descriptor");
-    CPU_DTYPE(ctx, op, "a_type", G->a_type);
-    CPU_DTYPE(ctx, op, "b_type", G->b_type);
-    CPU_DTYPE(ctx, op, "c_type", G->c_type);
+    CPU_TRY(check_gemm_types(ctx, op, "a_type", G->a_type, "b_type", G->b_type, "c_type", G->c_type));
     const int groups = G->groups, m_max = G->m_max, n = G->n, k = G->k;
     CPU_REQUIRE(ctx, groups >= 0 && m_max >= 0, "cpu: gemm_grouped: groups=%d m_max=%d: expected >= 0", groups, m_max);
     CPU_REQUIRE(ctx, G->epilogue >= DSMOE_EPI_NONE && G->epilogue <= DSMOE_EPI_DGELU,
@@ -228,6 +247,14 @@ dsmoe_status cpu_gemm_grouped(cpu_ctx *ctx, cpu_queue *q, const dsmoe_grouped_ge
     CPU_TRY(check_counts(ctx, op, G->counts, groups, m_max));
     if (!work)
         return DSMOE_OK;
+    if (G->a_type == DSMOE_BFLOAT16) {
+        cpu_bf16_job B = {.groups = groups, .ta = 0, .tb = G->trans_b, .n = n, .k = k, .m = G->counts,
+                          .alpha = G->alpha, .beta = G->beta, .a = G->a, .lda = G->lda, .a_stride = G->a_stride,
+                          .b = G->b, .ldb = G->ldb, .b_stride = G->b_stride, .b_groups = G->b_groups, .c = G->c,
+                          .c_type = G->c_type, .ldc = G->ldc, .c_stride = G->c_stride, .epi = G->epilogue,
+                          .bias = bias ? G->bias : NULL, .bias_stride = G->bias_stride, .aux = aux ? G->aux : NULL};
+        return cpu_bf16_gemm_run(ctx, op, &B);
+    }
     long stack_first[GEMM_STACK_GROUPS + 1], *first = stack_first;
     if (groups > GEMM_STACK_GROUPS && !(first = malloc(sizeof(long) * (groups + 1))))
         return cpu_fail(ctx, DSMOE_ERR_NOMEM, "cpu: gemm_grouped: cannot allocate tile offsets for %d groups", groups);
@@ -251,8 +278,7 @@ dsmoe_status cpu_gemm_grouped_wgrad(cpu_ctx *ctx, cpu_queue *q, const dsmoe_grou
     static const char op[] = "gemm_grouped_wgrad";
     CPU_BEGIN(ctx, q, op);
     CPU_REQUIRE(ctx, G, "cpu: gemm_grouped_wgrad: NULL descriptor");
-    CPU_DTYPE(ctx, op, "dy_type", G->dy_type);
-    CPU_DTYPE(ctx, op, "x_type", G->x_type);
+    CPU_TRY(check_gemm_types(ctx, op, "dy_type", G->dy_type, "x_type", G->x_type, NULL, DSMOE_FLOAT32));
     const int groups = G->groups, n = G->n, k = G->k, B = G->b_groups;
     CPU_REQUIRE(ctx, groups >= 0 && n >= 0 && k >= 0 && G->m_max >= 0,
                 "cpu: gemm_grouped_wgrad: groups=%d m_max=%d n=%d k=%d: expected >= 0", groups, G->m_max, n, k);
@@ -266,6 +292,8 @@ dsmoe_status cpu_gemm_grouped_wgrad(cpu_ctx *ctx, cpu_queue *q, const dsmoe_grou
     CPU_TRY(check_counts(ctx, op, G->counts, groups, G->m_max));
     if (!work)
         return DSMOE_OK;
+    if (G->dy_type == DSMOE_BFLOAT16)
+        return cpu_bf16_wgrad_run(ctx, G);
     const int32_t *m = G->counts;
     const float *dy = G->dy, *x = G->x;
     int W = B < groups ? B : groups; // weights that receive a group

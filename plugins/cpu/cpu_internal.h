@@ -1,7 +1,8 @@
 // plugins/cpu/cpu_internal.h: what the files of the cpu plugin share: the context, its host queue,
 // the error rules, and the declarations of every op (the table in cpu_plugin.c points at them).
 // Files: cpu_plugin.c (table, context, queues, events), cpu_memory.c (memory, copies, conversions),
-// cpu_gemm.c (GEMM, grouped GEMM with epilogues, weight gradients), cpu_elementwise.c (bias, vector
+// cpu_gemm.c (GEMM, grouped GEMM with epilogues, weight gradients), cpu_bf16*.c, cpu_dnnl.c and
+// cpu_gemm_bf16.c (bfloat16: cpu_bf16.h lists them), cpu_elementwise.c (bias, vector
 // ops, reductions, AdamW, init), cpu_ops.c (GPT layer ops), cpu_gating.c (gating, dispatch, combine),
 // cpu_infer.c (KV cache, cached attention, sampling). cpu_math.h holds the inline float math that must
 // be the same code wherever it runs (GELU in its op and in the GEMM epilogue).
@@ -39,7 +40,9 @@ struct dsmoe_kernel_ctx {
     dsmoe_kernel_queue *queues;      // made by queue_create
     dsmoe_kernel_event *events;      // made by event_create
     char error[1024];                // last_error()
-    char description[512];           // describe()
+    char description[768];           // describe()
+    struct cpu_dnnl *dnnl;           // oneDNN for bf16 GEMMs (cpu_dnnl.c); NULL: they are emulated
+    struct cpu_bf16_slot *bf16_slots; // (threads) scratch of bf16 GEMMs (cpu_gemm_bf16.c), made on first use
 };
 
 // Loops over fewer than this many floats run on one thread: a fork/join costs a few microseconds.
@@ -78,12 +81,13 @@ static inline dsmoe_status cpu_begin(dsmoe_kernel_ctx *ctx, const dsmoe_kernel_q
     return DSMOE_OK;
 }
 
-// float32 is the only activation dtype so far: anything else is refused before any work.
+// The ops compute in float32: bfloat16 reaches them as float32 copies (cpu_bf16_ops.c) or through the
+// bf16 GEMMs (cpu_gemm_bf16.c), so here anything else is refused before any work.
 static inline dsmoe_status cpu_dtype(dsmoe_kernel_ctx *ctx, const char *op, const char *arg, dsmoe_dtype dt) {
     if (dt == DSMOE_FLOAT32)
         return DSMOE_OK;
-    return cpu_fail(ctx, DSMOE_ERR_UNSUPPORTED, "cpu: %s: %s is %s: this plugin computes in float32 only", op, arg,
-                    dsmoe_dtype_name(dt));
+    return cpu_fail(ctx, DSMOE_ERR_UNSUPPORTED, "cpu: %s: %s is %s: this plugin's activations are float32 or "
+                    "bfloat16", op, arg, dsmoe_dtype_name(dt));
 }
 
 #define CPU_TRY(call)                                                                              \

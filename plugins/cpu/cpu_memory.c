@@ -12,6 +12,7 @@
 #include <string.h>
 #include <unistd.h> // sysconf
 
+#include "cpu_bf16.h"     // cpu_f32_to_bf16_par, cpu_bf16_to_f32_par
 #include "cpu_internal.h" // CPU_BEGIN, CPU_REQUIRE, cpu_fail
 
 // alloc() alignment: the contract's 256 (a CUDA allocation's), more than any vector load needs.
@@ -103,24 +104,8 @@ dsmoe_status cpu_zero(cpu_ctx *ctx, cpu_queue *q, void *dst, size_t bytes) {
     return DSMOE_OK;
 }
 
-// bfloat16 = the upper half of a float32. Narrowing rounds to nearest, ties to even; a NaN stays a
-// (quiet) NaN rather than rounding into Inf.
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u)
-        return (uint16_t)((u >> 16) | 0x0040u);
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-// float32 <-> float32 (a copy) and float32 <-> bfloat16; other pairs are not needed yet.
+// float32 <-> float32 (a copy) and float32 <-> bfloat16 (cpu_bf16.c: round to nearest even, NaN kept a
+// quiet NaN, vectorised); other pairs are not needed yet.
 dsmoe_status cpu_convert(cpu_ctx *ctx, cpu_queue *q, void *dst, dsmoe_dtype dst_type, const void *src,
                          dsmoe_dtype src_type, size_t n) {
     CPU_BEGIN(ctx, q, "convert");
@@ -133,21 +118,12 @@ dsmoe_status cpu_convert(cpu_ctx *ctx, cpu_queue *q, void *dst, dsmoe_dtype dst_
     if (n == 0)
         return DSMOE_OK;
     CPU_REQUIRE(ctx, dst && src, "cpu: convert: NULL %s with n=%zu", dst ? "src" : "dst", n);
-    if (f2f) {
+    if (f2f)
         memmove(dst, src, n * sizeof(float));
-    } else if (f2b) {
-        const float *s = src;
-        uint16_t *d = dst;
-#pragma omp parallel for num_threads(ctx->threads) schedule(static) if (n >= CPU_PAR_MIN)
-        for (size_t i = 0; i < n; i++)
-            d[i] = f32_to_bf16(s[i]);
-    } else {
-        const uint16_t *s = src;
-        float *d = dst;
-#pragma omp parallel for num_threads(ctx->threads) schedule(static) if (n >= CPU_PAR_MIN)
-        for (size_t i = 0; i < n; i++)
-            d[i] = bf16_to_f32(s[i]);
-    }
+    else if (f2b)
+        cpu_f32_to_bf16_par(ctx, dst, src, n);
+    else
+        cpu_bf16_to_f32_par(ctx, dst, src, n);
     return DSMOE_OK;
 }
 

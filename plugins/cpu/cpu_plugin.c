@@ -17,6 +17,7 @@
 
 #include <cblas.h> // openblas_get_config, openblas_get_parallel
 
+#include "cpu_bf16.h"     // cpu_bf16_detect, cpu_dnnl_init, the bf16 members
 #include "cpu_internal.h" // the context, the ops
 
 // ---------------------------------------------------------------------------------------------------
@@ -114,6 +115,13 @@ static dsmoe_status pin_threads(int threads, const int *cpus, int n, char *errbu
     return DSMOE_ERR_INVALID;
 }
 
+static void log_line(const dsmoe_kernel_options *opt, dsmoe_log_level level, const char *line) {
+    if (opt->log)
+        opt->log(opt->log_user, level, line);
+    else
+        fprintf(stderr, "dsmoe: %s\n", line);
+}
+
 static dsmoe_status cpu_init(const dsmoe_kernel_options *opt, dsmoe_kernel_ctx **out, char *errbuf, size_t errlen) {
     *out = NULL;
     int threads, poison;
@@ -137,6 +145,14 @@ static dsmoe_status cpu_init(const dsmoe_kernel_options *opt, dsmoe_kernel_ctx *
         free(ctx);
         return s;
     }
+    // bfloat16 GEMMs: oneDNN on the CPU's bf16 units, else emulated (cpu_dnnl.c says which and why).
+    cpu_isa_bf16 isa;
+    cpu_bf16_detect(&isa);
+    char bf16[320];
+    if ((s = cpu_dnnl_init(ctx, &isa, bf16, sizeof bf16, errbuf, errlen)) != DSMOE_OK) {
+        free(ctx);
+        return s;
+    }
     // openblas_get_config() is e.g. "OpenBLAS 0.3.21 DYNAMIC_ARCH NO_AFFINITY Zen MAX_THREADS=64 " (the
     // trailing space is OpenBLAS's).
     char blas[256];
@@ -144,17 +160,18 @@ static dsmoe_status cpu_init(const dsmoe_kernel_options *opt, dsmoe_kernel_ctx *
     for (size_t n = strlen(blas); n > 0 && blas[n - 1] == ' '; n--)
         blas[n - 1] = '\0';
     snprintf(ctx->description, sizeof ctx->description,
-             "cpu: %s (%s build, called single-threaded on %dx%d GEMM tiles), %d OpenMP thread%s%s%s", blas,
-             blas_threading_name(openblas_get_parallel()), CPU_GEMM_TILE_M, CPU_GEMM_TILE_N, threads,
+             "cpu: %s (%s build, called single-threaded on %dx%d GEMM tiles) for float32, %s, %d OpenMP thread%s%s%s",
+             blas, blas_threading_name(openblas_get_parallel()), CPU_GEMM_TILE_M, CPU_GEMM_TILE_N, bf16, threads,
              threads == 1 ? "" : "s", pinned ? " pinned to one CPU each" : "",
              poison ? ", unzeroed allocations poisoned" : "");
     if (opt && opt->verbose) {
-        char line[640];
+        char line[sizeof ctx->description + 32];
         snprintf(line, sizeof line, "kernel plugin %s", ctx->description);
-        if (opt->log)
-            opt->log(opt->log_user, DSMOE_LOG_INFO, line);
-        else
-            fprintf(stderr, "dsmoe: %s\n", line);
+        log_line(opt, DSMOE_LOG_INFO, line);
+        if (!ctx->dnnl) {
+            snprintf(line, sizeof line, "kernel plugin cpu: %s", bf16);
+            log_line(opt, DSMOE_LOG_WARN, line);
+        }
     }
     *out = ctx;
     return DSMOE_OK;
@@ -173,6 +190,8 @@ static void cpu_finalize(dsmoe_kernel_ctx *ctx) {
         free(ctx->events);
         ctx->events = next;
     }
+    cpu_bf16_free_slots(ctx);
+    cpu_dnnl_fini(ctx);
     free(ctx);
 }
 
@@ -287,10 +306,16 @@ static dsmoe_status cpu_event_query(dsmoe_kernel_ctx *ctx, dsmoe_kernel_event *e
 static const dsmoe_kernel_plugin_v2 cpu_plugin = {
     .api_version = DSMOE_KERNEL_API_VERSION,
     .name = "cpu",
-    .description = "host memory, OpenMP loops and OpenBLAS",
+#ifdef DSMOE_CPU_ONEDNN
+    .description = "host memory, OpenMP loops, OpenBLAS (float32) and oneDNN (bfloat16 GEMMs)",
+#else
+    .description = "host memory, OpenMP loops and OpenBLAS (bfloat16 GEMMs emulated: built without oneDNN)",
+#endif
     .mem_kind = DSMOE_MEM_HOST,
-    .caps = DSMOE_KCAP_FUSED_EPILOGUE | DSMOE_KCAP_DETERMINISTIC | DSMOE_KCAP_HOST_MEMORY | DSMOE_KCAP_INFERENCE,
-    .dtypes = DSMOE_DTYPE_BIT(DSMOE_FLOAT32),
+    // bfloat16 always: without bf16 units (or oneDNN) its GEMMs are emulated, and init says so.
+    .caps = DSMOE_KCAP_BF16 | DSMOE_KCAP_FUSED_EPILOGUE | DSMOE_KCAP_DETERMINISTIC | DSMOE_KCAP_HOST_MEMORY |
+            DSMOE_KCAP_INFERENCE,
+    .dtypes = DSMOE_DTYPE_BIT(DSMOE_FLOAT32) | DSMOE_DTYPE_BIT(DSMOE_BFLOAT16),
     .params = cpu_params,
     .n_params = N_PARAMS,
 
@@ -301,7 +326,7 @@ static const dsmoe_kernel_plugin_v2 cpu_plugin = {
     .device_count = NULL,
     .device_pci_bus_id = NULL,
     .mem_info = cpu_mem_info,
-    .attention_bytes = cpu_attention_bytes,
+    .attention_bytes = cpu_bf16_attention_bytes,
 
     .default_queue = cpu_default_queue,
     .queue_create = cpu_queue_create,
@@ -331,42 +356,42 @@ static const dsmoe_kernel_plugin_v2 cpu_plugin = {
     .gemm_grouped = cpu_gemm_grouped,
     .gemm_grouped_wgrad = cpu_gemm_grouped_wgrad,
 
-    .bias_add = cpu_bias_add,
-    .bias_backward = cpu_bias_backward,
-    .axpy = cpu_axpy,
-    .mul_uniform_noise = cpu_mul_uniform_noise,
+    .bias_add = cpu_bf16_bias_add,
+    .bias_backward = cpu_bf16_bias_backward,
+    .axpy = cpu_bf16_axpy,
+    .mul_uniform_noise = cpu_bf16_mul_uniform_noise,
     .sum_squares = cpu_sum_squares,
-    .all_finite = cpu_all_finite,
+    .all_finite = cpu_bf16_all_finite,
     .convert = cpu_convert,
     .init_tensor = cpu_init_tensor,
 
-    .embedding_forward = cpu_embedding_forward,
-    .embedding_backward = cpu_embedding_backward,
-    .layernorm_forward = cpu_layernorm_forward,
-    .layernorm_backward = cpu_layernorm_backward,
-    .gelu_forward = cpu_gelu_forward,
-    .gelu_backward = cpu_gelu_backward,
-    .attention_forward = cpu_attention_forward,
-    .attention_backward = cpu_attention_backward,
-    .crossentropy_forward = cpu_crossentropy_forward,
-    .crossentropy_backward = cpu_crossentropy_backward,
+    .embedding_forward = cpu_bf16_embedding_forward,
+    .embedding_backward = cpu_bf16_embedding_backward,
+    .layernorm_forward = cpu_bf16_layernorm_forward,
+    .layernorm_backward = cpu_bf16_layernorm_backward,
+    .gelu_forward = cpu_bf16_gelu_forward,
+    .gelu_backward = cpu_bf16_gelu_backward,
+    .attention_forward = cpu_bf16_attention_forward,
+    .attention_backward = cpu_bf16_attention_backward,
+    .crossentropy_forward = cpu_bf16_crossentropy_forward,
+    .crossentropy_backward = cpu_bf16_crossentropy_backward,
 
     .gate_route = cpu_gate_route,
     .gate_assign = cpu_gate_assign,
     .gate_backward = cpu_gate_backward,
-    .moe_dispatch = cpu_moe_dispatch,
-    .moe_dispatch_backward = cpu_moe_dispatch_backward,
-    .moe_combine = cpu_moe_combine,
-    .moe_combine_backward = cpu_moe_combine_backward,
+    .moe_dispatch = cpu_bf16_moe_dispatch,
+    .moe_dispatch_backward = cpu_bf16_moe_dispatch_backward,
+    .moe_combine = cpu_bf16_moe_combine,
+    .moe_combine_backward = cpu_bf16_moe_combine_backward,
 
-    .residual_mix_forward = cpu_residual_mix_forward,
-    .residual_mix_backward = cpu_residual_mix_backward,
+    .residual_mix_forward = cpu_bf16_residual_mix_forward,
+    .residual_mix_backward = cpu_bf16_residual_mix_backward,
 
     .adamw = cpu_adamw,
 
-    .kv_append = cpu_kv_append,
-    .attention_cached = cpu_attention_cached,
-    .sample = cpu_sample,
+    .kv_append = cpu_bf16_kv_append,
+    .attention_cached = cpu_bf16_attention_cached,
+    .sample = cpu_bf16_sample,
 };
 
 DSMOE_PLUGIN_EXPORT const dsmoe_kernel_plugin_v2 *DSMOE_KERNEL_PLUGIN_ENTRY(void) { return &cpu_plugin; }

@@ -1,0 +1,346 @@
+// plugins/cpu/cpu_bf16_ops.c: every op of the cpu plugin other than the GEMMs and convert, for bfloat16
+// activations. The table (cpu_plugin.c) points at these; float32 (and any type the plugin refuses)
+// goes straight to the float32 op, which checks and refuses as before.
+// defines: cpu_bf16_<op> for the ops listed in the table section of cpu_plugin.c
+//
+// A bf16 call stages its tensors: each bfloat16 input is converted to a float32 copy, the float32 op
+// runs on the copies, and each output is rounded back to bfloat16 (round to nearest even) when it
+// succeeded. Outputs that accumulate (+=) are staged both ways; outputs that are assigned only back.
+// So the bf16 result is exactly the float32 op on the bf16 inputs, rounded once: what the kernel
+// contract asks (float32 accumulation) and what the conformance suite's reference computes. It costs
+// a float32 copy of every bf16 tensor of the call and the conversions (vectorised, over the threads):
+// these ops are memory-bound either way, and the GEMMs, where bf16 pays, run natively
+// (cpu_gemm_bf16.c). all_finite reads bfloat16 bits directly.
+//
+// Shapes are checked by the float32 op: a negative size or a NULL pointer stages nothing, and the
+// op's own message names the problem.
+#include <stdarg.h>
+#include <stdlib.h>
+
+#include "cpu_bf16.h" // conversions
+
+typedef enum { ST_IN, ST_OUT, ST_INOUT } st_role;
+
+typedef struct st_arg {
+    const void *p; // the caller's bfloat16 tensor
+    size_t n;      // elements
+    st_role role;
+    float *f; // its float32 copy (p itself when nothing was staged)
+} st_arg;
+
+// Product of sizes; 0 when one is negative (the float32 op reports it).
+static size_t count(int k, ...) {
+    va_list ap;
+    va_start(ap, k);
+    size_t n = 1;
+    for (int i = 0; i < k; i++) {
+        long d = va_arg(ap, long);
+        n = d < 0 ? 0 : n * (size_t)d;
+    }
+    va_end(ap);
+    return n;
+}
+#define N1(a) count(1, (long)(a))
+#define N2(a, b) count(2, (long)(a), (long)(b))
+#define N3(a, b, c) count(3, (long)(a), (long)(b), (long)(c))
+#define N4(a, b, c, d) count(4, (long)(a), (long)(b), (long)(c), (long)(d))
+
+static void unstage_free(st_arg *a, int na) {
+    for (int i = 0; i < na; i++)
+        if (a[i].f && (const void *)a[i].f != a[i].p)
+            free(a[i].f);
+}
+
+static dsmoe_status stage(cpu_ctx *ctx, const char *op, st_arg *a, int na) {
+    for (int i = 0; i < na; i++)
+        a[i].f = (float *)a[i].p;
+    for (int i = 0; i < na; i++) {
+        if (!a[i].p || a[i].n == 0)
+            continue;
+        size_t bytes = (a[i].n * sizeof(float) + 63) & ~(size_t)63;
+        float *f = aligned_alloc(64, bytes);
+        if (!f) {
+            unstage_free(a, i);
+            return cpu_fail(ctx, DSMOE_ERR_NOMEM, "cpu: %s: cannot allocate a float32 copy of %zu bfloat16 values",
+                            op, a[i].n);
+        }
+        a[i].f = f;
+        if (a[i].role != ST_OUT)
+            cpu_bf16_to_f32_par(ctx, f, a[i].p, a[i].n);
+    }
+    return DSMOE_OK;
+}
+
+// Rounds the outputs back when the op succeeded; frees the copies; returns the op's status.
+static dsmoe_status unstage(cpu_ctx *ctx, st_arg *a, int na, dsmoe_status s) {
+    for (int i = 0; i < na && s == DSMOE_OK; i++)
+        if (a[i].role != ST_IN && a[i].f != a[i].p)
+            cpu_f32_to_bf16_par(ctx, (uint16_t *)a[i].p, a[i].f, a[i].n);
+    unstage_free(a, na);
+    return s;
+}
+
+// Runs `call` (the float32 op on A[i].f) on the staged arguments A of a bfloat16 op.
+#define STAGED(op, call)                                                                           \
+    do {                                                                                           \
+        CPU_BEGIN(ctx, q, op);                                                                     \
+        int na_ = (int)(sizeof A / sizeof A[0]);                                                   \
+        CPU_TRY(stage(ctx, op, A, na_));                                                           \
+        return unstage(ctx, A, na_, (call));                                                       \
+    } while (0)
+
+// The staged arguments A of an op: its bfloat16 tensors with their sizes and roles.
+#define IN(p, n) {(p), (n), ST_IN, NULL}
+#define OUT(p, n) {(p), (n), ST_OUT, NULL}
+#define INOUT(p, n) {(p), (n), ST_INOUT, NULL}
+
+#define F32 DSMOE_FLOAT32
+#define IS_BF16(dt) ((dt) == DSMOE_BFLOAT16)
+
+// ---------------------------------------------------------------------------------------------------
+// Element-wise and small ops
+
+dsmoe_status cpu_bf16_bias_add(cpu_ctx *ctx, cpu_queue *q, void *out, dsmoe_dtype dt, const float *bias, int rows,
+                               int n) {
+    if (!IS_BF16(dt))
+        return cpu_bias_add(ctx, q, out, dt, bias, rows, n);
+    st_arg A[] = {INOUT(out, N2(rows, n))};
+    STAGED("bias_add", cpu_bias_add(ctx, q, A[0].f, F32, bias, rows, n));
+}
+
+dsmoe_status cpu_bf16_bias_backward(cpu_ctx *ctx, cpu_queue *q, float *dbias, const void *dout, dsmoe_dtype dt,
+                                    int rows, int n) {
+    if (!IS_BF16(dt))
+        return cpu_bias_backward(ctx, q, dbias, dout, dt, rows, n);
+    st_arg A[] = {IN(dout, N2(rows, n))};
+    STAGED("bias_backward", cpu_bias_backward(ctx, q, dbias, A[0].f, F32, rows, n));
+}
+
+dsmoe_status cpu_bf16_axpy(cpu_ctx *ctx, cpu_queue *q, void *y, float alpha, const void *x, dsmoe_dtype dt, size_t n) {
+    if (!IS_BF16(dt))
+        return cpu_axpy(ctx, q, y, alpha, x, dt, n);
+    st_arg A[] = {INOUT(y, n), IN(x, n)};
+    STAGED("axpy", cpu_axpy(ctx, q, A[0].f, alpha, A[1].f, F32, n));
+}
+
+dsmoe_status cpu_bf16_mul_uniform_noise(cpu_ctx *ctx, cpu_queue *q, void *out, const void *in, dsmoe_dtype dt,
+                                        size_t n, float eps, uint64_t seed, uint64_t offset) {
+    if (!IS_BF16(dt))
+        return cpu_mul_uniform_noise(ctx, q, out, in, dt, n, eps, seed, offset);
+    st_arg A[] = {OUT(out, n), IN(in, n)};
+    STAGED("mul_uniform_noise", cpu_mul_uniform_noise(ctx, q, A[0].f, A[1].f, F32, n, eps, seed, offset));
+}
+
+// bfloat16 bits: exponent all ones = Inf or NaN.
+dsmoe_status cpu_bf16_all_finite(cpu_ctx *ctx, cpu_queue *q, const void *x_, dsmoe_dtype dt, size_t n, int32_t *out) {
+    if (!IS_BF16(dt))
+        return cpu_all_finite(ctx, q, x_, dt, n, out);
+    CPU_BEGIN(ctx, q, "all_finite");
+    CPU_REQUIRE(ctx, out, "cpu: all_finite: NULL out");
+    CPU_REQUIRE(ctx, x_ || n == 0, "cpu: all_finite: NULL x with n=%zu", n);
+    const uint16_t *x = x_;
+    uint32_t bad = 0;
+#pragma omp parallel for num_threads(ctx->threads) schedule(static) reduction(| : bad) if (n >= CPU_PAR_MIN)
+    for (size_t i = 0; i < n; i++)
+        bad |= (x[i] & 0x7f80u) == 0x7f80u;
+    *out = !bad;
+    return DSMOE_OK;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// GPT layer ops
+
+dsmoe_status cpu_bf16_embedding_forward(cpu_ctx *ctx, cpu_queue *q, void *out, dsmoe_dtype dt, const int32_t *tokens,
+                                        const float *wte, const float *wpe, int B, int T, int M, int V) {
+    if (!IS_BF16(dt))
+        return cpu_embedding_forward(ctx, q, out, dt, tokens, wte, wpe, B, T, M, V);
+    st_arg A[] = {OUT(out, N3(B, T, M))};
+    STAGED("embedding_forward", cpu_embedding_forward(ctx, q, A[0].f, F32, tokens, wte, wpe, B, T, M, V));
+}
+
+dsmoe_status cpu_bf16_embedding_backward(cpu_ctx *ctx, cpu_queue *q, float *dwte, float *dwpe, const void *dout,
+                                         dsmoe_dtype dt, const int32_t *tokens, int B, int T, int M, int V) {
+    if (!IS_BF16(dt))
+        return cpu_embedding_backward(ctx, q, dwte, dwpe, dout, dt, tokens, B, T, M, V);
+    st_arg A[] = {IN(dout, N3(B, T, M))};
+    STAGED("embedding_backward", cpu_embedding_backward(ctx, q, dwte, dwpe, A[0].f, F32, tokens, B, T, M, V));
+}
+
+dsmoe_status cpu_bf16_layernorm_forward(cpu_ctx *ctx, cpu_queue *q, void *out, float *mean, float *rstd,
+                                        const void *in, dsmoe_dtype dt, const float *weight, const float *bias, int S,
+                                        int M, float eps) {
+    if (!IS_BF16(dt))
+        return cpu_layernorm_forward(ctx, q, out, mean, rstd, in, dt, weight, bias, S, M, eps);
+    st_arg A[] = {OUT(out, N2(S, M)), IN(in, N2(S, M))};
+    STAGED("layernorm_forward",
+           cpu_layernorm_forward(ctx, q, A[0].f, mean, rstd, A[1].f, F32, weight, bias, S, M, eps));
+}
+
+dsmoe_status cpu_bf16_layernorm_backward(cpu_ctx *ctx, cpu_queue *q, void *din, float *dweight, float *dbias,
+                                         const void *dout, const void *in, dsmoe_dtype dt, const float *weight,
+                                         const float *mean, const float *rstd, int S, int M) {
+    if (!IS_BF16(dt))
+        return cpu_layernorm_backward(ctx, q, din, dweight, dbias, dout, in, dt, weight, mean, rstd, S, M);
+    st_arg A[] = {INOUT(din, N2(S, M)), IN(dout, N2(S, M)), IN(in, N2(S, M))};
+    STAGED("layernorm_backward", cpu_layernorm_backward(ctx, q, A[0].f, dweight, dbias, A[1].f, A[2].f, F32, weight,
+                                                        mean, rstd, S, M));
+}
+
+dsmoe_status cpu_bf16_gelu_forward(cpu_ctx *ctx, cpu_queue *q, void *out, const void *in, dsmoe_dtype dt, size_t n) {
+    if (!IS_BF16(dt))
+        return cpu_gelu_forward(ctx, q, out, in, dt, n);
+    st_arg A[] = {OUT(out, n), IN(in, n)};
+    STAGED("gelu_forward", cpu_gelu_forward(ctx, q, A[0].f, A[1].f, F32, n));
+}
+
+dsmoe_status cpu_bf16_gelu_backward(cpu_ctx *ctx, cpu_queue *q, void *din, const void *in, const void *dout,
+                                    dsmoe_dtype dt, size_t n) {
+    if (!IS_BF16(dt))
+        return cpu_gelu_backward(ctx, q, din, in, dout, dt, n);
+    st_arg A[] = {INOUT(din, n), IN(in, n), IN(dout, n)};
+    STAGED("gelu_backward", cpu_gelu_backward(ctx, q, A[0].f, A[1].f, A[2].f, F32, n));
+}
+
+// The saved state is float32 (probabilities) whatever dt is: the same bytes as for float32.
+dsmoe_status cpu_bf16_attention_bytes(cpu_ctx *ctx, const dsmoe_attention_shape *shape, size_t *saved,
+                                      size_t *workspace) {
+    if (!shape || !IS_BF16(shape->dt))
+        return cpu_attention_bytes(ctx, shape, saved, workspace);
+    dsmoe_attention_shape f = *shape;
+    f.dt = F32;
+    return cpu_attention_bytes(ctx, &f, saved, workspace);
+}
+
+dsmoe_status cpu_bf16_attention_forward(cpu_ctx *ctx, cpu_queue *q, void *out, void *saved, const void *qkv,
+                                        const dsmoe_attention_shape *shape) {
+    if (!shape || !IS_BF16(shape->dt))
+        return cpu_attention_forward(ctx, q, out, saved, qkv, shape);
+    dsmoe_attention_shape f = *shape;
+    f.dt = F32;
+    st_arg A[] = {OUT(out, N3(f.B, f.T, f.M)), IN(qkv, N4(f.B, f.T, 3, f.M))};
+    STAGED("attention_forward", cpu_attention_forward(ctx, q, A[0].f, saved, A[1].f, &f));
+}
+
+dsmoe_status cpu_bf16_attention_backward(cpu_ctx *ctx, cpu_queue *q, void *dqkv, void *workspace, const void *dout,
+                                         const void *qkv, const void *out, const void *saved,
+                                         const dsmoe_attention_shape *shape) {
+    if (!shape || !IS_BF16(shape->dt))
+        return cpu_attention_backward(ctx, q, dqkv, workspace, dout, qkv, out, saved, shape);
+    dsmoe_attention_shape f = *shape;
+    f.dt = F32;
+    size_t bt3m = N4(f.B, f.T, 3, f.M), btm = N3(f.B, f.T, f.M);
+    st_arg A[] = {INOUT(dqkv, bt3m), IN(dout, btm), IN(qkv, bt3m), IN(out, btm)};
+    STAGED("attention_backward", cpu_attention_backward(ctx, q, A[0].f, workspace, A[1].f, A[2].f, A[3].f, saved, &f));
+}
+
+dsmoe_status cpu_bf16_crossentropy_forward(cpu_ctx *ctx, cpu_queue *q, float *losses, float *probs,
+                                           const void *logits, dsmoe_dtype dt, const int32_t *targets, int S, int V) {
+    if (!IS_BF16(dt))
+        return cpu_crossentropy_forward(ctx, q, losses, probs, logits, dt, targets, S, V);
+    st_arg A[] = {IN(logits, N2(S, V))};
+    STAGED("crossentropy_forward", cpu_crossentropy_forward(ctx, q, losses, probs, A[0].f, F32, targets, S, V));
+}
+
+dsmoe_status cpu_bf16_crossentropy_backward(cpu_ctx *ctx, cpu_queue *q, void *dlogits, dsmoe_dtype dt,
+                                            const float *probs, const int32_t *targets, float dloss, int S, int V) {
+    if (!IS_BF16(dt))
+        return cpu_crossentropy_backward(ctx, q, dlogits, dt, probs, targets, dloss, S, V);
+    st_arg A[] = {INOUT(dlogits, N2(S, V))};
+    STAGED("crossentropy_backward", cpu_crossentropy_backward(ctx, q, A[0].f, F32, probs, targets, dloss, S, V));
+}
+
+dsmoe_status cpu_bf16_residual_mix_forward(cpu_ctx *ctx, cpu_queue *q, void *out, float *coef, const void *moe,
+                                           const void *mlp, dsmoe_dtype dt, const float *coef_logits, int S, int M) {
+    if (!IS_BF16(dt))
+        return cpu_residual_mix_forward(ctx, q, out, coef, moe, mlp, dt, coef_logits, S, M);
+    st_arg A[] = {OUT(out, N2(S, M)), IN(moe, N2(S, M)), IN(mlp, N2(S, M))};
+    STAGED("residual_mix_forward",
+           cpu_residual_mix_forward(ctx, q, A[0].f, coef, A[1].f, A[2].f, F32, coef_logits, S, M));
+}
+
+dsmoe_status cpu_bf16_residual_mix_backward(cpu_ctx *ctx, cpu_queue *q, void *dmoe, void *dmlp, float *dcoef_logits,
+                                            const void *dout, const void *moe, const void *mlp, dsmoe_dtype dt,
+                                            const float *coef, int S, int M) {
+    if (!IS_BF16(dt))
+        return cpu_residual_mix_backward(ctx, q, dmoe, dmlp, dcoef_logits, dout, moe, mlp, dt, coef, S, M);
+    size_t sm = N2(S, M);
+    st_arg A[] = {INOUT(dmoe, sm), INOUT(dmlp, sm), IN(dout, sm), IN(moe, sm), IN(mlp, sm)};
+    STAGED("residual_mix_backward", cpu_residual_mix_backward(ctx, q, A[0].f, A[1].f, dcoef_logits, A[2].f, A[3].f,
+                                                              A[4].f, F32, coef, S, M));
+}
+
+// ---------------------------------------------------------------------------------------------------
+// MoE dispatch and combine (rows of unused slots are unspecified: staged back as whatever they hold)
+
+dsmoe_status cpu_bf16_moe_dispatch(cpu_ctx *ctx, cpu_queue *q, void *buf, const void *x, dsmoe_dtype dt,
+                                   const int32_t *choice, const int32_t *slot, int S, int K, int E, int C, int M) {
+    if (!IS_BF16(dt))
+        return cpu_moe_dispatch(ctx, q, buf, x, dt, choice, slot, S, K, E, C, M);
+    st_arg A[] = {OUT(buf, N3(E, C, M)), IN(x, N2(S, M))};
+    STAGED("moe_dispatch", cpu_moe_dispatch(ctx, q, A[0].f, A[1].f, F32, choice, slot, S, K, E, C, M));
+}
+
+dsmoe_status cpu_bf16_moe_dispatch_backward(cpu_ctx *ctx, cpu_queue *q, void *dx, const void *dbuf, dsmoe_dtype dt,
+                                            const int32_t *choice, const int32_t *slot, int S, int K, int E, int C,
+                                            int M) {
+    if (!IS_BF16(dt))
+        return cpu_moe_dispatch_backward(ctx, q, dx, dbuf, dt, choice, slot, S, K, E, C, M);
+    st_arg A[] = {INOUT(dx, N2(S, M)), IN(dbuf, N3(E, C, M))};
+    STAGED("moe_dispatch_backward",
+           cpu_moe_dispatch_backward(ctx, q, A[0].f, A[1].f, F32, choice, slot, S, K, E, C, M));
+}
+
+dsmoe_status cpu_bf16_moe_combine(cpu_ctx *ctx, cpu_queue *q, void *out, const void *y, dsmoe_dtype dt,
+                                  const int32_t *choice, const int32_t *slot, const float *weight, int S, int K, int E,
+                                  int C, int M) {
+    if (!IS_BF16(dt))
+        return cpu_moe_combine(ctx, q, out, y, dt, choice, slot, weight, S, K, E, C, M);
+    st_arg A[] = {OUT(out, N2(S, M)), IN(y, N3(E, C, M))};
+    STAGED("moe_combine", cpu_moe_combine(ctx, q, A[0].f, A[1].f, F32, choice, slot, weight, S, K, E, C, M));
+}
+
+dsmoe_status cpu_bf16_moe_combine_backward(cpu_ctx *ctx, cpu_queue *q, void *dy, float *dweight, const void *dout,
+                                           const void *y, dsmoe_dtype dt, const int32_t *choice, const int32_t *slot,
+                                           const float *weight, int S, int K, int E, int C, int M) {
+    if (!IS_BF16(dt))
+        return cpu_moe_combine_backward(ctx, q, dy, dweight, dout, y, dt, choice, slot, weight, S, K, E, C, M);
+    st_arg A[] = {OUT(dy, N3(E, C, M)), IN(dout, N2(S, M)), IN(y, N3(E, C, M))};
+    STAGED("moe_combine_backward", cpu_moe_combine_backward(ctx, q, A[0].f, dweight, A[1].f, A[2].f, F32, choice, slot,
+                                                            weight, S, K, E, C, M));
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Inference: the caches are (B, NH, T_max, M / NH) = B * T_max * M values
+
+static size_t cache_count(int B, int M, int NH, int T_max) {
+    return NH > 0 && M % NH == 0 ? N3(B, T_max, M) : 0;
+}
+
+dsmoe_status cpu_bf16_kv_append(cpu_ctx *ctx, cpu_queue *q, void *k_cache, void *v_cache, const void *qkv,
+                                dsmoe_dtype dt, const int32_t *pos, int B, int T_new, int M, int NH, int T_max) {
+    if (!IS_BF16(dt))
+        return cpu_kv_append(ctx, q, k_cache, v_cache, qkv, dt, pos, B, T_new, M, NH, T_max);
+    size_t nc = cache_count(B, M, NH, T_max);
+    st_arg A[] = {INOUT(k_cache, nc), INOUT(v_cache, nc), IN(qkv, N4(B, T_new, 3, M))};
+    STAGED("kv_append", cpu_kv_append(ctx, q, A[0].f, A[1].f, A[2].f, F32, pos, B, T_new, M, NH, T_max));
+}
+
+dsmoe_status cpu_bf16_attention_cached(cpu_ctx *ctx, cpu_queue *q, void *out, const void *qkv, const void *k_cache,
+                                       const void *v_cache, dsmoe_dtype dt, const int32_t *pos, int B, int T_new,
+                                       int M, int NH, int T_max) {
+    if (!IS_BF16(dt))
+        return cpu_attention_cached(ctx, q, out, qkv, k_cache, v_cache, dt, pos, B, T_new, M, NH, T_max);
+    size_t nc = cache_count(B, M, NH, T_max);
+    st_arg A[] = {OUT(out, N3(B, T_new, M)), IN(qkv, N4(B, T_new, 3, M)), IN(k_cache, nc),
+                  IN(v_cache, nc)};
+    STAGED("attention_cached", cpu_attention_cached(ctx, q, A[0].f, A[1].f, A[2].f, A[3].f, F32, pos, B, T_new, M, NH,
+                                                    T_max));
+}
+
+dsmoe_status cpu_bf16_sample(cpu_ctx *ctx, cpu_queue *q, int32_t *tokens, const void *logits, dsmoe_dtype dt, int rows,
+                             int V, const dsmoe_sampling_params *p, const uint64_t *counters) {
+    if (!IS_BF16(dt))
+        return cpu_sample(ctx, q, tokens, logits, dt, rows, V, p, counters);
+    st_arg A[] = {IN(logits, N2(rows, V))};
+    STAGED("sample", cpu_sample(ctx, q, tokens, A[0].f, F32, rows, V, p, counters));
+}
