@@ -382,6 +382,14 @@ static ncclResult_t flush_p2p(void) {
     return r;
 }
 
+// The pending list lives as long as the library: freed when it is unloaded (the sanitized build's leak
+// check sees a dlclose'd library's memory as lost otherwise).
+__attribute__((destructor)) static void free_pending(void) {
+    free(pending);
+    pending = NULL;
+    n_pending = cap_pending = 0;
+}
+
 static ncclResult_t add_p2p(int send, const void *buf, size_t count, ncclDataType_t t, int peer, ncclComm_t comm) {
     ncclResult_t r = usable(comm);
     size_t bytes = count * esize(t);
