@@ -51,6 +51,8 @@ static int stream_ordered, deterministic;
 static int max_count_param = -1;         // index of the plugin's "max_count" setting, -1 if none
 static int rank, size;
 static FILE *rank_err;                   // this rank's real stderr
+// In a sanitized build (DSMOE_SANITIZE) its reports go to rank_err too; NULL without a sanitizer runtime.
+extern void __sanitizer_set_report_fd(void *fd) __attribute__((weak));
 static conf_queue Q;                     // the kernel queue every collective is given
 static dsmoe_comm_stream S;              // {NULL, conf_queue_enqueue, &Q}
 static conf_boot world_boot;
@@ -814,6 +816,7 @@ int main(int argc, char **argv) {
     rank_err = stderr;
     if (rank != 0) { // keep this rank's own stderr for its messages; drop its copy of cmocka's report
         rank_err = fdopen(dup(2), "w");
+        if (__sanitizer_set_report_fd) __sanitizer_set_report_fd((void *)(intptr_t)fileno(rank_err)); // sanitized build
         if (!freopen("/dev/null", "w", stdout) || !freopen("/dev/null", "w", stderr)) return 1;
     }
     if (size > 32) DIE("this test handles up to 32 ranks");

@@ -40,6 +40,7 @@ DEFINE_REDUCE_IN_RANK_ORDER(int64_t, uint64_t)
 DEFINE_REDUCE_IN_RANK_ORDER(uint8_t, uint32_t)
 
 void cm_reduce_in_rank_order(dsmoe_dtype dtype, dsmoe_reduce_op op, void *acc, const void *c, size_t len, int p) {
+    if (len == 0) return; // nothing to reduce, and c may be NULL (an empty chunk needs no scratch)
     switch (dtype) {
     case DSMOE_FLOAT32: reduce_in_rank_order_float(acc, c, len, p, op); break;
     case DSMOE_FLOAT64: reduce_in_rank_order_double(acc, c, len, p, op); break;

@@ -73,7 +73,9 @@ has sbatch "$work/sbatch_out/resolved.deck" "^expert_parallel = 2 +# command lin
 step=$(sed -nE 's/^stopped: SIGUSR1 at step ([0-9]+) .*/\1/p' "$log")
 [ -n "$step" ] && finished sbatch-usr1 "$work/sbatch_out" "$step"
 
-submit resume "$deck" train.steps=600 moe.expert_parallel=2 run.output_dir=sbatch_out checkpoint.resume=auto
+# The script asks for USR1 300 s before the limit, which for this 2-minute job Slurm sends within seconds:
+# the resume must not get it (a slow build, e.g. sanitized, is still training then), so 10 s before.
+SBATCH_SIGNAL=B:USR1@10 submit resume "$deck" train.steps=600 moe.expert_parallel=2 run.output_dir=sbatch_out checkpoint.resume=auto
 collect resume
 [ $rc -eq 0 ] && ok || { fail "sbatch --wait (resume): exit $rc"; cat "$work/resume.sbatch"; }
 has sbatch-resume "$work/dsmoe-$job.out" "^resumed from .*step_0*$step.safetensors at step $step "

@@ -54,5 +54,8 @@ esac
 
 [ -d "$modulepath/dsmoe" ] || { echo "FAIL: no $modulepath/dsmoe"; exit 1; }
 echo "$flavour: $init, module use $modulepath"
-env -i HOME="$work" PATH=/usr/bin:/bin USER="${USER:-root}" \
+# The sanitized build's options (docs/testing.md) belong to the build, not to the user's shell: kept.
+keep=()
+for v in ASAN_OPTIONS LSAN_OPTIONS UBSAN_OPTIONS ASAN_SYMBOLIZER_PATH; do [ -n "${!v+x}" ] && keep+=("$v=${!v}"); done
+env -i HOME="$work" PATH=/usr/bin:/bin USER="${USER:-root}" ${keep[@]+"${keep[@]}"} \
   bash --norc --noprofile "$here/module_session.sh" "$init" "$modulepath" "$prefix" "$version" "$work"

@@ -244,9 +244,9 @@ static void gemm_tiled(const dsmoe_kernel_ctx *ctx, int groups, int ta, int tb, 
 #pragma omp parallel num_threads(ctx->threads) if (tiles > 1)
     {
         int g = 0;
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(monotonic: dynamic, 1)
         for (long t = 0; t < tiles; t++) {
-            while (first[g + 1] <= t) // tiles come in increasing order per thread: g only moves forward
+            while (first[g + 1] <= t) // monotonic: tiles come in increasing order per thread, g only moves forward
                 g++;
             long local = t - first[g];
             int i0 = (int)(local / tn) * GEMM_TILE_M, j0 = (int)(local % tn) * GEMM_TILE_N;
