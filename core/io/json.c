@@ -411,7 +411,7 @@ void dsmoe_json_write_string(dsmoe_buf *b, const void *data, size_t n) {
         else dsmoe_buf_put(b, "\\ufffd", 6);
         run = ++i;
     }
-    dsmoe_buf_put(b, s + run, n - run);
+    if (n > run) dsmoe_buf_put(b, s + run, n - run); // (data may be NULL when n is 0)
     dsmoe_buf_put(b, "\"", 1);
 }
 
