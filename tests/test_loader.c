@@ -382,8 +382,8 @@ static void test_not_found_lists_dirs_and_available(void **state) {
     assert_int_equal(dsmoe_plugin_load_kernel("fakecdua", FAKE, &k, &h, &err), DSMOE_ERR_IO);
     assert_contains(err.msg, "(did you mean 'fakecuda'?)");
 
-    assert_int_equal(dsmoe_plugin_load_comm("nccl", FAKE, &c, &h, &err), DSMOE_ERR_IO);
-    assert_contains(err.msg, fmt("comm plugin 'nccl' not found: no libdsmoe_comm_nccl.so in %s; available: %s;",
+    assert_int_equal(dsmoe_plugin_load_comm("ucx", FAKE, &c, &h, &err), DSMOE_ERR_IO);
+    assert_contains(err.msg, fmt("comm plugin 'ucx' not found: no libdsmoe_comm_ucx.so in %s; available: %s;",
                                  path, expected_available("comm", path)));
     assert_contains(expected_available("comm", path), "badversion, capnonb, commv1");
     // (mpistream, the stream-ordered test comm plugin, may sit between mpi and nbhalf)

@@ -20,7 +20,7 @@ class Dsmoe(CMakePackage, CudaPackage):
     # --- variants (CudaPackage adds `cuda` and `cuda_arch`) --------------------------------------------
     variant("onednn", default=True, description="bfloat16 GEMMs of the cpu kernel plugin through oneDNN "
             "(without it they are emulated, slowly)")
-    variant("nccl", default=False, description="the NCCL comm plugin (needs +cuda; not written yet)")
+    variant("nccl", default=False, description="the NCCL comm plugin (needs +cuda)")
     variant("tests", default=False, description="build the test suite (cmocka) and run it with --test=root")
     variant(
         "cpu_arch",
@@ -46,9 +46,6 @@ class Dsmoe(CMakePackage, CudaPackage):
 
     conflicts("cuda_arch=none", when="+cuda", msg="name the GPU architectures: cuda_arch=80,90 (A100, H100/H200)")
     conflicts("+nccl", when="~cuda", msg="the NCCL comm plugin needs +cuda")
-    # backends/nccl does not exist yet: DSMOE_WITH_NCCL=ON would find NCCL and build nothing. Refuse it
-    # here, clearly, until it exists.
-    conflicts("+nccl", msg="dsmoe has no NCCL comm plugin yet (backends/nccl): build without +nccl")
     conflicts("target=aarch64:", when="cpu_arch=x86-64-v3", msg="cpu_arch=x86-64-v3 is an x86 level: "
               "give the -march of this CPU, e.g. cpu_arch=armv8.4-a or cpu_arch=native")
 

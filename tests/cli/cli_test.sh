@@ -64,7 +64,7 @@ expect deck-typo nonzero "typo.deck:2: unknown key 'model.hiden' \(did you mean 
 expect override-bad nonzero "command line: .*train.steps" -- "$dsmoe" --check "$tiny" train.steps=many
 expect env-bad nonzero "environment DSMOE_TRAIN_STEPS" -- env DSMOE_TRAIN_STEPS=x "$dsmoe" --check "$tiny"
 expect kernel-missing nonzero "kernel plugin 'gpu9' not found: no libdsmoe_kernel_gpu9.so in .*available: cpu" -- "$dsmoe" --check "$tiny" run.kernel_backend=gpu9
-expect comm-missing nonzero "comm plugin 'nccl' not found.*available: mpi" -- "$dsmoe" --check "$tiny" run.comm_backend=nccl
+expect comm-missing nonzero "comm plugin 'ucx' not found.*available: mpi" -- "$dsmoe" --check "$tiny" run.comm_backend=ucx
 
 # A short run: log lines, outputs, checkpoint pruning.
 expect train 0 "step 4/4 \| loss [0-9.]+ \(bound [0-9.]+\) \| aux [0-9.]+ \| drop +[0-9.]+% \| lr .* tok/s .* ETA .*valid [0-9.]+" -- "$dsmoe" "$tiny"
