@@ -234,7 +234,8 @@ static int32_t lookup_find(const dsmoe_tokenizer *t, const lookup *lk, const voi
     for (;; i = (i + 1) & mask) {
         int32_t id = lk->slot[i];
         if (id < 0) return *at = i, -1;
-        if ((size_t)t->tok_len[id] == n && lk->special[id] == special && memcmp(t->bytes.p + t->tok_off[id], b, n) == 0)
+        if ((size_t)t->tok_len[id] == n && lk->special[id] == special &&
+            (n == 0 || memcmp(t->bytes.p + t->tok_off[id], b, n) == 0)) // (b may be NULL when n is 0)
             return *at = i, id;
     }
 }
