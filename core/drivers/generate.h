@@ -19,7 +19,7 @@
 dsmoe_status dsmoe_generate_run(const dsmoe_config *cfg, const char *config_text, dsmoe_runtime *rt, dsmoe_err *err);
 // dsmoe --check of a generate deck: everything the run checks before its first step (tokenizer files,
 // the prompt file, the output's directory, the checkpoint verified against the deck's model); writes
-// nothing but the output's directory when it is missing. Collective.
+// nothing (preflight.h's probe). Collective.
 dsmoe_status dsmoe_generate_check(const dsmoe_config *cfg, dsmoe_runtime *rt, dsmoe_err *err);
 
 #endif

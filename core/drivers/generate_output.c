@@ -232,6 +232,11 @@ dsmoe_status dsmoe_generation_write(const dsmoe_generation_report *rep, dsmoe_er
     if (s == DSMOE_OK && rank == 0) {
         dsmoe_buf out = {0};
         w = assemble(all_lines, total_lines, rep->prompts->n, &out, err);
+        char dir[4096];
+        snprintf(dir, sizeof dir, "%s", rep->path);
+        char *slash = strrchr(dir, '/');
+        if (slash && slash != dir) *slash = '\0'; // the directory was probed before any work (preflight.h)
+        if (w == DSMOE_OK && slash && slash != dir) w = dsmoe_mkdir_p(dir, err);
         if (w == DSMOE_OK) w = dsmoe_write_file_atomic(rep->path, out.p ? out.p : "", out.len, err);
         free(out.p);
         if (w == DSMOE_OK) {

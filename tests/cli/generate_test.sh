@@ -180,6 +180,11 @@ else
   fail "seeded sampling runs: exit $?"; show "$work/s1.log"
 fi
 
+# An output in directories that do not exist yet: they are made at the end (probed at the start).
+expect new-output-dir 0 "wrote $work/new/dir/out.jsonl" -- "$dsmoe" "$deck" run.mode=generate checkpoint.resume="$ckpt" \
+  generate.prompts="$work/prompts.txt" generate.output="$work/new/dir/out.jsonl"
+[ "$(wc -l <"$work/new/dir/out.jsonl" 2>/dev/null)" = 5 ] && ok || fail "new-output-dir: no output with 5 lines"
+
 # dsmoe --check of a generate deck reads the prompts and verifies the checkpoint; a bad prompt file fails it.
 expect check-generate 0 "checkpoint .*$(basename "$ckpt") verifies \(step 300\)" -- \
   "$dsmoe" --check "$deck" run.mode=generate checkpoint.resume="$ckpt" generate.prompts="$work/prompts.jsonl"
