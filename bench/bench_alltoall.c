@@ -12,6 +12,7 @@
 // slowest rank. Reported per size: the median time per call of each, their ratio, and from the plan
 // (exchange.h) the messages and bytes each rank sends (all / to other nodes) and what AUTO would pick.
 // After the timed calls the two results are compared byte for byte (check=ok).
+#include "bench_args.h" // bench_parse_int, bench_flag_value
 #include <mpi.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -35,14 +36,7 @@ static void usage(FILE *f) {
 }
 
 static int parse_int(const char *flag, const char *v, int lo, int *out) {
-    char *end;
-    long x = strtol(v, &end, 10);
-    if (*v == '\0' || *end != '\0' || x < lo || x > 1000000000) {
-        fprintf(stderr, "dsmoe_bench_alltoall: %s %s: expected an integer >= %d\n", flag, v, lo);
-        return -1;
-    }
-    *out = (int)x;
-    return 0;
+    return bench_parse_int("dsmoe_bench_alltoall", flag, v, lo, 1000000000, out);
 }
 
 static int parse_bytes(const char *flag, const char *v, double *out) {
@@ -62,11 +56,8 @@ static int parse_args(int argc, char **argv, opts *o) {
             usage(stdout);
             exit(0);
         }
-        if (i + 1 >= argc) {
-            fprintf(stderr, "dsmoe_bench_alltoall: %s needs a value\n", a);
-            return -1;
-        }
-        const char *v = argv[++i];
+        const char *v = bench_flag_value("dsmoe_bench_alltoall", argc, argv, &i);
+        if (!v) return -1;
         int rc = 0;
         if (!strcmp(a, "--ranks-per-node")) rc = parse_int(a, v, 0, &o->rpn);
         else if (!strcmp(a, "--iters")) rc = parse_int(a, v, 1, &o->iters);

@@ -50,6 +50,7 @@
 // the B rows (B <= 16). Each shape on a sweep of copies 4x the last-level cache (from memory, not
 // cache), then the step's own matrices in order. GB/s of weights against the triad's show whether the
 // GEMM path reads at memory speed.
+#include "bench_args.h" // bench_parse_int, bench_flag_value
 #include <cblas.h> // cblas_sgemv, cblas_sgemm, openblas_set_num_threads: the native reference
 #include <math.h>
 #include <mpi.h>
@@ -80,14 +81,7 @@ static void usage(FILE *f) {
 }
 
 static int parse_int(const char *flag, const char *v, int lo, int *out) {
-    char *end;
-    long x = strtol(v, &end, 10);
-    if (*v == '\0' || *end != '\0' || x < lo || x > 100000000) {
-        fprintf(stderr, "dsmoe_bench_decode: %s %s: expected an integer >= %d\n", flag, v, lo);
-        return -1;
-    }
-    *out = (int)x;
-    return 0;
+    return bench_parse_int("dsmoe_bench_decode", flag, v, lo, 100000000, out);
 }
 
 static int parse_args(int argc, char **argv, opts *o) {
@@ -99,11 +93,8 @@ static int parse_args(int argc, char **argv, opts *o) {
             usage(stdout);
             exit(0);
         }
-        if (i + 1 >= argc) {
-            fprintf(stderr, "dsmoe_bench_decode: %s needs a value\n", a);
-            return -1;
-        }
-        const char *v = argv[++i];
+        const char *v = bench_flag_value("dsmoe_bench_decode", argc, argv, &i);
+        if (!v) return -1;
         int rc = 0;
         if (!strcmp(a, "--layers")) rc = parse_int(a, v, 1, &o->L);
         else if (!strcmp(a, "--hidden")) rc = parse_int(a, v, 1, &o->M);

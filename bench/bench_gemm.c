@@ -24,6 +24,7 @@
 //   precision=<p> ms_per_step=<x> gflops=<y> ref_gflops=<z> efficiency=<y/z> bf16_over_fp32=<ratio>
 // (the ratio of the bf16 step to the fp32 step; nan unless both ran). With --precision both the fp32
 // line comes first.
+#include "bench_args.h" // bench_parse_int, bench_flag_value
 #include <cblas.h> // cblas_sgemm, openblas_set_num_threads: the float32 reference
 #include <dlfcn.h>
 #include <math.h>
@@ -75,14 +76,7 @@ static void usage(FILE *f) {
 }
 
 static int parse_int(const char *flag, const char *v, int lo, int *out) {
-    char *end;
-    long x = strtol(v, &end, 10);
-    if (*v == '\0' || *end != '\0' || x < lo || x > 1000000000) {
-        fprintf(stderr, "dsmoe_bench_gemm: %s %s: expected an integer >= %d\n", flag, v, lo);
-        return -1;
-    }
-    *out = (int)x;
-    return 0;
+    return bench_parse_int("dsmoe_bench_gemm", flag, v, lo, 1000000000, out);
 }
 
 static int parse_args(int argc, char **argv, opts *o) {
@@ -94,11 +88,8 @@ static int parse_args(int argc, char **argv, opts *o) {
             usage(stdout);
             exit(0);
         }
-        if (i + 1 >= argc) {
-            fprintf(stderr, "dsmoe_bench_gemm: %s needs a value\n", a);
-            return -1;
-        }
-        const char *v = argv[++i];
+        const char *v = bench_flag_value("dsmoe_bench_gemm", argc, argv, &i);
+        if (!v) return -1;
         int rc = 0;
         if (!strcmp(a, "--threads")) rc = parse_int(a, v, 1, &o->threads);
         else if (!strcmp(a, "--tokens")) rc = parse_int(a, v, 1, &o->S);

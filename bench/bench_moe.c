@@ -22,6 +22,7 @@
 // first choice s mod E and its second choice spread over the other experts, written into x's first E
 // columns (a bump) and read by a router that is the identity on those columns plus small noise.
 // --balanced 0 uses random x and a random router (natural imbalance, some tokens dropped).
+#include "bench_args.h" // bench_parse_int, bench_flag_value
 #include <cblas.h> // cblas_sgemm, openblas_set_num_threads: the native BLAS reference
 #include <math.h>
 #include <mpi.h>
@@ -48,14 +49,7 @@ static void usage(FILE *f) {
 }
 
 static int parse_int(const char *flag, const char *v, int lo, int *out) {
-    char *end;
-    long x = strtol(v, &end, 10);
-    if (*v == '\0' || *end != '\0' || x < lo || x > 1000000000) {
-        fprintf(stderr, "dsmoe_bench_moe: %s %s: expected an integer >= %d\n", flag, v, lo);
-        return -1;
-    }
-    *out = (int)x;
-    return 0;
+    return bench_parse_int("dsmoe_bench_moe", flag, v, lo, 1000000000, out);
 }
 
 static int parse_args(int argc, char **argv, opts *o) {
@@ -67,11 +61,8 @@ static int parse_args(int argc, char **argv, opts *o) {
             usage(stdout);
             exit(0);
         }
-        if (i + 1 >= argc) {
-            fprintf(stderr, "dsmoe_bench_moe: %s needs a value\n", a);
-            return -1;
-        }
-        const char *v = argv[++i];
+        const char *v = bench_flag_value("dsmoe_bench_moe", argc, argv, &i);
+        if (!v) return -1;
         int rc = 0;
         if (!strcmp(a, "--tokens")) rc = parse_int(a, v, 1, &o->S);
         else if (!strcmp(a, "--hidden")) rc = parse_int(a, v, 1, &o->M);
