@@ -1,6 +1,6 @@
 # The whole training path on the strict asynchronous kernel plugin, bitwise against the cpu plugin
 # (tests/strict/strict_train.sh): 1, 2 and 4 ranks, ep, ZeRO-1, overlap, dropless, residual, PR-MoE,
-# hierarchical all-to-all, jitter, eval, checkpoint save and resume; host-progressed and stream-ordered
+# hierarchical all-to-all, jitter, bf16, eval, checkpoint save and resume; host-progressed and stream-ordered
 # comm plugins. Skips (77) when the strict plugin was not built.
 add_test(NAME strict_train COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/strict/strict_train.sh
          $<TARGET_FILE:dsmoe> ${CMAKE_BINARY_DIR}/tests/plugins ${DSMOE_MPIEXEC} ${DSMOE_MPIEXEC_PREFLAGS})

@@ -10,6 +10,7 @@
 #ifndef DSMOE_CONFIG_H
 #define DSMOE_CONFIG_H
 #include <math.h> // ceil, for dsmoe_capacity
+#include "dsmoe/types.h" // dsmoe_dtype
 #include "util.h"
 
 #define DSMOE_MAX_MOE_LAYERS 256
@@ -20,6 +21,7 @@ typedef enum { DSMOE_PROMPTS_AUTO = 0, DSMOE_PROMPTS_TEXT = 1, DSMOE_PROMPTS_JSO
 typedef enum { DSMOE_TOKENIZER_AUTO = 0, DSMOE_TOKENIZER_BYTES = 1, DSMOE_TOKENIZER_BPE = 2 } dsmoe_tokenizer_kind;
 typedef enum { DSMOE_DATA_SYNTHETIC = 0, DSMOE_DATA_TEXT = 1, DSMOE_DATA_MEGATRON = 2 } dsmoe_data_source;
 typedef enum { DSMOE_LR_COSINE = 0, DSMOE_LR_CONSTANT = 1, DSMOE_LR_LINEAR = 2 } dsmoe_lr_schedule;
+typedef enum { DSMOE_PRECISION_FP32 = 0, DSMOE_PRECISION_BF16 = 1 } dsmoe_precision;
 
 // One plugin setting as given (deck or command line); the environment is read when the plugin loads.
 #define DSMOE_PLUGIN_SETTINGS_MAX 32
@@ -39,6 +41,7 @@ typedef struct dsmoe_config {
     uint64_t seed;               // run.seed
     double watchdog;             // run.watchdog: seconds without progress that end the job (0 = off)
     char output_dir[1024];       // run.output_dir
+    int precision;               // run.precision: dsmoe_precision
     int threads;                 // run.threads (0 = OMP_NUM_THREADS, else the cores of the binding, else 1)
     int log_every;               // run.log_every (steps)
     char kernel_backend[64];     // run.kernel_backend ("cpu")
@@ -257,5 +260,11 @@ void dsmoe_deck_format_float(float f, char *buf, size_t n);
 // A string as a deck value: bare when that reads back unchanged, else quoted with \" \\ \$ escapes
 // (n >= 2 * strlen(s) + 3 holds any string).
 void dsmoe_deck_format_string(const char *s, char *buf, size_t n);
+
+// The dtype of activations and GEMM operands for run.precision (master weights, gradients, optimizer
+// state, gating and the loss stay float32 whatever it is: docs/precision.md).
+static inline dsmoe_dtype dsmoe_config_act_dtype(const dsmoe_config *c) {
+    return c->precision == DSMOE_PRECISION_BF16 ? DSMOE_BFLOAT16 : DSMOE_FLOAT32;
+}
 
 #endif

@@ -15,6 +15,7 @@ const char *const dsmoe_config_v_source[] = {"synthetic", "text", "megatron", NU
 static const char *const v_aux_scope[] = {"batch", "rank", NULL};                 // = dsmoe_aux_scope
 static const char *const v_alltoall[] = {"flat", "hierarchical", "auto", NULL};   // = dsmoe_a2a_algo
 static const char *const v_bind[] = {"auto", "cores", "none", NULL};                 // = dsmoe_bind_policy
+static const char *const v_precision[] = {"fp32", "bf16", NULL};                     // = dsmoe_precision
 
 #define FIELD(f) offsetof(dsmoe_config, f), sizeof(((dsmoe_config *)0)->f)
 #define KEY(name, type, def, f, r, help) {name, type, def, FIELD(f), r, NULL, help}
@@ -24,7 +25,10 @@ const key_def dsmoe_config_keys[] = {
     ENUM("run.mode", "train", mode, v_mode, "train, evaluate a checkpoint on the validation split, or generate text from a checkpoint"),
     KEY("run.seed", K_U64, "1234", seed, GE(0), "seed of every random stream (initialisation, data, noise)"),
     KEY("run.output_dir", K_STRING, "dsmoe_out", output_dir, ANY, "directory for metrics, checkpoints and resolved.deck"),
-    KEY("run.threads", K_INT, "0", threads, GE(0), "compute threads per rank; 0 = OMP_NUM_THREADS, else one per core of the rank's binding (topology.bind), else 1"),
+    KEY("run.threads", K_INT, "0", threads, GE(0), "compute threads per rank; 0 = OMP_NUM_THREADS, else one per core of the rank's binding (topology.bind), else 1; more than the binding's CPUs runs, with a warning"),
+    ENUM("run.precision", "fp32", precision, v_precision,
+         "fp32, or bf16: bfloat16 activations and GEMM operands with fp32 accumulation, fp32 master weights, "
+         "gradients, optimizer state, gating, layer-norm statistics and loss (docs/precision.md)"),
     KEY("run.log_every", K_INT, "10", log_every, GE(1), "steps between progress lines"),
     KEY("run.kernel_backend", K_STRING, "cpu", kernel_backend, ANY, "expert-kernel plugin (libdsmoe_kernel_<name>.so)"),
     KEY("run.comm_backend", K_STRING, "mpi", comm_backend, ANY, "communication plugin (libdsmoe_comm_<name>.so)"),

@@ -189,7 +189,8 @@ static dsmoe_status moe_layer_mem(const dsmoe_config *c, int mi, int W, int rank
     uint64_t E_local = E / (uint64_t)ep;
     *out = (moe_mem){0};
     dsmoe_moe_sizes z = {.S = S, .M = M, .F = (uint64_t)c->ffn_hidden, .E = E, .K = K,
-                         .jitter = c->noise == DSMOE_NOISE_JITTER};
+                         .jitter = c->noise == DSMOE_NOISE_JITTER,
+                         .act_bytes = (int)dsmoe_dtype_size(dsmoe_config_act_dtype(c))};
     out->router = moe_set_bytes(DSMOE_MOE_ROUTER, &z);
     // Capacity buffers at the C allocated at create (none when dropless) and at their largest.
     uint64_t cap_peak = S; // dropless: an expert gets at most every token of a rank (top-2 picks two experts)

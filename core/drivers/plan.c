@@ -271,7 +271,10 @@ static dsmoe_status plan(const char *deck_path, char *const *overrides, int n_ov
                 "micro-step%s per step\n", count(worst.global_params), count(worst.global_expert_params),
                 count(worst.local_params), worst.micro_batch, c.seq_len, worst.micro_steps,
                 worst.micro_steps == 1 ? "" : "s");
-        fprintf(out, "memory per rank (rank %d, the fullest; fp32):\n", worst_rank);
+        fprintf(out, "memory per rank (rank %d, the fullest; %s):\n", worst_rank,
+                c.precision == DSMOE_PRECISION_BF16 ? "bf16 activations, fp32 master weights with a bf16 copy "
+                                                      "counted in parameters"
+                                                    : "fp32");
         fprintf(out, "  parameters %s, gradients %s, AdamW state %s (%s) + %s ZeRO buffers\n", dsmoe_plan_bytes(worst.param_bytes),
                 dsmoe_plan_bytes(worst.grad_bytes), dsmoe_plan_bytes(worst.optimizer_bytes),
                 c.zero_stage ? "ZeRO-1: sharded" : "ZeRO off: full copy", dsmoe_plan_bytes(worst.optimizer_scratch_bytes));

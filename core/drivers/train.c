@@ -287,6 +287,10 @@ static const struct {
 #define N_SIGNAL_NAMES (int)(sizeof signal_names / sizeof signal_names[0])
 
 static volatile sig_atomic_t stop_signal; // the first signal received; 0 = none
+// Set once the checkpoint of a signal's stop is written: the rank is only exiting (with 75) from then on,
+// and a further signal is ignored. srun --kill-on-bad-exit sends SIGTERM to the ranks still running when
+// the first one exits with 75; that must not turn their 75 into 76.
+static volatile sig_atomic_t stop_checkpoint_written;
 static int signals_installed;             // the same on every rank: the deck decides
 
 static const char *signal_name(int signo) {
@@ -297,6 +301,7 @@ static const char *signal_name(int signo) {
 
 // Async-signal-safe: a flag, or write(2) and _exit(2) on the second signal.
 static void on_stop_signal(int signo) {
+    if (stop_checkpoint_written) return;
     if (stop_signal) {
         static const char msg[] = "dsmoe: second signal: exiting at once (76), without a checkpoint of this step\n";
         ssize_t w = write(STDERR_FILENO, msg, sizeof msg - 1);
@@ -584,9 +589,11 @@ static dsmoe_status run(trainer *tr, const char *config_text, dsmoe_train_result
         dsmoe_mem_estimate_rank_for(c, tr->rt->world_size, 0, tr->rt->node_ranks, tr->rt->kern, &mem, &mem_err) ==
             DSMOE_OK) {
         double mib = 1.0 / 1048576.0;
-        printf("memory per rank (rank 0): parameters %.1f MiB, gradients %.1f MiB, AdamW state %.1f MiB (%s) + "
+        printf("memory per rank (rank 0, %s): parameters %.1f MiB, gradients %.1f MiB, AdamW state %.1f MiB (%s) + "
                "%.1f MiB ZeRO buffers, activations and scratch %.1f MiB, MoE buffers %.1f MiB, total %.1f MiB (peak "
-               "%.1f MiB; dsmoe --plan gives the details)\n", mem.param_bytes * mib, mem.grad_bytes * mib,
+               "%.1f MiB; dsmoe --plan gives the details)\n",
+               c->precision == DSMOE_PRECISION_BF16 ? "bf16: fp32 masters + bf16 copy in parameters" : "fp32",
+               mem.param_bytes * mib, mem.grad_bytes * mib,
                mem.optimizer_bytes * mib,
                c->zero_stage ? "ZeRO-1: sharded over the data-parallel ranks" : "ZeRO off: full copy per rank",
                mem.optimizer_scratch_bytes * mib, (mem.activation_bytes + mem.token_bytes) * mib,
@@ -657,6 +664,7 @@ static dsmoe_status run(trainer *tr, const char *config_text, dsmoe_train_result
         if (!last && ranks > 0) {
             // The run stops here: this save is its last, and 75 promises its checkpoint.
             if (!saved || tr->failed_saves > 0) DSMOE_TRY(save_checkpoint(tr, config_text, &pos, 1, res, err));
+            stop_checkpoint_written = 1;
             if (tr->rank == 0) {
                 printf("stopped: SIG%s at step %d of %d (%d of %d ranks got a signal): exit code %d; resume with "
                        "checkpoint.resume=auto\n", signal_name(signo), pos.step, c->steps, ranks,

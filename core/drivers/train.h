@@ -31,7 +31,8 @@ typedef struct dsmoe_train_result {
 // records the signal; at the next step boundary the ranks agree (one host all-reduce) whether any got
 // one, write a checkpoint of that step, and dsmoe exits with DSMOE_EXIT_SIGNAL_CHECKPOINT, for a job
 // script to requeue with checkpoint.resume=auto. A second signal to a rank ends it at once, from the
-// handler, with DSMOE_EXIT_SIGNAL_TWICE (no checkpoint of the current step; earlier ones are kept).
+// handler, with DSMOE_EXIT_SIGNAL_TWICE (no checkpoint of the current step; earlier ones are kept),
+// unless that checkpoint is already written: the rank is then only exiting, and ignores it.
 #define DSMOE_EXIT_SIGNAL_CHECKPOINT 75 // EX_TEMPFAIL: "try again", as sysexits.h has it
 #define DSMOE_EXIT_SIGNAL_TWICE 76
 // Output failures (docs/parallel.md). A failed checkpoint save keeps the older ones and training goes on;

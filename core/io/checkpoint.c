@@ -18,6 +18,7 @@
 #include <unistd.h>
 
 #include "safetensors.h"
+#include "watchdog.h" // dsmoe_watchdog_beat: a load or save of a large file is progress
 
 #define CKPT_FORMAT "dsmoe-checkpoint"
 #define CKPT_VERSION "1"
@@ -165,6 +166,7 @@ static dsmoe_status stage_tensor(void *user, int j, const void **data, dsmoe_err
     dsmoe_runtime *rt = dsmoe_model_runtime(m);
     int n = dsmoe_model_tensor_count(m), kind = j / n;
     const dsmoe_param_tensor *t = dsmoe_model_tensor(m, j % n);
+    dsmoe_watchdog_beat("checkpoint save", -1);
     dsmoe_status s = DSMOE_OK;
     if (kind > 0 && g->kind != kind) {
         s = dsmoe_optimizer_get_state(g->opt, kind - 1, g->moment, err);
@@ -304,6 +306,8 @@ static dsmoe_status verify_file(const dsmoe_st_file *f, const char *path, dsmoe_
     float chunk[4096];
     for (int i = 0; i < dsmoe_st_count(f); i++) {
         const dsmoe_st_tensor *t = dsmoe_st_at(f, i);
+        // Reading a large file from a slow file system is progress: the watchdog sees a beat per tensor.
+        dsmoe_watchdog_beat("checkpoint verification", pos->step);
         DSMOE_TRY(dsmoe_st_verify(f, t, err));
         if (t->dtype != DSMOE_ST_F32) continue;
         size_t n = t->nbytes / sizeof(float);
@@ -392,6 +396,7 @@ dsmoe_status dsmoe_checkpoint_load(dsmoe_model *m, dsmoe_optimizer *opt, const d
     for (int kind = 0; kind < kinds && s == DSMOE_OK; kind++) {
         for (int i = 0; i < dsmoe_model_tensor_count(m) && s == DSMOE_OK; i++) {
             const dsmoe_param_tensor *t = dsmoe_model_tensor(m, i);
+            dsmoe_watchdog_beat("checkpoint load", pos->step);
             s = find_tensor(f, path, t, kind, &ft, err);
             // Staged through an aligned host copy: mapped data need not be 4-byte aligned.
             float *tmp = s == DSMOE_OK ? dsmoe_malloc(t->numel * sizeof(float), "checkpoint load", err) : NULL;

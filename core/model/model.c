@@ -11,7 +11,9 @@
 
 #include "dsmoe/rng.h"
 
-// Activations are float32 for now (bf16 is the mixed-precision work); every op names the type.
+// Activations and GEMM operands are of m->dt (run.precision); what is float32 whatever the precision
+// (parameters, gradients, layer-norm statistics, the residual MoE's coefficients, probabilities and
+// losses) names F32. docs/precision.md has the list and the reasons.
 #define F32 DSMOE_FLOAT32
 
 // ----------------------------------------------------------------------------------------------------
@@ -206,7 +208,7 @@ static dsmoe_status free_one(const dsmoe_buffer *b, void *ctx, dsmoe_err *err) {
 // Every buffer of core/model/model_buffers.c's table, attention's sized by the kernel plugin.
 static dsmoe_status alloc_buffers(dsmoe_model *m, dsmoe_err *err) {
     dsmoe_runtime *rt = m->rt;
-    dsmoe_attention_shape ash = {.B = m->B, .T = m->T, .M = m->M, .NH = m->NH, .dt = F32};
+    dsmoe_attention_shape ash = {.B = m->B, .T = m->T, .M = m->M, .NH = m->NH, .dt = m->dt};
     size_t att_saved = 0, att_ws = 0;
     dsmoe_status as = rt->kern->attention_bytes(rt->kctx, &ash, &att_saved, &att_ws);
     if (as != DSMOE_OK)
@@ -219,102 +221,131 @@ static dsmoe_status alloc_buffers(dsmoe_model *m, dsmoe_err *err) {
 // ----------------------------------------------------------------------------------------------------
 // building blocks, each forward beside its backward
 
-// out (S, N) = in (S, K) @ w (N, K)^T + b (N); b may be NULL.
-static dsmoe_status linear_forward(dsmoe_runtime *rt, float *out, const float *in, const float *w, const float *b,
-                                   int S, int K, int N, dsmoe_err *err) {
-    KCALL(rt, gemm, 0, 1, S, N, K, 1.0f, in, F32, K, w, F32, K, 0.0f, out, F32, N);
-    if (b) KCALL(rt, bias_add, out, F32, b, S, N);
-    return DSMOE_OK;
+// Element i of an activation buffer, and the GEMM operand of a weight (its dt copy: same offset).
+static void *act_at(const dsmoe_model *m, void *p, size_t i) { return (char *)p + i * m->esz; }
+static const void *wop(const dsmoe_model *m, const float *w) {
+    return m->dt == F32 ? (const void *)w : (const char *)m->params_lp + (size_t)(w - m->params) * m->esz;
 }
 
-// din (S, K) +=, dw (N, K) +=, db (N) += (db may be NULL); din may be NULL.
-static dsmoe_status linear_backward(dsmoe_runtime *rt, float *din, float *dw, float *db, const float *dout,
-                                    const float *in, const float *w, int S, int K, int N, dsmoe_err *err) {
-    KCALL(rt, gemm, 1, 0, N, K, S, 1.0f, dout, F32, N, in, F32, K, 1.0f, dw, F32, K);
-    if (db) KCALL(rt, bias_backward, db, dout, F32, S, N);
-    if (din) KCALL(rt, gemm, 0, 0, S, K, N, 1.0f, dout, F32, N, w, F32, K, 1.0f, din, F32, K);
+// out (S, N) = in (S, K) @ w (N, K)^T + b (N); b may be NULL. out is of type ot (dt, or float32 for the
+// coefficient logits: accumulated in float32 either way).
+static dsmoe_status linear_forward_as(dsmoe_model *m, void *out, dsmoe_dtype ot, const void *in, const float *w,
+                                      const float *b, int S, int K, int N, dsmoe_err *err) {
+    dsmoe_runtime *rt = m->rt;
+    KCALL(rt, gemm, 0, 1, S, N, K, 1.0f, in, m->dt, K, wop(m, w), m->dt, K, 0.0f, out, ot, N);
+    if (b) KCALL(rt, bias_add, out, ot, b, S, N);
     return DSMOE_OK;
+}
+static dsmoe_status linear_forward(dsmoe_model *m, void *out, const void *in, const float *w, const float *b, int S,
+                                   int K, int N, dsmoe_err *err) {
+    return linear_forward_as(m, out, m->dt, in, w, b, S, K, N, err);
+}
+
+// din (S, K) +=, dw (N, K) +=, db (N) += (db may be NULL); din may be NULL. dout, in and din are of dt
+// (db's sums read dout_db, float32 for the coefficients, else dout); dw and db are float32.
+static dsmoe_status linear_backward_db(dsmoe_model *m, void *din, float *dw, float *db, const void *dout,
+                                       const void *dout_db, dsmoe_dtype db_type, const void *in, const float *w,
+                                       int S, int K, int N, dsmoe_err *err) {
+    dsmoe_runtime *rt = m->rt;
+    KCALL(rt, gemm, 1, 0, N, K, S, 1.0f, dout, m->dt, N, in, m->dt, K, 1.0f, dw, F32, K);
+    if (db) KCALL(rt, bias_backward, db, dout_db, db_type, S, N);
+    if (din) KCALL(rt, gemm, 0, 0, S, K, N, 1.0f, dout, m->dt, N, wop(m, w), m->dt, K, 1.0f, din, m->dt, K);
+    return DSMOE_OK;
+}
+static dsmoe_status linear_backward(dsmoe_model *m, void *din, float *dw, float *db, const void *dout, const void *in,
+                                    const float *w, int S, int K, int N, dsmoe_err *err) {
+    return linear_backward_db(m, din, dw, db, dout, dout, m->dt, in, w, S, K, N, err);
 }
 
 // Dense FFN: out (S, M) = c_proj(gelu(c_fc(x))).
-static dsmoe_status mlp_forward(dsmoe_model *m, const block_params *p, block_acts *a, const float *x, float *out,
+static dsmoe_status mlp_forward(dsmoe_model *m, const block_params *p, block_acts *a, const void *x, void *out,
                                 dsmoe_err *err) {
     dsmoe_runtime *rt = m->rt;
-    DSMOE_TRY(linear_forward(rt, a->fch, x, p->fcw, p->fcb, m->S, m->M, m->F, err));
-    KCALL(rt, gelu_forward, a->fch_gelu, a->fch, F32, (size_t)m->S * m->F);
-    DSMOE_TRY(linear_forward(rt, out, a->fch_gelu, p->fcprojw, p->fcprojb, m->S, m->F, m->M, err));
+    DSMOE_TRY(linear_forward(m, a->fch, x, p->fcw, p->fcb, m->S, m->M, m->F, err));
+    KCALL(rt, gelu_forward, a->fch_gelu, a->fch, m->dt, (size_t)m->S * m->F);
+    DSMOE_TRY(linear_forward(m, out, a->fch_gelu, p->fcprojw, p->fcprojb, m->S, m->F, m->M, err));
     return DSMOE_OK;
 }
 
 static dsmoe_status mlp_backward(dsmoe_model *m, const block_params *p, block_params *g, block_acts *a,
-                                 const float *x, const float *dout, float *dx, dsmoe_err *err) {
+                                 const void *x, const void *dout, void *dx, dsmoe_err *err) {
     dsmoe_runtime *rt = m->rt;
     size_t SF = (size_t)m->S * m->F;
-    KCALL(rt, zero, m->dfch_gelu, SF * sizeof(float));
-    KCALL(rt, zero, m->dfch, SF * sizeof(float));
-    DSMOE_TRY(linear_backward(rt, m->dfch_gelu, g->fcprojw, g->fcprojb, dout, a->fch_gelu, p->fcprojw, m->S, m->F,
+    KCALL(rt, zero, m->dfch_gelu, SF * m->esz);
+    KCALL(rt, zero, m->dfch, SF * m->esz);
+    DSMOE_TRY(linear_backward(m, m->dfch_gelu, g->fcprojw, g->fcprojb, dout, a->fch_gelu, p->fcprojw, m->S, m->F,
                               m->M, err));
-    KCALL(rt, gelu_backward, m->dfch, a->fch, m->dfch_gelu, F32, SF);
-    DSMOE_TRY(linear_backward(rt, dx, g->fcw, g->fcb, m->dfch, x, p->fcw, m->S, m->M, m->F, err));
+    KCALL(rt, gelu_backward, m->dfch, a->fch, m->dfch_gelu, m->dt, SF);
+    DSMOE_TRY(linear_backward(m, dx, g->fcw, g->fcb, m->dfch, x, p->fcw, m->S, m->M, m->F, err));
     return DSMOE_OK;
 }
 
 // Attention sub-block: resid_mid = x + c_proj(attention(c_attn(ln_1(x)))).
-static dsmoe_status attn_forward(dsmoe_model *m, const block_params *p, block_acts *a, const float *x,
+static dsmoe_status attn_forward(dsmoe_model *m, const block_params *p, block_acts *a, const void *x,
                                  dsmoe_err *err) {
     dsmoe_runtime *rt = m->rt;
     int S = m->S, M = m->M;
-    KCALL(rt, layernorm_forward, a->ln1, a->ln1_mean, a->ln1_rstd, x, F32, p->ln1w, p->ln1b, S, M, m->cfg->ln_eps);
-    DSMOE_TRY(linear_forward(rt, a->qkv, a->ln1, p->qkvw, p->qkvb, S, M, 3 * M, err));
-    dsmoe_attention_shape ash = {.B = m->B, .T = m->T, .M = M, .NH = m->NH, .dt = F32};
+    KCALL(rt, layernorm_forward, a->ln1, a->ln1_mean, a->ln1_rstd, x, m->dt, p->ln1w, p->ln1b, S, M,
+          m->cfg->ln_eps);
+    DSMOE_TRY(linear_forward(m, a->qkv, a->ln1, p->qkvw, p->qkvb, S, M, 3 * M, err));
+    dsmoe_attention_shape ash = {.B = m->B, .T = m->T, .M = M, .NH = m->NH, .dt = m->dt};
     KCALL(rt, attention_forward, a->atty, a->att, a->qkv, &ash);
-    DSMOE_TRY(linear_forward(rt, a->resid_mid, a->atty, p->attprojw, p->attprojb, S, M, M, err));
-    KCALL(rt, axpy, a->resid_mid, 1.0f, x, F32, (size_t)S * M);
+    DSMOE_TRY(linear_forward(m, a->resid_mid, a->atty, p->attprojw, p->attprojb, S, M, M, err));
+    KCALL(rt, axpy, a->resid_mid, 1.0f, x, m->dt, (size_t)S * M);
     return DSMOE_OK;
 }
 
 // dresid holds d(resid_mid) on entry and d(x) on return.
 static dsmoe_status attn_backward(dsmoe_model *m, const block_params *p, block_params *g, block_acts *a,
-                                  const float *x, dsmoe_err *err) {
+                                  const void *x, dsmoe_err *err) {
     dsmoe_runtime *rt = m->rt;
     int S = m->S, M = m->M;
     size_t SM = (size_t)S * M;
-    KCALL(rt, zero, m->datty, SM * sizeof(float));
-    KCALL(rt, zero, m->dqkv, 3 * SM * sizeof(float));
-    KCALL(rt, zero, m->dln, SM * sizeof(float));
-    DSMOE_TRY(linear_backward(rt, m->datty, g->attprojw, g->attprojb, m->dresid, a->atty, p->attprojw, S, M, M, err));
-    dsmoe_attention_shape ash = {.B = m->B, .T = m->T, .M = M, .NH = m->NH, .dt = F32};
+    KCALL(rt, zero, m->datty, SM * m->esz);
+    KCALL(rt, zero, m->dqkv, 3 * SM * m->esz);
+    KCALL(rt, zero, m->dln, SM * m->esz);
+    DSMOE_TRY(linear_backward(m, m->datty, g->attprojw, g->attprojb, m->dresid, a->atty, p->attprojw, S, M, M, err));
+    dsmoe_attention_shape ash = {.B = m->B, .T = m->T, .M = M, .NH = m->NH, .dt = m->dt};
     KCALL(rt, attention_backward, m->dqkv, m->datt_workspace, m->datty, a->qkv, a->atty, a->att, &ash);
-    DSMOE_TRY(linear_backward(rt, m->dln, g->qkvw, g->qkvb, m->dqkv, a->ln1, p->qkvw, S, M, 3 * M, err));
+    DSMOE_TRY(linear_backward(m, m->dln, g->qkvw, g->qkvb, m->dqkv, a->ln1, p->qkvw, S, M, 3 * M, err));
     // The residual path carries dresid through unchanged; layer norm adds its part.
-    KCALL(rt, layernorm_backward, m->dresid, g->ln1w, g->ln1b, m->dln, x, F32, p->ln1w, a->ln1_mean, a->ln1_rstd, S,
-          M);
+    KCALL(rt, layernorm_backward, m->dresid, g->ln1w, g->ln1b, m->dln, x, m->dt, p->ln1w, a->ln1_mean, a->ln1_rstd,
+          S, M);
     return DSMOE_OK;
 }
 
+// The MoE weights of block l as the layer takes them (with their dt copies).
+static dsmoe_moe_weights moe_weights(const dsmoe_model *m, const dsmoe_moe_weights *w) {
+    dsmoe_moe_weights v = *w;
+    if (m->dt != F32) v.w1_lp = wop(m, w->w1), v.w2_lp = wop(m, w->w2);
+    return v;
+}
+
 // FFN sub-block: out = resid_mid + ffn(ln_2(resid_mid)), ffn = dense MLP, MoE, or residual MoE.
-static dsmoe_status ffn_forward(dsmoe_model *m, int l, const dsmoe_moe_step *step, float *out, dsmoe_err *err) {
+static dsmoe_status ffn_forward(dsmoe_model *m, int l, const dsmoe_moe_step *step, void *out, dsmoe_err *err) {
     dsmoe_runtime *rt = m->rt;
     const block_params *p = &m->blocks[l];
     block_acts *a = &m->acts[l];
     int S = m->S, M = m->M, mi = m->moe_of_layer[l];
     size_t SM = (size_t)S * M;
-    KCALL(rt, layernorm_forward, a->ln2, a->ln2_mean, a->ln2_rstd, a->resid_mid, F32, p->ln2w, p->ln2b, S, M,
+    KCALL(rt, layernorm_forward, a->ln2, a->ln2_mean, a->ln2_rstd, a->resid_mid, m->dt, p->ln2w, p->ln2b, S, M,
           m->cfg->ln_eps);
     if (mi < 0) {
         DSMOE_TRY(mlp_forward(m, p, a, a->ln2, a->ffn_out, err));
     } else {
-        DSMOE_TRY(dsmoe_moe_forward(m->moe[mi], &p->moe, a->ln2, a->moe_out, step, NULL, err));
+        dsmoe_moe_weights w = moe_weights(m, &p->moe);
+        DSMOE_TRY(dsmoe_moe_forward(m->moe[mi], &w, a->ln2, a->moe_out, step, NULL, err));
         if (m->cfg->residual) {
             DSMOE_TRY(mlp_forward(m, p, a, a->ln2, a->mlp_out, err));
-            DSMOE_TRY(linear_forward(rt, a->coef_logits, a->ln2, p->coefw, p->coefb, S, M, 2, err));
-            KCALL(rt, residual_mix_forward, a->ffn_out, a->coef, a->moe_out, a->mlp_out, F32, a->coef_logits, S, M);
+            DSMOE_TRY(linear_forward_as(m, a->coef_logits, F32, a->ln2, p->coefw, p->coefb, S, M, 2, err));
+            KCALL(rt, residual_mix_forward, a->ffn_out, a->coef, a->moe_out, a->mlp_out, m->dt, a->coef_logits, S,
+                  M);
         } else {
-            KCALL(rt, copy, a->ffn_out, a->moe_out, SM * sizeof(float));
+            KCALL(rt, copy, a->ffn_out, a->moe_out, SM * m->esz);
         }
     }
-    KCALL(rt, copy, out, a->resid_mid, SM * sizeof(float));
-    KCALL(rt, axpy, out, 1.0f, a->ffn_out, F32, SM);
+    KCALL(rt, copy, out, a->resid_mid, SM * m->esz);
+    KCALL(rt, axpy, out, 1.0f, a->ffn_out, m->dt, SM);
     return DSMOE_OK;
 }
 
@@ -326,22 +357,30 @@ static dsmoe_status ffn_backward(dsmoe_model *m, int l, float daux, dsmoe_err *e
     block_acts *a = &m->acts[l];
     int S = m->S, M = m->M, mi = m->moe_of_layer[l];
     size_t SM = (size_t)S * M;
-    KCALL(rt, zero, m->dln, SM * sizeof(float));
+    dsmoe_moe_weights w = mi >= 0 ? moe_weights(m, &p->moe) : p->moe;
+    KCALL(rt, zero, m->dln, SM * m->esz);
     if (mi < 0) {
         DSMOE_TRY(mlp_backward(m, p, g, a, a->ln2, m->dresid, m->dln, err));
     } else if (!m->cfg->residual) {
-        DSMOE_TRY(dsmoe_moe_backward(m->moe[mi], &p->moe, &g->moe, m->dresid, m->dln, daux, err));
+        DSMOE_TRY(dsmoe_moe_backward(m->moe[mi], &w, &g->moe, m->dresid, m->dln, daux, err));
     } else {
-        KCALL(rt, zero, m->dmoe, SM * sizeof(float));
-        KCALL(rt, zero, m->dmlp, SM * sizeof(float));
+        KCALL(rt, zero, m->dmoe, SM * m->esz);
+        KCALL(rt, zero, m->dmlp, SM * m->esz);
         KCALL(rt, zero, m->dcoef, (size_t)S * 2 * sizeof(float));
-        KCALL(rt, residual_mix_backward, m->dmoe, m->dmlp, m->dcoef, m->dresid, a->moe_out, a->mlp_out, F32, a->coef,
-              S, M);
-        DSMOE_TRY(linear_backward(rt, m->dln, g->coefw, g->coefb, m->dcoef, a->ln2, p->coefw, S, M, 2, err));
+        KCALL(rt, residual_mix_backward, m->dmoe, m->dmlp, m->dcoef, m->dresid, a->moe_out, a->mlp_out, m->dt,
+              a->coef, S, M);
+        // The coefficient GEMMs take dcoef as an operand of dt; its bias sums read the float32 values.
+        const void *dcoef = m->dcoef;
+        if (m->dt != F32) {
+            KCALL(rt, convert, m->dcoef_lp, m->dt, m->dcoef, F32, (size_t)S * 2);
+            dcoef = m->dcoef_lp;
+        }
+        DSMOE_TRY(linear_backward_db(m, m->dln, g->coefw, g->coefb, dcoef, m->dcoef, F32, a->ln2, p->coefw, S, M, 2,
+                                     err));
         DSMOE_TRY(mlp_backward(m, p, g, a, a->ln2, m->dmlp, m->dln, err));
-        DSMOE_TRY(dsmoe_moe_backward(m->moe[mi], &p->moe, &g->moe, m->dmoe, m->dln, daux, err));
+        DSMOE_TRY(dsmoe_moe_backward(m->moe[mi], &w, &g->moe, m->dmoe, m->dln, daux, err));
     }
-    KCALL(rt, layernorm_backward, m->dresid, g->ln2w, g->ln2b, m->dln, a->resid_mid, F32, p->ln2w, a->ln2_mean,
+    KCALL(rt, layernorm_backward, m->dresid, g->ln2w, g->ln2b, m->dln, a->resid_mid, m->dt, p->ln2w, a->ln2_mean,
           a->ln2_rstd, S, M);
     return DSMOE_OK;
 }
@@ -369,6 +408,13 @@ dsmoe_status dsmoe_model_create(const dsmoe_config *cfg, dsmoe_runtime *rt, int 
     m->F = cfg->ffn_hidden;
     m->V = cfg->vocab;
     m->L = cfg->layers;
+    m->dt = dsmoe_config_act_dtype(cfg);
+    m->esz = dsmoe_dtype_size(m->dt);
+    if (m->dt != F32 && !(rt->kern->dtypes & DSMOE_DTYPE_BIT(m->dt)))
+        return dsmoe_err_set(err, DSMOE_ERR_UNSUPPORTED,
+                             "run.precision = bf16: kernel plugin '%s' does not take %s activations; use "
+                             "run.precision = fp32 or a plugin that does (cpu)",
+                             rt->kern->name, dsmoe_dtype_name(m->dt));
     m->blocks = calloc((size_t)m->L, sizeof *m->blocks);
     m->dblocks = calloc((size_t)m->L, sizeof *m->dblocks);
     m->acts = calloc((size_t)m->L, sizeof *m->acts);
@@ -412,6 +458,7 @@ dsmoe_status dsmoe_model_create(const dsmoe_config *cfg, dsmoe_runtime *rt, int 
             .jitter_eps = cfg->jitter_eps, .ep = g->ep, .ep_group = g->ep_g.comm, .ep_ctl = g->ep_g.ctl,
             .alltoall = cfg->alltoall, .ranks_per_node = cfg->ranks_per_node, .aux_scope = cfg->aux_loss_scope,
             .aux_group = rt->world, // data parallelism is over all ranks
+            .dt = m->dt,
         };
         DSMOE_TRY(dsmoe_moe_layer_create(rt, &mc, &m->moe[mi], err));
     }
@@ -459,7 +506,7 @@ size_t dsmoe_model_replicated_params(const dsmoe_model *m) { return m->n_replica
 size_t dsmoe_model_bytes(const dsmoe_model *m) { return m->bytes_allocated; }
 const dsmoe_config *dsmoe_model_config(const dsmoe_model *m) { return m->cfg; }
 dsmoe_runtime *dsmoe_model_runtime(const dsmoe_model *m) { return m->rt; }
-const float *dsmoe_model_logits(const dsmoe_model *m) { return m->logits; }
+const void *dsmoe_model_logits(const dsmoe_model *m) { return m->logits; }
 const dsmoe_moe_stats *dsmoe_model_moe_stats(const dsmoe_model *m, int i) {
     return i >= 0 && i < m->cfg->n_moe_layers ? &m->moe_stats[i] : NULL;
 }
@@ -490,21 +537,22 @@ dsmoe_status dsmoe_model_forward(dsmoe_model *m, const int32_t *inputs, const in
                                  inputs[s] < 0 || inputs[s] >= V ? inputs[s] : targets[s], s, V);
     KCALL(rt, copy_to_device, m->tokens, inputs, (size_t)S * sizeof(int32_t));
     KCALL(rt, copy_to_device, m->targets, targets, (size_t)S * sizeof(int32_t));
-    KCALL(rt, embedding_forward, m->resid, F32, m->tokens, m->wte, m->wpe, m->B, m->T, M, V);
+    if (m->dt != F32) KCALL(rt, convert, m->params_lp, m->dt, m->params, F32, m->n_local);
+    KCALL(rt, embedding_forward, m->resid, m->dt, m->tokens, m->wte, m->wpe, m->B, m->T, M, V);
     for (int l = 0; l < m->L; l++) {
-        float *x = m->resid + (size_t)l * SM;
+        void *x = act_at(m, m->resid, (size_t)l * SM);
         DSMOE_TRY(attn_forward(m, &m->blocks[l], &m->acts[l], x, err));
         dsmoe_moe_step step = {
             .training = training,
             .seed = dsmoe_rng_key(step_seed, 0x40e, (uint64_t)l, 0),
             .token_offset = token_offset,
         };
-        DSMOE_TRY(ffn_forward(m, l, &step, x + SM, err));
+        DSMOE_TRY(ffn_forward(m, l, &step, act_at(m, x, SM), err));
     }
-    float *xL = m->resid + (size_t)m->L * SM;
-    KCALL(rt, layernorm_forward, m->lnf, m->lnf_mean, m->lnf_rstd, xL, F32, m->lnfw, m->lnfb, S, M, m->cfg->ln_eps);
-    DSMOE_TRY(linear_forward(rt, m->logits, m->lnf, m->wte, NULL, S, M, V, err));
-    KCALL(rt, crossentropy_forward, m->losses, m->probs, m->logits, F32, m->targets, S, V);
+    void *xL = act_at(m, m->resid, (size_t)m->L * SM);
+    KCALL(rt, layernorm_forward, m->lnf, m->lnf_mean, m->lnf_rstd, xL, m->dt, m->lnfw, m->lnfb, S, M, m->cfg->ln_eps);
+    DSMOE_TRY(linear_forward(m, m->logits, m->lnf, m->wte, NULL, S, M, V, err));
+    KCALL(rt, crossentropy_forward, m->losses, m->probs, m->logits, m->dt, m->targets, S, V);
     // The losses and the MoE layers' statistics come back to the host once, after one wait.
     KCALL(rt, copy_to_host, m->host_losses, m->losses, (size_t)S * sizeof(float));
     for (int i = 0; i < m->cfg->n_moe_layers; i++) DSMOE_TRY(dsmoe_moe_stats_copy(m->moe[i], err));
@@ -527,18 +575,19 @@ dsmoe_status dsmoe_model_backward(dsmoe_model *m, float dloss, float daux, dsmoe
     if (!m->has_forward) return dsmoe_err_set(err, DSMOE_ERR_INTERNAL, "model backward without a forward");
     int S = m->S, M = m->M, V = m->V;
     size_t SM = (size_t)S * M;
-    KCALL(rt, zero, m->dlogits, (size_t)S * V * sizeof(float));
-    KCALL(rt, crossentropy_backward, m->dlogits, F32, m->probs, m->targets, dloss, S, V);
-    KCALL(rt, zero, m->dln, SM * sizeof(float));
-    DSMOE_TRY(linear_backward(rt, m->dln, m->dwte, NULL, m->dlogits, m->lnf, m->wte, S, M, V, err));
-    KCALL(rt, zero, m->dresid, SM * sizeof(float));
-    float *xL = m->resid + (size_t)m->L * SM;
-    KCALL(rt, layernorm_backward, m->dresid, m->dlnfw, m->dlnfb, m->dln, xL, F32, m->lnfw, m->lnf_mean, m->lnf_rstd, S,
-          M);
+    KCALL(rt, zero, m->dlogits, (size_t)S * V * m->esz);
+    KCALL(rt, crossentropy_backward, m->dlogits, m->dt, m->probs, m->targets, dloss, S, V);
+    KCALL(rt, zero, m->dln, SM * m->esz);
+    DSMOE_TRY(linear_backward(m, m->dln, m->dwte, NULL, m->dlogits, m->lnf, m->wte, S, M, V, err));
+    KCALL(rt, zero, m->dresid, SM * m->esz);
+    void *xL = act_at(m, m->resid, (size_t)m->L * SM);
+    KCALL(rt, layernorm_backward, m->dresid, m->dlnfw, m->dlnfb, m->dln, xL, m->dt, m->lnfw, m->lnf_mean, m->lnf_rstd,
+          S, M);
     int overlap = m->can_overlap && m->reduce_in_backward;
     for (int l = m->L - 1; l >= 0; l--) {
         DSMOE_TRY(ffn_backward(m, l, daux, err));
-        DSMOE_TRY(attn_backward(m, &m->blocks[l], &m->dblocks[l], &m->acts[l], m->resid + (size_t)l * SM, err));
+        DSMOE_TRY(attn_backward(m, &m->blocks[l], &m->dblocks[l], &m->acts[l], act_at(m, m->resid, (size_t)l * SM),
+                                err));
         if (!overlap) continue;
         // Block l's gradients are final for this step once its backward has run (nothing later in the
         // backward touches them).
@@ -556,7 +605,7 @@ dsmoe_status dsmoe_model_backward(dsmoe_model *m, float dloss, float daux, dsmoe
         m->n_recorded++;
         DSMOE_TRY(dsmoe_model_start_block_reductions(m, 0, err));
     }
-    KCALL(rt, embedding_backward, m->dwte, m->dwpe, m->dresid, F32, m->tokens, m->B, m->T, M, V);
+    KCALL(rt, embedding_backward, m->dwte, m->dwpe, m->dresid, m->dt, m->tokens, m->B, m->T, M, V);
     m->has_forward = 0;
     return DSMOE_OK;
 }

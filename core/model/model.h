@@ -86,8 +86,9 @@ dsmoe_status dsmoe_model_forward(dsmoe_model *model, const int32_t *inputs, cons
                                  dsmoe_forward_result *result, dsmoe_err *err);
 // MoE statistics of the last forward for MoE layer i (NULL if out of range).
 const dsmoe_moe_stats *dsmoe_model_moe_stats(const dsmoe_model *model, int i);
-// Logits (S, V) of the last forward, kernel memory (valid until the next forward).
-const float *dsmoe_model_logits(const dsmoe_model *model);
+// Logits (S, V) of the last forward, kernel memory of the activation dtype (dsmoe_config_act_dtype:
+// float32 unless run.precision = bf16), valid until the next forward.
+const void *dsmoe_model_logits(const dsmoe_model *model);
 
 // Backward of the last forward, accumulating into the gradient slab: dloss is the weight of each
 // token's cross-entropy in the total loss, daux the weight of each layer's l_aux.

@@ -7,7 +7,8 @@
 
 dsmoe_status dsmoe_buffer_row_emit(const dsmoe_buffer_row *r, const uint64_t *d, int layer, dsmoe_buffer_fn fn,
                                    void *ctx, dsmoe_err *err) {
-    uint64_t bytes = (uint64_t)r->unit * r->mult * d[r->dim[0]] * d[r->dim[1]] * d[r->dim[2]];
+    uint64_t unit = r->unit == DSMOE_UNIT_ACT ? d[DSMOE_D_ACT] : r->unit;
+    uint64_t bytes = unit * r->mult * d[r->dim[0]] * d[r->dim[1]] * d[r->dim[2]];
     dsmoe_buffer b = {.name = r->name, .cls = r->cls, .layer = layer, .field = r->field, .bytes = bytes};
     return fn(&b, ctx, err);
 }
@@ -19,36 +20,38 @@ dsmoe_status dsmoe_buffer_row_emit(const dsmoe_buffer_row *r, const uint64_t *d,
 #define BLOCK(f) offsetof(block_acts, f)
 #define ROW DSMOE_BUFFER_ROW
 enum { ANY = DSMOE_BLOCK_ANY, DENSE_FFN = DSMOE_BLOCK_DENSE | DSMOE_BLOCK_RESIDUAL_MOE,
-       MOE = DSMOE_BLOCK_MOE | DSMOE_BLOCK_RESIDUAL_MOE, RESIDUAL = DSMOE_BLOCK_RESIDUAL_MOE };
+       MOE = DSMOE_BLOCK_MOE | DSMOE_BLOCK_RESIDUAL_MOE, RESIDUAL = DSMOE_BLOCK_RESIDUAL_MOE,
+       LOWP = DSMOE_MODEL_IF_LOWP, A = DSMOE_UNIT_ACT };
 
 static const dsmoe_buffer_row rows[] = {
     //  name (and allocation tag)               class   when       unit, mult, dims    field
     ROW("parameters (local)",                    PARAMS, 0,         4, 1, PARAMS, 1, 1, MODEL(params)),
     ROW("gradients (local)",                     GRADS,  0,         4, 1, PARAMS, 1, 1, MODEL(grads)),
-    ROW("residual stream (L+1, S, M)",           ACT,    0,         4, 1, L1,     S, M, MODEL(resid)),
+    ROW("GEMM weights (local, bf16)",            PARAMS, LOWP,      2, 1, PARAMS, 1, 1, MODEL(params_lp)),
+    ROW("residual stream (L+1, S, M)",           ACT,    0,         A, 1, L1,     S, M, MODEL(resid)),
     // each block (block_acts): the FFN's buffers only where the block has that FFN
-    ROW("activation ln1 (S, M)",                 ACT,    ANY,       4, 1, S,      M, 1, BLOCK(ln1)),
+    ROW("activation ln1 (S, M)",                 ACT,    ANY,       A, 1, S,      M, 1, BLOCK(ln1)),
     ROW("activation ln1_mean (S)",               ACT,    ANY,       4, 1, S,      1, 1, BLOCK(ln1_mean)),
     ROW("activation ln1_rstd (S)",               ACT,    ANY,       4, 1, S,      1, 1, BLOCK(ln1_rstd)),
-    ROW("activation qkv (S, 3M)",                ACT,    ANY,       4, 3, S,      M, 1, BLOCK(qkv)),
-    ROW("activation atty (S, M)",                ACT,    ANY,       4, 1, S,      M, 1, BLOCK(atty)),
+    ROW("activation qkv (S, 3M)",                ACT,    ANY,       A, 3, S,      M, 1, BLOCK(qkv)),
+    ROW("activation atty (S, M)",                ACT,    ANY,       A, 1, S,      M, 1, BLOCK(atty)),
     ROW("attention state (attention_bytes)",     ACT,    ANY,       1, 1, ATT,    1, 1, BLOCK(att)),
-    ROW("activation resid_mid (S, M)",           ACT,    ANY,       4, 1, S,      M, 1, BLOCK(resid_mid)),
-    ROW("activation ln2 (S, M)",                 ACT,    ANY,       4, 1, S,      M, 1, BLOCK(ln2)),
+    ROW("activation resid_mid (S, M)",           ACT,    ANY,       A, 1, S,      M, 1, BLOCK(resid_mid)),
+    ROW("activation ln2 (S, M)",                 ACT,    ANY,       A, 1, S,      M, 1, BLOCK(ln2)),
     ROW("activation ln2_mean (S)",               ACT,    ANY,       4, 1, S,      1, 1, BLOCK(ln2_mean)),
     ROW("activation ln2_rstd (S)",               ACT,    ANY,       4, 1, S,      1, 1, BLOCK(ln2_rstd)),
-    ROW("activation ffn_out (S, M)",             ACT,    ANY,       4, 1, S,      M, 1, BLOCK(ffn_out)),
-    ROW("activation fch (S, F)",                 ACT,    DENSE_FFN, 4, 1, S,      F, 1, BLOCK(fch)),
-    ROW("activation fch_gelu (S, F)",            ACT,    DENSE_FFN, 4, 1, S,      F, 1, BLOCK(fch_gelu)),
-    ROW("activation mlp_out (S, M)",             ACT,    DENSE_FFN, 4, 1, S,      M, 1, BLOCK(mlp_out)),
-    ROW("activation moe_out (S, M)",             ACT,    MOE,       4, 1, S,      M, 1, BLOCK(moe_out)),
+    ROW("activation ffn_out (S, M)",             ACT,    ANY,       A, 1, S,      M, 1, BLOCK(ffn_out)),
+    ROW("activation fch (S, F)",                 ACT,    DENSE_FFN, A, 1, S,      F, 1, BLOCK(fch)),
+    ROW("activation fch_gelu (S, F)",            ACT,    DENSE_FFN, A, 1, S,      F, 1, BLOCK(fch_gelu)),
+    ROW("activation mlp_out (S, M)",             ACT,    DENSE_FFN, A, 1, S,      M, 1, BLOCK(mlp_out)),
+    ROW("activation moe_out (S, M)",             ACT,    MOE,       A, 1, S,      M, 1, BLOCK(moe_out)),
     ROW("activation coef_logits (S, 2)",         ACT,    RESIDUAL,  4, 2, S,      1, 1, BLOCK(coef_logits)),
     ROW("activation coef (S, 2)",                ACT,    RESIDUAL,  4, 2, S,      1, 1, BLOCK(coef)),
     // the head
-    ROW("activation lnf (S, M)",                 ACT,    0,         4, 1, S,      M, 1, MODEL(lnf)),
+    ROW("activation lnf (S, M)",                 ACT,    0,         A, 1, S,      M, 1, MODEL(lnf)),
     ROW("activation lnf_mean (S)",               ACT,    0,         4, 1, S,      1, 1, MODEL(lnf_mean)),
     ROW("activation lnf_rstd (S)",               ACT,    0,         4, 1, S,      1, 1, MODEL(lnf_rstd)),
-    ROW("logits (S, V)",                         ACT,    0,         4, 1, S,      V, 1, MODEL(logits)),
+    ROW("logits (S, V)",                         ACT,    0,         A, 1, S,      V, 1, MODEL(logits)),
     ROW("probabilities (S, V)",                  ACT,    0,         4, 1, S,      V, 1, MODEL(probs)),
     ROW("losses (S)",                            ACT,    0,         4, 1, S,      1, 1, MODEL(losses)),
     // input staging, kernel memory not counted among the model's bytes
@@ -58,17 +61,18 @@ static const dsmoe_buffer_row rows[] = {
     ROW("host losses (S)",                       HOST,   0,         4, 1, S,      1, 1, MODEL(host_losses)),
     ROW("host gradient norm sums (n_moe + 2)",   HOST,   0,         8, 1, NORM,   1, 1, MODEL(norm_host)),
     // backward scratch, shared by the blocks
-    ROW("gradient dresid (S, M)",                ACT,    0,         4, 1, S,      M, 1, MODEL(dresid)),
-    ROW("gradient dln (S, M)",                   ACT,    0,         4, 1, S,      M, 1, MODEL(dln)),
-    ROW("gradient datty (S, M)",                 ACT,    0,         4, 1, S,      M, 1, MODEL(datty)),
-    ROW("gradient dmoe (S, M)",                  ACT,    0,         4, 1, S,      M, 1, MODEL(dmoe)),
-    ROW("gradient dmlp (S, M)",                  ACT,    0,         4, 1, S,      M, 1, MODEL(dmlp)),
-    ROW("gradient dqkv (S, 3M)",                 ACT,    0,         4, 3, S,      M, 1, MODEL(dqkv)),
-    ROW("gradient dfch (S, F)",                  ACT,    0,         4, 1, S,      F, 1, MODEL(dfch)),
-    ROW("gradient dfch_gelu (S, F)",             ACT,    0,         4, 1, S,      F, 1, MODEL(dfch_gelu)),
+    ROW("gradient dresid (S, M)",                ACT,    0,         A, 1, S,      M, 1, MODEL(dresid)),
+    ROW("gradient dln (S, M)",                   ACT,    0,         A, 1, S,      M, 1, MODEL(dln)),
+    ROW("gradient datty (S, M)",                 ACT,    0,         A, 1, S,      M, 1, MODEL(datty)),
+    ROW("gradient dmoe (S, M)",                  ACT,    0,         A, 1, S,      M, 1, MODEL(dmoe)),
+    ROW("gradient dmlp (S, M)",                  ACT,    0,         A, 1, S,      M, 1, MODEL(dmlp)),
+    ROW("gradient dqkv (S, 3M)",                 ACT,    0,         A, 3, S,      M, 1, MODEL(dqkv)),
+    ROW("gradient dfch (S, F)",                  ACT,    0,         A, 1, S,      F, 1, MODEL(dfch)),
+    ROW("gradient dfch_gelu (S, F)",             ACT,    0,         A, 1, S,      F, 1, MODEL(dfch_gelu)),
     ROW("gradient dcoef (S, 2)",                 ACT,    0,         4, 2, S,      1, 1, MODEL(dcoef)),
+    ROW("gradient dcoef as a GEMM operand (S, 2)", ACT,  LOWP,      A, 2, S,      1, 1, MODEL(dcoef_lp)),
     ROW("attention workspace (attention_bytes)", ACT,    0,         1, 1, ATT_WS, 1, 1, MODEL(datt_workspace)),
-    ROW("gradient dlogits (S, V)",               ACT,    0,         4, 1, S,      V, 1, MODEL(dlogits)),
+    ROW("gradient dlogits (S, V)",               ACT,    0,         A, 1, S,      V, 1, MODEL(dlogits)),
 };
 #undef ROW
 
@@ -94,11 +98,13 @@ dsmoe_status dsmoe_model_buffers(const dsmoe_config *c, const dsmoe_model_sizes 
     d[DSMOE_D_PARAMS] = z->local_params;
     d[DSMOE_D_ATT] = z->att_saved;
     d[DSMOE_D_ATT_WS] = z->att_ws;
+    d[DSMOE_D_ACT] = dsmoe_dtype_size(dsmoe_config_act_dtype(c));
+    int lowp = d[DSMOE_D_ACT] != 4;
     const int n = (int)(sizeof rows / sizeof rows[0]);
     for (int i = 0; i < n;) {
-        if (rows[i].when == 0) {
+        if ((rows[i].when & DSMOE_BLOCK_ANY) == 0) {
             // B = 0 (a model for generation: parameters only) has no gradient slab; its activations are empty.
-            if (z->B == 0 && rows[i].cls == DSMOE_BUF_GRADS) {
+            if ((z->B == 0 && rows[i].cls == DSMOE_BUF_GRADS) || ((rows[i].when & LOWP) && !lowp)) {
                 i++;
                 continue;
             }
@@ -107,7 +113,7 @@ dsmoe_status dsmoe_model_buffers(const dsmoe_config *c, const dsmoe_model_sizes 
         }
         // A run of block rows: block by block, each block's rows in table order.
         int end = i;
-        while (end < n && rows[end].when != 0) end++;
+        while (end < n && (rows[end].when & DSMOE_BLOCK_ANY) != 0) end++;
         for (int l = 0; l < c->layers; l++) {
             int kind = block_kind(c, l);
             for (int j = i; j < end; j++)

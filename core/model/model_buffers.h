@@ -57,6 +57,8 @@ dsmoe_status dsmoe_model_buffers(const dsmoe_config *cfg, const dsmoe_model_size
 typedef struct dsmoe_moe_sizes {
     uint64_t S, M, F, E, K; // tokens per rank, hidden, expert hidden, experts (global), top-k
     int jitter;             // noise = jitter: the gate input's jittered copy and its gradient
+    int act_bytes;          // bytes per activation element: 4 (float32; 0 means 4) or 2 (bfloat16: the gate
+                            // input's float32 copy and its gradient are added)
     uint64_t C;             // capacity slots per expert (the capacity set only)
 } dsmoe_moe_sizes;
 
@@ -82,20 +84,28 @@ typedef enum dsmoe_buf_dim {
     DSMOE_D_PARAMS,    // local parameters
     DSMOE_D_ATT,       // bytes of a block's saved attention state
     DSMOE_D_ATT_WS,    // bytes of attention's backward workspace
+    DSMOE_D_ACT,       // bytes per activation element (the unit of DSMOE_UNIT_ACT rows)
     DSMOE_D_COUNT
 } dsmoe_buf_dim;
 
 // Block kinds, the `when` of a model block row (a row applies to the kinds whose bit it has).
 enum { DSMOE_BLOCK_DENSE = 1, DSMOE_BLOCK_MOE = 2, DSMOE_BLOCK_RESIDUAL_MOE = 4, DSMOE_BLOCK_ANY = 7 };
-// The `when` of a MoE row: 0 = always.
-enum { DSMOE_MOE_IF_JITTER = 1 };
+// A model row of its own (no block kind) with this bit exists only when activations are not float32
+// (run.precision = bf16): the GEMM copy of the weights and the like.
+enum { DSMOE_MODEL_IF_LOWP = 0x80 };
+// The `when` of a MoE row: 0 = always; else any of the conditions.
+enum { DSMOE_MOE_IF_JITTER = 1, DSMOE_MOE_IF_LOWP = 2 };
+
+// The unit of a row whose elements are activations: their dtype's size (run.precision).
+#define DSMOE_UNIT_ACT 0
 
 // One buffer: bytes = unit * mult * d[dim[0]] * d[dim[1]] * d[dim[2]] (unused dims are DSMOE_D_1).
 typedef struct dsmoe_buffer_row {
     const char *name;
     uint8_t cls;    // dsmoe_buf_class
     uint8_t when;   // model: 0 = the model's own buffer, else the block kinds it applies to; MoE: condition
-    uint8_t unit;   // bytes per element (4 fp32 or int32, 8 double, 1 when a dim is already in bytes)
+    uint8_t unit;   // bytes per element (4 fp32 or int32, 8 double, 1 when a dim is already in bytes,
+                    // DSMOE_UNIT_ACT: the activation dtype's size, d[DSMOE_D_ACT])
     uint8_t mult;
     uint8_t dim[3]; // dsmoe_buf_dim
     size_t field;   // offset into the owner's struct (block_acts for a block row)

@@ -19,22 +19,23 @@ typedef struct block_params {
 
 // The buffers of block_acts and of struct dsmoe_model's activation and scratch pointers are listed,
 // with their sizes, in core/model/model_buffers.c: model.c allocates and frees by that table, memplan.c sums it.
+// `void *` buffers hold activations of the model's dt (run.precision); `float *` ones are float32 always.
 typedef struct block_acts {
-    float *ln1;           // (S, M)
+    void *ln1;            // (S, M)
     float *ln1_mean, *ln1_rstd; // (S)
-    float *qkv;           // (S, 3M)
-    float *atty;          // (S, M)
+    void *qkv;            // (S, 3M)
+    void *atty;           // (S, M)
     void *att;            // attention state saved for the backward (the plugin's attention_bytes)
-    float *resid_mid;     // (S, M) x + attention
-    float *ln2;           // (S, M)
+    void *resid_mid;      // (S, M) x + attention
+    void *ln2;            // (S, M)
     float *ln2_mean, *ln2_rstd; // (S)
-    float *fch;           // (S, F) dense FFN pre-activation
-    float *fch_gelu;      // (S, F)
-    float *mlp_out;       // (S, M) dense FFN output (residual MoE: the MLP branch)
-    float *moe_out;       // (S, M)
+    void *fch;            // (S, F) dense FFN pre-activation
+    void *fch_gelu;       // (S, F)
+    void *mlp_out;        // (S, M) dense FFN output (residual MoE: the MLP branch)
+    void *moe_out;        // (S, M)
     float *coef_logits;   // (S, 2)
     float *coef;          // (S, 2)
-    float *ffn_out;       // (S, M) what is added to the residual stream
+    void *ffn_out;        // (S, M) what is added to the residual stream
 } block_acts;
 
 // The groups of one expert-parallel size (created once per distinct moe.expert_parallel value).
@@ -68,6 +69,11 @@ struct dsmoe_model {
     size_t n_local, n_replicated; // replicated tensors occupy [0, n_replicated)
     size_t n_global;
     float *params, *grads; // (n_local) each (AdamW state lives in core/model/optimizer.c)
+    dsmoe_dtype dt;        // activations and GEMM operands (run.precision)
+    size_t esz;            // bytes of one dt element
+    void *params_lp;       // (n_local) dt != float32: params rounded to dt, the GEMMs' weight operands;
+                           // refreshed from params at every forward (params change under the optimizer,
+                           // a checkpoint load and ZeRO's gather: one conversion covers them all)
 
     float *wte, *wpe, *lnfw, *lnfb;
     float *dwte, *dwpe, *dlnfw, *dlnfb;
@@ -77,23 +83,25 @@ struct dsmoe_model {
     dsmoe_moe_stats *moe_stats;     // (n_moe)
 
     // activations of the last forward
-    float *resid;          // (L+1, S, M) residual stream at each block input, and the final output
+    void *resid;           // (L+1, S, M) residual stream at each block input, and the final output
     block_acts *acts;      // (L)
-    float *lnf, *lnf_mean, *lnf_rstd; // (S, M), (S), (S)
-    float *logits;         // (S, V)
+    void *lnf;             // (S, M)
+    float *lnf_mean, *lnf_rstd; // (S), (S)
+    void *logits;          // (S, V)
     float *probs;          // (S, V) softmax of logits
     float *losses;         // (S)
     int32_t *tokens, *targets; // (S) plugin memory
     float *host_losses;    // (S) host_alloc memory: copied at the end of the forward, read after a wait
 
     // backward scratch
-    float *dresid;          // (S, M) gradient of the residual stream
-    float *dln, *datty, *dmoe, *dmlp; // (S, M)
-    float *dqkv;            // (S, 3M)
-    float *dfch, *dfch_gelu; // (S, F)
+    void *dresid;           // (S, M) gradient of the residual stream
+    void *dln, *datty, *dmoe, *dmlp; // (S, M)
+    void *dqkv;             // (S, 3M)
+    void *dfch, *dfch_gelu; // (S, F)
     float *dcoef;           // (S, 2)
+    void *dcoef_lp;         // (S, 2) dt != float32: dcoef narrowed, as the coefficient GEMMs' operand
     void *datt_workspace;   // attention_backward's workspace (the plugin's attention_bytes)
-    float *dlogits;         // (S, V)
+    void *dlogits;          // (S, V)
     double *norm_dev;       // (n_moe + 2) device: squared gradient sums, and a staging slot
     double *norm_host;      // (n_moe + 2) host_alloc copy
     int has_forward;

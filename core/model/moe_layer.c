@@ -9,7 +9,12 @@
 // assigned, gradients accumulate (+=) into the caller's buffers. Buffers of capacity size hold rows of
 // kept tokens only: a group's rows beyond its kept count are never read (the grouped GEMMs and their
 // epilogues run on m = kept rows; combine and dispatch-backward only visit kept slots), so those rows are
-// never cleared between steps. Activations are float32 (F32) until mixed precision lands.
+// never cleared between steps.
+//
+// Precision: x, out and the capacity buffers are of cfg.dt (float32 or bfloat16), as are the expert
+// GEMMs' operands (w1_lp, w2_lp in bfloat16); the expert weight gradients are float32. Gating is float32
+// throughout: in bfloat16 the gate input is widened into xg32 first, and the router's input gradient is
+// formed in float32 and narrowed once before it is added to dx.
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -42,20 +47,24 @@ struct dsmoe_moe_layer {
     float *weight;    // (S, K)
     float *dweight;   // (S, K)
     float *xj;        // (S, M) jittered gate input (noise = JITTER only); the backward reuses it
-    float *dxj;       // (S, M) d(gate input) before the jitter factor (noise = JITTER only)
+    float *dxj;       // (S, M) d(gate input) before the jitter factor (noise = JITTER, or bfloat16)
+    float *xg32;      // (S, M) bfloat16 only: the gate input widened to float32; the backward reuses
+                      // it for the gate input's gradient narrowed to bfloat16
     int32_t *counts;  // (E) tokens choosing each expert (gate_route), then the dropless maximum in [0]
     int32_t *kept;    // (E) slots this rank fills per expert (gate_assign), sent with the tokens
     int32_t *recv_cnt; // (ep, E_local) kept counts the sources sent for my experts: the GEMMs' rows
     double *aux;      // (2E + 1) l_aux's sums: P (E), N (E), S_tot; reduced over the scope in place
 
-    // Capacity buffers: (E, C, width) = (ep, E_local, C, width), sized for cap.
-    float *send;      // (E, C, M) tokens by destination expert; backward: dy by expert, then dx rows home
-    float *recv;      // (ep, E_local, C, M) tokens by source rank (kept for dw1)
-    float *h;         // (ep, E_local, C, F) fc pre-activation (kept for the GELU backward)
-    float *act;       // (ep, E_local, C, F) gelu(h) (kept for dw2)
-    float *da;        // (ep, E_local, C, F) backward: dh = gelu'(h) * d(act)
-    float *yexp;      // (ep, E_local, C, M) expert outputs by source; backward: dy, then dbuf by source
-    float *yhome;     // (E, C, M) expert outputs of this rank's tokens (kept for dweight)
+    // Capacity buffers: (E, C, width) = (ep, E_local, C, width), sized for cap; elements of cfg.dt.
+    void *send;       // (E, C, M) tokens by destination expert; backward: dy by expert, then dx rows home
+    void *recv;       // (ep, E_local, C, M) tokens by source rank (kept for dw1)
+    void *h;          // (ep, E_local, C, F) fc pre-activation (kept for the GELU backward)
+    void *act;        // (ep, E_local, C, F) gelu(h) (kept for dw2)
+    void *da;         // (ep, E_local, C, F) backward: dh = gelu'(h) * d(act)
+    void *yexp;       // (ep, E_local, C, M) expert outputs by source; backward: dy, then dbuf by source
+    void *yhome;      // (E, C, M) expert outputs of this rank's tokens (kept for dweight)
+    dsmoe_dtype dt;   // cfg.dt
+    size_t esz;       // its size in bytes
 
     // Host staging (host_alloc), valid after a wait: [kept (E) int32 | pad | aux (2E + 1) double], and
     // the dropless counts.
@@ -70,7 +79,7 @@ struct dsmoe_moe_layer {
     int jittered;
     uint64_t jitter_key, jitter_offset;
     dsmoe_gating_params gp;
-    const float *x;         // the caller's x (must stay unchanged until the backward)
+    const void *x;          // the caller's x (must stay unchanged until the backward)
 };
 
 // ----------------------------------------------------------------------------------------------------
@@ -78,7 +87,7 @@ struct dsmoe_moe_layer {
 
 #define LAYER(f) offsetof(struct dsmoe_moe_layer, f)
 #define ROW DSMOE_BUFFER_ROW
-enum { JITTER = DSMOE_MOE_IF_JITTER };
+enum { JITTER = DSMOE_MOE_IF_JITTER, LOWP = DSMOE_MOE_IF_LOWP, A = DSMOE_UNIT_ACT };
 
 // Per-token buffers and host staging, allocated at create.
 static const dsmoe_buffer_row router_rows[] = {
@@ -94,20 +103,21 @@ static const dsmoe_buffer_row router_rows[] = {
     ROW("received counts (ep, E_local)",           ACT,    0,      4, 1, E,     1, 1, LAYER(recv_cnt)),
     ROW("l_aux sums (2E + 1)",                     ACT,    0,      8, 1, AUX,   1, 1, LAYER(aux)),
     ROW("jittered gate input (S, M)",              ACT,    JITTER, 4, 1, S,     M, 1, LAYER(xj)),
-    ROW("gate input gradient (S, M)",              ACT,    JITTER, 4, 1, S,     M, 1, LAYER(dxj)),
+    ROW("gate input gradient (S, M)",              ACT,    JITTER | LOWP, 4, 1, S, M, 1, LAYER(dxj)),
+    ROW("gate input in float32 (S, M)",            ACT,    LOWP,   4, 1, S,     M, 1, LAYER(xg32)),
     ROW("host staging: kept counts, l_aux sums",   HOST,   0,      1, 1, STAGE, 1, 1, LAYER(stage)),
     ROW("host staging: dropless counts (E)",       HOST,   0,      4, 1, E,     1, 1, LAYER(stage_counts)),
 };
 
 // (E, C, width) = (ep, E_local, C, width), sized for C slots per expert.
 static const dsmoe_buffer_row capacity_rows[] = {
-    ROW("dispatch buffer (E, C, M)",                       CAPACITY, 0, 4, 1, E, C, M, LAYER(send)),
-    ROW("receive buffer (ep, E_local, C, M)",              CAPACITY, 0, 4, 1, E, C, M, LAYER(recv)),
-    ROW("expert pre-activation (ep, E_local, C, F)",       CAPACITY, 0, 4, 1, E, C, F, LAYER(h)),
-    ROW("expert activation (ep, E_local, C, F)",           CAPACITY, 0, 4, 1, E, C, F, LAYER(act)),
-    ROW("expert activation gradient (ep, E_local, C, F)",  CAPACITY, 0, 4, 1, E, C, F, LAYER(da)),
-    ROW("expert output (ep, E_local, C, M)",               CAPACITY, 0, 4, 1, E, C, M, LAYER(yexp)),
-    ROW("returned output (E, C, M)",                       CAPACITY, 0, 4, 1, E, C, M, LAYER(yhome)),
+    ROW("dispatch buffer (E, C, M)",                       CAPACITY, 0, A, 1, E, C, M, LAYER(send)),
+    ROW("receive buffer (ep, E_local, C, M)",              CAPACITY, 0, A, 1, E, C, M, LAYER(recv)),
+    ROW("expert pre-activation (ep, E_local, C, F)",       CAPACITY, 0, A, 1, E, C, F, LAYER(h)),
+    ROW("expert activation (ep, E_local, C, F)",           CAPACITY, 0, A, 1, E, C, F, LAYER(act)),
+    ROW("expert activation gradient (ep, E_local, C, F)",  CAPACITY, 0, A, 1, E, C, F, LAYER(da)),
+    ROW("expert output (ep, E_local, C, M)",               CAPACITY, 0, A, 1, E, C, M, LAYER(yexp)),
+    ROW("returned output (E, C, M)",                       CAPACITY, 0, A, 1, E, C, M, LAYER(yhome)),
 };
 #undef ROW
 
@@ -122,18 +132,21 @@ dsmoe_status dsmoe_moe_buffers(dsmoe_moe_buffer_set set, const dsmoe_moe_sizes *
     d[DSMOE_D_C] = z->C;
     d[DSMOE_D_AUX] = 2 * z->E + 1;
     d[DSMOE_D_STAGE] = stage_aux_offset((int)z->E) + (2 * z->E + 1) * sizeof(double);
+    d[DSMOE_D_ACT] = z->act_bytes ? (uint64_t)z->act_bytes : 4;
+    int when = (z->jitter ? JITTER : 0) | (d[DSMOE_D_ACT] != 4 ? LOWP : 0);
     const dsmoe_buffer_row *rows = set == DSMOE_MOE_ROUTER ? router_rows : capacity_rows;
     size_t n = set == DSMOE_MOE_ROUTER ? sizeof router_rows / sizeof router_rows[0]
                                        : sizeof capacity_rows / sizeof capacity_rows[0];
     for (size_t i = 0; i < n; i++)
-        if (!(rows[i].when & JITTER) || z->jitter) DSMOE_TRY(dsmoe_buffer_row_emit(&rows[i], d, -1, fn, ctx, err));
+        if (rows[i].when == 0 || (rows[i].when & when)) DSMOE_TRY(dsmoe_buffer_row_emit(&rows[i], d, -1, fn, ctx, err));
     return DSMOE_OK;
 }
 
 static dsmoe_moe_sizes layer_sizes(const dsmoe_moe_layer *L, int C) {
     const dsmoe_moe_config *c = &L->cfg;
     return (dsmoe_moe_sizes){.S = (uint64_t)c->S, .M = (uint64_t)c->M, .F = (uint64_t)c->F, .E = (uint64_t)c->E,
-                             .K = (uint64_t)c->K, .jitter = c->noise == DSMOE_NOISE_JITTER, .C = (uint64_t)C};
+                             .K = (uint64_t)c->K, .jitter = c->noise == DSMOE_NOISE_JITTER, .C = (uint64_t)C,
+                             .act_bytes = (int)dsmoe_dtype_size(c->dt)};
 }
 
 // The pointer fields are reached by the tables' offsets; memcpy, not a (void **) cast, reads and writes
@@ -182,7 +195,7 @@ static dsmoe_status ensure_capacity(dsmoe_moe_layer *L, int C, dsmoe_err *err) {
     }
     // The exchange's packing workspace for blocks of this size (the largest the layer sends).
     size_t M = (size_t)L->cfg.M;
-    DSMOE_TRY(dsmoe_exchange_reserve(L->ex, (size_t)L->E_local * (size_t)C * M * sizeof(float), err));
+    DSMOE_TRY(dsmoe_exchange_reserve(L->ex, (size_t)L->E_local * (size_t)C * M * L->esz, err));
     L->cap = C;
     return DSMOE_OK;
 }
@@ -234,6 +247,11 @@ static dsmoe_status check_config(const dsmoe_runtime *rt, const dsmoe_moe_config
     if (c->noise < DSMOE_NOISE_NONE || c->noise > DSMOE_NOISE_RSAMPLE)
         return dsmoe_err_set(err, DSMOE_ERR_INVALID, "moe layer: noise=%d: expected a dsmoe_noise_policy (0, 1, 2)",
                              c->noise);
+    if (c->dt != DSMOE_FLOAT32 && c->dt != DSMOE_BFLOAT16)
+        return dsmoe_err_set(err, DSMOE_ERR_INVALID, "moe layer: dt=%d: expected float32 or bfloat16", (int)c->dt);
+    if (c->dt != DSMOE_FLOAT32 && !(rt->kern->dtypes & DSMOE_DTYPE_BIT(c->dt)))
+        return dsmoe_err_set(err, DSMOE_ERR_UNSUPPORTED, "moe layer: kernel plugin '%s' does not take %s activations",
+                             rt->kern->name, dsmoe_dtype_name(c->dt));
     if (c->noise == DSMOE_NOISE_JITTER && !(c->jitter_eps >= 0.0f && c->jitter_eps < 1.0f))
         return dsmoe_err_set(err, DSMOE_ERR_INVALID, "moe layer: jitter_eps=%g: expected 0 <= eps < 1",
                              (double)c->jitter_eps);
@@ -312,6 +330,8 @@ dsmoe_status dsmoe_moe_layer_create(const dsmoe_runtime *rt, const dsmoe_moe_con
     L->ep_rank = rt->comm->group_rank(cfg->ep_group);
     L->E_local = cfg->E / cfg->ep;
     L->aux_group = cfg->aux_group ? cfg->aux_group : rt->world;
+    L->dt = cfg->dt;
+    L->esz = dsmoe_dtype_size(cfg->dt);
     // The collective set-up first, while every rank still takes the same path; then local allocations,
     // with the capacity buffers at their size when tokens are dropped (dropless grows them by step).
     dsmoe_status s = exchange_setup(L, err);
@@ -353,9 +373,9 @@ static dsmoe_status capacity_dropless(dsmoe_moe_layer *L, int *C, dsmoe_err *err
     return DSMOE_OK;
 }
 
-// Each rank sends block r of `src` (E_local * C * width floats) to rank r; dst block r comes from rank r.
-static dsmoe_status exchange(dsmoe_moe_layer *L, float *dst, const float *src, int width, dsmoe_err *err) {
-    size_t bytes = (size_t)L->E_local * (size_t)L->C * (size_t)width * sizeof(float);
+// Each rank sends block r of `src` (E_local * C * width elements) to rank r; dst block r comes from rank r.
+static dsmoe_status exchange(dsmoe_moe_layer *L, void *dst, const void *src, int width, dsmoe_err *err) {
+    size_t bytes = (size_t)L->E_local * (size_t)L->C * (size_t)width * L->esz;
     return dsmoe_exchange_alltoall(L->ex, src, dst, bytes, err);
 }
 
@@ -410,31 +430,39 @@ void dsmoe_moe_stats_read(dsmoe_moe_layer *L, dsmoe_moe_stats *stats) {
 
 // A grouped GEMM over capacity blocks: a (rows, k) blocks of abuf, weights w (n, k) (trans_b) or (k, n),
 // c (rows, n) blocks of cbuf.
-static dsmoe_grouped_gemm groups_gemm(const dsmoe_moe_layer *L, const float *abuf, int k, const float *w,
-                                      int trans_b, float *cbuf, int n) {
+static dsmoe_grouped_gemm groups_gemm(const dsmoe_moe_layer *L, const void *abuf, int k, const void *w,
+                                      int trans_b, void *cbuf, int n) {
     size_t C = (size_t)L->C;
     return (dsmoe_grouped_gemm){
         .groups = L->cfg.E, .counts = L->recv_cnt, .m_max = L->C, .n = n, .k = k, .alpha = 1.0f, .beta = 0.0f,
-        .a = abuf, .a_type = F32, .lda = k, .a_stride = C * (size_t)k,
-        .b = w, .b_type = F32, .ldb = trans_b ? k : n, .b_stride = (size_t)n * (size_t)k, .b_groups = L->E_local,
+        .a = abuf, .a_type = L->dt, .lda = k, .a_stride = C * (size_t)k,
+        .b = w, .b_type = L->dt, .ldb = trans_b ? k : n, .b_stride = (size_t)n * (size_t)k, .b_groups = L->E_local,
         .trans_b = trans_b,
-        .c = cbuf, .c_type = F32, .ldc = n, .c_stride = C * (size_t)n,
+        .c = cbuf, .c_type = L->dt, .ldc = n, .c_stride = C * (size_t)n,
     };
 }
 
 // y (rows, M) = gelu(x (rows, M) @ w1[el]^T + b1[el]) @ w2[el]^T + b2[el] for every group; x = xbuf
 // (recv, or send itself when nothing moves).
-static dsmoe_status experts_forward(dsmoe_moe_layer *L, const dsmoe_moe_weights *w, const float *xbuf,
+// The expert weights as GEMM operands: the float32 masters, or their bfloat16 copies.
+static const void *gemm_w1(const dsmoe_moe_layer *L, const dsmoe_moe_weights *w) {
+    return L->dt == DSMOE_FLOAT32 ? (const void *)w->w1 : w->w1_lp;
+}
+static const void *gemm_w2(const dsmoe_moe_layer *L, const dsmoe_moe_weights *w) {
+    return L->dt == DSMOE_FLOAT32 ? (const void *)w->w2 : w->w2_lp;
+}
+
+static dsmoe_status experts_forward(dsmoe_moe_layer *L, const dsmoe_moe_weights *w, const void *xbuf,
                                     dsmoe_err *err) {
     const dsmoe_runtime *rt = L->rt;
     int M = L->cfg.M, F = L->cfg.F;
-    dsmoe_grouped_gemm fc = groups_gemm(L, xbuf, M, w->w1, 1, L->act, F); // h = x w1^T + b1, act = gelu(h)
+    dsmoe_grouped_gemm fc = groups_gemm(L, xbuf, M, gemm_w1(L, w), 1, L->act, F); // h = x w1^T + b1, act = gelu(h)
     fc.epilogue = DSMOE_EPI_BIAS_GELU;
     fc.bias = w->b1;
     fc.bias_stride = (size_t)F;
     fc.aux = L->h;
     KCALL(rt, gemm_grouped, &fc);
-    dsmoe_grouped_gemm proj = groups_gemm(L, L->act, F, w->w2, 1, L->yexp, M); // y = act w2^T + b2
+    dsmoe_grouped_gemm proj = groups_gemm(L, L->act, F, gemm_w2(L, w), 1, L->yexp, M); // y = act w2^T + b2
     proj.epilogue = DSMOE_EPI_BIAS;
     proj.bias = w->b2;
     proj.bias_stride = (size_t)M;
@@ -444,13 +472,14 @@ static dsmoe_status experts_forward(dsmoe_moe_layer *L, const dsmoe_moe_weights 
 
 // dw[el] (n, k) += dy^T @ x and db[el] (n) += column sums of dy, summed over the groups of expert el in
 // ascending group order (a fixed order, whatever the plugin runs concurrently).
-static dsmoe_status experts_wgrad(dsmoe_moe_layer *L, const float *dybuf, int n, const float *xbuf, int k, float *dw,
+static dsmoe_status experts_wgrad(dsmoe_moe_layer *L, const void *dybuf, int n, const void *xbuf, int k, float *dw,
                                   float *db, dsmoe_err *err) {
     const dsmoe_runtime *rt = L->rt;
     size_t C = (size_t)L->C;
     dsmoe_grouped_wgrad g = {
         .groups = L->cfg.E, .counts = L->recv_cnt, .m_max = L->C, .n = n, .k = k, .alpha = 1.0f,
-        .dy = dybuf, .dy_type = F32, .dy_stride = C * (size_t)n, .x = xbuf, .x_type = F32, .x_stride = C * (size_t)k,
+        .dy = dybuf, .dy_type = L->dt, .dy_stride = C * (size_t)n, .x = xbuf, .x_type = L->dt,
+        .x_stride = C * (size_t)k,
         .dw = dw, .dw_stride = (size_t)n * (size_t)k, .b_groups = L->E_local, .dbias = db, .dbias_stride = (size_t)n,
     };
     KCALL(rt, gemm_grouped_wgrad, &g);
@@ -464,13 +493,13 @@ static dsmoe_status experts_backward(dsmoe_moe_layer *L, const dsmoe_moe_weights
     int M = L->cfg.M, F = L->cfg.F;
     DSMOE_TRY(experts_wgrad(L, L->yexp, M, L->act, F, gw->w2, gw->b2, err)); // dw2 += dy^T act, db2 += sum dy
     // dh (rows, F) = gelu'(h) * (dy (rows, M) @ w2[el] (M, F)), into da
-    dsmoe_grouped_gemm dact = groups_gemm(L, L->yexp, M, w->w2, 0, L->da, F);
+    dsmoe_grouped_gemm dact = groups_gemm(L, L->yexp, M, gemm_w2(L, w), 0, L->da, F);
     dact.epilogue = DSMOE_EPI_DGELU;
     dact.aux = L->h;
     KCALL(rt, gemm_grouped, &dact);
     DSMOE_TRY(experts_wgrad(L, L->da, F, L->recv, M, gw->w1, gw->b1, err)); // dw1 += dh^T x, db1 += sum dh
     // dbuf (rows, M) = dh (rows, F) @ w1[el] (F, M), into yexp (dy is consumed)
-    dsmoe_grouped_gemm dx = groups_gemm(L, L->da, F, w->w1, 0, L->yexp, M);
+    dsmoe_grouped_gemm dx = groups_gemm(L, L->da, F, gemm_w1(L, w), 0, L->yexp, M);
     KCALL(rt, gemm_grouped, &dx);
     return DSMOE_OK;
 }
@@ -490,14 +519,15 @@ static dsmoe_status phase_done(const dsmoe_moe_layer *L, const dsmoe_moe_step *s
     return DSMOE_OK;
 }
 
-dsmoe_status dsmoe_moe_forward(dsmoe_moe_layer *L, const dsmoe_moe_weights *w, const float *x, float *out,
+dsmoe_status dsmoe_moe_forward(dsmoe_moe_layer *L, const dsmoe_moe_weights *w, const void *x, void *out,
                                const dsmoe_moe_step *step, dsmoe_moe_stats *stats, dsmoe_err *err) {
     const dsmoe_runtime *rt = L->rt;
     const dsmoe_moe_config *c = &L->cfg;
     if (!step) return dsmoe_err_set(err, DSMOE_ERR_INVALID, "moe forward: NULL step");
     int S = step->inference ? step->tokens : c->S, M = c->M, E = c->E, K = c->K;
-    if (!w || !w->wg || !w->w1 || !w->b1 || !w->w2 || !w->b2 || !out || (S > 0 && !x))
-        return dsmoe_err_set(err, DSMOE_ERR_INVALID, "moe forward: NULL weights, x or out");
+    if (!w || !w->wg || !w->w1 || !w->b1 || !w->w2 || !w->b2 || !out || (S > 0 && !x) ||
+        (L->dt != DSMOE_FLOAT32 && (!w->w1_lp || !w->w2_lp)))
+        return dsmoe_err_set(err, DSMOE_ERR_INVALID, "moe forward: NULL weights (or bfloat16 weight copies), x or out");
     if (step->inference && (S < 0 || S > c->S || step->capacity < 1))
         return dsmoe_err_set(err, DSMOE_ERR_INVALID, "moe forward: %d tokens, capacity %d: expected 0 .. %d "
                              "tokens and capacity >= 1", S, step->capacity, c->S);
@@ -515,14 +545,18 @@ dsmoe_status dsmoe_moe_forward(dsmoe_moe_layer *L, const dsmoe_moe_weights *w, c
         .token_offset = step->token_offset,
     };
 
-    // Gate input: x, or x * U(1-eps, 1+eps) per element under jitter while training; the counter is the
-    // global element index, so a token gets the same noise on any rank.
+    // Gate input (float32): x, or x * U(1-eps, 1+eps) per element under jitter while training; the
+    // counter is the global element index, so a token gets the same noise on any rank.
     const float *xg = x;
+    if (L->dt != DSMOE_FLOAT32) {
+        KCALL(rt, convert, L->xg32, F32, x, L->dt, (size_t)S * M);
+        xg = L->xg32;
+    }
     L->jittered = step->training && c->noise == DSMOE_NOISE_JITTER;
     if (L->jittered) {
         L->jitter_key = dsmoe_rng_key(step->seed, MOE_TAG_JITTER, 0, 0);
         L->jitter_offset = step->token_offset * (uint64_t)M;
-        KCALL(rt, mul_uniform_noise, L->xj, x, F32, (size_t)S * M, c->jitter_eps, L->jitter_key, L->jitter_offset);
+        KCALL(rt, mul_uniform_noise, L->xj, xg, F32, (size_t)S * M, c->jitter_eps, L->jitter_key, L->jitter_offset);
         xg = L->xj;
     }
     KCALL(rt, gemm, 0, 1, S, E, M, 1.0f, xg, F32, M, w->wg, F32, M, 0.0f, L->logits, F32, E); // (S, E) = xg wg^T
@@ -540,7 +574,7 @@ dsmoe_status dsmoe_moe_forward(dsmoe_moe_layer *L, const dsmoe_moe_weights *w, c
     KCALL(rt, gate_assign, &L->gp, C, L->probs, L->choice, L->slot, L->weight, L->kept, L->aux);
     if (!step->inference) DSMOE_TRY(aux_reduce(L, err)); // inference needs no l_aux (nor its collective)
 
-    KCALL(rt, moe_dispatch, L->send, x, F32, L->choice, L->slot, S, K, E, C, M); // (E, C, M)
+    KCALL(rt, moe_dispatch, L->send, x, L->dt, L->choice, L->slot, S, K, E, C, M); // (E, C, M)
     DSMOE_TRY(phase_done(L, step, 0, &t0, err));
     // Inference with ep = 1: the exchanges would copy the (E, C, M) blocks onto themselves; the experts
     // read send and combine reads yexp in place. (Training keeps the copies: its backward reuses send.)
@@ -553,7 +587,7 @@ dsmoe_status dsmoe_moe_forward(dsmoe_moe_layer *L, const dsmoe_moe_weights *w, c
     DSMOE_TRY(phase_done(L, step, 2, &t0, err));
     if (!in_place) DSMOE_TRY(exchange(L, L->yhome, L->yexp, M, err));
     DSMOE_TRY(phase_done(L, step, 1, &t0, err));
-    KCALL(rt, moe_combine, out, in_place ? L->yexp : L->yhome, F32, L->choice, L->slot, L->weight, S, K, E, C, M);
+    KCALL(rt, moe_combine, out, in_place ? L->yexp : L->yhome, L->dt, L->choice, L->slot, L->weight, S, K, E, C, M);
     DSMOE_TRY(phase_done(L, step, 0, &t0, err));
 
     if (stats) {
@@ -566,7 +600,7 @@ dsmoe_status dsmoe_moe_forward(dsmoe_moe_layer *L, const dsmoe_moe_weights *w, c
 }
 
 dsmoe_status dsmoe_moe_backward(dsmoe_moe_layer *L, const dsmoe_moe_weights *w, dsmoe_moe_weights *grads,
-                                const float *dout, float *dx, float daux, dsmoe_err *err) {
+                                const void *dout, void *dx, float daux, dsmoe_err *err) {
     const dsmoe_runtime *rt = L->rt;
     const dsmoe_moe_config *c = &L->cfg;
     int S = c->S, M = c->M, E = c->E, K = c->K, C = L->C;
@@ -577,28 +611,38 @@ dsmoe_status dsmoe_moe_backward(dsmoe_moe_layer *L, const dsmoe_moe_weights *w, 
     L->have_forward = 0; // the backward consumes saved activations (yexp, da, xj are overwritten)
 
     // dy (E, C, M) = weight * dout at kept slots; dweight (S, K) = dot(dout, y)
-    KCALL(rt, moe_combine_backward, L->send, L->dweight, dout, L->yhome, F32, L->choice, L->slot, L->weight, S, K, E,
+    KCALL(rt, moe_combine_backward, L->send, L->dweight, dout, L->yhome, L->dt, L->choice, L->slot, L->weight, S, K, E,
           C, M);
     DSMOE_TRY(exchange(L, L->yexp, L->send, M, err));
     DSMOE_TRY(experts_backward(L, w, grads, err));
     DSMOE_TRY(exchange(L, L->send, L->yexp, M, err));
-    KCALL(rt, moe_dispatch_backward, dx, L->send, F32, L->choice, L->slot, S, K, E, C, M);
+    KCALL(rt, moe_dispatch_backward, dx, L->send, L->dt, L->choice, L->slot, S, K, E, C, M);
 
     // Router: dlogits (in the logits buffer) -> dwg += dlogits^T xg, d(xg) = dlogits @ wg. The l_aux part
     // (daux * E * N_e / S_tot^2 per token) is formed by the plugin from the reduced sums on the device.
     float *dlogits = L->logits;
     KCALL(rt, zero, dlogits, (size_t)S * E * sizeof(float));
     KCALL(rt, gate_backward, &L->gp, dlogits, L->probs, L->choice, L->slot, L->dweight, L->aux, daux);
-    const float *xg = L->jittered ? L->xj : L->x;
+    const float *xg = L->jittered ? L->xj : L->dt != DSMOE_FLOAT32 ? L->xg32 : (const float *)L->x;
     KCALL(rt, gemm, 1, 0, E, M, S, 1.0f, dlogits, F32, E, xg, F32, M, 1.0f, grads->wg, F32, M);
+    if (!L->jittered && L->dt == DSMOE_FLOAT32) {
+        KCALL(rt, gemm, 0, 0, S, M, E, 1.0f, dlogits, F32, E, w->wg, F32, M, 1.0f, dx, F32, M);
+        return DSMOE_OK;
+    }
+    // d(xg) in float32; under jitter dx gets d(xg) * u with the forward's u (xj is free now and takes
+    // the product); in bfloat16 it is narrowed once (into xg32, free too) and then added to dx.
+    KCALL(rt, gemm, 0, 0, S, M, E, 1.0f, dlogits, F32, E, w->wg, F32, M, 0.0f, L->dxj, F32, M);
+    const float *dxg = L->dxj;
     if (L->jittered) {
-        // dx += d(xg) * u with the forward's u; xj is free now and takes the product.
-        KCALL(rt, gemm, 0, 0, S, M, E, 1.0f, dlogits, F32, E, w->wg, F32, M, 0.0f, L->dxj, F32, M);
         KCALL(rt, mul_uniform_noise, L->xj, L->dxj, F32, (size_t)S * M, c->jitter_eps, L->jitter_key,
               L->jitter_offset);
-        KCALL(rt, axpy, dx, 1.0f, L->xj, F32, (size_t)S * M);
+        dxg = L->xj;
+    }
+    if (L->dt == DSMOE_FLOAT32) {
+        KCALL(rt, axpy, dx, 1.0f, dxg, F32, (size_t)S * M);
     } else {
-        KCALL(rt, gemm, 0, 0, S, M, E, 1.0f, dlogits, F32, E, w->wg, F32, M, 1.0f, dx, F32, M);
+        KCALL(rt, convert, L->xg32, L->dt, dxg, F32, (size_t)S * M);
+        KCALL(rt, axpy, dx, 1.0f, L->xg32, L->dt, (size_t)S * M);
     }
     return DSMOE_OK;
 }

@@ -55,16 +55,22 @@ typedef struct dsmoe_moe_config {
     int ranks_per_node;       // 0 = the real nodes (rt->node); > 0 pretends
     int aux_scope;            // dsmoe_aux_scope
     dsmoe_comm_group *aux_group; // BATCH: the group l_aux's sums are reduced over; NULL = rt->world
+    dsmoe_dtype dt;           // activations (x, out, the capacity buffers) and expert GEMM operands:
+                              // FLOAT32 (0) or BFLOAT16. Gating is float32 either way: with BFLOAT16 the
+                              // gate input is widened to float32 before the router GEMM (as DeepSpeed)
 } dsmoe_moe_config;
 
 // Parameters of one layer (pointers into the model's parameter slab, kernel-plugin memory); the
-// gradient struct has the same shapes.
+// gradient struct has the same shapes (its w1_lp and w2_lp are unused).
 typedef struct dsmoe_moe_weights {
     float *wg; // (E, M) router, no bias; replicated on every rank
     float *w1; // (E_local, F, M) expert fc weights (nn.Linear(M, F).weight per expert)
     float *b1; // (E_local, F)
     float *w2; // (E_local, M, F) expert proj weights (nn.Linear(F, M).weight per expert)
     float *b2; // (E_local, M)
+    // With dt = BFLOAT16: w1 and w2 rounded to bfloat16 (the GEMM operands; the caller keeps them equal
+    // to the float32 masters). Unused with FLOAT32.
+    const void *w1_lp, *w2_lp;
 } dsmoe_moe_weights;
 
 // Per forward call.
@@ -100,18 +106,18 @@ dsmoe_status dsmoe_moe_layer_create(const dsmoe_runtime *rt, const dsmoe_moe_con
                                     dsmoe_moe_layer **layer, dsmoe_err *err);
 void dsmoe_moe_layer_free(dsmoe_moe_layer *layer);
 
-// out (S, M) = MoE(x (S, M)); x must stay unchanged until the backward.
+// out (S, M) = MoE(x (S, M)), both of the layer's dt; x must stay unchanged until the backward.
 // Nothing here waits for the queue, except a dropless layer (the host must know its capacity to size the
 // exchange) and a non-NULL stats (the forward then waits and fills it: tests and benchmarks). The model
 // passes NULL and collects every layer's stats after one wait (dsmoe_moe_stats_copy / _read).
-dsmoe_status dsmoe_moe_forward(dsmoe_moe_layer *layer, const dsmoe_moe_weights *w, const float *x,
-                               float *out, const dsmoe_moe_step *step, dsmoe_moe_stats *stats, dsmoe_err *err);
+dsmoe_status dsmoe_moe_forward(dsmoe_moe_layer *layer, const dsmoe_moe_weights *w, const void *x,
+                               void *out, const dsmoe_moe_step *step, dsmoe_moe_stats *stats, dsmoe_err *err);
 // Gradients of the last forward: dx (S, M) +=, grads (same shapes as w) +=.
 // daux = d(loss)/d(l_aux) (the aux coefficient times the loss scale); the gate gradient includes the
 // part of daux * l_aux that flows through this rank's tokens (with BATCH scope, summing the ranks'
 // router gradients gives the gradient of the batch l_aux: weight it once, not once per rank).
 dsmoe_status dsmoe_moe_backward(dsmoe_moe_layer *layer, const dsmoe_moe_weights *w, dsmoe_moe_weights *grads,
-                                const float *dout, float *dx, float daux, dsmoe_err *err);
+                                const void *dout, void *dx, float daux, dsmoe_err *err);
 
 // Enqueues the copy of the last forward's kept counts and l_aux sums to the layer's host staging.
 dsmoe_status dsmoe_moe_stats_copy(dsmoe_moe_layer *layer, dsmoe_err *err);

@@ -116,6 +116,15 @@ dsmoe_status dsmoe_runtime_open_placed(const char *kernel_name, const char *comm
         }
         if (threads == 0 && !getenv("OMP_NUM_THREADS") && pl->me.bound_by != DSMOE_BOUND_NOT && pl->me.cores > 0)
             opt.threads = pl->me.cores;
+        // More compute threads than CPUs runs (threads take turns on a CPU, each GEMM tile waits for the
+        // slowest), but it is slow enough to say so once, from rank 0.
+        const char *omp = getenv("OMP_NUM_THREADS");
+        int want = opt.threads > 0 ? opt.threads : omp ? atoi(omp) : 1;
+        if (pl->n_thread_cpus > 0 && want > pl->n_thread_cpus && rt->world_rank == 0)
+            fprintf(stderr, "dsmoe: warning: %d compute threads (%s) on rank 0, whose binding has %d CPUs (%s): the "
+                    "threads share CPUs and run slower; set run.threads to at most %d, or 0 (one per core)\n", want,
+                    opt.threads > 0 ? "run.threads" : "OMP_NUM_THREADS", pl->n_thread_cpus,
+                    pl->me.cpus[0] ? pl->me.cpus : "?", pl->n_thread_cpus);
     }
     if (s == DSMOE_OK)
         s = dsmoe_errors_agree(dsmoe_plugin_settings_resolve(cfg, "kernel", rt->kern->name, rt->kern->params,

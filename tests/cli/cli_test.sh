@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The dsmoe command as a user meets it: --version, --help, --check, deck and plugin errors (message and
 # exit code), a short training run's outputs (resolved deck, metrics CSV, pruned checkpoints), resume,
-# eval mode, and a bad data file. Usage: cli_test.sh <dsmoe binary> <source dir>
+# eval mode, a bad data file, and the warning for more threads than CPUs. Usage: cli_test.sh <dsmoe binary> <source dir>
 set -u
 dsmoe=$1
 src=$2
@@ -100,5 +100,16 @@ expect missing-text nonzero "$work/missing.txt" -- "$dsmoe" "$tiny" data.source=
 # Byte-level text training works end to end.
 for i in $(seq 1 200); do echo "the quick brown fox jumps over the lazy dog $i"; done > "$work/text.txt"
 expect text-train 0 "step 4/4" -- "$dsmoe" "$tiny" data.source=text data.path="$work/text.txt" model.vocab=256 run.output_dir="$work/textout"
+
+# More compute threads than the binding's CPUs: a warning naming run.threads and the CPU count, then it
+# trains (the threads take turns).
+expect threads-oversubscribed 0 "warning: 256 compute threads \(run.threads\) on rank 0, whose binding has [0-9]+ CPUs" \
+  -- "$dsmoe" "$tiny" run.threads=256 train.steps=1 run.output_dir="$work/threads"
+expect threads-fit 0 "step 1/1" -- "$dsmoe" "$tiny" run.threads=1 train.steps=1 run.output_dir="$work/threads1"
+if "$dsmoe" "$tiny" run.threads=1 train.steps=1 run.output_dir="$work/threads2" 2>&1 | grep -q "compute threads"; then
+  fail "threads-fit: warned about threads with run.threads = 1"
+else
+  ok
+fi
 
 finish cli_test

@@ -110,6 +110,10 @@ same dropless_top2 2 moe.expert_parallel=2 moe.drop_tokens=false moe.top_k=2
 same residual_rts 2 moe.residual=true moe.token_selection=random
 same pyramid 4 'moe.experts=4 x1, 8 x1' 'moe.expert_parallel=2 x1, 4 x1'
 same hier 4 moe.expert_parallel=4 moe.alltoall=hierarchical moe.ranks_per_node=2 moe.noise=jitter
+# bfloat16 activations (run.precision): the conversions and the widened gate input are ops like any other.
+same bf16_ep2_zero1 4 run.precision=bf16 moe.expert_parallel=2 train.zero_stage=1 train.overlap_grad_reduce=true
+same bf16_residual_jitter 2 run.precision=bf16 moe.residual=true moe.noise=jitter moe.drop_tokens=false
+same bf16_top2 2 run.precision=bf16 moe.expert_parallel=2 moe.top_k=2
 # Resume: the step-2 checkpoint of the strict run, resumed on strict, ends where cpu ends.
 if [ -z "${STRICT_ONLY:-}" ] && [ -f "$work/strict_mpi_ep2/checkpoints/step_00000002.safetensors" ]; then
   mkdir -p "$work/strict_resume/checkpoints"
