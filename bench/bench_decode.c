@@ -3,8 +3,11 @@
 //
 // usage: dsmoe_bench_decode [--layers L] [--hidden M] [--heads NH] [--experts E] [--top-k K] [--batch B]
 //                           [--prompt P] [--new N] [--threads T] [--vocab V] [--ffn F] [--warmup w]
-//                           [--repeats r] [--reference 0|1] [--kernel NAME]
-// Defaults: 4 256 4 8 1 1 64 32 1 256 4*M 2 3 1 cpu. MoE on every other layer (layers 2, 4, ...),
+//                           [--repeats r] [--reference 0|1] [--kernel NAME] [--precision fp32|bf16]
+// Defaults: 4 256 4 8 1 1 64 32 1 256 4*M 2 3 1 cpu fp32. --precision bf16 runs the model with
+// run.precision = bf16 (docs/precision.md): the weight matrices are read as bfloat16 and the KV cache
+// holds bfloat16, so the bytes below count 2 per element for those (biases, layer norms, the router and
+// the embedding rows stay float32); the float32 --reference is then not run. MoE on every other layer (layers 2, 4, ...),
 // random weights (dsmoe_model_init_params), E = 0 a dense model.
 //
 // A run, `repeats` times: the bandwidth (below), then reset the B slots, prefill P random tokens per
@@ -26,7 +29,7 @@
 // The last-level cache size comes from /sys/devices/system/cpu/cpu0/cache (sysconf's on some AMD
 // virtual machines is 10x the real one), else sysconf.
 //
-// Bytes one decode step must read, float32, from the model's shapes (checked against the model's
+// Bytes one decode step must read (float32 unless --precision bf16), from the model's shapes (checked against the model's
 // parameter count): per layer the attention weights (LayerNorms, QKV and projection with biases); on
 // dense layers the FFN; on MoE layers the router and the experts the step's tokens selected; the final
 // LayerNorm and the tied embedding (V, M) for the logits; the embedding rows of the B tokens; and the
@@ -68,7 +71,7 @@
 #include "runtime.h"
 
 typedef struct opts {
-    int L, M, NH, E, K, B, P, N, threads, V, F, warmup, repeats, reference;
+    int L, M, NH, E, K, B, P, N, threads, V, F, warmup, repeats, reference, bf16;
     const char *kernel;
 } opts;
 
@@ -76,8 +79,10 @@ static void usage(FILE *f) {
     fprintf(f, "usage: dsmoe_bench_decode [--layers L] [--hidden M] [--heads NH] [--experts E] [--top-k K]\n"
                "                          [--batch B] [--prompt P] [--new N] [--threads T] [--vocab V] [--ffn F]\n"
                "                          [--warmup w] [--repeats r] [--reference 0|1] [--kernel NAME]\n"
+               "                          [--precision fp32|bf16]\n"
                "defaults: --layers 4 --hidden 256 --heads 4 --experts 8 --top-k 1 --batch 1 --prompt 64 --new 32\n"
-               "          --threads 1 --vocab 256 --ffn 4*hidden --warmup 2 --repeats 3 --reference 1 --kernel cpu\n");
+               "          --threads 1 --vocab 256 --ffn 4*hidden --warmup 2 --repeats 3 --reference 1 --kernel cpu\n"
+               "          --precision fp32\n");
 }
 
 static int parse_int(const char *flag, const char *v, int lo, int *out) {
@@ -111,6 +116,11 @@ static int parse_args(int argc, char **argv, opts *o) {
         else if (!strcmp(a, "--repeats")) rc = parse_int(a, v, 1, &o->repeats);
         else if (!strcmp(a, "--reference")) rc = parse_int(a, v, 0, &o->reference);
         else if (!strcmp(a, "--kernel")) o->kernel = v;
+        else if (!strcmp(a, "--precision") && (!strcmp(v, "fp32") || !strcmp(v, "bf16"))) o->bf16 = !strcmp(v, "bf16");
+        else if (!strcmp(a, "--precision")) {
+            fprintf(stderr, "dsmoe_bench_decode: --precision %s: expected fp32 or bf16\n", v);
+            return -1;
+        }
         else {
             fprintf(stderr, "dsmoe_bench_decode: unknown option %s\n", a);
             usage(stderr);
@@ -124,6 +134,7 @@ static int parse_args(int argc, char **argv, opts *o) {
         return -1;
     }
     if (o->F == 0) o->F = 4 * o->M;
+    if (o->bf16) o->reference = 0; // its GEMMs are float32
     return 0;
 }
 
@@ -304,25 +315,27 @@ static double experts_per_layer(const opts *o, int E) { return E < o->B * o->K ?
 static double experts_uniform(const opts *o, int E) { return E * (1.0 - pow(1.0 - (double)o->K / E, o->B)); }
 
 // One step at cached length `cached` before it (the new token goes to position `cached`), for B rows.
+// fb: float32 elements (biases, layer norms, the router, the embedding rows); wb: the weight matrices as
+// the GEMMs read them and the KV cache (2 bytes with --precision bf16).
 static step_bytes count_step(const dsmoe_config *cfg, const opts *o, int cached, int B) {
-    double M = cfg->hidden, F = cfg->ffn_hidden, V = cfg->vocab, fb = sizeof(float);
+    double M = cfg->hidden, F = cfg->ffn_hidden, V = cfg->vocab, fb = sizeof(float), wb = o->bf16 ? 2.0 : fb;
     step_bytes s = {0};
     opts ob = *o;
     ob.B = B;
     for (int l = 0; l < cfg->layers; l++) {
         int mi;
         int moe = dsmoe_config_is_moe_layer(cfg, l, &mi);
-        s.attn += fb * (2 * M + 3 * M * M + 3 * M + M * M + M + 2 * M); // ln_1, c_attn, c_proj, ln_2
-        if (!moe || cfg->residual) s.dense += fb * (F * M + F + M * F + M);
+        s.attn += wb * (3 * M * M + M * M) + fb * (2 * M + 3 * M + M + 2 * M); // ln_1, c_attn, c_proj, ln_2
+        if (!moe || cfg->residual) s.dense += wb * (F * M + M * F) + fb * (F + M);
         if (moe) {
             int E = cfg->experts[mi];
-            s.router += fb * (E * M + (cfg->residual ? 2 * M + 2 : 0));
-            s.experts += fb * experts_per_layer(&ob, E) * (F * M + F + M * F + M);
+            s.router += fb * E * M + (cfg->residual ? wb * 2 * M + fb * 2 : 0);
+            s.experts += experts_per_layer(&ob, E) * (wb * (F * M + M * F) + fb * (F + M));
         }
     }
-    s.head = fb * (2 * M + V * M);
+    s.head = fb * 2 * M + wb * V * M;
     s.embed = fb * 2.0 * B * M; // the B rows of wte and of wpe
-    s.kv = fb * 2.0 * cfg->layers * B * (cached + 1.0) * M;
+    s.kv = wb * 2.0 * cfg->layers * B * (cached + 1.0) * M;
     return s;
 }
 
@@ -562,6 +575,8 @@ int main(int argc, char **argv) {
     // The model: a deck in memory, shaped by the flags.
     int T = o.P + o.N;
     char ov[12][64];
+    int n_ov = 10;
+    snprintf(ov[9], sizeof ov[9], "run.precision=%s", o.bf16 ? "bf16" : "fp32");
     snprintf(ov[0], sizeof ov[0], "model.vocab=%d", o.V);
     snprintf(ov[1], sizeof ov[1], "model.seq_len=%d", T);
     snprintf(ov[2], sizeof ov[2], "model.layers=%d", o.L);
@@ -571,10 +586,10 @@ int main(int argc, char **argv) {
     snprintf(ov[6], sizeof ov[6], "moe.experts=%d", o.E);
     snprintf(ov[7], sizeof ov[7], "moe.every=2");
     snprintf(ov[8], sizeof ov[8], "moe.top_k=%d", o.K);
-    char *ovp[9];
-    for (int i = 0; i < 9; i++) ovp[i] = ov[i];
+    char *ovp[10];
+    for (int i = 0; i < n_ov; i++) ovp[i] = ov[i];
     dsmoe_config cfg;
-    if (dsmoe_config_load_text("[train]\nbatch = 1\n", "bench_decode", ovp, 9, (char *const[]){NULL}, 1, &cfg, NULL,
+    if (dsmoe_config_load_text("[train]\nbatch = 1\n", "bench_decode", ovp, n_ov, (char *const[]){NULL}, 1, &cfg, NULL,
                                &err) != DSMOE_OK)
         die("config", err.msg);
     dsmoe_model *model = NULL;

@@ -3,7 +3,9 @@
 // call, a slot reused) gives the logits the full forward gives at the same positions, within 1e-5
 // relative, on dense, top-1, top-2 (also with two MoE layers sharing buffers), residual and
 // pyramid-residual models; greedy sampling picks the
-// reference's argmax; bad calls are refused.
+// reference's argmax; bad calls are refused. With run.precision = bf16 the KV-cache forward (bfloat16
+// weights, activations and cache) stays within a bfloat16 tolerance of the float32 full forward of the
+// same parameters, and its buffers are the estimate's, at 2 bytes per activation.
 #include <math.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -161,7 +163,80 @@ static void check_case(const char *extra) {
     free(logits);
 }
 
+// bfloat16: sequence 0 fed in a prefill chunk then token by token; every row against the float32 full
+// forward of the same parameters (a float32 model initialised with the same seed). A bfloat16 rounding
+// is 2^-9 relative; a logit is the end of a few dozen rounded products and sums (about 3% of the row's
+// largest logit seen here), so 6% allows those and still fails a wrong weight, position or cache row
+// (errors of order 1).
+static void check_bf16(const char *extra) {
+    char with[256];
+    snprintf(with, sizeof with, "%s run.precision=bf16", extra);
+    dsmoe_config c32, c16;
+    load_config(extra, &c32);
+    load_config(with, &c16);
+    assert_int_equal(dsmoe_config_act_dtype(&c16), DSMOE_BFLOAT16);
+    dsmoe_err err = {0};
+    dsmoe_model *m32 = NULL, *m16 = NULL;
+    assert_int_equal(dsmoe_model_create(&c32, &rt, 1, &m32, &err), DSMOE_OK);
+    assert_int_equal(dsmoe_model_create(&c16, &rt, 1, &m16, &err), DSMOE_OK);
+    assert_int_equal(dsmoe_model_init_params(m32, 9, &err), DSMOE_OK);
+    assert_int_equal(dsmoe_model_init_params(m16, 9, &err), DSMOE_OK);
+    int V = c32.vocab;
+    int32_t seq[T], targets[T] = {0};
+    for (int t = 0; t < T; t++) seq[t] = (int32_t)(dsmoe_rng_u64(31, (uint64_t)t) % (uint64_t)V);
+    float *ref = malloc((size_t)T * V * sizeof(float)), *logits = malloc((size_t)V * sizeof(float));
+    float *ref16 = malloc((size_t)T * V * sizeof(float));
+    dsmoe_forward_result fr;
+    assert_int_equal(dsmoe_model_forward(m32, seq, targets, 0, 1, 0, &fr, &err), DSMOE_OK);
+    to_host(ref, dsmoe_model_logits(m32), (size_t)T * V);
+    // The bfloat16 full forward (logits are bfloat16: widened here) is near it too.
+    assert_int_equal(dsmoe_model_forward(m16, seq, targets, 0, 1, 0, &fr, &err), DSMOE_OK);
+    uint16_t *raw = malloc((size_t)T * V * sizeof(uint16_t));
+    rt.kern->copy_to_host(rt.kctx, rt.q, raw, dsmoe_model_logits(m16), (size_t)T * V * sizeof(uint16_t));
+    assert_int_equal(dsmoe_rt_wait(&rt, &err), DSMOE_OK);
+    for (size_t i = 0; i < (size_t)T * V; i++) {
+        uint32_t u = (uint32_t)raw[i] << 16;
+        memcpy(&ref16[i], &u, sizeof u);
+    }
+    double worst = 0.0;
+    for (int t = 0; t < T; t++) worst = fmax(worst, row_error(ref16 + (size_t)t * V, ref + (size_t)t * V, V));
+    if (worst > 0.06) fail_msg("%s: bf16 full forward: relative error %.3g against float32", extra, worst);
+
+    dsmoe_infer *inf = NULL;
+    assert_int_equal(dsmoe_infer_create(m16, 1, T, T, 1, 0, &inf, &err), DSMOE_OK);
+    dsmoe_infer_sizes z;
+    dsmoe_infer_estimate(&c16, 1, T, T, 1, 0, &z);
+    assert_int_equal(dsmoe_infer_bytes(inf), z.cache_bytes + z.slice_bytes + z.row_bytes);
+    assert_int_equal(z.cache_bytes, (uint64_t)c16.layers * 2 * c16.hidden * T * sizeof(uint16_t));
+    int slot = 0, fed = 0;
+    for (int c = 0; fed < T; c++) {
+        int count = c == 0 ? 5 : 1;
+        assert_int_equal(dsmoe_infer_forward(inf, 1, &slot, &count, seq + fed, count, 0.0f, NULL, &err), DSMOE_OK);
+        fed += count;
+        rt.kern->copy_to_host(rt.kctx, rt.q, raw, dsmoe_infer_logits(inf), (size_t)V * sizeof(uint16_t));
+        assert_int_equal(dsmoe_rt_wait(&rt, &err), DSMOE_OK);
+        for (int v = 0; v < V; v++) {
+            uint32_t u = (uint32_t)raw[v] << 16;
+            memcpy(&logits[v], &u, sizeof u);
+        }
+        double e = row_error(logits, ref + (size_t)(fed - 1) * V, V);
+        if (e > 0.06) fail_msg("%s: bf16 inference at position %d: relative error %.3g against float32", extra,
+                               fed - 1, e);
+        worst = fmax(worst, e);
+    }
+    print_message("%s: bf16: worst relative logit error %.3g against float32\n", extra, worst);
+    dsmoe_infer_free(inf);
+    dsmoe_model_free(m16);
+    dsmoe_model_free(m32);
+    free(ref);
+    free(ref16);
+    free(raw);
+    free(logits);
+}
+
 static void test_dense(void **state) { (void)state; check_case("moe.experts=0"); }
+static void test_bf16_moe_top2(void **state) { (void)state; check_bf16("moe.experts=4 moe.top_k=2"); }
+static void test_bf16_residual(void **state) { (void)state; check_bf16("model.layers=4 moe.experts=2x1,4x1 moe.residual=true"); }
 static void test_moe_top1(void **state) { (void)state; check_case("moe.experts=4 moe.top_k=1"); }
 static void test_moe_top2(void **state) { (void)state; check_case("moe.experts=4 moe.top_k=2"); }
 // Two MoE layers of the same shape share one set of buffers in turn.
@@ -181,6 +256,8 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_moe_layers_sharing),
         cmocka_unit_test(test_residual_moe),
         cmocka_unit_test(test_pyramid_residual_moe),
+        cmocka_unit_test(test_bf16_moe_top2),
+        cmocka_unit_test(test_bf16_residual),
     };
     int failed = cmocka_run_group_tests(tests, NULL, NULL);
     dsmoe_runtime_close(&rt);

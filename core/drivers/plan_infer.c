@@ -69,9 +69,11 @@ dsmoe_status dsmoe_plan_generate(FILE *out, const dsmoe_config *c, int ranks, in
     dsmoe_infer_estimate(c, B, T, R, W, dsmoe_tensor_moe_of(c), &z);
     uint64_t model = est.param_bytes + est.grad_bytes + est.activation_bytes + est.token_bytes;
     uint64_t total = model + z.cache_bytes + z.slice_bytes + z.row_bytes + z.moe_bytes;
-    fprintf(out, "memory per rank (fp32): parameters %s (this rank's experts and every dense weight), the model's "
+    fprintf(out, "memory per rank (%s): parameters %s (this rank's experts and every dense weight), the model's "
             "other buffers %s, KV cache %s (2 x %d layers x %d sequences x %d positions x %d "
             "wide), tensor slices %s, per-call buffers %s, MoE buffers %s (%d rows a layer); total %s of %s (%s): %s\n",
+            c->precision == DSMOE_PRECISION_BF16 ? "bf16: fp32 masters and their bf16 copy, bf16 cache and activations"
+                                                 : "fp32",
             dsmoe_plan_bytes((double)est.param_bytes), dsmoe_plan_bytes((double)(model - est.param_bytes)), dsmoe_plan_bytes((double)z.cache_bytes),
             c->layers, B, T, c->hidden / W, dsmoe_plan_bytes((double)z.slice_bytes), dsmoe_plan_bytes((double)z.row_bytes),
             dsmoe_plan_bytes((double)z.moe_bytes), z.moe_rows, dsmoe_plan_bytes((double)total), dsmoe_plan_bytes((double)budget), budget_why,
@@ -82,6 +84,9 @@ dsmoe_status dsmoe_plan_generate(FILE *out, const dsmoe_config *c, int ranks, in
     int sliced = W > 1 && dsmoe_tensor_moe_of(c) == DSMOE_TENSOR_MOE_SLICED;
     double tokens_share = coord ? ceil((double)B / W) : (double)B; // rows a rank sends through a MoE layer
     double attn = (double)(4 * M * M + 4 * M) / W + 4.0 * M, dense_ffn = (double)(2 * M * F + F) / W + M;
+    // Elements, read at wf bytes (the GEMMs' weights and the cache: 2 in bf16; the few float32 vectors
+    // among them are counted at that size too) except the router, float32 in any precision.
+    double wf = (double)dsmoe_dtype_size(dsmoe_config_act_dtype(c)), router = 0;
     double weights = 0, experts = 0, kv = 2.0 * c->layers * B * T * (double)(M / W);
     double hit_sum = 0;
     for (int l = 0, mi = 0; l < c->layers; l++) {
@@ -91,16 +96,18 @@ dsmoe_status dsmoe_plan_generate(FILE *out, const dsmoe_config *c, int ranks, in
             continue;
         }
         int E = c->experts[mi], ep = c->expert_parallel[mi], El = E / ep, K = c->top_k;
-        weights += (double)E * M + (c->residual ? dense_ffn + 2.0 * M + 2 : 0);
+        router += (double)E * M;
+        weights += c->residual ? dense_ffn + 2.0 * M + 2 : 0;
         // Tokens an EP group sends: ep ranks x their share; each picks K of E experts.
         double group_tokens = (double)ep * tokens_share, hit = El * (1.0 - pow(1.0 - (double)K / E, group_tokens));
         hit_sum += hit;
         experts += hit * ((double)(2 * M * F + F) / (sliced ? W : 1) + M);
     }
-    double head = (double)(V * M + 2 * M), bytes_read = (weights + experts + head + kv) * f;
-    fprintf(out, "decode step, per rank: reads %s: dense weights %s, experts %s (%.1f per MoE layer on average), head "
-            "%s, KV cache %s at full context\n", dsmoe_plan_bytes(bytes_read), dsmoe_plan_bytes(weights * f), dsmoe_plan_bytes(experts * f),
-            c->n_moe_layers ? hit_sum / c->n_moe_layers : 0.0, dsmoe_plan_bytes(head * f), dsmoe_plan_bytes(kv * f));
+    double head = (double)(V * M + 2 * M), bytes_read = (weights + experts + head + kv) * wf + router * f;
+    fprintf(out, "decode step, per rank: reads %s: dense weights %s, routers %s, experts %s (%.1f per MoE layer on "
+            "average), head %s, KV cache %s at full context\n", dsmoe_plan_bytes(bytes_read), dsmoe_plan_bytes(weights * wf),
+            dsmoe_plan_bytes(router * f), dsmoe_plan_bytes(experts * wf), c->n_moe_layers ? hit_sum / c->n_moe_layers : 0.0,
+            dsmoe_plan_bytes(head * wf), dsmoe_plan_bytes(kv * wf));
 
     // All-to-all per decode step, and the estimate under each algorithm.
     double t_mem = bytes_read / h.mem_bw, t_flat = 0, t_hier = 0, t_coord = 0;
@@ -120,7 +127,7 @@ dsmoe_status dsmoe_plan_generate(FILE *out, const dsmoe_config *c, int ranks, in
             if (!seen) fprintf(out, "  %-20s none: with ep 1 every rank holds all the layer's experts\n", label);
             continue;
         }
-        size_t per_peer = (size_t)(E / ep) * (size_t)ceil(tokens_share) * M * f;
+        size_t per_peer = (size_t)(E / ep) * (size_t)ceil(tokens_share) * M * (size_t)wf;
         for (int a = 0; a < 2; a++) {
             dsmoe_a2a_plan p;
             if (a == 1 && (G == 1 || G == ep)) {

@@ -21,6 +21,11 @@
 
 #define F32 DSMOE_FLOAT32
 
+// Precision: activations, the KV cache and the GEMMs' weight operands are of the model's dt
+// (run.precision); in bfloat16 the weights are the model's bfloat16 copy (params_lp), taken once at
+// create. Tensor slicing is float32 only (the config refuses bf16 with generate.tensor_parallel > 1):
+// its partial sums would need float32 staging before the tensor group's all-reduce.
+
 struct dsmoe_infer {
     dsmoe_model *m;
     dsmoe_runtime *rt;
@@ -39,18 +44,21 @@ struct dsmoe_infer {
                            // come with each call)
     int *moe_owner;        // (n_moe) 1 where moe[i] is first of its kind (freed once)
 
-    // kernel memory
-    float **k_cache, **v_cache; // (L) each (slots, NHt, t_max, D)
+    dsmoe_dtype dt;      // the model's activation dtype
+    size_t esz;          // its size
+
+    // kernel memory (void *: elements of dt; float *: float32)
+    void **k_cache, **v_cache; // (L) each (slots, NHt, t_max, D)
     float **qkvw, **qkvb; // (L) W > 1: this rank's c_attn rows (3Mt, M) and bias (3Mt): [q | k | v] parts
-    float *x, *mid;       // (R, M) residual stream in, and after attention
-    float *ln, *ffn_out, *moe_out, *mlp_out; // (R, M); moe_out (W * Rm, M) when coordinated
-    float *moe_share;     // (Rm, M) coordinated: this tensor rank's MoE outputs, before the all-gather
-    float *atty;          // (R, Mt)
-    float *qkv;           // (R, 3Mt)
-    float *fch, *fch_gelu; // (R, Ft)
+    void *x, *mid;        // (R, M) residual stream in, and after attention
+    void *ln, *ffn_out, *moe_out, *mlp_out; // (R, M); moe_out (W * Rm, M) when coordinated
+    void *moe_share;      // (Rm, M) coordinated: this tensor rank's MoE outputs, before the all-gather
+    void *atty;           // (R, Mt)
+    void *qkv;            // (R, 3Mt)
+    void *fch, *fch_gelu; // (R, Ft)
     float *coef_logits, *coef; // (R, 2)
-    float *last, *lnf;    // (slots, M) each sequence's last row, and its final layer norm
-    float *logits;        // (slots, V)
+    void *last, *lnf;     // (slots, M) each sequence's last row, and its final layer norm
+    void *logits;         // (slots, V)
     int32_t *tokens;      // (R)
     int32_t *pos;         // (slots) position of each sequence's first new token
     int32_t *sampled;     // (slots)
@@ -62,6 +70,12 @@ struct dsmoe_infer {
 
 // ----------------------------------------------------------------------------------------------------
 // state
+
+// Element i of an activation buffer, and the GEMM operand of a weight (its dt copy: same offset).
+static void *at(const dsmoe_infer *s, void *p, size_t i) { return (char *)p + i * s->esz; }
+static const void *wop(const dsmoe_infer *s, const float *w) {
+    return s->dt == F32 ? (const void *)w : (const char *)s->m->params_lp + (size_t)(w - s->m->params) * s->esz;
+}
 
 static dsmoe_status alloc_dev(dsmoe_infer *s, size_t bytes, void *field, const char *what, dsmoe_err *err) {
     void *p = NULL;
@@ -123,11 +137,18 @@ dsmoe_status dsmoe_infer_create(dsmoe_model *m, int slots, int t_max, int max_ro
         return dsmoe_err_set(err, DSMOE_ERR_INVALID, "inference: tensor slicing over %d ranks: it must divide the %d "
                              "ranks, model.heads (%d) and model.ffn_hidden (%d)", W, m->rt->world_size, cfg->heads,
                              cfg->ffn_hidden);
+    if (m->dt != F32 && W > 1)
+        return dsmoe_err_set(err, DSMOE_ERR_UNSUPPORTED, "inference: tensor slicing over %d ranks runs in float32 only "
+                             "(run.precision = bf16)", W);
     dsmoe_infer *s = calloc(1, sizeof *s);
     if (!s) return dsmoe_err_set(err, DSMOE_ERR_NOMEM, "inference: out of memory");
     *out = s;
     s->m = m;
     s->rt = m->rt;
+    s->dt = m->dt;
+    s->esz = m->esz;
+    // The weights' dt copy, once: generation does not change them.
+    if (s->dt != F32) KCALL(s->rt, convert, m->params_lp, s->dt, m->params, F32, m->n_local);
     s->slots = slots;
     s->t_max = t_max;
     s->R = max_rows;
@@ -155,7 +176,8 @@ dsmoe_status dsmoe_infer_create(dsmoe_model *m, int slots, int t_max, int max_ro
 
     size_t R = (size_t)max_rows, M = (size_t)s->M, Mt = (size_t)s->Mt, Ft = (size_t)s->Ft, V = (size_t)s->V,
            B = (size_t)slots;
-    size_t cache = B * Mt * (size_t)t_max * sizeof(float); // (slots, NHt, t_max, D)
+    size_t E = s->esz;
+    size_t cache = B * Mt * (size_t)t_max * E; // (slots, NHt, t_max, D)
     for (int l = 0; l < s->L; l++) {
         DSMOE_TRY(alloc_dev(s, cache, &s->k_cache[l], "KV cache keys (slots, NH, T, D)", err));
         DSMOE_TRY(alloc_dev(s, cache, &s->v_cache[l], "KV cache values (slots, NH, T, D)", err));
@@ -170,25 +192,24 @@ dsmoe_status dsmoe_infer_create(dsmoe_model *m, int slots, int t_max, int max_ro
             KCALL(s->rt, copy, s->qkvb[l] + (size_t)part * Mt, p->qkvb + row, Mt * sizeof(float));
         }
     }
-    size_t RM = R * M * sizeof(float);
+    size_t RM = R * M * E;
     DSMOE_TRY(alloc_dev(s, RM, &s->x, "inference residual (R, M)", err));
     DSMOE_TRY(alloc_dev(s, RM, &s->mid, "inference residual after attention (R, M)", err));
     DSMOE_TRY(alloc_dev(s, RM, &s->ln, "inference layer norm (R, M)", err));
-    DSMOE_TRY(alloc_dev(s, R * Mt * sizeof(float), &s->atty, "inference attention output (R, Mt)", err));
+    DSMOE_TRY(alloc_dev(s, R * Mt * E, &s->atty, "inference attention output (R, Mt)", err));
     DSMOE_TRY(alloc_dev(s, RM, &s->ffn_out, "inference FFN output (R, M)", err));
-    DSMOE_TRY(alloc_dev(s, (size_t)W * (size_t)s->Rm * M * sizeof(float), &s->moe_out, "inference MoE output (R, M)",
-                        err));
+    DSMOE_TRY(alloc_dev(s, (size_t)W * (size_t)s->Rm * M * E, &s->moe_out, "inference MoE output (R, M)", err));
     DSMOE_TRY(alloc_dev(s, RM, &s->mlp_out, "inference MLP output (R, M)", err));
     if (s->coordinated)
-        DSMOE_TRY(alloc_dev(s, (size_t)s->Rm * M * sizeof(float), &s->moe_share, "inference MoE share (R/W, M)", err));
-    DSMOE_TRY(alloc_dev(s, 3 * R * Mt * sizeof(float), &s->qkv, "inference qkv (R, 3Mt)", err));
-    DSMOE_TRY(alloc_dev(s, R * Ft * sizeof(float), &s->fch, "inference fc (R, Ft)", err));
-    DSMOE_TRY(alloc_dev(s, R * Ft * sizeof(float), &s->fch_gelu, "inference gelu (R, Ft)", err));
+        DSMOE_TRY(alloc_dev(s, (size_t)s->Rm * M * E, &s->moe_share, "inference MoE share (R/W, M)", err));
+    DSMOE_TRY(alloc_dev(s, 3 * R * Mt * E, &s->qkv, "inference qkv (R, 3Mt)", err));
+    DSMOE_TRY(alloc_dev(s, R * Ft * E, &s->fch, "inference fc (R, Ft)", err));
+    DSMOE_TRY(alloc_dev(s, R * Ft * E, &s->fch_gelu, "inference gelu (R, Ft)", err));
     DSMOE_TRY(alloc_dev(s, R * 2 * sizeof(float), &s->coef_logits, "inference coefficient logits (R, 2)", err));
     DSMOE_TRY(alloc_dev(s, R * 2 * sizeof(float), &s->coef, "inference coefficients (R, 2)", err));
-    DSMOE_TRY(alloc_dev(s, B * M * sizeof(float), &s->last, "inference last rows (slots, M)", err));
-    DSMOE_TRY(alloc_dev(s, B * M * sizeof(float), &s->lnf, "inference final layer norm (slots, M)", err));
-    DSMOE_TRY(alloc_dev(s, B * V * sizeof(float), &s->logits, "inference logits (slots, V)", err));
+    DSMOE_TRY(alloc_dev(s, B * M * E, &s->last, "inference last rows (slots, M)", err));
+    DSMOE_TRY(alloc_dev(s, B * M * E, &s->lnf, "inference final layer norm (slots, M)", err));
+    DSMOE_TRY(alloc_dev(s, B * V * E, &s->logits, "inference logits (slots, V)", err));
     DSMOE_TRY(alloc_dev(s, R * sizeof(int32_t), &s->tokens, "inference token ids (R)", err));
     DSMOE_TRY(alloc_dev(s, B * sizeof(int32_t), &s->pos, "inference positions (slots)", err));
     DSMOE_TRY(alloc_dev(s, B * sizeof(int32_t), &s->sampled, "inference sampled ids (slots)", err));
@@ -213,7 +234,7 @@ dsmoe_status dsmoe_infer_create(dsmoe_model *m, int slots, int t_max, int max_ro
             .min_capacity = cfg->min_capacity, .drop_tokens = 1, .random_token_selection = 0,
             .noise = cfg->noise, .jitter_eps = cfg->jitter_eps, .ep = g->ep, .ep_group = g->ep_g.comm,
             .ep_ctl = g->ep_g.ctl, .alltoall = cfg->alltoall, .ranks_per_node = cfg->ranks_per_node,
-            .aux_scope = DSMOE_AUX_SCOPE_RANK, .aux_group = NULL,
+            .aux_scope = DSMOE_AUX_SCOPE_RANK, .aux_group = NULL, .dt = s->dt,
         };
         DSMOE_TRY(dsmoe_moe_layer_create(s->rt, &mc, &s->moe[mi], err));
     }
@@ -271,26 +292,27 @@ static dsmoe_status add_bytes(const dsmoe_buffer *b, void *ctx, dsmoe_err *err) 
 void dsmoe_infer_estimate(const dsmoe_config *c, int slots, int t_max, int max_rows, int W, int moe_mode,
                           dsmoe_infer_sizes *z) {
     uint64_t R = (uint64_t)max_rows, M = (uint64_t)c->hidden, Mt = M / (uint64_t)W, Ft = (uint64_t)c->ffn_hidden / W,
-             V = (uint64_t)c->vocab, B = (uint64_t)slots, L = (uint64_t)c->layers, f = sizeof(float);
+             V = (uint64_t)c->vocab, B = (uint64_t)slots, L = (uint64_t)c->layers, f = sizeof(float),
+             a = dsmoe_dtype_size(dsmoe_config_act_dtype(c)); // activations and the cache
     int coord = W > 1 && moe_mode == DSMOE_TENSOR_MOE_COORDINATED, sliced = W > 1 && moe_mode == DSMOE_TENSOR_MOE_SLICED;
     uint64_t Rm = coord ? (R + (uint64_t)W - 1) / (uint64_t)W : R;
     memset(z, 0, sizeof *z);
     z->moe_rows = (int)Rm;
-    z->cache_bytes = L * 2 * B * Mt * (uint64_t)t_max * f;
+    z->cache_bytes = L * 2 * B * Mt * (uint64_t)t_max * a;
     z->slice_bytes = W > 1 ? L * (3 * Mt * M + 3 * Mt) * f : 0;
     for (int i = 0; sliced && i < c->n_moe_layers; i++) {
         uint64_t El = (uint64_t)(c->experts[i] / c->expert_parallel[i]);
         z->slice_bytes += El * (Ft * M + Ft + M * Ft + M) * f;
     }
     z->row_bytes = (3 * R * M + R * Mt + R * M + (uint64_t)W * Rm * M + R * M + (coord ? Rm * M : 0) + 3 * R * Mt +
-                    2 * R * Ft + 2 * R * 2 + 2 * B * M + B * V) * f +
+                    2 * R * Ft + 2 * B * M + B * V) * a + 2 * R * 2 * f +
                    R * sizeof(int32_t) + 2 * B * sizeof(int32_t);
     for (int i = 0; i < c->n_moe_layers; i++) {
         int seen = 0;
         for (int j = 0; j < i; j++) seen |= c->experts[j] == c->experts[i] && c->expert_parallel[j] == c->expert_parallel[i];
         if (seen) continue; // shares the earlier layer's buffers
         dsmoe_moe_sizes ms = {.S = Rm, .M = M, .F = sliced ? Ft : (uint64_t)c->ffn_hidden, .E = (uint64_t)c->experts[i],
-                              .K = (uint64_t)c->top_k, .jitter = 0, .C = Rm};
+                              .K = (uint64_t)c->top_k, .jitter = 0, .C = Rm, .act_bytes = (int)a};
         // The capacity buffers hold E_local per source rank: (ep, E_local, C, .) = (E, C, .) on every rank.
         dsmoe_moe_buffers(DSMOE_MOE_ROUTER, &ms, add_bytes, &z->moe_bytes, NULL);
         dsmoe_moe_buffers(DSMOE_MOE_CAPACITY, &ms, add_bytes, &z->moe_bytes, NULL);
@@ -300,7 +322,7 @@ void dsmoe_infer_reset(dsmoe_infer *s, int slot) {
     if (slot >= 0 && slot < s->slots) s->len[slot] = 0;
 }
 int dsmoe_infer_length(const dsmoe_infer *s, int slot) { return slot >= 0 && slot < s->slots ? s->len[slot] : -1; }
-const float *dsmoe_infer_logits(const dsmoe_infer *s) { return s->logits; }
+const void *dsmoe_infer_logits(const dsmoe_infer *s) { return s->logits; }
 
 // ----------------------------------------------------------------------------------------------------
 // one block
@@ -315,12 +337,18 @@ static dsmoe_status part_done(const dsmoe_infer *s, int profile, double *part, d
     return DSMOE_OK;
 }
 
-// out (rows, N) = in (rows, K) @ w (N, K)^T + b (N); b may be NULL.
-static dsmoe_status linear(dsmoe_runtime *rt, float *out, const float *in, const float *w, const float *b, int rows,
-                           int K, int N, dsmoe_err *err) {
-    KCALL(rt, gemm, 0, 1, rows, N, K, 1.0f, in, F32, K, w, F32, K, 0.0f, out, F32, N);
-    if (b) KCALL(rt, bias_add, out, F32, b, rows, N);
+// out (rows, N) = in (rows, K) @ w (N, K)^T + b (N); b may be NULL. in is of dt, out of ot (dt, or
+// float32 for the coefficient logits); w a float32 master (its dt copy is the operand).
+static dsmoe_status linear_as(dsmoe_infer *s, void *out, dsmoe_dtype ot, const void *in, const float *w,
+                              const float *b, int rows, int K, int N, dsmoe_err *err) {
+    dsmoe_runtime *rt = s->rt;
+    KCALL(rt, gemm, 0, 1, rows, N, K, 1.0f, in, s->dt, K, wop(s, w), s->dt, K, 0.0f, out, ot, N);
+    if (b) KCALL(rt, bias_add, out, ot, b, rows, N);
     return DSMOE_OK;
+}
+static dsmoe_status linear(dsmoe_infer *s, void *out, const void *in, const float *w, const float *b, int rows, int K,
+                           int N, dsmoe_err *err) {
+    return linear_as(s, out, s->dt, in, w, b, rows, K, N, err);
 }
 
 // mid (rows, M) = x + c_proj(attention over the cache(c_attn(ln_1(x)))); sequence i's rows append to its
@@ -331,36 +359,37 @@ static dsmoe_status attn_block(dsmoe_infer *s, int l, int n, const int *slot, co
     const block_params *p = &s->m->blocks[l];
     int M = s->M, Mt = s->Mt, NHt = s->NHt, T = s->t_max;
     size_t per_slot = (size_t)NHt * (size_t)T * (size_t)(M / s->NH); // one slot's (NHt, T, D)
-    KCALL(rt, layernorm_forward, s->ln, NULL, NULL, s->x, F32, p->ln1w, p->ln1b, rows, M, s->m->cfg->ln_eps);
-    DSMOE_TRY(linear(rt, s->qkv, s->ln, s->W > 1 ? s->qkvw[l] : p->qkvw, s->W > 1 ? s->qkvb[l] : p->qkvb, rows, M,
+    KCALL(rt, layernorm_forward, s->ln, NULL, NULL, s->x, s->dt, p->ln1w, p->ln1b, rows, M, s->m->cfg->ln_eps);
+    DSMOE_TRY(linear(s, s->qkv, s->ln, s->W > 1 ? s->qkvw[l] : p->qkvw, s->W > 1 ? s->qkvb[l] : p->qkvb, rows, M,
                      3 * Mt, err));
     for (int i = 0, r0 = 0; i < n; r0 += count[i++]) {
-        float *k = s->k_cache[l] + (size_t)slot[i] * per_slot, *v = s->v_cache[l] + (size_t)slot[i] * per_slot;
-        const float *qkv = s->qkv + (size_t)r0 * 3 * Mt;
-        KCALL(rt, kv_append, k, v, qkv, F32, &s->pos[i], 1, count[i], Mt, NHt, T);
-        KCALL(rt, attention_cached, s->atty + (size_t)r0 * Mt, qkv, k, v, F32, &s->pos[i], 1, count[i], Mt, NHt, T);
+        void *k = at(s, s->k_cache[l], (size_t)slot[i] * per_slot), *v = at(s, s->v_cache[l], (size_t)slot[i] * per_slot);
+        const void *qkv = at(s, s->qkv, (size_t)r0 * 3 * Mt);
+        KCALL(rt, kv_append, k, v, qkv, s->dt, &s->pos[i], 1, count[i], Mt, NHt, T);
+        KCALL(rt, attention_cached, at(s, s->atty, (size_t)r0 * Mt), qkv, k, v, s->dt, &s->pos[i], 1, count[i], Mt,
+              NHt, T);
     }
     // c_proj over this rank's Mt input columns (row-parallel): mid = atty_t @ attprojw[:, t*Mt:(t+1)*Mt]^T,
     // summed over the tensor group, then the bias once and the residual.
-    KCALL(rt, gemm, 0, 1, rows, M, Mt, 1.0f, s->atty, F32, Mt, p->attprojw + (size_t)s->t * Mt, F32, M, 0.0f, s->mid,
-          F32, M);
+    KCALL(rt, gemm, 0, 1, rows, M, Mt, 1.0f, s->atty, s->dt, Mt, wop(s, p->attprojw + (size_t)s->t * Mt), s->dt, M,
+          0.0f, s->mid, s->dt, M);
     if (s->W > 1 && rows > 0) CCOLL(rt, allreduce, s->tp.comm, DSMOE_IN_PLACE, s->mid, (size_t)rows * M, F32, DSMOE_SUM);
-    KCALL(rt, bias_add, s->mid, F32, p->attprojb, rows, M);
-    KCALL(rt, axpy, s->mid, 1.0f, s->x, F32, (size_t)rows * M);
+    KCALL(rt, bias_add, s->mid, s->dt, p->attprojb, rows, M);
+    KCALL(rt, axpy, s->mid, 1.0f, s->x, s->dt, (size_t)rows * M);
     return DSMOE_OK;
 }
 
 // Dense FFN: out (rows, M) = c_proj(gelu(c_fc(in))); with tensor slicing this rank's Ft hidden columns
 // (rows of c_fc, columns of c_proj), the partial outputs summed over the tensor group.
-static dsmoe_status mlp(dsmoe_infer *s, const block_params *p, const float *in, float *out, int rows, dsmoe_err *err) {
+static dsmoe_status mlp(dsmoe_infer *s, const block_params *p, const void *in, void *out, int rows, dsmoe_err *err) {
     dsmoe_runtime *rt = s->rt;
     size_t f0 = (size_t)s->t * s->Ft;
-    DSMOE_TRY(linear(rt, s->fch, in, p->fcw + f0 * s->M, p->fcb + f0, rows, s->M, s->Ft, err));
-    KCALL(rt, gelu_forward, s->fch_gelu, s->fch, F32, (size_t)rows * s->Ft);
-    KCALL(rt, gemm, 0, 1, rows, s->M, s->Ft, 1.0f, s->fch_gelu, F32, s->Ft, p->fcprojw + f0, F32, s->F, 0.0f, out, F32,
-          s->M);
+    DSMOE_TRY(linear(s, s->fch, in, p->fcw + f0 * s->M, p->fcb + f0, rows, s->M, s->Ft, err));
+    KCALL(rt, gelu_forward, s->fch_gelu, s->fch, s->dt, (size_t)rows * s->Ft);
+    KCALL(rt, gemm, 0, 1, rows, s->M, s->Ft, 1.0f, s->fch_gelu, s->dt, s->Ft, wop(s, p->fcprojw + f0), s->dt, s->F, 0.0f,
+          out, s->dt, s->M);
     if (s->W > 1 && rows > 0) CCOLL(rt, allreduce, s->tp.comm, DSMOE_IN_PLACE, out, (size_t)rows * s->M, F32, DSMOE_SUM);
-    KCALL(rt, bias_add, out, F32, p->fcprojb, rows, s->M);
+    KCALL(rt, bias_add, out, s->dt, p->fcprojb, rows, s->M);
     return DSMOE_OK;
 }
 
@@ -371,7 +400,7 @@ static dsmoe_status ffn_block(dsmoe_infer *s, int l, int rows, int group_rows, f
     const block_params *p = &s->m->blocks[l];
     int M = s->M, mi = s->m->moe_of_layer[l];
     size_t RM = (size_t)rows * M;
-    KCALL(rt, layernorm_forward, s->ln, NULL, NULL, s->mid, F32, p->ln2w, p->ln2b, rows, M, s->m->cfg->ln_eps);
+    KCALL(rt, layernorm_forward, s->ln, NULL, NULL, s->mid, s->dt, p->ln2w, p->ln2b, rows, M, s->m->cfg->ln_eps);
     if (mi < 0) {
         DSMOE_TRY(mlp(s, p, s->ln, s->ffn_out, rows, err));
     } else {
@@ -386,13 +415,14 @@ static dsmoe_status ffn_block(dsmoe_infer *s, int l, int rows, int group_rows, f
         double moe_times[3] = {0};
         dsmoe_moe_step step = {.training = 0, .inference = 1, .tokens = mine, .capacity = capacity,
                                .times = profile ? moe_times : NULL};
-        float *moe_out = s->coordinated ? s->moe_share : s->moe_out;
-        const dsmoe_moe_weights *w = s->sliced ? &s->ew[mi] : &p->moe;
-        DSMOE_TRY(dsmoe_moe_forward(s->moe[mi], w, s->ln + (size_t)first * M, moe_out, &step, NULL, err));
+        void *moe_out = s->coordinated ? s->moe_share : s->moe_out;
+        dsmoe_moe_weights w = s->sliced ? s->ew[mi] : p->moe;
+        if (s->dt != F32) w.w1_lp = wop(s, w.w1), w.w2_lp = wop(s, w.w2);
+        DSMOE_TRY(dsmoe_moe_forward(s->moe[mi], &w, at(s, s->ln, (size_t)first * M), moe_out, &step, NULL, err));
         if (s->sliced && rows > 0) // the experts' partial outputs, summed over the tensor group
             CCOLL(rt, allreduce, s->tp.comm, DSMOE_IN_PLACE, s->moe_out, (size_t)rows * M, F32, DSMOE_SUM);
         if (s->coordinated && q > 0) { // every tensor rank's share, in rank order: rows 0 .. rows-1 first
-            size_t bytes = (size_t)q * M * sizeof(float);
+            size_t bytes = (size_t)q * M * s->esz;
             CCOLL(rt, allgather, s->tp.comm, s->moe_share, s->moe_out, bytes);
             if (profile) DSMOE_TRY(dsmoe_rt_wait(rt, err));
         }
@@ -406,14 +436,15 @@ static dsmoe_status ffn_block(dsmoe_infer *s, int l, int rows, int group_rows, f
         }
         if (s->m->cfg->residual) {
             DSMOE_TRY(mlp(s, p, s->ln, s->mlp_out, rows, err));
-            DSMOE_TRY(linear(rt, s->coef_logits, s->ln, p->coefw, p->coefb, rows, M, 2, err));
-            KCALL(rt, residual_mix_forward, s->ffn_out, s->coef, s->moe_out, s->mlp_out, F32, s->coef_logits, rows, M);
+            DSMOE_TRY(linear_as(s, s->coef_logits, F32, s->ln, p->coefw, p->coefb, rows, M, 2, err));
+            KCALL(rt, residual_mix_forward, s->ffn_out, s->coef, s->moe_out, s->mlp_out, s->dt, s->coef_logits, rows,
+                  M);
         } else {
-            KCALL(rt, copy, s->ffn_out, s->moe_out, RM * sizeof(float));
+            KCALL(rt, copy, s->ffn_out, s->moe_out, RM * s->esz);
         }
     }
-    KCALL(rt, copy, s->x, s->mid, RM * sizeof(float));
-    KCALL(rt, axpy, s->x, 1.0f, s->ffn_out, F32, RM);
+    KCALL(rt, copy, s->x, s->mid, RM * s->esz);
+    KCALL(rt, axpy, s->x, 1.0f, s->ffn_out, s->dt, RM);
     return DSMOE_OK;
 }
 
@@ -461,7 +492,8 @@ dsmoe_status dsmoe_infer_forward(dsmoe_infer *s, int n, const int *slot, const i
     // Embedding: token + position, one call per sequence (each starts at its own position).
     for (int i = 0, r0 = 0; i < n; r0 += count[i++]) {
         const float *wpe = s->m->wpe + (size_t)s->len[slot[i]] * M;
-        KCALL(rt, embedding_forward, s->x + (size_t)r0 * M, F32, s->tokens + r0, s->m->wte, wpe, 1, count[i], M, V);
+        KCALL(rt, embedding_forward, at(s, s->x, (size_t)r0 * M), s->dt, s->tokens + r0, s->m->wte, wpe, 1, count[i], M,
+              V);
     }
     DSMOE_TRY(part_done(s, profile, &times->other, &t0, err));
     for (int l = 0; l < s->L; l++) {
@@ -472,10 +504,11 @@ dsmoe_status dsmoe_infer_forward(dsmoe_infer *s, int n, const int *slot, const i
     }
     // The head on each sequence's last row only.
     for (int i = 0, r0 = 0; i < n; r0 += count[i++])
-        KCALL(rt, copy, s->last + (size_t)i * M, s->x + (size_t)(r0 + count[i] - 1) * M, (size_t)M * sizeof(float));
+        KCALL(rt, copy, at(s, s->last, (size_t)i * M), at(s, s->x, (size_t)(r0 + count[i] - 1) * M), (size_t)M * s->esz);
     if (n > 0) {
-        KCALL(rt, layernorm_forward, s->lnf, NULL, NULL, s->last, F32, s->m->lnfw, s->m->lnfb, n, M, s->m->cfg->ln_eps);
-        DSMOE_TRY(linear(rt, s->logits, s->lnf, s->m->wte, NULL, n, M, V, err));
+        KCALL(rt, layernorm_forward, s->lnf, NULL, NULL, s->last, s->dt, s->m->lnfw, s->m->lnfb, n, M,
+              s->m->cfg->ln_eps);
+        DSMOE_TRY(linear(s, s->logits, s->lnf, s->m->wte, NULL, n, M, V, err));
     }
     DSMOE_TRY(part_done(s, profile, &times->other, &t0, err));
     for (int i = 0; i < n; i++) s->len[slot[i]] += count[i];
@@ -491,7 +524,8 @@ dsmoe_status dsmoe_infer_sample(dsmoe_infer *s, const dsmoe_sampling_params *p, 
         return dsmoe_err_set(err, DSMOE_ERR_INVALID, "inference: sampling among %d ids of a vocabulary of %d", vocab_drawn,
                              s->V);
     for (int i = 0; i < n; i++) // the row's first vocab_drawn logits
-        KCALL(rt, sample, &s->sampled[i], s->logits + (size_t)i * s->V, F32, 1, vocab_drawn, &p[i], &counters[i]);
+        KCALL(rt, sample, &s->sampled[i], at(s, s->logits, (size_t)i * s->V), s->dt, 1, vocab_drawn, &p[i],
+              &counters[i]);
     if (n > 0) KCALL(rt, copy_to_host, s->host_sampled, s->sampled, (size_t)n * sizeof(int32_t));
     DSMOE_TRY(dsmoe_rt_wait(rt, err));
     memcpy(tokens, s->host_sampled, (size_t)n * sizeof(int32_t));

@@ -47,7 +47,9 @@ typedef struct dsmoe_infer_times {
 // max_rows new tokens per call. tensor_parallel: the tensor-slicing width W (1 = none; it divides the
 // ranks, heads and FFN width; consecutive slots form a tensor group and get the same calls, and the
 // model's EP groups must be made for it: model_parallel.c); moe_mode: dsmoe_tensor_moe (with W > 1).
-// Collective over the world.
+// Activations, the cache and the GEMMs' weights are of the model's activation dtype (run.precision);
+// in bfloat16 the model's parameters must be final (loaded) before create, which takes their bfloat16
+// copy once, and W must be 1. Collective over the world.
 dsmoe_status dsmoe_infer_create(dsmoe_model *model, int slots, int t_max, int max_rows, int tensor_parallel,
                                 int moe_mode, dsmoe_infer **out, dsmoe_err *err);
 void dsmoe_infer_free(dsmoe_infer *inf); // collective, as create
@@ -60,7 +62,7 @@ size_t dsmoe_infer_bytes(const dsmoe_infer *inf);
 // router and capacity buffers at their largest (C = the rows a layer runs: nothing dropped), one set per
 // distinct (experts, expert_parallel): MoE layers alike share it.
 typedef struct dsmoe_infer_sizes {
-    uint64_t cache_bytes; // KV cache: 2 x layers x (slots, heads / W, t_max, head width) fp32
+    uint64_t cache_bytes; // KV cache: 2 x layers x (slots, heads / W, t_max, head width) of the activation dtype
     uint64_t slice_bytes; // W > 1: each layer's copy of this rank's c_attn rows (and with expert-slicing,
                           // of its columns of every local expert)
     uint64_t row_bytes;   // per-call buffers for max_rows tokens, and the slots' logits
@@ -83,8 +85,8 @@ int dsmoe_infer_length(const dsmoe_infer *inf, int slot);
 // its seconds (a profile).
 dsmoe_status dsmoe_infer_forward(dsmoe_infer *inf, int n, const int *slot, const int *count, const int32_t *tokens,
                                  int group_rows, float capacity_factor, dsmoe_infer_times *times, dsmoe_err *err);
-// The last forward's logits (n, V), kernel memory.
-const float *dsmoe_infer_logits(const dsmoe_infer *inf);
+// The last forward's logits (n, V), kernel memory of the activation dtype.
+const void *dsmoe_infer_logits(const dsmoe_infer *inf);
 // Draws the next token of each sequence of the last forward among ids [0, vocab_drawn) (<= model.vocab:
 // the ids a tokenizer can decode): row i per p[i] (temperature 0 = greedy) keyed by p[i].seed and
 // counters[i] (the token's index in its completion), so a sequence's tokens do not depend on the others
