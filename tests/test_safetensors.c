@@ -214,6 +214,8 @@ static void test_corrupt(void **state) {
     expect_open_error("json2.safetensors", "{\"x\": true}", 0, "bad JSON header at byte 14: expected '{' (tensor info)");
     expect_open_error("json3.safetensors", "{\"a\":{\"dtype\":\"F32\",\"shape\":[],\"data_offsets\":[0,4],\"q\":null}}", 4,
                       "expected a string, number, array or object, found 'n'");
+    expect_open_error("emptyname.safetensors", "{\"\":{\"dtype\":\"F32\",\"shape\":[],\"data_offsets\":[0,4]}}", 4,
+                      "a tensor with an empty name");
     expect_open_error("json4.safetensors", "{} x", 0, "expected only spaces after the header's closing '}', found 'x'");
     expect_open_error("json5.safetensors", "{\"a\\q\":1}", 0, "expected an escape");
     expect_open_error("json6.safetensors", "{\"a\":{\"dtype\":\"F32\",\"shape\":[-1],\"data_offsets\":[0,4]}}", 4,

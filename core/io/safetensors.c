@@ -443,6 +443,10 @@ static dsmoe_status parse_header(dsmoe_json *j, dsmoe_st_file *f) {
         if (s == DSMOE_OK && strcmp(name, "__metadata__") == 0) {
             free(name);
             s = parse_metadata(j, f);
+        } else if (s == DSMOE_OK && !name[0]) { // the writer never makes one, and no name can refer to it
+            free(name);
+            return dsmoe_err_set(j->err, DSMOE_ERR_IO, "%s: a tensor with an empty name (at byte %zu of the header)",
+                                 j->name, (size_t)(j->p - j->start) + 8);
         } else if (s == DSMOE_OK) {
             if (grow(&f->t, f->n, &f->cap, sizeof *f->t) != 0 || grow(&f->begin, f->n, &f->capb, sizeof *f->begin) != 0) {
                 free(name);
