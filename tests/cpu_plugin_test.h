@@ -32,14 +32,17 @@ static dsmoe_kernel_queue *Q;           // its default queue
     } while (0)
 #define OK(call) OKC(C, call)
 
-// A new context with `threads` compute threads and poisoned allocations.
+// The settings every test context gets: poisoned allocations, and the default small_rows (dot products
+// for GEMMs of up to 8 rows).
+static const char *const cpt_values[] = {"1", "8"};
+
+// A new context with `threads` compute threads and the settings above.
 static inline dsmoe_kernel_ctx *cpt_ctx(int threads) {
-    static const char *const values[] = {"1"}; // poison
-    dsmoe_kernel_options opt = {.threads = threads, .param_values = values, .n_param_values = 1};
+    dsmoe_kernel_options opt = {.threads = threads, .param_values = cpt_values, .n_param_values = 2};
     dsmoe_kernel_ctx *c = NULL;
     char err[256];
-    if (P->n_params != 1 || strcmp(P->params[0].name, "poison") != 0)
-        fail_msg("the cpu plugin's settings changed: expected only 'poison'");
+    if (P->n_params != 2 || strcmp(P->params[0].name, "poison") != 0 || strcmp(P->params[1].name, "small_rows") != 0)
+        fail_msg("the cpu plugin's settings changed: expected 'poison' and 'small_rows'");
     if (P->init(&opt, &c, err, sizeof err) != DSMOE_OK)
         fail_msg("cpu plugin init (%d threads): %s", threads, err);
     return c;
@@ -58,8 +61,7 @@ static inline int cpt_load(int threads) {
         return -1;
     }
     P = entry();
-    static const char *const values[] = {"1"};
-    dsmoe_kernel_options opt = {.threads = threads, .param_values = values, .n_param_values = 1};
+    dsmoe_kernel_options opt = {.threads = threads, .param_values = cpt_values, .n_param_values = 2};
     char err[256];
     if (P->api_version != DSMOE_KERNEL_API_VERSION || P->init(&opt, &C, err, sizeof err) != DSMOE_OK) {
         fprintf(stderr, "cannot initialise the cpu plugin (api_version %u)\n", P->api_version);

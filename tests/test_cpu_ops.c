@@ -55,10 +55,13 @@ static void test_table(void **state) {
     assert_int_equal(P->caps, DSMOE_KCAP_BF16 | DSMOE_KCAP_FUSED_EPILOGUE | DSMOE_KCAP_DETERMINISTIC |
                                   DSMOE_KCAP_HOST_MEMORY | DSMOE_KCAP_INFERENCE);
     assert_int_equal(P->dtypes, DSMOE_DTYPE_BIT(DSMOE_FLOAT32) | DSMOE_DTYPE_BIT(DSMOE_BFLOAT16));
-    assert_int_equal(P->n_params, 1);
+    assert_int_equal(P->n_params, 2);
     assert_string_equal(P->params[0].name, "poison");
     assert_int_equal(P->params[0].type, DSMOE_PARAM_BOOL);
     assert_string_equal(P->params[0].default_value, "0");
+    assert_string_equal(P->params[1].name, "small_rows");
+    assert_int_equal(P->params[1].type, DSMOE_PARAM_INT);
+    assert_string_equal(P->params[1].default_value, "8");
     assert_null(P->device_count);
     assert_null(P->device_pci_bus_id);
     // Every other member from init to the end is required (inference included: DSMOE_KCAP_INFERENCE).
@@ -100,13 +103,18 @@ static void test_thread_resolution(void **state) {
     opt.threads = -2;
     assert_int_equal(P->init(&opt, &c, err, sizeof err), DSMOE_ERR_INVALID);
     assert_non_null(strstr(err, "threads=-2"));
-    static const char *const bad[] = {"maybe"};
-    dsmoe_kernel_options popt = {.threads = 1, .param_values = bad, .n_param_values = 1};
+    static const char *const bad[] = {"maybe", "8", "x"};
+    dsmoe_kernel_options popt = {.threads = 1, .param_values = bad, .n_param_values = 2};
     assert_int_equal(P->init(&popt, &c, err, sizeof err), DSMOE_ERR_INVALID);
     assert_non_null(strstr(err, "poison='maybe'"));
-    popt.n_param_values = 2; // values that do not match the declared settings
+    static const char *const big[] = {"0", "17"}; // at most 16 (CPU_SMALL_ROWS_MAX)
+    popt.param_values = big;
     assert_int_equal(P->init(&popt, &c, err, sizeof err), DSMOE_ERR_INVALID);
-    assert_non_null(strstr(err, "2 setting values"));
+    assert_non_null(strstr(err, "small_rows='17'"));
+    popt.param_values = bad;
+    popt.n_param_values = 3; // values that do not match the declared settings
+    assert_int_equal(P->init(&popt, &c, err, sizeof err), DSMOE_ERR_INVALID);
+    assert_non_null(strstr(err, "3 setting values"));
     if (saved) {
         setenv("OMP_NUM_THREADS", saved, 1);
         free(saved);
@@ -344,8 +352,10 @@ static void naive_gemm(int ta, int tb, int m, int n, int k, double alpha, const 
 }
 
 static void test_gemm(void **state) {
-    int sizes[3][3] = {{7, 5, 3}, {37, 29, 41}, {300, 517, 33}}; // the last spans 2x3 tiles
-    for (int sz = 0; sz < 3; sz++)
+    // The last spans 2x3 tiles; the 1-, 3- and 8-row ones take the dot-product path as NT (small_rows 8),
+    // with k a multiple of its 16 lanes and not, and n over several tiles.
+    int sizes[6][3] = {{7, 5, 3}, {37, 29, 41}, {300, 517, 33}, {1, 517, 33}, {3, 1000, 16}, {8, 300, 35}};
+    for (int sz = 0; sz < 6; sz++)
         for (int t = 0; t < 4; t++) {
             int m = sizes[sz][0], n = sizes[sz][1], k = sizes[sz][2], ta = t >> 1, tb = t & 1;
             int lda = (ta ? m : k) + 3, ldb = (tb ? k : n) + 1, ldc = n + 2; // padded leading dimensions
@@ -378,6 +388,38 @@ static void test_gemm(void **state) {
                  "lda=4", NULL);
     free(x), free(y);
     dev_free(C, dx), dev_free(C, dy);
+}
+
+// The dot-product path of a few rows (small_rows): beta = 0 does not read c (NaN there stays out), the
+// result does not depend on the thread count, and small_rows = 0 (OpenBLAS) agrees within rounding.
+static void test_small_rows(void **state) {
+    enum { M = 5, N = 700, K = 301 };
+    static const char *const blas_only[] = {"1", "0"};
+    dsmoe_kernel_options o0 = {.threads = 2, .param_values = blas_only, .n_param_values = 2};
+    dsmoe_kernel_ctx *ctxs[3] = {cpt_ctx(1), cpt_ctx(2), NULL};
+    char err[256];
+    if (P->init(&o0, &ctxs[2], err, sizeof err) != DSMOE_OK) fail_msg("init with small_rows 0: %s", err);
+    float *a = rnd_fill(M * K, 1), *b = rnd_fill(N * K, 1), *got[3];
+    double *want = malloc(sizeof(double) * M * N);
+    float *nan = const_fill(M * N, NAN);
+    float *zero = const_fill(M * N, 0.0f); // the reference's c: 0 * NaN would be NaN
+    naive_gemm(0, 1, M, N, K, 1.5, a, K, b, K, 0.0, zero, N, want);
+    free(zero);
+    for (int i = 0; i < 3; i++) {
+        dsmoe_kernel_ctx *c = ctxs[i];
+        float *da = dev_put(c, a, M * K * 4), *db = dev_put(c, b, N * K * 4), *dc = dev_put(c, nan, M * N * 4);
+        OKC(c, P->gemm(c, P->default_queue(c), 0, 1, M, N, K, 1.5f, da, F32, K, db, F32, K, 0.0f, dc, F32, N));
+        got[i] = malloc(M * N * 4);
+        dev_get(c, got[i], dc, M * N * 4);
+        dev_free(c, da), dev_free(c, db), dev_free(c, dc);
+        assert_close(i == 2 ? "small_rows 0" : "small_rows 8", got[i], want, M * N, 1e-5, 1e-5);
+    }
+    if (memcmp(got[0], got[1], M * N * 4)) fail_msg("the dot-product path differs between 1 and 2 threads");
+    for (int i = 0; i < 3; i++) {
+        free(got[i]);
+        P->finalize(ctxs[i]);
+    }
+    free(a), free(b), free(want), free(nan);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -704,6 +746,7 @@ int main(void) {
         cmocka_unit_test(test_dtype_refusal),
         cmocka_unit_test(test_sticky_error),
         cmocka_unit_test(test_gemm),
+        cmocka_unit_test(test_small_rows),
         cmocka_unit_test(test_bias),
         cmocka_unit_test(test_vector_ops),
         cmocka_unit_test(test_uniform_noise),

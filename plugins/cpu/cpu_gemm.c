@@ -3,7 +3,8 @@
 // Every member checks its arguments here; bfloat16 operands then go to cpu_gemm_bf16.c (oneDNN).
 // defines: cpu_blas_single_threaded, cpu_gemm, cpu_gemm_grouped, cpu_gemm_grouped_wgrad
 //
-// Contracts are include/dsmoe/kernel_plugin.h's (dsmoe_grouped_gemm, dsmoe_grouped_wgrad). Invariant:
+// Contracts are include/dsmoe/kernel_plugin.h's (dsmoe_grouped_gemm, dsmoe_grouped_wgrad). Invariant
+// (with the setting small_rows = 0; see rows_dot below for what its default changes):
 // every float32 result is bitwise what version 1 of this plugin gave for the separate calls it
 // replaces: a grouped GEMM with an epilogue = v1's gemm_grouped, then bias_add, then gelu_forward (or
 // zero + gelu_backward) per group; a grouped wgrad = v1's gemm_grouped_wgrad one group at a time in
@@ -101,6 +102,43 @@ static void gemm_tile(int ta, int tb, int i0, int j0, int mm, int nn, int k, flo
                 lda, bt, ldb, beta, c + (size_t)i0 * ldc + j0, ldc);
 }
 
+// A few rows times a transposed weight, c (mm, nn) = alpha a (mm, k) b (nn, k)^T + beta c: what a decode
+// step does (one token per sequence through every weight). OpenBLAS packs both operands for a GEMM,
+// which at 1 to 8 rows costs more than the product and leaves it far below memory speed; here each
+// weight row is read once and dotted with every row of a. The order of the sums is fixed (16 lane
+// accumulators over k, then a fixed tree), so results do not depend on the thread count; they differ in
+// the last bits from BLAS's, which is why the setting small_rows = 0 (BLAS always) exists.
+#define CPU_DOT_LANES 16
+static inline float dot_lanes(const float *x, const float *w, int k) {
+    float acc[CPU_DOT_LANES] = {0}; // local: the compiler keeps it in vector registers
+    int k16 = k / CPU_DOT_LANES * CPU_DOT_LANES;
+    for (int p = 0; p < k16; p += CPU_DOT_LANES) {
+#pragma omp simd
+        for (int l = 0; l < CPU_DOT_LANES; l++)
+            acc[l] += x[p + l] * w[p + l];
+    }
+    for (int p = k16; p < k; p++)
+        acc[p - k16] += x[p] * w[p];
+    for (int h = CPU_DOT_LANES / 2; h >= 1; h /= 2) // fixed tree: lanes l and l + h
+        for (int l = 0; l < h; l++)
+            acc[l] += acc[l + h];
+    return acc[0];
+}
+
+// Weight row j comes from memory once; the rows of a after the first find it in the L1 cache (a row of
+// k floats: 4 KiB at k = 1024).
+static void rows_dot(int mm, int nn, int k, float alpha, const float *a, int lda, const float *b, int ldb, float beta,
+                     float *c, int ldc) {
+    for (int j = 0; j < nn; j++) {
+        const float *w = b + (size_t)j * ldb;
+        for (int i = 0; i < mm; i++) {
+            float d = dot_lanes(a + (size_t)i * lda, w, k);
+            float *y = c + (size_t)i * ldc + j;
+            *y = beta == 0.0f ? alpha * d : alpha * d + beta * *y; // beta 0: c is not read
+        }
+    }
+}
+
 // One (grouped) GEMM as gemm_tiled runs it; a plain gemm is one group. Group g: m[g] rows, a + g *
 // a_stride, b + (g % b_groups) * b_stride, c (and aux) + g * c_stride, bias + (g % b_groups) * bias_stride.
 typedef struct gemm_job {
@@ -121,6 +159,7 @@ typedef struct gemm_job {
     const float *bias;
     size_t bias_stride;
     float *aux;
+    int small_rows; // groups of at most this many rows with ta = 0, tb = 1 go through rows_dot
 } gemm_job;
 
 // The epilogue on rows [i0, i0+mm), columns [j0, j0+nn) of group g, right after that tile's GEMM (it
@@ -173,9 +212,13 @@ static void gemm_tiled(const cpu_ctx *ctx, const gemm_job *J, long *first) {
             int i0 = (int)(local / tn) * CPU_GEMM_TILE_M, j0 = (int)(local % tn) * CPU_GEMM_TILE_N;
             int mm = J->m[g] - i0 < CPU_GEMM_TILE_M ? J->m[g] - i0 : CPU_GEMM_TILE_M;
             int nn = J->n - j0 < CPU_GEMM_TILE_N ? J->n - j0 : CPU_GEMM_TILE_N;
-            gemm_tile(J->ta, J->tb, i0, j0, mm, nn, J->k, J->alpha, J->a + (size_t)g * J->a_stride, J->lda,
-                      J->b + (size_t)(g % J->b_groups) * J->b_stride, J->ldb, J->beta,
-                      J->c + (size_t)g * J->c_stride, J->ldc);
+            const float *ag = J->a + (size_t)g * J->a_stride, *bg = J->b + (size_t)(g % J->b_groups) * J->b_stride;
+            float *cg = J->c + (size_t)g * J->c_stride;
+            if (!J->ta && J->tb && J->m[g] <= J->small_rows)
+                rows_dot(mm, nn, J->k, J->alpha, ag + (size_t)i0 * J->lda, J->lda, bg + (size_t)j0 * J->ldb, J->ldb,
+                         J->beta, cg + (size_t)i0 * J->ldc + j0, J->ldc);
+            else
+                gemm_tile(J->ta, J->tb, i0, j0, mm, nn, J->k, J->alpha, ag, J->lda, bg, J->ldb, J->beta, cg, J->ldc);
             epilogue_tile(J, g, i0, j0, mm, nn);
         }
     }
@@ -200,7 +243,7 @@ dsmoe_status cpu_gemm(cpu_ctx *ctx, cpu_queue *q, int trans_a, int trans_b, int 
     }
     gemm_job J = {.groups = 1, .ta = trans_a, .tb = trans_b, .n = n, .k = k, .m = &rows, .alpha = alpha,
                   .beta = beta, .a = a, .lda = lda, .b = b, .ldb = ldb, .b_groups = 1, .c = c, .ldc = ldc,
-                  .epi = DSMOE_EPI_NONE};
+                  .epi = DSMOE_EPI_NONE, .small_rows = ctx->small_rows};
     long first[2];
     gemm_tiled(ctx, &J, first);
     return DSMOE_OK;
@@ -262,7 +305,7 @@ dsmoe_status cpu_gemm_grouped(cpu_ctx *ctx, cpu_queue *q, const dsmoe_grouped_ge
                   .beta = G->beta, .a = G->a, .lda = G->lda, .a_stride = G->a_stride, .b = G->b, .ldb = G->ldb,
                   .b_stride = G->b_stride, .b_groups = G->b_groups, .c = G->c, .ldc = G->ldc, .c_stride = G->c_stride,
                   .epi = G->epilogue, .bias = bias ? G->bias : NULL, .bias_stride = G->bias_stride,
-                  .aux = aux ? G->aux : NULL};
+                  .aux = aux ? G->aux : NULL, .small_rows = ctx->small_rows};
     gemm_tiled(ctx, &J, first);
     if (first != stack_first)
         free(first);

@@ -35,6 +35,8 @@ struct dsmoe_kernel_event {
 struct dsmoe_kernel_ctx {
     int threads;                     // OpenMP threads used by our loops (BLAS runs single-threaded per tile)
     int poison;                      // alloc() without DSMOE_ALLOC_ZERO fills with 0xFF bytes (NaN floats)
+    int small_rows;                  // float32 GEMMs a @ b^T of at most this many rows (per group) run as
+                                     // dot products (cpu_gemm.c rows_dot); 0 = OpenBLAS tiles always
     dsmoe_status sticky;             // first error found while running; DSMOE_OK when none
     dsmoe_kernel_queue queue;        // the default queue
     dsmoe_kernel_queue *queues;      // made by queue_create
@@ -133,6 +135,7 @@ void cpu_blas_single_threaded(void);
 // The output tile of every GEMM of this plugin (rows, columns): one single-threaded BLAS call each.
 #define CPU_GEMM_TILE_M 256
 #define CPU_GEMM_TILE_N 256
+#define CPU_SMALL_ROWS_MAX 16 // the largest small_rows setting: past it, BLAS's packing pays for itself
 dsmoe_status cpu_gemm(cpu_ctx *ctx, cpu_queue *q, int trans_a, int trans_b, int m, int n, int k, float alpha,
                       const void *a, dsmoe_dtype a_type, int lda, const void *b, dsmoe_dtype b_type, int ldb,
                       float beta, void *c, dsmoe_dtype c_type, int ldc);

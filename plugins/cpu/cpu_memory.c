@@ -10,7 +10,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h> // sysconf
+#include <sys/mman.h> // madvise
+#include <unistd.h>   // sysconf
 
 #include "cpu_bf16.h"     // cpu_f32_to_bf16_par, cpu_bf16_to_f32_par
 #include "cpu_internal.h" // CPU_BEGIN, CPU_REQUIRE, cpu_fail
@@ -19,6 +20,11 @@
 #define CPU_ALLOC_ALIGN 256
 // host_alloc() alignment: a cache line, and an AVX-512 vector.
 #define CPU_HOST_ALIGN 64
+// alloc() of at least CPU_HUGE_MIN bytes is aligned to 2 MiB and asks for transparent huge pages (a
+// hint: ignored where THP is off). Streaming a weight matrix through 4 KiB pages costs a core much of its
+// memory bandwidth (hardware prefetchers stop at page boundaries): a decode step reads every weight once.
+#define CPU_HUGE_PAGE ((size_t)2 << 20)
+#define CPU_HUGE_MIN ((size_t)4 << 20)
 
 // aligned_alloc wants a multiple of the alignment; 0 bytes still gets a unique block.
 static void *aligned_block(size_t bytes, size_t align, size_t *rounded) {
@@ -34,10 +40,12 @@ dsmoe_status cpu_alloc(cpu_ctx *ctx, size_t bytes, uint32_t flags, void **ptr) {
     if (ctx->sticky != DSMOE_OK)
         return ctx->sticky;
     CPU_REQUIRE(ctx, (flags & ~(uint32_t)DSMOE_ALLOC_ZERO) == 0, "cpu: alloc: unknown flags 0x%x", flags);
-    size_t rounded;
-    void *p = aligned_block(bytes, CPU_ALLOC_ALIGN, &rounded);
+    size_t rounded, align = bytes >= CPU_HUGE_MIN ? CPU_HUGE_PAGE : CPU_ALLOC_ALIGN;
+    void *p = aligned_block(bytes, align, &rounded);
     if (!p)
         return cpu_fail(ctx, DSMOE_ERR_NOMEM, "cpu: alloc: cannot allocate %zu bytes of host memory", bytes);
+    if (align == CPU_HUGE_PAGE)
+        (void)madvise(p, rounded, MADV_HUGEPAGE); // before the first touch, so the pages come huge
     if (flags & DSMOE_ALLOC_ZERO)
         memset(p, 0, rounded);
     else if (ctx->poison)

@@ -23,12 +23,17 @@
 // ---------------------------------------------------------------------------------------------------
 // Settings (types.h, "plugin-declared settings"): [kernel.cpu] in a deck, DSMOE_KERNEL_CPU_<KEY>.
 
-enum { PARAM_POISON, N_PARAMS };
+enum { PARAM_POISON, PARAM_SMALL_ROWS, N_PARAMS };
 
 static const dsmoe_param_decl cpu_params[N_PARAMS] = {
     [PARAM_POISON] = {"poison", DSMOE_PARAM_BOOL, "0",
                       "fill alloc() memory not asked zeroed with 0xFF bytes (NaN), to catch reads of unset memory",
                       NULL},
+    [PARAM_SMALL_ROWS] = {"small_rows", DSMOE_PARAM_INT, "8",
+                          "float32 GEMMs x @ w^T (and expert groups) of at most this many rows run as dot products "
+                          "that read each weight once, at memory speed (decode); 0 = OpenBLAS always, bitwise as "
+                          "ABI-1 versions of this plugin; at most 16",
+                          NULL},
 };
 
 // The value of a BOOL setting as the core passes it ("1" or "0"), the usual spellings accepted too;
@@ -52,6 +57,22 @@ static int param_bool(const dsmoe_kernel_options *opt, int i, int *out, char *er
     snprintf(errbuf, errlen, "cpu: init: setting %s='%s': expected a boolean (1/0, true/false, yes/no, on/off)",
              cpu_params[i].name, v);
     return -1;
+}
+
+// The value of an INT setting in [lo, hi] (the core has checked it is an integer); the default without values.
+static int param_int(const dsmoe_kernel_options *opt, int i, int lo, int hi, int *out, char *errbuf, size_t errlen) {
+    const char *v = cpu_params[i].default_value;
+    if (opt && opt->param_values && opt->n_param_values == N_PARAMS && opt->param_values[i])
+        v = opt->param_values[i];
+    char *end;
+    long x = strtol(v, &end, 10);
+    if (end == v || *end || x < lo || x > hi) {
+        snprintf(errbuf, errlen, "cpu: init: setting %s='%s': expected an integer in [%d, %d]", cpu_params[i].name, v,
+                 lo, hi);
+        return -1;
+    }
+    *out = (int)x;
+    return 0;
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -124,11 +145,12 @@ static void log_line(const dsmoe_kernel_options *opt, dsmoe_log_level level, con
 
 static dsmoe_status cpu_init(const dsmoe_kernel_options *opt, dsmoe_kernel_ctx **out, char *errbuf, size_t errlen) {
     *out = NULL;
-    int threads, poison;
+    int threads, poison, small_rows;
     dsmoe_status s = resolve_threads(opt, &threads, errbuf, errlen);
     if (s != DSMOE_OK)
         return s;
-    if (param_bool(opt, PARAM_POISON, &poison, errbuf, errlen))
+    if (param_bool(opt, PARAM_POISON, &poison, errbuf, errlen) ||
+        param_int(opt, PARAM_SMALL_ROWS, 0, CPU_SMALL_ROWS_MAX, &small_rows, errbuf, errlen))
         return DSMOE_ERR_INVALID;
     dsmoe_kernel_ctx *ctx = calloc(1, sizeof *ctx);
     if (!ctx) {
@@ -137,6 +159,7 @@ static dsmoe_status cpu_init(const dsmoe_kernel_options *opt, dsmoe_kernel_ctx *
     }
     ctx->threads = threads;
     ctx->poison = poison;
+    ctx->small_rows = small_rows;
     ctx->sticky = DSMOE_OK;
     ctx->queue.ctx = ctx;
     cpu_blas_single_threaded();
@@ -160,8 +183,9 @@ static dsmoe_status cpu_init(const dsmoe_kernel_options *opt, dsmoe_kernel_ctx *
     for (size_t n = strlen(blas); n > 0 && blas[n - 1] == ' '; n--)
         blas[n - 1] = '\0';
     snprintf(ctx->description, sizeof ctx->description,
-             "cpu: %s (%s build, called single-threaded on %dx%d GEMM tiles) for float32, %s, %d OpenMP thread%s%s%s",
-             blas, blas_threading_name(openblas_get_parallel()), CPU_GEMM_TILE_M, CPU_GEMM_TILE_N, bf16, threads,
+             "cpu: %s (%s build, called single-threaded on %dx%d GEMM tiles; dot products up to %d rows) for float32, "
+             "%s, %d OpenMP thread%s%s%s",
+             blas, blas_threading_name(openblas_get_parallel()), CPU_GEMM_TILE_M, CPU_GEMM_TILE_N, small_rows, bf16, threads,
              threads == 1 ? "" : "s", pinned ? " pinned to one CPU each" : "",
              poison ? ", unzeroed allocations poisoned" : "");
     if (opt && opt->verbose) {
