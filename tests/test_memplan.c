@@ -2,7 +2,7 @@
 // worked out by hand.
 // - Real: the kernel plugin's alloc/free are wrapped to count live bytes; for small configs (dense,
 //   top-1, top-2 with capacity factors, residual, PR-MoE, ZeRO 0 and 1, several micro-steps, jitter
-//   buffers, hierarchical and auto all-to-all workspaces, dropless) the model and optimizer are created
+//   buffers, hierarchical and auto all-to-all workspaces, dropless, bf16) the model and optimizer are created
 //   on every rank and the estimate must match dsmoe_model_local/global/replicated_params,
 //   dsmoe_model_bytes, dsmoe_optimizer_bytes and the counted bytes exactly; one training forward and
 //   backward (zero parameters: every token picks the same experts, so dropless reaches C = S) must
@@ -120,6 +120,8 @@ static const real_case real_cases[] = {
      "moe.eval_capacity_factor=0.5;moe.min_capacity=1", 1, 0},
     {"residual MoE, ep 2", "moe.experts=4;moe.residual=true", 2, 0},
     {"residual MoE, jitter, ZeRO 1", "moe.experts=4;moe.residual=true;moe.noise=jitter;train.zero_stage=1", 1, 0},
+    {"bf16: residual MoE, jitter, ZeRO 1", "run.precision=bf16;moe.experts=4;moe.residual=true;moe.noise=jitter;"
+     "train.zero_stage=1", 1, 0},
     {"PR-MoE 4/8, ZeRO 0", "moe.experts=4 x1, 8 x1;moe.residual=true", 3, 0},
     {"PR-MoE 4/8, ZeRO 1, micro_batch 1",
      "moe.experts=4 x1, 8 x1;moe.residual=true;train.zero_stage=1;train.batch=16;train.micro_batch=1", 3, 0},
@@ -173,10 +175,12 @@ static void check_real_case(const real_case *rc) {
     assert_int_equal(est.global_params, dsmoe_model_global_params(m));
     assert_int_equal(est.local_params, dsmoe_model_local_params(m));
     assert_int_equal(est.replicated_params, dsmoe_model_replicated_params(m));
-    assert_int_equal(est.param_bytes, 4 * dsmoe_model_local_params(m));
+    // bf16 keeps a bfloat16 copy of the weights for the GEMMs beside the fp32 masters (2 bytes a parameter).
+    uint64_t lp = cfg.precision == DSMOE_PRECISION_BF16 ? 2 : 0;
+    assert_int_equal(est.param_bytes, (4 + lp) * dsmoe_model_local_params(m));
     assert_int_equal(est.grad_bytes, 4 * dsmoe_model_local_params(m));
     assert_int_equal(est.model_bytes, dsmoe_model_bytes(m));
-    assert_int_equal(est.activation_bytes, dsmoe_model_bytes(m) - 8 * dsmoe_model_local_params(m));
+    assert_int_equal(est.activation_bytes, dsmoe_model_bytes(m) - (8 + lp) * dsmoe_model_local_params(m));
     assert_int_equal(est.optimizer_bytes, dsmoe_optimizer_bytes(opt));
     // What the model (with its MoE layers and their exchanges) and the optimizer took from the plugin.
     uint64_t S = (uint64_t)cfg.micro_batch * (uint64_t)cfg.seq_len;
@@ -188,6 +192,26 @@ static void check_real_case(const real_case *rc) {
     if (cfg.zero_stage == 0) assert_int_equal(est.optimizer_bytes, 2 * est.param_bytes);
     if (cfg.n_moe_layers == 0) assert_int_equal(est.moe_router_bytes + est.moe_buffer_bytes + est.exchange_bytes, 0);
     if (!cfg.drop_tokens) assert_int_equal(est.moe_buffer_bytes, 0);
+    if (cfg.precision == DSMOE_PRECISION_BF16) {
+        // Against the same deck in fp32: the masters, gradients and AdamW state keep their size, the weights
+        // gain their bfloat16 copy, the capacity buffers (all activations) halve, and each MoE layer's gate
+        // gains its float32 input copy (S, M) and, without jitter (whose gradient buffer it shares), that
+        // input's gradient.
+        dsmoe_config c32;
+        char extra32[1100];
+        snprintf(extra32, sizeof extra32, "%s;run.precision=fp32", extra);
+        load_ok(small_deck, extra32, W, &c32);
+        dsmoe_mem_estimate e32 = estimate_ok(&c32, W, rank, 0);
+        uint64_t SM = (uint64_t)cfg.micro_batch * (uint64_t)cfg.seq_len * (uint64_t)cfg.hidden;
+        assert_int_equal(est.param_bytes, e32.param_bytes + 2 * e32.local_params);
+        assert_int_equal(est.grad_bytes, e32.grad_bytes);
+        assert_int_equal(est.optimizer_bytes, e32.optimizer_bytes);
+        assert_int_equal(2 * est.moe_buffer_bytes, e32.moe_buffer_bytes);
+        assert_int_equal(est.moe_router_bytes,
+                         e32.moe_router_bytes + (uint64_t)cfg.n_moe_layers * (cfg.noise == DSMOE_NOISE_JITTER ? 1 : 2) *
+                                                    SM * sizeof(float));
+        assert_true(est.activation_bytes < e32.activation_bytes);
+    }
 
     // One training micro-step on zero parameters: every gate is uniform, so every token picks experts
     // 0 (and 1): a dropless layer grows to C = S, its predicted peak; capacity layers do not grow.

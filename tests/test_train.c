@@ -11,75 +11,18 @@
 #include <string.h>
 #include <unistd.h>
 
-#include <cmocka.h>
-#include <mpi.h>
-
 #include "checkpoint.h"
-#include "config.h"
-#include "safetensors.h"
-#include "test_runtime.h" // test_runtime_start
-#include "train.h"
-
-static dsmoe_runtime rt;
-static char tmpdir[256];
-
-static const char *small_deck =
-    "[run]\nlog_every = 1000\nseed = 7\n"
-    "[model]\nvocab = 32\nseq_len = 16\nlayers = 2\nhidden = 32\nheads = 2\n"
-    "[moe]\nexperts = 4\ncapacity_factor = 1.0\nmin_capacity = 2\nnoise = rsample\ntoken_selection = random\n"
-    "[train]\nbatch = 4\nmicro_batch = 2\nlr = 3e-3\nwarmup_steps = 3\ndecay_steps = 12\neval_every = 0\neval_batches = 1\n"
-    "[data]\nsynthetic_sources = 2\nsynthetic_branching = 2\n"
-    "[checkpoint]\nkeep = 10\n";
-
-// deck plus command-line style overrides, space-separated ("train.steps=6 checkpoint.resume=auto").
-static void load(const char *deck, const char *extra, dsmoe_config *cfg, char **text) {
-    char buf[4096], *ov[32];
-    int n = 0;
-    snprintf(buf, sizeof buf, "%s", extra);
-    for (char *tok = strtok(buf, " "); tok && n < 32; tok = strtok(NULL, " ")) ov[n++] = tok;
-    dsmoe_err err = {0};
-    dsmoe_config_sources *src = NULL;
-    if (dsmoe_config_load_text(deck, "test.deck", ov, n, (char *const[]){NULL}, 1, cfg, &src, &err) != DSMOE_OK)
-        fail_msg("config: %s", err.msg);
-    *text = dsmoe_config_to_text(cfg, src);
-    dsmoe_config_sources_free(src);
-}
+#include "train_testutil.h" // rt, tmpdir, small_deck, load, train_on, assert_same_checkpoint, train_test_main
 
 static dsmoe_status train(const char *deck, const char *extra, dsmoe_train_result *res, double *history,
                           dsmoe_err *err) {
-    dsmoe_config cfg;
-    char *text;
-    load(deck, extra, &cfg, &text);
-    memset(res, 0, sizeof *res);
-    res->loss_history = history;
-    dsmoe_status s = dsmoe_train_run(&cfg, text, &rt, res, err);
-    free(text);
-    return s;
-}
-
-// Every tensor of two checkpoint files holds the same bytes.
-static void assert_same_checkpoint(const char *a, const char *b) {
-    dsmoe_st_file *fa, *fb;
-    dsmoe_err err = {0};
-    assert_int_equal(dsmoe_st_open(a, &fa, &err), DSMOE_OK);
-    assert_int_equal(dsmoe_st_open(b, &fb, &err), DSMOE_OK);
-    assert_int_equal(dsmoe_st_count(fa), dsmoe_st_count(fb));
-    for (int i = 0; i < dsmoe_st_count(fa); i++) {
-        const dsmoe_st_tensor *ta = dsmoe_st_at(fa, i), *tb = dsmoe_st_find(fb, ta->name);
-        assert_non_null(tb);
-        assert_int_equal(ta->nbytes, tb->nbytes);
-        if (memcmp(ta->data, tb->data, ta->nbytes) != 0) fail_msg("tensor %s differs between %s and %s", ta->name, a, b);
-    }
-    assert_string_equal(dsmoe_st_meta(fa, "step"), dsmoe_st_meta(fb, "step"));
-    assert_string_equal(dsmoe_st_meta(fa, "next_sample"), dsmoe_st_meta(fb, "next_sample"));
-    dsmoe_st_close(fa);
-    dsmoe_st_close(fb);
+    return train_on(&rt, deck, extra, res, history, err);
 }
 
 static void test_lr_schedule(void **state) {
     (void)state;
     dsmoe_config cfg;
-    char *text;
+    char *text = NULL;
     load(small_deck, "train.lr=1.0 train.min_lr=0.1 train.warmup_steps=4 train.decay_steps=14 train.steps=20", &cfg, &text);
     free(text);
     assert_float_equal(dsmoe_lr_at(&cfg, 0), 0.25, 1e-6);
@@ -172,9 +115,6 @@ static void test_converges_to_bound(void **state) {
 }
 
 int main(int argc, char **argv) {
-    if (test_runtime_start(&argc, &argv, &rt) != 0) return 1;
-    snprintf(tmpdir, sizeof tmpdir, "/tmp/dsmoe_test_train.XXXXXX");
-    if (!mkdtemp(tmpdir)) return 1;
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_lr_schedule),
         cmocka_unit_test(test_deterministic),
@@ -182,11 +122,5 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_bad_checkpoints_refused),
         cmocka_unit_test(test_converges_to_bound),
     };
-    int failed = cmocka_run_group_tests(tests, NULL, NULL);
-    dsmoe_runtime_close(&rt);
-    char cmd[512];
-    snprintf(cmd, sizeof cmd, "rm -rf %s", tmpdir);
-    if (!failed) (void)!system(cmd);
-    MPI_Finalize();
-    return failed;
+    return train_test_main(argc, argv, "dsmoe_test_train", tests, sizeof tests / sizeof tests[0]);
 }
