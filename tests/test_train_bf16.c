@@ -93,7 +93,7 @@ static void test_deterministic(void **state) {
     double t1[4], t2[4];
     const char *shape = "train.steps=4 train.micro_batch=8 run.precision=bf16";
     dsmoe_config cfg;
-    char *text, extra[1024];
+    char *text = NULL, extra[1024];
     snprintf(extra, sizeof extra, "run.output_dir=%s/threads1 run.threads=1 %s", tmpdir, shape);
     load(quick_deck, extra, &cfg, &text);
     free(text);
