@@ -202,12 +202,25 @@ static void check_bf16(const char *extra) {
     for (int t = 0; t < T; t++) worst = fmax(worst, row_error(ref16 + (size_t)t * V, ref + (size_t)t * V, V));
     if (worst > 0.06) fail_msg("%s: bf16 full forward: relative error %.3g against float32", extra, worst);
 
+    // Generation's model: parameters only (B = 0), the same initial values; once the inference state has
+    // its bfloat16 copy, the float32 masters of the GEMM-only matrices go (all that follows runs without).
+    dsmoe_model *m0 = NULL;
+    assert_int_equal(dsmoe_model_create(&c16, &rt, 0, &m0, &err), DSMOE_OK);
+    assert_int_equal(dsmoe_model_init_params(m0, 9, &err), DSMOE_OK);
+    assert_int_equal(dsmoe_model_drop_gemm_masters(m16, &err), DSMOE_ERR_INVALID); // B = 1: it trains
     dsmoe_infer *inf = NULL;
-    assert_int_equal(dsmoe_infer_create(m16, 1, T, T, 1, 0, &inf, &err), DSMOE_OK);
+    assert_int_equal(dsmoe_infer_create(m0, 1, T, T, 1, 0, &inf, &err), DSMOE_OK);
+    size_t before = dsmoe_model_bytes(m0);
+    assert_int_equal(dsmoe_model_drop_gemm_masters(m0, &err), DSMOE_OK);
+    assert_null(dsmoe_model_params(m0));
+    // What went: 4 bytes of every GEMM-only element, counted from the config's shapes.
+    assert_int_equal(before - dsmoe_model_bytes(m0), 4 * dsmoe_model_gemm_only_params(&c16));
+    assert_true(dsmoe_model_gemm_only_params(&c16) > dsmoe_model_local_params(m0) / 2);
     dsmoe_infer_sizes z;
     dsmoe_infer_estimate(&c16, 1, T, T, 1, 0, &z);
     assert_int_equal(dsmoe_infer_bytes(inf), z.cache_bytes + z.slice_bytes + z.row_bytes);
     assert_int_equal(z.cache_bytes, (uint64_t)c16.layers * 2 * c16.hidden * T * sizeof(uint16_t));
+
     int slot = 0, fed = 0;
     for (int c = 0; fed < T; c++) {
         int count = c == 0 ? 5 : 1;
@@ -226,6 +239,7 @@ static void check_bf16(const char *extra) {
     }
     print_message("%s: bf16: worst relative logit error %.3g against float32\n", extra, worst);
     dsmoe_infer_free(inf);
+    dsmoe_model_free(m0);
     dsmoe_model_free(m16);
     dsmoe_model_free(m32);
     free(ref);

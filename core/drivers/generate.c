@@ -365,6 +365,14 @@ dsmoe_status dsmoe_generate_run(const dsmoe_config *c, const char *config_text, 
     }
     if (s == DSMOE_OK) s = dsmoe_infer_create(g.model, c->gen_batch, g.context, c->gen_batch + c->gen_prefill_tokens,
                                               g.W, dsmoe_tensor_moe_of(c), &g.inf, err);
+    // bfloat16: the weight matrices' bfloat16 copy is current now; their float32 masters go.
+    if (s == DSMOE_OK && c->precision == DSMOE_PRECISION_BF16) {
+        size_t before = dsmoe_model_bytes(g.model);
+        s = dsmoe_errors_agree(dsmoe_model_drop_gemm_masters(g.model, err), err);
+        if (s == DSMOE_OK && g.rank == 0)
+            printf("generate: bf16: weights held as bfloat16 (%.1f MiB of parameters and buffers per rank, from "
+                   "%.1f MiB with the float32 masters)\n", dsmoe_model_bytes(g.model) / 1048576.0, before / 1048576.0);
+    }
     if (s == DSMOE_OK && g.rank == 0 && g.W > 1)
         printf("generate: tensor slicing over %d ranks (%d heads and %d FFN columns each), %d data-parallel groups%s\n",
                g.W, c->heads / g.W, c->ffn_hidden / g.W, g.data_ranks,

@@ -67,12 +67,16 @@ dsmoe_status dsmoe_plan_generate(FILE *out, const dsmoe_config *c, int ranks, in
     DSMOE_TRY(dsmoe_mem_estimate_rank_for(c, ranks, 0, rpn, NULL, &est, err));
     dsmoe_infer_sizes z;
     dsmoe_infer_estimate(c, B, T, R, W, dsmoe_tensor_moe_of(c), &z);
+    // bf16: generation frees the float32 masters of the GEMM-only matrices once their copy is made
+    // (dsmoe_model_drop_gemm_masters); what it holds from then on.
+    if (c->precision == DSMOE_PRECISION_BF16) est.param_bytes -= 4 * dsmoe_model_gemm_only_params(c);
     uint64_t model = est.param_bytes + est.grad_bytes + est.activation_bytes + est.token_bytes;
     uint64_t total = model + z.cache_bytes + z.slice_bytes + z.row_bytes + z.moe_bytes;
     fprintf(out, "memory per rank (%s): parameters %s (this rank's experts and every dense weight), the model's "
             "other buffers %s, KV cache %s (2 x %d layers x %d sequences x %d positions x %d "
             "wide), tensor slices %s, per-call buffers %s, MoE buffers %s (%d rows a layer); total %s of %s (%s): %s\n",
-            c->precision == DSMOE_PRECISION_BF16 ? "bf16: fp32 masters and their bf16 copy, bf16 cache and activations"
+            c->precision == DSMOE_PRECISION_BF16 ? "bf16: weight matrices as bfloat16, the other tensors float32; bf16 "
+                                                   "cache and activations"
                                                  : "fp32",
             dsmoe_plan_bytes((double)est.param_bytes), dsmoe_plan_bytes((double)(model - est.param_bytes)), dsmoe_plan_bytes((double)z.cache_bytes),
             c->layers, B, T, c->hidden / W, dsmoe_plan_bytes((double)z.slice_bytes), dsmoe_plan_bytes((double)z.row_bytes),

@@ -165,6 +165,23 @@ static void bind_views(dsmoe_model *m, float *slab, block_params *bp, float **wt
     }
 }
 
+// The GEMM operand of a weight master w (a view into params): w itself, or its copy in params_lp.
+static const void *op_of(const dsmoe_model *m, const float *w) {
+    if (!w || m->dt == F32) return w;
+    return (const char *)m->params_lp + (size_t)(w - m->params) * m->esz;
+}
+
+// Binds the parameter views' GEMM operands (block_params *_op, the MoE weights' w1_lp / w2_lp, wte_op).
+static void bind_ops(dsmoe_model *m) {
+    for (int l = 0; l < m->L; l++) {
+        block_params *b = &m->blocks[l];
+        b->qkvw_op = op_of(m, b->qkvw), b->attprojw_op = op_of(m, b->attprojw);
+        b->fcw_op = op_of(m, b->fcw), b->fcprojw_op = op_of(m, b->fcprojw), b->coefw_op = op_of(m, b->coefw);
+        if (m->dt != F32) b->moe.w1_lp = op_of(m, b->moe.w1), b->moe.w2_lp = op_of(m, b->moe.w2);
+    }
+    m->wte_op = op_of(m, m->wte);
+}
+
 // ----------------------------------------------------------------------------------------------------
 // buffers
 
@@ -201,7 +218,7 @@ static dsmoe_status free_one(const dsmoe_buffer *b, void *ctx, dsmoe_err *err) {
     void *p;
     memcpy(&p, buffer_field(m, b), sizeof p);
     if (b->cls == DSMOE_BUF_HOST) rt->kern->host_free(rt->kctx, p);
-    else rt->kern->free(rt->kctx, p);
+    else if (p) rt->kern->free(rt->kctx, p); // params is NULL after dsmoe_model_drop_gemm_masters
     return DSMOE_OK;
 }
 
@@ -221,22 +238,19 @@ static dsmoe_status alloc_buffers(dsmoe_model *m, dsmoe_err *err) {
 // ----------------------------------------------------------------------------------------------------
 // building blocks, each forward beside its backward
 
-// Element i of an activation buffer, and the GEMM operand of a weight (its dt copy: same offset).
+// Element i of an activation buffer.
 static void *act_at(const dsmoe_model *m, void *p, size_t i) { return (char *)p + i * m->esz; }
-static const void *wop(const dsmoe_model *m, const float *w) {
-    return m->dt == F32 ? (const void *)w : (const char *)m->params_lp + (size_t)(w - m->params) * m->esz;
-}
 
-// out (S, N) = in (S, K) @ w (N, K)^T + b (N); b may be NULL. out is of type ot (dt, or float32 for the
-// coefficient logits: accumulated in float32 either way).
-static dsmoe_status linear_forward_as(dsmoe_model *m, void *out, dsmoe_dtype ot, const void *in, const float *w,
+// out (S, N) = in (S, K) @ w (N, K)^T + b (N); b may be NULL; w is a GEMM operand (block_params *_op).
+// out is of type ot (dt, or float32 for the coefficient logits: accumulated in float32 either way).
+static dsmoe_status linear_forward_as(dsmoe_model *m, void *out, dsmoe_dtype ot, const void *in, const void *w,
                                       const float *b, int S, int K, int N, dsmoe_err *err) {
     dsmoe_runtime *rt = m->rt;
-    KCALL(rt, gemm, 0, 1, S, N, K, 1.0f, in, m->dt, K, wop(m, w), m->dt, K, 0.0f, out, ot, N);
+    KCALL(rt, gemm, 0, 1, S, N, K, 1.0f, in, m->dt, K, w, m->dt, K, 0.0f, out, ot, N);
     if (b) KCALL(rt, bias_add, out, ot, b, S, N);
     return DSMOE_OK;
 }
-static dsmoe_status linear_forward(dsmoe_model *m, void *out, const void *in, const float *w, const float *b, int S,
+static dsmoe_status linear_forward(dsmoe_model *m, void *out, const void *in, const void *w, const float *b, int S,
                                    int K, int N, dsmoe_err *err) {
     return linear_forward_as(m, out, m->dt, in, w, b, S, K, N, err);
 }
@@ -244,16 +258,16 @@ static dsmoe_status linear_forward(dsmoe_model *m, void *out, const void *in, co
 // din (S, K) +=, dw (N, K) +=, db (N) += (db may be NULL); din may be NULL. dout, in and din are of dt
 // (db's sums read dout_db, float32 for the coefficients, else dout); dw and db are float32.
 static dsmoe_status linear_backward_db(dsmoe_model *m, void *din, float *dw, float *db, const void *dout,
-                                       const void *dout_db, dsmoe_dtype db_type, const void *in, const float *w,
+                                       const void *dout_db, dsmoe_dtype db_type, const void *in, const void *w,
                                        int S, int K, int N, dsmoe_err *err) {
     dsmoe_runtime *rt = m->rt;
     KCALL(rt, gemm, 1, 0, N, K, S, 1.0f, dout, m->dt, N, in, m->dt, K, 1.0f, dw, F32, K);
     if (db) KCALL(rt, bias_backward, db, dout_db, db_type, S, N);
-    if (din) KCALL(rt, gemm, 0, 0, S, K, N, 1.0f, dout, m->dt, N, wop(m, w), m->dt, K, 1.0f, din, m->dt, K);
+    if (din) KCALL(rt, gemm, 0, 0, S, K, N, 1.0f, dout, m->dt, N, w, m->dt, K, 1.0f, din, m->dt, K);
     return DSMOE_OK;
 }
 static dsmoe_status linear_backward(dsmoe_model *m, void *din, float *dw, float *db, const void *dout, const void *in,
-                                    const float *w, int S, int K, int N, dsmoe_err *err) {
+                                    const void *w, int S, int K, int N, dsmoe_err *err) {
     return linear_backward_db(m, din, dw, db, dout, dout, m->dt, in, w, S, K, N, err);
 }
 
@@ -261,9 +275,9 @@ static dsmoe_status linear_backward(dsmoe_model *m, void *din, float *dw, float 
 static dsmoe_status mlp_forward(dsmoe_model *m, const block_params *p, block_acts *a, const void *x, void *out,
                                 dsmoe_err *err) {
     dsmoe_runtime *rt = m->rt;
-    DSMOE_TRY(linear_forward(m, a->fch, x, p->fcw, p->fcb, m->S, m->M, m->F, err));
+    DSMOE_TRY(linear_forward(m, a->fch, x, p->fcw_op, p->fcb, m->S, m->M, m->F, err));
     KCALL(rt, gelu_forward, a->fch_gelu, a->fch, m->dt, (size_t)m->S * m->F);
-    DSMOE_TRY(linear_forward(m, out, a->fch_gelu, p->fcprojw, p->fcprojb, m->S, m->F, m->M, err));
+    DSMOE_TRY(linear_forward(m, out, a->fch_gelu, p->fcprojw_op, p->fcprojb, m->S, m->F, m->M, err));
     return DSMOE_OK;
 }
 
@@ -273,10 +287,10 @@ static dsmoe_status mlp_backward(dsmoe_model *m, const block_params *p, block_pa
     size_t SF = (size_t)m->S * m->F;
     KCALL(rt, zero, m->dfch_gelu, SF * m->esz);
     KCALL(rt, zero, m->dfch, SF * m->esz);
-    DSMOE_TRY(linear_backward(m, m->dfch_gelu, g->fcprojw, g->fcprojb, dout, a->fch_gelu, p->fcprojw, m->S, m->F,
+    DSMOE_TRY(linear_backward(m, m->dfch_gelu, g->fcprojw, g->fcprojb, dout, a->fch_gelu, p->fcprojw_op, m->S, m->F,
                               m->M, err));
     KCALL(rt, gelu_backward, m->dfch, a->fch, m->dfch_gelu, m->dt, SF);
-    DSMOE_TRY(linear_backward(m, dx, g->fcw, g->fcb, m->dfch, x, p->fcw, m->S, m->M, m->F, err));
+    DSMOE_TRY(linear_backward(m, dx, g->fcw, g->fcb, m->dfch, x, p->fcw_op, m->S, m->M, m->F, err));
     return DSMOE_OK;
 }
 
@@ -287,10 +301,10 @@ static dsmoe_status attn_forward(dsmoe_model *m, const block_params *p, block_ac
     int S = m->S, M = m->M;
     KCALL(rt, layernorm_forward, a->ln1, a->ln1_mean, a->ln1_rstd, x, m->dt, p->ln1w, p->ln1b, S, M,
           m->cfg->ln_eps);
-    DSMOE_TRY(linear_forward(m, a->qkv, a->ln1, p->qkvw, p->qkvb, S, M, 3 * M, err));
+    DSMOE_TRY(linear_forward(m, a->qkv, a->ln1, p->qkvw_op, p->qkvb, S, M, 3 * M, err));
     dsmoe_attention_shape ash = {.B = m->B, .T = m->T, .M = M, .NH = m->NH, .dt = m->dt};
     KCALL(rt, attention_forward, a->atty, a->att, a->qkv, &ash);
-    DSMOE_TRY(linear_forward(m, a->resid_mid, a->atty, p->attprojw, p->attprojb, S, M, M, err));
+    DSMOE_TRY(linear_forward(m, a->resid_mid, a->atty, p->attprojw_op, p->attprojb, S, M, M, err));
     KCALL(rt, axpy, a->resid_mid, 1.0f, x, m->dt, (size_t)S * M);
     return DSMOE_OK;
 }
@@ -304,21 +318,14 @@ static dsmoe_status attn_backward(dsmoe_model *m, const block_params *p, block_p
     KCALL(rt, zero, m->datty, SM * m->esz);
     KCALL(rt, zero, m->dqkv, 3 * SM * m->esz);
     KCALL(rt, zero, m->dln, SM * m->esz);
-    DSMOE_TRY(linear_backward(m, m->datty, g->attprojw, g->attprojb, m->dresid, a->atty, p->attprojw, S, M, M, err));
+    DSMOE_TRY(linear_backward(m, m->datty, g->attprojw, g->attprojb, m->dresid, a->atty, p->attprojw_op, S, M, M, err));
     dsmoe_attention_shape ash = {.B = m->B, .T = m->T, .M = M, .NH = m->NH, .dt = m->dt};
     KCALL(rt, attention_backward, m->dqkv, m->datt_workspace, m->datty, a->qkv, a->atty, a->att, &ash);
-    DSMOE_TRY(linear_backward(m, m->dln, g->qkvw, g->qkvb, m->dqkv, a->ln1, p->qkvw, S, M, 3 * M, err));
+    DSMOE_TRY(linear_backward(m, m->dln, g->qkvw, g->qkvb, m->dqkv, a->ln1, p->qkvw_op, S, M, 3 * M, err));
     // The residual path carries dresid through unchanged; layer norm adds its part.
     KCALL(rt, layernorm_backward, m->dresid, g->ln1w, g->ln1b, m->dln, x, m->dt, p->ln1w, a->ln1_mean, a->ln1_rstd,
           S, M);
     return DSMOE_OK;
-}
-
-// The MoE weights of block l as the layer takes them (with their dt copies).
-static dsmoe_moe_weights moe_weights(const dsmoe_model *m, const dsmoe_moe_weights *w) {
-    dsmoe_moe_weights v = *w;
-    if (m->dt != F32) v.w1_lp = wop(m, w->w1), v.w2_lp = wop(m, w->w2);
-    return v;
 }
 
 // FFN sub-block: out = resid_mid + ffn(ln_2(resid_mid)), ffn = dense MLP, MoE, or residual MoE.
@@ -333,11 +340,10 @@ static dsmoe_status ffn_forward(dsmoe_model *m, int l, const dsmoe_moe_step *ste
     if (mi < 0) {
         DSMOE_TRY(mlp_forward(m, p, a, a->ln2, a->ffn_out, err));
     } else {
-        dsmoe_moe_weights w = moe_weights(m, &p->moe);
-        DSMOE_TRY(dsmoe_moe_forward(m->moe[mi], &w, a->ln2, a->moe_out, step, NULL, err));
+        DSMOE_TRY(dsmoe_moe_forward(m->moe[mi], &p->moe, a->ln2, a->moe_out, step, NULL, err));
         if (m->cfg->residual) {
             DSMOE_TRY(mlp_forward(m, p, a, a->ln2, a->mlp_out, err));
-            DSMOE_TRY(linear_forward_as(m, a->coef_logits, F32, a->ln2, p->coefw, p->coefb, S, M, 2, err));
+            DSMOE_TRY(linear_forward_as(m, a->coef_logits, F32, a->ln2, p->coefw_op, p->coefb, S, M, 2, err));
             KCALL(rt, residual_mix_forward, a->ffn_out, a->coef, a->moe_out, a->mlp_out, m->dt, a->coef_logits, S,
                   M);
         } else {
@@ -357,12 +363,11 @@ static dsmoe_status ffn_backward(dsmoe_model *m, int l, float daux, dsmoe_err *e
     block_acts *a = &m->acts[l];
     int S = m->S, M = m->M, mi = m->moe_of_layer[l];
     size_t SM = (size_t)S * M;
-    dsmoe_moe_weights w = mi >= 0 ? moe_weights(m, &p->moe) : p->moe;
     KCALL(rt, zero, m->dln, SM * m->esz);
     if (mi < 0) {
         DSMOE_TRY(mlp_backward(m, p, g, a, a->ln2, m->dresid, m->dln, err));
     } else if (!m->cfg->residual) {
-        DSMOE_TRY(dsmoe_moe_backward(m->moe[mi], &w, &g->moe, m->dresid, m->dln, daux, err));
+        DSMOE_TRY(dsmoe_moe_backward(m->moe[mi], &p->moe, &g->moe, m->dresid, m->dln, daux, err));
     } else {
         KCALL(rt, zero, m->dmoe, SM * m->esz);
         KCALL(rt, zero, m->dmlp, SM * m->esz);
@@ -375,10 +380,10 @@ static dsmoe_status ffn_backward(dsmoe_model *m, int l, float daux, dsmoe_err *e
             KCALL(rt, convert, m->dcoef_lp, m->dt, m->dcoef, F32, (size_t)S * 2);
             dcoef = m->dcoef_lp;
         }
-        DSMOE_TRY(linear_backward_db(m, m->dln, g->coefw, g->coefb, dcoef, m->dcoef, F32, a->ln2, p->coefw, S, M, 2,
+        DSMOE_TRY(linear_backward_db(m, m->dln, g->coefw, g->coefb, dcoef, m->dcoef, F32, a->ln2, p->coefw_op, S, M, 2,
                                      err));
         DSMOE_TRY(mlp_backward(m, p, g, a, a->ln2, m->dmlp, m->dln, err));
-        DSMOE_TRY(dsmoe_moe_backward(m->moe[mi], &w, &g->moe, m->dmoe, m->dln, daux, err));
+        DSMOE_TRY(dsmoe_moe_backward(m->moe[mi], &p->moe, &g->moe, m->dmoe, m->dln, daux, err));
     }
     KCALL(rt, layernorm_backward, m->dresid, g->ln2w, g->ln2b, m->dln, a->resid_mid, m->dt, p->ln2w, a->ln2_mean,
           a->ln2_rstd, S, M);
@@ -445,6 +450,7 @@ dsmoe_status dsmoe_model_create(const dsmoe_config *cfg, dsmoe_runtime *rt, int 
     DSMOE_TRY(build_table(m, err));
     DSMOE_TRY(alloc_buffers(m, err));
     bind_views(m, m->params, m->blocks, &m->wte, &m->wpe, &m->lnfw, &m->lnfb);
+    bind_ops(m);
     if (m->grads) bind_views(m, m->grads, m->dblocks, &m->dwte, &m->dwpe, &m->dlnfw, &m->dlnfb);
     for (int l = 0; l < m->L; l++) {
         int mi = m->moe_of_layer[l];
@@ -471,6 +477,7 @@ void dsmoe_model_free(dsmoe_model *m) {
     for (int i = 0; i < m->cfg->n_moe_layers && m->moe; i++) dsmoe_moe_layer_free(m->moe[i]);
     dsmoe_model_sizes none = {.B = m->B}; // sizes do not matter to a free (B = 0: no gradient slab)
     dsmoe_model_buffers(m->cfg, &none, free_one, m, NULL);
+    if (m->params_kept) rt->kern->free(rt->kctx, m->params_kept);
     for (int k = 0; m->epg && k < m->n_epg; k++) {
         ep_groups *g = &m->epg[k];
         dsmoe_rt_group_free(rt, &g->ep_g);
@@ -524,6 +531,91 @@ dsmoe_status dsmoe_model_init_params(dsmoe_model *m, uint64_t seed, dsmoe_err *e
     return DSMOE_OK;
 }
 
+// The weight matrices that only GEMMs read (their copies in params_lp serve them); every other tensor
+// is read in float32 by some op (embedding, layer norm, bias, router).
+static int gemm_only(const char *name) {
+    static const char *const suffix[] = {"attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
+                                         "mlp.c_proj.weight", "moe.coefficient.weight", "moe.experts.c_fc.weight",
+                                         "moe.experts.c_proj.weight"};
+    size_t n = strlen(name);
+    for (size_t i = 0; i < sizeof suffix / sizeof suffix[0]; i++) {
+        size_t k = strlen(suffix[i]);
+        if (n >= k && strcmp(name + n - k, suffix[i]) == 0) return 1;
+    }
+    return 0;
+}
+
+uint64_t dsmoe_model_gemm_only_params(const dsmoe_config *c) {
+    uint64_t M = (uint64_t)c->hidden, F = (uint64_t)c->ffn_hidden, total = 0;
+    for (int l = 0; l < c->layers; l++) {
+        int mi = -1, moe = dsmoe_config_is_moe_layer(c, l, &mi);
+        total += 4 * M * M;                                    // c_attn, c_proj
+        if (!moe || c->residual) total += 2 * M * F;           // the dense FFN (or the residual MLP)
+        if (moe && c->residual) total += 2 * M;                // the coefficient
+        if (moe) total += (uint64_t)(c->experts[mi] / c->expert_parallel[mi]) * 2 * M * F; // local experts
+    }
+    return total;
+}
+
+// A view's new place: the kept slab's copy of its tensor, or NULL for a GEMM-only one. kept_off[i] is
+// tensor i's offset in the kept slab (SIZE_MAX: dropped).
+static float *moved(const dsmoe_model *m, const float *p, const size_t *kept_off) {
+    if (!p) return NULL;
+    size_t off = (size_t)(p - m->params);
+    for (int i = 0; i < m->n_tensors; i++)
+        if (m->tensors[i].offset == off) return kept_off[i] == SIZE_MAX ? NULL : m->params_kept + kept_off[i];
+    return NULL; // not a tensor's start: no view points there
+}
+
+static dsmoe_status copy_kept(dsmoe_model *m, const size_t *kept_off, dsmoe_err *err) {
+    dsmoe_runtime *rt = m->rt;
+    for (int i = 0; i < m->n_tensors; i++)
+        if (kept_off[i] != SIZE_MAX)
+            KCALL(rt, copy, m->params_kept + kept_off[i], m->params + m->tensors[i].offset,
+                  m->tensors[i].numel * sizeof(float));
+    return dsmoe_rt_wait(rt, err);
+}
+
+dsmoe_status dsmoe_model_drop_gemm_masters(dsmoe_model *m, dsmoe_err *err) {
+    dsmoe_runtime *rt = m->rt;
+    if (m->B != 0 || m->dt == F32 || !m->params)
+        return dsmoe_err_set(err, DSMOE_ERR_INVALID, "model: dropping the float32 GEMM weights needs a parameters-only "
+                             "bfloat16 model that still has them");
+    size_t *kept_off = malloc((size_t)m->n_tensors * sizeof *kept_off), kept = 0;
+    if (!kept_off) return dsmoe_err_set(err, DSMOE_ERR_NOMEM, "model: out of memory");
+    for (int i = 0; i < m->n_tensors; i++) {
+        kept_off[i] = gemm_only(m->tensors[i].name) ? SIZE_MAX : kept;
+        if (kept_off[i] != SIZE_MAX) kept += m->tensors[i].numel;
+    }
+    void *slab = NULL;
+    dsmoe_status s = dsmoe_rt_alloc(rt, kept * sizeof(float), 0, &slab, "parameters read in float32 (generation)", err);
+    if (s != DSMOE_OK) {
+        free(kept_off);
+        return s;
+    }
+    m->params_kept = slab;
+    s = copy_kept(m, kept_off, err);
+    if (s != DSMOE_OK) {
+        free(kept_off);
+        return s;
+    }
+    // Rebind the float32 views; the GEMM operands (*_op, w1_lp, w2_lp) stay on params_lp.
+    for (int l = 0; l < m->L; l++) {
+        block_params *b = &m->blocks[l];
+        float **f[] = {&b->ln1w, &b->ln1b, &b->qkvw, &b->qkvb, &b->attprojw, &b->attprojb, &b->ln2w, &b->ln2b,
+                       &b->fcw, &b->fcb, &b->fcprojw, &b->fcprojb, &b->coefw, &b->coefb, &b->moe.wg, &b->moe.w1,
+                       &b->moe.b1, &b->moe.w2, &b->moe.b2};
+        for (size_t k = 0; k < sizeof f / sizeof f[0]; k++) *f[k] = moved(m, *f[k], kept_off);
+    }
+    m->wte = moved(m, m->wte, kept_off), m->wpe = moved(m, m->wpe, kept_off);
+    m->lnfw = moved(m, m->lnfw, kept_off), m->lnfb = moved(m, m->lnfb, kept_off);
+    free(kept_off);
+    rt->kern->free(rt->kctx, m->params);
+    m->params = NULL;
+    m->bytes_allocated = m->bytes_allocated - m->n_local * sizeof(float) + kept * sizeof(float);
+    return DSMOE_OK;
+}
+
 dsmoe_status dsmoe_model_forward(dsmoe_model *m, const int32_t *inputs, const int32_t *targets, int training,
                                  uint64_t step_seed, uint64_t token_offset, dsmoe_forward_result *res,
                                  dsmoe_err *err) {
@@ -551,7 +643,7 @@ dsmoe_status dsmoe_model_forward(dsmoe_model *m, const int32_t *inputs, const in
     }
     void *xL = act_at(m, m->resid, (size_t)m->L * SM);
     KCALL(rt, layernorm_forward, m->lnf, m->lnf_mean, m->lnf_rstd, xL, m->dt, m->lnfw, m->lnfb, S, M, m->cfg->ln_eps);
-    DSMOE_TRY(linear_forward(m, m->logits, m->lnf, m->wte, NULL, S, M, V, err));
+    DSMOE_TRY(linear_forward(m, m->logits, m->lnf, m->wte_op, NULL, S, M, V, err));
     KCALL(rt, crossentropy_forward, m->losses, m->probs, m->logits, m->dt, m->targets, S, V);
     // The losses and the MoE layers' statistics come back to the host once, after one wait.
     KCALL(rt, copy_to_host, m->host_losses, m->losses, (size_t)S * sizeof(float));
@@ -578,7 +670,7 @@ dsmoe_status dsmoe_model_backward(dsmoe_model *m, float dloss, float daux, dsmoe
     KCALL(rt, zero, m->dlogits, (size_t)S * V * m->esz);
     KCALL(rt, crossentropy_backward, m->dlogits, m->dt, m->probs, m->targets, dloss, S, V);
     KCALL(rt, zero, m->dln, SM * m->esz);
-    DSMOE_TRY(linear_backward(m, m->dln, m->dwte, NULL, m->dlogits, m->lnf, m->wte, S, M, V, err));
+    DSMOE_TRY(linear_backward(m, m->dln, m->dwte, NULL, m->dlogits, m->lnf, m->wte_op, S, M, V, err));
     KCALL(rt, zero, m->dresid, SM * m->esz);
     void *xL = act_at(m, m->resid, (size_t)m->L * SM);
     KCALL(rt, layernorm_backward, m->dresid, m->dlnfw, m->dlnfb, m->dln, xL, m->dt, m->lnfw, m->lnf_mean, m->lnf_rstd,

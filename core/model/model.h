@@ -77,6 +77,15 @@ dsmoe_runtime *dsmoe_model_runtime(const dsmoe_model *model);
 // Initialises every parameter from the counter RNG keyed by (seed, tensor name, global element
 // index): the same values whatever the rank count or expert layout.
 dsmoe_status dsmoe_model_init_params(dsmoe_model *model, uint64_t seed, dsmoe_err *err);
+// Generation in bfloat16 (a parameters-only model, B = 0, whose bfloat16 weight copy is current, e.g.
+// after dsmoe_infer_create): frees the float32 masters of the weight matrices that only GEMMs read (their
+// bfloat16 copies stay), keeping the float32 tensors other ops read (layer norms, biases, embeddings,
+// routers) in a slab of their own: the parameters then take about 2 bytes each instead of 6. The model
+// can no longer train, save or load: dsmoe_model_params gives NULL.
+dsmoe_status dsmoe_model_drop_gemm_masters(dsmoe_model *model, dsmoe_err *err);
+// Elements of the GEMM-only weight matrices among this rank's parameters of a model of cfg (what
+// dsmoe_model_drop_gemm_masters frees; --plan), with ep ranks... per MoE layer as cfg says.
+uint64_t dsmoe_model_gemm_only_params(const dsmoe_config *cfg);
 
 // Forward of one micro-batch: inputs and targets are HOST (B*T) int32. training selects noise and
 // the capacity factor; step_seed keys the noise of this step and micro-batch; token_offset is the

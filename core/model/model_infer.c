@@ -71,11 +71,9 @@ struct dsmoe_infer {
 // ----------------------------------------------------------------------------------------------------
 // state
 
-// Element i of an activation buffer, and the GEMM operand of a weight (its dt copy: same offset).
+// Element i of an activation buffer, or of a weight's GEMM operand (block_params *_op).
 static void *at(const dsmoe_infer *s, void *p, size_t i) { return (char *)p + i * s->esz; }
-static const void *wop(const dsmoe_infer *s, const float *w) {
-    return s->dt == F32 ? (const void *)w : (const char *)s->m->params_lp + (size_t)(w - s->m->params) * s->esz;
-}
+static const void *op_at(const dsmoe_infer *s, const void *op, size_t i) { return (const char *)op + i * s->esz; }
 
 static dsmoe_status alloc_dev(dsmoe_infer *s, size_t bytes, void *field, const char *what, dsmoe_err *err) {
     void *p = NULL;
@@ -148,7 +146,8 @@ dsmoe_status dsmoe_infer_create(dsmoe_model *m, int slots, int t_max, int max_ro
     s->dt = m->dt;
     s->esz = m->esz;
     // The weights' dt copy, once: generation does not change them.
-    if (s->dt != F32) KCALL(s->rt, convert, m->params_lp, s->dt, m->params, F32, m->n_local);
+    // (After dsmoe_model_drop_gemm_masters the masters are gone and the copy is already current.)
+    if (s->dt != F32 && m->params) KCALL(s->rt, convert, m->params_lp, s->dt, m->params, F32, m->n_local);
     s->slots = slots;
     s->t_max = t_max;
     s->R = max_rows;
@@ -338,15 +337,15 @@ static dsmoe_status part_done(const dsmoe_infer *s, int profile, double *part, d
 }
 
 // out (rows, N) = in (rows, K) @ w (N, K)^T + b (N); b may be NULL. in is of dt, out of ot (dt, or
-// float32 for the coefficient logits); w a float32 master (its dt copy is the operand).
-static dsmoe_status linear_as(dsmoe_infer *s, void *out, dsmoe_dtype ot, const void *in, const float *w,
+// float32 for the coefficient logits); w a GEMM operand of dt.
+static dsmoe_status linear_as(dsmoe_infer *s, void *out, dsmoe_dtype ot, const void *in, const void *w,
                               const float *b, int rows, int K, int N, dsmoe_err *err) {
     dsmoe_runtime *rt = s->rt;
-    KCALL(rt, gemm, 0, 1, rows, N, K, 1.0f, in, s->dt, K, wop(s, w), s->dt, K, 0.0f, out, ot, N);
+    KCALL(rt, gemm, 0, 1, rows, N, K, 1.0f, in, s->dt, K, w, s->dt, K, 0.0f, out, ot, N);
     if (b) KCALL(rt, bias_add, out, ot, b, rows, N);
     return DSMOE_OK;
 }
-static dsmoe_status linear(dsmoe_infer *s, void *out, const void *in, const float *w, const float *b, int rows, int K,
+static dsmoe_status linear(dsmoe_infer *s, void *out, const void *in, const void *w, const float *b, int rows, int K,
                            int N, dsmoe_err *err) {
     return linear_as(s, out, s->dt, in, w, b, rows, K, N, err);
 }
@@ -360,8 +359,8 @@ static dsmoe_status attn_block(dsmoe_infer *s, int l, int n, const int *slot, co
     int M = s->M, Mt = s->Mt, NHt = s->NHt, T = s->t_max;
     size_t per_slot = (size_t)NHt * (size_t)T * (size_t)(M / s->NH); // one slot's (NHt, T, D)
     KCALL(rt, layernorm_forward, s->ln, NULL, NULL, s->x, s->dt, p->ln1w, p->ln1b, rows, M, s->m->cfg->ln_eps);
-    DSMOE_TRY(linear(s, s->qkv, s->ln, s->W > 1 ? s->qkvw[l] : p->qkvw, s->W > 1 ? s->qkvb[l] : p->qkvb, rows, M,
-                     3 * Mt, err));
+    DSMOE_TRY(linear(s, s->qkv, s->ln, s->W > 1 ? (const void *)s->qkvw[l] : p->qkvw_op,
+                     s->W > 1 ? s->qkvb[l] : p->qkvb, rows, M, 3 * Mt, err));
     for (int i = 0, r0 = 0; i < n; r0 += count[i++]) {
         void *k = at(s, s->k_cache[l], (size_t)slot[i] * per_slot), *v = at(s, s->v_cache[l], (size_t)slot[i] * per_slot);
         const void *qkv = at(s, s->qkv, (size_t)r0 * 3 * Mt);
@@ -371,7 +370,7 @@ static dsmoe_status attn_block(dsmoe_infer *s, int l, int n, const int *slot, co
     }
     // c_proj over this rank's Mt input columns (row-parallel): mid = atty_t @ attprojw[:, t*Mt:(t+1)*Mt]^T,
     // summed over the tensor group, then the bias once and the residual.
-    KCALL(rt, gemm, 0, 1, rows, M, Mt, 1.0f, s->atty, s->dt, Mt, wop(s, p->attprojw + (size_t)s->t * Mt), s->dt, M,
+    KCALL(rt, gemm, 0, 1, rows, M, Mt, 1.0f, s->atty, s->dt, Mt, op_at(s, p->attprojw_op, (size_t)s->t * Mt), s->dt, M,
           0.0f, s->mid, s->dt, M);
     if (s->W > 1 && rows > 0) CCOLL(rt, allreduce, s->tp.comm, DSMOE_IN_PLACE, s->mid, (size_t)rows * M, F32, DSMOE_SUM);
     KCALL(rt, bias_add, s->mid, s->dt, p->attprojb, rows, M);
@@ -384,9 +383,9 @@ static dsmoe_status attn_block(dsmoe_infer *s, int l, int n, const int *slot, co
 static dsmoe_status mlp(dsmoe_infer *s, const block_params *p, const void *in, void *out, int rows, dsmoe_err *err) {
     dsmoe_runtime *rt = s->rt;
     size_t f0 = (size_t)s->t * s->Ft;
-    DSMOE_TRY(linear(s, s->fch, in, p->fcw + f0 * s->M, p->fcb + f0, rows, s->M, s->Ft, err));
+    DSMOE_TRY(linear(s, s->fch, in, op_at(s, p->fcw_op, f0 * s->M), p->fcb + f0, rows, s->M, s->Ft, err));
     KCALL(rt, gelu_forward, s->fch_gelu, s->fch, s->dt, (size_t)rows * s->Ft);
-    KCALL(rt, gemm, 0, 1, rows, s->M, s->Ft, 1.0f, s->fch_gelu, s->dt, s->Ft, wop(s, p->fcprojw + f0), s->dt, s->F, 0.0f,
+    KCALL(rt, gemm, 0, 1, rows, s->M, s->Ft, 1.0f, s->fch_gelu, s->dt, s->Ft, op_at(s, p->fcprojw_op, f0), s->dt, s->F, 0.0f,
           out, s->dt, s->M);
     if (s->W > 1 && rows > 0) CCOLL(rt, allreduce, s->tp.comm, DSMOE_IN_PLACE, out, (size_t)rows * s->M, F32, DSMOE_SUM);
     KCALL(rt, bias_add, out, s->dt, p->fcprojb, rows, s->M);
@@ -416,9 +415,8 @@ static dsmoe_status ffn_block(dsmoe_infer *s, int l, int rows, int group_rows, f
         dsmoe_moe_step step = {.training = 0, .inference = 1, .tokens = mine, .capacity = capacity,
                                .times = profile ? moe_times : NULL};
         void *moe_out = s->coordinated ? s->moe_share : s->moe_out;
-        dsmoe_moe_weights w = s->sliced ? s->ew[mi] : p->moe;
-        if (s->dt != F32) w.w1_lp = wop(s, w.w1), w.w2_lp = wop(s, w.w2);
-        DSMOE_TRY(dsmoe_moe_forward(s->moe[mi], &w, at(s, s->ln, (size_t)first * M), moe_out, &step, NULL, err));
+        const dsmoe_moe_weights *w = s->sliced ? &s->ew[mi] : &p->moe;
+        DSMOE_TRY(dsmoe_moe_forward(s->moe[mi], w, at(s, s->ln, (size_t)first * M), moe_out, &step, NULL, err));
         if (s->sliced && rows > 0) // the experts' partial outputs, summed over the tensor group
             CCOLL(rt, allreduce, s->tp.comm, DSMOE_IN_PLACE, s->moe_out, (size_t)rows * M, F32, DSMOE_SUM);
         if (s->coordinated && q > 0) { // every tensor rank's share, in rank order: rows 0 .. rows-1 first
@@ -436,7 +434,7 @@ static dsmoe_status ffn_block(dsmoe_infer *s, int l, int rows, int group_rows, f
         }
         if (s->m->cfg->residual) {
             DSMOE_TRY(mlp(s, p, s->ln, s->mlp_out, rows, err));
-            DSMOE_TRY(linear_as(s, s->coef_logits, F32, s->ln, p->coefw, p->coefb, rows, M, 2, err));
+            DSMOE_TRY(linear_as(s, s->coef_logits, F32, s->ln, p->coefw_op, p->coefb, rows, M, 2, err));
             KCALL(rt, residual_mix_forward, s->ffn_out, s->coef, s->moe_out, s->mlp_out, s->dt, s->coef_logits, rows,
                   M);
         } else {
@@ -508,7 +506,7 @@ dsmoe_status dsmoe_infer_forward(dsmoe_infer *s, int n, const int *slot, const i
     if (n > 0) {
         KCALL(rt, layernorm_forward, s->lnf, NULL, NULL, s->last, s->dt, s->m->lnfw, s->m->lnfb, n, M,
               s->m->cfg->ln_eps);
-        DSMOE_TRY(linear(s, s->logits, s->lnf, s->m->wte, NULL, n, M, V, err));
+        DSMOE_TRY(linear(s, s->logits, s->lnf, s->m->wte_op, NULL, n, M, V, err));
     }
     DSMOE_TRY(part_done(s, profile, &times->other, &t0, err));
     for (int i = 0; i < n; i++) s->len[slot[i]] += count[i];

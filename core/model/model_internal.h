@@ -14,7 +14,10 @@ typedef struct block_params {
     float *fcw, *fcb;           // (F, M), (F)  dense FFN, or the residual MLP of a residual MoE layer
     float *fcprojw, *fcprojb;   // (M, F), (M)
     float *coefw, *coefb;       // (2, M), (2)  residual MoE coefficient
-    dsmoe_moe_weights moe;      // router and this rank's experts
+    dsmoe_moe_weights moe;      // router and this rank's experts (with w1_lp, w2_lp: their GEMM operands)
+    // The weight matrices as GEMM operands (parameter views only): the float32 masters, or with a dt other
+    // than float32 their copies in params_lp. NULL where the block has no such tensor.
+    const void *qkvw_op, *attprojw_op, *fcw_op, *fcprojw_op, *coefw_op;
 } block_params;
 
 // The buffers of block_acts and of struct dsmoe_model's activation and scratch pointers are listed,
@@ -76,6 +79,8 @@ struct dsmoe_model {
                            // a checkpoint load and ZeRO's gather: one conversion covers them all)
 
     float *wte, *wpe, *lnfw, *lnfb;
+    const void *wte_op;     // wte as the head's GEMM operand (block_params' *_op)
+    float *params_kept;     // after dsmoe_model_drop_gemm_masters: the float32 tensors that are not GEMM-only
     float *dwte, *dwpe, *dlnfw, *dlnfb;
     block_params *blocks, *dblocks; // (L) parameter and gradient views
     int *moe_of_layer;              // (L) MoE index or -1

@@ -525,8 +525,10 @@ dsmoe_status dsmoe_moe_forward(dsmoe_moe_layer *L, const dsmoe_moe_weights *w, c
     const dsmoe_moe_config *c = &L->cfg;
     if (!step) return dsmoe_err_set(err, DSMOE_ERR_INVALID, "moe forward: NULL step");
     int S = step->inference ? step->tokens : c->S, M = c->M, E = c->E, K = c->K;
-    if (!w || !w->wg || !w->w1 || !w->b1 || !w->w2 || !w->b2 || !out || (S > 0 && !x) ||
-        (L->dt != DSMOE_FLOAT32 && (!w->w1_lp || !w->w2_lp)))
+    // The expert matrices are read only as GEMM operands: w1 and w2 in float32, their copies in bfloat16
+    // (where the masters may be gone: dsmoe_model_drop_gemm_masters).
+    int no_mats = L->dt == DSMOE_FLOAT32 ? !w || !w->w1 || !w->w2 : !w || !w->w1_lp || !w->w2_lp;
+    if (no_mats || !w->wg || !w->b1 || !w->b2 || !out || (S > 0 && !x))
         return dsmoe_err_set(err, DSMOE_ERR_INVALID, "moe forward: NULL weights (or bfloat16 weight copies), x or out");
     if (step->inference && (S < 0 || S > c->S || step->capacity < 1))
         return dsmoe_err_set(err, DSMOE_ERR_INVALID, "moe forward: %d tokens, capacity %d: expected 0 .. %d "

@@ -69,7 +69,7 @@ typedef struct dsmoe_moe_weights {
     float *w2; // (E_local, M, F) expert proj weights (nn.Linear(F, M).weight per expert)
     float *b2; // (E_local, M)
     // With dt = BFLOAT16: w1 and w2 rounded to bfloat16 (the GEMM operands; the caller keeps them equal
-    // to the float32 masters). Unused with FLOAT32.
+    // to the float32 masters; a forward-only caller may leave w1 and w2 NULL). Unused with FLOAT32.
     const void *w1_lp, *w2_lp;
 } dsmoe_moe_weights;
 

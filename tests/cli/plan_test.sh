@@ -2,7 +2,7 @@
 # `dsmoe --plan` against numbers worked out by hand: a small model on 2 nodes like
 # inputs/topologies/test-4gpu.xml (4 NUMA nodes, 4 fake 16 GiB GPUs), its placement, parameters, memory
 # and all-to-all counts; refusals (memory per rank, checkpoint staging, activations) with their numbers;
-# bad topologies and rank counts; the paper's decks (inputs/paper/) answer.
+# bad topologies and rank counts; the paper's decks (inputs/paper/) answer, generation also in bf16.
 # Usage: plan_test.sh <dsmoe binary> <source dir>
 set -u
 dsmoe=$1
@@ -180,6 +180,14 @@ expect paper-generate-tensor 0 -- "$dsmoe" --plan "$src/inputs/paper/1.3b-moe128
 KV cache 768.00 MiB (2 x 24 layers x 8 sequences x 2048 positions x 256 wide)
 12 x (128, ep 16)    flat             64.00 KiB        360
 coordinated all-to-all (1/8 of the tokens, flat)
+WANT
+# The same in bf16 (run.precision): the cache and the exchanged rows at 2 bytes an element (3 GiB, 32 KiB
+# per peer), the dense weights a decode step reads halved (3 GiB in fp32: 24 x 4 x 2048^2 x 4 bytes
+# + 12 x 2 x 2048 x 8192 x 4 = 1.5 GiB + 1.5 GiB).
+expect paper-generate-bf16 0 -- "$dsmoe" --plan "$src/inputs/paper/1.3b-moe128-generate.deck" run.precision=bf16 <<'WANT'
+KV cache 3.00 GiB (2 x 24 layers x 8 sequences x 2048 positions x 2048 wide)
+12 x (128, ep 128)   flat             32.00 KiB       3048
+dense weights 1.50 GiB
 WANT
 
 echo "plan tests: $pass passed, $failures failed"
