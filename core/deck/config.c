@@ -1,6 +1,7 @@
-// core/deck/config.c: the loader that resolves a run's configuration through the key registry, and its printers.
-// defines: dsmoe_config_load, dsmoe_config_load_text, dsmoe_config_print, dsmoe_config_to_text,
-//          dsmoe_config_print_keys, dsmoe_config_key_count, dsmoe_config_key,
+// core/deck/config.c: the loader that resolves a run's configuration through the key registry (its
+// printers are in config_print.c).
+// defines: dsmoe_config_load, dsmoe_config_load_text, dsmoe_config_key_count, dsmoe_config_key,
+//          dsmoe_config_find_key, dsmoe_config_same_section, dsmoe_config_env_name, dsmoe_config_range_text,
 //          dsmoe_config_is_moe_layer, dsmoe_config_capacity, dsmoe_config_sources_free
 //
 // Every key is declared once in config_keys.c (the Open MPI MCA pattern): name, type, default text,
@@ -42,13 +43,13 @@ dsmoe_config_key_info dsmoe_config_key(int i) {
     return info;
 }
 
-static int find_key(const char *name) {
+int dsmoe_config_find_key(const char *name) {
     for (int k = 0; k < N_KEYS; k++)
         if (strcmp(keys[k].name, name) == 0) return k;
     return -1;
 }
 
-static int same_section(const char *a, const char *b) {
+int dsmoe_config_same_section(const char *a, const char *b) {
     size_t na = strcspn(a, "."), nb = strcspn(b, ".");
     return na == nb && strncmp(a, b, na) == 0;
 }
@@ -59,7 +60,7 @@ static int suggest_key(const char *name) {
     int best = -1, best_d = 4;
     for (int k = 0; k < N_KEYS; k++) {
         int d = dsmoe_edit_distance(name, keys[k].name);
-        if (same_section(name, keys[k].name) && d < best_d) best = k, best_d = d;
+        if (dsmoe_config_same_section(name, keys[k].name) && d < best_d) best = k, best_d = d;
     }
     if (best >= 0) return best;
     const char *dot = strchr(name, '.');
@@ -83,18 +84,18 @@ static int is_plugin_section(const char *name) {
 static int is_section(const char *name) {
     if (is_plugin_section(name)) return 1;
     for (int k = 0; k < N_KEYS; k++)
-        if (strlen(name) == strcspn(keys[k].name, ".") && same_section(name, keys[k].name)) return 1;
+        if (strlen(name) == strcspn(keys[k].name, ".") && dsmoe_config_same_section(name, keys[k].name)) return 1;
     return 0;
 }
 
 // DSMOE_<KEY> with dots as underscores, upper case.
-static void env_name(int k, char *buf, size_t n) {
+void dsmoe_config_env_name(int k, char *buf, size_t n) {
     size_t i = (size_t)snprintf(buf, n, "DSMOE_");
     for (const char *p = keys[k].name; *p && i + 1 < n; p++) buf[i++] = *p == '.' ? '_' : (char)toupper((unsigned char)*p);
     buf[i] = '\0';
 }
 
-static void range_text(const key_def *kd, char *buf, size_t n) {
+void dsmoe_config_range_text(const key_def *kd, char *buf, size_t n) {
     const range *r = &kd->r;
     if (r->lo_kind && r->hi_kind && (kd->type == K_INT) && r->lo_kind == '[' && r->hi_kind == ']' && r->hi == r->lo + 1)
         snprintf(buf, n, "%g or %g", r->lo, r->hi);
@@ -108,15 +109,6 @@ static void range_text(const key_def *kd, char *buf, size_t n) {
 
 // ---------------------------------------------------------------------------------------------------
 // Sources and the loader state
-
-enum { SRC_DEFAULT, SRC_DECK, SRC_ENV, SRC_CMDLINE };
-
-struct dsmoe_config_sources {
-    char deck[1024];
-    struct {
-        int src, line;
-    } at[DSMOE_CONFIG_MAX_KEYS];
-};
 
 typedef struct loader {
     dsmoe_config cfg;
@@ -140,7 +132,7 @@ static const char *where(const loader *L, int k, int other, char *buf, size_t n)
     char env[96];
     switch (L->at[k].src) {
     case SRC_DECK: snprintf(buf, n, "%s:%d: ", L->deck, L->at[k].line); break;
-    case SRC_ENV: env_name(k, env, sizeof env); snprintf(buf, n, "environment %s: ", env); break;
+    case SRC_ENV: dsmoe_config_env_name(k, env, sizeof env); snprintf(buf, n, "environment %s: ", env); break;
     case SRC_CMDLINE: snprintf(buf, n, "command line: "); break;
     default: snprintf(buf, n, "%s: ", L->deck); break;
     }
@@ -321,7 +313,7 @@ static dsmoe_status on_deck_entry(void *user, const char *section, const char *k
     if (strchr(key, '.') || !section[0]) snprintf(name, sizeof name, "%s", key);
     else snprintf(name, sizeof name, "%s.%s", section, key);
     if (is_plugin_key(name)) return add_plugin_setting(L, pre, name, value, 0, line, err);
-    int k = find_key(name);
+    int k = dsmoe_config_find_key(name);
     if (k < 0) return unknown_key(pre, name, err);
     if (L->at[k].src == SRC_DECK)
         return dsmoe_err_set(err, DSMOE_ERR_INVALID, "%s%s given twice (first at line %d)", pre, name, L->at[k].line);
@@ -332,7 +324,7 @@ static dsmoe_status on_deck_entry(void *user, const char *section, const char *k
 static dsmoe_status apply_env(loader *L, char *const *envp, dsmoe_err *err) {
     for (int k = 0; k < N_KEYS; k++) {
         char name[96];
-        env_name(k, name, sizeof name);
+        dsmoe_config_env_name(k, name, sizeof name);
         size_t n = strlen(name);
         const char *value = NULL;
         for (char *const *e = envp; e && *e; e++)
@@ -355,7 +347,7 @@ static dsmoe_status apply_cmdline(loader *L, char *const *argv, int n, dsmoe_err
             DSMOE_TRY(add_plugin_setting(L, "command line: ", name, eq + 1, 1, 0, err));
             continue;
         }
-        int k = find_key(name);
+        int k = dsmoe_config_find_key(name);
         if (k < 0) return unknown_key("command line: ", name, err);
         DSMOE_TRY(set_value(L, k, eq + 1, SRC_CMDLINE, 0, err));
     }
@@ -365,7 +357,7 @@ static dsmoe_status apply_cmdline(loader *L, char *const *argv, int n, dsmoe_err
 // ---------------------------------------------------------------------------------------------------
 // Validation on the winning values
 
-#define KIDX(name) find_key(name)
+#define KIDX(name) dsmoe_config_find_key(name)
 
 static dsmoe_status check_range(loader *L, int k, dsmoe_err *err) {
     const key_def *kd = &keys[k];
@@ -379,7 +371,7 @@ static dsmoe_status check_range(loader *L, int k, dsmoe_err *err) {
              (r->hi_kind != ']' || v <= r->hi) && (r->hi_kind != ')' || v < r->hi);
     if (ok) return DSMOE_OK;
     char pre[1200], rt[96];
-    range_text(kd, rt, sizeof rt);
+    dsmoe_config_range_text(kd, rt, sizeof rt);
     return dsmoe_err_set(err, DSMOE_ERR_INVALID, "%s%s = %s: must be %s", where(L, k, -1, pre, sizeof pre), kd->name,
                          L->at[k].text, rt);
 }
@@ -679,131 +671,6 @@ dsmoe_status dsmoe_config_load(const char *deck_path, char *const *argv_override
 }
 
 void dsmoe_config_sources_free(dsmoe_config_sources *sources) { free(sources); }
-
-// ---------------------------------------------------------------------------------------------------
-// Printing
-
-// A per-MoE-layer list in the compact form: runs of equal values as "value xN".
-static void format_runs(const int *v, int count, char *buf, size_t n) {
-    size_t m = 0;
-    buf[0] = '\0';
-    for (int i = 0; i < count && m < n;) {
-        int j = i;
-        while (j < count && v[j] == v[i]) j++;
-        m += (size_t)snprintf(buf + m, n - m, "%s%d x%d", i ? ", " : "", v[i], j - i);
-        i = j;
-    }
-}
-
-// moe.experts: "0" for a dense model, else the runs.
-static void format_experts(const dsmoe_config *c, char *buf, size_t n) {
-    if (c->n_moe_layers == 0) snprintf(buf, n, "0");
-    else format_runs(c->experts, c->n_moe_layers, buf, n);
-}
-
-// moe.expert_parallel: one value when every MoE layer has the same (or the model is dense), else the runs.
-static void format_expert_parallel(const dsmoe_config *c, char *buf, size_t n) {
-    int same = 1;
-    for (int i = 1; i < c->n_moe_layers; i++) same = same && c->expert_parallel[i] == c->expert_parallel[0];
-    if (same) snprintf(buf, n, "%d", c->expert_parallel[0]);
-    else format_runs(c->expert_parallel, c->n_moe_layers, buf, n);
-}
-
-static void format_value(const dsmoe_config *c, int k, char *buf, size_t n) {
-    const key_def *kd = &keys[k];
-    const char *field = (const char *)c + kd->off;
-    switch (kd->type) {
-    case K_INT: snprintf(buf, n, "%d", *(const int *)field); break;
-    case K_U64: snprintf(buf, n, "%" PRIu64, *(const uint64_t *)field); break;
-    case K_FLOAT: dsmoe_deck_format_float(*(const float *)field, buf, n); break;
-    case K_DURATION: snprintf(buf, n, "%.17gs", *(const double *)field); break;
-    case K_BOOL: snprintf(buf, n, "%s", *(const int *)field ? "true" : "false"); break;
-    case K_ENUM: {
-        int v = *(const int *)field, count = 0;
-        while (kd->values[count]) count++;
-        snprintf(buf, n, "%s", v >= 0 && v < count ? kd->values[v] : "?");
-        break;
-    }
-    case K_STRING: dsmoe_deck_format_string(field, buf, n); break;
-    case K_EXPERTS: format_experts(c, buf, n); break;
-    case K_EP_LIST: format_expert_parallel(c, buf, n); break;
-    }
-}
-
-dsmoe_status dsmoe_config_print(FILE *out, const dsmoe_config *cfg, const dsmoe_config_sources *sources) {
-    fprintf(out, "# dsmoe configuration, every key with where its value came from (a valid deck)\n");
-    for (int k = 0; k < N_KEYS; k++) {
-        const char *name = keys[k].name, *dot = strchr(name, '.');
-        if (k == 0 || !same_section(name, keys[k - 1].name)) fprintf(out, "\n[%.*s]\n", (int)(dot - name), name);
-        char value[8200]; // data.path may hold 4095 characters, each escaped when quoted
-        format_value(cfg, k, value, sizeof value);
-        int width = fprintf(out, "%s = %s", dot + 1, value);
-        if (!sources) {
-            fputc('\n', out);
-            continue;
-        }
-        fprintf(out, "%*s# ", width < 37 ? 40 - width : 3, "");
-        char env[96];
-        switch (sources->at[k].src) {
-        case SRC_DECK:
-            fputs("deck ", out);
-            for (const char *p = sources->deck; *p; p++) fputc((unsigned char)*p < 0x20 ? '?' : *p, out); // a comment ends at a line end
-            fprintf(out, ":%d\n", sources->at[k].line);
-            break;
-        case SRC_ENV: env_name(k, env, sizeof env); fprintf(out, "env %s\n", env); break;
-        case SRC_CMDLINE: fprintf(out, "command line\n"); break;
-        default: fprintf(out, "default\n"); break;
-        }
-    }
-    return ferror(out) ? DSMOE_ERR_IO : DSMOE_OK;
-}
-
-void dsmoe_config_source_of(const dsmoe_config_sources *sources, const char *key, char *buf, size_t n) {
-    int k = find_key(key);
-    char env[96];
-    if (k < 0) snprintf(buf, n, "%s", "");
-    else if (!sources) snprintf(buf, n, "the default");
-    else switch (sources->at[k].src) {
-        case SRC_DECK: snprintf(buf, n, "deck %s:%d", sources->deck, sources->at[k].line); break;
-        case SRC_ENV: env_name(k, env, sizeof env); snprintf(buf, n, "environment %s", env); break;
-        case SRC_CMDLINE: snprintf(buf, n, "the command line"); break;
-        default: snprintf(buf, n, "the default"); break;
-        }
-}
-
-char *dsmoe_config_to_text(const dsmoe_config *cfg, const dsmoe_config_sources *sources) {
-    char *text = NULL;
-    size_t len = 0;
-    FILE *mem = open_memstream(&text, &len);
-    if (!mem) return NULL;
-    dsmoe_status st = dsmoe_config_print(mem, cfg, sources);
-    if (fclose(mem) != 0 || st != DSMOE_OK) {
-        free(text);
-        return NULL;
-    }
-    return text;
-}
-
-void dsmoe_config_print_keys(FILE *out) {
-    fprintf(out, "dsmoe deck keys (see docs/deck.md). Set one in a deck ([section] then key = value), in the\n"
-                 "environment (DSMOE_SECTION_KEY), or on the command line (section.key=value, after the deck).\n");
-    for (int k = 0; k < N_KEYS; k++) {
-        const key_def *kd = &keys[k];
-        const char *dot = strchr(kd->name, '.');
-        if (k == 0 || !same_section(kd->name, keys[k - 1].name)) fprintf(out, "\n[%.*s]\n", (int)(dot - kd->name), kd->name);
-        char extra[160] = "";
-        if (kd->type == K_ENUM) {
-            size_t m = 0;
-            for (int i = 0; kd->values[i] && m < sizeof extra; i++)
-                m += (size_t)snprintf(extra + m, sizeof extra - m, "%s%s", i ? " | " : ": ", kd->values[i]);
-        } else if (kd->r.lo_kind) {
-            extra[0] = ',', extra[1] = ' ';
-            range_text(kd, extra + 2, sizeof extra - 2);
-        }
-        fprintf(out, "  %s = %s%s   (%s%s)\n      %s\n", kd->name, kd->def[0] ? "" : "\"\"", kd->def,
-                type_names[kd->type], extra, kd->help);
-    }
-}
 
 // ---------------------------------------------------------------------------------------------------
 // Derived quantities

@@ -1,5 +1,5 @@
-// core/deck/config_keys.h: the registry's types, shared by the table (config_keys.c) and the loader and
-// printer (config.c). Internal to the core's configuration code.
+// core/deck/config_keys.h: the registry's types, shared by the table (config_keys.c), the loader
+// (config.c) and the printers (config_print.c). Internal to the core's configuration code.
 // defines: key_def, range, K_* (value types), dsmoe_config_keys, DSMOE_CONFIG_N_KEYS, dsmoe_config_v_source
 #ifndef DSMOE_CONFIG_KEYS_H
 #define DSMOE_CONFIG_KEYS_H
@@ -38,5 +38,20 @@ extern const key_def dsmoe_config_keys[];
 extern const int dsmoe_config_n_keys;
 // data.source's names, for a message of the loader.
 extern const char *const dsmoe_config_v_source[];
+
+// Where each key's value came from (the loader fills it, the printer reads it).
+enum { SRC_DEFAULT, SRC_DECK, SRC_ENV, SRC_CMDLINE };
+struct dsmoe_config_sources {
+    char deck[1024];
+    struct {
+        int src, line;
+    } at[DSMOE_CONFIG_MAX_KEYS];
+};
+
+// Shared by the loader (config.c) and the printers (config_print.c).
+int dsmoe_config_find_key(const char *name);                     // index, or -1
+int dsmoe_config_same_section(const char *a, const char *b);     // "run.x" and "run.y"
+void dsmoe_config_env_name(int k, char *buf, size_t n);          // DSMOE_TRAIN_STEPS for train.steps
+void dsmoe_config_range_text(const key_def *kd, char *buf, size_t n); // ">= 1", "in [0, 1)", "" when any
 
 #endif
