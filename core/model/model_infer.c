@@ -16,6 +16,7 @@
 #include "model_buffers.h"  // dsmoe_moe_buffers: the MoE layers' buffer tables (for the estimate)
 #include "model_internal.h" // struct dsmoe_model: parameters, groups, layer kinds
 
+#include <stdint.h> // SIZE_MAX
 #include <stdlib.h>
 #include <string.h>
 
@@ -67,6 +68,94 @@ struct dsmoe_infer {
     int n_last;           // sequences of the last forward
     size_t bytes;
 };
+
+// ----------------------------------------------------------------------------------------------------
+// the model's float32 masters of GEMM-only weights, dropped for bfloat16 generation (model.h)
+
+// The weight matrices that only GEMMs read (their copies in params_lp serve them); every other tensor
+// is read in float32 by some op (embedding, layer norm, bias, router).
+static int gemm_only(const char *name) {
+    static const char *const suffix[] = {"attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
+                                         "mlp.c_proj.weight", "moe.coefficient.weight", "moe.experts.c_fc.weight",
+                                         "moe.experts.c_proj.weight"};
+    size_t n = strlen(name);
+    for (size_t i = 0; i < sizeof suffix / sizeof suffix[0]; i++) {
+        size_t k = strlen(suffix[i]);
+        if (n >= k && strcmp(name + n - k, suffix[i]) == 0) return 1;
+    }
+    return 0;
+}
+
+uint64_t dsmoe_model_gemm_only_params(const dsmoe_config *c) {
+    uint64_t M = (uint64_t)c->hidden, F = (uint64_t)c->ffn_hidden, total = 0;
+    for (int l = 0; l < c->layers; l++) {
+        int mi = -1, moe = dsmoe_config_is_moe_layer(c, l, &mi);
+        total += 4 * M * M;                                    // c_attn, c_proj
+        if (!moe || c->residual) total += 2 * M * F;           // the dense FFN (or the residual MLP)
+        if (moe && c->residual) total += 2 * M;                // the coefficient
+        if (moe) total += (uint64_t)(c->experts[mi] / c->expert_parallel[mi]) * 2 * M * F; // local experts
+    }
+    return total;
+}
+
+// A view's new place: the kept slab's copy of its tensor, or NULL for a GEMM-only one. kept_off[i] is
+// tensor i's offset in the kept slab (SIZE_MAX: dropped).
+static float *moved(const dsmoe_model *m, const float *p, const size_t *kept_off) {
+    if (!p) return NULL;
+    size_t off = (size_t)(p - m->params);
+    for (int i = 0; i < m->n_tensors; i++)
+        if (m->tensors[i].offset == off) return kept_off[i] == SIZE_MAX ? NULL : m->params_kept + kept_off[i];
+    return NULL; // not a tensor's start: no view points there
+}
+
+static dsmoe_status copy_kept(dsmoe_model *m, const size_t *kept_off, dsmoe_err *err) {
+    dsmoe_runtime *rt = m->rt;
+    for (int i = 0; i < m->n_tensors; i++)
+        if (kept_off[i] != SIZE_MAX)
+            KCALL(rt, copy, m->params_kept + kept_off[i], m->params + m->tensors[i].offset,
+                  m->tensors[i].numel * sizeof(float));
+    return dsmoe_rt_wait(rt, err);
+}
+
+dsmoe_status dsmoe_model_drop_gemm_masters(dsmoe_model *m, dsmoe_err *err) {
+    dsmoe_runtime *rt = m->rt;
+    if (m->B != 0 || m->dt == F32 || !m->params)
+        return dsmoe_err_set(err, DSMOE_ERR_INVALID, "model: dropping the float32 GEMM weights needs a parameters-only "
+                             "bfloat16 model that still has them");
+    size_t *kept_off = malloc((size_t)m->n_tensors * sizeof *kept_off), kept = 0;
+    if (!kept_off) return dsmoe_err_set(err, DSMOE_ERR_NOMEM, "model: out of memory");
+    for (int i = 0; i < m->n_tensors; i++) {
+        kept_off[i] = gemm_only(m->tensors[i].name) ? SIZE_MAX : kept;
+        if (kept_off[i] != SIZE_MAX) kept += m->tensors[i].numel;
+    }
+    void *slab = NULL;
+    dsmoe_status s = dsmoe_rt_alloc(rt, kept * sizeof(float), 0, &slab, "parameters read in float32 (generation)", err);
+    if (s != DSMOE_OK) {
+        free(kept_off);
+        return s;
+    }
+    m->params_kept = slab;
+    s = copy_kept(m, kept_off, err);
+    if (s != DSMOE_OK) {
+        free(kept_off);
+        return s;
+    }
+    // Rebind the float32 views; the GEMM operands (*_op, w1_lp, w2_lp) stay on params_lp.
+    for (int l = 0; l < m->L; l++) {
+        block_params *b = &m->blocks[l];
+        float **f[] = {&b->ln1w, &b->ln1b, &b->qkvw, &b->qkvb, &b->attprojw, &b->attprojb, &b->ln2w, &b->ln2b,
+                       &b->fcw, &b->fcb, &b->fcprojw, &b->fcprojb, &b->coefw, &b->coefb, &b->moe.wg, &b->moe.w1,
+                       &b->moe.b1, &b->moe.w2, &b->moe.b2};
+        for (size_t k = 0; k < sizeof f / sizeof f[0]; k++) *f[k] = moved(m, *f[k], kept_off);
+    }
+    m->wte = moved(m, m->wte, kept_off), m->wpe = moved(m, m->wpe, kept_off);
+    m->lnfw = moved(m, m->lnfw, kept_off), m->lnfb = moved(m, m->lnfb, kept_off);
+    free(kept_off);
+    rt->kern->free(rt->kctx, m->params);
+    m->params = NULL;
+    m->bytes_allocated = m->bytes_allocated - m->n_local * sizeof(float) + kept * sizeof(float);
+    return DSMOE_OK;
+}
 
 // ----------------------------------------------------------------------------------------------------
 // state
