@@ -1,6 +1,7 @@
 // core/model/model_infer.c: the model's forward for new tokens over a KV cache (see model_infer.h).
-// Layout of this file: the state and its buffers, then one block (attention over the cache, the FFN),
-// then the whole forward and sampling. The math mirrors model.c's forward op for op.
+// Layout of this file: freeing the model's float32 GEMM masters for bf16 generation, the state and its buffers,
+// then one block (attention over the cache, the FFN), then the whole forward and sampling. The math mirrors
+// model.c's forward op for op.
 //
 // Tensor slicing (width W = generate.tensor_parallel, this rank's part t): attention keeps heads
 // [t*NH/W, (t+1)*NH/W) — their rows of c_attn (Megatron's column-parallel Linear: a local copy of the q,
