@@ -18,9 +18,9 @@
 // Activations are of the precision's type, weight gradients float32. The reference runs the six GEMMs
 // per expert (no epilogues) straight in the library with its own threading on --threads threads:
 // OpenBLAS cblas_sgemm for fp32, oneDNN matmul (its brgemm kernels; activations bf16, weight gradients
-// float32 with beta 1) for bf16. Each rep runs fp32 step, bf16 step, then the references, back to back,
-// so that the machine's load hits all alike; the best rep of each is reported (other jobs only ever
-// add time). GEMM flops = 6 * 2 * tokens * M * F. The last line is
+// float32 with beta 1; bench_dnnl.c, shared with dsmoe_bench_moe) for bf16. Each rep runs fp32 step,
+// bf16 step, then the references, back to back, so that the machine's load hits all alike; the best rep
+// of each is reported (other jobs only ever add time). GEMM flops = 6 * 2 * tokens * M * F. The last line is
 //   precision=<p> ms_per_step=<x> gflops=<y> ref_gflops=<z> efficiency=<y/z> bf16_over_fp32=<ratio>
 // (the ratio of the bf16 step to the fp32 step; nan unless both ran). With --precision both the fp32
 // line comes first.
@@ -36,7 +36,7 @@
 #include <time.h>
 
 #ifdef DSMOE_BENCH_ONEDNN
-#include <dnnl.h>
+#include "bench_dnnl.h" // bench_dnnl_start, bench_dnnl_ffn_make, bench_dnnl_ffn_run: the bf16 reference
 #endif
 
 #include "dsmoe/kernel_plugin.h"
@@ -263,78 +263,22 @@ static double ref_fp32(const ffn *f, const opts *o) {
 }
 
 #ifdef DSMOE_BENCH_ONEDNN
-// The six bf16 matmuls of an expert: (m, n, k, trans_a, lda, trans_b, ldb, ldc, float32 c with beta 1)
-typedef struct ref_mm {
-    dnnl_primitive_t prim;
-    dnnl_memory_desc_t a, b, c;
-} ref_mm;
-
-static dnnl_engine_t ref_engine;
-static dnnl_stream_t ref_stream;
-static ref_mm ref_mms[6];
-static const char *ref_impl = "?";
-
-static void md2(dnnl_memory_desc_t *md, int rows, int cols, int ld, int trans, dnnl_data_type_t dt) {
-    dnnl_dims_t d = {rows, cols}, s = {trans ? 1 : ld, trans ? ld : 1};
-    if (dnnl_memory_desc_init_by_strides(md, 2, d, dt, s) != dnnl_success)
-        die("oneDNN", "memory descriptor");
-}
-
-static void ref_mm_make(ref_mm *r, int m, int n, int k, int ta, int lda, int tb, int ldb, int ldc, int wgrad) {
-    md2(&r->a, m, k, lda, ta, dnnl_bf16);
-    md2(&r->b, k, n, ldb, tb, dnnl_bf16);
-    md2(&r->c, m, n, ldc, 0, wgrad ? dnnl_f32 : dnnl_bf16);
-    dnnl_matmul_desc_t d;
-    dnnl_primitive_attr_t attr;
-    dnnl_post_ops_t po;
-    dnnl_primitive_desc_t pd;
-    if (dnnl_matmul_desc_init(&d, &r->a, &r->b, NULL, &r->c) || dnnl_primitive_attr_create(&attr) ||
-        dnnl_post_ops_create(&po) || (wgrad && dnnl_post_ops_append_sum(po, 1.0f)) ||
-        dnnl_primitive_attr_set_post_ops(attr, po) || dnnl_primitive_desc_create(&pd, &d, attr, ref_engine, NULL) ||
-        dnnl_primitive_desc_query(pd, dnnl_query_impl_info_str, 0, &ref_impl) || dnnl_primitive_create(&r->prim, pd))
-        die("oneDNN", "cannot make the reference matmul");
-}
-
-static void ref_bf16_init(const opts *o) {
-    const int C = o->S / o->E, M = o->M, F = o->F;
-    omp_set_num_threads(o->threads);
-    if (dnnl_engine_create(&ref_engine, dnnl_cpu, 0) ||
-        dnnl_stream_create(&ref_stream, ref_engine, dnnl_stream_default_flags))
-        die("oneDNN", "cannot start");
-    ref_mm_make(&ref_mms[0], C, F, M, 0, M, 1, M, F, 0); // h = x W1^T
-    ref_mm_make(&ref_mms[1], C, M, F, 0, F, 1, F, M, 0); // y = h W2^T
-    ref_mm_make(&ref_mms[2], C, F, M, 0, M, 0, F, F, 0); // dh = dy W2
-    ref_mm_make(&ref_mms[3], M, F, C, 1, M, 0, F, F, 1); // dW2 += dy^T h
-    ref_mm_make(&ref_mms[4], F, M, C, 1, F, 0, M, M, 1); // dW1 += dh^T x
-    ref_mm_make(&ref_mms[5], C, M, F, 0, F, 0, M, M, 0); // dx = dh W1
-}
-
-static void ref_mm_run(const ref_mm *r, const void *a, const void *b, void *c) {
-    dnnl_memory_t am, bm, cm;
-    if (dnnl_memory_create(&am, &r->a, ref_engine, (void *)a) ||
-        dnnl_memory_create(&bm, &r->b, ref_engine, (void *)b) ||
-        dnnl_memory_create(&cm, &r->c, ref_engine, c))
-        die("oneDNN", "memory");
-    dnnl_exec_arg_t args[3] = {{DNNL_ARG_SRC, am}, {DNNL_ARG_WEIGHTS, bm}, {DNNL_ARG_DST, cm}};
-    if (dnnl_primitive_execute(r->prim, ref_stream, 3, args) || dnnl_stream_wait(ref_stream))
-        die("oneDNN", "execute");
-    dnnl_memory_destroy(am), dnnl_memory_destroy(bm), dnnl_memory_destroy(cm);
-}
+// The six bf16 matmuls of an expert (bench_dnnl.c), one set for all experts (all have C rows).
+static bench_dnnl_ffn *ref_ffn;
 
 static double ref_bf16(const ffn *f, const opts *o) {
     const int E = o->E, C = o->S / o->E, M = o->M, F = o->F;
     const size_t CM = (size_t)C * M, CF = (size_t)C * F, FM = (size_t)F * M;
     const uint16_t *x = f->x, *dy = f->dy, *w1 = f->w1, *w2 = f->w2;
     uint16_t *h = f->h, *y = f->y, *dh = f->dh, *dx = f->dx;
-    omp_set_num_threads(o->threads);
     double t0 = now();
     for (int e = 0; e < E; e++) {
-        ref_mm_run(&ref_mms[0], x + e * CM, w1 + e * FM, h + e * CF);
-        ref_mm_run(&ref_mms[1], h + e * CF, w2 + e * FM, y + e * CM);
-        ref_mm_run(&ref_mms[2], dy + e * CM, w2 + e * FM, dh + e * CF);
-        ref_mm_run(&ref_mms[3], dy + e * CM, h + e * CF, f->dw2 + e * FM);
-        ref_mm_run(&ref_mms[4], dh + e * CF, x + e * CM, f->dw1 + e * FM);
-        ref_mm_run(&ref_mms[5], dh + e * CF, w1 + e * FM, dx + e * CM);
+        bench_dnnl_ffn_io io = {.x = x + e * CM, .w1 = w1 + e * FM, .w2 = w2 + e * FM, .h = h + e * CF,
+                                .y = y + e * CM, .dy = dy + e * CM, .dh = dh + e * CF, .dx = dx + e * CM,
+                                .dw1 = f->dw1 + e * FM, .dw2 = f->dw2 + e * FM};
+        const char *msg = bench_dnnl_ffn_run(ref_ffn, &io, 1);
+        if (msg)
+            die("bf16 reference", msg);
     }
     return now() - t0;
 }
@@ -396,10 +340,14 @@ int main(int argc, char **argv) {
     int have_bf16_ref = 0;
 #ifdef DSMOE_BENCH_ONEDNN
     if (o.bf16) {
-        ref_bf16_init(&o);
+        const char *msg = bench_dnnl_start(o.threads);
+        if (msg || (msg = bench_dnnl_ffn_make(&ref_ffn, o.S / o.E, o.M, o.F)))
+            die("bf16 reference", msg);
         have_bf16_ref = 1;
-        printf("bf16 reference: oneDNN %d.%d.%d matmul '%s', %d threads\n", dnnl_version()->major,
-               dnnl_version()->minor, dnnl_version()->patch, ref_impl, o.threads);
+        int major, minor, patch;
+        bench_dnnl_version(&major, &minor, &patch);
+        printf("bf16 reference: oneDNN %d.%d.%d matmul '%s', %d threads\n", major, minor, patch, bench_dnnl_impl(),
+               o.threads);
     }
 #endif
     double flops = 6.0 * 2.0 * o.S * (double)o.M * o.F;

@@ -1,22 +1,33 @@
-// bench/bench_moe.c: speed of one MoE layer (core/model/moe_layer.c) on one rank, against the kernel plugin's
-// own sgemm on the same expert shapes, measured in the same run.
+// bench/bench_moe.c: speed of one MoE layer (core/model/moe_layer.c) on one rank, in float32 or bfloat16,
+// against the best GEMM rate at that precision on the same expert shapes, measured in the same run.
 //
 // usage: dsmoe_bench_moe [--tokens N] [--hidden M] [--ffn F] [--experts E] [--top-k K] [--threads T]
-//                        [--passes fwd|fwd+bwd] [--iters n] [--warmup n] [--balanced 0|1]
-//                        [--capacity-factor f] [--kernel NAME]
-// Defaults: 4096 768 3072 8 1 1 fwd+bwd, 5 iterations after 1 warm-up, balanced router, cf 1.0, cpu.
+//                        [--passes fwd|fwd+bwd] [--precision fp32|bf16] [--iters n] [--warmup n]
+//                        [--balanced 0|1] [--capacity-factor f] [--kernel NAME]
+// Defaults: 4096 768 3072 8 1 1 fwd+bwd fp32, 5 iterations after 1 warm-up, balanced router, cf 1.0, cpu.
+//
+// --precision bf16 makes the layer with dt = DSMOE_BFLOAT16: x, out, dout and dx are bfloat16 device
+// buffers, and the expert GEMMs read bfloat16 copies of w1 and w2 (w1_lp, w2_lp, made by the plugin's
+// convert from the float32 masters, as the model does once per step for all its weights: that
+// conversion is timed apart and is not part of the layer step). Gradients stay float32.
 //
 // Each iteration times, back to back (so that the machine's load hits all three alike):
 //   1. one layer step: dsmoe_moe_forward (+ dsmoe_moe_backward);
 //   2. the gating, dispatch and combine members alone on the same data (gate_route, gate_assign,
 //      moe_dispatch, moe_combine; with the backward also moe_combine_backward, moe_dispatch_backward,
-//      gate_backward): their share of the layer time;
+//      gate_backward; in bf16 also the layer's conversions of the gate input to float32 and of its
+//      gradient back, with the axpy into dx): their share of the layer time;
 //   3. the plugin's gemm on the expert shapes of the step (per expert, rows = the tokens it kept; the
-//      same transposes as the layer: 2 GEMMs forward, 4 more backward): the sgemm rate of reference.
+//      same transposes as the layer: 2 GEMMs forward, 4 more backward; in bf16 bfloat16 operands, the
+//      weight gradients float32): the plugin's GEMM rate.
+// After them the same GEMMs run in the library with its own threading: OpenBLAS cblas_sgemm for fp32
+// (a plugin with host memory only), oneDNN matmul as dsmoe_bench_gemm runs it for bf16 (bench_dnnl.c;
+// only when built with oneDNN). The reference rate is the faster of the plugin's and the library's.
 // The best iteration of each is reported (other jobs on a shared machine only add time), and the
 // medians on an earlier line. Useful flops = 2*rows*M*F per expert GEMM over the kept
 // rows plus the router GEMMs (2*S*M*E forward, twice that backward). The last line is
 //   ms_per_step=<x> gflops=<useful> sgemm_gflops=<y> efficiency=<useful/y>
+// where y is the reference GEMM rate at the precision run (the name is kept for scripts).
 //
 // --balanced 1 (default) routes tokens evenly so the experts run at full useful load: token s has its
 // first choice s mod E and its second choice spread over the other experts, written into x's first E
@@ -24,6 +35,9 @@
 // --balanced 0 uses random x and a random router (natural imbalance, some tokens dropped).
 #include "bench_args.h" // bench_parse_int, bench_flag_value
 #include <cblas.h> // cblas_sgemm, openblas_set_num_threads: the native BLAS reference
+#ifdef DSMOE_BENCH_ONEDNN
+#include "bench_dnnl.h" // bench_dnnl_start, bench_dnnl_ffn_make, bench_dnnl_ffn_run: the bf16 reference
+#endif
 #include <math.h>
 #include <mpi.h>
 #include <stdio.h>
@@ -38,14 +52,18 @@ typedef struct opts {
     int S, M, F, E, K, threads, bwd, iters, warmup, balanced;
     double cf;
     const char *kernel;
+    dsmoe_dtype dt; // --precision: DSMOE_FLOAT32 or DSMOE_BFLOAT16
 } opts;
 
 static void usage(FILE *f) {
     fprintf(f, "usage: dsmoe_bench_moe [--tokens N] [--hidden M] [--ffn F] [--experts E] [--top-k K] [--threads T]\n"
-               "                       [--passes fwd|fwd+bwd] [--iters n] [--warmup n] [--balanced 0|1]\n"
-               "                       [--capacity-factor f] [--kernel NAME]\n"
+               "                       [--passes fwd|fwd+bwd] [--precision fp32|bf16] [--iters n] [--warmup n]\n"
+               "                       [--balanced 0|1] [--capacity-factor f] [--kernel NAME]\n"
                "defaults: --tokens 4096 --hidden 768 --ffn 3072 --experts 8 --top-k 1 --threads 1 --passes fwd+bwd\n"
-               "          --iters 5 --warmup 1 --balanced 1 --capacity-factor 1.0 --kernel cpu\n");
+               "          --precision fp32 --iters 5 --warmup 1 --balanced 1 --capacity-factor 1.0 --kernel cpu\n"
+               "--precision bf16: bfloat16 activations and expert GEMM operands (float32 accumulation, master\n"
+               "weights and gradients); the reference is the best bf16 GEMM rate on the same shapes (the plugin's\n"
+               "gemm, oneDNN matmul)\n");
 }
 
 static int parse_int(const char *flag, const char *v, int lo, int *out) {
@@ -54,7 +72,7 @@ static int parse_int(const char *flag, const char *v, int lo, int *out) {
 
 static int parse_args(int argc, char **argv, opts *o) {
     *o = (opts){.S = 4096, .M = 768, .F = 3072, .E = 8, .K = 1, .threads = 1, .bwd = 1, .iters = 5, .warmup = 1,
-                .balanced = 1, .cf = 1.0, .kernel = "cpu"};
+                .balanced = 1, .cf = 1.0, .kernel = "cpu", .dt = DSMOE_FLOAT32};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
@@ -79,6 +97,13 @@ static int parse_args(int argc, char **argv, opts *o) {
             o->cf = strtod(v, &end);
             if (*end || !(o->cf > 0)) {
                 fprintf(stderr, "dsmoe_bench_moe: --capacity-factor %s: expected a number > 0\n", v);
+                return -1;
+            }
+        } else if (!strcmp(a, "--precision")) {
+            if (!strcmp(v, "fp32")) o->dt = DSMOE_FLOAT32;
+            else if (!strcmp(v, "bf16")) o->dt = DSMOE_BFLOAT16;
+            else {
+                fprintf(stderr, "dsmoe_bench_moe: --precision %s: expected fp32 or bf16\n", v);
                 return -1;
             }
         } else if (!strcmp(a, "--passes")) {
@@ -141,7 +166,19 @@ static float *dev_uniform(size_t n, uint64_t key, float a) {
     return d;
 }
 
-static void make_inputs(const opts *o, float **x, dsmoe_moe_weights *w) {
+// The n float32 values of src as dt: src itself for float32, else a new buffer rounded by the plugin's
+// convert (src is freed).
+static void *dev_as(float *src, size_t n, dsmoe_dtype dt) {
+    if (dt == F32) return src;
+    void *d = dev_alloc(n * dsmoe_dtype_size(dt));
+    KCHECK(rt.kern->convert(rt.kctx, kq, d, dt, src, F32, n));
+    KCHECK(rt.kern->synchronize(rt.kctx));
+    rt.kern->free(rt.kctx, src);
+    return d;
+}
+
+// x (S, M) of o->dt; the float32 weights, and in bf16 room for their bfloat16 copies (convert_weights).
+static void make_inputs(const opts *o, void **x, dsmoe_moe_weights *w) {
     size_t S = o->S, M = o->M, F = o->F, E = o->E;
     float *hx = malloc(S * M * sizeof(float)), *hg = malloc(E * M * sizeof(float));
     if (!hx || !hg) die("malloc", "out of memory");
@@ -157,21 +194,37 @@ static void make_inputs(const opts *o, float **x, dsmoe_moe_weights *w) {
             if (o->K == 2) hx[s * M + e2] += 2.0f;
         }
     }
-    *x = dev_alloc(S * M * sizeof(float));
+    float *x32 = dev_alloc(S * M * sizeof(float));
     w->wg = dev_alloc(E * M * sizeof(float));
-    KCHECK(rt.kern->copy_to_device(rt.kctx, kq, *x, hx, S * M * sizeof(float)));
+    KCHECK(rt.kern->copy_to_device(rt.kctx, kq, x32, hx, S * M * sizeof(float)));
     KCHECK(rt.kern->copy_to_device(rt.kctx, kq, w->wg, hg, E * M * sizeof(float)));
     free(hx);
     free(hg);
+    *x = dev_as(x32, S * M, o->dt); // the routing bumps (+4, +2) are exact in bfloat16 too
     w->w1 = dev_uniform(E * F * M, 13, 1.0f / sqrtf((float)M));
     w->b1 = dev_uniform(E * F, 14, 0.1f);
     w->w2 = dev_uniform(E * M * F, 15, 1.0f / sqrtf((float)F));
     w->b2 = dev_uniform(E * M, 16, 0.1f);
+    w->w1_lp = w->w2_lp = NULL;
+    if (o->dt != F32) {
+        w->w1_lp = dev_alloc(E * F * M * dsmoe_dtype_size(o->dt));
+        w->w2_lp = dev_alloc(E * M * F * dsmoe_dtype_size(o->dt));
+    }
 }
 
 static double now_synced(void) {
     KCHECK(rt.kern->synchronize(rt.kctx));
     return dsmoe_now_seconds();
+}
+
+// bf16: w1_lp, w2_lp = w1, w2 rounded to bfloat16 (what the model does for every weight once per step,
+// outside the layer). Returns its seconds.
+static double convert_weights(const opts *o, dsmoe_moe_weights *w) {
+    size_t n = (size_t)o->E * o->F * o->M;
+    double t0 = now_synced();
+    KCHECK(rt.kern->convert(rt.kctx, kq, (void *)w->w1_lp, o->dt, w->w1, F32, n));
+    KCHECK(rt.kern->convert(rt.kctx, kq, (void *)w->w2_lp, o->dt, w->w2, F32, n));
+    return now_synced() - t0;
 }
 
 static int cmp_double(const void *a, const void *b) {
@@ -190,19 +243,23 @@ static double median(double *v, int n) {
 typedef struct gate_bench {
     dsmoe_gating_params gp;
     int C;
+    dsmoe_dtype dt;                                      // the activations' type (o->dt)
     float *logits, *probs, *weight, *dweight, *dlogits; // (S, E), (S, E), (S, K), (S, K), (S, E)
     int32_t *choice, *slot;                              // (S, K)
-    float *buf, *y, *dy;                                 // (E, C, M)
-    float *out, *dout, *dx;                              // (S, M)
+    void *buf, *y, *dy;                                  // (E, C, M) of dt
+    void *out, *dout, *dx;                               // (S, M) of dt
+    float *xg32, *dxg;                                   // (S, M) bf16 only: gate input widened, its gradient
+    void *dxg_lp;                                        // (S, M) bf16 only: dxg narrowed to bfloat16
     int32_t *counts, *kept;                              // (E), device
     double *aux_sums;                                    // (2E + 1), device: l_aux's sums
 } gate_bench;
 
-static void gate_bench_init(gate_bench *g, const opts *o, const float *x, const float *wg, int C) {
-    size_t S = o->S, M = o->M, E = o->E, K = o->K, rows = E * (size_t)C;
+static void gate_bench_init(gate_bench *g, const opts *o, const void *x, const float *wg, int C) {
+    size_t S = o->S, M = o->M, E = o->E, K = o->K, rows = E * (size_t)C, es = dsmoe_dtype_size(o->dt);
     g->gp = (dsmoe_gating_params){.S = o->S, .E = o->E, .K = o->K, .noise = DSMOE_NOISE_NONE,
                                   .random_selection = 0, .training = 1, .seed = 1, .token_offset = 0};
     g->C = C;
+    g->dt = o->dt;
     g->logits = dev_alloc(S * E * sizeof(float));
     g->probs = dev_alloc(S * E * sizeof(float));
     g->dlogits = dev_alloc(S * E * sizeof(float));
@@ -210,63 +267,90 @@ static void gate_bench_init(gate_bench *g, const opts *o, const float *x, const 
     g->dweight = dev_alloc(S * K * sizeof(float));
     g->choice = dev_alloc(S * K * sizeof(int32_t));
     g->slot = dev_alloc(S * K * sizeof(int32_t));
-    g->buf = dev_alloc(rows * M * sizeof(float));
-    g->y = dev_uniform(rows * M, 21, 1.0f);
-    g->dy = dev_alloc(rows * M * sizeof(float));
-    g->out = dev_alloc(S * M * sizeof(float));
-    g->dout = dev_uniform(S * M, 22, 1.0f);
-    g->dx = dev_alloc(S * M * sizeof(float));
+    g->buf = dev_alloc(rows * M * es);
+    g->y = dev_as(dev_uniform(rows * M, 21, 1.0f), rows * M, o->dt);
+    g->dy = dev_alloc(rows * M * es);
+    g->out = dev_alloc(S * M * es);
+    g->dout = dev_as(dev_uniform(S * M, 22, 1.0f), S * M, o->dt);
+    g->dx = dev_alloc(S * M * es);
     g->counts = dev_alloc(E * sizeof(int32_t));
     g->kept = dev_alloc(E * sizeof(int32_t));
     g->aux_sums = dev_alloc((2 * E + 1) * sizeof(double));
-    KCHECK(rt.kern->gemm(rt.kctx, kq, 0, 1, o->S, o->E, o->M, 1.0f, x, F32, o->M, wg, F32, o->M, 0.0f, g->logits, F32,
+    const float *xg = x;
+    g->xg32 = g->dxg = NULL;
+    g->dxg_lp = NULL;
+    if (o->dt != F32) {
+        g->xg32 = dev_alloc(S * M * sizeof(float));
+        g->dxg = dev_uniform(S * M, 23, 0.01f);
+        g->dxg_lp = dev_alloc(S * M * es);
+        KCHECK(rt.kern->convert(rt.kctx, kq, g->xg32, F32, x, o->dt, S * M));
+        xg = g->xg32;
+    }
+    KCHECK(rt.kern->gemm(rt.kctx, kq, 0, 1, o->S, o->E, o->M, 1.0f, xg, F32, o->M, wg, F32, o->M, 0.0f, g->logits, F32,
                          o->E));
 }
 
-static double gate_bench_run(gate_bench *g, const opts *o, const float *x) {
+static double gate_bench_run(gate_bench *g, const opts *o, const void *x) {
     int S = o->S, M = o->M, E = o->E, K = o->K, C = g->C;
+    const dsmoe_dtype dt = g->dt;
     const float daux = 0.01f; // the l_aux weight; gate_backward forms its gradient from aux_sums
     double t0 = now_synced();
+    // bf16: the layer widens the gate input before the router GEMM
+    if (dt != F32) KCHECK(rt.kern->convert(rt.kctx, kq, g->xg32, F32, x, dt, (size_t)S * M));
     KCHECK(rt.kern->gate_route(rt.kctx, kq, &g->gp, g->logits, g->probs, g->choice, g->counts));
     KCHECK(rt.kern->gate_assign(rt.kctx, kq, &g->gp, C, g->probs, g->choice, g->slot, g->weight, g->kept,
                                 g->aux_sums));
-    KCHECK(rt.kern->moe_dispatch(rt.kctx, kq, g->buf, x, F32, g->choice, g->slot, S, K, E, C, M));
-    KCHECK(rt.kern->moe_combine(rt.kctx, kq, g->out, g->y, F32, g->choice, g->slot, g->weight, S, K, E, C, M));
+    KCHECK(rt.kern->moe_dispatch(rt.kctx, kq, g->buf, x, dt, g->choice, g->slot, S, K, E, C, M));
+    KCHECK(rt.kern->moe_combine(rt.kctx, kq, g->out, g->y, dt, g->choice, g->slot, g->weight, S, K, E, C, M));
     if (o->bwd) {
-        KCHECK(rt.kern->moe_combine_backward(rt.kctx, kq, g->dy, g->dweight, g->dout, g->y, F32, g->choice, g->slot,
+        KCHECK(rt.kern->moe_combine_backward(rt.kctx, kq, g->dy, g->dweight, g->dout, g->y, dt, g->choice, g->slot,
                                              g->weight, S, K, E, C, M));
-        KCHECK(rt.kern->moe_dispatch_backward(rt.kctx, kq, g->dx, g->dy, F32, g->choice, g->slot, S, K, E, C, M));
+        KCHECK(rt.kern->moe_dispatch_backward(rt.kctx, kq, g->dx, g->dy, dt, g->choice, g->slot, S, K, E, C, M));
         KCHECK(rt.kern->zero(rt.kctx, kq, g->dlogits, (size_t)S * E * sizeof(float)));
         KCHECK(rt.kern->gate_backward(rt.kctx, kq, &g->gp, g->dlogits, g->probs, g->choice, g->slot, g->dweight,
                                       g->aux_sums, daux));
+        // bf16: the router's input gradient (float32) is narrowed once and added to dx
+        if (dt != F32) {
+            KCHECK(rt.kern->convert(rt.kctx, kq, g->dxg_lp, dt, g->dxg, F32, (size_t)S * M));
+            KCHECK(rt.kern->axpy(rt.kctx, kq, g->dx, 1.0f, g->dxg_lp, dt, (size_t)S * M));
+        }
     }
     return now_synced() - t0;
 }
 
 // ----------------------------------------------------------------------------------------------------
-// the sgemm reference: the expert GEMMs of the step, one plain gemm call each
+// the GEMM references: the expert GEMMs of the step, one plain gemm call each
 
 typedef struct gemm_bench {
-    float *a, *h, *y, *dw1, *dw2; // (R, M), (R, F), (R, M), (F, M), (M, F); R = max rows of an expert
+    dsmoe_dtype dt;               // operands' type (o->dt); the weight gradients are float32
+    void *a, *h, *y;              // (R, M), (R, F), (R, M); R = max rows of an expert
+    float *dw1, *dw2;             // (F, M), (M, F)
 } gemm_bench;
+
+// Expert e's weights as GEMM operands: the float32 masters, or their bfloat16 copies.
+static const void *expert_w(const gemm_bench *b, const void *w32, const void *w_lp, size_t e, size_t FM) {
+    return b->dt == F32 ? (const char *)w32 + e * FM * sizeof(float)
+                        : (const char *)w_lp + e * FM * dsmoe_dtype_size(b->dt);
+}
 
 static double gemm_bench_run(gemm_bench *b, const opts *o, const dsmoe_moe_weights *w, const int *rows) {
     int M = o->M, F = o->F;
     size_t FM = (size_t)F * M;
+    const dsmoe_dtype dt = b->dt;
     double t0 = now_synced();
     for (int e = 0; e < o->E; e++) {
         int m = rows[e];
         if (!m) continue;
         // forward: h = x w1^T, y = act w2^T
-        const float *w1 = w->w1 + e * FM, *w2 = w->w2 + e * FM;
-        KCHECK(rt.kern->gemm(rt.kctx, kq, 0, 1, m, F, M, 1.0f, b->a, F32, M, w1, F32, M, 0.0f, b->h, F32, F));
-        KCHECK(rt.kern->gemm(rt.kctx, kq, 0, 1, m, M, F, 1.0f, b->h, F32, F, w2, F32, F, 0.0f, b->y, F32, M));
+        const void *w1 = expert_w(b, w->w1, w->w1_lp, e, FM), *w2 = expert_w(b, w->w2, w->w2_lp, e, FM);
+        KCHECK(rt.kern->gemm(rt.kctx, kq, 0, 1, m, F, M, 1.0f, b->a, dt, M, w1, dt, M, 0.0f, b->h, dt, F));
+        KCHECK(rt.kern->gemm(rt.kctx, kq, 0, 1, m, M, F, 1.0f, b->h, dt, F, w2, dt, F, 0.0f, b->y, dt, M));
         if (!o->bwd) continue;
         // backward: da = dy w2, dw2 += dy^T act, dw1 += dh^T x, dx = dh w1
-        KCHECK(rt.kern->gemm(rt.kctx, kq, 0, 0, m, F, M, 1.0f, b->y, F32, M, w2, F32, F, 0.0f, b->h, F32, F));
-        KCHECK(rt.kern->gemm(rt.kctx, kq, 1, 0, M, F, m, 1.0f, b->y, F32, M, b->h, F32, F, 1.0f, b->dw2, F32, F));
-        KCHECK(rt.kern->gemm(rt.kctx, kq, 1, 0, F, M, m, 1.0f, b->h, F32, F, b->a, F32, M, 1.0f, b->dw1, F32, M));
-        KCHECK(rt.kern->gemm(rt.kctx, kq, 0, 0, m, M, F, 1.0f, b->h, F32, F, w1, F32, M, 0.0f, b->y, F32, M));
+        KCHECK(rt.kern->gemm(rt.kctx, kq, 0, 0, m, F, M, 1.0f, b->y, dt, M, w2, dt, F, 0.0f, b->h, dt, F));
+        KCHECK(rt.kern->gemm(rt.kctx, kq, 1, 0, M, F, m, 1.0f, b->y, dt, M, b->h, dt, F, 1.0f, b->dw2, F32, F));
+        KCHECK(rt.kern->gemm(rt.kctx, kq, 1, 0, F, M, m, 1.0f, b->h, dt, F, b->a, dt, M, 1.0f, b->dw1, F32, M));
+        KCHECK(rt.kern->gemm(rt.kctx, kq, 0, 0, m, M, F, 1.0f, b->h, dt, F, w1, dt, M, 0.0f, b->y, dt, M));
     }
     return now_synced() - t0;
 }
@@ -277,20 +361,53 @@ static double gemm_bench_run(gemm_bench *b, const opts *o, const dsmoe_moe_weigh
 static double native_bench_run(gemm_bench *b, const opts *o, const dsmoe_moe_weights *w, const int *rows) {
     int M = o->M, F = o->F;
     size_t FM = (size_t)F * M;
+    float *a = b->a, *h = b->h, *y = b->y;
     double t0 = now_synced();
     for (int e = 0; e < o->E; e++) {
         int m = rows[e];
         if (!m) continue;
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, F, M, 1.0f, b->a, M, w->w1 + e * FM, M, 0.0f, b->h, F);
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, M, F, 1.0f, b->h, F, w->w2 + e * FM, F, 0.0f, b->y, M);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, F, M, 1.0f, a, M, w->w1 + e * FM, M, 0.0f, h, F);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, M, F, 1.0f, h, F, w->w2 + e * FM, F, 0.0f, y, M);
         if (!o->bwd) continue;
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, F, M, 1.0f, b->y, M, w->w2 + e * FM, F, 0.0f, b->h, F);
-        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, M, F, m, 1.0f, b->y, M, b->h, F, 1.0f, b->dw2, F);
-        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, F, M, m, 1.0f, b->h, F, b->a, M, 1.0f, b->dw1, M);
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, M, F, 1.0f, b->h, F, w->w1 + e * FM, M, 0.0f, b->y, M);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, F, M, 1.0f, y, M, w->w2 + e * FM, F, 0.0f, h, F);
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, M, F, m, 1.0f, y, M, h, F, 1.0f, b->dw2, F);
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, F, M, m, 1.0f, h, F, a, M, 1.0f, b->dw1, M);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, M, F, 1.0f, h, F, w->w1 + e * FM, M, 0.0f, y, M);
     }
     return now_synced() - t0;
 }
+
+#ifdef DSMOE_BENCH_ONEDNN
+// bf16: the same GEMMs as oneDNN matmuls with oneDNN's own threading (bench_dnnl.c, as dsmoe_bench_gemm
+// measures them): one set of matmuls per distinct row count, shared by the experts that have it.
+static bench_dnnl_ffn **dnnl_sets; // (E); NULL where an expert kept no rows
+
+static void dnnl_bench_init(const opts *o, const int *rows) {
+    const char *msg = bench_dnnl_start(o->threads);
+    dnnl_sets = calloc((size_t)o->E, sizeof *dnnl_sets);
+    if (!dnnl_sets) die("malloc", "out of memory");
+    for (int e = 0; !msg && e < o->E; e++) {
+        for (int f = 0; f < e && !dnnl_sets[e]; f++)
+            if (rows[f] == rows[e]) dnnl_sets[e] = dnnl_sets[f];
+        if (rows[e] && !dnnl_sets[e]) msg = bench_dnnl_ffn_make(&dnnl_sets[e], rows[e], o->M, o->F);
+    }
+    if (msg) die("bf16 reference", msg);
+}
+
+static double dnnl_bench_run(gemm_bench *b, const opts *o, const dsmoe_moe_weights *w, const int *rows) {
+    size_t FM = (size_t)o->F * o->M;
+    double t0 = now_synced();
+    for (int e = 0; e < o->E; e++) {
+        if (!rows[e]) continue;
+        bench_dnnl_ffn_io io = {.x = b->a, .w1 = expert_w(b, w->w1, w->w1_lp, e, FM),
+                                .w2 = expert_w(b, w->w2, w->w2_lp, e, FM), .h = b->h, .y = b->y, .dy = b->y,
+                                .dh = b->h, .dx = b->y, .dw1 = b->dw1, .dw2 = b->dw2};
+        const char *msg = bench_dnnl_ffn_run(dnnl_sets[e], &io, o->bwd);
+        if (msg) die("bf16 reference", msg);
+    }
+    return now_synced() - t0;
+}
+#endif
 
 // ----------------------------------------------------------------------------------------------------
 
@@ -306,23 +423,28 @@ int main(int argc, char **argv) {
     if (rt.world_size != 1) die("setup", "runs on one rank (start it without mpirun, or with -n 1)");
     kq = rt.q; // the core's compute queue (the plugin's default queue)
     printf("kernel: %s (%s)\n", rt.kern->describe(rt.kctx), rt.kernel_handle.path);
+    const int bf16 = o.dt != F32;
+    if (bf16 && (!(rt.kern->dtypes & DSMOE_DTYPE_BIT(o.dt)) || !rt.kern->convert))
+        die("setup", "--precision bf16: the kernel plugin has no bfloat16 (or no convert)");
+    const char *gname = bf16 ? "bf16 gemm" : "sgemm"; // the reference GEMMs in the lines below
 
-    size_t S = o.S, M = o.M, F = o.F, E = o.E;
-    float *x;
-    dsmoe_moe_weights w, g;
+    size_t S = o.S, M = o.M, F = o.F, E = o.E, es = dsmoe_dtype_size(o.dt);
+    void *x;
+    dsmoe_moe_weights w, g = {0};
     make_inputs(&o, &x, &w);
     g.wg = dev_alloc(E * M * sizeof(float));
     g.w1 = dev_alloc(E * F * M * sizeof(float));
     g.b1 = dev_alloc(E * F * sizeof(float));
     g.w2 = dev_alloc(E * M * F * sizeof(float));
     g.b2 = dev_alloc(E * M * sizeof(float));
-    float *out = dev_alloc(S * M * sizeof(float)), *dx = dev_alloc(S * M * sizeof(float));
-    float *dout = dev_uniform(S * M, 31, 1.0f);
+    void *out = dev_alloc(S * M * es), *dx = dev_alloc(S * M * es);
+    void *dout = dev_as(dev_uniform(S * M, 31, 1.0f), S * M, o.dt);
+    if (bf16) convert_weights(&o, &w);
 
     dsmoe_moe_config cfg = {.S = o.S, .M = o.M, .F = o.F, .E = o.E, .K = o.K, .capacity_factor = (float)o.cf,
                             .eval_capacity_factor = (float)o.cf, .min_capacity = 4, .drop_tokens = 1,
                             .random_token_selection = 0, .noise = DSMOE_NOISE_NONE, .jitter_eps = 0.0f,
-                            .ep = 1, .ep_group = rt.world, .ep_ctl = rt.world_ctl};
+                            .ep = 1, .ep_group = rt.world, .ep_ctl = rt.world_ctl, .dt = o.dt};
     dsmoe_moe_layer *layer = NULL;
     if (dsmoe_moe_layer_create(&rt, &cfg, &layer, &err) != DSMOE_OK) die("layer", err.msg);
     dsmoe_moe_step step = {.training = 1, .seed = 7, .token_offset = 0};
@@ -338,21 +460,23 @@ int main(int argc, char **argv) {
         rmax = rows[e] > rmax ? rows[e] : rmax;
         rmin = rows[e] < rmin ? rows[e] : rmin;
     }
-    printf("shape: S=%d M=%d F=%d E=%d K=%d C=%d threads=%d passes=%s balanced=%d: kept %ld of %ld choices, "
+    printf("shape: S=%d M=%d F=%d E=%d K=%d C=%d threads=%d passes=%s balanced=%d%s: kept %ld of %ld choices, "
            "rows per expert %d..%d\n",
-           o.S, o.M, o.F, o.E, o.K, st.capacity, o.threads, o.bwd ? "fwd+bwd" : "fwd", o.balanced, kept, st.routed,
-           rmin, rmax);
+           o.S, o.M, o.F, o.E, o.K, st.capacity, o.threads, o.bwd ? "fwd+bwd" : "fwd", o.balanced,
+           bf16 ? " precision=bf16" : "", kept, st.routed, rmin, rmax);
     gate_bench gb;
     gate_bench_init(&gb, &o, x, w.wg, st.capacity);
-    gemm_bench sb = {.a = dev_uniform((size_t)rmax * M, 41, 1.0f), .h = dev_alloc((size_t)rmax * F * sizeof(float)),
-                     .y = dev_alloc((size_t)rmax * M * sizeof(float)), .dw1 = dev_alloc(F * M * sizeof(float)),
-                     .dw2 = dev_alloc(M * F * sizeof(float))};
+    gemm_bench sb = {.dt = o.dt, .a = dev_as(dev_uniform((size_t)rmax * M, 41, 1.0f), (size_t)rmax * M, o.dt),
+                     .h = dev_alloc((size_t)rmax * F * es), .y = dev_alloc((size_t)rmax * M * es),
+                     .dw1 = dev_alloc(F * M * sizeof(float)), .dw2 = dev_alloc(M * F * sizeof(float))};
 
     double expert_flops = (o.bwd ? 6.0 : 2.0) * 2.0 * (double)kept * M * F;
     double router_flops = (o.bwd ? 3.0 : 1.0) * 2.0 * (double)S * M * E;
     double *t_layer = calloc(o.iters, sizeof(double)), *t_gate = calloc(o.iters, sizeof(double)),
            *t_gemm = calloc(o.iters, sizeof(double));
+    double t_conv = INFINITY; // bf16: best weight conversion
     for (int it = -o.warmup; it < o.iters; it++) {
+        double tc = bf16 ? convert_weights(&o, &w) : 0.0;
         double t0 = now_synced();
         if (dsmoe_moe_forward(layer, &w, x, out, &step, &st, &err) != DSMOE_OK) die("forward", err.msg);
         if (o.bwd && dsmoe_moe_backward(layer, &w, &g, dout, dx, 0.01f, &err) != DSMOE_OK) die("backward", err.msg);
@@ -363,34 +487,61 @@ int main(int argc, char **argv) {
         t_layer[it] = tl;
         t_gate[it] = tg;
         t_gemm[it] = ts;
-        printf("iter %d: layer %.2f ms, gating+dispatch+combine %.2f ms, expert sgemm %.2f ms\n", it, tl * 1e3,
-               tg * 1e3, ts * 1e3);
+        if (tc < t_conv) t_conv = tc;
+        printf("iter %d: layer %.2f ms, gating+dispatch+combine %.2f ms, expert %s %.2f ms", it, tl * 1e3, tg * 1e3,
+               gname, ts * 1e3);
+        if (bf16) printf(", weight conversion %.2f ms (not in the layer)", tc * 1e3);
+        printf("\n");
     }
     // Other jobs on a shared machine only ever add time: the best iteration of each measurement is
     // the stable figure (the medians are printed too).
     double ml = median(t_layer, o.iters), mg = median(t_gate, o.iters), ms = median(t_gemm, o.iters);
     double tl = t_layer[0], tg = t_gate[0], ts = t_gemm[0]; // sorted by median()
     double flops = expert_flops + router_flops;
-    // Native BLAS last, after every layer iteration: its own thread pool must not disturb the layer.
+    // The library reference last, after every layer iteration: its own thread pool must not disturb the
+    // layer. fp32: OpenBLAS; bf16: oneDNN (when built with it).
     double tn = INFINITY;
-    if (rt.kern->caps & DSMOE_KCAP_HOST_MEMORY) {
+    const char *lib = NULL;
+    if ((rt.kern->caps & DSMOE_KCAP_HOST_MEMORY) && !bf16) {
         openblas_set_num_threads(o.threads);
         for (int it = -o.warmup; it < o.iters; it++) {
             double t = native_bench_run(&sb, &o, &w, rows);
             if (it >= 0 && t < tn) tn = t;
         }
         openblas_set_num_threads(1);
-        printf("best of %d: native BLAS sgemm (%d threads) on the same GEMMs %.2f ms = %.1f GFLOP/s; through the "
-               "plugin %.2f ms = %.1f GFLOP/s\n", o.iters, o.threads, tn * 1e3, expert_flops / tn * 1e-9, ts * 1e3,
-               expert_flops / ts * 1e-9);
-        if (tn < ts) ts = tn;
+        lib = "native BLAS sgemm";
     }
-    printf("medians of %d: layer %.2f ms, gating+dispatch+combine %.2f ms (%.1f%%), expert sgemm %.2f ms, "
+#ifdef DSMOE_BENCH_ONEDNN
+    if ((rt.kern->caps & DSMOE_KCAP_HOST_MEMORY) && bf16) {
+        dnnl_bench_init(&o, rows);
+        for (int it = -o.warmup; it < o.iters; it++) {
+            double t = dnnl_bench_run(&sb, &o, &w, rows);
+            if (it >= 0 && t < tn) tn = t;
+        }
+        int major, minor, patch;
+        bench_dnnl_version(&major, &minor, &patch);
+        printf("bf16 library reference: oneDNN %d.%d.%d matmul '%s'\n", major, minor, patch, bench_dnnl_impl());
+        lib = "oneDNN bf16 matmul";
+    }
+#endif
+    if (lib) {
+        printf("best of %d: %s (%d threads) on the same GEMMs %.2f ms = %.1f GFLOP/s; through the "
+               "plugin %.2f ms = %.1f GFLOP/s\n", o.iters, lib, o.threads, tn * 1e3, expert_flops / tn * 1e-9,
+               ts * 1e3, expert_flops / ts * 1e-9);
+        if (tn < ts) ts = tn;
+    } else if (bf16) {
+        printf("bf16: no library reference (needs oneDNN at build time and a plugin with host memory): the "
+               "reference is the plugin's gemm alone\n");
+    }
+    printf("medians of %d: layer %.2f ms, gating+dispatch+combine %.2f ms (%.1f%%), expert %s %.2f ms, "
            "efficiency %.3f\n",
-           o.iters, ml * 1e3, mg * 1e3, 100.0 * mg / ml, ms * 1e3, (flops / ml) / (expert_flops / ms));
-    printf("best of %d: gating+dispatch+combine %.2f ms = %.1f%% of the layer time; expert sgemm alone %.2f ms; "
+           o.iters, ml * 1e3, mg * 1e3, 100.0 * mg / ml, gname, ms * 1e3, (flops / ml) / (expert_flops / ms));
+    printf("best of %d: gating+dispatch+combine %.2f ms = %.1f%% of the layer time; expert %s alone %.2f ms; "
            "layer beyond it %.2f ms (%.1f%%)\n",
-           o.iters, tg * 1e3, 100.0 * tg / tl, ts * 1e3, (tl - ts) * 1e3, 100.0 * (tl - ts) / tl);
+           o.iters, tg * 1e3, 100.0 * tg / tl, gname, ts * 1e3, (tl - ts) * 1e3, 100.0 * (tl - ts) / tl);
+    if (bf16)
+        printf("best of %d: weight conversion to bfloat16 %.2f ms (%.1f%% of the layer step; the model's, not the "
+               "layer's)\n", o.iters, t_conv * 1e3, 100.0 * t_conv / tl);
     printf("ms_per_step=%.2f gflops=%.1f sgemm_gflops=%.1f efficiency=%.3f\n", tl * 1e3, flops / tl * 1e-9,
            expert_flops / ts * 1e-9, (flops / tl) / (expert_flops / ts));
     fflush(stdout);

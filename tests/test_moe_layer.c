@@ -2,6 +2,9 @@
 // kernels, mpi comm): forward against an independent naive reference in double (softmax, top-k,
 // capacity in token order, per-token expert FFN with tanh-GELU), and every gradient against central
 // finite differences of L = sum(r * out) + daux * l_aux computed through that reference in double.
+// bfloat16 (cfg.dt): output against the reference and a float32 layer, dx and every weight gradient
+// against the float32 layer, all on the same bf16-rounded values, within bounds from the roundings; the
+// gating (probabilities, choices, slots, l_aux) equal to the float32 layer's.
 // Expert parallelism on 2 and 4 ranks: tests/test_moe_layer_ep.c.
 #include <setjmp.h>
 #include <stdarg.h>
@@ -459,6 +462,218 @@ static void test_capacity_rule(void **s) {
     problem_free(&p);
 }
 
+// ----------------------------------------------------------------------------------------------------
+// bfloat16 (cfg.dt) against float32 on the same values: x, w1, w2 and dout rounded to bfloat16 on the
+// host, so that both layers start from identical numbers and every difference is the bfloat16 layer's
+// own rounding of its intermediates.
+
+typedef struct bf16_case {
+    const char *name;
+    int S, M, F, E, K;
+    float cf;
+    int dropless;
+    int noise;
+} bf16_case;
+
+// u = 2^-8: one rounding to bfloat16 (8 significant bits, round to nearest even) changes a value by at
+// most half an ulp, 2^-8 of it. Products of two bfloat16 are exact in float32 and the GEMMs accumulate
+// in float32, so the bfloat16 layer differs from the float32 one only by the roundings of what it
+// stores in bfloat16. Forward: act = gelu(h), the expert output y, out (3 roundings on the longest
+// path). Backward: dy, dh, the expert input gradient, the top-2 sum into dx, the router's input gradient
+// and its add into dx (up to 6 on dx; 2 to 4 on the weight gradients, through dy, act, dh and the
+// combine weights' gradient dot(dout, y)). Errors are measured against the largest magnitude of the
+// reference tensor, and the roundings' errors mostly cancel in the float32 sums: the bounds are the
+// rounding counts rounded up, 4u for the forward and 8u for the gradients (over 105 random problems of
+// these shapes the worst seen was 1.8u for out, 2.5u for dx and 1.5u for a weight gradient). A wrong
+// expert, weight or missing term is an O(1) error, 30x above the looser bound.
+#define BF16_U (1.0 / 256.0)
+#define BF16_TOL_FWD (4 * BF16_U)
+#define BF16_TOL_GRAD (8 * BF16_U)
+
+// max over n of |(got - pre) - (want - pre)| / max |want - pre|, in double (pre: the prefill of an
+// accumulating buffer, or 0).
+static double rel_max(const float *got, const float *want, size_t n, float pre) {
+    double md = 0, mr = 0;
+    for (size_t i = 0; i < n; i++) {
+        double d = fabs(((double)got[i] - pre) - ((double)want[i] - pre));
+        md = d > md || isnan(d) ? (isnan(d) ? INFINITY : d) : md;
+        mr = fmax(mr, fabs((double)want[i] - pre));
+    }
+    assert_true(mr > 0);
+    return md / mr;
+}
+
+// The same problem with probe experts: w1 = b1 = w2 = 0 and b2 of expert e the unit vector e (M >= E),
+// so every expert outputs its unit vector and out[s, e] is token s's combine weight of expert e (0 when
+// not chosen or dropped): the layer's gating made visible. The router and x are p's.
+static problem probe_problem(const problem *p) {
+    problem q = *p;
+    q.w1 = host_alloc((size_t)p->E * p->F * p->M);
+    q.b1 = host_alloc((size_t)p->E * p->F);
+    q.w2 = host_alloc((size_t)p->E * p->M * p->F);
+    q.b2 = host_alloc((size_t)p->E * p->M);
+    for (int e = 0; e < p->E; e++) q.b2[e * p->M + e] = 1.0f;
+    return q;
+}
+
+// The layers' counts and l_aux: equal, as the gating is the same float32 arithmetic on the same values.
+static void expect_same_stats(const char *name, const char *what, const pass_result *a, const pass_result *b, int E) {
+    if (a->st.capacity != b->st.capacity || a->st.dropped != b->st.dropped || a->st.routed != b->st.routed)
+        fail_msg("%s, %s: capacity %d / %d, dropped %ld / %ld", name, what, a->st.capacity, b->st.capacity,
+                 a->st.dropped, b->st.dropped);
+    for (int e = 0; e < E; e++)
+        if (a->load[e] != b->load[e]) fail_msg("%s, %s: expert %d load %d / %d", name, what, e, a->load[e], b->load[e]);
+    if (memcmp(&a->st.aux_loss, &b->st.aux_loss, sizeof(float)) != 0)
+        fail_msg("%s, %s: l_aux %.9g (bf16) vs %.9g (float32)", name, what, a->st.aux_loss, b->st.aux_loss);
+}
+
+// Router: the probe experts (probe_problem) make out the combine weights, so the bfloat16 layer's must be
+// the float32 layer's rounded once (out is bfloat16), with the same experts chosen and dropped, and both
+// must match the double reference's choices and weights. The backward on them carries the float32
+// probabilities into the router gradient dwg = dlogits^T x through dweight = dot(dout, y) with y exactly
+// the unit vectors in both precisions: the same float32 ops on the same values, so dwg is bitwise equal.
+// dx (only the router's part, from 0) is the float32 one rounded once.
+static void check_router(const bf16_case *c, const problem *p, dsmoe_moe_layer *L16, dsmoe_moe_layer *L32,
+                         const dsmoe_moe_step *step, const float *u, int C, const float *rh) {
+    problem q = probe_problem(p);
+    size_t SM = (size_t)p->S * p->M;
+    pass_result r16, r32;
+    pass_run(L32, DSMOE_FLOAT32, &q, rh, step, 0.0f, 0.0f, 0.7f, &r32);
+    pass_run(L16, DSMOE_BFLOAT16, &q, rh, step, 0.0f, 0.0f, 0.7f, &r16);
+    expect_same_stats(c->name, "router probe", &r16, &r32, p->E);
+    ref_in in = {.S = p->S, .M = p->M, .F = p->F, .E = p->E, .K = p->K, .C = C, .u = u,
+                 .x = to_double(q.x, SM), .wg = to_double(q.wg, (size_t)p->E * p->M),
+                 .w1 = to_double(q.w1, (size_t)p->E * p->F * p->M), .b1 = to_double(q.b1, (size_t)p->E * p->F),
+                 .w2 = to_double(q.w2, (size_t)p->E * p->M * p->F), .b2 = to_double(q.b2, (size_t)p->E * p->M)};
+    double *ref = malloc(SM * sizeof(double));
+    ref_out o;
+    ref_forward(&in, ref, &o);
+    int chosen = 0;
+    for (int s = 0; s < p->S; s++)
+        for (int e = 0; e < p->M; e++) {
+            size_t i = (size_t)s * p->M + e;
+            if ((r32.out[i] != 0.0f) != (ref[i] != 0.0) || fabs(r32.out[i] - ref[i]) > 1e-6)
+                fail_msg("%s: token %d, expert %d: float32 weight %.9g, reference %.9g", c->name, s, e, r32.out[i],
+                         ref[i]);
+            if (memcmp(&r16.out[i], &(float){bf16_round(r32.out[i])}, sizeof(float)) != 0)
+                fail_msg("%s: token %d, expert %d: bfloat16 weight %.9g, float32 %.9g rounds to %.9g", c->name, s, e,
+                         r16.out[i], r32.out[i], bf16_round(r32.out[i]));
+            chosen += r16.out[i] != 0.0f;
+        }
+    assert_int_equal(chosen, (int)o.kept);
+    if (memcmp(r16.g[0], r32.g[0], r32.n[0] * sizeof(float)) != 0) fail_msg("%s: probe dwg differs", c->name);
+    for (size_t i = 0; i < SM; i++)
+        if (!(fabs((double)r16.dx[i] - r32.dx[i]) <= BF16_U * fabs(r32.dx[i])))
+            fail_msg("%s: probe dx[%zu] = %.9g (bf16) vs %.9g", c->name, i, r16.dx[i], r32.dx[i]);
+    double *dbl[] = {in.x, in.wg, in.w1, in.b1, in.w2, in.b2, ref};
+    for (int i = 0; i < 7; i++) free(dbl[i]);
+    pass_free(&r16);
+    pass_free(&r32);
+    free(q.w1);
+    free(q.b1);
+    free(q.w2);
+    free(q.b2);
+}
+
+static void run_bf16_case(const bf16_case *c, uint64_t seed) {
+    problem p = problem_make(c->S, c->M, c->F, c->E, c->K, dsmoe_rng_key(seed, 10, 0, 0), dsmoe_rng_key(seed, 11, 0, 0));
+    problem_round_bf16(&p);
+    assert_true(p.M >= p.E); // the router probe's unit vectors
+    dsmoe_moe_config cfg = layer_config(&p, 1, self_group);
+    cfg.capacity_factor = c->cf;
+    cfg.drop_tokens = !c->dropless;
+    cfg.noise = c->noise;
+    cfg.jitter_eps = c->noise == DSMOE_NOISE_JITTER ? 0.2f : 0.0f;
+    dsmoe_moe_layer *L32 = layer_make(&cfg);
+    cfg.dt = DSMOE_BFLOAT16;
+    dsmoe_moe_layer *L16 = layer_make(&cfg);
+    size_t SM = (size_t)p.S * p.M;
+    dsmoe_moe_step step = {.training = 1, .seed = seed * 31 + 7, .token_offset = 1000};
+    float *u = NULL;
+    if (c->noise == DSMOE_NOISE_JITTER) {
+        u = host_alloc(SM);
+        uint64_t key = dsmoe_rng_key(step.seed, TAG_JITTER, 0, 0);
+        for (size_t i = 0; i < SM; i++)
+            u[i] = 1.0f - cfg.jitter_eps + 2.0f * cfg.jitter_eps * dsmoe_rng_uniform(key, step.token_offset * p.M + i);
+    }
+    int C = c->dropless ? -1 : (int)ceil((double)p.S / p.E * p.K * c->cf);
+    float *rh = host_alloc(SM); // dout, bf16-exact
+    fill_normal(rh, SM, dsmoe_rng_key(seed, 12, 0, 0), 1.0f);
+    bf16_round_all(rh, SM);
+
+    // Reference forward in double on the rounded values: ties, and the output of both layers.
+    ref_in in = {.S = p.S, .M = p.M, .F = p.F, .E = p.E, .K = p.K, .C = C, .u = u,
+                 .x = to_double(p.x, SM), .wg = to_double(p.wg, (size_t)p.E * p.M),
+                 .w1 = to_double(p.w1, (size_t)p.E * p.F * p.M), .b1 = to_double(p.b1, (size_t)p.E * p.F),
+                 .w2 = to_double(p.w2, (size_t)p.E * p.M * p.F), .b2 = to_double(p.b2, (size_t)p.E * p.M)};
+    double *ref = malloc(SM * sizeof(double));
+    ref_out o;
+    ref_forward(&in, ref, &o);
+    if (o.min_gap < 1e-3) fail_msg("%s: test data has a near tie (gap %.2g): choose another seed", c->name, o.min_gap);
+
+    check_router(c, &p, L16, L32, &step, u, C, rh);
+
+    const float g_pre = 0.5f, dx_pre = 0.25f; // accumulation into prefilled buffers (0.25: bf16-exact)
+    const float daux = 0.7f;
+    pass_result r16, r32;
+    pass_run(L32, DSMOE_FLOAT32, &p, rh, &step, dx_pre, g_pre, daux, &r32);
+    pass_run(L16, DSMOE_BFLOAT16, &p, rh, &step, dx_pre, g_pre, daux, &r16);
+    expect_same_stats(c->name, "forward", &r16, &r32, p.E);
+    assert_int_equal(r32.st.capacity, o.C);
+    assert_int_equal(r32.st.dropped, (long)p.S * p.K - o.kept);
+    if (!c->dropless) assert_true(r32.st.dropped > 0); // the cases are meant to drop (cf <= 1)
+
+    double md, mr;
+    diff(r32.out, ref, SM, &md, &mr);
+    if (!(md <= 1e-5 * mr + 1e-6)) fail_msg("%s: float32 forward max |out - ref| = %.3g (max |ref| %.3g)", c->name, md, mr);
+    diff(r16.out, ref, SM, &md, &mr);
+    double e_ref = md / mr, e_out = rel_max(r16.out, r32.out, SM, 0.0f);
+    printf("  %-24s out: %.2e of max |ref| (vs double), %.2e (vs float32); tolerance %.2e\n", c->name, e_ref, e_out,
+           BF16_TOL_FWD);
+    if (!(e_ref <= BF16_TOL_FWD && e_out <= BF16_TOL_FWD))
+        fail_msg("%s: bfloat16 forward off by %.3g (double reference) / %.3g (float32 layer) of max |out|, tolerance %.3g",
+                 c->name, e_ref, e_out, BF16_TOL_FWD);
+    const char *names[] = {"dwg", "dw1", "db1", "dw2", "db2"};
+    double e_dx = rel_max(r16.dx, r32.dx, SM, dx_pre);
+    printf("  %-24s dx %.2e", "", e_dx);
+    if (!(e_dx <= BF16_TOL_GRAD)) fail_msg("%s: bfloat16 dx off by %.3g of max |dx|, tolerance %.3g", c->name, e_dx, BF16_TOL_GRAD);
+    for (int i = 0; i < 5; i++) {
+        double e = rel_max(r16.g[i], r32.g[i], r32.n[i], g_pre);
+        printf(" %s %.2e", names[i], e);
+        if (!(e <= BF16_TOL_GRAD))
+            fail_msg("%s: bfloat16 %s off by %.3g of its largest, tolerance %.3g", c->name, names[i], e, BF16_TOL_GRAD);
+    }
+    printf("; tolerance %.2e\n", BF16_TOL_GRAD);
+
+    pass_free(&r16);
+    pass_free(&r32);
+    double *dbl[] = {in.x, in.wg, in.w1, in.b1, in.w2, in.b2, ref};
+    for (int i = 0; i < 7; i++) free(dbl[i]);
+    free(u);
+    free(rh);
+    problem_free(&p);
+    dsmoe_moe_layer_free(L16);
+    dsmoe_moe_layer_free(L32);
+}
+
+//                                       name                    S   M   F  E  K  cf     dropless noise
+static void test_bf16_top1(void **s) {
+    (void)s;
+    run_bf16_case(&(bf16_case){"bf16 top1 drops", 48, 16, 32, 8, 1, 1.0f, 0, DSMOE_NOISE_NONE}, 207);
+}
+static void test_bf16_top2_jitter(void **s) {
+    (void)s;
+    run_bf16_case(&(bf16_case){"bf16 top2 jitter drops", 48, 16, 32, 8, 2, 0.75f, 0, DSMOE_NOISE_JITTER}, 208);
+}
+static void test_bf16_top1_dropless_jitter(void **s) {
+    (void)s;
+    run_bf16_case(&(bf16_case){"bf16 top1 dropless jitter", 48, 16, 32, 8, 1, 1.0f, 1, DSMOE_NOISE_JITTER}, 213);
+}
+static void test_bf16_top2_dropless(void **s) {
+    (void)s;
+    run_bf16_case(&(bf16_case){"bf16 top2 dropless", 48, 16, 32, 8, 2, 1.0f, 1, DSMOE_NOISE_NONE}, 223);
+}
+
 int main(int argc, char **argv) {
     if (moe_test_open(&argc, &argv) != 0) return 1;
     const struct CMUnitTest tests[] = {
@@ -468,6 +683,8 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_top2_jitter),    cmocka_unit_test(test_eval_capacity),
         cmocka_unit_test(test_capacity_growth), cmocka_unit_test(test_bad_config),
         cmocka_unit_test(test_capacity_rule),
+        cmocka_unit_test(test_bf16_top1),      cmocka_unit_test(test_bf16_top2_jitter),
+        cmocka_unit_test(test_bf16_top1_dropless_jitter), cmocka_unit_test(test_bf16_top2_dropless),
     };
     int failed = cmocka_run_group_tests_name("moe layer, one rank", tests, NULL, NULL);
     moe_test_close();

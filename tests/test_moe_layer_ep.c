@@ -2,7 +2,9 @@
 // the real plugins. Rank scope of l_aux: each rank's result equals a one-rank layer (all experts local,
 // on a group made from MPI_COMM_SELF) run on that rank's tokens; expert gradients summed over ranks
 // agree. Batch scope: l_aux and every gradient equal those of one rank holding all ranks' tokens. The
-// hierarchical all-to-all gives the flat one's results bit for bit; the node-layout rules hold.
+// hierarchical all-to-all gives the flat one's results bit for bit; the node-layout rules hold. The same
+// in bfloat16 (cfg.dt) against a bfloat16 one-rank layer, with the float32 tolerances: the layout moves
+// rows and sums gradients in another order, which bfloat16 changes no more than float32.
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -46,6 +48,7 @@ typedef struct ep_case {
     const char *name;
     int E_per_rank, K, dropless, rts, noise, training;
     float cf;
+    dsmoe_dtype dt; // the layer's activations: FLOAT32 (0) or BFLOAT16
 } ep_case;
 
 enum { EP_S = 24, EP_M = 8, EP_F = 12 };
@@ -92,7 +95,12 @@ static void ep_run(const ep_case *c, const dsmoe_moe_config *cfg, const problem 
     size_t SM = (size_t)S * M;
     dsmoe_moe_layer *L = layer_make(cfg);
     dsmoe_moe_weights w = weights_dev(p, e0, El), g = grads_dev(p, El, 0);
-    float *x = dev_copy(p->x, SM), *out = dev_fill(SM, 0), *dout = dev_copy(dout_h, SM), *dx = dev_fill(SM, 0);
+    int lp = cfg->dt == DSMOE_BFLOAT16; // x, out, dout, dx in bfloat16 (the host values rounded)
+    if (lp) weights_add_bf16(&w, p, e0, El);
+    float *zeros = host_alloc(SM);
+    void *x = lp ? dev_copy_bf16(p->x, SM) : dev_copy(p->x, SM), *out = lp ? dev_copy_bf16(zeros, SM) : dev_copy(zeros, SM);
+    void *dout = lp ? dev_copy_bf16(dout_h, SM) : dev_copy(dout_h, SM), *dx = lp ? dev_copy_bf16(zeros, SM) : dev_copy(zeros, SM);
+    free(zeros);
     dsmoe_moe_step step = {.training = c->training, .seed = 77, .token_offset = offset};
     dsmoe_err err = {0};
     if (dsmoe_moe_forward(L, &w, x, out, &step, &res->st, &err) != DSMOE_OK) fail_msg("%s: forward: %s", c->name, err.msg);
@@ -101,8 +109,13 @@ static void ep_run(const ep_case *c, const dsmoe_moe_config *cfg, const problem 
     res->plan = *dsmoe_exchange_last(dsmoe_moe_layer_exchange(L));
     res->out = host_alloc(SM);
     res->dx = host_alloc(SM);
-    to_host(res->out, out, SM);
-    to_host(res->dx, dx, SM);
+    if (lp) {
+        to_host_bf16(res->out, out, SM);
+        to_host_bf16(res->dx, dx, SM);
+    } else {
+        to_host(res->out, out, SM);
+        to_host(res->dx, dx, SM);
+    }
     size_t FM = (size_t)p->F * M;
     float *gd[5] = {g.wg, g.w1, g.b1, g.w2, g.b2};
     size_t n[5] = {(size_t)p->E * M, El * FM, (size_t)El * p->F, El * FM, (size_t)El * M};
@@ -113,7 +126,7 @@ static void ep_run(const ep_case *c, const dsmoe_moe_config *cfg, const problem 
     }
     weights_free(&w);
     weights_free(&g);
-    float *bufs[] = {x, out, dout, dx};
+    void *bufs[] = {x, out, dout, dx};
     for (int i = 0; i < 4; i++) rt.kern->free(rt.kctx, bufs[i]);
     dsmoe_moe_layer_free(L);
 }
@@ -218,6 +231,7 @@ static void run_ep_case(const ep_case *c) {
     cfg.random_token_selection = c->rts;
     cfg.noise = c->noise;
     cfg.jitter_eps = 0.1f;
+    cfg.dt = c->dt;
     int G = R == 4 ? 2 : 1;
 
     for (int scope = DSMOE_AUX_SCOPE_BATCH; scope <= DSMOE_AUX_SCOPE_RANK; scope++) {
@@ -246,22 +260,33 @@ static void run_ep_case(const ep_case *c) {
 
 static void test_ep_top2_rts_rsample(void **s) {
     (void)s;
-    run_ep_case(&(ep_case){"top2 rts rsample", 2, 2, 0, 1, DSMOE_NOISE_RSAMPLE, 1, 1.0f});
+    run_ep_case(&(ep_case){"top2 rts rsample", 2, 2, 0, 1, DSMOE_NOISE_RSAMPLE, 1, 1.0f, DSMOE_FLOAT32});
 }
 static void test_ep_top1_dropless_jitter(void **s) {
     (void)s;
-    run_ep_case(&(ep_case){"top1 dropless jitter", 1, 1, 1, 0, DSMOE_NOISE_JITTER, 1, 1.0f});
+    run_ep_case(&(ep_case){"top1 dropless jitter", 1, 1, 1, 0, DSMOE_NOISE_JITTER, 1, 1.0f, DSMOE_FLOAT32});
+}
+// bfloat16 activations: the bf16 layer on ep ranks against a bf16 one-rank layer (the gradients are
+// float32 in both; out and dx are bfloat16 values: a row computed differently would show as a whole
+// bf16 step, 2^-8 of it, far above the 1e-6 of max |out| allowed).
+static void test_ep_bf16_top2_rts_rsample(void **s) {
+    (void)s;
+    run_ep_case(&(ep_case){"bf16 top2 rts rsample", 2, 2, 0, 1, DSMOE_NOISE_RSAMPLE, 1, 1.0f, DSMOE_BFLOAT16});
+}
+static void test_ep_bf16_top1_dropless_jitter(void **s) {
+    (void)s;
+    run_ep_case(&(ep_case){"bf16 top1 dropless jitter", 1, 1, 1, 0, DSMOE_NOISE_JITTER, 1, 1.0f, DSMOE_BFLOAT16});
 }
 static void test_ep_top1_eval(void **s) {
     (void)s;
-    run_ep_case(&(ep_case){"top1 eval", 2, 1, 0, 0, DSMOE_NOISE_NONE, 0, 1.5f});
+    run_ep_case(&(ep_case){"top1 eval", 2, 1, 0, 0, DSMOE_NOISE_NONE, 0, 1.5f, DSMOE_FLOAT32});
 }
 
 // The test data makes the scopes differ: rank 0's tokens avoid expert E-1, so its own l_aux is not
 // the batch's (else the batch test above could not tell the scopes apart).
 static void test_ep_scopes_differ(void **s) {
     (void)s;
-    const ep_case c = {"scopes differ", 2, 1, 1, 0, DSMOE_NOISE_NONE, 1, 1.0f};
+    const ep_case c = {"scopes differ", 2, 1, 1, 0, DSMOE_NOISE_NONE, 1, 1.0f, DSMOE_FLOAT32};
     problem p = ep_problem(&c, EP_S, world_rank);
     float *dout = host_alloc((size_t)EP_S * EP_M);
     ep_dout(dout, world_rank);
@@ -339,6 +364,8 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_ep_top2_rts_rsample),
         cmocka_unit_test(test_ep_top1_dropless_jitter),
         cmocka_unit_test(test_ep_top1_eval),
+        cmocka_unit_test(test_ep_bf16_top2_rts_rsample),
+        cmocka_unit_test(test_ep_bf16_top1_dropless_jitter),
         cmocka_unit_test(test_ep_scopes_differ),
     };
     int failed = world_size < 2 ? (fprintf(stderr, "run on 2 or more ranks\n"), 1)
