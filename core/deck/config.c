@@ -450,13 +450,15 @@ static uint64_t state_bytes(const dsmoe_config *c) {
     uint64_t M = (uint64_t)c->hidden, F = (uint64_t)c->ffn_hidden, V = (uint64_t)c->vocab, T = (uint64_t)c->seq_len;
     uint64_t ffn = add_u64(mul_u64(mul_u64(2, F, &over), M, &over), F + M, &over); // c_fc, c_proj
     uint64_t n = add_u64(mul_u64(V + T, M, &over), 2 * M, &over);                  // wte, wpe, ln_f
-    for (int l = 0; l < c->layers && !over; l++) {
-        int mi = -1, moe = dsmoe_config_is_moe_layer(c, l, &mi);
-        n = add_u64(n, add_u64(mul_u64(4 * M, M, &over), 8 * M, &over), &over); // attention, layer norms
-        if (!moe || c->residual) n = add_u64(n, ffn, &over);
-        if (moe) n = add_u64(n, mul_u64((uint64_t)c->experts[mi], add_u64(ffn, M, &over), &over), &over);
-        if (moe && c->residual) n = add_u64(n, 2 * M + 2, &over);
+    // In closed form over the layers (a deck may ask for billions of them: no loop over layers here); MoE
+    // layer mi is layer (mi + 1) * moe.every - 1 (dsmoe_config_is_moe_layer).
+    uint64_t L = (uint64_t)c->layers, n_moe = 0;
+    n = add_u64(n, mul_u64(L, add_u64(mul_u64(4 * M, M, &over), 8 * M, &over), &over), &over); // attention, norms
+    for (int mi = 0; mi < c->n_moe_layers && (uint64_t)(mi + 1) * (uint64_t)c->moe_every <= L; mi++, n_moe++) {
+        n = add_u64(n, mul_u64((uint64_t)c->experts[mi], add_u64(ffn, M, &over), &over), &over);
+        if (c->residual) n = add_u64(n, 2 * M + 2, &over);
     }
+    n = add_u64(n, mul_u64(L - n_moe + (c->residual ? n_moe : 0), ffn, &over), &over); // dense FFNs
     uint64_t bytes = mul_u64(n, 4 * sizeof(float), &over);
     return over || bytes > INT64_MAX ? 0 : bytes;
 }
