@@ -53,7 +53,7 @@ static void test_table(void **state) {
     assert_string_equal(P->name, "cpu");
     assert_int_equal(P->mem_kind, DSMOE_MEM_HOST);
     assert_int_equal(P->caps, DSMOE_KCAP_BF16 | DSMOE_KCAP_FUSED_EPILOGUE | DSMOE_KCAP_DETERMINISTIC |
-                                  DSMOE_KCAP_HOST_MEMORY | DSMOE_KCAP_INFERENCE);
+                                  DSMOE_KCAP_HOST_MEMORY | DSMOE_KCAP_INFERENCE | DSMOE_KCAP_DISTILL);
     assert_int_equal(P->dtypes, DSMOE_DTYPE_BIT(DSMOE_FLOAT32) | DSMOE_DTYPE_BIT(DSMOE_BFLOAT16));
     assert_int_equal(P->n_params, 2);
     assert_string_equal(P->params[0].name, "poison");

@@ -123,6 +123,8 @@ static const real_case real_cases[] = {
     {"bf16: residual MoE, jitter, ZeRO 1", "run.precision=bf16;moe.experts=4;moe.residual=true;moe.noise=jitter;"
      "train.zero_stage=1", 1, 0},
     {"PR-MoE 4/8, ZeRO 0", "moe.experts=4 x1, 8 x1;moe.residual=true", 3, 0},
+    {"distillation student (its KL buffers), bf16, ep 2", "moe.experts=4;run.precision=bf16;distill.teacher=t.safetensors",
+     2, 0},
     {"PR-MoE 4/8, ZeRO 1, micro_batch 1",
      "moe.experts=4 x1, 8 x1;moe.residual=true;train.zero_stage=1;train.batch=16;train.micro_batch=1", 3, 0},
     {"hierarchical all-to-all", "moe.experts=4;moe.alltoall=hierarchical", 1, 1},
@@ -189,7 +191,7 @@ static void check_real_case(const real_case *rc) {
                      live1 - live0 - dsmoe_model_bytes(m) - 2 * S * sizeof(int32_t));
     assert_int_equal(est.optimizer_bytes + est.optimizer_scratch_bytes, live2 - live1);
     assert_int_equal(est.total_bytes, live2 - live0);
-    if (cfg.zero_stage == 0) assert_int_equal(est.optimizer_bytes, 2 * est.param_bytes);
+    if (cfg.zero_stage == 0) assert_int_equal(est.optimizer_bytes, 2 * 4 * est.local_params); // two fp32 moments
     if (cfg.n_moe_layers == 0) assert_int_equal(est.moe_router_bytes + est.moe_buffer_bytes + est.exchange_bytes, 0);
     if (!cfg.drop_tokens) assert_int_equal(est.moe_buffer_bytes, 0);
     if (cfg.precision == DSMOE_PRECISION_BF16) {
@@ -241,6 +243,19 @@ static void check_real_case(const real_case *rc) {
     if (cfg.drop_tokens) assert_int_equal(live - live0, est.total_bytes);
 
     dsmoe_optimizer_free(opt);
+    dsmoe_model_free(m);
+    assert_int_equal(live, live0);
+
+    // The same config as a distillation teacher: a forward-only model, its MoE layers and exchanges.
+    uint64_t teacher = 0;
+    if (dsmoe_mem_teacher_bytes(&cfg, W, rank, 0, NULL, &teacher, &err) != DSMOE_OK)
+        fail_msg("%s: teacher estimate: %s", rc->name, err.msg);
+    if (dsmoe_model_create_forward_only(&cfg, &rt, cfg.micro_batch, &m, &err) != DSMOE_OK)
+        fail_msg("%s: forward-only model: %s", rc->name, err.msg);
+    assert_int_equal(teacher, live - live0);
+    assert_null(dsmoe_model_grads(m));
+    // Its parameters and activations, without the training model's gradients, probabilities and scratch.
+    assert_true(dsmoe_model_bytes(m) < est.model_bytes - est.grad_bytes);
     dsmoe_model_free(m);
     assert_int_equal(live, live0);
 }

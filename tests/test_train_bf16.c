@@ -27,18 +27,6 @@ static const char *quick_deck =
     "[data]\nsynthetic_sources = 4\nsynthetic_branching = 4\n"
     "[checkpoint]\nkeep = 10\n";
 
-// Trains and fails the test with the driver's message on an error.
-static void train_ok(const char *deck, const char *fmt, dsmoe_train_result *res, double *history, ...) {
-    char extra[2048];
-    va_list ap;
-    va_start(ap, history);
-    vsnprintf(extra, sizeof extra, fmt, ap);
-    va_end(ap);
-    dsmoe_err err = {0};
-    if (train_on(&rt, deck, extra, res, history, &err) != DSMOE_OK) fail_msg("train %s: %s", extra, err.msg);
-}
-
-
 static void assert_finite(const double *h, int n, const char *what) {
     for (int i = 0; i < n; i++)
         if (!isfinite(h[i])) fail_msg("%s: loss of step %d is %g", what, i + 1, h[i]);

@@ -1,5 +1,6 @@
 // tests/train_testutil.h: what the training-driver tests (test_train.c, test_train_bf16.c) share: the
-// small model's deck, decks loaded with command-line style overrides, a training run, a bitwise
+// small model's deck, decks loaded with command-line style overrides, a training run (train_ok fails the
+// test on an error), a bitwise
 // comparison of two checkpoints, and main's set-up (the runtime and a temporary directory). Header-only:
 // each test program includes it once.
 #ifndef DSMOE_TRAIN_TESTUTIL_H
@@ -63,6 +64,17 @@ static inline dsmoe_status train_on(dsmoe_runtime *r, const char *deck, const ch
     dsmoe_status s = dsmoe_train_run(&cfg, text, r, res, err);
     free(text);
     return s;
+}
+
+// Trains and fails the test with the driver's message on an error.
+static inline void train_ok(const char *deck, const char *fmt, dsmoe_train_result *res, double *history, ...) {
+    char extra[4096];
+    va_list ap;
+    va_start(ap, history);
+    vsnprintf(extra, sizeof extra, fmt, ap);
+    va_end(ap);
+    dsmoe_err err = {0};
+    if (train_on(&rt, deck, extra, res, history, &err) != DSMOE_OK) fail_msg("train %s: %s", extra, err.msg);
 }
 
 // Every tensor of two checkpoint files holds the same bytes, and the position is the same.

@@ -130,6 +130,13 @@ typedef struct dsmoe_config {
     // [metrics]
     char metrics_file[1024];     // metrics.file ("" = <run.output_dir>/metrics.csv)
 
+    // [distill] (knowledge distillation while training; docs/distill.md)
+    char distill_teacher[1024];      // distill.teacher: the teacher checkpoint ("" = off)
+    char distill_teacher_deck[1024]; // distill.teacher_deck ("" = the deck in the teacher checkpoint)
+    float distill_temperature;       // distill.temperature
+    float distill_alpha, distill_beta; // distill.alpha (cross-entropy), distill.beta (T^2 KL)
+    int distill_stop_step;           // distill.stop_step: last distilling step (0 = all)
+
     // [generate] (run.mode = generate; docs/inference.md)
     char gen_prompts[4096];      // generate.prompts: the prompt file
     int gen_prompt_format;       // generate.prompt_format: dsmoe_prompt_format
@@ -190,6 +197,10 @@ char *dsmoe_config_to_text(const dsmoe_config *cfg, const dsmoe_config_sources *
 // True when MoE layer index l (0-based over all layers) is an MoE layer; *moe_index gets its
 // position among MoE layers.
 int dsmoe_config_is_moe_layer(const dsmoe_config *cfg, int layer, int *moe_index);
+// The run trains with knowledge distillation (distill.teacher set, run.mode = train).
+static inline int dsmoe_config_distills(const dsmoe_config *cfg) {
+    return cfg->distill_teacher[0] != '\0' && cfg->mode == DSMOE_MODE_TRAIN;
+}
 
 // Capacity of an MoE layer: max(ceil(S/E * k * cf), min_capacity), cf chosen by training.
 int dsmoe_config_capacity(const dsmoe_config *cfg, int S, int E, int training);

@@ -124,6 +124,20 @@ const key_def dsmoe_config_keys[] = {
 
     KEY("metrics.file", K_STRING, "", metrics_file, ANY, "'' = <run.output_dir>/metrics.csv (eval.csv with run.mode = eval)"),
 
+    KEY("distill.teacher", K_STRING, "", distill_teacher, ANY,
+        "knowledge distillation from a teacher (Mixture-of-Students, docs/distill.md): the teacher's dsmoe "
+        "checkpoint; '' = off"),
+    KEY("distill.teacher_deck", K_STRING, "", distill_teacher_deck, ANY,
+        "the teacher's deck; '' = the deck stored in the teacher checkpoint"),
+    KEY("distill.temperature", K_FLOAT, "1.0", distill_temperature, GT(0),
+        "softmax temperature T of both models' logits in the distillation term"),
+    KEY("distill.alpha", K_FLOAT, "1.0", distill_alpha, GE(0),
+        "weight of the cross-entropy with the data while distilling"),
+    KEY("distill.beta", K_FLOAT, "1.0", distill_beta, GE(0),
+        "weight of the distillation term T^2 KL(softmax(teacher/T) || softmax(student/T))"),
+    KEY("distill.stop_step", K_INT, "0", distill_stop_step, GE(0),
+        "staged distillation: the last step that distils; later steps train on the plain loss; 0 = every step"),
+
     KEY("generate.prompts", K_STRING, "", gen_prompts, ANY, "run.mode = generate: the prompt file (text lines or JSON lines)"),
     ENUM("generate.prompt_format", "auto", gen_prompt_format, v_prompt_format,
          "auto = jsonl for a .jsonl or .json file, else text; text = one prompt a line; jsonl = one JSON object a line"),

@@ -18,6 +18,7 @@
 #include "plan.h"          // dsmoe_plan_run
 #include "plugin_loader.h" // dsmoe_plugin_load_*, dsmoe_plugin_search_path
 #include "runtime.h"       // dsmoe_runtime_open, dsmoe_runtime_close
+#include "signals.h"       // dsmoe_signals_install, dsmoe_signals_parse
 #include "train.h"         // dsmoe_train_run
 #include "watchdog.h"      // dsmoe_watchdog_start (run.watchdog)
 

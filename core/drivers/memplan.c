@@ -282,7 +282,7 @@ dsmoe_status dsmoe_mem_estimate_rank_for(const dsmoe_config *c, int W, int rank,
     est->local_params = local;
     est->optimizer_bytes = 2 * state * F32;
     est->optimizer_scratch_bytes = zero1 ? (gather + send) * F32 : 0;
-    dsmoe_model_sizes z = {.B = B, .local_params = local};
+    dsmoe_model_sizes z = {.B = B, .distill = B > 0 && dsmoe_config_distills(c), .local_params = local};
     DSMOE_TRY(attention_mem(c, B, kern, &z.att_saved, &z.att_ws, err));
     buf_mem mb = {0};
     DSMOE_TRY(dsmoe_model_buffers(c, &z, add_buffer, &mb, err));
@@ -321,5 +321,18 @@ dsmoe_status dsmoe_mem_estimate_rank_for(const dsmoe_config *c, int W, int rank,
         if (ep > 1 && (uint64_t)rank < ep && E / ep * F * M > most_shard) most_shard = E / ep * F * M;
     }
     est->checkpoint_host_bytes = ((rank == 0 ? most_global : 0) + most_shard) * F32;
+    return DSMOE_OK;
+}
+
+dsmoe_status dsmoe_mem_teacher_bytes(const dsmoe_config *t, int W, int rank, int rpn,
+                                     const dsmoe_kernel_plugin_v2 *kern, uint64_t *bytes, dsmoe_err *err) {
+    dsmoe_mem_estimate est;
+    DSMOE_TRY(dsmoe_mem_estimate_rank_for(t, W, rank, rpn, kern, &est, err));
+    // The model's own buffers again, forward only: parameters, activations, no gradients or backward scratch.
+    dsmoe_model_sizes z = {.B = est.micro_batch, .forward_only = 1, .local_params = est.local_params};
+    DSMOE_TRY(attention_mem(t, est.micro_batch, kern, &z.att_saved, &z.att_ws, err));
+    buf_mem mb = {0};
+    DSMOE_TRY(dsmoe_model_buffers(t, &z, add_buffer, &mb, err));
+    *bytes = mb.params + mb.act + mb.tokens + est.moe_router_bytes + est.moe_buffer_bytes + est.exchange_bytes;
     return DSMOE_OK;
 }

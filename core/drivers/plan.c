@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include "config.h"    // dsmoe_config_load, dsmoe_config_capacity
+#include "distill.h"   // dsmoe_teacher_config_load
 #include "exchange.h"  // dsmoe_a2a_plan_compute, dsmoe_a2a_choose
 #include "plugin_loader.h" // dsmoe_plugin_load_kernel: attention_bytes
 #include "memplan.h"   // dsmoe_mem_estimate_rank
@@ -103,6 +104,27 @@ static uint64_t rank_budget(const dsmoe_config *c, const dsmoe_topo *topo, const
 // staging; with drops the peak is exact.
 static uint64_t need_of(const dsmoe_config *c, const dsmoe_mem_estimate *e) {
     return c->drop_tokens ? e->peak_bytes : e->total_bytes + e->checkpoint_bytes;
+}
+
+// A distillation teacher's memory on rank `rank` (0 when the run does not distil). Its deck comes from
+// distill.teacher_deck or the checkpoint: when neither can be read here, the plan says so and leaves it out.
+static uint64_t teacher_need(FILE *out, const dsmoe_config *c, int ranks, int rank, int rpn,
+                             const dsmoe_kernel_plugin_v2 *kern) {
+    if (!dsmoe_config_distills(c)) return 0;
+    dsmoe_config *t = malloc(sizeof *t);
+    dsmoe_err e = {0};
+    uint64_t bytes = 0;
+    char where[1200];
+    if (!t) return 0;
+    if (dsmoe_teacher_config_load(c, ranks, t, where, sizeof where, &e) == DSMOE_OK)
+        dsmoe_mem_teacher_bytes(t, ranks, rank, rpn, kern, &bytes, &e);
+    if (e.status != DSMOE_OK)
+        fprintf(out, "note: the distillation teacher is not counted: %s\n", e.msg);
+    else
+        fprintf(out, "  distillation teacher (%s): %d layers, forward only (parameters, activations, MoE buffers; no "
+                "gradients or optimizer state): %s\n", where, t->layers, dsmoe_plan_bytes(bytes));
+    free(t);
+    return bytes;
 }
 
 // The largest train.micro_batch below the deck's that fits rank `rank` (a divisor of the sequences each
@@ -284,6 +306,7 @@ static dsmoe_status plan(const char *deck_path, char *const *overrides, int n_ov
         fprintf(out, "  at start %s; peak %s (checkpoint staging %s%s)\n", dsmoe_plan_bytes(worst.total_bytes),
                 dsmoe_plan_bytes(worst.peak_bytes), dsmoe_plan_bytes(worst.checkpoint_bytes),
                 c.drop_tokens ? "" : "; dropless: capacity buffers may grow to the peak");
+        need += teacher_need(out, &c, ranks, worst_rank, rpn, kern);
         fprintf(out, "  needs %s, has %s (%s): %s\n", dsmoe_plan_bytes(need), dsmoe_plan_bytes(budget), why,
                 budget == 0 ? "unknown" : need <= budget ? "fits" : "DOES NOT FIT");
         fprintf(out, "  checkpoints: one file of %s (parameters and both AdamW moments) written by rank 0, one "

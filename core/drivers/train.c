@@ -16,11 +16,13 @@
 
 #include "checkpoint.h"
 #include "data.h"
+#include "distill.h"
 #include "dsmoe/rng.h"
 #include "memplan.h"
 #include "model.h"
 #include "optimizer.h"
 #include "preflight.h"
+#include "signals.h"
 #include "watchdog.h"
 
 float dsmoe_lr_at(const dsmoe_config *c, int step) {
@@ -41,12 +43,15 @@ typedef struct trainer {
     const dsmoe_config *cfg;
     dsmoe_runtime *rt;
     dsmoe_model *model;
+    dsmoe_teacher *teacher;   // distill.teacher: forward only (core/drivers/distill.h); else NULL
     dsmoe_optimizer *opt;
     dsmoe_dataset *data;
     int B, T, accum;          // micro-batch sequences per rank, sequence length, micro-steps per step
     int32_t *window;          // (T+1) host
     int32_t *inputs, *targets; // (B*T) host
     int64_t *loads;           // (n_moe, max E) kept tokens per expert over the step, all ranks
+    int *train_capacity;      // (n_moe) each MoE layer's capacity in the step's last training forward (an
+                              // evaluation after the step runs at its own capacity)
     int max_e;
     FILE *metrics;
     char metrics_path[2048];
@@ -60,6 +65,7 @@ typedef struct trainer {
 // Statistics of one step or evaluation, summed over micro-batches and ranks.
 typedef struct step_stats {
     double loss_sum, tokens, aux_sum, micro_count, routed, dropped;
+    double kd_sum; // sum over tokens of KL(teacher || student) at the temperature (distilling steps)
 } step_stats;
 
 static dsmoe_status load_micro_batch(trainer *tr, dsmoe_split split, uint64_t first_sample, dsmoe_err *err) {
@@ -73,9 +79,9 @@ static dsmoe_status load_micro_batch(trainer *tr, dsmoe_split split, uint64_t fi
 }
 
 static dsmoe_status reduce_stats(const trainer *tr, step_stats *st, dsmoe_err *err) {
-    double v[6] = {st->loss_sum, st->tokens, st->aux_sum, st->micro_count, st->routed, st->dropped};
-    DSMOE_TRY(dsmoe_ctl_allreduce_f64(tr->rt->world_ctl, v, 6, err));
-    *st = (step_stats){v[0], v[1], v[2], v[3], v[4], v[5]};
+    double v[7] = {st->loss_sum, st->tokens, st->aux_sum, st->micro_count, st->routed, st->dropped, st->kd_sum};
+    DSMOE_TRY(dsmoe_ctl_allreduce_f64(tr->rt->world_ctl, v, 7, err));
+    *st = (step_stats){v[0], v[1], v[2], v[3], v[4], v[5], v[6]};
     return DSMOE_OK;
 }
 
@@ -86,6 +92,7 @@ static void add_forward(step_stats *st, const dsmoe_forward_result *r) {
     st->micro_count += 1;
     st->routed += (double)r->routed;
     st->dropped += (double)r->dropped;
+    st->kd_sum += r->kd_sum;
 }
 
 // Mean validation loss over eval_batches global batches of the validation split. layer_stats (when not
@@ -196,6 +203,7 @@ static void metrics_end_row(trainer *tr, int step) {
 static void metrics_header(trainer *tr) {
     if (!tr->metrics) return;
     metrics_printf(tr, "step,loss,aux_loss,lr,grad_norm,tokens_per_s,dropped_frac,elapsed_s,valid_loss");
+    if (dsmoe_config_distills(tr->cfg)) metrics_printf(tr, ",kd_loss"); // empty on steps that do not distil
     for (int i = 0; i < tr->cfg->n_moe_layers; i++) {
         metrics_printf(tr, ",moe%d_capacity,moe%d_drop", i, i);
         for (int e = 0; e < tr->cfg->experts[i]; e++) metrics_printf(tr, ",moe%d_load_e%d", i, e);
@@ -211,12 +219,13 @@ static void metrics_row(trainer *tr, int step, const step_stats *st, float lr, d
                    st->aux_sum / st->micro_count, lr, gnorm, tok_s, st->routed > 0 ? st->dropped / st->routed : 0.0,
                    elapsed);
     if (!isnan(valid)) metrics_printf(tr, "%.9g", valid);
+    if (dsmoe_config_distills(tr->cfg))
+        metrics_printf(tr, dsmoe_distill_on_at(tr->cfg, step - 1) ? ",%.9g" : ",", st->kd_sum / st->tokens);
     for (int i = 0; i < tr->cfg->n_moe_layers; i++) {
-        const dsmoe_moe_stats *ms = dsmoe_model_moe_stats(tr->model, i);
         long kept = 0;
         for (int e = 0; e < tr->cfg->experts[i]; e++) kept += tr->loads[i * tr->max_e + e];
         double routed_layer = st->routed / tr->cfg->n_moe_layers;
-        metrics_printf(tr, ",%d,%.6f", ms->capacity, routed_layer > 0 ? 1.0 - kept / routed_layer : 0.0);
+        metrics_printf(tr, ",%d,%.6f", tr->train_capacity[i], routed_layer > 0 ? 1.0 - kept / routed_layer : 0.0);
         for (int e = 0; e < tr->cfg->experts[i]; e++)
             metrics_printf(tr, ",%.5f", kept ? (double)tr->loads[i * tr->max_e + e] / kept : 0.0);
     }
@@ -276,97 +285,6 @@ static dsmoe_status save_checkpoint(trainer *tr, const char *config_text, const 
     return err->status;
 }
 
-// ----------------------------------------------------------------------------------------------------
-// walltime signals (train.h)
-
-static const struct {
-    const char *name;
-    int signo;
-} signal_names[] = {{"HUP", SIGHUP}, {"INT", SIGINT}, {"QUIT", SIGQUIT}, {"USR1", SIGUSR1},
-                    {"USR2", SIGUSR2}, {"TERM", SIGTERM}, {"XCPU", SIGXCPU}};
-#define N_SIGNAL_NAMES (int)(sizeof signal_names / sizeof signal_names[0])
-
-static volatile sig_atomic_t stop_signal; // the first signal received; 0 = none
-// Set once the checkpoint of a signal's stop is written: the rank is only exiting (with 75) from then on,
-// and a further signal is ignored. srun --kill-on-bad-exit sends SIGTERM to the ranks still running when
-// the first one exits with 75; that must not turn their 75 into 76.
-static volatile sig_atomic_t stop_checkpoint_written;
-static int signals_installed;             // the same on every rank: the deck decides
-
-static const char *signal_name(int signo) {
-    for (int i = 0; i < N_SIGNAL_NAMES; i++)
-        if (signal_names[i].signo == signo) return signal_names[i].name;
-    return "?";
-}
-
-// Async-signal-safe: a flag, or write(2) and _exit(2) on the second signal.
-static void on_stop_signal(int signo) {
-    if (stop_checkpoint_written) return;
-    if (stop_signal) {
-        static const char msg[] = "dsmoe: second signal: exiting at once (76), without a checkpoint of this step\n";
-        ssize_t w = write(STDERR_FILENO, msg, sizeof msg - 1);
-        (void)w;
-        _exit(DSMOE_EXIT_SIGNAL_TWICE);
-    }
-    stop_signal = signo;
-}
-
-dsmoe_status dsmoe_signals_parse(const char *list, int *signos, int max, int *n, dsmoe_err *err) {
-    *n = 0;
-    const char *p = list;
-    while (*p) {
-        while (*p == ',' || isspace((unsigned char)*p)) p++;
-        if (!*p) break;
-        size_t len = strcspn(p, ", \t\n");
-        char word[32];
-        snprintf(word, sizeof word, "%.*s", (int)(len < sizeof word - 1 ? len : sizeof word - 1), p);
-        p += len;
-        if (strcasecmp(word, "none") == 0) continue;
-        const char *bare = strncasecmp(word, "SIG", 3) == 0 ? word + 3 : word;
-        int signo = 0;
-        for (int i = 0; i < N_SIGNAL_NAMES; i++)
-            if (strcasecmp(bare, signal_names[i].name) == 0) signo = signal_names[i].signo;
-        if (!signo || len >= sizeof word)
-            return dsmoe_err_set(err, DSMOE_ERR_INVALID,
-                                 "run.signals = %s: '%s' is not one of HUP INT QUIT USR1 USR2 TERM XCPU", list, word);
-        int seen = 0;
-        for (int i = 0; i < *n; i++) seen |= signos[i] == signo;
-        if (!seen && *n < max) signos[(*n)++] = signo;
-    }
-    return DSMOE_OK;
-}
-
-dsmoe_status dsmoe_signals_install(const dsmoe_config *cfg, dsmoe_err *err) {
-    int signos[N_SIGNAL_NAMES], n;
-    DSMOE_TRY(dsmoe_signals_parse(cfg->signals, signos, N_SIGNAL_NAMES, &n, err));
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_stop_signal;
-    sa.sa_flags = SA_RESTART; // MPI and file I/O carry on; the loop looks at the flag between steps
-    sigemptyset(&sa.sa_mask);
-    for (int i = 0; i < n; i++)
-        if (sigaction(signos[i], &sa, NULL) != 0)
-            return dsmoe_err_set(err, DSMOE_ERR_SYSTEM, "cannot handle SIG%s", signal_name(signos[i]));
-    signals_installed = n > 0;
-    return DSMOE_OK;
-}
-
-// At a step boundary: did any rank get a signal? v = (ranks that got one, ranks per signal name).
-// *signo: this rank's signal, else the one the others got (the lowest-numbered, should they differ).
-static dsmoe_status signals_agree(trainer *tr, int *signo, int *ranks, dsmoe_err *err) {
-    *signo = *ranks = 0;
-    if (!signals_installed) return DSMOE_OK;
-    int mine = stop_signal;
-    int64_t v[1 + N_SIGNAL_NAMES] = {mine != 0};
-    for (int i = 0; i < N_SIGNAL_NAMES; i++) v[1 + i] = signal_names[i].signo == mine;
-    DSMOE_TRY(dsmoe_ctl_allreduce_i64(tr->rt->world_ctl, v, 1 + N_SIGNAL_NAMES, err));
-    *ranks = (int)v[0];
-    *signo = mine;
-    for (int i = 0; i < N_SIGNAL_NAMES && !*signo; i++)
-        if (v[1 + i]) *signo = signal_names[i].signo;
-    return DSMOE_OK;
-}
-
 // On resume, rows after the checkpoint's step come from a run that went on past it (killed later, or
 // stopped by a signal after its last checkpoint.every): drop them, and a torn last line, so that each
 // step appears once. Writes through a temporary file and a rename. *has_header: the file has its header.
@@ -414,6 +332,11 @@ static dsmoe_status train_step(trainer *tr, int step, uint64_t first_sample, ste
     // each rank's own l_aux enters the loss as the mean over ranks.
     float daux = c->aux_loss_coeff / (float)(c->aux_loss_scope == DSMOE_AUX_SCOPE_BATCH ? tr->accum : tr->accum * world);
     uint64_t step_seed = dsmoe_rng_key(c->seed, 0x57e9, (uint64_t)step, 0);
+    // Distilling: alpha * CE + beta * T^2 * KL (docs/distill.md); each token's KL weighs beta T^2 / tokens.
+    int kd = tr->teacher && dsmoe_distill_on_at(c, step);
+    float temp = c->distill_temperature;
+    float kd_weight = kd ? c->distill_beta * temp * temp * dloss : 0.0f;
+    if (kd) dloss *= c->distill_alpha;
     memset(st, 0, sizeof *st);
     memset(tr->loads, 0, sizeof(int64_t) * (size_t)(c->n_moe_layers ? c->n_moe_layers : 1) * (size_t)tr->max_e);
     DSMOE_TRY(dsmoe_model_zero_grads(tr->model, err));
@@ -422,16 +345,23 @@ static dsmoe_status train_step(trainer *tr, int step, uint64_t first_sample, ste
         DSMOE_TRY(load_micro_batch(tr, DSMOE_SPLIT_TRAIN, first_sample + pos, err));
         dsmoe_forward_result r;
         dsmoe_watchdog_beat("forward", step + 1);
+        if (kd) {
+            const void *teacher_logits;
+            DSMOE_TRY(dsmoe_teacher_forward(tr->teacher, tr->inputs, pos * (uint64_t)tr->T, &teacher_logits, err));
+            DSMOE_TRY(dsmoe_model_set_teacher(tr->model, teacher_logits, temp, kd_weight, err));
+        }
         DSMOE_TRY(dsmoe_model_forward(tr->model, tr->inputs, tr->targets, 1, step_seed, pos * (uint64_t)tr->T, &r, err));
         add_forward(st, &r);
         for (int i = 0; i < c->n_moe_layers; i++) {
             const dsmoe_moe_stats *ms = dsmoe_model_moe_stats(tr->model, i);
             for (int e = 0; e < c->experts[i]; e++) tr->loads[i * tr->max_e + e] += ms->expert_load[e];
+            tr->train_capacity[i] = ms->capacity;
         }
         dsmoe_model_set_reduce_in_backward(tr->model, j == tr->accum - 1);
         dsmoe_watchdog_beat("backward", step + 1);
         DSMOE_TRY(dsmoe_model_backward(tr->model, dloss, daux, err));
     }
+    if (kd) DSMOE_TRY(dsmoe_model_set_teacher(tr->model, NULL, 0, 0, err)); // evaluation has no teacher
     dsmoe_watchdog_beat("gradient reduction and optimizer", step + 1);
     DSMOE_TRY(dsmoe_model_reduce_grads(tr->model, err));
     DSMOE_TRY(dsmoe_model_grad_norm(tr->model, gnorm, err));
@@ -484,13 +414,15 @@ static dsmoe_status open_run(trainer *tr, const dsmoe_config *c, dsmoe_runtime *
     tr->targets = dsmoe_malloc((size_t)tr->B * tr->T * sizeof(int32_t), "targets", err);
     tr->loads = dsmoe_calloc((size_t)(c->n_moe_layers ? c->n_moe_layers : 1) * (size_t)tr->max_e, sizeof(int64_t),
                              "expert loads", err);
-    if (!tr->window || !tr->inputs || !tr->targets || !tr->loads) return DSMOE_ERR_NOMEM;
+    tr->train_capacity = dsmoe_calloc((size_t)(c->n_moe_layers ? c->n_moe_layers : 1), sizeof(int), "capacities", err);
+    if (!tr->window || !tr->inputs || !tr->targets || !tr->loads || !tr->train_capacity) return DSMOE_ERR_NOMEM;
     // Model creation is collective: a data file, or a check before the first step, that fails on some
     // ranks is agreed on first.
     DSMOE_TRY(dsmoe_errors_agree(open_data(c, &tr->data, err), err));
     DSMOE_TRY(dsmoe_ctl_checks_agree(rt->world_ctl, dsmoe_preflight_train(c, tr->data, tr->rank, checkpoint_bytes(c), err),
                                      err));
     DSMOE_TRY(dsmoe_model_create(c, rt, tr->B, &tr->model, err));
+    if (dsmoe_config_distills(c)) DSMOE_TRY(dsmoe_teacher_open(c, rt, tr->B, &tr->teacher, err));
     DSMOE_TRY(dsmoe_optimizer_create(tr->model, c->zero_stage, &tr->opt, err));
     if (c->checkpoint_dir[0]) snprintf(tr->ckpt_dir, sizeof tr->ckpt_dir, "%s", c->checkpoint_dir);
     else snprintf(tr->ckpt_dir, sizeof tr->ckpt_dir, "%s/checkpoints", c->output_dir);
@@ -499,6 +431,7 @@ static dsmoe_status open_run(trainer *tr, const dsmoe_config *c, dsmoe_runtime *
 
 static void close_run(trainer *tr) {
     dsmoe_optimizer_free(tr->opt);
+    dsmoe_teacher_close(tr->teacher);
     dsmoe_model_free(tr->model);
     dsmoe_dataset_close(tr->data);
     if (tr->metrics) fclose(tr->metrics);
@@ -506,6 +439,22 @@ static void close_run(trainer *tr) {
     free(tr->inputs);
     free(tr->targets);
     free(tr->loads);
+    free(tr->train_capacity);
+}
+
+// --check of distill.teacher: its deck loads for this rank count and suits the student, and the
+// checkpoint verifies against it (every tensor's checksum).
+static dsmoe_status check_teacher(const dsmoe_config *c, dsmoe_runtime *rt, dsmoe_err *err) {
+    dsmoe_config t;
+    char where[1200];
+    DSMOE_TRY(dsmoe_teacher_config_load(c, rt->world_size, &t, where, sizeof where, err));
+    dsmoe_train_position pos;
+    dsmoe_err e = {0};
+    if (dsmoe_checkpoint_verify(&t, c->distill_teacher, &pos, &e) != DSMOE_OK)
+        return dsmoe_err_set(err, e.status, "distill.teacher: %s", e.msg);
+    if (rt->world_rank == 0)
+        printf("distill: teacher %s verifies (step %d; %s)\n", c->distill_teacher, pos.step, where);
+    return DSMOE_OK;
 }
 
 dsmoe_status dsmoe_train_check(const dsmoe_config *c, dsmoe_runtime *rt, dsmoe_err *err) {
@@ -514,6 +463,7 @@ dsmoe_status dsmoe_train_check(const dsmoe_config *c, dsmoe_runtime *rt, dsmoe_e
     if (s == DSMOE_OK) s = dsmoe_preflight_train(c, ds, rt->world_rank, checkpoint_bytes(c), err);
     if (s == DSMOE_OK && rt->world_rank == 0) printf("data: %s\n", dsmoe_dataset_describe(ds));
     dsmoe_dataset_close(ds);
+    if (s == DSMOE_OK && dsmoe_config_distills(c)) s = check_teacher(c, rt, err);
     return dsmoe_ctl_checks_agree(rt->world_ctl, s, err);
 }
 
@@ -599,6 +549,11 @@ static dsmoe_status run(trainer *tr, const char *config_text, dsmoe_train_result
                mem.optimizer_scratch_bytes * mib, (mem.activation_bytes + mem.token_bytes) * mib,
                (mem.moe_buffer_bytes + mem.moe_router_bytes + mem.exchange_bytes) * mib, mem.total_bytes * mib,
                mem.peak_bytes * mib);
+        uint64_t tb = 0;
+        if (tr->teacher && dsmoe_mem_teacher_bytes(dsmoe_teacher_cfg(tr->teacher), tr->rt->world_size, 0,
+                                                   tr->rt->node_ranks, tr->rt->kern, &tb, &mem_err) == DSMOE_OK)
+            printf("memory per rank (rank 0): the distillation teacher adds %.1f MiB (parameters, activations and MoE "
+                   "buffers; forward only, no gradients or optimizer state)\n", tb * mib);
     }
     if (tr->rank == 0 && c->n_moe_layers > 0 && c->drop_tokens)
         printf("moe: capacity is computed per rank and micro-batch from its %d tokens (C = %d on layer 0 when "
@@ -627,6 +582,8 @@ static dsmoe_status run(trainer *tr, const char *config_text, dsmoe_train_result
         double loss = st.loss_sum / st.tokens;
         res->last_loss = loss;
         res->last_aux = st.aux_sum / st.micro_count;
+        int distilled = tr->teacher && dsmoe_distill_on_at(c, step);
+        res->last_kd = distilled ? st.kd_sum / st.tokens : NAN;
         if (res->loss_history) res->loss_history[step] = loss;
         int last = pos.step == c->steps;
         double valid = NAN;
@@ -646,6 +603,7 @@ static dsmoe_status run(trainer *tr, const char *config_text, dsmoe_train_result
                 dsmoe_format_hms(eta, et, sizeof et);
                 printf("step %*d/%d | loss %.4f", (int)snprintf(NULL, 0, "%d", c->steps), pos.step, c->steps, loss);
                 if (res->loss_bound >= 0) printf(" (bound %.4f)", res->loss_bound);
+                if (distilled) printf(" | kd %.4f", res->last_kd);
                 if (c->n_moe_layers) printf(" | aux %.4f | drop %5.2f%%", res->last_aux, 100.0 * st.dropped / st.routed);
                 printf(" | lr %.2e | gnorm %.3f | %.0f tok/s | %s elapsed | ETA %s", dsmoe_lr_at(c, step), gnorm, tok_s, el, et);
                 if (!isnan(valid)) printf(" | valid %.4f", valid);
@@ -654,20 +612,23 @@ static dsmoe_status run(trainer *tr, const char *config_text, dsmoe_train_result
             }
             metrics_row(tr, pos.step, &st, dsmoe_lr_at(c, step), gnorm, tok_s, elapsed, valid);
         }
+        if (tr->teacher && tr->rank == 0 && c->distill_stop_step == pos.step && !last)
+            printf("distill: distillation stopped after step %d: the plain training loss from step %d on\n", pos.step,
+                   pos.step + 1);
         int saved = (c->checkpoint_every > 0 && pos.step % c->checkpoint_every == 0) || (last && c->checkpoint_final);
         dsmoe_watchdog_beat("checkpoint save", pos.step);
         if (saved) DSMOE_TRY(save_checkpoint(tr, config_text, &pos, last && c->checkpoint_final, res, err));
         dsmoe_watchdog_beat("step boundary", pos.step);
         // A signal during the last step changes nothing: the run is complete.
         int signo, ranks;
-        if (!last) DSMOE_TRY(signals_agree(tr, &signo, &ranks, err));
+        if (!last) DSMOE_TRY(dsmoe_signals_agree(tr->rt->world_ctl, &signo, &ranks, err));
         if (!last && ranks > 0) {
             // The run stops here: this save is its last, and 75 promises its checkpoint.
             if (!saved || tr->failed_saves > 0) DSMOE_TRY(save_checkpoint(tr, config_text, &pos, 1, res, err));
-            stop_checkpoint_written = 1;
+            dsmoe_signals_stop_written();
             if (tr->rank == 0) {
                 printf("stopped: SIG%s at step %d of %d (%d of %d ranks got a signal): exit code %d; resume with "
-                       "checkpoint.resume=auto\n", signal_name(signo), pos.step, c->steps, ranks,
+                       "checkpoint.resume=auto\n", dsmoe_signal_name(signo), pos.step, c->steps, ranks,
                        tr->rt->world_size, DSMOE_EXIT_SIGNAL_CHECKPOINT);
                 fflush(stdout);
             }

@@ -1,5 +1,5 @@
 // core/drivers/train.h: the training and evaluation driver.
-// defines: dsmoe_train_run, dsmoe_train_check, dsmoe_train_result, dsmoe_lr_at, dsmoe_signals_parse, dsmoe_signals_install,
+// defines: dsmoe_train_run, dsmoe_train_check, dsmoe_train_result, dsmoe_lr_at,
 //          DSMOE_EXIT_SIGNAL_CHECKPOINT, DSMOE_EXIT_SIGNAL_TWICE, DSMOE_EXIT_SAVE_FAILED, DSMOE_EXIT_METRICS_FAILED
 //
 // One optimizer step = the deck's global batch (train.batch sequences) split over the ranks and
@@ -17,6 +17,7 @@ typedef struct dsmoe_train_result {
     int steps_done;          // optimizer steps completed, counting resumed ones
     double last_loss;        // mean training loss of the last step (without aux)
     double last_aux;         // mean sum of l_aux of the last step
+    double last_kd;          // distilling: mean KL(teacher || student) per token of the last step; else NaN
     double valid_loss;       // last validation loss (NaN if none was computed)
     double loss_bound;       // synthetic corpus: the achievable minimum; else -1
     double *loss_history;    // (steps) if the caller set it: training loss of each step run here
@@ -27,12 +28,7 @@ typedef struct dsmoe_train_result {
     int metrics_failed;      // writing metrics.file failed (every rank knows): DSMOE_EXIT_METRICS_FAILED
 } dsmoe_train_result;
 
-// Walltime signals (run.signals, docs/parallel.md "Walltime signals and exit codes"). The handler only
-// records the signal; at the next step boundary the ranks agree (one host all-reduce) whether any got
-// one, write a checkpoint of that step, and dsmoe exits with DSMOE_EXIT_SIGNAL_CHECKPOINT, for a job
-// script to requeue with checkpoint.resume=auto. A second signal to a rank ends it at once, from the
-// handler, with DSMOE_EXIT_SIGNAL_TWICE (no checkpoint of the current step; earlier ones are kept),
-// unless that checkpoint is already written: the rank is then only exiting, and ignores it.
+// Walltime signals (core/drivers/signals.h): a checkpoint, then this code; a second signal: the next.
 #define DSMOE_EXIT_SIGNAL_CHECKPOINT 75 // EX_TEMPFAIL: "try again", as sysexits.h has it
 #define DSMOE_EXIT_SIGNAL_TWICE 76
 // Output failures (docs/parallel.md). A failed checkpoint save keeps the older ones and training goes on;
@@ -41,12 +37,6 @@ typedef struct dsmoe_train_result {
 // without rows, and a run that otherwise exits 0 exits with DSMOE_EXIT_METRICS_FAILED.
 #define DSMOE_EXIT_SAVE_FAILED 74    // EX_IOERR
 #define DSMOE_EXIT_METRICS_FAILED 73 // EX_CANTCREAT: the output file could not be written
-// Reads run.signals: names from HUP INT QUIT USR1 USR2 TERM XCPU, any case, with or without SIG,
-// separated by commas or blanks; "" or "none" = no signal. Local.
-dsmoe_status dsmoe_signals_parse(const char *list, int *signos, int max, int *n, dsmoe_err *err);
-// Installs the handler for cfg->signals (process-wide; call once, before training). Local.
-dsmoe_status dsmoe_signals_install(const dsmoe_config *cfg, dsmoe_err *err);
-
 // Learning rate for a 0-based step: linear warm-up, then cosine/linear decay to min_lr, or constant.
 float dsmoe_lr_at(const dsmoe_config *cfg, int step);
 

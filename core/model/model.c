@@ -231,7 +231,8 @@ static dsmoe_status alloc_buffers(dsmoe_model *m, dsmoe_err *err) {
     if (as != DSMOE_OK)
         return dsmoe_err_set(err, as, "kernel plugin '%s': attention_bytes: %s", rt->kern->name,
                              rt->kern->last_error(rt->kctx));
-    dsmoe_model_sizes z = {.B = m->B, .local_params = m->n_local, .att_saved = att_saved, .att_ws = att_ws};
+    dsmoe_model_sizes z = {.B = m->B, .forward_only = m->forward_only, .distill = m->distill,
+                           .local_params = m->n_local, .att_saved = att_saved, .att_ws = att_ws};
     return dsmoe_model_buffers(m->cfg, &z, alloc_one, m, err);
 }
 
@@ -393,8 +394,8 @@ static dsmoe_status ffn_backward(dsmoe_model *m, int l, float daux, dsmoe_err *e
 // ----------------------------------------------------------------------------------------------------
 // the model
 
-dsmoe_status dsmoe_model_create(const dsmoe_config *cfg, dsmoe_runtime *rt, int B, dsmoe_model **model,
-                                dsmoe_err *err) {
+static dsmoe_status create(const dsmoe_config *cfg, dsmoe_runtime *rt, int B, int forward_only, dsmoe_model **model,
+                           dsmoe_err *err) {
     *model = NULL;
     dsmoe_model *m = calloc(1, sizeof *m);
     if (!m) return dsmoe_err_set(err, DSMOE_ERR_NOMEM, "out of memory creating the model");
@@ -406,6 +407,8 @@ dsmoe_status dsmoe_model_create(const dsmoe_config *cfg, dsmoe_runtime *rt, int 
     m->can_overlap = cfg->overlap_grad_reduce && rt->world_size > 1 &&
                      (rt->stream_ordered || (rt->comm->caps & DSMOE_CCAP_NONBLOCKING));
     m->B = B;
+    m->forward_only = forward_only;
+    m->distill = !forward_only && B > 0 && dsmoe_config_distills(cfg);
     m->T = cfg->seq_len;
     m->S = B * cfg->seq_len;
     m->M = cfg->hidden;
@@ -471,11 +474,23 @@ dsmoe_status dsmoe_model_create(const dsmoe_config *cfg, dsmoe_runtime *rt, int 
     return DSMOE_OK;
 }
 
+dsmoe_status dsmoe_model_create(const dsmoe_config *cfg, dsmoe_runtime *rt, int B, dsmoe_model **model,
+                                dsmoe_err *err) {
+    return create(cfg, rt, B, 0, model, err);
+}
+
+dsmoe_status dsmoe_model_create_forward_only(const dsmoe_config *cfg, dsmoe_runtime *rt, int B, dsmoe_model **model,
+                                             dsmoe_err *err) {
+    if (B <= 0) return dsmoe_err_set(err, DSMOE_ERR_INVALID, "a forward-only model needs a micro-batch (B = %d)", B);
+    return create(cfg, rt, B, 1, model, err);
+}
+
 void dsmoe_model_free(dsmoe_model *m) {
     if (!m) return;
     dsmoe_runtime *rt = m->rt;
     for (int i = 0; i < m->cfg->n_moe_layers && m->moe; i++) dsmoe_moe_layer_free(m->moe[i]);
-    dsmoe_model_sizes none = {.B = m->B}; // sizes do not matter to a free (B = 0: no gradient slab)
+    // Sizes do not matter to a free, only which rows exist (B = 0: no gradient slab).
+    dsmoe_model_sizes none = {.B = m->B, .forward_only = m->forward_only, .distill = m->distill};
     dsmoe_model_buffers(m->cfg, &none, free_one, m, NULL);
     if (m->params_kept) rt->kern->free(rt->kctx, m->params_kept);
     for (int k = 0; m->epg && k < m->n_epg; k++) {
@@ -538,12 +553,14 @@ dsmoe_status dsmoe_model_forward(dsmoe_model *m, const int32_t *inputs, const in
     if (m->B == 0) return dsmoe_err_set(err, DSMOE_ERR_INVALID, "model forward: a parameters-only model (B = 0)");
     int S = m->S, M = m->M, V = m->V;
     size_t SM = (size_t)S * M;
+    if (!targets && !m->forward_only)
+        return dsmoe_err_set(err, DSMOE_ERR_INVALID, "model forward: no targets (only a forward-only model goes without)");
     for (int s = 0; s < S; s++)
-        if (inputs[s] < 0 || inputs[s] >= V || targets[s] < 0 || targets[s] >= V)
+        if (inputs[s] < 0 || inputs[s] >= V || (targets && (targets[s] < 0 || targets[s] >= V)))
             return dsmoe_err_set(err, DSMOE_ERR_INVALID, "token %d at position %d is outside the vocabulary [0, %d)",
                                  inputs[s] < 0 || inputs[s] >= V ? inputs[s] : targets[s], s, V);
     KCALL(rt, copy_to_device, m->tokens, inputs, (size_t)S * sizeof(int32_t));
-    KCALL(rt, copy_to_device, m->targets, targets, (size_t)S * sizeof(int32_t));
+    if (targets) KCALL(rt, copy_to_device, m->targets, targets, (size_t)S * sizeof(int32_t));
     if (m->dt != F32) KCALL(rt, convert, m->params_lp, m->dt, m->params, F32, m->n_local);
     KCALL(rt, embedding_forward, m->resid, m->dt, m->tokens, m->wte, m->wpe, m->B, m->T, M, V);
     for (int l = 0; l < m->L; l++) {
@@ -559,15 +576,23 @@ dsmoe_status dsmoe_model_forward(dsmoe_model *m, const int32_t *inputs, const in
     void *xL = act_at(m, m->resid, (size_t)m->L * SM);
     KCALL(rt, layernorm_forward, m->lnf, m->lnf_mean, m->lnf_rstd, xL, m->dt, m->lnfw, m->lnfb, S, M, m->cfg->ln_eps);
     DSMOE_TRY(linear_forward(m, m->logits, m->lnf, m->wte_op, NULL, S, M, V, err));
+    memset(res, 0, sizeof *res);
+    res->tokens = S;
+    if (m->forward_only) return DSMOE_OK; // the logits are all a teacher gives: nothing to wait for
     KCALL(rt, crossentropy_forward, m->losses, m->probs, m->logits, m->dt, m->targets, S, V);
+    m->kd_active = m->teacher_logits != NULL;
+    if (m->kd_active) {
+        KCALL(rt, distill_forward, m->kd_losses, m->kd_diff, m->logits, m->teacher_logits, m->dt, m->kd_temperature,
+              S, V);
+        KCALL(rt, copy_to_host, m->host_kd_losses, m->kd_losses, (size_t)S * sizeof(float));
+    }
     // The losses and the MoE layers' statistics come back to the host once, after one wait.
     KCALL(rt, copy_to_host, m->host_losses, m->losses, (size_t)S * sizeof(float));
     for (int i = 0; i < m->cfg->n_moe_layers; i++) DSMOE_TRY(dsmoe_moe_stats_copy(m->moe[i], err));
     DSMOE_TRY(dsmoe_rt_wait(rt, err));
     for (int i = 0; i < m->cfg->n_moe_layers; i++) dsmoe_moe_stats_read(m->moe[i], &m->moe_stats[i]);
-    memset(res, 0, sizeof *res);
     for (int s = 0; s < S; s++) res->loss_sum += m->host_losses[s];
-    res->tokens = S;
+    for (int s = 0; m->kd_active && s < S; s++) res->kd_sum += m->host_kd_losses[s];
     for (int i = 0; i < m->cfg->n_moe_layers; i++) {
         res->aux_sum += m->moe_stats[i].aux_loss;
         res->routed += m->moe_stats[i].routed;
@@ -579,11 +604,14 @@ dsmoe_status dsmoe_model_forward(dsmoe_model *m, const int32_t *inputs, const in
 
 dsmoe_status dsmoe_model_backward(dsmoe_model *m, float dloss, float daux, dsmoe_err *err) {
     dsmoe_runtime *rt = m->rt;
+    if (m->forward_only) return dsmoe_err_set(err, DSMOE_ERR_INTERNAL, "model backward of a forward-only model");
     if (!m->has_forward) return dsmoe_err_set(err, DSMOE_ERR_INTERNAL, "model backward without a forward");
     int S = m->S, M = m->M, V = m->V;
     size_t SM = (size_t)S * M;
     KCALL(rt, zero, m->dlogits, (size_t)S * V * m->esz);
     KCALL(rt, crossentropy_backward, m->dlogits, m->dt, m->probs, m->targets, dloss, S, V);
+    // d (weight * KL) / d logits = weight * (q - p) / T.
+    if (m->kd_active) KCALL(rt, distill_backward, m->dlogits, m->dt, m->kd_diff, m->kd_weight / m->kd_temperature, S, V);
     KCALL(rt, zero, m->dln, SM * m->esz);
     DSMOE_TRY(linear_backward(m, m->dln, m->dwte, NULL, m->dlogits, m->lnf, m->wte_op, S, M, V, err));
     KCALL(rt, zero, m->dresid, SM * m->esz);
@@ -614,6 +642,22 @@ dsmoe_status dsmoe_model_backward(dsmoe_model *m, float dloss, float daux, dsmoe
     }
     KCALL(rt, embedding_backward, m->dwte, m->dwpe, m->dresid, m->dt, m->tokens, m->B, m->T, M, V);
     m->has_forward = 0;
+    return DSMOE_OK;
+}
+
+dsmoe_status dsmoe_model_set_teacher(dsmoe_model *m, const void *teacher_logits, float temperature, float weight,
+                                     dsmoe_err *err) {
+    dsmoe_runtime *rt = m->rt;
+    if (teacher_logits && !m->distill)
+        return dsmoe_err_set(err, DSMOE_ERR_INTERNAL, "model: distillation asked of a model built without its buffers");
+    if (teacher_logits && !rt->kern->distill_forward)
+        return dsmoe_err_set(err, DSMOE_ERR_UNSUPPORTED, "kernel plugin '%s' has no distillation ops (distill_forward, "
+                             "DSMOE_KCAP_DISTILL): distill.teacher needs a plugin that has them (cpu)", rt->kern->name);
+    if (teacher_logits && !(temperature > 0))
+        return dsmoe_err_set(err, DSMOE_ERR_INVALID, "model: distillation temperature %g: expected > 0", (double)temperature);
+    m->teacher_logits = teacher_logits;
+    m->kd_temperature = temperature;
+    m->kd_weight = weight;
     return DSMOE_OK;
 }
 

@@ -40,6 +40,7 @@ typedef struct dsmoe_forward_result {
     int tokens;           // tokens it covers
     double aux_sum;       // sum over MoE layers of l_aux
     long routed, dropped; // over all MoE layers
+    double kd_sum;        // with a teacher (dsmoe_model_set_teacher): sum over the tokens of KL(teacher || student)
 } dsmoe_forward_result;
 
 typedef struct dsmoe_model dsmoe_model;
@@ -50,6 +51,11 @@ typedef struct dsmoe_model dsmoe_model;
 // which runs through model_infer.h.
 dsmoe_status dsmoe_model_create(const dsmoe_config *cfg, dsmoe_runtime *rt, int B, dsmoe_model **model,
                                 dsmoe_err *err);
+// A model that only runs forwards (a distillation teacher, in eval mode): no gradient slab, no loss, no
+// backward scratch. Its forward takes targets = NULL, enqueues the work and returns without waiting: the
+// logits (dsmoe_model_logits) are ready for whatever is enqueued after it on the same runtime.
+dsmoe_status dsmoe_model_create_forward_only(const dsmoe_config *cfg, dsmoe_runtime *rt, int B, dsmoe_model **model,
+                                             dsmoe_err *err);
 void dsmoe_model_free(dsmoe_model *model);
 
 // Parameter table (for init, checkpoints and logs).
@@ -103,6 +109,13 @@ const void *dsmoe_model_logits(const dsmoe_model *model);
 // token's cross-entropy in the total loss, daux the weight of each layer's l_aux.
 dsmoe_status dsmoe_model_backward(dsmoe_model *model, float dloss, float daux, dsmoe_err *err);
 dsmoe_status dsmoe_model_zero_grads(dsmoe_model *model, dsmoe_err *err);
+// Knowledge distillation (a model of a config that distils, dsmoe_config_distills): the forwards that
+// follow also compute each token's KL(softmax(teacher / T) || softmax(student / T)) against
+// teacher_logits (S, V), kernel memory of the activation dtype, written before each forward on the same
+// runtime (result.kd_sum), and their backwards add weight * that KL's gradient: weight is the weight
+// of each token's KL in the total loss. teacher_logits = NULL: plain training again.
+dsmoe_status dsmoe_model_set_teacher(dsmoe_model *model, const void *teacher_logits, float temperature, float weight,
+                                     dsmoe_err *err);
 
 // Sums gradients over the data-parallel ranks: replicated tensors over all ranks, expert tensors over
 // their layer's expert-data-parallel group. (The loss weights already divide by the global token count.)

@@ -21,7 +21,8 @@ dsmoe_status dsmoe_buffer_row_emit(const dsmoe_buffer_row *r, const uint64_t *d,
 #define ROW DSMOE_BUFFER_ROW
 enum { ANY = DSMOE_BLOCK_ANY, DENSE_FFN = DSMOE_BLOCK_DENSE | DSMOE_BLOCK_RESIDUAL_MOE,
        MOE = DSMOE_BLOCK_MOE | DSMOE_BLOCK_RESIDUAL_MOE, RESIDUAL = DSMOE_BLOCK_RESIDUAL_MOE,
-       LOWP = DSMOE_MODEL_IF_LOWP, A = DSMOE_UNIT_ACT };
+       LOWP = DSMOE_MODEL_IF_LOWP, BWD = DSMOE_MODEL_IF_BACKWARD, KD = DSMOE_MODEL_IF_DISTILL,
+       A = DSMOE_UNIT_ACT };
 
 static const dsmoe_buffer_row rows[] = {
     //  name (and allocation tag)               class   when       unit, mult, dims    field
@@ -52,27 +53,30 @@ static const dsmoe_buffer_row rows[] = {
     ROW("activation lnf_mean (S)",               ACT,    0,         4, 1, S,      1, 1, MODEL(lnf_mean)),
     ROW("activation lnf_rstd (S)",               ACT,    0,         4, 1, S,      1, 1, MODEL(lnf_rstd)),
     ROW("logits (S, V)",                         ACT,    0,         A, 1, S,      V, 1, MODEL(logits)),
-    ROW("probabilities (S, V)",                  ACT,    0,         4, 1, S,      V, 1, MODEL(probs)),
+    ROW("probabilities (S, V)",                  ACT,    BWD,       4, 1, S,      V, 1, MODEL(probs)),
     ROW("losses (S)",                            ACT,    0,         4, 1, S,      1, 1, MODEL(losses)),
+    ROW("distillation losses (S)",               ACT,    KD,        4, 1, S,      1, 1, MODEL(kd_losses)),
+    ROW("distillation gradient q - p (S, V)",    ACT,    KD,        4, 1, S,      V, 1, MODEL(kd_diff)),
     // input staging, kernel memory not counted among the model's bytes
     ROW("token ids",                             TOKENS, 0,         4, 1, S,      1, 1, MODEL(tokens)),
     ROW("target ids",                            TOKENS, 0,         4, 1, S,      1, 1, MODEL(targets)),
     ROW("gradient norm sums (n_moe + 2) double", ACT,    0,         8, 1, NORM,   1, 1, MODEL(norm_dev)),
     ROW("host losses (S)",                       HOST,   0,         4, 1, S,      1, 1, MODEL(host_losses)),
+    ROW("host distillation losses (S)",          HOST,   KD,        4, 1, S,      1, 1, MODEL(host_kd_losses)),
     ROW("host gradient norm sums (n_moe + 2)",   HOST,   0,         8, 1, NORM,   1, 1, MODEL(norm_host)),
     // backward scratch, shared by the blocks
-    ROW("gradient dresid (S, M)",                ACT,    0,         A, 1, S,      M, 1, MODEL(dresid)),
-    ROW("gradient dln (S, M)",                   ACT,    0,         A, 1, S,      M, 1, MODEL(dln)),
-    ROW("gradient datty (S, M)",                 ACT,    0,         A, 1, S,      M, 1, MODEL(datty)),
-    ROW("gradient dmoe (S, M)",                  ACT,    0,         A, 1, S,      M, 1, MODEL(dmoe)),
-    ROW("gradient dmlp (S, M)",                  ACT,    0,         A, 1, S,      M, 1, MODEL(dmlp)),
-    ROW("gradient dqkv (S, 3M)",                 ACT,    0,         A, 3, S,      M, 1, MODEL(dqkv)),
-    ROW("gradient dfch (S, F)",                  ACT,    0,         A, 1, S,      F, 1, MODEL(dfch)),
-    ROW("gradient dfch_gelu (S, F)",             ACT,    0,         A, 1, S,      F, 1, MODEL(dfch_gelu)),
-    ROW("gradient dcoef (S, 2)",                 ACT,    0,         4, 2, S,      1, 1, MODEL(dcoef)),
-    ROW("gradient dcoef as a GEMM operand (S, 2)", ACT,  LOWP,      A, 2, S,      1, 1, MODEL(dcoef_lp)),
-    ROW("attention workspace (attention_bytes)", ACT,    0,         1, 1, ATT_WS, 1, 1, MODEL(datt_workspace)),
-    ROW("gradient dlogits (S, V)",               ACT,    0,         A, 1, S,      V, 1, MODEL(dlogits)),
+    ROW("gradient dresid (S, M)",                ACT,    BWD,       A, 1, S,      M, 1, MODEL(dresid)),
+    ROW("gradient dln (S, M)",                   ACT,    BWD,       A, 1, S,      M, 1, MODEL(dln)),
+    ROW("gradient datty (S, M)",                 ACT,    BWD,       A, 1, S,      M, 1, MODEL(datty)),
+    ROW("gradient dmoe (S, M)",                  ACT,    BWD,       A, 1, S,      M, 1, MODEL(dmoe)),
+    ROW("gradient dmlp (S, M)",                  ACT,    BWD,       A, 1, S,      M, 1, MODEL(dmlp)),
+    ROW("gradient dqkv (S, 3M)",                 ACT,    BWD,       A, 3, S,      M, 1, MODEL(dqkv)),
+    ROW("gradient dfch (S, F)",                  ACT,    BWD,       A, 1, S,      F, 1, MODEL(dfch)),
+    ROW("gradient dfch_gelu (S, F)",             ACT,    BWD,       A, 1, S,      F, 1, MODEL(dfch_gelu)),
+    ROW("gradient dcoef (S, 2)",                 ACT,    BWD,       4, 2, S,      1, 1, MODEL(dcoef)),
+    ROW("gradient dcoef as a GEMM operand (S, 2)", ACT,  LOWP | BWD, A, 2, S,      1, 1, MODEL(dcoef_lp)),
+    ROW("attention workspace (attention_bytes)", ACT,    BWD,       1, 1, ATT_WS, 1, 1, MODEL(datt_workspace)),
+    ROW("gradient dlogits (S, V)",               ACT,    BWD,       A, 1, S,      V, 1, MODEL(dlogits)),
 };
 #undef ROW
 
@@ -104,7 +108,10 @@ dsmoe_status dsmoe_model_buffers(const dsmoe_config *c, const dsmoe_model_sizes 
     for (int i = 0; i < n;) {
         if ((rows[i].when & DSMOE_BLOCK_ANY) == 0) {
             // B = 0 (a model for generation: parameters only) has no gradient slab; its activations are empty.
-            if ((z->B == 0 && rows[i].cls == DSMOE_BUF_GRADS) || ((rows[i].when & LOWP) && !lowp)) {
+            // A forward-only model has neither the gradient slab nor the rows a loss or backward needs.
+            int grads = rows[i].cls == DSMOE_BUF_GRADS;
+            if ((z->B == 0 && grads) || ((rows[i].when & LOWP) && !lowp) ||
+                (z->forward_only && (grads || (rows[i].when & BWD))) || ((rows[i].when & KD) && !z->distill)) {
                 i++;
                 continue;
             }

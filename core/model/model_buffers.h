@@ -41,6 +41,9 @@ typedef dsmoe_status (*dsmoe_buffer_fn)(const dsmoe_buffer *b, void *ctx, dsmoe_
 
 typedef struct dsmoe_model_sizes {
     int B;                 // micro-batch: S = B * seq_len tokens; 0 = parameters only (no gradient slab)
+    int forward_only;      // a model that never runs a backward or a loss (a distillation teacher): no
+                           // gradient slab, no loss probabilities, no backward scratch
+    int distill;           // a student: the distillation term's buffers (docs/distill.md)
     uint64_t local_params; // this rank's parameter slab (replicated + its expert shards)
     uint64_t att_saved;    // attention state each block saves for the backward (kernel attention_bytes)
     uint64_t att_ws;       // attention_backward's workspace, one for the model
@@ -92,7 +95,9 @@ typedef enum dsmoe_buf_dim {
 enum { DSMOE_BLOCK_DENSE = 1, DSMOE_BLOCK_MOE = 2, DSMOE_BLOCK_RESIDUAL_MOE = 4, DSMOE_BLOCK_ANY = 7 };
 // A model row of its own (no block kind) with this bit exists only when activations are not float32
 // (run.precision = bf16): the GEMM copy of the weights and the like.
-enum { DSMOE_MODEL_IF_LOWP = 0x80 };
+enum { DSMOE_MODEL_IF_LOWP = 0x80,
+       DSMOE_MODEL_IF_BACKWARD = 0x40,  // not in a forward-only model (dsmoe_model_sizes.forward_only)
+       DSMOE_MODEL_IF_DISTILL = 0x20 };  // only in a distillation student (dsmoe_model_sizes.distill)
 // The `when` of a MoE row: 0 = always; else any of the conditions.
 enum { DSMOE_MOE_IF_JITTER = 1, DSMOE_MOE_IF_LOWP = 2 };
 

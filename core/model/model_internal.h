@@ -97,6 +97,13 @@ struct dsmoe_model {
     float *losses;         // (S)
     int32_t *tokens, *targets; // (S) plugin memory
     float *host_losses;    // (S) host_alloc memory: copied at the end of the forward, read after a wait
+    // knowledge distillation (a student: docs/distill.md)
+    float *kd_losses;      // (S) each token's KL(teacher || student) at the temperature
+    float *kd_diff;        // (S, V) softmax(student / T) - softmax(teacher / T), for the backward
+    float *host_kd_losses; // (S) host_alloc copy of kd_losses
+    const void *teacher_logits; // (S, V) the teacher's logits for the next forward (NULL = no distillation)
+    float kd_temperature, kd_weight; // the temperature, and each token's KL weight in the loss
+    int kd_active;          // the last forward computed the distillation term
 
     // backward scratch
     void *dresid;           // (S, M) gradient of the residual stream
@@ -110,6 +117,8 @@ struct dsmoe_model {
     double *norm_dev;       // (n_moe + 2) device: squared gradient sums, and a staging slot
     double *norm_host;      // (n_moe + 2) host_alloc copy
     int has_forward;
+    int forward_only;       // no gradients, no loss, no backward (a distillation teacher)
+    int distill;            // the distillation buffers exist
     size_t bytes_allocated; // every buffer above, for the memory report
 };
 

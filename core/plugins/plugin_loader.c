@@ -325,11 +325,14 @@ static dsmoe_status check_comm_mem_kinds(const char *name, uint32_t kinds, dsmoe
     X(device_count) X(device_pci_bus_id) X(mem_info) X(queue_create) X(queue_destroy) X(all_finite) X(convert)
 // All or none, present exactly with DSMOE_KCAP_INFERENCE.
 #define KERNEL_INFERENCE(X) X(kv_append) X(attention_cached) X(sample)
+// Both or neither, present exactly with DSMOE_KCAP_DISTILL.
+#define KERNEL_DISTILL(X) X(distill_forward) X(distill_backward)
 
 _Static_assert(sizeof(dsmoe_kernel_plugin_v2) ==
                    offsetof(dsmoe_kernel_plugin_v2, init) +
-                       (0 KERNEL_REQUIRED(COUNT_ONE) KERNEL_OPTIONAL(COUNT_ONE) KERNEL_INFERENCE(COUNT_ONE)) * FN_SIZE,
-               "dsmoe_kernel_plugin_v2 changed: list every new member in KERNEL_REQUIRED, _OPTIONAL or _INFERENCE");
+                       (0 KERNEL_REQUIRED(COUNT_ONE) KERNEL_OPTIONAL(COUNT_ONE) KERNEL_INFERENCE(COUNT_ONE)
+                        KERNEL_DISTILL(COUNT_ONE)) * FN_SIZE,
+               "dsmoe_kernel_plugin_v2 changed: list every new member in KERNEL_REQUIRED, _OPTIONAL, _INFERENCE or _DISTILL");
 
 static const char *kernel_missing_member(const dsmoe_kernel_plugin_v2 *t) {
     if (!t->description) return "description";
@@ -372,6 +375,15 @@ static dsmoe_status check_kernel_v2(const char *name, const dsmoe_kernel_plugin_
                       "DSMOE_KCAP_INFERENCE in caps (0x%x); expected both or neither",
                       h->path, name, (unsigned)t->caps);
     }
+    DSMOE_TRY(check_both_or_neither("kernel", name, t->distill_forward != NULL, "distill_forward",
+                                    t->distill_backward != NULL, "distill_backward", "knowledge distillation", h, err));
+    int distill_cap = (t->caps & DSMOE_KCAP_DISTILL) != 0;
+    if (distill_cap != (t->distill_forward != NULL))
+        return reject(h, err, DSMOE_ERR_INTERNAL,
+                      "%s: kernel plugin '%s' %s; expected DSMOE_KCAP_DISTILL in caps exactly when distill_forward "
+                      "and distill_backward are set", h->path, name,
+                      distill_cap ? "declares DSMOE_KCAP_DISTILL but leaves distill_forward NULL"
+                                  : "sets distill_forward and distill_backward but does not declare DSMOE_KCAP_DISTILL");
     if (!(t->dtypes & DSMOE_DTYPE_BIT(DSMOE_FLOAT32)))
         return reject(h, err, DSMOE_ERR_INTERNAL,
                       "%s: kernel plugin '%s' declares dtypes 0x%x without float32; expected "

@@ -63,6 +63,7 @@ enum {
     DSMOE_KCAP_DETERMINISTIC = 1u << 3, // bitwise reproducible results for the same inputs
     DSMOE_KCAP_INFERENCE = 1u << 4,     // the KV-cache members and sample are present
     DSMOE_KCAP_HOST_MEMORY = 1u << 5,   // alloc() memory is host-addressable (cpu); never assumed by the core
+    DSMOE_KCAP_DISTILL = 1u << 6,       // distill_forward and distill_backward are present
 };
 
 // Flags of alloc().
@@ -453,6 +454,20 @@ typedef struct dsmoe_kernel_plugin_v2 {
     // counters (rows) host, consumed before return.
     dsmoe_status (*sample)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, int32_t *tokens, const void *logits,
                            dsmoe_dtype dt, int rows, int V, const dsmoe_sampling_params *p, const uint64_t *counters);
+
+    // --- knowledge distillation (optional as a pair, with DSMOE_KCAP_DISTILL) -------------------------
+    // Temperature-softened KL divergence of a student's logits from a teacher's (docs/distill.md). With
+    // p = softmax(teacher / temperature) and q = softmax(student / temperature) over each row of V,
+    // student and teacher (S, V) of type dt: losses (S) float32 = sum_v p_v * (log p_v - log q_v) (>= 0;
+    // a term whose p_v underflows to 0 is 0, never NaN) and diff (S, V) float32 = q - p, the gradient
+    // of each row's KL with respect to student / temperature, saved for the backward. temperature > 0.
+    dsmoe_status (*distill_forward)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, float *losses, float *diff,
+                                    const void *student, const void *teacher, dsmoe_dtype dt, float temperature,
+                                    int S, int V);
+    // dstudent (S, V) of type dt += scale * diff: d KL / d student = diff / temperature, so the caller's
+    // scale carries 1 / temperature and the weight of each row's KL in the loss.
+    dsmoe_status (*distill_backward)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, void *dstudent, dsmoe_dtype dt,
+                                     const float *diff, float scale, int S, int V);
 } dsmoe_kernel_plugin_v2;
 
 typedef const dsmoe_kernel_plugin_v2 *(*dsmoe_kernel_plugin_entry_fn)(void);

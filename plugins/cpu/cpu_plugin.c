@@ -19,6 +19,7 @@
 
 #include "cpu_bf16.h"     // cpu_bf16_detect, cpu_dnnl_init, the bf16 members
 #include "cpu_internal.h" // the context, the ops
+#include "cpu_distill.h"  // cpu_distill_forward, cpu_distill_backward
 
 // ---------------------------------------------------------------------------------------------------
 // Settings (types.h, "plugin-declared settings"): [kernel.cpu] in a deck, DSMOE_KERNEL_CPU_<KEY>.
@@ -338,7 +339,7 @@ static const dsmoe_kernel_plugin_v2 cpu_plugin = {
     .mem_kind = DSMOE_MEM_HOST,
     // bfloat16 always: without bf16 units (or oneDNN) its GEMMs are emulated, and init says so.
     .caps = DSMOE_KCAP_BF16 | DSMOE_KCAP_FUSED_EPILOGUE | DSMOE_KCAP_DETERMINISTIC | DSMOE_KCAP_HOST_MEMORY |
-            DSMOE_KCAP_INFERENCE,
+            DSMOE_KCAP_INFERENCE | DSMOE_KCAP_DISTILL,
     .dtypes = DSMOE_DTYPE_BIT(DSMOE_FLOAT32) | DSMOE_DTYPE_BIT(DSMOE_BFLOAT16),
     .params = cpu_params,
     .n_params = N_PARAMS,
@@ -416,6 +417,9 @@ static const dsmoe_kernel_plugin_v2 cpu_plugin = {
     .kv_append = cpu_bf16_kv_append,
     .attention_cached = cpu_bf16_attention_cached,
     .sample = cpu_bf16_sample,
+
+    .distill_forward = cpu_distill_forward,
+    .distill_backward = cpu_distill_backward,
 };
 
 DSMOE_PLUGIN_EXPORT const dsmoe_kernel_plugin_v2 *DSMOE_KERNEL_PLUGIN_ENTRY(void) { return &cpu_plugin; }

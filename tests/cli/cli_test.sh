@@ -72,6 +72,13 @@ expect train 0 "step 4/4 \| loss [0-9.]+ \(bound [0-9.]+\) \| aux [0-9.]+ \| dro
 head -1 "$work/out/metrics.csv" | grep -q "^step,loss,aux_loss,lr,grad_norm,tokens_per_s,dropped_frac,elapsed_s,valid_loss,moe0_capacity,moe0_drop,moe0_load_e0,moe0_load_e1,moe0_load_e2,moe0_load_e3$" \
   && ok || fail "metrics.csv header: $(head -1 "$work/out/metrics.csv")"
 [ "$(($(wc -l < "$work/out/metrics.csv") - 1))" = 4 ] && ok || fail "metrics.csv should have 4 rows"
+# moe0_capacity is the training capacity, also on rows with an evaluation (whose capacity differs):
+# ceil(moe.capacity_factor 1.0 x 32 tokens / 4 experts) = 8; the evaluation's would be 16.
+"$dsmoe" "$tiny" run.output_dir="$work/capacity" moe.eval_capacity_factor=2.0 train.eval_every=1 \
+  checkpoint.every=0 checkpoint.final=false > "$work/capacity.log" 2>&1
+caps=$(awk -F, 'NR == 1 { for (i = 1; i <= NF; i++) if ($i == "moe0_capacity") c = i; next } { printf "%s ", $c }' \
+  "$work/capacity/metrics.csv")
+[ "$caps" = "8 8 8 8 " ] && ok || fail "moe0_capacity per row: '$caps', expected the training capacity 8 on every row"
 ckpts=$(cd "$work/out/checkpoints" && ls)
 [ "$ckpts" = "$(printf 'step_00000003.safetensors\nstep_00000004.safetensors')" ] && ok || fail "checkpoint.keep=2 left: $ckpts"
 # The resolved deck is itself a valid deck.

@@ -114,6 +114,12 @@ same hier 4 moe.expert_parallel=4 moe.alltoall=hierarchical moe.ranks_per_node=2
 same bf16_ep2_zero1 4 run.precision=bf16 moe.expert_parallel=2 train.zero_stage=1 train.overlap_grad_reduce=true
 same bf16_residual_jitter 2 run.precision=bf16 moe.residual=true moe.noise=jitter moe.drop_tokens=false
 same bf16_top2 2 run.precision=bf16 moe.expert_parallel=2 moe.top_k=2
+# Distillation (Mixture-of-Students): a 2-layer student of the base run's final checkpoint, its teacher
+# forward-only on the same queue, KD on steps 1-3 (the KL and its gradient are plugin ops too).
+if [ -z "${STRICT_ONLY:-}" ]; then
+  same distill_bf16_ep2 2 run.precision=bf16 moe.expert_parallel=2 model.layers=2 \
+    distill.teacher="$work/cpu_base/checkpoints/step_00000004.safetensors" distill.temperature=2 distill.stop_step=3
+fi
 # Resume: the step-2 checkpoint of the strict run, resumed on strict, ends where cpu ends.
 if [ -z "${STRICT_ONLY:-}" ] && [ -f "$work/strict_mpi_ep2/checkpoints/step_00000002.safetensors" ]; then
   mkdir -p "$work/strict_resume/checkpoints"

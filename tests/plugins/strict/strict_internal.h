@@ -140,6 +140,8 @@ void strict_protect_detach(dsmoe_kernel_ctx *c);
 // strict_ops_dense.c, strict_ops_moe.c: the compute members.
 void strict_fill_dense_members(dsmoe_kernel_plugin_v2 *t, const dsmoe_kernel_plugin_v2 *cpu);
 void strict_fill_moe_members(dsmoe_kernel_plugin_v2 *t, const dsmoe_kernel_plugin_v2 *cpu);
+// strict_ops_distill.c: distill_forward and distill_backward (and DSMOE_KCAP_DISTILL) when cpu has them.
+void strict_fill_distill_members(dsmoe_kernel_plugin_v2 *t, const dsmoe_kernel_plugin_v2 *cpu);
 
 // Starts an enqueuing member: checks the context and queue, makes the closure `op` with argument struct
 // `a` of type T, or returns.

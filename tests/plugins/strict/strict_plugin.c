@@ -258,6 +258,7 @@ static void fill_table(void) {
     strict_fill_mem_members(t);
     strict_fill_dense_members(t, cpu);
     strict_fill_moe_members(t, cpu);
+    strict_fill_distill_members(t, cpu);
     if (!t->kv_append) t->caps &= ~(uint32_t)DSMOE_KCAP_INFERENCE;
 }
 
