@@ -155,6 +155,46 @@ static void test_shallower_student(void **state) {
     if (!(b.last_kd < a.last_kd)) fail_msg("KD %g after 30 steps, %g after 1", b.last_kd, a.last_kd);
 }
 
+// distill.init_layers: a 1-layer student (MoE on its only block) starts as the teacher's block 1 (its MoE
+// block), embeddings and final layer norm; with learning rate 0 its checkpoint holds those tensors bit for bit.
+static void test_init_layers(void **state) {
+    (void)state;
+    dsmoe_train_result res;
+    train_ok(small_deck, "train.steps=1 train.lr=0 train.min_lr=0 model.layers=1 moe.every=1 run.output_dir=%s/init "
+             "distill.teacher=%s distill.init_layers=1", &res, NULL, tmpdir, teacher);
+    dsmoe_st_file *fs, *ft;
+    dsmoe_err err = {0};
+    assert_int_equal(dsmoe_st_open(res.checkpoint, &fs, &err), DSMOE_OK);
+    assert_int_equal(dsmoe_st_open(teacher, &ft, &err), DSMOE_OK);
+    int compared = 0;
+    for (int i = 0; i < dsmoe_st_count(fs); i++) {
+        const dsmoe_st_tensor *a = dsmoe_st_at(fs, i);
+        if (strncmp(a->name, "optim.", 6) == 0) continue;
+        char name[160];
+        if (strncmp(a->name, "h.0.", 4) == 0) snprintf(name, sizeof name, "h.1.%s", a->name + 4);
+        else snprintf(name, sizeof name, "%s", a->name);
+        const dsmoe_st_tensor *b = dsmoe_st_find(ft, name);
+        if (!b) fail_msg("the teacher has no %s (for the student's %s)", name, a->name);
+        assert_int_equal(a->nbytes, b->nbytes);
+        if (memcmp(a->data, b->data, a->nbytes) != 0) fail_msg("student %s differs from teacher %s", a->name, name);
+        compared++;
+    }
+    assert_true(compared > 10);
+    dsmoe_st_close(fs);
+    dsmoe_st_close(ft);
+    // A dense student block cannot start as the teacher's MoE block: refused, naming both.
+    dsmoe_err e2 = {0};
+    char extra[2048];
+    snprintf(extra, sizeof extra, "train.steps=1 model.layers=1 moe.experts=0 run.output_dir=%s/init_bad distill.teacher=%s "
+             "distill.init_layers=1", tmpdir, teacher);
+    assert_int_not_equal(train_on(&rt, small_deck, extra, &res, NULL, &e2), DSMOE_OK);
+    if (!strstr(e2.msg, "h.1.mlp") || !strstr(e2.msg, "block 0")) fail_msg("message: %s", e2.msg);
+    snprintf(extra, sizeof extra, "train.steps=1 run.output_dir=%s/init_bad distill.teacher=%s distill.init_layers=0,2",
+             tmpdir, teacher);
+    assert_int_not_equal(train_on(&rt, small_deck, extra, &res, NULL, &e2), DSMOE_OK);
+    if (!strstr(e2.msg, "distill.init_layers = 0,2: item 2")) fail_msg("message: %s", e2.msg);
+}
+
 static void expect_refused(const char *extra, const char *needle) {
     dsmoe_train_result res;
     dsmoe_err err = {0};
@@ -194,6 +234,7 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_staged_stop),
         cmocka_unit_test(test_resume_mid_distillation),
         cmocka_unit_test(test_shallower_student),
+        cmocka_unit_test(test_init_layers),
         cmocka_unit_test(test_bad_teacher),
     };
     return train_test_main(argc, argv, "test_distill", tests, sizeof tests / sizeof tests[0]);

@@ -136,6 +136,7 @@ typedef struct dsmoe_config {
     float distill_temperature;       // distill.temperature
     float distill_alpha, distill_beta; // distill.alpha (cross-entropy), distill.beta (T^2 KL)
     int distill_stop_step;           // distill.stop_step: last distilling step (0 = all)
+    char distill_init_layers[1024];  // distill.init_layers: teacher block of each student block ("" = none)
 
     // [generate] (run.mode = generate; docs/inference.md)
     char gen_prompts[4096];      // generate.prompts: the prompt file

@@ -137,6 +137,9 @@ const key_def dsmoe_config_keys[] = {
         "weight of the distillation term T^2 KL(softmax(teacher/T) || softmax(student/T))"),
     KEY("distill.stop_step", K_INT, "0", distill_stop_step, GE(0),
         "staged distillation: the last step that distils; later steps train on the plain loss; 0 = every step"),
+    KEY("distill.init_layers", K_STRING, "", distill_init_layers, ANY,
+        "start the student from the teacher: the teacher block (0-based) of each student block, comma-separated, "
+        "one per model.layers (embeddings and final layer norm copied too); '' = from scratch"),
 
     KEY("generate.prompts", K_STRING, "", gen_prompts, ANY, "run.mode = generate: the prompt file (text lines or JSON lines)"),
     ENUM("generate.prompt_format", "auto", gen_prompt_format, v_prompt_format,

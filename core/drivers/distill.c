@@ -11,8 +11,36 @@
 struct dsmoe_teacher {
     dsmoe_config cfg; // the model keeps a pointer to it
     dsmoe_model *model;
-    int32_t *no_targets;
+    int *layer_map;   // (student layers) distill.init_layers, or NULL
 };
+
+// distill.init_layers: one teacher block index per student block. map may be NULL (only checks).
+static dsmoe_status parse_layer_map(const dsmoe_config *c, const dsmoe_config *t, int *map, dsmoe_err *err) {
+    const char *p = c->distill_init_layers;
+    int n = 0;
+    while (*p) {
+        char *end;
+        while (*p == ' ' || *p == '\t') p++;
+        long v = strtol(p, &end, 10);
+        if (end == p || v < 0 || v >= t->layers)
+            return dsmoe_err_set(err, DSMOE_ERR_INVALID, "distill.init_layers = %s: item %d is not a teacher block "
+                                 "in [0, %d) (the teacher has %d layers)", c->distill_init_layers, n + 1, t->layers,
+                                 t->layers);
+        if (n < c->layers && map) map[n] = (int)v;
+        n++;
+        p = end;
+        while (*p == ' ' || *p == '\t') p++;
+        if (*p == ',') p++;
+        else if (*p)
+            return dsmoe_err_set(err, DSMOE_ERR_INVALID, "distill.init_layers = %s: expected comma-separated block "
+                                 "numbers", c->distill_init_layers);
+    }
+    if (n != c->layers)
+        return dsmoe_err_set(err, DSMOE_ERR_INVALID, "distill.init_layers = %s names %d blocks; the student has "
+                             "model.layers = %d: give one teacher block per student block", c->distill_init_layers, n,
+                             c->layers);
+    return DSMOE_OK;
+}
 
 // The teacher's deck text: distill.teacher_deck, else the "deck" metadata of the teacher checkpoint.
 static dsmoe_status teacher_deck_text(const dsmoe_config *c, char **text, char *where, size_t where_len,
@@ -72,6 +100,7 @@ dsmoe_status dsmoe_teacher_config_load(const dsmoe_config *c, int world_size, ds
                              "distill.teacher = %s: the teacher has model.vocab = %d and model.seq_len = %d (%s); the "
                              "student has %d and %d: a student must share the teacher's vocabulary and sequence length",
                              c->distill_teacher, t->vocab, t->seq_len, where, c->vocab, c->seq_len);
+    if (c->distill_init_layers[0]) DSMOE_TRY(parse_layer_map(c, t, NULL, err));
     return DSMOE_OK;
 }
 
@@ -86,6 +115,11 @@ dsmoe_status dsmoe_teacher_open(const dsmoe_config *c, dsmoe_runtime *rt, int B,
         return dsmoe_errors_agree(
             dsmoe_err_set(err, DSMOE_ERR_UNSUPPORTED, "distill.teacher: kernel plugin '%s' has no distillation ops "
                           "(distill_forward, DSMOE_KCAP_DISTILL); use one that has them (cpu)", rt->kern->name), err);
+    if (c->distill_init_layers[0]) {
+        if (!(t->layer_map = calloc((size_t)c->layers, sizeof *t->layer_map)))
+            return dsmoe_err_set(err, DSMOE_ERR_NOMEM, "out of memory for distill.init_layers");
+        DSMOE_TRY(parse_layer_map(c, &t->cfg, t->layer_map, err)); // checked above: cannot fail on one rank only
+    }
     DSMOE_TRY(dsmoe_model_create_forward_only(&t->cfg, rt, B, &t->model, err));
     dsmoe_train_position pos;
     dsmoe_err e = {0};
@@ -110,6 +144,18 @@ dsmoe_status dsmoe_teacher_forward(dsmoe_teacher *t, const int32_t *inputs, uint
     return DSMOE_OK;
 }
 
+dsmoe_status dsmoe_teacher_init_student(const dsmoe_teacher *t, dsmoe_model *student, dsmoe_err *err) {
+    const dsmoe_config *c = dsmoe_model_config(student);
+    if (!t->layer_map) return DSMOE_OK;
+    dsmoe_err e = {0};
+    dsmoe_status s = dsmoe_checkpoint_load_mapped(student, c->distill_teacher, t->layer_map, &e);
+    if (s != DSMOE_OK) return dsmoe_err_set(err, s, "distill.init_layers = %s: %s", c->distill_init_layers, e.msg);
+    if (dsmoe_model_runtime(student)->world_rank == 0)
+        printf("distill: the student starts from the teacher's blocks %s (embeddings and final layer norm too)\n",
+               c->distill_init_layers);
+    return DSMOE_OK;
+}
+
 const dsmoe_config *dsmoe_teacher_cfg(const dsmoe_teacher *t) { return &t->cfg; }
 size_t dsmoe_teacher_params(const dsmoe_teacher *t) { return dsmoe_model_global_params(t->model); }
 size_t dsmoe_teacher_bytes(const dsmoe_teacher *t) { return dsmoe_model_bytes(t->model); }
@@ -117,5 +163,6 @@ size_t dsmoe_teacher_bytes(const dsmoe_teacher *t) { return dsmoe_model_bytes(t-
 void dsmoe_teacher_close(dsmoe_teacher *t) {
     if (!t) return;
     dsmoe_model_free(t->model);
+    free(t->layer_map);
     free(t);
 }

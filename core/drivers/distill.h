@@ -1,6 +1,6 @@
 // core/drivers/distill.h: the teacher of knowledge distillation (Mixture-of-Students, docs/distill.md).
 // defines: dsmoe_teacher, dsmoe_teacher_config_load, dsmoe_teacher_open, dsmoe_teacher_forward,
-//          dsmoe_teacher_close, dsmoe_distill_on_at
+//          dsmoe_teacher_init_student, dsmoe_teacher_close, dsmoe_distill_on_at
 //
 // The teacher is a dsmoe checkpoint with its deck (distill.teacher_deck, or the deck stored in the
 // checkpoint). It runs forward only, in eval mode (no noise, its moe.eval_capacity_factor), with no
@@ -29,6 +29,9 @@ dsmoe_status dsmoe_teacher_open(const dsmoe_config *student, dsmoe_runtime *rt, 
 // valid for work enqueued after it on rt. token_offset: as dsmoe_model_forward's.
 dsmoe_status dsmoe_teacher_forward(dsmoe_teacher *teacher, const int32_t *inputs, uint64_t token_offset,
                                    const void **logits, dsmoe_err *err);
+// Local (the caller agrees on the outcome): distill.init_layers set, the student's parameters from the teacher checkpoint (block i from the
+// teacher's block init_layers[i], the other tensors by name; shapes must match); else nothing.
+dsmoe_status dsmoe_teacher_init_student(const dsmoe_teacher *teacher, dsmoe_model *student, dsmoe_err *err);
 const dsmoe_config *dsmoe_teacher_cfg(const dsmoe_teacher *teacher);
 size_t dsmoe_teacher_params(const dsmoe_teacher *teacher);
 size_t dsmoe_teacher_bytes(const dsmoe_teacher *teacher); // kernel memory its model holds

@@ -480,7 +480,8 @@ static dsmoe_status start_position(trainer *tr, dsmoe_train_position *pos, int *
                                  "run.mode = eval needs a checkpoint: set checkpoint.resume to a file or to auto "
                                  "(none found in %s)", tr->ckpt_dir);
         *pos = (dsmoe_train_position){.step = 0, .next_sample = 0, .seed = c->seed};
-        return dsmoe_model_init_params(tr->model, c->seed, err);
+        DSMOE_TRY(dsmoe_model_init_params(tr->model, c->seed, err));
+        return tr->teacher ? dsmoe_teacher_init_student(tr->teacher, tr->model, err) : DSMOE_OK;
     }
     DSMOE_TRY(dsmoe_checkpoint_load(tr->model, c->mode == DSMOE_MODE_TRAIN ? tr->opt : NULL, c, path, pos, err));
     // The seed keys the data order and every noise stream: another one would continue a different run.

@@ -359,6 +359,19 @@ static dsmoe_status find_tensor(const dsmoe_st_file *f, const char *path, const 
                          path, name, dsmoe_st_dtype_name(ft->dtype), got, want);
 }
 
+// The model tensor t's shard of the file's tensor ft into dest + t->offset (kernel memory), staged through an
+// aligned host copy: mapped data need not be 4-byte aligned.
+static dsmoe_status copy_shard(dsmoe_runtime *rt, const dsmoe_param_tensor *t, const dsmoe_st_tensor *ft, float *dest,
+                               dsmoe_err *err) {
+    float *tmp = dsmoe_malloc(t->numel * sizeof(float), "checkpoint load", err);
+    if (!tmp) return err->status;
+    memcpy(tmp, (const char *)ft->data + t->shard_begin * sizeof(float), t->numel * sizeof(float));
+    dsmoe_status s = rt->kern->copy_to_device(rt->kctx, rt->q, dest + t->offset, tmp, t->numel * sizeof(float));
+    if (s != DSMOE_OK) dsmoe_err_set(err, s, "loading %s: %s", ft->name, rt->kern->last_error(rt->kctx));
+    free(tmp);
+    return s;
+}
+
 dsmoe_status dsmoe_checkpoint_load(dsmoe_model *m, dsmoe_optimizer *opt, const dsmoe_config *cfg, const char *path,
                                    dsmoe_train_position *pos, dsmoe_err *err) {
     dsmoe_runtime *rt = dsmoe_model_runtime(m);
@@ -398,20 +411,49 @@ dsmoe_status dsmoe_checkpoint_load(dsmoe_model *m, dsmoe_optimizer *opt, const d
             const dsmoe_param_tensor *t = dsmoe_model_tensor(m, i);
             dsmoe_watchdog_beat("checkpoint load", pos->step);
             s = find_tensor(f, path, t, kind, &ft, err);
-            // Staged through an aligned host copy: mapped data need not be 4-byte aligned.
-            float *tmp = s == DSMOE_OK ? dsmoe_malloc(t->numel * sizeof(float), "checkpoint load", err) : NULL;
-            if (s == DSMOE_OK && !tmp) s = err->status;
-            if (s != DSMOE_OK) break;
-            memcpy(tmp, (const char *)ft->data + t->shard_begin * sizeof(float), t->numel * sizeof(float));
-            float *dest = kind ? moment : dsmoe_model_params(m);
-            s = rt->kern->copy_to_device(rt->kctx, rt->q, dest + t->offset, tmp, t->numel * sizeof(float));
-            if (s != DSMOE_OK) dsmoe_err_set(err, s, "loading %s: %s", ft->name, rt->kern->last_error(rt->kctx));
-            free(tmp);
+            if (s == DSMOE_OK) s = copy_shard(rt, t, ft, kind ? moment : dsmoe_model_params(m), err);
         }
         if (kind > 0 && s == DSMOE_OK) s = dsmoe_optimizer_set_state(opt, kind - 1, moment, err);
     }
     if (s == DSMOE_OK) *pos = got;
     if (moment) rt->kern->free(rt->kctx, moment);
+    dsmoe_st_close(f);
+    return s; // local: the caller agrees on the outcome
+}
+
+dsmoe_status dsmoe_checkpoint_load_mapped(dsmoe_model *m, const char *path, const int *layer_map,
+                                          dsmoe_err *err) {
+    dsmoe_runtime *rt = dsmoe_model_runtime(m);
+    const dsmoe_config *c = dsmoe_model_config(m);
+    dsmoe_st_file *f = NULL;
+    DSMOE_TRY(dsmoe_st_open(path, &f, err));
+    dsmoe_train_position got;
+    dsmoe_status s = verify_file(f, path, &got, err);
+    int n = dsmoe_model_tensor_count(m);
+    const dsmoe_st_tensor **src = calloc((size_t)n, sizeof *src);
+    if (s == DSMOE_OK && !src) s = dsmoe_err_set(err, DSMOE_ERR_NOMEM, "out of memory loading %s", path);
+    // Every tensor is found and checked before any is copied: a refused file leaves the model as it was.
+    for (int i = 0; i < n && s == DSMOE_OK; i++) {
+        dsmoe_param_tensor t = *dsmoe_model_tensor(m, i);
+        int l = -1, at = 0;
+        if (sscanf(t.name, "h.%d.%n", &l, &at) == 1 && at > 0 && l >= 0 && l < c->layers) {
+            char name[sizeof t.name];
+            snprintf(name, sizeof name, "h.%d.%s", layer_map[l], t.name + at);
+            snprintf(t.name, sizeof t.name, "%s", name);
+        }
+        s = find_tensor(f, path, &t, 0, &src[i], err);
+        if (s != DSMOE_OK && l >= 0) {
+            char why[sizeof err->msg];
+            snprintf(why, sizeof why, "%s", err->msg);
+            dsmoe_err_set(err, s, "%s (for the model's %s: its block %d from the file's block %d)", why,
+                          dsmoe_model_tensor(m, i)->name, l, layer_map[l]);
+        }
+    }
+    for (int i = 0; i < n && s == DSMOE_OK; i++) {
+        dsmoe_watchdog_beat("checkpoint load", 0);
+        s = copy_shard(rt, dsmoe_model_tensor(m, i), src[i], dsmoe_model_params(m), err);
+    }
+    free(src);
     dsmoe_st_close(f);
     return s; // local: the caller agrees on the outcome
 }

@@ -1,5 +1,5 @@
 // core/io/checkpoint.h: model checkpoints as one safetensors file (docs/checkpoint.md).
-// defines: dsmoe_checkpoint_save, dsmoe_checkpoint_load, dsmoe_checkpoint_verify, dsmoe_checkpoint_find_latest,
+// defines: dsmoe_checkpoint_save, dsmoe_checkpoint_load, dsmoe_checkpoint_load_mapped, dsmoe_checkpoint_verify, dsmoe_checkpoint_find_latest,
 //          dsmoe_checkpoint_remove_stale
 //
 // One file per checkpoint, global tensor names whatever the rank layout: parameters under their
@@ -39,6 +39,12 @@ dsmoe_status dsmoe_checkpoint_save(dsmoe_model *model, dsmoe_optimizer *opt, con
 dsmoe_status dsmoe_checkpoint_load(dsmoe_model *model, dsmoe_optimizer *opt, const dsmoe_config *cfg,
                                    const char *path, dsmoe_train_position *pos, dsmoe_err *err);
 
+// Parameters only, from a checkpoint of another model (a distillation teacher's, core/drivers/distill.h):
+// block l of the model takes the tensors of the file's block layer_map[l] ("h.<l>." names), every other
+// tensor the one of the same name; each must exist with the model's shape (else an error naming both).
+// The file is verified whole first, and nothing is copied unless every tensor fits. Local.
+dsmoe_status dsmoe_checkpoint_load_mapped(dsmoe_model *model, const char *path, const int *layer_map,
+                                          dsmoe_err *err);
 // Verifies path as dsmoe_checkpoint_load would (format, metadata, every tensor's checksum and values,
 // the deck's model shape) without a model: for --check. Local; fills *pos.
 dsmoe_status dsmoe_checkpoint_verify(const dsmoe_config *cfg, const char *path, dsmoe_train_position *pos,
