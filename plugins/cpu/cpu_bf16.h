@@ -110,6 +110,8 @@ dsmoe_status cpu_bf16_wgrad_run(cpu_ctx *ctx, const dsmoe_grouped_wgrad *G);
 void cpu_bf16_free_slots(cpu_ctx *ctx);
 
 // --- cpu_bf16_ops.c: the table's members for every other op (float32 goes to cpu_<op> unchanged) ---
+// Frees ctx's staging arena (finalize calls it; an op after it grows a new one).
+void cpu_bf16_stage_free(cpu_ctx *ctx);
 dsmoe_status cpu_bf16_bias_add(cpu_ctx *ctx, cpu_queue *q, void *out, dsmoe_dtype dt, const float *bias, int rows,
                                int n);
 dsmoe_status cpu_bf16_bias_backward(cpu_ctx *ctx, cpu_queue *q, float *dbias, const void *dout, dsmoe_dtype dt,

@@ -1,7 +1,7 @@
 // plugins/cpu/cpu_bf16_ops.c: every op of the cpu plugin other than the GEMMs and convert, for bfloat16
 // activations. The table (cpu_plugin.c) points at these; float32 (and any type the plugin refuses)
 // goes straight to the float32 op, which checks and refuses as before.
-// defines: cpu_bf16_<op> for the ops listed in the table section of cpu_plugin.c
+// defines: cpu_bf16_<op> for the ops listed in the table section of cpu_plugin.c, cpu_bf16_stage_free
 //
 // A bf16 call stages its tensors: each bfloat16 input is converted to a float32 copy, the float32 op
 // runs on the copies, and each output is rounded back to bfloat16 (round to nearest even) when it
@@ -12,9 +12,19 @@
 // these ops are memory-bound either way, and the GEMMs, where bf16 pays, run natively
 // (cpu_gemm_bf16.c). all_finite reads bfloat16 bits directly.
 //
+// The copies live in the context's staging arena (ctx->stage), one after another: it grows to the
+// largest call's need and is kept until finalize. Allocating them per call cost more than the copies
+// themselves: glibc hands blocks of megabytes back to the kernel on free, so every call page-faulted
+// its copies afresh (about 10 000 faults per W1 MoE step, docs/performance.md). One arena per context
+// is enough because a context's ops never overlap: each runs to its end before it returns, from the
+// one host thread that owns the context (docs/plugins.md), and no op calls another bf16 op. Rows an
+// assigned output leaves unwritten (unused capacity slots) are staged back as whatever the arena held:
+// the contract leaves them unspecified.
+//
 // Shapes are checked by the float32 op: a negative size or a NULL pointer stages nothing, and the
 // op's own message names the problem.
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdlib.h>
 
 #include "cpu_bf16.h" // conversions
@@ -25,7 +35,7 @@ typedef struct st_arg {
     const void *p; // the caller's bfloat16 tensor
     size_t n;      // elements
     st_role role;
-    float *f; // its float32 copy (p itself when nothing was staged)
+    float *f; // its float32 copy in the arena (p itself when nothing was staged)
 } st_arg;
 
 // Product of sizes; 0 when one is negative (the float32 op reports it).
@@ -45,38 +55,75 @@ static size_t count(int k, ...) {
 #define N3(a, b, c) count(3, (long)(a), (long)(b), (long)(c))
 #define N4(a, b, c, d) count(4, (long)(a), (long)(b), (long)(c), (long)(d))
 
-static void unstage_free(st_arg *a, int na) {
-    for (int i = 0; i < na; i++)
-        if (a[i].f && (const void *)a[i].f != a[i].p)
-            free(a[i].f);
+#define ST_ALIGN 64 // each copy starts on a cache line (and an AVX-512 vector)
+// The arena keeps at most this much: a call that needs more (the loss's (S, V) logits of a large
+// vocabulary) gets its own block for the call, so that the plugin never holds gigabytes the memory plan
+// (docs/precision.md) does not count; such a call's work dwarfs its page faults anyway.
+#define CPU_STAGE_KEEP ((size_t)64 << 20)
+#define ST_MAX 8    // tensors one op may stage (STAGED checks it at compile time; 5 today)
+
+void cpu_bf16_stage_free(cpu_ctx *ctx) {
+    free(ctx->stage);
+    free(ctx->stage_once);
+    ctx->stage = ctx->stage_once = NULL;
+    ctx->stage_bytes = 0;
+}
+
+// The arena holds at least `bytes`. A smaller one is freed first (its contents are dead between
+// calls), so growing never holds both.
+// *base: where the call's copies go.
+static dsmoe_status stage_reserve(cpu_ctx *ctx, const char *op, size_t bytes, char **base) {
+    *base = ctx->stage;
+    if (bytes <= ctx->stage_bytes)
+        return DSMOE_OK;
+    size_t rounded;
+    if (bytes > CPU_STAGE_KEEP) {
+        *base = ctx->stage_once = cpu_block(bytes, &rounded);
+    } else {
+        free(ctx->stage);
+        ctx->stage_bytes = 0;
+        *base = ctx->stage = cpu_block(bytes, &rounded);
+        if (ctx->stage) ctx->stage_bytes = rounded;
+    }
+    if (!*base)
+        return cpu_fail(ctx, DSMOE_ERR_NOMEM, "cpu: %s: cannot allocate %zu bytes for float32 copies of its "
+                        "bfloat16 tensors", op, bytes);
+    return DSMOE_OK;
 }
 
 static dsmoe_status stage(cpu_ctx *ctx, const char *op, st_arg *a, int na) {
-    for (int i = 0; i < na; i++)
+    size_t off[ST_MAX], total = 0;
+    for (int i = 0; i < na; i++) {
         a[i].f = (float *)a[i].p;
+        off[i] = total;
+        if (!a[i].p || a[i].n == 0)
+            continue;
+        size_t room = SIZE_MAX - total;
+        if (room < ST_ALIGN || a[i].n > (room - ST_ALIGN) / sizeof(float))
+            return cpu_fail(ctx, DSMOE_ERR_NOMEM, "cpu: %s: float32 copies of %zu bfloat16 values overflow "
+                            "size_t", op, a[i].n);
+        total += (a[i].n * sizeof(float) + ST_ALIGN - 1) & ~(size_t)(ST_ALIGN - 1);
+    }
+    char *base;
+    CPU_TRY(stage_reserve(ctx, op, total, &base));
     for (int i = 0; i < na; i++) {
         if (!a[i].p || a[i].n == 0)
             continue;
-        size_t bytes = (a[i].n * sizeof(float) + 63) & ~(size_t)63;
-        float *f = aligned_alloc(64, bytes);
-        if (!f) {
-            unstage_free(a, i);
-            return cpu_fail(ctx, DSMOE_ERR_NOMEM, "cpu: %s: cannot allocate a float32 copy of %zu bfloat16 values",
-                            op, a[i].n);
-        }
-        a[i].f = f;
+        a[i].f = (float *)(base + off[i]);
         if (a[i].role != ST_OUT)
-            cpu_bf16_to_f32_par(ctx, f, a[i].p, a[i].n);
+            cpu_bf16_to_f32_par(ctx, a[i].f, a[i].p, a[i].n);
     }
     return DSMOE_OK;
 }
 
-// Rounds the outputs back when the op succeeded; frees the copies; returns the op's status.
+// Rounds the outputs back when the op succeeded; returns the op's status. The arena stays; a call's own
+// block goes.
 static dsmoe_status unstage(cpu_ctx *ctx, st_arg *a, int na, dsmoe_status s) {
     for (int i = 0; i < na && s == DSMOE_OK; i++)
         if (a[i].role != ST_IN && a[i].f != a[i].p)
             cpu_f32_to_bf16_par(ctx, (uint16_t *)a[i].p, a[i].f, a[i].n);
-    unstage_free(a, na);
+    free(ctx->stage_once);
+    ctx->stage_once = NULL;
     return s;
 }
 
@@ -84,6 +131,7 @@ static dsmoe_status unstage(cpu_ctx *ctx, st_arg *a, int na, dsmoe_status s) {
 #define STAGED(op, call)                                                                           \
     do {                                                                                           \
         CPU_BEGIN(ctx, q, op);                                                                     \
+        _Static_assert(sizeof A / sizeof A[0] <= ST_MAX, "more staged tensors than ST_MAX");       \
         int na_ = (int)(sizeof A / sizeof A[0]);                                                   \
         CPU_TRY(stage(ctx, op, A, na_));                                                           \
         return unstage(ctx, A, na_, (call));                                                       \

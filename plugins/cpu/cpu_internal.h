@@ -45,6 +45,9 @@ struct dsmoe_kernel_ctx {
     char description[768];           // describe()
     struct cpu_dnnl *dnnl;           // oneDNN for bf16 GEMMs (cpu_dnnl.c); NULL: they are emulated
     struct cpu_bf16_slot *bf16_slots; // (threads) scratch of bf16 GEMMs (cpu_gemm_bf16.c), made on first use
+    void *stage;                     // float32 copies of a bf16 op's tensors (cpu_bf16_ops.c): grown to the
+    size_t stage_bytes;              // largest call's need up to CPU_STAGE_KEEP, kept until the context goes
+    void *stage_once;                // a call's copies beyond CPU_STAGE_KEEP: freed when it returns
 };
 
 // Loops over fewer than this many floats run on one thread: a fork/join costs a few microseconds.
@@ -127,6 +130,9 @@ dsmoe_status cpu_zero(cpu_ctx *ctx, cpu_queue *q, void *dst, size_t bytes);
 dsmoe_status cpu_convert(cpu_ctx *ctx, cpu_queue *q, void *dst, dsmoe_dtype dst_type, const void *src,
                          dsmoe_dtype src_type, size_t n);
 dsmoe_status cpu_mem_info(cpu_ctx *ctx, size_t *free_bytes, size_t *total_bytes);
+// Host memory for the plugin's own scratch, aligned and huge-page hinted as alloc()'s (neither zeroed nor
+// poisoned): *rounded gets its size. free() releases it; NULL when out of memory.
+void *cpu_block(size_t bytes, size_t *rounded);
 
 // --- cpu_gemm.c ---
 // Puts OpenBLAS in single-threaded mode (if something changed it): every BLAS call of this plugin is

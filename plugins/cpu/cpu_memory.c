@@ -1,7 +1,8 @@
 // plugins/cpu/cpu_memory.c: memory of the cpu plugin: plain host memory for both alloc() and
-// host_alloc(), the copy members (all synchronous memcpy), type conversion and mem_info.
+// host_alloc() (and cpu_block for the plugin's own scratch), the copy members (all synchronous memcpy),
+// type conversion and mem_info.
 // defines: cpu_alloc, cpu_free, cpu_host_alloc, cpu_host_free, cpu_copy_to_device, cpu_copy_to_host,
-//          cpu_copy, cpu_copy_2d, cpu_zero, cpu_convert, cpu_mem_info
+//          cpu_copy, cpu_copy_2d, cpu_zero, cpu_convert, cpu_mem_info, cpu_block
 //
 // alloc() memory is zeroed only with DSMOE_ALLOC_ZERO. Without it the bytes are whatever the allocator
 // returns, or 0xFF (NaN floats, -1 ints) with the plugin's `poison` setting, which tests turn on so
@@ -34,18 +35,24 @@ static void *aligned_block(size_t bytes, size_t align, size_t *rounded) {
     return aligned_alloc(align, *rounded);
 }
 
+void *cpu_block(size_t bytes, size_t *rounded) {
+    size_t align = bytes >= CPU_HUGE_MIN ? CPU_HUGE_PAGE : CPU_ALLOC_ALIGN;
+    void *p = aligned_block(bytes, align, rounded);
+    if (p && align == CPU_HUGE_PAGE)
+        (void)madvise(p, *rounded, MADV_HUGEPAGE); // before the first touch, so the pages come huge
+    return p;
+}
+
 dsmoe_status cpu_alloc(cpu_ctx *ctx, size_t bytes, uint32_t flags, void **ptr) {
     CPU_REQUIRE(ctx, ptr, "cpu: alloc: NULL ptr");
     *ptr = NULL;
     if (ctx->sticky != DSMOE_OK)
         return ctx->sticky;
     CPU_REQUIRE(ctx, (flags & ~(uint32_t)DSMOE_ALLOC_ZERO) == 0, "cpu: alloc: unknown flags 0x%x", flags);
-    size_t rounded, align = bytes >= CPU_HUGE_MIN ? CPU_HUGE_PAGE : CPU_ALLOC_ALIGN;
-    void *p = aligned_block(bytes, align, &rounded);
+    size_t rounded;
+    void *p = cpu_block(bytes, &rounded);
     if (!p)
         return cpu_fail(ctx, DSMOE_ERR_NOMEM, "cpu: alloc: cannot allocate %zu bytes of host memory", bytes);
-    if (align == CPU_HUGE_PAGE)
-        (void)madvise(p, rounded, MADV_HUGEPAGE); // before the first touch, so the pages come huge
     if (flags & DSMOE_ALLOC_ZERO)
         memset(p, 0, rounded);
     else if (ctx->poison)

@@ -216,6 +216,7 @@ static void cpu_finalize(dsmoe_kernel_ctx *ctx) {
         ctx->events = next;
     }
     cpu_bf16_free_slots(ctx);
+    cpu_bf16_stage_free(ctx); // the bf16 ops' staging arena (cpu_bf16_ops.c)
     cpu_dnnl_fini(ctx);
     free(ctx);
 }
