@@ -220,16 +220,13 @@ static void test_moe_variants(void **state) {
     }
 }
 
-// What the config refuses: bf16 with generation's tensor slicing, which runs in float32 only (docs/precision.md).
-static void test_refused(void **state) {
+// What the config takes: bf16 generation, also with tensor slicing (its partial sums are float32), and
+// bf16 evaluation.
+static void test_config(void **state) {
     (void)state;
     dsmoe_config cfg;
     dsmoe_err err = {0};
     assert_int_equal(load_ranks(small_deck, "run.mode=generate run.precision=bf16 generate.tensor_parallel=2", 2,
-                                &cfg, NULL, &err), DSMOE_ERR_INVALID);
-    assert_non_null(strstr(err.msg, "run.precision"));
-    // ... which is bf16's doing: the same in fp32 loads, and bf16 generation on one tensor rank loads.
-    assert_int_equal(load_ranks(small_deck, "run.mode=generate run.precision=fp32 generate.tensor_parallel=2", 2,
                                 &cfg, NULL, &err), DSMOE_OK);
     assert_int_equal(load_ranks(small_deck, "run.mode=generate run.precision=bf16", 2, &cfg, NULL, &err), DSMOE_OK);
     // Evaluation runs in the run's precision.
@@ -239,7 +236,7 @@ static void test_refused(void **state) {
 
 int main(int argc, char **argv) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_refused),
+        cmocka_unit_test(test_config),
         cmocka_unit_test(test_deterministic),
         cmocka_unit_test(test_resume_equals_uninterrupted),
         cmocka_unit_test(test_continues_across_precisions),

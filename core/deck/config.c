@@ -572,11 +572,6 @@ static dsmoe_status validate(loader *L, int world_size, dsmoe_err *err) {
                      world_size, tp);
     }
 
-    int k_prec = KIDX("run.precision");
-    if (c->precision == DSMOE_PRECISION_BF16 && c->mode == DSMOE_MODE_GENERATE && tp > 1)
-        FAIL(k_prec, k_tp, "run.precision = bf16: tensor slicing (generate.tensor_parallel = %s) runs in float32 "
-             "only; set run.precision = fp32 or generate.tensor_parallel = 1", tp_txt);
-
     int k_a2a = KIDX("moe.alltoall"), k_rpn = KIDX("moe.ranks_per_node");
     for (int i = 0; i < (ep_all ? 1 : c->n_moe_layers); i++)
         if (c->alltoall == 1 /* hierarchical */ && c->ranks_per_node > 0 && c->expert_parallel[i] % c->ranks_per_node != 0) {

@@ -25,8 +25,9 @@
 
 // Precision: activations, the KV cache and the GEMMs' weight operands are of the model's dt
 // (run.precision); in bfloat16 the weights are the model's bfloat16 copy (params_lp), taken once at
-// create. Tensor slicing is float32 only (the config refuses bf16 with generate.tensor_parallel > 1):
-// its partial sums would need float32 staging before the tensor group's all-reduce.
+// create, and so are the tensor slices of them. The tensor group's partial sums are float32 whatever dt:
+// the row-parallel GEMMs write them to a float32 staging buffer (sum32), all-reduced, then narrowed once;
+// expert-slicing's partial outputs come out of the MoE layer in dt and are widened for the sum.
 
 struct dsmoe_infer {
     dsmoe_model *m;
@@ -51,7 +52,9 @@ struct dsmoe_infer {
 
     // kernel memory (void *: elements of dt; float *: float32)
     void **k_cache, **v_cache; // (L) each (slots, NHt, t_max, D)
-    float **qkvw, **qkvb; // (L) W > 1: this rank's c_attn rows (3Mt, M) and bias (3Mt): [q | k | v] parts
+    void **qkvw;          // (L) W > 1: this rank's c_attn rows (3Mt, M) of dt: [q | k | v] parts
+    float **qkvb;         // (L) W > 1: their bias (3Mt)
+    float *sum32;         // (R, M) W > 1: partial sums of the tensor group, float32
     void *x, *mid;        // (R, M) residual stream in, and after attention
     void *ln, *ffn_out, *moe_out, *mlp_out; // (R, M); moe_out (W * Rm, M) when coordinated
     void *moe_share;      // (Rm, M) coordinated: this tensor rank's MoE outputs, before the all-gather
@@ -195,16 +198,21 @@ static dsmoe_status slice_experts(dsmoe_infer *s, dsmoe_err *err) {
         const dsmoe_moe_weights *w = &m->blocks[l].moe;
         dsmoe_moe_weights *o = &s->ew[mi];
         size_t El = (size_t)(m->cfg->experts[mi] / m->epg[m->epg_of_moe[mi]].ep);
-        o->wg = w->wg;
-        DSMOE_TRY(alloc_dev(s, El * Ft * M * sizeof(float), &o->w1, "expert slice of w1 (E_local, F/W, M)", err));
+        // The weight matrices are sliced from the GEMM operands (float32 masters, or their dt copies).
+        size_t E = s->esz;
+        void *w1, *w2;
+        const char *w1_src = s->dt == F32 ? (const char *)w->w1 : w->w1_lp;
+        const char *w2_src = s->dt == F32 ? (const char *)w->w2 : w->w2_lp;
+        DSMOE_TRY(alloc_dev(s, El * Ft * M * E, &w1, "expert slice of w1 (E_local, F/W, M)", err));
         DSMOE_TRY(alloc_dev(s, El * Ft * sizeof(float), &o->b1, "expert slice of b1 (E_local, F/W)", err));
-        DSMOE_TRY(alloc_dev(s, El * M * Ft * sizeof(float), &o->w2, "expert slice of w2 (E_local, M, F/W)", err));
+        DSMOE_TRY(alloc_dev(s, El * M * Ft * E, &w2, "expert slice of w2 (E_local, M, F/W)", err));
         DSMOE_TRY(alloc_dev(s, El * M * sizeof(float), &o->b2, "expert bias b2 of tensor rank 0 (E_local, M)", err));
+        if (s->dt == F32) o->w1 = w1, o->w2 = w2;
+        else o->w1_lp = w1, o->w2_lp = w2;
         for (size_t e = 0; e < El; e++) {
-            KCALL(rt, copy, o->w1 + e * Ft * M, w->w1 + (e * F + f0) * M, Ft * M * sizeof(float));
+            KCALL(rt, copy, (char *)w1 + e * Ft * M * E, w1_src + (e * F + f0) * M * E, Ft * M * E);
             KCALL(rt, copy, o->b1 + e * Ft, w->b1 + e * F + f0, Ft * sizeof(float));
-            for (size_t r = 0; r < M; r++)
-                KCALL(rt, copy, o->w2 + (e * M + r) * Ft, w->w2 + (e * M + r) * F + f0, Ft * sizeof(float));
+            KCALL(rt, copy_2d, (char *)w2 + e * M * Ft * E, Ft * E, w2_src + (e * M * F + f0) * E, F * E, Ft * E, M);
         }
         if (s->t == 0) KCALL(rt, copy, o->b2, w->b2, El * M * sizeof(float));
         else KCALL(rt, zero, o->b2, El * M * sizeof(float));
@@ -225,9 +233,6 @@ dsmoe_status dsmoe_infer_create(dsmoe_model *m, int slots, int t_max, int max_ro
         return dsmoe_err_set(err, DSMOE_ERR_INVALID, "inference: tensor slicing over %d ranks: it must divide the %d "
                              "ranks, model.heads (%d) and model.ffn_hidden (%d)", W, m->rt->world_size, cfg->heads,
                              cfg->ffn_hidden);
-    if (m->dt != F32 && W > 1)
-        return dsmoe_err_set(err, DSMOE_ERR_UNSUPPORTED, "inference: tensor slicing over %d ranks runs in float32 only "
-                             "(run.precision = bf16)", W);
     dsmoe_infer *s = calloc(1, sizeof *s);
     if (!s) return dsmoe_err_set(err, DSMOE_ERR_NOMEM, "inference: out of memory");
     *out = s;
@@ -272,15 +277,16 @@ dsmoe_status dsmoe_infer_create(dsmoe_model *m, int slots, int t_max, int max_ro
         DSMOE_TRY(alloc_dev(s, cache, &s->v_cache[l], "KV cache values (slots, NH, T, D)", err));
         if (W == 1) continue;
         // This rank's rows of c_attn: q, k and v each keep rows [t*Mt, (t+1)*Mt) of their (M, M) block.
-        DSMOE_TRY(alloc_dev(s, 3 * Mt * M * sizeof(float), &s->qkvw[l], "tensor slice of c_attn (3Mt, M)", err));
+        DSMOE_TRY(alloc_dev(s, 3 * Mt * M * E, &s->qkvw[l], "tensor slice of c_attn (3Mt, M)", err));
         DSMOE_TRY(alloc_dev(s, 3 * Mt * sizeof(float), &s->qkvb[l], "tensor slice of c_attn's bias (3Mt)", err));
         const block_params *p = &m->blocks[l];
         for (int part = 0; part < 3; part++) {
             size_t row = (size_t)part * M + (size_t)s->t * Mt;
-            KCALL(s->rt, copy, s->qkvw[l] + (size_t)part * Mt * M, p->qkvw + row * M, Mt * M * sizeof(float));
+            KCALL(s->rt, copy, at(s, s->qkvw[l], (size_t)part * Mt * M), op_at(s, p->qkvw_op, row * M), Mt * M * E);
             KCALL(s->rt, copy, s->qkvb[l] + (size_t)part * Mt, p->qkvb + row, Mt * sizeof(float));
         }
     }
+    if (W > 1) DSMOE_TRY(alloc_dev(s, R * M * sizeof(float), &s->sum32, "tensor-group partial sums (R, M)", err));
     size_t RM = R * M * E;
     DSMOE_TRY(alloc_dev(s, RM, &s->x, "inference residual (R, M)", err));
     DSMOE_TRY(alloc_dev(s, RM, &s->mid, "inference residual after attention (R, M)", err));
@@ -346,14 +352,14 @@ void dsmoe_infer_free(dsmoe_infer *s) {
         if (s->qkvb) free_dev(s, s->qkvb[l]);
     }
     for (int i = 0; s->ew && i < s->m->cfg->n_moe_layers; i++) {
-        free_dev(s, s->ew[i].w1);
+        free_dev(s, s->dt == F32 ? (void *)s->ew[i].w1 : (void *)s->ew[i].w1_lp);
         free_dev(s, s->ew[i].b1);
-        free_dev(s, s->ew[i].w2);
+        free_dev(s, s->dt == F32 ? (void *)s->ew[i].w2 : (void *)s->ew[i].w2_lp);
         free_dev(s, s->ew[i].b2);
     }
     free(s->ew);
     if (s->W > 1) dsmoe_rt_group_free(s->rt, &s->tp);
-    void *dev[] = {s->x, s->mid, s->ln, s->atty, s->ffn_out, s->moe_out, s->moe_share, s->mlp_out, s->qkv, s->fch,
+    void *dev[] = {s->sum32, s->x, s->mid, s->ln, s->atty, s->ffn_out, s->moe_out, s->moe_share, s->mlp_out, s->qkv, s->fch,
                    s->fch_gelu,
                    s->coef_logits, s->coef, s->last, s->lnf, s->logits, s->tokens, s->pos, s->sampled};
     for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++) free_dev(s, dev[i]);
@@ -388,10 +394,10 @@ void dsmoe_infer_estimate(const dsmoe_config *c, int slots, int t_max, int max_r
     memset(z, 0, sizeof *z);
     z->moe_rows = (int)Rm;
     z->cache_bytes = L * 2 * B * Mt * (uint64_t)t_max * a;
-    z->slice_bytes = W > 1 ? L * (3 * Mt * M + 3 * Mt) * f : 0;
+    z->slice_bytes = W > 1 ? L * (3 * Mt * M * a + 3 * Mt * f) + R * M * f : 0; // and the float32 partial sums
     for (int i = 0; sliced && i < c->n_moe_layers; i++) {
         uint64_t El = (uint64_t)(c->experts[i] / c->expert_parallel[i]);
-        z->slice_bytes += El * (Ft * M + Ft + M * Ft + M) * f;
+        z->slice_bytes += El * ((Ft * M + M * Ft) * a + (Ft + M) * f);
     }
     z->row_bytes = (3 * R * M + R * Mt + R * M + (uint64_t)W * Rm * M + R * M + (coord ? Rm * M : 0) + 3 * R * Mt +
                     2 * R * Ft + 2 * B * M + B * V) * a + 2 * R * 2 * f +
@@ -440,6 +446,22 @@ static dsmoe_status linear(dsmoe_infer *s, void *out, const void *in, const void
     return linear_as(s, out, s->dt, in, w, b, rows, K, N, err);
 }
 
+// A row-parallel GEMM's output: out (rows, N) of dt = in (rows, Kt) @ w (N, Kt; leading dimension ldw)^T,
+// summed over the tensor group in float32 when W > 1.
+static dsmoe_status row_parallel(dsmoe_infer *s, void *out, const void *in, const void *w, int ldw, int rows, int Kt,
+                                 int N, dsmoe_err *err) {
+    dsmoe_runtime *rt = s->rt;
+    if (s->W == 1) {
+        KCALL(rt, gemm, 0, 1, rows, N, Kt, 1.0f, in, s->dt, Kt, w, s->dt, ldw, 0.0f, out, s->dt, N);
+        return DSMOE_OK;
+    }
+    KCALL(rt, gemm, 0, 1, rows, N, Kt, 1.0f, in, s->dt, Kt, w, s->dt, ldw, 0.0f, s->sum32, F32, N);
+    if (rows > 0) CCOLL(rt, allreduce, s->tp.comm, DSMOE_IN_PLACE, s->sum32, (size_t)rows * N, F32, DSMOE_SUM);
+    if (s->dt == F32) KCALL(rt, copy, out, s->sum32, (size_t)rows * N * sizeof(float));
+    else KCALL(rt, convert, out, s->dt, s->sum32, F32, (size_t)rows * N);
+    return DSMOE_OK;
+}
+
 // mid (rows, M) = x + c_proj(attention over the cache(c_attn(ln_1(x)))); sequence i's rows append to its
 // slot's cache first, then attend to positions 0 .. their own.
 static dsmoe_status attn_block(dsmoe_infer *s, int l, int n, const int *slot, const int *count, int rows,
@@ -460,9 +482,7 @@ static dsmoe_status attn_block(dsmoe_infer *s, int l, int n, const int *slot, co
     }
     // c_proj over this rank's Mt input columns (row-parallel): mid = atty_t @ attprojw[:, t*Mt:(t+1)*Mt]^T,
     // summed over the tensor group, then the bias once and the residual.
-    KCALL(rt, gemm, 0, 1, rows, M, Mt, 1.0f, s->atty, s->dt, Mt, op_at(s, p->attprojw_op, (size_t)s->t * Mt), s->dt, M,
-          0.0f, s->mid, s->dt, M);
-    if (s->W > 1 && rows > 0) CCOLL(rt, allreduce, s->tp.comm, DSMOE_IN_PLACE, s->mid, (size_t)rows * M, F32, DSMOE_SUM);
+    DSMOE_TRY(row_parallel(s, s->mid, s->atty, op_at(s, p->attprojw_op, (size_t)s->t * Mt), M, rows, Mt, M, err));
     KCALL(rt, bias_add, s->mid, s->dt, p->attprojb, rows, M);
     KCALL(rt, axpy, s->mid, 1.0f, s->x, s->dt, (size_t)rows * M);
     return DSMOE_OK;
@@ -475,9 +495,7 @@ static dsmoe_status mlp(dsmoe_infer *s, const block_params *p, const void *in, v
     size_t f0 = (size_t)s->t * s->Ft;
     DSMOE_TRY(linear(s, s->fch, in, op_at(s, p->fcw_op, f0 * s->M), p->fcb + f0, rows, s->M, s->Ft, err));
     KCALL(rt, gelu_forward, s->fch_gelu, s->fch, s->dt, (size_t)rows * s->Ft);
-    KCALL(rt, gemm, 0, 1, rows, s->M, s->Ft, 1.0f, s->fch_gelu, s->dt, s->Ft, op_at(s, p->fcprojw_op, f0), s->dt, s->F, 0.0f,
-          out, s->dt, s->M);
-    if (s->W > 1 && rows > 0) CCOLL(rt, allreduce, s->tp.comm, DSMOE_IN_PLACE, out, (size_t)rows * s->M, F32, DSMOE_SUM);
+    DSMOE_TRY(row_parallel(s, out, s->fch_gelu, op_at(s, p->fcprojw_op, f0), s->F, rows, s->Ft, s->M, err));
     KCALL(rt, bias_add, out, s->dt, p->fcprojb, rows, s->M);
     return DSMOE_OK;
 }
@@ -505,10 +523,23 @@ static dsmoe_status ffn_block(dsmoe_infer *s, int l, int rows, int group_rows, f
         dsmoe_moe_step step = {.training = 0, .inference = 1, .tokens = mine, .capacity = capacity,
                                .times = profile ? moe_times : NULL};
         void *moe_out = s->coordinated ? s->moe_share : s->moe_out;
-        const dsmoe_moe_weights *w = s->sliced ? &s->ew[mi] : &p->moe;
+        // Expert-slicing: this rank's slices, and the router where the model holds it now (bfloat16
+        // generation moves the float32 tensors it keeps after create: dsmoe_model_drop_gemm_masters).
+        dsmoe_moe_weights sliced_w;
+        const dsmoe_moe_weights *w = &p->moe;
+        if (s->sliced) {
+            sliced_w = s->ew[mi];
+            sliced_w.wg = p->moe.wg;
+            w = &sliced_w;
+        }
         DSMOE_TRY(dsmoe_moe_forward(s->moe[mi], w, at(s, s->ln, (size_t)first * M), moe_out, &step, NULL, err));
-        if (s->sliced && rows > 0) // the experts' partial outputs, summed over the tensor group
+        if (s->sliced && rows > 0 && s->dt == F32) // the experts' partial outputs, summed over the tensor group
             CCOLL(rt, allreduce, s->tp.comm, DSMOE_IN_PLACE, s->moe_out, (size_t)rows * M, F32, DSMOE_SUM);
+        if (s->sliced && rows > 0 && s->dt != F32) { // widened for the sum (the layer's output is of dt)
+            KCALL(rt, convert, s->sum32, F32, s->moe_out, s->dt, RM);
+            CCOLL(rt, allreduce, s->tp.comm, DSMOE_IN_PLACE, s->sum32, RM, F32, DSMOE_SUM);
+            KCALL(rt, convert, s->moe_out, s->dt, s->sum32, F32, RM);
+        }
         if (s->coordinated && q > 0) { // every tensor rank's share, in rank order: rows 0 .. rows-1 first
             size_t bytes = (size_t)q * M * s->esz;
             CCOLL(rt, allgather, s->tp.comm, s->moe_share, s->moe_out, bytes);
