@@ -37,29 +37,40 @@ static dsmoe_status invalid(const dsmoe_cu_env *env, const char *op, const char 
 // ---------------------------------------------------------------------------------------------------
 // Embedding: out (B*T, M) = wte[tokens] + wpe[t]
 
-// One block per row r = b*T + t.
-template <typename T>
-__global__ void embedding_forward_kernel(T *out, const int32_t *tokens, const float *wte, const float *wpe, int T_,
-                                         int M, int V, dsmoe_cu_fault *fault) {
+// One block per row r = b*T + t; sequence b starts at position pos[b] (0 without pos).
+template <typename T, typename W>
+__global__ void embedding_forward_kernel(T *out, const int32_t *tokens, const W *wte, const float *wpe,
+                                         const int32_t *pos, int T_, int M, int V, int n_pos, dsmoe_cu_fault *fault) {
     const int r = blockIdx.x;
     const int tok = tokens[r];
+    const int p0 = pos ? pos[r / T_] : 0;
     if (tok < 0 || tok >= V) { // bad data: the row is left as it was
         if (threadIdx.x == 0)
             dsmoe_cu_raise(fault, DSMOE_CU_FAULT_TOKEN_RANGE, r, tok);
         return;
     }
-    const float *e = wte + (size_t)tok * M, *p = wpe + (size_t)(r % T_) * M;
+    if (p0 < 0 || p0 > n_pos - T_) {
+        if (threadIdx.x == 0 && r % T_ == 0)
+            dsmoe_cu_raise(fault, DSMOE_CU_FAULT_KV_RANGE, r / T_, (long long)p0 + T_);
+        return;
+    }
+    const W *e = wte + (size_t)tok * M;
+    const float *p = wpe + (size_t)(p0 + r % T_) * M;
     for (int j = threadIdx.x; j < M; j += blockDim.x)
-        dsmoe_st(out, (size_t)r * M + j, e[j] + p[j]);
+        dsmoe_st(out, (size_t)r * M + j, dsmoe_ld(e, j) + p[j]);
 }
 
 extern "C" dsmoe_status dsmoe_cu_embedding_forward(const dsmoe_cu_env *env, void *out, dsmoe_dtype dt,
-                                                   const int32_t *tokens, const float *wte, const float *wpe, int B,
-                                                   int T, int M, int V) {
+                                                   const int32_t *tokens, const void *wte, dsmoe_dtype wte_dt,
+                                                   const float *wpe, const int32_t *pos, int B, int T, int M, int V,
+                                                   int n_pos) {
     static const char op[] = "embedding_forward";
     dsmoe_status st = dsmoe_cu_check_dtype(env, dt, op);
     if (st != DSMOE_OK)
         return st;
+    if (wte_dt != DSMOE_FLOAT32 && wte_dt != dt)
+        return dsmoe_cu_fail(env, DSMOE_ERR_UNSUPPORTED, "%s: wte is %s: expected float32 or the activations' type",
+                             op, dsmoe_dtype_name(wte_dt));
     if (B < 0 || T < 0 || M < 0 || V <= 0)
         return dsmoe_cu_fail(env, DSMOE_ERR_INVALID, "%s: B=%d T=%d M=%d V=%d: expected B, T, M >= 0 and V > 0", op,
                              B, T, M, V);
@@ -71,8 +82,12 @@ extern "C" dsmoe_status dsmoe_cu_embedding_forward(const dsmoe_cu_env *env, void
     if (!out || !tokens || !wte || !wpe)
         return invalid(env, op, "NULL out, tokens, wte or wpe");
     DSMOE_CU_DISPATCH(dt, Tv, {
-        embedding_forward_kernel<Tv><<<(unsigned)rows, NN_ROW_THREADS, 0, env->stream>>>(
-            (Tv *)out, tokens, wte, wpe, T, M, V, env->fault);
+        if (wte_dt == DSMOE_FLOAT32)
+            embedding_forward_kernel<Tv, float><<<(unsigned)rows, NN_ROW_THREADS, 0, env->stream>>>(
+                (Tv *)out, tokens, (const float *)wte, wpe, pos, T, M, V, n_pos, env->fault);
+        else
+            embedding_forward_kernel<Tv, Tv><<<(unsigned)rows, NN_ROW_THREADS, 0, env->stream>>>(
+                (Tv *)out, tokens, (const Tv *)wte, wpe, pos, T, M, V, n_pos, env->fault);
     });
     return dsmoe_cu_check_launch(env, op);
 }

@@ -18,9 +18,11 @@
 
 DSMOE_EXTERN_C_BEGIN
 
-// out (B*T, M) of type dt = wte[tokens[r]] + wpe[r % T]; tokens (B*T) int32, wte (V, M), wpe (T, M).
+// out (B*T, M) of type dt = wte[tokens[b*T + t]] + wpe[pos[b] + t]; tokens (B*T) int32, wte (V, M) of
+// wte_dt (float32 or dt), wpe (n_pos, M), pos (B) device int32 or NULL (0).
 dsmoe_status dsmoe_cu_embedding_forward(const dsmoe_cu_env *env, void *out, dsmoe_dtype dt, const int32_t *tokens,
-                                        const float *wte, const float *wpe, int B, int T, int M, int V);
+                                        const void *wte, dsmoe_dtype wte_dt, const float *wpe, const int32_t *pos,
+                                        int B, int T, int M, int V, int n_pos);
 
 // dwte (V, M) += dout rows (B*T, M) of each token id, added in row order; dwpe (T, M) += dout rows of
 // each position, added in batch order. Needs scratch of about 16 bytes per row (a sort by token id).

@@ -288,7 +288,7 @@ static void test_dtype_refusal(void **state) {
     expect_error(C, P->mul_uniform_noise(C, Q, d, d, f16, 4, 0.1f, 1, 0), DSMOE_ERR_UNSUPPORTED, "mul_uniform_noise",
                  "float16");
     expect_error(C, P->all_finite(C, Q, d, f16, 4, z), DSMOE_ERR_UNSUPPORTED, "all_finite", "float16");
-    expect_error(C, P->embedding_forward(C, Q, d, f16, z, d, d, 1, 1, 2, 4), DSMOE_ERR_UNSUPPORTED,
+    expect_error(C, P->embedding_forward(C, Q, d, f16, z, d, F32, d, NULL, 1, 1, 2, 4, 1), DSMOE_ERR_UNSUPPORTED,
                  "embedding_forward", "float16");
     expect_error(C, P->layernorm_forward(C, Q, d, d, d, d, f16, d, d, 1, 4, 1e-5f), DSMOE_ERR_UNSUPPORTED,
                  "layernorm_forward", "float16");
@@ -323,7 +323,7 @@ static void test_sticky_error(void **state) {
     float *wte = dev_zeros(c, 11 * 4 * sizeof(float)), *wpe = dev_zeros(c, 4 * 4 * sizeof(float));
     float *out = dev_new(c, 16 * sizeof(float), 0);
     int32_t *dtok = dev_put(c, tok, sizeof tok);
-    expect_error(c, P->embedding_forward(c, q, out, F32, dtok, wte, wpe, 1, 4, 4, 11), DSMOE_ERR_INVALID,
+    expect_error(c, P->embedding_forward(c, q, out, F32, dtok, wte, F32, wpe, NULL, 1, 4, 4, 11, 4), DSMOE_ERR_INVALID,
                  "embedding_forward", "tokens[2]=11");
     assert_int_equal(P->synchronize(c), DSMOE_ERR_INVALID);
     assert_int_equal(P->queue_synchronize(c, q), DSMOE_ERR_INVALID);

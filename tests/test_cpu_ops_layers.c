@@ -94,7 +94,7 @@ static int32_t *de_tok;
 static double e_loss(void) {
     float out[S * M];
     put(de_wte, e_wte, V * M * 4), put(de_wpe, e_wpe, T * M * 4);
-    OK(P->embedding_forward(C, Q, de_out, F32, de_tok, de_wte, de_wpe, B, T, M, V));
+    OK(P->embedding_forward(C, Q, de_out, F32, de_tok, de_wte, F32, de_wpe, NULL, B, T, M, V, T));
     dev_get(C, out, de_out, sizeof out);
     return dot_d(out, w_out, S * M);
 }
@@ -108,6 +108,53 @@ static dsmoe_status bad_embedding(dsmoe_kernel_ctx *c) {
     dsmoe_status st = P->embedding_backward(c, q, g, (float *)g + V * M, d, F32, tok, B, T, M, V);
     dev_free(c, tok), dev_free(c, g), dev_free(c, d);
     return st;
+}
+
+// A position past the table: pos[1] + T > n_pos.
+static dsmoe_status bad_embedding_pos(dsmoe_kernel_ctx *c) {
+    int32_t pos[B] = {0, 4};
+    dsmoe_kernel_queue *q = P->default_queue(c);
+    void *tok = dev_put(c, tokens, sizeof tokens), *p = dev_put(c, pos, sizeof pos);
+    float *w = dev_zeros(c, (V + (T + 3)) * M * 4), *o = dev_zeros(c, S * M * 4);
+    dsmoe_status st = P->embedding_forward(c, q, o, F32, tok, w, F32, w + V * M, p, B, T, M, V, T + 3);
+    dev_free(c, tok), dev_free(c, p), dev_free(c, w), dev_free(c, o);
+    return st;
+}
+
+static uint16_t bf16_of(float f) { // round to nearest even (finite values)
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+}
+
+// Sequences at their own positions (pos), and a bfloat16 table: out[b, t] = wte[token] + wpe[pos[b] + t],
+// with wte's bfloat16 values widened exactly.
+static void test_embedding_positions_bf16(void **state) {
+    (void)state;
+    enum { NP = T + 3 };
+    float *wte = rnd_fill(V * M, 1), *wpe = rnd_fill(NP * M, 1), out[S * M];
+    uint16_t wte16[V * M];
+    for (int i = 0; i < V * M; i++) wte16[i] = bf16_of(wte[i]);
+    int32_t pos[B] = {3, 1};
+    void *dtok = dev_put(C, tokens, sizeof tokens), *dpos = dev_put(C, pos, sizeof pos);
+    void *dw32 = dev_put(C, wte, V * M * 4), *dw16 = dev_put(C, wte16, sizeof wte16), *dpe = dev_put(C, wpe, NP * M * 4);
+    float *dout = dev_new(C, S * M * 4, 0);
+    for (int k = 0; k < 2; k++) {
+        OK(P->embedding_forward(C, Q, dout, F32, dtok, k ? dw16 : dw32, k ? DSMOE_BFLOAT16 : F32, dpe, dpos, B, T, M,
+                                V, NP));
+        dev_get(C, out, dout, sizeof out);
+        for (int r = 0; r < S; r++)
+            for (int j = 0; j < M; j++) {
+                uint32_t u = (uint32_t)wte16[tokens[r] * M + j] << 16;
+                float e16;
+                memcpy(&e16, &u, 4);
+                float want = (k ? e16 : wte[tokens[r] * M + j]) + wpe[(pos[r / T] + r % T) * M + j];
+                if (out[r * M + j] != want) fail_msg("%s wte: row %d col %d: %g, expected %g", k ? "bf16" : "fp32", r, j,
+                                                     out[r * M + j], want);
+            }
+    }
+    dev_free(C, dtok), dev_free(C, dpos), dev_free(C, dw32), dev_free(C, dw16), dev_free(C, dpe), dev_free(C, dout);
+    free(wte), free(wpe);
 }
 
 static void test_embedding(void **state) {
@@ -125,6 +172,7 @@ static void test_embedding(void **state) {
     check_grad("embedding dwte", e_wte, gte, V * M, e_loss);
     check_grad("embedding dwpe", e_wpe, gpe, T * M, e_loss);
     expect_sticky(bad_embedding, "tokens[4]=11");
+    expect_sticky(bad_embedding_pos, "pos[1]=4");
     free(e_wte), free(e_wpe), free(gte), free(gpe);
     dev_free(C, de_out), dev_free(C, de_wte), dev_free(C, de_wpe), dev_free(C, de_tok), dev_free(C, dwte),
         dev_free(C, dwpe);
@@ -571,6 +619,7 @@ static void test_sample(void **state) {
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_embedding),
+        cmocka_unit_test(test_embedding_positions_bf16),
         cmocka_unit_test(test_layernorm),
         cmocka_unit_test(test_gelu),
         cmocka_unit_test(test_attention),

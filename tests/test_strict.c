@@ -365,7 +365,7 @@ static void test_errors(void **state) {
     OK(S, ctx, S->synchronize(ctx)); // none of them is sticky
 
     OK(S, ctx, S->copy_to_device(ctx, q, tok, ids, sizeof ids));
-    OK(S, ctx, S->embedding_forward(ctx, q, out, DSMOE_FLOAT32, tok, wte, wpe, B, T, M, V)); // accepted
+    OK(S, ctx, S->embedding_forward(ctx, q, out, DSMOE_FLOAT32, tok, wte, DSMOE_FLOAT32, wpe, NULL, B, T, M, V, T)); // accepted
     dsmoe_status s = wait_queue(S, ctx, q);
     assert_int_not_equal(s, DSMOE_OK);
     assert_non_null(strstr(S->last_error(ctx), "embedding_forward"));

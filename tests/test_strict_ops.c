@@ -124,8 +124,13 @@ static void run_ops(runner *r) {
     // --- embedding, layer norm, GELU
     int32_t tok_h[B * Tt] = {0, 4, 2, 2, 1, 3};
     int32_t *tok = put(r, "embedding.tokens", tok_h, sizeof tok_h);
-    float *wte = fr(r, "embedding.wte", V * M), *wpe = fr(r, "embedding.wpe", Tt * M);
-    DO(T->embedding_forward(c, q, zr(r, "embedding_forward.out", B * Tt * M * 4), F32, tok, wte, wpe, B, Tt, M, V));
+    float *wte = fr(r, "embedding.wte", V * M), *wpe = fr(r, "embedding.wpe", (Tt + 2) * M);
+    int32_t pos_h[B] = {2, 0};
+    int32_t *pos = put(r, "embedding.pos", pos_h, sizeof pos_h);
+    DO(T->embedding_forward(c, q, zr(r, "embedding_forward.out", B * Tt * M * 4), F32, tok, wte, F32, wpe, NULL, B, Tt,
+                            M, V, Tt));
+    DO(T->embedding_forward(c, q, zr(r, "embedding_forward.pos.out", B * Tt * M * 4), F32, tok, wte, F32, wpe, pos, B,
+                            Tt, M, V, Tt + 2));
     DO(T->embedding_backward(c, q, fr(r, "embedding_backward.dwte", V * M), fr(r, "embedding_backward.dwpe", Tt * M),
                              fr(r, "embedding_backward.dout", B * Tt * M), F32, tok, B, Tt, M, V));
     float *lin = fr(r, "layernorm.in", S * M), *lw = fr(r, "layernorm.weight", M), *lb = fr(r, "layernorm.bias", M);

@@ -562,7 +562,7 @@ dsmoe_status dsmoe_model_forward(dsmoe_model *m, const int32_t *inputs, const in
     KCALL(rt, copy_to_device, m->tokens, inputs, (size_t)S * sizeof(int32_t));
     if (targets) KCALL(rt, copy_to_device, m->targets, targets, (size_t)S * sizeof(int32_t));
     if (m->dt != F32) KCALL(rt, convert, m->params_lp, m->dt, m->params, F32, m->n_local);
-    KCALL(rt, embedding_forward, m->resid, m->dt, m->tokens, m->wte, m->wpe, m->B, m->T, M, V);
+    KCALL(rt, embedding_forward, m->resid, m->dt, m->tokens, m->wte, F32, m->wpe, NULL, m->B, m->T, M, V, m->T);
     for (int l = 0; l < m->L; l++) {
         void *x = act_at(m, m->resid, (size_t)l * SM);
         DSMOE_TRY(attn_forward(m, &m->blocks[l], &m->acts[l], x, err));

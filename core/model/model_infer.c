@@ -78,7 +78,10 @@ struct dsmoe_infer {
 
 // The weight matrices that only GEMMs read (their copies in params_lp serve them); every other tensor
 // is read in float32 by some op (embedding, layer norm, bias, router).
+// The tied embedding wte counts among them: the embedding reads its GEMM operand copy too (embedding_forward
+// takes wte in the activation dtype).
 static int gemm_only(const char *name) {
+    if (strcmp(name, "wte.weight") == 0) return 1;
     static const char *const suffix[] = {"attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
                                          "mlp.c_proj.weight", "moe.coefficient.weight", "moe.experts.c_fc.weight",
                                          "moe.experts.c_proj.weight"};
@@ -91,7 +94,7 @@ static int gemm_only(const char *name) {
 }
 
 uint64_t dsmoe_model_gemm_only_params(const dsmoe_config *c) {
-    uint64_t M = (uint64_t)c->hidden, F = (uint64_t)c->ffn_hidden, total = 0;
+    uint64_t M = (uint64_t)c->hidden, F = (uint64_t)c->ffn_hidden, total = (uint64_t)c->vocab * M; // wte
     for (int l = 0; l < c->layers; l++) {
         int mi = -1, moe = dsmoe_config_is_moe_layer(c, l, &mi);
         total += 4 * M * M;                                    // c_attn, c_proj
@@ -608,11 +611,18 @@ dsmoe_status dsmoe_infer_forward(dsmoe_infer *s, int n, const int *slot, const i
         KCALL(rt, copy_to_device, s->pos, s->host_pos, (size_t)n * sizeof(int32_t));
         KCALL(rt, copy_to_device, s->tokens, tokens, (size_t)rows * sizeof(int32_t));
     }
-    // Embedding: token + position, one call per sequence (each starts at its own position).
+    // Embedding: token + position, each sequence from its own position (s->pos): one call when the
+    // sequences bring as many tokens each (decoding), else one per sequence. wte is the float32 master, or
+    // (its master dropped, dsmoe_model_drop_gemm_masters) its dt copy.
+    const void *wte = s->m->wte ? (const void *)s->m->wte : s->m->wte_op;
+    dsmoe_dtype wte_dt = s->m->wte ? F32 : s->dt;
+    int same = 1;
+    for (int i = 1; i < n; i++) same &= count[i] == count[0];
     for (int i = 0, r0 = 0; i < n; r0 += count[i++]) {
-        const float *wpe = s->m->wpe + (size_t)s->len[slot[i]] * M;
-        KCALL(rt, embedding_forward, at(s, s->x, (size_t)r0 * M), s->dt, s->tokens + r0, s->m->wte, wpe, 1, count[i], M,
-              V);
+        int b = same ? n : 1;
+        KCALL(rt, embedding_forward, at(s, s->x, (size_t)r0 * M), s->dt, s->tokens + r0, wte, wte_dt, s->m->wpe,
+              s->pos + i, b, count[i], M, V, s->m->cfg->seq_len);
+        if (same) break;
     }
     DSMOE_TRY(part_done(s, profile, &times->other, &t0, err));
     for (int l = 0; l < s->L; l++) {

@@ -198,11 +198,31 @@ static dsmoe_status k_init_tensor(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, 
 // ------------------------------------------------------------------------------------------------
 // the GPT layer ops: straight through (v1 cannot check a token against V on the device; it checks >= 0)
 
+// v1 embeds every sequence from position 0: with pos, one v1 call per sequence, its wpe rows offset by
+// pos[b] (fetched from the device).
 static dsmoe_status k_embedding_forward(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, void *out, dsmoe_dtype dt,
-                                        const int32_t *tokens, const float *wte, const float *wpe, int B, int T, int M,
-                                        int V) {
+                                        const int32_t *tokens, const void *wte, dsmoe_dtype wte_dt, const float *wpe,
+                                        const int32_t *pos, int B, int T, int M, int V, int n_pos) {
     ENTER_F32(ctx, "embedding_forward", dt);
-    return V1(x, embedding_forward, out, tokens, wte, wpe, B, T, M);
+    NEED_F32("embedding_forward", wte_dt);
+    (void)V;
+    if (!pos || B <= 0 || T <= 0) {
+        if (T > n_pos) return kav1_fail(x, DSMOE_ERR_INVALID, "embedding_forward: T=%d > n_pos=%d", T, n_pos);
+        return V1(x, embedding_forward, out, tokens, wte, wpe, B, T, M);
+    }
+    TRY(kav1_grow(x, (void **)&x->hi32, &x->cap_i32, (size_t)B, sizeof(int32_t), "positions"));
+    TRY(V1(x, copy_to_host, x->hi32, pos, (size_t)B * sizeof(int32_t)));
+    for (int b = 0; b < B; b++) {
+        int p0 = x->hi32[b];
+        if (p0 < 0 || p0 > n_pos - T) {
+            x->sticky = DSMOE_ERR_INVALID;
+            return kav1_fail(x, DSMOE_ERR_INVALID, "embedding_forward: pos[%d]=%d with T=%d: expected positions in "
+                             "[0, n_pos=%d)", b, p0, T, n_pos);
+        }
+        TRY(V1(x, embedding_forward, (float *)out + (size_t)b * T * M, tokens + (size_t)b * T, wte,
+               wpe + (size_t)p0 * M, 1, T, M));
+    }
+    return DSMOE_OK;
 }
 
 static dsmoe_status k_embedding_backward(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, float *dwte, float *dwpe,

@@ -325,13 +325,15 @@ typedef struct dsmoe_kernel_plugin_v2 {
     dsmoe_status (*init_tensor)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, float *dst, size_t n,
                                 const dsmoe_init_params *p);
 
-    // --- embedding: out (B*T, M) = wte[tokens[r]] + wpe[r % T] ----------------------------------------
-    // tokens (B*T) int32 in [0, V) (out of range: sticky error); wte (V, M), wpe (at least T rows, M)
-    // float32. Position t of every sequence reads wpe row t: a caller that embeds tokens at position p
-    // passes wpe + p * M (decoding sequences at different positions takes one call per position).
+    // --- embedding: out (B*T, M) = wte[tokens[b*T + t]] + wpe[pos[b] + t] ------------------------------
+    // tokens (B*T) int32 in [0, V) (out of range: sticky error); wte (V, M) of type wte_dt: float32, or the
+    // activation dtype dt (a tied embedding held only as the head's GEMM operand, as bf16 generation does);
+    // wpe (n_pos, M) float32. pos (B) int32 in device memory: each sequence's first position (NULL: 0 for
+    // every sequence; pos[b] < 0 or pos[b] + T > n_pos: sticky error), so that sequences decoding at
+    // different positions embed in one call.
     dsmoe_status (*embedding_forward)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, void *out, dsmoe_dtype dt,
-                                      const int32_t *tokens, const float *wte, const float *wpe, int B, int T, int M,
-                                      int V);
+                                      const int32_t *tokens, const void *wte, dsmoe_dtype wte_dt, const float *wpe,
+                                      const int32_t *pos, int B, int T, int M, int V, int n_pos);
     // dwte (V, M) += scatter of dout rows; dwpe (T, M) += sum over batch. Deterministic order.
     dsmoe_status (*embedding_backward)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, float *dwte, float *dwpe,
                                        const void *dout, dsmoe_dtype dt, const int32_t *tokens, int B, int T, int M,

@@ -121,7 +121,8 @@ dsmoe_status cpu_bf16_mul_uniform_noise(cpu_ctx *ctx, cpu_queue *q, void *out, c
                                         float eps, uint64_t seed, uint64_t offset);
 dsmoe_status cpu_bf16_all_finite(cpu_ctx *ctx, cpu_queue *q, const void *x_, dsmoe_dtype dt, size_t n, int32_t *out);
 dsmoe_status cpu_bf16_embedding_forward(cpu_ctx *ctx, cpu_queue *q, void *out, dsmoe_dtype dt, const int32_t *tokens,
-                                        const float *wte, const float *wpe, int B, int T, int M, int V);
+                                        const void *wte, dsmoe_dtype wte_dt, const float *wpe, const int32_t *pos,
+                                        int B, int T, int M, int V, int n_pos);
 dsmoe_status cpu_bf16_embedding_backward(cpu_ctx *ctx, cpu_queue *q, float *dwte, float *dwpe, const void *dout,
                                          dsmoe_dtype dt, const int32_t *tokens, int B, int T, int M, int V);
 dsmoe_status cpu_bf16_layernorm_forward(cpu_ctx *ctx, cpu_queue *q, void *out, float *mean, float *rstd, const void *in,

@@ -199,11 +199,13 @@ dsmoe_status cpu_bf16_all_finite(cpu_ctx *ctx, cpu_queue *q, const void *x_, dsm
 // GPT layer ops
 
 dsmoe_status cpu_bf16_embedding_forward(cpu_ctx *ctx, cpu_queue *q, void *out, dsmoe_dtype dt, const int32_t *tokens,
-                                        const float *wte, const float *wpe, int B, int T, int M, int V) {
+                                        const void *wte, dsmoe_dtype wte_dt, const float *wpe, const int32_t *pos,
+                                        int B, int T, int M, int V, int n_pos) {
     if (!IS_BF16(dt))
-        return cpu_embedding_forward(ctx, q, out, dt, tokens, wte, wpe, B, T, M, V);
-    st_arg A[] = {OUT(out, N3(B, T, M))};
-    STAGED("embedding_forward", cpu_embedding_forward(ctx, q, A[0].f, F32, tokens, wte, wpe, B, T, M, V));
+        return cpu_embedding_forward(ctx, q, out, dt, tokens, wte, wte_dt, wpe, pos, B, T, M, V, n_pos);
+    st_arg A[] = {OUT(out, N3(B, T, M))}; // wte is read as it is (cpu_embedding_forward widens bfloat16 rows)
+    STAGED("embedding_forward",
+           cpu_embedding_forward(ctx, q, A[0].f, F32, tokens, wte, wte_dt, wpe, pos, B, T, M, V, n_pos));
 }
 
 dsmoe_status cpu_bf16_embedding_backward(cpu_ctx *ctx, cpu_queue *q, float *dwte, float *dwpe, const void *dout,

@@ -165,7 +165,8 @@ dsmoe_status cpu_adamw(cpu_ctx *ctx, cpu_queue *q, const dsmoe_adamw_params *hp,
 // Masked softmax of `rows` rows of a (rows, ld) block in place: row t keeps columns [0, first + t].
 void cpu_causal_softmax_rows(float *a, int rows, int ld, int first);
 dsmoe_status cpu_embedding_forward(cpu_ctx *ctx, cpu_queue *q, void *out, dsmoe_dtype dt, const int32_t *tokens,
-                                   const float *wte, const float *wpe, int B, int T, int M, int V);
+                                   const void *wte, dsmoe_dtype wte_dt, const float *wpe, const int32_t *pos, int B,
+                                   int T, int M, int V, int n_pos);
 dsmoe_status cpu_embedding_backward(cpu_ctx *ctx, cpu_queue *q, float *dwte, float *dwpe, const void *dout,
                                     dsmoe_dtype dt, const int32_t *tokens, int B, int T, int M, int V);
 dsmoe_status cpu_layernorm_forward(cpu_ctx *ctx, cpu_queue *q, void *out, float *mean, float *rstd, const void *in,

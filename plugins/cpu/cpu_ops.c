@@ -17,6 +17,7 @@
 
 #include <cblas.h> // cblas_sgemm, for attention (called single-threaded, see cpu_blas_single_threaded)
 
+#include "cpu_bf16.h"     // cpu_bf2f: a bfloat16 embedding table
 #include "cpu_internal.h" // CPU_BEGIN, CPU_DTYPE, CPU_REQUIRE, cpu_sticky, cpu_blas_single_threaded
 #include "cpu_math.h"     // cpu_exp_fast, cpu_gelu, cpu_gelu_grad, CPU_COL_CHUNK
 
@@ -33,10 +34,14 @@ static dsmoe_status check_tokens(cpu_ctx *ctx, const char *op, const char *what,
     return DSMOE_OK;
 }
 
+// out is float32 here (bfloat16 outputs are staged by cpu_bf16_ops.c); wte may be bfloat16 either way.
 dsmoe_status cpu_embedding_forward(cpu_ctx *ctx, cpu_queue *q, void *out_, dsmoe_dtype dt, const int32_t *tokens,
-                                   const float *wte, const float *wpe, int B, int T, int M, int V) {
+                                   const void *wte, dsmoe_dtype wte_dt, const float *wpe, const int32_t *pos, int B,
+                                   int T, int M, int V, int n_pos) {
     CPU_BEGIN(ctx, q, "embedding_forward");
     CPU_DTYPE(ctx, "embedding_forward", "dt", dt);
+    if (wte_dt != DSMOE_BFLOAT16)
+        CPU_DTYPE(ctx, "embedding_forward", "wte", wte_dt);
     CPU_REQUIRE(ctx, B >= 0 && T >= 0 && M >= 0 && V > 0, "cpu: embedding_forward: B=%d T=%d M=%d V=%d: expected "
                 "B, T, M >= 0 and V > 0", B, T, M, V);
     int rows = B * T;
@@ -44,13 +49,26 @@ dsmoe_status cpu_embedding_forward(cpu_ctx *ctx, cpu_queue *q, void *out_, dsmoe
         return DSMOE_OK;
     CPU_REQUIRE(ctx, out_ && tokens && wte && wpe, "cpu: embedding_forward: NULL out, tokens, wte or wpe");
     CPU_TRY(check_tokens(ctx, "embedding_forward", "tokens", tokens, rows, V));
+    for (int b = 0; b < B; b++) {
+        int p0 = pos ? pos[b] : 0;
+        if (p0 < 0 || p0 > n_pos - T)
+            return cpu_sticky(ctx, DSMOE_ERR_INVALID, "cpu: embedding_forward: pos[%d]=%d with T=%d: expected "
+                              "positions in [0, n_pos=%d)", b, p0, T, n_pos);
+    }
     float *out = out_;
 #pragma omp parallel for num_threads(ctx->threads) schedule(static) if ((long)rows * M >= CPU_PAR_MIN)
     for (int r = 0; r < rows; r++) {
-        const float *e = wte + (size_t)tokens[r] * M, *p = wpe + (size_t)(r % T) * M;
+        const float *p = wpe + (size_t)((pos ? pos[r / T] : 0) + r % T) * M;
         float *o = out + (size_t)r * M;
-        for (int j = 0; j < M; j++)
-            o[j] = e[j] + p[j];
+        if (wte_dt == DSMOE_BFLOAT16) {
+            const uint16_t *e = (const uint16_t *)wte + (size_t)tokens[r] * M;
+            for (int j = 0; j < M; j++)
+                o[j] = cpu_bf2f(e[j]) + p[j];
+        } else {
+            const float *e = (const float *)wte + (size_t)tokens[r] * M;
+            for (int j = 0; j < M; j++)
+                o[j] = e[j] + p[j];
+        }
     }
     return DSMOE_OK;
 }

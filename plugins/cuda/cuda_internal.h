@@ -207,8 +207,9 @@ dsmoe_status cu_sum_squares(CU_Q, const float *x, size_t n, double *out);
 dsmoe_status cu_all_finite(CU_Q, const void *x, dsmoe_dtype dt, size_t n, int32_t *out);
 dsmoe_status cu_convert(CU_Q, void *dst, dsmoe_dtype dst_type, const void *src, dsmoe_dtype src_type, size_t n);
 dsmoe_status cu_init_tensor(CU_Q, float *dst, size_t n, const dsmoe_init_params *p);
-dsmoe_status cu_embedding_forward(CU_Q, void *out, dsmoe_dtype dt, const int32_t *tokens, const float *wte,
-                                  const float *wpe, int B, int T, int M, int V);
+dsmoe_status cu_embedding_forward(CU_Q, void *out, dsmoe_dtype dt, const int32_t *tokens, const void *wte,
+                                  dsmoe_dtype wte_dt, const float *wpe, const int32_t *pos, int B, int T, int M, int V,
+                                  int n_pos);
 dsmoe_status cu_embedding_backward(CU_Q, float *dwte, float *dwpe, const void *dout, dsmoe_dtype dt,
                                    const int32_t *tokens, int B, int T, int M, int V);
 dsmoe_status cu_layernorm_forward(CU_Q, void *out, float *mean, float *rstd, const void *in, dsmoe_dtype dt,

@@ -122,9 +122,9 @@ dsmoe_status cu_init_tensor(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, float 
 // --- the GPT layers ----------------------------------------------------------------------------------
 
 dsmoe_status cu_embedding_forward(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, void *out, dsmoe_dtype dt,
-                                  const int32_t *tokens, const float *wte, const float *wpe, int B, int T, int M,
-                                  int V) {
-    CU_OP(embedding_forward, out, dt, tokens, wte, wpe, B, T, M, V);
+                                  const int32_t *tokens, const void *wte, dsmoe_dtype wte_dt, const float *wpe,
+                                  const int32_t *pos, int B, int T, int M, int V, int n_pos) {
+    CU_OP(embedding_forward, out, dt, tokens, wte, wte_dt, wpe, pos, B, T, M, V, n_pos);
 }
 
 dsmoe_status cu_embedding_backward(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, float *dwte, float *dwpe,

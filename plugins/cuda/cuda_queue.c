@@ -77,7 +77,8 @@ static void fault_text(int code, long long a, long long b, char *buf, size_t len
         snprintf(buf, len, "grouped GEMM: group %lld has a count of %lld rows, outside [0, m_max]", a, b);
         break;
     case DSMOE_CU_FAULT_KV_RANGE:
-        snprintf(buf, len, "KV cache: sequence %lld would use positions up to %lld, outside [0, T_max]", a, b);
+        snprintf(buf, len, "positions: sequence %lld would use positions up to %lld, outside [0, T_max] of the KV "
+                 "cache or the position table", a, b);
         break;
     case DSMOE_CU_FAULT_CHOICE_RANGE:
         snprintf(buf, len, "MoE routing table: token %lld has expert id or slot %lld, outside [0, E) or [-1, C)", a,

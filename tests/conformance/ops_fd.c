@@ -271,7 +271,7 @@ static double emb_phi(const void *op, float *const *x, double *mag) {
     size_t no = (size_t)EB_B * EB_T * EB_M;
     cf_buf tok = up0("tokens", O->tokens, EB_B * EB_T, DSMOE_INT32), out = f0("out", NULL, no);
     cf_buf wte = f0("wte", x[0], (size_t)EB_V * EB_M), wpe = f0("wpe", x[1], (size_t)EB_T * EB_M);
-    OP0(embedding_forward, D0(out), CF_F32, D0(tok), D0(wte), D0(wpe), EB_B, EB_T, EB_M, EB_V);
+    OP0(embedding_forward, D0(out), CF_F32, D0(tok), D0(wte), CF_F32, D0(wpe), NULL, EB_B, EB_T, EB_M, EB_V, EB_T);
     return dotg(O->g, cf_get(&out, 0), no, NULL, mag);
 }
 

@@ -46,16 +46,23 @@ static int32_t *tokens(int n, int V) {
     return t;
 }
 
+// Each sequence from its own position (pos), and the table wte in float32 and, for bfloat16 activations,
+// in bfloat16 too (generation's tied embedding).
 static void v_embedding_forward(const void *arg) {
     const emb_case *E = arg;
-    int rows = E->B * E->T;
-    cf_buf tok = cf_up_i32("tokens", tokens(rows, E->V), rows);
-    cf_buf wte = cf_up("wte", cf_rand((size_t)E->V * E->M, 1), (size_t)E->V * E->M, CF_F32);
-    cf_buf wpe = cf_up("wpe", cf_rand((size_t)E->T * E->M, 1), (size_t)E->T * E->M, CF_F32);
-    cf_buf out = cf_out("out", (size_t)rows * E->M, E->dt);
-    out.cols = E->M;
-    CF_SIDES OP(embedding_forward, P(out), DT(E->dt), P(tok), P(wte), P(wpe), E->B, E->T, E->M, E->V);
-    cf_cmp(&out, NULL, NULL, cf_tol_for(E->dt, TOL_EW));
+    int rows = E->B * E->T, n_pos = E->T + 5;
+    int32_t *pos_h = cf_randint(E->B, 0, n_pos - E->T);
+    cf_buf tok = cf_up_i32("tokens", tokens(rows, E->V), rows), pos = cf_up_i32("pos", pos_h, E->B);
+    cf_buf wpe = cf_up("wpe", cf_rand((size_t)n_pos * E->M, 1), (size_t)n_pos * E->M, CF_F32);
+    for (int k = 0; k < (E->dt == CF_F32 ? 1 : 2); k++) {
+        dsmoe_dtype wdt = k ? E->dt : CF_F32;
+        cf_buf wte = cf_up(k ? "wte (dt)" : "wte", cf_rand((size_t)E->V * E->M, 1), (size_t)E->V * E->M, wdt);
+        cf_buf out = cf_out("out", (size_t)rows * E->M, E->dt);
+        out.cols = E->M;
+        CF_SIDES OP(embedding_forward, P(out), DT(E->dt), P(tok), P(wte), DT(wdt), P(wpe), P(pos), E->B, E->T, E->M,
+                    E->V, n_pos);
+        cf_cmp(&out, NULL, NULL, cf_tol_for(E->dt, TOL_EW));
+    }
 }
 
 static void v_embedding_backward(const void *arg) {

@@ -314,7 +314,8 @@ static dsmoe_status bad_call(int side, int kind, cf_buf *bufs) {
     const dsmoe_kernel_plugin_v2 *T = Sd->T;
     switch (kind) {
     case 0:
-    case 1: return T->embedding_forward(Sd->c, Sd->q, P(bufs[0]), CF_F32, P(bufs[1]), P(bufs[2]), P(bufs[3]), 1, 4, 8, 10);
+    case 1: return T->embedding_forward(Sd->c, Sd->q, P(bufs[0]), CF_F32, P(bufs[1]), P(bufs[2]), CF_F32, P(bufs[3]),
+                                        NULL, 1, 4, 8, 10, 4);
     case 2: return T->crossentropy_forward(Sd->c, Sd->q, P(bufs[0]), P(bufs[2]), P(bufs[3]), CF_F32, P(bufs[1]), 4, 10);
     case 3: {
         dsmoe_grouped_gemm d = {.groups = 2, .counts = P(bufs[1]), .m_max = 4, .n = 8, .k = 8, .alpha = 1,

@@ -265,28 +265,33 @@ static dsmoe_status s_init_tensor(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, 
 typedef struct {
     void *o1, *o2, *o3;            // outputs (out/din, mean/dweight/dwte, rstd/dbias/dwpe)
     const void *i1, *i2, *i3, *i4, *i5; // inputs in the member's order
-    dsmoe_dtype dt;
-    int B, T, M, V; // S = B for layer norm
+    dsmoe_dtype dt, dt2; // dt2: embedding_forward's wte
+    int B, T, M, V, n_pos; // S = B for layer norm
     size_t n;
     float f;
 } layer_args;
 
 static dsmoe_status run_embedding_forward(dsmoe_kernel_ctx *c, strict_op *op) {
     STRICT_ARGS(layer_args);
-    return CPU(embedding_forward)(c->cc, c->cq, a->o1, a->dt, a->i1, a->i2, a->i3, a->B, a->T, a->M, a->V);
+    return CPU(embedding_forward)(c->cc, c->cq, a->o1, a->dt, a->i1, a->i2, a->dt2, a->i3, a->i4, a->B, a->T, a->M,
+                                  a->V, a->n_pos);
 }
 
 static dsmoe_status s_embedding_forward(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, void *out, dsmoe_dtype dt,
-                                        const int32_t *tokens, const float *wte, const float *wpe, int B, int T, int M,
-                                        int V) {
+                                        const int32_t *tokens, const void *wte, dsmoe_dtype wte_dt, const float *wpe,
+                                        const int32_t *pos, int B, int T, int M, int V, int n_pos) {
     STRICT_BEGIN(ctx, q, "embedding_forward", run_embedding_forward, layer_args);
-    *a = (layer_args){.o1 = out, .i1 = tokens, .i2 = wte, .i3 = wpe, .dt = dt, .B = B, .T = T, .M = M, .V = V};
-    strict_check(ctx, op, B >= 0 && T >= 0 && M >= 0 && V >= 0, "negative size (B %d, T %d, M %d, V %d)", B, T, M, V);
+    *a = (layer_args){.o1 = out, .i1 = tokens, .i2 = wte, .i3 = wpe, .i4 = pos, .dt = dt, .dt2 = wte_dt, .B = B,
+                      .T = T, .M = M, .V = V, .n_pos = n_pos};
+    strict_check(ctx, op, B >= 0 && T >= 0 && M >= 0 && V >= 0 && n_pos >= 0,
+                 "negative size (B %d, T %d, M %d, V %d, n_pos %d)", B, T, M, V, n_pos);
     strict_dtype(ctx, op, dt, "out");
+    strict_dtype(ctx, op, wte_dt, "wte");
     strict_ref(ctx, op, out, Z(B) * Z(T) * Z(M) * ES(dt), "out");
     strict_ref(ctx, op, tokens, Z(B) * Z(T) * 4, "tokens");
-    strict_ref(ctx, op, wte, Z(V) * Z(M) * F32, "wte");
-    strict_ref(ctx, op, wpe, Z(T) * Z(M) * F32, "wpe"); // (T_max, M): at least T rows
+    strict_ref(ctx, op, wte, Z(V) * Z(M) * ES(wte_dt), "wte");
+    strict_ref(ctx, op, wpe, Z(n_pos) * Z(M) * F32, "wpe");
+    strict_ref_opt(ctx, op, pos, Z(B) * 4, "pos");
     return strict_submit(ctx, q, op);
 }
 
