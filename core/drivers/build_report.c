@@ -141,7 +141,7 @@ static void names_of_bits(uint32_t bits, const char *const *names, int n, char *
 
 static const char *const mem_names[] = {"host", "cuda"};
 static const char *const kcap_names[] = {"async", "bf16", "fused-epilogue", "deterministic", "inference",
-                                         "host-memory"};
+                                         "host-memory", "distill"};
 static const char *const ccap_names[] = {"stream-ordered", "deterministic", "nonblocking"};
 
 static void report_bits(FILE *out, const char *key, uint32_t bits, const char *const *names, int n) {
@@ -254,11 +254,11 @@ static void report_plugin(FILE *out, const char *kind, const char *name) {
     if (k) {
         report_bits(out, "memory", k->mem_kind, mem_names, 2);
         report_dtypes(out, k->dtypes);
-        report_bits(out, "caps", k->caps, kcap_names, 6);
+        report_bits(out, "caps", k->caps, kcap_names, (int)(sizeof kcap_names / sizeof kcap_names[0]));
         report_settings(out, k->params, k->n_params);
     } else {
         report_bits(out, "memory", c->mem_kinds, mem_names, 2);
-        report_bits(out, "caps", c->caps, ccap_names, 3);
+        report_bits(out, "caps", c->caps, ccap_names, (int)(sizeof ccap_names / sizeof ccap_names[0]));
         report_settings(out, c->params, c->n_params);
         if (c->mpi_abi) kv(out, 4, "MPI ABI", "%s (this dsmoe: %s)", c->mpi_abi, DSMOE_MPI_ABI_STRING);
     }
