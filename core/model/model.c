@@ -440,7 +440,9 @@ static dsmoe_status create(const dsmoe_config *cfg, dsmoe_runtime *rt, int B, in
     if (!m->blocks || !m->dblocks || !m->acts || !m->moe_of_layer || !m->block_begin || !m->reqs || !m->block_done || !m->moe ||
         !m->moe_stats || !m->epg ||
         !m->epg_of_moe || !m->expert_begin || !m->expert_end)
-        return dsmoe_err_set(err, DSMOE_ERR_NOMEM, "out of memory creating the model");
+        return dsmoe_err_set(err, DSMOE_ERR_NOMEM, "out of memory creating the model: model.layers = %d needs %.3g GB "
+                             "of host memory for its per-layer tables alone", m->L,
+                             (double)m->L * (double)(2 * sizeof *m->blocks + sizeof *m->acts) / 1e9);
     for (int l = 0; l < m->L; l++) {
         int mi = -1;
         m->moe_of_layer[l] = dsmoe_config_is_moe_layer(cfg, l, &mi) ? mi : -1;
@@ -491,7 +493,8 @@ void dsmoe_model_free(dsmoe_model *m) {
     for (int i = 0; i < m->cfg->n_moe_layers && m->moe; i++) dsmoe_moe_layer_free(m->moe[i]);
     // Sizes do not matter to a free, only which rows exist (B = 0: no gradient slab).
     dsmoe_model_sizes none = {.B = m->B, .forward_only = m->forward_only, .distill = m->distill};
-    dsmoe_model_buffers(m->cfg, &none, free_one, m, NULL);
+    // Without the per-block arrays (create failed there) nothing was allocated: no walk over every layer.
+    if (m->acts) dsmoe_model_buffers(m->cfg, &none, free_one, m, NULL);
     if (m->params_kept) rt->kern->free(rt->kctx, m->params_kept);
     for (int k = 0; m->epg && k < m->n_epg; k++) {
         ep_groups *g = &m->epg[k];
