@@ -214,6 +214,75 @@ static void check_exchange(dsmoe_exchange *ex, MPI_Comm comm, uint64_t tag, cons
     }
 }
 
+// The variable exchange (dsmoe_exchange_alltoallv_rows): capacity blocks (p, groups, cap, row) of which
+// block (dst, g) of rank src holds rows_of(src, dst, g) rows (some none, some full); the rows received must
+// be the sender's, rows past the counts must keep what recv held, and the report must count exactly the
+// bytes that cross ranks and nodes (summed over the group: what leaves for another node, whoever forwards).
+static int rows_of(uint64_t key, int src, int dst, int g, int cap) {
+    uint64_t r = dsmoe_rng_u64(key, ((uint64_t)src * 64 + (uint64_t)dst) * 64 + (uint64_t)g);
+    return r % 4 == 0 ? 0 : r % 4 == 1 ? cap : (int)((r >> 8) % (uint64_t)(cap + 1));
+}
+
+static void check_exchange_v(dsmoe_exchange *ex, MPI_Comm comm, uint64_t tag, const char *label) {
+    int p, me;
+    MPI_Comm_size(comm, &p);
+    MPI_Comm_rank(comm, &me);
+    const int caps[] = {5, 1};
+    for (int groups = 1; groups <= 3; groups += 2)
+        for (int ci = 0; ci < 2; ci++) {
+            int cap = caps[ci];
+            size_t row = 7, block = (size_t)groups * cap * row, total = (size_t)p * block;
+            uint64_t key = dsmoe_rng_key(0x5A7E0001ull, tag, (uint64_t)groups, (uint64_t)cap);
+            int32_t *srows = malloc((size_t)p * groups * sizeof *srows), *rrows = malloc((size_t)p * groups * sizeof *rrows);
+            bufs B = bufs_make(total);
+            uint64_t want_sent = 0, want_cross = 0; // bytes I send to others; group total crossing nodes
+            int64_t want_msgs = 0;
+            const dsmoe_a2a_plan *info = dsmoe_exchange_last(ex);
+            int G = info->ranks_per_node;
+            for (int j = 0; j < p; j++) {
+                size_t to_j = 0;
+                for (int g = 0; g < groups; g++) {
+                    srows[j * groups + g] = rows_of(key, me, j, g, cap);
+                    rrows[j * groups + g] = rows_of(key, j, me, g, cap);
+                    to_j += (size_t)srows[j * groups + g] * row;
+                    for (size_t k = 0; k < (size_t)cap * row; k++)
+                        B.h_send[(j * groups + g) * (size_t)cap * row + k] = payload(key, p, me, j, g * 1000 + k);
+                }
+                if (j != me) want_sent += to_j, want_msgs += to_j > 0;
+                if (j / G != me / G) want_cross += to_j;
+            }
+            memset(B.h_ref, 0xCD, total);
+            for (int i = 0; i < p; i++)
+                for (int g = 0; g < groups; g++)
+                    for (size_t k = 0; k < (size_t)rrows[i * groups + g] * row; k++)
+                        B.h_ref[(i * groups + g) * (size_t)cap * row + k] = payload(key, p, i, me, g * 1000 + k);
+            assert_int_equal(rt.kern->copy_to_device(rt.kctx, rt.q, B.send, B.h_send, total), DSMOE_OK);
+            memset(B.h_out, 0xCD, total);
+            assert_int_equal(rt.kern->copy_to_device(rt.kctx, rt.q, B.recv, B.h_out, total), DSMOE_OK);
+            dsmoe_err err = {0};
+            dsmoe_status s = dsmoe_exchange_alltoallv_rows(ex, B.send, srows, B.recv, rrows, groups, (size_t)cap, row, &err);
+            if (s != DSMOE_OK) fail_msg("%s, variable, %d groups: %s", label, groups, err.msg);
+            assert_int_equal(rt.kern->copy_to_host(rt.kctx, rt.q, B.h_out, B.recv, total), DSMOE_OK);
+            assert_int_equal(rt.kern->synchronize(rt.kctx), DSMOE_OK);
+            char what[200];
+            snprintf(what, sizeof what, "%s, variable, %d groups of %d rows (rank %d)", label, groups, cap, me);
+            assert_bytes_equal(B.h_out, B.h_ref, total, what, p, block);
+            info = dsmoe_exchange_last(ex);
+            unsigned long long cross[2] = {info->inter_node_bytes, want_cross}, sum[2];
+            MPI_Allreduce(cross, sum, 2, MPI_UNSIGNED_LONG_LONG, MPI_SUM, comm);
+            if (sum[0] != sum[1]) fail_msg("%s: %llu bytes crossed nodes in all, expected %llu", what, sum[0], sum[1]);
+            if (info->algo == DSMOE_A2A_FLAT || info->nodes == 1 || info->ranks_per_node == 1) {
+                assert_int_equal(info->bytes_sent, want_sent);
+                assert_int_equal(info->messages, want_msgs);
+            } else { // forwarding: at most G - 1 + N - 1 messages, and no fewer bytes than the direct ones
+                assert_true(info->messages <= (int64_t)(G - 1) + (info->nodes - 1));
+            }
+            bufs_free(&B);
+            free(srows);
+            free(rrows);
+        }
+}
+
 static dsmoe_exchange *create_ok(dsmoe_ctl_group *ctl, dsmoe_a2a_algo algo, int rpn) {
     dsmoe_exchange *ex = NULL;
     dsmoe_err err = {0};
@@ -236,6 +305,7 @@ static void check_all_algos(MPI_Comm comm, dsmoe_ctl_group *ctl, int rpn, uint64
         snprintf(label, sizeof label, "%s, %d ranks, ranks_per_node %d", dsmoe_a2a_algo_name((dsmoe_a2a_algo)a), p,
                  info->ranks_per_node);
         check_exchange(ex, comm, tag, label);
+        check_exchange_v(ex, comm, tag, label);
         dsmoe_exchange_free(ex);
     }
 }

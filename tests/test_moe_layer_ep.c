@@ -357,6 +357,67 @@ static void test_ep_layout(void **s) {
     problem_free(&p);
 }
 
+// Inference (step.inference): the exchange moves only the rows that hold tokens. Each rank feeds its own
+// number of tokens (rank 1 none) with the capacity of the largest, top-2; the output of every rank equals a
+// one-rank layer's on the same tokens, flat and hierarchical, with 1 and 2 experts a rank; and the bytes
+// the ranks sent one another in the combine are exactly the rows that crossed ranks (the fixed exchange
+// would send (ranks - 1) x E_local x C rows from every rank).
+static void test_ep_inference_variable(void **s) {
+    (void)s;
+    int R = world_size, r = world_rank, n = r == 1 ? 0 : r == 2 ? 5 : EP_S, M = EP_M;
+    for (int El = 1; El <= 2; El++)
+        for (int hier = 0; hier <= 1; hier++) {
+            problem p = problem_make(EP_S, M, EP_F, El * R, 2, 501, dsmoe_rng_key(502, (uint64_t)r, 0, 0));
+            dsmoe_moe_config cfg = layer_config(&p, R, rt.world);
+            cfg.alltoall = hier ? DSMOE_A2A_HIERARCHICAL : DSMOE_A2A_FLAT;
+            cfg.ranks_per_node = hier ? (R == 4 ? 2 : 1) : 0;
+            dsmoe_moe_config rcfg = cfg;
+            rcfg.ep = 1, rcfg.ep_group = rcfg.aux_group = self_group, rcfg.ep_ctl = self_ctl;
+            rcfg.alltoall = DSMOE_A2A_FLAT, rcfg.ranks_per_node = 0;
+            dsmoe_moe_step step = {.inference = 1, .tokens = n, .capacity = EP_S};
+            size_t SM = (size_t)EP_S * M;
+            float *out[2], *zeros = host_alloc(SM);
+            dsmoe_moe_stats st;
+            for (int ref = 0; ref <= 1; ref++) {
+                dsmoe_moe_layer *L = layer_make(ref ? &rcfg : &cfg);
+                dsmoe_moe_weights w = ref ? weights_dev(&p, 0, El * R) : weights_dev(&p, r * El, El);
+                float *x = dev_copy(p.x, SM), *o = dev_copy(zeros, SM);
+                dsmoe_err err = {0};
+                if (dsmoe_moe_forward(L, &w, x, o, &step, ref ? NULL : &st, &err) != DSMOE_OK)
+                    fail_msg("inference forward (%s, %d experts a rank): %s", ref ? "one rank" : "ep", El, err.msg);
+                if (!ref) {
+                    const dsmoe_a2a_plan *pl = dsmoe_exchange_last(dsmoe_moe_layer_exchange(L));
+                    assert_int_equal(pl->algo, hier && R / cfg.ranks_per_node > 1 ? DSMOE_A2A_HIERARCHICAL
+                                                                                   : pl->algo);
+                    long crossed = 0; // my token rows that went to another rank's experts
+                    for (int e = 0; e < El * R; e++) crossed += e / El != r ? st.expert_load[e] : 0;
+                    long sums[2] = {crossed * M * (long)sizeof(float), (long)pl->bytes_sent}, tot[2];
+                    MPI_Allreduce(sums, tot, 2, MPI_LONG, MPI_SUM, MPI_COMM_WORLD);
+                    if (!hier && tot[0] != tot[1])
+                        fail_msg("%d experts a rank: the combine sent %ld bytes in all, the rows that crossed "
+                                 "ranks are %ld bytes", El, tot[1], tot[0]);
+                    if (tot[1] <= 0 || tot[1] >= (long)R * (R - 1) * El * EP_S * M * (long)sizeof(float))
+                        fail_msg("%d experts a rank: %ld bytes sent; expected some and fewer than the padded "
+                                 "blocks", El, tot[1]);
+                    assert_int_equal(st.dropped, 0);
+                }
+                out[ref] = host_alloc(SM);
+                to_host(out[ref], o, SM);
+                rt.kern->free(rt.kctx, x);
+                rt.kern->free(rt.kctx, o);
+                weights_free(&w);
+                dsmoe_moe_layer_free(L);
+            }
+            char what[96];
+            snprintf(what, sizeof what, "inference out, %s, %d experts a rank", hier ? "hierarchical" : "flat", El);
+            expect_close(what, out[0], out[1], (size_t)n * M, 1e-6);
+            free(out[0]);
+            free(out[1]);
+            free(zeros);
+            problem_free(&p);
+        }
+}
+
 int main(int argc, char **argv) {
     if (moe_test_open(&argc, &argv) != 0) return 1;
     const struct CMUnitTest tests[] = {
@@ -367,6 +428,7 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_ep_bf16_top2_rts_rsample),
         cmocka_unit_test(test_ep_bf16_top1_dropless_jitter),
         cmocka_unit_test(test_ep_scopes_differ),
+        cmocka_unit_test(test_ep_inference_variable),
     };
     int failed = world_size < 2 ? (fprintf(stderr, "run on 2 or more ranks\n"), 1)
                                 : cmocka_run_group_tests_name("moe layer, expert parallel", tests, NULL, NULL);

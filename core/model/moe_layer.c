@@ -581,13 +581,27 @@ dsmoe_status dsmoe_moe_forward(dsmoe_moe_layer *L, const dsmoe_moe_weights *w, c
     // Inference with ep = 1: the exchanges would copy the (E, C, M) blocks onto themselves; the experts
     // read send and combine reads yexp in place. (Training keeps the copies: its backward reuses send.)
     int in_place = step->inference && L->ep == 1;
-    if (!in_place) DSMOE_TRY(exchange(L, L->recv, L->send, M, err));
+    // Inference with ep > 1 exchanges only the rows that hold tokens (no capacity padding: at decode
+    // most slots are empty): the counts go first, and the host reads them (one wait).
+    int variable = step->inference && L->ep > 1;
+    if (!in_place && !variable) DSMOE_TRY(exchange(L, L->recv, L->send, M, err));
     // recv_cnt (ep, E_local) = the kept counts each source rank reported for my experts
     DSMOE_TRY(dsmoe_exchange_alltoall(L->ex, L->kept, L->recv_cnt, (size_t)L->E_local * sizeof(int32_t), err));
+    const int32_t *kept_host = L->stage, *recv_host = L->stage_counts; // (E) and (ep, E_local), variable only
+    if (variable) {
+        KCALL(rt, copy_to_host, L->stage, L->kept, (size_t)E * sizeof(int32_t));
+        KCALL(rt, copy_to_host, L->stage_counts, L->recv_cnt, (size_t)E * sizeof(int32_t));
+        DSMOE_TRY(dsmoe_rt_wait(rt, err));
+        DSMOE_TRY(dsmoe_exchange_alltoallv_rows(L->ex, L->send, kept_host, L->recv, recv_host, L->E_local, (size_t)C,
+                                                (size_t)M * L->esz, err));
+    }
     DSMOE_TRY(phase_done(L, step, 1, &t0, err));
     DSMOE_TRY(experts_forward(L, w, in_place ? L->send : L->recv, err));
     DSMOE_TRY(phase_done(L, step, 2, &t0, err));
-    if (!in_place) DSMOE_TRY(exchange(L, L->yhome, L->yexp, M, err));
+    if (variable)
+        DSMOE_TRY(dsmoe_exchange_alltoallv_rows(L->ex, L->yexp, recv_host, L->yhome, kept_host, L->E_local, (size_t)C,
+                                                (size_t)M * L->esz, err));
+    else if (!in_place) DSMOE_TRY(exchange(L, L->yhome, L->yexp, M, err));
     DSMOE_TRY(phase_done(L, step, 1, &t0, err));
     KCALL(rt, moe_combine, out, in_place ? L->yexp : L->yhome, L->dt, L->choice, L->slot, L->weight, S, K, E, C, M);
     DSMOE_TRY(phase_done(L, step, 0, &t0, err));

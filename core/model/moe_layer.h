@@ -22,7 +22,9 @@
 // Exchange layout: the dispatch buffer is (E, C, M) = (ep, E_local, C, M): block r goes to rank r. The
 // received buffer is (ep, E_local, C, M) indexed by source rank; expert el runs one grouped GEMM over
 // the groups (el, source) with m = the kept counts the source reported (exchanged with the tokens), so
-// empty slots cost nothing. Outputs travel back the same way.
+// empty slots cost nothing. Outputs travel back the same way. In inference (step.inference) with ep > 1
+// only the filled rows travel: the kept counts go first, the host reads them (one wait) and
+// dsmoe_exchange_alltoallv_rows moves the rows (docs/exchange.md).
 //
 // Activations of the last forward are kept inside the layer for the next backward (one micro-batch
 // at a time: forward, backward, forward, ...). Buffers grow when a dropless step needs more.

@@ -17,6 +17,13 @@ struct dsmoe_exchange {
     dsmoe_comm_group *inter;   // the N ranks with my local index, ordered by node (NULL when algo is FLAT)
     void *ws;                  // (p, bytes) kernel buffer for the packed blocks
     size_t ws_bytes;
+    void *ws2;                 // the variable exchange's second workspace (as large as ws)
+    size_t ws2_bytes;
+    // The variable exchange (dsmoe_exchange_alltoallv_rows): host arrays of p counts and displacements,
+    // and, when hierarchical, the bytes every rank of my node sends to every rank (G, p), gathered
+    // through the device (sizes_dev) into sizes (host_alloc).
+    size_t *sc, *sd, *rc, *rd, *po; // (p + 1) each
+    int64_t *sizes, *sizes_dev; // (G, p); sizes_dev (G + 1, p)
     dsmoe_a2a_plan last;
 };
 
@@ -163,6 +170,26 @@ static dsmoe_status create_groups(dsmoe_exchange *ex, dsmoe_err *err) {
     return make_group(ex, ex->inter_ctl, n, ex->N, &ex->inter, "inter-node", err);
 }
 
+// Local: the host arrays of the variable exchange, and its gathered sizes when it can be hierarchical.
+static dsmoe_status create_variable_state(dsmoe_exchange *ex, dsmoe_err *err) {
+    const dsmoe_runtime *rt = ex->rt;
+    size_t n = (size_t)ex->p + 1;
+    ex->sc = dsmoe_calloc(5 * n, sizeof *ex->sc, "exchange: variable counts", err);
+    if (!ex->sc) return DSMOE_ERR_NOMEM;
+    ex->sd = ex->sc + n, ex->rc = ex->sd + n, ex->rd = ex->rc + n, ex->po = ex->rd + n;
+    if (ex->algo == DSMOE_A2A_FLAT || ex->G == 1 || ex->N == 1) return DSMOE_OK;
+    size_t bytes = (size_t)ex->G * (size_t)ex->p * sizeof(int64_t);
+    // (G + 1, p): the last row is what this rank contributes (the all-gather's buffers must not overlap)
+    DSMOE_TRY(dsmoe_rt_alloc(rt, bytes + (size_t)ex->p * sizeof(int64_t), 0, (void **)&ex->sizes_dev,
+                             "exchange: gathered sizes (G, p)", err));
+    void *h = NULL;
+    if (rt->kern->host_alloc(rt->kctx, bytes, &h) != DSMOE_OK)
+        return dsmoe_err_set(err, DSMOE_ERR_NOMEM, "exchange: host staging of %zu bytes with kernel plugin '%s': %s",
+                             bytes, rt->kern->name, rt->kern->last_error(rt->kctx));
+    ex->sizes = h;
+    return DSMOE_OK;
+}
+
 dsmoe_status dsmoe_exchange_create(const dsmoe_runtime *rt, dsmoe_ctl_group *ctl, dsmoe_a2a_algo algo, int ranks_per_node,
                                    dsmoe_exchange **out, dsmoe_err *err) {
     if (!out) return dsmoe_err_set(err, DSMOE_ERR_INVALID, "exchange: create: the output pointer is NULL");
@@ -190,6 +217,7 @@ dsmoe_status dsmoe_exchange_create(const dsmoe_runtime *rt, dsmoe_ctl_group *ctl
         ex->N = ex->p / ex->G;
         s = create_groups(ex, err);
     }
+    if (s == DSMOE_OK) s = create_variable_state(ex, err);
     if (s != DSMOE_OK) {
         dsmoe_exchange_free(ex);
         return s;
@@ -210,21 +238,27 @@ void dsmoe_exchange_free(dsmoe_exchange *ex) {
     dsmoe_ctl_free(ex->inter_ctl);
     dsmoe_ctl_free(ex->intra_ctl);
     rt->kern->free(rt->kctx, ex->ws);
+    rt->kern->free(rt->kctx, ex->ws2);
+    rt->kern->free(rt->kctx, ex->sizes_dev);
+    if (ex->sizes) rt->kern->host_free(rt->kctx, ex->sizes);
+    free(ex->sc);
     free(ex);
 }
 
 // ---------------------------------------------------------------------------------------------------
 // the exchange
 
-static dsmoe_status grow_workspace(dsmoe_exchange *ex, size_t need, dsmoe_err *err) {
-    const dsmoe_runtime *rt = ex->rt;
-    if (need <= ex->ws_bytes && ex->ws) return DSMOE_OK;
-    rt->kern->free(rt->kctx, ex->ws);
-    ex->ws = NULL;
-    ex->ws_bytes = 0;
-    DSMOE_TRY(dsmoe_rt_alloc(rt, need, 0, &ex->ws, "exchange workspace", err));
-    ex->ws_bytes = need;
+static dsmoe_status grow(const dsmoe_runtime *rt, void **ws, size_t *have, size_t need, dsmoe_err *err) {
+    if (need <= *have && *ws) return DSMOE_OK;
+    rt->kern->free(rt->kctx, *ws);
+    *ws = NULL;
+    *have = 0;
+    DSMOE_TRY(dsmoe_rt_alloc(rt, need ? need : 1, 0, ws, "exchange workspace", err));
+    *have = need;
     return DSMOE_OK;
+}
+static dsmoe_status grow_workspace(dsmoe_exchange *ex, size_t need, dsmoe_err *err) {
+    return grow(ex->rt, &ex->ws, &ex->ws_bytes, need, err);
 }
 
 dsmoe_status dsmoe_exchange_reserve(dsmoe_exchange *ex, size_t bytes, dsmoe_err *err) {
@@ -291,6 +325,187 @@ dsmoe_status dsmoe_exchange_alltoall(dsmoe_exchange *ex, const void *send, void 
     if (plan.algo == DSMOE_A2A_FLAT) CCOLL(rt, alltoall, ex->group, send, recv, bytes);
     else DSMOE_TRY(hierarchical(ex, send, recv, bytes, err));
     ex->last = plan;
+    return DSMOE_OK;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// the variable exchange: only the rows that hold tokens travel (dsmoe_exchange_alltoallv_rows)
+
+// Bytes rank-block b holds: its groups' rows. rows (blocks * groups) host.
+static size_t block_bytes(const int32_t *rows, int b, int groups, size_t row) {
+    size_t n = 0;
+    for (int g = 0; g < groups; g++) n += (size_t)rows[(size_t)b * groups + g] * row;
+    return n;
+}
+
+// Capacity blocks (blocks, groups, cap, row) -> packed: block b's groups one after the other, each its
+// first rows[b, g] rows; off (blocks + 1) = where each block starts in dst. unpack is the inverse.
+static dsmoe_status pack_rows(const dsmoe_runtime *rt, char *dst, const char *src, const int32_t *rows, int blocks,
+                              int groups, size_t cap, size_t row, size_t *off, dsmoe_err *err) {
+    size_t at = 0;
+    for (int b = 0; b < blocks; b++) {
+        off[b] = at;
+        for (int g = 0; g < groups; g++) {
+            size_t n = (size_t)rows[(size_t)b * groups + g] * row;
+            if (n) KCALL(rt, copy, dst + at, src + ((size_t)b * groups + g) * cap * row, n);
+            at += n;
+        }
+    }
+    off[blocks] = at;
+    return DSMOE_OK;
+}
+static dsmoe_status unpack_rows(const dsmoe_runtime *rt, char *dst, const char *src, const int32_t *rows, int blocks,
+                                int groups, size_t cap, size_t row, dsmoe_err *err) {
+    size_t at = 0;
+    for (int b = 0; b < blocks; b++)
+        for (int g = 0; g < groups; g++) {
+            size_t n = (size_t)rows[(size_t)b * groups + g] * row;
+            if (n) KCALL(rt, copy, dst + ((size_t)b * groups + g) * cap * row, src + at, n);
+            at += n;
+        }
+    return DSMOE_OK;
+}
+
+// Flat over grp (p ranks in the group's order). With one group per block, the blocks' first rows are
+// already contiguous: the plugin reads and writes the capacity buffers in place.
+static dsmoe_status flat_v(dsmoe_exchange *ex, dsmoe_comm_group *grp, const char *send, const int32_t *send_rows,
+                           char *recv, const int32_t *recv_rows, int groups, size_t cap, size_t row, dsmoe_err *err) {
+    const dsmoe_runtime *rt = ex->rt;
+    int p = ex->p;
+    size_t block = (size_t)groups * cap * row;
+    if (groups == 1) {
+        for (int j = 0; j < p; j++) {
+            ex->sc[j] = (size_t)send_rows[j] * row, ex->sd[j] = (size_t)j * block;
+            ex->rc[j] = (size_t)recv_rows[j] * row, ex->rd[j] = (size_t)j * block;
+        }
+        CCOLL(rt, alltoallv, grp, send, ex->sc, ex->sd, recv, ex->rc, ex->rd);
+        return DSMOE_OK;
+    }
+    DSMOE_TRY(pack_rows(rt, ex->ws, send, send_rows, p, groups, cap, row, ex->sd, err));
+    for (int j = 0; j < p; j++) {
+        ex->sc[j] = ex->sd[j + 1] - ex->sd[j];
+        ex->rc[j] = block_bytes(recv_rows, j, groups, row);
+        ex->rd[j] = j ? ex->rd[j - 1] + ex->rc[j - 1] : 0;
+    }
+    CCOLL(rt, alltoallv, grp, ex->ws, ex->sc, ex->sd, ex->ws2, ex->rc, ex->rd);
+    return unpack_rows(rt, recv, ex->ws2, recv_rows, p, groups, cap, row, err);
+}
+
+// Hierarchical with variable blocks: the steps of the fixed one (exchange.h) on packed blocks. Step 2
+// sends rank (n', g') what goes to node-mates of g' on every node, so a rank must know what every rank of
+// its node sends to every rank: those (G, p) sizes are gathered first (one small intra-node all-gather,
+// and the one wait of the call).
+static dsmoe_status hierarchical_v(dsmoe_exchange *ex, const char *send, const int32_t *send_rows, char *recv,
+                                   const int32_t *recv_rows, int groups, size_t cap, size_t row, dsmoe_err *err) {
+    const dsmoe_runtime *rt = ex->rt;
+    int G = ex->G, N = ex->N, p = ex->p, g = ex->rank % G;
+    char *a = ex->ws, *b = ex->ws2;
+    size_t *cur = ex->po;
+    // What I send each rank, packed into b at po; gathered over the node into sizes (G, p).
+    DSMOE_TRY(pack_rows(rt, b, send, send_rows, p, groups, cap, row, ex->po, err));
+    int64_t *mine = ex->sizes + (size_t)g * p;
+    for (int j = 0; j < p; j++) mine[j] = (int64_t)(ex->po[j + 1] - ex->po[j]);
+    KCALL(rt, copy_to_device, ex->sizes_dev + (size_t)G * p, mine, (size_t)p * sizeof(int64_t));
+    CCOLL(rt, allgather, ex->intra, ex->sizes_dev + (size_t)G * p, ex->sizes_dev, (size_t)p * sizeof(int64_t));
+    KCALL(rt, copy_to_host, ex->sizes, ex->sizes_dev, (size_t)G * p * sizeof(int64_t));
+    DSMOE_TRY(dsmoe_rt_wait(rt, err));
+    const int64_t *sz = ex->sizes; // sz[gs * p + j]: bytes rank (my node, gs) sends rank j
+
+    // Step 1: for each local index g', my blocks for (n', g') on every node, one after the other, into a.
+    size_t at = 0;
+    for (int gd = 0; gd < G; gd++) {
+        ex->sd[gd] = at;
+        for (int n = 0; n < N; n++) {
+            int j = n * G + gd;
+            size_t len = ex->po[j + 1] - ex->po[j];
+            if (len) KCALL(rt, copy, a + at, b + ex->po[j], len);
+            at += len;
+        }
+        ex->sc[gd] = at - ex->sd[gd];
+    }
+    // Step 2: from node-mate gs, its blocks for (n', my g) on every node n'.
+    for (int gs = 0; gs < G; gs++) {
+        ex->rc[gs] = 0;
+        for (int n = 0; n < N; n++) ex->rc[gs] += (size_t)sz[(size_t)gs * p + n * G + g];
+        ex->rd[gs] = gs ? ex->rd[gs - 1] + ex->rc[gs - 1] : 0;
+        cur[gs] = ex->rd[gs];
+    }
+    int64_t msgs = 0, inter_msgs = 0;
+    uint64_t sent = 0, inter_sent = 0, packed = 2 * (uint64_t)at;
+    for (int gd = 0; gd < G; gd++)
+        if (gd != g && ex->sc[gd]) msgs++, sent += ex->sc[gd];
+    CCOLL(rt, alltoallv, ex->intra, a, ex->sc, ex->sd, b, ex->rc, ex->rd);
+    // Step 3: for each node n', the blocks for (n', g) from every node-mate, into a.
+    at = 0;
+    for (int nd = 0; nd < N; nd++) {
+        ex->sd[nd] = at;
+        for (int gs = 0; gs < G; gs++) {
+            size_t len = (size_t)sz[(size_t)gs * p + nd * G + g];
+            if (len) KCALL(rt, copy, a + at, b + cur[gs], len);
+            cur[gs] += len;
+            at += len;
+        }
+        ex->sc[nd] = at - ex->sd[nd];
+    }
+    // Step 4: from node n', the blocks of its G ranks for me: rank order, packed.
+    for (int ns = 0; ns < N; ns++) {
+        ex->rc[ns] = 0;
+        for (int gs = 0; gs < G; gs++) ex->rc[ns] += block_bytes(recv_rows, ns * G + gs, groups, row);
+        ex->rd[ns] = ns ? ex->rd[ns - 1] + ex->rc[ns - 1] : 0;
+    }
+    for (int nd = 0; nd < N; nd++)
+        if (nd != ex->rank / G && ex->sc[nd]) msgs++, inter_msgs++, sent += ex->sc[nd], inter_sent += ex->sc[nd];
+    CCOLL(rt, alltoallv, ex->inter, a, ex->sc, ex->sd, b, ex->rc, ex->rd);
+    DSMOE_TRY(unpack_rows(rt, recv, b, recv_rows, p, groups, cap, row, err));
+    ex->last = (dsmoe_a2a_plan){.algo = DSMOE_A2A_HIERARCHICAL, .ranks = p, .ranks_per_node = G, .nodes = N,
+                                .bytes_per_peer = (size_t)groups * cap * row, .messages = msgs,
+                                .inter_node_messages = inter_msgs, .bytes_sent = sent, .inter_node_bytes = inter_sent,
+                                .packed_bytes = packed + 2 * (uint64_t)(ex->rd[N - 1] + ex->rc[N - 1])};
+    return DSMOE_OK;
+}
+
+dsmoe_status dsmoe_exchange_alltoallv_rows(dsmoe_exchange *ex, const void *send, const int32_t *send_rows, void *recv,
+                                           const int32_t *recv_rows, int groups, size_t cap, size_t row,
+                                           dsmoe_err *err) {
+    if (!ex) return dsmoe_err_set(err, DSMOE_ERR_INVALID, "exchange: alltoallv: the exchange is NULL");
+    const dsmoe_runtime *rt = ex->rt;
+    int p = ex->p;
+    if (groups < 1 || !send_rows || !recv_rows || (cap && row > SIZE_MAX / cap / (size_t)groups / (size_t)p))
+        return dsmoe_err_set(err, DSMOE_ERR_INVALID, "exchange: alltoallv: %d groups of %zu rows of %zu bytes per "
+                             "rank: expected groups >= 1, the row counts, and a size that fits", groups, cap, row);
+    for (int k = 0; k < p * groups; k++)
+        if (send_rows[k] < 0 || (size_t)send_rows[k] > cap || recv_rows[k] < 0 || (size_t)recv_rows[k] > cap)
+            return dsmoe_err_set(err, DSMOE_ERR_INVALID, "exchange: alltoallv: block %d holds %d rows to send and "
+                                 "%d received, of %zu", k, send_rows[k], recv_rows[k], cap);
+    size_t block = (size_t)groups * cap * row;
+    // Without the plugin's variable all-to-all the blocks go whole (rows past the counts are not read).
+    if (!rt->comm->alltoallv) return dsmoe_exchange_alltoall(ex, send, recv, block, err);
+    if (block == 0) { // every rank passes the same sizes, so every rank skips
+        dsmoe_exchange_plan(ex, 0, &ex->last);
+        return DSMOE_OK;
+    }
+    dsmoe_a2a_algo algo = dsmoe_a2a_choose(ex->algo, p, ex->G, block);
+    int hier = algo == DSMOE_A2A_HIERARCHICAL && ex->G > 1 && ex->N > 1;
+    if (groups > 1 || hier) {
+        DSMOE_TRY(grow_workspace(ex, (size_t)p * block, err));
+        DSMOE_TRY(grow(rt, &ex->ws2, &ex->ws2_bytes, (size_t)p * block, err));
+    }
+    if (hier) return hierarchical_v(ex, send, send_rows, recv, recv_rows, groups, cap, row, err);
+    // Flat, or hierarchical over one node or one rank per node (then one of its steps is all there is).
+    dsmoe_comm_group *grp = algo == DSMOE_A2A_FLAT ? ex->group : ex->N == 1 ? ex->intra : ex->inter;
+    DSMOE_TRY(flat_v(ex, grp, send, send_rows, recv, recv_rows, groups, cap, row, err));
+    int64_t msgs = 0, inter_msgs = 0;
+    uint64_t sent = 0, inter_sent = 0;
+    for (int j = 0; j < p; j++)
+        if (j != ex->rank && ex->sc[j]) {
+            int other_node = j / ex->G != ex->rank / ex->G;
+            msgs++, sent += ex->sc[j];
+            inter_msgs += other_node, inter_sent += other_node ? ex->sc[j] : 0;
+        }
+    ex->last = (dsmoe_a2a_plan){.algo = algo, .ranks = p, .ranks_per_node = ex->G, .nodes = ex->N,
+                                .bytes_per_peer = block, .messages = msgs, .inter_node_messages = inter_msgs,
+                                .bytes_sent = sent, .inter_node_bytes = inter_sent,
+                                .packed_bytes = groups > 1 ? 2 * (uint64_t)ex->sd[p] : 0};
     return DSMOE_OK;
 }
 

@@ -2,7 +2,8 @@
 // §4), built on the comm plugin's collectives so that every comm backend gets both.
 // defines: dsmoe_a2a_algo, dsmoe_a2a_plan, dsmoe_a2a_plan_compute, dsmoe_a2a_choose, dsmoe_a2a_algo_name,
 //          dsmoe_a2a_node_layout, dsmoe_a2a_leaders, dsmoe_exchange, dsmoe_exchange_create, dsmoe_exchange_free,
-//          dsmoe_exchange_reserve, dsmoe_exchange_alltoall, dsmoe_exchange_plan, dsmoe_exchange_last
+//          dsmoe_exchange_reserve, dsmoe_exchange_alltoall, dsmoe_exchange_alltoallv_rows, dsmoe_exchange_plan,
+//          dsmoe_exchange_last
 //
 // Rank r of a group of p ranks with G ranks per node is (node n, local index g) = (r / G, r % G); there
 // are N = p / G nodes. Flat: one comm-plugin alltoall, p - 1 messages per rank. Hierarchical:
@@ -88,6 +89,21 @@ dsmoe_status dsmoe_exchange_reserve(dsmoe_exchange *ex, size_t bytes, dsmoe_err 
 // from rank i. Every rank passes the same bytes. send is not modified. Enqueued on the runtime's queue
 // after the work that produced send (a host-progressed comm plugin waits for that work first).
 dsmoe_status dsmoe_exchange_alltoall(dsmoe_exchange *ex, const void *send, void *recv, size_t bytes, dsmoe_err *err);
+
+// Collective, the variable exchange (inference: only the rows that hold tokens travel, not the capacity
+// padding). send and recv are (p, groups, cap, row) kernel buffers of capacity blocks: block (j, g) of send
+// holds send_rows[j * groups + g] rows at its start and goes to block (me, g) of rank j; block (i, g) of
+// recv receives recv_rows[i * groups + g] rows, which must be what rank i sends me (the caller exchanged
+// the counts first); rows past the counts are neither sent nor written. send_rows and recv_rows (p *
+// groups) are HOST arrays, read before return. Every rank passes the same groups, cap and row.
+// Flat: one comm-plugin alltoallv; with groups > 1 the rows are packed per peer first (and unpacked
+// after) with the kernel plugin's copies. Hierarchical: the fixed steps on packed blocks, after a small
+// intra-node all-gather of what each rank sends where (so that the forwarding rank knows the sizes) and a
+// wait for it. A comm plugin without alltoallv gets the fixed exchange of whole blocks instead.
+// dsmoe_exchange_last then counts the messages and bytes that did travel.
+dsmoe_status dsmoe_exchange_alltoallv_rows(dsmoe_exchange *ex, const void *send, const int32_t *send_rows, void *recv,
+                                           const int32_t *recv_rows, int groups, size_t cap, size_t row,
+                                           dsmoe_err *err);
 
 // What a call with `bytes` per peer would do on this group (algo resolved as the call would).
 void dsmoe_exchange_plan(const dsmoe_exchange *ex, size_t bytes, dsmoe_a2a_plan *plan);

@@ -60,7 +60,10 @@ with open(sys.argv[1], "w") as f:
     for _ in range(3000):
         f.write(" ".join(random.choice(words) for _ in range(12)) + ".\n")
 PY
-"$dsmoe" "$deck" >"$work/train.log" 2>&1 || { fail "training the model: exit $?"; show "$work/train.log"; finish generate_test; exit 1; }
+# Every run has a time limit, and a run that ignores SIGTERM is killed 10 s later (timeout -k): a hung
+# launcher must fail its own check, not the whole test at ctest's limit.
+timeout -k 10 180 "$dsmoe" "$deck" >"$work/train.log" 2>&1 ||
+  { fail "training the model: exit $? (124: over 180 s)"; show "$work/train.log"; finish generate_test; exit 1; }
 ckpt=$(ls "$work"/train/checkpoints/step_*.safetensors | tail -1)
 
 # Prompts: plain text lines, and JSON lines with text, token ids and settings of their own.
@@ -78,11 +81,13 @@ gen() {
   local ranks=$1 out=$2
   shift 2
   if [ "$ranks" = 1 ]; then
-    timeout 120 "$dsmoe" "$deck" run.mode=generate checkpoint.resume="$ckpt" generate.output="$out" "$@" >"$out.log" 2>&1
+    timeout -k 10 120 "$dsmoe" "$deck" run.mode=generate checkpoint.resume="$ckpt" generate.output="$out" "$@" >"$out.log" 2>&1
   else
-    timeout 120 "$mpiexec" "${mpiflags[@]}" -n "$ranks" "$dsmoe" "$deck" run.mode=generate checkpoint.resume="$ckpt" \
+    timeout -k 10 120 "$mpiexec" "${mpiflags[@]}" -n "$ranks" "$dsmoe" "$deck" run.mode=generate checkpoint.resume="$ckpt" \
       generate.output="$out" "$@" >"$out.log" 2>&1
   fi
+  gen_rc=$? # what the fail messages report (124: over the time limit)
+  return $gen_rc
 }
 
 # tokens_of <out.jsonl>: each line's index and tokens, one line per prompt.
@@ -91,7 +96,7 @@ for l in open(sys.argv[1]): r=json.loads(l); print(r["index"], r["tokens"])' "$1
 
 for f in txt jsonl; do
   gen 1 "$work/ref.$f" generate.prompts="$work/prompts.$f" generate.batch=2 generate.prefill_tokens=8
-  [ $? = 0 ] && ok || { fail "generate $f on 1 rank: exit $?"; show "$work/ref.$f.log"; continue; }
+  [ $? = 0 ] && ok || { fail "generate $f on 1 rank: exit $gen_rc"; show "$work/ref.$f.log"; continue; }
   # The output: valid JSON lines in file order, every field, completion text = its tokens' bytes (byte
   # vocabulary) unless a stop sequence cut it, finish reasons that hold.
   python3 - "$work/ref.$f" "$work/prompts.$f" <<'PY' && ok || fail "generate $f: output fields"
@@ -125,7 +130,7 @@ PY
     shift
     name="$f-np$r-$(echo "$*" | tr ' =.' '_-_')"
     gen "$r" "$work/$name" generate.prompts="$work/prompts.$f" generate.prefill_tokens=8 "$@"
-    [ $? = 0 ] || { fail "generate $name: exit $?"; show "$work/$name.log"; continue; }
+    [ $? = 0 ] || { fail "generate $name: exit $gen_rc"; show "$work/$name.log"; continue; }
     [ "$(tokens_of "$work/$name")" = "$(tokens_of "$work/ref.$f")" ] && ok ||
       { fail "generate $name: greedy tokens differ from 1 rank"; diff <(tokens_of "$work/ref.$f") <(tokens_of "$work/$name") | head -4; }
   done
@@ -147,7 +152,7 @@ PY
 }
 gen 1 "$work/bf16" generate.prompts="$work/prompts.txt" generate.batch=2 generate.prefill_tokens=8 run.precision=bf16
 if [ $? != 0 ]; then
-  fail "generate bf16 on 1 rank: exit $?"; show "$work/bf16.log"
+  fail "generate bf16 on 1 rank: exit $gen_rc"; show "$work/bf16.log"
 else
   ok
   for layout in "4 moe.expert_parallel=2" "1 generate.batch=5" "2 generate.tensor_parallel=2" \
@@ -157,14 +162,14 @@ else
     shift
     name="bf16-np$r-$(echo "$*" | tr ' =.' '_-_')"
     gen "$r" "$work/$name" generate.prompts="$work/prompts.txt" generate.prefill_tokens=8 run.precision=bf16 "$@"
-    [ $? = 0 ] || { fail "generate $name: exit $?"; show "$work/$name.log"; continue; }
+    [ $? = 0 ] || { fail "generate $name: exit $gen_rc"; show "$work/$name.log"; continue; }
     [ "$(tokens_of "$work/$name")" = "$(tokens_of "$work/bf16")" ] && ok ||
       { fail "generate $name: greedy tokens differ from 1 rank"; diff <(tokens_of "$work/bf16") <(tokens_of "$work/$name") | head -4; }
   done
   name=bf16-expert-slicing
   gen 4 "$work/$name" generate.prompts="$work/prompts.txt" generate.prefill_tokens=8 run.precision=bf16 \
     moe.expert_parallel=2 generate.tensor_parallel=2 generate.expert_slicing=true
-  if [ $? != 0 ]; then fail "generate $name: exit $?"; show "$work/$name.log"
+  if [ $? != 0 ]; then fail "generate $name: exit $gen_rc"; show "$work/$name.log"
   else agree=$(same_share "$work/bf16" "$work/$name") && ok ||
     fail "generate $name: only $agree greedy tokens agree with 1 rank"; fi
 fi
@@ -254,7 +259,7 @@ json.dump({"byte_sym": byte_sym, "merges": merges}, open(w + "/bpe_ref.json", "w
 PY
 printf 'hello the world\nthe hell\no the\n' >"$work/bpe_prompts.txt"
 bpedeck=(model.vocab=300 run.output_dir="$work/bpe" train.steps=5 data.synthetic_sources=8)
-"$dsmoe" "$deck" "${bpedeck[@]}" >"$work/bpe_train.log" 2>&1 || { fail "training the BPE model: exit $?"; show "$work/bpe_train.log"; }
+timeout -k 10 180 "$dsmoe" "$deck" "${bpedeck[@]}" >"$work/bpe_train.log" 2>&1 || { fail "training the BPE model: exit $?"; show "$work/bpe_train.log"; }
 expect bpe-generate 0 "GPT-2 BPE" -- "$dsmoe" "$deck" "${bpedeck[@]}" run.mode=generate checkpoint.resume=auto \
   generate.prompts="$work/bpe_prompts.txt" generate.vocab_file="$work/vocab.json" generate.merges_file="$work/merges.txt" \
   generate.output="$work/bpe.jsonl" generate.max_new_tokens=6
