@@ -203,7 +203,8 @@ static void check_bf16(const char *extra) {
     if (worst > 0.06) fail_msg("%s: bf16 full forward: relative error %.3g against float32", extra, worst);
 
     // Generation's model: parameters only (B = 0), the same initial values; once the inference state has
-    // its bfloat16 copy, the float32 masters of the GEMM-only matrices go (all that follows runs without).
+    // its bfloat16 copy, the float32 masters of the GEMM-only matrices go, and the bfloat16 copies of the
+    // other tensors (no op reads them): each tensor is held once (all that follows runs without the rest).
     dsmoe_model *m0 = NULL;
     assert_int_equal(dsmoe_model_create(&c16, &rt, 0, &m0, &err), DSMOE_OK);
     assert_int_equal(dsmoe_model_init_params(m0, 9, &err), DSMOE_OK);
@@ -213,9 +214,12 @@ static void check_bf16(const char *extra) {
     size_t before = dsmoe_model_bytes(m0);
     assert_int_equal(dsmoe_model_drop_gemm_masters(m0, &err), DSMOE_OK);
     assert_null(dsmoe_model_params(m0));
-    // What went: 4 bytes of every GEMM-only element, counted from the config's shapes.
-    assert_int_equal(before - dsmoe_model_bytes(m0), 4 * dsmoe_model_gemm_only_params(&c16));
-    assert_true(dsmoe_model_gemm_only_params(&c16) > dsmoe_model_local_params(m0) / 2);
+    // What went: 4 bytes of every GEMM-only element and 2 of every other one, counted from the config's
+    // shapes.
+    size_t gemm = dsmoe_model_gemm_only_params(&c16), all = dsmoe_model_local_params(m0);
+    assert_int_equal(before - dsmoe_model_bytes(m0), 4 * gemm + 2 * (all - gemm));
+    assert_true(gemm > all / 2);
+    assert_int_equal(dsmoe_model_drop_gemm_masters(m0, &err), DSMOE_ERR_INVALID); // once
     dsmoe_infer_sizes z;
     dsmoe_infer_estimate(&c16, 1, T, T, 1, 0, &z);
     assert_int_equal(dsmoe_infer_bytes(inf), z.cache_bytes + z.slice_bytes + z.row_bytes);

@@ -17,6 +17,7 @@
 #include "generate_output.h"
 #include "model.h"
 #include "model_infer.h"
+#include "plan.h"      // dsmoe_plan_bytes
 #include "preflight.h" // dsmoe_probe_dir
 #include "prompts.h"
 #include "tokenizer.h"
@@ -363,15 +364,21 @@ dsmoe_status dsmoe_generate_run(const dsmoe_config *c, const char *config_text, 
                    "context %d\n", g.prompts->n, c->gen_prompts, g.checkpoint, pos.step, dsmoe_tokenizer_describe(g.tok),
                    g.ranks, g.ranks == 1 ? "" : "s", c->gen_batch, g.context);
     }
-    if (s == DSMOE_OK) s = dsmoe_infer_create(g.model, c->gen_batch, g.context, c->gen_batch + c->gen_prefill_tokens,
-                                              g.W, dsmoe_tensor_moe_of(c), &g.inf, err);
-    // bfloat16: the weight matrices' bfloat16 copy is current now; their float32 masters go.
-    if (s == DSMOE_OK && c->precision == DSMOE_PRECISION_BF16) {
-        size_t before = dsmoe_model_bytes(g.model);
+    // Tensor slicing: create copies this rank's slices, then the model frees the sliced weights whole (the
+    // checkpoint's load is the peak); bfloat16: the weight matrices' bfloat16 copy is current, and their
+    // float32 masters go. What a rank holds from then on is printed.
+    size_t loaded = g.model ? dsmoe_model_bytes(g.model) : 0;
+    if (s == DSMOE_OK)
+        s = dsmoe_errors_agree(dsmoe_infer_create(g.model, c->gen_batch, g.context, c->gen_batch + c->gen_prefill_tokens,
+                                                  g.W, dsmoe_tensor_moe_of(c), &g.inf, err), err);
+    if (s == DSMOE_OK && c->precision == DSMOE_PRECISION_BF16)
         s = dsmoe_errors_agree(dsmoe_model_drop_gemm_masters(g.model, err), err);
-        if (s == DSMOE_OK && g.rank == 0)
-            printf("generate: bf16: weights held as bfloat16 (%.1f MiB of parameters and buffers per rank, from "
-                   "%.1f MiB with the float32 masters)\n", dsmoe_model_bytes(g.model) / 1048576.0, before / 1048576.0);
+    if (s == DSMOE_OK && g.rank == 0) {
+        size_t held = dsmoe_model_bytes(g.model), slices = dsmoe_infer_slice_bytes(g.inf);
+        printf("generate: parameters per rank %s (%s%s held whole", dsmoe_plan_bytes((double)(held + slices)),
+               c->precision == DSMOE_PRECISION_BF16 ? "weight matrices as bfloat16: " : "", dsmoe_plan_bytes((double)held));
+        if (g.W > 1) printf(", %s as this rank's 1/%d tensor slices", dsmoe_plan_bytes((double)slices), g.W);
+        printf("), from %s at load\n", dsmoe_plan_bytes((double)loaded));
     }
     if (s == DSMOE_OK && g.rank == 0 && g.W > 1)
         printf("generate: tensor slicing over %d ranks (%d heads and %d FFN columns each), %d data-parallel groups%s\n",

@@ -218,7 +218,7 @@ static dsmoe_status free_one(const dsmoe_buffer *b, void *ctx, dsmoe_err *err) {
     void *p;
     memcpy(&p, buffer_field(m, b), sizeof p);
     if (b->cls == DSMOE_BUF_HOST) rt->kern->host_free(rt->kctx, p);
-    else if (p) rt->kern->free(rt->kctx, p); // params is NULL after dsmoe_model_drop_gemm_masters
+    else if (p) rt->kern->free(rt->kctx, p); // params is NULL once generation kept only what it reads
     return DSMOE_OK;
 }
 
@@ -496,6 +496,8 @@ void dsmoe_model_free(dsmoe_model *m) {
     // Without the per-block arrays (create failed there) nothing was allocated: no walk over every layer.
     if (m->acts) dsmoe_model_buffers(m->cfg, &none, free_one, m, NULL);
     if (m->params_kept) rt->kern->free(rt->kctx, m->params_kept);
+    free(m->held32);
+    free(m->heldlp);
     for (int k = 0; m->epg && k < m->n_epg; k++) {
         ep_groups *g = &m->epg[k];
         dsmoe_rt_group_free(rt, &g->ep_g);

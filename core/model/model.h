@@ -84,14 +84,28 @@ dsmoe_runtime *dsmoe_model_runtime(const dsmoe_model *model);
 // index): the same values whatever the rank count or expert layout.
 dsmoe_status dsmoe_model_init_params(dsmoe_model *model, uint64_t seed, dsmoe_err *err);
 // Generation in bfloat16 (a parameters-only model, B = 0, whose bfloat16 weight copy is current, e.g.
-// after dsmoe_infer_create): frees the float32 masters of the weight matrices that only GEMMs read (their
-// bfloat16 copies stay), keeping the float32 tensors other ops read (layer norms, biases, embeddings,
-// routers) in a slab of their own: the parameters then take about 2 bytes each instead of 6. The model
-// can no longer train, save or load: dsmoe_model_params gives NULL.
+// after dsmoe_infer_create): frees the float32 masters of the weight matrices that only GEMMs read, and
+// the bfloat16 copies of the other tensors (no op reads them), keeping each tensor once: GEMM-only ones
+// as bfloat16, the rest (layer norms, biases, position embedding, routers) as float32, in slabs of their
+// own: the parameters then take about 2 bytes each instead of 6. Tensors tensor slicing took
+// (dsmoe_infer_create with W > 1) are not held at all. The model can no longer train, save or load:
+// dsmoe_model_params gives NULL. Source: core/model/model_slices.c.
 dsmoe_status dsmoe_model_drop_gemm_masters(dsmoe_model *model, dsmoe_err *err);
-// Elements of the GEMM-only weight matrices among this rank's parameters of a model of cfg (what
-// dsmoe_model_drop_gemm_masters frees; --plan), with ep ranks... per MoE layer as cfg says.
+// Elements of this rank's parameters of a model of cfg (ep per MoE layer as cfg says) by what generation
+// does with them, with tensor slicing of width W (1: none) and expert_slicing: sliced ones go to the
+// inference state's slices (dsmoe_infer_create; counted whole here: the slices hold 1/W of them),
+// gemm_only ones stay as GEMM operands (bfloat16 alone once the masters go), the other ones as float32.
+// sliced + gemm_only + other = dsmoe_model_local_params.
+typedef struct dsmoe_param_use {
+    uint64_t sliced, gemm_only, other;
+} dsmoe_param_use;
+void dsmoe_model_param_use(const dsmoe_config *cfg, int W, int expert_slicing, dsmoe_param_use *u);
+// Its gemm_only with W = 1 (what dsmoe_model_drop_gemm_masters frees in float32 on one tensor rank).
 uint64_t dsmoe_model_gemm_only_params(const dsmoe_config *cfg);
+// Bytes of the parameter slabs generation's model keeps once dsmoe_infer_create (W, expert_slicing) and,
+// in bfloat16, dsmoe_model_drop_gemm_masters have run (dsmoe_model_bytes is that plus a few small
+// buffers; the slices are the inference state's: dsmoe_infer_estimate's slice_bytes).
+uint64_t dsmoe_model_generate_param_bytes(const dsmoe_config *cfg, int W, int expert_slicing);
 
 // Forward of one micro-batch: inputs and targets are HOST (B*T) int32. training selects noise and
 // the capacity factor; step_seed keys the noise of this step and micro-batch; token_offset is the

@@ -1,23 +1,22 @@
 // core/model/model_infer.c: the model's forward for new tokens over a KV cache (see model_infer.h).
-// Layout of this file: freeing the model's float32 GEMM masters for bf16 generation, the state and its buffers,
-// then one block (attention over the cache, the FFN), then the whole forward and sampling. The math mirrors
-// model.c's forward op for op.
+// Layout of this file: the state and its buffers, then one block (attention over the cache, the FFN),
+// then the whole forward and sampling. The math mirrors model.c's forward op for op.
 //
 // Tensor slicing (width W = generate.tensor_parallel, this rank's part t): attention keeps heads
-// [t*NH/W, (t+1)*NH/W) — their rows of c_attn (Megatron's column-parallel Linear: a local copy of the q,
-// k and v row blocks) and columns of c_proj (row-parallel: a partial sum, all-reduced over the tensor
-// group before the bias); the dense FFN likewise keeps F/W hidden columns. Every rank of a tensor group
+// [t*NH/W, (t+1)*NH/W) — their rows of c_attn (Megatron's column-parallel Linear) and columns of c_proj
+// (row-parallel: a partial sum, all-reduced over the tensor group before the bias); the dense FFN likewise
+// keeps F/W hidden columns. The slices are copies the state owns (model_slices.c), taken at create, after
+// which the model frees its whole sliced weights: a rank holds 1/W of them. Every rank of a tensor group
 // holds the same tokens, so the replicated parts (embedding, layer norms, residual coefficients, the
 // head) give the same bits on each. The coordinated all-to-all: in a MoE layer tensor rank t takes
 // only rows [t*q, (t+1)*q), q = ceil(rows/W), through gate, exchange and experts, and the tensor group
 // all-gathers the outputs. Expert-slicing instead: every tensor rank runs every row, on its F/W columns
-// of each local expert (local copies: rows of w1 and b1, columns of w2; b2 on tensor rank 0 only), and
+// of each local expert (slices too: rows of w1 and b1, columns of w2; b2 on tensor rank 0 only), and
 // the group sums the partial outputs: the router, and so the routing, is the same on every tensor rank.
 #include "model_infer.h"
 #include "model_buffers.h"  // dsmoe_moe_buffers: the MoE layers' buffer tables (for the estimate)
 #include "model_internal.h" // struct dsmoe_model: parameters, groups, layer kinds
 
-#include <stdint.h> // SIZE_MAX
 #include <stdlib.h>
 #include <string.h>
 
@@ -38,7 +37,7 @@ struct dsmoe_infer {
     int NHt, Mt, Ft;     // this rank's heads, their width (NHt * D) and FFN columns
     int coordinated;     // W > 1 and the MoE layers split the rows over the tensor group
     int sliced;          // W > 1 and every expert's FFN is split over the tensor group
-    dsmoe_moe_weights *ew; // (n_moe) sliced: this rank's columns of each MoE layer's local experts
+    dsmoe_slices sl;     // W > 1: this rank's slices of the sliced weights (model_internal.h)
     int Rm;              // rows a MoE layer runs per call (R, or ceil(R / W) when coordinated)
     dsmoe_rt_group tp;   // the tensor group (W > 1)
     int *len;            // (slots) host: positions cached
@@ -52,8 +51,6 @@ struct dsmoe_infer {
 
     // kernel memory (void *: elements of dt; float *: float32)
     void **k_cache, **v_cache; // (L) each (slots, NHt, t_max, D)
-    void **qkvw;          // (L) W > 1: this rank's c_attn rows (3Mt, M) of dt: [q | k | v] parts
-    float **qkvb;         // (L) W > 1: their bias (3Mt)
     float *sum32;         // (R, M) W > 1: partial sums of the tensor group, float32
     void *x, *mid;        // (R, M) residual stream in, and after attention
     void *ln, *ffn_out, *moe_out, *mlp_out; // (R, M); moe_out (W * Rm, M) when coordinated
@@ -74,102 +71,10 @@ struct dsmoe_infer {
 };
 
 // ----------------------------------------------------------------------------------------------------
-// the model's float32 masters of GEMM-only weights, dropped for bfloat16 generation (model.h)
-
-// The weight matrices that only GEMMs read (their copies in params_lp serve them); every other tensor
-// is read in float32 by some op (embedding, layer norm, bias, router).
-// The tied embedding wte counts among them: the embedding reads its GEMM operand copy too (embedding_forward
-// takes wte in the activation dtype).
-static int gemm_only(const char *name) {
-    if (strcmp(name, "wte.weight") == 0) return 1;
-    static const char *const suffix[] = {"attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
-                                         "mlp.c_proj.weight", "moe.coefficient.weight", "moe.experts.c_fc.weight",
-                                         "moe.experts.c_proj.weight"};
-    size_t n = strlen(name);
-    for (size_t i = 0; i < sizeof suffix / sizeof suffix[0]; i++) {
-        size_t k = strlen(suffix[i]);
-        if (n >= k && strcmp(name + n - k, suffix[i]) == 0) return 1;
-    }
-    return 0;
-}
-
-uint64_t dsmoe_model_gemm_only_params(const dsmoe_config *c) {
-    uint64_t M = (uint64_t)c->hidden, F = (uint64_t)c->ffn_hidden, total = (uint64_t)c->vocab * M; // wte
-    for (int l = 0; l < c->layers; l++) {
-        int mi = -1, moe = dsmoe_config_is_moe_layer(c, l, &mi);
-        total += 4 * M * M;                                    // c_attn, c_proj
-        if (!moe || c->residual) total += 2 * M * F;           // the dense FFN (or the residual MLP)
-        if (moe && c->residual) total += 2 * M;                // the coefficient
-        if (moe) total += (uint64_t)(c->experts[mi] / c->expert_parallel[mi]) * 2 * M * F; // local experts
-    }
-    return total;
-}
-
-// A view's new place: the kept slab's copy of its tensor, or NULL for a GEMM-only one. kept_off[i] is
-// tensor i's offset in the kept slab (SIZE_MAX: dropped).
-static float *moved(const dsmoe_model *m, const float *p, const size_t *kept_off) {
-    if (!p) return NULL;
-    size_t off = (size_t)(p - m->params);
-    for (int i = 0; i < m->n_tensors; i++)
-        if (m->tensors[i].offset == off) return kept_off[i] == SIZE_MAX ? NULL : m->params_kept + kept_off[i];
-    return NULL; // not a tensor's start: no view points there
-}
-
-static dsmoe_status copy_kept(dsmoe_model *m, const size_t *kept_off, dsmoe_err *err) {
-    dsmoe_runtime *rt = m->rt;
-    for (int i = 0; i < m->n_tensors; i++)
-        if (kept_off[i] != SIZE_MAX)
-            KCALL(rt, copy, m->params_kept + kept_off[i], m->params + m->tensors[i].offset,
-                  m->tensors[i].numel * sizeof(float));
-    return dsmoe_rt_wait(rt, err);
-}
-
-dsmoe_status dsmoe_model_drop_gemm_masters(dsmoe_model *m, dsmoe_err *err) {
-    dsmoe_runtime *rt = m->rt;
-    if (m->B != 0 || m->dt == F32 || !m->params)
-        return dsmoe_err_set(err, DSMOE_ERR_INVALID, "model: dropping the float32 GEMM weights needs a parameters-only "
-                             "bfloat16 model that still has them");
-    size_t *kept_off = malloc((size_t)m->n_tensors * sizeof *kept_off), kept = 0;
-    if (!kept_off) return dsmoe_err_set(err, DSMOE_ERR_NOMEM, "model: out of memory");
-    for (int i = 0; i < m->n_tensors; i++) {
-        kept_off[i] = gemm_only(m->tensors[i].name) ? SIZE_MAX : kept;
-        if (kept_off[i] != SIZE_MAX) kept += m->tensors[i].numel;
-    }
-    void *slab = NULL;
-    dsmoe_status s = dsmoe_rt_alloc(rt, kept * sizeof(float), 0, &slab, "parameters read in float32 (generation)", err);
-    if (s != DSMOE_OK) {
-        free(kept_off);
-        return s;
-    }
-    m->params_kept = slab;
-    s = copy_kept(m, kept_off, err);
-    if (s != DSMOE_OK) {
-        free(kept_off);
-        return s;
-    }
-    // Rebind the float32 views; the GEMM operands (*_op, w1_lp, w2_lp) stay on params_lp.
-    for (int l = 0; l < m->L; l++) {
-        block_params *b = &m->blocks[l];
-        float **f[] = {&b->ln1w, &b->ln1b, &b->qkvw, &b->qkvb, &b->attprojw, &b->attprojb, &b->ln2w, &b->ln2b,
-                       &b->fcw, &b->fcb, &b->fcprojw, &b->fcprojb, &b->coefw, &b->coefb, &b->moe.wg, &b->moe.w1,
-                       &b->moe.b1, &b->moe.w2, &b->moe.b2};
-        for (size_t k = 0; k < sizeof f / sizeof f[0]; k++) *f[k] = moved(m, *f[k], kept_off);
-    }
-    m->wte = moved(m, m->wte, kept_off), m->wpe = moved(m, m->wpe, kept_off);
-    m->lnfw = moved(m, m->lnfw, kept_off), m->lnfb = moved(m, m->lnfb, kept_off);
-    free(kept_off);
-    rt->kern->free(rt->kctx, m->params);
-    m->params = NULL;
-    m->bytes_allocated = m->bytes_allocated - m->n_local * sizeof(float) + kept * sizeof(float);
-    return DSMOE_OK;
-}
-
-// ----------------------------------------------------------------------------------------------------
 // state
 
-// Element i of an activation buffer, or of a weight's GEMM operand (block_params *_op).
+// Element i of an activation buffer.
 static void *at(const dsmoe_infer *s, void *p, size_t i) { return (char *)p + i * s->esz; }
-static const void *op_at(const dsmoe_infer *s, const void *op, size_t i) { return (const char *)op + i * s->esz; }
 
 static dsmoe_status alloc_dev(dsmoe_infer *s, size_t bytes, void *field, const char *what, dsmoe_err *err) {
     void *p = NULL;
@@ -188,41 +93,6 @@ static dsmoe_status alloc_host(dsmoe_infer *s, size_t bytes, void *field, dsmoe_
     return DSMOE_OK;
 }
 
-// Expert-slicing: this tensor rank's F/W columns of each local expert of every MoE layer, as the MoE
-// layer's (E_local, Ft, M), (E_local, Ft), (E_local, M, Ft) and (E_local, M) tensors. w2's columns are
-// not contiguous: one copy per row. b2 is added once, by tensor rank 0 (zeros elsewhere).
-static dsmoe_status slice_experts(dsmoe_infer *s, dsmoe_err *err) {
-    dsmoe_runtime *rt = s->rt;
-    const dsmoe_model *m = s->m;
-    size_t M = (size_t)s->M, F = (size_t)s->F, Ft = (size_t)s->Ft, f0 = (size_t)s->t * Ft;
-    for (int l = 0; l < s->L; l++) {
-        int mi = m->moe_of_layer[l];
-        if (mi < 0) continue;
-        const dsmoe_moe_weights *w = &m->blocks[l].moe;
-        dsmoe_moe_weights *o = &s->ew[mi];
-        size_t El = (size_t)(m->cfg->experts[mi] / m->epg[m->epg_of_moe[mi]].ep);
-        // The weight matrices are sliced from the GEMM operands (float32 masters, or their dt copies).
-        size_t E = s->esz;
-        void *w1, *w2;
-        const char *w1_src = s->dt == F32 ? (const char *)w->w1 : w->w1_lp;
-        const char *w2_src = s->dt == F32 ? (const char *)w->w2 : w->w2_lp;
-        DSMOE_TRY(alloc_dev(s, El * Ft * M * E, &w1, "expert slice of w1 (E_local, F/W, M)", err));
-        DSMOE_TRY(alloc_dev(s, El * Ft * sizeof(float), &o->b1, "expert slice of b1 (E_local, F/W)", err));
-        DSMOE_TRY(alloc_dev(s, El * M * Ft * E, &w2, "expert slice of w2 (E_local, M, F/W)", err));
-        DSMOE_TRY(alloc_dev(s, El * M * sizeof(float), &o->b2, "expert bias b2 of tensor rank 0 (E_local, M)", err));
-        if (s->dt == F32) o->w1 = w1, o->w2 = w2;
-        else o->w1_lp = w1, o->w2_lp = w2;
-        for (size_t e = 0; e < El; e++) {
-            KCALL(rt, copy, (char *)w1 + e * Ft * M * E, w1_src + (e * F + f0) * M * E, Ft * M * E);
-            KCALL(rt, copy, o->b1 + e * Ft, w->b1 + e * F + f0, Ft * sizeof(float));
-            KCALL(rt, copy_2d, (char *)w2 + e * M * Ft * E, Ft * E, w2_src + (e * M * F + f0) * E, F * E, Ft * E, M);
-        }
-        if (s->t == 0) KCALL(rt, copy, o->b2, w->b2, El * M * sizeof(float));
-        else KCALL(rt, zero, o->b2, El * M * sizeof(float));
-    }
-    return DSMOE_OK;
-}
-
 dsmoe_status dsmoe_infer_create(dsmoe_model *m, int slots, int t_max, int max_rows, int tensor_parallel,
                                 int moe_mode, dsmoe_infer **out, dsmoe_err *err) {
     *out = NULL;
@@ -236,6 +106,12 @@ dsmoe_status dsmoe_infer_create(dsmoe_model *m, int slots, int t_max, int max_ro
         return dsmoe_err_set(err, DSMOE_ERR_INVALID, "inference: tensor slicing over %d ranks: it must divide the %d "
                              "ranks, model.heads (%d) and model.ffn_hidden (%d)", W, m->rt->world_size, cfg->heads,
                              cfg->ffn_hidden);
+    if (m->slice_W)
+        return dsmoe_err_set(err, DSMOE_ERR_INVALID, "inference: the model's sliced weights went to an earlier "
+                             "inference state (tensor slicing over %d ranks): it holds only their slices", m->slice_W);
+    if (W > 1 && m->B != 0)
+        return dsmoe_err_set(err, DSMOE_ERR_INVALID, "inference: tensor slicing over %d ranks frees the model's whole "
+                             "sliced weights: it needs a parameters-only model (B = 0), not one that trains", W);
     dsmoe_infer *s = calloc(1, sizeof *s);
     if (!s) return dsmoe_err_set(err, DSMOE_ERR_NOMEM, "inference: out of memory");
     *out = s;
@@ -261,12 +137,9 @@ dsmoe_status dsmoe_infer_create(dsmoe_model *m, int slots, int t_max, int max_ro
     s->host_pos = calloc((size_t)slots, sizeof *s->host_pos);
     s->moe = calloc((size_t)(n_moe ? n_moe : 1), sizeof *s->moe);
     s->moe_owner = calloc((size_t)(n_moe ? n_moe : 1), sizeof *s->moe_owner);
-    s->ew = calloc((size_t)(n_moe ? n_moe : 1), sizeof *s->ew);
     s->k_cache = calloc((size_t)s->L, sizeof *s->k_cache);
     s->v_cache = calloc((size_t)s->L, sizeof *s->v_cache);
-    s->qkvw = calloc((size_t)s->L, sizeof *s->qkvw);
-    s->qkvb = calloc((size_t)s->L, sizeof *s->qkvb);
-    if (!s->len || !s->host_pos || !s->moe || !s->moe_owner || !s->ew || !s->k_cache || !s->v_cache || !s->qkvw || !s->qkvb)
+    if (!s->len || !s->host_pos || !s->moe || !s->moe_owner || !s->k_cache || !s->v_cache)
         return dsmoe_err_set(err, DSMOE_ERR_NOMEM, "inference: out of memory");
     if (W > 1) // collective over the world: the tensor groups are consecutive slots
         DSMOE_TRY(dsmoe_rt_group_split(s->rt, m->rt->slot / W, m->rt->slot, &s->tp, err));
@@ -278,16 +151,6 @@ dsmoe_status dsmoe_infer_create(dsmoe_model *m, int slots, int t_max, int max_ro
     for (int l = 0; l < s->L; l++) {
         DSMOE_TRY(alloc_dev(s, cache, &s->k_cache[l], "KV cache keys (slots, NH, T, D)", err));
         DSMOE_TRY(alloc_dev(s, cache, &s->v_cache[l], "KV cache values (slots, NH, T, D)", err));
-        if (W == 1) continue;
-        // This rank's rows of c_attn: q, k and v each keep rows [t*Mt, (t+1)*Mt) of their (M, M) block.
-        DSMOE_TRY(alloc_dev(s, 3 * Mt * M * E, &s->qkvw[l], "tensor slice of c_attn (3Mt, M)", err));
-        DSMOE_TRY(alloc_dev(s, 3 * Mt * sizeof(float), &s->qkvb[l], "tensor slice of c_attn's bias (3Mt)", err));
-        const block_params *p = &m->blocks[l];
-        for (int part = 0; part < 3; part++) {
-            size_t row = (size_t)part * M + (size_t)s->t * Mt;
-            KCALL(s->rt, copy, at(s, s->qkvw[l], (size_t)part * Mt * M), op_at(s, p->qkvw_op, row * M), Mt * M * E);
-            KCALL(s->rt, copy, s->qkvb[l] + (size_t)part * Mt, p->qkvb + row, Mt * sizeof(float));
-        }
     }
     if (W > 1) DSMOE_TRY(alloc_dev(s, R * M * sizeof(float), &s->sum32, "tensor-group partial sums (R, M)", err));
     size_t RM = R * M * E;
@@ -336,7 +199,13 @@ dsmoe_status dsmoe_infer_create(dsmoe_model *m, int slots, int t_max, int max_ro
         };
         DSMOE_TRY(dsmoe_moe_layer_create(s->rt, &mc, &s->moe[mi], err));
     }
-    if (s->sliced) DSMOE_TRY(slice_experts(s, err));
+    // Tensor slicing: this rank's slices, copied from the whole weights; then the model frees what it
+    // held of them whole (the peak is here: the whole weights and the slices).
+    if (W > 1) {
+        DSMOE_TRY(dsmoe_slices_take(m, W, s->t, s->sliced, &s->sl, err));
+        s->bytes += s->sl.bytes;
+        DSMOE_TRY(dsmoe_model_keep_unsliced(m, W, s->sliced, err));
+    }
     return DSMOE_OK;
 }
 
@@ -351,16 +220,8 @@ void dsmoe_infer_free(dsmoe_infer *s) {
     for (int l = 0; l < s->L; l++) {
         if (s->k_cache) free_dev(s, s->k_cache[l]);
         if (s->v_cache) free_dev(s, s->v_cache[l]);
-        if (s->qkvw) free_dev(s, s->qkvw[l]);
-        if (s->qkvb) free_dev(s, s->qkvb[l]);
     }
-    for (int i = 0; s->ew && i < s->m->cfg->n_moe_layers; i++) {
-        free_dev(s, s->dt == F32 ? (void *)s->ew[i].w1 : (void *)s->ew[i].w1_lp);
-        free_dev(s, s->ew[i].b1);
-        free_dev(s, s->dt == F32 ? (void *)s->ew[i].w2 : (void *)s->ew[i].w2_lp);
-        free_dev(s, s->ew[i].b2);
-    }
-    free(s->ew);
+    dsmoe_slices_free(s->rt, s->dt, &s->sl);
     if (s->W > 1) dsmoe_rt_group_free(s->rt, &s->tp);
     void *dev[] = {s->sum32, s->x, s->mid, s->ln, s->atty, s->ffn_out, s->moe_out, s->moe_share, s->mlp_out, s->qkv, s->fch,
                    s->fch_gelu,
@@ -369,8 +230,6 @@ void dsmoe_infer_free(dsmoe_infer *s) {
     if (s->host_sampled) s->rt->kern->host_free(s->rt->kctx, s->host_sampled);
     free(s->k_cache);
     free(s->v_cache);
-    free(s->qkvw);
-    free(s->qkvb);
     free(s->moe);
     free(s->moe_owner);
     free(s->len);
@@ -379,6 +238,7 @@ void dsmoe_infer_free(dsmoe_infer *s) {
 }
 
 size_t dsmoe_infer_bytes(const dsmoe_infer *s) { return s->bytes; }
+size_t dsmoe_infer_slice_bytes(const dsmoe_infer *s) { return s->sl.bytes; }
 
 static dsmoe_status add_bytes(const dsmoe_buffer *b, void *ctx, dsmoe_err *err) {
     (void)err;
@@ -397,14 +257,11 @@ void dsmoe_infer_estimate(const dsmoe_config *c, int slots, int t_max, int max_r
     memset(z, 0, sizeof *z);
     z->moe_rows = (int)Rm;
     z->cache_bytes = L * 2 * B * Mt * (uint64_t)t_max * a;
-    z->slice_bytes = W > 1 ? L * (3 * Mt * M * a + 3 * Mt * f) + R * M * f : 0; // and the float32 partial sums
-    for (int i = 0; sliced && i < c->n_moe_layers; i++) {
-        uint64_t El = (uint64_t)(c->experts[i] / c->expert_parallel[i]);
-        z->slice_bytes += El * ((Ft * M + M * Ft) * a + (Ft + M) * f);
-    }
+    z->slice_bytes = dsmoe_slices_bytes(c, W, sliced);
     z->row_bytes = (3 * R * M + R * Mt + R * M + (uint64_t)W * Rm * M + R * M + (coord ? Rm * M : 0) + 3 * R * Mt +
                     2 * R * Ft + 2 * B * M + B * V) * a + 2 * R * 2 * f +
                    R * sizeof(int32_t) + 2 * B * sizeof(int32_t);
+    if (W > 1) z->row_bytes += R * M * f; // the tensor group's float32 partial sums (R, M)
     for (int i = 0; i < c->n_moe_layers; i++) {
         int seen = 0;
         for (int j = 0; j < i; j++) seen |= c->experts[j] == c->experts[i] && c->expert_parallel[j] == c->expert_parallel[i];
@@ -449,16 +306,16 @@ static dsmoe_status linear(dsmoe_infer *s, void *out, const void *in, const void
     return linear_as(s, out, s->dt, in, w, b, rows, K, N, err);
 }
 
-// A row-parallel GEMM's output: out (rows, N) of dt = in (rows, Kt) @ w (N, Kt; leading dimension ldw)^T,
-// summed over the tensor group in float32 when W > 1.
-static dsmoe_status row_parallel(dsmoe_infer *s, void *out, const void *in, const void *w, int ldw, int rows, int Kt,
-                                 int N, dsmoe_err *err) {
+// A row-parallel GEMM's output: out (rows, N) of dt = in (rows, Kt) @ w (N, Kt)^T, w this rank's slice
+// (the whole weight when W = 1), summed over the tensor group in float32 when W > 1.
+static dsmoe_status row_parallel(dsmoe_infer *s, void *out, const void *in, const void *w, int rows, int Kt, int N,
+                                 dsmoe_err *err) {
     dsmoe_runtime *rt = s->rt;
     if (s->W == 1) {
-        KCALL(rt, gemm, 0, 1, rows, N, Kt, 1.0f, in, s->dt, Kt, w, s->dt, ldw, 0.0f, out, s->dt, N);
+        KCALL(rt, gemm, 0, 1, rows, N, Kt, 1.0f, in, s->dt, Kt, w, s->dt, Kt, 0.0f, out, s->dt, N);
         return DSMOE_OK;
     }
-    KCALL(rt, gemm, 0, 1, rows, N, Kt, 1.0f, in, s->dt, Kt, w, s->dt, ldw, 0.0f, s->sum32, F32, N);
+    KCALL(rt, gemm, 0, 1, rows, N, Kt, 1.0f, in, s->dt, Kt, w, s->dt, Kt, 0.0f, s->sum32, F32, N);
     if (rows > 0) CCOLL(rt, allreduce, s->tp.comm, DSMOE_IN_PLACE, s->sum32, (size_t)rows * N, F32, DSMOE_SUM);
     if (s->dt == F32) KCALL(rt, copy, out, s->sum32, (size_t)rows * N * sizeof(float));
     else KCALL(rt, convert, out, s->dt, s->sum32, F32, (size_t)rows * N);
@@ -471,11 +328,11 @@ static dsmoe_status attn_block(dsmoe_infer *s, int l, int n, const int *slot, co
                                dsmoe_err *err) {
     dsmoe_runtime *rt = s->rt;
     const block_params *p = &s->m->blocks[l];
+    const dsmoe_block_slices *b = s->W > 1 ? &s->sl.blocks[l] : NULL; // this rank's heads, else the whole weights
     int M = s->M, Mt = s->Mt, NHt = s->NHt, T = s->t_max;
     size_t per_slot = (size_t)NHt * (size_t)T * (size_t)(M / s->NH); // one slot's (NHt, T, D)
     KCALL(rt, layernorm_forward, s->ln, NULL, NULL, s->x, s->dt, p->ln1w, p->ln1b, rows, M, s->m->cfg->ln_eps);
-    DSMOE_TRY(linear(s, s->qkv, s->ln, s->W > 1 ? (const void *)s->qkvw[l] : p->qkvw_op,
-                     s->W > 1 ? s->qkvb[l] : p->qkvb, rows, M, 3 * Mt, err));
+    DSMOE_TRY(linear(s, s->qkv, s->ln, b ? b->qkvw : p->qkvw_op, b ? b->qkvb : p->qkvb, rows, M, 3 * Mt, err));
     for (int i = 0, r0 = 0; i < n; r0 += count[i++]) {
         void *k = at(s, s->k_cache[l], (size_t)slot[i] * per_slot), *v = at(s, s->v_cache[l], (size_t)slot[i] * per_slot);
         const void *qkv = at(s, s->qkv, (size_t)r0 * 3 * Mt);
@@ -485,20 +342,21 @@ static dsmoe_status attn_block(dsmoe_infer *s, int l, int n, const int *slot, co
     }
     // c_proj over this rank's Mt input columns (row-parallel): mid = atty_t @ attprojw[:, t*Mt:(t+1)*Mt]^T,
     // summed over the tensor group, then the bias once and the residual.
-    DSMOE_TRY(row_parallel(s, s->mid, s->atty, op_at(s, p->attprojw_op, (size_t)s->t * Mt), M, rows, Mt, M, err));
+    DSMOE_TRY(row_parallel(s, s->mid, s->atty, b ? b->attprojw : p->attprojw_op, rows, Mt, M, err));
     KCALL(rt, bias_add, s->mid, s->dt, p->attprojb, rows, M);
     KCALL(rt, axpy, s->mid, 1.0f, s->x, s->dt, (size_t)rows * M);
     return DSMOE_OK;
 }
 
-// Dense FFN: out (rows, M) = c_proj(gelu(c_fc(in))); with tensor slicing this rank's Ft hidden columns
-// (rows of c_fc, columns of c_proj), the partial outputs summed over the tensor group.
-static dsmoe_status mlp(dsmoe_infer *s, const block_params *p, const void *in, void *out, int rows, dsmoe_err *err) {
+// Dense FFN of block l: out (rows, M) = c_proj(gelu(c_fc(in))); with tensor slicing this rank's Ft hidden
+// columns (its slices: rows of c_fc, columns of c_proj), the partial outputs summed over the tensor group.
+static dsmoe_status mlp(dsmoe_infer *s, int l, const void *in, void *out, int rows, dsmoe_err *err) {
     dsmoe_runtime *rt = s->rt;
-    size_t f0 = (size_t)s->t * s->Ft;
-    DSMOE_TRY(linear(s, s->fch, in, op_at(s, p->fcw_op, f0 * s->M), p->fcb + f0, rows, s->M, s->Ft, err));
+    const block_params *p = &s->m->blocks[l];
+    const dsmoe_block_slices *b = s->W > 1 ? &s->sl.blocks[l] : NULL;
+    DSMOE_TRY(linear(s, s->fch, in, b ? b->fcw : p->fcw_op, b ? b->fcb : p->fcb, rows, s->M, s->Ft, err));
     KCALL(rt, gelu_forward, s->fch_gelu, s->fch, s->dt, (size_t)rows * s->Ft);
-    DSMOE_TRY(row_parallel(s, out, s->fch_gelu, op_at(s, p->fcprojw_op, f0), s->F, rows, s->Ft, s->M, err));
+    DSMOE_TRY(row_parallel(s, out, s->fch_gelu, b ? b->fcprojw : p->fcprojw_op, rows, s->Ft, s->M, err));
     KCALL(rt, bias_add, out, s->dt, p->fcprojb, rows, s->M);
     return DSMOE_OK;
 }
@@ -512,7 +370,7 @@ static dsmoe_status ffn_block(dsmoe_infer *s, int l, int rows, int group_rows, f
     size_t RM = (size_t)rows * M;
     KCALL(rt, layernorm_forward, s->ln, NULL, NULL, s->mid, s->dt, p->ln2w, p->ln2b, rows, M, s->m->cfg->ln_eps);
     if (mi < 0) {
-        DSMOE_TRY(mlp(s, p, s->ln, s->ffn_out, rows, err));
+        DSMOE_TRY(mlp(s, l, s->ln, s->ffn_out, rows, err));
     } else {
         DSMOE_TRY(part_done(s, profile, &times->other, t0, err));
         const dsmoe_config *c = s->m->cfg;
@@ -526,12 +384,12 @@ static dsmoe_status ffn_block(dsmoe_infer *s, int l, int rows, int group_rows, f
         dsmoe_moe_step step = {.training = 0, .inference = 1, .tokens = mine, .capacity = capacity,
                                .times = profile ? moe_times : NULL};
         void *moe_out = s->coordinated ? s->moe_share : s->moe_out;
-        // Expert-slicing: this rank's slices, and the router where the model holds it now (bfloat16
-        // generation moves the float32 tensors it keeps after create: dsmoe_model_drop_gemm_masters).
+        // Expert-slicing: this rank's slices, and the router where the model holds it now (the model moves
+        // the float32 tensors it keeps: dsmoe_model_keep_unsliced, dsmoe_model_drop_gemm_masters).
         dsmoe_moe_weights sliced_w;
         const dsmoe_moe_weights *w = &p->moe;
         if (s->sliced) {
-            sliced_w = s->ew[mi];
+            sliced_w = s->sl.ew[mi];
             sliced_w.wg = p->moe.wg;
             w = &sliced_w;
         }
@@ -557,7 +415,7 @@ static dsmoe_status ffn_block(dsmoe_infer *s, int l, int rows, int group_rows, f
             *t0 = now;
         }
         if (s->m->cfg->residual) {
-            DSMOE_TRY(mlp(s, p, s->ln, s->mlp_out, rows, err));
+            DSMOE_TRY(mlp(s, l, s->ln, s->mlp_out, rows, err));
             DSMOE_TRY(linear_as(s, s->coef_logits, F32, s->ln, p->coefw_op, p->coefb, rows, M, 2, err));
             KCALL(rt, residual_mix_forward, s->ffn_out, s->coef, s->moe_out, s->mlp_out, s->dt, s->coef_logits, rows,
                   M);

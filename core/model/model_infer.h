@@ -49,13 +49,19 @@ typedef struct dsmoe_infer_times {
 // model's EP groups must be made for it: model_parallel.c); moe_mode: dsmoe_tensor_moe (with W > 1).
 // Activations, the cache and the GEMMs' weights are of the model's activation dtype (run.precision);
 // in bfloat16 the model's parameters must be final (loaded) before create, which takes their bfloat16
-// copy once, and W must be 1. Collective over the world.
+// copy once. With W > 1 create copies this rank's slices of the sliced weights (c_attn rows and c_proj
+// columns of its heads, F/W columns of the dense FFN, with expert-slicing of each local expert; the
+// state owns them), then the model frees those weights whole (dsmoe_model_keep_unsliced, model_slices.c):
+// a rank holds 1/W of them from then on, and the model (parameters-only: B = 0) can no longer save, load
+// or serve another inference state. Collective over the world.
 dsmoe_status dsmoe_infer_create(dsmoe_model *model, int slots, int t_max, int max_rows, int tensor_parallel,
                                 int moe_mode, dsmoe_infer **out, dsmoe_err *err);
 void dsmoe_infer_free(dsmoe_infer *inf); // collective, as create
 // Kernel memory it holds itself: caches, tensor slices and row buffers (its MoE layers' own buffers
 // apart: dsmoe_infer_estimate's moe_bytes).
 size_t dsmoe_infer_bytes(const dsmoe_infer *inf);
+// Of that, the tensor slices (this rank's parameters that the model no longer holds).
+size_t dsmoe_infer_slice_bytes(const dsmoe_infer *inf);
 
 // What dsmoe_infer_create(model of cfg, slots, t_max, max_rows, W, moe_mode) allocates, from the
 // config alone (dsmoe --plan): cache + slice + rows = dsmoe_infer_bytes; moe_bytes: its MoE layers'
@@ -63,9 +69,12 @@ size_t dsmoe_infer_bytes(const dsmoe_infer *inf);
 // distinct (experts, expert_parallel): MoE layers alike share it.
 typedef struct dsmoe_infer_sizes {
     uint64_t cache_bytes; // KV cache: 2 x layers x (slots, heads / W, t_max, head width) of the activation dtype
-    uint64_t slice_bytes; // W > 1: each layer's copy of this rank's c_attn rows (and with expert-slicing,
-                          // of its columns of every local expert)
-    uint64_t row_bytes;   // per-call buffers for max_rows tokens, and the slots' logits
+    uint64_t slice_bytes; // W > 1: this rank's slices of the sliced weights: c_attn rows and c_proj columns
+                          // of its heads, F/W columns of each dense FFN (and with expert-slicing of every
+                          // local expert, with its b2): 1/W of what the model no longer holds
+                          // (dsmoe_model_generate_param_bytes)
+    uint64_t row_bytes;   // per-call buffers for max_rows tokens (W > 1: the float32 partial sums too), and
+                          // the slots' logits
     uint64_t moe_bytes;
     int moe_rows;         // rows a MoE layer runs per call (max_rows, or / W when coordinated)
 } dsmoe_infer_sizes;

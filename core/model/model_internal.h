@@ -1,7 +1,9 @@
-// core/model/model_internal.h: the model's data, shared by model.c (parameters, buffers, forward, backward)
-// and model_parallel.c (expert-parallel groups, gradient reduction, norm). Not for other modules: they
-// use model.h.
-// defines: block_params, block_acts, ep_groups, struct dsmoe_model, dsmoe_model_create_groups
+// core/model/model_internal.h: the model's data, shared by model.c (parameters, buffers, forward, backward),
+// model_parallel.c (expert-parallel groups, gradient reduction, norm), model_slices.c (tensor slices and
+// what generation's model keeps) and model_infer.c. Not for other modules: they use model.h.
+// defines: block_params, block_acts, ep_groups, struct dsmoe_model, dsmoe_model_create_groups,
+//          dsmoe_block_slices, dsmoe_slices, dsmoe_slices_take, dsmoe_slices_free, dsmoe_slices_bytes,
+//          dsmoe_model_keep_unsliced
 #ifndef DSMOE_MODEL_INTERNAL_H
 #define DSMOE_MODEL_INTERNAL_H
 #include "model.h"
@@ -80,7 +82,15 @@ struct dsmoe_model {
 
     float *wte, *wpe, *lnfw, *lnfb;
     const void *wte_op;     // wte as the head's GEMM operand (block_params' *_op)
-    float *params_kept;     // after dsmoe_model_drop_gemm_masters: the float32 tensors that are not GEMM-only
+    // Generation (model_slices.c): once tensor slicing has taken its slices (dsmoe_model_keep_unsliced) or
+    // the float32 GEMM masters went (dsmoe_model_drop_gemm_masters), params is NULL and the tensors still
+    // read whole live in params_kept (float32) and a params_lp of just those (dt); held32 / heldlp give
+    // each tensor's offset there (SIZE_MAX: not held; NULL arrays: the slabs as created).
+    float *params_kept;
+    size_t *held32, *heldlp;  // (n_tensors)
+    int slice_W;              // > 1: the sliced tensors went to an inference state's slices of this width
+    int slice_experts;        // ... the local experts' too (expert-slicing)
+    int masters_dropped;      // dsmoe_model_drop_gemm_masters has run
     float *dwte, *dwpe, *dlnfw, *dlnfb;
     block_params *blocks, *dblocks; // (L) parameter and gradient views
     int *moe_of_layer;              // (L) MoE index or -1
@@ -121,6 +131,35 @@ struct dsmoe_model {
     int distill;            // the distillation buffers exist
     size_t bytes_allocated; // every buffer above, for the memory report
 };
+
+// Tensor slicing's slices for generation (model_slices.c): this rank's part t of W of every sliced weight,
+// in buffers the inference state owns; weights of the model's dt (GEMM operands), biases float32.
+typedef struct dsmoe_block_slices {
+    void *qkvw;     // (3Mt, M) c_attn's rows of this rank's heads, [q | k | v]
+    float *qkvb;    // (3Mt)
+    void *attprojw; // (M, Mt) attention c_proj's columns of these heads
+    void *fcw;      // (Ft, M) the dense FFN's (or residual MLP's) c_fc rows; NULL where the block has none
+    float *fcb;     // (Ft)
+    void *fcprojw;  // (M, Ft) its c_proj's columns
+} dsmoe_block_slices;
+
+typedef struct dsmoe_slices {
+    int W, t, experts;          // width, this rank's part, expert-slicing
+    dsmoe_block_slices *blocks; // (n_blocks = L) when W > 1
+    dsmoe_moe_weights *ew;      // (n_ew = n_moe) expert-slicing: each MoE layer's local experts' F/W columns (w1 and
+                                // w2, or w1_lp and w2_lp, by dt; b1; b2: tensor rank 0's, zeros elsewhere); wg NULL
+    int n_blocks, n_ew;
+    size_t bytes;               // kernel memory of the slices
+} dsmoe_slices;
+
+// Copies this rank's slices (part t of W; W = 1: none) from the model's whole weights, and waits.
+dsmoe_status dsmoe_slices_take(dsmoe_model *m, int W, int t, int experts, dsmoe_slices *sl, dsmoe_err *err);
+void dsmoe_slices_free(dsmoe_runtime *rt, dsmoe_dtype dt, dsmoe_slices *sl);
+// What dsmoe_slices_take allocates on a model of c (dsmoe_infer_estimate).
+uint64_t dsmoe_slices_bytes(const dsmoe_config *c, int W, int experts);
+// After dsmoe_slices_take (W > 1; W = 1: nothing to do): the model frees its whole sliced tensors, keeping
+// those read whole in slabs of their own (params NULL from then on). Nothing changes on failure.
+dsmoe_status dsmoe_model_keep_unsliced(dsmoe_model *m, int W, int experts, dsmoe_err *err);
 
 // Collective: the EP and EDP groups of every distinct moe.expert_parallel (fills epg, n_epg, epg_of_moe).
 dsmoe_status dsmoe_model_create_groups(dsmoe_model *m, dsmoe_err *err);
