@@ -5,8 +5,10 @@
 // The latency model, per decode step (every sequence of a rank's batch gets one token):
 //   memory:   the bytes a rank must read / plan.memory_bandwidth: its slice of the dense weights, the
 //             experts its tokens reach (expected number, tokens spread evenly), the head, the KV cache;
-//   exchange: per MoE layer two all-to-alls (dispatch and combine) costing, per message, the latency of
-//             its path (node or network) and its bytes / that path's bandwidth, serially (no overlap);
+//   exchange: per MoE layer the counts' all-to-all, then the routed rows out and back (only the rows that
+//             hold tokens travel: expected messages and bytes, tokens spread evenly over the experts),
+//             each message costing the latency of its path (node or network) and its bytes / that path's
+//             bandwidth, serially (no overlap);
 //   tensor:   per block two ring all-reduces of the rows (attention and dense FFN), 2 (W - 1) messages of
 //             rows x M / W floats inside the node; coordinated: one all-gather per MoE layer.
 // It ignores compute (decode is bandwidth-bound), kernel launch costs and overlap: a floor, not a forecast.
@@ -36,12 +38,73 @@ typedef struct hw {
     int mem_assumed, node_assumed, net_assumed;
 } hw;
 
-// Time of an exchange plan: each message pays its path's latency, each byte its path's bandwidth.
-static double a2a_seconds(const dsmoe_a2a_plan *p, const hw *h) {
-    double intra_msgs = (double)(p->messages - p->inter_node_messages);
-    double intra_bytes = (double)(p->bytes_sent - p->inter_node_bytes);
-    return intra_msgs * h->node_lat + intra_bytes / h->node_bw + (double)p->inter_node_messages * h->net_lat +
-           (double)p->inter_node_bytes / h->net_bw;
+// One MoE layer's exchanges in one decode step (expected values): the counts (a fixed all-to-all of
+// E_local int32 to each peer), then the routed rows out and back. Each of a rank's `tokens` picks K
+// distinct experts of E uniformly, so it misses a peer's E_local experts with probability
+// q1 = prod_{i<K} (E - E_local - i) / (E - i), and a peer gets no row from the rank with q = q1^tokens.
+// Flat: a message to each peer with a row. Hierarchical: step 2 sends node-mate g' nothing only when no
+// rank (n', g') gets a row (q^N), step 4 sends node n' nothing only when none of my node-mates has a row for
+// its rank (q^G); before them the node's ranks all-gather their sizes (a ring: G - 1 messages of p int64).
+typedef struct expected_a2a {
+    double rows_per_peer;           // rows a rank sends each peer, each way
+    double messages, inter_messages; // counts + rows out + rows back
+    double bytes, inter_bytes;
+} expected_a2a;
+
+static dsmoe_status decode_exchange(dsmoe_a2a_algo algo, int p, int G, int E, int K, double tokens, double row_bytes,
+                                    expected_a2a *x, dsmoe_err *err) {
+    int El = E / p, N = p / G;
+    dsmoe_a2a_plan counts;
+    DSMOE_TRY(dsmoe_a2a_plan_compute(algo, p, G, (size_t)El * sizeof(int32_t), &counts, err));
+    double q1 = 1.0;
+    for (int i = 0; i < K; i++) q1 *= E - El - i > 0 ? (double)(E - El - i) / (E - i) : 0.0;
+    double q = pow(q1, tokens), b = tokens * K * (double)El / E * row_bytes;
+    *x = (expected_a2a){.rows_per_peer = tokens * K * (double)El / E};
+    double msgs, inter_msgs, bytes, inter_bytes;
+    if (counts.algo == DSMOE_A2A_FLAT) {
+        msgs = (p - 1) * (1 - q), inter_msgs = (p - G) * (1 - q);
+        bytes = (p - 1) * b, inter_bytes = (p - G) * b;
+    } else {
+        msgs = (G - 1) * (1 - pow(q, N)) + (N - 1) * (1 - pow(q, G)), inter_msgs = (N - 1) * (1 - pow(q, G));
+        bytes = (double)(G - 1) * N * b + (double)(N - 1) * G * b, inter_bytes = (double)(N - 1) * G * b;
+        x->messages += G - 1, x->bytes += (double)(G - 1) * p * sizeof(int64_t); // the size all-gather
+    }
+    x->messages += (double)counts.messages + 2 * msgs;
+    x->inter_messages = (double)counts.inter_node_messages + 2 * inter_msgs;
+    x->bytes += (double)counts.bytes_sent + 2 * bytes;
+    x->inter_bytes = (double)counts.inter_node_bytes + 2 * inter_bytes;
+    return DSMOE_OK;
+}
+
+// Time of an expected exchange: each message pays its path's latency, each byte its path's bandwidth.
+static double expected_seconds(const expected_a2a *x, const hw *h) {
+    return (x->messages - x->inter_messages) * h->node_lat + (x->bytes - x->inter_bytes) / h->node_bw +
+           x->inter_messages * h->net_lat + x->inter_bytes / h->net_bw;
+}
+
+// An EP group is ep ranks of one tensor rank, W slots apart: G of them share a node (1 when the group's
+// ranks are spread one a node, or unevenly).
+static int ep_ranks_per_node(int rpn, int W, int ep) {
+    int stride_rpn = rpn / W > 0 ? rpn / W : 1;
+    return stride_rpn % ep == 0 ? ep : ep % stride_rpn == 0 ? stride_rpn : 1;
+}
+
+// The variable exchange's two workspaces (exchange.c), per distinct (experts, ep) of the MoE layers (the
+// layers alike share one exchange): p blocks of E_local x rows x M each, when it packs (more than one
+// expert a rank, or the hierarchical steps), and the node's gathered sizes when hierarchical.
+static uint64_t exchange_workspace_bytes(const dsmoe_config *c, int rpn, int W, uint64_t rows, uint64_t row_bytes) {
+    uint64_t total = 0;
+    for (int i = 0; i < c->n_moe_layers; i++) {
+        int E = c->experts[i], ep = c->expert_parallel[i], seen = 0;
+        for (int j = 0; j < i; j++) seen |= c->experts[j] == E && c->expert_parallel[j] == ep;
+        if (seen || ep == 1) continue;
+        int G = ep_ranks_per_node(rpn, W, ep);
+        uint64_t El = (uint64_t)(E / ep), block = El * rows * row_bytes;
+        int hier = G > 1 && G < ep && dsmoe_a2a_choose((dsmoe_a2a_algo)c->alltoall, ep, G, block) == DSMOE_A2A_HIERARCHICAL;
+        if (El > 1 || hier) total += 2 * (uint64_t)ep * block;
+        if (hier) total += (2 * (uint64_t)G + 1) * (uint64_t)ep * sizeof(int64_t);
+    }
+    return total;
 }
 
 dsmoe_status dsmoe_plan_generate(FILE *out, const dsmoe_config *c, int ranks, int rpn, int use_gpus, uint64_t budget,
@@ -61,27 +124,38 @@ dsmoe_status dsmoe_plan_generate(FILE *out, const dsmoe_config *c, int ranks, in
     fprintf(out, "generate: %d data-parallel group%s x tensor slicing %d; each group decodes %d sequences of up to %d "
             "positions (generate.batch, generate.context); calls of up to %d tokens\n", D, D == 1 ? "" : "s", W, B, T, R);
 
-    // Memory: the model as generation holds it (every dense weight on each rank: slices are computed on,
-    // not stored apart), plus what the inference state allocates.
+    // Memory: the model as generation holds it once the inference state exists: the tensors read whole
+    // (replicated ones, this rank's experts unless expert-sliced; bf16: the weight matrices as bfloat16
+    // alone, dsmoe_model_drop_gemm_masters) and, with tensor slicing, this rank's 1/W slices of the others
+    // (the inference state's). The whole weights exist only while the checkpoint loads (the peak).
     dsmoe_mem_estimate est;
     DSMOE_TRY(dsmoe_mem_estimate_rank_for(c, ranks, 0, rpn, NULL, &est, err));
     dsmoe_infer_sizes z;
     dsmoe_infer_estimate(c, B, T, R, W, dsmoe_tensor_moe_of(c), &z);
-    // bf16: generation frees the float32 masters of the GEMM-only matrices once their copy is made
-    // (dsmoe_model_drop_gemm_masters); what it holds from then on.
-    if (c->precision == DSMOE_PRECISION_BF16) est.param_bytes -= 4 * dsmoe_model_gemm_only_params(c);
+    z.moe_bytes += exchange_workspace_bytes(c, rpn, W, (uint64_t)z.moe_rows, M * dsmoe_dtype_size(dsmoe_config_act_dtype(c)));
+    uint64_t at_load = est.param_bytes;
+    int es = W > 1 && dsmoe_tensor_moe_of(c) == DSMOE_TENSOR_MOE_SLICED;
+    est.param_bytes = dsmoe_model_generate_param_bytes(c, W, es);
     uint64_t model = est.param_bytes + est.grad_bytes + est.activation_bytes + est.token_bytes;
     uint64_t total = model + z.cache_bytes + z.slice_bytes + z.row_bytes + z.moe_bytes;
-    fprintf(out, "memory per rank (%s): parameters %s (this rank's experts and every dense weight), the model's "
-            "other buffers %s, KV cache %s (2 x %d layers x %d sequences x %d positions x %d "
-            "wide), tensor slices %s, per-call buffers %s, MoE buffers %s (%d rows a layer); total %s of %s (%s): %s\n",
+    uint64_t peak = total - est.param_bytes + at_load; // the fit: the whole tensors and the slices, at create
+    char slices[128] = "";
+    if (W > 1)
+        snprintf(slices, sizeof slices, "; its 1/%d slices of the attention%s weights %s", W,
+                 es ? ", dense FFN and expert" : " and dense FFN", dsmoe_plan_bytes((double)z.slice_bytes));
+    fprintf(out, "memory per rank (%s): parameters %s (held whole %s: the replicated tensors%s%s; %s while the "
+            "checkpoint loads), the model's other buffers %s, KV cache %s (2 x %d layers x %d sequences x %d positions "
+            "x %d wide), per-call buffers %s, MoE buffers %s (%d rows a layer, with the exchange's workspaces); total %s, %s at the peak (the load, "
+            "the slices copied) of %s (%s): %s\n",
             c->precision == DSMOE_PRECISION_BF16 ? "bf16: weight matrices as bfloat16, the other tensors float32; bf16 "
                                                    "cache and activations"
                                                  : "fp32",
-            dsmoe_plan_bytes((double)est.param_bytes), dsmoe_plan_bytes((double)(model - est.param_bytes)), dsmoe_plan_bytes((double)z.cache_bytes),
-            c->layers, B, T, c->hidden / W, dsmoe_plan_bytes((double)z.slice_bytes), dsmoe_plan_bytes((double)z.row_bytes),
-            dsmoe_plan_bytes((double)z.moe_bytes), z.moe_rows, dsmoe_plan_bytes((double)total), dsmoe_plan_bytes((double)budget), budget_why,
-            budget == 0 ? "unknown" : total <= budget ? "fits" : "DOES NOT FIT");
+            dsmoe_plan_bytes((double)(est.param_bytes + z.slice_bytes)), dsmoe_plan_bytes((double)est.param_bytes),
+            es ? "" : " and this rank's experts", slices, dsmoe_plan_bytes((double)at_load),
+            dsmoe_plan_bytes((double)(model - est.param_bytes)), dsmoe_plan_bytes((double)z.cache_bytes), c->layers, B, T,
+            c->hidden / W, dsmoe_plan_bytes((double)z.row_bytes), dsmoe_plan_bytes((double)z.moe_bytes), z.moe_rows,
+            dsmoe_plan_bytes((double)total), dsmoe_plan_bytes((double)peak), dsmoe_plan_bytes((double)budget), budget_why,
+            budget == 0 ? "unknown" : peak <= budget ? "fits" : "DOES NOT FIT");
 
     // Bytes one decode step reads on a rank.
     int coord = W > 1 && dsmoe_tensor_moe_of(c) == DSMOE_TENSOR_MOE_COORDINATED && c->n_moe_layers > 0;
@@ -113,48 +187,51 @@ dsmoe_status dsmoe_plan_generate(FILE *out, const dsmoe_config *c, int ranks, in
             dsmoe_plan_bytes(router * f), dsmoe_plan_bytes(experts * wf), c->n_moe_layers ? hit_sum / c->n_moe_layers : 0.0,
             dsmoe_plan_bytes(head * wf), dsmoe_plan_bytes(kv * wf));
 
-    // All-to-all per decode step, and the estimate under each algorithm.
+    // All-to-all per decode step, and the estimate under each algorithm. Generation exchanges only the
+    // rows that hold tokens (exchange.h: dsmoe_exchange_alltoallv_rows): per MoE layer a fixed exchange of
+    // the counts (E_local integers to each peer), then the rows out and back; a peer with no row gets no
+    // message. Expected values with tokens spread evenly over the experts.
     double t_mem = bytes_read / h.mem_bw, t_flat = 0, t_hier = 0, t_coord = 0;
-    fprintf(out, "all-to-all per decode step per rank (dispatch and combine per MoE layer, %s tokens a rank):\n",
-            coord ? "1/W of the" : "all its");
-    fprintf(out, "  %-20s %-13s %12s %10s %12s %12s %14s\n", "MoE layers", "algorithm", "per peer", "messages", "sent",
+    fprintf(out, "all-to-all per decode step per rank (per MoE layer: the counts, then only the routed rows out "
+            "and back; %s tokens a rank, expected values):\n", coord ? "1/W of the" : "all its");
+    fprintf(out, "  %-20s %-13s %12s %10s %12s %12s %14s\n", "MoE layers", "algorithm", "rows/peer", "messages", "sent",
             "to nodes", "sent to nodes");
     for (int i = 0; i < c->n_moe_layers; i++) {
         int E = c->experts[i], ep = c->expert_parallel[i], n = 0, seen = 0;
         for (int j = 0; j < i; j++) seen |= c->experts[j] == E && c->expert_parallel[j] == ep;
         for (int j = 0; j < c->n_moe_layers; j++) n += c->experts[j] == E && c->expert_parallel[j] == ep;
-        // An EP group is ep ranks of one tensor rank, W slots apart: G of them share a node.
-        int stride_rpn = rpn / W > 0 ? rpn / W : 1, G = stride_rpn % ep == 0 ? ep : ep % stride_rpn == 0 ? stride_rpn : 1;
+        int G = ep_ranks_per_node(rpn, W, ep);
         char label[32];
         snprintf(label, sizeof label, "%d x (%d, ep %d)", n, E, ep);
         if (ep == 1) {
             if (!seen) fprintf(out, "  %-20s none: with ep 1 every rank holds all the layer's experts\n", label);
             continue;
         }
-        size_t per_peer = (size_t)(E / ep) * (size_t)ceil(tokens_share) * M * (size_t)wf;
         for (int a = 0; a < 2; a++) {
-            dsmoe_a2a_plan p;
             if (a == 1 && (G == 1 || G == ep)) {
                 if (!seen) fprintf(out, "  %-20s %-13s %s\n", "", "hierarchical",
                                    G == ep ? "= flat: the group is inside one node"
                                    : "= flat: one rank of the group per node (or uneven parts)");
                 continue;
             }
-            if (dsmoe_a2a_plan_compute(a ? DSMOE_A2A_HIERARCHICAL : DSMOE_A2A_FLAT, ep, G, per_peer, &p, err) != DSMOE_OK)
+            expected_a2a x;
+            if (decode_exchange(a ? DSMOE_A2A_HIERARCHICAL : DSMOE_A2A_FLAT, ep, G, E, c->top_k, ceil(tokens_share),
+                                (double)M * wf, &x, err) != DSMOE_OK)
                 return err->status;
-            double t = 2 * a2a_seconds(&p, &h);
+            double t = expected_seconds(&x, &h); // this layer (the table prints its kind once, n times)
             if (a == 0) t_flat += t;
             else t_hier += t;
             if (!seen)
-                fprintf(out, "  %-20s %-13s %12s %10.0f %12s %12.0f %14s\n", a ? "" : label,
-                        a ? "hierarchical" : "flat", dsmoe_plan_bytes((double)per_peer), 2.0 * n * (double)p.messages,
-                        dsmoe_plan_bytes(2.0 * n * (double)p.bytes_sent), 2.0 * n * (double)p.inter_node_messages,
-                        dsmoe_plan_bytes(2.0 * n * (double)p.inter_node_bytes));
+                fprintf(out, "  %-20s %-13s %12.3g %10.0f %12s %12.0f %14s\n", a ? "" : label,
+                        a ? "hierarchical" : "flat", x.rows_per_peer, n * x.messages, dsmoe_plan_bytes(n * x.bytes),
+                        n * x.inter_messages, dsmoe_plan_bytes(n * x.inter_bytes));
         }
         if (G == 1 || G == ep) { // no hierarchical variant: it is the flat one
-            dsmoe_a2a_plan p;
-            if (dsmoe_a2a_plan_compute(DSMOE_A2A_FLAT, ep, G, per_peer, &p, err) != DSMOE_OK) return err->status;
-            t_hier += 2 * a2a_seconds(&p, &h);
+            expected_a2a x;
+            if (decode_exchange(DSMOE_A2A_FLAT, ep, G, E, c->top_k, ceil(tokens_share), (double)M * wf, &x, err) !=
+                DSMOE_OK)
+                return err->status;
+            t_hier += expected_seconds(&x, &h);
         }
     }
     // Tensor slicing: two ring all-reduces of B x M floats per block; coordinated: an all-gather of the MoE

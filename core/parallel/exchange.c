@@ -170,18 +170,25 @@ static dsmoe_status create_groups(dsmoe_exchange *ex, dsmoe_err *err) {
     return make_group(ex, ex->inter_ctl, n, ex->N, &ex->inter, "inter-node", err);
 }
 
-// Local: the host arrays of the variable exchange, and its gathered sizes when it can be hierarchical.
+// Local: the host arrays of the variable exchange (its kernel buffers come at its first call: training
+// never makes one).
 static dsmoe_status create_variable_state(dsmoe_exchange *ex, dsmoe_err *err) {
-    const dsmoe_runtime *rt = ex->rt;
     size_t n = (size_t)ex->p + 1;
     ex->sc = dsmoe_calloc(5 * n, sizeof *ex->sc, "exchange: variable counts", err);
     if (!ex->sc) return DSMOE_ERR_NOMEM;
     ex->sd = ex->sc + n, ex->rc = ex->sd + n, ex->rd = ex->rc + n, ex->po = ex->rd + n;
-    if (ex->algo == DSMOE_A2A_FLAT || ex->G == 1 || ex->N == 1) return DSMOE_OK;
+    return DSMOE_OK;
+}
+
+// The hierarchical variable exchange's gathered sizes, at its first call.
+static dsmoe_status alloc_sizes(dsmoe_exchange *ex, dsmoe_err *err) {
+    const dsmoe_runtime *rt = ex->rt;
+    if (ex->sizes) return DSMOE_OK;
     size_t bytes = (size_t)ex->G * (size_t)ex->p * sizeof(int64_t);
     // (G + 1, p): the last row is what this rank contributes (the all-gather's buffers must not overlap)
-    DSMOE_TRY(dsmoe_rt_alloc(rt, bytes + (size_t)ex->p * sizeof(int64_t), 0, (void **)&ex->sizes_dev,
-                             "exchange: gathered sizes (G, p)", err));
+    if (!ex->sizes_dev)
+        DSMOE_TRY(dsmoe_rt_alloc(rt, bytes + (size_t)ex->p * sizeof(int64_t), 0, (void **)&ex->sizes_dev,
+                                 "exchange: gathered sizes (G, p)", err));
     void *h = NULL;
     if (rt->kern->host_alloc(rt->kctx, bytes, &h) != DSMOE_OK)
         return dsmoe_err_set(err, DSMOE_ERR_NOMEM, "exchange: host staging of %zu bytes with kernel plugin '%s': %s",
@@ -490,6 +497,7 @@ dsmoe_status dsmoe_exchange_alltoallv_rows(dsmoe_exchange *ex, const void *send,
         DSMOE_TRY(grow_workspace(ex, (size_t)p * block, err));
         DSMOE_TRY(grow(rt, &ex->ws2, &ex->ws2_bytes, (size_t)p * block, err));
     }
+    if (hier) DSMOE_TRY(alloc_sizes(ex, err));
     if (hier) return hierarchical_v(ex, send, send_rows, recv, recv_rows, groups, cap, row, err);
     // Flat, or hierarchical over one node or one rank per node (then one of its steps is all there is).
     dsmoe_comm_group *grp = algo == DSMOE_A2A_FLAT ? ex->group : ex->N == 1 ? ex->intra : ex->inter;

@@ -167,26 +167,37 @@ $steps micro-steps per step
 WANT
 
 # Generation on 128 A100s: the KV cache of 8 sequences x 2048 positions x 24 layers x 2048 wide x 2 (K, V)
-# x 4 bytes = 6 GiB; per decode step and MoE layer each rank sends 1 expert x 8 tokens x 2048 x 4 bytes
-# = 64 KiB to each peer: flat 2 x 12 layers x 127 peers = 3048 messages, hierarchical (8 per node, 16
-# nodes) 2 x 12 x (7 + 15) = 528. Tensor slicing 8 (ep 16 over one rank a node): KV cache / 8, and the
-# coordinated all-to-all sends 8 experts x 1 token x 2048 x 4 = 64 KiB to each of 15 peers.
+# x 4 bytes = 6 GiB. Per decode step and MoE layer (12 of them) the exchange sends the counts to every
+# peer, then only the routed rows out and back. A rank's 8 tokens pick 1 of 128 experts each, so a peer
+# gets 8/128 = 0.0625 rows and no row with probability q = (127/128)^8 = 0.93918. Flat: 12 x (127 + 2 x
+# 127 x (1 - q)) = 1709.4 messages, 1615.2 to the other 15 nodes (120 peers there); bytes 12 x (127 x 4 +
+# 2 x 127 x 0.0625 x 2048 x 4) = 1.49 MiB. Hierarchical (8 per node, 16 nodes): the counts in 7 + 15
+# messages, the size all-gather 7, step 2 to a node-mate unless all 16 of its column get nothing (q^16),
+# step 4 to a node unless all 8 node-mates have nothing for it (q^8): 12 x (22 + 7 + 2 x (7 (1 - q^16) +
+# 15 (1 - q^8))) = 596.5. Tensor slicing 8 (ep 16 over one rank a node): KV cache / 8, and the
+# coordinated all-to-all sends 1 token a rank, which misses a peer's 8 experts with q = 120/128:
+# 12 x (15 + 2 x 15 x (1 - q)) = 202.5 messages. Its parameters
+# (M 2048, F 8192): sliced are 24 x (4 M^2 + 3 M) (attention, c_attn's bias) + 12 dense layers x (2 M F + F)
+# = 805552128 elements, of which a rank holds 1/8 = 384.12 MiB; held whole are wte 51200 M, wpe 2048 M,
+# ln_f 2 M, 24 x 5 M (layer norms, c_proj's bias), 12 x M (the dense c_proj's bias), 12 x 128 M (routers)
+# and 12 x 8 experts x (2 M F + F + M) = 3334680576 elements = 12.42 GiB; 15.42 GiB as loaded.
 expect paper-generate 0 -- "$dsmoe" --plan "$src/inputs/paper/1.3b-moe128-generate.deck" <<'WANT'
 KV cache 6.00 GiB (2 x 24 layers x 8 sequences x 2048 positions x 2048 wide)
-12 x (128, ep 128)   flat             64.00 KiB       3048
-hierarchical     64.00 KiB        528
+12 x (128, ep 128)   flat                0.0625       1709     1.49 MiB         1615
+hierarchical        0.0625        597
 WANT
 expect paper-generate-tensor 0 -- "$dsmoe" --plan "$src/inputs/paper/1.3b-moe128-generate.deck" generate.tensor_parallel=8 moe.expert_parallel=16 <<'WANT'
 KV cache 768.00 MiB (2 x 24 layers x 8 sequences x 2048 positions x 256 wide)
-12 x (128, ep 16)    flat             64.00 KiB        360
+parameters 12.80 GiB (held whole 12.42 GiB: the replicated tensors and this rank's experts; its 1/8 slices of the attention and dense FFN weights 384.12 MiB; 15.42 GiB while the checkpoint loads)
+12 x (128, ep 16)    flat                0.0625        202
 coordinated all-to-all (1/8 of the tokens, flat)
 WANT
-# The same in bf16 (run.precision): the cache and the exchanged rows at 2 bytes an element (3 GiB, 32 KiB
-# per peer), the dense weights a decode step reads halved (3 GiB in fp32: 24 x 4 x 2048^2 x 4 bytes
+# The same in bf16 (run.precision): the cache and the exchanged rows at 2 bytes an element (3 GiB; 12 x
+# (127 x 4 + 2 x 127 x 0.0625 x 2048 x 2) = 767.95 KiB sent), the dense weights a decode step reads halved (3 GiB in fp32: 24 x 4 x 2048^2 x 4 bytes
 # + 12 x 2 x 2048 x 8192 x 4 = 1.5 GiB + 1.5 GiB).
 expect paper-generate-bf16 0 -- "$dsmoe" --plan "$src/inputs/paper/1.3b-moe128-generate.deck" run.precision=bf16 <<'WANT'
 KV cache 3.00 GiB (2 x 24 layers x 8 sequences x 2048 positions x 2048 wide)
-12 x (128, ep 128)   flat             32.00 KiB       3048
+12 x (128, ep 128)   flat                0.0625       1709   767.95 KiB
 dense weights 1.50 GiB
 WANT
 
