@@ -5,7 +5,8 @@
 // separate calls the fused forms replace (gemm_grouped without epilogue, then bias_add, gelu_forward,
 // or zero + gelu_backward per group; one wgrad call per group in ascending order, then bias_backward):
 // the core may use either form, and training must give the same bits. Counts cover 0 and m_max;
-// sizes cross the plugin's 256x256 GEMM tiles. A count above m_max is a sticky error.
+// sizes cross the plugin's 256x256 GEMM tiles. A count above m_max is a sticky error. Groups with no rows
+// are not read at all (their weights on pages with no access).
 #include <math.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -14,6 +15,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h> // the untouchable experts of test_grouped_reads_only_routed_experts
+#include <unistd.h>
 
 #include <cmocka.h>
 
@@ -365,6 +368,74 @@ static void test_grouped_threads(void **state) {
     free(a), free(b), free(bias);
 }
 
+// Decode must not pay for experts that receive no tokens: with one token routed to one expert of 8, a
+// grouped GEMM (x w^T, as the expert fc runs) must read that expert's weights only. The other experts'
+// weights sit on pages with no access (mprotect PROT_NONE): a read of any of them ends the test with a
+// segmentation fault. fp32 with 1 row (the plugin's dot-product path) and 9 rows (its tiled path), and
+// the weights in bfloat16.
+static void test_grouped_reads_only_routed_experts(void **state) {
+    (void)state;
+    enum { E = 8, N = 96, K = 64, USED = 5 };
+    long page = sysconf(_SC_PAGESIZE);
+    for (int lp = 0; lp < 2; lp++)
+        for (int rows = 1; rows <= 9; rows += 8) {
+            size_t esz = lp ? 2 : 4, wbytes = (size_t)N * K * esz;
+            size_t stride = (wbytes + (size_t)page - 1) / (size_t)page * (size_t)page; // an expert per page run
+            unsigned char *w = mmap(NULL, E * stride, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+            assert_true(w != MAP_FAILED);
+            float *wf = rnd_fill((size_t)N * K, 1), *a = rnd_fill((size_t)E * rows * K, 1);
+            for (size_t i = 0; i < (size_t)N * K; i++) {
+                if (!lp) {
+                    memcpy(w + USED * stride + 4 * i, &wf[i], 4);
+                    continue;
+                }
+                uint32_t u;
+                memcpy(&u, &wf[i], 4);
+                uint16_t h = (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16); // round to nearest even
+                memcpy(w + USED * stride + 2 * i, &h, 2);
+                u = (uint32_t)h << 16;
+                memcpy(&wf[i], &u, 4); // the reference uses the rounded weights
+            }
+            for (int e = 0; e < E; e++)
+                if (e != USED) assert_int_equal(mprotect(w + e * stride, stride, PROT_NONE), 0);
+            int32_t m[E] = {0};
+            m[USED] = rows;
+            float *da = dev_put(C, a, (size_t)E * rows * K * 4), *dc = dev_zeros(C, (size_t)E * rows * N * 4);
+            void *da_lp = NULL;
+            if (lp) {
+                da_lp = dev_new(C, (size_t)E * rows * K * 2, 0);
+                OK(P->convert(C, Q, da_lp, DSMOE_BFLOAT16, da, F32, (size_t)E * rows * K));
+            }
+            int32_t *dm = dev_put(C, m, sizeof m);
+            dsmoe_grouped_gemm g = {.groups = E, .counts = dm, .m_max = rows, .n = N, .k = K, .alpha = 1.0f,
+                                    .a = lp ? da_lp : da, .a_type = lp ? DSMOE_BFLOAT16 : F32, .lda = K,
+                                    .a_stride = (size_t)rows * K, .b = w, .b_type = lp ? DSMOE_BFLOAT16 : F32,
+                                    .ldb = K, .b_stride = stride / esz, .b_groups = E, .trans_b = 1, .c = dc,
+                                    .c_type = F32, .ldc = N, .c_stride = (size_t)rows * N};
+            OK(P->gemm_grouped(C, Q, &g));
+            float *got = malloc((size_t)E * rows * N * 4);
+            dev_get(C, got, dc, (size_t)E * rows * N * 4);
+            double *want = malloc(sizeof(double) * rows * N);
+            float *ar = a + (size_t)USED * rows * K;
+            if (lp) // the reference uses the rounded activations too
+                for (size_t i = 0; i < (size_t)rows * K; i++) {
+                    uint32_t u;
+                    memcpy(&u, &ar[i], 4);
+                    u = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16;
+                    memcpy(&ar[i], &u, 4);
+                }
+            for (int i = 0; i < rows; i++)
+                for (int j = 0; j < N; j++) want[i * N + j] = dot_d(ar + (size_t)i * K, wf + (size_t)j * K, K);
+            char what[64];
+            snprintf(what, sizeof what, "expert %d of %d, %d rows, %s", USED, E, rows, lp ? "bf16" : "fp32");
+            assert_close(what, got + (size_t)USED * rows * N, want, (size_t)rows * N, lp ? 1e-3 : 1e-5, 1e-4);
+            free(got), free(want), free(wf), free(a);
+            dev_free(C, da), dev_free(C, dc), dev_free(C, dm);
+            if (da_lp) dev_free(C, da_lp);
+            munmap(w, E * stride);
+        }
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_gemm_grouped),
@@ -372,6 +443,7 @@ int main(void) {
         cmocka_unit_test(test_grouped_wgrad),
         cmocka_unit_test(test_grouped_errors),
         cmocka_unit_test(test_grouped_threads),
+        cmocka_unit_test(test_grouped_reads_only_routed_experts),
     };
     if (cpt_load(2) != 0) {
         fprintf(stderr, "test_cpu_ops_grouped: cannot load or initialise the cpu plugin %s\n", CPT_PLUGIN_FILE);
