@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "distill.h"        // dsmoe_teacher_check
 #include "train_testutil.h" // rt, tmpdir, small_deck, load, train_on, assert_same_checkpoint
 
 static char teacher[512]; // the teacher's checkpoint, trained once
@@ -224,6 +225,33 @@ static void test_bad_teacher(void **state) {
     write_edited_deck(deck, "hidden = 32", "hidden = 64");
     snprintf(extra, sizeof extra, "distill.teacher=%s distill.teacher_deck=%s", teacher, deck);
     expect_refused(extra, "distill.teacher");
+
+    // dsmoe --check's path: the teacher verifies against its deck without a model; a damaged file or a
+    // deck that does not describe it is refused, naming distill.teacher.
+    dsmoe_config cfg;
+    dsmoe_err err = {0};
+    snprintf(extra, sizeof extra, "distill.teacher=%s", teacher);
+    load(small_deck, extra, &cfg, NULL);
+    if (dsmoe_teacher_check(&cfg, 1, 0, &err) != DSMOE_OK) fail_msg("check of the teacher: %s", err.msg);
+    snprintf(extra, sizeof extra, "distill.teacher=%s distill.teacher_deck=%s", teacher, deck);
+    load(small_deck, extra, &cfg, NULL);
+    assert_int_not_equal(dsmoe_teacher_check(&cfg, 1, 0, &err), DSMOE_OK);
+    if (!strstr(err.msg, "distill.teacher")) fail_msg("message: %s", err.msg);
+    char damaged[600];
+    snprintf(damaged, sizeof damaged, "%s/damaged.safetensors", tmpdir);
+    FILE *in = fopen(teacher, "rb"), *out = fopen(damaged, "wb");
+    assert_non_null(in);
+    assert_non_null(out);
+    assert_int_equal(fseek(in, 0, SEEK_END), 0);
+    long size = ftell(in), n = 0;
+    rewind(in);
+    for (int ch; (ch = fgetc(in)) != EOF; n++) fputc(n == size - 100 ? ch ^ 0x40 : ch, out); // one bit of a tensor
+    fclose(in);
+    fclose(out);
+    snprintf(extra, sizeof extra, "distill.teacher=%s", damaged);
+    load(small_deck, extra, &cfg, NULL);
+    assert_int_not_equal(dsmoe_teacher_check(&cfg, 1, 0, &err), DSMOE_OK);
+    if (!strstr(err.msg, "distill.teacher") || !strstr(err.msg, "damaged.safetensors")) fail_msg("message: %s", err.msg);
 }
 
 int main(int argc, char **argv) {

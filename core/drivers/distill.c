@@ -104,6 +104,18 @@ dsmoe_status dsmoe_teacher_config_load(const dsmoe_config *c, int world_size, ds
     return DSMOE_OK;
 }
 
+dsmoe_status dsmoe_teacher_check(const dsmoe_config *c, int world_size, int say, dsmoe_err *err) {
+    dsmoe_config t;
+    char where[1200];
+    DSMOE_TRY(dsmoe_teacher_config_load(c, world_size, &t, where, sizeof where, err));
+    dsmoe_train_position pos;
+    dsmoe_err e = {0};
+    if (dsmoe_checkpoint_verify(&t, c->distill_teacher, &pos, &e) != DSMOE_OK)
+        return dsmoe_err_set(err, e.status, "distill.teacher: %s", e.msg);
+    if (say) printf("distill: teacher %s verifies (step %d; %s)\n", c->distill_teacher, pos.step, where);
+    return DSMOE_OK;
+}
+
 dsmoe_status dsmoe_teacher_open(const dsmoe_config *c, dsmoe_runtime *rt, int B, dsmoe_teacher **out, dsmoe_err *err) {
     *out = NULL;
     dsmoe_teacher *t = calloc(1, sizeof *t);

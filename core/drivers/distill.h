@@ -1,5 +1,5 @@
 // core/drivers/distill.h: the teacher of knowledge distillation (Mixture-of-Students, docs/distill.md).
-// defines: dsmoe_teacher, dsmoe_teacher_config_load, dsmoe_teacher_open, dsmoe_teacher_forward,
+// defines: dsmoe_teacher, dsmoe_teacher_config_load, dsmoe_teacher_check, dsmoe_teacher_open, dsmoe_teacher_forward,
 //          dsmoe_teacher_init_student, dsmoe_teacher_close, dsmoe_distill_on_at
 //
 // The teacher is a dsmoe checkpoint with its deck (distill.teacher_deck, or the deck stored in the
@@ -20,6 +20,10 @@ typedef struct dsmoe_teacher dsmoe_teacher;
 // *where (may be NULL) receives that name.
 dsmoe_status dsmoe_teacher_config_load(const dsmoe_config *student, int world_size, dsmoe_config *teacher,
                                        char *where, size_t where_len, dsmoe_err *err);
+
+// dsmoe --check: the teacher's deck (as dsmoe_teacher_config_load) and its checkpoint verified against
+// it, without building a model. Local; say = 1 prints the verdict (rank 0).
+dsmoe_status dsmoe_teacher_check(const dsmoe_config *student, int world_size, int say, dsmoe_err *err);
 
 // Collective: loads the teacher for the student config (whose distill.teacher is set) as a forward-only
 // model of micro-batch B on rt, and verifies and loads its checkpoint (failures agreed on every rank).

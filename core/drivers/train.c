@@ -444,26 +444,13 @@ static void close_run(trainer *tr) {
 
 // --check of distill.teacher: its deck loads for this rank count and suits the student, and the
 // checkpoint verifies against it (every tensor's checksum).
-static dsmoe_status check_teacher(const dsmoe_config *c, dsmoe_runtime *rt, dsmoe_err *err) {
-    dsmoe_config t;
-    char where[1200];
-    DSMOE_TRY(dsmoe_teacher_config_load(c, rt->world_size, &t, where, sizeof where, err));
-    dsmoe_train_position pos;
-    dsmoe_err e = {0};
-    if (dsmoe_checkpoint_verify(&t, c->distill_teacher, &pos, &e) != DSMOE_OK)
-        return dsmoe_err_set(err, e.status, "distill.teacher: %s", e.msg);
-    if (rt->world_rank == 0)
-        printf("distill: teacher %s verifies (step %d; %s)\n", c->distill_teacher, pos.step, where);
-    return DSMOE_OK;
-}
-
 dsmoe_status dsmoe_train_check(const dsmoe_config *c, dsmoe_runtime *rt, dsmoe_err *err) {
     dsmoe_dataset *ds = NULL;
     dsmoe_status s = open_data(c, &ds, err);
     if (s == DSMOE_OK) s = dsmoe_preflight_train(c, ds, rt->world_rank, checkpoint_bytes(c), err);
     if (s == DSMOE_OK && rt->world_rank == 0) printf("data: %s\n", dsmoe_dataset_describe(ds));
     dsmoe_dataset_close(ds);
-    if (s == DSMOE_OK && dsmoe_config_distills(c)) s = check_teacher(c, rt, err);
+    if (s == DSMOE_OK && dsmoe_config_distills(c)) s = dsmoe_teacher_check(c, rt->world_size, rt->world_rank == 0, err);
     return dsmoe_ctl_checks_agree(rt->world_ctl, s, err);
 }
 
