@@ -13,6 +13,23 @@ __device__ __forceinline__ float dsmoe_ld(const __nv_bfloat16 *p, size_t i) { re
 __device__ __forceinline__ void dsmoe_st(float *p, size_t i, float v) { p[i] = v; }
 __device__ __forceinline__ void dsmoe_st(__nv_bfloat16 *p, size_t i, float v) { p[i] = __float2bfloat16_rn(v); }
 
+// The cpu plugin's cpu_exp_fast (plugins/cpu/cpu_math.h), so that softmax probabilities agree to the
+// last bits and exp of a very negative x is about 1.6e-38 there and here (clamped at -87), not 0 in one
+// of them (cross-entropy, distillation).
+__device__ __forceinline__ float dsmoe_exp_fast(float x) {
+    x = x < -87.0f ? -87.0f : x > 88.0f ? 88.0f : x;
+    float n = floorf(x * 1.44269504088896341f + 0.5f);
+    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    float y = p * r * r + r + 1.0f;
+    return y * __int_as_float(((int)n + 127) << 23);
+}
+
 // Records the first data fault (see dsmoe_cu_fault_code); later ones are dropped.
 __device__ __forceinline__ void dsmoe_cu_raise(dsmoe_cu_fault *f, int code, long long a, long long b) {
     if (atomicCAS(&f->code, 0, code) == 0) {

@@ -22,7 +22,7 @@
 
 #include <cub/device/device_radix_sort.cuh> // cub::DeviceRadixSort::SortKeys (embedding backward)
 
-#include "cuda_common.cuh" // dsmoe_ld, dsmoe_st, dsmoe_cu_raise, dsmoe_block_sum/max, DSMOE_CU_DISPATCH
+#include "cuda_common.cuh" // dsmoe_ld, dsmoe_st, dsmoe_cu_raise, dsmoe_block_sum/max, dsmoe_exp_fast, DSMOE_CU_DISPATCH
 #include "nn.h"
 
 #define NN_ROW_THREADS 256 // a block per row (embedding, layer norm, cross-entropy backward)
@@ -417,22 +417,6 @@ extern "C" dsmoe_status dsmoe_cu_layernorm_backward(const dsmoe_cu_env *env, voi
 // ---------------------------------------------------------------------------------------------------
 // Softmax cross-entropy over V classes
 
-// The cpu plugin's cpu_exp_fast (plugins/cpu/cpu_math.h), so that probabilities agree to the last bits
-// and exp of a very negative x is about 1.6e-38 there and here (clamped at -87), not 0 in one of them.
-__device__ __forceinline__ float nn_exp_fast(float x) {
-    x = x < -87.0f ? -87.0f : x > 88.0f ? 88.0f : x;
-    float n = floorf(x * 1.44269504088896341f + 0.5f);
-    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    float y = p * r * r + r + 1.0f;
-    return y * __int_as_float(((int)n + 127) << 23);
-}
-
 // One block per row, three passes over the logits (they stay in L2): the maximum, the sum of exp in
 // double, then probs = exp * (float)(1 / sum). loss = log(sum) - (z[target] - max), exact even where
 // probs[target] underflows. A bad target raises; its loss is NaN.
@@ -450,12 +434,12 @@ __global__ void crossentropy_forward_kernel(float *losses, float *probs, const T
     maxv = dsmoe_block_max(maxv, red_f);
     double sum = 0.0;
     for (int i = threadIdx.x; i < V; i += blockDim.x)
-        sum += (double)nn_exp_fast(dsmoe_ld(logits, row + i) - maxv);
+        sum += (double)dsmoe_exp_fast(dsmoe_ld(logits, row + i) - maxv);
     sum = dsmoe_block_sum(sum, red_d);
     const float inv = (float)(1.0 / sum);
     float *p = probs + row;
     for (int i = threadIdx.x; i < V; i += blockDim.x)
-        p[i] = nn_exp_fast(dsmoe_ld(logits, row + i) - maxv) * inv;
+        p[i] = dsmoe_exp_fast(dsmoe_ld(logits, row + i) - maxv) * inv;
     if (threadIdx.x == 0) {
         const int tgt = targets[blockIdx.x];
         if (tgt < 0 || tgt >= V) {

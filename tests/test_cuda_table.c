@@ -57,7 +57,7 @@ static const struct {
     MEMBER(crossentropy_backward), MEMBER(gate_route), MEMBER(gate_assign), MEMBER(gate_backward),
     MEMBER(moe_dispatch), MEMBER(moe_dispatch_backward), MEMBER(moe_combine), MEMBER(moe_combine_backward),
     MEMBER(residual_mix_forward), MEMBER(residual_mix_backward), MEMBER(adamw), MEMBER(kv_append),
-    MEMBER(attention_cached), MEMBER(sample),
+    MEMBER(attention_cached), MEMBER(sample), MEMBER(distill_forward), MEMBER(distill_backward),
 };
 
 static void test_table(void **state) {
@@ -68,11 +68,11 @@ static void test_table(void **state) {
     assert_true(strlen(P->description) > 0);
     assert_int_equal(P->mem_kind, DSMOE_MEM_CUDA);
     assert_int_equal(P->caps, DSMOE_KCAP_ASYNC | DSMOE_KCAP_BF16 | DSMOE_KCAP_FUSED_EPILOGUE |
-                                  DSMOE_KCAP_DETERMINISTIC | DSMOE_KCAP_INFERENCE);
+                                  DSMOE_KCAP_DETERMINISTIC | DSMOE_KCAP_INFERENCE | DSMOE_KCAP_DISTILL);
     assert_int_equal(P->dtypes, DSMOE_DTYPE_BIT(DSMOE_FLOAT32) | DSMOE_DTYPE_BIT(DSMOE_BFLOAT16));
-    // The list above is every function pointer of the table: from init to sample, nothing left out.
+    // The list above is every function pointer of the table: from init to distill_backward, nothing left out.
     size_t n = sizeof members / sizeof members[0];
-    assert_int_equal(offsetof(dsmoe_kernel_plugin_v2, sample) + sizeof P->sample -
+    assert_int_equal(offsetof(dsmoe_kernel_plugin_v2, distill_backward) + sizeof P->distill_backward -
                          offsetof(dsmoe_kernel_plugin_v2, init), n * sizeof P->init);
     for (size_t i = 0; i < n; i++) {
         void (*fp)(void);

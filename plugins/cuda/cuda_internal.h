@@ -226,6 +226,9 @@ dsmoe_status cu_crossentropy_forward(CU_Q, float *losses, float *probs, const vo
                                      const int32_t *targets, int S, int V);
 dsmoe_status cu_crossentropy_backward(CU_Q, void *dlogits, dsmoe_dtype dt, const float *probs, const int32_t *targets,
                                       float dloss, int S, int V);
+dsmoe_status cu_distill_forward(CU_Q, float *losses, float *diff, const void *student, const void *teacher,
+                                dsmoe_dtype dt, float temperature, int S, int V);
+dsmoe_status cu_distill_backward(CU_Q, void *dstudent, dsmoe_dtype dt, const float *diff, float scale, int S, int V);
 dsmoe_status cu_gate_route(CU_Q, const dsmoe_gating_params *p, const float *logits, float *probs, int32_t *choice,
                            int32_t *counts);
 dsmoe_status cu_gate_assign(CU_Q, const dsmoe_gating_params *p, int C, const float *probs, const int32_t *choice,

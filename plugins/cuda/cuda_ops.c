@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "attention.h"
+#include "distill.h"
 #include "elementwise.h"
 #include "gating.h"
 #include "gemm.h"
@@ -174,6 +175,19 @@ dsmoe_status cu_crossentropy_forward(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *
 dsmoe_status cu_crossentropy_backward(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, void *dlogits, dsmoe_dtype dt,
                                       const float *probs, const int32_t *targets, float dloss, int S, int V) {
     CU_OP(crossentropy_backward, dlogits, dt, probs, targets, dloss, S, V);
+}
+
+// --- knowledge distillation ----------------------------------------------------------------------------
+
+dsmoe_status cu_distill_forward(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, float *losses, float *diff,
+                                const void *student, const void *teacher, dsmoe_dtype dt, float temperature, int S,
+                                int V) {
+    CU_OP(distill_forward, losses, diff, student, teacher, dt, temperature, S, V);
+}
+
+dsmoe_status cu_distill_backward(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, void *dstudent, dsmoe_dtype dt,
+                                 const float *diff, float scale, int S, int V) {
+    CU_OP(distill_backward, dstudent, dt, diff, scale, S, V);
 }
 
 // --- MoE gating, dispatch, combine ---------------------------------------------------------------------

@@ -346,7 +346,7 @@ static const dsmoe_kernel_plugin_v2 cuda_plugin = {
     .description = "NVIDIA GPUs: CUDA kernels, cuBLAS GEMMs, stream-ordered memory",
     .mem_kind = DSMOE_MEM_CUDA,
     .caps = DSMOE_KCAP_ASYNC | DSMOE_KCAP_BF16 | DSMOE_KCAP_FUSED_EPILOGUE | DSMOE_KCAP_DETERMINISTIC |
-            DSMOE_KCAP_INFERENCE,
+            DSMOE_KCAP_INFERENCE | DSMOE_KCAP_DISTILL,
     .dtypes = DSMOE_DTYPE_BIT(DSMOE_FLOAT32) | DSMOE_DTYPE_BIT(DSMOE_BFLOAT16),
     .params = cuda_params,
     .n_params = N_PARAMS,
@@ -424,6 +424,9 @@ static const dsmoe_kernel_plugin_v2 cuda_plugin = {
     .kv_append = cu_kv_append,
     .attention_cached = cu_attention_cached,
     .sample = cu_sample,
+
+    .distill_forward = cu_distill_forward,
+    .distill_backward = cu_distill_backward,
 };
 
 DSMOE_PLUGIN_EXPORT const dsmoe_kernel_plugin_v2 *DSMOE_KERNEL_PLUGIN_ENTRY(void) { return &cuda_plugin; }

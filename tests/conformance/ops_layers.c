@@ -376,6 +376,45 @@ static void v_mix_backward(const void *arg) {
     cf_cmp(&dcl, dcl.h, NULL, dt == CF_BF16 ? TOL_F32_OF_BF16 : TOL_RED);
 }
 
+// Knowledge distillation (optional pair, DSMOE_KCAP_DISTILL on both sides): the KL of softened student
+// logits from a teacher's, with rows whose teacher is nearly one-hot (terms whose p underflows must give
+// 0, never NaN), and its backward at a scale.
+enum { KD_S = 13, KD_V = 3001 };
+
+static int has_distill(void) {
+    for (int s = 0; s < 2; s++)
+        if (!(cf_sides[s].T->caps & DSMOE_KCAP_DISTILL) || !cf_sides[s].T->distill_forward ||
+            !cf_sides[s].T->distill_backward)
+            return 0;
+    return 1;
+}
+
+static void v_kd_forward(const void *arg) {
+    dsmoe_dtype dt = *(const dsmoe_dtype *)arg;
+    size_t n = (size_t)KD_S * KD_V;
+    float *ht = cf_rand(n, 4);
+    for (int v = 0; v < KD_V; v++) ht[v] = v == 7 ? 60.0f : -60.0f; // row 0: a one-hot teacher at T = 1
+    cf_buf st = cf_up("student", cf_rand(n, 4), n, dt), te = cf_up("teacher", ht, n, dt);
+    cf_buf losses = cf_out("losses", KD_S, CF_F32), diff = cf_out("diff", n, CF_F32);
+    diff.cols = KD_V;
+    for (int k = 0; k < 2; k++) {
+        float temperature = k ? 2.5f : 1.0f;
+        CF_SIDES OP(distill_forward, P(losses), P(diff), P(st), P(te), DT(dt), temperature, KD_S, KD_V);
+        cf_cmp(&losses, NULL, NULL, dt == CF_BF16 ? TOL_F32_OF_BF16 : TOL_RED);
+        cf_cmp(&diff, NULL, NULL, dt == CF_BF16 ? TOL_F32_OF_BF16 : TOL_EW);
+    }
+}
+
+static void v_kd_backward(const void *arg) {
+    dsmoe_dtype dt = *(const dsmoe_dtype *)arg;
+    size_t n = (size_t)KD_S * KD_V;
+    cf_buf diff = cf_up("diff", cf_rand(n, 0.001f), n, CF_F32);
+    cf_buf ds = cf_up("dstudent", cf_rand(n, 0.01f), n, dt);
+    ds.cols = KD_V;
+    CF_SIDES OP(distill_backward, P(ds), DT(dt), P(diff), 0.4f / KD_S, KD_S, KD_V);
+    cf_cmp(&ds, ds.h, NULL, cf_tol_for(dt, TOL_EW));
+}
+
 void cf_group_loss_mix(void) {
     char name[160];
     for (int d = 0; d < n_dtypes(); d++) {
@@ -388,6 +427,11 @@ void cf_group_loss_mix(void) {
         cf_run(name, v_mix_forward, &DTS[d]);
         snprintf(name, sizeof name, "residual_mix_backward[%s,S=%d,M=%d]", t, RM_S, RM_M);
         cf_run(name, v_mix_backward, &DTS[d]);
+        if (!has_distill()) continue;
+        snprintf(name, sizeof name, "distill_forward[%s,S=%d,V=%d,T=1 and 2.5]", t, KD_S, KD_V);
+        cf_run(name, v_kd_forward, &DTS[d]);
+        snprintf(name, sizeof name, "distill_backward[%s,S=%d,V=%d]", t, KD_S, KD_V);
+        cf_run(name, v_kd_backward, &DTS[d]);
     }
 }
 
