@@ -30,3 +30,5 @@ dsmoe_launch_test(launch_cpubind slurm_cpubind.sh)
 # One node of 8 CPUs: each test's job takes all of it, so they take turns.
 set_tests_properties(launch_srun launch_sbatch launch_cpubind PROPERTIES FIXTURES_REQUIRED dsmoe_slurm RESOURCE_LOCK "dsmoe_slurm;dsmoe_ranks"
                      LABELS "launch;slurm")
+# launch_sbatch runs four jobs one after another; a sanitized build on a slow machine needs more than 120 s.
+set_tests_properties(launch_sbatch PROPERTIES TIMEOUT 400)

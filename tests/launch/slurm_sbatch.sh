@@ -23,7 +23,9 @@ export DSMOE_REQUEUE=0
 submit() {
   local name=$1 i
   shift
-  timeout 50 sbatch --wait --parsable --time=2 --job-name="dsmoe-$name-test" "$script" "$@" \
+  # The job's own limit (--time=2, minutes) ends a stuck job first; the shell's is a backstop past it (a
+  # sanitized build on a slow machine took 47 s for the resume job).
+  timeout -k 10 150 sbatch --wait --parsable --time=2 --job-name="dsmoe-$name-test" "$script" "$@" \
     >"$work/$name.sbatch" 2>&1 &
   sb=$!
   job=
