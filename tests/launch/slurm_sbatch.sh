@@ -52,13 +52,19 @@ cd "$work" || exit 1
 submit train "$deck" train.steps=600 moe.expert_parallel=2 run.output_dir=sbatch_out
 [ -n "$job" ] && ok || { fail "no job id from sbatch"; cat "$work/train.sbatch"; }
 log=$work/dsmoe-$job.out
-# Once training runs (so the trap is set), USR1 the batch shell as the time limit would.
-for i in $(seq 300); do
-  grep -q '^step ' "$log" 2>/dev/null && break
+# Once training runs, USR1 the batch shell as the time limit would. Not before: srun drops a signal that
+# comes while it is still launching the step (a sanitized build on a loaded machine took over 30 s to
+# reach its first step, and the job then ran to the end). The wait is bounded by the job's own limit.
+started=0
+for i in $(seq 1300); do
+  grep -q '^step ' "$log" 2>/dev/null && { started=1; break; }
   kill -0 "$sb" 2>/dev/null || break
   sleep 0.1
 done
-if grep -q '^step 600/600' "$log" 2>/dev/null; then
+if [ $started = 0 ]; then
+  fail "job $job logged no training step before sbatch ended or 130 s passed"
+  tail -20 "$log" 2>/dev/null | sed 's/^/  | /'
+elif grep -q '^step 600/600' "$log" 2>/dev/null; then
   fail "the run ended before it could be signalled: make it longer"
 else
   scancel --batch --signal=USR1 "$job" && ok || fail "scancel --batch --signal=USR1 $job"
