@@ -10,7 +10,7 @@
 // into the field at once (so a type error names that source), and records itself. Ranges and
 // cross-key rules are checked once at the end on the winning values, and an error names the source
 // of the key being checked (or, when that key kept its default, the other key's). docs/deck.md
-// documents every key; tests/test_deck.c compares that page with this table.
+// documents every key; tests/deck/test_deck.c compares that page with this table.
 #define _GNU_SOURCE
 #include "config.h"
 #include "config_keys.h" // the table

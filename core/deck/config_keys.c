@@ -1,6 +1,6 @@
 // core/deck/config_keys.c: the registry of every deck key (the Open MPI MCA pattern): name, type, default
 // text, field of dsmoe_config, range, help. config.c loads, checks and prints through it; docs/deck.md
-// documents every key and tests/test_deck.c compares that page with this table.
+// documents every key and tests/deck/test_deck.c compares that page with this table.
 #include "config_keys.h"
 
 const char *const dsmoe_config_type_names[] = {"int", "int", "float", "bool", "enum", "string", "duration", "list", "list"};

@@ -1,7 +1,7 @@
 // core/drivers/memplan.c: see memplan.h. The model's and the MoE layers' buffers are summed from the tables
 // their allocating code walks (core/model/model_buffers.h), so they follow any change there. The other
 // sections mirror one allocating file (the exchange's workspace, the optimizer's shards): a change of
-// what that file allocates must be made here too (tests/test_memplan.c counts the real allocation and
+// what that file allocates must be made here too (tests/drivers/test_memplan.c counts the real allocation and
 // will fail). Element counts are uint64_t from the first multiplication on.
 #include "memplan.h"
 #include "model_buffers.h" // dsmoe_model_buffers: the model's buffers, the list core/model/model.c allocates

@@ -1,7 +1,7 @@
 // core/model/model_buffers.h: the one list of the buffers the model and its MoE layers allocate. The code
 // that allocates (core/model/model.c alloc_buffers, core/model/moe_layer.c create_buffers and ensure_capacity) and
 // the memory plan that predicts it from the config alone (core/drivers/memplan.c) both walk these lists, so
-// the two cannot drift; tests/test_memplan.c checks the sum against the real allocation byte for byte.
+// the two cannot drift; tests/drivers/test_memplan.c checks the sum against the real allocation byte for byte.
 // defines: dsmoe_buf_class, dsmoe_buffer, dsmoe_buffer_fn, dsmoe_model_sizes, dsmoe_model_buffers,
 //          dsmoe_moe_sizes, dsmoe_moe_buffer_set, dsmoe_moe_buffers
 //

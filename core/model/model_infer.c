@@ -246,7 +246,7 @@ static dsmoe_status add_bytes(const dsmoe_buffer *b, void *ctx, dsmoe_err *err) 
     return DSMOE_OK;
 }
 
-// The same sizes dsmoe_infer_create allocates, in its order (tests/test_infer.c compares them).
+// The same sizes dsmoe_infer_create allocates, in its order (tests/model/test_infer.c compares them).
 void dsmoe_infer_estimate(const dsmoe_config *c, int slots, int t_max, int max_rows, int W, int moe_mode,
                           dsmoe_infer_sizes *z) {
     uint64_t R = (uint64_t)max_rows, M = (uint64_t)c->hidden, Mt = M / (uint64_t)W, Ft = (uint64_t)c->ffn_hidden / W,

@@ -1,2 +1,0 @@
-# The datasets: synthetic chains and their loss bound, text files, Megatron .bin/.idx (core/io/data.c).
-dsmoe_test(test_data SOURCES test_data.c TIMEOUT 60 LABELS data)

@@ -1,0 +1,2 @@
+# The deck parser and configuration registry (core/deck/config.c, config_print.c, deck.c).
+dsmoe_test(test_deck SOURCES ${DSMOE_TEST_DIR}/deck/test_deck.c TIMEOUT 30 LABELS config)

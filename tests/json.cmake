@@ -1,2 +1,0 @@
-# The JSON reader and writer shared by safetensors, the tokenizer and the prompt file (core/io/json.c).
-dsmoe_test(test_json SOURCES test_json.c TIMEOUT 30 LABELS text)

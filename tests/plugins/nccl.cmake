@@ -1,0 +1,65 @@
+# The nccl comm plugin's logic without a GPU (docs/nccl.md): backends/nccl/comm_nccl.c built as the
+# test-only plugin "ncclsim" against tests/nccl_double (NCCL's and the CUDA runtime's calls over MPI on
+# host memory), so it needs neither CUDA nor NCCL. On it: the comm conformance suite on 1, 2 and 4 ranks,
+# and a failure test (a stopped rank ends the others within seconds, with a message).
+# The real "nccl" plugin is skipped by the conformance suite here (it takes device memory only); run it
+# on a GPU machine with DSMOE_CONFORMANCE_COMM=nccl and a CUDA-aware harness (not done yet).
+
+add_library(dsmoe_nccl_double SHARED ${DSMOE_TEST_DIR}/nccl_double/nccl_double.c)
+set_target_properties(dsmoe_nccl_double PROPERTIES LIBRARY_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/tests/plugins
+                      C_VISIBILITY_PRESET hidden)
+target_include_directories(dsmoe_nccl_double PRIVATE ${DSMOE_TEST_DIR}/nccl_double/include)
+target_link_libraries(dsmoe_nccl_double PRIVATE MPI::MPI_C m)
+target_link_options(dsmoe_nccl_double PRIVATE -Wl,-z,defs)
+
+find_package(Threads REQUIRED)
+add_library(dsmoe_comm_ncclsim MODULE ${PROJECT_SOURCE_DIR}/backends/nccl/comm_nccl.c)
+set_target_properties(dsmoe_comm_ncclsim PROPERTIES
+  OUTPUT_NAME dsmoe_comm_ncclsim
+  PREFIX lib
+  LIBRARY_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/tests/plugins
+  C_VISIBILITY_PRESET hidden
+  BUILD_RPATH ${CMAKE_BINARY_DIR}/tests/plugins)
+# The double's nccl.h and cuda_runtime_api.h, never the real ones.
+target_include_directories(dsmoe_comm_ncclsim BEFORE PRIVATE ${DSMOE_TEST_DIR}/nccl_double/include
+                           ${PROJECT_SOURCE_DIR}/include)
+target_compile_definitions(dsmoe_comm_ncclsim PRIVATE COMM_NCCL_SIM)
+target_link_libraries(dsmoe_comm_ncclsim PRIVATE dsmoe_nccl_double Threads::Threads)
+target_link_options(dsmoe_comm_ncclsim PRIVATE -Wl,-z,defs)
+add_dependencies(test_comm_mpi dsmoe_comm_ncclsim)
+
+foreach(ranks 1 2 4)
+  set(name test_comm_ncclsim_np${ranks})
+  add_test(NAME ${name} COMMAND ${DSMOE_MPIEXEC} ${MPIEXEC_NUMPROC_FLAG} ${ranks} ${DSMOE_MPIEXEC_PREFLAGS}
+           $<TARGET_FILE:test_comm_mpi>)
+  set_tests_properties(${name} PROPERTIES TIMEOUT 60 SKIP_RETURN_CODE 77 LABELS "conformance;comm;nccl"
+                       RESOURCE_LOCK dsmoe_ranks
+                       ENVIRONMENT "OMP_NUM_THREADS=2;DSMOE_CONFORMANCE_DEFAULT_COMM=ncclsim;${DSMOE_RANKS_ENV}")
+endforeach()
+
+add_executable(test_nccl_fail ${DSMOE_TEST_DIR}/nccl_double/test_nccl_fail.c)
+set_target_properties(test_nccl_fail PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/tests)
+target_include_directories(test_nccl_fail PRIVATE ${PROJECT_SOURCE_DIR}/include ${DSMOE_TEST_DIR})
+target_link_libraries(test_nccl_fail PRIVATE MPI::MPI_C ${CMAKE_DL_LIBS})
+target_compile_definitions(test_nccl_fail PRIVATE
+  DSMOE_CONFORMANCE_DEFAULT_DIRS="${CMAKE_BINARY_DIR}/tests/plugins")
+add_dependencies(test_nccl_fail dsmoe_comm_ncclsim)
+# Passes on the survivor's message (the job's exit status is MPI_Abort's); TIMEOUT catches a hang.
+add_test(NAME test_nccl_fail_np2 COMMAND ${DSMOE_MPIEXEC} ${MPIEXEC_NUMPROC_FLAG} 2 ${DSMOE_MPIEXEC_PREFLAGS}
+         $<TARGET_FILE:test_nccl_fail>)
+set_tests_properties(test_nccl_fail_np2 PROPERTIES TIMEOUT 30 LABELS "comm;nccl" RESOURCE_LOCK dsmoe_ranks
+  ENVIRONMENT "DSMOE_NCCLSIM_TIMEOUT=2;${DSMOE_RANKS_ENV}"
+  PASS_REGULAR_EXPRESSION "rank 0: ended after [0-9.]+ s: comm ncclsim: .*communicator of this process was aborted"
+  FAIL_REGULAR_EXPRESSION "NOT DETECTED")
+
+# The mpi plugin's cuda_aware setting on this machine's MPI (not CUDA-aware): "on" refused by name.
+add_executable(test_mpi_cuda_aware ${DSMOE_TEST_DIR}/plugins/test_mpi_cuda_aware.c)
+set_target_properties(test_mpi_cuda_aware PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/tests)
+target_include_directories(test_mpi_cuda_aware PRIVATE ${PROJECT_SOURCE_DIR}/include ${DSMOE_TEST_DIR})
+target_link_libraries(test_mpi_cuda_aware PRIVATE MPI::MPI_C ${CMAKE_DL_LIBS})
+target_compile_definitions(test_mpi_cuda_aware PRIVATE DSMOE_CONFORMANCE_DEFAULT_DIRS="${DSMOE_BUILD_PLUGIN_DIR}")
+add_dependencies(test_mpi_cuda_aware dsmoe_comm_mpi)
+add_test(NAME test_mpi_cuda_aware COMMAND ${DSMOE_MPIEXEC} ${MPIEXEC_NUMPROC_FLAG} 1 ${DSMOE_MPIEXEC_PREFLAGS}
+         $<TARGET_FILE:test_mpi_cuda_aware>)
+set_tests_properties(test_mpi_cuda_aware PROPERTIES TIMEOUT 30 SKIP_RETURN_CODE 77 LABELS "comm"
+                     ENVIRONMENT "${DSMOE_RANKS_ENV}")
