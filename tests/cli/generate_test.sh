@@ -10,6 +10,8 @@
 # - in bf16 (run.precision) the greedy tokens do not depend on the layout either (tensor slicing included);
 # - the output is one JSON object per prompt in file order, with the fields docs/inference.md lists;
 #   its completion decodes from its tokens; a stop sequence ends a completion and is cut from its text;
+# - the log's progress lines and summary (counts, rates, latency percentiles, time breakdown) agree with
+#   the output file;
 # - bad input (empty prompt file, malformed JSON line, unknown token id, a prompt longer than the
 #   context, tokenizer files that do not fit model.vocab, a corrupt or mismatched checkpoint, no
 #   checkpoint) is refused before any work, naming the file (and line), and an output file already there
@@ -135,6 +137,53 @@ PY
       { fail "generate $name: greedy tokens differ from 1 rank"; diff <(tokens_of "$work/ref.$f") <(tokens_of "$work/$name") | head -4; }
   done
 done
+
+# The log against the output, on 2 data-parallel ranks (the summary gathers every rank's latencies):
+# progress lines whose counts only grow up to the prompt count; the summary's prompt and token counts
+# and rates; its percentiles recomputed from the JSON lines (times to first token; per-token latency =
+# every gap after a sequence's first token; linear interpolation between the sorted values, as
+# docs/inference.md says); the time breakdown adding up to 100%.
+gen 2 "$work/sum.jsonl" generate.prompts="$work/prompts.txt" generate.batch=1 generate.prefill_tokens=8 run.log_every=1
+if [ $? = 0 ]; then
+  summary_failed() { fail "generate: log and summary do not match the output"; show "$work/sum.jsonl.log"; }
+  python3 - "$work/sum.jsonl" "$work/sum.jsonl.log" <<'PY' && ok || summary_failed
+import json, re, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+log = open(sys.argv[2]).read()
+num = r"([0-9.]+)"
+def pct(v, q):  # linear interpolation between order statistics
+    v = sorted(v); x = q * (len(v) - 1); lo = int(x); f = x - lo
+    return v[lo] * (1 - f) + v[lo + 1] * f if lo + 1 < len(v) else v[lo]
+n, toks = len(rows), sum(r["completion_tokens"] for r in rows)
+prog = [tuple(map(int, m)) for m in re.findall(r"^generate: (\d+)/(\d+) prompts \| (\d+) tokens \| [0-9.]+ tokens/s \| "
+                                                r"[0-9:]+ elapsed \| ETA [0-9:?]+$", log, re.M)]
+assert prog, "no progress line"
+assert all(p[1] == n and p[0] <= n and p[2] <= toks for p in prog), prog
+assert all(a[0] <= b[0] and a[2] <= b[2] for a, b in zip(prog, prog[1:])), prog
+m = re.search(r"^generate: (\d+) prompts, (\d+) tokens in %s s: %s prompts/s, %s tokens/s$" % (num, num, num), log, re.M)
+assert m, "no summary line"
+assert (int(m[1]), int(m[2])) == (n, toks), (m[0], n, toks)
+el = float(m[3])
+for count, rate in ((n, float(m[4])), (toks, float(m[5]))):  # the elapsed time is printed to 0.01 s
+    assert count / (el + 0.005) - 0.05 <= rate <= count / max(el - 0.005, 1e-9) + 0.05, (m[0], count, rate)
+m = re.search(r"^generate: time to first token p50 %s ms, p90 %s ms, p99 %s ms; per-token latency p50 %s ms, "
+              r"p90 %s ms, p99 %s ms$" % ((num,) * 6), log, re.M)
+assert m, "no latency line"
+ttft = [r["time_to_first_token_ms"] for r in rows]
+gaps = [x for r in rows for x in r["token_latencies_ms"][1:]]
+assert all(abs(r["token_latencies_ms"][0] - r["time_to_first_token_ms"]) <= 0.001 for r in rows)
+want = [pct(ttft, q) for q in (0.5, 0.9, 0.99)] + [pct(gaps, q) for q in (0.5, 0.9, 0.99)]
+got = [float(x) for x in m.groups()]
+# the JSON rounds to 0.001 ms, the log to 0.01 ms
+assert all(abs(g - w) <= 0.0051 + 0.001 for g, w in zip(got, want)), (got, want)
+m = re.search(r"^generate: time \(mean over ranks\) attention %s s \(%s%%\), gating %s s \(%s%%\), all-to-all %s s "
+              r"\(%s%%\), experts %s s \(%s%%\), other %s s \(%s%%\)$" % ((num,) * 10), log, re.M)
+assert m, "no time breakdown"
+assert abs(sum(float(m[i]) for i in (2, 4, 6, 8, 10)) - 100) <= 0.3, m[0]
+PY
+else
+  fail "generate on 2 ranks for the summary: exit $gen_rc"; show "$work/sum.jsonl.log"
+fi
 
 # bfloat16 (run.precision, docs/precision.md): greedy tokens on 4 ranks with ep 2, on 1 rank with another
 # batch and with tensor slicing (partial sums in float32, with and without the coordinated all-to-all)
