@@ -52,9 +52,9 @@ cd "$work" || exit 1
 submit train "$deck" train.steps=600 moe.expert_parallel=2 run.output_dir=sbatch_out
 [ -n "$job" ] && ok || { fail "no job id from sbatch"; cat "$work/train.sbatch"; }
 log=$work/dsmoe-$job.out
-# Once training runs, USR1 the batch shell as the time limit would. Not before: srun drops a signal that
-# comes while it is still launching the step (a sanitized build on a loaded machine took over 30 s to
-# reach its first step, and the job then ran to the end). The wait is bounded by the job's own limit.
+# Once training runs, USR1 the batch shell as the time limit would. Not before: a signal that came while
+# srun was still launching the step reached no rank (a sanitized build on a loaded machine took over 30 s
+# to reach its first step, and the job then ran to the end). The wait is bounded by the job's own limit.
 started=0
 for i in $(seq 1300); do
   grep -q '^step ' "$log" 2>/dev/null && { started=1; break; }
