@@ -195,7 +195,9 @@ chmod +x "$work/pbs/bin/qsub"
   >"$work/pbs.log" 2>&1
 rc=$?
 [ $rc = 75 ] && ok || { fail "pbs.qsub walltime signal: exit $rc, expected 75"; show "$work/pbs.log"; }
-grep -Eq "^stopped: SIGUSR1 at step [0-9]+ of 100000 \(2 of 2 ranks" "$work/pbs.log" && ok || fail "pbs.qsub: dsmoe did not stop on USR1"
+# mpiexec forwards the signal to each rank on its own: at the next step boundary 1 or 2 may have it.
+grep -Eq "^stopped: SIGUSR1 at step [0-9]+ of 100000 \([12] of 2 ranks" "$work/pbs.log" && ok ||
+  { fail "pbs.qsub: dsmoe did not stop on USR1"; show "$work/pbs.log"; }
 grep -q "resubmitted as 4243.pbs-test" "$work/pbs.log" && ok || { fail "pbs.qsub: no resubmission"; show "$work/pbs.log"; }
 grep -qx "DSMOE_CHECKPOINT_RESUME=auto" "$work/pbs/qsub.env" 2>/dev/null && grep -qx "DSMOE_DECK=$deck" "$work/pbs/qsub.env" &&
   grep -qx "DSMOE_ARGS=run.output_dir=$work/pbs/out train.steps=100000" "$work/pbs/qsub.env" && ok ||
