@@ -24,8 +24,11 @@ submit() {
   local name=$1 i
   shift
   # The job's own limit (--time=2, minutes) ends a stuck job first; the shell's is a backstop past it (a
-  # sanitized build on a slow machine took 47 s for the resume job).
-  timeout -k 10 150 sbatch --wait --parsable --time=2 --job-name="dsmoe-$name-test" "$script" "$@" \
+  # sanitized build on a slow machine took 47 s for the resume job). The script asks for USR1 300 s before
+  # the limit, which for a 2-minute job Slurm sends within seconds: before srun has launched the ranks
+  # (the signal reaches none of them, and the trap forwards only once) or before dsmoe has its handler
+  # (the ranks die of it). So every job here gets it 10 s before the limit; the test sends its own.
+  SBATCH_SIGNAL=B:USR1@10 timeout -k 10 150 sbatch --wait --parsable --time=2 --job-name="dsmoe-$name-test" "$script" "$@" \
     >"$work/$name.sbatch" 2>&1 &
   sb=$!
   job=
@@ -83,9 +86,7 @@ has sbatch "$work/sbatch_out/resolved.deck" "^expert_parallel = 2 +# command lin
 step=$(sed -nE 's/^stopped: SIGUSR1 at step ([0-9]+) .*/\1/p' "$log")
 [ -n "$step" ] && finished sbatch-usr1 "$work/sbatch_out" "$step"
 
-# The script asks for USR1 300 s before the limit, which for this 2-minute job Slurm sends within seconds:
-# the resume must not get it (a slow build, e.g. sanitized, is still training then), so 10 s before.
-SBATCH_SIGNAL=B:USR1@10 submit resume "$deck" train.steps=600 moe.expert_parallel=2 run.output_dir=sbatch_out checkpoint.resume=auto
+submit resume "$deck" train.steps=600 moe.expert_parallel=2 run.output_dir=sbatch_out checkpoint.resume=auto
 collect resume
 [ $rc -eq 0 ] && ok || { fail "sbatch --wait (resume): exit $rc"; cat "$work/resume.sbatch"; }
 has sbatch-resume "$work/dsmoe-$job.out" "^resumed from .*step_0*$step.safetensors at step $step "
