@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The cpu kernel plugin of ABI 2 against the ABI-1 cpu plugin (tests/plugins/cpu_v1, built verbatim from
+# The cpu kernel plugin of ABI 3 against the ABI-1 cpu plugin (tests/plugins/cpu_v1, built verbatim from
 # the last ABI-1 commit and loaded through the core's adapter) on dsmoe_bench_moe's default W1 shape
 # (S=4096 M=768 F=3072 E=8, fwd+bwd, fp32), at 1 and 2 threads. Each run reports its efficiency against the
 # same run's sgemm rate (docs/moe-layer.md); the two plugins run in alternation, `rounds` times each, so that
@@ -25,7 +25,7 @@ run() {
 }
 stats() { sort -n | awk '{ a[NR] = $1 } END { printf "median %.3f  best %.3f  (%d runs)", a[int((NR + 1) / 2)], a[NR], NR }'; }
 
-echo "dsmoe_bench_moe W1 (defaults), fp32, $rounds rounds alternating ABI 1 (adapter) and ABI 2"
+echo "dsmoe_bench_moe W1 (defaults), fp32, $rounds rounds alternating ABI 1 (adapter) and ABI 3"
 for threads in 1 2; do
   : > "$out/e1"
   : > "$out/e2"
@@ -34,5 +34,5 @@ for threads in 1 2; do
     run 2 "$threads" >> "$out/e2"
   done
   echo "threads $threads  ABI 1 cpu plugin: $(stats < "$out/e1")"
-  echo "threads $threads  ABI 2 cpu plugin: $(stats < "$out/e2")"
+  echo "threads $threads  ABI 3 cpu plugin: $(stats < "$out/e2")"
 done

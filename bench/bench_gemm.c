@@ -46,7 +46,7 @@ typedef struct opts {
     const char *plugin;
 } opts;
 
-static const dsmoe_kernel_plugin_v2 *P;
+static const dsmoe_kernel_plugin_v3 *P;
 static dsmoe_kernel_ctx *K;
 static dsmoe_kernel_queue *Q;
 
@@ -318,7 +318,7 @@ int main(int argc, char **argv) {
         die(o.plugin, dlerror());
     dsmoe_kernel_plugin_entry_fn entry = (dsmoe_kernel_plugin_entry_fn)dlsym(dl, DSMOE_KERNEL_PLUGIN_SYMBOL);
     if (!entry || !(P = entry()) || P->api_version != DSMOE_KERNEL_API_VERSION)
-        die(o.plugin, "not a kernel plugin of ABI version 2");
+        die(o.plugin, "not a kernel plugin of ABI version 3");
     if (!(P->caps & DSMOE_KCAP_HOST_MEMORY))
         die(o.plugin, "the references read the plugin's buffers: a plugin with host memory (cpu) is needed");
     if (o.bf16 && !(P->dtypes & DSMOE_DTYPE_BIT(DSMOE_BFLOAT16)))

@@ -1,7 +1,7 @@
 // kernels/cuda_env.h: what every launcher in kernels/ receives from the cuda plugin (plugins/cuda/).
 // Plain C, so that the plugin's glue (C) and the device code (CUDA C++) share it.
 //
-// A launcher mirrors one member of dsmoe_kernel_plugin_v2 (include/dsmoe/kernel_plugin.h): the same
+// A launcher mirrors one member of dsmoe_kernel_plugin_v3 (include/dsmoe/kernel_plugin.h): the same
 // arguments in the same order, with (ctx, q) replaced by `const dsmoe_cu_env *env`. It checks shapes
 // and dtypes (returning DSMOE_ERR_INVALID / _UNSUPPORTED through dsmoe_cu_fail, which writes the
 // message), enqueues its kernels on env->stream and returns without synchronising. Scratch memory is

@@ -2,6 +2,7 @@
 // Launchers follow kernels/cuda_env.h: the arguments of the ABI member (include/dsmoe/kernel_plugin.h)
 // after `q`, with `env` first; they validate, enqueue on env->stream and never synchronise.
 // defines: dsmoe_cu_gate_route, dsmoe_cu_gate_assign, dsmoe_cu_gate_backward (kernels/gating.cu),
+//          dsmoe_cu_gate_fused (kernels/gating_fused.cu),
 //          dsmoe_cu_moe_dispatch, dsmoe_cu_moe_dispatch_backward, dsmoe_cu_moe_combine,
 //          dsmoe_cu_moe_combine_backward (kernels/moe_route.cu)
 //
@@ -27,6 +28,14 @@ dsmoe_status dsmoe_cu_gate_route(const dsmoe_cu_env *env, const dsmoe_gating_par
 dsmoe_status dsmoe_cu_gate_assign(const dsmoe_cu_env *env, const dsmoe_gating_params *p, int C, const float *probs,
                                   const int32_t *choice, int32_t *slot, float *weight, int32_t *kept,
                                   double *aux_sums);
+
+// Route + assign in one cooperative kernel launch (version 3's `gate`, for a C known before routing):
+// probs, choice, counts, slot, weight, kept, aux_sums bit for bit as dsmoe_cu_gate_route followed by
+// dsmoe_cu_gate_assign with the same p and C (which it runs instead where a cooperative launch cannot be
+// used); op name "gate" in its messages.
+dsmoe_status dsmoe_cu_gate_fused(const dsmoe_cu_env *env, const dsmoe_gating_params *p, int C, const float *logits,
+                                 float *probs, int32_t *choice, int32_t *counts, int32_t *slot, float *weight,
+                                 int32_t *kept, double *aux_sums);
 
 // dlogits (S, E) += the gradient of sum dweight * weight + daux * l_aux (l_aux from the device aux_sums).
 dsmoe_status dsmoe_cu_gate_backward(const dsmoe_cu_env *env, const dsmoe_gating_params *p, float *dlogits,

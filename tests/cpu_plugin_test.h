@@ -19,7 +19,7 @@
 #define CPT_PLUGIN_FILE DSMOE_BUILD_PLUGIN_DIRS "/libdsmoe_kernel_cpu.so"
 
 static void *cpt_dl;
-static const dsmoe_kernel_plugin_v2 *P; // the plugin's table
+static const dsmoe_kernel_plugin_v3 *P; // the plugin's table
 static dsmoe_kernel_ctx *C;             // the shared context (threads from cpt_load), poison on
 static dsmoe_kernel_queue *Q;           // its default queue
 

@@ -237,7 +237,7 @@ static void report_plugin(FILE *out, const char *kind, const char *name) {
     dsmoe_plugin_handle h;
     memset(&h, 0, sizeof h);
     dsmoe_err err = {0};
-    const dsmoe_kernel_plugin_v2 *k = NULL;
+    const dsmoe_kernel_plugin_v3 *k = NULL;
     const dsmoe_comm_plugin_v2 *c = NULL;
     dsmoe_status s = strcmp(kind, "kernel") == 0 ? dsmoe_plugin_load_kernel(name, "", &k, &h, &err)
                                                  : dsmoe_plugin_load_comm(name, "", &c, &h, &err);

@@ -55,7 +55,7 @@ static void print_version(void) {
     char path[8192];
     dsmoe_plugin_search_path("", path, sizeof path);
     printf("dsmoe %s\n", DSMOE_VERSION);
-    printf("kernel plugin ABI %d (symbol %s; ABI 1 through an adapter)\n", DSMOE_KERNEL_API_VERSION,
+    printf("kernel plugin ABI %d (symbol %s; ABI 2 and 1 through adapters)\n", DSMOE_KERNEL_API_VERSION,
            DSMOE_KERNEL_PLUGIN_SYMBOL);
     printf("comm plugin ABI %d (symbol %s; ABI 1 through an adapter)\n", DSMOE_COMM_API_VERSION,
            DSMOE_COMM_PLUGIN_SYMBOL);
@@ -105,7 +105,7 @@ static void print_plugin_keys(void) {
             dsmoe_err err = {0};
             const dsmoe_param_decl *params = NULL;
             int np = 0;
-            const dsmoe_kernel_plugin_v2 *k = NULL;
+            const dsmoe_kernel_plugin_v3 *k = NULL;
             const dsmoe_comm_plugin_v2 *c = NULL;
             dsmoe_status s = j == 0 ? dsmoe_plugin_load_kernel(names[i], "", &k, &h, &err)
                                     : dsmoe_plugin_load_comm(names[i], "", &c, &h, &err);

@@ -104,7 +104,7 @@ static dsmoe_status check_run(const dsmoe_config *c, int W, int rank, int rpn, i
 
 // Attention's saved state (per layer) and backward workspace, in bytes: the kernel plugin's own
 // attention_bytes when given (callable before init), else the cpu plugin's probabilities (B, NH, T, T).
-static dsmoe_status attention_mem(const dsmoe_config *c, int B, const dsmoe_kernel_plugin_v2 *kern, uint64_t *saved,
+static dsmoe_status attention_mem(const dsmoe_config *c, int B, const dsmoe_kernel_plugin_v3 *kern, uint64_t *saved,
                                   uint64_t *ws, dsmoe_err *err) {
     *saved = *ws = (uint64_t)B * (uint64_t)c->heads * (uint64_t)c->seq_len * (uint64_t)c->seq_len * F32;
     if (!kern || !kern->attention_bytes) return DSMOE_OK;
@@ -247,7 +247,7 @@ dsmoe_status dsmoe_mem_estimate_rank(const dsmoe_config *c, int W, int rank, int
 }
 
 dsmoe_status dsmoe_mem_estimate_rank_for(const dsmoe_config *c, int W, int rank, int rpn,
-                                         const dsmoe_kernel_plugin_v2 *kern, dsmoe_mem_estimate *est, dsmoe_err *err) {
+                                         const dsmoe_kernel_plugin_v3 *kern, dsmoe_mem_estimate *est, dsmoe_err *err) {
     *est = (dsmoe_mem_estimate){0};
     int B = 0;
     DSMOE_TRY(check_run(c, W, rank, rpn, &B, err));
@@ -325,7 +325,7 @@ dsmoe_status dsmoe_mem_estimate_rank_for(const dsmoe_config *c, int W, int rank,
 }
 
 dsmoe_status dsmoe_mem_teacher_bytes(const dsmoe_config *t, int W, int rank, int rpn,
-                                     const dsmoe_kernel_plugin_v2 *kern, uint64_t *bytes, dsmoe_err *err) {
+                                     const dsmoe_kernel_plugin_v3 *kern, uint64_t *bytes, dsmoe_err *err) {
     dsmoe_mem_estimate est;
     DSMOE_TRY(dsmoe_mem_estimate_rank_for(t, W, rank, rpn, kern, &est, err));
     // The model's own buffers again, forward only: parameters, activations, no gradients or backward scratch.

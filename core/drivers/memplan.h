@@ -75,12 +75,12 @@ dsmoe_status dsmoe_mem_estimate_rank(const dsmoe_config *cfg, int world_size, in
 // before init, sizes attention's saved state and workspace (a flash-style GPU kernel keeps O(B NH T)
 // where the cpu plugin keeps the (B, NH, T, T) probabilities).
 dsmoe_status dsmoe_mem_estimate_rank_for(const dsmoe_config *cfg, int world_size, int world_rank, int ranks_per_node,
-                                         const dsmoe_kernel_plugin_v2 *kern, dsmoe_mem_estimate *est, dsmoe_err *err);
+                                         const dsmoe_kernel_plugin_v3 *kern, dsmoe_mem_estimate *est, dsmoe_err *err);
 
 // The kernel memory a distillation teacher of config t (core/drivers/distill.h: dsmoe_teacher_config_load
 // gives it, with the student's batch) holds on rank `rank`: a forward-only model (parameters, activations,
 // token ids; no gradients, backward scratch or optimizer state) and its MoE layers' buffers and exchange.
 dsmoe_status dsmoe_mem_teacher_bytes(const dsmoe_config *t, int W, int rank, int rpn,
-                                     const dsmoe_kernel_plugin_v2 *kern, uint64_t *bytes, dsmoe_err *err);
+                                     const dsmoe_kernel_plugin_v3 *kern, uint64_t *bytes, dsmoe_err *err);
 
 #endif

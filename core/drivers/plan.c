@@ -109,7 +109,7 @@ static uint64_t need_of(const dsmoe_config *c, const dsmoe_mem_estimate *e) {
 // A distillation teacher's memory on rank `rank` (0 when the run does not distil). Its deck comes from
 // distill.teacher_deck or the checkpoint: when neither can be read here, the plan says so and leaves it out.
 static uint64_t teacher_need(FILE *out, const dsmoe_config *c, int ranks, int rank, int rpn,
-                             const dsmoe_kernel_plugin_v2 *kern) {
+                             const dsmoe_kernel_plugin_v3 *kern) {
     if (!dsmoe_config_distills(c)) return 0;
     dsmoe_config *t = malloc(sizeof *t);
     dsmoe_err e = {0};
@@ -130,7 +130,7 @@ static uint64_t teacher_need(FILE *out, const dsmoe_config *c, int ranks, int ra
 // The largest train.micro_batch below the deck's that fits rank `rank` (a divisor of the sequences each
 // rank takes per step, so the global batch stays), 0 when none does.
 static int fitting_micro_batch(const dsmoe_config *c, int ranks, int rpn, int rank, uint64_t budget,
-                               const dsmoe_kernel_plugin_v2 *kern) {
+                               const dsmoe_kernel_plugin_v3 *kern) {
     dsmoe_config *t = malloc(sizeof *t);
     int found = 0;
     if (!t) return 0;
@@ -256,7 +256,7 @@ static dsmoe_status plan(const char *deck_path, char *const *overrides, int n_ov
     // the cpu plugin's layout stands in, and the plan says so.
     dsmoe_plugin_handle kh;
     memset(&kh, 0, sizeof kh);
-    const dsmoe_kernel_plugin_v2 *kern = NULL;
+    const dsmoe_kernel_plugin_v3 *kern = NULL;
     dsmoe_err kerr = {0};
     if (dsmoe_plugin_load_kernel(c.kernel_backend, c.plugin_path, &kern, &kh, &kerr) != DSMOE_OK) {
         kern = NULL;

@@ -1,8 +1,9 @@
 // core/model/moe_layer.c: one MoE layer, forward and backward (see moe_layer.h and docs/moe-layer.md).
 //
-// Pipeline (forward): router GEMM -> gate_route -> capacity -> gate_assign -> l_aux (its sums reduced
-// over the scope) -> dispatch (E, C, M) -> all-to-all -> expert FFN as grouped GEMMs over (source rank,
-// local expert) -> all-to-all back -> combine. The backward walks the same steps in reverse.
+// Pipeline (forward): router GEMM -> gate_route -> capacity -> gate_assign (one fused `gate` op where the
+// plugin has it and the capacity comes from the token count) -> l_aux (its sums reduced over the scope)
+// -> dispatch (E, C, M) -> all-to-all -> expert FFN as grouped GEMMs over (source rank, local expert)
+// -> all-to-all back -> combine. The backward walks the same steps in reverse.
 //
 // Invariants: every buffer is kernel-plugin memory except the host staging (host_alloc, read only after
 // a wait); the counts stay on the device (the grouped GEMMs read them there); forward outputs are
@@ -562,18 +563,24 @@ dsmoe_status dsmoe_moe_forward(dsmoe_moe_layer *L, const dsmoe_moe_weights *w, c
         xg = L->xj;
     }
     KCALL(rt, gemm, 0, 1, S, E, M, 1.0f, xg, F32, M, w->wg, F32, M, 0.0f, L->logits, F32, E); // (S, E) = xg wg^T
-    KCALL(rt, gate_route, &L->gp, L->logits, L->probs, L->choice, L->counts);
-
+    // A capacity from the token count is known before routing: one fused op where the plugin has it.
+    // Dropless agrees on C from every rank's counts, so route and assign stay two ops around that.
     int C = 0;
+    const int known = step->inference || c->drop_tokens;
     if (step->inference)
         C = step->capacity;
     else if (c->drop_tokens)
         C = dsmoe_capacity(S, E, K, step->training ? c->capacity_factor : c->eval_capacity_factor, c->min_capacity);
-    else
-        DSMOE_TRY(capacity_dropless(L, &C, err));
-    DSMOE_TRY(ensure_capacity(L, C, err));
+    if (known && rt->kern->gate) {
+        DSMOE_TRY(ensure_capacity(L, C, err));
+        KCALL(rt, gate, &L->gp, C, L->logits, L->probs, L->choice, L->counts, L->slot, L->weight, L->kept, L->aux);
+    } else {
+        KCALL(rt, gate_route, &L->gp, L->logits, L->probs, L->choice, L->counts);
+        if (!known) DSMOE_TRY(capacity_dropless(L, &C, err));
+        DSMOE_TRY(ensure_capacity(L, C, err));
+        KCALL(rt, gate_assign, &L->gp, C, L->probs, L->choice, L->slot, L->weight, L->kept, L->aux);
+    }
     L->C = C;
-    KCALL(rt, gate_assign, &L->gp, C, L->probs, L->choice, L->slot, L->weight, L->kept, L->aux);
     if (!step->inference) DSMOE_TRY(aux_reduce(L, err)); // inference needs no l_aux (nor its collective)
 
     KCALL(rt, moe_dispatch, L->send, x, L->dt, L->choice, L->slot, S, K, E, C, M); // (E, C, M)

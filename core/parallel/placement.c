@@ -244,7 +244,7 @@ static void prefer_numa_node(int node) {
 }
 
 // This rank's device list from the plugin (before init). On failure err names the plugin and member.
-static dsmoe_status list_devices(const dsmoe_kernel_plugin_v2 *kern, int *ndev, char (**busids)[16], dsmoe_err *err) {
+static dsmoe_status list_devices(const dsmoe_kernel_plugin_v3 *kern, int *ndev, char (**busids)[16], dsmoe_err *err) {
     *ndev = 0;
     *busids = NULL;
     if (!kern->device_count) return DSMOE_OK;
@@ -266,7 +266,7 @@ static dsmoe_status list_devices(const dsmoe_kernel_plugin_v2 *kern, int *ndev, 
 
 // Collective over the node even when this rank's plugin failed to list its devices (it then takes part
 // with none and returns the failure), so that no rank waits for another in a collective.
-static dsmoe_status choose_local(dsmoe_placement *pl, const dsmoe_kernel_plugin_v2 *kern, int *device, dsmoe_err *err) {
+static dsmoe_status choose_local(dsmoe_placement *pl, const dsmoe_kernel_plugin_v3 *kern, int *device, dsmoe_err *err) {
     int ndev, n;
     char(*busids)[16];
     dsmoe_status listed = list_devices(kern, &ndev, &busids, err);
@@ -325,7 +325,7 @@ static void place_host_memory(dsmoe_placement *pl) {
         prefer_numa_node(pl->me.numa);
 }
 
-dsmoe_status dsmoe_placement_choose_device(dsmoe_placement *pl, const dsmoe_kernel_plugin_v2 *kern, int *device,
+dsmoe_status dsmoe_placement_choose_device(dsmoe_placement *pl, const dsmoe_kernel_plugin_v3 *kern, int *device,
                                            dsmoe_err *err) {
     *device = 0;
     DSMOE_TRY(dsmoe_errors_agree(choose_local(pl, kern, device, err), err));

@@ -62,7 +62,7 @@ dsmoe_status dsmoe_placement_create(const dsmoe_config *cfg, dsmoe_placement **p
 // gave each rank its own list (CUDA_VISIBLE_DEVICES per task), each picks the nearest of its own. Sets
 // *device (0 for host-only plugins) and me.numa, makes that NUMA node the preferred one for host memory
 // when the machine has several and the rank is bound, and gathers every rank's row to rank 0.
-dsmoe_status dsmoe_placement_choose_device(dsmoe_placement *pl, const dsmoe_kernel_plugin_v2 *kern, int *device,
+dsmoe_status dsmoe_placement_choose_device(dsmoe_placement *pl, const dsmoe_kernel_plugin_v3 *kern, int *device,
                                            dsmoe_err *err);
 
 // Collective (MPI_Comm_free): NULL is a no-op.

@@ -25,7 +25,7 @@ typedef struct staged_ctx {
     dsmoe_comm_plugin_v2 table;       // first: the runtime's rt->comm points here
     const dsmoe_comm_plugin_v2 *in;   // the host comm plugin
     dsmoe_comm_ctx *in_ctx;
-    const dsmoe_kernel_plugin_v2 *kern;
+    const dsmoe_kernel_plugin_v3 *kern;
     dsmoe_kernel_ctx *kctx;
     dsmoe_kernel_queue *q;
     dsmoe_kernel_event *ev;
@@ -202,7 +202,7 @@ static void staged_finalize(dsmoe_comm_ctx *ctx) {
 // --- what the runtime calls ---------------------------------------------------------------------------
 
 dsmoe_status dsmoe_comm_staged_open(const dsmoe_comm_plugin_v2 *in, dsmoe_comm_ctx *in_ctx,
-                                    const dsmoe_kernel_plugin_v2 *kern, dsmoe_kernel_ctx *kctx, dsmoe_kernel_queue *q,
+                                    const dsmoe_kernel_plugin_v3 *kern, dsmoe_kernel_ctx *kctx, dsmoe_kernel_queue *q,
                                     const dsmoe_comm_plugin_v2 **out, dsmoe_comm_ctx **out_ctx, dsmoe_err *err) {
     if (!kern->host_alloc || !kern->host_free || !kern->copy_to_host || !kern->copy_to_device)
         return dsmoe_err_set(err, DSMOE_ERR_UNSUPPORTED,

@@ -1,4 +1,4 @@
-// core/plugins/kernel_adapt_v1.c: a kernel plugin of ABI 1 behind a v2 table (the loader's adapter).
+// core/plugins/kernel_adapt_v1.c: a kernel plugin of ABI 1 behind a v3 table (the loader's adapter).
 // defines: dsmoe_kernel_adapt_v1 (the compute members are in kernel_adapt_v1_ops.c)
 //
 // v1 is synchronous as the host sees it: host outputs are valid when a member returns, and v1
@@ -36,7 +36,7 @@ typedef struct kadapter {
     dsmoe_plugin_adapter base; // first: what the loader sees
     int slot;
     const dsmoe_kernel_plugin_v1 *v1;
-    dsmoe_kernel_plugin_v2 table;
+    dsmoe_kernel_plugin_v3 table;
 } kadapter;
 
 static dsmoe_adapt_slots slots = DSMOE_ADAPT_SLOTS_INIT;
@@ -280,7 +280,7 @@ static void release(dsmoe_plugin_adapter *self) {
     free(a);
 }
 
-dsmoe_status dsmoe_kernel_adapt_v1(const dsmoe_kernel_plugin_v1 *v1, const dsmoe_kernel_plugin_v2 **table,
+dsmoe_status dsmoe_kernel_adapt_v1(const dsmoe_kernel_plugin_v1 *v1, const dsmoe_kernel_plugin_v3 **table,
                                    dsmoe_plugin_adapter **adapter, char *errbuf, size_t errlen) {
     *table = NULL;
     *adapter = NULL;
@@ -299,7 +299,7 @@ dsmoe_status dsmoe_kernel_adapt_v1(const dsmoe_kernel_plugin_v1 *v1, const dsmoe
     a->base.release = release;
     a->slot = slot;
     a->v1 = v1;
-    a->table = (dsmoe_kernel_plugin_v2){
+    a->table = (dsmoe_kernel_plugin_v3){
         .api_version = DSMOE_KERNEL_API_VERSION,
         .name = v1->name,
         .description = v1->description,

@@ -41,7 +41,7 @@ dsmoe_status kav1_grow(actx *x, void **p, size_t *cap, size_t n, size_t elem, co
 // Grows the grouped-GEMM row and pointer arrays to `groups`.
 dsmoe_status kav1_grow_groups(actx *x, int groups);
 // Fills the compute members of the adapted table (kernel_adapt_v1_ops.c).
-void kav1_fill_ops(dsmoe_kernel_plugin_v2 *t);
+void kav1_fill_ops(dsmoe_kernel_plugin_v3 *t);
 
 #define V1(x, member, ...) kav1_v1_status((x), (x)->v1->member((x)->in, __VA_ARGS__))
 #define TRY(call)                                                                                  \

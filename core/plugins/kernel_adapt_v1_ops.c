@@ -397,7 +397,7 @@ static dsmoe_status k_adamw(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, const 
 // ------------------------------------------------------------------------------------------------
 // the compute members of the adapted table
 
-void kav1_fill_ops(dsmoe_kernel_plugin_v2 *t) {
+void kav1_fill_ops(dsmoe_kernel_plugin_v3 *t) {
     t->gemm = k_gemm;
     t->gemm_grouped = k_gemm_grouped;
     t->gemm_grouped_wgrad = k_gemm_grouped_wgrad;

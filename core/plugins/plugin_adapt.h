@@ -1,11 +1,15 @@
-// core/plugins/plugin_adapt.h: the v1 -> v2 plugin adapters the loader wraps old plugins in.
-// defines: dsmoe_plugin_adapter, dsmoe_kernel_adapt_v1, dsmoe_comm_adapt_v1, DSMOE_ADAPT_V1_SLOTS,
-//          dsmoe_adapt_slots, dsmoe_adapt_slot_claim, dsmoe_adapt_slot_v1, dsmoe_adapt_slot_release
+// core/plugins/plugin_adapt.h: the adapters the loader wraps old plugins in (kernel v1 and v2 -> v3,
+// comm v1 -> v2).
+// defines: dsmoe_plugin_adapter, dsmoe_kernel_adapt_v1, dsmoe_kernel_adapt_v2, dsmoe_comm_adapt_v1,
+//          DSMOE_ADAPT_V1_SLOTS, dsmoe_adapt_slots, dsmoe_adapt_slot_claim, dsmoe_adapt_slot_v1,
+//          dsmoe_adapt_slot_release
 //
-// An adapter turns a v1 table (include/dsmoe/v1/) into a v2 table whose members call the v1 ones, so
-// the rest of the core only ever sees v2. One small file per old version, as NCCL does:
-// core/plugins/kernel_adapt_v1.c and core/plugins/comm_adapt_v1.c. The adapter object owns the v2 table; the loader
-// keeps it in dsmoe_plugin_handle.adapter and releases it when the plugin is unloaded.
+// An adapter turns a v1 table (include/dsmoe/v1/) into a table of the newest version (kernel v3, comm v2)
+// whose members call the v1 ones, so the rest of the core only ever sees the newest. One small file per
+// old version, as NCCL does: core/plugins/kernel_adapt_v1.c and core/plugins/comm_adapt_v1.c. A kernel v2
+// table needs no calls wrapped: it is copied as the prefix of a v3 one (plugin_adapt.c). The adapter
+// object owns the table it presents; the loader keeps it in dsmoe_plugin_handle.adapter and releases it
+// when the plugin is unloaded.
 #ifndef DSMOE_PLUGIN_ADAPT_H
 #define DSMOE_PLUGIN_ADAPT_H
 #include <pthread.h>
@@ -41,9 +45,15 @@ typedef struct dsmoe_plugin_adapter {
     void (*release)(struct dsmoe_plugin_adapter *self);
 } dsmoe_plugin_adapter;
 
-// Wraps v1 (already checked by the loader) in a v2 table: *table points into *adapter. On failure (all
-// slots in use, no memory) returns non-OK with a message in errbuf and sets both to NULL.
-dsmoe_status dsmoe_kernel_adapt_v1(const dsmoe_kernel_plugin_v1 *v1, const dsmoe_kernel_plugin_v2 **table,
+// Wraps v1 (already checked by the loader) in a table of the newest version (kernel v3, comm v2): *table
+// points into *adapter. On failure (all slots in use, no memory) returns non-OK with a message in errbuf
+// and sets both to NULL.
+dsmoe_status dsmoe_kernel_adapt_v1(const dsmoe_kernel_plugin_v1 *v1, const dsmoe_kernel_plugin_v3 **table,
+                                   dsmoe_plugin_adapter **adapter, char *errbuf, size_t errlen);
+// Copies a version-2 kernel table (the DSMOE_KERNEL_PLUGIN_V2_BYTES-byte prefix of a v3 one) into a v3
+// table owned by *adapter, whose version-3 members are NULL. No trampolines: the v2 members already take
+// v3's arguments. On failure (no memory) returns non-OK with a message in errbuf and sets both to NULL.
+dsmoe_status dsmoe_kernel_adapt_v2(const void *v2, const dsmoe_kernel_plugin_v3 **table,
                                    dsmoe_plugin_adapter **adapter, char *errbuf, size_t errlen);
 dsmoe_status dsmoe_comm_adapt_v1(const dsmoe_comm_plugin_v1 *v1, const dsmoe_comm_plugin_v2 **table,
                                  dsmoe_plugin_adapter **adapter, char *errbuf, size_t errlen);

@@ -1,14 +1,16 @@
 // core/plugins/plugin_loader.c: see plugin_loader.h.
 //
 // Loading a plugin is: search path -> the first existing libdsmoe_<kind>_<name>.so -> dlopen(RTLD_NOW |
-// RTLD_LOCAL) -> dlsym(the v2 entry symbol, else the v1 one) -> entry() -> table checks -> for a v1
-// table, the adapter. Each step that can fail has its own message and status, because the user's fix
+// RTLD_LOCAL) -> dlsym(the newest entry symbol, else each older one) -> entry() -> table checks -> for an
+// older table, its adapter. Each step that can fail has its own message and status, because the user's fix
 // differs for each (set a path, rebuild the plugin against this dsmoe, fix a plugin bug). Only after the
 // version check is any field past api_version read: a table of another version has another layout.
 //
 // A v1 table is checked by the v1 rules (every member but the device pair set), then wrapped by its
-// adapter (core/plugins/plugin_adapt.h); the adapted v2 table goes through the v2 checks like any other, so an
-// adapter that forgot a member is caught here rather than by a crash.
+// adapter (core/plugins/plugin_adapt.h); the adapted table goes through the newest version's checks like
+// any other, so an adapter that forgot a member is caught here rather than by a crash. A v2 kernel table
+// is the prefix of a v3 one (dsmoe/kernel_plugin.h): the loader copies that prefix into a v3 table whose
+// later members stay NULL, and checks the copy as v3.
 #define _GNU_SOURCE
 // <mpi.h> before the plugin headers: DSMOE_MPI_ABI_STRING (dsmoe/comm_plugin.h) then names the MPI this
 // dsmoe is built with, which a comm plugin's mpi_abi must equal.
@@ -34,7 +36,9 @@ _Static_assert(sizeof(DSMOE_MPI_ABI_STRING) > 1, "<mpi.h> must come before dsmoe
 // ------------------------------------------------------------------------------------------------
 // finding, opening and rejecting
 
-#define ABI_NEWEST 2 // the version this dsmoe speaks natively; 1 runs through an adapter
+// The versions this dsmoe speaks natively; every older one down to 1 loads through an adapter.
+#define KERNEL_ABI_NEWEST 3
+#define COMM_ABI_NEWEST 2
 #define ABI_PROBE_MAX 32 // unknown future versions looked for, to name them in the message
 
 static void handle_reset(dsmoe_plugin_handle *h) {
@@ -161,45 +165,48 @@ static dsmoe_status open_plugin(const char *kind, const char *name, const char *
     return DSMOE_OK;
 }
 
-// Looks up dsmoe_<kind>_plugin_entry_v2, else _v1; *version = the version of the symbol found. A file
-// with neither but the symbol of another version is refused naming that version.
-static dsmoe_status find_entry(const char *kind, dsmoe_plugin_handle *h, void **entry, int *version, char *symbol,
-                               size_t symlen, dsmoe_err *err) {
+// "2 and 1" for newest 3: the versions that load through adapters, for messages.
+static const char *older_versions(int newest) { return newest == 3 ? "2 and 1" : "1"; }
+
+// Looks up dsmoe_<kind>_plugin_entry_v<newest>, else each older one down to _v1; *version = the version
+// of the symbol found. A file with none but the symbol of a newer version is refused naming it.
+static dsmoe_status find_entry(const char *kind, int newest, dsmoe_plugin_handle *h, void **entry, int *version,
+                               char *symbol, size_t symlen, dsmoe_err *err) {
     *entry = NULL;
-    for (int v = ABI_NEWEST; v >= 1 && !*entry; v--) {
+    for (int v = newest; v >= 1 && !*entry; v--) {
         snprintf(symbol, symlen, "dsmoe_%s_plugin_entry_v%d", kind, v);
         dlerror();
         *entry = dlsym(h->dl, symbol);
         *version = v;
     }
     if (*entry) return DSMOE_OK;
-    for (int v = ABI_NEWEST + 1; v <= ABI_PROBE_MAX; v++) {
+    for (int v = newest + 1; v <= ABI_PROBE_MAX; v++) {
         snprintf(symbol, symlen, "dsmoe_%s_plugin_entry_v%d", kind, v);
         if (dlsym(h->dl, symbol))
             return reject(h, err, DSMOE_ERR_UNSUPPORTED,
-                          "%s: the plugin speaks %s ABI %d (it exports %s only); this dsmoe speaks %d (and 1 through "
-                          "an adapter); rebuild the plugin against this dsmoe's include/dsmoe headers",
-                          h->path, kind, v, symbol, ABI_NEWEST);
+                          "%s: the plugin speaks %s ABI %d (it exports %s only); this dsmoe speaks %d (and %s through "
+                          "adapters); rebuild the plugin against this dsmoe's include/dsmoe headers",
+                          h->path, kind, v, symbol, newest, older_versions(newest));
     }
     return reject(h, err, DSMOE_ERR_IO,
-                  "%s is not a dsmoe %s plugin: neither symbol dsmoe_%s_plugin_entry_v%d nor dsmoe_%s_plugin_entry_v1 "
-                  "found",
-                  h->path, kind, kind, ABI_NEWEST, kind);
+                  "%s is not a dsmoe %s plugin: no symbol dsmoe_%s_plugin_entry_v%d (nor of an older version down to "
+                  "_v1) found",
+                  h->path, kind, kind, newest);
 }
 
 // Checks what every table starts with: present, of a version we speak, the version its symbol names.
 // Only api_version is read before the version is known: every table version starts with it.
-static dsmoe_status check_version(const char *kind, const char *symbol, int symbol_version, const void *table,
-                                  dsmoe_plugin_handle *h, dsmoe_err *err) {
+static dsmoe_status check_version(const char *kind, int newest, const char *symbol, int symbol_version,
+                                  const void *table, dsmoe_plugin_handle *h, dsmoe_err *err) {
     if (!table)
         return reject(h, err, DSMOE_ERR_INTERNAL, "%s: %s() returned NULL: the plugin refused to load", h->path,
                       symbol);
     uint32_t version = *(const uint32_t *)table;
-    if (version != 1 && version != ABI_NEWEST)
+    if (version < 1 || version > (uint32_t)newest)
         return reject(h, err, DSMOE_ERR_UNSUPPORTED,
-                      "%s: the plugin speaks %s ABI %u; this dsmoe speaks %d (and 1 through an adapter); rebuild the "
+                      "%s: the plugin speaks %s ABI %u; this dsmoe speaks %d (and %s through adapters); rebuild the "
                       "plugin against this dsmoe's include/dsmoe headers",
-                      h->path, kind, (unsigned)version, ABI_NEWEST);
+                      h->path, kind, (unsigned)version, newest, older_versions(newest));
     if ((int)version != symbol_version)
         return reject(h, err, DSMOE_ERR_INTERNAL,
                       "%s: %s() returned a table of %s ABI %u; expected %d, the version in the symbol's name",
@@ -306,7 +313,7 @@ static dsmoe_status check_comm_mem_kinds(const char *name, uint32_t kinds, dsmoe
 #define FN_SIZE sizeof(void (*)(void))
 
 // ------------------------------------------------------------------------------------------------
-// kernel plugins, ABI 2
+// kernel plugins, ABI 3 (and 2, its prefix)
 
 // The static assert below fails the build when the ABI grows a member not listed in one of these.
 #define KERNEL_REQUIRED(X)                                                                         \
@@ -323,30 +330,39 @@ static dsmoe_status check_comm_mem_kinds(const char *name, uint32_t kinds, dsmoe
 // "(optional)" in the header; device_count/device_pci_bus_id and queue_create/queue_destroy go in pairs.
 #define KERNEL_OPTIONAL(X)                                                                         \
     X(device_count) X(device_pci_bus_id) X(mem_info) X(queue_create) X(queue_destroy) X(all_finite) X(convert)
+// Version 3's members, each optional.
+#define KERNEL_V3_OPTIONAL(X) X(gate)
 // All or none, present exactly with DSMOE_KCAP_INFERENCE.
 #define KERNEL_INFERENCE(X) X(kv_append) X(attention_cached) X(sample)
 // Both or neither, present exactly with DSMOE_KCAP_DISTILL.
 #define KERNEL_DISTILL(X) X(distill_forward) X(distill_backward)
 
-_Static_assert(sizeof(dsmoe_kernel_plugin_v2) ==
-                   offsetof(dsmoe_kernel_plugin_v2, init) +
+_Static_assert(sizeof(dsmoe_kernel_plugin_v3) ==
+                   offsetof(dsmoe_kernel_plugin_v3, init) +
+                       (0 KERNEL_REQUIRED(COUNT_ONE) KERNEL_OPTIONAL(COUNT_ONE) KERNEL_INFERENCE(COUNT_ONE)
+                        KERNEL_DISTILL(COUNT_ONE) KERNEL_V3_OPTIONAL(COUNT_ONE)) * FN_SIZE,
+               "dsmoe_kernel_plugin_v3 changed: list every new member in KERNEL_REQUIRED, _OPTIONAL, _INFERENCE, "
+               "_DISTILL or _V3_OPTIONAL");
+// A v2 table ends where version 3's members start: the prefix the loader copies.
+_Static_assert(DSMOE_KERNEL_PLUGIN_V2_BYTES ==
+                   offsetof(dsmoe_kernel_plugin_v3, init) +
                        (0 KERNEL_REQUIRED(COUNT_ONE) KERNEL_OPTIONAL(COUNT_ONE) KERNEL_INFERENCE(COUNT_ONE)
                         KERNEL_DISTILL(COUNT_ONE)) * FN_SIZE,
-               "dsmoe_kernel_plugin_v2 changed: list every new member in KERNEL_REQUIRED, _OPTIONAL, _INFERENCE or _DISTILL");
+               "the version-2 prefix of dsmoe_kernel_plugin_v3 changed: a v2 table never changes");
 
-static const char *kernel_missing_member(const dsmoe_kernel_plugin_v2 *t) {
+static const char *kernel_missing_member(const dsmoe_kernel_plugin_v3 *t) {
     if (!t->description) return "description";
     KERNEL_REQUIRED(RETURN_IF_NULL)
     return NULL;
 }
 
-static const char *kernel_inference_missing(const dsmoe_kernel_plugin_v2 *t) {
+static const char *kernel_inference_missing(const dsmoe_kernel_plugin_v3 *t) {
     KERNEL_INFERENCE(RETURN_IF_NULL)
     return NULL;
 }
 
-// Everything past the header of a v2 kernel table.
-static dsmoe_status check_kernel_v2(const char *name, const dsmoe_kernel_plugin_v2 *t, dsmoe_plugin_handle *h,
+// Everything past the header of a v3 kernel table.
+static dsmoe_status check_kernel_v3(const char *name, const dsmoe_kernel_plugin_v3 *t, dsmoe_plugin_handle *h,
                                     dsmoe_err *err) {
     const char *missing = kernel_missing_member(t);
     if (missing)
@@ -438,18 +454,18 @@ static dsmoe_status check_kernel_v1(const char *name, const dsmoe_kernel_plugin_
     return check_kernel_mem_kind(name, t->mem_kind, h, err);
 }
 
-// Wraps a checked v1 table; the adapted table must then pass the v2 checks (else the adapter is wrong).
+// Wraps a checked v1 table; the adapted table must then pass the v3 checks (else the adapter is wrong).
 static dsmoe_status adapt_kernel(const char *name, const dsmoe_kernel_plugin_v1 *v1,
-                                 const dsmoe_kernel_plugin_v2 **out, dsmoe_plugin_handle *h, dsmoe_err *err) {
+                                 const dsmoe_kernel_plugin_v3 **out, dsmoe_plugin_handle *h, dsmoe_err *err) {
     char why[512] = "";
     dsmoe_plugin_adapter *adapter = NULL;
     dsmoe_status s = dsmoe_kernel_adapt_v1(v1, out, &adapter, why, sizeof why);
     if (s != DSMOE_OK)
         return reject(h, err, s, "%s: kernel plugin '%s' speaks ABI 1 and cannot be adapted to ABI %d: %s", h->path,
-                      name, ABI_NEWEST, why);
+                      name, KERNEL_ABI_NEWEST, why);
     h->adapter = adapter;
     dsmoe_err inner = {0};
-    s = check_kernel_v2(name, *out, h, &inner);
+    s = check_kernel_v3(name, *out, h, &inner);
     if (s != DSMOE_OK)
         return dsmoe_err_set(err, DSMOE_ERR_INTERNAL, "the v1 kernel adapter built a table the loader refuses (a bug "
                              "in dsmoe's core/plugins/kernel_adapt_v1.c): %s", inner.msg);
@@ -457,7 +473,7 @@ static dsmoe_status adapt_kernel(const char *name, const dsmoe_kernel_plugin_v1 
 }
 
 dsmoe_status dsmoe_plugin_load_kernel(const char *name, const char *extra_path,
-                                      const dsmoe_kernel_plugin_v2 **plugin, dsmoe_plugin_handle *handle,
+                                      const dsmoe_kernel_plugin_v3 **plugin, dsmoe_plugin_handle *handle,
                                       dsmoe_err *err) {
     *plugin = NULL;
     handle_reset(handle);
@@ -465,20 +481,31 @@ dsmoe_status dsmoe_plugin_load_kernel(const char *name, const char *extra_path,
     void *sym;
     int sym_version;
     char symbol[64];
-    DSMOE_TRY(find_entry("kernel", handle, &sym, &sym_version, symbol, sizeof symbol, err));
-    // Both entry types are `const T *(void)`; the table's own api_version decides the type read.
+    DSMOE_TRY(find_entry("kernel", KERNEL_ABI_NEWEST, handle, &sym, &sym_version, symbol, sizeof symbol, err));
+    // Every entry type is `const T *(void)`; the table's own api_version decides the type read.
     const void *table = ((const void *(*)(void))sym)();
-    DSMOE_TRY(check_version("kernel", symbol, sym_version, table, handle, err));
-    const dsmoe_kernel_plugin_v2 *t;
+    DSMOE_TRY(check_version("kernel", KERNEL_ABI_NEWEST, symbol, sym_version, table, handle, err));
+    const dsmoe_kernel_plugin_v3 *t;
     if (handle->api_version == 1) {
         const dsmoe_kernel_plugin_v1 *v1 = table;
         DSMOE_TRY(check_name("kernel", name, v1->name, handle, err));
         DSMOE_TRY(check_kernel_v1(name, v1, handle, err));
         DSMOE_TRY(adapt_kernel(name, v1, &t, handle, err));
+    } else if (handle->api_version == 2) {
+        // name is the first member after the header every version shares; read through the v3 type,
+        // only members of the v2 prefix are touched before the copy.
+        const dsmoe_kernel_plugin_v3 *v2 = table;
+        DSMOE_TRY(check_name("kernel", name, v2->name, handle, err));
+        char why[256] = "";
+        dsmoe_plugin_adapter *adapter = NULL;
+        dsmoe_status s = dsmoe_kernel_adapt_v2(table, &t, &adapter, why, sizeof why);
+        if (s != DSMOE_OK) return reject(handle, err, s, "%s: kernel plugin '%s' (ABI 2): %s", handle->path, name, why);
+        handle->adapter = adapter;
+        DSMOE_TRY(check_kernel_v3(name, t, handle, err));
     } else {
         t = table;
         DSMOE_TRY(check_name("kernel", name, t->name, handle, err));
-        DSMOE_TRY(check_kernel_v2(name, t, handle, err));
+        DSMOE_TRY(check_kernel_v3(name, t, handle, err));
     }
     *plugin = t;
     return DSMOE_OK;
@@ -575,7 +602,7 @@ static dsmoe_status adapt_comm(const char *name, const dsmoe_comm_plugin_v1 *v1,
     dsmoe_status s = dsmoe_comm_adapt_v1(v1, out, &adapter, why, sizeof why);
     if (s != DSMOE_OK)
         return reject(h, err, s, "%s: comm plugin '%s' speaks ABI 1 and cannot be adapted to ABI %d: %s", h->path,
-                      name, ABI_NEWEST, why);
+                      name, COMM_ABI_NEWEST, why);
     h->adapter = adapter;
     dsmoe_err inner = {0};
     s = check_comm_v2(name, *out, h, &inner);
@@ -593,9 +620,9 @@ dsmoe_status dsmoe_plugin_load_comm(const char *name, const char *extra_path, co
     void *sym;
     int sym_version;
     char symbol[64];
-    DSMOE_TRY(find_entry("comm", handle, &sym, &sym_version, symbol, sizeof symbol, err));
+    DSMOE_TRY(find_entry("comm", COMM_ABI_NEWEST, handle, &sym, &sym_version, symbol, sizeof symbol, err));
     const void *table = ((const void *(*)(void))sym)();
-    DSMOE_TRY(check_version("comm", symbol, sym_version, table, handle, err));
+    DSMOE_TRY(check_version("comm", COMM_ABI_NEWEST, symbol, sym_version, table, handle, err));
     const dsmoe_comm_plugin_v2 *t;
     if (handle->api_version == 1) {
         const dsmoe_comm_plugin_v1 *v1 = table;
@@ -618,7 +645,7 @@ dsmoe_status dsmoe_plugin_load_comm(const char *name, const char *extra_path, co
 // ------------------------------------------------------------------------------------------------
 // pairing and unloading
 
-dsmoe_status dsmoe_plugin_check_pair(const dsmoe_kernel_plugin_v2 *k, const dsmoe_comm_plugin_v2 *c, dsmoe_err *err) {
+dsmoe_status dsmoe_plugin_check_pair(const dsmoe_kernel_plugin_v3 *k, const dsmoe_comm_plugin_v2 *c, dsmoe_err *err) {
     if (!k || !c)
         return dsmoe_err_set(err, DSMOE_ERR_INVALID, "dsmoe_plugin_check_pair: %s plugin is NULL",
                              k ? "comm" : "kernel");

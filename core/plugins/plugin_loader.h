@@ -11,10 +11,12 @@
 // of extra_path or $DSMOE_PLUGIN_PATH that is missing, not a directory or unreadable is an error naming
 // it and its source (never a silent fall-back to the bundled plugin); the built-in dirs may be missing.
 //
-// Versions: this dsmoe speaks ABI 2 of both kinds, and ABI 1 through an adapter (core/plugins/kernel_adapt_v1.c,
-// core/plugins/comm_adapt_v1.c). The loader looks up the v2 entry symbol first, then the v1 one, and wraps a v1
-// table so that the caller only ever sees a v2 table; handle.api_version says which the file speaks.
-// At most DSMOE_ADAPT_V1_SLOTS (8) v1 plugins of each kind can be loaded at once.
+// Versions: this dsmoe speaks kernel ABI 3 and comm ABI 2, and every older version through an adapter
+// (core/plugins/kernel_adapt_v1.c, core/plugins/comm_adapt_v1.c; a kernel v2 table is copied as the
+// prefix of a v3 one, plugin_adapt.c). The loader looks up the newest entry symbol first, then each
+// older one, and adapts an older table so that the caller only ever sees the newest table type (v3
+// kernel, v2 comm); handle.api_version says which the file speaks. At most DSMOE_ADAPT_V1_SLOTS (8) v1
+// plugins of each kind can be loaded at once.
 //
 // Rejections are explained, each naming the file: not found (with the directories searched), found but
 // not a whole ELF shared object for this machine (checked before dlopen, which would die of SIGBUS in
@@ -35,19 +37,19 @@ typedef struct dsmoe_plugin_handle {
     void *dl;            // dlopen handle
     char path[4096];     // the file that was loaded
     int api_version;     // the ABI version the file speaks (1 = running through the v1 adapter)
-    void *adapter;       // adapter state (owned, freed by dsmoe_plugin_unload); NULL for v2 files
+    void *adapter;       // adapter state (owned, freed by dsmoe_plugin_unload); NULL for a newest-version file
 } dsmoe_plugin_handle;
 
-// On success *plugin is a v2 table valid until dsmoe_plugin_unload(handle); on failure *plugin is NULL,
+// On success *plugin is a v3 table valid until dsmoe_plugin_unload(handle); on failure *plugin is NULL,
 // handle holds nothing to unload (unloading it is still harmless) and err says why.
 dsmoe_status dsmoe_plugin_load_kernel(const char *name, const char *extra_path,
-                                      const dsmoe_kernel_plugin_v2 **plugin, dsmoe_plugin_handle *handle,
+                                      const dsmoe_kernel_plugin_v3 **plugin, dsmoe_plugin_handle *handle,
                                       dsmoe_err *err);
 dsmoe_status dsmoe_plugin_load_comm(const char *name, const char *extra_path,
                                     const dsmoe_comm_plugin_v2 **plugin, dsmoe_plugin_handle *handle,
                                     dsmoe_err *err);
 // Refuses a pair whose memory kinds do not meet (kernel buffers must be a kind the comm accepts).
-dsmoe_status dsmoe_plugin_check_pair(const dsmoe_kernel_plugin_v2 *k, const dsmoe_comm_plugin_v2 *c,
+dsmoe_status dsmoe_plugin_check_pair(const dsmoe_kernel_plugin_v3 *k, const dsmoe_comm_plugin_v2 *c,
                                      dsmoe_err *err);
 // Frees the adapter (if any) and closes the file; every context made through the table must be
 // finalized first. NULL and a handle already unloaded are no-ops.

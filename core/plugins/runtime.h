@@ -15,7 +15,7 @@
 // Collectives go through CCOLL: a stream-ordered comm plugin gets them on q at once; before a
 // host-progressed one the core waits for q (an event), so the plugin reads finished buffers.
 typedef struct dsmoe_runtime {
-    const dsmoe_kernel_plugin_v2 *kern; // expert-kernel plugin (a v1 file runs through the adapter)
+    const dsmoe_kernel_plugin_v3 *kern; // expert-kernel plugin (a v1 file runs through the adapter)
     dsmoe_kernel_ctx *kctx;
     dsmoe_kernel_queue *q;              // the compute queue (the plugin's default queue)
     dsmoe_kernel_event *ev;             // the core's wait point on q (dsmoe_rt_wait)
@@ -83,7 +83,7 @@ void dsmoe_runtime_close(dsmoe_runtime *rt);
 // accepts the kernel plugin's memory too; every collective goes through kern's pinned host memory on q.
 // *out / *out_ctx replace the plugin and context; finalizing *out_ctx finalizes in_ctx.
 dsmoe_status dsmoe_comm_staged_open(const dsmoe_comm_plugin_v2 *in, dsmoe_comm_ctx *in_ctx,
-                                    const dsmoe_kernel_plugin_v2 *kern, dsmoe_kernel_ctx *kctx, dsmoe_kernel_queue *q,
+                                    const dsmoe_kernel_plugin_v3 *kern, dsmoe_kernel_ctx *kctx, dsmoe_kernel_queue *q,
                                     const dsmoe_comm_plugin_v2 **out, dsmoe_comm_ctx **out_ctx, dsmoe_err *err);
 
 // Enqueues kernel op `op` on rt's queue (the context and queue arguments are supplied); on failure fills `err` with the op, the call site and the plugin's

@@ -1,9 +1,11 @@
-// dsmoe/kernel_plugin.h: ABI version 2 of expert-kernel plugins (cpu, cuda, ...). docs/plugins.md
-// explains it member by member; include/dsmoe/v1/kernel_plugin_v1.h is version 1, still loaded through
-// an adapter (core/plugins/kernel_adapt_v1.c).
+// dsmoe/kernel_plugin.h: ABI version 3 of expert-kernel plugins (cpu, cuda, ...). docs/plugins.md
+// explains it member by member. Older plugins still load: version 2 is version 3 without the members
+// after distill_backward (the loader reads a v2 table as that prefix and leaves the rest NULL), and
+// version 1 (include/dsmoe/v1/kernel_plugin_v1.h) runs through an adapter (core/plugins/kernel_adapt_v1.c).
+// A published version's table never changes: new members go at the end, under a new version.
 //
 // A kernel plugin is a shared object that exports one function, DSMOE_KERNEL_PLUGIN_ENTRY:
-// `DSMOE_PLUGIN_EXPORT const dsmoe_kernel_plugin_v2 *DSMOE_KERNEL_PLUGIN_ENTRY(void)`. The table starts
+// `DSMOE_PLUGIN_EXPORT const dsmoe_kernel_plugin_v3 *DSMOE_KERNEL_PLUGIN_ENTRY(void)`. The table starts
 // with api_version; the loader refuses a version it does not speak, naming both numbers.
 //
 // The asynchronous model (read once, assumed below):
@@ -47,9 +49,9 @@
 
 DSMOE_EXTERN_C_BEGIN
 
-#define DSMOE_KERNEL_API_VERSION 2
-#define DSMOE_KERNEL_PLUGIN_ENTRY dsmoe_kernel_plugin_entry_v2
-#define DSMOE_KERNEL_PLUGIN_SYMBOL "dsmoe_kernel_plugin_entry_v2"
+#define DSMOE_KERNEL_API_VERSION 3
+#define DSMOE_KERNEL_PLUGIN_ENTRY dsmoe_kernel_plugin_entry_v3
+#define DSMOE_KERNEL_PLUGIN_SYMBOL "dsmoe_kernel_plugin_entry_v3"
 
 typedef struct dsmoe_kernel_ctx dsmoe_kernel_ctx;     // opaque, owned by the plugin
 typedef struct dsmoe_kernel_queue dsmoe_kernel_queue; // opaque: an in-order queue of work
@@ -114,7 +116,7 @@ typedef enum dsmoe_epilogue {
     DSMOE_EPI_DGELU = 3,      // c = gelu'(aux) * c                        (aux: the saved pre-activation)
 } dsmoe_epilogue;
 
-// One grouped GEMM (dsmoe_kernel_plugin_v2.gemm_grouped). Group g has m[g] = counts[g] rows
+// One grouped GEMM (dsmoe_kernel_plugin_v3.gemm_grouped). Group g has m[g] = counts[g] rows
 // (0 <= m[g] <= m_max) and uses weight w = g % b_groups:
 //   c_g (m[g], n) = alpha * a_g (m[g], k) @ op(b_w) + beta * c_g, then the epilogue,
 // with a_g = a + g * a_stride (elements), c_g = c + g * c_stride, aux_g = aux + g * c_stride (leading
@@ -199,8 +201,8 @@ typedef struct dsmoe_sampling_params {
     uint64_t seed;
 } dsmoe_sampling_params;
 
-typedef struct dsmoe_kernel_plugin_v2 {
-    uint32_t api_version;    // DSMOE_KERNEL_API_VERSION (2)
+typedef struct dsmoe_kernel_plugin_v3 {
+    uint32_t api_version;    // DSMOE_KERNEL_API_VERSION (3)
     const char *name;        // short name, e.g. "cpu"; what decks select
     const char *description; // one line for --version
     uint32_t mem_kind;       // DSMOE_MEM_* of every buffer alloc() returns
@@ -470,9 +472,27 @@ typedef struct dsmoe_kernel_plugin_v2 {
     // scale carries 1 / temperature and the weight of each row's KL in the loss.
     dsmoe_status (*distill_backward)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, void *dstudent, dsmoe_dtype dt,
                                      const float *diff, float scale, int S, int V);
-} dsmoe_kernel_plugin_v2;
 
-typedef const dsmoe_kernel_plugin_v2 *(*dsmoe_kernel_plugin_entry_fn)(void);
+    // === version 3: the members below are not in a version-2 table (NULL when one is loaded) =========
+
+    // --- fused gating (optional; NULL: the core calls gate_route, then gate_assign) ---------------------
+    // Route and assign of one MoE layer in one op, for a capacity C known before routing (the capacity of
+    // dropping layers and of inference, from the token count; not dropless, whose C is agreed from the
+    // counts): probs, choice, counts, slot, weight, kept and aux_sums exactly as gate_route followed by
+    // gate_assign with the same p and C on this plugin, bit for bit, and the same errors. A device plugin
+    // does it in one kernel launch (docs/gating.md, section 8).
+    dsmoe_status (*gate)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, const dsmoe_gating_params *p, int C,
+                         const float *logits, float *probs, int32_t *choice, int32_t *counts, int32_t *slot,
+                         float *weight, int32_t *kept, double *aux_sums);
+} dsmoe_kernel_plugin_v3;
+
+// A version-2 table is the first DSMOE_KERNEL_PLUGIN_V2_BYTES bytes of a version-3 one (its symbol:
+// DSMOE_KERNEL_PLUGIN_SYMBOL_V2, its api_version 2).
+#define DSMOE_KERNEL_API_VERSION_V2 2
+#define DSMOE_KERNEL_PLUGIN_SYMBOL_V2 "dsmoe_kernel_plugin_entry_v2"
+#define DSMOE_KERNEL_PLUGIN_V2_BYTES offsetof(dsmoe_kernel_plugin_v3, gate)
+
+typedef const dsmoe_kernel_plugin_v3 *(*dsmoe_kernel_plugin_entry_fn)(void);
 
 DSMOE_EXTERN_C_END
 

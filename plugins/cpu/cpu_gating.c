@@ -2,7 +2,7 @@
 // the cpu plugin. The rules (DeepSpeed's top1gating/top2gating) and their formulas are in
 // docs/gating.md; the contracts are the comments on the gate_* and moe_* members of
 // include/dsmoe/kernel_plugin.h.
-// defines: cpu_gate_route, cpu_gate_assign, cpu_gate_backward, cpu_moe_dispatch,
+// defines: cpu_gate_route, cpu_gate_assign, cpu_gate, cpu_gate_backward, cpu_moe_dispatch,
 //          cpu_moe_dispatch_backward, cpu_moe_combine, cpu_moe_combine_backward
 //
 // Everything goes through the token -> (expert, slot) table: choice (S, K) and slot (S, K), slot -1 =
@@ -299,6 +299,28 @@ dsmoe_status cpu_gate_assign(cpu_ctx *ctx, cpu_queue *q, const dsmoe_gating_para
         for (int e = 0; e < E; e++) psum[e] += probs[(size_t)s * E + e];
     free(scratch);
     return DSMOE_OK;
+}
+
+// Route + assign in one op (version 3's `gate`). The host has no launches to save, so it is the two
+// ops back to back; the arguments of both are checked first, so that a bad call writes nothing.
+dsmoe_status cpu_gate(cpu_ctx *ctx, cpu_queue *q, const dsmoe_gating_params *p, int C, const float *logits,
+                      float *probs, int32_t *choice, int32_t *counts, int32_t *slot, float *weight, int32_t *kept,
+                      double *aux_sums) {
+    CPU_BEGIN(ctx, q, "gate");
+    CPU_TRY(check_gating_params(ctx, "gate", p));
+    if (C < 0) return cpu_fail(ctx, DSMOE_ERR_INVALID, "cpu: gate: capacity C = %d, expected >= 0", C);
+    GATE_NEED(counts, "gate");
+    GATE_NEED(kept, "gate");
+    GATE_NEED(aux_sums, "gate");
+    if (p->S > 0) {
+        GATE_NEED(logits, "gate");
+        GATE_NEED(probs, "gate");
+        GATE_NEED(choice, "gate");
+        GATE_NEED(slot, "gate");
+        GATE_NEED(weight, "gate");
+    }
+    CPU_TRY(cpu_gate_route(ctx, q, p, logits, probs, choice, counts));
+    return cpu_gate_assign(ctx, q, p, C, probs, choice, slot, weight, kept, aux_sums);
 }
 
 // Backward of route + assign. With g = probs[s] and

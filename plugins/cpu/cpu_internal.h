@@ -198,6 +198,9 @@ dsmoe_status cpu_gate_route(cpu_ctx *ctx, cpu_queue *q, const dsmoe_gating_param
                             float *probs, int32_t *choice, int32_t *counts);
 dsmoe_status cpu_gate_assign(cpu_ctx *ctx, cpu_queue *q, const dsmoe_gating_params *p, int C, const float *probs,
                              const int32_t *choice, int32_t *slot, float *weight, int32_t *kept, double *aux_sums);
+dsmoe_status cpu_gate(cpu_ctx *ctx, cpu_queue *q, const dsmoe_gating_params *p, int C, const float *logits,
+                      float *probs, int32_t *choice, int32_t *counts, int32_t *slot, float *weight, int32_t *kept,
+                      double *aux_sums);
 dsmoe_status cpu_gate_backward(cpu_ctx *ctx, cpu_queue *q, const dsmoe_gating_params *p, float *dlogits,
                                const float *probs, const int32_t *choice, const int32_t *slot, const float *dweight,
                                const double *aux_sums, float daux);

@@ -1,7 +1,7 @@
-// plugins/cpu/cpu_plugin.c: the "cpu" expert-kernel plugin (kernel ABI version 2): its table, its
+// plugins/cpu/cpu_plugin.c: the "cpu" expert-kernel plugin (kernel ABI version 3): its table, its
 // context and settings, and its host queues and events. The ops live in the other cpu_*.c files
 // (cpu_internal.h lists them).
-// defines: DSMOE_KERNEL_PLUGIN_ENTRY (dsmoe_kernel_plugin_entry_v2), the only exported symbol
+// defines: DSMOE_KERNEL_PLUGIN_ENTRY (dsmoe_kernel_plugin_entry_v3), the only exported symbol
 //
 // Contracts are the comments in include/dsmoe/kernel_plugin.h. Invariants of this plugin: buffers are
 // host memory (mem_kind DSMOE_MEM_HOST); every op runs on the calling thread (spread over the
@@ -329,7 +329,7 @@ static dsmoe_status cpu_event_query(dsmoe_kernel_ctx *ctx, dsmoe_kernel_event *e
 // ---------------------------------------------------------------------------------------------------
 // The table
 
-static const dsmoe_kernel_plugin_v2 cpu_plugin = {
+static const dsmoe_kernel_plugin_v3 cpu_plugin = {
     .api_version = DSMOE_KERNEL_API_VERSION,
     .name = "cpu",
 #ifdef DSMOE_CPU_ONEDNN
@@ -421,6 +421,8 @@ static const dsmoe_kernel_plugin_v2 cpu_plugin = {
 
     .distill_forward = cpu_distill_forward,
     .distill_backward = cpu_distill_backward,
+
+    .gate = cpu_gate,
 };
 
-DSMOE_PLUGIN_EXPORT const dsmoe_kernel_plugin_v2 *DSMOE_KERNEL_PLUGIN_ENTRY(void) { return &cpu_plugin; }
+DSMOE_PLUGIN_EXPORT const dsmoe_kernel_plugin_v3 *DSMOE_KERNEL_PLUGIN_ENTRY(void) { return &cpu_plugin; }

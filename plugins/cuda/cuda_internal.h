@@ -233,6 +233,8 @@ dsmoe_status cu_gate_route(CU_Q, const dsmoe_gating_params *p, const float *logi
                            int32_t *counts);
 dsmoe_status cu_gate_assign(CU_Q, const dsmoe_gating_params *p, int C, const float *probs, const int32_t *choice,
                             int32_t *slot, float *weight, int32_t *kept, double *aux_sums);
+dsmoe_status cu_gate(CU_Q, const dsmoe_gating_params *p, int C, const float *logits, float *probs, int32_t *choice,
+                     int32_t *counts, int32_t *slot, float *weight, int32_t *kept, double *aux_sums);
 dsmoe_status cu_gate_backward(CU_Q, const dsmoe_gating_params *p, float *dlogits, const float *probs,
                               const int32_t *choice, const int32_t *slot, const float *dweight,
                               const double *aux_sums, float daux);

@@ -43,11 +43,13 @@ static dsmoe_status op_end(dsmoe_kernel_ctx *ctx, const char *op, dsmoe_status s
     return named ? cu_fail(ctx, st, "cuda: %s", m) : cu_fail(ctx, st, "cuda: %s: %s", op, m);
 }
 
-#define CU_OP(member, ...)                                                                         \
+// CU_OP_AS: a member whose launcher has another name (gate: dsmoe_cu_gate_fused).
+#define CU_OP_AS(member, launcher, ...)                                                            \
     do {                                                                                           \
         CU_TRY(op_begin(ctx, q, #member));                                                         \
-        return op_end(ctx, #member, dsmoe_cu_##member(&q->env, __VA_ARGS__));                      \
+        return op_end(ctx, #member, launcher(&q->env, __VA_ARGS__));                               \
     } while (0)
+#define CU_OP(member, ...) CU_OP_AS(member, dsmoe_cu_##member, __VA_ARGS__)
 
 // Callable before init (ctx may be NULL): the launcher needs no env, only the shape.
 dsmoe_status cu_attention_bytes(dsmoe_kernel_ctx *ctx, const dsmoe_attention_shape *shape, size_t *saved,
@@ -201,6 +203,13 @@ dsmoe_status cu_gate_assign(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, const 
                             const float *probs, const int32_t *choice, int32_t *slot, float *weight, int32_t *kept,
                             double *aux_sums) {
     CU_OP(gate_assign, p, C, probs, choice, slot, weight, kept, aux_sums);
+}
+
+// Route + assign in one launch (kernels/gating_fused.cu).
+dsmoe_status cu_gate(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, const dsmoe_gating_params *p, int C,
+                     const float *logits, float *probs, int32_t *choice, int32_t *counts, int32_t *slot, float *weight,
+                     int32_t *kept, double *aux_sums) {
+    CU_OP_AS(gate, dsmoe_cu_gate_fused, p, C, logits, probs, choice, counts, slot, weight, kept, aux_sums);
 }
 
 dsmoe_status cu_gate_backward(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, const dsmoe_gating_params *p,

@@ -1,8 +1,8 @@
-// plugins/cuda/cuda_plugin.c: the "cuda" expert-kernel plugin (kernel ABI version 2): its table, its
+// plugins/cuda/cuda_plugin.c: the "cuda" expert-kernel plugin (kernel ABI version 3): its table, its
 // settings, the context's life (init, finalize, last_error, describe) and the device queries the core
 // makes before init. Queues and events are cuda_queue.c, memory cuda_memory.c, the compute members
 // cuda_ops.c (each forwards to its launcher in kernels/).
-// defines: DSMOE_KERNEL_PLUGIN_ENTRY (dsmoe_kernel_plugin_entry_v2), the only exported symbol
+// defines: DSMOE_KERNEL_PLUGIN_ENTRY (dsmoe_kernel_plugin_entry_v3), the only exported symbol
 //
 // A context drives one device (options.device): a stream-ordered memory pool, one cuBLAS and one
 // cuBLASLt handle, the fault record the kernels write bad data into, and a default queue. Everything is
@@ -340,7 +340,7 @@ static dsmoe_status cuda_mem_info(dsmoe_kernel_ctx *ctx, size_t *free_bytes, siz
 // ---------------------------------------------------------------------------------------------------
 // The table
 
-static const dsmoe_kernel_plugin_v2 cuda_plugin = {
+static const dsmoe_kernel_plugin_v3 cuda_plugin = {
     .api_version = DSMOE_KERNEL_API_VERSION,
     .name = "cuda",
     .description = "NVIDIA GPUs: CUDA kernels, cuBLAS GEMMs, stream-ordered memory",
@@ -427,6 +427,8 @@ static const dsmoe_kernel_plugin_v2 cuda_plugin = {
 
     .distill_forward = cu_distill_forward,
     .distill_backward = cu_distill_backward,
+
+    .gate = cu_gate,
 };
 
-DSMOE_PLUGIN_EXPORT const dsmoe_kernel_plugin_v2 *DSMOE_KERNEL_PLUGIN_ENTRY(void) { return &cuda_plugin; }
+DSMOE_PLUGIN_EXPORT const dsmoe_kernel_plugin_v3 *DSMOE_KERNEL_PLUGIN_ENTRY(void) { return &cuda_plugin; }

@@ -37,7 +37,7 @@ every = 1
 keep = 2
 DECK
 
-expect version 0 "kernel plugin ABI 2 \(symbol dsmoe_kernel_plugin_entry_v2; ABI 1 through an adapter\)" -- "$dsmoe" --version
+expect version 0 "kernel plugin ABI 3 \(symbol dsmoe_kernel_plugin_entry_v3; ABI 2 and 1 through adapters\)" -- "$dsmoe" --version
 expect help 0 "usage: dsmoe" -- "$dsmoe" --help
 expect help-keys 0 "moe.capacity_factor" -- "$dsmoe" --help keys
 expect help-keys-plugins 0 "kernel.cpu.poison = 0 +\(bool\)" -- "$dsmoe" --help keys

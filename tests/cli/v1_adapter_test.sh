@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
 # The v1 kernel adapter end to end: trains inputs/ci-short.deck (kept tiny by overrides, with
 # checkpoints) once with the cpu plugin of ABI 1 (tests/plugins/cpu_v1, run through
-# core/plugins/kernel_adapt_v1.c) and once with the cpu plugin of this tree (ABI 2), for top-1 and top-2
+# core/plugins/kernel_adapt_v1.c) and once with the cpu plugin of this tree (ABI 3), for top-1 and top-2
 # gating, and asserts that the runs agree to the last bit: every metrics column but the timings, as
-# text, and every checkpoint byte for byte.
+# text, and every checkpoint byte for byte. The deck drops tokens, so the ABI-3 run routes with the fused
+# `gate` and the ABI-1 run with route + assign: this also shows that the core's two gating paths agree.
 #
 # Both runs use the same deck, overrides and output directory (one after the other), so the resolved
 # configuration stored in the checkpoints is the same text: the v1 plugin is chosen by DSMOE_PLUGIN_PATH
-# (not a deck key), and its file is named libdsmoe_kernel_cpu.so like the v2 one. Where the files still
-# differ, the script says whether the tensor data or only the stored deck differs (the v2 plugin's own
+# (not a deck key), and its file is named libdsmoe_kernel_cpu.so like the ABI-3 one. Where the files still
+# differ, the script says whether the tensor data or only the stored deck differs (the ABI-3 plugin's own
 # settings, e.g. [kernel.cpu] poison, may appear in the resolved configuration; the v1 plugin has none):
 # the tensor data and every other header byte must be identical in any case.
 #
-# The v2 plugin runs with its setting small_rows = 0 (through the environment, which leaves the deck
+# The ABI-3 plugin runs with its setting small_rows = 0 (through the environment, which leaves the deck
 # text alike): its default computes GEMMs of up to 8 rows as dot products, whose last bits differ from
 # the OpenBLAS tiles that v1 used for them.
 #
@@ -91,7 +92,7 @@ compare() {
   if diff <(metrics_columns "$work/$a/metrics.csv") <(metrics_columns "$work/$b/metrics.csv") > "$work/metrics.diff"; then
     ok
   else
-    fail "$what: the metrics differ (v1 adapter <, v2 cpu >):"
+    fail "$what: the metrics differ (v1 adapter <, ABI-3 cpu >):"
     cat "$work/metrics.diff"
   fi
   # Checkpoints: the same files, identical bytes (or, failing that, identical tensors and header but

@@ -35,7 +35,7 @@ typedef struct cf_side {
     const char *role; // "candidate" or "reference"
     const char *name; // the plugin's name (table)
     const char *path; // the file it was loaded from
-    const dsmoe_kernel_plugin_v2 *T;
+    const dsmoe_kernel_plugin_v3 *T;
     dsmoe_kernel_ctx *c;
     dsmoe_kernel_queue *q;
     dsmoe_kernel_event *ev;

@@ -119,7 +119,7 @@ void cf_op(int side, const char *member, dsmoe_status s) {
 }
 
 int cf_cand_dtype(dsmoe_dtype dt) {
-    const dsmoe_kernel_plugin_v2 *T = cf_sides[0].T;
+    const dsmoe_kernel_plugin_v3 *T = cf_sides[0].T;
     if (!(T->dtypes & DSMOE_DTYPE_BIT(dt))) return 0;
     return dt != CF_BF16 || (T->caps & DSMOE_KCAP_BF16);
 }

@@ -72,7 +72,7 @@ static void v_gemm(const void *arg) {
     cf_buf c = cf_up("c", hc, (size_t)G->m * ldc, G->ct);
     c.cols = ldc;
     CF_SIDES {
-        const dsmoe_kernel_plugin_v2 *T = cf_sides[side].T;
+        const dsmoe_kernel_plugin_v3 *T = cf_sides[side].T;
         dsmoe_status st = T->gemm(cf_sides[side].c, cf_sides[side].q, G->ta, G->tb, G->m, G->n, G->k, G->alpha, P(a),
                                   DT(G->dt), lda, P(b), DT(G->dt), ldb, G->beta, P(c), DT(G->ct), ldc);
         if (side == 0 && st == DSMOE_ERR_UNSUPPORTED && G->dt != G->ct)

@@ -1,4 +1,5 @@
-// tests/conformance/ops_moe.c: conformance checks of MoE gating (route, assign, backward; docs/gating.md),
+// tests/conformance/ops_moe.c: conformance checks of MoE gating (route, assign, the fused gate, backward;
+// docs/gating.md),
 // dispatch and combine with their backward, and the error paths: dtypes refused at once, and bad device
 // data (a token, target, count or position out of range) surfacing as a sticky error.
 // defines: cf_group_gating, cf_group_dispatch, cf_group_errors, cf_group_sticky
@@ -29,8 +30,8 @@ static dsmoe_gating_params params(const gate_case *g) {
 
 // Logits (S, E): per row a random permutation of E levels 0.6 apart, plus U(-0.1, 0.1).
 static float *spread_logits(int S, int E) {
-    float *h = cf_host((size_t)S * E * sizeof *h);
-    int perm[256];
+    float *h = cf_host((size_t)S * E * sizeof *h + 1);
+    int *perm = cf_host((size_t)E * sizeof *perm);
     for (int s = 0; s < S; s++) {
         for (int e = 0; e < E; e++)
             perm[e] = e;
@@ -109,6 +110,64 @@ static void v_gate_assign(const void *arg) {
     cf_cmp_f64(&aux, "aux_sums.N,S", E, E + 1, 0, 0);
 }
 
+// Bytes of b on the candidate equal to those of c (the candidate's gate against its own route + assign).
+static void same_bytes(const char *what, const cf_buf *b, const cf_buf *c, size_t bytes) {
+    const unsigned char *x = cf_get_raw(b, 0, bytes), *y = cf_get_raw(c, 0, bytes);
+    size_t i = 0;
+    while (i < bytes && x[i] == y[i]) i++;
+    if (i == bytes)
+        cf_pass(what, "%zu bytes equal", bytes);
+    else
+        cf_fail(what, "byte %zu of %zu differs (0x%02x, route + assign 0x%02x)", i, bytes, x[i], y[i]);
+}
+
+// The fused member (optional): against the reference's gate, and bit for bit against the candidate's own
+// route + assign on the same logits.
+static void v_gate(const void *arg) {
+    const gate_case *g = arg;
+    if (!CF_HAS(0, gate)) cf_abandon_skip("the candidate has no gate (optional: the core composes route + assign)");
+    int S = g->S, E = g->E, K = g->K;
+    size_t SE = (size_t)S * E, SK = (size_t)S * K, A = 2 * (size_t)E + 1;
+    cf_buf logits = cf_up("logits", spread_logits(S, E), SE, CF_F32);
+    cf_buf probs = cf_out("probs", SE, CF_F32), choice = cf_out("choice", SK, DSMOE_INT32);
+    cf_buf counts = cf_out("counts", E, DSMOE_INT32), slot = cf_out("slot", SK, DSMOE_INT32);
+    cf_buf weight = cf_out("weight", SK, CF_F32), kept = cf_out("kept", E, DSMOE_INT32);
+    cf_buf aux = cf_out("aux_sums", A, DSMOE_FLOAT64);
+    probs.cols = E, choice.cols = slot.cols = weight.cols = K;
+    CF_SIDES {
+        dsmoe_gating_params p = params(g);
+        OP(gate, &p, g->C, P(logits), P(probs), P(choice), P(counts), P(slot), P(weight), P(kept), P(aux));
+        SCRIBBLE(p);
+    }
+    cf_note("%s: the fused op against the reference's", cf_check_name());
+    cf_cmp(&probs, NULL, NULL, TOL_EW);
+    cf_cmp_i32(&choice, NULL);
+    cf_cmp_i32(&counts, NULL);
+    cf_cmp_i32(&slot, NULL);
+    cf_cmp(&weight, NULL, NULL, TOL_EW);
+    cf_cmp_i32(&kept, NULL);
+    cf_cmp_f64(&aux, "aux_sums.P", 0, E, 1e-12, 0);
+    cf_cmp_f64(&aux, "aux_sums.N,S", E, E + 1, 0, 0);
+
+    cf_buf probs2 = cf_out("probs (route)", SE, CF_F32), choice2 = cf_out("choice (route)", SK, DSMOE_INT32);
+    cf_buf counts2 = cf_out("counts (route)", E, DSMOE_INT32), slot2 = cf_out("slot (assign)", SK, DSMOE_INT32);
+    cf_buf weight2 = cf_out("weight (assign)", SK, CF_F32), kept2 = cf_out("kept (assign)", E, DSMOE_INT32);
+    cf_buf aux2 = cf_out("aux_sums (assign)", A, DSMOE_FLOAT64);
+    {
+        int side = 0;
+        dsmoe_gating_params p = params(g);
+        OP(gate_route, &p, P(logits), P(probs2), P(choice2), P(counts2));
+        OP(gate_assign, &p, g->C, P(probs2), P(choice2), P(slot2), P(weight2), P(kept2), P(aux2));
+    }
+    same_bytes("probs = route's", &probs, &probs2, SE * 4);
+    same_bytes("choice = route's", &choice, &choice2, SK * 4);
+    same_bytes("counts = route's", &counts, &counts2, (size_t)E * 4);
+    same_bytes("slot = assign's", &slot, &slot2, SK * 4);
+    same_bytes("weight = assign's", &weight, &weight2, SK * 4);
+    same_bytes("kept = assign's", &kept, &kept2, (size_t)E * 4);
+    same_bytes("aux_sums = assign's", &aux, &aux2, A * 8);
+}
+
 static void v_gate_backward(const void *arg) {
     const gate_case *g = arg;
     int S = g->S, E = g->E, K = g->K;
@@ -136,6 +195,13 @@ void cf_group_gating(void) {
         {64, 6, 2, DSMOE_NOISE_RSAMPLE, 1, 0, 15, 77, 0},    {64, 8, 2, DSMOE_NOISE_RSAMPLE, 1, 1, 64, 5, 0},
         {200, 16, 1, DSMOE_NOISE_RSAMPLE, 1, 1, 10, 1ull << 40, 0}, {20, 4, 2, DSMOE_NOISE_NONE, 0, 1, 0, 3, 0},
         {67, 8, 2, DSMOE_NOISE_NONE, 0, 1, 12, 1000, 1},
+        // Sizes that take a device kernel past one block in every phase: a partial last chunk of tokens,
+        // several passes over the expert columns, over-full experts under RTS; more token chunks than a
+        // GPU's co-resident blocks; more experts than blocks; and no tokens at all.
+        {5000, 130, 2, DSMOE_NOISE_RSAMPLE, 1, 1, 40, 1ull << 33, 0},
+        {150001, 8, 1, DSMOE_NOISE_NONE, 0, 1, 15000, 9, 0},
+        {700, 600, 2, DSMOE_NOISE_NONE, 1, 1, 2, 0, 0},
+        {0, 8, 2, DSMOE_NOISE_NONE, 0, 1, 4, 0, 0},
     };
     static const char *noise[] = {"NONE", "JITTER", "RSAMPLE"};
     char name[200];
@@ -150,6 +216,8 @@ void cf_group_gating(void) {
             cf_run(name, v_gate_route, g);
             snprintf(name, sizeof name, "gate_assign[%s]", what);
             cf_run(name, v_gate_assign, g);
+            snprintf(name, sizeof name, "gate[%s]", what);
+            cf_run(name, v_gate, g);
         }
         snprintf(name, sizeof name, "gate_backward[%s,daux=0.3]", what);
         cf_run(name, v_gate_backward, g);
@@ -311,7 +379,7 @@ typedef struct sticky_case {
 
 static dsmoe_status bad_call(int side, int kind, cf_buf *bufs) {
     cf_side *Sd = &cf_sides[side];
-    const dsmoe_kernel_plugin_v2 *T = Sd->T;
+    const dsmoe_kernel_plugin_v3 *T = Sd->T;
     switch (kind) {
     case 0:
     case 1: return T->embedding_forward(Sd->c, Sd->q, P(bufs[0]), CF_F32, P(bufs[1]), P(bufs[2]), CF_F32, P(bufs[3]),
@@ -350,7 +418,7 @@ static void v_sticky(const void *arg) {
     }
     for (int side = 0; side < 2; side++) {
         cf_side *Sd = &cf_sides[side];
-        const dsmoe_kernel_plugin_v2 *T = Sd->T;
+        const dsmoe_kernel_plugin_v3 *T = Sd->T;
         char what[64];
         snprintf(what, sizeof what, "%s", Sd->role);
         dsmoe_status s_call = bad_call(side, K->kind, bufs);

@@ -35,8 +35,8 @@ static dsmoe_runtime rt;
 // ----------------------------------------------------------------------------------------------------
 // counting kernel allocator
 
-static const dsmoe_kernel_plugin_v2 *real_kern;
-static dsmoe_kernel_plugin_v2 counting_kern;
+static const dsmoe_kernel_plugin_v3 *real_kern;
+static dsmoe_kernel_plugin_v3 counting_kern;
 static struct { void *p; size_t n; } recs[8192];
 static int n_recs;
 static uint64_t live; // bytes held through the kernel plugin

@@ -14,7 +14,7 @@ int main(int argc, char **argv) {
     dsmoe_kernel_plugin_entry_fn entry;
     *(void **)&entry = dlsym(h, DSMOE_KERNEL_PLUGIN_SYMBOL);
     if (!entry) return fprintf(stderr, "FAIL: %s lacks %s\n", argv[1], DSMOE_KERNEL_PLUGIN_SYMBOL), 1;
-    const dsmoe_kernel_plugin_v2 *t = entry();
+    const dsmoe_kernel_plugin_v3 *t = entry();
     if (!t) return fprintf(stderr, "FAIL: %s() returned NULL\n", DSMOE_KERNEL_PLUGIN_SYMBOL), 1;
     if (t->api_version != DSMOE_KERNEL_API_VERSION)
         return fprintf(stderr, "FAIL: api_version %u, expected %d\n", t->api_version, DSMOE_KERNEL_API_VERSION), 1;

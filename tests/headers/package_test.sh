@@ -36,7 +36,7 @@ build_example() {
   [ -f "$so" ] || { fail "$label: no $so (built: $(cd "$b" && ls *.so 2>/dev/null))"; return 1; }
   local syms
   syms=$(nm -D --defined-only "$so" | awk '{print $NF}' | LC_ALL=C sort | tr '\n' ' ')
-  [ "$syms" = "dsmoe_kernel_plugin_entry_v2 " ] || fail "$label: exports '$syms', expected exactly dsmoe_kernel_plugin_entry_v2"
+  [ "$syms" = "dsmoe_kernel_plugin_entry_v3 " ] || fail "$label: exports '$syms', expected exactly dsmoe_kernel_plugin_entry_v3"
   "$work/check_entry" "$so" example || fail "$label: entry check"
   echo "$label: $so exports: $syms"
 }

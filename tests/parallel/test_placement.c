@@ -28,7 +28,7 @@ static dsmoe_status fake_busid(int ordinal, char *buf, size_t len) {
     snprintf(buf, len, "%s", all_busids[own_device_only ? 3 - world_rank : ordinal]);
     return DSMOE_OK;
 }
-static const dsmoe_kernel_plugin_v2 fake_gpus = {
+static const dsmoe_kernel_plugin_v3 fake_gpus = {
     .api_version = DSMOE_KERNEL_API_VERSION, .name = "fakegpus", .device_count = fake_count,
     .device_pci_bus_id = fake_busid};
 
@@ -122,7 +122,7 @@ static dsmoe_status bad_busid(int ordinal, char *buf, size_t len) {
     snprintf(buf, len, "GPU-%d", world_rank);
     return DSMOE_OK;
 }
-static const dsmoe_kernel_plugin_v2 bad_gpus = {
+static const dsmoe_kernel_plugin_v3 bad_gpus = {
     .api_version = DSMOE_KERNEL_API_VERSION, .name = "badgpus", .device_count = fake_count,
     .device_pci_bus_id = bad_busid};
 

@@ -3,13 +3,14 @@
 //   FAKE_NAME="x"            the file is libdsmoe_kernel_x.so; the table says FAKE_TABLE_NAME (default x)
 //   FAKE_V1                  an ABI 1 table (dsmoe/v1/kernel_plugin_v1.h) under the v1 entry symbol
 //   FAKE_API_VERSION=n       the table's api_version (default: the version of the table's type)
-//   FAKE_ENTRY=sym           export the entry as sym instead of the version's symbol (e.g. _v3, _v0)
+//   FAKE_ENTRY=sym           export the entry as sym instead of the version's symbol (e.g. _v2, _v4, _v0)
 //   FAKE_MEM_KIND=k          mem_kind (default DSMOE_MEM_CUDA: a stand-in for a device plugin)
-//   FAKE_CAPS=c, FAKE_DTYPES=d   v2 caps (default 0) and dtypes (default float32 only)
-//   FAKE_FULL                v2: every optional member set (give it FAKE_CAPS with DSMOE_KCAP_INFERENCE)
+//   FAKE_CAPS=c, FAKE_DTYPES=d   v2/v3 caps (default 0) and dtypes (default float32 only)
+//   FAKE_FULL                v3: every optional member set (give it FAKE_CAPS with DSMOE_KCAP_INFERENCE); a
+//                            v2 plugin is this table with FAKE_API_VERSION=2 and the v2 symbol (its prefix)
 //   FAKE_CLEAR=m             member m is NULL (after FAKE_FULL)
 //   FAKE_SET=m, FAKE_SET2=m  member m is set (a stub)
-//   FAKE_PARAMS              v2: declares two settings; with FAKE_BAD_PARAM the second is an ENUM without choices
+//   FAKE_PARAMS              v2/v3: declares two settings; with FAKE_BAD_PARAM the second is an ENUM without choices
 //   FAKE_RETURN_NULL         the entry returns NULL
 //   FAKE_UNDEFINED           the entry calls a function no library defines: dlopen(RTLD_NOW) fails
 // The members are never called: each is a `void (void)` stub cast to the member's type (calling one
@@ -22,7 +23,7 @@ typedef dsmoe_kernel_plugin_v1 fake_table_t;
 #define FAKE_DEFAULT_ENTRY dsmoe_kernel_plugin_entry_v1
 #else
 #include "dsmoe/kernel_plugin.h"
-typedef dsmoe_kernel_plugin_v2 fake_table_t;
+typedef dsmoe_kernel_plugin_v3 fake_table_t;
 #define FAKE_DEFAULT_VERSION DSMOE_KERNEL_API_VERSION
 #define FAKE_DEFAULT_ENTRY DSMOE_KERNEL_PLUGIN_ENTRY
 #endif
@@ -102,7 +103,7 @@ __attribute__((unused)) static fake_table_t table = {
     STUB(residual_mix_backward), STUB(adamw),
 #ifdef FAKE_FULL
     STUB(device_count), STUB(device_pci_bus_id), STUB(mem_info), STUB(queue_create), STUB(queue_destroy),
-    STUB(all_finite), STUB(convert), STUB(kv_append), STUB(attention_cached), STUB(sample),
+    STUB(all_finite), STUB(convert), STUB(kv_append), STUB(attention_cached), STUB(sample), STUB(gate),
 #endif
 };
 #endif

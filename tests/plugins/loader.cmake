@@ -29,9 +29,13 @@ dsmoe_fake_plugin(kernel fakev1 FAKE_V1)                    # valid v1: loads th
 dsmoe_fake_plugin(kernel v1device FAKE_V1 FAKE_SET=device_count FAKE_SET2=device_pci_bus_id)
 dsmoe_fake_plugin(kernel v1halfdevice FAKE_V1 FAKE_SET=device_count)
 dsmoe_fake_plugin(kernel v1nullmember FAKE_V1 FAKE_CLEAR=scale)
-dsmoe_fake_plugin(kernel badversion FAKE_API_VERSION=3)     # the v2 symbol, a table of ABI 3
-dsmoe_fake_plugin(kernel v3only FAKE_API_VERSION=3 FAKE_ENTRY=dsmoe_kernel_plugin_entry_v3)
-dsmoe_fake_plugin(kernel v2saysv1 FAKE_API_VERSION=1)       # the v2 symbol, a table that says ABI 1
+# ABI 2: the v3 table's prefix under the v2 symbol. gate is set past the prefix: the loader must not read it.
+dsmoe_fake_plugin(kernel fakev2 FAKE_FULL FAKE_CAPS=0x12 FAKE_DTYPES=0x21 FAKE_PARAMS FAKE_API_VERSION=2
+                  FAKE_ENTRY=dsmoe_kernel_plugin_entry_v2)
+dsmoe_fake_plugin(kernel v2nullmember FAKE_API_VERSION=2 FAKE_ENTRY=dsmoe_kernel_plugin_entry_v2 FAKE_CLEAR=gemm_grouped)
+dsmoe_fake_plugin(kernel badversion FAKE_API_VERSION=4)     # the v3 symbol, a table of ABI 4
+dsmoe_fake_plugin(kernel v4only FAKE_API_VERSION=4 FAKE_ENTRY=dsmoe_kernel_plugin_entry_v4)
+dsmoe_fake_plugin(kernel v3saysv2 FAKE_API_VERSION=2)       # the v3 symbol, a table that says ABI 2
 dsmoe_fake_plugin(kernel nosym FAKE_ENTRY=dsmoe_kernel_plugin_entry_v0)
 dsmoe_fake_plugin(kernel nulltable FAKE_RETURN_NULL)
 dsmoe_fake_plugin(kernel nullmember FAKE_CLEAR=gemm_grouped)

@@ -12,7 +12,7 @@
 
 #include "dsmoe/kernel_plugin.h"
 
-static const dsmoe_kernel_plugin_v2 *S, *P; // strict, cpu
+static const dsmoe_kernel_plugin_v3 *S, *P; // strict, cpu
 static void *dl_strict, *dl_cpu;
 
 #define OK(T, ctx, call)                                                                               \
@@ -22,7 +22,7 @@ static void *dl_strict, *dl_cpu;
             fail_msg("%s failed: %s: %s", #call, dsmoe_status_name(ok_s_), (T)->last_error(ctx));      \
     } while (0)
 
-static const dsmoe_kernel_plugin_v2 *open_plugin(const char *path, void **dl) {
+static const dsmoe_kernel_plugin_v3 *open_plugin(const char *path, void **dl) {
     *dl = dlopen(path, RTLD_NOW | RTLD_LOCAL);
     if (!*dl) {
         fprintf(stderr, "cannot load %s: %s\n", path, dlerror());
@@ -33,7 +33,7 @@ static const dsmoe_kernel_plugin_v2 *open_plugin(const char *path, void **dl) {
 }
 
 // A context with the plugin's default settings (as the core would resolve them with nothing set).
-static dsmoe_kernel_ctx *make_ctx(const dsmoe_kernel_plugin_v2 *T, int threads) {
+static dsmoe_kernel_ctx *make_ctx(const dsmoe_kernel_plugin_v3 *T, int threads) {
     const char *vals[64];
     assert_true(T->n_params <= 64);
     for (int i = 0; i < T->n_params; i++)
@@ -56,14 +56,14 @@ __attribute__((unused)) static dsmoe_kernel_ctx *strict_ctx_with(const char *var
     return ctx;
 }
 
-static void *dev(const dsmoe_kernel_plugin_v2 *T, dsmoe_kernel_ctx *ctx, size_t bytes, uint32_t flags) {
+static void *dev(const dsmoe_kernel_plugin_v3 *T, dsmoe_kernel_ctx *ctx, size_t bytes, uint32_t flags) {
     void *p = NULL;
     OK(T, ctx, T->alloc(ctx, bytes, flags, &p));
     return p;
 }
 
 // Waits through an event recorded now on q (what the core does before reading host results).
-static dsmoe_status wait_queue(const dsmoe_kernel_plugin_v2 *T, dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q) {
+static dsmoe_status wait_queue(const dsmoe_kernel_plugin_v3 *T, dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q) {
     dsmoe_kernel_event *ev;
     OK(T, ctx, T->event_create(ctx, &ev));
     dsmoe_status s = T->event_record(ctx, ev, q);

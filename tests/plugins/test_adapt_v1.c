@@ -1,6 +1,6 @@
 // tests/plugins/test_adapt_v1.c: core/plugins/kernel_adapt_v1.c driving a real v1 plugin: the cpu plugin
 // of ABI 1 frozen in tests/plugins/cpu_v1 (built by tests/plugins/loader.cmake into DSMOE_CPU_V1_DIR),
-// loaded through the loader, used only through the adapted v2 table. Every result is compared with a naive reference in
+// loaded through the loader, used only through the adapted v3 table. Every result is compared with a naive reference in
 // double written here: the grouped GEMM with each epilogue (and the rows it must not touch), the weight
 // gradients with bias, gating route / assign / backward, and the small members the adapter builds from
 // v1 calls (sum_squares, init_tensor, copy_2d, adamw). Tolerance: 1e-5 relative to the magnitude of the
@@ -21,7 +21,7 @@
 #include "dsmoe/rng.h"
 #include "plugin_loader.h"
 
-static const dsmoe_kernel_plugin_v2 *K;
+static const dsmoe_kernel_plugin_v3 *K;
 static dsmoe_plugin_handle H;
 static dsmoe_kernel_ctx *CTX;
 static dsmoe_kernel_queue *Q;
@@ -437,8 +437,9 @@ static void test_loaded_through_adapter(void **state) {
     assert_int_equal(H.api_version, 1);
     assert_non_null(H.adapter);
     assert_string_equal(H.path, DSMOE_CPU_V1_DIR "/libdsmoe_kernel_cpu.so");
-    assert_int_equal(K->api_version, 2);
+    assert_int_equal(K->api_version, 3);
     assert_int_equal(K->mem_kind, DSMOE_MEM_HOST);
+    assert_null(K->gate); // v1 has no fused gating: the core composes route and assign
     assert_non_null(strstr(K->describe(CTX), "cpu: "));
 }
 

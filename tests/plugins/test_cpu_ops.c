@@ -66,9 +66,9 @@ static void test_table(void **state) {
     assert_null(P->device_pci_bus_id);
     // Every other member from init to the end is required (inference included: DSMOE_KCAP_INFERENCE).
     const char *base = (const char *)P;
-    for (size_t off = offsetof(dsmoe_kernel_plugin_v2, init); off < sizeof *P; off += sizeof(void (*)(void))) {
-        if (off == offsetof(dsmoe_kernel_plugin_v2, device_pci_bus_id) ||
-            off == offsetof(dsmoe_kernel_plugin_v2, device_count))
+    for (size_t off = offsetof(dsmoe_kernel_plugin_v3, init); off < sizeof *P; off += sizeof(void (*)(void))) {
+        if (off == offsetof(dsmoe_kernel_plugin_v3, device_pci_bus_id) ||
+            off == offsetof(dsmoe_kernel_plugin_v3, device_count))
             continue;
         void (*fn)(void);
         memcpy(&fn, base + off, sizeof fn);

@@ -24,7 +24,7 @@
 
 #define PLUGIN_FILE DSMOE_BUILD_PLUGIN_DIRS "/libdsmoe_kernel_cuda.so"
 
-static const dsmoe_kernel_plugin_v2 *P;
+static const dsmoe_kernel_plugin_v3 *P;
 static char no_device_reason[512]; // init's message when there is no device
 
 static void assert_contains_(const char *haystack, const char *needle, const char *file, int line) {
@@ -38,7 +38,7 @@ static void assert_contains_(const char *haystack, const char *needle, const cha
 // ---------------------------------------------------------------------------------------------------
 // The table
 
-#define MEMBER(m) {#m, offsetof(dsmoe_kernel_plugin_v2, m)}
+#define MEMBER(m) {#m, offsetof(dsmoe_kernel_plugin_v3, m)}
 static const struct {
     const char *name;
     size_t offset;
@@ -57,11 +57,11 @@ static const struct {
     MEMBER(crossentropy_backward), MEMBER(gate_route), MEMBER(gate_assign), MEMBER(gate_backward),
     MEMBER(moe_dispatch), MEMBER(moe_dispatch_backward), MEMBER(moe_combine), MEMBER(moe_combine_backward),
     MEMBER(residual_mix_forward), MEMBER(residual_mix_backward), MEMBER(adamw), MEMBER(kv_append),
-    MEMBER(attention_cached), MEMBER(sample), MEMBER(distill_forward), MEMBER(distill_backward),
+    MEMBER(attention_cached), MEMBER(sample), MEMBER(distill_forward), MEMBER(distill_backward), MEMBER(gate),
 };
 
 static void test_table(void **state) {
-    assert_int_equal(P->api_version, 2);
+    assert_int_equal(P->api_version, 3);
     assert_int_equal(P->api_version, DSMOE_KERNEL_API_VERSION);
     assert_string_equal(P->name, "cuda");
     assert_non_null(P->description);
@@ -70,10 +70,10 @@ static void test_table(void **state) {
     assert_int_equal(P->caps, DSMOE_KCAP_ASYNC | DSMOE_KCAP_BF16 | DSMOE_KCAP_FUSED_EPILOGUE |
                                   DSMOE_KCAP_DETERMINISTIC | DSMOE_KCAP_INFERENCE | DSMOE_KCAP_DISTILL);
     assert_int_equal(P->dtypes, DSMOE_DTYPE_BIT(DSMOE_FLOAT32) | DSMOE_DTYPE_BIT(DSMOE_BFLOAT16));
-    // The list above is every function pointer of the table: from init to distill_backward, nothing left out.
+    // The list above is every function pointer of the table: from init to gate, nothing left out.
     size_t n = sizeof members / sizeof members[0];
-    assert_int_equal(offsetof(dsmoe_kernel_plugin_v2, distill_backward) + sizeof P->distill_backward -
-                         offsetof(dsmoe_kernel_plugin_v2, init), n * sizeof P->init);
+    assert_int_equal(offsetof(dsmoe_kernel_plugin_v3, gate) + sizeof P->gate - offsetof(dsmoe_kernel_plugin_v3, init),
+                     n * sizeof P->init);
     for (size_t i = 0; i < n; i++) {
         void (*fp)(void);
         memcpy(&fp, (const char *)P + members[i].offset, sizeof fp);

@@ -1,4 +1,4 @@
-// tests/plugins/test_kernel_conformance.c: the conformance suite of kernel plugins (ABI v2,
+// tests/plugins/test_kernel_conformance.c: the conformance suite of kernel plugins (ABI v3,
 // include/dsmoe/kernel_plugin.h). A CANDIDATE plugin runs every compute member on random inputs (fixed
 // seeds) and the cpu plugin, the REFERENCE, runs the same; every output comes back through the copy
 // members after an event wait and is compared: exactly where the contract is exact (gating choices,
@@ -106,7 +106,7 @@ static int find_plugin(const char *name, const char *first_dir, char *out, size_
     return 0;
 }
 
-static const dsmoe_kernel_plugin_v2 *load(const char *path, char *err, size_t len) {
+static const dsmoe_kernel_plugin_v3 *load(const char *path, char *err, size_t len) {
     void *dl = dlopen(path, RTLD_NOW | RTLD_LOCAL);
     if (!dl) {
         snprintf(err, len, "dlopen: %s", dlerror());
@@ -117,14 +117,14 @@ static const dsmoe_kernel_plugin_v2 *load(const char *path, char *err, size_t le
         snprintf(err, len, "no %s symbol", DSMOE_KERNEL_PLUGIN_SYMBOL);
         return NULL;
     }
-    const dsmoe_kernel_plugin_v2 *T = entry();
+    const dsmoe_kernel_plugin_v3 *T = entry();
     if (!T) snprintf(err, len, "%s returned NULL", DSMOE_KERNEL_PLUGIN_SYMBOL);
     else if (T->api_version != DSMOE_KERNEL_API_VERSION)
         snprintf(err, len, "api_version %u, this suite speaks %d", T->api_version, DSMOE_KERNEL_API_VERSION), T = NULL;
     return T;
 }
 
-static void caps_text(const dsmoe_kernel_plugin_v2 *T, char *buf, size_t len) {
+static void caps_text(const dsmoe_kernel_plugin_v3 *T, char *buf, size_t len) {
     static const char *names[] = {"ASYNC", "BF16", "FUSED_EPILOGUE", "DETERMINISTIC", "INFERENCE", "HOST_MEMORY"};
     buf[0] = 0;
     for (int i = 0; i < 6; i++)
@@ -136,7 +136,7 @@ static void caps_text(const dsmoe_kernel_plugin_v2 *T, char *buf, size_t len) {
 
 // The table itself: required members, optional groups all-or-none, dtypes and caps agree. Calling a
 // NULL member would crash the suite, so every op also checks before calling (OP()).
-static void check_table(const dsmoe_kernel_plugin_v2 *T) {
+static void check_table(const dsmoe_kernel_plugin_v3 *T) {
     snprintf(cf_res->current, sizeof cf_res->current, "table[%s]", cand_name);
     const char *missing[64];
     int nm = 0;
@@ -310,13 +310,13 @@ int main(void) {
     // strict wraps the cpu plugin: make it the reference's file unless told otherwise
     if (!strcmp(cand_name, "strict")) setenv("DSMOE_STRICT_CPU_PLUGIN", ref_path, 0);
 
-    const dsmoe_kernel_plugin_v2 *R = load(ref_path, err, sizeof err);
+    const dsmoe_kernel_plugin_v3 *R = load(ref_path, err, sizeof err);
     if (!R) {
         printf("FAIL setup: cannot load the reference %s: %s\nconformance %s vs cpu: 0 passed, 1 failed\n", ref_path,
                err, cand_name);
         return 1;
     }
-    const dsmoe_kernel_plugin_v2 *X = load(cand_path, err, sizeof err);
+    const dsmoe_kernel_plugin_v3 *X = load(cand_path, err, sizeof err);
     if (!X) {
         printf("FAIL setup: cannot load the candidate %s: %s\nconformance %s vs cpu: 0 passed, 1 failed\n", cand_path,
                err, cand_name);

@@ -146,13 +146,13 @@ static void test_load_mpi_by_name(void **state) {
 }
 
 static void test_env_path_honoured(void **state) {
-    const dsmoe_kernel_plugin_v2 *k = NULL;
+    const dsmoe_kernel_plugin_v3 *k = NULL;
     dsmoe_plugin_handle h;
     dsmoe_err err = {0};
     setenv("DSMOE_PLUGIN_PATH", ":" FAKE ":", 1); // empty entries are dropped
     assert_int_equal(dsmoe_plugin_load_kernel("fakecuda", NULL, &k, &h, &err), DSMOE_OK);
     assert_string_equal(h.path, FAKE "/libdsmoe_kernel_fakecuda.so");
-    assert_int_equal(h.api_version, 2); // natively: no adapter
+    assert_int_equal(h.api_version, 3); // natively: no adapter
     assert_null(h.adapter);
     assert_int_equal(k->api_version, DSMOE_KERNEL_API_VERSION);
     assert_int_equal(k->mem_kind, DSMOE_MEM_CUDA);
@@ -185,7 +185,7 @@ static void test_extra_beats_env_beats_build(void **state) {
 
 // A file that exists but fails stops the search: the later, loadable fakecuda in FAKE is not tried.
 static void test_first_file_wins_even_if_broken(void **state) {
-    const dsmoe_kernel_plugin_v2 *k;
+    const dsmoe_kernel_plugin_v3 *k;
     dsmoe_plugin_handle h;
     dsmoe_err err = {0};
     assert_int_equal(dsmoe_plugin_load_kernel("fakecuda", fmt("%s:%s", dir_c, FAKE), &k, &h, &err),
@@ -198,25 +198,26 @@ static void test_first_file_wins_even_if_broken(void **state) {
 }
 
 // ------------------------------------------------------------------------------------------------
-// versions: v2 natively, v1 through the adapters, anything else refused with both numbers
+// versions: kernel v3 and comm v2 natively, older ones through the adapters, anything else refused
+// with both numbers
 
-// The v1 table the file itself returns, looked up here independently of the loader.
-static const void *v1_table(dsmoe_plugin_handle *h, const char *symbol) {
+// The table the file itself returns under symbol, looked up here independently of the loader.
+static const void *file_table(dsmoe_plugin_handle *h, const char *symbol) {
     const void *(*entry)(void) = (const void *(*)(void))dlsym(h->dl, symbol);
     assert_non_null(entry);
     return entry();
 }
 
 static void test_kernel_v1_through_adapter(void **state) {
-    const dsmoe_kernel_plugin_v2 *k;
+    const dsmoe_kernel_plugin_v3 *k;
     dsmoe_plugin_handle h;
     dsmoe_err err = {0};
     assert_int_equal(dsmoe_plugin_load_kernel("fakev1", FAKE, &k, &h, &err), DSMOE_OK);
     assert_int_equal(h.api_version, 1);
     assert_non_null(h.adapter);
-    const dsmoe_kernel_plugin_v1 *v1 = v1_table(&h, DSMOE_KERNEL_PLUGIN_SYMBOL_V1);
+    const dsmoe_kernel_plugin_v1 *v1 = file_table(&h, DSMOE_KERNEL_PLUGIN_SYMBOL_V1);
     assert_int_equal(v1->api_version, 1);
-    // The caller's table is a v2 table, apart from the file's: the adapter's, naming the v1 plugin.
+    // The caller's table is a v3 table, apart from the file's: the adapter's, naming the v1 plugin.
     assert_ptr_not_equal((const void *)k, (const void *)v1);
     assert_int_equal(k->api_version, DSMOE_KERNEL_API_VERSION);
     assert_string_equal(k->name, "fakev1");
@@ -226,6 +227,7 @@ static void test_kernel_v1_through_adapter(void **state) {
     assert_int_equal(k->dtypes, DSMOE_DTYPE_BIT(DSMOE_FLOAT32));
     assert_int_equal(k->n_params, 0);
     assert_null(k->kv_append); // no inference in v1
+    assert_null(k->gate);      // nor fused gating: the core composes route and assign
     assert_null(k->queue_create); // the default queue only
     assert_null(k->device_count);
     assert_non_null(k->init);
@@ -234,7 +236,7 @@ static void test_kernel_v1_through_adapter(void **state) {
 
     // Every adapted table has its own init (a per-slot trampoline), up to DSMOE_ADAPT_V1_SLOTS at once.
     dsmoe_plugin_handle more[8];
-    const dsmoe_kernel_plugin_v2 *km[8];
+    const dsmoe_kernel_plugin_v3 *km[8];
     for (int i = 0; i < 7; i++) {
         assert_int_equal(dsmoe_plugin_load_kernel("fakev1", FAKE, &km[i], &more[i], &err), DSMOE_OK);
         assert_ptr_not_equal(km[i]->init, k->init);
@@ -242,7 +244,7 @@ static void test_kernel_v1_through_adapter(void **state) {
     }
     assert_int_equal(dsmoe_plugin_load_kernel("fakev1", FAKE, &km[7], &more[7], &err), DSMOE_ERR_UNSUPPORTED);
     assert_contains(err.msg, FAKE "/libdsmoe_kernel_fakev1.so: kernel plugin 'fakev1' speaks ABI 1 and cannot be "
-                                  "adapted to ABI 2: 8 kernel plugins of ABI 1 are loaded already");
+                                  "adapted to ABI 3: 8 kernel plugins of ABI 1 are loaded already");
     assert_null(km[7]);
     assert_null(more[7].adapter);
     dsmoe_plugin_unload(&more[3]); // frees a slot
@@ -253,7 +255,7 @@ static void test_kernel_v1_through_adapter(void **state) {
 
     // The optional device pair passes straight through (same signature in both versions).
     assert_int_equal(dsmoe_plugin_load_kernel("v1device", FAKE, &k, &h, &err), DSMOE_OK);
-    v1 = v1_table(&h, DSMOE_KERNEL_PLUGIN_SYMBOL_V1);
+    v1 = file_table(&h, DSMOE_KERNEL_PLUGIN_SYMBOL_V1);
     assert_non_null(k->device_count);
     assert_ptr_equal(k->device_count, v1->device_count);
     assert_ptr_equal(k->device_pci_bus_id, v1->device_pci_bus_id);
@@ -277,7 +279,7 @@ static void test_comm_v1_through_adapter(void **state) {
     assert_int_equal(dsmoe_plugin_load_comm("commv1", FAKE, &c, &h, &err), DSMOE_OK);
     assert_int_equal(h.api_version, 1);
     assert_non_null(h.adapter);
-    const dsmoe_comm_plugin_v1 *v1 = v1_table(&h, DSMOE_COMM_PLUGIN_SYMBOL_V1);
+    const dsmoe_comm_plugin_v1 *v1 = file_table(&h, DSMOE_COMM_PLUGIN_SYMBOL_V1);
     assert_ptr_not_equal((const void *)c, (const void *)v1);
     assert_int_equal(c->api_version, DSMOE_COMM_API_VERSION);
     assert_string_equal(c->name, "commv1");
@@ -308,24 +310,53 @@ static void test_comm_v1_through_adapter(void **state) {
     assert_null(h.dl);
 }
 
+// A v2 table is read as the prefix of a v3 one: every v2 member is the file's own, gate (set in the
+// file's struct past the prefix, which a real v2 plugin does not have) is NULL.
+static void test_kernel_v2_prefix(void **state) {
+    const dsmoe_kernel_plugin_v3 *k;
+    dsmoe_plugin_handle h;
+    dsmoe_err err = {0};
+    assert_int_equal(dsmoe_plugin_load_kernel("fakev2", FAKE, &k, &h, &err), DSMOE_OK);
+    assert_int_equal(h.api_version, 2);
+    assert_non_null(h.adapter);
+    const dsmoe_kernel_plugin_v3 *file = file_table(&h, DSMOE_KERNEL_PLUGIN_SYMBOL_V2);
+    assert_int_equal(file->api_version, 2);
+    assert_non_null(file->gate);
+    assert_ptr_not_equal((const void *)k, (const void *)file);
+    assert_int_equal(k->api_version, DSMOE_KERNEL_API_VERSION);
+    assert_ptr_equal(k->name, file->name);
+    assert_int_equal(k->caps, file->caps);
+    assert_int_equal(k->dtypes, file->dtypes);
+    assert_int_equal(k->n_params, 2);
+    assert_ptr_equal(k->init, file->init);
+    assert_ptr_equal(k->gate_route, file->gate_route);
+    assert_ptr_equal(k->sample, file->sample);
+    assert_ptr_equal(k->distill_backward, file->distill_backward); // the prefix's last member
+    assert_null(k->gate);
+    dsmoe_plugin_unload(&h);
+    assert_null(h.adapter);
+    assert_null(h.dl);
+}
+
 static void test_unknown_versions(void **state) {
-    const dsmoe_kernel_plugin_v2 *k;
+    const dsmoe_kernel_plugin_v3 *k;
     const dsmoe_comm_plugin_v2 *c;
     dsmoe_plugin_handle h;
     dsmoe_err err = {0};
     assert_int_equal(dsmoe_plugin_load_kernel("badversion", FAKE, &k, &h, &err), DSMOE_ERR_UNSUPPORTED);
-    assert_contains(err.msg, FAKE "/libdsmoe_kernel_badversion.so: the plugin speaks kernel ABI 3; this dsmoe speaks "
-                                  "2 (and 1 through an adapter)");
+    assert_contains(err.msg, FAKE "/libdsmoe_kernel_badversion.so: the plugin speaks kernel ABI 4; this dsmoe speaks "
+                                  "3 (and 2 and 1 through adapters)");
     assert_null(k);
-    assert_int_equal(dsmoe_plugin_load_kernel("v3only", FAKE, &k, &h, &err), DSMOE_ERR_UNSUPPORTED);
-    assert_contains(err.msg, FAKE "/libdsmoe_kernel_v3only.so: the plugin speaks kernel ABI 3 (it exports "
-                                  "dsmoe_kernel_plugin_entry_v3 only); this dsmoe speaks 2 (and 1 through an adapter)");
-    assert_int_equal(dsmoe_plugin_load_kernel("v2saysv1", FAKE, &k, &h, &err), DSMOE_ERR_INTERNAL);
-    assert_contains(err.msg, FAKE "/libdsmoe_kernel_v2saysv1.so: dsmoe_kernel_plugin_entry_v2() returned a table of "
-                                  "kernel ABI 1; expected 2");
+    assert_int_equal(dsmoe_plugin_load_kernel("v4only", FAKE, &k, &h, &err), DSMOE_ERR_UNSUPPORTED);
+    assert_contains(err.msg, FAKE "/libdsmoe_kernel_v4only.so: the plugin speaks kernel ABI 4 (it exports "
+                                  "dsmoe_kernel_plugin_entry_v4 only); this dsmoe speaks 3 (and 2 and 1 through "
+                                  "adapters)");
+    assert_int_equal(dsmoe_plugin_load_kernel("v3saysv2", FAKE, &k, &h, &err), DSMOE_ERR_INTERNAL);
+    assert_contains(err.msg, FAKE "/libdsmoe_kernel_v3saysv2.so: dsmoe_kernel_plugin_entry_v3() returned a table of "
+                                  "kernel ABI 2; expected 3");
     assert_int_equal(dsmoe_plugin_load_comm("badversion", FAKE, &c, &h, &err), DSMOE_ERR_UNSUPPORTED);
     assert_contains(err.msg, FAKE "/libdsmoe_comm_badversion.so: the plugin speaks comm ABI 3; this dsmoe speaks 2 "
-                                  "(and 1 through an adapter)");
+                                  "(and 1 through adapters)");
     assert_null(c);
     assert_null(h.dl);
 }
@@ -362,7 +393,7 @@ static const char *expected_available(const char *kind, const char *path) {
 }
 
 static void test_not_found_lists_dirs_and_available(void **state) {
-    const dsmoe_kernel_plugin_v2 *k;
+    const dsmoe_kernel_plugin_v3 *k;
     const dsmoe_comm_plugin_v2 *c;
     dsmoe_plugin_handle h;
     dsmoe_err err = {0};
@@ -392,7 +423,7 @@ static void test_not_found_lists_dirs_and_available(void **state) {
 }
 
 static void test_failed_to_load(void **state) {
-    const dsmoe_kernel_plugin_v2 *k;
+    const dsmoe_kernel_plugin_v3 *k;
     dsmoe_plugin_handle h;
     dsmoe_err err = {0};
     assert_int_equal(dsmoe_plugin_load_kernel("undefined", FAKE, &k, &h, &err), DSMOE_ERR_SYSTEM);
@@ -433,7 +464,7 @@ static void write_whole(const char *path, const void *b, size_t n) {
 
 // Writes the first n bytes of img as libdsmoe_kernel_damaged.so in dir_a, loads it, expects `text`.
 static void expect_damaged(const unsigned char *img, size_t n, const char *text) {
-    const dsmoe_kernel_plugin_v2 *k = (void *)1;
+    const dsmoe_kernel_plugin_v3 *k = (void *)1;
     dsmoe_plugin_handle h;
     dsmoe_err err = {0};
     char *file = fmt("%s/libdsmoe_kernel_damaged.so", dir_a);
@@ -509,7 +540,7 @@ static void test_damaged_elf(void **state) {
 
     // The whole copy loads: the check refuses nothing a good file has.
     write_whole(fmt("%s/libdsmoe_kernel_fakecuda.so", dir_a), img, n);
-    const dsmoe_kernel_plugin_v2 *k;
+    const dsmoe_kernel_plugin_v3 *k;
     dsmoe_plugin_handle h;
     dsmoe_err err = {0};
     assert_int_equal(dsmoe_plugin_load_kernel("fakecuda", dir_a, &k, &h, &err), DSMOE_OK);
@@ -575,12 +606,12 @@ static void test_bad_user_dirs(void **state) {
 }
 
 static void test_missing_symbol(void **state) {
-    const dsmoe_kernel_plugin_v2 *k;
+    const dsmoe_kernel_plugin_v3 *k;
     dsmoe_plugin_handle h;
     dsmoe_err err = {0};
     assert_int_equal(dsmoe_plugin_load_kernel("nosym", FAKE, &k, &h, &err), DSMOE_ERR_IO);
-    assert_contains(err.msg, FAKE "/libdsmoe_kernel_nosym.so is not a dsmoe kernel plugin: neither symbol "
-                                  "dsmoe_kernel_plugin_entry_v2 nor dsmoe_kernel_plugin_entry_v1 found");
+    assert_contains(err.msg, FAKE "/libdsmoe_kernel_nosym.so is not a dsmoe kernel plugin: no symbol "
+                                  "dsmoe_kernel_plugin_entry_v3 (nor of an older version down to _v1) found");
     assert_null(k);
     assert_null(h.dl);
 }
@@ -588,7 +619,7 @@ static void test_missing_symbol(void **state) {
 // One refusal: status, and the message after "<FAKE>/libdsmoe_<kind>_<name>.so: ".
 #define REFUSED_KERNEL(name, status, text)                                                         \
     do {                                                                                           \
-        const dsmoe_kernel_plugin_v2 *k_ = (const void *)1;                                        \
+        const dsmoe_kernel_plugin_v3 *k_ = (const void *)1;                                        \
         assert_int_equal(dsmoe_plugin_load_kernel(name, FAKE, &k_, &h, &err), status);             \
         assert_contains(err.msg, FAKE "/libdsmoe_kernel_" name ".so: " text);                      \
         assert_null(k_);                                                                           \
@@ -606,7 +637,9 @@ static void test_missing_symbol(void **state) {
 static void test_bad_tables(void **state) {
     dsmoe_plugin_handle h;
     dsmoe_err err = {0};
-    REFUSED_KERNEL("nulltable", DSMOE_ERR_INTERNAL, "dsmoe_kernel_plugin_entry_v2() returned NULL");
+    REFUSED_KERNEL("nulltable", DSMOE_ERR_INTERNAL, "dsmoe_kernel_plugin_entry_v3() returned NULL");
+    REFUSED_KERNEL("v2nullmember", DSMOE_ERR_INTERNAL,
+                   "kernel plugin 'v2nullmember' leaves required member gemm_grouped NULL");
     REFUSED_KERNEL("nullmember", DSMOE_ERR_INTERNAL, "kernel plugin 'nullmember' leaves required member gemm_grouped NULL");
     REFUSED_KERNEL("nulldescription", DSMOE_ERR_INTERNAL,
                    "kernel plugin 'nulldescription' leaves required member description NULL");
@@ -627,10 +660,11 @@ static void test_bad_tables(void **state) {
 static void test_optional_groups(void **state) {
     dsmoe_plugin_handle h;
     dsmoe_err err = {0};
-    const dsmoe_kernel_plugin_v2 *k;
+    const dsmoe_kernel_plugin_v3 *k;
     assert_int_equal(dsmoe_plugin_load_kernel("fakefull", FAKE, &k, &h, &err), DSMOE_OK);
     assert_non_null(k->sample);
     assert_non_null(k->queue_create);
+    assert_non_null(k->gate);
     assert_int_equal(k->n_params, 2);
     dsmoe_plugin_unload(&h);
 
@@ -691,7 +725,7 @@ static void test_invalid_names(void **state) {
 // memory-kind pairing
 
 static void test_pair_check(void **state) {
-    const dsmoe_kernel_plugin_v2 *cuda, *cudav1;
+    const dsmoe_kernel_plugin_v3 *cuda, *cudav1;
     const dsmoe_comm_plugin_v2 *mpi, *cudaonly, *commv1;
     dsmoe_plugin_handle hk, hk1, hm, hc, hc1;
     dsmoe_err err = {0};
@@ -711,7 +745,7 @@ static void test_pair_check(void **state) {
     assert_contains(err.msg, "kernel plugin 'fakev1' allocates CUDA memory but comm plugin 'commv1' accepts only host");
 
     // Tables made here, for the kinds no loadable plugin has.
-    dsmoe_kernel_plugin_v2 host = {.api_version = 2, .name = "cpu", .mem_kind = DSMOE_MEM_HOST};
+    dsmoe_kernel_plugin_v3 host = {.api_version = 2, .name = "cpu", .mem_kind = DSMOE_MEM_HOST};
     assert_int_equal(dsmoe_plugin_check_pair(&host, mpi, &err), DSMOE_OK);
     assert_int_equal(dsmoe_plugin_check_pair(&host, commv1, &err), DSMOE_OK);
     assert_int_equal(dsmoe_plugin_check_pair(&host, cudaonly, &err), DSMOE_ERR_INVALID);
@@ -740,6 +774,7 @@ int main(void) {
         cmocka_unit_test(test_extra_beats_env_beats_build),
         cmocka_unit_test(test_first_file_wins_even_if_broken),
         cmocka_unit_test(test_kernel_v1_through_adapter),
+        cmocka_unit_test(test_kernel_v2_prefix),
         cmocka_unit_test(test_comm_v1_through_adapter),
         cmocka_unit_test(test_unknown_versions),
         cmocka_unit_test(test_not_found_lists_dirs_and_available),

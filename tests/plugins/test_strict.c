@@ -183,7 +183,7 @@ typedef struct {
 
 // gemm -> layernorm -> gate_route -> gate_assign, all outputs copied back, then an event waited for.
 // With check_stale, the host copies must still hold their sentinel bytes just before the wait.
-static void run_sequence(const dsmoe_kernel_plugin_v2 *T, const seq_in *in, seq_out *out, int check_stale) {
+static void run_sequence(const dsmoe_kernel_plugin_v3 *T, const seq_in *in, seq_out *out, int check_stale) {
     dsmoe_kernel_ctx *ctx = make_ctx(T, 2);
     dsmoe_kernel_queue *q = T->default_queue(ctx);
     float *a = dev(T, ctx, sizeof in->a, 0), *b = dev(T, ctx, sizeof in->b, 0), *c = dev(T, ctx, sizeof out->c, 0);

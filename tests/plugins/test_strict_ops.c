@@ -31,7 +31,7 @@ typedef struct {
 } rbuf;
 
 typedef struct {
-    const dsmoe_kernel_plugin_v2 *T;
+    const dsmoe_kernel_plugin_v3 *T;
     dsmoe_kernel_ctx *c;
     dsmoe_kernel_queue *q;
     rbuf b[192];
@@ -62,7 +62,7 @@ static void *zr(runner *r, const char *name, size_t bytes) { return put(r, name,
 
 // Every member once, in an order where later ops use earlier results.
 static void run_ops(runner *r) {
-    const dsmoe_kernel_plugin_v2 *T = r->T;
+    const dsmoe_kernel_plugin_v3 *T = r->T;
     dsmoe_kernel_ctx *c = r->c;
     dsmoe_kernel_queue *q = r->q;
     rng_state = 99;
@@ -224,7 +224,7 @@ static void run_ops(runner *r) {
 }
 
 // Runs the sequence on T, copies every buffer back, waits once.
-static void run_on(runner *r, const dsmoe_kernel_plugin_v2 *T) {
+static void run_on(runner *r, const dsmoe_kernel_plugin_v3 *T) {
     memset(r, 0, sizeof *r);
     r->T = T;
     r->c = make_ctx(T, 2);

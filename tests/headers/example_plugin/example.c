@@ -7,7 +7,7 @@
 int example_helper(int x);
 int example_helper(int x) { return x + 1; }
 
-static const dsmoe_kernel_plugin_v2 table = {
+static const dsmoe_kernel_plugin_v3 table = {
     .api_version = DSMOE_KERNEL_API_VERSION,
     .name = "example",
     .description = "out-of-tree example built with find_package(dsmoe)",
@@ -15,4 +15,4 @@ static const dsmoe_kernel_plugin_v2 table = {
     .dtypes = DSMOE_DTYPE_BIT(DSMOE_FLOAT32),
 };
 
-DSMOE_PLUGIN_EXPORT const dsmoe_kernel_plugin_v2 *DSMOE_KERNEL_PLUGIN_ENTRY(void) { return &table; }
+DSMOE_PLUGIN_EXPORT const dsmoe_kernel_plugin_v3 *DSMOE_KERNEL_PLUGIN_ENTRY(void) { return &table; }

@@ -67,7 +67,7 @@ struct dsmoe_kernel_event {
 };
 
 struct dsmoe_kernel_ctx {
-    const dsmoe_kernel_plugin_v2 *cpu; // the wrapped cpu plugin's v2 table
+    const dsmoe_kernel_plugin_v3 *cpu; // the wrapped cpu plugin's v2 table
     dsmoe_kernel_ctx *cc;              // its context
     dsmoe_kernel_queue *cq;            // its default queue: every closure runs there
     dsmoe_kernel_queue *queues;        // ours; the default queue first
@@ -120,13 +120,13 @@ dsmoe_status strict_run_all(dsmoe_kernel_ctx *c); // every queue to its end, the
 // The queued op with a range holding byte `off` of a, or NULL (the fault handler's question).
 const strict_op *strict_pending_at(const dsmoe_kernel_ctx *c, const strict_alloc *a, size_t off,
                                    const strict_range **range);
-void strict_fill_queue_members(dsmoe_kernel_plugin_v2 *t);
+void strict_fill_queue_members(dsmoe_kernel_plugin_v3 *t);
 
 // strict_mem.c: the allocation table and the memory members.
 strict_alloc *strict_find(dsmoe_kernel_ctx *c, const void *p); // the allocation holding p, or NULL
 void strict_release(dsmoe_kernel_ctx *c, strict_alloc *a);     // poisons and unmaps a freed buffer
 void strict_release_all(dsmoe_kernel_ctx *c);                  // finalize: unmaps every allocation
-void strict_fill_mem_members(dsmoe_kernel_plugin_v2 *t);
+void strict_fill_mem_members(dsmoe_kernel_plugin_v3 *t);
 
 // strict_protect.c: the window rules (page protection of device memory) and the fault handler.
 dsmoe_status strict_pages_init(dsmoe_kernel_ctx *c, strict_alloc *a); // a fresh buffer: all closed
@@ -138,10 +138,10 @@ void strict_protect_attach(dsmoe_kernel_ctx *c); // init: the SIGSEGV handler kn
 void strict_protect_detach(dsmoe_kernel_ctx *c);
 
 // strict_ops_dense.c, strict_ops_moe.c: the compute members.
-void strict_fill_dense_members(dsmoe_kernel_plugin_v2 *t, const dsmoe_kernel_plugin_v2 *cpu);
-void strict_fill_moe_members(dsmoe_kernel_plugin_v2 *t, const dsmoe_kernel_plugin_v2 *cpu);
+void strict_fill_dense_members(dsmoe_kernel_plugin_v3 *t, const dsmoe_kernel_plugin_v3 *cpu);
+void strict_fill_moe_members(dsmoe_kernel_plugin_v3 *t, const dsmoe_kernel_plugin_v3 *cpu);
 // strict_ops_distill.c: distill_forward and distill_backward (and DSMOE_KCAP_DISTILL) when cpu has them.
-void strict_fill_distill_members(dsmoe_kernel_plugin_v2 *t, const dsmoe_kernel_plugin_v2 *cpu);
+void strict_fill_distill_members(dsmoe_kernel_plugin_v3 *t, const dsmoe_kernel_plugin_v3 *cpu);
 
 // Starts an enqueuing member: checks the context and queue, makes the closure `op` with argument struct
 // `a` of type T, or returns.

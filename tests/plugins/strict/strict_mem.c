@@ -245,7 +245,7 @@ static dsmoe_status s_zero(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, void *d
     return strict_submit(ctx, q, op);
 }
 
-void strict_fill_mem_members(dsmoe_kernel_plugin_v2 *t) {
+void strict_fill_mem_members(dsmoe_kernel_plugin_v3 *t) {
     t->alloc = s_alloc;
     t->free = s_free;
     t->host_alloc = s_host_alloc;

@@ -544,7 +544,7 @@ static dsmoe_status s_adamw(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, const 
     return strict_submit(ctx, q, op);
 }
 
-void strict_fill_dense_members(dsmoe_kernel_plugin_v2 *t, const dsmoe_kernel_plugin_v2 *cpu) {
+void strict_fill_dense_members(dsmoe_kernel_plugin_v3 *t, const dsmoe_kernel_plugin_v3 *cpu) {
     t->gemm = s_gemm;
     t->gemm_grouped = s_gemm_grouped;
     t->gemm_grouped_wgrad = s_gemm_grouped_wgrad;

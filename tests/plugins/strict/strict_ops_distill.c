@@ -56,7 +56,7 @@ static dsmoe_status s_distill_backward(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue
 }
 
 // Present exactly when the cpu plugin has the pair (and then with DSMOE_KCAP_DISTILL).
-void strict_fill_distill_members(dsmoe_kernel_plugin_v2 *t, const dsmoe_kernel_plugin_v2 *cpu) {
+void strict_fill_distill_members(dsmoe_kernel_plugin_v3 *t, const dsmoe_kernel_plugin_v3 *cpu) {
     int has = cpu && (cpu->caps & DSMOE_KCAP_DISTILL) && cpu->distill_forward && cpu->distill_backward;
     t->distill_forward = has ? s_distill_forward : NULL;
     t->distill_backward = has ? s_distill_backward : NULL;

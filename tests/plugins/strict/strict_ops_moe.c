@@ -20,7 +20,7 @@ typedef struct {
     int C;
     float daux;
     const void *i1, *i2, *i3, *i4, *i5; // inputs in the member's order
-    void *o1, *o2, *o3, *o4;            // outputs in the member's order
+    void *o1, *o2, *o3, *o4, *o5, *o6, *o7; // outputs in the member's order
 } gate_args;
 
 static dsmoe_status run_gate_route(dsmoe_kernel_ctx *c, strict_op *op) {
@@ -31,6 +31,11 @@ static dsmoe_status run_gate_route(dsmoe_kernel_ctx *c, strict_op *op) {
 static dsmoe_status run_gate_assign(dsmoe_kernel_ctx *c, strict_op *op) {
     STRICT_ARGS(gate_args);
     return CPU(gate_assign)(c->cc, c->cq, &a->p, a->C, a->i1, a->i2, a->o1, a->o2, a->o3, a->o4);
+}
+
+static dsmoe_status run_gate(dsmoe_kernel_ctx *c, strict_op *op) {
+    STRICT_ARGS(gate_args);
+    return CPU(gate)(c->cc, c->cq, &a->p, a->C, a->i1, a->o1, a->o2, a->o3, a->o4, a->o5, a->o6, a->o7);
 }
 
 static dsmoe_status run_gate_backward(dsmoe_kernel_ctx *c, strict_op *op) {
@@ -72,6 +77,28 @@ static dsmoe_status s_gate_assign(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, 
         size_t S = Z(p->S), E = Z(p->E), K = Z(p->K);
         strict_ref(ctx, op, probs, S * E * F32, "probs");
         strict_ref(ctx, op, choice, S * K * 4, "choice");
+        strict_ref(ctx, op, slot, S * K * 4, "slot");
+        strict_ref(ctx, op, weight, S * K * F32, "weight");
+        strict_ref(ctx, op, kept, E * 4, "kept");
+        strict_ref(ctx, op, aux_sums, (2 * E + 1) * sizeof(double), "aux_sums");
+    }
+    return strict_submit(ctx, q, op);
+}
+
+// Route + assign: the union of the two members' buffers; probs and choice are written, then read.
+static dsmoe_status s_gate(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, const dsmoe_gating_params *p, int C,
+                           const float *logits, float *probs, int32_t *choice, int32_t *counts, int32_t *slot,
+                           float *weight, int32_t *kept, double *aux_sums) {
+    STRICT_BEGIN(ctx, q, "gate", run_gate, gate_args);
+    a->C = C, a->i1 = logits, a->o1 = probs, a->o2 = choice, a->o3 = counts, a->o4 = slot, a->o5 = weight;
+    a->o6 = kept, a->o7 = aux_sums;
+    strict_check(ctx, op, C >= 0, "negative capacity %d", C);
+    if (gate_params(ctx, op, p)) {
+        size_t S = Z(p->S), E = Z(p->E), K = Z(p->K);
+        strict_ref(ctx, op, logits, S * E * F32, "logits");
+        strict_ref(ctx, op, probs, S * E * F32, "probs");
+        strict_ref(ctx, op, choice, S * K * 4, "choice");
+        strict_ref(ctx, op, counts, E * 4, "counts");
         strict_ref(ctx, op, slot, S * K * 4, "slot");
         strict_ref(ctx, op, weight, S * K * F32, "weight");
         strict_ref(ctx, op, kept, E * 4, "kept");
@@ -348,10 +375,11 @@ static dsmoe_status s_sample(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, int32
     return strict_submit(ctx, q, op);
 }
 
-// The inference group is all or none: present when the cpu plugin has it.
-void strict_fill_moe_members(dsmoe_kernel_plugin_v2 *t, const dsmoe_kernel_plugin_v2 *cpu) {
+// The inference group is all or none: present when the cpu plugin has it; so is the fused gate.
+void strict_fill_moe_members(dsmoe_kernel_plugin_v3 *t, const dsmoe_kernel_plugin_v3 *cpu) {
     t->gate_route = s_gate_route;
     t->gate_assign = s_gate_assign;
+    t->gate = cpu && cpu->gate ? s_gate : NULL;
     t->gate_backward = s_gate_backward;
     t->moe_dispatch = s_moe_dispatch;
     t->moe_dispatch_backward = s_moe_dispatch_backward;

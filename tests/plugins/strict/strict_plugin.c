@@ -1,4 +1,4 @@
-// tests/plugins/strict/strict_plugin.c: the "strict" kernel plugin (ABI v2), a TEST plugin. It proves,
+// tests/plugins/strict/strict_plugin.c: the "strict" kernel plugin (ABI v3), a TEST plugin. It proves,
 // on a machine without a GPU, that the dsmoe core never relies on a kernel plugin being synchronous or
 // on plugin memory being host-readable. It computes nothing itself: every op runs the cpu plugin
 // (libdsmoe_kernel_cpu.so, through its v2 table), so its results are the cpu plugin's bit for bit; but
@@ -87,10 +87,10 @@ dsmoe_status strict_fail(dsmoe_kernel_ctx *c, dsmoe_status s, const char *fmt, .
 // ---------------------------------------------------------------------------------------------------
 // The wrapped cpu plugin: opened once per process (the entry needs its dtypes and caps).
 
-static const dsmoe_kernel_plugin_v2 *cpu_table;
+static const dsmoe_kernel_plugin_v3 *cpu_table;
 static char cpu_error[1024];
 
-static const dsmoe_kernel_plugin_v2 *load_cpu(void) {
+static const dsmoe_kernel_plugin_v3 *load_cpu(void) {
     if (cpu_table) return cpu_table;
     const char *path = getenv("DSMOE_STRICT_CPU_PLUGIN");
     if (!path || !*path) path = DSMOE_STRICT_CPU_PLUGIN_DEFAULT;
@@ -101,7 +101,7 @@ static const dsmoe_kernel_plugin_v2 *load_cpu(void) {
         return NULL;
     }
     dsmoe_kernel_plugin_entry_fn entry = (dsmoe_kernel_plugin_entry_fn)dlsym(dl, DSMOE_KERNEL_PLUGIN_SYMBOL);
-    const dsmoe_kernel_plugin_v2 *t = entry ? entry() : NULL;
+    const dsmoe_kernel_plugin_v3 *t = entry ? entry() : NULL;
     if (!t || t->api_version != DSMOE_KERNEL_API_VERSION || !t->init || !t->finalize || !t->last_error ||
         !t->describe || !t->default_queue || !t->queue_synchronize || !t->attention_bytes) {
         snprintf(cpu_error, sizeof cpu_error, "strict: %s is not a kernel plugin of ABI version %d with the "
@@ -158,7 +158,7 @@ static dsmoe_status s_init(const dsmoe_kernel_options *opt, dsmoe_kernel_ctx **o
         return DSMOE_ERR_INVALID;
     }
     *out = NULL;
-    const dsmoe_kernel_plugin_v2 *cpu = load_cpu();
+    const dsmoe_kernel_plugin_v3 *cpu = load_cpu();
     if (!cpu) {
         snprintf(errbuf, errlen, "%s", cpu_error);
         return DSMOE_ERR_IO;
@@ -218,7 +218,7 @@ static dsmoe_status s_mem_info(dsmoe_kernel_ctx *c, size_t *free_bytes, size_t *
 
 static dsmoe_status s_attention_bytes(dsmoe_kernel_ctx *c, const dsmoe_attention_shape *shape, size_t *saved,
                                       size_t *workspace) {
-    const dsmoe_kernel_plugin_v2 *cpu = c ? c->cpu : load_cpu();
+    const dsmoe_kernel_plugin_v3 *cpu = c ? c->cpu : load_cpu();
     if (!cpu) return DSMOE_ERR_IO;
     if (c && c->sticky) return c->sticky;
     dsmoe_status s = cpu->attention_bytes(c ? c->cc : NULL, shape, saved, workspace);
@@ -229,11 +229,11 @@ static dsmoe_status s_attention_bytes(dsmoe_kernel_ctx *c, const dsmoe_attention
 // ---------------------------------------------------------------------------------------------------
 // The table: filled once, by the entry, from the cpu plugin's (dtypes, caps, settings, optional members).
 
-static dsmoe_kernel_plugin_v2 strict_table;
+static dsmoe_kernel_plugin_v3 strict_table;
 
 static void fill_table(void) {
-    const dsmoe_kernel_plugin_v2 *cpu = load_cpu(); // NULL: init explains
-    dsmoe_kernel_plugin_v2 *t = &strict_table;
+    const dsmoe_kernel_plugin_v3 *cpu = load_cpu(); // NULL: init explains
+    dsmoe_kernel_plugin_v3 *t = &strict_table;
     t->api_version = DSMOE_KERNEL_API_VERSION;
     t->name = "strict";
     t->description = "test plugin: the cpu plugin's ops on deferred queues over memory the host cannot touch";
@@ -262,7 +262,7 @@ static void fill_table(void) {
     if (!t->kv_append) t->caps &= ~(uint32_t)DSMOE_KCAP_INFERENCE;
 }
 
-DSMOE_PLUGIN_EXPORT const dsmoe_kernel_plugin_v2 *DSMOE_KERNEL_PLUGIN_ENTRY(void) {
+DSMOE_PLUGIN_EXPORT const dsmoe_kernel_plugin_v3 *DSMOE_KERNEL_PLUGIN_ENTRY(void) {
     static int filled;
     if (!filled) {
         fill_table();

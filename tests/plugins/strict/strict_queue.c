@@ -385,7 +385,7 @@ static dsmoe_status s_event_query(dsmoe_kernel_ctx *c, dsmoe_kernel_event *ev, i
     return s;
 }
 
-void strict_fill_queue_members(dsmoe_kernel_plugin_v2 *t) {
+void strict_fill_queue_members(dsmoe_kernel_plugin_v3 *t) {
     t->default_queue = s_default_queue;
     t->queue_create = s_queue_create;
     t->queue_destroy = s_queue_destroy;
