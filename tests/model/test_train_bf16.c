@@ -44,9 +44,22 @@ static double now(void) {
 
 // The quickstart model, 200 steps from the same seed in both precisions: bf16 lands where fp32 does, and
 // near the synthetic corpus's loss bound (test_train.c's margins: nothing beats the bound by more than
-// sampling noise, and 200 steps get within 0.15 nats of it).
+// sampling noise, and 200 steps get within 0.15 nats of it). A claim about the numbers, which the
+// sanitizers do not change: the sanitized build skips it, since the other tests here take every bf16
+// training path under them (with it this program took 227 s there on CI, without it 11 s).
+#if defined(__SANITIZE_ADDRESS__)
+#define SANITIZED_BUILD 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define SANITIZED_BUILD 1
+#endif
+#endif
 static void test_converges_like_fp32(void **state) {
     (void)state;
+#ifdef SANITIZED_BUILD
+    printf("skipped in the sanitized build: convergence is the plain build's check\n");
+    skip();
+#endif
     dsmoe_train_result r32, r16;
     double t0 = now();
     train_ok(quick_deck, "run.output_dir=%s/conv32 train.steps=200 checkpoint.final=false", &r32, NULL, tmpdir);
