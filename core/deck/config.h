@@ -47,6 +47,7 @@ typedef struct dsmoe_config {
     char kernel_backend[64];     // run.kernel_backend ("cpu")
     char comm_backend[64];       // run.comm_backend ("mpi")
     char plugin_path[1024];      // run.plugin_path (extra plugin directories, ':'-separated)
+    int fixed_order_sums;        // run.fixed_order_sums: the core's rank-order float sums (comm_ordered.c)
     char signals[256];           // run.signals: names of the signals that checkpoint and stop (train.h)
 
     // [model]

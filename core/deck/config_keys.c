@@ -33,6 +33,10 @@ const key_def dsmoe_config_keys[] = {
     KEY("run.kernel_backend", K_STRING, "cpu", kernel_backend, ANY, "expert-kernel plugin (libdsmoe_kernel_<name>.so)"),
     KEY("run.comm_backend", K_STRING, "mpi", comm_backend, ANY, "communication plugin (libdsmoe_comm_<name>.so)"),
     KEY("run.plugin_path", K_STRING, "", plugin_path, ANY, "extra plugin directories, ':'-separated"),
+    KEY("run.fixed_order_sums", K_BOOL, "true", fixed_order_sums, ANY,
+        "float32/float64 sums of a comm plugin that does not promise a fixed order (nccl) go through the core's "
+        "rank-order path (data movement plus additions on the kernel plugin): the same bits in every run; false = "
+        "the plugin's own sums (faster, not bitwise reproducible)"),
     KEY("run.watchdog", K_DURATION, "30min", watchdog, GE(0),
         "a rank that makes no progress this long (a peer stopped, hung or gone) ends the job with exit code 70, "
         "naming the step and phase; 0 = off"),

@@ -340,9 +340,10 @@ int main(int argc, char **argv) {
     }
     if (s == DSMOE_OK) resolved = append_plugin_settings(resolved, &rt);
     if (s == DSMOE_OK && rank == 0) {
-        printf("backends: kernel %s (%s: %s), comm %s (%s%s)\n", rt.kern->name, rt.kernel_handle.path,
+        printf("backends: kernel %s (%s: %s), comm %s (%s%s%s)\n", rt.kern->name, rt.kernel_handle.path,
                rt.kern->describe(rt.kctx), rt.comm->name, rt.comm_handle.path,
-               rt.comm_staged ? "; collectives through pinned host staging" : "");
+               rt.comm_staged ? "; collectives through pinned host staging" : "",
+               rt.comm_ordered ? "; float sums in the core's fixed rank order (run.fixed_order_sums)" : "");
         print_plugin_settings(&rt);
         dsmoe_placement_print(stdout, pl, &cfg);
     }

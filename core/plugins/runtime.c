@@ -85,6 +85,18 @@ static dsmoe_status open_world(const dsmoe_config *cfg, dsmoe_runtime *rt, dsmoe
             return s;
         }
     }
+    // Float sums in the core's fixed order unless the plugin's are already (run.fixed_order_sums).
+    if ((!cfg || cfg->fixed_order_sums) && !(rt->comm->caps & DSMOE_CCAP_DETERMINISTIC)) {
+        const dsmoe_comm_plugin_v2 *inner = rt->comm;
+        s = dsmoe_errors_agree(dsmoe_comm_ordered_open(inner, rt->cctx, rt->kern, rt->kctx, rt->q, &rt->comm, &rt->cctx, err),
+                               err);
+        if (s != DSMOE_OK) {
+            inner->finalize(rt->cctx);
+            rt->cctx = NULL;
+            return s;
+        }
+        rt->comm_ordered = 1;
+    }
     rt->stream_ordered = (rt->comm->caps & DSMOE_CCAP_STREAM_ORDERED) != 0;
     s = rt->comm->group_create(rt->cctx, &bs, &rt->world);
     if (s != DSMOE_OK)

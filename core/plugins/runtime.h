@@ -24,6 +24,7 @@ typedef struct dsmoe_runtime {
     dsmoe_comm_stream stream;           // q as the comm plugin sees it
     int stream_ordered;                 // comm caps & DSMOE_CCAP_STREAM_ORDERED
     int comm_staged;                    // comm is the host staging adapter in front of a host-memory plugin
+    int comm_ordered;                   // comm is the fixed-order sums adapter (run.fixed_order_sums)
     int world_rank, world_size;
     int slot;                           // place in node-major order (placement.h); EP groups are contiguous
                                         // runs of slots. = world_rank unless a placement says otherwise
@@ -85,6 +86,13 @@ void dsmoe_runtime_close(dsmoe_runtime *rt);
 dsmoe_status dsmoe_comm_staged_open(const dsmoe_comm_plugin_v2 *in, dsmoe_comm_ctx *in_ctx,
                                     const dsmoe_kernel_plugin_v3 *kern, dsmoe_kernel_ctx *kctx, dsmoe_kernel_queue *q,
                                     const dsmoe_comm_plugin_v2 **out, dsmoe_comm_ctx **out_ctx, dsmoe_err *err);
+
+// The fixed-order sums adapter (comm_ordered.c): `in` (initialised as in_ctx, without
+// DSMOE_CCAP_DETERMINISTIC) behind a table whose float32/float64 SUMs add in rank order on kern's queue q.
+// *out / *out_ctx replace the plugin and context; finalizing *out_ctx finalizes in_ctx.
+dsmoe_status dsmoe_comm_ordered_open(const dsmoe_comm_plugin_v2 *in, dsmoe_comm_ctx *in_ctx,
+                                     const dsmoe_kernel_plugin_v3 *kern, dsmoe_kernel_ctx *kctx, dsmoe_kernel_queue *q,
+                                     const dsmoe_comm_plugin_v2 **out, dsmoe_comm_ctx **out_ctx, dsmoe_err *err);
 
 // Enqueues kernel op `op` on rt's queue (the context and queue arguments are supplied); on failure fills `err` with the op, the call site and the plugin's
 // message, and returns the status from the enclosing function. Use inside functions that return

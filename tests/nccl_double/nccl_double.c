@@ -11,8 +11,10 @@
 //   caller's world rank and a serial number; ncclCommInitRank sends each member's world rank to that
 //   creator (point to point on MPI_COMM_WORLD, tags from the serial), which sends back the list, then
 //   MPI_Comm_create_group (collective over the members only).
-// - Sums are done in rank order on the host (the real NCCL's order is not fixed; the plugin does not
-//   claim determinism, so the tests accept any order within the summation error bound).
+// - Sums are done in rank order on the host, or from the last rank down with DSMOE_NCCLSIM_SUM_ORDER=
+//   reverse (the real NCCL's order is not fixed; the plugin does not claim determinism, so the tests
+//   accept any order within the summation error bound, and the core's fixed-order sums must give the
+//   same bits whatever the order).
 // - Failure: every wait polls its MPI requests with a deadline of DSMOE_NCCLSIM_TIMEOUT seconds (60 by
 //   default). Past it, or when MPI fails, the communicator's asynchronous error becomes
 //   ncclRemoteError (ncclSystemError for an MPI failure), ncclGetLastError says what waited, and the
@@ -291,6 +293,21 @@ EXPORT const char *ncclGetLastError(ncclComm_t comm) { return comm ? comm->msg :
 // ------------------------------------------------------------------------------------------------
 // collectives (run at once)
 
+// out (count) = op over the p blocks (bytes each) of `blocks`: in rank order, or from the last rank down
+// with DSMOE_NCCLSIM_SUM_ORDER=reverse (a float sum in another order, as NCCL's algorithms give: what the
+// core's fixed-order sums must not depend on). `blocks` is scratch.
+static void sum_blocks(ncclDataType_t t, ncclRedOp_t op, char *blocks, int p, size_t bytes, size_t count, void *out) {
+    const char *order = getenv("DSMOE_NCCLSIM_SUM_ORDER");
+    if (order && !strcmp(order, "reverse")) {
+        char *acc = blocks + (size_t)(p - 1) * bytes;
+        for (int q = p - 2; q >= 0; q--) reduce_into(t, op, acc, blocks + (size_t)q * bytes, count);
+        memcpy(out, acc, bytes);
+        return;
+    }
+    for (int q = 1; q < p; q++) reduce_into(t, op, blocks, blocks + (size_t)q * bytes, count);
+    memcpy(out, blocks, bytes);
+}
+
 EXPORT ncclResult_t ncclAllReduce(const void *sendbuff, void *recvbuff, size_t count, ncclDataType_t datatype,
                                   ncclRedOp_t op, ncclComm_t comm, cudaStream_t stream) {
     ncclResult_t r = usable(comm);
@@ -302,8 +319,7 @@ EXPORT ncclResult_t ncclAllReduce(const void *sendbuff, void *recvbuff, size_t c
     MPI_Iallgather(sendbuff, (int)bytes, MPI_BYTE, all, (int)bytes, MPI_BYTE, comm->mpi, &req);
     r = wait_reqs(comm, &req, 1, "ncclAllReduce");
     if (r == ncclSuccess) {
-        for (int q = 1; q < comm->size; q++) reduce_into(datatype, op, all, all + (size_t)q * bytes, count);
-        memcpy(recvbuff, all, bytes);
+        sum_blocks(datatype, op, all, comm->size, bytes, count, recvbuff);
     }
     free(all);
     return r;
@@ -320,8 +336,7 @@ EXPORT ncclResult_t ncclReduceScatter(const void *sendbuff, void *recvbuff, size
     MPI_Ialltoall(sendbuff, (int)bytes, MPI_BYTE, blocks, (int)bytes, MPI_BYTE, comm->mpi, &req);
     r = wait_reqs(comm, &req, 1, "ncclReduceScatter");
     if (r == ncclSuccess) {
-        for (int q = 1; q < comm->size; q++) reduce_into(datatype, op, blocks, blocks + (size_t)q * bytes, recvcount);
-        memcpy(recvbuff, blocks, bytes);
+        sum_blocks(datatype, op, blocks, comm->size, bytes, recvcount, recvbuff);
     }
     free(blocks);
     return r;

@@ -3,7 +3,7 @@
 # host memory), so it needs neither CUDA nor NCCL. On it: the comm conformance suite on 1, 2 and 4 ranks,
 # and a failure test (a stopped rank ends the others within seconds, with a message).
 # The real "nccl" plugin is skipped by the conformance suite here (it takes device memory only); run it
-# on a GPU machine with DSMOE_CONFORMANCE_COMM=nccl and a CUDA-aware harness (not done yet).
+# on a GPU machine with the device-buffer harness tests/plugins/test_comm_device.c (comm_device.cmake).
 
 add_library(dsmoe_nccl_double SHARED ${DSMOE_TEST_DIR}/nccl_double/nccl_double.c)
 set_target_properties(dsmoe_nccl_double PROPERTIES LIBRARY_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/tests/plugins
@@ -63,3 +63,10 @@ add_test(NAME test_mpi_cuda_aware COMMAND ${DSMOE_MPIEXEC} ${MPIEXEC_NUMPROC_FLA
          $<TARGET_FILE:test_mpi_cuda_aware>)
 set_tests_properties(test_mpi_cuda_aware PROPERTIES TIMEOUT 30 SKIP_RETURN_CODE 77 LABELS "comm"
                      ENVIRONMENT "${DSMOE_RANKS_ENV}")
+
+# Swapping comm backends end to end (tests/nccl_double/comm_swap_test.sh): the same dsmoe trains one deck
+# on mpi, ncclsim and strict + ncclsim (2 and 4 ranks) to the same metrics; a stopped or killed rank of
+# an ncclsim run ends the job within seconds. Its waits are timed: it runs alone.
+add_test(NAME comm_swap COMMAND bash ${DSMOE_TEST_DIR}/nccl_double/comm_swap_test.sh $<TARGET_FILE:dsmoe>
+         ${CMAKE_BINARY_DIR}/tests/plugins ${DSMOE_MPIEXEC} ${DSMOE_MPIEXEC_PREFLAGS})
+set_tests_properties(comm_swap PROPERTIES TIMEOUT 300 LABELS "cli;comm;nccl" RUN_SERIAL TRUE)

@@ -43,6 +43,7 @@
 #include <mpi.h>
 
 #include "comm_conformance.h" // conf_load_comm, conf_boot, conf_queue
+#include "comm_inputs.h"      // comm_pat, comm_value
 
 static const dsmoe_comm_plugin_v2 *P;
 static const char *plugin_name;
@@ -105,22 +106,6 @@ static dsmoe_status queue_flush(variant *v, dsmoe_comm_group *g) {
 }
 #define FLUSH(v, g) ALL_STATUS(v, queue_flush(v, g), "running the queued collectives")
 
-static uint8_t pat(int from, int to, size_t k) { return (uint8_t)(from * 73 + to * 31 + (int)(k * 7) + 1); }
-
-static uint64_t mix(uint64_t x) { // splitmix64 finaliser
-    x += 0x9e3779b97f4a7c15ull;
-    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-    return x ^ (x >> 31);
-}
-
-// Rank r's element i: signs and exponents spread over 2^-20..2^20, so the order of a sum shows in
-// its bits.
-static double value(int r, size_t i) {
-    uint64_t h = mix((uint64_t)r * 1000003u + i);
-    double m = 0.5 + (double)(h & 0xffffff) / 16777216.0;
-    return ((h >> 40) & 1 ? -1.0 : 1.0) * ldexp(m, (int)((h >> 24) % 41) - 20);
-}
 
 // buf (bytes) equal on every rank (rank 0's, sent with MPI on the world).
 static int same_on_all_ranks(const void *buf, size_t bytes) {
@@ -173,17 +158,17 @@ static void test_alltoall(void **state) {
             // A stream-ordered collective reads its inputs when the queue reaches it: they come late.
             for (int late = 0; late < 1 + stream_ordered; late++)
                 for (int j = 0; j < size; j++)
-                    for (size_t k = 0; k < b; k++) send[j * b + k] = stream_ordered && !late ? 0x5A : pat(rank, j, k);
+                    for (size_t k = 0; k < b; k++) send[j * b + k] = stream_ordered && !late ? 0x5A : comm_pat(rank, j, k);
             memset(recv, 0xEE, all);
             memcpy(before, recv, all);
             ALL_STATUS(&V[v], P->alltoall(V[v].ctx, V[v].world, send, recv, b, &S), "alltoall");
             EXPECT_PENDING(recv, before, all, "alltoall");
             for (int j = 0; j < size; j++)
-                for (size_t k = 0; k < b; k++) send[j * b + k] = pat(rank, j, k);
+                for (size_t k = 0; k < b; k++) send[j * b + k] = comm_pat(rank, j, k);
             FLUSH(&V[v], V[v].world);
             int bad = 0;
             for (int i = 0; i < size; i++)
-                for (size_t k = 0; k < b; k++) bad += recv[i * b + k] != pat(i, rank, k);
+                for (size_t k = 0; k < b; k++) bad += recv[i * b + k] != comm_pat(i, rank, k);
             ALL_OK(bad == 0 && recv[b * size] == 0xEE, "alltoall %zu bytes (%s): %d wrong bytes", b, V[v].label, bad);
             free(send), free(recv), free(before);
         }
@@ -206,16 +191,16 @@ static void alltoallv_case(variant *v, size_t (*count)(int, int), size_t sgap) {
     memset(recv, 0xEE, rtotal + 1);
     memcpy(before, recv, rtotal + 1);
     for (int j = 0; j < size && !stream_ordered; j++)
-        for (size_t k = 0; k < sc[j]; k++) send[sd[j] + k] = pat(rank, j, k);
+        for (size_t k = 0; k < sc[j]; k++) send[sd[j] + k] = comm_pat(rank, j, k);
     ALL_STATUS(v, P->alltoallv(v->ctx, v->world, send, arg[0], arg[1], recv, arg[2], arg[3], &S), "alltoallv");
     memset(arg, 0xFF, sizeof arg);
     EXPECT_PENDING(recv, before, rtotal + 1, "alltoallv");
     for (int j = 0; j < size; j++)
-        for (size_t k = 0; k < sc[j]; k++) send[sd[j] + k] = pat(rank, j, k);
+        for (size_t k = 0; k < sc[j]; k++) send[sd[j] + k] = comm_pat(rank, j, k);
     FLUSH(v, v->world);
     int bad = 0;
     for (int i = 0; i < size; i++) {
-        for (size_t k = 0; k < rc[i]; k++) bad += recv[rd[i] + k] != pat(i, rank, k);
+        for (size_t k = 0; k < rc[i]; k++) bad += recv[rd[i] + k] != comm_pat(i, rank, k);
         bad += recv[rd[i] + rc[i]] != 0xEE || recv[rd[i] + rc[i] + 1] != 0xEE; // the gap
     }
     ALL_OK(bad == 0, "alltoallv (%s, send gap %zu): %d wrong bytes", v->label, sgap, bad);
@@ -242,16 +227,16 @@ static void test_allgather(void **state) {
         for (size_t t = 0; t < sizeof sizes / sizeof sizes[0]; t++) {
             size_t b = sizes[t], all = b * size + 1;
             uint8_t *send = malloc(b + 1), *recv = malloc(all), *before = malloc(all);
-            for (size_t k = 0; k < b; k++) send[k] = stream_ordered ? 0x5A : pat(rank, 0, k);
+            for (size_t k = 0; k < b; k++) send[k] = stream_ordered ? 0x5A : comm_pat(rank, 0, k);
             memset(recv, 0xEE, all);
             memcpy(before, recv, all);
             ALL_STATUS(&V[v], P->allgather(V[v].ctx, V[v].world, send, recv, b, &S), "allgather");
             EXPECT_PENDING(recv, before, all, "allgather");
-            for (size_t k = 0; k < b; k++) send[k] = pat(rank, 0, k);
+            for (size_t k = 0; k < b; k++) send[k] = comm_pat(rank, 0, k);
             FLUSH(&V[v], V[v].world);
             int bad = 0;
             for (int i = 0; i < size; i++)
-                for (size_t k = 0; k < b; k++) bad += recv[i * b + k] != pat(i, 0, k);
+                for (size_t k = 0; k < b; k++) bad += recv[i * b + k] != comm_pat(i, 0, k);
             ALL_OK(bad == 0 && recv[b * size] == 0xEE, "allgather %zu bytes (%s): %d wrong", b, V[v].label, bad);
             free(send), free(recv), free(before);
         }
@@ -268,14 +253,14 @@ static void test_broadcast(void **state) {
                 int root = rank == roots[r];
                 uint8_t buf[16], before[16];
                 for (size_t k = 0; k < sizeof buf; k++)
-                    buf[k] = root ? (stream_ordered ? 0x5A : pat(roots[r], 9, k)) : 0xCD;
+                    buf[k] = root ? (stream_ordered ? 0x5A : comm_pat(roots[r], 9, k)) : 0xCD;
                 memcpy(before, buf, sizeof buf);
                 ALL_STATUS(&V[v], P->broadcast(V[v].ctx, V[v].world, buf, b, roots[r], &S), "broadcast");
                 EXPECT_PENDING(buf, before, sizeof buf, "broadcast");
-                for (size_t k = 0; k < sizeof buf && root; k++) buf[k] = pat(roots[r], 9, k);
+                for (size_t k = 0; k < sizeof buf && root; k++) buf[k] = comm_pat(roots[r], 9, k);
                 FLUSH(&V[v], V[v].world);
                 int bad = 0;
-                for (size_t k = 0; k < b; k++) bad += buf[k] != pat(roots[r], 9, k);
+                for (size_t k = 0; k < b; k++) bad += buf[k] != comm_pat(roots[r], 9, k);
                 for (size_t k = b; k < sizeof buf && !root; k++) bad += buf[k] != 0xCD;
                 ALL_OK(bad == 0, "broadcast %zu bytes from %d (%s): %d wrong", b, roots[r], V[v].label, bad);
             }
@@ -296,15 +281,15 @@ static void test_broadcast(void **state) {
         }                                                                                          \
     } while (0)
 
-// References of the float SUM over ranks of value(q, first + i), i < n: ref in T in rank order,
+// References of the float SUM over ranks of comm_value(q, first + i), i < n: ref in T in rank order,
 // refd and sumabs in double.
 #define SUM_REFS(T, first, n, ref, refd, sumabs)                                                   \
     do {                                                                                           \
         for (size_t i_ = 0; i_ < (n); i_++) {                                                      \
-            (ref)[i_] = (T)value(0, (first) + i_);                                                 \
-            (refd)[i_] = (double)(T)value(0, (first) + i_), (sumabs)[i_] = fabs((refd)[i_]);       \
+            (ref)[i_] = (T)comm_value(0, (first) + i_);                                                 \
+            (refd)[i_] = (double)(T)comm_value(0, (first) + i_), (sumabs)[i_] = fabs((refd)[i_]);       \
             for (int q_ = 1; q_ < size; q_++) {                                                    \
-                T x_ = (T)value(q_, (first) + i_);                                                 \
+                T x_ = (T)comm_value(q_, (first) + i_);                                                 \
                 (ref)[i_] += x_, (refd)[i_] += (double)x_, (sumabs)[i_] += fabs((double)x_);       \
             }                                                                                      \
         }                                                                                          \
@@ -318,11 +303,11 @@ static void test_broadcast(void **state) {
         T *ref = malloc(bytes), *before = malloc(bytes);                                           \
         double *refd = malloc(n * sizeof(double) + 1), *sumabs = malloc(n * sizeof(double) + 1);  \
         SUM_REFS(T, 0, n, ref, refd, sumabs);                                                      \
-        for (size_t i = 0; i < n; i++) mine[i] = stream_ordered ? (T)0.25 : (T)value(rank, i);     \
+        for (size_t i = 0; i < n; i++) mine[i] = stream_ordered ? (T)0.25 : (T)comm_value(rank, i);     \
         memset(out, 0xEE, bytes), memcpy(before, out, bytes);                                      \
         ALL_STATUS(v, P->allreduce(v->ctx, v->world, mine, out, n, DT, DSMOE_SUM, &S), "allreduce"); \
         EXPECT_PENDING(out, before, bytes, "allreduce");                                           \
-        for (size_t i = 0; i < n; i++) mine[i] = (T)value(rank, i);                                \
+        for (size_t i = 0; i < n; i++) mine[i] = (T)comm_value(rank, i);                                \
         FLUSH(v, v->world);                                                                        \
         ALL_STATUS(v, P->allreduce(v->ctx, v->world, mine, again, n, DT, DSMOE_SUM, &S), "allreduce"); \
         FLUSH(v, v->world);                                                                        \
@@ -346,8 +331,8 @@ static void test_broadcast(void **state) {
         if (mpi_family && size >= 3 && n >= 1000) { /* the data must be able to catch another order */ \
             int differs = 0;                                                                       \
             for (size_t i = 0; i < n; i++) {                                                       \
-                T rev = (T)value(size - 1, i);                                                     \
-                for (int q = size - 2; q >= 0; q--) rev += (T)value(q, i);                         \
+                T rev = (T)comm_value(size - 1, i);                                                     \
+                for (int q = size - 2; q >= 0; q--) rev += (T)comm_value(q, i);                         \
                 differs += memcmp(&rev, &ref[i], sizeof(T)) != 0;                                  \
             }                                                                                      \
             ALL_OK(differs > 0, "%s: test data is not order-sensitive", #T);                       \
@@ -384,7 +369,7 @@ static void test_allreduce_exact_ops(void **state) {
                 int32_t a = (int32_t)((q * 37 + (int)i * 11) % 101) - 50;
                 int64_t b = ((int64_t)((q * 13 + (int)i * 7) % 29) - 14) * (INT64_C(1) << 40);
                 uint8_t c = (uint8_t)(q * 91 + i * 17);
-                float d = (float)value(q, i);
+                float d = (float)comm_value(q, i);
                 if (q == rank) i32[i] = a, i64[i] = b, u8[i] = c, f[i] = d;
                 max32[i] = a > max32[i] ? a : max32[i];
                 sum32[i] += a;
@@ -422,7 +407,7 @@ static void test_16bit_floats(void **state) {
         for (size_t i = 0; i < N; i++) {
             ref[i] = 0;
             for (int q = 0; q < size; q++) {
-                uint16_t h = (uint16_t)(0x0400 + mix((uint64_t)q * 31 + i) % 0x3000); // positive, finite
+                uint16_t h = (uint16_t)(0x0400 + comm_mix((uint64_t)q * 31 + i) % 0x3000); // positive, finite
                 if (q == rank) mine[i] = h;
                 ref[i] = h > ref[i] ? h : ref[i];
             }
@@ -455,11 +440,11 @@ static void test_16bit_floats(void **state) {
         T *out = malloc(bytes), *again = malloc(bytes), *ref = malloc(bytes), *before = malloc(bytes); \
         double *refd = malloc(n * sizeof(double) + 1), *sumabs = malloc(n * sizeof(double) + 1);  \
         SUM_REFS(T, (size_t)rank * n, n, ref, refd, sumabs);                                       \
-        for (size_t i = 0; i < all; i++) send[i] = stream_ordered ? (T)0.25 : (T)value(rank, i);   \
+        for (size_t i = 0; i < all; i++) send[i] = stream_ordered ? (T)0.25 : (T)comm_value(rank, i);   \
         memset(out, 0xEE, bytes), memcpy(before, out, bytes);                                      \
         ALL_STATUS(v, P->reduce_scatter(v->ctx, v->world, send, out, n, DT, DSMOE_SUM, &S), "reduce_scatter"); \
         EXPECT_PENDING(out, before, bytes, "reduce_scatter");                                      \
-        for (size_t i = 0; i < all; i++) send[i] = (T)value(rank, i);                              \
+        for (size_t i = 0; i < all; i++) send[i] = (T)comm_value(rank, i);                              \
         FLUSH(v, v->world);                                                                        \
         int bad = 0;                                                                               \
         COUNT_BAD_SUMS(T, EPS, out, ref, refd, sumabs, n, bad);                                    \
@@ -498,8 +483,8 @@ static void test_16bit_floats(void **state) {
 #define GEN_I32(q, k) ((int32_t)(((q) * 37 + (k) * 11) % 101) - 50)
 #define GEN_I64(q, k) (((int64_t)(((q) * 13 + (k) * 7) % 29) - 14) * (INT64_C(1) << 40))
 #define GEN_U8(q, k) ((uint8_t)((q) * 91 + (k) * 17))
-#define GEN_F32(q, k) ((float)value((q), (size_t)(k)))
-#define GEN_F64(q, k) value((q), (size_t)(k))
+#define GEN_F32(q, k) ((float)comm_value((q), (size_t)(k)))
+#define GEN_F64(q, k) comm_value((q), (size_t)(k))
 
 static const size_t rs_sizes[2][5] = {{0, 1, 3, 13, 1000}, {0, 3, 7, 12}}; // under max_count 5: 7 = 5 + 2
 static const size_t n_rs_sizes[2] = {5, 4};
@@ -533,7 +518,7 @@ static void test_allreduce_start(void **state) {
             float *a = malloc(n * sizeof *a + 1), *b = malloc(n * sizeof *b + 1);
             int32_t *ia = malloc(n * sizeof *ia + 4), *ib = malloc(n * sizeof *ib + 4);
             for (size_t i = 0; i < n; i++) {
-                a[i] = b[i] = (float)value(rank, i);
+                a[i] = b[i] = (float)comm_value(rank, i);
                 ia[i] = ib[i] = (int32_t)((rank * 37 + (int)i * 11) % 101) - 50;
             }
             dsmoe_comm_group *w = v->world;
@@ -592,14 +577,14 @@ static void test_stream_contract(void **state) {
 // ------------------------------------------------------------------------------------------------
 // groups
 
-// Float SUM over the world ranks `members` (gsize of them, in group order) of value(., i), i < n.
+// Float SUM over the world ranks `members` (gsize of them, in group order) of comm_value(., i), i < n.
 static int group_sum_ok(const float *out, const int *members, int gsize, size_t n) {
     int bad = 0;
     for (size_t i = 0; i < n; i++) {
-        float ref = (float)value(members[0], i);
+        float ref = (float)comm_value(members[0], i);
         double refd = ref, sumabs = fabs(refd);
         for (int k = 1; k < gsize; k++) {
-            float x = (float)value(members[k], i);
+            float x = (float)comm_value(members[k], i);
             ref += x, refd += x, sumabs += fabs((double)x);
         }
         bad += !(fabs((double)out[i] - refd) <= 2.0 * gsize * FLT_EPSILON * sumabs + 1e-300) ||
@@ -626,20 +611,20 @@ static void test_split_groups(void **state) {
            P->group_rank(g), P->group_size(g), rank / 2, gsize);
     enum { N = 101, B = 5 };
     float mine[N], out[N], rs_send[32 * B], rs_out[B], whole[32 * B];
-    for (int i = 0; i < N; i++) mine[i] = (float)value(rank, (size_t)i);
+    for (int i = 0; i < N; i++) mine[i] = (float)comm_value(rank, (size_t)i);
     ALL_STATUS(v, P->allreduce(v->ctx, g, mine, out, N, DSMOE_FLOAT32, DSMOE_SUM, &S), "allreduce in group");
     FLUSH(v, g);
     ALL_OK(group_sum_ok(out, members, gsize, N), "float SUM over the %s ranks", color ? "odd" : "even");
     uint8_t send[32 * 3], recv[32 * 3];
     for (int j = 0; j < gsize; j++)
-        for (size_t k = 0; k < 3; k++) send[j * 3 + k] = pat(rank, members[j], k);
+        for (size_t k = 0; k < 3; k++) send[j * 3 + k] = comm_pat(rank, members[j], k);
     ALL_STATUS(v, P->alltoall(v->ctx, g, send, recv, 3, &S), "alltoall in group");
     FLUSH(v, g);
     int bad = 0;
     for (int i = 0; i < gsize; i++)
-        for (size_t k = 0; k < 3; k++) bad += recv[i * 3 + k] != pat(members[i], rank, k);
+        for (size_t k = 0; k < 3; k++) bad += recv[i * 3 + k] != comm_pat(members[i], rank, k);
     ALL_OK(bad == 0, "alltoall in the %s group: %d wrong", color ? "odd" : "even", bad);
-    for (int i = 0; i < gsize * B; i++) rs_send[i] = (float)value(rank, (size_t)i);
+    for (int i = 0; i < gsize * B; i++) rs_send[i] = (float)comm_value(rank, (size_t)i);
     ALL_STATUS(v, P->reduce_scatter(v->ctx, g, rs_send, rs_out, B, DSMOE_FLOAT32, DSMOE_SUM, &S), "reduce_scatter");
     ALL_STATUS(v, P->allreduce(v->ctx, g, rs_send, whole, (size_t)gsize * B, DSMOE_FLOAT32, DSMOE_SUM, &S),
                "allreduce");
@@ -659,14 +644,14 @@ static void test_split_groups(void **state) {
            P->group_rank(g), P->group_size(g));
     uint8_t s2[64 * 2], r2[64 * 2], gat[64 * 2];
     for (int j = 0; j < size; j++)
-        for (size_t k = 0; k < 2; k++) s2[j * 2 + k] = pat(rank, size - 1 - j, k); // block j: group rank j
+        for (size_t k = 0; k < 2; k++) s2[j * 2 + k] = comm_pat(rank, size - 1 - j, k); // block j: group rank j
     ALL_STATUS(v, P->alltoall(v->ctx, g, s2, r2, 2, &S), "alltoall (reversed)");
     ALL_STATUS(v, P->allgather(v->ctx, g, s2, gat, 2, &S), "allgather (reversed)");
     FLUSH(v, g);
     bad = 0;
     for (int i = 0; i < size; i++)
         for (size_t k = 0; k < 2; k++)
-            bad += r2[i * 2 + k] != pat(size - 1 - i, rank, k) || gat[i * 2 + k] != pat(size - 1 - i, size - 1, k);
+            bad += r2[i * 2 + k] != comm_pat(size - 1 - i, rank, k) || gat[i * 2 + k] != comm_pat(size - 1 - i, size - 1, k);
     ALL_OK(bad == 0, "alltoall/allgather in the reversed world: %d wrong", bad);
     P->group_destroy(v->ctx, g);
 
