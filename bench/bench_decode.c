@@ -14,20 +14,23 @@
 // sequence in one forward, then N decode steps; a step is one dsmoe_infer_forward with one token per
 // sequence and a greedy dsmoe_infer_sample, whose token the next step feeds. The first w steps are
 // not timed (first use of the one-row buffers). Figures are the best repeat (other jobs on a shared
-// machine only add time). Then a separate profiled pass (the forward's `times`, which waits after every
-// part, so it is never the timed one) gives the breakdown, and, with --reference 1, the step's weight
-// GEMMs alone (see below).
+// machine only add time). On an asynchronous (device) plugin a step's wall time still holds all its
+// device work: the forward enqueues every op on the runtime's one queue, and dsmoe_infer_sample copies
+// the sampled tokens to the host and waits for an event recorded after that copy on the same queue
+// (core/model/model_infer.c) before the host reads them, so the clock stops only after the step has run
+// on the device; the prefill likewise, from a synchronized start. Then a separate profiled pass (the
+// forward's `times`, which waits after every part, so it is never the timed one) gives the breakdown,
+// and, with --reference 1, the step's weight GEMMs alone (see below).
 //
-// Bandwidth: a STREAM triad a[i] = b[i] + s*c[i] on three double arrays of 4x the last-level cache each
-// (at least 64 MiB), with the decode's thread count, best of 5 per repeat, counting 3 arrays as STREAM
-// does: with write-allocate the memory would move 4, but here the 3-array rate about equals what the
-// same threads read alone (the read-only sum printed beside it), so a 4th array of traffic does not
-// happen (the stores do not read their lines first, or it costs nothing). Measured twice, on arrays of
-// 4 KiB pages (as malloc gives them, and as the plugin's memory is) and on arrays that ask for
-// transparent huge pages: a hardware prefetcher stops at a page boundary, so 4 KiB pages cost one
-// thread much of its bandwidth. The bound takes the faster: what the machine can deliver.
-// The last-level cache size comes from /sys/devices/system/cpu/cpu0/cache (sysconf's on some AMD
-// virtual machines is 10x the real one), else sysconf.
+// Bandwidth (bench_bandwidth.c, whose top says how and why), in the memory the plugin's buffers live
+// in, decided by the plugin's caps. Host memory (DSMOE_KCAP_HOST_MEMORY: cpu): a STREAM triad with the
+// decode's thread count on arrays of 4x the last-level cache, best of 5 per repeat, counting 3 arrays,
+// on 4 KiB pages (as the plugin's memory is) and on transparent huge pages; the bound takes the faster:
+// what the machine can deliver. Device memory (any other plugin: cuda, or strict standing in for it
+// without a GPU): the plugin's own `copy` between two of its buffers (1 GiB each, less where memory is
+// short or is host memory), best of 5 round trips per repeat, counting read + write: the HBM rate of a
+// GPU, not the host's DRAM. The last-level cache is a host fact: on device memory it sizes nothing but
+// the buffers of a host-memory stand-in (strict), and the bench makes no claim about a device cache.
 //
 // Bytes one decode step must read (float32 unless --precision bf16), from the model's shapes (checked against the model's
 // parameter count): per layer the attention weights (LayerNorms, QKV and projection with biases); on
@@ -50,10 +53,13 @@
 // an MoE layer's min(E, B*K) experts share the B*K rows) times random rows: through the plugin's gemm
 // as the forward calls it and, on host-memory plugins, through OpenBLAS directly (sgemv for one row,
 // else sgemm with its own threading) and through a hand loop that reads each weight row once and dots it with
-// the B rows (B <= 16). Each shape on a sweep of copies 4x the last-level cache (from memory, not
-// cache), then the step's own matrices in order. GB/s of weights against the triad's show whether the
-// GEMM path reads at memory speed.
-#include "bench_args.h" // bench_parse_int, bench_flag_value
+// the B rows (B <= 16); OpenBLAS and the loop read the plugin's memory, which only a host-memory plugin
+// lets the host do. Each shape on a sweep of copies 4x the last-level cache (host memory) or as large as
+// the device copy's buffers (device memory), so that it comes from memory, not cache, then the step's
+// own matrices in order. GB/s of weights against the bandwidth's show whether the GEMM path reads at
+// memory speed.
+#include "bench_args.h"      // bench_parse_int, bench_flag_value
+#include "bench_bandwidth.h" // bench_llc_bytes, bench_triad_*, bench_devcopy_*
 #include <cblas.h> // cblas_sgemv, cblas_sgemm, openblas_set_num_threads: the native reference
 #include <math.h>
 #include <mpi.h>
@@ -61,8 +67,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h> // madvise
-#include <unistd.h>   // sysconf
 
 #include "config.h"
 #include "dsmoe/rng.h"
@@ -186,117 +190,6 @@ static int cmp_double(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;
     return x < y ? -1 : x > y;
 }
-
-// ----------------------------------------------------------------------------------------------------
-// memory bandwidth
-
-// Last-level cache bytes and where the figure came from.
-static size_t llc_bytes(const char **source) {
-    size_t best = 0;
-    int best_level = 0;
-    for (int i = 0; i < 16; i++) {
-        char path[128], type[32] = "", size[32] = "";
-        int level = 0;
-        snprintf(path, sizeof path, "/sys/devices/system/cpu/cpu0/cache/index%d/level", i);
-        FILE *f = fopen(path, "r");
-        if (!f) continue;
-        int ok = fscanf(f, "%d", &level) == 1;
-        fclose(f);
-        snprintf(path, sizeof path, "/sys/devices/system/cpu/cpu0/cache/index%d/type", i);
-        if ((f = fopen(path, "r"))) {
-            ok = ok && fscanf(f, "%31s", type) == 1;
-            fclose(f);
-        }
-        snprintf(path, sizeof path, "/sys/devices/system/cpu/cpu0/cache/index%d/size", i);
-        if ((f = fopen(path, "r"))) {
-            ok = ok && fscanf(f, "%31s", size) == 1;
-            fclose(f);
-        }
-        if (!ok || !strcmp(type, "Instruction") || level < best_level) continue;
-        char *end;
-        double v = strtod(size, &end);
-        double mult = *end == 'K' ? 1024.0 : *end == 'M' ? 1048576.0 : *end == 'G' ? 1073741824.0 : 1.0;
-        if (v > 0) {
-            best = (size_t)(v * mult);
-            best_level = level;
-        }
-    }
-    if (best) {
-        *source = "sysfs cpu0/cache";
-        return best;
-    }
-    long s = sysconf(_SC_LEVEL3_CACHE_SIZE);
-    if (s <= 0) s = sysconf(_SC_LEVEL2_CACHE_SIZE);
-    *source = s > 0 ? "sysconf" : "unknown, assumed 32 MiB";
-    return s > 0 ? (size_t)s : (size_t)32 << 20;
-}
-
-typedef struct bandwidth {
-    size_t n;             // doubles per array
-    double *a, *b, *c;    // (n) each
-    double triad_s, read_s; // best seconds so far
-} bandwidth;
-
-// huge: the arrays ask for transparent huge pages (madvise), which the plugin's memory does not; the
-// difference shows what the 4 KiB pages cost (a hardware prefetcher stops at a page boundary).
-static void bandwidth_init(bandwidth *bw, size_t llc, int threads, int huge) {
-    const size_t page2m = (size_t)2 << 20;
-    size_t bytes = 4 * llc > ((size_t)64 << 20) ? 4 * llc : (size_t)64 << 20;
-    bytes = (bytes + page2m - 1) / page2m * page2m;
-    bw->n = bytes / sizeof(double);
-    double **arrays[3] = {&bw->a, &bw->b, &bw->c};
-    for (int i = 0; i < 3; i++) {
-        *arrays[i] = huge ? aligned_alloc(page2m, bytes) : malloc(bytes);
-        if (!*arrays[i]) die("bandwidth arrays", "out of memory");
-        if (huge) madvise(*arrays[i], bytes, MADV_HUGEPAGE); // a hint: ignored where THP is off
-    }
-    bw->triad_s = bw->read_s = INFINITY;
-    long n = (long)bw->n;
-    double *a = bw->a, *b = bw->b, *c = bw->c;
-#pragma omp parallel for num_threads(threads) schedule(static) // first touch by the threads that use the pages
-    for (long i = 0; i < n; i++) {
-        a[i] = 0.0;
-        b[i] = 1.0;
-        c[i] = 2.0;
-    }
-}
-
-static void bandwidth_free(bandwidth *bw) {
-    free(bw->a);
-    free(bw->b);
-    free(bw->c);
-}
-
-// Best of `reps` triads and read-only sums, kept across calls. The sum keeps 16 partial sums per thread
-// so that it is not bound by the latency of one chain of additions.
-static void bandwidth_measure(bandwidth *bw, int threads, int reps) {
-    long n = (long)bw->n, blocks = n / 16;
-    double *a = bw->a, *b = bw->b, *c = bw->c, s = 3.0, sink = 0.0;
-    for (int r = 0; r < reps; r++) {
-        double t0 = dsmoe_now_seconds();
-#pragma omp parallel for num_threads(threads) schedule(static)
-        for (long i = 0; i < n; i++) a[i] = b[i] + s * c[i];
-        double t = dsmoe_now_seconds() - t0;
-        if (t < bw->triad_s) bw->triad_s = t;
-        double sum = 0.0;
-        t0 = dsmoe_now_seconds();
-#pragma omp parallel num_threads(threads) reduction(+ : sum)
-        {
-            double acc[16] = {0};
-#pragma omp for schedule(static)
-            for (long i = 0; i < blocks; i++)
-                for (int j = 0; j < 16; j++) acc[j] += a[16 * i + j];
-            for (int j = 0; j < 16; j++) sum += acc[j];
-        }
-        t = dsmoe_now_seconds() - t0;
-        if (t < bw->read_s) bw->read_s = t;
-        sink += sum;
-    }
-    if (sink == 42.0) printf("\n"); // keeps the sums
-}
-
-// The triad's rate counting 3 arrays, as STREAM does (see the top of the file).
-static double bandwidth_bytes_per_s(const bandwidth *bw) { return 3.0 * bw->n * sizeof(double) / bw->triad_s; }
 
 // ----------------------------------------------------------------------------------------------------
 // bytes one decode step reads (float32 elements, see the top of the file)
@@ -505,9 +398,10 @@ static double reference_best(int how, const wmat *mats, int nm, const float *x, 
     return best;
 }
 
-// Per shape of weight matrix, on a sweep of copies 4x the last-level cache (so every way reads memory,
-// not cache), then the step's own matrices in their order: each way's GB/s of weights.
-static void reference(dsmoe_model *m, const dsmoe_config *cfg, const opts *o, size_t llc) {
+// Per shape of weight matrix, on a sweep of copies of pool_bytes (4x the last-level cache, or the device
+// copy's buffer size: so that every way reads memory, not cache), then the step's own matrices in their
+// order: each way's GB/s of weights.
+static void reference(dsmoe_model *m, const dsmoe_config *cfg, const opts *o, size_t pool_bytes) {
     int cap = 6 * cfg->layers + 1;
     wmat *mats = xmalloc((size_t)cap * sizeof *mats), *sweep = NULL; // the step's, one shape's copies
     int nm = step_matrices(m, cfg, o, mats), kmax = 0, nmax = 0, rmax = 0;
@@ -519,7 +413,6 @@ static void reference(dsmoe_model *m, const dsmoe_config *cfg, const opts *o, si
         rmax = mats[i].rows > rmax ? mats[i].rows : rmax;
     }
     float *x = dev_uniform((size_t)rmax * kmax, 51), *y = dev_uniform((size_t)rmax * nmax, 52), *pool = NULL;
-    size_t pool_bytes = 4 * llc;
     KCHECK(rt.kern->alloc(rt.kctx, pool_bytes, DSMOE_ALLOC_ZERO, (void **)&pool));
     const int reps = 3;
     int host = (rt.kern->caps & DSMOE_KCAP_HOST_MEMORY) != 0, ways = !host ? 1 : o->B > 16 ? 2 : 3;
@@ -620,8 +513,9 @@ int main(int argc, char **argv) {
     }
 
     // What the run reads, and where it stands against the cache.
-    const char *llc_src;
-    size_t llc = llc_bytes(&llc_src);
+    const char *llc_src, *msg;
+    size_t llc = bench_llc_bytes(&llc_src);
+    int host = (rt.kern->caps & DSMOE_KCAP_HOST_MEMORY) != 0; // else device memory: the top of the file
     int timed = o.N - o.warmup;
     step_bytes mean = {0}, one = count_step(&cfg, &o, o.P, 1);
     for (int i = o.warmup; i < o.N; i++) {
@@ -639,23 +533,31 @@ int main(int argc, char **argv) {
     }
     printf(") vocab=%d batch=%d prompt=%d new=%d (the first %d not timed) threads=%d repeats=%d\n", o.V, o.B, o.P,
            o.N, o.warmup, o.threads, o.repeats);
-    printf("weights: %.1f MB (%zu float32 parameters); active per token at batch 1: %.1f MB; last-level cache "
-           "%.1f MiB (%s): the active weights %s\n", 4e-6 * params, params, active1 * 1e-6,
-           llc / 1048576.0, llc_src, active1 > llc ? "do not fit in it" : "fit in it (the bound can be beaten)");
+    printf("weights: %.1f MB (%zu float32 parameters); active per token at batch 1: %.1f MB; ", 4e-6 * params, params,
+           active1 * 1e-6);
+    if (host)
+        printf("last-level cache %.1f MiB (%s): the active weights %s\n", llc / 1048576.0, llc_src,
+               active1 > llc ? "do not fit in it" : "fit in it (the bound can be beaten)");
+    else // the host's cache does not hold device memory, and no plugin member tells the device's cache size
+        printf("in the plugin's device memory (no claim about its cache)\n");
     printf("inference memory: %.1f MB of caches and buffers\n", dsmoe_infer_bytes(d.inf) * 1e-6);
     if (o.E > 0)
         printf("experts read per MoE layer per step: %.0f of %d (min(E, batch*top_k): %s); %.2f expected under "
                "uniform routing\n", experts_per_layer(&o, o.E), o.E, o.B == 1 ? "exact at batch 1" : "an upper bound",
                experts_uniform(&o, o.E));
 
-    // The timed repeats, each after a bandwidth measurement under the same load.
-    bandwidth bw[2]; // 4 KiB pages as malloc gives them (like the model's), and huge pages
-    bandwidth_init(&bw[0], llc, o.threads, 0);
-    bandwidth_init(&bw[1], llc, o.threads, 1);
+    // The timed repeats, each after a bandwidth measurement under the same load: on host memory the
+    // triad, on 4 KiB pages as malloc gives them (like the model's) and on huge pages; on device memory
+    // the plugin's copy.
+    bench_triad bw[2] = {0};
+    bench_devcopy dc = {0};
+    for (int h = 0; host && h < 2; h++)
+        if ((msg = bench_triad_init(&bw[h], llc, o.threads, h))) die("bandwidth", msg);
+    if (!host && (msg = bench_devcopy_init(&dc, rt.kern, rt.kctx, rt.q, llc))) die("bandwidth", msg);
     double *step_s = xmalloc(timed * sizeof(double)), best = INFINITY, best_median = 0.0, best_prefill = INFINITY;
     for (int r = 0; r < o.repeats; r++) {
-        bandwidth_measure(&bw[0], o.threads, 5);
-        bandwidth_measure(&bw[1], o.threads, 5);
+        for (int h = 0; host && h < 2; h++) bench_triad_measure(&bw[h], o.threads, 5);
+        if (!host && (msg = bench_devcopy_measure(&dc, 5))) die("bandwidth", msg);
         double prefill = decode_pass(&d, &o, step_s, NULL);
         double sum = 0.0;
         for (int i = 0; i < timed; i++) sum += step_s[i];
@@ -667,17 +569,28 @@ int main(int argc, char **argv) {
         if (sum / timed < best) best = sum / timed, best_median = med;
         if (prefill < best_prefill) best_prefill = prefill;
     }
-    // The bound takes the faster of the two: what the machine can deliver to this many threads.
-    double bw_plain = bandwidth_bytes_per_s(&bw[0]), bw_huge = bandwidth_bytes_per_s(&bw[1]);
-    double bps = bw_plain > bw_huge ? bw_plain : bw_huge;
-    for (int h = 0; h < 2; h++)
-        printf("bandwidth, %s: triad on 3 x %.0f MiB, %d thread%s, best of %d: %.2f GB/s counting 3 arrays "
-               "(STREAM), %.2f counting 4; read-only sum %.2f GB/s\n", h ? "huge pages (madvise)" : "4 KiB pages",
-               bw[h].n * sizeof(double) / 1048576.0, o.threads, o.threads > 1 ? "s" : "", 5 * o.repeats,
-               bandwidth_bytes_per_s(&bw[h]) * 1e-9, bandwidth_bytes_per_s(&bw[h]) * 4.0 / 3.0 * 1e-9,
-               bw[h].n * sizeof(double) / bw[h].read_s * 1e-9);
-    bandwidth_free(&bw[0]);
-    bandwidth_free(&bw[1]);
+    // On host memory the bound takes the faster triad: what the machine can deliver to this many threads.
+    double bw_plain = 0.0, bps = 0.0;
+    size_t pool_bytes = 4 * llc; // the reference's sweep: from memory, not cache
+    if (host) {
+        double bw_huge = bench_triad_bytes_per_s(&bw[1]);
+        bw_plain = bench_triad_bytes_per_s(&bw[0]);
+        bps = bw_plain > bw_huge ? bw_plain : bw_huge;
+        for (int h = 0; h < 2; h++)
+            printf("bandwidth, %s: triad on 3 x %.0f MiB, %d thread%s, best of %d: %.2f GB/s counting 3 arrays "
+                   "(STREAM), %.2f counting 4; read-only sum %.2f GB/s\n", h ? "huge pages (madvise)" : "4 KiB pages",
+                   bw[h].n * sizeof(double) / 1048576.0, o.threads, o.threads > 1 ? "s" : "", 5 * o.repeats,
+                   bench_triad_bytes_per_s(&bw[h]) * 1e-9, bench_triad_bytes_per_s(&bw[h]) * 4.0 / 3.0 * 1e-9,
+                   bench_triad_read_bytes_per_s(&bw[h]) * 1e-9);
+        bench_triad_free(&bw[0]);
+        bench_triad_free(&bw[1]);
+    } else {
+        bps = bench_devcopy_bytes_per_s(&dc);
+        pool_bytes = dc.bytes;
+        printf("bandwidth, device copy (plugin copy, 2 x %.0f MiB: %s): %.2f GB/s counting read + write, best of "
+               "%d round trips\n", dc.bytes / 1048576.0, dc.rule, bps * 1e-9, 5 * o.repeats);
+        bench_devcopy_free(&dc);
+    }
 
     double step_total = total_bytes(&mean), bound = step_total / bps, flops = 0.0;
     for (int i = o.warmup; i < o.N; i++) flops += count_flops(&cfg, &o, o.P + i) / timed;
@@ -705,12 +618,16 @@ int main(int argc, char **argv) {
            "other %.3f, sampling and the rest %.3f; total %.3f\n", tm.attention / timed * 1e3, tm.gating / timed * 1e3,
            tm.alltoall / timed * 1e3, tm.experts / timed * 1e3, tm.other / timed * 1e3, (prof - parts_s) / timed * 1e3,
            prof / timed * 1e3);
-    if (o.reference) reference(model, &cfg, &o, llc);
+    if (o.reference) reference(model, &cfg, &o, pool_bytes);
 
     printf("best repeat: %.3f ms per step (median step %.3f ms), prefill %.0f tokens/s, bound %.3f ms = %.2f MB at "
-           "%.2f GB/s (the 4 KiB-page triad's %.2f GB/s would give %.3f ms, efficiency %.3f)\n", best * 1e3,
-           best_median * 1e3, o.B * o.P / best_prefill, bound * 1e3, step_total * 1e-6, bps * 1e-9, bw_plain * 1e-9,
-           step_total / bw_plain * 1e3, step_total / bw_plain / best);
+           "%.2f GB/s", best * 1e3, best_median * 1e3, o.B * o.P / best_prefill, bound * 1e3, step_total * 1e-6,
+           bps * 1e-9);
+    if (host)
+        printf(" (the 4 KiB-page triad's %.2f GB/s would give %.3f ms, efficiency %.3f)\n", bw_plain * 1e-9,
+               step_total / bw_plain * 1e3, step_total / bw_plain / best);
+    else
+        printf(" (device copy)\n");
     if (o.E > 0 && o.B > 1) { // the experts a step reads if routing were uniform (their expectation)
         double uniform = step_total - mean.experts * (1.0 - experts_uniform(&o, o.E) / experts_per_layer(&o, o.E));
         printf("with the uniform-routing expectation of experts instead: %.2f MB a step, bound %.3f ms, efficiency "

@@ -4,7 +4,8 @@
 # - greedy generation of text and JSON-lines prompts gives the same tokens on 1 rank and on 4 ranks with
 #   ep 4, ep 2 x data 2, the hierarchical all-to-all forced (ranks_per_node 2), tensor slicing 2 and 4,
 #   ep 2 x tensor 2 with and without the coordinated all-to-all, expert-slicing (ep 2 x tensor 2, and 8
-#   ranks for 4 experts: ep 4 x tensor 2), and whatever generate.batch is;
+#   ranks for 4 experts: ep 4 x tensor 2), and whatever generate.batch is; and on the strict kernel plugin
+#   (1 rank; 4 ranks, ep 2 x tensor 2 over ncclsim, stream-ordered), the ordering a GPU would impose;
 # - seeded sampling (temperature, top-k, top-p) gives each prompt the same tokens whatever its batch or
 #   rank, and another seed gives other tokens;
 # - in bf16 (run.precision) the greedy tokens do not depend on the layout either (tensor slicing included);
@@ -25,6 +26,9 @@ mpiflags=("$@")
 work=$(mktemp -d /tmp/dsmoe_generate.XXXXXX)
 trap '[ -n "${KEEP:-}" ] || rm -rf "$work"' EXIT
 unset DSMOE_PLUGIN_PATH
+# The test plugins (strict: deferred queues and memory closed to the host, as a GPU's; ncclsim: the nccl
+# plugin over its test double), beside the build's bin/.
+plugins=$(cd "$(dirname "$dsmoe")/../tests/plugins" 2>/dev/null && pwd)
 export OMP_NUM_THREADS=1 OMPI_MCA_mpi_yield_when_idle=1
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh" # fail, ok, show, expect, finish
@@ -126,11 +130,13 @@ PY
                 "2 generate.batch=1" "2 generate.tensor_parallel=2" "4 generate.tensor_parallel=2 moe.expert_parallel=2" \
                 "4 generate.tensor_parallel=2 moe.expert_parallel=2 generate.coordinated_alltoall=false" \
                 "4 generate.tensor_parallel=4" "4 generate.tensor_parallel=2 moe.expert_parallel=2 generate.expert_slicing=true" \
-                "8 generate.tensor_parallel=2 moe.expert_parallel=4 generate.expert_slicing=true"; do
+                "8 generate.tensor_parallel=2 moe.expert_parallel=4 generate.expert_slicing=true" \
+                "1 run.kernel_backend=strict run.plugin_path=$plugins" \
+                "4 generate.tensor_parallel=2 moe.expert_parallel=2 run.kernel_backend=strict run.comm_backend=ncclsim run.plugin_path=$plugins"; do
     set -- $layout
     r=$1
     shift
-    name="$f-np$r-$(echo "$*" | tr ' =.' '_-_')"
+    name="$f-np$r-$(echo "$*" | tr ' =./' '_-__')"
     gen "$r" "$work/$name" generate.prompts="$work/prompts.$f" generate.prefill_tokens=8 "$@"
     [ $? = 0 ] || { fail "generate $name: exit $gen_rc"; show "$work/$name.log"; continue; }
     [ "$(tokens_of "$work/$name")" = "$(tokens_of "$work/ref.$f")" ] && ok ||
@@ -209,7 +215,7 @@ else
     set -- $layout
     r=$1
     shift
-    name="bf16-np$r-$(echo "$*" | tr ' =.' '_-_')"
+    name="bf16-np$r-$(echo "$*" | tr ' =./' '_-__')"
     gen "$r" "$work/$name" generate.prompts="$work/prompts.txt" generate.prefill_tokens=8 run.precision=bf16 "$@"
     [ $? = 0 ] || { fail "generate $name: exit $gen_rc"; show "$work/$name.log"; continue; }
     [ "$(tokens_of "$work/$name")" = "$(tokens_of "$work/bf16")" ] && ok ||

@@ -328,8 +328,8 @@ static dsmoe_status s_layernorm_forward(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queu
     strict_check(ctx, op, S >= 0 && M >= 0, "negative size (S %d, M %d)", S, M);
     strict_dtype(ctx, op, dt, "in");
     strict_ref(ctx, op, out, Z(S) * Z(M) * ES(dt), "out");
-    strict_ref(ctx, op, mean, Z(S) * F32, "mean");
-    strict_ref(ctx, op, rstd, Z(S) * F32, "rstd");
+    strict_ref_opt(ctx, op, mean, Z(S) * F32, "mean"); // NULL at inference (nothing saved for a backward)
+    strict_ref_opt(ctx, op, rstd, Z(S) * F32, "rstd");
     strict_ref(ctx, op, in, Z(S) * Z(M) * ES(dt), "in");
     strict_ref(ctx, op, weight, Z(M) * F32, "weight");
     strict_ref(ctx, op, bias, Z(M) * F32, "bias");
