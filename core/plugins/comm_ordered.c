@@ -195,12 +195,12 @@ static dsmoe_status ordered_reduce_scatter(dsmoe_comm_ctx *ctx, dsmoe_comm_group
     ordered_ctx *x = OCTX(ctx);
     int ordered;
     DSMOE_TRY(takes(x, g, dtype, op, "reduce_scatter", &ordered));
-    if (!ordered || recvcount == 0)
+    // DSMOE_IN_PLACE is the plugin's to refuse (comm_plugin.h defines it for allreduce only).
+    if (!ordered || recvcount == 0 || send == DSMOE_IN_PLACE)
         return inner_fail(x, x->in->reduce_scatter(x->in_ctx, g, send, recv, recvcount, dtype, op, stream));
     int p = x->in->group_size(g);
     size_t c;
-    // In place, the input is the whole (size * recvcount) recvbuf (comm_plugin.h).
-    DSMOE_TRY(gather_chunks(x, g, send == DSMOE_IN_PLACE ? recv : send, 0, recvcount, dtype, stream, &c));
+    DSMOE_TRY(gather_chunks(x, g, send, 0, recvcount, dtype, stream, &c));
     DSMOE_TRY(add_rows(x, dtype, p, c));
     dsmoe_status s = x->kern->copy(x->kctx, x->q, recv, x->rows, c * dsmoe_dtype_size(dtype));
     if (s != DSMOE_OK) return kern_fail(x, s, "copy");

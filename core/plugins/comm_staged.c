@@ -140,11 +140,13 @@ static dsmoe_status staged_reduce_scatter(dsmoe_comm_ctx *ctx, dsmoe_comm_group 
                                           size_t recvcount, dsmoe_dtype dtype, dsmoe_reduce_op op,
                                           const dsmoe_comm_stream *stream) {
     staged_ctx *x = SCTX(ctx);
+    // DSMOE_IN_PLACE is the plugin's to refuse (comm_plugin.h defines it for allreduce only).
+    if (send == DSMOE_IN_PLACE)
+        return inner_fail(x, x->in->reduce_scatter(x->in_ctx, g, send, recv, recvcount, dtype, op, stream));
     size_t bytes = recvcount * dsmoe_dtype_size(dtype), total = bytes * (size_t)x->in->group_size(g);
     DSMOE_TRY(grow(x, &x->send, &x->send_bytes, total));
     DSMOE_TRY(grow(x, &x->recv, &x->recv_bytes, bytes));
-    // In place, the input is the whole (size * recvcount) recvbuf (comm_plugin.h).
-    DSMOE_TRY(stage_out(x, x->send, send == DSMOE_IN_PLACE ? recv : send, total));
+    DSMOE_TRY(stage_out(x, x->send, send, total));
     DSMOE_TRY(inner_fail(x, x->in->reduce_scatter(x->in_ctx, g, x->send, x->recv, recvcount, dtype, op, stream)));
     return stage_in(x, recv, x->recv, bytes);
 }
