@@ -1,5 +1,5 @@
-// tests/plugins/fake_comm.c: comm plugins for tests/plugins/test_loader.c, one variant per build
-// (tests/plugins/loader.cmake):
+// tests/plugins/fake_comm.c: comm plugins for tests/plugins/test_loader_search.c and test_loader_tables.c,
+// one variant per build (tests/plugins/loader.cmake):
 //   FAKE_NAME="x"            the file is libdsmoe_comm_x.so and the table's name
 //   FAKE_V1                  an ABI 1 table (dsmoe/v1/comm_plugin_v1.h, which needs <mpi.h>) under the v1
 //                            entry symbol; otherwise v2, which needs no MPI

@@ -1,5 +1,6 @@
 // tests/plugins/fake_kernel.c: kernel plugins that the loader must refuse (or accept), for
-// tests/plugins/test_loader.c. One source, one variant per build (tests/plugins/loader.cmake):
+// tests/plugins/test_loader_search.c and test_loader_tables.c. One source, one variant per build
+// (tests/plugins/loader.cmake):
 //   FAKE_NAME="x"            the file is libdsmoe_kernel_x.so; the table says FAKE_TABLE_NAME (default x)
 //   FAKE_V1                  an ABI 1 table (dsmoe/v1/kernel_plugin_v1.h) under the v1 entry symbol
 //   FAKE_API_VERSION=n       the table's api_version (default: the version of the table's type)

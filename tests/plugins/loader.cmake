@@ -68,11 +68,15 @@ dsmoe_fake_plugin(comm commv1nb FAKE_V1 FAKE_NONBLOCKING)
 dsmoe_fake_plugin(comm v1nullmember FAKE_V1 FAKE_CLEAR=alltoallv)
 dsmoe_fake_plugin(comm v1halfnb FAKE_V1 FAKE_NONBLOCKING FAKE_CLEAR=request_wait)
 
-dsmoe_test(test_loader SOURCES ${DSMOE_TEST_DIR}/plugins/test_loader.c TIMEOUT 30)
-add_dependencies(test_loader dsmoe_comm_mpi ${DSMOE_FAKE_PLUGIN_TARGETS})
-target_compile_definitions(test_loader PRIVATE
-  DSMOE_FAKE_PLUGIN_DIR="${DSMOE_FAKE_PLUGIN_DIR}"
-  DSMOE_TEST_INSTALL_PLUGIN_DIR="${DSMOE_INSTALL_PLUGIN_DIR}")
+# Two programs (tests/plugins/loader_test.h holds what they share): how plugins are found, and what is in
+# a loaded table.
+foreach(t test_loader_search test_loader_tables)
+  dsmoe_test(${t} SOURCES ${DSMOE_TEST_DIR}/plugins/${t}.c TIMEOUT 30)
+  add_dependencies(${t} dsmoe_comm_mpi ${DSMOE_FAKE_PLUGIN_TARGETS})
+  target_compile_definitions(${t} PRIVATE
+    DSMOE_FAKE_PLUGIN_DIR="${DSMOE_FAKE_PLUGIN_DIR}"
+    DSMOE_TEST_INSTALL_PLUGIN_DIR="${DSMOE_INSTALL_PLUGIN_DIR}")
+endforeach()
 
 # The cpu plugin of ABI 1, verbatim from commit 8a2f064 (tests/plugins/cpu_v1/README.md), with that
 # commit's v1 header ahead of include/. Its table says "cpu", so the file is libdsmoe_kernel_cpu.so, in a
