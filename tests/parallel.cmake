@@ -4,4 +4,4 @@ target_link_libraries(ckpt_compare PRIVATE dsmoe_core)
 set_target_properties(ckpt_compare PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/tests)
 add_test(NAME parallel COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/parallel/parallel_test.sh
          $<TARGET_FILE:dsmoe> $<TARGET_FILE:ckpt_compare> ${DSMOE_MPIEXEC} ${DSMOE_MPIEXEC_PREFLAGS})
-set_tests_properties(parallel PROPERTIES TIMEOUT 900 LABELS "parallel;mpi" RUN_SERIAL TRUE)
+set_tests_properties(parallel PROPERTIES TIMEOUT 900 LABELS "parallel;mpi" RESOURCE_LOCK dsmoe_ranks)

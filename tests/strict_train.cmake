@@ -4,9 +4,9 @@
 # comm plugins. Skips (77) when the strict plugin was not built.
 add_test(NAME strict_train COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/strict/strict_train.sh
          $<TARGET_FILE:dsmoe> ${CMAKE_BINARY_DIR}/tests/plugins ${DSMOE_MPIEXEC} ${DSMOE_MPIEXEC_PREFLAGS})
-set_tests_properties(strict_train PROPERTIES TIMEOUT 900 LABELS "strict;mpi" RUN_SERIAL TRUE SKIP_RETURN_CODE 77)
+set_tests_properties(strict_train PROPERTIES TIMEOUT 900 LABELS "strict;mpi" RESOURCE_LOCK dsmoe_ranks SKIP_RETURN_CODE 77)
 # ... and it can fail: dropping events or copies in the strict plugin must make it report differences.
 add_test(NAME strict_break COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/strict/strict_break.sh
          ${CMAKE_CURRENT_SOURCE_DIR}/strict/strict_train.sh $<TARGET_FILE:dsmoe> ${CMAKE_BINARY_DIR}/tests/plugins
          ${DSMOE_MPIEXEC} ${DSMOE_MPIEXEC_PREFLAGS})
-set_tests_properties(strict_break PROPERTIES TIMEOUT 300 LABELS "strict;mpi" RUN_SERIAL TRUE SKIP_RETURN_CODE 77)
+set_tests_properties(strict_break PROPERTIES TIMEOUT 300 LABELS "strict;mpi" RESOURCE_LOCK dsmoe_ranks SKIP_RETURN_CODE 77)
