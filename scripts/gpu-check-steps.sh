@@ -191,50 +191,13 @@ check_train_bf16() {
 check_generate() {
   local w="$REPORT/generate"
   mkdir -p "$w"
-  cat > "$w/model.deck" <<DECK
-[run]
-output_dir = $w/train
-log_every = 50
-[model]
-vocab = 256
-seq_len = 48
-layers = 2
-hidden = 32
-heads = 4
-[moe]
-experts = 4
-[train]
-steps = 300
-batch = 8
-lr = 5e-3
-eval_batches = 1
-[data]
-source = text
-path = $w/corpus.txt
-[generate]
-max_new_tokens = 12
-DECK
-  py - "$w/corpus.txt" <<'EOF'
-import random, sys
-random.seed(5)
-words = "the a of and to in is it that for on with as was by at be this from or an are expert model token layer".split()
-with open(sys.argv[1], "w") as f:
-    for _ in range(3000):
-        f.write(" ".join(random.choice(words) for _ in range(12)) + ".\n")
-EOF
+  source "$B/generate_model.sh" && generate_model_files "$w" py ||
+    { result generate FAIL "writing the model's deck and inputs (generate_model.sh)"; return; }
   timed "$(pick 40 120)" generate-train.log dsmoe "$w/model.deck" run.kernel_backend=cpu ||
     { result generate FAIL "training the model on cpu: $(err_of generate-train.log)"; return; }
   local ckpt
   ckpt=$(ls "$w"/train/checkpoints/step_*.safetensors 2>/dev/null | tail -1)
   [ -n "$ckpt" ] || { result generate FAIL "no checkpoint in $w/train/checkpoints"; return; }
-  printf 'Hello\nthe quick brown fox\na\n\x01\x02 bytes\nMoE\n' > "$w/prompts.txt"
-  cat > "$w/prompts.jsonl" <<'JSONL'
-{"prompt": "first prompt", "id": "p1"}
-{"tokens": [72, 105, 33], "max_new_tokens": 5}
-{"prompt": "tab\there", "id": 7, "stop": ["zz"]}
-{"prompt": "longer prompt that takes a few prefill chunks", "max_new_tokens": 3}
-{"prompt": "x"}
-JSONL
   local prec f k rc
   for prec in fp32 bf16; do
     for f in txt jsonl; do

@@ -33,54 +33,14 @@ export OMP_NUM_THREADS=1 OMPI_MCA_mpi_yield_when_idle=1
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh" # fail, ok, show, expect, finish
 
+source "$(dirname "${BASH_SOURCE[0]}")/generate_model.sh" # generate_model_files
 deck="$work/model.deck"
-cat >"$deck" <<DECK
-[run]
-output_dir = $work/train
-log_every = 50
-[model]
-vocab = 256
-seq_len = 48
-layers = 2
-hidden = 32
-heads = 4
-[moe]
-experts = 4
-[train]
-steps = 300
-batch = 8
-lr = 5e-3
-eval_batches = 1
-[data]
-source = text
-path = $work/corpus.txt
-[generate]
-max_new_tokens = 12
-DECK
-# English-like text, so that completions are mostly printable ASCII (stop sequences are picked from them).
-python3 - "$work/corpus.txt" <<'PY'
-import random, sys
-random.seed(5)
-words = "the a of and to in is it that for on with as was by at be this from or an are expert model token layer".split()
-with open(sys.argv[1], "w") as f:
-    for _ in range(3000):
-        f.write(" ".join(random.choice(words) for _ in range(12)) + ".\n")
-PY
+generate_model_files "$work"
 # Every run has a time limit, and a run that ignores SIGTERM is killed 10 s later (timeout -k): a hung
 # launcher must fail its own check, not the whole test at ctest's limit.
 timeout -k 10 180 "$dsmoe" "$deck" >"$work/train.log" 2>&1 ||
   { fail "training the model: exit $? (124: over 180 s)"; show "$work/train.log"; finish generate_test; exit 1; }
 ckpt=$(ls "$work"/train/checkpoints/step_*.safetensors | tail -1)
-
-# Prompts: plain text lines, and JSON lines with text, token ids and settings of their own.
-printf 'Hello\nthe quick brown fox\na\n\x01\x02 bytes\nMoE\n' >"$work/prompts.txt"
-cat >"$work/prompts.jsonl" <<'JSONL'
-{"prompt": "first prompt", "id": "p1"}
-{"tokens": [72, 105, 33], "max_new_tokens": 5}
-{"prompt": "tab\there", "id": 7, "stop": ["zz"]}
-{"prompt": "longer prompt that takes a few prefill chunks", "max_new_tokens": 3}
-{"prompt": "x"}
-JSONL
 
 # gen <ranks> <out> key=value...: generate from the checkpoint; the log beside the output.
 gen() {
