@@ -93,7 +93,7 @@ endfunction()
 # 365 s against 121 s): they run under ASan and UBSan without the leak check, and so with the fast
 # unwinder. The unit tests of the same modules and the other end-to-end tests keep the leak check
 # (tests/cli/signal_test.sh keeps it for its first runs only, matching the option text set here).
-set(DSMOE_SANITIZE_NO_LEAK_CHECK parallel generate strict_train strict_break)
+set(DSMOE_SANITIZE_NO_LEAK_CHECK parallel generate strict_train)
 # Left out of the sanitized build (DISABLED: ctest lists them as not run): tests whose subject is not
 # code the sanitizers instrument, so that running them a second time finds nothing the plain build does
 # not: the job scripts and launchers (label launch: mpiexec, PBS, Slurm), the install and modulefiles

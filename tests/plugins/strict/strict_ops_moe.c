@@ -53,17 +53,32 @@ static int gate_params(dsmoe_kernel_ctx *ctx, strict_op *op, const dsmoe_gating_
     return op->status == DSMOE_OK;
 }
 
+// The buffers gate_route uses, and those gate_assign uses (gate uses both).
+static void route_refs(dsmoe_kernel_ctx *ctx, strict_op *op, const dsmoe_gating_params *p, const float *logits,
+                       const float *probs, const int32_t *choice, const int32_t *counts) {
+    size_t S = Z(p->S), E = Z(p->E), K = Z(p->K);
+    strict_ref(ctx, op, logits, S * E * F32, "logits");
+    strict_ref(ctx, op, probs, S * E * F32, "probs");
+    strict_ref(ctx, op, choice, S * K * 4, "choice");
+    strict_ref(ctx, op, counts, E * 4, "counts");
+}
+static void assign_refs(dsmoe_kernel_ctx *ctx, strict_op *op, const dsmoe_gating_params *p, const float *probs,
+                        const int32_t *choice, const int32_t *slot, const float *weight, const int32_t *kept,
+                        const double *aux_sums) {
+    size_t S = Z(p->S), E = Z(p->E), K = Z(p->K);
+    strict_ref(ctx, op, probs, S * E * F32, "probs");
+    strict_ref(ctx, op, choice, S * K * 4, "choice");
+    strict_ref(ctx, op, slot, S * K * 4, "slot");
+    strict_ref(ctx, op, weight, S * K * F32, "weight");
+    strict_ref(ctx, op, kept, E * 4, "kept");
+    strict_ref(ctx, op, aux_sums, (2 * E + 1) * sizeof(double), "aux_sums");
+}
+
 static dsmoe_status s_gate_route(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, const dsmoe_gating_params *p,
                                  const float *logits, float *probs, int32_t *choice, int32_t *counts) {
     STRICT_BEGIN(ctx, q, "gate_route", run_gate_route, gate_args);
     a->i1 = logits, a->o1 = probs, a->o2 = choice, a->o3 = counts;
-    if (gate_params(ctx, op, p)) {
-        size_t S = Z(p->S), E = Z(p->E), K = Z(p->K);
-        strict_ref(ctx, op, logits, S * E * F32, "logits");
-        strict_ref(ctx, op, probs, S * E * F32, "probs");
-        strict_ref(ctx, op, choice, S * K * 4, "choice");
-        strict_ref(ctx, op, counts, E * 4, "counts");
-    }
+    if (gate_params(ctx, op, p)) route_refs(ctx, op, p, logits, probs, choice, counts);
     return strict_submit(ctx, q, op);
 }
 
@@ -73,15 +88,7 @@ static dsmoe_status s_gate_assign(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, 
     STRICT_BEGIN(ctx, q, "gate_assign", run_gate_assign, gate_args);
     a->C = C, a->i1 = probs, a->i2 = choice, a->o1 = slot, a->o2 = weight, a->o3 = kept, a->o4 = aux_sums;
     strict_check(ctx, op, C >= 0, "negative capacity %d", C);
-    if (gate_params(ctx, op, p)) {
-        size_t S = Z(p->S), E = Z(p->E), K = Z(p->K);
-        strict_ref(ctx, op, probs, S * E * F32, "probs");
-        strict_ref(ctx, op, choice, S * K * 4, "choice");
-        strict_ref(ctx, op, slot, S * K * 4, "slot");
-        strict_ref(ctx, op, weight, S * K * F32, "weight");
-        strict_ref(ctx, op, kept, E * 4, "kept");
-        strict_ref(ctx, op, aux_sums, (2 * E + 1) * sizeof(double), "aux_sums");
-    }
+    if (gate_params(ctx, op, p)) assign_refs(ctx, op, p, probs, choice, slot, weight, kept, aux_sums);
     return strict_submit(ctx, q, op);
 }
 
@@ -93,16 +100,9 @@ static dsmoe_status s_gate(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, const d
     a->C = C, a->i1 = logits, a->o1 = probs, a->o2 = choice, a->o3 = counts, a->o4 = slot, a->o5 = weight;
     a->o6 = kept, a->o7 = aux_sums;
     strict_check(ctx, op, C >= 0, "negative capacity %d", C);
-    if (gate_params(ctx, op, p)) {
-        size_t S = Z(p->S), E = Z(p->E), K = Z(p->K);
-        strict_ref(ctx, op, logits, S * E * F32, "logits");
-        strict_ref(ctx, op, probs, S * E * F32, "probs");
-        strict_ref(ctx, op, choice, S * K * 4, "choice");
-        strict_ref(ctx, op, counts, E * 4, "counts");
-        strict_ref(ctx, op, slot, S * K * 4, "slot");
-        strict_ref(ctx, op, weight, S * K * F32, "weight");
-        strict_ref(ctx, op, kept, E * 4, "kept");
-        strict_ref(ctx, op, aux_sums, (2 * E + 1) * sizeof(double), "aux_sums");
+    if (gate_params(ctx, op, p)) { // probs and choice are named by both: each reference is held and dropped alone
+        route_refs(ctx, op, p, logits, probs, choice, counts);
+        assign_refs(ctx, op, p, probs, choice, slot, weight, kept, aux_sums);
     }
     return strict_submit(ctx, q, op);
 }
