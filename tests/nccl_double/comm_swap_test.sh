@@ -10,8 +10,8 @@
 # run.fixed_order_sums = false the plugin's own sums are used, and on 4 ranks the metrics must differ
 # (the check would see it if the core's path were not taken).
 # Then failure: one rank of an ncclsim run stopped (SIGSTOP, a peer that hangs with its connections
-# open) must end the other within seconds with the plugin's message; one killed (SIGKILL) must end the
-# job within seconds.
+# open) must end the other within seconds with a message: the plugin's when it waited in a collective,
+# the core's watchdog's when it waited between steps; one killed (SIGKILL) must end the job within seconds.
 # Usage: comm_swap_test.sh <dsmoe> <test plugin dir> <mpiexec> [mpiexec flags ...]
 set -u
 dsmoe=$1
@@ -109,7 +109,7 @@ start_long() {
   local name=$1
   DSMOE_NCCLSIM_TIMEOUT=2 "$mpiexec" "${mpiflags[@]}" -n 2 bash -c 'echo $$ >"$0.pid.$OMPI_COMM_WORLD_RANK"; exec "$@"' \
     "$work/$name" "$dsmoe" "$deck" run.output_dir="$work/$name" run.plugin_path="$plugins" run.comm_backend=ncclsim \
-    moe.expert_parallel=2 train.steps=100000 run.log_every=1 train.eval_every=0 >"$work/$name.log" 2>&1 &
+    moe.expert_parallel=2 train.steps=100000 run.log_every=1 train.eval_every=0 run.watchdog=8 >"$work/$name.log" 2>&1 &
   pid=$!
 }
 
@@ -143,13 +143,18 @@ for how in STOP KILL; do
   if ! rows $name 3; then fail "$name: no steps logged"; kill -KILL $pid; wait $pid; show "$work/$name.log"; continue; fi
   victim=$(cat "$work/$name.pid.1")
   kill -"$how" "$victim"
-  # STOP: the survivor waits in a collective until the double's 2 s turn into NCCL's asynchronous error,
-  # then its watchdog (100 ms) aborts the communicators and the core ends the job.
+  # STOP: where the survivor waits decides who notices. In an NCCL collective: the double's 2 s turn
+  # into NCCL's asynchronous error, the plugin's watchdog thread (100 ms) aborts the communicators and
+  # the core ends the job with the plugin's message. In the core's host-side statistics (MPI on the
+  # control plane, between steps): the core's run.watchdog (8 s here) ends it. Either way, a message.
   if ends_within 30; then
     if [ "$rc" = 0 ]; then fail "$name: the job exited 0 after rank 1 was sent SIG$how"; else ok; fi
     if [ $how = STOP ]; then
-      grep -Eq "error on rank 0 of 2: comm plugin 'ncclsim'.*communicator of this process was aborted" "$work/$name.log" && ok ||
-        { fail "$name: no abort message from the surviving rank"; show "$work/$name.log"; }
+      if grep -Eq "error on rank 0 of 2: comm plugin 'ncclsim'.*communicator of this process was aborted" "$work/$name.log"; then
+        ok; echo "$name: ended by the nccl plugin's abort"
+      elif grep -Eq 'watchdog: rank 0 made no progress for [0-9]+ s in "[a-z ]+" of step [0-9]+' "$work/$name.log"; then
+        ok; echo "$name: ended by the core's watchdog (rank 0 waited outside the plugin)"
+      else fail "$name: neither the plugin's abort message nor the watchdog's from the surviving rank"; show "$work/$name.log"; fi
     fi
     echo "$name: the job ended ${took}s after rank 1 was sent SIG$how (exit $rc)"
   else
