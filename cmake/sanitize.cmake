@@ -12,7 +12,7 @@
 # plugins out unless DSMOE_WITH_CUDA / DSMOE_WITH_NCCL are given explicitly.
 option(DSMOE_SANITIZE "build every C/C++ target with AddressSanitizer + UndefinedBehaviorSanitizer" OFF)
 option(DSMOE_FUZZ "build the libFuzzer targets of tests/fuzz (needs clang)" OFF)
-set(DSMOE_FUZZ_SECONDS 30 CACHE STRING "seconds each fuzz target runs in its ctest test (DSMOE_FUZZ)")
+set(DSMOE_FUZZ_SECONDS 15 CACHE STRING "seconds each fuzz target runs in its ctest test (DSMOE_FUZZ)")
 
 set(DSMOE_SANITIZE_FLAGS -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer)
 # The code the fuzz targets exercise: coverage for libFuzzer plus the sanitizers that turn a bug into a crash.
