@@ -1,5 +1,5 @@
 // backends/mpi/comm_mpi.c: the "mpi" comm plugin (comm ABI v2, include/dsmoe/comm_plugin.h):
-// collectives on host memory over MPI. This one file builds two plugins:
+// collectives on host memory over MPI. This one file builds three plugins:
 // - "mpi" (lib/dsmoe): HOST-PROGRESSED. Every collective runs at the call and ignores `stream`; caps
 //   DETERMINISTIC | NONBLOCKING.
 // - "mpistream" (-DCOMM_MPI_STREAM_ORDERED, test-only, <build>/tests/plugins): STREAM-ORDERED, caps
@@ -15,6 +15,14 @@
 //   callbacks on: if that is not the thread that makes the other MPI calls, MPI needs
 //   MPI_THREAD_MULTIPLE. A group's collectives must reach MPI in one order on every rank: keep them on
 //   one queue (or order the queues), as the core keeps them in one order across ranks anyway.
+// - "mpi_cuda" (-DCOMM_MPI_CUDA_AWARE, lib/dsmoe): HOST-PROGRESSED like "mpi", on HOST or CUDA memory:
+//   device buffers go straight to a CUDA-aware MPI, which moves them itself (GPUDirect, or its own
+//   staging). init refuses an MPI that does not say it is CUDA-aware (MPIX_Query_cuda_support). The
+//   plugin never touches a buffer on the host, so its reductions are MPI's own (MPI_Allreduce,
+//   MPI_Reduce_scatter_block), whose float sums are in whatever order MPI's algorithm picks: caps 0, no
+//   DETERMINISTIC, and the core's fixed-order sums (core/plugins/comm_ordered.c, run.fixed_order_sums)
+//   go in front of it. No NONBLOCKING: CUDA-aware MPIs differ in what their non-blocking collectives
+//   take. bfloat16 and float16 sums are refused, as in "mpi" (MPI has no such type).
 //
 // The core owns MPI_Init/Finalize. A group is made from the bootstrap's world ranks with
 // MPI_Comm_create_group (collective over the members only), with MPI_ERRORS_RETURN set on it, so every
@@ -39,7 +47,7 @@
 #include <string.h>
 
 #include "comm_mpi.h" // the context, the group, the cm_* helpers shared with comm_mpi_nonblocking.c
-#if defined(OPEN_MPI) && OPEN_MPI
+#if defined(COMM_MPI_CUDA_AWARE) && defined(OPEN_MPI) && OPEN_MPI
 #include <mpi-ext.h> // MPIX_Query_cuda_support, where this Open MPI has the cuda extension
 #endif
 
@@ -147,12 +155,9 @@ static const dsmoe_param_decl mpi_params[] = {
     {.name = "max_count", .type = DSMOE_PARAM_INT, .default_value = "2147483647",
      .help = "largest count handed to MPI as an int: longer byte blocks travel as one derived-datatype "
              "element, reductions go in pieces of this many elements (small values exercise those paths)"},
-    {.name = "cuda_aware", .type = DSMOE_PARAM_ENUM, .default_value = "auto", .choices = "auto|on|off",
-     .help = "CUDA-aware MPI: auto and off keep host memory (device buffers go through the core's host "
-             "staging); on (device buffers straight to MPI) is refused: on an MPI that is not CUDA-aware with "
-             "what to use instead, on one that is because this plugin does not take device buffers yet"},
 };
 
+#ifdef COMM_MPI_CUDA_AWARE
 // Whether the MPI library says, at run time, that it takes CUDA device buffers (Open MPI's
 // MPIX_Query_cuda_support; 0 for an MPI without such a query).
 static int mpi_is_cuda_aware(void) {
@@ -163,19 +168,21 @@ static int mpi_is_cuda_aware(void) {
 #endif
 }
 
-// cuda_aware = on on an MPI that is not: the message names the library and what to do instead.
-static dsmoe_status refuse_cuda_aware(char *errbuf, size_t errlen) {
+// An MPI that is not CUDA-aware would read device pointers as host memory and crash: refused at init,
+// naming the library and what to do instead.
+static dsmoe_status refuse_not_cuda_aware(char *errbuf, size_t errlen) {
     char lib[MPI_MAX_LIBRARY_VERSION_STRING] = "";
     int len = 0;
     MPI_Get_library_version(lib, &len);
     char *nl = strchr(lib, '\n');
     if (nl) *nl = 0;
-    snprintf(errbuf, errlen, TAG "init: cuda_aware=on but this MPI library (%s) is not CUDA-aware "
-             "(MPIX_Query_cuda_support says no, or the library has no such query); use comm plugin nccl for device "
-             "buffers, or this plugin with cuda_aware=auto or off (device buffers then go through host staging), "
-             "or an MPI built with CUDA support", lib[0] ? lib : "unknown");
+    snprintf(errbuf, errlen, TAG "init: this MPI library (%s) is not CUDA-aware (MPIX_Query_cuda_support says no, "
+             "or the library has no such query), so it cannot take device buffers; use run.comm_backend = nccl, or "
+             "run.comm_backend = mpi (device buffers then go through the core's host staging), or build dsmoe "
+             "against an MPI built with CUDA support", lib[0] ? lib : "unknown");
     return DSMOE_ERR_UNSUPPORTED;
 }
+#endif
 
 // A count in [1, INT_MAX]: decimal, with an optional K, M, G (10^3, 10^6, 10^9) or Ki, Mi, Gi (2^10,
 // 2^20, 2^30) suffix, as the core reads INT settings. 0 on success.
@@ -215,17 +222,9 @@ static dsmoe_status mpi_init(const dsmoe_comm_options *opt, dsmoe_comm_ctx **ctx
         snprintf(errbuf, errlen, TAG "init: max_count='%s' is not an integer in [1, %d]", text, INT_MAX);
         return DSMOE_ERR_INVALID;
     }
-    const char *aware = opt && opt->param_values && opt->n_param_values >= 2 ? opt->param_values[1] : NULL;
-    if (aware && strcmp(aware, "auto") != 0 && strcmp(aware, "on") != 0 && strcmp(aware, "off") != 0) {
-        snprintf(errbuf, errlen, TAG "init: cuda_aware='%s' is not one of auto, on, off", aware);
-        return DSMOE_ERR_INVALID;
-    }
-    if (aware && strcmp(aware, "on") == 0 && !mpi_is_cuda_aware()) return refuse_cuda_aware(errbuf, errlen);
-    if (aware && strcmp(aware, "on") == 0) { // a CUDA-aware MPI: the plugin's side is not built yet
-        snprintf(errbuf, errlen, TAG "init: cuda_aware=on: this MPI library is CUDA-aware, but this plugin does not "
-                 "take device buffers yet (docs/nccl.md); use comm plugin nccl, or cuda_aware=auto (host staging)");
-        return DSMOE_ERR_UNSUPPORTED;
-    }
+#ifdef COMM_MPI_CUDA_AWARE
+    if (!mpi_is_cuda_aware()) return refuse_not_cuda_aware(errbuf, errlen);
+#endif
     dsmoe_comm_ctx *c = calloc(1, sizeof *c);
     if (!c) {
         snprintf(errbuf, errlen, TAG "init: out of memory");
@@ -648,14 +647,19 @@ static const dsmoe_comm_plugin_v2 mpi_plugin = {
 #ifdef COMM_MPI_STREAM_ORDERED
     .description = "TEST ONLY: the mpi plugin's collectives, run from the caller's kernel queue (stream-ordered)",
     .caps = DSMOE_CCAP_STREAM_ORDERED | DSMOE_CCAP_DETERMINISTIC,
+    .mem_kinds = DSMOE_MEM_HOST,
+#elif defined(COMM_MPI_CUDA_AWARE)
+    .description = "CUDA-aware MPI: collectives on host or CUDA device buffers (float sums in MPI's order)",
+    .caps = 0,
+    .mem_kinds = DSMOE_MEM_HOST | DSMOE_MEM_CUDA,
 #else
     .description = "MPI collectives on host memory (float sums in fixed rank order)",
     .caps = DSMOE_CCAP_DETERMINISTIC | DSMOE_CCAP_NONBLOCKING,
     .allreduce_start = cm_allreduce_start,
     .request_test = cm_request_test,
     .request_wait = cm_request_wait,
-#endif
     .mem_kinds = DSMOE_MEM_HOST,
+#endif
     .mpi_abi = DSMOE_MPI_ABI_STRING,
     .params = mpi_params,
     .n_params = (int)(sizeof mpi_params / sizeof mpi_params[0]),

@@ -2,6 +2,9 @@
 // its context and group, the error helpers and the reduction helpers.
 // defines: mpi_env, struct dsmoe_comm_ctx, struct dsmoe_comm_group, cm_* (comm_mpi.c; the reductions in comm_mpi_reduce.c), and the
 // non-blocking trio cm_allreduce_start/cm_request_test/cm_request_wait (comm_mpi_nonblocking.c, "mpi" only)
+// Three plugins build from these files: "mpi", "mpistream" (COMM_MPI_STREAM_ORDERED, test-only) and
+// "mpi_cuda" (COMM_MPI_CUDA_AWARE: device buffers straight to a CUDA-aware MPI); comm_mpi.c says how
+// they differ.
 #ifndef DSMOE_COMM_MPI_H
 #define DSMOE_COMM_MPI_H
 #include <stdatomic.h>
@@ -11,8 +14,10 @@
 
 #include "dsmoe/comm_plugin.h"
 
-#ifdef COMM_MPI_STREAM_ORDERED
+#if defined(COMM_MPI_STREAM_ORDERED)
 #define PLUGIN_NAME "mpistream"
+#elif defined(COMM_MPI_CUDA_AWARE)
+#define PLUGIN_NAME "mpi_cuda"
 #else
 #define PLUGIN_NAME "mpi"
 #endif
@@ -79,7 +84,7 @@ dsmoe_status cm_do_allreduce(mpi_env *e, dsmoe_comm_group *g, const void *sendbu
 dsmoe_status cm_do_reduce_scatter(mpi_env *e, dsmoe_comm_group *g, const void *sendbuf, void *recvbuf, size_t n,
                                   dsmoe_dtype dtype, dsmoe_reduce_op op);
 
-#ifndef COMM_MPI_STREAM_ORDERED
+#if !defined(COMM_MPI_STREAM_ORDERED) && !defined(COMM_MPI_CUDA_AWARE)
 dsmoe_status cm_allreduce_start(dsmoe_comm_ctx *ctx, dsmoe_comm_group *g, void *buf, size_t count, dsmoe_dtype dtype,
                                 dsmoe_reduce_op op, dsmoe_comm_request **req);
 dsmoe_status cm_request_test(dsmoe_comm_ctx *ctx, dsmoe_comm_request *r, int *done);

@@ -1,6 +1,8 @@
 // backends/mpi/comm_mpi_reduce.c: the reductions of the mpi comm plugin (comm_mpi.c explains the plugin):
 // float sums in one fixed rank order, whatever algorithm MPI would pick, so that allreduce and
 // reduce_scatter give the same bits on every rank and from run to run; other dtypes and ops through MPI.
+// The CUDA-aware build ("mpi_cuda") may not add on the host (its buffers may be device memory): every
+// reduction is MPI's own there, and the core puts its fixed-order float sums in front.
 // defines: cm_chunk_first, cm_reduce_in_rank_order, cm_dtype_info, cm_op_info, cm_is_float_sum,
 //          cm_check_reduction, cm_do_allreduce, cm_do_reduce_scatter
 #include <mpi.h>
@@ -51,6 +53,7 @@ void cm_reduce_in_rank_order(dsmoe_dtype dtype, dsmoe_reduce_op op, void *acc, c
     }
 }
 
+#ifndef COMM_MPI_CUDA_AWARE
 // Float SUM whose bits do not depend on the MPI library: chunk j of the vector is owned by rank j.
 // Every rank sends its chunk j to rank j (MPI_Alltoallv), the owner adds the p contributions in rank
 // order ((x0 + x1) + x2) + ..., and MPI_Allgatherv hands the summed chunks to everyone. Each element
@@ -78,6 +81,7 @@ static dsmoe_status sum_fixed_order(mpi_env *e, dsmoe_comm_group *g, const void 
     if (rc != MPI_SUCCESS) return cm_mpi_fail(e, rc, "allreduce (fixed-order sum): MPI_Allgatherv of the sums");
     return DSMOE_OK;
 }
+#endif
 
 int cm_dtype_info(dsmoe_dtype dtype, MPI_Datatype *type, size_t *esize) {
     switch (dtype) {
@@ -117,24 +121,36 @@ dsmoe_status cm_check_reduction(mpi_env *e, const char *what, dsmoe_dtype dtype,
     return DSMOE_OK;
 }
 
+// The MPI type, element size and op of a reduction cm_check_reduction accepted.
+typedef struct mpi_reduction {
+    MPI_Datatype type;
+    size_t esize;
+    MPI_Op op;
+} mpi_reduction;
+
+static mpi_reduction reduction_of(dsmoe_dtype dtype, dsmoe_reduce_op op) {
+    mpi_reduction r = {MPI_DATATYPE_NULL, 0, MPI_OP_NULL};
+    cm_dtype_info(dtype, &r.type, &r.esize);
+    cm_op_info(op, &r.op);
+    return r;
+}
+
 dsmoe_status cm_do_allreduce(mpi_env *e, dsmoe_comm_group *g, const void *sendbuf, void *recvbuf, size_t count,
                              dsmoe_dtype dtype, dsmoe_reduce_op op) {
-    MPI_Datatype type = MPI_DATATYPE_NULL;
-    size_t esize = 0;
-    MPI_Op mop = MPI_OP_NULL;
-    cm_dtype_info(dtype, &type, &esize);
-    cm_op_info(op, &mop);
+    mpi_reduction r = reduction_of(dtype, op);
     // Element-wise, so pieces of at most max_count elements give the same result as one call.
     for (size_t off = 0; off < count; off += e->max_count) {
         size_t n = count - off < e->max_count ? count - off : e->max_count;
-        const char *src = sendbuf ? (const char *)sendbuf + off * esize : NULL;
-        char *dst = (char *)recvbuf + off * esize;
+        const char *src = sendbuf ? (const char *)sendbuf + off * r.esize : NULL;
+        char *dst = (char *)recvbuf + off * r.esize;
+#ifndef COMM_MPI_CUDA_AWARE
         if (cm_is_float_sum(dtype, op)) {
-            dsmoe_status s = sum_fixed_order(e, g, src, dst, n, type, esize, dtype);
+            dsmoe_status s = sum_fixed_order(e, g, src, dst, n, r.type, r.esize, dtype);
             if (s != DSMOE_OK) return s;
             continue;
         }
-        int rc = MPI_Allreduce(src ? (const void *)src : MPI_IN_PLACE, dst, (int)n, type, mop, g->comm);
+#endif
+        int rc = MPI_Allreduce(src ? (const void *)src : MPI_IN_PLACE, dst, (int)n, r.type, r.op, g->comm);
         if (rc != MPI_SUCCESS) {
             char what[128];
             snprintf(what, sizeof what, "MPI_Allreduce of %zu elements over %d ranks", n, g->size);
@@ -144,6 +160,37 @@ dsmoe_status cm_do_allreduce(mpi_env *e, dsmoe_comm_group *g, const void *sendbu
     return DSMOE_OK;
 }
 
+#ifdef COMM_MPI_CUDA_AWARE
+// recv (n) = block `rank` of the reduction of every rank's send (size, n), by MPI: buffers that may be
+// device memory get no host pass. One MPI_Reduce_scatter_block when a block fits in max_count; longer
+// blocks go piece by piece, one MPI_Reduce of piece [off, off + m) of block j to its owner, rank j
+// (the same reduction, with p roots instead of one scatter).
+dsmoe_status cm_do_reduce_scatter(mpi_env *e, dsmoe_comm_group *g, const void *sendbuf, void *recvbuf, size_t n,
+                                  dsmoe_dtype dtype, dsmoe_reduce_op op) {
+    mpi_reduction r = reduction_of(dtype, op);
+    char what[160];
+    if (n <= e->max_count) {
+        int rc = MPI_Reduce_scatter_block(sendbuf, recvbuf, (int)n, r.type, r.op, g->comm);
+        if (rc == MPI_SUCCESS) return DSMOE_OK;
+        snprintf(what, sizeof what, "reduce_scatter: MPI_Reduce_scatter_block of %zu elements per rank over %d ranks",
+                 n, g->size);
+        return cm_mpi_fail(e, rc, what);
+    }
+    for (size_t off = 0; off < n; off += e->max_count) {
+        size_t m = n - off < e->max_count ? n - off : e->max_count;
+        for (int j = 0; j < g->size; j++) {
+            const char *src = (const char *)sendbuf + ((size_t)j * n + off) * r.esize;
+            void *dst = j == g->rank ? (char *)recvbuf + off * r.esize : NULL; // significant at the root only
+            int rc = MPI_Reduce(src, dst, (int)m, r.type, r.op, j, g->comm);
+            if (rc != MPI_SUCCESS) {
+                snprintf(what, sizeof what, "reduce_scatter: MPI_Reduce of %zu elements to rank %d of %d", m, j, g->size);
+                return cm_mpi_fail(e, rc, what);
+            }
+        }
+    }
+    return DSMOE_OK;
+}
+#else
 // recv (n) = block `rank` of the reduction of every rank's send (size, n). Rank j receives block j of
 // every rank (MPI_Alltoall) and reduces the p contributions in rank order, as sum_fixed_order does for
 // its chunk: each element is reduced once, in the one order of this plugin, so for float SUM the block
@@ -177,3 +224,4 @@ dsmoe_status cm_do_reduce_scatter(mpi_env *e, dsmoe_comm_group *g, const void *s
     }
     return DSMOE_OK;
 }
+#endif

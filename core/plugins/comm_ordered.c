@@ -78,7 +78,9 @@ static dsmoe_status drain(ordered_ctx *x) {
 // The device scratch and the count arrays, grown to fit. Before the old scratch is freed the queue is
 // drained: free waits for queued work, but a plugin may count only its own ops as work using a buffer,
 // not the collectives a stream-ordered comm plugin put on the queue as host callbacks (strict does so).
-// Growth happens in the first steps only.
+// A fresh scratch is ready in queue order only (cudaMallocAsync): a host-progressed plugin that takes
+// device memory (mpi_cuda) writes it from the host side at the call, so the queue is drained after the
+// alloc too. Growth happens in the first steps only.
 static dsmoe_status reserve(ordered_ctx *x, size_t bytes, int p) {
     if (bytes > x->rows_bytes) {
         if (x->rows) DSMOE_TRY(drain(x));
@@ -88,6 +90,7 @@ static dsmoe_status reserve(ordered_ctx *x, size_t bytes, int p) {
         dsmoe_status s = x->kern->alloc(x->kctx, bytes, 0, &x->rows);
         if (s != DSMOE_OK) return kern_fail(x, s, "alloc of the exchange scratch");
         x->rows_bytes = bytes;
+        if (!x->stream_ordered) DSMOE_TRY(drain(x));
     }
     if (p > x->counts_n) {
         size_t *c = realloc(x->counts, 4 * (size_t)p * sizeof *c);

@@ -653,7 +653,7 @@ dsmoe_status dsmoe_plugin_check_pair(const dsmoe_kernel_plugin_v3 *k, const dsmo
     char kbuf[96], cbuf[96];
     const char *hint;
     if (k->mem_kind & DSMOE_MEM_CUDA)
-        hint = "choose run.comm_backend = nccl or a CUDA-aware MPI build";
+        hint = "choose run.comm_backend = nccl, or mpi_cuda on a CUDA-aware MPI";
     else if (k->mem_kind & DSMOE_MEM_HOST)
         hint = "choose run.comm_backend = mpi, or a kernel plugin that allocates device memory";
     else

@@ -3,7 +3,7 @@
 # same deck with run.comm_backend = mpi and with ncclsim (the nccl plugin's own code over the NCCL test
 # double: stream-ordered, its collectives run from the kernel queue), and with ncclsim under the strict
 # kernel plugin (deferred queues, memory closed while work on it is queued: the ordering a GPU would
-# have). The double adds floats from the last rank down (DSMOE_NCCLSIM_SUM_ORDER=reverse), another order
+# have), and with mpi_cuda (device buffers straight to a CUDA-aware MPI, here a test double of one). The double adds floats from the last rank down (DSMOE_NCCLSIM_SUM_ORDER=reverse), another order
 # than the mpi plugin's rank order, as NCCL's algorithms may; ncclsim does not declare
 # DSMOE_CCAP_DETERMINISTIC, so with run.fixed_order_sums (the default) the core adds in rank order itself
 # (core/plugins/comm_ordered.c) and the metrics must be the same bytes as mpi's, timing columns aside. With
@@ -57,11 +57,12 @@ synthetic_branching = 4
 every = 0
 DECK
 
-# train <name> <ranks> key=value...: one run into $work/<name>.
+# train <name> <ranks> key=value...: one run into $work/<name>, with the variables of train_env.
+train_env=()
 train() {
   local name=$1 ranks=$2
   shift 2
-  timeout -k 5 240 "$mpiexec" "${mpiflags[@]}" -n "$ranks" "$dsmoe" "$deck" run.output_dir="$work/$name" \
+  timeout -k 5 240 env "${train_env[@]}" "$mpiexec" "${mpiflags[@]}" -n "$ranks" "$dsmoe" "$deck" run.output_dir="$work/$name" \
     run.plugin_path="$plugins" "$@" >"$work/$name.log" 2>&1 ||
     { fail "$name: exit $?"; show "$work/$name.log"; return 1; }
 }
@@ -95,11 +96,22 @@ if train nccl4_own 4 "${four[@]}" run.comm_backend=ncclsim run.fixed_order_sums=
     >/dev/null; then fail "nccl4_own: the plugin's reverse-order sums gave mpi's metrics: the check cannot see the order"
   else ok; fi
 fi
+# The CUDA-aware mode: mpi_cuda under the test double of a CUDA-aware MPI (preloaded: it says yes to
+# MPIX_Query_cuda_support), on strict declaring device memory that stays closed to the host except inside
+# that MPI's collectives. Device buffers go straight to MPI, no host staging; MPI's sums are in its own
+# order, so the core's fixed-order sums are in front.
+train_env=(LD_PRELOAD="$plugins/libdsmoe_fake_cuda_aware_mpi.so" OMPI_MCA_btl_vader_single_copy_mechanism=none
+           DSMOE_STRICT_MEM_KIND=device DSMOE_STRICT_ALWAYS_CLOSED=1)
+train strict_cuda_mpi4 4 "${four[@]}" run.comm_backend=mpi_cuda run.kernel_backend=strict && same strict_cuda_mpi4 mpi4
+train_env=()
 # Each run says which plugin it loaded (the swap happened, not a fallback), and whose sums it uses.
 grep -q "comm ncclsim ($plugins/libdsmoe_comm_ncclsim.so; float sums in the core's fixed rank order" "$work/nccl2.log" &&
   ok || fail "nccl2's log does not name $plugins/libdsmoe_comm_ncclsim.so with the core's fixed-order sums"
 grep -q "comm ncclsim ($plugins/libdsmoe_comm_ncclsim.so)" "$work/nccl4_own.log" && ok ||
   fail "nccl4_own's log does not name $plugins/libdsmoe_comm_ncclsim.so alone"
+grep -q "comm mpi_cuda ([^;]*/libdsmoe_comm_mpi_cuda.so; float sums in the core's fixed rank order" \
+  "$work/strict_cuda_mpi4.log" && ok ||
+  fail "strict_cuda_mpi4's log does not name libdsmoe_comm_mpi_cuda.so, without staging, with the core's sums"
 
 # ------------------------------------------------------------------------------------------------
 # failure: a long ncclsim run on 2 ranks, one rank stopped or killed after a few steps

@@ -52,20 +52,9 @@ set_tests_properties(test_nccl_fail_np2 PROPERTIES TIMEOUT 30 LABELS "comm;nccl"
   PASS_REGULAR_EXPRESSION "rank 0: ended after [0-9.]+ s: comm ncclsim: .*communicator of this process was aborted"
   FAIL_REGULAR_EXPRESSION "NOT DETECTED")
 
-# The mpi plugin's cuda_aware setting on this machine's MPI (not CUDA-aware): "on" refused by name.
-add_executable(test_mpi_cuda_aware ${DSMOE_TEST_DIR}/plugins/test_mpi_cuda_aware.c)
-set_target_properties(test_mpi_cuda_aware PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/tests)
-target_include_directories(test_mpi_cuda_aware PRIVATE ${PROJECT_SOURCE_DIR}/include ${DSMOE_TEST_DIR})
-target_link_libraries(test_mpi_cuda_aware PRIVATE MPI::MPI_C ${CMAKE_DL_LIBS})
-target_compile_definitions(test_mpi_cuda_aware PRIVATE DSMOE_CONFORMANCE_DEFAULT_DIRS="${DSMOE_BUILD_PLUGIN_DIR}")
-add_dependencies(test_mpi_cuda_aware dsmoe_comm_mpi)
-add_test(NAME test_mpi_cuda_aware COMMAND ${DSMOE_MPIEXEC} ${MPIEXEC_NUMPROC_FLAG} 1 ${DSMOE_MPIEXEC_PREFLAGS}
-         $<TARGET_FILE:test_mpi_cuda_aware>)
-set_tests_properties(test_mpi_cuda_aware PROPERTIES TIMEOUT 30 SKIP_RETURN_CODE 77 LABELS "comm"
-                     ENVIRONMENT "${DSMOE_RANKS_ENV}")
-
 # Swapping comm backends end to end (tests/nccl_double/comm_swap_test.sh): the same dsmoe trains one deck
-# on mpi, ncclsim and strict + ncclsim (2 and 4 ranks) to the same metrics; a stopped or killed rank of
+# on mpi, ncclsim and strict + ncclsim (2 and 4 ranks), and strict + mpi_cuda under the fake CUDA-aware
+# MPI (4 ranks; mpi_cuda.cmake), to the same metrics; a stopped or killed rank of
 # an ncclsim run ends the job within seconds (it takes 2-4 s; the limit is 30 s, so the test needs no
 # machine of its own, only no other multi-rank test beside it).
 add_test(NAME comm_swap COMMAND bash ${DSMOE_TEST_DIR}/nccl_double/comm_swap_test.sh $<TARGET_FILE:dsmoe>

@@ -310,7 +310,7 @@ static void test_pair_check(void **state) {
 
     assert_int_equal(dsmoe_plugin_check_pair(cuda, mpi, &err), DSMOE_ERR_INVALID);
     assert_string_equal(err.msg, "kernel plugin 'fakecuda' allocates CUDA memory but comm plugin 'mpi' accepts only "
-                                 "host memory; choose run.comm_backend = nccl or a CUDA-aware MPI build");
+                                 "host memory; choose run.comm_backend = nccl, or mpi_cuda on a CUDA-aware MPI");
     assert_int_equal(dsmoe_plugin_check_pair(cuda, cudaonly, &err), DSMOE_OK);
     // Adapted tables pair like any other.
     assert_int_equal(dsmoe_plugin_check_pair(cudav1, cudaonly, &err), DSMOE_OK);

@@ -77,6 +77,7 @@ struct dsmoe_kernel_ctx {
     size_t page;
     int protect;       // 0 with DSMOE_STRICT_NO_PROTECT=1
     int always_closed; // DSMOE_STRICT_ALWAYS_CLOSED=1
+    int mpi_opened;    // always_closed: pages a fake CUDA-aware MPI's collective opened (strict_protect.c)
     int eager_host_fn; // DSMOE_STRICT_EAGER_HOST_FN=1: queue_enqueue_host runs its queue up to the callback
     char breaks[256];  // ",name,name," from DSMOE_STRICT_BREAK ("" = none)
     dsmoe_status sticky;

@@ -29,7 +29,9 @@
 //    overlapped gradient all-reduce). Pages cannot tell bytes apart: strict_protect.c's SIGSEGV handler
 //    lets an access to a closed page through when no queued range holds the byte touched.
 //    DSMOE_STRICT_ALWAYS_CLOSED=1 keeps device memory closed except while a queue runs (any host access
-//    is a violation: for stream-ordered comm plugins, whose collectives run inside the queue).
+//    is a violation: for stream-ordered comm plugins, whose collectives run inside the queue), but
+//    inside a collective of the fake CUDA-aware MPI when it is preloaded (tests/plugins/
+//    fake_cuda_aware_mpi.c, strict_protect.c): MPI there may touch bytes without queued work.
 //    DSMOE_STRICT_MEM_KIND=device declares DSMOE_MEM_CUDA instead: the core then reaches a host comm
 //    plugin (mpi) only through its pinned host staging (core/plugins/comm_staged.c), as with a GPU plugin; use
 //    it with DSMOE_STRICT_ALWAYS_CLOSED=1, so that no host access to device memory goes unnoticed.

@@ -12,11 +12,16 @@
 // flag single-steps it; SIGTRAP re-protects), so the next access to it is checked again; elsewhere it
 // stays open until the next enqueue touching it.
 // A fresh buffer (no call that waits since its alloc) and DSMOE_STRICT_ALWAYS_CLOSED make every touch a
-// violation. The handler chains to the one installed before it (Open MPI's backtrace printer, cmocka's)
+// violation, but for one case: a CUDA-aware MPI reads and writes device memory inside its collectives,
+// and the test double of one (tests/plugins/fake_cuda_aware_mpi.c, preloaded) tells strict when a thread
+// is inside one. There, an access to bytes without queued work is let through (its page stays open, no
+// single step) and every page so opened closes when the collective returns; bytes with queued work are
+// still a violation. The handler chains to the one installed before it (Open MPI's backtrace printer, cmocka's)
 // for faults outside strict memory and after a violation's message.
 // defines: strict_pages_init, strict_range_add, strict_range_drop, strict_open_all, strict_settle_pages,
 //          strict_protect_attach, strict_protect_detach
 #define _GNU_SOURCE // sigaction's SA_SIGINFO under -std=c11
+#include <dlfcn.h>
 #include <errno.h>
 #include <signal.h>
 #include <stdio.h>
@@ -187,6 +192,22 @@ static strict_alloc *mapped(const dsmoe_kernel_ctx *c, const char *addr) {
     return a && !a->host && addr < a->base + a->map_bytes ? a : NULL;
 }
 
+// The fake CUDA-aware MPI's window, when it is preloaded (found at the first attach; our hook is
+// removed at the last detach, before this library may be unloaded).
+static int (*mpi_in_collective)(void);
+static void (*mpi_on_leave)(void (*)(void));
+
+// Its collective returned: pages opened for it close again.
+static void mpi_window_closed(void) {
+    for (int i = 0; i < n_live; i++) {
+        dsmoe_kernel_ctx *c = live[i];
+        if (!c->mpi_opened) continue;
+        c->mpi_opened = 0;
+        for (int k = 0; k < c->n_allocs; k++)
+            set_all(c, c->allocs[k], 0);
+    }
+}
+
 static void on_segv(int sig, siginfo_t *si, void *uc) {
     const char *addr = si->si_addr;
     for (int i = 0; i < n_live; i++) {
@@ -197,10 +218,16 @@ static void on_segv(int sig, siginfo_t *si, void *uc) {
         if (a->page_open[p]) break; // not closed by us: someone else's fault
         const strict_range *r = NULL;
         const strict_op *op = strict_pending_at(c, a, off, &r);
-        if (!op && !a->fresh && !c->always_closed) {
-            // Only other bytes of this page have queued work: the access is legal, let it through.
+        int by_mpi = c->always_closed && mpi_in_collective && mpi_in_collective();
+        if (!op && !a->fresh && (!c->always_closed || by_mpi)) {
+            // Only other bytes of this page have queued work (or none, inside a CUDA-aware MPI's
+            // collective): the access is legal, let it through.
             if (mprotect(a->base + p * c->page, c->page, PROT_READ | PROT_WRITE) == 0) {
                 a->page_open[p] = 1;
+                if (by_mpi && a->page_pending[p] == 0) { // open until the collective returns
+                    c->mpi_opened = 1;
+                    return;
+                }
 #ifdef STRICT_SINGLE_STEP
                 if (n_stepping < 4) {
                     stepping[n_stepping].c = c, stepping[n_stepping].a = a, stepping[n_stepping].p = p;
@@ -221,8 +248,8 @@ static void on_segv(int sig, siginfo_t *si, void *uc) {
                      "any wait since its alloc (a device may still be zeroing it)\n", (const void *)addr, off, a->bytes);
         else
             snprintf(msg, sizeof msg, "strict: the host touched %p, byte %zu of a %zu-byte buffer from alloc(): "
-                     "DSMOE_STRICT_ALWAYS_CLOSED forbids any host access to device memory\n", (const void *)addr, off,
-                     a->bytes);
+                     "DSMOE_STRICT_ALWAYS_CLOSED forbids any host access to device memory%s\n", (const void *)addr, off,
+                     a->bytes, mpi_in_collective ? " outside a collective of the CUDA-aware MPI" : "");
         say(msg);
         break;
     }
@@ -243,6 +270,10 @@ void strict_protect_attach(dsmoe_kernel_ctx *c) {
         sigaction(SIGTRAP, &sa, &old_trap);
 #endif
         installed = 1;
+        mpi_on_leave = (void (*)(void (*)(void)))dlsym(RTLD_DEFAULT, "dsmoe_fake_cuda_mpi_on_leave");
+        mpi_in_collective = (int (*)(void))dlsym(RTLD_DEFAULT, "dsmoe_fake_cuda_mpi_in_collective");
+        if (mpi_on_leave && mpi_in_collective) mpi_on_leave(mpi_window_closed);
+        else mpi_on_leave = NULL, mpi_in_collective = NULL;
     }
     live[n_live++] = c;
 }
@@ -260,6 +291,8 @@ void strict_protect_detach(dsmoe_kernel_ctx *c) {
         if (sigaction(SIGTRAP, NULL, &cur) == 0 && (cur.sa_flags & SA_SIGINFO) && cur.sa_sigaction == on_trap)
             sigaction(SIGTRAP, &old_trap, NULL);
 #endif
+        if (mpi_on_leave) mpi_on_leave(NULL);
+        mpi_on_leave = NULL, mpi_in_collective = NULL;
         installed = 0;
     }
 }
