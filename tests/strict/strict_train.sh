@@ -8,7 +8,8 @@
 # "mpistream" one (collectives run inside the kernel queue).
 # usage: strict_train.sh <dsmoe> <test plugin dir> <mpiexec> [mpiexec flags...]
 # Environment: STRICT_BREAK=<op> passes DSMOE_STRICT_BREAK to the strict runs (the test must then fail);
-# STRICT_ONLY="base ep2" runs only those configurations (tests/strict/strict_break.sh).
+# STRICT_ONLY="base ep2" runs only those configurations (tests/strict/strict_break.sh, and the sanitized
+# build's subset in tests/strict_train.cmake).
 set -u
 dsmoe=$1 plugdir=$2
 shift 2
@@ -71,22 +72,32 @@ tensors() { local n; n=$(od -An -t u8 -N 8 "$1" | tr -d ' '); tail -c +$((9 + n)
 # metrics without the timing columns (tokens_per_s, elapsed_s)
 numbers() { awk -F, 'BEGIN { OFS = "," } { $6 = ""; $8 = ""; print }' "$1"; }
 
-# same <config name> <ranks> [key=value ...]: cpu+mpi against strict+mpi, strict+mpistream and strict
-# declaring device memory + mpi through the core's pinned host staging ("staged").
+# The configurations that also run on mpi_cuda (the CUDA-aware mode: device buffers straight to MPI) under
+# the test double of a CUDA-aware MPI (tests/plugins/fake_cuda_aware_mpi.c, preloaded).
+mpi_cuda_configs=" ep2_zero1 bf16_ep2_zero1 "
+fake_cuda_mpi="$plugdir/libdsmoe_fake_cuda_aware_mpi.so"
+
+# same <config name> <ranks> [key=value ...]: cpu+mpi against strict+mpi, strict+mpistream, strict
+# declaring device memory + mpi through the core's pinned host staging ("staged") and, for
+# mpi_cuda_configs, strict declaring device memory + mpi_cuda under the fake CUDA-aware MPI.
 same() {
-  local name=$1 n=$2
+  local name=$1 n=$2 comms="mpi mpistream staged"
   shift 2
   [ -n "${STRICT_ONLY:-}" ] && [[ " $STRICT_ONLY " != *" $name "* ]] && return
+  [[ "$mpi_cuda_configs" == *" $name "* ]] && comms="$comms mpi_cuda"
   run "cpu_$name" "$n" run.kernel_backend=cpu run.comm_backend=mpi "$@" || return
-  for comm in mpi mpistream staged; do
+  for comm in $comms; do
     local s="strict_${comm}_$name"
     # mpistream runs collectives inside the strict queue: memory stays closed outside it, and a host
     # callback drives its queue (as a device would run it without a host wait).
     # staged: the strict plugin declares device memory, so mpi reaches it only through host staging.
-    unset DSMOE_STRICT_ALWAYS_CLOSED DSMOE_STRICT_EAGER_HOST_FN DSMOE_STRICT_MEM_KIND
+    # mpi_cuda: memory closed to the host but inside the fake MPI's collectives (strict_protect.c).
+    unset DSMOE_STRICT_ALWAYS_CLOSED DSMOE_STRICT_EAGER_HOST_FN DSMOE_STRICT_MEM_KIND LD_PRELOAD
     case "$comm" in
       mpistream) export DSMOE_STRICT_ALWAYS_CLOSED=1 DSMOE_STRICT_EAGER_HOST_FN=1;;
       staged) export DSMOE_STRICT_ALWAYS_CLOSED=1 DSMOE_STRICT_MEM_KIND=device;;
+      mpi_cuda) export DSMOE_STRICT_ALWAYS_CLOSED=1 DSMOE_STRICT_MEM_KIND=device LD_PRELOAD="$fake_cuda_mpi" \
+                  OMPI_MCA_btl_vader_single_copy_mechanism=none;;
     esac
     run "$s" "$n" run.kernel_backend=strict run.comm_backend=${comm/staged/mpi} "$@" || continue
     if ! diff <(numbers "$work/cpu_$name/metrics.csv") <(numbers "$work/$s/metrics.csv") > "$work/$s.diff"; then
@@ -99,7 +110,7 @@ same() {
     [ $bad = 0 ] && ok "$name on $n rank(s), strict + $comm: metrics and checkpoints bitwise equal to cpu" \
       || fail "$name on $n rank(s), strict + $comm: checkpoints differ"
   done
-  unset DSMOE_STRICT_ALWAYS_CLOSED DSMOE_STRICT_EAGER_HOST_FN DSMOE_STRICT_MEM_KIND
+  unset DSMOE_STRICT_ALWAYS_CLOSED DSMOE_STRICT_EAGER_HOST_FN DSMOE_STRICT_MEM_KIND LD_PRELOAD
 }
 
 same base 1
