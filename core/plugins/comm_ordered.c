@@ -75,15 +75,13 @@ static dsmoe_status drain(ordered_ctx *x) {
     return s == DSMOE_OK ? s : kern_fail(x, s, "waiting for the queue");
 }
 
-// The device scratch and the count arrays, grown to fit. Before the old scratch is freed the queue is
-// drained: free waits for queued work, but a plugin may count only its own ops as work using a buffer,
-// not the collectives a stream-ordered comm plugin put on the queue as host callbacks (strict does so).
-// A fresh scratch is ready in queue order only (cudaMallocAsync): a host-progressed plugin that takes
-// device memory (mpi_cuda) writes it from the host side at the call, so the queue is drained after the
-// alloc too. Growth happens in the first steps only.
+// The device scratch and the count arrays, grown to fit. The old scratch goes with free, which waits for
+// the work queued before it (the stream-ordered plugin's collectives on the queue included). A fresh
+// scratch is ready in queue order only (cudaMallocAsync): a host-progressed plugin that takes device
+// memory (mpi_cuda) writes it from the host side at the call, so the queue is drained after the alloc.
+// Growth happens in the first steps only.
 static dsmoe_status reserve(ordered_ctx *x, size_t bytes, int p) {
     if (bytes > x->rows_bytes) {
-        if (x->rows) DSMOE_TRY(drain(x));
         x->kern->free(x->kctx, x->rows);
         x->rows = NULL;
         x->rows_bytes = 0;

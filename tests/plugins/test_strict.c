@@ -3,7 +3,7 @@
 // deferred until a call that waits (stale host buffers, callbacks run late and in order), cross-queue
 // events honoured exactly, device memory that faults when touched while work on it is queued (in a
 // forked child: SIGSEGV), poisoned unzeroed memory, sticky run-time errors, enqueue-time errors at once,
-// frees deferred after the work using the buffer, and the knobs (BREAK, EAGER_HOST_FN, ALWAYS_CLOSED,
+// frees deferred until every queue has run its work queued before them (host callbacks too), the knobs (BREAK, EAGER_HOST_FN, ALWAYS_CLOSED,
 // NO_PROTECT). The fault tests' children print strict's violation lines on stderr: that is expected.
 // Both plugins are dlopen'ed from the build tree; no dsmoe_core. The fault tests run first, before this
 // process starts any OpenMP threads, because a forked child of a process with a thread pool may hang.
@@ -428,6 +428,11 @@ static void test_host_callbacks(void **state) {
     S->finalize(ctx);
 }
 
+// A host callback that reads device memory when its queue runs it, as a stream-ordered comm plugin's
+// collective does: strict knows nothing of what it touches.
+static float cb_seen;
+static void read_cb(void *arg) { cb_seen = *(const float *)arg; }
+
 // free is ordered after the queued work using the buffer, without running it; misuse is caught.
 static void test_deferred_free(void **state) {
     dsmoe_kernel_ctx *ctx = make_ctx(S, 2);
@@ -443,6 +448,25 @@ static void test_deferred_free(void **state) {
     S->free(ctx, buf); // double free: sticky
     assert_int_not_equal(S->synchronize(ctx), DSMOE_OK);
     assert_non_null(strstr(S->last_error(ctx), "free"));
+    S->finalize(ctx);
+
+    // "After all work queued before the call": host callbacks too, on every queue. The buffer's last
+    // op (the copy) runs before the callbacks that read it; the release waits for them.
+    ctx = make_ctx(S, 2);
+    q = S->default_queue(ctx);
+    dsmoe_kernel_queue *q2;
+    OK(S, ctx, S->queue_create(ctx, &q2));
+    for (int on_q2 = 0; on_q2 < 2; on_q2++) {
+        buf = dev(S, ctx, sizeof v, 0);
+        cb_seen = 0.0f;
+        OK(S, ctx, S->copy_to_device(ctx, q, buf, &v, sizeof v));
+        OK(S, ctx, wait_queue(S, ctx, q)); // copied; nothing of strict's own is queued on buf any more
+        OK(S, ctx, S->queue_enqueue_host(ctx, on_q2 ? q2 : q, read_cb, buf));
+        S->free(ctx, buf);
+        OK(S, ctx, S->synchronize(ctx));
+        assert_true(cb_seen == 4.5f); // neither unmapped (SIGSEGV) nor poisoned (NaN) before it ran
+    }
+    S->queue_destroy(ctx, q2);
     S->finalize(ctx);
 }
 

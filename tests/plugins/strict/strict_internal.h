@@ -104,6 +104,8 @@ void strict_ref_opt(dsmoe_kernel_ctx *c, strict_op *op, const void *p, size_t by
 void strict_ref_bound(dsmoe_kernel_ctx *c, strict_op *op, const void *p, size_t bytes, const char *what);
 // The same for host_alloc memory (the host side of a copy, read or written when the queue runs).
 void strict_ref_host(dsmoe_kernel_ctx *c, strict_op *op, const void *p, size_t bytes, const char *what);
+// free/host_free: a, already marked freed, is released once every queue has run past this call.
+void strict_hold_until_queues_pass(dsmoe_kernel_ctx *c, strict_alloc *a, const char *name);
 // The op's activation dtype must be one the plugin declares.
 void strict_dtype(dsmoe_kernel_ctx *c, strict_op *op, dsmoe_dtype dt, const char *what);
 // Records an enqueue-time error unless cond holds.

@@ -122,8 +122,9 @@ static dsmoe_status s_host_alloc(dsmoe_kernel_ctx *c, size_t bytes, void **ptr) 
     return map_new(c, "host_alloc", bytes, 1, 0, ptr);
 }
 
-// Frees after the work queued before: a buffer with queued work is released when the last op
-// referencing it has run. A bad pointer or a second free is a sticky error (a device would fault).
+// Frees after the work queued before, on every queue: the buffer is released when the last op
+// referencing it, and every queue's work queued before the free (strict_hold_until_queues_pass), have
+// run. A bad pointer or a second free is a sticky error (a device would fault).
 static void free_kind(dsmoe_kernel_ctx *c, void *p, int host, const char *name) {
     if (!c || !p) return;
     strict_alloc *a = strict_find(c, p);
@@ -137,6 +138,7 @@ static void free_kind(dsmoe_kernel_ctx *c, void *p, int host, const char *name) 
         return;
     }
     a->freed = 1;
+    strict_hold_until_queues_pass(c, a, name);
     if (a->pending == 0) strict_release(c, a);
 }
 

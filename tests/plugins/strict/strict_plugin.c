@@ -14,7 +14,8 @@
 //    queue reaches it, first runs the other queue up to the event (a cycle is a sticky error). An
 //    event_record marks the position; event_create/destroy never wait. So copy_to_host writes its host
 //    buffer only when the queue runs: a core that reads it without waiting sees stale data. free and
-//    host_free run nothing either: a buffer with queued work is released after the last op using it.
+//    host_free run nothing either: a buffer is released once every queue has run the work queued
+//    before the free (host callbacks too, such as a stream-ordered comm plugin's collectives).
 // 2. Memory the host cannot touch. Each buffer is its own mmap. The window rule for device (alloc)
 //    memory, per byte:
 //    - a fresh buffer is closed (PROT_NONE) until the next call that waits;

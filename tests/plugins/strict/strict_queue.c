@@ -4,7 +4,8 @@
 // needs (strict_plugin.c has the list and the memory rules). An event is a position in a queue (the
 // number of ops enqueued on it when it was recorded); queue_wait_event is a closure that, when it runs,
 // first runs the other queue up to that position.
-// defines: strict_op_new, strict_ref, strict_ref_opt, strict_ref_bound, strict_ref_host, strict_dtype,
+// defines: strict_op_new, strict_ref, strict_ref_opt, strict_ref_bound, strict_ref_host,
+//          strict_hold_until_queues_pass, strict_dtype,
 //          strict_check, strict_submit, strict_enter, strict_mat_bytes, strict_run_all, strict_pending_at,
 //          strict_fill_queue_members
 #include <stdarg.h>
@@ -105,6 +106,25 @@ static void ref_kind(dsmoe_kernel_ctx *c, strict_op *op, const void *p, size_t b
         return;
     }
     add_ref(c, op, a, off, bytes, what);
+}
+
+static dsmoe_status run_hold(dsmoe_kernel_ctx *c, strict_op *op) {
+    (void)c, (void)op;
+    return DSMOE_OK;
+}
+
+// free and host_free release a buffer after ALL work queued before the call, host callbacks included (a
+// stream-ordered comm plugin's collective may still read it): every queue with queued work gets a
+// closure holding the buffer by an empty range (it touches no byte), so the buffer's pending count
+// reaches 0, and strict_range_drop releases it, only once every queue has run past the free.
+void strict_hold_until_queues_pass(dsmoe_kernel_ctx *c, strict_alloc *a, const char *name) {
+    for (dsmoe_kernel_queue *q = c->queues; q; q = q->next) {
+        if (!q->head || q->destroyed) continue;
+        strict_op *op = strict_op_new(c, name, run_hold, 0);
+        if (!op) return; // strict_op_new made it a sticky error
+        add_ref(c, op, a, 0, 0, "the freed buffer");
+        strict_submit(c, q, op);
+    }
 }
 
 void strict_ref(dsmoe_kernel_ctx *c, strict_op *op, const void *p, size_t bytes, const char *what) {
