@@ -3,8 +3,9 @@
 // deferred until a call that waits (stale host buffers, callbacks run late and in order), cross-queue
 // events honoured exactly, device memory that faults when touched while work on it is queued (in a
 // forked child: SIGSEGV), poisoned unzeroed memory, sticky run-time errors, enqueue-time errors at once,
-// frees deferred until every queue has run its work queued before them (host callbacks too), the knobs (BREAK, EAGER_HOST_FN, ALWAYS_CLOSED,
-// NO_PROTECT). The fault tests' children print strict's violation lines on stderr: that is expected.
+// frees deferred until every queue has run its work queued before them (host callbacks too), and the
+// knobs (BREAK, EAGER_HOST_FN, ALWAYS_CLOSED, NO_PROTECT). The fault tests' children print strict's
+// violation lines on stderr: that is expected.
 // Both plugins are dlopen'ed from the build tree; no dsmoe_core. The fault tests run first, before this
 // process starts any OpenMP threads, because a forked child of a process with a thread pool may hang.
 #include <dlfcn.h>
