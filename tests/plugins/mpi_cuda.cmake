@@ -2,6 +2,7 @@
 # MPI) without a CUDA-aware MPI or a GPU (docs/nccl.md):
 #   test_mpi_cuda_aware_refused   on this machine's Open MPI (not CUDA-aware): init refused, naming it
 #   test_mpi_cuda_aware_fake      under the fake CUDA-aware MPI: init succeeds; the tables of both plugins
+#   test_comm_mpi_cuda_np{1,2,4}  the host-buffer comm conformance suite (comm_mpi.cmake) under the fake
 #   test_comm_device_strict_mpi_cuda_*  the device-buffer conformance suite on strict's device memory,
 #                                 closed to the host except inside the fake MPI's collectives
 # The fake (tests/plugins/fake_cuda_aware_mpi.c) is preloaded: it says yes to MPIX_Query_cuda_support and
@@ -31,6 +32,15 @@ foreach(mpi refused fake)
   add_test(NAME test_mpi_cuda_aware_${mpi} COMMAND ${DSMOE_MPIEXEC} ${MPIEXEC_NUMPROC_FLAG} 1 ${DSMOE_MPIEXEC_PREFLAGS}
            $<TARGET_FILE:test_mpi_cuda_aware>)
   set_tests_properties(test_mpi_cuda_aware_${mpi} PROPERTIES TIMEOUT 30 LABELS "comm" ENVIRONMENT "${env}")
+endforeach()
+
+add_dependencies(test_comm_mpi dsmoe_comm_mpi_cuda dsmoe_fake_cuda_aware_mpi)
+foreach(ranks 1 2 4)
+  add_test(NAME test_comm_mpi_cuda_np${ranks} COMMAND ${DSMOE_MPIEXEC} ${MPIEXEC_NUMPROC_FLAG} ${ranks}
+           ${DSMOE_MPIEXEC_PREFLAGS} $<TARGET_FILE:test_comm_mpi>)
+  set_tests_properties(test_comm_mpi_cuda_np${ranks} PROPERTIES TIMEOUT 60 LABELS "conformance;comm"
+    RESOURCE_LOCK dsmoe_ranks
+    ENVIRONMENT "OMP_NUM_THREADS=2;DSMOE_CONFORMANCE_DEFAULT_COMM=mpi_cuda;${DSMOE_RANKS_ENV};${DSMOE_FAKE_CUDA_MPI_ENV}")
 endforeach()
 
 # strict declaring device memory and keeping it closed to the host: mpi_cuda takes its buffers without
