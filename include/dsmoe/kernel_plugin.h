@@ -396,8 +396,9 @@ typedef struct dsmoe_kernel_plugin_v3 {
     // consecutive slots in token order. weight = probs of a kept choice, 0 when dropped; for K = 2 the
     // kept weights are divided by max(sum, FLT_EPSILON). kept (E) int32 = slots used per expert.
     // aux_sums (2E + 1) float64, the load-balancing loss's sums over this rank's tokens (the caller
-    // reduces them over ranks, docs/gating.md section 3): [P_e = sum_s probs[s,e] summed in token
-    // order (E), N_e = sum_s [choice[s,0] == e] (E, first choices before drops), S]. All assigned.
+    // reduces them over ranks, docs/gating.md section 3): [P_e = sum_s probs[s,e] (E; summed in
+    // double in one fixed order, token order on the cpu, chunks of tokens on cuda: within 1e-12
+    // relative), N_e = sum_s [choice[s,0] == e] (E, first choices before drops), S]. All assigned.
     dsmoe_status (*gate_assign)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, const dsmoe_gating_params *p, int C,
                                 const float *probs, const int32_t *choice, int32_t *slot, float *weight,
                                 int32_t *kept, double *aux_sums);
