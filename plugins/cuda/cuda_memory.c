@@ -262,9 +262,11 @@ void cu_host_free(dsmoe_kernel_ctx *ctx, void *ptr) {
 //
 // copy_to_device from ordinary (pageable) host memory: the driver stages pageable memory through its own
 // pinned buffers during the call, so the source has been read when cudaMemcpyAsync returns, as the
-// contract wants (CUDA's "API synchronization behavior"). From host_alloc memory the copy is a true DMA
-// when the stream reaches it. copy_to_host into pageable memory returns after the copy; into pinned
-// memory it is asynchronous, valid after an event.
+// contract wants. CUDA's "API synchronization behavior" promises that staging for cudaMemcpy only; for
+// the Async form it says the copy "might be synchronous", so this relies on what the drivers do. Memory
+// pinned by anyone else (cudaHostRegister, another context's host_alloc) is not staged: a copy from it
+// reads it when the stream reaches the copy, as from host_alloc memory (a true DMA). copy_to_host into
+// pageable memory returns after the copy; into pinned memory it is asynchronous, valid after an event.
 
 static dsmoe_status copy_begin(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, const char *op, const void *dst,
                                const void *src, size_t bytes) {

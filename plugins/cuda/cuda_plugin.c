@@ -158,8 +158,11 @@ static dsmoe_status cuda_setup(dsmoe_kernel_ctx *ctx) {
     CU_TRY(cu_blas(ctx, cublasCreate(&ctx->blas), op, "cublasCreate"));
     CU_TRY(cu_blas(ctx, cublasLtCreate(&ctx->blaslt), op, "cublasLtCreate"));
     // Not CUBLAS_ATOMICS_ALLOWED (the default is not allowed): results stay bitwise reproducible.
-    CU_TRY(cu_blas(ctx, cublasSetMathMode(ctx->blas, ctx->tf32 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH),
-                   op, "cublasSetMathMode"));
+    // DISALLOW_REDUCED_PRECISION_REDUCTION: without it cuBLAS may add split-K partial sums of a bfloat16-output
+    // GEMM in bfloat16; the ABI accumulates in float32 and rounds once (as the cpu plugin does).
+    cublasMath_t math = (cublasMath_t)((ctx->tf32 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH) |
+                                       CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION);
+    CU_TRY(cu_blas(ctx, cublasSetMathMode(ctx->blas, math), op, "cublasSetMathMode"));
     CU_TRY(cu_blas(ctx, cublasGetVersion(ctx->blas, &ctx->cublas_version), op, "cublasGetVersion"));
 
     CU_TRY(cu_queue_init(ctx, &ctx->queue));
