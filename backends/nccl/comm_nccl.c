@@ -360,19 +360,31 @@ static dsmoe_status nccl_group_create(dsmoe_comm_ctx *ctx, const dsmoe_bootstrap
         return fail(ctx, DSMOE_ERR_SYSTEM, TAG "group_create: ncclGetUniqueId failed on the group's rank 0: %s",
                     ncclGetErrorString(m.why));
     }
+    // What can fail here fails on one member alone, and the others would wait for it in
+    // ncclCommInitRank: every member's verdict is all-gathered first, so all go on or none.
     nc = calloc(1, sizeof *nc);
-    int *wr = malloc((size_t)b->size * sizeof *wr);
-    if (!nc || !wr) {
+    int *wr = malloc((size_t)b->size * sizeof *wr), *oks = malloc((size_t)b->size * sizeof *oks);
+    cudaError_t ce = nc ? cudaEventCreateWithFlags(&nc->last, cudaEventDisableTiming) : cudaSuccess;
+    int ok = nc && wr && oks && ce == cudaSuccess, bad = -1;
+    s = oks ? b->allgather(b->ctx, &ok, oks, sizeof ok) : DSMOE_ERR_NOMEM;
+    for (int i = 0; i < b->size && s == DSMOE_OK && bad < 0; i++)
+        if (!oks[i]) bad = i;
+    free(oks);
+    if (s != DSMOE_OK || bad >= 0) {
+        if (nc && ce == cudaSuccess) cudaEventDestroy(nc->last);
         free(nc), free(wr), free(g);
-        return fail(ctx, DSMOE_ERR_NOMEM, TAG "group_create: out of memory for %d members", b->size);
+        if (ce != cudaSuccess)
+            return fail(ctx, DSMOE_ERR_SYSTEM, TAG "group_create: cudaEventCreateWithFlags failed: %s",
+                        cudaGetErrorString(ce));
+        if (!ok || s == DSMOE_ERR_NOMEM)
+            return fail(ctx, DSMOE_ERR_NOMEM, TAG "group_create: out of memory for %d members", b->size);
+        if (s != DSMOE_OK)
+            return fail(ctx, s, TAG "group_create: the bootstrap's allgather of the members' verdicts failed (%s)",
+                        dsmoe_status_name(s));
+        return fail(ctx, DSMOE_ERR_SYSTEM, TAG "group_create: member %d of %d could not set up its side of the "
+                    "communicator (see its own message)", bad, b->size);
     }
     memcpy(wr, b->world_ranks, (size_t)b->size * sizeof *wr);
-    cudaError_t ce = cudaEventCreateWithFlags(&nc->last, cudaEventDisableTiming);
-    if (ce != cudaSuccess) {
-        free(nc), free(wr), free(g);
-        return fail(ctx, DSMOE_ERR_SYSTEM, TAG "group_create: cudaEventCreateWithFlags failed: %s",
-                    cudaGetErrorString(ce));
-    }
     ncclResult_t r = ncclCommInitRank(&nc->comm, b->size, m.id, b->rank);
     if (r != ncclSuccess) {
         cudaEventDestroy(nc->last);

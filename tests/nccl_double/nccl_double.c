@@ -442,8 +442,14 @@ EXPORT ncclResult_t ncclGroupEnd(void) {
 // ------------------------------------------------------------------------------------------------
 // the CUDA runtime: nothing is ever pending
 
+// DSMOE_NCCLSIM_FAIL_EVENT_CREATE=<world rank>: event creation fails there (a local failure in the
+// middle of a group's set-up, while the other members go on).
 EXPORT cudaError_t cudaEventCreateWithFlags(cudaEvent_t *event, unsigned int flags) {
     if (!event) return cudaErrorInvalidValue;
+    const char *fail_rank = getenv("DSMOE_NCCLSIM_FAIL_EVENT_CREATE");
+    int me = -1;
+    if (fail_rank) MPI_Comm_rank(MPI_COMM_WORLD, &me);
+    if (fail_rank && atoi(fail_rank) == me) return cudaErrorMemoryAllocation;
     *event = malloc(1);
     return *event ? cudaSuccess : cudaErrorInvalidValue;
 }
@@ -455,5 +461,8 @@ EXPORT cudaError_t cudaEventDestroy(cudaEvent_t event) {
 }
 EXPORT cudaError_t cudaStreamSynchronize(cudaStream_t stream) { return cudaSuccess; }
 EXPORT const char *cudaGetErrorString(cudaError_t error) {
-    return error == cudaSuccess ? "no error" : error == cudaErrorNotReady ? "device not ready" : "invalid argument";
+    return error == cudaSuccess                 ? "no error"
+           : error == cudaErrorNotReady         ? "device not ready"
+           : error == cudaErrorMemoryAllocation ? "out of memory"
+                                                : "invalid argument";
 }

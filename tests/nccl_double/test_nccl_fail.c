@@ -5,9 +5,14 @@
 // rank must see a comm error naming the abort within seconds, print it, and end the job (MPI_Abort).
 // A survivor that finishes the loop prints "NOT DETECTED" (the test fails on that text, or on its
 // timeout when a rank hangs).
+// With DSMOE_NCCLSIM_FAIL_EVENT_CREATE=<rank> it checks group set-up instead: that rank fails locally
+// before ncclCommInitRank, and group_create must then fail on every rank at once (none left waiting in
+// ncclCommInitRank), the others naming that member; exit 0 when they all do.
 #define _GNU_SOURCE
 #include <signal.h>
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 #include <time.h>
 
 #include "comm_conformance.h" // conf_load_comm, conf_boot, conf_queue
@@ -47,6 +52,27 @@ int main(int argc, char **argv) {
     dsmoe_comm_ctx *ctx = NULL;
     dsmoe_comm_group *g = NULL;
     char errbuf[512];
+    const char *fail_rank = getenv("DSMOE_NCCLSIM_FAIL_EVENT_CREATE");
+    if (fail_rank) {
+        int bad = atoi(fail_rank), ok = 0;
+        if (P->init(&opt, &ctx, errbuf, sizeof errbuf) != DSMOE_OK) {
+            fprintf(stderr, "rank %d: init failed: %s\n", rank, errbuf);
+            MPI_Abort(MPI_COMM_WORLD, 1);
+        }
+        dsmoe_status s = P->group_create(ctx, &boot.b, &g);
+        const char *msg = P->last_error(ctx);
+        char want[64];
+        snprintf(want, sizeof want, "member %d of %d could not set up", bad, size);
+        ok = s != DSMOE_OK && strstr(msg, rank == bad ? "cudaEventCreateWithFlags failed: out of memory" : want);
+        fprintf(stderr, "rank %d: group_create %s: %s\n", rank, ok ? "refused as expected" : "WRONG", msg);
+        int all_ok = 0;
+        MPI_Allreduce(&ok, &all_ok, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+        if (s == DSMOE_OK) P->group_destroy(ctx, g);
+        P->finalize(ctx);
+        conf_boot_free(&boot);
+        MPI_Finalize();
+        return all_ok ? 0 : 1;
+    }
     if (P->init(&opt, &ctx, errbuf, sizeof errbuf) != DSMOE_OK || P->group_create(ctx, &boot.b, &g) != DSMOE_OK) {
         fprintf(stderr, "rank %d: setup failed: %s\n", rank, ctx ? P->last_error(ctx) : errbuf);
         MPI_Abort(MPI_COMM_WORLD, 1);

@@ -51,6 +51,12 @@ set_tests_properties(test_nccl_fail_np2 PROPERTIES TIMEOUT 30 LABELS "comm;nccl"
   ENVIRONMENT "DSMOE_NCCLSIM_TIMEOUT=2;${DSMOE_RANKS_ENV}"
   PASS_REGULAR_EXPRESSION "rank 0: ended after [0-9.]+ s: comm ncclsim: .*communicator of this process was aborted"
   FAIL_REGULAR_EXPRESSION "NOT DETECTED")
+# A local failure in the middle of a group's set-up (rank 1's event creation) fails group_create on every
+# rank at once, none left waiting in ncclCommInitRank (the TIMEOUT catches a hang).
+add_test(NAME test_nccl_setup_fail_np2 COMMAND ${DSMOE_MPIEXEC} ${MPIEXEC_NUMPROC_FLAG} 2 ${DSMOE_MPIEXEC_PREFLAGS}
+         $<TARGET_FILE:test_nccl_fail>)
+set_tests_properties(test_nccl_setup_fail_np2 PROPERTIES TIMEOUT 30 LABELS "comm;nccl" RESOURCE_LOCK dsmoe_ranks
+  ENVIRONMENT "DSMOE_NCCLSIM_TIMEOUT=5;DSMOE_NCCLSIM_FAIL_EVENT_CREATE=1;${DSMOE_RANKS_ENV}")
 
 # Swapping comm backends end to end (tests/nccl_double/comm_swap_test.sh): the same dsmoe trains one deck
 # on mpi, ncclsim and strict + ncclsim (2 and 4 ranks), and strict + mpi_cuda under the fake CUDA-aware

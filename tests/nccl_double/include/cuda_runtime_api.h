@@ -3,7 +3,12 @@
 // defines them. Names, types and values are the CUDA runtime's; nothing here needs CUDA installed.
 #ifndef DSMOE_NCCL_DOUBLE_CUDA_RUNTIME_API_H
 #define DSMOE_NCCL_DOUBLE_CUDA_RUNTIME_API_H
-typedef enum cudaError { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorNotReady = 600 } cudaError_t;
+typedef enum cudaError {
+    cudaSuccess = 0,
+    cudaErrorInvalidValue = 1,
+    cudaErrorMemoryAllocation = 2,
+    cudaErrorNotReady = 600
+} cudaError_t;
 typedef struct CUstream_st *cudaStream_t;
 typedef struct CUevent_st *cudaEvent_t;
 #define cudaEventDisableTiming 0x02
