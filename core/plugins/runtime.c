@@ -71,10 +71,13 @@ static dsmoe_status open_world(const dsmoe_config *cfg, dsmoe_runtime *rt, dsmoe
                                .param_values = (const char *const *)rt->comm_settings.values,
                                .n_param_values = rt->comm_settings.n};
     char msg[1024] = "";
-    s = dsmoe_errors_agree(rt->comm->init(&copt, &rt->cctx, msg, sizeof msg), err);
+    // The message first, then the agreement: a refusal every rank shares is collective (printed once).
+    s = rt->comm->init(&copt, &rt->cctx, msg, sizeof msg);
     if (s != DSMOE_OK)
-        return dsmoe_err_set(err, s, "comm plugin '%s' (%s): init failed: %s", rt->comm->name, rt->comm_handle.path,
-                             msg[0] ? msg : "another rank failed");
+        dsmoe_err_set(err, s, "comm plugin '%s' (%s): init failed: %s", rt->comm->name, rt->comm_handle.path,
+                      msg[0] ? msg : "(the plugin gave no message)");
+    s = dsmoe_errors_agree(s, err);
+    if (s != DSMOE_OK) return s;
     if (rt->comm_staged) {
         const dsmoe_comm_plugin_v2 *inner = rt->comm;
         s = dsmoe_errors_agree(dsmoe_comm_staged_open(inner, rt->cctx, rt->kern, rt->kctx, rt->q, &rt->comm, &rt->cctx, err),

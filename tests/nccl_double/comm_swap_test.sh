@@ -104,6 +104,15 @@ train_env=(LD_PRELOAD="$plugins/libdsmoe_fake_cuda_aware_mpi.so" OMPI_MCA_btl_va
            DSMOE_STRICT_MEM_KIND=device DSMOE_STRICT_ALWAYS_CLOSED=1)
 train strict_cuda_mpi4 4 "${four[@]}" run.comm_backend=mpi_cuda run.kernel_backend=strict && same strict_cuda_mpi4 mpi4
 train_env=()
+# Without the double, this machine's MPI is not CUDA-aware: every rank refuses mpi_cuda at start-up, so the
+# error is collective: printed once (rank 0), exit status 1, no MPI_Abort.
+timeout -k 5 60 "$mpiexec" "${mpiflags[@]}" -n 2 "$dsmoe" "$deck" run.output_dir="$work/refused" \
+  run.plugin_path="$plugins" run.comm_backend=mpi_cuda >"$work/refused.log" 2>&1
+rc=$?
+if [ $rc = 1 ] && [ "$(grep -c "^dsmoe: error: comm plugin 'mpi_cuda' (.*): init failed: .* is not CUDA-aware" \
+  "$work/refused.log")" = 1 ] && ! grep -q "error on rank\|MPI_ABORT" "$work/refused.log"; then ok
+else fail "mpi_cuda on an MPI that is not CUDA-aware: exit $rc, expected 1 and the refusal printed once"
+  show "$work/refused.log"; fi
 # Each run says which plugin it loaded (the swap happened, not a fallback), and whose sums it uses.
 grep -q "comm ncclsim ($plugins/libdsmoe_comm_ncclsim.so; float sums in the core's fixed rank order" "$work/nccl2.log" &&
   ok || fail "nccl2's log does not name $plugins/libdsmoe_comm_ncclsim.so with the core's fixed-order sums"
