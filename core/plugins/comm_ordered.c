@@ -76,10 +76,10 @@ static dsmoe_status drain(ordered_ctx *x) {
 }
 
 // The device scratch and the count arrays, grown to fit. The old scratch goes with free, which waits for
-// the work queued before it (the stream-ordered plugin's collectives on the queue included). A fresh
-// scratch is ready in queue order only (cudaMallocAsync): a host-progressed plugin that takes device
-// memory (mpi_cuda) writes it from the host side at the call, so the queue is drained after the alloc.
-// Growth happens in the first steps only.
+// the work queued before it (the stream-ordered plugin's collectives on the queue included). A
+// host-progressed plugin that takes device memory (mpi_cuda) writes the fresh scratch from the host side
+// at the call, so the queue is drained after the alloc: a plugin may still be preparing a fresh buffer
+// in queue order (strict treats it so; cuda's alloc already waits). Growth happens in the first steps only.
 static dsmoe_status reserve(ordered_ctx *x, size_t bytes, int p) {
     if (bytes > x->rows_bytes) {
         x->kern->free(x->kctx, x->rows);
