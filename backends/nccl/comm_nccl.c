@@ -25,6 +25,7 @@
 // is left waiting on the GPU), the message goes to the core's log, and every later call returns it
 // (sticky), so the core ends the job with that message.
 #define _POSIX_C_SOURCE 200809L
+#include <errno.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdatomic.h>
@@ -69,6 +70,7 @@ struct dsmoe_comm_ctx {
     atomic_int sticky;  // dsmoe_status of the first fatal error; its text in sticky_msg
     char sticky_msg[1024];
     pthread_t watchdog;
+    pthread_cond_t wake; // with lock, on CLOCK_MONOTONIC: ends the watchdog's wait at once when stopping
     int has_watchdog;
     atomic_int stop;
 };
@@ -144,15 +146,21 @@ DSMOE_PLUGIN_EXPORT dsmoe_status dsmoe_comm_nccl_poll(dsmoe_comm_ctx *ctx) {
     return s == DSMOE_OK ? s : fail(ctx, s, "%s", ctx->sticky_msg);
 }
 
+// Polls every watchdog_ms. It waits on a condition variable rather than sleeping so that finalize does
+// not wait out a period; the lock is free while it waits.
 static void *watchdog_main(void *arg) {
     dsmoe_comm_ctx *ctx = arg;
-    struct timespec nap = {ctx->watchdog_ms / 1000, (long)(ctx->watchdog_ms % 1000) * 1000000L};
+    pthread_mutex_lock(&ctx->lock);
     while (!atomic_load(&ctx->stop)) {
-        nanosleep(&nap, NULL);
-        pthread_mutex_lock(&ctx->lock);
-        poll_locked(ctx);
-        pthread_mutex_unlock(&ctx->lock);
+        struct timespec until;
+        clock_gettime(CLOCK_MONOTONIC, &until);
+        long ns = until.tv_nsec + (long)(ctx->watchdog_ms % 1000) * 1000000L;
+        until.tv_sec += ctx->watchdog_ms / 1000 + ns / 1000000000L;
+        until.tv_nsec = ns % 1000000000L;
+        while (!atomic_load(&ctx->stop) && pthread_cond_timedwait(&ctx->wake, &ctx->lock, &until) != ETIMEDOUT) {}
+        if (!atomic_load(&ctx->stop)) poll_locked(ctx);
     }
+    pthread_mutex_unlock(&ctx->lock);
     return NULL;
 }
 
@@ -235,7 +243,12 @@ static dsmoe_status nccl_init(const dsmoe_comm_options *opt, dsmoe_comm_ctx **ct
     atomic_init(&c->sticky, DSMOE_OK);
     atomic_init(&c->stop, 0);
     if (c->watchdog_ms > 0) {
-        int rc = pthread_create(&c->watchdog, NULL, watchdog_main, c);
+        pthread_condattr_t attr;
+        int rc = pthread_condattr_init(&attr);
+        if (rc == 0) rc = pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+        if (rc == 0) rc = pthread_cond_init(&c->wake, &attr);
+        if (rc == 0) pthread_condattr_destroy(&attr);
+        if (rc == 0 && (rc = pthread_create(&c->watchdog, NULL, watchdog_main, c)) != 0) pthread_cond_destroy(&c->wake);
         if (rc != 0) {
             snprintf(errbuf, errlen, TAG "init: cannot start the watchdog thread (%s); set watchdog_ms = 0 to run "
                      "without it", strerror(rc));
@@ -252,8 +265,12 @@ static dsmoe_status nccl_init(const dsmoe_comm_options *opt, dsmoe_comm_ctx **ct
 static void ctx_release(dsmoe_comm_ctx *ctx) {
     if (atomic_fetch_sub(&ctx->refs, 1) != 1) return;
     if (ctx->has_watchdog) {
+        pthread_mutex_lock(&ctx->lock);
         atomic_store(&ctx->stop, 1);
+        pthread_cond_signal(&ctx->wake);
+        pthread_mutex_unlock(&ctx->lock);
         pthread_join(ctx->watchdog, NULL);
+        pthread_cond_destroy(&ctx->wake);
     }
     pthread_mutex_lock(&ctx->lock); // groups left undestroyed: their communicators go now
     for (ncomm *nc = ctx->comms; nc; nc = nc->next) drain_locked(ctx, nc);
