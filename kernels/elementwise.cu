@@ -351,10 +351,11 @@ extern "C" dsmoe_status dsmoe_cu_init_tensor(const dsmoe_cu_env *env, float *dst
 
 // ---------------------------------------------------------------------------------------------------
 // GELU, tanh approximation. The constants are cpu_math.h's; the expressions are kernels/gemm.cu's
-// (gemm_gelu, gemm_gelu_grad) character for character, so that gelu_forward and the grouped GEMM's
-// BIAS_GELU epilogue give the same bits (the core may use either), and gelu_backward into a zeroed din
-// gives the DGELU epilogue's bits. tanhf where the cpu plugin has a fast tanh: they agree to about 1e-7
-// absolute.
+// (gemm_gelu, gemm_gelu_grad) character for character, so that in float32 gelu_forward and the grouped
+// GEMM's BIAS_GELU epilogue give the same bits (the core may use either), and gelu_backward into a zeroed
+// din gives the DGELU epilogue's bits. (In bfloat16 the epilogue takes GELU of the unrounded
+// pre-activation, as the cpu plugin's does: one rounding fewer than bias_add then gelu_forward.) tanhf
+// where the cpu plugin has a fast tanh: they agree to about 1e-7 absolute.
 
 #define EW_GELU_SCALE 0.7978845608028654f // sqrt(2 / pi)
 #define EW_GELU_CUBE 0.044715f

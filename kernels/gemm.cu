@@ -211,8 +211,8 @@ struct epilogue_args {
 
 // Rows i < counts[g] of every group: c = acc + beta * c, then the epilogue, each as cpu_gemm.c's
 // epilogue_tile computes it. Blocks walk rows (grid-stride over x), threads walk columns; groups on y.
-// With bfloat16 c, BIAS_GELU evaluates GELU on the stored (rounded) pre-activation, the value the backward
-// pass reads back from aux, as a separate bias_add then gelu_forward would.
+// With bfloat16 c, BIAS_GELU takes GELU of the float32 pre-activation and stores that pre-activation's
+// rounding in aux (what DGELU reads back), as the cpu plugin's epilogue does: c is rounded once.
 template <typename TC>
 __global__ void grouped_epilogue_kernel(epilogue_args<TC> p) {
     for (int g = blockIdx.y; g < p.groups; g += gridDim.y) {
@@ -233,8 +233,9 @@ __global__ void grouped_epilogue_kernel(epilogue_args<TC> p) {
                 if (p.epi == DSMOE_EPI_BIAS) {
                     v += bias[j];
                 } else if (p.epi == DSMOE_EPI_BIAS_GELU) {
-                    dsmoe_st(p.aux, row + j, v + bias[j]);
-                    v = gemm_gelu(dsmoe_ld(p.aux, row + j)); // read back: the rounded value when bfloat16
+                    v += bias[j];
+                    dsmoe_st(p.aux, row + j, v);
+                    v = gemm_gelu(v);
                 } else if (p.epi == DSMOE_EPI_DGELU) {
                     v = gemm_gelu_grad(dsmoe_ld(p.aux, row + j)) * v;
                 }

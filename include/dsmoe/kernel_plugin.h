@@ -125,6 +125,8 @@ typedef enum dsmoe_epilogue {
 // are not written, and rows m[g] .. m_max - 1 of a_g do not affect the result (a plugin may read them,
 // so a_g holds m_max rows; their values may be anything, NaN included). counts is DEVICE memory (the per-expert token counts stay on the device);
 // a count outside [0, m_max] is a sticky error. The struct is host memory, consumed before return.
+// A bfloat16 c is rounded once: the product, beta * c and the epilogue are float32, BIAS_GELU takes gelu
+// of the float32 pre-activation and aux holds that pre-activation rounded; DGELU reads aux as stored.
 typedef struct dsmoe_grouped_gemm {
     int groups;
     const int32_t *counts; // (groups) device
