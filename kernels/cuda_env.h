@@ -42,7 +42,6 @@ typedef struct dsmoe_cu_env {
     int sm_count;          // multiprocessors of the device
     int allow_tf32;        // GEMM family: float32 GEMMs may use TF32 tensor cores (setting "tf32")
     void *cublas;          // GEMM family: cublasHandle_t bound to `stream`
-    void *cublaslt;        // GEMM family: cublasLtHandle_t
     void *blas_workspace;  // GEMM family: cuBLAS workspace (blas_workspace_bytes), owned by the plugin
     size_t blas_workspace_bytes;
     char *msg;             // enqueue-time error message buffer (msg_len bytes), owned by the plugin

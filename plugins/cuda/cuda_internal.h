@@ -20,7 +20,6 @@
 #include <stdint.h>
 #include <stdio.h>
 
-#include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_runtime_api.h>
 
@@ -72,7 +71,6 @@ struct dsmoe_kernel_ctx {
 
     cudaMemPool_t pool;        // alloc(): stream-ordered, never released to the OS (threshold UINT64_MAX)
     cublasHandle_t blas;       // one handle, re-bound to the queue of each op (cu_bind_blas)
-    cublasLtHandle_t blaslt;
     dsmoe_kernel_queue *blas_queue; // the queue blas is bound to (stream and workspace); NULL = none yet
     dsmoe_cu_fault *fault;     // the fault record: host view (mapped pinned memory)
     dsmoe_cu_fault *fault_dev; // the same record as device code addresses it (every env.fault)

@@ -4,8 +4,8 @@
 // cuda_ops.c (each forwards to its launcher in kernels/).
 // defines: DSMOE_KERNEL_PLUGIN_ENTRY (dsmoe_kernel_plugin_entry_v3), the only exported symbol
 //
-// A context drives one device (options.device): a stream-ordered memory pool, one cuBLAS and one
-// cuBLASLt handle, the fault record the kernels write bad data into, and a default queue. Everything is
+// A context drives one device (options.device): a stream-ordered memory pool, one cuBLAS handle, the
+// fault record the kernels write bad data into, and a default queue. Everything is
 // asynchronous (DSMOE_KCAP_ASYNC): the core waits with events.
 #include <errno.h>
 #include <math.h>
@@ -156,7 +156,6 @@ static dsmoe_status cuda_setup(dsmoe_kernel_ctx *ctx) {
     CU_TRY(cu_memory_init(ctx));
 
     CU_TRY(cu_blas(ctx, cublasCreate(&ctx->blas), op, "cublasCreate"));
-    CU_TRY(cu_blas(ctx, cublasLtCreate(&ctx->blaslt), op, "cublasLtCreate"));
     // Not CUBLAS_ATOMICS_ALLOWED (the default is not allowed): results stay bitwise reproducible.
     // DISALLOW_REDUCED_PRECISION_REDUCTION: without it cuBLAS may add split-K partial sums of a bfloat16-output
     // GEMM in bfloat16; the ABI accumulates in float32 and rounds once (as the cpu plugin does).
@@ -260,10 +259,7 @@ static void cuda_finalize(dsmoe_kernel_ctx *ctx) {
     // The handle goes before the streams it may be bound to.
     if (ctx->blas)
         (void)cublasDestroy(ctx->blas);
-    if (ctx->blaslt)
-        (void)cublasLtDestroy(ctx->blaslt);
     ctx->blas = NULL;
-    ctx->blaslt = NULL;
     ctx->blas_queue = NULL;
     while (ctx->queues) {
         dsmoe_kernel_queue *next = ctx->queues->next;
