@@ -35,6 +35,8 @@ __device__ __forceinline__ void dsmoe_cu_raise(dsmoe_cu_fault *f, int code, long
     if (atomicCAS(&f->code, 0, code) == 0) {
         f->a = a;
         f->b = b;
+        __threadfence_system(); // a and b before the flag, as the host sees them
+        *(volatile int32_t *)&f->published = 1;
         __threadfence_system();
     }
 }

@@ -28,10 +28,12 @@ typedef enum dsmoe_cu_fault_code {
     DSMOE_CU_FAULT_CHOICE_RANGE = 5, // a = token, b = the expert id or slot (routing table: not in [0, E) / [-1, C))
 } dsmoe_cu_fault_code;
 
-// Written by device code (mapped, pinned host memory: the host reads it after a synchronisation).
+// Written by device code (mapped, pinned host memory: the host reads it after a synchronisation, and a
+// and b once published says so).
 typedef struct dsmoe_cu_fault {
     int32_t code;       // dsmoe_cu_fault_code; 0 = none
-    int32_t op;         // reserved (0)
+    int32_t published;  // 1 once a and b are written (after a system fence): until then the host must
+                        // not read them; the kernel that set code sets it within a few instructions
     long long a, b;
 } dsmoe_cu_fault;
 

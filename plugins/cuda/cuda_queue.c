@@ -9,8 +9,10 @@
 // goes on; a device fault makes the CUDA context fail. Both are looked at only after a synchronisation
 // (queue_synchronize, synchronize, event_synchronize, event_query answering done), and the first one
 // becomes the sticky error: every later call returns it, last_error() keeps its message.
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "cuda_internal.h"
 
@@ -90,6 +92,12 @@ static void fault_text(int code, long long a, long long b, char *buf, size_t len
     }
 }
 
+static double fault_clock(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
 dsmoe_status cu_after_wait(dsmoe_kernel_ctx *ctx, cudaError_t e, const char *op, const char *call) {
     if (e != cudaSuccess)
         (void)cudaGetLastError();
@@ -99,13 +107,15 @@ dsmoe_status cu_after_wait(dsmoe_kernel_ctx *ctx, cudaError_t e, const char *op,
     int code = f ? f->code : 0;
     if (code != DSMOE_CU_FAULT_NONE) {
         // The kernel that set the code may run on a queue this wait did not cover and still be writing a
-        // and b: let every queue finish first (an error path: the cost does not matter).
-        (void)cudaStreamSynchronize(ctx->queue.stream);
-        for (dsmoe_kernel_queue *q = ctx->queues; q; q = q->next)
-            (void)cudaStreamSynchronize(q->stream);
-        (void)cudaGetLastError();
+        // and b: it publishes them right after. Waiting for the queues instead could block for good (one
+        // may wait on a peer that is gone) and would make event_query block.
+        double until = fault_clock() + 1.0;
+        while (!f->published && fault_clock() < until) {}
         char what[256];
-        fault_text(code, f->a, f->b, what, sizeof what);
+        if (f->published)
+            fault_text(code, f->a, f->b, what, sizeof what);
+        else
+            snprintf(what, sizeof what, "fault code %d, whose values its kernel had not written after 1 s", code);
         if (e != cudaSuccess)
             return cu_sticky(ctx, DSMOE_ERR_INVALID, "cuda: %s: a kernel found bad data: %s (and then %s: %s)", op,
                              what, call, cudaGetErrorString(e));
