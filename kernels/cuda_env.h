@@ -44,6 +44,7 @@ typedef struct dsmoe_cu_env {
     int sm_count;          // multiprocessors of the device
     int allow_tf32;        // GEMM family: float32 GEMMs may use TF32 tensor cores (setting "tf32")
     void *cublas;          // GEMM family: cublasHandle_t bound to `stream`
+    void *alloc_pool;      // the plugin's pool for alloc() (cudaMemPool_t): trimmed when scratch finds no room
     void *blas_workspace;  // GEMM family: cuBLAS workspace (blas_workspace_bytes), owned by the plugin
     size_t blas_workspace_bytes;
     char *msg;             // enqueue-time error message buffer (msg_len bytes), owned by the plugin
@@ -58,6 +59,15 @@ dsmoe_status dsmoe_cu_fail(const dsmoe_cu_env *env, dsmoe_status st, const char 
 dsmoe_status dsmoe_cu_check_launch(const dsmoe_cu_env *env, const char *op);
 // Same for the result of a CUDA runtime call.
 dsmoe_status dsmoe_cu_check(const dsmoe_cu_env *env, cudaError_t e, const char *what);
+
+// A launcher's scratch: cudaMallocAsync of bytes (at least 1) on env->stream, from the device's default
+// pool; freed with cudaFreeAsync on the same stream. Both pools keep the memory they get back (release
+// threshold UINT64_MAX), so a full device may have room unused in either: on cudaErrorMemoryAllocation
+// both give back what no allocation holds (cudaMemPoolTrimTo) and the allocation is tried once more.
+// DSMOE_ERR_NOMEM then names `what` and the size. Defined in kernels/cuda_env.c.
+dsmoe_status dsmoe_cu_scratch(const dsmoe_cu_env *env, void **p, size_t bytes, const char *what);
+// Gives back to the driver what the device's default pool and `alloc_pool` (may be NULL) hold unused.
+void dsmoe_cu_trim_pools(int device, void *alloc_pool);
 
 DSMOE_EXTERN_C_END
 

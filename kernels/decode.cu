@@ -308,8 +308,7 @@ extern "C" dsmoe_status dsmoe_cu_sample(const dsmoe_cu_env *env, int32_t *tokens
     const size_t key_bytes = align256((size_t)nr_max * V * sizeof(uint64_t));
     const size_t off_bytes = align256((size_t)(nr_max + 1) * sizeof(int));
     char *scratch = NULL;
-    st = dsmoe_cu_check(env, cudaMallocAsync((void **)&scratch, 2 * key_bytes + off_bytes + align256(cub_bytes), env->stream),
-                        "sample: cudaMallocAsync");
+    st = dsmoe_cu_scratch(env, (void **)&scratch, 2 * key_bytes + off_bytes + align256(cub_bytes), "sample");
     if (st != DSMOE_OK) return st;
     uint64_t *buf0 = (uint64_t *)scratch, *buf1 = (uint64_t *)(scratch + key_bytes);
     int *offsets = (int *)(scratch + 2 * key_bytes);

@@ -27,15 +27,6 @@
 #define EW_FOR(i, n)                                                                                       \
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (size_t)gridDim.x * blockDim.x)
 
-static dsmoe_status scratch_alloc(const dsmoe_cu_env *env, void **p, size_t bytes, const char *op) {
-    cudaError_t e = cudaMallocAsync(p, bytes, env->stream);
-    if (e != cudaSuccess) {
-        *p = NULL;
-        return dsmoe_cu_check(env, e, op);
-    }
-    return DSMOE_OK;
-}
-
 // ---------------------------------------------------------------------------------------------------
 // bias_add, bias_backward
 
@@ -125,7 +116,7 @@ extern "C" dsmoe_status dsmoe_cu_bias_backward(const dsmoe_cu_env *env, float *d
     const dim3 grid((unsigned)((n + BB_COLS - 1) / BB_COLS), (unsigned)chunks), block(BB_COLS, BB_ROWS);
     float *partial = NULL;
     if (chunks > 1 &&
-        (st = scratch_alloc(env, (void **)&partial, (size_t)chunks * n * sizeof(float), op)) != DSMOE_OK)
+        (st = dsmoe_cu_scratch(env, (void **)&partial, (size_t)chunks * n * sizeof(float), op)) != DSMOE_OK)
         return st;
     DSMOE_CU_DISPATCH(dt, T, {
         bias_colsum_kernel<T><<<grid, block, 0, env->stream>>>(chunks > 1 ? partial : dbias, chunks == 1,
@@ -238,7 +229,7 @@ extern "C" dsmoe_status dsmoe_cu_sum_squares(const dsmoe_cu_env *env, const floa
         return dsmoe_cu_check_launch(env, op);
     }
     double *partial = NULL;
-    dsmoe_status st = scratch_alloc(env, (void **)&partial, blocks * sizeof(double), op);
+    dsmoe_status st = dsmoe_cu_scratch(env, (void **)&partial, blocks * sizeof(double), op);
     if (st != DSMOE_OK)
         return st;
     sum_squares_blocks_kernel<<<(unsigned)blocks, SS_THREADS, 0, env->stream>>>(x, n, chunk, partial);

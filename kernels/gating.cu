@@ -107,7 +107,7 @@ extern "C" dsmoe_status dsmoe_cu_gate_assign(const dsmoe_cu_env *env, const dsmo
     const int chunks = (S + PS_CHUNK - 1) / PS_CHUNK;
     double *psum = NULL; // (chunks, E)
     if (chunks > 0) {
-        if ((st = gate_scratch_alloc(env, (void **)&psum, (size_t)chunks * E * sizeof *psum, op)) != DSMOE_OK)
+        if ((st = dsmoe_cu_scratch(env, (void **)&psum, (size_t)chunks * E * sizeof *psum, op)) != DSMOE_OK)
             return st;
         const dim3 grid((unsigned)chunks, (unsigned)((E + PS_COLS - 1) / PS_COLS)), block(PS_COLS, PS_ROWS);
         psum_partial_kernel<<<grid, block, 0, env->stream>>>(psum, probs, S, E);
@@ -199,7 +199,7 @@ extern "C" dsmoe_status dsmoe_cu_gate_backward(const dsmoe_cu_env *env, const ds
         return dsmoe_cu_fail(env, DSMOE_ERR_INVALID, "%s: %s is NULL", op,
                              !dlogits ? "dlogits" : !probs ? "probs" : !choice ? "choice" : !slot ? "slot" : "dweight");
     float *daux_g = NULL; // (E)
-    if ((st = gate_scratch_alloc(env, (void **)&daux_g, (size_t)E * sizeof *daux_g, op)) != DSMOE_OK)
+    if ((st = dsmoe_cu_scratch(env, (void **)&daux_g, (size_t)E * sizeof *daux_g, op)) != DSMOE_OK)
         return st;
     aux_grad_kernel<<<(unsigned)((E + GATE_THREADS - 1) / GATE_THREADS), GATE_THREADS, 0, env->stream>>>(
         daux_g, aux_sums, E, daux);

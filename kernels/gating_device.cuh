@@ -2,7 +2,7 @@
 // and the fused one (kernels/gating_fused.cu: gate) both run, so that the two give the same bits: the
 // per-token route body, the per-expert assign body (with its block-wide scans and the RTS radix select),
 // the per-chunk partial sums of P_e, the per-token weight body, and the host-side argument checks.
-// defines (static, one copy per including .cu): gate_check_params, gate_check_assign, gate_scratch_alloc,
+// defines (static, one copy per including .cu): gate_check_params, gate_check_assign,
 //          gate_route_token,
 //          gate_assign_expert, gate_psum_rows, gate_psum_combine, gate_weight_token
 //
@@ -61,15 +61,6 @@ static inline dsmoe_status gate_check_assign(const dsmoe_cu_env *env, const char
     if (S > 0 && (!probs || !choice || !slot || !weight))
         return dsmoe_cu_fail(env, DSMOE_ERR_INVALID, "%s: %s is NULL", op,
                              !probs ? "probs" : !choice ? "choice" : !slot ? "slot" : "weight");
-    return DSMOE_OK;
-}
-
-static inline dsmoe_status gate_scratch_alloc(const dsmoe_cu_env *env, void **ptr, size_t bytes, const char *op) {
-    cudaError_t e = cudaMallocAsync(ptr, bytes ? bytes : 1, env->stream);
-    if (e != cudaSuccess) {
-        *ptr = NULL;
-        return dsmoe_cu_check(env, e, op);
-    }
     return DSMOE_OK;
 }
 

@@ -137,7 +137,7 @@ extern "C" dsmoe_status dsmoe_cu_gate_fused(const dsmoe_cu_env *env, const dsmoe
     if (grid > 0) {
         double *psum = NULL; // (chunks, E)
         if (chunks > 0 &&
-            (st = gate_scratch_alloc(env, (void **)&psum, (size_t)chunks * E * sizeof *psum, op)) != DSMOE_OK)
+            (st = dsmoe_cu_scratch(env, (void **)&psum, (size_t)chunks * E * sizeof *psum, op)) != DSMOE_OK)
             return st;
         dsmoe_gating_params pp = *p;
         dsmoe_cu_fault *fault = env->fault;

@@ -80,16 +80,6 @@ static dsmoe_status check_dims(const dsmoe_cu_env *env, const char *op, int ta, 
     return DSMOE_OK;
 }
 
-static dsmoe_status scratch_alloc(const dsmoe_cu_env *env, void **p, size_t bytes, const char *op) {
-    cudaError_t e = cudaMallocAsync(p, bytes, env->stream);
-    if (e == cudaSuccess)
-        return DSMOE_OK;
-    *p = NULL;
-    (void)cudaGetLastError(); // the failed allocation must not be reported again by check_launch
-    return dsmoe_cu_fail(env, e == cudaErrorMemoryAllocation ? DSMOE_ERR_NOMEM : DSMOE_ERR_SYSTEM,
-                         "%s: cannot allocate %zu bytes of scratch: %s", op, bytes, cudaGetErrorString(e));
-}
-
 // Frees scratch (stream-ordered) and passes st on; an error of the free itself is reported only when
 // everything else went well.
 static dsmoe_status scratch_free(const dsmoe_cu_env *env, void *p, dsmoe_status st, const char *op) {
@@ -270,7 +260,7 @@ static dsmoe_status grouped_product(const dsmoe_cu_env *env, const dsmoe_grouped
         return DSMOE_OK;
     }
     size_t bytes = 3 * (size_t)groups * sizeof(void *);
-    if ((st = scratch_alloc(env, ptrs, bytes, op)) != DSMOE_OK)
+    if ((st = dsmoe_cu_scratch(env, ptrs, bytes, op)) != DSMOE_OK)
         return st;
     const void **p = (const void **)*ptrs;
     grouped_pointers_kernel<<<dsmoe_cu_blocks((size_t)groups, 256), 256, 0, env->stream>>>(
@@ -332,7 +322,7 @@ extern "C" dsmoe_status dsmoe_cu_gemm_grouped(const dsmoe_cu_env *env, const dsm
     float *acc = NULL;
     void *ptrs = NULL;
     if (k > 0) {
-        if ((st = scratch_alloc(env, (void **)&acc, (size_t)groups * m_max * n * sizeof(float), op)) != DSMOE_OK)
+        if ((st = dsmoe_cu_scratch(env, (void **)&acc, (size_t)groups * m_max * n * sizeof(float), op)) != DSMOE_OK)
             return st;
         st = grouped_product(env, G, acc, &ptrs);
         st = scratch_free(env, ptrs, st, op);
@@ -480,7 +470,7 @@ extern "C" dsmoe_status dsmoe_cu_gemm_grouped_wgrad(const dsmoe_cu_env *env, con
         const size_t es = dtype_bytes(G->dy_type);
         const size_t x_off = round_up((size_t)W * m_max * n * es, 256); // x slots start 256-byte aligned
         void *scratch = NULL;
-        if ((st = scratch_alloc(env, &scratch, x_off + (size_t)W * m_max * k * es, op)) != DSMOE_OK)
+        if ((st = dsmoe_cu_scratch(env, &scratch, x_off + (size_t)W * m_max * k * es, op)) != DSMOE_OK)
             return st;
         st = scratch_free(env, scratch, wgrad_weights(env, G, scratch, x_off), op);
         if (st != DSMOE_OK)

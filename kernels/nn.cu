@@ -208,8 +208,7 @@ extern "C" dsmoe_status dsmoe_cu_embedding_backward(const dsmoe_cu_env *env, flo
         return st;
     const size_t key_bytes = align256((size_t)rows * sizeof(uint64_t));
     char *scratch = NULL;
-    st = dsmoe_cu_check(env, cudaMallocAsync((void **)&scratch, 2 * key_bytes + align256(sort_bytes), env->stream),
-                        "embedding_backward: scratch");
+    st = dsmoe_cu_scratch(env, (void **)&scratch, 2 * key_bytes + align256(sort_bytes), "embedding_backward");
     if (st != DSMOE_OK)
         return st;
     uint64_t *keys = (uint64_t *)scratch, *sorted = (uint64_t *)(scratch + key_bytes);
@@ -386,9 +385,7 @@ extern "C" dsmoe_status dsmoe_cu_layernorm_backward(const dsmoe_cu_env *env, voi
     const int chunk_rows = (S + chunks - 1) / chunks;
     float *partial = NULL; // (2, chunks, M): dweight's partials, then dbias's
     if (chunks > 1) {
-        st = dsmoe_cu_check(env, cudaMallocAsync((void **)&partial, 2 * (size_t)chunks * M * sizeof(float),
-                                                 env->stream),
-                            "layernorm_backward: scratch");
+        st = dsmoe_cu_scratch(env, (void **)&partial, 2 * (size_t)chunks * M * sizeof(float), "layernorm_backward");
         if (st != DSMOE_OK)
             return st;
     }

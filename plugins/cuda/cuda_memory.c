@@ -12,7 +12,9 @@
 // event), then frees in its own order, and the pool hands the block out again only to work ordered
 // after that. The pool never returns memory to the driver (release threshold UINT64_MAX), and neither
 // does the device's default pool, where the launchers' scratch (cudaMallocAsync) comes from: a step
-// reuses the memory of the last one instead of asking the driver each time.
+// reuses the memory of the last one instead of asking the driver each time. Only an allocation that finds
+// the device full makes both pools give back what no allocation holds, and tries once more
+// (dsmoe_cu_trim_pools: what one pool keeps would otherwise be missing to the other).
 #include <stdlib.h>
 #include <string.h>
 
@@ -177,6 +179,12 @@ dsmoe_status cu_alloc(dsmoe_kernel_ctx *ctx, size_t bytes, uint32_t flags, void 
     cudaStream_t s = ctx->queue.stream;
     void *p = NULL;
     cudaError_t e = cudaMallocFromPoolAsync(&p, n, ctx->pool, s);
+    if (e == cudaErrorMemoryAllocation) { // the frees queued so far complete, the pools give back, once more
+        (void)cudaGetLastError();
+        (void)cudaStreamSynchronize(s);
+        dsmoe_cu_trim_pools(ctx->device, ctx->pool);
+        e = cudaMallocFromPoolAsync(&p, n, ctx->pool, s);
+    }
     if (e == cudaErrorMemoryAllocation) {
         (void)cudaGetLastError();
         char a[32], b[32];

@@ -153,6 +153,7 @@ dsmoe_status cu_queue_init(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q) {
         .sm_count = ctx->sm_count,
         .allow_tf32 = ctx->tf32,
         .cublas = ctx->blas,
+        .alloc_pool = ctx->pool,
         .blas_workspace = NULL, // cu_bind_blas, at the queue's first op
         .blas_workspace_bytes = 0,
         .msg = ctx->launch_msg,
