@@ -216,7 +216,11 @@ static void check_real_case(const real_case *rc) {
     }
 
     // One training micro-step on zero parameters: every gate is uniform, so every token picks experts
-    // 0 (and 1): a dropless layer grows to C = S, its predicted peak; capacity layers do not grow.
+    // 0 (and 1): a dropless layer grows to C = S, its predicted peak; capacity layers do not grow. The
+    // model's buffers are not zeroed when made (reused memory may hold anything, and then some tokens go
+    // elsewhere), so the parameters are zeroed here.
+    assert_int_equal(rt.kern->zero(rt.kctx, rt.q, dsmoe_model_params(m), dsmoe_model_local_params(m) * sizeof(float)),
+                     DSMOE_OK);
     int32_t *in = malloc(S * sizeof *in), *tg = malloc(S * sizeof *tg);
     assert_non_null(in);
     assert_non_null(tg);
