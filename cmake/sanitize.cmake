@@ -56,6 +56,12 @@ if(DSMOE_SANITIZE)
   if(DSMOE_PCIACCESS_LIBRARY)
     add_link_options("$<$<STREQUAL:$<TARGET_PROPERTY:TYPE>,EXECUTABLE>:LINKER:--push-state,--no-as-needed,${DSMOE_PCIACCESS_LIBRARY},--pop-state>")
   endif()
+  # What Open MPI allocates inside MPI_Init and MPI_Finalize is left out of the leak report
+  # (tests/sanitize/mpi_unowned.c says why): every executable gets the wrappers and the --wrap options.
+  add_library(dsmoe_mpi_unowned OBJECT ${CMAKE_SOURCE_DIR}/tests/sanitize/mpi_unowned.c)
+  set(is_exe "$<STREQUAL:$<TARGET_PROPERTY:TYPE>,EXECUTABLE>")
+  link_libraries("$<${is_exe}:dsmoe_mpi_unowned>")
+  add_link_options("$<${is_exe}:LINKER:--wrap=MPI_Init,--wrap=MPI_Init_thread,--wrap=MPI_Finalize>")
   find_program(DSMOE_LLVM_SYMBOLIZER NAMES llvm-symbolizer llvm-symbolizer-14
                HINTS /usr/lib/llvm-14/bin)
   if(NOT DSMOE_LLVM_SYMBOLIZER)
@@ -81,18 +87,20 @@ endfunction()
 # Called (deferred) at the end of the directory that declares the tests: each test gets the sanitizer
 # options in its ENVIRONMENT, which script tests and mpiexec pass on to the programs they start.
 # halt_on_error: the first report ends the process with a non-zero exit; print_stacktrace: UBSan says
-# where. LeakSanitizer reads tests/sanitize/lsan.supp (only Open MPI's and its libraries' frames), which
-# needs whole allocation stacks: fast_unwind_on_malloc=0 (the frame-pointer unwinder stops in the
-# libraries built without frame pointers, before the frame that names Open MPI).
+# where. LeakSanitizer leaves out what Open MPI allocates inside MPI_Init and MPI_Finalize (the wrappers
+# above, tests/sanitize/mpi_unowned.c) and reads tests/sanitize/lsan.supp for what it allocates in the
+# calls between (only Open MPI's and its libraries' frames), which needs whole allocation stacks:
+# fast_unwind_on_malloc=0 (the frame-pointer unwinder stops in the libraries built without frame
+# pointers, before the frame that names Open MPI).
 # intercept_tls_get_addr=0: LeakSanitizer of clang 14 misreads glibc 2.36's dynamic TLS blocks (of the
 # plugins' libraries: libomp, oneDNN) and its leak check crashes ("Tracer caught signal 11"); without the
 # interception it scans static TLS, stacks and globals (a block held only in dynamic TLS would read as a
 # leak: a false report, never a missed one).
-# The layout-equivalence suites (DSMOE_SANITIZE_NO_LEAK_CHECK) start dsmoe on 1-8 ranks dozens of times
-# along the same code paths, and the whole-stack unwinding at every malloc made them 3x slower (parallel:
-# 365 s against 121 s): they run under ASan and UBSan without the leak check, and so with the fast
-# unwinder. The unit tests of the same modules and the other end-to-end tests keep the leak check
-# (tests/cli/signal_test.sh keeps it for its first runs only, matching the option text set here).
+# The layout-equivalence suites (DSMOE_SANITIZE_NO_LEAK_CHECK) start dsmoe on 1-8 ranks some 300 times
+# along the same code paths, and the leak check's whole-stack unwinding at every malloc, in every step
+# of every run, makes them much slower (parallel: 197 s against 121 s): they run under ASan and UBSan
+# without the leak check, and so with the fast unwinder. The unit tests of the same modules and the
+# other end-to-end tests keep the leak check.
 set(DSMOE_SANITIZE_NO_LEAK_CHECK parallel generate strict_train)
 # Left out of the sanitized build (DISABLED: ctest lists them as not run): tests whose subject is not
 # code the sanitizers instrument, so that running them a second time finds nothing the plain build does
