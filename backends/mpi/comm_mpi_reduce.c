@@ -22,17 +22,28 @@ size_t cm_chunk_first(size_t n, int p, int j) {
 // acc (len) = c[0] op c[1] op ... op c[p-1], applied in that order; c is (p, len), by source rank.
 // This is THE order of this plugin's float sums: allreduce and reduce_scatter both reduce through it.
 // Integer sums wrap (computed in the unsigned type U), as MPI_SUM does in practice.
+// It goes through acc in tiles of REDUCE_TILE elements summed in a local buffer, so acc (the caller's
+// buffer, which a kernel may be writing next to: the gradient slab while another block's backward runs)
+// is written once and never read, and the loops over a tile have no aliasing to rule out (they
+// vectorize); each element still sums in rank order, so the bits do not change.
+#define REDUCE_TILE 512
 #define DEFINE_REDUCE_IN_RANK_ORDER(T, U)                                                          \
-    static void reduce_in_rank_order_##T(T *acc, const T *c, size_t len, int p, dsmoe_reduce_op op) { \
-        for (size_t i = 0; i < len; i++) acc[i] = c[i];                                            \
-        for (int q = 1; q < p; q++) {                                                              \
-            const T *x = c + (size_t)q * len;                                                      \
-            if (op == DSMOE_SUM)                                                                   \
-                for (size_t i = 0; i < len; i++) acc[i] = (T)((U)acc[i] + (U)x[i]);                \
-            else if (op == DSMOE_MAX)                                                              \
-                for (size_t i = 0; i < len; i++) acc[i] = x[i] > acc[i] ? x[i] : acc[i];           \
-            else                                                                                   \
-                for (size_t i = 0; i < len; i++) acc[i] = x[i] < acc[i] ? x[i] : acc[i];           \
+    static void reduce_in_rank_order_##T(T *restrict acc, const T *restrict c, size_t len, int p,  \
+                                         dsmoe_reduce_op op) {                                     \
+        T t[REDUCE_TILE];                                                                          \
+        for (size_t i0 = 0; i0 < len; i0 += REDUCE_TILE) {                                         \
+            size_t m = len - i0 < REDUCE_TILE ? len - i0 : REDUCE_TILE;                            \
+            memcpy(t, c + i0, m * sizeof(T));                                                      \
+            for (int q = 1; q < p; q++) {                                                          \
+                const T *restrict x = c + (size_t)q * len + i0;                                    \
+                if (op == DSMOE_SUM)                                                               \
+                    for (size_t i = 0; i < m; i++) t[i] = (T)((U)t[i] + (U)x[i]);                  \
+                else if (op == DSMOE_MAX)                                                          \
+                    for (size_t i = 0; i < m; i++) t[i] = x[i] > t[i] ? x[i] : t[i];               \
+                else                                                                               \
+                    for (size_t i = 0; i < m; i++) t[i] = x[i] < t[i] ? x[i] : t[i];               \
+            }                                                                                      \
+            memcpy(acc + i0, t, m * sizeof(T));                                                    \
         }                                                                                          \
     }
 DEFINE_REDUCE_IN_RANK_ORDER(float, float)
