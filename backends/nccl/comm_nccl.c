@@ -245,9 +245,11 @@ static dsmoe_status nccl_init(const dsmoe_comm_options *opt, dsmoe_comm_ctx **ct
     if (c->watchdog_ms > 0) {
         pthread_condattr_t attr;
         int rc = pthread_condattr_init(&attr);
-        if (rc == 0) rc = pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
-        if (rc == 0) rc = pthread_cond_init(&c->wake, &attr);
-        if (rc == 0) pthread_condattr_destroy(&attr);
+        if (rc == 0) {
+            rc = pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+            if (rc == 0) rc = pthread_cond_init(&c->wake, &attr);
+            pthread_condattr_destroy(&attr);
+        }
         if (rc == 0 && (rc = pthread_create(&c->watchdog, NULL, watchdog_main, c)) != 0) pthread_cond_destroy(&c->wake);
         if (rc != 0) {
             snprintf(errbuf, errlen, TAG "init: cannot start the watchdog thread (%s); set watchdog_ms = 0 to run "

@@ -64,10 +64,12 @@ dsmoe_status dsmoe_watchdog_start(double seconds, int rank, dsmoe_err *err) {
     dsmoe_watchdog_beat("start-up", -1);
     pthread_condattr_t attr;
     int rc = pthread_condattr_init(&attr);
-    if (rc == 0) rc = pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
-    if (rc == 0) rc = pthread_cond_init(&wd.wake, &attr);
+    if (rc == 0) {
+        rc = pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+        if (rc == 0) rc = pthread_cond_init(&wd.wake, &attr);
+        pthread_condattr_destroy(&attr);
+    }
     if (rc != 0) return dsmoe_err_set(err, DSMOE_ERR_INTERNAL, "run.watchdog: cannot make its condition variable");
-    pthread_condattr_destroy(&attr);
     if (pthread_create(&wd.thread, NULL, watch, NULL) != 0) {
         pthread_cond_destroy(&wd.wake);
         return dsmoe_err_set(err, DSMOE_ERR_INTERNAL, "run.watchdog: cannot start its thread");
