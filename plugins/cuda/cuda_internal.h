@@ -56,6 +56,16 @@ typedef struct cu_blocks {
     size_t device_bytes; // sum of the device blocks' bytes (what pool_limit_bytes bounds)
 } cu_blocks;
 
+// copy_to_device from pageable host memory goes through pinned slots used in turn (cuda_memory.c): a
+// slot's `done` event is recorded after the copy that read it, and the slot is refilled only after that.
+#define CU_STAGE_SLOTS 8
+#define CU_STAGE_MAX ((size_t)4 << 20) // a slot grows up to this; a larger copy takes the driver's path
+typedef struct cu_stage {
+    void *p;          // pinned host memory (cudaHostAlloc), or NULL
+    size_t cap;       // its bytes
+    cudaEvent_t done; // recorded after the copy that reads p; NULL until the slot's first use
+} cu_stage;
+
 struct dsmoe_kernel_ctx {
     int device;              // CUDA ordinal
     char device_name[256];
@@ -75,6 +85,8 @@ struct dsmoe_kernel_ctx {
     dsmoe_cu_fault *fault;     // the fault record: host view (mapped pinned memory)
     dsmoe_cu_fault *fault_dev; // the same record as device code addresses it (every env.fault)
     cu_blocks blocks;
+    cu_stage stage[CU_STAGE_SLOTS];
+    int stage_next;            // the slot the next staged copy takes
 
     dsmoe_status sticky;       // first error that broke the context; DSMOE_OK when none
     dsmoe_kernel_queue queue;  // the default queue: allocations and frees are ordered on it

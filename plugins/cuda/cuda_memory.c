@@ -138,6 +138,14 @@ void cu_memory_release(dsmoe_kernel_ctx *ctx) {
         (void)cudaStreamSynchronize(ctx->queue.stream);
     free(t->slot);
     memset(t, 0, sizeof *t);
+    for (int i = 0; i < CU_STAGE_SLOTS; i++) { // after cu_wait_all: no copy reads them any more
+        cu_stage *st = &ctx->stage[i];
+        if (st->p)
+            (void)cudaFreeHost(st->p);
+        if (st->done)
+            (void)cudaEventDestroy(st->done);
+        memset(st, 0, sizeof *st);
+    }
     if (ctx->pool)
         (void)cudaMemPoolDestroy(ctx->pool);
     ctx->pool = NULL;
@@ -268,13 +276,16 @@ void cu_host_free(dsmoe_kernel_ctx *ctx, void *ptr) {
 // ---------------------------------------------------------------------------------------------------
 // Copies. Kinds are explicit (the buffers' memory is known from the member).
 //
-// copy_to_device from ordinary (pageable) host memory: the driver stages pageable memory through its own
-// pinned buffers during the call, so the source has been read when cudaMemcpyAsync returns, as the
-// contract wants. CUDA's "API synchronization behavior" promises that staging for cudaMemcpy only; for
-// the Async form it says the copy "might be synchronous", so this relies on what the drivers do. Memory
-// pinned by anyone else (cudaHostRegister, another context's host_alloc) is not staged: a copy from it
-// reads it when the stream reaches the copy, as from host_alloc memory (a true DMA). copy_to_host into
-// pageable memory returns after the copy; into pinned memory it is asynchronous, valid after an event.
+// copy_to_device from ordinary (pageable) host memory: CUDA copies from pageable memory only after the
+// stream has caught up ("API synchronization behavior": a stream sync precedes the copy), which would
+// make every such copy (token ids each micro-step, the sampled tokens each decode step) wait for the GPU.
+// Copies up to CU_STAGE_MAX bytes are instead copied into the next of CU_STAGE_SLOTS pinned slots and
+// sent from there (a true DMA, ordered on the stream): the source has been read when the call returns,
+// as the contract wants, and the host waits only when the slot's previous copy, CU_STAGE_SLOTS copies
+// back, has not run yet. Larger copies (a checkpoint's tensors at load) take the driver's path.
+// Memory pinned already (host_alloc, cudaHostRegister) is sent as it is: its copy reads it when the
+// stream reaches the copy. copy_to_host into pageable memory returns after the copy; into pinned memory
+// it is asynchronous, valid after an event.
 
 static dsmoe_status copy_begin(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, const char *op, const void *dst,
                                const void *src, size_t bytes) {
@@ -284,10 +295,55 @@ static dsmoe_status copy_begin(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, con
     return DSMOE_OK;
 }
 
+// Whether host memory at p is ordinary pageable memory (not pinned or registered with CUDA).
+static int is_pageable(const void *p) {
+    struct cudaPointerAttributes a;
+    if (cudaPointerGetAttributes(&a, p) != cudaSuccess) {
+        (void)cudaGetLastError(); // an address CUDA does not know: pageable
+        return 1;
+    }
+    return a.type == cudaMemoryTypeUnregistered;
+}
+
+// The copy of `bytes` from pageable src through the next staging slot (see above).
+static dsmoe_status copy_staged(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, void *dst, const void *src, size_t bytes) {
+    cu_stage *st = &ctx->stage[ctx->stage_next];
+    ctx->stage_next = (ctx->stage_next + 1) % CU_STAGE_SLOTS;
+    if (st->done)
+        CU_TRY(cu_cuda(ctx, cudaEventSynchronize(st->done), "copy_to_device", "cudaEventSynchronize (staging slot)"));
+    else
+        CU_TRY(cu_cuda(ctx, cudaEventCreateWithFlags(&st->done, cudaEventDisableTiming), "copy_to_device",
+                       "cudaEventCreateWithFlags (staging slot)"));
+    if (st->cap < bytes) {
+        size_t cap = st->cap ? st->cap : 4096;
+        while (cap < bytes)
+            cap *= 2;
+        if (cap > CU_STAGE_MAX)
+            cap = CU_STAGE_MAX;
+        if (st->p)
+            CU_TRY(cu_cuda(ctx, cudaFreeHost(st->p), "copy_to_device", "cudaFreeHost (staging slot)"));
+        st->p = NULL, st->cap = 0;
+        cudaError_t e = cudaHostAlloc(&st->p, cap, cudaHostAllocPortable);
+        if (e != cudaSuccess) { // no pinned memory left: the driver's path still works
+            (void)cudaGetLastError();
+            st->p = NULL;
+            return cu_cuda(ctx, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, q->stream),
+                           "copy_to_device", "cudaMemcpyAsync");
+        }
+        st->cap = cap;
+    }
+    memcpy(st->p, src, bytes);
+    CU_TRY(cu_cuda(ctx, cudaMemcpyAsync(dst, st->p, bytes, cudaMemcpyHostToDevice, q->stream), "copy_to_device",
+                   "cudaMemcpyAsync (from a staging slot)"));
+    return cu_cuda(ctx, cudaEventRecord(st->done, q->stream), "copy_to_device", "cudaEventRecord (staging slot)");
+}
+
 dsmoe_status cu_copy_to_device(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, void *dst, const void *src, size_t bytes) {
     CU_TRY(copy_begin(ctx, q, "copy_to_device", dst, src, bytes));
     if (bytes == 0)
         return DSMOE_OK;
+    if (bytes <= CU_STAGE_MAX && is_pageable(src))
+        return copy_staged(ctx, q, dst, src, bytes);
     return cu_cuda(ctx, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, q->stream), "copy_to_device",
                    "cudaMemcpyAsync");
 }
