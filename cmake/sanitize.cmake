@@ -52,14 +52,14 @@ if(DSMOE_SANITIZE)
   # the end of the discovery: LeakSanitizer would report that memory (about 1 KB per dsmoe under
   # mpiexec). Linked to every executable (no symbol of it is used), the library stays mapped, its
   # globals visible, and the memory reachable, so no suppression has to name hwloc.
+  set(is_exe "$<STREQUAL:$<TARGET_PROPERTY:TYPE>,EXECUTABLE>")
   find_library(DSMOE_PCIACCESS_LIBRARY NAMES pciaccess libpciaccess.so.0)
   if(DSMOE_PCIACCESS_LIBRARY)
-    add_link_options("$<$<STREQUAL:$<TARGET_PROPERTY:TYPE>,EXECUTABLE>:LINKER:--push-state,--no-as-needed,${DSMOE_PCIACCESS_LIBRARY},--pop-state>")
+    add_link_options("$<${is_exe}:LINKER:--push-state,--no-as-needed,${DSMOE_PCIACCESS_LIBRARY},--pop-state>")
   endif()
   # What Open MPI allocates inside MPI_Init and MPI_Finalize is left out of the leak report
   # (tests/sanitize/mpi_unowned.c says why): every executable gets the wrappers and the --wrap options.
   add_library(dsmoe_mpi_unowned OBJECT ${CMAKE_SOURCE_DIR}/tests/sanitize/mpi_unowned.c)
-  set(is_exe "$<STREQUAL:$<TARGET_PROPERTY:TYPE>,EXECUTABLE>")
   link_libraries("$<${is_exe}:dsmoe_mpi_unowned>")
   add_link_options("$<${is_exe}:LINKER:--wrap=MPI_Init,--wrap=MPI_Init_thread,--wrap=MPI_Finalize>")
   find_program(DSMOE_LLVM_SYMBOLIZER NAMES llvm-symbolizer llvm-symbolizer-14

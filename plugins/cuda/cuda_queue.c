@@ -108,11 +108,13 @@ dsmoe_status cu_after_wait(dsmoe_kernel_ctx *ctx, cudaError_t e, const char *op,
     if (code != DSMOE_CU_FAULT_NONE) {
         // The kernel that set the code may run on a queue this wait did not cover and still be writing a
         // and b: it publishes them right after. Waiting for the queues instead could block for good (one
-        // may wait on a peer that is gone) and would make event_query block.
+        // may wait on a peer that is gone) and would make event_query block. The flag is read with acquire
+        // order, so that a and b are read after it also on a host that reorders loads (aarch64).
         double until = fault_clock() + 1.0;
-        while (!f->published && fault_clock() < until) {}
+        int published;
+        while (!(published = __atomic_load_n(&f->published, __ATOMIC_ACQUIRE)) && fault_clock() < until) {}
         char what[256];
-        if (f->published)
+        if (published)
             fault_text(code, f->a, f->b, what, sizeof what);
         else
             snprintf(what, sizeof what, "fault code %d, whose values its kernel had not written after 1 s", code);
