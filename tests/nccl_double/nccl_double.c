@@ -19,10 +19,28 @@
 //   default). Past it, or when MPI fails, the communicator's asynchronous error becomes
 //   ncclRemoteError (ncclSystemError for an MPI failure), ncclGetLastError says what waited, and the
 //   call returns that error: a peer that stopped shows up as NCCL reports a lost peer.
-// - ncclCommAbort only marks the communicator aborted (its waits stop at once) and never frees it: it
-//   may be called from another thread while this one waits in it, and the job is ending anyway.
+// - ncclCommAbort only marks the communicator aborted and never frees it (the job is ending anyway).
+// - Non-blocking communicators (ncclCommInitRankConfig with config.blocking = 0): the set-up, every
+//   collective, ncclGroupEnd and ncclCommFinalize do their work at once, as above, then return
+//   ncclInProgress, and ncclCommGetAsyncError reads ncclInProgress for the next
+//   DSMOE_NCCLSIM_INPROGRESS_POLLS queries (3 by default) before it gives the outcome: a caller must
+//   poll the state until it settles, as NCCL requires.
+// - DSMOE_NCCLSIM_LINGER_MS=<ms>: a call whose wait failed stays inside for that long after it has set
+//   the asynchronous error, as a call that is slow to notice: what lets a watchdog thread see the error
+//   while the caller is still inside the call.
+//
+// What it checks, because NCCL would not tell (it frees the communicator, or blocks, or corrupts): a
+// breach prints "ncclsim: NCCL MISUSE: ..." and aborts the process, so the test fails at the breach.
+// - no call on a communicator after ncclCommAbort (NCCL has freed it; ncclCommDestroy frees it here too,
+//   so a use after that is for the sanitized build's AddressSanitizer);
+// - no call but ncclCommGetAsyncError while a non-blocking communicator's state reads ncclInProgress;
+// - no two threads inside calls on one communicator at once, and no ncclCommAbort from one thread
+//   while another is inside a call on it (NCCL frees what that call is using);
+// - no ncclCommDestroy of a non-blocking communicator that was not finalised (NCCL would block in it).
 #define _POSIX_C_SOURCE 200809L
 #include <math.h>
+#include <pthread.h>
+#include <stdarg.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -44,6 +62,11 @@ struct ncclComm {
     atomic_int async;   // ncclResult_t
     atomic_int aborted;
     char msg[512];      // ncclGetLastError
+    struct ncclComm *next_aborted;
+    int nonblocking, finalized;
+    atomic_int in_progress; // queries of the state still to read ncclInProgress
+    atomic_int in_call;     // threads inside a call on it (more than 1 is a misuse)
+    const char *in_what;    // the call they are in
 };
 
 typedef struct sim_id {
@@ -65,23 +88,70 @@ static double timeout_s(void) {
     return v > 0 ? v : 60.0;
 }
 
+static int env_int(const char *name, int fallback) {
+    const char *t = getenv(name);
+    return t && *t ? atoi(t) : fallback;
+}
+
+static void linger(void) {
+    int ms = env_int("DSMOE_NCCLSIM_LINGER_MS", 0);
+    if (ms > 0) nanosleep(&(struct timespec){ms / 1000, (ms % 1000) * 1000000L}, NULL);
+}
+
+__attribute__((format(printf, 1, 2), noreturn)) static void misuse(const char *fmt, ...) {
+    char line[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(line, sizeof line, fmt, ap);
+    va_end(ap);
+    int me = -1;
+    MPI_Comm_rank(MPI_COMM_WORLD, &me);
+    fprintf(stderr, "ncclsim: NCCL MISUSE on world rank %d: %s\n", me, line);
+    fflush(stderr);
+    abort();
+}
+
+// The checks at the start of every call on comm but the state queries (see the top).
+static void enter(ncclComm_t comm, const char *what) {
+    if (!comm) return;
+    if (atomic_load(&comm->aborted)) misuse("%s on a communicator after ncclCommAbort (NCCL has freed it)", what);
+    if (atomic_load(&comm->in_progress) > 0)
+        misuse("%s while the communicator's state reads ncclInProgress (poll ncclCommGetAsyncError until it "
+               "settles first)", what);
+    if (atomic_fetch_add(&comm->in_call, 1) != 0)
+        misuse("%s while another thread is inside %s on the same communicator", what, comm->in_what);
+    comm->in_what = what;
+}
+
+// The end of a call that succeeded (r) or failed: a non-blocking communicator reads ncclInProgress for a
+// while, then r.
+static ncclResult_t leave(ncclComm_t comm, ncclResult_t r) {
+    if (!comm) return r;
+    atomic_fetch_sub(&comm->in_call, 1);
+    if (!comm->nonblocking || r == ncclInvalidArgument || r == ncclInvalidUsage) return r;
+    if (r != ncclSuccess) atomic_store(&comm->async, r);
+    atomic_store(&comm->in_progress, env_int("DSMOE_NCCLSIM_INPROGRESS_POLLS", 3));
+    return ncclInProgress;
+}
+
 // Waits for n requests; on a deadline or an MPI error marks comm (if any) with the asynchronous error.
 static ncclResult_t wait_reqs(ncclComm_t comm, MPI_Request *reqs, int n, const char *what) {
     double t0 = now_s(), limit = timeout_s();
     int done = 0;
     while (!done) {
-        if (comm && atomic_load(&comm->aborted)) return ncclInvalidUsage;
         int rc = MPI_Testall(n, reqs, &done, MPI_STATUSES_IGNORE);
         char *msg = comm ? comm->msg : init_msg;
         size_t len = comm ? sizeof comm->msg : sizeof init_msg;
         if (rc != MPI_SUCCESS) {
             snprintf(msg, len, "ncclsim: %s: MPI failed (code %d)", what, rc);
             if (comm) atomic_store(&comm->async, ncclSystemError);
+            linger();
             return ncclSystemError;
         }
         if (!done && now_s() - t0 > limit) {
             snprintf(msg, len, "ncclsim: %s: no answer from a peer within %g s (DSMOE_NCCLSIM_TIMEOUT)", what, limit);
             if (comm) atomic_store(&comm->async, ncclRemoteError);
+            linger();
             return ncclRemoteError;
         }
         if (!done) nanosleep(&(struct timespec){0, 200000L}, NULL);
@@ -91,7 +161,6 @@ static ncclResult_t wait_reqs(ncclComm_t comm, MPI_Request *reqs, int n, const c
 
 static ncclResult_t usable(ncclComm_t comm) {
     if (!comm) return ncclInvalidArgument;
-    if (atomic_load(&comm->aborted)) return ncclInvalidUsage;
     return (ncclResult_t)atomic_load(&comm->async);
 }
 
@@ -199,7 +268,20 @@ EXPORT ncclResult_t ncclGetUniqueId(ncclUniqueId *uniqueId) {
     return ncclSuccess;
 }
 
-EXPORT ncclResult_t ncclCommInitRank(ncclComm_t *comm, int nranks, ncclUniqueId commId, int rank) {
+static pthread_mutex_t aborted_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct ncclComm *aborted_list;
+
+// config NULL: blocking, as ncclCommInitRank. DSMOE_NCCLSIM_FAIL_INIT=<world rank>: the set-up fails
+// there after its part of the handshake (the other members' set-ups succeed), reported through the
+// state of a non-blocking communicator, or at once.
+EXPORT ncclResult_t ncclCommInitRankConfig(ncclComm_t *comm, int nranks, ncclUniqueId commId, int rank,
+                                           ncclConfig_t *config) {
+    if (config && (config->magic != 0xcafebeef || config->size != sizeof *config)) {
+        snprintf(init_msg, sizeof init_msg, "ncclsim: ncclCommInitRankConfig: the config was not set from "
+                 "NCCL_CONFIG_INITIALIZER");
+        return ncclInvalidArgument;
+    }
+    int nonblocking = config && config->blocking == 0;
     sim_id id;
     memcpy(&id, commId.internal, sizeof id);
     if (!comm || nranks < 1 || rank < 0 || rank >= nranks || id.magic != ID_MAGIC) {
@@ -248,15 +330,39 @@ EXPORT ncclResult_t ncclCommInitRank(ncclComm_t *comm, int nranks, ncclUniqueId 
         free(c);
         return r;
     }
-    c->rank = rank, c->size = nranks;
+    c->rank = rank, c->size = nranks, c->nonblocking = nonblocking;
     atomic_init(&c->async, ncclSuccess);
     atomic_init(&c->aborted, 0);
+    atomic_init(&c->in_progress, 0);
+    atomic_init(&c->in_call, 1);
     *comm = c;
-    return ncclSuccess;
+    const char *fail_rank = getenv("DSMOE_NCCLSIM_FAIL_INIT");
+    if (fail_rank && atoi(fail_rank) == me) {
+        snprintf(c->msg, sizeof c->msg, "ncclsim: ncclCommInitRankConfig: set-up failed on purpose "
+                 "(DSMOE_NCCLSIM_FAIL_INIT=%d)", me);
+        r = ncclSystemError;
+    }
+    return leave(c, r);
+}
+
+EXPORT ncclResult_t ncclCommInitRank(ncclComm_t *comm, int nranks, ncclUniqueId commId, int rank) {
+    return ncclCommInitRankConfig(comm, nranks, commId, rank, NULL);
+}
+
+// Nothing to flush (every operation has run): settles at once, or after the polls when non-blocking.
+EXPORT ncclResult_t ncclCommFinalize(ncclComm_t comm) {
+    if (!comm) return ncclInvalidArgument;
+    enter(comm, "ncclCommFinalize");
+    comm->finalized = 1;
+    return leave(comm, ncclSuccess);
 }
 
 EXPORT ncclResult_t ncclCommDestroy(ncclComm_t comm) {
     if (!comm) return ncclInvalidArgument;
+    enter(comm, "ncclCommDestroy");
+    if (comm->nonblocking && !comm->finalized)
+        misuse("ncclCommDestroy of a non-blocking communicator that was not finalised (NCCL would block in it "
+               "until its peers are done; call ncclCommFinalize and let it settle first)");
     MPI_Comm_free(&comm->mpi);
     free(comm);
     return ncclSuccess;
@@ -264,13 +370,35 @@ EXPORT ncclResult_t ncclCommDestroy(ncclComm_t comm) {
 
 EXPORT ncclResult_t ncclCommAbort(ncclComm_t comm) {
     if (!comm) return ncclInvalidArgument;
+    if (atomic_load(&comm->aborted)) misuse("ncclCommAbort of a communicator already aborted (NCCL has freed it)");
+    if (atomic_load(&comm->in_call) > 0)
+        misuse("ncclCommAbort while another thread is inside %s on the same communicator (NCCL frees what that "
+               "call is using)", comm->in_what);
     atomic_store(&comm->aborted, 1);
+    pthread_mutex_lock(&aborted_lock);
+    comm->next_aborted = aborted_list;
+    aborted_list = comm;
+    pthread_mutex_unlock(&aborted_lock);
     return ncclSuccess;
 }
 
+// Aborted communicators are kept, so that a later use is still seen, and freed when the library is
+// unloaded (their MPI communicators are Open MPI's to free at MPI_Finalize).
+__attribute__((destructor)) static void free_aborted(void) {
+    while (aborted_list) {
+        struct ncclComm *c = aborted_list;
+        aborted_list = c->next_aborted;
+        free(c);
+    }
+}
+
+// NCCL allows this at any time, from any thread: it is how a call in progress and a failed peer are seen.
 EXPORT ncclResult_t ncclCommGetAsyncError(ncclComm_t comm, ncclResult_t *asyncError) {
     if (!comm || !asyncError) return ncclInvalidArgument;
-    *asyncError = (ncclResult_t)atomic_load(&comm->async);
+    if (atomic_load(&comm->aborted)) misuse("ncclCommGetAsyncError on a communicator after ncclCommAbort");
+    int left = atomic_load(&comm->in_progress);
+    while (left > 0 && !atomic_compare_exchange_weak(&comm->in_progress, &left, left - 1)) {}
+    *asyncError = left > 0 ? ncclInProgress : (ncclResult_t)atomic_load(&comm->async);
     return ncclSuccess;
 }
 
@@ -308,8 +436,8 @@ static void sum_blocks(ncclDataType_t t, ncclRedOp_t op, char *blocks, int p, si
     memcpy(out, blocks, bytes);
 }
 
-EXPORT ncclResult_t ncclAllReduce(const void *sendbuff, void *recvbuff, size_t count, ncclDataType_t datatype,
-                                  ncclRedOp_t op, ncclComm_t comm, cudaStream_t stream) {
+static ncclResult_t all_reduce(const void *sendbuff, void *recvbuff, size_t count, ncclDataType_t datatype,
+                               ncclRedOp_t op, ncclComm_t comm, cudaStream_t stream) {
     ncclResult_t r = usable(comm);
     size_t es = esize(datatype), bytes = count * es;
     if (r != ncclSuccess) return r;
@@ -325,8 +453,8 @@ EXPORT ncclResult_t ncclAllReduce(const void *sendbuff, void *recvbuff, size_t c
     return r;
 }
 
-EXPORT ncclResult_t ncclReduceScatter(const void *sendbuff, void *recvbuff, size_t recvcount,
-                                      ncclDataType_t datatype, ncclRedOp_t op, ncclComm_t comm, cudaStream_t stream) {
+static ncclResult_t reduce_scatter(const void *sendbuff, void *recvbuff, size_t recvcount,
+                                   ncclDataType_t datatype, ncclRedOp_t op, ncclComm_t comm, cudaStream_t stream) {
     ncclResult_t r = usable(comm);
     size_t es = esize(datatype), bytes = recvcount * es;
     if (r != ncclSuccess) return r;
@@ -342,8 +470,8 @@ EXPORT ncclResult_t ncclReduceScatter(const void *sendbuff, void *recvbuff, size
     return r;
 }
 
-EXPORT ncclResult_t ncclAllGather(const void *sendbuff, void *recvbuff, size_t sendcount, ncclDataType_t datatype,
-                                  ncclComm_t comm, cudaStream_t stream) {
+static ncclResult_t all_gather(const void *sendbuff, void *recvbuff, size_t sendcount, ncclDataType_t datatype,
+                               ncclComm_t comm, cudaStream_t stream) {
     ncclResult_t r = usable(comm);
     size_t bytes = sendcount * esize(datatype);
     if (r != ncclSuccess) return r;
@@ -357,8 +485,8 @@ EXPORT ncclResult_t ncclAllGather(const void *sendbuff, void *recvbuff, size_t s
     return r;
 }
 
-EXPORT ncclResult_t ncclBroadcast(const void *sendbuff, void *recvbuff, size_t count, ncclDataType_t datatype,
-                                  int root, ncclComm_t comm, cudaStream_t stream) {
+static ncclResult_t broadcast(const void *sendbuff, void *recvbuff, size_t count, ncclDataType_t datatype,
+                              int root, ncclComm_t comm, cudaStream_t stream) {
     ncclResult_t r = usable(comm);
     size_t bytes = count * esize(datatype);
     if (r != ncclSuccess) return r;
@@ -367,6 +495,30 @@ EXPORT ncclResult_t ncclBroadcast(const void *sendbuff, void *recvbuff, size_t c
     MPI_Request req;
     MPI_Ibcast(recvbuff, (int)bytes, MPI_BYTE, root, comm->mpi, &req);
     return wait_reqs(comm, &req, 1, "ncclBroadcast");
+}
+
+EXPORT ncclResult_t ncclAllReduce(const void *sendbuff, void *recvbuff, size_t count, ncclDataType_t datatype,
+                                  ncclRedOp_t op, ncclComm_t comm, cudaStream_t stream) {
+    enter(comm, "ncclAllReduce");
+    return leave(comm, all_reduce(sendbuff, recvbuff, count, datatype, op, comm, stream));
+}
+
+EXPORT ncclResult_t ncclReduceScatter(const void *sendbuff, void *recvbuff, size_t recvcount,
+                                      ncclDataType_t datatype, ncclRedOp_t op, ncclComm_t comm, cudaStream_t stream) {
+    enter(comm, "ncclReduceScatter");
+    return leave(comm, reduce_scatter(sendbuff, recvbuff, recvcount, datatype, op, comm, stream));
+}
+
+EXPORT ncclResult_t ncclAllGather(const void *sendbuff, void *recvbuff, size_t sendcount, ncclDataType_t datatype,
+                                  ncclComm_t comm, cudaStream_t stream) {
+    enter(comm, "ncclAllGather");
+    return leave(comm, all_gather(sendbuff, recvbuff, sendcount, datatype, comm, stream));
+}
+
+EXPORT ncclResult_t ncclBroadcast(const void *sendbuff, void *recvbuff, size_t count, ncclDataType_t datatype,
+                                  int root, ncclComm_t comm, cudaStream_t stream) {
+    enter(comm, "ncclBroadcast");
+    return leave(comm, broadcast(sendbuff, recvbuff, count, datatype, root, comm, stream));
 }
 
 // Point to point: recorded between ncclGroupStart and ncclGroupEnd, all posted and waited for at the end.
@@ -405,7 +557,7 @@ __attribute__((destructor)) static void free_pending(void) {
     n_pending = cap_pending = 0;
 }
 
-static ncclResult_t add_p2p(int send, const void *buf, size_t count, ncclDataType_t t, int peer, ncclComm_t comm) {
+static ncclResult_t record_p2p(int send, const void *buf, size_t count, ncclDataType_t t, int peer, ncclComm_t comm) {
     ncclResult_t r = usable(comm);
     size_t bytes = count * esize(t);
     if (r != ncclSuccess) return r;
@@ -416,17 +568,29 @@ static ncclResult_t add_p2p(int send, const void *buf, size_t count, ncclDataTyp
         pending = realloc(pending, (size_t)cap_pending * sizeof *pending);
     }
     pending[n_pending++] = (p2p){send, (void *)buf, bytes, peer, comm};
-    return group_depth ? ncclSuccess : flush_p2p();
+    return ncclSuccess;
+}
+
+// Inside a group the call only records (and returns ncclSuccess, as NCCL does); outside, it runs.
+static ncclResult_t add_p2p(int send, const void *buf, size_t count, ncclDataType_t t, int peer, ncclComm_t comm,
+                            const char *what) {
+    enter(comm, what);
+    ncclResult_t r = record_p2p(send, buf, count, t, peer, comm);
+    if (group_depth && comm) {
+        atomic_fetch_sub(&comm->in_call, 1);
+        return r;
+    }
+    return leave(comm, r == ncclSuccess ? flush_p2p() : r);
 }
 
 EXPORT ncclResult_t ncclSend(const void *sendbuff, size_t count, ncclDataType_t datatype, int peer,
                              ncclComm_t comm, cudaStream_t stream) {
-    return add_p2p(1, sendbuff, count, datatype, peer, comm);
+    return add_p2p(1, sendbuff, count, datatype, peer, comm, "ncclSend");
 }
 
 EXPORT ncclResult_t ncclRecv(void *recvbuff, size_t count, ncclDataType_t datatype, int peer, ncclComm_t comm,
                              cudaStream_t stream) {
-    return add_p2p(0, recvbuff, count, datatype, peer, comm);
+    return add_p2p(0, recvbuff, count, datatype, peer, comm, "ncclRecv");
 }
 
 EXPORT ncclResult_t ncclGroupStart(void) {
@@ -434,9 +598,13 @@ EXPORT ncclResult_t ncclGroupStart(void) {
     return ncclSuccess;
 }
 
+// The group's communicator (one here) reads ncclInProgress afterwards when it is non-blocking.
 EXPORT ncclResult_t ncclGroupEnd(void) {
     if (group_depth == 0) return ncclInvalidUsage;
-    return --group_depth == 0 ? flush_p2p() : ncclSuccess;
+    if (--group_depth > 0 || n_pending == 0) return ncclSuccess;
+    ncclComm_t comm = pending[0].comm;
+    enter(comm, "ncclGroupEnd");
+    return leave(comm, flush_p2p());
 }
 
 // ------------------------------------------------------------------------------------------------

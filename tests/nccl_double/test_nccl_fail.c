@@ -6,8 +6,10 @@
 // A survivor that finishes the loop prints "NOT DETECTED" (the test fails on that text, or on its
 // timeout when a rank hangs).
 // With DSMOE_NCCLSIM_FAIL_EVENT_CREATE=<rank> it checks group set-up instead: that rank fails locally
-// before ncclCommInitRank, and group_create must then fail on every rank at once (none left waiting in
-// ncclCommInitRank), the others naming that member; exit 0 when they all do.
+// before the NCCL set-up, and group_create must then fail on every rank at once (none left waiting in
+// the set-up), the others naming that member; exit 0 when they all do. DSMOE_NCCLSIM_FAIL_INIT=<rank>
+// does the same with a failure of that rank's NCCL set-up itself, after which the others hold a
+// communicator that would wait for it: they must abort theirs and name the member.
 #define _GNU_SOURCE
 #include <signal.h>
 #include <stdio.h>
@@ -52,7 +54,8 @@ int main(int argc, char **argv) {
     dsmoe_comm_ctx *ctx = NULL;
     dsmoe_comm_group *g = NULL;
     char errbuf[512];
-    const char *fail_rank = getenv("DSMOE_NCCLSIM_FAIL_EVENT_CREATE");
+    const char *fail_event = getenv("DSMOE_NCCLSIM_FAIL_EVENT_CREATE"), *fail_init = getenv("DSMOE_NCCLSIM_FAIL_INIT");
+    const char *fail_rank = fail_event ? fail_event : fail_init;
     if (fail_rank) {
         int bad = atoi(fail_rank), ok = 0;
         if (P->init(&opt, &ctx, errbuf, sizeof errbuf) != DSMOE_OK) {
@@ -61,9 +64,16 @@ int main(int argc, char **argv) {
         }
         dsmoe_status s = P->group_create(ctx, &boot.b, &g);
         const char *msg = P->last_error(ctx);
-        char want[64];
-        snprintf(want, sizeof want, "member %d of %d could not set up", bad, size);
-        ok = s != DSMOE_OK && strstr(msg, rank == bad ? "cudaEventCreateWithFlags failed: out of memory" : want);
+        char want[160];
+        if (rank == bad && fail_event)
+            snprintf(want, sizeof want, "cudaEventCreateWithFlags failed: out of memory");
+        else if (rank == bad)
+            snprintf(want, sizeof want, "ncclCommInitRankConfig (rank %d of %d): unhandled system error: ncclsim: "
+                     "ncclCommInitRankConfig: set-up failed on purpose", bad, size);
+        else
+            snprintf(want, sizeof want, "member %d of %d could not %s", bad, size,
+                     fail_event ? "set up its side" : "create its NCCL communicator");
+        ok = s != DSMOE_OK && strstr(msg, want);
         fprintf(stderr, "rank %d: group_create %s: %s\n", rank, ok ? "refused as expected" : "WRONG", msg);
         int all_ok = 0;
         MPI_Allreduce(&ok, &all_ok, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);

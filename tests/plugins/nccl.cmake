@@ -1,4 +1,4 @@
-# The nccl comm plugin's logic without a GPU (docs/nccl.md): backends/nccl/comm_nccl.c built as the
+# The nccl comm plugin's logic without a GPU (docs/nccl.md): backends/nccl/ built as the
 # test-only plugin "ncclsim" against tests/nccl_double (NCCL's and the CUDA runtime's calls over MPI on
 # host memory), so it needs neither CUDA nor NCCL. On it: the comm conformance suite on 1, 2 and 4 ranks,
 # and a failure test (a stopped rank ends the others within seconds, with a message).
@@ -13,7 +13,8 @@ target_link_libraries(dsmoe_nccl_double PRIVATE MPI::MPI_C m)
 target_link_options(dsmoe_nccl_double PRIVATE -Wl,-z,defs)
 
 find_package(Threads REQUIRED)
-add_library(dsmoe_comm_ncclsim MODULE ${PROJECT_SOURCE_DIR}/backends/nccl/comm_nccl.c)
+add_library(dsmoe_comm_ncclsim MODULE ${PROJECT_SOURCE_DIR}/backends/nccl/comm_nccl.c
+            ${PROJECT_SOURCE_DIR}/backends/nccl/nccl_comms.c)
 set_target_properties(dsmoe_comm_ncclsim PROPERTIES
   OUTPUT_NAME dsmoe_comm_ncclsim
   PREFIX lib
@@ -33,7 +34,7 @@ foreach(ranks 1 2 4)
   add_test(NAME ${name} COMMAND ${DSMOE_MPIEXEC} ${MPIEXEC_NUMPROC_FLAG} ${ranks} ${DSMOE_MPIEXEC_PREFLAGS}
            $<TARGET_FILE:test_comm_mpi>)
   set_tests_properties(${name} PROPERTIES TIMEOUT 60 SKIP_RETURN_CODE 77 LABELS "conformance;comm;nccl"
-                       RESOURCE_LOCK dsmoe_ranks
+                       RESOURCE_LOCK dsmoe_ranks FAIL_REGULAR_EXPRESSION "NCCL MISUSE"
                        ENVIRONMENT "OMP_NUM_THREADS=2;DSMOE_CONFORMANCE_DEFAULT_COMM=ncclsim;${DSMOE_RANKS_ENV}")
 endforeach()
 
@@ -47,16 +48,27 @@ add_dependencies(test_nccl_fail dsmoe_comm_ncclsim)
 # Passes on the survivor's message (the job's exit status is MPI_Abort's); TIMEOUT catches a hang.
 add_test(NAME test_nccl_fail_np2 COMMAND ${DSMOE_MPIEXEC} ${MPIEXEC_NUMPROC_FLAG} 2 ${DSMOE_MPIEXEC_PREFLAGS}
          $<TARGET_FILE:test_nccl_fail>)
+# The failing call lingers 600 ms after it has set the asynchronous error, so the watchdog (100 ms) sees
+# the error while the caller is still inside that call: an abort then would free what the call uses,
+# and the double stops the test with "NCCL MISUSE" (docs/nccl.md, Threads).
 set_tests_properties(test_nccl_fail_np2 PROPERTIES TIMEOUT 30 LABELS "comm;nccl" RESOURCE_LOCK dsmoe_ranks
-  ENVIRONMENT "DSMOE_NCCLSIM_TIMEOUT=2;${DSMOE_RANKS_ENV}"
+  ENVIRONMENT "DSMOE_NCCLSIM_TIMEOUT=2;DSMOE_NCCLSIM_LINGER_MS=600;${DSMOE_RANKS_ENV}"
   PASS_REGULAR_EXPRESSION "rank 0: ended after [0-9.]+ s: comm ncclsim: .*communicator of this process was aborted"
-  FAIL_REGULAR_EXPRESSION "NOT DETECTED")
+  FAIL_REGULAR_EXPRESSION "NOT DETECTED;NCCL MISUSE")
 # A local failure in the middle of a group's set-up (rank 1's event creation) fails group_create on every
 # rank at once, none left waiting in ncclCommInitRank (the TIMEOUT catches a hang).
 add_test(NAME test_nccl_setup_fail_np2 COMMAND ${DSMOE_MPIEXEC} ${MPIEXEC_NUMPROC_FLAG} 2 ${DSMOE_MPIEXEC_PREFLAGS}
          $<TARGET_FILE:test_nccl_fail>)
 set_tests_properties(test_nccl_setup_fail_np2 PROPERTIES TIMEOUT 30 LABELS "comm;nccl" RESOURCE_LOCK dsmoe_ranks
-  ENVIRONMENT "DSMOE_NCCLSIM_TIMEOUT=5;DSMOE_NCCLSIM_FAIL_EVENT_CREATE=1;${DSMOE_RANKS_ENV}")
+  ENVIRONMENT "DSMOE_NCCLSIM_TIMEOUT=5;DSMOE_NCCLSIM_FAIL_EVENT_CREATE=1;${DSMOE_RANKS_ENV}"
+  FAIL_REGULAR_EXPRESSION "NCCL MISUSE")
+# The same with rank 1's NCCL set-up failing (non-blocking: the error comes through the state it polls)
+# while rank 0's succeeds: rank 0 must abort its communicator and name member 1.
+add_test(NAME test_nccl_init_fail_np2 COMMAND ${DSMOE_MPIEXEC} ${MPIEXEC_NUMPROC_FLAG} 2 ${DSMOE_MPIEXEC_PREFLAGS}
+         $<TARGET_FILE:test_nccl_fail>)
+set_tests_properties(test_nccl_init_fail_np2 PROPERTIES TIMEOUT 30 LABELS "comm;nccl" RESOURCE_LOCK dsmoe_ranks
+  ENVIRONMENT "DSMOE_NCCLSIM_TIMEOUT=5;DSMOE_NCCLSIM_FAIL_INIT=1;${DSMOE_RANKS_ENV}"
+  FAIL_REGULAR_EXPRESSION "NCCL MISUSE")
 
 # Swapping comm backends end to end (tests/nccl_double/comm_swap_test.sh): the same dsmoe trains one deck
 # on mpi, ncclsim and strict + ncclsim (2 and 4 ranks), and strict + mpi_cuda under the fake CUDA-aware
