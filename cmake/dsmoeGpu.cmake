@@ -120,6 +120,14 @@ else()
         endif()
       endforeach()
       string(REPLACE ";" "." DSMOE_NCCL_VERSION "${DSMOE_NCCL_VERSION}")
+    endif()
+    # Non-blocking communicators (ncclCommInitRankConfig, ncclCommFinalize), which the plugin's error
+    # handling rests on (docs/nccl.md, Threads), came with NCCL 2.14.
+    if(DSMOE_NCCL_FOUND AND DSMOE_NCCL_VERSION VERSION_LESS 2.14)
+      set(DSMOE_NCCL_FOUND OFF)
+      set(nccl_missing "NCCL 2.14 or newer (${DSMOE_NCCL_INCLUDE_DIR}/nccl.h is NCCL ${DSMOE_NCCL_VERSION})")
+    endif()
+    if(DSMOE_NCCL_FOUND)
       if(NOT TARGET DSMOE::nccl)
         add_library(DSMOE::nccl UNKNOWN IMPORTED)
         set_target_properties(DSMOE::nccl PROPERTIES IMPORTED_LOCATION ${DSMOE_NCCL_LIBRARY}

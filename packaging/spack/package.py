@@ -41,7 +41,7 @@ class Dsmoe(CMakePackage, CudaPackage):
     # virtual `blas` would not do: another BLAS needs a change to the CMake files first.
     depends_on("openblas")
     depends_on("onednn@2", when="+onednn")  # the cpu plugin speaks oneDNN's 2.x C API
-    depends_on("nccl", when="+nccl")
+    depends_on("nccl@2.14:", when="+nccl")  # non-blocking communicators (cmake/dsmoeGpu.cmake)
     depends_on("cmocka", type=("build", "link"), when="+tests")
 
     conflicts("cuda_arch=none", when="+cuda", msg="name the GPU architectures: cuda_arch=80,90 (A100, H100/H200)")

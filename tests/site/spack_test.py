@@ -7,7 +7,7 @@
 # - a boolean variant maps (define_from_variant: ON/OFF) only to an option that accepts ON and OFF;
 # - every project option is set by the recipe or named below with the reason it is not;
 # - the dependencies match: cmake's minimum version, hwloc's, the pkg-config modules, oneDNN 2.x,
-#   cmocka only with +tests, NCCL only with +nccl.
+#   cmocka only with +tests, NCCL only with +nccl and at the CMake minimum.
 # Usage: spack_test.py <source dir>
 import ast
 import glob
@@ -151,6 +151,9 @@ def main():
     check("mpi" in deps and deps["mpi"][0][1] == "", "the recipe must depend on the virtual mpi always")
     check(all(w == "+tests" for _, w in deps.get("cmocka", [("", "")])), "cmocka must be a dependency with +tests only")
     check(all(w == "+nccl" for _, w in deps.get("nccl", [("", "")])), "nccl must be a dependency with +nccl only")
+    m = re.search(r"DSMOE_NCCL_VERSION VERSION_LESS ([0-9.]+)\)", text_all)
+    check(m and any(s == f"nccl@{m.group(1)}:" for s, _ in deps.get("nccl", [])),
+          f"nccl dependency {deps.get('nccl')} does not match the CMake minimum NCCL {m and m.group(1)}")
     m = re.search(r"dnnl_version VERSION_LESS ([0-9]+)\.0", text_all)
     if m:  # the cpu plugin takes oneDNN below that major version only
         below = int(m.group(1))
