@@ -15,10 +15,11 @@
 //
 // Threads: NCCL frees a communicator in ncclCommAbort, so the watchdog's abort must never overlap
 // another call on it. Every NCCL call on a listed communicator is made holding ctx->lock, and the
-// communicators are non-blocking (config.blocking = 0: no call waits for a peer), so the lock is never
-// held for long and the watchdog always gets it. A call may return ncclInProgress: the communicator's
-// state then reads ncclInProgress until the call has done its host-side work, and it is polled until
-// it settles (settle(), past wait_timeout an error) before the lock is let go or another call made.
+// communicators are non-blocking (config.blocking = 0: no call blocks waiting for a peer). A call may
+// return ncclInProgress: the communicator's state then reads ncclInProgress until the call has done its
+// host-side work (microseconds for an enqueue, longer when it connects to its peers), and it is polled
+// until it settles before the lock is let go or another call made; meanwhile that polling does the
+// watchdog's work (settle(): an asynchronous error, or wait_timeout passing, is the caller's to act on).
 #define _POSIX_C_SOURCE 200809L
 #include <errno.h>
 #include <sched.h>
