@@ -9,7 +9,10 @@
 // before the NCCL set-up, and group_create must then fail on every rank at once (none left waiting in
 // the set-up), the others naming that member; exit 0 when they all do. DSMOE_NCCLSIM_FAIL_INIT=<rank>
 // does the same with a failure of that rank's NCCL set-up itself, after which the others hold a
-// communicator that would wait for it: they must abort theirs and name the member.
+// communicator that would wait for it: they must abort theirs and name the member. With
+// DSMOE_TEST_NCCL_WAIT_TIMEOUT=<s> (the plugin's wait_timeout) and a set-up that never settles
+// (DSMOE_NCCLSIM_INPROGRESS_POLLS very large), every rank's group_create must give up after that long,
+// saying so.
 #define _GNU_SOURCE
 #include <signal.h>
 #include <stdio.h>
@@ -55,7 +58,30 @@ int main(int argc, char **argv) {
     dsmoe_comm_group *g = NULL;
     char errbuf[512];
     const char *fail_event = getenv("DSMOE_NCCLSIM_FAIL_EVENT_CREATE"), *fail_init = getenv("DSMOE_NCCLSIM_FAIL_INIT");
-    const char *fail_rank = fail_event ? fail_event : fail_init;
+    const char *fail_rank = fail_event ? fail_event : fail_init, *wait_timeout = getenv("DSMOE_TEST_NCCL_WAIT_TIMEOUT");
+    if (wait_timeout) {
+        const char *values[2] = {NULL, wait_timeout};
+        opt.param_values = values, opt.n_param_values = 2;
+        if (P->init(&opt, &ctx, errbuf, sizeof errbuf) != DSMOE_OK) {
+            fprintf(stderr, "rank %d: init failed: %s\n", rank, errbuf);
+            MPI_Abort(MPI_COMM_WORLD, 1);
+        }
+        double t0 = now_s();
+        dsmoe_status s = P->group_create(ctx, &boot.b, &g);
+        double took = now_s() - t0, limit = atof(wait_timeout);
+        char want[160];
+        snprintf(want, sizeof want, "ncclCommInitRankConfig (rank %d of %d): still in progress after wait_timeout = %s s",
+                 rank, size, wait_timeout);
+        int ok = s != DSMOE_OK && strstr(P->last_error(ctx), want) && took >= limit && took < limit + 5, all_ok = 0;
+        fprintf(stderr, "rank %d: group_create %s after %.1f s: %s\n", rank, ok ? "gave up as expected" : "WRONG",
+                took, s == DSMOE_OK ? "(succeeded)" : P->last_error(ctx));
+        MPI_Allreduce(&ok, &all_ok, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+        if (s == DSMOE_OK) P->group_destroy(ctx, g);
+        P->finalize(ctx);
+        conf_boot_free(&boot);
+        MPI_Finalize();
+        return all_ok ? 0 : 1;
+    }
     if (fail_rank) {
         int bad = atoi(fail_rank), ok = 0;
         if (P->init(&opt, &ctx, errbuf, sizeof errbuf) != DSMOE_OK) {

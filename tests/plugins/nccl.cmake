@@ -69,6 +69,13 @@ add_test(NAME test_nccl_init_fail_np2 COMMAND ${DSMOE_MPIEXEC} ${MPIEXEC_NUMPROC
 set_tests_properties(test_nccl_init_fail_np2 PROPERTIES TIMEOUT 30 LABELS "comm;nccl" RESOURCE_LOCK dsmoe_ranks
   ENVIRONMENT "DSMOE_NCCLSIM_TIMEOUT=5;DSMOE_NCCLSIM_FAIL_INIT=1;${DSMOE_RANKS_ENV}"
   FAIL_REGULAR_EXPRESSION "NCCL MISUSE")
+# A set-up that never settles (its state reads ncclInProgress for 10^9 polls): with wait_timeout = 1 every
+# rank's group_create gives up after 1 s, saying so, and aborts its communicator.
+add_test(NAME test_nccl_init_timeout_np2 COMMAND ${DSMOE_MPIEXEC} ${MPIEXEC_NUMPROC_FLAG} 2 ${DSMOE_MPIEXEC_PREFLAGS}
+         $<TARGET_FILE:test_nccl_fail>)
+set_tests_properties(test_nccl_init_timeout_np2 PROPERTIES TIMEOUT 30 LABELS "comm;nccl" RESOURCE_LOCK dsmoe_ranks
+  ENVIRONMENT "DSMOE_NCCLSIM_INPROGRESS_POLLS=1000000000;DSMOE_TEST_NCCL_WAIT_TIMEOUT=1;${DSMOE_RANKS_ENV}"
+  FAIL_REGULAR_EXPRESSION "NCCL MISUSE")
 
 # Swapping comm backends end to end (tests/nccl_double/comm_swap_test.sh): the same dsmoe trains one deck
 # on mpi, ncclsim and strict + ncclsim (2 and 4 ranks), and strict + mpi_cuda under the fake CUDA-aware
