@@ -326,6 +326,21 @@ static ncomm *find_locked(dsmoe_comm_ctx *ctx, const dsmoe_bootstrap *b) {
     return NULL;
 }
 
+// Every member's verdict on a step of the set-up, all-gathered into oks (size) so that all go on or none:
+// *bad is the first member that failed, or -1. Returns the bootstrap's status.
+static dsmoe_status agree(const dsmoe_bootstrap *b, int ok, int *oks, int *bad) {
+    *bad = -1;
+    dsmoe_status s = b->allgather(b->ctx, &ok, oks, sizeof ok);
+    for (int i = 0; i < b->size && s == DSMOE_OK && *bad < 0; i++)
+        if (!oks[i]) *bad = i;
+    return s;
+}
+
+static dsmoe_status agree_failed(dsmoe_comm_ctx *ctx, dsmoe_status s) {
+    return fail(ctx, s, TAG "group_create: the bootstrap's allgather of the members' verdicts failed (%s)",
+                dsmoe_status_name(s));
+}
+
 // The unique id as rank 0 sends it: whether it has one, and the id.
 typedef struct id_msg {
     int ok;
@@ -382,9 +397,7 @@ dsmoe_status nccl_group_create(dsmoe_comm_ctx *ctx, const dsmoe_bootstrap *b, ds
     int *wr = malloc((size_t)b->size * sizeof *wr), *oks = malloc((size_t)b->size * sizeof *oks);
     cudaError_t ce = nc ? cudaEventCreateWithFlags(&nc->last, cudaEventDisableTiming) : cudaSuccess;
     int ok = nc && wr && oks && ce == cudaSuccess, bad = -1;
-    s = oks ? b->allgather(b->ctx, &ok, oks, sizeof ok) : DSMOE_ERR_NOMEM;
-    for (int i = 0; i < b->size && s == DSMOE_OK && bad < 0; i++)
-        if (!oks[i]) bad = i;
+    s = oks ? agree(b, ok, oks, &bad) : DSMOE_ERR_NOMEM;
     if (s != DSMOE_OK || bad >= 0) {
         if (nc && ce == cudaSuccess) cudaEventDestroy(nc->last);
         free(nc), free(wr), free(g), free(oks);
@@ -393,9 +406,7 @@ dsmoe_status nccl_group_create(dsmoe_comm_ctx *ctx, const dsmoe_bootstrap *b, ds
                         cudaGetErrorString(ce));
         if (!ok || s == DSMOE_ERR_NOMEM)
             return fail(ctx, DSMOE_ERR_NOMEM, TAG "group_create: out of memory for %d members", b->size);
-        if (s != DSMOE_OK)
-            return fail(ctx, s, TAG "group_create: the bootstrap's allgather of the members' verdicts failed (%s)",
-                        dsmoe_status_name(s));
+        if (s != DSMOE_OK) return agree_failed(ctx, s);
         return fail(ctx, DSMOE_ERR_SYSTEM, TAG "group_create: member %d of %d could not set up its side of the "
                     "communicator (see its own message)", bad, b->size);
     }
@@ -407,14 +418,11 @@ dsmoe_status nccl_group_create(dsmoe_comm_ctx *ctx, const dsmoe_bootstrap *b, ds
     ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
     config.blocking = 0;
     int timed_out = 0;
-    ncclResult_t r = ncclCommInitRankConfig(&nc->comm, b->size, m.id, b->rank, &config);
-    if (r == ncclInProgress || (r == ncclSuccess && nc->comm)) r = settle(ctx, nc->comm, r, &timed_out);
+    ncclResult_t r = ncclCommInitRankConfig(&nc->comm, b->size, m.id, b->rank, &config); // sets nc->comm first
+    r = settle(ctx, nc->comm, r, &timed_out);
     char why[512] = "";
     if (r != ncclSuccess) describe(ctx, nc->comm, r, timed_out, why, sizeof why);
-    ok = r == ncclSuccess, bad = -1;
-    s = b->allgather(b->ctx, &ok, oks, sizeof ok);
-    for (int i = 0; i < b->size && s == DSMOE_OK && bad < 0; i++)
-        if (!oks[i]) bad = i;
+    s = agree(b, r == ncclSuccess, oks, &bad);
     free(oks);
     if (s != DSMOE_OK || bad >= 0) {
         if (nc->comm) ncclCommAbort(nc->comm); // also a good one: its peers will never use theirs
@@ -423,9 +431,7 @@ dsmoe_status nccl_group_create(dsmoe_comm_ctx *ctx, const dsmoe_bootstrap *b, ds
         if (r != ncclSuccess)
             return fail(ctx, DSMOE_ERR_SYSTEM, TAG "group_create: ncclCommInitRankConfig (rank %d of %d): %s", b->rank,
                         b->size, why);
-        if (s != DSMOE_OK)
-            return fail(ctx, s, TAG "group_create: the bootstrap's allgather of the members' verdicts failed (%s)",
-                        dsmoe_status_name(s));
+        if (s != DSMOE_OK) return agree_failed(ctx, s);
         return fail(ctx, DSMOE_ERR_SYSTEM, TAG "group_create: member %d of %d could not create its NCCL communicator "
                     "(see its own message)", bad, b->size);
     }

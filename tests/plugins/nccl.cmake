@@ -55,27 +55,22 @@ set_tests_properties(test_nccl_fail_np2 PROPERTIES TIMEOUT 30 LABELS "comm;nccl"
   ENVIRONMENT "DSMOE_NCCLSIM_TIMEOUT=2;DSMOE_NCCLSIM_LINGER_MS=600;${DSMOE_RANKS_ENV}"
   PASS_REGULAR_EXPRESSION "rank 0: ended after [0-9.]+ s: comm ncclsim: .*communicator of this process was aborted"
   FAIL_REGULAR_EXPRESSION "NOT DETECTED;NCCL MISUSE")
-# A local failure in the middle of a group's set-up (rank 1's event creation) fails group_create on every
-# rank at once, none left waiting in ncclCommInitRank (the TIMEOUT catches a hang).
-add_test(NAME test_nccl_setup_fail_np2 COMMAND ${DSMOE_MPIEXEC} ${MPIEXEC_NUMPROC_FLAG} 2 ${DSMOE_MPIEXEC_PREFLAGS}
-         $<TARGET_FILE:test_nccl_fail>)
-set_tests_properties(test_nccl_setup_fail_np2 PROPERTIES TIMEOUT 30 LABELS "comm;nccl" RESOURCE_LOCK dsmoe_ranks
-  ENVIRONMENT "DSMOE_NCCLSIM_TIMEOUT=5;DSMOE_NCCLSIM_FAIL_EVENT_CREATE=1;${DSMOE_RANKS_ENV}"
-  FAIL_REGULAR_EXPRESSION "NCCL MISUSE")
-# The same with rank 1's NCCL set-up failing (non-blocking: the error comes through the state it polls)
-# while rank 0's succeeds: rank 0 must abort its communicator and name member 1.
-add_test(NAME test_nccl_init_fail_np2 COMMAND ${DSMOE_MPIEXEC} ${MPIEXEC_NUMPROC_FLAG} 2 ${DSMOE_MPIEXEC_PREFLAGS}
-         $<TARGET_FILE:test_nccl_fail>)
-set_tests_properties(test_nccl_init_fail_np2 PROPERTIES TIMEOUT 30 LABELS "comm;nccl" RESOURCE_LOCK dsmoe_ranks
-  ENVIRONMENT "DSMOE_NCCLSIM_TIMEOUT=5;DSMOE_NCCLSIM_FAIL_INIT=1;${DSMOE_RANKS_ENV}"
-  FAIL_REGULAR_EXPRESSION "NCCL MISUSE")
-# A set-up that never settles (its state reads ncclInProgress for 10^9 polls): with wait_timeout = 1 every
-# rank's group_create gives up after 1 s, saying so, and aborts its communicator.
-add_test(NAME test_nccl_init_timeout_np2 COMMAND ${DSMOE_MPIEXEC} ${MPIEXEC_NUMPROC_FLAG} 2 ${DSMOE_MPIEXEC_PREFLAGS}
-         $<TARGET_FILE:test_nccl_fail>)
-set_tests_properties(test_nccl_init_timeout_np2 PROPERTIES TIMEOUT 30 LABELS "comm;nccl" RESOURCE_LOCK dsmoe_ranks
-  ENVIRONMENT "DSMOE_NCCLSIM_INPROGRESS_POLLS=1000000000;DSMOE_TEST_NCCL_WAIT_TIMEOUT=1;${DSMOE_RANKS_ENV}"
-  FAIL_REGULAR_EXPRESSION "NCCL MISUSE")
+# A group set-up that must fail on every rank at once, each saying why, none left waiting (the TIMEOUT
+# catches a hang): <name> <environment>.
+# - setup_fail: a local failure in the middle of it (rank 1's event creation);
+# - init_fail: rank 1's NCCL set-up fails (non-blocking: the error comes through the state it polls) while
+#   rank 0's succeeds: rank 0 must abort its communicator and name member 1;
+# - init_timeout: a set-up that never settles (its state reads ncclInProgress for 10^9 polls): with
+#   wait_timeout = 1 every rank's group_create gives up after 1 s, saying so, and aborts its communicator.
+function(nccl_setup_test name env)
+  add_test(NAME test_nccl_${name}_np2 COMMAND ${DSMOE_MPIEXEC} ${MPIEXEC_NUMPROC_FLAG} 2 ${DSMOE_MPIEXEC_PREFLAGS}
+           $<TARGET_FILE:test_nccl_fail>)
+  set_tests_properties(test_nccl_${name}_np2 PROPERTIES TIMEOUT 30 LABELS "comm;nccl" RESOURCE_LOCK dsmoe_ranks
+    ENVIRONMENT "${env};${DSMOE_RANKS_ENV}" FAIL_REGULAR_EXPRESSION "NCCL MISUSE")
+endfunction()
+nccl_setup_test(setup_fail "DSMOE_NCCLSIM_TIMEOUT=5;DSMOE_NCCLSIM_FAIL_EVENT_CREATE=1")
+nccl_setup_test(init_fail "DSMOE_NCCLSIM_TIMEOUT=5;DSMOE_NCCLSIM_FAIL_INIT=1")
+nccl_setup_test(init_timeout "DSMOE_NCCLSIM_INPROGRESS_POLLS=1000000000;DSMOE_TEST_NCCL_WAIT_TIMEOUT=1")
 
 # Swapping comm backends end to end (tests/nccl_double/comm_swap_test.sh): the same dsmoe trains one deck
 # on mpi, ncclsim and strict + ncclsim (2 and 4 ranks), and strict + mpi_cuda under the fake CUDA-aware
