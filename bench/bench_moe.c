@@ -19,7 +19,9 @@
 //      gradient back, with the axpy into dx): their share of the layer time;
 //   3. the plugin's gemm on the expert shapes of the step (per expert, rows = the tokens it kept; the
 //      same transposes as the layer: 2 GEMMs forward, 4 more backward; in bf16 bfloat16 operands, the
-//      weight gradients float32): the plugin's GEMM rate.
+//      weight gradients float32), one stage after the other (each over all experts, timed on its own,
+//      in the layer's order): the plugin's GEMM rate, and per stage what the layer's grouped call of
+//      that stage can be held against (--profile 1 times those calls).
 // After them the same GEMMs run in the library with its own threading: OpenBLAS cblas_sgemm for fp32
 // (a plugin with host memory only), oneDNN matmul as dsmoe_bench_gemm runs it for bf16 (bench_dnnl.c;
 // only when built with oneDNN). The reference rate is the faster of the plugin's and the library's.
@@ -49,7 +51,7 @@
 #include "runtime.h"
 
 typedef struct opts {
-    int S, M, F, E, K, threads, bwd, iters, warmup, balanced;
+    int S, M, F, E, K, threads, bwd, iters, warmup, balanced, profile;
     double cf;
     const char *kernel;
     dsmoe_dtype dt; // --precision: DSMOE_FLOAT32 or DSMOE_BFLOAT16
@@ -58,12 +60,14 @@ typedef struct opts {
 static void usage(FILE *f) {
     fprintf(f, "usage: dsmoe_bench_moe [--tokens N] [--hidden M] [--ffn F] [--experts E] [--top-k K] [--threads T]\n"
                "                       [--passes fwd|fwd+bwd] [--precision fp32|bf16] [--iters n] [--warmup n]\n"
-               "                       [--balanced 0|1] [--capacity-factor f] [--kernel NAME]\n"
+               "                       [--balanced 0|1] [--capacity-factor f] [--kernel NAME] [--profile 0|1]\n"
                "defaults: --tokens 4096 --hidden 768 --ffn 3072 --experts 8 --top-k 1 --threads 1 --passes fwd+bwd\n"
                "          --precision fp32 --iters 5 --warmup 1 --balanced 1 --capacity-factor 1.0 --kernel cpu\n"
                "--precision bf16: bfloat16 activations and expert GEMM operands (float32 accumulation, master\n"
                "weights and gradients); the reference is the best bf16 GEMM rate on the same shapes (the plugin's\n"
-               "gemm, oneDNN matmul)\n");
+               "gemm, oneDNN matmul)\n"
+               "--profile 1: after the timed iterations, one more layer step with every kernel op and collective\n"
+               "timed (core/plugins/op_profile.h: a wait before and after each), printed by call site\n");
 }
 
 static int parse_int(const char *flag, const char *v, int lo, int *out) {
@@ -91,6 +95,7 @@ static int parse_args(int argc, char **argv, opts *o) {
         else if (!strcmp(a, "--iters")) rc = parse_int(a, v, 1, &o->iters);
         else if (!strcmp(a, "--warmup")) rc = parse_int(a, v, 0, &o->warmup);
         else if (!strcmp(a, "--balanced")) rc = parse_int(a, v, 0, &o->balanced);
+        else if (!strcmp(a, "--profile")) rc = parse_int(a, v, 0, &o->profile);
         else if (!strcmp(a, "--kernel")) o->kernel = v;
         else if (!strcmp(a, "--capacity-factor")) {
             char *end;
@@ -318,6 +323,23 @@ static double gate_bench_run(gate_bench *g, const opts *o, const void *x) {
     return now_synced() - t0;
 }
 
+// --profile 1: one more layer step with every kernel op and collective timed (op_profile.h), by call site.
+static void profile_step(const opts *o, dsmoe_moe_layer *layer, const dsmoe_moe_weights *w, dsmoe_moe_weights *g,
+                         const void *x, void *out, const void *dout, void *dx, dsmoe_moe_step *step,
+                         dsmoe_moe_stats *st) {
+    dsmoe_err err = {0};
+    dsmoe_op_profile *prof;
+    if (dsmoe_prof_create(&prof, &err) != DSMOE_OK) die("profile", err.msg);
+    rt.prof = prof;
+    if (dsmoe_prof_record(&rt, 1, &err) != DSMOE_OK) die("profile", err.msg);
+    if (dsmoe_moe_forward(layer, w, x, out, step, st, &err) != DSMOE_OK) die("forward", err.msg);
+    if (o->bwd && dsmoe_moe_backward(layer, w, g, dout, dx, 0.01f, &err) != DSMOE_OK) die("backward", err.msg);
+    if (dsmoe_prof_record(&rt, 0, &err) != DSMOE_OK) die("profile", err.msg);
+    dsmoe_prof_print(prof, stdout, "profile of one layer step (a wait before and after each call)", 1, 0);
+    rt.prof = NULL;
+    dsmoe_prof_free(prof);
+}
+
 // ----------------------------------------------------------------------------------------------------
 // the GEMM references: the expert GEMMs of the step, one plain gemm call each
 
@@ -333,26 +355,41 @@ static const void *expert_w(const gemm_bench *b, const void *w32, const void *w_
                         : (const char *)w_lp + e * FM * dsmoe_dtype_size(b->dt);
 }
 
-static double gemm_bench_run(gemm_bench *b, const opts *o, const dsmoe_moe_weights *w, const int *rows) {
+// The layer's expert GEMMs in its order, each stage over all experts and timed on its own (stage[s]
+// seconds): forward fc1 (h = x w1^T), fc2 (y = act w2^T); backward fc2's weight gradient (dw2 += dy^T
+// act), its data gradient (da = dy w2), fc1's weight gradient (dw1 += dh^T x) and data gradient (dx =
+// dh w1). Returns the sum.
+enum { STAGES = 6 };
+static const char *const stage_name[STAGES] = {"fc1", "fc2", "fc2 weight grad", "fc2 data grad", "fc1 weight grad",
+                                                "fc1 data grad"};
+
+static double gemm_bench_run(gemm_bench *b, const opts *o, const dsmoe_moe_weights *w, const int *rows,
+                             double stage[STAGES]) {
     int M = o->M, F = o->F;
     size_t FM = (size_t)F * M;
     const dsmoe_dtype dt = b->dt;
-    double t0 = now_synced();
-    for (int e = 0; e < o->E; e++) {
-        int m = rows[e];
-        if (!m) continue;
-        // forward: h = x w1^T, y = act w2^T
-        const void *w1 = expert_w(b, w->w1, w->w1_lp, e, FM), *w2 = expert_w(b, w->w2, w->w2_lp, e, FM);
-        KCHECK(rt.kern->gemm(rt.kctx, kq, 0, 1, m, F, M, 1.0f, b->a, dt, M, w1, dt, M, 0.0f, b->h, dt, F));
-        KCHECK(rt.kern->gemm(rt.kctx, kq, 0, 1, m, M, F, 1.0f, b->h, dt, F, w2, dt, F, 0.0f, b->y, dt, M));
-        if (!o->bwd) continue;
-        // backward: da = dy w2, dw2 += dy^T act, dw1 += dh^T x, dx = dh w1
-        KCHECK(rt.kern->gemm(rt.kctx, kq, 0, 0, m, F, M, 1.0f, b->y, dt, M, w2, dt, F, 0.0f, b->h, dt, F));
-        KCHECK(rt.kern->gemm(rt.kctx, kq, 1, 0, M, F, m, 1.0f, b->y, dt, M, b->h, dt, F, 1.0f, b->dw2, F32, F));
-        KCHECK(rt.kern->gemm(rt.kctx, kq, 1, 0, F, M, m, 1.0f, b->h, dt, F, b->a, dt, M, 1.0f, b->dw1, F32, M));
-        KCHECK(rt.kern->gemm(rt.kctx, kq, 0, 0, m, M, F, 1.0f, b->h, dt, F, w1, dt, M, 0.0f, b->y, dt, M));
+    double total = 0;
+    for (int s = 0; s < STAGES; s++) {
+        stage[s] = 0;
+        if (s >= 2 && !o->bwd) continue;
+        double t0 = now_synced();
+        for (int e = 0; e < o->E; e++) {
+            int m = rows[e];
+            if (!m) continue;
+            const void *w1 = expert_w(b, w->w1, w->w1_lp, e, FM), *w2 = expert_w(b, w->w2, w->w2_lp, e, FM);
+            switch (s) {
+            case 0: KCHECK(rt.kern->gemm(rt.kctx, kq, 0, 1, m, F, M, 1.0f, b->a, dt, M, w1, dt, M, 0.0f, b->h, dt, F)); break;
+            case 1: KCHECK(rt.kern->gemm(rt.kctx, kq, 0, 1, m, M, F, 1.0f, b->h, dt, F, w2, dt, F, 0.0f, b->y, dt, M)); break;
+            case 2: KCHECK(rt.kern->gemm(rt.kctx, kq, 1, 0, M, F, m, 1.0f, b->y, dt, M, b->h, dt, F, 1.0f, b->dw2, F32, F)); break;
+            case 3: KCHECK(rt.kern->gemm(rt.kctx, kq, 0, 0, m, F, M, 1.0f, b->y, dt, M, w2, dt, F, 0.0f, b->h, dt, F)); break;
+            case 4: KCHECK(rt.kern->gemm(rt.kctx, kq, 1, 0, F, M, m, 1.0f, b->h, dt, F, b->a, dt, M, 1.0f, b->dw1, F32, M)); break;
+            default: KCHECK(rt.kern->gemm(rt.kctx, kq, 0, 0, m, M, F, 1.0f, b->h, dt, F, w1, dt, M, 0.0f, b->y, dt, M)); break;
+            }
+        }
+        stage[s] = now_synced() - t0;
+        total += stage[s];
     }
-    return now_synced() - t0;
+    return total;
 }
 
 // The same GEMMs through the BLAS library directly, with its own threading (host buffers: only for a
@@ -474,6 +511,7 @@ int main(int argc, char **argv) {
     double router_flops = (o.bwd ? 3.0 : 1.0) * 2.0 * (double)S * M * E;
     double *t_layer = calloc(o.iters, sizeof(double)), *t_gate = calloc(o.iters, sizeof(double)),
            *t_gemm = calloc(o.iters, sizeof(double));
+    double stage_best[STAGES] = {0}; // each reference stage's best iteration
     double t_conv = INFINITY; // bf16: best weight conversion
     for (int it = -o.warmup; it < o.iters; it++) {
         double tc = bf16 ? convert_weights(&o, &w) : 0.0;
@@ -482,11 +520,14 @@ int main(int argc, char **argv) {
         if (o.bwd && dsmoe_moe_backward(layer, &w, &g, dout, dx, 0.01f, &err) != DSMOE_OK) die("backward", err.msg);
         double tl = now_synced() - t0;
         double tg = gate_bench_run(&gb, &o, x);
-        double ts = gemm_bench_run(&sb, &o, &w, rows);
+        double stage[STAGES];
+        double ts = gemm_bench_run(&sb, &o, &w, rows, stage);
         if (it < 0) continue;
         t_layer[it] = tl;
         t_gate[it] = tg;
         t_gemm[it] = ts;
+        for (int k = 0; k < STAGES; k++)
+            if (it == 0 || stage[k] < stage_best[k]) stage_best[k] = stage[k];
         if (tc < t_conv) t_conv = tc;
         printf("iter %d: layer %.2f ms, gating+dispatch+combine %.2f ms, expert %s %.2f ms", it, tl * 1e3, tg * 1e3,
                gname, ts * 1e3);
@@ -533,6 +574,10 @@ int main(int argc, char **argv) {
         printf("bf16: no library reference (needs oneDNN at build time and a plugin with host memory): the "
                "reference is the plugin's gemm alone\n");
     }
+    printf("best of %d: expert %s by stage (each over all experts, the layer's order):", o.iters, gname);
+    for (int k = 0; k < (o.bwd ? STAGES : 2); k++) printf("%s %s %.2f ms", k ? "," : "", stage_name[k], stage_best[k] * 1e3);
+    printf("\n");
+    if (o.profile) profile_step(&o, layer, &w, &g, x, out, dout, dx, &step, &st);
     printf("medians of %d: layer %.2f ms, gating+dispatch+combine %.2f ms (%.1f%%), expert %s %.2f ms, "
            "efficiency %.3f\n",
            o.iters, ml * 1e3, mg * 1e3, 100.0 * mg / ml, gname, ms * 1e3, (flops / ml) / (expert_flops / ms));

@@ -315,6 +315,9 @@ bench_one() {
   case "$label" in *bf16*) [ -n "$eff" ] && target=" (target 0.70: $(awk -v e="$eff" 'BEGIN { print (e >= 0.70 ? "met" : "NOT met") }'))" ;; esac
   result "bench $label" "$(pass_if $rc)" "$(why_rc $rc): $(last_or_err $rc "$log")$target"
   grep -E '^(medians of|best of|bf16 library reference)' "$REPORT/$log" | fig
+  # --profile 1: one more layer step with each plugin call timed, by call site (moe_layer.c's grouped
+  # calls against the "by stage" line of the plugin's own gemm above)
+  sed -n '/^profile of one layer step/,/outside the timed calls/p' "$REPORT/$log" | fig
 }
 
 check_bench() {
@@ -324,9 +327,11 @@ check_bench() {
     for name in W1 gpu; do
       if [ $name = W1 ]; then args=(--tokens "$(pick 4096 512)" --hidden "$(pick 768 128)" --ffn "$(pick 3072 512)" --experts 8 --top-k 1)
       else args=(--tokens "$(pick 32768 1024)" --hidden "$(pick 2048 256)" --ffn "$(pick 8192 1024)" --experts "$(pick 64 16)" --top-k 1); fi
-      bench_one "bench-$prec-$name.log" "$prec $name" "${args[@]}" --precision $prec --passes fwd+bwd "${it[@]}"
+      bench_one "bench-$prec-$name.log" "$prec $name" "${args[@]}" --precision $prec --passes fwd+bwd "${it[@]}" \
+        --profile 1
       if [ $prec = fp32 ] && [ "${GPU_CHECK_TF32:-0}" = 1 ]; then
-        DSMOE_KERNEL_CUDA_TF32=1 bench_one "bench-tf32-$name.log" "tf32 $name" "${args[@]}" --passes fwd+bwd "${it[@]}"
+        DSMOE_KERNEL_CUDA_TF32=1 bench_one "bench-tf32-$name.log" "tf32 $name" "${args[@]}" --passes fwd+bwd "${it[@]}" \
+          --profile 1
       fi
     done
   done

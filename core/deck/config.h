@@ -110,6 +110,7 @@ typedef struct dsmoe_config {
     int overlap_grad_reduce;     // train.overlap_grad_reduce: all-reduce block gradients during the last backward
     int eval_every;              // train.eval_every (0 = only at the end)
     int eval_batches;            // train.eval_batches
+    int train_profile;           // train.profile: per-call profile of the steps after the first (op_profile.h)
 
     // [data]
     int data_source;             // data.source: dsmoe_data_source

@@ -60,6 +60,8 @@ typedef struct trainer {
     int failed_saves;         // consecutive failed checkpoint saves (every rank: saves share their status)
     char ckpt_dir[1200];
     int rank;
+    dsmoe_op_profile *prof;   // train.profile: set as rt->prof for the run, recording the steps after the first
+    int prof_first, prof_last; // the steps (1-based) the profile covers; prof_first = 0: none yet
 } trainer;
 
 // Statistics of one step or evaluation, summed over micro-batches and ranks.
@@ -252,6 +254,26 @@ static dsmoe_status metrics_finish(trainer *tr, dsmoe_train_result *res, dsmoe_e
     return DSMOE_OK;
 }
 
+// train.profile on rank 0: the table on stdout and every call site in <output_dir>/profile.tsv. A failed
+// write is a warning: the run's results are whole without it.
+static void report_profile(trainer *tr) {
+    if (!tr->prof_first) {
+        printf("profile: no step after the run's first: nothing timed (train.profile leaves the first step out)\n");
+        return;
+    }
+    char title[128], path[2100];
+    snprintf(title, sizeof title, "profile of rank 0, steps %d-%d (per call, waits around each)", tr->prof_first,
+             tr->prof_last);
+    dsmoe_prof_print(tr->prof, stdout, title, 0, 20);
+    snprintf(path, sizeof path, "%s/profile.tsv", tr->cfg->output_dir);
+    dsmoe_err werr = {0};
+    if (dsmoe_prof_write_tsv(tr->prof, path, &werr) != DSMOE_OK)
+        fprintf(stderr, "dsmoe: warning: train.profile: %s\n", werr.msg);
+    else
+        printf("profile: every call site in %s\n", path);
+    fflush(stdout);
+}
+
 // A failed save (disk full, I/O error) keeps the older checkpoints and training goes on; the run fails
 // (DSMOE_EXIT_SAVE_FAILED) after checkpoint.max_failures failed saves in a row, or when the final one
 // fails. dsmoe_checkpoint_save's status is shared by all ranks, so they all count alike.
@@ -424,12 +446,18 @@ static dsmoe_status open_run(trainer *tr, const dsmoe_config *c, dsmoe_runtime *
     DSMOE_TRY(dsmoe_model_create(c, rt, tr->B, &tr->model, err));
     if (dsmoe_config_distills(c)) DSMOE_TRY(dsmoe_teacher_open(c, rt, tr->B, &tr->teacher, err));
     DSMOE_TRY(dsmoe_optimizer_create(tr->model, c->zero_stage, &tr->opt, err));
+    if (c->train_profile) {
+        DSMOE_TRY(dsmoe_prof_create(&tr->prof, err));
+        rt->prof = tr->prof;
+    }
     if (c->checkpoint_dir[0]) snprintf(tr->ckpt_dir, sizeof tr->ckpt_dir, "%s", c->checkpoint_dir);
     else snprintf(tr->ckpt_dir, sizeof tr->ckpt_dir, "%s/checkpoints", c->output_dir);
     return DSMOE_OK;
 }
 
 static void close_run(trainer *tr) {
+    if (tr->prof) tr->rt->prof = NULL;
+    dsmoe_prof_free(tr->prof);
     dsmoe_optimizer_free(tr->opt);
     dsmoe_teacher_close(tr->teacher);
     dsmoe_model_free(tr->model);
@@ -564,7 +592,14 @@ static dsmoe_status run(trainer *tr, const char *config_text, dsmoe_train_result
     for (int step = pos.step; step < c->steps; step++) {
         step_stats st;
         double gnorm;
+        int profiled = tr->prof && step > first; // the run's first step warms up (allocations, caches)
+        if (profiled) DSMOE_TRY(dsmoe_prof_record(tr->rt, 1, err));
         DSMOE_TRY(train_step(tr, step, pos.next_sample, &st, &gnorm, err));
+        if (profiled) {
+            DSMOE_TRY(dsmoe_prof_record(tr->rt, 0, err));
+            if (!tr->prof_first) tr->prof_first = step + 1;
+            tr->prof_last = step + 1;
+        }
         pos.step = step + 1;
         pos.next_sample += (uint64_t)c->batch;
         double loss = st.loss_sum / st.tokens;
@@ -625,6 +660,7 @@ static dsmoe_status run(trainer *tr, const char *config_text, dsmoe_train_result
         }
     }
     res->steps_done = pos.step;
+    if (tr->prof && tr->rank == 0) report_profile(tr);
     return metrics_finish(tr, res, err);
 }
 

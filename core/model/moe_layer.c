@@ -473,18 +473,15 @@ static dsmoe_status experts_forward(dsmoe_moe_layer *L, const dsmoe_moe_weights 
 
 // dw[el] (n, k) += dy^T @ x and db[el] (n) += column sums of dy, summed over the groups of expert el in
 // ascending group order (a fixed order, whatever the plugin runs concurrently).
-static dsmoe_status experts_wgrad(dsmoe_moe_layer *L, const void *dybuf, int n, const void *xbuf, int k, float *dw,
-                                  float *db, dsmoe_err *err) {
-    const dsmoe_runtime *rt = L->rt;
+static dsmoe_grouped_wgrad groups_wgrad(const dsmoe_moe_layer *L, const void *dybuf, int n, const void *xbuf, int k,
+                                        float *dw, float *db) {
     size_t C = (size_t)L->C;
-    dsmoe_grouped_wgrad g = {
+    return (dsmoe_grouped_wgrad){
         .groups = L->cfg.E, .counts = L->recv_cnt, .m_max = L->C, .n = n, .k = k, .alpha = 1.0f,
         .dy = dybuf, .dy_type = L->dt, .dy_stride = C * (size_t)n, .x = xbuf, .x_type = L->dt,
         .x_stride = C * (size_t)k,
         .dw = dw, .dw_stride = (size_t)n * (size_t)k, .b_groups = L->E_local, .dbias = db, .dbias_stride = (size_t)n,
     };
-    KCALL(rt, gemm_grouped_wgrad, &g);
-    return DSMOE_OK;
 }
 
 // On entry yexp holds dy by source; on return yexp holds dbuf (d expert input) by source.
@@ -492,13 +489,15 @@ static dsmoe_status experts_backward(dsmoe_moe_layer *L, const dsmoe_moe_weights
                                      dsmoe_err *err) {
     const dsmoe_runtime *rt = L->rt;
     int M = L->cfg.M, F = L->cfg.F;
-    DSMOE_TRY(experts_wgrad(L, L->yexp, M, L->act, F, gw->w2, gw->b2, err)); // dw2 += dy^T act, db2 += sum dy
+    dsmoe_grouped_wgrad g2 = groups_wgrad(L, L->yexp, M, L->act, F, gw->w2, gw->b2); // dw2 += dy^T act, db2 += sum dy
+    KCALL(rt, gemm_grouped_wgrad, &g2);
     // dh (rows, F) = gelu'(h) * (dy (rows, M) @ w2[el] (M, F)), into da
     dsmoe_grouped_gemm dact = groups_gemm(L, L->yexp, M, gemm_w2(L, w), 0, L->da, F);
     dact.epilogue = DSMOE_EPI_DGELU;
     dact.aux = L->h;
     KCALL(rt, gemm_grouped, &dact);
-    DSMOE_TRY(experts_wgrad(L, L->da, F, L->recv, M, gw->w1, gw->b1, err)); // dw1 += dh^T x, db1 += sum dh
+    dsmoe_grouped_wgrad g1 = groups_wgrad(L, L->da, F, L->recv, M, gw->w1, gw->b1); // dw1 += dh^T x, db1 += sum dh
+    KCALL(rt, gemm_grouped_wgrad, &g1);
     // dbuf (rows, M) = dh (rows, F) @ w1[el] (F, M), into yexp (dy is consumed)
     dsmoe_grouped_gemm dx = groups_gemm(L, L->da, F, gemm_w1(L, w), 0, L->yexp, M);
     KCALL(rt, gemm_grouped, &dx);

@@ -147,10 +147,17 @@ dsmoe_status dsmoe_optimizer_step(dsmoe_optimizer *o, float lr, float grad_scale
     }
     dsmoe_adamw_params hp = {.lr = lr, .beta1 = c->beta1, .beta2 = c->beta2, .eps = c->adam_eps,
                              .grad_scale = grad_scale, .t = t};
-    dsmoe_status s = rt->kern->adamw(rt->kctx, rt->q, &hp, list, n); // the list is consumed before return
+    DSMOE_PROF_SITE(adamw_site, adamw, 0);
+    dsmoe_status s = rt->prof ? dsmoe_prof_enter(rt, err) : DSMOE_OK;
+    if (s != DSMOE_OK) {
+        free(list);
+        return s;
+    }
+    s = rt->kern->adamw(rt->kctx, rt->q, &hp, list, n); // the list is consumed before return
     free(list);
     if (s != DSMOE_OK)
         return dsmoe_err_set(err, s, "kernel plugin '%s': adamw failed: %s", rt->kern->name, rt->kern->last_error(rt->kctx));
+    if (rt->prof) DSMOE_TRY(dsmoe_prof_leave(rt, &adamw_site, err));
     for (int k = 0; k < o->n_shards; k++) DSMOE_TRY(allgather_range(o, &o->shards[k], params, err));
     return DSMOE_OK;
 }

@@ -6,6 +6,7 @@
 #include "dsmoe/comm_plugin.h"
 #include "dsmoe/kernel_plugin.h"
 #include "control.h"       // dsmoe_ctl_group
+#include "op_profile.h"    // dsmoe_op_profile, KCALL and CCOLL timing
 #include "plugin_loader.h" // dsmoe_plugin_handle
 #include "plugin_settings.h" // dsmoe_plugin_values
 #include "util.h"
@@ -36,6 +37,8 @@ typedef struct dsmoe_runtime {
     dsmoe_plugin_handle comm_handle;
     dsmoe_plugin_values kernel_settings; // the plugins' resolved settings (what their init got)
     dsmoe_plugin_values comm_settings;
+    dsmoe_op_profile *prof;             // NULL, or the per-call profile KCALL and CCOLL feed (op_profile.h;
+                                        // owned by whoever set it, e.g. the training driver)
 } dsmoe_runtime;
 
 // A group of ranks as both planes see it: the control-plane group (set-up, host statistics) and the comm
@@ -94,16 +97,20 @@ dsmoe_status dsmoe_comm_ordered_open(const dsmoe_comm_plugin_v2 *in, dsmoe_comm_
                                      const dsmoe_kernel_plugin_v3 *kern, dsmoe_kernel_ctx *kctx, dsmoe_kernel_queue *q,
                                      const dsmoe_comm_plugin_v2 **out, dsmoe_comm_ctx **out_ctx, dsmoe_err *err);
 
-// Enqueues kernel op `op` on rt's queue (the context and queue arguments are supplied); on failure fills `err` with the op, the call site and the plugin's
-// message, and returns the status from the enclosing function. Use inside functions that return
-// dsmoe_status and have `dsmoe_err *err` in scope.
+// Enqueues kernel op `op` on rt's queue (the context and queue arguments are supplied); on failure fills
+// `err` with the op, the call site and the plugin's message, and returns the status from the enclosing
+// function. Use inside functions that return dsmoe_status and have `dsmoe_err *err` in scope. With a
+// profile recording (rt->prof, op_profile.h) the call is timed: the queue is waited before and after it.
 #define KCALL(rt, op, ...)                                                                         \
     do {                                                                                           \
-        dsmoe_status kcall_s_ = (rt)->kern->op((rt)->kctx, (rt)->q, ##__VA_ARGS__);                           \
+        DSMOE_PROF_SITE(kcall_site_, op, 0);                                                       \
+        if ((rt)->prof) DSMOE_TRY(dsmoe_prof_enter((rt), err));                                    \
+        dsmoe_status kcall_s_ = (rt)->kern->op((rt)->kctx, (rt)->q, ##__VA_ARGS__);                \
         if (kcall_s_ != DSMOE_OK)                                                                  \
             return dsmoe_err_set(err, kcall_s_, "kernel plugin '%s': %s failed (%s:%d): %s",        \
                                  (rt)->kern->name, #op, __FILE__, __LINE__,                        \
                                  (rt)->kern->last_error((rt)->kctx));                              \
+        if ((rt)->prof) DSMOE_TRY(dsmoe_prof_leave((rt), &kcall_site_, err));                      \
     } while (0)
 
 // The same for comm plugin members that take no stream (group_*, request_*).
@@ -117,10 +124,14 @@ dsmoe_status dsmoe_comm_ordered_open(const dsmoe_comm_plugin_v2 *in, dsmoe_comm_
     } while (0)
 
 // A collective: waits for q first when the comm plugin is host-progressed, passes rt's stream last.
+// Timed like KCALL while a profile records (a non-blocking one: its issue; its request_wait is not).
 #define CCOLL(rt, op, ...)                                                                         \
     do {                                                                                           \
+        DSMOE_PROF_SITE(ccoll_site_, op, 1);                                                       \
+        if ((rt)->prof) DSMOE_TRY(dsmoe_prof_enter((rt), err));                                    \
         DSMOE_TRY(dsmoe_rt_before_collective((rt), err));                                          \
         CCALL(rt, op, __VA_ARGS__, &(rt)->stream);                                                 \
+        if ((rt)->prof) DSMOE_TRY(dsmoe_prof_leave((rt), &ccoll_site_, err));                      \
     } while (0)
 
 #endif
