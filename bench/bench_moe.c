@@ -335,8 +335,11 @@ static void profile_step(const opts *o, dsmoe_moe_layer *layer, const dsmoe_moe_
     if (dsmoe_moe_forward(layer, w, x, out, step, st, &err) != DSMOE_OK) die("forward", err.msg);
     if (o->bwd && dsmoe_moe_backward(layer, w, g, dout, dx, 0.01f, &err) != DSMOE_OK) die("backward", err.msg);
     if (dsmoe_prof_record(&rt, 0, &err) != DSMOE_OK) die("profile", err.msg);
-    dsmoe_prof_print(prof, stdout, "profile of one layer step (a wait before and after each call)", 1, 0);
     rt.prof = NULL;
+    dsmoe_prof_table *t;
+    if (dsmoe_prof_gather(prof, rt.world_ctl, &t, &err) != DSMOE_OK) die("profile", err.msg);
+    dsmoe_prof_print(t, stdout, "profile of one layer step (a wait before and after each call)", 1, 0);
+    dsmoe_prof_table_free(t);
     dsmoe_prof_free(prof);
 }
 

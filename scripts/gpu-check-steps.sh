@@ -446,6 +446,15 @@ check_throughput() {
       "$([ $prec = bf16 ] && echo "$CEIL_BF16" || echo "$CEIL_FP32")")
     result "throughput $prec" "$(pass_if $rc)" "$(why_rc $rc): ${L}x$M, seq $T, vocab $V, batch $Bt: ${fig_line:-$(err_of "throughput-$prec.log")}"
     { grep -E '^model:|^memory per rank' "$REPORT/throughput-$prec.log"; grep -E '^step +[0-9]+/' "$REPORT/throughput-$prec.log" | tail -2; } | fig
+    # Where a bf16 step goes: 3 more steps of the same model with train.profile (steps 2-3 timed call by
+    # call; a separate run, so the rate above is not slowed by its waits).
+    if [ $prec = bf16 ] && [ $rc = 0 ]; then
+      timed "$(pick 60 120)" "throughput-$prec-profile.log" dsmoe "$w/$prec.deck" run.kernel_backend=$KERN \
+        run.precision=$prec run.output_dir="$w/$prec-profile" train.steps=3 train.profile=true
+      rc=$?
+      result "throughput $prec profile" "$(pass_if $rc)" "$(why_rc $rc): steps 2-3, every kernel op and collective timed"
+      sed -n '/^profile of steps/,/outside the timed calls/p' "$REPORT/throughput-$prec-profile.log" | fig
+    fi
   done
 }
 

@@ -106,7 +106,7 @@ const key_def dsmoe_config_keys[] = {
     KEY("train.overlap_grad_reduce", K_BOOL, "true", overlap_grad_reduce, ANY, "start each block's gradient all-reduce during the backward of a step's last micro-batch (same bits as false)"),
     KEY("train.eval_every", K_INT, "0", eval_every, GE(0), "steps between validation passes; 0 = only at the end"),
     KEY("train.eval_batches", K_INT, "4", eval_batches, GE(1), "global batches per validation pass"),
-    KEY("train.profile", K_BOOL, "false", train_profile, ANY, "time every kernel op and collective of the steps after the first, by call site (a wait before and after each call: slower, nothing overlaps); rank 0 prints the table at the end and writes <run.output_dir>/profile.tsv"),
+    KEY("train.profile", K_BOOL, "false", train_profile, ANY, "time every kernel op and collective of the steps after the first, by call site (a wait before and after each call: slower, nothing overlaps); at the end rank 0 prints the table (mean, min and max over the ranks) and writes every rank's rows to <run.output_dir>/profile.tsv"),
 
     ENUM("data.source", "synthetic", data_source, dsmoe_config_v_source, "synthetic corpus, text files, or a Megatron indexed dataset"),
     KEY("data.path", K_STRING, "", data_path, ANY, "text files (comma-separated) or Megatron prefix(es); required for text and megatron"),

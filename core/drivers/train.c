@@ -254,24 +254,31 @@ static dsmoe_status metrics_finish(trainer *tr, dsmoe_train_result *res, dsmoe_e
     return DSMOE_OK;
 }
 
-// train.profile on rank 0: the table on stdout and every call site in <output_dir>/profile.tsv. A failed
-// write is a warning: the run's results are whole without it.
-static void report_profile(trainer *tr) {
-    if (!tr->prof_first) {
-        printf("profile: no step after the run's first: nothing timed (train.profile leaves the first step out)\n");
-        return;
+// train.profile, collective: every rank's profile to rank 0, which prints the table on stdout and writes
+// every rank's call sites to <output_dir>/profile.tsv. A failed write is a warning: the run's results are
+// whole without it.
+static dsmoe_status report_profile(trainer *tr, dsmoe_err *err) {
+    if (!tr->prof_first) { // the same on every rank: every rank ran the same steps
+        if (tr->rank == 0)
+            printf("profile: no step after the run's first: nothing timed (train.profile leaves the first step out)\n");
+        return DSMOE_OK;
     }
+    dsmoe_prof_table *t;
+    DSMOE_TRY(dsmoe_prof_gather(tr->prof, tr->rt->world_ctl, &t, err));
+    if (tr->rank != 0) return DSMOE_OK;
     char title[128], path[2100];
-    snprintf(title, sizeof title, "profile of rank 0, steps %d-%d (per call, waits around each)", tr->prof_first,
+    snprintf(title, sizeof title, "profile of steps %d-%d (per call, waits around each)", tr->prof_first,
              tr->prof_last);
-    dsmoe_prof_print(tr->prof, stdout, title, 0, 20);
+    dsmoe_prof_print(t, stdout, title, 0, 20);
     snprintf(path, sizeof path, "%s/profile.tsv", tr->cfg->output_dir);
     dsmoe_err werr = {0};
-    if (dsmoe_prof_write_tsv(tr->prof, path, &werr) != DSMOE_OK)
+    if (dsmoe_prof_write_tsv(t, path, &werr) != DSMOE_OK)
         fprintf(stderr, "dsmoe: warning: train.profile: %s\n", werr.msg);
     else
-        printf("profile: every call site in %s\n", path);
+        printf("profile: every rank's call sites in %s\n", path);
     fflush(stdout);
+    dsmoe_prof_table_free(t);
+    return DSMOE_OK;
 }
 
 // A failed save (disk full, I/O error) keeps the older checkpoints and training goes on; the run fails
@@ -660,7 +667,7 @@ static dsmoe_status run(trainer *tr, const char *config_text, dsmoe_train_result
         }
     }
     res->steps_done = pos.step;
-    if (tr->prof && tr->rank == 0) report_profile(tr);
+    if (tr->prof) DSMOE_TRY(report_profile(tr, err));
     return metrics_finish(tr, res, err);
 }
 

@@ -6,11 +6,13 @@
 // those macros, the host's own work and the waits' overhead are the profiled wall time less the sum of
 // the calls: the report's "outside the timed calls" line.
 // defines: dsmoe_op_profile, dsmoe_prof_site, dsmoe_prof_create, dsmoe_prof_free, dsmoe_prof_record,
-//          dsmoe_prof_enter, dsmoe_prof_leave, dsmoe_prof_print, dsmoe_prof_write_tsv, DSMOE_PROF_SITE
+//          dsmoe_prof_enter, dsmoe_prof_leave, dsmoe_prof_table, dsmoe_prof_gather, dsmoe_prof_print,
+//          dsmoe_prof_write_tsv, DSMOE_PROF_SITE
 #ifndef DSMOE_OP_PROFILE_H
 #define DSMOE_OP_PROFILE_H
 #include <stdio.h>
 
+#include "control.h" // dsmoe_ctl_group
 #include "util.h"
 
 // One call site: the plugin member's name, where the core calls it, and which plugin. Sites are static
@@ -49,13 +51,24 @@ typedef struct dsmoe_prof_totals {
 } dsmoe_prof_totals;
 dsmoe_prof_totals dsmoe_prof_totals_of(const dsmoe_op_profile *p);
 
+// Every rank's profile, merged by call site (the ranks name a site by member, file and line).
+typedef struct dsmoe_prof_table dsmoe_prof_table;
+
+// Collective over g: rank 0 of g gets every member's profile in *out (NULL on the other members; p may
+// be NULL on a member that has none: it counts as empty). The caller frees with dsmoe_prof_table_free.
+dsmoe_status dsmoe_prof_gather(const dsmoe_op_profile *p, const dsmoe_ctl_group *g, dsmoe_prof_table **out,
+                               dsmoe_err *err);
+void dsmoe_prof_table_free(dsmoe_prof_table *t);
+
 // The table by member (the sites of one member added up; by_site: a row per call site), largest first,
 // at most max_rows rows (0 = all) and the rest summed in one line, then the sum of the calls and the
-// time outside them; `title` heads it.
-void dsmoe_prof_print(const dsmoe_op_profile *p, FILE *out, const char *title, int by_site, int max_rows);
+// time outside them; `title` heads it. Over several ranks a row gives the mean over the ranks, and the
+// smallest and largest rank's milliseconds with those ranks (where one rank waits for the others).
+void dsmoe_prof_print(const dsmoe_prof_table *t, FILE *out, const char *title, int by_site, int max_rows);
 
-// Every site as tab-separated values, largest first (header: kind op site calls total_ms mean_us
-// share), then the wall time and the outside line; written atomically (a temporary name, renamed).
-dsmoe_status dsmoe_prof_write_tsv(const dsmoe_op_profile *p, const char *path, dsmoe_err *err);
+// Every rank's sites as tab-separated values (header: rank kind op site calls total_ms mean_us share),
+// each rank's rows largest first by the mean over the ranks, then its wall time and its outside line;
+// written atomically (a temporary name, renamed).
+dsmoe_status dsmoe_prof_write_tsv(const dsmoe_prof_table *t, const char *path, dsmoe_err *err);
 
 #endif
