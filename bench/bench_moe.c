@@ -50,6 +50,18 @@
 #include "moe_layer.h"
 #include "runtime.h"
 
+// NVTX ranges named "layer" around the timed layer steps (forward + backward), so that a profiler can
+// take only those: ncu --nvtx --nvtx-include "layer/" (scripts/gpu-check's kernels step). Header-only;
+// with no tool attached a range costs nothing.
+#ifdef DSMOE_BENCH_NVTX
+#include <nvtx3/nvToolsExt.h>
+#define LAYER_RANGE_BEGIN() nvtxRangePushA("layer")
+#define LAYER_RANGE_END() nvtxRangePop()
+#else
+#define LAYER_RANGE_BEGIN() ((void)0)
+#define LAYER_RANGE_END() ((void)0)
+#endif
+
 typedef struct opts {
     int S, M, F, E, K, threads, bwd, iters, warmup, balanced, profile;
     double cf;
@@ -519,9 +531,11 @@ int main(int argc, char **argv) {
     for (int it = -o.warmup; it < o.iters; it++) {
         double tc = bf16 ? convert_weights(&o, &w) : 0.0;
         double t0 = now_synced();
+        LAYER_RANGE_BEGIN();
         if (dsmoe_moe_forward(layer, &w, x, out, &step, &st, &err) != DSMOE_OK) die("forward", err.msg);
         if (o.bwd && dsmoe_moe_backward(layer, &w, &g, dout, dx, 0.01f, &err) != DSMOE_OK) die("backward", err.msg);
         double tl = now_synced() - t0;
+        LAYER_RANGE_END();
         double tg = gate_bench_run(&gb, &o, x);
         double stage[STAGES];
         double ts = gemm_bench_run(&sb, &o, &w, rows, stage);

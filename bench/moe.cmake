@@ -7,3 +7,9 @@ if(DSMOE_CPU_ONEDNN)
   target_link_libraries(dsmoe_bench_moe PRIVATE dsmoe_bench_dnnl) # the bf16 reference (bench/CMakeLists.txt)
 endif()
 add_dependencies(dsmoe_bench_moe dsmoe_kernel_cpu dsmoe_comm_mpi)
+# With the CUDA toolkit (the cuda plugin is built): NVTX ranges around the layer steps, for ncu and nsys
+# (nvtx3 is header-only; without a tool attached its calls do nothing).
+if(DSMOE_BUILD_CUDA_PLUGIN AND EXISTS ${CUDAToolkit_INCLUDE_DIRS}/nvtx3/nvToolsExt.h)
+  target_include_directories(dsmoe_bench_moe PRIVATE ${CUDAToolkit_INCLUDE_DIRS})
+  target_compile_definitions(dsmoe_bench_moe PRIVATE DSMOE_BENCH_NVTX)
+endif()

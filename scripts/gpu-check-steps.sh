@@ -337,6 +337,64 @@ check_bench() {
   done
 }
 
+# kernel_table <ncu csv log>: the kernels ncu timed (gpu__time_duration.sum), summed by kernel name
+# (template arguments and parameters cut), largest first, with cuBLAS's GEMM kernels against the rest.
+kernel_table() {
+  py - "$1" <<'EOF'
+import csv, io, re, sys
+text = open(sys.argv[1], errors="replace").read()
+at = text.find('"ID"')
+if at < 0: print("no CSV in the ncu log"); sys.exit(1)
+rows = list(csv.reader(io.StringIO(text[at:])))
+head = rows[0]
+col = lambda *names: next((head.index(n) for n in names if n in head), None)
+k, mn, mu, mv = col("Kernel Name", "Function Name", "Name"), col("Metric Name"), col("Metric Unit"), col("Metric Value")
+if None in (k, mn, mu, mv): print("unexpected CSV columns: " + ", ".join(head)); sys.exit(1)
+scale = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3, "second": 1e6, "s": 1e6}
+by = {}
+for r in rows[1:]:
+    if len(r) <= max(k, mn, mu, mv) or r[mn] != "gpu__time_duration.sum": continue
+    name = re.split(r"[<(]", re.sub(r"^void\s+", "", r[k].strip()), 1)[0].strip()[:72] or r[k][:72]
+    us = float(r[mv].replace(",", "")) * scale.get(r[mu].strip(), 1.0)
+    n, t = by.get(name, (0, 0.0))
+    by[name] = (n + 1, t + us)
+if not by: print("ncu timed no kernel in the layer range"); sys.exit(1)
+total = sum(t for _, t in by.values())
+gemm = sum(t for name, (_, t) in by.items() if re.search(r"gemm|xmma|cutlass|cublas", name, re.I))
+print(f"{sum(n for n, _ in by.values())} kernels, {total / 1e3:.3f} ms on the GPU: cuBLAS GEMM kernels "
+      f"{gemm / 1e3:.3f} ms ({100 * gemm / total:.1f}%), the rest {(total - gemm) / 1e3:.3f} ms")
+for name, (n, t) in sorted(by.items(), key=lambda kv: -kv[1][1])[:25]:
+    print(f"  {t / 1e3:10.3f} ms {100 * t / total:5.1f}% {n:5d}x  {name}")
+EOF
+}
+
+# Kernel by kernel, inside one step of the GPU-sized layer (Nsight Compute, bf16 then fp32): ncu times
+# every kernel of the bench's "layer" NVTX range (one forward + backward) and kernel_table sums them by
+# name: cuBLAS's GEMMs against the plugin's own kernels (epilogues, masking, bias sums, routing). ncu
+# needs the GPU's counters (seen on Firecracker machines; gVisor refuses them: then SKIP with its words).
+# ncu itself runs without the bundle's libraries; the bench gets them through env.
+check_kernels() {
+  if dry; then result kernels SKIP "(dry) ncu needs a GPU"; return; fi
+  local ncu prec rc log table
+  ncu=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  [ -n "$ncu" ] || { result kernels SKIP "no ncu on this machine"; return; }
+  for prec in bf16 fp32; do
+    log="kernels-$prec.log"
+    timed 150 "$log" env -u LD_LIBRARY_PATH "$ncu" --nvtx --nvtx-include "layer/" \
+      --metrics gpu__time_duration.sum --csv --print-units base --clock-control none \
+      env LD_LIBRARY_PATH="$LD_LIBRARY_PATH" "$B/bin/dsmoe_bench_moe" --kernel $KERN --tokens 32768 --hidden 2048 \
+      --ffn 8192 --experts 64 --top-k 1 --precision $prec --passes fwd+bwd --iters 1 --warmup 0
+    rc=$?
+    table=$(kernel_table "$REPORT/$log")
+    if [ $rc = 0 ] && [ -n "$table" ] && ! grep -qE '^(no CSV|unexpected|ncu timed no)' <<< "$table"; then
+      result "kernels $prec" PASS "$(head -1 <<< "$table")"
+      tail -n +2 <<< "$table" | fig
+    else
+      result "kernels $prec" SKIP "$(why_rc $rc): $(head -1 <<< "$table"); ncu: $(grep -m1 -E '==(ERROR|WARNING)==' "$REPORT/$log" || tail_of "$log" 1)"
+    fi
+  done
+}
+
 # Decode ms/token against the bandwidth bound of the same run (bench/bench_decode.c; on a device plugin
 # the bound's bandwidth is the plugin's own device copy): 8 layers of hidden 2048, 8 experts top-1 on
 # every other layer, a 128-token prompt and 32 new tokens, at batch 1 and 64.
