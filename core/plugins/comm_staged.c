@@ -14,6 +14,11 @@
 // Staging buffers grow to the largest collective and are reused: a copy into the device from them is
 // queued before the next collective's copy out of the device into them on the same queue, so the queue
 // order protects them.
+//
+// A group of one member stages nothing: its collectives are copies within the device (the kernel plugin's
+// `copy`, on the compute queue; none at all when the result is already in place). Expert-parallel
+// exchanges with expert_parallel = 1 and the gradient all-reduce of a one-rank run are such
+// collectives: through the host they cost two PCIe crossings of every byte.
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -90,6 +95,26 @@ static dsmoe_status stage_in(staged_ctx *x, void *dst, const void *src, size_t b
     return drain(x);
 }
 
+// A one-member group's collective: dst = src (bytes) on the compute queue, in queue order with the work
+// before and after it (what the caller reads next is queued after it; the host reads device memory only
+// through copy_to_host, queued after it too).
+static dsmoe_status self_copy(staged_ctx *x, void *dst, const void *src, size_t bytes) {
+    if (bytes == 0 || dst == src) return DSMOE_OK;
+    dsmoe_status s = x->kern->copy(x->kctx, x->q, dst, src, bytes);
+    return s == DSMOE_OK ? s : kern_fail(x, s, "copy within the device (a one-member group)");
+}
+
+static int alone(staged_ctx *x, dsmoe_comm_group *g) { return x->in->group_size(g) == 1; }
+
+// A reduction over one member is a copy, but the dtype and op are still the inner plugin's to refuse (a
+// host plugin may sum no bfloat16): it is asked with no element, on a host scratch word.
+static dsmoe_status reduction_allowed(staged_ctx *x, dsmoe_comm_group *g, int scatter, dsmoe_dtype dtype,
+                                      dsmoe_reduce_op op, const dsmoe_comm_stream *stream) {
+    static _Alignas(16) char none[16];
+    return inner_fail(x, scatter ? x->in->reduce_scatter(x->in_ctx, g, none, none + 8, 0, dtype, op, stream)
+                                 : x->in->allreduce(x->in_ctx, g, none, none + 8, 0, dtype, op, stream));
+}
+
 // --- the table ----------------------------------------------------------------------------------------
 
 static const char *staged_last_error(dsmoe_comm_ctx *ctx) { return SCTX(ctx)->error; }
@@ -107,6 +132,7 @@ static void staged_group_destroy(dsmoe_comm_ctx *ctx, dsmoe_comm_group *g) {
 static dsmoe_status staged_alltoall(dsmoe_comm_ctx *ctx, dsmoe_comm_group *g, const void *send, void *recv, size_t bytes,
                                     const dsmoe_comm_stream *stream) {
     staged_ctx *x = SCTX(ctx);
+    if (alone(x, g)) return self_copy(x, recv, send, bytes);
     size_t total = bytes * (size_t)x->in->group_size(g);
     DSMOE_TRY(grow(x, &x->send, &x->send_bytes, total));
     DSMOE_TRY(grow(x, &x->recv, &x->recv_bytes, total));
@@ -119,6 +145,10 @@ static dsmoe_status staged_allreduce(dsmoe_comm_ctx *ctx, dsmoe_comm_group *g, c
                                      dsmoe_dtype dtype, dsmoe_reduce_op op, const dsmoe_comm_stream *stream) {
     staged_ctx *x = SCTX(ctx);
     size_t bytes = count * dsmoe_dtype_size(dtype);
+    if (alone(x, g)) { // the sum (max, min) of one value is that value
+        DSMOE_TRY(reduction_allowed(x, g, 0, dtype, op, stream));
+        return self_copy(x, recv, send == DSMOE_IN_PLACE ? recv : send, bytes);
+    }
     DSMOE_TRY(grow(x, &x->recv, &x->recv_bytes, bytes));
     DSMOE_TRY(stage_out(x, x->recv, send == DSMOE_IN_PLACE ? recv : send, bytes));
     DSMOE_TRY(inner_fail(x, x->in->allreduce(x->in_ctx, g, DSMOE_IN_PLACE, x->recv, count, dtype, op, stream)));
@@ -128,6 +158,7 @@ static dsmoe_status staged_allreduce(dsmoe_comm_ctx *ctx, dsmoe_comm_group *g, c
 static dsmoe_status staged_allgather(dsmoe_comm_ctx *ctx, dsmoe_comm_group *g, const void *send, void *recv, size_t bytes,
                                      const dsmoe_comm_stream *stream) {
     staged_ctx *x = SCTX(ctx);
+    if (alone(x, g)) return self_copy(x, recv, send, bytes);
     size_t total = bytes * (size_t)x->in->group_size(g);
     DSMOE_TRY(grow(x, &x->send, &x->send_bytes, bytes));
     DSMOE_TRY(grow(x, &x->recv, &x->recv_bytes, total));
@@ -144,6 +175,10 @@ static dsmoe_status staged_reduce_scatter(dsmoe_comm_ctx *ctx, dsmoe_comm_group 
     if (send == DSMOE_IN_PLACE)
         return inner_fail(x, x->in->reduce_scatter(x->in_ctx, g, send, recv, recvcount, dtype, op, stream));
     size_t bytes = recvcount * dsmoe_dtype_size(dtype), total = bytes * (size_t)x->in->group_size(g);
+    if (alone(x, g)) {
+        DSMOE_TRY(reduction_allowed(x, g, 1, dtype, op, stream));
+        return self_copy(x, recv, send, bytes);
+    }
     DSMOE_TRY(grow(x, &x->send, &x->send_bytes, total));
     DSMOE_TRY(grow(x, &x->recv, &x->recv_bytes, bytes));
     DSMOE_TRY(stage_out(x, x->send, send, total));
@@ -164,6 +199,8 @@ static dsmoe_status staged_alltoallv(dsmoe_comm_ctx *ctx, dsmoe_comm_group *g, c
                                      const dsmoe_comm_stream *stream) {
     staged_ctx *x = SCTX(ctx);
     int n = x->in->group_size(g);
+    if (n == 1 && scounts[0] == rcounts[0]) // one block to oneself (unequal counts: the inner plugin's error)
+        return self_copy(x, (char *)recv + rdispls[0], (const char *)send + sdispls[0], rcounts[0]);
     size_t sext = extent(scounts, sdispls, n), rext = extent(rcounts, rdispls, n);
     DSMOE_TRY(grow(x, &x->send, &x->send_bytes, sext));
     DSMOE_TRY(grow(x, &x->recv, &x->recv_bytes, rext));
@@ -177,6 +214,7 @@ static dsmoe_status staged_alltoallv(dsmoe_comm_ctx *ctx, dsmoe_comm_group *g, c
 static dsmoe_status staged_broadcast(dsmoe_comm_ctx *ctx, dsmoe_comm_group *g, void *buf, size_t bytes, int root,
                                      const dsmoe_comm_stream *stream) {
     staged_ctx *x = SCTX(ctx);
+    if (alone(x, g) && root == 0) return DSMOE_OK; // the root's own buffer
     DSMOE_TRY(grow(x, &x->recv, &x->recv_bytes, bytes));
     if (x->in->group_rank(g) == root) DSMOE_TRY(stage_out(x, x->recv, buf, bytes));
     DSMOE_TRY(inner_fail(x, x->in->broadcast(x->in_ctx, g, x->recv, bytes, root, stream)));

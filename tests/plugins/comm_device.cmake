@@ -5,7 +5,8 @@
 #   strict + ncclsim  on 1, 2, 4 ranks  comm_nccl.c over the NCCL double, collectives inside the deferred
 #                                       strict queue; device memory closed to the host outside it
 #   strict + mpi      on 2 ranks        host-progressed, after the core's wait
-#   strict(device) + mpi on 2 ranks     the core's host staging (comm_staged.c), as cuda + mpi on a GPU
+#   strict(device) + mpi on 1, 2 ranks  the core's host staging (comm_staged.c), as cuda + mpi on a GPU (on 1
+#                                       rank, and in one-member groups, its copies within the device)
 #   cpu + mpistream   on 2 ranks        stream-ordered on the cpu plugin's synchronous queue
 # and cuda + nccl on 1 rank where both plugins are built (skipped, 77, without a GPU). docs/nccl.md.
 add_executable(test_comm_device ${DSMOE_TEST_DIR}/plugins/test_comm_device.c)
@@ -34,8 +35,10 @@ endforeach()
 comm_device_entry(test_comm_device_strict_ncclsim_ordered_np4 strict ncclsim 4 DSMOE_STRICT_ALWAYS_CLOSED=1
                   DSMOE_RUN_FIXED_ORDER_SUMS=true DSMOE_NCCLSIM_SUM_ORDER=reverse)
 comm_device_entry(test_comm_device_strict_mpi_np2 strict mpi 2)
-comm_device_entry(test_comm_device_strict_staged_mpi_np2 strict mpi 2
-                  DSMOE_STRICT_MEM_KIND=device DSMOE_STRICT_ALWAYS_CLOSED=1)
+foreach(ranks 1 2) # on 1 rank every group has one member: the adapter's copies within the device
+  comm_device_entry(test_comm_device_strict_staged_mpi_np${ranks} strict mpi ${ranks}
+                    DSMOE_STRICT_MEM_KIND=device DSMOE_STRICT_ALWAYS_CLOSED=1)
+endforeach()
 comm_device_entry(test_comm_device_cpu_mpistream_np2 cpu mpistream 2)
 if(TARGET dsmoe_kernel_cuda AND TARGET dsmoe_comm_nccl)
   comm_device_entry(test_comm_device_cuda_nccl_np1 cuda nccl 1)
