@@ -195,8 +195,11 @@ dsmoe_status dsmoe_rt_wait(const dsmoe_runtime *rt, dsmoe_err *err) {
     return DSMOE_OK;
 }
 
+// The host staging adapter needs no wait either: it reads and writes device buffers only through copies
+// it queues on q behind the work before (and waits for those itself), and a one-member group's
+// collective is a copy on q alone.
 dsmoe_status dsmoe_rt_before_collective(const dsmoe_runtime *rt, dsmoe_err *err) {
-    return rt->stream_ordered ? DSMOE_OK : dsmoe_rt_wait(rt, err);
+    return rt->stream_ordered || rt->comm_staged ? DSMOE_OK : dsmoe_rt_wait(rt, err);
 }
 
 dsmoe_status dsmoe_rt_alloc(const dsmoe_runtime *rt, size_t bytes, uint32_t flags, void **p, const char *what,

@@ -56,8 +56,8 @@ void dsmoe_rt_group_free(const dsmoe_runtime *rt, dsmoe_rt_group *g);
 // Waits until everything enqueued on q so far has run (an event recorded now, then waited on); host
 // buffers filled by copy_to_host before it are then valid. Returns the plugin's sticky error if any.
 dsmoe_status dsmoe_rt_wait(const dsmoe_runtime *rt, dsmoe_err *err);
-// What a collective needs before it is called: nothing for a stream-ordered comm plugin, dsmoe_rt_wait
-// for a host-progressed one.
+// What a collective needs before it is called: nothing for a stream-ordered comm plugin or the host
+// staging adapter (comm_staged.c orders its own copies on q), dsmoe_rt_wait for a host-progressed one.
 dsmoe_status dsmoe_rt_before_collective(const dsmoe_runtime *rt, dsmoe_err *err);
 // Allocates kernel-plugin memory (flags DSMOE_ALLOC_*), naming `what` in the error.
 dsmoe_status dsmoe_rt_alloc(const dsmoe_runtime *rt, size_t bytes, uint32_t flags, void **p, const char *what,
