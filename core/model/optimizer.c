@@ -125,6 +125,14 @@ static dsmoe_status allgather_range(dsmoe_optimizer *o, const shard *s, float *s
 }
 
 // One multi-tensor AdamW call: every (tensor, shard) overlap of this rank, in tensor order.
+// The plugin's adamw over the list, through KCALL (its error message, train.profile's timing); the
+// caller frees the list whatever the outcome.
+static dsmoe_status enqueue_adamw(const dsmoe_runtime *rt, const dsmoe_adamw_params *hp,
+                                  const dsmoe_adamw_tensor *list, int n, dsmoe_err *err) {
+    KCALL(rt, adamw, hp, list, n);
+    return DSMOE_OK;
+}
+
 dsmoe_status dsmoe_optimizer_step(dsmoe_optimizer *o, float lr, float grad_scale, int t, dsmoe_err *err) {
     dsmoe_runtime *rt = o->rt;
     const dsmoe_config *c = dsmoe_model_config(o->model);
@@ -147,17 +155,9 @@ dsmoe_status dsmoe_optimizer_step(dsmoe_optimizer *o, float lr, float grad_scale
     }
     dsmoe_adamw_params hp = {.lr = lr, .beta1 = c->beta1, .beta2 = c->beta2, .eps = c->adam_eps,
                              .grad_scale = grad_scale, .t = t};
-    DSMOE_PROF_SITE(adamw_site, adamw, 0);
-    dsmoe_status s = rt->prof ? dsmoe_prof_enter(rt, err) : DSMOE_OK;
-    if (s != DSMOE_OK) {
-        free(list);
-        return s;
-    }
-    s = rt->kern->adamw(rt->kctx, rt->q, &hp, list, n); // the list is consumed before return
+    dsmoe_status s = enqueue_adamw(rt, &hp, list, n, err); // the list is consumed before return
     free(list);
-    if (s != DSMOE_OK)
-        return dsmoe_err_set(err, s, "kernel plugin '%s': adamw failed: %s", rt->kern->name, rt->kern->last_error(rt->kctx));
-    if (rt->prof) DSMOE_TRY(dsmoe_prof_leave(rt, &adamw_site, err));
+    DSMOE_TRY(s);
     for (int k = 0; k < o->n_shards; k++) DSMOE_TRY(allgather_range(o, &o->shards[k], params, err));
     return DSMOE_OK;
 }
