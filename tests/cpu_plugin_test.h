@@ -3,7 +3,7 @@
 // with the plugin's `poison` setting on (memory not asked zeroed reads as NaN, so a test that forgets
 // DSMOE_ALLOC_ZERO fails), moving data through the copy members, and float comparisons.
 // Header-only: each test is one program. Include after <cmocka.h>.
-// defines: P, C, Q, OK, OKC, cpt_load, cpt_unload, cpt_ctx, dev_new, dev_zeros, dev_put, dev_get,
+// defines: P, C, Q, OK, OKC, cpt_load, cpt_unload, cpt_ctx, cpt_ctx_simd, dev_new, dev_zeros, dev_put, dev_get,
 //          dev_free, rnd, rnd_fill, assert_close, dot_d
 #ifndef DSMOE_CPU_PLUGIN_TEST_H
 #define DSMOE_CPU_PLUGIN_TEST_H
@@ -32,21 +32,27 @@ static dsmoe_kernel_queue *Q;           // its default queue
     } while (0)
 #define OK(call) OKC(C, call)
 
-// The settings every test context gets: poisoned allocations, and the default small_rows (dot products
-// for GEMMs of up to 8 rows).
-static const char *const cpt_values[] = {"1", "8"};
+// The settings every test context gets: poisoned allocations, the default small_rows (dot products
+// for GEMMs of up to 8 rows) and the default simd (the GELU kernels' vectors).
+static const char *const cpt_values[] = {"1", "8", "auto"};
+#define CPT_N_VALUES 3
 
-// A new context with `threads` compute threads and the settings above.
-static inline dsmoe_kernel_ctx *cpt_ctx(int threads) {
-    dsmoe_kernel_options opt = {.threads = threads, .param_values = cpt_values, .n_param_values = 2};
+// A new context with `threads` compute threads and the settings above, simd = `simd`.
+static inline dsmoe_kernel_ctx *cpt_ctx_simd(int threads, const char *simd) {
+    const char *values[CPT_N_VALUES] = {cpt_values[0], cpt_values[1], simd};
+    dsmoe_kernel_options opt = {.threads = threads, .param_values = values, .n_param_values = CPT_N_VALUES};
     dsmoe_kernel_ctx *c = NULL;
     char err[256];
-    if (P->n_params != 2 || strcmp(P->params[0].name, "poison") != 0 || strcmp(P->params[1].name, "small_rows") != 0)
-        fail_msg("the cpu plugin's settings changed: expected 'poison' and 'small_rows'");
+    if (P->n_params != CPT_N_VALUES || strcmp(P->params[0].name, "poison") != 0 ||
+        strcmp(P->params[1].name, "small_rows") != 0 || strcmp(P->params[2].name, "simd") != 0)
+        fail_msg("the cpu plugin's settings changed: expected 'poison', 'small_rows' and 'simd'");
     if (P->init(&opt, &c, err, sizeof err) != DSMOE_OK)
-        fail_msg("cpu plugin init (%d threads): %s", threads, err);
+        fail_msg("cpu plugin init (%d threads, simd %s): %s", threads, simd, err);
     return c;
 }
+
+// A new context with `threads` compute threads and the settings above.
+static inline dsmoe_kernel_ctx *cpt_ctx(int threads) { return cpt_ctx_simd(threads, cpt_values[2]); }
 
 // Loads the plugin and makes C; returns 0 or -1 (with a message on stderr).
 static inline int cpt_load(int threads) {
@@ -61,7 +67,7 @@ static inline int cpt_load(int threads) {
         return -1;
     }
     P = entry();
-    dsmoe_kernel_options opt = {.threads = threads, .param_values = cpt_values, .n_param_values = 2};
+    dsmoe_kernel_options opt = {.threads = threads, .param_values = cpt_values, .n_param_values = CPT_N_VALUES};
     char err[256];
     if (P->api_version != DSMOE_KERNEL_API_VERSION || P->init(&opt, &C, err, sizeof err) != DSMOE_OK) {
         fprintf(stderr, "cannot initialise the cpu plugin (api_version %u)\n", P->api_version);

@@ -18,7 +18,7 @@
 
 #include "cpu_bf16.h"     // cpu_bf16_job, cpu_bf16_gemm_run, cpu_bf16_wgrad_run
 #include "cpu_internal.h" // CPU_BEGIN, CPU_REQUIRE, cpu_sticky
-#include "cpu_math.h"     // cpu_gelu, cpu_gelu_grad, cpu_bias_chunk
+#include "cpu_math.h"     // cpu_bias_chunk
 
 // ---------------------------------------------------------------------------------------------------
 // GEMM: fixed output tiles, one single-threaded OpenBLAS call per tile, tiles spread over our threads.
@@ -166,7 +166,7 @@ typedef struct gemm_job {
 // is element-wise, so per tile equals per group). Each form is written as the v1 ops computed it:
 // BIAS is bias_add's `c += bias`; BIAS_GELU stores the pre-activation and reads it back as gelu_forward
 // did; DGELU zeroes c and accumulates gelu'(aux) * d as zero + gelu_backward did.
-static void epilogue_tile(const gemm_job *J, int g, int i0, int j0, int mm, int nn) {
+static void epilogue_tile(const cpu_vec *vec, const gemm_job *J, int g, int i0, int j0, int mm, int nn) {
     if (J->epi == DSMOE_EPI_NONE)
         return;
     const float *bias = J->bias ? J->bias + (size_t)(g % J->b_groups) * J->bias_stride + j0 : NULL;
@@ -180,14 +180,9 @@ static void epilogue_tile(const gemm_job *J, int g, int i0, int j0, int mm, int 
         } else if (J->epi == DSMOE_EPI_BIAS_GELU) {
             for (int j = 0; j < nn; j++)
                 aux[j] = c[j] + bias[j];
-            for (int j = 0; j < nn; j++)
-                c[j] = cpu_gelu(aux[j]);
-        } else { // DSMOE_EPI_DGELU
-            float d[CPU_GEMM_TILE_N];
-            memcpy(d, c, (size_t)nn * sizeof *d);
-            memset(c, 0, (size_t)nn * sizeof *c);
-            for (int j = 0; j < nn; j++)
-                c[j] += cpu_gelu_grad(aux[j]) * d[j];
+            vec->gelu(c, aux, (size_t)nn);
+        } else { // DSMOE_EPI_DGELU: 0 + gelu'(aux) * c, what zero + gelu_backward gave
+            vec->gelu_grad_mul(c, aux, (size_t)nn);
         }
     }
 }
@@ -219,7 +214,7 @@ static void gemm_tiled(const cpu_ctx *ctx, const gemm_job *J, long *first) {
                          J->beta, cg + (size_t)i0 * J->ldc + j0, J->ldc);
             else
                 gemm_tile(J->ta, J->tb, i0, j0, mm, nn, J->k, J->alpha, ag, J->lda, bg, J->ldb, J->beta, cg, J->ldc);
-            epilogue_tile(J, g, i0, j0, mm, nn);
+            epilogue_tile(ctx->vec, J, g, i0, j0, mm, nn);
         }
     }
 }

@@ -24,7 +24,7 @@
 #include <cblas.h> // cblas_sgemm (emulated products)
 
 #include "cpu_bf16.h" // cpu_bf16_job, cpu_dnnl_*, conversions
-#include "cpu_math.h" // cpu_gelu, cpu_gelu_grad, CPU_COL_CHUNK
+#include "cpu_math.h" // CPU_COL_CHUNK
 
 // Emulated products convert this many k at a time (bounds the scratch for long k, e.g. a weight
 // gradient over many tokens).
@@ -113,7 +113,8 @@ static int tile_product(cpu_ctx *ctx, const cpu_mm *prim, int slot, int ta, int 
 // The epilogue of a tile whose product is in v (ldv): rows [i0, i0+mm), columns [j0, j0+nn) of group g.
 // float32 c: v is c, beta is applied, the epilogue runs in place (as cpu_gemm.c's for float32).
 // bfloat16 c: v is the thread's tile holding alpha a b; beta c is added, then rounded into c (and aux).
-static void epilogue_tile(const cpu_bf16_job *J, float *v, int ldv, int g, int i0, int j0, int mm, int nn) {
+static void epilogue_tile(const cpu_vec *vec, const cpu_bf16_job *J, float *v, int ldv, int g, int i0, int j0, int mm,
+                          int nn) {
     const float *bias = J->bias ? J->bias + (size_t)(g % J->b_groups) * J->bias_stride + j0 : NULL;
     for (int i = 0; i < mm; i++) {
         size_t at = (size_t)g * J->c_stride + (size_t)(i0 + i) * J->ldc + j0;
@@ -126,11 +127,9 @@ static void epilogue_tile(const cpu_bf16_job *J, float *v, int ldv, int g, int i
             } else if (J->epi == DSMOE_EPI_BIAS_GELU) {
                 for (int j = 0; j < nn; j++)
                     aux[j] = r[j] + bias[j];
-                for (int j = 0; j < nn; j++)
-                    r[j] = cpu_gelu(aux[j]);
+                vec->gelu(r, aux, (size_t)nn);
             } else if (J->epi == DSMOE_EPI_DGELU) {
-                for (int j = 0; j < nn; j++)
-                    r[j] = 0.0f + cpu_gelu_grad(aux[j]) * r[j];
+                vec->gelu_grad_mul(r, aux, (size_t)nn);
             }
             continue;
         }
@@ -145,11 +144,11 @@ static void epilogue_tile(const cpu_bf16_job *J, float *v, int ldv, int g, int i
             for (int j = 0; j < nn; j++)
                 r[j] += bias[j];
             cpu_f32_to_bf16(aux, r, (size_t)nn);
-            for (int j = 0; j < nn; j++)
-                r[j] = cpu_gelu(r[j]);
+            vec->gelu(r, r, (size_t)nn);
         } else if (J->epi == DSMOE_EPI_DGELU) {
-            for (int j = 0; j < nn; j++)
-                r[j] = 0.0f + cpu_gelu_grad(cpu_bf2f(aux[j])) * r[j];
+            float x[CPU_BF16_TILE_N]; // the saved pre-activation, widened
+            cpu_bf16_to_f32(x, aux, (size_t)nn);
+            vec->gelu_grad_mul(r, x, (size_t)nn);
         }
         cpu_f32_to_bf16(c, r, (size_t)nn);
     }
@@ -202,7 +201,7 @@ dsmoe_status cpu_bf16_gemm_run(cpu_ctx *ctx, const char *op, const cpu_bf16_job 
 #pragma omp atomic write
                 failed = s;
             } else {
-                epilogue_tile(J, v, ldv, g, i0, j0, mm, nn);
+                epilogue_tile(ctx->vec, J, v, ldv, g, i0, j0, mm, nn);
             }
         }
     }

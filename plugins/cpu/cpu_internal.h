@@ -4,8 +4,9 @@
 // cpu_gemm.c (GEMM, grouped GEMM with epilogues, weight gradients), cpu_bf16*.c, cpu_dnnl.c and
 // cpu_gemm_bf16.c (bfloat16: cpu_bf16.h lists them), cpu_elementwise.c (bias, vector
 // ops, reductions, AdamW, init), cpu_ops.c (GPT layer ops), cpu_gating.c (gating, dispatch, combine),
-// cpu_infer.c (KV cache, cached attention, sampling). cpu_math.h holds the inline float math that must
-// be the same code wherever it runs (GELU in its op and in the GEMM epilogue).
+// cpu_infer.c (KV cache, cached attention, sampling), cpu_vec.c (GELU row kernels in two vector widths).
+// cpu_math.h holds the inline float math that must be the same code wherever it runs (GELU in its op and
+// in the GEMM epilogue, both through cpu_vec.c).
 //
 // The queue model of this plugin: every op runs synchronously on the calling thread, spread over the
 // context's OpenMP threads, before it returns; a queue is an in-order host queue that is always
@@ -22,6 +23,8 @@
 #include <stdio.h>
 #include "dsmoe/kernel_plugin.h"
 
+#include "cpu_vec.h" // cpu_vec
+
 struct dsmoe_kernel_queue {
     dsmoe_kernel_ctx *ctx;           // the owner (ops check that a queue belongs to their context)
     struct dsmoe_kernel_queue *next; // ctx's list of queues made by queue_create
@@ -37,6 +40,7 @@ struct dsmoe_kernel_ctx {
     int poison;                      // alloc() without DSMOE_ALLOC_ZERO fills with 0xFF bytes (NaN floats)
     int small_rows;                  // float32 GEMMs a @ b^T of at most this many rows (per group) run as
                                      // dot products (cpu_gemm.c rows_dot); 0 = OpenBLAS tiles always
+    const cpu_vec *vec;              // the GELU kernels of the `simd` setting (cpu_vec.c)
     dsmoe_status sticky;             // first error found while running; DSMOE_OK when none
     dsmoe_kernel_queue queue;        // the default queue
     dsmoe_kernel_queue *queues;      // made by queue_create

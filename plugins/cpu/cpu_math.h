@@ -1,6 +1,7 @@
 // plugins/cpu/cpu_math.h: the float math several files of the cpu plugin share, inline, so that the
-// GELU of gelu_forward and the GELU of the grouped GEMM's epilogue are the same compiled expression
-// and give the same bits (the core may use either; training must not depend on which).
+// GELU of gelu_forward and the GELU of the grouped GEMM's epilogue are the same expression and give the
+// same bits (the core may use either; training must not depend on which): both call cpu_vec.c's row
+// kernels, which compile cpu_gelu and cpu_gelu_grad for each vector width.
 // defines: cpu_exp_fast, cpu_tanh_fast, cpu_gelu, cpu_gelu_grad, cpu_bias_chunk, CPU_COL_CHUNK
 #ifndef DSMOE_CPU_MATH_H
 #define DSMOE_CPU_MATH_H

@@ -19,7 +19,7 @@
 
 #include "cpu_bf16.h"     // cpu_bf2f: a bfloat16 embedding table
 #include "cpu_internal.h" // CPU_BEGIN, CPU_DTYPE, CPU_REQUIRE, cpu_sticky, cpu_blas_single_threaded
-#include "cpu_math.h"     // cpu_exp_fast, cpu_gelu, cpu_gelu_grad, CPU_COL_CHUNK
+#include "cpu_math.h"     // cpu_exp_fast, CPU_COL_CHUNK
 
 // ---------------------------------------------------------------------------------------------------
 // Embedding: out (B*T, M) = wte[tokens] + wpe[t]
@@ -210,7 +210,10 @@ dsmoe_status cpu_layernorm_backward(cpu_ctx *ctx, cpu_queue *q, void *din_, floa
 }
 
 // ---------------------------------------------------------------------------------------------------
-// GELU, tanh approximation (cpu_math.h: the same code as the grouped GEMM's epilogue).
+// GELU, tanh approximation, through the context's GELU kernels (cpu_vec.h: the same code as the grouped
+// GEMM's epilogue), on blocks of GELU_BLOCK elements spread over the threads.
+
+#define GELU_BLOCK 4096
 
 dsmoe_status cpu_gelu_forward(cpu_ctx *ctx, cpu_queue *q, void *out_, const void *in_, dsmoe_dtype dt, size_t n) {
     CPU_BEGIN(ctx, q, "gelu_forward");
@@ -220,9 +223,13 @@ dsmoe_status cpu_gelu_forward(cpu_ctx *ctx, cpu_queue *q, void *out_, const void
     CPU_REQUIRE(ctx, out_ && in_, "cpu: gelu_forward: NULL %s with n=%zu", out_ ? "in" : "out", n);
     float *out = out_;
     const float *in = in_;
+    const cpu_vec *vec = ctx->vec;
+    size_t blocks = (n + GELU_BLOCK - 1) / GELU_BLOCK;
 #pragma omp parallel for num_threads(ctx->threads) schedule(static) if (n >= CPU_PAR_MIN / 4)
-    for (size_t i = 0; i < n; i++)
-        out[i] = cpu_gelu(in[i]);
+    for (size_t b = 0; b < blocks; b++) {
+        size_t at = b * GELU_BLOCK, len = n - at < GELU_BLOCK ? n - at : GELU_BLOCK;
+        vec->gelu(out + at, in + at, len);
+    }
     return DSMOE_OK;
 }
 
@@ -235,9 +242,13 @@ dsmoe_status cpu_gelu_backward(cpu_ctx *ctx, cpu_queue *q, void *din_, const voi
     CPU_REQUIRE(ctx, din_ && in_ && dout_, "cpu: gelu_backward: NULL din, in or dout with n=%zu", n);
     float *din = din_;
     const float *in = in_, *dout = dout_;
+    const cpu_vec *vec = ctx->vec;
+    size_t blocks = (n + GELU_BLOCK - 1) / GELU_BLOCK;
 #pragma omp parallel for num_threads(ctx->threads) schedule(static) if (n >= CPU_PAR_MIN / 4)
-    for (size_t i = 0; i < n; i++)
-        din[i] += cpu_gelu_grad(in[i]) * dout[i];
+    for (size_t b = 0; b < blocks; b++) {
+        size_t at = b * GELU_BLOCK, len = n - at < GELU_BLOCK ? n - at : GELU_BLOCK;
+        vec->gelu_grad_acc(din + at, in + at, dout + at, len);
+    }
     return DSMOE_OK;
 }
 

@@ -24,7 +24,7 @@
 // ---------------------------------------------------------------------------------------------------
 // Settings (types.h, "plugin-declared settings"): [kernel.cpu] in a deck, DSMOE_KERNEL_CPU_<KEY>.
 
-enum { PARAM_POISON, PARAM_SMALL_ROWS, N_PARAMS };
+enum { PARAM_POISON, PARAM_SMALL_ROWS, PARAM_SIMD, N_PARAMS };
 
 static const dsmoe_param_decl cpu_params[N_PARAMS] = {
     [PARAM_POISON] = {"poison", DSMOE_PARAM_BOOL, "0",
@@ -35,6 +35,11 @@ static const dsmoe_param_decl cpu_params[N_PARAMS] = {
                           "that read each weight once, at memory speed (decode); 0 = OpenBLAS always, bitwise as "
                           "ABI-1 versions of this plugin; at most 16",
                           NULL},
+    [PARAM_SIMD] = {"simd", DSMOE_PARAM_ENUM, "auto",
+                    "vectors of the GELU kernels (op and GEMM epilogues): avx512 (512-bit; refused on a CPU "
+                    "without AVX-512), build (the build's target, DSMOE_CPU_ARCH), auto = avx512 where the CPU "
+                    "has it; the same bits either way",
+                    "auto|avx512|build"},
 };
 
 // The value of a BOOL setting as the core passes it ("1" or "0"), the usual spellings accepted too;
@@ -73,6 +78,29 @@ static int param_int(const dsmoe_kernel_options *opt, int i, int lo, int hi, int
         return -1;
     }
     *out = (int)x;
+    return 0;
+}
+
+// The GELU kernels an ENUM value of `simd` names (the core has checked it is one of the choices).
+static int param_simd(const dsmoe_kernel_options *opt, const cpu_vec **out, char *errbuf, size_t errlen) {
+    const char *v = cpu_params[PARAM_SIMD].default_value;
+    if (opt && opt->param_values && opt->n_param_values == N_PARAMS && opt->param_values[PARAM_SIMD])
+        v = opt->param_values[PARAM_SIMD];
+    int have = cpu_vec_have_avx512();
+    if (!strcmp(v, "auto")) {
+        *out = have ? &cpu_vec_avx512 : &cpu_vec_build;
+    } else if (!strcmp(v, "build")) {
+        *out = &cpu_vec_build;
+    } else if (!strcmp(v, "avx512") && have) {
+        *out = &cpu_vec_avx512;
+    } else if (!strcmp(v, "avx512")) {
+        snprintf(errbuf, errlen, "cpu: init: setting simd='avx512': this CPU (or its OS) has no AVX-512F/DQ/BW/VL; "
+                 "use simd = auto or build");
+        return -1;
+    } else {
+        snprintf(errbuf, errlen, "cpu: init: setting simd='%s': expected auto, avx512 or build", v);
+        return -1;
+    }
     return 0;
 }
 
@@ -147,11 +175,13 @@ static void log_line(const dsmoe_kernel_options *opt, dsmoe_log_level level, con
 static dsmoe_status cpu_init(const dsmoe_kernel_options *opt, dsmoe_kernel_ctx **out, char *errbuf, size_t errlen) {
     *out = NULL;
     int threads, poison, small_rows;
+    const cpu_vec *vec;
     dsmoe_status s = resolve_threads(opt, &threads, errbuf, errlen);
     if (s != DSMOE_OK)
         return s;
     if (param_bool(opt, PARAM_POISON, &poison, errbuf, errlen) ||
-        param_int(opt, PARAM_SMALL_ROWS, 0, CPU_SMALL_ROWS_MAX, &small_rows, errbuf, errlen))
+        param_int(opt, PARAM_SMALL_ROWS, 0, CPU_SMALL_ROWS_MAX, &small_rows, errbuf, errlen) ||
+        param_simd(opt, &vec, errbuf, errlen))
         return DSMOE_ERR_INVALID;
     dsmoe_kernel_ctx *ctx = calloc(1, sizeof *ctx);
     if (!ctx) {
@@ -161,6 +191,7 @@ static dsmoe_status cpu_init(const dsmoe_kernel_options *opt, dsmoe_kernel_ctx *
     ctx->threads = threads;
     ctx->poison = poison;
     ctx->small_rows = small_rows;
+    ctx->vec = vec;
     ctx->sticky = DSMOE_OK;
     ctx->queue.ctx = ctx;
     cpu_blas_single_threaded();
@@ -185,8 +216,9 @@ static dsmoe_status cpu_init(const dsmoe_kernel_options *opt, dsmoe_kernel_ctx *
         blas[n - 1] = '\0';
     snprintf(ctx->description, sizeof ctx->description,
              "cpu: %s (%s build, called single-threaded on %dx%d GEMM tiles; dot products up to %d rows) for float32, "
-             "%s, %d OpenMP thread%s%s%s",
-             blas, blas_threading_name(openblas_get_parallel()), CPU_GEMM_TILE_M, CPU_GEMM_TILE_N, small_rows, bf16, threads,
+             "%s, GELU on %s vectors, %d OpenMP thread%s%s%s",
+             blas, blas_threading_name(openblas_get_parallel()), CPU_GEMM_TILE_M, CPU_GEMM_TILE_N, small_rows, bf16,
+             vec == &cpu_vec_avx512 ? "AVX-512" : "the build's", threads,
              threads == 1 ? "" : "s", pinned ? " pinned to one CPU each" : "",
              poison ? ", unzeroed allocations poisoned" : "");
     if (opt && opt->verbose) {

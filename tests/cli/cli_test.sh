@@ -54,7 +54,7 @@ expect setting-cmdline 0 "setting: comm.mpi.max_count = 4096 \(command line\)" -
 expect setting-type nonzero "command line: kernel.cpu.poison = maybe: expected a boolean" -- \
   "$dsmoe" --check "$psdeck" kernel.cpu.poison=maybe
 printf '[kernel.cpu]\npoisson = 1\n' >> "$psdeck"
-expect setting-unknown nonzero "$psdeck:[0-9]+: kernel plugin 'cpu' has no setting 'poisson' \(its settings: poison, small_rows\)" -- \
+expect setting-unknown nonzero "$psdeck:[0-9]+: kernel plugin 'cpu' has no setting 'poisson' \(its settings: poison, small_rows, simd\)" -- \
   "$dsmoe" --check "$psdeck"
 expect check-quickstart 0 "deck .*quickstart.deck is valid" -- "$dsmoe" --check "$src/inputs/quickstart.deck"
 expect check-missing nonzero "cannot open deck '$work/nope.deck'" -- "$dsmoe" --check "$work/nope.deck"

@@ -517,9 +517,9 @@ static int cpu_has_bf16_units(void) {
 static void test_path(void **state) {
     const char *path = getenv("DSMOE_TEST_BF16_PATH");
     int emulated = (path && !strcmp(path, "emulated")) || !DSMOE_TEST_ONEDNN || !cpu_has_bf16_units();
-    static const char *const values[] = {"0", "8"}; // poison, small_rows
+    static const char *const values[] = {"0", "8", "auto"}; // poison, small_rows, simd
     dsmoe_kernel_options opt = {.threads = 2, .verbose = 1, .log = log_fn, .param_values = values,
-                                .n_param_values = 2};
+                                .n_param_values = 3};
     dsmoe_kernel_ctx *c = NULL;
     char err[256];
     log_seen[0] = '\0';

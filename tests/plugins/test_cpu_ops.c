@@ -55,13 +55,17 @@ static void test_table(void **state) {
     assert_int_equal(P->caps, DSMOE_KCAP_BF16 | DSMOE_KCAP_FUSED_EPILOGUE | DSMOE_KCAP_DETERMINISTIC |
                                   DSMOE_KCAP_HOST_MEMORY | DSMOE_KCAP_INFERENCE | DSMOE_KCAP_DISTILL);
     assert_int_equal(P->dtypes, DSMOE_DTYPE_BIT(DSMOE_FLOAT32) | DSMOE_DTYPE_BIT(DSMOE_BFLOAT16));
-    assert_int_equal(P->n_params, 2);
+    assert_int_equal(P->n_params, 3);
     assert_string_equal(P->params[0].name, "poison");
     assert_int_equal(P->params[0].type, DSMOE_PARAM_BOOL);
     assert_string_equal(P->params[0].default_value, "0");
     assert_string_equal(P->params[1].name, "small_rows");
     assert_int_equal(P->params[1].type, DSMOE_PARAM_INT);
     assert_string_equal(P->params[1].default_value, "8");
+    assert_string_equal(P->params[2].name, "simd");
+    assert_int_equal(P->params[2].type, DSMOE_PARAM_ENUM);
+    assert_string_equal(P->params[2].default_value, "auto");
+    assert_string_equal(P->params[2].choices, "auto|avx512|build");
     assert_null(P->device_count);
     assert_null(P->device_pci_bus_id);
     // Every other member from init to the end is required (inference included: DSMOE_KCAP_INFERENCE).
@@ -103,18 +107,18 @@ static void test_thread_resolution(void **state) {
     opt.threads = -2;
     assert_int_equal(P->init(&opt, &c, err, sizeof err), DSMOE_ERR_INVALID);
     assert_non_null(strstr(err, "threads=-2"));
-    static const char *const bad[] = {"maybe", "8", "x"};
-    dsmoe_kernel_options popt = {.threads = 1, .param_values = bad, .n_param_values = 2};
+    static const char *const bad[] = {"maybe", "8", "auto", "x"};
+    dsmoe_kernel_options popt = {.threads = 1, .param_values = bad, .n_param_values = 3};
     assert_int_equal(P->init(&popt, &c, err, sizeof err), DSMOE_ERR_INVALID);
     assert_non_null(strstr(err, "poison='maybe'"));
-    static const char *const big[] = {"0", "17"}; // at most 16 (CPU_SMALL_ROWS_MAX)
+    static const char *const big[] = {"0", "17", "auto"}; // at most 16 (CPU_SMALL_ROWS_MAX)
     popt.param_values = big;
     assert_int_equal(P->init(&popt, &c, err, sizeof err), DSMOE_ERR_INVALID);
     assert_non_null(strstr(err, "small_rows='17'"));
     popt.param_values = bad;
-    popt.n_param_values = 3; // values that do not match the declared settings
+    popt.n_param_values = 4; // values that do not match the declared settings
     assert_int_equal(P->init(&popt, &c, err, sizeof err), DSMOE_ERR_INVALID);
-    assert_non_null(strstr(err, "3 setting values"));
+    assert_non_null(strstr(err, "4 setting values"));
     if (saved) {
         setenv("OMP_NUM_THREADS", saved, 1);
         free(saved);
@@ -394,8 +398,8 @@ static void test_gemm(void **state) {
 // result does not depend on the thread count, and small_rows = 0 (OpenBLAS) agrees within rounding.
 static void test_small_rows(void **state) {
     enum { M = 5, N = 700, K = 301 };
-    static const char *const blas_only[] = {"1", "0"};
-    dsmoe_kernel_options o0 = {.threads = 2, .param_values = blas_only, .n_param_values = 2};
+    static const char *const blas_only[] = {"1", "0", "auto"};
+    dsmoe_kernel_options o0 = {.threads = 2, .param_values = blas_only, .n_param_values = 3};
     dsmoe_kernel_ctx *ctxs[3] = {cpt_ctx(1), cpt_ctx(2), NULL};
     char err[256];
     if (P->init(&o0, &ctxs[2], err, sizeof err) != DSMOE_OK) fail_msg("init with small_rows 0: %s", err);
