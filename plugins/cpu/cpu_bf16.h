@@ -150,17 +150,6 @@ dsmoe_status cpu_bf16_residual_mix_forward(cpu_ctx *ctx, cpu_queue *q, void *out
 dsmoe_status cpu_bf16_residual_mix_backward(cpu_ctx *ctx, cpu_queue *q, void *dmoe, void *dmlp, float *dcoef_logits,
                                             const void *dout, const void *moe, const void *mlp, dsmoe_dtype dt,
                                             const float *coef, int S, int M);
-dsmoe_status cpu_bf16_moe_dispatch(cpu_ctx *ctx, cpu_queue *q, void *buf, const void *x, dsmoe_dtype dt,
-                                   const int32_t *choice, const int32_t *slot, int S, int K, int E, int C, int M);
-dsmoe_status cpu_bf16_moe_dispatch_backward(cpu_ctx *ctx, cpu_queue *q, void *dx, const void *dbuf, dsmoe_dtype dt,
-                                            const int32_t *choice, const int32_t *slot, int S, int K, int E, int C,
-                                            int M);
-dsmoe_status cpu_bf16_moe_combine(cpu_ctx *ctx, cpu_queue *q, void *out, const void *y, dsmoe_dtype dt,
-                                  const int32_t *choice, const int32_t *slot, const float *weight, int S, int K, int E,
-                                  int C, int M);
-dsmoe_status cpu_bf16_moe_combine_backward(cpu_ctx *ctx, cpu_queue *q, void *dy, float *dweight, const void *dout,
-                                           const void *y, dsmoe_dtype dt, const int32_t *choice, const int32_t *slot,
-                                           const float *weight, int S, int K, int E, int C, int M);
 dsmoe_status cpu_bf16_kv_append(cpu_ctx *ctx, cpu_queue *q, void *k_cache, void *v_cache, const void *qkv,
                                 dsmoe_dtype dt, const int32_t *pos, int B, int T_new, int M, int NH, int T_max);
 dsmoe_status cpu_bf16_attention_cached(cpu_ctx *ctx, cpu_queue *q, void *out, const void *qkv, const void *k_cache,

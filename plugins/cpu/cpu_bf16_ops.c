@@ -1,6 +1,7 @@
-// plugins/cpu/cpu_bf16_ops.c: every op of the cpu plugin other than the GEMMs and convert, for bfloat16
-// activations. The table (cpu_plugin.c) points at these; float32 (and any type the plugin refuses)
-// goes straight to the float32 op, which checks and refuses as before.
+// plugins/cpu/cpu_bf16_ops.c: every op of the cpu plugin other than the GEMMs, convert, and MoE dispatch
+// and combine (cpu_gating.c takes bfloat16 rows itself), for bfloat16 activations. The table
+// (cpu_plugin.c) points at these; float32 (and any type the plugin refuses) goes straight to the float32
+// op, which checks and refuses as before.
 // defines: cpu_bf16_<op> for the ops listed in the table section of cpu_plugin.c, cpu_bf16_stage_free
 //
 // A bf16 call stages its tensors: each bfloat16 input is converted to a float32 copy, the float32 op
@@ -317,46 +318,6 @@ dsmoe_status cpu_bf16_residual_mix_backward(cpu_ctx *ctx, cpu_queue *q, void *dm
     st_arg A[] = {INOUT(dmoe, sm), INOUT(dmlp, sm), IN(dout, sm), IN(moe, sm), IN(mlp, sm)};
     STAGED("residual_mix_backward", cpu_residual_mix_backward(ctx, q, A[0].f, A[1].f, dcoef_logits, A[2].f, A[3].f,
                                                               A[4].f, F32, coef, S, M));
-}
-
-// ---------------------------------------------------------------------------------------------------
-// MoE dispatch and combine (rows of unused slots are unspecified: staged back as whatever they hold)
-
-dsmoe_status cpu_bf16_moe_dispatch(cpu_ctx *ctx, cpu_queue *q, void *buf, const void *x, dsmoe_dtype dt,
-                                   const int32_t *choice, const int32_t *slot, int S, int K, int E, int C, int M) {
-    if (!IS_BF16(dt))
-        return cpu_moe_dispatch(ctx, q, buf, x, dt, choice, slot, S, K, E, C, M);
-    st_arg A[] = {OUT(buf, N3(E, C, M)), IN(x, N2(S, M))};
-    STAGED("moe_dispatch", cpu_moe_dispatch(ctx, q, A[0].f, A[1].f, F32, choice, slot, S, K, E, C, M));
-}
-
-dsmoe_status cpu_bf16_moe_dispatch_backward(cpu_ctx *ctx, cpu_queue *q, void *dx, const void *dbuf, dsmoe_dtype dt,
-                                            const int32_t *choice, const int32_t *slot, int S, int K, int E, int C,
-                                            int M) {
-    if (!IS_BF16(dt))
-        return cpu_moe_dispatch_backward(ctx, q, dx, dbuf, dt, choice, slot, S, K, E, C, M);
-    st_arg A[] = {INOUT(dx, N2(S, M)), IN(dbuf, N3(E, C, M))};
-    STAGED("moe_dispatch_backward",
-           cpu_moe_dispatch_backward(ctx, q, A[0].f, A[1].f, F32, choice, slot, S, K, E, C, M));
-}
-
-dsmoe_status cpu_bf16_moe_combine(cpu_ctx *ctx, cpu_queue *q, void *out, const void *y, dsmoe_dtype dt,
-                                  const int32_t *choice, const int32_t *slot, const float *weight, int S, int K, int E,
-                                  int C, int M) {
-    if (!IS_BF16(dt))
-        return cpu_moe_combine(ctx, q, out, y, dt, choice, slot, weight, S, K, E, C, M);
-    st_arg A[] = {OUT(out, N2(S, M)), IN(y, N3(E, C, M))};
-    STAGED("moe_combine", cpu_moe_combine(ctx, q, A[0].f, A[1].f, F32, choice, slot, weight, S, K, E, C, M));
-}
-
-dsmoe_status cpu_bf16_moe_combine_backward(cpu_ctx *ctx, cpu_queue *q, void *dy, float *dweight, const void *dout,
-                                           const void *y, dsmoe_dtype dt, const int32_t *choice, const int32_t *slot,
-                                           const float *weight, int S, int K, int E, int C, int M) {
-    if (!IS_BF16(dt))
-        return cpu_moe_combine_backward(ctx, q, dy, dweight, dout, y, dt, choice, slot, weight, S, K, E, C, M);
-    st_arg A[] = {OUT(dy, N3(E, C, M)), IN(dout, N2(S, M)), IN(y, N3(E, C, M))};
-    STAGED("moe_combine_backward", cpu_moe_combine_backward(ctx, q, A[0].f, dweight, A[1].f, A[2].f, F32, choice, slot,
-                                                            weight, S, K, E, C, M));
 }
 
 // ---------------------------------------------------------------------------------------------------

@@ -12,8 +12,8 @@
 // fixed order, so results do not depend on the thread count. Gating itself (route, assign) is
 // O(S*E) and O(S*K): small next to dispatch and combine, and assign is a sequential prefix count.
 // The table, counts and load-balancing sums are device data: an entry out of range is bad data, the
-// context's sticky error (cpu_sticky), not a bad call. float32 only (gating is float32 by contract;
-// dispatch and combine refuse other activation dtypes so far). Results are bitwise version 1's.
+// context's sticky error (cpu_sticky), not a bad call. Gating is float32 by contract; dispatch and combine
+// take float32 or bfloat16 activations. float32 results are bitwise version 1's.
 #include <float.h>
 #include <math.h>
 #include <omp.h>
@@ -22,6 +22,7 @@
 
 #include "dsmoe/rng.h" // dsmoe_rng_key, dsmoe_rng_gumbel, dsmoe_rng_uniform
 #include "cpu_internal.h"
+#include "cpu_bf16.h" // cpu_bf2f, cpu_f32_to_bf16
 
 // Purpose tags of the counter-RNG keys (docs/gating.md, "Random numbers"); a device plugin must use
 // the same ones so that every plugin makes the same choices.
@@ -388,15 +389,52 @@ dsmoe_status cpu_gate_backward(cpu_ctx *ctx, cpu_queue *q, const dsmoe_gating_pa
 // ------------------------------------------------------------------------------------------------
 // dispatch and combine through the table
 
-dsmoe_status cpu_moe_dispatch(cpu_ctx *ctx, cpu_queue *q, void *buf_, const void *x_, dsmoe_dtype dt,
+// Dispatch and combine take float32 or bfloat16 activations. bfloat16 runs the float32 arithmetic on
+// the widened rows (exact) and rounds each result row once: the bits of the float32 op on the widened
+// tensors, rounded, without converting the unused capacity rows. Each thread widens into its own rows of
+// a scratch (row_scratch); the float32 and bfloat16 paths share the row functions, so they compile to
+// the same arithmetic.
+
+static dsmoe_status check_act_dtype(cpu_ctx *ctx, const char *op, dsmoe_dtype dt) {
+    if (dt == DSMOE_BFLOAT16) return DSMOE_OK;
+    return cpu_dtype(ctx, op, "dt", dt);
+}
+
+// nt threads x per rows of M floats for a bfloat16 call; NULL (nothing to allocate) for float32.
+static dsmoe_status row_scratch(cpu_ctx *ctx, const char *op, dsmoe_dtype dt, int nt, int per, int M, float **out) {
+    *out = NULL;
+    if (dt != DSMOE_BFLOAT16 || M == 0) return DSMOE_OK;
+    size_t n = (size_t)nt * per * M;
+    *out = malloc(n * sizeof **out);
+    if (*out == NULL) return cpu_fail(ctx, DSMOE_ERR_NOMEM, "cpu: %s: no memory for %zu float32 staging rows", op, n / M);
+    return DSMOE_OK;
+}
+
+// The calling thread's rows of a row_scratch.
+static float *my_rows(float *scratch, int per, int M) { return scratch + (size_t)omp_get_thread_num() * per * M; }
+
+static void widen(float *dst, const uint16_t *src, int M) {
+    for (int m = 0; m < M; m++) dst[m] = cpu_bf2f(src[m]);
+}
+
+// out (M) = the kept choices' rows weighted (n of them, in k order); 0 when none.
+static inline void combine_row(float *o, int n, const float *const *row, const float *w, int M) {
+    if (n == 0) {
+        memset(o, 0, (size_t)M * sizeof *o); // dropped everywhere: the residual path carries it
+    } else if (n == 1) {
+        for (int m = 0; m < M; m++) o[m] = w[0] * row[0][m];
+    } else {
+        for (int m = 0; m < M; m++) o[m] = w[0] * row[0][m] + w[1] * row[1][m];
+    }
+}
+
+dsmoe_status cpu_moe_dispatch(cpu_ctx *ctx, cpu_queue *q, void *buf, const void *x, dsmoe_dtype dt,
                               const int32_t *choice, const int32_t *slot, int S, int K, int E, int C, int M) {
     CPU_BEGIN(ctx, q, "moe_dispatch");
-    CPU_DTYPE(ctx, "moe_dispatch", "dt", dt);
-    float *buf = buf_;
-    const float *x = x_;
+    CPU_TRY(check_act_dtype(ctx, "moe_dispatch", dt));
     dsmoe_status st = check_table(ctx, "moe_dispatch", choice, slot, S, K, E, C, M);
     if (st != DSMOE_OK) return st;
-    const size_t rows = (size_t)E * C;
+    const size_t rows = (size_t)E * C, es = dt == DSMOE_BFLOAT16 ? 2 : 4, row_bytes = (size_t)M * es;
     if (rows == 0 || M == 0) return DSMOE_OK;
     GATE_NEED(buf, "moe_dispatch");
     if (S > 0) GATE_NEED(x, "moe_dispatch");
@@ -405,10 +443,11 @@ dsmoe_status cpu_moe_dispatch(cpu_ctx *ctx, cpu_queue *q, void *buf_, const void
     if (st != DSMOE_OK) return st;
     const int nt = gate_threads(ctx);
     // Walk the buffer rather than the tokens: every used (E, C) row is written once; unused rows are
-    // left as they are (the contract leaves them unspecified: readers stop at the kept counts).
+    // left as they are (the contract leaves them unspecified: readers stop at the kept counts). A copy
+    // is exact in either dtype.
 #pragma omp parallel for num_threads(nt) schedule(static) if (rows * M >= GATE_PARALLEL_MIN_WORK)
     for (size_t r = 0; r < rows; r++)
-        if (src[r] >= 0) memcpy(buf + r * M, x + (size_t)(src[r] / K) * M, (size_t)M * sizeof *buf);
+        if (src[r] >= 0) memcpy((char *)buf + r * row_bytes, (const char *)x + (size_t)(src[r] / K) * row_bytes, row_bytes);
     free(src);
     return DSMOE_OK;
 }
@@ -416,26 +455,35 @@ dsmoe_status cpu_moe_dispatch(cpu_ctx *ctx, cpu_queue *q, void *buf_, const void
 dsmoe_status cpu_moe_dispatch_backward(cpu_ctx *ctx, cpu_queue *q, void *dx_, const void *dbuf_, dsmoe_dtype dt,
                                        const int32_t *choice, const int32_t *slot, int S, int K, int E, int C, int M) {
     CPU_BEGIN(ctx, q, "moe_dispatch_backward");
-    CPU_DTYPE(ctx, "moe_dispatch_backward", "dt", dt);
-    float *dx = dx_;
-    const float *dbuf = dbuf_;
+    CPU_TRY(check_act_dtype(ctx, "moe_dispatch_backward", dt));
     dsmoe_status st = check_table(ctx, "moe_dispatch_backward", choice, slot, S, K, E, C, M);
     if (st != DSMOE_OK) return st;
     if (S == 0 || M == 0) return DSMOE_OK;
-    GATE_NEED(dx, "moe_dispatch_backward");
-    GATE_NEED(dbuf, "moe_dispatch_backward");
-    const int nt = gate_threads(ctx);
+    GATE_NEED(dx_, "moe_dispatch_backward");
+    GATE_NEED(dbuf_, "moe_dispatch_backward");
+    const int nt = gate_threads(ctx), bf = dt == DSMOE_BFLOAT16;
+    float *scratch;
+    if ((st = row_scratch(ctx, "moe_dispatch_backward", dt, nt, 1, M, &scratch)) != DSMOE_OK) return st;
     // Per token, its choices in k order: the sum order is fixed whatever the thread count.
 #pragma omp parallel for num_threads(nt) schedule(static) if ((size_t)S * K * M >= GATE_PARALLEL_MIN_WORK)
     for (int s = 0; s < S; s++) {
-        float *d = dx + (size_t)s * M; // (M)
+        float *d = bf ? my_rows(scratch, 1, M) : (float *)dx_ + (size_t)s * M; // (M)
+        if (bf) widen(d, (const uint16_t *)dx_ + (size_t)s * M, M);
         for (int k = 0; k < K; k++) {
             int32_t sl = slot[(size_t)s * K + k];
             if (sl < 0) continue;
-            const float *g = dbuf + ((size_t)choice[(size_t)s * K + k] * C + sl) * M; // (M)
-            for (int m = 0; m < M; m++) d[m] += g[m];
+            size_t at = ((size_t)choice[(size_t)s * K + k] * C + sl) * M;
+            if (bf) {
+                const uint16_t *g = (const uint16_t *)dbuf_ + at; // (M)
+                for (int m = 0; m < M; m++) d[m] += cpu_bf2f(g[m]);
+            } else {
+                const float *g = (const float *)dbuf_ + at; // (M)
+                for (int m = 0; m < M; m++) d[m] += g[m];
+            }
         }
+        if (bf) cpu_f32_to_bf16((uint16_t *)dx_ + (size_t)s * M, d, (size_t)M);
     }
+    free(scratch);
     return DSMOE_OK;
 }
 
@@ -443,36 +491,39 @@ dsmoe_status cpu_moe_combine(cpu_ctx *ctx, cpu_queue *q, void *out_, const void 
                              const int32_t *choice, const int32_t *slot, const float *weight, int S, int K, int E,
                              int C, int M) {
     CPU_BEGIN(ctx, q, "moe_combine");
-    CPU_DTYPE(ctx, "moe_combine", "dt", dt);
-    float *out = out_;
-    const float *y = y_;
+    CPU_TRY(check_act_dtype(ctx, "moe_combine", dt));
     dsmoe_status st = check_table(ctx, "moe_combine", choice, slot, S, K, E, C, M);
     if (st != DSMOE_OK) return st;
     if (S == 0 || M == 0) return DSMOE_OK;
-    GATE_NEED(out, "moe_combine");
+    GATE_NEED(out_, "moe_combine");
     GATE_NEED(weight, "moe_combine");
-    if ((size_t)E * C > 0) GATE_NEED(y, "moe_combine");
-    const int nt = gate_threads(ctx);
+    if ((size_t)E * C > 0) GATE_NEED(y_, "moe_combine");
+    const int nt = gate_threads(ctx), bf = dt == DSMOE_BFLOAT16;
+    float *scratch; // bfloat16: per thread, the output row and the two kept rows widened
+    if ((st = row_scratch(ctx, "moe_combine", dt, nt, 3, M, &scratch)) != DSMOE_OK) return st;
 #pragma omp parallel for num_threads(nt) schedule(static) if ((size_t)S * K * M >= GATE_PARALLEL_MIN_WORK)
     for (int s = 0; s < S; s++) {
-        float *o = out + (size_t)s * M; // (M)
+        float *mine = bf ? my_rows(scratch, 3, M) : NULL;
+        float *o = bf ? mine : (float *)out_ + (size_t)s * M; // (M)
         const float *row[2];
         float w[2];
         int n = 0; // kept choices of this token, in k order
         for (int k = 0; k < K; k++) {
             int32_t sl = slot[(size_t)s * K + k];
             if (sl < 0) continue;
-            row[n] = y + ((size_t)choice[(size_t)s * K + k] * C + sl) * M;
+            size_t at = ((size_t)choice[(size_t)s * K + k] * C + sl) * M;
+            if (bf) {
+                widen(mine + (size_t)(1 + n) * M, (const uint16_t *)y_ + at, M);
+                row[n] = mine + (size_t)(1 + n) * M;
+            } else {
+                row[n] = (const float *)y_ + at;
+            }
             w[n++] = weight[(size_t)s * K + k];
         }
-        if (n == 0) {
-            memset(o, 0, (size_t)M * sizeof *o); // dropped everywhere: the residual path carries it
-        } else if (n == 1) {
-            for (int m = 0; m < M; m++) o[m] = w[0] * row[0][m];
-        } else {
-            for (int m = 0; m < M; m++) o[m] = w[0] * row[0][m] + w[1] * row[1][m];
-        }
+        combine_row(o, n, row, w, M);
+        if (bf) cpu_f32_to_bf16((uint16_t *)out_ + (size_t)s * M, o, (size_t)M);
     }
+    free(scratch);
     return DSMOE_OK;
 }
 
@@ -492,43 +543,66 @@ dsmoe_status cpu_moe_combine_backward(cpu_ctx *ctx, cpu_queue *q, void *dy_, flo
                                       const void *y_, dsmoe_dtype dt, const int32_t *choice, const int32_t *slot,
                                       const float *weight, int S, int K, int E, int C, int M) {
     CPU_BEGIN(ctx, q, "moe_combine_backward");
-    CPU_DTYPE(ctx, "moe_combine_backward", "dt", dt);
-    float *dy = dy_;
-    const float *dout = dout_, *y = y_;
+    CPU_TRY(check_act_dtype(ctx, "moe_combine_backward", dt));
     dsmoe_status st = check_table(ctx, "moe_combine_backward", choice, slot, S, K, E, C, M);
     if (st != DSMOE_OK) return st;
     const size_t rows = (size_t)E * C;
     if (S > 0) {
         GATE_NEED(dweight, "moe_combine_backward");
         GATE_NEED(weight, "moe_combine_backward");
-        if (M > 0) GATE_NEED(dout, "moe_combine_backward");
-        if (M > 0 && rows > 0) GATE_NEED(y, "moe_combine_backward");
+        if (M > 0) GATE_NEED(dout_, "moe_combine_backward");
+        if (M > 0 && rows > 0) GATE_NEED(y_, "moe_combine_backward");
     }
-    if (rows > 0 && M > 0) GATE_NEED(dy, "moe_combine_backward");
+    if (rows > 0 && M > 0) GATE_NEED(dy_, "moe_combine_backward");
     int32_t *src; // (E*C) owner of each (expert, slot)
     st = slot_owners(ctx, "moe_combine_backward", choice, slot, S, K, C, E, &src);
     if (st != DSMOE_OK) return st;
-    const int nt = gate_threads(ctx);
+    const int nt = gate_threads(ctx), bf = dt == DSMOE_BFLOAT16;
+    float *scratch; // bfloat16: per thread, two rows (a dy row; then dout's and y's rows widened)
+    if ((st = row_scratch(ctx, "moe_combine_backward", dt, nt, 2, M, &scratch)) != DSMOE_OK) {
+        free(src);
+        return st;
+    }
 
     // dy (E, C, M) (assigns): each used row once, the scaled dout row; unused rows are left as they are.
 #pragma omp parallel for num_threads(nt) schedule(static) if (rows * M >= GATE_PARALLEL_MIN_WORK)
     for (size_t r = 0; r < (M > 0 ? rows : 0); r++) {
-        float *d = dy + r * M; // (M)
         if (src[r] < 0) continue;
         const float w = weight[src[r]];
-        const float *g = dout + (size_t)(src[r] / K) * M; // (M)
-        for (int m = 0; m < M; m++) d[m] = w * g[m];
+        size_t from = (size_t)(src[r] / K) * M;
+        if (bf) {
+            float *d = my_rows(scratch, 2, M);
+            const uint16_t *g = (const uint16_t *)dout_ + from; // (M)
+            for (int m = 0; m < M; m++) d[m] = w * cpu_bf2f(g[m]);
+            cpu_f32_to_bf16((uint16_t *)dy_ + r * M, d, (size_t)M);
+        } else {
+            float *d = (float *)dy_ + r * M; // (M)
+            const float *g = (const float *)dout_ + from; // (M)
+            for (int m = 0; m < M; m++) d[m] = w * g[m];
+        }
     }
     free(src);
 
     // dweight (S, K) (assigns): dot(dout[s], y[choice, slot]), 0 when dropped.
 #pragma omp parallel for num_threads(nt) schedule(static) if ((size_t)S * K * M >= GATE_PARALLEL_MIN_WORK)
     for (int s = 0; s < S; s++) {
+        float *mine = bf ? my_rows(scratch, 2, M) : NULL;
+        if (bf && M > 0) widen(mine, (const uint16_t *)dout_ + (size_t)s * M, M);
         for (int k = 0; k < K; k++) {
             size_t i = (size_t)s * K + k;
-            dweight[i] = slot[i] < 0 ? 0.0f
-                                     : dot16(dout + (size_t)s * M, y + ((size_t)choice[i] * C + slot[i]) * M, M);
+            if (slot[i] < 0) {
+                dweight[i] = 0.0f;
+                continue;
+            }
+            size_t at = ((size_t)choice[i] * C + slot[i]) * M;
+            if (bf) {
+                widen(mine + M, (const uint16_t *)y_ + at, M);
+                dweight[i] = dot16(mine, mine + M, M);
+            } else {
+                dweight[i] = dot16((const float *)dout_ + (size_t)s * M, (const float *)y_ + at, M);
+            }
         }
     }
+    free(scratch);
     return DSMOE_OK;
 }
