@@ -13,7 +13,7 @@
 // and the softmaxes 5-10x slower). Cephes' expf: x = n ln2 + r, |r| <= ln2/2, a degree-6 polynomial
 // for exp(r), 2^n built in the exponent bits; within 2 ulp of expf. x is clamped to [-87, 88], so
 // exp of very negative x gives about 1.6e-38 rather than 0: a softmax entry that small is 0 in any
-// sum with its row maximum (which is 1).
+// sum with its row maximum (which is 1). exp(NaN) is NaN.
 static inline float cpu_exp_fast(float x) {
     x = x < -87.0f ? -87.0f : x > 88.0f ? 88.0f : x;
     float n = floorf(x * 1.44269504088896341f + 0.5f);
@@ -25,7 +25,13 @@ static inline float cpu_exp_fast(float x) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     float y = p * r * r + r + 1.0f;
-    int32_t bits = ((int32_t)n + 127) << 23;
+    // 2^n in the exponent bits. n (an integer in [-126, 127]) is read from the low mantissa bits of
+    // n + 1.5 * 2^23 rather than converted: a NaN x passes the clamp, and converting NaN to an integer
+    // is undefined; this way y is NaN and so is the result. Unsigned, so every step is defined.
+    float shifted = n + 12582912.0f;
+    uint32_t bits;
+    memcpy(&bits, &shifted, sizeof bits);
+    bits = (bits - 0x4B400000u + 127u) << 23;
     float scale;
     memcpy(&scale, &bits, sizeof scale);
     return y * scale;
