@@ -49,11 +49,13 @@ run() {
   local name=$1 n=$2 attempt rc
   shift 2
   for attempt in 1 2; do
-    rm -rf "${work:?}/$name"
     timeout -k 10 300 "${mpiexec[@]}" -n "$n" "$dsmoe" "$deck" run.output_dir="$work/$name" "$@" > "$work/$name.log" 2>&1
     rc=$?
     [ $rc -eq 0 ] && return 0
-    if [ $attempt -eq 1 ] && grep -q "before MPI_INIT completed" "$work/$name.log" && [ ! -e "$work/$name" ]; then
+    # dsmoe's first line ("dsmoe <version>: <n> ranks ...") comes right after MPI_Init: without it, no
+    # rank got further, and the output directory is as it was (a resume run's checkpoints included).
+    if [ $attempt -eq 1 ] && grep -q "before MPI_INIT completed" "$work/$name.log" &&
+       ! grep -q "^dsmoe [0-9]" "$work/$name.log"; then
       echo "note: $name: ranks failed inside MPI_Init (the launcher, not dsmoe; exit $rc): starting it once more"
       grep -m1 "OPAL ERROR" "$work/$name.log"
       continue
