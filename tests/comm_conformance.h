@@ -20,7 +20,7 @@
 // ------------------------------------------------------------------------------------------------
 // loading: libdsmoe_comm_<name>.so from the first directory of `dirs` (':'-separated) that has it
 
-static const dsmoe_comm_plugin_v2 *conf_load_comm(const char *name, const char *dirs, void **handle, char *path,
+static inline const dsmoe_comm_plugin_v2 *conf_load_comm(const char *name, const char *dirs, void **handle, char *path,
                                                   size_t path_len, char *why, size_t why_len) {
     *handle = NULL;
     char *list = strdup(dirs);

@@ -1,4 +1,4 @@
-# The comm conformance suite (tests/plugins/test_comm_mpi.c) on 1, 2 and 4 ranks, for the host-progressed "mpi"
+# The comm conformance suite (tests/plugins/test_comm_mpi.c, comm_mpi_reductions.c) on 1, 2 and 4 ranks, for the host-progressed "mpi"
 # plugin and for "mpistream", the same source built stream-ordered (the strict comm check).
 #
 # Point it at another comm plugin (found in DSMOE_CONFORMANCE_PLUGIN_DIRS, default $DSMOE_PLUGIN_PATH, then
@@ -23,7 +23,7 @@ target_compile_definitions(dsmoe_comm_mpistream PRIVATE COMM_MPI_STREAM_ORDERED)
 target_link_libraries(dsmoe_comm_mpistream PRIVATE MPI::MPI_C)
 target_link_options(dsmoe_comm_mpistream PRIVATE -Wl,-z,defs)
 
-add_executable(test_comm_mpi ${DSMOE_TEST_DIR}/plugins/test_comm_mpi.c)
+add_executable(test_comm_mpi ${DSMOE_TEST_DIR}/plugins/test_comm_mpi.c ${DSMOE_TEST_DIR}/plugins/comm_mpi_reductions.c)
 set_target_properties(test_comm_mpi PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/tests)
 target_include_directories(test_comm_mpi PRIVATE ${PROJECT_SOURCE_DIR}/include ${DSMOE_TEST_DIR})
 target_link_libraries(test_comm_mpi PRIVATE MPI::MPI_C PkgConfig::CMOCKA ${CMAKE_DL_LIBS} m)
