@@ -4,7 +4,7 @@
 // DSMOE_ALLOC_ZERO fails), moving data through the copy members, and float comparisons.
 // Header-only: each test is one program. Include after <cmocka.h>.
 // defines: P, C, Q, OK, OKC, cpt_load, cpt_unload, cpt_ctx, cpt_ctx_simd, dev_new, dev_zeros, dev_put, dev_get,
-//          dev_free, rnd, rnd_fill, assert_close, dot_d
+//          dev_free, rnd, rnd_fill, assert_close, gelu_d, gelu_grad_d, dot_d
 #ifndef DSMOE_CPU_PLUGIN_TEST_H
 #define DSMOE_CPU_PLUGIN_TEST_H
 #include <dlfcn.h>
@@ -138,6 +138,14 @@ static inline void assert_close(const char *what, const float *got, const double
     if (!(worst <= 1.0))
         fail_msg("%s: element %zu is %.9g, expected %.9g (tolerance %g + %g*|expected|)", what, wi, got[wi], want[wi],
                  atol, rtol);
+}
+
+// GELU (tanh approximation) and its derivative in double: the references of the ops and epilogues.
+static inline double gelu_d(double x) { return 0.5 * x * (1 + tanh(sqrt(2 / M_PI) * (x + 0.044715 * x * x * x))); }
+
+static inline double gelu_grad_d(double x) {
+    double u = sqrt(2 / M_PI) * (x + 0.044715 * x * x * x), th = tanh(u);
+    return 0.5 * (1 + th) + 0.5 * x * (1 - th * th) * sqrt(2 / M_PI) * (1 + 3 * 0.044715 * x * x);
 }
 
 static inline double dot_d(const float *a, const float *b, size_t n) {

@@ -22,7 +22,7 @@
 
 #include "dsmoe/rng.h" // dsmoe_rng_key, dsmoe_rng_gumbel, dsmoe_rng_uniform
 #include "cpu_internal.h"
-#include "cpu_bf16.h" // cpu_bf2f, cpu_f32_to_bf16
+#include "cpu_bf16.h" // cpu_bf2f, cpu_bf16_to_f32, cpu_f32_to_bf16
 
 // Purpose tags of the counter-RNG keys (docs/gating.md, "Random numbers"); a device plugin must use
 // the same ones so that every plugin makes the same choices.
@@ -392,8 +392,8 @@ dsmoe_status cpu_gate_backward(cpu_ctx *ctx, cpu_queue *q, const dsmoe_gating_pa
 // Dispatch and combine take float32 or bfloat16 activations. bfloat16 runs the float32 arithmetic on
 // the widened rows (exact) and rounds each result row once: the bits of the float32 op on the widened
 // tensors, rounded, without converting the unused capacity rows. Each thread widens into its own rows of
-// a scratch (row_scratch); the float32 and bfloat16 paths share the row functions, so they compile to
-// the same arithmetic.
+// a scratch (row_scratch); both paths run the same float32 expressions (combine_row is shared; the
+// others are a single add or multiply per element, whatever the operand's width).
 
 static dsmoe_status check_act_dtype(cpu_ctx *ctx, const char *op, dsmoe_dtype dt) {
     if (dt == DSMOE_BFLOAT16) return DSMOE_OK;
@@ -412,10 +412,6 @@ static dsmoe_status row_scratch(cpu_ctx *ctx, const char *op, dsmoe_dtype dt, in
 
 // The calling thread's rows of a row_scratch.
 static float *my_rows(float *scratch, int per, int M) { return scratch + (size_t)omp_get_thread_num() * per * M; }
-
-static void widen(float *dst, const uint16_t *src, int M) {
-    for (int m = 0; m < M; m++) dst[m] = cpu_bf2f(src[m]);
-}
 
 // out (M) = the kept choices' rows weighted (n of them, in k order); 0 when none.
 static inline void combine_row(float *o, int n, const float *const *row, const float *w, int M) {
@@ -468,7 +464,7 @@ dsmoe_status cpu_moe_dispatch_backward(cpu_ctx *ctx, cpu_queue *q, void *dx_, co
 #pragma omp parallel for num_threads(nt) schedule(static) if ((size_t)S * K * M >= GATE_PARALLEL_MIN_WORK)
     for (int s = 0; s < S; s++) {
         float *d = bf ? my_rows(scratch, 1, M) : (float *)dx_ + (size_t)s * M; // (M)
-        if (bf) widen(d, (const uint16_t *)dx_ + (size_t)s * M, M);
+        if (bf) cpu_bf16_to_f32(d, (const uint16_t *)dx_ + (size_t)s * M, (size_t)M);
         for (int k = 0; k < K; k++) {
             int32_t sl = slot[(size_t)s * K + k];
             if (sl < 0) continue;
@@ -513,7 +509,7 @@ dsmoe_status cpu_moe_combine(cpu_ctx *ctx, cpu_queue *q, void *out_, const void 
             if (sl < 0) continue;
             size_t at = ((size_t)choice[(size_t)s * K + k] * C + sl) * M;
             if (bf) {
-                widen(mine + (size_t)(1 + n) * M, (const uint16_t *)y_ + at, M);
+                cpu_bf16_to_f32(mine + (size_t)(1 + n) * M, (const uint16_t *)y_ + at, (size_t)M);
                 row[n] = mine + (size_t)(1 + n) * M;
             } else {
                 row[n] = (const float *)y_ + at;
@@ -587,7 +583,7 @@ dsmoe_status cpu_moe_combine_backward(cpu_ctx *ctx, cpu_queue *q, void *dy_, flo
 #pragma omp parallel for num_threads(nt) schedule(static) if ((size_t)S * K * M >= GATE_PARALLEL_MIN_WORK)
     for (int s = 0; s < S; s++) {
         float *mine = bf ? my_rows(scratch, 2, M) : NULL;
-        if (bf && M > 0) widen(mine, (const uint16_t *)dout_ + (size_t)s * M, M);
+        if (bf && M > 0) cpu_bf16_to_f32(mine, (const uint16_t *)dout_ + (size_t)s * M, (size_t)M);
         for (int k = 0; k < K; k++) {
             size_t i = (size_t)s * K + k;
             if (slot[i] < 0) {
@@ -596,7 +592,7 @@ dsmoe_status cpu_moe_combine_backward(cpu_ctx *ctx, cpu_queue *q, void *dy_, flo
             }
             size_t at = ((size_t)choice[i] * C + slot[i]) * M;
             if (bf) {
-                widen(mine + M, (const uint16_t *)y_ + at, M);
+                cpu_bf16_to_f32(mine + M, (const uint16_t *)y_ + at, (size_t)M);
                 dweight[i] = dot16(mine, mine + M, M);
             } else {
                 dweight[i] = dot16((const float *)dout_ + (size_t)s * M, (const float *)y_ + at, M);

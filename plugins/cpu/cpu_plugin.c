@@ -42,6 +42,14 @@ static const dsmoe_param_decl cpu_params[N_PARAMS] = {
                     "auto|avx512|build"},
 };
 
+// Setting i's text: the value the core passed, or the declared default (no values, or not as many as
+// the settings: param_bool refuses that).
+static const char *param_text(const dsmoe_kernel_options *opt, int i) {
+    if (opt && opt->param_values && opt->n_param_values == N_PARAMS && opt->param_values[i])
+        return opt->param_values[i];
+    return cpu_params[i].default_value;
+}
+
 // The value of a BOOL setting as the core passes it ("1" or "0"), the usual spellings accepted too;
 // the declared default without values.
 static int param_bool(const dsmoe_kernel_options *opt, int i, int *out, char *errbuf, size_t errlen) {
@@ -50,9 +58,7 @@ static int param_bool(const dsmoe_kernel_options *opt, int i, int *out, char *er
                  N_PARAMS);
         return -1;
     }
-    const char *v = cpu_params[i].default_value;
-    if (opt && opt->param_values && opt->param_values[i])
-        v = opt->param_values[i];
+    const char *v = param_text(opt, i);
     static const char *yes[] = {"1", "true", "yes", "on"}, *no[] = {"0", "false", "no", "off"};
     for (int k = 0; k < 4; k++) {
         if (!strcmp(v, yes[k]))
@@ -67,9 +73,7 @@ static int param_bool(const dsmoe_kernel_options *opt, int i, int *out, char *er
 
 // The value of an INT setting in [lo, hi] (the core has checked it is an integer); the default without values.
 static int param_int(const dsmoe_kernel_options *opt, int i, int lo, int hi, int *out, char *errbuf, size_t errlen) {
-    const char *v = cpu_params[i].default_value;
-    if (opt && opt->param_values && opt->n_param_values == N_PARAMS && opt->param_values[i])
-        v = opt->param_values[i];
+    const char *v = param_text(opt, i);
     char *end;
     long x = strtol(v, &end, 10);
     if (end == v || *end || x < lo || x > hi) {
@@ -83,9 +87,7 @@ static int param_int(const dsmoe_kernel_options *opt, int i, int lo, int hi, int
 
 // The GELU kernels an ENUM value of `simd` names (the core has checked it is one of the choices).
 static int param_simd(const dsmoe_kernel_options *opt, const cpu_vec **out, char *errbuf, size_t errlen) {
-    const char *v = cpu_params[PARAM_SIMD].default_value;
-    if (opt && opt->param_values && opt->n_param_values == N_PARAMS && opt->param_values[PARAM_SIMD])
-        v = opt->param_values[PARAM_SIMD];
+    const char *v = param_text(opt, PARAM_SIMD);
     int have = cpu_vec_have_avx512();
     if (!strcmp(v, "auto")) {
         *out = have ? &cpu_vec_avx512 : &cpu_vec_build;
@@ -216,9 +218,9 @@ static dsmoe_status cpu_init(const dsmoe_kernel_options *opt, dsmoe_kernel_ctx *
         blas[n - 1] = '\0';
     snprintf(ctx->description, sizeof ctx->description,
              "cpu: %s (%s build, called single-threaded on %dx%d GEMM tiles; dot products up to %d rows) for float32, "
-             "%s, GELU on %s vectors, %d OpenMP thread%s%s%s",
+             "%s, GELU on %s, %d OpenMP thread%s%s%s",
              blas, blas_threading_name(openblas_get_parallel()), CPU_GEMM_TILE_M, CPU_GEMM_TILE_N, small_rows, bf16,
-             vec == &cpu_vec_avx512 ? "AVX-512" : "the build's", threads,
+             vec->vectors, threads,
              threads == 1 ? "" : "s", pinned ? " pinned to one CPU each" : "",
              poison ? ", unzeroed allocations poisoned" : "");
     if (opt && opt->verbose) {

@@ -44,7 +44,7 @@
 
 CPU_VEC_LOOPS(build, )
 
-const cpu_vec cpu_vec_build = {"build", gelu_build, gelu_grad_mul_build, gelu_grad_acc_build};
+const cpu_vec cpu_vec_build = {"the build's vectors", gelu_build, gelu_grad_mul_build, gelu_grad_acc_build};
 
 #if defined(__x86_64__)
 // x86-64-v4's AVX-512 subsets; GCC's vectoriser keeps 256-bit vectors unless told to prefer 512 (clang
@@ -63,7 +63,7 @@ const cpu_vec cpu_vec_build = {"build", gelu_build, gelu_grad_mul_build, gelu_gr
 
 CPU_VEC_LOOPS(avx512, CPU_VEC_AVX512)
 
-const cpu_vec cpu_vec_avx512 = {"avx512", gelu_avx512, gelu_grad_mul_avx512, gelu_grad_acc_avx512};
+const cpu_vec cpu_vec_avx512 = {"AVX-512 vectors", gelu_avx512, gelu_grad_mul_avx512, gelu_grad_acc_avx512};
 
 // The compiler's runtime (libgcc, compiler-rt) reads cpuid and checks that the OS saves the ZMM state.
 int cpu_vec_have_avx512(void) {
@@ -72,6 +72,6 @@ int cpu_vec_have_avx512(void) {
            __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
 }
 #else
-const cpu_vec cpu_vec_avx512 = {"avx512", NULL, NULL, NULL};
+const cpu_vec cpu_vec_avx512 = {"AVX-512 vectors", NULL, NULL, NULL};
 int cpu_vec_have_avx512(void) { return 0; }
 #endif

@@ -7,7 +7,7 @@
 #include <stddef.h>
 
 typedef struct cpu_vec {
-    const char *name; // "build" or "avx512"
+    const char *vectors; // for describe(): "AVX-512 vectors" or "the build's vectors"
     // out[j] = gelu(in[j]); out may be in.
     void (*gelu)(float *out, const float *in, size_t n);
     // d[j] = 0 + gelu'(x[j]) * d[j] (the DGELU epilogue: zero, then gelu_backward's accumulation).

@@ -262,13 +262,6 @@ typedef struct gg_case {
     dsmoe_dtype ct;
 } gg_case;
 
-static double gelu_d(double x) { return 0.5 * x * (1 + tanh(sqrt(2 / M_PI) * (x + 0.044715 * x * x * x))); }
-
-static double gelu_grad_d(double x) {
-    double u = sqrt(2 / M_PI) * (x + 0.044715 * x * x * x), th = tanh(u);
-    return 0.5 * (1 + th) + 0.5 * x * (1 - th * th) * sqrt(2 / M_PI) * (1 + 3 * 0.044715 * x * x);
-}
-
 static void grouped_case(const gg_case *T) {
     enum { G = 5, BG = 3, MMAX = 300, N = 520, K = 96 };
     static const int32_t counts[G] = {300, 0, 257, 1, 44};

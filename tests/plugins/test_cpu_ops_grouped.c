@@ -25,13 +25,6 @@
 #define F32 DSMOE_FLOAT32
 #define SENTINEL 12345.0f // rows at and beyond a group's count must keep it
 
-static double gelu_d(double x) { return 0.5 * x * (1 + tanh(sqrt(2 / M_PI) * (x + 0.044715 * x * x * x))); }
-
-static double gelu_grad_d(double x) {
-    double u = sqrt(2 / M_PI) * (x + 0.044715 * x * x * x), th = tanh(u);
-    return 0.5 * (1 + th) + 0.5 * x * (1 - th * th) * sqrt(2 / M_PI) * (1 + 3 * 0.044715 * x * x);
-}
-
 static float *sentinel_fill(size_t n) {
     float *f = malloc(n * sizeof *f);
     for (size_t i = 0; i < n; i++)

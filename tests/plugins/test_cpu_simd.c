@@ -21,12 +21,6 @@ static int have_avx512(void) {
            __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
 }
 
-static double gelu_d(double x) { return 0.5 * x * (1 + tanh(sqrt(2 / M_PI) * (x + 0.044715 * x * x * x))); }
-static double gelu_grad_d(double x) {
-    double u = sqrt(2 / M_PI) * (x + 0.044715 * x * x * x), th = tanh(u);
-    return 0.5 * (1 + th) + 0.5 * x * (1 - th * th) * sqrt(2 / M_PI) * (1 + 3 * 0.044715 * x * x);
-}
-
 // NV values: the edge cases, then uniform in [-12, 12) (past both tails of tanh), then small ones.
 // NV is not a multiple of a vector or of the op's blocks, so every loop runs its remainder too.
 enum { NV = 3 * 4096 + 77 };
