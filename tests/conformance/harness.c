@@ -8,6 +8,7 @@
 // A check is abandoned with longjmp (a FAIL or SKIP line first); its host memory and buffers are kept in
 // lists and freed when cf_run ends, so one wrong op never stops the next check. A context whose
 // synchronize reports a sticky error after a check is finalized and made again.
+#include <float.h>
 #include <math.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -481,8 +482,9 @@ static int compare(const char *what, const cf_buf *b, const float *got, const fl
             ok = 1;
             d = 0;
         } else {
-            // bfloat16 accumulators: both sums were rounded to bfloat16 (half an ulp each)
-            double extra = base && bf ? fabs((double)want[i]) * (1.0 / 128) : 0.0;
+            // Accumulators: both sums were rounded to the output type (half an ulp each), which a delta
+            // much smaller than its base feels in full (a float32 += with or without a fused multiply-add).
+            double extra = base ? fabs((double)want[i]) * (bf ? 1.0 / 128 : (double)FLT_EPSILON) : 0.0;
             ok = d <= atol + rtol * fabs(w) + extra; // false for NaN
         }
         if (!ok && bad++ == 0) first = i;
