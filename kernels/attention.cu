@@ -123,7 +123,7 @@ struct rows_args {
 
 template <typename T, int NI>
 __global__ void __launch_bounds__(ATT_THREADS, ATT_MIN_BLOCKS(NI)) attention_rows_kernel(const rows_args a) {
-    extern __shared__ float4 smem4[];
+    DSMOE_CU_DYNAMIC_SHARED(float4, smem4);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, D = a.D, Dp = a.Dp, Xs = a.Xs;
     float *qs = (float *)smem4, *ks = qs + ATT_BQ * Dp, *vs = ks + ATT_BK * Xs, *ps = vs + ATT_BK * Xs;
     const att_tile bt = block_tile(a.NH, a.tiles, 1);
@@ -239,7 +239,7 @@ __global__ void __launch_bounds__(ATT_THREADS, 1) attention_di_kernel(const bwd_
 // dq of the block's query rows: keys 0 .. last row, a tile of keys and values at a time.
 template <typename T, int NI>
 __global__ void __launch_bounds__(ATT_THREADS, ATT_MIN_BLOCKS(NI)) attention_dq_kernel(const bwd_args a) {
-    extern __shared__ float4 smem4[];
+    DSMOE_CU_DYNAMIC_SHARED(float4, smem4);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, D = a.D, Dp = a.Dp, Xs = a.Xs, T_ = a.T;
     float *qs = (float *)smem4, *gs = qs + ATT_BQ * Dp, *ks = gs + ATT_BQ * Dp, *vs = ks + ATT_BK * Xs,
           *ps = vs + ATT_BK * Xs;
@@ -311,7 +311,7 @@ __global__ void __launch_bounds__(ATT_THREADS, ATT_MIN_BLOCKS(NI)) attention_dq_
 // dk and dv of the block's key rows: queries first key .. T-1, a tile of queries and dout at a time.
 template <typename T, int NI>
 __global__ void __launch_bounds__(ATT_THREADS, ATT_MIN_BLOCKS(NI)) attention_dkv_kernel(const bwd_args a) {
-    extern __shared__ float4 smem4[];
+    DSMOE_CU_DYNAMIC_SHARED(float4, smem4);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, D = a.D, Dp = a.Dp, Xs = a.Xs, T_ = a.T;
     float *kt = (float *)smem4, *vt = kt + ATT_BQ * Dp, *qs = vt + ATT_BQ * Dp, *gs = qs + ATT_BK * Xs,
           *ps = gs + ATT_BK * Xs, *dss = ps + ATT_WARPS * ATT_BK * ATT_R;
@@ -414,10 +414,11 @@ template <typename A>
 static cudaError_t launch_smem(void (*kernel)(const A), unsigned blocks, size_t smem, cudaStream_t stream,
                                const A &args) {
     if (smem > 48 * 1024) {
-        cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+        cudaError_t e =
+            cudaFuncSetAttribute((const void *)kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
         if (e != cudaSuccess) return e;
     }
-    kernel<<<blocks, ATT_THREADS, smem, stream>>>(args);
+    dsmoe_cu_launch(kernel, blocks, ATT_THREADS, smem, stream, args);
     return cudaSuccess;
 }
 
@@ -524,10 +525,11 @@ extern "C" dsmoe_status dsmoe_cu_attention_backward(const dsmoe_cu_env *env, voi
     cudaError_t e = cudaSuccess;
     // di first, then dq and dkv (both read di; they write disjoint columns of dqkv).
     DSMOE_CU_DISPATCH(shape->dt, T_, {
-        attention_di_kernel<T_><<<di_blocks, ATT_THREADS, 0, env->stream>>>(a);
+        dsmoe_cu_launch(attention_di_kernel<T_>, di_blocks, ATT_THREADS, 0, env->stream, a);
         ATT_SLOTS(ni, NI, {
             e = launch_smem(attention_dq_kernel<T_, NI>, blocks, smem_dq, env->stream, a);
-            if (e == cudaSuccess) e = launch_smem(attention_dkv_kernel<T_, NI>, blocks, smem_dkv, env->stream, a);
+            if (e == cudaSuccess)
+                e = launch_smem(attention_dkv_kernel<T_, NI>, blocks, smem_dkv, env->stream, a);
         });
     });
     if (e != cudaSuccess) return dsmoe_cu_check(env, e, op);

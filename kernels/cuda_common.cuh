@@ -67,6 +67,42 @@ __device__ __forceinline__ T dsmoe_block_max(T v, T *shared) {
     return v;
 }
 
+// Launches: dsmoe_cu_launch(kernel, grid, block, shared_bytes, stream, args...) is kernel<<<grid, block,
+// shared_bytes, stream>>>(args...); its arguments take the kernel's parameter types, as at a <<<...>>>
+// launch. Built with DSMOE_CUDA_EMU (tests/cuda_emu/, the kernels on a host without a GPU), it runs the
+// kernel on the emulator instead, which is why no kernels/*.cu writes <<<...>>> itself; likewise
+// DSMOE_CU_DYNAMIC_SHARED for `extern __shared__` arrays. dsmoe_cu_launch_cooperative is
+// cudaLaunchCooperativeKernel with typed arguments; it returns the launch's error.
+template <typename T> struct dsmoe_cu_same {
+    typedef T type;
+};
+#ifdef DSMOE_CUDA_EMU
+template <typename... P>
+static inline void dsmoe_cu_launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t shared_bytes,
+                                   cudaStream_t stream, typename dsmoe_cu_same<P>::type... args) {
+    (void)dsmoe_emu_launch(kernel, grid, block, shared_bytes, stream, 0, args...);
+}
+template <typename... P>
+static inline cudaError_t dsmoe_cu_launch_cooperative(void (*kernel)(P...), dim3 grid, dim3 block, size_t shared_bytes,
+                                                      cudaStream_t stream, typename dsmoe_cu_same<P>::type... args) {
+    return dsmoe_emu_launch(kernel, grid, block, shared_bytes, stream, 1, args...);
+}
+#define DSMOE_CU_DYNAMIC_SHARED(T, name) T *name = (T *)dsmoe_emu_dynamic_shared()
+#else
+template <typename... P>
+static inline void dsmoe_cu_launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t shared_bytes,
+                                   cudaStream_t stream, typename dsmoe_cu_same<P>::type... args) {
+    kernel<<<grid, block, shared_bytes, stream>>>(args...);
+}
+template <typename... P>
+static inline cudaError_t dsmoe_cu_launch_cooperative(void (*kernel)(P...), dim3 grid, dim3 block, size_t shared_bytes,
+                                                      cudaStream_t stream, typename dsmoe_cu_same<P>::type... args) {
+    void *argv[] = {(void *)&args...};
+    return cudaLaunchCooperativeKernel((const void *)kernel, grid, block, argv, shared_bytes, stream);
+}
+#define DSMOE_CU_DYNAMIC_SHARED(T, name) extern __shared__ T name[]
+#endif
+
 // Dispatches a templated launch on the activation dtype: DSMOE_CU_DISPATCH(dt, T, { launch<T>(...); }).
 #define DSMOE_CU_DISPATCH(dt, T, ...)                                                                      \
     do {                                                                                                   \

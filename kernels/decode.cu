@@ -78,8 +78,8 @@ extern "C" dsmoe_status dsmoe_cu_kv_append(const dsmoe_cu_env *env, void *k_cach
         return dsmoe_cu_fail(env, DSMOE_ERR_INVALID, "%s: NULL k_cache, v_cache, qkv or pos", op);
     const unsigned blocks = dsmoe_cu_blocks((size_t)B * T_new, 1), threads = M >= 256 ? 256 : 32 * ((M + 31) / 32);
     DSMOE_CU_DISPATCH(dt, T, {
-        kv_append_kernel<T><<<blocks, threads, 0, env->stream>>>((T *)k_cache, (T *)v_cache, (const T *)qkv, pos, B,
-                                                                 T_new, M, NH, T_max, env->fault);
+        dsmoe_cu_launch(kv_append_kernel<T>, blocks, threads, 0, env->stream, (T *)k_cache, (T *)v_cache,
+                        (const T *)qkv, pos, B, T_new, M, NH, T_max, env->fault);
     });
     return dsmoe_cu_check_launch(env, op);
 }
@@ -277,7 +277,8 @@ extern "C" dsmoe_status dsmoe_cu_sample(const dsmoe_cu_env *env, int32_t *tokens
     if (p->temperature == 0.0f) {
         const unsigned blocks = rows < 65535 * 16 ? (unsigned)rows : 65535u * 16u;
         DSMOE_CU_DISPATCH(dt, T, {
-            argmax_kernel<T><<<blocks, SAMPLE_THREADS, 0, env->stream>>>(tokens, (const T *)logits, rows, V);
+            dsmoe_cu_launch(argmax_kernel<T>, blocks, SAMPLE_THREADS, 0, env->stream, tokens, (const T *)logits, rows,
+                            V);
         });
         return dsmoe_cu_check_launch(env, op);
     }
@@ -313,7 +314,7 @@ extern "C" dsmoe_status dsmoe_cu_sample(const dsmoe_cu_env *env, int32_t *tokens
     uint64_t *buf0 = (uint64_t *)scratch, *buf1 = (uint64_t *)(scratch + key_bytes);
     int *offsets = (int *)(scratch + 2 * key_bytes);
     void *cub_tmp = scratch + 2 * key_bytes + off_bytes;
-    segment_offsets_kernel<<<1, 256, 0, env->stream>>>(offsets, nr_max, V);
+    dsmoe_cu_launch(segment_offsets_kernel, 1, 256, 0, env->stream, offsets, nr_max, V);
 
     sample_round s;
     s.V = V, s.idbits = idbits, s.top_k = p->top_k, s.top_p = p->top_p, s.temperature = p->temperature;
@@ -322,8 +323,8 @@ extern "C" dsmoe_status dsmoe_cu_sample(const dsmoe_cu_env *env, int32_t *tokens
         const int nr = rows - r0 < SAMPLE_ROWS ? rows - r0 : SAMPLE_ROWS;
         for (int i = 0; i < nr; i++) s.u[i] = dsmoe_rng_uniform(p->seed, counters[r0 + i]);
         DSMOE_CU_DISPATCH(dt, T, {
-            sample_keys_kernel<T><<<dim3(key_blocks, (unsigned)nr), 256, 0, env->stream>>>(
-                buf0, (const T *)logits + (size_t)r0 * V, V, idbits);
+            dsmoe_cu_launch(sample_keys_kernel<T>, dim3(key_blocks, (unsigned)nr), 256, 0, env->stream, buf0,
+                            (const T *)logits + (size_t)r0 * V, V, idbits);
         });
         cub::DoubleBuffer<uint64_t> db(buf0, buf1);
         size_t b = cub_bytes;
@@ -331,7 +332,8 @@ extern "C" dsmoe_status dsmoe_cu_sample(const dsmoe_cu_env *env, int32_t *tokens
                                                                           offsets + 1, 0, end_bit, env->stream),
                             "sample: cub sort");
         if (st != DSMOE_OK) break;
-        sample_scan_kernel<<<(unsigned)nr, SAMPLE_THREADS, 0, env->stream>>>(tokens + r0, db.Current(), (double *)db.Alternate(), s);
+        dsmoe_cu_launch(sample_scan_kernel, (unsigned)nr, SAMPLE_THREADS, 0, env->stream, tokens + r0, db.Current(),
+                        (double *)db.Alternate(), s);
         st = dsmoe_cu_check_launch(env, op);
     }
     dsmoe_status fst = dsmoe_cu_check(env, cudaFreeAsync(scratch, env->stream), "sample: cudaFreeAsync");

@@ -68,8 +68,8 @@ extern "C" dsmoe_status dsmoe_cu_distill_forward(const dsmoe_cu_env *env, float 
         return dsmoe_cu_fail(env, DSMOE_ERR_INVALID, "%s: NULL losses, diff, student or teacher", op);
     const float inv_t = 1.0f / temperature;
     DSMOE_CU_DISPATCH(dt, Tv, {
-        distill_forward_kernel<Tv><<<(unsigned)S, KD_THREADS, 0, env->stream>>>(
-            losses, diff, (const Tv *)student, (const Tv *)teacher, inv_t, V);
+        dsmoe_cu_launch(distill_forward_kernel<Tv>, (unsigned)S, KD_THREADS, 0, env->stream, losses, diff,
+                        (const Tv *)student, (const Tv *)teacher, inv_t, V);
     });
     return dsmoe_cu_check_launch(env, op);
 }
@@ -94,8 +94,8 @@ extern "C" dsmoe_status dsmoe_cu_distill_backward(const dsmoe_cu_env *env, void 
         return dsmoe_cu_fail(env, DSMOE_ERR_INVALID, "%s: NULL dstudent or diff", op);
     size_t n = (size_t)S * V;
     DSMOE_CU_DISPATCH(dt, Tv, {
-        distill_backward_kernel<Tv><<<dsmoe_cu_blocks(n, KD_EW_THREADS), KD_EW_THREADS, 0, env->stream>>>(
-            (Tv *)dstudent, diff, scale, n);
+        dsmoe_cu_launch(distill_backward_kernel<Tv>, dsmoe_cu_blocks(n, KD_EW_THREADS), KD_EW_THREADS, 0, env->stream,
+                        (Tv *)dstudent, diff, scale, n);
     });
     return dsmoe_cu_check_launch(env, op);
 }

@@ -49,8 +49,8 @@ extern "C" dsmoe_status dsmoe_cu_bias_add(const dsmoe_cu_env *env, void *out, ds
         return dsmoe_cu_fail(env, DSMOE_ERR_INVALID, "%s: NULL %s", op, out ? "bias" : "out");
     size_t total = (size_t)rows * n;
     DSMOE_CU_DISPATCH(dt, T, {
-        bias_add_kernel<T><<<dsmoe_cu_blocks(total, EW_THREADS), EW_THREADS, 0, env->stream>>>((T *)out, bias,
-                                                                                                total, n);
+        dsmoe_cu_launch(bias_add_kernel<T>, dsmoe_cu_blocks(total, EW_THREADS), EW_THREADS, 0, env->stream, (T *)out,
+                        bias, total, n);
     });
     return dsmoe_cu_check_launch(env, op);
 }
@@ -119,12 +119,12 @@ extern "C" dsmoe_status dsmoe_cu_bias_backward(const dsmoe_cu_env *env, float *d
         (st = dsmoe_cu_scratch(env, (void **)&partial, (size_t)chunks * n * sizeof(float), op)) != DSMOE_OK)
         return st;
     DSMOE_CU_DISPATCH(dt, T, {
-        bias_colsum_kernel<T><<<grid, block, 0, env->stream>>>(chunks > 1 ? partial : dbias, chunks == 1,
-                                                               (const T *)dout, rows, n, chunk_rows);
+        dsmoe_cu_launch(bias_colsum_kernel<T>, grid, block, 0, env->stream, chunks > 1 ? partial : dbias, chunks == 1,
+                        (const T *)dout, rows, n, chunk_rows);
     });
     if (chunks > 1) {
-        bias_partials_kernel<<<dsmoe_cu_blocks((size_t)n, EW_THREADS), EW_THREADS, 0, env->stream>>>(
-            dbias, partial, chunks, n);
+        dsmoe_cu_launch(bias_partials_kernel, dsmoe_cu_blocks((size_t)n, EW_THREADS), EW_THREADS, 0, env->stream, dbias,
+                        partial, chunks, n);
         cudaFreeAsync(partial, env->stream);
     }
     return dsmoe_cu_check_launch(env, op);
@@ -149,8 +149,8 @@ extern "C" dsmoe_status dsmoe_cu_axpy(const dsmoe_cu_env *env, void *y, float al
     if (!x || !y)
         return dsmoe_cu_fail(env, DSMOE_ERR_INVALID, "%s: NULL %s with n=%zu", op, y ? "x" : "y", n);
     DSMOE_CU_DISPATCH(dt, T, {
-        axpy_kernel<T><<<dsmoe_cu_blocks(n, EW_THREADS), EW_THREADS, 0, env->stream>>>((T *)y, alpha, (const T *)x,
-                                                                                        n);
+        dsmoe_cu_launch(axpy_kernel<T>, dsmoe_cu_blocks(n, EW_THREADS), EW_THREADS, 0, env->stream, (T *)y, alpha,
+                        (const T *)x, n);
     });
     return dsmoe_cu_check_launch(env, op);
 }
@@ -175,8 +175,8 @@ extern "C" dsmoe_status dsmoe_cu_mul_uniform_noise(const dsmoe_cu_env *env, void
     if (!(eps >= 0.0f && eps < 1.0f))
         return dsmoe_cu_fail(env, DSMOE_ERR_INVALID, "%s: eps=%g: expected 0 <= eps < 1", op, (double)eps);
     DSMOE_CU_DISPATCH(dt, T, {
-        mul_uniform_noise_kernel<T><<<dsmoe_cu_blocks(n, EW_THREADS), EW_THREADS, 0, env->stream>>>(
-            (T *)out, (const T *)in, n, eps, seed, offset);
+        dsmoe_cu_launch(mul_uniform_noise_kernel<T>, dsmoe_cu_blocks(n, EW_THREADS), EW_THREADS, 0, env->stream,
+                        (T *)out, (const T *)in, n, eps, seed, offset);
     });
     return dsmoe_cu_check_launch(env, op);
 }
@@ -225,15 +225,15 @@ extern "C" dsmoe_status dsmoe_cu_sum_squares(const dsmoe_cu_env *env, const floa
         blocks = SS_MAX_BLOCKS;
     const size_t chunk = (n + blocks - 1) / blocks;
     if (blocks == 1) {
-        sum_squares_blocks_kernel<<<1, SS_THREADS, 0, env->stream>>>(x, n, chunk, out);
+        dsmoe_cu_launch(sum_squares_blocks_kernel, 1, SS_THREADS, 0, env->stream, x, n, chunk, out);
         return dsmoe_cu_check_launch(env, op);
     }
     double *partial = NULL;
     dsmoe_status st = dsmoe_cu_scratch(env, (void **)&partial, blocks * sizeof(double), op);
     if (st != DSMOE_OK)
         return st;
-    sum_squares_blocks_kernel<<<(unsigned)blocks, SS_THREADS, 0, env->stream>>>(x, n, chunk, partial);
-    sum_partials_kernel<<<1, SS_THREADS, 0, env->stream>>>(partial, (int)blocks, out);
+    dsmoe_cu_launch(sum_squares_blocks_kernel, (unsigned)blocks, SS_THREADS, 0, env->stream, x, n, chunk, partial);
+    dsmoe_cu_launch(sum_partials_kernel, 1, SS_THREADS, 0, env->stream, partial, (int)blocks, out);
     cudaFreeAsync(partial, env->stream);
     return dsmoe_cu_check_launch(env, op);
 }
@@ -261,11 +261,11 @@ extern "C" dsmoe_status dsmoe_cu_all_finite(const dsmoe_cu_env *env, const void 
         return dsmoe_cu_fail(env, DSMOE_ERR_INVALID, "%s: NULL out", op);
     if (!x && n > 0)
         return dsmoe_cu_fail(env, DSMOE_ERR_INVALID, "%s: NULL x with n=%zu", op, n);
-    set_flag_kernel<<<1, 1, 0, env->stream>>>(out, 1);
+    dsmoe_cu_launch(set_flag_kernel, 1, 1, 0, env->stream, out, 1);
     if (n > 0) {
         DSMOE_CU_DISPATCH(dt, T, {
-            all_finite_kernel<T><<<dsmoe_cu_blocks(n, EW_THREADS), EW_THREADS, 0, env->stream>>>((const T *)x, n,
-                                                                                                  out);
+            dsmoe_cu_launch(all_finite_kernel<T>, dsmoe_cu_blocks(n, EW_THREADS), EW_THREADS, 0, env->stream,
+                            (const T *)x, n, out);
         });
     }
     return dsmoe_cu_check_launch(env, op);
@@ -304,11 +304,11 @@ extern "C" dsmoe_status dsmoe_cu_convert(const dsmoe_cu_env *env, void *dst, dsm
         return dsmoe_cu_check(env, cudaMemcpyAsync(dst, src, sbytes, cudaMemcpyDeviceToDevice, env->stream), op);
     const unsigned blocks = dsmoe_cu_blocks(n, EW_THREADS);
     if (src_type == DSMOE_FLOAT32)
-        convert_kernel<float, __nv_bfloat16><<<blocks, EW_THREADS, 0, env->stream>>>((__nv_bfloat16 *)dst,
-                                                                                     (const float *)src, n);
+        dsmoe_cu_launch(convert_kernel<float, __nv_bfloat16>, blocks, EW_THREADS, 0, env->stream, (__nv_bfloat16 *)dst,
+                        (const float *)src, n);
     else
-        convert_kernel<__nv_bfloat16, float><<<blocks, EW_THREADS, 0, env->stream>>>((float *)dst,
-                                                                                     (const __nv_bfloat16 *)src, n);
+        dsmoe_cu_launch(convert_kernel<__nv_bfloat16, float>, blocks, EW_THREADS, 0, env->stream, (float *)dst,
+                        (const __nv_bfloat16 *)src, n);
     return dsmoe_cu_check_launch(env, op);
 }
 
@@ -334,9 +334,9 @@ extern "C" dsmoe_status dsmoe_cu_init_tensor(const dsmoe_cu_env *env, float *dst
         return DSMOE_OK;
     const unsigned blocks = dsmoe_cu_blocks(n, EW_THREADS);
     if (p->std > 0.0f)
-        init_normal_kernel<<<blocks, EW_THREADS, 0, env->stream>>>(dst, n, p->key, p->offset, p->std);
+        dsmoe_cu_launch(init_normal_kernel, blocks, EW_THREADS, 0, env->stream, dst, n, p->key, p->offset, p->std);
     else
-        fill_kernel<<<blocks, EW_THREADS, 0, env->stream>>>(dst, n, p->value);
+        dsmoe_cu_launch(fill_kernel, blocks, EW_THREADS, 0, env->stream, dst, n, p->value);
     return dsmoe_cu_check_launch(env, op);
 }
 
@@ -381,8 +381,8 @@ extern "C" dsmoe_status dsmoe_cu_gelu_forward(const dsmoe_cu_env *env, void *out
     if (!out || !in)
         return dsmoe_cu_fail(env, DSMOE_ERR_INVALID, "%s: NULL %s with n=%zu", op, out ? "in" : "out", n);
     DSMOE_CU_DISPATCH(dt, T, {
-        gelu_forward_kernel<T><<<dsmoe_cu_blocks(n, EW_THREADS), EW_THREADS, 0, env->stream>>>((T *)out,
-                                                                                                (const T *)in, n);
+        dsmoe_cu_launch(gelu_forward_kernel<T>, dsmoe_cu_blocks(n, EW_THREADS), EW_THREADS, 0, env->stream, (T *)out,
+                        (const T *)in, n);
     });
     return dsmoe_cu_check_launch(env, op);
 }
@@ -398,8 +398,8 @@ extern "C" dsmoe_status dsmoe_cu_gelu_backward(const dsmoe_cu_env *env, void *di
     if (!din || !in || !dout)
         return dsmoe_cu_fail(env, DSMOE_ERR_INVALID, "%s: NULL din, in or dout with n=%zu", op, n);
     DSMOE_CU_DISPATCH(dt, T, {
-        gelu_backward_kernel<T><<<dsmoe_cu_blocks(n, EW_THREADS), EW_THREADS, 0, env->stream>>>(
-            (T *)din, (const T *)in, (const T *)dout, n);
+        dsmoe_cu_launch(gelu_backward_kernel<T>, dsmoe_cu_blocks(n, EW_THREADS), EW_THREADS, 0, env->stream, (T *)din,
+                        (const T *)in, (const T *)dout, n);
     });
     return dsmoe_cu_check_launch(env, op);
 }
@@ -451,8 +451,8 @@ extern "C" dsmoe_status dsmoe_cu_residual_mix_forward(const dsmoe_cu_env *env, v
         return dsmoe_cu_fail(env, DSMOE_ERR_INVALID, "%s: NULL out, coef, moe, mlp or coef_logits", op);
     const unsigned blocks = (unsigned)(S < RM_MAX_BLOCKS ? S : RM_MAX_BLOCKS);
     DSMOE_CU_DISPATCH(dt, T, {
-        residual_mix_forward_kernel<T><<<blocks, rm_threads(M), 0, env->stream>>>(
-            (T *)out, coef, (const T *)moe, (const T *)mlp, coef_logits, S, M);
+        dsmoe_cu_launch(residual_mix_forward_kernel<T>, blocks, rm_threads(M), 0, env->stream, (T *)out, coef,
+                        (const T *)moe, (const T *)mlp, coef_logits, S, M);
     });
     return dsmoe_cu_check_launch(env, op);
 }
@@ -501,8 +501,8 @@ extern "C" dsmoe_status dsmoe_cu_residual_mix_backward(const dsmoe_cu_env *env, 
                              "%s: NULL argument (dmoe, dmlp, dcoef_logits, dout, moe, mlp or coef)", op);
     const unsigned blocks = (unsigned)(S < RM_MAX_BLOCKS ? S : RM_MAX_BLOCKS);
     DSMOE_CU_DISPATCH(dt, T, {
-        residual_mix_backward_kernel<T><<<blocks, rm_threads(M), 0, env->stream>>>(
-            (T *)dmoe, (T *)dmlp, dcoef_logits, (const T *)dout, (const T *)moe, (const T *)mlp, coef, S, M);
+        dsmoe_cu_launch(residual_mix_backward_kernel<T>, blocks, rm_threads(M), 0, env->stream, (T *)dmoe, (T *)dmlp,
+                        dcoef_logits, (const T *)dout, (const T *)moe, (const T *)mlp, coef, S, M);
     });
     return dsmoe_cu_check_launch(env, op);
 }

@@ -58,7 +58,7 @@ extern "C" dsmoe_status dsmoe_cu_gate_route(const dsmoe_cu_env *env, const dsmoe
     st = dsmoe_cu_check(env, cudaMemsetAsync(counts, 0, (size_t)p->E * sizeof *counts, env->stream), op);
     if (st != DSMOE_OK || p->S == 0)
         return st;
-    route_kernel<<<token_blocks(p->S), GATE_THREADS, 0, env->stream>>>(*p, logits, probs, choice, counts);
+    dsmoe_cu_launch(route_kernel, token_blocks(p->S), GATE_THREADS, 0, env->stream, *p, logits, probs, choice, counts);
     return dsmoe_cu_check_launch(env, op);
 }
 
@@ -110,13 +110,15 @@ extern "C" dsmoe_status dsmoe_cu_gate_assign(const dsmoe_cu_env *env, const dsmo
         if ((st = dsmoe_cu_scratch(env, (void **)&psum, (size_t)chunks * E * sizeof *psum, op)) != DSMOE_OK)
             return st;
         const dim3 grid((unsigned)chunks, (unsigned)((E + PS_COLS - 1) / PS_COLS)), block(PS_COLS, PS_ROWS);
-        psum_partial_kernel<<<grid, block, 0, env->stream>>>(psum, probs, S, E);
+        dsmoe_cu_launch(psum_partial_kernel, grid, block, 0, env->stream, psum, probs, S, E);
     }
-    assign_kernel<<<(unsigned)E, ASSIGN_THREADS, 0, env->stream>>>(*p, C, choice, slot, kept, aux_sums, psum, chunks);
+    dsmoe_cu_launch(assign_kernel, (unsigned)E, ASSIGN_THREADS, 0, env->stream, *p, C, choice, slot, kept, aux_sums,
+                    psum, chunks);
     if (psum)
         cudaFreeAsync(psum, env->stream);
     if (S > 0)
-        weight_kernel<<<token_blocks(S), GATE_THREADS, 0, env->stream>>>(*p, probs, choice, slot, weight, env->fault);
+        dsmoe_cu_launch(weight_kernel, token_blocks(S), GATE_THREADS, 0, env->stream, *p, probs, choice, slot, weight,
+                        env->fault);
     return dsmoe_cu_check_launch(env, op);
 }
 
@@ -201,10 +203,10 @@ extern "C" dsmoe_status dsmoe_cu_gate_backward(const dsmoe_cu_env *env, const ds
     float *daux_g = NULL; // (E)
     if ((st = dsmoe_cu_scratch(env, (void **)&daux_g, (size_t)E * sizeof *daux_g, op)) != DSMOE_OK)
         return st;
-    aux_grad_kernel<<<(unsigned)((E + GATE_THREADS - 1) / GATE_THREADS), GATE_THREADS, 0, env->stream>>>(
-        daux_g, aux_sums, E, daux);
-    gate_backward_kernel<<<token_blocks(S), GATE_THREADS, 0, env->stream>>>(*p, dlogits, probs, choice, slot, dweight,
-                                                                            daux_g, env->fault);
+    dsmoe_cu_launch(aux_grad_kernel, (unsigned)((E + GATE_THREADS - 1) / GATE_THREADS), GATE_THREADS, 0, env->stream,
+                    daux_g, aux_sums, E, daux);
+    dsmoe_cu_launch(gate_backward_kernel, token_blocks(S), GATE_THREADS, 0, env->stream, *p, dlogits, probs, choice,
+                    slot, dweight, daux_g, env->fault);
     cudaFreeAsync(daux_g, env->stream);
     return dsmoe_cu_check_launch(env, op);
 }

@@ -141,9 +141,9 @@ extern "C" dsmoe_status dsmoe_cu_gate_fused(const dsmoe_cu_env *env, const dsmoe
             return st;
         dsmoe_gating_params pp = *p;
         dsmoe_cu_fault *fault = env->fault;
-        void *args[] = {&pp, &C, &logits, &probs, &choice, &counts, &slot, &weight, &kept, &aux_sums, &psum, &fault};
-        cudaError_t e = cudaLaunchCooperativeKernel(gate_fused_kernel, dim3((unsigned)grid), dim3(FUSED_THREADS),
-                                                    args, 0, env->stream);
+        cudaError_t e = dsmoe_cu_launch_cooperative(gate_fused_kernel, dim3((unsigned)grid), dim3(FUSED_THREADS), 0,
+                                                    env->stream, pp, C, logits, probs, choice, counts, slot, weight,
+                                                    kept, aux_sums, psum, fault);
         if (psum)
             cudaFreeAsync(psum, env->stream); // stream-ordered: after the kernel, or at once if it never ran
         if (e == cudaSuccess)

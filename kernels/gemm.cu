@@ -116,8 +116,8 @@ __global__ void check_counts_kernel(const int32_t *counts, int groups, int m_max
 }
 
 static void launch_check_counts(const dsmoe_cu_env *env, const int32_t *counts, int groups, int m_max) {
-    check_counts_kernel<<<dsmoe_cu_blocks((size_t)groups, 256), 256, 0, env->stream>>>(counts, groups, m_max,
-                                                                                         env->fault);
+    dsmoe_cu_launch(check_counts_kernel, dsmoe_cu_blocks((size_t)groups, 256), 256, 0, env->stream, counts, groups,
+                    m_max, env->fault);
 }
 
 // c (m, n) = beta * c (c = 0 when beta == 0, as BLAS: c is not read): a GEMM with k == 0.
@@ -152,7 +152,7 @@ extern "C" dsmoe_status dsmoe_cu_gemm(const dsmoe_cu_env *env, int trans_a, int 
             return DSMOE_OK;
         unsigned blocks = (unsigned)imin(m, GEMM_MAX_ROW_BLOCKS);
         DSMOE_CU_DISPATCH(c_type, T, {
-            scale_rows_kernel<T><<<blocks, 256, 0, env->stream>>>((T *)c, m, n, ldc, beta);
+            dsmoe_cu_launch(scale_rows_kernel<T>, blocks, 256, 0, env->stream, (T *)c, m, n, ldc, beta);
         });
         return dsmoe_cu_check_launch(env, op);
     }
@@ -263,9 +263,9 @@ static dsmoe_status grouped_product(const dsmoe_cu_env *env, const dsmoe_grouped
     if ((st = dsmoe_cu_scratch(env, ptrs, bytes, op)) != DSMOE_OK)
         return st;
     const void **p = (const void **)*ptrs;
-    grouped_pointers_kernel<<<dsmoe_cu_blocks((size_t)groups, 256), 256, 0, env->stream>>>(
-        p, groups, (const char *)G->b, G->b_stride * es, G->b_groups, (const char *)G->a, G->a_stride * es, acc,
-        acc_stride);
+    dsmoe_cu_launch(grouped_pointers_kernel, dsmoe_cu_blocks((size_t)groups, 256), 256, 0, env->stream, p, groups,
+                    (const char *)G->b, G->b_stride * es, G->b_groups, (const char *)G->a, G->a_stride * es, acc,
+                    acc_stride);
     if ((st = dsmoe_cu_check_launch(env, op)) != DSMOE_OK)
         return st;
     for (int g0 = 0; g0 < groups; g0 += GEMM_MAX_BATCH) {
@@ -334,7 +334,7 @@ extern "C" dsmoe_status dsmoe_cu_gemm_grouped(const dsmoe_cu_env *env, const dsm
             epilogue_args<TC> p = {G->counts, groups, m_max, n, G->b_groups, G->beta, acc, (TC *)G->c, G->ldc,
                                    G->c_stride, (int)G->epilogue, bias ? G->bias : NULL, G->bias_stride,
                                    aux ? (TC *)G->aux : NULL, env->fault};
-            grouped_epilogue_kernel<TC><<<grid, threads, 0, env->stream>>>(p);
+            dsmoe_cu_launch(grouped_epilogue_kernel<TC>, grid, threads, 0, env->stream, p);
         });
         st = dsmoe_cu_check_launch(env, op);
     }
@@ -411,8 +411,8 @@ static dsmoe_status wgrad_weights(const dsmoe_cu_env *env, const dsmoe_grouped_w
         dim3 grid((unsigned)imin(m_max, GEMM_MAX_ROW_BLOCKS), (unsigned)imin(W, GEMM_MAX_GRID_Y));
         DSMOE_CU_DISPATCH(G->dy_type, T, {
             T *dy_s = (T *)scratch, *x_s = (T *)((char *)scratch + x_off);
-            wgrad_mask_kernel<T><<<grid, 256, 0, env->stream>>>(G->counts, g0, W, m_max, n, k, (const T *)G->dy,
-                                                                G->dy_stride, (const T *)G->x, G->x_stride, dy_s, x_s);
+            dsmoe_cu_launch(wgrad_mask_kernel<T>, grid, 256, 0, env->stream, G->counts, g0, W, m_max, n, k,
+                            (const T *)G->dy, G->dy_stride, (const T *)G->x, G->x_stride, dy_s, x_s);
         });
         if ((st = dsmoe_cu_check_launch(env, op)) != DSMOE_OK)
             return st;
@@ -479,8 +479,8 @@ extern "C" dsmoe_status dsmoe_cu_gemm_grouped_wgrad(const dsmoe_cu_env *env, con
     if (G->dbias) {
         dim3 grid(dsmoe_cu_blocks((size_t)n, 128), (unsigned)imin(W, GEMM_MAX_GRID_Y));
         DSMOE_CU_DISPATCH(G->dy_type, T, {
-            wgrad_dbias_kernel<T><<<grid, 128, 0, env->stream>>>(G->counts, groups, m_max, n, B, W, (const T *)G->dy,
-                                                                 G->dy_stride, G->dbias, G->dbias_stride);
+            dsmoe_cu_launch(wgrad_dbias_kernel<T>, grid, 128, 0, env->stream, G->counts, groups, m_max, n, B, W,
+                            (const T *)G->dy, G->dy_stride, G->dbias, G->dbias_stride);
         });
     }
     return dsmoe_cu_check_launch(env, op);

@@ -259,8 +259,8 @@ extern "C" dsmoe_status dsmoe_cu_moe_dispatch(const dsmoe_cu_env *env, void *buf
         return dsmoe_cu_fail(env, DSMOE_ERR_INVALID, "%s: %s is NULL", op, !buf ? "buf" : "x");
     const bool vec = rows_vec(dt, M, buf, x, x);
     DSMOE_CU_DISPATCH(dt, T, {
-        dispatch_kernel<T><<<(unsigned)S, MR_THREADS, 0, env->stream>>>((T *)buf, (const T *)x, choice, slot, K, E, C,
-                                                                         M, vec, env->fault);
+        dsmoe_cu_launch(dispatch_kernel<T>, (unsigned)S, MR_THREADS, 0, env->stream, (T *)buf, (const T *)x, choice,
+                        slot, K, E, C, M, vec, env->fault);
     });
     return dsmoe_cu_check_launch(env, op);
 }
@@ -276,8 +276,8 @@ extern "C" dsmoe_status dsmoe_cu_moe_dispatch_backward(const dsmoe_cu_env *env, 
         return dsmoe_cu_fail(env, DSMOE_ERR_INVALID, "%s: %s is NULL", op, !dx ? "dx" : "dbuf");
     const bool vec = rows_vec(dt, M, dx, dbuf, dbuf);
     DSMOE_CU_DISPATCH(dt, T, {
-        dispatch_backward_kernel<T><<<(unsigned)S, MR_THREADS, 0, env->stream>>>(
-            (T *)dx, (const T *)dbuf, choice, slot, K, E, C, M, vec, env->fault);
+        dsmoe_cu_launch(dispatch_backward_kernel<T>, (unsigned)S, MR_THREADS, 0, env->stream, (T *)dx, (const T *)dbuf,
+                        choice, slot, K, E, C, M, vec, env->fault);
     });
     return dsmoe_cu_check_launch(env, op);
 }
@@ -293,8 +293,8 @@ extern "C" dsmoe_status dsmoe_cu_moe_combine(const dsmoe_cu_env *env, void *out,
         return dsmoe_cu_fail(env, DSMOE_ERR_INVALID, "%s: %s is NULL", op, !weight ? "weight" : !out ? "out" : "y");
     const bool vec = rows_vec(dt, M, out, y, y);
     DSMOE_CU_DISPATCH(dt, T, {
-        combine_kernel<T><<<(unsigned)S, MR_THREADS, 0, env->stream>>>((T *)out, (const T *)y, choice, slot, weight, K,
-                                                                        E, C, M, vec, env->fault);
+        dsmoe_cu_launch(combine_kernel<T>, (unsigned)S, MR_THREADS, 0, env->stream, (T *)out, (const T *)y, choice,
+                        slot, weight, K, E, C, M, vec, env->fault);
     });
     return dsmoe_cu_check_launch(env, op);
 }
@@ -316,8 +316,8 @@ extern "C" dsmoe_status dsmoe_cu_moe_combine_backward(const dsmoe_cu_env *env, v
         return dsmoe_cu_fail(env, DSMOE_ERR_INVALID, "%s: %s is NULL", op, !y ? "y" : "dy");
     const bool vec = rows_vec(dt, M, dy, dout, y);
     DSMOE_CU_DISPATCH(dt, T, {
-        combine_backward_kernel<T><<<(unsigned)S, MR_THREADS, 0, env->stream>>>(
-            (T *)dy, dweight, (const T *)dout, (const T *)y, choice, slot, weight, K, E, C, M, vec, env->fault);
+        dsmoe_cu_launch(combine_backward_kernel<T>, (unsigned)S, MR_THREADS, 0, env->stream, (T *)dy, dweight,
+                        (const T *)dout, (const T *)y, choice, slot, weight, K, E, C, M, vec, env->fault);
     });
     return dsmoe_cu_check_launch(env, op);
 }

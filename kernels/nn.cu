@@ -83,11 +83,11 @@ extern "C" dsmoe_status dsmoe_cu_embedding_forward(const dsmoe_cu_env *env, void
         return invalid(env, op, "NULL out, tokens, wte or wpe");
     DSMOE_CU_DISPATCH(dt, Tv, {
         if (wte_dt == DSMOE_FLOAT32)
-            embedding_forward_kernel<Tv, float><<<(unsigned)rows, NN_ROW_THREADS, 0, env->stream>>>(
-                (Tv *)out, tokens, (const float *)wte, wpe, pos, T, M, V, n_pos, env->fault);
+            dsmoe_cu_launch(embedding_forward_kernel<Tv, float>, (unsigned)rows, NN_ROW_THREADS, 0, env->stream,
+                            (Tv *)out, tokens, (const float *)wte, wpe, pos, T, M, V, n_pos, env->fault);
         else
-            embedding_forward_kernel<Tv, Tv><<<(unsigned)rows, NN_ROW_THREADS, 0, env->stream>>>(
-                (Tv *)out, tokens, (const Tv *)wte, wpe, pos, T, M, V, n_pos, env->fault);
+            dsmoe_cu_launch(embedding_forward_kernel<Tv, Tv>, (unsigned)rows, NN_ROW_THREADS, 0, env->stream, (Tv *)out,
+                            tokens, (const Tv *)wte, wpe, pos, T, M, V, n_pos, env->fault);
     });
     return dsmoe_cu_check_launch(env, op);
 }
@@ -214,18 +214,18 @@ extern "C" dsmoe_status dsmoe_cu_embedding_backward(const dsmoe_cu_env *env, flo
     uint64_t *keys = (uint64_t *)scratch, *sorted = (uint64_t *)(scratch + key_bytes);
     void *sort_tmp = scratch + 2 * key_bytes;
 
-    embedding_keys_kernel<<<dsmoe_cu_blocks((size_t)rows, NN_ROW_THREADS), NN_ROW_THREADS, 0, env->stream>>>(
-        keys, tokens, rows, V, env->fault);
+    dsmoe_cu_launch(embedding_keys_kernel, dsmoe_cu_blocks((size_t)rows, NN_ROW_THREADS), NN_ROW_THREADS, 0,
+                    env->stream, keys, tokens, rows, V, env->fault);
     st = dsmoe_cu_check(env,
                         cub::DeviceRadixSort::SortKeys(sort_tmp, sort_bytes, (const uint64_t *)keys, sorted, rows, 0,
                                                        end_bit, env->stream),
                         "embedding_backward: cub sort");
     if (st == DSMOE_OK) {
         DSMOE_CU_DISPATCH(dt, Tv, {
-            embedding_dwte_kernel<Tv><<<(unsigned)rows, EMB_TILE, 0, env->stream>>>(dwte, (const Tv *)dout, sorted,
-                                                                                    rows, M, V);
-            embedding_dwpe_kernel<Tv><<<(unsigned)T, NN_ROW_THREADS, 0, env->stream>>>(dwpe, (const Tv *)dout, B, T,
-                                                                                       M);
+            dsmoe_cu_launch(embedding_dwte_kernel<Tv>, (unsigned)rows, EMB_TILE, 0, env->stream, dwte, (const Tv *)dout,
+                            sorted, rows, M, V);
+            dsmoe_cu_launch(embedding_dwpe_kernel<Tv>, (unsigned)T, NN_ROW_THREADS, 0, env->stream, dwpe,
+                            (const Tv *)dout, B, T, M);
         });
         st = dsmoe_cu_check_launch(env, op);
     }
@@ -279,8 +279,8 @@ extern "C" dsmoe_status dsmoe_cu_layernorm_forward(const dsmoe_cu_env *env, void
     if (!out || !in || !weight || !bias)
         return invalid(env, op, "NULL out, in, weight or bias");
     DSMOE_CU_DISPATCH(dt, Tv, {
-        layernorm_forward_kernel<Tv><<<(unsigned)S, NN_ROW_THREADS, 0, env->stream>>>(
-            (Tv *)out, mean, rstd, (const Tv *)in, weight, bias, M, eps);
+        dsmoe_cu_launch(layernorm_forward_kernel<Tv>, (unsigned)S, NN_ROW_THREADS, 0, env->stream, (Tv *)out, mean,
+                        rstd, (const Tv *)in, weight, bias, M, eps);
     });
     return dsmoe_cu_check_launch(env, op);
 }
@@ -391,21 +391,20 @@ extern "C" dsmoe_status dsmoe_cu_layernorm_backward(const dsmoe_cu_env *env, voi
     }
     const dim3 grid((unsigned)((M + LN_COLS - 1) / LN_COLS), (unsigned)chunks), block(LN_COLS, LN_ROWS);
     DSMOE_CU_DISPATCH(dt, Tv, {
-        layernorm_din_kernel<Tv><<<(unsigned)S, NN_ROW_THREADS, 0, env->stream>>>(
-            (Tv *)din, (const Tv *)dout, (const Tv *)in, weight, mean, rstd, M);
+        dsmoe_cu_launch(layernorm_din_kernel<Tv>, (unsigned)S, NN_ROW_THREADS, 0, env->stream, (Tv *)din,
+                        (const Tv *)dout, (const Tv *)in, weight, mean, rstd, M);
         if (chunks > 1)
-            layernorm_dparams_kernel<Tv><<<grid, block, 0, env->stream>>>(partial, partial + (size_t)chunks * M, 0,
-                                                                          (const Tv *)dout, (const Tv *)in, mean,
-                                                                          rstd, S, M, chunk_rows);
+            dsmoe_cu_launch(layernorm_dparams_kernel<Tv>, grid, block, 0, env->stream, partial,
+                            partial + (size_t)chunks * M, 0, (const Tv *)dout, (const Tv *)in, mean, rstd, S, M,
+                            chunk_rows);
         else
-            layernorm_dparams_kernel<Tv><<<grid, block, 0, env->stream>>>(dweight, dbias, 1, (const Tv *)dout,
-                                                                          (const Tv *)in, mean, rstd, S, M,
-                                                                          chunk_rows);
+            dsmoe_cu_launch(layernorm_dparams_kernel<Tv>, grid, block, 0, env->stream, dweight, dbias, 1,
+                            (const Tv *)dout, (const Tv *)in, mean, rstd, S, M, chunk_rows);
     });
     if (chunks == 1)
         return dsmoe_cu_check_launch(env, op);
-    layernorm_partials_kernel<<<dsmoe_cu_blocks((size_t)M, NN_ROW_THREADS), NN_ROW_THREADS, 0, env->stream>>>(
-        dweight, dbias, partial, partial + (size_t)chunks * M, chunks, M);
+    dsmoe_cu_launch(layernorm_partials_kernel, dsmoe_cu_blocks((size_t)M, NN_ROW_THREADS), NN_ROW_THREADS, 0,
+                    env->stream, dweight, dbias, partial, partial + (size_t)chunks * M, chunks, M);
     st = dsmoe_cu_check_launch(env, op);
     dsmoe_status fst = dsmoe_cu_check(env, cudaFreeAsync(partial, env->stream), "layernorm_backward: cudaFreeAsync");
     return st != DSMOE_OK ? st : fst;
@@ -462,8 +461,8 @@ extern "C" dsmoe_status dsmoe_cu_crossentropy_forward(const dsmoe_cu_env *env, f
     if (!losses || !probs || !logits || !targets)
         return invalid(env, op, "NULL losses, probs, logits or targets");
     DSMOE_CU_DISPATCH(dt, Tv, {
-        crossentropy_forward_kernel<Tv><<<(unsigned)S, NN_CE_THREADS, 0, env->stream>>>(
-            losses, probs, (const Tv *)logits, targets, V, env->fault);
+        dsmoe_cu_launch(crossentropy_forward_kernel<Tv>, (unsigned)S, NN_CE_THREADS, 0, env->stream, losses, probs,
+                        (const Tv *)logits, targets, V, env->fault);
     });
     return dsmoe_cu_check_launch(env, op);
 }
@@ -502,8 +501,8 @@ extern "C" dsmoe_status dsmoe_cu_crossentropy_backward(const dsmoe_cu_env *env, 
     if (!dlogits || !probs || !targets)
         return invalid(env, op, "NULL dlogits, probs or targets");
     DSMOE_CU_DISPATCH(dt, Tv, {
-        crossentropy_backward_kernel<Tv><<<(unsigned)S, NN_ROW_THREADS, 0, env->stream>>>(
-            (Tv *)dlogits, probs, targets, dloss, V, env->fault);
+        dsmoe_cu_launch(crossentropy_backward_kernel<Tv>, (unsigned)S, NN_ROW_THREADS, 0, env->stream, (Tv *)dlogits,
+                        probs, targets, dloss, V, env->fault);
     });
     return dsmoe_cu_check_launch(env, op);
 }

@@ -111,7 +111,7 @@ extern "C" dsmoe_status dsmoe_cu_adamw(const dsmoe_cu_env *env, const dsmoe_adam
         }
         if (b.count == 0)
             break; // only empty tensors were left
-        adamw_kernel<<<(unsigned)blocks, ADAMW_THREADS, 0, env->stream>>>(b);
+        dsmoe_cu_launch(adamw_kernel, (unsigned)blocks, ADAMW_THREADS, 0, env->stream, b);
         dsmoe_status st = dsmoe_cu_check_launch(env, op);
         if (st != DSMOE_OK)
             return st;

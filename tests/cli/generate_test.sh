@@ -5,7 +5,8 @@
 #   ep 4, ep 2 x data 2, the hierarchical all-to-all forced (ranks_per_node 2), tensor slicing 2 and 4,
 #   ep 2 x tensor 2 with and without the coordinated all-to-all, expert-slicing (ep 2 x tensor 2, and 8
 #   ranks for 4 experts: ep 4 x tensor 2), and whatever generate.batch is; and on the strict kernel plugin
-#   (1 rank; 4 ranks, ep 2 x tensor 2 over ncclsim, stream-ordered), the ordering a GPU would impose;
+#   (1 rank; 4 ranks, ep 2 x tensor 2 over ncclsim, stream-ordered), the ordering a GPU would impose; and
+#   on the cuda plugin run by the CUDA emulator (1 rank; 2 ranks with ep 2), where the build has it;
 # - seeded sampling (temperature, top-k, top-p) gives each prompt the same tokens whatever its batch or
 #   rank, and another seed gives other tokens;
 # - in bf16 (run.precision) the greedy tokens do not depend on the layout either (tensor slicing included);
@@ -21,6 +22,13 @@ shift 2
 mpiflags=("$@")
 source "$(dirname "${BASH_SOURCE[0]}")/generate_lib.sh" generate_test
 
+# The cuda plugin on the CUDA emulator (tests/cuda_emu/), where the build has it: its own layouts below.
+emu_layouts=()
+if [ -f "$plugins/cuda_emu/libdsmoe_kernel_cuda.so" ]; then
+  emu_layouts=("1 run.kernel_backend=cuda run.plugin_path=$plugins/cuda_emu"
+               "2 moe.expert_parallel=2 run.kernel_backend=cuda run.plugin_path=$plugins/cuda_emu")
+fi
+
 for f in txt jsonl; do
   gen_ref "$f" || continue
   # The layouts, all of them on the JSON-lines prompts (their per-prompt settings take more paths) and
@@ -35,7 +43,8 @@ for f in txt jsonl; do
                 "4 generate.tensor_parallel=4" "4 generate.tensor_parallel=2 moe.expert_parallel=2 generate.expert_slicing=true" \
                 "8 generate.tensor_parallel=2 moe.expert_parallel=4 generate.expert_slicing=true" \
                 "1 run.kernel_backend=strict run.plugin_path=$plugins" \
-                "4 generate.tensor_parallel=2 moe.expert_parallel=2 run.kernel_backend=strict run.comm_backend=ncclsim run.plugin_path=$plugins"; do
+                "4 generate.tensor_parallel=2 moe.expert_parallel=2 run.kernel_backend=strict run.comm_backend=ncclsim run.plugin_path=$plugins" \
+                "${emu_layouts[@]}"; do
     set -- $layout
     r=$1
     shift
@@ -116,7 +125,7 @@ if [ $? != 0 ]; then
 else
   ok
   for layout in "4 moe.expert_parallel=2" "1 generate.batch=5" "2 generate.tensor_parallel=2" \
-                "4 moe.expert_parallel=2 generate.tensor_parallel=2"; do
+                "4 moe.expert_parallel=2 generate.tensor_parallel=2" "${emu_layouts[@]}"; do
     set -- $layout
     r=$1
     shift

@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# Training on the cuda plugin run by the CUDA emulator (tests/cuda_emu/: the plugin's own code, its kernels
+# as host fibers) against the cpu plugin: the same deck with run.kernel_backend = cuda and cpu must give
+# the same losses, aux losses and gradient norms to 1e-4 relative in float32 (the cuda plugin's GEMMs,
+# reductions and fused multiply-adds round differently, so not bitwise) and 3e-2 in bfloat16, on 1 rank
+# and on 2 ranks sharing the emulated device; a checkpoint written by the cuda plugin resumes on cpu and
+# the reverse, ending where the uninterrupted run ends.
+# usage: cuda_emu_train.sh <dsmoe> <directory of the emulated libdsmoe_kernel_cuda.so> <mpiexec> [flags...]
+set -u
+dsmoe=$1 emudir=$2
+shift 2
+mpiexec=("$@")
+work=$(mktemp -d /tmp/dsmoe_cuda_emu.XXXXXX)
+trap 'rm -rf "$work"' EXIT
+export OMP_NUM_THREADS=1
+source "$(dirname "${BASH_SOURCE[0]}")/../cli/lib.sh" # fail, ok, show, finish
+passed() { echo "ok: $*"; ok; }
+
+if [ ! -f "$emudir/libdsmoe_kernel_cuda.so" ]; then echo "skip: no emulated cuda plugin in $emudir"; exit 77; fi
+
+deck="$work/e.deck"
+cat > "$deck" <<DECK
+[run]
+log_every = 1
+[model]
+vocab = 32
+seq_len = 16
+layers = 4
+hidden = 32
+heads = 2
+[moe]
+experts = 8
+every = 2
+capacity_factor = 1.0
+min_capacity = 2
+[train]
+steps = 6
+batch = 8
+lr = 3e-3
+warmup_steps = 1
+eval_every = 3
+eval_batches = 1
+[data]
+synthetic_sources = 2
+synthetic_branching = 2
+[checkpoint]
+every = 3
+keep = 3
+final = true
+DECK
+
+# run <name> <ranks> [key=value ...]: the emulated plugin is found first (DSMOE_PLUGIN_PATH), so
+# run.kernel_backend = cuda loads it; cpu is found in the build tree as always.
+run() {
+  local name=$1 n=$2
+  shift 2
+  if ! "${mpiexec[@]}" -n "$n" -x DSMOE_PLUGIN_PATH="$emudir" "$dsmoe" "$deck" run.output_dir="$work/$name" "$@" \
+    > "$work/$name.log" 2>&1; then
+    fail "$name: dsmoe on $n ranks failed"; show "$work/$name.log"; return 1
+  fi
+}
+
+# close <a metrics.csv> <b metrics.csv> <relative tolerance>: loss, aux_loss and grad_norm of every row,
+# and valid_loss where both have it; prints the largest relative difference, fails past the tolerance.
+close() {
+  awk -F, -v tol="$3" '
+    FNR == 1 { for (i = 1; i <= NF; i++) col[$i] = i; next }
+    NR == FNR { a[FNR] = $0; next }
+    { split(a[FNR], x, ","); n++
+      split("loss aux_loss grad_norm valid_loss", names, " ")
+      for (j in names) { c = col[names[j]]; if (!c || x[c] == "" || $c == "") continue
+        d = x[c] - $c; if (d < 0) d = -d; s = x[c] < 0 ? -x[c] : x[c]; r = s > 0 ? d / s : d
+        if (r > worst) { worst = r; where = names[j] " at row " FNR } } }
+    END { if (n == 0) { print "no rows"; exit 1 }
+          printf "%d steps, largest relative difference %.3g (%s)\n", n, worst, where; exit worst > tol }' "$1" "$2"
+}
+
+# same <name> <ranks> <tolerance> [key=value ...]: cpu against the emulated cuda plugin.
+same() {
+  local name=$1 n=$2 tol=$3
+  shift 3
+  run "cpu_$name" "$n" run.kernel_backend=cpu "$@" && run "cuda_$name" "$n" run.kernel_backend=cuda "$@" || return
+  grep -q 'dsmoe CUDA emulator' "$work/cuda_$name.log" ||
+    { fail "$name: the cuda run did not load the emulator"; return; }
+  local r what="$name on $n rank(s), cuda (emulated) vs cpu"
+  r=$(close "$work/cpu_$name/metrics.csv" "$work/cuda_$name/metrics.csv" "$tol") && passed "$what: $r" || fail "$what: $r"
+}
+
+same base 1 1e-4
+same residual_rts 1 1e-4 moe.residual=true moe.token_selection=random
+same dropless_top2_jitter 1 1e-4 moe.drop_tokens=false moe.top_k=2 moe.noise=jitter
+same bf16 1 3e-2 run.precision=bf16
+# Two ranks share the one emulated device, as ranks share a GPU over the mpi comm plugin (host staging).
+same ep2 2 1e-4 moe.expert_parallel=2
+same bf16_ep2_zero1 2 3e-2 run.precision=bf16 moe.expert_parallel=2 train.zero_stage=1
+
+# Resume across plugins: the step-3 checkpoint of one plugin, resumed on the other, ends (step 6) where
+# the uninterrupted run of the first ends.
+for pair in cuda:cpu cpu:cuda; do
+  from=${pair%%:*} to=${pair##*:}
+  src="$work/${from}_base/checkpoints/step_00000003.safetensors"
+  [ -f "$src" ] || { fail "resume $from -> $to: no step-3 checkpoint from $from"; continue; }
+  mkdir -p "$work/resume_$from$to/checkpoints" && cp "$src" "$work/resume_$from$to/checkpoints/"
+  run "resume_$from$to" 1 run.kernel_backend="$to" checkpoint.resume=auto || continue
+  grep -q 'resum' "$work/resume_$from$to.log" || { fail "resume $from -> $to: the run did not resume"; continue; }
+  # the resumed run's metrics hold steps 4-6: compare them with those rows of the uninterrupted run
+  r=$(close <(sed -n '1p;5,$p' "$work/${from}_base/metrics.csv") "$work/resume_$from$to/metrics.csv" 1e-4) &&
+    passed "a $from checkpoint resumed on $to ends where $from ends: $r" || fail "resume $from -> $to: $r"
+done
+
+finish cuda_emu_train

@@ -1,0 +1,82 @@
+# The cuda plugin on the CUDA emulator (tests/cuda_emu/): the plugin's own sources (plugins/cuda/*.c, kernels/*.cu
+# and cuda_env.c) built with the host compilers against the CUDA headers, and linked with the emulated runtime,
+# cuBLAS and device (emu_runtime.cc, emu_cublas.cc, emu_device.cc) instead of libcudart and libcublas. The module is
+# the cuda plugin whose kernels run as host fibers, under the cuda plugin's own file name in a directory of its own,
+# tests/plugins/cuda_emu/libdsmoe_kernel_cuda.so: with DSMOE_PLUGIN_PATH naming that directory, a deck that says
+# run.kernel_backend = cuda runs on it unchanged (its describe() line names the emulator as the device). The kernel
+# conformance suite runs it against the cpu plugin on every machine, GPU or not.
+#   test_emu_device              the emulator's own semantics and the kernel bugs it stops on
+#   conformance_kernel_cuda_emu  the suite on the emulated cuda plugin
+#   cuda_emu_train               training on it against the cpu plugin
+# Needs the CUDA headers (the cuda plugin is configured) and x86-64 (the emulator's fiber switch). After
+# kernel_conformance.cmake, which defines test_kernel_conformance.
+if(NOT TARGET dsmoe_kernel_cuda OR NOT CMAKE_SYSTEM_PROCESSOR MATCHES "^(x86_64|AMD64|amd64)$")
+  return()
+endif()
+get_property(dsmoe_languages GLOBAL PROPERTY ENABLED_LANGUAGES)
+if(NOT "CXX" IN_LIST dsmoe_languages)
+  enable_language(CXX)
+endif()
+
+set(emu_dir ${DSMOE_TEST_DIR}/cuda_emu)
+# Each kernels/*.cu compiles as C++ through a generated one-line source, so that the real plugin's CUDA sources
+# keep their language.
+file(GLOB DSMOE_CUDA_EMU_KERNELS CONFIGURE_DEPENDS ${PROJECT_SOURCE_DIR}/kernels/*.cu)
+set(emu_kernel_sources "")
+foreach(cu ${DSMOE_CUDA_EMU_KERNELS})
+  get_filename_component(stem ${cu} NAME_WE)
+  set(wrapper ${CMAKE_CURRENT_BINARY_DIR}/cuda_emu/${stem}.cc)
+  file(CONFIGURE OUTPUT ${wrapper} CONTENT "#include \"${cu}\"\n" @ONLY)
+  list(APPEND emu_kernel_sources ${wrapper})
+endforeach()
+file(GLOB DSMOE_CUDA_EMU_GLUE CONFIGURE_DEPENDS ${PROJECT_SOURCE_DIR}/plugins/cuda/*.c)
+
+add_library(dsmoe_kernel_cuda_emu MODULE ${DSMOE_CUDA_EMU_GLUE} ${PROJECT_SOURCE_DIR}/kernels/cuda_env.c
+            ${emu_kernel_sources} ${emu_dir}/emu_device.cc ${emu_dir}/emu_runtime.cc ${emu_dir}/emu_cublas.cc)
+set_target_properties(dsmoe_kernel_cuda_emu PROPERTIES
+  OUTPUT_NAME dsmoe_kernel_cuda
+  PREFIX lib
+  LIBRARY_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/tests/plugins/cuda_emu
+  C_VISIBILITY_PRESET hidden
+  CXX_VISIBILITY_PRESET hidden
+  CXX_STANDARD 17
+  CXX_STANDARD_REQUIRED ON)
+# The emulator's stand-ins for cub and cooperative_groups come before the toolkit's headers.
+target_include_directories(dsmoe_kernel_cuda_emu BEFORE PRIVATE ${emu_dir}/include)
+target_include_directories(dsmoe_kernel_cuda_emu PRIVATE ${emu_dir} ${PROJECT_SOURCE_DIR}/kernels
+                           ${PROJECT_SOURCE_DIR}/plugins/cuda ${PROJECT_SOURCE_DIR}/include ${CUDAToolkit_INCLUDE_DIRS})
+target_compile_definitions(dsmoe_kernel_cuda_emu PRIVATE DSMOE_CUDA_EMU)
+# -fno-strict-aliasing: the kernels load and store 16-byte vectors through reinterpret_cast (moe_route.cu), which
+# nvcc compiles as meant and GCC's aliasing rules would not.
+set_source_files_properties(${emu_kernel_sources} PROPERTIES
+  COMPILE_OPTIONS "-include;${emu_dir}/emu_device.h;-fno-strict-aliasing;-Wno-unknown-pragmas;-Wno-unused-function")
+# -mpopcnt: the scheduler counts mask bits at every warp operation (every x86-64 CPU since 2008 has it).
+target_compile_options(dsmoe_kernel_cuda_emu PRIVATE $<$<COMPILE_LANGUAGE:CXX>:-O2 -Wall -mpopcnt>)
+find_package(Threads REQUIRED)
+target_link_libraries(dsmoe_kernel_cuda_emu PRIVATE Threads::Threads ${CMAKE_DL_LIBS} m)
+target_link_options(dsmoe_kernel_cuda_emu PRIVATE -Wl,-z,defs)
+add_dependencies(test_kernel_conformance dsmoe_kernel_cuda_emu)
+
+add_executable(test_emu_device ${emu_dir}/test_emu_device.cc ${emu_dir}/emu_device.cc ${emu_dir}/emu_runtime.cc)
+set_target_properties(test_emu_device PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/tests
+                      CXX_STANDARD 17 CXX_STANDARD_REQUIRED ON)
+target_include_directories(test_emu_device PRIVATE ${emu_dir} ${CUDAToolkit_INCLUDE_DIRS})
+set_source_files_properties(${emu_dir}/test_emu_device.cc PROPERTIES COMPILE_OPTIONS "-include;${emu_dir}/emu_device.h")
+target_compile_options(test_emu_device PRIVATE -O2 -Wall -mpopcnt)
+target_link_libraries(test_emu_device PRIVATE Threads::Threads ${CMAKE_DL_LIBS})
+add_test(NAME test_emu_device COMMAND test_emu_device)
+set_tests_properties(test_emu_device PROPERTIES TIMEOUT 60 LABELS "cuda_emu")
+
+add_test(NAME conformance_kernel_cuda_emu COMMAND test_kernel_conformance)
+set_tests_properties(conformance_kernel_cuda_emu PROPERTIES
+  TIMEOUT 900 SKIP_RETURN_CODE 77 LABELS "conformance;cuda_emu"
+  ENVIRONMENT "DSMOE_CONFORMANCE_KERNEL_PATH=$<TARGET_FILE:dsmoe_kernel_cuda_emu>;OMP_NUM_THREADS=2;DSMOE_PLUGIN_PATH=;\
+DSMOE_STRICT_BREAK=")
+
+# Training on it against the cpu plugin (tests/cuda_emu/cuda_emu_train.sh): losses to 1e-4 in float32 and 3e-2
+# in bfloat16, 1 and 2 ranks, checkpoints resumed across the two plugins. Greedy generation on it is one of
+# tests/cli/generate_test.sh's layouts.
+add_test(NAME cuda_emu_train COMMAND bash ${emu_dir}/cuda_emu_train.sh $<TARGET_FILE:dsmoe>
+         ${CMAKE_BINARY_DIR}/tests/plugins/cuda_emu ${DSMOE_MPIEXEC} ${DSMOE_MPIEXEC_PREFLAGS})
+set_tests_properties(cuda_emu_train PROPERTIES TIMEOUT 600 SKIP_RETURN_CODE 77 LABELS "cuda_emu;mpi"
+                     RESOURCE_LOCK dsmoe_ranks ENVIRONMENT "${DSMOE_RANKS_ENV};${DSMOE_TEST_MPI_ENV}")
