@@ -19,6 +19,24 @@
 #error "the CUDA emulator's fiber switch is written for x86-64"
 #endif
 
+// AddressSanitizer must be told of every stack switch, or it takes a fiber's frames for overflows of the
+// host thread's stack.
+#if defined(__SANITIZE_ADDRESS__)
+#define EMU_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define EMU_ASAN 1
+#endif
+#endif
+#ifdef EMU_ASAN
+#include <sanitizer/common_interface_defs.h>
+#define EMU_START_SWITCH(save, bottom, size) __sanitizer_start_switch_fiber(save, bottom, size)
+#define EMU_FINISH_SWITCH(save, bottom_old, size_old) __sanitizer_finish_switch_fiber(save, bottom_old, size_old)
+#else
+#define EMU_START_SWITCH(save, bottom, size) ((void)0)
+#define EMU_FINISH_SWITCH(save, bottom_old, size_old) ((void)0)
+#endif
+
 // Kernel code runs on one host thread at a time: a launch holds emu_lock for its whole run, and the blocks
 // of a cooperative launch (each on a host thread of its own) hand it over at grid.sync(). So the ids below
 // and `running` are plain globals, set by whichever thread holds the lock.
@@ -71,6 +89,7 @@ struct fiber {
     unsigned mask;
     int pred, src;
     uint64_t bits, result;
+    void *asan_fake_stack;
 };
 
 struct grid_state {
@@ -89,6 +108,9 @@ struct block_state {
     void (*body)(void *);
     void *ctx;
     void *scheduler_sp;
+    const void *scheduler_stack; // its bottom and size, for AddressSanitizer
+    size_t scheduler_stack_bytes;
+    void *scheduler_fake_stack;
     fiber *current;
     void *dynamic_shared;
     grid_state *grid;
@@ -192,15 +214,20 @@ static int warp_complete(block_state *b, int w, const fiber *last) {
 
 static void yield(void) {
     block_state *b = running;
-    dsmoe_emu_switch(&b->current->sp, b->scheduler_sp); // back here once the scheduler resumes us
+    fiber *f = b->current;
+    EMU_START_SWITCH(&f->asan_fake_stack, b->scheduler_stack, b->scheduler_stack_bytes);
+    dsmoe_emu_switch(&f->sp, b->scheduler_sp); // back here once the scheduler resumes us
+    EMU_FINISH_SWITCH(f->asan_fake_stack, NULL, NULL);
 }
 
 extern "C" void dsmoe_emu_fiber_main(void) {
     block_state *b = running;
+    EMU_FINISH_SWITCH(NULL, &b->scheduler_stack, &b->scheduler_stack_bytes);
     b->body(b->ctx);
     b->current->wait = EXITED;
     b->exited++;
     barrier_complete(b); // the others may all wait at a barrier already
+    EMU_START_SWITCH(NULL, b->scheduler_stack, b->scheduler_stack_bytes); // NULL: this stack is done
     dsmoe_emu_switch(&b->current->sp, b->scheduler_sp);
     abort(); // an exited fiber is never resumed
 }
@@ -372,7 +399,9 @@ static void run_block(block_state *b) {
                         continue;
                     b->current = &f;
                     dsmoe_emu_now.thread_idx = f.idx;
+                    EMU_START_SWITCH(&b->scheduler_fake_stack, f.stack, EMU_STACK_BYTES);
                     dsmoe_emu_switch(&b->scheduler_sp, f.sp);
+                    EMU_FINISH_SWITCH(b->scheduler_fake_stack, NULL, NULL);
                     running = b; // a grid.sync() in between may have let other blocks run
                     set_block_ids(b);
                     progress = 1;

@@ -8,9 +8,14 @@
 #   test_emu_device              the emulator's own semantics and the kernel bugs it stops on
 #   conformance_kernel_cuda_emu  the suite on the emulated cuda plugin
 #   cuda_emu_train               training on it against the cpu plugin
-# Needs the CUDA headers (the cuda plugin is configured) and x86-64 (the emulator's fiber switch). After
-# kernel_conformance.cmake, which defines test_kernel_conformance.
-if(NOT TARGET dsmoe_kernel_cuda OR NOT CMAKE_SYSTEM_PROCESSOR MATCHES "^(x86_64|AMD64|amd64)$")
+# Needs the headers of the CUDA toolkit with cuBLAS (not its compiler or libraries: a build with DSMOE_WITH_CUDA=OFF,
+# the sanitized one, has it too, its memory errors then found by AddressSanitizer) and x86-64 (the emulator's
+# fiber switch). After kernel_conformance.cmake, which defines test_kernel_conformance.
+find_path(DSMOE_CUDA_EMU_INCLUDE_DIR NAMES cuda_runtime_api.h cublas_v2.h
+          HINTS ${CUDAToolkit_INCLUDE_DIRS} ${CUDAToolkit_ROOT}/include $ENV{CUDAToolkit_ROOT}/include
+                /usr/local/cuda/include)
+if(NOT DSMOE_CUDA_EMU_INCLUDE_DIR OR NOT EXISTS ${DSMOE_CUDA_EMU_INCLUDE_DIR}/cublas_v2.h
+   OR NOT CMAKE_SYSTEM_PROCESSOR MATCHES "^(x86_64|AMD64|amd64)$")
   return()
 endif()
 get_property(dsmoe_languages GLOBAL PROPERTY ENABLED_LANGUAGES)
@@ -44,7 +49,7 @@ set_target_properties(dsmoe_kernel_cuda_emu PROPERTIES
 # The emulator's stand-ins for cub and cooperative_groups come before the toolkit's headers.
 target_include_directories(dsmoe_kernel_cuda_emu BEFORE PRIVATE ${emu_dir}/include)
 target_include_directories(dsmoe_kernel_cuda_emu PRIVATE ${emu_dir} ${PROJECT_SOURCE_DIR}/kernels
-                           ${PROJECT_SOURCE_DIR}/plugins/cuda ${PROJECT_SOURCE_DIR}/include ${CUDAToolkit_INCLUDE_DIRS})
+                           ${PROJECT_SOURCE_DIR}/plugins/cuda ${PROJECT_SOURCE_DIR}/include ${DSMOE_CUDA_EMU_INCLUDE_DIR})
 target_compile_definitions(dsmoe_kernel_cuda_emu PRIVATE DSMOE_CUDA_EMU)
 # -fno-strict-aliasing: the kernels load and store 16-byte vectors through reinterpret_cast (moe_route.cu), which
 # nvcc compiles as meant and GCC's aliasing rules would not.
@@ -52,6 +57,11 @@ set_source_files_properties(${emu_kernel_sources} PROPERTIES
   COMPILE_OPTIONS "-include;${emu_dir}/emu_device.h;-fno-strict-aliasing;-Wno-unknown-pragmas;-Wno-unused-function")
 # -mpopcnt: the scheduler counts mask bits at every warp operation (every x86-64 CPU since 2008 has it).
 target_compile_options(dsmoe_kernel_cuda_emu PRIVATE $<$<COMPILE_LANGUAGE:CXX>:-O2 -Wall -mpopcnt>)
+# clang's -fsanitize=undefined checks C++ dynamic types and function pointer types through a runtime that only
+# clang++-linked programs carry; the programs that load this module are C.
+if(DSMOE_SANITIZE)
+  target_compile_options(dsmoe_kernel_cuda_emu PRIVATE $<$<COMPILE_LANGUAGE:CXX>:-fno-sanitize=vptr,function>)
+endif()
 find_package(Threads REQUIRED)
 target_link_libraries(dsmoe_kernel_cuda_emu PRIVATE Threads::Threads ${CMAKE_DL_LIBS} m)
 target_link_options(dsmoe_kernel_cuda_emu PRIVATE -Wl,-z,defs)
@@ -60,7 +70,7 @@ add_dependencies(test_kernel_conformance dsmoe_kernel_cuda_emu)
 add_executable(test_emu_device ${emu_dir}/test_emu_device.cc ${emu_dir}/emu_device.cc ${emu_dir}/emu_runtime.cc)
 set_target_properties(test_emu_device PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/tests
                       CXX_STANDARD 17 CXX_STANDARD_REQUIRED ON)
-target_include_directories(test_emu_device PRIVATE ${emu_dir} ${CUDAToolkit_INCLUDE_DIRS})
+target_include_directories(test_emu_device PRIVATE ${emu_dir} ${DSMOE_CUDA_EMU_INCLUDE_DIR})
 set_source_files_properties(${emu_dir}/test_emu_device.cc PROPERTIES COMPILE_OPTIONS "-include;${emu_dir}/emu_device.h")
 target_compile_options(test_emu_device PRIVATE -O2 -Wall -mpopcnt)
 target_link_libraries(test_emu_device PRIVATE Threads::Threads ${CMAKE_DL_LIBS})
