@@ -94,7 +94,6 @@ struct fiber {
 
 struct grid_state {
     pthread_barrier_t barrier;
-    int blocks;
 };
 
 // What the block's fibers wait at, counted as they arrive, so that the last one to arrive completes a
@@ -122,14 +121,18 @@ static block_state *running;
 static thread_local std::vector<fiber> *fiber_pool; // stacks kept for the host thread's next block
 
 static const char *kernel_name(const void *kernel, char *buf, size_t len) {
-    Dl_info info;
-    if (dladdr(kernel, &info) && info.dli_sname) {
+    Dl_info info = {};
+    // Only an exported symbol that starts at the kernel is its name: with hidden visibility most kernels
+    // have none, and dladdr would name the nearest exported function before them instead.
+    if (dladdr(kernel, &info) && info.dli_sname && info.dli_saddr == kernel) {
         int status = 0;
         char *d = abi::__cxa_demangle(info.dli_sname, NULL, NULL, &status);
         snprintf(buf, len, "%s", d && status == 0 ? d : info.dli_sname);
         free(d);
     } else {
-        snprintf(buf, len, "kernel at %p", kernel);
+        snprintf(buf, len, "the kernel at %p (offset %#lx in %s; no exported symbol)", kernel,
+                 info.dli_fbase ? (unsigned long)((const char *)kernel - (const char *)info.dli_fbase) : 0ul,
+                 info.dli_fname ? info.dli_fname : "?");
     }
     return buf;
 }
@@ -445,7 +448,6 @@ static void run_grid(const char *name, dim3 grid, dim3 block, size_t shared_byte
         // Every block on a host thread of its own, all resident at once as a cooperative launch promises,
         // taking turns with the lock; this thread waits for them without it.
         grid_state gs;
-        gs.blocks = (int)blocks;
         pthread_barrier_init(&gs.barrier, NULL, (unsigned)blocks);
         std::vector<coop_block> cbs((size_t)blocks);
         std::vector<std::vector<char>> mem((size_t)blocks, std::vector<char>(shared_bytes + 16, (char)0xff));
