@@ -8,6 +8,10 @@
 //   stream orders work by itself; the double has none, so here every collective is a closure put on the
 //   caller's queue (stream->enqueue_host) that issues the very NCCL calls of "nccl" when the queue runs
 //   it. The comm conformance suite then sees a stream-ordered plugin and checks its ordering.
+// - "nccl" on the CUDA emulator (-DCOMM_NCCL_EMU, test-only, <build>/tests/plugins/cuda_emu): this file's
+//   "nccl" code (device memory, issued on the stream) linked against the same double, beside the cuda
+//   plugin built for tests/cuda_emu. The emulator's streams have finished every operation when the call
+//   returns and its device memory is host memory, so the double's calls made at once keep stream order.
 //
 // Collectives: all-to-all (equal and variable blocks) is a grouped ncclSend/ncclRecv to every rank,
 // the rest are NCCL's own collectives. No DSMOE_CCAP_DETERMINISTIC: NCCL's float sums depend on the
@@ -261,6 +265,9 @@ static const dsmoe_comm_plugin_v2 nccl_plugin = {
 #ifdef COMM_NCCL_SIM
     .description = "TEST ONLY: the nccl plugin over a test double of NCCL (MPI on host memory)",
     .mem_kinds = DSMOE_MEM_HOST,
+#elif defined(COMM_NCCL_EMU)
+    .description = "TEST ONLY: the nccl plugin over a test double of NCCL (MPI), on the CUDA emulator's device memory",
+    .mem_kinds = DSMOE_MEM_CUDA,
 #else
     .description = "NCCL collectives on CUDA device memory, stream-ordered (float sums not bitwise reproducible)",
     .mem_kinds = DSMOE_MEM_CUDA,

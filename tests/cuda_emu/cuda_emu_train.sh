@@ -4,7 +4,10 @@
 # the same losses, aux losses and gradient norms to 1e-4 relative in float32 (the cuda plugin's GEMMs,
 # reductions and fused multiply-adds round differently, so not bitwise) and 3e-2 in bfloat16, on 1 rank
 # and on 2 ranks sharing the emulated device; a checkpoint written by the cuda plugin resumes on cpu and
-# the reverse, ending where the uninterrupted run ends.
+# the reverse, ending where the uninterrupted run ends. The same multi-rank runs over the nccl plugin built
+# for the emulator (tests/plugins/nccl_emu.cmake: device buffers straight to the plugin, no host staging)
+# must give the very bits of cuda over mpi (host staging): both add floats in the core's fixed rank order.
+# 4 ranks add the hierarchical all-to-all.
 # usage: cuda_emu_train.sh <dsmoe> <directory of the emulated libdsmoe_kernel_cuda.so> <mpiexec> [flags...]
 set -u
 dsmoe=$1 emudir=$2
@@ -75,7 +78,9 @@ close() {
           printf "%d steps, largest relative difference %.3g (%s)\n", n, worst, where; exit worst > tol }' "$1" "$2"
 }
 
-# same <name> <ranks> <tolerance> [key=value ...]: cpu against the emulated cuda plugin.
+# same <name> <ranks> <tolerance> [key=value ...]: cpu against the emulated cuda plugin, both over mpi.
+# With NCCL_TOO=1 the cuda run is repeated over the emulator's nccl plugin (cuda_nccl_<name>), which must
+# give the same metrics bit for bit, timing aside.
 same() {
   local name=$1 n=$2 tol=$3
   shift 3
@@ -84,15 +89,44 @@ same() {
     { fail "$name: the cuda run did not load the emulator"; return; }
   local r what="$name on $n rank(s), cuda (emulated) vs cpu"
   r=$(close "$work/cpu_$name/metrics.csv" "$work/cuda_$name/metrics.csv" "$tol") && passed "$what: $r" || fail "$what: $r"
+  [ "${NCCL_TOO:-0}" = 1 ] || return 0
+  run "cuda_nccl_$name" "$n" run.kernel_backend=cuda "$@" run.comm_backend=nccl && unstaged_nccl "cuda_nccl_$name" || return
+  if diff <(metrics_sans_timing "$work/cuda_nccl_$name/metrics.csv") <(metrics_sans_timing "$work/cuda_$name/metrics.csv") \
+    > "$work/cuda_nccl_$name.diff"; then passed "$name on $n ranks: cuda over nccl (unstaged) = cuda over mpi (staged), every bit"
+  else fail "$name: cuda over nccl differs from cuda over mpi:"; head -4 "$work/cuda_nccl_$name.diff"; fi
+}
+
+# unstaged_nccl <run>: the run paired cuda and nccl as on a GPU: the emulator's nccl plugin, the core's
+# fixed-order sums, no host staging.
+unstaged_nccl() {
+  grep -q "comm nccl ($emudir/libdsmoe_comm_nccl.so; float sums in the core's fixed rank order" "$work/$1.log" &&
+    ! grep -q 'pinned host staging' "$work/$1.log" && return 0
+  fail "$1: the log does not name $emudir/libdsmoe_comm_nccl.so, unstaged, with the core's fixed-order sums"
+  return 1
+}
+
+# metrics_sans_timing <metrics.csv>: the file without its timing columns (tokens_per_s, elapsed_s).
+metrics_sans_timing() {
+  awk -F, 'NR == 1 { for (i = 1; i <= NF; i++) skip[i] = ($i == "tokens_per_s" || $i == "elapsed_s") }
+           { line = ""; for (i = 1; i <= NF; i++) if (!skip[i]) line = line $i ","; print line }' "$1"
 }
 
 same base 1 1e-4
 same residual_rts 1 1e-4 moe.residual=true moe.token_selection=random
 same dropless_top2_jitter 1 1e-4 moe.drop_tokens=false moe.top_k=2 moe.noise=jitter
 same bf16 1 3e-2 run.precision=bf16
-# Two ranks share the one emulated device, as ranks share a GPU over the mpi comm plugin (host staging).
-same ep2 2 1e-4 moe.expert_parallel=2
+# Two ranks share the one emulated device, as ranks share a GPU over the mpi comm plugin (host staging),
+# and then over nccl (which on a GPU wants a device per rank; the double does not).
+# The double adds floats from the last rank down, which on 4 ranks gives other bits than mpi's rank order
+# (the mpi plugin does not read the variable): every bit the same shows that the core's fixed-order sums,
+# done by the cuda plugin's own kernels on device memory, were used.
+export DSMOE_NCCLSIM_SUM_ORDER=reverse
+NCCL_TOO=1
+same ep2_zero1 2 1e-4 moe.expert_parallel=2 train.zero_stage=1
 same bf16_ep2_zero1 2 3e-2 run.precision=bf16 moe.expert_parallel=2 train.zero_stage=1
+# 4 ranks: expert-data-parallel pairs and the hierarchical all-to-all over 2 pretend nodes.
+same hier4 4 1e-4 moe.expert_parallel=2 train.zero_stage=1 moe.alltoall=hierarchical moe.ranks_per_node=2
+NCCL_TOO=0
 
 # Resume across plugins: the step-3 checkpoint of one plugin, resumed on the other, ends (step 6) where
 # the uninterrupted run of the first ends.

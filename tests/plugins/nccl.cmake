@@ -12,21 +12,22 @@ target_include_directories(dsmoe_nccl_double PRIVATE ${DSMOE_TEST_DIR}/nccl_doub
 target_link_libraries(dsmoe_nccl_double PRIVATE MPI::MPI_C m)
 target_link_options(dsmoe_nccl_double PRIVATE -Wl,-z,defs)
 
+# nccl_double_plugin(<target> <output name> <output directory> <definition>): backends/nccl built against the
+# double's nccl.h and cuda_runtime_api.h (never the real ones) and linked with it; here as ncclsim, and as nccl
+# beside the emulated cuda plugin (nccl_emu.cmake).
 find_package(Threads REQUIRED)
-add_library(dsmoe_comm_ncclsim MODULE ${PROJECT_SOURCE_DIR}/backends/nccl/comm_nccl.c
-            ${PROJECT_SOURCE_DIR}/backends/nccl/nccl_comms.c)
-set_target_properties(dsmoe_comm_ncclsim PROPERTIES
-  OUTPUT_NAME dsmoe_comm_ncclsim
-  PREFIX lib
-  LIBRARY_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/tests/plugins
-  C_VISIBILITY_PRESET hidden
-  BUILD_RPATH ${CMAKE_BINARY_DIR}/tests/plugins)
-# The double's nccl.h and cuda_runtime_api.h, never the real ones.
-target_include_directories(dsmoe_comm_ncclsim BEFORE PRIVATE ${DSMOE_TEST_DIR}/nccl_double/include
-                           ${PROJECT_SOURCE_DIR}/include)
-target_compile_definitions(dsmoe_comm_ncclsim PRIVATE COMM_NCCL_SIM)
-target_link_libraries(dsmoe_comm_ncclsim PRIVATE dsmoe_nccl_double Threads::Threads)
-target_link_options(dsmoe_comm_ncclsim PRIVATE -Wl,-z,defs)
+function(nccl_double_plugin target name dir definition)
+  add_library(${target} MODULE ${PROJECT_SOURCE_DIR}/backends/nccl/comm_nccl.c
+              ${PROJECT_SOURCE_DIR}/backends/nccl/nccl_comms.c)
+  set_target_properties(${target} PROPERTIES OUTPUT_NAME ${name} PREFIX lib LIBRARY_OUTPUT_DIRECTORY ${dir}
+                        C_VISIBILITY_PRESET hidden BUILD_RPATH ${CMAKE_BINARY_DIR}/tests/plugins)
+  target_include_directories(${target} BEFORE PRIVATE ${DSMOE_TEST_DIR}/nccl_double/include
+                             ${PROJECT_SOURCE_DIR}/include)
+  target_compile_definitions(${target} PRIVATE ${definition})
+  target_link_libraries(${target} PRIVATE dsmoe_nccl_double Threads::Threads)
+  target_link_options(${target} PRIVATE -Wl,-z,defs)
+endfunction()
+nccl_double_plugin(dsmoe_comm_ncclsim dsmoe_comm_ncclsim ${CMAKE_BINARY_DIR}/tests/plugins COMM_NCCL_SIM)
 add_dependencies(test_comm_mpi dsmoe_comm_ncclsim)
 
 foreach(ranks 1 2 4)

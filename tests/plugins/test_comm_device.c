@@ -619,12 +619,14 @@ int main(int argc, char **argv) {
     char sums[128] = "";
     if (n_over) snprintf(sums, sizeof sums, ", float sums: the plugin's own (run.fixed_order_sums = false)");
     else if (fixed && *fixed) snprintf(sums, sizeof sums, ", DSMOE_RUN_FIXED_ORDER_SUMS=%.64s", fixed);
-    if (wrank == 0)
+    if (wrank == 0) {
         printf("comm-device conformance: kernel %s (%s memory%s), comm %s (%s%s%s), %d ranks\n", rt.kern->name,
                rt.kern->mem_kind == DSMOE_MEM_CUDA ? "CUDA device" : "host-kind",
                rt.kern->caps & DSMOE_KCAP_ASYNC ? ", asynchronous" : "", comm,
                rt.stream_ordered ? "stream-ordered" : "host-progressed",
                rt.comm_staged ? ", through the core's host staging" : "", sums, wsize);
+        printf("  files: %s, %s\n", rt.kernel_handle.path, rt.comm_handle.path);
+    }
 
     grp world = {.label = "world", .rg = {.comm = rt.world}, .active = 1, .n = wsize, .me = wrank};
     for (int i = 0; i < wsize; i++) world.members[i] = i;
