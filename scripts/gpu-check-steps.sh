@@ -70,6 +70,13 @@ check_conformance() {
   grep -m1 -E '^# candidate [a-z0-9_]+ \(' "$REPORT/conformance.log" | fig
   # The fused gate (kernel ABI 3), new since the last GPU run: its checks over every case.
   echo "fused gate: $(grep -c '^PASS gate\[' "$REPORT/conformance.log") checks passed, $(grep -c '^FAIL gate\[' "$REPORT/conformance.log") failed, over $(grep -E '^(PASS|FAIL) gate\[' "$REPORT/conformance.log" | sed 's/\].*//' | sort -u | wc -l) cases (S=150001, E=600 and S=5000 among them)" | fig
+  # TF32 (kernel.cuda.tf32, off by default): the GEMM groups again with it on, float32 GEMMs held to the
+  # suite's TF32 tolerance (tests/conformance/conformance.h, TOL_TF32).
+  DSMOE_CONFORMANCE_SETTINGS=tf32=true DSMOE_CONFORMANCE_GROUPS=gemm,grouped,wgrad,fd,inference \
+    conformance_env timed "$(pick 60 120)" conformance-tf32.log "$t"
+  rc=$?
+  grep -E '^FAIL' "$REPORT/conformance-tf32.log" | head -20 >> "$REPORT/report.md"
+  result "conformance tf32" "$(pass_if $rc)" "$(why_rc $rc): $(grep -E 'conformance .* passed' "$REPORT/conformance-tf32.log" | tail -1 || tail_of conformance-tf32.log 2)"
 }
 
 check_sanitize() {

@@ -154,11 +154,19 @@ void *cf_get_raw(const cf_buf *b, int side, size_t bytes);
 
 // --- tolerances ---
 extern double cf_tol_scale; // DSMOE_CONFORMANCE_TOL_SCALE (default 1): multiplies every tolerance
+extern int cf_tf32;         // the candidate's settings enable TF32 (tf32=true): its float32 GEMMs round inputs
 cf_tol cf_tol_for(dsmoe_dtype dt, cf_tol f32);               // f32 as given; bfloat16 outputs: TOL_BF16
+cf_tol cf_tol_gemm(dsmoe_dtype operands, cf_tol tol);        // tol, or TOL_TF32 for float32 operands under cf_tf32
 #define TOL_EW ((cf_tol){1e-4, 1e-6})     // element-wise float32 math (different exp/tanh implementations)
 #define TOL_RED ((cf_tol){1e-4, 1e-5})    // sums and GEMMs in float32 (another summation order)
 #define TOL_BF16 ((cf_tol){2e-2, 1e-2})   // bfloat16 outputs (a few bf16 ulps: intermediate roundings)
 #define TOL_F32_OF_BF16 ((cf_tol){1e-3, 1e-4}) // float32 outputs of an op on bfloat16 inputs
+// float32 GEMM outputs when the candidate rounds the operands to TF32 (10 mantissa bits): each product is
+// off by up to 2^-10 relative when the conversion truncates (a bias of the same sign in every product),
+// 2^-11 when it rounds. Measured on the emulated cuBLAS over the gemm, grouped and wgrad groups (160
+// checks): operands rounded to TF32 pass down to 0.3 of this, truncated down to 0.5 of it; rounded to
+// bfloat16 (8 bits) they fail 40 checks at this and 9 still at twice it.
+#define TOL_TF32 ((cf_tol){1e-3, 1e-3})
 
 // --- the groups (each runs in one process when groups are forked) ---
 void cf_group_gemm(void);

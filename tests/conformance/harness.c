@@ -3,7 +3,7 @@
 // defines: cf_sides, cf_res, cf_tol_scale, cf_open*, cf_close*, cf_run, cf_check_name, cf_pass, cf_fail,
 //          cf_skip, cf_note, cf_abort, cf_abandon_skip, cf_op, cf_cand_dtype, cf_host, cf_rand*, cf_fill,
 //          cf_uniform, cf_bf16 helpers, cf_up*, cf_out, cf_scratch, cf_zeros, cf_get*, cf_cmp*, cf_tol_for,
-//          cf_forget_buffers
+//          cf_tol_gemm, cf_tf32, cf_forget_buffers
 //
 // A check is abandoned with longjmp (a FAIL or SKIP line first); its host memory and buffers are kept in
 // lists and freed when cf_run ends, so one wrong op never stops the next check. A context whose
@@ -22,6 +22,7 @@
 cf_side cf_sides[2];
 cf_shared *cf_res;
 double cf_tol_scale = 1.0;
+int cf_tf32;
 
 // --- the running check ---------------------------------------------------------------------------
 
@@ -440,6 +441,11 @@ float *cf_get(const cf_buf *b, int side) {
 // --- comparisons ---------------------------------------------------------------------------------
 
 cf_tol cf_tol_for(dsmoe_dtype dt, cf_tol f32) { return dt == CF_BF16 ? TOL_BF16 : f32; }
+
+cf_tol cf_tol_gemm(dsmoe_dtype operands, cf_tol tol) {
+    if (!cf_tf32 || operands != CF_F32) return tol;
+    return (cf_tol){fmax(tol.rtol, TOL_TF32.rtol), fmax(tol.afrac, TOL_TF32.afrac)};
+}
 
 static void where(char *buf, size_t len, const cf_buf *b, size_t i) {
     if (b->cols)

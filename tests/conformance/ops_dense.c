@@ -81,7 +81,7 @@ static void v_gemm(const void *arg) {
         cf_op(side, "gemm", st);
     }
     unsigned char *mask = region(c.n, G->m, G->n, ldc, 0);
-    cf_tol tol = G->ct == CF_BF16 ? TOL_BF16 : G->dt == CF_BF16 ? TOL_F32_OF_BF16 : TOL_RED;
+    cf_tol tol = G->ct == CF_BF16 ? TOL_BF16 : G->dt == CF_BF16 ? TOL_F32_OF_BF16 : cf_tol_gemm(G->dt, TOL_RED);
     cf_cmp(&c, NULL, mask, tol);
     cf_cmp_untouched(&c, mask, SENTINEL);
 }
@@ -175,7 +175,7 @@ static void v_grouped(const void *arg) {
         OP(gemm_grouped, &d);
         SCRIBBLE(d);
     }
-    cf_tol tol = cf_tol_for(G->dt, TOL_RED);
+    cf_tol tol = cf_tol_for(G->dt, cf_tol_gemm(G->dt, TOL_RED));
     cf_cmp(&c, NULL, mask, tol);
     cf_cmp_untouched(&c, mask, SENTINEL); // rows >= counts[g], padding columns, gaps between groups
     if (G->epi == DSMOE_EPI_BIAS_GELU) {
@@ -267,7 +267,7 @@ static void v_wgrad(const void *arg) {
         OP(gemm_grouped_wgrad, &d);
         SCRIBBLE(d);
     }
-    cf_tol tol = G->dt == CF_BF16 ? TOL_F32_OF_BF16 : TOL_RED;
+    cf_tol tol = G->dt == CF_BF16 ? TOL_F32_OF_BF16 : cf_tol_gemm(G->dt, TOL_RED);
     cf_cmp(&dw, dw.h, mw, tol);
     cf_cmp_untouched(&dw, mw, SENTINEL);
     cf_cmp(&db, db.h, mb, tol);

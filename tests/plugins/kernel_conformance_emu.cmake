@@ -6,7 +6,7 @@
 # run.kernel_backend = cuda runs on it unchanged (its describe() line names the emulator as the device). The kernel
 # conformance suite runs it against the cpu plugin on every machine, GPU or not.
 #   test_emu_device              the emulator's own semantics and the kernel bugs it stops on
-#   conformance_kernel_cuda_emu  the suite on the emulated cuda plugin
+#   conformance_kernel_cuda_emu  the suite on the emulated cuda plugin (and _tf32: its GEMM groups with TF32 on)
 #   cuda_emu_train               training on it against the cpu plugin
 # Needs the headers of the CUDA toolkit with cuBLAS (not its compiler or libraries: a build with DSMOE_WITH_CUDA=OFF,
 # the sanitized one, has it too, its memory errors then found by AddressSanitizer) and x86-64 (the emulator's
@@ -85,6 +85,14 @@ set_tests_properties(conformance_kernel_cuda_emu PROPERTIES
   TIMEOUT 900 SKIP_RETURN_CODE 77 LABELS "conformance;cuda_emu"
   ENVIRONMENT "DSMOE_CONFORMANCE_KERNEL_PATH=$<TARGET_FILE:dsmoe_kernel_cuda_emu>;OMP_NUM_THREADS=2;DSMOE_PLUGIN_PATH=;\
 DSMOE_STRICT_BREAK=")
+
+# TF32 on (kernel.cuda.tf32): the groups with cuBLAS GEMMs, float32 GEMM outputs at the suite's TF32 tolerance
+# (the emulated cuBLAS rounds the operands to TF32 as the tensor cores do).
+add_test(NAME conformance_kernel_cuda_emu_tf32 COMMAND test_kernel_conformance)
+set_tests_properties(conformance_kernel_cuda_emu_tf32 PROPERTIES
+  TIMEOUT 300 SKIP_RETURN_CODE 77 LABELS "conformance;cuda_emu"
+  ENVIRONMENT "DSMOE_CONFORMANCE_KERNEL_PATH=$<TARGET_FILE:dsmoe_kernel_cuda_emu>;OMP_NUM_THREADS=2;DSMOE_PLUGIN_PATH=;\
+DSMOE_STRICT_BREAK=;DSMOE_CONFORMANCE_SETTINGS=tf32=true;DSMOE_CONFORMANCE_GROUPS=gemm,grouped,wgrad,fd,inference")
 
 # Training on it against the cpu plugin (tests/cuda_emu/cuda_emu_train.sh): losses to 1e-4 in float32 and 3e-2
 # in bfloat16, 1 and 2 ranks, checkpoints resumed across the two plugins. Greedy generation on it is one of
