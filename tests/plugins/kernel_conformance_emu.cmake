@@ -6,6 +6,7 @@
 # run.kernel_backend = cuda runs on it unchanged (its describe() line names the emulator as the device). The kernel
 # conformance suite runs it against the cpu plugin on every machine, GPU or not.
 #   test_emu_device              the emulator's own semantics and the kernel bugs it stops on
+#   test_cuda_table_emu          the plugin's table and glue, device part included (test_cuda_table.c)
 #   conformance_kernel_cuda_emu  the suite on the emulated cuda plugin (and _tf32: its GEMM groups with TF32 on)
 #   cuda_emu_train               training on it against the cpu plugin
 # Needs the headers of the CUDA toolkit with cuBLAS (not its compiler or libraries: a build with DSMOE_WITH_CUDA=OFF,
@@ -93,6 +94,15 @@ set_tests_properties(conformance_kernel_cuda_emu_tf32 PROPERTIES
   TIMEOUT 300 SKIP_RETURN_CODE 77 LABELS "conformance;cuda_emu"
   ENVIRONMENT "DSMOE_CONFORMANCE_KERNEL_PATH=$<TARGET_FILE:dsmoe_kernel_cuda_emu>;OMP_NUM_THREADS=2;DSMOE_PLUGIN_PATH=;\
 DSMOE_STRICT_BREAK=;DSMOE_CONFORMANCE_SETTINGS=tf32=true;DSMOE_CONFORMANCE_GROUPS=gemm,grouped,wgrad,fd,inference")
+
+# The table and glue test, its device part included (memory, copies, host functions on a queue, events, the pool
+# limit, sticky errors): the program of cuda_table.cmake, built here alone where the real plugin is not.
+if(NOT TARGET test_cuda_table)
+  dsmoe_test(test_cuda_table SOURCES ${DSMOE_TEST_DIR}/plugins/test_cuda_table.c LIBS ${CMAKE_DL_LIBS} NO_TEST)
+endif()
+add_test(NAME test_cuda_table_emu COMMAND test_cuda_table)
+set_tests_properties(test_cuda_table_emu PROPERTIES TIMEOUT 120 LABELS "cuda_emu"
+                     ENVIRONMENT "DSMOE_CUDA_PLUGIN=$<TARGET_FILE:dsmoe_kernel_cuda_emu>;OMP_NUM_THREADS=2")
 
 # Training on it against the cpu plugin (tests/cuda_emu/cuda_emu_train.sh): losses to 1e-4 in float32 and 3e-2
 # in bfloat16, 1 and 2 ranks, checkpoints resumed across the two plugins. Greedy generation on it is one of
