@@ -7,7 +7,8 @@
 # the reverse, ending where the uninterrupted run ends. The same multi-rank runs over the nccl plugin built
 # for the emulator (tests/plugins/nccl_emu.cmake: device buffers straight to the plugin, no host staging)
 # must give the very bits of cuda over mpi (host staging): both add floats in the core's fixed rank order.
-# 4 ranks add the hierarchical all-to-all.
+# 4 ranks add the hierarchical all-to-all. The emulator defers each stream's work until it is needed
+# (tests/cuda_emu/emu_streams.h), except in the nccl runs, whose NCCL double ignores streams.
 # usage: cuda_emu_train.sh <dsmoe> <directory of the emulated libdsmoe_kernel_cuda.so> <mpiexec> [flags...]
 set -u
 dsmoe=$1 emudir=$2
@@ -57,7 +58,8 @@ DECK
 run() {
   local name=$1 n=$2
   shift 2
-  if ! "${mpiexec[@]}" -n "$n" -x DSMOE_PLUGIN_PATH="$emudir" "$dsmoe" "$deck" run.output_dir="$work/$name" "$@" \
+  if ! "${mpiexec[@]}" -n "$n" -x DSMOE_PLUGIN_PATH="$emudir" -x DSMOE_EMU_STREAMS="${EMU_STREAMS:-deferred}" \
+    "$dsmoe" "$deck" run.output_dir="$work/$name" "$@" \
     > "$work/$name.log" 2>&1; then
     fail "$name: dsmoe on $n ranks failed"; show "$work/$name.log"; return 1
   fi
@@ -90,7 +92,9 @@ same() {
   local r what="$name on $n rank(s), cuda (emulated) vs cpu"
   r=$(close "$work/cpu_$name/metrics.csv" "$work/cuda_$name/metrics.csv" "$tol") && passed "$what: $r" || fail "$what: $r"
   [ "${NCCL_TOO:-0}" = 1 ] || return 0
-  run "cuda_nccl_$name" "$n" run.kernel_backend=cuda "$@" run.comm_backend=nccl && unstaged_nccl "cuda_nccl_$name" || return
+  # The double's calls ignore streams: the emulator's must have finished their work (tests/plugins/nccl_emu.cmake).
+  EMU_STREAMS=immediate run "cuda_nccl_$name" "$n" run.kernel_backend=cuda "$@" run.comm_backend=nccl &&
+    unstaged_nccl "cuda_nccl_$name" || return
   if diff <(metrics_sans_timing "$work/cuda_nccl_$name/metrics.csv") <(metrics_sans_timing "$work/cuda_$name/metrics.csv") \
     > "$work/cuda_nccl_$name.diff"; then passed "$name on $n ranks: cuda over nccl (unstaged) = cuda over mpi (staged), every bit"
   else fail "$name: cuda over nccl differs from cuda over mpi:"; head -4 "$work/cuda_nccl_$name.diff"; fi

@@ -2,9 +2,10 @@
 //
 // The plugin (plugins/cuda/*.c, kernels/*.cu) is built with the host compiler and linked against this file
 // instead of libcublas, so that it runs without a GPU. Assumed: "device memory" is host memory (matrices and
-// the pointer arrays of cublasGemmBatchedEx are read directly); a stream executes work when it is enqueued,
-// so every call computes in the calling thread before returning (stream and workspace are only recorded);
-// alpha and beta are host floats whatever the pointer mode; a handle is used by one thread at a time.
+// the pointer arrays of cublasGemmBatchedEx are read directly); a GEMM is checked at the call and computed
+// in the handle's stream's order (emu_streams.h: deferred on a created stream), the workspace only recorded;
+// alpha and beta are host floats whatever the pointer mode, read at the call; a handle is used by one thread
+// at a time.
 //
 // GEMMs as cuBLAS documents them: column-major, C = alpha op(A) op(B) + beta C. Each element accumulates in
 // float32 over k in increasing order, then alpha * acc + beta * c in float32 is stored (bfloat16 rounded to
@@ -20,6 +21,9 @@
 // Test hook: DSMOE_EMU_FAIL_CUBLAS_CREATE=1 in the environment makes cublasCreate fail with
 // CUBLAS_STATUS_ALLOC_FAILED (as on a device out of memory), to exercise the plugin's error path.
 #include <cublas_v2.h>
+
+#include "emu_runtime.h" // dsmoe_emu_set_last_error
+#include "emu_streams.h" // dsmoe_emu_enqueue
 
 #include <cstdint>
 #include <cstdlib>
@@ -206,6 +210,50 @@ cublasStatus_t run(const Gemm &g, int batch, Operands operands) {
     return CUBLAS_STATUS_SUCCESS;
 }
 
+// A GEMM call as queued on the handle's stream: strided (arrays NULL) or batched (its pointer arrays, in
+// device memory, read when it runs).
+struct Job {
+    Gemm g;
+    int batch;
+    const void *A, *B;
+    void *C;
+    long long sa, sb, sc; // strides in bytes
+    const void *const *Aarray, *const *Barray;
+    void *const *Carray;
+};
+
+void job_run(void *arg) {
+    const Job *j = (const Job *)arg;
+    const bool product = has_product(j->g); // else A and B may be NULL: no offsets formed from them
+    cublasStatus_t st = run(j->g, j->batch, [j, product](int b, const void **a, const void **bb, void **c) {
+        if (j->Carray) {
+            if (product) {
+                *a = j->Aarray[b];
+                *bb = j->Barray[b];
+            }
+            *c = j->Carray[b];
+            return;
+        }
+        if (product) {
+            *a = (const char *)j->A + b * j->sa;
+            *bb = (const char *)j->B + b * j->sb;
+        }
+        *c = (char *)j->C + b * j->sc;
+    });
+    if (st != CUBLAS_STATUS_SUCCESS) // the packing buffers: out of host memory while the stream ran
+        dsmoe_emu_set_last_error(cudaErrorMemoryAllocation);
+    std::free(arg);
+}
+
+cublasStatus_t enqueue(cublasHandle_t h, const Job &job) {
+    Job *j = (Job *)std::malloc(sizeof *j);
+    if (!j)
+        return CUBLAS_STATUS_ALLOC_FAILED;
+    *j = job;
+    dsmoe_emu_enqueue(h->stream, job_run, j);
+    return CUBLAS_STATUS_SUCCESS;
+}
+
 bool valid_op(cublasOperation_t op) { return op == CUBLAS_OP_N || op == CUBLAS_OP_T || op == CUBLAS_OP_C; }
 int max1(int v) { return v > 1 ? v : 1; }
 
@@ -373,16 +421,12 @@ cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t handle, cublasOperation
                               batchCount, computeType, &g);
     if (st != CUBLAS_STATUS_SUCCESS)
         return st;
+    if (g.m == 0 || g.n == 0 || batchCount == 0)
+        return CUBLAS_STATUS_SUCCESS;
     const long long ea = (long long)type_bytes(Atype), eb = (long long)type_bytes(Btype);
     const long long ec = (long long)type_bytes(Ctype);
-    const bool product = has_product(g); // else A and B may be NULL: no offsets formed from them
-    return run(g, batchCount, [&](int b, const void **a, const void **bb, void **c) {
-        if (product) {
-            *a = (const char *)A + b * strideA * ea;
-            *bb = (const char *)B + b * strideB * eb;
-        }
-        *c = (char *)C + b * strideC * ec;
-    });
+    return enqueue(handle, Job{g, batchCount, A, B, C, strideA * ea, strideB * eb, strideC * ec, nullptr, nullptr,
+                               nullptr});
 }
 
 cublasStatus_t cublasGemmEx(cublasHandle_t handle, cublasOperation_t transa, cublasOperation_t transb, int m, int n,
@@ -403,14 +447,11 @@ cublasStatus_t cublasGemmBatchedEx(cublasHandle_t handle, cublasOperation_t tran
                               batchCount, computeType, &g);
     if (st != CUBLAS_STATUS_SUCCESS)
         return st;
-    const bool product = has_product(g);
-    return run(g, batchCount, [&](int b, const void **a, const void **bb, void **c) {
-        if (product) {
-            *a = Aarray[b];
-            *bb = Barray[b];
-        }
-        *c = Carray[b];
-    });
+    if (g.m == 0 || g.n == 0 || batchCount == 0)
+        return CUBLAS_STATUS_SUCCESS;
+    if (!Carray)
+        return CUBLAS_STATUS_INVALID_VALUE;
+    return enqueue(handle, Job{g, batchCount, nullptr, nullptr, nullptr, 0, 0, 0, Aarray, Barray, Carray});
 }
 
 cublasStatus_t cublasSgemm(cublasHandle_t handle, cublasOperation_t transa, cublasOperation_t transb, int m, int n,

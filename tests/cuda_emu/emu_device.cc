@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "emu_runtime.h" // dsmoe_emu_set_last_error
+#include "emu_streams.h" // dsmoe_emu_enqueue
 
 #if !defined(__x86_64__)
 #error "the CUDA emulator's fiber switch is written for x86-64"
@@ -496,9 +497,29 @@ static void run_grid(const char *name, dim3 grid, dim3 block, size_t shared_byte
     }
 }
 
+// A launch as queued on its stream.
+struct launch {
+    char name[512];
+    dim3 grid, block;
+    size_t shared_bytes;
+    int cooperative;
+    void (*body)(void *);
+    void *ctx;
+    void (*release)(void *);
+};
+
+static void launch_run(void *arg) {
+    launch *l = (launch *)arg;
+    pthread_mutex_lock(&emu_lock);
+    run_grid(l->name, l->grid, l->block, l->shared_bytes, l->cooperative, l->body, l->ctx);
+    pthread_mutex_unlock(&emu_lock);
+    l->release(l->ctx);
+    delete l;
+}
+
 extern "C" cudaError_t dsmoe_emu_run(const void *kernel, dim3 grid, dim3 block, size_t shared_bytes,
-                                     cudaStream_t stream, int cooperative, void (*body)(void *), void *ctx) {
-    (void)stream; // every stream runs its work at once, in order (emu_runtime.cc)
+                                     cudaStream_t stream, int cooperative, void (*body)(void *), void *ctx,
+                                     void (*release)(void *)) {
     const unsigned long long threads = (unsigned long long)block.x * block.y * block.z;
     cudaError_t e = cudaSuccess;
     if (threads == 0 || threads > 1024 || block.z > 64 || grid.x == 0 || grid.y == 0 || grid.z == 0 ||
@@ -510,13 +531,12 @@ extern "C" cudaError_t dsmoe_emu_run(const void *kernel, dim3 grid, dim3 block, 
     else if (cooperative && (unsigned long long)grid.x * grid.y * grid.z > 8)
         e = cudaErrorCooperativeLaunchTooLarge;
     if (e != cudaSuccess) {
+        release(ctx);
         dsmoe_emu_set_last_error(e);
         return e;
     }
-    char name[512];
-    kernel_name(kernel, name, sizeof name);
-    pthread_mutex_lock(&emu_lock);
-    run_grid(name, grid, block, shared_bytes, cooperative, body, ctx);
-    pthread_mutex_unlock(&emu_lock);
+    launch *l = new launch{{0}, grid, block, shared_bytes, cooperative, body, ctx, release};
+    kernel_name(kernel, l->name, sizeof l->name);
+    dsmoe_emu_enqueue(stream, launch_run, l); // the stream's order (emu_streams.cc)
     return cudaSuccess;
 }

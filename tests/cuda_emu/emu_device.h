@@ -69,10 +69,11 @@ unsigned dsmoe_emu_ballot(unsigned mask, int pred);
 uint64_t dsmoe_emu_shuffle(unsigned mask, uint64_t bits, int src_lane);
 void dsmoe_emu_grid_sync(void);
 void *dsmoe_emu_dynamic_shared(void);
-// One launch: body(ctx) is run by every thread of the grid. Returns cudaSuccess or the launch error
-// (also set as the runtime's last error), as cudaLaunchKernel would.
+// One launch: body(ctx) is run by every thread of the grid, in the stream's order (emu_streams.h), and
+// release(ctx) after the grid (or at once when the launch is refused). Returns cudaSuccess or the launch
+// error (also set as the runtime's last error), as cudaLaunchKernel would.
 cudaError_t dsmoe_emu_run(const void *kernel, dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t stream,
-                          int cooperative, void (*body)(void *), void *ctx);
+                          int cooperative, void (*body)(void *), void *ctx, void (*release)(void *));
 }
 
 static inline void __syncthreads(void) { dsmoe_emu_syncthreads(); }
@@ -184,6 +185,7 @@ template <typename... P> struct dsmoe_emu_call {
         std::tuple<typename std::decay<P>::type...> mine = c->params;
         std::apply(c->kernel, mine);
     }
+    static void release(void *self) { delete (dsmoe_emu_call *)self; }
 };
 
 template <typename T> struct dsmoe_emu_same {
@@ -196,9 +198,12 @@ template <typename... P>
 static inline cudaError_t dsmoe_emu_launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t shared_bytes,
                                            cudaStream_t stream, int cooperative,
                                            typename dsmoe_emu_same<P>::type... args) {
-    dsmoe_emu_call<P...> call{kernel, std::tuple<typename std::decay<P>::type...>(args...)};
+    // On the heap: the grid may run after this returns (a stream's queued work), with the parameters
+    // as they were at the launch.
+    dsmoe_emu_call<P...> *call =
+        new dsmoe_emu_call<P...>{kernel, std::tuple<typename std::decay<P>::type...>(args...)};
     return dsmoe_emu_run((const void *)kernel, grid, block, shared_bytes, stream, cooperative,
-                         &dsmoe_emu_call<P...>::run, &call);
+                         &dsmoe_emu_call<P...>::run, call, &dsmoe_emu_call<P...>::release);
 }
 
 #endif

@@ -10,10 +10,13 @@
 // host too, as under unified addressing. A registry of the live device allocations and of the pinned host
 // memory (cudaHostAlloc, cudaHostRegister) answers cudaPointerGetAttributes, interior pointers included.
 //
-// Everything is synchronous, done at once in the calling thread: a copy or memset queued on a stream has
-// happened when the call returns, an event is complete once recorded, cudaLaunchHostFunc runs the
-// function before it returns. Running each stream's work in submission order is a schedule CUDA permits,
-// so correct code computes what it computes on a GPU; what this cannot show is a missing wait.
+// Stream order is emu_streams.cc's: work queued on a created stream runs only when something needs it
+// (a synchronisation, a query, an event waited for, a copy to pageable host memory, cudaFree), so a
+// missing wait shows as a result not yet there. Copies follow CUDA's rules for host memory: from pageable
+// memory the bytes are taken at the call (the caller may reuse the buffer when it returns), to pageable
+// memory the call returns once the copy is done; pinned memory (cudaHostAlloc, cudaHostRegister) is read
+// and written when the copy runs. Kernels (emu_device.cc), cuBLAS (emu_cublas.cc) and cub's sorts queue
+// their work the same way. DSMOE_EMU_STREAMS=immediate runs everything at once instead.
 //
 // Checked, as CUDA refuses it (cudaErrorInvalidValue unless said otherwise):
 // - frees: cudaFree/cudaFreeAsync of anything but the start of a live device allocation, cudaFreeHost of
@@ -33,6 +36,7 @@
 // DSMOE_EMU_FAIL_MALLOC_AFTER=N (read at the first device allocation): the first N device allocations of
 // the process succeed, every later one fails with cudaErrorMemoryAllocation (for out-of-memory paths).
 #include "emu_runtime.h"
+#include "emu_streams.h"
 
 #include <algorithm>
 #include <atomic>
@@ -202,9 +206,29 @@ cudaError_t free_block(void *p, Kind kind) {
     return cudaSuccess;
 }
 
-// Every copy; a 1-D one is one row. memmove: overlapping ranges are undefined in CUDA, not a crash here.
+// A copy as queued: the rows, and the copy of pageable source bytes it owns. memmove: overlapping ranges
+// are undefined in CUDA, not a crash here.
+struct CopyOp {
+    void *dst;
+    size_t dpitch;
+    const void *src;
+    size_t spitch, width, height;
+    char *snapshot;
+};
+
+void copy_op(void *arg) {
+    CopyOp *c = static_cast<CopyOp *>(arg);
+    for (size_t r = 0; r < c->height; r++)
+        memmove(static_cast<char *>(c->dst) + r * c->dpitch, static_cast<const char *>(c->src) + r * c->spitch,
+                c->width);
+    free(c->snapshot);
+    delete c;
+}
+
+// Every copy; a 1-D one is one row.
 cudaError_t copy(void *dst, size_t dpitch, const void *src, size_t spitch, size_t width, size_t height,
                  cudaMemcpyKind kind, cudaStream_t s) {
+    bool dst_pageable, src_pageable; // host memory the runtime does not know (not pinned)
     if (cudaError_t e = enqueue_check(s)) return e;
     if (kind < cudaMemcpyHostToHost || kind > cudaMemcpyDefault) return fail(cudaErrorInvalidMemcpyDirection);
     if (dpitch < width || spitch < width) return fail(cudaErrorInvalidPitchValue);
@@ -221,10 +245,39 @@ cudaError_t copy(void *dst, size_t dpitch, const void *src, size_t spitch, size_
         bool sd = kind == cudaMemcpyDeviceToHost || kind == cudaMemcpyDeviceToDevice ||
                   (kind == cudaMemcpyDefault && is_device(src));
         if ((dd && !device_range(dst, dext)) || (sd && !device_range(src, sext))) return fail(cudaErrorInvalidValue);
+        dst_pageable = !dd && find_block(dst) == st.blocks.end();
+        src_pageable = !sd && find_block(src) == st.blocks.end();
     }
-    for (size_t r = 0; r < height; r++)
-        memmove(static_cast<char *>(dst) + r * dpitch, static_cast<const char *>(src) + r * spitch, width);
+    CopyOp *op = new CopyOp{dst, dpitch, src, spitch, width, height, nullptr};
+    if (dst_pageable) {
+        dsmoe_emu_drain(s); // the call returns once the copy is done: the stream's work before it first
+        copy_op(op);
+        return cudaSuccess;
+    }
+    if (src_pageable && dsmoe_emu_deferred()) { // the bytes as they are now: the caller may reuse its buffer
+        op->snapshot = static_cast<char *>(malloc(height * width));
+        if (!op->snapshot) {
+            delete op;
+            return fail(cudaErrorMemoryAllocation);
+        }
+        for (size_t r = 0; r < height; r++)
+            memcpy(op->snapshot + r * width, static_cast<const char *>(src) + r * spitch, width);
+        op->src = op->snapshot, op->spitch = width;
+    }
+    dsmoe_emu_enqueue(s, copy_op, op);
     return cudaSuccess;
+}
+
+struct SetOp {
+    void *p;
+    int value;
+    size_t n;
+};
+
+void set_op(void *arg) {
+    SetOp *o = static_cast<SetOp *>(arg);
+    memset(o->p, o->value, o->n);
+    delete o;
 }
 
 cudaError_t set(void *p, int value, size_t n, cudaStream_t s) {
@@ -234,9 +287,11 @@ cudaError_t set(void *p, int value, size_t n, cudaStream_t s) {
         std::lock_guard<std::mutex> g(st.mu);
         if (!device_range(p, n)) return fail(cudaErrorInvalidValue);
     }
-    memset(p, value, n);
+    dsmoe_emu_enqueue(s, set_op, new SetOp{p, value, n});
     return cudaSuccess;
 }
+
+void free_op(void *p) { free_block(p, kDevice); }
 
 struct ErrorText { cudaError_t code; const char *name, *text; };
 #define E(code, text) {code, #code, text}
@@ -377,10 +432,22 @@ cudaError_t cudaMallocFromPoolAsync(void **ptr, size_t size, cudaMemPool_t memPo
     return live_pool(memPool) ? alloc_device(ptr, size, stream) : fail(cudaErrorInvalidValue);
 }
 
-cudaError_t cudaFree(void *devPtr) { return free_block(devPtr, kDevice); }
+// cudaFree waits for the device's work, as CUDA's does; cudaFreeAsync frees when its stream gets there.
+cudaError_t cudaFree(void *devPtr) {
+    if (devPtr) dsmoe_emu_drain_all();
+    return free_block(devPtr, kDevice);
+}
 
 cudaError_t cudaFreeAsync(void *devPtr, cudaStream_t hStream) {
-    return live_stream(hStream) ? free_block(devPtr, kDevice) : fail(cudaErrorInvalidResourceHandle);
+    if (!live_stream(hStream)) return fail(cudaErrorInvalidResourceHandle);
+    if (!devPtr) return cudaSuccess;
+    {
+        std::lock_guard<std::mutex> g(st.mu);
+        auto it = st.blocks.find(reinterpret_cast<uintptr_t>(devPtr));
+        if (it == st.blocks.end() || it->second.kind != kDevice) return fail(cudaErrorInvalidValue);
+    }
+    dsmoe_emu_enqueue(hStream, free_op, devPtr);
+    return cudaSuccess;
 }
 
 cudaError_t cudaDeviceGetDefaultMemPool(cudaMemPool_t *memPool, int device) {
@@ -426,7 +493,10 @@ cudaError_t cudaHostAlloc(void **pHost, size_t size, unsigned int flags) {
     return p ? put(pHost, p) : fail(cudaErrorMemoryAllocation);
 }
 
-cudaError_t cudaFreeHost(void *ptr) { return free_block(ptr, kHostAlloc); }
+cudaError_t cudaFreeHost(void *ptr) { // waits for the device's work, as CUDA's does
+    if (ptr) dsmoe_emu_drain_all();
+    return free_block(ptr, kHostAlloc);
+}
 
 cudaError_t cudaHostRegister(void *ptr, size_t size, unsigned int flags) {
     const unsigned known =
@@ -444,6 +514,7 @@ cudaError_t cudaHostRegister(void *ptr, size_t size, unsigned int flags) {
 }
 
 cudaError_t cudaHostUnregister(void *ptr) {
+    dsmoe_emu_drain_all(); // queued copies may still use it as pinned memory
     std::lock_guard<std::mutex> g(st.mu);
     auto it = st.blocks.find(reinterpret_cast<uintptr_t>(ptr));
     if (!ptr || it == st.blocks.end() || it->second.kind != kRegistered) return fail(cudaErrorHostMemoryNotRegistered);
@@ -494,24 +565,46 @@ cudaError_t cudaMemset(void *devPtr, int value, size_t count) { return set(devPt
 
 cudaError_t cudaStreamCreateWithFlags(cudaStream_t *pStream, unsigned int flags) {
     if (!pStream || (flags & ~unsigned(cudaStreamNonBlocking))) return fail(cudaErrorInvalidValue);
-    return make(st.streams, new Stream{flags}, pStream);
+    cudaError_t e = make(st.streams, new Stream{flags}, pStream);
+    if (e == cudaSuccess) dsmoe_emu_stream_created(*pStream, !(flags & cudaStreamNonBlocking));
+    return e;
 }
 
 cudaError_t cudaStreamCreate(cudaStream_t *pStream) { return cudaStreamCreateWithFlags(pStream, cudaStreamDefault); }
 
+// As CUDA: the stream's queued work still completes.
 cudaError_t cudaStreamDestroy(cudaStream_t stream) {
+    if (!live(st.streams, stream)) return fail(cudaErrorInvalidResourceHandle);
+    dsmoe_emu_stream_destroyed(stream);
     return destroy<Stream>(st.streams, stream, cudaErrorInvalidResourceHandle);
 }
 
-// Synchronisations and queries: the work is done already, so only a handle or a sticky error can fail.
-cudaError_t cudaStreamSynchronize(cudaStream_t stream) { return enqueue_check(stream); }
-cudaError_t cudaStreamQuery(cudaStream_t stream) { return enqueue_check(stream); }
-cudaError_t cudaDeviceSynchronize(void) { return enqueue_check(nullptr); }
+// Synchronisations run the queued work they wait for; a query that finds work queued runs it and says
+// cudaErrorNotReady, so that a caller's not-ready path runs too (the next query finds it done).
+cudaError_t cudaStreamSynchronize(cudaStream_t stream) {
+    if (cudaError_t e = enqueue_check(stream)) return e;
+    dsmoe_emu_drain(stream);
+    return enqueue_check(stream);
+}
+
+cudaError_t cudaStreamQuery(cudaStream_t stream) {
+    if (cudaError_t e = enqueue_check(stream)) return e;
+    int pending = dsmoe_emu_drain(stream);
+    if (cudaError_t e = enqueue_check(stream)) return e;
+    return pending ? cudaErrorNotReady : cudaSuccess;
+}
+
+cudaError_t cudaDeviceSynchronize(void) {
+    dsmoe_emu_drain_all();
+    return enqueue_check(nullptr);
+}
 
 cudaError_t cudaStreamWaitEvent(cudaStream_t stream, cudaEvent_t event, unsigned int flags) {
     if (cudaError_t e = enqueue_check(stream)) return e;
     if (flags & ~unsigned(cudaEventWaitExternal)) return fail(cudaErrorInvalidValue);
-    return live(st.events, event) ? cudaSuccess : fail(cudaErrorInvalidResourceHandle);
+    if (!live(st.events, event)) return fail(cudaErrorInvalidResourceHandle);
+    dsmoe_emu_stream_wait_event(stream, event);
+    return cudaSuccess;
 }
 
 cudaError_t cudaEventCreateWithFlags(cudaEvent_t *event, unsigned int flags) {
@@ -525,37 +618,54 @@ cudaError_t cudaEventCreate(cudaEvent_t *event) { return cudaEventCreateWithFlag
 
 cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream) {
     if (cudaError_t e = enqueue_check(stream)) return e;
-    std::lock_guard<std::mutex> g(st.mu);
-    if (!event || !st.events.count(event)) return fail(cudaErrorInvalidResourceHandle);
-    reinterpret_cast<Event *>(event)->recorded = true;
+    {
+        std::lock_guard<std::mutex> g(st.mu);
+        if (!event || !st.events.count(event)) return fail(cudaErrorInvalidResourceHandle);
+        reinterpret_cast<Event *>(event)->recorded = true;
+    }
+    dsmoe_emu_event_record(event, stream);
     return cudaSuccess;
 }
 
-// Complete once recorded; one never recorded counts as complete in CUDA too.
+// Complete once the work queued before its record has run; one never recorded counts as complete in CUDA
+// too. A query of an incomplete event runs that work and says cudaErrorNotReady (the next says done).
 cudaError_t cudaEventQuery(cudaEvent_t event) {
-    return live(st.events, event) ? enqueue_check(nullptr) : fail(cudaErrorInvalidResourceHandle);
+    if (!live(st.events, event)) return fail(cudaErrorInvalidResourceHandle);
+    int complete = dsmoe_emu_event_complete(event, 1);
+    if (cudaError_t e = enqueue_check(nullptr)) return e;
+    return complete ? cudaSuccess : cudaErrorNotReady;
 }
 
-cudaError_t cudaEventSynchronize(cudaEvent_t event) { return cudaEventQuery(event); }
+cudaError_t cudaEventSynchronize(cudaEvent_t event) {
+    if (!live(st.events, event)) return fail(cudaErrorInvalidResourceHandle);
+    dsmoe_emu_event_complete(event, 1);
+    return enqueue_check(nullptr);
+}
 
 cudaError_t cudaEventDestroy(cudaEvent_t event) {
+    if (!live(st.events, event)) return fail(cudaErrorInvalidResourceHandle);
+    dsmoe_emu_event_destroyed(event);
     return destroy<Event>(st.events, event, cudaErrorInvalidResourceHandle);
 }
 
 // No time passes on this device: 0 ms, after CUDA's refusals (a timing-disabled or unrecorded event).
 cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t start, cudaEvent_t end) {
-    std::lock_guard<std::mutex> g(st.mu);
-    if (!start || !end || !st.events.count(start) || !st.events.count(end)) return fail(cudaErrorInvalidResourceHandle);
-    const Event *a = reinterpret_cast<const Event *>(start), *b = reinterpret_cast<const Event *>(end);
-    if (((a->flags | b->flags) & cudaEventDisableTiming) || !a->recorded || !b->recorded)
-        return fail(cudaErrorInvalidResourceHandle);
+    {
+        std::lock_guard<std::mutex> g(st.mu);
+        if (!start || !end || !st.events.count(start) || !st.events.count(end))
+            return fail(cudaErrorInvalidResourceHandle);
+        const Event *a = reinterpret_cast<const Event *>(start), *b = reinterpret_cast<const Event *>(end);
+        if (((a->flags | b->flags) & cudaEventDisableTiming) || !a->recorded || !b->recorded)
+            return fail(cudaErrorInvalidResourceHandle);
+    }
+    if (!dsmoe_emu_event_complete(start, 0) || !dsmoe_emu_event_complete(end, 0)) return cudaErrorNotReady;
     return put(ms, 0.0f);
 }
 
 cudaError_t cudaLaunchHostFunc(cudaStream_t stream, cudaHostFn_t fn, void *userData) {
     if (!fn) return fail(cudaErrorInvalidValue);
     if (cudaError_t e = enqueue_check(stream)) return e;
-    fn(userData); // no lock held: fn may call the runtime
+    dsmoe_emu_enqueue(stream, fn, userData);
     return cudaSuccess;
 }
 

@@ -2,7 +2,8 @@
 // results are known in closed form: shuffles, ballots, the counting barriers and shared memory within a block;
 // every block of a grid run once, in an order that changes between launches; a cooperative grid whose blocks
 // see each other's writes after grid.sync() and keep their own shared memory; launch errors as the runtime
-// reports them; and the kernel bugs it must stop on (a deadlock, a shuffle naming an exited lane, barriers of
+// reports them; stream order (queued work deferred until needed, events across streams, pageable and
+// pinned copies, host functions, cudaFreeAsync); and the kernel bugs it must stop on (a deadlock, a shuffle naming an exited lane, barriers of
 // different kinds, grid.sync() without a cooperative launch), each in a child process that must abort with
 // the emulator's message. Built with emu_device.h included first, as kernels/*.cu are.
 #include <signal.h>
@@ -163,6 +164,90 @@ static void test_cooperative(void) {
     CHECK(cudaGetLastError() == cudaErrorCooperativeLaunchTooLarge, "last error after the refused launch");
 }
 
+// ---------------------------------------------------------------------------------------------------
+// Stream order (emu_streams.h): work on a created stream runs only when something needs it, in order;
+// events order streams; copies follow CUDA's rules for pageable and pinned host memory.
+
+__global__ void fill_kernel(int *p, int v) { p[threadIdx.x] = v; }
+
+static std::vector<int> host_calls;
+static void note_call(void *arg) { host_calls.push_back((int)(intptr_t)arg); }
+
+static void test_stream_order(void) {
+    cudaStream_t s1 = nullptr, s2 = nullptr;
+    cudaEvent_t ev = nullptr;
+    int *d = nullptr, *h = nullptr, *h2 = nullptr;
+    bool made = cudaStreamCreateWithFlags(&s1, cudaStreamNonBlocking) == cudaSuccess &&
+                cudaStreamCreateWithFlags(&s2, cudaStreamNonBlocking) == cudaSuccess &&
+                cudaEventCreateWithFlags(&ev, cudaEventDisableTiming) == cudaSuccess &&
+                cudaMalloc((void **)&d, 16) == cudaSuccess && cudaHostAlloc((void **)&h, 16, 0) == cudaSuccess &&
+                cudaHostAlloc((void **)&h2, 16, 0) == cudaSuccess;
+    CHECK(made, "streams, an event, device and pinned memory");
+    if (!made) return;
+    // Nothing runs until asked for; a query runs it and says not ready, the next says done.
+    dsmoe_emu_launch(fill_kernel, dim3(1), dim3(4), 0, s1, 0, d, 3);
+    cudaMemcpyAsync(h, d, 16, cudaMemcpyDeviceToHost, s1);
+    CHECK(h[0] == -1 && h[3] == -1, "queued work ran before anything needed it: h[0] = %d", h[0]);
+    CHECK(cudaStreamQuery(s1) == cudaErrorNotReady, "a query of a stream with queued work");
+    CHECK(h[0] == 3 && h[3] == 3, "after the query: h[0] = %d, expected 3", h[0]);
+    CHECK(cudaStreamQuery(s1) == cudaSuccess, "a second query");
+    // A wait for an event runs the other stream up to the record, not past it.
+    dsmoe_emu_launch(fill_kernel, dim3(1), dim3(4), 0, s1, 0, d, 7);
+    cudaEventRecord(ev, s1);
+    dsmoe_emu_launch(fill_kernel, dim3(1), dim3(4), 0, s1, 0, d, 9);
+    cudaStreamWaitEvent(s2, ev, 0);
+    cudaMemcpyAsync(h, d, 16, cudaMemcpyDeviceToHost, s2);
+    CHECK(cudaStreamSynchronize(s2) == cudaSuccess && h[0] == 7, "s2 after waiting for s1's event: %d, expected 7", h[0]);
+    CHECK(cudaEventQuery(ev) == cudaSuccess, "the event after the wait ran its work");
+    cudaMemcpyAsync(h, d, 16, cudaMemcpyDeviceToHost, s1);
+    CHECK(cudaStreamSynchronize(s1) == cudaSuccess && h[0] == 9, "s1 synchronised: %d, expected 9", h[0]);
+    dsmoe_emu_launch(fill_kernel, dim3(1), dim3(4), 0, s1, 0, d, 4);
+    cudaEventRecord(ev, s1);
+    CHECK(cudaEventQuery(ev) == cudaErrorNotReady, "a query of an event with work before it");
+    CHECK(cudaEventQuery(ev) == cudaSuccess, "a second query of the event");
+    // From pageable memory the bytes are taken at the call; from pinned memory when the copy runs; to
+    // pageable memory the call returns with the copy done.
+    int pageable[4] = {1, 2, 3, 4};
+    cudaMemcpyAsync(d, pageable, 16, cudaMemcpyHostToDevice, s1);
+    pageable[0] = 0;
+    cudaMemcpyAsync(h, d, 16, cudaMemcpyDeviceToHost, s1);
+    cudaStreamSynchronize(s1);
+    CHECK(h[0] == 1 && h[3] == 4, "a pageable source rewritten after the call: %d, expected 1", h[0]);
+    h2[0] = 5;
+    cudaMemcpyAsync(d, h2, 16, cudaMemcpyHostToDevice, s1);
+    h2[0] = 6;
+    cudaMemcpyAsync(h, d, 16, cudaMemcpyDeviceToHost, s1);
+    cudaStreamSynchronize(s1);
+    CHECK(h[0] == 6, "a pinned source is read when the copy runs: %d, expected 6", h[0]);
+    dsmoe_emu_launch(fill_kernel, dim3(1), dim3(4), 0, s1, 0, d, 11);
+    cudaMemcpyAsync(pageable, d, 16, cudaMemcpyDeviceToHost, s1);
+    CHECK(pageable[0] == 11 && pageable[3] == 11, "a copy to pageable memory is done on return: %d", pageable[0]);
+    // Host functions and cudaFreeAsync in stream order.
+    int *d2;
+    cudaMalloc((void **)&d2, 16);
+    host_calls.clear();
+    dsmoe_emu_launch(fill_kernel, dim3(1), dim3(4), 0, s1, 0, d2, 1);
+    cudaLaunchHostFunc(s1, note_call, (void *)(intptr_t)42);
+    cudaFreeAsync(d2, s1);
+    cudaPointerAttributes a;
+    cudaPointerGetAttributes(&a, d2);
+    CHECK(host_calls.empty() && a.type == cudaMemoryTypeDevice, "host function or free ran before the stream got there");
+    cudaStreamSynchronize(s1);
+    cudaPointerGetAttributes(&a, d2);
+    CHECK(host_calls.size() == 1 && host_calls[0] == 42 && a.type == cudaMemoryTypeUnregistered,
+          "after the synchronisation: %zu host calls, memory type %d", host_calls.size(), (int)a.type);
+    // A destroyed stream's queued work still runs.
+    dsmoe_emu_launch(fill_kernel, dim3(1), dim3(4), 0, s2, 0, d, 13);
+    cudaStreamDestroy(s2);
+    cudaMemcpy(h, d, 16, cudaMemcpyDeviceToHost);
+    CHECK(h[0] == 13, "work of a destroyed stream: %d, expected 13", h[0]);
+    cudaStreamDestroy(s1);
+    cudaEventDestroy(ev);
+    cudaFree(d);
+    cudaFreeHost(h);
+    cudaFreeHost(h2);
+}
+
 static void test_launch_errors(void) {
     std::vector<int> out(4096);
     cudaError_t e = dsmoe_emu_launch(warp_ops_kernel, dim3(1), dim3(2048), 0, 0, 0, out.data());
@@ -223,6 +308,7 @@ int main(void) {
     test_barriers();
     test_blocks();
     test_cooperative();
+    test_stream_order();
     test_launch_errors();
     expect_abort("deadlock", deadlock_kernel, "deadlock");
     expect_abort("exited lane", exited_lane_kernel, "names a lane that has exited");

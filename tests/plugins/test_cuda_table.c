@@ -354,6 +354,33 @@ static void test_round_trip(void **state) {
     free(ref);
 }
 
+// Many copies from one pageable buffer, rewritten after each call, queued back to back with no wait: each
+// must carry the bytes its call saw. The plugin stages such copies through a ring of pinned slots (more
+// copies here than slots), so a slot reused before the copy that reads it has run would carry the later
+// bytes.
+static void test_staged_uploads(void **state) {
+    dsmoe_kernel_ctx *ctx = *state;
+    enum { COPIES = 40, BYTES = 1000 };
+    uint8_t src[BYTES], *back = malloc(COPIES * BYTES);
+    assert_non_null(back);
+    dsmoe_kernel_queue *q = P->default_queue(ctx);
+    void *d;
+    OK(P->alloc(ctx, COPIES * BYTES, 0, &d));
+    for (size_t c = 0; c < COPIES; c++) {
+        for (size_t i = 0; i < BYTES; i++)
+            src[i] = pattern(c * BYTES + i);
+        OK(P->copy_to_device(ctx, q, (uint8_t *)d + c * BYTES, src, BYTES));
+    }
+    memset(src, 0xAB, BYTES);
+    OK(P->copy_to_host(ctx, q, back, d, COPIES * BYTES));
+    OK(P->queue_synchronize(ctx, q));
+    for (size_t i = 0; i < COPIES * BYTES; i++)
+        if (back[i] != pattern(i))
+            fail_msg("copy %zu byte %zu: %u, expected %u", i / BYTES, i % BYTES, back[i], pattern(i));
+    P->free(ctx, d);
+    free(back);
+}
+
 static void test_alloc_edges(void **state) {
     dsmoe_kernel_ctx *ctx = *state;
     void *a = NULL, *b = NULL;
@@ -583,6 +610,7 @@ int main(void) {
     }
     const struct CMUnitTest gpu[] = {
         cmocka_unit_test(test_describe),       cmocka_unit_test(test_round_trip),
+        cmocka_unit_test(test_staged_uploads),
         cmocka_unit_test(test_alloc_edges),    cmocka_unit_test(test_host_functions),
         cmocka_unit_test(test_pool_limit),     cmocka_unit_test(test_sticky_bad_free),
         cmocka_unit_test(test_sticky_fault),

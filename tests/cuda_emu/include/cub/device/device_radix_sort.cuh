@@ -1,11 +1,14 @@
 // tests/cuda_emu/include/cub/device/device_radix_sort.cuh: cub's device-wide radix sort of keys for the CUDA
-// emulator, in the calling thread (streams run their work at once). Sorted by bits [begin_bit, end_bit) of
+// emulator, run in the stream's order (emu_streams.h: deferred on a created stream; the offsets and keys are
+// read when it runs, as on a GPU). Sorted by bits [begin_bit, end_bit) of
 // the key only, stably, as cub's LSD radix sort is; the storage query answers a small non-zero size so that
 // callers' scratch arithmetic is exercised.
 #ifndef DSMOE_CUDA_EMU_CUB_DEVICE_RADIX_SORT_CUH
 #define DSMOE_CUDA_EMU_CUB_DEVICE_RADIX_SORT_CUH
 #include <cuda_runtime.h>
 #include <stdint.h>
+
+#include "emu_streams.h" // dsmoe_emu_enqueue
 
 #include <algorithm>
 #include <vector>
@@ -38,6 +41,15 @@ template <typename Key> static void sort_range(const Key *in, Key *out, size_t n
     std::copy(v.begin(), v.end(), out);
 }
 
+// f() in the stream's order.
+template <typename F> static void in_stream_order(cudaStream_t stream, F f) {
+    dsmoe_emu_enqueue(stream, [](void *job) {
+        F *j = (F *)job;
+        (*j)();
+        delete j;
+    }, new F(f));
+}
+
 static inline bool bits_ok(int begin_bit, int end_bit, int key_bits) {
     return begin_bit >= 0 && begin_bit <= end_bit && end_bit <= key_bits;
 }
@@ -56,14 +68,14 @@ struct DeviceRadixSort {
     static cudaError_t SortKeys(void *d_temp_storage, size_t &temp_storage_bytes, const Key *d_keys_in,
                                 Key *d_keys_out, NumItems num_items, int begin_bit = 0,
                                 int end_bit = (int)(sizeof(Key) * 8), cudaStream_t stream = 0) {
-        (void)stream;
         if (!emu::bits_ok(begin_bit, end_bit, (int)(sizeof(Key) * 8)) || num_items < 0)
             return cudaErrorInvalidValue;
         bool done;
         const cudaError_t e = emu::temp_storage(d_temp_storage, temp_storage_bytes, done);
         if (e != cudaSuccess || done)
             return e;
-        emu::sort_range(d_keys_in, d_keys_out, (size_t)num_items, begin_bit, end_bit);
+        const size_t n = (size_t)num_items;
+        emu::in_stream_order(stream, [=] { emu::sort_range(d_keys_in, d_keys_out, n, begin_bit, end_bit); });
         return cudaSuccess;
     }
 };

@@ -13,7 +13,6 @@ struct DeviceSegmentedRadixSort {
                                 NumItems num_items, NumSegments num_segments, BeginOffsets d_begin_offsets,
                                 EndOffsets d_end_offsets, int begin_bit = 0, int end_bit = (int)(sizeof(Key) * 8),
                                 cudaStream_t stream = 0) {
-        (void)stream;
         if (!emu::bits_ok(begin_bit, end_bit, (int)(sizeof(Key) * 8)) || num_items < 0 || num_segments < 0)
             return cudaErrorInvalidValue;
         bool done;
@@ -22,11 +21,13 @@ struct DeviceSegmentedRadixSort {
             return e;
         Key *in = d_keys.Current(), *out = d_keys.Alternate();
         // Keys outside every segment are not written (cub leaves them as they are in the output buffer).
-        for (NumSegments s = 0; s < num_segments; s++) {
-            const long long b = d_begin_offsets[s], e = d_end_offsets[s];
-            if (e > b)
-                emu::sort_range(in + b, out + b, (size_t)(e - b), begin_bit, end_bit);
-        }
+        emu::in_stream_order(stream, [=] {
+            for (NumSegments s = 0; s < num_segments; s++) {
+                const long long b = d_begin_offsets[s], e = d_end_offsets[s];
+                if (e > b)
+                    emu::sort_range(in + b, out + b, (size_t)(e - b), begin_bit, end_bit);
+            }
+        });
         d_keys.selector ^= 1;
         return cudaSuccess;
     }
