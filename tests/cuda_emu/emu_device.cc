@@ -451,13 +451,13 @@ static void run_grid(const char *name, dim3 grid, dim3 block, size_t shared_byte
         grid_state gs;
         pthread_barrier_init(&gs.barrier, NULL, (unsigned)blocks);
         std::vector<coop_block> cbs((size_t)blocks);
-        std::vector<std::vector<char>> mem((size_t)blocks, std::vector<char>(shared_bytes + 16, (char)0xff));
+        std::vector<std::vector<char>> mem((size_t)blocks, std::vector<char>(shared_bytes, (char)0xff));
         for (unsigned long long i = 0; i < blocks; i++) {
             cbs[i].state = base;
             cbs[i].state.block_idx = make_uint3((unsigned)(i % grid.x), (unsigned)(i / grid.x % grid.y),
                                                 (unsigned)(i / grid.x / grid.y));
             cbs[i].state.grid = &gs;
-            cbs[i].state.dynamic_shared = mem[i].data();
+            cbs[i].state.dynamic_shared = shared_bytes ? mem[i].data() : nullptr;
             if (pthread_create(&cbs[i].thread, NULL, coop_main, &cbs[i]) != 0) {
                 perror("dsmoe CUDA emulator: pthread_create (cooperative block)");
                 abort();
@@ -485,14 +485,16 @@ static void run_grid(const char *name, dim3 grid, dim3 block, size_t shared_byte
             break;
     }
     const unsigned long long c = (salt >> 13) % blocks;
-    std::vector<char> shared(shared_bytes + 16);
+    // Exactly the launch's bytes (operator new aligns them to 16, as CUDA's dynamic shared memory is at
+    // least): under AddressSanitizer a kernel that reads or writes past them is reported.
+    std::vector<char> shared(shared_bytes);
     for (unsigned long long i = 0; i < blocks; i++) {
         const unsigned long long k = (a * i + c) % blocks;
         block_state b = base;
         b.block_idx =
             make_uint3((unsigned)(k % grid.x), (unsigned)(k / grid.x % grid.y), (unsigned)(k / grid.x / grid.y));
-        b.dynamic_shared = shared.data();
-        memset(shared.data(), 0xff, shared.size()); // shared memory starts undefined: NaN bytes
+        b.dynamic_shared = shared_bytes ? shared.data() : nullptr;
+        if (shared_bytes) memset(shared.data(), 0xff, shared_bytes); // shared memory starts undefined: NaN bytes
         run_block(&b);
     }
 }
