@@ -119,6 +119,14 @@ same base 1 1e-4
 same residual_rts 1 1e-4 moe.residual=true moe.token_selection=random
 same dropless_top2_jitter 1 1e-4 moe.drop_tokens=false moe.top_k=2 moe.noise=jitter
 same bf16 1 3e-2 run.precision=bf16
+# 2 ranks with ep 2 sharing the one device (over mpi) give the losses of 1 rank: dropless, so that capacity
+# per rank drops no other tokens; the jitter's keys do not depend on the layout.
+if run cuda_dropless_ep2 2 run.kernel_backend=cuda moe.drop_tokens=false moe.top_k=2 moe.noise=jitter \
+  moe.expert_parallel=2; then
+  r=$(close "$work/cuda_dropless_top2_jitter/metrics.csv" "$work/cuda_dropless_ep2/metrics.csv" 1e-4) &&
+    passed "dropless top-2 + jitter, cuda: 2 ranks with ep 2 on the one device = 1 rank: $r" ||
+    fail "dropless top-2 + jitter, cuda, 2 ranks with ep 2 against 1 rank: $r"
+fi
 # Two ranks share the one emulated device, as ranks share a GPU over the mpi comm plugin (host staging),
 # and then over nccl (which on a GPU wants a device per rank; the double does not).
 # The double adds floats from the last rank down, which on 4 ranks gives other bits than mpi's rank order
