@@ -293,41 +293,6 @@ cudaError_t set(void *p, int value, size_t n, cudaStream_t s) {
 
 void free_op(void *p) { free_block(p, kDevice); }
 
-struct ErrorText { cudaError_t code; const char *name, *text; };
-#define E(code, text) {code, #code, text}
-const ErrorText kErrors[] = {
-    E(cudaSuccess, "no error"), E(cudaErrorInvalidValue, "invalid argument"),
-    E(cudaErrorMemoryAllocation, "out of memory"), E(cudaErrorInvalidPitchValue, "invalid pitch argument"),
-    E(cudaErrorInvalidConfiguration, "invalid configuration argument"),
-    E(cudaErrorInvalidMemcpyDirection, "invalid copy direction for memcpy"),
-    E(cudaErrorInvalidDevicePointer, "invalid device pointer"),
-    E(cudaErrorNoDevice, "no CUDA-capable device is detected"), E(cudaErrorInvalidDevice, "invalid device ordinal"),
-    E(cudaErrorInvalidResourceHandle, "invalid resource handle"), E(cudaErrorNotReady, "device not ready"),
-    E(cudaErrorIllegalAddress, "an illegal memory access was encountered"),
-    E(cudaErrorLaunchOutOfResources, "too many resources requested for launch"),
-    E(cudaErrorLaunchTimeout, "the launch timed out and was terminated"),
-    E(cudaErrorHostMemoryAlreadyRegistered, "part or all of the requested memory range is already mapped"),
-    E(cudaErrorHostMemoryNotRegistered, "pointer does not correspond to a registered memory region"),
-    E(cudaErrorHardwareStackError, "hardware stack error"),
-    E(cudaErrorIllegalInstruction, "an illegal instruction was encountered"),
-    E(cudaErrorMisalignedAddress, "misaligned address"), E(cudaErrorInvalidPc, "invalid program counter"),
-    E(cudaErrorInvalidAddressSpace, "operation not supported on global/shared address space"),
-    E(cudaErrorLaunchFailure, "unspecified launch failure"), E(cudaErrorAssert, "device-side assert triggered"),
-    E(cudaErrorCooperativeLaunchTooLarge, "too many blocks in cooperative launch"),
-    E(cudaErrorInvalidDeviceFunction, "invalid device function"),
-    E(cudaErrorNotSupported, "operation not supported"), E(cudaErrorUnknown, "unknown error"),
-};
-#undef E
-
-// The entry of e; for a code without one, "cudaError N" as both name and text.
-const char *error_text(cudaError_t e, bool name) {
-    for (const ErrorText &t : kErrors)
-        if (t.code == e) return name ? t.name : t.text;
-    static thread_local char buf[32];
-    snprintf(buf, sizeof buf, "cudaError %d", static_cast<int>(e));
-    return buf;
-}
-
 } // namespace
 
 // extern "C" again around the definitions: a parameter type that differs from the header's is then a
@@ -349,8 +314,6 @@ cudaError_t cudaGetLastError(void) {
 }
 
 cudaError_t cudaPeekAtLastError(void) { return last_error != cudaSuccess ? last_error : broken(); }
-const char *cudaGetErrorString(cudaError_t error) { return error_text(error, false); }
-const char *cudaGetErrorName(cudaError_t error) { return error_text(error, true); }
 
 cudaError_t cudaGetDeviceCount(int *count) { return put(count, 1); }
 cudaError_t cudaSetDevice(int device) { return device == 0 ? cudaSuccess : fail(cudaErrorInvalidDevice); }

@@ -1,7 +1,7 @@
 # The cuda plugin on the CUDA emulator (tests/cuda_emu/): the plugin's own sources (plugins/cuda/*.c, kernels/*.cu
 # and cuda_env.c) built with the host compilers against the CUDA headers, and linked with the emulated runtime,
-# cuBLAS, device and stream order (emu_runtime.cc, emu_cublas.cc, emu_device.cc, emu_streams.cc: work on a created
-# stream deferred until something needs it) instead of libcudart and libcublas. The module is
+# cuBLAS, device and stream order (emu_runtime.cc with emu_errors.cc, emu_cublas.cc, emu_device.cc, emu_streams.cc:
+# work on a created stream deferred until something needs it) instead of libcudart and libcublas. The module is
 # the cuda plugin whose kernels run as host fibers, under the cuda plugin's own file name in a directory of its own,
 # tests/plugins/cuda_emu/libdsmoe_kernel_cuda.so: with DSMOE_PLUGIN_PATH naming that directory, a deck that says
 # run.kernel_backend = cuda runs on it unchanged (its describe() line names the emulator as the device). The kernel
@@ -40,7 +40,7 @@ file(GLOB DSMOE_CUDA_EMU_GLUE CONFIGURE_DEPENDS ${PROJECT_SOURCE_DIR}/plugins/cu
 
 add_library(dsmoe_kernel_cuda_emu MODULE ${DSMOE_CUDA_EMU_GLUE} ${PROJECT_SOURCE_DIR}/kernels/cuda_env.c
             ${emu_kernel_sources} ${emu_dir}/emu_device.cc ${emu_dir}/emu_runtime.cc ${emu_dir}/emu_streams.cc
-            ${emu_dir}/emu_cublas.cc)
+            ${emu_dir}/emu_errors.cc ${emu_dir}/emu_cublas.cc)
 set_target_properties(dsmoe_kernel_cuda_emu PROPERTIES
   OUTPUT_NAME dsmoe_kernel_cuda
   PREFIX lib
@@ -74,7 +74,7 @@ target_link_options(dsmoe_kernel_cuda_emu PRIVATE -Wl,-z,defs -Wl,-z,nodelete)
 add_dependencies(test_kernel_conformance dsmoe_kernel_cuda_emu)
 
 add_executable(test_emu_device ${emu_dir}/test_emu_device.cc ${emu_dir}/emu_device.cc ${emu_dir}/emu_runtime.cc
-               ${emu_dir}/emu_streams.cc)
+               ${emu_dir}/emu_streams.cc ${emu_dir}/emu_errors.cc)
 set_target_properties(test_emu_device PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/tests
                       CXX_STANDARD 17 CXX_STANDARD_REQUIRED ON)
 target_include_directories(test_emu_device PRIVATE ${emu_dir} ${DSMOE_CUDA_EMU_INCLUDE_DIR})
