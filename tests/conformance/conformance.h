@@ -74,6 +74,7 @@ typedef struct cf_tol {
 
 // --- lifecycle (harness.c) ---
 dsmoe_status cf_open(cf_side *s, char *err, size_t len);   // init with the declared defaults (+ settings)
+int cf_setting_on(const cf_side *s, const char *name);      // its setting `name`, as init gets it, is true/1/yes/on
 void cf_close(cf_side *s);                                  // finalize (NULL ctx: nothing)
 int cf_open_both(void);                                    // 0 or -1 with a FAIL line
 void cf_close_both(void);
@@ -154,7 +155,7 @@ void *cf_get_raw(const cf_buf *b, int side, size_t bytes);
 
 // --- tolerances ---
 extern double cf_tol_scale; // DSMOE_CONFORMANCE_TOL_SCALE (default 1): multiplies every tolerance
-extern int cf_tf32;         // the candidate's settings enable TF32 (tf32=true): its float32 GEMMs round inputs
+extern int cf_tf32;         // the candidate's setting tf32 is on (its default or tf32=true): float32 GEMMs round inputs
 cf_tol cf_tol_for(dsmoe_dtype dt, cf_tol f32);               // f32 as given; bfloat16 outputs: TOL_BF16
 cf_tol cf_tol_gemm(dsmoe_dtype operands, cf_tol tol);        // tol, or TOL_TF32 for float32 operands under cf_tf32
 #define TOL_EW ((cf_tol){1e-4, 1e-6})     // element-wise float32 math (different exp/tanh implementations)

@@ -3,7 +3,7 @@
 // defines: cf_sides, cf_res, cf_tol_scale, cf_open*, cf_close*, cf_run, cf_check_name, cf_pass, cf_fail,
 //          cf_skip, cf_note, cf_abort, cf_abandon_skip, cf_op, cf_cand_dtype, cf_host, cf_rand*, cf_fill,
 //          cf_uniform, cf_bf16 helpers, cf_up*, cf_out, cf_scratch, cf_zeros, cf_get*, cf_cmp*, cf_tol_for,
-//          cf_tol_gemm, cf_tf32, cf_forget_buffers
+//          cf_tol_gemm, cf_tf32, cf_setting_on, cf_forget_buffers
 //
 // A check is abandoned with longjmp (a FAIL or SKIP line first); its host memory and buffers are kept in
 // lists and freed when cf_run ends, so one wrong op never stops the next check. A context whose
@@ -15,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h> // strcasecmp
 #include <unistd.h> // alarm
 
 #include "conformance.h"
@@ -128,31 +129,47 @@ int cf_cand_dtype(dsmoe_dtype dt) {
 
 // --- contexts ------------------------------------------------------------------------------------
 
-// Declared defaults, then "key=value" pairs of s->settings over them (unknown keys: a note).
+// The plugin's settings as init gets them: declared defaults, then "key=value" pairs of s->settings over
+// them (unknown keys: a note when `note`). Returns their count (at most 64); vals point into store.
+static int resolve_settings(const cf_side *s, const char *vals[64], char store[64][128], int note) {
+    int np = s->T->n_params < 64 ? s->T->n_params : 64;
+    for (int i = 0; i < np; i++)
+        vals[i] = s->T->params[i].default_value;
+    if (!s->settings || !*s->settings) return np;
+    char buf[1024];
+    snprintf(buf, sizeof buf, "%s", s->settings);
+    for (char *tok = strtok(buf, ","); tok; tok = strtok(NULL, ",")) {
+        char *eq = strchr(tok, '=');
+        int found = 0;
+        if (eq) {
+            *eq = 0;
+            for (int i = 0; i < np; i++)
+                if (!strcmp(s->T->params[i].name, tok)) {
+                    snprintf(store[i], 128, "%s", eq + 1);
+                    vals[i] = store[i];
+                    found = 1;
+                }
+        }
+        if (!found && note) cf_note("%s %s: setting '%s' is not one of its settings: ignored", s->role, s->name, tok);
+    }
+    return np;
+}
+
+int cf_setting_on(const cf_side *s, const char *name) {
+    const char *vals[64];
+    static char store[64][128];
+    int np = resolve_settings(s, vals, store, 0);
+    for (int i = 0; i < np; i++)
+        if (!strcmp(s->T->params[i].name, name) && vals[i])
+            return !strcasecmp(vals[i], "true") || !strcmp(vals[i], "1") || !strcasecmp(vals[i], "yes") ||
+                   !strcasecmp(vals[i], "on");
+    return 0;
+}
+
 dsmoe_status cf_open(cf_side *s, char *err, size_t len) {
     const char *vals[64];
     static char store[2][64][128];
-    int np = s->T->n_params < 64 ? s->T->n_params : 64, si = s == &cf_sides[0] ? 0 : 1;
-    for (int i = 0; i < np; i++)
-        vals[i] = s->T->params[i].default_value;
-    if (s->settings && *s->settings) {
-        char buf[1024];
-        snprintf(buf, sizeof buf, "%s", s->settings);
-        for (char *tok = strtok(buf, ","); tok; tok = strtok(NULL, ",")) {
-            char *eq = strchr(tok, '=');
-            int found = 0;
-            if (eq) {
-                *eq = 0;
-                for (int i = 0; i < np; i++)
-                    if (!strcmp(s->T->params[i].name, tok)) {
-                        snprintf(store[si][i], sizeof store[si][i], "%s", eq + 1);
-                        vals[i] = store[si][i];
-                        found = 1;
-                    }
-            }
-            if (!found) cf_note("%s %s: setting '%s' is not one of its settings: ignored", s->role, s->name, tok);
-        }
-    }
+    int np = resolve_settings(s, vals, store[s == &cf_sides[0] ? 0 : 1], 1);
     dsmoe_kernel_options opt = {.threads = 0, .param_values = np ? vals : NULL, .n_param_values = np};
     s->c = NULL;
     s->q = NULL;

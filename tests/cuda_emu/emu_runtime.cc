@@ -195,11 +195,17 @@ cudaError_t alloc_device(void **out, size_t n, cudaStream_t s) {
     return p ? put(out, p) : fail(cudaErrorMemoryAllocation);
 }
 
+// The live block of the kind that starts at p, or end(). Under mu.
+std::map<uintptr_t, Block>::iterator block_at(const void *p, Kind kind) {
+    auto it = st.blocks.find(reinterpret_cast<uintptr_t>(p));
+    return it != st.blocks.end() && it->second.kind == kind ? it : st.blocks.end();
+}
+
 cudaError_t free_block(void *p, Kind kind) {
     if (!p) return cudaSuccess;
     std::lock_guard<std::mutex> g(st.mu);
-    auto it = st.blocks.find(reinterpret_cast<uintptr_t>(p));
-    if (it == st.blocks.end() || it->second.kind != kind) return fail(cudaErrorInvalidValue);
+    auto it = block_at(p, kind);
+    if (it == st.blocks.end()) return fail(cudaErrorInvalidValue);
     if (kind == kDevice) st.device_bytes -= it->second.bytes;
     st.blocks.erase(it);
     free(p);
@@ -254,7 +260,7 @@ cudaError_t copy(void *dst, size_t dpitch, const void *src, size_t spitch, size_
         copy_op(op);
         return cudaSuccess;
     }
-    if (src_pageable && dsmoe_emu_deferred()) { // the bytes as they are now: the caller may reuse its buffer
+    if (src_pageable && dsmoe_emu_defers(s)) { // the bytes as they are now: the caller may reuse its buffer
         op->snapshot = static_cast<char *>(malloc(height * width));
         if (!op->snapshot) {
             delete op;
@@ -406,8 +412,7 @@ cudaError_t cudaFreeAsync(void *devPtr, cudaStream_t hStream) {
     if (!devPtr) return cudaSuccess;
     {
         std::lock_guard<std::mutex> g(st.mu);
-        auto it = st.blocks.find(reinterpret_cast<uintptr_t>(devPtr));
-        if (it == st.blocks.end() || it->second.kind != kDevice) return fail(cudaErrorInvalidValue);
+        if (block_at(devPtr, kDevice) == st.blocks.end()) return fail(cudaErrorInvalidValue);
     }
     dsmoe_emu_enqueue(hStream, free_op, devPtr);
     return cudaSuccess;

@@ -97,18 +97,21 @@ int dsmoe_emu_deferred(void) {
     return deferred;
 }
 
-void dsmoe_emu_enqueue(cudaStream_t stream, void (*fn)(void *), void *arg) {
-    if (dsmoe_emu_deferred() && !is_default(stream)) {
-        std::lock_guard<std::recursive_mutex> g(mu);
-        auto it = queues.find(stream);
-        if (it != queues.end()) {
-            it->second.ops.push_back(Op{fn, arg});
-            it->second.queued++;
-            return;
-        }
-    }
-    if (is_legacy(stream)) run_all(true);
+int dsmoe_emu_defers(cudaStream_t stream) {
+    if (!dsmoe_emu_deferred() || is_default(stream)) return 0;
     std::lock_guard<std::recursive_mutex> g(mu);
+    return queues.count(stream) != 0;
+}
+
+void dsmoe_emu_enqueue(cudaStream_t stream, void (*fn)(void *), void *arg) {
+    std::lock_guard<std::recursive_mutex> g(mu);
+    if (dsmoe_emu_defers(stream)) {
+        Queue &q = queues[stream];
+        q.ops.push_back(Op{fn, arg});
+        q.queued++;
+        return;
+    }
+    if (is_legacy(stream)) run_all(true); // the legacy stream waits for the blocking streams
     fn(arg);
 }
 
@@ -142,8 +145,7 @@ void dsmoe_emu_stream_destroyed(cudaStream_t stream) {
 void dsmoe_emu_event_record(cudaEvent_t event, cudaStream_t stream) {
     if (is_legacy(stream)) run_all(true);
     std::lock_guard<std::recursive_mutex> g(mu);
-    auto it = dsmoe_emu_deferred() && !is_default(stream) ? queues.find(stream) : queues.end();
-    marks[event] = it == queues.end() ? Mark{nullptr, 0} : Mark{stream, it->second.queued};
+    marks[event] = dsmoe_emu_defers(stream) ? Mark{stream, queues[stream].queued} : Mark{nullptr, 0};
 }
 
 int dsmoe_emu_event_complete(cudaEvent_t event, int run_to_it) {
@@ -165,13 +167,8 @@ void dsmoe_emu_stream_wait_event(cudaStream_t stream, cudaEvent_t event) {
     std::lock_guard<std::recursive_mutex> g(mu);
     auto m = marks.find(event);
     if (m == marks.end() || !m->second.stream) return; // never recorded, or complete when recorded
-    if (!dsmoe_emu_deferred() || is_default(stream) || !queues.count(stream)) {
-        run_mark(m->second); // work queued on a default stream runs at once: the event's work first
-        return;
-    }
-    Queue &q = queues[stream];
-    q.ops.push_back(Op{wait_op, new Mark(m->second)});
-    q.queued++;
+    if (dsmoe_emu_defers(stream)) dsmoe_emu_enqueue(stream, wait_op, new Mark(m->second));
+    else run_mark(m->second); // work on a default stream runs at once: the event's work first
 }
 
 } // extern "C"

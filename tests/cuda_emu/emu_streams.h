@@ -19,6 +19,9 @@ extern "C" {
 // Whether work on created streams is deferred (the default) or run at once (DSMOE_EMU_STREAMS=immediate).
 int dsmoe_emu_deferred(void);
 
+// Whether work enqueued on the stream now waits in a queue (a created stream, streams deferred).
+int dsmoe_emu_defers(cudaStream_t stream);
+
 // Runs fn(arg) in stream order: queued on a created stream (deferred), at once on a default stream. fn
 // owns arg (frees it). The caller has checked the stream handle.
 void dsmoe_emu_enqueue(cudaStream_t stream, void (*fn)(void *arg), void *arg);

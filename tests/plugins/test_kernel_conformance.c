@@ -13,9 +13,10 @@
 //   DSMOE_CONFORMANCE_KERNEL_PATH=<file>  the candidate's file itself (a bundled run on another machine)
 //   DSMOE_CONFORMANCE_REFERENCE_PATH=<file> the cpu plugin (default: found like a candidate named cpu,
 //                                         first beside the candidate's file)
-//   DSMOE_CONFORMANCE_SETTINGS=k=v,...    candidate settings over its declared defaults; with tf32=true (or
-//                                         1, yes, on) the float32 GEMMs are held to TOL_TF32 and the finite
-//                                         differences through GEMMs are skipped (conformance.h)
+//   DSMOE_CONFORMANCE_SETTINGS=k=v,...    candidate settings over its declared defaults; when its setting
+//                                         tf32 is on (true, 1, yes or on) the float32 GEMMs are held to
+//                                         TOL_TF32 and the finite differences through GEMMs are skipped
+//                                         (conformance.h)
 //   DSMOE_CONFORMANCE_GROUPS=a,b          run only these groups (names below)
 //   DSMOE_CONFORMANCE_FORK=0|1            run each group in child processes (default 1): a crash, a hang
 //                                         or a device fault then costs one check, not the run. (Seen on
@@ -35,7 +36,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <strings.h> // strncasecmp
 #include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -271,23 +271,6 @@ static void run_forked(const group *g) {
     }
 }
 
-// Whether "k=v,..." sets key to true, 1, yes or on.
-static int settings_enable(const char *settings, const char *key) {
-    size_t kl = strlen(key);
-    for (const char *p = settings; p && *p;) {
-        size_t len = strcspn(p, ",");
-        if (len > kl && !strncmp(p, key, kl) && p[kl] == '=') {
-            const char *v = p + kl + 1;
-            size_t vl = len - kl - 1;
-            static const char *const yes[] = {"true", "1", "yes", "on"};
-            for (size_t i = 0; i < sizeof yes / sizeof *yes; i++)
-                if (vl == strlen(yes[i]) && !strncasecmp(v, yes[i], vl)) return 1;
-        }
-        p += len + (p[len] == ',');
-    }
-    return 0;
-}
-
 int main(void) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     cf_res = mmap(NULL, sizeof *cf_res, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
@@ -348,7 +331,7 @@ int main(void) {
     cf_sides[0] = (cf_side){.role = "candidate", .name = cand_name, .path = cand_path, .T = X,
                             .settings = getenv("DSMOE_CONFORMANCE_SETTINGS")};
     cf_sides[1] = (cf_side){.role = "reference", .name = "cpu", .path = ref_path, .T = R, .settings = "poison=1"};
-    cf_tf32 = settings_enable(cf_sides[0].settings, "tf32");
+    cf_tf32 = cf_setting_on(&cf_sides[0], "tf32");
     char caps[256];
     caps_text(X, caps, sizeof caps);
     cf_note("conformance of kernel plugin '%s' (%s) against the cpu plugin (%s)", cand_name, cand_path, ref_path);
