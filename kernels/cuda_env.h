@@ -26,6 +26,8 @@ typedef enum dsmoe_cu_fault_code {
     DSMOE_CU_FAULT_COUNT_RANGE = 3,  // a = group, b = the count (grouped GEMM: not in [0, m_max])
     DSMOE_CU_FAULT_KV_RANGE = 4,     // a = sequence, b = pos + T_new (negative pos, or above T_max)
     DSMOE_CU_FAULT_CHOICE_RANGE = 5, // a = token, b = the expert id or slot (routing table: not in [0, E) / [-1, C))
+    DSMOE_CU_FAULT_SLOT_TWICE = 6,   // a = (smaller token << 32) | larger token, b = (expert << 32) | slot: two
+                                     // entries of a routing table hold one slot (dispatch, combine_backward)
 } dsmoe_cu_fault_code;
 
 // Written by device code (mapped, pinned host memory: the host reads it after a synchronisation, and a

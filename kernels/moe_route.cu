@@ -15,8 +15,13 @@
 // Invariants: dispatch, combine and combine_backward assign (rows of unused slots are left untouched),
 // dispatch_backward accumulates (+=). An entry with choice outside [0, E) or slot outside [-1, C)
 // raises DSMOE_CU_FAULT_CHOICE_RANGE (a = token, b = the bad value) and is skipped (its dweight is 0).
-// Tables from gate_assign never hold a slot twice; a hand-made table that does makes the writes race
-// (dispatch, dy): this is not detected here (the cpu plugin detects it).
+// Tables from gate_assign never hold a slot twice. The two ops that write (E, C) rows per entry,
+// dispatch and combine_backward, prove it as the cpu plugin does: each kept entry claims its row in an
+// owner map (E*C, zeroed on the stream before the launch) with one atomicCAS, and an entry that finds
+// its row claimed raises DSMOE_CU_FAULT_SLOT_TWICE (the two tokens, the expert and the slot) and skips
+// its write. The map costs a memset of E*C int32 and one CAS per entry; it decides nothing else, so
+// results stay deterministic. (dispatch_backward and combine only read rows: a duplicate there is
+// harmless to them and reported by the writers of the same step.)
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
@@ -51,6 +56,21 @@ __device__ __forceinline__ long long table_row(const int32_t *choice, const int3
         return -1;
     }
     return sl < 0 ? -1 : (long long)c * C + sl;
+}
+
+// Row r (>= 0) for token s: claimed in owner (token + 1; 0 = free) by thread 0. False, for every
+// thread of the block, when another entry holds it already (the fault is raised).
+__device__ __forceinline__ bool claim_row(uint32_t *owner, long long r, int s, int C, dsmoe_cu_fault *fault) {
+    int twice = 0;
+    if (threadIdx.x == 0) {
+        const uint32_t held = atomicCAS(&owner[r], 0u, (uint32_t)s + 1u);
+        if (held != 0u) {
+            const long long t0 = (long long)held - 1, lo = t0 < s ? t0 : s, hi = t0 < s ? s : t0;
+            dsmoe_cu_raise(fault, DSMOE_CU_FAULT_SLOT_TWICE, (lo << 32) | hi, ((r / C) << 32) | (r % C));
+            twice = 1;
+        }
+    }
+    return __syncthreads_or(twice) == 0;
 }
 
 // v[0 .. n) = p[0 .. n) as float32 (n <= N); one 16-byte load when vec and the chunk is whole.
@@ -88,12 +108,12 @@ __device__ __forceinline__ void store_chunk(T *p, const float *v, int n, bool ve
 // buf[row(s, k)] = x[s] for each kept (s, k): a bit copy.
 template <typename T>
 __global__ void dispatch_kernel(T *buf, const T *x, const int32_t *choice, const int32_t *slot, int K, int E, int C,
-                                int M, bool vec, dsmoe_cu_fault *fault) {
+                                int M, bool vec, uint32_t *owner, dsmoe_cu_fault *fault) {
     const int s = blockIdx.x;
     const T *src = x + (size_t)s * M;
     for (int k = 0; k < K; k++) {
         const long long r = table_row(choice, slot, s, K, k, E, C, fault);
-        if (r < 0)
+        if (r < 0 || !claim_row(owner, r, s, C, fault))
             continue;
         T *dst = buf + (size_t)r * M;
         if (vec) {
@@ -179,7 +199,7 @@ __global__ void combine_kernel(T *out, const T *y, const int32_t *choice, const 
 template <typename T>
 __global__ void combine_backward_kernel(T *dy, float *dweight, const T *dout, const T *y, const int32_t *choice,
                                         const int32_t *slot, const float *weight, int K, int E, int C, int M,
-                                        bool vec, dsmoe_cu_fault *fault) {
+                                        bool vec, uint32_t *owner, dsmoe_cu_fault *fault) {
     __shared__ float red[32];
     constexpr int N = chunk<T>::N;
     const int s = blockIdx.x;
@@ -187,7 +207,7 @@ __global__ void combine_backward_kernel(T *dy, float *dweight, const T *dout, co
     for (int k = 0; k < K; k++) {
         const size_t i = (size_t)s * K + k;
         const long long r = table_row(choice, slot, s, K, k, E, C, fault);
-        if (r < 0) {
+        if (r < 0 || !claim_row(owner, r, s, C, fault)) {
             if (threadIdx.x == 0)
                 dweight[i] = 0.0f;
             continue;
@@ -245,6 +265,21 @@ static dsmoe_status check_sizes(const dsmoe_cu_env *env, const char *op, dsmoe_d
     return DSMOE_OK;
 }
 
+// The owner map of dispatch and combine_backward (E*C uint32, zeroed), in scratch on env->stream.
+static dsmoe_status owner_map(const dsmoe_cu_env *env, const char *op, int E, int C, uint32_t **owner) {
+    const size_t bytes = (size_t)E * C * sizeof(uint32_t);
+    void *p = NULL;
+    dsmoe_status st = dsmoe_cu_scratch(env, &p, bytes, op);
+    if (st != DSMOE_OK)
+        return st;
+    if (bytes > 0 && (st = dsmoe_cu_check(env, cudaMemsetAsync(p, 0, bytes, env->stream), op)) != DSMOE_OK) {
+        (void)cudaFreeAsync(p, env->stream);
+        return st;
+    }
+    *owner = (uint32_t *)p;
+    return DSMOE_OK;
+}
+
 // Every launcher below runs its kernel whenever S > 0, also with M = 0 or C = 0: the kernel checks the
 // table's entries (as the cpu plugin does) and moves no data then.
 
@@ -258,11 +293,16 @@ extern "C" dsmoe_status dsmoe_cu_moe_dispatch(const dsmoe_cu_env *env, void *buf
     if ((size_t)E * C > 0 && M > 0 && (!buf || !x))
         return dsmoe_cu_fail(env, DSMOE_ERR_INVALID, "%s: %s is NULL", op, !buf ? "buf" : "x");
     const bool vec = rows_vec(dt, M, buf, x, x);
+    uint32_t *owner = NULL;
+    if ((st = owner_map(env, op, E, C, &owner)) != DSMOE_OK)
+        return st;
     DSMOE_CU_DISPATCH(dt, T, {
         dsmoe_cu_launch(dispatch_kernel<T>, (unsigned)S, MR_THREADS, 0, env->stream, (T *)buf, (const T *)x, choice,
-                        slot, K, E, C, M, vec, env->fault);
+                        slot, K, E, C, M, vec, owner, env->fault);
     });
-    return dsmoe_cu_check_launch(env, op);
+    st = dsmoe_cu_check_launch(env, op);
+    (void)cudaFreeAsync(owner, env->stream);
+    return st;
 }
 
 extern "C" dsmoe_status dsmoe_cu_moe_dispatch_backward(const dsmoe_cu_env *env, void *dx, const void *dbuf,
@@ -315,9 +355,14 @@ extern "C" dsmoe_status dsmoe_cu_moe_combine_backward(const dsmoe_cu_env *env, v
     if (M > 0 && rows > 0 && (!y || !dy))
         return dsmoe_cu_fail(env, DSMOE_ERR_INVALID, "%s: %s is NULL", op, !y ? "y" : "dy");
     const bool vec = rows_vec(dt, M, dy, dout, y);
+    uint32_t *owner = NULL;
+    if ((st = owner_map(env, op, E, C, &owner)) != DSMOE_OK)
+        return st;
     DSMOE_CU_DISPATCH(dt, T, {
         dsmoe_cu_launch(combine_backward_kernel<T>, (unsigned)S, MR_THREADS, 0, env->stream, (T *)dy, dweight,
-                        (const T *)dout, (const T *)y, choice, slot, weight, K, E, C, M, vec, env->fault);
+                        (const T *)dout, (const T *)y, choice, slot, weight, K, E, C, M, vec, owner, env->fault);
     });
-    return dsmoe_cu_check_launch(env, op);
+    st = dsmoe_cu_check_launch(env, op);
+    (void)cudaFreeAsync(owner, env->stream);
+    return st;
 }

@@ -412,6 +412,9 @@ typedef struct dsmoe_kernel_plugin_v3 {
     dsmoe_status (*gate_backward)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, const dsmoe_gating_params *p,
                                   float *dlogits, const float *probs, const int32_t *choice, const int32_t *slot,
                                   const float *dweight, const double *aux_sums, float daux);
+    // The table's entries are data: a choice outside [0, E), a slot outside [-1, C), or (dispatch and
+    // combine_backward, which write one row per entry) a slot held by two entries is a sticky
+    // DSMOE_ERR_INVALID naming the token(s).
     // Dispatch (assigns): buf (E, C, M) = rows of x (S, M) at their (expert, slot); rows of a slot no
     // token took are unspecified (readers stop at the kept counts).
     dsmoe_status (*moe_dispatch)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, void *buf, const void *x, dsmoe_dtype dt,

@@ -86,6 +86,10 @@ static void fault_text(int code, long long a, long long b, char *buf, size_t len
         snprintf(buf, len, "MoE routing table: token %lld has expert id or slot %lld, outside [0, E) or [-1, C)", a,
                  b);
         break;
+    case DSMOE_CU_FAULT_SLOT_TWICE:
+        snprintf(buf, len, "MoE routing table: tokens %lld and %lld both hold slot %lld of expert %lld (a table from "
+                 "gate_assign never does)", a >> 32, a & 0xffffffffLL, b & 0xffffffffLL, b >> 32);
+        break;
     default:
         snprintf(buf, len, "unknown fault code %d (a=%lld, b=%lld)", code, a, b);
         break;

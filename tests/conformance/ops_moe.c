@@ -1,7 +1,8 @@
 // tests/conformance/ops_moe.c: conformance checks of MoE gating (route, assign, the fused gate, backward;
 // docs/gating.md),
 // dispatch and combine with their backward, and the error paths: dtypes refused at once, and bad device
-// data (a token, target, count or position out of range) surfacing as a sticky error.
+// data (a token, target, count or position out of range, a routing table with a bad entry or a slot
+// held twice) surfacing as a sticky error.
 // defines: cf_group_gating, cf_group_dispatch, cf_group_errors, cf_group_sticky
 //
 // The discrete outputs (choice, slot, kept, counts, the N and S of aux_sums) must be equal exactly;
@@ -374,8 +375,18 @@ void cf_group_errors(void) {
 
 typedef struct sticky_case {
     const char *what;
-    int kind; // 0 embedding token = V, 1 token = -1, 2 crossentropy target = V, 3 grouped count > m_max, 4 kv pos
+    int kind; // 0 embedding token = V, 1 token = -1, 2 crossentropy target = V, 3 grouped count > m_max, 4 kv pos,
+              // 5.. routing tables (route_tables)
 } sticky_case;
+
+// Routing tables (S = 4, K = 1, E = 2, C = 2, M = 8) for kinds 5.., each with one bad entry.
+enum { RT_S = 4, RT_E = 2, RT_C = 2, RT_M = 8 };
+static const int32_t route_tables[4][2][RT_S] = {
+    {{0, 1, 0, 1}, {0, 0, 0, 1}}, // 5 dispatch: tokens 0 and 2 both hold slot 0 of expert 0
+    {{0, 1, 1, 0}, {1, 0, 0, 0}}, // 6 combine_backward: tokens 1 and 2 both hold slot 0 of expert 1
+    {{0, 1, 2, 1}, {0, 0, 1, 1}}, // 7 combine: expert 2 = E
+    {{0, 1, 0, 1}, {0, 0, 2, 1}}, // 8 dispatch_backward: slot 2 = C
+};
 
 static dsmoe_status bad_call(int side, int kind, cf_buf *bufs) {
     cf_side *Sd = &cf_sides[side];
@@ -392,8 +403,16 @@ static dsmoe_status bad_call(int side, int kind, cf_buf *bufs) {
                                 .c = P(bufs[0]), .c_type = CF_F32, .ldc = 8, .c_stride = 32};
         return T->gemm_grouped(Sd->c, Sd->q, &d);
     }
-    default:
-        return T->kv_append(Sd->c, Sd->q, P(bufs[0]), P(bufs[2]), P(bufs[3]), CF_F32, P(bufs[1]), 1, 4, 8, 2, 10);
+    case 4: return T->kv_append(Sd->c, Sd->q, P(bufs[0]), P(bufs[2]), P(bufs[3]), CF_F32, P(bufs[1]), 1, 4, 8, 2, 10);
+    // routing: choice bufs[1], slot bufs[4], weight bufs[3], dweight bufs[5]
+    case 5: return T->moe_dispatch(Sd->c, Sd->q, P(bufs[0]), P(bufs[2]), CF_F32, P(bufs[1]), P(bufs[4]), RT_S, 1, RT_E,
+                                   RT_C, RT_M);
+    case 6: return T->moe_combine_backward(Sd->c, Sd->q, P(bufs[0]), P(bufs[5]), P(bufs[2]), P(bufs[3]), CF_F32,
+                                           P(bufs[1]), P(bufs[4]), P(bufs[3]), RT_S, 1, RT_E, RT_C, RT_M);
+    case 7: return T->moe_combine(Sd->c, Sd->q, P(bufs[0]), P(bufs[2]), CF_F32, P(bufs[1]), P(bufs[4]), P(bufs[3]),
+                                  RT_S, 1, RT_E, RT_C, RT_M);
+    default: return T->moe_dispatch_backward(Sd->c, Sd->q, P(bufs[0]), P(bufs[2]), CF_F32, P(bufs[1]), P(bufs[4]), RT_S,
+                                             1, RT_E, RT_C, RT_M);
     }
 }
 
@@ -407,9 +426,15 @@ static void v_sticky(const void *arg) {
     if (K->kind == 0 || K->kind == 2) tok[2] = 10; // == V
     if (K->kind == 1) tok[2] = -1;
     if (K->kind == 4) tok[0] = 7;                  // pos + T_new = 11 > T_max = 10
-    cf_buf bufs[4];
+    cf_buf bufs[6];
     bufs[0] = cf_zeros("out", 256, CF_F32);
-    bufs[1] = K->kind == 3 ? cf_up_i32("counts", cnt, 2) : cf_up_i32("tokens", tok, 4);
+    if (K->kind >= 5) {
+        bufs[1] = cf_up_i32("choice", route_tables[K->kind - 5][0], RT_S);
+        bufs[4] = cf_up_i32("slot", route_tables[K->kind - 5][1], RT_S);
+        bufs[5] = cf_zeros("dweight", RT_S, CF_F32);
+    } else {
+        bufs[1] = K->kind == 3 ? cf_up_i32("counts", cnt, 2) : cf_up_i32("tokens", tok, 4);
+    }
     bufs[2] = cf_up("in1", cf_rand(256, 1), 256, CF_F32);
     bufs[3] = cf_up("in2", cf_rand(256, 1), 256, CF_F32);
     CF_SIDES { // everything so far is valid: the context is healthy
@@ -497,6 +522,8 @@ void cf_group_sticky(void) {
     static const sticky_case cases[] = {
         {"embedding_forward,token=V", 0},  {"embedding_forward,token=-1", 1}, {"crossentropy_forward,target=V", 2},
         {"gemm_grouped,count>m_max", 3},   {"kv_append,pos+T_new>T_max", 4},
+        {"moe_dispatch,slot_held_twice", 5}, {"moe_combine_backward,slot_held_twice", 6},
+        {"moe_combine,expert=E", 7},       {"moe_dispatch_backward,slot=C", 8},
     };
     char name[96];
     for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {

@@ -6,7 +6,7 @@
 // reason, and the rest is skipped (exit 77). With a device: memory and copies (a 1 MiB round trip
 // through every copy member, checked byte by byte against the host pattern), zeroing, pinned host memory,
 // the order of host functions on a queue, events, the pool limit, and sticky errors (a bad free, and a
-// count fault raised by the grouped GEMM's kernel).
+// count fault raised by the grouped GEMM's kernel, a routing table with a slot held twice).
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <setjmp.h>
@@ -580,6 +580,41 @@ static void test_sticky_fault(void **state) {
     P->finalize(ctx); // frees the four buffers
 }
 
+// A routing table with one slot held by two tokens: dispatch raises it, with both tokens, the expert
+// and the slot in words (the cpu plugin's words), whichever block claimed the slot first.
+static void test_sticky_slot_twice(void **state) {
+    enum { S = 6, E = 3, C = 2, M = 8 };
+    const int32_t choice[S] = {0, 2, 1, 2, 1, 0}, slot[S] = {0, 1, 0, 0, 1, -1}; // every slot once, token 5 dropped
+    int32_t bad_slot[S];
+    memcpy(bad_slot, slot, sizeof slot);
+    bad_slot[3] = 1; // token 3 takes slot 1 of expert 2, which token 1 holds
+    for (int twice = 0; twice < 2; twice++) {
+        dsmoe_kernel_ctx *ctx = new_ctx("0");
+        dsmoe_kernel_queue *q = P->default_queue(ctx);
+        float *x, *buf;
+        int32_t *dch, *dsl;
+        OK(P->alloc(ctx, S * M * sizeof(float), DSMOE_ALLOC_ZERO, (void **)&x));
+        OK(P->alloc(ctx, E * C * M * sizeof(float), DSMOE_ALLOC_ZERO, (void **)&buf));
+        OK(P->alloc(ctx, sizeof choice, 0, (void **)&dch));
+        OK(P->alloc(ctx, sizeof slot, 0, (void **)&dsl));
+        OK(P->copy_to_device(ctx, q, dch, choice, sizeof choice));
+        OK(P->copy_to_device(ctx, q, dsl, twice ? bad_slot : slot, sizeof slot));
+        OK(P->moe_dispatch(ctx, q, buf, x, DSMOE_FLOAT32, dch, dsl, S, 1, E, C, M));
+        if (!twice) { // the valid table twice in a row: the owner map starts empty at every call
+            OK(P->moe_dispatch(ctx, q, buf, x, DSMOE_FLOAT32, dch, dsl, S, 1, E, C, M));
+            OK(P->synchronize(ctx));
+        } else {
+            assert_int_equal(P->synchronize(ctx), DSMOE_ERR_INVALID);
+            const char *m = P->last_error(ctx);
+            assert_contains(m, "bad data");
+            assert_contains(m, "tokens 1 and 3 both hold slot 1 of expert 2");
+            assert_int_equal(P->moe_dispatch(ctx, q, buf, x, DSMOE_FLOAT32, dch, dsl, S, 1, E, C, M),
+                             DSMOE_ERR_INVALID);
+        }
+        P->finalize(ctx);
+    }
+}
+
 // The plugin of this build tree, or $DSMOE_CUDA_PLUGIN (scripts/gpu-check runs a copy of the build on
 // another machine).
 int main(void) {
@@ -613,7 +648,7 @@ int main(void) {
         cmocka_unit_test(test_staged_uploads),
         cmocka_unit_test(test_alloc_edges),    cmocka_unit_test(test_host_functions),
         cmocka_unit_test(test_pool_limit),     cmocka_unit_test(test_sticky_bad_free),
-        cmocka_unit_test(test_sticky_fault),
+        cmocka_unit_test(test_sticky_fault),   cmocka_unit_test(test_sticky_slot_twice),
     };
     failed += cmocka_run_group_tests_name("cuda plugin: glue on a GPU", gpu, gpu_setup, gpu_teardown);
     return failed;
