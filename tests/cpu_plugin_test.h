@@ -1,7 +1,8 @@
-// tests/cpu_plugin_test.h: what the tests of the cpu kernel plugin share (test_cpu_ops*.c, test_gating.c):
-// loading the built plugin as the core does (dlopen from the build tree, no core library), contexts
-// with the plugin's `poison` setting on (memory not asked zeroed reads as NaN, so a test that forgets
-// DSMOE_ALLOC_ZERO fails), moving data through the copy members, and float comparisons.
+// tests/cpu_plugin_test.h: what the tests of the cpu kernel plugin share (test_cpu_ops*.c, test_gating.c,
+// test_dispatch_combine.c): loading the built plugin as the core does (dlopen from the build tree, no
+// core library), contexts with the plugin's `poison` setting on (memory not asked zeroed reads as NaN,
+// so a test that forgets DSMOE_ALLOC_ZERO fails), moving data through the copy members, and float
+// comparisons.
 // Header-only: each test is one program. Include after <cmocka.h>.
 // defines: P, C, Q, OK, OKC, cpt_load, cpt_unload, cpt_ctx, cpt_ctx_simd, dev_new, dev_zeros, dev_put, dev_get,
 //          dev_free, rnd, rnd_fill, assert_close, gelu_d, gelu_grad_d, dot_d

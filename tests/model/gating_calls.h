@@ -1,14 +1,28 @@
 // tests/model/gating_calls.h: the cpu kernel plugin's gating, dispatch and combine members on host arrays,
-// for tests/model/test_gating.c: each call uploads its inputs, runs the member on the context's default
-// queue, and downloads its outputs after a synchronize. Include after cpu_plugin_test.h.
+// for tests/model/test_gating.c and test_dispatch_combine.c: each call uploads its inputs, runs the member
+// on the context's default queue, and downloads its outputs after a synchronize. Include after
+// cpu_plugin_test.h. With the gating parameters and test data both tests start from.
 // defines: run_gate_route, run_gate_assign, run_gate_backward, run_dispatch, run_dispatch_backward,
-//          run_combine, run_combine_backward
+//          run_combine, run_combine_backward, params, fill_uniform
 #ifndef DSMOE_GATING_CALLS_H
 #define DSMOE_GATING_CALLS_H
 #include <stddef.h>
 #include <stdint.h>
 
 #include "dsmoe/kernel_plugin.h"
+#include "dsmoe/rng.h"
+
+// Training, no noise, no random selection, seed 1234, tokens from 0.
+static inline dsmoe_gating_params params(int S, int E, int K) {
+    dsmoe_gating_params p = {.S = S, .E = E, .K = K, .noise = DSMOE_NOISE_NONE, .random_selection = 0,
+                             .training = 1, .seed = 1234, .token_offset = 0};
+    return p;
+}
+
+// Deterministic test data: uniform in [lo, hi).
+static inline void fill_uniform(float *x, size_t n, uint64_t key, float lo, float hi) {
+    for (size_t i = 0; i < n; i++) x[i] = lo + (hi - lo) * dsmoe_rng_uniform(key, i);
+}
 
 // Outputs are uploaded first too where the test prefills them, so that "assigns" and "accumulates"
 // both show. A NULL host array passes a NULL device pointer (for the argument checks). Sizes come from the
