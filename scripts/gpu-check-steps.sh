@@ -1,6 +1,6 @@
 # scripts/gpu-check-steps.sh: the checks of scripts/gpu-check (sourced by it, not run): one function
 # check_<step> per step, with what it needs alone (decks, comparisons, the MFU formula). They use the
-# runner's helpers (timed, result, fig, note, pick, dry, step_budget, py, kern_so) and its variables
+# runner's helpers (timed, result, fig, note, pick, dry, emu, step_budget, py, kern_so) and its variables
 # (B, REPORT, KERN, NCCL, DRY); the top of scripts/gpu-check says what each step shows and costs.
 # shellcheck shell=bash
 
@@ -47,9 +47,9 @@ EOF
 check_table() {
   local t="$B/tests/test_cuda_table"
   [ -x "$t" ] || { result table SKIP "no test_cuda_table in the bundle"; return; }
-  DSMOE_CUDA_PLUGIN="$B/lib/dsmoe/libdsmoe_kernel_cuda.so" timed "$(pick 30 60)" table.log "$t"
+  DSMOE_CUDA_PLUGIN="$(kern_so cuda)" timed "$(pick 30 60)" table.log "$t"
   local rc=$?
-  if [ $rc = 77 ] && dry; then result table SKIP "(dry) exit 77: the table and init's refusal checked, the rest needs a GPU"
+  if [ $rc = 77 ] && dry && ! emu; then result table SKIP "(dry) exit 77: the table and init's refusal checked, the rest needs a GPU"
   elif [ $rc = 0 ]; then result table PASS "test_cuda_table: $(grep -E 'PASSED' "$REPORT/table.log" | tail -1)"
   else result table FAIL "$(why_rc $rc) (77 = skipped, on a GPU machine): $(tail_of table.log)"; fi
 }
@@ -107,10 +107,14 @@ check_sanitize() {
   done
 }
 
-# The quickstart model, short: 50 steps, a checkpoint at 25 and 50, a log line every step.
+# The quickstart model, short: 50 steps, a checkpoint at 25 and 50, a log line every step. On the
+# emulator (about 150 tokens/s at the quickstart's size on 2 cores) the model and batch are smaller:
+# hidden 64, sequences of 32, batches of 4.
 train_deck() {
+  local small=()
+  emu && small=(-e 's/^hidden = .*/hidden = 64/' -e 's/^seq_len = .*/seq_len = 32/' -e 's/^batch = .*/batch = 4/')
   sed -e 's/^steps = .*/steps = 50/' -e 's/^log_every = .*/log_every = 1/' -e 's/^eval_every = .*/eval_every = 25/' \
-      -e 's/^every = 200/every = 25/' "$B/inputs/quickstart.deck" > "$1"
+      -e 's/^every = 200/every = 25/' "${small[@]}" "$B/inputs/quickstart.deck" > "$1"
 }
 
 # Compares the loss column (2nd) of two metrics.csv files (a resumed run's has no header) on the steps
@@ -268,9 +272,20 @@ print(f'{v // 10000}.{v // 100 % 100}.{v % 100}' if v >= 20900 else f'{v // 1000
 }
 
 check_nccl() {
-  if dry; then NCCL_NOTE="(dry) ncclsim, the NCCL test double over MPI on host memory, for nccl; libnccl not looked for"
+  if emu; then
+    NCCL_NOTE="(dry) the nccl plugin built for the emulator, over the NCCL double (MPI on host memory); libnccl not looked for"
+    # The NCCL double ignores streams, so the emulator runs each stream's work at once (as
+    # tests/cuda_emu/cuda_emu_train.sh does for its nccl runs).
+    export DSMOE_EMU_STREAMS=immediate
+  elif dry; then NCCL_NOTE="(dry) ncclsim, the NCCL test double over MPI on host memory, for nccl; libnccl not looked for"
   else nccl_ready || return; fi
   note "  $NCCL_NOTE"
+  nccl_steps
+  unset DSMOE_EMU_STREAMS
+}
+
+# check_nccl's three parts, on whichever nccl plugin it set up.
+nccl_steps() {
   # (a) The same deck on comm nccl and comm mpi (host staging), 1 rank, 20 steps: with one rank the sums
   # are copies, so the losses agree to rounding of nothing (1e-6 leaves room for none but noise).
   local w="$REPORT/nccl" deck rc
