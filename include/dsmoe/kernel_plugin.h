@@ -121,10 +121,13 @@ typedef enum dsmoe_epilogue {
 //   c_g (m[g], n) = alpha * a_g (m[g], k) @ op(b_w) + beta * c_g, then the epilogue,
 // with a_g = a + g * a_stride (elements), c_g = c + g * c_stride, aux_g = aux + g * c_stride (leading
 // dimension ldc), b_w = b + w * b_stride, op(b_w) = b_w^T when trans_b (b_w is (n, k), ldb) else b_w
-// ((k, n), ldb), bias_w = bias + w * bias_stride (float32). Rows m[g] .. m_max - 1 of c_g and aux_g
-// are not written, and rows m[g] .. m_max - 1 of a_g do not affect the result (a plugin may read them,
-// so a_g holds m_max rows; their values may be anything, NaN included). counts is DEVICE memory (the per-expert token counts stay on the device);
-// a count outside [0, m_max] is a sticky error. The struct is host memory, consumed before return.
+// ((k, n), ldb), bias_w = bias + w * bias_stride (float32). Rows m[g] .. m_max - 1 of c_g (and of aux_g
+// with BIAS_GELU) hold unspecified values afterwards (a plugin may compute all m_max rows, as a batched
+// GEMM over the capacity does, or leave them; the caller reads none of them; DGELU may read aux there), and
+// rows m[g] .. m_max - 1 of a_g do not affect rows below m[g] (a plugin may read them, so a_g holds
+// m_max rows; their values may be anything, NaN included). Padding columns (n .. ldc - 1) and the gaps
+// between groups are not written. counts is DEVICE memory (the per-expert token counts stay on the
+// device); a count outside [0, m_max] is a sticky error. The struct is host memory, consumed before return.
 // A bfloat16 c is rounded once: the product, beta * c and the epilogue are float32, BIAS_GELU takes gelu
 // of the float32 pre-activation and aux holds that pre-activation rounded; DGELU reads aux as stored.
 typedef struct dsmoe_grouped_gemm {

@@ -135,7 +135,12 @@ static void v_grouped(const void *arg) {
     float *ha = cf_fill(groups * as, NAN), *hb = cf_fill(G->bg * bs, NAN), *hbias = cf_fill(G->bg * bias_s, NAN);
     float *hc = cf_fill(groups * cs, SENTINEL);
     float *haux = cf_fill(groups * cs, G->epi == DSMOE_EPI_DGELU ? NAN : SENTINEL);
-    unsigned char *mask = cf_host(groups * cs);
+    // mask: compared (rows below the count); writable: every group's m_max rows of n columns (rows from the
+    // count on are unspecified afterwards: a plugin may compute the whole capacity); the rest is untouched.
+    unsigned char *mask = cf_host(groups * cs), *writable = cf_host(groups * cs);
+    for (int g = 0; g < groups; g++)
+        for (int r = 0; r < mm; r++)
+            memset(writable + g * cs + (size_t)r * ldc, 1, (size_t)n);
     for (int g = 0; g < groups; g++)
         for (int r = 0; r < G->counts[g]; r++) {
             for (int j = 0; j < k; j++)
@@ -177,15 +182,15 @@ static void v_grouped(const void *arg) {
     }
     cf_tol tol = cf_tol_for(G->dt, cf_tol_gemm(G->dt, TOL_RED));
     cf_cmp(&c, NULL, mask, tol);
-    cf_cmp_untouched(&c, mask, SENTINEL); // rows >= counts[g], padding columns, gaps between groups
+    cf_cmp_untouched(&c, writable, SENTINEL); // padding columns, gaps between groups
     if (G->epi == DSMOE_EPI_BIAS_GELU) {
         cf_cmp(&aux, NULL, mask, tol);
-        cf_cmp_untouched(&aux, mask, SENTINEL);
+        cf_cmp_untouched(&aux, writable, SENTINEL);
     }
 }
 
 void cf_group_grouped(void) {
-    gg_case cases[40];
+    gg_case cases[48];
     int n = 0;
     const gg_case base = {5, 24, 40, 33, 5, 0, 0, 2, 0.9f, 0.0f, {0, 24, 7, 1, 21}, CF_F32};
     for (int epi = 0; epi < 4; epi++)
@@ -198,6 +203,15 @@ void cf_group_grouped(void) {
     cases[n++] = (gg_case){3, 150, 200, 96, 3, 1, DSMOE_EPI_BIAS_GELU, 0, 1.0f, 0.0f, {150, 0, 77}, CF_F32};
     cases[n++] = (gg_case){3, 150, 200, 96, 1, 0, DSMOE_EPI_DGELU, 1, 1.0f, 1.0f, {77, 150, 0}, CF_F32};
     cases[n++] = (gg_case){4, 8, 16, 8, 4, 0, DSMOE_EPI_BIAS, 1, 1.0f, 1.0f, {0, 0, 0, 0}, CF_F32}; // no rows
+    // ldc and the group stride multiples of 8 (a cuBLASLt epilogue's aux needs them), weights in rounds of
+    // 2 over 5 groups (the last round shorter): the shapes a fused-epilogue path takes.
+    const gg_case lt = {5, 24, 40, 33, 2, 0, 0, 8, 1.0f, 0.0f, {3, 24, 0, 17, 9}, CF_F32};
+    for (int epi = 0; epi < 4; epi++)
+        for (int tb = 0; tb < 2; tb++) {
+            gg_case c = lt;
+            c.epi = epi, c.tb = tb, c.beta = (float)tb;
+            cases[n++] = c;
+        }
     if (cf_cand_dtype(CF_BF16)) {
         for (int epi = 0; epi < 4; epi++)
             for (int v = 0; v < 2; v++) {
@@ -206,6 +220,11 @@ void cf_group_grouped(void) {
                 cases[n++] = c;
             }
         cases[n++] = (gg_case){3, 150, 200, 96, 3, 1, DSMOE_EPI_BIAS_GELU, 0, 1.0f, 0.0f, {150, 0, 77}, CF_BF16};
+        for (int epi = 0; epi < 4; epi++) {
+            gg_case c = lt;
+            c.dt = CF_BF16, c.epi = epi, c.tb = epi & 1, c.beta = (float)!(epi & 1);
+            cases[n++] = c;
+        }
     }
     for (int i = 0; i < n; i++) {
         const gg_case *G = &cases[i];

@@ -60,9 +60,26 @@ static size_t span(size_t count, size_t stride, size_t last, size_t esize) {
     return count == 0 || last == 0 ? 0 : ((count - 1) * stride + last) * esize;
 }
 
+// Rows counts[g] .. m_max - 1 of c_g (and of aux_g with BIAS_GELU) are unspecified after the call (the
+// ABI lets a plugin compute the whole capacity): they become NaN, so that a caller reading them fails.
+static void poison_beyond_counts(const dsmoe_grouped_gemm *a, void *m, size_t es) {
+    for (int g = 0; g < a->groups; g++) {
+        int cnt = a->counts[g];
+        if (cnt < 0 || cnt > a->m_max) continue; // the cpu plugin's sticky error already
+        for (int i = cnt; i < a->m_max; i++)
+            memset((char *)m + ((size_t)g * a->c_stride + (size_t)i * (size_t)a->ldc) * es, STRICT_POISON,
+                   (size_t)a->n * es);
+    }
+}
+
 static dsmoe_status run_gemm_grouped(dsmoe_kernel_ctx *c, strict_op *op) {
     STRICT_ARGS(dsmoe_grouped_gemm);
-    return CPU(gemm_grouped)(c->cc, c->cq, a);
+    dsmoe_status st = CPU(gemm_grouped)(c->cc, c->cq, a);
+    if (st != DSMOE_OK || a->m_max == 0 || a->n == 0) return st;
+    size_t es = a->c_type == DSMOE_BFLOAT16 ? 2 : 4;
+    poison_beyond_counts(a, a->c, es);
+    if (a->epilogue == DSMOE_EPI_BIAS_GELU) poison_beyond_counts(a, a->aux, es);
+    return st;
 }
 
 static dsmoe_status s_gemm_grouped(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, const dsmoe_grouped_gemm *g) {
