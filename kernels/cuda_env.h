@@ -46,6 +46,8 @@ typedef struct dsmoe_cu_env {
     int sm_count;          // multiprocessors of the device
     int allow_tf32;        // GEMM family: float32 GEMMs may use TF32 tensor cores (setting "tf32")
     void *cublas;          // GEMM family: cublasHandle_t bound to `stream`
+    void *cublaslt;        // GEMM family: cublasLtHandle_t (the stream and workspace go with each call)
+    int fused_epilogues;   // GEMM family: grouped GEMMs through cuBLASLt's epilogues (setting "fused_epilogues")
     void *alloc_pool;      // the plugin's pool for alloc() (cudaMemPool_t): trimmed when scratch finds no room
     void *blas_workspace;  // GEMM family: cuBLAS workspace (blas_workspace_bytes), owned by the plugin
     size_t blas_workspace_bytes;

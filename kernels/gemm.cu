@@ -1,5 +1,5 @@
 // kernels/gemm.cu: the GEMM family of the cuda plugin (kernels/gemm.h) on cuBLAS.
-// defines: dsmoe_cu_gemm, dsmoe_cu_gemm_grouped, dsmoe_cu_gemm_grouped_wgrad
+// defines: dsmoe_cu_gemm, dsmoe_cu_gemm_grouped, dsmoe_cu_gemm_grouped_wgrad (gemm_lt.cu: the fused path)
 //
 // The reference is plugins/cpu/cpu_gemm.c: same checks, same formulas, same "=" / "+=" rules, same
 // order of the weight-gradient sums over groups. Row-major operands (the ABI) go to column-major cuBLAS
@@ -9,7 +9,8 @@
 // Grouped calls never read the device counts on the host (no synchronisation, no host loop over
 // experts): the GEMMs run over m_max rows per group, and kernels that read the counts decide which rows
 // count. Rows beyond a count may hold anything (NaN included); they only feed scratch rows that are never
-// stored (gemm_grouped) or are replaced by zeros before the GEMM (wgrad). The price is that the GEMMs do
+// stored (gemm_grouped here; gemm_lt.cu stores them, which the ABI allows) or are replaced by zeros before
+// the GEMM (wgrad). The price is that the GEMMs do
 // m_max rows of work per group whatever the counts are (wasted when the experts are far from full).
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
@@ -316,6 +317,15 @@ extern "C" dsmoe_status dsmoe_cu_gemm_grouped(const dsmoe_cu_env *env, const dsm
     if (!work) { // nothing to compute, but a bad count is still the sticky error
         launch_check_counts(env, G->counts, groups, m_max);
         return dsmoe_cu_check_launch(env, op);
+    }
+    if (env->fused_epilogues) { // rows up to m_max written: the counts are only checked
+        int taken = 0;
+        if ((st = dsmoe_cu_gemm_grouped_lt(env, G, &taken)) != DSMOE_OK)
+            return st;
+        if (taken) {
+            launch_check_counts(env, G->counts, groups, m_max);
+            return dsmoe_cu_check_launch(env, op);
+        }
     }
 
     // (groups, m_max, n) float32 products; with k == 0 there is none (c = beta * c, then the epilogue).

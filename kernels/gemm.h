@@ -18,9 +18,17 @@ dsmoe_status dsmoe_cu_gemm(const dsmoe_cu_env *env, int trans_a, int trans_b, in
                            const void *a, dsmoe_dtype a_type, int lda, const void *b, dsmoe_dtype b_type, int ldb,
                            float beta, void *c, dsmoe_dtype c_type, int ldc);
 
-// dsmoe_grouped_gemm: one batched cuBLAS GEMM over all groups at m_max rows into float32 scratch, then
-// one epilogue kernel that writes only the rows below each group's device count.
+// dsmoe_grouped_gemm: with env->fused_epilogues, dsmoe_cu_gemm_grouped_lt where cuBLASLt takes the
+// problem; otherwise (and as its fallback) one batched cuBLAS GEMM over all groups at m_max rows into
+// float32 scratch, then one epilogue kernel that writes only the rows below each group's device count.
 dsmoe_status dsmoe_cu_gemm_grouped(const dsmoe_cu_env *env, const dsmoe_grouped_gemm *g);
+
+// The grouped GEMM in one cuBLASLt call per round of b_groups groups, the epilogue fused (gemm_lt.cu),
+// for a descriptor dsmoe_cu_gemm_grouped has checked. *taken = 0 with DSMOE_OK: cuBLASLt has no kernel
+// for it (or k == 0, or the aux epilogue's ldc / c_stride are not multiples of 8) and nothing was
+// enqueued. *taken = 1: the GEMMs are enqueued (or the returned error says why not); counts are not
+// checked here. Writes every row up to m_max of c (and aux), which the ABI allows.
+dsmoe_status dsmoe_cu_gemm_grouped_lt(const dsmoe_cu_env *env, const dsmoe_grouped_gemm *g, int *taken);
 
 // dsmoe_grouped_wgrad: groups are masked into zero-padded scratch, then one strided-batched GEMM per
 // round of b_groups groups (ascending), and a fixed-order column-sum kernel for dbias.

@@ -77,6 +77,14 @@ check_conformance() {
   rc=$?
   grep -E '^FAIL' "$REPORT/conformance-tf32.log" | head -20 >> "$REPORT/report.md"
   result "conformance tf32" "$(pass_if $rc)" "$(why_rc $rc): $(grep -E 'conformance .* passed' "$REPORT/conformance-tf32.log" | tail -1 || tail_of conformance-tf32.log 2)"
+  # kernel.cuda.fused_epilogues (off by default until this passes on a GPU): the groups that call
+  # gemm_grouped again with the epilogues inside cuBLASLt.
+  [ "$KERN" = cuda ] || return 0
+  DSMOE_CONFORMANCE_SETTINGS=fused_epilogues=true DSMOE_CONFORMANCE_GROUPS=grouped,fd,inference,sticky,errors \
+    conformance_env timed "$(pick 60 120)" conformance-fused.log "$t"
+  rc=$?
+  grep -E '^FAIL' "$REPORT/conformance-fused.log" | head -20 >> "$REPORT/report.md"
+  result "conformance fused" "$(pass_if $rc)" "$(why_rc $rc): $(grep -E 'conformance .* passed' "$REPORT/conformance-fused.log" | tail -1 || tail_of conformance-fused.log 2)"
 }
 
 check_sanitize() {
@@ -151,6 +159,15 @@ check_train() {
   cmp=$(losses_close "$w/$KERN/metrics.csv" "$w/cpu/metrics.csv" 1e-4)
   result train "$(pass_if $?)" "50 steps $KERN vs cpu, fp32: $cmp"
   grep -E '^step +50/' "$REPORT/train-$KERN.log" | fig
+  if [ "$KERN" = cuda ]; then # the expert GEMMs' epilogues inside cuBLASLt (kernel.cuda.fused_epilogues)
+    if DSMOE_KERNEL_CUDA_FUSED_EPILOGUES=1 timed "$(pick 40 120)" train-$KERN-fused.log dsmoe "$deck" \
+         run.output_dir="$w/$KERN-fused" run.kernel_backend=$KERN; then
+      cmp=$(losses_close "$w/$KERN-fused/metrics.csv" "$w/cpu/metrics.csv" 1e-4)
+      result "train fused" "$(pass_if $?)" "50 steps $KERN (fused_epilogues) vs cpu, fp32: $cmp"
+    else
+      result "train fused" FAIL "$(err_of train-$KERN-fused.log)"
+    fi
+  fi
   # Cross resume: the step-25 checkpoint of each run continued on the other backend.
   local from to
   for from in $KERN cpu; do
@@ -351,6 +368,10 @@ check_bench() {
       else args=(--tokens "$(pick 32768 1024)" --hidden "$(pick 2048 256)" --ffn "$(pick 8192 1024)" --experts "$(pick 64 16)" --top-k 1); fi
       bench_one "bench-$prec-$name.log" "$prec $name" "${args[@]}" --precision $prec --passes fwd+bwd "${it[@]}" \
         --profile 1
+      if [ $prec = bf16 ] && [ "$KERN" = cuda ]; then # the epilogues inside cuBLASLt: no float32 scratch
+        DSMOE_KERNEL_CUDA_FUSED_EPILOGUES=1 bench_one "bench-$prec-fused-$name.log" "$prec fused $name" "${args[@]}" \
+          --precision $prec --passes fwd+bwd "${it[@]}" --profile 1
+      fi
       if [ $prec = fp32 ] && [ "${GPU_CHECK_TF32:-0}" = 1 ]; then
         DSMOE_KERNEL_CUDA_TF32=1 bench_one "bench-tf32-$name.log" "tf32 $name" "${args[@]}" --passes fwd+bwd "${it[@]}" \
           --profile 1

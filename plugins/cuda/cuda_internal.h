@@ -21,6 +21,7 @@
 #include <stdio.h>
 
 #include <cublas_v2.h>
+#include <cublasLt.h>
 #include <cuda_runtime_api.h>
 
 #include "cuda_env.h" // dsmoe_cu_env, dsmoe_cu_fault (kernels/)
@@ -76,11 +77,13 @@ struct dsmoe_kernel_ctx {
 
     // settings
     int tf32;                // float32 GEMMs may use TF32 tensor cores
+    int fused;               // grouped GEMMs through cuBLASLt's fused epilogues (kernels/gemm_lt.cu)
     size_t pool_limit;       // bytes alloc() may hold at once; 0 = the device's memory is the limit
     size_t workspace_bytes;  // cuBLAS workspace per queue
 
     cudaMemPool_t pool;        // alloc(): stream-ordered, never released to the OS (threshold UINT64_MAX)
     cublasHandle_t blas;       // one handle, re-bound to the queue of each op (cu_bind_blas)
+    cublasLtHandle_t blaslt;   // with `fused` only; stream and workspace are arguments of each call
     dsmoe_kernel_queue *blas_queue; // the queue blas is bound to (stream and workspace); NULL = none yet
     dsmoe_cu_fault *fault;     // the fault record: host view (mapped pinned memory)
     dsmoe_cu_fault *fault_dev; // the same record as device code addresses it (every env.fault)

@@ -17,7 +17,7 @@
 // ---------------------------------------------------------------------------------------------------
 // Settings (types.h, "plugin-declared settings"): [kernel.cuda] in a deck, DSMOE_KERNEL_CUDA_<KEY>.
 
-enum { PARAM_TF32, PARAM_POOL_LIMIT, PARAM_WORKSPACE, N_PARAMS };
+enum { PARAM_TF32, PARAM_POOL_LIMIT, PARAM_WORKSPACE, PARAM_FUSED, N_PARAMS };
 
 static const dsmoe_param_decl cuda_params[N_PARAMS] = {
     [PARAM_TF32] = {"tf32", DSMOE_PARAM_BOOL, "false",
@@ -28,6 +28,10 @@ static const dsmoe_param_decl cuda_params[N_PARAMS] = {
     [PARAM_WORKSPACE] = {"cublas_workspace_bytes", DSMOE_PARAM_INT, "33554432",
                          "cuBLAS workspace of each queue, bytes (K/M/G suffixes; cuBLAS suggests 32 MiB on Hopper)",
                          NULL},
+    [PARAM_FUSED] = {"fused_epilogues", DSMOE_PARAM_BOOL, "false",
+                     "expert GEMMs apply bias, GELU and its backward inside cuBLASLt (one pass over the output, "
+                     "no float32 scratch); where cuBLASLt has no kernel for a shape the separate epilogue runs",
+                     NULL},
 };
 
 // The text of setting i: the core's resolved value, else the declared default (init called without
@@ -87,18 +91,23 @@ static int parse_bytes(const char *v, size_t *out) {
     return 0;
 }
 
-static dsmoe_status read_settings(const dsmoe_kernel_options *opt, int *tf32, size_t *pool_limit, size_t *workspace,
-                                  char *errbuf, size_t errlen) {
+static dsmoe_status read_settings(const dsmoe_kernel_options *opt, int *tf32, int *fused, size_t *pool_limit,
+                                  size_t *workspace, char *errbuf, size_t errlen) {
     if (opt && opt->param_values && opt->n_param_values != N_PARAMS) {
         snprintf(errbuf, errlen, "cuda: init: %d setting values for the plugin's %d settings", opt->n_param_values,
                  N_PARAMS);
         return DSMOE_ERR_INVALID;
     }
-    const char *v = param_text(opt, PARAM_TF32);
-    if (parse_bool(v, tf32)) {
-        snprintf(errbuf, errlen, "cuda: init: setting tf32='%s': expected a boolean (1/0, true/false, yes/no, on/off)",
-                 v);
-        return DSMOE_ERR_INVALID;
+    static const int bools[2] = {PARAM_TF32, PARAM_FUSED};
+    int *flags[2] = {tf32, fused};
+    const char *v;
+    for (int k = 0; k < 2; k++) {
+        v = param_text(opt, bools[k]);
+        if (parse_bool(v, flags[k])) {
+            snprintf(errbuf, errlen, "cuda: init: setting %s='%s': expected a boolean (1/0, true/false, yes/no, "
+                     "on/off)", cuda_params[bools[k]].name, v);
+            return DSMOE_ERR_INVALID;
+        }
     }
     static const int sizes[2] = {PARAM_POOL_LIMIT, PARAM_WORKSPACE};
     size_t *outs[2] = {pool_limit, workspace};
@@ -163,6 +172,8 @@ static dsmoe_status cuda_setup(dsmoe_kernel_ctx *ctx) {
                                        CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION);
     CU_TRY(cu_blas(ctx, cublasSetMathMode(ctx->blas, math), op, "cublasSetMathMode"));
     CU_TRY(cu_blas(ctx, cublasGetVersion(ctx->blas, &ctx->cublas_version), op, "cublasGetVersion"));
+    if (ctx->fused)
+        CU_TRY(cu_blas(ctx, cublasLtCreate(&ctx->blaslt), op, "cublasLtCreate"));
 
     CU_TRY(cu_queue_init(ctx, &ctx->queue));
 
@@ -173,10 +184,11 @@ static dsmoe_status cuda_setup(dsmoe_kernel_ctx *ctx) {
         snprintf(pool, sizeof pool, "up to the device's memory");
     int v = ctx->cublas_version;
     snprintf(ctx->description, sizeof ctx->description,
-             "cuda: %s (sm_%d%d, %d SMs, %s), cuBLAS %d.%d.%d, tf32 %s, stream-ordered buffer pool %s, cuBLAS "
-             "workspace %s per queue", ctx->device_name, ctx->cc_major, ctx->cc_minor, ctx->sm_count,
-             fmt_size(ctx->total_mem, mem, sizeof mem), v / 10000, v / 100 % 100, v % 100, ctx->tf32 ? "on" : "off",
-             pool, fmt_size(ctx->workspace_bytes, ws, sizeof ws));
+             "cuda: %s (sm_%d%d, %d SMs, %s), cuBLAS %d.%d.%d, tf32 %s, expert GEMM epilogues %s, stream-ordered "
+             "buffer pool %s, cuBLAS workspace %s per queue", ctx->device_name, ctx->cc_major, ctx->cc_minor,
+             ctx->sm_count, fmt_size(ctx->total_mem, mem, sizeof mem), v / 10000, v / 100 % 100, v % 100,
+             ctx->tf32 ? "on" : "off", ctx->fused ? "fused (cuBLASLt)" : "separate", pool,
+             fmt_size(ctx->workspace_bytes, ws, sizeof ws));
     return DSMOE_OK;
 }
 
@@ -190,9 +202,9 @@ static dsmoe_status cuda_init(const dsmoe_kernel_options *opt, dsmoe_kernel_ctx 
         return DSMOE_ERR_INVALID;
     }
     *out = NULL;
-    int tf32;
+    int tf32, fused;
     size_t pool_limit, workspace;
-    dsmoe_status s = read_settings(opt, &tf32, &pool_limit, &workspace, errbuf, errlen);
+    dsmoe_status s = read_settings(opt, &tf32, &fused, &pool_limit, &workspace, errbuf, errlen);
     if (s != DSMOE_OK)
         return s;
 
@@ -224,6 +236,7 @@ static dsmoe_status cuda_init(const dsmoe_kernel_options *opt, dsmoe_kernel_ctx 
     }
     ctx->device = device;
     ctx->tf32 = tf32;
+    ctx->fused = fused;
     ctx->pool_limit = pool_limit;
     ctx->workspace_bytes = workspace;
     ctx->sticky = DSMOE_OK;
@@ -259,7 +272,10 @@ static void cuda_finalize(dsmoe_kernel_ctx *ctx) {
     // The handle goes before the streams it may be bound to.
     if (ctx->blas)
         (void)cublasDestroy(ctx->blas);
+    if (ctx->blaslt)
+        (void)cublasLtDestroy(ctx->blaslt);
     ctx->blas = NULL;
+    ctx->blaslt = NULL;
     ctx->blas_queue = NULL;
     while (ctx->queues) {
         dsmoe_kernel_queue *next = ctx->queues->next;

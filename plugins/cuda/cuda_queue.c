@@ -159,6 +159,8 @@ dsmoe_status cu_queue_init(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q) {
         .sm_count = ctx->sm_count,
         .allow_tf32 = ctx->tf32,
         .cublas = ctx->blas,
+        .cublaslt = ctx->blaslt,
+        .fused_epilogues = ctx->fused,
         .alloc_pool = ctx->pool,
         .blas_workspace = NULL, // cu_bind_blas, at the queue's first op
         .blas_workspace_bytes = 0,

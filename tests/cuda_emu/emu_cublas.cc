@@ -16,12 +16,14 @@
 // CUDA_R_16BF or CUDA_R_32F; other types, and compute types but CUBLAS_COMPUTE_32F{,_PEDANTIC,_FAST_TF32,
 // _FAST_16BF}, give CUBLAS_STATUS_NOT_SUPPORTED. The summation order is not a GPU's, so results match cuBLAS
 // to rounding, not bitwise; whether multiply-adds are fused follows the compiler flags (-ffp-contract, -march).
+// The GEMM engine is emu_gemm.h's, shared with the cuBLASLt stand-in (emu_cublaslt.cc): the same bits either way.
 // No C++ runtime is used (no exceptions, operator new or containers): C test programs link it without libstdc++.
 //
 // Test hook: DSMOE_EMU_FAIL_CUBLAS_CREATE=1 in the environment makes cublasCreate fail with
 // CUBLAS_STATUS_ALLOC_FAILED (as on a device out of memory), to exercise the plugin's error path.
 #include <cublas_v2.h>
 
+#include "emu_gemm.h"    // the GEMM engine, shared with emu_cublaslt.cc
 #include "emu_runtime.h" // dsmoe_emu_set_last_error
 #include "emu_streams.h" // dsmoe_emu_enqueue
 
@@ -38,177 +40,7 @@ struct cublasContext {
 
 namespace {
 
-float bf16_to_float(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    std::memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-uint16_t float_to_bf16(float f) {
-    uint32_t u;
-    std::memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) // NaN: keep the sign and high payload, force quiet (never inf)
-        return (uint16_t)((u >> 16) | 0x40u);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
-// Rounds f to nearest even with the low `drop` mantissa bits cleared (13: TF32, 16: bfloat16); inf and NaN
-// are left alone (clearing a NaN's low bits could make it inf).
-float round_mantissa(float f, int drop) {
-    uint32_t u;
-    std::memcpy(&u, &f, sizeof u);
-    if ((u & 0x7f800000u) == 0x7f800000u)
-        return f;
-    u += ((1u << (drop - 1)) - 1u) + ((u >> drop) & 1u);
-    u &= ~((1u << drop) - 1u);
-    std::memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-float load(const float *p, size_t i) { return p[i]; }
-float load(const uint16_t *p, size_t i) { return bf16_to_float(p[i]); }
-void store(float *p, size_t i, float v) { p[i] = v; }
-void store(uint16_t *p, size_t i, float v) { p[i] = float_to_bf16(v); }
-
-// Register tile of the product: MR rows of op(A) by NR columns of op(B). 8 x 4 floats keeps the
-// accumulators, an A slice and a broadcast B value within the 16 SSE registers of baseline x86-64.
-constexpr int MR = 8, NR = 4;
-typedef float vmr __attribute__((vector_size(MR * sizeof(float))));
-
-// Copies the logical matrix X (R x K, element (r, p) at src[r + p*ld] when r_contig, else at src[p + r*ld])
-// into float panels of W rows, p-major within a panel: dst[(r / W * K + p) * W + r % W], so that the tile
-// loop reads both operands contiguously. Rows past R are zero; drop > 0 rounds as round_mantissa.
-template <typename T>
-void pack(const T *src, int ld, int R, int K, bool r_contig, int W, int drop, float *dst) {
-    const size_t panels = ((size_t)R + W - 1) / W;
-    if (r_contig) {
-        for (int p = 0; p < K; p++) {
-            const T *col = src + (size_t)p * ld;
-            for (int r = 0; r < R; r++)
-                dst[((size_t)(r / W) * K + p) * W + r % W] = load(col, (size_t)r);
-        }
-    } else {
-        for (int r = 0; r < R; r++) {
-            const T *row = src + (size_t)r * ld;
-            float *d = dst + (size_t)(r / W) * K * W + r % W;
-            for (int p = 0; p < K; p++)
-                d[(size_t)p * W] = load(row, (size_t)p);
-        }
-    }
-    for (int r = R; r < (int)(panels * W); r++)
-        for (int p = 0; p < K; p++)
-            dst[((size_t)(r / W) * K + p) * W + r % W] = 0.0f;
-    if (drop > 0)
-        for (size_t i = 0, e = panels * W * K; i < e; i++)
-            dst[i] = round_mantissa(dst[i], drop);
-}
-
-void pack_any(const void *src, cudaDataType t, int ld, int R, int K, bool r_contig, int W, int drop, float *dst) {
-    if (t == CUDA_R_16BF)
-        pack((const uint16_t *)src, ld, R, K, r_contig, W, drop, dst);
-    else
-        pack((const float *)src, ld, R, K, r_contig, W, drop, dst);
-}
-
-// acc[c][r] = sum over p in increasing order of a[p][r] * b[p][c]. The vector type makes the element-wise
-// multiply-adds explicit: each lane is the scalar sum in the same order, so -O2 suffices to vectorise.
-void tile(int k, const float *a, const float *b, float acc[NR][MR]) {
-    vmr c0 = {}, c1 = {}, c2 = {}, c3 = {};
-    for (int p = 0; p < k; p++) {
-        vmr av;
-        std::memcpy(&av, a + (size_t)p * MR, sizeof av);
-        const float *bp = b + (size_t)p * NR;
-        c0 += av * bp[0];
-        c1 += av * bp[1];
-        c2 += av * bp[2];
-        c3 += av * bp[3];
-    }
-    std::memcpy(acc[0], &c0, sizeof c0);
-    std::memcpy(acc[1], &c1, sizeof c1);
-    std::memcpy(acc[2], &c2, sizeof c2);
-    std::memcpy(acc[3], &c3, sizeof c3);
-}
-
-// One GEMM's arguments once checked.
-struct Gemm {
-    bool ta, tb; // op(A), op(B) transposed
-    int m, n, k, lda, ldb, ldc;
-    float alpha, beta;
-    cudaDataType at, bt, ct;
-    int drop; // input rounding (round_mantissa), 0 for none
-};
-
-size_t type_bytes(cudaDataType t) { return t == CUDA_R_16BF ? 2 : 4; }
-bool has_product(const Gemm &g) { return g.k > 0 && g.alpha != 0.0f; }
-
-// ap and bp hold the packed operands: (m rounded up to MR) * k and (n rounded up to NR) * k floats.
-template <typename TC>
-void gemm_into(const Gemm &g, const void *A, const void *B, TC *C, float *ap, float *bp) {
-    if (!has_product(g)) { // no product: C = beta * C, C unread when beta == 0
-        if (g.beta == 1.0f)
-            return;
-        for (int j = 0; j < g.n; j++)
-            for (int i = 0; i < g.m; i++) {
-                size_t at = (size_t)j * g.ldc + i;
-                store(C, at, g.beta == 0.0f ? 0.0f : g.beta * load(C, at));
-            }
-        return;
-    }
-    // op(A) (m x k): element (i, p) is A[i + p*lda] (N) or A[p + i*lda] (T); op(B)^T (n x k): element (j, p)
-    // is B[p + j*ldb] (N) or B[j + p*ldb] (T).
-    const int mp = (g.m + MR - 1) / MR, np = (g.n + NR - 1) / NR;
-    pack_any(A, g.at, g.lda, g.m, g.k, !g.ta, MR, g.drop, ap);
-    pack_any(B, g.bt, g.ldb, g.n, g.k, g.tb, NR, g.drop, bp);
-    float acc[NR][MR];
-    for (int jb = 0; jb < np; jb++) {
-        const int j0 = jb * NR, nc = g.n - j0 < NR ? g.n - j0 : NR;
-        for (int ib = 0; ib < mp; ib++) {
-            const int i0 = ib * MR, nr = g.m - i0 < MR ? g.m - i0 : MR;
-            tile(g.k, ap + (size_t)ib * g.k * MR, bp + (size_t)jb * g.k * NR, acc);
-            for (int c = 0; c < nc; c++) {
-                size_t at = (size_t)(j0 + c) * g.ldc + i0;
-                for (int r = 0; r < nr; r++) {
-                    float v = g.alpha * acc[c][r];
-                    if (g.beta != 0.0f)
-                        v += g.beta * load(C, at + r);
-                    store(C, at + r, v);
-                }
-            }
-        }
-    }
-}
-
-// Runs batch GEMMs of one shape, operands(b, &A, &B, &C) giving batch b's matrices; the packing buffers are
-// shared by the batches. A and B are asked for only when there is a product (they may be NULL otherwise).
-template <typename Operands>
-cublasStatus_t run(const Gemm &g, int batch, Operands operands) {
-    if (g.m == 0 || g.n == 0 || batch == 0)
-        return CUBLAS_STATUS_SUCCESS;
-    float *ap = nullptr, *bp = nullptr;
-    if (has_product(g)) {
-        ap = (float *)std::malloc(((size_t)g.m + MR - 1) / MR * MR * g.k * sizeof(float));
-        bp = (float *)std::malloc(((size_t)g.n + NR - 1) / NR * NR * g.k * sizeof(float));
-        if (!ap || !bp) {
-            std::free(ap);
-            std::free(bp);
-            return CUBLAS_STATUS_ALLOC_FAILED;
-        }
-    }
-    for (int b = 0; b < batch; b++) {
-        const void *A = nullptr, *B = nullptr;
-        void *C = nullptr;
-        operands(b, &A, &B, &C);
-        if (g.ct == CUDA_R_16BF)
-            gemm_into(g, A, B, (uint16_t *)C, ap, bp);
-        else
-            gemm_into(g, A, B, (float *)C, ap, bp);
-    }
-    std::free(ap);
-    std::free(bp);
-    return CUBLAS_STATUS_SUCCESS;
-}
+using namespace dsmoe_emu_gemm;
 
 // A GEMM call as queued on the handle's stream: strided (arrays NULL) or batched (its pointer arrays, in
 // device memory, read when it runs).
@@ -225,22 +57,26 @@ struct Job {
 void job_run(void *arg) {
     const Job *j = (const Job *)arg;
     const bool product = has_product(j->g); // else A and B may be NULL: no offsets formed from them
-    cublasStatus_t st = run(j->g, j->batch, [j, product](int b, const void **a, const void **bb, void **c) {
+    const auto operands = [j, product](int b) {
+        Mats x = {nullptr, nullptr, nullptr, nullptr};
         if (j->Carray) {
             if (product) {
-                *a = j->Aarray[b];
-                *bb = j->Barray[b];
+                x.A = j->Aarray[b];
+                x.B = j->Barray[b];
             }
-            *c = j->Carray[b];
-            return;
+            x.D = j->Carray[b];
+        } else {
+            if (product) {
+                x.A = (const char *)j->A + b * j->sa;
+                x.B = (const char *)j->B + b * j->sb;
+            }
+            x.D = (char *)j->C + b * j->sc;
         }
-        if (product) {
-            *a = (const char *)j->A + b * j->sa;
-            *bb = (const char *)j->B + b * j->sb;
-        }
-        *c = (char *)j->C + b * j->sc;
-    });
-    if (st != CUBLAS_STATUS_SUCCESS) // the packing buffers: out of host memory while the stream ran
+        x.C = x.D; // in place
+        return x;
+    };
+    // Failure: the packing buffers, out of host memory while the stream ran.
+    if (!run(j->g, j->batch, operands, [](int) { return NoEpilogue{}; }))
         dsmoe_emu_set_last_error(cudaErrorMemoryAllocation);
     std::free(arg);
 }

@@ -16,17 +16,7 @@
 #include <string>
 #include <vector>
 
-static int failures, checks;
-#define CHECK(cond, ...)                                                                                               \
-    do {                                                                                                               \
-        checks++;                                                                                                      \
-        if (!(cond)) {                                                                                                 \
-            failures++;                                                                                                \
-            printf("FAIL %s:%d: ", __FILE__, __LINE__);                                                                \
-            printf(__VA_ARGS__);                                                                                       \
-            printf("\n");                                                                                              \
-        }                                                                                                              \
-    } while (0)
+#include "emu_check.h" // CHECK, failures, checks
 
 // ---------------------------------------------------------------------------------------------------
 // Warp operations: out[t * 8 + k] for the k-th result of thread t.

@@ -1,22 +1,25 @@
 # The cuda plugin on the CUDA emulator (tests/cuda_emu/): the plugin's own sources (plugins/cuda/*.c, kernels/*.cu
 # and cuda_env.c) built with the host compilers against the CUDA headers, and linked with the emulated runtime,
-# cuBLAS, device and stream order (emu_runtime.cc with emu_errors.cc, emu_cublas.cc, emu_device.cc, emu_streams.cc:
-# work on a created stream deferred until something needs it) instead of libcudart and libcublas. The module is
-# the cuda plugin whose kernels run as host fibers, under the cuda plugin's own file name in a directory of its own,
-# tests/plugins/cuda_emu/libdsmoe_kernel_cuda.so: with DSMOE_PLUGIN_PATH naming that directory, a deck that says
-# run.kernel_backend = cuda runs on it unchanged (its describe() line names the emulator as the device). The kernel
-# conformance suite runs it against the cpu plugin on every machine, GPU or not.
+# cuBLAS and cuBLASLt, device and stream order (emu_runtime.cc with emu_errors.cc, emu_cublas.cc, emu_cublaslt.cc,
+# emu_device.cc, emu_streams.cc: work on a created stream deferred until something needs it) instead of libcudart,
+# libcublas and libcublasLt. The module is the cuda plugin whose kernels run as host fibers, under the cuda plugin's
+# own file name in a directory of its own, tests/plugins/cuda_emu/libdsmoe_kernel_cuda.so: with DSMOE_PLUGIN_PATH
+# naming that directory, a deck that says run.kernel_backend = cuda runs on it unchanged (its describe() line names
+# the emulator as the device). The kernel conformance suite runs it against the cpu plugin on every machine, GPU or
+# not.
 #   test_emu_device              the emulator's own semantics and the kernel bugs it stops on
+#   test_emu_cublaslt            the emulated cuBLASLt against double-precision references and the emulated cuBLAS
 #   test_cuda_table_emu          the plugin's table and glue, device part included (test_cuda_table.c)
 #   conformance_kernel_cuda_emu  the suite on the emulated cuda plugin (and _tf32: its GEMM groups with TF32 on)
 #   cuda_emu_train               training on it against the cpu plugin
-# Needs the headers of the CUDA toolkit with cuBLAS (not its compiler or libraries: a build with DSMOE_WITH_CUDA=OFF,
-# the sanitized one, has it too, its memory errors then found by AddressSanitizer) and x86-64 (the emulator's
-# fiber switch). After kernel_conformance.cmake, which defines test_kernel_conformance.
+# Needs the headers of the CUDA toolkit with cuBLAS and cuBLASLt (not its compiler or libraries: a build with
+# DSMOE_WITH_CUDA=OFF, the sanitized one, has it too, its memory errors then found by AddressSanitizer) and x86-64
+# (the emulator's fiber switch). After kernel_conformance.cmake, which defines test_kernel_conformance.
 find_path(DSMOE_CUDA_EMU_INCLUDE_DIR NAMES cuda_runtime_api.h cublas_v2.h
           HINTS ${CUDAToolkit_INCLUDE_DIRS} ${CUDAToolkit_ROOT}/include $ENV{CUDAToolkit_ROOT}/include
                 /usr/local/cuda/include)
 if(NOT DSMOE_CUDA_EMU_INCLUDE_DIR OR NOT EXISTS ${DSMOE_CUDA_EMU_INCLUDE_DIR}/cublas_v2.h
+   OR NOT EXISTS ${DSMOE_CUDA_EMU_INCLUDE_DIR}/cublasLt.h
    OR NOT CMAKE_SYSTEM_PROCESSOR MATCHES "^(x86_64|AMD64|amd64)$")
   return()
 endif()
@@ -40,7 +43,7 @@ file(GLOB DSMOE_CUDA_EMU_GLUE CONFIGURE_DEPENDS ${PROJECT_SOURCE_DIR}/plugins/cu
 
 add_library(dsmoe_kernel_cuda_emu MODULE ${DSMOE_CUDA_EMU_GLUE} ${PROJECT_SOURCE_DIR}/kernels/cuda_env.c
             ${emu_kernel_sources} ${emu_dir}/emu_device.cc ${emu_dir}/emu_runtime.cc ${emu_dir}/emu_streams.cc
-            ${emu_dir}/emu_errors.cc ${emu_dir}/emu_cublas.cc)
+            ${emu_dir}/emu_errors.cc ${emu_dir}/emu_cublas.cc ${emu_dir}/emu_cublaslt.cc)
 set_target_properties(dsmoe_kernel_cuda_emu PROPERTIES
   OUTPUT_NAME dsmoe_kernel_cuda
   PREFIX lib
@@ -84,6 +87,18 @@ target_link_libraries(test_emu_device PRIVATE Threads::Threads ${CMAKE_DL_LIBS})
 add_test(NAME test_emu_device COMMAND test_emu_device)
 set_tests_properties(test_emu_device PROPERTIES TIMEOUT 60 LABELS "cuda_emu")
 
+# The emulated cuBLASLt (emu_cublaslt.cc): every emulated epilogue against a double-precision reference, the
+# plain matmul bitwise against the emulated cuBLAS, and the refusals.
+add_executable(test_emu_cublaslt ${emu_dir}/test_emu_cublaslt.cc ${emu_dir}/emu_cublaslt.cc ${emu_dir}/emu_cublas.cc
+               ${emu_dir}/emu_device.cc ${emu_dir}/emu_runtime.cc ${emu_dir}/emu_streams.cc ${emu_dir}/emu_errors.cc)
+set_target_properties(test_emu_cublaslt PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/tests
+                      CXX_STANDARD 17 CXX_STANDARD_REQUIRED ON)
+target_include_directories(test_emu_cublaslt PRIVATE ${emu_dir} ${DSMOE_CUDA_EMU_INCLUDE_DIR})
+target_compile_options(test_emu_cublaslt PRIVATE -O2 -Wall -mpopcnt)
+target_link_libraries(test_emu_cublaslt PRIVATE Threads::Threads ${CMAKE_DL_LIBS} m)
+add_test(NAME test_emu_cublaslt COMMAND test_emu_cublaslt)
+set_tests_properties(test_emu_cublaslt PROPERTIES TIMEOUT 60 LABELS "cuda_emu")
+
 add_test(NAME conformance_kernel_cuda_emu COMMAND test_kernel_conformance)
 set_tests_properties(conformance_kernel_cuda_emu PROPERTIES
   TIMEOUT 900 SKIP_RETURN_CODE 77 LABELS "conformance;cuda_emu"
@@ -97,6 +112,15 @@ set_tests_properties(conformance_kernel_cuda_emu_tf32 PROPERTIES
   TIMEOUT 300 SKIP_RETURN_CODE 77 LABELS "conformance;cuda_emu"
   ENVIRONMENT "DSMOE_CONFORMANCE_KERNEL_PATH=$<TARGET_FILE:dsmoe_kernel_cuda_emu>;OMP_NUM_THREADS=2;DSMOE_PLUGIN_PATH=;\
 DSMOE_STRICT_BREAK=;DSMOE_CONFORMANCE_SETTINGS=tf32=true;DSMOE_CONFORMANCE_GROUPS=gemm,grouped,wgrad,fd,inference")
+
+# Fused epilogues on (kernel.cuda.fused_epilogues): the grouped GEMMs through the emulated cuBLASLt wherever
+# it takes the shape (the suite has cases for every epilogue that it takes, and cases it refuses, which fall
+# back), in float32 and bfloat16, with TF32 off; the groups that call gemm_grouped.
+add_test(NAME conformance_kernel_cuda_emu_fused COMMAND test_kernel_conformance)
+set_tests_properties(conformance_kernel_cuda_emu_fused PROPERTIES
+  TIMEOUT 300 SKIP_RETURN_CODE 77 LABELS "conformance;cuda_emu"
+  ENVIRONMENT "DSMOE_CONFORMANCE_KERNEL_PATH=$<TARGET_FILE:dsmoe_kernel_cuda_emu>;OMP_NUM_THREADS=2;DSMOE_PLUGIN_PATH=;\
+DSMOE_STRICT_BREAK=;DSMOE_CONFORMANCE_SETTINGS=fused_epilogues=true;DSMOE_CONFORMANCE_GROUPS=grouped,fd,inference,sticky,errors")
 
 # The table and glue test, its device part included (memory, copies, host functions on a queue, events, the pool
 # limit, sticky errors): the program of cuda_table.cmake, built here alone where the real plugin is not.
