@@ -1,6 +1,6 @@
 // kernels/attention.cu: causal multi-head self-attention of the cuda plugin (kernels/attention.h).
 // defines: dsmoe_cu_attention_bytes, dsmoe_cu_attention_forward, dsmoe_cu_attention_backward,
-//          dsmoe_cu_attention_rows
+//          dsmoe_cu_attention_rows (attention_tc.cu: the tensor-core kernels they hand bfloat16 to)
 //
 // The reference is plugins/cpu/cpu_ops.c (cpu_attention_*): qkv (B*T, 3M) holds per token [q | k | v],
 // head h uses columns [h*D, (h+1)*D) of each part, scale = 1/sqrt(D), query t sees keys 0 .. t. The cpu
@@ -490,6 +490,8 @@ extern "C" dsmoe_status dsmoe_cu_attention_forward(const dsmoe_cu_env *env, void
     const int B = shape->B, T = shape->T, M = shape->M, NH = shape->NH;
     if (B == 0 || T == 0) return DSMOE_OK;
     if (!out || !saved || !qkv) return dsmoe_cu_fail(env, DSMOE_ERR_INVALID, "%s: NULL out, saved or qkv", op);
+    if (dsmoe_cu_attention_tc_applies(env, shape->dt, M, NH))
+        return dsmoe_cu_attention_tc_forward(env, out, (float *)saved, qkv, B, T, M, NH);
     const size_t es = dsmoe_dtype_size(shape->dt);
     dsmoe_cu_attention_rows_desc d;
     d.B = B, d.NH = NH, d.T_q = T, d.D = M / NH, d.dt = shape->dt;
@@ -523,6 +525,11 @@ extern "C" dsmoe_status dsmoe_cu_attention_backward(const dsmoe_cu_env *env, voi
     const unsigned di_blocks = dsmoe_cu_blocks(((size_t)B * T * NH + ATT_WARPS - 1) / ATT_WARPS, 1);
     const size_t smem_dq = att_smem_bytes(a.Dp, 2, 1), smem_dkv = att_smem_bytes(a.Dp, 2, 2);
     cudaError_t e = cudaSuccess;
+    if (dsmoe_cu_attention_tc_applies(env, shape->dt, M, NH)) { // bfloat16 on tensor cores (attention_tc.cu)
+        dsmoe_cu_launch(attention_di_kernel<__nv_bfloat16>, di_blocks, ATT_THREADS, 0, env->stream, a);
+        if ((st = dsmoe_cu_check_launch(env, op)) != DSMOE_OK) return st;
+        return dsmoe_cu_attention_tc_backward(env, dqkv, a.di, dout, qkv, a.lse, B, T, M, NH);
+    }
     // di first, then dq and dkv (both read di; they write disjoint columns of dqkv).
     DSMOE_CU_DISPATCH(shape->dt, T_, {
         dsmoe_cu_launch(attention_di_kernel<T_>, di_blocks, ATT_THREADS, 0, env->stream, a);

@@ -47,6 +47,15 @@ dsmoe_status dsmoe_cu_sample(const dsmoe_cu_env *env, int32_t *tokens, const voi
                              int V, const dsmoe_sampling_params *p, const uint64_t *counters);
 
 // ---------------------------------------------------------------------------------------------------
+// Internal to the family: the tensor-core kernels (attention_tc.cu) that attention_forward/_backward
+// hand bfloat16 to when env->attention_tc is set and D = M / NH is a multiple of 16 up to 128. Same
+// saved state (lse) and workspace (Di, which attention.cu's di kernel writes before the backward).
+int dsmoe_cu_attention_tc_applies(const dsmoe_cu_env *env, dsmoe_dtype dt, int M, int NH);
+dsmoe_status dsmoe_cu_attention_tc_forward(const dsmoe_cu_env *env, void *out, float *lse, const void *qkv, int B,
+                                           int T, int M, int NH);
+dsmoe_status dsmoe_cu_attention_tc_backward(const dsmoe_cu_env *env, void *dqkv, const float *di, const void *dout,
+                                            const void *qkv, const float *lse, int B, int T, int M, int NH);
+
 // Internal to the family (attention.cu defines it, decode.cu uses it for attention_cached): one causal
 // attention pass over rows of queries, each attending to its keys 0 .. first + t of its (b, h), where
 // first = pos[b] (pos device; then pos[b] must lie in [0, T_max - T_q], else the sticky

@@ -77,9 +77,16 @@ check_conformance() {
   rc=$?
   grep -E '^FAIL' "$REPORT/conformance-tf32.log" | head -20 >> "$REPORT/report.md"
   result "conformance tf32" "$(pass_if $rc)" "$(why_rc $rc): $(grep -E 'conformance .* passed' "$REPORT/conformance-tf32.log" | tail -1 || tail_of conformance-tf32.log 2)"
+  [ "$KERN" = cuda ] || return 0
+  # kernel.cuda.attention_tensor_cores (off by default until this passes on a GPU): the attention group
+  # again, bfloat16 cases on WMMA.
+  DSMOE_CONFORMANCE_SETTINGS=attention_tensor_cores=true DSMOE_CONFORMANCE_GROUPS=attention \
+    conformance_env timed "$(pick 60 120)" conformance-attention-tc.log "$t"
+  rc=$?
+  grep -E '^FAIL' "$REPORT/conformance-attention-tc.log" | head -20 >> "$REPORT/report.md"
+  result "conformance attention_tc" "$(pass_if $rc)" "$(why_rc $rc): $(grep -E 'conformance .* passed' "$REPORT/conformance-attention-tc.log" | tail -1 || tail_of conformance-attention-tc.log 2)"
   # kernel.cuda.fused_epilogues (off by default until this passes on a GPU): the groups that call
   # gemm_grouped again with the epilogues inside cuBLASLt.
-  [ "$KERN" = cuda ] || return 0
   DSMOE_CONFORMANCE_SETTINGS=fused_epilogues=true DSMOE_CONFORMANCE_GROUPS=grouped,fd,inference,sticky,errors \
     conformance_env timed "$(pick 60 120)" conformance-fused.log "$t"
   rc=$?
@@ -205,6 +212,15 @@ check_train_bf16() {
   cmp=$(losses_close "$w/$KERN/metrics.csv" "$w/cpu/metrics.csv" 5e-2)
   result train_bf16 "$(pass_if $?)" "50 steps $KERN vs cpu, bf16: $cmp"
   grep -E '^step +50/' "$REPORT/train-bf16-$KERN.log" | fig
+  if [ "$KERN" = cuda ]; then # attention on tensor cores and the expert GEMMs' epilogues in cuBLASLt
+    if DSMOE_KERNEL_CUDA_ATTENTION_TENSOR_CORES=1 DSMOE_KERNEL_CUDA_FUSED_EPILOGUES=1 timed "$(pick 40 120)" \
+         train-bf16-$KERN-tc.log dsmoe "$deck" run.output_dir="$w/$KERN-tc" run.kernel_backend=$KERN run.precision=bf16; then
+      cmp=$(losses_close "$w/$KERN-tc/metrics.csv" "$w/cpu/metrics.csv" 5e-2)
+      result "train_bf16 tc" "$(pass_if $?)" "50 steps $KERN (attention_tensor_cores, fused_epilogues) vs cpu, bf16: $cmp"
+    else
+      result "train_bf16 tc" FAIL "$(err_of train-bf16-$KERN-tc.log)"
+    fi
+  fi
   [ -f "$REPORT/train/cpu/metrics.csv" ] &&
     echo "for scale, bf16 against fp32 on the cpu plugin: $(losses_close "$w/cpu/metrics.csv" "$REPORT/train/cpu/metrics.csv" 1)" | fig
   return 0
@@ -555,6 +571,24 @@ check_throughput() {
       rc=$?
       result "throughput $prec profile" "$(pass_if $rc)" "$(why_rc $rc): steps 2-3, every kernel op and collective timed"
       sed -n '/^profile of steps/,/outside the timed calls/p' "$REPORT/throughput-$prec-profile.log" | fig
+    fi
+    # The same bf16 model with attention on tensor cores and the expert GEMMs' epilogues in cuBLASLt
+    # (both off by default until this run has shown them), and where its step goes.
+    if [ $prec = bf16 ] && [ "$KERN" = cuda ]; then
+      export DSMOE_KERNEL_CUDA_ATTENTION_TENSOR_CORES=1 DSMOE_KERNEL_CUDA_FUSED_EPILOGUES=1
+      timed "$(pick 100 150)" "throughput-$prec-tc.log" dsmoe "$w/$prec.deck" run.kernel_backend=$KERN \
+        run.precision=$prec run.output_dir="$w/$prec-tc"
+      rc=$?
+      fig_line=""
+      [ $rc = 0 ] && fig_line=$(mfu "$REPORT/throughput-$prec-tc.log" "$L" "$M" "$T" "$V" "$peak" "$pname" "$CEIL_BF16")
+      result "throughput $prec tc" "$(pass_if $rc)" "$(why_rc $rc): attention_tensor_cores + fused_epilogues: ${fig_line:-$(err_of "throughput-$prec-tc.log")}"
+      grep -E '^step +[0-9]+/' "$REPORT/throughput-$prec-tc.log" | tail -2 | fig
+      if [ $rc = 0 ]; then
+        timed "$(pick 60 120)" "throughput-$prec-tc-profile.log" dsmoe "$w/$prec.deck" run.kernel_backend=$KERN \
+          run.precision=$prec run.output_dir="$w/$prec-tc-profile" train.steps=3 train.profile=true
+        sed -n '/^profile of steps/,/outside the timed calls/p' "$REPORT/throughput-$prec-tc-profile.log" | fig
+      fi
+      unset DSMOE_KERNEL_CUDA_ATTENTION_TENSOR_CORES DSMOE_KERNEL_CUDA_FUSED_EPILOGUES
     fi
   done
 }

@@ -78,6 +78,7 @@ struct dsmoe_kernel_ctx {
     // settings
     int tf32;                // float32 GEMMs may use TF32 tensor cores
     int fused;               // grouped GEMMs through cuBLASLt's fused epilogues (kernels/gemm_lt.cu)
+    int attention_tc;        // bfloat16 attention on tensor cores (kernels/attention_tc.cu)
     size_t pool_limit;       // bytes alloc() may hold at once; 0 = the device's memory is the limit
     size_t workspace_bytes;  // cuBLAS workspace per queue
 

@@ -17,7 +17,7 @@
 // ---------------------------------------------------------------------------------------------------
 // Settings (types.h, "plugin-declared settings"): [kernel.cuda] in a deck, DSMOE_KERNEL_CUDA_<KEY>.
 
-enum { PARAM_TF32, PARAM_POOL_LIMIT, PARAM_WORKSPACE, PARAM_FUSED, N_PARAMS };
+enum { PARAM_TF32, PARAM_POOL_LIMIT, PARAM_WORKSPACE, PARAM_FUSED, PARAM_ATT_TC, N_PARAMS };
 
 static const dsmoe_param_decl cuda_params[N_PARAMS] = {
     [PARAM_TF32] = {"tf32", DSMOE_PARAM_BOOL, "false",
@@ -32,6 +32,9 @@ static const dsmoe_param_decl cuda_params[N_PARAMS] = {
                      "expert GEMMs apply bias, GELU and its backward inside cuBLASLt (one pass over the output, "
                      "no float32 scratch); where cuBLASLt has no kernel for a shape the separate epilogue runs",
                      NULL},
+    [PARAM_ATT_TC] = {"attention_tensor_cores", DSMOE_PARAM_BOOL, "false",
+                      "bfloat16 attention (forward and backward) on tensor cores when the head dimension is a "
+                      "multiple of 16 up to 128; otherwise, and in float32, the CUDA-core kernels", NULL},
 };
 
 // The text of setting i: the core's resolved value, else the declared default (init called without
@@ -91,17 +94,17 @@ static int parse_bytes(const char *v, size_t *out) {
     return 0;
 }
 
-static dsmoe_status read_settings(const dsmoe_kernel_options *opt, int *tf32, int *fused, size_t *pool_limit,
-                                  size_t *workspace, char *errbuf, size_t errlen) {
+static dsmoe_status read_settings(const dsmoe_kernel_options *opt, int *tf32, int *fused, int *att_tc,
+                                  size_t *pool_limit, size_t *workspace, char *errbuf, size_t errlen) {
     if (opt && opt->param_values && opt->n_param_values != N_PARAMS) {
         snprintf(errbuf, errlen, "cuda: init: %d setting values for the plugin's %d settings", opt->n_param_values,
                  N_PARAMS);
         return DSMOE_ERR_INVALID;
     }
-    static const int bools[2] = {PARAM_TF32, PARAM_FUSED};
-    int *flags[2] = {tf32, fused};
+    static const int bools[3] = {PARAM_TF32, PARAM_FUSED, PARAM_ATT_TC};
+    int *flags[3] = {tf32, fused, att_tc};
     const char *v;
-    for (int k = 0; k < 2; k++) {
+    for (int k = 0; k < 3; k++) {
         v = param_text(opt, bools[k]);
         if (parse_bool(v, flags[k])) {
             snprintf(errbuf, errlen, "cuda: init: setting %s='%s': expected a boolean (1/0, true/false, yes/no, "
@@ -184,11 +187,11 @@ static dsmoe_status cuda_setup(dsmoe_kernel_ctx *ctx) {
         snprintf(pool, sizeof pool, "up to the device's memory");
     int v = ctx->cublas_version;
     snprintf(ctx->description, sizeof ctx->description,
-             "cuda: %s (sm_%d%d, %d SMs, %s), cuBLAS %d.%d.%d, tf32 %s, expert GEMM epilogues %s, stream-ordered "
-             "buffer pool %s, cuBLAS workspace %s per queue", ctx->device_name, ctx->cc_major, ctx->cc_minor,
-             ctx->sm_count, fmt_size(ctx->total_mem, mem, sizeof mem), v / 10000, v / 100 % 100, v % 100,
-             ctx->tf32 ? "on" : "off", ctx->fused ? "fused (cuBLASLt)" : "separate", pool,
-             fmt_size(ctx->workspace_bytes, ws, sizeof ws));
+             "cuda: %s (sm_%d%d, %d SMs, %s), cuBLAS %d.%d.%d, tf32 %s, expert GEMM epilogues %s, bf16 attention "
+             "on %s, stream-ordered buffer pool %s, cuBLAS workspace %s per queue", ctx->device_name, ctx->cc_major,
+             ctx->cc_minor, ctx->sm_count, fmt_size(ctx->total_mem, mem, sizeof mem), v / 10000, v / 100 % 100,
+             v % 100, ctx->tf32 ? "on" : "off", ctx->fused ? "fused (cuBLASLt)" : "separate",
+             ctx->attention_tc ? "tensor cores" : "CUDA cores", pool, fmt_size(ctx->workspace_bytes, ws, sizeof ws));
     return DSMOE_OK;
 }
 
@@ -202,9 +205,9 @@ static dsmoe_status cuda_init(const dsmoe_kernel_options *opt, dsmoe_kernel_ctx 
         return DSMOE_ERR_INVALID;
     }
     *out = NULL;
-    int tf32, fused;
+    int tf32, fused, att_tc;
     size_t pool_limit, workspace;
-    dsmoe_status s = read_settings(opt, &tf32, &fused, &pool_limit, &workspace, errbuf, errlen);
+    dsmoe_status s = read_settings(opt, &tf32, &fused, &att_tc, &pool_limit, &workspace, errbuf, errlen);
     if (s != DSMOE_OK)
         return s;
 
@@ -237,6 +240,7 @@ static dsmoe_status cuda_init(const dsmoe_kernel_options *opt, dsmoe_kernel_ctx 
     ctx->device = device;
     ctx->tf32 = tf32;
     ctx->fused = fused;
+    ctx->attention_tc = att_tc;
     ctx->pool_limit = pool_limit;
     ctx->workspace_bytes = workspace;
     ctx->sticky = DSMOE_OK;

@@ -220,7 +220,7 @@ typedef struct att_case {
 // a difference of nearly equal numbers where the probabilities peak, so a flash-style kernel (which
 // recomputes the probabilities from row statistics, in another order) and the cpu plugin's BLAS calls
 // round differently there. Measured: the cpu plugin's own float32 error against float64 math, in this
-// metric (afrac = rtol / 10), is 0.6e-6 .. 1.3e-6 for the three shapes below (forward 1e-6 .. 1.7e-6),
+// metric (afrac = rtol / 10), is 0.6e-6 .. 1.3e-6 for the first three shapes below (forward 1e-6 .. 1.7e-6),
 // so a second correct float32 implementation stays below ~3e-6; 2e-4 (2x the GEMMs') keeps a 50x margin
 // and still catches a 0.1% error in a term (the 1e-3 a GEMM-heavy backward is sometimes given would
 // not). bfloat16: every GEMM operand of the backward (p, dp, ds) may be rounded to bfloat16 on the way.
@@ -290,11 +290,13 @@ static void v_attention_backward(const void *arg) {
 }
 
 void cf_group_attention(void) {
-    static const att_case shapes[3] = {{2, 33, 64, 4, CF_F32}, {2, 33, 256, 4, CF_F32}, {1, 130, 64, 2, CF_F32}};
+    // D = 16, 64, 32 and 128; T = 200 walks 4 tiles of 64 rows with a partial last one.
+    static const att_case shapes[4] = {{2, 33, 64, 4, CF_F32}, {2, 33, 256, 4, CF_F32}, {1, 130, 64, 2, CF_F32},
+                                       {1, 200, 256, 2, CF_F32}};
     char name[160];
     for (int d = 0; d < n_dtypes(); d++)
-        for (int i = 0; i < 3; i++) {
-            static att_case cases[2][3];
+        for (int i = 0; i < 4; i++) {
+            static att_case cases[2][4];
             att_case *A = &cases[d][i];
             *A = shapes[i];
             A->dt = DTS[d];

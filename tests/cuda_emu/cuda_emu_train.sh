@@ -7,8 +7,8 @@
 # the reverse, ending where the uninterrupted run ends. The same multi-rank runs over the nccl plugin built
 # for the emulator (tests/plugins/nccl_emu.cmake: device buffers straight to the plugin, no host staging)
 # must give the very bits of cuda over mpi (host staging): both add floats in the core's fixed rank order.
-# 4 ranks add the hierarchical all-to-all. With kernel.cuda.fused_epilogues (cuBLASLt's epilogues) the
-# cpu plugin's losses again. The emulator defers each stream's work until it is needed
+# 4 ranks add the hierarchical all-to-all. With kernel.cuda.fused_epilogues (cuBLASLt's epilogues) and
+# kernel.cuda.attention_tensor_cores (WMMA) the cpu plugin's losses again. The emulator defers each stream's work until it is needed
 # (tests/cuda_emu/emu_streams.h), except in the nccl runs, whose NCCL double ignores streams.
 # usage: cuda_emu_train.sh <dsmoe> <directory of the emulated libdsmoe_kernel_cuda.so> <mpiexec> [flags...]
 set -u
@@ -141,21 +141,26 @@ same bf16_ep2_zero1 2 3e-2 run.precision=bf16 moe.expert_parallel=2 train.zero_s
 same hier4 4 1e-4 moe.expert_parallel=2 train.zero_stage=1 moe.alltoall=hierarchical moe.ranks_per_node=2
 NCCL_TOO=0
 
-# kernel.cuda.fused_epilogues: the expert GEMMs through cuBLASLt's epilogues (the emulated cuBLASLt), which
-# write every capacity row; against the cpu runs above. ep 2 gives 2 rounds of weights per grouped call.
-# fused <name> <ranks> <tolerance> [key=value ...]
-fused() {
-  local name=$1 n=$2 tol=$3 r
-  shift 3
-  run "fused_$name" "$n" run.kernel_backend=cuda kernel.cuda.fused_epilogues=true "$@" || return
-  grep -q 'expert GEMM epilogues fused (cuBLASLt)' "$work/fused_$name.log" ||
-    { fail "fused $name: the log does not say the epilogues are fused"; return; }
-  r=$(close "$work/cpu_$name/metrics.csv" "$work/fused_$name/metrics.csv" "$tol") &&
-    passed "$name on $n rank(s), cuda with fused epilogues vs cpu: $r" || fail "fused $name: $r"
+# Plugin settings that change kernels, against the cpu runs above: kernel.cuda.fused_epilogues (the expert
+# GEMMs through the emulated cuBLASLt's epilogues, which write every capacity row; ep 2 gives 2 rounds of
+# weights per grouped call) and kernel.cuda.attention_tensor_cores (bfloat16 attention on the emulated
+# WMMA; D = 16 here).
+# variant <setting> <log words> <name> <ranks> <tolerance> [key=value ...]
+variant() {
+  local setting=$1 words=$2 name=$3 n=$4 tol=$5 r
+  shift 5
+  run "${setting}_$name" "$n" run.kernel_backend=cuda "kernel.cuda.$setting=true" "$@" || return
+  grep -q "$words" "$work/${setting}_$name.log" ||
+    { fail "$setting $name: the log does not say '$words'"; return; }
+  r=$(close "$work/cpu_$name/metrics.csv" "$work/${setting}_$name/metrics.csv" "$tol") &&
+    passed "$name on $n rank(s), cuda with $setting vs cpu: $r" || fail "$setting $name: $r"
 }
-fused base 1 1e-4
-fused bf16 1 3e-2 run.precision=bf16
-fused ep2_zero1 2 1e-4 moe.expert_parallel=2 train.zero_stage=1
+variant fused_epilogues 'expert GEMM epilogues fused (cuBLASLt)' base 1 1e-4
+variant fused_epilogues 'expert GEMM epilogues fused (cuBLASLt)' bf16 1 3e-2 run.precision=bf16
+variant fused_epilogues 'expert GEMM epilogues fused (cuBLASLt)' ep2_zero1 2 1e-4 moe.expert_parallel=2 train.zero_stage=1
+variant attention_tensor_cores 'bf16 attention on tensor cores' bf16 1 3e-2 run.precision=bf16
+variant attention_tensor_cores 'bf16 attention on tensor cores' bf16_ep2_zero1 2 3e-2 run.precision=bf16 \
+  moe.expert_parallel=2 train.zero_stage=1
 
 # Resume across plugins: the step-3 checkpoint of one plugin, resumed on the other, ends (step 6) where
 # the uninterrupted run of the first ends.

@@ -90,6 +90,7 @@ struct fiber {
     unsigned mask;
     int pred, src;
     uint64_t bits, result;
+    const char *name; // a named warp operation's (dsmoe_emu_warp_collective), NULL for the others
     void *asan_fake_stack;
 };
 
@@ -178,6 +179,12 @@ static unsigned warp_lanes(const block_state *b, int w) {
     return lanes == 32 ? 0xffffffffu : (1u << lanes) - 1u;
 }
 
+// What a fiber waiting at a warp operation waits at, for messages.
+static const char *warp_op_text(const fiber &f) {
+    return f.name ? f.name : f.op == WARP_SYNC ? "__syncwarp" : f.op == WARP_BALLOT ? "__ballot_sync" : "a shuffle";
+}
+static int same_name(const char *a, const char *b) { return a == b || (a && b && !strcmp(a, b)); }
+
 // Warp w's operation completes when every lane of its mask waits at it; `last` has just arrived.
 static int warp_complete(block_state *b, int w, const fiber *last) {
     fiber *lane = b->f + (size_t)w * 32;
@@ -191,8 +198,14 @@ static int warp_complete(block_state *b, int w, const fiber *last) {
             continue;
         if (lane[j].wait != AT_WARP)
             return 0;
-        if (lane[j].mask != first->mask || lane[j].op != first->op)
-            kernel_bug(b, "lanes of one warp wait at different warp operations (or masks)");
+        if (lane[j].mask != first->mask || lane[j].op != first->op || !same_name(lane[j].name, first->name)) {
+            char what[256];
+            snprintf(what, sizeof what,
+                     "lanes of one warp wait at different warp operations (or masks): warp %d lane %d at %s "
+                     "(mask %#x), lane %d at %s (mask %#x)",
+                     w, j, warp_op_text(lane[j]), lane[j].mask, first->lane, warp_op_text(*first), first->mask);
+            kernel_bug(b, what);
+        }
         if (lane[j].pred)
             ballot |= 1u << j;
     }
@@ -263,7 +276,7 @@ extern "C" int dsmoe_emu_syncthreads_count(int pred) { return block_barrier(BAR_
 extern "C" int dsmoe_emu_syncthreads_or(int pred) { return block_barrier(BAR_OR, pred); }
 extern "C" int dsmoe_emu_syncthreads_and(int pred) { return block_barrier(BAR_AND, pred); }
 
-static uint64_t warp_wait(warp_op op, unsigned mask, int pred, uint64_t bits, int src) {
+static uint64_t warp_wait(warp_op op, unsigned mask, int pred, uint64_t bits, int src, const char *name) {
     block_state *b = running;
     fiber *f = self("a warp operation");
     if (!(mask >> f->lane & 1u))
@@ -274,18 +287,39 @@ static uint64_t warp_wait(warp_op op, unsigned mask, int pred, uint64_t bits, in
     f->pred = pred != 0;
     f->bits = bits;
     f->src = src;
+    f->name = name;
     b->warp_waiting[f->warp]++;
     if (!warp_complete(b, f->warp, f))
         yield();
     return f->result;
 }
 
-extern "C" void dsmoe_emu_syncwarp(unsigned mask) { warp_wait(WARP_SYNC, mask, 0, 0, 0); }
+extern "C" void dsmoe_emu_syncwarp(unsigned mask) { warp_wait(WARP_SYNC, mask, 0, 0, 0, NULL); }
 extern "C" unsigned dsmoe_emu_ballot(unsigned mask, int pred) {
-    return (unsigned)warp_wait(WARP_BALLOT, mask, pred, 0, 0);
+    return (unsigned)warp_wait(WARP_BALLOT, mask, pred, 0, 0, NULL);
 }
 extern "C" uint64_t dsmoe_emu_shuffle(unsigned mask, uint64_t bits, int src) {
-    return warp_wait(WARP_SHUFFLE, mask, 0, bits, src);
+    return warp_wait(WARP_SHUFFLE, mask, 0, bits, src, NULL);
+}
+
+// A barrier of the whole warp for an operation that needs its 32 lanes converged (include/mma.h's WMMA):
+// named, so that it completes only with the same operation in every lane and a kernel bug names it.
+extern "C" void dsmoe_emu_warp_collective(const char *name) {
+    block_state *b = running;
+    fiber *f = self(name);
+    if (warp_lanes(b, f->warp) != 0xffffffffu) {
+        char what[256];
+        snprintf(what, sizeof what, "%s needs the 32 lanes of a warp; warp %d of the block has %d threads", name,
+                 f->warp, b->n - f->warp * 32);
+        kernel_bug(b, what);
+    }
+    warp_wait(WARP_SYNC, 0xffffffffu, 0, 0, 0, name);
+}
+
+// A kernel bug found outside the scheduler (include/mma.h's argument checks): named as the scheduler's own.
+extern "C" [[noreturn]] void dsmoe_emu_kernel_bug(const char *what) {
+    (void)self(what);
+    kernel_bug(running, what);
 }
 
 extern "C" void dsmoe_emu_grid_sync(void) {
@@ -328,13 +362,28 @@ extern "C" void *dsmoe_emu_dynamic_shared(void) {
             if (f.wait != AT_WARP)
                 continue;
             for (int k = 0; k < 32 && w * 32 + k < b->n; k++)
-                if ((f.mask >> k & 1u) && b->f[w * 32 + k].wait == EXITED)
-                    kernel_bug(b, "a warp operation's mask names a lane that has exited");
+                if ((f.mask >> k & 1u) && b->f[w * 32 + k].wait == EXITED) {
+                    char what[256];
+                    snprintf(what, sizeof what,
+                             "a warp operation's mask names a lane that has exited: warp %d lane %d waits at %s "
+                             "(mask %#x), lane %d has exited",
+                             w, j, warp_op_text(f), f.mask, k);
+                    kernel_bug(b, what);
+                }
         }
     if (b->at_grid)
         kernel_bug(b, "threads wait at grid.sync() while others wait elsewhere");
-    kernel_bug(b, "deadlock: threads wait at barriers or warp operations that cannot complete (a __syncthreads "
-                  "or a warp operation some threads do not reach)");
+    char what[384];
+    int len = snprintf(what, sizeof what,
+                       "deadlock: threads wait at barriers or warp operations that cannot complete (a __syncthreads "
+                       "or a warp operation some threads do not reach)");
+    for (int i = 0; i < b->n; i++)
+        if (b->f[i].wait == AT_WARP) { // the first warp operation waited at, to name it
+            snprintf(what + len, sizeof what - (size_t)len, "; warp %d lane %d waits at %s (mask %#x)", i / 32,
+                     i % 32, warp_op_text(b->f[i]), b->f[i].mask);
+            break;
+        }
+    kernel_bug(b, what);
 }
 
 static void make_stacks(size_t n) {
@@ -420,6 +469,25 @@ static void run_block(block_state *b) {
     running = NULL;
 }
 
+// A block's dynamic shared memory: exactly the launch's bytes (under AddressSanitizer a kernel that reads
+// or writes past them is reported), 128-byte aligned as a kernel may declare its extern __shared__ array
+// (__align__(128)); WMMA fragments need 32. NaN bytes: shared memory starts undefined.
+struct shared_block {
+    void *p = nullptr;
+    shared_block() = default;
+    shared_block(const shared_block &) = delete;
+    shared_block &operator=(const shared_block &) = delete;
+    void make(size_t bytes) {
+        if (!bytes) return;
+        if (posix_memalign(&p, 128, bytes) != 0) {
+            fprintf(stderr, "dsmoe CUDA emulator: cannot allocate %zu bytes of shared memory\n", bytes);
+            abort();
+        }
+        memset(p, 0xff, bytes);
+    }
+    ~shared_block() { free(p); }
+};
+
 struct coop_block {
     block_state state;
     pthread_t thread;
@@ -451,13 +519,14 @@ static void run_grid(const char *name, dim3 grid, dim3 block, size_t shared_byte
         grid_state gs;
         pthread_barrier_init(&gs.barrier, NULL, (unsigned)blocks);
         std::vector<coop_block> cbs((size_t)blocks);
-        std::vector<std::vector<char>> mem((size_t)blocks, std::vector<char>(shared_bytes, (char)0xff));
+        std::vector<shared_block> mem((size_t)blocks);
         for (unsigned long long i = 0; i < blocks; i++) {
+            mem[i].make(shared_bytes);
             cbs[i].state = base;
             cbs[i].state.block_idx = make_uint3((unsigned)(i % grid.x), (unsigned)(i / grid.x % grid.y),
                                                 (unsigned)(i / grid.x / grid.y));
             cbs[i].state.grid = &gs;
-            cbs[i].state.dynamic_shared = shared_bytes ? mem[i].data() : nullptr;
+            cbs[i].state.dynamic_shared = mem[i].p;
             if (pthread_create(&cbs[i].thread, NULL, coop_main, &cbs[i]) != 0) {
                 perror("dsmoe CUDA emulator: pthread_create (cooperative block)");
                 abort();
@@ -485,16 +554,15 @@ static void run_grid(const char *name, dim3 grid, dim3 block, size_t shared_byte
             break;
     }
     const unsigned long long c = (salt >> 13) % blocks;
-    // Exactly the launch's bytes (operator new aligns them to 16, as CUDA's dynamic shared memory is at
-    // least): under AddressSanitizer a kernel that reads or writes past them is reported.
-    std::vector<char> shared(shared_bytes);
+    shared_block shared;
+    shared.make(shared_bytes);
     for (unsigned long long i = 0; i < blocks; i++) {
         const unsigned long long k = (a * i + c) % blocks;
         block_state b = base;
         b.block_idx =
             make_uint3((unsigned)(k % grid.x), (unsigned)(k / grid.x % grid.y), (unsigned)(k / grid.x / grid.y));
-        b.dynamic_shared = shared_bytes ? shared.data() : nullptr;
-        if (shared_bytes) memset(shared.data(), 0xff, shared_bytes); // shared memory starts undefined: NaN bytes
+        b.dynamic_shared = shared.p;
+        if (shared_bytes) memset(shared.p, 0xff, shared_bytes); // shared memory starts undefined: NaN bytes
         run_block(&b);
     }
 }

@@ -271,26 +271,10 @@ __global__ void mixed_barriers_kernel(int *out) {
 __global__ void grid_sync_kernel(int *) { cooperative_groups::this_grid().sync(); }
 
 static void expect_abort(const char *what, void (*kernel)(int *), const char *message) {
-    fflush(stdout);
-    int fd[2];
-    if (pipe(fd) != 0) { perror("pipe"); exit(1); }
-    pid_t pid = fork();
-    if (pid == 0) {
-        dup2(fd[1], 2);
-        close(fd[0]);
+    expect_abort_child(what, [kernel] {
         std::vector<int> out(64);
         dsmoe_emu_launch(kernel, dim3(1), dim3(64), 0, 0, 0, out.data());
-        _exit(0);
-    }
-    close(fd[1]);
-    std::string err;
-    char buf[512];
-    for (ssize_t r; (r = read(fd[0], buf, sizeof buf)) > 0;) err.append(buf, (size_t)r);
-    close(fd[0]);
-    int status = 0;
-    waitpid(pid, &status, 0);
-    CHECK(WIFSIGNALED(status) && WTERMSIG(status) == SIGABRT, "%s: the child did not abort (status %d)", what, status);
-    CHECK(err.find(message) != std::string::npos, "%s: stderr lacks \"%s\": %s", what, message, err.c_str());
+    }, &message, 1);
 }
 
 int main(void) {

@@ -8,6 +8,7 @@
 # the emulator as the device). The kernel conformance suite runs it against the cpu plugin on every machine, GPU or
 # not.
 #   test_emu_device              the emulator's own semantics and the kernel bugs it stops on
+#   test_emu_wmma                the emulated WMMA (include/mma.h) against references, and the kernel bugs it stops on
 #   test_emu_cublaslt            the emulated cuBLASLt against double-precision references and the emulated cuBLAS
 #   test_cuda_table_emu          the plugin's table and glue, device part included (test_cuda_table.c)
 #   conformance_kernel_cuda_emu  the suite on the emulated cuda plugin (and _tf32: its GEMM groups with TF32 on)
@@ -87,6 +88,20 @@ target_link_libraries(test_emu_device PRIVATE Threads::Threads ${CMAKE_DL_LIBS})
 add_test(NAME test_emu_device COMMAND test_emu_device)
 set_tests_properties(test_emu_device PROPERTIES TIMEOUT 60 LABELS "cuda_emu")
 
+# The emulated WMMA (include/mma.h, which kernels reach as <mma.h>): products against float32 and double
+# references in every layout, a lane's share of a fragment, and the misuses it stops on.
+add_executable(test_emu_wmma ${emu_dir}/test_emu_wmma.cc ${emu_dir}/emu_device.cc ${emu_dir}/emu_runtime.cc
+               ${emu_dir}/emu_streams.cc ${emu_dir}/emu_errors.cc)
+set_target_properties(test_emu_wmma PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/tests
+                      CXX_STANDARD 17 CXX_STANDARD_REQUIRED ON)
+target_include_directories(test_emu_wmma BEFORE PRIVATE ${emu_dir}/include)
+target_include_directories(test_emu_wmma PRIVATE ${emu_dir} ${DSMOE_CUDA_EMU_INCLUDE_DIR})
+set_source_files_properties(${emu_dir}/test_emu_wmma.cc PROPERTIES COMPILE_OPTIONS "-include;${emu_dir}/emu_device.h")
+target_compile_options(test_emu_wmma PRIVATE -O2 -Wall -mpopcnt)
+target_link_libraries(test_emu_wmma PRIVATE Threads::Threads ${CMAKE_DL_LIBS} m)
+add_test(NAME test_emu_wmma COMMAND test_emu_wmma)
+set_tests_properties(test_emu_wmma PROPERTIES TIMEOUT 60 LABELS "cuda_emu")
+
 # The emulated cuBLASLt (emu_cublaslt.cc): every emulated epilogue against a double-precision reference, the
 # plain matmul bitwise against the emulated cuBLAS, and the refusals.
 add_executable(test_emu_cublaslt ${emu_dir}/test_emu_cublaslt.cc ${emu_dir}/emu_cublaslt.cc ${emu_dir}/emu_cublas.cc
@@ -121,6 +136,14 @@ set_tests_properties(conformance_kernel_cuda_emu_fused PROPERTIES
   TIMEOUT 300 SKIP_RETURN_CODE 77 LABELS "conformance;cuda_emu"
   ENVIRONMENT "DSMOE_CONFORMANCE_KERNEL_PATH=$<TARGET_FILE:dsmoe_kernel_cuda_emu>;OMP_NUM_THREADS=2;DSMOE_PLUGIN_PATH=;\
 DSMOE_STRICT_BREAK=;DSMOE_CONFORMANCE_SETTINGS=fused_epilogues=true;DSMOE_CONFORMANCE_GROUPS=grouped,fd,inference,sticky,errors")
+
+# bfloat16 attention on tensor cores (kernel.cuda.attention_tensor_cores): the kernels of attention_tc.cu on the
+# emulated WMMA (tests/cuda_emu/include/mma.h), forward and backward, against the cpu plugin.
+add_test(NAME conformance_kernel_cuda_emu_attention_tc COMMAND test_kernel_conformance)
+set_tests_properties(conformance_kernel_cuda_emu_attention_tc PROPERTIES
+  TIMEOUT 300 SKIP_RETURN_CODE 77 LABELS "conformance;cuda_emu"
+  ENVIRONMENT "DSMOE_CONFORMANCE_KERNEL_PATH=$<TARGET_FILE:dsmoe_kernel_cuda_emu>;OMP_NUM_THREADS=2;DSMOE_PLUGIN_PATH=;\
+DSMOE_STRICT_BREAK=;DSMOE_CONFORMANCE_SETTINGS=attention_tensor_cores=true;DSMOE_CONFORMANCE_GROUPS=attention")
 
 # The table and glue test, its device part included (memory, copies, host functions on a queue, events, the pool
 # limit, sticky errors): the program of cuda_table.cmake, built here alone where the real plugin is not.

@@ -111,7 +111,7 @@ static int valid_bool(const char *s) {
 }
 
 static void test_params(void **state) {
-    assert_int_equal(P->n_params, 4);
+    assert_int_equal(P->n_params, 5);
     assert_non_null(P->params);
     for (int i = 0; i < P->n_params; i++) {
         const dsmoe_param_decl *d = &P->params[i];
@@ -175,11 +175,11 @@ static void test_device_queries(void **state) {
     assert_int_equal(P->attention_bytes(NULL, &shape, &saved, &workspace), DSMOE_OK);
 }
 
-// init with these setting values (tf32, pool_limit_bytes, cublas_workspace_bytes, fused_epilogues): the
-// status, the context (finalized here) and the message.
+// init with these setting values (tf32, pool_limit_bytes, cublas_workspace_bytes, fused_epilogues; and
+// attention_tensor_cores = the same as fused_epilogues): the status, the context (finalized here) and the message.
 static dsmoe_status init_with4(const char *tf32, const char *pool, const char *ws, const char *fused, int n_values,
                                char *err, size_t errlen) {
-    const char *values[4] = {tf32, pool, ws, fused};
+    const char *values[5] = {tf32, pool, ws, fused, fused};
     dsmoe_kernel_options opt = {.device = 0, .param_values = values, .n_param_values = n_values};
     dsmoe_kernel_ctx *ctx = (dsmoe_kernel_ctx *)&opt; // must be overwritten
     err[0] = '\0';
@@ -199,20 +199,20 @@ static dsmoe_status init_with(const char *tf32, const char *pool, const char *ws
 // Settings are read before CUDA is asked anything, so these hold with or without a device.
 static void test_bad_settings(void **state) {
     char err[512];
-    assert_int_equal(init_with("maybe", "0", "33554432", 4, err, sizeof err), DSMOE_ERR_INVALID);
+    assert_int_equal(init_with("maybe", "0", "33554432", 5, err, sizeof err), DSMOE_ERR_INVALID);
     assert_contains(err, "tf32='maybe'");
-    assert_int_equal(init_with("0", "-5", "33554432", 4, err, sizeof err), DSMOE_ERR_INVALID);
+    assert_int_equal(init_with("0", "-5", "33554432", 5, err, sizeof err), DSMOE_ERR_INVALID);
     assert_contains(err, "pool_limit_bytes='-5'");
-    assert_int_equal(init_with("0", "0", "12X", 4, err, sizeof err), DSMOE_ERR_INVALID);
+    assert_int_equal(init_with("0", "0", "12X", 5, err, sizeof err), DSMOE_ERR_INVALID);
     assert_contains(err, "cublas_workspace_bytes='12X'");
-    assert_int_equal(init_with("0", "1.5", "0", 4, err, sizeof err), DSMOE_ERR_INVALID); // not whole bytes
+    assert_int_equal(init_with("0", "1.5", "0", 5, err, sizeof err), DSMOE_ERR_INVALID); // not whole bytes
     assert_contains(err, "pool_limit_bytes");
-    assert_int_equal(init_with4("0", "0", "0", "perhaps", 4, err, sizeof err), DSMOE_ERR_INVALID);
+    assert_int_equal(init_with4("0", "0", "0", "perhaps", 5, err, sizeof err), DSMOE_ERR_INVALID);
     assert_contains(err, "fused_epilogues='perhaps'");
-    assert_int_equal(init_with("0", "0", "0", 3, err, sizeof err), DSMOE_ERR_INVALID);
-    assert_contains(err, "3 setting values");
+    assert_int_equal(init_with("0", "0", "0", 4, err, sizeof err), DSMOE_ERR_INVALID);
+    assert_contains(err, "4 setting values");
     // Valid spellings get past the settings: OK with a device, the no-device refusal without one.
-    dsmoe_status s = init_with4("on", "64Ki", "1M", "yes", 4, err, sizeof err);
+    dsmoe_status s = init_with4("on", "64Ki", "1M", "yes", 5, err, sizeof err);
     assert_true(s == DSMOE_OK || s == DSMOE_ERR_UNSUPPORTED);
 }
 
@@ -238,8 +238,8 @@ static void test_init_without_device(void **state) {
 // With a device
 
 static dsmoe_kernel_ctx *new_ctx(const char *pool_limit) {
-    const char *values[4] = {"0", pool_limit, "33554432", "0"};
-    dsmoe_kernel_options opt = {.device = 0, .param_values = values, .n_param_values = 4};
+    const char *values[5] = {"0", pool_limit, "33554432", "0", "0"};
+    dsmoe_kernel_options opt = {.device = 0, .param_values = values, .n_param_values = 5};
     dsmoe_kernel_ctx *ctx = NULL;
     char err[512] = "";
     dsmoe_status s = P->init(&opt, &ctx, err, sizeof err);
