@@ -33,6 +33,14 @@
 
 using namespace nvcuda;
 
+// bfloat16 WMMA needs compute capability 8.0: a build for older GPUs (CMAKE_CUDA_ARCHITECTURES) keeps the
+// kernels' symbols with bodies that trap, and init refuses attention_tensor_cores on such a device.
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#define TC_DEVICE_OK 1
+#else
+#define TC_DEVICE_OK 0
+#endif
+
 #define TC_WARPS 4
 #define TC_THREADS (TC_WARPS * 32)
 #define TC_ROWS 16                  // rows a warp owns (one fragment tall)
@@ -69,6 +77,7 @@ struct alignas(128) tc_smem_unit {
     char bytes[128];
 };
 
+#if TC_DEVICE_OK
 // Carves the block's shared memory in the order of tc_smem.
 struct tc_smem_map {
     bf16 *tile[4];
@@ -141,6 +150,8 @@ __device__ static inline void tc_mul_tile(frag_acc *acc, const bf16 *p, const bf
     }
 }
 
+#endif
+
 // qkv row offsets of head h: q at h D, k at M + h D, v at 2M + h D (row stride 3M).
 struct tc_args {
     int B, T, M, NH, D, tiles;
@@ -151,17 +162,20 @@ struct tc_args {
     float scale;
 };
 
+#if TC_DEVICE_OK
 __device__ static inline void tc_block(const tc_args &a, int reverse, int *b, int *h, int *base) {
     const int i = (int)(blockIdx.x % (unsigned)a.tiles), tile = reverse ? a.tiles - 1 - i : i;
     const int bh = (int)(blockIdx.x / (unsigned)a.tiles);
     *h = bh % a.NH, *b = bh / a.NH, *base = tile * TC_BQ;
 }
+#endif
 
 // ---------------------------------------------------------------------------------------------------
 // Forward
 
 template <int NC>
 __global__ void __launch_bounds__(TC_THREADS) attention_tc_forward_kernel(const tc_args a) {
+#if TC_DEVICE_OK
     constexpr int D = NC * 16, HALF = D / 2;
     DSMOE_CU_DYNAMIC_SHARED(tc_smem_unit, smem_units);
     char *smem = (char *)smem_units;
@@ -225,6 +239,9 @@ __global__ void __launch_bounds__(TC_THREADS) attention_tc_forward_kernel(const 
 #pragma unroll
     for (int i = 0; i < HALF; i++) out[i] = __float2bfloat16_rn(o[i] * inv);
     if (half == 0) a.lse[((size_t)b * a.NH + h) * a.T + t] = m + logf(l);
+#else
+    __trap();
+#endif
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -232,6 +249,7 @@ __global__ void __launch_bounds__(TC_THREADS) attention_tc_forward_kernel(const 
 //   p = exp(scale q.k - lse), dp = dout.v, ds = p (dp - Di);
 //   dq += scale ds k (blocks own queries), dk += scale ds^T q, dv += p^T dout (blocks own keys).
 
+#if TC_DEVICE_OK
 // dqkv columns [col, col + D) of this warp's 16 rows (row0 .. +15, those below T) += scale * acc; via
 // the warp's float scratch (16, D + 4).
 template <int NC>
@@ -250,10 +268,12 @@ __device__ static inline void tc_add_rows(bf16 *dqkv, size_t row_stride, int row
     }
     __syncwarp();
 }
+#endif
 
 // dq of the block's query rows: keys 0 .. the last own row.
 template <int NC>
 __global__ void __launch_bounds__(TC_THREADS) attention_tc_dq_kernel(const tc_args a) {
+#if TC_DEVICE_OK
     constexpr int D = NC * 16;
     DSMOE_CU_DYNAMIC_SHARED(tc_smem_unit, smem_units);
     char *smem = (char *)smem_units;
@@ -295,11 +315,15 @@ __global__ void __launch_bounds__(TC_THREADS) attention_tc_dq_kernel(const tc_ar
     }
     tc_add_rows<NC>(a.dqkv + (size_t)b * a.T * M3 + (size_t)h * D, M3, t_base + warp * TC_ROWS, a.T, dq, sscr,
                     a.scale);
+#else
+    __trap();
+#endif
 }
 
 // dk and dv of the block's key rows: queries from the first own key to T - 1.
 template <int NC>
 __global__ void __launch_bounds__(TC_THREADS) attention_tc_dkv_kernel(const tc_args a) {
+#if TC_DEVICE_OK
     constexpr int D = NC * 16;
     DSMOE_CU_DYNAMIC_SHARED(tc_smem_unit, smem_units);
     char *smem = (char *)smem_units;
@@ -348,6 +372,9 @@ __global__ void __launch_bounds__(TC_THREADS) attention_tc_dkv_kernel(const tc_a
     bf16 *kv = a.dqkv + (size_t)b * a.T * M3 + (size_t)h * D;
     tc_add_rows<NC>(kv + a.M, M3, j_base + warp * TC_ROWS, a.T, dk, sscr, a.scale);
     tc_add_rows<NC>(kv + 2 * a.M, M3, j_base + warp * TC_ROWS, a.T, dv, sscr, 1.0f);
+#else
+    __trap();
+#endif
 }
 
 // ---------------------------------------------------------------------------------------------------

@@ -99,13 +99,15 @@ check_sanitize() {
   local t="$B/tests/test_kernel_conformance" cs
   cs=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
   [ -n "$cs" ] && [ -x "$t" ] || { result sanitize SKIP "no compute-sanitizer or no suite"; return; }
-  # sanitize_one <tool> <groups or "all"> <limit>
+  # sanitize_one <tool> <groups or "all"> <limit> [candidate settings k=v,...]
   sanitize_one() {
-    local tool=$1 groups=$2 lim=$3 log="sanitize-$1-${2//,/-}.log"
+    local tool=$1 groups=$2 lim=$3 settings=${4:-} log="sanitize-$1-${2//,/-}${4:+-${4//[=,]/-}}.log"
+    [ -n "$settings" ] && export DSMOE_CONFORMANCE_SETTINGS=$settings
     if [ "$groups" = all ]; then conformance_env timed "$lim" "$log" "$cs" --tool "$tool" --error-exitcode 9 "$t"
     else DSMOE_CONFORMANCE_GROUPS=$groups conformance_env timed "$lim" "$log" "$cs" --tool "$tool" --error-exitcode 9 "$t"; fi
     local rc=$?
-    result "sanitize $tool ($groups)" "$(pass_if $rc)" \
+    unset DSMOE_CONFORMANCE_SETTINGS
+    result "sanitize $tool ($groups${settings:+, $settings})" "$(pass_if $rc)" \
       "$(why_rc $rc): $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$REPORT/$log" | tail -1); $(grep -E 'conformance .* passed' "$REPORT/$log" | tail -1)"
   }
   # First what is new since the last GPU run (2026-11-30): the fused gate's grid-wide barriers
@@ -115,6 +117,10 @@ check_sanitize() {
   sanitize_one synccheck gating 120
   sanitize_one memcheck "$new" 150
   sanitize_one racecheck "$new" 150
+  # The settings that are off by default: WMMA attention (shared-memory tiles and scratch shared by the
+  # warps of a block) and the cuBLASLt grouped GEMMs.
+  sanitize_one racecheck attention 90 attention_tensor_cores=true
+  sanitize_one memcheck attention,grouped 90 attention_tensor_cores=true,fused_epilogues=true
   local tool
   for tool in memcheck racecheck; do
     if [ "${GPU_CHECK_SANITIZE_ALL:-0}" = 1 ] || [ "$(left)" -ge 200 ]; then sanitize_one $tool all 300
@@ -387,6 +393,18 @@ check_bench() {
       if [ $prec = bf16 ] && [ "$KERN" = cuda ]; then # the epilogues inside cuBLASLt: no float32 scratch
         DSMOE_KERNEL_CUDA_FUSED_EPILOGUES=1 bench_one "bench-$prec-fused-$name.log" "$prec fused $name" "${args[@]}" \
           --precision $prec --passes fwd+bwd "${it[@]}" --profile 1
+        # Which epilogues cuBLASLt took (a bfloat16 output with a float32 bias may be refused, and that
+        # GEMM then takes the separate epilogue): one step with cuBLASLt's API trace, its matmul calls
+        # counted by epilogue, and what its heuristic said when it refused.
+        if ! dry && [ $name = gpu ]; then
+          CUBLASLT_LOG_LEVEL=5 CUBLASLT_LOG_FILE="$REPORT/cublaslt-trace-%i.log" DSMOE_KERNEL_CUDA_FUSED_EPILOGUES=1 \
+            timed 60 "bench-$prec-fused-trace.log" dsmoe_bench_moe --kernel $KERN "${args[@]}" --precision $prec \
+            --passes fwd+bwd --iters 1 --warmup 0 >/dev/null
+          echo "cuBLASLt matmuls by epilogue in one step: $(cat "$REPORT"/cublaslt-trace-*.log 2>/dev/null | grep -F '[cublasLtMatmul]' |
+            grep -oE 'epilogue=[A-Z_]+' | sort | uniq -c | tr -s ' \n' ' ')" | fig
+          cat "$REPORT"/cublaslt-trace-*.log 2>/dev/null | grep -iE 'NOT_SUPPORTED|not supported|failed' | sort | uniq -c | head -5 | fig
+          rm -f "$REPORT"/cublaslt-trace-*.log
+        fi
       fi
       if [ $prec = fp32 ] && [ "${GPU_CHECK_TF32:-0}" = 1 ]; then
         DSMOE_KERNEL_CUDA_TF32=1 bench_one "bench-tf32-$name.log" "tf32 $name" "${args[@]}" --passes fwd+bwd "${it[@]}" \

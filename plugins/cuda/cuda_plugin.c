@@ -151,6 +151,10 @@ static dsmoe_status cuda_setup(dsmoe_kernel_ctx *ctx) {
     ctx->cc_minor = prop.minor;
     ctx->sm_count = prop.multiProcessorCount;
     ctx->total_mem = prop.totalGlobalMem;
+    if (ctx->attention_tc && ctx->cc_major < 8)
+        return cu_fail(ctx, DSMOE_ERR_UNSUPPORTED, "cuda: init: setting attention_tensor_cores needs bfloat16 tensor "
+                       "cores (compute capability 8.0, A100, or newer); device %d is %s (sm_%d%d): set it to false",
+                       ctx->device, ctx->device_name, ctx->cc_major, ctx->cc_minor);
 
     // The fault record: mapped pinned memory that kernels write and the host reads after a wait. With
     // unified addressing (every 64-bit platform) the host pointer is the device's too.

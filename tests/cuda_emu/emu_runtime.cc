@@ -33,6 +33,7 @@
 // (there is no cudaDeviceReset): synchronisations, queries, cudaGetLastError and every call that queues
 // work or allocates return it from then on. Frees and destroys still work: teardown leaks nothing.
 //
+// DSMOE_EMU_COMPUTE_CAPABILITY=MAJOR.MINOR: cudaGetDeviceProperties reports that compute capability.
 // DSMOE_EMU_FAIL_MALLOC_AFTER=N (read at the first device allocation): the first N device allocations of
 // the process succeed, every later one fails with cudaErrorMemoryAllocation (for out-of-memory paths).
 #include "emu_runtime.h"
@@ -339,6 +340,11 @@ cudaError_t cudaGetDeviceProperties(struct cudaDeviceProp *prop, int device) {
     prop->multiProcessorCount = 4;
     prop->major = 9;
     prop->minor = 0;
+    // Test hook: DSMOE_EMU_COMPUTE_CAPABILITY=MAJOR.MINOR plays an older (or newer) GPU, read at each call.
+    if (const char *cc = getenv("DSMOE_EMU_COMPUTE_CAPABILITY")) {
+        int major, minor;
+        if (sscanf(cc, "%d.%d", &major, &minor) == 2 && major > 0 && minor >= 0) prop->major = major, prop->minor = minor;
+    }
     prop->maxThreadsPerBlock = 1024;
     prop->warpSize = 32;
     prop->pciBusID = 1;

@@ -534,6 +534,40 @@ static void test_pool_limit(void **state) {
     P->finalize(ctx); // b and c are the context's to free
 }
 
+// attention_tensor_cores needs sm_80 or newer: init says so on an older device (the emulator plays one
+// through DSMOE_EMU_COMPUTE_CAPABILITY; a real GPU ignores the variable and its answer follows its own
+// compute capability). On sm_80+ the setting is taken and describe() names it.
+static void test_tensor_cores_need_sm80(void **state) {
+    (void)state;
+    const char *values[5] = {"0", "0", "33554432", "0", "0"};
+    dsmoe_kernel_options opt = {.device = 0, .param_values = values, .n_param_values = 5};
+    char err[512] = "";
+    dsmoe_kernel_ctx *ctx = NULL;
+    setenv("DSMOE_EMU_COMPUTE_CAPABILITY", "7.5", 1);
+    OK(P->init(&opt, &ctx, err, sizeof err)); // without the setting any device is taken
+    const int old_device = strstr(P->describe(ctx), "(sm_75,") != NULL || strstr(P->describe(ctx), "(sm_7") != NULL;
+    P->finalize(ctx);
+    ctx = NULL;
+    values[4] = "1";
+    dsmoe_status s = P->init(&opt, &ctx, err, sizeof err);
+    unsetenv("DSMOE_EMU_COMPUTE_CAPABILITY");
+    if (!old_device) { // a real device of sm_80 or newer
+        assert_int_equal(s, DSMOE_OK);
+        assert_contains(P->describe(ctx), "bf16 attention on tensor cores");
+        P->finalize(ctx);
+        return;
+    }
+    assert_int_equal(s, DSMOE_ERR_UNSUPPORTED);
+    assert_null(ctx);
+    assert_contains(err, "attention_tensor_cores needs bfloat16 tensor cores");
+    assert_contains(err, "(sm_75)");
+    assert_contains(err, "set it to false");
+    s = P->init(&opt, &ctx, err, sizeof err); // the emulator's own sm_90
+    assert_int_equal(s, DSMOE_OK);
+    assert_contains(P->describe(ctx), "bf16 attention on tensor cores");
+    P->finalize(ctx);
+}
+
 // A bad free breaks the context: the next wait reports it, and every call after it.
 static void test_sticky_bad_free(void **state) {
     dsmoe_kernel_ctx *ctx = new_ctx("0");
@@ -655,7 +689,8 @@ int main(void) {
         cmocka_unit_test(test_describe),       cmocka_unit_test(test_round_trip),
         cmocka_unit_test(test_staged_uploads),
         cmocka_unit_test(test_alloc_edges),    cmocka_unit_test(test_host_functions),
-        cmocka_unit_test(test_pool_limit),     cmocka_unit_test(test_sticky_bad_free),
+        cmocka_unit_test(test_pool_limit),     cmocka_unit_test(test_tensor_cores_need_sm80),
+        cmocka_unit_test(test_sticky_bad_free),
         cmocka_unit_test(test_sticky_fault),   cmocka_unit_test(test_sticky_slot_twice),
     };
     failed += cmocka_run_group_tests_name("cuda plugin: glue on a GPU", gpu, gpu_setup, gpu_teardown);
