@@ -45,7 +45,9 @@
 //    ranks that wait at different points around host-side collectives would deadlock under strict
 //    alone. (Work queued after the callback stays deferred.)
 // 3. Poison. alloc() without DSMOE_ALLOC_ZERO, host_alloc() and freed buffers are filled with 0xFF
-//    bytes: NaN in every float type, -1 in int32 and int64.
+//    bytes: NaN in every float type, -1 in int32 and int64. So are the rows gemm_grouped leaves
+//    unspecified (from a group's count to m_max of c, and of aux with BIAS_GELU; strict_ops_dense.c),
+//    the one place where strict's results differ from the cpu plugin's.
 // 4. Errors. At enqueue time, returned at once: a NULL or destroyed queue, an unsupported dtype, a
 //    negative size, a tensor pointer outside every live alloc() buffer (or overrunning it, where the
 //    extent follows from the arguments), a use after free, device memory as the host side of a copy.
