@@ -408,20 +408,6 @@ static unsigned tile_blocks(int B, int NH, int rows, int *tiles) {
     return n > 0x7fffffffull ? 0u : (unsigned)n;
 }
 
-// Launches an attention kernel with `smem` bytes of dynamic shared memory, raising the kernel's limit
-// above the default 48 KiB where needed (D > 64 or so; at most about 104 KiB, for D = 256).
-template <typename A>
-static cudaError_t launch_smem(void (*kernel)(const A), unsigned blocks, size_t smem, cudaStream_t stream,
-                               const A &args) {
-    if (smem > 48 * 1024) {
-        cudaError_t e =
-            cudaFuncSetAttribute((const void *)kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-        if (e != cudaSuccess) return e;
-    }
-    dsmoe_cu_launch(kernel, blocks, ATT_THREADS, smem, stream, args);
-    return cudaSuccess;
-}
-
 // The shape checks of cpu_ops.c's check_attention, plus this plugin's D bound.
 static dsmoe_status check_shape(const dsmoe_cu_env *env, const char *op, const dsmoe_attention_shape *sh) {
     if (!sh) return dsmoe_cu_fail(env, DSMOE_ERR_INVALID, "%s: NULL shape", op);
@@ -477,7 +463,7 @@ extern "C" dsmoe_status dsmoe_cu_attention_rows(const dsmoe_cu_env *env, const d
     a.scale = 1.0f / sqrtf((float)d->D);
     const size_t smem = att_smem_bytes(a.Dp, 1, 1);
     cudaError_t e = cudaSuccess;
-    DSMOE_CU_DISPATCH(d->dt, T, ATT_SLOTS(ni, NI, { e = launch_smem(attention_rows_kernel<T, NI>, blocks, smem, env->stream, a); }););
+    DSMOE_CU_DISPATCH(d->dt, T, ATT_SLOTS(ni, NI, { e = dsmoe_cu_launch_smem(attention_rows_kernel<T, NI>, blocks, ATT_THREADS, smem, env->stream, a); }););
     if (e != cudaSuccess) return dsmoe_cu_check(env, e, op);
     return dsmoe_cu_check_launch(env, op);
 }
@@ -534,9 +520,9 @@ extern "C" dsmoe_status dsmoe_cu_attention_backward(const dsmoe_cu_env *env, voi
     DSMOE_CU_DISPATCH(shape->dt, T_, {
         dsmoe_cu_launch(attention_di_kernel<T_>, di_blocks, ATT_THREADS, 0, env->stream, a);
         ATT_SLOTS(ni, NI, {
-            e = launch_smem(attention_dq_kernel<T_, NI>, blocks, smem_dq, env->stream, a);
+            e = dsmoe_cu_launch_smem(attention_dq_kernel<T_, NI>, blocks, ATT_THREADS, smem_dq, env->stream, a);
             if (e == cudaSuccess)
-                e = launch_smem(attention_dkv_kernel<T_, NI>, blocks, smem_dkv, env->stream, a);
+                e = dsmoe_cu_launch_smem(attention_dkv_kernel<T_, NI>, blocks, ATT_THREADS, smem_dkv, env->stream, a);
         });
     });
     if (e != cudaSuccess) return dsmoe_cu_check(env, e, op);

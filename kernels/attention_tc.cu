@@ -63,13 +63,33 @@ __host__ __device__ static inline int tc_ds(int D) { return D + 8; }
 __host__ __device__ static inline int tc_os(int D) { return D + 4; }
 __host__ __device__ static inline size_t tc_round(size_t b) { return (b + 127) & ~(size_t)127; }
 
-// Shared memory of one block, bytes: `tiles` bfloat16 (64, D) tiles, then per warp `fscr` float
-// (16, max(TC_SS, D + 4)) scratches and `pscr` bfloat16 (16, TC_PS) ones, then `rows` floats.
-static size_t tc_smem(int D, int tiles, int fscr, int pscr, int rows) {
-    const size_t f = (size_t)TC_ROWS * (TC_SS > tc_os(D) ? TC_SS : tc_os(D)) * sizeof(float);
-    return tc_round((size_t)tiles * TC_BQ * tc_ds(D) * sizeof(bf16)) +
-           TC_WARPS * (tc_round(fscr * f) + tc_round((size_t)pscr * TC_ROWS * TC_PS * sizeof(bf16))) +
-           tc_round((size_t)rows * sizeof(float));
+// What a kernel keeps in shared memory: `tiles` bfloat16 (64, D) tiles, then per warp `fscr` float
+// (16, max(TC_SS, D + 4)) scratches and `pscr` bfloat16 (16, TC_PS) ones, then `rows` floats. One
+// constant per kernel, read by both the launch (tc_layout's total) and the kernel (tc_carve).
+struct tc_plan {
+    int tiles, fscr, pscr, rows;
+};
+#define TC_PLAN_FORWARD (tc_plan{3, 1, 1, 0})
+#define TC_PLAN_DQ (tc_plan{4, 2, 1, 0})
+#define TC_PLAN_DKV (tc_plan{4, 2, 2, 2 * TC_BK}) // rows: lse and Di of a query tile
+
+// Byte offsets of a plan's regions for head dimension D, each 128-byte aligned.
+struct tc_layout {
+    size_t tile_elems;  // bfloat16 elements of one tile
+    size_t fscr_floats; // floats of one float scratch
+    size_t fscr_bytes, pscr_bytes; // a warp's float, bfloat16 scratches
+    size_t warps_at, rows_at, total;
+};
+__host__ __device__ static inline tc_layout tc_layout_of(int D, tc_plan p) {
+    tc_layout l;
+    l.tile_elems = (size_t)TC_BQ * tc_ds(D);
+    l.fscr_floats = (size_t)TC_ROWS * (TC_SS > tc_os(D) ? TC_SS : tc_os(D));
+    l.fscr_bytes = tc_round((size_t)p.fscr * l.fscr_floats * sizeof(float));
+    l.pscr_bytes = tc_round((size_t)p.pscr * TC_ROWS * TC_PS * sizeof(bf16));
+    l.warps_at = tc_round((size_t)p.tiles * l.tile_elems * sizeof(bf16));
+    l.rows_at = l.warps_at + TC_WARPS * (l.fscr_bytes + l.pscr_bytes);
+    l.total = l.rows_at + tc_round((size_t)p.rows * sizeof(float));
+    return l;
 }
 
 // The dynamic shared memory's element: 128-byte alignment for the carve below (WMMA wants 32).
@@ -78,23 +98,21 @@ struct alignas(128) tc_smem_unit {
 };
 
 #if TC_DEVICE_OK
-// Carves the block's shared memory in the order of tc_smem.
+// The block's shared memory as `plan` lays it out, this warp's scratches.
 struct tc_smem_map {
     bf16 *tile[4];
-    float *fscr[2]; // this warp's
-    bf16 *pscr[2];  // this warp's
+    float *fscr[2];
+    bf16 *pscr[2];
     float *rows;
 };
-__device__ static inline tc_smem_map tc_carve(char *base, int D, int tiles, int fscr, int pscr) {
+__device__ static inline tc_smem_map tc_carve(char *base, int D, tc_plan plan) {
+    const tc_layout l = tc_layout_of(D, plan);
     tc_smem_map m;
-    const int ds = tc_ds(D), warp = threadIdx.x >> 5;
-    const size_t tile = (size_t)TC_BQ * ds, f = (size_t)TC_ROWS * (TC_SS > tc_os(D) ? TC_SS : tc_os(D));
-    const size_t fw = tc_round(fscr * f * sizeof(float)), pw = tc_round((size_t)pscr * TC_ROWS * TC_PS * sizeof(bf16));
-    for (int i = 0; i < 4; i++) m.tile[i] = (bf16 *)base + (i < tiles ? i : 0) * tile;
-    char *w = base + tc_round((size_t)tiles * tile * sizeof(bf16)) + (size_t)warp * (fw + pw);
-    for (int i = 0; i < 2; i++) m.fscr[i] = (float *)w + i * f;
-    for (int i = 0; i < 2; i++) m.pscr[i] = (bf16 *)(w + fw) + i * TC_ROWS * TC_PS;
-    m.rows = (float *)(base + tc_round((size_t)tiles * tile * sizeof(bf16)) + TC_WARPS * (fw + pw));
+    for (int i = 0; i < 4; i++) m.tile[i] = (bf16 *)base + (i < plan.tiles ? i : 0) * l.tile_elems;
+    char *w = base + l.warps_at + (size_t)(threadIdx.x >> 5) * (l.fscr_bytes + l.pscr_bytes);
+    for (int i = 0; i < 2; i++) m.fscr[i] = (float *)w + i * l.fscr_floats;
+    for (int i = 0; i < 2; i++) m.pscr[i] = (bf16 *)(w + l.fscr_bytes) + i * TC_ROWS * TC_PS;
+    m.rows = (float *)(base + l.rows_at);
     return m;
 }
 
@@ -179,7 +197,7 @@ __global__ void __launch_bounds__(TC_THREADS) attention_tc_forward_kernel(const 
     constexpr int D = NC * 16, HALF = D / 2;
     DSMOE_CU_DYNAMIC_SHARED(tc_smem_unit, smem_units);
     char *smem = (char *)smem_units;
-    const tc_smem_map s = tc_carve(smem, D, 3, 1, 1);
+    const tc_smem_map s = tc_carve(smem, D, TC_PLAN_FORWARD);
     int b, h, t_base;
     tc_block(a, 1, &b, &h, &t_base);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, ds = tc_ds(D), M3 = 3 * a.M;
@@ -277,7 +295,7 @@ __global__ void __launch_bounds__(TC_THREADS) attention_tc_dq_kernel(const tc_ar
     constexpr int D = NC * 16;
     DSMOE_CU_DYNAMIC_SHARED(tc_smem_unit, smem_units);
     char *smem = (char *)smem_units;
-    const tc_smem_map s = tc_carve(smem, D, 4, 2, 1);
+    const tc_smem_map s = tc_carve(smem, D, TC_PLAN_DQ);
     int b, h, t_base;
     tc_block(a, 1, &b, &h, &t_base);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, ds = tc_ds(D), M3 = 3 * a.M;
@@ -327,7 +345,7 @@ __global__ void __launch_bounds__(TC_THREADS) attention_tc_dkv_kernel(const tc_a
     constexpr int D = NC * 16;
     DSMOE_CU_DYNAMIC_SHARED(tc_smem_unit, smem_units);
     char *smem = (char *)smem_units;
-    const tc_smem_map s = tc_carve(smem, D, 4, 2, 2); // and the 2 * TC_BK floats of lse and Di
+    const tc_smem_map s = tc_carve(smem, D, TC_PLAN_DKV);
     int b, h, j_base;
     tc_block(a, 0, &b, &h, &j_base); // the first key tiles see the most queries
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, ds = tc_ds(D), M3 = 3 * a.M;
@@ -399,17 +417,6 @@ extern "C" int dsmoe_cu_attention_tc_applies(const dsmoe_cu_env *env, dsmoe_dtyp
     return env->attention_tc && dt == DSMOE_BFLOAT16 && D % 16 == 0 && D <= TC_MAX_D;
 }
 
-template <typename K>
-static cudaError_t tc_launch(K kernel, unsigned blocks, size_t smem, cudaStream_t stream, const tc_args &a) {
-    if (smem > 48 * 1024) {
-        cudaError_t e =
-            cudaFuncSetAttribute((const void *)kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-        if (e != cudaSuccess) return e;
-    }
-    dsmoe_cu_launch(kernel, blocks, TC_THREADS, smem, stream, a);
-    return cudaSuccess;
-}
-
 static tc_args tc_make(int B, int T, int M, int NH, unsigned *blocks) {
     tc_args a = {};
     a.B = B, a.T = T, a.M = M, a.NH = NH, a.D = M / NH;
@@ -425,7 +432,7 @@ extern "C" dsmoe_status dsmoe_cu_attention_tc_forward(const dsmoe_cu_env *env, v
     tc_args a = tc_make(B, T, M, NH, &blocks);
     a.qkv = (const bf16 *)qkv, a.out = (bf16 *)out, a.lse = lse;
     cudaError_t e = cudaSuccess;
-    TC_NC(a.D / 16, NC, { e = tc_launch(attention_tc_forward_kernel<NC>, blocks, tc_smem(a.D, 3, 1, 1, 0), env->stream, a); });
+    TC_NC(a.D / 16, NC, { e = dsmoe_cu_launch_smem(attention_tc_forward_kernel<NC>, blocks, TC_THREADS, tc_layout_of(a.D, TC_PLAN_FORWARD).total, env->stream, a); });
     if (e != cudaSuccess) return dsmoe_cu_check(env, e, "attention_forward");
     return dsmoe_cu_check_launch(env, "attention_forward");
 }
@@ -439,9 +446,9 @@ extern "C" dsmoe_status dsmoe_cu_attention_tc_backward(const dsmoe_cu_env *env, 
     cudaError_t e = cudaSuccess;
     // dq and dk/dv write disjoint columns of dqkv; both read di (enqueued before them).
     TC_NC(a.D / 16, NC, {
-        e = tc_launch(attention_tc_dq_kernel<NC>, blocks, tc_smem(a.D, 4, 2, 1, 0), env->stream, a);
+        e = dsmoe_cu_launch_smem(attention_tc_dq_kernel<NC>, blocks, TC_THREADS, tc_layout_of(a.D, TC_PLAN_DQ).total, env->stream, a);
         if (e == cudaSuccess)
-            e = tc_launch(attention_tc_dkv_kernel<NC>, blocks, tc_smem(a.D, 4, 2, 2, 2 * TC_BK), env->stream, a);
+            e = dsmoe_cu_launch_smem(attention_tc_dkv_kernel<NC>, blocks, TC_THREADS, tc_layout_of(a.D, TC_PLAN_DKV).total, env->stream, a);
     });
     if (e != cudaSuccess) return dsmoe_cu_check(env, e, "attention_backward");
     return dsmoe_cu_check_launch(env, "attention_backward");

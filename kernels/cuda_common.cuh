@@ -103,6 +103,21 @@ static inline cudaError_t dsmoe_cu_launch_cooperative(void (*kernel)(P...), dim3
 #define DSMOE_CU_DYNAMIC_SHARED(T, name) extern __shared__ T name[]
 #endif
 
+// dsmoe_cu_launch with more than the default 48 KiB of dynamic shared memory: the kernel's limit is raised
+// to `shared_bytes` first (up to the device's opt-in maximum; past it the attribute call fails). Returns
+// that call's error; the launch's own is dsmoe_cu_check_launch's to report.
+template <typename... P>
+static inline cudaError_t dsmoe_cu_launch_smem(void (*kernel)(P...), dim3 grid, dim3 block, size_t shared_bytes,
+                                               cudaStream_t stream, typename dsmoe_cu_same<P>::type... args) {
+    if (shared_bytes > 48 * 1024) {
+        cudaError_t e = cudaFuncSetAttribute((const void *)kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             (int)shared_bytes);
+        if (e != cudaSuccess) return e;
+    }
+    dsmoe_cu_launch(kernel, grid, block, shared_bytes, stream, args...);
+    return cudaSuccess;
+}
+
 // Dispatches a templated launch on the activation dtype: DSMOE_CU_DISPATCH(dt, T, { launch<T>(...); }).
 #define DSMOE_CU_DISPATCH(dt, T, ...)                                                                      \
     do {                                                                                                   \

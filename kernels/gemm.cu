@@ -18,6 +18,7 @@
 
 #include "cuda_common.cuh" // dsmoe_ld, dsmoe_st, dsmoe_cu_raise, DSMOE_CU_DISPATCH
 #include "gemm.h"
+#include "gemm_common.cuh" // gemm_dtype_bytes, gemm_cuda_type, gemm_compute_type, gemm_check_blas
 
 // ---------------------------------------------------------------------------------------------------
 // Host helpers: dtypes, cuBLAS status, scratch.
@@ -30,8 +31,6 @@
 
 static int imax1(int v) { return v > 1 ? v : 1; }
 static int imin(int a, int b) { return a < b ? a : b; }
-static size_t dtype_bytes(dsmoe_dtype dt) { return dt == DSMOE_BFLOAT16 ? 2 : 4; }
-static cudaDataType cuda_type(dsmoe_dtype dt) { return dt == DSMOE_BFLOAT16 ? CUDA_R_16BF : CUDA_R_32F; }
 
 // The operand types cuBLAS computes for us: all float32, or a/b bfloat16 with c float32 or bfloat16.
 static dsmoe_status check_types(const dsmoe_cu_env *env, const char *op, const char *a_name, dsmoe_dtype a_type,
@@ -51,18 +50,6 @@ static dsmoe_status check_types(const dsmoe_cu_env *env, const char *op, const c
     return DSMOE_OK;
 }
 
-// float32 operands may use TF32 tensor cores when the "tf32" setting allows; bfloat16 ones accumulate in
-// float32 (their products are exact in float32).
-static cublasComputeType_t compute_type(const dsmoe_cu_env *env, dsmoe_dtype operands) {
-    return operands == DSMOE_FLOAT32 && env->allow_tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
-}
-
-static dsmoe_status check_blas(const dsmoe_cu_env *env, cublasStatus_t st, const char *op, const char *call) {
-    if (st == CUBLAS_STATUS_SUCCESS)
-        return DSMOE_OK;
-    return dsmoe_cu_fail(env, st == CUBLAS_STATUS_ALLOC_FAILED ? DSMOE_ERR_NOMEM : DSMOE_ERR_SYSTEM, "%s: %s: %s (%s)",
-                         op, call, cublasGetStatusName(st), cublasGetStatusString(st));
-}
 
 // Checks the shape arguments of a row-major GEMM: op(a) (m, k), op(b) (k, n), c (m, n). As cpu_gemm.c's.
 static dsmoe_status check_dims(const dsmoe_cu_env *env, const char *op, int ta, int tb, int m, int n, int k, int lda,
@@ -159,10 +146,10 @@ extern "C" dsmoe_status dsmoe_cu_gemm(const dsmoe_cu_env *env, int trans_a, int 
     }
     // Row-major c = op(a) op(b) is column-major c^T = op(b)^T op(a)^T: b first, then a.
     cublasStatus_t bs = cublasGemmEx((cublasHandle_t)env->cublas, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N,
-                                     trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, n, m, k, &alpha, b, cuda_type(b_type), ldb, a,
-                                     cuda_type(a_type), lda, &beta, c, cuda_type(c_type), ldc,
-                                     compute_type(env, a_type), CUBLAS_GEMM_DEFAULT);
-    if ((st = check_blas(env, bs, op, "cublasGemmEx")) != DSMOE_OK)
+                                     trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, n, m, k, &alpha, b, gemm_cuda_type(b_type), ldb, a,
+                                     gemm_cuda_type(a_type), lda, &beta, c, gemm_cuda_type(c_type), ldc,
+                                     gemm_compute_type(env, a_type), CUBLAS_GEMM_DEFAULT);
+    if ((st = gemm_check_blas(env, bs, op, "cublasGemmEx")) != DSMOE_OK)
         return st;
     return dsmoe_cu_check_launch(env, op);
 }
@@ -243,9 +230,9 @@ static dsmoe_status grouped_product(const dsmoe_cu_env *env, const dsmoe_grouped
     cublasHandle_t h = (cublasHandle_t)env->cublas;
     const int groups = G->groups, m_max = G->m_max, n = G->n, k = G->k;
     const cublasOperation_t opb = G->trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
-    const cudaDataType ab = cuda_type(G->a_type);
-    const cublasComputeType_t ct = compute_type(env, G->a_type);
-    const size_t es = dtype_bytes(G->a_type), acc_stride = (size_t)m_max * n;
+    const cudaDataType ab = gemm_cuda_type(G->a_type);
+    const cublasComputeType_t ct = gemm_compute_type(env, G->a_type);
+    const size_t es = gemm_dtype_bytes(G->a_type), acc_stride = (size_t)m_max * n;
     const float beta = 0.0f;
     dsmoe_status st;
     if (G->b_groups >= groups) {
@@ -255,7 +242,7 @@ static dsmoe_status grouped_product(const dsmoe_cu_env *env, const dsmoe_grouped
                 h, opb, CUBLAS_OP_N, n, m_max, k, &G->alpha, (const char *)G->b + g0 * G->b_stride * es, ab, G->ldb,
                 (long long)G->b_stride, (const char *)G->a + g0 * G->a_stride * es, ab, G->lda, (long long)G->a_stride,
                 &beta, acc + g0 * acc_stride, CUDA_R_32F, n, (long long)acc_stride, batch, ct, CUBLAS_GEMM_DEFAULT);
-            if ((st = check_blas(env, bs, op, "cublasGemmStridedBatchedEx")) != DSMOE_OK)
+            if ((st = gemm_check_blas(env, bs, op, "cublasGemmStridedBatchedEx")) != DSMOE_OK)
                 return st;
         }
         return DSMOE_OK;
@@ -274,7 +261,7 @@ static dsmoe_status grouped_product(const dsmoe_cu_env *env, const dsmoe_grouped
         cublasStatus_t bs = cublasGemmBatchedEx(h, opb, CUBLAS_OP_N, n, m_max, k, &G->alpha, p + g0, ab, G->ldb,
                                                 p + groups + g0, ab, G->lda, &beta, (void *const *)(p + 2 * groups + g0),
                                                 CUDA_R_32F, n, batch, ct, CUBLAS_GEMM_DEFAULT);
-        if ((st = check_blas(env, bs, op, "cublasGemmBatchedEx")) != DSMOE_OK)
+        if ((st = gemm_check_blas(env, bs, op, "cublasGemmBatchedEx")) != DSMOE_OK)
             return st;
     }
     return DSMOE_OK;
@@ -412,8 +399,8 @@ static size_t round_up(size_t v, size_t to) { return (v + to - 1) / to * to; }
 static dsmoe_status wgrad_weights(const dsmoe_cu_env *env, const dsmoe_grouped_wgrad *G, void *scratch, size_t x_off) {
     static const char op[] = "gemm_grouped_wgrad";
     const int groups = G->groups, m_max = G->m_max, n = G->n, k = G->k, B = G->b_groups;
-    const cudaDataType ab = cuda_type(G->dy_type);
-    const cublasComputeType_t ct = compute_type(env, G->dy_type);
+    const cudaDataType ab = gemm_cuda_type(G->dy_type);
+    const cublasComputeType_t ct = gemm_compute_type(env, G->dy_type);
     const float beta = 1.0f;
     dsmoe_status st;
     for (int g0 = 0; g0 < groups; g0 += B) {
@@ -428,7 +415,7 @@ static dsmoe_status wgrad_weights(const dsmoe_cu_env *env, const dsmoe_grouped_w
             return st;
         // Row-major dw_w (n, k) += alpha dy^T x is column-major dw_w^T (k, n) += x^T (k, m_max) @ dy (m_max, n):
         // the scratch x slot read as-is (k, m_max; ld k), the dy slot transposed ((n, m_max); ld n).
-        const size_t es = dtype_bytes(G->dy_type);
+        const size_t es = gemm_dtype_bytes(G->dy_type);
         for (int w0 = 0; w0 < W; w0 += GEMM_MAX_BATCH) {
             int batch = imin(GEMM_MAX_BATCH, W - w0);
             const char *x_s = (const char *)scratch + x_off + (size_t)w0 * m_max * k * es;
@@ -437,7 +424,7 @@ static dsmoe_status wgrad_weights(const dsmoe_cu_env *env, const dsmoe_grouped_w
                 (cublasHandle_t)env->cublas, CUBLAS_OP_N, CUBLAS_OP_T, k, n, m_max, &G->alpha, x_s, ab, k,
                 (long long)m_max * k, dy_s, ab, n, (long long)m_max * n, &beta, G->dw + (size_t)w0 * G->dw_stride,
                 CUDA_R_32F, k, (long long)G->dw_stride, batch, ct, CUBLAS_GEMM_DEFAULT);
-            if ((st = check_blas(env, bs, op, "cublasGemmStridedBatchedEx")) != DSMOE_OK)
+            if ((st = gemm_check_blas(env, bs, op, "cublasGemmStridedBatchedEx")) != DSMOE_OK)
                 return st;
         }
     }
@@ -477,7 +464,7 @@ extern "C" dsmoe_status dsmoe_cu_gemm_grouped_wgrad(const dsmoe_cu_env *env, con
         return st;
 
     if (k > 0) {
-        const size_t es = dtype_bytes(G->dy_type);
+        const size_t es = gemm_dtype_bytes(G->dy_type);
         const size_t x_off = round_up((size_t)W * m_max * n * es, 256); // x slots start 256-byte aligned
         void *scratch = NULL;
         if ((st = dsmoe_cu_scratch(env, &scratch, x_off + (size_t)W * m_max * k * es, op)) != DSMOE_OK)

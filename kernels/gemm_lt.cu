@@ -27,11 +27,10 @@
 #include <stdlib.h>
 
 #include "gemm.h"
+#include "gemm_common.cuh" // gemm_dtype_bytes, gemm_cuda_type, gemm_compute_type, gemm_check_blas
 
 #define LT_MAX_BATCH 65535 // as cublasGemmStridedBatchedEx's, per call
 
-static size_t lt_dtype_bytes(dsmoe_dtype dt) { return dt == DSMOE_BFLOAT16 ? 2 : 4; }
-static cudaDataType lt_cuda_type(dsmoe_dtype dt) { return dt == DSMOE_BFLOAT16 ? CUDA_R_16BF : CUDA_R_32F; }
 
 // The largest power of two up to 256 that divides v (256 when v == 0).
 static uint32_t lt_align(uint64_t v) {
@@ -84,10 +83,8 @@ static void lt_round_release(lt_round *R) {
 // (k, n) read transposed when it is 1), its B the group's rows, its C = D the group's output. Returns 1
 // when every descriptor took its attributes; pointers are set per round (lt_point).
 static int lt_round_make(const dsmoe_cu_env *env, const dsmoe_grouped_gemm *G, int W, lt_round *R) {
-    const cudaDataType ab = lt_cuda_type(G->a_type), ct = lt_cuda_type(G->c_type);
-    const cublasComputeType_t compute =
-        G->a_type == DSMOE_FLOAT32 && env->allow_tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
-    LT_SET(cublasLtMatmulDescCreate(&R->op, compute, CUDA_R_32F));
+    const cudaDataType ab = gemm_cuda_type(G->a_type), ct = gemm_cuda_type(G->c_type);
+    LT_SET(cublasLtMatmulDescCreate(&R->op, gemm_compute_type(env, G->a_type), CUDA_R_32F));
     const int32_t ta = G->trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, tb = CUBLAS_OP_N;
     LT_SET(cublasLtMatmulDescSetAttribute(R->op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta));
     LT_SET(cublasLtMatmulDescSetAttribute(R->op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb));
@@ -141,7 +138,7 @@ typedef struct lt_operands {
 } lt_operands;
 
 static lt_operands lt_round_operands(const dsmoe_grouped_gemm *G, int r) {
-    const size_t g0 = (size_t)r * (size_t)G->b_groups, ea = lt_dtype_bytes(G->a_type), ec = lt_dtype_bytes(G->c_type);
+    const size_t g0 = (size_t)r * (size_t)G->b_groups, ea = gemm_dtype_bytes(G->a_type), ec = gemm_dtype_bytes(G->c_type);
     const int aux = G->epilogue == DSMOE_EPI_BIAS_GELU || G->epilogue == DSMOE_EPI_DGELU;
     const int bias = G->epilogue == DSMOE_EPI_BIAS || G->epilogue == DSMOE_EPI_BIAS_GELU;
     lt_operands o;
@@ -166,7 +163,7 @@ static int lt_set_pointers(lt_round *R, const lt_operands *o) {
 // Sets round r's pointers and its operands' alignments, then asks the heuristic: 1 with *algo filled.
 static int lt_round_plan(const dsmoe_cu_env *env, const dsmoe_grouped_gemm *G, int W, const lt_operands *o,
                          lt_round *R, cublasLtMatmulAlgo_t *algo) {
-    const size_t ea = lt_dtype_bytes(G->a_type), ec = lt_dtype_bytes(G->c_type);
+    const size_t ea = gemm_dtype_bytes(G->a_type), ec = gemm_dtype_bytes(G->c_type);
     if (!lt_set_pointers(R, o))
         return 0;
     const uint32_t align[4] = {lt_operand_align(o->w, G->b_stride, W, G->ldb, ea),
@@ -231,10 +228,7 @@ extern "C" dsmoe_status dsmoe_cu_gemm_grouped_lt(const dsmoe_cu_env *env, const 
         cublasStatus_t bs = cublasLtMatmul((cublasLtHandle_t)env->cublaslt, R->op, &G->alpha, o.w, R->wl, o.x, R->xl,
                                            &G->beta, o.c, R->cl, o.c, R->cl, &algos[r], env->blas_workspace,
                                            env->blas_workspace ? env->blas_workspace_bytes : 0, env->stream);
-        if (bs != CUBLAS_STATUS_SUCCESS)
-            st = dsmoe_cu_fail(env, bs == CUBLAS_STATUS_ALLOC_FAILED ? DSMOE_ERR_NOMEM : DSMOE_ERR_SYSTEM,
-                               "%s: cublasLtMatmul (round %d of %d): %s (%s)", op, r, rounds, cublasGetStatusName(bs),
-                               cublasGetStatusString(bs));
+        st = gemm_check_blas(env, bs, op, "cublasLtMatmul");
     }
     lt_round_release(&full);
     lt_round_release(&last);
