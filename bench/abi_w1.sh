@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The cpu kernel plugin of ABI 3 against the ABI-1 cpu plugin (tests/plugins/cpu_v1, built verbatim from
+# The cpu kernel plugin of ABI 3 against the ABI-1 cpu plugin (tests/plugins/loader/cpu_v1, built verbatim from
 # the last ABI-1 commit and loaded through the core's adapter) on dsmoe_bench_moe's default W1 shape
 # (S=4096 M=768 F=3072 E=8, fwd+bwd, fp32), at 1 and 2 threads. Each run reports its efficiency against the
 # same run's sgemm rate (docs/moe-layer.md); the two plugins run in alternation, `rounds` times each, so that

@@ -353,7 +353,7 @@ nccl_steps() {
             END { print last }' "$REPORT/nccl-alltoall.log")
   result "nccl alltoall" "$(pass_if $rc)" "$(why_rc $rc): 1 rank, kernel $KERN, comm $NCCL: ${bw:-no rows}; $(last_or_err $rc nccl-alltoall.log)"
   grep -E '^[0-9.]+([KM]i)? ' "$REPORT/nccl-alltoall.log" | fig
-  # (c) The comm conformance cases on device buffers (tests/plugins/test_comm_device.c), 1 rank.
+  # (c) The comm conformance cases on device buffers (tests/plugins/comm/test_comm_device.c), 1 rank.
   local t="$B/tests/test_comm_device"
   if [ ! -x "$t" ]; then result "nccl comm_device" SKIP "no test_comm_device in the bundle (not built yet)"; return; fi
   if dry; then DSMOE_STRICT_ALWAYS_CLOSED=1 DSMOE_COMM_DEVICE_KERNEL=$KERN DSMOE_COMM_DEVICE_COMM=$NCCL timed "$(pick 60 120)" nccl-comm-device.log "$t"

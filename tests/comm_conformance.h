@@ -1,4 +1,4 @@
-// tests/comm_conformance.h: what the comm conformance suite (tests/plugins/test_comm_mpi.c) needs besides its
+// tests/comm_conformance.h: what the comm conformance suite (tests/plugins/comm/test_comm_mpi.c) needs besides its
 // cases, without the core (header-only): a comm plugin opened by name with dlopen, bootstraps built
 // over MPI communicators, and a host queue that keeps the closures of a stream-ordered plugin until
 // the test runs them.

@@ -1,5 +1,5 @@
-// tests/comm_inputs.h: the inputs both comm conformance suites (tests/plugins/test_comm_mpi.c on host
-// buffers, tests/plugins/test_comm_device.c on a kernel plugin's buffers) build their cases from: byte
+// tests/comm_inputs.h: the inputs both comm conformance suites (tests/plugins/comm/test_comm_mpi.c on host
+// buffers, tests/plugins/comm/test_comm_device.c on a kernel plugin's buffers) build their cases from: byte
 // patterns for data movement and float values for sums, formulas of (rank, index) that any rank can
 // recompute for its reference.
 // defines: comm_pat, comm_value

@@ -1,5 +1,5 @@
-# A training run through the v1 kernel adapter (the cpu plugin of ABI 1, tests/plugins/cpu_v1, built by
-# tests/plugins/loader.cmake) is bitwise the run of the v2 cpu plugin: metrics and checkpoints
+# A training run through the v1 kernel adapter (the cpu plugin of ABI 1, tests/plugins/loader/cpu_v1, built by
+# tests/plugins/loader/loader.cmake) is bitwise the run of the v2 cpu plugin: metrics and checkpoints
 # (tests/cli/v1_adapter_test.sh).
 if(TARGET dsmoe)
   add_test(NAME v1_adapter COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/cli/v1_adapter_test.sh $<TARGET_FILE:dsmoe>

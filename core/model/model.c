@@ -186,7 +186,7 @@ static void bind_ops(dsmoe_model *m) {
 // buffers
 
 // Every buffer is assigned before it is read (gradients are zeroed by their users), so none is asked to
-// be zeroed: a plugin that poisons fresh memory (tests/plugins/strict) finds a read before a write.
+// be zeroed: a plugin that poisons fresh memory (tests/plugins/kernel/strict) finds a read before a write.
 // The pointer fields are reached by the table's offsets; memcpy, not a (void **) cast, reads and writes
 // them, as their types differ (float *, int32_t *, double *, void *).
 static char *buffer_field(dsmoe_model *m, const dsmoe_buffer *b) {

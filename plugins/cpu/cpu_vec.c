@@ -12,8 +12,8 @@
 // Same bits: both variants compile the same loops over cpu_math.h's cpu_gelu and cpu_gelu_grad, whose
 // operations are element-wise and correctly rounded, so the results do not depend on the vector width;
 // what could differ is the fusing of a multiply and an add into one FMA, so the AVX-512 variant gets
-// FMA exactly when the build's target has it (__FMA__ below: x86-64-v3 and up do). tests/plugins/
-// test_cpu_ops.c checks the two bitwise on the ops and the GEMM epilogues.
+// FMA exactly when the build's target has it (__FMA__ below: x86-64-v3 and up do).
+// tests/plugins/kernel/test_cpu_ops.c checks the two bitwise on the ops and the GEMM epilogues.
 #include "cpu_vec.h"
 
 #include <stddef.h>

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The v1 kernel adapter end to end: trains inputs/ci-short.deck (kept tiny by overrides, with
-# checkpoints) once with the cpu plugin of ABI 1 (tests/plugins/cpu_v1, run through
+# checkpoints) once with the cpu plugin of ABI 1 (tests/plugins/loader/cpu_v1, run through
 # core/plugins/kernel_adapt_v1.c) and once with the cpu plugin of this tree (ABI 3), for top-1 and top-2
 # gating, and asserts that the runs agree to the last bit: every metrics column but the timings, as
 # text, and every checkpoint byte for byte. The deck drops tokens, so the ABI-3 run routes with the fused

@@ -1,5 +1,5 @@
 // tests/conformance/conformance.h: the harness of the kernel-plugin conformance suite
-// (tests/plugins/test_kernel_conformance.c runs it): a CANDIDATE plugin (strict, cpu, cuda, ...) and the cpu
+// (tests/plugins/kernel/test_kernel_conformance.c runs it): a CANDIDATE plugin (strict, cpu, cuda, ...) and the cpu
 // plugin as the REFERENCE run the same ops on the same inputs; every output is copied back and compared.
 // Files: harness.c (sides, buffers, comparisons, result lines), ops_dense.c (GEMMs, element-wise ops,
 // conversion, initialisation, AdamW), ops_layers.c (embedding, layer norm, GELU, attention,

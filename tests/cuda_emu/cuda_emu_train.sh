@@ -5,7 +5,7 @@
 # reductions and fused multiply-adds round differently, so not bitwise) and 3e-2 in bfloat16, on 1 rank
 # and on 2 ranks sharing the emulated device; a checkpoint written by the cuda plugin resumes on cpu and
 # the reverse, ending where the uninterrupted run ends. The same multi-rank runs over the nccl plugin built
-# for the emulator (tests/plugins/nccl_emu.cmake: device buffers straight to the plugin, no host staging)
+# for the emulator (tests/plugins/comm/nccl_emu.cmake: device buffers straight to the plugin, no host staging)
 # must give the very bits of cuda over mpi (host staging): both add floats in the core's fixed rank order.
 # 4 ranks add the hierarchical all-to-all. With kernel.cuda.fused_epilogues (cuBLASLt's epilogues) and
 # kernel.cuda.attention_tensor_cores (WMMA) the cpu plugin's losses again. The emulator defers each stream's work until it is needed
@@ -93,7 +93,7 @@ same() {
   local r what="$name on $n rank(s), cuda (emulated) vs cpu"
   r=$(close "$work/cpu_$name/metrics.csv" "$work/cuda_$name/metrics.csv" "$tol") && passed "$what: $r" || fail "$what: $r"
   [ "${NCCL_TOO:-0}" = 1 ] || return 0
-  # The double's calls ignore streams: the emulator's must have finished their work (tests/plugins/nccl_emu.cmake).
+  # The double's calls ignore streams: the emulator's must have finished their work (tests/plugins/comm/nccl_emu.cmake).
   EMU_STREAMS=immediate run "cuda_nccl_$name" "$n" run.kernel_backend=cuda "$@" run.comm_backend=nccl &&
     unstaged_nccl "cuda_nccl_$name" || return
   if diff <(metrics_sans_timing "$work/cuda_nccl_$name/metrics.csv") <(metrics_sans_timing "$work/cuda_$name/metrics.csv") \

@@ -2,7 +2,7 @@
 // (the declarations are include/nccl.h and include/cuda_runtime_api.h beside this file), implemented
 // over MPI on host memory, so that the nccl plugin's own logic (groups, ids, offsets, variable blocks,
 // error paths) runs on 1-4 ranks of one machine without a GPU (NCCL cannot put two ranks of one
-// communicator on one GPU). Built only for tests (tests/plugins/nccl.cmake): never installed.
+// communicator on one GPU). Built only for tests (tests/plugins/comm/nccl.cmake): never installed.
 //
 // What it does differently from NCCL, on purpose:
 // - "device" pointers are host pointers; streams and events are ignored: every operation has run when

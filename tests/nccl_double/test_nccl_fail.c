@@ -1,5 +1,5 @@
 // tests/nccl_double/test_nccl_fail.c: a failed peer ends an nccl run with a message instead of a hang,
-// on the test double (tests/plugins/nccl.cmake runs it on 2 ranks with DSMOE_NCCLSIM_TIMEOUT=2). The last rank
+// on the test double (tests/plugins/comm/nccl.cmake runs it on 2 ranks with DSMOE_NCCLSIM_TIMEOUT=2). The last rank
 // stops itself (SIGSTOP: it keeps its connections open, as a hung GPU or a dead node behind a live
 // socket does, which is what leaves NCCL waiting) in the middle of a loop of all-reduces; every other
 // rank must see a comm error naming the abort within seconds, print it, and end the job (MPI_Abort).

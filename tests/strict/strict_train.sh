@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole training path on the strict asynchronous kernel plugin (tests/plugins/strict) must give the
+# The whole training path on the strict asynchronous kernel plugin (tests/plugins/kernel/strict) must give the
 # same bits as on the cpu plugin: losses, gradient norms, expert loads (metrics.csv without its timing
 # columns) and the checkpoint files. strict queues every op until a wait, keeps its memory unreadable
 # by the host while work is queued (or always, with the stream-ordered comm plugin) and poisons fresh
@@ -73,7 +73,7 @@ tensors() { local n; n=$(od -An -t u8 -N 8 "$1" | tr -d ' '); tail -c +$((9 + n)
 numbers() { awk -F, 'BEGIN { OFS = "," } { $6 = ""; $8 = ""; print }' "$1"; }
 
 # The configurations that also run on mpi_cuda (the CUDA-aware mode: device buffers straight to MPI) under
-# the test double of a CUDA-aware MPI (tests/plugins/fake_cuda_aware_mpi.c, preloaded).
+# the test double of a CUDA-aware MPI (tests/plugins/comm/fake_cuda_aware_mpi.c, preloaded).
 mpi_cuda_configs=" ep2_zero1 bf16_ep2_zero1 "
 fake_cuda_mpi="$plugdir/libdsmoe_fake_cuda_aware_mpi.so"
 
