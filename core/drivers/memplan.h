@@ -48,7 +48,7 @@ typedef struct dsmoe_mem_estimate {
     uint64_t optimizer_scratch_bytes; // ZeRO-1 all-gather landing and send chunk buffers (0 with zero_stage 0)
     uint64_t activation_bytes;        // activations + backward scratch (dsmoe_model_bytes - params - grads)
     uint64_t model_bytes;             // dsmoe_model_bytes: params + grads + activations
-    uint64_t token_bytes;             // the model's int32 inputs and targets (2 S x 4)
+    uint64_t token_bytes;             // the model's int32 inputs and targets (2 S x 4), the dense FFN's row count (4)
     uint64_t moe_buffer_bytes;        // MoE capacity buffers (E, C, M) x4 + (E, C, F) x3 per layer, at create
     uint64_t moe_router_bytes;        // MoE per-token buffers (logits, probs, choices, ...), all layers
     uint64_t exchange_bytes;          // hierarchical all-to-all workspaces at create, all layers

@@ -272,25 +272,46 @@ static dsmoe_status linear_backward(dsmoe_model *m, void *din, float *dw, float 
     return linear_backward_db(m, din, dw, db, dout, dout, m->dt, in, w, S, K, N, err);
 }
 
-// Dense FFN: out (S, M) = c_proj(gelu(c_fc(x))).
+// c (S, n) = a (S, k) @ op(w) (beta = 0), then the epilogue, as a grouped GEMM of one group of S rows
+// (the count m->dense_rows holds). Why grouped: the GELU of the dense FFN and its bias (BIAS_GELU) or its
+// derivative (DGELU) then run in the GEMM's epilogue, where a plugin fuses them (the cpu plugin per output
+// tile, the cuda plugin's cuBLASLt path in the GEMM itself), instead of separate passes over (S, F) that
+// also round a bfloat16 c again each; in float32 the cpu plugin gives the separate calls' very bits.
+// op(w) = w^T (w (n, k)) when trans_w, else w ((k, n)).
+static dsmoe_status dense_gemm_epilogue(dsmoe_model *m, void *c, void *aux, const void *a, const void *w,
+                                        int trans_w, int n, int k, dsmoe_epilogue epi, const float *bias,
+                                        dsmoe_err *err) {
+    dsmoe_runtime *rt = m->rt;
+    int S = m->S;
+    dsmoe_grouped_gemm G = {
+        .groups = 1, .counts = m->dense_rows, .m_max = S, .n = n, .k = k, .alpha = 1.0f, .beta = 0.0f,
+        .a = a, .a_type = m->dt, .lda = k, .a_stride = (size_t)S * k,
+        .b = w, .b_type = m->dt, .ldb = trans_w ? k : n, .b_stride = (size_t)n * k, .b_groups = 1, .trans_b = trans_w,
+        .c = c, .c_type = m->dt, .ldc = n, .c_stride = (size_t)S * n,
+        .epilogue = epi, .bias = bias, .bias_stride = (size_t)n, .aux = aux,
+    };
+    KCALL(rt, gemm_grouped, &G);
+    return DSMOE_OK;
+}
+
+// Dense FFN: out (S, M) = c_proj(gelu(c_fc(x))). fch keeps c_fc's pre-activation (S, F) for the backward,
+// fch_gelu its GELU: both from one grouped GEMM with the BIAS_GELU epilogue.
 static dsmoe_status mlp_forward(dsmoe_model *m, const block_params *p, block_acts *a, const void *x, void *out,
                                 dsmoe_err *err) {
-    dsmoe_runtime *rt = m->rt;
-    DSMOE_TRY(linear_forward(m, a->fch, x, p->fcw_op, p->fcb, m->S, m->M, m->F, err));
-    KCALL(rt, gelu_forward, a->fch_gelu, a->fch, m->dt, (size_t)m->S * m->F);
+    DSMOE_TRY(dense_gemm_epilogue(m, a->fch_gelu, a->fch, x, p->fcw_op, 1, m->F, m->M, DSMOE_EPI_BIAS_GELU, p->fcb,
+                                  err));
     DSMOE_TRY(linear_forward(m, out, a->fch_gelu, p->fcprojw_op, p->fcprojb, m->S, m->F, m->M, err));
     return DSMOE_OK;
 }
 
+// dfch (S, F) = gelu'(fch) * (dout (S, M) @ c_proj's w (M, F)) in one grouped GEMM (DGELU epilogue, assigns),
+// between c_proj's weight gradients and c_fc's.
 static dsmoe_status mlp_backward(dsmoe_model *m, const block_params *p, block_params *g, block_acts *a,
                                  const void *x, const void *dout, void *dx, dsmoe_err *err) {
-    dsmoe_runtime *rt = m->rt;
-    size_t SF = (size_t)m->S * m->F;
-    KCALL(rt, zero, m->dfch_gelu, SF * m->esz);
-    KCALL(rt, zero, m->dfch, SF * m->esz);
-    DSMOE_TRY(linear_backward(m, m->dfch_gelu, g->fcprojw, g->fcprojb, dout, a->fch_gelu, p->fcprojw_op, m->S, m->F,
-                              m->M, err));
-    KCALL(rt, gelu_backward, m->dfch, a->fch, m->dfch_gelu, m->dt, SF);
+    DSMOE_TRY(linear_backward(m, NULL, g->fcprojw, g->fcprojb, dout, a->fch_gelu, p->fcprojw_op, m->S, m->F, m->M,
+                              err));
+    DSMOE_TRY(dense_gemm_epilogue(m, m->dfch, a->fch, dout, p->fcprojw_op, 0, m->F, m->M, DSMOE_EPI_DGELU, NULL,
+                                  err));
     DSMOE_TRY(linear_backward(m, dx, g->fcw, g->fcb, m->dfch, x, p->fcw_op, m->S, m->M, m->F, err));
     return DSMOE_OK;
 }
@@ -565,6 +586,8 @@ dsmoe_status dsmoe_model_forward(dsmoe_model *m, const int32_t *inputs, const in
             return dsmoe_err_set(err, DSMOE_ERR_INVALID, "token %d at position %d is outside the vocabulary [0, %d)",
                                  inputs[s] < 0 || inputs[s] >= V ? inputs[s] : targets[s], s, V);
     KCALL(rt, copy_to_device, m->tokens, inputs, (size_t)S * sizeof(int32_t));
+    int32_t dense_rows = S; // ordinary host memory: consumed before copy_to_device returns
+    KCALL(rt, copy_to_device, m->dense_rows, &dense_rows, sizeof dense_rows);
     if (targets) KCALL(rt, copy_to_device, m->targets, targets, (size_t)S * sizeof(int32_t));
     if (m->dt != F32) KCALL(rt, convert, m->params_lp, m->dt, m->params, F32, m->n_local);
     KCALL(rt, embedding_forward, m->resid, m->dt, m->tokens, m->wte, F32, m->wpe, NULL, m->B, m->T, M, V, m->T);

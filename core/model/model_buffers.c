@@ -60,6 +60,7 @@ static const dsmoe_buffer_row rows[] = {
     // input staging, kernel memory not counted among the model's bytes
     ROW("token ids",                             TOKENS, 0,         4, 1, S,      1, 1, MODEL(tokens)),
     ROW("target ids",                            TOKENS, 0,         4, 1, S,      1, 1, MODEL(targets)),
+    ROW("dense FFN row count",                   TOKENS, 0,         4, 1, 1,      1, 1, MODEL(dense_rows)),
     ROW("gradient norm sums (n_moe + 2) double", ACT,    0,         8, 1, NORM,   1, 1, MODEL(norm_dev)),
     ROW("host losses (S)",                       HOST,   0,         4, 1, S,      1, 1, MODEL(host_losses)),
     ROW("host distillation losses (S)",          HOST,   KD,        4, 1, S,      1, 1, MODEL(host_kd_losses)),
@@ -72,7 +73,6 @@ static const dsmoe_buffer_row rows[] = {
     ROW("gradient dmlp (S, M)",                  ACT,    BWD,       A, 1, S,      M, 1, MODEL(dmlp)),
     ROW("gradient dqkv (S, 3M)",                 ACT,    BWD,       A, 3, S,      M, 1, MODEL(dqkv)),
     ROW("gradient dfch (S, F)",                  ACT,    BWD,       A, 1, S,      F, 1, MODEL(dfch)),
-    ROW("gradient dfch_gelu (S, F)",             ACT,    BWD,       A, 1, S,      F, 1, MODEL(dfch_gelu)),
     ROW("gradient dcoef (S, 2)",                 ACT,    BWD,       4, 2, S,      1, 1, MODEL(dcoef)),
     ROW("gradient dcoef as a GEMM operand (S, 2)", ACT,  LOWP | BWD, A, 2, S,      1, 1, MODEL(dcoef_lp)),
     ROW("attention workspace (attention_bytes)", ACT,    BWD,       1, 1, ATT_WS, 1, 1, MODEL(datt_workspace)),

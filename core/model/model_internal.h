@@ -106,6 +106,7 @@ struct dsmoe_model {
     float *probs;          // (S, V) softmax of logits
     float *losses;         // (S)
     int32_t *tokens, *targets; // (S) plugin memory
+    int32_t *dense_rows;   // (1) plugin memory: S, the count of the dense FFN's one-group GEMMs (set each forward)
     float *host_losses;    // (S) host_alloc memory: copied at the end of the forward, read after a wait
     // knowledge distillation (a student: docs/distill.md)
     float *kd_losses;      // (S) each token's KL(teacher || student) at the temperature
@@ -119,7 +120,7 @@ struct dsmoe_model {
     void *dresid;           // (S, M) gradient of the residual stream
     void *dln, *datty, *dmoe, *dmlp; // (S, M)
     void *dqkv;             // (S, 3M)
-    void *dfch, *dfch_gelu; // (S, F)
+    void *dfch;             // (S, F)
     float *dcoef;           // (S, 2)
     void *dcoef_lp;         // (S, 2) dt != float32: dcoef narrowed, as the coefficient GEMMs' operand
     void *datt_workspace;   // attention_backward's workspace (the plugin's attention_bytes)

@@ -299,7 +299,8 @@ typedef struct dsmoe_kernel_plugin_v3 {
     dsmoe_status (*gemm)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, int trans_a, int trans_b, int m, int n, int k,
                          float alpha, const void *a, dsmoe_dtype a_type, int lda, const void *b, dsmoe_dtype b_type,
                          int ldb, float beta, void *c, dsmoe_dtype c_type, int ldc);
-    // One call for all experts of an MoE layer stage (dsmoe_grouped_gemm above).
+    // One call for all experts of an MoE layer stage (dsmoe_grouped_gemm above); the core also calls it with one
+    // group for a dense FFN's first GEMM (BIAS_GELU) and that GELU's backward (DGELU).
     dsmoe_status (*gemm_grouped)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, const dsmoe_grouped_gemm *g);
     // Expert weight (and bias) gradients over the groups (dsmoe_grouped_wgrad above).
     dsmoe_status (*gemm_grouped_wgrad)(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, const dsmoe_grouped_wgrad *g);

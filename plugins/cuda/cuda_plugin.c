@@ -29,7 +29,8 @@ static const dsmoe_param_decl cuda_params[N_PARAMS] = {
                          "cuBLAS workspace of each queue, bytes (K/M/G suffixes; cuBLAS suggests 32 MiB on Hopper)",
                          NULL},
     [PARAM_FUSED] = {"fused_epilogues", DSMOE_PARAM_BOOL, "false",
-                     "expert GEMMs apply bias, GELU and its backward inside cuBLASLt (one pass over the output, "
+                     "grouped GEMMs (the experts, the dense FFN's first) apply bias, GELU and its backward inside cuBLASLt (one "
+                     "pass over the output, "
                      "no float32 scratch); where cuBLASLt has no kernel for a shape the separate epilogue runs",
                      NULL},
     [PARAM_ATT_TC] = {"attention_tensor_cores", DSMOE_PARAM_BOOL, "false",

@@ -234,18 +234,22 @@ static void test_training_profile(void **state) {
     if (rt.world_rank != 0) return;                      // rank 0 writes the file
 
     // What the model's structure gives: every MoE layer runs 2 grouped GEMMs forward and 2 backward plus
-    // 2 grouped weight gradients per micro-step; one adamw per step; steps 2..STEPS are profiled.
+    // 2 grouped weight gradients per micro-step, every dense FFN (the MLP branch of a residual MoE block
+    // too) 1 grouped GEMM forward (bias + GELU) and 1 backward (GELU's); one adamw per step; steps
+    // 2..STEPS are profiled.
     dsmoe_config cfg;
     load(small_deck, "train.steps=4", &cfg, NULL);
     long micro = cfg.batch / (cfg.micro_batch * rt.world_size), profiled_steps = STEPS - 1;
-    assert_true(cfg.n_moe_layers >= 1 && micro >= 1);
+    long dense_ffns = cfg.layers - cfg.n_moe_layers + (cfg.residual ? cfg.n_moe_layers : 0);
+    assert_true(cfg.n_moe_layers >= 1 && dense_ffns >= 1 && micro >= 1);
     char path[512];
     snprintf(path, sizeof path, "%s/prof/profile.tsv", tmpdir);
     tsv t;
     read_tsv(path, &t);
     assert_totals(&t, rt.world_size);
     for (int k = 0; k < rt.world_size; k++) {
-        assert_int_equal(calls_of(&t, k, "kernel", "gemm_grouped", NULL), profiled_steps * micro * cfg.n_moe_layers * 4);
+        assert_int_equal(calls_of(&t, k, "kernel", "gemm_grouped", NULL),
+                         profiled_steps * micro * (cfg.n_moe_layers * 4 + dense_ffns * 2));
         assert_int_equal(calls_of(&t, k, "kernel", "gemm_grouped_wgrad", NULL),
                          profiled_steps * micro * cfg.n_moe_layers * 2);
         assert_int_equal(calls_of(&t, k, "kernel", "adamw", NULL), profiled_steps);

@@ -82,6 +82,13 @@ losses_match() {
   ' "$work/$1/metrics.csv" "$work/$2/metrics.csv" && ok "losses $what within $rtol" || fail "losses $what beyond $rtol"
 }
 
+# loss_difference <a> <b>: the largest relative difference of column 2 (loss) over the steps both have.
+loss_difference() {
+  awk -F, 'FNR == 1 { next } NR == FNR { a[$1] = $2; next }
+           ($1 in a) { d = a[$1] - $2; if (d < 0) d = -d; r = d / ($2 < 0 ? -$2 : $2); if (r > worst) worst = r }
+           END { printf "%.3g\n", worst }' "$work/$1/metrics.csv" "$work/$2/metrics.csv"
+}
+
 # 1. Where the experts live changes nothing: 8 ranks, same tokens per rank, ep 1, 2, 4, 8 (drops on).
 for ep in 1 2 4 8; do run "ep$ep" 8 moe.expert_parallel=$ep train.micro_batch=2; done
 for ep in 2 4 8; do
@@ -164,16 +171,28 @@ grep -q "resumed from .*step_00000010" "$work/pr_resume2.log" && ok "per-layer e
 losses_match pr_full pr_resume2 1e-5 11
 
 # 5b. The same in bfloat16 (run.precision = bf16: bf16 activations and GEMM operands, fp32 masters,
-#     gradients, their all-reduce and AdamW). Where the layout changes no fp32 number (which rank holds an
-#     expert, ZeRO-1's sharding of AdamW), the bf16 copies of the weights are the same too, and fp32's
-#     tolerances hold: ep 2 and 8 against ep 1 on 8 ranks; ZeRO-1 bitwise equal to ZeRO-0.
+#     gradients, their all-reduce and AdamW). ZeRO-1's sharding of AdamW changes no number: bitwise equal
+#     to ZeRO-0. Other layouts change the fp32 masters in their last bits (where an expert lives changes
+#     how its weight gradient groups its tokens; in fp32 too, section 1), and in bf16 that does not stay
+#     in the last bits: a master that straddles a rounding boundary of its bf16 copy moves that copy by a
+#     whole bf16 step (2^-8 of it), and the key third of each attention bias, which attention does not
+#     depend on (it shifts all of a query's scores by one constant), has a gradient of rounding noise
+#     alone, which AdamW scales to steps of about the learning rate, so those elements walk apart and
+#     reach the activations through the bf16 rounding of k. Routing choices then flip, and runs may part
+#     (on this deck ep 1 and ep 2 parted after about 10 steps for 2 of the 5 seeds tried, their parameters
+#     then a few percent apart, the key bias aside). So, as across rank counts: step 1 (the same weights
+#     everywhere) to fp32's tolerance, and all 20 steps within twice what bf16 itself changes on this
+#     deck: bf16 against fp32 (section 2's dropless1) on one rank, measured here (1.6e-4 to 3.3e-4 over
+#     seeds; the layouts below were seen to differ by 0 to 1.2 times that).
 bf=run.precision=bf16
+run bf16_dropless1 1 $bf moe.drop_tokens=false
+bf16_tol=$(loss_difference dropless1 bf16_dropless1 | awk '{ t = 2 * $1; print (t < 1e-4 ? 1e-4 : t) }')
+echo "  bf16 against fp32 on one rank: $(loss_difference dropless1 bf16_dropless1); layouts are held to $bf16_tol"
 for ep in 1 2 8; do run "bf16_ep$ep" 8 $bf moe.expert_parallel=$ep train.micro_batch=2; done
 grep -q "memory per rank (rank 0, bf16" "$work/bf16_ep1.log" && ok "bf16 runs say bf16" || fail "bf16 run without bf16"
 for ep in 2 8; do
-  losses_match bf16_ep1 "bf16_ep$ep" 1e-6
-  "$compare" "$work/bf16_ep1/checkpoints/step_00000020.safetensors" "$work/bf16_ep$ep/checkpoints/step_00000020.safetensors" \
-    5e-4 && ok "bf16 parameters ep1 vs ep$ep" || fail "bf16 parameters ep1 vs ep$ep"
+  losses_match bf16_ep1 "bf16_ep$ep" 1e-6 1 1
+  losses_match bf16_ep1 "bf16_ep$ep" "$bf16_tol"
 done
 zb=(moe.expert_parallel=2 train.steps=6 train.decay_steps=8 moe.drop_tokens=false)
 run bf16_zero0 4 $bf "${zb[@]}"
@@ -189,17 +208,13 @@ run bf16_zero1full 4 $bf moe.expert_parallel=2 train.steps=8 train.zero_stage=1 
   && ok "bf16 ZeRO-1 checkpoint resumes on 2 ranks without ZeRO" || fail "bf16 ZeRO-1 resume on 2 ranks"
 #     Across rank counts (section 2's dropless runs; here 2 ranks with ep 2 and 4 with ep 2 and ZeRO-1)
 #     the gradients are summed in another order, so the fp32 masters differ in their last bits. In fp32
-#     that stays at the last bits of the loss (1e-5 above); in bf16 a master whose two values straddle a
-#     rounding boundary of its bf16 copy differs there by a whole bf16 step (2^-8 of it), the activations
-#     then differ by bf16 steps, and routing choices flip. Step 1 (the same weights everywhere) is held to
-#     fp32's 1e-5; the 20 steps to 2.5e-4, below what bf16 itself changes on this deck (bf16 against fp32:
-#     up to 3.3e-4 on one rank; 1, 2 and 4 ranks in bf16 were seen to differ by at most 7.3e-5).
-run bf16_dropless1 1 $bf moe.drop_tokens=false
+#     that stays at the last bits of the loss (1e-5 above); in bf16 it grows as above. Step 1 is held to
+#     fp32's 1e-5, the 20 steps to twice what bf16 itself changes on this deck.
 run bf16_dropless2 2 $bf moe.drop_tokens=false moe.expert_parallel=2
 run bf16_dropless4 4 $bf moe.drop_tokens=false moe.expert_parallel=2 train.zero_stage=1
 for n in 2 4; do
   losses_match bf16_dropless1 "bf16_dropless$n" 1e-5 1 1
-  losses_match bf16_dropless1 "bf16_dropless$n" 2.5e-4
+  losses_match bf16_dropless1 "bf16_dropless$n" "$bf16_tol"
 done
 
 # 6. A failure on one rank ends every rank with that rank's message, never a hang.
