@@ -62,6 +62,7 @@ struct dsmoe_infer {
     void *last, *lnf;     // (slots, M) each sequence's last row, and its final layer norm
     void *logits;         // (slots, V)
     int32_t *tokens;      // (R)
+    int32_t *ffn_rows;    // (1) this call's rows: the count of the dense FFN's one-group GEMM
     int32_t *pos;         // (slots) position of each sequence's first new token
     int32_t *sampled;     // (slots)
     int32_t *host_pos;    // (slots) ordinary host memory: copy_to_device consumes it at the call
@@ -172,6 +173,7 @@ dsmoe_status dsmoe_infer_create(dsmoe_model *m, int slots, int t_max, int max_ro
     DSMOE_TRY(alloc_dev(s, B * M * E, &s->lnf, "inference final layer norm (slots, M)", err));
     DSMOE_TRY(alloc_dev(s, B * V * E, &s->logits, "inference logits (slots, V)", err));
     DSMOE_TRY(alloc_dev(s, R * sizeof(int32_t), &s->tokens, "inference token ids (R)", err));
+    DSMOE_TRY(alloc_dev(s, sizeof(int32_t), &s->ffn_rows, "inference FFN row count", err));
     DSMOE_TRY(alloc_dev(s, B * sizeof(int32_t), &s->pos, "inference positions (slots)", err));
     DSMOE_TRY(alloc_dev(s, B * sizeof(int32_t), &s->sampled, "inference sampled ids (slots)", err));
     DSMOE_TRY(alloc_host(s, B * sizeof(int32_t), &s->host_sampled, err));
@@ -260,7 +262,7 @@ void dsmoe_infer_estimate(const dsmoe_config *c, int slots, int t_max, int max_r
     z->slice_bytes = dsmoe_slices_bytes(c, W, sliced);
     z->row_bytes = (3 * R * M + R * Mt + R * M + (uint64_t)W * Rm * M + R * M + (coord ? Rm * M : 0) + 3 * R * Mt +
                     2 * R * Ft + 2 * B * M + B * V) * a + 2 * R * 2 * f +
-                   R * sizeof(int32_t) + 2 * B * sizeof(int32_t);
+                   (R + 1) * sizeof(int32_t) + 2 * B * sizeof(int32_t);
     if (W > 1) z->row_bytes += R * M * f; // the tensor group's float32 partial sums (R, M)
     for (int i = 0; i < c->n_moe_layers; i++) {
         int seen = 0;
@@ -350,12 +352,23 @@ static dsmoe_status attn_block(dsmoe_infer *s, int l, int n, const int *slot, co
 
 // Dense FFN of block l: out (rows, M) = c_proj(gelu(c_fc(in))); with tensor slicing this rank's Ft hidden
 // columns (its slices: rows of c_fc, columns of c_proj), the partial outputs summed over the tensor group.
+// c_fc with its bias and GELU is one grouped GEMM of one group (the BIAS_GELU epilogue), as in training
+// (core/model/model.c), so that both round a bfloat16 activation alike; its count is s->ffn_rows.
 static dsmoe_status mlp(dsmoe_infer *s, int l, const void *in, void *out, int rows, dsmoe_err *err) {
     dsmoe_runtime *rt = s->rt;
     const block_params *p = &s->m->blocks[l];
     const dsmoe_block_slices *b = s->W > 1 ? &s->sl.blocks[l] : NULL;
-    DSMOE_TRY(linear(s, s->fch, in, b ? b->fcw : p->fcw_op, b ? b->fcb : p->fcb, rows, s->M, s->Ft, err));
-    KCALL(rt, gelu_forward, s->fch_gelu, s->fch, s->dt, (size_t)rows * s->Ft);
+    int M = s->M, Ft = s->Ft;
+    if (rows > 0) {
+        dsmoe_grouped_gemm G = {
+            .groups = 1, .counts = s->ffn_rows, .m_max = rows, .n = Ft, .k = M, .alpha = 1.0f, .beta = 0.0f,
+            .a = in, .a_type = s->dt, .lda = M, .a_stride = (size_t)rows * M,
+            .b = b ? b->fcw : p->fcw_op, .b_type = s->dt, .ldb = M, .b_stride = (size_t)Ft * M, .b_groups = 1,
+            .trans_b = 1, .c = s->fch_gelu, .c_type = s->dt, .ldc = Ft, .c_stride = (size_t)rows * Ft,
+            .epilogue = DSMOE_EPI_BIAS_GELU, .bias = b ? b->fcb : p->fcb, .bias_stride = (size_t)Ft, .aux = s->fch,
+        };
+        KCALL(rt, gemm_grouped, &G);
+    }
     DSMOE_TRY(row_parallel(s, out, s->fch_gelu, b ? b->fcprojw : p->fcprojw_op, rows, s->Ft, s->M, err));
     KCALL(rt, bias_add, out, s->dt, p->fcprojb, rows, s->M);
     return DSMOE_OK;
@@ -469,6 +482,8 @@ dsmoe_status dsmoe_infer_forward(dsmoe_infer *s, int n, const int *slot, const i
         KCALL(rt, copy_to_device, s->pos, s->host_pos, (size_t)n * sizeof(int32_t));
         KCALL(rt, copy_to_device, s->tokens, tokens, (size_t)rows * sizeof(int32_t));
     }
+    int32_t ffn_rows = rows; // ordinary host memory: consumed before copy_to_device returns
+    KCALL(rt, copy_to_device, s->ffn_rows, &ffn_rows, sizeof ffn_rows);
     // Embedding: token + position, each sequence from its own position (s->pos): one call when the
     // sequences bring as many tokens each (decoding), else one per sequence. wte is the float32 master, or
     // (its master dropped, dsmoe_model_drop_gemm_masters) its dt copy.
