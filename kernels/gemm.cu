@@ -9,8 +9,8 @@
 // Grouped calls never read the device counts on the host (no synchronisation, no host loop over
 // experts): the GEMMs run over m_max rows per group, and kernels that read the counts decide which rows
 // count. Rows beyond a count may hold anything (NaN included); they only feed scratch rows that are never
-// stored (gemm_grouped here; gemm_lt.cu stores them, which the ABI allows) or are replaced by zeros before
-// the GEMM (wgrad). The price is that the GEMMs do
+// stored (gemm_grouped with a bfloat16 c here; with a float32 c, and in gemm_lt.cu, they are stored, which
+// the ABI allows) or are replaced by zeros before the GEMM (wgrad). The price is that the GEMMs do
 // m_max rows of work per group whatever the counts are (wasted when the experts are far from full).
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
@@ -156,7 +156,11 @@ extern "C" dsmoe_status dsmoe_cu_gemm(const dsmoe_cu_env *env, int trans_a, int 
 
 // ---------------------------------------------------------------------------------------------------
 // Grouped GEMM: acc (groups, m_max, n) float32 = alpha * a_g @ op(b_w) by cuBLAS over all m_max rows,
-// then grouped_epilogue stores the rows below counts[g] into c (and aux).
+// then grouped_epilogue stores the rows below counts[g] into c (and aux). A float32 c is its own acc:
+// cuBLAS writes alpha * a_g @ op(b_w) + beta * c into all m_max rows of c (the rows from the count on are
+// unspecified by the ABI), and the epilogue then runs in place on the rows below the count; without an
+// epilogue nothing is left to do but check the counts. A bfloat16 c keeps the float32 scratch, as it is
+// rounded once, after the epilogue.
 
 // Pointer arrays of a pointer-batched GEMM (groups sharing weights: w = g % b_groups), in column-major
 // cuBLAS order: ptrs[0, G) = op(b_w) operands, ptrs[G, 2G) = a_g, ptrs[2G, 3G) = acc_g.
@@ -176,7 +180,8 @@ struct epilogue_args {
     const int32_t *counts;
     int groups, m_max, n, b_groups;
     float beta;
-    const float *acc; // (groups, m_max, n) alpha * a_g op(b_w); NULL when k == 0 (no product)
+    const float *acc; // (groups, m_max, n) alpha * a_g op(b_w); NULL when k == 0 (no product) or in place
+    int in_place;     // c (float32) already holds alpha * a_g op(b_w) + beta * c: only the epilogue is left
     TC *c;
     int ldc;
     size_t c_stride;
@@ -206,7 +211,9 @@ __global__ void grouped_epilogue_kernel(epilogue_args<TC> p) {
             size_t row = (size_t)g * p.c_stride + (size_t)i * p.ldc;
             for (int j = threadIdx.x; j < p.n; j += blockDim.x) {
                 float v = acc ? acc[j] : 0.0f;
-                if (p.beta != 0.0f) // BLAS: with beta == 0, c is not read (it may hold NaN)
+                if (p.in_place)
+                    v = dsmoe_ld(p.c, row + j);
+                else if (p.beta != 0.0f) // BLAS: with beta == 0, c is not read (it may hold NaN)
                     v += p.beta * dsmoe_ld(p.c, row + j);
                 if (p.epi == DSMOE_EPI_BIAS) {
                     v += bias[j];
@@ -223,17 +230,18 @@ __global__ void grouped_epilogue_kernel(epilogue_args<TC> p) {
     }
 }
 
-// acc_g = alpha * a_g (m_max, k) @ op(b_w) for every group: one strided-batched call when every group
-// has its own weight (b_groups >= groups), else one pointer-batched call (weights shared).
-static dsmoe_status grouped_product(const dsmoe_cu_env *env, const dsmoe_grouped_gemm *G, float *acc, void **ptrs) {
+// acc_g (m_max, n; leading dimension ld, groups acc_stride apart) = alpha * a_g (m_max, k) @ op(b_w) +
+// beta * acc_g for every group: one strided-batched call when every group has its own weight (b_groups >=
+// groups), else one pointer-batched call (weights shared).
+static dsmoe_status grouped_product(const dsmoe_cu_env *env, const dsmoe_grouped_gemm *G, float *acc, int ld,
+                                    size_t acc_stride, float beta, void **ptrs) {
     static const char op[] = "gemm_grouped";
     cublasHandle_t h = (cublasHandle_t)env->cublas;
     const int groups = G->groups, m_max = G->m_max, n = G->n, k = G->k;
     const cublasOperation_t opb = G->trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
     const cudaDataType ab = gemm_cuda_type(G->a_type);
     const cublasComputeType_t ct = gemm_compute_type(env, G->a_type);
-    const size_t es = gemm_dtype_bytes(G->a_type), acc_stride = (size_t)m_max * n;
-    const float beta = 0.0f;
+    const size_t es = gemm_dtype_bytes(G->a_type);
     dsmoe_status st;
     if (G->b_groups >= groups) {
         for (int g0 = 0; g0 < groups; g0 += GEMM_MAX_BATCH) {
@@ -241,7 +249,7 @@ static dsmoe_status grouped_product(const dsmoe_cu_env *env, const dsmoe_grouped
             cublasStatus_t bs = cublasGemmStridedBatchedEx(
                 h, opb, CUBLAS_OP_N, n, m_max, k, &G->alpha, (const char *)G->b + g0 * G->b_stride * es, ab, G->ldb,
                 (long long)G->b_stride, (const char *)G->a + g0 * G->a_stride * es, ab, G->lda, (long long)G->a_stride,
-                &beta, acc + g0 * acc_stride, CUDA_R_32F, n, (long long)acc_stride, batch, ct, CUBLAS_GEMM_DEFAULT);
+                &beta, acc + g0 * acc_stride, CUDA_R_32F, ld, (long long)acc_stride, batch, ct, CUBLAS_GEMM_DEFAULT);
             if ((st = gemm_check_blas(env, bs, op, "cublasGemmStridedBatchedEx")) != DSMOE_OK)
                 return st;
         }
@@ -260,7 +268,7 @@ static dsmoe_status grouped_product(const dsmoe_cu_env *env, const dsmoe_grouped
         int batch = imin(GEMM_MAX_BATCH, groups - g0);
         cublasStatus_t bs = cublasGemmBatchedEx(h, opb, CUBLAS_OP_N, n, m_max, k, &G->alpha, p + g0, ab, G->ldb,
                                                 p + groups + g0, ab, G->lda, &beta, (void *const *)(p + 2 * groups + g0),
-                                                CUDA_R_32F, n, batch, ct, CUBLAS_GEMM_DEFAULT);
+                                                CUDA_R_32F, ld, batch, ct, CUBLAS_GEMM_DEFAULT);
         if ((st = gemm_check_blas(env, bs, op, "cublasGemmBatchedEx")) != DSMOE_OK)
             return st;
     }
@@ -318,18 +326,26 @@ extern "C" dsmoe_status dsmoe_cu_gemm_grouped(const dsmoe_cu_env *env, const dsm
     // (groups, m_max, n) float32 products; with k == 0 there is none (c = beta * c, then the epilogue).
     float *acc = NULL;
     void *ptrs = NULL;
-    if (k > 0) {
+    const int in_place = k > 0 && G->c_type == DSMOE_FLOAT32;
+    if (in_place) {
+        st = grouped_product(env, G, (float *)G->c, G->ldc, G->c_stride, G->beta, &ptrs);
+        st = scratch_free(env, ptrs, st, op);
+        if (st == DSMOE_OK && G->epilogue == DSMOE_EPI_NONE) {
+            launch_check_counts(env, G->counts, groups, m_max);
+            return dsmoe_cu_check_launch(env, op);
+        }
+    } else if (k > 0) {
         if ((st = dsmoe_cu_scratch(env, (void **)&acc, (size_t)groups * m_max * n * sizeof(float), op)) != DSMOE_OK)
             return st;
-        st = grouped_product(env, G, acc, &ptrs);
+        st = grouped_product(env, G, acc, n, (size_t)m_max * n, 0.0f, &ptrs);
         st = scratch_free(env, ptrs, st, op);
     }
     if (st == DSMOE_OK) {
         unsigned threads = n <= 128 ? 128 : 256;
         dim3 grid((unsigned)imin(m_max, GEMM_MAX_ROW_BLOCKS), (unsigned)imin(groups, GEMM_MAX_GRID_Y));
         DSMOE_CU_DISPATCH(G->c_type, TC, {
-            epilogue_args<TC> p = {G->counts, groups, m_max, n, G->b_groups, G->beta, acc, (TC *)G->c, G->ldc,
-                                   G->c_stride, (int)G->epilogue, bias ? G->bias : NULL, G->bias_stride,
+            epilogue_args<TC> p = {G->counts, groups, m_max, n, G->b_groups, G->beta, acc, in_place, (TC *)G->c,
+                                   G->ldc, G->c_stride, (int)G->epilogue, bias ? G->bias : NULL, G->bias_stride,
                                    aux ? (TC *)G->aux : NULL, env->fault};
             dsmoe_cu_launch(grouped_epilogue_kernel<TC>, grid, threads, 0, env->stream, p);
         });
