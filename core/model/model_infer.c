@@ -227,7 +227,7 @@ void dsmoe_infer_free(dsmoe_infer *s) {
     if (s->W > 1) dsmoe_rt_group_free(s->rt, &s->tp);
     void *dev[] = {s->sum32, s->x, s->mid, s->ln, s->atty, s->ffn_out, s->moe_out, s->moe_share, s->mlp_out, s->qkv, s->fch,
                    s->fch_gelu,
-                   s->coef_logits, s->coef, s->last, s->lnf, s->logits, s->tokens, s->pos, s->sampled};
+                   s->coef_logits, s->coef, s->last, s->lnf, s->logits, s->tokens, s->ffn_rows, s->pos, s->sampled};
     for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++) free_dev(s, dev[i]);
     if (s->host_sampled) s->rt->kern->host_free(s->rt->kctx, s->host_sampled);
     free(s->k_cache);
