@@ -272,22 +272,19 @@ static dsmoe_status linear_backward(dsmoe_model *m, void *din, float *dw, float 
     return linear_backward_db(m, din, dw, db, dout, dout, m->dt, in, w, S, K, N, err);
 }
 
-// c (S, n) = a (S, k) @ op(w) (beta = 0), then the epilogue, as a grouped GEMM of one group of S rows
-// (the count m->dense_rows holds). Why grouped: the GELU of the dense FFN and its bias (BIAS_GELU) or its
-// derivative (DGELU) then run in the GEMM's epilogue, where a plugin fuses them (the cpu plugin per output
-// tile, the cuda plugin's cuBLASLt path in the GEMM itself), instead of separate passes over (S, F) that
-// also round a bfloat16 c again each; in float32 the cpu plugin gives the separate calls' very bits.
-// op(w) = w^T (w (n, k)) when trans_w, else w ((k, n)).
-static dsmoe_status dense_gemm_epilogue(dsmoe_model *m, void *c, void *aux, const void *a, const void *w,
-                                        int trans_w, int n, int k, dsmoe_epilogue epi, const float *bias,
-                                        dsmoe_err *err) {
-    dsmoe_runtime *rt = m->rt;
-    int S = m->S;
+// Why grouped (model_internal.h): the GELU of the dense FFN and its bias (BIAS_GELU) or its derivative
+// (DGELU) then run in the GEMM's epilogue, where a plugin fuses them (the cpu plugin per output tile, the
+// cuda plugin's cuBLASLt path in the GEMM itself), instead of separate passes over (S, F) that also round a
+// bfloat16 c again each; in float32 the cpu plugin gives the separate calls' very bits.
+dsmoe_status dsmoe_gemm_one_group(dsmoe_runtime *rt, dsmoe_dtype dt, const int32_t *rows_dev, int rows, void *c,
+                                  void *aux, const void *a, const void *w, int trans_w, int n, int k,
+                                  dsmoe_epilogue epi, const float *bias, dsmoe_err *err) {
+    if (rows == 0) return DSMOE_OK;
     dsmoe_grouped_gemm G = {
-        .groups = 1, .counts = m->dense_rows, .m_max = S, .n = n, .k = k, .alpha = 1.0f, .beta = 0.0f,
-        .a = a, .a_type = m->dt, .lda = k, .a_stride = (size_t)S * k,
-        .b = w, .b_type = m->dt, .ldb = trans_w ? k : n, .b_stride = (size_t)n * k, .b_groups = 1, .trans_b = trans_w,
-        .c = c, .c_type = m->dt, .ldc = n, .c_stride = (size_t)S * n,
+        .groups = 1, .counts = rows_dev, .m_max = rows, .n = n, .k = k, .alpha = 1.0f, .beta = 0.0f,
+        .a = a, .a_type = dt, .lda = k, .a_stride = (size_t)rows * k,
+        .b = w, .b_type = dt, .ldb = trans_w ? k : n, .b_stride = (size_t)n * k, .b_groups = 1, .trans_b = trans_w,
+        .c = c, .c_type = dt, .ldc = n, .c_stride = (size_t)rows * n,
         .epilogue = epi, .bias = bias, .bias_stride = (size_t)n, .aux = aux,
     };
     KCALL(rt, gemm_grouped, &G);
@@ -298,8 +295,8 @@ static dsmoe_status dense_gemm_epilogue(dsmoe_model *m, void *c, void *aux, cons
 // fch_gelu its GELU: both from one grouped GEMM with the BIAS_GELU epilogue.
 static dsmoe_status mlp_forward(dsmoe_model *m, const block_params *p, block_acts *a, const void *x, void *out,
                                 dsmoe_err *err) {
-    DSMOE_TRY(dense_gemm_epilogue(m, a->fch_gelu, a->fch, x, p->fcw_op, 1, m->F, m->M, DSMOE_EPI_BIAS_GELU, p->fcb,
-                                  err));
+    DSMOE_TRY(dsmoe_gemm_one_group(m->rt, m->dt, m->dense_rows, m->S, a->fch_gelu, a->fch, x, p->fcw_op, 1, m->F,
+                                   m->M, DSMOE_EPI_BIAS_GELU, p->fcb, err));
     DSMOE_TRY(linear_forward(m, out, a->fch_gelu, p->fcprojw_op, p->fcprojb, m->S, m->F, m->M, err));
     return DSMOE_OK;
 }
@@ -310,8 +307,8 @@ static dsmoe_status mlp_backward(dsmoe_model *m, const block_params *p, block_pa
                                  const void *x, const void *dout, void *dx, dsmoe_err *err) {
     DSMOE_TRY(linear_backward(m, NULL, g->fcprojw, g->fcprojb, dout, a->fch_gelu, p->fcprojw_op, m->S, m->F, m->M,
                               err));
-    DSMOE_TRY(dense_gemm_epilogue(m, m->dfch, a->fch, dout, p->fcprojw_op, 0, m->F, m->M, DSMOE_EPI_DGELU, NULL,
-                                  err));
+    DSMOE_TRY(dsmoe_gemm_one_group(m->rt, m->dt, m->dense_rows, m->S, m->dfch, a->fch, dout, p->fcprojw_op, 0, m->F,
+                                   m->M, DSMOE_EPI_DGELU, NULL, err));
     DSMOE_TRY(linear_backward(m, dx, g->fcw, g->fcb, m->dfch, x, p->fcw_op, m->S, m->M, m->F, err));
     return DSMOE_OK;
 }

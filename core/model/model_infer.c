@@ -358,17 +358,8 @@ static dsmoe_status mlp(dsmoe_infer *s, int l, const void *in, void *out, int ro
     dsmoe_runtime *rt = s->rt;
     const block_params *p = &s->m->blocks[l];
     const dsmoe_block_slices *b = s->W > 1 ? &s->sl.blocks[l] : NULL;
-    int M = s->M, Ft = s->Ft;
-    if (rows > 0) {
-        dsmoe_grouped_gemm G = {
-            .groups = 1, .counts = s->ffn_rows, .m_max = rows, .n = Ft, .k = M, .alpha = 1.0f, .beta = 0.0f,
-            .a = in, .a_type = s->dt, .lda = M, .a_stride = (size_t)rows * M,
-            .b = b ? b->fcw : p->fcw_op, .b_type = s->dt, .ldb = M, .b_stride = (size_t)Ft * M, .b_groups = 1,
-            .trans_b = 1, .c = s->fch_gelu, .c_type = s->dt, .ldc = Ft, .c_stride = (size_t)rows * Ft,
-            .epilogue = DSMOE_EPI_BIAS_GELU, .bias = b ? b->fcb : p->fcb, .bias_stride = (size_t)Ft, .aux = s->fch,
-        };
-        KCALL(rt, gemm_grouped, &G);
-    }
+    DSMOE_TRY(dsmoe_gemm_one_group(rt, s->dt, s->ffn_rows, rows, s->fch_gelu, s->fch, in, b ? b->fcw : p->fcw_op, 1,
+                                   s->Ft, s->M, DSMOE_EPI_BIAS_GELU, b ? b->fcb : p->fcb, err));
     DSMOE_TRY(row_parallel(s, out, s->fch_gelu, b ? b->fcprojw : p->fcprojw_op, rows, s->Ft, s->M, err));
     KCALL(rt, bias_add, out, s->dt, p->fcprojb, rows, s->M);
     return DSMOE_OK;

@@ -162,6 +162,13 @@ uint64_t dsmoe_slices_bytes(const dsmoe_config *c, int W, int experts);
 // those read whole in slabs of their own (params NULL from then on). Nothing changes on failure.
 dsmoe_status dsmoe_model_keep_unsliced(dsmoe_model *m, int W, int experts, dsmoe_err *err);
 
+// c (rows, n) = a (rows, k) @ op(w) (beta = 0), then the epilogue, as a gemm_grouped of one group whose
+// count rows_dev (device) holds = rows; op(w) = w^T (w (n, k)) when trans_w, else w ((k, n)); all of dt.
+// The dense FFN's first GEMM (BIAS_GELU) and its GELU backward (DGELU), in training and generation.
+dsmoe_status dsmoe_gemm_one_group(dsmoe_runtime *rt, dsmoe_dtype dt, const int32_t *rows_dev, int rows, void *c,
+                                  void *aux, const void *a, const void *w, int trans_w, int n, int k,
+                                  dsmoe_epilogue epi, const float *bias, dsmoe_err *err);
+
 // Collective: the EP and EDP groups of every distinct moe.expert_parallel (fills epg, n_epg, epg_of_moe).
 dsmoe_status dsmoe_model_create_groups(dsmoe_model *m, dsmoe_err *err);
 // Starts the overlapped reductions of the blocks whose backward has run (model_parallel.c).

@@ -70,23 +70,24 @@ run() {
   tail -20 "$work/$name.log"; return 1
 }
 
-# losses_match <a> <b> <rtol> [first step [last step]]: column 2 (loss) of two metrics files agree step by step.
-losses_match() {
-  local what="$1 vs $2" rtol=$3 from=${4:-1} to=${5:-}
-  [ -n "$to" ] && what="$what (steps $from-$to)"
-  awk -F, -v rtol="$rtol" -v from="$from" -v to="$to" '
+# loss_difference <a> <b> [first step [last step]]: "<steps> <largest relative difference>" of column 2
+# (loss) of two metrics files, over the steps both have in that range.
+loss_difference() {
+  awk -F, -v from="${3:-1}" -v to="${4:-}" '
     FNR == 1 { next }
     NR == FNR { a[$1] = $2; next }
     ($1 in a) && $1 >= from && (to == "" || $1 <= to) { d = a[$1] - $2; if (d < 0) d = -d; r = d / ($2 < 0 ? -$2 : $2); if (r > worst) worst = r; n++ }
-    END { printf "  %d steps compared, max relative loss difference %.3g\n", n, worst; exit !(n > 0 && worst <= rtol) }
-  ' "$work/$1/metrics.csv" "$work/$2/metrics.csv" && ok "losses $what within $rtol" || fail "losses $what beyond $rtol"
+    END { printf "%d %.9g\n", n, worst }' "$work/$1/metrics.csv" "$work/$2/metrics.csv"
 }
 
-# loss_difference <a> <b>: the largest relative difference of column 2 (loss) over the steps both have.
-loss_difference() {
-  awk -F, 'FNR == 1 { next } NR == FNR { a[$1] = $2; next }
-           ($1 in a) { d = a[$1] - $2; if (d < 0) d = -d; r = d / ($2 < 0 ? -$2 : $2); if (r > worst) worst = r }
-           END { printf "%.3g\n", worst }' "$work/$1/metrics.csv" "$work/$2/metrics.csv"
+# losses_match <a> <b> <rtol> [first step [last step]]: column 2 (loss) of two metrics files agree step by step.
+losses_match() {
+  local what="$1 vs $2" rtol=$3 n worst
+  [ -n "${5:-}" ] && what="$what (steps ${4:-1}-$5)"
+  read -r n worst < <(loss_difference "$1" "$2" "${4:-1}" "${5:-}")
+  printf "  %d steps compared, max relative loss difference %.3g\n" "$n" "$worst"
+  awk -v n="$n" -v w="$worst" -v t="$rtol" 'BEGIN { exit !(n > 0 && w <= t) }' && ok "losses $what within $rtol" ||
+    fail "losses $what beyond $rtol"
 }
 
 # 1. Where the experts live changes nothing: 8 ranks, same tokens per rank, ep 1, 2, 4, 8 (drops on).
@@ -186,8 +187,9 @@ losses_match pr_full pr_resume2 1e-5 11
 #     seeds; the layouts below were seen to differ by 0 to 1.2 times that).
 bf=run.precision=bf16
 run bf16_dropless1 1 $bf moe.drop_tokens=false
-bf16_tol=$(loss_difference dropless1 bf16_dropless1 | awk '{ t = 2 * $1; print (t < 1e-4 ? 1e-4 : t) }')
-echo "  bf16 against fp32 on one rank: $(loss_difference dropless1 bf16_dropless1); layouts are held to $bf16_tol"
+read -r _ bf16_diff < <(loss_difference dropless1 bf16_dropless1)
+bf16_tol=$(awk -v d="$bf16_diff" 'BEGIN { t = 2 * d; printf "%.3g", (t < 1e-4 ? 1e-4 : t) }')
+echo "  bf16 against fp32 on one rank: $bf16_diff; layouts are held to $bf16_tol"
 for ep in 1 2 8; do run "bf16_ep$ep" 8 $bf moe.expert_parallel=$ep train.micro_batch=2; done
 grep -q "memory per rank (rank 0, bf16" "$work/bf16_ep1.log" && ok "bf16 runs say bf16" || fail "bf16 run without bf16"
 for ep in 2 8; do
