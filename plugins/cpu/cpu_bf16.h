@@ -110,13 +110,14 @@ dsmoe_status cpu_bf16_wgrad_run(cpu_ctx *ctx, const dsmoe_grouped_wgrad *G);
 void cpu_bf16_free_slots(cpu_ctx *ctx);
 
 // --- cpu_bf16_ops.c: the table's members for every other op (float32 goes to cpu_<op> unchanged) ---
+// ctx's staging arena, also the scratch of cpu_attention_cached (cpu_infer.c): *base gets at least
+// `bytes`, 64-byte aligned, valid until the next reserve on ctx (the arena grows to the largest need up
+// to 64 MiB and is kept; a larger need gets a block of its own). Call cpu_stage_release when the op is
+// done with it (frees such a block). One op at a time per context: ops never overlap (docs/plugins.md).
+dsmoe_status cpu_stage_reserve(cpu_ctx *ctx, const char *op, size_t bytes, void **base);
+void cpu_stage_release(cpu_ctx *ctx);
 // Frees ctx's staging arena (finalize calls it; an op after it grows a new one).
 void cpu_bf16_stage_free(cpu_ctx *ctx);
-dsmoe_status cpu_bf16_bias_add(cpu_ctx *ctx, cpu_queue *q, void *out, dsmoe_dtype dt, const float *bias, int rows,
-                               int n);
-dsmoe_status cpu_bf16_bias_backward(cpu_ctx *ctx, cpu_queue *q, float *dbias, const void *dout, dsmoe_dtype dt,
-                                    int rows, int n);
-dsmoe_status cpu_bf16_axpy(cpu_ctx *ctx, cpu_queue *q, void *y, float alpha, const void *x, dsmoe_dtype dt, size_t n);
 dsmoe_status cpu_bf16_mul_uniform_noise(cpu_ctx *ctx, cpu_queue *q, void *out, const void *in, dsmoe_dtype dt, size_t n,
                                         float eps, uint64_t seed, uint64_t offset);
 dsmoe_status cpu_bf16_all_finite(cpu_ctx *ctx, cpu_queue *q, const void *x_, dsmoe_dtype dt, size_t n, int32_t *out);
@@ -125,12 +126,6 @@ dsmoe_status cpu_bf16_embedding_forward(cpu_ctx *ctx, cpu_queue *q, void *out, d
                                         int B, int T, int M, int V, int n_pos);
 dsmoe_status cpu_bf16_embedding_backward(cpu_ctx *ctx, cpu_queue *q, float *dwte, float *dwpe, const void *dout,
                                          dsmoe_dtype dt, const int32_t *tokens, int B, int T, int M, int V);
-dsmoe_status cpu_bf16_layernorm_forward(cpu_ctx *ctx, cpu_queue *q, void *out, float *mean, float *rstd, const void *in,
-                                        dsmoe_dtype dt, const float *weight, const float *bias, int S, int M,
-                                        float eps);
-dsmoe_status cpu_bf16_layernorm_backward(cpu_ctx *ctx, cpu_queue *q, void *din, float *dweight, float *dbias,
-                                         const void *dout, const void *in, dsmoe_dtype dt, const float *weight,
-                                         const float *mean, const float *rstd, int S, int M);
 dsmoe_status cpu_bf16_gelu_forward(cpu_ctx *ctx, cpu_queue *q, void *out, const void *in, dsmoe_dtype dt, size_t n);
 dsmoe_status cpu_bf16_gelu_backward(cpu_ctx *ctx, cpu_queue *q, void *din, const void *in, const void *dout,
                                     dsmoe_dtype dt, size_t n);
@@ -150,11 +145,6 @@ dsmoe_status cpu_bf16_residual_mix_forward(cpu_ctx *ctx, cpu_queue *q, void *out
 dsmoe_status cpu_bf16_residual_mix_backward(cpu_ctx *ctx, cpu_queue *q, void *dmoe, void *dmlp, float *dcoef_logits,
                                             const void *dout, const void *moe, const void *mlp, dsmoe_dtype dt,
                                             const float *coef, int S, int M);
-dsmoe_status cpu_bf16_kv_append(cpu_ctx *ctx, cpu_queue *q, void *k_cache, void *v_cache, const void *qkv,
-                                dsmoe_dtype dt, const int32_t *pos, int B, int T_new, int M, int NH, int T_max);
-dsmoe_status cpu_bf16_attention_cached(cpu_ctx *ctx, cpu_queue *q, void *out, const void *qkv, const void *k_cache,
-                                       const void *v_cache, dsmoe_dtype dt, const int32_t *pos, int B, int T_new, int M,
-                                       int NH, int T_max);
 dsmoe_status cpu_bf16_sample(cpu_ctx *ctx, cpu_queue *q, int32_t *tokens, const void *logits, dsmoe_dtype dt, int rows,
                              int V, const dsmoe_sampling_params *p, const uint64_t *counters);
 

@@ -1,8 +1,11 @@
-// plugins/cpu/cpu_bf16_ops.c: every op of the cpu plugin other than the GEMMs, convert, and MoE dispatch
-// and combine (cpu_gating.c takes bfloat16 rows itself), for bfloat16 activations. The table
+// plugins/cpu/cpu_bf16_ops.c: the bfloat16 members of the cpu plugin's ops that do not take bfloat16
+// rows themselves. Those that do: the GEMMs, convert, MoE dispatch and combine (cpu_gating.c), the KV
+// cache's two (cpu_infer.c), layer norm (cpu_ops.c), bias_add, bias_backward and axpy
+// (cpu_elementwise.c): the ops of every layer, or that read only part of a tensor. The table
 // (cpu_plugin.c) points at these; float32 (and any type the plugin refuses) goes straight to the float32
 // op, which checks and refuses as before.
-// defines: cpu_bf16_<op> for the ops listed in the table section of cpu_plugin.c, cpu_bf16_stage_free
+// defines: cpu_bf16_<op> for the ops listed in the table section of cpu_plugin.c, cpu_stage_reserve,
+//          cpu_stage_release, cpu_bf16_stage_free
 //
 // A bf16 call stages its tensors: each bfloat16 input is converted to a float32 copy, the float32 op
 // runs on the copies, and each output is rounded back to bfloat16 (round to nearest even) when it
@@ -73,7 +76,7 @@ void cpu_bf16_stage_free(cpu_ctx *ctx) {
 // The arena holds at least `bytes`. A smaller one is freed first (its contents are dead between
 // calls), so growing never holds both.
 // *base: where the call's copies go.
-static dsmoe_status stage_reserve(cpu_ctx *ctx, const char *op, size_t bytes, char **base) {
+dsmoe_status cpu_stage_reserve(cpu_ctx *ctx, const char *op, size_t bytes, void **base) {
     *base = ctx->stage;
     if (bytes <= ctx->stage_bytes)
         return DSMOE_OK;
@@ -87,9 +90,13 @@ static dsmoe_status stage_reserve(cpu_ctx *ctx, const char *op, size_t bytes, ch
         if (ctx->stage) ctx->stage_bytes = rounded;
     }
     if (!*base)
-        return cpu_fail(ctx, DSMOE_ERR_NOMEM, "cpu: %s: cannot allocate %zu bytes for float32 copies of its "
-                        "bfloat16 tensors", op, bytes);
+        return cpu_fail(ctx, DSMOE_ERR_NOMEM, "cpu: %s: cannot allocate %zu bytes of float32 scratch", op, bytes);
     return DSMOE_OK;
+}
+
+void cpu_stage_release(cpu_ctx *ctx) {
+    free(ctx->stage_once);
+    ctx->stage_once = NULL;
 }
 
 static dsmoe_status stage(cpu_ctx *ctx, const char *op, st_arg *a, int na) {
@@ -106,7 +113,7 @@ static dsmoe_status stage(cpu_ctx *ctx, const char *op, st_arg *a, int na) {
         total += (a[i].n * sizeof(float) + ST_ALIGN - 1) & ~(size_t)(ST_ALIGN - 1);
     }
     char *base;
-    CPU_TRY(stage_reserve(ctx, op, total, &base));
+    CPU_TRY(cpu_stage_reserve(ctx, op, total, (void **)&base));
     for (int i = 0; i < na; i++) {
         if (!a[i].p || a[i].n == 0)
             continue;
@@ -123,8 +130,7 @@ static dsmoe_status unstage(cpu_ctx *ctx, st_arg *a, int na, dsmoe_status s) {
     for (int i = 0; i < na && s == DSMOE_OK; i++)
         if (a[i].role != ST_IN && a[i].f != a[i].p)
             cpu_f32_to_bf16_par(ctx, (uint16_t *)a[i].p, a[i].f, a[i].n);
-    free(ctx->stage_once);
-    ctx->stage_once = NULL;
+    cpu_stage_release(ctx);
     return s;
 }
 
@@ -148,29 +154,6 @@ static dsmoe_status unstage(cpu_ctx *ctx, st_arg *a, int na, dsmoe_status s) {
 
 // ---------------------------------------------------------------------------------------------------
 // Element-wise and small ops
-
-dsmoe_status cpu_bf16_bias_add(cpu_ctx *ctx, cpu_queue *q, void *out, dsmoe_dtype dt, const float *bias, int rows,
-                               int n) {
-    if (!IS_BF16(dt))
-        return cpu_bias_add(ctx, q, out, dt, bias, rows, n);
-    st_arg A[] = {INOUT(out, N2(rows, n))};
-    STAGED("bias_add", cpu_bias_add(ctx, q, A[0].f, F32, bias, rows, n));
-}
-
-dsmoe_status cpu_bf16_bias_backward(cpu_ctx *ctx, cpu_queue *q, float *dbias, const void *dout, dsmoe_dtype dt,
-                                    int rows, int n) {
-    if (!IS_BF16(dt))
-        return cpu_bias_backward(ctx, q, dbias, dout, dt, rows, n);
-    st_arg A[] = {IN(dout, N2(rows, n))};
-    STAGED("bias_backward", cpu_bias_backward(ctx, q, dbias, A[0].f, F32, rows, n));
-}
-
-dsmoe_status cpu_bf16_axpy(cpu_ctx *ctx, cpu_queue *q, void *y, float alpha, const void *x, dsmoe_dtype dt, size_t n) {
-    if (!IS_BF16(dt))
-        return cpu_axpy(ctx, q, y, alpha, x, dt, n);
-    st_arg A[] = {INOUT(y, n), IN(x, n)};
-    STAGED("axpy", cpu_axpy(ctx, q, A[0].f, alpha, A[1].f, F32, n));
-}
 
 dsmoe_status cpu_bf16_mul_uniform_noise(cpu_ctx *ctx, cpu_queue *q, void *out, const void *in, dsmoe_dtype dt,
                                         size_t n, float eps, uint64_t seed, uint64_t offset) {
@@ -215,26 +198,6 @@ dsmoe_status cpu_bf16_embedding_backward(cpu_ctx *ctx, cpu_queue *q, float *dwte
         return cpu_embedding_backward(ctx, q, dwte, dwpe, dout, dt, tokens, B, T, M, V);
     st_arg A[] = {IN(dout, N3(B, T, M))};
     STAGED("embedding_backward", cpu_embedding_backward(ctx, q, dwte, dwpe, A[0].f, F32, tokens, B, T, M, V));
-}
-
-dsmoe_status cpu_bf16_layernorm_forward(cpu_ctx *ctx, cpu_queue *q, void *out, float *mean, float *rstd,
-                                        const void *in, dsmoe_dtype dt, const float *weight, const float *bias, int S,
-                                        int M, float eps) {
-    if (!IS_BF16(dt))
-        return cpu_layernorm_forward(ctx, q, out, mean, rstd, in, dt, weight, bias, S, M, eps);
-    st_arg A[] = {OUT(out, N2(S, M)), IN(in, N2(S, M))};
-    STAGED("layernorm_forward",
-           cpu_layernorm_forward(ctx, q, A[0].f, mean, rstd, A[1].f, F32, weight, bias, S, M, eps));
-}
-
-dsmoe_status cpu_bf16_layernorm_backward(cpu_ctx *ctx, cpu_queue *q, void *din, float *dweight, float *dbias,
-                                         const void *dout, const void *in, dsmoe_dtype dt, const float *weight,
-                                         const float *mean, const float *rstd, int S, int M) {
-    if (!IS_BF16(dt))
-        return cpu_layernorm_backward(ctx, q, din, dweight, dbias, dout, in, dt, weight, mean, rstd, S, M);
-    st_arg A[] = {INOUT(din, N2(S, M)), IN(dout, N2(S, M)), IN(in, N2(S, M))};
-    STAGED("layernorm_backward", cpu_layernorm_backward(ctx, q, A[0].f, dweight, dbias, A[1].f, A[2].f, F32, weight,
-                                                        mean, rstd, S, M));
 }
 
 dsmoe_status cpu_bf16_gelu_forward(cpu_ctx *ctx, cpu_queue *q, void *out, const void *in, dsmoe_dtype dt, size_t n) {
@@ -321,32 +284,7 @@ dsmoe_status cpu_bf16_residual_mix_backward(cpu_ctx *ctx, cpu_queue *q, void *dm
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Inference: the caches are (B, NH, T_max, M / NH) = B * T_max * M values
-
-static size_t cache_count(int B, int M, int NH, int T_max) {
-    return NH > 0 && M % NH == 0 ? N3(B, T_max, M) : 0;
-}
-
-dsmoe_status cpu_bf16_kv_append(cpu_ctx *ctx, cpu_queue *q, void *k_cache, void *v_cache, const void *qkv,
-                                dsmoe_dtype dt, const int32_t *pos, int B, int T_new, int M, int NH, int T_max) {
-    if (!IS_BF16(dt))
-        return cpu_kv_append(ctx, q, k_cache, v_cache, qkv, dt, pos, B, T_new, M, NH, T_max);
-    size_t nc = cache_count(B, M, NH, T_max);
-    st_arg A[] = {INOUT(k_cache, nc), INOUT(v_cache, nc), IN(qkv, N4(B, T_new, 3, M))};
-    STAGED("kv_append", cpu_kv_append(ctx, q, A[0].f, A[1].f, A[2].f, F32, pos, B, T_new, M, NH, T_max));
-}
-
-dsmoe_status cpu_bf16_attention_cached(cpu_ctx *ctx, cpu_queue *q, void *out, const void *qkv, const void *k_cache,
-                                       const void *v_cache, dsmoe_dtype dt, const int32_t *pos, int B, int T_new,
-                                       int M, int NH, int T_max) {
-    if (!IS_BF16(dt))
-        return cpu_attention_cached(ctx, q, out, qkv, k_cache, v_cache, dt, pos, B, T_new, M, NH, T_max);
-    size_t nc = cache_count(B, M, NH, T_max);
-    st_arg A[] = {OUT(out, N3(B, T_new, M)), IN(qkv, N4(B, T_new, 3, M)), IN(k_cache, nc),
-                  IN(v_cache, nc)};
-    STAGED("attention_cached", cpu_attention_cached(ctx, q, A[0].f, A[1].f, A[2].f, A[3].f, F32, pos, B, T_new, M, NH,
-                                                    T_max));
-}
+// Inference (kv_append and attention_cached read bfloat16 caches in place: cpu_infer.c)
 
 dsmoe_status cpu_bf16_sample(cpu_ctx *ctx, cpu_queue *q, int32_t *tokens, const void *logits, dsmoe_dtype dt, int rows,
                              int V, const dsmoe_sampling_params *p, const uint64_t *counters) {

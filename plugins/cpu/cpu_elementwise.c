@@ -1,8 +1,8 @@
 // plugins/cpu/cpu_elementwise.c: the element-wise and small ops of the cpu plugin: bias, axpy,
 // multiplicative noise, the reductions (sum of squares, finiteness), parameter initialisation and the
 // multi-tensor AdamW.
-// defines: cpu_bias_add, cpu_bias_backward, cpu_axpy, cpu_mul_uniform_noise, cpu_sum_squares,
-//          cpu_all_finite, cpu_init_tensor, cpu_adamw
+// defines: cpu_bias_add, cpu_bias_backward, cpu_axpy (these three float32 or bfloat16),
+//          cpu_mul_uniform_noise, cpu_sum_squares, cpu_all_finite, cpu_init_tensor, cpu_adamw
 //
 // Contracts are include/dsmoe/kernel_plugin.h's. Invariants: forward outputs are assigned, backward
 // outputs accumulate (+=); each output element is one thread's, and the reductions use a blocking that
@@ -13,21 +13,42 @@
 
 #include "dsmoe/rng.h"    // dsmoe_rng_uniform, dsmoe_rng_normal
 #include "cpu_internal.h" // CPU_BEGIN, CPU_DTYPE, CPU_REQUIRE
-#include "cpu_math.h"     // cpu_bias_chunk, CPU_COL_CHUNK
+#include "cpu_bf16.h"     // cpu_f2bf
+#include "cpu_math.h"     // cpu_bias_chunk_as, CPU_COL_CHUNK, cpu_widen
 
-dsmoe_status cpu_bias_add(cpu_ctx *ctx, cpu_queue *q, void *out_, dsmoe_dtype dt, const float *bias, int rows, int n) {
+// bias_add, bias_backward and axpy take bfloat16 as well: each element's float32 expression is the same
+// in both dtypes (one instance each, bf a constant), on a value widened exactly in a register and
+// rounded once when stored, so a bf16 result is the float32 op on the widened tensors, rounded
+// (tests/plugins/kernel/test_cpu_bf16_rows.c), without the float32 copies the staged ops make.
+
+static inline void store_as(void *p, size_t i, float v, int bf) {
+    if (bf)
+        ((uint16_t *)p)[i] = cpu_f2bf(v);
+    else
+        ((float *)p)[i] = v;
+}
+
+// Row r of out += bias. Called with a constant bf inside the parallel loop: a parallel region inside an
+// inlined function is outlined once, with bf a run-time value.
+static inline __attribute__((always_inline)) void bias_add_row(void *out, size_t at, const float *bias, int n, int bf) {
+    for (int j = 0; j < n; j++)
+        store_as(out, at + j, cpu_widen(out, at + j, bf) + bias[j], bf);
+}
+
+dsmoe_status cpu_bias_add(cpu_ctx *ctx, cpu_queue *q, void *out, dsmoe_dtype dt, const float *bias, int rows, int n) {
     CPU_BEGIN(ctx, q, "bias_add");
-    CPU_DTYPE(ctx, "bias_add", "dt", dt);
+    CPU_ACT_DTYPE(ctx, "bias_add", "dt", dt);
     CPU_REQUIRE(ctx, rows >= 0 && n >= 0, "cpu: bias_add: rows=%d n=%d: expected >= 0", rows, n);
     if ((long)rows * n == 0)
         return DSMOE_OK;
-    CPU_REQUIRE(ctx, out_ && bias, "cpu: bias_add: NULL %s", out_ ? "bias" : "out");
-    float *out = out_;
+    CPU_REQUIRE(ctx, out && bias, "cpu: bias_add: NULL %s", out ? "bias" : "out");
+    const int bf = dt == DSMOE_BFLOAT16;
 #pragma omp parallel for num_threads(ctx->threads) schedule(static) if ((long)rows * n >= CPU_PAR_MIN)
     for (int r = 0; r < rows; r++) {
-        float *o = out + (size_t)r * n;
-        for (int j = 0; j < n; j++)
-            o[j] += bias[j];
+        if (bf)
+            bias_add_row(out, (size_t)r * n, bias, n, 1);
+        else
+            bias_add_row(out, (size_t)r * n, bias, n, 0);
     }
     return DSMOE_OK;
 }
@@ -37,31 +58,48 @@ dsmoe_status cpu_bias_add(cpu_ctx *ctx, cpu_queue *q, void *out_, dsmoe_dtype dt
 dsmoe_status cpu_bias_backward(cpu_ctx *ctx, cpu_queue *q, float *dbias, const void *dout, dsmoe_dtype dt, int rows,
                                int n) {
     CPU_BEGIN(ctx, q, "bias_backward");
-    CPU_DTYPE(ctx, "bias_backward", "dt", dt);
+    CPU_ACT_DTYPE(ctx, "bias_backward", "dt", dt);
     CPU_REQUIRE(ctx, rows >= 0 && n >= 0, "cpu: bias_backward: rows=%d n=%d: expected >= 0", rows, n);
     if ((long)rows * n == 0)
         return DSMOE_OK;
     CPU_REQUIRE(ctx, dbias && dout, "cpu: bias_backward: NULL %s", dbias ? "dout" : "dbias");
-    int chunks = (n + CPU_COL_CHUNK - 1) / CPU_COL_CHUNK;
+    const int chunks = (n + CPU_COL_CHUNK - 1) / CPU_COL_CHUNK, bf = dt == DSMOE_BFLOAT16;
 #pragma omp parallel for num_threads(ctx->threads) schedule(static) if ((long)rows * n >= CPU_PAR_MIN)
     for (int ch = 0; ch < chunks; ch++) {
         int j0 = ch * CPU_COL_CHUNK, w = n - j0 < CPU_COL_CHUNK ? n - j0 : CPU_COL_CHUNK;
-        cpu_bias_chunk(dbias, dout, rows, n, j0, w);
+        if (bf)
+            cpu_bias_chunk_as(dbias, dout, rows, n, j0, w, 1);
+        else
+            cpu_bias_chunk_as(dbias, dout, rows, n, j0, w, 0);
     }
     return DSMOE_OK;
 }
 
-dsmoe_status cpu_axpy(cpu_ctx *ctx, cpu_queue *q, void *y_, float alpha, const void *x_, dsmoe_dtype dt, size_t n) {
+// y[i0, i1) += alpha x[i0, i1).
+static inline __attribute__((always_inline)) void axpy_span(void *y, float alpha, const void *x, size_t i0, size_t i1,
+                                                            int bf) {
+    for (size_t i = i0; i < i1; i++)
+        store_as(y, i, cpu_widen(y, i, bf) + alpha * cpu_widen(x, i, bf), bf);
+}
+
+#define AXPY_BLOCK 16384 // elements a thread takes at a time
+
+dsmoe_status cpu_axpy(cpu_ctx *ctx, cpu_queue *q, void *y, float alpha, const void *x, dsmoe_dtype dt, size_t n) {
     CPU_BEGIN(ctx, q, "axpy");
-    CPU_DTYPE(ctx, "axpy", "dt", dt);
+    CPU_ACT_DTYPE(ctx, "axpy", "dt", dt);
     if (n == 0)
         return DSMOE_OK;
-    CPU_REQUIRE(ctx, x_ && y_, "cpu: axpy: NULL %s with n=%zu", y_ ? "x" : "y", n);
-    float *y = y_;
-    const float *x = x_;
-#pragma omp parallel for num_threads(ctx->threads) schedule(static) if (n >= CPU_PAR_MIN)
-    for (size_t i = 0; i < n; i++)
-        y[i] += alpha * x[i];
+    CPU_REQUIRE(ctx, x && y, "cpu: axpy: NULL %s with n=%zu", y ? "x" : "y", n);
+    const int bf = dt == DSMOE_BFLOAT16;
+    const long blocks = (long)((n + AXPY_BLOCK - 1) / AXPY_BLOCK);
+#pragma omp parallel for num_threads(ctx->threads) schedule(static) if (blocks > 1)
+    for (long b = 0; b < blocks; b++) {
+        size_t i0 = (size_t)b * AXPY_BLOCK, i1 = n - i0 < AXPY_BLOCK ? n : i0 + AXPY_BLOCK;
+        if (bf)
+            axpy_span(y, alpha, x, i0, i1, 1);
+        else
+            axpy_span(y, alpha, x, i0, i1, 0);
+    }
     return DSMOE_OK;
 }
 

@@ -395,11 +395,6 @@ dsmoe_status cpu_gate_backward(cpu_ctx *ctx, cpu_queue *q, const dsmoe_gating_pa
 // a scratch (row_scratch); both paths run the same float32 expressions (combine_row is shared; the
 // others are a single add or multiply per element, whatever the operand's width).
 
-static dsmoe_status check_act_dtype(cpu_ctx *ctx, const char *op, dsmoe_dtype dt) {
-    if (dt == DSMOE_BFLOAT16) return DSMOE_OK;
-    return cpu_dtype(ctx, op, "dt", dt);
-}
-
 // nt threads x per rows of M floats for a bfloat16 call; NULL (nothing to allocate) for float32.
 static dsmoe_status row_scratch(cpu_ctx *ctx, const char *op, dsmoe_dtype dt, int nt, int per, int M, float **out) {
     *out = NULL;
@@ -427,7 +422,7 @@ static inline void combine_row(float *o, int n, const float *const *row, const f
 dsmoe_status cpu_moe_dispatch(cpu_ctx *ctx, cpu_queue *q, void *buf, const void *x, dsmoe_dtype dt,
                               const int32_t *choice, const int32_t *slot, int S, int K, int E, int C, int M) {
     CPU_BEGIN(ctx, q, "moe_dispatch");
-    CPU_TRY(check_act_dtype(ctx, "moe_dispatch", dt));
+    CPU_ACT_DTYPE(ctx, "moe_dispatch", "dt", dt);
     dsmoe_status st = check_table(ctx, "moe_dispatch", choice, slot, S, K, E, C, M);
     if (st != DSMOE_OK) return st;
     const size_t rows = (size_t)E * C, es = dt == DSMOE_BFLOAT16 ? 2 : 4, row_bytes = (size_t)M * es;
@@ -451,7 +446,7 @@ dsmoe_status cpu_moe_dispatch(cpu_ctx *ctx, cpu_queue *q, void *buf, const void 
 dsmoe_status cpu_moe_dispatch_backward(cpu_ctx *ctx, cpu_queue *q, void *dx_, const void *dbuf_, dsmoe_dtype dt,
                                        const int32_t *choice, const int32_t *slot, int S, int K, int E, int C, int M) {
     CPU_BEGIN(ctx, q, "moe_dispatch_backward");
-    CPU_TRY(check_act_dtype(ctx, "moe_dispatch_backward", dt));
+    CPU_ACT_DTYPE(ctx, "moe_dispatch_backward", "dt", dt);
     dsmoe_status st = check_table(ctx, "moe_dispatch_backward", choice, slot, S, K, E, C, M);
     if (st != DSMOE_OK) return st;
     if (S == 0 || M == 0) return DSMOE_OK;
@@ -487,7 +482,7 @@ dsmoe_status cpu_moe_combine(cpu_ctx *ctx, cpu_queue *q, void *out_, const void 
                              const int32_t *choice, const int32_t *slot, const float *weight, int S, int K, int E,
                              int C, int M) {
     CPU_BEGIN(ctx, q, "moe_combine");
-    CPU_TRY(check_act_dtype(ctx, "moe_combine", dt));
+    CPU_ACT_DTYPE(ctx, "moe_combine", "dt", dt);
     dsmoe_status st = check_table(ctx, "moe_combine", choice, slot, S, K, E, C, M);
     if (st != DSMOE_OK) return st;
     if (S == 0 || M == 0) return DSMOE_OK;
@@ -539,7 +534,7 @@ dsmoe_status cpu_moe_combine_backward(cpu_ctx *ctx, cpu_queue *q, void *dy_, flo
                                       const void *y_, dsmoe_dtype dt, const int32_t *choice, const int32_t *slot,
                                       const float *weight, int S, int K, int E, int C, int M) {
     CPU_BEGIN(ctx, q, "moe_combine_backward");
-    CPU_TRY(check_act_dtype(ctx, "moe_combine_backward", dt));
+    CPU_ACT_DTYPE(ctx, "moe_combine_backward", "dt", dt);
     dsmoe_status st = check_table(ctx, "moe_combine_backward", choice, slot, S, K, E, C, M);
     if (st != DSMOE_OK) return st;
     const size_t rows = (size_t)E * C;

@@ -18,7 +18,7 @@
 
 #include "cpu_bf16.h"     // cpu_bf16_job, cpu_bf16_gemm_run, cpu_bf16_wgrad_run
 #include "cpu_internal.h" // CPU_BEGIN, CPU_REQUIRE, cpu_sticky
-#include "cpu_math.h"     // cpu_bias_chunk
+#include "cpu_math.h"     // cpu_bias_chunk, cpu_dot_lanes
 
 // ---------------------------------------------------------------------------------------------------
 // GEMM: fixed output tiles, one single-threaded OpenBLAS call per tile, tiles spread over our threads.
@@ -107,24 +107,8 @@ static void gemm_tile(int ta, int tb, int i0, int j0, int mm, int nn, int k, flo
 // which at 1 to 8 rows costs more than the product and leaves it far below memory speed; here each
 // weight row is read once and dotted with every row of a. The order of the sums is fixed (16 lane
 // accumulators over k, then a fixed tree), so results do not depend on the thread count; they differ in
-// the last bits from BLAS's, which is why the setting small_rows = 0 (BLAS always) exists.
-#define CPU_DOT_LANES 16
-static inline float dot_lanes(const float *x, const float *w, int k) {
-    float acc[CPU_DOT_LANES] = {0}; // local: the compiler keeps it in vector registers
-    int k16 = k / CPU_DOT_LANES * CPU_DOT_LANES;
-    for (int p = 0; p < k16; p += CPU_DOT_LANES) {
-#pragma omp simd
-        for (int l = 0; l < CPU_DOT_LANES; l++)
-            acc[l] += x[p + l] * w[p + l];
-    }
-    for (int p = k16; p < k; p++)
-        acc[p - k16] += x[p] * w[p];
-    for (int h = CPU_DOT_LANES / 2; h >= 1; h /= 2) // fixed tree: lanes l and l + h
-        for (int l = 0; l < h; l++)
-            acc[l] += acc[l + h];
-    return acc[0];
-}
-
+// the last bits from BLAS's, which is why the setting small_rows = 0 (BLAS always) exists. The dot
+// product is cpu_math.h's cpu_dot_lanes (cached attention's scores use it too).
 // Weight row j comes from memory once; the rows of a after the first find it in the L1 cache (a row of
 // k floats: 4 KiB at k = 1024).
 static void rows_dot(int mm, int nn, int k, float alpha, const float *a, int lda, const float *b, int ldb, float beta,
@@ -132,7 +116,7 @@ static void rows_dot(int mm, int nn, int k, float alpha, const float *a, int lda
     for (int j = 0; j < nn; j++) {
         const float *w = b + (size_t)j * ldb;
         for (int i = 0; i < mm; i++) {
-            float d = dot_lanes(a + (size_t)i * lda, w, k);
+            float d = cpu_dot_lanes(a + (size_t)i * lda, w, k);
             float *y = c + (size_t)i * ldc + j;
             *y = beta == 0.0f ? alpha * d : alpha * d + beta * *y; // beta 0: c is not read
         }

@@ -8,6 +8,14 @@
 // the same masked softmax, so a prefill from position 0 gives what attention_forward gives. Positions
 // (pos) are device data: one outside its bound is the sticky error. Sampling sorts a row's logits
 // (probability order is logit order), so it costs O(V log V) a row: fine for a host.
+//
+// bfloat16 caches and activations are read in place, not staged whole as the other bf16 ops are
+// (cpu_bf16_ops.c): a decode step touches positions [0, pos + T_new) of a cache that holds T_max, and a
+// whole-cache float32 copy per call made every step cost O(T_max) (at a 1024-token context a bf16
+// decode ran slower than float32). kv_append copies bf16 rows as they are; attention_cached widens
+// each (b, h)'s q rows and its first pos + T_new keys and values into the thread's float32 scratch and
+// runs the float32 arithmetic on them, then rounds the (T_new, D) output once: bit for bit the float32
+// op on the widened tensors, rounded, as the staged ops give (tests/plugins/kernel/test_cpu_infer_bf16.c).
 #include <math.h>
 #include <omp.h>
 #include <stdlib.h>
@@ -16,7 +24,9 @@
 #include <cblas.h> // cblas_sgemm (single-threaded, see cpu_blas_single_threaded)
 
 #include "dsmoe/rng.h"    // dsmoe_rng_uniform
+#include "cpu_bf16.h"     // cpu_bf16_to_f32, cpu_f32_to_bf16, cpu_stage_reserve
 #include "cpu_internal.h" // CPU_BEGIN, CPU_DTYPE, CPU_REQUIRE, cpu_sticky, cpu_causal_softmax_rows
+#include "cpu_math.h"     // cpu_dot_lanes
 
 static dsmoe_status check_cache(cpu_ctx *ctx, const char *op, int B, int T_new, int M, int NH, int T_max) {
     CPU_REQUIRE(ctx, B >= 0 && T_new >= 0 && M > 0 && NH > 0 && T_max >= 0, "cpu: %s: B=%d T_new=%d M=%d NH=%d "
@@ -35,71 +45,156 @@ static dsmoe_status check_pos(cpu_ctx *ctx, const char *op, const int32_t *pos, 
     return DSMOE_OK;
 }
 
-// Token t of sequence b: its key and value rows of every head go to position pos[b] + t.
+// Token t of sequence b: its key and value rows of every head go to position pos[b] + t. A copy, so
+// either dtype moves as bytes.
 dsmoe_status cpu_kv_append(cpu_ctx *ctx, cpu_queue *q, void *k_cache, void *v_cache, const void *qkv_, dsmoe_dtype dt,
                            const int32_t *pos, int B, int T_new, int M, int NH, int T_max) {
     CPU_BEGIN(ctx, q, "kv_append");
-    CPU_DTYPE(ctx, "kv_append", "dt", dt);
+    CPU_ACT_DTYPE(ctx, "kv_append", "dt", dt);
     CPU_TRY(check_cache(ctx, "kv_append", B, T_new, M, NH, T_max));
     if (B == 0 || T_new == 0)
         return DSMOE_OK;
     CPU_REQUIRE(ctx, k_cache && v_cache && qkv_ && pos, "cpu: kv_append: NULL k_cache, v_cache, qkv or pos");
     CPU_TRY(check_pos(ctx, "kv_append", pos, B, T_new, T_max));
-    const float *qkv = qkv_;
-    float *kc = k_cache, *vc = v_cache;
+    const size_t es = dt == DSMOE_BFLOAT16 ? 2 : 4;
+    const char *qkv = qkv_;
+    char *kc = k_cache, *vc = v_cache;
     const int D = M / NH, rows = B * T_new;
 #pragma omp parallel for num_threads(ctx->threads) schedule(static) if ((long)rows * M >= CPU_PAR_MIN)
     for (int r = 0; r < rows; r++) {
         int b = r / T_new, t = r % T_new;
-        const float *k = qkv + (size_t)r * 3 * M + M, *v = k + M; // (M) each: the heads side by side
+        const char *k = qkv + ((size_t)r * 3 * M + M) * es, *v = k + M * es; // (M) each: the heads side by side
         for (int h = 0; h < NH; h++) {
-            size_t at = (((size_t)b * NH + h) * T_max + (size_t)(pos[b] + t)) * D;
-            memcpy(kc + at, k + (size_t)h * D, (size_t)D * sizeof(float));
-            memcpy(vc + at, v + (size_t)h * D, (size_t)D * sizeof(float));
+            size_t at = (((size_t)b * NH + h) * T_max + (size_t)(pos[b] + t)) * D * es;
+            memcpy(kc + at, k + (size_t)h * D * es, (size_t)D * es);
+            memcpy(vc + at, v + (size_t)h * D * es, (size_t)D * es);
         }
     }
     return DSMOE_OK;
 }
 
+// One (b, h) unit of cached attention: q (T_new, D) with leading dimension ldq, the unit's first tk keys
+// and values (tk, D) of a cache block in the cache's dtype, out (T_new, D) float32 with leading dimension
+// ldo; first = pos[b], so query t sees keys [0, first + t]. a (T_new, tk) holds the scores, then the
+// probabilities.
+typedef struct cached_unit {
+    const float *q;
+    int ldq, T_new, tk, first, D;
+    const void *k, *v; // (tk, D) of k_cache and v_cache, bfloat16 when bf
+    int bf;
+    float scale;
+    float *a, *out;
+    int ldo;
+} cached_unit;
+
+// A few query rows (T_new <= small_rows: decode): scores as dot products (cpu_dot_lanes_as) and out as
+// a running sum over the keys in order, reading each key and value row once, straight from the cache,
+// where BLAS would pack them all first (at 1 to 8 rows the packing cost more than the product) and a
+// bfloat16 cache would need a float32 copy. One body for both dtypes (bf is a constant in each
+// instance): a bf16 value is widened exactly in a register and the same float32 sums follow, so a bf16
+// result is the float32 one on the widened cache, rounded.
+static inline __attribute__((always_inline)) void attend_few_as(const cached_unit *U, int bf) {
+    const int T_new = U->T_new, tk = U->tk, D = U->D;
+    const size_t es = bf ? 2 : 4;
+    for (int j = 0; j < tk; j++) {
+        const void *kj = (const char *)U->k + (size_t)j * D * es;
+        for (int t = 0; t < T_new; t++)
+            U->a[(size_t)t * tk + j] = U->scale * cpu_dot_lanes_as(U->q + (size_t)t * U->ldq, kj, D, bf);
+    }
+    cpu_causal_softmax_rows(U->a, T_new, tk, U->first);
+    for (int t = 0; t < T_new; t++) {
+        const float *at = U->a + (size_t)t * tk;
+        float *o = U->out + (size_t)t * U->ldo;
+        memset(o, 0, (size_t)D * sizeof *o);
+        for (int j = 0; j <= U->first + t; j++) { // keys past the query's position have probability 0
+            const void *vj = (const char *)U->v + (size_t)j * D * es;
+            const float w = at[j];
+#pragma omp simd
+            for (int d = 0; d < D; d++)
+                o[d] += w * cpu_widen(vj, (size_t)d, bf);
+        }
+    }
+}
+
+static void attend_few(const cached_unit *U) {
+    if (U->bf)
+        attend_few_as(U, 1);
+    else
+        attend_few_as(U, 0);
+}
+
+// More query rows (a prefill): the two products as BLAS GEMMs over the whole (tk, D) blocks, as
+// attention_forward does; bfloat16 blocks are widened whole into kf and vf first.
+static void attend_many(const cached_unit *U, float *kf, float *vf) {
+    const int T_new = U->T_new, tk = U->tk, D = U->D;
+    const float *k = U->k, *v = U->v;
+    if (U->bf) {
+        cpu_bf16_to_f32(kf, U->k, (size_t)tk * D);
+        cpu_bf16_to_f32(vf, U->v, (size_t)tk * D);
+        k = kf, v = vf;
+    }
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T_new, tk, D, U->scale, U->q, U->ldq, k, D, 0.0f, U->a, tk);
+    cpu_causal_softmax_rows(U->a, T_new, tk, U->first);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T_new, D, tk, 1.0f, U->a, tk, v, D, 0.0f, U->out, U->ldo);
+}
+
 // Per (b, h): scores (T_new, Tk) = scale q k[0:Tk]^T with Tk = pos[b] + T_new, query t masked after
-// position pos[b] + t, softmax, out = a v[0:Tk]. Each thread has one (T_new, Tk_max) score block.
+// position pos[b] + t, softmax, out = a v[0:Tk]. Units run in parallel; each thread's scratch (the
+// context's arena) holds a (T_new, Tk_max) score block and, in bfloat16, float32 copies of the unit's q
+// and out (T_new, D each) and, for attend_many, of its keys and values (Tk_max, D each).
 dsmoe_status cpu_attention_cached(cpu_ctx *ctx, cpu_queue *q, void *out_, const void *qkv_, const void *k_cache,
                                   const void *v_cache, dsmoe_dtype dt, const int32_t *pos, int B, int T_new, int M,
                                   int NH, int T_max) {
     CPU_BEGIN(ctx, q, "attention_cached");
-    CPU_DTYPE(ctx, "attention_cached", "dt", dt);
+    CPU_ACT_DTYPE(ctx, "attention_cached", "dt", dt);
     CPU_TRY(check_cache(ctx, "attention_cached", B, T_new, M, NH, T_max));
     if (B == 0 || T_new == 0)
         return DSMOE_OK;
     CPU_REQUIRE(ctx, out_ && qkv_ && k_cache && v_cache && pos,
                 "cpu: attention_cached: NULL out, qkv, k_cache, v_cache or pos");
     CPU_TRY(check_pos(ctx, "attention_cached", pos, B, T_new, T_max));
-    const float *qkv = qkv_, *kc = k_cache, *vc = v_cache;
-    float *out = out_;
-    const int D = M / NH, ld = 3 * M, units = B * NH;
+    const int bf = dt == DSMOE_BFLOAT16, D = M / NH, ld = 3 * M, units = B * NH, few = T_new <= ctx->small_rows;
+    const size_t es = bf ? 2 : 4;
     int tk_max = 0;
     for (int b = 0; b < B; b++)
         tk_max = pos[b] + T_new > tk_max ? pos[b] + T_new : tk_max;
-    size_t per = (size_t)T_new * tk_max;
-    float *scores = malloc(per * ctx->threads * sizeof *scores);
-    if (!scores)
-        return cpu_fail(ctx, DSMOE_ERR_NOMEM, "cpu: attention_cached: no memory for %d score blocks of %zu floats",
-                        ctx->threads, per);
+    const size_t per_scores = (size_t)T_new * tk_max, per_rows = (size_t)T_new * D;
+    const size_t per_kv = few ? 0 : (size_t)tk_max * D;
+    const size_t per = per_scores + (bf ? 2 * per_rows + 2 * per_kv : 0);
+    float *scratch; // the context's arena: a fresh block per call page-faulted it in on every decode step
+    CPU_TRY(cpu_stage_reserve(ctx, "attention_cached", per * ctx->threads * sizeof *scratch, (void **)&scratch));
     float scale = 1.0f / sqrtf((float)D);
-    cpu_blas_single_threaded();
+    if (!few)
+        cpu_blas_single_threaded();
     int par = units > 1 && (long)T_new * tk_max * D >= 4096;
 #pragma omp parallel for num_threads(ctx->threads) schedule(dynamic, 1) if (par)
     for (int u = 0; u < units; u++) {
-        int h = u % NH, b = u / NH, tk = pos[b] + T_new;
-        const float *qh = qkv + (size_t)b * T_new * ld + (size_t)h * D;
-        const float *kh = kc + (size_t)u * T_max * D, *vh = vc + (size_t)u * T_max * D; // (T_max, D) each
-        float *a = scores + per * omp_get_thread_num(); // (T_new, tk)
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T_new, tk, D, scale, qh, ld, kh, D, 0.0f, a, tk);
-        cpu_causal_softmax_rows(a, T_new, tk, pos[b]);
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T_new, D, tk, 1.0f, a, tk, vh, D, 0.0f,
-                    out + (size_t)b * T_new * M + (size_t)h * D, M);
+        int h = u % NH, b = u / NH;
+        float *mine = scratch + per * omp_get_thread_num();
+        size_t q_at = (size_t)b * T_new * ld + (size_t)h * D, o_at = (size_t)b * T_new * M + (size_t)h * D;
+        size_t kv_at = (size_t)u * T_max * D * es; // bytes: the unit's (T_max, D) block of each cache
+        cached_unit U = {.T_new = T_new, .tk = pos[b] + T_new, .first = pos[b], .D = D,
+                         .k = (const char *)k_cache + kv_at, .v = (const char *)v_cache + kv_at, .bf = bf,
+                         .scale = scale, .a = mine};
+        float *kv = mine + per_scores;
+        if (!bf) {
+            U.q = (const float *)qkv_ + q_at, U.ldq = ld, U.out = (float *)out_ + o_at, U.ldo = M;
+        } else { // q and out as float32 (T_new, D) blocks of the scratch
+            float *qf = kv, *of = qf + per_rows;
+            kv = of + per_rows;
+            for (int t = 0; t < T_new; t++)
+                cpu_bf16_to_f32(qf + (size_t)t * D, (const uint16_t *)qkv_ + q_at + (size_t)t * ld, (size_t)D);
+            U.q = qf, U.ldq = D, U.out = of, U.ldo = D;
+        }
+        if (few)
+            attend_few(&U);
+        else
+            attend_many(&U, kv, kv + per_kv);
+        if (bf)
+            for (int t = 0; t < T_new; t++)
+                cpu_f32_to_bf16((uint16_t *)out_ + o_at + (size_t)t * M, U.out + (size_t)t * D, (size_t)D);
     }
-    free(scores);
+    cpu_stage_release(ctx);
     return DSMOE_OK;
 }
 

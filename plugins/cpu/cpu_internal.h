@@ -49,7 +49,8 @@ struct dsmoe_kernel_ctx {
     char description[768];           // describe()
     struct cpu_dnnl *dnnl;           // oneDNN for bf16 GEMMs (cpu_dnnl.c); NULL: they are emulated
     struct cpu_bf16_slot *bf16_slots; // (threads) scratch of bf16 GEMMs (cpu_gemm_bf16.c), made on first use
-    void *stage;                     // float32 copies of a bf16 op's tensors (cpu_bf16_ops.c): grown to the
+    void *stage;                     // a call's float32 scratch: copies of a bf16 op's tensors (cpu_bf16_ops.c),
+                                     // cached attention's blocks (cpu_infer.c); grown to the
     size_t stage_bytes;              // largest call's need up to CPU_STAGE_KEEP, kept until the context goes
     void *stage_once;                // a call's copies beyond CPU_STAGE_KEEP: freed when it returns
 };
@@ -108,6 +109,9 @@ static inline dsmoe_status cpu_dtype(dsmoe_kernel_ctx *ctx, const char *op, cons
 
 #define CPU_BEGIN(ctx, q, op) CPU_TRY(cpu_begin((ctx), (q), (op)))
 #define CPU_DTYPE(ctx, op, arg, dt) CPU_TRY(cpu_dtype((ctx), (op), (arg), (dt)))
+// For the ops that take bfloat16 rows themselves (the others' bf16 members stage, cpu_bf16_ops.c).
+#define CPU_ACT_DTYPE(ctx, op, arg, dt)                                                            \
+    CPU_TRY((dt) == DSMOE_BFLOAT16 ? DSMOE_OK : cpu_dtype((ctx), (op), (arg), (dt)))
 
 // Returns DSMOE_ERR_INVALID with the formatted message when cond is false. The message names the op
 // and what was expected: "cpu: gemm: lda=3 < k=5 (a is (m, k), not transposed)".

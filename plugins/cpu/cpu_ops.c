@@ -4,9 +4,11 @@
 //          cpu_crossentropy_*, cpu_residual_mix_*
 //
 // Contracts are the comments in include/dsmoe/kernel_plugin.h; karpathy/llm.c's train_gpt2.c is the
-// model for the math, and every result is bitwise version 1's (float32 only so far). Invariants:
-// forward outputs are assigned, backward outputs accumulate (+=); tensors are row-major and contiguous; every output element is written by one thread, and sums over
-// rows run in row order inside the thread that owns the column (threading rules in cpu_internal.h).
+// model for the math, and every float32 result is bitwise version 1's. Layer norm takes bfloat16 rows
+// itself; the other ops' bfloat16 members stage (cpu_bf16_ops.c). Invariants: forward outputs are
+// assigned, backward outputs accumulate (+=); tensors are row-major and contiguous; every output element
+// is written by one thread, and sums over rows run in row order inside the thread that owns the column
+// (threading rules in cpu_internal.h).
 // Bad data (a token or target out of range) is a sticky error (cpu_sticky).
 // Per-row statistics (mean, variance, softmax sums) are accumulated in double: they cost little next
 // to the GEMMs and keep float rounding out of the finite-difference tests. `omp simd` reductions have
@@ -17,9 +19,9 @@
 
 #include <cblas.h> // cblas_sgemm, for attention (called single-threaded, see cpu_blas_single_threaded)
 
-#include "cpu_bf16.h"     // cpu_bf2f: a bfloat16 embedding table
+#include "cpu_bf16.h"     // cpu_bf2f (a bfloat16 embedding table), the conversions, cpu_stage_reserve
 #include "cpu_internal.h" // CPU_BEGIN, CPU_DTYPE, CPU_REQUIRE, cpu_sticky, cpu_blas_single_threaded
-#include "cpu_math.h"     // cpu_exp_fast, CPU_COL_CHUNK
+#include "cpu_math.h"     // cpu_exp_fast, CPU_COL_CHUNK, cpu_widen
 
 // ---------------------------------------------------------------------------------------------------
 // Embedding: out (B*T, M) = wte[tokens] + wpe[t]
@@ -117,39 +119,108 @@ dsmoe_status cpu_embedding_backward(cpu_ctx *ctx, cpu_queue *q, float *dwte, flo
 // ---------------------------------------------------------------------------------------------------
 // Layer norm over the last dimension: out = (in - mean) * rstd * weight + bias, variance biased (as
 // torch). mean and rstd (S) are saved for the backward; either may be NULL when no backward follows.
+//
+// bfloat16 rows are widened a row at a time into the thread's rows of the context's arena, run through
+// the same float32 row function (noinline: one compiled body, whose double reductions vectorise one
+// way), and the output row rounded once: the float32 op on the widened tensors, rounded, without the
+// whole-tensor float32 copies the staged ops make (tests/plugins/kernel/test_cpu_bf16_rows.c). The
+// backward's column sums are element-wise, so they read bfloat16 in registers (cpu_widen).
+
+// o (M) = the normalized row x; its mean and 1 / std.
+static __attribute__((noinline)) void ln_forward_row(float *o, float *mean, float *rstd, const float *x,
+                                                      const float *weight, const float *bias, int M, float eps) {
+    double sum = 0.0;
+#pragma omp simd reduction(+ : sum)
+    for (int j = 0; j < M; j++)
+        sum += x[j];
+    double mu = sum / M, var = 0.0;
+#pragma omp simd reduction(+ : var)
+    for (int j = 0; j < M; j++)
+        var += (x[j] - mu) * (x[j] - mu);
+    float m = (float)mu, r = (float)(1.0 / sqrt(var / M + eps));
+    for (int j = 0; j < M; j++)
+        o[j] = (x[j] - m) * r * weight[j] + bias[j];
+    *mean = m;
+    *rstd = r;
+}
+
+// Rows of `n` floats per thread for a bfloat16 call, from the context's arena; NULL for float32.
+static dsmoe_status bf16_rows(cpu_ctx *ctx, const char *op, int bf, size_t n, float **rows) {
+    *rows = NULL;
+    return bf ? cpu_stage_reserve(ctx, op, (size_t)ctx->threads * n * sizeof(float), (void **)rows) : DSMOE_OK;
+}
 
 dsmoe_status cpu_layernorm_forward(cpu_ctx *ctx, cpu_queue *q, void *out_, float *mean, float *rstd, const void *in_,
                                    dsmoe_dtype dt, const float *weight, const float *bias, int S, int M, float eps) {
     CPU_BEGIN(ctx, q, "layernorm_forward");
-    CPU_DTYPE(ctx, "layernorm_forward", "dt", dt);
+    CPU_ACT_DTYPE(ctx, "layernorm_forward", "dt", dt);
     CPU_REQUIRE(ctx, S >= 0 && M > 0, "cpu: layernorm_forward: S=%d M=%d: expected S >= 0 and M > 0", S, M);
     CPU_REQUIRE(ctx, eps >= 0.0f, "cpu: layernorm_forward: eps=%g: expected >= 0", (double)eps);
     if (S == 0)
         return DSMOE_OK;
     CPU_REQUIRE(ctx, out_ && in_ && weight && bias, "cpu: layernorm_forward: NULL out, in, weight or bias");
-    float *out = out_;
-    const float *in = in_;
+    const int bf = dt == DSMOE_BFLOAT16;
+    float *rows; // (threads, 2, M): x, out
+    CPU_TRY(bf16_rows(ctx, "layernorm_forward", bf, 2 * (size_t)M, &rows));
 #pragma omp parallel for num_threads(ctx->threads) schedule(static) if ((long)S * M >= CPU_PAR_MIN)
     for (int s = 0; s < S; s++) {
-        const float *x = in + (size_t)s * M;
-        double sum = 0.0;
-#pragma omp simd reduction(+ : sum)
-        for (int j = 0; j < M; j++)
-            sum += x[j];
-        double mu = sum / M, var = 0.0;
-#pragma omp simd reduction(+ : var)
-        for (int j = 0; j < M; j++)
-            var += (x[j] - mu) * (x[j] - mu);
-        float m = (float)mu, r = (float)(1.0 / sqrt(var / M + eps));
-        float *o = out + (size_t)s * M;
-        for (int j = 0; j < M; j++)
-            o[j] = (x[j] - m) * r * weight[j] + bias[j];
+        size_t at = (size_t)s * M;
+        float m, r;
+        if (!bf) {
+            ln_forward_row((float *)out_ + at, &m, &r, (const float *)in_ + at, weight, bias, M, eps);
+        } else {
+            float *x = rows + (size_t)omp_get_thread_num() * 2 * M, *o = x + M;
+            cpu_bf16_to_f32(x, (const uint16_t *)in_ + at, (size_t)M);
+            ln_forward_row(o, &m, &r, x, weight, bias, M, eps);
+            cpu_f32_to_bf16((uint16_t *)out_ + at, o, (size_t)M);
+        }
         if (mean)
             mean[s] = m;
         if (rstd)
             rstd[s] = r;
     }
+    if (bf)
+        cpu_stage_release(ctx);
     return DSMOE_OK;
+}
+
+// d (M) += the input gradient of row x given its output gradient g.
+static __attribute__((noinline)) void ln_backward_row(float *d, const float *x, const float *g, const float *weight,
+                                                       float m, float r, int M) {
+    double dnorm_sum = 0.0, dnorm_norm_sum = 0.0;
+#pragma omp simd reduction(+ : dnorm_sum, dnorm_norm_sum)
+    for (int j = 0; j < M; j++) {
+        float dnorm = weight[j] * g[j];
+        dnorm_sum += dnorm;
+        dnorm_norm_sum += dnorm * ((x[j] - m) * r);
+    }
+    float dnorm_mean = (float)(dnorm_sum / M), dnorm_norm_mean = (float)(dnorm_norm_sum / M);
+    for (int j = 0; j < M; j++) {
+        float norm = (x[j] - m) * r;
+        d[j] += r * (weight[j] * g[j] - dnorm_mean - norm * dnorm_norm_mean);
+    }
+}
+
+// dweight, dbias columns [j0, j0 + w) += sums over the S rows in order, in w-float accumulators; x and
+// g are read as float32 or bfloat16 (bf, a constant in each instance).
+static inline __attribute__((always_inline)) void ln_backward_cols(float *dweight, float *dbias, const void *dout,
+                                                                   const void *in, const float *mean,
+                                                                   const float *rstd, int S, int M, int j0, int w,
+                                                                   int bf) {
+    float acc_w[CPU_COL_CHUNK] = {0}, acc_b[CPU_COL_CHUNK] = {0};
+    for (int s = 0; s < S; s++) {
+        size_t at = (size_t)s * M + j0;
+        float m = mean[s], r = rstd[s];
+        for (int j = 0; j < w; j++) {
+            float x = cpu_widen(in, at + j, bf), g = cpu_widen(dout, at + j, bf);
+            acc_w[j] += g * ((x - m) * r);
+            acc_b[j] += g;
+        }
+    }
+    for (int j = 0; j < w; j++) {
+        dweight[j0 + j] += acc_w[j];
+        dbias[j0 + j] += acc_b[j];
+    }
 }
 
 // din needs two sums per row (row-parallel pass); dweight and dbias need sums over rows
@@ -158,54 +229,45 @@ dsmoe_status cpu_layernorm_backward(cpu_ctx *ctx, cpu_queue *q, void *din_, floa
                                     const void *dout_, const void *in_, dsmoe_dtype dt, const float *weight,
                                     const float *mean, const float *rstd, int S, int M) {
     CPU_BEGIN(ctx, q, "layernorm_backward");
-    CPU_DTYPE(ctx, "layernorm_backward", "dt", dt);
+    CPU_ACT_DTYPE(ctx, "layernorm_backward", "dt", dt);
     CPU_REQUIRE(ctx, S >= 0 && M > 0, "cpu: layernorm_backward: S=%d M=%d: expected S >= 0 and M > 0", S, M);
     if (S == 0)
         return DSMOE_OK;
     CPU_REQUIRE(ctx, din_ && dweight && dbias && dout_ && in_ && weight && mean && rstd,
                 "cpu: layernorm_backward: NULL argument (din, dweight, dbias, dout, in, weight, mean or rstd)");
-    float *din = din_;
-    const float *dout = dout_, *in = in_;
+    const int bf = dt == DSMOE_BFLOAT16;
+    float *rows; // (threads, 3, M): x, g, din
+    CPU_TRY(bf16_rows(ctx, "layernorm_backward", bf, 3 * (size_t)M, &rows));
     int par = (long)S * M >= CPU_PAR_MIN;
     int chunks = (M + CPU_COL_CHUNK - 1) / CPU_COL_CHUNK;
 #pragma omp parallel num_threads(ctx->threads) if (par)
     {
 #pragma omp for schedule(static) nowait
         for (int s = 0; s < S; s++) {
-            const float *x = in + (size_t)s * M, *g = dout + (size_t)s * M;
-            float m = mean[s], r = rstd[s];
-            double dnorm_sum = 0.0, dnorm_norm_sum = 0.0;
-#pragma omp simd reduction(+ : dnorm_sum, dnorm_norm_sum)
-            for (int j = 0; j < M; j++) {
-                float dnorm = weight[j] * g[j];
-                dnorm_sum += dnorm;
-                dnorm_norm_sum += dnorm * ((x[j] - m) * r);
-            }
-            float dnorm_mean = (float)(dnorm_sum / M), dnorm_norm_mean = (float)(dnorm_norm_sum / M);
-            float *d = din + (size_t)s * M;
-            for (int j = 0; j < M; j++) {
-                float norm = (x[j] - m) * r;
-                d[j] += r * (weight[j] * g[j] - dnorm_mean - norm * dnorm_norm_mean);
+            size_t at = (size_t)s * M;
+            if (!bf) {
+                ln_backward_row((float *)din_ + at, (const float *)in_ + at, (const float *)dout_ + at, weight,
+                                mean[s], rstd[s], M);
+            } else {
+                float *x = rows + (size_t)omp_get_thread_num() * 3 * M, *g = x + M, *d = g + M;
+                cpu_bf16_to_f32(x, (const uint16_t *)in_ + at, (size_t)M);
+                cpu_bf16_to_f32(g, (const uint16_t *)dout_ + at, (size_t)M);
+                cpu_bf16_to_f32(d, (const uint16_t *)din_ + at, (size_t)M);
+                ln_backward_row(d, x, g, weight, mean[s], rstd[s], M);
+                cpu_f32_to_bf16((uint16_t *)din_ + at, d, (size_t)M);
             }
         }
 #pragma omp for schedule(static)
         for (int ch = 0; ch < chunks; ch++) {
             int j0 = ch * CPU_COL_CHUNK, w = M - j0 < CPU_COL_CHUNK ? M - j0 : CPU_COL_CHUNK;
-            float acc_w[CPU_COL_CHUNK] = {0}, acc_b[CPU_COL_CHUNK] = {0};
-            for (int s = 0; s < S; s++) {
-                const float *x = in + (size_t)s * M + j0, *g = dout + (size_t)s * M + j0;
-                float m = mean[s], r = rstd[s];
-                for (int j = 0; j < w; j++) {
-                    acc_w[j] += g[j] * ((x[j] - m) * r);
-                    acc_b[j] += g[j];
-                }
-            }
-            for (int j = 0; j < w; j++) {
-                dweight[j0 + j] += acc_w[j];
-                dbias[j0 + j] += acc_b[j];
-            }
+            if (bf)
+                ln_backward_cols(dweight, dbias, dout_, in_, mean, rstd, S, M, j0, w, 1);
+            else
+                ln_backward_cols(dweight, dbias, dout_, in_, mean, rstd, S, M, j0, w, 0);
         }
     }
+    if (bf)
+        cpu_stage_release(ctx);
     return DSMOE_OK;
 }
 

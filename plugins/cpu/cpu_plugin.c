@@ -31,9 +31,10 @@ static const dsmoe_param_decl cpu_params[N_PARAMS] = {
                       "fill alloc() memory not asked zeroed with 0xFF bytes (NaN), to catch reads of unset memory",
                       NULL},
     [PARAM_SMALL_ROWS] = {"small_rows", DSMOE_PARAM_INT, "8",
-                          "float32 GEMMs x @ w^T (and expert groups) of at most this many rows run as dot products "
-                          "that read each weight once, at memory speed (decode); 0 = OpenBLAS always, bitwise as "
-                          "ABI-1 versions of this plugin; at most 16",
+                          "float32 GEMMs x @ w^T (and expert groups) of at most this many rows, and cached attention "
+                          "of at most this many new tokens, run as dot products that read each weight (each cached "
+                          "key and value) once, at memory speed (decode); 0 = OpenBLAS always, bitwise as ABI-1 "
+                          "versions of this plugin; at most 16",
                           NULL},
     [PARAM_SIMD] = {"simd", DSMOE_PARAM_ENUM, "auto",
                     "vectors of the GELU kernels (op and GEMM epilogues): avx512 (512-bit; refused on a CPU "
@@ -416,9 +417,9 @@ static const dsmoe_kernel_plugin_v3 cpu_plugin = {
     .gemm_grouped = cpu_gemm_grouped,
     .gemm_grouped_wgrad = cpu_gemm_grouped_wgrad,
 
-    .bias_add = cpu_bf16_bias_add,
-    .bias_backward = cpu_bf16_bias_backward,
-    .axpy = cpu_bf16_axpy,
+    .bias_add = cpu_bias_add, // these three, layer norm, dispatch, combine and the KV cache's: bf16 in place
+    .bias_backward = cpu_bias_backward,
+    .axpy = cpu_axpy,
     .mul_uniform_noise = cpu_bf16_mul_uniform_noise,
     .sum_squares = cpu_sum_squares,
     .all_finite = cpu_bf16_all_finite,
@@ -427,8 +428,8 @@ static const dsmoe_kernel_plugin_v3 cpu_plugin = {
 
     .embedding_forward = cpu_bf16_embedding_forward,
     .embedding_backward = cpu_bf16_embedding_backward,
-    .layernorm_forward = cpu_bf16_layernorm_forward,
-    .layernorm_backward = cpu_bf16_layernorm_backward,
+    .layernorm_forward = cpu_layernorm_forward,
+    .layernorm_backward = cpu_layernorm_backward,
     .gelu_forward = cpu_bf16_gelu_forward,
     .gelu_backward = cpu_bf16_gelu_backward,
     .attention_forward = cpu_bf16_attention_forward,
@@ -449,8 +450,8 @@ static const dsmoe_kernel_plugin_v3 cpu_plugin = {
 
     .adamw = cpu_adamw,
 
-    .kv_append = cpu_bf16_kv_append,
-    .attention_cached = cpu_bf16_attention_cached,
+    .kv_append = cpu_kv_append,
+    .attention_cached = cpu_attention_cached,
     .sample = cpu_bf16_sample,
 
     .distill_forward = cpu_distill_forward,

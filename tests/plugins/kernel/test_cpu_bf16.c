@@ -1,6 +1,6 @@
 // tests/plugins/kernel/test_cpu_bf16.c: bfloat16 in the cpu kernel plugin, through its table (cpu_plugin_test.h):
-// conversions, GEMMs and grouped GEMMs with bf16 operands, and their independence of the thread count;
-// MoE dispatch and combine on bf16 rows.
+// conversions, GEMMs and grouped GEMMs with bf16 operands, and their independence of the thread count.
+// The ops that read bf16 rows in place are test_cpu_bf16_rows.c's.
 // ctest runs it twice (tests/plugins/kernel/cpu_bf16.cmake): as the machine is, and with oneDNN held below its bf16
 // ISA (ONEDNN_MAX_CPU_ISA) so that the emulated GEMMs are tested too; DSMOE_TEST_BF16_PATH says
 // which path describe() must name.
@@ -21,8 +21,6 @@
 //   float32 evaluation; gelu'(x) c likewise, with |gelu'(x)|.
 // - thread independence: the same calls on a 1-thread and a 2-thread context, and again on the
 //   2-thread one, give the same bits.
-// - MoE dispatch and combine: the plugin's own float32 op on the widened values, rounded by the
-//   reference, bit for bit (what the contract asks: float32 arithmetic, one rounding).
 #include <cpuid.h>
 #include <math.h>
 #include <setjmp.h>
@@ -36,54 +34,10 @@
 #include <cmocka.h>
 
 #include "cpu_plugin_test.h"
+#include "plugins/kernel/bf16_ref.h" // ref_f2bf, to_bf16, SENTINEL_BITS
 
 #define F32 DSMOE_FLOAT32
 #define BF16 DSMOE_BFLOAT16
-#define SENTINEL_BITS 0x4640u // 12288.0 as bfloat16: rows a call must not write keep it
-
-// ---------------------------------------------------------------------------------------------------
-// bfloat16 from the definition
-
-static float bits_f(uint32_t u) {
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static uint32_t f_bits(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    return u;
-}
-
-static float bf2f(uint16_t h) { return bits_f((uint32_t)h << 16); }
-
-// The value of a bfloat16 pattern of finite magnitude class, in double; 0x7f80 (what follows the largest
-// finite value) counts as 2^128, where IEEE rounding puts the overflow threshold.
-static double mag(uint16_t h) { return (h & 0x7fff) == 0x7f80 ? ldexp(1.0, 128) : fabs((double)bf2f(h)); }
-
-static uint16_t ref_f2bf(float x) {
-    uint32_t u = f_bits(x);
-    uint16_t sign = (uint16_t)((u >> 16) & 0x8000);
-    if (isnan(x))
-        return (uint16_t)(sign | 0x7fc0 | ((u >> 16) & 0x3f)); // quiet, sign and top payload kept
-    if (isinf(x))
-        return (uint16_t)(sign | 0x7f80);
-    uint16_t lo = (uint16_t)((u >> 16) & 0x7fff), hi = (uint16_t)(lo + 1); // magnitudes around |x|
-    double ax = fabs((double)x), dlo = ax - mag(lo), dhi = mag(hi) - ax;
-    uint16_t pick = dlo < dhi ? lo : dhi < dlo ? hi : (lo & 1) ? hi : lo;
-    return (uint16_t)(sign | pick);
-}
-
-// bfloat16 bits of n values (rounded by the reference), and the rounded values back in x.
-static uint16_t *to_bf16(float *x, size_t n) {
-    uint16_t *h = malloc((n ? n : 1) * sizeof *h);
-    for (size_t i = 0; i < n; i++) {
-        h[i] = ref_f2bf(x[i]);
-        x[i] = bf2f(h[i]);
-    }
-    return h;
-}
 
 // ---------------------------------------------------------------------------------------------------
 // Conversions
@@ -532,109 +486,6 @@ static void test_path(void **state) {
     P->finalize(c);
 }
 
-// ---------------------------------------------------------------------------------------------------
-// MoE dispatch and combine on bfloat16 rows: the float32 op on the widened tensors with each result
-// rounded once (the reference rounding), bit for bit; rows of unused slots keep what they held; 1 and 2
-// threads agree.
-
-enum { MS = 37, MK = 2, ME = 5, MC = 16, MM = 70, MROWS = ME * MC };
-
-// Two distinct experts per token, slots in token order up to the capacity, and some choices dropped:
-// 80 slots, fewer used, so some rows stay unused.
-static void moe_table(int32_t *choice, int32_t *slot) {
-    int used[ME] = {0};
-    for (int s = 0; s < MS; s++)
-        for (int k = 0; k < MK; k++) {
-            int e = (s * 3 + k * 2) % ME, i = s * MK + k;
-            choice[i] = e;
-            slot[i] = used[e] < MC && (s + k) % 7 != 3 ? used[e]++ : -1;
-        }
-}
-
-// host bf16 (n) of a device buffer; and a device buffer from host bf16 or float data
-static uint16_t *get16(dsmoe_kernel_ctx *c, const void *d, size_t n) {
-    uint16_t *h = malloc(n * 2);
-    dev_get(c, h, d, n * 2);
-    return h;
-}
-
-// The float32 result f (n), rounded, against the bfloat16 result h; rows (of MM) with used[r] == 0 must
-// hold SENTINEL_BITS instead (used NULL: every row is written).
-static void same_rounded(const char *what, const uint16_t *h, const float *f, size_t n, const int *used) {
-    for (size_t i = 0; i < n; i++) {
-        uint16_t want = used && !used[i / MM] ? SENTINEL_BITS : ref_f2bf(f[i]);
-        if (h[i] != want)
-            fail_msg("%s: element %zu (row %zu): bfloat16 0x%04x, expected 0x%04x", what, i, i / MM, h[i], want);
-    }
-}
-
-static void moe_rows_on(dsmoe_kernel_ctx *c) {
-    dsmoe_kernel_queue *q = P->default_queue(c);
-    int32_t choice[MS * MK], slot[MS * MK];
-    moe_table(choice, slot);
-    int used[MROWS] = {0};
-    for (int i = 0; i < MS * MK; i++)
-        if (slot[i] >= 0) used[choice[i] * MC + slot[i]] = 1;
-    cpt_rng_state = 5;
-    float *x = rnd_fill(MS * MM, 2), *y = rnd_fill(MROWS * MM, 2), *dout = rnd_fill(MS * MM, 1);
-    float *dx0 = rnd_fill(MS * MM, 1), *w = rnd_fill(MS * MK, 1);
-    uint16_t *x16 = to_bf16(x, MS * MM), *y16 = to_bf16(y, MROWS * MM), *dout16 = to_bf16(dout, MS * MM);
-    uint16_t *dx16 = to_bf16(dx0, MS * MM), sent[MROWS * MM];
-    for (int i = 0; i < MROWS * MM; i++) sent[i] = SENTINEL_BITS;
-    int32_t *dch = dev_put(c, choice, sizeof choice), *dsl = dev_put(c, slot, sizeof slot);
-    float *dw = dev_put(c, w, MS * MK * 4), *dwt = dev_new(c, MS * MK * 4, 0), *dwt32 = dev_new(c, MS * MK * 4, 0);
-    void *bx = dev_put(c, x16, MS * MM * 2), *by = dev_put(c, y16, MROWS * MM * 2), *bdo = dev_put(c, dout16, MS * MM * 2);
-    float *fx = dev_put(c, x, MS * MM * 4), *fy = dev_put(c, y, MROWS * MM * 4), *fdo = dev_put(c, dout, MS * MM * 4);
-    void *bbuf = dev_put(c, sent, sizeof sent), *bdx = dev_put(c, dx16, MS * MM * 2), *bout = dev_new(c, MS * MM * 2, 0);
-    float *fbuf = dev_zeros(c, MROWS * MM * 4), *fdx = dev_put(c, dx0, MS * MM * 4), *fout = dev_new(c, MS * MM * 4, 0);
-    float *host = malloc(MROWS * MM * 4), *host_w = malloc(MS * MK * 4), *got_w = malloc(MS * MK * 4);
-
-    OKC(c, P->moe_dispatch(c, q, bbuf, bx, BF16, dch, dsl, MS, MK, ME, MC, MM));
-    OKC(c, P->moe_dispatch(c, q, fbuf, fx, F32, dch, dsl, MS, MK, ME, MC, MM));
-    uint16_t *h = get16(c, bbuf, MROWS * MM);
-    dev_get(c, host, fbuf, MROWS * MM * 4);
-    same_rounded("moe_dispatch", h, host, MROWS * MM, used);
-    free(h);
-
-    OKC(c, P->moe_dispatch_backward(c, q, bdx, by, BF16, dch, dsl, MS, MK, ME, MC, MM));
-    OKC(c, P->moe_dispatch_backward(c, q, fdx, fy, F32, dch, dsl, MS, MK, ME, MC, MM));
-    h = get16(c, bdx, MS * MM);
-    dev_get(c, host, fdx, MS * MM * 4);
-    same_rounded("moe_dispatch_backward", h, host, MS * MM, NULL);
-    free(h);
-
-    OKC(c, P->moe_combine(c, q, bout, by, BF16, dch, dsl, dw, MS, MK, ME, MC, MM));
-    OKC(c, P->moe_combine(c, q, fout, fy, F32, dch, dsl, dw, MS, MK, ME, MC, MM));
-    h = get16(c, bout, MS * MM);
-    dev_get(c, host, fout, MS * MM * 4);
-    same_rounded("moe_combine", h, host, MS * MM, NULL);
-    free(h);
-
-    OKC(c, P->copy_to_device(c, q, bbuf, sent, sizeof sent)); // dy: unused rows keep the sentinel
-    OKC(c, P->moe_combine_backward(c, q, bbuf, dwt, bdo, by, BF16, dch, dsl, dw, MS, MK, ME, MC, MM));
-    OKC(c, P->moe_combine_backward(c, q, fbuf, dwt32, fdo, fy, F32, dch, dsl, dw, MS, MK, ME, MC, MM));
-    h = get16(c, bbuf, MROWS * MM);
-    dev_get(c, host, fbuf, MROWS * MM * 4);
-    same_rounded("moe_combine_backward dy", h, host, MROWS * MM, used);
-    dev_get(c, got_w, dwt, MS * MK * 4);
-    dev_get(c, host_w, dwt32, MS * MK * 4);
-    if (memcmp(got_w, host_w, MS * MK * 4))
-        fail_msg("moe_combine_backward: dweight from bfloat16 rows differs from the float32 op's on the same values");
-    free(h);
-
-    void *bufs[] = {dch, dsl, dw, dwt, dwt32, bx, by, bdo, fx, fy, fdo, bbuf, bdx, bout, fbuf, fdx, fout};
-    for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) dev_free(c, bufs[i]);
-    free(x), free(y), free(dout), free(dx0), free(w), free(x16), free(y16), free(dout16), free(dx16);
-    free(host), free(host_w), free(got_w);
-}
-
-static void test_moe_rows(void **state) {
-    moe_rows_on(C); // 2 threads
-    dsmoe_kernel_ctx *one = cpt_ctx(1);
-    moe_rows_on(one);
-    P->finalize(one);
-}
-
 static int setup(void **state) { return cpt_load(2); }
 static int teardown(void **state) {
     cpt_unload();
@@ -646,7 +497,6 @@ int main(void) {
         cmocka_unit_test(test_path),        cmocka_unit_test(test_convert_edges),
         cmocka_unit_test(test_gemm),        cmocka_unit_test(test_gemm_grouped),
         cmocka_unit_test(test_wgrad),       cmocka_unit_test(test_thread_independence),
-        cmocka_unit_test(test_moe_rows),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -1,0 +1,368 @@
+// tests/plugins/kernel/test_cpu_bf16_rows.c: the cpu plugin's bfloat16 ops that read and write bfloat16
+// rows themselves instead of staging float32 copies of whole tensors (cpu_ops.c, cpu_elementwise.c,
+// cpu_gating.c, cpu_infer.c): layer norm, bias_add, bias_backward and axpy, MoE dispatch and combine
+// and their backwards, the KV cache append and cached attention.
+//
+// The contract for a bfloat16 op is float32 arithmetic on the bfloat16 values with each result rounded
+// once. The reference is the plugin's own float32 op on the widened values, rounded by a rounding
+// written from the definition (bf16_ref.h): a different code path (float32 tensors, no widening inside
+// the op), so the check is bit for bit. Rows and positions a call must not write hold a sentinel or
+// earlier values. Each case runs on a 2-thread and a 1-thread context: the bits must not depend on the
+// thread count.
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "cpu_plugin_test.h"
+#include "plugins/kernel/bf16_ref.h" // ref_f2bf, to_bf16, SENTINEL_BITS
+
+#define F32 DSMOE_FLOAT32
+#define BF16 DSMOE_BFLOAT16
+
+// host bf16 (n) of a device buffer
+static uint16_t *get16(dsmoe_kernel_ctx *c, const void *d, size_t n) {
+    uint16_t *h = malloc(n * 2);
+    dev_get(c, h, d, n * 2);
+    return h;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Layer norm, bias and axpy on bfloat16 rows: (S, M) with M not a multiple of the 64-column chunks of
+// the column sums, and S * M above the size at which the ops go parallel. float32 outputs (mean, rstd,
+// the weight and bias gradients) must be the float32 op's bits; bfloat16 ones its rounded bits.
+
+enum { RS = 101, RM = 200 };
+
+// A device copy of n host floats rounded to bfloat16 (x keeps the rounded values), as bf16 and as float32.
+static void up_pair(dsmoe_kernel_ctx *c, float *x, size_t n, void **b16, float **f32) {
+    uint16_t *h = to_bf16(x, n);
+    *b16 = dev_put(c, h, n * 2);
+    *f32 = dev_put(c, x, n * 4);
+    free(h);
+}
+
+static void same_rounded_dev(dsmoe_kernel_ctx *c, const char *what, const void *b16, const float *f32, size_t n) {
+    uint16_t *h = get16(c, b16, n);
+    float *f = malloc(n * sizeof *f);
+    dev_get(c, f, f32, n * sizeof *f);
+    for (size_t i = 0; i < n; i++)
+        if (h[i] != ref_f2bf(f[i]))
+            fail_msg("%s: element %zu (row %zu): bfloat16 0x%04x, expected 0x%04x (float32 %.9g)", what, i, i / RM,
+                     h[i], ref_f2bf(f[i]), f[i]);
+    free(h), free(f);
+}
+
+static void same_floats_dev(dsmoe_kernel_ctx *c, const char *what, const float *a, const float *b, size_t n) {
+    float *x = malloc(n * sizeof *x), *y = malloc(n * sizeof *y);
+    dev_get(c, x, a, n * sizeof *x);
+    dev_get(c, y, b, n * sizeof *y);
+    for (size_t i = 0; i < n; i++)
+        if (memcmp(x + i, y + i, sizeof *x))
+            fail_msg("%s: element %zu is %.9g from bfloat16 rows, %.9g from the float32 op", what, i, x[i], y[i]);
+    free(x), free(y);
+}
+
+// A device float32 buffer holding host[0 .. n), twice (one for each dtype's call).
+static void up_twice(dsmoe_kernel_ctx *c, const float *host, size_t n, float **a, float **b) {
+    *a = dev_put(c, host, n * 4);
+    *b = dev_put(c, host, n * 4);
+}
+
+static void row_ops_on(dsmoe_kernel_ctx *c) {
+    dsmoe_kernel_queue *q = P->default_queue(c);
+    const size_t n = (size_t)RS * RM;
+    cpt_rng_state = 21;
+    float *x = rnd_fill(n, 3), *g = rnd_fill(n, 1), *d0 = rnd_fill(n, 1), *y0 = rnd_fill(n, 2);
+    float *w = rnd_fill(RM, 1), *bias = rnd_fill(RM, 1), *acc0 = rnd_fill(RM, 1);
+    for (int j = 0; j < RM; j++) w[j] += 1.0f;
+    void *bx, *bg, *bd, *by, *bo = dev_new(c, n * 2, 0);
+    float *fx, *fg, *fd, *fy, *fo = dev_new(c, n * 4, 0);
+    up_pair(c, x, n, &bx, &fx);
+    up_pair(c, g, n, &bg, &fg);
+    up_pair(c, d0, n, &bd, &fd);
+    up_pair(c, y0, n, &by, &fy);
+    float *dw = dev_put(c, w, RM * 4), *dbias = dev_put(c, bias, RM * 4);
+    float *mean16 = dev_new(c, RS * 4, 0), *rstd16 = dev_new(c, RS * 4, 0);
+    float *mean32 = dev_new(c, RS * 4, 0), *rstd32 = dev_new(c, RS * 4, 0);
+
+    OKC(c, P->layernorm_forward(c, q, bo, mean16, rstd16, bx, BF16, dw, dbias, RS, RM, 1e-5f));
+    OKC(c, P->layernorm_forward(c, q, fo, mean32, rstd32, fx, F32, dw, dbias, RS, RM, 1e-5f));
+    same_rounded_dev(c, "layernorm_forward out", bo, fo, n);
+    same_floats_dev(c, "layernorm_forward mean", mean16, mean32, RS);
+    same_floats_dev(c, "layernorm_forward rstd", rstd16, rstd32, RS);
+
+    float *gw16, *gw32, *gb16, *gb32; // accumulated into, from the same start
+    up_twice(c, acc0, RM, &gw16, &gw32);
+    up_twice(c, acc0, RM, &gb16, &gb32);
+    OKC(c, P->layernorm_backward(c, q, bd, gw16, gb16, bg, bx, BF16, dw, mean32, rstd32, RS, RM));
+    OKC(c, P->layernorm_backward(c, q, fd, gw32, gb32, fg, fx, F32, dw, mean32, rstd32, RS, RM));
+    same_rounded_dev(c, "layernorm_backward din", bd, fd, n);
+    same_floats_dev(c, "layernorm_backward dweight", gw16, gw32, RM);
+    same_floats_dev(c, "layernorm_backward dbias", gb16, gb32, RM);
+
+    OKC(c, P->bias_add(c, q, by, BF16, dbias, RS, RM));
+    OKC(c, P->bias_add(c, q, fy, F32, dbias, RS, RM));
+    same_rounded_dev(c, "bias_add", by, fy, n);
+
+    OKC(c, P->bias_backward(c, q, gb16, bg, BF16, RS, RM));
+    OKC(c, P->bias_backward(c, q, gb32, fg, F32, RS, RM));
+    same_floats_dev(c, "bias_backward", gb16, gb32, RM);
+
+    float *widened = malloc(n * sizeof *widened); // y from here on: the bf16 result, in both dtypes
+    uint16_t *h = get16(c, by, n);
+    for (size_t i = 0; i < n; i++) widened[i] = bf2f(h[i]);
+    OKC(c, P->copy_to_device(c, q, fy, widened, n * 4));
+    free(widened), free(h);
+    OKC(c, P->axpy(c, q, by, 0.37f, bx, BF16, n - 5)); // the last 5 elements must keep their values
+    OKC(c, P->axpy(c, q, fy, 0.37f, fx, F32, n - 5));
+    same_rounded_dev(c, "axpy", by, fy, n);
+
+    void *bufs[] = {bx, bg, bd, by, bo, fx, fg, fd, fy, fo, dw, dbias, mean16, rstd16, mean32, rstd32,
+                    gw16, gw32, gb16, gb32};
+    for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) dev_free(c, bufs[i]);
+    free(x), free(g), free(d0), free(y0), free(w), free(bias), free(acc0);
+}
+
+static void test_row_ops(void **state) {
+    row_ops_on(C); // 2 threads
+    dsmoe_kernel_ctx *one = cpt_ctx(1);
+    row_ops_on(one);
+    P->finalize(one);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// MoE dispatch and combine on bfloat16 rows: the float32 op on the widened tensors with each result
+// rounded once (the reference rounding), bit for bit; rows of unused slots keep what they held; 1 and 2
+// threads agree.
+
+enum { MS = 37, MK = 2, ME = 5, MC = 16, MM = 70, MROWS = ME * MC };
+
+// Two distinct experts per token, slots in token order up to the capacity, and some choices dropped:
+// 80 slots, fewer used, so some rows stay unused.
+static void moe_table(int32_t *choice, int32_t *slot) {
+    int used[ME] = {0};
+    for (int s = 0; s < MS; s++)
+        for (int k = 0; k < MK; k++) {
+            int e = (s * 3 + k * 2) % ME, i = s * MK + k;
+            choice[i] = e;
+            slot[i] = used[e] < MC && (s + k) % 7 != 3 ? used[e]++ : -1;
+        }
+}
+
+// The float32 result f (n), rounded, against the bfloat16 result h; rows (of MM) with used[r] == 0 must
+// hold SENTINEL_BITS instead (used NULL: every row is written).
+static void same_rounded(const char *what, const uint16_t *h, const float *f, size_t n, const int *used) {
+    for (size_t i = 0; i < n; i++) {
+        uint16_t want = used && !used[i / MM] ? SENTINEL_BITS : ref_f2bf(f[i]);
+        if (h[i] != want)
+            fail_msg("%s: element %zu (row %zu): bfloat16 0x%04x, expected 0x%04x", what, i, i / MM, h[i], want);
+    }
+}
+
+static void moe_rows_on(dsmoe_kernel_ctx *c) {
+    dsmoe_kernel_queue *q = P->default_queue(c);
+    int32_t choice[MS * MK], slot[MS * MK];
+    moe_table(choice, slot);
+    int used[MROWS] = {0};
+    for (int i = 0; i < MS * MK; i++)
+        if (slot[i] >= 0) used[choice[i] * MC + slot[i]] = 1;
+    cpt_rng_state = 5;
+    float *x = rnd_fill(MS * MM, 2), *y = rnd_fill(MROWS * MM, 2), *dout = rnd_fill(MS * MM, 1);
+    float *dx0 = rnd_fill(MS * MM, 1), *w = rnd_fill(MS * MK, 1);
+    uint16_t *x16 = to_bf16(x, MS * MM), *y16 = to_bf16(y, MROWS * MM), *dout16 = to_bf16(dout, MS * MM);
+    uint16_t *dx16 = to_bf16(dx0, MS * MM), sent[MROWS * MM];
+    for (int i = 0; i < MROWS * MM; i++) sent[i] = SENTINEL_BITS;
+    int32_t *dch = dev_put(c, choice, sizeof choice), *dsl = dev_put(c, slot, sizeof slot);
+    float *dw = dev_put(c, w, MS * MK * 4), *dwt = dev_new(c, MS * MK * 4, 0), *dwt32 = dev_new(c, MS * MK * 4, 0);
+    void *bx = dev_put(c, x16, MS * MM * 2), *by = dev_put(c, y16, MROWS * MM * 2), *bdo = dev_put(c, dout16, MS * MM * 2);
+    float *fx = dev_put(c, x, MS * MM * 4), *fy = dev_put(c, y, MROWS * MM * 4), *fdo = dev_put(c, dout, MS * MM * 4);
+    void *bbuf = dev_put(c, sent, sizeof sent), *bdx = dev_put(c, dx16, MS * MM * 2), *bout = dev_new(c, MS * MM * 2, 0);
+    float *fbuf = dev_zeros(c, MROWS * MM * 4), *fdx = dev_put(c, dx0, MS * MM * 4), *fout = dev_new(c, MS * MM * 4, 0);
+    float *host = malloc(MROWS * MM * 4), *host_w = malloc(MS * MK * 4), *got_w = malloc(MS * MK * 4);
+
+    OKC(c, P->moe_dispatch(c, q, bbuf, bx, BF16, dch, dsl, MS, MK, ME, MC, MM));
+    OKC(c, P->moe_dispatch(c, q, fbuf, fx, F32, dch, dsl, MS, MK, ME, MC, MM));
+    uint16_t *h = get16(c, bbuf, MROWS * MM);
+    dev_get(c, host, fbuf, MROWS * MM * 4);
+    same_rounded("moe_dispatch", h, host, MROWS * MM, used);
+    free(h);
+
+    OKC(c, P->moe_dispatch_backward(c, q, bdx, by, BF16, dch, dsl, MS, MK, ME, MC, MM));
+    OKC(c, P->moe_dispatch_backward(c, q, fdx, fy, F32, dch, dsl, MS, MK, ME, MC, MM));
+    h = get16(c, bdx, MS * MM);
+    dev_get(c, host, fdx, MS * MM * 4);
+    same_rounded("moe_dispatch_backward", h, host, MS * MM, NULL);
+    free(h);
+
+    OKC(c, P->moe_combine(c, q, bout, by, BF16, dch, dsl, dw, MS, MK, ME, MC, MM));
+    OKC(c, P->moe_combine(c, q, fout, fy, F32, dch, dsl, dw, MS, MK, ME, MC, MM));
+    h = get16(c, bout, MS * MM);
+    dev_get(c, host, fout, MS * MM * 4);
+    same_rounded("moe_combine", h, host, MS * MM, NULL);
+    free(h);
+
+    OKC(c, P->copy_to_device(c, q, bbuf, sent, sizeof sent)); // dy: unused rows keep the sentinel
+    OKC(c, P->moe_combine_backward(c, q, bbuf, dwt, bdo, by, BF16, dch, dsl, dw, MS, MK, ME, MC, MM));
+    OKC(c, P->moe_combine_backward(c, q, fbuf, dwt32, fdo, fy, F32, dch, dsl, dw, MS, MK, ME, MC, MM));
+    h = get16(c, bbuf, MROWS * MM);
+    dev_get(c, host, fbuf, MROWS * MM * 4);
+    same_rounded("moe_combine_backward dy", h, host, MROWS * MM, used);
+    dev_get(c, got_w, dwt, MS * MK * 4);
+    dev_get(c, host_w, dwt32, MS * MK * 4);
+    if (memcmp(got_w, host_w, MS * MK * 4))
+        fail_msg("moe_combine_backward: dweight from bfloat16 rows differs from the float32 op's on the same values");
+    free(h);
+
+    void *bufs[] = {dch, dsl, dw, dwt, dwt32, bx, by, bdo, fx, fy, fdo, bbuf, bdx, bout, fbuf, fdx, fout};
+    for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) dev_free(c, bufs[i]);
+    free(x), free(y), free(dout), free(dx0), free(w), free(x16), free(y16), free(dout16), free(dx16);
+    free(host), free(host_w), free(got_w);
+}
+
+static void test_moe_rows(void **state) {
+    moe_rows_on(C); // 2 threads
+    dsmoe_kernel_ctx *one = cpt_ctx(1);
+    moe_rows_on(one);
+    P->finalize(one);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// KV cache and cached attention on bfloat16 caches: a ragged prefill (sequences at different positions,
+// 12 tokens each: more than the context's small_rows of 8, so BLAS GEMMs over widened blocks), then a
+// step of 3 tokens and a decode step of 1 (dot products over KV_BLOCK = 64 rows widened at a time; one
+// sequence is past position 64, so over more than one block). The float32 outputs themselves are held
+// to attention computed here in double from the float32 caches. kv_append must write exactly the float32
+// op's positions; attention_cached's output must be the float32 op's on the same cache contents, rounded
+// once.
+
+enum { KB = 3, KNH = 4, KM = 128, KD = KM / KNH, KTMAX = 96, KT1 = 12, KT2 = 3, KFAR = 70 };
+
+// The bf16 cache c16 (B, NH, T_max, D) against the float32 cache c32 rounded: every element.
+static void same_cache(const char *what, dsmoe_kernel_ctx *c, const void *c16, const float *c32) {
+    size_t n = (size_t)KB * KNH * KTMAX * KD;
+    uint16_t *h = get16(c, c16, n);
+    float *f = malloc(n * sizeof *f);
+    dev_get(c, f, c32, n * sizeof *f);
+    for (size_t i = 0; i < n; i++) {
+        uint16_t want = ref_f2bf(f[i]);
+        if (h[i] != want)
+            fail_msg("%s: element %zu (sequence %zu, head %zu, position %zu): bfloat16 0x%04x, expected 0x%04x",
+                     what, i, i / ((size_t)KNH * KTMAX * KD), i / ((size_t)KTMAX * KD) % KNH, i / KD % KTMAX, h[i],
+                     want);
+    }
+    free(h), free(f);
+}
+
+// Attention of T_new query rows per sequence (q from qkv (B, T_new, 3M)) over the host caches, in double.
+static double *naive_cached(const float *qkv, const float *kc, const float *vc, const int32_t *pos, int T_new) {
+    double *want = malloc((size_t)KB * T_new * KM * sizeof *want), s[KTMAX];
+    for (int b = 0; b < KB; b++)
+        for (int h = 0; h < KNH; h++)
+            for (int t = 0; t < T_new; t++) {
+                const float *qt = qkv + ((size_t)b * T_new + t) * 3 * KM + h * KD;
+                const float *k = kc + ((size_t)b * KNH + h) * KTMAX * KD, *v = vc + ((size_t)b * KNH + h) * KTMAX * KD;
+                int last = pos[b] + t;
+                double mx = -INFINITY, sum = 0;
+                for (int j = 0; j <= last; j++) {
+                    s[j] = dot_d(qt, k + (size_t)j * KD, KD) / sqrt((double)KD);
+                    mx = s[j] > mx ? s[j] : mx;
+                }
+                for (int j = 0; j <= last; j++) sum += s[j] = exp(s[j] - mx);
+                double *o = want + ((size_t)b * T_new + t) * KM + h * KD;
+                for (int d = 0; d < KD; d++) {
+                    double acc = 0;
+                    for (int j = 0; j <= last; j++) acc += s[j] / sum * v[(size_t)j * KD + d];
+                    o[d] = acc;
+                }
+            }
+    return want;
+}
+
+// One step: T_new tokens per sequence at positions pos, appended to both pairs of caches and attended.
+static void kv_step(dsmoe_kernel_ctx *c, const char *what, const int32_t *pos, int T_new, void *k16, void *v16,
+                    float *k32, float *v32) {
+    dsmoe_kernel_queue *q = P->default_queue(c);
+    size_t nq = (size_t)KB * T_new * 3 * KM, no = (size_t)KB * T_new * KM;
+    float *qkv = rnd_fill(nq, 2);
+    uint16_t *qkv16 = to_bf16(qkv, nq); // qkv now holds the widened values
+    int32_t *dpos = dev_put(c, pos, KB * sizeof *pos);
+    void *bq = dev_put(c, qkv16, nq * 2), *bo = dev_new(c, no * 2, 0);
+    float *fq = dev_put(c, qkv, nq * 4), *fo = dev_new(c, no * 4, 0);
+    OKC(c, P->kv_append(c, q, k16, v16, bq, BF16, dpos, KB, T_new, KM, KNH, KTMAX));
+    OKC(c, P->kv_append(c, q, k32, v32, fq, F32, dpos, KB, T_new, KM, KNH, KTMAX));
+    OKC(c, P->attention_cached(c, q, bo, bq, k16, v16, BF16, dpos, KB, T_new, KM, KNH, KTMAX));
+    OKC(c, P->attention_cached(c, q, fo, fq, k32, v32, F32, dpos, KB, T_new, KM, KNH, KTMAX));
+    char name[96];
+    snprintf(name, sizeof name, "%s: kv_append k_cache", what);
+    same_cache(name, c, k16, k32);
+    snprintf(name, sizeof name, "%s: kv_append v_cache", what);
+    same_cache(name, c, v16, v32);
+    uint16_t *h = get16(c, bo, no);
+    float *f = malloc(no * sizeof *f);
+    dev_get(c, f, fo, no * sizeof *f);
+    size_t nc = (size_t)KB * KNH * KTMAX * KD;
+    float *hk = malloc(nc * sizeof *hk), *hv = malloc(nc * sizeof *hv);
+    dev_get(c, hk, k32, nc * sizeof *hk);
+    dev_get(c, hv, v32, nc * sizeof *hv);
+    double *want = naive_cached(qkv, hk, hv, pos, T_new);
+    snprintf(name, sizeof name, "%s: attention_cached float32 (double reference)", what);
+    assert_close(name, f, want, no, 1e-6, 1e-5);
+    free(hk), free(hv), free(want);
+    snprintf(name, sizeof name, "%s: attention_cached", what);
+    for (size_t i = 0; i < no; i++)
+        if (!isfinite(f[i]) || h[i] != ref_f2bf(f[i]))
+            fail_msg("%s: element %zu (row %zu): bfloat16 0x%04x, expected 0x%04x (float32 %.9g)", name, i, i / KM,
+                     h[i], ref_f2bf(f[i]), f[i]);
+    void *bufs[] = {dpos, bq, bo, fq, fo};
+    for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) dev_free(c, bufs[i]);
+    free(qkv), free(qkv16), free(h), free(f);
+}
+
+static void kv_cache_on(dsmoe_kernel_ctx *c) {
+    // The caches start with random values, the same in both dtypes: what an earlier context left, which
+    // positions below a sequence's first appended one stand for. A write to a wrong position shows as a
+    // difference between the two caches.
+    size_t n = (size_t)KB * KNH * KTMAX * KD;
+    cpt_rng_state = 7;
+    float *before = rnd_fill(n, 2);
+    uint16_t *before16 = to_bf16(before, n);
+    void *k16 = dev_put(c, before16, n * 2), *v16 = dev_put(c, before16, n * 2);
+    float *k32 = dev_put(c, before, n * 4), *v32 = dev_put(c, before, n * 4);
+    cpt_rng_state = 11;
+    const int32_t prefill[KB] = {0, 5, KFAR}, step[KB] = {KT1, 5 + KT1, KFAR + KT1};
+    const int32_t decode[KB] = {KT1 + KT2, 5 + KT1 + KT2, KFAR + KT1 + KT2};
+    kv_step(c, "ragged prefill", prefill, KT1, k16, v16, k32, v32);
+    kv_step(c, "3-token step", step, KT2, k16, v16, k32, v32);
+    kv_step(c, "decode", decode, 1, k16, v16, k32, v32);
+    dev_free(c, k16), dev_free(c, v16), dev_free(c, k32), dev_free(c, v32);
+    free(before), free(before16);
+}
+
+static void test_kv_cache(void **state) {
+    kv_cache_on(C); // 2 threads
+    dsmoe_kernel_ctx *one = cpt_ctx(1);
+    kv_cache_on(one);
+    P->finalize(one);
+}
+
+static int setup(void **state) { return cpt_load(2); }
+static int teardown(void **state) {
+    cpt_unload();
+    return 0;
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_row_ops),
+        cmocka_unit_test(test_moe_rows),
+        cmocka_unit_test(test_kv_cache),
+    };
+    return cmocka_run_group_tests(tests, setup, teardown);
+}
