@@ -110,8 +110,8 @@ dsmoe_status cpu_bf16_wgrad_run(cpu_ctx *ctx, const dsmoe_grouped_wgrad *G);
 void cpu_bf16_free_slots(cpu_ctx *ctx);
 
 // --- cpu_bf16_ops.c: the table's members for every other op (float32 goes to cpu_<op> unchanged) ---
-// ctx's staging arena, also the scratch of cpu_attention_cached (cpu_infer.c): *base gets at least
-// `bytes`, 64-byte aligned, valid until the next reserve on ctx (the arena grows to the largest need up
+// ctx's staging arena, also the scratch of the ops that take bfloat16 rows themselves: *base gets at
+// least `bytes`, 64-byte aligned, valid until the next reserve on ctx (the arena grows to the largest need up
 // to 64 MiB and is kept; a larger need gets a block of its own). Call cpu_stage_release when the op is
 // done with it (frees such a block). One op at a time per context: ops never overlap (docs/plugins.md).
 dsmoe_status cpu_stage_reserve(cpu_ctx *ctx, const char *op, size_t bytes, void **base);
@@ -129,22 +129,6 @@ dsmoe_status cpu_bf16_embedding_backward(cpu_ctx *ctx, cpu_queue *q, float *dwte
 dsmoe_status cpu_bf16_gelu_forward(cpu_ctx *ctx, cpu_queue *q, void *out, const void *in, dsmoe_dtype dt, size_t n);
 dsmoe_status cpu_bf16_gelu_backward(cpu_ctx *ctx, cpu_queue *q, void *din, const void *in, const void *dout,
                                     dsmoe_dtype dt, size_t n);
-dsmoe_status cpu_bf16_attention_bytes(cpu_ctx *ctx, const dsmoe_attention_shape *shape, size_t *saved,
-                                      size_t *workspace);
-dsmoe_status cpu_bf16_attention_forward(cpu_ctx *ctx, cpu_queue *q, void *out, void *saved, const void *qkv,
-                                        const dsmoe_attention_shape *shape);
-dsmoe_status cpu_bf16_attention_backward(cpu_ctx *ctx, cpu_queue *q, void *dqkv, void *workspace, const void *dout,
-                                         const void *qkv, const void *out, const void *saved,
-                                         const dsmoe_attention_shape *shape);
-dsmoe_status cpu_bf16_crossentropy_forward(cpu_ctx *ctx, cpu_queue *q, float *losses, float *probs, const void *logits,
-                                           dsmoe_dtype dt, const int32_t *targets, int S, int V);
-dsmoe_status cpu_bf16_crossentropy_backward(cpu_ctx *ctx, cpu_queue *q, void *dlogits, dsmoe_dtype dt,
-                                            const float *probs, const int32_t *targets, float dloss, int S, int V);
-dsmoe_status cpu_bf16_residual_mix_forward(cpu_ctx *ctx, cpu_queue *q, void *out, float *coef, const void *moe,
-                                           const void *mlp, dsmoe_dtype dt, const float *coef_logits, int S, int M);
-dsmoe_status cpu_bf16_residual_mix_backward(cpu_ctx *ctx, cpu_queue *q, void *dmoe, void *dmlp, float *dcoef_logits,
-                                            const void *dout, const void *moe, const void *mlp, dsmoe_dtype dt,
-                                            const float *coef, int S, int M);
 dsmoe_status cpu_bf16_sample(cpu_ctx *ctx, cpu_queue *q, int32_t *tokens, const void *logits, dsmoe_dtype dt, int rows,
                              int V, const dsmoe_sampling_params *p, const uint64_t *counters);
 

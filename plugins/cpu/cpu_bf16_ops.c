@@ -1,9 +1,11 @@
 // plugins/cpu/cpu_bf16_ops.c: the bfloat16 members of the cpu plugin's ops that do not take bfloat16
-// rows themselves. Those that do: the GEMMs, convert, MoE dispatch and combine (cpu_gating.c), the KV
-// cache's two (cpu_infer.c), layer norm (cpu_ops.c), bias_add, bias_backward and axpy
-// (cpu_elementwise.c): the ops of every layer, or that read only part of a tensor. The table
-// (cpu_plugin.c) points at these; float32 (and any type the plugin refuses) goes straight to the float32
-// op, which checks and refuses as before.
+// rows themselves (embedding, GELU as an op, the gate's noise, sampling; all_finite reads the bits), and
+// the context's scratch arena. Those that do: the GEMMs, convert, MoE dispatch and combine
+// (cpu_gating.c), the KV cache's two (cpu_infer.c), attention (cpu_attention.c), layer norm, the loss
+// and the residual-MoE mix (cpu_ops.c), bias_add, bias_backward and axpy (cpu_elementwise.c): the ops of
+// every layer, or that read only part of a tensor, or whose copies would be the largest (the loss's
+// (S, V) logits, attention's 8 x (S, M)). The table (cpu_plugin.c) points at these; float32 (and any
+// type the plugin refuses) goes straight to the float32 op, which checks and refuses as before.
 // defines: cpu_bf16_<op> for the ops listed in the table section of cpu_plugin.c, cpu_stage_reserve,
 //          cpu_stage_release, cpu_bf16_stage_free
 //
@@ -21,9 +23,7 @@
 // themselves: glibc hands blocks of megabytes back to the kernel on free, so every call page-faulted
 // its copies afresh (about 10 000 faults per W1 MoE step, docs/performance.md). One arena per context
 // is enough because a context's ops never overlap: each runs to its end before it returns, from the
-// one host thread that owns the context (docs/plugins.md), and no op calls another bf16 op. Rows an
-// assigned output leaves unwritten (unused capacity slots) are staged back as whatever the arena held:
-// the contract leaves them unspecified.
+// one host thread that owns the context (docs/plugins.md), and no op calls another bf16 op.
 //
 // Shapes are checked by the float32 op: a negative size or a NULL pointer stages nothing, and the
 // op's own message names the problem.
@@ -213,74 +213,6 @@ dsmoe_status cpu_bf16_gelu_backward(cpu_ctx *ctx, cpu_queue *q, void *din, const
         return cpu_gelu_backward(ctx, q, din, in, dout, dt, n);
     st_arg A[] = {INOUT(din, n), IN(in, n), IN(dout, n)};
     STAGED("gelu_backward", cpu_gelu_backward(ctx, q, A[0].f, A[1].f, A[2].f, F32, n));
-}
-
-// The saved state is float32 (probabilities) whatever dt is: the same bytes as for float32.
-dsmoe_status cpu_bf16_attention_bytes(cpu_ctx *ctx, const dsmoe_attention_shape *shape, size_t *saved,
-                                      size_t *workspace) {
-    if (!shape || !IS_BF16(shape->dt))
-        return cpu_attention_bytes(ctx, shape, saved, workspace);
-    dsmoe_attention_shape f = *shape;
-    f.dt = F32;
-    return cpu_attention_bytes(ctx, &f, saved, workspace);
-}
-
-dsmoe_status cpu_bf16_attention_forward(cpu_ctx *ctx, cpu_queue *q, void *out, void *saved, const void *qkv,
-                                        const dsmoe_attention_shape *shape) {
-    if (!shape || !IS_BF16(shape->dt))
-        return cpu_attention_forward(ctx, q, out, saved, qkv, shape);
-    dsmoe_attention_shape f = *shape;
-    f.dt = F32;
-    st_arg A[] = {OUT(out, N3(f.B, f.T, f.M)), IN(qkv, N4(f.B, f.T, 3, f.M))};
-    STAGED("attention_forward", cpu_attention_forward(ctx, q, A[0].f, saved, A[1].f, &f));
-}
-
-dsmoe_status cpu_bf16_attention_backward(cpu_ctx *ctx, cpu_queue *q, void *dqkv, void *workspace, const void *dout,
-                                         const void *qkv, const void *out, const void *saved,
-                                         const dsmoe_attention_shape *shape) {
-    if (!shape || !IS_BF16(shape->dt))
-        return cpu_attention_backward(ctx, q, dqkv, workspace, dout, qkv, out, saved, shape);
-    dsmoe_attention_shape f = *shape;
-    f.dt = F32;
-    size_t bt3m = N4(f.B, f.T, 3, f.M), btm = N3(f.B, f.T, f.M);
-    st_arg A[] = {INOUT(dqkv, bt3m), IN(dout, btm), IN(qkv, bt3m), IN(out, btm)};
-    STAGED("attention_backward", cpu_attention_backward(ctx, q, A[0].f, workspace, A[1].f, A[2].f, A[3].f, saved, &f));
-}
-
-dsmoe_status cpu_bf16_crossentropy_forward(cpu_ctx *ctx, cpu_queue *q, float *losses, float *probs,
-                                           const void *logits, dsmoe_dtype dt, const int32_t *targets, int S, int V) {
-    if (!IS_BF16(dt))
-        return cpu_crossentropy_forward(ctx, q, losses, probs, logits, dt, targets, S, V);
-    st_arg A[] = {IN(logits, N2(S, V))};
-    STAGED("crossentropy_forward", cpu_crossentropy_forward(ctx, q, losses, probs, A[0].f, F32, targets, S, V));
-}
-
-dsmoe_status cpu_bf16_crossentropy_backward(cpu_ctx *ctx, cpu_queue *q, void *dlogits, dsmoe_dtype dt,
-                                            const float *probs, const int32_t *targets, float dloss, int S, int V) {
-    if (!IS_BF16(dt))
-        return cpu_crossentropy_backward(ctx, q, dlogits, dt, probs, targets, dloss, S, V);
-    st_arg A[] = {INOUT(dlogits, N2(S, V))};
-    STAGED("crossentropy_backward", cpu_crossentropy_backward(ctx, q, A[0].f, F32, probs, targets, dloss, S, V));
-}
-
-dsmoe_status cpu_bf16_residual_mix_forward(cpu_ctx *ctx, cpu_queue *q, void *out, float *coef, const void *moe,
-                                           const void *mlp, dsmoe_dtype dt, const float *coef_logits, int S, int M) {
-    if (!IS_BF16(dt))
-        return cpu_residual_mix_forward(ctx, q, out, coef, moe, mlp, dt, coef_logits, S, M);
-    st_arg A[] = {OUT(out, N2(S, M)), IN(moe, N2(S, M)), IN(mlp, N2(S, M))};
-    STAGED("residual_mix_forward",
-           cpu_residual_mix_forward(ctx, q, A[0].f, coef, A[1].f, A[2].f, F32, coef_logits, S, M));
-}
-
-dsmoe_status cpu_bf16_residual_mix_backward(cpu_ctx *ctx, cpu_queue *q, void *dmoe, void *dmlp, float *dcoef_logits,
-                                            const void *dout, const void *moe, const void *mlp, dsmoe_dtype dt,
-                                            const float *coef, int S, int M) {
-    if (!IS_BF16(dt))
-        return cpu_residual_mix_backward(ctx, q, dmoe, dmlp, dcoef_logits, dout, moe, mlp, dt, coef, S, M);
-    size_t sm = N2(S, M);
-    st_arg A[] = {INOUT(dmoe, sm), INOUT(dmlp, sm), IN(dout, sm), IN(moe, sm), IN(mlp, sm)};
-    STAGED("residual_mix_backward", cpu_residual_mix_backward(ctx, q, A[0].f, A[1].f, dcoef_logits, A[2].f, A[3].f,
-                                                              A[4].f, F32, coef, S, M));
 }
 
 // ---------------------------------------------------------------------------------------------------

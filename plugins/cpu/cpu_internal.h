@@ -3,7 +3,8 @@
 // Files: cpu_plugin.c (table, context, queues, events), cpu_memory.c (memory, copies, conversions),
 // cpu_gemm.c (GEMM, grouped GEMM with epilogues, weight gradients), cpu_bf16*.c, cpu_dnnl.c and
 // cpu_gemm_bf16.c (bfloat16: cpu_bf16.h lists them), cpu_elementwise.c (bias, vector
-// ops, reductions, AdamW, init), cpu_ops.c (GPT layer ops), cpu_gating.c (gating, dispatch, combine),
+// ops, reductions, AdamW, init), cpu_ops.c (GPT layer ops), cpu_attention.c (causal attention),
+// cpu_gating.c (gating, dispatch, combine),
 // cpu_infer.c (KV cache, cached attention, sampling), cpu_vec.c (GELU row kernels in two vector widths).
 // cpu_math.h holds the inline float math that must be the same code wherever it runs (GELU in its op and
 // in the GEMM epilogue, both through cpu_vec.c).
@@ -169,9 +170,17 @@ dsmoe_status cpu_init_tensor(cpu_ctx *ctx, cpu_queue *q, float *dst, size_t n, c
 dsmoe_status cpu_adamw(cpu_ctx *ctx, cpu_queue *q, const dsmoe_adamw_params *hp, const dsmoe_adamw_tensor *tensors,
                        int n);
 
-// --- cpu_ops.c ---
+// --- cpu_attention.c ---
 // Masked softmax of `rows` rows of a (rows, ld) block in place: row t keeps columns [0, first + t].
 void cpu_causal_softmax_rows(float *a, int rows, int ld, int first);
+dsmoe_status cpu_attention_bytes(cpu_ctx *ctx, const dsmoe_attention_shape *shape, size_t *saved, size_t *workspace);
+dsmoe_status cpu_attention_forward(cpu_ctx *ctx, cpu_queue *q, void *out, void *saved, const void *qkv,
+                                   const dsmoe_attention_shape *shape);
+dsmoe_status cpu_attention_backward(cpu_ctx *ctx, cpu_queue *q, void *dqkv, void *workspace, const void *dout,
+                                    const void *qkv, const void *out, const void *saved,
+                                    const dsmoe_attention_shape *shape);
+
+// --- cpu_ops.c ---
 dsmoe_status cpu_embedding_forward(cpu_ctx *ctx, cpu_queue *q, void *out, dsmoe_dtype dt, const int32_t *tokens,
                                    const void *wte, dsmoe_dtype wte_dt, const float *wpe, const int32_t *pos, int B,
                                    int T, int M, int V, int n_pos);
@@ -185,12 +194,6 @@ dsmoe_status cpu_layernorm_backward(cpu_ctx *ctx, cpu_queue *q, void *din, float
 dsmoe_status cpu_gelu_forward(cpu_ctx *ctx, cpu_queue *q, void *out, const void *in, dsmoe_dtype dt, size_t n);
 dsmoe_status cpu_gelu_backward(cpu_ctx *ctx, cpu_queue *q, void *din, const void *in, const void *dout,
                                dsmoe_dtype dt, size_t n);
-dsmoe_status cpu_attention_bytes(cpu_ctx *ctx, const dsmoe_attention_shape *shape, size_t *saved, size_t *workspace);
-dsmoe_status cpu_attention_forward(cpu_ctx *ctx, cpu_queue *q, void *out, void *saved, const void *qkv,
-                                   const dsmoe_attention_shape *shape);
-dsmoe_status cpu_attention_backward(cpu_ctx *ctx, cpu_queue *q, void *dqkv, void *workspace, const void *dout,
-                                    const void *qkv, const void *out, const void *saved,
-                                    const dsmoe_attention_shape *shape);
 dsmoe_status cpu_crossentropy_forward(cpu_ctx *ctx, cpu_queue *q, float *losses, float *probs, const void *logits,
                                       dsmoe_dtype dt, const int32_t *targets, int S, int V);
 dsmoe_status cpu_crossentropy_backward(cpu_ctx *ctx, cpu_queue *q, void *dlogits, dsmoe_dtype dt, const float *probs,

@@ -1,11 +1,11 @@
-// plugins/cpu/cpu_ops.c: the GPT layer ops of the cpu plugin: embedding, layer norm, GELU, causal
-// attention, softmax cross-entropy and the residual-MoE mix, each forward beside its backward.
-// defines: cpu_embedding_*, cpu_layernorm_*, cpu_gelu_*, cpu_attention_* (and _bytes),
-//          cpu_crossentropy_*, cpu_residual_mix_*
+// plugins/cpu/cpu_ops.c: the GPT layer ops of the cpu plugin other than attention (cpu_attention.c):
+// embedding, layer norm, GELU, softmax cross-entropy and the residual-MoE mix, each forward beside its
+// backward.
+// defines: cpu_embedding_*, cpu_layernorm_*, cpu_gelu_*, cpu_crossentropy_*, cpu_residual_mix_*
 //
 // Contracts are the comments in include/dsmoe/kernel_plugin.h; karpathy/llm.c's train_gpt2.c is the
-// model for the math, and every float32 result is bitwise version 1's. Layer norm takes bfloat16 rows
-// itself; the other ops' bfloat16 members stage (cpu_bf16_ops.c). Invariants: forward outputs are
+// model for the math, and every float32 result is bitwise version 1's. Layer norm, the loss and the
+// residual-MoE mix take bfloat16 rows themselves; the other ops' bfloat16 members stage (cpu_bf16_ops.c). Invariants: forward outputs are
 // assigned, backward outputs accumulate (+=); tensors are row-major and contiguous; every output element
 // is written by one thread, and sums over rows run in row order inside the thread that owns the column
 // (threading rules in cpu_internal.h).
@@ -17,10 +17,8 @@
 #include <omp.h>
 #include <string.h>
 
-#include <cblas.h> // cblas_sgemm, for attention (called single-threaded, see cpu_blas_single_threaded)
-
 #include "cpu_bf16.h"     // cpu_bf2f (a bfloat16 embedding table), the conversions, cpu_stage_reserve
-#include "cpu_internal.h" // CPU_BEGIN, CPU_DTYPE, CPU_REQUIRE, cpu_sticky, cpu_blas_single_threaded
+#include "cpu_internal.h" // CPU_BEGIN, CPU_DTYPE, CPU_REQUIRE, cpu_sticky
 #include "cpu_math.h"     // cpu_exp_fast, CPU_COL_CHUNK, cpu_widen
 
 // ---------------------------------------------------------------------------------------------------
@@ -315,210 +313,115 @@ dsmoe_status cpu_gelu_backward(cpu_ctx *ctx, cpu_queue *q, void *din_, const voi
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Causal multi-head self-attention. qkv (B*T, 3M) = per token [q | k | v]; head h uses columns
-// [h*hs, (h+1)*hs) of each part, hs = M/NH. saved = att (B, NH, T, T): the softmax probabilities.
-
-static dsmoe_status check_attention(cpu_ctx *ctx, const char *op, const dsmoe_attention_shape *sh) {
-    CPU_REQUIRE(ctx, sh, "cpu: %s: NULL shape", op);
-    CPU_DTYPE(ctx, op, "shape.dt", sh->dt);
-    CPU_REQUIRE(ctx, sh->B >= 0 && sh->T >= 0 && sh->M > 0 && sh->NH > 0, "cpu: %s: B=%d T=%d M=%d NH=%d: expected "
-                "B, T >= 0 and M, NH > 0", op, sh->B, sh->T, sh->M, sh->NH);
-    CPU_REQUIRE(ctx, sh->M % sh->NH == 0, "cpu: %s: M=%d is not a multiple of NH=%d", op, sh->M, sh->NH);
-    return DSMOE_OK;
-}
-
-// saved = the probabilities (B, NH, T, T); workspace = the backward's (B, NH, T, T) scratch. ctx may be
-// NULL (--plan asks before init): then a bad shape gives its status without a message.
-dsmoe_status cpu_attention_bytes(cpu_ctx *ctx, const dsmoe_attention_shape *shape, size_t *saved,
-                                 size_t *workspace) {
-    if (!ctx) {
-        if (!shape || !saved || !workspace)
-            return DSMOE_ERR_INVALID;
-        if (shape->dt != DSMOE_FLOAT32)
-            return DSMOE_ERR_UNSUPPORTED;
-        if (shape->B < 0 || shape->T < 0 || shape->M <= 0 || shape->NH <= 0 || shape->M % shape->NH)
-            return DSMOE_ERR_INVALID;
-    } else {
-        CPU_REQUIRE(ctx, saved && workspace, "cpu: attention_bytes: NULL saved or workspace");
-        CPU_TRY(check_attention(ctx, "attention_bytes", shape));
-    }
-    size_t n = (size_t)shape->B * (size_t)shape->NH * (size_t)shape->T * (size_t)shape->T * sizeof(float);
-    *saved = n;
-    *workspace = n;
-    return DSMOE_OK;
-}
-
-// Masked softmax of `rows` rows of a (rows, ld) block in place: row t keeps columns [0, first + t],
-// the rest of its ld columns become 0. Attention: first = 0 (causal); cached attention: first = the
-// position of the block's first query.
-void cpu_causal_softmax_rows(float *a, int rows, int ld, int first) {
-    for (int t = 0; t < rows; t++) {
-        float *row = a + (size_t)t * ld, maxv = -INFINITY;
-        int last = first + t;
-        for (int t2 = 0; t2 <= last; t2++)
-            maxv = row[t2] > maxv ? row[t2] : maxv;
-        double sum = 0.0;
-#pragma omp simd reduction(+ : sum)
-        for (int t2 = 0; t2 <= last; t2++) {
-            row[t2] = cpu_exp_fast(row[t2] - maxv);
-            sum += row[t2];
-        }
-        float inv = (float)(1.0 / sum);
-        for (int t2 = 0; t2 <= last; t2++)
-            row[t2] *= inv;
-        for (int t2 = last + 1; t2 < ld; t2++)
-            row[t2] = 0.0f;
-    }
-}
-
-// Work units are (b, h) pairs, each three single-threaded GEMMs on strided views of qkv: q, k and v of
-// head h are (T, hs) with leading dimension 3M. The full (T, T) product is computed and the upper
-// triangle masked: twice the causal work, at BLAS speed.
-dsmoe_status cpu_attention_forward(cpu_ctx *ctx, cpu_queue *q, void *out_, void *saved, const void *qkv_,
-                                   const dsmoe_attention_shape *shape) {
-    CPU_BEGIN(ctx, q, "attention_forward");
-    CPU_TRY(check_attention(ctx, "attention_forward", shape));
-    const int B = shape->B, T = shape->T, M = shape->M, NH = shape->NH;
-    if (B == 0 || T == 0)
-        return DSMOE_OK;
-    CPU_REQUIRE(ctx, out_ && saved && qkv_, "cpu: attention_forward: NULL out, saved or qkv");
-    float *out = out_, *att = saved;
-    const float *qkv = qkv_;
-    int hs = M / NH, ld = 3 * M, units = B * NH;
-    float scale = 1.0f / sqrtf((float)hs);
-    cpu_blas_single_threaded();
-#pragma omp parallel for num_threads(ctx->threads) schedule(dynamic, 1) if (units > 1 && (long)T * T * hs >= 4096)
-    for (int u = 0; u < units; u++) {
-        int h = u % NH, b = u / NH;
-        const float *q = qkv + (size_t)b * T * ld + (size_t)h * hs, *k = q + M, *v = q + 2 * (size_t)M;
-        float *a = att + (size_t)u * T * T; // (T, T) block (b, h) of att
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, hs, scale, q, ld, k, ld, 0.0f, a, T);
-        cpu_causal_softmax_rows(a, T, T, 0);
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, hs, T, 1.0f, a, T, v, ld, 0.0f,
-                    out + (size_t)b * T * M + (size_t)h * hs, M);
-    }
-    return DSMOE_OK;
-}
-
-// Per (b, h): da = dout v^T; dv += a^T dout; dpre = a * (da - rowsum(a * da)) (softmax backward,
-// 0 above the diagonal since a is); dq += scale dpre k; dk += scale dpre^T q. The (b, h) pair owns
-// all its rows of dq, dk, dv, so pairs run in parallel; scratch block (b, h) of the workspace holds da,
-// then dpre. `out` is not needed (the probabilities are saved).
-dsmoe_status cpu_attention_backward(cpu_ctx *ctx, cpu_queue *q, void *dqkv_, void *workspace, const void *dout_,
-                                    const void *qkv_, const void *out, const void *saved,
-                                    const dsmoe_attention_shape *shape) {
-    CPU_BEGIN(ctx, q, "attention_backward");
-    CPU_TRY(check_attention(ctx, "attention_backward", shape));
-    const int B = shape->B, T = shape->T, M = shape->M, NH = shape->NH;
-    if (B == 0 || T == 0)
-        return DSMOE_OK;
-    CPU_REQUIRE(ctx, dqkv_ && workspace && dout_ && qkv_ && saved,
-                "cpu: attention_backward: NULL dqkv, workspace, dout, qkv or saved");
-    float *dqkv = dqkv_, *scratch = workspace;
-    const float *dout = dout_, *qkv = qkv_, *att = saved;
-    int hs = M / NH, ld = 3 * M, units = B * NH;
-    float scale = 1.0f / sqrtf((float)hs);
-    cpu_blas_single_threaded();
-#pragma omp parallel for num_threads(ctx->threads) schedule(dynamic, 1) if (units > 1 && (long)T * T * hs >= 4096)
-    for (int u = 0; u < units; u++) {
-        int h = u % NH, b = u / NH;
-        size_t head = (size_t)b * T * ld + (size_t)h * hs;
-        const float *q = qkv + head, *k = q + M, *v = q + 2 * (size_t)M;
-        float *dq = dqkv + head, *dk = dq + M, *dv = dq + 2 * (size_t)M;
-        const float *a = att + (size_t)u * T * T, *g = dout + (size_t)b * T * M + (size_t)h * hs;
-        float *d = scratch + (size_t)u * T * T;
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, hs, 1.0f, g, M, v, ld, 0.0f, d, T);
-        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, T, hs, T, 1.0f, a, T, g, M, 1.0f, dv, ld);
-        for (int t = 0; t < T; t++) {
-            const float *ar = a + (size_t)t * T;
-            float *dr = d + (size_t)t * T;
-            double c = 0.0;
-#pragma omp simd reduction(+ : c)
-            for (int t2 = 0; t2 <= t; t2++)
-                c += (double)ar[t2] * dr[t2];
-            for (int t2 = 0; t2 <= t; t2++)
-                dr[t2] = ar[t2] * (dr[t2] - (float)c);
-            for (int t2 = t + 1; t2 < T; t2++)
-                dr[t2] = 0.0f;
-        }
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, hs, T, scale, d, T, k, ld, 1.0f, dq, ld);
-        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, T, hs, T, scale, d, T, q, ld, 1.0f, dk, ld);
-    }
-    return DSMOE_OK;
-}
-
-// ---------------------------------------------------------------------------------------------------
 // Softmax cross-entropy over V classes
 
 // loss = log(sum exp(z - max)) - (z[target] - max): exact even where probs[target] underflows to 0.
-dsmoe_status cpu_crossentropy_forward(cpu_ctx *ctx, cpu_queue *q, float *losses, float *probs, const void *logits_,
+// p (V) = softmax of the row z; its loss -log p[target]. bfloat16 logits go through it a widened row at
+// a time (the forward), as layer norm's do.
+static __attribute__((noinline)) void ce_forward_row(float *p, float *loss, const float *z, int target, int V) {
+    float maxv = -INFINITY;
+#pragma omp simd reduction(max : maxv)
+    for (int i = 0; i < V; i++)
+        maxv = z[i] > maxv ? z[i] : maxv;
+    double sum = 0.0;
+#pragma omp simd reduction(+ : sum)
+    for (int i = 0; i < V; i++) {
+        p[i] = cpu_exp_fast(z[i] - maxv);
+        sum += p[i];
+    }
+    float inv = (float)(1.0 / sum);
+    for (int i = 0; i < V; i++)
+        p[i] *= inv;
+    *loss = (float)(log(sum) - ((double)z[target] - maxv));
+}
+
+dsmoe_status cpu_crossentropy_forward(cpu_ctx *ctx, cpu_queue *q, float *losses, float *probs, const void *logits,
                                       dsmoe_dtype dt, const int32_t *targets, int S, int V) {
     CPU_BEGIN(ctx, q, "crossentropy_forward");
-    CPU_DTYPE(ctx, "crossentropy_forward", "dt", dt);
+    CPU_ACT_DTYPE(ctx, "crossentropy_forward", "dt", dt);
     CPU_REQUIRE(ctx, S >= 0 && V > 0, "cpu: crossentropy_forward: S=%d V=%d: expected S >= 0 and V > 0", S, V);
     if (S == 0)
         return DSMOE_OK;
-    CPU_REQUIRE(ctx, losses && probs && logits_ && targets,
+    CPU_REQUIRE(ctx, losses && probs && logits && targets,
                 "cpu: crossentropy_forward: NULL losses, probs, logits or targets");
     CPU_TRY(check_tokens(ctx, "crossentropy_forward", "targets", targets, S, V));
-    const float *logits = logits_;
+    const int bf = dt == DSMOE_BFLOAT16;
+    float *rows; // (threads, V): a widened row of logits
+    CPU_TRY(bf16_rows(ctx, "crossentropy_forward", bf, (size_t)V, &rows));
 #pragma omp parallel for num_threads(ctx->threads) schedule(static) if ((long)S * V >= CPU_PAR_MIN / 4)
     for (int s = 0; s < S; s++) {
-        const float *z = logits + (size_t)s * V;
-        float *p = probs + (size_t)s * V;
-        float maxv = -INFINITY;
-#pragma omp simd reduction(max : maxv)
-        for (int i = 0; i < V; i++)
-            maxv = z[i] > maxv ? z[i] : maxv;
-        double sum = 0.0;
-#pragma omp simd reduction(+ : sum)
-        for (int i = 0; i < V; i++) {
-            p[i] = cpu_exp_fast(z[i] - maxv);
-            sum += p[i];
+        size_t at = (size_t)s * V;
+        const float *z = (const float *)logits + (bf ? 0 : at);
+        if (bf) {
+            float *w = rows + (size_t)omp_get_thread_num() * V;
+            cpu_bf16_to_f32(w, (const uint16_t *)logits + at, (size_t)V);
+            z = w;
         }
-        float inv = (float)(1.0 / sum);
-        for (int i = 0; i < V; i++)
-            p[i] *= inv;
-        losses[s] = (float)(log(sum) - ((double)z[targets[s]] - maxv));
+        ce_forward_row(probs + at, losses + s, z, targets[s], V);
     }
+    if (bf)
+        cpu_stage_release(ctx);
     return DSMOE_OK;
 }
 
-dsmoe_status cpu_crossentropy_backward(cpu_ctx *ctx, cpu_queue *q, void *dlogits_, dsmoe_dtype dt, const float *probs,
+// dlogits += dloss (p - onehot(target)): in float32, each element rounded once in bfloat16 (the target's
+// after both terms).
+static inline __attribute__((always_inline)) void ce_backward_row(void *d, size_t at, const float *p, int target,
+                                                                 float dloss, int V, int bf) {
+    for (int i = 0; i < V; i++) {
+        float v = cpu_widen(d, at + i, bf) + dloss * p[i];
+        if (i == target)
+            v -= dloss;
+        if (bf)
+            ((uint16_t *)d)[at + i] = cpu_f2bf(v);
+        else
+            ((float *)d)[at + i] = v;
+    }
+}
+
+dsmoe_status cpu_crossentropy_backward(cpu_ctx *ctx, cpu_queue *q, void *dlogits, dsmoe_dtype dt, const float *probs,
                                        const int32_t *targets, float dloss, int S, int V) {
     CPU_BEGIN(ctx, q, "crossentropy_backward");
-    CPU_DTYPE(ctx, "crossentropy_backward", "dt", dt);
+    CPU_ACT_DTYPE(ctx, "crossentropy_backward", "dt", dt);
     CPU_REQUIRE(ctx, S >= 0 && V > 0, "cpu: crossentropy_backward: S=%d V=%d: expected S >= 0 and V > 0", S, V);
     if (S == 0)
         return DSMOE_OK;
-    CPU_REQUIRE(ctx, dlogits_ && probs && targets, "cpu: crossentropy_backward: NULL dlogits, probs or targets");
+    CPU_REQUIRE(ctx, dlogits && probs && targets, "cpu: crossentropy_backward: NULL dlogits, probs or targets");
     CPU_TRY(check_tokens(ctx, "crossentropy_backward", "targets", targets, S, V));
-    float *dlogits = dlogits_;
+    const int bf = dt == DSMOE_BFLOAT16;
 #pragma omp parallel for num_threads(ctx->threads) schedule(static) if ((long)S * V >= CPU_PAR_MIN)
     for (int s = 0; s < S; s++) {
-        float *d = dlogits + (size_t)s * V;
-        const float *p = probs + (size_t)s * V;
-        for (int i = 0; i < V; i++)
-            d[i] += dloss * p[i];
-        d[targets[s]] -= dloss;
+        size_t at = (size_t)s * V;
+        if (bf)
+            ce_backward_row(dlogits, at, probs + at, targets[s], dloss, V, 1);
+        else
+            ce_backward_row(dlogits, at, probs + at, targets[s], dloss, V, 0);
     }
     return DSMOE_OK;
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Residual-MoE mix: coef (S, 2) = softmax(coef_logits); out = moe * coef[:,0] + mlp * coef[:,1]
+// Residual-MoE mix: coef (S, 2) = softmax(coef_logits); out = moe * coef[:,0] + mlp * coef[:,1].
+// bfloat16 rows are widened a row at a time and run through the same row functions, as layer norm's.
 
-dsmoe_status cpu_residual_mix_forward(cpu_ctx *ctx, cpu_queue *q, void *out_, float *coef, const void *moe_,
-                                      const void *mlp_, dsmoe_dtype dt, const float *coef_logits, int S, int M) {
+static __attribute__((noinline)) void mix_forward_row(float *o, const float *a, const float *b, float c0, float c1,
+                                                       int M) {
+    for (int j = 0; j < M; j++)
+        o[j] = a[j] * c0 + b[j] * c1;
+}
+
+dsmoe_status cpu_residual_mix_forward(cpu_ctx *ctx, cpu_queue *q, void *out, float *coef, const void *moe,
+                                      const void *mlp, dsmoe_dtype dt, const float *coef_logits, int S, int M) {
     CPU_BEGIN(ctx, q, "residual_mix_forward");
-    CPU_DTYPE(ctx, "residual_mix_forward", "dt", dt);
+    CPU_ACT_DTYPE(ctx, "residual_mix_forward", "dt", dt);
     CPU_REQUIRE(ctx, S >= 0 && M >= 0, "cpu: residual_mix_forward: S=%d M=%d: expected >= 0", S, M);
     if (S == 0)
         return DSMOE_OK;
-    CPU_REQUIRE(ctx, out_ && coef && moe_ && mlp_ && coef_logits,
+    CPU_REQUIRE(ctx, out && coef && moe && mlp && coef_logits,
                 "cpu: residual_mix_forward: NULL out, coef, moe, mlp or coef_logits");
-    float *out = out_;
-    const float *moe = moe_, *mlp = mlp_;
+    const int bf = dt == DSMOE_BFLOAT16;
+    float *rows; // (threads, 3, M): moe, mlp, out
+    CPU_TRY(bf16_rows(ctx, "residual_mix_forward", bf, 3 * (size_t)M, &rows));
 #pragma omp parallel for num_threads(ctx->threads) schedule(static) if ((long)S * M >= CPU_PAR_MIN)
     for (int s = 0; s < S; s++) {
         float l0 = coef_logits[2 * s], l1 = coef_logits[2 * s + 1];
@@ -527,42 +430,73 @@ dsmoe_status cpu_residual_mix_forward(cpu_ctx *ctx, cpu_queue *q, void *out_, fl
         float c0 = e0 / (e0 + e1), c1 = e1 / (e0 + e1);
         coef[2 * s] = c0;
         coef[2 * s + 1] = c1;
-        const float *a = moe + (size_t)s * M, *b = mlp + (size_t)s * M;
-        float *o = out + (size_t)s * M;
-        for (int j = 0; j < M; j++)
-            o[j] = a[j] * c0 + b[j] * c1;
+        size_t at = (size_t)s * M;
+        if (!bf) {
+            mix_forward_row((float *)out + at, (const float *)moe + at, (const float *)mlp + at, c0, c1, M);
+        } else {
+            float *a = rows + (size_t)omp_get_thread_num() * 3 * M, *b = a + M, *o = b + M;
+            cpu_bf16_to_f32(a, (const uint16_t *)moe + at, (size_t)M);
+            cpu_bf16_to_f32(b, (const uint16_t *)mlp + at, (size_t)M);
+            mix_forward_row(o, a, b, c0, c1, M);
+            cpu_f32_to_bf16((uint16_t *)out + at, o, (size_t)M);
+        }
     }
+    if (bf)
+        cpu_stage_release(ctx);
     return DSMOE_OK;
 }
 
+// da, db (M) += the row's input gradients; *dc0, *dc1 = dout . moe, dout . mlp.
+static __attribute__((noinline)) void mix_backward_row(float *da, float *db, double *dc0, double *dc1,
+                                                        const float *g, const float *a, const float *b, float c0,
+                                                        float c1, int M) {
+    double s0 = 0.0, s1 = 0.0;
+    for (int j = 0; j < M; j++) {
+        s0 += (double)g[j] * a[j];
+        s1 += (double)g[j] * b[j];
+        da[j] += g[j] * c0;
+        db[j] += g[j] * c1;
+    }
+    *dc0 = s0;
+    *dc1 = s1;
+}
+
 // d coef_k = dout . input_k; through the 2-way softmax, dlogit0 = c0 c1 (dcoef0 - dcoef1) = -dlogit1.
-dsmoe_status cpu_residual_mix_backward(cpu_ctx *ctx, cpu_queue *q, void *dmoe_, void *dmlp_, float *dcoef_logits,
-                                       const void *dout_, const void *moe_, const void *mlp_, dsmoe_dtype dt,
+dsmoe_status cpu_residual_mix_backward(cpu_ctx *ctx, cpu_queue *q, void *dmoe, void *dmlp, float *dcoef_logits,
+                                       const void *dout, const void *moe, const void *mlp, dsmoe_dtype dt,
                                        const float *coef, int S, int M) {
     CPU_BEGIN(ctx, q, "residual_mix_backward");
-    CPU_DTYPE(ctx, "residual_mix_backward", "dt", dt);
+    CPU_ACT_DTYPE(ctx, "residual_mix_backward", "dt", dt);
     CPU_REQUIRE(ctx, S >= 0 && M >= 0, "cpu: residual_mix_backward: S=%d M=%d: expected >= 0", S, M);
     if (S == 0)
         return DSMOE_OK;
-    CPU_REQUIRE(ctx, dmoe_ && dmlp_ && dcoef_logits && dout_ && moe_ && mlp_ && coef,
+    CPU_REQUIRE(ctx, dmoe && dmlp && dcoef_logits && dout && moe && mlp && coef,
                 "cpu: residual_mix_backward: NULL argument (dmoe, dmlp, dcoef_logits, dout, moe, mlp or coef)");
-    float *dmoe = dmoe_, *dmlp = dmlp_;
-    const float *dout = dout_, *moe = moe_, *mlp = mlp_;
+    const int bf = dt == DSMOE_BFLOAT16;
+    float *rows; // (threads, 5, M): dout, moe, mlp, dmoe, dmlp
+    CPU_TRY(bf16_rows(ctx, "residual_mix_backward", bf, 5 * (size_t)M, &rows));
 #pragma omp parallel for num_threads(ctx->threads) schedule(static) if ((long)S * M >= CPU_PAR_MIN)
     for (int s = 0; s < S; s++) {
         float c0 = coef[2 * s], c1 = coef[2 * s + 1];
-        const float *g = dout + (size_t)s * M, *a = moe + (size_t)s * M, *b = mlp + (size_t)s * M;
-        float *da = dmoe + (size_t)s * M, *db = dmlp + (size_t)s * M;
-        double dc0 = 0.0, dc1 = 0.0;
-        for (int j = 0; j < M; j++) {
-            dc0 += (double)g[j] * a[j];
-            dc1 += (double)g[j] * b[j];
-            da[j] += g[j] * c0;
-            db[j] += g[j] * c1;
+        size_t at = (size_t)s * M;
+        double dc0, dc1;
+        if (!bf) {
+            mix_backward_row((float *)dmoe + at, (float *)dmlp + at, &dc0, &dc1, (const float *)dout + at,
+                             (const float *)moe + at, (const float *)mlp + at, c0, c1, M);
+        } else {
+            float *g = rows + (size_t)omp_get_thread_num() * 5 * M, *a = g + M, *b = a + M, *da = b + M, *db = da + M;
+            const void *in[5] = {dout, moe, mlp, dmoe, dmlp};
+            for (int i = 0; i < 5; i++)
+                cpu_bf16_to_f32(g + (size_t)i * M, (const uint16_t *)in[i] + at, (size_t)M);
+            mix_backward_row(da, db, &dc0, &dc1, g, a, b, c0, c1, M);
+            cpu_f32_to_bf16((uint16_t *)dmoe + at, da, (size_t)M);
+            cpu_f32_to_bf16((uint16_t *)dmlp + at, db, (size_t)M);
         }
         float dl0 = (float)((double)c0 * c1 * (dc0 - dc1));
         dcoef_logits[2 * s] += dl0;
         dcoef_logits[2 * s + 1] -= dl0;
     }
+    if (bf)
+        cpu_stage_release(ctx);
     return DSMOE_OK;
 }

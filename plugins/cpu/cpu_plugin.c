@@ -387,7 +387,7 @@ static const dsmoe_kernel_plugin_v3 cpu_plugin = {
     .device_count = NULL,
     .device_pci_bus_id = NULL,
     .mem_info = cpu_mem_info,
-    .attention_bytes = cpu_bf16_attention_bytes,
+    .attention_bytes = cpu_attention_bytes,
 
     .default_queue = cpu_default_queue,
     .queue_create = cpu_queue_create,
@@ -417,7 +417,7 @@ static const dsmoe_kernel_plugin_v3 cpu_plugin = {
     .gemm_grouped = cpu_gemm_grouped,
     .gemm_grouped_wgrad = cpu_gemm_grouped_wgrad,
 
-    .bias_add = cpu_bias_add, // these three, layer norm, dispatch, combine and the KV cache's: bf16 in place
+    .bias_add = cpu_bias_add, // bf16 in place: these, layer norm, attention, loss, mix, MoE, KV
     .bias_backward = cpu_bias_backward,
     .axpy = cpu_axpy,
     .mul_uniform_noise = cpu_bf16_mul_uniform_noise,
@@ -432,10 +432,10 @@ static const dsmoe_kernel_plugin_v3 cpu_plugin = {
     .layernorm_backward = cpu_layernorm_backward,
     .gelu_forward = cpu_bf16_gelu_forward,
     .gelu_backward = cpu_bf16_gelu_backward,
-    .attention_forward = cpu_bf16_attention_forward,
-    .attention_backward = cpu_bf16_attention_backward,
-    .crossentropy_forward = cpu_bf16_crossentropy_forward,
-    .crossentropy_backward = cpu_bf16_crossentropy_backward,
+    .attention_forward = cpu_attention_forward,
+    .attention_backward = cpu_attention_backward,
+    .crossentropy_forward = cpu_crossentropy_forward,
+    .crossentropy_backward = cpu_crossentropy_backward,
 
     .gate_route = cpu_gate_route,
     .gate_assign = cpu_gate_assign,
@@ -445,8 +445,8 @@ static const dsmoe_kernel_plugin_v3 cpu_plugin = {
     .moe_combine = cpu_moe_combine,
     .moe_combine_backward = cpu_moe_combine_backward,
 
-    .residual_mix_forward = cpu_bf16_residual_mix_forward,
-    .residual_mix_backward = cpu_bf16_residual_mix_backward,
+    .residual_mix_forward = cpu_residual_mix_forward,
+    .residual_mix_backward = cpu_residual_mix_backward,
 
     .adamw = cpu_adamw,
 

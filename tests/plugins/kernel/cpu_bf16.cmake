@@ -22,8 +22,9 @@ set_tests_properties(test_cpu_bf16_emulated PROPERTIES TIMEOUT 300 LABELS cpu
                      ENVIRONMENT
                      "OMP_NUM_THREADS=2;DSMOE_PLUGIN_PATH=;DSMOE_TEST_BF16_PATH=emulated;ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI")
 
-# The bf16 ops that read bfloat16 rows in place (MoE dispatch and combine, the KV cache, cached
-# attention): the plugin's float32 op on the widened values, rounded, bit for bit, on 1 and 2 threads.
+# The bf16 ops that read bfloat16 rows in place (layer norm, bias, axpy, the loss, attention, MoE dispatch
+# and combine, the KV cache, cached attention): the plugin's float32 op on the widened values, rounded,
+# bit for bit, on 1 and 2 threads.
 add_executable(test_cpu_bf16_rows ${CMAKE_CURRENT_LIST_DIR}/test_cpu_bf16_rows.c)
 set_target_properties(test_cpu_bf16_rows PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/tests)
 target_include_directories(test_cpu_bf16_rows PRIVATE ${PROJECT_SOURCE_DIR}/include ${DSMOE_TEST_DIR})

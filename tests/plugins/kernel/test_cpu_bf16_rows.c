@@ -1,7 +1,8 @@
 // tests/plugins/kernel/test_cpu_bf16_rows.c: the cpu plugin's bfloat16 ops that read and write bfloat16
 // rows themselves instead of staging float32 copies of whole tensors (cpu_ops.c, cpu_elementwise.c,
-// cpu_gating.c, cpu_infer.c): layer norm, bias_add, bias_backward and axpy, MoE dispatch and combine
-// and their backwards, the KV cache append and cached attention.
+// cpu_attention.c, cpu_gating.c, cpu_infer.c): layer norm, bias_add, bias_backward, axpy, the softmax
+// cross-entropy, the residual-MoE mix, causal attention, MoE dispatch and combine and their backwards,
+// the KV cache append and cached attention.
 //
 // The contract for a bfloat16 op is float32 arithmetic on the bfloat16 values with each result rounded
 // once. The reference is the plugin's own float32 op on the widened values, rounded by a rounding
@@ -34,9 +35,10 @@ static uint16_t *get16(dsmoe_kernel_ctx *c, const void *d, size_t n) {
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Layer norm, bias and axpy on bfloat16 rows: (S, M) with M not a multiple of the 64-column chunks of
-// the column sums, and S * M above the size at which the ops go parallel. float32 outputs (mean, rstd,
-// the weight and bias gradients) must be the float32 op's bits; bfloat16 ones its rounded bits.
+// Layer norm, bias, axpy, the loss and the residual-MoE mix on bfloat16 rows: (S, M) with M not a multiple of the 64-column
+// chunks of the column sums, and S * M above the size at which the ops go parallel. float32 outputs
+// (mean, rstd, the weight and bias gradients, the losses and probabilities, the mix's coefficients and
+// their gradient) must be the float32 op's bits; bfloat16 ones its rounded bits.
 
 enum { RS = 101, RM = 200 };
 
@@ -67,6 +69,16 @@ static void same_floats_dev(dsmoe_kernel_ctx *c, const char *what, const float *
         if (memcmp(x + i, y + i, sizeof *x))
             fail_msg("%s: element %zu is %.9g from bfloat16 rows, %.9g from the float32 op", what, i, x[i], y[i]);
     free(x), free(y);
+}
+
+// f32 (n) = the widened values of b16 (n): a float32 tensor that an earlier bf16 call rounded, so that
+// the next call starts from the same values in both dtypes.
+static void resync(dsmoe_kernel_ctx *c, float *f32, const void *b16, size_t n) {
+    uint16_t *h = get16(c, b16, n);
+    float *w = malloc(n * sizeof *w);
+    for (size_t i = 0; i < n; i++) w[i] = bf2f(h[i]);
+    OKC(c, P->copy_to_device(c, P->default_queue(c), f32, w, n * 4));
+    free(w), free(h);
 }
 
 // A device float32 buffer holding host[0 .. n), twice (one for each dtype's call).
@@ -115,17 +127,46 @@ static void row_ops_on(dsmoe_kernel_ctx *c) {
     OKC(c, P->bias_backward(c, q, gb32, fg, F32, RS, RM));
     same_floats_dev(c, "bias_backward", gb16, gb32, RM);
 
-    float *widened = malloc(n * sizeof *widened); // y from here on: the bf16 result, in both dtypes
-    uint16_t *h = get16(c, by, n);
-    for (size_t i = 0; i < n; i++) widened[i] = bf2f(h[i]);
-    OKC(c, P->copy_to_device(c, q, fy, widened, n * 4));
-    free(widened), free(h);
+    resync(c, fy, by, n); // y from here on: the bf16 result, in both dtypes
     OKC(c, P->axpy(c, q, by, 0.37f, bx, BF16, n - 5)); // the last 5 elements must keep their values
     OKC(c, P->axpy(c, q, fy, 0.37f, fx, F32, n - 5));
     same_rounded_dev(c, "axpy", by, fy, n);
 
+    // The loss over (RS, RM) logits: x as logits (rows of 3 * rnd), targets spread over the classes.
+    int32_t tg[RS];
+    for (int s = 0; s < RS; s++) tg[s] = (s * 37) % RM;
+    int32_t *dtg = dev_put(c, tg, sizeof tg);
+    float *loss16 = dev_new(c, RS * 4, 0), *loss32 = dev_new(c, RS * 4, 0);
+    float *p16 = dev_new(c, n * 4, 0), *p32 = dev_new(c, n * 4, 0);
+    OKC(c, P->crossentropy_forward(c, q, loss16, p16, bx, BF16, dtg, RS, RM));
+    OKC(c, P->crossentropy_forward(c, q, loss32, p32, fx, F32, dtg, RS, RM));
+    same_floats_dev(c, "crossentropy_forward losses", loss16, loss32, RS);
+    same_floats_dev(c, "crossentropy_forward probs", p16, p32, n);
+    resync(c, fd, bd, n); // din from above, accumulated into
+    OKC(c, P->crossentropy_backward(c, q, bd, BF16, p32, dtg, 1.0f / RS, RS, RM));
+    OKC(c, P->crossentropy_backward(c, q, fd, F32, p32, dtg, 1.0f / RS, RS, RM));
+    same_rounded_dev(c, "crossentropy_backward", bd, fd, n);
+
+    // The residual-MoE mix of x (moe) and g (mlp) into o, and back into d and y.
+    float *lg = rnd_fill(2 * RS, 2), *co16 = dev_new(c, 2 * RS * 4, 0), *co32 = dev_new(c, 2 * RS * 4, 0);
+    float *dlg = dev_put(c, lg, 2 * RS * 4), *dl16, *dl32;
+    up_twice(c, lg, 2 * RS, &dl16, &dl32);
+    OKC(c, P->residual_mix_forward(c, q, bo, co16, bx, bg, BF16, dlg, RS, RM));
+    OKC(c, P->residual_mix_forward(c, q, fo, co32, fx, fg, F32, dlg, RS, RM));
+    same_rounded_dev(c, "residual_mix_forward out", bo, fo, n);
+    same_floats_dev(c, "residual_mix_forward coef", co16, co32, 2 * RS);
+    resync(c, fd, bd, n);
+    resync(c, fy, by, n);
+    OKC(c, P->residual_mix_backward(c, q, bd, by, dl16, bo, bx, bg, BF16, co32, RS, RM));
+    resync(c, fo, bo, n); // dout as the bfloat16 call read it
+    OKC(c, P->residual_mix_backward(c, q, fd, fy, dl32, fo, fx, fg, F32, co32, RS, RM));
+    same_rounded_dev(c, "residual_mix_backward dmoe", bd, fd, n);
+    same_rounded_dev(c, "residual_mix_backward dmlp", by, fy, n);
+    same_floats_dev(c, "residual_mix_backward dcoef_logits", dl16, dl32, 2 * RS);
+    free(lg);
+
     void *bufs[] = {bx, bg, bd, by, bo, fx, fg, fd, fy, fo, dw, dbias, mean16, rstd16, mean32, rstd32,
-                    gw16, gw32, gb16, gb32};
+                    gw16, gw32, gb16, gb32, dtg, loss16, loss32, p16, p32, co16, co32, dlg, dl16, dl32};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) dev_free(c, bufs[i]);
     free(x), free(g), free(d0), free(y0), free(w), free(bias), free(acc0);
 }
@@ -134,6 +175,51 @@ static void test_row_ops(void **state) {
     row_ops_on(C); // 2 threads
     dsmoe_kernel_ctx *one = cpt_ctx(1);
     row_ops_on(one);
+    P->finalize(one);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Causal attention on bfloat16 heads: out rounded, the saved probabilities (float32) bitwise, and the
+// gradient accumulated into a nonzero dqkv, rounded. T * T * hs is above the size at which units go
+// parallel.
+
+enum { AB = 2, AT = 37, AM = 64, ANH = 4 };
+
+static void attention_on(dsmoe_kernel_ctx *c) {
+    dsmoe_kernel_queue *q = P->default_queue(c);
+    const dsmoe_attention_shape sh16 = {AB, AT, AM, ANH, BF16}, sh32 = {AB, AT, AM, ANH, F32};
+    size_t saved, ws, saved32, ws32;
+    OKC(c, P->attention_bytes(c, &sh16, &saved, &ws));
+    OKC(c, P->attention_bytes(c, &sh32, &saved32, &ws32));
+    if (saved != saved32 || ws != ws32)
+        fail_msg("attention_bytes: bfloat16 %zu + %zu bytes, float32 %zu + %zu: the saved state is float32 in both",
+                 saved, ws, saved32, ws32);
+    const size_t nqkv = (size_t)AB * AT * 3 * AM, nout = (size_t)AB * AT * AM;
+    cpt_rng_state = 31;
+    float *qkv = rnd_fill(nqkv, 2), *dout = rnd_fill(nout, 1), *d0 = rnd_fill(nqkv, 1);
+    void *bq, *bg, *bd, *bo = dev_new(c, nout * 2, 0);
+    float *fq, *fg, *fd, *fo = dev_new(c, nout * 4, 0);
+    up_pair(c, qkv, nqkv, &bq, &fq);
+    up_pair(c, dout, nout, &bg, &fg);
+    up_pair(c, d0, nqkv, &bd, &fd);
+    float *s16 = dev_new(c, saved, 0), *s32 = dev_new(c, saved, 0), *w16 = dev_new(c, ws, 0), *w32 = dev_new(c, ws, 0);
+    OKC(c, P->attention_forward(c, q, bo, s16, bq, &sh16));
+    OKC(c, P->attention_forward(c, q, fo, s32, fq, &sh32));
+    same_rounded_dev(c, "attention_forward out", bo, fo, nout);
+    same_floats_dev(c, "attention_forward saved probabilities", s16, s32, saved / 4);
+    resync(c, fo, bo, nout); // out as the backward sees it
+    OKC(c, P->attention_backward(c, q, bd, w16, bg, bq, bo, s16, &sh16));
+    OKC(c, P->attention_backward(c, q, fd, w32, fg, fq, fo, s32, &sh32));
+    same_rounded_dev(c, "attention_backward dqkv", bd, fd, nqkv);
+    void *bufs[] = {bq, bg, bd, bo, fq, fg, fd, fo, s16, s32, w16, w32};
+    for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) dev_free(c, bufs[i]);
+    free(qkv), free(dout), free(d0);
+}
+
+static void test_attention(void **state) {
+    attention_on(C); // 2 threads
+    dsmoe_kernel_ctx *one = cpt_ctx(1);
+    attention_on(one);
     P->finalize(one);
 }
 
@@ -361,6 +447,7 @@ static int teardown(void **state) {
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_row_ops),
+        cmocka_unit_test(test_attention),
         cmocka_unit_test(test_moe_rows),
         cmocka_unit_test(test_kv_cache),
     };
