@@ -6,7 +6,7 @@
 #                      test runs with the options and leak suppressions of tests/sanitize/ (leaks inside
 #                      Open MPI and its libraries are not ours), and 3x its timeout.
 #   DSMOE_FUZZ=ON      (clang only) the libFuzzer targets tests/fuzz/fuzz_*.c, and a ctest test fuzz_<name>
-#                      per target that runs it DSMOE_FUZZ_SECONDS on its seeds (tests/fuzz.cmake).
+#                      per target that runs it DSMOE_FUZZ_SECONDS on its seeds (tests/fuzz/fuzz.cmake).
 #
 # nvcc never sees these flags (they are limited to C and C++); a sanitized or fuzz build leaves the GPU
 # plugins out unless DSMOE_WITH_CUDA / DSMOE_WITH_NCCL are given explicitly.

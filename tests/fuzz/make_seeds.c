@@ -37,7 +37,7 @@ static void expect(const char *kind, const char *name, int loaded, const char *m
 
 // ---------------------------------------------------------------------------------------------------
 // Decks: the syntax of docs/deck.md, line endings, plugin sections, extreme numbers. (tests/decks and
-// inputs/ are seeds too, read in place: tests/fuzz.cmake.)
+// inputs/ are seeds too, read in place: tests/fuzz/fuzz.cmake.)
 
 static void deck(const char *name, const char *text, size_t n) {
     save("deck", name, text, n);

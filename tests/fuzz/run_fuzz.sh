@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs one libFuzzer target for a fixed time and says what it did (docs/testing.md). The ctest tests
-# fuzz_<name> (tests/fuzz.cmake) and scripts/fuzz call it.
+# fuzz_<name> (tests/fuzz/fuzz.cmake) and scripts/fuzz call it.
 # Usage: run_fuzz.sh <target binary> <seconds> <corpus dir | -> <artifact dir> [seed dir or file ...]
 #   corpus dir   where the inputs that libFuzzer finds are kept (scripts/fuzz: a persistent one);
 #                "-": a temporary one

@@ -1,5 +1,5 @@
 # The sanitized build's test set-up (DSMOE_SANITIZE, cmake/sanitize.cmake, docs/testing.md); included by
-# tests/fuzz.cmake, in the directory that declares the tests.
+# tests/fuzz/fuzz.cmake, in the directory that declares the tests.
 #
 # Every test of this directory gets the sanitizer environment (ASAN_OPTIONS, LSAN_OPTIONS with
 # tests/sanitize/lsan.supp, UBSAN_OPTIONS) once all fragments have declared theirs.

@@ -9,7 +9,7 @@
 # usage: strict_train.sh <dsmoe> <test plugin dir> <mpiexec> [mpiexec flags...]
 # Environment: STRICT_BREAK=<op> passes DSMOE_STRICT_BREAK to the strict runs (the test must then fail);
 # STRICT_ONLY="base ep2" runs only those configurations (tests/strict/strict_break.sh, and the sanitized
-# build's subset in tests/strict_train.cmake).
+# build's subset in tests/strict/strict_train.cmake).
 set -u
 dsmoe=$1 plugdir=$2
 shift 2

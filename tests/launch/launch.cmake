@@ -2,7 +2,7 @@
 # each): mpiexec and a singleton, the PBS job script in a PBS job's environment, the local mpirun
 # script, and srun / sbatch in a real single-node Slurm that a fixture starts (scripts/slurm-local) and
 # stops. The Slurm tests skip (77) where Slurm cannot run (not root, packages not installable).
-set(DSMOE_LAUNCH_DIR ${CMAKE_CURRENT_SOURCE_DIR}/launch)
+set(DSMOE_LAUNCH_DIR ${CMAKE_CURRENT_LIST_DIR})
 
 function(dsmoe_launch_test name script)
   add_test(NAME ${name} COMMAND bash ${DSMOE_LAUNCH_DIR}/${script} $<TARGET_FILE:dsmoe> ${PROJECT_SOURCE_DIR} ${ARGN})

@@ -5,7 +5,7 @@
 # leaves its input in <build>/tests/fuzz/artifacts/<name>/. A new target needs only its file and seeds.
 
 # The sanitized build's environment for every test, and its self-check (DSMOE_SANITIZE).
-include(${CMAKE_CURRENT_LIST_DIR}/sanitize/sanitize.cmake)
+include(${DSMOE_TEST_DIR}/sanitize/sanitize.cmake)
 
 if(NOT DSMOE_FUZZ)
   return()

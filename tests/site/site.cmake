@@ -4,7 +4,7 @@
 # --help, and the Spack recipe against the CMake options. Scripts in tests/site/.
 set(DSMOE_SITE_PREFIX ${CMAKE_BINARY_DIR}/site/prefix)
 set(DSMOE_SITE_CACHE ${CMAKE_BINARY_DIR}/site/cache) # the unpacked environment-modules package, kept
-set(site ${CMAKE_CURRENT_SOURCE_DIR}/site)
+set(site ${CMAKE_CURRENT_LIST_DIR})
 
 add_test(NAME site_install COMMAND bash ${site}/install_test.sh ${CMAKE_BINARY_DIR} ${PROJECT_SOURCE_DIR} ${DSMOE_SITE_PREFIX})
 set_tests_properties(site_install PROPERTIES FIXTURES_SETUP dsmoe_site_prefix TIMEOUT 180)

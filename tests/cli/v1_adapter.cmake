@@ -2,7 +2,7 @@
 # tests/plugins/loader/loader.cmake) is bitwise the run of the v2 cpu plugin: metrics and checkpoints
 # (tests/cli/v1_adapter_test.sh).
 if(TARGET dsmoe)
-  add_test(NAME v1_adapter COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/cli/v1_adapter_test.sh $<TARGET_FILE:dsmoe>
+  add_test(NAME v1_adapter COMMAND bash ${CMAKE_CURRENT_LIST_DIR}/v1_adapter_test.sh $<TARGET_FILE:dsmoe>
            ${PROJECT_SOURCE_DIR} ${DSMOE_CPU_V1_DIR})
   set_tests_properties(v1_adapter PROPERTIES TIMEOUT 300 LABELS cli)
 endif()

@@ -12,11 +12,11 @@ if(DSMOE_CXX_FOR_TESTS)
   set(cxx_for_tests ${DSMOE_CXX_FOR_TESTS})
 endif()
 
-set(script ${CMAKE_CURRENT_SOURCE_DIR}/headers/compile_headers.sh)
+set(script ${CMAKE_CURRENT_LIST_DIR}/compile_headers.sh)
 add_test(NAME headers_c COMMAND bash ${script} c ${CMAKE_C_COMPILER} ${PROJECT_SOURCE_DIR} ${DSMOE_HEADER_TEST_FLAGS})
 add_test(NAME headers_cxx COMMAND bash ${script} cxx "${cxx_for_tests}" ${PROJECT_SOURCE_DIR} ${DSMOE_HEADER_TEST_FLAGS})
 add_test(NAME headers_cuda COMMAND bash ${script} cuda "${DSMOE_NVCC}" ${PROJECT_SOURCE_DIR} ${DSMOE_HEADER_TEST_FLAGS})
-add_test(NAME headers_package COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/headers/package_test.sh ${CMAKE_COMMAND}
+add_test(NAME headers_package COMMAND bash ${CMAKE_CURRENT_LIST_DIR}/package_test.sh ${CMAKE_COMMAND}
          ${CMAKE_C_COMPILER} ${CMAKE_BINARY_DIR} ${PROJECT_SOURCE_DIR})
 set_tests_properties(headers_c headers_cxx headers_cuda headers_package PROPERTIES
                      LABELS headers TIMEOUT 300 SKIP_RETURN_CODE 77)
