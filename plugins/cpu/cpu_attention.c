@@ -20,7 +20,7 @@
 
 #include <cblas.h> // cblas_sgemm (called single-threaded, see cpu_blas_single_threaded)
 
-#include "cpu_bf16.h"     // cpu_bf16_to_f32, cpu_f32_to_bf16, cpu_stage_reserve
+#include "cpu_bf16.h"     // cpu_bf16_to_f32, cpu_f32_to_bf16, cpu_stage_rows
 #include "cpu_internal.h" // CPU_BEGIN, CPU_ACT_DTYPE, CPU_REQUIRE, cpu_blas_single_threaded
 #include "cpu_math.h"     // cpu_exp_fast
 
@@ -102,15 +102,6 @@ static void head_out(int bf, void *base, size_t at, int ld, int T, int hs, head_
         cpu_f32_to_bf16((uint16_t *)base + at + (size_t)t * ld, v.p + (size_t)t * hs, (size_t)hs);
 }
 
-// Per-thread scratch of `views` (T, hs) blocks for a bfloat16 call, from the context's arena; NULL for
-// float32.
-static dsmoe_status head_scratch(cpu_ctx *ctx, const char *op, int bf, int views, int T, int hs, float **w) {
-    *w = NULL;
-    if (!bf)
-        return DSMOE_OK;
-    return cpu_stage_reserve(ctx, op, (size_t)ctx->threads * views * T * hs * sizeof(float), (void **)w);
-}
-
 // Per (b, h): a = softmax(scale q k^T, causal), out = a v. The full (T, T) product is computed and the
 // upper triangle masked: twice the causal work, at BLAS speed.
 dsmoe_status cpu_attention_forward(cpu_ctx *ctx, cpu_queue *q, void *out, void *saved, const void *qkv,
@@ -124,7 +115,7 @@ dsmoe_status cpu_attention_forward(cpu_ctx *ctx, cpu_queue *q, void *out, void *
     const int hs = M / NH, ld = 3 * M, units = B * NH, bf = shape->dt == DSMOE_BFLOAT16;
     const size_t blk = (size_t)T * hs;
     float *att = saved, *scratch; // scratch: (threads, 4 blocks) q, k, v, out
-    CPU_TRY(head_scratch(ctx, "attention_forward", bf, 4, T, hs, &scratch));
+    CPU_TRY(cpu_stage_rows(ctx, "attention_forward", bf, ctx->threads, 4 * blk, &scratch));
     float scale = 1.0f / sqrtf((float)hs);
     cpu_blas_single_threaded();
 #pragma omp parallel for num_threads(ctx->threads) schedule(dynamic, 1) if (units > 1 && (long)T * T * hs >= 4096)
@@ -141,8 +132,7 @@ dsmoe_status cpu_attention_forward(cpu_ctx *ctx, cpu_queue *q, void *out, void *
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, hs, T, 1.0f, a, T, vv.p, vv.ld, 0.0f, ov.p, ov.ld);
         head_out(bf, out, o_at, M, T, hs, ov);
     }
-    if (bf)
-        cpu_stage_release(ctx);
+    cpu_stage_release(ctx);
     return DSMOE_OK;
 }
 
@@ -165,7 +155,7 @@ dsmoe_status cpu_attention_backward(cpu_ctx *ctx, cpu_queue *q, void *dqkv, void
     const size_t blk = (size_t)T * hs;
     float *ws = workspace, *scratch; // scratch: (threads, 7 blocks) q, k, v, dout, dq, dk, dv
     const float *att = saved;
-    CPU_TRY(head_scratch(ctx, "attention_backward", bf, 7, T, hs, &scratch));
+    CPU_TRY(cpu_stage_rows(ctx, "attention_backward", bf, ctx->threads, 7 * blk, &scratch));
     float scale = 1.0f / sqrtf((float)hs);
     cpu_blas_single_threaded();
 #pragma omp parallel for num_threads(ctx->threads) schedule(dynamic, 1) if (units > 1 && (long)T * T * hs >= 4096)
@@ -200,7 +190,6 @@ dsmoe_status cpu_attention_backward(cpu_ctx *ctx, cpu_queue *q, void *dqkv, void
         head_out(bf, dqkv, head + M, ld, T, hs, dk);
         head_out(bf, dqkv, head + 2 * (size_t)M, ld, T, hs, dv);
     }
-    if (bf)
-        cpu_stage_release(ctx);
+    cpu_stage_release(ctx);
     return DSMOE_OK;
 }

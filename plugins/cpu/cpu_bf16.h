@@ -115,6 +115,9 @@ void cpu_bf16_free_slots(cpu_ctx *ctx);
 // to 64 MiB and is kept; a larger need gets a block of its own). Call cpu_stage_release when the op is
 // done with it (frees such a block). One op at a time per context: ops never overlap (docs/plugins.md).
 dsmoe_status cpu_stage_reserve(cpu_ctx *ctx, const char *op, size_t bytes, void **base);
+// The per-thread float32 rows of an op that widens bfloat16 itself: threads x per_thread floats of the
+// arena, thread i's at *rows + i * per_thread; *rows = NULL (nothing reserved) when !bf.
+dsmoe_status cpu_stage_rows(cpu_ctx *ctx, const char *op, int bf, int threads, size_t per_thread, float **rows);
 void cpu_stage_release(cpu_ctx *ctx);
 // Frees ctx's staging arena (finalize calls it; an op after it grows a new one).
 void cpu_bf16_stage_free(cpu_ctx *ctx);

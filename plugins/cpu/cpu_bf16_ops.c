@@ -7,7 +7,7 @@
 // (S, V) logits, attention's 8 x (S, M)). The table (cpu_plugin.c) points at these; float32 (and any
 // type the plugin refuses) goes straight to the float32 op, which checks and refuses as before.
 // defines: cpu_bf16_<op> for the ops listed in the table section of cpu_plugin.c, cpu_stage_reserve,
-//          cpu_stage_release, cpu_bf16_stage_free
+//          cpu_stage_rows, cpu_stage_release, cpu_bf16_stage_free
 //
 // A bf16 call stages its tensors: each bfloat16 input is converted to a float32 copy, the float32 op
 // runs on the copies, and each output is rounded back to bfloat16 (round to nearest even) when it
@@ -92,6 +92,13 @@ dsmoe_status cpu_stage_reserve(cpu_ctx *ctx, const char *op, size_t bytes, void 
     if (!*base)
         return cpu_fail(ctx, DSMOE_ERR_NOMEM, "cpu: %s: cannot allocate %zu bytes of float32 scratch", op, bytes);
     return DSMOE_OK;
+}
+
+dsmoe_status cpu_stage_rows(cpu_ctx *ctx, const char *op, int bf, int threads, size_t per_thread, float **rows) {
+    *rows = NULL;
+    if (!bf || per_thread == 0)
+        return DSMOE_OK;
+    return cpu_stage_reserve(ctx, op, (size_t)threads * per_thread * sizeof(float), (void **)rows);
 }
 
 void cpu_stage_release(cpu_ctx *ctx) {

@@ -13,26 +13,18 @@
 
 #include "dsmoe/rng.h"    // dsmoe_rng_uniform, dsmoe_rng_normal
 #include "cpu_internal.h" // CPU_BEGIN, CPU_DTYPE, CPU_REQUIRE
-#include "cpu_bf16.h"     // cpu_f2bf
-#include "cpu_math.h"     // cpu_bias_chunk_as, CPU_COL_CHUNK, cpu_widen
+#include "cpu_math.h"     // cpu_bias_chunk_as, CPU_COL_CHUNK, cpu_widen, cpu_store_as
 
 // bias_add, bias_backward and axpy take bfloat16 as well: each element's float32 expression is the same
 // in both dtypes (one instance each, bf a constant), on a value widened exactly in a register and
 // rounded once when stored, so a bf16 result is the float32 op on the widened tensors, rounded
 // (tests/plugins/kernel/test_cpu_bf16_rows.c), without the float32 copies the staged ops make.
 
-static inline void store_as(void *p, size_t i, float v, int bf) {
-    if (bf)
-        ((uint16_t *)p)[i] = cpu_f2bf(v);
-    else
-        ((float *)p)[i] = v;
-}
-
 // Row r of out += bias. Called with a constant bf inside the parallel loop: a parallel region inside an
 // inlined function is outlined once, with bf a run-time value.
 static inline __attribute__((always_inline)) void bias_add_row(void *out, size_t at, const float *bias, int n, int bf) {
     for (int j = 0; j < n; j++)
-        store_as(out, at + j, cpu_widen(out, at + j, bf) + bias[j], bf);
+        cpu_store_as(out, at + j, cpu_widen(out, at + j, bf) + bias[j], bf);
 }
 
 dsmoe_status cpu_bias_add(cpu_ctx *ctx, cpu_queue *q, void *out, dsmoe_dtype dt, const float *bias, int rows, int n) {
@@ -79,7 +71,7 @@ dsmoe_status cpu_bias_backward(cpu_ctx *ctx, cpu_queue *q, float *dbias, const v
 static inline __attribute__((always_inline)) void axpy_span(void *y, float alpha, const void *x, size_t i0, size_t i1,
                                                             int bf) {
     for (size_t i = i0; i < i1; i++)
-        store_as(y, i, cpu_widen(y, i, bf) + alpha * cpu_widen(x, i, bf), bf);
+        cpu_store_as(y, i, cpu_widen(y, i, bf) + alpha * cpu_widen(x, i, bf), bf);
 }
 
 #define AXPY_BLOCK 16384 // elements a thread takes at a time

@@ -22,7 +22,8 @@
 
 #include "dsmoe/rng.h" // dsmoe_rng_key, dsmoe_rng_gumbel, dsmoe_rng_uniform
 #include "cpu_internal.h"
-#include "cpu_bf16.h" // cpu_bf2f, cpu_bf16_to_f32, cpu_f32_to_bf16
+#include "cpu_bf16.h" // cpu_bf2f, cpu_bf16_to_f32, cpu_f32_to_bf16, cpu_stage_rows
+#include "cpu_math.h" // cpu_dot_lanes
 
 // Purpose tags of the counter-RNG keys (docs/gating.md, "Random numbers"); a device plugin must use
 // the same ones so that every plugin makes the same choices.
@@ -395,14 +396,10 @@ dsmoe_status cpu_gate_backward(cpu_ctx *ctx, cpu_queue *q, const dsmoe_gating_pa
 // a scratch (row_scratch); both paths run the same float32 expressions (combine_row is shared; the
 // others are a single add or multiply per element, whatever the operand's width).
 
-// nt threads x per rows of M floats for a bfloat16 call; NULL (nothing to allocate) for float32.
+// nt threads x per rows of M floats for a bfloat16 call, from the context's arena (cpu_stage_rows); NULL
+// (nothing reserved) for float32. cpu_stage_release ends it.
 static dsmoe_status row_scratch(cpu_ctx *ctx, const char *op, dsmoe_dtype dt, int nt, int per, int M, float **out) {
-    *out = NULL;
-    if (dt != DSMOE_BFLOAT16 || M == 0) return DSMOE_OK;
-    size_t n = (size_t)nt * per * M;
-    *out = malloc(n * sizeof **out);
-    if (*out == NULL) return cpu_fail(ctx, DSMOE_ERR_NOMEM, "cpu: %s: no memory for %zu float32 staging rows", op, n / M);
-    return DSMOE_OK;
+    return cpu_stage_rows(ctx, op, dt == DSMOE_BFLOAT16, nt, (size_t)per * M, out);
 }
 
 // The calling thread's rows of a row_scratch.
@@ -474,7 +471,7 @@ dsmoe_status cpu_moe_dispatch_backward(cpu_ctx *ctx, cpu_queue *q, void *dx_, co
         }
         if (bf) cpu_f32_to_bf16((uint16_t *)dx_ + (size_t)s * M, d, (size_t)M);
     }
-    free(scratch);
+    cpu_stage_release(ctx);
     return DSMOE_OK;
 }
 
@@ -514,20 +511,8 @@ dsmoe_status cpu_moe_combine(cpu_ctx *ctx, cpu_queue *q, void *out_, const void 
         combine_row(o, n, row, w, M);
         if (bf) cpu_f32_to_bf16((uint16_t *)out_ + (size_t)s * M, o, (size_t)M);
     }
-    free(scratch);
+    cpu_stage_release(ctx);
     return DSMOE_OK;
-}
-
-// dot(a, b) over n floats with 16 partial sums: vectorises, and the order depends only on n.
-static float dot16(const float *a, const float *b, int n) {
-    float acc[16] = {0};
-    int i = 0;
-    for (; i + 16 <= n; i += 16)
-        for (int j = 0; j < 16; j++) acc[j] += a[i + j] * b[i + j];
-    for (int j = 0; i < n; i++, j++) acc[j] += a[i] * b[i];
-    for (int w = 8; w > 0; w /= 2)
-        for (int j = 0; j < w; j++) acc[j] += acc[j + w];
-    return acc[0];
 }
 
 dsmoe_status cpu_moe_combine_backward(cpu_ctx *ctx, cpu_queue *q, void *dy_, float *dweight, const void *dout_,
@@ -588,12 +573,12 @@ dsmoe_status cpu_moe_combine_backward(cpu_ctx *ctx, cpu_queue *q, void *dy_, flo
             size_t at = ((size_t)choice[i] * C + slot[i]) * M;
             if (bf) {
                 cpu_bf16_to_f32(mine + M, (const uint16_t *)y_ + at, (size_t)M);
-                dweight[i] = dot16(mine, mine + M, M);
+                dweight[i] = cpu_dot_lanes(mine, mine + M, M);
             } else {
-                dweight[i] = dot16((const float *)dout_ + (size_t)s * M, (const float *)y_ + at, M);
+                dweight[i] = cpu_dot_lanes((const float *)dout_ + (size_t)s * M, (const float *)y_ + at, M);
             }
         }
     }
-    free(scratch);
+    cpu_stage_release(ctx);
     return DSMOE_OK;
 }

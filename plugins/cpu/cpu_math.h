@@ -2,13 +2,15 @@
 // GELU of gelu_forward and the GELU of the grouped GEMM's epilogue are the same expression and give the
 // same bits (the core may use either; training must not depend on which): both call cpu_vec.c's row
 // kernels, which compile cpu_gelu and cpu_gelu_grad for each vector width.
-// defines: cpu_exp_fast, cpu_tanh_fast, cpu_gelu, cpu_gelu_grad, cpu_bias_chunk(_as), CPU_COL_CHUNK, cpu_widen,
+// defines: cpu_exp_fast, cpu_tanh_fast, cpu_gelu, cpu_gelu_grad, cpu_bias_chunk(_as), CPU_COL_CHUNK, cpu_widen, cpu_store_as,
 //          cpu_widen8, cpu_dot_lanes_as, cpu_dot_lanes, CPU_DOT_LANES, cpu_f32x8 and the other vector types
 #ifndef DSMOE_CPU_MATH_H
 #define DSMOE_CPU_MATH_H
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+
+#include "cpu_bf16.h" // cpu_bf2f, cpu_f2bf
 
 // exp(x) for float, vectorizable (glibc's expf is a call the compiler cannot vectorize; it made GELU
 // and the softmaxes 5-10x slower). Cephes' expf: x = n ln2 + r, |r| <= ln2/2, a degree-6 polynomial
@@ -78,12 +80,15 @@ typedef uint32_t cpu_u32x8 __attribute__((vector_size(32)));
 
 // Element i of w (float32, or bfloat16 bits when bf) as a float.
 static inline __attribute__((always_inline)) float cpu_widen(const void *w, size_t i, int bf) {
-    if (!bf)
-        return ((const float *)w)[i];
-    uint32_t u = (uint32_t)((const uint16_t *)w)[i] << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
+    return bf ? cpu_bf2f(((const uint16_t *)w)[i]) : ((const float *)w)[i];
+}
+
+// Element i of p (float32, or bfloat16 bits when bf) = v, rounded once when bf.
+static inline __attribute__((always_inline)) void cpu_store_as(void *p, size_t i, float v, int bf) {
+    if (bf)
+        ((uint16_t *)p)[i] = cpu_f2bf(v);
+    else
+        ((float *)p)[i] = v;
 }
 
 // Elements [i, i + 8) of w as floats.

@@ -19,7 +19,7 @@
 
 #include "cpu_bf16.h"     // cpu_bf2f (a bfloat16 embedding table), the conversions, cpu_stage_reserve
 #include "cpu_internal.h" // CPU_BEGIN, CPU_DTYPE, CPU_REQUIRE, cpu_sticky
-#include "cpu_math.h"     // cpu_exp_fast, CPU_COL_CHUNK, cpu_widen
+#include "cpu_math.h"     // cpu_exp_fast, CPU_COL_CHUNK, cpu_widen, cpu_store_as
 
 // ---------------------------------------------------------------------------------------------------
 // Embedding: out (B*T, M) = wte[tokens] + wpe[t]
@@ -142,12 +142,6 @@ static __attribute__((noinline)) void ln_forward_row(float *o, float *mean, floa
     *rstd = r;
 }
 
-// Rows of `n` floats per thread for a bfloat16 call, from the context's arena; NULL for float32.
-static dsmoe_status bf16_rows(cpu_ctx *ctx, const char *op, int bf, size_t n, float **rows) {
-    *rows = NULL;
-    return bf ? cpu_stage_reserve(ctx, op, (size_t)ctx->threads * n * sizeof(float), (void **)rows) : DSMOE_OK;
-}
-
 dsmoe_status cpu_layernorm_forward(cpu_ctx *ctx, cpu_queue *q, void *out_, float *mean, float *rstd, const void *in_,
                                    dsmoe_dtype dt, const float *weight, const float *bias, int S, int M, float eps) {
     CPU_BEGIN(ctx, q, "layernorm_forward");
@@ -159,7 +153,7 @@ dsmoe_status cpu_layernorm_forward(cpu_ctx *ctx, cpu_queue *q, void *out_, float
     CPU_REQUIRE(ctx, out_ && in_ && weight && bias, "cpu: layernorm_forward: NULL out, in, weight or bias");
     const int bf = dt == DSMOE_BFLOAT16;
     float *rows; // (threads, 2, M): x, out
-    CPU_TRY(bf16_rows(ctx, "layernorm_forward", bf, 2 * (size_t)M, &rows));
+    CPU_TRY(cpu_stage_rows(ctx, "layernorm_forward", bf, ctx->threads, 2 * (size_t)M, &rows));
 #pragma omp parallel for num_threads(ctx->threads) schedule(static) if ((long)S * M >= CPU_PAR_MIN)
     for (int s = 0; s < S; s++) {
         size_t at = (size_t)s * M;
@@ -177,8 +171,7 @@ dsmoe_status cpu_layernorm_forward(cpu_ctx *ctx, cpu_queue *q, void *out_, float
         if (rstd)
             rstd[s] = r;
     }
-    if (bf)
-        cpu_stage_release(ctx);
+    cpu_stage_release(ctx);
     return DSMOE_OK;
 }
 
@@ -235,7 +228,7 @@ dsmoe_status cpu_layernorm_backward(cpu_ctx *ctx, cpu_queue *q, void *din_, floa
                 "cpu: layernorm_backward: NULL argument (din, dweight, dbias, dout, in, weight, mean or rstd)");
     const int bf = dt == DSMOE_BFLOAT16;
     float *rows; // (threads, 3, M): x, g, din
-    CPU_TRY(bf16_rows(ctx, "layernorm_backward", bf, 3 * (size_t)M, &rows));
+    CPU_TRY(cpu_stage_rows(ctx, "layernorm_backward", bf, ctx->threads, 3 * (size_t)M, &rows));
     int par = (long)S * M >= CPU_PAR_MIN;
     int chunks = (M + CPU_COL_CHUNK - 1) / CPU_COL_CHUNK;
 #pragma omp parallel num_threads(ctx->threads) if (par)
@@ -264,8 +257,7 @@ dsmoe_status cpu_layernorm_backward(cpu_ctx *ctx, cpu_queue *q, void *din_, floa
                 ln_backward_cols(dweight, dbias, dout_, in_, mean, rstd, S, M, j0, w, 0);
         }
     }
-    if (bf)
-        cpu_stage_release(ctx);
+    cpu_stage_release(ctx);
     return DSMOE_OK;
 }
 
@@ -347,7 +339,7 @@ dsmoe_status cpu_crossentropy_forward(cpu_ctx *ctx, cpu_queue *q, float *losses,
     CPU_TRY(check_tokens(ctx, "crossentropy_forward", "targets", targets, S, V));
     const int bf = dt == DSMOE_BFLOAT16;
     float *rows; // (threads, V): a widened row of logits
-    CPU_TRY(bf16_rows(ctx, "crossentropy_forward", bf, (size_t)V, &rows));
+    CPU_TRY(cpu_stage_rows(ctx, "crossentropy_forward", bf, ctx->threads, (size_t)V, &rows));
 #pragma omp parallel for num_threads(ctx->threads) schedule(static) if ((long)S * V >= CPU_PAR_MIN / 4)
     for (int s = 0; s < S; s++) {
         size_t at = (size_t)s * V;
@@ -359,8 +351,7 @@ dsmoe_status cpu_crossentropy_forward(cpu_ctx *ctx, cpu_queue *q, float *losses,
         }
         ce_forward_row(probs + at, losses + s, z, targets[s], V);
     }
-    if (bf)
-        cpu_stage_release(ctx);
+    cpu_stage_release(ctx);
     return DSMOE_OK;
 }
 
@@ -372,10 +363,7 @@ static inline __attribute__((always_inline)) void ce_backward_row(void *d, size_
         float v = cpu_widen(d, at + i, bf) + dloss * p[i];
         if (i == target)
             v -= dloss;
-        if (bf)
-            ((uint16_t *)d)[at + i] = cpu_f2bf(v);
-        else
-            ((float *)d)[at + i] = v;
+        cpu_store_as(d, at + i, v, bf);
     }
 }
 
@@ -421,7 +409,7 @@ dsmoe_status cpu_residual_mix_forward(cpu_ctx *ctx, cpu_queue *q, void *out, flo
                 "cpu: residual_mix_forward: NULL out, coef, moe, mlp or coef_logits");
     const int bf = dt == DSMOE_BFLOAT16;
     float *rows; // (threads, 3, M): moe, mlp, out
-    CPU_TRY(bf16_rows(ctx, "residual_mix_forward", bf, 3 * (size_t)M, &rows));
+    CPU_TRY(cpu_stage_rows(ctx, "residual_mix_forward", bf, ctx->threads, 3 * (size_t)M, &rows));
 #pragma omp parallel for num_threads(ctx->threads) schedule(static) if ((long)S * M >= CPU_PAR_MIN)
     for (int s = 0; s < S; s++) {
         float l0 = coef_logits[2 * s], l1 = coef_logits[2 * s + 1];
@@ -441,8 +429,7 @@ dsmoe_status cpu_residual_mix_forward(cpu_ctx *ctx, cpu_queue *q, void *out, flo
             cpu_f32_to_bf16((uint16_t *)out + at, o, (size_t)M);
         }
     }
-    if (bf)
-        cpu_stage_release(ctx);
+    cpu_stage_release(ctx);
     return DSMOE_OK;
 }
 
@@ -474,7 +461,7 @@ dsmoe_status cpu_residual_mix_backward(cpu_ctx *ctx, cpu_queue *q, void *dmoe, v
                 "cpu: residual_mix_backward: NULL argument (dmoe, dmlp, dcoef_logits, dout, moe, mlp or coef)");
     const int bf = dt == DSMOE_BFLOAT16;
     float *rows; // (threads, 5, M): dout, moe, mlp, dmoe, dmlp
-    CPU_TRY(bf16_rows(ctx, "residual_mix_backward", bf, 5 * (size_t)M, &rows));
+    CPU_TRY(cpu_stage_rows(ctx, "residual_mix_backward", bf, ctx->threads, 5 * (size_t)M, &rows));
 #pragma omp parallel for num_threads(ctx->threads) schedule(static) if ((long)S * M >= CPU_PAR_MIN)
     for (int s = 0; s < S; s++) {
         float c0 = coef[2 * s], c1 = coef[2 * s + 1];
@@ -496,7 +483,6 @@ dsmoe_status cpu_residual_mix_backward(cpu_ctx *ctx, cpu_queue *q, void *dmoe, v
         dcoef_logits[2 * s] += dl0;
         dcoef_logits[2 * s + 1] -= dl0;
     }
-    if (bf)
-        cpu_stage_release(ctx);
+    cpu_stage_release(ctx);
     return DSMOE_OK;
 }

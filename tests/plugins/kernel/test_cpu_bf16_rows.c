@@ -34,6 +34,14 @@ static uint16_t *get16(dsmoe_kernel_ctx *c, const void *d, size_t n) {
     return h;
 }
 
+// Runs a case on the shared 2-thread context, then on a fresh 1-thread one.
+static void on_both_contexts(void (*run)(dsmoe_kernel_ctx *)) {
+    run(C);
+    dsmoe_kernel_ctx *one = cpt_ctx(1);
+    run(one);
+    P->finalize(one);
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Layer norm, bias, axpy, the loss and the residual-MoE mix on bfloat16 rows: (S, M) with M not a multiple of the 64-column
 // chunks of the column sums, and S * M above the size at which the ops go parallel. float32 outputs
@@ -171,12 +179,7 @@ static void row_ops_on(dsmoe_kernel_ctx *c) {
     free(x), free(g), free(d0), free(y0), free(w), free(bias), free(acc0);
 }
 
-static void test_row_ops(void **state) {
-    row_ops_on(C); // 2 threads
-    dsmoe_kernel_ctx *one = cpt_ctx(1);
-    row_ops_on(one);
-    P->finalize(one);
-}
+static void test_row_ops(void **state) { on_both_contexts(row_ops_on); }
 
 // ---------------------------------------------------------------------------------------------------
 // Causal attention on bfloat16 heads: out rounded, the saved probabilities (float32) bitwise, and the
@@ -216,12 +219,7 @@ static void attention_on(dsmoe_kernel_ctx *c) {
     free(qkv), free(dout), free(d0);
 }
 
-static void test_attention(void **state) {
-    attention_on(C); // 2 threads
-    dsmoe_kernel_ctx *one = cpt_ctx(1);
-    attention_on(one);
-    P->finalize(one);
-}
+static void test_attention(void **state) { on_both_contexts(attention_on); }
 
 // ---------------------------------------------------------------------------------------------------
 // MoE dispatch and combine on bfloat16 rows: the float32 op on the widened tensors with each result
@@ -312,12 +310,7 @@ static void moe_rows_on(dsmoe_kernel_ctx *c) {
     free(host), free(host_w), free(got_w);
 }
 
-static void test_moe_rows(void **state) {
-    moe_rows_on(C); // 2 threads
-    dsmoe_kernel_ctx *one = cpt_ctx(1);
-    moe_rows_on(one);
-    P->finalize(one);
-}
+static void test_moe_rows(void **state) { on_both_contexts(moe_rows_on); }
 
 // ---------------------------------------------------------------------------------------------------
 // KV cache and cached attention on bfloat16 caches: a ragged prefill (sequences at different positions,
@@ -431,12 +424,7 @@ static void kv_cache_on(dsmoe_kernel_ctx *c) {
     free(before), free(before16);
 }
 
-static void test_kv_cache(void **state) {
-    kv_cache_on(C); // 2 threads
-    dsmoe_kernel_ctx *one = cpt_ctx(1);
-    kv_cache_on(one);
-    P->finalize(one);
-}
+static void test_kv_cache(void **state) { on_both_contexts(kv_cache_on); }
 
 static int setup(void **state) { return cpt_load(2); }
 static int teardown(void **state) {
