@@ -2,10 +2,10 @@
 # `sbatch --wait jobscripts/slurm.sbatch DECK key=value ...` in the local Slurm, as a user submits it:
 # the job's exit code is sbatch's; the script runs in the submit directory, passes the overrides on,
 # sets OMP_NUM_THREADS from --cpus-per-task, launches 4 ranks with srun; its USR1 trap (what
-# --signal=B:USR1@300 sends before the time limit; sent here with scancel) forwards it through srun, all
-# 4 ranks checkpoint and the job exits 75 (DSMOE_REQUEUE=0: no scontrol requeue here); a second job with
-# checkpoint.resume=auto finishes, and the losses match a one-process reference with every step once. A
-# job with a missing deck fails with its message.
+# --signal=B:USR1@300 sends before the time limit; sent here with scancel while the ranks are held)
+# forwards it through srun, all 4 ranks checkpoint and the job exits 75 (DSMOE_REQUEUE=0: no scontrol
+# requeue here); a second job with checkpoint.resume=auto finishes, and the losses match a one-process
+# reference with every step once. A job with a missing deck fails with its message.
 # Skips (77) when no local Slurm runs (the slurm_start fixture starts it).
 # Usage: slurm_sbatch.sh <dsmoe> <source dir>
 source "$(dirname "$0")/common.sh"
@@ -49,6 +49,37 @@ collect() {
   fi
 }
 
+# usr1_pending <pid>: USR1 (signal 10, bit 0x200) waits in the process's pending sets.
+usr1_pending() {
+  local m
+  for m in $(awk '/^(SigPnd|ShdPnd):/ { print $2 }' "/proc/$1/status" 2>/dev/null); do
+    [ $((0x$m & 0x200)) != 0 ] && return 0
+  done
+  return 1
+}
+
+# signal_held <job>: USR1 to the batch shell, as Slurm sends it, with the job's ranks held (SIGSTOP) until
+# it is pending at every rank. Its path (scancel, slurmctld, the shell's trap, srun, each task) took
+# longer than a fast machine's whole 600-step run (3 s) in one CI run, which then ended without a stop.
+held=
+signal_held() {
+  local p i pending
+  held=$(scontrol listpids "$1" 2>/dev/null | awk '$3 == "0" && $4 != "-" { print $1 }')
+  if [ "$(echo $held | wc -w)" != 4 ]; then fail "job $1: scontrol listpids gave rank PIDs '$held', expected 4"; return; fi
+  kill -STOP $held || { fail "job $1: the ranks ended before they could be held: make the run longer"; return; }
+  scancel --batch --signal=USR1 "$1" && ok || fail "scancel --batch --signal=USR1 $1"
+  for i in $(seq 300); do
+    pending=0
+    for p in $held; do usr1_pending "$p" && pending=$((pending + 1)); done
+    [ $pending = 4 ] && break
+    sleep 0.1
+  done
+  [ $pending -gt 0 ] && ok || fail "job $1: USR1 reached no rank in 30 s"
+  kill -CONT $held
+  held=
+}
+trap '[ -z "$held" ] || kill -CONT $held; [ -n "${KEEP:-}" ] || rm -rf "$work"' EXIT
+
 reference "$work/ref" 4 train.steps=600
 cd "$work" || exit 1
 
@@ -67,10 +98,8 @@ done
 if [ $started = 0 ]; then
   fail "job $job logged no training step before sbatch ended or 130 s passed"
   tail -20 "$log" 2>/dev/null | sed 's/^/  | /'
-elif grep -q '^step 600/600' "$log" 2>/dev/null; then
-  fail "the run ended before it could be signalled: make it longer"
 else
-  scancel --batch --signal=USR1 "$job" && ok || fail "scancel --batch --signal=USR1 $job"
+  signal_held "$job"
 fi
 collect train
 [ $rc -eq 75 ] && ok || { fail "sbatch --wait: exit $rc, expected 75 (checkpoint on USR1)"; cat "$work/train.sbatch"; }
