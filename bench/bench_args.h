@@ -1,5 +1,5 @@
 // bench/bench_args.h: the command-line pieces every benchmark program shares (header-only, like the
-// tests' helpers): integer flags checked against a range, and "--flag value" pairs.
+// tests' helpers): integer and real flags checked against a range, and "--flag value" pairs.
 #ifndef DSMOE_BENCH_ARGS_H
 #define DSMOE_BENCH_ARGS_H
 #include <stdio.h>
@@ -14,6 +14,20 @@ static inline int bench_parse_int(const char *prog, const char *flag, const char
         return -1;
     }
     *out = (int)x;
+    return 0;
+}
+
+// *out = v as a number in [lo, hi] (lo itself excluded when open_lo); otherwise "<prog>: <flag> <v>:
+// expected a number in ..." and -1.
+static inline int bench_parse_real(const char *prog, const char *flag, const char *v, double lo, double hi,
+                                   int open_lo, double *out) {
+    char *end;
+    double x = strtod(v, &end);
+    if (*v == '\0' || *end != '\0' || !(x >= lo && x <= hi) || (open_lo && x == lo)) {
+        fprintf(stderr, "%s: %s %s: expected a number in %c%g, %g]\n", prog, flag, v, open_lo ? '(' : '[', lo, hi);
+        return -1;
+    }
+    *out = x;
     return 0;
 }
 

@@ -4,7 +4,8 @@
 // usage: dsmoe_bench_decode [--layers L] [--hidden M] [--heads NH] [--experts E] [--top-k K] [--batch B]
 //                           [--prompt P] [--new N] [--threads T] [--vocab V] [--ffn F] [--warmup w]
 //                           [--repeats r] [--reference 0|1] [--kernel NAME] [--precision fp32|bf16]
-// Defaults: 4 256 4 8 1 1 64 32 1 256 4*M 2 3 1 cpu fp32. --precision bf16 runs the model with
+//                           [--temperature t] [--sample-top-k k] [--top-p p]
+// Defaults: 4 256 4 8 1 1 64 32 1 256 4*M 2 3 1 cpu fp32 0 0 1. --precision bf16 runs the model with
 // run.precision = bf16 (docs/precision.md): the weight matrices are read as bfloat16 and the KV cache
 // holds bfloat16, so the bytes below count 2 per element for those (biases, layer norms, the router and
 // the embedding rows stay float32); the float32 --reference is then not run. MoE on every other layer (layers 2, 4, ...),
@@ -12,7 +13,9 @@
 //
 // A run, `repeats` times: the bandwidth (below), then reset the B slots, prefill P random tokens per
 // sequence in one forward, then N decode steps; a step is one dsmoe_infer_forward with one token per
-// sequence and a greedy dsmoe_infer_sample, whose token the next step feeds. The first w steps are
+// sequence and a dsmoe_infer_sample, whose token the next step feeds (greedy, or with --temperature
+// t > 0 drawn from the top k logits (0 = all) and the top-p mass: the cost of sampling a vocabulary
+// of V, which a decode step pays once per sequence). The first w steps are
 // not timed (first use of the one-row buffers). Figures are the best repeat (other jobs on a shared
 // machine only add time). On an asynchronous (device) plugin a step's wall time still holds all its
 // device work: the forward enqueues every op on the runtime's one queue, and dsmoe_infer_sample copies
@@ -58,7 +61,7 @@
 // the device copy's buffers (device memory), so that it comes from memory, not cache, then the step's
 // own matrices in order. GB/s of weights against the bandwidth's show whether the GEMM path reads at
 // memory speed.
-#include "bench_args.h"      // bench_parse_int, bench_flag_value
+#include "bench_args.h"      // bench_parse_int, bench_parse_real, bench_flag_value
 #include "bench_bandwidth.h" // bench_llc_bytes, bench_triad_*, bench_devcopy_*
 #include <cblas.h> // cblas_sgemv, cblas_sgemm, openblas_set_num_threads: the native reference
 #include <math.h>
@@ -75,7 +78,8 @@
 #include "runtime.h"
 
 typedef struct opts {
-    int L, M, NH, E, K, B, P, N, threads, V, F, warmup, repeats, reference, bf16;
+    int L, M, NH, E, K, B, P, N, threads, V, F, warmup, repeats, reference, bf16, sample_top_k;
+    double temperature, top_p;
     const char *kernel;
 } opts;
 
@@ -83,10 +87,10 @@ static void usage(FILE *f) {
     fprintf(f, "usage: dsmoe_bench_decode [--layers L] [--hidden M] [--heads NH] [--experts E] [--top-k K]\n"
                "                          [--batch B] [--prompt P] [--new N] [--threads T] [--vocab V] [--ffn F]\n"
                "                          [--warmup w] [--repeats r] [--reference 0|1] [--kernel NAME]\n"
-               "                          [--precision fp32|bf16]\n"
+               "                          [--precision fp32|bf16] [--temperature t] [--sample-top-k k] [--top-p p]\n"
                "defaults: --layers 4 --hidden 256 --heads 4 --experts 8 --top-k 1 --batch 1 --prompt 64 --new 32\n"
                "          --threads 1 --vocab 256 --ffn 4*hidden --warmup 2 --repeats 3 --reference 1 --kernel cpu\n"
-               "          --precision fp32\n");
+               "          --precision fp32 --temperature 0 (greedy) --sample-top-k 0 (all) --top-p 1\n");
 }
 
 static int parse_int(const char *flag, const char *v, int lo, int *out) {
@@ -95,7 +99,7 @@ static int parse_int(const char *flag, const char *v, int lo, int *out) {
 
 static int parse_args(int argc, char **argv, opts *o) {
     *o = (opts){.L = 4, .M = 256, .NH = 4, .E = 8, .K = 1, .B = 1, .P = 64, .N = 32, .threads = 1, .V = 256,
-                .F = 0, .warmup = 2, .repeats = 3, .reference = 1, .kernel = "cpu"};
+                .F = 0, .warmup = 2, .repeats = 3, .reference = 1, .kernel = "cpu", .top_p = 1.0};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
@@ -120,6 +124,10 @@ static int parse_args(int argc, char **argv, opts *o) {
         else if (!strcmp(a, "--repeats")) rc = parse_int(a, v, 1, &o->repeats);
         else if (!strcmp(a, "--reference")) rc = parse_int(a, v, 0, &o->reference);
         else if (!strcmp(a, "--kernel")) o->kernel = v;
+        else if (!strcmp(a, "--sample-top-k")) rc = parse_int(a, v, 0, &o->sample_top_k);
+        else if (!strcmp(a, "--temperature"))
+            rc = bench_parse_real("dsmoe_bench_decode", a, v, 0.0, 1e6, 0, &o->temperature);
+        else if (!strcmp(a, "--top-p")) rc = bench_parse_real("dsmoe_bench_decode", a, v, 0.0, 1.0, 1, &o->top_p);
         else if (!strcmp(a, "--precision") && (!strcmp(v, "fp32") || !strcmp(v, "bf16"))) o->bf16 = !strcmp(v, "bf16");
         else if (!strcmp(a, "--precision")) {
             fprintf(stderr, "dsmoe_bench_decode: --precision %s: expected fp32 or bf16\n", v);
@@ -266,7 +274,7 @@ typedef struct decoder {
     int32_t *prompt;                // (B, P) random tokens
     int32_t *next;                  // (B) the tokens the next step feeds
     uint64_t *counters;             // (B)
-    dsmoe_sampling_params *greedy;  // (B)
+    dsmoe_sampling_params *sampling; // (B)
 } decoder;
 
 // Prefill, then N steps; step_s (N - warmup) gets the timed steps' seconds; times, when not NULL, the
@@ -278,14 +286,14 @@ static double decode_pass(decoder *d, const opts *o, double *step_s, dsmoe_infer
     double t0 = now_synced();
     CHECK(dsmoe_infer_forward(d->inf, o->B, d->slot, d->prompt_count, d->prompt, rows, 0.0f, NULL, &err));
     for (int b = 0; b < o->B; b++) d->counters[b] = 0;
-    CHECK(dsmoe_infer_sample(d->inf, d->greedy, d->counters, o->V, d->next, &err));
+    CHECK(dsmoe_infer_sample(d->inf, d->sampling, d->counters, o->V, d->next, &err));
     double prefill = dsmoe_now_seconds() - t0;
     for (int i = 0; i < o->N; i++) {
         int timed = i >= o->warmup;
         for (int b = 0; b < o->B; b++) d->counters[b] = (uint64_t)i + 1;
         t0 = dsmoe_now_seconds();
         CHECK(dsmoe_infer_forward(d->inf, o->B, d->slot, d->one, d->next, o->B, 0.0f, timed ? times : NULL, &err));
-        CHECK(dsmoe_infer_sample(d->inf, d->greedy, d->counters, o->V, d->next, &err)); // waits for the queue
+        CHECK(dsmoe_infer_sample(d->inf, d->sampling, d->counters, o->V, d->next, &err)); // waits for the queue
         if (timed) step_s[i - o->warmup] = dsmoe_now_seconds() - t0;
     }
     return prefill;
@@ -504,10 +512,11 @@ int main(int argc, char **argv) {
     d.prompt = xmalloc((size_t)o.B * o.P * sizeof(int32_t));
     d.next = xmalloc(o.B * sizeof(int32_t));
     d.counters = xmalloc(o.B * sizeof(uint64_t));
-    d.greedy = xmalloc(o.B * sizeof(dsmoe_sampling_params));
+    d.sampling = xmalloc(o.B * sizeof(dsmoe_sampling_params));
     for (int b = 0; b < o.B; b++) {
         d.slot[b] = b, d.one[b] = 1, d.prompt_count[b] = o.P;
-        d.greedy[b] = (dsmoe_sampling_params){.temperature = 0.0f, .top_k = 0, .top_p = 1.0f, .seed = 1};
+        d.sampling[b] = (dsmoe_sampling_params){.temperature = (float)o.temperature, .top_k = o.sample_top_k,
+                                                .top_p = (float)o.top_p, .seed = 1};
         for (int t = 0; t < o.P; t++)
             d.prompt[(size_t)b * o.P + t] = (int32_t)(dsmoe_rng_u64(77, (uint64_t)b * o.P + t) % (uint64_t)o.V);
     }
@@ -533,6 +542,10 @@ int main(int argc, char **argv) {
     }
     printf(") vocab=%d batch=%d prompt=%d new=%d (the first %d not timed) threads=%d repeats=%d\n", o.V, o.B, o.P,
            o.N, o.warmup, o.threads, o.repeats);
+    if (o.temperature > 0.0)
+        printf("sampling: temperature %g, top-k %d (0 = all), top-p %g\n", o.temperature, o.sample_top_k, o.top_p);
+    else
+        printf("sampling: greedy\n");
     printf("weights: %.1f MB (%zu float32 parameters); active per token at batch 1: %.1f MB; ", 4e-6 * params, params,
            active1 * 1e-6);
     if (host)

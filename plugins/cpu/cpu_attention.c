@@ -12,8 +12,8 @@
 // accumulates into) into the thread's part of the context's arena, runs the same float32 code on them,
 // and rounds its output blocks once: the float32 op on the widened tensors, rounded
 // (tests/plugins/kernel/test_cpu_bf16_rows.c), with 4 (forward) or 7 (backward) x T x hs floats per
-// thread instead of the float32 copies of whole tensors the staged ops make (8 x S x M in the backward,
-// the largest of a training step).
+// thread instead of float32 copies of whole tensors (8 x S x M floats in the backward, once the largest
+// scratch of a training step).
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>

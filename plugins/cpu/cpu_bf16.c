@@ -1,6 +1,6 @@
 // plugins/cpu/cpu_bf16.c: bfloat16 basics of the cpu plugin: which bf16 units the CPU has (cpuid), and
 // the float32 <-> bfloat16 conversions every bf16 path of the plugin uses (convert, the GEMM
-// epilogues, the staging of the other ops).
+// epilogues, the blocks of the ops that widen bfloat16 rows).
 // defines: cpu_bf16_detect, cpu_f32_to_bf16, cpu_bf16_to_f32, cpu_f32_to_bf16_par, cpu_bf16_to_f32_par
 //
 // Conversion rule (include/dsmoe/types.h, kernel_plugin.h `convert`): narrowing rounds to nearest, ties

@@ -5,7 +5,6 @@
 //   cpu_gemm_bf16.c  bf16 GEMM, grouped GEMM with epilogues, grouped weight gradients: fixed tiles,
 //                    each one single-threaded oneDNN matmul (or, emulated, float32 OpenBLAS on
 //                    converted operands)
-//   cpu_bf16_ops.c   every other op in bf16: the float32 op on float32 copies of its bf16 tensors
 // docs/plugins.md ("The cpu plugin and bfloat16") says which library runs what, and why results do not
 // depend on the thread count.
 // defines: cpu_isa_bf16, cpu_f2bf, cpu_bf2f, cpu_bf16_job, CPU_BF16_TILE_M, CPU_BF16_TILE_N, and the
@@ -108,31 +107,5 @@ dsmoe_status cpu_bf16_gemm_run(cpu_ctx *ctx, const char *op, const cpu_bf16_job 
 // A checked grouped weight gradient with bfloat16 dy and x (cpu_gemm_grouped_wgrad's contract).
 dsmoe_status cpu_bf16_wgrad_run(cpu_ctx *ctx, const dsmoe_grouped_wgrad *G);
 void cpu_bf16_free_slots(cpu_ctx *ctx);
-
-// --- cpu_bf16_ops.c: the table's members for every other op (float32 goes to cpu_<op> unchanged) ---
-// ctx's staging arena, also the scratch of the ops that take bfloat16 rows themselves: *base gets at
-// least `bytes`, 64-byte aligned, valid until the next reserve on ctx (the arena grows to the largest need up
-// to 64 MiB and is kept; a larger need gets a block of its own). Call cpu_stage_release when the op is
-// done with it (frees such a block). One op at a time per context: ops never overlap (docs/plugins.md).
-dsmoe_status cpu_stage_reserve(cpu_ctx *ctx, const char *op, size_t bytes, void **base);
-// The per-thread float32 rows of an op that widens bfloat16 itself: threads x per_thread floats of the
-// arena, thread i's at *rows + i * per_thread; *rows = NULL (nothing reserved) when !bf.
-dsmoe_status cpu_stage_rows(cpu_ctx *ctx, const char *op, int bf, int threads, size_t per_thread, float **rows);
-void cpu_stage_release(cpu_ctx *ctx);
-// Frees ctx's staging arena (finalize calls it; an op after it grows a new one).
-void cpu_bf16_stage_free(cpu_ctx *ctx);
-dsmoe_status cpu_bf16_mul_uniform_noise(cpu_ctx *ctx, cpu_queue *q, void *out, const void *in, dsmoe_dtype dt, size_t n,
-                                        float eps, uint64_t seed, uint64_t offset);
-dsmoe_status cpu_bf16_all_finite(cpu_ctx *ctx, cpu_queue *q, const void *x_, dsmoe_dtype dt, size_t n, int32_t *out);
-dsmoe_status cpu_bf16_embedding_forward(cpu_ctx *ctx, cpu_queue *q, void *out, dsmoe_dtype dt, const int32_t *tokens,
-                                        const void *wte, dsmoe_dtype wte_dt, const float *wpe, const int32_t *pos,
-                                        int B, int T, int M, int V, int n_pos);
-dsmoe_status cpu_bf16_embedding_backward(cpu_ctx *ctx, cpu_queue *q, float *dwte, float *dwpe, const void *dout,
-                                         dsmoe_dtype dt, const int32_t *tokens, int B, int T, int M, int V);
-dsmoe_status cpu_bf16_gelu_forward(cpu_ctx *ctx, cpu_queue *q, void *out, const void *in, dsmoe_dtype dt, size_t n);
-dsmoe_status cpu_bf16_gelu_backward(cpu_ctx *ctx, cpu_queue *q, void *din, const void *in, const void *dout,
-                                    dsmoe_dtype dt, size_t n);
-dsmoe_status cpu_bf16_sample(cpu_ctx *ctx, cpu_queue *q, int32_t *tokens, const void *logits, dsmoe_dtype dt, int rows,
-                             int V, const dsmoe_sampling_params *p, const uint64_t *counters);
 
 #endif

@@ -1,8 +1,8 @@
 // plugins/cpu/cpu_elementwise.c: the element-wise and small ops of the cpu plugin: bias, axpy,
 // multiplicative noise, the reductions (sum of squares, finiteness), parameter initialisation and the
 // multi-tensor AdamW.
-// defines: cpu_bias_add, cpu_bias_backward, cpu_axpy (these three float32 or bfloat16),
-//          cpu_mul_uniform_noise, cpu_sum_squares, cpu_all_finite, cpu_init_tensor, cpu_adamw
+// defines: cpu_bias_add, cpu_bias_backward, cpu_axpy, cpu_mul_uniform_noise, cpu_all_finite (these
+//          float32 or bfloat16), cpu_sum_squares, cpu_init_tensor, cpu_adamw
 //
 // Contracts are include/dsmoe/kernel_plugin.h's. Invariants: forward outputs are assigned, backward
 // outputs accumulate (+=); each output element is one thread's, and the reductions use a blocking that
@@ -15,10 +15,10 @@
 #include "cpu_internal.h" // CPU_BEGIN, CPU_DTYPE, CPU_REQUIRE
 #include "cpu_math.h"     // cpu_bias_chunk_as, CPU_COL_CHUNK, cpu_widen, cpu_store_as
 
-// bias_add, bias_backward and axpy take bfloat16 as well: each element's float32 expression is the same
-// in both dtypes (one instance each, bf a constant), on a value widened exactly in a register and
-// rounded once when stored, so a bf16 result is the float32 op on the widened tensors, rounded
-// (tests/plugins/kernel/test_cpu_bf16_rows.c), without the float32 copies the staged ops make.
+// bias_add, bias_backward, axpy and the noise take bfloat16 as well: each element's float32 expression
+// is the same in both dtypes (one instance each, bf a constant), on a value widened exactly in a
+// register and rounded once when stored, so a bf16 result is the float32 op on the widened tensors,
+// rounded (tests/plugins/kernel/test_cpu_bf16_rows.c); all_finite reads bfloat16 bits.
 
 // Row r of out += bias. Called with a constant bf inside the parallel loop: a parallel region inside an
 // inlined function is outlined once, with bf a run-time value.
@@ -96,19 +96,30 @@ dsmoe_status cpu_axpy(cpu_ctx *ctx, cpu_queue *q, void *y, float alpha, const vo
 }
 
 // out may alias in (the backward is often done in place on the gradient).
-dsmoe_status cpu_mul_uniform_noise(cpu_ctx *ctx, cpu_queue *q, void *out_, const void *in_, dsmoe_dtype dt, size_t n,
+// out[i] = in[i] times a uniform in [1 - eps, 1 + eps), computed in float32 on the widened value.
+static inline __attribute__((always_inline)) void noise_range(void *out, const void *in, size_t i0, size_t i1,
+                                                              float eps, uint64_t seed, uint64_t offset, int bf) {
+    for (size_t i = i0; i < i1; i++)
+        cpu_store_as(out, i, cpu_widen(in, i, bf) * (1.0f - eps + 2.0f * eps * dsmoe_rng_uniform(seed, offset + i)),
+                     bf);
+}
+
+dsmoe_status cpu_mul_uniform_noise(cpu_ctx *ctx, cpu_queue *q, void *out, const void *in, dsmoe_dtype dt, size_t n,
                                    float eps, uint64_t seed, uint64_t offset) {
     CPU_BEGIN(ctx, q, "mul_uniform_noise");
-    CPU_DTYPE(ctx, "mul_uniform_noise", "dt", dt);
+    CPU_ACT_DTYPE(ctx, "mul_uniform_noise", "dt", dt);
     if (n == 0)
         return DSMOE_OK;
-    CPU_REQUIRE(ctx, out_ && in_, "cpu: mul_uniform_noise: NULL %s with n=%zu", out_ ? "in" : "out", n);
+    CPU_REQUIRE(ctx, out && in, "cpu: mul_uniform_noise: NULL %s with n=%zu", out ? "in" : "out", n);
     CPU_REQUIRE(ctx, eps >= 0.0f && eps < 1.0f, "cpu: mul_uniform_noise: eps=%g: expected 0 <= eps < 1", (double)eps);
-    float *out = out_;
-    const float *in = in_;
+    const int bf = dt == DSMOE_BFLOAT16;
+    size_t chunks = (n + CPU_PAR_MIN - 1) / CPU_PAR_MIN;
 #pragma omp parallel for num_threads(ctx->threads) schedule(static) if (n >= CPU_PAR_MIN / 8)
-    for (size_t i = 0; i < n; i++)
-        out[i] = in[i] * (1.0f - eps + 2.0f * eps * dsmoe_rng_uniform(seed, offset + i));
+    for (size_t c = 0; c < chunks; c++) {
+        size_t i0 = c * CPU_PAR_MIN, i1 = n - i0 < CPU_PAR_MIN ? n : i0 + CPU_PAR_MIN;
+        if (bf) noise_range(out, in, i0, i1, eps, seed, offset, 1);
+        else noise_range(out, in, i0, i1, eps, seed, offset, 0);
+    }
     return DSMOE_OK;
 }
 
@@ -157,19 +168,26 @@ dsmoe_status cpu_sum_squares(cpu_ctx *ctx, cpu_queue *q, const float *x, size_t 
     return DSMOE_OK;
 }
 
-dsmoe_status cpu_all_finite(cpu_ctx *ctx, cpu_queue *q, const void *x_, dsmoe_dtype dt, size_t n, int32_t *out) {
+// An exponent field of all ones is Inf or NaN; testing bits vectorizes where isfinite() may not.
+dsmoe_status cpu_all_finite(cpu_ctx *ctx, cpu_queue *q, const void *x, dsmoe_dtype dt, size_t n, int32_t *out) {
     CPU_BEGIN(ctx, q, "all_finite");
-    CPU_DTYPE(ctx, "all_finite", "dt", dt);
+    CPU_ACT_DTYPE(ctx, "all_finite", "dt", dt);
     CPU_REQUIRE(ctx, out, "cpu: all_finite: NULL out");
-    CPU_REQUIRE(ctx, x_ || n == 0, "cpu: all_finite: NULL x with n=%zu", n);
-    const float *x = x_;
-    // An exponent field of all ones is Inf or NaN; testing bits vectorizes where isfinite() may not.
+    CPU_REQUIRE(ctx, x || n == 0, "cpu: all_finite: NULL x with n=%zu", n);
     uint32_t bad = 0;
+    if (dt == DSMOE_BFLOAT16) {
+        const uint16_t *h = x;
 #pragma omp parallel for num_threads(ctx->threads) schedule(static) reduction(| : bad) if (n >= CPU_PAR_MIN)
-    for (size_t i = 0; i < n; i++) {
-        uint32_t bits;
-        memcpy(&bits, x + i, sizeof bits);
-        bad |= (bits & 0x7f800000u) == 0x7f800000u;
+        for (size_t i = 0; i < n; i++)
+            bad |= (h[i] & 0x7f80u) == 0x7f80u;
+    } else {
+        const float *f = x;
+#pragma omp parallel for num_threads(ctx->threads) schedule(static) reduction(| : bad) if (n >= CPU_PAR_MIN)
+        for (size_t i = 0; i < n; i++) {
+            uint32_t bits;
+            memcpy(&bits, f + i, sizeof bits);
+            bad |= (bits & 0x7f800000u) == 0x7f800000u;
+        }
     }
     *out = !bad;
     return DSMOE_OK;

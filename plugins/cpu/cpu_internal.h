@@ -1,11 +1,11 @@
 // plugins/cpu/cpu_internal.h: what the files of the cpu plugin share: the context, its host queue,
 // the error rules, and the declarations of every op (the table in cpu_plugin.c points at them).
 // Files: cpu_plugin.c (table, context, queues, events), cpu_memory.c (memory, copies, conversions),
-// cpu_gemm.c (GEMM, grouped GEMM with epilogues, weight gradients), cpu_bf16*.c, cpu_dnnl.c and
-// cpu_gemm_bf16.c (bfloat16: cpu_bf16.h lists them), cpu_elementwise.c (bias, vector
-// ops, reductions, AdamW, init), cpu_ops.c (GPT layer ops), cpu_attention.c (causal attention),
-// cpu_gating.c (gating, dispatch, combine),
-// cpu_infer.c (KV cache, cached attention, sampling), cpu_vec.c (GELU row kernels in two vector widths).
+// cpu_scratch.c (the scratch arena), cpu_gemm.c (GEMM, grouped GEMM with epilogues, weight gradients),
+// cpu_bf16.c, cpu_dnnl.c and cpu_gemm_bf16.c (bfloat16: cpu_bf16.h lists them), cpu_elementwise.c
+// (bias, vector ops, reductions, AdamW, init), cpu_ops.c (GPT layer ops), cpu_attention.c (causal
+// attention), cpu_gating.c (gating, dispatch, combine), cpu_infer.c (KV cache, cached attention,
+// sampling), cpu_vec.c (GELU row kernels in two vector widths).
 // cpu_math.h holds the inline float math that must be the same code wherever it runs (GELU in its op and
 // in the GEMM epilogue, both through cpu_vec.c).
 //
@@ -50,10 +50,10 @@ struct dsmoe_kernel_ctx {
     char description[768];           // describe()
     struct cpu_dnnl *dnnl;           // oneDNN for bf16 GEMMs (cpu_dnnl.c); NULL: they are emulated
     struct cpu_bf16_slot *bf16_slots; // (threads) scratch of bf16 GEMMs (cpu_gemm_bf16.c), made on first use
-    void *stage;                     // a call's float32 scratch: copies of a bf16 op's tensors (cpu_bf16_ops.c),
-                                     // cached attention's blocks (cpu_infer.c); grown to the
+    void *stage;                     // the scratch arena (cpu_scratch.c): bf16 ops' widened rows, cached
+                                     // attention's blocks, sampling's sort space; grown to the
     size_t stage_bytes;              // largest call's need up to CPU_STAGE_KEEP, kept until the context goes
-    void *stage_once;                // a call's copies beyond CPU_STAGE_KEEP: freed when it returns
+    void *stage_once;                // a call's scratch beyond CPU_STAGE_KEEP: freed when it returns
 };
 
 // Loops over fewer than this many floats run on one thread: a fork/join costs a few microseconds.
@@ -92,8 +92,8 @@ static inline dsmoe_status cpu_begin(dsmoe_kernel_ctx *ctx, const dsmoe_kernel_q
     return DSMOE_OK;
 }
 
-// The ops compute in float32: bfloat16 reaches them as float32 copies (cpu_bf16_ops.c) or through the
-// bf16 GEMMs (cpu_gemm_bf16.c), so here anything else is refused before any work.
+// The ops compute in float32 (bfloat16 tensors are widened as they are read, and the bf16 GEMMs run in
+// cpu_gemm_bf16.c); an op that takes float32 only refuses anything else before any work.
 static inline dsmoe_status cpu_dtype(dsmoe_kernel_ctx *ctx, const char *op, const char *arg, dsmoe_dtype dt) {
     if (dt == DSMOE_FLOAT32)
         return DSMOE_OK;
@@ -110,7 +110,7 @@ static inline dsmoe_status cpu_dtype(dsmoe_kernel_ctx *ctx, const char *op, cons
 
 #define CPU_BEGIN(ctx, q, op) CPU_TRY(cpu_begin((ctx), (q), (op)))
 #define CPU_DTYPE(ctx, op, arg, dt) CPU_TRY(cpu_dtype((ctx), (op), (arg), (dt)))
-// For the ops that take bfloat16 rows themselves (the others' bf16 members stage, cpu_bf16_ops.c).
+// For the ops whose activations may be float32 or bfloat16.
 #define CPU_ACT_DTYPE(ctx, op, arg, dt)                                                            \
     CPU_TRY((dt) == DSMOE_BFLOAT16 ? DSMOE_OK : cpu_dtype((ctx), (op), (arg), (dt)))
 
@@ -142,6 +142,19 @@ dsmoe_status cpu_mem_info(cpu_ctx *ctx, size_t *free_bytes, size_t *total_bytes)
 // Host memory for the plugin's own scratch, aligned and huge-page hinted as alloc()'s (neither zeroed nor
 // poisoned): *rounded gets its size. free() releases it; NULL when out of memory.
 void *cpu_block(size_t bytes, size_t *rounded);
+
+// --- cpu_scratch.c: the context's scratch arena ---
+// *base gets at least `bytes`, 64-byte aligned, valid until the next reserve on ctx (the arena grows to
+// the largest need up to 64 MiB and is kept; a larger need gets a block of its own). Call
+// cpu_stage_release when the op is done with it (frees such a block). One op at a time per context:
+// ops never overlap (docs/plugins.md).
+dsmoe_status cpu_stage_reserve(cpu_ctx *ctx, const char *op, size_t bytes, void **base);
+// The per-thread float32 rows of an op that widens bfloat16 itself: threads x per_thread floats of the
+// arena, thread i's at *rows + i * per_thread; *rows = NULL (nothing reserved) when !bf.
+dsmoe_status cpu_stage_rows(cpu_ctx *ctx, const char *op, int bf, int threads, size_t per_thread, float **rows);
+void cpu_stage_release(cpu_ctx *ctx);
+// Frees ctx's arena (finalize calls it; an op after it grows a new one).
+void cpu_stage_free(cpu_ctx *ctx);
 
 // --- cpu_gemm.c ---
 // Puts OpenBLAS in single-threaded mode (if something changed it): every BLAS call of this plugin is

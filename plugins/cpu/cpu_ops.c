@@ -4,8 +4,8 @@
 // defines: cpu_embedding_*, cpu_layernorm_*, cpu_gelu_*, cpu_crossentropy_*, cpu_residual_mix_*
 //
 // Contracts are the comments in include/dsmoe/kernel_plugin.h; karpathy/llm.c's train_gpt2.c is the
-// model for the math, and every float32 result is bitwise version 1's. Layer norm, the loss and the
-// residual-MoE mix take bfloat16 rows themselves; the other ops' bfloat16 members stage (cpu_bf16_ops.c). Invariants: forward outputs are
+// model for the math, and every float32 result is bitwise version 1's. Every op takes bfloat16 rows
+// itself as well, widened and rounded a row (or an element) at a time. Invariants: forward outputs are
 // assigned, backward outputs accumulate (+=); tensors are row-major and contiguous; every output element
 // is written by one thread, and sums over rows run in row order inside the thread that owns the column
 // (threading rules in cpu_internal.h).
@@ -34,20 +34,27 @@ static dsmoe_status check_tokens(cpu_ctx *ctx, const char *op, const char *what,
     return DSMOE_OK;
 }
 
-// out is float32 here (bfloat16 outputs are staged by cpu_bf16_ops.c); wte may be bfloat16 either way.
-dsmoe_status cpu_embedding_forward(cpu_ctx *ctx, cpu_queue *q, void *out_, dsmoe_dtype dt, const int32_t *tokens,
+// out and wte may each be float32 or bfloat16: a bfloat16 wte is widened, the float32 sum rounded once
+// into a bfloat16 out. One body, instantiated with constant dtypes (a loop that tested them per element
+// would not vectorise).
+static inline __attribute__((always_inline)) void embed_row(void *out, size_t o, const void *wte, size_t e,
+                                                            const float *p, int M, int bf_wte, int bf_out) {
+    for (int j = 0; j < M; j++)
+        cpu_store_as(out, o + j, cpu_widen(wte, e + j, bf_wte) + p[j], bf_out);
+}
+
+dsmoe_status cpu_embedding_forward(cpu_ctx *ctx, cpu_queue *q, void *out, dsmoe_dtype dt, const int32_t *tokens,
                                    const void *wte, dsmoe_dtype wte_dt, const float *wpe, const int32_t *pos, int B,
                                    int T, int M, int V, int n_pos) {
     CPU_BEGIN(ctx, q, "embedding_forward");
-    CPU_DTYPE(ctx, "embedding_forward", "dt", dt);
-    if (wte_dt != DSMOE_BFLOAT16)
-        CPU_DTYPE(ctx, "embedding_forward", "wte", wte_dt);
+    CPU_ACT_DTYPE(ctx, "embedding_forward", "dt", dt);
+    CPU_ACT_DTYPE(ctx, "embedding_forward", "wte", wte_dt);
     CPU_REQUIRE(ctx, B >= 0 && T >= 0 && M >= 0 && V > 0, "cpu: embedding_forward: B=%d T=%d M=%d V=%d: expected "
                 "B, T, M >= 0 and V > 0", B, T, M, V);
     int rows = B * T;
     if ((long)rows * M == 0)
         return DSMOE_OK;
-    CPU_REQUIRE(ctx, out_ && tokens && wte && wpe, "cpu: embedding_forward: NULL out, tokens, wte or wpe");
+    CPU_REQUIRE(ctx, out && tokens && wte && wpe, "cpu: embedding_forward: NULL out, tokens, wte or wpe");
     CPU_TRY(check_tokens(ctx, "embedding_forward", "tokens", tokens, rows, V));
     for (int b = 0; b < B; b++) {
         int p0 = pos ? pos[b] : 0;
@@ -55,38 +62,42 @@ dsmoe_status cpu_embedding_forward(cpu_ctx *ctx, cpu_queue *q, void *out_, dsmoe
             return cpu_sticky(ctx, DSMOE_ERR_INVALID, "cpu: embedding_forward: pos[%d]=%d with T=%d: expected "
                               "positions in [0, n_pos=%d)", b, p0, T, n_pos);
     }
-    float *out = out_;
+    const int bf_out = dt == DSMOE_BFLOAT16, bf_wte = wte_dt == DSMOE_BFLOAT16;
 #pragma omp parallel for num_threads(ctx->threads) schedule(static) if ((long)rows * M >= CPU_PAR_MIN)
     for (int r = 0; r < rows; r++) {
         const float *p = wpe + (size_t)((pos ? pos[r / T] : 0) + r % T) * M;
-        float *o = out + (size_t)r * M;
-        if (wte_dt == DSMOE_BFLOAT16) {
-            const uint16_t *e = (const uint16_t *)wte + (size_t)tokens[r] * M;
-            for (int j = 0; j < M; j++)
-                o[j] = cpu_bf2f(e[j]) + p[j];
-        } else {
-            const float *e = (const float *)wte + (size_t)tokens[r] * M;
-            for (int j = 0; j < M; j++)
-                o[j] = e[j] + p[j];
+        size_t e = (size_t)tokens[r] * M, o = (size_t)r * M;
+        switch (bf_out * 2 + bf_wte) {
+        case 0: embed_row(out, o, wte, e, p, M, 0, 0); break;
+        case 1: embed_row(out, o, wte, e, p, M, 1, 0); break;
+        case 2: embed_row(out, o, wte, e, p, M, 0, 1); break;
+        default: embed_row(out, o, wte, e, p, M, 1, 1); break;
         }
     }
     return DSMOE_OK;
 }
 
+// d (n) += dout[g ..], widened when bf (a constant at each call).
+static inline __attribute__((always_inline)) void add_row_as(float *d, const void *dout, size_t g, int n, int bf) {
+    for (int j = 0; j < n; j++)
+        d[j] += cpu_widen(dout, g + j, bf);
+}
+
 // dwte rows are scattered to by every token that names them, so dwte is split by columns: the thread
-// owning a column chunk walks all tokens in order. dwpe (T, M): each position owned by one thread.
-dsmoe_status cpu_embedding_backward(cpu_ctx *ctx, cpu_queue *q, float *dwte, float *dwpe, const void *dout_,
+// owning a column chunk walks all tokens in order. dwpe (T, M): each position owned by one thread. A
+// bfloat16 dout is widened as it is read.
+dsmoe_status cpu_embedding_backward(cpu_ctx *ctx, cpu_queue *q, float *dwte, float *dwpe, const void *dout,
                                     dsmoe_dtype dt, const int32_t *tokens, int B, int T, int M, int V) {
     CPU_BEGIN(ctx, q, "embedding_backward");
-    CPU_DTYPE(ctx, "embedding_backward", "dt", dt);
+    CPU_ACT_DTYPE(ctx, "embedding_backward", "dt", dt);
     CPU_REQUIRE(ctx, B >= 0 && T >= 0 && M >= 0 && V > 0, "cpu: embedding_backward: B=%d T=%d M=%d V=%d: "
                 "expected B, T, M >= 0 and V > 0", B, T, M, V);
     int rows = B * T;
     if ((long)rows * M == 0)
         return DSMOE_OK;
-    CPU_REQUIRE(ctx, dwte && dwpe && dout_ && tokens, "cpu: embedding_backward: NULL dwte, dwpe, dout or tokens");
+    CPU_REQUIRE(ctx, dwte && dwpe && dout && tokens, "cpu: embedding_backward: NULL dwte, dwpe, dout or tokens");
     CPU_TRY(check_tokens(ctx, "embedding_backward", "tokens", tokens, rows, V));
-    const float *dout = dout_;
+    const int bf = dt == DSMOE_BFLOAT16;
     int chunks = (M + CPU_COL_CHUNK - 1) / CPU_COL_CHUNK;
     int par = (long)rows * M >= CPU_PAR_MIN;
 #pragma omp parallel num_threads(ctx->threads) if (par)
@@ -96,18 +107,18 @@ dsmoe_status cpu_embedding_backward(cpu_ctx *ctx, cpu_queue *q, float *dwte, flo
             int j0 = ch * CPU_COL_CHUNK, w = M - j0 < CPU_COL_CHUNK ? M - j0 : CPU_COL_CHUNK;
             for (int r = 0; r < rows; r++) {
                 float *d = dwte + (size_t)tokens[r] * M + j0;
-                const float *g = dout + (size_t)r * M + j0;
-                for (int j = 0; j < w; j++)
-                    d[j] += g[j];
+                size_t g = (size_t)r * M + j0;
+                if (bf) add_row_as(d, dout, g, w, 1);
+                else add_row_as(d, dout, g, w, 0);
             }
         }
 #pragma omp for schedule(static)
         for (int t = 0; t < T; t++) {
             float *d = dwpe + (size_t)t * M;
             for (int b = 0; b < B; b++) {
-                const float *g = dout + ((size_t)b * T + t) * M;
-                for (int j = 0; j < M; j++)
-                    d[j] += g[j];
+                size_t g = ((size_t)b * T + t) * M;
+                if (bf) add_row_as(d, dout, g, M, 1);
+                else add_row_as(d, dout, g, M, 0);
             }
         }
     }
@@ -120,9 +131,8 @@ dsmoe_status cpu_embedding_backward(cpu_ctx *ctx, cpu_queue *q, float *dwte, flo
 //
 // bfloat16 rows are widened a row at a time into the thread's rows of the context's arena, run through
 // the same float32 row function (noinline: one compiled body, whose double reductions vectorise one
-// way), and the output row rounded once: the float32 op on the widened tensors, rounded, without the
-// whole-tensor float32 copies the staged ops make (tests/plugins/kernel/test_cpu_bf16_rows.c). The
-// backward's column sums are element-wise, so they read bfloat16 in registers (cpu_widen).
+// way), and the output row rounded once: the float32 op on the widened tensors, rounded, without
+// float32 copies of whole tensors (tests/plugins/kernel/test_cpu_bf16_rows.c). The backward's column sums are element-wise, so they read bfloat16 in registers (cpu_widen).
 
 // o (M) = the normalized row x; its mean and 1 / std.
 static __attribute__((noinline)) void ln_forward_row(float *o, float *mean, float *rstd, const float *x,
@@ -263,44 +273,65 @@ dsmoe_status cpu_layernorm_backward(cpu_ctx *ctx, cpu_queue *q, void *din_, floa
 
 // ---------------------------------------------------------------------------------------------------
 // GELU, tanh approximation, through the context's GELU kernels (cpu_vec.h: the same code as the grouped
-// GEMM's epilogue), on blocks of GELU_BLOCK elements spread over the threads.
+// GEMM's epilogue), on blocks of GELU_BLOCK elements spread over the threads. A bfloat16 block is
+// widened into the thread's rows of the context's arena, run through the same kernel and rounded back.
 
 #define GELU_BLOCK 4096
 
-dsmoe_status cpu_gelu_forward(cpu_ctx *ctx, cpu_queue *q, void *out_, const void *in_, dsmoe_dtype dt, size_t n) {
+dsmoe_status cpu_gelu_forward(cpu_ctx *ctx, cpu_queue *q, void *out, const void *in, dsmoe_dtype dt, size_t n) {
     CPU_BEGIN(ctx, q, "gelu_forward");
-    CPU_DTYPE(ctx, "gelu_forward", "dt", dt);
+    CPU_ACT_DTYPE(ctx, "gelu_forward", "dt", dt);
     if (n == 0)
         return DSMOE_OK;
-    CPU_REQUIRE(ctx, out_ && in_, "cpu: gelu_forward: NULL %s with n=%zu", out_ ? "in" : "out", n);
-    float *out = out_;
-    const float *in = in_;
+    CPU_REQUIRE(ctx, out && in, "cpu: gelu_forward: NULL %s with n=%zu", out ? "in" : "out", n);
+    const int bf = dt == DSMOE_BFLOAT16;
+    float *rows;
+    CPU_TRY(cpu_stage_rows(ctx, "gelu_forward", bf, ctx->threads, 2 * GELU_BLOCK, &rows));
     const cpu_vec *vec = ctx->vec;
     size_t blocks = (n + GELU_BLOCK - 1) / GELU_BLOCK;
 #pragma omp parallel for num_threads(ctx->threads) schedule(static) if (n >= CPU_PAR_MIN / 4)
     for (size_t b = 0; b < blocks; b++) {
         size_t at = b * GELU_BLOCK, len = n - at < GELU_BLOCK ? n - at : GELU_BLOCK;
-        vec->gelu(out + at, in + at, len);
+        if (bf) {
+            float *x = rows + (size_t)omp_get_thread_num() * 2 * GELU_BLOCK, *y = x + GELU_BLOCK;
+            cpu_bf16_to_f32(x, (const uint16_t *)in + at, len);
+            vec->gelu(y, x, len);
+            cpu_f32_to_bf16((uint16_t *)out + at, y, len);
+        } else {
+            vec->gelu((float *)out + at, (const float *)in + at, len);
+        }
     }
+    cpu_stage_release(ctx);
     return DSMOE_OK;
 }
 
-dsmoe_status cpu_gelu_backward(cpu_ctx *ctx, cpu_queue *q, void *din_, const void *in_, const void *dout_,
+dsmoe_status cpu_gelu_backward(cpu_ctx *ctx, cpu_queue *q, void *din, const void *in, const void *dout,
                                dsmoe_dtype dt, size_t n) {
     CPU_BEGIN(ctx, q, "gelu_backward");
-    CPU_DTYPE(ctx, "gelu_backward", "dt", dt);
+    CPU_ACT_DTYPE(ctx, "gelu_backward", "dt", dt);
     if (n == 0)
         return DSMOE_OK;
-    CPU_REQUIRE(ctx, din_ && in_ && dout_, "cpu: gelu_backward: NULL din, in or dout with n=%zu", n);
-    float *din = din_;
-    const float *in = in_, *dout = dout_;
+    CPU_REQUIRE(ctx, din && in && dout, "cpu: gelu_backward: NULL din, in or dout with n=%zu", n);
+    const int bf = dt == DSMOE_BFLOAT16;
+    float *rows;
+    CPU_TRY(cpu_stage_rows(ctx, "gelu_backward", bf, ctx->threads, 3 * GELU_BLOCK, &rows));
     const cpu_vec *vec = ctx->vec;
     size_t blocks = (n + GELU_BLOCK - 1) / GELU_BLOCK;
 #pragma omp parallel for num_threads(ctx->threads) schedule(static) if (n >= CPU_PAR_MIN / 4)
     for (size_t b = 0; b < blocks; b++) {
         size_t at = b * GELU_BLOCK, len = n - at < GELU_BLOCK ? n - at : GELU_BLOCK;
-        vec->gelu_grad_acc(din + at, in + at, dout + at, len);
+        if (bf) {
+            float *d = rows + (size_t)omp_get_thread_num() * 3 * GELU_BLOCK, *x = d + GELU_BLOCK, *g = x + GELU_BLOCK;
+            cpu_bf16_to_f32(d, (const uint16_t *)din + at, len);
+            cpu_bf16_to_f32(x, (const uint16_t *)in + at, len);
+            cpu_bf16_to_f32(g, (const uint16_t *)dout + at, len);
+            vec->gelu_grad_acc(d, x, g, len);
+            cpu_f32_to_bf16((uint16_t *)din + at, d, len);
+        } else {
+            vec->gelu_grad_acc((float *)din + at, (const float *)in + at, (const float *)dout + at, len);
+        }
     }
+    cpu_stage_release(ctx);
     return DSMOE_OK;
 }
 

@@ -251,7 +251,7 @@ static void cpu_finalize(dsmoe_kernel_ctx *ctx) {
         ctx->events = next;
     }
     cpu_bf16_free_slots(ctx);
-    cpu_bf16_stage_free(ctx); // the bf16 ops' staging arena (cpu_bf16_ops.c)
+    cpu_stage_free(ctx); // the scratch arena (cpu_scratch.c)
     cpu_dnnl_fini(ctx);
     free(ctx);
 }
@@ -420,18 +420,18 @@ static const dsmoe_kernel_plugin_v3 cpu_plugin = {
     .bias_add = cpu_bias_add, // bf16 in place: these, layer norm, attention, loss, mix, MoE, KV
     .bias_backward = cpu_bias_backward,
     .axpy = cpu_axpy,
-    .mul_uniform_noise = cpu_bf16_mul_uniform_noise,
+    .mul_uniform_noise = cpu_mul_uniform_noise,
     .sum_squares = cpu_sum_squares,
-    .all_finite = cpu_bf16_all_finite,
+    .all_finite = cpu_all_finite,
     .convert = cpu_convert,
     .init_tensor = cpu_init_tensor,
 
-    .embedding_forward = cpu_bf16_embedding_forward,
-    .embedding_backward = cpu_bf16_embedding_backward,
+    .embedding_forward = cpu_embedding_forward,
+    .embedding_backward = cpu_embedding_backward,
     .layernorm_forward = cpu_layernorm_forward,
     .layernorm_backward = cpu_layernorm_backward,
-    .gelu_forward = cpu_bf16_gelu_forward,
-    .gelu_backward = cpu_bf16_gelu_backward,
+    .gelu_forward = cpu_gelu_forward,
+    .gelu_backward = cpu_gelu_backward,
     .attention_forward = cpu_attention_forward,
     .attention_backward = cpu_attention_backward,
     .crossentropy_forward = cpu_crossentropy_forward,
@@ -452,7 +452,7 @@ static const dsmoe_kernel_plugin_v3 cpu_plugin = {
 
     .kv_append = cpu_kv_append,
     .attention_cached = cpu_attention_cached,
-    .sample = cpu_bf16_sample,
+    .sample = cpu_sample,
 
     .distill_forward = cpu_distill_forward,
     .distill_backward = cpu_distill_backward,

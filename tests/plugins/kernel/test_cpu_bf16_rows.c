@@ -1,8 +1,9 @@
-// tests/plugins/kernel/test_cpu_bf16_rows.c: the cpu plugin's bfloat16 ops that read and write bfloat16
-// rows themselves instead of staging float32 copies of whole tensors (cpu_ops.c, cpu_elementwise.c,
+// tests/plugins/kernel/test_cpu_bf16_rows.c: the cpu plugin's bfloat16 ops, which read and write
+// bfloat16 rows themselves rather than float32 copies of whole tensors (cpu_ops.c, cpu_elementwise.c,
 // cpu_attention.c, cpu_gating.c, cpu_infer.c): layer norm, bias_add, bias_backward, axpy, the softmax
-// cross-entropy, the residual-MoE mix, causal attention, MoE dispatch and combine and their backwards,
-// the KV cache append and cached attention.
+// cross-entropy, the residual-MoE mix, the embedding, GELU, the gate's noise, all_finite, causal
+// attention, MoE dispatch and combine and their backwards, the KV cache append and cached attention,
+// sampling (the GEMMs and conversions are test_cpu_bf16.c's).
 //
 // The contract for a bfloat16 op is float32 arithmetic on the bfloat16 values with each result rounded
 // once. The reference is the plugin's own float32 op on the widened values, rounded by a rounding
@@ -180,6 +181,84 @@ static void row_ops_on(dsmoe_kernel_ctx *c) {
 }
 
 static void test_row_ops(void **state) { on_both_contexts(row_ops_on); }
+
+// ---------------------------------------------------------------------------------------------------
+// The embedding (a float32 and a bfloat16 table, tokens repeated so that dwte rows gather several
+// rows), GELU and its backward (over several of the op's blocks and a ragged end), the gate's noise, and
+// all_finite on bfloat16 bits.
+
+enum { EB = 3, ET = 41, EV = 50, EN_POS = 64 };
+
+static void elementwise_on(dsmoe_kernel_ctx *c) {
+    dsmoe_kernel_queue *q = P->default_queue(c);
+    const size_t rows = (size_t)EB * ET, n = rows * RM;
+    cpt_rng_state = 29;
+    float *wte = rnd_fill((size_t)EV * RM, 1), *wpe = rnd_fill((size_t)EN_POS * RM, 1), *g = rnd_fill(n, 1);
+    uint16_t *wte16 = to_bf16(wte, (size_t)EV * RM); // wte keeps the rounded values
+    int32_t tok[EB * ET], pos[EB] = {0, 7, EN_POS - ET};
+    for (size_t r = 0; r < rows; r++) tok[r] = (int32_t)((r * 13) % EV);
+    int32_t *dtok = dev_put(c, tok, sizeof tok), *dpos = dev_put(c, pos, sizeof pos);
+    float *dwpe = dev_put(c, wpe, (size_t)EN_POS * RM * 4);
+    void *dwte16 = dev_put(c, wte16, (size_t)EV * RM * 2);
+    float *dwte32 = dev_put(c, wte, (size_t)EV * RM * 4);
+    void *bo = dev_new(c, n * 2, 0);
+    float *fo = dev_new(c, n * 4, 0);
+    for (int table = 0; table < 2; table++) { // a bfloat16, then a float32 table
+        const void *w = table ? (const void *)dwte32 : dwte16;
+        dsmoe_dtype wdt = table ? F32 : BF16;
+        OKC(c, P->embedding_forward(c, q, bo, BF16, dtok, w, wdt, dwpe, dpos, EB, ET, RM, EV, EN_POS));
+        OKC(c, P->embedding_forward(c, q, fo, F32, dtok, w, wdt, dwpe, dpos, EB, ET, RM, EV, EN_POS));
+        same_rounded_dev(c, table ? "embedding_forward (float32 wte)" : "embedding_forward (bfloat16 wte)", bo, fo,
+                         n);
+    }
+    void *bg;
+    float *fg, *gte16, *gte32, *gpe16, *gpe32;
+    up_pair(c, g, n, &bg, &fg);
+    up_twice(c, wte, (size_t)EV * RM, &gte16, &gte32); // accumulated into from nonzero values
+    up_twice(c, wpe, (size_t)EN_POS * RM, &gpe16, &gpe32);
+    OKC(c, P->embedding_backward(c, q, gte16, gpe16, bg, BF16, dtok, EB, ET, RM, EV));
+    OKC(c, P->embedding_backward(c, q, gte32, gpe32, fg, F32, dtok, EB, ET, RM, EV));
+    same_floats_dev(c, "embedding_backward dwte", gte16, gte32, (size_t)EV * RM);
+    same_floats_dev(c, "embedding_backward dwpe", gpe16, gpe32, (size_t)ET * RM);
+
+    // GELU over n - 3 elements: the last 3 must keep their values.
+    void *bx, *bd;
+    float *fx, *fd;
+    float *x = rnd_fill(n, 4), *d0 = rnd_fill(n, 1);
+    up_pair(c, x, n, &bx, &fx);
+    up_pair(c, d0, n, &bd, &fd);
+    OKC(c, P->gelu_forward(c, q, bd, bx, BF16, n - 3));
+    OKC(c, P->gelu_forward(c, q, fd, fx, F32, n - 3));
+    same_rounded_dev(c, "gelu_forward", bd, fd, n);
+    resync(c, fd, bd, n); // din accumulates into the forward's output
+    OKC(c, P->gelu_backward(c, q, bd, bx, bg, BF16, n - 3));
+    OKC(c, P->gelu_backward(c, q, fd, fx, fg, F32, n - 3));
+    same_rounded_dev(c, "gelu_backward", bd, fd, n);
+
+    OKC(c, P->mul_uniform_noise(c, q, bo, bx, BF16, n, 0.01f, 77, 1000));
+    OKC(c, P->mul_uniform_noise(c, q, fo, fx, F32, n, 0.01f, 77, 1000));
+    same_rounded_dev(c, "mul_uniform_noise", bo, fo, n);
+
+    // all_finite reads bfloat16 bits: Inf and NaN anywhere, the largest finite value is finite.
+    const uint16_t cases[][3] = {{0x3f80, 0x7f7f, 0xff7f}, {0x3f80, 0x7f80, 0x0000}, {0xff80, 0x0001, 0x0000},
+                                 {0x0000, 0x8000, 0x7fc1}};
+    const int32_t want[] = {1, 0, 0, 0};
+    int32_t *dflag = dev_new(c, 4, 0);
+    for (int k = 0; k < 4; k++) {
+        void *dcase = dev_put(c, cases[k], sizeof cases[k]);
+        int32_t flag = -1;
+        OKC(c, P->all_finite(c, q, dcase, BF16, 3, dflag));
+        dev_get(c, &flag, dflag, 4);
+        if (flag != want[k]) fail_msg("all_finite case %d: %d, expected %d", k, flag, want[k]);
+        dev_free(c, dcase);
+    }
+    void *bufs[] = {dtok, dpos, dwpe, dwte16, dwte32, bo, fo, bg, fg, gte16, gte32, gpe16, gpe32, bx, bd, fx, fd,
+                    dflag};
+    for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) dev_free(c, bufs[i]);
+    free(wte), free(wpe), free(g), free(wte16), free(x), free(d0);
+}
+
+static void test_elementwise(void **state) { on_both_contexts(elementwise_on); }
 
 // ---------------------------------------------------------------------------------------------------
 // Causal attention on bfloat16 heads: out rounded, the saved probabilities (float32) bitwise, and the
@@ -426,6 +505,42 @@ static void kv_cache_on(dsmoe_kernel_ctx *c) {
 
 static void test_kv_cache(void **state) { on_both_contexts(kv_cache_on); }
 
+// ---------------------------------------------------------------------------------------------------
+// Sampling from bfloat16 logits: rows of a vocabulary's size, rounded to bfloat16 (so that many are
+// equal and the lower id must win), greedy and three samplers; the tokens must be the float32 op's on
+// the widened logits, with the same counters.
+
+enum { SR = 64, SV = 3000 };
+
+static void sample_on(dsmoe_kernel_ctx *c) {
+    dsmoe_kernel_queue *q = P->default_queue(c);
+    cpt_rng_state = 13;
+    float *z = rnd_fill((size_t)SR * SV, 6.0f);
+    void *z16;
+    float *z32;
+    up_pair(c, z, (size_t)SR * SV, &z16, &z32);
+    uint64_t counters[SR];
+    for (int r = 0; r < SR; r++) counters[r] = 500 + 7 * (uint64_t)r;
+    int32_t *t16 = dev_new(c, SR * 4, 0), *t32 = dev_new(c, SR * 4, 0);
+    const dsmoe_sampling_params ps[4] = {
+        {0.0f, 0, 1.0f, 1}, {1.0f, 0, 1.0f, 2}, {0.7f, 40, 1.0f, 3}, {1.2f, 0, 0.9f, 4}};
+    for (int k = 0; k < 4; k++) {
+        OKC(c, P->sample(c, q, t16, z16, BF16, SR, SV, &ps[k], counters));
+        OKC(c, P->sample(c, q, t32, z32, F32, SR, SV, &ps[k], counters));
+        int32_t a[SR], b[SR];
+        dev_get(c, a, t16, sizeof a);
+        dev_get(c, b, t32, sizeof b);
+        for (int r = 0; r < SR; r++)
+            if (a[r] != b[r])
+                fail_msg("sample setting %d row %d: token %d from bfloat16 logits, %d from the float32 op", k, r, a[r],
+                         b[r]);
+    }
+    dev_free(c, t16), dev_free(c, t32), dev_free(c, z16), dev_free(c, z32);
+    free(z);
+}
+
+static void test_sample(void **state) { on_both_contexts(sample_on); }
+
 static int setup(void **state) { return cpt_load(2); }
 static int teardown(void **state) {
     cpt_unload();
@@ -435,9 +550,11 @@ static int teardown(void **state) {
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_row_ops),
+        cmocka_unit_test(test_elementwise),
         cmocka_unit_test(test_attention),
         cmocka_unit_test(test_moe_rows),
         cmocka_unit_test(test_kv_cache),
+        cmocka_unit_test(test_sample),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

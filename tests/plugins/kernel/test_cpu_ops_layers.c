@@ -497,22 +497,25 @@ static void test_kv_cache_attention(void **state) {
 // ---------------------------------------------------------------------------------------------------
 // Sampling
 
-// The header's rules written out naively: order by probability (= logit) descending, lower id first
-// on ties; keep the top_k; keep the shortest prefix reaching top_p of their mass; the token whose
-// cumulative mass first exceeds u * (kept mass).
+// The header's rules written out naively: order by probability (= logit, NaN as -Inf) descending,
+// lower id first on ties; keep the top_k; keep the shortest prefix reaching top_p of their mass; the
+// token whose cumulative mass first exceeds u * (kept mass). O(V^2) selection, no sort.
+static float logit_or_minus_inf(float z) { return isnan(z) ? -INFINITY : z; }
+
 static int32_t naive_sample(const float *z, int nv, const dsmoe_sampling_params *p, uint64_t counter) {
-    int order[256], used[256] = {0};
+    int *order = malloc(nv * sizeof *order), *used = calloc(nv, sizeof *used);
+    double *w = malloc(nv * sizeof *w);
     for (int i = 0; i < nv; i++) {
         int best = -1;
         for (int j = 0; j < nv; j++)
-            if (!used[j] && (best < 0 || z[j] > z[best]))
+            if (!used[j] && (best < 0 || logit_or_minus_inf(z[j]) > logit_or_minus_inf(z[best])))
                 best = j;
         used[best] = 1, order[i] = best;
     }
     int k = p->top_k > 0 && p->top_k < nv ? p->top_k : nv;
-    double w[256], total = 0;
+    double total = 0, zmax = logit_or_minus_inf(z[order[0]]);
     for (int i = 0; i < k; i++)
-        total += w[i] = exp(((double)z[order[i]] - z[order[0]]) / p->temperature);
+        total += w[i] = exp(((double)logit_or_minus_inf(z[order[i]]) - zmax) / p->temperature);
     if (p->top_p < 1.0f) {
         double cum = 0;
         int n = 0;
@@ -521,10 +524,14 @@ static int32_t naive_sample(const float *z, int nv, const dsmoe_sampling_params 
         k = n, total = cum;
     }
     double target = dsmoe_rng_uniform(p->seed, counter) * total, cum = 0;
+    int32_t token = order[k - 1];
     for (int i = 0; i < k; i++)
-        if (target < (cum += w[i]))
-            return order[i];
-    return order[k - 1];
+        if (target < (cum += w[i])) {
+            token = order[i];
+            break;
+        }
+    free(order), free(used), free(w);
+    return token;
 }
 
 static void sample_rows(const float *dlogits, int rows, int nv, const dsmoe_sampling_params *p,
@@ -608,6 +615,44 @@ static void test_sample(void **state) {
                 fail_msg("top_p %g: token %d drawn %d times of %d, expected probability %g", c ? 0.5 : 1.0, i,
                          count[i], N, want[c][i]);
     }
+    // A vocabulary-sized row with what the sort must order right: many equal logits (multiples of
+    // 1/16), both signs and many exponents (every byte of the sort key varies), -0 beside +0, subnormals,
+    // -Inf, NaN (as -Inf) and a huge negative; each setting against the naive sampler.
+    enum { BR = 6, BV = 1500 };
+    float *zb = malloc(BR * BV * sizeof *zb);
+    cpt_rng_state = 5;
+    for (int i = 0; i < BR * BV; i++)
+        zb[i] = roundf(rnd() * 128.0f) / 16.0f; // in [-8, 8]
+    const float special[] = {-0.0f, 0.0f, 1e-40f, -1e-40f, -INFINITY, NAN, -1e30f, 0.0f, -0.0f};
+    for (int r = 0; r < BR; r++)
+        for (int i = 0; i < (int)(sizeof special / sizeof *special); i++)
+            zb[r * BV + 37 * i + r] = special[i];
+    float *dzb = dev_put(C, zb, BR * BV * sizeof *zb);
+    // top_k 700 is ordered by the whole-row sort, 60 and 1 by the heap of the k best (k <= V / 16).
+    dsmoe_sampling_params pb[6] = {{1.0f, 0, 1.0f, 31}, {0.5f, 700, 1.0f, 32}, {2.0f, 0, 0.9f, 33},
+                                   {8.0f, 0, 1.0f, 34}, {3.0f, 60, 0.95f, 36}, {1.0f, 1, 1.0f, 37}};
+    for (int c = 0; c < 6; c++) {
+        int32_t tb[BR];
+        sample_rows(dzb, BR, BV, &pb[c], counters, tb);
+        for (int r = 0; r < BR; r++) {
+            int32_t want = naive_sample(zb + r * BV, BV, &pb[c], counters[r]);
+            if (tb[r] != want)
+                fail_msg("vocabulary row %d, setting %d: token %d, expected %d", r, c, tb[r], want);
+        }
+    }
+    free(zb);
+    dev_free(C, dzb);
+    // -0 and +0 are one logit: with top_k = 1 the lower id of the two is drawn, whichever sign it has.
+    const float zeros[2][4] = {{-1.0f, -0.0f, 0.0f, -2.0f}, {-1.0f, 0.0f, -0.0f, -2.0f}};
+    dsmoe_sampling_params top1 = {1.0f, 1, 1.0f, 35};
+    for (int c = 0; c < 2; c++) {
+        float *dzz = dev_put(C, zeros[c], sizeof zeros[c]);
+        int32_t tz;
+        sample_rows(dzz, 1, 4, &top1, counters, &tz);
+        assert_int_equal(tz, 1);
+        dev_free(C, dzz);
+    }
+
     dsmoe_sampling_params bad = {.temperature = 1.0f, .top_k = 0, .top_p = 0.0f};
     assert_int_equal(P->sample(C, Q, (int32_t *)dz4, dz4, F32, 1, 4, &bad, cn), DSMOE_ERR_INVALID);
     bad = (dsmoe_sampling_params){.temperature = -1.0f, .top_p = 1.0f};
