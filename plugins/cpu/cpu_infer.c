@@ -269,18 +269,44 @@ static void radix_sort_keys(uint64_t *c, uint64_t *tmp, int V) {
         memcpy(c, src, (size_t)V * sizeof *c);
 }
 
-// c (k): the k smallest of the V values of c, ascending, in place (a top_k much smaller than V: one
-// compare per value against the largest kept, instead of sorting all V). The values are unique (the
-// id is in the low bits), so these are exactly the first k of a full sort.
-static void select_smallest(uint64_t *c, int V, int k) {
-    // c[0 .. k) as a max-heap of the smallest seen so far.
-    for (int i = k / 2 - 1; i >= 0; i--)
+// Candidate i of a row: its key above its id.
+static inline __attribute__((always_inline)) uint64_t candidate(const void *row, int bf, int i) {
+    return (uint64_t)descending_key(logit_at(row, bf, i)) << 32 | (uint32_t)i;
+}
+
+// out (n) = candidates i0 .. i0 + n of the row; bf a constant at each call, so that the loop vectorises.
+static inline __attribute__((always_inline)) void candidates_as(uint64_t *out, const void *row, int i0, int n,
+                                                                int bf) {
+    for (int i = 0; i < n; i++)
+        out[i] = candidate(row, bf, i0 + i);
+}
+
+static void candidates(uint64_t *out, const void *row, int bf, int i0, int n) {
+    if (bf)
+        candidates_as(out, row, i0, n, 1);
+    else
+        candidates_as(out, row, i0, n, 0);
+}
+
+#define SAMPLE_BLOCK 1024 // candidates made at a time for the heap (8 KiB: stays in L1)
+
+// c (k) = the k smallest candidates of the row's V, ascending (a top_k much smaller than V: one compare
+// per candidate against the largest kept, instead of sorting all V). They are made a block at a time
+// into block (SAMPLE_BLOCK): writing all V first and reading them back cost more than the compares.
+// The values are unique (the id is in the low bits), so these are exactly the first k of a full sort.
+static void select_smallest(const void *row, int bf, int V, int k, uint64_t *c, uint64_t *block) {
+    candidates(c, row, bf, 0, k);
+    for (int i = k / 2 - 1; i >= 0; i--) // a max-heap of the smallest seen so far
         sift_down(c, i, k);
-    for (int i = k; i < V; i++)
-        if (c[i] < c[0]) {
-            c[0] = c[i];
-            sift_down(c, 0, k);
-        }
+    for (int i0 = k; i0 < V; i0 += SAMPLE_BLOCK) {
+        int n = V - i0 < SAMPLE_BLOCK ? V - i0 : SAMPLE_BLOCK;
+        candidates(block, row, bf, i0, n);
+        for (int i = 0; i < n; i++)
+            if (block[i] < c[0]) {
+                c[0] = block[i];
+                sift_down(c, 0, k);
+            }
+    }
     for (int n = k - 1; n > 0; n--) { // heapsort: the largest to the end
         uint64_t t = c[0];
         c[0] = c[n], c[n] = t;
@@ -305,13 +331,13 @@ static int32_t argmax_row(const void *row, int bf, int V) {
 // the token is the first whose running sum exceeds u * (kept total).
 static int32_t sample_row(const void *row, int bf, int V, const dsmoe_sampling_params *p, float u, uint64_t *c,
                           uint64_t *tmp, double *w) {
-    for (int i = 0; i < V; i++)
-        c[i] = (uint64_t)descending_key(logit_at(row, bf, i)) << 32 | (uint32_t)i;
     int k = p->top_k > 0 && p->top_k < V ? p->top_k : V;
-    if (k <= V / 16)
-        select_smallest(c, V, k);
-    else
+    if (k <= V / 16) {
+        select_smallest(row, bf, V, k, c, tmp);
+    } else {
+        candidates(c, row, bf, 0, V);
         radix_sort_keys(c, tmp, V);
+    }
     double zmax = logit_at(row, bf, (int)(uint32_t)c[0]), T = p->temperature, total = 0.0;
     for (int i = 0; i < k; i++)
         total += w[i] = exp(((double)logit_at(row, bf, (int)(uint32_t)c[i]) - zmax) / T);
