@@ -113,10 +113,11 @@ dsmoe_status cpu_mul_uniform_noise(cpu_ctx *ctx, cpu_queue *q, void *out, const 
     CPU_REQUIRE(ctx, out && in, "cpu: mul_uniform_noise: NULL %s with n=%zu", out ? "in" : "out", n);
     CPU_REQUIRE(ctx, eps >= 0.0f && eps < 1.0f, "cpu: mul_uniform_noise: eps=%g: expected 0 <= eps < 1", (double)eps);
     const int bf = dt == DSMOE_BFLOAT16;
-    size_t chunks = (n + CPU_PAR_MIN - 1) / CPU_PAR_MIN;
-#pragma omp parallel for num_threads(ctx->threads) schedule(static) if (n >= CPU_PAR_MIN / 8)
+    // A uniform costs tens of nanoseconds: chunks of CPU_PAR_MIN / 8 are worth a thread each.
+    const size_t chunk = CPU_PAR_MIN / 8, chunks = (n + chunk - 1) / chunk;
+#pragma omp parallel for num_threads(ctx->threads) schedule(static) if (chunks > 1)
     for (size_t c = 0; c < chunks; c++) {
-        size_t i0 = c * CPU_PAR_MIN, i1 = n - i0 < CPU_PAR_MIN ? n : i0 + CPU_PAR_MIN;
+        size_t i0 = c * chunk, i1 = n - i0 < chunk ? n : i0 + chunk;
         if (bf) noise_range(out, in, i0, i1, eps, seed, offset, 1);
         else noise_range(out, in, i0, i1, eps, seed, offset, 0);
     }
