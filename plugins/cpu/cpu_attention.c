@@ -20,8 +20,8 @@
 
 #include <cblas.h> // cblas_sgemm (called single-threaded, see cpu_blas_single_threaded)
 
-#include "cpu_bf16.h"     // cpu_bf16_to_f32, cpu_f32_to_bf16, cpu_stage_rows
-#include "cpu_internal.h" // CPU_BEGIN, CPU_ACT_DTYPE, CPU_REQUIRE, cpu_blas_single_threaded
+#include "cpu_bf16.h"     // cpu_bf16_to_f32, cpu_f32_to_bf16
+#include "cpu_internal.h" // CPU_BEGIN, CPU_ACT_DTYPE, CPU_REQUIRE, cpu_blas_single_threaded, cpu_stage_rows
 #include "cpu_math.h"     // cpu_exp_fast
 
 static dsmoe_status check_attention(cpu_ctx *ctx, const char *op, const dsmoe_attention_shape *sh) {

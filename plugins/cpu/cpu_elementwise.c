@@ -12,7 +12,7 @@
 #include <string.h>
 
 #include "dsmoe/rng.h"    // dsmoe_rng_uniform, dsmoe_rng_normal
-#include "cpu_internal.h" // CPU_BEGIN, CPU_DTYPE, CPU_REQUIRE
+#include "cpu_internal.h" // CPU_BEGIN, CPU_ACT_DTYPE, CPU_REQUIRE
 #include "cpu_math.h"     // cpu_bias_chunk_as, CPU_COL_CHUNK, cpu_widen, cpu_store_as
 
 // bias_add, bias_backward, axpy and the noise take bfloat16 as well: each element's float32 expression
@@ -118,8 +118,10 @@ dsmoe_status cpu_mul_uniform_noise(cpu_ctx *ctx, cpu_queue *q, void *out, const 
 #pragma omp parallel for num_threads(ctx->threads) schedule(static) if (chunks > 1)
     for (size_t c = 0; c < chunks; c++) {
         size_t i0 = c * chunk, i1 = n - i0 < chunk ? n : i0 + chunk;
-        if (bf) noise_range(out, in, i0, i1, eps, seed, offset, 1);
-        else noise_range(out, in, i0, i1, eps, seed, offset, 0);
+        if (bf)
+            noise_range(out, in, i0, i1, eps, seed, offset, 1);
+        else
+            noise_range(out, in, i0, i1, eps, seed, offset, 0);
     }
     return DSMOE_OK;
 }

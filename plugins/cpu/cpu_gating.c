@@ -22,7 +22,7 @@
 
 #include "dsmoe/rng.h" // dsmoe_rng_key, dsmoe_rng_gumbel, dsmoe_rng_uniform
 #include "cpu_internal.h"
-#include "cpu_bf16.h" // cpu_bf2f, cpu_bf16_to_f32, cpu_f32_to_bf16, cpu_stage_rows
+#include "cpu_bf16.h" // cpu_bf2f, cpu_bf16_to_f32, cpu_f32_to_bf16 (cpu_stage_rows: cpu_internal.h)
 #include "cpu_math.h" // cpu_dot_lanes
 
 // Purpose tags of the counter-RNG keys (docs/gating.md, "Random numbers"); a device plugin must use

@@ -24,9 +24,9 @@
 #include <cblas.h> // cblas_sgemm (single-threaded, see cpu_blas_single_threaded)
 
 #include "dsmoe/rng.h"    // dsmoe_rng_uniform
-#include "cpu_bf16.h"     // cpu_bf2f, cpu_bf16_to_f32, cpu_f32_to_bf16, cpu_stage_reserve
-#include "cpu_internal.h" // CPU_BEGIN, CPU_DTYPE, CPU_REQUIRE, cpu_sticky, cpu_causal_softmax_rows
-#include "cpu_math.h"     // cpu_dot_lanes
+#include "cpu_bf16.h"     // cpu_bf16_to_f32, cpu_f32_to_bf16
+#include "cpu_internal.h" // CPU_BEGIN, CPU_ACT_DTYPE, CPU_REQUIRE, cpu_sticky, cpu_stage_reserve, ...
+#include "cpu_math.h"     // cpu_dot_lanes_as, cpu_widen
 
 static dsmoe_status check_cache(cpu_ctx *ctx, const char *op, int B, int T_new, int M, int NH, int T_max) {
     CPU_REQUIRE(ctx, B >= 0 && T_new >= 0 && M > 0 && NH > 0 && T_max >= 0, "cpu: %s: B=%d T_new=%d M=%d NH=%d "
@@ -209,8 +209,8 @@ dsmoe_status cpu_attention_cached(cpu_ctx *ctx, cpu_queue *q, void *out_, const 
 // core: at batch 64, 8 times the rest of a small model's decode step (docs/performance.md, Decode).
 
 // Logit i of a float32 or bfloat16 row, NaN as -Inf.
-static inline float logit_at(const void *row, int bf, int i) {
-    float z = bf ? cpu_bf2f(((const uint16_t *)row)[i]) : ((const float *)row)[i];
+static inline __attribute__((always_inline)) float logit_at(const void *row, int bf, int i) {
+    float z = cpu_widen(row, (size_t)i, bf);
     return isnan(z) ? -INFINITY : z;
 }
 
@@ -317,9 +317,9 @@ static void select_smallest(const void *row, int bf, int V, int k, uint64_t *c, 
 // Greedy: the first maximum.
 static int32_t argmax_row(const void *row, int bf, int V) {
     int32_t best = 0;
-    float zbest = bf ? cpu_bf2f(((const uint16_t *)row)[0]) : ((const float *)row)[0];
+    float zbest = cpu_widen(row, 0, bf);
     for (int i = 1; i < V; i++) {
-        float z = bf ? cpu_bf2f(((const uint16_t *)row)[i]) : ((const float *)row)[i];
+        float z = cpu_widen(row, (size_t)i, bf);
         if (z > zbest)
             best = i, zbest = z;
     }

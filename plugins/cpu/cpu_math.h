@@ -2,8 +2,9 @@
 // GELU of gelu_forward and the GELU of the grouped GEMM's epilogue are the same expression and give the
 // same bits (the core may use either; training must not depend on which): both call cpu_vec.c's row
 // kernels, which compile cpu_gelu and cpu_gelu_grad for each vector width.
-// defines: cpu_exp_fast, cpu_tanh_fast, cpu_gelu, cpu_gelu_grad, cpu_bias_chunk(_as), CPU_COL_CHUNK, cpu_widen, cpu_store_as,
-//          cpu_widen8, cpu_dot_lanes_as, cpu_dot_lanes, CPU_DOT_LANES, cpu_f32x8 and the other vector types
+// defines: cpu_exp_fast, cpu_tanh_fast, cpu_gelu, cpu_gelu_grad, cpu_bias_chunk(_as), CPU_COL_CHUNK,
+//          cpu_widen, cpu_store_as, cpu_widen8, cpu_dot_lanes_as, cpu_dot_lanes, CPU_DOT_LANES, cpu_f32x8
+//          and the other vector types
 #ifndef DSMOE_CPU_MATH_H
 #define DSMOE_CPU_MATH_H
 #include <math.h>

@@ -17,8 +17,8 @@
 #include <omp.h>
 #include <string.h>
 
-#include "cpu_bf16.h"     // cpu_bf2f (a bfloat16 embedding table), the conversions, cpu_stage_reserve
-#include "cpu_internal.h" // CPU_BEGIN, CPU_DTYPE, CPU_REQUIRE, cpu_sticky
+#include "cpu_bf16.h"     // cpu_bf16_to_f32, cpu_f32_to_bf16
+#include "cpu_internal.h" // CPU_BEGIN, CPU_ACT_DTYPE, CPU_REQUIRE, cpu_sticky, cpu_stage_rows
 #include "cpu_math.h"     // cpu_exp_fast, CPU_COL_CHUNK, cpu_widen, cpu_store_as
 
 // ---------------------------------------------------------------------------------------------------
@@ -108,8 +108,10 @@ dsmoe_status cpu_embedding_backward(cpu_ctx *ctx, cpu_queue *q, float *dwte, flo
             for (int r = 0; r < rows; r++) {
                 float *d = dwte + (size_t)tokens[r] * M + j0;
                 size_t g = (size_t)r * M + j0;
-                if (bf) add_row_as(d, dout, g, w, 1);
-                else add_row_as(d, dout, g, w, 0);
+                if (bf)
+                    add_row_as(d, dout, g, w, 1);
+                else
+                    add_row_as(d, dout, g, w, 0);
             }
         }
 #pragma omp for schedule(static)
@@ -117,8 +119,10 @@ dsmoe_status cpu_embedding_backward(cpu_ctx *ctx, cpu_queue *q, float *dwte, flo
             float *d = dwpe + (size_t)t * M;
             for (int b = 0; b < B; b++) {
                 size_t g = ((size_t)b * T + t) * M;
-                if (bf) add_row_as(d, dout, g, M, 1);
-                else add_row_as(d, dout, g, M, 0);
+                if (bf)
+                    add_row_as(d, dout, g, M, 1);
+                else
+                    add_row_as(d, dout, g, M, 0);
             }
         }
     }
@@ -132,7 +136,8 @@ dsmoe_status cpu_embedding_backward(cpu_ctx *ctx, cpu_queue *q, float *dwte, flo
 // bfloat16 rows are widened a row at a time into the thread's rows of the context's arena, run through
 // the same float32 row function (noinline: one compiled body, whose double reductions vectorise one
 // way), and the output row rounded once: the float32 op on the widened tensors, rounded, without
-// float32 copies of whole tensors (tests/plugins/kernel/test_cpu_bf16_rows.c). The backward's column sums are element-wise, so they read bfloat16 in registers (cpu_widen).
+// float32 copies of whole tensors (tests/plugins/kernel/test_cpu_bf16_rows.c). The backward's column
+// sums are element-wise, so they read bfloat16 in registers (cpu_widen).
 
 // o (M) = the normalized row x; its mean and 1 / std.
 static __attribute__((noinline)) void ln_forward_row(float *o, float *mean, float *rstd, const float *x,

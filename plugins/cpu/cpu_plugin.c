@@ -417,7 +417,7 @@ static const dsmoe_kernel_plugin_v3 cpu_plugin = {
     .gemm_grouped = cpu_gemm_grouped,
     .gemm_grouped_wgrad = cpu_gemm_grouped_wgrad,
 
-    .bias_add = cpu_bias_add, // bf16 in place: these, layer norm, attention, loss, mix, MoE, KV
+    .bias_add = cpu_bias_add, // every op takes bf16 in place (docs/plugins.md)
     .bias_backward = cpu_bias_backward,
     .axpy = cpu_axpy,
     .mul_uniform_noise = cpu_mul_uniform_noise,
