@@ -14,12 +14,13 @@ mpiexec=$3
 shift 3
 mpiflags=("$@")
 work=$(mktemp -d /tmp/dsmoe_signal.XXXXXX)
-trap '[ -n "${KEEP:-}" ] || rm -rf "$work"' EXIT
+trap 'release_held; [ -n "${KEEP:-}" ] || rm -rf "$work"' EXIT
 unset DSMOE_PLUGIN_PATH
 export OMP_NUM_THREADS=1 OMPI_MCA_mpi_yield_when_idle=1 OMP_WAIT_POLICY=passive
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 steps=1500
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh" # fail, ok, show, expect, finish
+source "$src/tests/held_signal.sh"               # hold, wait_pending, release_held
 
 deck="$work/tiny.deck"
 cat >"$deck" <<DECK
@@ -68,6 +69,29 @@ wait_rows() {
   return 1
 }
 
+# send_held <name> <out> <target: launcher|all|rank1> <signal>...: each signal sent to the target while
+# the run's ranks (PIDs in <out>.log.pid.*) are held, until it is pending at every rank it should reach;
+# then the ranks go on. The run is 1500 steps of under a millisecond: without the hold a signal forwarded
+# by mpiexec, or sent by a test script the machine ran late, could come after the last step.
+send_held() {
+  local name=$1 out=$2 target=$3 ranks to receivers sig last
+  shift 3
+  ranks=$(cat "$out.log".pid.*)
+  hold $ranks || { release_held; fail "$name: the run ended before it could be held"; return 1; }
+  last=$(tail -1 "$out/metrics.csv" | cut -d, -f1)
+  [ "$last" != "$steps" ] || fail "$name: the run had logged its last step before it was held"
+  case $target in
+    launcher) to=$pid receivers=$ranks ;; # the singleton itself, or mpiexec, which forwards it to every rank
+    all) to=$ranks receivers=$ranks ;;
+    rank1) to=$(cat "$out.log.pid.1") receivers=$to ;;
+  esac
+  for sig; do
+    kill -"$sig" $to
+    wait_pending "$sig" 30 $receivers || fail "$name: SIG$sig pending at $pending of $(echo $receivers | wc -w) ranks after 30 s"
+  done
+  release_held
+}
+
 # tensors <checkpoint>: the safetensors data section (every tensor's bytes, after the JSON header, which
 # also holds the deck and so differs between a fresh and a resumed run).
 tensors() {
@@ -99,11 +123,7 @@ interrupted() {
   local name=$1 ranks=$2 ref=$3 sig=$4 target=$5 out="$work/$1" rc step
   launch "$ranks" "$out.log" run.output_dir="$out"
   if ! wait_rows "$out/metrics.csv" 5; then fail "$name: no metrics rows"; kill -KILL $pid; wait $pid; show "$out.log"; return; fi
-  case $target in
-    launcher) kill -"$sig" $pid ;;
-    all) for f in "$out.log".pid.*; do kill -"$sig" "$(cat "$f")"; done ;;
-    rank1) kill -"$sig" "$(cat "$out.log.pid.1")" ;;
-  esac
+  send_held "$name" "$out" "$target" "$sig"
   wait $pid
   rc=$?
   [ $rc = 75 ] && ok || { fail "$name: exit $rc after SIG$sig, expected 75"; show "$out.log"; return; }
@@ -148,8 +168,7 @@ interrupted usr1-one-rank 2 "$work/ref2" USR1 rank1
 out="$work/twice"
 launch 1 "$out.log" run.output_dir="$out"
 wait_rows "$out/metrics.csv" 5
-kill -USR1 $pid
-kill -TERM $pid
+send_held twice "$out" launcher USR1 TERM
 wait $pid
 rc=$?
 [ $rc = 76 ] && ok || { fail "second signal: exit $rc, expected 76"; show "$out.log"; }
@@ -179,7 +198,7 @@ same_run killed "$work/ref1" "$out"
 out="$work/nosig"
 launch 1 "$out.log" run.output_dir="$out" run.signals=
 wait_rows "$out/metrics.csv" 5
-kill -USR1 $pid
+send_held nosig "$out" launcher USR1
 wait $pid
 rc=$?
 [ $rc = $((128 + $(kill -l USR1))) ] && ok || fail "run.signals='': exit $rc, expected death by SIGUSR1"

@@ -9,6 +9,7 @@
 # Skips (77) when no local Slurm runs (the slurm_start fixture starts it).
 # Usage: slurm_sbatch.sh <dsmoe> <source dir>
 source "$(dirname "$0")/common.sh"
+source "$src/tests/held_signal.sh" # hold, wait_pending, release_held
 slurm=$src/scripts/slurm-local
 "$slurm" status || { echo "SKIP: no local Slurm (scripts/slurm-local start)"; exit 77; }
 eval "$("$slurm" env)"
@@ -49,36 +50,20 @@ collect() {
   fi
 }
 
-# usr1_pending <pid>: USR1 (signal 10, bit 0x200) waits in the process's pending sets.
-usr1_pending() {
-  local m
-  for m in $(awk '/^(SigPnd|ShdPnd):/ { print $2 }' "/proc/$1/status" 2>/dev/null); do
-    [ $((0x$m & 0x200)) != 0 ] && return 0
-  done
-  return 1
-}
-
 # signal_held <job>: USR1 to the batch shell, as Slurm sends it, with the job's ranks held (SIGSTOP) until
 # it is pending at every rank. Its path (scancel, slurmctld, the shell's trap, srun, each task) took
 # longer than a fast machine's whole 600-step run (3 s) in one CI run, which then ended without a stop.
-held=
 signal_held() {
-  local p i pending
-  held=$(scontrol listpids "$1" 2>/dev/null | awk '$3 == "0" && $4 != "-" { print $1 }')
-  if [ "$(echo $held | wc -w)" != 4 ]; then fail "job $1: scontrol listpids gave rank PIDs '$held', expected 4"; return; fi
-  kill -STOP $held || { fail "job $1: the ranks ended before they could be held: make the run longer"; return; }
+  local ranks
+  ranks=$(scontrol listpids "$1" 2>/dev/null | awk '$3 == "0" && $4 != "-" { print $1 }')
+  if [ "$(echo $ranks | wc -w)" != 4 ]; then fail "job $1: scontrol listpids gave rank PIDs '$ranks', expected 4"; return; fi
+  hold $ranks || { release_held; fail "job $1: the ranks ended before they could be held: make the run longer"; return; }
   scancel --batch --signal=USR1 "$1" && ok || fail "scancel --batch --signal=USR1 $1"
-  for i in $(seq 300); do
-    pending=0
-    for p in $held; do usr1_pending "$p" && pending=$((pending + 1)); done
-    [ $pending = 4 ] && break
-    sleep 0.1
-  done
+  wait_pending USR1 30 $ranks
   [ $pending -gt 0 ] && ok || fail "job $1: USR1 reached no rank in 30 s"
-  kill -CONT $held
-  held=
+  release_held
 }
-trap '[ -z "$held" ] || kill -CONT $held; [ -n "${KEEP:-}" ] || rm -rf "$work"' EXIT
+trap 'release_held; [ -n "${KEEP:-}" ] || rm -rf "$work"' EXIT
 
 reference "$work/ref" 4 train.steps=600
 cd "$work" || exit 1
