@@ -13,7 +13,7 @@
 #include <cxxabi.h>
 #include <vector>
 
-#include "emu_runtime.h" // dsmoe_emu_set_last_error
+#include "emu_runtime.h" // dsmoe_emu_set_last_error, dsmoe_emu_dynamic_shared_limit
 #include "emu_streams.h" // dsmoe_emu_enqueue
 
 #if !defined(__x86_64__)
@@ -595,7 +595,7 @@ extern "C" cudaError_t dsmoe_emu_run(const void *kernel, dim3 grid, dim3 block, 
     if (threads == 0 || threads > 1024 || block.z > 64 || grid.x == 0 || grid.y == 0 || grid.z == 0 ||
         grid.y > 65535 || grid.z > 65535 || grid.x > 2147483647u)
         e = cudaErrorInvalidConfiguration;
-    else if (shared_bytes > 232448)
+    else if (shared_bytes > dsmoe_emu_dynamic_shared_limit(kernel))
         e = cudaErrorInvalidValue;
     // The runtime's occupancy answer (2 blocks per SM, 4 SMs) bounds a cooperative grid.
     else if (cooperative && (unsigned long long)grid.x * grid.y * grid.z > 8)

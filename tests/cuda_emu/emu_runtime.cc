@@ -24,7 +24,9 @@
 // - copies and memsets: each side that is device memory (by the kind; for cudaMemcpyDefault, a side that
 //   points into a device allocation) must lie with all its bytes inside one live device allocation, which
 //   catches an out-of-range copy that a GPU may let pass;
-// - handles: streams and events must be live (cudaErrorInvalidResourceHandle), pools too.
+// - handles: streams and events must be live (cudaErrorInvalidResourceHandle), pools too;
+// - launches (emu_device.cc): more dynamic shared memory than the kernel's limit, 48 KiB unless
+//   cudaFuncSetAttribute(cudaFuncAttributeMaxDynamicSharedMemorySize) raised it.
 // New device memory and cudaHostAlloc memory is filled with 0xFF bytes (NaN as float32 and bfloat16), so
 // that a result computed from memory nothing wrote shows, as uninitialised device memory would.
 //
@@ -71,6 +73,7 @@ struct State {
     unsigned long long device_allocs = 0;
     Handles streams, events, pools;
     Pool default_pool{true};
+    std::map<const void *, int> dynamic_shared_limit; // by kernel: cudaFuncAttributeMaxDynamicSharedMemorySize
 };
 State &st = *new State;
 
@@ -644,12 +647,23 @@ cudaError_t cudaLaunchHostFunc(cudaStream_t stream, cudaHostFn_t fn, void *userD
 }
 
 // Without a registry of kernels a function cannot be checked beyond NULL; the limits are the device's.
+// A kernel's dynamic shared memory limit is kept for dsmoe_emu_dynamic_shared_limit.
 cudaError_t cudaFuncSetAttribute(const void *func, enum cudaFuncAttribute attr, int value) {
     if (!func) return fail(cudaErrorInvalidDeviceFunction);
     if ((attr == cudaFuncAttributeMaxDynamicSharedMemorySize && (value < 0 || value > kSmemOptin)) ||
         (attr == cudaFuncAttributePreferredSharedMemoryCarveout && (value < -1 || value > 100)))
         return fail(cudaErrorInvalidValue);
+    if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize) {
+        std::lock_guard<std::mutex> lock(st.mu);
+        st.dynamic_shared_limit[func] = value;
+    }
     return cudaSuccess;
+}
+
+size_t dsmoe_emu_dynamic_shared_limit(const void *func) {
+    std::lock_guard<std::mutex> lock(st.mu);
+    auto it = st.dynamic_shared_limit.find(func);
+    return it == st.dynamic_shared_limit.end() ? kSmemDefault : static_cast<size_t>(it->second);
 }
 
 // 2 blocks per multiprocessor for a block that fits: a cooperative grid then has 8 blocks, so that a

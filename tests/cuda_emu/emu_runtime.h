@@ -14,6 +14,11 @@ extern "C" {
 // cudaSuccess is ignored.
 void dsmoe_emu_set_last_error(cudaError_t e);
 
+// The dynamic shared memory a launch of `func` may ask for: 48 KiB, or what
+// cudaFuncSetAttribute(func, cudaFuncAttributeMaxDynamicSharedMemorySize, n) set last. A GPU refuses a
+// launch past it (cudaErrorInvalidValue) even where the device could hold that much.
+size_t dsmoe_emu_dynamic_shared_limit(const void *func);
+
 #ifdef __cplusplus
 }
 #endif

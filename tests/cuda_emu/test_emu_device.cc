@@ -238,6 +238,18 @@ static void test_stream_order(void) {
     cudaFreeHost(h2);
 }
 
+// Fills n ints of dynamic shared memory with 1 and counts them: out[0] = n.
+__global__ void smem_kernel(int *out, int n) {
+    int *words = (int *)dsmoe_emu_dynamic_shared();
+    for (int i = threadIdx.x; i < n; i += blockDim.x) words[i] = 1;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int sum = 0;
+        for (int i = 0; i < n; i++) sum += words[i];
+        out[0] = sum;
+    }
+}
+
 static void test_launch_errors(void) {
     std::vector<int> out(4096);
     cudaError_t e = dsmoe_emu_launch(warp_ops_kernel, dim3(1), dim3(2048), 0, 0, 0, out.data());
@@ -246,6 +258,22 @@ static void test_launch_errors(void) {
     CHECK(cudaGetLastError() == cudaSuccess, "the last error is cleared once read");
     e = dsmoe_emu_launch(warp_ops_kernel, dim3(0), dim3(32), 0, 0, 0, out.data());
     CHECK(e == cudaErrorInvalidConfiguration, "an empty grid: %d", (int)e);
+    (void)cudaGetLastError();
+    // More than 48 KiB of dynamic shared memory only after the kernel's limit was raised, and up to it.
+    e = dsmoe_emu_launch(smem_kernel, dim3(1), dim3(32), 48 * 1024, 0, 0, out.data(), 48 * 1024 / 4);
+    CHECK(e == cudaSuccess, "48 KiB of dynamic shared memory: %d", (int)e);
+    e = dsmoe_emu_launch(smem_kernel, dim3(1), dim3(32), 48 * 1024 + 4, 0, 0, out.data(), 1);
+    CHECK(e == cudaErrorInvalidValue, "48 KiB + 4 without the attribute: %d", (int)e);
+    CHECK(cudaGetLastError() == cudaErrorInvalidValue, "last error: the shared memory");
+    CHECK(cudaFuncSetAttribute((const void *)smem_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 96 * 1024) ==
+              cudaSuccess, "raising the limit to 96 KiB");
+    e = dsmoe_emu_launch(smem_kernel, dim3(1), dim3(32), 96 * 1024, 0, 0, out.data(), 96 * 1024 / 4);
+    CHECK(e == cudaSuccess && cudaDeviceSynchronize() == cudaSuccess, "96 KiB after the attribute: %d", (int)e);
+    CHECK(out[0] == 96 * 1024 / 4, "the kernel saw its 96 KiB: %d ints", out[0]);
+    e = dsmoe_emu_launch(smem_kernel, dim3(1), dim3(32), 96 * 1024 + 4, 0, 0, out.data(), 1);
+    CHECK(e == cudaErrorInvalidValue, "past the raised limit: %d", (int)e);
+    e = dsmoe_emu_launch(warp_ops_kernel, dim3(1), dim3(32), 64 * 1024, 0, 0, out.data());
+    CHECK(e == cudaErrorInvalidValue, "another kernel keeps 48 KiB: %d", (int)e);
     (void)cudaGetLastError();
 }
 
