@@ -539,6 +539,21 @@ static void v_sample(const void *arg) {
     h[(size_t)1 * C->V + 100] = h[(size_t)1 * C->V + C->V - 100] = 10.0f; // row 1: two equal maxima
     for (int i = 0; i < C->V; i++)
         h[(size_t)2 * C->V + i] = 0.5f; // row 2: all equal
+    if (C->rows > 4) {
+        // Row 3: the candidate order's corner cases. Exact ties on multiples of 1/16 in [-2, 0], the
+        // maximum 0 held by -0 and +0 alike (equal logits: id order), NaN (counts as -Inf), -Inf, and
+        // negative subnormals just below the zeros. Row 4: NaN first, which greedy keeps (nothing
+        // compares greater) and sampling never draws.
+        float *r3 = h + (size_t)3 * C->V;
+        for (int i = 0; i < C->V; i++) {
+            int k = (int)(((unsigned)i * 7919u) % 33u);
+            r3[i] = k == 0 ? (i % 2 ? -0.0f : 0.0f) : -(float)k / 16.0f;
+            if (i % 97 == 5) r3[i] = NAN;
+            else if (i % 89 == 3) r3[i] = -INFINITY;
+            else if (i % 83 == 7) r3[i] = -1e-40f;
+        }
+        h[(size_t)4 * C->V] = NAN;
+    }
     cf_buf logits = cf_up("logits", h, (size_t)C->rows * C->V, C->dt), tokens = cf_out("tokens", C->rows, DSMOE_INT32);
     uint64_t ctr[8] = {0, 1, 2, 12345, 1ull << 40, 7, 99, 3};
     dsmoe_sampling_params sp = {C->temperature, C->top_k, C->top_p, 0x5EEDull};
