@@ -7,8 +7,8 @@
 //
 // The discrete outputs (choice, slot, kept, counts, the N and S of aux_sums) must be equal exactly;
 // logits are spread (distinct levels at least 0.4 apart per row) so that no probability comparison is
-// near a tie. Ops downstream of gating take the REFERENCE's table (choice, slot, weight) as input on
-// both sides, so each op is judged on its own.
+// near a tie, or exactly tied where a case asks for ties. Ops downstream of gating take the REFERENCE's
+// table (choice, slot, weight) as input on both sides, so each op is judged on its own.
 #include <math.h>
 #include <stdio.h>
 #include <string.h>
@@ -21,6 +21,7 @@ typedef struct gate_case {
     int S, E, K, noise, rts, training, C;
     uint64_t offset;
     int aux_zero; // gate_backward with S_tot = 0 (no load-balancing gradient)
+    int ties;     // exact ties in the logits (spread_logits)
 } gate_case;
 
 static dsmoe_gating_params params(const gate_case *g) {
@@ -29,8 +30,11 @@ static dsmoe_gating_params params(const gate_case *g) {
                                  .token_offset = g->offset};
 }
 
-// Logits (S, E): per row a random permutation of E levels 0.6 apart, plus U(-0.1, 0.1).
-static float *spread_logits(int S, int E) {
+// Logits (S, E): per row a random permutation of E levels 0.6 apart, plus U(-0.1, 0.1). With `ties`,
+// exact ties that the lowest index must win (docs/gating.md) on every plugin alike: equal logits give
+// equal probabilities whatever the exp, so unlike near-ties they cannot differ between plugins. Every
+// third row then has all E logits equal, and the next its two largest equal.
+static float *spread_logits(int S, int E, int ties) {
     float *h = cf_host((size_t)S * E * sizeof *h + 1);
     int *perm = cf_host((size_t)E * sizeof *perm);
     for (int s = 0; s < S; s++) {
@@ -42,6 +46,18 @@ static float *spread_logits(int S, int E) {
         }
         for (int e = 0; e < E; e++)
             h[(size_t)s * E + perm[e]] = 0.6f * (e - E / 2) + 0.2f * cf_uniform() - 0.1f;
+    }
+    for (int s = 0; ties && s < S; s++) {
+        float *row = h + (size_t)s * E;
+        int top = 0, second = -1;
+        for (int e = 1; e < E; e++)
+            if (row[e] > row[top]) top = e;
+        for (int e = 0; e < E; e++)
+            if (e != top && (second < 0 || row[e] > row[second])) second = e;
+        if (s % 3 == 0)
+            for (int e = 0; e < E; e++) row[e] = 0.25f;
+        else if (s % 3 == 1 && second >= 0)
+            row[second] = row[top];
     }
     return h;
 }
@@ -56,7 +72,7 @@ typedef struct table {
 
 static table ref_table(const gate_case *g) {
     int S = g->S, E = g->E, K = g->K, side = 1;
-    cf_buf logits = cf_up("ref.logits", spread_logits(S, E), (size_t)S * E, CF_F32);
+    cf_buf logits = cf_up("ref.logits", spread_logits(S, E, g->ties), (size_t)S * E, CF_F32);
     cf_buf probs = cf_out("ref.probs", (size_t)S * E, CF_F32), choice = cf_out("ref.choice", (size_t)S * K, DSMOE_INT32);
     cf_buf counts = cf_out("ref.counts", E, DSMOE_INT32), slot = cf_out("ref.slot", (size_t)S * K, DSMOE_INT32);
     cf_buf weight = cf_out("ref.weight", (size_t)S * K, CF_F32), kept = cf_out("ref.kept", E, DSMOE_INT32);
@@ -75,7 +91,7 @@ static table ref_table(const gate_case *g) {
 static void v_gate_route(const void *arg) {
     const gate_case *g = arg;
     int S = g->S, E = g->E, K = g->K;
-    cf_buf logits = cf_up("logits", spread_logits(S, E), (size_t)S * E, CF_F32);
+    cf_buf logits = cf_up("logits", spread_logits(S, E, g->ties), (size_t)S * E, CF_F32);
     cf_buf probs = cf_out("probs", (size_t)S * E, CF_F32), choice = cf_out("choice", (size_t)S * K, DSMOE_INT32);
     cf_buf counts = cf_out("counts", E, DSMOE_INT32);
     probs.cols = E, choice.cols = K;
@@ -129,7 +145,7 @@ static void v_gate(const void *arg) {
     if (!CF_HAS(0, gate)) cf_abandon_skip("the candidate has no gate (optional: the core composes route + assign)");
     int S = g->S, E = g->E, K = g->K;
     size_t SE = (size_t)S * E, SK = (size_t)S * K, A = 2 * (size_t)E + 1;
-    cf_buf logits = cf_up("logits", spread_logits(S, E), SE, CF_F32);
+    cf_buf logits = cf_up("logits", spread_logits(S, E, g->ties), SE, CF_F32);
     cf_buf probs = cf_out("probs", SE, CF_F32), choice = cf_out("choice", SK, DSMOE_INT32);
     cf_buf counts = cf_out("counts", E, DSMOE_INT32), slot = cf_out("slot", SK, DSMOE_INT32);
     cf_buf weight = cf_out("weight", SK, CF_F32), kept = cf_out("kept", E, DSMOE_INT32);
@@ -191,27 +207,29 @@ static void v_gate_backward(const void *arg) {
 
 void cf_group_gating(void) {
     static const gate_case cases[] = {
-        {67, 8, 1, DSMOE_NOISE_NONE, 0, 0, 6, 1000, 0},      {67, 8, 1, DSMOE_NOISE_RSAMPLE, 1, 1, 7, 1000, 0},
-        {67, 8, 2, DSMOE_NOISE_NONE, 1, 1, 12, 1000, 0},     {67, 8, 2, DSMOE_NOISE_RSAMPLE, 0, 1, 12, 1000, 0},
-        {64, 6, 2, DSMOE_NOISE_RSAMPLE, 1, 0, 15, 77, 0},    {64, 8, 2, DSMOE_NOISE_RSAMPLE, 1, 1, 64, 5, 0},
-        {200, 16, 1, DSMOE_NOISE_RSAMPLE, 1, 1, 10, 1ull << 40, 0}, {20, 4, 2, DSMOE_NOISE_NONE, 0, 1, 0, 3, 0},
-        {67, 8, 2, DSMOE_NOISE_NONE, 0, 1, 12, 1000, 1},
+        {67, 8, 1, DSMOE_NOISE_NONE, 0, 0, 6, 1000, 0, 0},      {67, 8, 1, DSMOE_NOISE_RSAMPLE, 1, 1, 7, 1000, 0, 0},
+        {67, 8, 2, DSMOE_NOISE_NONE, 1, 1, 12, 1000, 0, 0},     {67, 8, 2, DSMOE_NOISE_RSAMPLE, 0, 1, 12, 1000, 0, 0},
+        {64, 6, 2, DSMOE_NOISE_RSAMPLE, 1, 0, 15, 77, 0, 0},    {64, 8, 2, DSMOE_NOISE_RSAMPLE, 1, 1, 64, 5, 0, 0},
+        {200, 16, 1, DSMOE_NOISE_RSAMPLE, 1, 1, 10, 1ull << 40, 0, 0}, {20, 4, 2, DSMOE_NOISE_NONE, 0, 1, 0, 3, 0, 0},
+        {67, 8, 2, DSMOE_NOISE_NONE, 0, 1, 12, 1000, 1, 0},
+        // Exact ties in the logits: the lowest index wins, top-1 and top-2.
+        {67, 8, 1, DSMOE_NOISE_NONE, 0, 1, 12, 1000, 0, 1}, {67, 8, 2, DSMOE_NOISE_NONE, 1, 1, 12, 1000, 0, 1},
         // Sizes that take a device kernel past one block in every phase: a partial last chunk of tokens,
         // several passes over the expert columns, over-full experts under RTS; more token chunks than a
         // GPU's co-resident blocks; more experts than blocks; and no tokens at all.
-        {5000, 130, 2, DSMOE_NOISE_RSAMPLE, 1, 1, 40, 1ull << 33, 0},
-        {150001, 8, 1, DSMOE_NOISE_NONE, 0, 1, 15000, 9, 0},
-        {700, 600, 2, DSMOE_NOISE_NONE, 1, 1, 2, 0, 0},
-        {0, 8, 2, DSMOE_NOISE_NONE, 0, 1, 4, 0, 0},
+        {5000, 130, 2, DSMOE_NOISE_RSAMPLE, 1, 1, 40, 1ull << 33, 0, 0},
+        {150001, 8, 1, DSMOE_NOISE_NONE, 0, 1, 15000, 9, 0, 0},
+        {700, 600, 2, DSMOE_NOISE_NONE, 1, 1, 2, 0, 0, 0},
+        {0, 8, 2, DSMOE_NOISE_NONE, 0, 1, 4, 0, 0, 0},
     };
     static const char *noise[] = {"NONE", "JITTER", "RSAMPLE"};
     char name[200];
     for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
         const gate_case *g = &cases[i];
         char what[160];
-        snprintf(what, sizeof what, "S=%d,E=%d,K=%d,%s,rts=%d,training=%d,C=%d,offset=%llu%s", g->S, g->E, g->K,
+        snprintf(what, sizeof what, "S=%d,E=%d,K=%d,%s,rts=%d,training=%d,C=%d,offset=%llu%s%s", g->S, g->E, g->K,
                  noise[g->noise], g->rts, g->training, g->C, (unsigned long long)g->offset,
-                 g->aux_zero ? ",S_tot=0" : "");
+                 g->aux_zero ? ",S_tot=0" : "", g->ties ? ",ties" : "");
         if (!g->aux_zero) {
             snprintf(name, sizeof name, "gate_route[%s]", what);
             cf_run(name, v_gate_route, g);
@@ -301,8 +319,10 @@ static void v_combine_backward(const void *arg) {
 
 void cf_group_dispatch(void) {
     static mix_case cases[2][2] = {
-        {{{67, 8, 2, DSMOE_NOISE_NONE, 0, 1, 10, 0, 0}, 96, CF_F32}, {{50, 4, 1, DSMOE_NOISE_NONE, 1, 1, 11, 9, 0}, 130, CF_F32}},
-        {{{67, 8, 2, DSMOE_NOISE_NONE, 0, 1, 10, 0, 0}, 96, CF_BF16}, {{50, 4, 1, DSMOE_NOISE_NONE, 1, 1, 11, 9, 0}, 130, CF_BF16}},
+        {{{67, 8, 2, DSMOE_NOISE_NONE, 0, 1, 10, 0, 0, 0}, 96, CF_F32},
+         {{50, 4, 1, DSMOE_NOISE_NONE, 1, 1, 11, 9, 0, 0}, 130, CF_F32}},
+        {{{67, 8, 2, DSMOE_NOISE_NONE, 0, 1, 10, 0, 0, 0}, 96, CF_BF16},
+         {{50, 4, 1, DSMOE_NOISE_NONE, 1, 1, 11, 9, 0, 0}, 130, CF_BF16}},
     };
     char name[160];
     for (int d = 0; d < (cf_cand_dtype(CF_BF16) ? 2 : 1); d++)
