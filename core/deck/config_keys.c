@@ -82,7 +82,7 @@ const key_def dsmoe_config_keys[] = {
     KEY("plan.nodes", K_INT, "1", plan_nodes, GE(1), "dsmoe --plan: nodes of the planned job, each like plan.topology"),
     KEY("plan.ranks_per_node", K_INT, "0", plan_ranks_per_node, GE(0), "dsmoe --plan: ranks per node; 0 = one per GPU of the topology (one per core when it has none or run.kernel_backend = cpu)"),
     KEY("plan.topology", K_STRING, "", plan_topology, ANY, "dsmoe --plan: the node: an hwloc XML file, synthetic:<hwloc synthetic description>, or '' = this machine (or HWLOC_XMLFILE / HWLOC_SYNTHETIC)"),
-    KEY("plan.memory_per_rank", K_U64, "0", plan_memory_per_rank, GE(0), "dsmoe --plan: bytes each rank may use (80Gi); 0 = its GPU's memory, or the node's memory / ranks per node on the cpu backend"),
+    KEY("plan.memory_per_rank", K_U64, "0", plan_memory_per_rank, GE(0), "dsmoe --plan: bytes each rank may use (80Gi); 0 = its GPU's memory (unknown for a GPU backend on a topology without GPUs: set this), or the node's memory / ranks per node on a host-memory backend"),
     KEY("plan.memory_bandwidth", K_U64, "0", plan_memory_bandwidth, GE(0), "dsmoe --plan of a generate deck: bytes/s a rank reads from its memory; 0 = 2T for a GPU rank, 10G for a CPU core"),
     KEY("plan.node_bandwidth", K_U64, "0", plan_node_bandwidth, GE(0), "dsmoe --plan of a generate deck: bytes/s a rank sends to ranks of its node; 0 = 150G for GPU ranks (NVLink), 5G for CPU ranks"),
     KEY("plan.network_bandwidth", K_U64, "0", plan_network_bandwidth, GE(0), "dsmoe --plan of a generate deck: bytes/s a rank sends to other nodes; 0 = 25G (one 200 Gb/s port per GPU)"),

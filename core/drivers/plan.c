@@ -79,12 +79,18 @@ static dsmoe_status place_node(const dsmoe_topo *topo, int rpn, int use_gpus, ds
     return s;
 }
 
-// What one rank may use, and where that number comes from.
+// What one rank may use, and where that number comes from. A device backend's rank holds its tensors in
+// its GPU's memory: without a GPU in the topology that is unknown (0), not the node's host memory.
 static uint64_t rank_budget(const dsmoe_config *c, const dsmoe_topo *topo, const dsmoe_rank_place *p, int rpn,
-                            char *why, size_t n) {
+                            int device_backend, char *why, size_t n) {
     if (c->plan_memory_per_rank > 0) {
         snprintf(why, n, "plan.memory_per_rank");
         return c->plan_memory_per_rank;
+    }
+    if (device_backend && p->gpu < 0) {
+        snprintf(why, n, "no GPU for it in the topology, and the %s backend keeps a rank's tensors in GPU memory",
+                 c->kernel_backend);
+        return 0;
     }
     if (p->gpu >= 0) {
         dsmoe_topo_gpu_info gi;
@@ -97,6 +103,13 @@ static uint64_t rank_budget(const dsmoe_config *c, const dsmoe_topo *topo, const
     uint64_t node = dsmoe_topo_memory(topo);
     snprintf(why, n, "the node's %s over its %d ranks", dsmoe_plan_bytes(node), rpn);
     return node / (uint64_t)rpn;
+}
+
+// The error of a plan that cannot check memory: `why` is rank_budget's.
+static dsmoe_status unknown_budget(dsmoe_err *err, const char *deck_path, const char *why) {
+    return dsmoe_err_set(err, DSMOE_ERR_INVALID, "%s: how much memory a rank has is unknown (%s): set "
+                         "plan.memory_per_rank, or plan.topology to an hwloc XML file of the nodes the job runs on "
+                         "(lstopo node.xml there)", deck_path, why);
 }
 
 // What the fit check compares with a rank's memory. Dropless capacity is data-dependent: its peak (C up
@@ -208,13 +221,23 @@ static dsmoe_status plan(const char *deck_path, char *const *overrides, int n_ov
         snprintf(m, sizeof m, "%s", err->msg);
         return dsmoe_err_set(err, s, "%s: plan.topology: %s", deck_path, m);
     }
+    // The kernel plugin says whether ranks hold their tensors on GPUs (its mem_kind) and sizes attention's
+    // state (attention_bytes works before init). Where it does not load here, any backend but cpu is
+    // taken to drive GPUs, the cpu plugin's layout stands in for attention, and the plan says so.
+    dsmoe_plugin_handle kh;
+    memset(&kh, 0, sizeof kh);
+    const dsmoe_kernel_plugin_v3 *kern = NULL;
+    dsmoe_err kerr = {0};
+    if (dsmoe_plugin_load_kernel(c.kernel_backend, c.plugin_path, &kern, &kh, &kerr) != DSMOE_OK) kern = NULL;
+    int device_backend = kern ? kern->mem_kind != DSMOE_MEM_HOST : strcmp(c.kernel_backend, "cpu") != 0;
     char busids[256][16];
-    int gpus = dsmoe_topo_list_gpus(topo, busids, 256), use_gpus = strcmp(c.kernel_backend, "cpu") != 0 && gpus > 0;
+    int gpus = dsmoe_topo_list_gpus(topo, busids, 256), use_gpus = device_backend && gpus > 0;
     int cores = dsmoe_topo_cores_in(topo, hwloc_topology_get_allowed_cpuset(dsmoe_topo_hwloc(topo)));
     int rpn = c.plan_ranks_per_node > 0 ? c.plan_ranks_per_node : use_gpus ? gpus : cores;
     int64_t ranks64 = (int64_t)c.plan_nodes * rpn;
     if (ranks64 > (1 << 20)) {
         dsmoe_topo_free(topo);
+        dsmoe_plugin_unload(&kh);
         return dsmoe_err_set(err, DSMOE_ERR_INVALID, "%s: plan.nodes x ranks per node = %lld ranks: expected at most %d",
                              deck_path, (long long)ranks64, 1 << 20);
     }
@@ -226,6 +249,7 @@ static dsmoe_status plan(const char *deck_path, char *const *overrides, int n_ov
     if (s != DSMOE_OK) {
         free(rows);
         dsmoe_topo_free(topo);
+        dsmoe_plugin_unload(&kh);
         return s;
     }
     for (int r = rpn; r < ranks; r++) {
@@ -252,17 +276,12 @@ static dsmoe_status plan(const char *deck_path, char *const *overrides, int n_ov
     dsmoe_placement_print_ranks(out, rows, ranks, rpn);
     dsmoe_placement_print_experts(out, &c, rows, ranks, 2);
 
-    // The kernel plugin sizes attention's state (attention_bytes works before init); without it here,
-    // the cpu plugin's layout stands in, and the plan says so.
-    dsmoe_plugin_handle kh;
-    memset(&kh, 0, sizeof kh);
-    const dsmoe_kernel_plugin_v3 *kern = NULL;
-    dsmoe_err kerr = {0};
-    if (dsmoe_plugin_load_kernel(c.kernel_backend, c.plugin_path, &kern, &kh, &kerr) != DSMOE_OK) {
-        kern = NULL;
+    if (!kern)
         fprintf(out, "note: kernel plugin '%s' does not load here (%s): attention memory is sized as the cpu plugin's\n",
                 c.kernel_backend, kerr.msg);
-    }
+    if (device_backend && !use_gpus && !(c.plan_memory_per_rank > 0 && c.plan_ranks_per_node > 0))
+        fprintf(out, "note: the topology has no GPU; the %s backend wants one per rank (plan.topology = an hwloc XML "
+                "file of a GPU node, or plan.memory_per_rank and plan.ranks_per_node)\n", c.kernel_backend);
     // Memory: every rank's (ZeRO shards differ by a few elements), the largest decides.
     dsmoe_mem_estimate worst = {0}, est;
     int worst_rank = 0;
@@ -273,16 +292,14 @@ static dsmoe_status plan(const char *deck_path, char *const *overrides, int n_ov
         if (s == DSMOE_OK && (r == 0 || est.total_bytes > worst.total_bytes)) worst = est, worst_rank = r;
     }
     char why[256];
-    uint64_t budget = s == DSMOE_OK ? rank_budget(&c, topo, &rows[worst_rank], rpn, why, sizeof why) : 0;
+    uint64_t budget = s == DSMOE_OK ? rank_budget(&c, topo, &rows[worst_rank], rpn, device_backend, why, sizeof why) : 0;
     uint64_t need = s == DSMOE_OK ? need_of(&c, &worst) : 0;
     uint64_t node_memory = dsmoe_topo_memory(topo);
     int checkpoints = c.checkpoint_final || c.checkpoint_every > 0;
     if (s == DSMOE_OK && c.mode == DSMOE_MODE_GENERATE) {
         s = dsmoe_plan_generate(out, &c, ranks, rpn, use_gpus, budget, why, err);
         fprintf(out, "planned in %.0f ms\n", 1e3 * (dsmoe_now_seconds() - t0));
-        if (s == DSMOE_OK && budget == 0)
-            s = dsmoe_err_set(err, DSMOE_ERR_INVALID, "%s: the topology does not say how much memory a rank has: set "
-                              "plan.memory_per_rank", deck_path);
+        if (s == DSMOE_OK && budget == 0) s = unknown_budget(err, deck_path, why);
         free(rows);
         dsmoe_topo_free(topo);
         dsmoe_plugin_unload(&kh);
@@ -307,8 +324,11 @@ static dsmoe_status plan(const char *deck_path, char *const *overrides, int n_ov
                 dsmoe_plan_bytes(worst.peak_bytes), dsmoe_plan_bytes(worst.checkpoint_bytes),
                 c.drop_tokens ? "" : "; dropless: capacity buffers may grow to the peak");
         need += teacher_need(out, &c, ranks, worst_rank, rpn, kern);
-        fprintf(out, "  needs %s, has %s (%s): %s\n", dsmoe_plan_bytes(need), dsmoe_plan_bytes(budget), why,
-                budget == 0 ? "unknown" : need <= budget ? "fits" : "DOES NOT FIT");
+        if (budget == 0)
+            fprintf(out, "  needs %s, has an unknown amount (%s)\n", dsmoe_plan_bytes(need), why);
+        else
+            fprintf(out, "  needs %s, has %s (%s): %s\n", dsmoe_plan_bytes(need), dsmoe_plan_bytes(budget), why,
+                    need <= budget ? "fits" : "DOES NOT FIT");
         fprintf(out, "  checkpoints: one file of %s (parameters and both AdamW moments) written by rank 0, one "
                 "tensor at a time: %s of its node's %s host memory (%s)\n",
                 dsmoe_plan_bytes(3.0 * (double)worst.global_params * 4), dsmoe_plan_bytes(ckpt_host), dsmoe_plan_bytes(node_memory),
@@ -316,9 +336,7 @@ static dsmoe_status plan(const char *deck_path, char *const *overrides, int n_ov
         print_alltoall(out, &c, rpn, worst.micro_steps, err);
     }
     fprintf(out, "planned in %.0f ms\n", 1e3 * (dsmoe_now_seconds() - t0));
-    if (s == DSMOE_OK && budget == 0)
-        s = dsmoe_err_set(err, DSMOE_ERR_INVALID, "%s: the topology does not say how much memory a rank has: set "
-                          "plan.memory_per_rank", deck_path);
+    if (s == DSMOE_OK && budget == 0) s = unknown_budget(err, deck_path, why);
     else if (s == DSMOE_OK && checkpoints && node_memory > 0 && ckpt_host > node_memory)
         s = dsmoe_err_set(err, DSMOE_ERR_NOMEM, "%s: the plan does not fit: writing a checkpoint stages its largest "
                           "tensor (%s) in rank 0's host memory, and its node has %s; checkpoint.final = false and "

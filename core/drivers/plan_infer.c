@@ -154,7 +154,8 @@ dsmoe_status dsmoe_plan_generate(FILE *out, const dsmoe_config *c, int ranks, in
             es ? "" : " and this rank's experts", slices, dsmoe_plan_bytes((double)at_load),
             dsmoe_plan_bytes((double)(model - est.param_bytes)), dsmoe_plan_bytes((double)z.cache_bytes), c->layers, B, T,
             c->hidden / W, dsmoe_plan_bytes((double)z.row_bytes), dsmoe_plan_bytes((double)z.moe_bytes), z.moe_rows,
-            dsmoe_plan_bytes((double)total), dsmoe_plan_bytes((double)peak), dsmoe_plan_bytes((double)budget), budget_why,
+            dsmoe_plan_bytes((double)total), dsmoe_plan_bytes((double)peak),
+            budget ? dsmoe_plan_bytes((double)budget) : "an unknown amount", budget_why,
             budget == 0 ? "unknown" : peak <= budget ? "fits" : "DOES NOT FIT");
 
     // Bytes one decode step reads on a rank.

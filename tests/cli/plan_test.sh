@@ -2,6 +2,7 @@
 # `dsmoe --plan` against numbers worked out by hand: a small model on 2 nodes like
 # inputs/topologies/test-4gpu.xml (4 NUMA nodes, 4 fake 16 GiB GPUs), its placement, parameters, memory
 # and all-to-all counts; refusals (memory per rank, checkpoint staging, activations) with their numbers;
+# a GPU backend planned on a node without GPUs (no memory to compare with until plan.memory_per_rank);
 # bad topologies and rank counts; the paper's decks (inputs/paper/) answer, generation also in bf16.
 # Usage: plan_test.sh <dsmoe binary> <source dir>
 set -u
@@ -116,6 +117,25 @@ WANT
 expect env-topology 0 -- env HWLOC_XMLFILE="$src/inputs/topologies/test-2numa-nogpu.xml" "$dsmoe" --plan "$deck" plan.topology= run.kernel_backend=cpu plan.nodes=1 <<'WANT'
 1 node x 8 ranks = 8 ranks (cpu backend)
 node: 1 package, 2 NUMA nodes, 8 cores, 16 PUs, 4.0 GiB, 0 GPUs
+WANT
+# The cuda deck on a node without GPUs (a login node's): no memory to compare with, so no verdict but an
+# error naming the keys; told the GPU's memory and the ranks per node, it plans (4 x 2 = 8 ranks as above;
+# the 1 KiB budget makes the fit check's verdict visible).
+expect no-gpu nonzero -- "$dsmoe" --plan "$deck" plan.topology="$src/inputs/topologies/test-2numa-nogpu.xml" plan.ranks_per_node=4 <<'WANT'
+note: the topology has no GPU; the cuda backend wants one per rank
+has an unknown amount (no GPU for it in the topology, and the cuda backend keeps a rank's tensors in GPU memory)
+how much memory a rank has is unknown (no GPU for it in the topology, and the cuda backend keeps a rank's tensors in GPU memory): set plan.memory_per_rank
+WANT
+expect no-gpu-told 0 -- "$dsmoe" --plan "$deck" plan.topology="$src/inputs/topologies/test-2numa-nogpu.xml" plan.ranks_per_node=4 plan.memory_per_rank=16Gi <<'WANT'
+2 nodes x 4 ranks = 8 ranks (cuda backend)
+has 16.00 GiB (plan.memory_per_rank): fits
+WANT
+if "$dsmoe" --plan "$deck" plan.topology="$src/inputs/topologies/test-2numa-nogpu.xml" plan.ranks_per_node=4 plan.memory_per_rank=16Gi 2>&1 | grep -q "has no GPU"; then
+  fail "no-gpu-told: the note about the missing GPU is printed though both keys are set"
+else pass=$((pass + 1)); fi
+# The same topology on the cpu backend: the node's memory over its ranks, as before.
+expect no-gpu-cpu 0 -- "$dsmoe" --plan "$deck" plan.topology="$src/inputs/topologies/test-2numa-nogpu.xml" plan.ranks_per_node=4 run.kernel_backend=cpu <<'WANT'
+has 1.00 GiB (the node's 4.00 GiB over its 4 ranks): fits
 WANT
 # 3 nodes x 4 GPUs = 12 ranks: ep 8 does not divide them (the deck's own error, with its file).
 expect bad-ranks nonzero -- "$dsmoe" --plan "$deck" plan.nodes=3 <<'WANT'
