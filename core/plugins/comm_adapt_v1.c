@@ -73,6 +73,16 @@ static dsmoe_status fail(cctx *x, dsmoe_status s, const char *fmt, ...) {
     return s;
 }
 
+// ABI 1 had the dtypes float32, float64, int32, int64 and uint8; bfloat16 and float16 came with ABI 2. A
+// v1 plugin would call them unknown (DSMOE_ERR_INVALID), where v2 wants a dtype a plugin does not reduce
+// refused as unsupported, so the adapter refuses them itself. An unknown value goes on to the plugin.
+static dsmoe_status v1_dtype(cctx *x, const char *op, dsmoe_dtype dtype) {
+    if ((unsigned)dtype <= (unsigned)DSMOE_UINT8 || dsmoe_dtype_size(dtype) == 0) return DSMOE_OK;
+    return fail(x, DSMOE_ERR_UNSUPPORTED, "comm plugin '%s' speaks ABI 1 (run through an adapter), whose %s takes no "
+                "%s (ABI 1 has float32, float64, int32, int64 and uint8); use a comm plugin of ABI 2", x->v1->name,
+                op, dsmoe_dtype_name(dtype));
+}
+
 static dsmoe_status v1_status(cctx *x, dsmoe_status s) {
     if (s != DSMOE_OK) snprintf(x->error, sizeof x->error, "%s", x->v1->last_error(x->in));
     return s;
@@ -135,18 +145,58 @@ static dsmoe_status mpi_fail(cctx *x, int rc, const char *what) {
     return fail(x, DSMOE_ERR_SYSTEM, "comm v1 adapter: group_create: %s failed: %s", what, msg);
 }
 
+// What this member can see wrong in the bootstrap by itself ("" when nothing).
+static void bootstrap_fault(const dsmoe_bootstrap *bs, char *why, size_t n) {
+    int world_rank, world_size;
+    MPI_Comm_rank(MPI_COMM_WORLD, &world_rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &world_size);
+    if (bs->rank < 0 || bs->rank >= bs->size) {
+        snprintf(why, n, "rank %d is not in [0, %d)", bs->rank, bs->size);
+        return;
+    }
+    if (bs->world_ranks[bs->rank] != world_rank) {
+        snprintf(why, n, "world_ranks[%d] = %d is not this process (world rank %d)", bs->rank,
+                 bs->world_ranks[bs->rank], world_rank);
+        return;
+    }
+    for (int i = 0; i < bs->size; i++) {
+        int w = bs->world_ranks[i];
+        if (w < 0 || w >= world_size) {
+            snprintf(why, n, "world_ranks[%d] = %d is not in [0, %d)", i, w, world_size);
+            return;
+        }
+        for (int j = 0; j < i; j++)
+            if (bs->world_ranks[j] == w) {
+                snprintf(why, n, "world rank %d appears twice in world_ranks", w);
+                return;
+            }
+    }
+}
+
 static dsmoe_status c_group_create(dsmoe_comm_ctx *ctx, const dsmoe_bootstrap *bs, dsmoe_comm_group **group) {
     cctx *x = CCTX(ctx);
+    if (!group) return fail(x, DSMOE_ERR_INVALID, "comm v1 adapter: group_create: group is NULL");
     *group = NULL;
-    if (!bs || bs->size < 1 || !bs->world_ranks || bs->rank < 0 || bs->rank >= bs->size)
-        return fail(x, DSMOE_ERR_INVALID, "comm v1 adapter: group_create: expected a bootstrap with size >= 1, "
-                    "0 <= rank < size and world_ranks");
-    int world_rank;
-    MPI_Comm_rank(MPI_COMM_WORLD, &world_rank);
-    if (bs->world_ranks[bs->rank] != world_rank)
-        return fail(x, DSMOE_ERR_INVALID, "comm v1 adapter: group_create: the bootstrap puts this process (world "
-                    "rank %d) at group rank %d, which it lists as world rank %d", world_rank, bs->rank,
-                    bs->world_ranks[bs->rank]);
+    if (!bs || bs->size < 1 || !bs->world_ranks || !bs->allgather)
+        return fail(x, DSMOE_ERR_INVALID, "comm v1 adapter: group_create: the bootstrap is NULL, has no members, "
+                    "or lacks world_ranks or allgather");
+    // The members' verdicts through the bootstrap, so that all refuse together: one refusing alone would
+    // leave the others waiting in MPI_Comm_create_group.
+    char why[256] = "";
+    bootstrap_fault(bs, why, sizeof why);
+    int ok = why[0] == 0, bad = -1;
+    int *oks = malloc((size_t)bs->size * sizeof *oks);
+    if (!oks) return fail(x, DSMOE_ERR_NOMEM, "comm v1 adapter: group_create: out of memory");
+    dsmoe_status agreed = bs->allgather(bs->ctx, &ok, oks, sizeof ok);
+    for (int i = 0; i < bs->size && agreed == DSMOE_OK && bad < 0; i++)
+        if (!oks[i]) bad = i;
+    free(oks);
+    if (agreed != DSMOE_OK)
+        return fail(x, agreed, "comm v1 adapter: group_create: the bootstrap's allgather failed (%s)",
+                    dsmoe_status_name(agreed));
+    if (!ok) return fail(x, DSMOE_ERR_INVALID, "comm v1 adapter: group_create: bad bootstrap: %s", why);
+    if (bad >= 0)
+        return fail(x, DSMOE_ERR_INVALID, "comm v1 adapter: group_create: member %d refused the bootstrap", bad);
     // Group rank i is world rank world_ranks[i]: MPI_Group_incl keeps the order it is given.
     MPI_Group world, members;
     MPI_Comm comm = MPI_COMM_NULL;
@@ -191,18 +241,30 @@ static int c_group_size(const dsmoe_comm_group *group) { return CGROUP(group)->v
 // ------------------------------------------------------------------------------------------------
 // collectives: blocking v1 calls; the stream is ignored (host-progressed)
 
+// A NULL group is refused here, as v2 wants (DSMOE_ERR_INVALID): the adapter would otherwise hand the
+// plugin what a NULL group points to.
+#define NEED_GROUP(ctx, group, op)                                                                 \
+    do {                                                                                           \
+        if (!(group)) return fail(CCTX(ctx), DSMOE_ERR_INVALID, "comm v1 adapter: %s: group is NULL", op); \
+    } while (0)
+
 static dsmoe_status c_alltoall(dsmoe_comm_ctx *ctx, dsmoe_comm_group *group, const void *sendbuf, void *recvbuf,
                                size_t bytes, const dsmoe_comm_stream *stream) {
+    NEED_GROUP(ctx, group, "alltoall");
     return V1(ctx, alltoall, CGROUP(group)->in, sendbuf, recvbuf, bytes);
 }
 
 static dsmoe_status c_allreduce(dsmoe_comm_ctx *ctx, dsmoe_comm_group *group, const void *sendbuf, void *recvbuf,
                                 size_t count, dsmoe_dtype dtype, dsmoe_reduce_op op, const dsmoe_comm_stream *stream) {
+    NEED_GROUP(ctx, group, "allreduce");
+    dsmoe_status s = v1_dtype(CCTX(ctx), "allreduce", dtype);
+    if (s != DSMOE_OK) return s;
     return V1(ctx, allreduce, CGROUP(group)->in, sendbuf, recvbuf, count, dtype, op);
 }
 
 static dsmoe_status c_allgather(dsmoe_comm_ctx *ctx, dsmoe_comm_group *group, const void *sendbuf, void *recvbuf,
                                 size_t bytes, const dsmoe_comm_stream *stream) {
+    NEED_GROUP(ctx, group, "allgather");
     return V1(ctx, allgather, CGROUP(group)->in, sendbuf, recvbuf, bytes);
 }
 
@@ -210,6 +272,7 @@ static dsmoe_status c_allgather(dsmoe_comm_ctx *ctx, dsmoe_comm_group *group, co
 static dsmoe_status c_reduce_scatter(dsmoe_comm_ctx *ctx, dsmoe_comm_group *group, const void *sendbuf,
                                      void *recvbuf, size_t recvcount, dsmoe_dtype dtype, dsmoe_reduce_op op,
                                      const dsmoe_comm_stream *stream) {
+    NEED_GROUP(ctx, group, "reduce_scatter");
     cctx *x = CCTX(ctx);
     if (x->v1->mem_kinds != DSMOE_MEM_HOST)
         return fail(x, DSMOE_ERR_UNSUPPORTED,
@@ -217,9 +280,13 @@ static dsmoe_status c_reduce_scatter(dsmoe_comm_ctx *ctx, dsmoe_comm_group *grou
                     "adapter composes it from allreduce for host-memory plugins only, and this one accepts other "
                     "memory kinds (0x%x); use a comm plugin of ABI 2", x->v1->name, (unsigned)x->v1->mem_kinds);
     size_t esize = dsmoe_dtype_size(dtype);
-    if (esize == 0 || sendbuf == DSMOE_IN_PLACE || (recvcount > 0 && (!sendbuf || !recvbuf)))
-        return fail(x, DSMOE_ERR_INVALID, "comm v1 adapter: reduce_scatter: expected a known dtype (got %d) and "
-                    "separate send and receive buffers", (int)dtype);
+    if (esize == 0)
+        return fail(x, DSMOE_ERR_INVALID, "comm v1 adapter: reduce_scatter: unknown dtype %d", (int)dtype);
+    if (sendbuf == DSMOE_IN_PLACE || (recvcount > 0 && (!sendbuf || !recvbuf)))
+        return fail(x, DSMOE_ERR_INVALID, "comm v1 adapter: reduce_scatter: expected separate send and receive "
+                    "buffers, both non-NULL");
+    dsmoe_status s = v1_dtype(x, "reduce_scatter", dtype);
+    if (s != DSMOE_OK || recvcount == 0) return s; // every member passes the same recvcount: all return here
     cgroup *g = CGROUP(group);
     size_t size = (size_t)x->v1->group_size(g->in), rank = (size_t)x->v1->group_rank(g->in);
     size_t bytes = size * recvcount * esize;
@@ -231,7 +298,7 @@ static dsmoe_status c_reduce_scatter(dsmoe_comm_ctx *ctx, dsmoe_comm_group *grou
         x->scratch = p;
         x->scratch_bytes = bytes;
     }
-    dsmoe_status s = V1(ctx, allreduce, g->in, sendbuf, x->scratch, size * recvcount, dtype, op);
+    s = V1(ctx, allreduce, g->in, sendbuf, x->scratch, size * recvcount, dtype, op);
     if (s != DSMOE_OK) return s;
     memcpy(recvbuf, (const char *)x->scratch + rank * recvcount * esize, recvcount * esize);
     return DSMOE_OK;
@@ -240,21 +307,27 @@ static dsmoe_status c_reduce_scatter(dsmoe_comm_ctx *ctx, dsmoe_comm_group *grou
 static dsmoe_status c_alltoallv(dsmoe_comm_ctx *ctx, dsmoe_comm_group *group, const void *sendbuf,
                                 const size_t *sendcounts, const size_t *sdispls, void *recvbuf,
                                 const size_t *recvcounts, const size_t *rdispls, const dsmoe_comm_stream *stream) {
+    NEED_GROUP(ctx, group, "alltoallv");
     return V1(ctx, alltoallv, CGROUP(group)->in, sendbuf, sendcounts, sdispls, recvbuf, recvcounts, rdispls);
 }
 
 static dsmoe_status c_broadcast(dsmoe_comm_ctx *ctx, dsmoe_comm_group *group, void *buf, size_t bytes, int root,
                                 const dsmoe_comm_stream *stream) {
+    NEED_GROUP(ctx, group, "broadcast");
     return V1(ctx, broadcast, CGROUP(group)->in, buf, bytes, root);
 }
 
 static dsmoe_status c_barrier(dsmoe_comm_ctx *ctx, dsmoe_comm_group *group) {
+    NEED_GROUP(ctx, group, "barrier");
     return V1(ctx, barrier, CGROUP(group)->in);
 }
 
 // The non-blocking trio: v1 requests pass through unwrapped (they need no group or stream).
 static dsmoe_status c_allreduce_start(dsmoe_comm_ctx *ctx, dsmoe_comm_group *group, void *buf, size_t count,
                                       dsmoe_dtype dtype, dsmoe_reduce_op op, dsmoe_comm_request **req) {
+    NEED_GROUP(ctx, group, "allreduce_start");
+    dsmoe_status s = v1_dtype(CCTX(ctx), "allreduce_start", dtype);
+    if (s != DSMOE_OK) return s;
     return V1(ctx, allreduce_start, CGROUP(group)->in, buf, count, dtype, op, req);
 }
 

@@ -17,11 +17,23 @@
 # text alike): its default computes GEMMs of up to 8 rows as dot products, whose last bits differ from
 # the OpenBLAS tiles that v1 used for them.
 #
+# The v1 comm adapter likewise: 2 ranks with expert parallelism 2, without and with ZeRO-1 (the
+# all-to-alls, the gradients' allreduce, ZeRO-1's allgather of the parameters), once with the mpi plugin
+# of ABI 1 (tests/plugins/loader/mpi_v1, through core/plugins/comm_adapt_v1.c) and once with this tree's:
+# both add floats in rank order, so the runs must agree to the last bit too. (The core calls no
+# reduce_scatter; the adapter's, composed from v1's allreduce, is held to the conformance suite by
+# test_comm_mpiv1_np*.)
+#
 # Usage: v1_adapter_test.sh <dsmoe binary> <source dir> <dir of the v1 libdsmoe_kernel_cpu.so>
+#        [<dir of the v1 libdsmoe_comm_mpi.so> <mpiexec> [mpiexec flags...]]
 set -u
 dsmoe=$1
 src=$2
 v1dir=$3
+commv1dir=${4:-}
+mpiexec=()
+[ $# -ge 5 ] && mpiexec=("${@:5}")
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_mpi_yield_when_idle=1
 work=$(mktemp -d /tmp/dsmoe_v1adapt.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 export OMP_NUM_THREADS=1
@@ -50,6 +62,8 @@ check_v2=$("$dsmoe" --check "$deck" "${common[@]}" 2>&1)
 if grep -qF "$v1dir/" <<<"$check_v2"; then fail "--check without DSMOE_PLUGIN_PATH names the v1 plugin"; else ok; fi
 
 # train <label> [env...] -- [overrides...]: one run; its output directory becomes $work/<label>.
+# $launch, when set, runs it (mpiexec -n 2).
+launch=()
 train() {
   local label=$1
   shift
@@ -57,7 +71,7 @@ train() {
   while [ "$1" != "--" ]; do envs+=("$1"); shift; done
   shift
   rm -rf "$out"
-  if ! env "${envs[@]}" "$dsmoe" "$deck" "${common[@]}" "$@" > "$work/$label.log" 2>&1; then
+  if ! env "${envs[@]}" "${launch[@]}" "$dsmoe" "$deck" "${common[@]}" "$@" > "$work/$label.log" 2>&1; then
     fail "$label: training failed"
     tail -20 "$work/$label.log"
     return 1
@@ -125,6 +139,23 @@ for topk in 1 2; do
     train "v2_top$topk" DSMOE_KERNEL_CPU_SMALL_ROWS=0 -- moe.top_k=$topk &&
     compare "v1_top$topk" "v2_top$topk" "top-$topk"
 done
+
+if [ -n "$commv1dir" ]; then
+  if [ ! -f "$commv1dir/libdsmoe_comm_mpi.so" ]; then
+    fail "no $commv1dir/libdsmoe_comm_mpi.so (build the target dsmoe_comm_mpiv1)"
+  else
+    launch=("${mpiexec[@]}" -n 2)
+    for zero in 0 1; do
+      if train "commv1_zero$zero" DSMOE_PLUGIN_PATH="$commv1dir" -- moe.expert_parallel=2 train.zero_stage=$zero &&
+        train "commv2_zero$zero" -- moe.expert_parallel=2 train.zero_stage=$zero; then
+        grep -qF "$commv1dir/libdsmoe_comm_mpi.so" "$work/commv1_zero$zero.log" && ok ||
+          fail "comm v1, ZeRO $zero: the log does not name $commv1dir/libdsmoe_comm_mpi.so"
+        if grep -qF "$commv1dir/" "$work/commv2_zero$zero.log"; then fail "comm v2, ZeRO $zero: the log names the v1 plugin"; else ok; fi
+        compare "commv1_zero$zero" "commv2_zero$zero" "comm v1, 2 ranks, ep 2, ZeRO $zero"
+      fi
+    done
+  fi
+fi
 
 echo "v1_adapter_test: $pass passed, $failures failed"
 [ $failures -eq 0 ]

@@ -108,3 +108,36 @@ target_link_options(dsmoe_kernel_cpuv1 PRIVATE -Wl,-z,nodelete) # libgomp stays 
 dsmoe_test(test_adapt_v1 SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_adapt_v1.c TIMEOUT 60)
 add_dependencies(test_adapt_v1 dsmoe_kernel_cpuv1)
 target_compile_definitions(test_adapt_v1 PRIVATE DSMOE_CPU_V1_DIR="${DSMOE_CPU_V1_DIR}")
+
+# The mpi comm plugin of ABI 1, verbatim from commit 8a2f064 (tests/plugins/loader/mpi_v1/README.md), with
+# that commit's v1 header ahead of include/; libdsmoe_comm_mpi.so in a directory of its own, like cpu_v1.
+set(DSMOE_MPI_V1_DIR ${DSMOE_FAKE_PLUGIN_DIR}/mpi_v1)
+add_library(dsmoe_comm_mpiv1 MODULE ${CMAKE_CURRENT_LIST_DIR}/mpi_v1/comm_mpi.c)
+set_target_properties(dsmoe_comm_mpiv1 PROPERTIES
+  OUTPUT_NAME dsmoe_comm_mpi
+  PREFIX lib
+  LIBRARY_OUTPUT_DIRECTORY ${DSMOE_MPI_V1_DIR}
+  C_VISIBILITY_PRESET hidden)
+target_include_directories(dsmoe_comm_mpiv1 BEFORE PRIVATE
+  ${CMAKE_CURRENT_LIST_DIR}/mpi_v1/include ${PROJECT_SOURCE_DIR}/include)
+target_link_libraries(dsmoe_comm_mpiv1 PRIVATE MPI::MPI_C)
+target_link_options(dsmoe_comm_mpiv1 PRIVATE -Wl,-z,defs)
+
+# The comm conformance suite (tests/plugins/comm/test_comm_mpi.c) through the core's loader, so that the
+# v1 plugin runs behind core/plugins/comm_adapt_v1.c and the adapter is held to the v2 contract with real
+# collectives (the fake v1 plugins above only show what the loader makes of a table).
+add_executable(test_comm_adapted ${DSMOE_TEST_DIR}/plugins/comm/test_comm_mpi.c
+               ${DSMOE_TEST_DIR}/plugins/comm/comm_mpi_reductions.c)
+set_target_properties(test_comm_adapted PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/tests)
+target_include_directories(test_comm_adapted PRIVATE ${DSMOE_TEST_DIR})
+target_link_libraries(test_comm_adapted PRIVATE dsmoe_core MPI::MPI_C PkgConfig::CMOCKA ${CMAKE_DL_LIBS} m)
+target_compile_definitions(test_comm_adapted PRIVATE CONF_VIA_LOADER DSMOE_CONFORMANCE_DEFAULT_DIRS="")
+add_dependencies(test_comm_adapted dsmoe_comm_mpiv1)
+foreach(ranks 1 2 4)
+  set(name test_comm_mpiv1_np${ranks})
+  add_test(NAME ${name} COMMAND ${DSMOE_MPIEXEC} ${MPIEXEC_NUMPROC_FLAG} ${ranks} ${DSMOE_MPIEXEC_PREFLAGS}
+           $<TARGET_FILE:test_comm_adapted>)
+  set_tests_properties(${name} PROPERTIES TIMEOUT 60 SKIP_RETURN_CODE 77 LABELS "conformance;comm;plugins"
+                       RESOURCE_LOCK dsmoe_ranks
+                       ENVIRONMENT "OMP_NUM_THREADS=2;DSMOE_CONFORMANCE_DEFAULT_COMM=mpi;DSMOE_CONFORMANCE_PLUGIN_DIRS=${DSMOE_MPI_V1_DIR};${DSMOE_RANKS_ENV}")
+endforeach()
