@@ -169,8 +169,6 @@ dsmoe_status dsmoe_teacher_init_student(const dsmoe_teacher *t, dsmoe_model *stu
 }
 
 const dsmoe_config *dsmoe_teacher_cfg(const dsmoe_teacher *t) { return &t->cfg; }
-size_t dsmoe_teacher_params(const dsmoe_teacher *t) { return dsmoe_model_global_params(t->model); }
-size_t dsmoe_teacher_bytes(const dsmoe_teacher *t) { return dsmoe_model_bytes(t->model); }
 
 void dsmoe_teacher_close(dsmoe_teacher *t) {
     if (!t) return;

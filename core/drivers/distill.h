@@ -37,8 +37,6 @@ dsmoe_status dsmoe_teacher_forward(dsmoe_teacher *teacher, const int32_t *inputs
 // teacher's block init_layers[i], the other tensors by name; shapes must match); else nothing.
 dsmoe_status dsmoe_teacher_init_student(const dsmoe_teacher *teacher, dsmoe_model *student, dsmoe_err *err);
 const dsmoe_config *dsmoe_teacher_cfg(const dsmoe_teacher *teacher);
-size_t dsmoe_teacher_params(const dsmoe_teacher *teacher);
-size_t dsmoe_teacher_bytes(const dsmoe_teacher *teacher); // kernel memory its model holds
 void dsmoe_teacher_close(dsmoe_teacher *teacher);
 
 // Whether 0-based step `step` distils (distill.stop_step: the last step that does, 1-based; 0 = all).

@@ -72,7 +72,6 @@ size_t dsmoe_model_bytes(const dsmoe_model *model);
 // Expert parallelism of MoE layer moe_layer (0 <= moe_layer < cfg->n_moe_layers): layers with the
 // same moe.expert_parallel share one set of groups.
 dsmoe_comm_group *dsmoe_model_edp_group(const dsmoe_model *model, int moe_layer); // ranks holding the same expert shards
-int dsmoe_model_ep_rank(const dsmoe_model *model, int moe_layer);
 int dsmoe_model_ep_size(const dsmoe_model *model, int moe_layer);
 dsmoe_ctl_group *dsmoe_model_ep_ctl(const dsmoe_model *model, int moe_layer); // the EP group's ranks, in order
 // The layer's expert tensors occupy slab elements [*begin, *end).

@@ -40,7 +40,6 @@ dsmoe_status dsmoe_model_create_groups(dsmoe_model *m, dsmoe_err *err) {
 
 // Per MoE layer mi (0 <= mi < n_moe_layers; the caller checks).
 dsmoe_comm_group *dsmoe_model_edp_group(const dsmoe_model *m, int mi) { return m->epg[m->epg_of_moe[mi]].edp_g.comm; }
-int dsmoe_model_ep_rank(const dsmoe_model *m, int mi) { return m->epg[m->epg_of_moe[mi]].ep_rank; }
 int dsmoe_model_ep_size(const dsmoe_model *m, int mi) { return m->epg[m->epg_of_moe[mi]].ep; }
 dsmoe_ctl_group *dsmoe_model_ep_ctl(const dsmoe_model *m, int mi) { return m->epg[m->epg_of_moe[mi]].ep_g.ctl; }
 void dsmoe_model_expert_range(const dsmoe_model *m, int mi, size_t *begin, size_t *end) {
