@@ -2,7 +2,7 @@
 # The v1 kernel adapter end to end: trains inputs/ci-short.deck (kept tiny by overrides, with
 # checkpoints) once with the cpu plugin of ABI 1 (tests/plugins/loader/cpu_v1, run through
 # core/plugins/kernel_adapt_v1.c) and once with the cpu plugin of this tree (ABI 3), for top-1 and top-2
-# gating, and asserts that the runs agree to the last bit: every metrics column but the timings, as
+# gating and for residual MoE with jitter noise and random token selection, and asserts that the runs agree to the last bit: every metrics column but the timings, as
 # text, and every checkpoint byte for byte. The deck drops tokens, so the ABI-3 run routes with the fused
 # `gate` and the ABI-1 run with route + assign: this also shows that the core's two gating paths agree.
 #
@@ -139,6 +139,12 @@ for topk in 1 2; do
     train "v2_top$topk" DSMOE_KERNEL_CPU_SMALL_ROWS=0 -- moe.top_k=$topk &&
     compare "v1_top$topk" "v2_top$topk" "top-$topk"
 done
+# Residual MoE with jitter noise and random token selection: the members the runs above leave out
+# (residual_mix forward and backward, mul_uniform_noise).
+extra=(moe.residual=true moe.noise=jitter moe.token_selection=random)
+train v1_residual DSMOE_PLUGIN_PATH="$v1dir" -- "${extra[@]}" &&
+  train v2_residual DSMOE_KERNEL_CPU_SMALL_ROWS=0 -- "${extra[@]}" &&
+  compare v1_residual v2_residual "residual, jitter, random token selection"
 
 if [ -n "$commv1dir" ]; then
   if [ ! -f "$commv1dir/libdsmoe_comm_mpi.so" ]; then
