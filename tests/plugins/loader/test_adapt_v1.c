@@ -3,7 +3,8 @@
 // loaded through the loader, used only through the adapted v3 table. Every result is compared with a naive reference in
 // double written here: the grouped GEMM with each epilogue (and the rows it must not touch), the weight
 // gradients with bias, gating route / assign / backward, and the small members the adapter builds from
-// v1 calls (sum_squares, init_tensor, copy_2d, adamw). Tolerance: 1e-5 relative to the magnitude of the
+// v1 calls (sum_squares, init_tensor, copy_2d, adamw), gelu_backward, all_finite, and the queue and event
+// members the adapter makes itself. Tolerance: 1e-5 relative to the magnitude of the
 // terms summed (float accumulation of a few dozen terms is far inside it).
 #define _GNU_SOURCE
 #include <float.h>
@@ -408,6 +409,58 @@ static void test_small_members(void **state) {
     free(x);
 }
 
+// The members the core calls on no path a v1 plugin takes (gelu_backward: the core uses the DGELU
+// epilogue; all_finite: bf16 runs only), and the queue and event members the adapter builds itself.
+static int host_calls[2], host_n;
+static void note_host(void *arg) { host_calls[host_n++ % 2] = (int)(intptr_t)arg; }
+
+static void test_other_members(void **state) {
+    enum { n = 300 };
+    float *in = rnd_array(n, -4, 4), *dout = rnd_array(n, -1, 1), *din0 = rnd_array(n, -1, 1), din[n];
+    void *din_d = up(din0, sizeof din), *in_d = up(in, sizeof din), *dout_d = up(dout, sizeof din);
+    OK(K->gelu_backward(CTX, Q, din_d, in_d, dout_d, DSMOE_FLOAT32, n));
+    down(din, din_d, sizeof din);
+    for (int i = 0; i < n; i++) // din += gelu'(in) * dout
+        expect_close("gelu_backward", (size_t)i, din[i], din0[i] + gelu_grad(in[i]) * dout[i],
+                     fabs(din0[i]) + fabs(dout[i]));
+
+    int32_t finite = -1;
+    void *flag;
+    OK(K->alloc(CTX, sizeof finite, 0, &flag));
+    OK(K->all_finite(CTX, Q, in_d, DSMOE_FLOAT32, n, flag));
+    down(&finite, flag, sizeof finite);
+    assert_int_equal(finite, 1);
+    const float specials[2] = {INFINITY, NAN};
+    for (int k = 0; k < 2; k++) {
+        in[n / 2] = specials[k];
+        OK(K->copy_to_device(CTX, Q, in_d, in, sizeof din));
+        OK(K->all_finite(CTX, Q, in_d, DSMOE_FLOAT32, n, flag));
+        down(&finite, flag, sizeof finite);
+        if (finite != 0) fail_msg("all_finite with %s = %d, expected 0", k ? "NaN" : "Inf", finite);
+    }
+
+    // Host functions in queue order, events complete once what came before them ran.
+    host_n = 0;
+    OK(K->queue_enqueue_host(CTX, Q, note_host, (void *)(intptr_t)1));
+    OK(K->queue_enqueue_host(CTX, Q, note_host, (void *)(intptr_t)2));
+    assert_int_equal(K->queue_enqueue_host(CTX, Q, NULL, NULL), DSMOE_ERR_INVALID);
+    dsmoe_kernel_event *ev;
+    int done = -1;
+    OK(K->event_create(CTX, &ev));
+    OK(K->event_record(CTX, ev, Q));
+    OK(K->queue_wait_event(CTX, Q, ev));
+    OK(K->event_query(CTX, ev, &done));
+    assert_int_equal(done, 1);
+    OK(K->queue_synchronize(CTX, Q));
+    assert_int_equal(host_n, 2);
+    assert_int_equal(host_calls[0], 1);
+    assert_int_equal(host_calls[1], 2);
+    K->event_destroy(CTX, ev);
+    void *bufs[] = {din_d, in_d, dout_d, flag};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) K->free(CTX, bufs[i]);
+    free(in), free(dout), free(din0);
+}
+
 // A count above m_max is the v2 "sticky" error: reported, and by every call after it. On its own
 // context, which it leaves unusable.
 static void test_bad_count_is_sticky(void **state) {
@@ -451,6 +504,7 @@ int main(void) {
         cmocka_unit_test(test_gating_top1),
         cmocka_unit_test(test_gating_top2),
         cmocka_unit_test(test_small_members),
+        cmocka_unit_test(test_other_members),
         cmocka_unit_test(test_bad_count_is_sticky),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
