@@ -16,8 +16,10 @@
 //
 // Where v1 cannot meet v2, the adapter says so rather than pretends: alloc() alignment is the v1
 // plugin's (>= 64 bytes, not 256) and every buffer comes zeroed whatever the flags; no inference
-// members, no mem_info, no convert; a count outside [0, m_max] is found on the host when the counts are
-// copied, and returned at once and by every later call (sticky, as v2 wants).
+// members, no mem_info, no convert. Bad data is returned at once and by every later call (sticky, as v2
+// wants): a count outside [0, m_max] or a token id outside [0, V) is found on a host copy (v1's
+// embedding_forward is not told V), and an error a v1 member that reads token ids, targets or a routing
+// table reports after the adapter's own argument checks (kernel_adapt_v1_ops.c).
 //
 // v2 init() gets no table pointer, so each adapted table has its own init: one trampoline per slot of a
 // fixed array (DSMOE_ADAPT_V1_SLOTS, 8 adapted kernel plugins loaded at once). Every other member gets

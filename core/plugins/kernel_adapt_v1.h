@@ -11,7 +11,7 @@ typedef struct actx {
     const dsmoe_kernel_plugin_v1 *v1;
     dsmoe_kernel_ctx *in;     // the v1 plugin's own context
     char queue;               // its address is the default queue
-    dsmoe_status sticky;      // non-OK after a bad count: returned by every later call
+    dsmoe_status sticky;      // non-OK after bad data: returned by every later call
     char error[1024];         // last_error()
     // Host staging, grown on demand.
     int32_t *hi32;            // (cap_i32) counts, or kept and first choices

@@ -200,12 +200,43 @@ static dsmoe_status k_init_tensor(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, 
 
 // v1 embeds every sequence from position 0: with pos, one v1 call per sequence, its wpe rows offset by
 // pos[b] (fetched from the device).
+// ------------------------------------------------------------------------------------------------
+// members that read device data (token ids, targets, routing tables)
+//
+// v2 makes bad data a sticky error; a v1 member reports it at the call (DSMOE_ERR_INVALID) and the
+// context goes on. So here the arguments v2 refuses at the call are checked first (not sticky), and an
+// INVALID the v1 member returns after that is bad data: sticky. v1's embedding_forward is not told V, so
+// its token ids are checked here, on a host copy (B * T int32, small beside the embedding).
+
+#define ARGS(op, ok)                                                                               \
+    if (!(ok)) return kav1_fail(x, DSMOE_ERR_INVALID, "%s: invalid arguments (%s)", (op), #ok)
+
+static dsmoe_status data_status(actx *x, dsmoe_status s) {
+    if (s == DSMOE_ERR_INVALID) x->sticky = s;
+    return s;
+}
+#define V1_DATA(x, member, ...) data_status((x), V1(x, member, __VA_ARGS__))
+
+static dsmoe_status check_tokens(actx *x, const char *op, const int32_t *tokens, size_t n, int V) {
+    TRY(kav1_grow(x, (void **)&x->hi32, &x->cap_i32, n, sizeof(int32_t), "token ids"));
+    TRY(V1(x, copy_to_host, x->hi32, tokens, n * sizeof(int32_t)));
+    for (size_t i = 0; i < n; i++)
+        if (x->hi32[i] < 0 || x->hi32[i] >= V) {
+            x->sticky = DSMOE_ERR_INVALID;
+            return kav1_fail(x, DSMOE_ERR_INVALID, "%s: tokens[%zu]=%d: expected in [0, V=%d)", op, i, (int)x->hi32[i],
+                             V);
+        }
+    return DSMOE_OK;
+}
+
 static dsmoe_status k_embedding_forward(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, void *out, dsmoe_dtype dt,
                                         const int32_t *tokens, const void *wte, dsmoe_dtype wte_dt, const float *wpe,
                                         const int32_t *pos, int B, int T, int M, int V, int n_pos) {
     ENTER_F32(ctx, "embedding_forward", dt);
     NEED_F32("embedding_forward", wte_dt);
-    (void)V;
+    ARGS("embedding_forward", B >= 0 && T >= 0 && M > 0 && V > 0 &&
+         (B == 0 || T == 0 || (out && tokens && wte && wpe)));
+    if (B > 0 && T > 0) TRY(check_tokens(x, "embedding_forward", tokens, (size_t)B * T, V));
     if (!pos || B <= 0 || T <= 0) {
         if (T > n_pos) return kav1_fail(x, DSMOE_ERR_INVALID, "embedding_forward: T=%d > n_pos=%d", T, n_pos);
         return V1(x, embedding_forward, out, tokens, wte, wpe, B, T, M);
@@ -229,7 +260,9 @@ static dsmoe_status k_embedding_backward(dsmoe_kernel_ctx *ctx, dsmoe_kernel_que
                                          const void *dout, dsmoe_dtype dt, const int32_t *tokens, int B, int T, int M,
                                          int V) {
     ENTER_F32(ctx, "embedding_backward", dt);
-    return V1(x, embedding_backward, dwte, dwpe, dout, tokens, B, T, M, V);
+    ARGS("embedding_backward", B >= 0 && T >= 0 && M > 0 && V > 0 &&
+         (B == 0 || T == 0 || (dwte && dwpe && dout && tokens)));
+    return V1_DATA(x, embedding_backward, dwte, dwpe, dout, tokens, B, T, M, V);
 }
 
 static dsmoe_status k_layernorm_forward(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, void *out, float *mean,
@@ -279,14 +312,16 @@ static dsmoe_status k_attention_backward(dsmoe_kernel_ctx *ctx, dsmoe_kernel_que
 static dsmoe_status k_crossentropy_forward(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, float *losses, float *probs,
                                            const void *logits, dsmoe_dtype dt, const int32_t *targets, int S, int V) {
     ENTER_F32(ctx, "crossentropy_forward", dt);
-    return V1(x, crossentropy_forward, losses, probs, logits, targets, S, V);
+    ARGS("crossentropy_forward", S >= 0 && V > 0 && (S == 0 || (losses && probs && logits && targets)));
+    return V1_DATA(x, crossentropy_forward, losses, probs, logits, targets, S, V);
 }
 
 static dsmoe_status k_crossentropy_backward(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, void *dlogits,
                                             dsmoe_dtype dt, const float *probs, const int32_t *targets, float dloss,
                                             int S, int V) {
     ENTER_F32(ctx, "crossentropy_backward", dt);
-    return V1(x, crossentropy_backward, dlogits, probs, targets, dloss, S, V);
+    ARGS("crossentropy_backward", S >= 0 && V > 0 && (S == 0 || (dlogits && probs && targets)));
+    return V1_DATA(x, crossentropy_backward, dlogits, probs, targets, dloss, S, V);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -341,21 +376,26 @@ static dsmoe_status k_moe_dispatch(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q,
                                    dsmoe_dtype dt, const int32_t *choice, const int32_t *slot, int S, int K, int E,
                                    int C, int M) {
     ENTER_F32(ctx, "moe_dispatch", dt);
-    return V1(x, moe_dispatch, buf, xs, choice, slot, S, K, E, C, M);
+    ARGS("moe_dispatch", S >= 0 && K >= 1 && E >= 1 && C >= 0 && M > 0 && (S == 0 || (buf && xs && choice && slot)));
+    return V1_DATA(x, moe_dispatch, buf, xs, choice, slot, S, K, E, C, M);
 }
 
 static dsmoe_status k_moe_dispatch_backward(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, void *dx, const void *dbuf,
                                             dsmoe_dtype dt, const int32_t *choice, const int32_t *slot, int S, int K,
                                             int E, int C, int M) {
     ENTER_F32(ctx, "moe_dispatch_backward", dt);
-    return V1(x, moe_dispatch_backward, dx, dbuf, choice, slot, S, K, E, C, M);
+    ARGS("moe_dispatch_backward", S >= 0 && K >= 1 && E >= 1 && C >= 0 && M > 0 &&
+         (S == 0 || (dx && dbuf && choice && slot)));
+    return V1_DATA(x, moe_dispatch_backward, dx, dbuf, choice, slot, S, K, E, C, M);
 }
 
 static dsmoe_status k_moe_combine(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, void *out, const void *y,
                                   dsmoe_dtype dt, const int32_t *choice, const int32_t *slot, const float *weight,
                                   int S, int K, int E, int C, int M) {
     ENTER_F32(ctx, "moe_combine", dt);
-    return V1(x, moe_combine, out, y, choice, slot, weight, S, K, E, C, M);
+    ARGS("moe_combine", S >= 0 && K >= 1 && E >= 1 && C >= 0 && M > 0 &&
+         (S == 0 || (out && y && choice && slot && weight)));
+    return V1_DATA(x, moe_combine, out, y, choice, slot, weight, S, K, E, C, M);
 }
 
 static dsmoe_status k_moe_combine_backward(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, void *dy, float *dweight,
@@ -363,7 +403,9 @@ static dsmoe_status k_moe_combine_backward(dsmoe_kernel_ctx *ctx, dsmoe_kernel_q
                                            const int32_t *slot, const float *weight, int S, int K, int E, int C,
                                            int M) {
     ENTER_F32(ctx, "moe_combine_backward", dt);
-    return V1(x, moe_combine_backward, dy, dweight, dout, y, choice, slot, weight, S, K, E, C, M);
+    ARGS("moe_combine_backward", S >= 0 && K >= 1 && E >= 1 && C >= 0 && M > 0 &&
+         (S == 0 || (dy && dweight && dout && y && choice && slot && weight)));
+    return V1_DATA(x, moe_combine_backward, dy, dweight, dout, y, choice, slot, weight, S, K, E, C, M);
 }
 
 static dsmoe_status k_residual_mix_forward(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, void *out, float *coef,

@@ -38,6 +38,9 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/wait.h>
+#ifdef CONF_VIA_LOADER
+#include "plugin_loader.h" // dsmoe_plugin_load_kernel, through the adapters
+#endif
 #include <unistd.h>
 
 #include "conformance/conformance.h"
@@ -126,6 +129,32 @@ static const dsmoe_kernel_plugin_v3 *load(const char *path, char *err, size_t le
         snprintf(err, len, "api_version %u, this suite speaks %d", T->api_version, DSMOE_KERNEL_API_VERSION), T = NULL;
     return T;
 }
+
+#ifdef CONF_VIA_LOADER
+// test_kernel_conformance_adapted (tests/plugins/loader/loader.cmake): the candidate through the core's
+// loader, from its file's directory, so that a plugin of an older ABI runs behind its adapter and the
+// adapted table is what the suite holds to the contract. Never unloaded: forked children share it.
+static const dsmoe_kernel_plugin_v3 *load_candidate(const char *name, const char *path, char *err, size_t len) {
+    static dsmoe_plugin_handle handle;
+    char dir[PATH_MAX];
+    snprintf(dir, sizeof dir, "%s", path);
+    char *slash = strrchr(dir, '/');
+    if (slash) *slash = 0;
+    const dsmoe_kernel_plugin_v3 *T = NULL;
+    dsmoe_err e = {0};
+    if (dsmoe_plugin_load_kernel(name, dir, &T, &handle, &e) != DSMOE_OK) {
+        snprintf(err, len, "the core's loader: %s", e.msg);
+        return NULL;
+    }
+    if (strcmp(handle.path, path) != 0) {
+        snprintf(err, len, "the core's loader took %s, not %s", handle.path, path);
+        return NULL;
+    }
+    cf_note("candidate loaded through the core's loader: kernel ABI %d%s", handle.api_version,
+            handle.adapter ? ", run through its adapter" : "");
+    return T;
+}
+#endif
 
 static void caps_text(const dsmoe_kernel_plugin_v3 *T, char *buf, size_t len) {
     static const char *names[] = {"ASYNC", "BF16", "FUSED_EPILOGUE", "DETERMINISTIC", "INFERENCE", "HOST_MEMORY"};
@@ -319,7 +348,11 @@ int main(void) {
                err, cand_name);
         return 1;
     }
+#ifdef CONF_VIA_LOADER
+    const dsmoe_kernel_plugin_v3 *X = load_candidate(cand_name, cand_path, err, sizeof err);
+#else
     const dsmoe_kernel_plugin_v3 *X = load(cand_path, err, sizeof err);
+#endif
     if (!X) {
         printf("FAIL setup: cannot load the candidate %s: %s\nconformance %s vs cpu: 0 passed, 1 failed\n", cand_path,
                err, cand_name);

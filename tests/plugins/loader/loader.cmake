@@ -141,3 +141,21 @@ foreach(ranks 1 2 4)
                        RESOURCE_LOCK dsmoe_ranks
                        ENVIRONMENT "OMP_NUM_THREADS=2;DSMOE_CONFORMANCE_DEFAULT_COMM=mpi;DSMOE_CONFORMANCE_PLUGIN_DIRS=${DSMOE_MPI_V1_DIR};${DSMOE_RANKS_ENV}")
 endforeach()
+
+# The kernel conformance suite (tests/plugins/kernel/test_kernel_conformance.c) on the cpu plugin of ABI 1
+# through the core's loader and its adapter, against this tree's cpu plugin: every member the adapted
+# table has, with the suite's tolerances; the groups of members v1 lacks (bf16, inference, distillation,
+# the fused gate) are skipped by the suite itself.
+add_executable(test_kernel_conformance_adapted ${DSMOE_TEST_DIR}/plugins/kernel/test_kernel_conformance.c
+               ${DSMOE_CONFORMANCE_SOURCES})
+set_target_properties(test_kernel_conformance_adapted PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/tests)
+target_include_directories(test_kernel_conformance_adapted PRIVATE ${DSMOE_TEST_DIR})
+target_link_libraries(test_kernel_conformance_adapted PRIVATE dsmoe_core ${CMAKE_DL_LIBS} m)
+target_compile_definitions(test_kernel_conformance_adapted PRIVATE CONF_VIA_LOADER
+  DSMOE_CONFORMANCE_PLUGIN_DIR="${DSMOE_BUILD_PLUGIN_DIR}"
+  DSMOE_CONFORMANCE_TEST_PLUGIN_DIR="${CMAKE_BINARY_DIR}/tests/plugins")
+add_dependencies(test_kernel_conformance_adapted dsmoe_kernel_cpu dsmoe_kernel_cpuv1)
+add_test(NAME conformance_kernel_cpuv1 COMMAND test_kernel_conformance_adapted)
+set_tests_properties(conformance_kernel_cpuv1 PROPERTIES
+  TIMEOUT 600 SKIP_RETURN_CODE 77 LABELS "conformance;plugins"
+  ENVIRONMENT "DSMOE_CONFORMANCE_KERNEL=cpu;DSMOE_CONFORMANCE_KERNEL_PATH=${DSMOE_CPU_V1_DIR}/libdsmoe_kernel_cpu.so;DSMOE_CONFORMANCE_REFERENCE_PATH=$<TARGET_FILE:dsmoe_kernel_cpu>;OMP_NUM_THREADS=2;DSMOE_PLUGIN_PATH=")
