@@ -90,8 +90,8 @@ static int search_dirs(char dirs[][PATH_MAX], int max) {
         if (n < max) snprintf(dirs[n++], PATH_MAX, "%.3000s/plugins", exe);
         if (n < max) snprintf(dirs[n++], PATH_MAX, "%.3000s", exe);
     }
-    if (n < max && *DSMOE_CONFORMANCE_PLUGIN_DIR) snprintf(dirs[n++], PATH_MAX, "%s", DSMOE_CONFORMANCE_PLUGIN_DIR);
-    if (n < max && *DSMOE_CONFORMANCE_TEST_PLUGIN_DIR)
+    if (n < max && DSMOE_CONFORMANCE_PLUGIN_DIR[0] != 0) snprintf(dirs[n++], PATH_MAX, "%s", DSMOE_CONFORMANCE_PLUGIN_DIR);
+    if (n < max && DSMOE_CONFORMANCE_TEST_PLUGIN_DIR[0] != 0)
         snprintf(dirs[n++], PATH_MAX, "%s", DSMOE_CONFORMANCE_TEST_PLUGIN_DIR);
     return n;
 }
@@ -143,11 +143,11 @@ static const dsmoe_kernel_plugin_v3 *load_candidate(const char *name, const char
     const dsmoe_kernel_plugin_v3 *T = NULL;
     dsmoe_err e = {0};
     if (dsmoe_plugin_load_kernel(name, dir, &T, &handle, &e) != DSMOE_OK) {
-        snprintf(err, len, "the core's loader: %s", e.msg);
+        snprintf(err, len, "the core's loader: %.900s", e.msg);
         return NULL;
     }
     if (strcmp(handle.path, path) != 0) {
-        snprintf(err, len, "the core's loader took %s, not %s", handle.path, path);
+        snprintf(err, len, "the core's loader took %.450s, not %.450s", handle.path, path);
         return NULL;
     }
     cf_note("candidate loaded through the core's loader: kernel ABI %d%s", handle.api_version,
