@@ -159,18 +159,19 @@ static void bootstrap_fault(const dsmoe_bootstrap *bs, char *why, size_t n) {
                  bs->world_ranks[bs->rank], world_rank);
         return;
     }
-    for (int i = 0; i < bs->size; i++) {
-        int w = bs->world_ranks[i];
-        if (w < 0 || w >= world_size) {
-            snprintf(why, n, "world_ranks[%d] = %d is not in [0, %d)", i, w, world_size);
-            return;
-        }
-        for (int j = 0; j < i; j++)
-            if (bs->world_ranks[j] == w) {
-                snprintf(why, n, "world rank %d appears twice in world_ranks", w);
-                return;
-            }
+    unsigned char *seen = calloc((size_t)world_size, 1);
+    if (!seen) {
+        snprintf(why, n, "out of memory");
+        return;
     }
+    for (int i = 0; i < bs->size && !why[0]; i++) {
+        int w = bs->world_ranks[i];
+        if (w < 0 || w >= world_size)
+            snprintf(why, n, "world_ranks[%d] = %d is not in [0, %d)", i, w, world_size);
+        else if (seen[w]++)
+            snprintf(why, n, "world rank %d appears twice in world_ranks", w);
+    }
+    free(seen);
 }
 
 static dsmoe_status c_group_create(dsmoe_comm_ctx *ctx, const dsmoe_bootstrap *bs, dsmoe_comm_group **group) {
