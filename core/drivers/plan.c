@@ -292,7 +292,8 @@ static dsmoe_status plan(const char *deck_path, char *const *overrides, int n_ov
         if (s == DSMOE_OK && (r == 0 || est.total_bytes > worst.total_bytes)) worst = est, worst_rank = r;
     }
     char why[256];
-    uint64_t budget = s == DSMOE_OK ? rank_budget(&c, topo, &rows[worst_rank], rpn, device_backend, why, sizeof why) : 0;
+    uint64_t budget =
+        s == DSMOE_OK ? rank_budget(&c, topo, &rows[worst_rank], rpn, device_backend, why, sizeof why) : 0;
     uint64_t need = s == DSMOE_OK ? need_of(&c, &worst) : 0;
     uint64_t node_memory = dsmoe_topo_memory(topo);
     int checkpoints = c.checkpoint_final || c.checkpoint_every > 0;

@@ -23,19 +23,29 @@ static dsmoe_status k_gemm(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, int tra
     return V1(x, gemm, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
+// x->hi32 (n) = the device int32 at dev; *bad = the index of the first outside [lo, hi], or -1. The
+// device data v2 checks while running (counts, token ids, positions) is checked so, on the host; the
+// caller makes a bad value sticky, as v2 wants.
+static dsmoe_status fetch_i32(actx *x, const int32_t *dev, size_t n, long lo, long hi, const char *what, long *bad) {
+    *bad = -1;
+    TRY(kav1_grow(x, (void **)&x->hi32, &x->cap_i32, n, sizeof(int32_t), what));
+    TRY(V1(x, copy_to_host, x->hi32, dev, n * sizeof(int32_t)));
+    for (size_t i = 0; i < n && *bad < 0; i++)
+        if (x->hi32[i] < lo || x->hi32[i] > hi) *bad = (long)i;
+    return DSMOE_OK;
+}
+
 // x->m (groups) = the device counts, each checked against [0, m_max] (a bad one is sticky).
 static dsmoe_status fetch_counts(actx *x, const char *op, const int32_t *counts, int groups, int m_max) {
+    long g;
     TRY(kav1_grow_groups(x, groups));
-    TRY(kav1_grow(x, (void **)&x->hi32, &x->cap_i32, (size_t)groups, sizeof(int32_t), "counts"));
-    TRY(V1(x, copy_to_host, x->hi32, counts, (size_t)groups * sizeof(int32_t)));
-    for (int g = 0; g < groups; g++) {
-        if (x->hi32[g] < 0 || x->hi32[g] > m_max) {
-            x->sticky = DSMOE_ERR_INVALID;
-            return kav1_fail(x, DSMOE_ERR_INVALID, "%s: counts[%d] = %d: expected 0 <= count <= m_max = %d", op, g,
-                        (int)x->hi32[g], m_max);
-        }
-        x->m[g] = x->hi32[g];
+    TRY(fetch_i32(x, counts, (size_t)groups, 0, m_max, "counts", &g));
+    if (g >= 0) {
+        x->sticky = DSMOE_ERR_INVALID;
+        return kav1_fail(x, DSMOE_ERR_INVALID, "%s: counts[%ld] = %d: expected 0 <= count <= m_max = %d", op, g,
+                         (int)x->hi32[g], m_max);
     }
+    for (int i = 0; i < groups; i++) x->m[i] = x->hi32[i];
     return DSMOE_OK;
 }
 
@@ -198,15 +208,13 @@ static dsmoe_status k_init_tensor(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, 
 // ------------------------------------------------------------------------------------------------
 // the GPT layer ops: straight through (v1 cannot check a token against V on the device; it checks >= 0)
 
-// v1 embeds every sequence from position 0: with pos, one v1 call per sequence, its wpe rows offset by
-// pos[b] (fetched from the device).
 // ------------------------------------------------------------------------------------------------
 // members that read device data (token ids, targets, routing tables)
 //
 // v2 makes bad data a sticky error; a v1 member reports it at the call (DSMOE_ERR_INVALID) and the
 // context goes on. So here the arguments v2 refuses at the call are checked first (not sticky), and an
 // INVALID the v1 member returns after that is bad data: sticky. v1's embedding_forward is not told V, so
-// its token ids are checked here, on a host copy (B * T int32, small beside the embedding).
+// its token ids are checked here, on a host copy (fetch_i32: B * T int32, small beside the embedding).
 
 #define ARGS(op, ok)                                                                               \
     if (!(ok)) return kav1_fail(x, DSMOE_ERR_INVALID, "%s: invalid arguments (%s)", (op), #ok)
@@ -217,18 +225,8 @@ static dsmoe_status data_status(actx *x, dsmoe_status s) {
 }
 #define V1_DATA(x, member, ...) data_status((x), V1(x, member, __VA_ARGS__))
 
-static dsmoe_status check_tokens(actx *x, const char *op, const int32_t *tokens, size_t n, int V) {
-    TRY(kav1_grow(x, (void **)&x->hi32, &x->cap_i32, n, sizeof(int32_t), "token ids"));
-    TRY(V1(x, copy_to_host, x->hi32, tokens, n * sizeof(int32_t)));
-    for (size_t i = 0; i < n; i++)
-        if (x->hi32[i] < 0 || x->hi32[i] >= V) {
-            x->sticky = DSMOE_ERR_INVALID;
-            return kav1_fail(x, DSMOE_ERR_INVALID, "%s: tokens[%zu]=%d: expected in [0, V=%d)", op, i, (int)x->hi32[i],
-                             V);
-        }
-    return DSMOE_OK;
-}
-
+// v1 embeds every sequence from position 0: with pos, one v1 call per sequence, its wpe rows offset by
+// pos[b] (fetched from the device).
 static dsmoe_status k_embedding_forward(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q, void *out, dsmoe_dtype dt,
                                         const int32_t *tokens, const void *wte, dsmoe_dtype wte_dt, const float *wpe,
                                         const int32_t *pos, int B, int T, int M, int V, int n_pos) {
@@ -236,23 +234,26 @@ static dsmoe_status k_embedding_forward(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queu
     NEED_F32("embedding_forward", wte_dt);
     ARGS("embedding_forward", B >= 0 && T >= 0 && M > 0 && V > 0 &&
          (B == 0 || T == 0 || (out && tokens && wte && wpe)));
-    if (B > 0 && T > 0) TRY(check_tokens(x, "embedding_forward", tokens, (size_t)B * T, V));
+    long bad = -1;
+    if (B > 0 && T > 0) TRY(fetch_i32(x, tokens, (size_t)B * T, 0, (long)V - 1, "token ids", &bad));
+    if (bad >= 0) {
+        x->sticky = DSMOE_ERR_INVALID;
+        return kav1_fail(x, DSMOE_ERR_INVALID, "embedding_forward: tokens[%ld]=%d: expected in [0, V=%d)", bad,
+                         (int)x->hi32[bad], V);
+    }
     if (!pos || B <= 0 || T <= 0) {
         if (T > n_pos) return kav1_fail(x, DSMOE_ERR_INVALID, "embedding_forward: T=%d > n_pos=%d", T, n_pos);
         return V1(x, embedding_forward, out, tokens, wte, wpe, B, T, M);
     }
-    TRY(kav1_grow(x, (void **)&x->hi32, &x->cap_i32, (size_t)B, sizeof(int32_t), "positions"));
-    TRY(V1(x, copy_to_host, x->hi32, pos, (size_t)B * sizeof(int32_t)));
-    for (int b = 0; b < B; b++) {
-        int p0 = x->hi32[b];
-        if (p0 < 0 || p0 > n_pos - T) {
-            x->sticky = DSMOE_ERR_INVALID;
-            return kav1_fail(x, DSMOE_ERR_INVALID, "embedding_forward: pos[%d]=%d with T=%d: expected positions in "
-                             "[0, n_pos=%d)", b, p0, T, n_pos);
-        }
-        TRY(V1(x, embedding_forward, (float *)out + (size_t)b * T * M, tokens + (size_t)b * T, wte,
-               wpe + (size_t)p0 * M, 1, T, M));
+    TRY(fetch_i32(x, pos, (size_t)B, 0, (long)n_pos - T, "positions", &bad));
+    if (bad >= 0) {
+        x->sticky = DSMOE_ERR_INVALID;
+        return kav1_fail(x, DSMOE_ERR_INVALID, "embedding_forward: pos[%ld]=%d with T=%d: expected positions in "
+                         "[0, n_pos=%d)", bad, (int)x->hi32[bad], T, n_pos);
     }
+    for (int b = 0; b < B; b++)
+        TRY(V1(x, embedding_forward, (float *)out + (size_t)b * T * M, tokens + (size_t)b * T, wte,
+               wpe + (size_t)x->hi32[b] * M, 1, T, M));
     return DSMOE_OK;
 }
 
