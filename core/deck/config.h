@@ -18,7 +18,9 @@
 typedef enum { DSMOE_MODE_TRAIN = 0, DSMOE_MODE_EVAL = 1, DSMOE_MODE_GENERATE = 2 } dsmoe_run_mode;
 // generate.prompt_format and generate.tokenizer (same order as their value lists).
 typedef enum { DSMOE_PROMPTS_AUTO = 0, DSMOE_PROMPTS_TEXT = 1, DSMOE_PROMPTS_JSONL = 2 } dsmoe_prompt_format;
-typedef enum { DSMOE_TOKENIZER_AUTO = 0, DSMOE_TOKENIZER_BYTES = 1, DSMOE_TOKENIZER_BPE = 2 } dsmoe_tokenizer_kind;
+typedef enum {
+    DSMOE_TOKENIZER_AUTO = 0, DSMOE_TOKENIZER_BYTES = 1, DSMOE_TOKENIZER_BPE = 2, DSMOE_TOKENIZER_IDS = 3
+} dsmoe_tokenizer_kind;
 typedef enum { DSMOE_DATA_SYNTHETIC = 0, DSMOE_DATA_TEXT = 1, DSMOE_DATA_MEGATRON = 2 } dsmoe_data_source;
 typedef enum { DSMOE_LR_COSINE = 0, DSMOE_LR_CONSTANT = 1, DSMOE_LR_LINEAR = 2 } dsmoe_lr_schedule;
 typedef enum { DSMOE_PRECISION_FP32 = 0, DSMOE_PRECISION_BF16 = 1 } dsmoe_precision;

@@ -7,7 +7,7 @@ const char *const dsmoe_config_type_names[] = {"int", "int", "float", "bool", "e
 
 static const char *const v_mode[] = {"train", "eval", "generate", NULL};
 static const char *const v_prompt_format[] = {"auto", "text", "jsonl", NULL}; // = dsmoe_prompt_format
-static const char *const v_tokenizer[] = {"auto", "bytes", "bpe", NULL};      // = dsmoe_tokenizer_kind
+static const char *const v_tokenizer[] = {"auto", "bytes", "bpe", "ids", NULL}; // = dsmoe_tokenizer_kind
 static const char *const v_selection[] = {"position", "random", NULL};
 static const char *const v_noise[] = {"none", "jitter", "rsample", NULL}; // = dsmoe_noise_policy
 static const char *const v_schedule[] = {"cosine", "constant", "linear", NULL};
@@ -151,7 +151,8 @@ const key_def dsmoe_config_keys[] = {
          "auto = jsonl for a .jsonl or .json file, else text; text = one prompt a line; jsonl = one JSON object a line"),
     KEY("generate.output", K_STRING, "", gen_output, ANY, "'' = <run.output_dir>/generations.jsonl"),
     ENUM("generate.tokenizer", "auto", gen_tokenizer, v_tokenizer,
-         "auto = bpe when generate.vocab_file is set, else bytes (model.vocab >= 256); bpe = GPT-2 byte-level BPE"),
+         "auto = bpe when generate.vocab_file is set, else bytes when model.vocab >= 256, else ids; bpe = GPT-2 "
+         "byte-level BPE; ids = no text: prompts as token ids (JSON lines' \"tokens\"), completions as ids"),
     KEY("generate.vocab_file", K_STRING, "", gen_vocab_file, ANY, "GPT-2 BPE vocab.json"),
     KEY("generate.merges_file", K_STRING, "", gen_merges_file, ANY, "GPT-2 BPE merges.txt"),
     KEY("generate.batch", K_INT, "8", gen_batch, GE(1), "sequences each rank decodes together (continuous batching)"),

@@ -90,6 +90,8 @@ static dsmoe_status open_text(generator *g, dsmoe_err *err) {
             return dsmoe_err_set(err, DSMOE_ERR_INVALID, "generate.tokenizer = bpe needs generate.vocab_file and "
                                  "generate.merges_file (GPT-2 vocab.json and merges.txt)");
         DSMOE_TRY(dsmoe_tokenizer_open_bpe(c->gen_vocab_file, c->gen_merges_file, c->vocab, &g->tok, err));
+    } else if (c->gen_tokenizer == DSMOE_TOKENIZER_IDS || (c->gen_tokenizer == DSMOE_TOKENIZER_AUTO && c->vocab < 256)) {
+        DSMOE_TRY(dsmoe_tokenizer_open_ids(c->vocab, &g->tok, err)); // (auto: no text tokenizer fits the model)
     } else {
         DSMOE_TRY(dsmoe_tokenizer_open_bytes(c->vocab, &g->tok, err));
     }

@@ -102,19 +102,22 @@ static void put_int(dsmoe_buf *b, long long v) {
 //  "time_to_first_token_ms", "tokens", "token_latencies_ms"} and a newline.
 static dsmoe_status put_line(dsmoe_buf *b, int index, const dsmoe_prompt *p, const dsmoe_completion *c,
                              const dsmoe_tokenizer *tok, dsmoe_err *err) {
-    char *prompt_text;
-    size_t prompt_len;
-    DSMOE_TRY(dsmoe_tokenizer_decode(tok, p->tokens, (size_t)p->n_tokens, &prompt_text, &prompt_len, err));
+    char *prompt_text = NULL;
+    size_t prompt_len = 0;
+    int text = dsmoe_tokenizer_has_text(tok); // else "prompt" and "completion" are null
+    if (text) DSMOE_TRY(dsmoe_tokenizer_decode(tok, p->tokens, (size_t)p->n_tokens, &prompt_text, &prompt_len, err));
     put_str(b, "{\"index\":");
     put_int(b, index);
     put_str(b, ",\"id\":");
     if (p->id_is_string) dsmoe_json_write_string(b, p->id, strlen(p->id));
     else put_str(b, p->id);
     put_str(b, ",\"prompt\":");
-    dsmoe_json_write_string(b, prompt_text, prompt_len);
+    if (text) dsmoe_json_write_string(b, prompt_text, prompt_len);
+    else put_str(b, "null");
     free(prompt_text);
     put_str(b, ",\"completion\":");
-    dsmoe_json_write_string(b, c->text ? c->text : "", c->text_len);
+    if (text) dsmoe_json_write_string(b, c->text ? c->text : "", c->text_len);
+    else put_str(b, "null");
     put_str(b, ",\"prompt_tokens\":");
     put_int(b, p->n_tokens);
     put_str(b, ",\"completion_tokens\":");

@@ -144,6 +144,10 @@ static dsmoe_status text_line(reader *r, const char *s, size_t n, int line) {
     if (nul)
         return dsmoe_err_set(r->err, DSMOE_ERR_INVALID, "%s:%d:%zu: NUL byte in a text prompt file (is this the right "
                              "file? JSON lines can hold one as \"\\u0000\")", r->name, line, (size_t)(nul - s) + 1);
+    if (!dsmoe_tokenizer_has_text(r->tok))
+        return dsmoe_err_set(r->err, DSMOE_ERR_INVALID, "%s:%d: a text prompt, but the tokenizer is %s, without text "
+                             "(generate.tokenizer): give the prompts as JSON lines with \"tokens\" (ids)", r->name, line,
+                             dsmoe_tokenizer_describe(r->tok));
     pending *p = new_prompt(r, line);
     if (!p) return nomem(r);
     DSMOE_TRY(set_id_number(r, p, line));
@@ -202,6 +206,9 @@ static dsmoe_status stop_field(reader *r, dsmoe_json *j, pending *p) {
     for (; more > 0; more = array ? dsmoe_json_next(j, ']') : 0) {
         if (dsmoe_json_peek(j) != '"') return dsmoe_json_fail(j, array ? "a string (a stop sequence)" : "a string or an array of strings");
         const char *at = j->p;
+        if (!dsmoe_tokenizer_has_text(r->tok)) // ([] is none, and allowed)
+            return dsmoe_json_errorf(j, at, DSMOE_ERR_INVALID, "a stop sequence is text, but the tokenizer is %s, "
+                                     "without text (generate.tokenizer)", dsmoe_tokenizer_describe(r->tok));
         DSMOE_TRY(dsmoe_json_string(j, &r->key));
         if (r->key.len == 0) return dsmoe_json_errorf(j, at, DSMOE_ERR_INVALID, "a stop sequence is empty (it would stop at once)");
         DSMOE_TRY(push_stop(r, r->key.p, r->key.len));
@@ -263,6 +270,10 @@ static dsmoe_status json_line(reader *r, const char *s, size_t n, int line) {
         double v;
         switch (bit) {
         case F_PROMPT:
+            if (!dsmoe_tokenizer_has_text(r->tok))
+                return dsmoe_json_errorf(&j, vat, DSMOE_ERR_INVALID, "\"prompt\" is text, but the tokenizer is %s, "
+                                         "without text (generate.tokenizer): give \"tokens\" (ids)",
+                                         dsmoe_tokenizer_describe(r->tok));
             DSMOE_TRY(dsmoe_json_string(&j, &r->prompt));
             break;
         case F_TOKENS: DSMOE_TRY(tokens_field(r, &j)); break;
@@ -383,6 +394,9 @@ dsmoe_status dsmoe_prompts_read_mem(const char *name, const char *text, size_t l
     if (len == 0) return dsmoe_err_set(err, DSMOE_ERR_INVALID, "%s is empty: no prompts", name);
     reader r = {.name = name, .tok = tok, .d = defaults, .context = context_limit, .err = err, .default_stop = -1};
     dsmoe_status s = DSMOE_OK;
+    if (defaults->stop && defaults->stop_len > 0 && !dsmoe_tokenizer_has_text(tok))
+        return dsmoe_err_set(err, DSMOE_ERR_INVALID, "generate.stop is text, but the tokenizer is %s, without "
+                             "text (generate.tokenizer)", dsmoe_tokenizer_describe(tok));
     if (defaults->stop && defaults->stop_len > 0) {
         s = push_stop(&r, defaults->stop, defaults->stop_len);
         r.default_stop = 0;

@@ -55,7 +55,8 @@ typedef struct dsmoe_prompt_list {
 // error names "<path>:<line>" (and the column, for JSON): no prompts, malformed JSON, an unknown or
 // repeated field, both or neither of "prompt" and "tokens", an unknown token id, an empty prompt, a
 // prompt that does not fit the context (context_limit tokens, prompt + max_new_tokens), a setting out of
-// range, a NUL byte in a text file, two prompts with the same id.
+// range, a NUL byte in a text file, two prompts with the same id; with a tokenizer that has no text (the
+// ids kind), any text: a text file, a "prompt" field, a stop sequence (of the file or the defaults).
 dsmoe_status dsmoe_prompts_read(const char *path, int format, dsmoe_tokenizer *tok, const dsmoe_prompt_defaults *defaults,
                                 int context_limit, dsmoe_prompt_list **out, dsmoe_err *err);
 // The same on len bytes in memory, named `name` in messages (format AUTO looks at name).

@@ -36,7 +36,8 @@ typedef struct ivec {
 } ivec;
 
 struct dsmoe_tokenizer {
-    int bpe;             // 0: bytes
+    int bpe;             // 0: bytes or ids
+    int has_text;        // 0: ids (every token's bytes are empty)
     int model_vocab;
     int n_tokens, n_merges;
     int32_t eot;
@@ -213,7 +214,22 @@ dsmoe_status dsmoe_tokenizer_open_bytes(int model_vocab, dsmoe_tokenizer **out, 
     if (s == DSMOE_OK && t->bytes.oom) s = dsmoe_err_set(err, DSMOE_ERR_NOMEM, "out of memory opening the byte tokenizer");
     if (s != DSMOE_OK) return dsmoe_tokenizer_free(t), s;
     t->n_tokens = 256;
+    t->has_text = 1;
     snprintf(t->describe, sizeof t->describe, "bytes (model.vocab %d)", model_vocab);
+    *out = t;
+    return DSMOE_OK;
+}
+
+dsmoe_status dsmoe_tokenizer_open_ids(int model_vocab, dsmoe_tokenizer **out, dsmoe_err *err) {
+    *out = NULL;
+    if (model_vocab < 1) return dsmoe_err_set(err, DSMOE_ERR_INVALID, "model.vocab is %d: expected >= 1", model_vocab);
+    dsmoe_tokenizer *t = calloc(1, sizeof *t);
+    if (!t) return dsmoe_err_set(err, DSMOE_ERR_NOMEM, "out of memory opening the token-id tokenizer");
+    dsmoe_status s = alloc_tokens(t, model_vocab, err);
+    if (s != DSMOE_OK) return dsmoe_tokenizer_free(t), s;
+    for (int id = 0; id < model_vocab; id++) t->tok_len[id] = 0; // known, no bytes (tok_off stays 0)
+    t->n_tokens = model_vocab;
+    snprintf(t->describe, sizeof t->describe, "token ids only (model.vocab %d)", model_vocab);
     *out = t;
     return DSMOE_OK;
 }
@@ -416,7 +432,7 @@ dsmoe_status dsmoe_tokenizer_open_bpe_mem(const char *vocab_name, const char *vo
     lookup lk = {0};
     dsmoe_status s = t ? alloc_tokens(t, model_vocab, err) : dsmoe_err_set(err, DSMOE_ERR_NOMEM, "out of memory");
     if (s == DSMOE_OK) {
-        t->bpe = 1;
+        t->bpe = 1, t->has_text = 1;
         for (lk.cap = 16; lk.cap < 2 * (size_t)model_vocab + 2;) lk.cap *= 2;
         lk.slot = malloc(lk.cap * sizeof *lk.slot);
         lk.special = calloc((size_t)model_vocab, 1);
@@ -482,6 +498,7 @@ int dsmoe_tokenizer_id_end(const dsmoe_tokenizer *t, int *holes) {
     return end;
 }
 int32_t dsmoe_tokenizer_eot(const dsmoe_tokenizer *t) { return t->eot; }
+int dsmoe_tokenizer_has_text(const dsmoe_tokenizer *t) { return t->has_text; }
 
 // ---------------------------------------------------------------------------------------------------
 // Encoding
@@ -604,6 +621,8 @@ dsmoe_status dsmoe_tokenizer_encode(dsmoe_tokenizer *t, const void *text, size_t
                                     dsmoe_err *err) {
     *ids = NULL;
     *n = 0;
+    if (!t->has_text)
+        return dsmoe_err_set(err, DSMOE_ERR_INVALID, "the token-id tokenizer has no text: give prompts as token ids");
     if (len > INT32_MAX)
         return dsmoe_err_set(err, DSMOE_ERR_INVALID, "text of %zu bytes to encode: at most %d at a time", len, INT32_MAX);
     const uint8_t *s = text;
@@ -637,10 +656,10 @@ dsmoe_status dsmoe_tokenizer_token_bytes(const dsmoe_tokenizer *t, int32_t id, c
         return dsmoe_err_set(err, DSMOE_ERR_INVALID, "unknown token id %" PRId32 ": %s", id,
                              id < 0 || id >= t->model_vocab ? "outside the model's vocabulary [0, model.vocab)"
                              : t->bpe ? "the tokenizer's vocab.json has no token with this id (a padding id of model.vocab)"
-                                      : "the byte tokenizer knows ids 0..255");
+                                      : "the byte tokenizer knows ids 0..255"); // (ids knows every id)
     }
-    *bytes = (const uint8_t *)t->bytes.p + t->tok_off[id];
     *len = (size_t)t->tok_len[id];
+    *bytes = *len ? (const uint8_t *)t->bytes.p + t->tok_off[id] : (const uint8_t *)""; // (bytes.p NULL for ids)
     return DSMOE_OK;
 }
 

@@ -6,7 +6,7 @@
 //          dsmoe_tokenizer_encode, dsmoe_tokenizer_token_bytes, dsmoe_tokenizer_decode,
 //          dsmoe_pretokenize_next, dsmoe_uc_class (and the generated tables of core/io/unicode_tables.c)
 //
-// Every token is a byte string: decoding concatenates them, so decode(encode(text)) == text for any bytes,
+// Every token is a byte string (empty for the ids kind): decoding concatenates them, so decode(encode(text)) == text for any bytes,
 // and completions can be streamed and matched against stop sequences byte by byte. Token ids are
 // int32_t in [0, model_vocab); an id with no bytes (beyond the byte vocabulary, or a padding id of a BPE
 // model.vocab larger than vocab.json) is an "unknown token id" wherever it is met.
@@ -37,6 +37,9 @@ dsmoe_status dsmoe_tokenizer_open_bpe(const char *vocab_json, const char *merges
 dsmoe_status dsmoe_tokenizer_open_bpe_mem(const char *vocab_name, const char *vocab, size_t vocab_len,
                                           const char *merges_name, const char *merges, size_t merges_len,
                                           int model_vocab, dsmoe_tokenizer **out, dsmoe_err *err);
+// Token ids only: every id in [0, model_vocab) is known and has no bytes; encode refuses text. For a
+// model trained on data tokenized elsewhere (or the synthetic corpus), prompts given as token ids.
+dsmoe_status dsmoe_tokenizer_open_ids(int model_vocab, dsmoe_tokenizer **out, dsmoe_err *err);
 void dsmoe_tokenizer_free(dsmoe_tokenizer *t);
 
 // "bytes (model.vocab 256)", "GPT-2 BPE: 50257 tokens, 50000 merges (model.vocab 50304)".
@@ -46,13 +49,16 @@ int dsmoe_tokenizer_vocab(const dsmoe_tokenizer *t);
 // One past the highest id that has bytes (ids at and above it are the padding of a model vocabulary
 // larger than the tokenizer's); *holes (may be NULL): ids below it without bytes.
 int dsmoe_tokenizer_id_end(const dsmoe_tokenizer *t, int *holes);
-// The id of "<|endoftext|>" in a BPE vocabulary, -1 when there is none (and for bytes).
+// The id of "<|endoftext|>" in a BPE vocabulary, -1 when there is none (and for bytes and ids).
 int32_t dsmoe_tokenizer_eot(const dsmoe_tokenizer *t);
+// 0 for the ids kind (no text in or out), 1 otherwise.
+int dsmoe_tokenizer_has_text(const dsmoe_tokenizer *t);
 
 // Text (any bytes, len < 2^31) -> a malloc'd array of *n ids (*ids NULL when n is 0). BPE: the text is
 // split by GPT-2's pattern (dsmoe_pretokenize_next), each piece's bytes become byte symbols and are merged
 // pair by pair, lowest rank first, every occurrence of that pair left to right, as GPT-2's encoder.py
-// does. Special tokens are not recognised in text: "<|endoftext|>" encodes as its characters.
+// does. Special tokens are not recognised in text: "<|endoftext|>" encodes as its characters. The ids
+// kind refuses any text (DSMOE_ERR_INVALID).
 dsmoe_status dsmoe_tokenizer_encode(dsmoe_tokenizer *t, const void *text, size_t len, int32_t **ids, size_t *n,
                                     dsmoe_err *err);
 // The bytes of one token (valid while t is open). An id without bytes: DSMOE_ERR_INVALID, "unknown token

@@ -6,6 +6,8 @@
 #   ends a completion and is cut from its text; an output's missing directories are made;
 # - dsmoe --check of a generate deck reads the prompts and verifies the checkpoint;
 # - a GPT-2 BPE tokenizer (vocab.json, merges.txt) encodes and decodes as a reference written here;
+# - token ids without a tokenizer (generate.tokenizer = ids) draw the byte tokenizer's tokens from the
+#   same ids, and serve a model of vocabulary 64, whose prompts can only be ids;
 # - bad input (empty prompt file, malformed JSON line, unknown token id, a prompt longer than the
 #   context, tokenizer files that do not fit model.vocab, a corrupt or mismatched checkpoint, no
 #   checkpoint) is refused before any work, naming the file (and line), and an output file already there
@@ -157,6 +159,54 @@ n = len(json.load(open(sys.argv[2])))
 toks = [t for l in open(sys.argv[1]) for t in json.loads(l)["tokens"]]
 assert len(toks) >= 60 and max(toks) < n, (max(toks), n)' "$work/bpe_hot.jsonl" "$work/vocab.json" && ok ||
   fail "sampling drew an id the tokenizer cannot decode"
+
+# Token ids only (generate.tokenizer = ids). On the byte model, the JSON-lines prompts given as their byte
+# ids (no stop sequences) draw the same greedy tokens as the byte tokenizer did: the tokenizer changes no
+# number. The output has no text (prompt and completion null).
+python3 - "$work/prompts.jsonl" "$work/ids.jsonl" <<'PY' || fail "writing the token-id prompts"
+import json, sys
+with open(sys.argv[2], "w") as out:
+    for l in open(sys.argv[1]):
+        r = json.loads(l)
+        r["tokens"] = r.pop("tokens", None) or list(r.pop("prompt").encode())
+        r.pop("stop", None)
+        out.write(json.dumps(r) + "\n")
+PY
+expect ids-generate 0 "token ids only \(model.vocab 256\)" -- "$dsmoe" "$deck" run.mode=generate checkpoint.resume="$ckpt" \
+  generate.prompts="$work/ids.jsonl" generate.tokenizer=ids generate.output="$work/ids_out.jsonl" generate.batch=2 \
+  generate.prefill_tokens=8
+python3 - "$work/ids_out.jsonl" "$work/ref.jsonl" <<'PY' && ok || fail "ids: tokens or fields differ from the byte tokenizer's"
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+ref = [json.loads(l) for l in open(sys.argv[2])]
+assert len(rows) == len(ref) == 5
+same = 0
+for r, f in zip(rows, ref):
+    assert r["prompt"] is None and r["completion"] is None, r
+    assert (r["id"], r["prompt_tokens"]) == (f["id"], f["prompt_tokens"]), (r, f)
+    if f["finish_reason"] == "length":  # (a stop sequence of the text prompts would have cut it)
+        assert (r["tokens"], r["finish_reason"]) == (f["tokens"], "length"), (r["tokens"], f["tokens"])
+        same += 1
+assert same >= 4, same
+PY
+# A model whose vocabulary (64, the synthetic corpus) no text tokenizer fits: auto chooses ids; every id
+# drawn is the model's, and text is refused naming the file and line.
+ids64=(model.vocab=64 data.source=synthetic run.output_dir="$work/ids64" train.steps=5)
+timeout -k 10 180 "$dsmoe" "$deck" "${ids64[@]}" >"$work/ids64_train.log" 2>&1 ||
+  { fail "training the vocabulary-64 model: exit $?"; show "$work/ids64_train.log"; }
+printf '{"tokens": [1, 2, 3], "max_new_tokens": 9}\n{"tokens": [63], "temperature": 3, "max_new_tokens": 40}\n' \
+  >"$work/ids64.jsonl"
+expect ids64-generate 0 "token ids only \(model.vocab 64\)" -- "$dsmoe" "$deck" "${ids64[@]}" run.mode=generate \
+  checkpoint.resume=auto generate.prompts="$work/ids64.jsonl" generate.output="$work/ids64_out.jsonl"
+python3 -c 'import json,sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+assert [len(r["tokens"]) for r in rows] == [9, 40] and [r["finish_reason"] for r in rows] == ["length"] * 2, rows
+assert all(0 <= t < 64 for r in rows for t in r["tokens"]) and rows[0]["prompt"] is None, rows' "$work/ids64_out.jsonl" &&
+  ok || fail "ids64: the completions are not 9 and 40 ids of the model"
+expect ids64-text nonzero "prompts.txt:1: a text prompt, but the tokenizer is token ids only" -- "$dsmoe" "$deck" \
+  "${ids64[@]}" run.mode=generate checkpoint.resume=auto generate.prompts="$work/prompts.txt"
+expect ids64-bytes nonzero "byte tokenizer needs model.vocab >= 256" -- "$dsmoe" "$deck" "${ids64[@]}" run.mode=generate \
+  checkpoint.resume=auto generate.prompts="$work/ids64.jsonl" generate.tokenizer=bytes
 
 # Bad input: refused before any work, naming the file (and line); an existing output stays as it was.
 out="$work/keep.jsonl"

@@ -18,19 +18,21 @@
 
 #include "test_tmpdir.h" // dir, path_of, write_bytes, teardown
 
-static dsmoe_tokenizer *bytes256, *bytes300;
+static dsmoe_tokenizer *bytes256, *bytes300, *ids64;
 
 static int setup(void **state) {
     (void)state;
     dsmoe_err err = {0};
     if (dsmoe_tokenizer_open_bytes(256, &bytes256, &err) != DSMOE_OK) return -1;
     if (dsmoe_tokenizer_open_bytes(300, &bytes300, &err) != DSMOE_OK) return -1;
+    if (dsmoe_tokenizer_open_ids(64, &ids64, &err) != DSMOE_OK) return -1;
     return tmpdir_create("prompts");
 }
 
 static int done(void **state) {
     dsmoe_tokenizer_free(bytes256);
     dsmoe_tokenizer_free(bytes300);
+    dsmoe_tokenizer_free(ids64);
     return teardown(state);
 }
 
@@ -253,6 +255,42 @@ static void test_errors(void **state) {
     assert_non_null(strstr(err.msg, "unknown prompt file format 7"));
 }
 
+// A tokenizer without text (token ids only): prompts as ids, every id of the model; text is refused
+// wherever it appears, naming the line (and column), and "stop": [] (none) is allowed.
+static void expect_ids_error(const char *name, const char *text, const dsmoe_prompt_defaults *d, const char *msg) {
+    expect_error_with(ids64, name, text, strlen(text), d, 64, msg);
+}
+
+static void test_ids_only(void **state) {
+    (void)state;
+    const dsmoe_prompt_defaults no_stop = {.max_new_tokens = 8, .temperature = 0, .top_p = 1};
+    const char *text = "{\"tokens\": [0, 63, 7], \"id\": \"a\"}\n{\"tokens\": [5], \"stop\": [], \"max_new_tokens\": 2}\n";
+    dsmoe_prompt_list *l = NULL;
+    dsmoe_err err = {0};
+    assert_int_equal(dsmoe_prompts_read_mem("p.jsonl", text, strlen(text), DSMOE_PROMPT_FILE_AUTO, ids64, &no_stop, 64,
+                                            &l, &err), DSMOE_OK);
+    assert_int_equal(l->n, 2);
+    assert_int_equal(l->items[0].n_tokens, 3);
+    assert_int_equal(l->items[0].tokens[0], 0);
+    assert_int_equal(l->items[0].tokens[1], 63);
+    assert_int_equal(l->items[0].tokens[2], 7);
+    assert_int_equal(l->items[1].n_tokens, 1);
+    assert_int_equal(l->items[1].max_new_tokens, 2);
+    assert_int_equal(l->items[1].n_stop, 0);
+    dsmoe_prompts_free(l);
+
+    expect_ids_error("p.txt", "hello\n", &no_stop,
+                     "p.txt:1: a text prompt, but the tokenizer is token ids only (model.vocab 64), without text");
+    expect_ids_error("p.jsonl", "{\"tokens\": [1]}\n{\"id\": 3, \"prompt\": \"hi\"}", &no_stop,
+                     "p.jsonl:2:21: \"prompt\" is text, but the tokenizer is token ids only");
+    expect_ids_error("p.jsonl", "{\"tokens\": [1], \"stop\": [\"x\"]}", &no_stop,
+                     "p.jsonl:1:26: a stop sequence is text");
+    expect_ids_error("p.jsonl", "{\"tokens\": [1, 64]}", &no_stop,
+                     "p.jsonl:1:16: token id 64 is outside the model's vocabulary [0, 64)");
+    expect_ids_error("p.jsonl", "{\"tokens\": [1]}", &defaults, // its stop: "\n\n"
+                     "generate.stop is text, but the tokenizer is token ids only");
+}
+
 static void test_files(void **state) {
     (void)state;
     dsmoe_prompt_list *l = NULL;
@@ -281,7 +319,7 @@ static void test_files(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_text),   cmocka_unit_test(test_jsonl), cmocka_unit_test(test_context),
+        cmocka_unit_test(test_text),   cmocka_unit_test(test_jsonl), cmocka_unit_test(test_context), cmocka_unit_test(test_ids_only),
         cmocka_unit_test(test_errors), cmocka_unit_test(test_files),
     };
     return cmocka_run_group_tests(tests, setup, done);

@@ -336,6 +336,46 @@ static void test_bytes(void **state) {
     assert_int_equal(b[0], 200);
     assert_int_equal(dsmoe_tokenizer_token_bytes(t, 256, &b, &len, &err), DSMOE_ERR_INVALID);
     assert_non_null(strstr(err.msg, "unknown token id 256"));
+    assert_int_equal(dsmoe_tokenizer_has_text(t), 1);
+    dsmoe_tokenizer_free(t);
+}
+
+// Token ids only: every id of the model is known, none has bytes, and text is refused.
+static void test_ids(void **state) {
+    (void)state;
+    dsmoe_tokenizer *t = NULL;
+    dsmoe_err err = {0};
+    assert_int_equal(dsmoe_tokenizer_open_ids(0, &t, &err), DSMOE_ERR_INVALID);
+    assert_null(t);
+    assert_int_equal(dsmoe_tokenizer_open_ids(64, &t, &err), DSMOE_OK);
+    assert_string_equal(dsmoe_tokenizer_describe(t), "token ids only (model.vocab 64)");
+    assert_int_equal(dsmoe_tokenizer_has_text(t), 0);
+    assert_int_equal(dsmoe_tokenizer_vocab(t), 64);
+    assert_int_equal(dsmoe_tokenizer_eot(t), -1);
+    int holes = -1;
+    assert_int_equal(dsmoe_tokenizer_id_end(t, &holes), 64); // every id may be drawn
+    assert_int_equal(holes, 0);
+    const uint8_t *b = NULL;
+    size_t len = 1;
+    for (int32_t id = 0; id < 64; id++) {
+        assert_int_equal(dsmoe_tokenizer_token_bytes(t, id, &b, &len, &err), DSMOE_OK);
+        assert_int_equal(len, 0);
+        assert_non_null(b);
+    }
+    assert_int_equal(dsmoe_tokenizer_token_bytes(t, 64, &b, &len, &err), DSMOE_ERR_INVALID);
+    assert_non_null(strstr(err.msg, "unknown token id 64: outside the model's vocabulary"));
+    assert_int_equal(dsmoe_tokenizer_token_bytes(t, -1, &b, &len, &err), DSMOE_ERR_INVALID);
+    const int32_t ids[3] = {0, 63, 7};
+    char *text = NULL;
+    assert_int_equal(dsmoe_tokenizer_decode(t, ids, 3, &text, &len, &err), DSMOE_OK);
+    assert_int_equal(len, 0);
+    free(text);
+    int32_t *enc = NULL;
+    size_t n = 9;
+    assert_int_equal(dsmoe_tokenizer_encode(t, "ab", 2, &enc, &n, &err), DSMOE_ERR_INVALID);
+    assert_null(enc);
+    assert_int_equal(n, 0);
+    assert_non_null(strstr(err.msg, "has no text"));
     dsmoe_tokenizer_free(t);
 }
 
@@ -439,7 +479,7 @@ static void test_gpt2_files(void **state) {
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_hand_worked), cmocka_unit_test(test_merges_forms), cmocka_unit_test(test_pretokenize),
-        cmocka_unit_test(test_pretokenize_bytes), cmocka_unit_test(test_round_trip), cmocka_unit_test(test_bytes),
+        cmocka_unit_test(test_pretokenize_bytes), cmocka_unit_test(test_round_trip), cmocka_unit_test(test_bytes), cmocka_unit_test(test_ids),
         cmocka_unit_test(test_errors),      cmocka_unit_test(test_gpt2_files),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
