@@ -157,6 +157,7 @@ typedef struct dsmoe_config {
     float gen_top_p;             // generate.top_p
     uint64_t gen_seed;           // generate.seed (0 = run.seed)
     char gen_stop[256];          // generate.stop: one stop sequence, C escapes (\n \t \\)
+    int gen_eos_token;           // generate.eos_token: the id that ends a completion (-1 = the tokenizer's)
     int gen_context;             // generate.context (0 = model.seq_len)
     float gen_capacity_factor;   // generate.capacity_factor (0 = no token dropped)
     int gen_profile;             // generate.profile: time breakdown (a wait per part)

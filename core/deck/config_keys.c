@@ -163,6 +163,9 @@ const key_def dsmoe_config_keys[] = {
     KEY("generate.top_p", K_FLOAT, "1.0", gen_top_p, IN('(', 0, 1, ']'), "nucleus sampling: the smallest set of tokens with this much probability"),
     KEY("generate.seed", K_U64, "0", gen_seed, GE(0), "seed of the sampling streams (each prompt's own, by its index); 0 = run.seed"),
     KEY("generate.stop", K_STRING, "", gen_stop, ANY, "a stop sequence for every prompt (C escapes \\n \\t \\\\); '' = none"),
+    KEY("generate.eos_token", K_INT, "-1", gen_eos_token, GE(-1),
+        "the token id that ends a completion (finish_reason eos); -1 = the tokenizer's: <|endoftext|> of a BPE "
+        "vocab.json, none for bytes and ids"),
     KEY("generate.context", K_INT, "0", gen_context, GE(0), "context limit: prompt + completion tokens; 0 = model.seq_len"),
     KEY("generate.capacity_factor", K_FLOAT, "0", gen_capacity_factor, GE(0), "expert capacity factor while generating; 0 = no token is dropped"),
     KEY("generate.profile", K_BOOL, "true", gen_profile, ANY, "time breakdown (attention, gating, all-to-all, experts, other): a wait after each part"),

@@ -43,6 +43,7 @@ typedef struct generator {
     int data_rank, data_ranks;   // which share of the prompts: slot / W of ranks / W
     int context;                 // positions per sequence
     int vocab_drawn;             // sampling draws ids [0, vocab_drawn): those the tokenizer decodes
+    int32_t eos;                 // the id that ends a completion; -1: none
     dsmoe_tokenizer *tok;
     dsmoe_prompt_list *prompts;  // the whole file (every rank reads it)
     char output[4096], checkpoint[4096];
@@ -169,7 +170,7 @@ static dsmoe_status take_token(generator *g, gen_seq *q, int32_t token, double n
     g->tokens_out++;
     q->next = token;
     long n = (long)q->out.n_tokens;
-    if (token == dsmoe_tokenizer_eot(g->tok)) finish(g, q, "eos");
+    if (token == g->eos) dsmoe_completion_end_token(&q->out), finish(g, q, "eos");
     else if (dsmoe_completion_stop(&q->out, p)) finish(g, q, "stop");
     else if (n >= p->max_new_tokens) finish(g, q, "length");
     else if (p->n_tokens + n >= g->context) finish(g, q, "context"); // no position for the next token
@@ -304,6 +305,10 @@ static dsmoe_status setup(generator *g, dsmoe_err *err) {
         return dsmoe_err_set(err, DSMOE_ERR_INVALID, "generate.vocab_file = %s leaves %d ids below its highest (%d) "
                              "without a token: generation could draw one and not decode it", c->gen_vocab_file, holes,
                              g->vocab_drawn - 1);
+    g->eos = c->gen_eos_token >= 0 ? c->gen_eos_token : dsmoe_tokenizer_eot(g->tok);
+    if (g->eos >= g->vocab_drawn)
+        return dsmoe_err_set(err, DSMOE_ERR_INVALID, "generate.eos_token = %d: generation draws ids below %d only (%s "
+                             "tokenizer)", c->gen_eos_token, g->vocab_drawn, dsmoe_tokenizer_describe(g->tok));
     DSMOE_TRY(find_checkpoint(g, err));
     DSMOE_TRY(probe_output(g, err));
     int n = g->prompts->n;

@@ -60,6 +60,12 @@ int dsmoe_completion_stop(dsmoe_completion *c, const dsmoe_prompt *p) {
     return 0;
 }
 
+void dsmoe_completion_end_token(dsmoe_completion *c) {
+    c->text_len -= c->last_len;
+    c->last_len = 0;
+    if (c->text) c->text[c->text_len] = 0;
+}
+
 void dsmoe_completion_free(dsmoe_completion *c) {
     free(c->tokens);
     free(c->text);

@@ -1,6 +1,7 @@
 // core/drivers/generate_output.h: what generation produces: each prompt's completion (tokens, text,
 // latencies, why it ended), the JSON-lines output file and the run's summary (docs/inference.md).
-// defines: dsmoe_completion, dsmoe_completion_add, dsmoe_completion_stop, dsmoe_completion_free,
+// defines: dsmoe_completion, dsmoe_completion_add, dsmoe_completion_stop, dsmoe_completion_end_token,
+//          dsmoe_completion_free,
 //          dsmoe_generation_report, dsmoe_generation_write, dsmoe_percentile
 #ifndef DSMOE_GENERATE_OUTPUT_H
 #define DSMOE_GENERATE_OUTPUT_H
@@ -13,9 +14,9 @@
 #include "tokenizer.h"
 
 typedef struct dsmoe_completion {
-    int32_t *tokens;      // (n_tokens) every token drawn, a stop sequence's included
+    int32_t *tokens;      // (n_tokens) every token drawn, a stop sequence's and the end token included
     size_t n_tokens, cap_tokens;
-    char *text;           // (text_len) the completion's bytes, cut before a stop sequence
+    char *text;           // (text_len) the completion's bytes, cut before a stop sequence or the end token
     size_t text_len, cap_text;
     size_t last_len;      // bytes of the newest token
     double *latency_ms;   // (n_tokens) [0] = time to first token, then the gap before each next token
@@ -29,6 +30,9 @@ dsmoe_status dsmoe_completion_add(dsmoe_completion *c, int32_t token, double lat
 // 1 when the text now contains one of the stop sequences (which must end in the newest token's bytes:
 // earlier text was checked before); the text is then cut where that stop sequence starts.
 int dsmoe_completion_stop(dsmoe_completion *c, const dsmoe_prompt *p);
+// The newest token ends the completion (generate.eos_token): its bytes leave the text, as a stop
+// sequence's do; it stays in tokens.
+void dsmoe_completion_end_token(dsmoe_completion *c);
 void dsmoe_completion_free(dsmoe_completion *c);
 
 // The run's results on each rank, for dsmoe_generation_write.

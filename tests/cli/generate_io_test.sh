@@ -8,6 +8,7 @@
 # - a GPT-2 BPE tokenizer (vocab.json, merges.txt) encodes and decodes as a reference written here;
 # - token ids without a tokenizer (generate.tokenizer = ids) draw the byte tokenizer's tokens from the
 #   same ids, and serve a model of vocabulary 64, whose prompts can only be ids;
+# - generate.eos_token ends a completion at that id (finish_reason eos, the id out of the text);
 # - bad input (empty prompt file, malformed JSON line, unknown token id, a prompt longer than the
 #   context, tokenizer files that do not fit model.vocab, a corrupt or mismatched checkpoint, no
 #   checkpoint) is refused before any work, naming the file (and line), and an output file already there
@@ -189,6 +190,36 @@ for r, f in zip(rows, ref):
         same += 1
 assert same >= 4, same
 PY
+# generate.eos_token: a completion ends at the first draw of that id (finish_reason eos), the id kept in
+# tokens and its bytes left out of the text. The id is one the reference drew in its first completion
+# (past its first token), so every completion is the reference's cut there, or whole where it never drew it.
+eos=$(python3 -c 'import json,sys; print(json.loads(open(sys.argv[1]).readline())["tokens"][2])' "$work/ref.txt")
+gen 1 "$work/eos_bytes.jsonl" generate.prompts="$work/prompts.txt" generate.eos_token="$eos" generate.batch=2 \
+  generate.prefill_tokens=8 || fail "eos bytes: exit $gen_rc"
+gen 1 "$work/eos_ids.jsonl" generate.prompts="$work/ids.jsonl" generate.tokenizer=ids generate.eos_token="$eos" \
+  generate.batch=2 generate.prefill_tokens=8 || fail "eos ids: exit $gen_rc"
+for t in "bytes txt" "ids jsonl"; do
+  set -- $t
+  python3 - "$work/eos_$1.jsonl" "$work/ref.$2" "$eos" <<'PY' && ok || fail "generate.eos_token ($1): not cut at the id"
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+ref = [json.loads(l) for l in open(sys.argv[2])]
+eos = int(sys.argv[3])
+cut = 0
+for r, f in zip(rows, ref):
+    if f["finish_reason"] != "length": continue
+    want = f["tokens"][:f["tokens"].index(eos) + 1] if eos in f["tokens"] else f["tokens"]
+    assert r["tokens"] == want, (r["tokens"], f["tokens"], eos)
+    assert r["finish_reason"] == ("eos" if eos in f["tokens"] else "length"), r
+    if r["completion"] is not None:
+        assert r["completion"] == bytes(want[:-1] if eos in want else want).decode("utf-8", "replace"), r
+    cut += eos in f["tokens"]
+assert cut >= 1 and (sys.argv[2].endswith(".jsonl") or rows[0]["finish_reason"] == "eos"), (cut, rows[0])
+PY
+done
+expect eos-range nonzero "generate.eos_token = 256: generation draws ids below 256 only" -- "$dsmoe" "$deck" \
+  run.mode=generate checkpoint.resume="$ckpt" generate.prompts="$work/prompts.txt" generate.eos_token=256
+
 # A model whose vocabulary (64, the synthetic corpus) no text tokenizer fits: auto chooses ids; every id
 # drawn is the model's, and text is refused naming the file and line.
 ids64=(model.vocab=64 data.source=synthetic run.output_dir="$work/ids64" train.steps=5)
