@@ -3,6 +3,7 @@
 # inputs/topologies/test-4gpu.xml (4 NUMA nodes, 4 fake 16 GiB GPUs), its placement, parameters, memory
 # and all-to-all counts; refusals (memory per rank, checkpoint staging, activations) with their numbers;
 # a GPU backend planned on a node without GPUs (no memory to compare with until plan.memory_per_rank);
+# a distillation teacher in the need;
 # bad topologies and rank counts; the paper's decks (inputs/paper/) answer, generation also in bf16.
 # Usage: plan_test.sh <dsmoe binary> <source dir>
 set -u
@@ -149,6 +150,28 @@ WANT
 expect ep1 0 -- "$dsmoe" --plan "$deck" moe.expert_parallel=1 <<'WANT'
 1 x (8, ep 1)        none: with ep 1 every rank holds all the layer's experts
 WANT
+
+# Distillation: the teacher (distill.teacher_deck: 3 dense layers of the student's width) is counted in
+# rank 0's need, forward only: at least its parameters, 1600 + 3 x (4352 + 8352) = 39712 floats =
+# 155.13 KiB; the need is the same plan's without the teacher counted plus the teacher's line. A teacher
+# whose deck cannot be read here (no teacher_deck, no checkpoint) is left out with a note, not an error.
+printf '[model]\nvocab = 32\nseq_len = 16\nlayers = 3\nhidden = 32\nheads = 2\n' >"$work/teacher.deck"
+expect distill-teacher 0 -- "$dsmoe" --plan "$deck" distill.teacher="$work/none.safetensors" \
+  distill.teacher_deck="$work/teacher.deck" <<WANT
+distillation teacher (teacher deck $work/teacher.deck (distill.teacher_deck)): 3 layers, forward only
+WANT
+expect distill-unread 0 -- "$dsmoe" --plan "$deck" distill.teacher="$work/none.safetensors" <<WANT
+note: the distillation teacher is not counted: distill.teacher = $work/none.safetensors: cannot open
+WANT
+kib() { sed -nE "s/.*$1 ([0-9.]+) (B|KiB|MiB).*/\1 \2/p" | head -1 | awk '{print $1 * ($2 == "MiB" ? 1024 : $2 == "B" ? 1 / 1024 : 1)}'; }
+with=$("$dsmoe" --plan "$deck" distill.teacher="$work/none.safetensors" distill.teacher_deck="$work/teacher.deck" 2>&1)
+without=$("$dsmoe" --plan "$deck" distill.teacher="$work/none.safetensors" 2>&1)
+teacher=$(kib "forward only \([^)]*\):" <<<"$with") need_with=$(kib "needs" <<<"$with") need_without=$(kib "needs" <<<"$without")
+if awk -v t="$teacher" -v a="$need_with" -v b="$need_without" 'BEGIN { d = a - b - t; exit !(t >= 155.125 && d < 0.015 && d > -0.015) }'; then
+  pass=$((pass + 1))
+else
+  fail "distill-sum: teacher ${teacher:-?} KiB (>= 155.13), needs ${need_with:-?} = ${need_without:-?} + teacher?"
+fi
 
 # The paper's configurations (docs/topology.md shows their plans).
 expect paper-350m 0 -- "$dsmoe" --plan "$src/inputs/paper/350m-moe128.deck" <<'WANT'
