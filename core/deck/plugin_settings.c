@@ -50,10 +50,19 @@ static int normalise(const dsmoe_param_decl *d, const char *text, char *out, siz
         return 0;
     case DSMOE_PARAM_FLOAT:
         if (dsmoe_parse_scaled(text, &dv) != 0 || !isfinite(dv)) {
-            snprintf(why, whylen, "expected a number");
+            snprintf(why, whylen, "expected a number (K/M/G suffixes allowed)");
             return -1;
         }
-        snprintf(out, len, "%s", text);
+        // The plugin reads it with strtod: the suffix applied; a whole number in full ("1500", not
+        // "1.5e+03"), anything else in the fewest digits that read back exactly.
+        if (dv == floor(dv) && fabs(dv) < 1e15) {
+            snprintf(out, len, "%.0f", dv);
+            return 0;
+        }
+        for (int digits = 1; digits <= 17; digits++) {
+            snprintf(out, len, "%.*g", digits, dv);
+            if (strtod(out, NULL) == dv) break;
+        }
         return 0;
     case DSMOE_PARAM_BOOL:
         if (dsmoe_deck_parse_bool(text, &bv) != 0) {
@@ -109,19 +118,20 @@ dsmoe_status dsmoe_plugin_settings_resolve(const dsmoe_config *cfg, const char *
     out->kind = kind;
     out->plugin = plugin;
     out->params = params;
-    out->n = n_params > 0 && params ? n_params : 0;
+    int n_declared = n_params > 0 && params ? n_params : 0;
     if (!envp) envp = environ;
     // Every given setting of this plugin must be declared.
     for (int i = 0; cfg && i < cfg->n_plugin_settings; i++) {
         const dsmoe_plugin_setting *s = &cfg->plugin_settings[i];
-        if (strcmp(s->kind, kind) || strcmp(s->plugin, plugin) || find_param(params, out->n, s->key) >= 0) continue;
+        if (strcmp(s->kind, kind) || strcmp(s->plugin, plugin) || find_param(params, n_declared, s->key) >= 0) continue;
         char names[512], pre[300];
-        list_names(params, out->n, names, sizeof names);
+        list_names(params, n_declared, names, sizeof names);
         if (s->cmdline) snprintf(pre, sizeof pre, "command line");
         else snprintf(pre, sizeof pre, "%s:%d", s->deck, s->line);
         return dsmoe_err_set(err, DSMOE_ERR_INVALID, "%s: %s plugin '%s' has no setting '%s' (its settings: %s)", pre,
                              kind, plugin, s->key, names);
     }
+    out->n = n_declared;
     if (out->n == 0) return DSMOE_OK;
     out->values = calloc((size_t)out->n, sizeof *out->values);
     out->origin = calloc((size_t)out->n, sizeof *out->origin);

@@ -13,7 +13,7 @@ typedef struct dsmoe_plugin_values {
     const char *kind, *plugin;      // "kernel" / "comm", the plugin's name (borrowed)
     const dsmoe_param_decl *params; // the plugin's declarations (borrowed from its table)
     int n;
-    char **values;                  // (n) normalised text: INT in decimal, BOOL "1"/"0"
+    char **values;                  // (n) normalised text: INT and FLOAT in decimal (suffix applied), BOOL "1"/"0"
     char **origin;                  // (n) "default", "deck q.deck:12", "environment DSMOE_KERNEL_CUDA_TF32",
                                     // "command line"
 } dsmoe_plugin_values;
@@ -22,7 +22,8 @@ typedef struct dsmoe_plugin_values {
 // default, then the deck, then DSMOE_<KIND>_<PLUGIN>_<KEY> in envp (NULL = environ; '-' in a name
 // reads as '_'), then the command line. cfg may be NULL (defaults and environment only). A setting
 // given for this plugin that it does not declare, or a value of the wrong type, is an error naming
-// where it was given. Settings of other plugins are left alone (a deck may carry several).
+// where it was given (*out is then empty: n 0). Settings of other plugins are left alone (a deck may
+// carry several).
 dsmoe_status dsmoe_plugin_settings_resolve(const dsmoe_config *cfg, const char *kind, const char *plugin,
                                            const dsmoe_param_decl *params, int n_params, char *const *envp,
                                            dsmoe_plugin_values *out, dsmoe_err *err);

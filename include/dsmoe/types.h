@@ -69,7 +69,7 @@ typedef enum dsmoe_reduce_op {
 // values to init as strings in declaration order (dsmoe_*_options.param_values).
 typedef enum dsmoe_param_type {
     DSMOE_PARAM_INT = 0,    // decimal integer, K/M/G suffixes allowed
-    DSMOE_PARAM_FLOAT = 1,
+    DSMOE_PARAM_FLOAT = 1,  // decimal number, K/M/G suffixes allowed (passed to init for strtod: "1500" for "1.5K")
     DSMOE_PARAM_BOOL = 2,   // true/false, yes/no, on/off, 1/0 (passed to init as "1" or "0")
     DSMOE_PARAM_STRING = 3,
     DSMOE_PARAM_ENUM = 4,   // one of `choices`
