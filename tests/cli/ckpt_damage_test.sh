@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # A damaged checkpoint never loads silently (docs/checkpoint.md, "Verification"). A short training run
 # writes good checkpoints; copies are damaged here (python3, with its own CRC32C from the definition):
-# a flipped data byte, a header length 4 and 1 short, a truncation, NaN in a tensor with its checksum
-# fixed, step = 4294967297 and -1, next_sample = -1; each is refused naming the file and the tensor or
-# field. A copy without checksums loads with a warning. checkpoint.resume = auto skips a damaged newest
+# a flipped data byte, a header length 4 and 1 short, a truncation, NaN and -Inf in a tensor with its
+# checksum fixed, a tensor's shape transposed and its dtype changed (the same bytes), another program's
+# safetensors metadata, another format version, step = 4294967297 and -1, next_sample = -1; each is
+# refused naming the file and the tensor or field. A copy without checksums loads with a warning. checkpoint.resume = auto skips a damaged newest
 # file and resumes from the one before, saying so, and removes a dead save's temporary.
 # Usage: ckpt_damage_test.sh <dsmoe binary>
 set -u
@@ -71,6 +72,19 @@ else:
         lo, hi = t["data_offsets"]
         data[lo + 4 * 5:lo + 4 * 6] = struct.pack("<f", float("nan"))
         meta["crc32c.wte.weight"] = "%08x" % crc32c(data[lo:hi])
+    elif what == "inf":
+        t = h["wpe.weight"]
+        lo, hi = t["data_offsets"]
+        data[lo + 4 * 7:lo + 4 * 8] = struct.pack("<f", float("-inf"))
+        meta["crc32c.wpe.weight"] = "%08x" % crc32c(data[lo:hi])
+    elif what == "shape":  # the same bytes, read as the transposed shape
+        h["wte.weight"]["shape"] = h["wte.weight"]["shape"][::-1]
+    elif what == "dtype":  # the same bytes, as 32-bit integers
+        h["wte.weight"]["dtype"] = "I32"
+    elif what == "foreign":  # a safetensors file of another program (PyTorch's own metadata)
+        h["__metadata__"] = {"format": "pt"}
+    elif what == "version":
+        meta["format_version"] = "99"
     elif what == "step_big":
         meta["step"] = "4294967297"
     elif what == "step_neg":
@@ -105,6 +119,11 @@ refuse short4 "(header length [0-9]+ leaves [0-9]+ padding spaces|bad JSON heade
 refuse short1 "(header length [0-9]+ leaves [0-9]+ padding spaces|bad JSON header|the data buffer holds)"
 refuse trunc "tensor '[^']+' data_offsets .* run past the data buffer"
 refuse nan "tensor 'wte.weight' holds NaN at element 5"
+refuse inf "tensor 'wpe.weight' holds -Inf at element 7"
+refuse shape "tensor 'wte.weight' is F32 \\[16, 32\\], the deck's model needs F32 \\[32, 16\\]"
+refuse dtype "tensor 'wte.weight' is I32 \\[32, 16\\], the deck's model needs F32 \\[32, 16\\]"
+refuse foreign "is not a dsmoe checkpoint \\(metadata format = 'pt', expected '[a-z-]+'\\)"
+refuse version "has format version '99'; this dsmoe reads version [0-9]+"
 refuse step_big "metadata 'step' = '4294967297' is not a number in \[0, 2147483647\]"
 refuse step_neg "metadata 'step' = '-1' is not a number"
 refuse sample_neg "metadata 'next_sample' = '-1' is not a number"
