@@ -16,6 +16,7 @@
 
 #include <math.h>
 #include <unistd.h>
+#include <sys/stat.h>
 
 #include "data.h"
 
@@ -432,6 +433,16 @@ static void test_megatron_errors(void **state) {
     patch(idx, 34 + 36 + 16, &bad_doc, 8);
     expect_open_error(&o, "bad.idx: document_indices[2] = 4", NULL);
     FRESH();
+    int64_t short_end = 2;
+    patch(idx, 34 + 36 + 16, &short_end, 8); // the last document ends before the last sequence
+    expect_open_error(&o, "bad.idx: document_indices must end with sequence_count 3 (found 2)", NULL);
+    FRESH();
+    FILE *more = fopen(bin, "ab"); // the .bin of another, longer corpus
+    assert_non_null(more);
+    assert_int_equal(fwrite("\1\0\2\0", 1, 4, more), 4);
+    assert_int_equal(fclose(more), 0);
+    expect_open_error(&o, "bad.bin: 28 bytes, but ", "bad.idx describes 24 (the .bin does not belong to this .idx)", NULL);
+    FRESH();
     uint16_t big = 70;
     patch(bin, 2 * 7, &big, 2); // token 2 of sequence 2
     expect_open_error(&o, "bad.bin: sequence 2 holds token 70 (position 2), outside [0, model.vocab = 64)", NULL);
@@ -450,6 +461,9 @@ static void test_megatron_errors(void **state) {
     expect_open_error(&o, "cannot open ", "bad.bin", NULL);
     o = mega(path_of("nothing"), 64, 2, 0);
     expect_open_error(&o, "cannot open ", "nothing.idx", NULL);
+    assert_int_equal(mkdir(path_of("dir.idx"), 0700), 0); // a directory where the .idx should be
+    o = mega(path_of("dir"), 64, 2, 0);
+    expect_open_error(&o, "dir.idx: not a regular file", NULL);
 #undef FRESH
 }
 
