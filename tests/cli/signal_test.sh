@@ -20,7 +20,7 @@ export OMP_NUM_THREADS=1 OMPI_MCA_mpi_yield_when_idle=1 OMP_WAIT_POLICY=passive
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 steps=1500
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh" # fail, ok, show, expect, finish
-source "$src/tests/held_signal.sh"               # hold, wait_pending, release_held
+source "$src/tests/held_signal.sh"               # launch, hold, wait_pending, release_held
 
 deck="$work/tiny.deck"
 cat >"$deck" <<DECK
@@ -46,19 +46,6 @@ synthetic_branching = 2
 keep = 3
 DECK
 
-# launch <ranks> <log> args...: dsmoe in the background (a singleton for 1 rank); each rank writes its
-# pid to <log>.pid.<rank>. Sets $pid to the launcher's (or the singleton's) pid.
-launch() {
-  local ranks=$1 log=$2
-  shift 2
-  if [ "$ranks" = 1 ]; then
-    bash -c 'echo $$ >"$0.pid.0"; exec "$@"' "$log" "$dsmoe" "$deck" "$@" >"$log" 2>&1 &
-  else
-    "$mpiexec" "${mpiflags[@]}" -n "$ranks" bash -c 'echo $$ >"$0.pid.$OMPI_COMM_WORLD_RANK"; exec "$@"' \
-      "$log" "$dsmoe" "$deck" "$@" >"$log" 2>&1 &
-  fi
-  pid=$!
-}
 
 # wait_rows <metrics.csv> <rows>: until the run has logged that many steps (60 s at most).
 wait_rows() {
