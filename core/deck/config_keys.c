@@ -41,8 +41,9 @@ const key_def dsmoe_config_keys[] = {
         "a rank that makes no progress this long (a peer stopped, hung or gone) ends the job with exit code 70, "
         "naming the step and phase; 0 = off"),
     KEY("run.signals", K_STRING, "USR1,TERM", signals, ANY,
-        "signals that make every rank write a checkpoint at the next step boundary and exit with 75 (a second "
-        "one exits at once with 76): names from HUP INT QUIT USR1 USR2 TERM XCPU, comma-separated; '' = none"),
+        "signals that make every rank write a checkpoint at the next step boundary and exit with 75 (a generation: "
+        "its finished completions; a second signal exits at once with 76): names from HUP INT QUIT USR1 USR2 TERM "
+        "XCPU, comma-separated; '' = none"),
 
     KEY("model.vocab", K_INT, "256", vocab, GE(2), "vocabulary size (tokens 0 .. vocab-1)"),
     KEY("model.seq_len", K_INT, "128", seq_len, GE(1), "tokens per sequence (context length)"),
@@ -178,6 +179,9 @@ const key_def dsmoe_config_keys[] = {
     KEY("generate.expert_slicing", K_BOOL, "false", gen_expert_slicing, ANY,
         "with tensor slicing: split every expert's FFN over the tensor group too (model.ffn_hidden / "
         "generate.tensor_parallel columns each, the partial outputs summed), instead of the coordinated all-to-all"),
+    KEY("generate.resume", K_BOOL, "false", gen_resume, ANY,
+        "continue a generation a run.signals signal stopped: keep the prompts finished in <output>.partial, "
+        "generate the others with the stopped run's checkpoint (checkpoint.resume = auto takes it)"),
 };
 const int dsmoe_config_n_keys = (int)(sizeof dsmoe_config_keys / sizeof dsmoe_config_keys[0]);
 _Static_assert(sizeof dsmoe_config_keys / sizeof dsmoe_config_keys[0] <= DSMOE_CONFIG_MAX_KEYS,

@@ -9,17 +9,20 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "checkpoint.h"
 #include "control.h"
 #include "dsmoe/rng.h"
 #include "generate_output.h"
+#include "generate_partial.h"
 #include "model.h"
 #include "model_infer.h"
 #include "plan.h"      // dsmoe_plan_bytes
 #include "preflight.h" // dsmoe_probe_dir
 #include "prompts.h"
+#include "signals.h"
 #include "tokenizer.h"
 #include "watchdog.h"
 
@@ -47,6 +50,10 @@ typedef struct generator {
     dsmoe_tokenizer *tok;
     dsmoe_prompt_list *prompts;  // the whole file (every rank reads it)
     char output[4096], checkpoint[4096];
+    char partial_path[4200];     // <output>.partial: where a stop writes, what generate.resume reads
+    dsmoe_partial partial;       // generate.resume: the stopped run's finished prompts (prompt_count 0: none)
+    int stop_signal, stop_ranks; // a run.signals signal stopped the run: which, and how many ranks got one
+    int64_t done_all;            // prompts finished by this run on every rank, as of the last step
     dsmoe_model *model;
     dsmoe_infer *inf;
     gen_seq *mine;               // this rank's prompts, in file order
@@ -112,9 +119,31 @@ static dsmoe_status open_text(generator *g, dsmoe_err *err) {
     return dsmoe_prompts_read(c->gen_prompts, format, g->tok, &d, g->context, &g->prompts, err);
 }
 
-// checkpoint.resume: a file, or auto = the newest that verifies in checkpoint.dir.
+// generate.resume: the finished prompts of the stopped run in <output>.partial, when there is one.
+static dsmoe_status open_partial(generator *g, dsmoe_err *err) {
+    snprintf(g->partial_path, sizeof g->partial_path, "%s.partial", g->output);
+    if (!g->cfg->gen_resume || access(g->partial_path, F_OK) != 0) return DSMOE_OK; // (said at the start)
+    return dsmoe_partial_read(g->partial_path, g->prompts, g->cfg->gen_prompts, &g->partial, err);
+}
+
+static int same_file(const char *a, const char *b) {
+    struct stat x, y;
+    return stat(a, &x) == 0 && stat(b, &y) == 0 && x.st_dev == y.st_dev && x.st_ino == y.st_ino;
+}
+
+// checkpoint.resume: a file, or auto = the newest that verifies in checkpoint.dir; when resuming a stopped
+// generation, the checkpoint it was generating with (auto takes it, another file is refused).
 static dsmoe_status find_checkpoint(generator *g, dsmoe_err *err) {
     const dsmoe_config *c = g->cfg;
+    if (g->partial.prompt_count) {
+        if (strcmp(c->resume, "auto") != 0 && !same_file(c->resume, g->partial.checkpoint))
+            return dsmoe_err_set(err, DSMOE_ERR_INVALID, "generate.resume: %s was generated with checkpoint %s, and "
+                                 "checkpoint.resume = %s is another file (set checkpoint.resume = auto to go on with "
+                                 "the stopped run's, or remove %s to start over)", g->partial_path,
+                                 g->partial.checkpoint, c->resume, g->partial_path);
+        snprintf(g->checkpoint, sizeof g->checkpoint, "%s", g->partial.checkpoint);
+        return DSMOE_OK;
+    }
     char dir[2048];
     if (c->checkpoint_dir[0]) snprintf(dir, sizeof dir, "%s", c->checkpoint_dir);
     else snprintf(dir, sizeof dir, "%s/checkpoints", c->output_dir);
@@ -214,6 +243,8 @@ static int build_call(generator *g, int *slot, int *count, int32_t *tokens, int 
 // whether any work is left anywhere, with the progress counters on the way.
 typedef struct step_agreement {
     int64_t rows, busy, done, tokens;
+    int64_t signo; // this rank's run.signals signal; agreed: the lowest-numbered any rank got
+    int64_t signalled; // agreed: how many ranks got one
 } step_agreement;
 
 static dsmoe_status agree(generator *g, step_agreement *mine, step_agreement *all, dsmoe_err *err) {
@@ -226,7 +257,10 @@ static dsmoe_status agree(generator *g, step_agreement *mine, step_agreement *al
         all->busy += v[r].busy;
         all->done += v[r].done;
         all->tokens += v[r].tokens;
+        all->signalled += v[r].signo != 0;
+        if (v[r].signo && (!all->signo || v[r].signo < all->signo)) all->signo = v[r].signo;
     }
+    all->done /= g->W, all->tokens /= g->W; // a tensor group's ranks count the same prompts
     free(v);
     return s;
 }
@@ -245,9 +279,16 @@ static dsmoe_status run_steps(generator *g, double t_start, dsmoe_err *err) {
     long steps = 0;
     while (s == DSMOE_OK) {
         int rows, busy, n = build_call(g, slot, count, tokens, &rows, &busy, dsmoe_now_seconds());
-        step_agreement me = {rows, busy, g->done, g->tokens_out}, all = {0};
+        step_agreement me = {rows, busy, g->done, g->tokens_out, dsmoe_signals_pending(), 0}, all = {0};
         dsmoe_watchdog_beat("generation step", steps + 1);
-        if ((s = agree(g, &me, &all, err)) != DSMOE_OK || all.busy == 0) break;
+        if ((s = agree(g, &me, &all, err)) != DSMOE_OK) break;
+        g->done_all = all.done;
+        if (all.busy == 0) break; // done: a signal now changes nothing
+        if (all.signalled) { // every rank stops at this step: the finished completions are written
+            g->stop_signal = me.signo ? (int)me.signo : (int)all.signo;
+            g->stop_ranks = (int)all.signalled;
+            break;
+        }
         s = dsmoe_infer_forward(g->inf, n, slot, count, tokens, all.rows > 0 ? (int)all.rows : 1,
                                 c->gen_capacity_factor, c->gen_profile ? &g->times : NULL, err);
         if (s != DSMOE_OK) break;
@@ -309,21 +350,27 @@ static dsmoe_status setup(generator *g, dsmoe_err *err) {
     if (g->eos >= g->vocab_drawn)
         return dsmoe_err_set(err, DSMOE_ERR_INVALID, "generate.eos_token = %d: generation draws ids below %d only (%s "
                              "tokenizer)", c->gen_eos_token, g->vocab_drawn, dsmoe_tokenizer_describe(g->tok));
-    DSMOE_TRY(find_checkpoint(g, err));
     DSMOE_TRY(probe_output(g, err));
-    int n = g->prompts->n;
+    DSMOE_TRY(open_partial(g, err));
+    DSMOE_TRY(find_checkpoint(g, err));
+    // This rank's share of the prompts left: every prompt, unless a stopped run finished some.
+    int n = g->prompts->n, left = n - g->partial.n_done;
+    int *todo = malloc((size_t)(left ? left : 1) * sizeof *todo);
+    if (!todo) return dsmoe_err_set(err, DSMOE_ERR_NOMEM, "generate: out of memory");
+    for (int i = 0, k = 0; i < n; i++)
+        if (!g->partial.done || !g->partial.done[i]) todo[k++] = i;
     g->W = c->gen_tensor_parallel;
     g->t = g->rt->slot % g->W;
     g->data_rank = g->rt->slot / g->W;
     g->data_ranks = g->ranks / g->W;
-    g->n_mine = n / g->data_ranks + (g->data_rank < n % g->data_ranks);
+    g->n_mine = left / g->data_ranks + (g->data_rank < left % g->data_ranks);
     g->mine = calloc((size_t)(g->n_mine ? g->n_mine : 1), sizeof *g->mine);
     g->slot_owner = malloc((size_t)c->gen_batch * sizeof *g->slot_owner);
-    if (!g->mine || !g->slot_owner) return dsmoe_err_set(err, DSMOE_ERR_NOMEM, "generate: out of memory");
+    if (!g->mine || !g->slot_owner) return free(todo), dsmoe_err_set(err, DSMOE_ERR_NOMEM, "generate: out of memory");
     for (int s = 0; s < c->gen_batch; s++) g->slot_owner[s] = -1;
     for (int i = 0; i < g->n_mine; i++) {
         gen_seq *q = &g->mine[i];
-        q->index = g->data_rank + i * g->data_ranks;
+        q->index = todo[g->data_rank + i * g->data_ranks];
         q->p = &g->prompts->items[q->index];
         q->slot = -1;
         // The prompt's stream: its own seed, else generate.seed keyed by its index in the file.
@@ -331,7 +378,26 @@ static dsmoe_status setup(generator *g, dsmoe_err *err) {
         q->sp = (dsmoe_sampling_params){.temperature = (float)q->p->temperature, .top_k = q->p->top_k,
                                         .top_p = (float)q->p->top_p, .seed = seed};
     }
+    free(todo);
     return DSMOE_OK;
+}
+
+// generate.resume: the checkpoint must still be the stopped run's (the same file may have been rewritten).
+static dsmoe_status check_resumed_step(const generator *g, int step, dsmoe_err *err) {
+    if (!g->partial.prompt_count || step == g->partial.step) return DSMOE_OK;
+    return dsmoe_err_set(err, DSMOE_ERR_INVALID, "generate.resume: %s was generated with %s at step %d, which now "
+                         "holds step %d (remove %s to start over)", g->partial_path, g->checkpoint, g->partial.step, step,
+                         g->partial_path);
+}
+
+// Rank 0, before any work: what generate.resume found.
+static void say_resumed(const generator *g) {
+    if (g->rank != 0 || !g->cfg->gen_resume) return;
+    if (g->partial.prompt_count)
+        printf("generate: resuming %s: %d of %d prompts finished there, %d left\n", g->partial_path, g->partial.n_done,
+               g->prompts->n, g->prompts->n - g->partial.n_done);
+    else
+        printf("generate: generate.resume: no %s, so every prompt is generated\n", g->partial_path);
 }
 
 static void teardown(generator *g) {
@@ -342,6 +408,7 @@ static void teardown(generator *g) {
     dsmoe_model_free(g->model);
     dsmoe_prompts_free(g->prompts);
     dsmoe_tokenizer_free(g->tok);
+    dsmoe_partial_free(&g->partial);
 }
 
 dsmoe_status dsmoe_generate_check(const dsmoe_config *c, dsmoe_runtime *rt, dsmoe_err *err) {
@@ -349,7 +416,9 @@ dsmoe_status dsmoe_generate_check(const dsmoe_config *c, dsmoe_runtime *rt, dsmo
     dsmoe_train_position pos = {0};
     dsmoe_status s = setup(&g, err);
     if (s == DSMOE_OK) s = dsmoe_checkpoint_verify(c, g.checkpoint, &pos, err);
+    if (s == DSMOE_OK) s = check_resumed_step(&g, pos.step, err);
     s = dsmoe_ctl_checks_agree(rt->world_ctl, s, err);
+    if (s == DSMOE_OK) say_resumed(&g);
     if (s == DSMOE_OK && g.rank == 0)
         printf("generate: %d prompts from %s (%s tokenizer), checkpoint %s verifies (step %d), output %s\n",
                g.prompts->n, c->gen_prompts, dsmoe_tokenizer_describe(g.tok), g.checkpoint, pos.step, g.output);
@@ -357,15 +426,19 @@ dsmoe_status dsmoe_generate_check(const dsmoe_config *c, dsmoe_runtime *rt, dsmo
     return s;
 }
 
-dsmoe_status dsmoe_generate_run(const dsmoe_config *c, const char *config_text, dsmoe_runtime *rt, dsmoe_err *err) {
+dsmoe_status dsmoe_generate_run(const dsmoe_config *c, const char *config_text, dsmoe_runtime *rt, int *stopped_signal,
+                                dsmoe_err *err) {
     (void)config_text;
+    *stopped_signal = 0;
     generator g = {.cfg = c, .rt = rt, .rank = rt->world_rank, .ranks = rt->world_size};
     // Everything that can fail on the inputs fails here, on every rank, before the model exists.
     dsmoe_status s = dsmoe_ctl_checks_agree(rt->world_ctl, setup(&g, err), err);
+    if (s == DSMOE_OK) say_resumed(&g);
     if (s == DSMOE_OK) s = dsmoe_model_create(c, rt, 0, &g.model, err); // parameters only
+    dsmoe_train_position pos = {0};
     if (s == DSMOE_OK) {
-        dsmoe_train_position pos;
         s = dsmoe_errors_agree(dsmoe_checkpoint_load(g.model, NULL, c, g.checkpoint, &pos, err), err);
+        if (s == DSMOE_OK) s = check_resumed_step(&g, pos.step, err); // (the same on every rank)
         if (s == DSMOE_OK && g.rank == 0)
             printf("generate: %d prompts from %s, checkpoint %s (step %d), %s tokenizer, %d rank%s x %d sequences, "
                    "context %d\n", g.prompts->n, c->gen_prompts, g.checkpoint, pos.step, dsmoe_tokenizer_describe(g.tok),
@@ -399,10 +472,14 @@ dsmoe_status dsmoe_generate_run(const dsmoe_config *c, const char *config_text, 
     if (s == DSMOE_OK) s = run_steps(&g, t_start, err);
     double elapsed = dsmoe_now_seconds() - t_start;
     if (s == DSMOE_OK) {
+        dsmoe_buf header = {0};
+        if (g.stop_signal) dsmoe_partial_header(&header, g.checkpoint, pos.step, c->gen_prompts, g.prompts->n);
         dsmoe_generation_report rep = {
-            .path = g.output, .prompts = g.prompts, .tok = g.tok, .elapsed = elapsed, .times = g.times,
-            .profiled = c->gen_profile, .world = rt->world_ctl,
+            .path = g.output, .partial_path = g.partial_path, .prompts = g.prompts, .tok = g.tok, .elapsed = elapsed,
+            .times = g.times, .profiled = c->gen_profile, .world = rt->world_ctl, .stopped = g.stop_signal != 0,
+            .header = header.p, .kept = g.rank == 0 ? g.partial.lines : NULL, .kept_len = g.partial.lines_len,
         };
+        if (g.stop_signal && header.oom) s = dsmoe_err_set(err, DSMOE_ERR_NOMEM, "generate: out of memory");
         rep.completions = malloc((size_t)(g.n_mine ? g.n_mine : 1) * sizeof *rep.completions);
         rep.indices = malloc((size_t)(g.n_mine ? g.n_mine : 1) * sizeof *rep.indices);
         if (!rep.completions || !rep.indices) s = dsmoe_err_set(err, DSMOE_ERR_NOMEM, "generate: out of memory");
@@ -415,6 +492,17 @@ dsmoe_status dsmoe_generate_run(const dsmoe_config *c, const char *config_text, 
         if (s == DSMOE_OK) s = dsmoe_generation_write(&rep, err);
         free(rep.completions);
         free(rep.indices);
+        free(header.p);
+    }
+    if (s == DSMOE_OK && g.stop_signal) {
+        dsmoe_signals_stop_written(); // from here on a signal is ignored: the rank is only exiting
+        *stopped_signal = g.stop_signal;
+        if (g.rank == 0)
+            printf("stopped: SIG%s after %" PRId64 " of %d prompts (%d of %d rank%s got a signal): the finished ones are "
+                   "in %s; exit code 75; resume with generate.resume = true\n", dsmoe_signal_name(g.stop_signal),
+                   g.partial.n_done + g.done_all, g.prompts->n, g.stop_ranks, g.ranks, g.ranks == 1 ? "" : "s",
+                   g.partial_path);
+        fflush(stdout);
     }
     teardown(&g);
     return s;

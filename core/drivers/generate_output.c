@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "json.h" // dsmoe_buf, dsmoe_json_write_string
 
@@ -149,27 +150,29 @@ static dsmoe_status put_line(dsmoe_buf *b, int index, const dsmoe_prompt *p, con
 // ----------------------------------------------------------------------------------------------------
 // the file and the summary
 
-// Rank 0: the output in prompt order from every rank's lines, each of which starts with its prompt's
-// index ({"index":N,...); every prompt must have exactly one.
-static dsmoe_status assemble(const char *all, size_t total, int n_prompts, dsmoe_buf *out, dsmoe_err *err) {
+// Rank 0: the output in prompt order from every rank's lines and the kept ones, each of which starts with
+// its prompt's index ({"index":N,...); no prompt may have two, and with `complete` every prompt has one.
+static dsmoe_status assemble(const char *const part[2], const size_t part_len[2], int n_prompts, int complete,
+                             dsmoe_buf *out, dsmoe_err *err) {
     const char **line = calloc((size_t)n_prompts, sizeof *line);
     size_t *len = calloc((size_t)n_prompts, sizeof *len);
     dsmoe_status s = line && len ? DSMOE_OK : dsmoe_err_set(err, DSMOE_ERR_NOMEM, "generate: out of memory");
-    for (const char *p = all, *end = all + total; s == DSMOE_OK && p < end;) {
-        const char *nl = memchr(p, '\n', (size_t)(end - p));
-        long i = -1;
-        if (nl && sscanf(p, "{\"index\":%ld", &i) == 1 && i >= 0 && i < n_prompts && !line[i]) {
-            line[i] = p;
-            len[i] = (size_t)(nl + 1 - p);
-            p = nl + 1;
-        } else {
-            s = dsmoe_err_set(err, DSMOE_ERR_INTERNAL, "generate: a result line for prompt %ld is malformed or "
-                              "repeated", i);
+    for (int k = 0; k < 2; k++)
+        for (const char *p = part[k], *end = part[k] ? part[k] + part_len[k] : NULL; s == DSMOE_OK && p < end;) {
+            const char *nl = memchr(p, '\n', (size_t)(end - p));
+            long i = -1;
+            if (nl && sscanf(p, "{\"index\":%ld", &i) == 1 && i >= 0 && i < n_prompts && !line[i]) {
+                line[i] = p;
+                len[i] = (size_t)(nl + 1 - p);
+                p = nl + 1;
+            } else {
+                s = dsmoe_err_set(err, DSMOE_ERR_INTERNAL, "generate: a result line for prompt %ld is malformed or "
+                                  "repeated", i);
+            }
         }
-    }
     for (int i = 0; s == DSMOE_OK && i < n_prompts; i++) {
-        if (!line[i]) s = dsmoe_err_set(err, DSMOE_ERR_INTERNAL, "generate: no result for prompt %d", i);
-        else dsmoe_buf_put(out, line[i], len[i]);
+        if (line[i]) dsmoe_buf_put(out, line[i], len[i]);
+        else if (complete) s = dsmoe_err_set(err, DSMOE_ERR_INTERNAL, "generate: no result for prompt %d", i);
     }
     free(line);
     free(len);
@@ -178,10 +181,10 @@ static dsmoe_status assemble(const char *all, size_t total, int n_prompts, dsmoe
 }
 
 static void summary(const dsmoe_generation_report *rep, double *lat, size_t n_lat, double *ttft, size_t n_ttft,
-                    long long tokens, const dsmoe_infer_times *t) {
+                    long long prompts, long long tokens, const dsmoe_infer_times *t) {
     double el = rep->elapsed > 0 ? rep->elapsed : 1e-9;
-    printf("generate: %d prompts, %lld tokens in %.2f s: %.2f prompts/s, %.1f tokens/s\n", rep->prompts->n, tokens,
-           rep->elapsed, rep->prompts->n / el, (double)tokens / el);
+    printf("generate: %lld prompts, %lld tokens in %.2f s: %.2f prompts/s, %.1f tokens/s\n", prompts, tokens,
+           rep->elapsed, (double)prompts / el, (double)tokens / el);
     printf("generate: time to first token p50 %.2f ms, p90 %.2f ms, p99 %.2f ms; per-token latency p50 %.2f ms, "
            "p90 %.2f ms, p99 %.2f ms\n", dsmoe_percentile(ttft, n_ttft, 0.5), dsmoe_percentile(ttft, n_ttft, 0.9),
            dsmoe_percentile(ttft, n_ttft, 0.99), dsmoe_percentile(lat, n_lat, 0.5), dsmoe_percentile(lat, n_lat, 0.9),
@@ -201,38 +204,44 @@ dsmoe_status dsmoe_generation_write(const dsmoe_generation_report *rep, dsmoe_er
     int rank = dsmoe_ctl_rank(rep->world), ranks = dsmoe_ctl_size(rep->world);
     dsmoe_buf lines = {0}, lats = {0};
     dsmoe_status s = DSMOE_OK;
-    long long mine[1] = {0};
+    // This run's finished completions: a stop leaves some unfinished, which are dropped.
+    int *kept = malloc((size_t)(rep->n ? rep->n : 1) * sizeof *kept), n = 0;
+    if (!kept) return dsmoe_err_set(err, DSMOE_ERR_NOMEM, "generate: out of memory");
+    for (int i = 0; i < rep->n; i++)
+        if (rep->completions[i]->finish) kept[n++] = i;
+    int64_t mine[2] = {0, n}; // tokens, prompts
     // Latencies after the first token of each completion (time to first token is its own statistic),
     // then the times to first token, each list prefixed by its length.
     double n_after = 0, n_first = 0;
-    for (int i = 0; i < rep->n && s == DSMOE_OK; i++) {
-        const dsmoe_completion *c = rep->completions[i];
-        s = put_line(&lines, rep->indices[i], &rep->prompts->items[rep->indices[i]], c, rep->tok, err);
-        mine[0] += (long long)c->n_tokens;
+    for (int k = 0; k < n && s == DSMOE_OK; k++) {
+        const dsmoe_completion *c = rep->completions[kept[k]];
+        s = put_line(&lines, rep->indices[kept[k]], &rep->prompts->items[rep->indices[kept[k]]], c, rep->tok, err);
+        mine[0] += (int64_t)c->n_tokens;
         n_after += c->n_tokens > 1 ? (double)(c->n_tokens - 1) : 0;
         n_first += c->n_tokens > 0;
     }
     dsmoe_buf_put(&lats, &n_after, sizeof n_after);
-    for (int i = 0; i < rep->n; i++)
-        if (rep->completions[i]->n_tokens > 1)
-            dsmoe_buf_put(&lats, rep->completions[i]->latency_ms + 1,
-                          (rep->completions[i]->n_tokens - 1) * sizeof(double));
+    for (int k = 0; k < n; k++)
+        if (rep->completions[kept[k]]->n_tokens > 1)
+            dsmoe_buf_put(&lats, rep->completions[kept[k]]->latency_ms + 1,
+                          (rep->completions[kept[k]]->n_tokens - 1) * sizeof(double));
     dsmoe_buf_put(&lats, &n_first, sizeof n_first);
-    for (int i = 0; i < rep->n; i++)
-        if (rep->completions[i]->n_tokens > 0) dsmoe_buf_put(&lats, &rep->completions[i]->ttft_ms, sizeof(double));
+    for (int k = 0; k < n; k++)
+        if (rep->completions[kept[k]]->n_tokens > 0) dsmoe_buf_put(&lats, &rep->completions[kept[k]]->ttft_ms, sizeof(double));
+    free(kept);
     if (s == DSMOE_OK && (lines.oom || lats.oom)) s = dsmoe_err_set(err, DSMOE_ERR_NOMEM, "generate: out of memory");
     DSMOE_TRY(dsmoe_errors_agree(s, err));
 
     char *all_lines = NULL, *all_lats = NULL;
     size_t total_lines = 0, total_lats = 0;
     size_t *counts = calloc((size_t)ranks, sizeof *counts), *lat_counts = calloc((size_t)ranks, sizeof *lat_counts);
-    int64_t tokens[1] = {mine[0]};
+    int64_t totals[2] = {mine[0], mine[1]};
     double times[5] = {rep->times.attention, rep->times.gating, rep->times.alltoall, rep->times.experts,
                        rep->times.other};
     s = counts && lat_counts ? DSMOE_OK : dsmoe_err_set(err, DSMOE_ERR_NOMEM, "generate: out of memory");
     if (s == DSMOE_OK) s = dsmoe_ctl_gather_bytes(rep->world, lines.p, lines.len, &all_lines, &total_lines, counts, err);
     if (s == DSMOE_OK) s = dsmoe_ctl_gather_bytes(rep->world, lats.p, lats.len, &all_lats, &total_lats, lat_counts, err);
-    if (s == DSMOE_OK) s = dsmoe_ctl_allreduce_i64(rep->world, tokens, 1, err);
+    if (s == DSMOE_OK) s = dsmoe_ctl_allreduce_i64(rep->world, totals, 2, err);
     if (s == DSMOE_OK) s = dsmoe_ctl_allreduce_f64(rep->world, times, 5, err);
     free(lines.p);
     free(lats.p);
@@ -240,14 +249,20 @@ dsmoe_status dsmoe_generation_write(const dsmoe_generation_report *rep, dsmoe_er
     dsmoe_status w = DSMOE_OK;
     if (s == DSMOE_OK && rank == 0) {
         dsmoe_buf out = {0};
-        w = assemble(all_lines, total_lines, rep->prompts->n, &out, err);
+        const char *path = rep->stopped ? rep->partial_path : rep->path;
+        if (rep->stopped) dsmoe_buf_put(&out, rep->header, strlen(rep->header));
+        const char *part[2] = {rep->kept, all_lines};
+        const size_t part_len[2] = {rep->kept ? rep->kept_len : 0, total_lines};
+        w = assemble(part, part_len, rep->prompts->n, !rep->stopped, &out, err);
         char dir[4096];
-        snprintf(dir, sizeof dir, "%s", rep->path);
+        snprintf(dir, sizeof dir, "%s", path);
         char *slash = strrchr(dir, '/');
         if (slash && slash != dir) *slash = '\0'; // the directory was probed before any work (preflight.h)
         if (w == DSMOE_OK && slash && slash != dir) w = dsmoe_mkdir_p(dir, err);
-        if (w == DSMOE_OK) w = dsmoe_write_file_atomic(rep->path, out.p ? out.p : "", out.len, err);
+        if (w == DSMOE_OK) w = dsmoe_write_file_atomic(path, out.p ? out.p : "", out.len, err);
         free(out.p);
+        // The complete output supersedes what a stopped run left (a resumed one's, or a stale one).
+        int removed = w == DSMOE_OK && !rep->stopped && unlink(rep->partial_path) == 0;
         if (w == DSMOE_OK) {
             // Each rank's part: [n_after, latencies..., n_first, ttfts...] as doubles.
             size_t n_doubles = total_lats / sizeof(double), n_lat = 0, n_ttft = 0;
@@ -265,8 +280,9 @@ dsmoe_status dsmoe_generation_write(const dsmoe_generation_report *rep, dsmoe_er
                 }
                 dsmoe_infer_times mean = {times[0] / ranks, times[1] / ranks, times[2] / ranks, times[3] / ranks,
                                           times[4] / ranks};
-                printf("generate: wrote %s\n", rep->path);
-                summary(rep, lat, n_lat, ttft, n_ttft, (long long)tokens[0], &mean);
+                printf("generate: wrote %s\n", path);
+                if (removed) printf("generate: removed %s (the complete output replaces it)\n", rep->partial_path);
+                summary(rep, lat, n_lat, ttft, n_ttft, (long long)totals[1], (long long)totals[0], &mean);
             }
             free(lat);
             free(ttft);

@@ -38,11 +38,17 @@ void dsmoe_completion_free(dsmoe_completion *c);
 // The run's results on each rank, for dsmoe_generation_write.
 typedef struct dsmoe_generation_report {
     const char *path;                 // the output file (written by rank 0)
+    const char *partial_path;         // <path>.partial (generate_partial.h): a stop's finished completions
     const dsmoe_prompt_list *prompts; // the whole prompt file
     const dsmoe_tokenizer *tok;
     dsmoe_completion **completions;   // (n) this rank's, in file order
     int *indices;                     // (n) their prompts' indices in the file
     int n;
+    int stopped;                      // a signal stopped the run: only the finished completions, into
+                                      // partial_path after `header`; else every prompt, into path
+    const char *header;               // stopped: the partial file's first line
+    const char *kept;                 // rank 0: lines finished by an earlier, stopped run (kept_len bytes;
+    size_t kept_len;                  // NULL: none), each "{"index":N,..." and a newline
     double elapsed;                   // seconds of the step loop
     dsmoe_infer_times times;          // this rank's breakdown (profiled only)
     int profiled;
@@ -50,8 +56,9 @@ typedef struct dsmoe_generation_report {
 } dsmoe_generation_report;
 
 // Collective: gathers every rank's completions to rank 0, which writes one JSON line per prompt in file
-// order (atomically: a temporary name, fsync, rename) and prints the summary: prompts/s, tokens/s,
-// time to first token and per-token latency percentiles, the time breakdown (the mean over ranks).
+// order (atomically: a temporary name, fsync, rename), the kept lines among them, and prints the summary
+// of this run's finished prompts: prompts/s, tokens/s, time to first token and per-token latency
+// percentiles, the time breakdown (the mean over ranks). The complete output removes partial_path.
 dsmoe_status dsmoe_generation_write(const dsmoe_generation_report *rep, dsmoe_err *err);
 
 // The q-quantile (0..1) of v (n), by linear interpolation between order statistics; sorts v.

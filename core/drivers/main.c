@@ -297,7 +297,8 @@ int main(int argc, char **argv) {
         return 1;
     }
     // Walltime signals: from here on a signal is a request to checkpoint, not the end (train.h).
-    if (cfg.mode == DSMOE_MODE_TRAIN && !check_only) s = dsmoe_signals_install(&cfg, &err);
+    if ((cfg.mode == DSMOE_MODE_TRAIN || cfg.mode == DSMOE_MODE_GENERATE) && !check_only)
+        s = dsmoe_signals_install(&cfg, &err);
     else {
         int signos[16], n;
         s = dsmoe_signals_parse(cfg.signals, signos, 16, &n, &err); // --check refuses a bad name too
@@ -354,7 +355,9 @@ int main(int argc, char **argv) {
     } else if (s == DSMOE_OK && (s = dsmoe_watchdog_start(cfg.watchdog, rank, &err)) != DSMOE_OK) {
         // no thread, no run
     } else if (s == DSMOE_OK && cfg.mode == DSMOE_MODE_GENERATE) {
-        s = dsmoe_generate_run(&cfg, resolved, &rt, &err);
+        int signo = 0;
+        s = dsmoe_generate_run(&cfg, resolved, &rt, &signo, &err);
+        stopped = signo != 0;
     } else if (s == DSMOE_OK) {
         dsmoe_train_result result;
         memset(&result, 0, sizeof result);

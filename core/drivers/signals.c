@@ -85,6 +85,8 @@ dsmoe_status dsmoe_signals_install(const dsmoe_config *cfg, dsmoe_err *err) {
     return DSMOE_OK;
 }
 
+int dsmoe_signals_pending(void) { return signals_installed ? (int)stop_signal : 0; }
+
 dsmoe_status dsmoe_signals_agree(dsmoe_ctl_group *world, int *signo, int *ranks, dsmoe_err *err) {
     *signo = *ranks = 0;
     if (!signals_installed) return DSMOE_OK;

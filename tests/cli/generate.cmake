@@ -12,3 +12,11 @@ set_tests_properties(generate PROPERTIES TIMEOUT 600 LABELS "cli;inference" RESO
 # work. One rank: no lock, so it runs beside the multi-rank tests.
 add_test(NAME generate_io COMMAND bash ${CMAKE_CURRENT_LIST_DIR}/generate_io_test.sh $<TARGET_FILE:dsmoe>)
 set_tests_properties(generate_io PROPERTIES TIMEOUT 300 LABELS "cli;inference")
+
+# A generation stopped by a walltime signal and resumed (tests/cli/generate_signal_test.sh): exit 75, the
+# finished completions in <output>.partial, a resume on another layout that writes the uninterrupted
+# run's output; resumes with another checkpoint, prompt file or a damaged .partial refused. Its waits
+# are timed: it runs alone (RUN_SERIAL).
+add_test(NAME generate_signal COMMAND bash ${CMAKE_CURRENT_LIST_DIR}/generate_signal_test.sh $<TARGET_FILE:dsmoe>
+                                      ${PROJECT_SOURCE_DIR} ${DSMOE_MPIEXEC} ${DSMOE_MPIEXEC_PREFLAGS})
+set_tests_properties(generate_signal PROPERTIES TIMEOUT 300 LABELS "cli;inference" RUN_SERIAL TRUE)

@@ -214,6 +214,7 @@ grep -Eq "^stopped: SIGUSR1 at step [0-9]+ of 100000 \([12] of 2 ranks" "$work/p
   { fail "pbs.qsub: dsmoe did not stop on USR1"; show "$work/pbs.log"; }
 grep -q "resubmitted as 4243.pbs-test" "$work/pbs.log" && ok || { fail "pbs.qsub: no resubmission"; show "$work/pbs.log"; }
 grep -qx "DSMOE_CHECKPOINT_RESUME=auto" "$work/pbs/qsub.env" 2>/dev/null && grep -qx "DSMOE_DECK=$deck" "$work/pbs/qsub.env" &&
+  grep -qx "DSMOE_GENERATE_RESUME=true" "$work/pbs/qsub.env" &&
   grep -qx "DSMOE_ARGS=run.output_dir=$work/pbs/out train.steps=100000" "$work/pbs/qsub.env" && ok ||
   fail "pbs.qsub: the resubmission lacks the deck, arguments or resume: $(cat "$work/pbs/qsub.env" 2>&1)"
 grep -q "DSMOE_CHECKPOINT_RESUME" "$work/pbs/qsub.args" 2>/dev/null && grep -qx "jobscripts/pbs.qsub" "$work/pbs/qsub.args" && ok ||
