@@ -364,9 +364,10 @@ static dsmoe_status check_range(loader *L, int k, dsmoe_err *err) {
     const range *r = &kd->r;
     if (!r->lo_kind && !r->hi_kind) return DSMOE_OK;
     const char *field = (const char *)&L->cfg + kd->off;
-    double v = kd->type == K_INT ? *(const int *)field
-             : kd->type == K_U64 ? (double)*(const uint64_t *)field
-                                 : (double)*(const float *)field;
+    double v = kd->type == K_INT        ? *(const int *)field
+             : kd->type == K_U64      ? (double)*(const uint64_t *)field
+             : kd->type == K_DURATION ? *(const double *)field
+                                      : (double)*(const float *)field;
     int ok = (r->lo_kind != '[' || v >= r->lo) && (r->lo_kind != '(' || v > r->lo) &&
              (r->hi_kind != ']' || v <= r->hi) && (r->hi_kind != ')' || v < r->hi);
     if (ok) return DSMOE_OK;
