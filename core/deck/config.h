@@ -165,6 +165,7 @@ typedef struct dsmoe_config {
     int gen_coordinated;         // generate.coordinated_alltoall: tensor ranks split the MoE layers' tokens
     int gen_expert_slicing;      // generate.expert_slicing: each expert's FFN split over the tensor group
     int gen_resume;              // generate.resume: continue a stopped generation from <output>.partial
+    double gen_save_every;       // generate.save_every: seconds between saves of <output>.partial (0 = none)
 
     // [kernel.NAME] and [comm.NAME]: plugin-declared settings as written in the deck and on the command
     // line, checked against the plugin's declarations when it is loaded (core/deck/plugin_settings.c).

@@ -182,6 +182,9 @@ const key_def dsmoe_config_keys[] = {
     KEY("generate.resume", K_BOOL, "false", gen_resume, ANY,
         "continue a generation a run.signals signal stopped: keep the prompts finished in <output>.partial, "
         "generate the others with the stopped run's checkpoint (checkpoint.resume = auto takes it)"),
+    KEY("generate.save_every", K_DURATION, "0", gen_save_every, GE(0),
+        "seconds between saves of the finished completions to <output>.partial, for generate.resume after a "
+        "crash or a kill; 0 = only when a run.signals signal stops the run"),
 };
 const int dsmoe_config_n_keys = (int)(sizeof dsmoe_config_keys / sizeof dsmoe_config_keys[0]);
 _Static_assert(sizeof dsmoe_config_keys / sizeof dsmoe_config_keys[0] <= DSMOE_CONFIG_MAX_KEYS,

@@ -54,6 +54,8 @@ typedef struct generator {
     dsmoe_partial partial;       // generate.resume: the stopped run's finished prompts (prompt_count 0: none)
     int stop_signal, stop_ranks; // a run.signals signal stopped the run: which, and how many ranks got one
     int64_t done_all;            // prompts finished by this run on every rank, as of the last step
+    int step;                    // the checkpoint's
+    double t_start, t_saved;     // the step loop's start; the last generate.save_every save
     dsmoe_model *model;
     dsmoe_infer *inf;
     gen_seq *mine;               // this rank's prompts, in file order
@@ -207,6 +209,42 @@ static dsmoe_status take_token(generator *g, gen_seq *q, int32_t token, double n
 }
 
 // ----------------------------------------------------------------------------------------------------
+// the results
+
+// Collective. COMPLETE: every prompt into the output. STOP: the finished ones into <output>.partial (a
+// signal stopped the run). SAVE: the same, while the run goes on (generate.save_every), with one line
+// instead of the summary.
+enum { WRITE_COMPLETE, WRITE_STOP, WRITE_SAVE };
+
+static dsmoe_status write_results(generator *g, int what, dsmoe_err *err) {
+    const dsmoe_config *c = g->cfg;
+    dsmoe_status s = DSMOE_OK;
+    dsmoe_buf header = {0};
+    if (what != WRITE_COMPLETE) dsmoe_partial_header(&header, g->checkpoint, g->step, c->gen_prompts, g->prompts->n);
+    dsmoe_generation_report rep = {
+        .path = g->output, .partial_path = g->partial_path, .prompts = g->prompts, .tok = g->tok,
+        .elapsed = dsmoe_now_seconds() - g->t_start, .times = g->times, .profiled = c->gen_profile,
+        .world = g->rt->world_ctl, .stopped = what != WRITE_COMPLETE, .quiet = what == WRITE_SAVE, .header = header.p,
+        .kept = g->rank == 0 ? g->partial.lines : NULL, .kept_len = g->partial.lines_len,
+    };
+    if (header.oom) s = dsmoe_err_set(err, DSMOE_ERR_NOMEM, "generate: out of memory");
+    rep.completions = malloc((size_t)(g->n_mine ? g->n_mine : 1) * sizeof *rep.completions);
+    rep.indices = malloc((size_t)(g->n_mine ? g->n_mine : 1) * sizeof *rep.indices);
+    if (!rep.completions || !rep.indices) s = dsmoe_err_set(err, DSMOE_ERR_NOMEM, "generate: out of memory");
+    for (int i = 0; s == DSMOE_OK && i < g->n_mine; i++) {
+        rep.completions[i] = &g->mine[i].out;
+        rep.indices[i] = g->mine[i].index;
+    }
+    rep.n = g->t == 0 ? g->n_mine : 0; // a tensor group's ranks hold the same completions: one reports
+    s = dsmoe_errors_agree(s, err);
+    if (s == DSMOE_OK) s = dsmoe_generation_write(&rep, err);
+    free(rep.completions);
+    free(rep.indices);
+    free(header.p);
+    return s;
+}
+
+// ----------------------------------------------------------------------------------------------------
 // the step loop
 
 // This step's call: free slots take waiting prompts; every running sequence feeds its next token, or
@@ -245,6 +283,7 @@ typedef struct step_agreement {
     int64_t rows, busy, done, tokens;
     int64_t signo; // this rank's run.signals signal; agreed: the lowest-numbered any rank got
     int64_t signalled; // agreed: how many ranks got one
+    int64_t save;  // rank 0's: save the finished completions now (generate.save_every)
 } step_agreement;
 
 static dsmoe_status agree(generator *g, step_agreement *mine, step_agreement *all, dsmoe_err *err) {
@@ -260,12 +299,13 @@ static dsmoe_status agree(generator *g, step_agreement *mine, step_agreement *al
         all->signalled += v[r].signo != 0;
         if (v[r].signo && (!all->signo || v[r].signo < all->signo)) all->signo = v[r].signo;
     }
+    all->save = s == DSMOE_OK ? v[0].save : 0;
     all->done /= g->W, all->tokens /= g->W; // a tensor group's ranks count the same prompts
     free(v);
     return s;
 }
 
-static dsmoe_status run_steps(generator *g, double t_start, dsmoe_err *err) {
+static dsmoe_status run_steps(generator *g, dsmoe_err *err) {
     const dsmoe_config *c = g->cfg;
     int B = c->gen_batch, R = B + c->gen_prefill_tokens;
     int *slot = malloc((size_t)B * sizeof *slot), *count = malloc((size_t)B * sizeof *count);
@@ -275,11 +315,14 @@ static dsmoe_status run_steps(generator *g, double t_start, dsmoe_err *err) {
     dsmoe_status s = slot && count && tokens && drawn && sp && counters
                          ? DSMOE_OK
                          : dsmoe_err_set(err, DSMOE_ERR_NOMEM, "generate: out of memory");
-    double t_log = t_start;
+    double t_start = g->t_start, t_log = t_start;
+    g->t_saved = t_start;
     long steps = 0;
     while (s == DSMOE_OK) {
         int rows, busy, n = build_call(g, slot, count, tokens, &rows, &busy, dsmoe_now_seconds());
-        step_agreement me = {rows, busy, g->done, g->tokens_out, dsmoe_signals_pending(), 0}, all = {0};
+        // Rank 0's clock decides when the finished completions are saved (generate.save_every).
+        int save = g->rank == 0 && c->gen_save_every > 0 && dsmoe_now_seconds() - g->t_saved >= c->gen_save_every;
+        step_agreement me = {rows, busy, g->done, g->tokens_out, dsmoe_signals_pending(), 0, save}, all = {0};
         dsmoe_watchdog_beat("generation step", steps + 1);
         if ((s = agree(g, &me, &all, err)) != DSMOE_OK) break;
         g->done_all = all.done;
@@ -288,6 +331,10 @@ static dsmoe_status run_steps(generator *g, double t_start, dsmoe_err *err) {
             g->stop_signal = me.signo ? (int)me.signo : (int)all.signo;
             g->stop_ranks = (int)all.signalled;
             break;
+        }
+        if (all.save) {
+            if ((s = write_results(g, WRITE_SAVE, err)) != DSMOE_OK) break;
+            g->t_saved = dsmoe_now_seconds();
         }
         s = dsmoe_infer_forward(g->inf, n, slot, count, tokens, all.rows > 0 ? (int)all.rows : 1,
                                 c->gen_capacity_factor, c->gen_profile ? &g->times : NULL, err);
@@ -311,12 +358,14 @@ static dsmoe_status run_steps(generator *g, double t_start, dsmoe_err *err) {
         if (s != DSMOE_OK) break;
         steps++;
         if (g->rank == 0 && (now - t_log >= 10.0 || steps % (c->log_every * 10) == 0)) {
+            // (prompts a stopped run finished count as done; the rate is this run's)
             double el = now - t_start, rate = all.done > 0 ? el / (double)all.done : 0.0;
+            int64_t done = g->partial.n_done + all.done;
             char e1[32], e2[32];
             dsmoe_format_hms(el, e1, sizeof e1);
-            dsmoe_format_hms(rate * (double)(g->prompts->n - all.done), e2, sizeof e2);
+            dsmoe_format_hms(rate * (double)(g->prompts->n - done), e2, sizeof e2);
             printf("generate: %" PRId64 "/%d prompts | %" PRId64 " tokens | %.1f tokens/s | %s elapsed | ETA %s\n",
-                   all.done, g->prompts->n, all.tokens, (double)all.tokens / el, e1, all.done ? e2 : "?");
+                   done, g->prompts->n, all.tokens, (double)all.tokens / el, e1, all.done ? e2 : "?");
             fflush(stdout);
             t_log = now;
         }
@@ -468,32 +517,10 @@ dsmoe_status dsmoe_generate_run(const dsmoe_config *c, const char *config_text, 
                : c->gen_coordinated ? ", coordinated all-to-all (each tensor rank sends 1/width of the tokens, then the "
                                       "group all-gathers)"
                                     : ", every tensor rank sends all tokens to the experts");
-    double t_start = dsmoe_now_seconds();
-    if (s == DSMOE_OK) s = run_steps(&g, t_start, err);
-    double elapsed = dsmoe_now_seconds() - t_start;
-    if (s == DSMOE_OK) {
-        dsmoe_buf header = {0};
-        if (g.stop_signal) dsmoe_partial_header(&header, g.checkpoint, pos.step, c->gen_prompts, g.prompts->n);
-        dsmoe_generation_report rep = {
-            .path = g.output, .partial_path = g.partial_path, .prompts = g.prompts, .tok = g.tok, .elapsed = elapsed,
-            .times = g.times, .profiled = c->gen_profile, .world = rt->world_ctl, .stopped = g.stop_signal != 0,
-            .header = header.p, .kept = g.rank == 0 ? g.partial.lines : NULL, .kept_len = g.partial.lines_len,
-        };
-        if (g.stop_signal && header.oom) s = dsmoe_err_set(err, DSMOE_ERR_NOMEM, "generate: out of memory");
-        rep.completions = malloc((size_t)(g.n_mine ? g.n_mine : 1) * sizeof *rep.completions);
-        rep.indices = malloc((size_t)(g.n_mine ? g.n_mine : 1) * sizeof *rep.indices);
-        if (!rep.completions || !rep.indices) s = dsmoe_err_set(err, DSMOE_ERR_NOMEM, "generate: out of memory");
-        for (int i = 0; s == DSMOE_OK && i < g.n_mine; i++) {
-            rep.completions[i] = &g.mine[i].out;
-            rep.indices[i] = g.mine[i].index;
-        }
-        rep.n = g.t == 0 ? g.n_mine : 0; // a tensor group's ranks hold the same completions: one reports
-        s = dsmoe_errors_agree(s, err);
-        if (s == DSMOE_OK) s = dsmoe_generation_write(&rep, err);
-        free(rep.completions);
-        free(rep.indices);
-        free(header.p);
-    }
+    g.t_start = dsmoe_now_seconds();
+    g.step = pos.step;
+    if (s == DSMOE_OK) s = run_steps(&g, err);
+    if (s == DSMOE_OK) s = write_results(&g, g.stop_signal ? WRITE_STOP : WRITE_COMPLETE, err);
     if (s == DSMOE_OK && g.stop_signal) {
         dsmoe_signals_stop_written(); // from here on a signal is ignored: the rank is only exiting
         *stopped_signal = g.stop_signal;

@@ -260,10 +260,15 @@ dsmoe_status dsmoe_generation_write(const dsmoe_generation_report *rep, dsmoe_er
         if (slash && slash != dir) *slash = '\0'; // the directory was probed before any work (preflight.h)
         if (w == DSMOE_OK && slash && slash != dir) w = dsmoe_mkdir_p(dir, err);
         if (w == DSMOE_OK) w = dsmoe_write_file_atomic(path, out.p ? out.p : "", out.len, err);
+        long n_lines = 0; // what a periodic save says
+        for (size_t i = 0; rep->quiet && i < out.len; i++) n_lines += out.p[i] == '\n';
         free(out.p);
         // The complete output supersedes what a stopped run left (a resumed one's, or a stale one).
         int removed = w == DSMOE_OK && !rep->stopped && unlink(rep->partial_path) == 0;
-        if (w == DSMOE_OK) {
+        if (w == DSMOE_OK && rep->quiet) {
+            printf("generate: saved %ld finished prompts to %s\n", n_lines - 1, path); // (less the header)
+            fflush(stdout);
+        } else if (w == DSMOE_OK) {
             // Each rank's part: [n_after, latencies..., n_first, ttfts...] as doubles.
             size_t n_doubles = total_lats / sizeof(double), n_lat = 0, n_ttft = 0;
             double *v = (double *)(void *)all_lats, *lat = malloc((n_doubles + 1) * sizeof *lat),

@@ -46,6 +46,7 @@ typedef struct dsmoe_generation_report {
     int n;
     int stopped;                      // a signal stopped the run: only the finished completions, into
                                       // partial_path after `header`; else every prompt, into path
+    int quiet;                        // stopped: a periodic save (generate.save_every): one line, no summary
     const char *header;               // stopped: the partial file's first line
     const char *kept;                 // rank 0: lines finished by an earlier, stopped run (kept_len bytes;
     size_t kept_len;                  // NULL: none), each "{"index":N,..." and a newline

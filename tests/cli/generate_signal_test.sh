@@ -5,7 +5,8 @@
 # rank at one step with exit 75, leave the finished completions in <output>.partial (its header, then
 # exactly the finished prompts, as many as the stop line says) and an output already there as it was;
 # resuming (on another layout, with another batch) must write the output an uninterrupted run writes,
-# timings aside, and remove the .partial. Refused before any work: a resume with another checkpoint,
+# timings aside, and remove the .partial. A run killed outright resumes from its last generate.save_every
+# save. Refused before any work: a resume with another checkpoint,
 # another prompt file, a .partial whose line names another prompt's id. Without a .partial, a resume
 # generates every prompt.
 # Usage: generate_signal_test.sh <dsmoe> <source dir> <mpiexec> [mpiexec flags ...]
@@ -121,6 +122,23 @@ if stopped usr1-one-rank-of-2 2 rank1 "$out" moe.expert_parallel=2 generate.batc
   gen 1 "$out" "${args[@]:2}" generate.resume=true
   [ $gen_rc = 0 ] && ok || { fail "usr1-one-rank-of-2: resume exit $gen_rc"; show "$out.log"; }
   same_output usr1-one-rank-of-2 "$out"
+fi
+
+# Killed outright (SIGKILL: nothing is written then) after generate.save_every saved some finished prompts:
+# the resume (on 2 ranks, ep 2) goes on from the last save.
+out="$work/killed.jsonl"
+launch 1 "$out.log" "${args[@]}" generate.output="$out" generate.batch=2 generate.save_every=0.05
+for i in $(seq 1500); do grep -qE "^generate: saved [1-9][0-9]* finished prompts to $out.partial" "$out.log" && break; sleep 0.02; done
+kill -KILL $pid
+wait $pid
+saved=$(sed -nE "s/^generate: saved ([0-9]+) finished prompts to .*/\1/p" "$out.log" | tail -1)
+if [ -n "$saved" ] && [ "$saved" -ge 1 ] && [ "$(($(wc -l <"$out.partial") - 1))" -ge "$saved" ]; then
+  ok
+  gen 2 "$out" "${args[@]:2}" generate.resume=true moe.expert_parallel=2 checkpoint.resume=auto
+  [ $gen_rc = 0 ] && ok || { fail "killed: resume exit $gen_rc"; show "$out.log"; }
+  same_output killed "$out"
+else
+  fail "killed: no 'generate: saved K finished prompts' line with K >= 1 and a .partial that holds them"; show "$out.log"
 fi
 
 # generate.resume without a .partial: every prompt (the first 100 of the file: the reference's first 100

@@ -182,8 +182,8 @@ static void test_ranges(void **state) {
     assert_int_equal(c.top_k, 1);
     // Durations are doubles: a fraction of a second is in range (it was read as a float's bits, and
     // 0.2 s was refused as below 0).
-    if (load_t("run.watchdog = 0.2\n", 1, &c, &err) != DSMOE_OK) fail_msg("%s", err.msg);
-    assert_true(c.watchdog == 0.2);
+    if (load_t("run.watchdog = 0.2\ngenerate.save_every = 1.5h\n", 1, &c, &err) != DSMOE_OK) fail_msg("%s", err.msg);
+    assert_true(c.watchdog == 0.2 && c.gen_save_every == 5400.0);
     expect_error("run.watchdog = -1\n", 1, "t.deck:1: run.watchdog = -1: expected a duration (e.g. 30, 30s, 5min, 2h)");
 }
 
