@@ -125,7 +125,12 @@ static dsmoe_status open_text(generator *g, dsmoe_err *err) {
 static dsmoe_status open_partial(generator *g, dsmoe_err *err) {
     snprintf(g->partial_path, sizeof g->partial_path, "%s.partial", g->output);
     if (!g->cfg->gen_resume || access(g->partial_path, F_OK) != 0) return DSMOE_OK; // (said at the start)
-    return dsmoe_partial_read(g->partial_path, g->prompts, g->cfg->gen_prompts, &g->partial, err);
+    DSMOE_TRY(dsmoe_partial_read(g->partial_path, g->prompts, g->cfg->gen_prompts, &g->partial, err));
+    if (g->rank != 0) { // only rank 0 writes the kept lines; the others need to know which prompts are done
+        free(g->partial.lines);
+        g->partial.lines = NULL, g->partial.lines_len = 0;
+    }
+    return DSMOE_OK;
 }
 
 static int same_file(const char *a, const char *b) {
