@@ -44,6 +44,15 @@ static void put_float(char **p, const char *key, double lo, double hi, int log) 
     *p += sprintf(*p, "%s = %.9g\n", key, (double)f);
 }
 
+// A duration in [0, 3 days), whole or with up to 17 significant digits, in one of its units.
+static void put_duration(char **p, const char *key) {
+    static const char *const units[] = {"", "s", "min", "h"};
+    int u = rint_in(0, 3), whole = rint_in(0, 1);
+    double v = runit() * (u == 3 ? 72 : u == 2 ? 4320 : 259200);
+    if (whole) *p += sprintf(*p, "%s = %.0f%s\n", key, floor(v), units[u]);
+    else *p += sprintf(*p, "%s = %.*g%s\n", key, rint_in(1, 17), v, units[u]);
+}
+
 // A string of 0..max characters (at least one when nonempty), with the characters that need quoting.
 static void put_string(char **p, const char *key, int max, int nonempty) {
     static const char *const pieces[] = {"a", "Z", "9", "_", "/", ".", "-", " ", "#", "\"", "\\", "$", "${X}", "=",
@@ -67,6 +76,7 @@ static void random_deck(char *deck, int ws) {
     put_string(&p, "output_dir", 40, 1);
     put_int(&p, "threads", rint_in(0, 64));
     put_int(&p, "log_every", rint_in(1, 5000));
+    put_duration(&p, "watchdog");
     put_string(&p, "kernel_backend", 10, 0);
     put_string(&p, "comm_backend", 10, 0);
     put_string(&p, "plugin_path", 60, 0);
@@ -166,6 +176,8 @@ static void random_deck(char *deck, int ws) {
     p += sprintf(p, "final = %s\n", bools[rint_in(0, 9)]);
     p += sprintf(p, "[metrics]\n");
     put_string(&p, "file", 40, 0);
+    p += sprintf(p, "[generate]\n");
+    put_duration(&p, "save_every");
     (void)counts;
 }
 
@@ -203,13 +215,16 @@ static void test_print_round_trip(void **state) {
     dsmoe_config_sources_free(src);
 
     // strings that need quoting, floats that need digits, a dense model
-    char *argv[] = {"run.output_dir= a#b\"c\\d${X}$ ", "checkpoint.dir=", "train.lr=0.1", "train.weight_decay=3.3e-7"};
-    if (dsmoe_config_load_text("", "t.deck", argv, 4, no_env, 1, &c, NULL, &err) != DSMOE_OK) fail_msg("%s", err.msg);
+    char *argv[] = {"run.output_dir= a#b\"c\\d${X}$ ", "checkpoint.dir=", "train.lr=0.1", "train.weight_decay=3.3e-7",
+                    "run.watchdog=0.2", "generate.save_every=0.5h"};
+    if (dsmoe_config_load_text("", "t.deck", argv, 6, no_env, 1, &c, NULL, &err) != DSMOE_OK) fail_msg("%s", err.msg);
     assert_string_equal(c.output_dir, " a#b\"c\\d${X}$ ");
     round_trip(&c, NULL, 1);
     text = dsmoe_config_to_text(&c, NULL);
     assert_string_equal(line_of(text, "output_dir = "), "output_dir = \" a#b\\\"c\\\\d\\${X}\\$ \"");
     assert_string_equal(line_of(text, "lr = "), "lr = 0.1");
+    assert_string_equal(line_of(text, "watchdog = "), "watchdog = 0.2s"); // durations: the fewest digits
+    assert_string_equal(line_of(text, "save_every = "), "save_every = 1800s");
     assert_string_equal(line_of(text, "experts = "), "experts = 0");
     free(text);
 
