@@ -122,6 +122,14 @@ dsmoe_status dsmoe_partial_read(const char *path, const dsmoe_prompt_list *promp
     char *text = NULL;
     size_t len = 0;
     DSMOE_TRY(dsmoe_read_regular_file(path, "stopped generation's .partial file", PARTIAL_MAX_BYTES, &text, &len, err));
+    dsmoe_status s = dsmoe_partial_read_mem(path, text, len, prompts, prompts_name, out, err);
+    free(text);
+    return s;
+}
+
+dsmoe_status dsmoe_partial_read_mem(const char *path, const char *text, size_t len, const dsmoe_prompt_list *prompts,
+                                    const char *prompts_name, dsmoe_partial *out, dsmoe_err *err) {
+    memset(out, 0, sizeof *out);
     dsmoe_buf key = {0}, id = {0}, lines = {0};
     int *line_of = NULL; // (prompt_count) the line that finished each prompt, for a repeat's message
     dsmoe_status s = DSMOE_OK;
@@ -147,9 +155,16 @@ dsmoe_status dsmoe_partial_read(const char *path, const dsmoe_prompt_list *promp
             if (s == DSMOE_OK && out->done[index])
                 s = dsmoe_err_set(err, DSMOE_ERR_INVALID, "%s:%d: prompt %d is finished here and on line %d", path, line,
                                   index, line_of[index]);
+            char prefix[32];
+            int n_prefix = snprintf(prefix, sizeof prefix, "{\"index\":%d,", index);
+            if (s == DSMOE_OK && (eol - p < n_prefix || memcmp(p, prefix, (size_t)n_prefix) != 0))
+                s = dsmoe_err_set(err, DSMOE_ERR_IO, "%s:%d: expected the line as dsmoe writes it, starting %s", path,
+                                  line, prefix);
             if (s == DSMOE_OK) {
+                const char *last = eol;
+                while (last > p && (last[-1] == ' ' || last[-1] == '\t' || last[-1] == '\r')) last--;
                 out->done[index] = 1, line_of[index] = line, out->n_done++;
-                dsmoe_buf_put(&lines, p, (size_t)(eol - p));
+                dsmoe_buf_put(&lines, p, (size_t)(last - p));
                 dsmoe_buf_put(&lines, "\n", 1);
             }
         }
@@ -157,7 +172,7 @@ dsmoe_status dsmoe_partial_read(const char *path, const dsmoe_prompt_list *promp
     }
     if (s == DSMOE_OK && line == 1) s = dsmoe_err_set(err, DSMOE_ERR_IO, "%s is empty: expected the header line", path);
     if (s == DSMOE_OK && lines.oom) s = dsmoe_err_set(err, DSMOE_ERR_NOMEM, "%s: out of memory", path);
-    free(text), free(key.p), free(id.p), free(line_of);
+    free(key.p), free(id.p), free(line_of);
     out->lines = lines.p, out->lines_len = lines.len;
     if (s != DSMOE_OK) dsmoe_partial_free(out);
     return s;
