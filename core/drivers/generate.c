@@ -225,7 +225,11 @@ static dsmoe_status write_results(generator *g, int what, dsmoe_err *err) {
     const dsmoe_config *c = g->cfg;
     dsmoe_status s = DSMOE_OK;
     dsmoe_buf header = {0};
-    if (what != WRITE_COMPLETE) dsmoe_partial_header(&header, g->checkpoint, g->step, c->gen_prompts, g->prompts->n);
+    // The checkpoint by its absolute path: a requeued job may start in another directory.
+    char *ckpt = realpath(g->checkpoint, NULL);
+    if (what != WRITE_COMPLETE)
+        dsmoe_partial_header(&header, ckpt ? ckpt : g->checkpoint, g->step, c->gen_prompts, g->prompts->n);
+    free(ckpt);
     dsmoe_generation_report rep = {
         .path = g->output, .partial_path = g->partial_path, .prompts = g->prompts, .tok = g->tok,
         .elapsed = dsmoe_now_seconds() - g->t_start, .times = g->times, .profiled = c->gen_profile,

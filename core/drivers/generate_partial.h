@@ -2,7 +2,8 @@
 // <output>.partial, and reading it back for generate.resume (docs/inference.md "Stopping and resuming").
 // defines: dsmoe_partial, dsmoe_partial_header, dsmoe_partial_read, dsmoe_partial_read_mem, dsmoe_partial_free
 //
-// The file is JSON lines: first a header naming what the stopped run generated with,
+// The file is JSON lines: first a header naming what the stopped run generated with (the checkpoint by
+// its absolute path, where it resolves),
 //   {"dsmoe_partial":1,"checkpoint":"<path>","step":N,"prompts":"<path>","prompt_count":n}
 // then one output line per finished prompt, exactly as the complete output has it (generate_output.h),
 // in prompt order. A resumed run keeps those lines as they are and generates the other prompts: each
