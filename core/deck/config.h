@@ -276,6 +276,8 @@ typedef struct dsmoe_experts_list {
 int dsmoe_deck_parse_experts(const char *text, dsmoe_experts_list *list, const char **why);
 // The shortest decimal that reads back as the same float.
 void dsmoe_deck_format_float(float f, char *buf, size_t n);
+// The same for a double, a whole number below 1e15 in full ("1500", not "1.5e+03").
+void dsmoe_deck_format_double(double v, char *buf, size_t n);
 // A string as a deck value: bare when that reads back unchanged, else quoted with \" \\ \$ escapes
 // (n >= 2 * strlen(s) + 3 holds any string).
 void dsmoe_deck_format_string(const char *s, char *buf, size_t n);

@@ -6,7 +6,6 @@
 #include "config_keys.h" // the table, the sources, the key helpers
 
 #include <inttypes.h>
-#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -48,14 +47,8 @@ static void format_value(const dsmoe_config *c, int k, char *buf, size_t n) {
     case K_INT: snprintf(buf, n, "%d", *(const int *)field); break;
     case K_U64: snprintf(buf, n, "%" PRIu64, *(const uint64_t *)field); break;
     case K_FLOAT: dsmoe_deck_format_float(*(const float *)field, buf, n); break;
-    case K_DURATION: { // whole seconds in full ("1800s"), else the fewest digits that read back ("0.2s")
-        double v = *(const double *)field;
-        if (v == floor(v) && v < 1e15) snprintf(buf, n, "%.0f", v);
-        else
-            for (int digits = 1; digits <= 17; digits++) {
-                snprintf(buf, n, "%.*g", digits, v);
-                if (strtod(buf, NULL) == v) break;
-            }
+    case K_DURATION: { // "1800s", "0.2s"
+        dsmoe_deck_format_double(*(const double *)field, buf, n);
         size_t len = strlen(buf);
         if (len + 1 < n) buf[len] = 's', buf[len + 1] = '\0';
         break;

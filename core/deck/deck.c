@@ -1,7 +1,7 @@
 // core/deck/deck.c: the deck reader: physical lines -> entries ("[section]" or "key = value").
 // defines: dsmoe_deck_read_file, dsmoe_deck_parse, dsmoe_deck_parse_int, dsmoe_deck_parse_u64,
 //          dsmoe_deck_parse_float, dsmoe_deck_parse_bool, dsmoe_deck_parse_experts,
-//          dsmoe_deck_format_float, dsmoe_deck_format_string
+//          dsmoe_deck_format_float, dsmoe_deck_format_double, dsmoe_deck_format_string
 //
 // The syntax (docs/deck.md):
 //   - '#' outside double quotes starts a comment that runs to the end of the physical line;
@@ -450,6 +450,17 @@ void dsmoe_deck_format_float(float f, char *buf, size_t n) {
     for (int p = 1; p <= 9; p++) {
         snprintf(buf, n, "%.*g", p, (double)f);
         if (strtof(buf, NULL) == f) return;
+    }
+}
+
+void dsmoe_deck_format_double(double v, char *buf, size_t n) {
+    if (v == floor(v) && fabs(v) < 1e15) {
+        snprintf(buf, n, "%.0f", v);
+        return;
+    }
+    for (int p = 1; p <= 17; p++) {
+        snprintf(buf, n, "%.*g", p, v);
+        if (strtod(buf, NULL) == v) return;
     }
 }
 

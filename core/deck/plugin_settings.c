@@ -53,16 +53,7 @@ static int normalise(const dsmoe_param_decl *d, const char *text, char *out, siz
             snprintf(why, whylen, "expected a number (K/M/G suffixes allowed)");
             return -1;
         }
-        // The plugin reads it with strtod: the suffix applied; a whole number in full ("1500", not
-        // "1.5e+03"), anything else in the fewest digits that read back exactly.
-        if (dv == floor(dv) && fabs(dv) < 1e15) {
-            snprintf(out, len, "%.0f", dv);
-            return 0;
-        }
-        for (int digits = 1; digits <= 17; digits++) {
-            snprintf(out, len, "%.*g", digits, dv);
-            if (strtod(out, NULL) == dv) break;
-        }
+        dsmoe_deck_format_double(dv, out, len); // the suffix applied, for the plugin's strtod
         return 0;
     case DSMOE_PARAM_BOOL:
         if (dsmoe_deck_parse_bool(text, &bv) != 0) {

@@ -225,15 +225,15 @@ static dsmoe_status write_results(generator *g, int what, dsmoe_err *err) {
     const dsmoe_config *c = g->cfg;
     dsmoe_status s = DSMOE_OK;
     dsmoe_buf header = {0};
-    // The checkpoint by its absolute path: a requeued job may start in another directory.
-    char *ckpt = realpath(g->checkpoint, NULL);
-    if (what != WRITE_COMPLETE)
+    if (what != WRITE_COMPLETE) { // the checkpoint by its absolute path: a requeued job may start elsewhere
+        char *ckpt = realpath(g->checkpoint, NULL);
         dsmoe_partial_header(&header, ckpt ? ckpt : g->checkpoint, g->step, c->gen_prompts, g->prompts->n);
-    free(ckpt);
+        free(ckpt);
+    }
     dsmoe_generation_report rep = {
         .path = g->output, .partial_path = g->partial_path, .prompts = g->prompts, .tok = g->tok,
         .elapsed = dsmoe_now_seconds() - g->t_start, .times = g->times, .profiled = c->gen_profile,
-        .world = g->rt->world_ctl, .stopped = what != WRITE_COMPLETE, .quiet = what == WRITE_SAVE, .header = header.p,
+        .world = g->rt->world_ctl, .partial = what != WRITE_COMPLETE, .quiet = what == WRITE_SAVE, .header = header.p,
         .kept = g->rank == 0 ? g->partial.lines : NULL, .kept_len = g->partial.lines_len,
     };
     if (header.oom) s = dsmoe_err_set(err, DSMOE_ERR_NOMEM, "generate: out of memory");

@@ -205,30 +205,30 @@ dsmoe_status dsmoe_generation_write(const dsmoe_generation_report *rep, dsmoe_er
     dsmoe_buf lines = {0}, lats = {0};
     dsmoe_status s = DSMOE_OK;
     // This run's finished completions: a stop leaves some unfinished, which are dropped.
-    int *kept = malloc((size_t)(rep->n ? rep->n : 1) * sizeof *kept), n = 0;
-    if (!kept) return dsmoe_err_set(err, DSMOE_ERR_NOMEM, "generate: out of memory");
+    int *finished = malloc((size_t)(rep->n ? rep->n : 1) * sizeof *finished), n = 0;
+    if (!finished) return dsmoe_err_set(err, DSMOE_ERR_NOMEM, "generate: out of memory");
     for (int i = 0; i < rep->n; i++)
-        if (rep->completions[i]->finish) kept[n++] = i;
+        if (rep->completions[i]->finish) finished[n++] = i;
     int64_t mine[2] = {0, n}; // tokens, prompts
     // Latencies after the first token of each completion (time to first token is its own statistic),
     // then the times to first token, each list prefixed by its length.
     double n_after = 0, n_first = 0;
     for (int k = 0; k < n && s == DSMOE_OK; k++) {
-        const dsmoe_completion *c = rep->completions[kept[k]];
-        s = put_line(&lines, rep->indices[kept[k]], &rep->prompts->items[rep->indices[kept[k]]], c, rep->tok, err);
+        const dsmoe_completion *c = rep->completions[finished[k]];
+        s = put_line(&lines, rep->indices[finished[k]], &rep->prompts->items[rep->indices[finished[k]]], c, rep->tok, err);
         mine[0] += (int64_t)c->n_tokens;
         n_after += c->n_tokens > 1 ? (double)(c->n_tokens - 1) : 0;
         n_first += c->n_tokens > 0;
     }
     dsmoe_buf_put(&lats, &n_after, sizeof n_after);
     for (int k = 0; k < n; k++)
-        if (rep->completions[kept[k]]->n_tokens > 1)
-            dsmoe_buf_put(&lats, rep->completions[kept[k]]->latency_ms + 1,
-                          (rep->completions[kept[k]]->n_tokens - 1) * sizeof(double));
+        if (rep->completions[finished[k]]->n_tokens > 1)
+            dsmoe_buf_put(&lats, rep->completions[finished[k]]->latency_ms + 1,
+                          (rep->completions[finished[k]]->n_tokens - 1) * sizeof(double));
     dsmoe_buf_put(&lats, &n_first, sizeof n_first);
     for (int k = 0; k < n; k++)
-        if (rep->completions[kept[k]]->n_tokens > 0) dsmoe_buf_put(&lats, &rep->completions[kept[k]]->ttft_ms, sizeof(double));
-    free(kept);
+        if (rep->completions[finished[k]]->n_tokens > 0) dsmoe_buf_put(&lats, &rep->completions[finished[k]]->ttft_ms, sizeof(double));
+    free(finished);
     if (s == DSMOE_OK && (lines.oom || lats.oom)) s = dsmoe_err_set(err, DSMOE_ERR_NOMEM, "generate: out of memory");
     DSMOE_TRY(dsmoe_errors_agree(s, err));
 
@@ -249,11 +249,11 @@ dsmoe_status dsmoe_generation_write(const dsmoe_generation_report *rep, dsmoe_er
     dsmoe_status w = DSMOE_OK;
     if (s == DSMOE_OK && rank == 0) {
         dsmoe_buf out = {0};
-        const char *path = rep->stopped ? rep->partial_path : rep->path;
-        if (rep->stopped) dsmoe_buf_put(&out, rep->header, strlen(rep->header));
+        const char *path = rep->partial ? rep->partial_path : rep->path;
+        if (rep->partial) dsmoe_buf_put(&out, rep->header, strlen(rep->header));
         const char *part[2] = {rep->kept, all_lines};
         const size_t part_len[2] = {rep->kept ? rep->kept_len : 0, total_lines};
-        w = assemble(part, part_len, rep->prompts->n, !rep->stopped, &out, err);
+        w = assemble(part, part_len, rep->prompts->n, !rep->partial, &out, err);
         char dir[4096];
         snprintf(dir, sizeof dir, "%s", path);
         char *slash = strrchr(dir, '/');
@@ -264,7 +264,7 @@ dsmoe_status dsmoe_generation_write(const dsmoe_generation_report *rep, dsmoe_er
         for (size_t i = 0; rep->quiet && i < out.len; i++) n_lines += out.p[i] == '\n';
         free(out.p);
         // The complete output supersedes what a stopped run left (a resumed one's, or a stale one).
-        int removed = w == DSMOE_OK && !rep->stopped && unlink(rep->partial_path) == 0;
+        int removed = w == DSMOE_OK && !rep->partial && unlink(rep->partial_path) == 0;
         if (w == DSMOE_OK && rep->quiet) {
             printf("generate: saved %ld finished prompts to %s\n", n_lines - 1, path); // (less the header)
             fflush(stdout);

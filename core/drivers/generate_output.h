@@ -44,10 +44,10 @@ typedef struct dsmoe_generation_report {
     dsmoe_completion **completions;   // (n) this rank's, in file order
     int *indices;                     // (n) their prompts' indices in the file
     int n;
-    int stopped;                      // a signal stopped the run: only the finished completions, into
-                                      // partial_path after `header`; else every prompt, into path
-    int quiet;                        // stopped: a periodic save (generate.save_every): one line, no summary
-    const char *header;               // stopped: the partial file's first line
+    int partial;                      // 1: only the finished completions, into partial_path after `header`
+                                      // (a signal's stop, or a save); 0: every prompt, into path
+    int quiet;                        // partial: a periodic save (generate.save_every): one line, no summary
+    const char *header;               // partial: the partial file's first line
     const char *kept;                 // rank 0: lines finished by an earlier, stopped run (kept_len bytes;
     size_t kept_len;                  // NULL: none), each "{"index":N,..." and a newline
     double elapsed;                   // seconds of the step loop
