@@ -2,7 +2,7 @@
 # dsmoe on one machine (a workstation, a cloud VM, an interactive node) with mpirun, no batch system:
 #
 #   jobscripts/local-mpirun.sh [DECK] [section.key=value ...]
-#   DSMOE_RANKS=2 jobscripts/local-mpirun.sh inputs/quickstart.deck train.steps=50
+#   DSMOE_RANKS=2 jobscripts/local-mpirun.sh inputs/quickstart.deck train.steps=50 run.output_dir=qs_2ranks
 #
 # DSMOE_RANKS ranks (default 4; must divide train.batch), each with the machine's cores shared out as
 # OpenMP threads (DSMOE_THREADS overrides). DSMOE names the dsmoe binary (default build/bin/dsmoe of

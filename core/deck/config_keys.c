@@ -121,7 +121,8 @@ const key_def dsmoe_config_keys[] = {
     KEY("checkpoint.keep", K_INT, "2", checkpoint_keep, GE(1), "newest checkpoints kept"),
     KEY("checkpoint.dir", K_STRING, "", checkpoint_dir, ANY, "'' = <run.output_dir>/checkpoints"),
     KEY("checkpoint.resume", K_STRING, "", resume, ANY,
-        "'' = fresh start, auto = newest checkpoint in checkpoint.dir if any, or a file path"),
+        "'' = fresh start, auto = newest checkpoint in checkpoint.dir if any, or a file path; a fresh start "
+        "or a file refuses a checkpoint.dir that holds later checkpoints"),
     KEY("checkpoint.final", K_BOOL, "true", checkpoint_final, ANY, "write a checkpoint at the end"),
     KEY("checkpoint.allow_seed_change", K_BOOL, "false", allow_seed_change, ANY,
         "resume a checkpoint written with another run.seed (the data order and noise then change); false = refused"),

@@ -20,7 +20,7 @@
 #include "model.h"
 #include "model_infer.h"
 #include "plan.h"      // dsmoe_plan_bytes
-#include "preflight.h" // dsmoe_probe_dir
+#include "preflight.h" // dsmoe_probe_dir, dsmoe_checkpoint_dir_of
 #include "prompts.h"
 #include "signals.h"
 #include "tokenizer.h"
@@ -152,8 +152,7 @@ static dsmoe_status find_checkpoint(generator *g, dsmoe_err *err) {
         return DSMOE_OK;
     }
     char dir[2048];
-    if (c->checkpoint_dir[0]) snprintf(dir, sizeof dir, "%s", c->checkpoint_dir);
-    else snprintf(dir, sizeof dir, "%s/checkpoints", c->output_dir);
+    dsmoe_checkpoint_dir_of(c, dir, sizeof dir);
     if (strcmp(c->resume, "auto") == 0) DSMOE_TRY(dsmoe_checkpoint_find_latest(dir, g->checkpoint, sizeof g->checkpoint, err));
     else snprintf(g->checkpoint, sizeof g->checkpoint, "%s", c->resume);
     if (!g->checkpoint[0])

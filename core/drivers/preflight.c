@@ -4,10 +4,13 @@
 #include <errno.h>
 #include <inttypes.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <unistd.h>
+
+#include "checkpoint.h"
 
 // Nothing is created but the probe file: a directory that does not exist yet is probed in its nearest
 // existing ancestor (where the run will create it).
@@ -63,8 +66,7 @@ dsmoe_status dsmoe_preflight_train(const dsmoe_config *c, const dsmoe_dataset *d
     DSMOE_TRY(dsmoe_probe_dir(c->output_dir, "run.output_dir", err));
     int checkpoints = c->checkpoint_final || c->checkpoint_every > 0;
     char dir[2048];
-    if (c->checkpoint_dir[0]) snprintf(dir, sizeof dir, "%s", c->checkpoint_dir);
-    else snprintf(dir, sizeof dir, "%s/checkpoints", c->output_dir);
+    dsmoe_checkpoint_dir_of(c, dir, sizeof dir);
     if (checkpoints) DSMOE_TRY(dsmoe_probe_dir(dir, c->checkpoint_dir[0] ? "checkpoint.dir" : "checkpoint.dir (default)", err));
     // metrics.file is opened (created or appended to) at the start; its directory must be there.
     if (c->metrics_file[0]) {
@@ -90,4 +92,48 @@ dsmoe_status dsmoe_preflight_train(const dsmoe_config *c, const dsmoe_dataset *d
         }
     }
     return DSMOE_OK;
+}
+
+void dsmoe_checkpoint_dir_of(const dsmoe_config *c, char *dir, size_t len) {
+    if (c->checkpoint_dir[0]) snprintf(dir, len, "%s", c->checkpoint_dir);
+    else snprintf(dir, len, "%s/checkpoints", c->output_dir);
+}
+
+int dsmoe_preflight_checks_later_checkpoints(const dsmoe_config *c) {
+    return c->mode == DSMOE_MODE_TRAIN && strcmp(c->resume, "auto") != 0 &&
+           (c->checkpoint_every > 0 || c->checkpoint_final || c->signals[0]);
+}
+
+dsmoe_status dsmoe_preflight_later_checkpoints(const dsmoe_config *c, int start_step, dsmoe_err *err) {
+    if (!dsmoe_preflight_checks_later_checkpoints(c)) return DSMOE_OK;
+    char dir[2048];
+    dsmoe_checkpoint_dir_of(c, dir, sizeof dir);
+    int *steps, n;
+    DSMOE_TRY(dsmoe_checkpoint_list(dir, &steps, &n, err));
+    int later = 0;
+    for (int i = 0; i < n; i++) later += steps[i] > start_step;
+    int first = n ? steps[n - later] : 0, last = n ? steps[n - 1] : 0;
+    free(steps);
+    if (later == 0) return DSMOE_OK;
+    char files[96];
+    if (later == 1) snprintf(files, sizeof files, "step_%08d.safetensors", last);
+    else snprintf(files, sizeof files, "%d files, step_%08d to step_%08d.safetensors", later, first, last);
+    const char *where = c->checkpoint_dir[0] ? "checkpoint.dir" : "run.output_dir (or checkpoint.dir)";
+    // Pruning keeps the newest steps and resume = auto takes the newest: a run whose own checkpoints are
+    // older than files already there would lose its own first, and a requeue would jump to the others.
+    if (start_step == 0)
+        return dsmoe_err_set(err, DSMOE_ERR_INVALID,
+                             "checkpoint directory %s already holds checkpoints of an earlier run (%s), and "
+                             "checkpoint.resume = \"\" starts a new one: its checkpoints would mix with them, "
+                             "checkpoint.keep = %d would prune its own first, and a requeued job (resume = auto) "
+                             "would go on from theirs. Set checkpoint.resume = auto to continue that run, choose "
+                             "another %s for a new one, or remove those files",
+                             dir, files, c->checkpoint_keep, where);
+    return dsmoe_err_set(err, DSMOE_ERR_INVALID,
+                         "checkpoint directory %s holds checkpoints later than step %d, where checkpoint.resume = %s "
+                         "goes on (%s): this run's checkpoints would mix with them, checkpoint.keep = %d would "
+                         "prune its own first, and a requeued job (resume = auto) would go on from theirs. To go "
+                         "on from step %d, move those files out of %s or choose another %s; to continue from "
+                         "the newest, set checkpoint.resume = auto",
+                         dir, start_step, c->resume, files, c->checkpoint_keep, start_step, dir, where);
 }

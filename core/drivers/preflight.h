@@ -1,7 +1,8 @@
 // core/drivers/preflight.h: what a run checks before its first step (and dsmoe --check), so that nothing
 // that can be known at the start fails at the end: directories that must take files, the validation
 // split that evaluation will read, room for a checkpoint.
-// defines: dsmoe_probe_dir, dsmoe_preflight_train
+// defines: dsmoe_probe_dir, dsmoe_preflight_train, dsmoe_checkpoint_dir_of, dsmoe_preflight_checks_later_checkpoints,
+//          dsmoe_preflight_later_checkpoints
 #ifndef DSMOE_PREFLIGHT_H
 #define DSMOE_PREFLIGHT_H
 #include "config.h"
@@ -18,5 +19,20 @@ dsmoe_status dsmoe_probe_dir(const char *dir, const char *key, dsmoe_err *err);
 // room than one checkpoint of checkpoint_bytes. Local: the caller agrees on the outcome.
 dsmoe_status dsmoe_preflight_train(const dsmoe_config *c, const dsmoe_dataset *ds, int rank, uint64_t checkpoint_bytes,
                                    dsmoe_err *err);
+
+// <checkpoint.dir>, or <run.output_dir>/checkpoints.
+void dsmoe_checkpoint_dir_of(const dsmoe_config *c, char *dir, size_t len);
+
+// Whether dsmoe_preflight_later_checkpoints applies: a training run that may write a checkpoint (every so
+// many steps, at the end, or on a run.signals signal) and does not resume the newest (auto: the only later
+// files it passes over are those that do not verify, and it names them).
+int dsmoe_preflight_checks_later_checkpoints(const dsmoe_config *c);
+
+// Rank 0 of such a run, which starts at start_step (0: fresh; else the step of the file checkpoint.resume
+// names): its checkpoint directory holds no checkpoint of a later step. Such files belong to another run,
+// or to the steps this one goes back over: pruning (by step) would remove this run's checkpoints before
+// theirs, and resume = auto would later take theirs. Refused, saying what to do; DSMOE_OK for a run it
+// does not apply to. Local.
+dsmoe_status dsmoe_preflight_later_checkpoints(const dsmoe_config *c, int start_step, dsmoe_err *err);
 
 #endif

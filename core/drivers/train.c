@@ -457,8 +457,7 @@ static dsmoe_status open_run(trainer *tr, const dsmoe_config *c, dsmoe_runtime *
         DSMOE_TRY(dsmoe_prof_create(&tr->prof, err));
         rt->prof = tr->prof;
     }
-    if (c->checkpoint_dir[0]) snprintf(tr->ckpt_dir, sizeof tr->ckpt_dir, "%s", c->checkpoint_dir);
-    else snprintf(tr->ckpt_dir, sizeof tr->ckpt_dir, "%s/checkpoints", c->output_dir);
+    dsmoe_checkpoint_dir_of(c, tr->ckpt_dir, sizeof tr->ckpt_dir);
     return DSMOE_OK;
 }
 
@@ -477,14 +476,21 @@ static void close_run(trainer *tr) {
     free(tr->train_capacity);
 }
 
-// --check of distill.teacher: its deck loads for this rank count and suits the student, and the
-// checkpoint verifies against it (every tensor's checksum).
+// --check: the data and the directories (preflight); a training run's checkpoint directory holds no
+// checkpoint later than where the run starts (the file of checkpoint.resume is verified, for its step);
+// distill.teacher's deck loads for this rank count and suits the student, and the teacher's checkpoint
+// verifies against it (every tensor's checksum).
 dsmoe_status dsmoe_train_check(const dsmoe_config *c, dsmoe_runtime *rt, dsmoe_err *err) {
     dsmoe_dataset *ds = NULL;
     dsmoe_status s = open_data(c, &ds, err);
     if (s == DSMOE_OK) s = dsmoe_preflight_train(c, ds, rt->world_rank, checkpoint_bytes(c), err);
     if (s == DSMOE_OK && rt->world_rank == 0) printf("data: %s\n", dsmoe_dataset_describe(ds));
     dsmoe_dataset_close(ds);
+    if (s == DSMOE_OK && rt->world_rank == 0 && dsmoe_preflight_checks_later_checkpoints(c)) {
+        dsmoe_train_position pos = {0};
+        if (c->resume[0]) s = dsmoe_checkpoint_verify(c, c->resume, &pos, err);
+        if (s == DSMOE_OK) s = dsmoe_preflight_later_checkpoints(c, pos.step, err);
+    }
     if (s == DSMOE_OK && dsmoe_config_distills(c)) s = dsmoe_teacher_check(c, rt->world_size, rt->world_rank == 0, err);
     return dsmoe_ctl_checks_agree(rt->world_ctl, s, err);
 }
@@ -546,6 +552,8 @@ static dsmoe_status run(trainer *tr, const char *config_text, dsmoe_train_result
     dsmoe_train_position pos;
     int resumed;
     DSMOE_TRY(dsmoe_errors_agree(start_position(tr, &pos, &resumed, err), err));
+    DSMOE_TRY(dsmoe_ctl_checks_agree(tr->rt->world_ctl, tr->rank != 0 ? DSMOE_OK
+                                     : dsmoe_preflight_later_checkpoints(c, pos.step, err), err));
     res->loss_bound = dsmoe_dataset_loss_bound(tr->data);
     res->valid_loss = NAN;
     if (tr->rank == 0) {

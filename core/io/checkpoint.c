@@ -85,37 +85,53 @@ void dsmoe_checkpoint_remove_stale(const char *dir) {
     closedir(d);
 }
 
-static void prune(const char *dir, int keep) {
+dsmoe_status dsmoe_checkpoint_list(const char *dir, int **steps, int *n, dsmoe_err *err) {
+    *steps = NULL;
+    *n = 0;
     DIR *d = opendir(dir);
-    if (!d) return;
-    int steps[4096], n = 0;
+    if (!d) return errno == ENOENT ? DSMOE_OK
+                                   : dsmoe_err_set(err, DSMOE_ERR_IO, "cannot read checkpoint directory %s: %s", dir,
+                                                   strerror(errno));
+    int cap = 0, step;
     struct dirent *e;
-    while ((e = readdir(d)) && n < 4096)
-        if (is_checkpoint_name(e->d_name, &steps[n])) n++;
+    while ((e = readdir(d)))
+        if (is_checkpoint_name(e->d_name, &step)) {
+            if (*n == cap) {
+                cap = cap ? 2 * cap : 64;
+                int *grown = realloc(*steps, (size_t)cap * sizeof **steps);
+                if (!grown) {
+                    closedir(d);
+                    free(*steps);
+                    *steps = NULL;
+                    *n = 0;
+                    return dsmoe_err_set(err, DSMOE_ERR_NOMEM, "out of memory listing checkpoint directory %s", dir);
+                }
+                *steps = grown;
+            }
+            (*steps)[(*n)++] = step;
+        }
     closedir(d);
-    qsort(steps, (size_t)n, sizeof steps[0], cmp_int);
+    if (*n) qsort(*steps, (size_t)*n, sizeof **steps, cmp_int);
+    return DSMOE_OK;
+}
+
+static void prune(const char *dir, int keep) {
+    int *steps, n;
+    if (dsmoe_checkpoint_list(dir, &steps, &n, NULL) != DSMOE_OK) return;
     for (int i = 0; i + keep < n; i++) {
         char path[4096];
         snprintf(path, sizeof path, "%s/step_%08d.safetensors", dir, steps[i]);
         unlink(path);
     }
+    free(steps);
 }
 
 static dsmoe_status verify_file(const dsmoe_st_file *f, const char *path, dsmoe_train_position *pos, dsmoe_err *err);
 
 dsmoe_status dsmoe_checkpoint_find_latest(const char *dir, char *path, size_t len, dsmoe_err *err) {
     path[0] = latest_path[0] = skipped_note[0] = '\0';
-    DIR *d = opendir(dir);
-    if (!d) return errno == ENOENT ? DSMOE_OK
-                                   : dsmoe_err_set(err, DSMOE_ERR_IO, "cannot read checkpoint directory %s: %s", dir,
-                                                   strerror(errno));
-    static int steps[4096];
-    int n = 0;
-    struct dirent *e;
-    while ((e = readdir(d)) && n < 4096)
-        if (is_checkpoint_name(e->d_name, &steps[n])) n++;
-    closedir(d);
-    qsort(steps, (size_t)n, sizeof steps[0], cmp_int);
+    int *steps, n;
+    DSMOE_TRY(dsmoe_checkpoint_list(dir, &steps, &n, err));
     size_t at = 0;
     dsmoe_err first = {0}; // why the newest was refused
     for (int i = n - 1; i >= 0; i--) {
@@ -130,6 +146,7 @@ dsmoe_status dsmoe_checkpoint_find_latest(const char *dir, char *path, size_t le
         if (s == DSMOE_OK) {
             snprintf(path, len, "%s", p);
             snprintf(latest_path, sizeof latest_path, "%s", p);
+            free(steps);
             return DSMOE_OK;
         }
         if (i == n - 1) first = why;
@@ -137,6 +154,7 @@ dsmoe_status dsmoe_checkpoint_find_latest(const char *dir, char *path, size_t le
             at += (size_t)snprintf(skipped_note + at, sizeof skipped_note - at, "checkpoint: skipped %s, which does not "
                                    "verify: %s\n", p, why.msg);
     }
+    free(steps);
     if (n == 0) return DSMOE_OK;
     return dsmoe_err_set(err, DSMOE_ERR_IO, "checkpoint.resume = auto: none of the %d checkpoints in %s verifies; the "
                          "newest: %s", n, dir, first.msg);

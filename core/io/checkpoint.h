@@ -1,6 +1,6 @@
 // core/io/checkpoint.h: model checkpoints as one safetensors file (docs/checkpoint.md).
-// defines: dsmoe_checkpoint_save, dsmoe_checkpoint_load, dsmoe_checkpoint_load_mapped, dsmoe_checkpoint_verify, dsmoe_checkpoint_find_latest,
-//          dsmoe_checkpoint_remove_stale
+// defines: dsmoe_checkpoint_save, dsmoe_checkpoint_load, dsmoe_checkpoint_load_mapped, dsmoe_checkpoint_verify,
+//          dsmoe_checkpoint_find_latest, dsmoe_checkpoint_list, dsmoe_checkpoint_remove_stale
 //
 // One file per checkpoint, global tensor names whatever the rank layout: parameters under their
 // model names, AdamW moments as "optim.exp_avg.<name>" and "optim.exp_avg_sq.<name>", and metadata
@@ -54,6 +54,10 @@ dsmoe_status dsmoe_checkpoint_verify(const dsmoe_config *cfg, const char *path, 
 // shape) into path; DSMOE_OK with path[0] = 0 when there is none; DSMOE_ERR_IO, with why the newest
 // was refused, when there are some and none verifies. Reads every candidate whole; local, no output.
 dsmoe_status dsmoe_checkpoint_find_latest(const char *dir, char *path, size_t len, dsmoe_err *err);
+
+// The steps of the step_<8 digits>.safetensors files in dir, ascending, however many: *steps is malloc'ed
+// (the caller frees it; NULL when there are none). A directory that does not exist holds none. Local.
+dsmoe_status dsmoe_checkpoint_list(const char *dir, int **steps, int *n, dsmoe_err *err);
 
 // Removes step_<8 digits>.safetensors.tmp.<pid> files in dir whose process is gone (saves that were
 // interrupted), printing a line for each. Call on one rank; dsmoe_checkpoint_save does (rank 0).

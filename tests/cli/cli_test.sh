@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The dsmoe command as a user meets it: --version, --help, --check, deck and plugin errors (message and
 # exit code), a short training run's outputs (resolved deck, metrics CSV, pruned checkpoints), resume,
-# eval mode, a bad data file, and the warning for more threads than CPUs. Usage: cli_test.sh <dsmoe binary> <source dir>
+# eval mode, a new run among an earlier run's checkpoints, a bad data file, and the warning for more
+# threads than CPUs. Usage: cli_test.sh <dsmoe binary> <source dir>
 set -u
 dsmoe=$1
 src=$2
@@ -81,8 +82,9 @@ caps=$(awk -F, 'NR == 1 { for (i = 1; i <= NF; i++) if ($i == "moe0_capacity") c
 [ "$caps" = "8 8 8 8 " ] && ok || fail "moe0_capacity per row: '$caps', expected the training capacity 8 on every row"
 ckpts=$(cd "$work/out/checkpoints" && ls)
 [ "$ckpts" = "$(printf 'step_00000003.safetensors\nstep_00000004.safetensors')" ] && ok || fail "checkpoint.keep=2 left: $ckpts"
-# The resolved deck is itself a valid deck.
-expect resolved-deck-valid 0 "is valid" -- "$dsmoe" --check "$work/out/resolved.deck"
+# The resolved deck is itself a valid deck: the one that continues the run (as is, it would start a new
+# run among this one's checkpoints, refused below).
+expect resolved-deck-valid 0 "is valid" -- "$dsmoe" --check "$work/out/resolved.deck" checkpoint.resume=auto
 
 # Resume from the newest checkpoint, and evaluation of a checkpoint.
 expect resume 0 "resumed from .*step_00000004.safetensors at step 4" -- "$dsmoe" "$tiny" train.steps=6 checkpoint.resume=auto
@@ -94,6 +96,25 @@ awk -F, 'NR > 1 { kept[$1] += $9; share[$1] += $10; routed[$1] = $5; dropped[$1]
          END { if (n != 4) exit 1; for (l in kept) if (kept[l] != routed[l] - dropped[l] || share[l] < 0.9999 || share[l] > 1.0001) exit 1 }' \
   "$work/out/eval.csv" && ok || fail "eval.csv: $(cat "$work/out/eval.csv" 2>&1 | head -3)"
 expect eval-no-ckpt nonzero "run.mode = eval needs a checkpoint" -- "$dsmoe" "$tiny" run.mode=eval run.output_dir="$work/empty"
+
+# A new run, or one going on from an earlier step, in a checkpoint directory that holds later checkpoints
+# is refused before its first step, by --check too: pruning by step would remove the new run's own
+# checkpoints first, and a requeue (resume = auto) would go on from the others'. The files stay as they
+# were. A run that writes no checkpoint, and resume = auto, start there.
+ckdir="$work/out/checkpoints"
+before=$(cd "$work/out" && md5sum metrics.csv checkpoints/*)
+fresh_msg="checkpoint directory $ckdir already holds checkpoints of an earlier run \(2 files, step_00000005 to step_00000006.safetensors\), and checkpoint.resume = \"\" starts a new one.* Set checkpoint.resume = auto to continue that run"
+expect fresh-over-earlier nonzero "$fresh_msg" -- "$dsmoe" "$tiny"
+expect fresh-over-earlier-check nonzero "$fresh_msg" -- "$dsmoe" --check "$tiny"
+rewind_msg="checkpoint directory $ckdir holds checkpoints later than step 5, where checkpoint.resume = $ckdir/step_00000005.safetensors goes on \(step_00000006.safetensors\).* To go on from step 5, move those files out of $ckdir"
+expect rewind nonzero "$rewind_msg" -- "$dsmoe" "$tiny" train.steps=8 checkpoint.resume="$ckdir/step_00000005.safetensors"
+expect rewind-check nonzero "$rewind_msg" -- \
+  "$dsmoe" --check "$tiny" train.steps=8 checkpoint.resume="$ckdir/step_00000005.safetensors"
+[ "$(cd "$work/out" && md5sum metrics.csv checkpoints/*)" = "$before" ] && ok ||
+  fail "a refused start changed the earlier run's files: $(cd "$work/out" && md5sum metrics.csv checkpoints/*)"
+expect no-checkpoints 0 "step 1/1" -- "$dsmoe" "$tiny" train.steps=1 checkpoint.every=0 checkpoint.final=false \
+  run.signals="" run.output_dir="$work/nockpt" checkpoint.dir="$ckdir"
+expect resume-newest-check 0 "is valid" -- "$dsmoe" --check "$tiny" train.steps=8 checkpoint.resume=auto
 
 # A corrupt checkpoint is refused and the existing ones stay intact.
 head -c 100 "$work/out/checkpoints/step_00000006.safetensors" > "$work/broken.safetensors"

@@ -1,6 +1,6 @@
 // tests/model/test_train.c: the training driver end to end on the synthetic corpus: convergence toward the
 // corpus's loss bound, bitwise determinism, resume == uninterrupted (bitwise), checkpoint refusals,
-// and the learning-rate schedule.
+// listing a directory of thousands of checkpoints, and the learning-rate schedule.
 #define _GNU_SOURCE
 #include <math.h>
 #include <setjmp.h>
@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "checkpoint.h"
@@ -96,6 +97,52 @@ static void test_bad_checkpoints_refused(void **state) {
     assert_non_null(strstr(err.msg, "text.safetensors"));
 }
 
+// A checkpoint directory is listed whole, however many files it holds (a run that keeps every checkpoint
+// may write thousands): ascending by step, other names left out; and resume = auto takes the newest of
+// 5000 names wherever the directory's order puts it. The other 4999 files are empty (they would not
+// verify); the newest is a hard link to a real checkpoint.
+static void test_many_checkpoints(void **state) {
+    (void)state;
+    dsmoe_train_result r;
+    dsmoe_err err = {0};
+    char extra[1024], dir[512], path[1024];
+    snprintf(extra, sizeof extra, "run.output_dir=%s/many_src train.steps=1", tmpdir);
+    assert_int_equal(train(small_deck, extra, &r, NULL, &err), DSMOE_OK);
+    snprintf(dir, sizeof dir, "%s/many", tmpdir);
+    assert_int_equal(mkdir(dir, 0755), 0);
+    const int count = 5000;
+    snprintf(path, sizeof path, "%s/step_%08d.safetensors", dir, count);
+    assert_int_equal(link(r.checkpoint, path), 0);
+    for (int i = 0; i < count - 1; i++) { // steps 7, 14, ... in an order unlike the sorted one
+        int step = 1 + (int)((uint64_t)(i * 7919 % (count - 1)));
+        snprintf(path, sizeof path, "%s/step_%08d.safetensors", dir, step);
+        FILE *f = fopen(path, "w");
+        assert_non_null(f);
+        fclose(f);
+    }
+    const char *others[] = {"step_1.safetensors", "step_00000003.safetensors.tmp.12", "step_0000000x.safetensors",
+                            "notes.txt"};
+    for (size_t k = 0; k < sizeof others / sizeof others[0]; k++) {
+        snprintf(path, sizeof path, "%s/%s", dir, others[k]);
+        FILE *f = fopen(path, "w");
+        assert_non_null(f);
+        fclose(f);
+    }
+    int *steps = NULL, n = -1;
+    assert_int_equal(dsmoe_checkpoint_list(dir, &steps, &n, &err), DSMOE_OK);
+    assert_int_equal(n, count);
+    for (int i = 0; i < n; i++) assert_int_equal(steps[i], i + 1);
+    free(steps);
+    char latest[4096];
+    assert_int_equal(dsmoe_checkpoint_find_latest(dir, latest, sizeof latest, &err), DSMOE_OK);
+    snprintf(path, sizeof path, "%s/step_%08d.safetensors", dir, count);
+    assert_string_equal(latest, path);
+    snprintf(path, sizeof path, "%s/none", tmpdir);
+    assert_int_equal(dsmoe_checkpoint_list(path, &steps, &n, &err), DSMOE_OK);
+    assert_int_equal(n, 0);
+    assert_null(steps);
+}
+
 // Training on the synthetic corpus approaches its computable loss bound.
 static void test_converges_to_bound(void **state) {
     (void)state;
@@ -120,6 +167,7 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_deterministic),
         cmocka_unit_test(test_resume_equals_uninterrupted),
         cmocka_unit_test(test_bad_checkpoints_refused),
+        cmocka_unit_test(test_many_checkpoints),
         cmocka_unit_test(test_converges_to_bound),
     };
     return train_test_main(argc, argv, "dsmoe_test_train", tests, sizeof tests / sizeof tests[0]);
