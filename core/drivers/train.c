@@ -22,6 +22,7 @@
 #include "model.h"
 #include "optimizer.h"
 #include "preflight.h"
+#include "run_lock.h"
 #include "signals.h"
 #include "watchdog.h"
 
@@ -59,6 +60,7 @@ typedef struct trainer {
     int metrics_step;         // the step whose row failed first (0 = the header)
     int failed_saves;         // consecutive failed checkpoint saves (every rank: saves share their status)
     char ckpt_dir[1200];
+    dsmoe_run_lock *lock;     // rank 0 of a training run: run.output_dir and ckpt_dir are this run's (run_lock.h)
     int rank;
     dsmoe_op_profile *prof;   // train.profile: set as rt->prof for the run, recording the steps after the first
     int prof_first, prof_last; // the steps (1-based) the profile covers; prof_first = 0: none yet
@@ -462,6 +464,7 @@ static dsmoe_status open_run(trainer *tr, const dsmoe_config *c, dsmoe_runtime *
 }
 
 static void close_run(trainer *tr) {
+    dsmoe_run_lock_release(tr->lock);
     if (tr->prof) tr->rt->prof = NULL;
     dsmoe_prof_free(tr->prof);
     dsmoe_optimizer_free(tr->opt);
@@ -551,6 +554,14 @@ static dsmoe_status run(trainer *tr, const char *config_text, dsmoe_train_result
     const dsmoe_config *c = tr->cfg;
     dsmoe_train_position pos;
     int resumed;
+    // Before anything of the run is read or written there: no other training run uses its directories,
+    // run.output_dir (which holds the default checkpoint directory) and a checkpoint.dir of its own.
+    if (c->mode == DSMOE_MODE_TRAIN) {
+        const char *dirs[] = {c->output_dir, c->checkpoint_dir}, *keys[] = {"run.output_dir", "checkpoint.dir"};
+        int n = c->checkpoint_dir[0] && (c->checkpoint_every > 0 || c->checkpoint_final || c->signals[0]) ? 2 : 1;
+        DSMOE_TRY(dsmoe_ctl_checks_agree(tr->rt->world_ctl, tr->rank != 0 ? DSMOE_OK
+                                         : dsmoe_run_lock_take(dirs, keys, n, &tr->lock, err), err));
+    }
     DSMOE_TRY(dsmoe_errors_agree(start_position(tr, &pos, &resumed, err), err));
     DSMOE_TRY(dsmoe_ctl_checks_agree(tr->rt->world_ctl, tr->rank != 0 ? DSMOE_OK
                                      : dsmoe_preflight_later_checkpoints(c, pos.step, err), err));

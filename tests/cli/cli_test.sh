@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The dsmoe command as a user meets it: --version, --help, --check, deck and plugin errors (message and
 # exit code), a short training run's outputs (resolved deck, metrics CSV, pruned checkpoints), resume,
-# eval mode, a new run among an earlier run's checkpoints, a bad data file, and the warning for more
-# threads than CPUs. Usage: cli_test.sh <dsmoe binary> <source dir>
+# eval mode, a new run among an earlier run's checkpoints, a second run in a busy directory, a bad data
+# file, and the warning for more threads than CPUs. Usage: cli_test.sh <dsmoe binary> <source dir>
 set -u
 dsmoe=$1
 src=$2
@@ -115,6 +115,17 @@ expect rewind-check nonzero "$rewind_msg" -- \
 expect no-checkpoints 0 "step 1/1" -- "$dsmoe" "$tiny" train.steps=1 checkpoint.every=0 checkpoint.final=false \
   run.signals="" run.output_dir="$work/nockpt" checkpoint.dir="$ckdir"
 expect resume-newest-check 0 "is valid" -- "$dsmoe" --check "$tiny" train.steps=8 checkpoint.resume=auto
+
+# A training run in a directory another one is using is refused, naming the holder (core/io/run_lock.h);
+# when the holder is gone, even killed, the lock file it leaves does not block.
+"$dsmoe" "$tiny" run.output_dir="$work/busy" train.steps=1000000 checkpoint.every=0 > "$work/busy.log" 2>&1 &
+holder=$!
+for _ in $(seq 1 300); do grep -q "^step 1/" "$work/busy.log" && break; sleep 0.1; done
+expect busy nonzero "run.output_dir = $work/busy is in use by another training run \(pid $holder on [^,]+, since 20" -- \
+  "$dsmoe" "$tiny" run.output_dir="$work/busy" checkpoint.resume=auto
+kill -9 "$holder"
+wait "$holder" 2>/dev/null
+expect busy-released 0 "step 1/1" -- "$dsmoe" "$tiny" run.output_dir="$work/busy" train.steps=1 checkpoint.resume=auto
 
 # A corrupt checkpoint is refused and the existing ones stay intact.
 head -c 100 "$work/out/checkpoints/step_00000006.safetensors" > "$work/broken.safetensors"
