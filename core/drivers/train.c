@@ -613,6 +613,9 @@ static dsmoe_status run(trainer *tr, const char *config_text, dsmoe_train_result
         err->scope = DSMOE_SCOPE_COLLECTIVE; // every rank holds rank 0's message: it prints once
         return s;
     }
+    if (tr->rank == 0 && pos.step >= c->steps)
+        printf("train: nothing to do: the run is at step %d, train.steps = %d (raise train.steps to go on)\n",
+               pos.step, c->steps);
     double t_start = dsmoe_now_seconds(), t_last = t_start;
     int first = pos.step, logged_from = pos.step;
     for (int step = pos.step; step < c->steps; step++) {

@@ -88,6 +88,8 @@ expect resolved-deck-valid 0 "is valid" -- "$dsmoe" --check "$work/out/resolved.
 
 # Resume from the newest checkpoint, and evaluation of a checkpoint.
 expect resume 0 "resumed from .*step_00000004.safetensors at step 4" -- "$dsmoe" "$tiny" train.steps=6 checkpoint.resume=auto
+expect resume-done 0 "train: nothing to do: the run is at step 6, train.steps = 4 \(raise train.steps to go on\)" -- \
+  "$dsmoe" "$tiny" train.steps=4 checkpoint.resume=auto
 expect eval 0 "eval: validation loss [0-9.]+, perplexity [0-9.]+ over 1 batches .* of expert choices dropped" -- \
   "$dsmoe" "$tiny" run.mode=eval checkpoint.resume=auto
 # eval.csv: one row per expert; per layer the kept tokens add up to routed - dropped and the shares to 1;
