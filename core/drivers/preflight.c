@@ -137,3 +137,17 @@ dsmoe_status dsmoe_preflight_later_checkpoints(const dsmoe_config *c, int start_
                          "the newest, set checkpoint.resume = auto",
                          dir, start_step, c->resume, files, c->checkpoint_keep, start_step, dir, where);
 }
+
+void dsmoe_preflight_resumed_data(const dsmoe_dataset *ds, int warn, dsmoe_train_position *pos) {
+    uint64_t windows = dsmoe_dataset_windows(ds, DSMOE_SPLIT_TRAIN), tokens = dsmoe_dataset_tokens(ds, DSMOE_SPLIT_TRAIN);
+    if (warn && pos->has_data && (pos->data_windows != windows || pos->data_tokens != tokens)) {
+        fprintf(stderr, "dsmoe: warning: the training split differs from the one the checkpoint's run read: %" PRIu64
+                " tokens in %" PRIu64 " windows, where it had %" PRIu64 " in %" PRIu64 " (the corpus or "
+                "data.valid_fraction changed): from step %d on, samples come in another order than that run's\n",
+                tokens, windows, pos->data_tokens, pos->data_windows, pos->step);
+        fflush(stderr);
+    }
+    pos->data_windows = windows;
+    pos->data_tokens = tokens;
+    pos->has_data = 1;
+}

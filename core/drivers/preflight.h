@@ -2,9 +2,10 @@
 // that can be known at the start fails at the end: directories that must take files, the validation
 // split that evaluation will read, room for a checkpoint.
 // defines: dsmoe_probe_dir, dsmoe_preflight_train, dsmoe_checkpoint_dir_of, dsmoe_preflight_checks_later_checkpoints,
-//          dsmoe_preflight_later_checkpoints
+//          dsmoe_preflight_later_checkpoints, dsmoe_preflight_resumed_data
 #ifndef DSMOE_PREFLIGHT_H
 #define DSMOE_PREFLIGHT_H
+#include "checkpoint.h" // dsmoe_train_position
 #include "config.h"
 #include "data.h"
 
@@ -34,5 +35,11 @@ int dsmoe_preflight_checks_later_checkpoints(const dsmoe_config *c);
 // theirs, and resume = auto would later take theirs. Refused, saying what to do; DSMOE_OK for a run it
 // does not apply to. Local.
 dsmoe_status dsmoe_preflight_later_checkpoints(const dsmoe_config *c, int start_step, dsmoe_err *err);
+
+// A training run at *pos (fresh, or resumed from a checkpoint) that reads the corpus ds: when warn and the
+// checkpoint recorded its training split, a warning on stderr if ds's differs in windows or tokens (the
+// corpus changed, or data.valid_fraction did): from here on the samples come in another order than the
+// interrupted run's. Then *pos records ds's split, for the checkpoints to come.
+void dsmoe_preflight_resumed_data(const dsmoe_dataset *ds, int warn, dsmoe_train_position *pos);
 
 #endif

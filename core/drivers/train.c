@@ -563,6 +563,7 @@ static dsmoe_status run(trainer *tr, const char *config_text, dsmoe_train_result
                                          : dsmoe_run_lock_take(dirs, keys, n, &tr->lock, err), err));
     }
     DSMOE_TRY(dsmoe_errors_agree(start_position(tr, &pos, &resumed, err), err));
+    dsmoe_preflight_resumed_data(tr->data, resumed && c->mode == DSMOE_MODE_TRAIN && tr->rank == 0, &pos);
     DSMOE_TRY(dsmoe_ctl_checks_agree(tr->rt->world_ctl, tr->rank != 0 ? DSMOE_OK
                                      : dsmoe_preflight_later_checkpoints(c, pos.step, err), err));
     res->loss_bound = dsmoe_dataset_loss_bound(tr->data);

@@ -230,6 +230,12 @@ static dsmoe_status describe_file(dsmoe_model *m, const dsmoe_config *cfg, const
     DSMOE_TRY(dsmoe_st_writer_meta(w, "next_sample", num, err));
     snprintf(num, sizeof num, "%" PRIu64, pos->seed);
     DSMOE_TRY(dsmoe_st_writer_meta(w, "seed", num, err));
+    if (pos->has_data) {
+        snprintf(num, sizeof num, "%" PRIu64, pos->data_windows);
+        DSMOE_TRY(dsmoe_st_writer_meta(w, "data_train_windows", num, err));
+        snprintf(num, sizeof num, "%" PRIu64, pos->data_tokens);
+        DSMOE_TRY(dsmoe_st_writer_meta(w, "data_train_tokens", num, err));
+    }
     DSMOE_TRY(dsmoe_st_writer_meta(w, "model", shape, err));
     return dsmoe_st_writer_meta(w, "deck", config_text ? config_text : "", err);
 }
@@ -321,6 +327,12 @@ static dsmoe_status verify_file(const dsmoe_st_file *f, const char *path, dsmoe_
     DSMOE_TRY(parse_u64_meta(f, path, "next_sample", &pos->next_sample, err));
     DSMOE_TRY(parse_u64_meta(f, path, "seed", &pos->seed, err));
     pos->step = (int)step;
+    pos->has_data = dsmoe_st_meta(f, "data_train_windows") != NULL; // absent from older checkpoints
+    pos->data_windows = pos->data_tokens = UINT64_MAX;
+    if (pos->has_data) {
+        DSMOE_TRY(parse_u64_meta(f, path, "data_train_windows", &pos->data_windows, err));
+        DSMOE_TRY(parse_u64_meta(f, path, "data_train_tokens", &pos->data_tokens, err));
+    }
     float chunk[4096];
     for (int i = 0; i < dsmoe_st_count(f); i++) {
         const dsmoe_st_tensor *t = dsmoe_st_at(f, i);

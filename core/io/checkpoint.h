@@ -18,6 +18,11 @@ typedef struct dsmoe_train_position {
     int step;                 // optimizer steps completed
     uint64_t next_sample;     // next training sample index
     uint64_t seed;            // run.seed the run was started with
+    // The training split the run reads (dsmoe_dataset_windows, dsmoe_dataset_tokens): windows decide the
+    // sample order, so a resume over other counts reads another order. has_data = 0: not recorded (a
+    // checkpoint of an older dsmoe).
+    uint64_t data_windows, data_tokens;
+    int has_data;
 } dsmoe_train_position;
 
 // Collective. Writes <dir>/step_<step>.safetensors and prunes to `keep` newest. *path_out (may be NULL)

@@ -3,9 +3,11 @@
 # writes good checkpoints; copies are damaged here (python3, with its own CRC32C from the definition):
 # a flipped data byte, a header length 4 and 1 short, a truncation, NaN and -Inf in a tensor with its
 # checksum fixed, a tensor's shape transposed and its dtype changed (the same bytes), another program's
-# safetensors metadata, another format version, step = 4294967297 and -1, next_sample = -1; each is
-# refused naming the file and the tensor or field. A copy without checksums loads with a warning. checkpoint.resume = auto skips a damaged newest
-# file and resumes from the one before, saying so, and removes a dead save's temporary.
+# safetensors metadata, another format version, step = 4294967297 and -1, next_sample = -1, a training
+# split's window count that is not a number; each is refused naming the file and the tensor or field. A
+# copy without checksums loads with a warning, one without the training split's counts loads.
+# checkpoint.resume = auto skips a damaged newest file and resumes from the one before, saying so, and
+# removes a dead save's temporary.
 # Usage: ckpt_damage_test.sh <dsmoe binary>
 set -u
 dsmoe=$1
@@ -91,6 +93,10 @@ else:
         meta["step"] = "-1"
     elif what == "sample_neg":
         meta["next_sample"] = "-1"
+    elif what == "windows_bad":
+        meta["data_train_windows"] = "12x"
+    elif what == "nodata":  # a file of a dsmoe that did not record the training split
+        del meta["data_train_windows"], meta["data_train_tokens"]
     elif what == "nocrc":
         for k in [k for k in meta if k.startswith("crc32c.")]:
             del meta[k]
@@ -127,6 +133,7 @@ refuse version "has format version '99'; this dsmoe reads version [0-9]+"
 refuse step_big "metadata 'step' = '4294967297' is not a number in \[0, 2147483647\]"
 refuse step_neg "metadata 'step' = '-1' is not a number"
 refuse sample_neg "metadata 'next_sample' = '-1' is not a number"
+refuse windows_bad "metadata 'data_train_windows' = '12x' is not a number"
 [ -e "$work/out_flip/checkpoints" ] && fail "a refused resume wrote checkpoints" || ok
 
 # Another run.seed is refused on resume (it would silently change the data stream), unless allowed.
@@ -140,6 +147,11 @@ expect seed-change-allowed 0 "run.seed changes from 1234 to 99" -- "$dsmoe" "$ti
 damage "$good" "$work/nocrc.safetensors" nocrc
 expect nocrc 0 "warning: checkpoint .*nocrc.safetensors has no checksums" -- \
   "$dsmoe" "$tiny" run.mode=eval checkpoint.resume="$work/nocrc.safetensors"
+# A file without the training split's counts (an older dsmoe's) resumes (cli_test checks the warning
+# when the counts differ).
+damage "$good" "$work/nodata.safetensors" nodata
+expect nodata 0 "resumed from .*nodata.safetensors at step 3" -- "$dsmoe" "$tiny" train.steps=4 \
+  checkpoint.resume="$work/nodata.safetensors" run.output_dir="$work/out_nodata"
 
 # auto: the newest (step 3) is damaged, step 2 is good; a dead save's temporary lies next to them.
 ck="$work/out/checkpoints"

@@ -141,6 +141,26 @@ expect missing-text nonzero "$work/missing.txt" -- "$dsmoe" "$tiny" data.source=
 # Byte-level text training works end to end.
 for i in $(seq 1 200); do echo "the quick brown fox jumps over the lazy dog $i"; done > "$work/text.txt"
 expect text-train 0 "step 4/4" -- "$dsmoe" "$tiny" data.source=text data.path="$work/text.txt" model.vocab=256 run.output_dir="$work/textout"
+# A resume over a corpus that changed warns that the sample order changes from there (the checkpoint
+# records the training split's tokens and windows); over the same corpus it does not.
+text=(data.source=text data.path="$work/text.txt" model.vocab=256 run.output_dir="$work/textout" checkpoint.resume=auto)
+if "$dsmoe" "$tiny" "${text[@]}" train.steps=5 2>&1 | grep -q "warning: the training split differs"; then
+  fail "text-resume-same: warned about an unchanged corpus"
+else
+  ok
+fi
+for i in $(seq 1 50); do echo "a few more lines of text $i"; done >> "$work/text.txt"
+expect text-resume-changed 0 "warning: the training split differs from the one the checkpoint's run read: [0-9]+ tokens in [0-9]+ windows, where it had [0-9]+ in [0-9]+ \(the corpus or data.valid_fraction changed\): from step 5 on" -- \
+  "$dsmoe" "$tiny" "${text[@]}" train.steps=6
+# The counts are the split's before and after: more tokens and windows now, by about 95% of the bytes
+# added (data.valid_fraction = 0.05 holds out the rest), at 8 tokens a window.
+counts=$("$dsmoe" "$tiny" "${text[@]}" train.steps=6 data.path="$work/text.txt,$work/text.txt" 2>&1 |
+  sed -n 's/.*read: \([0-9]*\) tokens in \([0-9]*\) windows, where it had \([0-9]*\) in \([0-9]*\) .*/\1 \2 \3 \4/p')
+bytes=$(stat -c %s "$work/text.txt")
+read -r t_now w_now t_had w_had <<<"$counts"
+if [ -n "$counts" ] && [ $((t_now - t_had)) -ge $((bytes * 94 / 100)) ] && [ $((t_now - t_had)) -le $((bytes * 96 / 100)) ] &&
+   [ "$w_now" = $(((t_now - 1) / 8)) ] && [ "$w_had" = $(((t_had - 1) / 8)) ]; then ok
+else fail "text-resume-doubled: counts '$counts' for a corpus of 2 x $bytes bytes"; fi
 
 # More compute threads than the binding's CPUs: a warning naming run.threads and the CPU count, then it
 # trains (the threads take turns).
