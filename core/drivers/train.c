@@ -24,6 +24,7 @@
 #include "preflight.h"
 #include "run_lock.h"
 #include "signals.h"
+#include "train_metrics.h"
 #include "watchdog.h"
 
 float dsmoe_lr_at(const dsmoe_config *c, int step) {
@@ -54,10 +55,7 @@ typedef struct trainer {
     int *train_capacity;      // (n_moe) each MoE layer's capacity in the step's last training forward (an
                               // evaluation after the step runs at its own capacity)
     int max_e;
-    FILE *metrics;
-    char metrics_path[2048];
-    int metrics_errno;        // rank 0: the first failed metrics write's errno (0 = none); no rows after it
-    int metrics_step;         // the step whose row failed first (0 = the header)
+    dsmoe_metrics_file metrics; // rank 0
     int failed_saves;         // consecutive failed checkpoint saves (every rank: saves share their status)
     char ckpt_dir[1200];
     dsmoe_run_lock *lock;     // rank 0 of a training run: run.output_dir and ckpt_dir are this run's (run_lock.h)
@@ -179,83 +177,6 @@ static dsmoe_status evaluate_checkpoint(trainer *tr, double *loss, dsmoe_err *er
     return s;
 }
 
-// Metrics writes are checked (a full disk gave an empty file and exit 0): the first failure is reported
-// once, the file gets no more rows, training goes on (the run is worth more than its log) and dsmoe exits
-// DSMOE_EXIT_METRICS_FAILED at the end, after saying so again.
-static void metrics_printf(trainer *tr, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void metrics_printf(trainer *tr, const char *fmt, ...) {
-    if (!tr->metrics || tr->metrics_errno) return;
-    va_list ap;
-    va_start(ap, fmt);
-    if (vfprintf(tr->metrics, fmt, ap) < 0) tr->metrics_errno = errno ? errno : EIO;
-    va_end(ap);
-}
-
-// Ends a row (or the header): flushes, and reports the first failure.
-static void metrics_end_row(trainer *tr, int step) {
-    if (!tr->metrics) return;
-    errno = 0;
-    if (!tr->metrics_errno && (fflush(tr->metrics) != 0 || ferror(tr->metrics))) tr->metrics_errno = errno ? errno : EIO;
-    if (!tr->metrics_errno) return;
-    tr->metrics_step = step;
-    fprintf(stderr, "dsmoe: warning: cannot write metrics file %s (%s at step %d): training goes on without its rows; "
-            "dsmoe will exit with code %d at the end\n", tr->metrics_path, strerror(tr->metrics_errno), step,
-            DSMOE_EXIT_METRICS_FAILED);
-    fflush(stderr);
-}
-
-static void metrics_header(trainer *tr) {
-    if (!tr->metrics) return;
-    metrics_printf(tr, "step,loss,aux_loss,lr,grad_norm,tokens_per_s,dropped_frac,elapsed_s,valid_loss");
-    if (dsmoe_config_distills(tr->cfg)) metrics_printf(tr, ",kd_loss"); // empty on steps that do not distil
-    for (int i = 0; i < tr->cfg->n_moe_layers; i++) {
-        metrics_printf(tr, ",moe%d_capacity,moe%d_drop", i, i);
-        for (int e = 0; e < tr->cfg->experts[i]; e++) metrics_printf(tr, ",moe%d_load_e%d", i, e);
-    }
-    metrics_printf(tr, "\n");
-    metrics_end_row(tr, 0);
-}
-
-static void metrics_row(trainer *tr, int step, const step_stats *st, float lr, double gnorm, double tok_s,
-                        double elapsed, double valid) {
-    if (!tr->metrics || tr->metrics_errno) return;
-    metrics_printf(tr, "%d,%.9g,%.9g,%.6e,%.9g,%.1f,%.6f,%.3f,", step, st->loss_sum / st->tokens,
-                   st->aux_sum / st->micro_count, lr, gnorm, tok_s, st->routed > 0 ? st->dropped / st->routed : 0.0,
-                   elapsed);
-    if (!isnan(valid)) metrics_printf(tr, "%.9g", valid);
-    if (dsmoe_config_distills(tr->cfg))
-        metrics_printf(tr, dsmoe_distill_on_at(tr->cfg, step - 1) ? ",%.9g" : ",", st->kd_sum / st->tokens);
-    for (int i = 0; i < tr->cfg->n_moe_layers; i++) {
-        long kept = 0;
-        for (int e = 0; e < tr->cfg->experts[i]; e++) kept += tr->loads[i * tr->max_e + e];
-        double routed_layer = st->routed / tr->cfg->n_moe_layers;
-        metrics_printf(tr, ",%d,%.6f", tr->train_capacity[i], routed_layer > 0 ? 1.0 - kept / routed_layer : 0.0);
-        for (int e = 0; e < tr->cfg->experts[i]; e++)
-            metrics_printf(tr, ",%.5f", kept ? (double)tr->loads[i * tr->max_e + e] / kept : 0.0);
-    }
-    metrics_printf(tr, "\n");
-    metrics_end_row(tr, step);
-}
-
-// Closes the metrics file (rank 0) and tells every rank whether its writes failed, for one exit code.
-static dsmoe_status metrics_finish(trainer *tr, dsmoe_train_result *res, dsmoe_err *err) {
-    if (tr->metrics) {
-        errno = 0;
-        if (fclose(tr->metrics) != 0 && !tr->metrics_errno) {
-            tr->metrics_errno = errno ? errno : EIO;
-            tr->metrics_step = res->steps_done;
-        }
-        tr->metrics = NULL;
-    }
-    int64_t failed = tr->metrics_errno != 0;
-    DSMOE_TRY(dsmoe_ctl_allreduce_i64(tr->rt->world_ctl, &failed, 1, err));
-    res->metrics_failed = failed != 0;
-    if (tr->metrics_errno)
-        fprintf(stderr, "dsmoe: warning: metrics file %s is incomplete: writing failed at step %d (%s): exit code %d\n",
-                tr->metrics_path, tr->metrics_step, strerror(tr->metrics_errno), DSMOE_EXIT_METRICS_FAILED);
-    return DSMOE_OK;
-}
-
 // train.profile, collective: every rank's profile to rank 0, which prints the table on stdout and writes
 // every rank's call sites to <output_dir>/profile.tsv. A failed write is a warning: the run's results are
 // whole without it.
@@ -314,40 +235,6 @@ static dsmoe_status save_checkpoint(trainer *tr, const char *config_text, const 
                   c->checkpoint_max_failures, serr.msg, kept, DSMOE_EXIT_SAVE_FAILED);
     err->scope = DSMOE_SCOPE_COLLECTIVE;
     return err->status;
-}
-
-// On resume, rows after the checkpoint's step come from a run that went on past it (killed later, or
-// stopped by a signal after its last checkpoint.every): drop them, and a torn last line, so that each
-// step appears once. Writes through a temporary file and a rename. *has_header: the file has its header.
-static dsmoe_status trim_metrics(const char *path, int step, int *has_header, dsmoe_err *err) {
-    *has_header = 0;
-    FILE *f = fopen(path, "rb");
-    if (!f) return DSMOE_OK; // a new file: the caller writes the header
-    fseek(f, 0, SEEK_END);
-    long len = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *text = dsmoe_malloc((size_t)len + 1, "metrics file", err);
-    if (!text) {
-        fclose(f);
-        return err->status;
-    }
-    size_t got = fread(text, 1, (size_t)len, f);
-    fclose(f);
-    text[got] = '\0';
-    size_t keep = 0, at = 0; // keep: bytes of whole lines to keep, all of them at the start of the file
-    while (at < got) {
-        char *nl = memchr(text + at, '\n', got - at);
-        if (!nl) break; // torn line
-        size_t end = (size_t)(nl - text) + 1;
-        if (at == 0 && strncmp(text, "step,", 5) == 0) *has_header = 1;
-        else if (strtol(text + at, NULL, 10) > step) break;
-        keep = at = end;
-    }
-    dsmoe_status s = DSMOE_OK;
-    if (keep < got) printf("metrics: dropped %zu bytes of rows after step %d from %s\n", got - keep, step, path);
-    if (keep < got) s = dsmoe_write_file_atomic(path, text, keep, err);
-    free(text);
-    return s;
 }
 
 // ----------------------------------------------------------------------------------------------------
@@ -471,7 +358,7 @@ static void close_run(trainer *tr) {
     dsmoe_teacher_close(tr->teacher);
     dsmoe_model_free(tr->model);
     dsmoe_dataset_close(tr->data);
-    if (tr->metrics) fclose(tr->metrics);
+    if (tr->metrics.f) fclose(tr->metrics.f); // a run that failed: its error is the message
     free(tr->window);
     free(tr->inputs);
     free(tr->targets);
@@ -539,14 +426,9 @@ static dsmoe_status open_outputs(trainer *tr, const char *config_text, int resum
     DSMOE_TRY(dsmoe_mkdir_p(c->output_dir, err));
     snprintf(path, sizeof path, "%s/resolved.deck", c->output_dir);
     DSMOE_TRY(dsmoe_write_file_atomic(path, config_text, strlen(config_text), err));
-    if (c->metrics_file[0]) snprintf(tr->metrics_path, sizeof tr->metrics_path, "%s", c->metrics_file);
-    else snprintf(tr->metrics_path, sizeof tr->metrics_path, "%s/metrics.csv", c->output_dir);
-    int has_header = 0;
-    if (resumed) DSMOE_TRY(trim_metrics(tr->metrics_path, step, &has_header, err));
-    tr->metrics = fopen(tr->metrics_path, resumed ? "a" : "w");
-    if (!tr->metrics)
-        return dsmoe_err_set(err, DSMOE_ERR_IO, "cannot open metrics file %s: %s", tr->metrics_path, strerror(errno));
-    if (!has_header) metrics_header(tr);
+    if (c->metrics_file[0]) snprintf(path, sizeof path, "%s", c->metrics_file);
+    else snprintf(path, sizeof path, "%s/metrics.csv", c->output_dir);
+    DSMOE_TRY(dsmoe_metrics_open(&tr->metrics, c, path, resumed, step, err));
     return DSMOE_OK;
 }
 
@@ -663,7 +545,14 @@ static dsmoe_status run(trainer *tr, const char *config_text, dsmoe_train_result
                 printf("\n");
                 fflush(stdout);
             }
-            metrics_row(tr, pos.step, &st, dsmoe_lr_at(c, step), gnorm, tok_s, elapsed, valid);
+            if (tr->rank == 0)
+                dsmoe_metrics_row(&tr->metrics, c, &(dsmoe_metrics_values){
+                    .step = pos.step, .loss = st.loss_sum / st.tokens, .aux_loss = st.aux_sum / st.micro_count,
+                    .lr = dsmoe_lr_at(c, step), .grad_norm = gnorm, .tokens_per_s = tok_s,
+                    .dropped_frac = st.routed > 0 ? st.dropped / st.routed : 0.0, .elapsed_s = elapsed,
+                    .valid_loss = valid, .kd_loss = distilled ? st.kd_sum / st.tokens : NAN,
+                    .capacity = tr->train_capacity, .loads = tr->loads, .max_e = tr->max_e,
+                    .routed_per_layer = c->n_moe_layers ? st.routed / c->n_moe_layers : 0.0});
         }
         if (tr->teacher && tr->rank == 0 && c->distill_stop_step == pos.step && !last)
             printf("distill: distillation stopped after step %d: the plain training loss from step %d on\n", pos.step,
@@ -691,7 +580,10 @@ static dsmoe_status run(trainer *tr, const char *config_text, dsmoe_train_result
     }
     res->steps_done = pos.step;
     if (tr->prof) DSMOE_TRY(report_profile(tr, err));
-    return metrics_finish(tr, res, err);
+    int64_t failed = tr->rank == 0 && dsmoe_metrics_close(&tr->metrics, res->steps_done);
+    DSMOE_TRY(dsmoe_ctl_allreduce_i64(tr->rt->world_ctl, &failed, 1, err));
+    res->metrics_failed = failed != 0;
+    return DSMOE_OK;
 }
 
 dsmoe_status dsmoe_train_run(const dsmoe_config *cfg, const char *config_text, dsmoe_runtime *rt,

@@ -118,6 +118,20 @@ expect no-checkpoints 0 "step 1/1" -- "$dsmoe" "$tiny" train.steps=1 checkpoint.
   run.signals="" run.output_dir="$work/nockpt" checkpoint.dir="$ckdir"
 expect resume-newest-check 0 "is valid" -- "$dsmoe" --check "$tiny" train.steps=8 checkpoint.resume=auto
 
+# metrics.csv keeps its columns over a resume that turns distillation off (kd_loss stays, empty) or on
+# (no kd_loss column; the log says so): every row has the header's fields. The teacher is step 6 above.
+teacher="$ckdir/step_00000006.safetensors"
+"$dsmoe" "$tiny" run.output_dir="$work/kd_off" train.steps=2 distill.teacher="$teacher" > "$work/kd_off.log" 2>&1
+expect kd-off 0 "step 4/4" -- "$dsmoe" "$tiny" run.output_dir="$work/kd_off" train.steps=4 checkpoint.resume=auto
+awk -F, 'NR == 1 { n = NF; for (i = 1; i <= NF; i++) if ($i == "kd_loss") k = i; next }
+         NF != n || !k || (NR <= 3) != ($k != "") { bad = 1 } END { exit bad || NR != 5 }' "$work/kd_off/metrics.csv" &&
+  ok || fail "kd-off: metrics.csv $(cat "$work/kd_off/metrics.csv" | cut -c1-120)"
+"$dsmoe" "$tiny" run.output_dir="$work/kd_on" train.steps=2 > "$work/kd_on.log" 2>&1
+expect kd-on 0 "metrics: $work/kd_on/metrics.csv has no kd_loss column \(the run it continues did not distil\)" -- \
+  "$dsmoe" "$tiny" run.output_dir="$work/kd_on" train.steps=4 checkpoint.resume=auto distill.teacher="$teacher"
+awk -F, 'NR == 1 { n = NF; if ($0 ~ /kd_loss/) bad = 1; next } NF != n { bad = 1 } END { exit bad || NR != 5 }' \
+  "$work/kd_on/metrics.csv" && ok || fail "kd-on: metrics.csv $(cat "$work/kd_on/metrics.csv" | cut -c1-120)"
+
 # A training run in a directory another one is using is refused, naming the holder (core/io/run_lock.h);
 # when the holder is gone, even killed, the lock file it leaves does not block.
 "$dsmoe" "$tiny" run.output_dir="$work/busy" train.steps=1000000 checkpoint.every=0 > "$work/busy.log" 2>&1 &
