@@ -112,7 +112,7 @@ dsmoe_status dsmoe_preflight_later_checkpoints(const dsmoe_config *c, int start_
     DSMOE_TRY(dsmoe_checkpoint_list(dir, &steps, &n, err));
     int later = 0;
     for (int i = 0; i < n; i++) later += steps[i] > start_step;
-    int first = n ? steps[n - later] : 0, last = n ? steps[n - 1] : 0;
+    int first = later ? steps[n - later] : 0, last = later ? steps[n - 1] : 0; // ascending: the later ones end it
     free(steps);
     if (later == 0) return DSMOE_OK;
     char files[96];
