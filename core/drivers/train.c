@@ -367,7 +367,7 @@ static void close_run(trainer *tr) {
 }
 
 // --check: the data and the directories (preflight); a training run's checkpoint directory holds no
-// checkpoint later than where the run starts (the file of checkpoint.resume is verified, for its step);
+// checkpoint later than where the run starts (the step of checkpoint.resume from its header);
 // distill.teacher's deck loads for this rank count and suits the student, and the teacher's checkpoint
 // verifies against it (every tensor's checksum).
 dsmoe_status dsmoe_train_check(const dsmoe_config *c, dsmoe_runtime *rt, dsmoe_err *err) {
@@ -378,7 +378,7 @@ dsmoe_status dsmoe_train_check(const dsmoe_config *c, dsmoe_runtime *rt, dsmoe_e
     dsmoe_dataset_close(ds);
     if (s == DSMOE_OK && rt->world_rank == 0 && dsmoe_preflight_checks_later_checkpoints(c)) {
         dsmoe_train_position pos = {0};
-        if (c->resume[0]) s = dsmoe_checkpoint_verify(c, c->resume, &pos, err);
+        if (c->resume[0]) s = dsmoe_checkpoint_position(c->resume, &pos, err);
         if (s == DSMOE_OK) s = dsmoe_preflight_later_checkpoints(c, pos.step, err);
     }
     if (s == DSMOE_OK && dsmoe_config_distills(c)) s = dsmoe_teacher_check(c, rt->world_size, rt->world_rank == 0, err);

@@ -312,7 +312,9 @@ static dsmoe_status parse_u64_meta(const dsmoe_st_file *f, const char *path, con
 
 // Everything that can be checked without the model: format, metadata ranges (in 64 bits: a step above
 // INT_MAX is refused, not wrapped), every tensor's checksum and, for F32 tensors, finite values.
-static dsmoe_status verify_file(const dsmoe_st_file *f, const char *path, dsmoe_train_position *pos, dsmoe_err *err) {
+// The metadata: format, version and the position (format and ranges checked).
+static dsmoe_status read_position(const dsmoe_st_file *f, const char *path, dsmoe_train_position *pos,
+                                  dsmoe_err *err) {
     const char *fmt = dsmoe_st_meta(f, "format"), *ver = dsmoe_st_meta(f, "format_version");
     if (!fmt || strcmp(fmt, CKPT_FORMAT) != 0)
         return dsmoe_err_set(err, DSMOE_ERR_IO, "%s is not a dsmoe checkpoint (metadata format = '%s', expected '%s')",
@@ -333,6 +335,11 @@ static dsmoe_status verify_file(const dsmoe_st_file *f, const char *path, dsmoe_
         DSMOE_TRY(parse_u64_meta(f, path, "data_train_windows", &pos->data_windows, err));
         DSMOE_TRY(parse_u64_meta(f, path, "data_train_tokens", &pos->data_tokens, err));
     }
+    return DSMOE_OK;
+}
+
+static dsmoe_status verify_file(const dsmoe_st_file *f, const char *path, dsmoe_train_position *pos, dsmoe_err *err) {
+    DSMOE_TRY(read_position(f, path, pos, err));
     float chunk[4096];
     for (int i = 0; i < dsmoe_st_count(f); i++) {
         const dsmoe_st_tensor *t = dsmoe_st_at(f, i);
@@ -366,6 +373,14 @@ dsmoe_status dsmoe_checkpoint_verify(const dsmoe_config *cfg, const char *path, 
         s = dsmoe_err_set(err, DSMOE_ERR_INVALID,
                           "checkpoint %s holds a different model:\n  checkpoint: %s\n  deck:       %s", path,
                           file_shape ? file_shape : "(none)", shape);
+    dsmoe_st_close(f);
+    return s;
+}
+
+dsmoe_status dsmoe_checkpoint_position(const char *path, dsmoe_train_position *pos, dsmoe_err *err) {
+    dsmoe_st_file *f = NULL;
+    DSMOE_TRY(dsmoe_st_open(path, &f, err));
+    dsmoe_status s = read_position(f, path, pos, err);
     dsmoe_st_close(f);
     return s;
 }
