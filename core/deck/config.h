@@ -209,6 +209,11 @@ int dsmoe_config_is_moe_layer(const dsmoe_config *cfg, int layer, int *moe_index
 static inline int dsmoe_config_distills(const dsmoe_config *cfg) {
     return cfg->distill_teacher[0] != '\0' && cfg->mode == DSMOE_MODE_TRAIN;
 }
+// A training run may write a checkpoint: every checkpoint.every steps, at the end, or when a run.signals
+// signal stops it.
+static inline int dsmoe_config_may_checkpoint(const dsmoe_config *cfg) {
+    return cfg->checkpoint_every > 0 || cfg->checkpoint_final || cfg->signals[0] != '\0';
+}
 
 // Capacity of an MoE layer: max(ceil(S/E * k * cf), min_capacity), cf chosen by training.
 int dsmoe_config_capacity(const dsmoe_config *cfg, int S, int E, int training);

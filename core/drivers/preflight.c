@@ -100,8 +100,7 @@ void dsmoe_checkpoint_dir_of(const dsmoe_config *c, char *dir, size_t len) {
 }
 
 int dsmoe_preflight_checks_later_checkpoints(const dsmoe_config *c) {
-    return c->mode == DSMOE_MODE_TRAIN && strcmp(c->resume, "auto") != 0 &&
-           (c->checkpoint_every > 0 || c->checkpoint_final || c->signals[0]);
+    return c->mode == DSMOE_MODE_TRAIN && strcmp(c->resume, "auto") != 0 && dsmoe_config_may_checkpoint(c);
 }
 
 dsmoe_status dsmoe_preflight_later_checkpoints(const dsmoe_config *c, int start_step, dsmoe_err *err) {

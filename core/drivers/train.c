@@ -440,7 +440,7 @@ static dsmoe_status run(trainer *tr, const char *config_text, dsmoe_train_result
     // run.output_dir (which holds the default checkpoint directory) and a checkpoint.dir of its own.
     if (c->mode == DSMOE_MODE_TRAIN) {
         const char *dirs[] = {c->output_dir, c->checkpoint_dir}, *keys[] = {"run.output_dir", "checkpoint.dir"};
-        int n = c->checkpoint_dir[0] && (c->checkpoint_every > 0 || c->checkpoint_final || c->signals[0]) ? 2 : 1;
+        int n = c->checkpoint_dir[0] && dsmoe_config_may_checkpoint(c) ? 2 : 1;
         DSMOE_TRY(dsmoe_ctl_checks_agree(tr->rt->world_ctl, tr->rank != 0 ? DSMOE_OK
                                          : dsmoe_run_lock_take(dirs, keys, n, &tr->lock, err), err));
     }

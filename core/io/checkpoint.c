@@ -310,9 +310,8 @@ static dsmoe_status parse_u64_meta(const dsmoe_st_file *f, const char *path, con
     return DSMOE_OK;
 }
 
-// Everything that can be checked without the model: format, metadata ranges (in 64 bits: a step above
-// INT_MAX is refused, not wrapped), every tensor's checksum and, for F32 tensors, finite values.
-// The metadata: format, version and the position (format and ranges checked).
+// The metadata: format, version and the position, ranges checked in 64 bits (a step above INT_MAX is
+// refused, not wrapped).
 static dsmoe_status read_position(const dsmoe_st_file *f, const char *path, dsmoe_train_position *pos,
                                   dsmoe_err *err) {
     const char *fmt = dsmoe_st_meta(f, "format"), *ver = dsmoe_st_meta(f, "format_version");
@@ -338,6 +337,8 @@ static dsmoe_status read_position(const dsmoe_st_file *f, const char *path, dsmo
     return DSMOE_OK;
 }
 
+// Everything that can be checked without the model: the metadata, every tensor's checksum and, for F32
+// tensors, finite values.
 static dsmoe_status verify_file(const dsmoe_st_file *f, const char *path, dsmoe_train_position *pos, dsmoe_err *err) {
     DSMOE_TRY(read_position(f, path, pos, err));
     float chunk[4096];
