@@ -321,15 +321,35 @@ static dsmoe_status on_deck_entry(void *user, const char *section, const char *k
 }
 
 // Only DSMOE_ variables that name a key are overrides; others (DSMOE_PLUGIN_PATH, ...) are not ours.
+// DSMOE_<SECTION>_<KEY> overrides a key. A variable with a section's prefix that names no key is an error,
+// as an unknown key of the deck is: a misspelt override would otherwise change nothing, silently. Other
+// DSMOE_ variables (DSMOE_PLUGIN_PATH, a job script's DSMOE_DECK) are not overrides.
 static dsmoe_status apply_env(loader *L, char *const *envp, dsmoe_err *err) {
-    for (int k = 0; k < N_KEYS; k++) {
-        char name[96];
-        dsmoe_config_env_name(k, name, sizeof name);
-        size_t n = strlen(name);
-        const char *value = NULL;
-        for (char *const *e = envp; e && *e; e++)
-            if (strncmp(*e, name, n) == 0 && (*e)[n] == '=') value = *e + n + 1;
-        if (value) DSMOE_TRY(set_value(L, k, value, SRC_ENV, 0, err));
+    for (char *const *e = envp; e && *e; e++) {
+        const char *eq = strchr(*e, '=');
+        if (!eq || strncmp(*e, "DSMOE_", 6) != 0) continue;
+        size_t n = (size_t)(eq - *e);
+        int key = -1, section = -1; // the key it names; a key whose section prefix it has
+        for (int k = 0; k < N_KEYS && key < 0; k++) {
+            char name[96];
+            dsmoe_config_env_name(k, name, sizeof name);
+            size_t prefix = strlen("DSMOE_") + strcspn(keys[k].name, ".") + 1; // "DSMOE_TRAIN_"
+            if (strlen(name) == n && strncmp(*e, name, n) == 0) key = k;
+            else if (n > prefix && strncmp(*e, name, prefix) == 0) section = k;
+        }
+        if (key >= 0) {
+            DSMOE_TRY(set_value(L, key, eq + 1, SRC_ENV, 0, err));
+            continue;
+        }
+        if (section < 0) continue;
+        char wanted[128]; // DSMOE_TRAIN_STEPZ as train.stepz, for the suggestion
+        size_t sn = strcspn(keys[section].name, "."), i = 0;
+        for (const char *p = *e + 6; p < eq && i + 1 < sizeof wanted; p++, i++)
+            wanted[i] = i == sn ? '.' : (char)tolower((unsigned char)*p);
+        wanted[i] = '\0';
+        char pre[160];
+        snprintf(pre, sizeof pre, "environment %.*s: ", (int)n, *e);
+        return unknown_key(pre, wanted, err);
     }
     return DSMOE_OK;
 }

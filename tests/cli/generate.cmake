@@ -5,7 +5,7 @@ add_test(NAME generate COMMAND bash ${CMAKE_CURRENT_LIST_DIR}/generate_test.sh $
                                ${DSMOE_MPIEXEC} ${DSMOE_MPIEXEC_PREFLAGS})
 set_tests_properties(generate PROPERTIES TIMEOUT 600 LABELS "cli;inference" RESOURCE_LOCK dsmoe_ranks)
 # The layouts run on the JSON-lines prompts, and one of them on the text prompts (whose parsing runs in
-# the reference generation before them); DSMOE_GENERATE_LAYOUT_FORMATS="txt jsonl" runs all on both.
+# the reference generation before them); DSMOE_TEST_LAYOUT_FORMATS="txt jsonl" runs all on both.
 
 # The same on one rank, the files in and out (tests/cli/generate_io_test.sh): the JSON-lines output, the
 # prompts' own settings, stop sequences, --check, the GPT-2 BPE tokenizer, bad input refused before any

@@ -33,9 +33,9 @@ for f in txt jsonl; do
   gen_ref "$f" || continue
   # The layouts, all of them on the JSON-lines prompts (their per-prompt settings take more paths) and
   # the first on the text prompts: the format is parsed before any layout matters, and the text parsing
-  # runs in the reference generation above. DSMOE_GENERATE_LAYOUT_FORMATS="txt jsonl" runs all on both.
+  # runs in the reference generation above. DSMOE_TEST_LAYOUT_FORMATS="txt jsonl" runs all on both.
   all_layouts=1 n_layout=0
-  [[ " ${DSMOE_GENERATE_LAYOUT_FORMATS:-jsonl} " == *" $f "* ]] || all_layouts=0
+  [[ " ${DSMOE_TEST_LAYOUT_FORMATS:-jsonl} " == *" $f "* ]] || all_layouts=0
   for layout in "4 moe.expert_parallel=4" "4 moe.expert_parallel=2" \
                 "4 moe.expert_parallel=4 moe.alltoall=hierarchical moe.ranks_per_node=2" "1 generate.batch=5" \
                 "2 generate.batch=1" "2 generate.tensor_parallel=2" "4 generate.tensor_parallel=2 moe.expert_parallel=2" \

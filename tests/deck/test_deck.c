@@ -269,6 +269,18 @@ static void test_overrides(void **state) {
 
     char *bad_env[] = {"DSMOE_TRAIN_STEPS=x", NULL};
     expect_full("", NULL, 0, bad_env, 1, "environment DSMOE_TRAIN_STEPS: train.steps = x: expected an integer");
+    // A variable of a section's prefix that names no key is a misspelt override, refused as the deck's
+    // unknown keys are, wherever it stands among the others; one of no section is not an override.
+    char *typo_env[] = {"DSMOE_TRAIN_STEPS=5", "DSMOE_TRAIN_STEPZ=3", "DSMOE_DECK=x.deck", NULL};
+    expect_full("", NULL, 0, typo_env, 1, "environment DSMOE_TRAIN_STEPZ: unknown key 'train.stepz' (did you mean 'train.steps'?)");
+    char *typo_first[] = {"DSMOE_MOE_TOPK=2", "DSMOE_TRAIN_STEPS=5", NULL};
+    expect_full("", NULL, 0, typo_first, 1, "environment DSMOE_MOE_TOPK: unknown key 'moe.topk' (did you mean 'moe.top_k'?)");
+    char *far_env[] = {"DSMOE_CHECKPOINT_WHATEVER_IT_IS=1", NULL};
+    expect_full("", NULL, 0, far_env, 1,
+                "environment DSMOE_CHECKPOINT_WHATEVER_IT_IS: unknown key 'checkpoint.whatever_it_is' (dsmoe --help keys lists them)");
+    char *bare_section[] = {"DSMOE_TRAIN=1", "DSMOE_TRAIN_=1", "DSMOE_TRAINING_STEPS=1", NULL};
+    if (dsmoe_config_load_text("", "t.deck", NULL, 0, bare_section, 1, &c, NULL, &err) != DSMOE_OK) // not overrides
+        fail_msg("%s", err.msg);
     char *bad_argv[] = {"train.steps=x"};
     expect_full("", bad_argv, 1, NULL, 1, "command line: train.steps = x: expected an integer");
     char *typo_argv[] = {"train.step=3"};
