@@ -145,9 +145,10 @@ static dsmoe_status find_checkpoint(generator *g, dsmoe_err *err) {
     if (g->partial.prompt_count) {
         if (strcmp(c->resume, "auto") != 0 && !same_file(c->resume, g->partial.checkpoint))
             return dsmoe_err_set(err, DSMOE_ERR_INVALID, "generate.resume: %s was generated with checkpoint %s, and "
-                                 "checkpoint.resume = %s is another file (set checkpoint.resume = auto to go on with "
-                                 "the stopped run's, or remove %s to start over)", g->partial_path,
-                                 g->partial.checkpoint, c->resume, g->partial_path);
+                                 "checkpoint.resume %s%s%s (set checkpoint.resume = auto to go on with the stopped "
+                                 "run's, or remove %s to start over)", g->partial_path, g->partial.checkpoint,
+                                 c->resume[0] ? "= " : "is not set", c->resume,
+                                 c->resume[0] ? " is another file" : "", g->partial_path);
         snprintf(g->checkpoint, sizeof g->checkpoint, "%s", g->partial.checkpoint);
         return DSMOE_OK;
     }

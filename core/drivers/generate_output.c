@@ -44,21 +44,26 @@ dsmoe_status dsmoe_completion_add(dsmoe_completion *c, int32_t token, double lat
     return DSMOE_OK;
 }
 
+// The completion ends before the earliest match of any stop sequence: one token may complete several
+// ("hell" completes "ll" and "he"), and the text must not keep one of them.
 int dsmoe_completion_stop(dsmoe_completion *c, const dsmoe_prompt *p) {
+    size_t cut = SIZE_MAX;
     for (int i = 0; i < p->n_stop; i++) {
         const char *s = p->stop[i];
         size_t n = p->stop_len[i];
         if (n == 0 || n > c->text_len) continue;
         // Earlier text held no stop sequence, so a match ends within the newest token's bytes.
         size_t first = c->text_len >= c->last_len + n - 1 ? c->text_len - c->last_len - n + 1 : 0;
-        for (size_t start = first; start + n <= c->text_len; start++)
+        for (size_t start = first; start + n <= c->text_len && start < cut; start++)
             if (memcmp(c->text + start, s, n) == 0) {
-                c->text_len = start;
-                c->text[start] = 0;
-                return 1;
+                cut = start;
+                break;
             }
     }
-    return 0;
+    if (cut == SIZE_MAX) return 0;
+    c->text_len = cut;
+    c->text[cut] = 0;
+    return 1;
 }
 
 void dsmoe_completion_end_token(dsmoe_completion *c) {

@@ -161,6 +161,13 @@ static dsmoe_status text_line(reader *r, const char *s, size_t n, int line) {
 enum { F_PROMPT = 1, F_TOKENS = 2, F_ID = 4, F_MAX_NEW = 8, F_TEMP = 16, F_TOP_K = 32, F_TOP_P = 64, F_SEED = 128,
        F_STOP = 256 };
 
+// The sampler takes float settings (dsmoe_sampling_params): a value that float turns into infinity, or a
+// non-zero one it turns into 0, is refused here, as the deck refuses it, not by the kernel mid-run.
+static int fits_float(double v) {
+    float f = (float)v;
+    return isfinite(f) && (v == 0 || f != 0);
+}
+
 static const struct {
     const char *name;
     int bit;
@@ -283,11 +290,13 @@ static dsmoe_status json_line(reader *r, const char *s, size_t n, int line) {
         case F_TEMP:
             DSMOE_TRY(dsmoe_json_number(&j, &v));
             if (!(v >= 0)) return dsmoe_json_errorf(&j, vat, DSMOE_ERR_INVALID, "\"temperature\" is %g: expected >= 0 (0 = greedy)", v);
+            if (!fits_float(v)) return dsmoe_json_errorf(&j, vat, DSMOE_ERR_INVALID, "\"temperature\" is %g: does not fit in a float", v);
             p->temperature = v;
             break;
         case F_TOP_P:
             DSMOE_TRY(dsmoe_json_number(&j, &v));
             if (!(v > 0 && v <= 1)) return dsmoe_json_errorf(&j, vat, DSMOE_ERR_INVALID, "\"top_p\" is %g: expected a number in (0, 1]", v);
+            if (!fits_float(v)) return dsmoe_json_errorf(&j, vat, DSMOE_ERR_INVALID, "\"top_p\" is %g: does not fit in a float", v);
             p->top_p = v;
             break;
         case F_SEED:

@@ -112,6 +112,8 @@ if stopped usr1-one-rank-of-2 2 rank1 "$out" moe.expert_parallel=2 generate.batc
   cp "$ckpt" "$work/copy.safetensors"
   expect resume-other-checkpoint nonzero "generate.resume: .*two.jsonl.partial was generated with checkpoint .*, and checkpoint.resume = .*copy.safetensors is another file" -- \
     "$dsmoe" "$deck" "${args[@]}" generate.output="$out" generate.resume=true checkpoint.resume="$work/copy.safetensors"
+  expect resume-no-checkpoint nonzero "generate.resume: .*two.jsonl.partial was generated with checkpoint .*, and checkpoint.resume is not set \\(set" -- \
+    "$dsmoe" "$deck" "${args[@]}" generate.output="$out" generate.resume=true checkpoint.resume=
   expect resume-other-prompts nonzero "two.jsonl.partial:1: the stopped generation had $n prompts, but .*fewer.jsonl has 100" -- \
     "$dsmoe" "$deck" "${args[@]}" generate.output="$out" generate.resume=true generate.prompts="$work/fewer.jsonl"
   cp "$out.partial" "$work/keep.partial"

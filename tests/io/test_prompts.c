@@ -223,6 +223,10 @@ static void test_errors(void **state) {
     expect_error("p.jsonl", "{\"prompt\": \"a\", \"temperature\": \"hot\"}", "p.jsonl:1:32: expected a number, found '\"'");
     expect_error("p.jsonl", "{\"prompt\": \"a\", \"top_p\": 0}", "p.jsonl:1:26: \"top_p\" is 0: expected a number in (0, 1]");
     expect_error("p.jsonl", "{\"prompt\": \"a\", \"top_p\": 1.5}", "\"top_p\" is 1.5: expected a number in (0, 1]");
+    // Values the sampler's floats cannot hold, refused as the deck refuses them (not by the kernel mid-run).
+    expect_error("p.jsonl", "{\"prompt\": \"a\", \"temperature\": 1e39}", "p.jsonl:1:32: \"temperature\" is 1e+39: does not fit in a float");
+    expect_error("p.jsonl", "{\"prompt\": \"a\", \"temperature\": 1e-50}", "\"temperature\" is 1e-50: does not fit in a float");
+    expect_error("p.jsonl", "{\"prompt\": \"a\", \"top_p\": 1e-50}", "p.jsonl:1:26: \"top_p\" is 1e-50: does not fit in a float");
     expect_error("p.jsonl", "{\"prompt\": \"a\", \"top_k\": -1}", "p.jsonl:1:26: \"top_k\" is -1: expected an integer in [0, 2147483647] (0 = every token)");
     expect_error("p.jsonl", "{\"prompt\": \"a\", \"max_new_tokens\": 0}", "\"max_new_tokens\" is 0: expected an integer in [1, 2147483647]");
     expect_error("p.jsonl", "{\"prompt\": \"a\", \"max_new_tokens\": 3000000000}", "\"max_new_tokens\" is 3000000000: expected");
