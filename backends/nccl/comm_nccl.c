@@ -165,6 +165,14 @@ static dsmoe_status check_call(dsmoe_comm_ctx *ctx, dsmoe_comm_group *g, const c
     return DSMOE_OK;
 }
 
+// NCCL before 2.24 declares ncclBfloat16 only where cuda_bf16.h's C++ types exist, which a C file never
+// sees; the library has taken the type, value 9, since 2.10.
+#if defined(NCCL_VERSION_CODE) && NCCL_VERSION_CODE < 22400 && !defined(__CUDA_BF16_TYPES_EXIST__)
+#define NCCL_BF16 ((ncclDataType_t)9)
+#else
+#define NCCL_BF16 ncclBfloat16
+#endif
+
 static dsmoe_status check_reduction(dsmoe_comm_ctx *ctx, const char *what, dsmoe_dtype dtype, dsmoe_reduce_op op,
                                     ncclDataType_t *dt, ncclRedOp_t *nop) {
     switch (dtype) {
@@ -173,7 +181,7 @@ static dsmoe_status check_reduction(dsmoe_comm_ctx *ctx, const char *what, dsmoe
     case DSMOE_INT32: *dt = ncclInt32; break;
     case DSMOE_INT64: *dt = ncclInt64; break;
     case DSMOE_UINT8: *dt = ncclUint8; break;
-    case DSMOE_BFLOAT16: *dt = ncclBfloat16; break;
+    case DSMOE_BFLOAT16: *dt = NCCL_BF16; break;
     case DSMOE_FLOAT16: *dt = ncclFloat16; break;
     default: return fail(ctx, DSMOE_ERR_INVALID, TAG "%s: unknown dtype %d", what, (int)dtype);
     }

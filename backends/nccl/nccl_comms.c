@@ -6,12 +6,13 @@
 // order): a second group over the same members shares it (no NCCL call), and the last group to go
 // finalises and destroys it. The core creates its groups at start-up and destroys them at exit.
 //
-// Errors: a failing NCCL call returns DSMOE_ERR_SYSTEM with NCCL's words. A failed or hung peer shows up
-// as an asynchronous error (ncclCommGetAsyncError): a watchdog thread polls it every watchdog_ms, and the
-// places that wait (group_destroy, finalize) and every call poll it too (dsmoe_comm_nccl_poll is the
-// same check, exported). On one, every communicator of the context is aborted (ncclCommAbort: nothing
-// is left waiting on the GPU), the message goes to the core's log, and every later call returns it
-// (sticky), so the core ends the job with that message.
+// Errors: a failing NCCL call returns DSMOE_ERR_SYSTEM with NCCL's words. A peer whose failure NCCL sees
+// (a transport's lost connection) shows up as an asynchronous error (ncclCommGetAsyncError; a hang
+// raises none: NCCL has no time limit, run.watchdog ends that): a watchdog thread polls it every
+// watchdog_ms, and the places that wait (group_destroy, finalize) and every call poll it too
+// (dsmoe_comm_nccl_poll is the same check, exported). On one, every communicator of the context is
+// aborted (ncclCommAbort: nothing is left waiting on the GPU), the message goes to the core's log, and
+// every later call returns it (sticky), so the core ends the job with that message.
 //
 // Threads: NCCL frees a communicator in ncclCommAbort, so the watchdog's abort must never overlap
 // another call on it. Every NCCL call on a listed communicator is made holding ctx->lock, and the

@@ -31,7 +31,8 @@ typedef struct ncomm {
 } ncomm;
 
 struct dsmoe_comm_ctx {
-    char error[1024]; // last_error of the caller's thread
+    char error[1024]; // last_error: the latest failed call's message (one per context: its callers make one
+                      // call at a time; the watchdog thread writes sticky_msg, never this)
     dsmoe_log_fn log;
     void *log_user;
     int wait_timeout_s; // how long group_destroy/finalize let enqueued work finish

@@ -135,11 +135,12 @@ static ncclResult_t leave(ncclComm_t comm, ncclResult_t r) {
 }
 
 // Waits for n requests; on a deadline or an MPI error marks comm (if any) with the asynchronous error.
-static ncclResult_t wait_reqs(ncclComm_t comm, MPI_Request *reqs, int n, const char *what) {
+static ncclResult_t wait_reqs_status(ncclComm_t comm, MPI_Request *reqs, int n, MPI_Status *statuses,
+                                     const char *what) {
     double t0 = now_s(), limit = timeout_s();
     int done = 0;
     while (!done) {
-        int rc = MPI_Testall(n, reqs, &done, MPI_STATUSES_IGNORE);
+        int rc = MPI_Testall(n, reqs, &done, statuses ? statuses : MPI_STATUSES_IGNORE);
         char *msg = comm ? comm->msg : init_msg;
         size_t len = comm ? sizeof comm->msg : sizeof init_msg;
         if (rc != MPI_SUCCESS) {
@@ -157,6 +158,10 @@ static ncclResult_t wait_reqs(ncclComm_t comm, MPI_Request *reqs, int n, const c
         if (!done) nanosleep(&(struct timespec){0, 200000L}, NULL);
     }
     return ncclSuccess;
+}
+
+static ncclResult_t wait_reqs(ncclComm_t comm, MPI_Request *reqs, int n, const char *what) {
+    return wait_reqs_status(comm, reqs, n, NULL, what);
 }
 
 static ncclResult_t usable(ncclComm_t comm) {
@@ -532,9 +537,13 @@ typedef struct p2p {
 static p2p *pending;
 static int n_pending, cap_pending, group_depth;
 
+// NCCL matches a group's sends and receives by order and needs each receive's count to equal its send's
+// (anything else hangs or corrupts later calls); MPI takes a shorter message into a receive, so the
+// received sizes are checked here.
 static ncclResult_t flush_p2p(void) {
     ncclResult_t r = ncclSuccess;
     MPI_Request *reqs = malloc((size_t)(n_pending + 1) * sizeof *reqs);
+    MPI_Status *statuses = malloc((size_t)(n_pending + 1) * sizeof *statuses);
     for (int k = 0; k < n_pending; k++) { // receives first: a send to self then finds its receive
         p2p *o = &pending[k];
         if (!o->send) MPI_Irecv(o->buf, (int)o->bytes, MPI_BYTE, o->peer, 7, o->comm->mpi, &reqs[k]);
@@ -543,7 +552,15 @@ static ncclResult_t flush_p2p(void) {
         p2p *o = &pending[k];
         if (o->send) MPI_Isend(o->buf, (int)o->bytes, MPI_BYTE, o->peer, 7, o->comm->mpi, &reqs[k]);
     }
-    if (n_pending) r = wait_reqs(pending[0].comm, reqs, n_pending, "ncclSend/ncclRecv group");
+    if (n_pending) r = wait_reqs_status(pending[0].comm, reqs, n_pending, statuses, "ncclSend/ncclRecv group");
+    for (int k = 0; k < n_pending && r == ncclSuccess; k++) {
+        p2p *o = &pending[k];
+        int got = 0;
+        if (!o->send && MPI_Get_count(&statuses[k], MPI_BYTE, &got) == MPI_SUCCESS && (size_t)got != o->bytes)
+            misuse("ncclRecv of %zu bytes from rank %d met a ncclSend of %d bytes: NCCL needs equal counts", o->bytes,
+                   o->peer, got);
+    }
+    free(statuses);
     free(reqs);
     n_pending = 0;
     return r;

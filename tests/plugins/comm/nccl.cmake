@@ -81,3 +81,25 @@ nccl_setup_test(init_timeout "DSMOE_NCCLSIM_INPROGRESS_POLLS=1000000000;DSMOE_TE
 add_test(NAME comm_swap COMMAND bash ${DSMOE_TEST_DIR}/nccl_double/comm_swap_test.sh $<TARGET_FILE:dsmoe>
          ${CMAKE_BINARY_DIR}/tests/plugins ${DSMOE_MPIEXEC} ${DSMOE_MPIEXEC_PREFLAGS})
 set_tests_properties(comm_swap PROPERTIES TIMEOUT 300 LABELS "cli;comm;nccl" RESOURCE_LOCK dsmoe_ranks)
+
+# backends/nccl against the nccl.h of NCCL 2.14-2.23 (the oldest accepted is 2.14), where a C file sees no
+# ncclBfloat16: those headers declare it only beside cuda_bf16.h's C++ types. This build's nccl.h with that
+# name taken out and a 2.23 version code; the plugin must compile against it.
+if(DSMOE_BUILD_NCCL_PLUGIN)
+  file(READ ${DSMOE_NCCL_INCLUDE_DIR}/nccl.h nccl_header)
+  string(REGEX REPLACE "ncclBfloat16 *= *9," "" nccl_2_23 "${nccl_header}")
+  string(REGEX REPLACE "#define NCCL_VERSION_CODE [0-9]+" "#define NCCL_VERSION_CODE 22304" nccl_2_23 "${nccl_2_23}")
+  if(nccl_2_23 STREQUAL nccl_header OR nccl_2_23 MATCHES "ncclBfloat16 *=")
+    message(FATAL_ERROR "tests/plugins/comm/nccl.cmake: ${DSMOE_NCCL_INCLUDE_DIR}/nccl.h declares ncclBfloat16 "
+                        "in a way this test does not know: update the test")
+  endif()
+  file(WRITE ${CMAKE_BINARY_DIR}/tests/nccl_2_23/nccl.h "${nccl_2_23}")
+  set(cuda_includes "")
+  foreach(dir ${CUDAToolkit_INCLUDE_DIRS})
+    list(APPEND cuda_includes -isystem ${dir})
+  endforeach()
+  add_test(NAME nccl_header_2_23 COMMAND ${CMAKE_C_COMPILER} -fsyntax-only -std=gnu11 -Werror
+           -I${CMAKE_BINARY_DIR}/tests/nccl_2_23 -I${PROJECT_SOURCE_DIR}/include ${cuda_includes}
+           ${PROJECT_SOURCE_DIR}/backends/nccl/comm_nccl.c ${PROJECT_SOURCE_DIR}/backends/nccl/nccl_comms.c)
+  set_tests_properties(nccl_header_2_23 PROPERTIES TIMEOUT 60 LABELS "nccl;build")
+endif()
