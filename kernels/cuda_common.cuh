@@ -6,12 +6,54 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include "cuda_env.h"
+#ifdef DSMOE_CUDA_EMU
+#include <stdio.h> // the emulator's messages (dsmoe_ld16)
+#endif
 
 // Activations are float32 or bfloat16; arithmetic is float32. Stores round to nearest even.
 __device__ __forceinline__ float dsmoe_ld(const float *p, size_t i) { return p[i]; }
 __device__ __forceinline__ float dsmoe_ld(const __nv_bfloat16 *p, size_t i) { return __bfloat162float(p[i]); }
 __device__ __forceinline__ void dsmoe_st(float *p, size_t i, float v) { p[i] = v; }
 __device__ __forceinline__ void dsmoe_st(__nv_bfloat16 *p, size_t i, float v) { p[i] = __float2bfloat16_rn(v); }
+
+// GELU, the tanh approximation, with cpu_math.h's constants (tanhf where the cpu plugin has a fast tanh:
+// they agree to about 1e-7 absolute). One definition for gelu_forward / gelu_backward (elementwise.cu) and
+// the grouped GEMMs' epilogues (gemm.cu, gemm_rows.cu), so that in float32 the core gets the same bits
+// whichever it calls.
+#define DSMOE_CU_GELU_SCALE 0.7978845608028654f // sqrt(2 / pi)
+#define DSMOE_CU_GELU_CUBE 0.044715f
+
+__device__ __forceinline__ float dsmoe_cu_gelu(float x) {
+    return 0.5f * x * (1.0f + tanhf(DSMOE_CU_GELU_SCALE * (x + DSMOE_CU_GELU_CUBE * x * x * x)));
+}
+
+__device__ __forceinline__ float dsmoe_cu_gelu_grad(float x) {
+    float th = tanhf(DSMOE_CU_GELU_SCALE * (x + DSMOE_CU_GELU_CUBE * x * x * x));
+    return 0.5f * (1.0f + th) +
+           0.5f * x * (1.0f - th * th) * DSMOE_CU_GELU_SCALE * (1.0f + 3.0f * DSMOE_CU_GELU_CUBE * x * x);
+}
+
+// 16 bytes from p (16-byte aligned: a GPU faults on less, and the emulator stops the run with the
+// pointer) into float32: 4 floats, or 8 bfloat16 (each the upper half of its float32, so exact).
+__device__ __forceinline__ uint4 dsmoe_ld16_raw(const void *p) {
+#ifdef DSMOE_CUDA_EMU
+    if ((uintptr_t)p % 16u) {
+        char what[96];
+        snprintf(what, sizeof what, "a 16-byte load from %p, which is not 16-byte aligned", p);
+        dsmoe_emu_kernel_bug(what);
+    }
+#endif
+    return *(const uint4 *)p;
+}
+__device__ __forceinline__ void dsmoe_ld16(const float *p, float v[4]) {
+    uint4 u = dsmoe_ld16_raw(p);
+    v[0] = __uint_as_float(u.x), v[1] = __uint_as_float(u.y), v[2] = __uint_as_float(u.z), v[3] = __uint_as_float(u.w);
+}
+__device__ __forceinline__ void dsmoe_ld16(const __nv_bfloat16 *p, float v[8]) {
+    uint4 u = dsmoe_ld16_raw(p);
+    unsigned w[4] = {u.x, u.y, u.z, u.w};
+    for (int i = 0; i < 4; i++) v[2 * i] = __uint_as_float(w[i] << 16), v[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+}
 
 // The cpu plugin's cpu_exp_fast (plugins/cpu/cpu_math.h), so that softmax probabilities agree to the
 // last bits and exp of a very negative x is about 1.6e-38 there and here (clamped at -87), not 0 in one

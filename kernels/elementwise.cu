@@ -341,33 +341,20 @@ extern "C" dsmoe_status dsmoe_cu_init_tensor(const dsmoe_cu_env *env, float *dst
 }
 
 // ---------------------------------------------------------------------------------------------------
-// GELU, tanh approximation. The constants are cpu_math.h's; the expressions are kernels/gemm.cu's
-// (gemm_gelu, gemm_gelu_grad) character for character, so that in float32 gelu_forward and the grouped
-// GEMM's BIAS_GELU epilogue give the same bits (the core may use either), and gelu_backward into a zeroed
-// din gives the DGELU epilogue's bits. (In bfloat16 the epilogue takes GELU of the unrounded
-// pre-activation, as the cpu plugin's does: one rounding fewer than bias_add then gelu_forward.) tanhf
-// where the cpu plugin has a fast tanh: they agree to about 1e-7 absolute.
-
-#define EW_GELU_SCALE 0.7978845608028654f // sqrt(2 / pi)
-#define EW_GELU_CUBE 0.044715f
-
-__device__ __forceinline__ float ew_gelu(float x) {
-    return 0.5f * x * (1.0f + tanhf(EW_GELU_SCALE * (x + EW_GELU_CUBE * x * x * x)));
-}
-
-__device__ __forceinline__ float ew_gelu_grad(float x) {
-    float th = tanhf(EW_GELU_SCALE * (x + EW_GELU_CUBE * x * x * x));
-    return 0.5f * (1.0f + th) + 0.5f * x * (1.0f - th * th) * EW_GELU_SCALE * (1.0f + 3.0f * EW_GELU_CUBE * x * x);
-}
+// GELU (dsmoe_cu_gelu, cuda_common.cuh: the grouped GEMM's BIAS_GELU epilogue uses the same function, so
+// that in float32 gelu_forward and the epilogue give the same bits, as the core may use either, and
+// gelu_backward into a zeroed din gives the DGELU epilogue's bits; in bfloat16 the epilogue takes GELU of
+// the unrounded pre-activation, as the cpu plugin's does: one rounding fewer than bias_add then
+// gelu_forward).
 
 template <typename T>
 __global__ void gelu_forward_kernel(T *out, const T *in, size_t n) {
-    EW_FOR(i, n) dsmoe_st(out, i, ew_gelu(dsmoe_ld(in, i)));
+    EW_FOR(i, n) dsmoe_st(out, i, dsmoe_cu_gelu(dsmoe_ld(in, i)));
 }
 
 template <typename T>
 __global__ void gelu_backward_kernel(T *din, const T *in, const T *dout, size_t n) {
-    EW_FOR(i, n) dsmoe_st(din, i, dsmoe_ld(din, i) + ew_gelu_grad(dsmoe_ld(in, i)) * dsmoe_ld(dout, i));
+    EW_FOR(i, n) dsmoe_st(din, i, dsmoe_ld(din, i) + dsmoe_cu_gelu_grad(dsmoe_ld(in, i)) * dsmoe_ld(dout, i));
 }
 
 extern "C" dsmoe_status dsmoe_cu_gelu_forward(const dsmoe_cu_env *env, void *out, const void *in, dsmoe_dtype dt,

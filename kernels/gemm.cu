@@ -11,7 +11,8 @@
 // count. Rows beyond a count may hold anything (NaN included); they only feed scratch rows that are never
 // stored (gemm_grouped with a bfloat16 c here; with a float32 c, and in gemm_lt.cu, they are stored, which
 // the ABI allows) or are replaced by zeros before the GEMM (wgrad). The price is that the GEMMs do
-// m_max rows of work per group whatever the counts are (wasted when the experts are far from full).
+// m_max rows of work per group whatever the counts are (wasted when the experts are far from full; at
+// few rows a group, gemm_rows.cu takes the call and reads only what the counts need).
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -80,19 +81,7 @@ static dsmoe_status scratch_free(const dsmoe_cu_env *env, void *p, dsmoe_status 
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Device code: GELU (the tanh approximation, as plugins/cpu/cpu_math.h), and the small kernels.
-
-#define GEMM_GELU_SCALE 0.7978845608028654f // sqrt(2 / pi)
-#define GEMM_GELU_CUBE 0.044715f
-
-__device__ __forceinline__ float gemm_gelu(float x) {
-    return 0.5f * x * (1.0f + tanhf(GEMM_GELU_SCALE * (x + GEMM_GELU_CUBE * x * x * x)));
-}
-
-__device__ __forceinline__ float gemm_gelu_grad(float x) {
-    float th = tanhf(GEMM_GELU_SCALE * (x + GEMM_GELU_CUBE * x * x * x));
-    return 0.5f * (1.0f + th) + 0.5f * x * (1.0f - th * th) * GEMM_GELU_SCALE * (1.0f + 3.0f * GEMM_GELU_CUBE * x * x);
-}
+// Device code: the small kernels (GELU is dsmoe_cu_gelu, cuda_common.cuh).
 
 __device__ __forceinline__ bool count_ok(int c, int m_max) { return c >= 0 && c <= m_max; }
 
@@ -220,9 +209,9 @@ __global__ void grouped_epilogue_kernel(epilogue_args<TC> p) {
                 } else if (p.epi == DSMOE_EPI_BIAS_GELU) {
                     v += bias[j];
                     dsmoe_st(p.aux, row + j, v);
-                    v = gemm_gelu(v);
+                    v = dsmoe_cu_gelu(v);
                 } else if (p.epi == DSMOE_EPI_DGELU) {
-                    v = gemm_gelu_grad(dsmoe_ld(p.aux, row + j)) * v;
+                    v = dsmoe_cu_gelu_grad(dsmoe_ld(p.aux, row + j)) * v;
                 }
                 dsmoe_st(p.c, row + j, v);
             }
@@ -313,8 +302,10 @@ extern "C" dsmoe_status dsmoe_cu_gemm_grouped(const dsmoe_cu_env *env, const dsm
         launch_check_counts(env, G->counts, groups, m_max);
         return dsmoe_cu_check_launch(env, op);
     }
+    int taken = 0;
+    if ((st = dsmoe_cu_gemm_grouped_rows(env, G, &taken)) != DSMOE_OK || taken)
+        return st;
     if (env->fused_epilogues) { // rows up to m_max written: the counts are only checked
-        int taken = 0;
         if ((st = dsmoe_cu_gemm_grouped_lt(env, G, &taken)) != DSMOE_OK)
             return st;
         if (taken) {

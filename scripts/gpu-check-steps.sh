@@ -92,6 +92,13 @@ check_conformance() {
   rc=$?
   grep -E '^FAIL' "$REPORT/conformance-fused.log" | head -20 >> "$REPORT/report.md"
   result "conformance fused" "$(pass_if $rc)" "$(why_rc $rc): $(grep -E 'conformance .* passed' "$REPORT/conformance-fused.log" | tail -1 || tail_of conformance-fused.log 2)"
+  # kernel.cuda.expert_rows_max (kernels/gemm_rows.cu, new since the last GPU run; 16 by default): at 256
+  # every forward-layout grouped GEMM of the suite (m_max 6 to 150) runs on it.
+  DSMOE_CONFORMANCE_SETTINGS=expert_rows_max=256 DSMOE_CONFORMANCE_GROUPS=grouped,fd,inference \
+    conformance_env timed "$(pick 60 120)" conformance-rows.log "$t"
+  rc=$?
+  grep -E '^FAIL' "$REPORT/conformance-rows.log" | head -20 >> "$REPORT/report.md"
+  result "conformance rows" "$(pass_if $rc)" "$(why_rc $rc): $(grep -E 'conformance .* passed' "$REPORT/conformance-rows.log" | tail -1 || tail_of conformance-rows.log 2)"
 }
 
 check_sanitize() {
@@ -121,6 +128,7 @@ check_sanitize() {
   # warps of a block) and the cuBLASLt grouped GEMMs.
   sanitize_one racecheck attention 90 attention_tensor_cores=true
   sanitize_one memcheck attention,grouped 90 attention_tensor_cores=true,fused_epilogues=true
+  sanitize_one memcheck grouped,inference 90 expert_rows_max=256
   local tool
   for tool in memcheck racecheck; do
     if [ "${GPU_CHECK_SANITIZE_ALL:-0}" = 1 ] || [ "$(left)" -ge 200 ]; then sanitize_one $tool all 300
@@ -491,6 +499,15 @@ check_decode() {
       result "decode $prec batch $batch" "$(pass_if $rc)" "$(why_rc $rc): $(last_or_err $rc "decode-$prec-b$batch.log")"
       grep -E '^(bandwidth|best repeat|profile|  the step)' "$REPORT/decode-$prec-b$batch.log" | fig
     done
+    # The expert GEMMs on cuBLAS at full capacity (kernel.cuda.expert_rows_max = 0), every expert's weights
+    # read, against the default above, where only the experts that received a token are read.
+    if [ "$KERN" = cuda ]; then
+      DSMOE_KERNEL_CUDA_EXPERT_ROWS_MAX=0 timed "$(pick 60 120)" "decode-$prec-b1-cublas.log" dsmoe_bench_decode \
+        --kernel $KERN "${shape[@]}" --batch 1 --precision $prec --reference 0
+      rc=$?
+      result "decode $prec batch 1 cublas" "$(pass_if $rc)" "$(why_rc $rc): expert_rows_max = 0: $(last_or_err $rc "decode-$prec-b1-cublas.log")"
+      grep -E '^(best repeat|  the step)' "$REPORT/decode-$prec-b1-cublas.log" | fig
+    fi
   done
   unset DSMOE_STRICT_NO_PROTECT
 }

@@ -79,6 +79,7 @@ struct dsmoe_kernel_ctx {
     int tf32;                // float32 GEMMs may use TF32 tensor cores
     int fused;               // grouped GEMMs through cuBLASLt's fused epilogues (kernels/gemm_lt.cu)
     int attention_tc;        // bfloat16 attention on tensor cores (kernels/attention_tc.cu)
+    int expert_rows_max;     // grouped GEMMs of at most this many rows a group on kernels/gemm_rows.cu; 0 = never
     size_t pool_limit;       // bytes alloc() may hold at once; 0 = the device's memory is the limit
     size_t workspace_bytes;  // cuBLAS workspace per queue
 
@@ -99,7 +100,7 @@ struct dsmoe_kernel_ctx {
 
     char launch_msg[1024];   // env.msg of every queue: what a failing launcher wrote
     char error[1400];        // last_error()
-    char description[512];   // describe()
+    char description[768];   // describe()
 };
 
 // --- errors ---------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@
 // ---------------------------------------------------------------------------------------------------
 // Settings (types.h, "plugin-declared settings"): [kernel.cuda] in a deck, DSMOE_KERNEL_CUDA_<KEY>.
 
-enum { PARAM_TF32, PARAM_POOL_LIMIT, PARAM_WORKSPACE, PARAM_FUSED, PARAM_ATT_TC, N_PARAMS };
+enum { PARAM_TF32, PARAM_POOL_LIMIT, PARAM_WORKSPACE, PARAM_FUSED, PARAM_ATT_TC, PARAM_ROWS, N_PARAMS };
 
 static const dsmoe_param_decl cuda_params[N_PARAMS] = {
     [PARAM_TF32] = {"tf32", DSMOE_PARAM_BOOL, "false",
@@ -36,6 +36,11 @@ static const dsmoe_param_decl cuda_params[N_PARAMS] = {
     [PARAM_ATT_TC] = {"attention_tensor_cores", DSMOE_PARAM_BOOL, "false",
                       "bfloat16 attention (forward and backward) on tensor cores when the head dimension is a "
                       "multiple of 16 up to 128; otherwise, and in float32, the CUDA-core kernels", NULL},
+    [PARAM_ROWS] = {"expert_rows_max", DSMOE_PARAM_INT, "16",
+                    "expert GEMMs (forward) whose capacity is at most this many rows (decode, small batches) run on "
+                    "dsmoe's kernel: an expert that received no token reads none of its weights, and only the rows "
+                    "received are computed (cuBLAS computes every expert at full capacity); 0 = always cuBLAS, at "
+                    "most 256", NULL},
 };
 
 // The text of setting i: the core's resolved value, else the declared default (init called without
@@ -96,7 +101,7 @@ static int parse_bytes(const char *v, size_t *out) {
 }
 
 static dsmoe_status read_settings(const dsmoe_kernel_options *opt, int *tf32, int *fused, int *att_tc,
-                                  size_t *pool_limit, size_t *workspace, char *errbuf, size_t errlen) {
+                                  int *rows_max, size_t *pool_limit, size_t *workspace, char *errbuf, size_t errlen) {
     if (opt && opt->param_values && opt->n_param_values != N_PARAMS) {
         snprintf(errbuf, errlen, "cuda: init: %d setting values for the plugin's %d settings", opt->n_param_values,
                  N_PARAMS);
@@ -123,6 +128,16 @@ static dsmoe_status read_settings(const dsmoe_kernel_options *opt, int *tf32, in
             return DSMOE_ERR_INVALID;
         }
     }
+    v = param_text(opt, PARAM_ROWS);
+    char *end;
+    errno = 0;
+    long rows = strtol(v, &end, 10);
+    if (end == v || *end || errno || rows < 0 || rows > 256) {
+        snprintf(errbuf, errlen, "cuda: init: setting %s='%s': expected an integer in [0, 256]",
+                 cuda_params[PARAM_ROWS].name, v);
+        return DSMOE_ERR_INVALID;
+    }
+    *rows_max = (int)rows;
     return DSMOE_OK;
 }
 
@@ -192,10 +207,11 @@ static dsmoe_status cuda_setup(dsmoe_kernel_ctx *ctx) {
         snprintf(pool, sizeof pool, "up to the device's memory");
     int v = ctx->cublas_version;
     snprintf(ctx->description, sizeof ctx->description,
-             "cuda: %s (sm_%d%d, %d SMs, %s), cuBLAS %d.%d.%d, tf32 %s, expert GEMM epilogues %s, bf16 attention "
-             "on %s, stream-ordered buffer pool %s, cuBLAS workspace %s per queue", ctx->device_name, ctx->cc_major,
-             ctx->cc_minor, ctx->sm_count, fmt_size(ctx->total_mem, mem, sizeof mem), v / 10000, v / 100 % 100,
-             v % 100, ctx->tf32 ? "on" : "off", ctx->fused ? "fused (cuBLASLt)" : "separate",
+             "cuda: %s (sm_%d%d, %d SMs, %s), cuBLAS %d.%d.%d, tf32 %s, expert GEMM epilogues %s, expert GEMMs of "
+             "up to %d rows on dsmoe's kernel, bf16 attention on %s, stream-ordered buffer pool %s, cuBLAS workspace "
+             "%s per queue", ctx->device_name, ctx->cc_major, ctx->cc_minor, ctx->sm_count,
+             fmt_size(ctx->total_mem, mem, sizeof mem), v / 10000, v / 100 % 100, v % 100, ctx->tf32 ? "on" : "off",
+             ctx->fused ? "fused (cuBLASLt)" : "separate", ctx->expert_rows_max,
              ctx->attention_tc ? "tensor cores" : "CUDA cores", pool, fmt_size(ctx->workspace_bytes, ws, sizeof ws));
     return DSMOE_OK;
 }
@@ -210,9 +226,9 @@ static dsmoe_status cuda_init(const dsmoe_kernel_options *opt, dsmoe_kernel_ctx 
         return DSMOE_ERR_INVALID;
     }
     *out = NULL;
-    int tf32, fused, att_tc;
+    int tf32, fused, att_tc, rows_max;
     size_t pool_limit, workspace;
-    dsmoe_status s = read_settings(opt, &tf32, &fused, &att_tc, &pool_limit, &workspace, errbuf, errlen);
+    dsmoe_status s = read_settings(opt, &tf32, &fused, &att_tc, &rows_max, &pool_limit, &workspace, errbuf, errlen);
     if (s != DSMOE_OK)
         return s;
 
@@ -246,6 +262,7 @@ static dsmoe_status cuda_init(const dsmoe_kernel_options *opt, dsmoe_kernel_ctx 
     ctx->tf32 = tf32;
     ctx->fused = fused;
     ctx->attention_tc = att_tc;
+    ctx->expert_rows_max = rows_max;
     ctx->pool_limit = pool_limit;
     ctx->workspace_bytes = workspace;
     ctx->sticky = DSMOE_OK;
@@ -258,7 +275,7 @@ static dsmoe_status cuda_init(const dsmoe_kernel_options *opt, dsmoe_kernel_ctx 
         return s;
     }
     if (opt && opt->verbose) {
-        char line[640];
+        char line[800];
         snprintf(line, sizeof line, "kernel plugin %s", ctx->description);
         if (opt->log)
             opt->log(opt->log_user, DSMOE_LOG_INFO, line);

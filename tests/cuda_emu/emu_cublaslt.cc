@@ -78,7 +78,7 @@ using namespace dsmoe_emu_gemm;
 #define GEMM_GELU_SCALE 0.7978845608028654f // sqrt(2 / pi)
 #define GEMM_GELU_CUBE 0.044715f
 
-// As kernels/gemm.cu's gemm_gelu and gemm_gelu_grad.
+// As kernels/cuda_common.cuh's dsmoe_cu_gelu and dsmoe_cu_gelu_grad (cuBLASLt's own are the same tanh form).
 float gemm_gelu(float x) {
     return 0.5f * x * (1.0f + tanhf(GEMM_GELU_SCALE * (x + GEMM_GELU_CUBE * x * x * x)));
 }

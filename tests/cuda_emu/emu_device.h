@@ -68,6 +68,8 @@ unsigned dsmoe_emu_ballot(unsigned mask, int pred);
 // The bits of the value lane src_lane passed (bits: this lane's value; src_lane: the lane it reads).
 uint64_t dsmoe_emu_shuffle(unsigned mask, uint64_t bits, int src_lane);
 void dsmoe_emu_grid_sync(void);
+// Stops the run naming the running kernel and what it did wrong (a kernel's own checks in the emulator build).
+[[noreturn]] void dsmoe_emu_kernel_bug(const char *what);
 void *dsmoe_emu_dynamic_shared(void);
 // One launch: body(ctx) is run by every thread of the grid, in the stream's order (emu_streams.h), and
 // release(ctx) after the grid (or at once when the launch is refused). Returns cudaSuccess or the launch

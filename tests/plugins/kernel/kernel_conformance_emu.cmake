@@ -11,6 +11,7 @@
 #   test_emu_wmma                the emulated WMMA (include/mma.h) against references, and the kernel bugs it stops on
 #   test_emu_cublaslt            the emulated cuBLASLt against double-precision references and the emulated cuBLAS
 #   test_cuda_table_emu          the plugin's table and glue, device part included (test_cuda_table.c)
+#   test_emu_gemm_rows           its grouped GEMM of few rows reads only the experts that received tokens
 #   conformance_kernel_cuda_emu  the suite on the emulated cuda plugin (and _tf32: its GEMM groups with TF32 on)
 #   cuda_emu_train               training on it against the cpu plugin
 # Needs the headers of the CUDA toolkit with cuBLAS and cuBLASLt (not its compiler or libraries: a build with
@@ -153,6 +154,22 @@ endif()
 add_test(NAME test_cuda_table_emu COMMAND test_cuda_table)
 set_tests_properties(test_cuda_table_emu PROPERTIES TIMEOUT 120 LABELS "cuda_emu"
                      ENVIRONMENT "DSMOE_CUDA_PLUGIN=$<TARGET_FILE:dsmoe_kernel_cuda_emu>;OMP_NUM_THREADS=2")
+
+# The grouped GEMM of few rows (kernels/gemm_rows.cu): an expert that received no token reads none of its
+# weights (they lie on pages with no access), the results against a double-precision reference.
+dsmoe_test(test_emu_gemm_rows SOURCES ${emu_dir}/test_emu_gemm_rows.c LIBS ${CMAKE_DL_LIBS} m NO_TEST)
+add_test(NAME test_emu_gemm_rows COMMAND test_emu_gemm_rows)
+set_tests_properties(test_emu_gemm_rows PROPERTIES TIMEOUT 120 SKIP_RETURN_CODE 77 LABELS "cuda_emu"
+                     ENVIRONMENT "DSMOE_CUDA_PLUGIN=$<TARGET_FILE:dsmoe_kernel_cuda_emu>;OMP_NUM_THREADS=2")
+add_dependencies(test_emu_gemm_rows dsmoe_kernel_cuda_emu)
+
+# The GEMM groups with expert_rows_max = 256: every forward-layout grouped GEMM of the suite (m_max 6 to 150,
+# k with and without whole 16-byte vectors) through gemm_rows.cu, and the default (16) sends them to cuBLAS.
+add_test(NAME conformance_kernel_cuda_emu_rows COMMAND test_kernel_conformance)
+set_tests_properties(conformance_kernel_cuda_emu_rows PROPERTIES
+  TIMEOUT 300 SKIP_RETURN_CODE 77 LABELS "conformance;cuda_emu"
+  ENVIRONMENT "DSMOE_CONFORMANCE_KERNEL_PATH=$<TARGET_FILE:dsmoe_kernel_cuda_emu>;OMP_NUM_THREADS=2;DSMOE_PLUGIN_PATH=;\
+DSMOE_STRICT_BREAK=;DSMOE_CONFORMANCE_SETTINGS=expert_rows_max=256;DSMOE_CONFORMANCE_GROUPS=grouped,fd,inference")
 
 # Training on it against the cpu plugin (tests/cuda_emu/cuda_emu_train.sh): losses to 1e-4 in float32 and 3e-2
 # in bfloat16, 1 and 2 ranks, checkpoints resumed across the two plugins. Greedy generation on it is one of
