@@ -107,10 +107,13 @@ static dsmoe_status evaluate(trainer *tr, double *loss, int64_t *layer_stats, st
     for (int batch = 0; batch < c->eval_batches; batch++) {
         for (int j = 0; j < tr->accum; j++) {
             uint64_t pos = (uint64_t)(j * tr->rt->world_size + tr->rt->world_rank) * (uint64_t)tr->B;
-            DSMOE_TRY(load_micro_batch(tr, DSMOE_SPLIT_VALID, (uint64_t)batch * c->batch + pos, err));
+            uint64_t sample = (uint64_t)batch * c->batch + pos;
+            DSMOE_TRY(load_micro_batch(tr, DSMOE_SPLIT_VALID, sample, err));
             dsmoe_watchdog_beat("evaluation", -1);
+            // Token offset = the token's index in the pass: each batch draws its own RTS priorities (with
+            // pos alone every batch would keep the same positions of an over-full expert), every pass the same.
             dsmoe_forward_result r;
-            DSMOE_TRY(dsmoe_model_forward(tr->model, tr->inputs, tr->targets, 0, 0, pos * (uint64_t)tr->T, &r, err));
+            DSMOE_TRY(dsmoe_model_forward(tr->model, tr->inputs, tr->targets, 0, 0, sample * (uint64_t)tr->T, &r, err));
             add_forward(&st, &r);
             for (int i = 0; layer_stats && i < c->n_moe_layers; i++) {
                 const dsmoe_moe_stats *ms = dsmoe_model_moe_stats(tr->model, i);
