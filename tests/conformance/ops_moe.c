@@ -21,7 +21,7 @@ typedef struct gate_case {
     int S, E, K, noise, rts, training, C;
     uint64_t offset;
     int aux_zero; // gate_backward with S_tot = 0 (no load-balancing gradient)
-    int ties;     // exact ties in the logits (spread_logits)
+    int ties;     // 1: exact ties in the logits; 2: sharp logits (spread_logits)
 } gate_case;
 
 static dsmoe_gating_params params(const gate_case *g) {
@@ -33,7 +33,10 @@ static dsmoe_gating_params params(const gate_case *g) {
 // Logits (S, E): per row a random permutation of E levels 0.6 apart, plus U(-0.1, 0.1). With `ties`,
 // exact ties that the lowest index must win (docs/gating.md) on every plugin alike: equal logits give
 // equal probabilities whatever the exp, so unlike near-ties they cannot differ between plugins. Every
-// third row then has all E logits equal, and the next its two largest equal.
+// third row then has all E logits equal, and the next its two largest equal. With ties = 2 (sharp): the
+// first choice is expert s % 2 and the second 2 + s % (E - 2), 20 apart (the second's probability about
+// 2e-9), so that a small capacity drops most first choices and keeps the second ones: top-2's weight is
+// then g / FLT_EPSILON, the clamped denominator of docs/gating.md, and its gradient the clamp's branch.
 static float *spread_logits(int S, int E, int ties) {
     float *h = cf_host((size_t)S * E * sizeof *h + 1);
     int *perm = cf_host((size_t)E * sizeof *perm);
@@ -47,7 +50,13 @@ static float *spread_logits(int S, int E, int ties) {
         for (int e = 0; e < E; e++)
             h[(size_t)s * E + perm[e]] = 0.6f * (e - E / 2) + 0.2f * cf_uniform() - 0.1f;
     }
-    for (int s = 0; ties && s < S; s++) {
+    for (int s = 0; ties == 2 && s < S; s++) {
+        float *row = h + (size_t)s * E;
+        for (int e = 0; e < E; e++)
+            row[e] = -40.0f + 0.2f * cf_uniform();
+        row[s % 2] = 0.0f, row[2 + s % (E - 2)] = -20.0f + 0.2f * cf_uniform();
+    }
+    for (int s = 0; ties == 1 && s < S; s++) {
         float *row = h + (size_t)s * E;
         int top = 0, second = -1;
         for (int e = 1; e < E; e++)
@@ -214,6 +223,9 @@ void cf_group_gating(void) {
         {67, 8, 2, DSMOE_NOISE_NONE, 0, 1, 12, 1000, 1, 0},
         // Exact ties in the logits: the lowest index wins, top-1 and top-2.
         {67, 8, 1, DSMOE_NOISE_NONE, 0, 1, 12, 1000, 0, 1}, {67, 8, 2, DSMOE_NOISE_NONE, 1, 1, 12, 1000, 0, 1},
+        // Top-2 tokens whose first choice is dropped and whose second, kept, has a probability below
+        // FLT_EPSILON: the clamped denominator, forward and backward.
+        {67, 8, 2, DSMOE_NOISE_NONE, 0, 1, 4, 1000, 0, 2},
         // Sizes that take a device kernel past one block in every phase: a partial last chunk of tokens,
         // several passes over the expert columns, over-full experts under RTS; more token chunks than a
         // GPU's co-resident blocks; more experts than blocks; and no tokens at all.
@@ -229,7 +241,7 @@ void cf_group_gating(void) {
         char what[160];
         snprintf(what, sizeof what, "S=%d,E=%d,K=%d,%s,rts=%d,training=%d,C=%d,offset=%llu%s%s", g->S, g->E, g->K,
                  noise[g->noise], g->rts, g->training, g->C, (unsigned long long)g->offset,
-                 g->aux_zero ? ",S_tot=0" : "", g->ties ? ",ties" : "");
+                 g->aux_zero ? ",S_tot=0" : "", g->ties == 1 ? ",ties" : g->ties == 2 ? ",sharp" : "");
         if (!g->aux_zero) {
             snprintf(name, sizeof name, "gate_route[%s]", what);
             cf_run(name, v_gate_route, g);
