@@ -36,7 +36,18 @@ else
 fi
 
 echo "dsmoe local: $ranks ranks x $threads threads on $cores cores: $dsmoe $deck $*"
-"${MPIEXEC:-mpirun}" -n "$ranks" "${opts[@]}" "$dsmoe" "$deck" "$@"
-rc=$?
+# mpirun in the background, so that a USR1 sent to this script (by a batch system around it, or by hand)
+# can be passed on: mpirun forwards it to every rank, and dsmoe writes a checkpoint and exits 75
+# (docs/parallel.md). Without this, USR1 would end the script and leave mpirun running.
+"${MPIEXEC:-mpirun}" -n "$ranks" "${opts[@]}" "$dsmoe" "$deck" "$@" &
+launcher=$!
+got_usr1=0
+trap 'got_usr1=1; kill -USR1 "$launcher" 2>/dev/null' USR1
+while :; do
+  got_usr1=0
+  rc=0
+  wait "$launcher" || rc=$?
+  [ "$got_usr1" = 1 ] || break # wait returned because the trap ran, not because mpirun ended: wait again
+done
 echo "dsmoe local: mpirun exited with $rc"
 exit "$rc"

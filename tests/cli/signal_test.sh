@@ -190,35 +190,76 @@ wait $pid
 rc=$?
 [ $rc = $((128 + $(kill -l USR1))) ] && ok || fail "run.signals='': exit $rc, expected death by SIGUSR1"
 
-# The PBS job script's own walltime signal: a 2 s walltime with DSMOE_SIGNAL_BEFORE=1 sends USR1 to
-# mpiexec after about 1 s; dsmoe exits 75 and the script resubmits itself (a stand-in qsub records how).
+# The PBS job script's own walltime signal: a 12 s walltime with DSMOE_SIGNAL_BEFORE=4 sends USR1 to
+# mpiexec after about 8 s; dsmoe exits 75 and the script resubmits itself (a stand-in qsub records how).
+# Run by hand with an argument holding a space and a checkpoint.resume: the resubmission must carry the
+# arguments whole and resume with auto after them (a later value wins). Then the resubmitted job itself,
+# from what qsub recorded: it resumes from the signal's checkpoint and resubmits once more, the resume
+# not added twice.
 mkdir -p "$work/pbs/bin"
 printf 'localhost\nlocalhost\n' >"$work/pbs/nodefile"
 cat >"$work/pbs/bin/qsub" <<QSUB
 #!/usr/bin/env bash
 printf '%s\n' "\$@" >"$work/pbs/qsub.args"
 env | grep '^DSMOE' | sort >"$work/pbs/qsub.env"
+declare -p DSMOE_ARGS_QUOTED DSMOE_DECK >"$work/pbs/qsub.vars" 2>/dev/null
 echo 4243.pbs-test
 QSUB
 chmod +x "$work/pbs/bin/qsub"
+pbs_out="$work/pbs/my out"
+pbs_job() { # pbs_job <log> [args...]: the script as a PBS job with a 12 s walltime would run it
+  local log=$1
+  shift
+  (cd / && env PATH="$work/pbs/bin:$PATH" PBS_JOBID=4242.pbs-test PBS_O_WORKDIR="$work/pbs" \
+     PBS_NODEFILE="$work/pbs/nodefile" NCPUS=2 PBS_WALLTIME=00:00:12 DSMOE_SIGNAL_BEFORE=4 DSMOE="$dsmoe" \
+     DSMOE_BIND=none DSMOE_JOBSCRIPT="$src/jobscripts/pbs.qsub" "$@" timeout 120 bash "$src/jobscripts/pbs.qsub") \
+    >"$log" 2>&1
+}
 # The signal comes 8 s after the start: dsmoe must be training by then (its handlers are set), also on a
-# loaded machine.
-(cd / && env PATH="$work/pbs/bin:$PATH" PBS_JOBID=4242.pbs-test PBS_O_WORKDIR="$work/pbs" PBS_NODEFILE="$work/pbs/nodefile" \
-   NCPUS=2 PBS_WALLTIME=12 DSMOE_SIGNAL_BEFORE=4 DSMOE="$dsmoe" DSMOE_BIND=none DSMOE_DECK="$deck" \
-   DSMOE_ARGS="run.output_dir=$work/pbs/out train.steps=100000" timeout 120 bash "$src/jobscripts/pbs.qsub") \
-  >"$work/pbs.log" 2>&1
+# loaded machine. checkpoint.resume= : a new run, given on the command line as a user may.
+pbs_job "$work/pbs.log" DSMOE_DECK="$deck" DSMOE_ARGS_QUOTED="$(printf '%q ' "run.output_dir=$pbs_out" \
+  train.steps=100000 checkpoint.resume=)"
 rc=$?
 [ $rc = 75 ] && ok || { fail "pbs.qsub walltime signal: exit $rc, expected 75"; show "$work/pbs.log"; }
+grep -q "walltime 12 s: USR1 to dsmoe in" "$work/pbs.log" && ok || fail "pbs.qsub: PBS_WALLTIME 00:00:12 not read as 12 s"
 # mpiexec forwards the signal to each rank on its own: at the next step boundary 1 or 2 may have it.
 grep -Eq "^stopped: SIGUSR1 at step [0-9]+ of 100000 \([12] of 2 ranks" "$work/pbs.log" && ok ||
   { fail "pbs.qsub: dsmoe did not stop on USR1"; show "$work/pbs.log"; }
 grep -q "resubmitted as 4243.pbs-test" "$work/pbs.log" && ok || { fail "pbs.qsub: no resubmission"; show "$work/pbs.log"; }
-grep -qx "DSMOE_CHECKPOINT_RESUME=auto" "$work/pbs/qsub.env" 2>/dev/null && grep -qx "DSMOE_DECK=$deck" "$work/pbs/qsub.env" &&
-  grep -qx "DSMOE_GENERATE_RESUME=true" "$work/pbs/qsub.env" &&
-  grep -qx "DSMOE_ARGS=run.output_dir=$work/pbs/out train.steps=100000" "$work/pbs/qsub.env" && ok ||
-  fail "pbs.qsub: the resubmission lacks the deck, arguments or resume: $(cat "$work/pbs/qsub.env" 2>&1)"
-grep -q "DSMOE_CHECKPOINT_RESUME" "$work/pbs/qsub.args" 2>/dev/null && grep -qx "jobscripts/pbs.qsub" "$work/pbs/qsub.args" && ok ||
-  fail "pbs.qsub: qsub got $(tr '\n' ' ' <"$work/pbs/qsub.args" 2>&1)"
+want=("run.output_dir=$pbs_out" train.steps=100000 checkpoint.resume= checkpoint.resume=auto generate.resume=true)
+got=$(source "$work/pbs/qsub.vars" 2>/dev/null && eval "a=($DSMOE_ARGS_QUOTED)" && printf '%s|' "${a[@]}")
+[ "$got" = "$(printf '%s|' "${want[@]}")" ] && grep -qx "DSMOE_DECK=$deck" "$work/pbs/qsub.env" &&
+  ! grep -q "^DSMOE_ARGS=\|^DSMOE_CHECKPOINT_RESUME=" "$work/pbs/qsub.env" && ok ||
+  fail "pbs.qsub: the resubmission's deck or arguments: '$got'; $(cat "$work/pbs/qsub.env" 2>&1)"
+grep -q "DSMOE_ARGS_QUOTED" "$work/pbs/qsub.args" 2>/dev/null && grep -qx "$src/jobscripts/pbs.qsub" "$work/pbs/qsub.args" &&
+  ok || fail "pbs.qsub: qsub got $(tr '\n' ' ' <"$work/pbs/qsub.args" 2>&1)"
+step1=$(grep -Eo "^stopped: SIGUSR1 at step [0-9]+" "$work/pbs.log" | grep -Eo "[0-9]+$")
+# The resubmitted job, with the environment qsub passed on.
+cp "$work/pbs/qsub.vars" "$work/pbs/qsub1.vars"
+pbs_job "$work/pbs2.log" DSMOE_DECK="$deck" \
+  DSMOE_ARGS_QUOTED="$(source "$work/pbs/qsub1.vars" 2>/dev/null; printf '%s' "$DSMOE_ARGS_QUOTED")"
+rc=$?
+[ $rc = 75 ] && grep -q "^resumed from .*step_0*${step1:-x}.safetensors at step ${step1:-x} " "$work/pbs2.log" && ok ||
+  { fail "pbs.qsub resubmitted: exit $rc, expected 75 after resuming from step ${step1:-?}"; show "$work/pbs2.log"; }
+got=$(source "$work/pbs/qsub.vars" 2>/dev/null && eval "a=($DSMOE_ARGS_QUOTED)" && printf '%s|' "${a[@]}")
+[ "$got" = "$(printf '%s|' "${want[@]}")" ] && ok || fail "pbs.qsub: the second resubmission's arguments: '$got'"
+
+# The Slurm script restarted by a requeue (SLURM_RESTART_COUNT=1), by hand with a stand-in srun that records
+# its arguments: checkpoint.resume=auto and generate.resume=true come after the job's own arguments, a
+# checkpoint.resume among them included (the later value wins), and an argument with a space stays whole.
+mkdir -p "$work/slurm/bin"
+cat >"$work/slurm/bin/srun" <<SRUN
+#!/usr/bin/env bash
+printf '%s\n' "\$@" >"$work/slurm/srun.args"
+SRUN
+chmod +x "$work/slurm/bin/srun"
+(cd / && env PATH="$work/slurm/bin:$PATH" SLURM_SUBMIT_DIR="$work/slurm" SLURM_RESTART_COUNT=1 SLURM_JOB_ID=77 \
+   DSMOE=/opt/dsmoe bash "$src/jobscripts/slurm.sbatch" my.deck "run.output_dir=a b" checkpoint.resume=s5.safetensors) \
+  >"$work/slurm.log" 2>&1
+rc=$?
+got=$(sed -n '/^\/opt\/dsmoe$/,$p' "$work/slurm/srun.args" 2>/dev/null | paste -sd'|' -)
+[ $rc = 0 ] && [ "$got" = "/opt/dsmoe|my.deck|run.output_dir=a b|checkpoint.resume=s5.safetensors|checkpoint.resume=auto|generate.resume=true" ] &&
+  ok || { fail "slurm.sbatch restart: exit $rc, srun got '$got'"; show "$work/slurm.log"; }
 
 out=$("$dsmoe" --check "$deck" run.signals=USR1,KILL 2>&1)
 rc=$?

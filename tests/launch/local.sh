@@ -20,4 +20,22 @@ for ranks in 4 2; do
   same_metrics local$ranks "$work/ref$ranks/metrics.csv" "$work/local$ranks/metrics.csv"
 done
 
+# USR1 to the script (as a batch system would send it) reaches every rank through mpirun: dsmoe writes
+# the checkpoint of the step it stops at and exits 75, and so does the script.
+export DSMOE_RANKS=2
+(cd "$work" && exec timeout 120 bash "$script" "$deck" run.output_dir="$work/usr1" train.steps=100000) \
+  >"$work/usr1.log" 2>&1 &
+pid=$!
+for _ in $(seq 1200); do # until the first logged step: the ranks' handlers are set
+  [ -f "$work/usr1/metrics.csv" ] && [ "$(wc -l <"$work/usr1/metrics.csv")" -gt 1 ] && break
+  sleep 0.05
+done
+pkill -USR1 -P "$pid" -x bash 2>/dev/null || kill -USR1 "$pid" # the script (timeout's child)
+wait "$pid"
+rc=$?
+[ $rc -eq 75 ] && ok || { fail "local-mpirun.sh after USR1: exit $rc, expected 75"; show "$work/usr1.log"; }
+has usr1 "$work/usr1.log" "^stopped: SIGUSR1 at step [0-9]+ of 100000"
+has usr1 "$work/usr1.log" "^dsmoe local: mpirun exited with 75$"
+pkill -KILL -f -- "run.output_dir=$work/usr1 " 2>/dev/null # an mpirun the script left running, had it failed to pass USR1 on
+
 report
