@@ -236,6 +236,10 @@ static dsmoe_status describe_file(dsmoe_model *m, const dsmoe_config *cfg, const
         snprintf(num, sizeof num, "%" PRIu64, pos->data_tokens);
         DSMOE_TRY(dsmoe_st_writer_meta(w, "data_train_tokens", num, err));
     }
+    if (pos->has_data_seed) {
+        snprintf(num, sizeof num, "%" PRIu64, pos->data_seed);
+        DSMOE_TRY(dsmoe_st_writer_meta(w, "data_seed", num, err));
+    }
     DSMOE_TRY(dsmoe_st_writer_meta(w, "model", shape, err));
     return dsmoe_st_writer_meta(w, "deck", config_text ? config_text : "", err);
 }
@@ -334,6 +338,9 @@ static dsmoe_status read_position(const dsmoe_st_file *f, const char *path, dsmo
         DSMOE_TRY(parse_u64_meta(f, path, "data_train_windows", &pos->data_windows, err));
         DSMOE_TRY(parse_u64_meta(f, path, "data_train_tokens", &pos->data_tokens, err));
     }
+    pos->has_data_seed = dsmoe_st_meta(f, "data_seed") != NULL;
+    pos->data_seed = UINT64_MAX;
+    if (pos->has_data_seed) DSMOE_TRY(parse_u64_meta(f, path, "data_seed", &pos->data_seed, err));
     return DSMOE_OK;
 }
 
@@ -455,7 +462,7 @@ dsmoe_status dsmoe_checkpoint_load(dsmoe_model *m, dsmoe_optimizer *opt, const d
     for (int kind = 0; kind < kinds && s == DSMOE_OK; kind++) {
         for (int i = 0; i < dsmoe_model_tensor_count(m) && s == DSMOE_OK; i++) {
             const dsmoe_param_tensor *t = dsmoe_model_tensor(m, i);
-            dsmoe_watchdog_beat("checkpoint load", pos->step);
+            dsmoe_watchdog_beat("checkpoint load", got.step); // (*pos is written at the end)
             s = find_tensor(f, path, t, kind, &ft, err);
             if (s == DSMOE_OK) s = copy_shard(rt, t, ft, kind ? moment : dsmoe_model_params(m), err);
         }

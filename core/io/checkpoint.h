@@ -23,6 +23,10 @@ typedef struct dsmoe_train_position {
     // checkpoint of an older dsmoe).
     uint64_t data_windows, data_tokens;
     int has_data;
+    // The seed of the data order (and of the synthetic corpus): data.seed, or run.seed when that is 0.
+    // has_data_seed = 0: not recorded (an older dsmoe).
+    uint64_t data_seed;
+    int has_data_seed;
 } dsmoe_train_position;
 
 // Collective. Writes <dir>/step_<step>.safetensors and prunes to `keep` newest. *path_out (may be NULL)

@@ -96,6 +96,13 @@ dsmoe_status dsmoe_ctl_allgather(const dsmoe_ctl_group *g, const void *send, voi
     return rc == MPI_SUCCESS ? DSMOE_OK : mpi_failed(err, rc, "MPI_Allgather");
 }
 
+dsmoe_status dsmoe_ctl_bcast(const dsmoe_ctl_group *g, void *buf, size_t bytes, dsmoe_err *err) {
+    if (bytes > (size_t)INT32_MAX)
+        return dsmoe_err_set(err, DSMOE_ERR_INVALID, "control plane: broadcast of %zu bytes", bytes);
+    int rc = MPI_Bcast(buf, (int)bytes, MPI_BYTE, 0, g->comm);
+    return rc == MPI_SUCCESS ? DSMOE_OK : mpi_failed(err, rc, "MPI_Bcast");
+}
+
 dsmoe_status dsmoe_ctl_allreduce_f64(const dsmoe_ctl_group *g, double *v, int n, dsmoe_err *err) {
     int rc = MPI_Allreduce(MPI_IN_PLACE, v, n, MPI_DOUBLE, MPI_SUM, g->comm);
     return rc == MPI_SUCCESS ? DSMOE_OK : mpi_failed(err, rc, "MPI_Allreduce of statistics");

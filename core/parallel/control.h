@@ -33,6 +33,8 @@ void dsmoe_ctl_bootstrap(dsmoe_ctl_group *g, dsmoe_bootstrap *bs);
 
 // recv (size * bytes) = concatenation of every member's send (bytes).
 dsmoe_status dsmoe_ctl_allgather(const dsmoe_ctl_group *g, const void *send, void *recv, size_t bytes, dsmoe_err *err);
+// buf (bytes) = rank 0's buf on every member.
+dsmoe_status dsmoe_ctl_bcast(const dsmoe_ctl_group *g, void *buf, size_t bytes, dsmoe_err *err);
 // v (n) = elementwise sum over the members (host statistics; MPI's order of addition).
 dsmoe_status dsmoe_ctl_allreduce_f64(const dsmoe_ctl_group *g, double *v, int n, dsmoe_err *err);
 dsmoe_status dsmoe_ctl_allreduce_i64(const dsmoe_ctl_group *g, int64_t *v, int n, dsmoe_err *err);

@@ -95,8 +95,10 @@ else:
         meta["next_sample"] = "-1"
     elif what == "windows_bad":
         meta["data_train_windows"] = "12x"
-    elif what == "nodata":  # a file of a dsmoe that did not record the training split
-        del meta["data_train_windows"], meta["data_train_tokens"]
+    elif what == "data_seed_bad":
+        meta["data_seed"] = "0x10"
+    elif what == "nodata":  # a file of a dsmoe that did not record the training split nor the data seed
+        del meta["data_train_windows"], meta["data_train_tokens"], meta["data_seed"]
     elif what == "nocrc":
         for k in [k for k in meta if k.startswith("crc32c.")]:
             del meta[k]
@@ -134,6 +136,7 @@ refuse step_big "metadata 'step' = '4294967297' is not a number in \[0, 21474836
 refuse step_neg "metadata 'step' = '-1' is not a number"
 refuse sample_neg "metadata 'next_sample' = '-1' is not a number"
 refuse windows_bad "metadata 'data_train_windows' = '12x' is not a number"
+refuse data_seed_bad "metadata 'data_seed' = '0x10' is not a number"
 [ -e "$work/out_flip/checkpoints" ] && fail "a refused resume wrote checkpoints" || ok
 
 # Another run.seed is refused on resume (it would silently change the data stream), unless allowed.
@@ -141,6 +144,14 @@ expect seed-change nonzero "written by a run with run.seed = 1234; this deck has
   "$dsmoe" "$tiny" train.steps=4 run.seed=99 checkpoint.resume="$good" run.output_dir="$work/out_seed"
 expect seed-change-allowed 0 "run.seed changes from 1234 to 99" -- "$dsmoe" "$tiny" train.steps=4 run.seed=99 \
   checkpoint.allow_seed_change=true checkpoint.resume="$good" run.output_dir="$work/out_seed2"
+# data.seed keys the data order when set: another effective data seed is the same change, refused unless
+# allowed; data.seed = run.seed is no change.
+expect data-seed-change nonzero "data order had seed 1234 \\(data.seed, or run.seed when data.seed = 0\\); this deck's has 7.*checkpoint.allow_seed_change" -- \
+  "$dsmoe" "$tiny" train.steps=4 data.seed=7 checkpoint.resume="$good" run.output_dir="$work/out_dseed"
+expect data-seed-change-allowed 0 "the data order's seed changes from 1234 to 7" -- "$dsmoe" "$tiny" train.steps=4 \
+  data.seed=7 checkpoint.allow_seed_change=true checkpoint.resume="$good" run.output_dir="$work/out_dseed2"
+expect data-seed-same 0 "resumed from .* at step 3" -- "$dsmoe" "$tiny" train.steps=4 data.seed=1234 \
+  checkpoint.resume="$good" run.output_dir="$work/out_dseed3"
 
 # The damage script itself: the NaN copy's checksum was recomputed right, so the NaN check refused it
 # (not the CRC), and the copy without checksums loads, with a warning.
