@@ -3,6 +3,7 @@
 
 #include <errno.h>
 #include <inttypes.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -11,6 +12,7 @@
 #include <unistd.h>
 
 #include "checkpoint.h"
+#include "train.h" // dsmoe_lr_at
 
 // Nothing is created but the probe file: a directory that does not exist yet is probed in its nearest
 // existing ancestor (where the run will create it).
@@ -149,4 +151,41 @@ void dsmoe_preflight_resumed_data(const dsmoe_dataset *ds, int warn, dsmoe_train
     pos->data_windows = windows;
     pos->data_tokens = tokens;
     pos->has_data = 1;
+}
+
+void dsmoe_preflight_resumed_schedule(const dsmoe_config *c, const char *path, int step) {
+    char *text = NULL;
+    dsmoe_err err = {0};
+    dsmoe_config *was = calloc(1, sizeof *was);
+    char *no_env[] = {NULL};
+    int read = was && dsmoe_checkpoint_deck(path, &text, &err) == DSMOE_OK && text &&
+               dsmoe_config_load_text(text, "the checkpoint's deck", NULL, 0, no_env, 0, was, NULL, &err) == DSMOE_OK;
+    float now = dsmoe_lr_at(c, step), then = read ? dsmoe_lr_at(was, step) : now;
+    if (read && fabsf(now - then) > 1e-6f * fmaxf(fabsf(now), fabsf(then))) {
+        char keys[512] = "";
+        size_t at = 0;
+#define SCHEDULE_KEY(name, fmt, field)                                                                        \
+    if (was->field != c->field && at < sizeof keys)                                                        \
+        at += (size_t)snprintf(keys + at, sizeof keys - at, "%s" name " " fmt " -> " fmt, at ? ", " : "", \
+                               was->field, c->field);
+        SCHEDULE_KEY("train.steps", "%d", steps)
+        SCHEDULE_KEY("train.lr", "%g", lr)
+        SCHEDULE_KEY("train.min_lr", "%g", min_lr)
+        SCHEDULE_KEY("train.warmup_steps", "%d", warmup_steps)
+        SCHEDULE_KEY("train.decay_steps", "%d", decay_steps)
+#undef SCHEDULE_KEY
+        static const char *schedules[] = {"cosine", "constant", "linear"};
+        if (was->lr_schedule != c->lr_schedule && at < sizeof keys)
+            at += (size_t)snprintf(keys + at, sizeof keys - at, "%strain.lr_schedule %s -> %s", at ? ", " : "",
+                                   schedules[was->lr_schedule % 3], schedules[c->lr_schedule % 3]);
+        fflush(stdout); // after the "resumed from" line
+        fprintf(stderr, "dsmoe: warning: the learning-rate schedule is not the one the checkpoint's run had (%s): "
+                "step %d runs at %.3e where that run's would have been %.3e", keys, step + 1, now, then);
+        if (was->decay_steps == 0 && c->decay_steps == 0 && was->steps != c->steps && c->lr_schedule != DSMOE_LR_CONSTANT)
+            fprintf(stderr, " (the decay ends at train.steps; train.decay_steps = %d keeps that run's)", was->steps);
+        fprintf(stderr, "\n");
+        fflush(stderr);
+    }
+    free(text);
+    free(was);
 }

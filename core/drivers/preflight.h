@@ -2,7 +2,7 @@
 // that can be known at the start fails at the end: directories that must take files, the validation
 // split that evaluation will read, room for a checkpoint.
 // defines: dsmoe_probe_dir, dsmoe_preflight_train, dsmoe_checkpoint_dir_of, dsmoe_preflight_checks_later_checkpoints,
-//          dsmoe_preflight_later_checkpoints, dsmoe_preflight_resumed_data
+//          dsmoe_preflight_later_checkpoints, dsmoe_preflight_resumed_data, dsmoe_preflight_resumed_schedule
 #ifndef DSMOE_PREFLIGHT_H
 #define DSMOE_PREFLIGHT_H
 #include "checkpoint.h" // dsmoe_train_position
@@ -41,5 +41,11 @@ dsmoe_status dsmoe_preflight_later_checkpoints(const dsmoe_config *c, int start_
 // corpus changed, or data.valid_fraction did): from here on the samples come in another order than the
 // interrupted run's. Then *pos records ds's split, for the checkpoints to come.
 void dsmoe_preflight_resumed_data(const dsmoe_dataset *ds, int warn, dsmoe_train_position *pos);
+
+// Rank 0 of a training run resumed from path at step: a warning on stderr when its learning rate at that
+// step differs from the one the checkpoint's run (its recorded deck) would have used, naming the schedule
+// keys that changed (a train.steps raised to go on stretches a decay that ends at train.steps). Nothing
+// when the file records no deck, or one this dsmoe does not read.
+void dsmoe_preflight_resumed_schedule(const dsmoe_config *c, const char *path, int step);
 
 #endif

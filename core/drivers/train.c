@@ -442,6 +442,7 @@ static dsmoe_status start_position(trainer *tr, dsmoe_train_position *pos, int *
     }
     pos->data_seed = data_seed, pos->has_data_seed = 1;
     if (tr->rank == 0) printf("resumed from %s at step %d (next sample %" PRIu64 ")\n", path, pos->step, pos->next_sample);
+    if (tr->rank == 0 && c->mode == DSMOE_MODE_TRAIN) dsmoe_preflight_resumed_schedule(c, path, pos->step);
     *resumed = 1;
     return DSMOE_OK;
 }

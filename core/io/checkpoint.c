@@ -393,6 +393,18 @@ dsmoe_status dsmoe_checkpoint_position(const char *path, dsmoe_train_position *p
     return s;
 }
 
+dsmoe_status dsmoe_checkpoint_deck(const char *path, char **text, dsmoe_err *err) {
+    *text = NULL;
+    dsmoe_st_file *f = NULL;
+    DSMOE_TRY(dsmoe_st_open(path, &f, err));
+    const char *deck = dsmoe_st_meta(f, "deck");
+    dsmoe_status s = DSMOE_OK;
+    if (deck && deck[0] && !(*text = strdup(deck)))
+        s = dsmoe_err_set(err, DSMOE_ERR_NOMEM, "checkpoint %s: out of memory for its deck", path);
+    dsmoe_st_close(f);
+    return s;
+}
+
 // The file's tensor for (kind, model tensor i), checked against the model: present, F32, same shape.
 static dsmoe_status find_tensor(const dsmoe_st_file *f, const char *path, const dsmoe_param_tensor *t, int kind,
                                 const dsmoe_st_tensor **out, dsmoe_err *err) {

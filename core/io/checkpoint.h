@@ -1,6 +1,6 @@
 // core/io/checkpoint.h: model checkpoints as one safetensors file (docs/checkpoint.md).
 // defines: dsmoe_checkpoint_save, dsmoe_checkpoint_load, dsmoe_checkpoint_load_mapped, dsmoe_checkpoint_verify,
-//          dsmoe_checkpoint_position, dsmoe_checkpoint_find_latest, dsmoe_checkpoint_list, dsmoe_checkpoint_remove_stale
+//          dsmoe_checkpoint_position, dsmoe_checkpoint_deck, dsmoe_checkpoint_find_latest, dsmoe_checkpoint_list, dsmoe_checkpoint_remove_stale
 //
 // One file per checkpoint, global tensor names whatever the rank layout: parameters under their
 // model names, AdamW moments as "optim.exp_avg.<name>" and "optim.exp_avg_sq.<name>", and metadata
@@ -62,6 +62,10 @@ dsmoe_status dsmoe_checkpoint_verify(const dsmoe_config *cfg, const char *path, 
 // The position recorded in path (format, version and metadata checked; the header alone is read, not the
 // tensors): for --check, which does not verify a training run's file whole. Local.
 dsmoe_status dsmoe_checkpoint_position(const char *path, dsmoe_train_position *pos, dsmoe_err *err);
+
+// The resolved deck of the run that wrote path (its "deck" metadata, the header alone read) into a
+// malloc'ed *text (the caller frees it); NULL when the file has none. Local.
+dsmoe_status dsmoe_checkpoint_deck(const char *path, char **text, dsmoe_err *err);
 
 // Newest step_*.safetensors in dir that verifies (as dsmoe_checkpoint_load does, but for the model's
 // shape) into path; DSMOE_OK with path[0] = 0 when there is none; DSMOE_ERR_IO, with why the newest

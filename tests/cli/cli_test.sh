@@ -87,7 +87,28 @@ ckpts=$(cd "$work/out/checkpoints" && ls)
 expect resolved-deck-valid 0 "is valid" -- "$dsmoe" --check "$work/out/resolved.deck" checkpoint.resume=auto
 
 # Resume from the newest checkpoint, and evaluation of a checkpoint.
+cp "$work/out/checkpoints/step_00000004.safetensors" "$work/step4.safetensors" # for the schedule checks below
 expect resume 0 "resumed from .*step_00000004.safetensors at step 4" -- "$dsmoe" "$tiny" train.steps=6 checkpoint.resume=auto
+# Raising train.steps stretches a decay that ends at train.steps: a resume with train.steps 4 -> 6 of a
+# copy of the 4-step run says so, with the rate step 5 runs at (metrics.csv's lr) and the one the 4-step
+# schedule gives there (its min_lr: the decay was over). With train.decay_steps = 4 it keeps the old
+# schedule and says nothing.
+mkdir -p "$work/lr/checkpoints" && cp "$work/step4.safetensors" "$work/lr/checkpoints/step_00000004.safetensors"
+out=$("$dsmoe" "$tiny" train.steps=6 checkpoint.resume=auto run.output_dir="$work/lr" 2>&1)
+min_lr=$(awk '/^min_lr *=/ { print $3 }' "$work/out/resolved.deck")
+lr5=$(awk -F, '$1 == 5 { print $4 }' "$work/lr/metrics.csv")
+re="warning: the learning-rate schedule is not the one the checkpoint's run had \(train.steps 4 -> 6\): step 5 runs at ([0-9.e+-]+) where that run's would have been ([0-9.e+-]+) \(the decay ends at train.steps; train.decay_steps = 4 keeps that run's\)"
+if [[ "$out" =~ $re ]]; then
+  python3 -c "import sys; a, b, c, d = map(float, sys.argv[1:]); sys.exit(not (abs(a - c) <= 1e-3 * c and abs(b - d) <= 1e-3 * d))" \
+    "${BASH_REMATCH[1]}" "${BASH_REMATCH[2]}" "$lr5" "$min_lr" && ok ||
+    fail "lr-schedule warning: rates ${BASH_REMATCH[1]}, ${BASH_REMATCH[2]}; metrics.csv step 5 lr $lr5, min_lr $min_lr"
+else
+  fail "lr-schedule warning missing: $(grep -i warning <<<"$out")"
+fi
+rm -rf "$work/lr" && mkdir -p "$work/lr/checkpoints" && cp "$work/step4.safetensors" "$work/lr/checkpoints/step_00000004.safetensors"
+out=$("$dsmoe" "$tiny" train.steps=6 train.decay_steps=4 checkpoint.resume=auto run.output_dir="$work/lr" 2>&1)
+grep -q "resumed from" <<<"$out" && ! grep -q "learning-rate schedule" <<<"$out" && ok ||
+  fail "lr-schedule kept with train.decay_steps = 4: $(grep -iE "warning|error" <<<"$out")"
 expect resume-done 0 "train: nothing to do: the run is at step 6, train.steps = 4 \(raise train.steps to go on\)" -- \
   "$dsmoe" "$tiny" train.steps=4 checkpoint.resume=auto
 expect eval 0 "eval: validation loss [0-9.]+, perplexity [0-9.]+ over 1 batches .* of expert choices dropped" -- \
