@@ -368,12 +368,35 @@ static dsmoe_status add_text_file(dsmoe_dataset *ds, const char *path, void *ctx
     return add_segment(ds, addr, len, 1, err);
 }
 
-// The last floor(n * valid_fraction) tokens (at least T+1 when the fraction is > 0) are validation.
+// floor(n * f), f taken as the decimal the deck wrote (0.35, not the float's 0.3499999940) and the product
+// made exactly: in binary, 700 x 0.35 is 244.99999... in float and double alike. The shortest decimal that
+// reads back as f, as mant x 10^-scale, in integers.
+static uint64_t floor_fraction(uint64_t n, float f) {
+    char buf[32];
+    int digits = 1;
+    for (; digits < 9; digits++) {
+        snprintf(buf, sizeof buf, "%.*e", digits - 1, (double)f);
+        if (strtof(buf, NULL) == f) break;
+    }
+    snprintf(buf, sizeof buf, "%.*e", digits - 1, (double)f); // d.ddde-XX
+    const char *e = strchr(buf, 'e');
+    uint64_t mant = 0;
+    for (const char *p = buf; p < e; p++)
+        if (*p >= '0' && *p <= '9') mant = mant * 10 + (uint64_t)(*p - '0');
+    int scale = digits - 1 - atoi(e + 1); // f = mant / 10^scale
+    if (scale < 0 || scale > 27) return (uint64_t)floor((double)n * f); // not a fraction in [1e-19, 1)
+    unsigned __int128 den = 1;
+    for (int i = 0; i < scale; i++) den *= 10;
+    return (uint64_t)((unsigned __int128)n * mant / den);
+}
+
+// The last floor(n * valid_fraction) tokens (at least T+1 when the fraction is > 0) are validation, the
+// fraction as the deck wrote it.
 static dsmoe_status make_splits(dsmoe_dataset *ds, const char *path, float valid_fraction, dsmoe_err *err) {
     uint64_t n = ds->n_tokens, T = (uint64_t)ds->T;
     if (!(valid_fraction >= 0 && valid_fraction < 1))
         return dsmoe_err_set(err, DSMOE_ERR_INVALID, "data.valid_fraction = %g must be in [0, 1)", valid_fraction);
-    uint64_t nv = (uint64_t)floor((double)n * valid_fraction);
+    uint64_t nv = floor_fraction(n, valid_fraction);
     if (valid_fraction > 0 && nv < T + 1) nv = T + 1;
     if (n < nv + T + 1)
         return dsmoe_err_set(err, DSMOE_ERR_INVALID,

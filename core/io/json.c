@@ -140,9 +140,13 @@ dsmoe_status dsmoe_json_end(dsmoe_json *j, const char *what) {
 static int hex4(const char *p, const char *end, unsigned *out) {
     *out = 0;
     for (int i = 0; i < 4; i++) {
-        const char *d = p + i < end ? strchr("0123456789abcdef", p[i] | 0x20) : NULL;
-        if (!d || !*d) return -1;
-        *out = *out * 16 + (unsigned)(d - "0123456789abcdef");
+        char c = p + i < end ? p[i] : 0;
+        int v = c >= '0' && c <= '9'   ? c - '0'
+                : c >= 'a' && c <= 'f' ? c - 'a' + 10
+                : c >= 'A' && c <= 'F' ? c - 'A' + 10
+                                       : -1;
+        if (v < 0) return -1;
+        *out = *out * 16 + (unsigned)v;
     }
     return 0;
 }

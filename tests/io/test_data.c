@@ -249,6 +249,19 @@ static void test_text(void **state) {
     assert_int_equal(dsmoe_dataset_sample(ds, DSMOE_SPLIT_VALID, 3, w, &err), DSMOE_OK);
     for (int t = 0; t <= T; t++) assert_int_equal(w[t], bytes[N - T - 1 + t]);
     dsmoe_dataset_close(ds);
+    // floor(n x the decimal written), exactly: float's 0.35 and 0.45 lie below them, and 1000 x 0.35 or
+    // 700 x 0.35 (a 700-token prefix of it) computed in binary fall short of 350, 245.
+    write_bytes(path_of("seven.txt"), bytes, 700);
+    const struct { const char *file; float vf; int valid; } exact[] = {
+        {"all.txt", 0.35f, 350}, {"all.txt", 0.45f, 450}, {"seven.txt", 0.35f, 245}, {"seven.txt", 0.3f, 210},
+        {"all.txt", 0.123f, 123}, {"all.txt", 0.0625f, 62},
+    };
+    for (size_t i = 0; i < sizeof exact / sizeof exact[0]; i++) {
+        o = text(path_of(exact[i].file), T, exact[i].vf);
+        ds = open_ok(&o);
+        assert_int_equal(dsmoe_dataset_tokens(ds, DSMOE_SPLIT_VALID), exact[i].valid);
+        dsmoe_dataset_close(ds);
+    }
     o = text(path_of("all.txt"), T, 0);
     ds = open_ok(&o);
     assert_int_equal(dsmoe_dataset_windows(ds, DSMOE_SPLIT_TRAIN), (N - 1) / T);

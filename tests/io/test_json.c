@@ -57,6 +57,19 @@ static void test_strings(void **state) {
     assert_int_equal(dsmoe_json_string(&j, &b), DSMOE_ERR_IO);
     expect_msg("t.json:1:4: expected u and four hex digits (not 0000), found 'u'");
 
+    // Hex digits are 0-9, a-f, A-F only: bytes 0x10-0x19 are not the digits they become with the case bit
+    // set (nor "g", "G" or ":"), and upper case reads as lower.
+    j = cursor("\"\\u00\x16" "1\"", 0);
+    assert_int_equal(dsmoe_json_string(&j, &b), DSMOE_ERR_IO);
+    expect_msg("t.json:1:3: expected u and four hex digits, found 'u'");
+    j = cursor("\"\\u00G1\"", 0);
+    assert_int_equal(dsmoe_json_string(&j, &b), DSMOE_ERR_IO);
+    j = cursor("\"\\u00:1\"", 0);
+    assert_int_equal(dsmoe_json_string(&j, &b), DSMOE_ERR_IO);
+    j = cursor("\"\\u00E9\\u00eA\"", 0);
+    assert_int_equal(dsmoe_json_string(&j, &b), DSMOE_OK);
+    assert_int_equal(b.len, 4);
+    assert_memory_equal(b.p, "\xC3\xA9\xC3\xAA", 4);
     j = cursor("\"\\udc00\"", 0);
     assert_int_equal(dsmoe_json_string(&j, &b), DSMOE_ERR_IO);
     expect_msg("expected no lone low surrogate");
