@@ -491,6 +491,9 @@ dsmoe_status dsmoe_generate_run(const dsmoe_config *c, const char *config_text, 
     generator g = {.cfg = c, .rt = rt, .rank = rt->world_rank, .ranks = rt->world_size};
     // Everything that can fail on the inputs fails here, on every rank, before the model exists.
     dsmoe_status s = dsmoe_ctl_checks_agree(rt->world_ctl, setup(&g, err), err);
+    // Every rank loads rank 0's choice (checkpoint.resume = auto: a rank that could not read the newest
+    // file would have chosen an older one).
+    if (s == DSMOE_OK) s = dsmoe_ctl_bcast(rt->world_ctl, g.checkpoint, sizeof g.checkpoint, err);
     if (s == DSMOE_OK) say_resumed(&g);
     if (s == DSMOE_OK) s = dsmoe_model_create(c, rt, 0, &g.model, err); // parameters only
     dsmoe_train_position pos = {0};
