@@ -54,9 +54,16 @@ static void sticky_set(dsmoe_comm_ctx *ctx, dsmoe_status s, const char *msg) {
 
 // Aborts every communicator of ctx (caller holds ctx->lock): the job is ending, and a communicator
 // left alone would keep its kernels waiting for the lost peer.
+// In one group: newer NCCL (ncclCommAbort joins the group) raises every communicator's abort flag before
+// it frees any, so that kernels of several communicators queued on one stream all quit; one by one,
+// freeing the first would wait for the stream behind a kernel of a second that still waits for the lost
+// peer. Older NCCL aborts each at once, as outside a group. The results are not looked at: this is the
+// way out.
 static void abort_all_locked(dsmoe_comm_ctx *ctx) {
+    (void)ncclGroupStart();
     for (ncomm *nc = ctx->comms; nc; nc = nc->next)
-        if (!nc->aborted) ncclCommAbort(nc->comm), nc->aborted = 1;
+        if (!nc->aborted) (void)ncclCommAbort(nc->comm), nc->aborted = 1;
+    (void)ncclGroupEnd();
 }
 
 void fatal_locked(dsmoe_comm_ctx *ctx, const ncomm *nc, const char *what) {
