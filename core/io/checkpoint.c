@@ -450,13 +450,15 @@ dsmoe_status dsmoe_checkpoint_load(dsmoe_model *m, dsmoe_optimizer *opt, const d
         dsmoe_checkpoint_remove_stale(slash ? dir : ".");
     }
     dsmoe_st_file *f = NULL;
-    DSMOE_TRY(dsmoe_st_open(path, &f, err));
-    // Read and verify everything first: nothing below the checks touches the model.
-    dsmoe_train_position got;
-    dsmoe_status s = verify_file(f, path, &got, err);
+    dsmoe_status s = dsmoe_st_open(path, &f, err);
+    // Read and check everything first: nothing below the checks touches the model. Rank 0 verifies every
+    // tensor's checksum and values for all (every rank reading the whole file would make W reads of it on
+    // the shared file system); the others read the metadata, and each rank checks the tensors it takes.
+    dsmoe_train_position got = {0};
+    if (s == DSMOE_OK) s = rank == 0 ? verify_file(f, path, &got, err) : read_position(f, path, &got, err);
     char shape[1024];
     shape_string(cfg, shape, sizeof shape);
-    const char *file_shape = dsmoe_st_meta(f, "model");
+    const char *file_shape = s == DSMOE_OK ? dsmoe_st_meta(f, "model") : NULL;
     if (s == DSMOE_OK && (!file_shape || strcmp(file_shape, shape) != 0))
         s = dsmoe_err_set(err, DSMOE_ERR_INVALID,
                           "checkpoint %s holds a different model:\n  checkpoint: %s\n  deck:       %s", path,
@@ -468,6 +470,7 @@ dsmoe_status dsmoe_checkpoint_load(dsmoe_model *m, dsmoe_optimizer *opt, const d
     if (s == DSMOE_OK && rank == 0 && !dsmoe_st_has_checksums(f))
         fprintf(stderr, "warning: checkpoint %s has no checksums (written before dsmoe recorded them): its tensor data "
                 "cannot be verified\n", path);
+    s = dsmoe_ctl_checks_agree(rt->world_ctl, s, err); // rank 0's verdict on the file is every rank's
     float *moment = NULL; // a moment in the parameters' layout, handed to the optimizer
     if (s == DSMOE_OK && opt && (s = rt->kern->alloc(rt->kctx, dsmoe_model_local_params(m) * sizeof(float), 0, (void **)&moment)) != DSMOE_OK)
         dsmoe_err_set(err, s, "allocating checkpoint staging: %s", rt->kern->last_error(rt->kctx));

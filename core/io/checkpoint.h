@@ -36,9 +36,10 @@ dsmoe_status dsmoe_checkpoint_save(dsmoe_model *model, dsmoe_optimizer *opt, con
                                    const dsmoe_train_position *pos, const char *dir, int keep,
                                    char *path_out, size_t path_len, dsmoe_err *err);
 
-// Loads parameters (and, if opt is not NULL, the AdamW moments) and the position from path. Not
-// collective: every rank maps the file and takes its shard; the caller agrees on the outcome.
-// The whole file is verified before anything is overwritten (a refused file leaves model, opt and pos
+// Loads parameters (and, if opt is not NULL, the AdamW moments) and the position from path. Collective
+// over the world: every rank maps the file and takes its shard, and the ranks agree on the file's checks
+// before any is overwritten (a failure is collective, with rank 0's message when rank 0 found it).
+// The whole file is verified, by rank 0, before anything is overwritten (a refused file leaves model, opt and pos
 // as they were): refuses a file that is not a dsmoe checkpoint, whose header is malformed, whose
 // tensors fail their CRC32C or hold NaN/Inf, whose step/next_sample/seed are not numbers in range
 // (step <= INT_MAX), or whose tensors are missing or have other shapes than the deck's model, naming

@@ -113,6 +113,20 @@ for n in 2 1; do
   grep -q "resumed from .*step_00000010" "$work/resume$n.log" && ok "resumed on $n rank(s)" || fail "no resume on $n"
   losses_match full4 "resume$n" 1e-5 11
 done
+# A damaged copy (one bit of the first tensor's data) on 2 ranks: rank 0 verifies the file for all, and
+# the refusal is collective: its message once, and exit 1 with no rank aborted.
+python3 - "$work/half4/checkpoints/step_00000010.safetensors" "$work/damaged.safetensors" <<'PY'
+import struct, sys
+b = bytearray(open(sys.argv[1], "rb").read())
+b[8 + struct.unpack("<Q", b[:8])[0] + 100] ^= 0x40
+open(sys.argv[2], "wb").write(b)
+PY
+timeout -k 10 300 "${mpiexec[@]}" -n 2 "$dsmoe" "$deck" run.output_dir="$work/damaged" moe.expert_parallel=2 \
+  checkpoint.resume="$work/damaged.safetensors" > "$work/damaged.log" 2>&1
+rc=$?
+[ $rc -eq 1 ] && [ "$(grep -c "damaged.safetensors: tensor '[^']*': its bytes have CRC32C" "$work/damaged.log")" = 1 ] &&
+  ! grep -q "MPI_ABORT\|error on rank" "$work/damaged.log" && ok "a damaged checkpoint refused once on 2 ranks" ||
+  { fail "damaged checkpoint on 2 ranks: exit $rc"; tail -20 "$work/damaged.log"; }
 
 # 4. ZeRO stage 1 shards the AdamW state but changes no number: parameters and moments stay bitwise
 #    equal to stage 0, and a stage-1 checkpoint resumes on another layout without ZeRO.
