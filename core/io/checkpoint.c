@@ -470,7 +470,16 @@ dsmoe_status dsmoe_checkpoint_load(dsmoe_model *m, dsmoe_optimizer *opt, const d
     if (s == DSMOE_OK && rank == 0 && !dsmoe_st_has_checksums(f))
         fprintf(stderr, "warning: checkpoint %s has no checksums (written before dsmoe recorded them): its tensor data "
                 "cannot be verified\n", path);
-    s = dsmoe_ctl_checks_agree(rt->world_ctl, s, err); // rank 0's verdict on the file is every rank's
+    // Rank 0's verdict on the file is every rank's. A rank that failed where rank 0 did not (the file is
+    // missing on its node) says why first: the agreement carries rank 0's message only.
+    int root_failed = rank == 0 && s != DSMOE_OK;
+    dsmoe_err berr = {0};
+    if (dsmoe_ctl_bcast(rt->world_ctl, &root_failed, sizeof root_failed, &berr) == DSMOE_OK && !root_failed &&
+        s != DSMOE_OK && rank != 0) {
+        fprintf(stderr, "dsmoe: error on rank %d: %s\n", rank, err->msg);
+        fflush(stderr);
+    }
+    s = dsmoe_ctl_checks_agree(rt->world_ctl, s, err);
     float *moment = NULL; // a moment in the parameters' layout, handed to the optimizer
     if (s == DSMOE_OK && opt && (s = rt->kern->alloc(rt->kctx, dsmoe_model_local_params(m) * sizeof(float), 0, (void **)&moment)) != DSMOE_OK)
         dsmoe_err_set(err, s, "allocating checkpoint staging: %s", rt->kern->last_error(rt->kctx));

@@ -127,6 +127,17 @@ rc=$?
 [ $rc -eq 1 ] && [ "$(grep -c "damaged.safetensors: tensor '[^']*': its bytes have CRC32C" "$work/damaged.log")" = 1 ] &&
   ! grep -q "MPI_ABORT\|error on rank" "$work/damaged.log" && ok "a damaged checkpoint refused once on 2 ranks" ||
   { fail "damaged checkpoint on 2 ranks: exit $rc"; tail -20 "$work/damaged.log"; }
+# A file that rank 1 cannot open where rank 0 can (a path only rank 0's node has: the deck's ${VAR} gives
+# each rank its own): rank 1 says why, and rank 0 points at it.
+sed "s|^\[checkpoint\]|[checkpoint]\nresume = $work/r\${OMPI_COMM_WORLD_RANK}.safetensors|" "$deck" > "$work/per_rank.deck"
+cp "$work/half4/checkpoints/step_00000010.safetensors" "$work/r0.safetensors"
+timeout -k 10 300 "${mpiexec[@]}" -n 2 "$dsmoe" "$work/per_rank.deck" run.output_dir="$work/per_rank" \
+  moe.expert_parallel=2 > "$work/per_rank.log" 2>&1
+rc=$?
+[ $rc -eq 1 ] && grep -q "^dsmoe: error on rank 1: cannot open .*r1.safetensors" "$work/per_rank.log" &&
+  grep -q "another rank failed its checks (its message is above)" "$work/per_rank.log" &&
+  ok "a checkpoint only rank 0 can read: rank 1's reason printed" ||
+  { fail "checkpoint missing on rank 1: exit $rc"; tail -20 "$work/per_rank.log"; }
 
 # 4. ZeRO stage 1 shards the AdamW state but changes no number: parameters and moments stay bitwise
 #    equal to stage 0, and a stage-1 checkpoint resumes on another layout without ZeRO.
