@@ -320,7 +320,6 @@ static dsmoe_status on_deck_entry(void *user, const char *section, const char *k
     return set_value(L, k, value, SRC_DECK, line, err);
 }
 
-// Only DSMOE_ variables that name a key are overrides; others (DSMOE_PLUGIN_PATH, ...) are not ours.
 // DSMOE_<SECTION>_<KEY> overrides a key. A variable with a section's prefix that names no key is an error,
 // as an unknown key of the deck is: a misspelt override would otherwise change nothing, silently. Other
 // DSMOE_ variables (DSMOE_PLUGIN_PATH, a job script's DSMOE_DECK) are not overrides.

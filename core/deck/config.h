@@ -215,6 +215,11 @@ static inline int dsmoe_config_may_checkpoint(const dsmoe_config *cfg) {
     return cfg->checkpoint_every > 0 || cfg->checkpoint_final || cfg->signals[0] != '\0';
 }
 
+// The seed of the data order (and of the synthetic corpus): data.seed, or run.seed when that is 0.
+static inline uint64_t dsmoe_config_data_seed(const dsmoe_config *cfg) {
+    return cfg->data_seed ? cfg->data_seed : cfg->seed;
+}
+
 // Capacity of an MoE layer: max(ceil(S/E * k * cf), min_capacity), cf chosen by training.
 int dsmoe_config_capacity(const dsmoe_config *cfg, int S, int E, int training);
 // The same rule on plain numbers (the MoE layer uses it too): max(ceil(S/E * K * cf), min_capacity),

@@ -154,8 +154,12 @@ static dsmoe_status find_checkpoint(generator *g, dsmoe_err *err) {
     }
     char dir[2048];
     dsmoe_checkpoint_dir_of(c, dir, sizeof dir);
-    if (strcmp(c->resume, "auto") == 0) DSMOE_TRY(dsmoe_checkpoint_find_latest(dir, g->checkpoint, sizeof g->checkpoint, err));
-    else snprintf(g->checkpoint, sizeof g->checkpoint, "%s", c->resume);
+    if (strcmp(c->resume, "auto") == 0) { // rank 0 chooses, reading the candidates; the caller broadcasts it
+        if (g->rank != 0) return DSMOE_OK;
+        DSMOE_TRY(dsmoe_checkpoint_find_latest(dir, g->checkpoint, sizeof g->checkpoint, err));
+    } else {
+        snprintf(g->checkpoint, sizeof g->checkpoint, "%s", c->resume);
+    }
     if (!g->checkpoint[0])
         return dsmoe_err_set(err, DSMOE_ERR_INVALID, "run.mode = generate needs a checkpoint: set checkpoint.resume "
                              "to a file or to auto (%s)", c->resume[0] ? "none verifies in the checkpoint directory"
@@ -473,8 +477,9 @@ dsmoe_status dsmoe_generate_check(const dsmoe_config *c, dsmoe_runtime *rt, dsmo
     generator g = {.cfg = c, .rt = rt, .rank = rt->world_rank, .ranks = rt->world_size};
     dsmoe_train_position pos = {0};
     dsmoe_status s = setup(&g, err);
-    if (s == DSMOE_OK) s = dsmoe_checkpoint_verify(c, g.checkpoint, &pos, err);
-    if (s == DSMOE_OK) s = check_resumed_step(&g, pos.step, err);
+    // Rank 0 verifies the checkpoint (its choice, with auto) for all.
+    if (s == DSMOE_OK && g.rank == 0) s = dsmoe_checkpoint_verify(c, g.checkpoint, &pos, err);
+    if (s == DSMOE_OK && g.rank == 0) s = check_resumed_step(&g, pos.step, err);
     s = dsmoe_ctl_checks_agree(rt->world_ctl, s, err);
     if (s == DSMOE_OK) say_resumed(&g);
     if (s == DSMOE_OK && g.rank == 0)
@@ -491,9 +496,7 @@ dsmoe_status dsmoe_generate_run(const dsmoe_config *c, const char *config_text, 
     generator g = {.cfg = c, .rt = rt, .rank = rt->world_rank, .ranks = rt->world_size};
     // Everything that can fail on the inputs fails here, on every rank, before the model exists.
     dsmoe_status s = dsmoe_ctl_checks_agree(rt->world_ctl, setup(&g, err), err);
-    // Every rank loads rank 0's choice (checkpoint.resume = auto: a rank that could not read the newest
-    // file would have chosen an older one).
-    if (s == DSMOE_OK) s = dsmoe_ctl_bcast(rt->world_ctl, g.checkpoint, sizeof g.checkpoint, err);
+    if (s == DSMOE_OK) s = dsmoe_ctl_bcast(rt->world_ctl, g.checkpoint, sizeof g.checkpoint, err); // (auto)
     if (s == DSMOE_OK) say_resumed(&g);
     if (s == DSMOE_OK) s = dsmoe_model_create(c, rt, 0, &g.model, err); // parameters only
     dsmoe_train_position pos = {0};

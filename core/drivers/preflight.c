@@ -153,6 +153,35 @@ void dsmoe_preflight_resumed_data(const dsmoe_dataset *ds, int warn, dsmoe_train
     pos->has_data = 1;
 }
 
+dsmoe_status dsmoe_preflight_resumed_seeds(const dsmoe_config *c, const char *path, int rank, dsmoe_train_position *pos,
+                                           dsmoe_err *err) {
+    const uint64_t data_seed = dsmoe_config_data_seed(c);
+    if (pos->seed != c->seed) {
+        if (!c->allow_seed_change)
+            return dsmoe_err_set(err, DSMOE_ERR_INVALID, "checkpoint %s was written by a run with run.seed = %" PRIu64
+                                 "; this deck has run.seed = %" PRIu64 ": resuming would change the noise streams (and "
+                                 "the data order, when data.seed = 0). Set run.seed = %" PRIu64 ", or "
+                                 "checkpoint.allow_seed_change = true to go on with %" PRIu64, path, pos->seed, c->seed,
+                                 pos->seed, c->seed);
+        if (rank == 0)
+            printf("resume: run.seed changes from %" PRIu64 " to %" PRIu64 " (checkpoint.allow_seed_change): the noise "
+                   "(and the data order, when data.seed = 0) differ from here on\n", pos->seed, c->seed);
+    }
+    if (pos->has_data_seed && pos->data_seed != data_seed) {
+        if (!c->allow_seed_change)
+            return dsmoe_err_set(err, DSMOE_ERR_INVALID, "checkpoint %s was written by a run whose data order had seed "
+                                 "%" PRIu64 " (data.seed, or run.seed when data.seed = 0); this deck's has %" PRIu64
+                                 ": resuming would change the data order. Set data.seed = %" PRIu64 ", or "
+                                 "checkpoint.allow_seed_change = true to go on with %" PRIu64, path, pos->data_seed,
+                                 data_seed, pos->data_seed, data_seed);
+        if (rank == 0)
+            printf("resume: the data order's seed changes from %" PRIu64 " to %" PRIu64
+                   " (checkpoint.allow_seed_change): the data order differs from here on\n", pos->data_seed, data_seed);
+    }
+    pos->seed = c->seed, pos->data_seed = data_seed, pos->has_data_seed = 1;
+    return DSMOE_OK;
+}
+
 void dsmoe_preflight_resumed_schedule(const dsmoe_config *c, const char *path, int step) {
     char *text = NULL;
     dsmoe_err err = {0};

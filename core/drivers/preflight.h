@@ -2,7 +2,8 @@
 // that can be known at the start fails at the end: directories that must take files, the validation
 // split that evaluation will read, room for a checkpoint.
 // defines: dsmoe_probe_dir, dsmoe_preflight_train, dsmoe_checkpoint_dir_of, dsmoe_preflight_checks_later_checkpoints,
-//          dsmoe_preflight_later_checkpoints, dsmoe_preflight_resumed_data, dsmoe_preflight_resumed_schedule
+//          dsmoe_preflight_later_checkpoints, dsmoe_preflight_resumed_data, dsmoe_preflight_resumed_seeds,
+//          dsmoe_preflight_resumed_schedule
 #ifndef DSMOE_PREFLIGHT_H
 #define DSMOE_PREFLIGHT_H
 #include "checkpoint.h" // dsmoe_train_position
@@ -41,6 +42,14 @@ dsmoe_status dsmoe_preflight_later_checkpoints(const dsmoe_config *c, int start_
 // corpus changed, or data.valid_fraction did): from here on the samples come in another order than the
 // interrupted run's. Then *pos records ds's split, for the checkpoints to come.
 void dsmoe_preflight_resumed_data(const dsmoe_dataset *ds, int warn, dsmoe_train_position *pos);
+
+// A training run resumed from path at *pos: run.seed keys every noise stream (and the data order when
+// data.seed = 0), and the data order's seed (dsmoe_config_data_seed) the order: another of either
+// continues a different run, refused naming both values unless checkpoint.allow_seed_change, when rank 0
+// says so. Then *pos records c's seeds, for the checkpoints to come. Not checked: a data seed the file
+// does not record (an older dsmoe). Local, the same on every rank.
+dsmoe_status dsmoe_preflight_resumed_seeds(const dsmoe_config *c, const char *path, int rank, dsmoe_train_position *pos,
+                                           dsmoe_err *err);
 
 // Rank 0 of a training run resumed from path at step: a warning on stderr when its learning rate at that
 // step differs from the one the checkpoint's run (its recorded deck) would have used, naming the schedule

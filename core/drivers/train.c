@@ -307,7 +307,7 @@ static dsmoe_status train_step(trainer *tr, int step, uint64_t first_sample, ste
 static dsmoe_status open_data(const dsmoe_config *c, dsmoe_dataset **ds, dsmoe_err *err) {
     dsmoe_dataset_options dopt = {
         .source = c->data_source, .path = c->data_path, .vocab = c->vocab, .seq_len = c->seq_len,
-        .valid_fraction = c->valid_fraction, .seed = c->data_seed ? c->data_seed : c->seed,
+        .valid_fraction = c->valid_fraction, .seed = dsmoe_config_data_seed(c),
         .synthetic_sources = c->synthetic_sources, .synthetic_branching = c->synthetic_branching,
     };
     return dsmoe_dataset_open(&dopt, ds, err);
@@ -391,7 +391,6 @@ dsmoe_status dsmoe_train_check(const dsmoe_config *c, dsmoe_runtime *rt, dsmoe_e
 // Starts fresh, or loads checkpoint.resume ("auto": the newest in the checkpoint dir, if any).
 static dsmoe_status start_position(trainer *tr, dsmoe_train_position *pos, int *resumed, dsmoe_err *err) {
     const dsmoe_config *c = tr->cfg;
-    const uint64_t data_seed = c->data_seed ? c->data_seed : c->seed; // as open_data keys the data
     char path[4096] = "";
     *resumed = 0;
     // auto: rank 0 chooses for all. Ranks choosing for themselves could load different steps (one that cannot
@@ -408,39 +407,13 @@ static dsmoe_status start_position(trainer *tr, dsmoe_train_position *pos, int *
             return dsmoe_err_set(err, DSMOE_ERR_INVALID,
                                  "run.mode = eval needs a checkpoint: set checkpoint.resume to a file or to auto "
                                  "(none found in %s)", tr->ckpt_dir);
-        *pos = (dsmoe_train_position){.step = 0, .next_sample = 0, .seed = c->seed, .data_seed = data_seed,
-                                      .has_data_seed = 1};
+        *pos = (dsmoe_train_position){.step = 0, .next_sample = 0, .seed = c->seed,
+                                      .data_seed = dsmoe_config_data_seed(c), .has_data_seed = 1};
         DSMOE_TRY(dsmoe_model_init_params(tr->model, c->seed, err));
         return tr->teacher ? dsmoe_teacher_init_student(tr->teacher, tr->model, err) : DSMOE_OK;
     }
     DSMOE_TRY(dsmoe_checkpoint_load(tr->model, c->mode == DSMOE_MODE_TRAIN ? tr->opt : NULL, c, path, pos, err));
-    // run.seed keys every noise stream (and the data order when data.seed = 0): another one would continue
-    // a different run.
-    if (c->mode == DSMOE_MODE_TRAIN && pos->seed != c->seed) {
-        if (!c->allow_seed_change)
-            return dsmoe_err_set(err, DSMOE_ERR_INVALID, "checkpoint %s was written by a run with run.seed = %" PRIu64
-                                 "; this deck has run.seed = %" PRIu64 ": resuming would change the noise streams (and "
-                                 "the data order, when data.seed = 0). Set run.seed = %" PRIu64 ", or "
-                                 "checkpoint.allow_seed_change = true "
-                                 "to go on with %" PRIu64, path, pos->seed, c->seed, pos->seed, c->seed);
-        if (tr->rank == 0)
-            printf("resume: run.seed changes from %" PRIu64 " to %" PRIu64 " (checkpoint.allow_seed_change): the noise "
-                   "(and the data order, when data.seed = 0) differ from here on\n", pos->seed, c->seed);
-        pos->seed = c->seed;
-    }
-    // data.seed alone keys the data order when it is set: a change of it is the same change.
-    if (c->mode == DSMOE_MODE_TRAIN && pos->has_data_seed && pos->data_seed != data_seed) {
-        if (!c->allow_seed_change)
-            return dsmoe_err_set(err, DSMOE_ERR_INVALID, "checkpoint %s was written by a run whose data order had seed "
-                                 "%" PRIu64 " (data.seed, or run.seed when data.seed = 0); this deck's has %" PRIu64
-                                 ": resuming would change the data order. Set data.seed = %" PRIu64 ", or "
-                                 "checkpoint.allow_seed_change = true to go on with %" PRIu64, path, pos->data_seed,
-                                 data_seed, pos->data_seed, data_seed);
-        if (tr->rank == 0)
-            printf("resume: the data order's seed changes from %" PRIu64 " to %" PRIu64
-                   " (checkpoint.allow_seed_change): the data order differs from here on\n", pos->data_seed, data_seed);
-    }
-    pos->data_seed = data_seed, pos->has_data_seed = 1;
+    if (c->mode == DSMOE_MODE_TRAIN) DSMOE_TRY(dsmoe_preflight_resumed_seeds(c, path, tr->rank, pos, err));
     if (tr->rank == 0) printf("resumed from %s at step %d (next sample %" PRIu64 ")\n", path, pos->step, pos->next_sample);
     if (tr->rank == 0 && c->mode == DSMOE_MODE_TRAIN) dsmoe_preflight_resumed_schedule(c, path, pos->step);
     *resumed = 1;

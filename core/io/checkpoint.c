@@ -441,7 +441,9 @@ dsmoe_status dsmoe_checkpoint_load(dsmoe_model *m, dsmoe_optimizer *opt, const d
                                    dsmoe_train_position *pos, dsmoe_err *err) {
     dsmoe_runtime *rt = dsmoe_model_runtime(m);
     int rank = dsmoe_ctl_rank(rt->world_ctl), kinds = opt ? 3 : 1;
-    if (rank == 0 && latest_path[0] && strcmp(path, latest_path) == 0) { // chosen by checkpoint.resume = auto
+    // Chosen by checkpoint.resume = auto: rank 0 has just verified it whole.
+    const int just_verified = rank == 0 && latest_path[0] && strcmp(path, latest_path) == 0;
+    if (just_verified) {
         fputs(skipped_note, stdout);
         char dir[4096];
         snprintf(dir, sizeof dir, "%s", path);
@@ -453,9 +455,11 @@ dsmoe_status dsmoe_checkpoint_load(dsmoe_model *m, dsmoe_optimizer *opt, const d
     dsmoe_status s = dsmoe_st_open(path, &f, err);
     // Read and check everything first: nothing below the checks touches the model. Rank 0 verifies every
     // tensor's checksum and values for all (every rank reading the whole file would make W reads of it on
-    // the shared file system); the others read the metadata, and each rank checks the tensors it takes.
+    // the shared file system), unless it just did; the others read the metadata, and each rank checks the
+    // tensors it takes.
     dsmoe_train_position got = {0};
-    if (s == DSMOE_OK) s = rank == 0 ? verify_file(f, path, &got, err) : read_position(f, path, &got, err);
+    if (s == DSMOE_OK)
+        s = rank == 0 && !just_verified ? verify_file(f, path, &got, err) : read_position(f, path, &got, err);
     char shape[1024];
     shape_string(cfg, shape, sizeof shape);
     const char *file_shape = s == DSMOE_OK ? dsmoe_st_meta(f, "model") : NULL;
@@ -470,16 +474,7 @@ dsmoe_status dsmoe_checkpoint_load(dsmoe_model *m, dsmoe_optimizer *opt, const d
     if (s == DSMOE_OK && rank == 0 && !dsmoe_st_has_checksums(f))
         fprintf(stderr, "warning: checkpoint %s has no checksums (written before dsmoe recorded them): its tensor data "
                 "cannot be verified\n", path);
-    // Rank 0's verdict on the file is every rank's. A rank that failed where rank 0 did not (the file is
-    // missing on its node) says why first: the agreement carries rank 0's message only.
-    int root_failed = rank == 0 && s != DSMOE_OK;
-    dsmoe_err berr = {0};
-    if (dsmoe_ctl_bcast(rt->world_ctl, &root_failed, sizeof root_failed, &berr) == DSMOE_OK && !root_failed &&
-        s != DSMOE_OK && rank != 0) {
-        fprintf(stderr, "dsmoe: error on rank %d: %s\n", rank, err->msg);
-        fflush(stderr);
-    }
-    s = dsmoe_ctl_checks_agree(rt->world_ctl, s, err);
+    s = dsmoe_ctl_checks_agree(rt->world_ctl, s, err); // rank 0's verdict on the file is every rank's
     float *moment = NULL; // a moment in the parameters' layout, handed to the optimizer
     if (s == DSMOE_OK && opt && (s = rt->kern->alloc(rt->kctx, dsmoe_model_local_params(m) * sizeof(float), 0, (void **)&moment)) != DSMOE_OK)
         dsmoe_err_set(err, s, "allocating checkpoint staging: %s", rt->kern->last_error(rt->kctx));

@@ -164,17 +164,15 @@ void dsmoe_ctl_abort(int code) {
     _exit(code); // MPI_Abort does not return; if it did, the launcher still sees this rank fail
 }
 
-dsmoe_status dsmoe_ctl_checks_agree(const dsmoe_ctl_group *g, dsmoe_status s, dsmoe_err *err) {
-    s = dsmoe_ctl_root_status(g, s, "another rank failed its checks (its message is above)", err);
-    if (s != DSMOE_OK) err->scope = DSMOE_SCOPE_COLLECTIVE;
-    return s;
-}
-
-dsmoe_status dsmoe_ctl_root_status(const dsmoe_ctl_group *g, dsmoe_status s, const char *others, dsmoe_err *err) {
+// dsmoe_ctl_root_status, and whether rank 0 failed (*root_failed).
+static dsmoe_status root_status(const dsmoe_ctl_group *g, dsmoe_status s, const char *others, dsmoe_err *err,
+                                int *root_failed) {
     int codes[2] = {g->rank == 0 ? (int)s : 0, s != DSMOE_OK};
+    *root_failed = 0;
     int rc = MPI_Allreduce(MPI_IN_PLACE, codes, 2, MPI_INT, MPI_MAX, g->comm);
     if (rc != MPI_SUCCESS) return mpi_failed(err, rc, "MPI_Allreduce of a status");
     if (codes[0] != DSMOE_OK) {
+        *root_failed = 1;
         rc = MPI_Bcast(err->msg, (int)sizeof err->msg, MPI_CHAR, 0, g->comm);
         if (rc != MPI_SUCCESS) return mpi_failed(err, rc, "MPI_Bcast of rank 0's error");
         err->status = (dsmoe_status)codes[0];
@@ -182,6 +180,24 @@ dsmoe_status dsmoe_ctl_root_status(const dsmoe_ctl_group *g, dsmoe_status s, con
     }
     if (codes[1] && s == DSMOE_OK) return dsmoe_err_set(err, DSMOE_ERR_IO, "%s", others);
     return s;
+}
+
+dsmoe_status dsmoe_ctl_checks_agree(const dsmoe_ctl_group *g, dsmoe_status s, dsmoe_err *err) {
+    int root_failed;
+    dsmoe_status r = root_status(g, s, "another rank failed its checks (its message is above)", err, &root_failed);
+    // A member that failed where rank 0 did not (a file its node cannot read) says why: the collective
+    // error that rank 0 prints carries rank 0's message only.
+    if (s != DSMOE_OK && !root_failed && g->rank != 0) {
+        fprintf(stderr, "dsmoe: error on rank %d of %d: %s\n", g->rank, g->size, err->msg);
+        fflush(stderr);
+    }
+    if (r != DSMOE_OK) err->scope = DSMOE_SCOPE_COLLECTIVE;
+    return r;
+}
+
+dsmoe_status dsmoe_ctl_root_status(const dsmoe_ctl_group *g, dsmoe_status s, const char *others, dsmoe_err *err) {
+    int root_failed;
+    return root_status(g, s, others, err, &root_failed);
 }
 
 dsmoe_status dsmoe_ctl_gather_spaced(const dsmoe_ctl_group *g, const float *shard, size_t n, float *dst,

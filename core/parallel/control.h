@@ -57,7 +57,8 @@ void dsmoe_ctl_abort(int code) __attribute__((noreturn));
 // err message when rank 0 failed; else DSMOE_ERR_IO with `others` when another member failed; else s.
 dsmoe_status dsmoe_ctl_root_status(const dsmoe_ctl_group *g, dsmoe_status s, const char *others, dsmoe_err *err);
 // The same for checks every rank makes and rank 0 makes more of: a failure comes back marked collective
-// (every rank holds the message, rank 0's when it failed: it prints once and the ranks end cleanly).
+// (every rank holds the message, rank 0's when it failed: it prints once and the ranks end cleanly). A
+// member that failed where rank 0 did not prints its own message first ("dsmoe: error on rank R of W").
 dsmoe_status dsmoe_ctl_checks_agree(const dsmoe_ctl_group *g, dsmoe_status s, dsmoe_err *err);
 
 // Collective over the world, once per process: this rank's node, nodes numbered in order of their first

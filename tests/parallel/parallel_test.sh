@@ -134,7 +134,7 @@ cp "$work/half4/checkpoints/step_00000010.safetensors" "$work/r0.safetensors"
 timeout -k 10 300 "${mpiexec[@]}" -n 2 "$dsmoe" "$work/per_rank.deck" run.output_dir="$work/per_rank" \
   moe.expert_parallel=2 > "$work/per_rank.log" 2>&1
 rc=$?
-[ $rc -eq 1 ] && grep -q "^dsmoe: error on rank 1: cannot open .*r1.safetensors" "$work/per_rank.log" &&
+[ $rc -eq 1 ] && grep -q "^dsmoe: error on rank 1 of 2: cannot open .*r1.safetensors" "$work/per_rank.log" &&
   grep -q "another rank failed its checks (its message is above)" "$work/per_rank.log" &&
   ok "a checkpoint only rank 0 can read: rank 1's reason printed" ||
   { fail "checkpoint missing on rank 1: exit $rc"; tail -20 "$work/per_rank.log"; }
