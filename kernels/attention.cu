@@ -85,8 +85,7 @@ __device__ __forceinline__ void dots(float *s, const float *own, int Dp, const f
 struct att_tile {
     int b, h, tile;
 };
-__device__ __forceinline__ att_tile block_tile(int NH, int tiles, int reverse) {
-    long long blk = blockIdx.x;
+__device__ __forceinline__ att_tile block_tile(int NH, int tiles, int reverse, long long blk = blockIdx.x) {
     att_tile r;
     int i = (int)(blk % tiles);
     r.tile = reverse ? tiles - 1 - i : i;
@@ -109,9 +108,18 @@ static inline size_t att_smem_bytes(int Dp, int own_sets, int slot_sets) {
 // ---------------------------------------------------------------------------------------------------
 // Forward (also attention_cached's pass, through dsmoe_cu_attention_rows): online softmax over the keys
 // of each query row. NI = output column slots per lane (D <= 32 NI).
+//
+// Split keys (splits > 1; cached attention of one query tile, see dsmoe_cu_attention_rows): block
+// (tile, split) walks only keys [split * split_keys, + split_keys) and writes each row's unnormalised
+// output, running max and sum to `part`, (B, NH, T_q, splits, D + 2) floats; attention_merge_kernel
+// joins the splits in split order. A decode step then runs B NH splits blocks instead of B NH, each
+// over split_keys keys instead of all of them. Row t has keys in split s iff s split_keys <= first + t:
+// the kernel leaves the others' records unwritten and the merge does not read them.
 
 struct rows_args {
     int B, NH, T_q, D, Dp, Xs, tiles, T_max;
+    int splits, split_keys; // splits = 1: no split, part unused
+    float *part;
     const void *q, *k, *v;
     size_t q_ld, kv_sb, kv_sh, kv_ld, out_ld;
     const int32_t *pos;
@@ -126,18 +134,22 @@ __global__ void __launch_bounds__(ATT_THREADS, ATT_MIN_BLOCKS(NI)) attention_row
     DSMOE_CU_DYNAMIC_SHARED(float4, smem4);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, D = a.D, Dp = a.Dp, Xs = a.Xs;
     float *qs = (float *)smem4, *ks = qs + ATT_BQ * Dp, *vs = ks + ATT_BK * Xs, *ps = vs + ATT_BK * Xs;
-    const att_tile bt = block_tile(a.NH, a.tiles, 1);
+    const att_tile bt = block_tile(a.NH, a.tiles, 1, (long long)blockIdx.x / a.splits);
+    const int split = (int)(blockIdx.x % a.splits);
     const int b = bt.b, h = bt.h, t_base = bt.tile * ATT_BQ;
     int first = 0;
     if (a.pos) { // block-uniform: the whole block leaves
         int p = a.pos[b];
         if (p < 0 || p > a.T_max - a.T_q) {
-            if (threadIdx.x == 0 && h == 0 && bt.tile == 0) dsmoe_cu_raise(a.fault, DSMOE_CU_FAULT_KV_RANGE, b, (long long)p + a.T_q);
+            if (threadIdx.x == 0 && h == 0 && bt.tile == 0 && split == 0)
+                dsmoe_cu_raise(a.fault, DSMOE_CU_FAULT_KV_RANGE, b, (long long)p + a.T_q);
             return;
         }
         first = p;
     }
     const int n_own = min(ATT_BQ, a.T_q - t_base), nkeys = first + t_base + n_own; // keys 0 .. first + last row
+    const int j_lo = split * a.split_keys, j_hi = a.splits > 1 ? min(nkeys, j_lo + a.split_keys) : nkeys;
+    if (j_lo >= j_hi) return; // block-uniform: a split past the sequence's keys
     const T *k = (const T *)a.k + (size_t)b * a.kv_sb + (size_t)h * a.kv_sh; // (keys, kv_ld)
     const T *v = (const T *)a.v + (size_t)b * a.kv_sb + (size_t)h * a.kv_sh;
     load_tile(qs, Dp, ATT_BQ, (const T *)a.q + ((size_t)b * a.T_q + t_base) * a.q_ld + (size_t)h * D, a.q_ld, n_own, D, Dp);
@@ -151,8 +163,8 @@ __global__ void __launch_bounds__(ATT_THREADS, ATT_MIN_BLOCKS(NI)) attention_row
 #pragma unroll
         for (int i = 0; i < NI; i++) o[r][i] = 0.0f;
     }
-    for (int j0 = 0; j0 < nkeys; j0 += ATT_BK) {
-        const int jn = min(ATT_BK, nkeys - j0), j = j0 + lane;
+    for (int j0 = j_lo; j0 < j_hi; j0 += ATT_BK) {
+        const int jn = min(ATT_BK, j_hi - j0), j = j0 + lane;
         __syncthreads(); // the previous tiles are consumed
         load_tile(ks, Xs, ATT_BK, k + (size_t)j0 * a.kv_ld, a.kv_ld, jn, D, Dp);
         load_tile(vs, Xs, ATT_BK, v + (size_t)j0 * a.kv_ld, a.kv_ld, jn, D, Dp);
@@ -161,12 +173,13 @@ __global__ void __launch_bounds__(ATT_THREADS, ATT_MIN_BLOCKS(NI)) attention_row
         dots(s, own, Dp, ks + lane * Xs);
 #pragma unroll
         for (int r = 0; r < ATT_R; r++) {
-            // Key j is visible to row t when j <= first + t. Every real row sees key 0 in the first
-            // tile, so m is finite from then on; rows past T_q compute garbage that is never stored.
+            // Key j is visible to row t when j <= first + t. Without splits every real row sees key 0 in
+            // the first tile, so m is finite from then on; with them a row may see no key of a split (m
+            // stays -inf, the record is not merged). Rows past T_q compute garbage that is never stored.
             const int t = t_base + warp * ATT_R + r;
-            const float sr = j <= first + t && j < nkeys ? s[r] * a.scale : -INFINITY;
+            const float sr = j <= first + t && j < j_hi ? s[r] * a.scale : -INFINITY;
             const float m_new = fmaxf(m[r], warp_max(sr));
-            const float corr = expf(m[r] - m_new); // 0 on the first tile (m = -inf)
+            const float corr = m_new == -INFINITY ? 1.0f : expf(m[r] - m_new); // 0 while m = -inf
             p[r] = sr == -INFINITY ? 0.0f : expf(sr - m_new);
             l[r] = l[r] * corr + warp_sum(p[r]);
 #pragma unroll
@@ -196,6 +209,17 @@ __global__ void __launch_bounds__(ATT_THREADS, ATT_MIN_BLOCKS(NI)) attention_row
     for (int r = 0; r < ATT_R; r++) {
         const int t = t_base + warp * ATT_R + r;
         if (t >= a.T_q) continue;
+        if (a.splits > 1) { // the split's record: o unnormalised, m, l
+            if (j_lo > first + t) continue;
+            float *rec = a.part + ((((size_t)b * a.NH + h) * a.T_q + t) * a.splits + split) * (size_t)(D + 2);
+#pragma unroll
+            for (int i = 0; i < NI; i++) {
+                const int d = lane + 32 * i;
+                if (d < D) rec[d] = o[r][i];
+            }
+            if (lane == 0) rec[D] = m[r], rec[D + 1] = l[r];
+            continue;
+        }
         const float inv = 1.0f / l[r];
         T *out = (T *)a.out + ((size_t)b * a.T_q + t) * a.out_ld + (size_t)h * D;
 #pragma unroll
@@ -204,6 +228,40 @@ __global__ void __launch_bounds__(ATT_THREADS, ATT_MIN_BLOCKS(NI)) attention_row
             if (d < D) dsmoe_st(out, d, o[r][i] * inv);
         }
         if (a.lse && lane == 0) a.lse[((size_t)b * a.NH + h) * a.T_q + t] = m[r] + logf(l[r]);
+    }
+}
+
+// The splits' records of one row (b, h, t) a warp (grid-stride), in split order: m = max m_s, l = sum l_s
+// exp(m_s - m), out = sum o_s exp(m_s - m) / l over the splits that hold keys of the row (s split_keys <=
+// first + t, each with a finite m_s). A sequence whose pos is out of range was skipped (and reported)
+// by the pass; it is skipped here too.
+template <typename T>
+__global__ void __launch_bounds__(ATT_THREADS) attention_merge_kernel(const rows_args a) {
+    const int lane = threadIdx.x & 31, D = a.D;
+    const size_t rows = (size_t)a.B * a.NH * a.T_q;
+    for (size_t w = (size_t)blockIdx.x * ATT_WARPS + (threadIdx.x >> 5); w < rows; w += (size_t)gridDim.x * ATT_WARPS) {
+        const int t = (int)(w % a.T_q), h = (int)(w / a.T_q % a.NH), b = (int)(w / a.T_q / a.NH);
+        const int first = a.pos[b];
+        if (first < 0 || first > a.T_max - a.T_q) continue;
+        const int live = min(a.splits, (first + t) / a.split_keys + 1);
+        const float *rec = a.part + w * a.splits * (size_t)(D + 2);
+        float m = -INFINITY, l = 0.0f;
+        for (int s = 0; s < live; s++) m = fmaxf(m, rec[(size_t)s * (D + 2) + D]);
+        for (int s = 0; s < live; s++) {
+            const float *r = rec + (size_t)s * (D + 2);
+            l += r[D + 1] * expf(r[D] - m);
+        }
+        const float inv = 1.0f / l;
+        T *out = (T *)a.out + ((size_t)b * a.T_q + t) * a.out_ld + (size_t)h * D;
+        for (int d = lane; d < D; d += 32) {
+            float acc = 0.0f;
+            for (int s = 0; s < live; s++) {
+                const float *r = rec + (size_t)s * (D + 2);
+                acc += r[d] * expf(r[D] - m);
+            }
+            dsmoe_st(out, d, acc * inv);
+        }
+        if (a.lse && lane == 0) a.lse[((size_t)b * a.NH + h) * a.T_q + t] = m + logf(l);
     }
 }
 
@@ -461,11 +519,36 @@ extern "C" dsmoe_status dsmoe_cu_attention_rows(const dsmoe_cu_env *env, const d
     a.q_ld = d->q_ld, a.kv_sb = d->kv_sb, a.kv_sh = d->kv_sh, a.kv_ld = d->kv_ld, a.out_ld = d->out_ld;
     a.pos = d->pos, a.out = d->out, a.lse = d->lse, a.fault = env->fault;
     a.scale = 1.0f / sqrtf((float)d->D);
+    // Splits: cached attention of one query tile (decode) whose cache may hold more than split_keys keys.
+    // Their number follows from T_max and the setting alone, never from the device, so the results do too.
+    a.splits = 1, a.split_keys = 0, a.part = NULL;
+    const int sk = env->decode_split_keys;
+    if (d->pos && sk > 0 && d->T_q <= ATT_BQ && d->T_max > sk) {
+        const long long n = (long long)blocks * ((d->T_max + sk - 1) / sk);
+        if (n <= 0x7fffffffll) a.splits = (d->T_max + sk - 1) / sk, a.split_keys = sk, blocks = (unsigned)n;
+    }
+    if (a.splits > 1) {
+        const size_t recs = (size_t)d->B * d->NH * d->T_q * a.splits * (size_t)(d->D + 2);
+        st = dsmoe_cu_scratch(env, (void **)&a.part, recs * sizeof(float), op);
+        if (st != DSMOE_OK) return st;
+    }
     const size_t smem = att_smem_bytes(a.Dp, 1, 1);
+    const unsigned merge_blocks = dsmoe_cu_blocks(((size_t)d->B * d->NH * d->T_q + ATT_WARPS - 1) / ATT_WARPS, 1);
     cudaError_t e = cudaSuccess;
-    DSMOE_CU_DISPATCH(d->dt, T, ATT_SLOTS(ni, NI, { e = dsmoe_cu_launch_smem(attention_rows_kernel<T, NI>, blocks, ATT_THREADS, smem, env->stream, a); }););
-    if (e != cudaSuccess) return dsmoe_cu_check(env, e, op);
-    return dsmoe_cu_check_launch(env, op);
+    DSMOE_CU_DISPATCH(d->dt, T, {
+        ATT_SLOTS(ni, NI, {
+            e = dsmoe_cu_launch_smem(attention_rows_kernel<T, NI>, blocks, ATT_THREADS, smem, env->stream, a);
+        });
+        if (e == cudaSuccess && a.splits > 1)
+            dsmoe_cu_launch(attention_merge_kernel<T>, merge_blocks, ATT_THREADS, 0, env->stream, a);
+    });
+    if (e == cudaSuccess) st = dsmoe_cu_check_launch(env, op);
+    else st = dsmoe_cu_check(env, e, op);
+    if (a.part) {
+        dsmoe_status fst = dsmoe_cu_check(env, cudaFreeAsync(a.part, env->stream), "attention: cudaFreeAsync");
+        if (st == DSMOE_OK) st = fst;
+    }
+    return st;
 }
 
 extern "C" dsmoe_status dsmoe_cu_attention_forward(const dsmoe_cu_env *env, void *out, void *saved, const void *qkv,

@@ -50,6 +50,8 @@ typedef struct dsmoe_cu_env {
     int fused_epilogues;   // GEMM family: grouped GEMMs through cuBLASLt's epilogues (setting "fused_epilogues")
     int attention_tc;      // attention: bfloat16 on tensor cores (setting "attention_tensor_cores")
     int expert_rows_max;   // GEMM family: grouped GEMMs of at most this many rows a group on gemm_rows.cu (0: never)
+    int decode_split_keys; // attention: cached attention of one query tile splits the keys in runs of this many
+                           // (0: never; setting "decode_split_keys")
     void *alloc_pool;      // the plugin's pool for alloc() (cudaMemPool_t): trimmed when scratch finds no room
     void *blas_workspace;  // GEMM family: cuBLAS workspace (blas_workspace_bytes), owned by the plugin
     size_t blas_workspace_bytes;

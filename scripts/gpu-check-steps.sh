@@ -99,6 +99,13 @@ check_conformance() {
   rc=$?
   grep -E '^FAIL' "$REPORT/conformance-rows.log" | head -20 >> "$REPORT/report.md"
   result "conformance rows" "$(pass_if $rc)" "$(why_rc $rc): $(grep -E 'conformance .* passed' "$REPORT/conformance-rows.log" | tail -1 || tail_of conformance-rows.log 2)"
+  # kernel.cuda.decode_split_keys (new since the last GPU run; 128 by default, which splits the suite's
+  # longest cache in 2): at 8 its caches split into up to 25 runs, rows ending in different runs.
+  DSMOE_CONFORMANCE_SETTINGS=decode_split_keys=8 DSMOE_CONFORMANCE_GROUPS=inference \
+    conformance_env timed "$(pick 30 60)" conformance-split.log "$t"
+  rc=$?
+  grep -E '^FAIL' "$REPORT/conformance-split.log" | head -20 >> "$REPORT/report.md"
+  result "conformance split" "$(pass_if $rc)" "$(why_rc $rc): $(grep -E 'conformance .* passed' "$REPORT/conformance-split.log" | tail -1 || tail_of conformance-split.log 2)"
 }
 
 check_sanitize() {
@@ -128,7 +135,7 @@ check_sanitize() {
   # warps of a block) and the cuBLASLt grouped GEMMs.
   sanitize_one racecheck attention 90 attention_tensor_cores=true
   sanitize_one memcheck attention,grouped 90 attention_tensor_cores=true,fused_epilogues=true
-  sanitize_one memcheck grouped,inference 90 expert_rows_max=256
+  sanitize_one memcheck grouped,inference 90 expert_rows_max=256,decode_split_keys=8
   local tool
   for tool in memcheck racecheck; do
     if [ "${GPU_CHECK_SANITIZE_ALL:-0}" = 1 ] || [ "$(left)" -ge 200 ]; then sanitize_one $tool all 300
@@ -509,6 +516,22 @@ check_decode() {
       grep -E '^(best repeat|  the step)' "$REPORT/decode-$prec-b1-cublas.log" | fig
     fi
   done
+  # A long context at batch 1, bf16: the KV cache is then as large as the weights a step reads. Cached
+  # attention split into runs of kernel.cuda.decode_split_keys keys (the default), then not split (0:
+  # one block a head walks the whole cache).
+  if [ "$KERN" = cuda ]; then
+    local long=(--layers "$(pick 8 2)" --hidden "$(pick 2048 128)" --heads "$(pick 16 4)" --experts "$(pick 8 4)"
+                --top-k 1 --prompt "$(pick 4096 200)" --new "$(pick 16 4)" --repeats "$(pick 3 1)")
+    local split
+    for split in 128 0; do
+      DSMOE_KERNEL_CUDA_DECODE_SPLIT_KEYS=$split timed "$(pick 60 120)" "decode-bf16-b1-long-split$split.log" \
+        dsmoe_bench_decode --kernel $KERN "${long[@]}" --batch 1 --precision bf16 --reference 0
+      rc=$?
+      result "decode bf16 batch 1 context $(pick 4096 200) split $split" "$(pass_if $rc)" \
+        "$(why_rc $rc): decode_split_keys = $split: $(last_or_err $rc "decode-bf16-b1-long-split$split.log")"
+      grep -E '^(best repeat|  the step)' "$REPORT/decode-bf16-b1-long-split$split.log" | fig
+    done
+  fi
   unset DSMOE_STRICT_NO_PROTECT
 }
 

@@ -17,7 +17,7 @@
 // ---------------------------------------------------------------------------------------------------
 // Settings (types.h, "plugin-declared settings"): [kernel.cuda] in a deck, DSMOE_KERNEL_CUDA_<KEY>.
 
-enum { PARAM_TF32, PARAM_POOL_LIMIT, PARAM_WORKSPACE, PARAM_FUSED, PARAM_ATT_TC, PARAM_ROWS, N_PARAMS };
+enum { PARAM_TF32, PARAM_POOL_LIMIT, PARAM_WORKSPACE, PARAM_FUSED, PARAM_ATT_TC, PARAM_ROWS, PARAM_SPLIT, N_PARAMS };
 
 static const dsmoe_param_decl cuda_params[N_PARAMS] = {
     [PARAM_TF32] = {"tf32", DSMOE_PARAM_BOOL, "false",
@@ -41,6 +41,11 @@ static const dsmoe_param_decl cuda_params[N_PARAMS] = {
                     "dsmoe's kernel: an expert that received no token reads none of its weights, and only the rows "
                     "received are computed (cuBLAS computes every expert at full capacity); 0 = always cuBLAS, at "
                     "most 256", NULL},
+    [PARAM_SPLIT] = {"decode_split_keys", DSMOE_PARAM_INT, "128",
+                     "cached attention of up to 16 new tokens a sequence (decode) splits the cache into runs of this "
+                     "many keys, one block each, joined in a fixed order: a long context is read by many "
+                     "multiprocessors at once instead of one per head; the results depend on this value and the "
+                     "context length, not on the device; 0 = never split, at most 1048576", NULL},
 };
 
 // The text of setting i: the core's resolved value, else the declared default (init called without
@@ -101,7 +106,8 @@ static int parse_bytes(const char *v, size_t *out) {
 }
 
 static dsmoe_status read_settings(const dsmoe_kernel_options *opt, int *tf32, int *fused, int *att_tc,
-                                  int *rows_max, size_t *pool_limit, size_t *workspace, char *errbuf, size_t errlen) {
+                                  int *rows_max, int *split_keys, size_t *pool_limit, size_t *workspace, char *errbuf,
+                                  size_t errlen) {
     if (opt && opt->param_values && opt->n_param_values != N_PARAMS) {
         snprintf(errbuf, errlen, "cuda: init: %d setting values for the plugin's %d settings", opt->n_param_values,
                  N_PARAMS);
@@ -128,16 +134,21 @@ static dsmoe_status read_settings(const dsmoe_kernel_options *opt, int *tf32, in
             return DSMOE_ERR_INVALID;
         }
     }
-    v = param_text(opt, PARAM_ROWS);
-    char *end;
-    errno = 0;
-    long rows = strtol(v, &end, 10);
-    if (end == v || *end || errno || rows < 0 || rows > 256) {
-        snprintf(errbuf, errlen, "cuda: init: setting %s='%s': expected an integer in [0, 256]",
-                 cuda_params[PARAM_ROWS].name, v);
-        return DSMOE_ERR_INVALID;
+    static const int ints[2] = {PARAM_ROWS, PARAM_SPLIT};
+    static const long int_max[2] = {256, 1048576};
+    int *int_outs[2] = {rows_max, split_keys};
+    for (int k = 0; k < 2; k++) {
+        v = param_text(opt, ints[k]);
+        char *end;
+        errno = 0;
+        long i = strtol(v, &end, 10);
+        if (end == v || *end || errno || i < 0 || i > int_max[k]) {
+            snprintf(errbuf, errlen, "cuda: init: setting %s='%s': expected an integer in [0, %ld]",
+                     cuda_params[ints[k]].name, v, int_max[k]);
+            return DSMOE_ERR_INVALID;
+        }
+        *int_outs[k] = (int)i;
     }
-    *rows_max = (int)rows;
     return DSMOE_OK;
 }
 
@@ -200,7 +211,9 @@ static dsmoe_status cuda_setup(dsmoe_kernel_ctx *ctx) {
 
     CU_TRY(cu_queue_init(ctx, &ctx->queue));
 
-    char mem[32], pool[64], ws[32];
+    char mem[32], pool[64], ws[32], split[32] = "never";
+    if (ctx->decode_split_keys)
+        snprintf(split, sizeof split, "every %d keys", ctx->decode_split_keys);
     if (ctx->pool_limit)
         snprintf(pool, sizeof pool, "limited to %s", fmt_size(ctx->pool_limit, mem, sizeof mem));
     else
@@ -208,11 +221,12 @@ static dsmoe_status cuda_setup(dsmoe_kernel_ctx *ctx) {
     int v = ctx->cublas_version;
     snprintf(ctx->description, sizeof ctx->description,
              "cuda: %s (sm_%d%d, %d SMs, %s), cuBLAS %d.%d.%d, tf32 %s, expert GEMM epilogues %s, expert GEMMs of "
-             "up to %d rows on dsmoe's kernel, bf16 attention on %s, stream-ordered buffer pool %s, cuBLAS workspace "
-             "%s per queue", ctx->device_name, ctx->cc_major, ctx->cc_minor, ctx->sm_count,
-             fmt_size(ctx->total_mem, mem, sizeof mem), v / 10000, v / 100 % 100, v % 100, ctx->tf32 ? "on" : "off",
-             ctx->fused ? "fused (cuBLASLt)" : "separate", ctx->expert_rows_max,
-             ctx->attention_tc ? "tensor cores" : "CUDA cores", pool, fmt_size(ctx->workspace_bytes, ws, sizeof ws));
+             "up to %d rows on dsmoe's kernel, bf16 attention on %s, decode attention split %s, "
+             "stream-ordered buffer pool %s, cuBLAS workspace %s per queue", ctx->device_name, ctx->cc_major,
+             ctx->cc_minor, ctx->sm_count, fmt_size(ctx->total_mem, mem, sizeof mem), v / 10000, v / 100 % 100,
+             v % 100, ctx->tf32 ? "on" : "off", ctx->fused ? "fused (cuBLASLt)" : "separate", ctx->expert_rows_max,
+             ctx->attention_tc ? "tensor cores" : "CUDA cores", split, pool,
+             fmt_size(ctx->workspace_bytes, ws, sizeof ws));
     return DSMOE_OK;
 }
 
@@ -226,9 +240,10 @@ static dsmoe_status cuda_init(const dsmoe_kernel_options *opt, dsmoe_kernel_ctx 
         return DSMOE_ERR_INVALID;
     }
     *out = NULL;
-    int tf32, fused, att_tc, rows_max;
+    int tf32, fused, att_tc, rows_max, split_keys;
     size_t pool_limit, workspace;
-    dsmoe_status s = read_settings(opt, &tf32, &fused, &att_tc, &rows_max, &pool_limit, &workspace, errbuf, errlen);
+    dsmoe_status s = read_settings(opt, &tf32, &fused, &att_tc, &rows_max, &split_keys, &pool_limit, &workspace, errbuf,
+                                   errlen);
     if (s != DSMOE_OK)
         return s;
 
@@ -263,6 +278,7 @@ static dsmoe_status cuda_init(const dsmoe_kernel_options *opt, dsmoe_kernel_ctx 
     ctx->fused = fused;
     ctx->attention_tc = att_tc;
     ctx->expert_rows_max = rows_max;
+    ctx->decode_split_keys = split_keys;
     ctx->pool_limit = pool_limit;
     ctx->workspace_bytes = workspace;
     ctx->sticky = DSMOE_OK;

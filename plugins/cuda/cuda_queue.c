@@ -163,6 +163,7 @@ dsmoe_status cu_queue_init(dsmoe_kernel_ctx *ctx, dsmoe_kernel_queue *q) {
         .fused_epilogues = ctx->fused,
         .attention_tc = ctx->attention_tc,
         .expert_rows_max = ctx->expert_rows_max,
+        .decode_split_keys = ctx->decode_split_keys,
         .alloc_pool = ctx->pool,
         .blas_workspace = NULL, // cu_bind_blas, at the queue's first op
         .blas_workspace_bytes = 0,

@@ -476,6 +476,23 @@ static float *full_attention(const float *qkv_rows, int T, int t0, int nt, dsmoe
     return want;
 }
 
+// One step of a cache (kc, vc of T_max positions): rows [t0, t0 + nt) of each sequence of `all` (KB,
+// tall, 3M) appended at positions pos, then their cached attention, on both sides; the outputs compared.
+static cf_buf kv_step(cf_buf *kc, cf_buf *vc, const float *all, int tall, int t0, int nt, const int32_t *pos,
+                      int T_max, const char *name, dsmoe_dtype dt) {
+    int32_t at[KB];
+    memcpy(at, pos, sizeof at);
+    cf_buf p = cf_up_i32("pos", at, KB), q = cf_up("qkv", rows_of(all, tall, t0, nt), (size_t)KB * nt * 3 * KM, dt);
+    cf_buf o = cf_out(name, (size_t)KB * nt * KM, dt);
+    o.cols = KM;
+    CF_SIDES {
+        OP(kv_append, P(*kc), P(*vc), P(q), DT(dt), P(p), KB, nt, KM, KNH, T_max);
+        OP(attention_cached, P(o), P(q), P(*kc), P(*vc), DT(dt), P(p), KB, nt, KM, KNH, T_max);
+    }
+    cf_cmp(&o, NULL, NULL, cf_tol_for(dt, TOL_RED));
+    return o;
+}
+
 static void v_kv_cache(const void *arg) {
     dsmoe_dtype dt = *(const dsmoe_dtype *)arg;
     if (!has_inference()) cf_abandon_skip("the candidate or the reference has no inference members");
@@ -487,41 +504,40 @@ static void v_kv_cache(const void *arg) {
     kc.cols = vc.cols = D;
     cf_tol tol = cf_tol_for(dt, TOL_RED);
     // step 1: prefill KP tokens at position 0
-    int32_t pos1[KB] = {0, 0};
-    cf_buf p1 = cf_up_i32("pos", pos1, KB), q1 = cf_up("qkv", rows_of(all, tall, 0, KP), (size_t)KB * KP * 3 * KM, dt);
-    cf_buf o1 = cf_out("out_prefill", (size_t)KB * KP * KM, dt);
-    o1.cols = KM;
-    CF_SIDES {
-        OP(kv_append, P(kc), P(vc), P(q1), DT(dt), P(p1), KB, KP, KM, KNH, KTMAX);
-        OP(attention_cached, P(o1), P(q1), P(kc), P(vc), DT(dt), P(p1), KB, KP, KM, KNH, KTMAX);
-    }
-    cf_cmp(&o1, NULL, NULL, tol);
+    cf_buf o1 = kv_step(&kc, &vc, all, tall, 0, KP, (const int32_t[KB]){0, 0}, KTMAX, "out_prefill", dt);
     cf_cmp_to("out_prefill(vs_attention_forward)", &o1, full_attention(rows_of(all, tall, 0, KP), KP, 0, KP, dt), NULL,
               tol);
     // step 2: three more tokens at position KP: a full attention over KT2 tokens, its last three rows
-    int32_t pos2[KB] = {KP, KP};
-    cf_buf p2 = cf_up_i32("pos", pos2, KB), q2 = cf_up("qkv", rows_of(all, tall, KP, 3), (size_t)KB * 3 * 3 * KM, dt);
-    cf_buf o2 = cf_out("out_step", (size_t)KB * 3 * KM, dt);
-    o2.cols = KM;
-    CF_SIDES {
-        OP(kv_append, P(kc), P(vc), P(q2), DT(dt), P(p2), KB, 3, KM, KNH, KTMAX);
-        OP(attention_cached, P(o2), P(q2), P(kc), P(vc), DT(dt), P(p2), KB, 3, KM, KNH, KTMAX);
-    }
-    cf_cmp(&o2, NULL, NULL, tol);
+    cf_buf o2 = kv_step(&kc, &vc, all, tall, KP, 3, (const int32_t[KB]){KP, KP}, KTMAX, "out_step", dt);
     cf_cmp_to("out_step(vs_attention_forward)", &o2, full_attention(rows_of(all, tall, 0, KT2), KT2, KP, 3, dt), NULL,
               tol);
     // step 3: ragged positions (one sequence rewinds to 7)
-    int32_t pos3[KB] = {KT2, 7};
-    cf_buf p3 = cf_up_i32("pos", pos3, KB), q3 = cf_up("qkv", rows_of(all, tall, KT2, 1), (size_t)KB * 3 * KM, dt);
-    cf_buf o3 = cf_out("out_ragged", (size_t)KB * KM, dt);
-    o3.cols = KM;
-    CF_SIDES {
-        OP(kv_append, P(kc), P(vc), P(q3), DT(dt), P(p3), KB, 1, KM, KNH, KTMAX);
-        OP(attention_cached, P(o3), P(q3), P(kc), P(vc), DT(dt), P(p3), KB, 1, KM, KNH, KTMAX);
-    }
-    cf_cmp(&o3, NULL, NULL, tol);
+    kv_step(&kc, &vc, all, tall, KT2, 1, (const int32_t[KB]){KT2, 7}, KTMAX, "out_ragged", dt);
     cf_cmp(&kc, NULL, NULL, (cf_tol){0, 0}); // (B, NH, T_max, D): copies, exact; zeros elsewhere
     cf_cmp(&vc, NULL, NULL, (cf_tol){0, 0});
+}
+
+// A long cache, for the cuda plugin's split keys (kernel.cuda.decode_split_keys, 128 by default: 2 splits
+// here; the suite's run with 8 gives 25, and a row that sees no key of a split beside one that does): a
+// prefill of KLP tokens, then decode steps of 3 tokens and of 1 with ragged positions (one sequence
+// rewinds to 31, so that its rows end in different splits).
+enum { KLMAX = 200, KLP = 150 };
+
+static void v_kv_long(const void *arg) {
+    dsmoe_dtype dt = *(const dsmoe_dtype *)arg;
+    if (!has_inference()) cf_abandon_skip("the candidate or the reference has no inference members");
+    const int D = KM / KNH, tall = KLP + 4;
+    float *all = cf_rand((size_t)KB * tall * 3 * KM, 4);
+    cf_round_dt(all, (size_t)KB * tall * 3 * KM, dt);
+    size_t ncache = (size_t)KB * KNH * KLMAX * D;
+    cf_buf kc = cf_zeros("k_cache", ncache, dt), vc = cf_zeros("v_cache", ncache, dt);
+    kc.cols = vc.cols = D;
+    int32_t pos1[KB] = {0, 0};
+    cf_buf p1 = cf_up_i32("pos", pos1, KB);
+    cf_buf q1 = cf_up("qkv", rows_of(all, tall, 0, KLP), (size_t)KB * KLP * 3 * KM, dt);
+    CF_SIDES { OP(kv_append, P(kc), P(vc), P(q1), DT(dt), P(p1), KB, KLP, KM, KNH, KLMAX); }
+    kv_step(&kc, &vc, all, tall, KLP, 3, (const int32_t[KB]){KLP, 31}, KLMAX, "out_step3", dt);
+    kv_step(&kc, &vc, all, tall, KLP + 3, 1, (const int32_t[KB]){KLP + 3, 34}, KLMAX, "out_step1", dt);
 }
 
 typedef struct smp_case {
@@ -579,6 +595,9 @@ void cf_group_inference(void) {
         snprintf(name, sizeof name, "kv_cache[%s,B=%d,NH=%d,D=%d,Tmax=%d,prefill=%d,+3,ragged]", dtn(DTS[d]), KB, KNH,
                  KM / KNH, KTMAX, KP);
         cf_run(name, v_kv_cache, &DTS[d]);
+        snprintf(name, sizeof name, "kv_cache[%s,B=%d,NH=%d,D=%d,Tmax=%d,prefill=%d,+3,+1,ragged]", dtn(DTS[d]), KB,
+                 KNH, KM / KNH, KLMAX, KLP);
+        cf_run(name, v_kv_long, &DTS[d]);
     }
     for (size_t i = 0; i < sizeof sc / sizeof *sc; i++) {
         const smp_case *C = &sc[i];

@@ -171,6 +171,14 @@ set_tests_properties(conformance_kernel_cuda_emu_rows PROPERTIES
   ENVIRONMENT "DSMOE_CONFORMANCE_KERNEL_PATH=$<TARGET_FILE:dsmoe_kernel_cuda_emu>;OMP_NUM_THREADS=2;DSMOE_PLUGIN_PATH=;\
 DSMOE_STRICT_BREAK=;DSMOE_CONFORMANCE_SETTINGS=expert_rows_max=256;DSMOE_CONFORMANCE_GROUPS=grouped,fd,inference")
 
+# Cached attention split into runs of 8 keys (kernel.cuda.decode_split_keys; the default 128 splits only the
+# suite's longest cache, in 2): up to 25 runs, rows of one step ending in different runs, ragged positions.
+add_test(NAME conformance_kernel_cuda_emu_split COMMAND test_kernel_conformance)
+set_tests_properties(conformance_kernel_cuda_emu_split PROPERTIES
+  TIMEOUT 120 SKIP_RETURN_CODE 77 LABELS "conformance;cuda_emu"
+  ENVIRONMENT "DSMOE_CONFORMANCE_KERNEL_PATH=$<TARGET_FILE:dsmoe_kernel_cuda_emu>;OMP_NUM_THREADS=2;DSMOE_PLUGIN_PATH=;\
+DSMOE_STRICT_BREAK=;DSMOE_CONFORMANCE_SETTINGS=decode_split_keys=8;DSMOE_CONFORMANCE_GROUPS=inference")
+
 # Training on it against the cpu plugin (tests/cuda_emu/cuda_emu_train.sh): losses to 1e-4 in float32 and 3e-2
 # in bfloat16, 1 and 2 ranks, checkpoints resumed across the two plugins. Greedy generation on it is one of
 # tests/cli/generate_test.sh's layouts.

@@ -111,7 +111,7 @@ static int valid_bool(const char *s) {
 }
 
 static void test_params(void **state) {
-    assert_int_equal(P->n_params, 6);
+    assert_int_equal(P->n_params, 7);
     assert_non_null(P->params);
     for (int i = 0; i < P->n_params; i++) {
         const dsmoe_param_decl *d = &P->params[i];
@@ -142,6 +142,9 @@ static void test_params(void **state) {
     assert_string_equal(P->params[5].name, "expert_rows_max");
     assert_int_equal(P->params[5].type, DSMOE_PARAM_INT);
     assert_string_equal(P->params[5].default_value, "16");
+    assert_string_equal(P->params[6].name, "decode_split_keys");
+    assert_int_equal(P->params[6].type, DSMOE_PARAM_INT);
+    assert_string_equal(P->params[6].default_value, "128");
 }
 
 // "dddd:bb:dd.f", lower-case hex.
@@ -179,11 +182,11 @@ static void test_device_queries(void **state) {
 }
 
 // init with these setting values (tf32, pool_limit_bytes, cublas_workspace_bytes, fused_epilogues; and
-// attention_tensor_cores = the same as fused_epilogues, expert_rows_max = rows): the status, the context
-// (finalized here) and the message.
-static dsmoe_status init_with5(const char *tf32, const char *pool, const char *ws, const char *fused,
-                               const char *rows, int n_values, char *err, size_t errlen) {
-    const char *values[6] = {tf32, pool, ws, fused, fused, rows};
+// attention_tensor_cores = the same as fused_epilogues, expert_rows_max = rows, decode_split_keys = split):
+// the status, the context (finalized here) and the message.
+static dsmoe_status init_with6(const char *tf32, const char *pool, const char *ws, const char *fused,
+                               const char *rows, const char *split, int n_values, char *err, size_t errlen) {
+    const char *values[7] = {tf32, pool, ws, fused, fused, rows, split};
     dsmoe_kernel_options opt = {.device = 0, .param_values = values, .n_param_values = n_values};
     dsmoe_kernel_ctx *ctx = (dsmoe_kernel_ctx *)&opt; // must be overwritten
     err[0] = '\0';
@@ -197,7 +200,7 @@ static dsmoe_status init_with5(const char *tf32, const char *pool, const char *w
 
 static dsmoe_status init_with4(const char *tf32, const char *pool, const char *ws, const char *fused, int n_values,
                                char *err, size_t errlen) {
-    return init_with5(tf32, pool, ws, fused, "16", n_values, err, errlen);
+    return init_with6(tf32, pool, ws, fused, "16", "128", n_values, err, errlen);
 }
 
 static dsmoe_status init_with(const char *tf32, const char *pool, const char *ws, int n_values, char *err,
@@ -208,24 +211,28 @@ static dsmoe_status init_with(const char *tf32, const char *pool, const char *ws
 // Settings are read before CUDA is asked anything, so these hold with or without a device.
 static void test_bad_settings(void **state) {
     char err[512];
-    assert_int_equal(init_with("maybe", "0", "33554432", 6, err, sizeof err), DSMOE_ERR_INVALID);
+    assert_int_equal(init_with("maybe", "0", "33554432", 7, err, sizeof err), DSMOE_ERR_INVALID);
     assert_contains(err, "tf32='maybe'");
-    assert_int_equal(init_with("0", "-5", "33554432", 6, err, sizeof err), DSMOE_ERR_INVALID);
+    assert_int_equal(init_with("0", "-5", "33554432", 7, err, sizeof err), DSMOE_ERR_INVALID);
     assert_contains(err, "pool_limit_bytes='-5'");
-    assert_int_equal(init_with("0", "0", "12X", 6, err, sizeof err), DSMOE_ERR_INVALID);
+    assert_int_equal(init_with("0", "0", "12X", 7, err, sizeof err), DSMOE_ERR_INVALID);
     assert_contains(err, "cublas_workspace_bytes='12X'");
-    assert_int_equal(init_with("0", "1.5", "0", 6, err, sizeof err), DSMOE_ERR_INVALID); // not whole bytes
+    assert_int_equal(init_with("0", "1.5", "0", 7, err, sizeof err), DSMOE_ERR_INVALID); // not whole bytes
     assert_contains(err, "pool_limit_bytes");
-    assert_int_equal(init_with4("0", "0", "0", "perhaps", 6, err, sizeof err), DSMOE_ERR_INVALID);
+    assert_int_equal(init_with4("0", "0", "0", "perhaps", 7, err, sizeof err), DSMOE_ERR_INVALID);
     assert_contains(err, "fused_epilogues='perhaps'");
-    assert_int_equal(init_with5("0", "0", "0", "0", "257", 6, err, sizeof err), DSMOE_ERR_INVALID);
+    assert_int_equal(init_with6("0", "0", "0", "0", "257", "128", 7, err, sizeof err), DSMOE_ERR_INVALID);
     assert_contains(err, "expert_rows_max='257': expected an integer in [0, 256]");
-    assert_int_equal(init_with5("0", "0", "0", "0", "8x", 6, err, sizeof err), DSMOE_ERR_INVALID);
+    assert_int_equal(init_with6("0", "0", "0", "0", "8x", "128", 7, err, sizeof err), DSMOE_ERR_INVALID);
     assert_contains(err, "expert_rows_max='8x'");
-    assert_int_equal(init_with("0", "0", "0", 5, err, sizeof err), DSMOE_ERR_INVALID);
-    assert_contains(err, "5 setting values");
+    assert_int_equal(init_with6("0", "0", "0", "0", "16", "1048577", 7, err, sizeof err), DSMOE_ERR_INVALID);
+    assert_contains(err, "decode_split_keys='1048577': expected an integer in [0, 1048576]");
+    assert_int_equal(init_with6("0", "0", "0", "0", "16", "-1", 7, err, sizeof err), DSMOE_ERR_INVALID);
+    assert_contains(err, "decode_split_keys='-1'");
+    assert_int_equal(init_with("0", "0", "0", 6, err, sizeof err), DSMOE_ERR_INVALID);
+    assert_contains(err, "6 setting values");
     // Valid spellings get past the settings: OK with a device, the no-device refusal without one.
-    dsmoe_status s = init_with4("on", "64Ki", "1M", "yes", 6, err, sizeof err);
+    dsmoe_status s = init_with4("on", "64Ki", "1M", "yes", 7, err, sizeof err);
     assert_true(s == DSMOE_OK || s == DSMOE_ERR_UNSUPPORTED);
 }
 
@@ -251,8 +258,8 @@ static void test_init_without_device(void **state) {
 // With a device
 
 static dsmoe_kernel_ctx *new_ctx(const char *pool_limit) {
-    const char *values[6] = {"0", pool_limit, "33554432", "0", "0", "16"};
-    dsmoe_kernel_options opt = {.device = 0, .param_values = values, .n_param_values = 6};
+    const char *values[7] = {"0", pool_limit, "33554432", "0", "0", "16", "128"};
+    dsmoe_kernel_options opt = {.device = 0, .param_values = values, .n_param_values = 7};
     dsmoe_kernel_ctx *ctx = NULL;
     char err[512] = "";
     dsmoe_status s = P->init(&opt, &ctx, err, sizeof err);
@@ -552,8 +559,8 @@ static void test_pool_limit(void **state) {
 // compute capability). On sm_80+ the setting is taken and describe() names it.
 static void test_tensor_cores_need_sm80(void **state) {
     (void)state;
-    const char *values[6] = {"0", "0", "33554432", "0", "0", "16"};
-    dsmoe_kernel_options opt = {.device = 0, .param_values = values, .n_param_values = 6};
+    const char *values[7] = {"0", "0", "33554432", "0", "0", "16", "128"};
+    dsmoe_kernel_options opt = {.device = 0, .param_values = values, .n_param_values = 7};
     char err[512] = "";
     dsmoe_kernel_ctx *ctx = NULL;
     setenv("DSMOE_EMU_COMPUTE_CAPABILITY", "7.5", 1);
