@@ -99,12 +99,23 @@ static void add_forward(step_stats *st, const dsmoe_forward_result *r) {
 
 // Mean validation loss over eval_batches global batches of the validation split. layer_stats (when not
 // NULL): per MoE layer i, [i * (max_e + 2) + e] = tokens kept by expert e, then routed and dropped choices,
-// summed over the pass and the ranks.
-static dsmoe_status evaluate(trainer *tr, double *loss, int64_t *layer_stats, step_stats *total, dsmoe_err *err) {
+// summed over the pass and the ranks. stop_at (when not NULL: the evaluation of a training run): before
+// each batch the ranks agree on walltime signals, and on one the pass ends there, *loss = NaN, *stop_at =
+// the batch (else -1), so that the step's checkpoint is not held up by a long evaluation.
+static dsmoe_status evaluate(trainer *tr, double *loss, int64_t *layer_stats, step_stats *total, int *stop_at,
+                             dsmoe_err *err) {
     const dsmoe_config *c = tr->cfg;
     step_stats st = {0};
     int W = tr->max_e + 2;
+    if (stop_at) *stop_at = -1;
     for (int batch = 0; batch < c->eval_batches; batch++) {
+        int signo, ranks = 0;
+        if (stop_at) DSMOE_TRY(dsmoe_signals_agree(tr->rt->world_ctl, &signo, &ranks, err));
+        if (ranks > 0) {
+            *stop_at = batch;
+            *loss = NAN;
+            return DSMOE_OK;
+        }
         for (int j = 0; j < tr->accum; j++) {
             uint64_t pos = (uint64_t)(j * tr->rt->world_size + tr->rt->world_rank) * (uint64_t)tr->B;
             uint64_t sample = (uint64_t)batch * c->batch + pos;
@@ -139,7 +150,7 @@ static dsmoe_status evaluate_checkpoint(trainer *tr, double *loss, dsmoe_err *er
     int64_t *ls = dsmoe_calloc((size_t)(n_moe ? n_moe : 1) * (size_t)W, sizeof *ls, "eval statistics", err);
     if (!ls) return DSMOE_ERR_NOMEM;
     step_stats st;
-    dsmoe_status s = evaluate(tr, loss, ls, &st, err);
+    dsmoe_status s = evaluate(tr, loss, ls, &st, NULL, err);
     if (s == DSMOE_OK && tr->rank == 0) {
         printf("eval: validation loss %.4f, perplexity %.3f over %d batches (%.0f tokens)", *loss, exp(*loss),
                c->eval_batches, st.tokens);
@@ -524,8 +535,12 @@ static dsmoe_status run(trainer *tr, const char *config_text, dsmoe_train_result
         int last = pos.step == c->steps;
         double valid = NAN;
         if ((c->eval_every > 0 && pos.step % c->eval_every == 0) || last) {
-            DSMOE_TRY(evaluate(tr, &valid, NULL, NULL, err));
+            int stop_at;
+            DSMOE_TRY(evaluate(tr, &valid, NULL, NULL, &stop_at, err));
             res->valid_loss = valid;
+            if (stop_at >= 0 && tr->rank == 0)
+                printf("eval: the evaluation after step %d stopped at batch %d of %d for a walltime signal (no "
+                       "validation loss this step)\n", pos.step, stop_at, c->eval_batches);
         }
         if (pos.step % c->log_every == 0 || last || !isnan(valid)) {
             double now = dsmoe_now_seconds(), elapsed = now - t_start;

@@ -3,9 +3,10 @@
 # sent SIGUSR1 / SIGTERM mid-run: to the process, to mpiexec (Open MPI forwards USR1 to every rank), and
 # to one rank of two only (the ranks must agree). Each must exit 75 after writing the checkpoint of the
 # step it names; a resume to the end must give the uninterrupted run's final tensors bit for bit and its
-# metrics.csv (timing columns aside) with every step once. Also: a second signal exits 76 at once, a run
-# killed (SIGKILL) after its last checkpoint.every resumes without duplicate rows, run.signals = "" leaves
-# a signal's default action, and a bad name is a deck error.
+# metrics.csv (timing columns aside) with every step once. Also: a signal during a long evaluation ends it
+# and stops at its step, a second signal exits 76 at once, a run killed (SIGKILL) after its last
+# checkpoint.every resumes without duplicate rows, run.signals = "" leaves a signal's default action, and
+# a bad name is a deck error.
 # Usage: signal_test.sh <dsmoe> <source dir> <mpiexec> [mpiexec flags ...]
 set -u
 dsmoe=$1
@@ -160,6 +161,27 @@ wait $pid
 rc=$?
 [ $rc = 76 ] && ok || { fail "second signal: exit $rc, expected 76"; show "$out.log"; }
 grep -q "second signal: exiting at once (76)" "$out.log" && ok || fail "second signal: no message"
+
+# A signal during a long evaluation (2 ranks; 2 million batches, a minute and more): the evaluation ends
+# at the next batch, the step's checkpoint is written and the run exits 75 within seconds; the step's row
+# has no validation loss. The signal is sent a second into the evaluation after step 1000.
+out="$work/eval"
+launch 2 "$out.log" run.output_dir="$out" train.eval_every=1000 train.eval_batches=2000000
+wait_rows "$out/metrics.csv" 999
+sleep 1
+send_held eval "$out" launcher USR1
+t0=$SECONDS
+wait $pid
+rc=$?
+[ $rc = 75 ] && ok || { fail "eval: exit $rc after SIGUSR1 during the evaluation, expected 75"; show "$out.log"; }
+[ $((SECONDS - t0)) -lt 30 ] && ok || fail "eval: the run took $((SECONDS - t0)) s to stop after the signal"
+grep -qE "^eval: the evaluation after step 1000 stopped at batch [1-9][0-9]* of 2000000 for a walltime signal" \
+  "$out.log" && ok || { fail "eval: no 'evaluation after step 1000 stopped at batch' line"; show "$out.log"; }
+grep -q "^stopped: SIGUSR1 at step 1000 of $steps (2 of 2 ranks got a signal)" "$out.log" && ok ||
+  fail "eval: not stopped at step 1000"
+[ -s "$out/checkpoints/step_00001000.safetensors" ] && ok || fail "eval: no checkpoint of step 1000"
+[ "$(awk -F, 'NR > 1 && $1 == 1000 { print "[" $9 "]" }' "$out/metrics.csv")" = "[]" ] && ok ||
+  fail "eval: step 1000's row has a validation loss"
 
 # Killed outright after its last checkpoint.every: rows past that checkpoint are dropped on resume. The
 # kill is asynchronous: when it lands just after a checkpoint there is nothing to trim, so try again (a
