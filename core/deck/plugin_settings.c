@@ -102,9 +102,51 @@ static void list_names(const dsmoe_param_decl *params, int n, char *buf, size_t 
     if (n == 0) snprintf(buf, len, "none");
 }
 
+// A variable under this plugin's prefix DSMOE_<KIND>_<PLUGIN>_ must name one of its settings: a typo
+// would otherwise leave the default in force without a word. A variable under the longer prefix of
+// another plugin (DSMOE_COMM_MPI_CUDA_ of mpi_cuda, beside mpi) is that plugin's.
+static dsmoe_status check_env_names(const char *kind, const char *plugin, const dsmoe_param_decl *params, int n,
+                                    char *const *envp, const char *const *others, dsmoe_err *err) {
+    char prefix[200], name[200], other[200];
+    env_name(kind, plugin, "", prefix, sizeof prefix);
+    size_t plen = strlen(prefix);
+    for (char *const *e = envp; e && *e; e++) {
+        const char *eq = strchr(*e, '=');
+        if (strncmp(*e, prefix, plen) != 0 || !eq || (size_t)(eq - *e) >= sizeof name) continue;
+        snprintf(name, sizeof name, "%.*s", (int)(eq - *e), *e);
+        int known = 0;
+        for (int p = 0; p < n && !known; p++) {
+            env_name(kind, plugin, params[p].name, other, sizeof other);
+            known = strcmp(other, name) == 0;
+        }
+        for (const char *const *o = others; o && *o && !known; o++) {
+            env_name(kind, *o, "", other, sizeof other);
+            known = strlen(other) > plen && strncmp(name, other, strlen(other)) == 0;
+        }
+        if (known) continue;
+        char key[200], names[512], hint[300] = "";
+        size_t k = 0;
+        for (const char *c = name + plen; *c && k + 1 < sizeof key; c++) key[k++] = (char)tolower((unsigned char)*c);
+        key[k] = '\0';
+        int best = -1, best_d = 3;
+        for (int p = 0; p < n; p++) {
+            int d = dsmoe_edit_distance(key, params[p].name);
+            if (d < best_d) best = p, best_d = d;
+        }
+        if (best >= 0) {
+            env_name(kind, plugin, params[best].name, other, sizeof other);
+            snprintf(hint, sizeof hint, " (did you mean %s?)", other);
+        }
+        list_names(params, n, names, sizeof names);
+        return dsmoe_err_set(err, DSMOE_ERR_INVALID, "environment %s: %s plugin '%s' has no setting '%s'%s; its "
+                             "settings: %s", name, kind, plugin, key, hint, names);
+    }
+    return DSMOE_OK;
+}
+
 dsmoe_status dsmoe_plugin_settings_resolve(const dsmoe_config *cfg, const char *kind, const char *plugin,
                                            const dsmoe_param_decl *params, int n_params, char *const *envp,
-                                           dsmoe_plugin_values *out, dsmoe_err *err) {
+                                           const char *const *others, dsmoe_plugin_values *out, dsmoe_err *err) {
     memset(out, 0, sizeof *out);
     out->kind = kind;
     out->plugin = plugin;
@@ -122,6 +164,7 @@ dsmoe_status dsmoe_plugin_settings_resolve(const dsmoe_config *cfg, const char *
         return dsmoe_err_set(err, DSMOE_ERR_INVALID, "%s: %s plugin '%s' has no setting '%s' (its settings: %s)", pre,
                              kind, plugin, s->key, names);
     }
+    DSMOE_TRY(check_env_names(kind, plugin, params, n_declared, envp, others, err));
     out->n = n_declared;
     if (out->n == 0) return DSMOE_OK;
     out->values = calloc((size_t)out->n, sizeof *out->values);

@@ -56,15 +56,30 @@ static dsmoe_status init_kernel(dsmoe_kernel_options *opt, dsmoe_runtime *rt, ds
     return DSMOE_OK;
 }
 
+#define MAX_OTHER_PLUGINS 64
+
+// The plugins of `kind` on the search path (NULL-terminated in ptrs, names holding them): those whose
+// names extend the loaded one's own their environment variables (dsmoe_plugin_settings_resolve).
+static const char *const *plugins_of(const char *kind, const char *plugin_path, char (*names)[64], const char **ptrs) {
+    int n = dsmoe_plugin_list(kind, plugin_path ? plugin_path : "", names, MAX_OTHER_PLUGINS);
+    for (int i = 0; i < n; i++) ptrs[i] = names[i];
+    ptrs[n] = NULL;
+    return ptrs;
+}
+
 // Collective: the comm plugin (its init sees the world's bootstrap) and the world group.
-static dsmoe_status open_world(const dsmoe_config *cfg, dsmoe_runtime *rt, dsmoe_err *err) {
+static dsmoe_status open_world(const dsmoe_config *cfg, const char *plugin_path, dsmoe_runtime *rt, dsmoe_err *err) {
     DSMOE_TRY(dsmoe_ctl_world(&rt->world_ctl, err));
     rt->world_rank = dsmoe_ctl_rank(rt->world_ctl);
     rt->world_size = dsmoe_ctl_size(rt->world_ctl);
     dsmoe_bootstrap bs;
     dsmoe_ctl_bootstrap(rt->world_ctl, &bs);
+    char names[MAX_OTHER_PLUGINS][64];
+    const char *ptrs[MAX_OTHER_PLUGINS + 1];
+    const char *const *others = plugins_of("comm", plugin_path, names, ptrs);
     dsmoe_status s = dsmoe_errors_agree(dsmoe_plugin_settings_resolve(cfg, "comm", rt->comm->name, rt->comm->params,
-                                                                      rt->comm->n_params, NULL, &rt->comm_settings, err),
+                                                                      rt->comm->n_params, NULL, others,
+                                                                      &rt->comm_settings, err),
                                         err);
     if (s != DSMOE_OK) return s;
     dsmoe_comm_options copt = {.log = log_line, .log_user = rt, .world = &bs,
@@ -141,14 +156,19 @@ dsmoe_status dsmoe_runtime_open_placed(const char *kernel_name, const char *comm
                     opt.threads > 0 ? "run.threads" : "OMP_NUM_THREADS", pl->n_thread_cpus,
                     pl->me.cpus[0] ? pl->me.cpus : "?", pl->n_thread_cpus);
     }
-    if (s == DSMOE_OK)
+    if (s == DSMOE_OK) {
+        char names[MAX_OTHER_PLUGINS][64];
+        const char *ptrs[MAX_OTHER_PLUGINS + 1];
+        const char *const *others = plugins_of("kernel", plugin_path, names, ptrs);
         s = dsmoe_errors_agree(dsmoe_plugin_settings_resolve(cfg, "kernel", rt->kern->name, rt->kern->params,
-                                                             rt->kern->n_params, NULL, &rt->kernel_settings, err),
+                                                             rt->kern->n_params, NULL, others, &rt->kernel_settings,
+                                                             err),
                                err);
+    }
     opt.param_values = (const char *const *)rt->kernel_settings.values;
     opt.n_param_values = rt->kernel_settings.n;
     if (s == DSMOE_OK) s = dsmoe_errors_agree(init_kernel(&opt, rt, err), err);
-    if (s == DSMOE_OK) s = open_world(cfg, rt, err);
+    if (s == DSMOE_OK) s = open_world(cfg, plugin_path, rt, err);
     if (s == DSMOE_OK) {
         rt->slot = pl ? pl->me.slot : rt->world_rank;
         if (pl) {

@@ -54,6 +54,11 @@ expect setting-cmdline 0 "setting: comm.mpi.max_count = 4096 \(command line\)" -
   env DSMOE_KERNEL_CPU_POISON=off "$dsmoe" --check "$psdeck" comm.mpi.max_count=4Ki
 expect setting-type nonzero "command line: kernel.cpu.poison = maybe: expected a boolean" -- \
   "$dsmoe" --check "$psdeck" kernel.cpu.poison=maybe
+# A variable under the loaded plugin's prefix that names none of its settings (a typo) is refused; the
+# cuda plugin's are not the cpu plugin's business.
+expect setting-env-typo nonzero "environment DSMOE_KERNEL_CPU_POISSON: kernel plugin 'cpu' has no setting 'poisson' \(did you mean DSMOE_KERNEL_CPU_POISON\?\)" -- \
+  env DSMOE_KERNEL_CPU_POISSON=1 "$dsmoe" --check "$psdeck"
+expect setting-env-other 0 "deck .* is valid" -- env DSMOE_KERNEL_CUDA_TF32S=1 "$dsmoe" --check "$psdeck"
 printf '[kernel.cpu]\npoisson = 1\n' >> "$psdeck"
 expect setting-unknown nonzero "$psdeck:[0-9]+: kernel plugin 'cpu' has no setting 'poisson' \(its settings: poison, small_rows, simd\)" -- \
   "$dsmoe" --check "$psdeck"

@@ -23,6 +23,9 @@ static const dsmoe_param_decl decls[] = {
 enum { N_DECLS = sizeof decls / sizeof decls[0] };
 
 static char *const no_env[] = {NULL};
+// The kernel plugins there are (as the runtime lists them, the resolved one among them): my-plugin-x's
+// variables start with my-plugin's prefix.
+static const char *const plugins_here[] = {"my-plugin", "my-plugin-x", "other", NULL};
 
 // A configuration holding the given settings of the "my-plugin" kernel plugin: "key=value" from the
 // deck t.deck (its line: 10 + the index) or, with a leading '!', from the command line.
@@ -55,7 +58,7 @@ static dsmoe_config *config_with(const char *const *given, int n) {
 
 static void resolve_ok(const dsmoe_config *c, char *const *envp, dsmoe_plugin_values *v) {
     dsmoe_err err = {0};
-    if (dsmoe_plugin_settings_resolve(c, "kernel", "my-plugin", decls, N_DECLS, envp, v, &err) != DSMOE_OK)
+    if (dsmoe_plugin_settings_resolve(c, "kernel", "my-plugin", decls, N_DECLS, envp, plugins_here, v, &err) != DSMOE_OK)
         fail_msg("%s", err.msg);
     assert_int_equal(v->n, N_DECLS);
 }
@@ -77,7 +80,7 @@ static void refused_with(const char *given, char *const *envp, const char *msg) 
     dsmoe_config *c = config_with(one, given ? 1 : 0);
     dsmoe_plugin_values v;
     dsmoe_err err = {0};
-    assert_int_equal(dsmoe_plugin_settings_resolve(c, "kernel", "my-plugin", decls, N_DECLS, envp, &v, &err),
+    assert_int_equal(dsmoe_plugin_settings_resolve(c, "kernel", "my-plugin", decls, N_DECLS, envp, plugins_here, &v, &err),
                      DSMOE_ERR_INVALID);
     if (!strstr(err.msg, msg)) fail_msg("%s:\n  got:      %s\n  expected: ...%s...", given, err.msg, msg);
     assert_int_equal(v.n, 0); // nothing half-resolved is left
@@ -106,7 +109,7 @@ static void test_defaults(void **state) {
     dsmoe_plugin_values_free(&v);
     // No declarations: nothing to resolve, and no text.
     dsmoe_err err = {0};
-    assert_int_equal(dsmoe_plugin_settings_resolve(NULL, "comm", "none", NULL, 0, no_env, &v, &err), DSMOE_OK);
+    assert_int_equal(dsmoe_plugin_settings_resolve(NULL, "comm", "none", NULL, 0, no_env, NULL, &v, &err), DSMOE_OK);
     assert_int_equal(v.n, 0);
     text = dsmoe_plugin_values_text(&v);
     assert_string_equal(text, "");
@@ -135,11 +138,12 @@ static void test_values(void **state) {
 }
 
 // The default, then the deck, then the environment, then the command line; each value with its origin.
-// The environment's name is upper case with '-' and '.' as '_'. Another plugin's settings are left alone.
+// The environment's name is upper case with '-' and '.' as '_'. Another plugin's settings are left alone,
+// among them those of a plugin whose name extends this one's (my-plugin-x).
 static void test_precedence(void **state) {
     (void)state;
     char *const env[] = {"DSMOE_KERNEL_MY_PLUGIN_N=32", "DSMOE_KERNEL_MY_PLUGIN_SCALE=2",
-                         "DSMOE_KERNEL_OTHER_N=99", "DSMOE_KERNEL_MY_PLUGIN_NN=5", NULL};
+                         "DSMOE_KERNEL_OTHER_N=99", "DSMOE_KERNEL_MY_PLUGIN_X_NN=5", "DSMOE_COMM_MY_PLUGIN_NN=5", NULL};
     const char *given[] = {"n=16", "on=true", "!n=64", "kernel.other.zzz=1", "comm.my-plugin.zzz=1", "mode=fast",
                            "!mode=safe", "scale=4"};
     dsmoe_config *c = config_with(given, 8);
@@ -186,12 +190,24 @@ static void test_refused(void **state) {
     refused_with("nn=1", no_env, "t.deck:10: kernel plugin 'my-plugin' has no setting 'nn' (its settings: n, scale, "
                                    "on, path, mode)");
     refused_with("!nn=1", no_env, "command line: kernel plugin 'my-plugin' has no setting 'nn'");
+    // A variable under the plugin's prefix that names none of its settings (a typo would leave the
+    // default without a word), with the nearest setting's variable; one under the prefix of a plugin
+    // that is not there (my-plugin-y) is this plugin's too.
+    char *const typo[] = {"DSMOE_KERNEL_MY_PLUGIN_N=4", "DSMOE_KERNEL_MY_PLUGIN_MODES=fast", NULL};
+    refused_with(NULL, typo, "environment DSMOE_KERNEL_MY_PLUGIN_MODES: kernel plugin 'my-plugin' has no setting "
+                             "'modes' (did you mean DSMOE_KERNEL_MY_PLUGIN_MODE?); its settings: n, scale, on, path, "
+                             "mode");
+    char *const far[] = {"DSMOE_KERNEL_MY_PLUGIN_THREADS=4", NULL};
+    refused_with(NULL, far, "environment DSMOE_KERNEL_MY_PLUGIN_THREADS: kernel plugin 'my-plugin' has no setting "
+                            "'threads'; its settings: n, scale");
+    char *const absent[] = {"DSMOE_KERNEL_MY_PLUGIN_Y_MODE=fast", NULL};
+    refused_with(NULL, absent, "kernel plugin 'my-plugin' has no setting 'y_mode'");
     // A setting given to a plugin that declares none.
     const char *one[1] = {"x=1"};
     dsmoe_config *c = config_with(one, 1);
     dsmoe_plugin_values v;
     dsmoe_err err = {0};
-    assert_int_equal(dsmoe_plugin_settings_resolve(c, "kernel", "my-plugin", NULL, 0, no_env, &v, &err),
+    assert_int_equal(dsmoe_plugin_settings_resolve(c, "kernel", "my-plugin", NULL, 0, no_env, NULL, &v, &err),
                      DSMOE_ERR_INVALID);
     assert_non_null(strstr(err.msg, "has no setting 'x' (its settings: none)"));
     free(c);
