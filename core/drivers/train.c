@@ -380,10 +380,18 @@ static void close_run(trainer *tr) {
     free(tr->train_capacity);
 }
 
+// The directories a training run locks (run_lock.h), with their keys: run.output_dir (which holds the
+// default checkpoint directory), and a checkpoint.dir of its own.
+static int locked_dirs(const dsmoe_config *c, const char **dirs, const char **keys) {
+    dirs[0] = c->output_dir, keys[0] = "run.output_dir";
+    dirs[1] = c->checkpoint_dir, keys[1] = "checkpoint.dir";
+    return c->checkpoint_dir[0] && dsmoe_config_may_checkpoint(c) ? 2 : 1;
+}
+
 // --check: the data and the directories (preflight); a training run's checkpoint directory holds no
 // checkpoint later than where the run starts (the step of checkpoint.resume from its header);
 // distill.teacher's deck loads for this rank count and suits the student, and the teacher's checkpoint
-// verifies against it (every tensor's checksum).
+// verifies against it (every tensor's checksum); a run that holds the directories now is named.
 dsmoe_status dsmoe_train_check(const dsmoe_config *c, dsmoe_runtime *rt, dsmoe_err *err) {
     dsmoe_dataset *ds = NULL;
     dsmoe_status s = open_data(c, &ds, err);
@@ -396,6 +404,13 @@ dsmoe_status dsmoe_train_check(const dsmoe_config *c, dsmoe_runtime *rt, dsmoe_e
         if (s == DSMOE_OK) s = dsmoe_preflight_later_checkpoints(c, pos.step, err);
     }
     if (s == DSMOE_OK && dsmoe_config_distills(c)) s = dsmoe_teacher_check(c, rt->world_size, rt->world_rank == 0, err);
+    // A run in progress in the directories refuses this one only while it lasts: a job queued behind it
+    // (a dependency, a requeue) starts later, so this is a warning, not a refusal.
+    const char *dirs[2], *keys[2];
+    char held[1200];
+    if (s == DSMOE_OK && c->mode == DSMOE_MODE_TRAIN && rt->world_rank == 0 &&
+        dsmoe_run_lock_probe(dirs, keys, locked_dirs(c, dirs, keys), held, sizeof held))
+        printf("warning: %s: a run started while it lasts is refused\n", held);
     return dsmoe_ctl_checks_agree(rt->world_ctl, s, err);
 }
 
@@ -448,11 +463,10 @@ static dsmoe_status run(trainer *tr, const char *config_text, dsmoe_train_result
     const dsmoe_config *c = tr->cfg;
     dsmoe_train_position pos;
     int resumed;
-    // Before anything of the run is read or written there: no other training run uses its directories,
-    // run.output_dir (which holds the default checkpoint directory) and a checkpoint.dir of its own.
+    // Before anything of the run is read or written there: no other training run uses its directories.
     if (c->mode == DSMOE_MODE_TRAIN) {
-        const char *dirs[] = {c->output_dir, c->checkpoint_dir}, *keys[] = {"run.output_dir", "checkpoint.dir"};
-        int n = c->checkpoint_dir[0] && dsmoe_config_may_checkpoint(c) ? 2 : 1;
+        const char *dirs[2], *keys[2];
+        int n = locked_dirs(c, dirs, keys);
         DSMOE_TRY(dsmoe_ctl_checks_agree(tr->rt->world_ctl, tr->rank != 0 ? DSMOE_OK
                                          : dsmoe_run_lock_take(dirs, keys, n, &tr->lock, err), err));
     }

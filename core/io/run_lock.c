@@ -116,6 +116,36 @@ dsmoe_status dsmoe_run_lock_take(const char *const *dirs, const char *const *key
     return DSMOE_OK;
 }
 
+// 1 when another process holds a lock on the file fd (open for reading) names.
+static int lock_held(int fd) {
+    struct flock fl = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = 0, .l_len = 0};
+#ifdef F_OFD_GETLK
+    if (fcntl(fd, F_OFD_GETLK, &fl) == 0) return fl.l_type != F_UNLCK;
+    if (errno != EINVAL) return 0;
+    fl = (struct flock){.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = 0, .l_len = 0};
+#endif
+    return fcntl(fd, F_GETLK, &fl) == 0 && fl.l_type != F_UNLCK;
+}
+
+int dsmoe_run_lock_probe(const char *const *dirs, const char *const *keys, int n, char *msg, size_t len) {
+    for (int i = 0; i < n; i++) {
+        char path[4200];
+        snprintf(path, sizeof path, "%s/" LOCK_NAME, dirs[i]);
+        int fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0) continue;
+        int held = lock_held(fd);
+        if (held) {
+            char holder[512];
+            read_holder(fd, holder, sizeof holder);
+            snprintf(msg, len, "%s = %s is in use by another training run (%s; the lock of %s)", keys[i], dirs[i],
+                     holder, path);
+        }
+        close(fd);
+        if (held) return 1;
+    }
+    return 0;
+}
+
 void dsmoe_run_lock_release(dsmoe_run_lock *lock) {
     if (!lock) return;
     for (int i = 0; i < lock->n; i++) close(lock->fd[i]);

@@ -3,7 +3,7 @@
 // lost contact) would write checkpoints and metrics among each other's, and each would prune the other's
 // checkpoints. A training run holds a lock on a file `.dsmoe.lock` in each of those directories from before
 // its first step to its end; a second run that finds one held is refused, told which process holds it.
-// defines: dsmoe_run_lock, dsmoe_run_lock_take, dsmoe_run_lock_release
+// defines: dsmoe_run_lock, dsmoe_run_lock_take, dsmoe_run_lock_release, dsmoe_run_lock_probe
 //
 // The lock is an open-file-description lock (fcntl F_OFD_SETLK; a POSIX record lock where the system has
 // none): the kernel (or the file server) drops it when the holding process ends, however it ends, so a
@@ -29,5 +29,11 @@ dsmoe_status dsmoe_run_lock_take(const char *const *dirs, const char *const *key
 
 // Drops the locks (NULL is a no-op). The files stay.
 void dsmoe_run_lock_release(dsmoe_run_lock *lock);
+
+// For dsmoe --check, which creates nothing: is one of the n directories' lock held by a live run now?
+// Returns 1 and writes "<key> = <dir> is in use by another training run (<holder>; the lock of <file>)"
+// into msg (len bytes) for the first that is; 0 when none is (a missing directory or lock file, or a
+// file system without locks, holds none).
+int dsmoe_run_lock_probe(const char *const *dirs, const char *const *keys, int n, char *msg, size_t len);
 
 #endif

@@ -165,9 +165,14 @@ holder=$!
 for _ in $(seq 1 300); do grep -q "^step 1/" "$work/busy.log" && break; sleep 0.1; done
 expect busy nonzero "run.output_dir = $work/busy is in use by another training run \(pid $holder on [^,]+, since 20" -- \
   "$dsmoe" "$tiny" run.output_dir="$work/busy" checkpoint.resume=auto
+# --check says so and passes: a job queued behind the running one starts after it.
+expect busy-check 0 "warning: run.output_dir = $work/busy is in use by another training run \(pid $holder on .*: a run started while it lasts is refused" -- \
+  "$dsmoe" --check "$tiny" run.output_dir="$work/busy" checkpoint.resume=auto
 kill -9 "$holder"
 wait "$holder" 2>/dev/null
 expect busy-released 0 "step 1/1" -- "$dsmoe" "$tiny" run.output_dir="$work/busy" train.steps=1 checkpoint.resume=auto
+out=$("$dsmoe" --check "$tiny" run.output_dir="$work/busy" checkpoint.resume=auto 2>&1)
+grep -q "in use by another" <<<"$out" && fail "busy-check: a lock the holder left when it was killed is reported" || ok
 
 # A corrupt checkpoint is refused and the existing ones stay intact.
 head -c 100 "$work/out/checkpoints/step_00000006.safetensors" > "$work/broken.safetensors"

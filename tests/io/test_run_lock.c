@@ -3,7 +3,8 @@
 // second take here stands for a second run: refused with the key, the directory and the holder's
 // description, which names this process; the same directory under two names is locked once (two locks
 // would refuse each other); a release lets the next take in, and the file left behind does not block;
-// directories are created; an unusable path is an I/O error naming the key.
+// directories are created; an unusable path is an I/O error naming the key. The probe (dsmoe --check)
+// names a holder as a take does, and finds none once it is released.
 #include <stdarg.h>
 #include <stddef.h>
 #include <setjmp.h>
@@ -62,8 +63,23 @@ static void test_second_run_refused(void **state) {
     assert_int_equal(dsmoe_run_lock_take(third_dirs, keys, 1, &third, &err), DSMOE_OK);
     dsmoe_run_lock_release(third);
 
+    // The probe of dsmoe --check sees the holder as a take does, without taking; a directory with no lock
+    // file (or none at all) holds none.
+    char msg[1200] = "";
+    assert_int_equal(dsmoe_run_lock_probe(dirs, keys, 2, msg, sizeof msg), 1);
+    assert_non_null(strstr(msg, want));
+    char nowhere[600], out2[600]; // path_of's buffers are few: out and ckpt must stay
+    snprintf(nowhere, sizeof nowhere, "%s", path_of("nowhere"));
+    snprintf(out2, sizeof out2, "%s", other[0]);
+    const char *free_dirs[] = {nowhere, out2};
+    assert_int_equal(dsmoe_run_lock_probe(free_dirs, keys, 2, msg, sizeof msg), 0);
+    const char *second_only[] = {nowhere, ckpt};
+    assert_int_equal(dsmoe_run_lock_probe(second_only, keys, 2, msg, sizeof msg), 1);
+    assert_non_null(strstr(msg, "checkpoint.dir = "));
+
     // Released: the next run takes both, with the files still there.
     dsmoe_run_lock_release(first);
+    assert_int_equal(dsmoe_run_lock_probe(dirs, keys, 2, msg, sizeof msg), 0);
     assert_int_equal(stat(path_of("out/.dsmoe.lock"), &st), 0);
     assert_int_equal(dsmoe_run_lock_take(dirs, keys, 2, &second, &err), DSMOE_OK);
     dsmoe_run_lock_release(second);
