@@ -446,8 +446,10 @@ static dsmoe_status start_position(trainer *tr, dsmoe_train_position *pos, int *
     return DSMOE_OK;
 }
 
-// Rank 0: output_dir, resolved.deck and the metrics file (trimmed on resume), with its header.
-static dsmoe_status open_outputs(trainer *tr, const char *config_text, int resumed, int step, dsmoe_err *err) {
+// Rank 0: output_dir, resolved.deck and the metrics file (trimmed on resume, row `step` given fill_valid), with
+// its header.
+static dsmoe_status open_outputs(trainer *tr, const char *config_text, int resumed, int step, double fill_valid,
+                                 dsmoe_err *err) {
     const dsmoe_config *c = tr->cfg;
     char path[2048];
     DSMOE_TRY(dsmoe_mkdir_p(c->output_dir, err));
@@ -455,7 +457,7 @@ static dsmoe_status open_outputs(trainer *tr, const char *config_text, int resum
     DSMOE_TRY(dsmoe_write_file_atomic(path, config_text, strlen(config_text), err));
     if (c->metrics_file[0]) snprintf(path, sizeof path, "%s", c->metrics_file);
     else snprintf(path, sizeof path, "%s/metrics.csv", c->output_dir);
-    DSMOE_TRY(dsmoe_metrics_open(&tr->metrics, c, path, resumed, step, err));
+    DSMOE_TRY(dsmoe_metrics_open(&tr->metrics, c, path, resumed, step, fill_valid, err));
     return DSMOE_OK;
 }
 
@@ -516,8 +518,19 @@ static dsmoe_status run(trainer *tr, const char *config_text, dsmoe_train_result
         res->steps_done = pos.step;
         return DSMOE_OK;
     }
+    // The checkpoint's own evaluation, which the signal that stopped its run cut short: run it now, so that
+    // metrics.csv ends up as an uninterrupted run's.
+    double fill_valid = NAN;
+    if (resumed && pos.eval_cut) {
+        int stop_at;
+        DSMOE_TRY(evaluate(tr, &fill_valid, NULL, NULL, &stop_at, err));
+        if (tr->rank == 0 && stop_at < 0)
+            printf("eval: the evaluation after step %d, which a signal cut short: validation loss %.4f (in its row of "
+                   "metrics.csv)\n", pos.step, fill_valid);
+        pos.eval_cut = 0;
+    }
     // Rank 0 writes the outputs; every rank learns before the first step whether it could (with its reason).
-    dsmoe_status s = tr->rank == 0 ? open_outputs(tr, config_text, resumed, pos.step, err) : DSMOE_OK;
+    dsmoe_status s = tr->rank == 0 ? open_outputs(tr, config_text, resumed, pos.step, fill_valid, err) : DSMOE_OK;
     if ((s = dsmoe_ctl_root_status(tr->rt->world_ctl, s, "another rank failed", err)) != DSMOE_OK) {
         err->scope = DSMOE_SCOPE_COLLECTIVE; // every rank holds rank 0's message: it prints once
         return s;
@@ -540,6 +553,7 @@ static dsmoe_status run(trainer *tr, const char *config_text, dsmoe_train_result
         }
         pos.step = step + 1;
         pos.next_sample += (uint64_t)c->batch;
+        pos.eval_cut = 0;
         double loss = st.loss_sum / st.tokens;
         res->last_loss = loss;
         res->last_aux = st.aux_sum / st.micro_count;
@@ -552,9 +566,10 @@ static dsmoe_status run(trainer *tr, const char *config_text, dsmoe_train_result
             int stop_at;
             DSMOE_TRY(evaluate(tr, &valid, NULL, NULL, &stop_at, err));
             res->valid_loss = valid;
+            pos.eval_cut = stop_at >= 0;
             if (stop_at >= 0 && tr->rank == 0)
-                printf("eval: the evaluation after step %d stopped at batch %d of %d for a walltime signal (no "
-                       "validation loss this step)\n", pos.step, stop_at, c->eval_batches);
+                printf("eval: the evaluation after step %d stopped at batch %d of %d for a walltime signal (the "
+                       "resume runs it)\n", pos.step, stop_at, c->eval_batches);
         }
         if (pos.step % c->log_every == 0 || last || !isnan(valid)) {
             double now = dsmoe_now_seconds(), elapsed = now - t_start;

@@ -63,9 +63,11 @@ void dsmoe_metrics_row(dsmoe_metrics_file *m, const dsmoe_config *c, const dsmoe
 
 // On resume, rows after the checkpoint's step come from a run that went on past it (killed later, or
 // stopped by a signal after its last checkpoint.every): drop them, and a torn last line, so that each
-// step appears once. Writes through a temporary file and a rename. *has_header: the file has its header;
-// *kd_column: with a kd_loss column.
-static dsmoe_status trim(const char *path, int step, int *has_header, int *kd_column, dsmoe_err *err) {
+// step appears once; and fills fill_valid (unless NaN) into row `step`'s empty valid_loss field (the 9th).
+// Writes through a temporary file and a rename. *has_header: the file has its header; *kd_column: with a
+// kd_loss column.
+static dsmoe_status trim(const char *path, int step, double fill_valid, int *has_header, int *kd_column,
+                         dsmoe_err *err) {
     *has_header = 0;
     FILE *f = fopen(path, "rb");
     if (!f) return DSMOE_OK; // a new file: the caller writes the header
@@ -81,6 +83,7 @@ static dsmoe_status trim(const char *path, int step, int *has_header, int *kd_co
     fclose(f);
     text[got] = '\0';
     size_t keep = 0, at = 0; // keep: bytes of whole lines to keep, all of them at the start of the file
+    size_t fill_at = 0;      // where row `step`'s valid_loss field goes (0: nowhere)
     while (at < got) {
         char *nl = memchr(text + at, '\n', got - at);
         if (!nl) break; // torn line
@@ -92,23 +95,42 @@ static dsmoe_status trim(const char *path, int step, int *has_header, int *kd_co
             *nl = '\n';
         } else if (strtol(text + at, NULL, 10) > step) {
             break;
+        } else if (strtol(text + at, NULL, 10) == step && !isnan(fill_valid)) {
+            size_t f = at;
+            for (int commas = 0; f < end && commas < 8; f++) commas += text[f] == ',';
+            if (f < end && (text[f] == ',' || text[f] == '\n')) fill_at = f; // the 9th field, empty
         }
         keep = at = end;
     }
     dsmoe_status s = DSMOE_OK;
     if (keep < got) printf("metrics: dropped %zu bytes of rows after step %d from %s\n", got - keep, step, path);
-    if (keep < got) s = dsmoe_write_file_atomic(path, text, keep, err);
+    if (fill_at) {
+        char num[32];
+        int n = snprintf(num, sizeof num, "%.9g", fill_valid);
+        char *out = dsmoe_malloc(keep + (size_t)n, "metrics file", err);
+        if (!out) {
+            free(text);
+            return err->status;
+        }
+        memcpy(out, text, fill_at);
+        memcpy(out + fill_at, num, (size_t)n);
+        memcpy(out + fill_at + n, text + fill_at, keep - fill_at);
+        s = dsmoe_write_file_atomic(path, out, keep + (size_t)n, err);
+        free(out);
+    } else if (keep < got) {
+        s = dsmoe_write_file_atomic(path, text, keep, err);
+    }
     free(text);
     return s;
 }
 
 dsmoe_status dsmoe_metrics_open(dsmoe_metrics_file *m, const dsmoe_config *c, const char *path, int resumed, int step,
-                                dsmoe_err *err) {
+                                double fill_valid, dsmoe_err *err) {
     memset(m, 0, sizeof *m);
     snprintf(m->path, sizeof m->path, "%s", path);
     m->kd_column = dsmoe_config_distills(c);
     int has_header = 0;
-    if (resumed) DSMOE_TRY(trim(m->path, step, &has_header, &m->kd_column, err));
+    if (resumed) DSMOE_TRY(trim(m->path, step, fill_valid, &has_header, &m->kd_column, err));
     if (has_header && dsmoe_config_distills(c) && !m->kd_column)
         printf("metrics: %s has no kd_loss column (the run it continues did not distil): the distillation loss goes "
                "to the log only\n", m->path);

@@ -36,8 +36,11 @@ typedef struct dsmoe_metrics_values {
 // drops the rows after that step (and a torn last line) from an earlier run that went on past it, through
 // a temporary file and a rename, then appends (with the header if the file had none). The rows keep the
 // file's columns: a kd_loss column stays (empty) when the resumed run does not distil, and a run that
-// distils over a file without one says that its distillation loss goes to the log only.
+// distils over a file without one says that its distillation loss goes to the log only. fill_valid (not
+// NaN, resumed only) goes into the empty valid_loss field of row `step` (an evaluation a signal cut short,
+// run again by the resume), in the same rewrite.
 dsmoe_status dsmoe_metrics_open(dsmoe_metrics_file *m, const dsmoe_config *c, const char *path, int resumed, int step,
+                                double fill_valid,
                                 dsmoe_err *err);
 
 // Appends a row (nothing once a write failed; the first failure is a warning on stderr).

@@ -240,6 +240,7 @@ static dsmoe_status describe_file(dsmoe_model *m, const dsmoe_config *cfg, const
         snprintf(num, sizeof num, "%" PRIu64, pos->data_seed);
         DSMOE_TRY(dsmoe_st_writer_meta(w, "data_seed", num, err));
     }
+    if (pos->eval_cut) DSMOE_TRY(dsmoe_st_writer_meta(w, "eval_cut_short", "1", err));
     DSMOE_TRY(dsmoe_st_writer_meta(w, "model", shape, err));
     return dsmoe_st_writer_meta(w, "deck", config_text ? config_text : "", err);
 }
@@ -341,6 +342,8 @@ static dsmoe_status read_position(const dsmoe_st_file *f, const char *path, dsmo
     pos->has_data_seed = dsmoe_st_meta(f, "data_seed") != NULL;
     pos->data_seed = UINT64_MAX;
     if (pos->has_data_seed) DSMOE_TRY(parse_u64_meta(f, path, "data_seed", &pos->data_seed, err));
+    const char *cut = dsmoe_st_meta(f, "eval_cut_short");
+    pos->eval_cut = cut && strcmp(cut, "1") == 0;
     return DSMOE_OK;
 }
 

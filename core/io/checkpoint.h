@@ -27,6 +27,9 @@ typedef struct dsmoe_train_position {
     // has_data_seed = 0: not recorded (an older dsmoe).
     uint64_t data_seed;
     int has_data_seed;
+    // The evaluation after this step was cut short by a walltime signal (train.c): a resume runs it first
+    // and fills the step's validation loss into metrics.csv.
+    int eval_cut;
 } dsmoe_train_position;
 
 // Collective. Writes <dir>/step_<step>.safetensors and prunes to `keep` newest. *path_out (may be NULL)

@@ -162,11 +162,14 @@ rc=$?
 [ $rc = 76 ] && ok || { fail "second signal: exit $rc, expected 76"; show "$out.log"; }
 grep -q "second signal: exiting at once (76)" "$out.log" && ok || fail "second signal: no message"
 
-# A signal during a long evaluation (2 ranks; 2 million batches, a minute and more): the evaluation ends
-# at the next batch, the step's checkpoint is written and the run exits 75 within seconds; the step's row
-# has no validation loss. The signal is sent a second into the evaluation after step 1000.
+# A signal during a long evaluation (2 ranks, 100000 batches: several seconds): the evaluation ends at the
+# next batch, the step's checkpoint is written and the run exits 75 at once; the step's row has no
+# validation loss yet. The resume (with nothing left to train) runs that evaluation first and fills it into
+# the row: the value run.mode = eval gives on the same checkpoint. The signal comes a second into the
+# evaluation after step 1000.
 out="$work/eval"
-launch 2 "$out.log" run.output_dir="$out" train.eval_every=1000 train.eval_batches=2000000
+long_eval=(train.eval_every=1000 train.eval_batches=100000)
+launch 2 "$out.log" run.output_dir="$out" "${long_eval[@]}"
 wait_rows "$out/metrics.csv" 999
 sleep 1
 send_held eval "$out" launcher USR1
@@ -174,14 +177,24 @@ t0=$SECONDS
 wait $pid
 rc=$?
 [ $rc = 75 ] && ok || { fail "eval: exit $rc after SIGUSR1 during the evaluation, expected 75"; show "$out.log"; }
-[ $((SECONDS - t0)) -lt 30 ] && ok || fail "eval: the run took $((SECONDS - t0)) s to stop after the signal"
-grep -qE "^eval: the evaluation after step 1000 stopped at batch [1-9][0-9]* of 2000000 for a walltime signal" \
+[ $((SECONDS - t0)) -lt 4 ] && ok || fail "eval: the run took $((SECONDS - t0)) s to stop after the signal"
+grep -qE "^eval: the evaluation after step 1000 stopped at batch [1-9][0-9]* of 100000 for a walltime signal" \
   "$out.log" && ok || { fail "eval: no 'evaluation after step 1000 stopped at batch' line"; show "$out.log"; }
 grep -q "^stopped: SIGUSR1 at step 1000 of $steps (2 of 2 ranks got a signal)" "$out.log" && ok ||
   fail "eval: not stopped at step 1000"
-[ -s "$out/checkpoints/step_00001000.safetensors" ] && ok || fail "eval: no checkpoint of step 1000"
-[ "$(awk -F, 'NR > 1 && $1 == 1000 { print "[" $9 "]" }' "$out/metrics.csv")" = "[]" ] && ok ||
-  fail "eval: step 1000's row has a validation loss"
+ck="$out/checkpoints/step_00001000.safetensors"
+[ -s "$ck" ] && ok || fail "eval: no checkpoint of step 1000"
+valid_at() { awk -F, -v s="$2" 'NR > 1 && $1 == s { print "[" $9 "]" }' "$1"; }
+[ "$(valid_at "$out/metrics.csv" 1000)" = "[]" ] && ok || fail "eval: step 1000's row has a validation loss"
+launch 2 "$out.resume.log" run.output_dir="$out" "${long_eval[@]}" train.steps=1000 checkpoint.resume=auto
+wait $pid || { fail "eval: resume exit $?"; show "$out.resume.log"; }
+filled=$(valid_at "$out/metrics.csv" 1000)
+launch 2 "$out.check.log" run.output_dir="$work/eval-mode" "${long_eval[@]}" run.mode=eval checkpoint.resume="$ck"
+wait $pid || { fail "eval: run.mode = eval exit $?"; show "$out.check.log"; }
+want=$(sed -nE 's/^eval: validation loss ([0-9.]+),.*/\1/p' "$out.check.log")
+[ -n "$want" ] && [ "$filled" != "[]" ] && [ "$(printf '%.4f' "${filled//[][]/}")" = "$want" ] && ok ||
+  fail "eval: step 1000's validation loss after the resume is $filled, run.mode = eval gives '$want'"
+[ "$(tail -n +2 "$out/metrics.csv" | wc -l)" = 1000 ] && ok || fail "eval: metrics.csv lost or gained rows"
 
 # Killed outright after its last checkpoint.every: rows past that checkpoint are dropped on resume. The
 # kill is asynchronous: when it lands just after a checkpoint there is nothing to trim, so try again (a
