@@ -33,10 +33,14 @@ const char *dsmoe_signal_name(int signo) {
     return "?";
 }
 
-// Async-signal-safe: a flag, or write(2) and _exit(2) on the second signal.
+// Async-signal-safe: a flag, or write(2) and _exit(2) on the second signal. The count is an atomic
+// exchange: the process's threads (MPI's, OpenMP's) take signals too, and two signals arriving together
+// (pending while the process was stopped) can run the handler in two threads at once; a test of the flag
+// followed by a store would let both through as "the first".
+static int signals_seen; // signals received so far (atomic)
 static void on_stop_signal(int signo) {
     if (stop_checkpoint_written) return;
-    if (stop_signal) {
+    if (__atomic_fetch_add(&signals_seen, 1, __ATOMIC_SEQ_CST) > 0) {
         static const char msg[] = "dsmoe: second signal: exiting at once (76), without a checkpoint of this step\n";
         ssize_t w = write(STDERR_FILENO, msg, sizeof msg - 1);
         (void)w;
