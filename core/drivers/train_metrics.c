@@ -7,6 +7,8 @@
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "train.h" // DSMOE_EXIT_METRICS_FAILED
 
@@ -124,10 +126,33 @@ static dsmoe_status trim(const char *path, int step, double fill_valid, int *has
     return s;
 }
 
+// A new run over a file with rows of an earlier one (a run that ended, or crashed, before a checkpoint it
+// could be resumed from: the one-run-per-directory check of checkpoint.md lets it through) keeps those
+// rows as <path>.N, the first N free, rather than truncating them: they may be all that says why that run
+// failed.
+static dsmoe_status keep_earlier(const char *path, dsmoe_err *err) {
+    struct stat st;
+    if (stat(path, &st) != 0 || !S_ISREG(st.st_mode) || st.st_size == 0) return DSMOE_OK; // none, or /dev/null
+    char kept[2100];
+    for (int i = 1; i <= 9999; i++) {
+        snprintf(kept, sizeof kept, "%s.%d", path, i);
+        if (access(kept, F_OK) != 0) {
+            if (rename(path, kept) != 0)
+                return dsmoe_err_set(err, DSMOE_ERR_IO, "cannot keep the earlier run's metrics file %s as %s: %s",
+                                     path, kept, strerror(errno));
+            printf("metrics: %s held an earlier run's rows: kept as %s\n", path, kept);
+            return DSMOE_OK;
+        }
+    }
+    return dsmoe_err_set(err, DSMOE_ERR_IO, "metrics file %s: %s.1 to %s.9999 all exist: move the earlier runs' "
+                         "metrics away, or set metrics.file", path, path, path);
+}
+
 dsmoe_status dsmoe_metrics_open(dsmoe_metrics_file *m, const dsmoe_config *c, const char *path, int resumed, int step,
                                 double fill_valid, dsmoe_err *err) {
     memset(m, 0, sizeof *m);
     snprintf(m->path, sizeof m->path, "%s", path);
+    if (!resumed) DSMOE_TRY(keep_earlier(m->path, err));
     m->kd_column = dsmoe_config_distills(c);
     int has_header = 0;
     if (resumed) DSMOE_TRY(trim(m->path, step, fill_valid, &has_header, &m->kd_column, err));

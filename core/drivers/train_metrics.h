@@ -32,7 +32,8 @@ typedef struct dsmoe_metrics_values {
     double routed_per_layer;  // token choices routed per MoE layer over the step
 } dsmoe_metrics_values;
 
-// Opens path for the run c: a new run truncates it and writes the header; a run resumed at `step` first
+// Opens path for the run c: a new run moves a file with rows there to <path>.N (the first N free, said on
+// stdout) and writes a new one with its header; a run resumed at `step` first
 // drops the rows after that step (and a torn last line) from an earlier run that went on past it, through
 // a temporary file and a rename, then appends (with the header if the file had none). The rows keep the
 // file's columns: a kd_loss column stays (empty) when the resumed run does not distil, and a run that

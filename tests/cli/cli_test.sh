@@ -143,6 +143,16 @@ expect rewind-check nonzero "$rewind_msg" -- \
 expect no-checkpoints 0 "step 1/1" -- "$dsmoe" "$tiny" train.steps=1 checkpoint.every=0 checkpoint.final=false \
   run.signals="" run.output_dir="$work/nockpt" checkpoint.dir="$ckdir"
 expect resume-newest-check 0 "is valid" -- "$dsmoe" --check "$tiny" train.steps=8 checkpoint.resume=auto
+# That run left no checkpoint: a second one there starts, and keeps the first one's metrics.csv whole as
+# metrics.csv.1 (then .2) instead of truncating it.
+first_rows=$(md5sum < "$work/nockpt/metrics.csv")
+nockpt_run=("$dsmoe" "$tiny" checkpoint.every=0 checkpoint.final=false run.signals="" run.output_dir="$work/nockpt")
+expect metrics-kept 0 "metrics: $work/nockpt/metrics.csv held an earlier run's rows: kept as $work/nockpt/metrics.csv.1" -- \
+  "${nockpt_run[@]}" train.steps=2
+expect metrics-kept-2 0 "kept as $work/nockpt/metrics.csv.2" -- "${nockpt_run[@]}" train.steps=3
+[ "$(md5sum < "$work/nockpt/metrics.csv.1")" = "$first_rows" ] && [ "$(wc -l < "$work/nockpt/metrics.csv.2")" = 3 ] &&
+  [ "$(wc -l < "$work/nockpt/metrics.csv")" = 4 ] && ok ||
+  fail "metrics-kept: $(wc -l "$work/nockpt"/metrics.csv* | tr '\n' ' ')"
 
 # metrics.csv keeps its columns over a resume that turns distillation off (kd_loss stays, empty) or on
 # (no kd_loss column; the log says so): every row has the header's fields. The teacher is step 6 above.
