@@ -172,7 +172,10 @@ static void v_gate(const void *arg) {
     cf_cmp_i32(&slot, NULL);
     cf_cmp(&weight, NULL, NULL, TOL_EW);
     cf_cmp_i32(&kept, NULL);
-    cf_cmp_f64(&aux, "aux_sums.P", 0, E, 1e-12, 0);
+    // The P sums add the candidate's own probabilities (a GPU's expf differs from glibc's in the last bit:
+    // up to 3e-8 relative on an H200), so they hold to the probabilities' relative rounding, not 1e-12
+    // (gate_assign's sums, from the reference's probabilities, are held to that).
+    cf_cmp_f64(&aux, "aux_sums.P", 0, E, 1e-6, 0);
     cf_cmp_f64(&aux, "aux_sums.N,S", E, E + 1, 0, 0);
 
     cf_buf probs2 = cf_out("probs (route)", SE, CF_F32), choice2 = cf_out("choice (route)", SK, DSMOE_INT32);
