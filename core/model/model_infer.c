@@ -325,7 +325,10 @@ static dsmoe_status row_parallel(dsmoe_infer *s, void *out, const void *in, cons
 }
 
 // mid (rows, M) = x + c_proj(attention over the cache(c_attn(ln_1(x)))); sequence i's rows append to its
-// slot's cache first, then attend to positions 0 .. their own.
+// slot's cache first, then attend to positions 0 .. their own. Sequences in consecutive slots with as many
+// new rows each (a decode step's batch) go in one call: their caches are one (B, NHt, T, D) block, their
+// rows and positions consecutive. One call per sequence would leave a GPU all but idle: a decode step's
+// call has NHt blocks of work, and a batch of 64 made 64 such calls one after another on the queue.
 static dsmoe_status attn_block(dsmoe_infer *s, int l, int n, const int *slot, const int *count, int rows,
                                dsmoe_err *err) {
     dsmoe_runtime *rt = s->rt;
@@ -335,12 +338,13 @@ static dsmoe_status attn_block(dsmoe_infer *s, int l, int n, const int *slot, co
     size_t per_slot = (size_t)NHt * (size_t)T * (size_t)(M / s->NH); // one slot's (NHt, T, D)
     KCALL(rt, layernorm_forward, s->ln, NULL, NULL, s->x, s->dt, p->ln1w, p->ln1b, rows, M, s->m->cfg->ln_eps);
     DSMOE_TRY(linear(s, s->qkv, s->ln, b ? b->qkvw : p->qkvw_op, b ? b->qkvb : p->qkvb, rows, M, 3 * Mt, err));
-    for (int i = 0, r0 = 0; i < n; r0 += count[i++]) {
+    for (int i = 0, r0 = 0, j; i < n; r0 += (j - i) * count[i], i = j) {
+        for (j = i + 1; j < n && count[j] == count[i] && slot[j] == slot[i] + (j - i); j++) {}
         void *k = at(s, s->k_cache[l], (size_t)slot[i] * per_slot), *v = at(s, s->v_cache[l], (size_t)slot[i] * per_slot);
         const void *qkv = at(s, s->qkv, (size_t)r0 * 3 * Mt);
-        KCALL(rt, kv_append, k, v, qkv, s->dt, &s->pos[i], 1, count[i], Mt, NHt, T);
-        KCALL(rt, attention_cached, at(s, s->atty, (size_t)r0 * Mt), qkv, k, v, s->dt, &s->pos[i], 1, count[i], Mt,
-              NHt, T);
+        KCALL(rt, kv_append, k, v, qkv, s->dt, &s->pos[i], j - i, count[i], Mt, NHt, T);
+        KCALL(rt, attention_cached, at(s, s->atty, (size_t)r0 * Mt), qkv, k, v, s->dt, &s->pos[i], j - i, count[i],
+              Mt, NHt, T);
     }
     // c_proj over this rank's Mt input columns (row-parallel): mid = atty_t @ attprojw[:, t*Mt:(t+1)*Mt]^T,
     // summed over the tensor group, then the bias once and the residual.
