@@ -52,13 +52,27 @@ __device__ __forceinline__ float warp_max(float v) {
 
 // Rows [0, rows) of a shared tile (row stride `stride` floats) from src (row stride ld elements): row r
 // < n holds src row r in columns [0, D), everything else of columns [0, Dp) is 0 (so that the float4
-// dot products below may run over Dp = D rounded up to 4). Called by the whole block.
-template <typename T>
+// dot products below may run over Dp = D rounded up to 4). Called by the whole block. A thread issues U
+// loads before it stores any: each store waits for its load, so with U = 1 a tile of 32 rows of 128
+// costs a thread 32 trips to memory in series. Where blocks are few (decode: B NH blocks, or B NH
+// splits) nothing hides that latency, and an H200 spent about 35 us a tile so (cached attention of 160
+// positions at batch 1: 180 us a layer); U = 8 makes it 4 trips.
+template <int U = 1, typename T>
 __device__ __forceinline__ void load_tile(float *dst, int stride, int rows, const T *src, size_t ld, int n, int D,
                                           int Dp) {
-    for (int idx = threadIdx.x; idx < rows * Dp; idx += blockDim.x) {
-        const int r = idx / Dp, d = idx - r * Dp;
-        dst[r * stride + d] = r < n && d < D ? dsmoe_ld(src + (size_t)r * ld, d) : 0.0f;
+    const int total = rows * Dp;
+    for (int base = threadIdx.x; base < total; base += U * blockDim.x) {
+        float x[U];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int idx = base + u * (int)blockDim.x, r = idx / Dp, d = idx - r * Dp;
+            x[u] = idx < total && r < n && d < D ? dsmoe_ld(src + (size_t)r * ld, d) : 0.0f;
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int idx = base + u * (int)blockDim.x, r = idx / Dp, d = idx - r * Dp;
+            if (idx < total) dst[r * stride + d] = x[u];
+        }
     }
 }
 
@@ -152,7 +166,8 @@ __global__ void __launch_bounds__(ATT_THREADS, ATT_MIN_BLOCKS(NI)) attention_row
     if (j_lo >= j_hi) return; // block-uniform: a split past the sequence's keys
     const T *k = (const T *)a.k + (size_t)b * a.kv_sb + (size_t)h * a.kv_sh; // (keys, kv_ld)
     const T *v = (const T *)a.v + (size_t)b * a.kv_sb + (size_t)h * a.kv_sh;
-    load_tile(qs, Dp, ATT_BQ, (const T *)a.q + ((size_t)b * a.T_q + t_base) * a.q_ld + (size_t)h * D, a.q_ld, n_own, D, Dp);
+    load_tile<8>(qs, Dp, ATT_BQ, (const T *)a.q + ((size_t)b * a.T_q + t_base) * a.q_ld + (size_t)h * D, a.q_ld, n_own,
+                 D, Dp);
     const float *own = qs + warp * ATT_R * Dp;
     float4 *slot = (float4 *)ps + warp * ATT_BK;
 
@@ -166,8 +181,8 @@ __global__ void __launch_bounds__(ATT_THREADS, ATT_MIN_BLOCKS(NI)) attention_row
     for (int j0 = j_lo; j0 < j_hi; j0 += ATT_BK) {
         const int jn = min(ATT_BK, j_hi - j0), j = j0 + lane;
         __syncthreads(); // the previous tiles are consumed
-        load_tile(ks, Xs, ATT_BK, k + (size_t)j0 * a.kv_ld, a.kv_ld, jn, D, Dp);
-        load_tile(vs, Xs, ATT_BK, v + (size_t)j0 * a.kv_ld, a.kv_ld, jn, D, Dp);
+        load_tile<8>(ks, Xs, ATT_BK, k + (size_t)j0 * a.kv_ld, a.kv_ld, jn, D, Dp);
+        load_tile<8>(vs, Xs, ATT_BK, v + (size_t)j0 * a.kv_ld, a.kv_ld, jn, D, Dp);
         __syncthreads();
         float s[ATT_R], p[ATT_R];
         dots(s, own, Dp, ks + lane * Xs);
