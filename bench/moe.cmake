@@ -9,7 +9,9 @@ endif()
 add_dependencies(dsmoe_bench_moe dsmoe_kernel_cpu dsmoe_comm_mpi)
 # With the CUDA toolkit (the cuda plugin is built): NVTX ranges around the layer steps, for ncu and nsys
 # (nvtx3 is header-only; without a tool attached its calls do nothing).
-if(DSMOE_BUILD_CUDA_PLUGIN AND EXISTS ${CUDAToolkit_INCLUDE_DIRS}/nvtx3/nvToolsExt.h)
-  target_include_directories(dsmoe_bench_moe PRIVATE ${CUDAToolkit_INCLUDE_DIRS})
+# CUDAToolkit_INCLUDE_DIRS may hold several directories (CUDA 13 adds its CCCL one): look in each.
+find_path(DSMOE_NVTX3_DIR NAMES nvtx3/nvToolsExt.h HINTS ${CUDAToolkit_INCLUDE_DIRS} NO_DEFAULT_PATH)
+if(DSMOE_BUILD_CUDA_PLUGIN AND DSMOE_NVTX3_DIR)
+  target_include_directories(dsmoe_bench_moe PRIVATE ${DSMOE_NVTX3_DIR})
   target_compile_definitions(dsmoe_bench_moe PRIVATE DSMOE_BENCH_NVTX)
 endif()

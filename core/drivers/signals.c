@@ -34,7 +34,7 @@ const char *dsmoe_signal_name(int signo) {
 }
 
 // Async-signal-safe: a flag, or write(2) and _exit(2) on the second signal. The count is an atomic
-// exchange: the process's threads (MPI's, OpenMP's) take signals too, and two signals arriving together
+// addition: the process's threads (MPI's, OpenMP's) take signals too, and two signals arriving together
 // (pending while the process was stopped) can run the handler in two threads at once; a test of the flag
 // followed by a store would let both through as "the first".
 static int signals_seen; // signals received so far (atomic)

@@ -440,7 +440,10 @@ static dsmoe_status start_position(trainer *tr, dsmoe_train_position *pos, int *
     }
     DSMOE_TRY(dsmoe_checkpoint_load(tr->model, c->mode == DSMOE_MODE_TRAIN ? tr->opt : NULL, c, path, pos, err));
     if (c->mode == DSMOE_MODE_TRAIN) DSMOE_TRY(dsmoe_preflight_resumed_seeds(c, path, tr->rank, pos, err));
-    if (tr->rank == 0) printf("resumed from %s at step %d (next sample %" PRIu64 ")\n", path, pos->step, pos->next_sample);
+    if (tr->rank == 0) {
+        printf("resumed from %s at step %d (next sample %" PRIu64 ")\n", path, pos->step, pos->next_sample);
+        fflush(stdout); // a batch log shows it before a long first evaluation or step
+    }
     if (tr->rank == 0 && c->mode == DSMOE_MODE_TRAIN) dsmoe_preflight_resumed_schedule(c, path, pos->step);
     *resumed = 1;
     return DSMOE_OK;
@@ -520,11 +523,24 @@ static dsmoe_status run(trainer *tr, const char *config_text, dsmoe_train_result
     }
     // The checkpoint's own evaluation, which the signal that stopped its run cut short: run it now, so that
     // metrics.csv ends up as an uninterrupted run's.
+    // A signal during it stops the run again at once, nothing written: the checkpoint still says so.
     double fill_valid = NAN;
     if (resumed && pos.eval_cut) {
         int stop_at;
         DSMOE_TRY(evaluate(tr, &fill_valid, NULL, NULL, &stop_at, err));
-        if (tr->rank == 0 && stop_at < 0)
+        if (stop_at >= 0) {
+            int signo, ranks;
+            DSMOE_TRY(dsmoe_signals_agree(tr->rt->world_ctl, &signo, &ranks, err));
+            dsmoe_signals_stop_written();
+            if (tr->rank == 0)
+                printf("stopped: SIG%s during the evaluation after step %d, which the resume was finishing (%d of %d "
+                       "ranks got a signal): exit code %d; the checkpoint it resumed from still holds it\n",
+                       dsmoe_signal_name(signo), pos.step, ranks, tr->rt->world_size, DSMOE_EXIT_SIGNAL_CHECKPOINT);
+            res->stopped_signal = signo;
+            res->steps_done = pos.step;
+            return DSMOE_OK;
+        }
+        if (tr->rank == 0)
             printf("eval: the evaluation after step %d, which a signal cut short: validation loss %.4f (in its row of "
                    "metrics.csv)\n", pos.step, fill_valid);
         pos.eval_cut = 0;
@@ -571,7 +587,8 @@ static dsmoe_status run(trainer *tr, const char *config_text, dsmoe_train_result
                 printf("eval: the evaluation after step %d stopped at batch %d of %d for a walltime signal (the "
                        "resume runs it)\n", pos.step, stop_at, c->eval_batches);
         }
-        if (pos.step % c->log_every == 0 || last || !isnan(valid)) {
+        // A row for a cut evaluation too: the resume fills its validation loss in.
+        if (pos.step % c->log_every == 0 || last || !isnan(valid) || pos.eval_cut) {
             double now = dsmoe_now_seconds(), elapsed = now - t_start;
             double tok_s = (double)(pos.step - logged_from) * c->batch * tr->T / (now - t_last);
             double eta = elapsed / (pos.step - first) * (c->steps - pos.step);
@@ -606,10 +623,11 @@ static dsmoe_status run(trainer *tr, const char *config_text, dsmoe_train_result
         dsmoe_watchdog_beat("checkpoint save", pos.step);
         if (saved) DSMOE_TRY(save_checkpoint(tr, config_text, &pos, last && c->checkpoint_final, res, err));
         dsmoe_watchdog_beat("step boundary", pos.step);
-        // A signal during the last step changes nothing: the run is complete.
-        int signo, ranks;
-        if (!last) DSMOE_TRY(dsmoe_signals_agree(tr->rt->world_ctl, &signo, &ranks, err));
-        if (!last && ranks > 0) {
+        // A signal during the last step changes nothing, the run is complete, unless it cut the final
+        // evaluation short: then the run stops as at any other step, for the requeued job to finish it.
+        int signo, ranks = 0, may_stop = !last || pos.eval_cut;
+        if (may_stop) DSMOE_TRY(dsmoe_signals_agree(tr->rt->world_ctl, &signo, &ranks, err));
+        if (may_stop && ranks > 0) {
             // The run stops here: this save is its last, and 75 promises its checkpoint.
             if (!saved || tr->failed_saves > 0) DSMOE_TRY(save_checkpoint(tr, config_text, &pos, 1, res, err));
             dsmoe_signals_stop_written();

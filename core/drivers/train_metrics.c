@@ -98,9 +98,9 @@ static dsmoe_status trim(const char *path, int step, double fill_valid, int *has
         } else if (strtol(text + at, NULL, 10) > step) {
             break;
         } else if (strtol(text + at, NULL, 10) == step && !isnan(fill_valid)) {
-            size_t f = at;
-            for (int commas = 0; f < end && commas < 8; f++) commas += text[f] == ',';
-            if (f < end && (text[f] == ',' || text[f] == '\n')) fill_at = f; // the 9th field, empty
+            size_t c = at;
+            for (int commas = 0; c < end && commas < 8; c++) commas += text[c] == ',';
+            if (c < end && (text[c] == ',' || text[c] == '\n')) fill_at = c; // the 9th field, empty
         }
         keep = at = end;
     }

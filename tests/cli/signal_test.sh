@@ -167,10 +167,11 @@ grep -q "second signal: exiting at once (76)" "$out.log" && ok || fail "second s
 # validation loss yet. The resume (with nothing left to train) runs that evaluation first and fills it into
 # the row: then metrics.csv is the uninterrupted run's to that step (timing columns aside). The signal
 # comes a second into the evaluation after step 1000.
+# Rows every 7 steps: step 1000 is not one of them, and gets its row for the evaluation.
 out="$work/eval"
-long_eval=(train.eval_every=1000 train.eval_batches=100000)
+long_eval=(train.eval_every=1000 train.eval_batches=100000 run.log_every=7)
 launch 2 "$out.log" run.output_dir="$out" "${long_eval[@]}"
-wait_rows "$out/metrics.csv" 999
+wait_rows "$out/metrics.csv" 142 # step 994
 sleep 1
 send_held eval "$out" launcher USR1
 t0=$SECONDS
@@ -194,8 +195,41 @@ filled=$(valid_at "$out/metrics.csv" 1000) want=$(valid_at "$work/eval-ref/metri
 [ "$filled" != "[]" ] && [ "$filled" = "$want" ] && ok ||
   fail "eval: step 1000's validation loss after the resume is $filled, the uninterrupted run's $want"
 cmp -s <(cut -d, -f6,8 --complement "$out/metrics.csv") \
-  <(head -1001 "$work/eval-ref/metrics.csv" | cut -d, -f6,8 --complement) &&
+  <(awk -F, 'NR == 1 || $1 <= 1000' "$work/eval-ref/metrics.csv" | cut -d, -f6,8 --complement) &&
   ok || fail "eval: metrics.csv differs from the uninterrupted run's to step 1000 (timing columns aside)"
+
+# The final evaluation cut short (1 rank, 200 steps): the run stops with 75 at its last step, its
+# checkpoint saying so. The requeued job (nothing left to train) finishes the evaluation; a signal during
+# that ends it at once with 75, writing nothing, and the next one fills the row: the uninterrupted run's.
+out="$work/final"
+final=(train.steps=200 train.eval_every=0 train.eval_batches=100000)
+launch 1 "$out.log" run.output_dir="$out" "${final[@]}"
+wait_rows "$out/metrics.csv" 199
+sleep 1
+send_held final "$out" launcher USR1
+wait $pid
+rc=$?
+[ $rc = 75 ] && grep -q "^stopped: SIGUSR1 at step 200 of 200" "$out.log" && ok ||
+  { fail "final: exit $rc after SIGUSR1 during the final evaluation, expected 75 at step 200"; show "$out.log"; }
+launch 1 "$out.r1.log" run.output_dir="$out" "${final[@]}" checkpoint.resume=auto
+for _ in $(seq 300); do grep -q "^resumed from" "$out.r1.log" && break; sleep 0.1; done
+sleep 1
+r1=$(cat "$out.r1.log.pid.0")
+hold "$r1" && kill -USR1 "$r1" && wait_pending USR1 30 "$r1"
+release_held
+wait $pid
+rc=$?
+[ $rc = 75 ] && grep -q "^stopped: SIGUSR1 during the evaluation after step 200, which the resume was finishing" \
+  "$out.r1.log" && ok || { fail "final: exit $rc after SIGUSR1 during the resume's evaluation, expected 75"; show "$out.r1.log"; }
+[ "$(ls "$out/checkpoints")" = step_00000200.safetensors ] && [ "$(valid_at "$out/metrics.csv" 200)" = "[]" ] && ok ||
+  fail "final: the stopped resume wrote something: $(ls "$out/checkpoints" | tr '\n' ' ') row 200 $(valid_at "$out/metrics.csv" 200)"
+launch 1 "$out.r2.log" run.output_dir="$out" "${final[@]}" checkpoint.resume=auto
+wait $pid || { fail "final: second resume exit $?"; show "$out.r2.log"; }
+launch 1 "$out.ref.log" run.output_dir="$work/final-ref" "${final[@]}"
+wait $pid || { fail "final: the uninterrupted run: exit $?"; show "$out.ref.log"; }
+filled=$(valid_at "$out/metrics.csv" 200) want=$(valid_at "$work/final-ref/metrics.csv" 200)
+[ "$filled" != "[]" ] && [ "$filled" = "$want" ] && ok ||
+  fail "final: step 200's validation loss after the resumes is $filled, the uninterrupted run's $want"
 
 # Killed outright after its last checkpoint.every: rows past that checkpoint are dropped on resume. The
 # kill is asynchronous: when it lands just after a checkpoint there is nothing to trim, so try again (a

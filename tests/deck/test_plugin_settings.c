@@ -58,7 +58,8 @@ static dsmoe_config *config_with(const char *const *given, int n) {
 
 static void resolve_ok(const dsmoe_config *c, char *const *envp, dsmoe_plugin_values *v) {
     dsmoe_err err = {0};
-    if (dsmoe_plugin_settings_resolve(c, "kernel", "my-plugin", decls, N_DECLS, envp, plugins_here, v, &err) != DSMOE_OK)
+    dsmoe_status s = dsmoe_plugin_settings_resolve(c, "kernel", "my-plugin", decls, N_DECLS, envp, plugins_here, v, &err);
+    if (s != DSMOE_OK)
         fail_msg("%s", err.msg);
     assert_int_equal(v->n, N_DECLS);
 }
@@ -80,8 +81,8 @@ static void refused_with(const char *given, char *const *envp, const char *msg) 
     dsmoe_config *c = config_with(one, given ? 1 : 0);
     dsmoe_plugin_values v;
     dsmoe_err err = {0};
-    assert_int_equal(dsmoe_plugin_settings_resolve(c, "kernel", "my-plugin", decls, N_DECLS, envp, plugins_here, &v, &err),
-                     DSMOE_ERR_INVALID);
+    dsmoe_status s = dsmoe_plugin_settings_resolve(c, "kernel", "my-plugin", decls, N_DECLS, envp, plugins_here, &v, &err);
+    assert_int_equal(s, DSMOE_ERR_INVALID);
     if (!strstr(err.msg, msg)) fail_msg("%s:\n  got:      %s\n  expected: ...%s...", given, err.msg, msg);
     assert_int_equal(v.n, 0); // nothing half-resolved is left
     assert_null(v.values);
