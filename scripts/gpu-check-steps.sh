@@ -78,9 +78,9 @@ check_conformance() {
   grep -E '^FAIL' "$REPORT/conformance-tf32.log" | head -20 >> "$REPORT/report.md"
   result "conformance tf32" "$(pass_if $rc)" "$(why_rc $rc): $(grep -E 'conformance .* passed' "$REPORT/conformance-tf32.log" | tail -1 || tail_of conformance-tf32.log 2)"
   [ "$KERN" = cuda ] || return 0
-  # kernel.cuda.attention_tensor_cores (off by default until this passes on a GPU): the attention group
-  # again, bfloat16 cases on WMMA.
-  DSMOE_CONFORMANCE_SETTINGS=attention_tensor_cores=true DSMOE_CONFORMANCE_GROUPS=attention \
+  # kernel.cuda.attention_tensor_cores (on by default since the 2026-12-04 run): the attention group again
+  # with it off, bfloat16 cases on the CUDA-core kernels.
+  DSMOE_CONFORMANCE_SETTINGS=attention_tensor_cores=false DSMOE_CONFORMANCE_GROUPS=attention \
     conformance_env timed "$(pick 60 120)" conformance-attention-tc.log "$t"
   rc=$?
   grep -E '^FAIL' "$REPORT/conformance-attention-tc.log" | head -20 >> "$REPORT/report.md"

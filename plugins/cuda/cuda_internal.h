@@ -79,6 +79,7 @@ struct dsmoe_kernel_ctx {
     int tf32;                // float32 GEMMs may use TF32 tensor cores
     int fused;               // grouped GEMMs through cuBLASLt's fused epilogues (kernels/gemm_lt.cu)
     int attention_tc;        // bfloat16 attention on tensor cores (kernels/attention_tc.cu)
+    int attention_tc_dropped; // asked for, but the device has no bfloat16 tensor cores (before sm_80)
     int expert_rows_max;     // grouped GEMMs of at most this many rows a group on kernels/gemm_rows.cu; 0 = never
     int decode_split_keys;   // cached attention (decode) splits its keys in runs of this many; 0 = never
     size_t pool_limit;       // bytes alloc() may hold at once; 0 = the device's memory is the limit

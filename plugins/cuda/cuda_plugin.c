@@ -33,7 +33,7 @@ static const dsmoe_param_decl cuda_params[N_PARAMS] = {
                      "pass over the output, "
                      "no float32 scratch); where cuBLASLt has no kernel for a shape the separate epilogue runs",
                      NULL},
-    [PARAM_ATT_TC] = {"attention_tensor_cores", DSMOE_PARAM_BOOL, "false",
+    [PARAM_ATT_TC] = {"attention_tensor_cores", DSMOE_PARAM_BOOL, "true",
                       "bfloat16 attention (forward and backward) on tensor cores when the head dimension is a "
                       "multiple of 16 up to 128; otherwise, and in float32, the CUDA-core kernels", NULL},
     [PARAM_ROWS] = {"expert_rows_max", DSMOE_PARAM_INT, "16",
@@ -178,10 +178,10 @@ static dsmoe_status cuda_setup(dsmoe_kernel_ctx *ctx) {
     ctx->cc_minor = prop.minor;
     ctx->sm_count = prop.multiProcessorCount;
     ctx->total_mem = prop.totalGlobalMem;
-    if (ctx->attention_tc && ctx->cc_major < 8)
-        return cu_fail(ctx, DSMOE_ERR_UNSUPPORTED, "cuda: init: setting attention_tensor_cores needs bfloat16 tensor "
-                       "cores (compute capability 8.0, A100, or newer); device %d is %s (sm_%d%d): set it to false",
-                       ctx->device, ctx->device_name, ctx->cc_major, ctx->cc_minor);
+    // attention_tensor_cores is on by default: a GPU without bfloat16 tensor cores (before sm_80, A100)
+    // keeps the CUDA-core kernels, and describe() says so.
+    ctx->attention_tc_dropped = ctx->attention_tc && ctx->cc_major < 8;
+    if (ctx->attention_tc_dropped) ctx->attention_tc = 0;
 
     // The fault record: mapped pinned memory that kernels write and the host reads after a wait. With
     // unified addressing (every 64-bit platform) the host pointer is the device's too.
@@ -225,7 +225,8 @@ static dsmoe_status cuda_setup(dsmoe_kernel_ctx *ctx) {
              "stream-ordered buffer pool %s, cuBLAS workspace %s per queue", ctx->device_name, ctx->cc_major,
              ctx->cc_minor, ctx->sm_count, fmt_size(ctx->total_mem, mem, sizeof mem), v / 10000, v / 100 % 100,
              v % 100, ctx->tf32 ? "on" : "off", ctx->fused ? "fused (cuBLASLt)" : "separate", ctx->expert_rows_max,
-             ctx->attention_tc ? "tensor cores" : "CUDA cores", split, pool,
+             ctx->attention_tc ? "tensor cores" : ctx->attention_tc_dropped ? "CUDA cores (tensor cores need sm_80)"
+                                                                            : "CUDA cores", split, pool,
              fmt_size(ctx->workspace_bytes, ws, sizeof ws));
     return DSMOE_OK;
 }

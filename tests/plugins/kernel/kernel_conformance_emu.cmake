@@ -138,13 +138,14 @@ set_tests_properties(conformance_kernel_cuda_emu_fused PROPERTIES
   ENVIRONMENT "DSMOE_CONFORMANCE_KERNEL_PATH=$<TARGET_FILE:dsmoe_kernel_cuda_emu>;OMP_NUM_THREADS=2;DSMOE_PLUGIN_PATH=;\
 DSMOE_STRICT_BREAK=;DSMOE_CONFORMANCE_SETTINGS=fused_epilogues=true;DSMOE_CONFORMANCE_GROUPS=grouped,fd,inference,sticky,errors")
 
-# bfloat16 attention on tensor cores (kernel.cuda.attention_tensor_cores): the kernels of attention_tc.cu on the
-# emulated WMMA (tests/cuda_emu/include/mma.h), forward and backward, against the cpu plugin.
-add_test(NAME conformance_kernel_cuda_emu_attention_tc COMMAND test_kernel_conformance)
-set_tests_properties(conformance_kernel_cuda_emu_attention_tc PROPERTIES
+# bfloat16 attention on tensor cores (kernel.cuda.attention_tensor_cores) is the default, so the suite's own run
+# checks the kernels of attention_tc.cu on the emulated WMMA (tests/cuda_emu/include/mma.h); this one checks the
+# CUDA-core kernels in bfloat16 too (attention_tensor_cores = false), forward and backward, against the cpu plugin.
+add_test(NAME conformance_kernel_cuda_emu_attention_cc COMMAND test_kernel_conformance)
+set_tests_properties(conformance_kernel_cuda_emu_attention_cc PROPERTIES
   TIMEOUT 300 SKIP_RETURN_CODE 77 LABELS "conformance;cuda_emu"
   ENVIRONMENT "DSMOE_CONFORMANCE_KERNEL_PATH=$<TARGET_FILE:dsmoe_kernel_cuda_emu>;OMP_NUM_THREADS=2;DSMOE_PLUGIN_PATH=;\
-DSMOE_STRICT_BREAK=;DSMOE_CONFORMANCE_SETTINGS=attention_tensor_cores=true;DSMOE_CONFORMANCE_GROUPS=attention")
+DSMOE_STRICT_BREAK=;DSMOE_CONFORMANCE_SETTINGS=attention_tensor_cores=false;DSMOE_CONFORMANCE_GROUPS=attention")
 
 # The table and glue test, its device part included (memory, copies, host functions on a queue, events, the pool
 # limit, sticky errors): the program of cuda_table.cmake, built here alone where the real plugin is not.
