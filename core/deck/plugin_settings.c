@@ -106,7 +106,10 @@ static void list_names(const dsmoe_param_decl *params, int n, char *buf, size_t 
 // would otherwise leave the default in force without a word. A variable under the longer prefix of
 // another plugin (DSMOE_COMM_MPI_CUDA_ of mpi_cuda, beside mpi) is that plugin's.
 static dsmoe_status check_env_names(const char *kind, const char *plugin, const dsmoe_param_decl *params, int n,
-                                    char *const *envp, const char *const *others, dsmoe_err *err) {
+                                    char *const *envp, dsmoe_plugin_names_fn list_others, void *others_user,
+                                    dsmoe_err *err) {
+    const char *const *others = NULL;
+    int listed = 0;
     char prefix[200], name[200], other[200];
     env_name(kind, plugin, "", prefix, sizeof prefix);
     size_t plen = strlen(prefix);
@@ -119,6 +122,7 @@ static dsmoe_status check_env_names(const char *kind, const char *plugin, const 
             env_name(kind, plugin, params[p].name, other, sizeof other);
             known = strcmp(other, name) == 0;
         }
+        if (!known && !listed && list_others) others = list_others(kind, others_user), listed = 1;
         for (const char *const *o = others; o && *o && !known; o++) {
             env_name(kind, *o, "", other, sizeof other);
             known = strlen(other) > plen && strncmp(name, other, strlen(other)) == 0;
@@ -146,7 +150,8 @@ static dsmoe_status check_env_names(const char *kind, const char *plugin, const 
 
 dsmoe_status dsmoe_plugin_settings_resolve(const dsmoe_config *cfg, const char *kind, const char *plugin,
                                            const dsmoe_param_decl *params, int n_params, char *const *envp,
-                                           const char *const *others, dsmoe_plugin_values *out, dsmoe_err *err) {
+                                           dsmoe_plugin_names_fn others, void *others_user, dsmoe_plugin_values *out,
+                                           dsmoe_err *err) {
     memset(out, 0, sizeof *out);
     out->kind = kind;
     out->plugin = plugin;
@@ -164,7 +169,7 @@ dsmoe_status dsmoe_plugin_settings_resolve(const dsmoe_config *cfg, const char *
         return dsmoe_err_set(err, DSMOE_ERR_INVALID, "%s: %s plugin '%s' has no setting '%s' (its settings: %s)", pre,
                              kind, plugin, s->key, names);
     }
-    DSMOE_TRY(check_env_names(kind, plugin, params, n_declared, envp, others, err));
+    DSMOE_TRY(check_env_names(kind, plugin, params, n_declared, envp, others, others_user, err));
     out->n = n_declared;
     if (out->n == 0) return DSMOE_OK;
     out->values = calloc((size_t)out->n, sizeof *out->values);

@@ -23,12 +23,15 @@ typedef struct dsmoe_plugin_values {
 // reads as '_'), then the command line. cfg may be NULL (defaults and environment only). A setting
 // given for this plugin that it does not declare, or a value of the wrong type, is an error naming
 // where it was given (*out is then empty: n 0); so is a variable DSMOE_<KIND>_<PLUGIN>_<X> whose X is
-// no setting of the plugin, unless it lies under the prefix of one of `others` (NULL-terminated, may be
-// NULL: the other plugins of the kind there are, whose names may extend this one's: mpi and mpi_cuda).
-// Settings of other plugins are left alone (a deck may carry several).
+// no setting of the plugin, unless it lies under the prefix of one of the plugins of the kind there are,
+// whose names may extend this one's (mpi and mpi_cuda): others(kind, others_user) lists them
+// (NULL-terminated), called only when such a variable is found (listing may read directories on every
+// rank); others NULL = none. Settings of other plugins are left alone (a deck may carry several).
+typedef const char *const *(*dsmoe_plugin_names_fn)(const char *kind, void *user);
 dsmoe_status dsmoe_plugin_settings_resolve(const dsmoe_config *cfg, const char *kind, const char *plugin,
                                            const dsmoe_param_decl *params, int n_params, char *const *envp,
-                                           const char *const *others, dsmoe_plugin_values *out, dsmoe_err *err);
+                                           dsmoe_plugin_names_fn others, void *others_user, dsmoe_plugin_values *out,
+                                           dsmoe_err *err);
 void dsmoe_plugin_values_free(dsmoe_plugin_values *v);
 // Deck text of the resolved values: "[kernel.cuda]\ntf32 = 0  # default: ...\n"; "" when there are none.
 // Returns a malloc'd string (NULL on allocation failure).

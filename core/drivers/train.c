@@ -464,6 +464,33 @@ static dsmoe_status open_outputs(trainer *tr, const char *config_text, int resum
     return DSMOE_OK;
 }
 
+// A resume from a checkpoint whose own evaluation the signal that stopped its run cut short runs it
+// first: *fill_valid goes into the step's row, so that metrics.csv ends up as an uninterrupted run's. A
+// signal during it stops the run again at once (res->stopped_signal), nothing written: the checkpoint
+// still says so.
+static dsmoe_status finish_cut_evaluation(trainer *tr, dsmoe_train_position *pos, double *fill_valid,
+                                          dsmoe_train_result *res, dsmoe_err *err) {
+    int stop_at;
+    DSMOE_TRY(evaluate(tr, fill_valid, NULL, NULL, &stop_at, err));
+    if (stop_at >= 0) {
+        int signo, ranks;
+        DSMOE_TRY(dsmoe_signals_agree(tr->rt->world_ctl, &signo, &ranks, err));
+        dsmoe_signals_stop_written();
+        if (tr->rank == 0)
+            printf("stopped: SIG%s during the evaluation after step %d, which the resume was finishing (%d of %d "
+                   "ranks got a signal): exit code %d; the checkpoint it resumed from still holds it\n",
+                   dsmoe_signal_name(signo), pos->step, ranks, tr->rt->world_size, DSMOE_EXIT_SIGNAL_CHECKPOINT);
+        res->stopped_signal = signo;
+        res->steps_done = pos->step;
+        return DSMOE_OK;
+    }
+    if (tr->rank == 0)
+        printf("eval: the evaluation after step %d, which a signal cut short: validation loss %.4f (in its row of "
+               "metrics.csv)\n", pos->step, *fill_valid);
+    pos->eval_cut = 0;
+    return DSMOE_OK;
+}
+
 static dsmoe_status run(trainer *tr, const char *config_text, dsmoe_train_result *res, dsmoe_err *err) {
     const dsmoe_config *c = tr->cfg;
     dsmoe_train_position pos;
@@ -521,29 +548,10 @@ static dsmoe_status run(trainer *tr, const char *config_text, dsmoe_train_result
         res->steps_done = pos.step;
         return DSMOE_OK;
     }
-    // The checkpoint's own evaluation, which the signal that stopped its run cut short: run it now, so that
-    // metrics.csv ends up as an uninterrupted run's.
-    // A signal during it stops the run again at once, nothing written: the checkpoint still says so.
     double fill_valid = NAN;
     if (resumed && pos.eval_cut) {
-        int stop_at;
-        DSMOE_TRY(evaluate(tr, &fill_valid, NULL, NULL, &stop_at, err));
-        if (stop_at >= 0) {
-            int signo, ranks;
-            DSMOE_TRY(dsmoe_signals_agree(tr->rt->world_ctl, &signo, &ranks, err));
-            dsmoe_signals_stop_written();
-            if (tr->rank == 0)
-                printf("stopped: SIG%s during the evaluation after step %d, which the resume was finishing (%d of %d "
-                       "ranks got a signal): exit code %d; the checkpoint it resumed from still holds it\n",
-                       dsmoe_signal_name(signo), pos.step, ranks, tr->rt->world_size, DSMOE_EXIT_SIGNAL_CHECKPOINT);
-            res->stopped_signal = signo;
-            res->steps_done = pos.step;
-            return DSMOE_OK;
-        }
-        if (tr->rank == 0)
-            printf("eval: the evaluation after step %d, which a signal cut short: validation loss %.4f (in its row of "
-                   "metrics.csv)\n", pos.step, fill_valid);
-        pos.eval_cut = 0;
+        DSMOE_TRY(finish_cut_evaluation(tr, &pos, &fill_valid, res, err));
+        if (res->stopped_signal) return DSMOE_OK;
     }
     // Rank 0 writes the outputs; every rank learns before the first step whether it could (with its reason).
     dsmoe_status s = tr->rank == 0 ? open_outputs(tr, config_text, resumed, pos.step, fill_valid, err) : DSMOE_OK;

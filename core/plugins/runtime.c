@@ -58,13 +58,20 @@ static dsmoe_status init_kernel(dsmoe_kernel_options *opt, dsmoe_runtime *rt, ds
 
 #define MAX_OTHER_PLUGINS 64
 
-// The plugins of `kind` on the search path (NULL-terminated in ptrs, names holding them): those whose
-// names extend the loaded one's own their environment variables (dsmoe_plugin_settings_resolve).
-static const char *const *plugins_of(const char *kind, const char *plugin_path, char (*names)[64], const char **ptrs) {
-    int n = dsmoe_plugin_list(kind, plugin_path ? plugin_path : "", names, MAX_OTHER_PLUGINS);
-    for (int i = 0; i < n; i++) ptrs[i] = names[i];
-    ptrs[n] = NULL;
-    return ptrs;
+// The plugins of a kind on the search path, listed for dsmoe_plugin_settings_resolve (those whose names
+// extend the loaded one's own their environment variables) only when it meets a variable it must place.
+typedef struct plugin_names {
+    const char *path;
+    char names[MAX_OTHER_PLUGINS][64];
+    const char *ptrs[MAX_OTHER_PLUGINS + 1]; // NULL-terminated
+} plugin_names;
+
+static const char *const *plugins_of(const char *kind, void *user) {
+    plugin_names *p = user;
+    int n = dsmoe_plugin_list(kind, p->path ? p->path : "", p->names, MAX_OTHER_PLUGINS);
+    for (int i = 0; i < n; i++) p->ptrs[i] = p->names[i];
+    p->ptrs[n] = NULL;
+    return p->ptrs;
 }
 
 // Collective: the comm plugin (its init sees the world's bootstrap) and the world group.
@@ -74,11 +81,9 @@ static dsmoe_status open_world(const dsmoe_config *cfg, const char *plugin_path,
     rt->world_size = dsmoe_ctl_size(rt->world_ctl);
     dsmoe_bootstrap bs;
     dsmoe_ctl_bootstrap(rt->world_ctl, &bs);
-    char names[MAX_OTHER_PLUGINS][64];
-    const char *ptrs[MAX_OTHER_PLUGINS + 1];
-    const char *const *others = plugins_of("comm", plugin_path, names, ptrs);
+    plugin_names others = {.path = plugin_path};
     dsmoe_status s = dsmoe_errors_agree(dsmoe_plugin_settings_resolve(cfg, "comm", rt->comm->name, rt->comm->params,
-                                                                      rt->comm->n_params, NULL, others,
+                                                                      rt->comm->n_params, NULL, plugins_of, &others,
                                                                       &rt->comm_settings, err),
                                         err);
     if (s != DSMOE_OK) return s;
@@ -157,12 +162,10 @@ dsmoe_status dsmoe_runtime_open_placed(const char *kernel_name, const char *comm
                     pl->me.cpus[0] ? pl->me.cpus : "?", pl->n_thread_cpus);
     }
     if (s == DSMOE_OK) {
-        char names[MAX_OTHER_PLUGINS][64];
-        const char *ptrs[MAX_OTHER_PLUGINS + 1];
-        const char *const *others = plugins_of("kernel", plugin_path, names, ptrs);
+        plugin_names others = {.path = plugin_path};
         s = dsmoe_errors_agree(dsmoe_plugin_settings_resolve(cfg, "kernel", rt->kern->name, rt->kern->params,
-                                                             rt->kern->n_params, NULL, others, &rt->kernel_settings,
-                                                             err),
+                                                             rt->kern->n_params, NULL, plugins_of, &others,
+                                                             &rt->kernel_settings, err),
                                err);
     }
     opt.param_values = (const char *const *)rt->kernel_settings.values;

@@ -186,14 +186,21 @@ grep -q "^stopped: SIGUSR1 at step 1000 of $steps (2 of 2 ranks got a signal)" "
 ck="$out/checkpoints/step_00001000.safetensors"
 [ -s "$ck" ] && ok || fail "eval: no checkpoint of step 1000"
 valid_at() { awk -F, -v s="$2" 'NR > 1 && $1 == s { print "[" $9 "]" }' "$1"; }
+# same_fill <name> <ranks> <out> <ref dir> <step> <key=value>...: the uninterrupted run into <ref dir>; the
+# validation loss a resume filled into <out>'s row <step> must be that run's.
+same_fill() {
+  local name=$1 ranks=$2 out=$3 ref=$4 step=$5 filled want
+  shift 5
+  launch "$ranks" "$out.ref.log" run.output_dir="$ref" "$@"
+  wait $pid || { fail "$name: the uninterrupted run: exit $?"; show "$out.ref.log"; }
+  filled=$(valid_at "$out/metrics.csv" "$step") want=$(valid_at "$ref/metrics.csv" "$step")
+  [ "$filled" != "[]" ] && [ "$filled" = "$want" ] && ok ||
+    fail "$name: step $step's validation loss after the resume is $filled, the uninterrupted run's $want"
+}
 [ "$(valid_at "$out/metrics.csv" 1000)" = "[]" ] && ok || fail "eval: step 1000's row has a validation loss"
 launch 2 "$out.resume.log" run.output_dir="$out" "${long_eval[@]}" train.steps=1000 checkpoint.resume=auto
 wait $pid || { fail "eval: resume exit $?"; show "$out.resume.log"; }
-launch 2 "$out.ref.log" run.output_dir="$work/eval-ref" "${long_eval[@]}"
-wait $pid || { fail "eval: the uninterrupted run: exit $?"; show "$out.ref.log"; }
-filled=$(valid_at "$out/metrics.csv" 1000) want=$(valid_at "$work/eval-ref/metrics.csv" 1000)
-[ "$filled" != "[]" ] && [ "$filled" = "$want" ] && ok ||
-  fail "eval: step 1000's validation loss after the resume is $filled, the uninterrupted run's $want"
+same_fill eval 2 "$out" "$work/eval-ref" 1000 "${long_eval[@]}"
 cmp -s <(cut -d, -f6,8 --complement "$out/metrics.csv") \
   <(awk -F, 'NR == 1 || $1 <= 1000' "$work/eval-ref/metrics.csv" | cut -d, -f6,8 --complement) &&
   ok || fail "eval: metrics.csv differs from the uninterrupted run's to step 1000 (timing columns aside)"
@@ -225,11 +232,7 @@ rc=$?
   fail "final: the stopped resume wrote something: $(ls "$out/checkpoints" | tr '\n' ' ') row 200 $(valid_at "$out/metrics.csv" 200)"
 launch 1 "$out.r2.log" run.output_dir="$out" "${final[@]}" checkpoint.resume=auto
 wait $pid || { fail "final: second resume exit $?"; show "$out.r2.log"; }
-launch 1 "$out.ref.log" run.output_dir="$work/final-ref" "${final[@]}"
-wait $pid || { fail "final: the uninterrupted run: exit $?"; show "$out.ref.log"; }
-filled=$(valid_at "$out/metrics.csv" 200) want=$(valid_at "$work/final-ref/metrics.csv" 200)
-[ "$filled" != "[]" ] && [ "$filled" = "$want" ] && ok ||
-  fail "final: step 200's validation loss after the resumes is $filled, the uninterrupted run's $want"
+same_fill final 1 "$out" "$work/final-ref" 200 "${final[@]}"
 
 # Killed outright after its last checkpoint.every: rows past that checkpoint are dropped on resume. The
 # kill is asynchronous: when it lands just after a checkpoint there is nothing to trim, so try again (a

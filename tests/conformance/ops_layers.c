@@ -493,15 +493,24 @@ static cf_buf kv_step(cf_buf *kc, cf_buf *vc, const float *all, int tall, int t0
     return o;
 }
 
+// A case's inputs: (KB, tall, 3M) rows of q, k, v uniform in [-scale, scale) (rounded to dt) and an empty
+// cache of T_max positions (kc, vc). Skips the case where a side has no inference members.
+static float *kv_inputs(int tall, int T_max, float scale, dsmoe_dtype dt, cf_buf *kc, cf_buf *vc) {
+    if (!has_inference()) cf_abandon_skip("the candidate or the reference has no inference members");
+    float *all = cf_rand((size_t)KB * tall * 3 * KM, scale);
+    cf_round_dt(all, (size_t)KB * tall * 3 * KM, dt);
+    const int D = KM / KNH;
+    size_t ncache = (size_t)KB * KNH * T_max * D;
+    *kc = cf_zeros("k_cache", ncache, dt), *vc = cf_zeros("v_cache", ncache, dt);
+    kc->cols = vc->cols = D;
+    return all;
+}
+
 static void v_kv_cache(const void *arg) {
     dsmoe_dtype dt = *(const dsmoe_dtype *)arg;
-    if (!has_inference()) cf_abandon_skip("the candidate or the reference has no inference members");
-    const int D = KM / KNH, tall = KT2 + 1;
-    float *all = cf_rand((size_t)KB * tall * 3 * KM, 2);
-    cf_round_dt(all, (size_t)KB * tall * 3 * KM, dt);
-    size_t ncache = (size_t)KB * KNH * KTMAX * D;
-    cf_buf kc = cf_zeros("k_cache", ncache, dt), vc = cf_zeros("v_cache", ncache, dt);
-    kc.cols = vc.cols = D;
+    const int tall = KT2 + 1;
+    cf_buf kc, vc;
+    float *all = kv_inputs(tall, KTMAX, 2, dt, &kc, &vc);
     cf_tol tol = cf_tol_for(dt, TOL_RED);
     // step 1: prefill KP tokens at position 0
     cf_buf o1 = kv_step(&kc, &vc, all, tall, 0, KP, (const int32_t[KB]){0, 0}, KTMAX, "out_prefill", dt);
@@ -525,17 +534,10 @@ enum { KLMAX = 200, KLP = 150 };
 
 static void v_kv_long(const void *arg) {
     dsmoe_dtype dt = *(const dsmoe_dtype *)arg;
-    if (!has_inference()) cf_abandon_skip("the candidate or the reference has no inference members");
-    const int D = KM / KNH, tall = KLP + 4;
-    float *all = cf_rand((size_t)KB * tall * 3 * KM, 4);
-    cf_round_dt(all, (size_t)KB * tall * 3 * KM, dt);
-    size_t ncache = (size_t)KB * KNH * KLMAX * D;
-    cf_buf kc = cf_zeros("k_cache", ncache, dt), vc = cf_zeros("v_cache", ncache, dt);
-    kc.cols = vc.cols = D;
-    int32_t pos1[KB] = {0, 0};
-    cf_buf p1 = cf_up_i32("pos", pos1, KB);
-    cf_buf q1 = cf_up("qkv", rows_of(all, tall, 0, KLP), (size_t)KB * KLP * 3 * KM, dt);
-    CF_SIDES { OP(kv_append, P(kc), P(vc), P(q1), DT(dt), P(p1), KB, KLP, KM, KNH, KLMAX); }
+    const int tall = KLP + 4;
+    cf_buf kc, vc;
+    float *all = kv_inputs(tall, KLMAX, 4, dt, &kc, &vc);
+    kv_step(&kc, &vc, all, tall, 0, KLP, (const int32_t[KB]){0, 0}, KLMAX, "out_prefill", dt);
     kv_step(&kc, &vc, all, tall, KLP, 3, (const int32_t[KB]){KLP, 31}, KLMAX, "out_step3", dt);
     kv_step(&kc, &vc, all, tall, KLP + 3, 1, (const int32_t[KB]){KLP + 3, 34}, KLMAX, "out_step1", dt);
 }

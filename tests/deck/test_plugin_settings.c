@@ -26,6 +26,12 @@ static char *const no_env[] = {NULL};
 // The kernel plugins there are (as the runtime lists them, the resolved one among them): my-plugin-x's
 // variables start with my-plugin's prefix.
 static const char *const plugins_here[] = {"my-plugin", "my-plugin-x", "other", NULL};
+static int listed; // calls of list_here
+static const char *const *list_here(const char *kind, void *user) {
+    (void)kind, (void)user;
+    listed++;
+    return plugins_here;
+}
 
 // A configuration holding the given settings of the "my-plugin" kernel plugin: "key=value" from the
 // deck t.deck (its line: 10 + the index) or, with a leading '!', from the command line.
@@ -58,7 +64,7 @@ static dsmoe_config *config_with(const char *const *given, int n) {
 
 static void resolve_ok(const dsmoe_config *c, char *const *envp, dsmoe_plugin_values *v) {
     dsmoe_err err = {0};
-    dsmoe_status s = dsmoe_plugin_settings_resolve(c, "kernel", "my-plugin", decls, N_DECLS, envp, plugins_here, v, &err);
+    dsmoe_status s = dsmoe_plugin_settings_resolve(c, "kernel", "my-plugin", decls, N_DECLS, envp, list_here, NULL, v, &err);
     if (s != DSMOE_OK)
         fail_msg("%s", err.msg);
     assert_int_equal(v->n, N_DECLS);
@@ -81,7 +87,7 @@ static void refused_with(const char *given, char *const *envp, const char *msg) 
     dsmoe_config *c = config_with(one, given ? 1 : 0);
     dsmoe_plugin_values v;
     dsmoe_err err = {0};
-    dsmoe_status s = dsmoe_plugin_settings_resolve(c, "kernel", "my-plugin", decls, N_DECLS, envp, plugins_here, &v, &err);
+    dsmoe_status s = dsmoe_plugin_settings_resolve(c, "kernel", "my-plugin", decls, N_DECLS, envp, list_here, NULL, &v, &err);
     assert_int_equal(s, DSMOE_ERR_INVALID);
     if (!strstr(err.msg, msg)) fail_msg("%s:\n  got:      %s\n  expected: ...%s...", given, err.msg, msg);
     assert_int_equal(v.n, 0); // nothing half-resolved is left
@@ -110,7 +116,7 @@ static void test_defaults(void **state) {
     dsmoe_plugin_values_free(&v);
     // No declarations: nothing to resolve, and no text.
     dsmoe_err err = {0};
-    assert_int_equal(dsmoe_plugin_settings_resolve(NULL, "comm", "none", NULL, 0, no_env, NULL, &v, &err), DSMOE_OK);
+    assert_int_equal(dsmoe_plugin_settings_resolve(NULL, "comm", "none", NULL, 0, no_env, NULL, NULL, &v, &err), DSMOE_OK);
     assert_int_equal(v.n, 0);
     text = dsmoe_plugin_values_text(&v);
     assert_string_equal(text, "");
@@ -161,6 +167,15 @@ static void test_precedence(void **state) {
     resolve_ok(c, env, &v);
     assert_string_equal(v.values[0], "32"), assert_string_equal(v.origin[0], "environment DSMOE_KERNEL_MY_PLUGIN_N");
     dsmoe_plugin_values_free(&v);
+    // The plugins there are listed only for a variable that is no setting of this one (my-plugin-x's).
+    listed = 0;
+    char *const declared_only[] = {"DSMOE_KERNEL_MY_PLUGIN_N=32", "DSMOE_KERNEL_OTHER_N=99", NULL};
+    resolve_ok(c, declared_only, &v);
+    assert_int_equal(listed, 0);
+    dsmoe_plugin_values_free(&v);
+    resolve_ok(c, env, &v);
+    assert_int_equal(listed, 1);
+    dsmoe_plugin_values_free(&v);
     // Without the environment: the deck.
     resolve_ok(c, no_env, &v);
     assert_string_equal(v.values[0], "16"), assert_string_equal(v.origin[0], "deck t.deck:10");
@@ -208,7 +223,7 @@ static void test_refused(void **state) {
     dsmoe_config *c = config_with(one, 1);
     dsmoe_plugin_values v;
     dsmoe_err err = {0};
-    assert_int_equal(dsmoe_plugin_settings_resolve(c, "kernel", "my-plugin", NULL, 0, no_env, NULL, &v, &err),
+    assert_int_equal(dsmoe_plugin_settings_resolve(c, "kernel", "my-plugin", NULL, 0, no_env, NULL, NULL, &v, &err),
                      DSMOE_ERR_INVALID);
     assert_non_null(strstr(err.msg, "has no setting 'x' (its settings: none)"));
     free(c);
